@@ -1,0 +1,130 @@
+"""The one index: patients, studies, series and instances.
+
+Rows hold every attribute QIDO-RS and C-FIND match on (denormalised down to the study so
+a study query never joins), the response fragments each level returns, and per instance
+the full DICOM JSON metadata computed once at ingest.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Patient(SQLModel, table=True):
+    """One (issuer, Patient ID) as a facility knows it; `person_id` links it to a person (MPI)."""
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("issuer", "patient_id", name="uq_patient_issuer_id"),)
+
+    pk: int | None = Field(default=None, primary_key=True)
+    facility_id: str = Field(foreign_key="facility.id", index=True, max_length=64)
+    issuer: str = Field(max_length=128)
+    patient_id: str = Field(max_length=128)
+    patient_name: str = Field(default="", max_length=512)
+    name_norm: str = Field(default="", max_length=512, index=True)
+    birth_date: str = Field(default="", max_length=8)
+    sex: str = Field(default="", max_length=16)
+    person_id: int | None = Field(default=None, index=True)
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class Study(SQLModel, table=True):
+    __tablename__ = "study"
+    __table_args__ = (
+        Index("ix_study_patient_id", "patient_id"),
+        Index("ix_study_accession", "accession_number"),
+        Index("ix_study_date", "study_date"),
+        Index("ix_study_name_norm", "name_norm"),
+        Index("ix_study_facility", "facility_id", "pk"),
+    )
+
+    pk: int | None = Field(default=None, primary_key=True)
+    study_uid: str = Field(max_length=64, unique=True)
+    facility_id: str = Field(foreign_key="facility.id", max_length=64)
+    patient_pk: int = Field(foreign_key="patient.pk", index=True)
+    # Patient attributes copied down so study-level matching needs no join.
+    patient_id: str = Field(default="", max_length=128)
+    issuer: str = Field(default="", max_length=128)
+    patient_name: str = Field(default="", max_length=512)
+    name_norm: str = Field(default="", max_length=512)
+    birth_date: str = Field(default="", max_length=8)
+    sex: str = Field(default="", max_length=16)
+    study_date: str = Field(default="", max_length=8)
+    study_time: str = Field(default="", max_length=32)
+    accession_number: str = Field(default="", max_length=64)
+    study_id: str = Field(default="", max_length=64)
+    study_description: str = Field(default="", max_length=256)
+    referring_physician: str = Field(default="", max_length=256)
+    # "\CT\SR\": backslash-delimited so one LIKE '%\CT\%' matches a modality exactly.
+    modalities: str = Field(default="", max_length=256)
+    num_series: int = 0
+    num_instances: int = 0
+    # Study-level attributes (patient + study modules) as a DICOM JSON object.
+    study_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class Series(SQLModel, table=True):
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_study", "study_pk", "pk"), Index("ix_series_modality", "modality"))
+
+    pk: int | None = Field(default=None, primary_key=True)
+    series_uid: str = Field(max_length=64, unique=True)
+    study_pk: int = Field(foreign_key="study.pk")
+    modality: str = Field(default="", max_length=16)
+    series_number: int | None = None
+    series_description: str = Field(default="", max_length=256)
+    body_part: str = Field(default="", max_length=64)
+    pps_start_date: str = Field(default="", max_length=8)
+    pps_start_time: str = Field(default="", max_length=32)
+    num_instances: int = 0
+    series_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+class Instance(SQLModel, table=True):
+    __tablename__ = "instance"
+    __table_args__ = (
+        Index("ix_instance_series", "series_pk", "pk"),
+        Index("ix_instance_study", "study_pk", "pk"),
+    )
+
+    pk: int | None = Field(default=None, primary_key=True)
+    sop_uid: str = Field(max_length=64, unique=True)
+    series_pk: int = Field(foreign_key="series.pk")
+    study_pk: int = Field(foreign_key="study.pk")
+    facility_id: str = Field(foreign_key="facility.id", max_length=64)
+    sop_class_uid: str = Field(default="", max_length=64)
+    instance_number: int | None = None
+    transfer_syntax_uid: str = Field(default="", max_length=64)
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
+    size: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    sha256: str = Field(max_length=64)
+    object_key: str = Field(max_length=512)
+    # Instance-level QIDO attributes, and the full WADO-RS metadata (bulk data as BulkDataURI
+    # relative to a placeholder base that is filled in when served).
+    instance_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    metadata_json: bytes = Field(default=b"{}", sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=_now)
+
+
+class InstanceConflict(SQLModel, table=True):
+    """A different object that arrived under an existing SOP Instance UID: kept apart, never merged."""
+
+    __tablename__ = "instance_conflict"
+
+    pk: int | None = Field(default=None, primary_key=True)
+    sop_uid: str = Field(max_length=64, index=True)
+    facility_id: str = Field(max_length=64)
+    sha256: str = Field(max_length=64)
+    size: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    object_key: str = Field(max_length=512)
+    received_at: datetime = Field(default_factory=_now)

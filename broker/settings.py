@@ -1,0 +1,58 @@
+"""Configuration from SCANONCE_* environment variables, with embedded defaults.
+
+The embedded default needs nothing but a data directory: the index is a SQLite file and
+the objects a local folder under it. Production points the same settings at PostgreSQL
+and S3.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCANONCE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./data"), description="Where the embedded default keeps its files.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite under data_dir."
+    )
+    storage_url: str | None = Field(
+        default=None, description="file:///path or s3://bucket?endpoint_url=...; default: data_dir/objects."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8042
+    base_url: str | None = Field(
+        default=None, description="Public origin used in RetrieveURL; default: request's."
+    )
+    dimse_port: int = 11112
+    ae_title: str = "SCANONCE"
+    dimse_open_mode: bool = Field(
+        default=True,
+        description="Accept associations from unknown calling AE titles (embedded default only).",
+    )
+    default_facility: str = "local"
+    default_issuer: str = "LOCAL"
+    qido_default_limit: int = 100
+    qido_max_limit: int = 1000
+    ingest_workers: int = 4
+    max_part_bytes: int = 4 * 1024**3
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    def resolved_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return (self.data_dir / "objects").resolve().as_uri()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

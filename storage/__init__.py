@@ -1,0 +1,29 @@
+"""Object storage behind one Protocol: a local folder (embedded default) or S3."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, unquote, urlparse
+
+from storage.base import ObjectInfo, ObjectNotFound, ObjectStore
+from storage.local import LocalStore
+
+__all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "LocalStore", "open_store"]
+
+
+def open_store(url: str) -> ObjectStore:
+    """`file:///path` or `s3://bucket[/prefix]?endpoint_url=...&region=...`."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return LocalStore(unquote(parsed.path) if parsed.scheme else url)
+    if parsed.scheme == "s3":
+        from storage.s3 import S3Store
+
+        q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        return S3Store(
+            bucket=parsed.netloc,
+            prefix=parsed.path.strip("/"),
+            endpoint_url=q.get("endpoint_url"),
+            region=q.get("region"),
+            create_bucket=q.get("create_bucket", "false").lower() in ("1", "true", "yes"),
+        )
+    raise ValueError(f"unsupported storage URL scheme: {parsed.scheme!r}")

@@ -1,0 +1,48 @@
+"""The object store contract shared by every backend (local folder, S3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol, runtime_checkable
+
+
+class ObjectNotFound(KeyError):
+    """The key does not exist in the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Streamed put, streamed and ranged get, head, delete, list.
+
+    Every method blocks (file and network I/O): async callers run them in a thread.
+    `put` is atomic: a reader sees the whole object or none of it.
+    """
+
+    url: str
+
+    def put(self, key: str, data: BinaryIO, *, size: int | None = None) -> ObjectInfo: ...
+
+    def put_file(self, key: str, path: str) -> ObjectInfo: ...
+
+    def get(
+        self, key: str, *, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        """Yield the bytes [start, end) of the object; end None means to its end."""
+        ...
+
+    def open_local(self, key: str) -> str | None:
+        """A local file path for the object if the backend has one (fast path), else None."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str = "") -> Iterable[ObjectInfo]: ...

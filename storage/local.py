@@ -1,0 +1,92 @@
+"""Local-folder object store: the embedded default."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from storage.base import ObjectInfo, ObjectNotFound
+
+
+class LocalStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        # Keys come from validated UIDs; this is a second line of defence, not the first.
+        if self.root not in path.parents:
+            raise ValueError("object key escapes the store root")
+        return path
+
+    def put(self, key: str, data: BinaryIO, *, size: int | None = None) -> ObjectInfo:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(data, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return ObjectInfo(key=key, size=path.stat().st_size)
+
+    def put_file(self, key: str, path: str) -> ObjectInfo:
+        with open(path, "rb") as f:
+            return self.put(key, f)
+
+    def get(
+        self, key: str, *, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the generator
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+        return self._iter(f, start, end, chunk_size)
+
+    @staticmethod
+    def _iter(f: BinaryIO, start: int, end: int | None, chunk_size: int) -> Iterator[bytes]:
+        with f:
+            f.seek(start)
+            remaining = None if end is None else max(0, end - start)
+            while remaining is None or remaining > 0:
+                n = chunk_size if remaining is None else min(chunk_size, remaining)
+                chunk = f.read(n)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    def open_local(self, key: str) -> str | None:
+        path = self._path(key)
+        return str(path) if path.exists() else None
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            return ObjectInfo(key=key, size=self._path(key).stat().st_size)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterable[ObjectInfo]:
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield ObjectInfo(key=key, size=full.stat().st_size)
