@@ -1,0 +1,69 @@
+"""FastAPI app factory: state, routers, error handlers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from broker.db import make_engine, migrate
+from broker.deps import AppState
+from broker.errors import ScanOnceError
+from broker.federation import service as federation_service
+from broker.settings import Settings, get_settings
+from storage import open_store
+
+log = logging.getLogger("scanonce")
+
+
+def build_state(settings: Settings) -> AppState:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url())
+    migrate(engine)
+    federation_service.ensure_default_facility(engine=engine, settings=settings)
+    store = open_store(settings.resolved_storage_url())
+    return AppState(settings=settings, engine=engine, store=store)
+
+
+def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+    settings = settings or (state.settings if state else get_settings())
+    app = FastAPI(
+        title="ScanOnce",
+        version="0.1.0",
+        description="Inter-facility image-sharing broker: find the prior before you scan again.",
+    )
+    app.state.scanonce = state or build_state(settings)
+
+    @app.exception_handler(ScanOnceError)
+    async def _scanonce_error(_request: Request, exc: ScanOnceError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"error": exc.title, "detail": exc.message})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            status_code=400, content={"error": "Bad request", "detail": str(exc.errors())[:2000]}
+        )
+
+    @app.get("/healthz", response_class=PlainTextResponse, include_in_schema=False)
+    def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz", response_class=PlainTextResponse, include_in_schema=False)
+    def readyz() -> str:
+        from sqlalchemy import text
+
+        with app.state.scanonce.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ready"
+
+    _include_routers(app)
+    return app
+
+
+def _include_routers(app: FastAPI) -> None:
+    """Each domain's router is mounted here; one line per router."""
+    from broker.federation.routes import router as federation_router
+
+    app.include_router(federation_router)
