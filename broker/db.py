@@ -42,6 +42,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
+    # DICOM matching is case-sensitive except for PN (matched on casefolded columns); this also
+    # lets SQLite use indexes for prefix LIKE patterns.
+    cur.execute("PRAGMA case_sensitive_like=ON")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.execute("PRAGMA cache_size=-65536")
     cur.execute("PRAGMA mmap_size=268435456")

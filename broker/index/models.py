@@ -28,7 +28,9 @@ class Patient(SQLModel, table=True):
     issuer: str = Field(max_length=128)
     patient_id: str = Field(max_length=128)
     patient_name: str = Field(default="", max_length=512)
+    # PN casefolded (case-insensitive matching) and also stripped of accents (fuzzy matching).
     name_norm: str = Field(default="", max_length=512, index=True)
+    name_fuzzy: str = Field(default="", max_length=512)
     birth_date: str = Field(default="", max_length=8)
     sex: str = Field(default="", max_length=16)
     person_id: int | None = Field(default=None, index=True)
@@ -42,6 +44,7 @@ class Study(SQLModel, table=True):
         Index("ix_study_accession", "accession_number"),
         Index("ix_study_date", "study_date"),
         Index("ix_study_name_norm", "name_norm"),
+        Index("ix_study_name_fuzzy", "name_fuzzy"),
         Index("ix_study_facility", "facility_id", "pk"),
     )
 
@@ -54,6 +57,7 @@ class Study(SQLModel, table=True):
     issuer: str = Field(default="", max_length=128)
     patient_name: str = Field(default="", max_length=512)
     name_norm: str = Field(default="", max_length=512)
+    name_fuzzy: str = Field(default="", max_length=512)
     birth_date: str = Field(default="", max_length=8)
     sex: str = Field(default="", max_length=16)
     study_date: str = Field(default="", max_length=8)

@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("patient_id", sa.String(length=128), nullable=False),
         sa.Column("patient_name", sa.String(length=512), nullable=False),
         sa.Column("name_norm", sa.String(length=512), nullable=False),
+        sa.Column("name_fuzzy", sa.String(length=512), nullable=False),
         sa.Column("birth_date", sa.String(length=8), nullable=False),
         sa.Column("sex", sa.String(length=16), nullable=False),
         sa.Column("person_id", sa.Integer(), nullable=True),
@@ -67,6 +68,7 @@ def upgrade() -> None:
         sa.Column("issuer", sa.String(length=128), nullable=False),
         sa.Column("patient_name", sa.String(length=512), nullable=False),
         sa.Column("name_norm", sa.String(length=512), nullable=False),
+        sa.Column("name_fuzzy", sa.String(length=512), nullable=False),
         sa.Column("birth_date", sa.String(length=8), nullable=False),
         sa.Column("sex", sa.String(length=16), nullable=False),
         sa.Column("study_date", sa.String(length=8), nullable=False),
@@ -95,6 +97,7 @@ def upgrade() -> None:
     op.create_index("ix_study_date", "study", ["study_date"], unique=False)
     op.create_index("ix_study_facility", "study", ["facility_id", "pk"], unique=False)
     op.create_index("ix_study_name_norm", "study", ["name_norm"], unique=False)
+    op.create_index("ix_study_name_fuzzy", "study", ["name_fuzzy"], unique=False)
     op.create_index("ix_study_patient_id", "study", ["patient_id"], unique=False)
     op.create_index(op.f("ix_study_patient_pk"), "study", ["patient_pk"], unique=False)
     op.create_table(
