@@ -1,9 +1,10 @@
-"""Facility registry tables."""
+"""Facility registry tables, and what index sync remembers between runs."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy import Column, ForeignKey, Index, String
 from sqlmodel import Field, SQLModel
 
 
@@ -20,3 +21,65 @@ class Facility(SQLModel, table=True):
     name: str = Field(default="", max_length=256)
     issuer: str = Field(max_length=128, unique=True)
     created_at: datetime = Field(default_factory=_now)
+    # Where the facility's archive answers: DICOMweb, DIMSE, or both (DICOMweb is preferred).
+    dicomweb_url: str | None = Field(default=None, max_length=1024)
+    ae_title: str | None = Field(default=None, max_length=16)
+    host: str | None = Field(default=None, max_length=255)
+    port: int | None = None
+    # share_all | index_only (pixels stay at the facility) | none (not shared at all)
+    sharing_policy: str = Field(default="share_all", max_length=16)
+
+
+class FacilityAE(SQLModel, table=True):
+    """An AE title a facility calls the broker from: identifies the facility of a DIMSE caller.
+
+    The AE title is the key so that one caller can never be claimed by two facilities.
+    """
+
+    __tablename__ = "facility_ae"
+
+    ae_title: str = Field(primary_key=True, max_length=16)
+    facility_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("facility.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+
+
+class SyncState(SQLModel, table=True):
+    """The last index sync of a facility's archive."""
+
+    __tablename__ = "sync_state"
+
+    facility_id: str = Field(
+        sa_column=Column(String(64), ForeignKey("facility.id", ondelete="CASCADE"), primary_key=True)
+    )
+    last_job_id: int | None = None
+    last_started_at: datetime | None = None
+    last_completed_at: datetime | None = None
+    last_status: str = Field(default="", max_length=16)
+    last_error: str = Field(default="", max_length=1024)
+    studies_at_facility: int = 0
+
+
+class StudyLocation(SQLModel, table=True):
+    """Where a study is held, and whether the broker has its pixels.
+
+    The remote counts are what the facility reported at the last sync; a study whose counts
+    did not change is not asked about again (incremental sync). `seen_job` is the sync job that
+    last saw the study at the facility: after a complete listing, rows another job saw are gone.
+    """
+
+    __tablename__ = "study_location"
+    __table_args__ = (Index("ix_study_location_facility_seen", "facility_id", "seen_job"),)
+
+    study_uid: str = Field(primary_key=True, max_length=64)
+    facility_id: str = Field(
+        sa_column=Column(String(64), ForeignKey("facility.id", ondelete="CASCADE"), primary_key=True)
+    )
+    has_pixels: bool = False
+    remote_series: int = 0
+    remote_instances: int = 0
+    seen_job: int | None = None
+    synced_at: datetime = Field(default_factory=_now)
+    fetched_at: datetime | None = None
