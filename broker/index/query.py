@@ -1,0 +1,438 @@
+"""The one query engine: QIDO-RS, C-FIND, FHIR and the lookup all ask through `search`.
+
+Matching follows PS3.4 C.2.2.2: single value, wildcards (`*`, `?`), ranges for dates and times,
+UID lists, universal matching (an empty value returns the attribute without constraining).
+PatientName is matched case-insensitively; with fuzzy matching also accent-insensitively, each
+query component matching the start of a name component. Every match is on an indexed column of
+one row per level, so cost depends on the page asked for, not on the size of the archive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import orjson
+from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.sql import Select
+from sqlmodel import Session
+
+from broker.dicom import attributes as A
+from broker.dicom.json_model import casefold_pn, fuzzy_pn
+from broker.dicom.uids import is_valid_uid
+from broker.errors import BadRequest
+from broker.index.ingest import normalize_time
+from broker.index.models import Instance, Patient, Series, Study
+from broker.index.schemas import Query, QueryResult
+
+_study = Study.__table__  # type: ignore[attr-defined]
+_series = Series.__table__  # type: ignore[attr-defined]
+_inst = Instance.__table__  # type: ignore[attr-defined]
+_patient = Patient.__table__  # type: ignore[attr-defined]
+
+_ESC = "!"
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: str  # UI, DA, TM, PN, STR, CSLIST, INT, MODS
+    column: Any
+    fuzzy_column: Any = None
+
+
+def _keys() -> dict[str, dict[str, _Key]]:
+    study = {
+        "PatientName": _Key("PN", _study.c.name_norm, _study.c.name_fuzzy),
+        "PatientID": _Key("STR", _study.c.patient_id),
+        "IssuerOfPatientID": _Key("STR", _study.c.issuer),
+        "PatientBirthDate": _Key("DA", _study.c.birth_date),
+        "PatientSex": _Key("CSLIST", _study.c.sex),
+        "StudyDate": _Key("DA", _study.c.study_date),
+        "StudyTime": _Key("TM", _study.c.study_time),
+        "AccessionNumber": _Key("STR", _study.c.accession_number),
+        "StudyID": _Key("STR", _study.c.study_id),
+        "StudyInstanceUID": _Key("UI", _study.c.study_uid),
+        "StudyDescription": _Key("STR", _study.c.study_description),
+        "ReferringPhysicianName": _Key("PN", _study.c.referring_physician),
+        "ModalitiesInStudy": _Key("MODS", _study.c.modalities),
+    }
+    series = {
+        "Modality": _Key("CSLIST", _series.c.modality),
+        "SeriesInstanceUID": _Key("UI", _series.c.series_uid),
+        "SeriesNumber": _Key("INT", _series.c.series_number),
+        "SeriesDescription": _Key("STR", _series.c.series_description),
+        "BodyPartExamined": _Key("CSLIST", _series.c.body_part),
+        "PerformedProcedureStepStartDate": _Key("DA", _series.c.pps_start_date),
+        "PerformedProcedureStepStartTime": _Key("TM", _series.c.pps_start_time),
+    }
+    instance = {
+        "SOPClassUID": _Key("UI", _inst.c.sop_class_uid),
+        "SOPInstanceUID": _Key("UI", _inst.c.sop_uid),
+        "InstanceNumber": _Key("INT", _inst.c.instance_number),
+        "Rows": _Key("INT", _inst.c.rows),
+        "Columns": _Key("INT", _inst.c.columns),
+        "NumberOfFrames": _Key("INT", _inst.c.number_of_frames),
+    }
+    patient = {
+        "PatientName": _Key("PN", _patient.c.name_norm, _patient.c.name_fuzzy),
+        "PatientID": _Key("STR", _patient.c.patient_id),
+        "IssuerOfPatientID": _Key("STR", _patient.c.issuer),
+        "PatientBirthDate": _Key("DA", _patient.c.birth_date),
+        "PatientSex": _Key("CSLIST", _patient.c.sex),
+    }
+    return {
+        "patient": patient,
+        "study": study,
+        "series": {**study, **series},
+        "instance": {**study, **series, **instance},
+    }
+
+
+KEYS = _keys()
+
+# Attributes a level answers but does not match on (ignored for matching, returned when asked).
+_RETURN_ONLY = {
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "RetrieveURL",
+    "InstanceAvailability",
+    "SpecificCharacterSet",
+    "TimezoneOffsetFromUTC",
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+    "QueryRetrieveLevel",
+}
+
+_DATE_RE = re.compile(r"^\d{8}$")
+_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+def _like(value: str) -> str:
+    out = []
+    for ch in value:
+        if ch in "%_" + _ESC:
+            out.append(_ESC + ch)
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _string_match(column: Any, value: str) -> ColumnElement[bool]:
+    if _has_wildcard(value):
+        return column.like(_like(value), escape=_ESC)  # type: ignore[no-any-return]
+    return column == value  # type: ignore[no-any-return]
+
+
+def _check_date(keyword: str, value: str) -> str:
+    if not _DATE_RE.match(value):
+        raise BadRequest(f"{keyword}: {value!r} is not a date (YYYYMMDD)")
+    try:
+        date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError as exc:
+        raise BadRequest(f"{keyword}: {value!r} is not a valid date") from exc
+    return value
+
+
+def _check_time(keyword: str, value: str) -> str:
+    value = value.replace(":", "")
+    if not _TIME_RE.match(value):
+        raise BadRequest(f"{keyword}: {value!r} is not a time (HHMMSS.FFFFFF)")
+    return value
+
+
+def _range(
+    keyword: str, column: Any, value: str, check: Callable[[str, str], str], norm: Callable[[str, bool], str]
+) -> ColumnElement[bool]:
+    if "-" in value:
+        lo, _, hi = value.partition("-")
+        lo, hi = lo.strip(), hi.strip()
+        if not lo and not hi:
+            raise BadRequest(f"{keyword}: an empty range '-' is not a valid match value")
+        conds = []
+        if lo:
+            conds.append(column >= norm(check(keyword, lo), False))
+        if hi:
+            conds.append(column <= norm(check(keyword, hi), True))
+        return and_(column != "", *conds)
+    return column == norm(check(keyword, value), False)  # type: ignore[no-any-return]
+
+
+def _date_norm(value: str, _upper: bool) -> str:
+    return value
+
+
+def _time_norm(value: str, upper: bool) -> str:
+    if upper and "." not in value:
+        # An upper bound of 1230 includes 12:30:59.999999.
+        return value.ljust(6, "9")[:6] + ".999999" if len(value) < 6 else value + ".999999"
+    return normalize_time(value)
+
+
+def _values(value: str) -> list[str]:
+    return [v.strip() for v in re.split(r"[\\,]", value) if v.strip()]
+
+
+def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElement[bool] | None:
+    if value == "" or value == "*":
+        return None  # universal matching
+    kind = key.kind
+    if kind == "UI":
+        uids = _values(value)
+        for uid in uids:
+            if not is_valid_uid(uid):
+                raise BadRequest(f"{keyword}: {uid[:80]!r} is not a valid UID")
+        return key.column.in_(uids)  # type: ignore[no-any-return]
+    if kind == "DA":
+        return _range(keyword, key.column, value, _check_date, _date_norm)
+    if kind == "TM":
+        return _range(keyword, key.column, value, _check_time, _time_norm)
+    if kind == "INT":
+        try:
+            return key.column == int(value)  # type: ignore[no-any-return]
+        except ValueError as exc:
+            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer") from exc
+    if kind == "PN":
+        if fuzzy and key.fuzzy_column is not None:
+            v = fuzzy_pn(value)
+            if _has_wildcard(v) or "^" in v:
+                pattern = _like(v) if _has_wildcard(v) else _like(v) + "%"
+                return key.fuzzy_column.like(pattern, escape=_ESC)  # type: ignore[no-any-return]
+            return or_(
+                key.fuzzy_column.like(_like(v) + "%", escape=_ESC),
+                key.fuzzy_column.like("%^" + _like(v) + "%", escape=_ESC),
+                key.fuzzy_column.like("% " + _like(v) + "%", escape=_ESC),
+            )
+        return _string_match(key.column, casefold_pn(value) if not _has_wildcard(value) else value.casefold())
+    if kind == "CSLIST":
+        vals = _values(value)
+        return or_(*(_string_match(key.column, v) for v in vals))
+    if kind == "MODS":
+        vals = _values(value)
+        return or_(*(key.column.contains("\\" + v + "\\", autoescape=True) for v in vals))
+    return _string_match(key.column, value)
+
+
+def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[str]]:
+    keys = KEYS[query.level]
+    conds: list[ColumnElement[bool]] = []
+    asked: set[str] = set()
+    ignored: list[str] = []
+    for raw_key, value in query.filters.items():
+        tag = A.resolve_key(raw_key)
+        if tag is None:
+            raise BadRequest(f"unknown attribute {raw_key[:64]!r}: not a DICOM keyword or tag")
+        keyword = A.keyword_of(tag)
+        asked.add(tag)
+        key = keys.get(keyword)
+        if key is None:
+            if value not in ("", "*") and keyword not in _RETURN_ONLY:
+                ignored.append(keyword)
+            continue
+        cond = _condition(keyword, key, value, query.fuzzy)
+        if cond is not None:
+            conds.append(cond)
+    if query.study_uid is not None:
+        conds.append(_study.c.study_uid == query.study_uid)
+    if query.series_uid is not None:
+        conds.append(_series.c.series_uid == query.series_uid)
+    if query.facility_id is not None:
+        conds.append(
+            _study.c.facility_id == query.facility_id
+            if query.level != "patient"
+            else _patient.c.facility_id == query.facility_id
+        )
+    return conds, asked, ignored
+
+
+def _wanted(query: Query, defaults: frozenset[str], asked: set[str]) -> frozenset[str] | None:
+    if query.includefields == "all":
+        return None
+    extra = set()
+    for f in query.includefields:
+        tag = A.resolve_key(f)
+        if tag is None:
+            raise BadRequest(f"includefield: unknown attribute {f[:64]!r}")
+        extra.add(tag)
+    return defaults | extra | asked
+
+
+def _pick(attrs: dict[str, Any], wanted: frozenset[str] | None) -> dict[str, Any]:
+    if wanted is None:
+        return dict(attrs)
+    return {k: v for k, v in attrs.items() if k in wanted}
+
+
+def _vr(tag: str) -> str:
+    try:
+        from pydicom.datadict import dictionary_VR
+
+        return dictionary_VR(int(tag, 16)).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def _fill_empty(out: dict[str, Any], wanted: frozenset[str] | None, defaults: frozenset[str]) -> None:
+    # Required return attributes are present even when empty (PS3.18: zero-length value).
+    for tag in wanted if wanted is not None else defaults:
+        if tag not in out and tag != "00081190":
+            out[tag] = {"vr": _vr(tag)}
+
+
+def _finish(out: dict[str, Any], wanted: frozenset[str] | None, defaults: frozenset[str]) -> dict[str, Any]:
+    _fill_empty(out, wanted, defaults)
+    if "00080005" in out:
+        out["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}  # the JSON is UTF-8 whatever came in
+    return dict(sorted(out.items()))
+
+
+def _paged(stmt: Select[Any], query: Query) -> Select[Any]:
+    if query.limit < 0 or query.offset < 0:
+        raise BadRequest("limit and offset must not be negative")
+    return stmt.limit(query.limit + 1).offset(query.offset)
+
+
+def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> dict[str, Any]:
+    attrs = orjson.loads(row.study_json)
+    out = _pick(attrs, wanted)
+    mods = [m for m in row.modalities.split("\\") if m]
+    computed = {
+        "00080061": {"vr": "CS", "Value": mods} if mods else {"vr": "CS"},
+        "00201206": {"vr": "IS", "Value": [row.num_series]},
+        "00201208": {"vr": "IS", "Value": [row.num_instances]},
+        "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+        "00100021": {"vr": "LO", "Value": [row.issuer]} if row.issuer else {"vr": "LO"},
+        "0020000D": {"vr": "UI", "Value": [row.study_uid]},
+    }
+    if base:
+        computed["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{row.study_uid}"]}
+    for tag, value in computed.items():
+        if wanted is None or tag in wanted or tag == "0020000D":
+            out[tag] = value
+    return out
+
+
+def search(*, session: Session, query: Query) -> QueryResult:
+    """Answer one query at any level; raises BadRequest for keys or values that cannot match."""
+    if query.limit > 100_000:
+        raise BadRequest("limit is too large")
+    conds, asked, ignored = _filters(query)
+    level = query.level
+    base = query.retrieve_base
+    matches: list[dict[str, Any]] = []
+    if level == "patient":
+        wanted = _wanted(query, A.PATIENT_DEFAULTS, asked)
+        n_studies = (
+            select(func.count())
+            .select_from(_study)
+            .where(_study.c.patient_pk == _patient.c.pk)
+            .scalar_subquery()
+        )
+        stmt = _paged(
+            select(_patient, n_studies.label("n_studies")).where(*conds).order_by(_patient.c.pk), query
+        )
+        rows = session.execute(stmt).all()
+        for row in rows[: query.limit]:
+            attrs = {
+                "00100010": {"vr": "PN", "Value": [{"Alphabetic": row.patient_name}]}
+                if row.patient_name
+                else {"vr": "PN"},
+                "00100020": {"vr": "LO", "Value": [row.patient_id]}
+                if not row.patient_id.startswith("~no-id~")
+                else {"vr": "LO"},
+                "00100021": {"vr": "LO", "Value": [row.issuer]},
+                "00100030": {"vr": "DA", "Value": [row.birth_date]} if row.birth_date else {"vr": "DA"},
+                "00100040": {"vr": "CS", "Value": [row.sex]} if row.sex else {"vr": "CS"},
+                "00201200": {"vr": "IS", "Value": [row.n_studies]},
+            }
+            matches.append(_finish(_pick(attrs, wanted), wanted, A.PATIENT_DEFAULTS))
+    elif level == "study":
+        wanted = _wanted(query, A.STUDY_DEFAULTS, asked)
+        stmt = _paged(select(_study).where(*conds).order_by(_study.c.pk), query)
+        rows = session.execute(stmt).all()
+        for row in rows[: query.limit]:
+            matches.append(_finish(_study_attrs(row, wanted, base), wanted, A.STUDY_DEFAULTS))
+    elif level == "series":
+        wanted = _wanted(query, A.SERIES_DEFAULTS, asked)
+        order = (_series.c.series_number, _series.c.pk) if query.study_uid else (_series.c.pk,)
+        stmt = _paged(
+            select(
+                _series,
+                _study.c.study_uid,
+                _study.c.study_json,
+                _study.c.modalities,
+                _study.c.num_series,
+                _study.c.num_instances.label("study_num_instances"),
+                _study.c.issuer,
+            )
+            .join(_study, _study.c.pk == _series.c.study_pk)
+            .where(*conds)
+            .order_by(*order),
+            query,
+        )
+        rows = session.execute(stmt).all()
+        for row in rows[: query.limit]:
+            out = _pick(orjson.loads(row.study_json), wanted if wanted is not None else frozenset(asked))
+            out.update(_pick(orjson.loads(row.series_json), wanted))
+            out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
+            out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
+            computed = {
+                "00201209": {"vr": "IS", "Value": [row.num_instances]},
+                "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+            }
+            if base:
+                computed["00081190"] = {
+                    "vr": "UR",
+                    "Value": [f"{base}/studies/{row.study_uid}/series/{row.series_uid}"],
+                }
+            for tag, value in computed.items():
+                if wanted is None or tag in wanted:
+                    out[tag] = value
+            matches.append(_finish(out, wanted, A.SERIES_DEFAULTS))
+    else:
+        wanted = _wanted(query, A.INSTANCE_DEFAULTS, asked)
+        order = (_inst.c.instance_number, _inst.c.pk) if query.series_uid else (_inst.c.pk,)
+        stmt = _paged(
+            select(_inst.c.sop_uid, _inst.c.metadata_json, _series.c.series_uid, _study.c.study_uid)
+            .join(_series, _series.c.pk == _inst.c.series_pk)
+            .join(_study, _study.c.pk == _inst.c.study_pk)
+            .where(*conds)
+            .order_by(*order),
+            query,
+        )
+        rows = session.execute(stmt).all()
+        for row in rows[: query.limit]:
+            meta = orjson.loads(row.metadata_json)
+            out = _pick(meta, wanted)
+            # Bulk data is for WADO-RS metadata, never for a query answer.
+            out = {k: v for k, v in out.items() if "BulkDataURI" not in v}
+            out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
+            out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
+            out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+            if base:
+                out["00081190"] = {
+                    "vr": "UR",
+                    "Value": [
+                        f"{base}/studies/{row.study_uid}/series/{row.series_uid}/instances/{row.sop_uid}"
+                    ],
+                }
+            matches.append(_finish(out, wanted, A.INSTANCE_DEFAULTS))
+    warnings = []
+    if ignored:
+        warnings.append(
+            "The following attributes are not supported for matching and were ignored: "
+            + ", ".join(sorted(set(ignored)))
+        )
+    return QueryResult(matches=matches, more=len(rows) > query.limit, warnings=warnings)

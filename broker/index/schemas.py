@@ -1,0 +1,66 @@
+"""Shapes the index hands to its callers (DICOMweb, DIMSE, FHIR, lookup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Level = Literal["patient", "study", "series", "instance"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    status: Literal["stored", "duplicate", "failed"]
+    failure_reason: int | None = None  # broker.dicom.status code when failed
+    message: str = ""  # readable, never patient data
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+@dataclass
+class Query:
+    """One question to the index, the same whether it came by QIDO-RS, C-FIND or FHIR.
+
+    `filters` maps a DICOM keyword (or 8-hex tag) to a PS3.4 C.2.2.2 match value, already
+    URL-decoded; an empty value is universal matching (return the attribute). `retrieve_base`
+    (e.g. "http://host/dicom-web") makes matches carry RetrieveURL.
+    """
+
+    level: Level
+    filters: dict[str, str] = field(default_factory=dict)
+    study_uid: str | None = None
+    series_uid: str | None = None
+    facility_id: str | None = None
+    fuzzy: bool = False
+    includefields: frozenset[str] | Literal["all"] = frozenset()
+    limit: int = 100
+    offset: int = 0
+    retrieve_base: str | None = None
+
+
+@dataclass
+class QueryResult:
+    matches: list[dict[str, Any]]  # DICOM JSON model objects (PS3.18 F.2), UTF-8
+    more: bool  # cut by limit: more matches exist past offset+limit
+    warnings: list[str] = field(default_factory=list)  # e.g. keys not supported for matching
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """Where one stored instance is, for retrieve."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    object_key: str
+    size: int
+    number_of_frames: int | None
+    facility_id: str

@@ -1,0 +1,123 @@
+"""The index's public face: ingest, the one query engine, and what retrieve needs.
+
+Every function is keyword-only and blocking (database and storage I/O): async callers run it
+in a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from broker.dicom.json_model import BULK_BASE_BYTES
+from broker.dicom.uids import require_uid
+from broker.errors import NotFound
+from broker.index.ingest import ingest_files, parse_instance
+from broker.index.models import Instance, Series, Study
+from broker.index.query import search
+from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome
+
+__all__ = [
+    "ingest_files",
+    "parse_instance",
+    "search",
+    "find_instances",
+    "metadata_fragments",
+    "render_metadata",
+    "Query",
+    "QueryResult",
+    "StoreOutcome",
+    "InstanceRef",
+]
+
+_study = Study.__table__  # type: ignore[attr-defined]
+_series = Series.__table__  # type: ignore[attr-defined]
+_inst = Instance.__table__  # type: ignore[attr-defined]
+
+
+def _scope(stmt, *, study_uid, series_uid, sop_uid, facility_id):  # type: ignore[no-untyped-def]
+    stmt = stmt.where(_study.c.study_uid == require_uid(study_uid, "StudyInstanceUID"))
+    if series_uid is not None:
+        stmt = stmt.where(_series.c.series_uid == require_uid(series_uid, "SeriesInstanceUID"))
+    if sop_uid is not None:
+        stmt = stmt.where(_inst.c.sop_uid == require_uid(sop_uid, "SOPInstanceUID"))
+    if facility_id is not None:
+        stmt = stmt.where(_study.c.facility_id == facility_id)
+    return stmt
+
+
+def _not_found(study_uid: str, series_uid: str | None, sop_uid: str | None) -> NotFound:
+    if sop_uid is not None:
+        return NotFound(f"no instance {sop_uid} in series {series_uid} of study {study_uid}")
+    if series_uid is not None:
+        return NotFound(f"no series {series_uid} in study {study_uid}")
+    return NotFound(f"no study {study_uid}")
+
+
+def find_instances(
+    *,
+    session: Session,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    facility_id: str | None = None,
+) -> list[InstanceRef]:
+    """The stored instances of a study, series or instance, in series then instance order."""
+    stmt = (
+        select(
+            _study.c.study_uid,
+            _series.c.series_uid,
+            _inst.c.sop_uid,
+            _inst.c.sop_class_uid,
+            _inst.c.transfer_syntax_uid,
+            _inst.c.object_key,
+            _inst.c.size,
+            _inst.c.number_of_frames,
+            _inst.c.facility_id,
+        )
+        .select_from(_inst)
+        .join(_series, _series.c.pk == _inst.c.series_pk)
+        .join(_study, _study.c.pk == _inst.c.study_pk)
+        .order_by(_series.c.series_number, _series.c.pk, _inst.c.instance_number, _inst.c.pk)
+    )
+    stmt = _scope(stmt, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, facility_id=facility_id)
+    refs = [InstanceRef(*row) for row in session.execute(stmt).all()]
+    if not refs:
+        raise _not_found(study_uid, series_uid, sop_uid)
+    return refs
+
+
+def metadata_fragments(
+    *,
+    session: Session,
+    study_uid: str,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    facility_id: str | None = None,
+) -> list[bytes]:
+    """Each instance's stored DICOM JSON (bulk data URIs under the placeholder base)."""
+    stmt = (
+        select(_inst.c.metadata_json)
+        .select_from(_inst)
+        .join(_series, _series.c.pk == _inst.c.series_pk)
+        .join(_study, _study.c.pk == _inst.c.study_pk)
+        .order_by(_series.c.series_number, _series.c.pk, _inst.c.instance_number, _inst.c.pk)
+    )
+    stmt = _scope(stmt, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, facility_id=facility_id)
+    frags = [bytes(row[0]) for row in session.execute(stmt).all()]
+    if not frags:
+        raise _not_found(study_uid, series_uid, sop_uid)
+    return frags
+
+
+def render_metadata(fragments: list[bytes], *, base: str, chunk: int = 64) -> Iterator[bytes]:
+    """The WADO-RS metadata response body: a JSON array of the stored fragments with the
+    bulk data base filled in; yielded in chunks so a large study streams."""
+    base_b = base.rstrip("/").encode()
+    yield b"["
+    for start in range(0, len(fragments), chunk):
+        part = b",".join(fragments[start : start + chunk]).replace(BULK_BASE_BYTES, base_b)
+        yield (b"," + part) if start else part
+    yield b"]"
