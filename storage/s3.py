@@ -1,0 +1,230 @@
+"""S3 object store (AWS S3, MinIO, Ceph RGW; moto's server in tests): the production backend.
+
+boto3 does the hard parts (multipart upload with bounded buffers, retries, signing, the
+credential chain). One client per store is shared by all threads: boto3 clients are
+thread-safe, sessions are not, so the one session is only touched under a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+from urllib.parse import urlencode
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from broker.errors import Unavailable
+from storage.base import ObjectInfo, ObjectNotFound
+
+DEFAULT_REGION = "us-east-1"
+
+# Objects above 16 MiB go up in 8 MiB parts, at most 4 in flight: a put holds at most
+# ~32 MiB of a stream in memory however big the object is.
+_TRANSFER = TransferConfig(
+    multipart_threshold=16 * 1024 * 1024,
+    multipart_chunksize=8 * 1024 * 1024,
+    max_concurrency=4,
+    use_threads=True,
+)
+
+# boto3 sessions are not thread-safe, but building a client from a fresh session reloads the
+# service model (~60 ms); one shared session under a lock makes a new store ~5 ms.
+_SESSION_LOCK = threading.Lock()
+_SESSION: boto3.session.Session | None = None
+
+
+def _new_client(region: str | None, **kwargs: Any) -> tuple[Any, str]:
+    """A client and the region it uses: the caller's, else the usual chain's, else a default."""
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        region = region or _SESSION.region_name or DEFAULT_REGION
+        return _SESSION.client("s3", region_name=region, **kwargs), region
+
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_NETWORK_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+
+
+class _CountingReader:
+    """Counts the bytes a non-seekable stream yields, so put() can report the size without a HEAD."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._raw.read(n)
+        self.count += len(chunk)
+        return chunk
+
+
+def _error_code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Store:
+    list_page_size = 1000  # S3's maximum; tests lower it to exercise paging cheaply
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        create_bucket: bool = False,
+    ) -> None:
+        if not bucket:
+            raise ValueError("an S3 storage URL needs a bucket: s3://bucket[/prefix]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        config = Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            # Ingest and retrieve run many threads on the one client; the default pool is 10.
+            max_pool_connections=32,
+            # S3-compatible servers (MinIO, Ceph, moto) are addressed by path, not virtual host,
+            # and not all of them understand the newer default request checksums.
+            s3={"addressing_style": "path"} if endpoint_url else {},
+            request_checksum_calculation="when_required" if endpoint_url else "when_supported",
+            response_checksum_validation="when_required" if endpoint_url else "when_supported",
+        )
+        self._client, self.region = _new_client(region, endpoint_url=endpoint_url, config=config)
+        query = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region)) if v}
+        path = f"/{self.prefix}" if self.prefix else ""
+        self.url = f"s3://{bucket}{path}" + (f"?{urlencode(query)}" if query else "")
+        if create_bucket:
+            self._ensure_bucket()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        # Keys come from validated UIDs; refusing odd ones keeps the prefix a real boundary.
+        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+            raise ValueError("invalid object key")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _strip(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def _call(self, key: str | None, method: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._client, method)(**kwargs)
+        except botocore.exceptions.ClientError as exc:
+            if key is not None and _error_code(exc) in _NOT_FOUND_CODES:
+                raise ObjectNotFound(key) from exc
+            raise
+        except _NETWORK_ERRORS as exc:
+            raise Unavailable(f"object store unreachable: {type(exc).__name__}") from exc
+
+    def _ensure_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        except _NETWORK_ERRORS as exc:
+            raise Unavailable(f"object store unreachable: {type(exc).__name__}") from exc
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except botocore.exceptions.ClientError as exc:
+            # Another node created it between our HEAD and our PUT.
+            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    # -- ObjectStore -----------------------------------------------------------------------
+
+    def put(self, key: str, data: BinaryIO, *, size: int | None = None) -> ObjectInfo:
+        """Stream `data` to the object; S3 makes it visible only once complete (atomic).
+
+        A failed multipart upload is aborted by boto3, so nothing partial is left behind.
+        """
+        full = self._key(key)
+        seekable = getattr(data, "seekable", lambda: False)()
+        source: Any
+        if seekable:
+            start = data.tell()
+            total = data.seek(0, os.SEEK_END) - start
+            data.seek(start)
+            source = data
+        else:
+            source = _CountingReader(data)
+        self._call(None, "upload_fileobj", Fileobj=source, Bucket=self.bucket, Key=full, Config=_TRANSFER)
+        if not seekable:
+            total = source.count
+        return ObjectInfo(key=key, size=total)
+
+    def put_file(self, key: str, path: str) -> ObjectInfo:
+        full = self._key(key)
+        size = os.path.getsize(path)
+        self._call(None, "upload_file", Filename=path, Bucket=self.bucket, Key=full, Config=_TRANSFER)
+        return ObjectInfo(key=key, size=size)
+
+    def get(
+        self, key: str, *, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        """Yield the bytes [start, end) of the object; end None means to its end.
+
+        The request is made here, not on first iteration, so a missing key raises
+        ObjectNotFound before a caller has committed to a response.
+        """
+        if start < 0 or (end is not None and end < 0):
+            raise ValueError("byte range must not be negative")
+        full = self._key(key)
+        if end is not None and end <= start:
+            self.head(key)  # an empty range of a missing object is still "not found"
+            return iter(())
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+        if start or end is not None:
+            # HTTP ranges are inclusive; ours is half-open like a slice.
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            response = self._call(key, "get_object", **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) == "InvalidRange":  # start at or beyond the end: nothing to read
+                return iter(())
+            raise
+        return self._iter(response["Body"], chunk_size)
+
+    @staticmethod
+    def _iter(body: Any, chunk_size: int) -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(chunk_size)
+        except botocore.exceptions.BotoCoreError as exc:
+            raise Unavailable(f"object store read failed: {type(exc).__name__}") from exc
+        finally:
+            body.close()  # returns the connection to the pool even if the reader stops early
+
+    def open_local(self, key: str) -> str | None:
+        return None
+
+    def head(self, key: str) -> ObjectInfo:
+        response = self._call(key, "head_object", Bucket=self.bucket, Key=self._key(key))
+        return ObjectInfo(key=key, size=int(response["ContentLength"]))
+
+    def delete(self, key: str) -> None:
+        # S3 deletes are idempotent: deleting a missing key succeeds, as in LocalStore.
+        self._call(None, "delete_object", Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str = "") -> Iterable[ObjectInfo]:
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=full_prefix, PaginationConfig={"PageSize": self.list_page_size}
+            ):
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(key=self._strip(obj["Key"]), size=int(obj["Size"]))
+        except _NETWORK_ERRORS as exc:
+            raise Unavailable(f"object store unreachable: {type(exc).__name__}") from exc

@@ -1,0 +1,238 @@
+"""Shared fixtures: real PostgreSQL, S3 over HTTP (moto's server mode), and the two backends.
+
+Every test that takes `backend` runs twice: on the embedded default (SQLite file + local
+folder) and on production parts (PostgreSQL + S3). Each run gets its own database and its own
+bucket, so tests never see each other's rows or objects.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy.engine import URL
+
+from broker.settings import Settings
+
+# Where tests find PostgreSQL: a libpq DSN of a server where we may CREATE DATABASE.
+PG_DSN = os.environ.get("SCANONCE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+# -- S3: moto in server mode ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real S3 endpoint over HTTP on a free loopback port; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Dummy credentials so boto3's usual chain never reaches for real ones (or for IMDS).
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for var in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
+            mp.delenv(var, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(moto_server: str) -> Any:
+    """A plain boto3 client on the moto server, for seeding and inspecting buckets."""
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=moto_server, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> Iterator[str]:
+    """A fresh bucket name on the moto server (created by the store via create_bucket=true);
+    emptied and removed after the test so the in-memory server does not grow."""
+    bucket = f"t-{secrets.token_hex(8)}"
+    yield bucket
+    client = s3_client
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        client.delete_bucket(Bucket=bucket)
+    except client.exceptions.NoSuchBucket:
+        pass
+
+
+def s3_storage_url(endpoint_url: str, bucket: str, prefix: str = "") -> str:
+    path = f"/{prefix}" if prefix else ""
+    return f"s3://{bucket}{path}?" + urlencode({"endpoint_url": endpoint_url, "create_bucket": "true"})
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+class PgAdmin:
+    """Creates and drops uniquely named databases on the test server (autocommit)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.params = conninfo_to_dict(dsn)
+        try:
+            self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+            error = None
+        except psycopg.OperationalError as exc:
+            error = exc
+        if error is not None:  # failed outside the except: the message alone, no chained traceback
+            pytest.fail(
+                f"PostgreSQL is not reachable at {dsn!r}: {error}\n"
+                "The PostgreSQL tests need a server: start one as the README's test command does, "
+                "or point SCANONCE_TEST_PG_DSN at a server where this user may CREATE DATABASE.",
+                pytrace=False,
+            )
+        self.prefix = f"scanonce_test_{os.getpid()}_{secrets.token_hex(3)}"
+        self._count = 0
+
+    def new_name(self, tag: str = "") -> str:
+        self._count += 1
+        return f"{self.prefix}_{tag}{self._count}"
+
+    def create(self, name: str, *, template: str | None = None) -> str:
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
+        self.conn.execute(query)
+        return self.url(name)
+
+    def drop(self, name: str) -> None:
+        # FORCE: a test that leaked a connection must not leave its database behind.
+        self.conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def url(self, name: str) -> str:
+        """The SQLAlchemy URL (psycopg 3 driver) of database `name` on the test server."""
+        p = {k: str(v) for k, v in self.params.items() if v not in (None, "")}
+        return URL.create(
+            "postgresql+psycopg",
+            username=p.get("user"),
+            password=p.get("password"),
+            host=p.get("host"),
+            port=int(p["port"]) if "port" in p else None,
+            database=name,
+        ).render_as_string(hide_password=False)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[PgAdmin]:
+    admin = PgAdmin(PG_DSN)
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin: PgAdmin) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for the session; dropped at the end."""
+    name = pg_admin.new_name("s")
+    url = pg_admin.create(name)
+    try:
+        yield url
+    finally:
+        pg_admin.drop(name)
+
+
+@pytest.fixture(scope="session")
+def _pg_template(pg_admin: PgAdmin) -> Iterator[str]:
+    """A migrated database that each postgres test clones (a clone is ~30 ms; a migration
+    is far more and grows with every domain)."""
+    from broker.db import make_engine, migrate
+
+    name = pg_admin.new_name("tpl")
+    url = pg_admin.create(name)
+    try:
+        engine = make_engine(url)
+        try:
+            migrate(engine)
+        finally:
+            engine.dispose()  # CREATE DATABASE ... TEMPLATE needs the template to have no sessions
+        yield name
+    finally:
+        pg_admin.drop(name)
+
+
+# -- the two backends -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str  # "sqlite-local" or "postgres-s3"
+    database_url: str
+    storage_url: str
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite-local", id="sqlite-local"),
+        pytest.param("postgres-s3", id="postgres-s3", marks=pytest.mark.postgres),
+    ]
+)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """The database and object store a test runs on, fresh for each test.
+
+    sqlite-local: an empty SQLite file and a folder under tmp_path.
+    postgres-s3: a database cloned from a migrated template and a new bucket on the moto
+    server. Call broker.db.migrate() either way (it is idempotent), as the app does.
+    """
+    if request.param == "sqlite-local":
+        yield Backend(
+            name="sqlite-local",
+            database_url=f"sqlite:///{tmp_path / 'index.sqlite3'}",
+            storage_url=(tmp_path / "objects").as_uri(),
+        )
+        return
+    pg_admin: PgAdmin = request.getfixturevalue("pg_admin")
+    template: str = request.getfixturevalue("_pg_template")
+    moto_url: str = request.getfixturevalue("moto_server")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    name = pg_admin.new_name("t")
+    url = pg_admin.create(name, template=template)
+    try:
+        yield Backend(name="postgres-s3", database_url=url, storage_url=s3_storage_url(moto_url, bucket))
+    finally:
+        pg_admin.drop(name)
+
+
+def _make_settings(backend: Backend, tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        database_url=backend.database_url,
+        storage_url=backend.storage_url,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def make_settings() -> Callable[..., Settings]:
+    """`make_settings(backend, tmp_path, **overrides)` -> Settings on that backend."""
+    return _make_settings
+
+
+@pytest.fixture
+def settings(backend: Backend, tmp_path: Path) -> Settings:
+    return _make_settings(backend, tmp_path)

@@ -1,0 +1,357 @@
+"""The object store contract, on the local folder and on S3 (moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from broker.db import _MIGRATIONS, make_engine, migrate
+from broker.errors import InvalidUID, Unavailable
+from broker.settings import Settings
+from storage import LocalStore, ObjectNotFound, ObjectStore, open_store
+from storage.keys import conflict_key, instance_key
+from storage.s3 import S3Store
+
+MiB = 1024 * 1024
+SHA = "5" * 64  # the store does not check content addresses; ingest does
+STUDY, SERIES, SOP = "1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.1.1", "1.2.826.0.1.3680043.2.1.1.7"
+
+
+class PatternReader:
+    """A non-seekable stream of `size` deterministic bytes, as a network body would be.
+
+    Hashes what it hands out, so a test can compare without holding the object, and can be
+    told to fail after `fail_after` bytes, as a dropped client connection would.
+    """
+
+    def __init__(self, size: int, *, seed: int = 1, fail_after: int | None = None) -> None:
+        self.remaining = size
+        self.sent = 0
+        self.fail_after = fail_after
+        self.sha = hashlib.sha256()
+        self._block = random.Random(seed).randbytes(MiB + 17)  # odd length: parts are not all alike
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            raise ConnectionResetError("client went away")
+        n = self.remaining if n is None or n < 0 else min(n, self.remaining)
+        out = bytearray()
+        while len(out) < n:
+            take = min(n - len(out), len(self._block) - self._pos)
+            out += self._block[self._pos : self._pos + take]
+            self._pos = (self._pos + take) % len(self._block)
+        self.remaining -= n
+        self.sent += n
+        self.sha.update(out)
+        return bytes(out)
+
+    def seekable(self) -> bool:
+        return False
+
+
+@pytest.fixture(params=["local", "s3", "s3-prefix"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "objects")
+    moto_url: str = request.getfixturevalue("moto_server")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    prefix = "site-a/objects" if request.param == "s3-prefix" else ""
+    return S3Store(bucket=bucket, prefix=prefix, endpoint_url=moto_url, create_bucket=True)
+
+
+def _read(store: ObjectStore, key: str, **kwargs: Any) -> bytes:
+    return b"".join(store.get(key, **kwargs))
+
+
+def test_both_backends_satisfy_the_protocol(store: ObjectStore) -> None:
+    assert isinstance(store, ObjectStore)
+
+
+def test_big_object_streams_in_and_out(store: ObjectStore) -> None:
+    # Above the multipart threshold, from a stream that cannot seek: S3 gets several parts.
+    size = 17 * MiB + 123
+    src = PatternReader(size)
+    info = store.put(instance_key(STUDY, SERIES, SOP, SHA), src)  # type: ignore[arg-type]
+    assert info.size == size
+    assert store.head(info.key).size == size
+
+    out = hashlib.sha256()
+    chunks = 0
+    for chunk in store.get(info.key, chunk_size=MiB):
+        assert 0 < len(chunk) <= MiB  # streamed in bounded pieces, never the whole object
+        out.update(chunk)
+        chunks += 1
+    assert chunks >= 17
+    assert out.hexdigest() == src.sha.hexdigest()
+
+
+def test_put_from_a_seekable_stream_starts_where_the_stream_is(store: ObjectStore) -> None:
+    buf = io.BytesIO(b"HEADER" + b"payload")
+    buf.seek(6)
+    info = store.put("a/b.bin", buf)
+    assert info.size == 7
+    assert _read(store, "a/b.bin") == b"payload"
+
+
+def test_put_file_and_overwrite(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "in.dcm"
+    src.write_bytes(b"x" * 1000)
+    assert store.put_file("k/one.dcm", str(src)).size == 1000
+    assert store.put("k/one.dcm", io.BytesIO(b"second")).size == 6
+    assert _read(store, "k/one.dcm") == b"second"
+
+
+DATA = bytes(range(256)) * 40  # 10240 bytes, every offset distinguishable enough
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (0, 10),  # the start
+        (len(DATA) - 10, None),  # the tail, open-ended
+        (1000, 5000),  # the middle
+        (len(DATA) - 5, len(DATA) + 100),  # end beyond the object: cut at its end
+        (len(DATA), None),  # start at the end: nothing
+        (len(DATA) + 10, len(DATA) + 20),  # entirely beyond: nothing
+        (7, 7),  # empty range
+        (0, None),  # the whole object
+    ],
+)
+def test_ranged_get(store: ObjectStore, start: int, end: int | None) -> None:
+    store.put("r/obj", io.BytesIO(DATA))
+    assert _read(store, "r/obj", start=start, end=end, chunk_size=999) == DATA[start:end]
+
+
+def test_missing_keys_raise_object_not_found(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        store.head("no/such")
+    # Raised at the call, before a caller starts a response, not on first iteration.
+    with pytest.raises(ObjectNotFound):
+        store.get("no/such")
+    with pytest.raises(ObjectNotFound):
+        store.get("no/such", start=0, end=0)
+    store.delete("no/such")  # deleting what is not there is not an error
+
+
+def test_delete_removes_the_object(store: ObjectStore) -> None:
+    store.put("d/x", io.BytesIO(b"1"))
+    store.put("d/y", io.BytesIO(b"2"))
+    store.delete("d/x")
+    with pytest.raises(ObjectNotFound):
+        store.head("d/x")
+    with pytest.raises(ObjectNotFound):
+        store.get("d/x")
+    assert [i.key for i in store.list("d/")] == ["d/y"]
+
+
+def test_list_by_prefix(store: ObjectStore) -> None:
+    keys = {
+        instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5", SHA): b"a",
+        instance_key("1.2.3", "1.2.3.4", "1.2.3.4.6", SHA): b"bb",
+        instance_key("1.2.30", "1.2.30.1", "1.2.30.1.1", SHA): b"ccc",
+        conflict_key("1.2.3.4.5", "0" * 64): b"dddd",
+    }
+    for key, body in keys.items():
+        store.put(key, io.BytesIO(body))
+    listed = {i.key: i.size for i in store.list("studies/1.2.3/")}
+    assert listed == {k: len(v) for k, v in keys.items() if k.startswith("studies/1.2.3/")}
+    assert {i.key: i.size for i in store.list()} == {k: len(v) for k, v in keys.items()}
+    assert list(store.list("studies/9.9/")) == []
+
+
+def test_failed_put_leaves_no_partial_object(store: ObjectStore) -> None:
+    key = instance_key(STUDY, SERIES, SOP, SHA)
+    store.put(key, io.BytesIO(b"the acknowledged copy"))
+    # Fails after 20 MiB: past S3's first parts, mid-file for the local store.
+    with pytest.raises(ConnectionResetError):
+        store.put(key, PatternReader(40 * MiB, fail_after=20 * MiB))  # type: ignore[arg-type]
+    assert _read(store, key) == b"the acknowledged copy"
+    assert [i.key for i in store.list()] == [key]
+
+    other = instance_key(STUDY, SERIES, SOP + ".1", SHA)
+    with pytest.raises(ConnectionResetError):
+        store.put(other, PatternReader(40 * MiB, fail_after=20 * MiB))  # type: ignore[arg-type]
+    with pytest.raises(ObjectNotFound):
+        store.head(other)
+    if isinstance(store, LocalStore):
+        assert not list(store.root.rglob(".tmp-*"))  # no temp file left behind either
+    if isinstance(store, S3Store):  # the aborted multipart upload does not linger (and bill)
+        assert "Uploads" not in store._client.list_multipart_uploads(Bucket=store.bucket)
+
+
+def test_open_local_only_on_the_local_store(store: ObjectStore) -> None:
+    store.put("o/x", io.BytesIO(b"bytes"))
+    path = store.open_local("o/x")
+    if isinstance(store, LocalStore):
+        assert path is not None and Path(path).read_bytes() == b"bytes"
+        assert store.open_local("o/missing") is None
+    else:
+        assert path is None
+
+
+def test_store_url_reopens_the_same_objects(store: ObjectStore) -> None:
+    store.put("u/x", io.BytesIO(b"same"))
+    again = open_store(store.url)
+    assert type(again) is type(store)
+    assert _read(again, "u/x") == b"same"
+
+
+def test_path_like_keys_never_reach_the_backend(store: ObjectStore) -> None:
+    for bad in ("../escape", "/abs", "a/../../b"):
+        with pytest.raises(ValueError):
+            store.put(bad, io.BytesIO(b"x"))
+
+
+def test_s3_prefixes_keep_tenants_apart(moto_server: str, s3_bucket: str) -> None:
+    a = S3Store(bucket=s3_bucket, prefix="a", endpoint_url=moto_server, create_bucket=True)
+    ab = S3Store(bucket=s3_bucket, prefix="ab", endpoint_url=moto_server)
+    a.put("k", io.BytesIO(b"1"))
+    ab.put("k", io.BytesIO(b"22"))
+    assert [(i.key, i.size) for i in a.list()] == [("k", 1)]
+    assert [(i.key, i.size) for i in ab.list()] == [("k", 2)]
+
+
+def test_s3_list_follows_continuation_pages(moto_server: str, s3_bucket: str) -> None:
+    store = S3Store(bucket=s3_bucket, prefix="pfx", endpoint_url=moto_server, create_bucket=True)
+    store.list_page_size = 2  # as S3 does at 1000 keys, without putting 1001 objects
+    for i in range(7):
+        store.put(f"p/{i}", io.BytesIO(b"x" * i))
+    store.put("q/0", io.BytesIO(b""))
+    assert [(i.key, i.size) for i in store.list("p/")] == [(f"p/{i}", i) for i in range(7)]
+
+
+def test_s3_store_is_shared_by_threads(moto_server: str, s3_bucket: str) -> None:
+    store = S3Store(bucket=s3_bucket, endpoint_url=moto_server, create_bucket=True)
+    barrier = threading.Barrier(8)
+
+    def work(i: int) -> bytes:
+        barrier.wait()
+        body = f"object {i}".encode() * 1000
+        store.put(f"t/{i}", io.BytesIO(body))
+        return _read(store, f"t/{i}", start=7, end=5000)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(8)))
+    assert results == [(f"object {i}".encode() * 1000)[7:5000] for i in range(8)]
+
+
+def test_s3_unreachable_endpoint_is_unavailable(unused_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # signing needs some credentials first
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    store = S3Store(bucket="b", endpoint_url=f"http://127.0.0.1:{unused_port}")
+    with pytest.raises(Unavailable):
+        store.head("k")
+
+
+@pytest.fixture
+def unused_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]  # bound but not listening: connections are refused
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def test_instance_key_layout() -> None:
+    assert (
+        instance_key("1.2", "1.2.3", "1.2.3.4", SHA)
+        == f"studies/1.2/series/1.2.3/instances/1.2.3.4/{SHA}.dcm"
+    )
+    longest = "1." + "2" * 62
+    assert len(longest) == 64
+    assert instance_key(longest, longest, longest, SHA).endswith(f"/{longest}/{SHA}.dcm")
+    for bad_hash in ("A" * 64, "a" * 63, "../" + "a" * 61, ""):
+        with pytest.raises(ValueError):
+            instance_key("1.2", "1.2.3", "1.2.3.4", bad_hash)
+
+
+@pytest.mark.parametrize("bad", ["../etc", "1.2.abc", "1.02", "1." + "2" * 63, "", "1..2", "1.2/3", " 1.2"])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_instance_key_rejects_what_is_not_a_uid(bad: str, position: int) -> None:
+    uids = ["1.2.3", "1.2.3.4", "1.2.3.4.5"]
+    uids[position] = bad
+    with pytest.raises(InvalidUID):
+        instance_key(uids[0], uids[1], uids[2], SHA)
+
+
+def test_conflict_key_rejects_bad_input() -> None:
+    assert conflict_key("1.2.3", "a" * 64) == f"conflicts/1.2.3/{'a' * 64}.dcm"
+    with pytest.raises(InvalidUID):
+        conflict_key("../etc", "a" * 64)
+    for bad_hash in ("A" * 64, "a" * 63, "../" + "a" * 61):
+        with pytest.raises(ValueError):
+            conflict_key("1.2.3", bad_hash)
+
+
+# -- migrations -------------------------------------------------------------------------
+
+
+def _heads() -> set[str]:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    return set(ScriptDirectory.from_config(cfg).get_heads())
+
+
+def _migrate_twice(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+        with engine.connect() as conn:
+            tables_after_first = set(sa.inspect(conn).get_table_names())
+        migrate(engine)  # a restarted node migrates again: must be a no-op, not an error
+        with engine.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) == tables_after_first
+            versions = {row[0] for row in conn.execute(sa.text("SELECT version_num FROM alembic_version"))}
+    finally:
+        engine.dispose()
+    assert versions == _heads()
+    assert {"facility", "study", "series", "alembic_version"} <= tables_after_first
+
+
+def test_migrate_twice_on_sqlite(tmp_path: Path) -> None:
+    _migrate_twice(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+
+
+@pytest.mark.postgres
+def test_migrate_twice_on_postgres(pg_admin: Any) -> None:  # tests/conftest.py PgAdmin
+    # Its own empty database: the session's pg_url stays as other tests expect it.
+    name = pg_admin.new_name("m")
+    try:
+        _migrate_twice(pg_admin.create(name))
+    finally:
+        pg_admin.drop(name)
+
+
+# -- the shared backend fixture ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["first", "second"])
+def test_backend_is_fresh_for_every_test(settings: Settings, run: str) -> None:
+    # Runs twice per backend: the second run fails if the first one's table or object leaked.
+    store = open_store(settings.resolved_storage_url())
+    assert list(store.list()) == []
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        migrate(engine)
+        with engine.begin() as conn:
+            assert "leak_check" not in sa.inspect(conn).get_table_names()
+            conn.execute(sa.text("CREATE TABLE leak_check (x integer)"))
+    finally:
+        engine.dispose()
+    store.put("leak/check", io.BytesIO(run.encode()))
+    assert [i.key for i in open_store(settings.resolved_storage_url()).list()] == ["leak/check"]
