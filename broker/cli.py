@@ -1,0 +1,281 @@
+"""The `scanonce` command: serve, demo, ingest, facility, and the domains' sub-commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from broker.settings import Settings
+
+app = typer.Typer(
+    help="ScanOnce: find the prior before you scan again.", no_args_is_help=True, add_completion=False
+)
+console = Console()
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data directory (default: $SCANONCE_DATA_DIR or ./data).")
+]
+
+
+def _settings(data_dir: Path | None, **overrides: object) -> Settings:
+    values: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _state(settings: Settings):  # type: ignore[no-untyped-def]
+    from broker.app import build_state
+
+    return build_state(settings)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    host: Annotated[str | None, typer.Option(help="HTTP bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    dimse_port: Annotated[
+        int | None, typer.Option(help="DIMSE port (0 disables the DIMSE listener).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the broker: HTTP (DICOMweb, FHIR, CDS Hooks, pages, /api) and DIMSE in one process."""
+    import uvicorn
+
+    from broker.app import create_app
+
+    settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    application = create_app(settings)
+    origin = f"http://{settings.host}:{settings.port}"
+    console.print(f"[bold]ScanOnce[/] on {origin}")
+    console.print(f"  DICOMweb:  {origin}/dicom-web  (e.g. {origin}/dicom-web/studies)")
+    console.print(f"  API docs:  {origin}/docs")
+    if settings.dimse_port:
+        console.print(f"  DIMSE:     {settings.ae_title}@{settings.host}:{settings.dimse_port}")
+    console.print(f"  data:      {settings.data_dir.resolve()}")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+def _iter_inputs(paths: list[Path], tmp: Path) -> Iterator[tuple[str, str]]:
+    """(display name, local file path) for every file, folder member and zip member."""
+    for path in paths:
+        if path.is_dir():
+            for root, _dirs, files in os.walk(path):
+                for name in sorted(files):
+                    full = Path(root) / name
+                    yield str(full), str(full)
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    target = tmp / f"zip-{abs(hash((str(path), info.filename)))}"
+                    with zf.open(info) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    yield f"{path}!{info.filename}", str(target)
+        elif path.exists():
+            yield str(path), str(path)
+        else:
+            yield str(path), ""
+
+
+def _count_inputs(paths: list[Path]) -> int:
+    n = 0
+    for path in paths:
+        if path.is_dir():
+            n += sum(len(files) for _r, _d, files in os.walk(path))
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                n += sum(1 for i in zf.infolist() if not i.is_dir())
+        else:
+            n += 1
+    return n
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files, folders or zip files.")],
+    facility: Annotated[str | None, typer.Option(help="Facility the data comes from.")] = None,
+    data_dir: DataDir = None,
+    batch: Annotated[int, typer.Option(help="Instances per transaction.")] = 64,
+) -> None:
+    """Store and index DICOM files, with a progress bar and a summary of what failed and why."""
+    from broker.index import service
+    from broker.security.schemas import Principal, Role
+
+    settings = _settings(data_dir)
+    state = _state(settings)
+    facility_id = facility or settings.default_facility
+    principal = Principal(who="cli", role=Role.admin, facility=facility_id)
+    total = _count_inputs(paths)
+    counts: Counter[str] = Counter()
+    failures: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="scanonce-ingest-") as tmp, _progress() as progress:
+        task = progress.add_task("Ingesting", total=total)
+        pending: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            files = [p for _n, p in pending if p]
+            outcomes = iter(
+                service.ingest_files(
+                    engine=state.engine,
+                    store=state.store,
+                    principal=principal,
+                    facility_id=facility_id,
+                    paths=files,
+                )
+            )
+            for name, path in pending:
+                if not path:
+                    counts["failed"] += 1
+                    failures.append((name, "no such file"))
+                    continue
+                outcome = next(outcomes)
+                counts[outcome.status] += 1
+                if outcome.status == "failed":
+                    failures.append((name, f"0x{outcome.failure_reason or 0:04X} {outcome.message}"))
+            progress.advance(task, len(pending))
+            pending.clear()
+
+        for item in _iter_inputs(paths, Path(tmp)):
+            pending.append(item)
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
+    console.print(
+        f"stored {counts['stored']}, already present {counts['duplicate']}, failed {counts['failed']}"
+    )
+    if failures:
+        table = Table("file", "why it failed", title="Failures")
+        table.columns[0].overflow = "fold"
+        for name, why in failures[:200]:
+            table.add_row(name, why)
+        console.print(table)
+        if len(failures) > 200:
+            console.print(f"... and {len(failures) - 200} more")
+        raise typer.Exit(code=1 if counts["stored"] + counts["duplicate"] == 0 else 0)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data (same seed, same data).")] = 42,
+    patients: Annotated[int, typer.Option(help="How many synthetic patients.")] = 40,
+) -> None:
+    """Generate deterministic synthetic studies for several facilities and load them (safe to run twice)."""
+    from broker.dicom import synth
+    from broker.federation import service as federation_service
+    from broker.index import service
+    from broker.security.schemas import Principal, Role
+
+    settings = _settings(data_dir)
+    state = _state(settings)
+    from sqlmodel import Session
+
+    with Session(state.engine) as session:
+        known = {f.id for f in federation_service.list_facilities(session=session)}
+        for spec in synth.DEFAULT_FACILITIES:
+            if spec.id not in known:
+                federation_service.add_facility(
+                    session=session, facility_id=spec.id, issuer=spec.issuer, name=spec.name
+                )
+    counts: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory(prefix="scanonce-demo-") as tmp, _progress() as progress:
+        task = progress.add_task("Loading demo data", total=None)
+        by_facility: dict[str, list[str]] = {}
+        for n, (facility_id, ds) in enumerate(synth.generate_demo(seed=seed, patients=patients)):
+            path = Path(tmp) / f"{n}.dcm"
+            path.write_bytes(synth.write_part10(ds))
+            by_facility.setdefault(facility_id, []).append(str(path))
+        progress.update(task, total=sum(len(v) for v in by_facility.values()))
+        for facility_id, files in by_facility.items():
+            principal = Principal(who="demo", role=Role.admin, facility=facility_id)
+            for start in range(0, len(files), 64):
+                chunk = files[start : start + 64]
+                for outcome in service.ingest_files(
+                    engine=state.engine,
+                    store=state.store,
+                    principal=principal,
+                    facility_id=facility_id,
+                    paths=chunk,
+                ):
+                    counts[outcome.status] += 1
+                progress.advance(task, len(chunk))
+    console.print(
+        f"demo data (seed {seed}): {counts['stored']} stored, {counts['duplicate']} already present, "
+        f"{counts['failed']} failed"
+    )
+
+
+facility_app = typer.Typer(help="Facilities that federate their archives.", no_args_is_help=True)
+app.add_typer(facility_app, name="facility")
+
+
+@facility_app.command("add")
+def facility_add(
+    facility_id: Annotated[str, typer.Argument(metavar="ID")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID for this facility's records.")],
+    name: Annotated[str, typer.Option(help="Display name.")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """Register a facility."""
+    from sqlmodel import Session
+
+    from broker.errors import ScanOnceError
+    from broker.federation import service as federation_service
+
+    state = _state(_settings(data_dir))
+    with Session(state.engine) as session:
+        try:
+            f = federation_service.add_facility(
+                session=session, facility_id=facility_id, issuer=issuer, name=name
+            )
+        except ScanOnceError as exc:
+            console.print(f"[red]error:[/] {exc.message}")
+            raise typer.Exit(code=1) from exc
+    console.print(f"added facility {f.id} (issuer {f.issuer})")
+
+
+@facility_app.command("list")
+def facility_list(data_dir: DataDir = None) -> None:
+    """List registered facilities."""
+    from sqlmodel import Session
+
+    from broker.federation import service as federation_service
+
+    state = _state(_settings(data_dir))
+    table = Table("id", "issuer", "name")
+    with Session(state.engine) as session:
+        for f in federation_service.list_facilities(session=session):
+            table.add_row(f.id, f.issuer, f.name)
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
