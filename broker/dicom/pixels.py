@@ -89,6 +89,10 @@ if features.check("jpg_2000"):
 
 RENDERED_MEDIA_TYPES: Final = frozenset(_RENDER_FORMATS)
 
+# A `window=` override: (center, width) or (center, width, function).
+Window = tuple[float, float] | tuple[float, float, str]
+_VOI_FUNCTIONS: Final = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})
+
 
 # --------------------------------------------------------------------------------------------- basics
 
@@ -346,16 +350,18 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _grayscale_to_8bit(
-    arr: np.ndarray, ds: Dataset, index: int, window: tuple[float, float] | None
-) -> np.ndarray:
+def _grayscale_to_8bit(arr: np.ndarray, ds: Dataset, index: int, window: Window | None) -> np.ndarray:
     view = _frame_view(ds, index)
     values = apply_modality_lut(arr, view).astype(np.float64)
     if window is not None:
         center, width = float(window[0]), float(window[1])
         if not width > 0:
             raise BadRequest("the window width must be greater than 0")
-        scaled = _window(values, center, width, "LINEAR")
+        # PS3.18 8.3.5.1.3 spells the functions in lower case with hyphens.
+        function = str(window[2] if len(window) > 2 else "linear").upper().replace("-", "_")
+        if function not in _VOI_FUNCTIONS:
+            raise BadRequest("the window function must be linear, linear-exact or sigmoid")
+        scaled = _window(values, center, width, function)
     elif "VOILUTSequence" in view and view.VOILUTSequence:
         # The LUT's own entries span its output range: many declare 16 bits yet fill only 12.
         descriptor = view.VOILUTSequence[0].LUTDescriptor
@@ -438,14 +444,15 @@ def render(
     *,
     frame: int = 1,
     media_type: str = "image/jpeg",
-    window: tuple[float, float] | None = None,
+    window: Window | None = None,
     viewport: tuple[int, int] | None = None,
     quality: int = 90,
 ) -> bytes:
     """One frame as a displayable 8-bit image (PS3.18 8.3.5 rendered resources).
 
     Grayscale goes through the Modality LUT, the VOI LUT or window (the `window` override as
-    (center, width) wins over the dataset's), and MONOCHROME1 inversion; colour is converted to RGB.
+    (center, width) or (center, width, "linear" | "linear-exact" | "sigmoid") from PS3.18's
+    `window=` parameter wins over the dataset's), and MONOCHROME1 inversion; colour becomes RGB.
     `viewport` is (width, height), PS3.18's `viewport=vw,vh`: the image is scaled to fit inside it
     with its aspect ratio kept.
     """

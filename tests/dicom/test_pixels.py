@@ -214,6 +214,42 @@ def test_window_follows_the_modality_lut() -> None:
     assert (image[stored <= 1023] == 0).all()
 
 
+def test_window_function_from_the_query_parameter() -> None:
+    ds = load("CT_small.dcm")
+    linear = as_array(pixels.render(ds, media_type="image/png", window=(0, 400, "linear")))
+    sigmoid = as_array(pixels.render(ds, media_type="image/png", window=(0, 400, "sigmoid")))
+    assert np.array_equal(linear, as_array(pixels.render(ds, media_type="image/png", window=(0, 400))))
+    assert not np.array_equal(linear, sigmoid)
+    with pytest.raises(BadRequest, match="linear-exact"):
+        pixels.render(ds, window=(0, 400, "cubic"))
+    with pytest.raises(BadRequest, match="width"):
+        pixels.render(ds, window=(0, 0))
+
+
+def test_enhanced_functional_groups_override_top_level_window_and_rescale() -> None:
+    reference = load("CT_small.dcm")
+    reference.WindowCenter, reference.WindowWidth = 0, 2  # in HU, Rescale Intercept -1024
+    expected = as_array(pixels.render(reference, media_type="image/png"))
+
+    ds = load("CT_small.dcm")
+    ds.WindowCenter, ds.WindowWidth = 5000, 10  # would be all black if used
+    rescale, voi = Dataset(), Dataset()
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = 0, 1, "US"
+    voi.WindowCenter, voi.WindowWidth = 1024, 2  # the same threshold in stored values
+    shared, frame = Dataset(), Dataset()
+    shared.PixelValueTransformationSequence = [rescale]
+    frame.FrameVOILUTSequence = [voi]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = [frame]
+    assert np.array_equal(as_array(pixels.render(ds, media_type="image/png")), expected)
+
+
+def test_non_square_pixels_are_stretched_to_their_true_shape() -> None:
+    ds = load("CT_small.dcm")  # 128 x 128
+    ds.PixelSpacing = [1.0, 0.5]  # rows 1 mm apart, columns 0.5 mm apart: pixels twice as tall as wide
+    assert decode_image(pixels.render(ds)).size == (128, 256)
+
+
 def test_voi_lut_sequence_is_applied() -> None:
     ds = load("MR_small.dcm")
     del ds.WindowCenter, ds.WindowWidth
