@@ -31,6 +31,9 @@ _TRANSFER = TransferConfig(
     max_concurrency=4,
     use_threads=True,
 )
+# Not a TransferConfig argument, but s3transfer honours it: the default (10) lets a slow S3
+# pile up 80 MiB of read-ahead per put.
+_TRANSFER.max_in_memory_upload_chunks = 4
 
 # boto3 sessions are not thread-safe, but building a client from a fresh session reloads the
 # service model (~60 ms); one shared session under a lock makes a new store ~5 ms.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -355,3 +358,40 @@ def test_backend_is_fresh_for_every_test(settings: Settings, run: str) -> None:
         engine.dispose()
     store.put("leak/check", io.BytesIO(run.encode()))
     assert [i.key for i in open_store(settings.resolved_storage_url()).list()] == ["leak/check"]
+
+
+_PUT_IN_CHILD = """
+import os, resource, sys
+from storage.s3 import S3Store
+
+class Endless:  # a non-seekable body of the given size, as from a socket
+    def __init__(self, size): self.left = size; self.block = os.urandom(1 << 20)
+    def read(self, n=-1):
+        n = self.left if n < 0 else min(n, self.left); self.left -= n
+        return (self.block * (n // len(self.block) + 1))[:n]
+    def seekable(self): return False
+
+store = S3Store(bucket=sys.argv[2], endpoint_url=sys.argv[1], create_bucket=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+info = store.put("big", Endless(int(sys.argv[3])))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(info.size, (after - before) // 1024)
+"""
+
+
+def test_s3_put_memory_does_not_grow_with_the_object(moto_server: str, s3_bucket: str) -> None:
+    # In a child process so that moto's own copy of the object is not counted.
+    size = 160 * MiB
+    out = subprocess.run(
+        [sys.executable, "-c", _PUT_IN_CHILD, moto_server, s3_bucket, str(size)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    ).stdout.split()
+    stored, grew_mib = int(out[0]), int(out[1])
+    assert stored == size
+    # Read-ahead and parts in flight are bounded (~16 MiB threshold + 4 x 8 MiB parts).
+    assert grew_mib < 100, f"a {size // MiB} MiB put grew the process by {grew_mib} MiB"
