@@ -81,6 +81,7 @@ __all__ = [
     "generate_study",
     "parse_dlp",
     "uid_root",
+    "write_demo",
     "write_files",
     "write_part10",
 ]
@@ -1034,6 +1035,14 @@ def write_files(datasets: Iterable[Dataset], folder: str | Path) -> list[Path]:
         path.write_bytes(write_part10(ds))
         paths.append(path)
     return paths
+
+
+def write_demo(*, folder: str | Path, seed: int = 42, patients: int = 40) -> dict[str, list[Path]]:
+    """Write `generate_demo` as `<folder>/<facility_id>/<SOPInstanceUID>.dcm`, paths per facility."""
+    out: dict[str, list[Path]] = {}
+    for facility_id, ds in generate_demo(seed=seed, patients=patients):
+        out.setdefault(facility_id, []).extend(write_files([ds], Path(folder) / facility_id))
+    return out
 
 
 # --- benchmark fast path ---------------------------------------------------------------------------

@@ -109,6 +109,19 @@ def test_dcmtk_reads_what_we_write(tmp_path, demo: list[tuple[str, Dataset, byte
         assert b"PatientName" in out.stdout
 
 
+def test_write_demo_sorts_files_by_facility(tmp_path, demo: list[tuple[str, Dataset, bytes]]) -> None:
+    written = synth.write_demo(folder=tmp_path, seed=42, patients=40)
+    assert {fac: len(paths) for fac, paths in written.items()} == {
+        fac: sum(f == fac for f, _, _ in demo) for fac in {f for f, _, _ in demo}
+    }
+    # Same bytes as the in-memory demo, file by file.
+    expected = {ds.SOPInstanceUID: data for _, ds, data in demo}
+    for fac, paths in written.items():
+        for path in paths:
+            assert path.parent == tmp_path / fac
+            assert path.read_bytes() == expected[path.stem]
+
+
 def test_patients_are_varied_and_some_are_known_at_two_facilities(patients: list[synth.SynthPatient]) -> None:
     people = defaultdict(list)
     for p in patients:
