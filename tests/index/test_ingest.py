@@ -1,0 +1,179 @@
+"""Ingest: what a facility pushing studies would notice, on both backends."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlmodel import Session, select
+
+from broker.app import build_state
+from broker.deps import AppState
+from broker.dicom import status
+from broker.federation import service as federation_service
+from broker.index import service
+from broker.index.models import InstanceConflict, Study
+from broker.index.schemas import Query
+from broker.security.schemas import Principal, Role
+from broker.settings import Settings
+from tests.index.helpers import CHARSET_FILES, TEST_FILES, make_ds, write
+
+P = Principal(who="test", role=Role.admin, facility="local")
+
+
+@pytest.fixture
+def state(settings: Settings) -> Iterator[AppState]:
+    st = build_state(settings)
+    yield st
+    st.engine.dispose()
+
+
+def _ingest(state: AppState, paths: list[str], **kw: object) -> list[service.StoreOutcome]:
+    return service.ingest_files(
+        engine=state.engine,
+        store=state.store,
+        principal=P,
+        facility_id=kw.pop("facility_id", "local"),  # type: ignore[arg-type]
+        paths=paths,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _stored_bytes(state: AppState, sop: str, study: str) -> bytes:
+    with Session(state.engine) as s:
+        (ref,) = [r for r in service.find_instances(session=s, study_uid=study) if r.sop_uid == sop]
+    return b"".join(state.store.get(ref.object_key))
+
+
+def test_real_files_are_stored_byte_for_byte_and_indexed(state: AppState) -> None:
+    names = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "US1_J2KR.dcm"]
+    paths = [str(TEST_FILES / n) for n in names if (TEST_FILES / n).exists()]
+    outcomes = _ingest(state, paths)
+    assert [o.status for o in outcomes] == ["stored"] * len(paths)
+    for path, outcome in zip(paths, outcomes, strict=True):
+        original = Path(path).read_bytes()
+        assert _stored_bytes(state, outcome.sop_instance_uid, outcome.study_uid) == original
+        with Session(state.engine) as s:
+            ref = service.find_instances(
+                session=s,
+                study_uid=outcome.study_uid,
+                sop_uid=outcome.sop_instance_uid,
+                series_uid=outcome.series_uid,
+            )[0]
+        assert ref.size == len(original)
+    with Session(state.engine) as s:
+        assert len(service.search(session=s, query=Query(level="study")).matches) == len(
+            {o.study_uid for o in outcomes}
+        )
+
+
+def test_same_instance_twice_is_one_instance(state: AppState, tmp_path: Path) -> None:
+    path = write(tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9"))
+    assert _ingest(state, [path])[0].status == "stored"
+    again = _ingest(state, [path, path])
+    assert [o.status for o in again] == ["duplicate", "duplicate"]
+    with Session(state.engine) as s:
+        study = s.exec(select(Study).where(Study.study_uid == "1.2.3")).one()
+        assert (study.num_instances, study.num_series) == (1, 1)
+
+
+def test_conflicting_copy_is_kept_apart_and_the_stored_one_is_untouched(
+    state: AppState, tmp_path: Path
+) -> None:
+    first = write(tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9", name="DOE^JOHN"))
+    other = write(
+        tmp_path, "b.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9", name="ROE^RICHARD")
+    )
+    assert _ingest(state, [first])[0].status == "stored"
+    outcome = _ingest(state, [other])[0]
+    assert outcome.status == "failed"
+    assert outcome.failure_reason == status.DUPLICATE_SOP_INSTANCE
+    assert "different object" in outcome.message
+    assert _stored_bytes(state, "1.2.3.1", "1.2.3") == Path(first).read_bytes()
+    with Session(state.engine) as s:
+        conflict = s.exec(select(InstanceConflict)).one()
+        assert conflict.sha256 == hashlib.sha256(Path(other).read_bytes()).hexdigest()
+        assert b"".join(state.store.get(conflict.object_key)) == Path(other).read_bytes()
+        match = service.search(session=s, query=Query(level="study", filters={"PatientName": "ROE*"}))
+        assert match.matches == []
+
+
+def test_bad_files_fail_alone_and_change_nothing(state: AppState, tmp_path: Path) -> None:
+    good = write(tmp_path, "good.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9"))
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(Path(good).read_bytes()[:200])
+    text = tmp_path / "note.txt"
+    text.write_text("this is not DICOM")
+    no_meta = tmp_path / "no_meta.dcm"
+    shutil.copy(TEST_FILES / "no_meta.dcm", no_meta)
+    bad_uid = write(tmp_path, "bad_uid.dcm", make_ds(sop="1.2.3.abc", study="1.2.3", series="1.2.3.9"))
+    path_uid = write(tmp_path, "path_uid.dcm", make_ds(sop="1.2.3.2", study="../../etc", series="1.2.3.9"))
+    outcomes = _ingest(state, [str(truncated), str(text), good, str(no_meta), bad_uid, path_uid])
+    assert [o.status for o in outcomes] == ["failed", "failed", "stored", "failed", "failed", "failed"]
+    assert outcomes[1].failure_reason == status.CANNOT_UNDERSTAND
+    assert "SOPInstanceUID" in outcomes[4].message
+    assert "StudyInstanceUID" in outcomes[5].message
+    keys = [o.key for o in state.store.list()]
+    assert len(keys) == 1 and ".." not in keys[0] and "etc" not in keys[0]
+
+
+def test_study_uid_mismatch_fails_alone(state: AppState, tmp_path: Path) -> None:
+    a = write(tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9"))
+    b = write(tmp_path, "b.dcm", make_ds(sop="1.2.4.1", study="1.2.4", series="1.2.4.9"))
+    outcomes = _ingest(state, [a, b], expected_study_uid="1.2.3")
+    assert [o.status for o in outcomes] == ["stored", "failed"]
+    assert outcomes[1].failure_reason == status.STUDY_UID_MISMATCH
+
+
+@pytest.mark.parametrize(
+    "name", ["chrH31.dcm", "chrX1.dcm", "chrRuss.dcm", "chrJapMulti.dcm", "chrGreek.dcm"]
+)
+def test_names_in_any_character_set_come_back_as_utf8(state: AppState, name: str) -> None:
+    import pydicom
+
+    expected = str(pydicom.dcmread(CHARSET_FILES / name).PatientName)
+    outcome = _ingest(state, [str(CHARSET_FILES / name)])[0]
+    assert outcome.status == "stored", outcome.message
+    with Session(state.engine) as s:
+        (match,) = service.search(session=s, query=Query(level="study")).matches
+        frags = service.metadata_fragments(session=s, study_uid=outcome.study_uid)
+    assert match["00100010"]["Value"][0]["Alphabetic"] == expected.split("=")[0]
+    assert match["00080005"]["Value"] == ["ISO_IR 192"]
+    meta = orjson.loads(frags[0])
+    assert meta["00080005"]["Value"] == ["ISO_IR 192"]
+
+
+def test_issuer_in_data_is_honoured_only_when_registered(state: AppState, tmp_path: Path) -> None:
+    with Session(state.engine) as s:
+        federation_service.add_facility(session=s, facility_id="stmarys", issuer="ST-MARYS")
+    known = write(
+        tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9", issuer="ST-MARYS")
+    )
+    unknown = write(
+        tmp_path, "b.dcm", make_ds(sop="1.2.4.1", study="1.2.4", series="1.2.4.9", issuer="NOBODY")
+    )
+    _ingest(state, [known, unknown])
+    with Session(state.engine) as s:
+        issuers = {
+            m["0020000D"]["Value"][0]: m["00100021"]["Value"][0]
+            for m in service.search(session=s, query=Query(level="study")).matches
+        }
+    assert issuers == {"1.2.3": "ST-MARYS", "1.2.4": "LOCAL"}
+
+
+def test_metadata_has_bulk_data_uris_under_the_serving_base(state: AppState) -> None:
+    outcome = _ingest(state, [str(TEST_FILES / "CT_small.dcm")])[0]
+    with Session(state.engine) as s:
+        frags = service.metadata_fragments(session=s, study_uid=outcome.study_uid)
+    body = b"".join(service.render_metadata(frags, base="http://h:1/dicom-web"))
+    (meta,) = orjson.loads(body)
+    pixel = meta["7FE00010"]
+    assert "InlineBinary" not in pixel
+    assert pixel["BulkDataURI"] == (
+        f"http://h:1/dicom-web/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+        f"/instances/{outcome.sop_instance_uid}/bulk/7FE00010"
+    )
