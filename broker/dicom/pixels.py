@@ -82,6 +82,8 @@ _LOSSLESS_ENCAPSULATED: Final = frozenset(
     }
 )
 
+_LOSSY_JPEG: Final = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+
 # Rendered media types Pillow writes as 8-bit images (PS3.18 8.3.5.1.1 single-frame rendered types).
 _RENDER_FORMATS: Final[dict[str, str]] = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 if features.check("jpg_2000"):
@@ -171,8 +173,10 @@ def get_frames(ds: Dataset, frame_numbers: list[int], *, as_stored: bool) -> lis
 
     as_stored=True keeps an encapsulated frame as it is in the file (e.g. a JPEG bitstream, image/jpeg);
     otherwise, and always for native syntaxes, a frame is little-endian native pixel data
-    (application/octet-stream) in the layout `to_explicit_little` would give: colour decoded to RGB,
-    interleaved samples, 1-bit data packed.
+    (application/octet-stream) in the layout `to_explicit_little` would give: interleaved samples,
+    1-bit data packed, colour as the codec yields it (YBR_RCT/ICT come out RGB, RLE YBR_FULL stays
+    YBR_FULL). Lossy JPEG YBR_FULL(_422) frames are converted to RGB, as other toolkits do, since
+    the upsampled result no longer matches their stored photometric interpretation anyway.
     """
     n = _check_frame_numbers(ds, frame_numbers)
     ts = transfer_syntax(ds)
@@ -258,7 +262,7 @@ def _native_frames(ds: Dataset, frame_numbers: list[int], n: int) -> list[tuple[
     return out
 
 
-def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _decode(ds: Dataset, index: int, *, as_rgb: bool) -> tuple[np.ndarray, dict[str, Any]]:
     ts = transfer_syntax(ds)
     decoder = get_decoder(ts) if ts.is_transfer_syntax else None
     if decoder is None:
@@ -268,7 +272,7 @@ def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
             f"pixel data in transfer syntax {_ts_label(ts)} cannot be decoded: no plugin is installed"
         )
     try:
-        arr, info = decoder.as_array(ds, index=index, as_rgb=True)  # type: ignore[arg-type]
+        arr, info = decoder.as_array(ds, index=index, as_rgb=as_rgb)  # type: ignore[arg-type]
     except NotImplementedError as exc:
         raise NotAcceptable(f"pixel data in transfer syntax {_ts_label(ts)} cannot be decoded here") from exc
     except Exception as exc:  # plugins raise RuntimeError/ValueError/their own types on bad codestreams
@@ -280,7 +284,8 @@ def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _decode_frame_bytes(ds: Dataset, index: int) -> bytes:
-    arr, _ = _decode(ds, index)
+    # Only a lossy JPEG's colour conversion is allowed to round values: see get_frames.
+    arr, _ = _decode(ds, index, as_rgb=transfer_syntax(ds) in _LOSSY_JPEG)
     if int(ds.get("BitsAllocated", 8)) == 1:
         return pack_bits(arr, pad=False)
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
@@ -463,7 +468,7 @@ def render(
     if not 1 <= quality <= 100:
         raise BadRequest("quality must be between 1 and 100")
     index = frame - 1
-    arr, info = _decode(ds, index)
+    arr, info = _decode(ds, index, as_rgb=True)
     photometric = str(
         info.get("photometric_interpretation") or ds.get("PhotometricInterpretation", "")
     ).upper()
@@ -543,7 +548,8 @@ def to_explicit_little(ds: Dataset) -> Dataset | None:
         return out
     out = copy.deepcopy(ds)
     try:
-        out.decompress(as_rgb=True, generate_instance_uid=False)
+        # No colour conversion: YBR_FULL -> RGB rounds values, so it would not be lossless.
+        out.decompress(as_rgb=False, generate_instance_uid=False)
     except Exception as exc:  # a missing plugin or a codestream the plugins reject
         log.info("lossless transcode of %s failed: %s", ts, type(exc).__name__)
         return None

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, encapsulate_extended
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.pixels import get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from broker.dicom import pixels
 from broker.errors import BadRequest, NotAcceptable, NotFound
@@ -399,6 +400,21 @@ def test_lossless_transcode_of_other_syntaxes(name: str) -> None:
     assert np.array_equal(written.pixel_array, original.pixel_array)
     assert pixels.frame_count(written) == pixels.frame_count(original)
     assert "ExtendedOffsetTable" not in written
+
+
+def test_lossless_transcode_and_decoded_frames_keep_ybr_values() -> None:
+    # YBR_FULL -> RGB conversion rounds, so a lossless path must hand back the YBR samples as they are.
+    ds = load("SC_ybr_full_422_uncompressed.dcm")
+    ybr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, as_rgb=False)  # type: ignore[arg-type]
+    ds.PhotometricInterpretation = "YBR_FULL"
+    ds.compress(RLELossless, ybr, generate_instance_uid=False)
+    out = pixels.to_explicit_little(ds)
+    assert out is not None
+    written = roundtrip(out)
+    assert written.PhotometricInterpretation == "YBR_FULL"
+    assert written.PixelData[: ybr.size] == ybr.tobytes()
+    [(frame, _)] = pixels.get_frames(ds, [1], as_stored=False)
+    assert frame == ybr.tobytes()
 
 
 def test_big_endian_transcode_matches_little_endian_file_element_by_element() -> None:
