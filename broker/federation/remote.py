@@ -1,0 +1,401 @@
+"""Talking to a facility's archive: QIDO-RS / WADO-RS over HTTP (httpx), C-FIND / C-GET over
+DIMSE (pynetdicom). Index sync and retrieve on demand use these and nothing else.
+
+Every network failure becomes `broker.errors.Unavailable` naming the facility, so one archive
+being down is reported as such and never looks like a broker bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import multipart as mp
+
+from broker.errors import BadRequest, NotFound, Unavailable
+from broker.federation.models import Facility
+
+log = logging.getLogger("scanonce.federation")
+
+PAGE = 500  # studies per QIDO-RS page / per sync transaction
+UID_BATCH = 50  # studies per series query (a UID list keeps round trips few)
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+_STUDY_FIELDS = (
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+    "PatientSex", "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+)  # fmt: skip
+_SERIES_FIELDS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
+    "BodyPartExamined", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "NumberOfSeriesRelatedInstances",
+)  # fmt: skip
+_T_STUDY_UID = "0020000D"
+_T_SERIES_UID = "0020000E"
+
+
+@dataclass(slots=True)
+class RemoteStudy:
+    uid: str
+    attrs: dict[str, Any]  # DICOM JSON (PS3.18 F.2), study level
+    num_series: int
+    num_instances: int
+
+
+@dataclass(slots=True)
+class RemoteSeries:
+    uid: str
+    study_uid: str
+    attrs: dict[str, Any]
+    num_instances: int
+
+
+def _first(attrs: dict[str, Any], tag: str) -> Any:
+    values = (attrs.get(tag) or {}).get("Value") or [None]
+    return values[0]
+
+
+def _count(attrs: dict[str, Any], tag: str) -> int:
+    try:
+        return int(_first(attrs, tag) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _study(attrs: dict[str, Any]) -> RemoteStudy | None:
+    uid = _first(attrs, _T_STUDY_UID)
+    if not uid:
+        return None
+    return RemoteStudy(
+        uid=str(uid),
+        attrs=attrs,
+        num_series=_count(attrs, "00201206"),
+        num_instances=_count(attrs, "00201208"),
+    )
+
+
+def _series(attrs: dict[str, Any]) -> RemoteSeries | None:
+    uid, study_uid = _first(attrs, _T_SERIES_UID), _first(attrs, _T_STUDY_UID)
+    if not uid or not study_uid:
+        return None
+    return RemoteSeries(
+        uid=str(uid), study_uid=str(study_uid), attrs=attrs, num_instances=_count(attrs, "00201209")
+    )
+
+
+class Source(Protocol):
+    """A facility archive, as index sync sees it."""
+
+    pages_are_stable: bool  # True when `studies(offset=n)` can resume a listing at study n
+
+    def studies(self, *, offset: int = 0) -> Iterator[list[RemoteStudy]]: ...
+
+    def series(self, study_uids: Sequence[str]) -> list[RemoteSeries]: ...
+
+    def close(self) -> None: ...
+
+
+def open_source(facility: Facility, *, calling_ae: str = "SCANONCE") -> Source:
+    if facility.dicomweb_url:
+        return QidoSource(facility)
+    if facility.ae_title and facility.host and facility.port:
+        return CFindSource(facility, calling_ae=calling_ae)
+    raise BadRequest(f"facility {facility.id!r} has neither a DICOMweb URL nor a DIMSE endpoint")
+
+
+# -- DICOMweb ---------------------------------------------------------------------------------
+
+
+def _unavailable(facility: Facility, exc: Exception) -> Unavailable:
+    where = facility.dicomweb_url or f"{facility.ae_title}@{facility.host}:{facility.port}"
+    return Unavailable(
+        f"facility {facility.id!r} is unavailable ({where}): {type(exc).__name__}: {exc}"[:500]
+    )
+
+
+class QidoSource:
+    pages_are_stable = True
+
+    def __init__(self, facility: Facility, *, page: int = PAGE) -> None:
+        assert facility.dicomweb_url
+        self.facility = facility
+        self.page = page
+        self.client = httpx.Client(
+            base_url=facility.dicomweb_url.rstrip("/"), timeout=TIMEOUT, trust_env=False
+        )
+
+    def _get(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            r = self.client.get(path, params=params, headers={"Accept": "application/dicom+json"})
+        except httpx.HTTPError as exc:
+            raise _unavailable(self.facility, exc) from exc
+        if r.status_code == 204:
+            return []
+        if r.status_code >= 500:
+            raise Unavailable(f"facility {self.facility.id!r} answered {r.status_code} to a QIDO-RS query")
+        if r.status_code >= 400:
+            raise BadRequest(f"facility {self.facility.id!r} refused a QIDO-RS query ({r.status_code})")
+        data = r.json()
+        return data if isinstance(data, list) else []
+
+    def studies(self, *, offset: int = 0) -> Iterator[list[RemoteStudy]]:
+        fields = ",".join(_STUDY_FIELDS)
+        while True:
+            rows = self._get("/studies", {"includefield": fields, "limit": self.page, "offset": offset})
+            page = [s for s in map(_study, rows) if s is not None]
+            if page:
+                yield page
+            if len(rows) < self.page:
+                return
+            offset += len(rows)
+
+    def series(self, study_uids: Sequence[str]) -> list[RemoteSeries]:
+        out: list[RemoteSeries] = []
+        for i in range(0, len(study_uids), UID_BATCH):
+            # A UID list (PS3.18 8.3.4.1) asks about a batch of studies in one round trip.
+            params = {
+                "StudyInstanceUID": ",".join(study_uids[i : i + UID_BATCH]),
+                "includefield": ",".join(_SERIES_FIELDS),
+            }
+            out.extend(s for s in map(_series, self._get("/series", params)) if s is not None)
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def wado_retrieve_study(*, facility: Facility, study_uid: str, into: str) -> list[str]:
+    """WADO-RS retrieve of a whole study, streamed part by part into files under `into`."""
+    assert facility.dicomweb_url
+    url = f"{facility.dicomweb_url.rstrip('/')}/studies/{study_uid}"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    paths: list[str] = []
+    try:
+        with (
+            httpx.Client(timeout=TIMEOUT, trust_env=False) as client,
+            client.stream("GET", url, headers={"Accept": accept}) as r,
+        ):
+            if r.status_code == 404:
+                raise NotFound(f"study not found at facility {facility.id!r}")
+            if r.status_code >= 400:
+                raise Unavailable(f"facility {facility.id!r} answered {r.status_code} to a WADO-RS retrieve")
+            boundary = _boundary(r.headers.get("content-type", ""))
+            parser = mp.PushMultipartParser(boundary, max_header_count=64, strict=False)
+            current = None
+            try:
+                for chunk in r.iter_bytes(1 << 20):
+                    for event in parser.parse(chunk):
+                        if isinstance(event, mp.MultipartSegment):
+                            current = open(os.path.join(into, f"{len(paths):06d}.dcm"), "wb")  # noqa: SIM115
+                            paths.append(current.name)
+                        elif event is None:
+                            if current is not None:
+                                current.close()
+                            current = None
+                        elif current is not None:
+                            current.write(event)
+                for _ in parser.parse(b""):
+                    pass
+            finally:
+                if current is not None:
+                    current.close()
+    except httpx.HTTPError as exc:
+        raise _unavailable(facility, exc) from exc
+    except mp.ParserError as exc:
+        raise Unavailable(f"facility {facility.id!r} sent a broken multipart body: {exc}") from exc
+    return paths
+
+
+def _boundary(content_type: str) -> str:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary":
+            return value.strip().strip('"')
+    raise Unavailable("the facility's WADO-RS answer is not multipart (no boundary)")
+
+
+# -- DIMSE ------------------------------------------------------------------------------------
+
+
+def _dimse_identifier(level: str, fields: Sequence[str], **values: str) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword in fields:
+        setattr(ds, keyword, values.get(keyword, ""))
+    return ds
+
+
+class CFindSource:
+    """C-FIND at STUDY level, then SERIES level for the studies that changed (Study Root)."""
+
+    # C-FIND has no paging: a resumed sync lists again and skips what this job already saw.
+    pages_are_stable = False
+
+    def __init__(self, facility: Facility, *, calling_ae: str = "SCANONCE", page: int = PAGE) -> None:
+        self.facility = facility
+        self.calling_ae = calling_ae
+        self.page = page
+        self._assoc: Any = None
+
+    def _association(self) -> Any:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        if self._assoc is not None and self._assoc.is_established:
+            return self._assoc
+        ae = AE(ae_title=self.calling_ae)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.dimse_timeout = 60
+        try:
+            assoc = ae.associate(
+                self.facility.host, int(self.facility.port or 0), ae_title=self.facility.ae_title or ""
+            )
+        except OSError as exc:
+            raise _unavailable(self.facility, exc) from exc
+        if not assoc.is_established:
+            raise Unavailable(
+                f"facility {self.facility.id!r} refused or did not answer an association "
+                f"({self.facility.ae_title}@{self.facility.host}:{self.facility.port})"
+            )
+        self._assoc = assoc
+        return assoc
+
+    def _find(self, identifier: Any) -> Iterator[dict[str, Any]]:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        assoc = self._association()
+        for status, ds in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code is None:
+                self.close()
+                raise Unavailable(f"facility {self.facility.id!r} stopped answering a C-FIND")
+            if code in (0xFF00, 0xFF01):
+                if ds is not None:
+                    yield ds.to_json_dict(1 << 30, 1 << 30)
+            elif code != 0x0000:
+                raise Unavailable(f"facility {self.facility.id!r} failed a C-FIND (status 0x{code:04X})")
+
+    def studies(self, *, offset: int = 0) -> Iterator[list[RemoteStudy]]:
+        page: list[RemoteStudy] = []
+        for attrs in self._find(_dimse_identifier("STUDY", _STUDY_FIELDS)):
+            study = _study(attrs)
+            if study is None:
+                continue
+            page.append(study)
+            if len(page) >= self.page:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def series(self, study_uids: Sequence[str]) -> list[RemoteSeries]:
+        out: list[RemoteSeries] = []
+        for i in range(0, len(study_uids), UID_BATCH):
+            # List of UID matching (PS3.4 C.2.2.2.2): one C-FIND for a batch of studies.
+            ident = _dimse_identifier(
+                "SERIES", _SERIES_FIELDS, StudyInstanceUID="\\".join(study_uids[i : i + UID_BATCH])
+            )
+            out.extend(s for s in map(_series, self._find(ident)) if s is not None)
+        return out
+
+    def close(self) -> None:
+        if self._assoc is not None:
+            try:
+                self._assoc.release()
+            except Exception:  # noqa: BLE001 - the peer may already be gone
+                self._assoc.abort()
+            self._assoc = None
+
+
+def cget_study(*, facility: Facility, study_uid: str, into: str, calling_ae: str = "SCANONCE") -> list[str]:
+    """C-GET a whole study from the facility; each instance is written to a file under `into`.
+
+    The SOP classes are learnt first by an IMAGE-level C-FIND, because a C-GET association must
+    propose a storage context (SCP role) for every class the archive will send back.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    classes: set[str] = set()
+    source = CFindSource(facility, calling_ae=calling_ae)
+    try:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID = study_uid
+        ident.SeriesInstanceUID = ""
+        ident.SOPInstanceUID = ""
+        ident.SOPClassUID = ""
+        for attrs in source._find(ident):
+            sop_class = _first(attrs, "00080016")
+            if sop_class:
+                classes.add(str(sop_class))
+    finally:
+        source.close()
+    if not classes:
+        raise NotFound(f"study not found at facility {facility.id!r}")
+
+    paths: list[str] = []
+    failed: list[str] = []
+
+    def on_store(event: Any) -> int:
+        try:
+            path = os.path.join(into, f"{len(paths):06d}.dcm")
+            with open(path, "wb") as f:
+                # The encoded dataset as received, behind a proper Part 10 header: no re-encoding.
+                f.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(f, event.file_meta, enforce_standard=True)
+                f.write(event.request.DataSet.getvalue())
+            paths.append(path)
+            return 0x0000
+        except Exception as exc:  # noqa: BLE001
+            failed.append(type(exc).__name__)
+            return 0xA700
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.dimse_timeout = 120
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+    roles = []
+    for uid in sorted(classes)[:120]:
+        contexts.append(build_context(uid, ALL_TRANSFER_SYNTAXES))
+        roles.append(build_role(uid, scp_role=True))
+    ae.requested_contexts = contexts
+    try:
+        assoc = ae.associate(
+            facility.host,
+            int(facility.port or 0),
+            ae_title=facility.ae_title or "",
+            ext_neg=roles,
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+    except OSError as exc:
+        raise _unavailable(facility, exc) from exc
+    if not assoc.is_established:
+        raise Unavailable(f"facility {facility.id!r} refused or did not answer a C-GET association")
+    try:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study_uid
+        final = None
+        for status, _ds in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet):
+            # An empty status means the peer went away mid-retrieve.
+            if status is None or "Status" not in status:
+                raise Unavailable(f"facility {facility.id!r} stopped answering a C-GET")
+            final = int(status.Status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if final not in (0x0000, 0xB000) or (final == 0xB000 and not paths):
+        raise Unavailable(f"facility {facility.id!r} failed the C-GET (status 0x{final or 0:04X})")
+    return paths

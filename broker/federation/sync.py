@@ -1,0 +1,458 @@
+"""Index sync: make a facility archive's studies findable without pulling its pixels.
+
+One sync is one job. The facility's study list is read page by page (QIDO-RS or C-FIND STUDY);
+only studies that are new or whose series/instance counts changed are asked about at SERIES
+level, and each page is written in one transaction. Every study seen is stamped with the job's
+id, so:
+
+- a job that is interrupted and claimed again skips what it already wrote (and, for QIDO-RS,
+  resumes the listing at its checkpointed offset);
+- once the listing is complete, the studies of that facility not stamped by this job are gone
+  from the facility, and leave the index (unless the broker holds their pixels).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import delete, func, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from broker.db import session_scope
+from broker.dicom.attributes import is_series_level, is_study_level
+from broker.dicom.json_model import casefold_pn, fuzzy_pn, str_value
+from broker.errors import BadRequest, Conflict, NotFound
+from broker.federation.models import Facility, StudyLocation, SyncState
+from broker.federation.remote import RemoteSeries, RemoteStudy, Source, open_source
+from broker.index.models import Instance, Patient, Series, Study
+from broker.jobs import service as jobs
+from broker.jobs.models import Job
+
+log = logging.getLogger("scanonce.federation.sync")
+
+SYNC_KIND = "sync"
+# Remote-only studies say so in their QIDO-RS/C-FIND answers (PS3.18 InstanceAvailability).
+_T_AVAILABILITY = "00080056"
+_DROP = {"00081190", "00080056", "00201206", "00201208", "00201209", "00080061"}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class SyncResult:
+    job_id: int
+    studies_seen: int
+    studies_written: int
+    studies_removed: int
+    seconds: float
+
+
+def queue_sync(*, engine: Engine, facility: Facility) -> Job:
+    if facility.sharing_policy == "none":
+        raise BadRequest(f"facility {facility.id!r} shares nothing (sharing policy 'none')")
+    if not facility.dicomweb_url and not (facility.ae_title and facility.host and facility.port):
+        raise BadRequest(f"facility {facility.id!r} has neither a DICOMweb URL nor a DIMSE endpoint")
+    return jobs.enqueue(engine=engine, kind=SYNC_KIND, key=facility.id, params={"facility_id": facility.id})
+
+
+def sync_facility(
+    *,
+    engine: Engine,
+    store: Any = None,
+    facility_id: str,
+    progress: Callable[[int, int | None, str], None] | None = None,
+    calling_ae: str = "SCANONCE",
+) -> SyncResult:
+    """Sync now, in this thread, as a job (visible at /api/jobs/{id}).
+
+    If a sync of this facility is already queued, it is this one that runs; if one is running
+    elsewhere (fresh heartbeat), raises Conflict. `progress(done, total, message)` mirrors the
+    job's progress (the CLI's progress bar).
+    """
+    with Session(engine) as session:
+        facility = session.get(Facility, facility_id)
+        if facility is None:
+            raise NotFound(f"no facility {facility_id!r}")
+        job = queue_sync(engine=engine, facility=facility)
+    assert job.id is not None
+    claimed = jobs.claim(engine=engine, job_id=job.id)
+    if claimed is None:
+        raise Conflict(f"a sync of facility {facility_id!r} is already running (job {job.id})")
+    started = _now()
+    p = jobs.Progress(engine=engine, job_id=job.id, listener=progress, done=claimed.progress_done)
+    try:
+        stats = run_sync(engine=engine, job=claimed, progress=p, calling_ae=calling_ae)
+    except Exception as exc:
+        jobs.finish(engine=engine, job_id=job.id, error=getattr(exc, "message", None) or str(exc))
+        _record_state(engine, facility_id, job.id, status="failed", error=str(exc))
+        raise
+    jobs.finish(engine=engine, job_id=job.id, message=p.message)
+    return SyncResult(
+        job_id=job.id,
+        studies_seen=stats["seen"],
+        studies_written=stats["written"],
+        studies_removed=stats["removed"],
+        seconds=(_now() - started).total_seconds(),
+    )
+
+
+@jobs.register(SYNC_KIND)
+def _sync_handler(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
+    try:
+        run_sync(engine=engine, job=job, progress=progress)
+    except Exception as exc:
+        facility_id = jobs.params_of(job).get("facility_id", job.key)
+        _record_state(engine, facility_id, job.id or 0, status="failed", error=str(exc))
+        raise
+
+
+def _record_state(
+    engine: Engine, facility_id: str, job_id: int, *, status: str, error: str = "", total: int | None = None
+) -> None:
+    with session_scope(engine) as session:
+        if session.get(Facility, facility_id) is None:
+            return
+        state = session.get(SyncState, facility_id) or SyncState(facility_id=facility_id)
+        state.last_job_id = job_id
+        state.last_status = status
+        state.last_error = error[:1024]
+        if status == "running":
+            state.last_started_at = _now()
+        if status == "done":
+            state.last_completed_at = _now()
+        if total is not None:
+            state.studies_at_facility = total
+        session.add(state)
+
+
+def run_sync(
+    *, engine: Engine, job: Job, progress: jobs.Progress, calling_ae: str = "SCANONCE"
+) -> dict[str, int]:
+    """The body of a sync job; resumes from the job's checkpoint."""
+    assert job.id is not None
+    run = job.id
+    facility_id = jobs.params_of(job).get("facility_id") or job.key
+    with Session(engine, expire_on_commit=False) as session:
+        facility = session.get(Facility, facility_id)
+        if facility is None:
+            raise NotFound(f"no facility {facility_id!r}")
+    if facility.sharing_policy == "none":
+        raise BadRequest(f"facility {facility.id!r} shares nothing (sharing policy 'none')")
+    checkpoint = jobs.checkpoint_of(job)
+    _record_state(engine, facility_id, run, status="running")
+    source = open_source(facility, calling_ae=calling_ae)
+    offset = int(checkpoint.get("offset", 0)) if source.pages_are_stable else 0
+    stats = {
+        "seen": int(checkpoint.get("seen", 0)),
+        "written": int(checkpoint.get("written", 0)),
+        "removed": 0,
+    }
+    progress.update(message=f"listing studies at {facility.id}", done=stats["seen"])
+    try:
+        for page in source.studies(offset=offset):
+            written = _sync_page(engine, source, facility, run, page)
+            offset += len(page)
+            stats["seen"] = (
+                max(stats["seen"], offset) if source.pages_are_stable else stats["seen"] + len(page)
+            )
+            stats["written"] += written
+            progress.update(
+                done=stats["seen"],
+                message=f"{stats['seen']} studies seen, {stats['written']} new or changed",
+                checkpoint={"offset": offset, "seen": stats["seen"], "written": stats["written"]},
+            )
+    finally:
+        source.close()
+    stats["removed"] = _remove_gone(engine, facility, run)
+    progress.update(
+        done=stats["seen"],
+        total=stats["seen"],
+        message=(
+            f"{stats['seen']} studies at {facility.id}: {stats['written']} new or changed, "
+            f"{stats['removed']} removed"
+        ),
+    )
+    _record_state(engine, facility_id, run, status="done", total=stats["seen"])
+    return stats
+
+
+# -- writing a page ---------------------------------------------------------------------------
+
+
+def _sync_page(engine: Engine, source: Source, facility: Facility, run: int, page: list[RemoteStudy]) -> int:
+    uids = list(dict.fromkeys(s.uid for s in page))
+    by_uid = {s.uid: s for s in page}
+    with Session(engine, expire_on_commit=False) as session:
+        locations = {
+            loc.study_uid: loc
+            for loc in session.exec(
+                select(StudyLocation).where(
+                    StudyLocation.facility_id == facility.id, col(StudyLocation.study_uid).in_(uids)
+                )
+            )
+        }
+    todo = [u for u in uids if (loc := locations.get(u)) is None or loc.seen_job != run]
+    changed = [
+        u
+        for u in todo
+        if (loc := locations.get(u)) is None
+        or (loc.remote_series, loc.remote_instances) != (by_uid[u].num_series, by_uid[u].num_instances)
+    ]
+    # Network before the transaction: a slow archive never holds database locks.
+    series = source.series(changed) if changed else []
+    series_of: dict[str, list[RemoteSeries]] = {}
+    for s in series:
+        series_of.setdefault(s.study_uid, []).append(s)
+    unchanged = [u for u in todo if u not in set(changed)]
+    with session_scope(engine) as session:
+        if unchanged:
+            session.exec(
+                update(StudyLocation)  # type: ignore[call-overload]
+                .where(
+                    col(StudyLocation.facility_id) == facility.id, col(StudyLocation.study_uid).in_(unchanged)
+                )
+                .values(seen_job=run)
+            )
+        if changed:
+            _write_studies(session, facility, run, [by_uid[u] for u in changed], series_of, locations)
+    return len(changed)
+
+
+def _level_json(attrs: dict[str, Any], pick: Callable[[str], bool]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k not in _DROP and pick(k)}
+
+
+def _modalities(study: RemoteStudy, series: Sequence[RemoteSeries]) -> str:
+    values = [str_value(s.attrs, "00080060") for s in series]
+    if not any(values):
+        values = [str(v) for v in (study.attrs.get("00080061") or {}).get("Value") or []]
+    mods = list(dict.fromkeys(v for v in values if v))
+    return "\\" + "".join(f"{m}\\" for m in mods) if mods else "\\"
+
+
+def _int(attrs: dict[str, Any], tag: str) -> int | None:
+    v = str_value(attrs, tag)
+    try:
+        return int(float(v)) if v else None
+    except ValueError:
+        return None
+
+
+def _write_studies(
+    session: Session,
+    facility: Facility,
+    run: int,
+    studies: list[RemoteStudy],
+    series_of: dict[str, list[RemoteSeries]],
+    locations: dict[str, StudyLocation],
+) -> None:
+    from broker.index.ingest import normalize_time
+
+    uids = [s.uid for s in studies]
+    existing = {st.study_uid: st for st in session.exec(select(Study).where(col(Study.study_uid).in_(uids)))}
+    # Studies whose pixels the broker holds are the broker's own copy: sync only notes the location.
+    local = set(
+        session.exec(
+            select(Study.study_uid)
+            .join(Instance, col(Instance.study_pk) == col(Study.pk))
+            .where(col(Study.study_uid).in_(uids))
+            .distinct()
+        )
+    )
+    # Patients: one per (issuer, Patient ID), the facility's issuer qualifying the ID.
+    keys = {s.uid: (str_value(s.attrs, "00100020").strip() or f"~no-id~{s.uid}") for s in studies}
+    patients = {
+        p.patient_id: p
+        for p in session.exec(
+            select(Patient).where(
+                Patient.issuer == facility.issuer, col(Patient.patient_id).in_(set(keys.values()))
+            )
+        )
+    }
+    new_patients: list[Patient] = []
+    for s in studies:
+        if s.uid in local or keys[s.uid] in patients:
+            continue
+        name = str_value(s.attrs, "00100010")
+        p = Patient(
+            facility_id=facility.id,
+            issuer=facility.issuer,
+            patient_id=keys[s.uid],
+            patient_name=name,
+            name_norm=casefold_pn(name),
+            name_fuzzy=fuzzy_pn(name),
+            birth_date=str_value(s.attrs, "00100030")[:8],
+            sex=str_value(s.attrs, "00100040")[:16],
+        )
+        patients[keys[s.uid]] = p
+        new_patients.append(p)
+    session.add_all(new_patients)
+    session.flush()
+    if new_patients:
+        from broker.identity import service as identity_service
+
+        for p in new_patients:
+            identity_service.link_patient(session=session, patient=p)
+
+    touched: list[tuple[Study, RemoteStudy]] = []
+    for s in studies:
+        if s.uid in local:
+            continue
+        a = s.attrs
+        patient = patients[keys[s.uid]]
+        series = series_of.get(s.uid, [])
+        study_json = _level_json(a, is_study_level)
+        study_json[_T_AVAILABILITY] = {"vr": "CS", "Value": ["NEARLINE"]}
+        values = {
+            "patient_pk": patient.pk,
+            "patient_id": str_value(a, "00100020"),
+            "issuer": patient.issuer,
+            "patient_name": patient.patient_name,
+            "name_norm": patient.name_norm,
+            "name_fuzzy": patient.name_fuzzy,
+            "birth_date": patient.birth_date,
+            "sex": patient.sex,
+            "study_date": str_value(a, "00080020")[:8],
+            "study_time": normalize_time(str_value(a, "00080030"))[:32],
+            "accession_number": str_value(a, "00080050")[:64],
+            "study_id": str_value(a, "00200010")[:64],
+            "study_description": str_value(a, "00081030")[:256],
+            "referring_physician": casefold_pn(str_value(a, "00080090"))[:256],
+            "modalities": _modalities(s, series),
+            "num_series": len(series) or s.num_series,
+            "num_instances": sum(x.num_instances for x in series) or s.num_instances,
+            "study_json": orjson.dumps(study_json).decode(),
+            "updated_at": _now(),
+        }
+        study = existing.get(s.uid)
+        if study is None:
+            study = Study(study_uid=s.uid, facility_id=facility.id, **values)
+            session.add(study)
+        elif study.facility_id == facility.id:
+            for k, v in values.items():
+                setattr(study, k, v)
+            session.add(study)
+        else:
+            continue  # indexed from another facility first: this one is only a second location
+        touched.append((study, s))
+    session.flush()
+
+    study_pks = [st.pk for st, _ in touched]
+    remote_uids = [rs.uid for _st, s in touched for rs in series_of.get(s.uid, [])]
+    current: dict[str, Series] = {}
+    if study_pks:
+        # By study (to find series gone at the facility) and by UID (a series the index already
+        # holds under another study is moved, never duplicated).
+        for se in session.exec(select(Series).where(col(Series.study_pk).in_(study_pks))):
+            current[se.series_uid] = se
+        for i in range(0, len(remote_uids), 500):
+            for se in session.exec(
+                select(Series).where(col(Series.series_uid).in_(remote_uids[i : i + 500]))
+            ):
+                current[se.series_uid] = se
+    wanted: set[str] = set()
+    for study, s in touched:
+        for rs in series_of.get(s.uid, []):
+            if rs.uid in wanted:
+                continue
+            wanted.add(rs.uid)
+            a = rs.attrs
+            values = {
+                "study_pk": study.pk,
+                "modality": str_value(a, "00080060")[:16],
+                "series_number": _int(a, "00200011"),
+                "series_description": str_value(a, "0008103E")[:256],
+                "body_part": str_value(a, "00180015")[:64],
+                "pps_start_date": str_value(a, "00400244")[:8],
+                "pps_start_time": normalize_time(str_value(a, "00400245"))[:32],
+                "num_instances": rs.num_instances,
+                "series_json": orjson.dumps(_level_json(a, is_series_level)).decode(),
+            }
+            row = current.get(rs.uid)
+            if row is None:
+                session.add(Series(series_uid=rs.uid, **values))
+            else:
+                for k, v in values.items():
+                    setattr(row, k, v)
+                session.add(row)
+    gone = [se.pk for uid, se in current.items() if uid not in wanted]
+    if gone:
+        session.exec(delete(Series).where(col(Series.pk).in_(gone)))  # type: ignore[call-overload]
+
+    for s in studies:
+        # `locations` holds every row of this facility for the page: a missing one is new.
+        loc = locations.get(s.uid) or StudyLocation(study_uid=s.uid, facility_id=facility.id)
+        loc.remote_series = s.num_series
+        loc.remote_instances = s.num_instances
+        loc.seen_job = run
+        loc.has_pixels = s.uid in local
+        loc.synced_at = _now()
+        session.add(loc)
+
+
+# -- removing what the facility no longer holds -----------------------------------------------
+
+
+def _remove_gone(engine: Engine, facility: Facility, run: int) -> int:
+    with session_scope(engine) as session:
+        gone = list(
+            session.exec(
+                select(StudyLocation).where(
+                    StudyLocation.facility_id == facility.id,
+                    (col(StudyLocation.seen_job).is_(None)) | (col(StudyLocation.seen_job) != run),
+                )
+            )
+        )
+        if not gone:
+            return 0
+        uids = [g.study_uid for g in gone]
+        for i in range(0, len(uids), 500):
+            chunk = uids[i : i + 500]
+            session.exec(
+                delete(StudyLocation).where(  # type: ignore[call-overload]
+                    col(StudyLocation.facility_id) == facility.id, col(StudyLocation.study_uid).in_(chunk)
+                )
+            )
+            # The index rows go too, unless the broker holds the pixels or another facility the study.
+            held_elsewhere = set(
+                session.exec(select(StudyLocation.study_uid).where(col(StudyLocation.study_uid).in_(chunk)))
+            )
+            study_pks = [
+                pk
+                for pk, uid in session.exec(
+                    select(Study.pk, Study.study_uid).where(
+                        col(Study.study_uid).in_(chunk), Study.facility_id == facility.id
+                    )
+                )
+                if uid not in held_elsewhere
+            ]
+            if not study_pks:
+                continue
+            with_pixels = set(
+                session.exec(
+                    select(Instance.study_pk).where(col(Instance.study_pk).in_(study_pks)).distinct()
+                )
+            )
+            doomed = [pk for pk in study_pks if pk not in with_pixels]
+            if doomed:
+                session.exec(delete(Series).where(col(Series.study_pk).in_(doomed)))  # type: ignore[call-overload]
+                session.exec(delete(Study).where(col(Study.pk).in_(doomed)))  # type: ignore[call-overload]
+        return len(gone)
+
+
+def remote_only_count(*, session: Session, facility_id: str) -> int:
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(StudyLocation)
+            .where(StudyLocation.facility_id == facility_id, col(StudyLocation.has_pixels).is_(False))
+        ).one()
+    )
