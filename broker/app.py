@@ -64,6 +64,10 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
 
 def _include_routers(app: FastAPI) -> None:
     """Each domain's router is mounted here; one line per router."""
+    from broker.dicomweb.routes import facility_router as dicomweb_facility_router
+    from broker.dicomweb.routes import router as dicomweb_router
     from broker.federation.routes import router as federation_router
 
     app.include_router(federation_router)
+    app.include_router(dicomweb_router)
+    app.include_router(dicomweb_facility_router)

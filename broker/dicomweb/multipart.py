@@ -7,6 +7,7 @@ in memory. Out: a plain generator of bytes that StreamingResponse drains part by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -129,10 +130,8 @@ class ReceivedParts:
 
     def cleanup(self) -> None:
         for part in self.parts:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(part.path)
-            except FileNotFoundError:
-                pass
         self.parts.clear()
 
     async def __aenter__(self) -> ReceivedParts:

@@ -1,0 +1,130 @@
+"""QIDO-RS query strings (PS3.18 8.3.4) -> the index's `Query`.
+
+The raw query string is parsed here rather than by the framework so that a query means the
+same whatever its characters arrive as: `*` or `%2A`, `,` or `%2C`, a space as `+` or `%20`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
+
+from broker.dicom.attributes import keyword_of, resolve_key
+from broker.errors import BadRequest
+from broker.index.schemas import Level, Query
+
+# Optional PS3.18 8.3.4 parameters this origin server does not implement: PS3.18 lets an origin
+# server ignore them as long as it says so in a Warning header (as 8.3.4.2 spells out for
+# fuzzymatching), so they are ignored with a warning rather than refused.
+_UNSUPPORTED_OPTIONAL = ("emptyvaluematching", "multiplevaluematching")
+# An offset past any archive: larger values are clamped (they match nothing either way) so
+# that a database integer never overflows.
+_MAX_OFFSET = 10**12
+
+
+@dataclass
+class ParsedQuery:
+    query: Query
+    warnings: list[str] = field(default_factory=list)
+
+
+def _uint(name: str, value: str) -> int:
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise BadRequest(f"{name} must be an unsigned integer, got {value[:40]!r}")
+    return int(text[:30]) if len(text) <= 30 else 10**30
+
+
+def _attribute_key(raw: str) -> str:
+    """A match or includefield key (keyword or tag, dotted for sequences) -> keywords, dotted."""
+    parts = raw.split(".")
+    out = []
+    for part in parts:
+        tag = resolve_key(part)
+        if tag is None:
+            raise BadRequest(f"unknown query key {raw[:64]!r}: not a DICOM keyword or tag (PS3.18 8.3.4.1)")
+        out.append(keyword_of(tag))
+    return ".".join(out)
+
+
+def parse_query(
+    raw_query: str,
+    *,
+    level: Level,
+    default_limit: int,
+    max_limit: int,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    facility_id: str | None = None,
+    retrieve_base: str | None = None,
+) -> ParsedQuery:
+    filters: dict[str, str] = {}
+    includefields: set[str] = set()
+    include_all = False
+    limit: int | None = None
+    offset = 0
+    fuzzy = False
+    warnings: list[str] = []
+    seen_params: set[str] = set()
+    for item in raw_query.split("&") if raw_query else []:
+        if not item:
+            continue
+        raw_name, _eq, raw_value = item.partition("=")
+        name = unquote_plus(raw_name).strip()
+        value = unquote_plus(raw_value)
+        lname = name.lower()
+        if lname == "includefield":
+            for f in value.split(","):
+                f = f.strip()
+                if not f:
+                    continue
+                if f.lower() == "all":
+                    include_all = True
+                else:
+                    # A sequence path returns its whole top-level sequence.
+                    includefields.add(_attribute_key(f).split(".")[0])
+            continue
+        if lname in ("limit", "offset", "fuzzymatching") and lname in seen_params:
+            raise BadRequest(f"query parameter {lname!r} given more than once")
+        seen_params.add(lname)
+        if lname == "limit":
+            limit = _uint("limit", value)
+            if limit == 0:
+                raise BadRequest("limit must be at least 1")
+        elif lname == "offset":
+            offset = min(_uint("offset", value), _MAX_OFFSET)
+        elif lname == "fuzzymatching":
+            v = value.strip().lower()
+            if v not in ("true", "false"):
+                raise BadRequest(f"fuzzymatching must be true or false, got {value[:20]!r}")
+            fuzzy = v == "true"
+        elif lname in _UNSUPPORTED_OPTIONAL:
+            warnings.append(f"The {lname} parameter is not supported and was ignored.")
+        else:
+            key = _attribute_key(name)
+            if "." in key:
+                warnings.append(f"Matching on sequence attributes is not supported: {key} was ignored.")
+                continue
+            if key in filters:
+                # A repeated key is read as a list of values (PS3.18 uid-list-match uses commas).
+                filters[key] = f"{filters[key]},{value}"
+            else:
+                filters[key] = value
+    if limit is None:
+        limit = default_limit
+    elif limit > max_limit:
+        warnings.append(f"limit was lowered to this origin server's maximum of {max_limit}.")
+        limit = max_limit
+    query = Query(
+        level=level,
+        filters=filters,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        facility_id=facility_id,
+        fuzzy=fuzzy,
+        includefields="all" if include_all else frozenset(includefields),
+        limit=limit,
+        offset=offset,
+        retrieve_base=retrieve_base,
+    )
+    return ParsedQuery(query=query, warnings=warnings)

@@ -1,0 +1,372 @@
+"""PS3.18 Studies Service over HTTP: STOW-RS, QIDO-RS, WADO-RS.
+
+One router factory, mounted twice: federation-wide at `/dicom-web` and per facility at
+`/facilities/{facility}/dicom-web` (the partition a facility pushes into and may query alone).
+Handlers are thin: parse, run the blocking work in a worker thread, shape the response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from broker.deps import PrincipalDep, StateDep
+from broker.dicom.uids import require_uid
+from broker.dicomweb import qido, stow, wado
+from broker.dicomweb.multipart import (
+    ReceivedParts,
+    new_boundary,
+    receive_parts,
+    related_boundary,
+    related_stream,
+)
+from broker.errors import NotAcceptable
+from broker.federation import service as federation_service
+from broker.index import service as index_service
+from broker.index.schemas import InstanceRef, Level
+from broker.security.schemas import Principal
+
+DICOM_JSON = "application/dicom+json"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a DICOMweb request looks and what its URLs are relative to."""
+
+    facility_id: str | None  # None: federation-wide
+    base: str  # this service's root URL, e.g. http://host/facilities/a/dicom-web
+    state: Any  # broker.deps.AppState
+    principal: Principal
+
+
+def get_scope(request: Request, state: StateDep, principal: PrincipalDep) -> Scope:
+    """Federation-wide, or the facility named in the path (404 when it does not exist)."""
+    facility = request.path_params.get("facility")
+    if facility is not None:
+        with Session(state.engine) as session:
+            federation_service.get_facility(session=session, facility_id=facility)
+        suffix = f"/facilities/{facility}/dicom-web"
+    else:
+        suffix = "/dicom-web"
+    origin = state.settings.base_url or str(request.base_url)
+    return Scope(facility, origin.rstrip("/") + suffix, state, principal)
+
+
+ScopeDep = Annotated[Scope, Depends(get_scope)]
+
+
+def _warning(base: str, text: str) -> str:
+    # PS3.18 8.3.4.2 form: Warning: 299 <service>: <text>
+    return f"299 {base}: {text}"
+
+
+def _uids(study: str, series: str | None = None, instance: str | None = None) -> None:
+    """Invalid UIDs are refused (400) before anything can turn them into a key or a query."""
+    require_uid(study, "StudyInstanceUID")
+    if series is not None:
+        require_uid(series, "SeriesInstanceUID")
+    if instance is not None:
+        require_uid(instance, "SOPInstanceUID")
+
+
+def _in_session(scope: Scope, fn: Callable[..., T], **kwargs: Any) -> T:
+    with Session(scope.state.engine, expire_on_commit=False) as session:
+        return fn(session=session, **kwargs)
+
+
+async def _refs(
+    scope: Scope, study: str, series: str | None = None, instance: str | None = None
+) -> list[InstanceRef]:
+    _uids(study, series, instance)
+    return await run_in_threadpool(
+        _in_session,
+        scope,
+        index_service.find_instances,
+        study_uid=study,
+        series_uid=series,
+        sop_uid=instance,
+        facility_id=scope.facility_id,
+    )
+
+
+def make_router(*, per_facility: bool) -> APIRouter:
+    prefix = "/facilities/{facility}/dicom-web" if per_facility else "/dicom-web"
+    router = APIRouter(prefix=prefix, tags=["DICOMweb (facility)" if per_facility else "DICOMweb"])
+
+    # ---------------------------------------------------------------------------- STOW-RS
+
+    async def store(request: Request, scope: Scope, study: str | None) -> Response:
+        if study is not None:
+            require_uid(study, "StudyInstanceUID")
+        wado.negotiate_json(request.headers.get("accept"))
+        boundary = related_boundary(request.headers.get("content-type"))
+        settings = scope.state.settings
+        facility_id = scope.facility_id or settings.default_facility
+        async with ReceivedParts() as received:
+            await receive_parts(
+                request.stream(), boundary=boundary, max_part_bytes=settings.max_part_bytes, into=received
+            )
+            dicom_parts = [
+                (i, p) for i, p in enumerate(received.parts) if p.content_type in ("", "application/dicom")
+            ]
+            outcomes: list[Any] = [None] * len(received.parts)
+            for i, p in enumerate(received.parts):
+                if p.content_type not in ("", "application/dicom"):
+                    outcomes[i] = stow.non_dicom_part(i, p.content_type)
+            if dicom_parts:
+                stored = await run_in_threadpool(
+                    index_service.ingest_files,
+                    engine=scope.state.engine,
+                    store=scope.state.store,
+                    principal=scope.principal,
+                    facility_id=facility_id,
+                    paths=[p.path for _, p in dicom_parts],
+                    expected_study_uid=study,
+                )
+                for (i, _), outcome in zip(dicom_parts, stored, strict=True):
+                    outcomes[i] = outcome
+        code, body = stow.store_response(outcomes, base=scope.base, url_study=study)
+        response = Response(orjson.dumps(body), status_code=code, media_type=DICOM_JSON)
+        failed = [(i, o) for i, o in enumerate(outcomes) if not o.ok]
+        for i, o in failed[:20]:
+            response.headers.append("Warning", _warning(scope.base, f"part {i + 1}: {o.message}"[:300]))
+        return response
+
+    @router.post("/studies", summary="STOW-RS: store instances")
+    async def store_instances(request: Request, scope: ScopeDep) -> Response:
+        return await store(request, scope, None)
+
+    @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
+    async def store_study_instances(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await store(request, scope, study)
+
+    # ---------------------------------------------------------------------------- QIDO-RS
+
+    async def search(
+        request: Request, scope: ScopeDep, level: Level, study: str | None = None, series: str | None = None
+    ) -> Response:
+        if study is not None:
+            require_uid(study, "StudyInstanceUID")
+        if series is not None:
+            require_uid(series, "SeriesInstanceUID")
+        wado.negotiate_json(request.headers.get("accept"))
+        settings = scope.state.settings
+        parsed = qido.parse_query(
+            request.url.query,
+            level=level,
+            default_limit=settings.qido_default_limit,
+            max_limit=settings.qido_max_limit,
+            study_uid=study,
+            series_uid=series,
+            facility_id=scope.facility_id,
+            retrieve_base=scope.base,
+        )
+        result = await run_in_threadpool(_in_session, scope, index_service.search, query=parsed.query)
+        warnings = list(parsed.warnings)
+        warnings += [w if w.endswith(".") else w + "." for w in result.warnings]
+        if result.more:
+            # PS3.18 8.3.4.4.1: remaining matches are announced in a Warning header.
+            warnings.append("There are additional results that can be requested.")
+        if result.matches:
+            response = Response(orjson.dumps(result.matches), media_type=DICOM_JSON)
+        else:
+            # PS3.18 8.3.4.4.1: no results -> 204 (No Content).
+            response = Response(status_code=204)
+        for text in warnings:
+            response.headers.append("Warning", _warning(scope.base, text))
+        return response
+
+    @router.get("/studies", summary="QIDO-RS: search for studies")
+    async def search_studies(request: Request, scope: ScopeDep) -> Response:
+        return await search(request, scope, "study")
+
+    @router.get("/series", summary="QIDO-RS: search for series")
+    async def search_series(request: Request, scope: ScopeDep) -> Response:
+        return await search(request, scope, "series")
+
+    @router.get("/instances", summary="QIDO-RS: search for instances")
+    async def search_instances(request: Request, scope: ScopeDep) -> Response:
+        return await search(request, scope, "instance")
+
+    @router.get("/studies/{study}/series", summary="QIDO-RS: search for series of a study")
+    async def search_study_series(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await search(request, scope, "series", study)
+
+    @router.get("/studies/{study}/instances", summary="QIDO-RS: search for instances of a study")
+    async def search_study_instances(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await search(request, scope, "instance", study)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for instances of a series"
+    )
+    async def search_series_instances(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
+        return await search(request, scope, "instance", study, series)
+
+    # ---------------------------------------------------------------------------- WADO-RS
+
+    async def retrieve(
+        request: Request, scope: Scope, study: str, series: str | None, instance: str | None
+    ) -> Response:
+        refs = await _refs(scope, study, series, instance)
+        plan = wado.negotiate_instances(request.headers.get("accept"), refs)
+        boundary = new_boundary()
+        body = related_stream(wado.instance_parts(scope.state.store, plan), boundary=boundary)
+        return StreamingResponse(
+            body, media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'
+        )
+
+    @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+    async def retrieve_study(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await retrieve(request, scope, study, None, None)
+
+    @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+    async def retrieve_series(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
+        return await retrieve(request, scope, study, series, None)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}", summary="WADO-RS: retrieve an instance"
+    )
+    async def retrieve_instance(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str
+    ) -> Response:
+        return await retrieve(request, scope, study, series, instance)
+
+    async def metadata(
+        request: Request, scope: Scope, study: str, series: str | None, instance: str | None
+    ) -> Response:
+        _uids(study, series, instance)
+        wado.negotiate_json(request.headers.get("accept"))
+        fragments = await run_in_threadpool(
+            _in_session,
+            scope,
+            index_service.metadata_fragments,
+            study_uid=study,
+            series_uid=series,
+            sop_uid=instance,
+            facility_id=scope.facility_id,
+        )
+        body: Iterator[bytes] = index_service.render_metadata(fragments, base=scope.base)
+        return StreamingResponse(body, media_type=DICOM_JSON)
+
+    @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
+    async def study_metadata(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await metadata(request, scope, study, None, None)
+
+    @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
+    async def series_metadata(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
+        return await metadata(request, scope, study, series, None)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}/metadata", summary="WADO-RS: instance metadata"
+    )
+    async def instance_metadata(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str
+    ) -> Response:
+        return await metadata(request, scope, study, series, instance)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}/bulk/{tag}", summary="WADO-RS: bulk data"
+    )
+    async def bulkdata(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str, tag: str
+    ) -> Response:
+        wado.negotiate_bulk(request.headers.get("accept"))
+        (ref,) = await _refs(scope, study, series, instance)
+        data = await run_in_threadpool(wado.bulk_value, scope.state.store, ref, tag)
+        boundary = new_boundary()
+        body = related_stream([(wado.OCTET, (data,))], boundary=boundary)
+        return StreamingResponse(
+            body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+        )
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", summary="WADO-RS: frames"
+    )
+    async def frames(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
+    ) -> Response:
+        numbers = wado.parse_frame_list(frames)
+        as_stored, media_type = wado.negotiate_frames(request.headers.get("accept"))
+        (ref,) = await _refs(scope, study, series, instance)
+        parts = await run_in_threadpool(
+            wado.frame_parts, scope.state.store, ref, numbers, as_stored=as_stored, media_type=media_type
+        )
+        boundary = new_boundary()
+        part_type = parts[0][0].split(";")[0] if parts else wado.OCTET
+        body = related_stream([(ct, (data,)) for ct, data in parts], boundary=boundary)
+        return StreamingResponse(
+            body, media_type=f'multipart/related; type="{part_type}"; boundary={boundary}'
+        )
+
+    async def rendered(
+        request: Request,
+        scope: Scope,
+        refs: list[InstanceRef],
+        *,
+        frame: int | None = None,
+        thumbnail: bool = False,
+    ) -> Response:
+        media_type = wado.negotiate_rendered(request.headers.get("accept"))
+        window, viewport, quality = wado.parse_render_params(dict(request.query_params))
+        ref = refs[len(refs) // 2] if thumbnail else refs[0]
+        data = await run_in_threadpool(
+            wado.render_instance,
+            scope.state.store,
+            ref,
+            media_type=media_type,
+            frame=frame,
+            window=window,
+            viewport=viewport,
+            quality=quality,
+            thumbnail=thumbnail,
+        )
+        return Response(data, media_type=media_type)
+
+    @router.get("/studies/{study}/series/{series}/instances/{instance}/rendered", summary="WADO-RS: rendered")
+    async def instance_rendered(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str
+    ) -> Response:
+        return await rendered(request, scope, await _refs(scope, study, series, instance))
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+        summary="WADO-RS: rendered frame",
+    )
+    async def frame_rendered(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
+    ) -> Response:
+        numbers = wado.parse_frame_list(frames)
+        if len(numbers) != 1:
+            raise NotAcceptable("a rendered frame resource names exactly one frame")
+        return await rendered(request, scope, await _refs(scope, study, series, instance), frame=numbers[0])
+
+    @router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
+    async def study_thumbnail(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await rendered(request, scope, await _refs(scope, study), thumbnail=True)
+
+    @router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
+    async def series_thumbnail(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
+        return await rendered(request, scope, await _refs(scope, study, series), thumbnail=True)
+
+    @router.get(
+        "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+        summary="WADO-RS: instance thumbnail",
+    )
+    async def instance_thumbnail(
+        request: Request, scope: ScopeDep, study: str, series: str, instance: str
+    ) -> Response:
+        return await rendered(request, scope, await _refs(scope, study, series, instance), thumbnail=True)
+
+    return router
+
+
+router = make_router(per_facility=False)
+facility_router = make_router(per_facility=True)

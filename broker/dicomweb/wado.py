@@ -1,0 +1,288 @@
+"""WADO-RS (PS3.18 10.4): media type negotiation and the blocking work behind each retrieve.
+
+Everything that touches pydicom or the object store is a plain blocking function here; the routes
+run them in a worker thread, and bodies are sync generators that StreamingResponse drains in one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian
+
+from broker.dicom import pixels
+from broker.dicomweb.multipart import MediaType, parse_accept
+from broker.errors import BadRequest, NotAcceptable, NotFound
+from broker.index.schemas import InstanceRef
+from storage import ObjectStore
+
+log = logging.getLogger("scanonce.wado")
+
+DICOM = "application/dicom"
+OCTET = "application/octet-stream"
+EXPLICIT_LE = str(ExplicitVRLittleEndian)
+_SPOOL_BYTES = 64 << 20
+
+# Transfer syntaxes `pixels.to_explicit_little` turns into Explicit VR Little Endian without loss.
+_LOSSLESS_TO_ELE = frozenset(str(u) for u in pixels._NATIVE | pixels._LOSSLESS_ENCAPSULATED)  # noqa: SLF001
+
+
+# ------------------------------------------------------------------------------- negotiation
+
+
+def _is_related(mt: MediaType) -> bool:
+    return mt.type in ("multipart/related", "multipart/*", "*/*")
+
+
+def _part_type(mt: MediaType, default: str) -> str:
+    return mt.params.get("type", "").strip().lower() or default
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    ref: InstanceRef
+    transfer_syntax: str
+    transcode: bool
+
+
+def _deliveries_for(mt: MediaType, refs: list[InstanceRef]) -> list[Delivery] | None:
+    ts = mt.params.get("transfer-syntax")
+    out: list[Delivery] = []
+    for ref in refs:
+        stored = ref.transfer_syntax_uid or EXPLICIT_LE
+        if ts == "*" or (ts is not None and ts == stored):
+            out.append(Delivery(ref, stored, False))
+        elif ts is None or ts == EXPLICIT_LE:
+            # The default (PS3.18 8.7.3.5.2): Explicit VR Little Endian, when it loses nothing.
+            if stored == EXPLICIT_LE:
+                out.append(Delivery(ref, stored, False))
+            elif stored in _LOSSLESS_TO_ELE:
+                out.append(Delivery(ref, EXPLICIT_LE, True))
+            else:
+                return None
+        else:
+            return None
+    return out
+
+
+def negotiate_instances(accept: str | None, refs: list[InstanceRef]) -> list[Delivery]:
+    """Pick, from the Accept header, how each instance is sent; 406 when no range fits all."""
+    reasons = []
+    for mt in parse_accept(accept):
+        if not _is_related(mt) or _part_type(mt, DICOM) not in (DICOM, "*/*", "application/*"):
+            reasons.append(mt.type)
+            continue
+        plan = _deliveries_for(mt, refs)
+        if plan is not None:
+            return plan
+        reasons.append(f"{mt.type}; transfer-syntax={mt.params.get('transfer-syntax', '(default)')}")
+    stored = sorted({r.transfer_syntax_uid for r in refs})
+    raise NotAcceptable(
+        'no acceptable representation: instances are retrieved as multipart/related; type="application/dicom"'
+        f" (stored transfer syntaxes: {', '.join(stored)}; add transfer-syntax=* to take them as stored)"
+    )
+
+
+def negotiate_frames(accept: str | None) -> tuple[bool, str | None]:
+    """-> (as_stored, required part media type or None for any)."""
+    for mt in parse_accept(accept):
+        if not _is_related(mt):
+            continue
+        part = _part_type(mt, OCTET)
+        ts = mt.params.get("transfer-syntax")
+        if part == OCTET:
+            return (ts == "*", OCTET if ts != "*" else None)
+        if part in ("*/*", "image/*"):
+            return True, None
+        if part.startswith("image/") or part.startswith("video/"):
+            return True, part
+    raise NotAcceptable(
+        'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed) '
+        "or with the stored image media type"
+    )
+
+
+def negotiate_bulk(accept: str | None) -> None:
+    for mt in parse_accept(accept):
+        if _is_related(mt) and _part_type(mt, OCTET) in (OCTET, "*/*", "application/*"):
+            return
+    raise NotAcceptable('bulk data is retrieved as multipart/related; type="application/octet-stream"')
+
+
+def negotiate_rendered(accept: str | None) -> str:
+    for mt in parse_accept(accept):
+        if mt.type in ("*/*", "image/*"):
+            return "image/jpeg"
+        if mt.type in pixels.RENDERED_MEDIA_TYPES:
+            return mt.type
+    offered = ", ".join(sorted(pixels.RENDERED_MEDIA_TYPES))
+    raise NotAcceptable(f"rendered images are available as {offered}")
+
+
+def negotiate_json(accept: str | None) -> None:
+    for mt in parse_accept(accept):
+        if mt.type in ("application/dicom+json", "application/json", "*/*", "application/*"):
+            return
+    raise NotAcceptable("this resource is available as application/dicom+json only")
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def open_object(store: ObjectStore, key: str) -> Iterator[IO[bytes] | str]:
+    """A local path when the store has one, else a spooled copy (large objects go to disk)."""
+    local = store.open_local(key)
+    if local is not None:
+        yield local
+        return
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
+        for chunk in store.get(key):
+            spool.write(chunk)
+        spool.seek(0)
+        yield spool  # type: ignore[misc]
+
+
+def read_dataset(store: ObjectStore, ref: InstanceRef) -> Dataset:
+    with open_object(store, ref.object_key) as src:
+        return dcmread(src)
+
+
+def _transcoded(store: ObjectStore, ref: InstanceRef) -> bytes | None:
+    ds = read_dataset(store, ref)
+    out = pixels.to_explicit_little(ds)
+    if out is None:
+        return None
+    buf = io.BytesIO()
+    out.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def instance_parts(store: ObjectStore, plan: list[Delivery]) -> Iterator[tuple[str, Iterable[bytes]]]:
+    """(content type, chunks) for each instance of a retrieve, read lazily one at a time."""
+    for d in plan:
+        if d.transcode:
+            try:
+                data = _transcoded(store, d.ref)
+            except Exception:  # noqa: BLE001 - one unreadable instance must not cut the stream
+                log.warning("transcoding %s failed; sending it as stored", d.ref.sop_uid, exc_info=True)
+                data = None
+            if data is not None:
+                yield f"{DICOM}; transfer-syntax={EXPLICIT_LE}", (data,)
+                continue
+            yield f"{DICOM}; transfer-syntax={d.ref.transfer_syntax_uid}", store.get(d.ref.object_key)
+        else:
+            yield f"{DICOM}; transfer-syntax={d.transfer_syntax}", store.get(d.ref.object_key)
+
+
+def parse_frame_list(text: str) -> list[int]:
+    frames = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or not item.isascii() or len(item) > 9 or int(item) < 1:
+            raise BadRequest(f"frame numbers are positive integers separated by commas, got {text[:60]!r}")
+        frames.append(int(item))
+    if not frames:
+        raise BadRequest("no frame numbers given")
+    return frames
+
+
+def frame_parts(
+    store: ObjectStore, ref: InstanceRef, frames: list[int], *, as_stored: bool, media_type: str | None
+) -> list[tuple[str, bytes]]:
+    ds = read_dataset(store, ref)
+    if "PixelData" not in ds:
+        raise NotFound(f"instance {ref.sop_uid} has no pixel data")
+    got = pixels.get_frames(ds, frames, as_stored=as_stored)
+    ts = pixels.frames_transfer_syntax(ds, as_stored=as_stored)
+    out = []
+    for data, mt in got:
+        if media_type is not None and mt != media_type:
+            raise NotAcceptable(f"frames of this instance are {mt}, not {media_type}")
+        out.append((f"{mt}; transfer-syntax={ts}", data))
+    return out
+
+
+def bulk_value(store: ObjectStore, ref: InstanceRef, tag_text: str) -> bytes:
+    text = tag_text.strip()
+    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {text[:20]!r}")
+    tag = Tag(int(text, 16))
+    ds = read_dataset(store, ref)
+    if tag not in ds:
+        raise NotFound(f"instance {ref.sop_uid} has no bulk data at {text.upper()}")
+    elem = ds[tag]
+    value = elem.value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    raw = ds.get_item(tag)
+    raw_value = getattr(raw, "value", None)
+    if isinstance(raw_value, bytes | bytearray):
+        return bytes(raw_value)
+    raise NotFound(f"attribute {text.upper()} of instance {ref.sop_uid} is not bulk data")
+
+
+def render_instance(
+    store: ObjectStore,
+    ref: InstanceRef,
+    *,
+    media_type: str,
+    frame: int | None,
+    window: tuple[float, float] | None,
+    viewport: tuple[int, int] | None,
+    quality: int,
+    thumbnail: bool = False,
+) -> bytes:
+    ds = read_dataset(store, ref)
+    if "PixelData" not in ds:
+        raise NotAcceptable(f"instance {ref.sop_uid} has no pixel data to render")
+    if thumbnail:
+        size = max(viewport) if viewport else 128
+        return pixels.thumbnail(ds, media_type=media_type, size=size)
+    return pixels.render(
+        ds, frame=frame or 1, media_type=media_type, window=window, viewport=viewport, quality=quality
+    )
+
+
+def parse_render_params(
+    query: dict[str, str],
+) -> tuple[tuple[float, float] | None, tuple[int, int] | None, int]:
+    """window=center,width[,function], viewport=vw,vh[,...], quality=1..100 (PS3.18 8.3.5.1)."""
+    window = None
+    if query.get("window"):
+        parts = query["window"].split(",")
+        try:
+            center, width = float(parts[0]), float(parts[1])
+        except (IndexError, ValueError) as exc:
+            raise BadRequest("window is center,width[,function] with numbers") from exc
+        if width <= 0:
+            raise BadRequest("window width must be positive")
+        window = (center, width)
+    viewport = None
+    if query.get("viewport"):
+        parts = query["viewport"].split(",")
+        try:
+            vw, vh = int(parts[0]), int(parts[1])
+        except (IndexError, ValueError) as exc:
+            raise BadRequest("viewport is vw,vh with positive integers") from exc
+        if not (0 < vw <= 8192 and 0 < vh <= 8192):
+            raise BadRequest("viewport width and height must be between 1 and 8192")
+        viewport = (vw, vh)
+    quality = 90
+    if query.get("quality"):
+        try:
+            quality = int(query["quality"])
+        except ValueError as exc:
+            raise BadRequest("quality is an integer from 1 to 100") from exc
+        if not 1 <= quality <= 100:
+            raise BadRequest("quality is an integer from 1 to 100")
+    return window, viewport, quality
