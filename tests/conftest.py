@@ -91,8 +91,9 @@ class PgAdmin:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.params = conninfo_to_dict(dsn)
+        self.prefix = f"scanonce_test_{os.getpid()}_{secrets.token_hex(3)}"
         try:
-            self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+            self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5, application_name=self.prefix)
             error = None
         except psycopg.OperationalError as exc:
             error = exc
@@ -103,8 +104,30 @@ class PgAdmin:
                 "or point SCANONCE_TEST_PG_DSN at a server where this user may CREATE DATABASE.",
                 pytrace=False,
             )
-        self.prefix = f"scanonce_test_{os.getpid()}_{secrets.token_hex(3)}"
         self._count = 0
+        self._sweep_dead_runs()
+
+    def _sweep_dead_runs(self) -> None:
+        """Drop databases left by test runs that were killed before their teardown.
+
+        A live run keeps its admin connection open under its prefix as application_name (and
+        its pid is alive here), so this never touches another engineer's or a parallel
+        worker's run, even from another container sharing the server.
+        """
+        live = {
+            name
+            for (name,) in self.conn.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'scanonce_test_%'"
+            )
+        }
+        rows = self.conn.execute(
+            "SELECT datname FROM pg_database WHERE datname ~ '^scanonce_test_[0-9]+_[0-9a-f]{6}_'"
+        ).fetchall()
+        for (name,) in rows:
+            run = "_".join(name.split("_")[:4])
+            # The pid check also spares runs of an older conftest that set no application_name.
+            if run not in live and not Path(f"/proc/{run.split('_')[2]}").exists():
+                self.drop(name)
 
     def new_name(self, tag: str = "") -> str:
         self._count += 1
