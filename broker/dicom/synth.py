@@ -553,7 +553,7 @@ def generate_patients(
             age = rng.randrange(0, 18) if rng.random() < 0.3 else rng.randrange(18, 93)
             born = REFERENCE_DATE - timedelta(days=365 * age + rng.randrange(0, 365) + age // 4)
             address = f"{rng.randrange(1, 400)} {rng.choice(_STREETS)}, {rng.choice(_TOWNS)}"
-            # The person after #10 is this one's twin (same family, birth date and address).
+            # Person 11 is person 10's twin: same family name, birth date and address.
             if n == 9 and count > 10:
                 twin_of = (family, sex, born, address)
         age_now = _age_years(born, REFERENCE_DATE)
@@ -718,14 +718,20 @@ def generate_study(
 
     `body_part` (a BodyPartExamined value such as "CHEST") picks a matching protocol when the
     modality has one; `study_date` pins the date (default: drawn between 2016 and REFERENCE_DATE).
-    The same arguments always give the same datasets, UIDs included.
+    The same arguments always give the same datasets, UIDs included. UIDs depend on rng_seed,
+    the patient (issuer and ID), modality, body_part and study_date; not on the image size, the
+    series and instance counts or `pixel`, which describe the same study differently.
     """
     modality = modality.upper()
     if modality not in _SOP_CLASS:
         raise ValueError(f"unsupported modality {modality!r}; expected one of {', '.join(MODALITIES)}")
     if n_series < 1 or n_instances_per_series < 1 or rows < 1 or cols < 1:
         raise ValueError("n_series, n_instances_per_series, rows and cols must be positive")
+    # Everything that changes what the study *is* goes into the UIDs; rows, cols, pixel and the
+    # series/instance counts do not (the same study rendered smaller, or without pixels).
     key = f"{rng_seed}|{patient.issuer}|{patient.patient_id}|{modality}"
+    if body_part or study_date:
+        key += f"|{(body_part or '').upper()}|{study_date.isoformat() if study_date else ''}"
     rng = random.Random(f"scanonce-synth|study|{key}")
     root = patient.uid_root
     born = patient.birth

@@ -307,6 +307,22 @@ def test_study_uids_depend_on_seed_and_patient(patients: list[synth.SynthPatient
 
     assert uid(patients[0], 1) == uid(patients[0], 1)
     assert len({uid(patients[0], 1), uid(patients[0], 2), uid(patients[1], 1)}) == 3
+    # A different exam of the same patient with the same seed is a different study.
+    head, chest = (
+        next(
+            synth.generate_study(
+                rng_seed=1,
+                patient=patients[0],
+                modality="CT",
+                n_series=1,
+                n_instances_per_series=1,
+                body_part=part,
+            )
+        )  # fmt: skip
+        for part in ("HEAD", "CHEST")
+    )
+    assert (head.BodyPartExamined, chest.BodyPartExamined) == ("HEAD", "CHEST")
+    assert head.StudyInstanceUID != chest.StudyInstanceUID
 
 
 def test_without_pixels_the_image_attributes_remain(patients: list[synth.SynthPatient]) -> None:
