@@ -207,7 +207,7 @@ class S3Store:
         except botocore.exceptions.BotoCoreError as exc:
             raise Unavailable(f"object store read failed: {type(exc).__name__}") from exc
         finally:
-            body.close()  # returns the connection to the pool even if the reader stops early
+            body.close()  # frees the connection even when the reader stops early
 
     def open_local(self, key: str) -> str | None:
         return None
