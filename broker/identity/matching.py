@@ -1,0 +1,448 @@
+"""Fellegi–Sunter record matching: normalisation, blocking keys, comparison levels, scoring, EM.
+
+No database here: pure functions over `Demographics`, so the same code scores one record online
+(service.py), trains m/u offline (`estimate_parameters`) and is unit-tested without fixtures.
+
+A comparison turns a pair of records into one *level* per field (0 = best agreement, -1 = a
+value is missing). Each level has m = P(level | same person) and u = P(level | different
+people); the pair's match weight is the sum of log2(m/u) over the fields (missing fields add
+nothing). For exact name agreement u is replaced by the name's frequency in the data (term
+frequency adjustment: SMITH = SMITH is weaker evidence than ZYLBERSZTEJN = ZYLBERSZTEJN).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, replace
+from datetime import date
+from typing import Any
+
+import jellyfish
+import numpy as np
+
+FIELDS: tuple[str, ...] = ("family", "given", "middle", "birth_date", "sex", "address", "phone")
+NAME_FIELDS = ("family", "given")
+# Fields that can carry a match besides the name: an auto-link needs one of them to agree.
+CORROBORATING = ("birth_date", "address", "phone")
+
+LEVEL_LABELS: dict[str, tuple[str, ...]] = {
+    "family": ("exact", "jaro-winkler>=0.92", "jaro-winkler>=0.80", "different"),
+    "given": ("exact", "jaro-winkler>=0.92", "jaro-winkler>=0.80", "different"),
+    "middle": ("exact", "initial or close", "different"),
+    "birth_date": ("exact", "one typo or day/month swapped", "two edits", "different"),
+    "sex": ("same", "different"),
+    "address": ("same", "mostly same", "partly same", "different"),
+    "phone": ("exact", "one typo", "different"),
+}
+
+# Starting values (used until `estimate_parameters` has run on real data); u of exact birth
+# date ~ 1 / (365 * 80); names get term-frequency-adjusted u at scoring time.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "m": {
+        "family": [0.85, 0.08, 0.04, 0.03],
+        "given": [0.85, 0.07, 0.04, 0.04],
+        "middle": [0.80, 0.15, 0.05],
+        "birth_date": [0.88, 0.08, 0.02, 0.02],
+        "sex": [0.98, 0.02],
+        "address": [0.70, 0.15, 0.08, 0.07],
+        "phone": [0.85, 0.05, 0.10],
+    },
+    "u": {
+        "family": [0.003, 0.002, 0.02, 0.975],
+        "given": [0.01, 0.004, 0.03, 0.956],
+        "middle": [0.05, 0.10, 0.85],
+        "birth_date": [0.00004, 0.0006, 0.005, 0.99436],
+        "sex": [0.5, 0.5],
+        "address": [0.0005, 0.002, 0.01, 0.9875],
+        "phone": [0.0001, 0.001, 0.9989],
+    },
+    "lambda": 0.0001,
+}
+
+# Values that mean "no name": never evidence of identity.
+_PLACEHOLDER_NAMES = frozenset(
+    {
+        "UNKNOWN",
+        "UNK",
+        "ANONYMOUS",
+        "ANON",
+        "NONE",
+        "NULL",
+        "NA",
+        "N A",
+        "TEST",
+        "PATIENT",
+        "NONAME",
+        "X",
+        "XX",
+        "XXX",
+        "NN",
+        "BABY",
+        "DOE",
+    }
+)
+_NON_NAME = re.compile(r"[^A-Z' -]")
+_SPACES = re.compile(r"\s+")
+_TOKEN = re.compile(r"[A-Z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Demographics:
+    """Normalised demographics: upper-case ASCII, '' when unknown."""
+
+    family: str = ""
+    given: str = ""
+    middle: str = ""
+    birth_date: str = ""  # YYYYMMDD, a real calendar date
+    sex: str = ""  # M | F | O
+    address: str = ""
+    phone: str = ""
+
+    def swapped(self) -> Demographics:
+        return replace(self, family=self.given, given=self.family)
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def _ascii_upper(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return decomposed.encode("ascii", "ignore").decode("ascii").upper()
+
+
+def normalize_name_part(text: str | None) -> str:
+    if not text:
+        return ""
+    raw = _ascii_upper(str(text))
+    # A name made of digits or symbols is garbage, not a name with the junk stripped off.
+    letters = sum(c.isalpha() for c in raw)
+    if letters == 0 or letters < len(raw.replace(" ", "")) / 2:
+        return ""
+    cleaned = _SPACES.sub(" ", _NON_NAME.sub(" ", raw)).strip(" -'")
+    cleaned = cleaned.replace("'", "")
+    if not cleaned or cleaned in _PLACEHOLDER_NAMES:
+        return ""
+    return cleaned[:128]
+
+
+def parse_person_name(pn: str | None) -> tuple[str, str, str]:
+    """DICOM PN (family^given^middle^prefix^suffix, alphabetic group) -> (family, given, middle)."""
+    if not pn:
+        return "", "", ""
+    alphabetic = str(pn).split("=", 1)[0]
+    if "^" in alphabetic:
+        parts = alphabetic.split("^")
+    elif "," in alphabetic:  # "FAMILY, GIVEN" from systems that ignore PN rules
+        parts = [p.strip() for p in alphabetic.split(",", 1)]
+    else:
+        parts = [alphabetic]
+    parts += [""] * (3 - len(parts))
+    family, given, middle = (normalize_name_part(p) for p in parts[:3])
+    if given and not middle and " " in given:
+        given, middle = given.split(" ", 1)
+    return family, given, middle
+
+
+def normalize_date(text: str | None, *, today: date | None = None) -> str:
+    """YYYYMMDD (or YYYY-MM-DD) of a real past date after 1850, else ''."""
+    if not text:
+        return ""
+    digits = str(text).strip().replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return ""
+    try:
+        value = date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+    except ValueError:
+        return ""
+    if value.year < 1850 or value > (today or date.today()):
+        return ""
+    return digits
+
+
+def normalize_sex(text: str | None) -> str:
+    first = (text or "").strip()[:1].upper()
+    return first if first in ("M", "F", "O") else ""
+
+
+def normalize_address(text: str | None) -> str:
+    if not text:
+        return ""
+    return " ".join(_TOKEN.findall(_ascii_upper(str(text))))[:512]
+
+
+def normalize_phone(text: str | None) -> str:
+    digits = re.sub(r"\D", "", str(text or ""))
+    return digits[-15:] if len(digits) >= 6 else ""
+
+
+def demographics(
+    *,
+    patient_name: str | None = None,
+    family: str | None = None,
+    given: str | None = None,
+    middle: str | None = None,
+    birth_date: str | None = None,
+    sex: str | None = None,
+    address: str | None = None,
+    phone: str | None = None,
+) -> Demographics:
+    """Build normalised demographics from a PN string and/or separate components."""
+    f, g, m = parse_person_name(patient_name)
+    f = normalize_name_part(family) or f
+    g = normalize_name_part(given) or g
+    m = normalize_name_part(middle) or m
+    if g and not m and " " in g:
+        g, m = g.split(" ", 1)
+    return Demographics(
+        family=f,
+        given=g,
+        middle=m,
+        birth_date=normalize_date(birth_date),
+        sex=normalize_sex(sex),
+        address=normalize_address(address),
+        phone=normalize_phone(phone),
+    )
+
+
+# ---------------------------------------------------------------- blocking
+
+
+def _phonetic(name: str) -> str:
+    letters = "".join(c for c in name if c.isalpha())
+    return jellyfish.soundex(letters) if letters else ""
+
+
+def block_keys(d: Demographics) -> set[str]:
+    """Keys stored for a record. Each catches a different kind of error in the others."""
+    keys: set[str] = set()
+    dob, f, g = d.birth_date, _phonetic(d.family), _phonetic(d.given)
+    if dob:
+        keys.add("d:" + dob)  # any name typo, same birth date
+        if f:
+            keys.add("fy:" + f + dob[:4])  # day/month typos
+        if g:
+            keys.add("gm:" + g + dob[4:])  # year typos, family name changed
+    if f and g:
+        keys.add("fg:" + f + g)  # birth date missing or badly wrong
+    return keys
+
+
+def query_keys(d: Demographics) -> set[str]:
+    """Keys to look up for a new record: its own and those of its swapped-name reading."""
+    return block_keys(d) | block_keys(d.swapped())
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def _name_level(a: str, b: str) -> int:
+    if not a or not b:
+        return -1
+    if a == b:
+        return 0
+    jw = jellyfish.jaro_winkler_similarity(a, b)
+    return 1 if jw >= 0.92 else 2 if jw >= 0.80 else 3
+
+
+def _middle_level(a: str, b: str) -> int:
+    if not a or not b:
+        return -1
+    if a == b:
+        return 0
+    if a[0] == b[0] and (len(a) == 1 or len(b) == 1):
+        return 1
+    return 1 if jellyfish.jaro_winkler_similarity(a, b) >= 0.9 else 2
+
+
+def _date_level(a: str, b: str) -> int:
+    if not a or not b:
+        return -1
+    if a == b:
+        return 0
+    if a[:4] + a[6:8] + a[4:6] == b:  # day and month swapped (US vs European order)
+        return 1
+    dist = jellyfish.damerau_levenshtein_distance(a, b)
+    return 1 if dist == 1 else 2 if dist == 2 else 3
+
+
+def _address_level(a: str, b: str) -> int:
+    if not a or not b:
+        return -1
+    if a == b:
+        return 0
+    ta, tb = a.split(), b.split()
+    # A token agrees if the other side has it exactly or with a small typo.
+    unmatched = list(tb)
+    hits = 0
+    for tok in ta:
+        if tok in unmatched:
+            unmatched.remove(tok)
+            hits += 1
+            continue
+        for other in unmatched:
+            if len(tok) > 3 and jellyfish.jaro_winkler_similarity(tok, other) >= 0.9:
+                unmatched.remove(other)
+                hits += 1
+                break
+    score = hits / max(len(ta), len(tb))
+    return 0 if score >= 0.85 else 1 if score >= 0.55 else 2 if score >= 0.3 else 3
+
+
+def _phone_level(a: str, b: str) -> int:
+    if not a or not b:
+        return -1
+    if a == b:
+        return 0
+    return 1 if jellyfish.damerau_levenshtein_distance(a, b) == 1 else 2
+
+
+def _sex_level(a: str, b: str) -> int:
+    if not a or not b:
+        return -1
+    return 0 if a == b else 1
+
+
+def compare_levels(a: Demographics, b: Demographics) -> tuple[list[int], bool]:
+    """Levels for each of FIELDS, reading the names straight or swapped (whichever agrees more).
+
+    A swapped reading never counts as exact agreement: it is evidence, but weaker.
+    """
+    straight = (_name_level(a.family, b.family), _name_level(a.given, b.given))
+    crossed = (_name_level(a.family, b.given), _name_level(a.given, b.family))
+
+    def goodness(levels: tuple[int, int]) -> int:
+        return sum(4 - lv if lv >= 0 else 0 for lv in levels)
+
+    swapped = goodness(crossed) > goodness(straight) + 1
+    fam, giv = (
+        (max(crossed[0], 1) if crossed[0] >= 0 else -1, max(crossed[1], 1) if crossed[1] >= 0 else -1)
+        if swapped
+        else straight
+    )
+    return [
+        fam,
+        giv,
+        _middle_level(a.middle, b.middle),
+        _date_level(a.birth_date, b.birth_date),
+        _sex_level(a.sex, b.sex),
+        _address_level(a.address, b.address),
+        _phone_level(a.phone, b.phone),
+    ], swapped
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    weight: float  # sum of log2 Bayes factors
+    levels: tuple[int, ...]
+    contributions: dict[str, dict[str, Any]]
+    swapped: bool
+
+    def contribution(self, field: str) -> float:
+        item = self.contributions.get(field)
+        return float(item["weight"]) if item else 0.0
+
+
+def score_pair(
+    a: Demographics,
+    b: Demographics,
+    *,
+    params: dict[str, Any],
+    tf: dict[str, float] | None = None,
+) -> Score:
+    """Match weight of a pair with per-field contributions; `tf` gives the frequency of a's names."""
+    levels, swapped = compare_levels(a, b)
+    total = 0.0
+    contributions: dict[str, dict[str, Any]] = {}
+    for field, level in zip(FIELDS, levels, strict=True):
+        if level < 0:
+            continue
+        m = params["m"][field][level]
+        u = params["u"][field][level]
+        if level == 0 and tf and field in tf and not swapped:
+            u = tf[field]
+        w = math.log2(max(m, 1e-9) / max(u, 1e-9))
+        total += w
+        contributions[field] = {
+            "level": LEVEL_LABELS[field][level],
+            "weight": round(w, 3),
+        }
+    if swapped:
+        contributions["names"] = {"level": "given and family swapped", "weight": 0.0}
+    return Score(weight=total, levels=tuple(levels), contributions=contributions, swapped=swapped)
+
+
+def probability(weight: float, *, params: dict[str, Any]) -> float:
+    """Posterior probability of a match given the prior share of matching pairs (lambda)."""
+    lam = float(params.get("lambda", DEFAULT_PARAMS["lambda"]))
+    prior = math.log2(lam / (1 - lam))
+    return 1.0 / (1.0 + 2.0 ** -(weight + prior))
+
+
+# ---------------------------------------------------------------- estimation (EM)
+
+
+def level_matrix(pairs: list[tuple[Demographics, Demographics]]) -> np.ndarray:
+    out = np.empty((len(pairs), len(FIELDS)), dtype=np.int8)
+    for i, (a, b) in enumerate(pairs):
+        out[i] = compare_levels(a, b)[0]
+    return out
+
+
+def estimate_u(levels: np.ndarray, *, prior: dict[str, Any] = DEFAULT_PARAMS) -> dict[str, list[float]]:
+    """u from comparisons of random pairs (almost all non-matches), smoothed towards the prior."""
+    u: dict[str, list[float]] = {}
+    for j, field in enumerate(FIELDS):
+        n_levels = len(LEVEL_LABELS[field])
+        col = levels[:, j]
+        counts = np.array([(col == lv).sum() for lv in range(n_levels)], dtype=float)
+        pseudo = np.array(prior["u"][field], dtype=float) * 10.0
+        probs = (counts + pseudo) / (counts.sum() + pseudo.sum())
+        u[field] = [float(p) for p in probs]
+    return u
+
+
+def estimate_parameters(
+    levels: np.ndarray,
+    *,
+    u: dict[str, list[float]],
+    start: dict[str, Any] = DEFAULT_PARAMS,
+    iterations: int = 40,
+) -> dict[str, Any]:
+    """EM for m and lambda over blocked candidate pairs, with u held fixed (as Splink does).
+
+    `levels` is (pairs x FIELDS) with -1 where a value is missing; conditional independence of
+    fields given the match status is the Fellegi–Sunter assumption.
+    """
+    m = {f: np.array(start["m"][f], dtype=float) for f in FIELDS}
+    uu = {f: np.array(u[f], dtype=float) for f in FIELDS}
+    lam = 0.1
+    n = levels.shape[0]
+    if n == 0:
+        return {"m": {f: list(map(float, m[f])) for f in FIELDS}, "u": u, "lambda": start["lambda"]}
+    for _ in range(iterations):
+        log_m = np.zeros(n)
+        log_u = np.zeros(n)
+        for j, f in enumerate(FIELDS):
+            col = levels[:, j].astype(int)
+            present = col >= 0
+            idx = np.where(present, col, 0)
+            log_m += np.where(present, np.log(m[f][idx]), 0.0)
+            log_u += np.where(present, np.log(uu[f][idx]), 0.0)
+        logit = np.log(lam) + log_m - np.log(1 - lam) - log_u
+        post = 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
+        lam = float(np.clip(post.mean(), 1e-6, 1 - 1e-6))
+        for j, f in enumerate(FIELDS):
+            col = levels[:, j]
+            n_levels = len(LEVEL_LABELS[f])
+            weights = np.array([post[col == lv].sum() for lv in range(n_levels)]) + 1e-3
+            m[f] = weights / weights.sum()
+    return {
+        "m": {f: [float(x) for x in m[f]] for f in FIELDS},
+        "u": {f: [float(x) for x in uu[f]] for f in FIELDS},
+        "lambda": lam,
+    }
