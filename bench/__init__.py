@@ -1,0 +1,1 @@
+"""Benchmarks, side by side with a peer (Orthanc) in one run."""

@@ -1,0 +1,1021 @@
+"""Archive benchmark: ScanOnce vs Orthanc over DICOMweb, side by side, in one run.
+
+Both servers run as real processes on loopback, each with its own fresh data folder, and
+receive exactly the same generated instances (`broker.dicom.synth.bulk_instances`). Every
+phase runs against Orthanc and then against ScanOnce before the next phase starts, so both
+see the same machine state. The result is a Markdown table of ScanOnce / Orthanc ratios.
+
+    .venv/bin/python -m bench.archive --quick                 # ~2-3 minutes, small sizes
+    .venv/bin/python -m bench.archive --out bench/results/archive.md   # full: 100k-instance index, 1 GB study
+
+Phases (sizes are the full mode's; --quick shrinks them):
+  1. index build: 100,000 small CT instances (16x16) = 10,000 studies in tranches of 10,000,
+     STOW-RS in multipart batches by N client threads; rate of the first and the last tranche;
+  2. a 1,000-instance 512x512 CT study by STOW-RS (batches of 10 instances);
+  3. QIDO-RS: a fixed mix of study-level queries (PatientID, AccessionNumber, StudyInstanceUID,
+     PatientName wildcard, StudyDate range, ModalitiesInStudy + StudyDate), one client, p50/p95;
+     a page of 100 studies at offset 0 and at offset 3,000; the unpaged study list;
+  4. study metadata (WADO-RS) of the 1,000-instance study;
+  5. study retrieve (WADO-RS multipart, transfer-syntax=* i.e. as stored), MB/s;
+  6. one 1 GB study (2,000 CT slices) in ONE streamed STOW-RS request while the server's
+     resident memory is sampled (VmHWM reset via /proc/<pid>/clear_refs, and VmRSS polled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.peers import LOOPBACK, PeerError, free_port, orthanc  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+# -- sizes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    index_instances: int  # small instances in the index
+    tranche_instances: int  # instances per tranche (rate is measured per tranche)
+    series_per_study: int
+    instances_per_series: int
+    small_batch: int  # instances per STOW request (small)
+    ct_instances: int  # the metadata/retrieve study (512x512)
+    ct_batch: int
+    big_instances: int  # the one-request study whose RSS is sampled
+    qido_repeats: int  # per query kind
+    deep_offset: int
+    metadata_repeats: int
+    retrieve_repeats: int
+
+    @property
+    def instances_per_study(self) -> int:
+        return self.series_per_study * self.instances_per_series
+
+
+FULL = Plan(
+    index_instances=100_000,
+    tranche_instances=10_000,
+    series_per_study=2,
+    instances_per_series=5,
+    small_batch=100,
+    ct_instances=1000,
+    ct_batch=10,
+    big_instances=2000,  # 2,000 x 525,814 bytes = 1.05 GB
+    qido_repeats=40,
+    deep_offset=3000,
+    metadata_repeats=5,
+    retrieve_repeats=3,
+)
+QUICK = Plan(
+    index_instances=6000,
+    tranche_instances=2000,
+    series_per_study=2,
+    instances_per_series=5,
+    small_batch=100,
+    ct_instances=200,
+    ct_batch=10,
+    big_instances=200,  # ~105 MB
+    qido_repeats=10,
+    deep_offset=300,
+    metadata_repeats=3,
+    retrieve_repeats=2,
+)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def instances(
+    *, seed: int, n_studies: int, series_per_study: int, instances_per_series: int, rows: int = 16
+) -> Iterator[bytes]:
+    """The benchmark's instances: helper-3's fast deterministic generator (CT template with
+    identifiers patched in place; three studies per patient; dates 2016-2026)."""
+    from broker.dicom.synth import bulk_instances
+
+    return bulk_instances(
+        seed=seed,
+        n_studies=n_studies,
+        series_per_study=series_per_study,
+        instances_per_series=instances_per_series,
+        rows=rows,
+        cols=rows,
+    )
+
+
+@dataclass
+class StudyFacts:
+    """What the query mix needs to know about one generated study."""
+
+    study_uid: str
+    patient_id: str
+    accession: str
+    name: str
+    date: str
+
+
+def study_facts(first_instance: bytes) -> StudyFacts:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(first_instance), stop_before_pixels=True)
+    return StudyFacts(
+        study_uid=str(ds.StudyInstanceUID),
+        patient_id=str(ds.PatientID),
+        accession=str(ds.AccessionNumber),
+        name=str(ds.PatientName),
+        date=str(ds.StudyDate),
+    )
+
+
+def multipart_body(parts: Sequence[bytes], boundary: str) -> bytes:
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    chunks: list[bytes] = []
+    for p in parts:
+        chunks += [head, p, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks)
+
+
+def stow_content_type(boundary: str) -> str:
+    return f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+# -- process measurements (Linux /proc, no extra dependency) --------------------------------
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and all its descendants (a server may fork workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _status_kb(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mb(pid: int) -> float:
+    return sum(_status_kb(p, "VmRSS") for p in proc_tree(pid)) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class PeakRss:
+    """Peak resident memory of a process tree over a `with` block: VmHWM reset through
+    clear_refs at entry (Linux >= 4.0) and VmRSS sampled every 20 ms as a cross-check."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.sampled_mb = 0.0
+        self.hwm_mb = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        for p in proc_tree(self.pid):
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{p}/clear_refs").write_text("5")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sampled_mb = max(self.sampled_mb, rss_mb(self.pid))
+            self._stop.wait(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.hwm_mb = sum(_status_kb(p, "VmHWM") for p in proc_tree(self.pid)) / 1024
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.sampled_mb, self.hwm_mb)
+
+
+def du_mb(path: Path) -> float:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total / MiB
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    base: str  # DICOMweb root, no trailing slash
+    pid: int
+    data_dir: Path
+    settings: dict[str, Any]
+
+
+@contextlib.contextmanager
+def run_orthanc(work: Path) -> Iterator[Server]:
+    with orthanc(work / "orthanc", aet="BENCH") as peer:
+        system = httpx.get(f"{peer.url}/system", timeout=10).json()
+        plugin = httpx.get(f"{peer.url}/plugins/dicom-web", timeout=10).json()
+        cfg = peer.config
+        settings = {
+            "version": f"Orthanc {system.get('Version')} + DICOMweb plugin {plugin.get('Version')}",
+            "index": "SQLite (built-in), storage: local folder",
+            "StorageCompression": cfg["StorageCompression"],
+            "KeepAlive": cfg["KeepAlive"],
+            "TcpNoDelay": cfg["TcpNoDelay"],
+            "HttpCompressionEnabled": cfg["HttpCompressionEnabled"],
+            "HttpThreadsCount": "50 (default)",
+            "StorageAccessOnFind": "Always (default)",
+            "DicomWeb.StudiesMetadata/SeriesMetadata": "Full (default)",
+            "OverwriteInstances": "false (default)",
+        }
+        yield Server("Orthanc", peer.dicomweb_url, peer.pid, peer.storage_dir.parent, settings)
+
+
+def _scanonce_command(port: int, data_dir: Path) -> list[str]:
+    exe = REPO / ".venv" / "bin" / "scanonce"
+    if exe.exists():
+        probe = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            cmd = [str(exe), "serve"]
+            help_text = probe.stdout
+            if "--host" in help_text:
+                cmd += ["--host", LOOPBACK]
+            if "--port" in help_text:
+                cmd += ["--port", str(port)]
+            if "--data-dir" in help_text:
+                cmd += ["--data-dir", str(data_dir)]
+            if "--log-level" in help_text:
+                # No per-request access log: Orthanc does not log each request either.
+                cmd += ["--log-level", "warning"]
+            return cmd
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "broker.app:create_app",
+        "--factory",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+@contextlib.contextmanager
+def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iterator[Server]:
+    data_dir = work / "scanonce"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCANONCE_DATA_DIR": str(data_dir),
+        "SCANONCE_HOST": LOOPBACK,
+        "SCANONCE_PORT": str(port),
+        "SCANONCE_DIMSE_PORT": str(free_port()),
+        # Embedded default: SQLite + local folder under the data dir.
+        "SCANONCE_DATABASE_URL": "",
+        "SCANONCE_STORAGE_URL": "",
+        **(env_extra or {}),
+    }
+    for k in ("SCANONCE_DATABASE_URL", "SCANONCE_STORAGE_URL"):
+        if not env[k]:
+            del env[k]
+    cmd = _scanonce_command(port, data_dir)
+    log_path = work / "scanonce.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise PeerError(f"ScanOnce exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise PeerError(f"ScanOnce did not answer /healthz:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        settings = {
+            "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
+            "index": "SQLite (WAL) under the data dir, storage: local folder (embedded default)",
+        }
+        yield Server("ScanOnce", f"{url}/dicom-web", proc.pid, data_dir, settings)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+JSON_ACCEPT = {"Accept": "application/dicom+json"}
+_local = threading.local()
+
+
+def _client() -> httpx.Client:
+    c = getattr(_local, "client", None)
+    if c is None:
+        c = httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
+        _local.client = c
+    return c
+
+
+@dataclass
+class StowResult:
+    instances: int
+    dicom_bytes: int
+    seconds: float
+    failed: int
+    server_cpu_s: float
+
+    @property
+    def per_s(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_s(self) -> float:
+        return self.dicom_bytes / MiB / self.seconds
+
+
+def _count_failed(resp: httpx.Response, sent: int) -> int:
+    if resp.status_code not in (200, 202):
+        return sent
+    try:
+        body = resp.json()
+    except ValueError:
+        return 0
+    failed = body.get("00081198", {}).get("Value", []) if isinstance(body, dict) else []
+    return len(failed)
+
+
+def stow_batches(server: Server, batches: Sequence[Sequence[bytes]], threads: int) -> StowResult:
+    """POST each batch as one multipart request, `threads` requests in flight."""
+    boundary = "bench" + secrets.token_hex(8)
+    bodies = [(multipart_body(b, boundary), len(b), sum(map(len, b))) for b in batches]
+    headers = {"Content-Type": stow_content_type(boundary), **JSON_ACCEPT}
+
+    def post(item: tuple[bytes, int, int]) -> int:
+        body, n, _ = item
+        r = _client().post(f"{server.base}/studies", content=body, headers=headers)
+        return _count_failed(r, n)
+
+    cpu0 = cpu_seconds(server.pid)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        failed = sum(pool.map(post, bodies))
+    dt = time.perf_counter() - t0
+    return StowResult(
+        instances=sum(n for _, n, _ in bodies),
+        dicom_bytes=sum(s for _, _, s in bodies),
+        seconds=dt,
+        failed=failed,
+        server_cpu_s=cpu_seconds(server.pid) - cpu0,
+    )
+
+
+def stow_streamed(server: Server, make: Callable[[], Iterable[bytes]], n: int, each: int) -> StowResult:
+    """One STOW-RS request whose body is generated while it is sent (never whole in memory
+    on the client side either); every instance is `each` bytes so Content-Length is known."""
+    boundary = "bench" + secrets.token_hex(8)
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    tail = f"--{boundary}--\r\n".encode()
+    length = n * (len(head) + each + 2) + len(tail)
+
+    def body() -> Iterator[bytes]:
+        count = 0
+        for inst in make():
+            if len(inst) != each:
+                raise RuntimeError("instances of the streamed study must all have the same size")
+            count += 1
+            yield head + inst + b"\r\n"
+        assert count == n
+        yield tail
+
+    headers = {"Content-Type": stow_content_type(boundary), "Content-Length": str(length), **JSON_ACCEPT}
+    cpu0 = cpu_seconds(server.pid)
+    t0 = time.perf_counter()
+    r = _client().post(f"{server.base}/studies", content=body(), headers=headers)
+    dt = time.perf_counter() - t0
+    return StowResult(n, n * each, dt, _count_failed(r, n), cpu_seconds(server.pid) - cpu0)
+
+
+def query_string(params: dict[str, str]) -> str:
+    """QIDO-RS query string with the matching characters left literal (`*`, `?`, `^`, `,`, `-`).
+
+    Orthanc 1.10's DICOMweb plugin 1.7 does not percent-decode QIDO values (`PatientName=B%2A`
+    matches nothing where `B*` matches), while httpx encodes `*` and `^`; sending them literal
+    (as the standard's examples do) asks both servers the same question."""
+    return "&".join(f"{k}={quote(v, safe='*?^,-.')}" for k, v in params.items())
+
+
+def timed_get(
+    url: str, *, params: Any = None, headers: dict[str, str] | None = None
+) -> tuple[float, int, Any]:
+    """Seconds for the whole response (headers and body), status, and the parsed JSON."""
+    if params:
+        url = f"{url}?{query_string(params)}"
+    t0 = time.perf_counter()
+    r = _client().get(url, headers=headers or JSON_ACCEPT)
+    body = r.content
+    dt = time.perf_counter() - t0
+    data: Any = None
+    if r.status_code == 200 and body:
+        with contextlib.suppress(ValueError):
+            data = json.loads(body)
+    return dt, r.status_code, data
+
+
+def retrieve(server: Server, study_uid: str) -> tuple[float, int, str]:
+    headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    t0 = time.perf_counter()
+    n = 0
+    with _client().stream("GET", f"{server.base}/studies/{study_uid}", headers=headers) as r:
+        ctype = r.headers.get("content-type", "")
+        if r.status_code != 200:
+            r.read()
+            raise RuntimeError(f"{server.name} retrieve: HTTP {r.status_code} {r.text[:300]}")
+        for chunk in r.iter_raw(MiB):
+            n += len(chunk)
+    return time.perf_counter() - t0, n, ctype
+
+
+# -- stats ----------------------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class SideResults:
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    tranches: list[dict[str, float]] = field(default_factory=list)
+    index_build_s: float = 0.0
+    ct: dict[str, float] = field(default_factory=dict)
+    qido: dict[str, list[float]] = field(default_factory=dict)
+    qido_counts: dict[str, int] = field(default_factory=dict)
+    qido_errors: dict[str, str] = field(default_factory=dict)
+    metadata_s: list[float] = field(default_factory=list)
+    metadata_items: int = 0
+    retrieve: list[dict[str, float]] = field(default_factory=list)
+    big: dict[str, float] = field(default_factory=dict)
+    disk_mb: float = 0.0
+    idle_rss_mb: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_query_mix(facts: list[StudyFacts], repeats: int, seed: int) -> list[tuple[str, dict[str, str]]]:
+    """The fixed query mix: `repeats` queries of each kind over values picked (deterministically)
+    from the generated studies, so each query really matches something."""
+    import random
+    from datetime import date, timedelta
+
+    rng = random.Random(seed)
+    picks = [facts[rng.randrange(len(facts))] for _ in range(repeats)]
+
+    def day(s: str, delta: int) -> str:
+        d = date(int(s[:4]), int(s[4:6]), int(s[6:8])) + timedelta(days=delta)
+        return d.strftime("%Y%m%d")
+
+    mix: list[tuple[str, dict[str, str]]] = []
+    for f in picks:
+        mix.append(("PatientID", {"PatientID": f.patient_id}))
+    for f in picks[::-1]:
+        mix.append(("AccessionNumber", {"AccessionNumber": f.accession}))
+    for f in picks:
+        mix.append(("StudyInstanceUID", {"StudyInstanceUID": f.study_uid}))
+    ascii_names = [f for f in facts if f.name.isascii()]
+    name_picks = [ascii_names[rng.randrange(len(ascii_names))] for _ in range(repeats)]
+    for f in name_picks:
+        # "Family^G*": the family name and the first letter of the given name, a typical
+        # "type the start of the name" search that matches a handful of patients.
+        family, _, given = f.name.partition("^")
+        mix.append(("PatientName wildcard", {"PatientName": f"{family}^{given[:1]}*"}))
+    for f in picks:
+        mix.append(("StudyDate range (30 d)", {"StudyDate": f"{f.date}-{day(f.date, 29)}"}))
+    for f in picks:
+        mix.append(
+            (
+                "ModalitiesInStudy + 7 d",
+                {"ModalitiesInStudy": "CT", "StudyDate": f"{f.date}-{day(f.date, 6)}"},
+            )
+        )
+    return mix
+
+
+def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    results: dict[str, SideResults] = {}
+    with contextlib.ExitStack() as stack:
+        servers: list[Server] = []
+        if "orthanc" in sides:
+            servers.append(stack.enter_context(run_orthanc(work)))
+        if "scanonce" in sides:
+            servers.append(stack.enter_context(run_scanonce(work)))
+        for s in servers:
+            results[s.name] = SideResults(s.name, settings=s.settings)
+            results[s.name].idle_rss_mb = rss_mb(s.pid)
+            log(f"{s.name} up: {s.base} (pid {s.pid})")
+
+        # 1. index build, tranche by tranche
+        per_study = plan.instances_per_study
+        studies_per_tranche = plan.tranche_instances // per_study
+        n_tranches = plan.index_instances // plan.tranche_instances
+        facts: list[StudyFacts] = []
+        for t in range(n_tranches):
+            insts = list(
+                instances(
+                    seed=seed * 1000 + t,
+                    n_studies=studies_per_tranche,
+                    series_per_study=plan.series_per_study,
+                    instances_per_series=plan.instances_per_series,
+                )
+            )
+            facts += [study_facts(insts[i]) for i in range(0, len(insts), per_study)]
+            batches = [insts[i : i + plan.small_batch] for i in range(0, len(insts), plan.small_batch)]
+            for s in servers:
+                r = stow_batches(s, batches, threads)
+                res = results[s.name]
+                res.tranches.append(
+                    {
+                        "instances": r.instances,
+                        "per_s": r.per_s,
+                        "mb_s": r.mb_s,
+                        "seconds": r.seconds,
+                        "failed": r.failed,
+                        "server_cpu_s": r.server_cpu_s,
+                    }
+                )
+                res.index_build_s += r.seconds
+                if r.failed:
+                    res.failures.append(f"tranche {t}: {r.failed} instances failed")
+                log(f"tranche {t + 1}/{n_tranches} {s.name}: {r.per_s:.0f} inst/s ({r.failed} failed)")
+
+        # 2. the 512x512 CT study
+        ct_series = 4 if plan.ct_instances >= 4 else 1
+        ct = list(
+            instances(
+                seed=seed * 1000 + 900,
+                n_studies=1,
+                series_per_study=ct_series,
+                instances_per_series=plan.ct_instances // ct_series,
+                rows=512,
+            )
+        )
+        ct_uid = study_facts(ct[0]).study_uid
+        ct_batches = [ct[i : i + plan.ct_batch] for i in range(0, len(ct), plan.ct_batch)]
+        for s in servers:
+            r = stow_batches(s, ct_batches, threads)
+            results[s.name].ct = {
+                "instances": r.instances,
+                "per_s": r.per_s,
+                "mb_s": r.mb_s,
+                "seconds": r.seconds,
+                "failed": r.failed,
+                "server_cpu_s": r.server_cpu_s,
+            }
+            if r.failed:
+                results[s.name].failures.append(f"CT study: {r.failed} instances failed")
+            log(f"CT 512x512 {s.name}: {r.per_s:.0f} inst/s, {r.mb_s:.1f} MB/s")
+        ct_bytes = sum(map(len, ct))
+        del ct, ct_batches
+
+        # 3. QIDO-RS
+        mix = build_query_mix(facts, plan.qido_repeats, seed)
+        paged = [
+            ("page 100 @ offset 0", {"limit": "100", "offset": "0"}),
+            (f"page 100 @ offset {plan.deep_offset}", {"limit": "100", "offset": str(plan.deep_offset)}),
+            ("unpaged study list", {}),
+        ]
+        for s in servers:
+            res = results[s.name]
+            for _ in range(2):  # warm the connection and caches equally
+                timed_get(f"{s.base}/studies", params={"PatientID": facts[0].patient_id})
+            for kind, params in mix:
+                dt, status, data = timed_get(f"{s.base}/studies", params=params)
+                res.qido.setdefault(kind, []).append(dt)
+                res.qido_counts[kind] = res.qido_counts.get(kind, 0) + (
+                    len(data) if isinstance(data, list) else 0
+                )
+                if status not in (200, 204):
+                    res.qido_errors[kind] = f"HTTP {status}"
+            reps = max(3, plan.qido_repeats // 4)
+            for kind, params in paged:
+                for _ in range(reps):
+                    dt, status, data = timed_get(f"{s.base}/studies", params=params)
+                    res.qido.setdefault(kind, []).append(dt)
+                    res.qido_counts[kind] = len(data) if isinstance(data, list) else 0
+                    if status not in (200, 204):
+                        res.qido_errors[kind] = f"HTTP {status}"
+            mix_all = [v for k in dict.fromkeys(k for k, _ in mix) for v in res.qido[k]]
+            log(f"QIDO {s.name}: mix p50 {median(mix_all) * 1e3:.1f} ms, p95 {pct(mix_all, 95) * 1e3:.1f} ms")
+
+        # 4. metadata of the CT study
+        for s in servers:
+            res = results[s.name]
+            for _ in range(plan.metadata_repeats):
+                dt, status, data = timed_get(f"{s.base}/studies/{ct_uid}/metadata")
+                if status != 200:
+                    res.failures.append(f"metadata: HTTP {status}")
+                    break
+                res.metadata_s.append(dt)
+                res.metadata_items = len(data) if isinstance(data, list) else 0
+            log(
+                f"metadata {s.name}: median {median(res.metadata_s) * 1e3:.0f} ms, {res.metadata_items} items"
+            )
+
+        # 5. retrieve of the CT study
+        for s in servers:
+            res = results[s.name]
+            try:
+                for _ in range(plan.retrieve_repeats):
+                    dt, n, ctype = retrieve(s, ct_uid)
+                    res.retrieve.append({"seconds": dt, "bytes": n, "mb_s": n / MiB / dt})
+                    res.settings.setdefault("retrieve content-type", ctype.split("; boundary")[0])
+                log(f"retrieve {s.name}: {median([x['mb_s'] for x in res.retrieve]):.0f} MB/s")
+            except (RuntimeError, httpx.HTTPError) as exc:
+                res.failures.append(f"retrieve: {exc}")
+
+        # 6. the big study in one streamed request, memory sampled
+        big_series = 4
+        per_series = plan.big_instances // big_series
+
+        def big() -> Iterator[bytes]:
+            return instances(
+                seed=seed * 1000 + 901,
+                n_studies=1,
+                series_per_study=big_series,
+                instances_per_series=per_series,
+                rows=512,
+            )
+
+        each = len(next(iter(big())))
+        for s in servers:
+            res = results[s.name]
+            try:
+                with PeakRss(s.pid) as peak:
+                    r = stow_streamed(s, big, big_series * per_series, each)
+                res.big = {
+                    "instances": r.instances,
+                    "mb": r.dicom_bytes / MiB,
+                    "seconds": r.seconds,
+                    "mb_s": r.mb_s,
+                    "failed": r.failed,
+                    "peak_rss_mb": peak.peak_mb,
+                    "hwm_mb": peak.hwm_mb,
+                    "sampled_mb": peak.sampled_mb,
+                    "server_cpu_s": r.server_cpu_s,
+                }
+                if r.failed:
+                    res.failures.append(f"big study: {r.failed} instances failed")
+                log(f"big study {s.name}: {r.mb_s:.0f} MB/s, peak RSS {peak.peak_mb:.0f} MB")
+            except httpx.HTTPError as exc:
+                res.failures.append(f"big study: {exc!r}")
+            res.disk_mb = du_mb(s.data_dir)
+        _ = ct_bytes
+    return {
+        "plan": asdict(plan),
+        "threads": threads,
+        "seed": seed,
+        "total_s": time.perf_counter() - t_start,
+        "sides": {k: asdict(v) for k, v in results.items()},
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
+    if v is None or v != v:  # NaN
+        return "n/a"
+    return f"{v:,.{digits}f}{unit}"
+
+
+def render(data: dict[str, Any]) -> str:
+    plan = data["plan"]
+    sides = data["sides"]
+    so = sides.get("ScanOnce")
+    oc = sides.get("Orthanc")
+    rows: list[tuple[str, float | None, float | None, str, str, bool]] = []
+    # (metric, ScanOnce, Orthanc, unit, target, higher_is_better)
+
+    def tr(side: dict[str, Any] | None, i: int, key: str) -> float | None:
+        if not side or not side["tranches"]:
+            return None
+        return side["tranches"][i][key]
+
+    def get(side: dict[str, Any] | None, f: Callable[[dict[str, Any]], float]) -> float | None:
+        if not side:
+            return None
+        try:
+            return f(side)
+        except (KeyError, IndexError, ValueError, ZeroDivisionError, statistics.StatisticsError):
+            return None
+
+    mix_kinds = [k for k in (oc or so or {}).get("qido", {}) if not k.startswith(("page", "unpaged"))]
+
+    def mix_values(side: dict[str, Any]) -> list[float]:
+        return [v for k in mix_kinds for v in side["qido"].get(k, [])]
+
+    rows += [
+        (
+            "STOW-RS small (16x16 CT), empty index, inst/s",
+            tr(so, 0, "per_s"),
+            tr(oc, 0, "per_s"),
+            "",
+            "≥ 1.5×",
+            True,
+        ),
+        ("STOW-RS small, empty index, MB/s", tr(so, 0, "mb_s"), tr(oc, 0, "mb_s"), "", "", True),
+        (
+            f"STOW-RS small, last tranche (index at {plan['index_instances']:,}), inst/s",
+            tr(so, -1, "per_s"),
+            tr(oc, -1, "per_s"),
+            "",
+            "",
+            True,
+        ),
+        (
+            "STOW-RS small, last / first tranche rate",
+            get(so, lambda s: s["tranches"][-1]["per_s"] / s["tranches"][0]["per_s"]),
+            get(oc, lambda s: s["tranches"][-1]["per_s"] / s["tranches"][0]["per_s"]),
+            "",
+            "(≈1 = no slowdown)",
+            True,
+        ),
+        (
+            f"Index build, {plan['index_instances']:,} instances, s",
+            get(so, lambda s: s["index_build_s"]),
+            get(oc, lambda s: s["index_build_s"]),
+            "",
+            "",
+            False,
+        ),
+        (
+            "STOW-RS 512x512 CT, inst/s",
+            get(so, lambda s: s["ct"]["per_s"]),
+            get(oc, lambda s: s["ct"]["per_s"]),
+            "",
+            "≥ 1.5×",
+            True,
+        ),
+        (
+            "STOW-RS 512x512 CT, MB/s",
+            get(so, lambda s: s["ct"]["mb_s"]),
+            get(oc, lambda s: s["ct"]["mb_s"]),
+            "",
+            "",
+            True,
+        ),
+        (
+            "QIDO-RS query mix p50, ms",
+            get(so, lambda s: median(mix_values(s)) * 1000),
+            get(oc, lambda s: median(mix_values(s)) * 1000),
+            "",
+            "",
+            False,
+        ),
+        (
+            "QIDO-RS query mix p95, ms",
+            get(so, lambda s: pct(mix_values(s), 95) * 1000),
+            get(oc, lambda s: pct(mix_values(s), 95) * 1000),
+            "",
+            "≤ 0.5×",
+            False,
+        ),
+    ]
+
+    def qido_p50(side: dict[str, Any] | None, kind: str) -> float | None:
+        return get(side, lambda s: median(s["qido"][kind]) * 1000)
+
+    for kind in [k for k in (oc or so or {}).get("qido", {}) if k.startswith(("page", "unpaged"))]:
+        rows.append(
+            (
+                f"QIDO-RS {kind} p50, ms",
+                qido_p50(so, kind),
+                qido_p50(oc, kind),
+                "",
+                "",
+                False,
+            )
+        )
+    rows += [
+        (
+            f"Study metadata, {plan['ct_instances']:,} instances, median ms",
+            get(so, lambda s: median(s["metadata_s"]) * 1000),
+            get(oc, lambda s: median(s["metadata_s"]) * 1000),
+            "",
+            "≤ 0.1×",
+            False,
+        ),
+        (
+            "Study retrieve (WADO-RS multipart, as stored), MB/s",
+            get(so, lambda s: median([x["mb_s"] for x in s["retrieve"]])),
+            get(oc, lambda s: median([x["mb_s"] for x in s["retrieve"]])),
+            "",
+            "≥ 1×",
+            True,
+        ),
+        (
+            f"One-request STOW-RS of a {plan['big_instances'] * 525814 / 1e9:.2f} GB study, MB/s",
+            get(so, lambda s: s["big"]["mb_s"]),
+            get(oc, lambda s: s["big"]["mb_s"]),
+            "",
+            "",
+            True,
+        ),
+        (
+            "Peak server RSS during that request, MB",
+            get(so, lambda s: s["big"]["peak_rss_mb"]),
+            get(oc, lambda s: s["big"]["peak_rss_mb"]),
+            "",
+            "ScanOnce ≤ 300 MB",
+            False,
+        ),
+        (
+            "Disk used after the run, MB",
+            get(so, lambda s: s["disk_mb"]),
+            get(oc, lambda s: s["disk_mb"]),
+            "",
+            "",
+            False,
+        ),
+    ]
+
+    out = []
+    out.append("| metric | ScanOnce | Orthanc | ScanOnce / Orthanc | target | met |")
+    out.append("| --- | ---: | ---: | ---: | --- | --- |")
+    for metric, a, b, _unit, target, _higher in rows:
+        ratio = a / b if a is not None and b not in (None, 0) and a == a and b == b else None
+        met = ""
+        if ratio is not None and target.startswith(("≥", "≤")) and "×" in target:
+            bound = float(target[1:].strip().rstrip("×"))
+            met = "yes" if (ratio >= bound if target.startswith("≥") else ratio <= bound) else "**no**"
+        elif target.startswith("ScanOnce ≤") and a is not None:
+            met = "yes" if a <= 300 else "**no**"
+        out.append(f"| {metric} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, '×', 2)} | {target} | {met} |")
+
+    out.append("")
+    out.append(
+        "QIDO-RS per query kind (study level, one client, p50 / p95 ms, total matches over the repeats):"
+    )
+    out.append("")
+    out.append("| query | ScanOnce p50 | ScanOnce p95 | Orthanc p50 | Orthanc p95 | matches SO / Orthanc |")
+    out.append("| --- | ---: | ---: | ---: | ---: | --- |")
+    for kind in (oc or so or {}).get("qido", {}):
+
+        def q(side: dict[str, Any] | None, p: float, k: str = kind) -> str:
+            if not side or k not in side["qido"]:
+                return "n/a"
+            if k in side["qido_errors"]:
+                return side["qido_errors"][k]
+            return _fmt(pct(side["qido"][k], p) * 1000)
+
+        counts = " / ".join(str(s["qido_counts"].get(kind, "n/a")) if s else "n/a" for s in (so, oc))
+        out.append(f"| {kind} | {q(so, 50)} | {q(so, 95)} | {q(oc, 50)} | {q(oc, 95)} | {counts} |")
+
+    out.append("")
+    out.append(
+        f"Run: {data['threads']} client threads for STOW-RS (batches of {plan['small_batch']} small / "
+        f"{plan['ct_batch']} CT instances per request), one client for queries and retrieves; "
+        f"{plan['series_per_study'] * plan['instances_per_series']} instances per small study "
+        f"({plan['series_per_study']} series); "
+        f"seed {data['seed']}; total {data['total_s']:.0f} s; {platform.node()} "
+        f"({os.cpu_count()} CPUs, Python {platform.python_version()}), loopback only."
+    )
+    for side in (so, oc):
+        if side:
+            out.append("")
+            out.append(
+                f"{side['name']} settings: " + "; ".join(f"{k}: {v}" for k, v in side["settings"].items())
+            )
+            if side["failures"]:
+                out.append(f"{side['name']} failures: " + "; ".join(side["failures"]))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    ap.add_argument("--out", type=Path, help="write the Markdown table here (and the raw numbers as .json)")
+    ap.add_argument("--threads", type=int, default=4, help="client threads for STOW-RS (default 4)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", choices=["orthanc", "scanonce"], help="run one side (to develop the harness)")
+    ap.add_argument("--index-instances", type=int, help="override the index size")
+    ap.add_argument("--work-dir", type=Path, help="where both servers keep their data (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = ap.parse_args(argv)
+
+    plan = QUICK if args.quick else FULL
+    if args.index_instances:
+        from dataclasses import replace
+
+        plan = replace(plan, index_instances=args.index_instances)
+    sides = [args.only] if args.only else ["orthanc", "scanonce"]
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="scanonce-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        data = run(plan, threads=args.threads, work=work, seed=args.seed, sides=sides)
+    finally:
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    table = render(data)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
