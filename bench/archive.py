@@ -573,7 +573,8 @@ def build_query_mix(facts: list[StudyFacts], repeats: int, seed: int) -> list[tu
         mix.append(("AccessionNumber", {"AccessionNumber": f.accession}))
     for f in picks:
         mix.append(("StudyInstanceUID", {"StudyInstanceUID": f.study_uid}))
-    ascii_names = [f for f in facts if f.name.isascii()]
+    # Letters only: Orthanc cannot match a percent-encoded value (space, apostrophe, accents).
+    ascii_names = [f for f in facts if f.name.replace("^", "").isalpha() and f.name.isascii()]
     name_picks = [ascii_names[rng.randrange(len(ascii_names))] for _ in range(repeats)]
     for f in name_picks:
         # "Family^G*": the family name and the first letter of the given name, a typical
