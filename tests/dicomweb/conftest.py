@@ -23,7 +23,6 @@ from dicomweb_client.api import DICOMwebClient
 
 from broker.app import create_app
 from broker.settings import Settings
-
 from tests.dicomweb.data import Corpus, build_corpus, multipart_body
 
 
@@ -49,11 +48,14 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serve(settings: Settings) -> Iterator[LiveServer]:
-    app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # dicomweb-client sends a Host header without the port, so URLs the broker writes
+    # (RetrieveURL, BulkDataURI) come from the configured public origin, as in production.
+    settings = settings.model_copy(update={"base_url": f"http://127.0.0.1:{port}"})
+    app = create_app(settings)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -182,3 +182,28 @@ def multipart_body(
         chunks.append(b"\r\n" + data + b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def split_multipart(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """Parts of a multipart/related response as (headers, body), parsed independently of the server."""
+    boundary = next(
+        p.split("=", 1)[1].strip().strip('"')
+        for p in content_type.split(";")
+        if p.strip().startswith("boundary=")
+    )
+    delim = b"--" + boundary.encode()
+    chunks = body.split(b"\r\n" + delim)
+    first = chunks[0]
+    assert first.startswith(delim), "body does not start with the boundary"
+    chunks[0] = first[len(delim) :]
+    parts = []
+    for chunk in chunks:
+        if chunk.startswith(b"--"):
+            break
+        head, _, data = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        parts.append((headers, data))
+    return parts
