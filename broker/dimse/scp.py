@@ -1,0 +1,564 @@
+"""The DIMSE SCP: a pynetdicom Application Entity serving C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET.
+
+`start_scp(state=...)` binds settings.dimse_port with AE title settings.ae_title and returns a
+handle; `stop_scp(handle)` shuts it down. Each association runs in its own thread (pynetdicom),
+so the handlers below block freely: they call the same blocking services as the HTTP routes.
+
+Every handler documents the statuses it can return, following pynetdicom's handler docs and
+PS3.4 (Annex B for storage, Annex C for query/retrieve). Messages returned to a peer
+(ErrorComment) and logs never carry patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from broker.deps import AppState
+from broker.dimse import service as ds
+from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
+from broker.errors import BadRequest, ScanOnceError, Unavailable
+from broker.security.schemas import Principal
+from broker.security.service import principal_for_dimse
+
+log = logging.getLogger("scanonce.dimse")
+
+# Receive C-STORE data sets straight into a Part 10 temp file (file meta from the command set,
+# then the raw bytes as sent): nothing is decoded or re-encoded and a multi-gigabyte instance
+# never sits in memory. Process-wide in pynetdicom; the SCU's C-GET handler copes with both.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+_PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+}
+_QR_CONTEXTS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_REQUESTED_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+
+
+class _ScanOnceAE(AE):  # type: ignore[misc]
+    """pynetdicom checks `require_calling_aet` while negotiating each association, in that
+    association's own thread (an `Association` is a Thread) after recording the calling AE
+    title. Answering it for that one caller from the facility registry rejects an unknown calling
+    AE with A-ASSOCIATE-RJ (rejected-permanent, service-user, "calling AE title not recognized")
+    before anything else happens."""
+
+    def __init__(self, handle: ScpHandle, ae_title: str) -> None:
+        super().__init__(ae_title=ae_title)
+        self._scanonce = weakref.ref(handle)
+
+    @property  # type: ignore[misc]
+    def require_calling_aet(self) -> list[str]:
+        handle = self._scanonce()
+        assoc = threading.current_thread()
+        if handle is None or handle.state.settings.dimse_open_mode or not isinstance(assoc, Association):
+            return []
+        calling_ae = str(assoc.requestor.ae_title or "").strip()
+        known = calling_ae and handle.facility_of(calling_ae) is not None
+        # A non-empty list that matches nothing refuses the caller.
+        return [calling_ae] if known else ["\x00"]
+
+
+@dataclass
+class ScpHandle:
+    """A running SCP. `peers` may be changed while it runs (calling AEs, move destinations)."""
+
+    state: AppState
+    peers: DimsePeers
+    ae: Any = None
+    server: Any = None
+    address: tuple[str, int] = ("", 0)
+    _callers: weakref.WeakKeyDictionary[Any, tuple[Principal, str | None]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def ae_title(self) -> str:
+        return self.state.settings.ae_title
+
+    def facility_of(self, calling_ae: str) -> str | None:
+        settings = self.state.settings
+        return ds.facility_for_calling_ae(
+            engine=self.state.engine,
+            peers=self.peers,
+            calling_ae=calling_ae,
+            default_facility=settings.default_facility,
+            open_mode=settings.dimse_open_mode,
+        )
+
+    def caller(self, event: evt.Event) -> tuple[Principal, str | None]:
+        """The Principal and facility of the association's calling AE, resolved once."""
+        assoc = event.assoc
+        found = self._callers.get(assoc)
+        if found is None:
+            settings = self.state.settings
+            calling_ae = str(assoc.requestor.ae_title).strip()
+            facility = self.facility_of(calling_ae)
+            principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
+            found = (principal, facility)
+            self._callers[assoc] = found
+        return found
+
+
+def start_scp(
+    *, state: AppState, peers: DimsePeers | None = None, host: str | None = None, port: int | None = None
+) -> ScpHandle:
+    """Start serving DIMSE in background threads; returns at once.
+
+    Binds `host` (default settings.host) and `port` (default settings.dimse_port; 0 picks a free
+    port, see `handle.port`) with AE title settings.ae_title.
+    """
+    settings = state.settings
+    handle = ScpHandle(state=state, peers=peers or DimsePeers())
+    ae = _ScanOnceAE(handle, settings.ae_title)
+    ae.maximum_associations = 32
+    ae.maximum_pdu_size = 0  # no limit on what peers may send us
+    # An idle or vanished peer must not hold an association thread forever.
+    ae.network_timeout = 120
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 120
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        # scp_role: accept a C-GET requestor's proposal to be the Storage SCP (PS3.7 D.3.3.4).
+        ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes, scu_role=True, scp_role=True)
+    for uid in _QR_CONTEXTS:
+        ae.add_supported_context(uid, _UNCOMPRESSED)
+    handlers = [
+        (evt.EVT_C_ECHO, _on_echo, [handle]),
+        (evt.EVT_C_STORE, _on_store, [handle]),
+        (evt.EVT_C_FIND, _on_find, [handle]),
+        (evt.EVT_C_MOVE, _on_move, [handle]),
+        (evt.EVT_C_GET, _on_get, [handle]),
+        (evt.EVT_CONN_CLOSE, _on_conn_close, [handle]),
+    ]
+    bind = (host if host is not None else settings.host, settings.dimse_port if port is None else port)
+    server = ae.start_server(bind, block=False, evt_handlers=handlers)
+    handle.ae, handle.server = ae, server
+    handle.address = server.server_address[:2]
+    log.info("DIMSE SCP %s listening on %s:%d", settings.ae_title, *handle.address)
+    return handle
+
+
+def stop_scp(handle: ScpHandle) -> None:
+    """Abort running associations and close the listening socket."""
+    if handle.ae is not None:
+        handle.ae.shutdown()
+        handle.ae = None
+        handle.server = None
+
+
+# -- handlers --------------------------------------------------------------------------------
+
+
+def _on_echo(event: evt.Event, handle: ScpHandle) -> int:
+    """C-ECHO (Verification, PS3.4 A.4). Statuses: 0x0000 Success."""
+    return ds.SUCCESS
+
+
+def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
+    """C-STORE of any storage SOP class, into the same ingest path as STOW-RS.
+
+    The data set was written by pynetdicom to a Part 10 temp file as received; it is checked
+    against the request's SOP Class/Instance UIDs, then handed to the index's ingest (which
+    stores the object, then commits its index row). Statuses (PS3.4 B.2.3):
+
+    - 0x0000 Success: stored, or already stored with identical content (idempotent re-send).
+    - 0xA700 Refused, out of resources: object store or database unavailable, or disk full.
+    - 0xA900 Data set does not match SOP class: its SOP Class/Instance UID differ from the
+      request's, or the index's reason for a failed instance was this code.
+    - 0xC000 Cannot understand: the data set cannot be parsed or is invalid (bad UIDs ...), or
+      conflicts with a stored copy (same SOP Instance UID, different content; kept apart for
+      review, never served in place of the stored one). ErrorComment says which.
+    - 0x0124 Not authorized: the calling AE has no facility (only if the registry changed
+      during the association; unknown calling AEs are refused at association).
+    - 0xC211 (pynetdicom): unexpected error in this handler.
+    """
+    principal, facility = handle.caller(event)
+    if facility is None:
+        return status_dataset(0x0124, "calling AE is not registered to a facility")
+    request = event.request
+    try:
+        path: Path = event.dataset_path
+        own_tmp = False
+    except AttributeError:
+        # Chunked receive is off (someone changed pynetdicom's config): spool it ourselves.
+        path = _spool(event.encoded_dataset())
+        own_tmp = True
+    try:
+        mismatch = _check_against_request(
+            path, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+        )
+        if mismatch is not None:
+            return mismatch
+        return _ingest(handle, principal, facility, path)
+    finally:
+        if own_tmp:
+            path.unlink(missing_ok=True)
+
+
+def _spool(data: bytes) -> Path:
+    fd, name = tempfile.mkstemp(suffix=".dcm", prefix="scanonce-cstore-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(name)
+
+
+def _check_against_request(path: Path, sop_class: str, sop_instance: str) -> Dataset | None:
+    """Read only up to (0008,0018) to check the data set is what the command said it is."""
+    try:
+        with open(path, "rb") as fp:
+            head = read_partial(fp, stop_when=_past_sop_instance_uid)
+            found_class = str(head.get("SOPClassUID", "")).strip()
+            found_instance = str(head.get("SOPInstanceUID", "")).strip()
+    except Exception:
+        found_class = found_instance = ""
+    if not found_class and not found_instance:
+        return status_dataset(ds.UNABLE_TO_PROCESS, "data set cannot be parsed (no SOP UIDs)")
+    if found_class != sop_class.strip():
+        return status_dataset(
+            ds.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
+        )
+    if found_instance != sop_instance.strip():
+        return status_dataset(
+            ds.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the request's"
+        )
+    return None
+
+
+def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag > 0x00080018
+
+
+def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) -> int | Dataset:
+    from broker.index.service import ingest_files
+
+    state = handle.state
+    try:
+        outcomes = ingest_files(
+            engine=state.engine,
+            store=state.store,
+            principal=principal,
+            facility_id=facility,
+            paths=[str(path)],
+        )
+    except Unavailable as exc:
+        log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
+        return status_dataset(0xA700, "storage temporarily unavailable")
+    except ScanOnceError as exc:
+        return status_dataset(ds.UNABLE_TO_PROCESS, exc.message)
+    except OSError as exc:
+        log.error("C-STORE refused, out of resources: %s", exc.strerror)
+        return status_dataset(0xA700, "out of resources")
+    if not outcomes:
+        return status_dataset(ds.UNABLE_TO_PROCESS, "nothing stored")
+    code, comment = ds.cstore_status(outcomes[0])
+    return status_dataset(code, comment) if comment else code
+
+
+def _on_conn_close(event: evt.Event, handle: ScpHandle) -> None:
+    """A peer that vanishes mid-C-STORE leaves pynetdicom's half-written temp file behind
+    (only complete data sets reach the store handler, which deletes them); remove it."""
+    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+    spool = getattr(message, "_data_set_file", None)
+    if spool is not None:
+        try:
+            spool.close()
+            os.unlink(spool.name)
+        except OSError:
+            pass
+
+
+# -- query / retrieve ------------------------------------------------------------------------
+
+
+def _levels(event: evt.Event) -> tuple[str, ...]:
+    model = event.request.AffectedSOPClassUID
+    return ds.PATIENT_ROOT_LEVELS if model in _PATIENT_ROOT else ds.STUDY_ROOT_LEVELS
+
+
+def _identifier(event: evt.Event) -> Dataset:
+    try:
+        identifier = event.identifier
+        # pydicom decodes lazily: touch every element now so a malformed identifier fails here.
+        for _elem in identifier:
+            pass
+        return identifier
+    except Exception as exc:
+        raise IdentifierError(ds.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "identifier cannot be decoded") from exc
+
+
+def _search_pages(
+    handle: ScpHandle, request: ds.FindRequest, *, level: str | None = None, keywords: frozenset[str]
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Yield (match, keys_ignored) page by page (QIDO's page size), so no answer is held whole."""
+    from sqlmodel import Session
+
+    from broker.index.schemas import Query
+    from broker.index.service import search
+
+    page = max(1, handle.state.settings.qido_max_limit)
+    offset = 0
+    while True:
+        query = Query(
+            level=level or request.query_level,  # type: ignore[arg-type]
+            filters=dict(request.filters),
+            study_uid=request.study_uid,
+            series_uid=request.series_uid,
+            facility_id=None,  # federation-wide: C-FIND and QIDO-RS give the same answers
+            includefields=keywords,
+            limit=page,
+            offset=offset,
+        )
+        with Session(handle.state.engine) as session:
+            result = search(session=session, query=query)
+        for match in result.matches:
+            yield match, bool(result.warnings)
+        if not result.more or not result.matches:
+            return
+        offset += len(result.matches)
+
+
+def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """C-FIND, Patient Root (PATIENT/STUDY/SERIES/IMAGE) and Study Root (STUDY/SERIES/IMAGE),
+    hierarchical, answered by the index's query engine (the same as QIDO-RS). Statuses
+    (PS3.4 C.4.1.1.4):
+
+    - 0xFF00 Pending: one per match, identifier with exactly the requested keys (plus
+      QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192").
+    - 0xFF01 Pending, but some optional keys are not supported for matching and were ignored
+      (PS3.4 C.4.1.1.3.1); the answer is as if they had been universal.
+    - 0x0000 Success: all matches sent (sent by pynetdicom when this generator ends).
+    - 0xFE00 Cancel: the peer sent C-CANCEL.
+    - 0xA900 Identifier does not match SOP class: missing or foreign QueryRetrieveLevel, an
+      unknown or non-attribute key, a UID key that is not a UID list, an undecodable identifier.
+    - 0xC000 Unable to process: a value the matching rules reject (e.g. a malformed date
+      range); ErrorComment says which.
+    - 0xC001 Unable to process: the index is unavailable or failed.
+    """
+    principal, _facility = handle.caller(event)
+    del principal  # authorization and audit hook here once security enforces them
+    try:
+        request = ds.parse_identifier(_identifier(event), levels=_levels(event))
+    except IdentifierError as exc:
+        yield status_dataset(exc.status, exc.comment), None
+        return
+    keywords = frozenset(_keywords(request.return_keys))
+    try:
+        for match, ignored in _search_pages(handle, request, keywords=keywords):
+            if event.is_cancelled:
+                yield ds.CANCEL, None
+                return
+            status = ds.PENDING_KEYS_UNSUPPORTED if ignored else ds.PENDING
+            yield status, ds.response_identifier(match, request, retrieve_ae_title=handle.ae_title)
+    except BadRequest as exc:
+        yield status_dataset(ds.UNABLE_TO_PROCESS, exc.message), None
+    except Exception:
+        log.exception("C-FIND failed")
+        yield status_dataset(ds.PROCESSING_FAILURE, "query failed"), None
+
+
+def _keywords(tags: list[BaseTag]) -> Iterator[str]:
+    from pydicom.datadict import keyword_for_tag
+
+    for tag in tags:
+        keyword = keyword_for_tag(tag)
+        if keyword:
+            yield keyword
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    key: str
+    sop_class: str
+    sop_uid: str
+    transfer_syntax: str
+
+
+# What the identifier's level names, and the index level that lists it.
+_RETRIEVE_LEVEL = {"PATIENT": "study", "STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
+_RETRIEVE_KEYS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
+
+
+def _instances_to_send(handle: ScpHandle, event: evt.Event) -> list[_Item]:
+    """Resolve a C-MOVE/C-GET identifier to the stored instances it names: the index's query
+    engine finds the studies/series/instances, `find_instances` where each object is
+    (IdentifierError, BadRequest or another error on failure)."""
+    from sqlmodel import Session
+
+    from broker.index.service import find_instances
+
+    request = ds.parse_identifier(_identifier(event), levels=_levels(event))
+    # Which (study, series) to list, and for IMAGE level which SOP Instance UIDs in them.
+    scopes: dict[tuple[str, str | None], set[str] | None] = {}
+    level = _RETRIEVE_LEVEL[request.level]
+    for match, _ignored in _search_pages(handle, request, level=level, keywords=_RETRIEVE_KEYS):
+        study = _json_value(match, "0020000D")
+        series = _json_value(match, "0020000E") if level != "study" else None
+        scope = scopes.setdefault((study, series), set() if level == "instance" else None)
+        if scope is not None:
+            scope.add(_json_value(match, "00080018"))
+    items: list[_Item] = []
+    with Session(handle.state.engine) as session:
+        for (study, series), sops in scopes.items():
+            for ref in find_instances(session=session, study_uid=study, series_uid=series):
+                if sops is None or ref.sop_uid in sops:
+                    items.append(
+                        _Item(
+                            key=ref.object_key,
+                            sop_class=ref.sop_class_uid,
+                            sop_uid=ref.sop_uid,
+                            transfer_syntax=ref.transfer_syntax_uid or ExplicitVRLittleEndian,
+                        )
+                    )
+    return items
+
+
+def _json_value(match: dict[str, Any], tag: str) -> str:
+    values = (match.get(tag) or {}).get("Value") or [""]
+    return str(values[0])
+
+
+def _send_items(
+    event: evt.Event, handle: ScpHandle, items: list[_Item], *, accepted: list[PresentationContext] | None
+) -> Iterator[tuple[int | Dataset, Any]]:
+    for item in items:
+        if event.is_cancelled:
+            yield ds.CANCEL, None
+            return
+        try:
+            dataset = ds.read_stored(handle.state.store, item.key)
+        except Exception:
+            # pynetdicom counts a non-Dataset as a failed sub-operation.
+            yield ds.PENDING, f"unavailable {item.sop_uid}"
+            continue
+        if accepted is not None:
+            _fit_to_contexts(dataset, accepted)
+        yield ds.PENDING, dataset
+
+
+def _fit_to_contexts(dataset: Dataset, accepted: list[PresentationContext]) -> None:
+    """C-GET: the requestor chose the storage contexts. A compressed instance the peer cannot
+    take as stored is decompressed (if a pixel data handler can) so it still arrives."""
+    ts = dataset.file_meta.get("TransferSyntaxUID")
+    sop_class = dataset.get("SOPClassUID")
+    ok = [cx for cx in accepted if cx.abstract_syntax == sop_class]
+    if ts is None or not ts.is_compressed or any(ts in cx.transfer_syntax for cx in ok):
+        return
+    if any(set(cx.transfer_syntax) & set(_UNCOMPRESSED) for cx in ok):
+        try:
+            dataset.decompress()
+        except Exception:
+            log.warning("C-GET: cannot decompress %s for the peer", ts)
+
+
+def _move_contexts(items: list[_Item]) -> list[PresentationContext]:
+    """Contexts for the sub-association: each (SOP class, stored transfer syntax) as stored, and
+    each SOP class uncompressed as a fallback the destination is sure to accept."""
+    contexts: list[PresentationContext] = []
+    pairs = ds.distinct((i.sop_class, i.transfer_syntax) for i in items)
+    for sop_class, ts in pairs:
+        if ts not in _UNCOMPRESSED:
+            contexts.append(build_context(sop_class, [ts]))
+    for sop_class in dict.fromkeys(i.sop_class for i in items):
+        contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    return contexts[:_MAX_REQUESTED_CONTEXTS]
+
+
+def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
+    """C-MOVE, Patient Root and Study Root, to a registered destination AE. Statuses
+    (PS3.4 C.4.2.1.5):
+
+    - 0xFF00 Pending: after each C-STORE sub-operation.
+    - 0x0000 Success: all sub-operations complete without failures.
+    - 0xB000 Warning: some sub-operations failed (FailedSOPInstanceUIDList), e.g. an instance
+      indexed but not held here.
+    - 0xA702 Out of resources, unable to perform sub-operations: all sub-operations failed.
+    - 0xA801 Move destination unknown: the AE title is not registered (also when it cannot be
+      reached, as pynetdicom reports a failed sub-association).
+    - 0xFE00 Cancel: the peer sent C-CANCEL.
+    - 0xA900 Identifier does not match SOP class; 0xC000 Unable to process (bad value);
+      0xC001 the index failed - as for C-FIND.
+    """
+    handle.caller(event)
+    destination = ds.move_destination(
+        engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
+    )
+    if destination is None:
+        yield None, None
+        return
+    try:
+        items = _instances_to_send(handle, event)
+    except Exception as exc:
+        yield destination
+        yield 1  # pynetdicom sends a final failure only after at least one announced sub-op
+        yield _failure(exc), None
+        return
+    yield (*destination, {"contexts": _move_contexts(items)} if items else {})
+    yield len(items)
+    yield from _send_items(event, handle, items, accepted=None)
+
+
+def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
+    """C-GET, Patient Root and Study Root: sub-operations on this association, as the
+    requestor's Storage SCP. Statuses (PS3.4 C.4.3.1.4):
+
+    - 0xFF00 Pending, 0x0000 Success, 0xB000 Warning (some failed), 0xA702 all failed,
+      0xFE00 Cancel - as for C-MOVE; a compressed instance the requestor did not accept in
+      that transfer syntax is decompressed when possible, else its sub-operation fails.
+    - 0xA900 / 0xC000 / 0xC001 - as for C-FIND.
+    """
+    handle.caller(event)
+    try:
+        items = _instances_to_send(handle, event)
+    except Exception as exc:
+        yield 1
+        yield _failure(exc), None
+        return
+    yield len(items)
+    yield from _send_items(event, handle, items, accepted=event.assoc.accepted_contexts)
+
+
+def _failure(exc: Exception) -> Dataset:
+    if isinstance(exc, IdentifierError):
+        return status_dataset(exc.status, exc.comment)
+    if isinstance(exc, BadRequest):
+        return status_dataset(ds.UNABLE_TO_PROCESS, exc.message)
+    log.error("retrieve failed: %s", type(exc).__name__)
+    return status_dataset(ds.PROCESSING_FAILURE, "retrieve failed")

@@ -1,0 +1,320 @@
+"""DIMSE logic without the network: who a calling AE is, where a C-MOVE goes, what a C-FIND
+identifier asks, and how ingest outcomes become C-STORE statuses.
+
+The SCP (`broker.dimse.scp`) is a thin layer of pynetdicom handlers over these functions, so the
+rules are testable without an association and shared with the SCU where they overlap.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_partial
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+from sqlalchemy.engine import Engine
+
+from broker.dicom import status as st
+from broker.dicom.uids import is_valid_uid
+from storage import ObjectStore
+
+# -- statuses (PS3.4 B.2.3 storage, C.4.1.1.4 find, C.4.2.1.5 move, C.4.3.1.4 get) ----------------
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+# C-FIND: matches continue, but some optional keys were not supported for matching (ignored).
+PENDING_KEYS_UNSUPPORTED = 0xFF01
+CANCEL = 0xFE00
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+# Our own sub-code in the 0xC000-0xCFFF "unable to process" range, for failures on our side
+# (database or object store down) so a peer's log tells them apart from a bad request.
+PROCESSING_FAILURE = 0xC001
+MOVE_DESTINATION_UNKNOWN = 0xA801
+SUBOPERATIONS_WITH_FAILURES = 0xB000
+
+# C-STORE failure statuses a peer understands (PS3.4 B.2.3 plus the PS3.7 C.4 general codes that
+# PS3.4 lists for C-STORE); a FailureReason outside these is reported as "cannot understand".
+_CSTORE_FAILURES = (
+    range(0xA700, 0xA800),
+    range(0xA900, 0xAA00),
+    range(0xC000, 0xD000),
+    (0x0117, 0x0122, 0x0124, 0x0210, 0x0211, 0x0212),
+)
+
+# PS3.4 C.6.1.1.2 / C.6.2.1.2: levels of each information model, top down.
+PATIENT_ROOT_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+STUDY_ROOT_LEVELS = ("STUDY", "SERIES", "IMAGE")
+_LEVEL_TO_QUERY: dict[str, Literal["patient", "study", "series", "instance"]] = {
+    "PATIENT": "patient",
+    "STUDY": "study",
+    "SERIES": "series",
+    "IMAGE": "instance",
+}
+# Elements of the identifier that are about the query, not attributes to match or return.
+_CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
+ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+
+
+class IdentifierError(Exception):
+    """The identifier cannot be answered; `status` is the DIMSE status to return."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:ERROR_COMMENT_MAX]
+
+
+def status_dataset(status: int, comment: str | None = None) -> Dataset:
+    """A status Dataset for pynetdicom, with an ErrorComment (LO, so at most 64 chars)."""
+    ds = Dataset()
+    ds.Status = status
+    if comment:
+        ds.ErrorComment = comment[:ERROR_COMMENT_MAX]
+    return ds
+
+
+# -- C-STORE ---------------------------------------------------------------------------------
+
+
+def cstore_status(outcome: Any) -> tuple[int, str | None]:
+    """Map an ingest `StoreOutcome` to a C-STORE status and ErrorComment.
+
+    A duplicate (same SOP Instance UID, same bytes) is Success 0x0000: PS3.4 B.2.3 has no
+    "already stored" status (0x0111 Duplicate SOP Instance is a PS3.7 N-CREATE status that
+    storage SCUs such as dcmtk's storescu and most PACS treat as a failure and retry), and the
+    object *is* stored, so re-sending a study after an interrupted transfer must succeed.
+    Anything else that failed (including a conflicting copy, kept apart for review) is a
+    failure with the index's reason when it is a C-STORE status, else 0xC000.
+    """
+    if outcome.status in ("stored", "duplicate"):
+        return SUCCESS, None
+    reason = outcome.failure_reason
+    if reason == st.DUPLICATE_SOP_INSTANCE:
+        # 0x0111 is not a C-STORE status; say what happened within ErrorComment's 64 chars.
+        return st.CANNOT_UNDERSTAND, "conflict: SOP Instance UID stored with other content"
+    if reason is None or not any(reason in r for r in _CSTORE_FAILURES):
+        reason = st.CANNOT_UNDERSTAND
+    return int(reason), outcome.message or "Failed"
+
+
+# -- peers: calling AEs and move destinations -------------------------------------------------
+
+
+@dataclass
+class DimsePeers:
+    """AE titles known to this node besides the facility registry's.
+
+    `calling` maps a calling AE title to the facility it sends for; `destinations` maps a C-MOVE
+    destination AE title to (host, port) (e.g. a workstation that is not a facility). Both are
+    consulted after the registry (see `facility_for_calling_ae` / `move_destination`).
+    Thread-safe: associations run in their own threads.
+    """
+
+    calling: dict[str, str] = field(default_factory=dict)
+    destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_calling(self, ae_title: str, facility_id: str) -> None:
+        with self._lock:
+            self.calling[ae_title.strip()] = facility_id
+
+    def add_destination(self, ae_title: str, host: str, port: int) -> None:
+        with self._lock:
+            self.destinations[ae_title.strip()] = (host, int(port))
+
+    def snapshot(self) -> tuple[dict[str, str], dict[str, tuple[str, int]]]:
+        with self._lock:
+            return dict(self.calling), dict(self.destinations)
+
+
+def facility_for_calling_ae(
+    *, engine: Engine, peers: DimsePeers, calling_ae: str, default_facility: str, open_mode: bool
+) -> str | None:
+    """The facility a calling AE sends for: the facility registry's calling AE titles, then the
+    in-process table, then (open mode only) the default facility; None means refuse it."""
+    from sqlmodel import Session
+
+    from broker.federation import service as federation
+
+    calling_ae = calling_ae.strip()
+    with Session(engine) as session:
+        facility = federation.facility_for_calling_ae(session=session, ae_title=calling_ae)
+    if facility is not None:
+        return facility.id
+    found = peers.snapshot()[0].get(calling_ae)
+    if found is None and open_mode:
+        found = default_facility
+    return found
+
+
+def move_destination(*, engine: Engine, peers: DimsePeers, ae_title: str) -> tuple[str, int] | None:
+    """(host, port) of a C-MOVE destination: a registered facility's archive AE title, else the
+    in-process table; None if unknown."""
+    from sqlmodel import Session
+
+    from broker.federation import service as federation
+
+    ae_title = ae_title.strip()
+    if not ae_title:
+        return None
+    with Session(engine) as session:
+        for facility in federation.list_facilities(session=session):
+            if facility.ae_title == ae_title and facility.host and facility.port:
+                return facility.host, int(facility.port)
+    return peers.snapshot()[1].get(ae_title)
+
+
+# -- C-FIND / C-MOVE / C-GET identifiers ------------------------------------------------------
+
+
+@dataclass
+class FindRequest:
+    level: str  # "PATIENT" | "STUDY" | "SERIES" | "IMAGE"
+    query_level: Literal["patient", "study", "series", "instance"]
+    filters: dict[str, str]
+    return_keys: list[BaseTag]  # every requested attribute, in identifier order
+    study_uid: str | None
+    series_uid: str | None
+
+
+def _match_string(elem: DataElement) -> str:
+    value = elem.value
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        raise IdentifierError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{elem.keyword} cannot be matched")
+    return str(value)
+
+
+def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindRequest:
+    """Turn a C-FIND/C-MOVE/C-GET identifier into a query on the index.
+
+    Raises IdentifierError(0xA900) for a missing or foreign QueryRetrieveLevel, unknown or
+    command/file-meta tags, or a malformed unique key; value syntax is left to the index's
+    matching rules (the same as QIDO-RS), whose BadRequest the SCP reports as 0xC000.
+    Private tags are neither matched nor returned (PS3.4 C.4.1.1.3.1 lets an SCP ignore keys it
+    does not support). Sequence keys are return keys only: sequence matching is not supported.
+    """
+    level_elem = identifier.get("QueryRetrieveLevel")
+    level = str(level_elem).strip().upper() if level_elem is not None else ""
+    if level not in levels:
+        allowed = "/".join(levels)
+        raise IdentifierError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"QueryRetrieveLevel must be {allowed}")
+    filters: dict[str, str] = {}
+    return_keys: list[BaseTag] = []
+    for elem in identifier:
+        tag = elem.tag
+        if tag.is_private:
+            continue
+        if tag.group in (0x0000, 0x0002) or tag.element == 0x0000:
+            raise IdentifierError(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"({tag.group:04X},{tag.element:04X}) is not a key"
+            )
+        keyword = keyword_for_tag(tag)
+        if not keyword:
+            raise IdentifierError(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                f"unknown key ({tag.group:04X},{tag.element:04X})",
+            )
+        if keyword in _CONTROL_KEYWORDS:
+            continue
+        return_keys.append(tag)
+        if elem.VR == "SQ" or elem.is_empty:
+            continue
+        value = _match_string(elem).strip()
+        if value and value != "*":
+            filters[keyword] = value
+    study_uid = _unique_key(filters, "StudyInstanceUID", single=level in ("SERIES", "IMAGE"))
+    series_uid = _unique_key(filters, "SeriesInstanceUID", single=level == "IMAGE")
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if keyword in filters:
+            _check_uid_list(keyword, filters[keyword])
+    return FindRequest(
+        level=level,
+        query_level=_LEVEL_TO_QUERY[level],
+        filters=filters,
+        return_keys=return_keys,
+        study_uid=study_uid,
+        series_uid=series_uid,
+    )
+
+
+def _unique_key(filters: dict[str, str], keyword: str, *, single: bool) -> str | None:
+    """A unique key of a level above the query level names exactly one entity (PS3.4
+    C.4.1.2.2.1): take it out of the filters into the hierarchical position."""
+    value = filters.get(keyword)
+    if value is None or not single or "\\" in value:
+        return None
+    _check_uid_list(keyword, value)
+    del filters[keyword]
+    return value
+
+
+def _check_uid_list(keyword: str, value: str) -> None:
+    # UI keys use single value or list-of-UID matching only (PS3.4 C.2.2.2.2): no wildcards.
+    if not all(is_valid_uid(v) for v in value.split("\\")):
+        raise IdentifierError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is not a UID list")
+
+
+def response_identifier(
+    match: Mapping[str, Any], request: FindRequest, *, retrieve_ae_title: str | None = None
+) -> Dataset:
+    """A C-FIND pending response's identifier: exactly the requested keys (PS3.4
+    C.4.1.1.3.2), with values from the index's DICOM JSON match and empty where it has none."""
+    found = Dataset.from_json(dict(match))
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = request.level
+    for tag in request.return_keys:
+        if tag in found:
+            ds[tag] = found[tag]
+        elif tag == 0x00080054 and retrieve_ae_title:  # RetrieveAETitle
+            ds.RetrieveAETitle = retrieve_ae_title
+        else:
+            vr = dictionary_VR(tag)
+            ds[tag] = DataElement(tag, vr, DicomSequence() if vr == "SQ" else None)
+    return ds
+
+
+# -- reading stored objects for C-MOVE / C-GET sub-operations ----------------------------------
+
+
+def file_meta(store: ObjectStore, key: str) -> FileMetaDataset:
+    """The File Meta Information of a stored object, reading only its first bytes."""
+    path = store.open_local(key)
+    if path is not None:
+        with open(path, "rb") as fp:
+            return read_partial(fp, stop_when=_past_meta).file_meta
+    head = b"".join(store.get(key, end=64 * 1024))
+    return read_partial(io.BytesIO(head), stop_when=_past_meta).file_meta
+
+
+def _past_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag.group > 0x0002
+
+
+def read_stored(store: ObjectStore, key: str) -> Dataset:
+    """A stored object as a pydicom Dataset (pynetdicom's C-MOVE/C-GET send Datasets)."""
+    from pydicom import dcmread
+
+    path = store.open_local(key)
+    if path is not None:
+        return dcmread(path)
+    buf = io.BytesIO()
+    for chunk in store.get(key):
+        buf.write(chunk)
+    buf.seek(0)
+    return dcmread(buf)
+
+
+def distinct(values: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(values))

@@ -1,0 +1,121 @@
+"""A running broker node (state in-process, SCP on a free loopback port) and test data."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from broker.app import build_state
+from broker.deps import AppState
+from broker.dicom import synth
+from broker.dimse.scp import ScpHandle, start_scp, stop_scp
+from broker.dimse.service import DimsePeers
+from broker.settings import Settings
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+# Real files of several SOP classes and transfer syntaxes (uncompressed, big endian, deflated,
+# JPEG baseline/extended/2000, RLE), each with a distinct SOP Instance UID.
+SAMPLES = (
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "SC_rgb_rle.dcm",
+    "JPEG2000.dcm",
+    "JPEG-lossy.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "rtdose.dcm",
+    "rtplan.dcm",
+    "test-SR.dcm",
+    "waveform_ecg.dcm",
+    "image_dfl.dcm",
+    "ExplVR_BigEnd.dcm",
+)
+
+
+@dataclass
+class Node:
+    state: AppState
+    scp: ScpHandle
+    spool: Path  # where pynetdicom writes received data sets (tempfile.tempdir)
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    @property
+    def aet(self) -> str:
+        return self.state.settings.ae_title
+
+    @property
+    def peers(self) -> DimsePeers:
+        return self.scp.peers
+
+
+def _start(tmp: Path, **overrides: object) -> Iterator[Node]:
+    spool = tmp / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    settings = Settings(data_dir=tmp / "data", host="127.0.0.1", dimse_port=0, **overrides)  # type: ignore[arg-type]
+    state = build_state(settings)
+    # pynetdicom spools C-STORE data sets with NamedTemporaryFile: point it at a folder we can
+    # inspect for leftovers.
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(spool)
+    scp = start_scp(state=state, port=0)
+    try:
+        yield Node(state=state, scp=scp, spool=spool)
+    finally:
+        stop_scp(scp)
+        tempfile.tempdir = previous
+        state.engine.dispose()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """A fresh node in open mode (the embedded default)."""
+    yield from _start(tmp_path)
+
+
+@pytest.fixture
+def closed_node(tmp_path: Path) -> Iterator[Node]:
+    """A fresh node with open mode off: only registered calling AEs may associate."""
+    yield from _start(tmp_path, dimse_open_mode=False)
+
+
+@pytest.fixture(scope="module")
+def loaded_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One node shared by the read-only query/retrieve tests of a module."""
+    yield from _start(tmp_path_factory.mktemp("loaded"))
+
+
+def synthetic_studies(seed: int = 7) -> list[Dataset]:
+    """Two patients, three studies (CT, MR, CR) with several series: small 32x32 images."""
+    patients = synth.generate_patients(seed=seed, count=2)
+    out: list[Dataset] = []
+    for n, (patient, modality) in enumerate(((patients[0], "CT"), (patients[0], "MR"), (patients[1], "CR"))):
+        out += synth.generate_study(
+            rng_seed=seed * 100 + n,
+            patient=patient,
+            modality=modality,
+            n_series=2 if modality != "CR" else 1,
+            n_instances_per_series=2,
+            rows=32,
+            cols=32,
+            study_date=date(2021, 3 + n, 10),
+        )
+    return out
+
+
+def sample_folder(folder: Path, *, with_synthetic: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLES:
+        shutil.copy(TEST_FILES / name, folder / name)
+    if with_synthetic:
+        synth.write_files(synthetic_studies(), folder / "synth")
+    return folder

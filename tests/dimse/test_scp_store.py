@@ -1,0 +1,274 @@
+"""The SCP's association policy, C-ECHO and C-STORE, against dcmtk and pynetdicom as SCUs."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, _config
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from sqlmodel import Session
+
+from broker.dicom import synth
+from broker.index.schemas import Query
+from broker.index.service import find_instances, search
+from tests.dimse.conftest import TEST_FILES, Node, sample_folder, synthetic_studies
+from tests.peers import dcmtk
+
+# dcmtk storescu's option proposing each stored transfer syntax (uncompressed: -xe).
+_STORESCU_OPTION = {
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def _scu(aet: str = "TESTSCU") -> AE:
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def _indexed_sops(node: Node) -> set[str]:
+    with Session(node.state.engine) as session:
+        result = search(session=session, query=Query(level="instance", limit=10_000))
+    return {m["00080018"]["Value"][0] for m in result.matches}
+
+
+def _stored_bytes(node: Node, study: str, series: str, sop: str) -> bytes:
+    with Session(node.state.engine) as session:
+        (ref,) = find_instances(session=session, study_uid=study, series_uid=series, sop_uid=sop)
+    return b"".join(node.state.store.get(ref.object_key))
+
+
+def _elements(ds: Dataset) -> dict[int, object]:
+    # dcmtk drops group lengths and trailing padding (FFFC,FFFC) when it re-encodes.
+    return {e.tag: e.value for e in ds if e.tag.element != 0 and e.tag != 0xFFFCFFFC}
+
+
+def _dataset_bytes(part10: bytes) -> bytes:
+    """The data set of a Part 10 file without its preamble and file meta."""
+    fp = io.BytesIO(part10)
+    read_preamble(fp, False)
+    meta = pydicom.filereader._read_file_meta_info(fp)
+    del meta
+    return part10[fp.tell() :]
+
+
+def test_echoscu_gets_success(node: Node) -> None:
+    done = dcmtk("echoscu", "-aet", "PACS1", "-aec", node.aet, "127.0.0.1", str(node.port))
+    assert done.returncode == 0
+
+
+def test_storescu_folder_is_stored_byte_for_byte_and_indexed(node: Node, tmp_path: Path) -> None:
+    folder = sample_folder(tmp_path / "send")
+    files = sorted(p for p in folder.rglob("*.dcm"))
+    started = time.perf_counter()
+    # storescu proposes one transfer syntax family per run: send each group as it is stored.
+    by_option: dict[str, list[Path]] = {}
+    for path in files:
+        ts = pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID
+        by_option.setdefault(_STORESCU_OPTION.get(ts, "-xe"), []).append(path)
+    for option, group in by_option.items():
+        dcmtk("storescu", "-aet", "PACS1", "-aec", node.aet, option, "127.0.0.1", str(node.port), *group)
+    elapsed = time.perf_counter() - started
+    print(f"storescu: {len(files)} instances in {elapsed:.2f} s")
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in files}
+    assert _indexed_sops(node) == set(sent)
+    for sop, path in sent.items():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = _stored_bytes(node, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop)
+        # Kept in the transfer syntax it was sent in (compressed pixel data untouched). dcmtk
+        # re-encodes what it sends, so compare data sets here; byte-exactness is tested below.
+        received = pydicom.dcmread(io.BytesIO(stored))
+        assert received.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID, path.name
+        assert _elements(received) == _elements(pydicom.dcmread(path)), path.name
+    assert list(node.spool.iterdir()) == []  # every spooled data set was removed
+
+
+def test_duplicate_is_success_and_conflict_is_refused_and_kept_apart(node: Node) -> None:
+    original = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ae = _scu()
+    ae.add_requested_context(CTImageStorage, original.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    assert assoc.is_established
+    try:
+        first = assoc.send_c_store(original)
+        again = assoc.send_c_store(original)
+        changed = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+        changed.StudyDescription = "tampered copy"
+        conflict = assoc.send_c_store(changed)
+    finally:
+        assoc.release()
+    assert first.Status == 0x0000
+    assert again.Status == 0x0000  # same SOP Instance UID, same bytes: idempotent
+    assert conflict.Status == 0xC000
+    assert "conflict" in conflict.ErrorComment
+    stored = _stored_bytes(
+        node, original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID
+    )
+    assert pydicom.dcmread(io.BytesIO(stored)).StudyDescription == original.StudyDescription
+    kept_apart = [o.key for o in node.state.store.list("conflicts/")]
+    assert len(kept_apart) == 1 and original.SOPInstanceUID in kept_apart[0]
+
+
+def _send_file_as_is(node: Node, path: Path, sop_class: str) -> Dataset:
+    """Send a Part 10 file's bytes unchanged (pynetdicom's chunked send reads only the meta)."""
+    ae = _scu()
+    meta = pydicom.filereader.read_file_meta_info(path)
+    ae.add_requested_context(sop_class, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+
+
+def _with_meta(part10: bytes, *, sop_class: str) -> bytes:
+    """The same data set under a file meta that names another SOP Class."""
+    fp = io.BytesIO(part10)
+    read_preamble(fp, False)
+    meta = pydicom.filereader._read_file_meta_info(fp)
+    meta.MediaStorageSOPClassUID = sop_class
+    del meta[0x00020000]  # group length, recomputed
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta)
+    return out.getvalue() + _dataset_bytes(part10)
+
+
+def _part10(ds: Dataset, path: Path) -> Path:
+    path.write_bytes(synth.write_part10(ds))
+    return path
+
+
+def test_malformed_datasets_get_failure_statuses_and_nothing_is_stored(node: Node, tmp_path: Path) -> None:
+    good = synthetic_studies()[0]
+    # 1. The data set's SOP Class differs from the one the command names.
+    secondary_capture = "1.2.840.10008.5.1.4.1.1.7"
+    encoded = synth.write_part10(good)
+    path = tmp_path / "wrong_class.dcm"
+    path.write_bytes(_with_meta(encoded, sop_class=secondary_capture))
+    rsp = _send_file_as_is(node, path, secondary_capture)
+    assert rsp.Status == 0xA900 and "SOPClassUID" in rsp.ErrorComment
+    # 2. An invalid Study Instance UID.
+    bad_uid = pydicom.dcmread(io.BytesIO(synth.write_part10(good)))
+    bad_uid.StudyInstanceUID = "1.2.abc"
+    rsp = _send_file_as_is(node, _part10(bad_uid, tmp_path / "bad_uid.dcm"), good.SOPClassUID)
+    assert rsp.Status == 0xA900 and "StudyInstanceUID" in rsp.ErrorComment
+    # 3. Garbage after a valid file meta: the data set cannot be parsed.
+    garbage = tmp_path / "garbage.dcm"
+    meta_only = synth.write_part10(good)
+    garbage.write_bytes(
+        meta_only[: len(meta_only) - len(_dataset_bytes(meta_only))] + b"\xff\xfe\x00\x01" * 64
+    )
+    rsp = _send_file_as_is(node, garbage, good.SOPClassUID)
+    assert rsp.Status == 0xC000
+    assert _indexed_sops(node) == set()
+    assert list(node.state.store.list()) == []
+    # The SCP still serves: the good instance is stored.
+    good_path = _part10(good, tmp_path / "good.dcm")
+    rsp = _send_file_as_is(node, good_path, good.SOPClassUID)
+    assert rsp.Status == 0x0000
+    assert _indexed_sops(node) == {good.SOPInstanceUID}
+    # Stored byte for byte as sent: the data set is never decoded and re-encoded.
+    stored = _stored_bytes(node, good.StudyInstanceUID, good.SeriesInstanceUID, good.SOPInstanceUID)
+    assert _dataset_bytes(stored) == _dataset_bytes(good_path.read_bytes())
+
+
+def test_unknown_calling_ae_is_rejected_when_open_mode_is_off(closed_node: Node) -> None:
+    ae = _scu("STRANGER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", closed_node.port, ae_title=closed_node.aet)
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+    done = dcmtk(
+        "echoscu",
+        "-aet",
+        "STRANGER",
+        "-aec",
+        closed_node.aet,
+        "127.0.0.1",
+        str(closed_node.port),
+        check=False,
+    )
+    assert done.returncode != 0 and "Rejected" in done.stdout + done.stderr
+
+    closed_node.peers.add_calling("PACS1", "local")
+    done = dcmtk("echoscu", "-aet", "PACS1", "-aec", closed_node.aet, "127.0.0.1", str(closed_node.port))
+    assert done.returncode == 0
+
+
+def test_peer_vanishing_mid_transfer_leaves_nothing_and_the_scp_keeps_serving(node: Node) -> None:
+    big = synthetic_studies()[0]
+    big.PixelData = bytes(4 * 1024 * 1024)  # 4 MiB: many P-DATA PDUs
+    big.Rows = big.Columns = 1024
+    big.BitsAllocated, big.BitsStored, big.HighBit = 32, 32, 31
+    encoded = synth.write_part10(big)
+    ae = _scu()
+    ae.add_requested_context(big.SOPClassUID, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet, max_pdu=16384)
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = big.SOPClassUID
+    req.AffectedSOPInstanceUID = big.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = io.BytesIO(_dataset_bytes(encoded))
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    cx_id = assoc.accepted_contexts[0].context_id
+    for n, pdata in enumerate(msg.encode_msg(cx_id, 16384)):
+        if n == 20:  # about a tenth of the data set is sent, then the TCP connection drops
+            break
+        pdu = P_DATA_TF()
+        pdu.from_primitive(pdata)
+        assoc.dul.socket.send(pdu.encode())
+    time.sleep(0.3)
+    assoc.dul.socket.socket.close()
+    assoc.kill()
+    deadline = time.monotonic() + 10
+    while node.scp.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(node.spool.iterdir()) == []  # the half-received data set was removed
+    assert _indexed_sops(node) == set()
+    # The next association is served normally.
+    done = dcmtk("echoscu", "-aet", "PACS1", "-aec", node.aet, "127.0.0.1", str(node.port))
+    assert done.returncode == 0
+    small = synthetic_studies()[1]
+    ae = _scu()
+    ae.add_requested_context(small.SOPClassUID, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    try:
+        assert assoc.send_c_store(small).Status == 0x0000
+    finally:
+        assoc.release()
+    assert _indexed_sops(node) == {small.SOPInstanceUID}
+
+
+@pytest.mark.parametrize("name", ["JPEGLSNearLossless_08.dcm"])
+def test_real_file_without_study_uid_is_refused(node: Node, name: str) -> None:
+    path = TEST_FILES / name
+    rsp = _send_file_as_is(node, path, pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)
+    assert rsp.Status == 0xA900 and "StudyInstanceUID" in rsp.ErrorComment
