@@ -8,6 +8,8 @@ input used.
 
 from __future__ import annotations
 
+import base64
+import struct
 import unicodedata
 from typing import Any
 
@@ -44,6 +46,114 @@ def _vr_of(ds: Dataset, tag: int, raw: DataElement | RawDataElement) -> str:
     return vr.split(" or ")[0]
 
 
+_NUMERIC = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+_NO_SPLIT = frozenset({"ST", "LT", "UT", "UR"})
+_RSTRIP_ONLY = frozenset({"ST", "LT", "UT", "UC"})
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+_STRING_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI", "ST", "LT", "UT", "UR", "PN"}
+)
+# Character sets decodable by one Python codec; anything else (ISO 2022 code extensions,
+# several values) goes through pydicom's full decoder.
+_CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 192": "utf-8", "ISO_IR 100": "latin-1"}
+
+
+def _ambiguous(tag: int) -> bool:
+    try:
+        return " or " in dictionary_VR(tag)
+    except KeyError:
+        return True
+
+
+def _bulk(tag: int, vr: str, bulk_prefix: str) -> dict[str, Any]:
+    return {"vr": vr, "BulkDataURI": f"{BULK_BASE}/{bulk_prefix}/bulk/{tag:08X}"}
+
+
+def _fast_value(raw: RawDataElement, vr: str, codec: str | None) -> dict[str, Any] | None:
+    """DICOM JSON for a raw element straight from its bytes, or None to let pydicom do it.
+
+    pydicom converting every element to Python objects and back is most of the cost of
+    ingest; the common VRs are cheap to read directly."""
+    value = raw.value
+    if value is None:
+        return None
+    if not value:
+        return {"vr": vr}
+    if vr in _STRING_VRS:
+        if vr in _CHARSET_VRS:
+            if codec is None:
+                return None
+            try:
+                text = value.decode(codec)
+            except UnicodeDecodeError:
+                return None
+        else:
+            text = value.decode("ascii", "replace")
+        text = text.rstrip("\x00 ") if vr in _RSTRIP_ONLY else text.strip("\x00 ")
+        if not text:
+            return {"vr": vr}
+        if vr in _NO_SPLIT:
+            return {"vr": vr, "Value": [text]}
+        parts = text.split("\\")
+        if vr == "PN":
+            if codec != "utf-8" and codec != "ascii" and codec != "latin-1":
+                return None
+            out: list[Any] = []
+            for part in parts:
+                part = part.strip()
+                if not part:
+                    out.append(None)
+                    continue
+                groups = part.split("=")
+                while len(groups) > 1 and not groups[-1]:
+                    groups.pop()
+                item = {"Alphabetic": groups[0]}
+                if len(groups) > 1:
+                    item["Ideographic"] = groups[1]
+                if len(groups) > 2:
+                    item["Phonetic"] = groups[2]
+                out.append(item)
+            return {"vr": vr, "Value": out}
+        return {"vr": vr, "Value": [p.strip() or None for p in parts] if vr != "UC" else parts}
+    if vr == "DS" or vr == "IS":
+        nums: list[Any] = []
+        for part in value.decode("ascii", "replace").split("\\"):
+            part = part.strip("\x00 ")
+            if not part:
+                nums.append(None)
+                continue
+            try:
+                if vr == "IS":
+                    f = float(part)
+                    if f != int(f):
+                        return None
+                    nums.append(int(f))
+                else:
+                    f = float(part)
+                    if f != f or f in (float("inf"), float("-inf")):
+                        return None
+                    nums.append(f)
+            except ValueError:
+                return None
+        return {"vr": vr, "Value": nums} if any(n is not None for n in nums) else {"vr": vr}
+    fmt = _NUMERIC.get(vr)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        if len(value) % size:
+            return None
+        endian = "<" if raw.is_little_endian else ">"
+        return {"vr": vr, "Value": list(struct.unpack(f"{endian}{len(value) // size}{fmt}", value))}
+    if vr == "AT":
+        if len(value) % 4:
+            return None
+        endian = "<" if raw.is_little_endian else ">"
+        words = struct.unpack(f"{endian}{len(value) // 2}H", value)
+        return {"vr": vr, "Value": [f"{words[i]:04X}{words[i + 1]:04X}" for i in range(0, len(words), 2)]}
+    if vr in BULK_VRS and len(value) <= BULK_THRESHOLD and vr not in ("OW", "OF", "OD", "OL", "OV"):
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode()}
+    return None
+
+
 def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
     """The instance's top-level attributes as DICOM JSON; bulk values as BulkDataURI.
 
@@ -51,6 +161,17 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
     deferred values (read with `defer_size`) are never loaded.
     """
     out: dict[str, Any] = {}
+    charset = ds.get_item(0x00080005)
+    codec: str | None = "ascii"
+    if charset is not None:
+        raw_cs = charset.value
+        if isinstance(raw_cs, bytes):
+            raw_cs = raw_cs.decode("ascii", "replace")
+        if isinstance(raw_cs, str):
+            codec = _CODECS.get(raw_cs.strip("\x00 "))
+        elif raw_cs is not None:  # already converted: MultiValue or str
+            values = list(raw_cs) if not isinstance(raw_cs, str) else [raw_cs]
+            codec = _CODECS.get(str(values[0]).strip()) if len(values) == 1 else None
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements (and converts them)
         tag = Tag(tag)
         if tag.group == 0x0002 or tag.element == 0:  # file meta and group lengths are not content
@@ -62,31 +183,29 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
         raw = ds.get_item(tag)
         if raw is None:
             continue
+        key = f"{int(tag):08X}"
         vr = _vr_of(ds, int(tag), raw)
         length = getattr(raw, "length", None)
-        if vr in BULK_VRS and (
-            isinstance(raw, RawDataElement) and (length == _UNDEFINED or (length or 0) > BULK_THRESHOLD)
-        ):
-            out[f"{int(tag):08X}"] = {
-                "vr": vr,
-                "BulkDataURI": f"{BULK_BASE}/{bulk_prefix}/bulk/{int(tag):08X}",
-            }
-            continue
+        if isinstance(raw, RawDataElement):
+            if vr in BULK_VRS and (length == _UNDEFINED or (length or 0) > BULK_THRESHOLD):
+                out[key] = _bulk(int(tag), vr, bulk_prefix)
+                continue
+            # UN on the wire, ambiguous implicit VRs (US or SS), sequences and private tags
+            # need pydicom's knowledge; everything else is read directly.
+            if raw.VR != "UN" and (raw.VR is not None or not _ambiguous(int(tag))):
+                fast = _fast_value(raw, vr, codec) if vr != "SQ" and not tag.is_private else None
+                if fast is not None:
+                    out[key] = fast
+                    continue
         try:
             elem = ds[tag]
             if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
-                out[f"{int(tag):08X}"] = {
-                    "vr": elem.VR,
-                    "BulkDataURI": f"{BULK_BASE}/{bulk_prefix}/bulk/{int(tag):08X}",
-                }
+                out[key] = _bulk(int(tag), elem.VR, bulk_prefix)
                 continue
-            out[f"{int(tag):08X}"] = elem.to_json_dict(None, 1 << 30)
+            out[key] = elem.to_json_dict(None, 1 << 30)
         except Exception:  # noqa: BLE001 - one unreadable value must not sink the instance
             # A value pydicom cannot decode is kept as bytes behind a BulkDataURI rather than dropped.
-            out[f"{int(tag):08X}"] = {
-                "vr": "UN",
-                "BulkDataURI": f"{BULK_BASE}/{bulk_prefix}/bulk/{int(tag):08X}",
-            }
+            out[key] = _bulk(int(tag), "UN", bulk_prefix)
     return out
 
 

@@ -8,6 +8,7 @@ or a group of C-STOREs).
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -281,6 +282,16 @@ class _Batch:
         return series
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scanonce-store")
+    return _POOL
+
+
 def _known_issuers(session: Session) -> set[str]:
     return {r[0] for r in session.exec(select(Facility.issuer)).all()}  # type: ignore[call-overload]
 
@@ -368,10 +379,13 @@ def _index_batch(
                 conflicts.append((i, p))
 
         # Objects first: nothing is indexed (and so acknowledged) before its bytes are stored.
-        for _i, p in pending:
-            store.put_file(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256), p.path)
-        for _i, p in conflicts:
-            store.put_file(conflict_key(p.sop_uid, p.sha256), p.path)
+        # File and S3 writes (and their fsyncs) release the GIL, so they run side by side.
+        puts = [(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256), p.path) for _i, p in pending]
+        puts += [(conflict_key(p.sop_uid, p.sha256), p.path) for _i, p in conflicts]
+        if len(puts) == 1:
+            store.put_file(*puts[0])
+        elif puts:
+            list(_io_pool().map(lambda kp: store.put_file(*kp), puts))
 
         touched_series: dict[int, int] = {}
         touched_studies: dict[int, int] = {}
