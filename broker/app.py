@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,12 +29,35 @@ def build_state(settings: Settings) -> AppState:
     return AppState(settings=settings, engine=engine, store=store)
 
 
-def create_app(settings: Settings | None = None, state: AppState | None = None) -> FastAPI:
+@asynccontextmanager
+async def _services(app: FastAPI) -> AsyncIterator[None]:
+    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE listener."""
+    state: AppState = app.state.scanonce
+    handle = None
+    if state.settings.dimse_port:
+        from broker.dimse.scp import start_scp
+
+        handle = start_scp(state=state)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            from broker.dimse.scp import stop_scp
+
+            stop_scp(handle)
+
+
+def create_app(
+    settings: Settings | None = None, state: AppState | None = None, *, services: bool = False
+) -> FastAPI:
+    """The HTTP app. `services=True` (what `scanonce serve` does) also runs the DIMSE SCP for the
+    app's lifetime; tests and embedders start what they need themselves."""
     settings = settings or (state.settings if state else get_settings())
     app = FastAPI(
         title="ScanOnce",
         version="0.1.0",
         description="Inter-facility image-sharing broker: find the prior before you scan again.",
+        lifespan=_services if services else None,
     )
     app.state.scanonce = state or build_state(settings)
 

@@ -59,7 +59,8 @@ def serve(
 
     settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    application = create_app(settings)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    application = create_app(settings, services=True)
     origin = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold]ScanOnce[/] on {origin}")
     console.print(f"  DICOMweb:  {origin}/dicom-web  (e.g. {origin}/dicom-web/studies)")
