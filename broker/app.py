@@ -92,7 +92,9 @@ def _include_routers(app: FastAPI) -> None:
     from broker.dicomweb.routes import facility_router as dicomweb_facility_router
     from broker.dicomweb.routes import router as dicomweb_router
     from broker.federation.routes import router as federation_router
+    from broker.identity.routes import router as identity_router
 
     app.include_router(federation_router)
+    app.include_router(identity_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
