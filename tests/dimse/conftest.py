@@ -96,7 +96,10 @@ def loaded_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 def synthetic_studies(seed: int = 7) -> list[Dataset]:
     """Two patients, three studies (CT, MR, CR) with several series: small 32x32 images."""
-    patients = synth.generate_patients(seed=seed, count=2)
+    records = synth.generate_patients(seed=seed, count=4)
+    # Two patients whose Patient IDs are unique here (the generator plants a shared bare MRN).
+    ids = [r.patient_id for r in records]
+    patients = [r for r in records if ids.count(r.patient_id) == 1][:2]
     out: list[Dataset] = []
     for n, (patient, modality) in enumerate(((patients[0], "CT"), (patients[0], "MR"), (patients[1], "CR"))):
         out += synth.generate_study(

@@ -1,0 +1,307 @@
+"""C-FIND, C-MOVE and C-GET against the SCP with dcmtk's findscu, movescu and getscu (and
+pynetdicom for the bad inputs dcmtk will not send)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from sqlmodel import Session
+
+from broker.federation import service as federation
+from broker.index.schemas import Query
+from broker.index.service import ingest_files, search
+from broker.security.schemas import Principal, Role
+from tests.dimse.conftest import TEST_FILES, Node, synthetic_studies
+from tests.peers import dcmtk, storescp
+
+SYNTH = synthetic_studies()
+PATIENT = SYNTH[0]  # two studies (CT, MR); the other patient has one (CR)
+COMPRESSED = "SC_rgb_jpeg_dcmtk.dcm"  # JPEG baseline, for retrieve in the stored syntax
+
+
+@pytest.fixture(scope="module")
+def archive(loaded_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Node:
+    """The shared node holding the synthetic studies and a few real files."""
+    from broker.dicom import synth
+
+    folder = tmp_path_factory.mktemp("archive")
+    paths = [str(p) for p in synth.write_files(SYNTH, folder)]
+    paths += [str(TEST_FILES / n) for n in ("CT_small.dcm", "MR_small.dcm", COMPRESSED)]
+    outcomes = ingest_files(
+        engine=loaded_node.state.engine,
+        store=loaded_node.state.store,
+        principal=Principal(who="test", role=Role.admin, facility="local"),
+        facility_id="local",
+        paths=paths,
+    )
+    assert all(o.status == "stored" for o in outcomes), [o.message for o in outcomes if not o.ok]
+    return loaded_node
+
+
+def _findscu(node: Node, model: str, keys: dict[str, str], out: Path) -> list[Dataset]:
+    out.mkdir(parents=True, exist_ok=True)
+    args: list[str] = ["-aet", "PACS1", "-aec", node.aet, model, "-X", "-od", str(out)]
+    for keyword, value in keys.items():
+        args += ["-k", f"{keyword}={value}" if value else keyword]
+    dcmtk("findscu", *args, "127.0.0.1", str(node.port))
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def _search(node: Node, level: str, filters: dict[str, str], **kw: Any) -> list[Dataset]:
+    with Session(node.state.engine) as session:
+        result = search(
+            session=session,
+            query=Query(level=level, filters=filters, includefields=frozenset(filters), limit=1000, **kw),  # type: ignore[arg-type]
+        )
+    return [Dataset.from_json(m) for m in result.matches]
+
+
+def _answers(found: list[Dataset], keywords: list[str]) -> set[tuple[str, ...]]:
+    return {tuple(str(ds.get(k, "") or "") for k in keywords) for ds in found}
+
+
+STUDY_KEYS = ["StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
+              "NumberOfStudyRelatedInstances", "AccessionNumber"]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["-S", "-P"])
+def test_findscu_study_level_gives_the_index_answer(archive: Node, tmp_path: Path, model: str) -> None:
+    keys = {k: "" for k in STUDY_KEYS} | {"QueryRetrieveLevel": "STUDY", "PatientID": PATIENT.PatientID}
+    found = _findscu(archive, model, keys, tmp_path)
+    assert len(found) == 2  # the patient's CT and MR studies
+    assert {ds.PatientID for ds in found} == {PATIENT.PatientID}
+    expected = _search(archive, "study", {k: v for k, v in keys.items() if k != "QueryRetrieveLevel"})
+    assert _answers(found, STUDY_KEYS) == _answers(expected, STUDY_KEYS)
+    for ds in found:
+        assert ds.QueryRetrieveLevel == "STUDY"
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        # Exactly the requested keys come back (and the two the response always carries).
+        assert {e.keyword for e in ds} == set(STUDY_KEYS) | {"QueryRetrieveLevel", "SpecificCharacterSet"}
+
+
+def test_findscu_wildcard_and_date_range(archive: Node, tmp_path: Path) -> None:
+    family = str(PATIENT.PatientName).split("^")[0]
+    keys = {
+        "QueryRetrieveLevel": "STUDY",
+        "PatientName": family[:3].lower() + "*",  # PN matching is case-insensitive, as in QIDO-RS
+        "StudyDate": "20210301-20210331",
+        "StudyInstanceUID": "",
+    }
+    found = _findscu(archive, "-S", keys, tmp_path)
+    expected = _search(archive, "study", {k: v for k, v in keys.items() if k != "QueryRetrieveLevel"})
+    assert {ds.StudyInstanceUID for ds in found} == {ds.StudyInstanceUID for ds in expected}
+    assert {ds.StudyInstanceUID for ds in found} == {SYNTH[0].StudyInstanceUID}  # the March CT only
+
+
+def test_findscu_patient_root_patient_level(archive: Node, tmp_path: Path) -> None:
+    keys = {"QueryRetrieveLevel": "PATIENT", "PatientID": "*", "PatientName": "", "PatientBirthDate": "",
+            "NumberOfPatientRelatedStudies": ""}  # fmt: skip
+    found = _findscu(archive, "-P", keys, tmp_path)
+    expected = _search(archive, "patient", {k: v for k, v in keys.items() if k != "QueryRetrieveLevel"})
+    cols = ["PatientID", "PatientName", "PatientBirthDate", "NumberOfPatientRelatedStudies"]
+    assert _answers(found, cols) == _answers(expected, cols)
+    by_id = {ds.PatientID: ds for ds in found}
+    assert by_id[PATIENT.PatientID].NumberOfPatientRelatedStudies == 2
+
+
+def test_findscu_series_and_image_levels(archive: Node, tmp_path: Path) -> None:
+    ct = [ds for ds in SYNTH if ds.Modality == "CT"]
+    study = ct[0].StudyInstanceUID
+    series = _findscu(
+        archive,
+        "-S",
+        {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": "",
+            "Modality": "",
+            "NumberOfSeriesRelatedInstances": "",
+        },  # fmt: skip
+        tmp_path / "series",
+    )
+    assert {ds.SeriesInstanceUID for ds in series} == {ds.SeriesInstanceUID for ds in ct}
+    assert {ds.Modality for ds in series} == {"CT"}
+    assert {int(ds.NumberOfSeriesRelatedInstances) for ds in series} == {2}
+    first = ct[0].SeriesInstanceUID
+    images = _findscu(
+        archive,
+        "-P",
+        {
+            "QueryRetrieveLevel": "IMAGE",
+            "PatientID": ct[0].PatientID,
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": first,
+            "SOPInstanceUID": "",
+            "InstanceNumber": "",
+        },  # fmt: skip
+        tmp_path / "images",
+    )
+    assert {ds.SOPInstanceUID for ds in images} == {
+        ds.SOPInstanceUID for ds in ct if ds.SeriesInstanceUID == first
+    }
+
+
+def _find_status(
+    node: Node, identifier: Dataset, model: str = StudyRootQueryRetrieveInformationModelFind
+) -> Dataset:
+    ae = AE(ae_title="PACS1")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    assert assoc.is_established
+    try:
+        responses = list(assoc.send_c_find(identifier, model))
+    finally:
+        assoc.release()
+    status, _ = responses[-1]
+    return status
+
+
+def _identifier(**keys: str) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_find_with_invalid_keys_or_values_fails_with_a_reason(archive: Node) -> None:
+    bad_date = _find_status(archive, _identifier(QueryRetrieveLevel="STUDY", StudyDate="2021xx01"))
+    assert bad_date.Status == 0xC000 and "StudyDate" in bad_date.ErrorComment
+    no_level = _find_status(archive, _identifier(PatientID="X"))
+    assert no_level.Status == 0xA900 and "QueryRetrieveLevel" in no_level.ErrorComment
+    # PATIENT is not a level of the Study Root model.
+    wrong_level = _find_status(archive, _identifier(QueryRetrieveLevel="PATIENT", PatientID="X"))
+    assert wrong_level.Status == 0xA900
+    unknown = _identifier(QueryRetrieveLevel="STUDY")
+    unknown.add_new(0x00080003, "LO", "x")  # not in the data dictionary
+    status = _find_status(archive, unknown)
+    assert status.Status == 0xA900 and "unknown key" in status.ErrorComment
+    wildcard_uid = _find_status(archive, _identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.*"))
+    assert wildcard_uid.Status == 0xA900
+    # The SCP still answers a good question on the same node.
+    ok = _find_status(
+        archive,
+        _identifier(QueryRetrieveLevel="PATIENT", PatientID=PATIENT.PatientID),
+        PatientRootQueryRetrieveInformationModelFind,
+    )
+    assert ok.Status == 0x0000
+
+
+# -- retrieve -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sink(archive: Node, tmp_path: Path) -> Iterator[Any]:
+    """A dcmtk storescp registered as a facility archive (its AE title is a move destination)."""
+    with storescp(tmp_path / "sink", aet="SINKAE") as peer:
+        with Session(archive.state.engine) as session:
+            if "sinkfac" not in {f.id for f in federation.list_facilities(session=session)}:
+                federation.add_facility(
+                    session=session, facility_id="sinkfac", issuer="SINK", ae_title="SINKAE",
+                    host="127.0.0.1", port=peer.port,
+                )  # fmt: skip
+            else:
+                federation.update_facility(session=session, facility_id="sinkfac", port=peer.port)
+        yield peer
+
+
+def _image_keys(ds: Dataset) -> list[str]:
+    return [
+        "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+        "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}", "-k", f"SOPInstanceUID={ds.SOPInstanceUID}",
+    ]  # fmt: skip
+
+
+def _uids(files: list[Path]) -> set[str]:
+    return {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+
+
+def test_movescu_study_to_a_registered_destination(archive: Node, sink: Any) -> None:
+    study = [ds for ds in SYNTH if ds.Modality == "MR"]
+    done = dcmtk(
+        "movescu", "-aet", "PACS1", "-aec", archive.aet, "-aem", "SINKAE", "-S",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study[0].StudyInstanceUID}",
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert _uids(sink.files()) == {ds.SOPInstanceUID for ds in study}
+    received = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in sink.files()}
+    for ds in study:
+        assert received[ds.SOPInstanceUID].PixelData == ds.PixelData
+
+
+def test_movescu_compressed_instance_arrives_in_its_stored_syntax(archive: Node, sink: Any) -> None:
+    original = pydicom.dcmread(TEST_FILES / COMPRESSED)
+    dcmtk(
+        "movescu", "-aet", "PACS1", "-aec", archive.aet, "-aem", "SINKAE", "-S",
+        *_image_keys(original),
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    (path,) = sink.files()
+    got = pydicom.dcmread(path)
+    assert got.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert got.PixelData == original.PixelData
+
+
+def test_move_to_an_unknown_destination_fails_with_a801(archive: Node) -> None:
+    ae = AE(ae_title="PACS1")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+        responses = list(
+            assoc.send_c_move(identifier, "NOSUCHAE", StudyRootQueryRetrieveInformationModelMove)
+        )
+    finally:
+        assoc.release()
+    assert responses[-1][0].Status == 0xA801
+
+
+def test_getscu_series_and_patient(archive: Node, tmp_path: Path) -> None:
+    ct = [ds for ds in SYNTH if ds.Modality == "CT"]
+    series = ct[0].SeriesInstanceUID
+    out = tmp_path / "get"
+    out.mkdir()
+    dcmtk(
+        "getscu", "-aet", "PACS1", "-aec", archive.aet, "-S", "-od", out,
+        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={ct[0].StudyInstanceUID}",
+        "-k", f"SeriesInstanceUID={series}", "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    assert _uids(list(out.iterdir())) == {ds.SOPInstanceUID for ds in ct if ds.SeriesInstanceUID == series}
+    out2 = tmp_path / "patient"
+    out2.mkdir()
+    dcmtk(
+        "getscu", "-aet", "PACS1", "-aec", archive.aet, "-P", "-od", out2,
+        "-k", "QueryRetrieveLevel=PATIENT", "-k", f"PatientID={PATIENT.PatientID}",
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    assert _uids(list(out2.iterdir())) == {
+        ds.SOPInstanceUID for ds in SYNTH if ds.PatientID == PATIENT.PatientID
+    }
+
+
+def test_getscu_of_a_compressed_instance_is_decompressed_for_a_peer_that_takes_only_uncompressed(
+    archive: Node, tmp_path: Path
+) -> None:
+    original = pydicom.dcmread(TEST_FILES / COMPRESSED)
+    out = tmp_path / "get"
+    out.mkdir()
+    dcmtk(
+        "getscu", "-aet", "PACS1", "-aec", archive.aet, "-S", "-od", out,
+        *_image_keys(original),
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    (path,) = list(out.iterdir())
+    got = pydicom.dcmread(path)
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert got.pixel_array.shape == original.pixel_array.shape
