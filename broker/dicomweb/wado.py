@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -30,7 +27,6 @@ log = logging.getLogger("scanonce.wado")
 DICOM = "application/dicom"
 OCTET = "application/octet-stream"
 EXPLICIT_LE = str(ExplicitVRLittleEndian)
-_SPOOL_BYTES = 64 << 20
 
 # Transfer syntaxes `pixels.to_explicit_little` turns into Explicit VR Little Endian without loss.
 _LOSSLESS_TO_ELE = frozenset(str(u) for u in pixels._NATIVE | pixels._LOSSLESS_ENCAPSULATED)  # noqa: SLF001
@@ -138,23 +134,15 @@ def negotiate_json(accept: str | None) -> None:
 # ------------------------------------------------------------------------------- reading
 
 
-@contextmanager
-def open_object(store: ObjectStore, key: str) -> Iterator[IO[bytes] | str]:
-    """A local path when the store has one, else a spooled copy (large objects go to disk)."""
-    local = store.open_local(key)
-    if local is not None:
-        yield local
-        return
-    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
-        for chunk in store.get(key):
-            spool.write(chunk)
-        spool.seek(0)
-        yield spool  # type: ignore[misc]
-
-
 def read_dataset(store: ObjectStore, ref: InstanceRef) -> Dataset:
-    with open_object(store, ref.object_key) as src:
-        return dcmread(src)
+    """The whole stored instance (pydicom needs all of it to decode pixels).
+
+    One instance at a time is read into memory; a study never is.
+    """
+    local = store.open_local(ref.object_key)
+    if local is not None:
+        return dcmread(local)
+    return dcmread(io.BytesIO(b"".join(store.get(ref.object_key))))
 
 
 def _transcoded(store: ObjectStore, ref: InstanceRef) -> bytes | None:

@@ -1,0 +1,176 @@
+"""WADO-RS against a loaded live broker: instances, metadata, bulk data, frames, rendered."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from PIL import Image
+
+from tests.dicomweb.conftest import Archive
+from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, split_multipart, uid
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _get(archive: Archive, path: str, **headers: str) -> requests.Response:
+    with archive.server.http() as http:
+        return http.get(path, headers=headers)  # type: ignore[return-value]
+
+
+def _instance_path(study: str, series: str, sop: str) -> str:
+    return f"/dicom-web/studies/{study}/series/{series}/instances/{sop}"
+
+
+def test_study_retrieve_defaults_to_explicit_little_endian_without_loss(archive: Archive) -> None:
+    client = archive.server.client()
+    datasets = client.retrieve_study(MUELLER)
+    assert {d.SOPInstanceUID for d in datasets} == {i.sop for i in archive.corpus.study(MUELLER)}
+    assert {str(d.file_meta.TransferSyntaxUID) for d in datasets} == {EXPLICIT_LE}
+    for ds in datasets:
+        original = pydicom.dcmread(archive.corpus.sop(ds.SOPInstanceUID).path)
+        assert np.array_equal(ds.pixel_array, original.pixel_array), ds.SOPInstanceUID
+    # Big endian and implicit VR are transcoded too.
+    series = client.retrieve_series(MULLER, uid(2, 1))
+    assert {str(d.file_meta.TransferSyntaxUID) for d in series} == {EXPLICIT_LE}
+    assert np.array_equal(
+        series[0].pixel_array, pydicom.dcmread(archive.corpus.sop(series[0].SOPInstanceUID).path).pixel_array
+    )
+
+
+def test_lossy_study_needs_transfer_syntax_star(archive: Archive) -> None:
+    r = _get(archive, f"/dicom-web/studies/{SMITH}", Accept='multipart/related; type="application/dicom"')
+    assert r.status_code == 406
+    assert "transfer-syntax=*" in r.json()["detail"]
+    r = _get(archive, f"/dicom-web/studies/{SMITH}", Accept=AS_STORED)
+    assert r.status_code == 200
+    ((headers, data),) = split_multipart(r.headers["content-type"], r.content)
+    (item,) = archive.corpus.study(SMITH)
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={item.transfer_syntax}"
+    assert hashlib.sha256(data).hexdigest() == item.sha256
+
+
+def test_as_stored_is_byte_for_byte(archive: Archive) -> None:
+    r = _get(archive, f"/dicom-web/studies/{MUELLER}", Accept=AS_STORED)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    parts = split_multipart(r.headers["content-type"], r.content)
+    want = {i.sha256 for i in archive.corpus.study(MUELLER)}
+    assert {hashlib.sha256(data).hexdigest() for _, data in parts} == want
+
+
+def test_unacceptable_media_types_are_406(archive: Archive) -> None:
+    path = f"/dicom-web/studies/{MUELLER}"
+    for accept in (
+        "application/dicom+json",
+        "image/png",
+        'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50',
+    ):
+        r = _get(archive, path, Accept=accept)
+        assert r.status_code == 406, accept
+
+
+def test_unknown_and_invalid_uids(archive: Archive) -> None:
+    unknown = "1.2.3.4.5.6.7.8.9"
+    assert _get(archive, f"/dicom-web/studies/{unknown}").status_code == 404
+    assert _get(archive, f"/dicom-web/studies/{MUELLER}/series/{unknown}").status_code == 404
+    assert _get(archive, _instance_path(MUELLER, uid(1, 1), unknown)).status_code == 404
+    assert _get(archive, f"/dicom-web/studies/{unknown}/metadata").status_code == 404
+    for bad in ("abc", "1.2.03", "1..2", "%2E%2E", "1.2.3%00"):
+        r = _get(archive, f"/dicom-web/studies/{bad}/metadata")
+        assert r.status_code == 400, (bad, r.status_code)
+        assert "UID" in r.json()["detail"]
+    r = _get(archive, f"/dicom-web/studies/{MUELLER}/series/..%2F..%2Fetc/metadata")
+    assert r.status_code in (400, 404)
+    # A study of another facility is not found through this facility's partition.
+    north = archive.corpus.by_facility()[NORTH_FACILITY][0].study
+    assert _get(archive, f"/facilities/local/dicom-web/studies/{north}/metadata").status_code == 404
+    assert (
+        _get(archive, f"/facilities/{NORTH_FACILITY}/dicom-web/studies/{north}/metadata").status_code == 200
+    )
+
+
+def test_metadata_levels_and_bulk_data(archive: Archive) -> None:
+    client = archive.server.client()
+    study = client.retrieve_study_metadata(MUELLER)
+    assert len(study) == 4
+    assert len(client.retrieve_series_metadata(MUELLER, uid(1, 2))) == 2
+    (ct,) = [m for m in study if m["00080018"]["Value"] == [uid(1, 1, 1)]]
+    instance = client.retrieve_instance_metadata(MUELLER, uid(1, 1), uid(1, 1, 1))
+    assert instance == ct
+    pixel_uri = ct["7FE00010"]["BulkDataURI"]
+    assert (
+        pixel_uri
+        == f"{archive.server.url}/studies/{MUELLER}/series/{uid(1, 1)}/instances/{uid(1, 1, 1)}/bulk/7FE00010"
+    )
+    r = _get(archive, pixel_uri.removeprefix(archive.server.origin))
+    assert r.status_code == 200
+    ((headers, data),) = split_multipart(r.headers["content-type"], r.content)
+    assert headers["content-type"] == "application/octet-stream"
+    assert data == pydicom.dcmread(archive.corpus.sop(uid(1, 1, 1)).path).PixelData
+    assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "7FE0001Z").status_code == 400
+    assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00091234").status_code == 404
+
+
+def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
+    client = archive.server.client()
+    rgb = archive.corpus.sop(uid(1, 3, 1))  # 2-frame RGB, RLE Lossless
+    original = pydicom.dcmread(rgb.path)
+    frames = client.retrieve_instance_frames(
+        MUELLER, uid(1, 3), uid(1, 3, 1), frame_numbers=[2, 1], media_types=("application/octet-stream",)
+    )
+    assert len(frames) == 2
+    expected = original.pixel_array  # (frames, rows, cols, 3)
+    assert (
+        np.frombuffer(frames[0], dtype=np.uint8).reshape(expected.shape[1:]).tolist() == expected[1].tolist()
+    )
+    path = _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/1"
+    r = _get(archive, path, Accept="multipart/related; type=image/dicom-rle")
+    assert r.status_code == 200
+    ((headers, data),) = split_multipart(r.headers["content-type"], r.content)
+    assert headers["content-type"].startswith("image/dicom-rle")
+    assert len(data) < len(frames[1])  # the compressed bitstream, not pixels
+    # A client that takes any part type (dicomweb-client's default, type="*/*") gets them as stored.
+    (default,) = client.retrieve_instance_frames(MUELLER, uid(1, 3), uid(1, 3, 1), frame_numbers=[1])
+    assert default == data
+    assert _get(archive, path, Accept="multipart/related; type=image/jp2").status_code == 406
+    assert _get(archive, path.replace("frames/1", "frames/3")).status_code in (400, 404)
+    assert _get(archive, path.replace("frames/1", "frames/0")).status_code == 400
+    assert _get(archive, path.replace("frames/1", "frames/1,x")).status_code == 400
+
+
+@pytest.mark.parametrize("media_type", ["image/jpeg", "image/png"])
+def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
+    path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1))
+    r = _get(archive, path + "/rendered?window=40,400&viewport=64,64&quality=80", Accept=media_type)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == media_type
+    image = Image.open(io.BytesIO(r.content))
+    assert image.format == {"image/jpeg": "JPEG", "image/png": "PNG"}[media_type]
+    assert max(image.size) == 64
+    narrow = _get(archive, path + "/rendered?window=40,10", Accept=media_type)
+    wide = _get(archive, path + "/rendered?window=40,4000", Accept=media_type)
+    assert narrow.content != wide.content  # the window changes the picture
+    rgb = _get(
+        archive, _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/2/rendered", Accept=media_type
+    )
+    assert rgb.status_code == 200
+    assert Image.open(io.BytesIO(rgb.content)).mode == "RGB"
+    for thumb in (f"/dicom-web/studies/{MUELLER}/thumbnail", path + "/thumbnail"):
+        r = _get(archive, thumb, Accept=media_type)
+        assert r.status_code == 200, thumb
+        assert max(Image.open(io.BytesIO(r.content)).size) <= 128
+
+
+def test_rendered_bad_parameters(archive: Archive) -> None:
+    path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
+    assert _get(archive, path, Accept="image/tiff").status_code == 406
+    for query in ("window=abc", "window=40,-1", "viewport=0,10", "viewport=a,b", "quality=101", "quality=x"):
+        r = _get(archive, f"{path}?{query}")
+        assert r.status_code == 400, query
+        assert r.json()["detail"]
