@@ -148,8 +148,12 @@ def parse_person_name(pn: str | None) -> tuple[str, str, str]:
     return family, given, middle
 
 
-def normalize_date(text: str | None, *, today: date | None = None) -> str:
-    """YYYYMMDD (or YYYY-MM-DD) of a real past date after 1850, else ''."""
+def normalize_date(text: str | None, *, today: date | None = None, lenient: bool = False) -> str:
+    """YYYYMMDD (or YYYY-MM-DD) of a real past date after 1850, else ''.
+
+    `lenient` keeps an impossible month/day (19310175) from a DICOM header: a typo there is
+    still evidence against the right date, and rejecting the study for it would lose images.
+    """
     if not text:
         return ""
     digits = str(text).strip().replace("-", "")
@@ -158,7 +162,8 @@ def normalize_date(text: str | None, *, today: date | None = None) -> str:
     try:
         value = date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
     except ValueError:
-        return ""
+        this_year = (today or date.today()).year
+        return digits if lenient and 1850 <= int(digits[:4]) <= this_year else ""
     if value.year < 1850 or value > (today or date.today()):
         return ""
     return digits
@@ -190,6 +195,7 @@ def demographics(
     sex: str | None = None,
     address: str | None = None,
     phone: str | None = None,
+    lenient_date: bool = False,
 ) -> Demographics:
     """Build normalised demographics from a PN string and/or separate components."""
     f, g, m = parse_person_name(patient_name)
@@ -202,7 +208,7 @@ def demographics(
         family=f,
         given=g,
         middle=m,
-        birth_date=normalize_date(birth_date),
+        birth_date=normalize_date(birth_date, lenient=lenient_date),
         sex=normalize_sex(sex),
         address=normalize_address(address),
         phone=normalize_phone(phone),
@@ -229,7 +235,23 @@ def block_keys(d: Demographics) -> set[str]:
             keys.add("gm:" + g + dob[4:])  # year typos, family name changed
     if f and g:
         keys.add("fg:" + f + g)  # birth date missing or badly wrong
+    # Address: catches a replaced or badly mistyped name when the birth date is missing too.
+    postcode = next((t for t in reversed(d.address.split()) if t.isdigit() and len(t) >= 4), "")
+    if postcode:
+        if f:
+            keys.add("fp:" + f + postcode)
+        if g:
+            keys.add("gp:" + g + postcode)
+    street = _street_token(d.address)
+    if street and (f or g):
+        keys.add("st:" + street + (dob[:4] if dob else f or g))
     return keys
+
+
+def _street_token(address: str) -> str:
+    """The first long word of an address (usually the street name), phonetically."""
+    word = next((t for t in address.split() if len(t) >= 5 and t.isalpha()), "")
+    return jellyfish.soundex(word) if word else ""
 
 
 def query_keys(d: Demographics) -> set[str]:

@@ -48,10 +48,11 @@ from broker.identity.schemas import Identifier, LinkDecision, PersonView
 from broker.index.models import Patient
 
 # Match weights (log2 Bayes factor). Exact name + exact birth date is ~ +26 with default
-# parameters; a common exact name alone is ~ +12. Conservative on purpose: a false link shows
-# one patient's images to another patient's clinician, a miss only costs a review.
-AUTO_WEIGHT = 20.0
-REVIEW_WEIGHT = 8.0
+# parameters; a common exact name alone is ~ +12 (never enough: see auto_link_allowed).
+# Conservative on purpose: a false link shows one patient's images to another patient's
+# clinician, a miss only costs a review.
+AUTO_WEIGHT = 16.0
+REVIEW_WEIGHT = 6.0
 # The smallest contribution that counts as a corroborating field agreeing.
 CORROBORATION_BITS = 3.0
 # A blocking key shared by more records than this says little; its candidates are cut.
@@ -124,6 +125,8 @@ def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[
     rng.shuffle(pairs)
     pairs = pairs[:max_pairs]
     params = matching.estimate_parameters(matching.level_matrix([(demo[a], demo[b]) for a, b in pairs]), u=u)
+    if "policy" in current_params(session=session):
+        params["policy"] = current_params(session=session)["policy"]
     session.add(ModelParams(params=json.dumps(params), pairs=len(pairs)))
     session.commit()
     return params
@@ -419,7 +422,7 @@ def _relink_after_update(*, session: Session, record: IdentityRecord, who: str) 
     tf = _term_frequencies(session=session, d=d, params=params)
     scores = [(m.id, matching.score_pair(d, _demo_of(m), params=params, tf=tf)) for m in mates]
     best_id, best = max(scores, key=lambda s: s[1].weight)
-    if best.weight < REVIEW_WEIGHT:
+    if best.weight < policy(params)[1]:
         session.add(
             ReviewItem(
                 record_id=record.id,
@@ -497,15 +500,16 @@ def _decide(
         held = best_by_person.get(row.person_id)
         if held is None or score.weight > held[1].weight:
             best_by_person[row.person_id] = (row.id, score)
+    auto, review_at, strict = policy(params)
     ranked = sorted(best_by_person.items(), key=lambda kv: kv[1][1].weight, reverse=True)
-    if not ranked or ranked[0][1][1].weight < REVIEW_WEIGHT:
+    if not ranked or ranked[0][1][1].weight < review_at:
         return {"outcome": "new", "person_id": None}
     person_id, (rec_id, best) = ranked[0]
-    rivals = [kv for kv in ranked[1:] if kv[1][1].weight >= REVIEW_WEIGHT]
+    rivals = [kv for kv in ranked[1:] if kv[1][1].weight >= review_at]
     if (
-        best.weight >= AUTO_WEIGHT
-        and auto_link_allowed(best)
-        and not any(r[1][1].weight >= AUTO_WEIGHT for r in rivals)
+        best.weight >= auto
+        and auto_link_allowed(best, strict=strict)
+        and not any(r[1][1].weight >= auto for r in rivals)
     ):
         return {
             "outcome": "probabilistic",
@@ -518,14 +522,48 @@ def _decide(
     return {"outcome": "review", "person_id": None, "review": review, "why": "candidate needs review"}
 
 
-def auto_link_allowed(score: matching.Score) -> bool:
-    """Never on the name alone, never when the given names plainly differ (twins share
-    everything else), never when the birth dates plainly differ."""
+def auto_link_allowed(score: matching.Score, *, strict: bool = True) -> bool:
+    """Never on the name alone (a birth date, address or phone must agree too). `strict` adds
+    the two classic false-link patterns: twins (given names plainly differ, the rest agrees)
+    and father/son (birth dates plainly differ, the rest agrees) go to review instead."""
     name_ok = any(score.contribution(f) > 0 for f in matching.NAME_FIELDS)
     corroborated = any(score.contribution(f) >= CORROBORATION_BITS for f in matching.CORROBORATING)
-    given_level = score.levels[matching.FIELDS.index("given")]
-    date_level = score.levels[matching.FIELDS.index("birth_date")]
-    return name_ok and corroborated and given_level != 3 and date_level != 3
+    if not (name_ok and corroborated):
+        return False
+    if strict:
+        given_level = score.levels[matching.FIELDS.index("given")]
+        date_level = score.levels[matching.FIELDS.index("birth_date")]
+        return given_level != 3 and date_level != 3
+    return True
+
+
+def policy(params: dict[str, Any]) -> tuple[float, float, bool]:
+    """(auto-link weight, review weight, strict) for a parameter set."""
+    pol = params.get("policy", {})
+    return (
+        float(pol.get("auto", AUTO_WEIGHT)),
+        float(pol.get("review", REVIEW_WEIGHT)),
+        bool(pol.get("strict", True)),
+    )
+
+
+def set_policy(
+    *, session: Session, auto: float | None = None, review: float | None = None, strict: bool | None = None
+) -> dict[str, Any]:
+    """Store new thresholds (a new parameter row, so earlier decisions stay explainable)."""
+    params = dict(current_params(session=session))
+    a, r, st = policy(params)
+    a, r, st = (
+        (a if auto is None else auto),
+        (r if review is None else review),
+        (st if strict is None else strict),
+    )
+    if r > a:
+        raise BadRequest("the review threshold must not be above the auto-link threshold")
+    params["policy"] = {"auto": a, "review": r, "strict": st}
+    session.add(ModelParams(params=json.dumps(params), pairs=0))
+    session.commit()
+    return params
 
 
 def _identifier_match(
@@ -609,6 +647,7 @@ def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> 
         sex=patient.sex,
         address=address,
         phone=phone,
+        lenient_date=True,
     )
     decision = upsert_record(
         session=session,
@@ -888,7 +927,7 @@ def explain(*, session: Session, record_id: int) -> dict[str, Any]:
         "merged_into": rec.merged_into,
         "history": history,
         "compared_with_person": comparisons,
-        "thresholds": {"auto": AUTO_WEIGHT, "review": REVIEW_WEIGHT},
+        "thresholds": dict(zip(("auto", "review", "strict"), policy(params), strict=True)),
     }
 
 
