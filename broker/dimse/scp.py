@@ -47,10 +47,30 @@ from broker.security.service import principal_for_dimse
 
 log = logging.getLogger("scanonce.dimse")
 
-# Receive C-STORE data sets straight into a Part 10 temp file (file meta from the command set,
-# then the raw bytes as sent): nothing is decoded or re-encoded and a multi-gigabyte instance
-# never sits in memory. Process-wide in pynetdicom; the SCU's C-GET handler copes with both.
-_config.STORE_RECV_CHUNKED_DATASET = True
+
+class SpoolingAE(AE):  # type: ignore[misc]
+    """An AE whose received C-STORE data sets go straight into a Part 10 temp file (file meta
+    from the command set, then the raw bytes as sent, `event.dataset_path`): nothing is decoded
+    or re-encoded and a multi-gigabyte instance never sits in memory."""
+
+
+class _SpoolFor:
+    """pynetdicom's STORE_RECV_CHUNKED_DATASET switch is process-wide, and other code in this
+    process (e.g. a C-GET client reading `event.request.DataSet`) expects the default. pynetdicom
+    reads the switch while decoding a C-STORE-RQ in the association's DUL thread, so this value
+    is true only there, and only for associations of a SpoolingAE (or if someone had set it)."""
+
+    def __init__(self, previous: object) -> None:
+        self.previous = bool(previous) and not isinstance(previous, _SpoolFor)
+
+    def __bool__(self) -> bool:
+        if self.previous:
+            return True
+        assoc = getattr(threading.current_thread(), "assoc", None)
+        return isinstance(getattr(assoc, "ae", None), SpoolingAE)
+
+
+_config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)
 
 _PATIENT_ROOT = {
     PatientRootQueryRetrieveInformationModelFind,
@@ -69,7 +89,7 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_REQUESTED_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
 
-class _ScanOnceAE(AE):  # type: ignore[misc]
+class _ScanOnceAE(SpoolingAE):
     """pynetdicom checks `require_calling_aet` while negotiating each association, in that
     association's own thread (an `Association` is a Thread) after recording the calling AE
     title. Answering it for that one caller from the facility registry rejects an unknown calling

@@ -18,6 +18,8 @@ from broker.deps import AppState
 from broker.dicom import synth
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
 from broker.dimse.service import DimsePeers
+from broker.index.service import ingest_files
+from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -122,3 +124,25 @@ def sample_folder(folder: Path, *, with_synthetic: bool = True) -> Path:
     if with_synthetic:
         synth.write_files(synthetic_studies(), folder / "synth")
     return folder
+
+
+SYNTH = synthetic_studies()
+PATIENT = SYNTH[0]  # two studies (CT, MR); the other patient has one (CR)
+COMPRESSED = "SC_rgb_jpeg_dcmtk.dcm"  # JPEG baseline, for retrieve in the stored syntax
+
+
+@pytest.fixture(scope="module")
+def archive(loaded_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Node:
+    """The shared node holding the synthetic studies and a few real files."""
+    folder = tmp_path_factory.mktemp("archive")
+    paths = [str(p) for p in synth.write_files(SYNTH, folder)]
+    paths += [str(TEST_FILES / n) for n in ("CT_small.dcm", "MR_small.dcm", COMPRESSED)]
+    outcomes = ingest_files(
+        engine=loaded_node.state.engine,
+        store=loaded_node.state.store,
+        principal=Principal(who="test", role=Role.admin, facility="local"),
+        facility_id="local",
+        paths=paths,
+    )
+    assert all(o.status == "stored" for o in outcomes), [o.message for o in outcomes if not o.ok]
+    return loaded_node

@@ -20,33 +20,9 @@ from sqlmodel import Session
 
 from broker.federation import service as federation
 from broker.index.schemas import Query
-from broker.index.service import ingest_files, search
-from broker.security.schemas import Principal, Role
-from tests.dimse.conftest import TEST_FILES, Node, synthetic_studies
+from broker.index.service import search
+from tests.dimse.conftest import COMPRESSED, PATIENT, SYNTH, TEST_FILES, Node
 from tests.peers import dcmtk, storescp
-
-SYNTH = synthetic_studies()
-PATIENT = SYNTH[0]  # two studies (CT, MR); the other patient has one (CR)
-COMPRESSED = "SC_rgb_jpeg_dcmtk.dcm"  # JPEG baseline, for retrieve in the stored syntax
-
-
-@pytest.fixture(scope="module")
-def archive(loaded_node: Node, tmp_path_factory: pytest.TempPathFactory) -> Node:
-    """The shared node holding the synthetic studies and a few real files."""
-    from broker.dicom import synth
-
-    folder = tmp_path_factory.mktemp("archive")
-    paths = [str(p) for p in synth.write_files(SYNTH, folder)]
-    paths += [str(TEST_FILES / n) for n in ("CT_small.dcm", "MR_small.dcm", COMPRESSED)]
-    outcomes = ingest_files(
-        engine=loaded_node.state.engine,
-        store=loaded_node.state.store,
-        principal=Principal(who="test", role=Role.admin, facility="local"),
-        facility_id="local",
-        paths=paths,
-    )
-    assert all(o.status == "stored" for o in outcomes), [o.message for o in outcomes if not o.ok]
-    return loaded_node
 
 
 def _findscu(node: Node, model: str, keys: dict[str, str], out: Path) -> list[Dataset]:
