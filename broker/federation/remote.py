@@ -21,7 +21,6 @@ from broker.federation.models import Facility
 
 log = logging.getLogger("scanonce.federation")
 
-PAGE = 500  # studies per QIDO-RS page / per sync transaction
 UID_BATCH = 50  # studies per series query (a UID list keeps round trips few)
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -35,6 +34,8 @@ _SERIES_FIELDS = (
     "BodyPartExamined", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
     "NumberOfSeriesRelatedInstances",
 )  # fmt: skip
+# Study and patient keys asked for at SERIES level too, so one series listing describes its study.
+_UPPER_FIELDS = tuple(f for f in _STUDY_FIELDS if not f.startswith(("NumberOf", "ModalitiesIn")))
 _T_STUDY_UID = "0020000D"
 _T_SERIES_UID = "0020000E"
 
@@ -91,13 +92,30 @@ def _series(attrs: dict[str, Any]) -> RemoteSeries | None:
 class Source(Protocol):
     """A facility archive, as index sync sees it."""
 
-    pages_are_stable: bool  # True when `studies(offset=n)` can resume a listing at study n
+    def studies(self, study_uids: Sequence[str] | None = None) -> list[RemoteStudy]:
+        """Every study at the facility (or those of `study_uids` that exist there)."""
+        ...
 
-    def studies(self, *, offset: int = 0) -> Iterator[list[RemoteStudy]]: ...
-
-    def series(self, study_uids: Sequence[str]) -> list[RemoteSeries]: ...
+    def series(self, study_uids: Sequence[str] | None = None) -> list[RemoteSeries]:
+        """The series of the given studies, or every series at the facility (None)."""
+        ...
 
     def close(self) -> None: ...
+
+
+def studies_from_series(series: Sequence[RemoteSeries]) -> list[RemoteStudy]:
+    """Studies as seen through their series: a series answer carries its study's attributes
+    (QIDO-RS and C-FIND both return the upper levels' keys), and the counts are sums."""
+    by_study: dict[str, RemoteStudy] = {}
+    for se in series:
+        study = by_study.get(se.study_uid)
+        if study is None:
+            by_study[se.study_uid] = study = RemoteStudy(
+                uid=se.study_uid, attrs=se.attrs, num_series=0, num_instances=0
+            )
+        study.num_series += 1
+        study.num_instances += se.num_instances
+    return list(by_study.values())
 
 
 def open_source(facility: Facility, *, calling_ae: str = "SCANONCE") -> Source:
@@ -119,9 +137,7 @@ def _unavailable(facility: Facility, exc: Exception) -> Unavailable:
 
 
 class QidoSource:
-    pages_are_stable = True
-
-    def __init__(self, facility: Facility, *, page: int = PAGE) -> None:
+    def __init__(self, facility: Facility, *, page: int = 5000) -> None:
         assert facility.dicomweb_url
         self.facility = facility
         self.page = page
@@ -129,40 +145,58 @@ class QidoSource:
             base_url=facility.dicomweb_url.rstrip("/"), timeout=TIMEOUT, trust_env=False
         )
 
-    def _get(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _get(self, path: str, params: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """One QIDO-RS answer, and whether the archive says it left matches out."""
         try:
             r = self.client.get(path, params=params, headers={"Accept": "application/dicom+json"})
         except httpx.HTTPError as exc:
             raise _unavailable(self.facility, exc) from exc
         if r.status_code == 204:
-            return []
+            return [], False
         if r.status_code >= 500:
             raise Unavailable(f"facility {self.facility.id!r} answered {r.status_code} to a QIDO-RS query")
         if r.status_code >= 400:
             raise BadRequest(f"facility {self.facility.id!r} refused a QIDO-RS query ({r.status_code})")
         data = r.json()
-        return data if isinstance(data, list) else []
+        # PS3.18 8.3.4.4: a cut answer carries Warning: 299 ... "There are additional results".
+        more = "additional results" in r.headers.get("warning", "").lower()
+        return (data if isinstance(data, list) else []), more
 
-    def studies(self, *, offset: int = 0) -> Iterator[list[RemoteStudy]]:
-        fields = ",".join(_STUDY_FIELDS)
-        while True:
-            rows = self._get("/studies", {"includefield": fields, "limit": self.page, "offset": offset})
-            page = [s for s in map(_study, rows) if s is not None]
-            if page:
-                yield page
-            if len(rows) < self.page:
-                return
-            offset += len(rows)
+    def _all(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        # One unpaged query first: paging is not stable on every archive (Orthanc's offsets can
+        # repeat one match and skip another), so offsets are used only when the archive cuts
+        # its answer itself.
+        rows, more = self._get(path, params)
+        while more and rows:
+            page, more = self._get(path, {**params, "offset": len(rows), "limit": self.page})
+            if not page:
+                break
+            rows.extend(page)
+        return rows
 
-    def series(self, study_uids: Sequence[str]) -> list[RemoteSeries]:
-        out: list[RemoteSeries] = []
+    def studies(self, study_uids: Sequence[str] | None = None) -> list[RemoteStudy]:
+        params: dict[str, Any] = {"includefield": ",".join(_STUDY_FIELDS)}
+        if study_uids is None:
+            return [s for s in map(_study, self._all("/studies", params)) if s is not None]
+        out: list[RemoteStudy] = []
         for i in range(0, len(study_uids), UID_BATCH):
             # A UID list (PS3.18 8.3.4.1) asks about a batch of studies in one round trip.
-            params = {
-                "StudyInstanceUID": ",".join(study_uids[i : i + UID_BATCH]),
-                "includefield": ",".join(_SERIES_FIELDS),
-            }
-            out.extend(s for s in map(_series, self._get("/series", params)) if s is not None)
+            rows = self._all(
+                "/studies", {**params, "StudyInstanceUID": ",".join(study_uids[i : i + UID_BATCH])}
+            )
+            out.extend(s for s in map(_study, rows) if s is not None)
+        return out
+
+    def series(self, study_uids: Sequence[str] | None = None) -> list[RemoteSeries]:
+        params: dict[str, Any] = {"includefield": ",".join(_UPPER_FIELDS + _SERIES_FIELDS)}
+        if study_uids is None:
+            return [s for s in map(_series, self._all("/series", params)) if s is not None]
+        out: list[RemoteSeries] = []
+        for i in range(0, len(study_uids), UID_BATCH):
+            rows = self._all(
+                "/series", {**params, "StudyInstanceUID": ",".join(study_uids[i : i + UID_BATCH])}
+            )
+            out.extend(s for s in map(_series, rows) if s is not None)
         return out
 
     def close(self) -> None:
@@ -235,13 +269,9 @@ def _dimse_identifier(level: str, fields: Sequence[str], **values: str) -> Any:
 class CFindSource:
     """C-FIND at STUDY level, then SERIES level for the studies that changed (Study Root)."""
 
-    # C-FIND has no paging: a resumed sync lists again and skips what this job already saw.
-    pages_are_stable = False
-
-    def __init__(self, facility: Facility, *, calling_ae: str = "SCANONCE", page: int = PAGE) -> None:
+    def __init__(self, facility: Facility, *, calling_ae: str = "SCANONCE") -> None:
         self.facility = facility
         self.calling_ae = calling_ae
-        self.page = page
         self._assoc: Any = None
 
     def _association(self) -> Any:
@@ -283,25 +313,28 @@ class CFindSource:
             elif code != 0x0000:
                 raise Unavailable(f"facility {self.facility.id!r} failed a C-FIND (status 0x{code:04X})")
 
-    def studies(self, *, offset: int = 0) -> Iterator[list[RemoteStudy]]:
-        page: list[RemoteStudy] = []
-        for attrs in self._find(_dimse_identifier("STUDY", _STUDY_FIELDS)):
-            study = _study(attrs)
-            if study is None:
-                continue
-            page.append(study)
-            if len(page) >= self.page:
-                yield page
-                page = []
-        if page:
-            yield page
-
-    def series(self, study_uids: Sequence[str]) -> list[RemoteSeries]:
-        out: list[RemoteSeries] = []
+    def studies(self, study_uids: Sequence[str] | None = None) -> list[RemoteStudy]:
+        if study_uids is None:
+            return [
+                s for s in map(_study, self._find(_dimse_identifier("STUDY", _STUDY_FIELDS))) if s is not None
+            ]
+        out: list[RemoteStudy] = []
         for i in range(0, len(study_uids), UID_BATCH):
             # List of UID matching (PS3.4 C.2.2.2.2): one C-FIND for a batch of studies.
             ident = _dimse_identifier(
-                "SERIES", _SERIES_FIELDS, StudyInstanceUID="\\".join(study_uids[i : i + UID_BATCH])
+                "STUDY", _STUDY_FIELDS, StudyInstanceUID="\\".join(study_uids[i : i + UID_BATCH])
+            )
+            out.extend(s for s in map(_study, self._find(ident)) if s is not None)
+        return out
+
+    def series(self, study_uids: Sequence[str] | None = None) -> list[RemoteSeries]:
+        fields = _UPPER_FIELDS + _SERIES_FIELDS
+        if study_uids is None:
+            return [s for s in map(_series, self._find(_dimse_identifier("SERIES", fields))) if s is not None]
+        out: list[RemoteSeries] = []
+        for i in range(0, len(study_uids), UID_BATCH):
+            ident = _dimse_identifier(
+                "SERIES", fields, StudyInstanceUID="\\".join(study_uids[i : i + UID_BATCH])
             )
             out.extend(s for s in map(_series, self._find(ident)) if s is not None)
         return out
@@ -313,89 +346,3 @@ class CFindSource:
             except Exception:  # noqa: BLE001 - the peer may already be gone
                 self._assoc.abort()
             self._assoc = None
-
-
-def cget_study(*, facility: Facility, study_uid: str, into: str, calling_ae: str = "SCANONCE") -> list[str]:
-    """C-GET a whole study from the facility; each instance is written to a file under `into`.
-
-    The SOP classes are learnt first by an IMAGE-level C-FIND, because a C-GET association must
-    propose a storage context (SCP role) for every class the archive will send back.
-    """
-    from pydicom.dataset import Dataset
-    from pydicom.filewriter import write_file_meta_info
-    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
-    from pynetdicom.presentation import build_context
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
-
-    classes: set[str] = set()
-    source = CFindSource(facility, calling_ae=calling_ae)
-    try:
-        ident = Dataset()
-        ident.QueryRetrieveLevel = "IMAGE"
-        ident.StudyInstanceUID = study_uid
-        ident.SeriesInstanceUID = ""
-        ident.SOPInstanceUID = ""
-        ident.SOPClassUID = ""
-        for attrs in source._find(ident):
-            sop_class = _first(attrs, "00080016")
-            if sop_class:
-                classes.add(str(sop_class))
-    finally:
-        source.close()
-    if not classes:
-        raise NotFound(f"study not found at facility {facility.id!r}")
-
-    paths: list[str] = []
-    failed: list[str] = []
-
-    def on_store(event: Any) -> int:
-        try:
-            path = os.path.join(into, f"{len(paths):06d}.dcm")
-            with open(path, "wb") as f:
-                # The encoded dataset as received, behind a proper Part 10 header: no re-encoding.
-                f.write(b"\x00" * 128 + b"DICM")
-                write_file_meta_info(f, event.file_meta, enforce_standard=True)
-                f.write(event.request.DataSet.getvalue())
-            paths.append(path)
-            return 0x0000
-        except Exception as exc:  # noqa: BLE001
-            failed.append(type(exc).__name__)
-            return 0xA700
-
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = 10
-    ae.dimse_timeout = 120
-    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
-    roles = []
-    for uid in sorted(classes)[:120]:
-        contexts.append(build_context(uid, ALL_TRANSFER_SYNTAXES))
-        roles.append(build_role(uid, scp_role=True))
-    ae.requested_contexts = contexts
-    try:
-        assoc = ae.associate(
-            facility.host,
-            int(facility.port or 0),
-            ae_title=facility.ae_title or "",
-            ext_neg=roles,
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        )
-    except OSError as exc:
-        raise _unavailable(facility, exc) from exc
-    if not assoc.is_established:
-        raise Unavailable(f"facility {facility.id!r} refused or did not answer a C-GET association")
-    try:
-        ident = Dataset()
-        ident.QueryRetrieveLevel = "STUDY"
-        ident.StudyInstanceUID = study_uid
-        final = None
-        for status, _ds in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet):
-            # An empty status means the peer went away mid-retrieve.
-            if status is None or "Status" not in status:
-                raise Unavailable(f"facility {facility.id!r} stopped answering a C-GET")
-            final = int(status.Status)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    if final not in (0x0000, 0xB000) or (final == 0xB000 and not paths):
-        raise Unavailable(f"facility {facility.id!r} failed the C-GET (status 0x{final or 0:04X})")
-    return paths

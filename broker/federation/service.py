@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
@@ -15,6 +16,9 @@ from broker.errors import BadRequest, Conflict, NotFound
 from broker.federation.models import Facility, FacilityAE, StudyLocation, SyncState
 from broker.federation.schemas import FACILITY_ID, SharingPolicy
 from broker.settings import Settings
+
+if TYPE_CHECKING:
+    from broker.federation.sync import SyncResult
 
 _AE = re.compile(r"^[ -\[\]-~]{1,16}$")
 _UNSET: Any = object()
@@ -187,3 +191,74 @@ def facility_for_calling_ae(*, session: Session, ae_title: str) -> Facility | No
     """The facility a DIMSE caller belongs to, by its calling AE title (trailing spaces ignored)."""
     row = session.get(FacilityAE, ae_title.strip())
     return session.get(Facility, row.facility_id) if row is not None else None
+
+
+# -- index sync and retrieve on demand (implemented in sync.py / fetch.py) ---------------------
+
+
+def sync_facility(
+    *,
+    engine: Engine,
+    store: Any,
+    facility_id: str,
+    progress: Callable[[int, int | None, str], None] | None = None,
+    calling_ae: str = "SCANONCE",
+) -> SyncResult:
+    """Index the facility archive's studies now (incremental; a job visible at /api/jobs/{id}).
+    `progress(done, total, message)` is called after every page."""
+    from broker.federation import sync
+
+    return sync.sync_facility(
+        engine=engine, store=store, facility_id=facility_id, progress=progress, calling_ae=calling_ae
+    )
+
+
+def ensure_local(*, engine: Engine, store: Any, study_uid: str, calling_ae: str = "SCANONCE") -> None:
+    """Fetch a study held only at a facility (once, however many ask); NotFound / Unavailable."""
+    from broker.federation import fetch
+
+    fetch.ensure_local(engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae)
+
+
+def is_remote_only(*, session: Session, study_uid: str) -> bool:
+    from broker.federation import fetch
+
+    return fetch.is_remote_only(session=session, study_uid=study_uid)
+
+
+def study_locations(*, session: Session, study_uids: Sequence[str]) -> dict[str, list[StudyLocation]]:
+    """Where each study is held (facility id, whether the broker has the pixels)."""
+    out: dict[str, list[StudyLocation]] = {}
+    for i in range(0, len(study_uids), 500):
+        for loc in session.exec(
+            select(StudyLocation).where(col(StudyLocation.study_uid).in_(study_uids[i : i + 500]))
+        ):
+            out.setdefault(loc.study_uid, []).append(loc)
+    return out
+
+
+def queue_due_syncs(*, engine: Engine, interval_seconds: float) -> list[int]:
+    """Queue a sync for every facility with an archive endpoint whose last sync started longer
+    than `interval_seconds` ago (or never). Returns the job ids; a queued one is not doubled."""
+    from broker.federation import sync
+
+    now = datetime.now(UTC)
+    queued: list[int] = []
+    with Session(engine) as session:
+        facilities = [
+            f
+            for f in list_facilities(session=session)
+            if f.sharing_policy != "none" and (f.dicomweb_url or (f.ae_title and f.host and f.port))
+        ]
+        states = {f.id: session.get(SyncState, f.id) for f in facilities}
+    for f in facilities:
+        state = states[f.id]
+        last = state.last_started_at if state is not None else None
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        if last is not None and (now - last).total_seconds() < interval_seconds:
+            continue
+        job = sync.queue_sync(engine=engine, facility=f)
+        if job.id is not None and job.status == "queued":
+            queued.append(job.id)
+    return queued

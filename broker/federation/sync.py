@@ -29,7 +29,7 @@ from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, str_value
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.federation.models import Facility, StudyLocation, SyncState
-from broker.federation.remote import RemoteSeries, RemoteStudy, Source, open_source
+from broker.federation.remote import RemoteSeries, RemoteStudy, Source, open_source, studies_from_series
 from broker.index.models import Instance, Patient, Series, Study
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
@@ -134,9 +134,10 @@ def _record_state(
 
 
 def run_sync(
-    *, engine: Engine, job: Job, progress: jobs.Progress, calling_ae: str = "SCANONCE"
+    *, engine: Engine, job: Job, progress: jobs.Progress, calling_ae: str = "SCANONCE", chunk: int = 500
 ) -> dict[str, int]:
-    """The body of a sync job; resumes from the job's checkpoint."""
+    """The body of a sync job. Safe to run again for the same job: what it already wrote is
+    stamped with the job id and skipped."""
     assert job.id is not None
     run = job.id
     facility_id = jobs.params_of(job).get("facility_id") or job.key
@@ -144,34 +145,48 @@ def run_sync(
         facility = session.get(Facility, facility_id)
         if facility is None:
             raise NotFound(f"no facility {facility_id!r}")
+        first = session.exec(
+            select(StudyLocation.study_uid).where(StudyLocation.facility_id == facility_id)
+        ).first()
     if facility.sharing_policy == "none":
         raise BadRequest(f"facility {facility.id!r} shares nothing (sharing policy 'none')")
     checkpoint = jobs.checkpoint_of(job)
     _record_state(engine, facility_id, run, status="running")
+    stats = {"seen": 0, "written": int(checkpoint.get("written", 0)), "removed": 0}
     source = open_source(facility, calling_ae=calling_ae)
-    offset = int(checkpoint.get("offset", 0)) if source.pages_are_stable else 0
-    stats = {
-        "seen": int(checkpoint.get("seen", 0)),
-        "written": int(checkpoint.get("written", 0)),
-        "removed": 0,
-    }
-    progress.update(message=f"listing studies at {facility.id}", done=stats["seen"])
     try:
-        for page in source.studies(offset=offset):
-            written = _sync_page(engine, source, facility, run, page)
-            offset += len(page)
-            stats["seen"] = (
-                max(stats["seen"], offset) if source.pages_are_stable else stats["seen"] + len(page)
+        series_of: dict[str, list[RemoteSeries]] | None = None
+        if first is None or checkpoint.get("mode") == "full":
+            # Nothing indexed yet: every study is new, so one SERIES-level listing describes them
+            # all (study keys ride along) and saves a round of per-study queries.
+            progress.update(
+                message=f"listing series at {facility.id}", checkpoint={**checkpoint, "mode": "full"}
             )
-            stats["written"] += written
+            all_series = source.series(None)
+            studies = studies_from_series(all_series)
+            series_of = {}
+            for se in all_series:
+                series_of.setdefault(se.study_uid, []).append(se)
+        else:
+            progress.update(message=f"listing studies at {facility.id}")
+            studies = source.studies(None)
+        total = len(studies)
+        progress.update(total=total, done=0, message=f"{total} studies at {facility.id}")
+        for i in range(0, total, chunk):
+            page = studies[i : i + chunk]
+            stats["written"] += _sync_page(engine, source, facility, run, page, series_of)
+            stats["seen"] = min(total, i + chunk)
             progress.update(
                 done=stats["seen"],
-                message=f"{stats['seen']} studies seen, {stats['written']} new or changed",
-                checkpoint={"offset": offset, "seen": stats["seen"], "written": stats["written"]},
+                message=f"{stats['seen']}/{total} studies, {stats['written']} new or changed",
+                checkpoint={
+                    "mode": "full" if series_of is not None else "incremental",
+                    "written": stats["written"],
+                },
             )
+        stats["removed"] = _remove_gone(engine, source, facility, run)
     finally:
         source.close()
-    stats["removed"] = _remove_gone(engine, facility, run)
     progress.update(
         done=stats["seen"],
         total=stats["seen"],
@@ -187,7 +202,14 @@ def run_sync(
 # -- writing a page ---------------------------------------------------------------------------
 
 
-def _sync_page(engine: Engine, source: Source, facility: Facility, run: int, page: list[RemoteStudy]) -> int:
+def _sync_page(
+    engine: Engine,
+    source: Source,
+    facility: Facility,
+    run: int,
+    page: list[RemoteStudy],
+    known_series: dict[str, list[RemoteSeries]] | None = None,
+) -> int:
     uids = list(dict.fromkeys(s.uid for s in page))
     by_uid = {s.uid: s for s in page}
     with Session(engine, expire_on_commit=False) as session:
@@ -206,11 +228,13 @@ def _sync_page(engine: Engine, source: Source, facility: Facility, run: int, pag
         if (loc := locations.get(u)) is None
         or (loc.remote_series, loc.remote_instances) != (by_uid[u].num_series, by_uid[u].num_instances)
     ]
-    # Network before the transaction: a slow archive never holds database locks.
-    series = source.series(changed) if changed else []
     series_of: dict[str, list[RemoteSeries]] = {}
-    for s in series:
-        series_of.setdefault(s.study_uid, []).append(s)
+    if known_series is not None:
+        series_of = {u: known_series.get(u, []) for u in changed}
+    elif changed:
+        # Network before the transaction: a slow archive never holds database locks.
+        for se in source.series(changed):
+            series_of.setdefault(se.study_uid, []).append(se)
     unchanged = [u for u in todo if u not in set(changed)]
     with session_scope(engine) as session:
         if unchanged:
@@ -401,19 +425,28 @@ def _write_studies(
 # -- removing what the facility no longer holds -----------------------------------------------
 
 
-def _remove_gone(engine: Engine, facility: Facility, run: int) -> int:
-    with session_scope(engine) as session:
-        gone = list(
+def _remove_gone(engine: Engine, source: Source, facility: Facility, run: int) -> int:
+    with Session(engine) as session:
+        missing = list(
             session.exec(
-                select(StudyLocation).where(
+                select(StudyLocation.study_uid).where(
                     StudyLocation.facility_id == facility.id,
                     (col(StudyLocation.seen_job).is_(None)) | (col(StudyLocation.seen_job) != run),
                 )
             )
         )
-        if not gone:
-            return 0
-        uids = [g.study_uid for g in gone]
+    if not missing:
+        return 0
+    # Not in the listing is not proof of deletion (a listing can miss a match, e.g. one cut or
+    # reordered by the archive): ask for those studies by UID, and keep the ones still there.
+    still_there = source.studies(missing)
+    if still_there:
+        _sync_page(engine, source, facility, run, still_there)
+    present = {s.uid for s in still_there}
+    uids = [u for u in missing if u not in present]
+    if not uids:
+        return 0
+    with session_scope(engine) as session:
         for i in range(0, len(uids), 500):
             chunk = uids[i : i + 500]
             session.exec(
@@ -445,7 +478,7 @@ def _remove_gone(engine: Engine, facility: Facility, run: int) -> int:
             if doomed:
                 session.exec(delete(Series).where(col(Series.study_pk).in_(doomed)))  # type: ignore[call-overload]
                 session.exec(delete(Study).where(col(Study.pk).in_(doomed)))  # type: ignore[call-overload]
-        return len(gone)
+    return len(uids)
 
 
 def remote_only_count(*, session: Session, facility_id: str) -> int:

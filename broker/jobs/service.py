@@ -277,7 +277,14 @@ def work(
     ran = 0
     owner = owner or default_owner()
     while stop is None or not stop.is_set():
-        job = claim(engine=engine, owner=owner, kinds=kinds)
+        try:
+            job = claim(engine=engine, owner=owner, kinds=kinds)
+        except Exception:  # database briefly away: the worker waits and tries again
+            log.exception("claiming a job failed")
+            if once or stop is None:
+                raise
+            stop.wait(idle_wait)
+            continue
         if job is None:
             if once:
                 break
