@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
@@ -27,6 +27,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -37,6 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from broker.deps import AppState
 from broker.dimse import service as ds
@@ -70,7 +72,7 @@ class _SpoolFor:
         return isinstance(getattr(assoc, "ae", None), SpoolingAE)
 
 
-_config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)
+_config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)  # type: ignore[assignment]
 
 _PATIENT_ROOT = {
     PatientRootQueryRetrieveInformationModelFind,
@@ -177,10 +179,12 @@ def start_scp(
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         # scp_role: accept a C-GET requestor's proposal to be the Storage SCP (PS3.7 D.3.3.4).
-        ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes, scu_role=True, scp_role=True)
+        ae.add_supported_context(
+            cast(str, cx.abstract_syntax), AllTransferSyntaxes, scu_role=True, scp_role=True
+        )
     for uid in _QR_CONTEXTS:
         ae.add_supported_context(uid, _UNCOMPRESSED)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, _on_echo, [handle]),
         (evt.EVT_C_STORE, _on_store, [handle]),
         (evt.EVT_C_FIND, _on_find, [handle]),
@@ -189,7 +193,7 @@ def start_scp(
         (evt.EVT_CONN_CLOSE, _on_conn_close, [handle]),
     ]
     bind = (host if host is not None else settings.host, settings.dimse_port if port is None else port)
-    server = ae.start_server(bind, block=False, evt_handlers=handlers)
+    server = cast(ThreadedAssociationServer, ae.start_server(bind, block=False, evt_handlers=handlers))
     handle.ae, handle.server = ae, server
     handle.address = server.server_address[:2]
     log.info("DIMSE SCP %s listening on %s:%d", settings.ae_title, *handle.address)
@@ -233,7 +237,7 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
     principal, facility = handle.caller(event)
     if facility is None:
         return status_dataset(0x0124, "calling AE is not registered to a facility")
-    request = event.request
+    request = cast(C_STORE, event.request)
     try:
         path: Path = event.dataset_path
         own_tmp = False

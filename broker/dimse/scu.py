@@ -14,11 +14,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from broker.dicom.uids import is_valid_uid
 from broker.dimse.errors import DimseStatusError
 from broker.dimse.scp import SpoolingAE
 from broker.errors import Unavailable
@@ -271,17 +272,17 @@ def get(
     result = RetrieveResult()
 
     def on_store(event: evt.Event) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
-        path = out / f"{sop_uid}.dcm"
+        request = cast(C_STORE, event.request)
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        # The name comes from the peer: only a valid UID may become part of a path.
+        name = sop_uid if is_valid_uid(sop_uid) else f"instance-{len(result.paths):06d}"
+        path = out / f"{name}.dcm"
         try:
             try:
                 spooled = event.dataset_path  # received straight to disk (SpoolingAE)
                 shutil.copyfile(spooled, path)
             except AttributeError:
-                with open(path, "wb") as f:
-                    f.write(b"\x00" * 128 + b"DICM")
-                    write_file_meta_info(f, event.file_meta, enforce_standard=True)
-                    f.write(event.request.DataSet.getvalue())
+                path.write_bytes(event.encoded_dataset())  # preamble, file meta, data set as sent
         except OSError:
             return 0xA700  # out of resources: could not write it
         result.paths.append(str(path))
