@@ -1,0 +1,158 @@
+"""HL7 v2 ADT identity feed (IHE ITI-8): A01/A04/A08 register or update, A40 merges.
+
+`handle_message` takes one decoded message and returns the acknowledgement to send back:
+AA when applied, AE when the content is wrong (no assigning authority, impossible birth
+date, unknown merge identifiers), AR when the message cannot be processed at all (unparseable,
+unsupported type). Nothing is applied unless the whole message is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import hl7
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from broker.errors import BadRequest, ScanOnceError
+from broker.identity import matching, service
+from broker.identity.schemas import Identifier
+
+log = logging.getLogger("scanonce.identity.adt")
+
+SUPPORTED = ("A01", "A04", "A08", "A40")
+_MAX_REPS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    code: str  # AA | AE | AR
+    text: str
+    message: str  # the ACK message, HL7 ER7 with \r segment separators
+
+
+def _get(msg: Any, path: str) -> str:
+    try:
+        return str(msg[path] or "").strip()
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return ""
+
+
+def _issuer_for(msg: Any, cx_path: str, known: dict[str, str]) -> str:
+    """CX.4 assigning authority (namespace or universal id), else the sending facility's issuer."""
+    for sub in (1, 2):
+        value = _get(msg, f"{cx_path}.C4.S{sub}")
+        if value:
+            return known.get(value, value)
+    return known.get(_get(msg, "MSH.F4.R1.C1"), "")
+
+
+def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[Identifier]:
+    out: list[Identifier] = []
+    for rep in range(1, _MAX_REPS + 1):
+        path = f"{seg}.F{field}.R{rep}"
+        value = _get(msg, f"{path}.C1")
+        if not value:
+            if rep == 1:
+                continue
+            break
+        issuer = _issuer_for(msg, path, known)
+        if not issuer:
+            raise BadRequest(
+                f"{seg}-{field} identifier has no assigning authority and the sending facility is unknown"
+            )
+        out.append(Identifier(issuer=issuer, value=value))
+    return out
+
+
+def _demographics(msg: Any) -> matching.Demographics:
+    raw_dob = _get(msg, "PID.F7.R1.C1")[:8]
+    dob = matching.normalize_date(raw_dob)
+    if raw_dob and not dob:
+        raise BadRequest("PID-7 birth date is not a real past date")
+    address = " ".join(
+        _get(msg, f"PID.F11.R1.C{c}") for c in (1, 2, 3, 4, 5) if _get(msg, f"PID.F11.R1.C{c}")
+    )
+    phone = _get(msg, "PID.F13.R1.C1") or _get(msg, "PID.F13.R1.C12")
+    return matching.demographics(
+        family=_get(msg, "PID.F5.R1.C1.S1") or _get(msg, "PID.F5.R1.C1"),
+        given=_get(msg, "PID.F5.R1.C2"),
+        middle=_get(msg, "PID.F5.R1.C3"),
+        birth_date=dob,
+        sex=_get(msg, "PID.F8"),
+        address=address,
+        phone=phone,
+    )
+
+
+def _known_issuers(session: Session) -> dict[str, str]:
+    """Facility ids and issuers -> issuer, so MSH-4 or CX.4 may name either."""
+    from broker.federation.models import Facility
+
+    known: dict[str, str] = {}
+    for fid, issuer in session.exec(select(Facility.id, Facility.issuer)).all():
+        known[fid] = issuer
+        known[issuer] = issuer
+    return known
+
+
+def _nak(code: str, text: str, control_id: str = "") -> Ack:
+    """An ACK built by hand, for messages too broken to build one from."""
+    safe = text.replace("|", " ").replace("\r", " ")
+    msg = f"MSH|^~\\&|SCANONCE||||||ACK|{control_id or 'NAK'}|P|2.5\rMSA|{code}|{control_id}|{safe}\r"
+    return Ack(code=code, text=text, message=msg)
+
+
+def _ack(msg: Any, code: str, text: str = "") -> Ack:
+    ack = msg.create_ack(code, application="SCANONCE")
+    if text:
+        ack.segment("MSA").assign_field(text.replace("|", " "), 3)
+    return Ack(code=code, text=text, message=str(ack))
+
+
+def handle_message(*, engine: Engine, raw: str, who: str = "hl7") -> Ack:
+    """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
+    try:
+        msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
+        msg.segment("MSH")
+    except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
+        return _nak("AR", "message could not be parsed as HL7 v2")
+    control_id = _get(msg, "MSH.F10")
+    msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
+    if msg_type != "ADT" or event not in SUPPORTED:
+        return _ack(msg, "AR", f"unsupported message type {msg_type}^{event}"[:80])
+    try:
+        msg.segment("PID")
+    except KeyError:
+        return _ack(msg, "AE", "PID segment missing")
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            known = _known_issuers(session)
+            ids = _identifiers(msg, "PID", 3, known)
+            if not ids:
+                raise BadRequest("PID-3 carries no patient identifier")
+            if event == "A40":
+                prior = _identifiers(msg, "MRG", 1, known)
+                if not prior:
+                    raise BadRequest("A40 needs MRG-1 (prior patient identifier)")
+                service.merge(
+                    session=session, survivor=ids[0], merged=prior[0], who=who, why=f"ADT^A40 {control_id}"
+                )
+            else:
+                service.upsert_record(
+                    session=session,
+                    identifier=ids[0],
+                    demographics=_demographics(msg),
+                    identifiers=ids[1:],
+                    source="hl7",
+                    who=who,
+                )
+                session.commit()
+    except ScanOnceError as exc:
+        return _ack(msg, "AE", exc.message[:200])
+    except Exception:
+        log.exception("ADT message %s failed", control_id)  # no patient data: the id only
+        return _ack(msg, "AE", "internal error while applying the message")
+    return _ack(msg, "AA")

@@ -1,0 +1,198 @@
+"""FHIR R4: PIXm, PDQm and the Patient feed through the app, validated with fhir.resources."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from fhir.resources.bundle import Bundle
+from fhir.resources.operationoutcome import OperationOutcome
+from fhir.resources.parameters import Parameters
+from fhir.resources.patient import Patient as FhirPatient
+from sqlmodel import Session
+
+from broker.app import create_app
+from broker.deps import AppState
+from broker.settings import Settings
+from storage import open_store
+
+from .conftest import ingest_patient
+
+FHIR = "application/fhir+json"
+
+
+@pytest.fixture
+def client(engine: Any, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path)
+    state = AppState(settings=settings, engine=engine, store=open_store((tmp_path / "objects").as_uri()))
+    with TestClient(create_app(settings=settings, state=state)) as c:
+        yield c
+
+
+def _patient(
+    system: str, value: str, family: str, given: list[str], birth: str, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": system, "value": value}],
+        "name": [{"family": family, "given": given}],
+        "birthDate": birth,
+        **extra,
+    }
+
+
+def _outcome(r: Any, status: int) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(FHIR)
+    oo = OperationOutcome.model_validate(r.json())
+    return str(oo.issue[0].diagnostics)
+
+
+def test_feed_then_pix_and_pdq(client: TestClient, engine: Any) -> None:
+    with Session(engine) as s:
+        ingest_patient(s, "fac-a", "A1", "NEUMANN^MICHAELA", "19151111", "F", "8 Stanley Street Miami 4223")
+    body = _patient(
+        "urn:oid:1.2.826.0.1.99",
+        "C-77",
+        "Neuman",
+        ["Micheala"],
+        "1915-11-11",
+        gender="female",
+        address=[{"line": ["8 Stanley St"], "city": "Miami", "postalCode": "4223"}],
+    )
+    r = client.post("/fhir/Patient", json=body, headers={"content-type": FHIR})
+    assert r.status_code == 201, r.text
+    assert r.headers["content-type"].startswith(FHIR)
+    created = FhirPatient.model_validate(r.json())
+    systems = {(i.system, i.value) for i in created.identifier or []}
+    assert systems == {("urn:oid:1.2.826.0.1.99", "C-77"), ("urn:scanonce:issuer:ISSUER-A", "A1")}
+
+    r = client.get("/fhir/Patient/$ihe-pix", params={"sourceIdentifier": "urn:scanonce:issuer:ISSUER-A|A1"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith(FHIR)
+    params = Parameters.model_validate(r.json())
+    targets = [
+        (p.valueIdentifier.system, p.valueIdentifier.value)
+        for p in params.parameter or []
+        if p.name == "targetIdentifier"
+    ]
+    assert targets == [("urn:oid:1.2.826.0.1.99", "C-77")]
+    assert any(p.name == "targetId" for p in params.parameter or [])
+    # targetSystem filters; a system nobody knows is 403 per ITI-83.
+    r = client.get(
+        "/fhir/Patient/$ihe-pix",
+        params={
+            "sourceIdentifier": "urn:oid:1.2.826.0.1.99|C-77",
+            "targetSystem": "urn:scanonce:issuer:ISSUER-B",
+        },
+    )
+    assert r.status_code == 200
+    assert [p.name for p in Parameters.model_validate(r.json()).parameter or []] == ["targetId"]
+    _outcome(
+        client.get(
+            "/fhir/Patient/$ihe-pix",
+            params={"sourceIdentifier": "urn:oid:1.2.826.0.1.99|C-77", "targetSystem": "urn:x"},
+        ),
+        403,
+    )
+
+    r = client.get("/fhir/Patient", params={"family": "neu", "birthdate": "1915-11-11"})
+    assert r.status_code == 200
+    bundle = Bundle.model_validate(r.json())
+    assert bundle.type == "searchset" and bundle.total == 1
+    person = bundle.entry[0].resource  # type: ignore[index]
+    assert len(person.identifier) == 2  # type: ignore[union-attr]
+    r = client.get("/fhir/Patient", params={"identifier": "urn:oid:1.2.826.0.1.99|C-77"})
+    assert Bundle.model_validate(r.json()).total == 1
+    r = client.get("/fhir/Patient", params={"family": "Nobody"})
+    assert Bundle.model_validate(r.json()).total == 0
+
+    # Update (conditional, ITI-104 style): same identifier, new address; still one person.
+    body["address"] = [{"line": ["9 Other Road"], "postalCode": "4000"}]
+    r = client.put("/fhir/Patient", params={"identifier": "urn:oid:1.2.826.0.1.99|C-77"}, json=body)
+    assert r.status_code == 200, r.text
+    assert FhirPatient.model_validate(r.json()).id == created.id
+
+
+def test_fhir_errors_are_operation_outcomes(client: TestClient) -> None:
+    assert "bare" in _outcome(client.get("/fhir/Patient/$ihe-pix", params={"sourceIdentifier": "12345"}), 400)
+    assert "required" in _outcome(client.get("/fhir/Patient/$ihe-pix"), 400)
+    _outcome(client.get("/fhir/Patient/$ihe-pix", params={"sourceIdentifier": "urn:nobody|1"}), 400)
+    assert "unknown" in _outcome(
+        client.get(
+            "/fhir/Patient/$ihe-pix", params={"sourceIdentifier": "urn:scanonce:issuer:ISSUER-A|nope"}
+        ),
+        404,
+    )
+    assert "at least one" in _outcome(client.get("/fhir/Patient"), 400)
+    assert "unsupported" in _outcome(client.get("/fhir/Patient", params={"telecom": "1"}), 400)
+    assert "real date" in _outcome(client.get("/fhir/Patient", params={"birthdate": "2023-02-30"}), 400)
+    _outcome(client.get("/fhir/Patient/999999"), 404)
+
+    def post(body: Any) -> Any:
+        return client.post(
+            "/fhir/Patient",
+            content=body if isinstance(body, bytes) else None,
+            json=None if isinstance(body, bytes) else body,
+        )
+
+    assert "not JSON" in _outcome(post(b"{nope"), 400)
+    assert "Patient resource" in _outcome(post({"resourceType": "Observation"}), 400)
+    assert "system" in _outcome(post({"resourceType": "Patient", "identifier": [{"value": "1"}]}), 400)
+    assert "identifier" in _outcome(post({"resourceType": "Patient", "name": [{"family": "X"}]}), 400)
+    assert "birthDate" in _outcome(post(_patient("urn:x", "1", "Smith", ["Ann"], "2023-02-30")), 400)
+    assert "future" in _outcome(post(_patient("urn:x", "1", "Smith", ["Ann"], "2999-01-01")), 400)
+    assert "gender" in _outcome(
+        post({**_patient("urn:x", "1", "Smith", ["Ann"], "1990-01-01"), "gender": 7}), 400
+    )
+
+
+def test_feed_with_name_only_does_not_link(client: TestClient) -> None:
+    a = client.post(
+        "/fhir/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:a", "value": "1"}],
+            "name": [{"family": "Zylbersztejn", "given": ["Eustachy"]}],
+        },
+    )
+    b = client.post(
+        "/fhir/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:b", "value": "1"}],
+            "name": [{"family": "Zylbersztejn", "given": ["Eustachy"]}],
+        },
+    )
+    assert a.status_code == b.status_code == 201
+    assert a.json()["id"] != b.json()["id"]
+    assert b.headers["X-ScanOnce-Link"] in ("new", "review")
+
+
+def test_review_api_records_who_and_why(client: TestClient, engine: Any) -> None:
+    with Session(engine) as s:
+        ingest_patient(s, "fac-a", "A1", "NGUYEN^SONJA", "20150601", "F", "17 Sharwood Crescent 2866")
+        ingest_patient(s, "fac-b", "B1", "NGUYEN^PIA", "20150601", "F", "17 Sharwood Crescent 2866")
+    queue = client.get("/api/identity/review").json()
+    assert len(queue) == 1 and queue[0]["contributions"]["given"]["level"] == "different"
+    r = client.post(f"/api/identity/review/{queue[0]['id']}", json={"decision": "link"})
+    assert r.status_code == 400  # no reason given
+    r = client.post(
+        f"/api/identity/review/{queue[0]['id']}", json={"decision": "link", "reason": "same child, nickname"}
+    )
+    assert r.status_code == 200 and r.json()["decided_by"] == "anonymous" and r.json()["status"] == "linked"
+    assert (
+        client.post(
+            f"/api/identity/review/{queue[0]['id']}", json={"decision": "reject", "reason": "x"}
+        ).status_code
+        == 409
+    )
+    rec = client.get("/api/identity/records", params={"issuer": "ISSUER-B", "value": "B1"}).json()
+    why = client.get(f"/api/identity/records/{rec['id']}/explain").json()
+    assert (
+        why["history"][-1]["method"] == "manual-link" and why["history"][-1]["why"] == "same child, nickname"
+    )
+    r = client.post("/api/identity/unlink", json={"record_id": rec["id"], "reason": "mistake"})
+    assert r.status_code == 200 and r.json()["person_id"] != why["person_id"]
