@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from broker.federation import service as federation
 from broker.index.schemas import Query
-from broker.index.service import search
+from broker.index.service import find_instances, search
 from tests.dimse.conftest import COMPRESSED, PATIENT, SYNTH, TEST_FILES, Node
 from tests.peers import dcmtk, storescp
 
@@ -281,3 +281,24 @@ def test_getscu_of_a_compressed_instance_is_decompressed_for_a_peer_that_takes_o
     got = pydicom.dcmread(path)
     assert not got.file_meta.TransferSyntaxUID.is_compressed
     assert got.pixel_array.shape == original.pixel_array.shape
+
+
+def test_move_reports_instances_it_cannot_read_as_failed_sub_operations(archive: Node, sink: Any) -> None:
+    cr = [ds for ds in SYNTH if ds.Modality == "CR"]
+    with Session(archive.state.engine) as session:
+        refs = find_instances(session=session, study_uid=cr[0].StudyInstanceUID)
+    lost = refs[0]
+    archive.state.store.delete(lost.object_key)  # indexed, but the object is gone
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelMove
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=cr[0].StudyInstanceUID)
+        responses = list(assoc.send_c_move(identifier, "SINKAE", model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xB000  # warning: some sub-operations failed
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (len(refs) - 1, 1)
+    assert _uids(sink.files()) == {r.sop_uid for r in refs[1:]}

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from sqlmodel import Session
 
 from broker.dicom import synth
+from broker.federation import service as federation
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from tests.dimse.conftest import TEST_FILES, Node, sample_folder, synthetic_studies
@@ -216,6 +217,26 @@ def test_unknown_calling_ae_is_rejected_when_open_mode_is_off(closed_node: Node)
     closed_node.peers.add_calling("PACS1", "local")
     done = dcmtk("echoscu", "-aet", "PACS1", "-aec", closed_node.aet, "127.0.0.1", str(closed_node.port))
     assert done.returncode == 0
+
+
+def test_calling_ae_registered_to_a_facility_is_accepted_and_stores_for_it(
+    closed_node: Node, tmp_path: Path
+) -> None:
+    with Session(closed_node.state.engine) as session:
+        federation.add_facility(
+            session=session, facility_id="northgen", issuer="NORTH-GENERAL", calling_ae_titles=["NG_PACS"]
+        )
+    study = synthetic_studies()[:2]
+    paths = synth.write_files(study, tmp_path / "send")
+    dcmtk("storescu", "-aet", "NG_PACS", "-aec", closed_node.aet, "127.0.0.1", str(closed_node.port), *paths)
+    with Session(closed_node.state.engine) as session:
+        result = search(session=session, query=Query(level="study", facility_id="northgen"))
+    assert [m["0020000D"]["Value"][0] for m in result.matches] == [study[0].StudyInstanceUID]
+    # The facility's AE title is the only one let in.
+    done = dcmtk(
+        "echoscu", "-aet", "OTHER", "-aec", closed_node.aet, "127.0.0.1", str(closed_node.port), check=False
+    )
+    assert done.returncode != 0
 
 
 def test_peer_vanishing_mid_transfer_leaves_nothing_and_the_scp_keeps_serving(node: Node) -> None:
