@@ -38,9 +38,16 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
         from broker.dimse.scp import start_scp
 
         handle = start_scp(state=state)
+    import threading
+
+    from broker.federation.background import start_background
+
+    stop = threading.Event()  # the job worker and the periodic index sync
+    start_background(engine=state.engine, store=state.store, settings=state.settings, stop=stop)
     try:
         yield
     finally:
+        stop.set()
         if handle is not None:
             from broker.dimse.scp import stop_scp
 
@@ -93,8 +100,10 @@ def _include_routers(app: FastAPI) -> None:
     from broker.dicomweb.routes import router as dicomweb_router
     from broker.federation.routes import router as federation_router
     from broker.identity.routes import router as identity_router
+    from broker.jobs.routes import router as jobs_router
 
     app.include_router(federation_router)
+    app.include_router(jobs_router)
     app.include_router(identity_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
