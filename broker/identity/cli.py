@@ -1,0 +1,205 @@
+"""`scanonce identity ...`: the review queue, manual link/unlink, explain, training, the MLLP feed.
+
+A typer sub-app; broker/cli.py mounts it with `app.add_typer(identity_app, name="identity")`.
+Every manual decision needs --who and --why (recorded with the link).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import Session
+
+from broker.errors import ScanOnceError
+from broker.settings import Settings
+
+identity_app = typer.Typer(
+    help="Patient identity (MPI): review, link, unlink, explain.", no_args_is_help=True
+)
+console = Console()
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data directory (default: $SCANONCE_DATA_DIR).")
+]
+Who = Annotated[str, typer.Option("--who", help="Who decides (recorded).")]
+Why = Annotated[str, typer.Option("--why", help="Why (recorded; required).")]
+
+
+def _engine(data_dir: Path | None):  # type: ignore[no-untyped-def]
+    from broker.db import make_engine, migrate
+
+    settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    engine = make_engine(settings.resolved_database_url())
+    migrate(engine)
+    return engine
+
+
+def _default_who() -> str:
+    return os.environ.get("USER") or "cli"
+
+
+def _fail(exc: ScanOnceError) -> None:
+    console.print(f"[red]{exc.title}:[/red] {exc.message}")
+    raise typer.Exit(code=1)
+
+
+def _record_id(session: Session, ref: str) -> int:
+    """A record by id, or by ISSUER|VALUE."""
+    from broker.identity import service
+
+    if "|" in ref:
+        issuer, value = ref.split("|", 1)
+        rec = service.get_record(session=session, issuer=issuer, value=value)
+        if rec is None or rec.id is None:
+            console.print(f"[red]no record for {ref}[/red]")
+            raise typer.Exit(code=1)
+        return rec.id
+    if not ref.isdigit():
+        console.print("[red]give a record id or ISSUER|VALUE[/red]")
+        raise typer.Exit(code=2)
+    return int(ref)
+
+
+@identity_app.command("review")
+def review(
+    data_dir: DataDir = None,
+    decide: Annotated[int | None, typer.Option(help="Review item id to decide.")] = None,
+    link: Annotated[bool, typer.Option("--link/--reject", help="Decision for --decide.")] = False,
+    who: Annotated[str | None, typer.Option("--who")] = None,
+    why: Annotated[str | None, typer.Option("--why")] = None,
+    limit: int = 50,
+) -> None:
+    """List the open review queue, or decide one item (--decide ID --link|--reject --why ...)."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir), expire_on_commit=False) as session:
+        try:
+            if decide is not None:
+                item = service.decide_review(
+                    session=session,
+                    review_id=decide,
+                    decision="link" if link else "reject",
+                    who=who or _default_who(),
+                    why=why or "",
+                )
+                console.print(f"review {item.id}: {item.status} by {item.decided_by}")
+                return
+            items = service.review_queue(session=session, limit=limit)
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+    table = Table("id", "record", "candidate", "weight", "evidence")
+    for it in items:
+        contrib = json.loads(it.contributions)
+        evidence = ", ".join(f"{k}:{v.get('level')}" for k, v in contrib.items() if isinstance(v, dict))
+        table.add_row(
+            str(it.id), str(it.record_id), str(it.candidate_record_id), f"{it.weight:.1f}", evidence
+        )
+    console.print(table if items else "review queue is empty")
+
+
+@identity_app.command("link")
+def link(
+    record: Annotated[str, typer.Argument(help="Record id or ISSUER|VALUE.")],
+    to: Annotated[str, typer.Argument(help="Record id or ISSUER|VALUE to join.")],
+    why: Why,
+    who: Annotated[str | None, typer.Option("--who")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Link a record (and its person) to another record's person."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir), expire_on_commit=False) as session:
+        try:
+            d = service.manual_link(
+                session=session,
+                record_id=_record_id(session, record),
+                to_record_id=_record_id(session, to),
+                who=who or _default_who(),
+                why=why,
+            )
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+    console.print(f"record {d.record_id} -> person {d.person_id}")
+
+
+@identity_app.command("unlink")
+def unlink(
+    record: Annotated[str, typer.Argument(help="Record id or ISSUER|VALUE.")],
+    why: Why,
+    who: Annotated[str | None, typer.Option("--who")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Split a record (or the group a merge brought in) out of its person."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir), expire_on_commit=False) as session:
+        try:
+            d = service.unlink(
+                session=session, record_id=_record_id(session, record), who=who or _default_who(), why=why
+            )
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+    console.print(f"record {d.record_id} -> person {d.person_id}")
+
+
+@identity_app.command("explain")
+def explain(
+    record: Annotated[str, typer.Argument(help="Record id or ISSUER|VALUE.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Why a record belongs to its person: link history and per-field contributions (JSON)."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir)) as session:
+        try:
+            out = service.explain(session=session, record_id=_record_id(session, record))
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+    console.print_json(json.dumps(out))
+
+
+@identity_app.command("train")
+def train(data_dir: DataDir = None) -> None:
+    """Re-estimate m/u from the records (EM); used for links from now on."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir)) as session:
+        try:
+            params = service.train(session=session)
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+    console.print_json(json.dumps(params))
+
+
+@identity_app.command("trust")
+def trust(issuer: str, note: str = "", data_dir: DataDir = None) -> None:
+    """Declare an issuer trusted (e.g. a national ID): its identifiers link deterministically."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir)) as session:
+        service.set_trusted_issuer(session=session, issuer=issuer, note=note)
+    console.print(f"trusted issuer: {issuer}")
+
+
+@identity_app.command("mllp")
+def mllp(
+    data_dir: DataDir = None,
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="MLLP port (2575 is HL7's registered port).")] = 2575,
+) -> None:
+    """Listen for HL7 v2 ADT (A01/A04/A08/A40) over MLLP: the ITI-8 identity feed."""
+    from broker.identity.mllp import serve_forever
+
+    console.print(f"MLLP listening on {host}:{port}")
+    serve_forever(engine=_engine(data_dir), host=host, port=port)

@@ -1,0 +1,44 @@
+"""`scanonce identity` sub-commands against a real SQLite data dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlmodel import Session
+from typer.testing import CliRunner
+
+from broker.db import make_engine, migrate
+from broker.federation.models import Facility
+from broker.identity.cli import identity_app
+
+from .conftest import ingest_patient
+
+
+def test_review_link_unlink_explain(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    with Session(engine) as s:
+        s.add(Facility(id="fac-a", name="A", issuer="ISSUER-A"))
+        s.add(Facility(id="fac-b", name="B", issuer="ISSUER-B"))
+        s.commit()
+        ingest_patient(s, "fac-a", "A1", "NGUYEN^SONJA", "20150601", "F", "17 Sharwood Crescent 2866")
+        ingest_patient(s, "fac-b", "B1", "NGUYEN^PIA", "20150601", "F", "17 Sharwood Crescent 2866")
+    engine.dispose()
+    run = CliRunner().invoke
+    dd = ["--data-dir", str(tmp_path)]
+    r = run(identity_app, ["review", *dd])
+    assert r.exit_code == 0 and "given:different" in r.output
+    r = run(identity_app, ["link", "ISSUER-B|B1", "ISSUER-A|A1", "--why", "", *dd])
+    assert r.exit_code == 1 and "why" in r.output
+    r = run(
+        identity_app, ["link", "ISSUER-B|B1", "ISSUER-A|A1", "--who", "nurse", "--why", "same child", *dd]
+    )
+    assert r.exit_code == 0, r.output
+    r = run(identity_app, ["explain", "ISSUER-B|B1", *dd])
+    assert r.exit_code == 0 and '"manual-link"' in r.output and '"nurse"' in r.output
+    r = run(identity_app, ["unlink", "ISSUER-B|B1", "--who", "nurse", "--why", "no, twins", *dd])
+    assert r.exit_code == 0
+    r = run(identity_app, ["unlink", "ISSUER-B|B1", "--why", "again", *dd])
+    assert r.exit_code == 1 and "not linked" in r.output
+    r = run(identity_app, ["explain", "NOPE|1", *dd])
+    assert r.exit_code == 1
