@@ -8,14 +8,16 @@ or a group of C-STOREs).
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
@@ -97,6 +99,7 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
         return _failed(status.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM preamble/prefix)")
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         return _failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
+    truncated = _truncated(ds, path, os.path.getsize(path))
     uids = {
         "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
@@ -133,6 +136,10 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
     except Exception as exc:  # noqa: BLE001
         return _failed(status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids)
     sha, size = _sha256(path)
+    if truncated:
+        return _failed(
+            status.CANNOT_UNDERSTAND, "the file ends before its last attribute does (truncated)", **uids
+        )
     return _Parsed(
         path=path,
         sha256=sha,
@@ -145,6 +152,55 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
         attrs=attrs,
         metadata=orjson.dumps(attrs),
     )
+
+
+_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+
+
+def _short_native_pixels(ds: Any, value: Any) -> bool:
+    try:
+        if str(ds.file_meta.TransferSyntaxUID) not in _NATIVE or not isinstance(value, bytes | bytearray):
+            return False
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.SamplesPerPixel)
+        if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+            samples = 2  # chroma subsampled: two samples per pixel on average
+        expected = (int(ds.Rows) * int(ds.Columns) * samples * frames * bits + 7) // 8
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return len(value) < expected
+
+
+def _truncated(ds: Any, path: str, size: int) -> bool:
+    """Whether the file was cut short. pydicom stops quietly at a truncated element (keeping
+    what bytes there were), and a deferred value is never read at ingest, so compare where the
+    dataset ends with the file. Must run before anything converts the dataset's elements."""
+    keys = list(ds.keys())
+    if not keys:
+        return True
+    last = ds.get_item(keys[-1])
+    if not isinstance(last, RawDataElement):
+        # Read eagerly (undefined length, or a value pydicom had to read short): for native
+        # pixel data the expected size is known; for anything else trust the parser.
+        return last.tag == 0x7FE00010 and _short_native_pixels(ds, last.value)
+    if last.length == 0xFFFFFFFF:
+        return False
+    if last.value is not None:
+        if len(last.value) < last.length:
+            return True
+        end = last.value_tell + len(last.value)
+    else:
+        end = last.value_tell + last.length
+    if end > size:
+        return True
+    # Bytes after the dataset that are not zero padding are an element pydicom could not read.
+    with open(path, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(1 << 16):
+            if chunk.strip(b"\x00"):
+                return True
+    return False
 
 
 def _int(attrs: dict[str, Any], tag: str) -> int | None:

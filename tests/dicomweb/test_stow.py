@@ -137,7 +137,7 @@ def test_study_uid_in_url_mismatch_fails_alone(live_server: LiveServer, corpus: 
     client = live_server.client()
     with pytest.raises(requests.HTTPError) as err:
         client.store_instances([pydicom.dcmread(other.path)], study_instance_uid=MUELLER)
-    assert err.value.response.status_code == 409
+    assert err.value.response is not None and err.value.response.status_code == 409
     response = client.store_instances(
         [pydicom.dcmread(in_study.path), pydicom.dcmread(other.path)], study_instance_uid=MUELLER
     )
@@ -148,25 +148,21 @@ def test_study_uid_in_url_mismatch_fails_alone(live_server: LiveServer, corpus: 
     assert [s["0020000D"]["Value"][0] for s in client.search_for_studies()] == [MUELLER]
 
 
-@pytest.mark.parametrize(
-    ("content_type", "code"),
-    [
+def test_wrong_content_type_is_refused_and_nothing_changes(live_server: LiveServer, corpus: Corpus) -> None:
+    body, _ = multipart_body([_local(corpus)[0].read_bytes()], boundary="x")
+    cases = [
         ("application/dicom", 415),
         ("multipart/form-data; boundary=x", 415),
         ('multipart/related; type="application/dicom+json"; boundary=x', 415),
-        ('multipart/related; type="application/dicom"', 400),
+        ('multipart/related; type="application/dicom"', 400),  # no boundary
         (None, 415),
-    ],
-)
-def test_wrong_content_type_is_refused_and_nothing_changes(
-    live_server: LiveServer, corpus: Corpus, content_type: str | None, code: int
-) -> None:
-    body, _ = multipart_body([_local(corpus)[0].read_bytes()], boundary="x")
-    headers = {"Content-Type": content_type} if content_type else {}
+    ]
     with live_server.http() as http:
-        r = http.post("/dicom-web/studies", content=body, headers=headers)
-        assert r.status_code == code, r.text
-        assert r.json()["detail"]
+        for content_type, code in cases:
+            headers = {"Content-Type": content_type} if content_type else {}
+            r = http.post("/dicom-web/studies", content=body, headers=headers)
+            assert r.status_code == code, (content_type, r.text)
+            assert r.json()["detail"]
         assert http.get("/dicom-web/studies").status_code == 204  # still serving, still empty
 
 
@@ -270,10 +266,6 @@ def test_part_above_the_limit_is_413(backend, tmp_path: Path, corpus: Corpus) ->
         assert http.get("/dicom-web/studies").status_code == 204
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="index ingest reads with defer_size and does not notice a value cut short by the end of the file",
-)
 def test_truncated_files_fail_alone(live_server: LiveServer, corpus: Corpus) -> None:
     good = _local(corpus)[0].read_bytes()
     parts = [good[: len(good) // 2], (TEST_FILES / "MR_truncated.dcm").read_bytes()]

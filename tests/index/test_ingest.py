@@ -177,3 +177,17 @@ def test_metadata_has_bulk_data_uris_under_the_serving_base(state: AppState) -> 
         f"http://h:1/dicom-web/studies/{outcome.study_uid}/series/{outcome.series_uid}"
         f"/instances/{outcome.sop_instance_uid}/bulk/7FE00010"
     )
+
+
+@pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm", "CT_small.dcm", "MR_small.dcm"])
+def test_truncated_files_are_refused(state: AppState, tmp_path: Path, name: str) -> None:
+    data = (TEST_FILES / name).read_bytes()
+    if "truncated" not in name:
+        data = data[: len(data) - 1000]  # cut inside the pixel data
+    path = tmp_path / name
+    path.write_bytes(data)
+    (outcome,) = _ingest(state, [str(path)])
+    assert outcome.status == "failed"
+    assert outcome.failure_reason == status.CANNOT_UNDERSTAND
+    assert "truncated" in outcome.message
+    assert list(state.store.list()) == []
