@@ -219,7 +219,7 @@ def wado_retrieve_study(*, facility: Facility, study_uid: str, into: str) -> lis
             if r.status_code >= 400:
                 raise Unavailable(f"facility {facility.id!r} answered {r.status_code} to a WADO-RS retrieve")
             boundary = _boundary(r.headers.get("content-type", ""))
-            parser = mp.PushMultipartParser(boundary, max_header_count=64, strict=False)
+            parser = _RelatedParser(boundary, max_header_count=64)
             current = None
             try:
                 for chunk in r.iter_bytes(1 << 20):
@@ -243,6 +243,13 @@ def wado_retrieve_study(*, facility: Facility, study_uid: str, into: str) -> lis
     except mp.ParserError as exc:
         raise Unavailable(f"facility {facility.id!r} sent a broken multipart body: {exc}") from exc
     return paths
+
+
+class _RelatedParser(mp.PushMultipartParser):  # type: ignore[misc]
+    """multipart/related parts have no Content-Disposition (the parser's form-data rule)."""
+
+    def _create_segment(self, headerlist: list[tuple[str, str]]) -> mp.MultipartSegment:
+        return mp.MultipartSegment(headerlist)
 
 
 def _boundary(content_type: str) -> str:
