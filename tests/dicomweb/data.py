@@ -72,7 +72,7 @@ def relabel(src: Path, dst: Path, **attrs: object) -> pydicom.Dataset:
     for key, value in attrs.items():
         setattr(ds, key, value)
     if "SOPInstanceUID" in attrs:
-        ds.file_meta.MediaStorageSOPInstanceUID = attrs["SOPInstanceUID"]
+        ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(str(attrs["SOPInstanceUID"]))
     ds.save_as(dst)
     return ds
 
