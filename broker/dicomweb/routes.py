@@ -294,11 +294,9 @@ def make_router(*, per_facility: bool) -> APIRouter:
         request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
     ) -> Response:
         numbers = wado.parse_frame_list(frames)
-        as_stored, media_type = wado.negotiate_frames(request.headers.get("accept"))
+        plan = wado.negotiate_frames(request.headers.get("accept"))
         (ref,) = await _refs(scope, study, series, instance)
-        parts = await run_in_threadpool(
-            wado.frame_parts, scope.state.store, ref, numbers, as_stored=as_stored, media_type=media_type
-        )
+        parts = await run_in_threadpool(wado.frame_parts, scope.state.store, ref, numbers, plan)
         boundary = new_boundary()
         part_type = parts[0][0].split(";")[0] if parts else wado.OCTET
         body = related_stream([(ct, (data,)) for ct, data in parts], boundary=boundary)

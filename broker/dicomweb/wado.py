@@ -88,19 +88,30 @@ def negotiate_instances(accept: str | None, refs: list[InstanceRef]) -> list[Del
     )
 
 
-def negotiate_frames(accept: str | None) -> tuple[bool, str | None]:
-    """-> (as_stored, required part media type or None for any)."""
+@dataclass(frozen=True, slots=True)
+class FramesPlan:
+    as_stored: bool  # encapsulated frames as they are in the file, else decoded native pixels
+    part_type: str | None  # the media type every part must have; None: whatever the pixels are
+    label_octet: bool  # as stored but labelled application/octet-stream (the client asked for that)
+
+
+def negotiate_frames(accept: str | None) -> FramesPlan:
+    """PS3.18 8.7.3: octet-stream is native pixels unless `transfer-syntax=*` asks for the stored
+    bytes (then still labelled octet-stream, with the stored transfer syntax); an image or video
+    type, or any type, is the stored bitstream."""
     for mt in parse_accept(accept):
         if not _is_related(mt):
             continue
         part = _part_type(mt, OCTET)
         ts = mt.params.get("transfer-syntax")
         if part == OCTET:
-            return (ts == "*", OCTET if ts != "*" else None)
+            if ts == "*":
+                return FramesPlan(True, None, True)
+            return FramesPlan(False, OCTET, False)
         if part in ("*/*", "image/*"):
-            return True, None
+            return FramesPlan(True, None, False)
         if part.startswith("image/") or part.startswith("video/"):
-            return True, part
+            return FramesPlan(True, part, False)
     raise NotAcceptable(
         'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed) '
         "or with the stored image media type"
@@ -185,17 +196,19 @@ def parse_frame_list(text: str) -> list[int]:
 
 
 def frame_parts(
-    store: ObjectStore, ref: InstanceRef, frames: list[int], *, as_stored: bool, media_type: str | None
+    store: ObjectStore, ref: InstanceRef, frames: list[int], plan: FramesPlan
 ) -> list[tuple[str, bytes]]:
     ds = read_dataset(store, ref)
     if "PixelData" not in ds:
         raise NotFound(f"instance {ref.sop_uid} has no pixel data")
-    got = pixels.get_frames(ds, frames, as_stored=as_stored)
-    ts = pixels.frames_transfer_syntax(ds, as_stored=as_stored)
+    got = pixels.get_frames(ds, frames, as_stored=plan.as_stored)
+    ts = pixels.frames_transfer_syntax(ds, as_stored=plan.as_stored)
     out = []
     for data, mt in got:
-        if media_type is not None and mt != media_type:
-            raise NotAcceptable(f"frames of this instance are {mt}, not {media_type}")
+        if plan.label_octet:
+            mt = OCTET
+        if plan.part_type is not None and mt != plan.part_type:
+            raise NotAcceptable(f"frames of this instance are {mt}, not {plan.part_type}")
         out.append((f"{mt}; transfer-syntax={ts}", data))
     return out
 

@@ -138,6 +138,11 @@ def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
     # A client that takes any part type (dicomweb-client's default, type="*/*") gets them as stored.
     (default,) = client.retrieve_instance_frames(MUELLER, uid(1, 3), uid(1, 3, 1), frame_numbers=[1])
     assert default == data
+    # OHIF's request: octet-stream with transfer-syntax=* -> the stored bytes, labelled as asked.
+    r = _get(archive, path, Accept="multipart/related; type=application/octet-stream; transfer-syntax=*")
+    ((headers, same),) = split_multipart(r.headers["content-type"], r.content)
+    assert headers["content-type"] == f"application/octet-stream; transfer-syntax={rgb.transfer_syntax}"
+    assert same == data
     assert _get(archive, path, Accept="multipart/related; type=image/jp2").status_code == 406
     assert _get(archive, path.replace("frames/1", "frames/3")).status_code in (400, 404)
     assert _get(archive, path.replace("frames/1", "frames/0")).status_code == 400
