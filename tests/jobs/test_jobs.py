@@ -1,0 +1,123 @@
+"""Durable jobs: one active job per key, each job claimed by exactly one worker (SKIP LOCKED on
+PostgreSQL, one atomic UPDATE on SQLite), failures recorded, dead workers' jobs reclaimed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from broker.app import build_state, create_app
+from broker.jobs import service as jobs
+from broker.jobs.models import Job
+from broker.settings import Settings
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    state = build_state(settings)
+    try:
+        yield state.engine
+    finally:
+        state.engine.dispose()
+
+
+def test_one_active_job_per_kind_and_key(engine: Engine) -> None:
+    a = jobs.enqueue(engine=engine, kind="sync", key="stmarys", params={"facility_id": "stmarys"})
+    assert jobs.enqueue(engine=engine, kind="sync", key="stmarys").id == a.id
+    b = jobs.enqueue(engine=engine, kind="sync", key="county")
+    assert b.id != a.id
+    claimed = jobs.claim(engine=engine, job_id=a.id)
+    assert claimed is not None and claimed.status == "running"
+    jobs.finish(engine=engine, job_id=a.id)
+    # Once done, the same key may be queued again.
+    assert jobs.enqueue(engine=engine, kind="sync", key="stmarys").id not in (a.id, b.id)
+
+
+def test_concurrent_workers_never_claim_the_same_job(engine: Engine) -> None:
+    ids = {jobs.enqueue(engine=engine, kind="work", key=str(i)).id for i in range(30)}
+    claims: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        mine: list[int] = []
+        try:
+            while (job := jobs.claim(engine=engine, owner=name)) is not None:
+                assert job.id is not None
+                mine.append(job.id)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        claims[name] = mine
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    claimed = [job_id for mine in claims.values() for job_id in mine]
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+    with Session(engine) as session:
+        rows = [session.get(Job, i) for i in ids]
+        assert {(r.status, r.attempts) for r in rows if r} == {("running", 1)}
+        assert {r.owner for r in rows if r} <= set(claims)
+
+
+def test_handlers_run_and_failures_are_recorded(engine: Engine, settings: Settings) -> None:
+    seen: list[dict[str, Any]] = []
+
+    @jobs.register("test-echo")
+    def echo(_engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
+        seen.append(jobs.params_of(job))
+        progress.update(done=3, total=3, message="all three", checkpoint={"step": 3})
+
+    @jobs.register("test-boom")
+    def boom(_engine: Engine, _store: Any, _job: Job, progress: jobs.Progress) -> None:
+        progress.update(done=1, total=2)
+        raise RuntimeError("the archive said no")
+
+    ok = jobs.enqueue(engine=engine, kind="test-echo", params={"n": 1})
+    bad = jobs.enqueue(engine=engine, kind="test-boom")
+    unknown = jobs.enqueue(engine=engine, kind="test-nobody")
+    assert (
+        jobs.work(engine=engine, store=None, once=True, kinds=("test-echo", "test-boom", "test-nobody")) == 3
+    )
+    assert seen == [{"n": 1}]
+
+    client = TestClient(create_app(state=build_state(settings)))
+    done = client.get(f"/api/jobs/{ok.id}").json()
+    assert (done["status"], done["progress_done"], done["progress_total"], done["message"]) == (
+        "done", 3, 3, "all three",
+    )  # fmt: skip
+    failed = client.get(f"/api/jobs/{bad.id}").json()
+    assert (failed["status"], failed["error"], failed["progress_done"]) == (
+        "failed",
+        "the archive said no",
+        1,
+    )
+    assert "no handler" in client.get(f"/api/jobs/{unknown.id}").json()["error"]
+    assert client.get("/api/jobs/999999").status_code == 404
+    assert [j["id"] for j in client.get("/api/jobs", params={"status": "failed"}).json()] == [
+        unknown.id,
+        bad.id,
+    ]
+
+
+def test_a_dead_workers_job_is_claimed_again_with_its_checkpoint(engine: Engine) -> None:
+    job = jobs.enqueue(engine=engine, kind="long", key="k")
+    first = jobs.claim(engine=engine, owner="dies")
+    assert first is not None and first.id == job.id
+    jobs.report(engine=engine, job_id=job.id, done=5, checkpoint={"offset": 5})
+    # Fresh heartbeat: nobody else takes it.
+    assert jobs.claim(engine=engine, owner="other") is None
+    # The heartbeat goes stale (the worker died): the next worker resumes it.
+    again = jobs.claim(engine=engine, owner="other", stale_after=timedelta(0))
+    assert again is not None and again.id == job.id
+    assert (again.attempts, again.owner, again.progress_done) == (2, "other", 5)
+    assert jobs.checkpoint_of(again) == {"offset": 5}
