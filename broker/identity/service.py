@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, func, or_, text, update
-from sqlmodel import Session, select
+from sqlalchemy import and_, delete, or_, text, update
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.identity import matching
@@ -60,7 +62,7 @@ KEY_CAP = 200
 # Pseudo-count for term frequencies: a small index borrows the default name frequencies.
 _TF_PSEUDO = 1000.0
 
-_COLUMNS = (
+_COLUMNS: tuple[Any, ...] = (
     IdentityRecord.id,
     IdentityRecord.person_id,
     IdentityRecord.issuer,
@@ -93,17 +95,31 @@ def _demo_of(rec: Any) -> Demographics:
 # ---------------------------------------------------------------- parameters
 
 
+_PARAMS_CACHE: dict[str, tuple[float, dict[str, Any]]] = {}
+# Parameters change only when someone trains or sets thresholds; other processes notice
+# within this many seconds (saves a query on every link).
+_PARAMS_TTL = 10.0
+
+
 def current_params(*, session: Session) -> dict[str, Any]:
+    key = str(session.get_bind().engine.url)
+    hit = _PARAMS_CACHE.get(key)
+    if hit is not None and time.monotonic() - hit[0] < _PARAMS_TTL:
+        return hit[1]
     row = session.exec(select(ModelParams).order_by(ModelParams.id.desc()).limit(1)).first()  # type: ignore[union-attr]
-    if row is None:
-        return matching.DEFAULT_PARAMS
-    return json.loads(row.params)  # type: ignore[no-any-return]
+    params = matching.DEFAULT_PARAMS if row is None else json.loads(row.params)
+    _PARAMS_CACHE[key] = (time.monotonic(), params)
+    return params  # type: ignore[no-any-return]
+
+
+def _forget_params(session: Session) -> None:
+    _PARAMS_CACHE.pop(str(session.get_bind().engine.url), None)
 
 
 def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[str, Any]:
     """Estimate m/u from the records themselves: u from random pairs, m and lambda by EM over
     the pairs that blocking proposes. Stores the result (used from the next link on)."""
-    rows = session.exec(select(*_COLUMNS)).all()  # type: ignore[call-overload]
+    rows = session.execute(sa_select(*_COLUMNS)).all()
     if len(rows) < 50:
         raise BadRequest("too few identity records to estimate parameters (need at least 50)")
     demo = {r.id: _demo_of(r) for r in rows}
@@ -129,19 +145,26 @@ def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[
         params["policy"] = current_params(session=session)["policy"]
     session.add(ModelParams(params=json.dumps(params), pairs=len(pairs)))
     session.commit()
+    _forget_params(session)
     return params
 
 
 def _term_frequencies(*, session: Session, d: Demographics, params: dict[str, Any]) -> dict[str, float]:
-    total = session.exec(select(func.max(IdentityRecord.id))).one() or 0
+    """How common the record's family and given names are (one query: two index counts)."""
+    row = session.execute(
+        text(
+            "SELECT (SELECT max(id) FROM identity_record),"
+            " (SELECT count(*) FROM identity_record WHERE family = :f),"
+            " (SELECT count(*) FROM identity_record WHERE given = :g)"
+        ),
+        {"f": d.family, "g": d.given},
+    ).one()
+    total = row[0] or 0
     tf: dict[str, float] = {}
-    for field, column in (("family", IdentityRecord.family), ("given", IdentityRecord.given)):
-        value = getattr(d, field)
-        if not value:
-            continue
-        count = session.exec(select(func.count()).where(column == value)).one()
-        prior_u = params["u"][field][0]
-        tf[field] = (count + _TF_PSEUDO * prior_u) / (total + _TF_PSEUDO)
+    for field, count in (("family", row[1]), ("given", row[2])):
+        if getattr(d, field):
+            prior_u = params["u"][field][0]
+            tf[field] = (count + _TF_PSEUDO * prior_u) / (total + _TF_PSEUDO)
     return tf
 
 
@@ -180,8 +203,9 @@ def get_record(*, session: Session, issuer: str, value: str) -> IdentityRecord |
     ).first()
 
 
-def _set_keys(*, session: Session, record: IdentityRecord, d: Demographics) -> None:
-    session.execute(delete(BlockKey).where(BlockKey.record_id == record.id))  # type: ignore[arg-type]
+def _set_keys(*, session: Session, record: IdentityRecord, d: Demographics, new: bool = False) -> None:
+    if not new:
+        session.execute(delete(BlockKey).where(BlockKey.record_id == record.id))  # type: ignore[arg-type]
     keys = matching.block_keys(d)
     if keys:
         session.execute(
@@ -190,7 +214,9 @@ def _set_keys(*, session: Session, record: IdentityRecord, d: Demographics) -> N
         )
 
 
-def _set_identifiers(*, session: Session, record: IdentityRecord, identifiers: Iterable[Identifier]) -> None:
+def _set_identifiers(*, session: Session, record: IdentityRecord, identifiers: Sequence[Identifier]) -> None:
+    if not identifiers:
+        return
     existing = {
         (i.issuer, i.value)
         for i in session.exec(select(IdentityIdentifier).where(IdentityIdentifier.record_id == record.id))
@@ -313,12 +339,12 @@ def upsert_record(
         facility_id=facility_id,
         patient_pk=patient_pk,
         source=source,
-        **demographics.as_dict(),
+        **demographics.as_dict(),  # type: ignore[arg-type]
     )
     session.add(record)
     session.flush()
     assert record.id is not None
-    _set_keys(session=session, record=record, d=demographics)
+    _set_keys(session=session, record=record, d=demographics, new=True)
     _set_identifiers(session=session, record=record, identifiers=others)
     return _apply(session=session, record=record, parts=decision_parts, person_id=person_id, who=who)
 
@@ -342,8 +368,10 @@ def _apply(
         why=parts.get("why", ""),
     )
     review_ids = _add_reviews(session=session, record_id=record.id, review=parts.get("review", []))
-    session.flush()
-    _sync_patients(session=session, record_ids=[record.id])
+    if record.patient_pk is not None:
+        session.execute(
+            update(Patient).where(Patient.pk == record.patient_pk).values(person_id=person_id)  # type: ignore[arg-type]
+        )
     return LinkDecision(
         record_id=record.id,
         person_id=person_id,
@@ -379,8 +407,11 @@ def _relink_after_update(*, session: Session, record: IdentityRecord, who: str) 
     assert record.id is not None
     d = _demo_of(record)
     params = current_params(session=session)
-    mates = session.exec(
-        select(*_COLUMNS).where(IdentityRecord.person_id == record.person_id, IdentityRecord.id != record.id)  # type: ignore[call-overload]
+    mates = session.execute(
+        sa_select(*_COLUMNS).where(
+            col(IdentityRecord.person_id) == record.person_id,
+            col(IdentityRecord.id) != record.id,
+        )
     ).all()
     if not mates:
         manual = session.exec(
@@ -391,9 +422,11 @@ def _relink_after_update(*, session: Session, record: IdentityRecord, who: str) 
         parts = _decide(session=session, d=d, identifiers=[], exclude_record=record.id)
         if parts["person_id"] is None:
             review_ids = _add_reviews(session=session, record_id=record.id, review=parts.get("review", []))
-            outcome = "review" if review_ids else "existing"
             return LinkDecision(
-                record_id=record.id, person_id=record.person_id, outcome=outcome, review_ids=review_ids
+                record_id=record.id,
+                person_id=record.person_id,
+                outcome="review" if review_ids else "existing",
+                review_ids=review_ids,
             )
         previous = record.person_id
         record.person_id = parts["person_id"]
@@ -441,7 +474,7 @@ def _nolink_records(*, session: Session, record_id: int | None) -> set[int]:
         return set()
     rows = session.exec(
         select(NoLink.record_a, NoLink.record_b).where(
-            or_(NoLink.record_a == record_id, NoLink.record_b == record_id)
+            or_(NoLink.record_a == record_id, NoLink.record_b == record_id)  # type: ignore[arg-type]
         )
     ).all()
     return {b if a == record_id else a for a, b in rows}
@@ -563,6 +596,7 @@ def set_policy(
     params["policy"] = {"auto": a, "review": r, "strict": st}
     session.add(ModelParams(params=json.dumps(params), pairs=0))
     session.commit()
+    _forget_params(session)
     return params
 
 
@@ -571,25 +605,30 @@ def _identifier_match(
 ) -> tuple[str, Any] | None:
     for ident in identifiers:
         # A record whose own (issuer, value) is this identifier: the sender asserts it is the same.
-        own = session.exec(
-            select(*_COLUMNS).where(
-                IdentityRecord.issuer == ident.issuer, IdentityRecord.value == ident.value
-            )  # type: ignore[call-overload]
+        own = session.execute(
+            sa_select(*_COLUMNS).where(
+                col(IdentityRecord.issuer) == ident.issuer,
+                col(IdentityRecord.value) == ident.value,
+            )
         ).first()
         if own is not None and own.id != exclude:
             return ("trusted-identifier" if ident.issuer in trusted else "identifier"), own
         if ident.issuer in trusted:
-            other = session.exec(
-                select(*_COLUMNS)  # type: ignore[call-overload]
-                .join(IdentityIdentifier, IdentityIdentifier.record_id == IdentityRecord.id)
-                .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)
+            other = session.execute(
+                sa_select(*_COLUMNS)
+                .join(IdentityIdentifier, IdentityIdentifier.record_id == IdentityRecord.id)  # type: ignore[arg-type]
+                .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)  # type: ignore[arg-type]
             ).first()
             if other is not None and other.id != exclude:
                 return "trusted-identifier", other
     return None
 
 
+_CANDIDATE_COLUMNS = "id, person_id, issuer, family, given, middle, birth_date, sex, address, phone"
+
+
 def _candidates(*, session: Session, d: Demographics, exclude: int | None) -> list[Any]:
+    """Records sharing a blocking key with `d`: one query over the key index, each key capped."""
     keys = sorted(matching.query_keys(d))
     if not keys:
         return []
@@ -598,13 +637,9 @@ def _candidates(*, session: Session, d: Demographics, exclude: int | None) -> li
         f"LIMIT {KEY_CAP}) AS b{i}"
         for i in range(len(keys))
     ]
-    sql = text(" UNION ".join(parts))
-    ids = [r[0] for r in session.execute(sql, {f"k{i}": k for i, k in enumerate(keys)})]
-    if exclude is not None:
-        ids = [i for i in ids if i != exclude]
-    if not ids:
-        return []
-    return list(session.exec(select(*_COLUMNS).where(IdentityRecord.id.in_(ids))).all())  # type: ignore[call-overload, union-attr]
+    sql = text(f"SELECT {_CANDIDATE_COLUMNS} FROM identity_record WHERE id IN ({' UNION '.join(parts)})")
+    rows = session.execute(sql, {f"k{i}": k for i, k in enumerate(keys)}).all()
+    return [r for r in rows if r.id != exclude]
 
 
 # ---------------------------------------------------------------- DICOM ingest hook
@@ -755,8 +790,8 @@ def manual_link(*, session: Session, record_id: int, to_record_id: int, who: str
     session.execute(
         delete(NoLink).where(  # type: ignore[arg-type]
             or_(
-                and_(NoLink.record_a == rec.id, NoLink.record_b == target.id),
-                and_(NoLink.record_a == target.id, NoLink.record_b == rec.id),
+                and_(NoLink.record_a == rec.id, NoLink.record_b == target.id),  # type: ignore[arg-type]
+                and_(NoLink.record_a == target.id, NoLink.record_b == rec.id),  # type: ignore[arg-type]
             )
         )
     )
@@ -850,7 +885,7 @@ def review_queue(
         session.exec(
             select(ReviewItem)
             .where(ReviewItem.status == status)
-            .order_by(ReviewItem.weight.desc(), ReviewItem.id)  # type: ignore[attr-defined]
+            .order_by(ReviewItem.weight.desc(), ReviewItem.id)  # type: ignore[attr-defined, arg-type]
             .offset(offset)
             .limit(limit)
         )
@@ -905,8 +940,8 @@ def explain(*, session: Session, record_id: int) -> dict[str, Any]:
             select(LinkEvent).where(LinkEvent.record_id == rec.id).order_by(LinkEvent.id)  # type: ignore[arg-type]
         )
     ]
-    mates = session.exec(
-        select(*_COLUMNS).where(IdentityRecord.person_id == rec.person_id, IdentityRecord.id != rec.id)  # type: ignore[call-overload]
+    mates = session.execute(
+        sa_select(*_COLUMNS).where(IdentityRecord.person_id == rec.person_id, IdentityRecord.id != rec.id)  # type: ignore[arg-type]
     ).all()
     comparisons = []
     for m in mates:
@@ -936,7 +971,7 @@ def explain(*, session: Session, record_id: int) -> dict[str, Any]:
 
 def person_identifiers(*, session: Session, person_id: int) -> list[Identifier]:
     recs = session.exec(
-        select(IdentityRecord).where(IdentityRecord.person_id == person_id).order_by(IdentityRecord.id)
+        select(IdentityRecord).where(IdentityRecord.person_id == person_id).order_by(IdentityRecord.id)  # type: ignore[arg-type]
     ).all()  # type: ignore[arg-type]
     out: list[Identifier] = []
     seen: set[tuple[str, str]] = set()
@@ -1008,7 +1043,7 @@ def search_persons(
         )
         by_other = (
             select(IdentityRecord.person_id)
-            .join(IdentityIdentifier, IdentityIdentifier.record_id == IdentityRecord.id)
+            .join(IdentityIdentifier, IdentityIdentifier.record_id == IdentityRecord.id)  # type: ignore[arg-type]
             .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)
         )
         persons = set(session.exec(by_own).all()) | set(session.exec(by_other).all())
