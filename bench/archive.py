@@ -781,6 +781,12 @@ def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
     return f"{v:,.{digits}f}{unit}"
 
 
+def _counts(so: dict[str, Any] | None, oc: dict[str, Any] | None, kind: str) -> str:
+    """'ScanOnce / Orthanc' result counts: a server that cuts the unpaged list at its default
+    limit (as PS3.18 allows, with a Warning) does less work than one that returns everything."""
+    return " / ".join(str(s["qido_counts"].get(kind, "n/a")) if s else "n/a" for s in (so, oc))
+
+
 def render(data: dict[str, Any]) -> str:
     plan = data["plan"]
     sides = data["sides"]
@@ -881,7 +887,7 @@ def render(data: dict[str, Any]) -> str:
     for kind in [k for k in (oc or so or {}).get("qido", {}) if k.startswith(("page", "unpaged"))]:
         rows.append(
             (
-                f"QIDO-RS {kind} p50, ms",
+                f"QIDO-RS {kind} p50, ms (studies returned: {_counts(so, oc, kind)})",
                 qido_p50(so, kind),
                 qido_p50(oc, kind),
                 "",
@@ -961,7 +967,7 @@ def render(data: dict[str, Any]) -> str:
                 return side["qido_errors"][k]
             return _fmt(pct(side["qido"][k], p) * 1000)
 
-        counts = " / ".join(str(s["qido_counts"].get(kind, "n/a")) if s else "n/a" for s in (so, oc))
+        counts = _counts(so, oc, kind)
         out.append(f"| {kind} | {q(so, 50)} | {q(so, 95)} | {q(oc, 50)} | {q(oc, 95)} | {counts} |")
 
     out.append("")
