@@ -200,3 +200,15 @@ def test_names_come_back_as_utf8_whatever_the_input_charset(archive: Archive) ->
     german = client.search_for_studies(search_filters={"PatientName": "äneas*"})
     assert german and german[0]["00100010"]["Value"][0]["Alphabetic"] == "Äneas^Rüdiger"
     assert german[0]["00080005"]["Value"] == ["ISO_IR 192"]
+
+
+def test_keys_not_supported_for_matching_are_ignored_with_a_warning(archive: Archive) -> None:
+    for query, name in (
+        ("InstitutionName=NOWHERE", "InstitutionName"),
+        ("RequestAttributesSequence.ScheduledProcedureStepID=1", "RequestAttributesSequence"),
+    ):
+        r = _get(archive, f"/facilities/local/dicom-web/studies?{query}")
+        assert r.status_code == 200, query
+        assert len(r.json()) == 3  # ignored, not matched against
+        assert r.headers["warning"].startswith(f"299 {archive.server.facility_url('local')}: ")
+        assert name in r.headers["warning"]
