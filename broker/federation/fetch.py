@@ -174,7 +174,7 @@ def _mark_local(engine: Engine, facility: Facility, study_uid: str) -> None:
             ).all()
         )
         for series in session.exec(select(Series).where(Series.study_pk == study.pk)):
-            series.num_instances = int(per_series.get(series.pk, 0))
+            series.num_instances = int(per_series.get(series.pk or 0, 0))
             session.add(series)
         study.num_instances = int(sum(per_series.values()))
         study.num_series = len(per_series) or study.num_series

@@ -283,7 +283,7 @@ class CFindSource:
 
     def _association(self) -> Any:
         from pynetdicom import AE
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
         if self._assoc is not None and self._assoc.is_established:
             return self._assoc
@@ -293,7 +293,7 @@ class CFindSource:
         ae.dimse_timeout = 60
         try:
             assoc = ae.associate(
-                self.facility.host, int(self.facility.port or 0), ae_title=self.facility.ae_title or ""
+                self.facility.host or "", int(self.facility.port or 0), ae_title=self.facility.ae_title or ""
             )
         except OSError as exc:
             raise _unavailable(self.facility, exc) from exc
@@ -306,7 +306,7 @@ class CFindSource:
         return assoc
 
     def _find(self, identifier: Any) -> Iterator[dict[str, Any]]:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
         assoc = self._association()
         for status, ds in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):

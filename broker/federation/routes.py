@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from sqlmodel import Session
 
@@ -19,9 +21,11 @@ from broker.federation.schemas import (
 
 router = APIRouter(prefix="/api/facilities", tags=["facilities"])
 
-_NOT_FOUND = {404: {"description": "No such facility"}}
-_BAD = {400: {"description": "Invalid field (id, AE title, URL, incomplete DIMSE endpoint)"}}
-_CONFLICT = {409: {"description": "The id, issuer or a calling AE title is already taken"}}
+Responses = dict[int | str, dict[str, Any]]
+
+_NOT_FOUND: Responses = {404: {"description": "No such facility"}}
+_BAD: Responses = {400: {"description": "Invalid field (id, AE title, URL, incomplete DIMSE endpoint)"}}
+_CONFLICT: Responses = {409: {"description": "The id, issuer or a calling AE title is already taken"}}
 
 
 def _out(session: Session, facility: Facility) -> FacilityOut:

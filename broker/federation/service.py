@@ -157,7 +157,7 @@ def remove_facility(*, session: Session, facility_id: str) -> None:
     if held is not None:
         raise Conflict(f"facility {facility_id!r} still has studies in the index; remove them first")
     for table in (FacilityAE, SyncState, StudyLocation):
-        session.exec(delete(table).where(table.facility_id == facility_id))  # type: ignore[call-overload, attr-defined]
+        session.exec(delete(table).where(table.facility_id == facility_id))  # type: ignore[call-overload, attr-defined, arg-type]
     session.delete(facility)
     session.commit()
 

@@ -335,7 +335,7 @@ def _write_studies(
         series = series_of.get(s.uid, [])
         study_json = _level_json(a, is_study_level)
         study_json[_T_AVAILABILITY] = {"vr": "CS", "Value": ["NEARLINE"]}
-        values = {
+        values: dict[str, Any] = {
             "patient_pk": patient.pk,
             "patient_id": str_value(a, "00100020"),
             "issuer": patient.issuer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Query
 
 from broker.deps import PrincipalDep, SessionDep
@@ -10,7 +12,7 @@ from broker.jobs.schemas import JobOut
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
-_ERRORS = {404: {"description": "No such job"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "No such job"}}
 
 
 @router.get("", response_model=list[JobOut], summary="Recent jobs, newest first")
