@@ -113,6 +113,7 @@ def test_metadata_levels_and_bulk_data(archive: Archive) -> None:
     ((headers, data),) = split_multipart(r.headers["content-type"], r.content)
     assert headers["content-type"] == "application/octet-stream"
     assert data == pydicom.dcmread(archive.corpus.sop(uid(1, 1, 1)).path).PixelData
+    assert client.retrieve_bulkdata(pixel_uri) == [data]
     assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "7FE0001Z").status_code == 400
     assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00091234").status_code == 404
 
@@ -161,6 +162,10 @@ def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
     narrow = _get(archive, path + "/rendered?window=40,10", Accept=media_type)
     wide = _get(archive, path + "/rendered?window=40,4000", Accept=media_type)
     assert narrow.content != wide.content  # the window changes the picture
+    via_client = archive.server.client().retrieve_instance_rendered(
+        MUELLER, uid(1, 1), uid(1, 1, 1), media_types=(media_type,), params={"viewport": "32,32"}
+    )
+    assert max(Image.open(io.BytesIO(via_client)).size) == 32
     rgb = _get(
         archive, _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/2/rendered", Accept=media_type
     )
