@@ -293,3 +293,24 @@ def test_real_file_without_study_uid_is_refused(node: Node, name: str) -> None:
     path = TEST_FILES / name
     rsp = _send_file_as_is(node, path, pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)
     assert rsp.Status == 0xA900 and "StudyInstanceUID" in rsp.ErrorComment
+
+
+def test_unsupported_sop_class_and_transfer_syntax_are_rejected_per_context(node: Node) -> None:
+    ae = _scu()
+    ae.add_requested_context("1.2.826.0.1.3680043.8.498.999.1")  # not a storage SOP class we know
+    ae.add_requested_context(CTImageStorage, ["1.2.826.0.1.3680043.8.498.999.2"])  # no such syntax
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    assert assoc.is_established
+    try:
+        results = {str(cx.abstract_syntax) + "/" + str(cx.transfer_syntax[-1]): cx.result
+                   for cx in assoc.rejected_contexts}  # fmt: skip
+        # PS3.8 9.3.3.2: 0x03 abstract syntax not supported, 0x04 transfer syntaxes not supported.
+        assert results == {
+            "1.2.826.0.1.3680043.8.498.999.1/1.2.840.10008.1.2": 0x03,
+            f"{CTImageStorage}/1.2.826.0.1.3680043.8.498.999.2": 0x04,
+        }
+        assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [CTImageStorage]
+        assert assoc.send_c_store(pydicom.dcmread(TEST_FILES / "CT_small.dcm")).Status == 0x0000
+    finally:
+        assoc.release()
