@@ -346,6 +346,26 @@ def make_router(*, per_facility: bool) -> APIRouter:
             raise NotAcceptable("a rendered frame resource names exactly one frame")
         return await rendered(request, scope, await _refs(scope, study, series, instance), frame=numbers[0])
 
+    async def rendered_many(request: Request, scope: Scope, refs: list[InstanceRef]) -> Response:
+        media_type = wado.negotiate_rendered(request.headers.get("accept"))
+        window, viewport, quality = wado.parse_render_params(dict(request.query_params))
+        boundary = new_boundary()
+        parts = wado.rendered_parts(
+            scope.state.store, refs, media_type=media_type, window=window, viewport=viewport, quality=quality
+        )
+        return StreamingResponse(
+            related_stream(parts, boundary=boundary),
+            media_type=f'multipart/related; type="{media_type}"; boundary={boundary}',
+        )
+
+    @router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
+    async def study_rendered(request: Request, scope: ScopeDep, study: str) -> Response:
+        return await rendered_many(request, scope, await _refs(scope, study))
+
+    @router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
+    async def series_rendered(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
+        return await rendered_many(request, scope, await _refs(scope, study, series))
+
     @router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
     async def study_thumbnail(request: Request, scope: ScopeDep, study: str) -> Response:
         return await rendered(request, scope, await _refs(scope, study), thumbnail=True)

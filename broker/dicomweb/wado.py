@@ -254,6 +254,29 @@ def render_instance(
     )
 
 
+def rendered_parts(
+    store: ObjectStore,
+    refs: list[InstanceRef],
+    *,
+    media_type: str,
+    window: tuple[float, float] | None,
+    viewport: tuple[int, int] | None,
+    quality: int,
+) -> Iterator[tuple[str, Iterable[bytes]]]:
+    """Each instance of a study or series rendered (first frame); instances without pixels
+    (reports, plans) are skipped, as PS3.18 renders only what has an image."""
+    for ref in refs:
+        ds = read_dataset(store, ref)
+        if "PixelData" not in ds:
+            continue
+        try:
+            data = pixels.render(ds, media_type=media_type, window=window, viewport=viewport, quality=quality)
+        except Exception:  # noqa: BLE001 - one undecodable instance must not cut the stream
+            log.warning("rendering %s failed; skipped", ref.sop_uid, exc_info=True)
+            continue
+        yield media_type, (data,)
+
+
 def parse_render_params(
     query: dict[str, str],
 ) -> tuple[tuple[float, float] | None, tuple[int, int] | None, int]:

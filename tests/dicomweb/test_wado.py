@@ -177,6 +177,17 @@ def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
         assert max(Image.open(io.BytesIO(r.content)).size) <= 128
 
 
+def test_rendered_study_and_series_are_one_image_per_instance(archive: Archive) -> None:
+    r = _get(archive, f"/dicom-web/studies/{MUELLER}/rendered?viewport=16,16", Accept="image/png")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith('multipart/related; type="image/png"')
+    parts = split_multipart(r.headers["content-type"], r.content)
+    assert len(parts) == 4
+    assert all(Image.open(io.BytesIO(data)).format == "PNG" for _, data in parts)
+    r = _get(archive, f"/dicom-web/studies/{MULLER}/series/{uid(2, 1)}/rendered")
+    assert len(split_multipart(r.headers["content-type"], r.content)) == 2
+
+
 def test_rendered_bad_parameters(archive: Archive) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
     assert _get(archive, path, Accept="image/tiff").status_code == 406
