@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -60,7 +60,7 @@ class Node:
         return self.scp.peers
 
 
-def _start(tmp: Path, **overrides: object) -> Iterator[Node]:
+def _start(tmp: Path, **overrides: object) -> Generator[Node, None, None]:
     spool = tmp / "spool"
     spool.mkdir(parents=True, exist_ok=True)
     settings = Settings(data_dir=tmp / "data", host="127.0.0.1", dimse_port=0, **overrides)  # type: ignore[arg-type]

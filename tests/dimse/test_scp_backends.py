@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from tests.peers import dcmtk, storescp
 
 
 def test_store_find_move_on_each_backend(backend: Any, tmp_path: Path) -> None:
-    nodes: Iterator[Node] = _start(
+    nodes: Generator[Node, None, None] = _start(
         tmp_path / "node", database_url=backend.database_url, storage_url=backend.storage_url
     )
     node = next(nodes)

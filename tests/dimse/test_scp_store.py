@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
@@ -147,9 +150,9 @@ def _with_meta(part10: bytes, *, sop_class: str) -> bytes:
     fp = io.BytesIO(part10)
     read_preamble(fp, False)
     meta = pydicom.filereader._read_file_meta_info(fp)
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     del meta[0x00020000]  # group length, recomputed
-    out = io.BytesIO()
+    out = DicomBytesIO()
     out.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(out, meta)
     return out.getvalue() + _dataset_bytes(part10)
@@ -199,7 +202,7 @@ def test_unknown_calling_ae_is_rejected_when_open_mode_is_off(closed_node: Node)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", closed_node.port, ae_title=closed_node.aet)
     assert assoc.is_rejected
-    rj = assoc.acceptor.primitive
+    rj = cast(Any, assoc.acceptor.primitive)
     # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
     done = dcmtk(
@@ -259,15 +262,16 @@ def test_peer_vanishing_mid_transfer_leaves_nothing_and_the_scp_keeps_serving(no
 
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
-    cx_id = assoc.accepted_contexts[0].context_id
+    cx_id = cast(int, assoc.accepted_contexts[0].context_id)
+    sock = cast(Any, assoc.dul.socket)
     for n, pdata in enumerate(msg.encode_msg(cx_id, 16384)):
         if n == 20:  # about a tenth of the data set is sent, then the TCP connection drops
             break
         pdu = P_DATA_TF()
         pdu.from_primitive(pdata)
-        assoc.dul.socket.send(pdu.encode())
+        sock.send(pdu.encode())
     time.sleep(0.3)
-    assoc.dul.socket.socket.close()
+    sock.socket.close()
     assoc.kill()
     deadline = time.monotonic() + 10
     while node.scp.ae.active_associations and time.monotonic() < deadline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -113,12 +113,14 @@ def test_other_in_process_storage_scps_still_receive_in_memory(archive: Node) ->
 
     def on_store(event: evt.Event) -> int:
         with lock:
-            received.append(len(event.request.DataSet.getvalue()))
+            received.append(len(cast(Any, event.request).DataSet.getvalue()))
         return 0x0000
 
     ae = AE(ae_title="PLAIN")
     ae.supported_contexts = AllStoragePresentationContexts
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = cast(
+        Any, ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    )
     try:
         archive.peers.add_destination("PLAIN", "127.0.0.1", server.server_address[1])
         mr = [ds for ds in SYNTH if ds.Modality == "MR"]
