@@ -276,3 +276,22 @@ def test_truncated_files_fail_alone(live_server: LiveServer, corpus: Corpus) -> 
         failed = r.json()[FAILED_SOP_SEQ]["Value"]
         assert [f["00081197"]["Value"] for f in failed] == [[status.CANNOT_UNDERSTAND]] * 2
         assert http.get("/dicom-web/studies").status_code == 204
+
+
+def test_concurrent_stores_of_the_same_and_different_instances(
+    live_server: LiveServer, corpus: Corpus
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = _local(corpus)
+    bodies = [multipart_body([i.read_bytes()]) for i in items] * 2  # every instance sent twice at once
+
+    def post(body_ctype: tuple[bytes, str]) -> int:
+        with live_server.http() as http:
+            body, ctype = body_ctype
+            return http.post("/dicom-web/studies", content=body, headers={"Content-Type": ctype}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(post, bodies))
+    assert codes == [200] * len(bodies)
+    assert len(live_server.client().search_for_instances()) == len(items)
