@@ -16,6 +16,7 @@ the same person by an automatic link.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -148,7 +149,8 @@ def _pix_person_map(engine: Any, tmp: Path, issuers: list[str], ids: dict[str, l
                 r.raise_for_status()
                 for p in r.json().get("parameter", []):
                     if p["name"] == "targetIdentifier":
-                        other = f"{_issuer_from_system(p['valueIdentifier']['system'])}|{p['valueIdentifier']['value']}"
+                        ident = p["valueIdentifier"]
+                        other = f"{_issuer_from_system(ident['system'])}|{ident['value']}"
                         parent[find(other)] = find(key)
     roots = {k: find(k) for k in list(parent)}
     numbering = {root: i for i, root in enumerate(sorted(set(roots.values())))}
@@ -373,22 +375,28 @@ _SYLL = [
 ]
 
 
-def _synthetic_name(rng: random.Random, common: list[str]) -> str:
-    # Zipf-like: a few very common names, a long tail of rare ones (as in real populations).
-    if rng.random() < 0.3:
-        return common[min(int(rng.paretovariate(1.2)) - 1, len(common) - 1)]
+def _synthetic_name(rng: random.Random, common: list[str], share: float, weights: list[float]) -> str:
+    # Roughly like real populations: the commonest family name ~2% of people, the commonest
+    # given name ~3%, then a long tail of rarer names.
+    if rng.random() < share:
+        return rng.choices(common, weights=weights)[0]
     return "".join(rng.choice(_SYLL) for _ in range(rng.randint(2, 4)))
+
+
+_FAMILY_W = [1 / k for k in range(1, len(_FAMILY) + 1)]
+_GIVEN_W = [1 / k**0.5 for k in range(1, len(_GIVEN) + 1)]
 
 
 def _synthetic_demo(rng: random.Random) -> matching.Demographics:
     year = rng.randint(1925, 2024)
     dob = f"{year:04d}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
     return matching.Demographics(
-        family=_synthetic_name(rng, _FAMILY),
-        given=_synthetic_name(rng, _GIVEN),
+        family=_synthetic_name(rng, _FAMILY, 0.08, _FAMILY_W),
+        given=_synthetic_name(rng, _GIVEN, 0.2, _GIVEN_W),
         birth_date=dob,
         sex=rng.choice("MF"),
-        address=f"{rng.randint(1, 999)} {_synthetic_name(rng, _FAMILY)} STREET {rng.randint(1000, 9999)}",
+        address=f"{rng.randint(1, 999)} {_synthetic_name(rng, _FAMILY, 0.08, _FAMILY_W)} STREET "
+        f"{rng.randint(1000, 9999)}",
     )
 
 
@@ -400,7 +408,8 @@ def bulk_load(engine: Any, n: int, seed: int = 1) -> list[matching.Demographics]
     with engine.begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO facility (id, name, issuer, created_at) VALUES ('bulk','bulk','BULK', CURRENT_TIMESTAMP)"
+                "INSERT INTO facility (id, name, issuer, created_at)"
+                " VALUES ('bulk', 'bulk', 'BULK', CURRENT_TIMESTAMP)"
             )
         )
     for start in range(0, n, batch):
@@ -428,9 +437,10 @@ def bulk_load(engine: Any, n: int, seed: int = 1) -> list[matching.Demographics]
             )
             conn.execute(
                 text(
-                    "INSERT INTO identity_record (id, issuer, value, person_id, facility_id, source, family, given, middle,"
-                    " birth_date, sex, address, phone, updated_at) VALUES (:id, :issuer, :value, :person_id, :facility_id,"
-                    " :source, :family, :given, :middle, :birth_date, :sex, :address, :phone, CURRENT_TIMESTAMP)"
+                    "INSERT INTO identity_record (id, issuer, value, person_id, facility_id, source, family,"
+                    " given, middle, birth_date, sex, address, phone, updated_at) VALUES (:id, :issuer, :value,"
+                    " :person_id, :facility_id, :source, :family, :given, :middle, :birth_date, :sex, :address,"
+                    " :phone, CURRENT_TIMESTAMP)"
                 ),
                 records,
             )
@@ -453,6 +463,7 @@ def run_latency(url: str, n: int, samples: int = 400) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     rng = random.Random(99)
     timings: list[float] = []
+    cpu: list[float] = []  # CPU time of this thread: what the link costs without the machine's other load
     outcomes: dict[str, int] = defaultdict(int)
     with Session(engine) as s:
         for k in range(samples):
@@ -463,14 +474,17 @@ def run_latency(url: str, n: int, samples: int = 400) -> dict[str, Any]:
                 if k % 2
                 else matching.Demographics(**{**base.as_dict(), "family": _typo(rng, base.family)})
             )
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             decision = identity.upsert_record(
                 session=s, identifier=identity.Identifier(issuer="NEW", value=f"N{k}"), demographics=d
             )
             s.commit()
             timings.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.thread_time() - c) * 1000)
             outcomes[decision.outcome] += 1
     timings.sort()
+    cpu.sort()
+    load = os.getloadavg()[0]
     return {
         "persons": n,
         "bulk_load_seconds": round(load_s, 1),
@@ -478,6 +492,9 @@ def run_latency(url: str, n: int, samples: int = 400) -> dict[str, Any]:
         "p50_ms": round(statistics.median(timings), 2),
         "p95_ms": round(timings[int(0.95 * len(timings)) - 1], 2),
         "max_ms": round(timings[-1], 2),
+        "cpu_p50_ms": round(statistics.median(cpu), 2),
+        "cpu_p95_ms": round(cpu[int(0.95 * len(cpu)) - 1], 2),
+        "load_average_1min": round(load, 1),
         "outcomes": dict(outcomes),
     }
 

@@ -230,9 +230,10 @@ def block_keys(d: Demographics) -> set[str]:
     if dob:
         keys.add("d:" + dob)  # any name typo, same birth date
         if f:
-            keys.add("fy:" + f + dob[:4])  # day/month typos
+            keys.add("fm:" + f + dob[:6])  # day typo
+            keys.add("fd:" + f + dob[:4] + dob[6:])  # month typo
         if g:
-            keys.add("gm:" + g + dob[4:])  # year typos, family name changed
+            keys.add("gm:" + g + dob[4:])  # year typo, family name changed
     if f and g:
         keys.add("fg:" + f + g)  # birth date missing or badly wrong
     # Address: catches a replaced or badly mistyped name when the birth date is missing too.

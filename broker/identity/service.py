@@ -58,7 +58,7 @@ REVIEW_WEIGHT = 6.0
 # The smallest contribution that counts as a corroborating field agreeing.
 CORROBORATION_BITS = 3.0
 # A blocking key shared by more records than this says little; its candidates are cut.
-KEY_CAP = 200
+KEY_CAP = 100
 # Pseudo-count for term frequencies: a small index borrows the default name frequencies.
 _TF_PSEUDO = 1000.0
 
@@ -624,22 +624,30 @@ def _identifier_match(
     return None
 
 
-_CANDIDATE_COLUMNS = "id, person_id, issuer, family, given, middle, birth_date, sex, address, phone"
-
-
 def _candidates(*, session: Session, d: Demographics, exclude: int | None) -> list[Any]:
-    """Records sharing a blocking key with `d`: one query over the key index, each key capped."""
+    """Records sharing a blocking key with `d`.
+
+    A key shared by more than KEY_CAP records (SMITH + JOHN, no birth date) is dropped rather
+    than cut arbitrarily: it says little, and the other keys of a true match still find it.
+    """
     keys = sorted(matching.query_keys(d))
     if not keys:
         return []
     parts = [
-        f"SELECT record_id FROM (SELECT record_id FROM identity_block WHERE key = :k{i} "
-        f"LIMIT {KEY_CAP}) AS b{i}"
+        f"SELECT * FROM (SELECT key, record_id FROM identity_block WHERE key = :k{i} "
+        f"LIMIT {KEY_CAP + 1}) AS b{i}"
         for i in range(len(keys))
     ]
-    sql = text(f"SELECT {_CANDIDATE_COLUMNS} FROM identity_record WHERE id IN ({' UNION '.join(parts)})")
-    rows = session.execute(sql, {f"k{i}": k for i, k in enumerate(keys)}).all()
-    return [r for r in rows if r.id != exclude]
+    per_key: dict[str, list[int]] = {}
+    for key, rid in session.execute(
+        text(" UNION ALL ".join(parts)), {f"k{i}": k for i, k in enumerate(keys)}
+    ):
+        per_key.setdefault(key, []).append(rid)
+    ids = {rid for members in per_key.values() if len(members) <= KEY_CAP for rid in members}
+    ids.discard(exclude)  # type: ignore[arg-type]
+    if not ids:
+        return []
+    return list(session.execute(sa_select(*_COLUMNS).where(col(IdentityRecord.id).in_(ids))).all())
 
 
 # ---------------------------------------------------------------- DICOM ingest hook
