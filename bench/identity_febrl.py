@@ -437,10 +437,10 @@ def bulk_load(engine: Any, n: int, seed: int = 1) -> list[matching.Demographics]
             )
             conn.execute(
                 text(
-                    "INSERT INTO identity_record (id, issuer, value, person_id, facility_id, source, family,"
-                    " given, middle, birth_date, sex, address, phone, updated_at) VALUES (:id, :issuer, :value,"
-                    " :person_id, :facility_id, :source, :family, :given, :middle, :birth_date, :sex, :address,"
-                    " :phone, CURRENT_TIMESTAMP)"
+                    "INSERT INTO identity_record (id, issuer, value, person_id, facility_id, source,"
+                    " family, given, middle, birth_date, sex, address, phone, updated_at)"
+                    " VALUES (:id, :issuer, :value, :person_id, :facility_id, :source, :family, :given,"
+                    " :middle, :birth_date, :sex, :address, :phone, CURRENT_TIMESTAMP)"
                 ),
                 records,
             )
