@@ -45,7 +45,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from broker.deps import AppState
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
-from broker.errors import BadRequest, ScanOnceError, Unavailable
+from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
 
@@ -458,6 +458,7 @@ def _instances_to_send(handle: ScpHandle, event: evt.Event) -> list[_Item]:
     (IdentifierError, BadRequest or another error on failure)."""
     from sqlmodel import Session
 
+    from broker.federation import service as federation
     from broker.index.service import find_instances
 
     request = ds.parse_identifier(_identifier(event), levels=_levels(event))
@@ -470,10 +471,22 @@ def _instances_to_send(handle: ScpHandle, event: evt.Event) -> list[_Item]:
         scope = scopes.setdefault((study, series), set() if level == "instance" else None)
         if scope is not None:
             scope.add(_json_value(match, "00080018"))
+    state = handle.state
+    # Retrieve on demand: a study the index knows only from a facility's archive is fetched
+    # into the broker first (once, however many ask); Unavailable names the facility.
+    for study in dict.fromkeys(study for study, _series in scopes):
+        with contextlib.suppress(NotFound):
+            federation.ensure_local(
+                engine=state.engine, store=state.store, study_uid=study, calling_ae=handle.ae_title
+            )
     items: list[_Item] = []
-    with Session(handle.state.engine) as session:
+    with Session(state.engine) as session:
         for (study, series), sops in scopes.items():
-            for ref in find_instances(session=session, study_uid=study, series_uid=series):
+            try:
+                refs = find_instances(session=session, study_uid=study, series_uid=series)
+            except NotFound:
+                continue  # indexed without instances (e.g. synced series only): nothing to send
+            for ref in refs:
                 if sops is None or ref.sop_uid in sops:
                     items.append(
                         _Item(
@@ -549,6 +562,8 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     - 0xA801 Move destination unknown: the AE title is not registered (also when it cannot be
       reached, as pynetdicom reports a failed sub-association).
     - 0xFE00 Cancel: the peer sent C-CANCEL.
+    - 0xA702 also when the study is held only at a facility that cannot be reached now
+      (retrieve on demand); ErrorComment names the facility.
     - 0xA900 Identifier does not match SOP class; 0xC000 Unable to process (bad value);
       0xC001 the index failed - as for C-FIND.
     """
@@ -575,9 +590,10 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     """C-GET, Patient Root and Study Root: sub-operations on this association, as the
     requestor's Storage SCP. Statuses (PS3.4 C.4.3.1.4):
 
-    - 0xFF00 Pending, 0x0000 Success, 0xB000 Warning (some failed), 0xA702 all failed,
-      0xFE00 Cancel - as for C-MOVE; a compressed instance the requestor did not accept in
-      that transfer syntax is decompressed when possible, else its sub-operation fails.
+    - 0xFF00 Pending, 0x0000 Success, 0xB000 Warning (some failed), 0xA702 all failed or the
+      facility holding the study is down, 0xFE00 Cancel - as for C-MOVE. A compressed instance
+      the requestor did not accept in that transfer syntax is decompressed when possible, else
+      its sub-operation fails.
     - 0xA900 / 0xC000 / 0xC001 - as for C-FIND.
     """
     handle.caller(event)
@@ -596,5 +612,9 @@ def _failure(exc: Exception) -> Dataset:
         return status_dataset(exc.status, exc.comment)
     if isinstance(exc, BadRequest):
         return status_dataset(ds.UNABLE_TO_PROCESS, exc.message)
+    if isinstance(exc, Unavailable):
+        # A facility holding the study (or our store) is down: nothing could be sent.
+        log.warning("retrieve failed: %s", exc.message)
+        return status_dataset(ds.UNABLE_TO_PERFORM_SUBOPERATIONS, exc.message)
     log.error("retrieve failed: %s", type(exc).__name__)
     return status_dataset(ds.PROCESSING_FAILURE, "retrieve failed")

@@ -39,6 +39,7 @@ UNABLE_TO_PROCESS = 0xC000
 # (database or object store down) so a peer's log tells them apart from a bad request.
 PROCESSING_FAILURE = 0xC001
 MOVE_DESTINATION_UNKNOWN = 0xA801
+UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702
 SUBOPERATIONS_WITH_FAILURES = 0xB000
 
 # C-STORE failure statuses a peer understands (PS3.4 B.2.3 plus the PS3.7 C.4 general codes that
