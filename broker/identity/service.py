@@ -653,37 +653,57 @@ def _candidates(*, session: Session, d: Demographics, exclude: int | None) -> li
 # ---------------------------------------------------------------- DICOM ingest hook
 
 
-def identifiers_from_dataset(dataset: Any, *, accepted_issuers: set[str]) -> list[Identifier]:
-    """OtherPatientIDsSequence items whose issuer is one the broker knows; others are dropped
-    (an ID without a known issuer is a bare ID)."""
-    out: list[Identifier] = []
-    for item in getattr(dataset, "OtherPatientIDsSequence", None) or []:
-        value = str(getattr(item, "PatientID", "") or "").strip()
-        issuer = str(getattr(item, "IssuerOfPatientID", "") or "").strip()
-        if value and issuer and issuer in accepted_issuers:
-            out.append(Identifier(issuer=issuer, value=value))
-    return out
+def _json_values(attrs: dict[str, Any], tag: str) -> list[Any]:
+    item = attrs.get(tag)
+    return list(item.get("Value") or []) if isinstance(item, dict) else []
+
+
+def patient_extras(dataset: Any) -> tuple[str, str, list[Identifier]]:
+    """(address, telephone, other identifiers) from a pydicom Dataset or a DICOM JSON object.
+
+    Other identifiers come from OtherPatientIDsSequence items that name an issuer; the caller
+    keeps only issuers the broker knows (an ID under an unknown issuer is a bare ID).
+    """
+    if dataset is None:
+        return "", "", []
+    if isinstance(dataset, dict):  # DICOM JSON model (PS3.18 F.2), as ingest parses it
+        address = " ".join(str(v) for v in _json_values(dataset, "00101040"))
+        phone = str(next(iter(_json_values(dataset, "00102154")), "") or "")
+        items = [
+            (
+                str(next(iter(_json_values(it, "00100020")), "") or ""),
+                str(next(iter(_json_values(it, "00100021")), "") or ""),
+            )
+            for it in _json_values(dataset, "00101002")
+            if isinstance(it, dict)
+        ]
+    else:
+        address = str(getattr(dataset, "PatientAddress", "") or "")
+        phone = str(getattr(dataset, "PatientTelephoneNumbers", "") or "")
+        items = [
+            (str(getattr(it, "PatientID", "") or ""), str(getattr(it, "IssuerOfPatientID", "") or ""))
+            for it in getattr(dataset, "OtherPatientIDsSequence", None) or []
+        ]
+    others = [Identifier(issuer=i.strip(), value=v.strip()) for v, i in items if v.strip() and i.strip()]
+    return address, phone, others
 
 
 def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> None:
     """Called by ingest after a patient row is created or its demographics change.
 
-    Sets `patient.person_id`. `dataset` (the pydicom Dataset, optional) adds the address,
-    telephone and OtherPatientIDsSequence, which the patient row does not hold. Flushes only:
-    the caller's transaction commits.
+    Sets `patient.person_id`. `dataset` (optional: a pydicom Dataset or the instance's DICOM
+    JSON attributes) adds the address, telephone and OtherPatientIDsSequence, which the patient
+    row does not hold. Flushes only: the caller's transaction commits.
     """
     if patient.pk is None:
         session.add(patient)
         session.flush()
-    address = phone = None
-    others: list[Identifier] = []
-    if dataset is not None:
-        address = str(getattr(dataset, "PatientAddress", "") or "")
-        phone = str(getattr(dataset, "PatientTelephoneNumbers", "") or "")
+    address, phone, others = patient_extras(dataset)
+    if others:
         from broker.federation.models import Facility
 
         known = set(session.exec(select(Facility.issuer)).all()) | _trusted(session=session)
-        others = identifiers_from_dataset(dataset, accepted_issuers=known)
+        others = [i for i in others if i.issuer in known]
     d = matching.demographics(
         patient_name=patient.patient_name,
         birth_date=patient.birth_date,

@@ -76,3 +76,25 @@ def ingest_patient(
     service.link_patient(session=session, patient=patient, dataset=ds)
     session.commit()
     return patient
+
+
+def write_part10(path: Any, **patient: str) -> str:
+    """A minimal valid Part 10 object (Secondary Capture, no pixels) with the given patient module."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    for key, value in patient.items():
+        setattr(ds, key, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
