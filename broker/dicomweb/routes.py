@@ -64,8 +64,8 @@ ScopeDep = Annotated[Scope, Depends(get_scope)]
 
 
 def _warning(base: str, text: str) -> str:
-    # PS3.18 8.3.4.2 form: Warning: 299 <service>: <text>
-    return f"299 {base}: {text}"
+    # PS3.18 8.3.4.2 form: Warning: 299 <service>: <text>. Header values must stay ASCII.
+    return f"299 {base}: {text}".encode("ascii", "replace").decode("ascii")
 
 
 def _uids(study: str, series: str | None = None, instance: str | None = None) -> None:
