@@ -577,8 +577,10 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     try:
         items = _instances_to_send(handle, event)
     except Exception as exc:
-        yield destination
-        yield 1  # pynetdicom sends a final failure only after at least one announced sub-op
+        # pynetdicom sends a final failure only after one announced sub-operation, and opens
+        # the sub-association first (it needs a context to propose).
+        yield (*destination, {"contexts": [build_context(Verification)]})
+        yield 1
         yield _failure(exc), None
         return
     yield (*destination, {"contexts": _move_contexts(items)} if items else {})

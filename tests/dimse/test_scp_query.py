@@ -334,3 +334,17 @@ def test_find_stops_with_cancel_status_when_the_peer_cancels(archive: Node) -> N
         statuses.append(status)
         event.answered += 1
     assert statuses == [0xFF00, 0xFE00]  # one match, then Cancel; the other studies are not sent
+
+
+def test_move_with_an_invalid_identifier_fails_with_a900(archive: Node, sink: Any) -> None:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelMove
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_move(_identifier(StudyInstanceUID="1.2.3"), "SINKAE", model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "QueryRetrieveLevel" in final.ErrorComment
+    assert sink.files() == []
