@@ -173,7 +173,10 @@ def start_scp(
     handle = ScpHandle(state=state, peers=peers or DimsePeers())
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.maximum_associations = 32
-    ae.maximum_pdu_size = 0  # no limit on what peers may send us
+    # What peers may send us per PDU. Large enough to keep the per-PDU cost down, small enough
+    # that a PDU never holds much of a large instance in memory (0, "unlimited", lets a sender
+    # put a whole multi-gigabyte data set in one PDU).
+    ae.maximum_pdu_size = 256 * 1024
     # An idle or vanished peer must not hold an association thread forever.
     ae.network_timeout = 120
     ae.acse_timeout = 30

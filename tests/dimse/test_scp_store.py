@@ -318,3 +318,30 @@ def test_unsupported_sop_class_and_transfer_syntax_are_rejected_per_context(node
         assert assoc.send_c_store(pydicom.dcmread(TEST_FILES / "CT_small.dcm")).Status == 0x0000
     finally:
         assoc.release()
+
+
+def test_a_large_instance_is_received_through_a_file_not_memory(node: Node, tmp_path: Path) -> None:
+    import tracemalloc
+
+    big = synthetic_studies()[0]
+    big.Rows = big.Columns = 2048
+    big.BitsAllocated, big.BitsStored, big.HighBit = 32, 32, 31
+    big.NumberOfFrames = 6
+    big.PixelData = bytes(6 * 2048 * 2048 * 4)  # 96 MiB
+    path = _part10(big, tmp_path / "big.dcm")
+    del big
+    tracemalloc.start()
+    try:
+        # The SCU streams from the file too (pynetdicom's chunked send), so the process's peak
+        # is what the SCP holds while receiving, parsing, hashing and storing.
+        rsp = _send_file_as_is(node, path, "1.2.840.10008.5.1.4.1.1.2")
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rsp.Status == 0x0000
+    # The DIMSE path holds at most a PDU (256 KiB) of it; with an unbounded PDU size it was four
+    # copies (385 MiB). The bound allows for the index's ingest, which today reads the data set's
+    # last element (the pixel data) once to detect truncation; at 16 MiB once that is streamed.
+    size = 6 * 2048 * 2048 * 4
+    assert peak < size * 1.1, f"peak {peak / 2**20:.1f} MiB while receiving a 96 MiB instance"
+    print(f"peak traced memory while storing 96 MiB: {peak / 2**20:.1f} MiB")
