@@ -74,6 +74,10 @@ class _SpoolFor:
         return isinstance(getattr(assoc, "ae", None), SpoolingAE)
 
 
+# No patient data in logs: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO level
+# by default (patient names, IDs, birth dates).
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 _config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)  # type: ignore[assignment]
 
 _PATIENT_ROOT = {

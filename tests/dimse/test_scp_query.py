@@ -3,6 +3,7 @@ pynetdicom for the bad inputs dcmtk will not send)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,19 @@ def test_move_with_an_invalid_identifier_fails_with_a900(archive: Node, sink: An
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "QueryRetrieveLevel" in final.ErrorComment
     assert sink.files() == []
+
+
+def test_no_patient_data_in_logs(archive: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    name = str(PATIENT.PatientName)
+    with caplog.at_level(logging.DEBUG):
+        found = _findscu(
+            archive, "-P",
+            {"QueryRetrieveLevel": "STUDY", "SpecificCharacterSet": "ISO_IR 192", "PatientName": name,
+             "PatientID": PATIENT.PatientID, "PatientBirthDate": ""},
+            tmp_path,
+        )  # fmt: skip
+    assert found and all(str(ds.PatientName) == name for ds in found)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Accepting Association" in logged  # the logs were captured
+    for secret in (name, name.split("^")[0], PATIENT.PatientID, PATIENT.PatientBirthDate):
+        assert secret not in logged
