@@ -203,3 +203,29 @@ def mllp(
 
     console.print(f"MLLP listening on {host}:{port}")
     serve_forever(engine=_engine(data_dir), host=host, port=port)
+
+
+@identity_app.command("policy")
+def set_policy(
+    data_dir: DataDir = None,
+    auto: Annotated[float | None, typer.Option(help="Auto-link match weight (log2 Bayes factor).")] = None,
+    review: Annotated[float | None, typer.Option(help="Review-queue match weight.")] = None,
+    strict: Annotated[
+        bool | None,
+        typer.Option("--strict/--no-strict", help="Send twin and father/son patterns to review."),
+    ] = None,
+) -> None:
+    """Show or change the linking thresholds (a new parameter row; past links stay explainable)."""
+    from broker.identity import service
+
+    with Session(_engine(data_dir)) as session:
+        try:
+            if auto is None and review is None and strict is None:
+                params = service.current_params(session=session)
+            else:
+                params = service.set_policy(session=session, auto=auto, review=review, strict=strict)
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+        a, r, st = service.policy(params)
+    console.print(f"auto-link >= {a}, review >= {r}, strict={st}")

@@ -54,7 +54,7 @@ from broker.index.models import Patient
 # Conservative on purpose: a false link shows one patient's images to another patient's
 # clinician, a miss only costs a review.
 AUTO_WEIGHT = 16.0
-REVIEW_WEIGHT = 6.0
+REVIEW_WEIGHT = 10.0
 # The smallest contribution that counts as a corroborating field agreeing.
 CORROBORATION_BITS = 3.0
 # A blocking key shared by more records than this says little; its candidates are cut.

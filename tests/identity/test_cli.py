@@ -42,3 +42,14 @@ def test_review_link_unlink_explain(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "not linked" in r.output
     r = run(identity_app, ["explain", "NOPE|1", *dd])
     assert r.exit_code == 1
+
+
+def test_policy_command(tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    dd = ["--data-dir", str(tmp_path)]
+    r = run(identity_app, ["policy", *dd])
+    assert r.exit_code == 0 and "strict=True" in r.output
+    r = run(identity_app, ["policy", "--no-strict", "--auto", "18", *dd])
+    assert r.exit_code == 0 and "auto-link >= 18.0" in r.output and "strict=False" in r.output
+    r = run(identity_app, ["policy", "--review", "30", *dd])
+    assert r.exit_code == 1 and "review threshold" in r.output
