@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_partial
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag
@@ -287,20 +286,6 @@ def response_identifier(
 
 
 # -- reading stored objects for C-MOVE / C-GET sub-operations ----------------------------------
-
-
-def file_meta(store: ObjectStore, key: str) -> FileMetaDataset:
-    """The File Meta Information of a stored object, reading only its first bytes."""
-    path = store.open_local(key)
-    if path is not None:
-        with open(path, "rb") as fp:
-            return read_partial(fp, stop_when=_past_meta).file_meta
-    head = b"".join(store.get(key, end=64 * 1024))
-    return read_partial(io.BytesIO(head), stop_when=_past_meta).file_meta
-
-
-def _past_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return tag.group > 0x0002
 
 
 def read_stored(store: ObjectStore, key: str) -> Dataset:
