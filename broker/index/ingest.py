@@ -38,6 +38,7 @@ from storage.keys import conflict_key, instance_key
 
 log = logging.getLogger("scanonce.ingest")
 
+_ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
 _T_SOP_CLASS = "00080016"
 _T_SOP_UID = "00080018"
 _T_STUDY_UID = "0020000D"
@@ -149,7 +150,9 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
         study_uid=uids["study_uid"],
         series_uid=uids["series_uid"],
         transfer_syntax_uid=ts,
-        attrs=attrs,
+        # Keep only what the index rows need; the full attributes live on as compact JSON bytes,
+        # so a large batch holds kilobytes per instance, not a tree of Python objects.
+        attrs={k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)},
         metadata=orjson.dumps(attrs),
     )
 
