@@ -195,10 +195,15 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             if not is_valid_uid(uid):
                 raise BadRequest(f"{keyword}: {uid[:80]!r} is not a valid UID")
         return key.column.in_(uids)  # type: ignore[no-any-return]
-    if kind == "DA":
-        return _range(keyword, key.column, value, _check_date, _date_norm)
-    if kind == "TM":
-        return _range(keyword, key.column, value, _check_time, _time_norm)
+    if kind in ("DA", "TM"):
+        check, norm = (_check_date, _date_norm) if kind == "DA" else (_check_time, _time_norm)
+        try:
+            return _range(keyword, key.column, value, check, norm)
+        except BadRequest as exc:
+            form = "YYYYMMDD" if kind == "DA" else "HHMMSS"
+            raise BadRequest(
+                f"{exc.message}; {keyword} takes a value or a range such as {form}-{form} (got {value[:40]!r})"
+            ) from exc
     if kind == "INT":
         try:
             return key.column == int(value)  # type: ignore[no-any-return]
