@@ -1,4 +1,5 @@
-"""DIMSE client functions for the other domains (federation sync, retrieve on demand, imports).
+"""DIMSE client functions for the other domains (federation sync, retrieve on demand, imports):
+`echo`, `find`, `move`, `get` and `store`.
 
 Every function is keyword-only and blocking, opens one association for its job and releases
 it, and returns plain values. A peer that cannot be reached, refuses the association, aborts
@@ -10,14 +11,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import ALL_TRANSFER_SYNTAXES, _config, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -33,7 +39,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from broker.dicom.uids import is_valid_uid
 from broker.dimse.errors import DimseStatusError
 from broker.dimse.scp import SpoolingAE
-from broker.errors import Unavailable
+from broker.errors import BadRequest, Unavailable
 
 Model = Literal["study", "patient"]
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
@@ -50,6 +56,39 @@ _GET = {
     "patient": PatientRootQueryRetrieveInformationModelGet,
 }
 _MAX_STORAGE_CONTEXTS = 120  # 128 presentation contexts at most, one is the C-GET model
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_STORE_OK = (0x0000, 0xB000, 0xB006, 0xB007)  # success and the PS3.4 B.2.3 warnings
+
+_sending = threading.local()
+
+
+class _ChunkedSendFor:
+    """pynetdicom's STORE_SEND_CHUNKED_DATASET switch (send a Part 10 file's data set from disk
+    as it is, without decoding it) is process-wide; it is read in the thread that calls
+    send_c_store, so this value turns it on only inside `store()` (or if someone had set it)."""
+
+    def __init__(self, previous: object) -> None:
+        self.previous = bool(previous) and not isinstance(previous, _ChunkedSendFor)
+
+    def __bool__(self) -> bool:
+        return self.previous or bool(getattr(_sending, "chunked", False))
+
+
+_config.STORE_SEND_CHUNKED_DATASET = _ChunkedSendFor(_config.STORE_SEND_CHUNKED_DATASET)  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The outcome of one C-STORE: the peer's status and ErrorComment, if any."""
+
+    path: str
+    sop_instance_uid: str
+    status: int
+    comment: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in _STORE_OK
 
 
 @dataclass
@@ -304,3 +343,99 @@ def get(
                     peer=peer, operation="C-GET", status=status, comment=str(rsp.get("ErrorComment", ""))
                 )
     return result
+
+
+def store(
+    *,
+    host: str,
+    port: int,
+    called_ae: str,
+    paths: Sequence[str | os.PathLike[str]],
+    calling_ae: str = "SCANONCE",
+    timeout: float = 30.0,
+) -> list[StoreResult]:
+    """C-STORE Part 10 files, one result per file in order.
+
+    Each file is offered in its own transfer syntax and sent from disk as it is (not decoded, not
+    held in memory); if the peer accepts only uncompressed syntaxes for its SOP class, it is
+    decoded and sent uncompressed (decompressed first if need be). Files are grouped so that
+    no association proposes more than 128 presentation contexts.
+    """
+    peer = _peer(called_ae, host, port)
+    files: list[tuple[str, str, str, UID, bool]] = []
+    for p in paths:
+        try:
+            with open(p, "rb") as fp:
+                head = read_partial(fp, stop_when=_past_sop_instance_uid)
+            meta = head.file_meta
+            sop_class, sop_uid = str(head.get("SOPClassUID", "")), str(head.get("SOPInstanceUID", ""))
+            ts = UID(str(meta.TransferSyntaxUID))
+        except Exception as exc:
+            raise BadRequest(f"not a DICOM Part 10 file with file meta: {os.fspath(p)}") from exc
+        # The command's UIDs come from the file meta when a file is sent as it is: only if they
+        # are the data set's own (some files disagree) may it be sent that way.
+        as_is = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")) == (
+            sop_class,
+            sop_uid,
+        )
+        files.append((os.fspath(p), sop_class, sop_uid, ts, as_is))
+    results: dict[int, StoreResult] = {}
+    for batch in _context_batches(files):
+        contexts = _store_contexts([files[i] for i in batch])
+        with _association(
+            host=host, port=port, called_ae=called_ae, calling_ae=calling_ae, contexts=contexts,
+            timeout=timeout,
+        ) as assoc:  # fmt: skip
+            for i in batch:
+                results[i] = _store_one(assoc, files[i], peer=peer)
+    return [results[i] for i in range(len(files))]
+
+
+def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag > 0x00080018
+
+
+def _store_contexts(files: Sequence[tuple[str, str, str, UID, bool]]) -> list[Any]:
+    contexts = [build_context(c, [ts]) for c, ts in dict.fromkeys((f[1], f[3]) for f in files)]
+    contexts += [build_context(c, list(_UNCOMPRESSED)) for c in dict.fromkeys(f[1] for f in files)]
+    return contexts
+
+
+def _context_batches(files: Sequence[tuple[str, str, str, UID, bool]]) -> list[list[int]]:
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i, f in enumerate(files):
+        trial = [files[j] for j in current] + [f]
+        if current and len(_store_contexts(trial)) > 128:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _store_one(assoc: Any, file: tuple[str, str, str, UID, bool], *, peer: str) -> StoreResult:
+    path, sop_class, sop_uid, ts, as_is = file
+    exact = as_is and any(
+        cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts for cx in assoc.accepted_contexts
+    )
+    try:
+        if exact:
+            _sending.chunked = True
+            try:
+                rsp = assoc.send_c_store(path)
+            finally:
+                _sending.chunked = False
+        else:
+            dataset = dcmread(path)
+            if ts.is_compressed:
+                dataset.decompress()
+            rsp = assoc.send_c_store(dataset)
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        # No acceptable context, or no pixel data handler to decompress it: this file fails.
+        return StoreResult(path=path, sop_instance_uid=sop_uid, status=0xC000, comment=str(exc)[:200])
+    status = _status(rsp, peer=peer, what="C-STORE")
+    return StoreResult(
+        path=path, sop_instance_uid=sop_uid, status=status, comment=str(rsp.get("ErrorComment", ""))
+    )

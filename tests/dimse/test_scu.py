@@ -15,7 +15,7 @@ from broker.dimse import scu
 from broker.dimse.errors import DimseStatusError
 from broker.errors import Unavailable
 from broker.index.schemas import Query
-from broker.index.service import search
+from broker.index.service import find_instances, search
 from tests.dimse.conftest import PATIENT, SYNTH, Node
 from tests.peers import free_port, storescp
 
@@ -129,3 +129,79 @@ def test_other_in_process_storage_scps_still_receive_in_memory(archive: Node) ->
         ae.shutdown()
     assert result.completed == len(mr)
     assert len(received) == len(mr) and all(n > 32 * 32 for n in received)
+
+
+def _dataset_bytes(part10: bytes) -> bytes:
+    import io
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(part10)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return part10[fp.tell() :]
+
+
+def test_store_sends_files_as_they_are(node: Node, tmp_path: Path) -> None:
+    from tests.dimse.conftest import sample_folder
+
+    files = sorted(sample_folder(tmp_path / "send").rglob("*.dcm"))
+    results = scu.store(host="127.0.0.1", port=node.port, called_ae=node.aet, paths=files, calling_ae="PACS1")
+    assert [r.path for r in results] == [str(p) for p in files]
+    assert all(r.ok for r in results), [
+        (Path(r.path).name, hex(r.status), r.comment) for r in results if not r.ok
+    ]
+    # Byte for byte: files are sent from disk as they are and stored as received (the two
+    # pydicom files whose meta names other UIDs are decoded and re-encoded, identically here).
+    with Session(node.state.engine) as session:
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            (ref,) = find_instances(
+                session=session, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                sop_uid=ds.SOPInstanceUID,
+            )  # fmt: skip
+            stored = b"".join(node.state.store.get(ref.object_key))
+            assert _dataset_bytes(stored) == _dataset_bytes(path.read_bytes()), path.name
+
+
+def test_store_decompresses_for_a_peer_that_takes_only_uncompressed(tmp_path: Path) -> None:
+    from tests.dimse.conftest import COMPRESSED, TEST_FILES
+
+    received: list[Any] = []
+
+    def on_store(event: evt.Event) -> int:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        received.append(dataset)
+        return 0x0000
+
+    ae = AE(ae_title="OLDPACS")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cast(str, cx.abstract_syntax), ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
+    server = cast(Any, ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers))
+    try:
+        (result,) = scu.store(
+            host="127.0.0.1",
+            port=server.server_address[1],
+            called_ae="OLDPACS",
+            paths=[TEST_FILES / COMPRESSED],
+        )
+    finally:
+        ae.shutdown()
+    assert result.ok
+    original = pydicom.dcmread(TEST_FILES / COMPRESSED)
+    (got,) = received
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert got.pixel_array.shape == original.pixel_array.shape
+
+
+def test_store_to_a_down_peer_is_unavailable(tmp_path: Path) -> None:
+    from tests.dimse.conftest import TEST_FILES
+
+    port = free_port()
+    with pytest.raises(Unavailable) as down:
+        scu.store(
+            host="127.0.0.1", port=port, called_ae="GONE", paths=[TEST_FILES / "CT_small.dcm"], timeout=3
+        )
+    assert f"GONE@127.0.0.1:{port}" in down.value.message
