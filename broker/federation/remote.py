@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import httpx
 import multipart as mp
+import orjson
 
 from broker.errors import BadRequest, NotFound, Unavailable
 from broker.federation.models import Facility
@@ -22,7 +23,8 @@ from broker.federation.models import Facility
 log = logging.getLogger("scanonce.federation")
 
 UID_BATCH = 50  # studies per series query (a UID list keeps round trips few)
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+LISTING_TIMEOUT = 600.0
+TIMEOUT = httpx.Timeout(LISTING_TIMEOUT, connect=5.0)
 
 _STUDY_FIELDS = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
@@ -157,7 +159,7 @@ class QidoSource:
             raise Unavailable(f"facility {self.facility.id!r} answered {r.status_code} to a QIDO-RS query")
         if r.status_code >= 400:
             raise BadRequest(f"facility {self.facility.id!r} refused a QIDO-RS query ({r.status_code})")
-        data = r.json()
+        data = orjson.loads(r.content)
         # PS3.18 8.3.4.4: a cut answer carries Warning: 299 ... "There are additional results".
         more = "additional results" in r.headers.get("warning", "").lower()
         return (data if isinstance(data, list) else []), more
@@ -289,8 +291,10 @@ class CFindSource:
             return self._assoc
         ae = AE(ae_title=self.calling_ae)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.acse_timeout = ae.network_timeout = 10
-        ae.dimse_timeout = 60
+        # An archive answers a whole-archive C-FIND only once it has gathered every match, and
+        # QIDO-RS likewise: minutes for a large archive on a busy host, not a sign it is down.
+        ae.acse_timeout = 10
+        ae.network_timeout = ae.dimse_timeout = LISTING_TIMEOUT
         try:
             assoc = ae.associate(
                 self.facility.host or "", int(self.facility.port or 0), ae_title=self.facility.ae_title or ""
@@ -313,7 +317,10 @@ class CFindSource:
             code = getattr(status, "Status", None)
             if code is None:
                 self.close()
-                raise Unavailable(f"facility {self.facility.id!r} stopped answering a C-FIND")
+                raise Unavailable(
+                    f"facility {self.facility.id!r} aborted or stopped answering a C-FIND "
+                    f"(is {self.calling_ae} a known AE there?)"
+                )
             if code in (0xFF00, 0xFF01):
                 if ds is not None:
                     yield ds.to_json_dict(1 << 30, 1 << 30)

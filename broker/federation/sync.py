@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, func, update
+from sqlalchemy import bindparam, delete, func, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -301,12 +301,12 @@ def _write_studies(
             )
         )
     }
-    new_patients: list[Patient] = []
+    fresh: dict[str, Patient] = {}
     for s in studies:
-        if s.uid in local or keys[s.uid] in patients:
+        if s.uid in local or keys[s.uid] in patients or keys[s.uid] in fresh:
             continue
         name = str_value(s.attrs, "00100010")
-        p = Patient(
+        fresh[keys[s.uid]] = Patient(
             facility_id=facility.id,
             issuer=facility.issuer,
             patient_id=keys[s.uid],
@@ -316,17 +316,29 @@ def _write_studies(
             birth_date=str_value(s.attrs, "00100030")[:8],
             sex=str_value(s.attrs, "00100040")[:16],
         )
-        patients[keys[s.uid]] = p
-        new_patients.append(p)
-    session.add_all(new_patients)
-    session.flush()
-    if new_patients:
+    if fresh:
         from broker.identity import service as identity_service
 
-        for p in new_patients:
-            identity_service.link_patient(session=session, patient=p)
+        # Same transaction, small sessions: linking issues ORM updates that scan every object
+        # a session holds, so a page's worth of patients in one session would cost O(n^2).
+        batch = list(fresh.values())
+        for i in range(0, len(batch), 25):
+            with Session(bind=session.connection(), expire_on_commit=False) as sub:
+                sub.add_all(batch[i : i + 25])
+                sub.flush()
+                for p in batch[i : i + 25]:
+                    identity_service.link_patient(session=sub, patient=p)
+                sub.flush()
+                for p in batch[i : i + 25]:
+                    sub.expunge(p)
+        patients.update(fresh)
 
-    touched: list[tuple[Study, RemoteStudy]] = []
+    # Core statements from here on: thousands of rows per page, and ORM objects cost more to
+    # build than the rows cost to write.
+    study_t, series_t, loc_t = Study.__table__, Series.__table__, StudyLocation.__table__  # type: ignore[attr-defined]
+    new_rows: list[dict[str, Any]] = []
+    changed_rows: list[dict[str, Any]] = []
+    pk_of: dict[str, int] = {}
     for s in studies:
         if s.uid in local:
             continue
@@ -358,39 +370,46 @@ def _write_studies(
         }
         study = existing.get(s.uid)
         if study is None:
-            study = Study(study_uid=s.uid, facility_id=facility.id, **values)
-            session.add(study)
+            new_rows.append({"study_uid": s.uid, "facility_id": facility.id, **values})
         elif study.facility_id == facility.id:
-            for k, v in values.items():
-                setattr(study, k, v)
-            session.add(study)
-        else:
-            continue  # indexed from another facility first: this one is only a second location
-        touched.append((study, s))
-    session.flush()
+            assert study.pk is not None
+            changed_rows.append({"b_pk": study.pk, **values})
+            pk_of[s.uid] = study.pk
+        # else: indexed from another facility first; this one is only a second location.
+    if new_rows:
+        stmt = insert(study_t).returning(study_t.c.pk, study_t.c.study_uid)
+        for pk, uid in session.execute(stmt, new_rows):
+            pk_of[uid] = pk
+    if changed_rows:
+        session.execute(update(study_t).where(study_t.c.pk == bindparam("b_pk")), changed_rows)
 
-    study_pks = [st.pk for st, _ in touched]
-    remote_uids = [rs.uid for _st, s in touched for rs in series_of.get(s.uid, [])]
-    current: dict[str, Series] = {}
-    if study_pks:
-        # By study (to find series gone at the facility) and by UID (a series the index already
-        # holds under another study is moved, never duplicated).
-        for se in session.exec(select(Series).where(col(Series.study_pk).in_(study_pks))):
-            current[se.series_uid] = se
-        for i in range(0, len(remote_uids), 500):
-            for se in session.exec(
-                select(Series).where(col(Series.series_uid).in_(remote_uids[i : i + 500]))
-            ):
-                current[se.series_uid] = se
+    remote_uids = [rs.uid for uid in pk_of for rs in series_of.get(uid, [])]
+    current: dict[str, int] = {}
+    if changed_rows:
+        # A changed study: find its series gone at the facility.
+        pks = [r["b_pk"] for r in changed_rows]
+        for pk, uid in session.execute(
+            select(series_t.c.pk, series_t.c.series_uid).where(series_t.c.study_pk.in_(pks))
+        ):
+            current[uid] = pk
+    for i in range(0, len(remote_uids), 500):
+        # A series the index already holds (under this or another study) is updated, never doubled.
+        chunk = remote_uids[i : i + 500]
+        for pk, uid in session.execute(
+            select(series_t.c.pk, series_t.c.series_uid).where(series_t.c.series_uid.in_(chunk))
+        ):
+            current[uid] = pk
     wanted: set[str] = set()
-    for study, s in touched:
-        for rs in series_of.get(s.uid, []):
+    series_new: list[dict[str, Any]] = []
+    series_changed: list[dict[str, Any]] = []
+    for uid, study_pk in pk_of.items():
+        for rs in series_of.get(uid, []):
             if rs.uid in wanted:
                 continue
             wanted.add(rs.uid)
             a = rs.attrs
             values = {
-                "study_pk": study.pk,
+                "study_pk": study_pk,
                 "modality": str_value(a, "00080060")[:16],
                 "series_number": _int(a, "00200011"),
                 "series_description": str_value(a, "0008103E")[:256],
@@ -400,26 +419,41 @@ def _write_studies(
                 "num_instances": rs.num_instances,
                 "series_json": orjson.dumps(_level_json(a, is_series_level)).decode(),
             }
-            row = current.get(rs.uid)
-            if row is None:
-                session.add(Series(series_uid=rs.uid, **values))
+            if rs.uid in current:
+                series_changed.append({"b_pk": current[rs.uid], **values})
             else:
-                for k, v in values.items():
-                    setattr(row, k, v)
-                session.add(row)
-    gone = [se.pk for uid, se in current.items() if uid not in wanted]
+                series_new.append({"series_uid": rs.uid, **values})
+    if series_new:
+        session.execute(insert(series_t), series_new)
+    if series_changed:
+        session.execute(update(series_t).where(series_t.c.pk == bindparam("b_pk")), series_changed)
+    gone = [pk for uid, pk in current.items() if uid not in wanted]
     if gone:
-        session.exec(delete(Series).where(col(Series.pk).in_(gone)))  # type: ignore[call-overload]
+        session.execute(delete(series_t).where(series_t.c.pk.in_(gone)))
 
+    now = _now()
+    loc_new: list[dict[str, Any]] = []
+    loc_changed: list[dict[str, Any]] = []
     for s in studies:
+        row = {
+            "remote_series": s.num_series,
+            "remote_instances": s.num_instances,
+            "seen_job": run,
+            "has_pixels": s.uid in local,
+            "synced_at": now,
+        }
         # `locations` holds every row of this facility for the page: a missing one is new.
-        loc = locations.get(s.uid) or StudyLocation(study_uid=s.uid, facility_id=facility.id)
-        loc.remote_series = s.num_series
-        loc.remote_instances = s.num_instances
-        loc.seen_job = run
-        loc.has_pixels = s.uid in local
-        loc.synced_at = _now()
-        session.add(loc)
+        if s.uid in locations:
+            loc_changed.append({"b_uid": s.uid, **row})
+        else:
+            loc_new.append({"study_uid": s.uid, "facility_id": facility.id, **row})
+    if loc_new:
+        session.execute(insert(loc_t), loc_new)
+    if loc_changed:
+        session.execute(
+            update(loc_t).where(loc_t.c.study_uid == bindparam("b_uid"), loc_t.c.facility_id == facility.id),
+            loc_changed,
+        )
 
 
 # -- removing what the facility no longer holds -----------------------------------------------
