@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
@@ -41,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.deps import AppState
 from broker.dimse import service as ds
@@ -234,7 +236,8 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
     stores the object, then commits its index row). Statuses (PS3.4 B.2.3):
 
     - 0x0000 Success: stored, or already stored with identical content (idempotent re-send).
-    - 0xA700 Refused, out of resources: object store or database unavailable, or disk full.
+    - 0xA700 Refused, out of resources: object store or database unavailable, or disk full
+      (the SCU may retry later).
     - 0xA900 Data set does not match SOP class: its SOP Class/Instance UID differ from the
       request's, or the index's reason for a failed instance was this code.
     - 0xC000 Cannot understand: the data set cannot be parsed or is invalid (bad UIDs ...), or
@@ -242,7 +245,7 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
       review, never served in place of the stored one). ErrorComment says which.
     - 0x0124 Not authorized: the calling AE has no facility (only if the registry changed
       during the association; unknown calling AEs are refused at association).
-    - 0xC211 (pynetdicom): unexpected error in this handler.
+    - 0xC001 Cannot understand (processing failure): an unexpected error on our side.
     """
     principal, facility = handle.caller(event)
     if facility is None:
@@ -314,12 +317,20 @@ def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) 
         )
     except Unavailable as exc:
         log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
-        return status_dataset(0xA700, "storage temporarily unavailable")
+        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
     except ScanOnceError as exc:
         return status_dataset(ds.UNABLE_TO_PROCESS, exc.message)
     except OSError as exc:
         log.error("C-STORE refused, out of resources: %s", exc.strerror)
-        return status_dataset(0xA700, "out of resources")
+        return status_dataset(ds.OUT_OF_RESOURCES, "out of resources")
+    except (SQLAlchemyError, BotoCoreError, ClientError) as exc:
+        # The database or the object store is down or refusing: worth a retry later. Only the
+        # type is logged: these messages can carry SQL parameters (patient data).
+        log.error("C-STORE refused, storage failed: %s", type(exc).__name__)
+        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
+    except Exception as exc:
+        log.error("C-STORE failed: %s", type(exc).__name__)
+        return status_dataset(ds.PROCESSING_FAILURE, "processing failure")
     if not outcomes:
         return status_dataset(ds.UNABLE_TO_PROCESS, "nothing stored")
     code, comment = ds.cstore_status(outcomes[0])
@@ -432,8 +443,8 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
             yield status, ds.response_identifier(match, request, retrieve_ae_title=handle.ae_title)
     except BadRequest as exc:
         yield status_dataset(ds.UNABLE_TO_PROCESS, exc.message), None
-    except Exception:
-        log.exception("C-FIND failed")
+    except Exception as exc:
+        log.error("C-FIND failed: %s", type(exc).__name__)  # no message: it may quote the query
         yield status_dataset(ds.PROCESSING_FAILURE, "query failed"), None
 
 

@@ -32,6 +32,7 @@ PENDING = 0xFF00
 # C-FIND: matches continue, but some optional keys were not supported for matching (ignored).
 PENDING_KEYS_UNSUPPORTED = 0xFF01
 CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 # Our own sub-code in the 0xC000-0xCFFF "unable to process" range, for failures on our side

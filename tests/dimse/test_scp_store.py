@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from broker.dicom import synth
 from broker.federation import service as federation
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
+from storage import LocalStore
 from tests.dimse.conftest import TEST_FILES, Node, sample_folder, synthetic_studies
 from tests.peers import dcmtk
 
@@ -345,3 +347,19 @@ def test_a_large_instance_is_received_through_a_file_not_memory(node: Node, tmp_
     size = 6 * 2048 * 2048 * 4
     assert peak < size * 1.1, f"peak {peak / 2**20:.1f} MiB while receiving a 96 MiB instance"
     print(f"peak traced memory while storing 96 MiB: {peak / 2**20:.1f} MiB")
+
+
+class _FullDisk(LocalStore):
+    """A local store on a disk that is full (the one part that cannot be made real here)."""
+
+    def put(self, key: str, data: Any, *, size: int | None = None) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_is_out_of_resources_and_nothing_is_indexed(node: Node, tmp_path: Path) -> None:
+    node.state.store = _FullDisk(tmp_path / "full")
+    good = synthetic_studies()[0]
+    rsp = _send_file_as_is(node, _part10(good, tmp_path / "good.dcm"), good.SOPClassUID)
+    assert rsp.Status == 0xA700
+    assert _indexed_sops(node) == set()
+    assert list(node.spool.iterdir()) == []
