@@ -363,3 +363,45 @@ def test_disk_full_is_out_of_resources_and_nothing_is_indexed(node: Node, tmp_pa
     assert rsp.Status == 0xA700
     assert _indexed_sops(node) == set()
     assert list(node.spool.iterdir()) == []
+
+
+def test_parallel_associations_storing_into_the_same_study(node: Node, tmp_path: Path) -> None:
+    import subprocess
+
+    patient = synth.generate_patients(seed=11, count=1)[0]
+    study = list(
+        synth.generate_study(
+            rng_seed=5, patient=patient, modality="CT", n_series=2, n_instances_per_series=8, rows=16, cols=16
+        )
+    )
+    paths = synth.write_files(study, tmp_path / "send")
+    # Four senders at once, each with a share of both series (as a PACS with several workers).
+    procs = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                f"W{n}",
+                "-aec",
+                node.aet,
+                "127.0.0.1",
+                str(node.port),
+                *map(str, paths[n::4]),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for n in range(4)
+    ]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    assert _indexed_sops(node) == {ds.SOPInstanceUID for ds in study}
+    with Session(node.state.engine) as session:
+        (match,) = search(
+            session=session,
+            query=Query(
+                level="study", filters={"NumberOfStudyRelatedInstances": "", "NumberOfStudyRelatedSeries": ""}
+            ),
+        ).matches
+    assert (match["00201208"]["Value"][0], match["00201206"]["Value"][0]) == (16, 2)
