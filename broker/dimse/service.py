@@ -63,6 +63,7 @@ _LEVEL_TO_QUERY: dict[str, Literal["patient", "study", "series", "instance"]] = 
 # Elements of the identifier that are about the query, not attributes to match or return.
 _CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+_RETRIEVE_AE_TITLE = 0x00080054
 
 
 class IdentifierError(Exception):
@@ -276,12 +277,12 @@ def response_identifier(
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = request.level
     for tag in request.return_keys:
-        if tag in found:
+        if tag == _RETRIEVE_AE_TITLE and retrieve_ae_title and (tag not in found or found[tag].is_empty):
+            ds.RetrieveAETitle = retrieve_ae_title  # where to C-MOVE/C-GET it from: this node
+        elif tag in found:
             ds[tag] = found[tag]
-        elif tag == 0x00080054 and retrieve_ae_title:  # RetrieveAETitle
-            ds.RetrieveAETitle = retrieve_ae_title
         else:
-            vr = dictionary_VR(tag)
+            vr = dictionary_VR(tag).split(" or ")[0]  # e.g. "US or SS": any one encodes "empty"
             ds[tag] = DataElement(tag, vr, DicomSequence() if vr == "SQ" else None)
     return ds
 
