@@ -262,13 +262,19 @@ def _wait_http(url: str, *, proc: subprocess.Popen[Any], timeout: float, log_pat
 # -- dcmtk ----------------------------------------------------------------------------------
 
 
+def _dcmtk_exe(tool: str) -> str | None:
+    """dcmtk's own binary: pynetdicom installs look-alike `storescu`/`findscu`/... scripts into
+    the virtualenv's bin, which comes first on PATH, so look in the system folders only."""
+    return shutil.which(tool, path=os.pathsep.join(("/usr/bin", "/usr/local/bin", "/bin")))
+
+
 def dcmtk(
     tool: str, *args: str | os.PathLike[str], timeout: float = 60.0, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run a dcmtk tool (echoscu, storescu, findscu, movescu, getscu, dcmdump, ...) to the end.
 
     Raises PeerError with the tool's output when it fails (check=True) or overruns `timeout`."""
-    exe = shutil.which(tool)
+    exe = _dcmtk_exe(tool)
     if exe is None:
         raise PeerError(f"dcmtk tool {tool!r} not found; apt-get install dcmtk")
     cmd = [exe, *map(str, args)]
@@ -311,7 +317,7 @@ def storescp(
 ) -> Iterator[StoreSCP]:
     """Run dcmtk's storescp in the background on loopback, accepting any SOP class and
     transfer syntax it knows, writing each instance as a file under `folder`."""
-    exe = shutil.which("storescp")
+    exe = _dcmtk_exe("storescp")
     if exe is None:
         raise PeerError("dcmtk's storescp not found; apt-get install dcmtk")
     out = Path(folder)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from storage.keys import conflict_key, instance_key
 
 log = logging.getLogger("scanonce.ingest")
 
+_ATTEMPTS = 8
 _ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
 _T_SOP_CLASS = "00080016"
 _T_SOP_UID = "00080018"
@@ -379,16 +382,18 @@ def ingest_files(
         else:
             parsed.append((i, result))
     if parsed:
-        for attempt in range(3):
+        for attempt in range(_ATTEMPTS):
             try:
                 _index_batch(
                     engine=engine, store=store, facility_id=facility_id, parsed=parsed, outcomes=outcomes
                 )
                 break
             except IntegrityError:
-                # A concurrent batch created the same study/series/instance first: re-read and retry.
-                if attempt == 2:
+                # A concurrent batch created the same patient/study/series/instance first and
+                # committed: the next attempt sees its rows. Jitter keeps racing batches apart.
+                if attempt == _ATTEMPTS - 1:
                     raise
+                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
     done = [o for o in outcomes if o is not None]
     stored = sum(o.status == "stored" for o in done)
     log.info(
