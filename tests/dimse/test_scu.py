@@ -208,7 +208,8 @@ def test_store_to_a_down_peer_is_unavailable(tmp_path: Path) -> None:
 
 
 def test_find_answers_name_this_node_as_retrieve_ae(archive: Node) -> None:
-    keys = {"StudyInstanceUID": PATIENT.StudyInstanceUID, "RetrieveAETitle": None, "SmallestImagePixelValue": None}
+    keys = {"StudyInstanceUID": PATIENT.StudyInstanceUID, "RetrieveAETitle": None}
+    keys["SmallestImagePixelValue"] = None
     studies = scu.find(**_where(archive), level="STUDY", keys=keys)
     assert [m["00080054"]["Value"] for m in studies] == [[archive.aet]]
     assert studies[0]["00280106"] == {"vr": "US"}  # requested, unknown here: returned empty
