@@ -136,11 +136,10 @@ def pixm(
         if not sourceIdentifier:
             raise BadRequest("sourceIdentifier is required")
         source = parse_token(sourceIdentifier, what="sourceIdentifier")
-        known = _known_issuers(session)
-        if source.issuer not in known:
+        if not _issuer_known(session, source.issuer):
             return operation_outcome(400, "sourceIdentifier assigning authority not found", "code-invalid")
         targets = [issuer_from_system(t) for t in targetSystem if t]
-        if any(t not in known for t in targets):
+        if any(not _issuer_known(session, t) for t in targets):
             return operation_outcome(403, "targetSystem not found", "code-invalid")
         ids = service.cross_reference(session=session, identifier=source, target_issuers=targets)
         rec = service.get_record(session=session, issuer=source.issuer, value=source.value)
@@ -158,17 +157,23 @@ def pixm(
     return _fhir({"resourceType": "Parameters", "parameter": params})
 
 
-def _known_issuers(session: Any) -> set[str]:
+def _issuer_known(session: Any, issuer: str) -> bool:
+    """A registered facility's or trusted issuer, or one any record or identifier carries
+    (index lookups only: PIXm must stay fast on a large MPI)."""
     from sqlmodel import select
 
     from broker.federation.models import Facility
     from broker.identity.models import IdentityIdentifier, TrustedIssuer
 
-    known = set(session.exec(select(Facility.issuer)).all())
-    known |= set(session.exec(select(TrustedIssuer.issuer)).all())
-    known |= set(session.exec(select(IdentityRecord.issuer).distinct()).all())
-    known |= set(session.exec(select(IdentityIdentifier.issuer).distinct()).all())
-    return known
+    return any(
+        session.exec(stmt.limit(1)).first() is not None
+        for stmt in (
+            select(Facility.id).where(Facility.issuer == issuer),
+            select(TrustedIssuer.issuer).where(TrustedIssuer.issuer == issuer),
+            select(IdentityRecord.id).where(IdentityRecord.issuer == issuer),
+            select(IdentityIdentifier.id).where(IdentityIdentifier.issuer == issuer),
+        )
+    )
 
 
 @router.get("/fhir/Patient")
