@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -366,8 +367,6 @@ def test_disk_full_is_out_of_resources_and_nothing_is_indexed(node: Node, tmp_pa
 
 
 def test_parallel_associations_storing_into_the_same_study(node: Node, tmp_path: Path) -> None:
-    import subprocess
-
     patient = synth.generate_patients(seed=11, count=1)[0]
     study = list(
         synth.generate_study(
@@ -376,26 +375,10 @@ def test_parallel_associations_storing_into_the_same_study(node: Node, tmp_path:
     )
     paths = synth.write_files(study, tmp_path / "send")
     # Four senders at once, each with a share of both series (as a PACS with several workers).
-    procs = [
-        subprocess.Popen(
-            [
-                "storescu",
-                "-aet",
-                f"W{n}",
-                "-aec",
-                node.aet,
-                "127.0.0.1",
-                str(node.port),
-                *map(str, paths[n::4]),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for n in range(4)
-    ]
-    for proc in procs:
-        _out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err.decode()
+    where = ["-aec", node.aet, "127.0.0.1", str(node.port)]
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda n: dcmtk("storescu", "-aet", f"W{n}", *where, *paths[n::4]), range(4)))
+    assert all(d.returncode == 0 for d in done)
     assert _indexed_sops(node) == {ds.SOPInstanceUID for ds in study}
     with Session(node.state.engine) as session:
         (match,) = search(
