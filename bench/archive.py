@@ -595,6 +595,7 @@ def build_query_mix(facts: list[StudyFacts], repeats: int, seed: int) -> list[tu
 
 def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     results: dict[str, SideResults] = {}
     with contextlib.ExitStack() as stack:
         servers: list[Server] = []
@@ -719,8 +720,12 @@ def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]
             res = results[s.name]
             try:
                 for _ in range(plan.retrieve_repeats):
+                    cpu0 = cpu_seconds(s.pid)
                     dt, n, ctype = retrieve(s, ct_uid)
-                    res.retrieve.append({"seconds": dt, "bytes": n, "mb_s": n / MiB / dt})
+                    cpu = cpu_seconds(s.pid) - cpu0
+                    res.retrieve.append(
+                        {"seconds": dt, "bytes": n, "mb_s": n / MiB / dt, "server_cpu_s": cpu}
+                    )
                     res.settings.setdefault("retrieve content-type", ctype.split("; boundary")[0])
                 log(f"retrieve {s.name}: {median([x['mb_s'] for x in res.retrieve]):.0f} MB/s")
             except (RuntimeError, httpx.HTTPError) as exc:
@@ -770,6 +775,8 @@ def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]
         "threads": threads,
         "seed": seed,
         "total_s": time.perf_counter() - t_start,
+        # Other work on the machine skews rates and latencies (not the CPU-per-unit rows).
+        "loadavg_1m": [load_start, os.getloadavg()[0]],
         "sides": {k: asdict(v) for k, v in results.items()},
     }
 
@@ -781,6 +788,11 @@ def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
     if v is None or v != v:  # NaN
         return "n/a"
     return f"{v:,.{digits}f}{unit}"
+
+
+def _load(data: dict[str, Any]) -> str:
+    load = data.get("loadavg_1m")
+    return " / ".join(f"{x:.1f}" for x in load) if load else "n/a"
 
 
 def _counts(so: dict[str, Any] | None, oc: dict[str, Any] | None, kind: str) -> str:
@@ -850,6 +862,28 @@ def render(data: dict[str, Any]) -> str:
             True,
         ),
         (
+            "Server CPU per small instance stored, ms (load-independent)",
+            get(
+                so,
+                lambda s: (
+                    1e3
+                    * sum(t["server_cpu_s"] for t in s["tranches"])
+                    / sum(t["instances"] for t in s["tranches"])
+                ),
+            ),
+            get(
+                oc,
+                lambda s: (
+                    1e3
+                    * sum(t["server_cpu_s"] for t in s["tranches"])
+                    / sum(t["instances"] for t in s["tranches"])
+                ),
+            ),
+            "",
+            "",
+            False,
+        ),
+        (
             f"Index build, {plan['index_instances']:,} instances, s",
             get(so, lambda s: s["index_build_s"]),
             get(oc, lambda s: s["index_build_s"]),
@@ -872,6 +906,14 @@ def render(data: dict[str, Any]) -> str:
             "",
             "",
             True,
+        ),
+        (
+            "Server CPU per CT instance stored, ms",
+            get(so, lambda s: 1e3 * s["ct"]["server_cpu_s"] / s["ct"]["instances"]),
+            get(oc, lambda s: 1e3 * s["ct"]["server_cpu_s"] / s["ct"]["instances"]),
+            "",
+            "",
+            False,
         ),
         (
             "QIDO-RS query mix p50, ms",
@@ -921,6 +963,28 @@ def render(data: dict[str, Any]) -> str:
             "",
             "≥ 1×",
             True,
+        ),
+        (
+            "Server CPU per GB retrieved, s",
+            get(
+                so,
+                lambda s: (
+                    sum(x["server_cpu_s"] for x in s["retrieve"])
+                    / sum(x["bytes"] for x in s["retrieve"])
+                    * 1e9
+                ),
+            ),
+            get(
+                oc,
+                lambda s: (
+                    sum(x["server_cpu_s"] for x in s["retrieve"])
+                    / sum(x["bytes"] for x in s["retrieve"])
+                    * 1e9
+                ),
+            ),
+            "",
+            "",
+            False,
         ),
         (
             f"One-request STOW-RS of a {plan['big_instances'] * 525814 / 1e9:.2f} GB study, MB/s",
@@ -995,7 +1059,8 @@ def render(data: dict[str, Any]) -> str:
         f"{plan['series_per_study'] * plan['instances_per_series']} instances per small study "
         f"({plan['series_per_study']} series); "
         f"seed {data['seed']}; total {data['total_s']:.0f} s; {platform.node()} "
-        f"({os.cpu_count()} CPUs, Python {platform.python_version()}), loopback only."
+        f"({os.cpu_count()} CPUs, Python {platform.python_version()}), loopback only; "
+        f"1-min load average at start / end: {_load(data)}."
     )
     for side in (so, oc):
         if side:
