@@ -32,13 +32,17 @@ def sync_interval(settings: Settings) -> float:
     return float(getattr(settings, "sync_interval_seconds", DEFAULT_SYNC_INTERVAL) or 0)
 
 
-def scheduler_loop(*, engine: Engine, interval_seconds: float, stop: threading.Event) -> None:
+def scheduler_loop(
+    *, engine: Engine, interval_seconds: float, stop: threading.Event, calling_ae: str = "SCANONCE"
+) -> None:
     from broker.federation import service
 
     tick = max(1.0, min(interval_seconds / 4, 60.0))
     while not stop.is_set():
         try:
-            queued = service.queue_due_syncs(engine=engine, interval_seconds=interval_seconds)
+            queued = service.queue_due_syncs(
+                engine=engine, interval_seconds=interval_seconds, calling_ae=calling_ae
+            )
             if queued:
                 log.info("queued %d periodic syncs", len(queued))
         except Exception:  # the schedule must survive a bad tick (database restart, ...)
@@ -66,7 +70,12 @@ def start_background(
         threads.append(
             threading.Thread(
                 target=scheduler_loop,
-                kwargs={"engine": engine, "interval_seconds": interval, "stop": stop},
+                kwargs={
+                    "engine": engine,
+                    "interval_seconds": interval,
+                    "stop": stop,
+                    "calling_ae": settings.ae_title,
+                },
                 name="scanonce-sync-schedule",
                 daemon=True,
             )

@@ -118,6 +118,6 @@ def start_sync(
     from broker.federation import sync
 
     facility = service.get_facility(session=session, facility_id=facility_id)
-    job = sync.queue_sync(engine=state.engine, facility=facility)
+    job = sync.queue_sync(engine=state.engine, facility=facility, calling_ae=state.settings.ae_title)
     assert job.id is not None
     return SyncStarted(job_id=job.id, status=job.status)

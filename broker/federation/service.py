@@ -237,7 +237,7 @@ def study_locations(*, session: Session, study_uids: Sequence[str]) -> dict[str,
     return out
 
 
-def queue_due_syncs(*, engine: Engine, interval_seconds: float) -> list[int]:
+def queue_due_syncs(*, engine: Engine, interval_seconds: float, calling_ae: str = "SCANONCE") -> list[int]:
     """Queue a sync for every facility with an archive endpoint whose last sync started longer
     than `interval_seconds` ago (or never). Returns the job ids; a queued one is not doubled."""
     from broker.federation import sync
@@ -258,7 +258,7 @@ def queue_due_syncs(*, engine: Engine, interval_seconds: float) -> list[int]:
             last = last.replace(tzinfo=UTC)
         if last is not None and (now - last).total_seconds() < interval_seconds:
             continue
-        job = sync.queue_sync(engine=engine, facility=f)
+        job = sync.queue_sync(engine=engine, facility=f, calling_ae=calling_ae)
         if job.id is not None and job.status == "queued":
             queued.append(job.id)
     return queued

@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 from broker.db import session_scope
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, str_value
-from broker.errors import BadRequest, Conflict, NotFound
+from broker.errors import BadRequest, Conflict, NotFound, Unavailable
 from broker.federation.models import Facility, StudyLocation, SyncState
 from broker.federation.remote import RemoteSeries, RemoteStudy, Source, open_source, studies_from_series
 from broker.index.models import Instance, Patient, Series, Study
@@ -55,12 +55,17 @@ class SyncResult:
     seconds: float
 
 
-def queue_sync(*, engine: Engine, facility: Facility) -> Job:
+def queue_sync(*, engine: Engine, facility: Facility, calling_ae: str = "SCANONCE") -> Job:
     if facility.sharing_policy == "none":
         raise BadRequest(f"facility {facility.id!r} shares nothing (sharing policy 'none')")
     if not facility.dicomweb_url and not (facility.ae_title and facility.host and facility.port):
         raise BadRequest(f"facility {facility.id!r} has neither a DICOMweb URL nor a DIMSE endpoint")
-    return jobs.enqueue(engine=engine, kind=SYNC_KIND, key=facility.id, params={"facility_id": facility.id})
+    return jobs.enqueue(
+        engine=engine,
+        kind=SYNC_KIND,
+        key=facility.id,
+        params={"facility_id": facility.id, "calling_ae": calling_ae},
+    )
 
 
 def sync_facility(
@@ -81,7 +86,7 @@ def sync_facility(
         facility = session.get(Facility, facility_id)
         if facility is None:
             raise NotFound(f"no facility {facility_id!r}")
-        job = queue_sync(engine=engine, facility=facility)
+        job = queue_sync(engine=engine, facility=facility, calling_ae=calling_ae)
     assert job.id is not None
     claimed = jobs.claim(engine=engine, job_id=job.id)
     if claimed is None:
@@ -107,7 +112,12 @@ def sync_facility(
 @jobs.register(SYNC_KIND)
 def _sync_handler(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
     try:
-        run_sync(engine=engine, job=job, progress=progress)
+        run_sync(
+            engine=engine,
+            job=job,
+            progress=progress,
+            calling_ae=jobs.params_of(job).get("calling_ae", "SCANONCE"),
+        )
     except Exception as exc:
         facility_id = jobs.params_of(job).get("facility_id", job.key)
         _record_state(engine, facility_id, job.id or 0, status="failed", error=str(exc))
@@ -162,11 +172,19 @@ def run_sync(
             progress.update(
                 message=f"listing series at {facility.id}", checkpoint={**checkpoint, "mode": "full"}
             )
-            all_series = source.series(None)
-            studies = studies_from_series(all_series)
-            series_of = {}
-            for se in all_series:
-                series_of.setdefault(se.study_uid, []).append(se)
+            try:
+                all_series: list[RemoteSeries] | None = source.series(None)
+            except (BadRequest, Unavailable) as exc:
+                # A strictly hierarchical archive may refuse SERIES without a study: go study by study.
+                log.info("facility %s refused a whole-archive series query (%s)", facility.id, exc.message)
+                all_series = None
+            if all_series is not None:
+                studies = studies_from_series(all_series)
+                series_of = {}
+                for se in all_series:
+                    series_of.setdefault(se.study_uid, []).append(se)
+            else:
+                studies = source.studies(None)
         else:
             progress.update(message=f"listing studies at {facility.id}")
             studies = source.studies(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -246,3 +247,55 @@ def test_a_facility_that_is_down_is_named_and_the_rest_keeps_answering(federated
     assert [j["key"] for j in failed] == ["gone"] and "'gone'" in failed[0]["error"]
     assert client.get("/api/facilities/gone").json()["sync"]["last_status"] == "failed"
     assert set(_studies(federated)) == WEB_STUDIES
+
+
+def test_sync_queued_by_the_api_is_run_by_the_worker_and_the_schedule_requeues_it(
+    federated: AppState,
+) -> None:
+    client = TestClient(create_app(state=federated))
+    r = client.post("/api/facilities/dimse/sync")
+    assert r.status_code == 202
+    job_id = r.json()["job_id"]
+    assert client.post("/api/facilities/dimse/sync").json()["job_id"] == job_id  # not queued twice
+    assert jobs.work(engine=federated.engine, store=federated.store, once=True) == 1
+    assert client.get(f"/api/jobs/{job_id}").json()["status"] == "done"
+    assert set(_studies(federated)) == DIMSE_STUDIES
+
+    # The periodic schedule: dimse synced just now is not due; web never synced is.
+    queued = service.queue_due_syncs(engine=federated.engine, interval_seconds=3600)
+    assert [client.get(f"/api/jobs/{j}").json()["key"] for j in queued] == ["web"]
+    # At interval 0 every facility is due; web's queued job comes back, it is not doubled.
+    due = service.queue_due_syncs(engine=federated.engine, interval_seconds=0)
+    assert len(due) == 2 and set(queued) < set(due)
+    assert sorted(client.get(f"/api/jobs/{j}").json()["key"] for j in due) == ["dimse", "web"]
+
+
+def test_cli_sync_and_fetch_against_the_archives(archives: Archives, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from broker.federation.cli import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path)]
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, [*args, *data], catch_exceptions=False, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("facility", "add", "web", "--issuer", "WEB", "--dicomweb", archives.web.dicomweb_url)
+    run(
+        "facility", "add", "dimse", "--issuer", "DIMSE", "--ae", archives.dimse.aet,
+        "--host", archives.dimse.host, "--port", str(archives.dimse.dicom_port),
+    )  # fmt: skip
+    out = run("sync", "web")
+    assert "2 studies at web, 2 new or changed, 0 removed" in out
+    assert "2 studies at dimse, 2 new or changed" in run("sync", "dimse")
+    assert "not fetched" in run("facility", "show", "dimse")
+    uid = study_uid_of("rtdose.dcm")
+    assert f"study {uid} is held by the broker" in run("fetch", uid)
+    missing = runner.invoke(app, ["fetch", "1.2.3.4", *data])
+    assert missing.exit_code == 1 and "no such study" in missing.output
