@@ -131,9 +131,11 @@ class ScpHandle:
     ae: Any = None
     server: Any = None
     address: tuple[str, int] = ("", 0)
+    # Per association (associations run in their own threads, hence the lock).
     _callers: weakref.WeakKeyDictionary[Any, tuple[Principal, str | None]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def port(self) -> int:
@@ -156,14 +158,16 @@ class ScpHandle:
     def caller(self, event: evt.Event) -> tuple[Principal, str | None]:
         """The Principal and facility of the association's calling AE, resolved once."""
         assoc = event.assoc
-        found = self._callers.get(assoc)
+        with self._lock:
+            found = self._callers.get(assoc)
         if found is None:
             settings = self.state.settings
             calling_ae = str(assoc.requestor.ae_title).strip()
             facility = self.facility_of(calling_ae)
             principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
             found = (principal, facility)
-            self._callers[assoc] = found
+            with self._lock:
+                self._callers[assoc] = found
         return found
 
 
