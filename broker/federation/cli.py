@@ -1,6 +1,6 @@
-"""`scanonce facility ...`, `scanonce sync FACILITY`, `scanonce fetch STUDY_UID`.
+"""`scanonce facility ...`, `scanonce sync FACILITY`, `scanonce fetch STUDY_UID`, `scanonce worker`.
 
-`register(app)` adds all three to the main `scanonce` command.
+`register(app)` adds them to the main `scanonce` command.
 """
 
 from __future__ import annotations
@@ -298,8 +298,26 @@ def fetch(
     console.print(f"study {study_uid} is held by the broker")
 
 
+def worker(data_dir: DataDir = None) -> None:
+    """Run queued background jobs (index syncs, ...) until interrupted. Start as many workers as
+    you like, on any node: each job is claimed by exactly one."""
+    import threading
+
+    import broker.federation.sync  # noqa: F401 - registers the "sync" job handler
+    from broker.jobs import service as jobs
+
+    state = _state(data_dir)
+    stop = threading.Event()
+    console.print(f"worker {jobs.default_owner()} waiting for jobs (Ctrl-C stops it)")
+    try:
+        jobs.work(engine=state.engine, store=state.store, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
 def register(app: typer.Typer) -> None:
-    """Add `facility`, `sync` and `fetch` to the main command."""
+    """Add `facility`, `sync`, `fetch` and `worker` to the main command."""
     app.add_typer(facility_app, name="facility")
     app.command("sync")(sync)
     app.command("fetch")(fetch)
+    app.command("worker")(worker)

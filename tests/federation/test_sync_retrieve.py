@@ -299,3 +299,39 @@ def test_cli_sync_and_fetch_against_the_archives(archives: Archives, tmp_path: P
     assert f"study {uid} is held by the broker" in run("fetch", uid)
     missing = runner.invoke(app, ["fetch", "1.2.3.4", *data])
     assert missing.exit_code == 1 and "no such study" in missing.output
+
+
+def test_a_fetched_study_deleted_at_the_facility_stays_served_by_the_broker(
+    federated: AppState, archives: Archives
+) -> None:
+    mr = study_uid_of("MR_small.dcm")
+    _sync(federated, "web")
+    service.ensure_local(engine=federated.engine, store=federated.store, study_uid=mr)
+    try:
+        delete_study(archives.web, mr)
+        result = _sync(federated, "web")
+        assert (result.studies_seen, result.studies_removed) == (1, 1)
+        # No longer held at the facility, but the broker has every instance: still found, ONLINE.
+        matches = _studies(federated)
+        assert set(matches) == WEB_STUDIES and matches[mr]["00080056"]["Value"] == ["ONLINE"]
+        with Session(federated.engine) as session:
+            assert service.study_locations(session=session, study_uids=[mr]) == {}
+            assert not service.is_remote_only(session=session, study_uid=mr)
+    finally:
+        upload(archives.web, (TEST_FILES / "MR_small.dcm").read_bytes())
+
+
+def test_sharing_policy_none_and_dead_dimse_endpoints_are_refused_clearly(federated: AppState) -> None:
+    client = TestClient(create_app(state=federated))
+    port = free_port()
+    r = client.post(
+        "/api/facilities",
+        json={"id": "closed", "issuer": "CLOSED", "ae_title": "CLOSED", "host": "127.0.0.1", "port": port},
+    )
+    assert r.status_code == 201
+    with pytest.raises(Unavailable, match="'closed'"):
+        _sync(federated, "closed")
+    client.patch("/api/facilities/closed", json={"sharing_policy": "none"})
+    r = client.post("/api/facilities/closed/sync")
+    assert r.status_code == 400 and "shares nothing" in r.json()["detail"]
+    assert client.post("/api/facilities/local/sync").status_code == 400  # no archive endpoint
