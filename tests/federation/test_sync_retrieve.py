@@ -335,3 +335,21 @@ def test_sharing_policy_none_and_dead_dimse_endpoints_are_refused_clearly(federa
     r = client.post("/api/facilities/closed/sync")
     assert r.status_code == 400 and "shares nothing" in r.json()["detail"]
     assert client.post("/api/facilities/local/sync").status_code == 400  # no archive endpoint
+
+
+def test_incremental_sync_by_c_find_alone(federated: AppState, archives: Archives) -> None:
+    assert _sync(federated, "dimse").studies_written == 2
+    assert _sync(federated, "dimse").studies_written == 0  # STUDY-level counts unchanged
+    new = pydicom.dcmread(TEST_FILES / "rtplan.dcm")
+    new.StudyInstanceUID, new.SeriesInstanceUID, new.SOPInstanceUID = (generate_uid() for _ in range(3))
+    try:
+        upload(archives.dimse, part10(new))
+        added = _sync(federated, "dimse")  # SERIES level asked for the new study only
+        assert (added.studies_seen, added.studies_written, added.studies_removed) == (3, 1, 0)
+        assert _studies(federated)[new.StudyInstanceUID]["00080061"]["Value"] == ["RTPLAN"]
+        delete_study(archives.dimse, new.StudyInstanceUID)
+        removed = _sync(federated, "dimse")
+        assert (removed.studies_seen, removed.studies_written, removed.studies_removed) == (2, 0, 1)
+        assert set(_studies(federated)) == DIMSE_STUDIES
+    finally:
+        delete_study(archives.dimse, new.StudyInstanceUID)
