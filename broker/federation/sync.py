@@ -94,7 +94,8 @@ def sync_facility(
     started = _now()
     p = jobs.Progress(engine=engine, job_id=job.id, listener=progress, done=claimed.progress_done)
     try:
-        stats = run_sync(engine=engine, job=claimed, progress=p, calling_ae=calling_ae)
+        with jobs.heartbeat(engine=engine, job_id=job.id):
+            stats = run_sync(engine=engine, job=claimed, progress=p, calling_ae=calling_ae)
     except Exception as exc:
         jobs.finish(engine=engine, job_id=job.id, error=getattr(exc, "message", None) or str(exc))
         _record_state(engine, facility_id, job.id, status="failed", error=str(exc))

@@ -13,7 +13,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -171,6 +172,34 @@ def finish(*, engine: Engine, job_id: int, error: str | None = None, message: st
         job.heartbeat_at = job.finished_at
 
 
+@contextmanager
+def heartbeat(
+    *, engine: Engine, job_id: int, every: float = STALE_AFTER.total_seconds() / 4
+) -> Iterator[None]:
+    """Keep the job's heartbeat fresh while its body runs, even through a long silent step (a
+    whole-archive listing), so no other worker takes it for dead."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                with engine.begin() as conn:
+                    conn.execute(
+                        text("UPDATE job SET heartbeat_at = :now WHERE id = :id"),
+                        {"now": _now(), "id": job_id},
+                    )
+            except Exception:  # the next beat may succeed; a missed one only risks a reclaim
+                log.warning("job %s: heartbeat failed", job_id)
+
+    thread = threading.Thread(target=beat, name=f"job-{job_id}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def checkpoint_of(job: Job) -> dict[str, Any]:
     data = json.loads(job.checkpoint or "{}")
     return data if isinstance(data, dict) else {}
@@ -252,7 +281,8 @@ def run_claimed(
             engine=engine, job_id=job.id, listener=listener, done=job.progress_done, total=job.progress_total
         )
         try:
-            handler(engine, store, job, progress)
+            with heartbeat(engine=engine, job_id=job.id):
+                handler(engine, store, job, progress)
         except Exception as exc:  # the job records the failure; the worker keeps going
             log.warning("job %s (%s) failed: %s", job.id, job.kind, exc)
             finish(engine=engine, job_id=job.id, error=getattr(exc, "message", None) or str(exc))

@@ -121,3 +121,16 @@ def test_a_dead_workers_job_is_claimed_again_with_its_checkpoint(engine: Engine)
     assert again is not None and again.id == job.id
     assert (again.attempts, again.owner, again.progress_done) == (2, "other", 5)
     assert jobs.checkpoint_of(again) == {"offset": 5}
+
+
+def test_a_long_silent_step_keeps_its_job_alive(engine: Engine) -> None:
+    import time
+
+    job = jobs.enqueue(engine=engine, kind="long", key="silent")
+    assert jobs.claim(engine=engine, owner="busy") is not None
+    with jobs.heartbeat(engine=engine, job_id=job.id, every=0.05):
+        time.sleep(1.0)  # a whole-archive listing, with no progress to report
+        # Stale after 0.5 s without a beat: the beats keep it claimed by its worker.
+        assert jobs.claim(engine=engine, owner="thief", stale_after=timedelta(seconds=0.5)) is None
+    time.sleep(0.8)
+    assert jobs.claim(engine=engine, owner="thief", stale_after=timedelta(seconds=0.5)) is not None
