@@ -31,27 +31,36 @@ from broker.security.schemas import Principal, Role
 
 log = logging.getLogger("scanonce.federation.fetch")
 
-_locks: dict[str, threading.Lock] = {}
+# study UID -> [lock, number of threads holding or waiting for it]; an entry lives only while
+# someone needs it, so the table does not grow with every study ever fetched.
+_locks: dict[str, list[Any]] = {}
 _locks_guard = threading.Lock()
 
 
 @contextmanager
 def _study_lock(engine: Engine, study_uid: str) -> Iterator[None]:
     with _locks_guard:
-        lock = _locks.setdefault(study_uid, threading.Lock())
-    with lock:
-        if engine.dialect.name != "postgresql":
-            yield
-            return
-        # Other broker nodes: a session-level advisory lock on a connection of our own.
-        key = zlib.crc32(study_uid.encode()) - (1 << 31)
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
+        entry = _locks.setdefault(study_uid, [threading.Lock(), 0])
+        entry[1] += 1
+    try:
+        with entry[0]:
+            if engine.dialect.name != "postgresql":
                 yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+                return
+            # Other broker nodes: a session-level advisory lock on a connection of our own.
+            key = zlib.crc32(study_uid.encode()) - (1 << 31)
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+    finally:
+        with _locks_guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _locks[study_uid]
 
 
 def _has_pixels(session: Session, study_uid: str) -> tuple[bool, list[StudyLocation]]:

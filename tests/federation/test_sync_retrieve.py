@@ -18,6 +18,7 @@ from sqlmodel import Session, select
 from broker.app import create_app
 from broker.deps import AppState
 from broker.errors import Unavailable
+from broker.federation import fetch as fetch_module
 from broker.federation import remote, service
 from broker.federation.models import StudyLocation
 from broker.federation.sync import run_sync
@@ -201,6 +202,7 @@ def test_retrieve_on_demand_from_both_archives_fetches_each_study_once(
     for t in threads:
         t.join(60)
     assert errors == [] and calls == [mr]  # four concurrent requests, one fetch
+    assert fetch_module._locks == {}  # nothing left behind per study
 
     rtplan = study_uid_of("rtplan.dcm")  # at the DIMSE-only archive: C-GET
     service.ensure_local(engine=federated.engine, store=federated.store, study_uid=rtplan)
