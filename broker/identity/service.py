@@ -444,6 +444,14 @@ def _relink_after_update(*, session: Session, record: IdentityRecord, who: str) 
             who=who,
             why="demographics updated",
         )
+        # Questions asked about the old demographics are answered by the new ones.
+        session.execute(
+            update(ReviewItem)
+            .where(col(ReviewItem.record_id) == record.id, col(ReviewItem.status) == "open")
+            .values(
+                status="superseded", reason="demographics updated, linked automatically", decided_at=_now()
+            )
+        )
         return LinkDecision(
             record_id=record.id,
             person_id=record.person_id,

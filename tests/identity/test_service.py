@@ -189,3 +189,18 @@ def test_train_estimates_parameters_from_records(session: Session) -> None:
         >= 50
     )
     assert session.exec(select(ReviewItem)).all() is not None
+
+
+def test_record_alone_links_once_its_demographics_are_complete(session: Session) -> None:
+    a = ingest_patient(session, "fac-a", "A1", "NEUMANN^MICHAELA", "19151111", "F", "8 Stanley Street 4223")
+    b = ingest_patient(session, "fac-b", "B1", "NEUMANN^MICHAELA")  # name only: not linked
+    assert a.person_id != b.person_id
+    b = ingest_patient(session, "fac-b", "B1", "NEUMANN^MICHAELA", "19151111", "F", "8 Stanley Street 4223")
+    assert b.person_id == a.person_id
+    rec = service.get_record(session=session, issuer="ISSUER-B", value="B1")
+    history = service.explain(session=session, record_id=rec.id)["history"]  # type: ignore[union-attr, arg-type]
+    assert [h["method"] for h in history] == ["new", "probabilistic"]
+    assert history[-1]["why"] == "demographics updated"
+    assert all(item.record_id != rec.id for item in service.review_queue(session=session))  # type: ignore[union-attr]
+    asked = session.exec(select(ReviewItem).where(ReviewItem.record_id == rec.id)).all()  # type: ignore[union-attr]
+    assert [i.status for i in asked] == ["superseded"]
