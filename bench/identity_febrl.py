@@ -487,6 +487,10 @@ def bulk_load(engine: Any, n: int, seed: int = 1) -> list[matching.Demographics]
                 records,
             )
             conn.execute(text("INSERT INTO identity_block (key, record_id) VALUES (:key, :record_id)"), keys)
+    if engine.dialect.name == "postgresql":  # explicit ids do not advance the serial sequences
+        with engine.begin() as conn:
+            for table in ("identity_record", "identity_person"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {n})"))
     return demos
 
 
