@@ -154,7 +154,10 @@ def _no_delay(event: evt.Event) -> None:
 def _status(rsp: Dataset | None, *, peer: str, what: str) -> int:
     status = getattr(rsp, "Status", None)
     if status is None:
-        raise Unavailable(f"{peer} stopped answering a {what} (timeout or aborted association)")
+        raise Unavailable(
+            f"{peer} stopped answering a {what}: timeout, or it aborted the association "
+            "(some archives, e.g. Orthanc, abort requests from AE titles they do not know)"
+        )
     return int(status)
 
 
