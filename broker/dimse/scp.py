@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
@@ -58,7 +59,23 @@ log = logging.getLogger("scanonce.dimse")
 class SpoolingAE(AE):  # type: ignore[misc]
     """An AE whose received C-STORE data sets go straight into a Part 10 temp file (file meta
     from the command set, then the raw bytes as sent, `event.dataset_path`): nothing is decoded
-    or re-encoded and a multi-gigabyte instance never sits in memory."""
+    or re-encoded and a multi-gigabyte instance never sits in memory. The files go to
+    `spool_dir` (default: the system's temp dir, which may be RAM-backed: set it to disk)."""
+
+    spool_dir: str | None = None
+
+
+def _spool_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom opens the spool file with NamedTemporaryFile in the association's DUL thread:
+    put it in the SpoolingAE's spool_dir."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    spool_dir = getattr(getattr(assoc, "ae", None), "spool_dir", None)
+    if spool_dir is not None and "dir" not in kwargs:
+        kwargs["dir"] = spool_dir
+    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+
+
+dimse_messages.NamedTemporaryFile = _spool_file
 
 
 class _SpoolFor:
@@ -189,11 +206,13 @@ def start_scp(
     """Start serving DIMSE in background threads; returns at once.
 
     Binds `host` (default settings.host) and `port` (default settings.dimse_port; 0 picks a free
-    port, see `handle.port`) with AE title settings.ae_title.
+    port, see `handle.port`) with AE title settings.ae_title. Received data sets are spooled
+    under settings.data_dir/spool.
     """
     settings = state.settings
     handle = ScpHandle(state=state, peers=peers or DimsePeers())
     ae = _ScanOnceAE(handle, settings.ae_title)
+    ae.spool_dir = str(_spool_dir(settings.data_dir))
     ae.maximum_associations = 32
     # What peers may send us per PDU. Large enough to keep the per-PDU cost down, small enough
     # that a PDU never holds much of a large instance in memory (0, "unlimited", lets a sender
@@ -232,6 +251,20 @@ def start_scp(
     handle.address = server.server_address[:2]
     log.info("DIMSE SCP %s listening on %s:%d", settings.ae_title, *handle.address)
     return handle
+
+
+def _spool_dir(data_dir: Path) -> Path:
+    """Where C-STORE data sets are received, on the data dir's disk. What a previous run left
+    there (a crash mid-transfer) was never acknowledged: it is removed once it is an hour old
+    (younger files may belong to another node sharing the data dir)."""
+    spool = data_dir / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    stale = time.time() - 3600
+    for leftover in spool.glob("*.dcm"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < stale:
+                leftover.unlink()
+    return spool.resolve()
 
 
 def stop_scp(handle: ScpHandle) -> None:

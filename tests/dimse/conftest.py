@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -45,7 +44,7 @@ SAMPLES = (
 class Node:
     state: AppState
     scp: ScpHandle
-    spool: Path  # where pynetdicom writes received data sets (tempfile.tempdir)
+    spool: Path  # where the SCP receives C-STORE data sets
 
     @property
     def port(self) -> int:
@@ -61,20 +60,14 @@ class Node:
 
 
 def _start(tmp: Path, **overrides: object) -> Generator[Node, None, None]:
-    spool = tmp / "spool"
-    spool.mkdir(parents=True, exist_ok=True)
     settings = Settings(data_dir=tmp / "data", host="127.0.0.1", dimse_port=0, **overrides)  # type: ignore[arg-type]
     state = build_state(settings)
-    # pynetdicom spools C-STORE data sets with NamedTemporaryFile: point it at a folder we can
-    # inspect for leftovers.
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(spool)
     scp = start_scp(state=state, port=0)
     try:
-        yield Node(state=state, scp=scp, spool=spool)
+        # The SCP spools received C-STORE data sets under the data dir.
+        yield Node(state=state, scp=scp, spool=settings.data_dir / "spool")
     finally:
         stop_scp(scp)
-        tempfile.tempdir = previous
         state.engine.dispose()
 
 
