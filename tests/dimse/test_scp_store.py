@@ -27,7 +27,7 @@ from broker.federation import service as federation
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from storage import LocalStore
-from tests.dimse.conftest import TEST_FILES, Node, sample_folder, synthetic_studies
+from tests.dimse.conftest import TEST_FILES, Node, _start, sample_folder, synthetic_studies
 from tests.peers import dcmtk
 
 # dcmtk storescu's option proposing each stored transfer syntax (uncompressed: -xe).
@@ -388,3 +388,19 @@ def test_parallel_associations_storing_into_the_same_study(node: Node, tmp_path:
             ),
         ).matches
     assert (match["00201208"]["Value"][0], match["00201206"]["Value"][0]) == (16, 2)
+
+
+def test_spool_leftovers_of_a_crash_are_removed_at_start(tmp_path: Path) -> None:
+    import os
+
+    spool = tmp_path / "n" / "data" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "crashed.dcm").write_bytes(b"half a data set")
+    os.utime(spool / "crashed.dcm", (time.time() - 7200, time.time() - 7200))
+    (spool / "in-flight.dcm").write_bytes(b"another node's transfer")
+    nodes = _start(tmp_path / "n")
+    next(nodes)
+    try:
+        assert sorted(p.name for p in spool.iterdir()) == ["in-flight.dcm"]
+    finally:
+        nodes.close()
