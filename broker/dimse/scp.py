@@ -535,6 +535,7 @@ def _instances_to_send(handle: ScpHandle, event: evt.Event) -> list[_Item]:
     from broker.index.service import find_instances
 
     request = ds.parse_identifier(_identifier(event), levels=_levels(event))
+    ds.require_retrieve_key(request)
     # Which (study, series) to list, and for IMAGE level which SOP Instance UIDs in them.
     scopes: dict[tuple[str, str | None], set[str] | None] = {}
     level = _RETRIEVE_LEVEL[request.level]
@@ -637,8 +638,9 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     - 0xFE00 Cancel: the peer sent C-CANCEL.
     - 0xA702 also when the study is held only at a facility that cannot be reached now
       (retrieve on demand); ErrorComment names the facility.
-    - 0xA900 Identifier does not match SOP class; 0xC000 Unable to process (bad value);
-      0xC001 the index failed - as for C-FIND.
+    - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
+      the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
+      missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
     """
     handle.caller(event)
     destination = ds.move_destination(
@@ -669,7 +671,7 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       facility holding the study is down, 0xFE00 Cancel - as for C-MOVE. A compressed instance
       the requestor did not accept in that transfer syntax is decompressed when possible, else
       its sub-operation fails.
-    - 0xA900 / 0xC000 / 0xC001 - as for C-FIND.
+    - 0xA900 / 0xC000 / 0xC001 - as for C-MOVE (the unique key of the level is required).
     """
     handle.caller(event)
     try:

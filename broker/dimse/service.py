@@ -250,6 +250,26 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
     )
 
 
+_UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
+
+def require_retrieve_key(request: FindRequest) -> None:
+    """C-MOVE/C-GET name what to send by the unique key of the retrieve level (PS3.4
+    C.4.2.2.1/C.4.3.2.1), a value or a list, never a wildcard: an identifier without it would
+    otherwise move every match of the other keys, possibly the whole archive."""
+    keyword = _UNIQUE_KEY[request.level]
+    value = request.filters.get(keyword, "")
+    if not value or "*" in value or "?" in value:
+        raise IdentifierError(
+            IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is required at {request.level} level"
+        )
+
+
 def _unique_key(filters: dict[str, str], keyword: str, *, single: bool) -> str | None:
     """A unique key of a level above the query level names exactly one entity (PS3.4
     C.4.1.2.2.1): take it out of the filters into the hierarchical position."""

@@ -365,3 +365,25 @@ def test_no_patient_data_in_logs(archive: Node, tmp_path: Path, caplog: pytest.L
     assert "Accepting Association" in logged  # the logs were captured
     for secret in (name, name.split("^")[0], PATIENT.PatientID, PATIENT.PatientBirthDate):
         assert secret not in logged
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"QueryRetrieveLevel": "STUDY", "PatientID": "*"},  # would move the whole archive
+        {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2.3"},  # no series named
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.*"},
+    ],
+)
+def test_move_needs_the_unique_key_of_its_level(archive: Node, sink: Any, keys: dict[str, str]) -> None:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelMove
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_move(_identifier(**keys), "SINKAE", model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900
+    assert sink.files() == []
