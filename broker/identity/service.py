@@ -308,9 +308,13 @@ def upsert_record(
     if record is not None:
         changed = False
         if source != "dicom" or record.source == "dicom":
-            if _demo_of(record) != demographics:
+            new = demographics.as_dict()
+            if source == "dicom":
+                # A header that leaves a field empty does not erase what an earlier one said.
+                new = {k: v or getattr(record, k) for k, v in new.items()}
+            if _demo_of(record).as_dict() != new:
                 changed = True
-                for k, v in demographics.as_dict().items():
+                for k, v in new.items():
                     setattr(record, k, v)
             record.source = source
         if patient_pk is not None and record.patient_pk is None:
