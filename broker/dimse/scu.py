@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -333,8 +332,9 @@ def get(
         path = out / f"{name}.dcm"
         try:
             try:
-                spooled = event.dataset_path  # received straight to disk (SpoolingAE)
-                shutil.copyfile(spooled, path)
+                # Received straight into a temp file in `into` (SpoolingAE): a rename, no copy.
+                # pynetdicom's later unlink of the temp name is best effort and finds nothing.
+                os.replace(event.dataset_path, path)
             except AttributeError:
                 path.write_bytes(event.encoded_dataset())  # preamble, file meta, data set as sent
         except OSError:
@@ -346,9 +346,11 @@ def get(
     roles = [build_role(uid, scp_role=True) for uid in classes]
     if not classes:
         return result
+    ae = SpoolingAE(ae_title=calling_ae)
+    ae.spool_dir = str(out)
     with _association(
         host=host, port=port, called_ae=called_ae, calling_ae=calling_ae, contexts=contexts, timeout=timeout,
-        ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        ae=ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)],
     ) as assoc:  # fmt: skip
         for rsp, ident in assoc.send_c_get(_identifier(level, keys), sop_class):
             status = _status(rsp, peer=peer, what="C-GET")

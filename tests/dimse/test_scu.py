@@ -99,6 +99,7 @@ def test_get_series_writes_part10_files(archive: Node, tmp_path: Path) -> None:
     )
     wanted = {ds.SOPInstanceUID: ds for ds in ct if ds.SeriesInstanceUID == ct[0].SeriesInstanceUID}
     assert result.completed == len(wanted) and result.failed == 0
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == sorted(Path(p).name for p in result.paths)
     got = [pydicom.dcmread(p) for p in result.paths]
     assert {ds.SOPInstanceUID for ds in got} == set(wanted)
     for ds in got:
