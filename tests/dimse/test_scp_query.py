@@ -387,3 +387,20 @@ def test_move_needs_the_unique_key_of_its_level(archive: Node, sink: Any, keys: 
     final, _ = responses[-1]
     assert final.Status == 0xA900
     assert sink.files() == []
+
+
+def test_find_with_a_key_the_index_cannot_match_warns_ff01(archive: Node) -> None:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        identifier = _identifier(
+            QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID, InstitutionName="Nowhere"
+        )
+        responses = list(assoc.send_c_find(identifier, model))
+    finally:
+        assoc.release()
+    # PS3.4 C.4.1.1.3.1: the unsupported key is ignored for matching, and the SCP says so.
+    assert [rsp.Status for rsp, _ in responses] == [0xFF01, 0x0000]
+    assert responses[0][1].StudyInstanceUID == PATIENT.StudyInstanceUID
