@@ -403,4 +403,5 @@ def test_find_with_a_key_the_index_cannot_match_warns_ff01(archive: Node) -> Non
         assoc.release()
     # PS3.4 C.4.1.1.3.1: the unsupported key is ignored for matching, and the SCP says so.
     assert [rsp.Status for rsp, _ in responses] == [0xFF01, 0x0000]
-    assert responses[0][1].StudyInstanceUID == PATIENT.StudyInstanceUID
+    first = responses[0][1]
+    assert first is not None and first.StudyInstanceUID == PATIENT.StudyInstanceUID
