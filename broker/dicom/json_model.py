@@ -180,7 +180,7 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
             # The JSON is UTF-8 whatever the input used (PS3.18 F.2).
             out["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
             continue
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if raw is None:
             continue
         key = f"{int(tag):08X}"

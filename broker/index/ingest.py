@@ -185,7 +185,7 @@ def _truncated(ds: Any, path: str, size: int) -> bool:
     keys = list(ds.keys())
     if not keys:
         return True
-    last = ds.get_item(keys[-1])
+    last = ds.get_item(keys[-1], keep_deferred=True)
     if not isinstance(last, RawDataElement):
         # Read eagerly (undefined length, or a value pydicom had to read short): for native
         # pixel data the expected size is known; for anything else trust the parser.
