@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import and_, delete, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
@@ -1111,8 +1110,3 @@ def search_persons(
         raise BadRequest("give at least one of family, given, birthdate, identifier")
     person_ids = list(session.exec(stmt.limit(limit)).all())
     return [person_view(session=session, person_id=p) for p in person_ids]
-
-
-def level_matrix_for(pairs: list[tuple[Demographics, Demographics]]) -> np.ndarray:
-    """Exposed for the benchmark: comparison levels of many pairs."""
-    return matching.level_matrix(pairs)
