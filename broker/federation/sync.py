@@ -167,7 +167,7 @@ def run_sync(
     source = open_source(facility, calling_ae=calling_ae)
     try:
         series_of: dict[str, list[RemoteSeries]] | None = None
-        if first is None or checkpoint.get("mode") == "full":
+        if source.prefers_series_listing and (first is None or checkpoint.get("mode") == "full"):
             # Nothing indexed yet: every study is new, so one SERIES-level listing describes them
             # all (study keys ride along) and saves a round of per-study queries.
             progress.update(
