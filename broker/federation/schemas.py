@@ -72,7 +72,3 @@ class FacilityOut(BaseModel):
 class SyncStarted(BaseModel):
     job_id: int
     status: str
-
-
-class FetchRequest(BaseModel):
-    study_uid: str = Field(min_length=1, max_length=64)
