@@ -151,16 +151,23 @@ def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[
 def _term_frequencies(*, session: Session, d: Demographics, params: dict[str, Any]) -> dict[str, float]:
     """How common the record's family and given names are (one query: two index counts)."""
     row = session.execute(
-        text(
-            "SELECT (SELECT max(id) FROM identity_record),"
-            " (SELECT count(*) FROM identity_record WHERE family = :f),"
-            " (SELECT count(*) FROM identity_record WHERE given = :g)"
-        ),
-        {"f": d.family, "g": d.given},
+        text(f"SELECT {_TF_COLUMNS}"),
+        {"tf_f": d.family, "tf_g": d.given},
     ).one()
-    total = row[0] or 0
+    return _tf_from_counts(d=d, counts=tuple(row), params=params)
+
+
+_TF_COLUMNS = (
+    "(SELECT max(id) FROM identity_record) AS tf_total,"
+    " (SELECT count(*) FROM identity_record WHERE family = :tf_f) AS tf_family,"
+    " (SELECT count(*) FROM identity_record WHERE given = :tf_g) AS tf_given"
+)
+
+
+def _tf_from_counts(*, d: Demographics, counts: tuple[Any, ...], params: dict[str, Any]) -> dict[str, float]:
+    total = counts[0] or 0
     tf: dict[str, float] = {}
-    for field, count in (("family", row[1]), ("given", row[2])):
+    for field, count in (("family", counts[1]), ("given", counts[2])):
         if getattr(d, field):
             prior_u = params["u"][field][0]
             tf[field] = (count + _TF_PSEUDO * prior_u) / (total + _TF_PSEUDO)
@@ -532,10 +539,10 @@ def _decide(
                 "why": "shared identifier but demographics disagree",
             }
 
-    candidates = _candidates(session=session, d=d, exclude=exclude_record)
+    candidates, counts = _candidates(session=session, d=d, exclude=exclude_record)
     if not candidates:
         return {"outcome": "new", "person_id": None}
-    tf = _term_frequencies(session=session, d=d, params=params)
+    tf = _tf_from_counts(d=d, counts=counts, params=params)
     best_by_person: dict[int, tuple[int, matching.Score]] = {}
     for row in candidates:
         if row.person_id in forbidden_persons:
@@ -635,30 +642,35 @@ def _identifier_match(
     return None
 
 
-def _candidates(*, session: Session, d: Demographics, exclude: int | None) -> list[Any]:
-    """Records sharing a blocking key with `d`.
+def _candidates(
+    *, session: Session, d: Demographics, exclude: int | None
+) -> tuple[list[Any], tuple[Any, ...]]:
+    """Records sharing a blocking key with `d`, and the name counts for term frequencies, in
+    one round trip (the counts only matter when there are candidates to score).
 
     A key shared by more than KEY_CAP records (SMITH + JOHN, no birth date) is dropped rather
     than cut arbitrarily: it says little, and the other keys of a true match still find it.
     """
     keys = sorted(matching.query_keys(d))
     if not keys:
-        return []
+        return [], ()
     parts = [
         f"SELECT * FROM (SELECT key, record_id FROM identity_block WHERE key = :k{i} "
         f"LIMIT {KEY_CAP + 1}) AS b{i}"
         for i in range(len(keys))
     ]
-    per_key: dict[str, list[int]] = {}
-    for key, rid in session.execute(
-        text(" UNION ALL ".join(parts)), {f"k{i}": k for i, k in enumerate(keys)}
-    ):
-        per_key.setdefault(key, []).append(rid)
-    ids = {rid for members in per_key.values() if len(members) <= KEY_CAP for rid in members}
-    ids.discard(exclude)  # type: ignore[arg-type]
-    if not ids:
-        return []
-    return list(session.execute(sa_select(*_COLUMNS).where(col(IdentityRecord.id).in_(ids))).all())
+    sql = text(
+        f"WITH k AS ({' UNION ALL '.join(parts)}),"
+        f" crowded AS (SELECT key FROM k GROUP BY key HAVING count(*) > {KEY_CAP})"
+        f" SELECT r.id, r.person_id, r.issuer, r.family, r.given, r.middle, r.birth_date, r.sex,"
+        f" r.address, r.phone, {_TF_COLUMNS} FROM identity_record r"
+        f" WHERE r.id IN (SELECT record_id FROM k WHERE key NOT IN (SELECT key FROM crowded))"
+    )
+    params: dict[str, Any] = {f"k{i}": k for i, k in enumerate(keys)}
+    params.update(tf_f=d.family, tf_g=d.given)
+    rows = [r for r in session.execute(sql, params).all() if r.id != exclude]
+    counts = (rows[0].tf_total, rows[0].tf_family, rows[0].tf_given) if rows else ()
+    return rows, counts
 
 
 # ---------------------------------------------------------------- DICOM ingest hook
