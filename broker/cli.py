@@ -234,48 +234,14 @@ def demo(
     )
 
 
-facility_app = typer.Typer(help="Facilities that federate their archives.", no_args_is_help=True)
-app.add_typer(facility_app, name="facility")
+def _register_domains() -> None:
+    """Each domain contributes its own sub-commands."""
+    from broker.federation.cli import register as register_federation
+
+    register_federation(app)
 
 
-@facility_app.command("add")
-def facility_add(
-    facility_id: Annotated[str, typer.Argument(metavar="ID")],
-    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID for this facility's records.")],
-    name: Annotated[str, typer.Option(help="Display name.")] = "",
-    data_dir: DataDir = None,
-) -> None:
-    """Register a facility."""
-    from sqlmodel import Session
-
-    from broker.errors import ScanOnceError
-    from broker.federation import service as federation_service
-
-    state = _state(_settings(data_dir))
-    with Session(state.engine) as session:
-        try:
-            f = federation_service.add_facility(
-                session=session, facility_id=facility_id, issuer=issuer, name=name
-            )
-        except ScanOnceError as exc:
-            console.print(f"[red]error:[/] {exc.message}")
-            raise typer.Exit(code=1) from exc
-    console.print(f"added facility {f.id} (issuer {f.issuer})")
-
-
-@facility_app.command("list")
-def facility_list(data_dir: DataDir = None) -> None:
-    """List registered facilities."""
-    from sqlmodel import Session
-
-    from broker.federation import service as federation_service
-
-    state = _state(_settings(data_dir))
-    table = Table("id", "issuer", "name")
-    with Session(state.engine) as session:
-        for f in federation_service.list_facilities(session=session):
-            table.add_row(f.id, f.issuer, f.name)
-    console.print(table)
+_register_domains()
 
 
 if __name__ == "__main__":  # pragma: no cover

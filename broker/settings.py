@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     )
     default_facility: str = "local"
     default_issuer: str = "LOCAL"
+    sync_interval_seconds: float = Field(
+        default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
+    )
     qido_default_limit: int = 100
     qido_max_limit: int = 1000
     ingest_workers: int = 4

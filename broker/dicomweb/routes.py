@@ -27,7 +27,7 @@ from broker.dicomweb.multipart import (
     related_boundary,
     related_stream,
 )
-from broker.errors import NotAcceptable
+from broker.errors import NotAcceptable, NotFound
 from broker.federation import service as federation_service
 from broker.index import service as index_service
 from broker.index.schemas import InstanceRef, Level
@@ -82,15 +82,31 @@ def _in_session(scope: Scope, fn: Callable[..., T], **kwargs: Any) -> T:
         return fn(session=session, **kwargs)
 
 
+async def _local_or_fetched(scope: Scope, study: str, fn: Callable[..., T], **kwargs: Any) -> T:
+    """Run an index read; if the study is known only from a facility's archive (index sync,
+    pixels still at home), fetch it once from there and read again (retrieve on demand)."""
+    try:
+        return await run_in_threadpool(_in_session, scope, fn, study_uid=study, **kwargs)
+    except NotFound:
+        remote = await run_in_threadpool(
+            _in_session, scope, federation_service.is_remote_only, study_uid=study
+        )
+        if not remote:
+            raise
+    await run_in_threadpool(
+        federation_service.ensure_local, engine=scope.state.engine, store=scope.state.store, study_uid=study
+    )
+    return await run_in_threadpool(_in_session, scope, fn, study_uid=study, **kwargs)
+
+
 async def _refs(
     scope: Scope, study: str, series: str | None = None, instance: str | None = None
 ) -> list[InstanceRef]:
     _uids(study, series, instance)
-    return await run_in_threadpool(
-        _in_session,
+    return await _local_or_fetched(
         scope,
+        study,
         index_service.find_instances,
-        study_uid=study,
         series_uid=series,
         sop_uid=instance,
         facility_id=scope.facility_id,
@@ -244,11 +260,10 @@ def make_router(*, per_facility: bool) -> APIRouter:
     ) -> Response:
         _uids(study, series, instance)
         wado.negotiate_json(request.headers.get("accept"))
-        fragments = await run_in_threadpool(
-            _in_session,
+        fragments = await _local_or_fetched(
             scope,
+            study,
             index_service.metadata_fragments,
-            study_uid=study,
             series_uid=series,
             sop_uid=instance,
             facility_id=scope.facility_id,

@@ -317,7 +317,8 @@ def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> d
         "00080061": {"vr": "CS", "Value": mods} if mods else {"vr": "CS"},
         "00201206": {"vr": "IS", "Value": [row.num_series]},
         "00201208": {"vr": "IS", "Value": [row.num_instances]},
-        "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+        # NEARLINE when only a facility's archive holds the pixels (index sync); ONLINE once here.
+        "00080056": attrs.get("00080056") or {"vr": "CS", "Value": ["ONLINE"]},
         "00100021": {"vr": "LO", "Value": [row.issuer]} if row.issuer else {"vr": "LO"},
         "0020000D": {"vr": "UI", "Value": [row.study_uid]},
     }
@@ -390,12 +391,14 @@ def search(*, session: Session, query: Query) -> QueryResult:
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             out = _pick(orjson.loads(row.study_json), wanted if wanted is not None else frozenset(asked))
+            out.pop("00080056", None)
             out.update(_pick(orjson.loads(row.series_json), wanted))
             out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
             out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
+            study_attrs = orjson.loads(row.study_json)
             computed = {
                 "00201209": {"vr": "IS", "Value": [row.num_instances]},
-                "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+                "00080056": study_attrs.get("00080056") or {"vr": "CS", "Value": ["ONLINE"]},
             }
             if base:
                 computed["00081190"] = {

@@ -355,3 +355,32 @@ def test_incremental_sync_by_c_find_alone(federated: AppState, archives: Archive
         assert set(_studies(federated)) == DIMSE_STUDIES
     finally:
         delete_study(archives.dimse, new.StudyInstanceUID)
+
+
+def test_a_viewer_asking_wado_rs_for_a_synced_study_gets_it_fetched_on_demand(federated: AppState) -> None:
+    """Pixels stay at home until someone needs them: QIDO-RS says NEARLINE, and the first
+    WADO-RS request fetches the study from its facility and serves it."""
+    _sync(federated, "web")
+    mr = study_uid_of("MR_small.dcm")
+    client = TestClient(create_app(state=federated))
+    (before,) = client.get("/dicom-web/studies", params={"StudyInstanceUID": mr}).json()
+    assert before["00080056"]["Value"] == ["NEARLINE"]
+
+    meta = client.get(f"/dicom-web/studies/{mr}/metadata", headers={"Accept": "application/dicom+json"})
+    assert meta.status_code == 200, meta.text
+    assert meta.json()[0]["0020000D"]["Value"] == [mr]
+    (after,) = client.get("/dicom-web/studies", params={"StudyInstanceUID": mr}).json()
+    assert after["00080056"]["Value"] == ["ONLINE"]
+    sop = meta.json()[0]["00080018"]["Value"][0]
+    series = meta.json()[0]["0020000E"]["Value"][0]
+    frame = client.get(
+        f"/dicom-web/studies/{mr}/series/{series}/instances/{sop}/frames/1",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+    )
+    assert frame.status_code == 200 and len(frame.content) > 64 * 64
+
+    # A study nobody holds is still a plain 404.
+    missing = client.get(
+        "/dicom-web/studies/1.2.3.4.5.6/metadata", headers={"Accept": "application/dicom+json"}
+    )
+    assert missing.status_code == 404
