@@ -27,8 +27,8 @@ def resolve_key(key: str) -> str | None:
             if (tag >> 16) % 2 == 0:
                 return None
         return key.upper()
-    tag = tag_for_keyword(key)
-    return f"{tag:08X}" if tag is not None else None
+    found = tag_for_keyword(key)
+    return f"{found:08X}" if found is not None else None
 
 
 def keyword_of(tag: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -85,18 +86,18 @@ def _in_session(scope: Scope, fn: Callable[..., T], **kwargs: Any) -> T:
 async def _local_or_fetched(scope: Scope, study: str, fn: Callable[..., T], **kwargs: Any) -> T:
     """Run an index read; if the study is known only from a facility's archive (index sync,
     pixels still at home), fetch it once from there and read again (retrieve on demand)."""
+    read = partial(_in_session, scope, fn, study_uid=study, **kwargs)
     try:
-        return await run_in_threadpool(_in_session, scope, fn, study_uid=study, **kwargs)
+        return await run_in_threadpool(read)
     except NotFound:
-        remote = await run_in_threadpool(
-            _in_session, scope, federation_service.is_remote_only, study_uid=study
-        )
-        if not remote:
+        remote = partial(_in_session, scope, federation_service.is_remote_only, study_uid=study)
+        if not await run_in_threadpool(remote):
             raise
-    await run_in_threadpool(
+    fetch = partial(
         federation_service.ensure_local, engine=scope.state.engine, store=scope.state.store, study_uid=study
     )
-    return await run_in_threadpool(_in_session, scope, fn, study_uid=study, **kwargs)
+    await run_in_threadpool(fetch)
+    return await run_in_threadpool(read)
 
 
 async def _refs(

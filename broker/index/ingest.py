@@ -24,7 +24,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
+from sqlmodel import select as sqlmodel_select
 
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
@@ -253,10 +254,9 @@ class _Batch:
         cached = self.patients.get((issuer, key_id))
         if cached is not None:
             return cached
-        row = self.session.exec(  # type: ignore[call-overload]
-            select(Patient).where(Patient.issuer == issuer, Patient.patient_id == key_id)
+        patient = self.session.exec(
+            sqlmodel_select(Patient).where(col(Patient.issuer) == issuer, col(Patient.patient_id) == key_id)
         ).first()
-        patient = row[0] if row is not None else None
         name = str_value(a, "00100010")
         birth = str_value(a, "00100030")[:8]
         sex = str_value(a, "00100040")[:16]
@@ -287,8 +287,7 @@ class _Batch:
         cached = self.studies.get(p.study_uid)
         if cached is not None:
             return cached
-        row = self.session.exec(select(Study).where(Study.study_uid == p.study_uid)).first()  # type: ignore[call-overload]
-        study = row[0] if row is not None else None
+        study = self.session.exec(sqlmodel_select(Study).where(col(Study.study_uid) == p.study_uid)).first()
         if study is None:
             patient = self.patient(p)
             a = p.attrs
@@ -321,8 +320,9 @@ class _Batch:
         cached = self.series.get(p.series_uid)
         if cached is not None:
             return cached
-        row = self.session.exec(select(Series).where(Series.series_uid == p.series_uid)).first()  # type: ignore[call-overload]
-        series = row[0] if row is not None else None
+        series = self.session.exec(
+            sqlmodel_select(Series).where(col(Series.series_uid) == p.series_uid)
+        ).first()
         if series is None:
             a = p.attrs
             modality = str_value(a, "00080060")[:16]
@@ -426,8 +426,10 @@ def _index_batch(
         existing: dict[str, str] = {}
         for chunk_start in range(0, len(uids), 500):
             chunk = uids[chunk_start : chunk_start + 500]
-            for sop_uid, sha in session.exec(  # type: ignore[call-overload]
-                select(Instance.sop_uid, Instance.sha256).where(Instance.sop_uid.in_(chunk))  # type: ignore[attr-defined]
+            for sop_uid, sha in session.exec(
+                sqlmodel_select(col(Instance.sop_uid), col(Instance.sha256)).where(
+                    col(Instance.sop_uid).in_(chunk)
+                )
             ).all():
                 existing[sop_uid] = sha
         pending: list[tuple[int, _Parsed]] = []
@@ -477,8 +479,9 @@ def _index_batch(
                     "metadata_json": p.metadata,
                 }
             )
-            touched_series[series.pk] = touched_series.get(series.pk, 0) + 1  # type: ignore[index]
-            touched_studies[study.pk] = touched_studies.get(study.pk, 0) + 1  # type: ignore[index]
+            assert series.pk is not None and study.pk is not None  # flushed
+            touched_series[series.pk] = touched_series.get(series.pk, 0) + 1
+            touched_studies[study.pk] = touched_studies.get(study.pk, 0) + 1
         if rows:
             session.execute(Instance.__table__.insert(), rows)  # type: ignore[attr-defined]
         # Counters are bumped in SQL, not on the loaded rows, so concurrent batches never lose updates.

@@ -201,9 +201,8 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             return _range(keyword, key.column, value, check, norm)
         except BadRequest as exc:
             form = "YYYYMMDD" if kind == "DA" else "HHMMSS"
-            raise BadRequest(
-                f"{exc.message}; {keyword} takes a value or a range such as {form}-{form} (got {value[:40]!r})"
-            ) from exc
+            hint = f"{keyword} takes a value or a range such as {form}-{form}"
+            raise BadRequest(f"{exc.message}; {hint} (got {value[:40]!r})") from exc
     if kind == "INT":
         try:
             return key.column == int(value)  # type: ignore[no-any-return]
