@@ -455,7 +455,9 @@ def bulk_load(engine: Any, n: int, seed: int = 1) -> list[matching.Demographics]
             )
         )
     for start in range(0, n, batch):
-        people, records, keys = [], [], []
+        people: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
+        keys: list[dict[str, Any]] = []
         for i in range(start, min(n, start + batch)):
             d = _synthetic_demo(rng)
             demos.append(d)

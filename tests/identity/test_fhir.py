@@ -76,7 +76,7 @@ def test_feed_then_pix_and_pdq(client: TestClient, engine: Any) -> None:
     targets = [
         (p.valueIdentifier.system, p.valueIdentifier.value)
         for p in params.parameter or []
-        if p.name == "targetIdentifier"
+        if p.name == "targetIdentifier" and p.valueIdentifier is not None
     ]
     assert targets == [("urn:oid:1.2.826.0.1.99", "C-77")]
     assert any(p.name == "targetId" for p in params.parameter or [])

@@ -83,6 +83,7 @@ def test_middle_ground_goes_to_review_and_a_human_decides(session: Session) -> N
     assert json.loads(item.contributions)["given"]["level"] == "different"
     with pytest.raises(BadRequest, match="why"):
         service.decide_review(session=session, review_id=item.id, decision="reject", who="dr.x", why=" ")  # type: ignore[arg-type]
+    assert item.id is not None
     done = service.decide_review(
         session=session,
         review_id=item.id,
@@ -105,9 +106,10 @@ def test_review_link_moves_studies_and_records_who(session: Session) -> None:
     _study(session, b, "1.2.3.1")
     assert _person_of_study(session, "1.2.3.1") == b.person_id != a.person_id
     item = service.review_queue(session=session)[0]
+    assert item.id is not None
     service.decide_review(
         session=session, review_id=item.id, decision="link", who="hm", why="same man, typo in DOB"
-    )  # type: ignore[arg-type]
+    )
     assert _person_of_study(session, "1.2.3.1") == a.person_id
     event = session.exec(select(LinkEvent).where(LinkEvent.method == "manual-link")).one()
     assert (event.who, event.why) == ("hm", "same man, typo in DOB")
