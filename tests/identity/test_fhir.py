@@ -196,3 +196,17 @@ def test_review_api_records_who_and_why(client: TestClient, engine: Any) -> None
     )
     r = client.post("/api/identity/unlink", json={"record_id": rec["id"], "reason": "mistake"})
     assert r.status_code == 200 and r.json()["person_id"] != why["person_id"]
+
+
+def test_update_by_id(client: TestClient) -> None:
+    body = _patient("urn:oid:1.2.826.0.1.99", "C-1", "Okafor", ["Chidi"], "1990-03-04")
+    created = client.post("/fhir/Patient", json=body).json()
+    body["telecom"] = [{"system": "phone", "value": "+44 20 7946 0000"}]
+    r = client.put(f"/fhir/Patient/{created['id']}", json=body)
+    assert r.status_code == 200, r.text
+    updated = FhirPatient.model_validate(r.json())
+    assert updated.telecom and updated.telecom[0].value == "442079460000"
+    other = _patient("urn:oid:1.2.826.0.1.99", "C-2", "Okafor", ["Chidi"], "1990-03-04")
+    assert "does not belong" in _outcome(client.put(f"/fhir/Patient/{created['id']}", json=other), 404)
+    r = client.get(f"/fhir/Patient/{created['id']}")
+    assert FhirPatient.model_validate(r.json()).birthDate.isoformat() == "1990-03-04"  # type: ignore[union-attr]
