@@ -196,19 +196,37 @@ def new_boundary() -> str:
 
 
 def related_stream(
-    parts: Iterable[tuple[str, Iterable[bytes]]], *, boundary: str, part_headers: dict[str, str] | None = None
+    parts: Iterable[tuple[str, Iterable[bytes]]],
+    *,
+    boundary: str,
+    part_headers: dict[str, str] | None = None,
+    flush_at: int = 1 << 20,
 ) -> Iterator[bytes]:
     """multipart/related body from (content-type, chunks) pairs, produced lazily.
 
     A sync generator on purpose: StreamingResponse drains it in a worker thread, where the
-    blocking object-store reads behind each part's chunks belong.
+    blocking object-store reads behind each part's chunks belong. Each `next()` costs a thread
+    hop, so small pieces (boundaries, headers, small instances) are gathered into writes of about
+    `flush_at` bytes; memory stays bounded by that plus one store chunk.
     """
     dash = b"--" + boundary.encode("ascii")
     extra = "".join(f"{k}: {v}\r\n" for k, v in (part_headers or {}).items()).encode("latin-1")
+    pending: list[bytes] = []
+    size = 0
     for content_type, chunks in parts:
-        yield dash + CRLF + f"Content-Type: {content_type}\r\n".encode("latin-1") + extra + CRLF
+        head = dash + CRLF + f"Content-Type: {content_type}\r\n".encode("latin-1") + extra + CRLF
+        pending.append(head)
+        size += len(head)
         for chunk in chunks:
-            if chunk:
-                yield chunk
-        yield CRLF
-    yield dash + b"--" + CRLF
+            if not chunk:
+                continue
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= flush_at:
+                yield b"".join(pending)
+                pending.clear()
+                size = 0
+        pending.append(CRLF)
+        size += 2
+    pending.append(dash + b"--" + CRLF)
+    yield b"".join(pending)
