@@ -107,3 +107,9 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(identity_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
+
+
+def app_from_env() -> FastAPI:
+    """App factory for process managers (`uvicorn --factory broker.app:app_from_env`, and each
+    HTTP worker of `scanonce serve --workers N`): settings from SCANONCE_* variables."""
+    return create_app(Settings())

@@ -29,7 +29,11 @@ class ObjectStore(Protocol):
 
     def put(self, key: str, data: BinaryIO, *, size: int | None = None) -> ObjectInfo: ...
 
-    def put_file(self, key: str, path: str) -> ObjectInfo: ...
+    def put_file(self, key: str, path: str, *, move: bool = False) -> ObjectInfo:
+        """Store a local file. `move=True` hands the file over: a backend on the same
+        filesystem may link it into place instead of copying (the caller must not modify it
+        afterwards, only remove it)."""
+        ...
 
     def get(
         self, key: str, *, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20

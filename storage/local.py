@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -40,7 +42,26 @@ class LocalStore:
             raise
         return ObjectInfo(key=key, size=path.stat().st_size)
 
-    def put_file(self, key: str, path: str) -> ObjectInfo:
+    def put_file(self, key: str, path: str, *, move: bool = False) -> ObjectInfo:
+        if move:
+            target = self._path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # Durable before visible, as with put(): fsync the bytes, then rename into place.
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # A hard link, not a rename: the caller (pynetdicom, the STOW reader) still
+                # removes its own file afterwards, and no byte is copied.
+                tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+                os.link(path, tmp)
+                os.replace(tmp, target)
+                return ObjectInfo(key=key, size=target.stat().st_size)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise  # else another filesystem or no hard links there: fall back to a copy
         with open(path, "rb") as f:
             return self.put(key, f)
 

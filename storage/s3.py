@@ -168,7 +168,7 @@ class S3Store:
             total = source.count
         return ObjectInfo(key=key, size=total)
 
-    def put_file(self, key: str, path: str) -> ObjectInfo:
+    def put_file(self, key: str, path: str, *, move: bool = False) -> ObjectInfo:
         full = self._key(key)
         size = os.path.getsize(path)
         self._call(None, "upload_file", Filename=path, Bucket=self.bucket, Key=full, Config=_TRANSFER)

@@ -128,8 +128,16 @@ def make_router(*, per_facility: bool) -> APIRouter:
         settings = scope.state.settings
         facility_id = scope.facility_id or settings.default_facility
         async with ReceivedParts() as received:
+            # Parts land beside the object store (data_dir/spool), so ingest can move them into
+            # place instead of copying.
+            spool = settings.data_dir / "spool"
+            spool.mkdir(parents=True, exist_ok=True)
             await receive_parts(
-                request.stream(), boundary=boundary, max_part_bytes=settings.max_part_bytes, into=received
+                request.stream(),
+                boundary=boundary,
+                max_part_bytes=settings.max_part_bytes,
+                into=received,
+                tmp_dir=str(spool),
             )
             dicom_parts = [
                 (i, p) for i, p in enumerate(received.parts) if p.content_type in ("", "application/dicom")
@@ -147,6 +155,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
                     facility_id=facility_id,
                     paths=[p.path for _, p in dicom_parts],
                     expected_study_uid=study,
+                    consume=True,
                 )
                 for (i, _), outcome in zip(dicom_parts, stored, strict=True):
                     outcomes[i] = outcome

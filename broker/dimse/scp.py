@@ -369,6 +369,7 @@ def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) 
             principal=principal,
             facility_id=facility,
             paths=[str(path)],
+            consume=True,
         )
     except Unavailable as exc:
         log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)

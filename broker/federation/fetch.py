@@ -138,6 +138,7 @@ def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, 
             facility_id=facility.id,
             paths=paths,
             expected_study_uid=study_uid,
+            consume=True,
         )
     failed = [o for o in outcomes if o.status == "failed"]
     if failed and len(failed) == len(outcomes):

@@ -186,6 +186,10 @@ def _truncated(ds: Any, path: str, size: int) -> bool:
     keys = list(ds.keys())
     if not keys:
         return True
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+        # Deflated: offsets count inflated bytes, and zlib itself fails on a cut stream.
+        return False
     last = ds.get_item(keys[-1], keep_deferred=True)
     if not isinstance(last, RawDataElement):
         # Read eagerly (undefined length, or a value pydicom had to read short): for native
@@ -366,12 +370,17 @@ def ingest_files(
     facility_id: str,
     paths: Sequence[str],
     expected_study_uid: str | None = None,
+    consume: bool = False,
 ) -> list[StoreOutcome]:
     """Store and index Part 10 files; one outcome per path, in order.
 
     Same SOP Instance UID with the same bytes: "duplicate" (a success, nothing rewritten).
     Same UID with different bytes: failed with DUPLICATE_SOP_INSTANCE; the new copy is kept apart
     under conflicts/ and recorded, the stored one untouched. Blocking: call from a thread.
+
+    `consume=True` says the files are the caller's own temporary copies (a STOW-RS part, a
+    C-STORE spool file): the store may move them into place instead of copying. The caller
+    still removes whatever is left afterwards.
     """
     outcomes: list[StoreOutcome | None] = [None] * len(paths)
     parsed: list[tuple[int, _Parsed]] = []
@@ -382,10 +391,17 @@ def ingest_files(
         else:
             parsed.append((i, result))
     if parsed:
+        placed: set[str] = set()
         for attempt in range(_ATTEMPTS):
             try:
                 _index_batch(
-                    engine=engine, store=store, facility_id=facility_id, parsed=parsed, outcomes=outcomes
+                    engine=engine,
+                    store=store,
+                    facility_id=facility_id,
+                    parsed=parsed,
+                    outcomes=outcomes,
+                    consume=consume,
+                    placed=placed,
                 )
                 break
             except IntegrityError:
@@ -414,6 +430,8 @@ def _index_batch(
     facility_id: str,
     parsed: list[tuple[int, _Parsed]],
     outcomes: list[StoreOutcome | None],
+    consume: bool = False,
+    placed: set[str],
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
         facility = session.get(Facility, facility_id)
@@ -446,12 +464,19 @@ def _index_batch(
 
         # Objects first: nothing is indexed (and so acknowledged) before its bytes are stored.
         # File and S3 writes (and their fsyncs) release the GIL, so they run side by side.
+        # Keys are content-addressed, so an object placed by an earlier attempt is already right.
         puts = [(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256), p.path) for _i, p in pending]
         puts += [(conflict_key(p.sop_uid, p.sha256), p.path) for _i, p in conflicts]
+        puts = [(key, path) for key, path in puts if key not in placed]
+
+        def put(key_path: tuple[str, str]) -> None:
+            store.put_file(key_path[0], key_path[1], move=consume)
+            placed.add(key_path[0])
+
         if len(puts) == 1:
-            store.put_file(*puts[0])
+            put(puts[0])
         elif puts:
-            list(_io_pool().map(lambda kp: store.put_file(*kp), puts))
+            list(_io_pool().map(put, puts))
 
         touched_series: dict[int, int] = {}
         touched_studies: dict[int, int] = {}

@@ -356,6 +356,9 @@ class _FullDisk(LocalStore):
     def put(self, key: str, data: Any, *, size: int | None = None) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def put_file(self, key: str, path: str, *, move: bool = False) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
 
 def test_disk_full_is_out_of_resources_and_nothing_is_indexed(node: Node, tmp_path: Path) -> None:
     node.state.store = _FullDisk(tmp_path / "full")

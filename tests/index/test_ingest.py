@@ -191,3 +191,8 @@ def test_truncated_files_are_refused(state: AppState, tmp_path: Path, name: str)
     assert outcome.failure_reason == status.CANNOT_UNDERSTAND
     assert "truncated" in outcome.message
     assert list(state.store.list()) == []
+
+
+def test_a_deflated_file_is_not_mistaken_for_a_truncated_one(state: AppState) -> None:
+    (outcome,) = _ingest(state, [str(TEST_FILES / "image_dfl.dcm")])
+    assert outcome.status == "stored", outcome.message
