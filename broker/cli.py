@@ -237,8 +237,10 @@ def demo(
 def _register_domains() -> None:
     """Each domain contributes its own sub-commands."""
     from broker.federation.cli import register as register_federation
+    from broker.identity.cli import identity_app
 
     register_federation(app)
+    app.add_typer(identity_app, name="identity")
 
 
 _register_domains()

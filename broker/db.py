@@ -46,8 +46,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # lets SQLite use indexes for prefix LIKE patterns.
     cur.execute("PRAGMA case_sensitive_like=ON")
     cur.execute("PRAGMA temp_store=MEMORY")
-    cur.execute("PRAGMA cache_size=-65536")
-    cur.execute("PRAGMA mmap_size=268435456")
+    # Modest page cache and map: several pooled connections each get their own, and the
+    # broker's resident memory must stay small while it streams gigabytes (bench/: peak RSS).
+    cur.execute("PRAGMA cache_size=-16384")
+    cur.execute("PRAGMA mmap_size=67108864")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 

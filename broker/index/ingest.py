@@ -277,13 +277,13 @@ class _Batch:
             )
             self.session.add(patient)
             self.session.flush()
-            identity_service.link_patient(session=self.session, patient=patient)
+            identity_service.link_patient(session=self.session, patient=patient, dataset=p.attrs)
         elif (patient.patient_name, patient.birth_date, patient.sex) != (name, birth, sex) and name:
             patient.patient_name, patient.birth_date, patient.sex = name, birth, sex
             patient.name_norm, patient.name_fuzzy = casefold_pn(name), fuzzy_pn(name)
             self.session.add(patient)
             self.session.flush()
-            identity_service.link_patient(session=self.session, patient=patient)
+            identity_service.link_patient(session=self.session, patient=patient, dataset=p.attrs)
         self.patients[(issuer, key_id)] = patient
         return patient
 
