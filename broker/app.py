@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,10 @@ def build_state(settings: Settings) -> AppState:
     migrate(engine)
     federation_service.ensure_default_facility(engine=engine, settings=settings)
     store = open_store(settings.resolved_storage_url())
+    from broker.index.ingest import configure_parsing
+
+    processes = settings.ingest_processes
+    configure_parsing(processes=(os.cpu_count() or 1) if processes < 0 else processes)
     return AppState(settings=settings, engine=engine, store=store)
 
 

@@ -58,6 +58,9 @@ def serve(
     from broker.app import create_app
 
     settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port)
+    if "SCANONCE_INGEST_PROCESSES" not in os.environ:
+        # A server parses on every core (parsing holds the GIL); embedded uses stay in-process.
+        settings.ingest_processes = -1
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     application = create_app(settings, services=True)

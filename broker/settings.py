@@ -42,7 +42,13 @@ class Settings(BaseSettings):
     )
     qido_default_limit: int = 100
     qido_max_limit: int = 1000
-    ingest_workers: int = 4
+    ingest_processes: int = Field(
+        default=0,
+        description=(
+            "Worker processes that parse received instances (0: parse in-process; -1: one per core, "
+            "what `scanonce serve` uses unless this is set)."
+        ),
+    )
     max_part_bytes: int = 4 * 1024**3
 
     def resolved_database_url(self) -> str:

@@ -7,21 +7,19 @@ or a group of C-STOREs).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
+import multiprocessing
 import random
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Any
 
 import orjson
-from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
-from sqlalchemy import select, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -29,11 +27,11 @@ from sqlmodel import select as sqlmodel_select
 
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
-from broker.dicom.json_model import BULK_THRESHOLD, casefold_pn, fuzzy_pn, instance_json, str_value
-from broker.dicom.uids import is_valid_uid
+from broker.dicom.json_model import casefold_pn, fuzzy_pn, str_value
 from broker.federation.models import Facility
 from broker.identity import service as identity_service
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
+from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
 from storage import ObjectStore
@@ -42,176 +40,6 @@ from storage.keys import conflict_key, instance_key
 log = logging.getLogger("scanonce.ingest")
 
 _ATTEMPTS = 8
-_ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
-_T_SOP_CLASS = "00080016"
-_T_SOP_UID = "00080018"
-_T_STUDY_UID = "0020000D"
-_T_SERIES_UID = "0020000E"
-
-
-@dataclass
-class _Parsed:
-    path: str
-    sha256: str
-    size: int
-    sop_class_uid: str
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax_uid: str
-    attrs: dict[str, Any]
-    metadata: bytes
-
-    def outcome(self, st: str, reason: int | None = None, message: str = "") -> StoreOutcome:
-        return StoreOutcome(
-            sop_class_uid=self.sop_class_uid,
-            sop_instance_uid=self.sop_uid,
-            study_uid=self.study_uid,
-            series_uid=self.series_uid,
-            status=st,  # type: ignore[arg-type]
-            failure_reason=reason,
-            message=message,
-        )
-
-
-def _failed(reason: int, message: str, **uids: str) -> StoreOutcome:
-    return StoreOutcome(
-        sop_class_uid=uids.get("sop_class_uid", ""),
-        sop_instance_uid=uids.get("sop_instance_uid", ""),
-        study_uid=uids.get("study_uid", ""),
-        series_uid=uids.get("series_uid", ""),
-        status="failed",
-        failure_reason=reason,
-        message=message,
-    )
-
-
-def _sha256(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Parsed | StoreOutcome:
-    """Read one Part 10 file once; a StoreOutcome (failed) explains why it cannot be stored."""
-    try:
-        ds = dcmread(path, defer_size=BULK_THRESHOLD)
-    except InvalidDicomError:
-        return _failed(status.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM preamble/prefix)")
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
-        return _failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
-    truncated = _truncated(ds, path, os.path.getsize(path))
-    uids = {
-        "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
-        "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
-        "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
-        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
-    }
-    for name, keyword in (
-        ("sop_class_uid", "SOPClassUID"),
-        ("sop_instance_uid", "SOPInstanceUID"),
-        ("study_uid", "StudyInstanceUID"),
-        ("series_uid", "SeriesInstanceUID"),
-    ):
-        if not is_valid_uid(uids[name]):
-            shown = {k: (v if is_valid_uid(v) else "") for k, v in uids.items()}
-            what = "missing" if not uids[name] else "not a valid UID"
-            return _failed(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is {what}", **shown)
-    if expected_study_uid is not None and uids["study_uid"] != expected_study_uid:
-        return _failed(
-            status.STUDY_UID_MISMATCH,
-            "StudyInstanceUID of the instance differs from the study in the request URL",
-            **uids,
-        )
-    file_meta = getattr(ds, "file_meta", None)
-    ts = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
-    if not is_valid_uid(ts):
-        return _failed(status.CANNOT_UNDERSTAND, "file meta has no valid TransferSyntaxUID", **uids)
-    try:
-        attrs = instance_json(
-            ds,
-            bulk_prefix=(
-                f"studies/{uids['study_uid']}/series/{uids['series_uid']}/instances/{uids['sop_instance_uid']}"
-            ),
-        )
-    except Exception as exc:  # noqa: BLE001
-        return _failed(status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids)
-    sha, size = _sha256(path)
-    if truncated:
-        return _failed(
-            status.CANNOT_UNDERSTAND, "the file ends before its last attribute does (truncated)", **uids
-        )
-    return _Parsed(
-        path=path,
-        sha256=sha,
-        size=size,
-        sop_class_uid=uids["sop_class_uid"],
-        sop_uid=uids["sop_instance_uid"],
-        study_uid=uids["study_uid"],
-        series_uid=uids["series_uid"],
-        transfer_syntax_uid=ts,
-        # Keep only what the index rows need; the full attributes live on as compact JSON bytes,
-        # so a large batch holds kilobytes per instance, not a tree of Python objects.
-        attrs={k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)},
-        metadata=orjson.dumps(attrs),
-    )
-
-
-_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
-
-
-def _short_native_pixels(ds: Any, value: Any) -> bool:
-    try:
-        if str(ds.file_meta.TransferSyntaxUID) not in _NATIVE or not isinstance(value, bytes | bytearray):
-            return False
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.SamplesPerPixel)
-        if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
-            samples = 2  # chroma subsampled: two samples per pixel on average
-        expected = (int(ds.Rows) * int(ds.Columns) * samples * frames * bits + 7) // 8
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return len(value) < expected
-
-
-def _truncated(ds: Any, path: str, size: int) -> bool:
-    """Whether the file was cut short. pydicom stops quietly at a truncated element (keeping
-    what bytes there were), and a deferred value is never read at ingest, so compare where the
-    dataset ends with the file. Must run before anything converts the dataset's elements."""
-    keys = list(ds.keys())
-    if not keys:
-        return True
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
-        # Deflated: offsets count inflated bytes, and zlib itself fails on a cut stream.
-        return False
-    last = ds.get_item(keys[-1], keep_deferred=True)
-    if not isinstance(last, RawDataElement):
-        # Read eagerly (undefined length, or a value pydicom had to read short): for native
-        # pixel data the expected size is known; for anything else trust the parser.
-        return last.tag == 0x7FE00010 and _short_native_pixels(ds, last.value)
-    if last.length == 0xFFFFFFFF:
-        return False
-    if last.value is not None:
-        if len(last.value) < last.length:
-            return True
-        end = last.value_tell + len(last.value)
-    else:
-        end = last.value_tell + last.length
-    if end > size:
-        return True
-    # Bytes after the dataset that are not zero padding are an element pydicom could not read.
-    with open(path, "rb") as f:
-        f.seek(end)
-        while chunk := f.read(1 << 16):
-            if chunk.strip(b"\x00"):
-                return True
-    return False
 
 
 def _int(attrs: dict[str, Any], tag: str) -> int | None:
@@ -236,66 +64,48 @@ def _level_json(attrs: dict[str, Any], pick: Any) -> str:
 
 
 class _Batch:
-    """Index rows touched by one batch, cached so each is read at most once."""
+    """The patient, study and series rows one batch touches: existing ones read with one query
+    per table, new ones inserted with one flush per table, so a batch of N instances costs a
+    handful of statements, not several per instance."""
 
     def __init__(self, session: Session, facility: Facility, issuers: set[str]) -> None:
         self.session = session
         self.facility = facility
         self.issuers = issuers
-        self.patients: dict[tuple[str, str], Patient] = {}
         self.studies: dict[str, Study] = {}
         self.series: dict[str, Series] = {}
-        self.new_series: list[tuple[int, str]] = []
+        self.new_study_pks: set[int] = set()
+        self.new_series: list[tuple[int, str]] = []  # (study pk, modality) of series added to old studies
 
-    def patient(self, p: _Parsed) -> Patient:
+    def _patient_key(self, p: _Parsed) -> tuple[str, str]:
         a = p.attrs
         pid = str_value(a, "00100020").strip()
         issuer_in_data = str_value(a, "00100021").strip()
         # IssuerOfPatientID is honoured only when it names a registered issuer; otherwise the
         # sending facility's issuer qualifies the ID, so a bare ID never links two patients.
         issuer = issuer_in_data if issuer_in_data in self.issuers else self.facility.issuer
-        key_id = pid or f"~no-id~{p.study_uid}"
-        cached = self.patients.get((issuer, key_id))
-        if cached is not None:
-            return cached
-        patient = self.session.exec(
-            sqlmodel_select(Patient).where(col(Patient.issuer) == issuer, col(Patient.patient_id) == key_id)
-        ).first()
-        name = str_value(a, "00100010")
-        birth = str_value(a, "00100030")[:8]
-        sex = str_value(a, "00100040")[:16]
-        if patient is None:
-            patient = Patient(
-                facility_id=self.facility.id,
-                issuer=issuer,
-                patient_id=key_id,
-                patient_name=name,
-                name_norm=casefold_pn(name),
-                name_fuzzy=fuzzy_pn(name),
-                birth_date=birth,
-                sex=sex,
-            )
-            self.session.add(patient)
-            self.session.flush()
-            identity_service.link_patient(session=self.session, patient=patient, dataset=p.attrs)
-        elif (patient.patient_name, patient.birth_date, patient.sex) != (name, birth, sex) and name:
-            patient.patient_name, patient.birth_date, patient.sex = name, birth, sex
-            patient.name_norm, patient.name_fuzzy = casefold_pn(name), fuzzy_pn(name)
-            self.session.add(patient)
-            self.session.flush()
-            identity_service.link_patient(session=self.session, patient=patient, dataset=p.attrs)
-        self.patients[(issuer, key_id)] = patient
-        return patient
+        return issuer, pid or f"~no-id~{p.study_uid}"
 
-    def study(self, p: _Parsed) -> Study:
-        cached = self.studies.get(p.study_uid)
-        if cached is not None:
-            return cached
-        study = self.session.exec(sqlmodel_select(Study).where(col(Study.study_uid) == p.study_uid)).first()
-        if study is None:
-            patient = self.patient(p)
+    def prepare(self, pending: list[_Parsed]) -> None:
+        session = self.session
+        first_of_study: dict[str, _Parsed] = {}
+        first_of_series: dict[str, _Parsed] = {}
+        for p in pending:
+            first_of_study.setdefault(p.study_uid, p)
+            first_of_series.setdefault(p.series_uid, p)
+        for uids in _chunks(list(first_of_study)):
+            for study in session.exec(sqlmodel_select(Study).where(col(Study.study_uid).in_(uids))):
+                self.studies[study.study_uid] = study
+        for uids in _chunks(list(first_of_series)):
+            for series in session.exec(sqlmodel_select(Series).where(col(Series.series_uid).in_(uids))):
+                self.series[series.series_uid] = series
+
+        new_studies = [p for uid, p in first_of_study.items() if uid not in self.studies]
+        patients = self._patients(new_studies)
+        for p in new_studies:
+            patient = patients[self._patient_key(p)]
             a = p.attrs
-            study = Study(
+            self.studies[p.study_uid] = Study(
                 study_uid=p.study_uid,
                 facility_id=self.facility.id,
                 patient_pk=patient.pk,  # type: ignore[arg-type]
@@ -315,22 +125,17 @@ class _Batch:
                 modalities="\\",
                 study_json=_level_json(a, is_study_level),
             )
-            self.session.add(study)
-            self.session.flush()
-        self.studies[p.study_uid] = study
-        return study
+            session.add(self.studies[p.study_uid])
+        if new_studies:
+            session.flush()
+            self.new_study_pks = {self.studies[p.study_uid].pk for p in new_studies}  # type: ignore[misc]
 
-    def series_of(self, p: _Parsed, study: Study) -> Series:
-        cached = self.series.get(p.series_uid)
-        if cached is not None:
-            return cached
-        series = self.session.exec(
-            sqlmodel_select(Series).where(col(Series.series_uid) == p.series_uid)
-        ).first()
-        if series is None:
+        new_series = [p for uid, p in first_of_series.items() if uid not in self.series]
+        for p in new_series:
             a = p.attrs
+            study = self.studies[p.study_uid]
             modality = str_value(a, "00080060")[:16]
-            series = Series(
+            self.series[p.series_uid] = Series(
                 series_uid=p.series_uid,
                 study_pk=study.pk,  # type: ignore[arg-type]
                 modality=modality,
@@ -341,11 +146,68 @@ class _Batch:
                 pps_start_time=normalize_time(str_value(a, "00400245"))[:32],
                 series_json=_level_json(a, is_series_level),
             )
-            self.session.add(series)
-            self.session.flush()
-            self.new_series.append((study.pk, modality))  # type: ignore[arg-type]
-        self.series[p.series_uid] = series
-        return series
+            session.add(self.series[p.series_uid])
+            if study.pk in self.new_study_pks:
+                # A new study's counters and modalities are set here, not bumped later.
+                study.num_series += 1
+                if modality and f"\\{modality}\\" not in study.modalities:
+                    study.modalities += modality + "\\"
+            else:
+                self.new_series.append((study.pk, modality))  # type: ignore[arg-type]
+        if new_series:
+            session.flush()
+
+    def _patients(self, new_studies: list[_Parsed]) -> dict[tuple[str, str], Patient]:
+        """The patient row of each new study: found, created, or updated with newer demographics."""
+        session = self.session
+        wanted: dict[tuple[str, str], _Parsed] = {}
+        for p in new_studies:
+            wanted.setdefault(self._patient_key(p), p)
+        found: dict[tuple[str, str], Patient] = {}
+        keys = list(wanted)
+        for chunk in _chunks(keys):
+            stmt = sqlmodel_select(Patient).where(
+                tuple_(col(Patient.issuer), col(Patient.patient_id)).in_(chunk)
+            )
+            for patient in session.exec(stmt):
+                found[(patient.issuer, patient.patient_id)] = patient
+        created: list[tuple[Patient, _Parsed]] = []
+        changed: list[tuple[Patient, _Parsed]] = []
+        for key, p in wanted.items():
+            a = p.attrs
+            name = str_value(a, "00100010")
+            birth = str_value(a, "00100030")[:8]
+            sex = str_value(a, "00100040")[:16]
+            known = found.get(key)
+            if known is None:
+                patient = Patient(
+                    facility_id=self.facility.id,
+                    issuer=key[0],
+                    patient_id=key[1],
+                    patient_name=name,
+                    name_norm=casefold_pn(name),
+                    name_fuzzy=fuzzy_pn(name),
+                    birth_date=birth,
+                    sex=sex,
+                )
+                session.add(patient)
+                found[key] = patient
+                created.append((patient, p))
+            elif (known.patient_name, known.birth_date, known.sex) != (name, birth, sex) and name:
+                known.patient_name, known.birth_date, known.sex = name, birth, sex
+                known.name_norm, known.name_fuzzy = casefold_pn(name), fuzzy_pn(name)
+                session.add(known)
+                changed.append((known, p))
+        if created or changed:
+            session.flush()
+        for patient, p in (*created, *changed):
+            identity_service.link_patient(session=session, patient=patient, dataset=p.attrs)
+        return found
+
+
+def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -356,6 +218,56 @@ def _io_pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scanonce-store")
     return _POOL
+
+
+# Parsing holds the GIL; worker processes let a broker on N cores parse N instances at once.
+# Configured once per process by the app (settings.ingest_processes); off (in-process) until then.
+_PARSE_PROCESSES = 0
+_PARSE_POOL: ProcessPoolExecutor | None = None
+_PARSE_LOCK = threading.Lock()
+
+
+def configure_parsing(*, processes: int) -> None:
+    """Parse in `processes` worker processes (0 or 1: in the calling thread)."""
+    global _PARSE_PROCESSES, _PARSE_POOL
+    with _PARSE_LOCK:
+        if processes == _PARSE_PROCESSES:
+            return
+        if _PARSE_POOL is not None:
+            _PARSE_POOL.shutdown(wait=False, cancel_futures=True)
+            _PARSE_POOL = None
+        _PARSE_PROCESSES = processes
+
+
+def _parse_pool() -> ProcessPoolExecutor | None:
+    global _PARSE_POOL
+    with _PARSE_LOCK:
+        if _PARSE_PROCESSES <= 1:
+            return None
+        if _PARSE_POOL is None:
+            # forkserver: workers start from a clean interpreter, never from a fork of this
+            # threaded process (whose locks another thread may hold at fork time).
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["broker.index.parse"])
+            _PARSE_POOL = ProcessPoolExecutor(max_workers=_PARSE_PROCESSES, mp_context=ctx)
+        return _PARSE_POOL
+
+
+def _parse_all(paths: Sequence[str], expected_study_uid: str | None) -> list[_Parsed | StoreOutcome]:
+    parse = partial(parse_instance, expected_study_uid=expected_study_uid)
+    pool = _parse_pool()
+    if pool is None or not paths:
+        return [parse(p) for p in paths]
+    try:
+        chunk = max(1, len(paths) // (4 * _PARSE_PROCESSES))
+        return list(pool.map(parse, paths, chunksize=chunk))
+    except BrokenProcessPool:
+        # A worker died (killed, out of memory): parse here, and start a fresh pool next time.
+        global _PARSE_POOL
+        with _PARSE_LOCK:
+            _PARSE_POOL = None
+        log.warning("a parse worker process died; parsing this batch in-process")
+        return [parse(p) for p in paths]
 
 
 def _known_issuers(session: Session) -> set[str]:
@@ -384,8 +296,7 @@ def ingest_files(
     """
     outcomes: list[StoreOutcome | None] = [None] * len(paths)
     parsed: list[tuple[int, _Parsed]] = []
-    for i, path in enumerate(paths):
-        result = parse_instance(path, expected_study_uid=expected_study_uid)
+    for i, result in enumerate(_parse_all(paths, expected_study_uid)):
         if isinstance(result, StoreOutcome):
             outcomes[i] = result
         else:
@@ -481,9 +392,10 @@ def _index_batch(
         touched_series: dict[int, int] = {}
         touched_studies: dict[int, int] = {}
         rows: list[dict[str, Any]] = []
+        batch.prepare([p for _i, p in pending])
         for _i, p in pending:
-            study = batch.study(p)
-            series = batch.series_of(p, study)
+            study = batch.studies[p.study_uid]
+            series = batch.series[p.series_uid]
             a = p.attrs
             rows.append(
                 {

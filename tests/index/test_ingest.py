@@ -196,3 +196,22 @@ def test_truncated_files_are_refused(state: AppState, tmp_path: Path, name: str)
 def test_a_deflated_file_is_not_mistaken_for_a_truncated_one(state: AppState) -> None:
     (outcome,) = _ingest(state, [str(TEST_FILES / "image_dfl.dcm")])
     assert outcome.status == "stored", outcome.message
+
+
+def test_parsing_in_worker_processes_gives_the_same_outcomes(settings: Settings, tmp_path: Path) -> None:
+    """`scanonce serve` parses in worker processes; the answers must not change."""
+    from broker.index.ingest import configure_parsing
+
+    good = write(tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9"))
+    bad = tmp_path / "bad.dcm"
+    bad.write_text("not DICOM")
+    settings.ingest_processes = 2
+    st = build_state(settings)
+    try:
+        outcomes = _ingest(st, [good, str(bad), str(TEST_FILES / "CT_small.dcm")])
+        assert [o.status for o in outcomes] == ["stored", "failed", "stored"]
+        assert outcomes[1].failure_reason == status.CANNOT_UNDERSTAND
+        assert _stored_bytes(st, "1.2.3.1", "1.2.3") == Path(good).read_bytes()
+    finally:
+        configure_parsing(processes=0)
+        st.engine.dispose()

@@ -1,0 +1,194 @@
+"""Parsing one received instance: read once, validate, derive its DICOM JSON.
+
+Kept apart from the index (no database imports) so it can run in worker processes: parsing is
+pure Python and holds the GIL, and a broker on N cores parses N instances at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+
+from broker.dicom import status
+from broker.dicom.attributes import is_series_level, is_study_level
+from broker.dicom.json_model import BULK_THRESHOLD, instance_json
+from broker.dicom.uids import is_valid_uid
+from broker.index.schemas import StoreOutcome
+
+_ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
+_T_SOP_CLASS = "00080016"
+_T_SOP_UID = "00080018"
+_T_STUDY_UID = "0020000D"
+_T_SERIES_UID = "0020000E"
+
+
+@dataclass
+class _Parsed:
+    path: str
+    sha256: str
+    size: int
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    attrs: dict[str, Any]
+    metadata: bytes
+
+    def outcome(self, st: str, reason: int | None = None, message: str = "") -> StoreOutcome:
+        return StoreOutcome(
+            sop_class_uid=self.sop_class_uid,
+            sop_instance_uid=self.sop_uid,
+            study_uid=self.study_uid,
+            series_uid=self.series_uid,
+            status=st,  # type: ignore[arg-type]
+            failure_reason=reason,
+            message=message,
+        )
+
+
+def _failed(reason: int, message: str, **uids: str) -> StoreOutcome:
+    return StoreOutcome(
+        sop_class_uid=uids.get("sop_class_uid", ""),
+        sop_instance_uid=uids.get("sop_instance_uid", ""),
+        study_uid=uids.get("study_uid", ""),
+        series_uid=uids.get("series_uid", ""),
+        status="failed",
+        failure_reason=reason,
+        message=message,
+    )
+
+
+def _sha256(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Parsed | StoreOutcome:
+    """Read one Part 10 file once; a StoreOutcome (failed) explains why it cannot be stored."""
+    try:
+        ds = dcmread(path, defer_size=BULK_THRESHOLD)
+    except InvalidDicomError:
+        return _failed(status.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM preamble/prefix)")
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
+        return _failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
+    truncated = _truncated(ds, path, os.path.getsize(path))
+    uids = {
+        "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+    }
+    for name, keyword in (
+        ("sop_class_uid", "SOPClassUID"),
+        ("sop_instance_uid", "SOPInstanceUID"),
+        ("study_uid", "StudyInstanceUID"),
+        ("series_uid", "SeriesInstanceUID"),
+    ):
+        if not is_valid_uid(uids[name]):
+            shown = {k: (v if is_valid_uid(v) else "") for k, v in uids.items()}
+            what = "missing" if not uids[name] else "not a valid UID"
+            return _failed(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is {what}", **shown)
+    if expected_study_uid is not None and uids["study_uid"] != expected_study_uid:
+        return _failed(
+            status.STUDY_UID_MISMATCH,
+            "StudyInstanceUID of the instance differs from the study in the request URL",
+            **uids,
+        )
+    file_meta = getattr(ds, "file_meta", None)
+    ts = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    if not is_valid_uid(ts):
+        return _failed(status.CANNOT_UNDERSTAND, "file meta has no valid TransferSyntaxUID", **uids)
+    try:
+        attrs = instance_json(
+            ds,
+            bulk_prefix=(
+                f"studies/{uids['study_uid']}/series/{uids['series_uid']}/instances/{uids['sop_instance_uid']}"
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001
+        return _failed(status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids)
+    sha, size = _sha256(path)
+    if truncated:
+        return _failed(
+            status.CANNOT_UNDERSTAND, "the file ends before its last attribute does (truncated)", **uids
+        )
+    return _Parsed(
+        path=path,
+        sha256=sha,
+        size=size,
+        sop_class_uid=uids["sop_class_uid"],
+        sop_uid=uids["sop_instance_uid"],
+        study_uid=uids["study_uid"],
+        series_uid=uids["series_uid"],
+        transfer_syntax_uid=ts,
+        # Keep only what the index rows need; the full attributes live on as compact JSON bytes,
+        # so a large batch holds kilobytes per instance, not a tree of Python objects.
+        attrs={k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)},
+        metadata=orjson.dumps(attrs),
+    )
+
+
+_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+
+
+def _short_native_pixels(ds: Any, value: Any) -> bool:
+    try:
+        if str(ds.file_meta.TransferSyntaxUID) not in _NATIVE or not isinstance(value, bytes | bytearray):
+            return False
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.SamplesPerPixel)
+        if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+            samples = 2  # chroma subsampled: two samples per pixel on average
+        expected = (int(ds.Rows) * int(ds.Columns) * samples * frames * bits + 7) // 8
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return len(value) < expected
+
+
+def _truncated(ds: Any, path: str, size: int) -> bool:
+    """Whether the file was cut short. pydicom stops quietly at a truncated element (keeping
+    what bytes there were), and a deferred value is never read at ingest, so compare where the
+    dataset ends with the file. Must run before anything converts the dataset's elements."""
+    keys = list(ds.keys())
+    if not keys:
+        return True
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+        # Deflated: offsets count inflated bytes, and zlib itself fails on a cut stream.
+        return False
+    last = ds.get_item(keys[-1], keep_deferred=True)
+    if not isinstance(last, RawDataElement):
+        # Read eagerly (undefined length, or a value pydicom had to read short): for native
+        # pixel data the expected size is known; for anything else trust the parser.
+        return last.tag == 0x7FE00010 and _short_native_pixels(ds, last.value)
+    if last.length == 0xFFFFFFFF:
+        return False
+    if last.value is not None:
+        if len(last.value) < last.length:
+            return True
+        end = last.value_tell + len(last.value)
+    else:
+        end = last.value_tell + last.length
+    if end > size:
+        return True
+    # Bytes after the dataset that are not zero padding are an element pydicom could not read.
+    with open(path, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(1 << 16):
+            if chunk.strip(b"\x00"):
+                return True
+    return False
