@@ -73,3 +73,39 @@ def test_ingested_studies_follow_their_person(engine: Any, tmp_path: Path) -> No
         assert service.cross_reference(session=s, identifier=Identifier("ISSUER-A", "MRN-1")) == [
             Identifier("ISSUER-B", "77")
         ]
+
+
+def test_ingest_hands_identity_the_address_phone_and_other_ids(engine: Any, tmp_path: Path) -> None:
+    """The patient row holds neither address nor phone: identity must get them from the header."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+
+    from broker.identity.models import IdentityRecord
+
+    path = write_part10(
+        tmp_path / "a.dcm",
+        PatientID="MRN-7",
+        PatientName="NEUMANN^MICHAELA",
+        PatientBirthDate="19151111",
+        PatientSex="F",
+        PatientAddress="12 Main Street, Springfield",
+        PatientTelephoneNumbers="555-1234",
+    )
+    ds = dcmread(path)
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID = "X9", "ISSUER-B"  # a registered issuer: a real identifier
+    bare = Dataset()
+    bare.PatientID = "NOISSUER"  # no issuer: a bare ID, never an identifier
+    ds.OtherPatientIDsSequence = [other, bare]
+    ds.save_as(path)
+    _ingest(engine, open_store((tmp_path / "objects").as_uri()), "fac-a", path)
+    with Session(engine) as s:
+        rec = s.exec(select(IdentityRecord).where(IdentityRecord.value == "MRN-7")).one()
+        assert "12 MAIN STREET" in rec.address and "SPRINGFIELD" in rec.address
+        assert rec.phone == "5551234"
+        assert service.cross_reference(session=s, identifier=Identifier("ISSUER-A", "MRN-7")) == [
+            Identifier("ISSUER-B", "X9")
+        ]
+        assert service.cross_reference(session=s, identifier=Identifier("ISSUER-B", "X9")) == [
+            Identifier("ISSUER-A", "MRN-7")
+        ]
