@@ -1,0 +1,581 @@
+"""DIMSE benchmark: ScanOnce's SCP vs Orthanc's, side by side, in one run.
+
+Both servers run as real processes on loopback, each with its own fresh data folder (the same
+launchers as bench/archive.py: `scanonce serve` on the embedded default, and Orthanc from the
+Debian packages with TcpNoDelay on and StorageCompression off), and receive exactly the same
+generated instances (`broker.dicom.synth.bulk_instances`). Each phase runs against Orthanc
+and then against ScanOnce before the next phase starts.
+
+    .venv/bin/python -m bench.dimse --quick                        # ~2-3 minutes
+    .venv/bin/python -m bench.dimse --out bench/results/dimse.md   # full: 100k-instance index
+
+Phases (full sizes; --quick shrinks them):
+  1. C-STORE ingest: one folder of 4,000 small CT instances (16x16) sent by dcmtk's `storescu`
+     (the real dcmtk binary, not pynetdicom's look-alike script in the venv), 4 storescu
+     processes in parallel, each one association over a quarter of the files, as a PACS
+     forwarding a worklist would; environment TCP_NODELAY=1 (dcmtk then disables Nagle);
+  2. index build to 100,000 instances (10,000 studies) by STOW-RS, 4 client threads, batches
+     of 100 (the fast bulk path; the C-STORE instances count towards the index);
+  3. C-FIND at STUDY level (Study Root), pynetdicom SCU, one association per server reused for
+     every query: a fixed mix of PatientID, AccessionNumber, StudyInstanceUID, PatientName
+     wildcard ("Family^G*") and StudyDate range (30 days) queries, p50/p95 of the time from
+     sending the request to the final status (all matches received).
+
+Index sync speed is measured by bench/federation_sync.py (results in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.archive import (  # noqa: E402
+    Server,
+    StudyFacts,
+    build_query_mix,
+    cpu_seconds,
+    instances,
+    log,
+    median,
+    pct,
+    run_scanonce,
+    stow_batches,
+    study_facts,
+)
+from tests.peers import LOOPBACK, PeerError, _dcmtk_exe, free_port, orthanc  # noqa: E402
+
+CLIENT_AET = "BENCHPACS"
+
+FIND_KINDS = (
+    "PatientID",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "PatientName wildcard",
+    "StudyDate range (30 d)",
+)
+# QIDO-RS parameter -> DICOM keyword for the C-FIND identifier.
+_KEYWORDS = {
+    "PatientID": "PatientID",
+    "AccessionNumber": "AccessionNumber",
+    "StudyInstanceUID": "StudyInstanceUID",
+    "PatientName": "PatientName",
+    "StudyDate": "StudyDate",
+}
+# Return keys a viewer's study list asks for.
+_RETURN_KEYS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyInstanceUID",
+    "StudyDescription",
+    "ModalitiesInStudy",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    store_instances: int  # the C-STORE folder
+    index_instances: int  # total in the index before C-FIND (C-STORE ones included)
+    tranche_instances: int
+    series_per_study: int
+    instances_per_series: int
+    stow_batch: int
+    find_repeats: int  # per query kind
+
+    @property
+    def instances_per_study(self) -> int:
+        return self.series_per_study * self.instances_per_series
+
+
+FULL = Plan(
+    store_instances=4000,
+    index_instances=100_000,
+    tranche_instances=12_000,
+    series_per_study=2,
+    instances_per_series=5,
+    stow_batch=100,
+    find_repeats=40,
+)
+QUICK = Plan(
+    store_instances=1000,
+    index_instances=5000,
+    tranche_instances=4000,
+    series_per_study=2,
+    instances_per_series=5,
+    stow_batch=100,
+    find_repeats=10,
+)
+
+
+@dataclass
+class Side:
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    store: dict[str, float] = field(default_factory=dict)
+    load: list[dict[str, float]] = field(default_factory=list)
+    load_s: float = 0.0
+    find: dict[str, list[float]] = field(default_factory=dict)
+    find_counts: dict[str, int] = field(default_factory=dict)
+    find_errors: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Dimse:
+    server: Server
+    aet: str
+    port: int
+
+
+@contextlib.contextmanager
+def run_orthanc_dimse(work: Path, *, nodelay: bool = True) -> Iterator[Dimse]:
+    """Orthanc as bench/archive.py runs it (tests.peers.orthanc: TcpNoDelay on, StorageCompression
+    off), with the benchmark's client registered as a modality: Orthanc 1.10 answers C-FIND only
+    from known modalities unless DicomAlwaysAllowFind is set, and a PACS is a known modality."""
+    import httpx
+
+    # Orthanc's DIMSE is dcmtk's, which (as built by Debian) leaves Nagle's algorithm on unless
+    # TCP_NODELAY=1 is in its environment: every C-FIND then waits ~40 ms for a delayed ACK.
+    # ScanOnce's SCP sets TCP_NODELAY on its sockets, so Orthanc gets the same.
+    saved = os.environ.get("TCP_NODELAY")
+    os.environ["TCP_NODELAY"] = "1" if nodelay else "0"
+    try:
+        stack = contextlib.ExitStack()
+        peer = stack.enter_context(
+            orthanc(work / "orthanc", aet="BENCH", modalities={"pacs": [CLIENT_AET, LOOPBACK, 104]})
+        )
+    finally:
+        if saved is None:
+            del os.environ["TCP_NODELAY"]
+        else:
+            os.environ["TCP_NODELAY"] = saved
+    with stack:
+        system = httpx.get(f"{peer.url}/system", timeout=10, trust_env=False).json()
+        cfg = peer.config
+        settings = {
+            "version": f"Orthanc {system.get('Version')}",
+            "index": "SQLite (built-in), storage: local folder",
+            "StorageCompression": cfg["StorageCompression"],
+            "TcpNoDelay (HTTP)": cfg["TcpNoDelay"],
+            "environment TCP_NODELAY (dcmtk, DIMSE)": "1" if nodelay else "0 (Nagle on)",
+            "DicomAet": peer.aet,
+            "DicomModalities": f"{CLIENT_AET} registered",
+            "DicomAlwaysAllowStore": cfg["DicomAlwaysAllowStore"],
+            "DicomCheckCalledAet": cfg["DicomCheckCalledAet"],
+            "DicomThreadsCount": "4 (default)",
+            "StorageAccessOnFind": "Always (default)",
+            "LimitFindResults": "0 (default, unlimited)",
+            "OverwriteInstances": "false (default)",
+        }
+        server = Server("Orthanc", peer.dicomweb_url, peer.pid, peer.storage_dir.parent, settings)
+        yield Dimse(server, peer.aet, peer.dicom_port)
+
+
+# -- C-STORE by storescu ---------------------------------------------------------------------
+
+
+def write_folder(folder: Path, data: Sequence[bytes], parts: int) -> list[Path]:
+    """The instances as Part 10 files, split into `parts` subfolders (one per storescu)."""
+    dirs = [folder / f"part{i}" for i in range(parts)]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    for i, blob in enumerate(data):
+        (dirs[i % parts] / f"{i:07d}.dcm").write_bytes(blob)
+    return dirs
+
+
+def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, float]:
+    exe = _dcmtk_exe("storescu")
+    if exe is None:
+        raise PeerError("dcmtk's storescu is not installed (apt-get install dcmtk)")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    cmds = [
+        # +sd: scan the folder; -nh: no header checks we do not need; --aetitle: a PACS's AE.
+        [exe, "-aet", CLIENT_AET, "-aec", target.aet, "+sd", "-nh", LOOPBACK, str(target.port), str(d)]
+        for d in dirs
+    ]
+    cpu0 = cpu_seconds(target.server.pid)
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        for c in cmds
+    ]
+    outputs = [p.communicate(timeout=1800)[0].decode(errors="replace") for p in procs]
+    dt = time.perf_counter() - t0
+    cpu = cpu_seconds(target.server.pid) - cpu0
+    failed = sum(1 for p in procs if p.returncode != 0)
+    if failed:
+        bad = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
+        log(f"storescu -> {target.server.name}: {failed} processes failed:\n{bad[-2000:]}")
+    return {"instances": n, "seconds": dt, "per_s": n / dt, "server_cpu_s": cpu, "failed_processes": failed}
+
+
+def instances_held(server: Server) -> int:
+    """Instances the server reports over its studies (QIDO-RS NumberOfStudyRelatedInstances):
+    checks that every C-STORE really landed. Only right while the index holds < 1,000 studies."""
+    import httpx
+
+    r = httpx.get(
+        f"{server.base}/studies?includefield=00201208&limit=1000",
+        headers={"Accept": "application/dicom+json"},
+        timeout=120,
+        trust_env=False,
+    )
+    r.raise_for_status()
+    return sum(int(s.get("00201208", {}).get("Value", [0])[0]) for s in (r.json() if r.content else []))
+
+
+# -- C-FIND ------------------------------------------------------------------------------------
+
+
+def find_identifier(params: dict[str, str]) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for kw in _RETURN_KEYS:
+        setattr(ds, kw, "")
+    for k, v in params.items():
+        setattr(ds, _KEYWORDS[k], v)
+    return ds
+
+
+def _no_delay(event: Any) -> None:
+    """TCP_NODELAY on the SCU's socket, as storescu gets from TCP_NODELAY=1: without it each
+    request waits for the peer's delayed ACK (~40 ms on loopback), on both servers alike."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@contextlib.contextmanager
+def association(target: Dimse) -> Iterator[Any]:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=CLIENT_AET)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    assoc = ae.associate(
+        LOOPBACK, target.port, ae_title=target.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)]
+    )
+    if not assoc.is_established:
+        raise PeerError(f"{target.server.name}: association for C-FIND refused or aborted")
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
+def timed_find(assoc: Any, params: dict[str, str]) -> tuple[float, int, str]:
+    """Seconds from request to final status, matches, and the final status as text."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ident = find_identifier(params)
+    matches = 0
+    final = "none"
+    t0 = time.perf_counter()
+    for status, _identifier in assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind):
+        code = getattr(status, "Status", None)
+        if code in (0xFF00, 0xFF01):
+            matches += 1
+        else:
+            final = "0x0000" if code == 0 else (f"0x{code:04X}" if code is not None else "no status")
+    return time.perf_counter() - t0, matches, final
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def run(
+    plan: Plan, *, threads: int, parallel: int, work: Path, seed: int, orthanc_nodelay: bool = True
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    sides: dict[str, Side] = {}
+    with contextlib.ExitStack() as stack:
+        targets: list[Dimse] = []
+        oc_target = stack.enter_context(run_orthanc_dimse(work, nodelay=orthanc_nodelay))
+        targets.append(oc_target)
+        dimse_port = free_port()
+        so = stack.enter_context(run_scanonce(work, env_extra={"SCANONCE_DIMSE_PORT": str(dimse_port)}))
+        so.settings.update(
+            {
+                "AE title": "SCANONCE (default)",
+                "dimse_open_mode": "on (default: accepts unknown calling AEs)",
+                "DIMSE port": "SCANONCE_DIMSE_PORT (free loopback port)",
+            }
+        )
+        targets.append(Dimse(so, "SCANONCE", dimse_port))
+        for t in targets:
+            sides[t.server.name] = Side(t.server.name, settings=t.server.settings)
+            log(f"{t.server.name} up: DICOM {t.aet}@{LOOPBACK}:{t.port} (pid {t.server.pid})")
+
+        facts: list[StudyFacts] = []
+        per_study = plan.instances_per_study
+
+        # 1. C-STORE by storescu, same folder into both
+        store = list(
+            instances(
+                seed=seed * 1000 + 500,
+                n_studies=plan.store_instances // per_study,
+                series_per_study=plan.series_per_study,
+                instances_per_series=plan.instances_per_series,
+            )
+        )
+        facts += [study_facts(store[i]) for i in range(0, len(store), per_study)]
+        dirs = write_folder(work / "store", store, parallel)
+        for t in targets:
+            sr = storescu_parallel(t, dirs, len(store))
+            sides[t.server.name].store = sr
+            if sr["failed_processes"]:
+                sides[t.server.name].failures.append(f"C-STORE: {sr['failed_processes']} storescu failed")
+            log(f"C-STORE {t.server.name}: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
+        for t in targets:
+            held = instances_held(t.server)
+            sides[t.server.name].store["held"] = held
+            if held != len(store):
+                sides[t.server.name].failures.append(f"C-STORE: holds {held} of {len(store)} instances")
+        shutil.rmtree(work / "store", ignore_errors=True)
+        del store
+
+        # 2. index build by STOW-RS
+        remaining = plan.index_instances - plan.store_instances
+        t_idx = 0
+        while remaining > 0:
+            n = min(plan.tranche_instances, remaining)
+            insts = list(
+                instances(
+                    seed=seed * 1000 + t_idx,
+                    n_studies=max(1, n // per_study),
+                    series_per_study=plan.series_per_study,
+                    instances_per_series=plan.instances_per_series,
+                )
+            )
+            facts += [study_facts(insts[i]) for i in range(0, len(insts), per_study)]
+            batches = [insts[i : i + plan.stow_batch] for i in range(0, len(insts), plan.stow_batch)]
+            for t in targets:
+                r = stow_batches(t.server, batches, threads)
+                side = sides[t.server.name]
+                side.load.append({"instances": r.instances, "seconds": r.seconds, "per_s": r.per_s})
+                side.load_s += r.seconds
+                if r.failed:
+                    side.failures.append(f"index build: {r.failed} instances failed")
+                log(f"load {t_idx + 1} {t.server.name}: {r.instances} in {r.seconds:.0f} s ({r.per_s:.0f}/s)")
+            remaining -= len(insts)
+            t_idx += 1
+            del insts, batches
+        total_instances = plan.index_instances - remaining
+
+        # 3. C-FIND
+        mix = [(k, p) for k, p in build_query_mix(facts, plan.find_repeats, seed) if k in FIND_KINDS]
+        for t in targets:
+            side = sides[t.server.name]
+            with association(t) as assoc:
+                for _ in range(3):  # warm the association and caches equally
+                    timed_find(assoc, {"PatientID": facts[0].patient_id})
+                for kind, params in mix:
+                    dt, matches, final = timed_find(assoc, params)
+                    side.find.setdefault(kind, []).append(dt)
+                    side.find_counts[kind] = side.find_counts.get(kind, 0) + matches
+                    if final != "0x0000":
+                        side.find_errors[kind] = final
+            allv = [v for vs in side.find.values() for v in vs]
+            log(f"C-FIND {t.server.name}: p50 {median(allv) * 1e3:.1f} ms, p95 {pct(allv, 95) * 1e3:.1f} ms")
+    return {
+        "plan": asdict(plan),
+        "threads": threads,
+        "parallel": parallel,
+        "seed": seed,
+        "index_instances": total_instances,
+        "index_studies": len(facts),
+        "total_s": time.perf_counter() - t_start,
+        "loadavg_1m": [load_start, os.getloadavg()[0]],
+        "sides": {k: asdict(v) for k, v in sides.items()},
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:,.{digits}f}"
+
+
+def render(data: dict[str, Any]) -> str:
+    plan = data["plan"]
+    so = data["sides"]["ScanOnce"]
+    oc = data["sides"]["Orthanc"]
+
+    def all_find(side: dict[str, Any]) -> list[float]:
+        return [v for vs in side["find"].values() for v in vs]
+
+    def load_rate(side: dict[str, Any]) -> float:
+        n = sum(x["instances"] for x in side["load"])
+        return n / side["load_s"] if side["load_s"] else float("nan")
+
+    rows: list[tuple[str, float, float, str, bool]] = [
+        (
+            f"C-STORE by storescu, {plan['store_instances']:,} small CT, "
+            f"{data['parallel']} parallel associations, inst/s",
+            so["store"]["per_s"],
+            oc["store"]["per_s"],
+            "≥ 1×",
+            True,
+        ),
+        (
+            "Server CPU per instance received by C-STORE, ms",
+            1e3 * so["store"]["server_cpu_s"] / so["store"]["instances"],
+            1e3 * oc["store"]["server_cpu_s"] / oc["store"]["instances"],
+            "",
+            False,
+        ),
+        (
+            f"Index load by STOW-RS to {data['index_instances']:,} instances, s",
+            so["load_s"],
+            oc["load_s"],
+            "",
+            False,
+        ),
+        ("… STOW-RS rate over the load, inst/s", load_rate(so), load_rate(oc), "", True),
+        (
+            f"C-FIND STUDY query mix p50, ms ({data['index_studies']:,} studies)",
+            median(all_find(so)) * 1e3,
+            median(all_find(oc)) * 1e3,
+            "",
+            False,
+        ),
+        (
+            "C-FIND STUDY query mix p95, ms",
+            pct(all_find(so), 95) * 1e3,
+            pct(all_find(oc), 95) * 1e3,
+            "≤ 0.5×",
+            False,
+        ),
+    ]
+    out = [
+        "| metric | ScanOnce | Orthanc | ScanOnce / Orthanc | target | met |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for metric, a, b, target, higher in rows:
+        ratio = a / b if b else float("nan")
+        met = ""
+        if target and ratio == ratio:
+            bound = float(target[1:].strip().rstrip("×"))
+            met = "yes" if (ratio >= bound if higher else ratio <= bound) else "**no**"
+        out.append(f"| {metric} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, 2)}× | {target} | {met} |")
+    out += [
+        "",
+        "C-FIND per query kind (STUDY level, one association, p50 / p95 ms, total matches over the repeats):",
+        "",
+        "| query | ScanOnce p50 | ScanOnce p95 | Orthanc p50 | Orthanc p95 | matches SO / Orthanc |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for kind in oc["find"]:
+
+        def q(side: dict[str, Any], p: float, k: str = kind) -> str:
+            if k in side["find_errors"]:
+                return f"status {side['find_errors'][k]}"
+            return _fmt(pct(side["find"][k], p) * 1e3)
+
+        counts = f"{so['find_counts'].get(kind, 'n/a')} / {oc['find_counts'].get(kind, 'n/a')}"
+        out.append(f"| {kind} | {q(so, 50)} | {q(so, 95)} | {q(oc, 50)} | {q(oc, 95)} | {counts} |")
+    load = " / ".join(f"{x:.1f}" for x in data["loadavg_1m"])
+    out += [
+        "",
+        f"Run: C-STORE by dcmtk storescu ({data['parallel']} processes in parallel, one association each, "
+        f"environment TCP_NODELAY=1); index load by STOW-RS, {data['threads']} client threads, batches of "
+        f"{plan['stow_batch']}; C-FIND by a pynetdicom SCU (Study Root, TCP_NODELAY), "
+        f"{plan['find_repeats']} queries per kind; "
+        f"{plan['series_per_study'] * plan['instances_per_series']} instances per study; "
+        f"seed {data['seed']}; total {data['total_s']:.0f} s; "
+        f"{platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()}), loopback only; "
+        f"1-min load average at start / end: {load}.",
+        "Index sync speed: see bench/federation_sync.py and docs/benchmarks.md (not re-run here).",
+    ]
+    for side in (so, oc):
+        out += [
+            "",
+            f"{side['name']} settings: " + "; ".join(f"{k}: {v}" for k, v in side["settings"].items()),
+        ]
+        if side["failures"]:
+            out.append(f"{side['name']} failures: " + "; ".join(side["failures"]))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5,000-instance index (under 3 minutes)")
+    ap.add_argument("--out", type=Path, help="write the Markdown table here (and the raw numbers as .json)")
+    ap.add_argument("--threads", type=int, default=4, help="client threads for the STOW-RS load")
+    ap.add_argument("--parallel", type=int, default=4, help="parallel storescu processes (default 4)")
+    ap.add_argument("--store-instances", type=int, help="override the C-STORE folder size")
+    ap.add_argument("--index-instances", type=int, help="override the index size")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--orthanc-nagle",
+        action="store_true",
+        help="leave Orthanc's DIMSE sockets as Debian's dcmtk does by default (Nagle on)",
+    )
+    ap.add_argument("--render", type=Path, help="only print the table of a saved .json run")
+    args = ap.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
+    plan = QUICK if args.quick else FULL
+    if args.store_instances:
+        plan = replace(plan, store_instances=args.store_instances)
+    if args.index_instances:
+        plan = replace(plan, index_instances=args.index_instances)
+    work = Path(tempfile.mkdtemp(prefix="scanonce-bench-dimse-"))
+    try:
+        data = run(
+            plan,
+            threads=args.threads,
+            parallel=args.parallel,
+            work=work,
+            seed=args.seed,
+            orthanc_nodelay=not args.orthanc_nagle,
+        )
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+        table = render(data)
+        print(table, flush=True)
+        if args.out:
+            args.out.write_text(table)
+    finally:
+        log(f"removing {work}")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
