@@ -30,7 +30,9 @@ def build_state(settings: Settings) -> AppState:
     from broker.index.ingest import configure_parsing
 
     processes = settings.ingest_processes
-    configure_parsing(processes=(os.cpu_count() or 1) if processes < 0 else processes)
+    # "One per core" counts this process, which serves HTTP and writes the index, as one.
+    auto = max(1, (os.cpu_count() or 1) - 1)
+    configure_parsing(processes=auto if processes < 0 else processes)
     return AppState(settings=settings, engine=engine, store=store)
 
 

@@ -48,8 +48,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA temp_store=MEMORY")
     # Modest page cache and map: several pooled connections each get their own, and the
     # broker's resident memory must stay small while it streams gigabytes (bench/: peak RSS).
-    cur.execute("PRAGMA cache_size=-16384")
-    cur.execute("PRAGMA mmap_size=67108864")
+    cur.execute("PRAGMA cache_size=-8192")
+    cur.execute("PRAGMA mmap_size=0")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     ingest_processes: int = Field(
         default=0,
         description=(
-            "Worker processes that parse received instances (0: parse in-process; -1: one per core, "
-            "what `scanonce serve` uses unless this is set)."
+            "Worker processes that parse received instances (0: parse in-process; -1: one per core "
+            "beside the serving process, what `scanonce serve` uses unless this is set)."
         ),
     )
     max_part_bytes: int = 4 * 1024**3

@@ -228,7 +228,8 @@ _PARSE_LOCK = threading.Lock()
 
 
 def configure_parsing(*, processes: int) -> None:
-    """Parse in `processes` worker processes (0 or 1: in the calling thread)."""
+    """Parse in `processes` worker processes (0: in the calling thread). One worker already
+    helps: it parses while this process serves HTTP and writes the index."""
     global _PARSE_PROCESSES, _PARSE_POOL
     with _PARSE_LOCK:
         if processes == _PARSE_PROCESSES:
@@ -242,13 +243,13 @@ def configure_parsing(*, processes: int) -> None:
 def _parse_pool() -> ProcessPoolExecutor | None:
     global _PARSE_POOL
     with _PARSE_LOCK:
-        if _PARSE_PROCESSES <= 1:
+        if _PARSE_PROCESSES < 1:
             return None
         if _PARSE_POOL is None:
-            # forkserver: workers start from a clean interpreter, never from a fork of this
-            # threaded process (whose locks another thread may hold at fork time).
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["broker.index.parse"])
+            # spawn: workers start from a clean interpreter, never from a fork of this threaded
+            # process (whose locks another thread may hold at fork time), and no fork server
+            # stays resident beside them.
+            ctx = multiprocessing.get_context("spawn")
             _PARSE_POOL = ProcessPoolExecutor(max_workers=_PARSE_PROCESSES, mp_context=ctx)
         return _PARSE_POOL
 
