@@ -228,6 +228,15 @@ def str_value(attrs: dict[str, Any], tag: str) -> str:
     return str(v)
 
 
+def int_value(attrs: dict[str, Any], tag: str) -> int | None:
+    """The first value as an integer (IS/DS/US...), None when absent or not a number."""
+    v = str_value(attrs, tag)
+    try:
+        return int(float(v)) if v else None
+    except ValueError:
+        return None
+
+
 def all_values(attrs: dict[str, Any], tag: str) -> list[Any]:
     item = attrs.get(tag)
     return list(item.get("Value") or []) if item else []

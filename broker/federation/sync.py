@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 
 from broker.db import session_scope
 from broker.dicom.attributes import is_series_level, is_study_level
-from broker.dicom.json_model import casefold_pn, fuzzy_pn, str_value
+from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
 from broker.errors import BadRequest, Conflict, NotFound, Unavailable
 from broker.federation.models import Facility, StudyLocation, SyncState
 from broker.federation.remote import RemoteSeries, RemoteStudy, Source, open_source, studies_from_series
@@ -281,14 +281,6 @@ def _modalities(study: RemoteStudy, series: Sequence[RemoteSeries]) -> str:
     return "\\" + "".join(f"{m}\\" for m in mods) if mods else "\\"
 
 
-def _int(attrs: dict[str, Any], tag: str) -> int | None:
-    v = str_value(attrs, tag)
-    try:
-        return int(float(v)) if v else None
-    except ValueError:
-        return None
-
-
 def _write_studies(
     session: Session,
     facility: Facility,
@@ -430,7 +422,7 @@ def _write_studies(
             values = {
                 "study_pk": study_pk,
                 "modality": str_value(a, "00080060")[:16],
-                "series_number": _int(a, "00200011"),
+                "series_number": int_value(a, "00200011"),
                 "series_description": str_value(a, "0008103E")[:256],
                 "body_part": str_value(a, "00180015")[:64],
                 "pps_start_date": str_value(a, "00400244")[:8],

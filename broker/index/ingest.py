@@ -27,7 +27,8 @@ from sqlmodel import select as sqlmodel_select
 
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
-from broker.dicom.json_model import casefold_pn, fuzzy_pn, str_value
+from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
+from broker.errors import NotFound
 from broker.federation.models import Facility
 from broker.identity import service as identity_service
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
@@ -40,14 +41,6 @@ from storage.keys import conflict_key, instance_key
 log = logging.getLogger("scanonce.ingest")
 
 _ATTEMPTS = 8
-
-
-def _int(attrs: dict[str, Any], tag: str) -> int | None:
-    v = str_value(attrs, tag)
-    try:
-        return int(float(v)) if v != "" else None
-    except ValueError:
-        return None
 
 
 def normalize_time(value: str) -> str:
@@ -139,7 +132,7 @@ class _Batch:
                 series_uid=p.series_uid,
                 study_pk=study.pk,  # type: ignore[arg-type]
                 modality=modality,
-                series_number=_int(a, "00200011"),
+                series_number=int_value(a, "00200011"),
                 series_description=str_value(a, "0008103E")[:256],
                 body_part=str_value(a, "00180015")[:64],
                 pps_start_date=str_value(a, "00400244")[:8],
@@ -348,8 +341,6 @@ def _index_batch(
     with Session(engine, expire_on_commit=False) as session:
         facility = session.get(Facility, facility_id)
         if facility is None:
-            from broker.errors import NotFound
-
             raise NotFound(f"no facility {facility_id!r}")
         batch = _Batch(session, facility, _known_issuers(session))
         uids = [p.sop_uid for _, p in parsed]
@@ -405,11 +396,11 @@ def _index_batch(
                     "study_pk": study.pk,
                     "facility_id": facility.id,
                     "sop_class_uid": p.sop_class_uid,
-                    "instance_number": _int(a, "00200013"),
+                    "instance_number": int_value(a, "00200013"),
                     "transfer_syntax_uid": p.transfer_syntax_uid,
-                    "rows": _int(a, "00280010"),
-                    "columns": _int(a, "00280011"),
-                    "number_of_frames": _int(a, "00280008"),
+                    "rows": int_value(a, "00280010"),
+                    "columns": int_value(a, "00280011"),
+                    "number_of_frames": int_value(a, "00280008"),
                     "size": p.size,
                     "sha256": p.sha256,
                     "object_key": instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256),

@@ -23,10 +23,6 @@ from broker.dicom.uids import is_valid_uid
 from broker.index.schemas import StoreOutcome
 
 _ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
-_T_SOP_CLASS = "00080016"
-_T_SOP_UID = "00080018"
-_T_STUDY_UID = "0020000D"
-_T_SERIES_UID = "0020000E"
 
 
 @dataclass
