@@ -60,6 +60,9 @@ CORROBORATION_BITS = 3.0
 KEY_CAP = 100
 # Pseudo-count for term frequencies: a small index borrows the default name frequencies.
 _TF_PSEUDO = 1000.0
+# PostgreSQL advisory lock key that serializes linking (see _serialize_linking): any constant
+# no other part of the broker uses ("SCANONCE" in ASCII).
+_LINK_LOCK_KEY = 0x5343414E4F4E4345
 
 _COLUMNS: tuple[Any, ...] = (
     IdentityRecord.id,
@@ -249,6 +252,25 @@ def _sync_patients(*, session: Session, record_ids: Sequence[int]) -> None:
         session.execute(update(Patient).where(Patient.pk == patient_pk).values(person_id=person_id))  # type: ignore[arg-type]
 
 
+def _serialize_linking(*, session: Session) -> None:
+    """Hold the linking lock until this transaction ends (PostgreSQL; SQLite has one writer).
+
+    Deciding a record's person reads what is committed, then writes: two transactions linking
+    records of one human at once would each see no candidate and each create a person (or
+    both insert the same (issuer, value), and one fail on the unique constraint). Waiting
+    here until the other commits lets the second see the first's record. Under READ
+    COMMITTED each statement after the wait sees that commit.
+
+    One lock for all linking, not one per blocking key: ingest links several patients in one
+    transaction, and per-key locks taken patient by patient would deadlock two batches that
+    share keys in crossing order. Only transactions that create or change a patient take it,
+    and it is held from the first link to the commit (milliseconds of index writes).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        # Re-entrant: the second link of a batch only bumps a count in the same transaction.
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LINK_LOCK_KEY})
+
+
 def _new_person(*, session: Session) -> int:
     person = Person()
     session.add(person)
@@ -306,11 +328,17 @@ def upsert_record(
     """
     ident = _check_identifier(identifier)
     others = [_check_identifier(i) for i in identifiers]
-    record = get_record(session=session, issuer=ident.issuer, value=ident.value)
     if patient_pk is None:
+        # A feed: lock the index's row for this identifier (if any) before the linking lock,
+        # in the order ingest takes them (it writes its patient rows, then links), so a feed
+        # and an ingest of the same patient wait for each other instead of deadlocking.
         patient_pk = session.exec(
-            select(Patient.pk).where(Patient.issuer == ident.issuer, Patient.patient_id == ident.value)
+            select(Patient.pk)
+            .where(Patient.issuer == ident.issuer, Patient.patient_id == ident.value)
+            .with_for_update(key_share=True)
         ).first()
+    _serialize_linking(session=session)
+    record = get_record(session=session, issuer=ident.issuer, value=ident.value)
     if record is not None:
         changed = False
         if source != "dicom" or record.source == "dicom":
