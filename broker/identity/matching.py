@@ -28,8 +28,8 @@ NAME_FIELDS = ("family", "given")
 CORROBORATING = ("birth_date", "address", "phone")
 
 LEVEL_LABELS: dict[str, tuple[str, ...]] = {
-    "family": ("exact", "jaro-winkler>=0.92", "jaro-winkler>=0.80", "different"),
-    "given": ("exact", "jaro-winkler>=0.92", "jaro-winkler>=0.80", "different"),
+    "family": ("exact", "jaro-winkler>=0.92", "similar", "different"),
+    "given": ("exact", "jaro-winkler>=0.92", "similar", "different"),
     "middle": ("exact", "initial or close", "different"),
     "birth_date": ("exact", "one typo or day/month swapped", "two edits", "different"),
     "sex": ("same", "different"),
@@ -229,6 +229,10 @@ def block_keys(d: Demographics) -> set[str]:
     dob, f, g = d.birth_date, _phonetic(d.family), _phonetic(d.given)
     if dob:
         keys.add("d:" + dob)  # any name typo, same birth date
+        # Sorted-neighbourhood-like: birth month and both initials, for a typo in the day
+        # and one in each name (GILLARD JAKE 19590828 / GILLATD JAKD 19590808).
+        if d.family and d.given:
+            keys.add("di:" + dob[:6] + d.family[0] + d.given[0])
         if f:
             keys.add("fm:" + f + dob[:6])  # day typo
             keys.add("fd:" + f + dob[:4] + dob[6:])  # month typo
@@ -246,7 +250,31 @@ def block_keys(d: Demographics) -> set[str]:
     street = _street_token(d.address)
     if street and (f or g):
         keys.add("st:" + street + (dob[:4] if dob else f or g))
+        if dob and f:
+            keys.add("st:" + street + f)  # birth year wrong too, or the given name replaced
+    # Address alone (street word + the town, phonetically): the last resort when both names
+    # and the birth date are missing or wrong, and it survives a mistyped postcode. One key
+    # per leading long word, because sources put the street and the building name in either
+    # order. A block of flats or a care home makes the key crowded, and crowded keys are
+    # dropped at query time, so this costs nothing where it says nothing.
+    words = _long_words(d.address)
+    if len(words) >= 2:
+        town = jellyfish.soundex(words[-1])
+        for w in dict.fromkeys(words[:2]):
+            if w != words[-1]:
+                keys.add("sb:" + jellyfish.soundex(w) + town)
     return keys
+
+
+def _long_words(address: str) -> list[str]:
+    return [t for t in address.split() if len(t) >= 5 and t.isalpha() and t not in _STREET_TYPES]
+
+
+# Street types say nothing about which street ("STREET" is in half of all addresses).
+_STREET_TYPES = frozenset(
+    {"STREET", "AVENUE", "CRESCENT", "CIRCUIT", "PLACE", "DRIVE", "COURT", "CLOSE", "TERRACE", "PARADE"}
+    | {"HIGHWAY", "STRASSE", "GARDEN", "GARDENS", "SQUARE", "STATION", "VILLAGE", "ESTATE"}
+)
 
 
 def _street_token(address: str) -> str:
@@ -269,7 +297,30 @@ def _name_level(a: str, b: str) -> int:
     if a == b:
         return 0
     jw = jellyfish.jaro_winkler_similarity(a, b)
-    return 1 if jw >= 0.92 else 2 if jw >= 0.80 else 3
+    if jw >= 0.92:
+        return 1
+    return 2 if jw >= 0.80 or typo_like(a, b) else 3
+
+
+def typo_like(a: str, b: str) -> bool:
+    """Short names one keystroke apart (ROY/RIY, KYLE/KYLB) or one cut short (TEA/TEAL):
+    Jaro-Winkler scores these low only because the names are short. The first letter must
+    agree, so rhyming sibling names (MIA/PIA, AVA/EVA) stay different."""
+    if not a or not b or a[0] != b[0]:
+        return False
+    if min(len(a), len(b)) >= 3 and (a.startswith(b) or b.startswith(a)):
+        return True
+    return jellyfish.damerau_levenshtein_distance(a, b) <= 1
+
+
+def _given_level(a: Demographics, b: Demographics) -> int:
+    """Given names, also read with the middle name run on: a space typed into a given name
+    (JA YDE) splits it into given + middle, and JOHN PAUL may arrive as JOHN^PAUL or JOHNPAUL."""
+    level = _name_level(a.given, b.given)
+    if level <= 0 or not (a.middle or b.middle):
+        return level
+    joined = _name_level(a.given + a.middle, b.given + b.middle)
+    return level if joined < 0 else min(level, max(joined, 1))
 
 
 def _middle_level(a: str, b: str) -> int:
@@ -335,7 +386,7 @@ def compare_levels(a: Demographics, b: Demographics) -> tuple[list[int], bool]:
 
     A swapped reading never counts as exact agreement: it is evidence, but weaker.
     """
-    straight = (_name_level(a.family, b.family), _name_level(a.given, b.given))
+    straight = (_name_level(a.family, b.family), _given_level(a, b))
     crossed = (_name_level(a.family, b.given), _name_level(a.given, b.family))
 
     def goodness(levels: tuple[int, int]) -> int:
@@ -364,6 +415,9 @@ class Score:
     levels: tuple[int, ...]
     contributions: dict[str, dict[str, Any]]
     swapped: bool
+    # Years between the two birth dates when both are known (0 otherwise): a plainly different
+    # birth date a generation apart is the father/son pattern, a few years apart a wrong date.
+    years_apart: int = 0
 
     def contribution(self, field: str) -> float:
         item = self.contributions.get(field)
@@ -396,7 +450,12 @@ def score_pair(
         }
     if swapped:
         contributions["names"] = {"level": "given and family swapped", "weight": 0.0}
-    return Score(weight=total, levels=tuple(levels), contributions=contributions, swapped=swapped)
+    years = 0
+    if a.birth_date and b.birth_date:
+        years = abs(int(a.birth_date[:4]) - int(b.birth_date[:4]))
+    return Score(
+        weight=total, levels=tuple(levels), contributions=contributions, swapped=swapped, years_apart=years
+    )
 
 
 def probability(weight: float, *, params: dict[str, Any]) -> float:
@@ -429,17 +488,40 @@ def estimate_u(levels: np.ndarray, *, prior: dict[str, Any] = DEFAULT_PARAMS) ->
     return u
 
 
+def _posterior(
+    levels: np.ndarray, m: dict[str, np.ndarray], u: dict[str, np.ndarray], lam: float
+) -> np.ndarray:
+    n = levels.shape[0]
+    log_m = np.zeros(n)
+    log_u = np.zeros(n)
+    for j, f in enumerate(FIELDS):
+        col = levels[:, j].astype(int)
+        present = col >= 0
+        idx = np.where(present, col, 0)
+        log_m += np.where(present, np.log(m[f][idx]), 0.0)
+        log_u += np.where(present, np.log(u[f][idx]), 0.0)
+    logit = np.log(lam) + log_m - np.log(1 - lam) - log_u
+    return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))  # type: ignore[no-any-return]
+
+
+# Pseudo-count pulling m towards the starting values: a field the data never fills (FEBRL
+# has no sex or phone) keeps its prior instead of drifting to a uniform, meaningless m.
+_M_PSEUDO = 5.0
+
+
 def estimate_parameters(
     levels: np.ndarray,
     *,
     u: dict[str, list[float]],
     start: dict[str, Any] = DEFAULT_PARAMS,
     iterations: int = 40,
+    ignore: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """EM for m and lambda over blocked candidate pairs, with u held fixed (as Splink does).
 
     `levels` is (pairs x FIELDS) with -1 where a value is missing; conditional independence of
-    fields given the match status is the Fellegi–Sunter assumption.
+    fields given the match status is the Fellegi–Sunter assumption. Fields in `ignore` (those
+    the pairs were blocked on, which agree by construction) take no part and keep `start`'s m.
     """
     m = {f: np.array(start["m"][f], dtype=float) for f in FIELDS}
     uu = {f: np.array(u[f], dtype=float) for f in FIELDS}
@@ -447,25 +529,73 @@ def estimate_parameters(
     n = levels.shape[0]
     if n == 0:
         return {"m": {f: list(map(float, m[f])) for f in FIELDS}, "u": u, "lambda": start["lambda"]}
+    levels = levels.copy()
+    for f in ignore:
+        levels[:, FIELDS.index(f)] = -1
+    prior = {f: np.array(start["m"][f], dtype=float) * _M_PSEUDO for f in FIELDS}
     for _ in range(iterations):
-        log_m = np.zeros(n)
-        log_u = np.zeros(n)
-        for j, f in enumerate(FIELDS):
-            col = levels[:, j].astype(int)
-            present = col >= 0
-            idx = np.where(present, col, 0)
-            log_m += np.where(present, np.log(m[f][idx]), 0.0)
-            log_u += np.where(present, np.log(uu[f][idx]), 0.0)
-        logit = np.log(lam) + log_m - np.log(1 - lam) - log_u
-        post = 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
+        post = _posterior(levels, m, uu, lam)
         lam = float(np.clip(post.mean(), 1e-6, 1 - 1e-6))
         for j, f in enumerate(FIELDS):
+            if f in ignore:
+                continue
             col = levels[:, j]
             n_levels = len(LEVEL_LABELS[f])
-            weights = np.array([post[col == lv].sum() for lv in range(n_levels)]) + 1e-3
+            weights = np.array([post[col == lv].sum() for lv in range(n_levels)]) + prior[f]
             m[f] = weights / weights.sum()
     return {
         "m": {f: [float(x) for x in m[f]] for f in FIELDS},
+        "u": {f: [float(x) for x in uu[f]] for f in FIELDS},
+        "lambda": lam,
+    }
+
+
+# Training blocking rules, as Splink trains: pairs that share a key of one kind agree on the
+# fields that key is made of by construction, so EM over those pairs says nothing about those
+# fields' m; each rule estimates the others, and each field's m is averaged over the rules
+# that could estimate it. (One EM over all blocked pairs mixes the rules and converges to a
+# "match" class full of non-matches that merely share a key.)
+TRAINING_RULES: dict[str, tuple[str, ...]] = {
+    "d": ("birth_date",),  # same birth date: learns names, address
+    "fg": ("family", "given"),  # same names (phonetically): learns birth date, address
+    "sb": ("address",),  # same street and town: learns names, birth date
+}
+
+
+def training_rule(key: str) -> str | None:
+    rule = key.split(":", 1)[0]
+    return rule if rule in TRAINING_RULES else None
+
+
+def estimate_parameters_by_rule(
+    levels_by_rule: dict[str, np.ndarray],
+    *,
+    u: dict[str, list[float]],
+    start: dict[str, Any] = DEFAULT_PARAMS,
+    iterations: int = 40,
+) -> dict[str, Any]:
+    """m per field averaged over the training rules that do not block on it; lambda from one
+    E-step of the combined model over all the rules' pairs."""
+    estimates: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
+    for rule, levels in levels_by_rule.items():
+        if levels.shape[0] == 0:
+            continue
+        ignore = TRAINING_RULES[rule]
+        est = estimate_parameters(levels, u=u, start=start, iterations=iterations, ignore=ignore)
+        for f in FIELDS:
+            if f not in ignore:
+                estimates[f].append(np.array(est["m"][f]))
+    m = {
+        f: (np.mean(estimates[f], axis=0) if estimates[f] else np.array(start["m"][f], dtype=float))
+        for f in FIELDS
+    }
+    uu = {f: np.array(u[f], dtype=float) for f in FIELDS}
+    everything = [lv for lv in levels_by_rule.values() if lv.shape[0]]
+    lam = float(start["lambda"])
+    if everything:
+        lam = float(np.clip(_posterior(np.concatenate(everything), m, uu, 0.1).mean(), 1e-6, 1 - 1e-6))
+    return {
+        "m": {f: [float(x) for x in m[f] / m[f].sum()] for f in FIELDS},
         "u": {f: [float(x) for x in uu[f]] for f in FIELDS},
         "lambda": lam,
     }

@@ -56,6 +56,9 @@ AUTO_WEIGHT = 16.0
 REVIEW_WEIGHT = 10.0
 # The smallest contribution that counts as a corroborating field agreeing.
 CORROBORATION_BITS = 3.0
+# Birth years at least this far apart are a generation (parent and child); closer plainly
+# different dates are a wrong date, judged by the weight alone.
+GENERATION_YEARS = 12
 # A blocking key shared by more records than this says little; its candidates are cut.
 KEY_CAP = 100
 # Pseudo-count for term frequencies: a small index borrows the default name frequencies.
@@ -119,8 +122,9 @@ def _forget_params(session: Session) -> None:
 
 
 def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[str, Any]:
-    """Estimate m/u from the records themselves: u from random pairs, m and lambda by EM over
-    the pairs that blocking proposes. Stores the result (used from the next link on)."""
+    """Estimate m/u from the records themselves: u from random pairs, m by EM over the pairs
+    that blocking proposes, one training rule (key kind) at a time as Splink trains, see
+    matching.TRAINING_RULES. Stores the result (used from the next link on)."""
     rows = session.execute(sa_select(*_COLUMNS)).all()
     if len(rows) < 50:
         raise BadRequest("too few identity records to estimate parameters (need at least 50)")
@@ -131,21 +135,28 @@ def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[
     u = matching.estimate_u(matching.level_matrix(random_pairs))
     blocks: dict[str, list[int]] = {}
     for key, rid in session.exec(select(BlockKey.key, BlockKey.record_id)).all():  # type: ignore[call-overload]
-        blocks.setdefault(key, []).append(rid)
-    seen: set[tuple[int, int]] = set()
-    for members in blocks.values():
+        if matching.training_rule(key) is not None:
+            blocks.setdefault(key, []).append(rid)
+    by_rule: dict[str, set[tuple[int, int]]] = {}
+    for key, members in blocks.items():
         if len(members) > KEY_CAP:
             continue
+        seen = by_rule.setdefault(matching.training_rule(key) or "", set())
         for i, a in enumerate(members):
             for b in members[i + 1 :]:
                 seen.add((a, b) if a < b else (b, a))
-    pairs = list(seen)
-    rng.shuffle(pairs)
-    pairs = pairs[:max_pairs]
-    params = matching.estimate_parameters(matching.level_matrix([(demo[a], demo[b]) for a, b in pairs]), u=u)
+    levels_by_rule = {}
+    n_pairs = 0
+    for rule, seen in sorted(by_rule.items()):
+        pairs = sorted(seen)
+        rng.shuffle(pairs)
+        pairs = pairs[:max_pairs]
+        n_pairs += len(pairs)
+        levels_by_rule[rule] = matching.level_matrix([(demo[a], demo[b]) for a, b in pairs])
+    params = matching.estimate_parameters_by_rule(levels_by_rule, u=u)
     if "policy" in current_params(session=session):
         params["policy"] = current_params(session=session)["policy"]
-    session.add(ModelParams(params=json.dumps(params), pairs=len(pairs)))
+    session.add(ModelParams(params=json.dumps(params), pairs=n_pairs))
     session.commit()
     _forget_params(session)
     return params
@@ -602,18 +613,27 @@ def _decide(
 
 
 def auto_link_allowed(score: matching.Score, *, strict: bool = True) -> bool:
-    """Never on the name alone (a birth date, address or phone must agree too). `strict` adds
-    the two classic false-link patterns: twins (given names plainly differ, the rest agrees)
-    and father/son (birth dates plainly differ, the rest agrees) go to review instead."""
+    """Never on the name alone: a birth date, address or phone must agree too.
+
+    `strict` (the default) also needs a name to agree, and sends the classic false-link
+    patterns to review: twins or siblings (same family name and address, given names plainly
+    different, not a typo of each other) and father/son (same names and address, birth dates
+    plainly different and a generation apart). Without `strict` the Fellegi–Sunter weight
+    decides, and a pair whose names both disagree needs two other fields to agree.
+    """
     name_ok = any(score.contribution(f) > 0 for f in matching.NAME_FIELDS)
-    corroborated = any(score.contribution(f) >= CORROBORATION_BITS for f in matching.CORROBORATING)
-    if not (name_ok and corroborated):
+    agreeing = sum(score.contribution(f) >= CORROBORATION_BITS for f in matching.CORROBORATING)
+    if agreeing == 0:
         return False
-    if strict:
-        given_level = score.levels[matching.FIELDS.index("given")]
-        date_level = score.levels[matching.FIELDS.index("birth_date")]
-        return given_level != 3 and date_level != 3
-    return True
+    if not strict:
+        return name_ok or agreeing >= 2
+    if not name_ok:
+        return False
+    given_level = score.levels[matching.FIELDS.index("given")]
+    date_level = score.levels[matching.FIELDS.index("birth_date")]
+    if given_level == 3:
+        return False
+    return not (date_level == 3 and score.years_apart >= GENERATION_YEARS)
 
 
 def policy(params: dict[str, Any]) -> tuple[float, float, bool]:
