@@ -338,6 +338,7 @@ def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iter
         "SCANONCE_HOST": LOOPBACK,
         "SCANONCE_PORT": str(port),
         "SCANONCE_DIMSE_PORT": str(free_port()),
+        "SCANONCE_MLLP_PORT": "0",  # the HL7 feed is not measured here; 2575 may be taken
         # Embedded default: SQLite + local folder under the data dir.
         "SCANONCE_DATABASE_URL": "",
         "SCANONCE_STORAGE_URL": "",

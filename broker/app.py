@@ -38,13 +38,18 @@ def build_state(settings: Settings) -> AppState:
 
 @asynccontextmanager
 async def _services(app: FastAPI) -> AsyncIterator[None]:
-    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE listener."""
+    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners."""
     state: AppState = app.state.scanonce
     handle = None
     if state.settings.dimse_port:
         from broker.dimse.scp import start_scp
 
         handle = start_scp(state=state)
+    mllp = None
+    if state.settings.mllp_port:
+        from broker.identity.mllp import start_mllp
+
+        mllp = start_mllp(engine=state.engine, host=state.settings.host, port=state.settings.mllp_port)
     import threading
 
     from broker.federation.background import start_background
@@ -55,6 +60,10 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
+        if mllp is not None:
+            from broker.identity.mllp import stop_mllp
+
+            stop_mllp(mllp)
         if handle is not None:
             from broker.dimse.scp import stop_scp
 
@@ -64,8 +73,8 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
 def create_app(
     settings: Settings | None = None, state: AppState | None = None, *, services: bool = False
 ) -> FastAPI:
-    """The HTTP app. `services=True` (what `scanonce serve` does) also runs the DIMSE SCP for the
-    app's lifetime; tests and embedders start what they need themselves."""
+    """The HTTP app. `services=True` (what `scanonce serve` does) also runs the DIMSE SCP and the
+    HL7 MLLP listener for the app's lifetime; tests and embedders start what they need themselves."""
     settings = settings or (state.settings if state else get_settings())
     app = FastAPI(
         title="ScanOnce",

@@ -65,15 +65,18 @@ def serve(
     dimse_port: Annotated[
         int | None, typer.Option(help="DIMSE port (0 disables the DIMSE listener).")
     ] = None,
+    mllp_port: Annotated[
+        int | None, typer.Option(help="HL7 v2 MLLP port of the ADT identity feed (0 disables it).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
-    """Run the broker: HTTP (DICOMweb, FHIR, CDS Hooks, pages, /api) and DIMSE in one process."""
+    """Run the broker: HTTP (DICOMweb, FHIR, CDS Hooks, pages, /api), DIMSE and HL7 MLLP in one process."""
     import uvicorn
 
     from broker.app import create_app
 
     _cap_malloc_arenas()
-    settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port)
+    settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port, mllp_port=mllp_port)
     if "SCANONCE_INGEST_PROCESSES" not in os.environ:
         # A server parses on every core (parsing holds the GIL); embedded uses stay in-process.
         settings.ingest_processes = -1
@@ -86,6 +89,8 @@ def serve(
     console.print(f"  API docs:  {origin}/docs")
     if settings.dimse_port:
         console.print(f"  DIMSE:     {settings.ae_title}@{settings.host}:{settings.dimse_port}")
+    if settings.mllp_port:
+        console.print(f"  HL7 MLLP:  {settings.host}:{settings.mllp_port}  (ADT identity feed)")
     console.print(f"  data:      {settings.data_dir.resolve()}")
     uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level.lower())
 

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         default=None, description="Public origin used in RetrieveURL; default: request's."
     )
     dimse_port: int = 11112
+    mllp_port: int = Field(
+        default=2575,
+        description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
+    )
     ae_title: str = "SCANONCE"
     dimse_open_mode: bool = Field(
         default=True,

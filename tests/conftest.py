@@ -242,6 +242,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 
 def _make_settings(backend: Backend, tmp_path: Path, **overrides: Any) -> Settings:
+    # No fixed listener ports: an app built with services=True must not bind HL7's 2575.
+    overrides.setdefault("mllp_port", 0)
     return Settings(
         data_dir=tmp_path,
         database_url=backend.database_url,

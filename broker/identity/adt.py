@@ -9,6 +9,7 @@ unsupported type). Nothing is applied unless the whole message is.
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +99,8 @@ def _known_issuers(session: Session) -> dict[str, str]:
     return known
 
 
-def _nak(code: str, text: str, control_id: str = "") -> Ack:
-    """An ACK built by hand, for messages too broken to build one from."""
+def nak(code: str, text: str, control_id: str = "") -> Ack:
+    """An ACK built by hand, for messages (or MLLP blocks) too broken to build one from."""
     safe = text.replace("|", " ").replace("\r", " ")
     msg = f"MSH|^~\\&|SCANONCE||||||ACK|{control_id or 'NAK'}|P|2.5\rMSA|{code}|{control_id}|{safe}\r"
     return Ack(code=code, text=text, message=msg)
@@ -118,7 +119,7 @@ def handle_message(*, engine: Engine, raw: str, who: str = "hl7") -> Ack:
         msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
         msg.segment("MSH")
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
-        return _nak("AR", "message could not be parsed as HL7 v2")
+        return nak("AR", "message could not be parsed as HL7 v2")
     control_id = _get(msg, "MSH.F10")
     msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
     if msg_type != "ADT" or event not in SUPPORTED:
@@ -152,7 +153,11 @@ def handle_message(*, engine: Engine, raw: str, who: str = "hl7") -> Ack:
                 session.commit()
     except ScanOnceError as exc:
         return _ack(msg, "AE", exc.message[:200])
-    except Exception:
-        log.exception("ADT message %s failed", control_id)  # no patient data: the id only
+    except Exception as exc:
+        # Not the exception's text: a database error quotes the row (a patient's identifiers).
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        log.error(
+            "ADT message %s failed: %s at %s:%s", control_id, type(exc).__name__, frame.filename, frame.lineno
+        )
         return _ack(msg, "AE", "internal error while applying the message")
     return _ack(msg, "AA")

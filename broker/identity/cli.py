@@ -195,14 +195,34 @@ def trust(issuer: str, note: str = "", data_dir: DataDir = None) -> None:
 @identity_app.command("mllp")
 def mllp(
     data_dir: DataDir = None,
-    host: str = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="MLLP port (2575 is HL7's registered port).")] = 2575,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: $SCANONCE_HOST).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="MLLP port (default: $SCANONCE_MLLP_PORT, else 2575, HL7's registered port)."),
+    ] = None,
 ) -> None:
-    """Listen for HL7 v2 ADT (A01/A04/A08/A40) over MLLP: the ITI-8 identity feed."""
-    from broker.identity.mllp import serve_forever
+    """Listen for HL7 v2 ADT (A01/A04/A08/A40) over MLLP on its own: the ITI-8 identity feed.
 
-    console.print(f"MLLP listening on {host}:{port}")
-    serve_forever(engine=_engine(data_dir), host=host, port=port)
+    `scanonce serve` already runs this listener beside HTTP and DIMSE; this command is for a
+    feed-only process."""
+    import logging
+
+    from broker.identity.mllp import start_mllp, stop_mllp
+
+    settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handle = start_mllp(
+        engine=_engine(data_dir),
+        host=host or settings.host,
+        port=(settings.mllp_port or 2575) if port is None else port,
+    )
+    console.print(f"MLLP listening on {handle.host}:{handle.port} (Ctrl-C stops)")
+    try:
+        handle.thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_mllp(handle)
 
 
 @identity_app.command("policy")

@@ -1,22 +1,41 @@
-"""An asyncio MLLP listener for the HL7 v2 identity feed (IHE ITI-8).
+"""The MLLP listener for the HL7 v2 identity feed (IHE ITI-8), on the `hl7` library's streams.
+
+It runs an asyncio server in a thread of its own, so `scanonce serve` (beside uvicorn), the
+`scanonce identity mllp` command and tests all start and stop it the same way:
+`start_mllp` returns a handle once the socket is bound, `stop_mllp` closes it, ends the
+connections and joins the threads.
 
 Each connection reads MLLP blocks one by one; every message is applied in a worker thread
-(the database blocks) and answered with its ACK before the next is read, so a sender's
-order is kept. A broken MLLP frame closes the connection (nothing can be acknowledged).
+(the database blocks) and answered with its ACK before the next is read, so a sender's order
+is kept while other connections go on. A block that does not start with <VT> is answered
+with an AR and reading goes on at the next block; a block over MAX_MESSAGE_BYTES is answered
+with an AR and the connection closed (where the next block starts is unknown). A sender that
+goes away mid-block costs its own connection only. Logs carry peers and control ids, never
+message content.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from hl7.mllp import InvalidBlockError, start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
-from broker.identity.adt import handle_message
+from broker.identity.adt import Ack, handle_message, nak
 
 log = logging.getLogger("scanonce.identity.mllp")
+
+# An ADT message is a few kilobytes; this bounds what one sender can make us buffer.
+MAX_MESSAGE_BYTES = 1024 * 1024
+# How long a refused oversized message's remainder is read and dropped before closing.
+LINGER_SECONDS = 5.0
+# Messages applied at once across all connections (each holds a database connection).
+WORKERS = 8
 
 
 def _decode(block: bytes) -> str:
@@ -26,33 +45,132 @@ def _decode(block: bytes) -> str:
         return block.decode("latin-1")  # HL7 v2's traditional 8-bit default
 
 
+async def _reply(writer: HL7StreamWriter, ack: Ack) -> None:
+    writer.writeblock(ack.message.encode("utf-8"))
+    await writer.drain()
+
+
+async def _serve_connection(engine: Engine, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                block = await reader.readblock()
+            except InvalidBlockError:
+                # The bytes up to the end-of-block were consumed: the next block can still be read.
+                await _reply(writer, nak("AR", "MLLP block does not start with <VT> (0x0B)"))
+                continue
+            except ValueError:
+                await _reply(writer, nak("AR", f"message larger than {MAX_MESSAGE_BYTES} bytes"))
+                await _linger(reader, writer)
+                break
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial.strip():
+                    log.info("MLLP peer %s closed the connection mid-message", peer)
+                break
+            try:
+                ack = await loop.run_in_executor(None, _apply, engine, block)
+            except Exception:  # noqa: BLE001 - the sender gets an answer whatever went wrong
+                log.error("MLLP message from %s could not be applied", peer)
+                ack = nak("AE", "internal error while applying the message")
+            await _reply(writer, ack)
+    except (ConnectionError, asyncio.CancelledError):
+        pass  # the peer went away, or the listener is stopping
+    finally:
+        writer.close()
+
+
+async def _linger(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+    """Say we are done but read (and drop) what the sender still sends for a moment: closing
+    with unread input resets the connection, and the sender would lose the AR before it."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            while await reader.read(65536):
+                pass
+    except (TimeoutError, ConnectionError):
+        pass
+
+
+def _apply(engine: Engine, block: bytes) -> Ack:
+    return handle_message(engine=engine, raw=_decode(block))
+
+
 async def start_mllp_listener(*, engine: Engine, host: str = "127.0.0.1", port: int = 2575) -> asyncio.Server:
-    """Start listening (port 0 picks a free one: see `server.sockets[0].getsockname()`)."""
+    """Start listening on the running loop (port 0 picks a free one: see
+    `server.sockets[0].getsockname()`). Prefer `start_mllp`, which also owns the threads."""
+    tasks: set[asyncio.Task[None]] = set()
 
-    async def on_client(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
-        try:
-            while not reader.at_eof():
-                try:
-                    block = await reader.readblock()
-                except (InvalidBlockError, asyncio.IncompleteReadError, ValueError):
-                    break
-                ack = await asyncio.to_thread(handle_message, engine=engine, raw=_decode(block))
-                writer.writeblock(ack.message.encode("utf-8"))
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+    def on_client(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(_serve_connection(engine, reader, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    return await start_hl7_server(on_client, host=host, port=port, encoding="utf-8")
+    server = await start_hl7_server(on_client, host=host, port=port, limit=MAX_MESSAGE_BYTES)
+    server.connection_tasks = tasks  # type: ignore[attr-defined]  # so a stop can end them
+    return server
 
 
-def serve_forever(*, engine: Engine, host: str, port: int) -> None:
-    """Blocking entry point for a CLI command."""
+@dataclass
+class MllpHandle:
+    """A running listener: where it listens, and what `stop_mllp` needs."""
 
-    async def main() -> None:
-        server = await start_mllp_listener(engine=engine, host=host, port=port)
-        async with server:
-            await server.serve_forever()
+    host: str
+    port: int
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+    thread: threading.Thread = field(repr=False)
+    server: asyncio.Server | None = field(default=None, repr=False)
 
-    asyncio.run(main())
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        # Messages being applied finish (their transactions commit or roll back) before we exit.
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def start_mllp(*, engine: Engine, host: str, port: int) -> MllpHandle:
+    """Listen for HL7 v2 over MLLP in background threads; returns once the socket is bound.
+
+    `port` 0 picks a free port (see `handle.port`). Raises OSError when the address is taken.
+    """
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scanonce-mllp"))
+    thread = threading.Thread(target=_run_loop, args=(loop,), name="scanonce-mllp-listener", daemon=True)
+    thread.start()
+    future = asyncio.run_coroutine_threadsafe(start_mllp_listener(engine=engine, host=host, port=port), loop)
+    try:
+        server = future.result(timeout=30)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        raise
+    bound = server.sockets[0].getsockname()
+    log.info("MLLP (HL7 v2 ADT, ITI-8) listening on %s:%s", bound[0], bound[1])
+    return MllpHandle(host=bound[0], port=bound[1], loop=loop, thread=thread, server=server)
+
+
+def stop_mllp(handle: MllpHandle, *, timeout: float = 30) -> None:
+    """Close the listening socket, end open connections, wait for messages being applied."""
+    server, handle.server = handle.server, None
+    if server is None:
+        return
+
+    async def shutdown() -> None:
+        server.close()
+        tasks = list(getattr(server, "connection_tasks", ()))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    try:
+        asyncio.run_coroutine_threadsafe(shutdown(), handle.loop).result(timeout=timeout)
+    finally:
+        handle.loop.call_soon_threadsafe(handle.loop.stop)
+        handle.thread.join(timeout=timeout)

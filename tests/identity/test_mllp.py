@@ -1,14 +1,19 @@
-"""HL7 v2 ADT over MLLP (ITI-8): real bytes over a loopback socket, ACK codes, merge and split."""
+"""HL7 v2 ADT over MLLP (ITI-8): real bytes over loopback sockets, ACK codes, merge and split,
+and a listener that survives broken frames and senders that vanish."""
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from sqlmodel import Session, select
 
 from broker.identity import service
-from broker.identity.mllp import start_mllp_listener
+from broker.identity.mllp import MAX_MESSAGE_BYTES, MllpHandle, start_mllp, stop_mllp
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
 
@@ -17,7 +22,7 @@ from .conftest import ingest_patient
 SB, EB = b"\x0b", b"\x1c\r"
 
 
-def _adt(
+def adt(
     event: str,
     control: str,
     pid3: str,
@@ -34,50 +39,61 @@ def _adt(
     )
 
 
-def _exchange(engine: Any, payloads: list[bytes]) -> list[str]:
-    """Start the listener on a free port, send each frame on one connection, collect the ACKs."""
-
-    async def run() -> list[str]:
-        server = await start_mllp_listener(engine=engine, host="127.0.0.1", port=0)
-        port = server.sockets[0].getsockname()[1]
-        acks: list[str] = []
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            for p in payloads:
-                writer.write(p)
-                await writer.drain()
-                block = await asyncio.wait_for(reader.readuntil(EB), timeout=20)
-                assert block.startswith(SB)
-                acks.append(block[1:-2].decode())
-            writer.close()
-        finally:
-            server.close()
-            await server.wait_closed()
-        return acks
-
-    return asyncio.run(run())
-
-
-def _frame(msg: str) -> bytes:
+def frame(msg: str) -> bytes:
     return SB + msg.encode() + EB
 
 
-def _msa(ack: str) -> list[str]:
-    msa = next(s for s in ack.split("\r") if s.startswith("MSA|"))
-    return msa.split("|")
+def read_ack(sock: socket.socket) -> str:
+    """One MLLP block from the socket (the ACK), without its framing."""
+    data = b""
+    while not data.endswith(EB):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {data!r}")
+        data += chunk
+    assert data.startswith(SB), data
+    return data[1:-2].decode()
 
 
-def test_adt_feed_links_and_acknowledges(engine: Any) -> None:
-    acks = _exchange(
-        engine,
+def msa(ack: str) -> list[str]:
+    line = next(s for s in ack.split("\r") if s.startswith("MSA|"))
+    return line.split("|")
+
+
+@pytest.fixture
+def listener(engine: Any) -> Iterator[MllpHandle]:
+    handle = start_mllp(engine=engine, host="127.0.0.1", port=0)
+    try:
+        yield handle
+    finally:
+        stop_mllp(handle)
+
+
+def connect(handle: MllpHandle) -> socket.socket:
+    return socket.create_connection((handle.host, handle.port), timeout=20)
+
+
+def exchange(handle: MllpHandle, payloads: list[bytes]) -> list[str]:
+    """Send each block on one connection, one at a time, and collect the ACKs."""
+    with connect(handle) as sock:
+        acks = []
+        for p in payloads:
+            sock.sendall(p)
+            acks.append(read_ack(sock))
+    return acks
+
+
+def test_adt_feed_links_and_acknowledges(engine: Any, listener: MllpHandle) -> None:
+    acks = exchange(
+        listener,
         [
-            _frame(_adt("A01", "M1", "A1^^^ISSUER-A", "NEUMANN^MICHAELA", "19151111", "F")),
+            frame(adt("A01", "M1", "A1^^^ISSUER-A", "NEUMANN^MICHAELA", "19151111", "F")),
             # Issuer given by the sending facility (a registered facility id) when CX.4 is empty.
-            _frame(_adt("A04", "M2", "B1", "NEUMAN^MICHEALA", "19151111", "F", sending_facility="fac-b")),
-            _frame(_adt("A08", "M3", "B1^^^ISSUER-B", "NEUMAN^MICHAELA", "19151111", "F")),
+            frame(adt("A04", "M2", "B1", "NEUMAN^MICHEALA", "19151111", "F", sending_facility="fac-b")),
+            frame(adt("A08", "M3", "B1^^^ISSUER-B", "NEUMAN^MICHAELA", "19151111", "F")),
         ],
     )
-    assert [_msa(a)[1:3] for a in acks] == [["AA", "M1"], ["AA", "M2"], ["AA", "M3"]]
+    assert [msa(a)[1:3] for a in acks] == [["AA", "M1"], ["AA", "M2"], ["AA", "M3"]]
     assert all("ACK^A0" in a.split("\r")[0] for a in acks)
     with Session(engine) as s:
         assert service.cross_reference(session=s, identifier=Identifier("ISSUER-B", "B1")) == [
@@ -85,35 +101,109 @@ def test_adt_feed_links_and_acknowledges(engine: Any) -> None:
         ]
 
 
-def test_bad_messages_get_errors_and_change_nothing(engine: Any) -> None:
-    acks = _exchange(
-        engine,
+def test_bad_messages_get_errors_and_change_nothing(engine: Any, listener: MllpHandle) -> None:
+    acks = exchange(
+        listener,
         [
-            _frame("this is not HL7 at all"),
-            _frame(_adt("A31", "E1", "A1^^^ISSUER-A", "X^Y")),
-            _frame(_adt("A01", "E2", "A1", "NOBODY^KNOWN", sending_facility="UNKNOWN-HOSP")),
-            _frame(_adt("A01", "E3", "A1^^^ISSUER-A", "SMITH^ANN", "20230230")),
-            _frame(_adt("A40", "E4", "A1^^^ISSUER-A", extra="MRG|NOPE^^^ISSUER-A\r")),
-            _frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT^A01|E5|P|2.5\r"),
+            frame("this is not HL7 at all"),
+            frame(adt("A31", "E1", "A1^^^ISSUER-A", "X^Y")),
+            frame(adt("A01", "E2", "A1", "NOBODY^KNOWN", sending_facility="UNKNOWN-HOSP")),
+            frame(adt("A01", "E3", "A1^^^ISSUER-A", "SMITH^ANN", "20230230")),
+            frame(adt("A40", "E4", "A1^^^ISSUER-A", extra="MRG|NOPE^^^ISSUER-A\r")),
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT^A01|E5|P|2.5\r"),
+            SB + EB,  # an empty block
         ],
     )
-    codes = [_msa(a)[1] for a in acks]
-    assert codes == ["AR", "AR", "AE", "AE", "AE", "AE"]
-    assert "assigning authority" in _msa(acks[2])[3]
-    assert "birth date" in _msa(acks[3])[3]
-    assert _msa(acks[1])[2] == "E1"
+    codes = [msa(a)[1] for a in acks]
+    assert codes == ["AR", "AR", "AE", "AE", "AE", "AE", "AR"]
+    assert "could not be parsed" in msa(acks[0])[3]
+    assert "assigning authority" in msa(acks[2])[3]
+    assert "birth date" in msa(acks[3])[3]
+    assert msa(acks[1])[2] == "E1"
     with Session(engine) as s:
         assert service.get_record(session=s, issuer="ISSUER-A", value="A1") is None
 
 
-def test_a40_merge_moves_studies_and_unlink_splits_back(engine: Any) -> None:
+def test_broken_frames_and_vanishing_senders_do_not_stop_the_listener(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="scanonce")
+    # A sender stalled mid-message holds its own connection only.
+    stalled = connect(listener)
+    stalled.sendall(SB + adt("A01", "S1", "S1^^^ISSUER-A", "STALLED^SAM").encode()[:40])
+
+    # Bytes before <VT>: AR, and the next block on the same connection is still read.
+    with connect(listener) as sock:
+        sock.sendall(b"GARBAGE" + frame(adt("A01", "G0", "G0^^^ISSUER-A", "LOST^LUKE")))
+        ack = read_ack(sock)
+        assert msa(ack)[1] == "AR" and "<VT>" in msa(ack)[3]
+        sock.sendall(frame(adt("A01", "G1", "G1^^^ISSUER-A", "NEUMANN^MICHAELA", "19151111", "F")))
+        assert msa(read_ack(sock))[1:3] == ["AA", "G1"]
+
+    # Half a message, then gone: politely (FIN) and abruptly (RST).
+    with connect(listener) as sock:
+        sock.sendall(SB + adt("A01", "H1", "H1^^^ISSUER-A", "HALF^HARRY").encode()[:60])
+    sock = connect(listener)
+    sock.sendall(SB + adt("A01", "H2", "H2^^^ISSUER-A", "RESET^ROSA").encode()[:60])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+    # A block over the limit: AR, then the connection is closed (where the next block starts is unknown).
+    with connect(listener) as sock:
+        sock.sendall(SB + b"MSH|" + b"X" * (MAX_MESSAGE_BYTES + 10) + EB)
+        ack = read_ack(sock)
+        assert msa(ack)[1] == "AR" and "larger than" in msa(ack)[3]
+        assert sock.recv(10) == b""
+
+    # Still serving.
+    acks = exchange(listener, [frame(adt("A01", "OK1", "OK1^^^ISSUER-B", "REID^RUBY", "19300620", "F"))])
+    assert msa(acks[0])[1:3] == ["AA", "OK1"]
+    stalled.close()
+    with Session(engine) as s:
+        assert service.get_record(session=s, issuer="ISSUER-B", value="OK1") is not None
+        assert service.get_record(session=s, issuer="ISSUER-A", value="G1") is not None
+        for value in ("G0", "S1", "H1", "H2"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
+    for secret in ("NEUMANN", "MICHAELA", "REID", "STALLED", "HALF", "RESET", "LOST", "19151111"):
+        assert secret not in caplog.text
+
+
+def test_connections_are_served_side_by_side(engine: Any, listener: MllpHandle) -> None:
+    """Two senders with open connections, interleaved: neither waits for the other to leave."""
+    with connect(listener) as one, connect(listener) as two:
+        for n in range(3):
+            one.sendall(frame(adt("A01", f"X{n}", f"X{n}^^^ISSUER-A", f"ONE^P{n}")))
+            two.sendall(frame(adt("A01", f"Y{n}", f"Y{n}^^^ISSUER-B", f"TWO^Q{n}")))
+            assert msa(read_ack(two))[1:3] == ["AA", f"Y{n}"]
+            assert msa(read_ack(one))[1:3] == ["AA", f"X{n}"]
+
+
+def test_stop_closes_the_socket_and_joins_its_threads(engine: Any) -> None:
+    handle = start_mllp(engine=engine, host="127.0.0.1", port=0)
+    idle = connect(handle)  # an open connection must not keep the listener alive
+    assert msa(exchange(handle, [frame(adt("A01", "Z1", "Z1^^^ISSUER-A", "X^Y"))])[0])[1] == "AA"
+    stop_mllp(handle)
+    assert not handle.thread.is_alive()
+    assert idle.recv(10) == b""
+    idle.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((handle.host, handle.port), timeout=5)
+    stop_mllp(handle)  # a second stop is harmless
+
+
+def test_a_taken_port_is_a_clear_error(engine: Any, listener: MllpHandle) -> None:
+    with pytest.raises(OSError):
+        start_mllp(engine=engine, host="127.0.0.1", port=listener.port)
+
+
+def test_a40_merge_moves_studies_and_unlink_splits_back(engine: Any, listener: MllpHandle) -> None:
     with Session(engine, expire_on_commit=False) as s:
         survivor = ingest_patient(s, "fac-a", "A1", "REID^RUBY", "19300620")
         temp = ingest_patient(s, "fac-a", "TMP9", "TRAUMA^ALPHA")
         s.add(Study(study_uid="1.2.840.99.1", facility_id="fac-a", patient_pk=temp.pk))  # type: ignore[arg-type]
         s.commit()
-    acks = _exchange(engine, [_frame(_adt("A40", "G1", "A1^^^ISSUER-A", extra="MRG|TMP9^^^ISSUER-A\r"))])
-    assert _msa(acks[0])[1] == "AA"
+    acks = exchange(listener, [frame(adt("A40", "G1", "A1^^^ISSUER-A", extra="MRG|TMP9^^^ISSUER-A\r"))])
+    assert msa(acks[0])[1] == "AA"
     with Session(engine) as s:
         study = s.exec(select(Study).where(Study.study_uid == "1.2.840.99.1")).one()
         assert s.get(Patient, study.patient_pk).person_id == survivor.person_id  # type: ignore[union-attr]
