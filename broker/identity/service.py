@@ -122,17 +122,19 @@ def _forget_params(session: Session) -> None:
 
 
 def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[str, Any]:
-    """Estimate m/u from the records themselves: u from random pairs, m by EM over the pairs
-    that blocking proposes, one training rule (key kind) at a time as Splink trains, see
-    matching.TRAINING_RULES. Stores the result (used from the next link on)."""
+    """Estimate m/u from the records themselves (matching.fit_parameters): u from random pairs,
+    m by EM over the pairs that blocking proposes, one training rule (key kind) at a time as
+    Splink trains. Stores the result (used from the next link on)."""
     rows = session.execute(sa_select(*_COLUMNS)).all()
     if len(rows) < 50:
         raise BadRequest("too few identity records to estimate parameters (need at least 50)")
     demo = {r.id: _demo_of(r) for r in rows}
     ids = list(demo)
     rng = random.Random(seed)
-    random_pairs = [(demo[rng.choice(ids)], demo[rng.choice(ids)]) for _ in range(min(max_pairs, 50_000))]
-    u = matching.estimate_u(matching.level_matrix(random_pairs))
+    # Two distinct records per pair: a record compared with itself agrees on everything, and
+    # in a small index those pairs alone would make a full address look 1e-4 likely by chance.
+    drawn = (rng.sample(ids, 2) for _ in range(min(max_pairs, 50_000)))
+    random_pairs = [(demo[a], demo[b]) for a, b in drawn]
     blocks: dict[str, list[int]] = {}
     for key, rid in session.exec(select(BlockKey.key, BlockKey.record_id)).all():  # type: ignore[call-overload]
         if matching.training_rule(key) is not None:
@@ -153,7 +155,16 @@ def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> dict[
         pairs = pairs[:max_pairs]
         n_pairs += len(pairs)
         levels_by_rule[rule] = matching.level_matrix([(demo[a], demo[b]) for a, b in pairs])
-    params = matching.estimate_parameters_by_rule(levels_by_rule, u=u)
+    union = sorted(set().union(*by_rule.values()))
+    blocked_pairs = len(union)
+    rng.shuffle(union)
+    params = matching.fit_parameters(
+        random_levels=matching.level_matrix(random_pairs),
+        levels_by_rule=levels_by_rule,
+        blocked_levels=matching.level_matrix([(demo[a], demo[b]) for a, b in union[:max_pairs]]),
+        blocked_pairs=blocked_pairs,
+        records=len(ids),
+    )
     if "policy" in current_params(session=session):
         params["policy"] = current_params(session=session)["policy"]
     session.add(ModelParams(params=json.dumps(params), pairs=n_pairs))

@@ -120,3 +120,18 @@ def test_a_swapped_name_links_and_a_twin_waits_for_review(session: Session) -> N
         len(queue) == 1
         and queue[0].record_id == service.get_record(session=session, issuer="ISSUER-B", value="B1").id
     )  # type: ignore[union-attr]
+
+
+def test_u_discounts_the_true_matches_among_random_pairs() -> None:
+    # 10 of 10,000 random pairs agree exactly on the family name; the model expects 9 of them
+    # to be true matches (share 0.001, m exact 0.9), so chance agreement is ~1 in 10,000.
+    levels = np.full((10_000, len(matching.FIELDS)), -1, dtype=np.int8)
+    fam = matching.FIELDS.index("family")
+    levels[:, fam] = 3
+    levels[:10, fam] = 0
+    m = {f: list(P["m"][f]) for f in matching.FIELDS}
+    m["family"] = [0.9, 0.05, 0.03, 0.02]
+    raw = matching.estimate_u(levels)["family"][0]
+    corrected = matching.estimate_u(levels, match_share=0.001, m=m)["family"][0]
+    assert raw > 0.0009
+    assert 1e-4 <= corrected < raw / 5  # never below one observation in the sample
