@@ -275,9 +275,13 @@ def _no_delay(event: Any) -> None:
 
 @contextlib.contextmanager
 def association(target: Dimse) -> Iterator[Any]:
-    from pynetdicom import AE, evt
+    from pynetdicom import AE, _config, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
+    # pynetdicom's SCU pretty-prints every response identifier for its debug log, logged or
+    # not: ~0.15 ms of client CPU per match, which would be timed as the server's.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title=CLIENT_AET)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120

@@ -305,38 +305,6 @@ def test_move_reports_instances_it_cannot_read_as_failed_sub_operations(archive:
     assert _uids(sink.files()) == {r.sop_uid for r in refs[1:]}
 
 
-class _Assoc:
-    """Just enough of an association for the handler to know its caller."""
-
-    class requestor:  # noqa: N801 - mirrors pynetdicom's attribute
-        ae_title = "PACS1"
-
-
-class _FindEvent:
-    """A C-FIND event whose peer sends C-CANCEL after the first response."""
-
-    def __init__(self, identifier: Dataset) -> None:
-        self.identifier = identifier
-        self.request = type("Req", (), {"AffectedSOPClassUID": StudyRootQueryRetrieveInformationModelFind})()
-        self.assoc = _Assoc()
-        self.answered = 0
-
-    @property
-    def is_cancelled(self) -> bool:
-        return self.answered >= 1
-
-
-def test_find_stops_with_cancel_status_when_the_peer_cancels(archive: Node) -> None:
-    from broker.dimse.scp import _on_find
-
-    event = _FindEvent(_identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=""))
-    statuses = []
-    for status, _identifier_ds in _on_find(event, archive.scp):  # type: ignore[arg-type]
-        statuses.append(status)
-        event.answered += 1
-    assert statuses == [0xFF00, 0xFE00]  # one match, then Cancel; the other studies are not sent
-
-
 def test_move_with_an_invalid_identifier_fails_with_a900(archive: Node, sink: Any) -> None:
     ae = AE(ae_title="PACS1")
     model = StudyRootQueryRetrieveInformationModelMove
