@@ -574,7 +574,16 @@ class _PendingResponses:
         command = self._commands.get(status)
         if command is None:
             command = self._commands[status] = self._command(self._request, status)
-        for pdv in command + self._data(self._encoder.encode(match)):
+        pdvs = command + self._data(self._encoder.encode(match))
+        # Command and identifier in one P-DATA-TF PDU when they fit (PS3.8 9.3.5 allows several
+        # PDVs per PDU; dcm4che packs them by default): half the PDUs for both ends to handle.
+        # Each PDV item is 4 bytes of length, the context ID and the value.
+        if not self._max_pdu or sum(5 + len(pdv) for pdv in pdvs) <= self._max_pdu:
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.extend((self._context_id, pdv) for pdv in pdvs)
+            dul.send_pdu(pdata)
+            return True
+        for pdv in pdvs:
             pdata = P_DATA()
             pdata.presentation_data_value_list.append((self._context_id, pdv))
             dul.send_pdu(pdata)
