@@ -610,7 +610,9 @@ def _decide(
     if (
         best.weight >= auto
         and auto_link_allowed(best, strict=strict)
-        and not any(r[1][1].weight >= auto for r in rivals)
+        # Another person as likely is ambiguity, unless the rules call that pair two people
+        # (the new record's twin, father or son): then it is no rival to the one it matches.
+        and not any(r[1][1].weight >= auto and auto_link_allowed(r[1][1], strict=strict) for r in rivals)
     ):
         return {
             "outcome": "probabilistic",
@@ -640,9 +642,12 @@ def auto_link_allowed(score: matching.Score, *, strict: bool = True) -> bool:
         return name_ok or agreeing >= 2
     if not name_ok:
         return False
+    family_level = score.levels[matching.FIELDS.index("family")]
     given_level = score.levels[matching.FIELDS.index("given")]
     date_level = score.levels[matching.FIELDS.index("birth_date")]
-    if given_level == 3:
+    # Read crossed, either name could be the given name (which record was swapped is unknown):
+    # SONJA^NGUYEN against NGUYEN^PIA agrees on NGUYEN only, and that is the twin pattern.
+    if given_level == 3 or (score.swapped and family_level == 3):
         return False
     return not (date_level == 3 and score.years_apart >= GENERATION_YEARS)
 

@@ -115,11 +115,24 @@ def test_a_swapped_name_links_and_a_twin_waits_for_review(session: Session) -> N
     assert swapped.person_id == first.person_id
     twin = ingest_patient(session, "fac-b", "B1", "NGUYEN^PIA", "20150601", "F", address=HOME)
     assert twin.person_id != first.person_id
-    queue = service.review_queue(session=session)
-    assert (
-        len(queue) == 1
-        and queue[0].record_id == service.get_record(session=session, issuer="ISSUER-B", value="B1").id
-    )  # type: ignore[union-attr]
+    twin_record = service.get_record(session=session, issuer="ISSUER-B", value="B1")
+    assert twin_record is not None
+    assert [i.record_id for i in service.review_queue(session=session)] == [twin_record.id]
+    # With the twin known, SONJA's next study (names swapped again) still finds SONJA: the twin
+    # weighs as much, but the rules call that pair two people, so it is no rival.
+    again = ingest_patient(session, "fac-c", "C1", "SONJA^NGUYEN", "20150601", "F", address=HOME)
+    assert again.person_id == first.person_id
+    assert len(service.review_queue(session=session)) == 1
+
+
+def test_a_crossed_reading_that_agrees_on_the_family_name_only_is_a_twin() -> None:
+    s = matching.score_pair(
+        Demographics(family="SONJA", given="NGUYEN", birth_date="20150601", address=HOME),
+        Demographics(family="NGUYEN", given="PIA", birth_date="20150601", address=HOME),
+        params=P,
+    )
+    assert s.swapped and s.weight >= AUTO_WEIGHT
+    assert not auto_link_allowed(s, strict=True)
 
 
 def test_u_discounts_the_true_matches_among_random_pairs() -> None:
