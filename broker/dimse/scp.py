@@ -494,8 +494,8 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
         yield status_dataset(exc.status, exc.comment), None
         return
     keywords = frozenset(_keywords(request.return_keys))
-    pending = _PendingResponses(event, request, retrieve_ae_title=handle.ae_title)
     try:
+        pending = _PendingResponses(event, request, retrieve_ae_title=handle.ae_title)
         for match, ignored in _search_pages(handle, request, keywords=keywords):
             if event.is_cancelled:
                 yield ds.CANCEL, None

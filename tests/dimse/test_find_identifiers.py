@@ -335,3 +335,24 @@ def test_find_stops_with_cancel_status_when_the_peer_cancels(archive: Node) -> N
     assert pending.AffectedSOPClassUID == PatientRootQueryRetrieveInformationModelFind
     found = decode(pending.Identifier, False, True)
     assert found.QueryRetrieveLevel == "STUDY" and found.StudyInstanceUID and "PatientName" in found
+
+
+class _VanishingPeerEvent(_FindEvent):
+    """A C-FIND event whose association is aborted once the first response is queued."""
+
+    @property
+    def is_cancelled(self) -> bool:
+        if self.assoc.dul.sent:
+            self.assoc.is_established = False
+        return False
+
+
+def test_find_stops_sending_when_the_association_is_gone(archive: Node) -> None:
+    from broker.dimse.scp import _on_find
+
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    event = _VanishingPeerEvent(identifier)
+    assert list(_on_find(event, archive.scp)) == []  # type: ignore[arg-type]
+    assert len(list(_messages(event.assoc.dul.sent))) == 1  # of the four studies
