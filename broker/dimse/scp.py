@@ -533,10 +533,12 @@ class _PendingResponses:
         context = event.context
         self._context_id = int(context.context_id)
         self._max_pdu = int(self._assoc.dimse.maximum_pdu_size)
+        syntax = context.transfer_syntax
+        if not syntax.is_little_endian or syntax.is_deflated:
+            # start_scp accepts Query/Retrieve contexts in Implicit/Explicit VR Little Endian only
+            raise ValueError(f"C-FIND identifiers are not encoded in {syntax.name}")
         self._encoder = ds.IdentifierEncoder(
-            request,
-            implicit_vr=bool(context.transfer_syntax.is_implicit_VR),
-            retrieve_ae_title=retrieve_ae_title,
+            request, implicit_vr=bool(syntax.is_implicit_VR), retrieve_ae_title=retrieve_ae_title
         )
         self._request = event.request
         self._commands: dict[int, list[bytes]] = {}  # by status, built when first needed
