@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from broker.dicom.uids import is_valid_uid
+from broker.dimse import reactor
 from broker.dimse.errors import DimseStatusError
 from broker.dimse.scp import SpoolingAE
 from broker.errors import BadRequest, Unavailable
@@ -120,6 +121,7 @@ def _association(
     ae: Any = None,
     **kwargs: Any,
 ) -> Iterator[Any]:
+    reactor.install()
     ae = ae or SpoolingAE(ae_title=calling_ae)
     ae.ae_title = calling_ae
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout

@@ -1,0 +1,85 @@
+"""The event-driven association reactors (broker.dimse.reactor): everything pynetdicom's polling
+loops noticed is still noticed (requests, releases, aborts, idle peers), with both sides in this
+process patched, and dcmtk's tools as the peer where it matters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from broker.dimse import reactor
+from tests.peers import dcmtk, free_port
+
+Server = tuple[int, dict[str, threading.Event]]
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    reactor.install()
+    seen = {name: threading.Event() for name in ("released", "aborted", "echo")}
+    ae = AE(ae_title="REACTOR")
+    ae.add_supported_context(Verification)
+    ae.network_timeout = 1.0
+
+    def on_echo(event: Any) -> int:
+        seen["echo"].set()
+        return 0x0000
+
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, on_echo),
+        (evt.EVT_RELEASED, lambda e: seen["released"].set()),
+        (evt.EVT_ABORTED, lambda e: seen["aborted"].set()),
+    ]
+    port = free_port()
+    ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    yield port, seen
+    ae.shutdown()
+
+
+def _client() -> AE:
+    ae = AE(ae_title="CLIENT")
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def test_many_requests_on_one_association_then_release(server: Server) -> None:
+    port, seen = server
+    assoc = _client().associate("127.0.0.1", port, ae_title="REACTOR")
+    assert assoc.is_established
+    statuses = [assoc.send_c_echo().Status for _ in range(50)]
+    assoc.release()
+    assert statuses == [0] * 50
+    assert assoc.is_released
+    assert seen["released"].wait(5)
+
+
+def test_a_peer_abort_is_noticed(server: Server) -> None:
+    port, seen = server
+    assoc = _client().associate("127.0.0.1", port, ae_title="REACTOR")
+    assert assoc.is_established
+    assoc.abort()
+    assert seen["aborted"].wait(5)
+
+
+def test_an_idle_peer_is_dropped_after_the_network_timeout(server: Server) -> None:
+    port, seen = server
+    assoc = _client().associate("127.0.0.1", port, ae_title="REACTOR")
+    assert assoc.is_established
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established  # the server's idle timer (1 s) ended it
+    assert seen["aborted"].is_set() or seen["released"].is_set()
+
+
+def test_dcmtk_echoscu_repeats_against_the_patched_server(server: Server) -> None:
+    port, seen = server
+    done = dcmtk("echoscu", "-aet", "CLIENT", "-aec", "REACTOR", "--repeat", "20", "127.0.0.1", str(port))
+    assert done.returncode == 0, done.stdout
+    assert seen["echo"].is_set()
