@@ -50,9 +50,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.deps import AppState
+from broker.dimse import reactor
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
+from broker.index.service import IngestBatcher
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
 
@@ -163,6 +165,7 @@ class ScpHandle:
     ae: Any = None
     server: Any = None
     address: tuple[str, int] = ("", 0)
+    batcher: IngestBatcher | None = None
     # Per association (associations run in their own threads, hence the lock).
     _callers: weakref.WeakKeyDictionary[Any, tuple[Principal, str | None]] = field(
         default_factory=weakref.WeakKeyDictionary
@@ -213,7 +216,9 @@ def start_scp(
     under settings.data_dir/spool.
     """
     settings = state.settings
+    reactor.install()
     handle = ScpHandle(state=state, peers=peers or DimsePeers())
+    handle.batcher = IngestBatcher()
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.spool_dir = str(_spool_dir(settings.data_dir))
     ae.maximum_associations = 32
@@ -276,6 +281,9 @@ def stop_scp(handle: ScpHandle) -> None:
         handle.ae.shutdown()
         handle.ae = None
         handle.server = None
+    if handle.batcher is not None:
+        handle.batcher.close()
+        handle.batcher = None
 
 
 # -- handlers --------------------------------------------------------------------------------
@@ -362,16 +370,17 @@ def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
 
 
 def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) -> int | Dataset:
-    from broker.index.service import ingest_files
-
-    state = handle.state
+    batcher = handle.batcher
+    if batcher is None:
+        return status_dataset(ds.OUT_OF_RESOURCES, "the SCP is shutting down")
     try:
-        outcomes = ingest_files(
+        state = handle.state
+        outcome = batcher.ingest_one(
             engine=state.engine,
             store=state.store,
             principal=principal,
             facility_id=facility,
-            paths=[str(path)],
+            path=str(path),
             consume=True,
         )
     except Unavailable as exc:
@@ -390,9 +399,7 @@ def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) 
     except Exception as exc:
         log.error("C-STORE failed: %s", type(exc).__name__)
         return status_dataset(ds.PROCESSING_FAILURE, "processing failure")
-    if not outcomes:
-        return status_dataset(ds.UNABLE_TO_PROCESS, "nothing stored")
-    code, comment = ds.cstore_status(outcomes[0])
+    code, comment = ds.cstore_status(outcome)
     return status_dataset(code, comment) if comment else code
 
 

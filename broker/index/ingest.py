@@ -41,6 +41,7 @@ from storage.keys import conflict_key, instance_key
 log = logging.getLogger("scanonce.ingest")
 
 _ATTEMPTS = 8
+_PARALLEL_PUTS = 8
 
 
 def normalize_time(value: str) -> str:
@@ -288,14 +289,38 @@ def ingest_files(
     C-STORE spool file): the store may move them into place instead of copying. The caller
     still removes whatever is left afterwards.
     """
-    outcomes: list[StoreOutcome | None] = [None] * len(paths)
-    parsed: list[tuple[int, _Parsed]] = []
-    for i, result in enumerate(_parse_all(paths, expected_study_uid)):
+    results = _parse_all(paths, expected_study_uid)
+    return index_parsed(
+        engine=engine,
+        store=store,
+        principal=principal,
+        facility_id=facility_id,
+        parsed=results,
+        consume=consume,
+    )
+
+
+def index_parsed(
+    *,
+    engine: Engine,
+    store: ObjectStore,
+    principal: Principal,
+    facility_id: str,
+    parsed: Sequence[_Parsed | StoreOutcome],
+    consume: bool = False,
+) -> list[StoreOutcome]:
+    """The second half of `ingest_files`, for callers that parsed already (`parse_instance`,
+    e.g. one C-STORE per association, gathered into one commit by `batcher.IngestBatcher`):
+    items that are already an outcome (a parse failure) pass through; one outcome per item,
+    in order."""
+    outcomes: list[StoreOutcome | None] = [None] * len(parsed)
+    todo: list[tuple[int, _Parsed]] = []
+    for i, result in enumerate(parsed):
         if isinstance(result, StoreOutcome):
             outcomes[i] = result
         else:
-            parsed.append((i, result))
-    if parsed:
+            todo.append((i, result))
+    if todo:
         placed: set[str] = set()
         for attempt in range(_ATTEMPTS):
             try:
@@ -303,7 +328,7 @@ def ingest_files(
                     engine=engine,
                     store=store,
                     facility_id=facility_id,
-                    parsed=parsed,
+                    parsed=todo,
                     outcomes=outcomes,
                     consume=consume,
                     placed=placed,
@@ -376,9 +401,11 @@ def _index_batch(
             store.put_file(key_path[0], key_path[1], move=consume)
             placed.add(key_path[0])
 
-        if len(puts) == 1:
-            put(puts[0])
-        elif puts:
+        if len(puts) < _PARALLEL_PUTS:
+            # A handful (e.g. a group of C-STOREs): a hop to the pool costs more than it saves.
+            for key_path in puts:
+                put(key_path)
+        else:
             list(_io_pool().map(put, puts))
 
         touched_series: dict[int, int] = {}

@@ -14,6 +14,7 @@ from sqlmodel import Session
 from broker.dicom.json_model import BULK_BASE_BYTES
 from broker.dicom.uids import require_uid
 from broker.errors import NotFound
+from broker.index.batcher import IngestBatcher
 from broker.index.ingest import ingest_files
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
@@ -21,6 +22,7 @@ from broker.index.query import search
 from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome
 
 __all__ = [
+    "IngestBatcher",
     "ingest_files",
     "parse_instance",
     "search",

@@ -1,0 +1,144 @@
+"""Group commit (IngestBatcher): what senders on parallel connections notice, on both backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import Session, select
+
+from broker.app import build_state
+from broker.deps import AppState
+from broker.dicom import status
+from broker.index.models import Instance
+from broker.index.service import IngestBatcher, StoreOutcome
+from broker.security.schemas import Principal, Role
+from broker.settings import Settings
+from tests.index.helpers import make_ds, write
+
+P = Principal(who="test", role=Role.admin, facility="local")
+STUDY = "1.2.826.0.1.3680043.8.498.77"
+SERIES = STUDY + ".1"
+
+
+@pytest.fixture
+def state(settings: Settings) -> Iterator[AppState]:
+    st = build_state(settings)
+    yield st
+    st.engine.dispose()
+
+
+@pytest.fixture
+def batcher() -> Iterator[IngestBatcher]:
+    b = IngestBatcher()
+    yield b
+    b.close()
+
+
+def _file(tmp: Path, n: int, *, description: str = "CT HEAD") -> str:
+    sop = f"{SERIES}.{n}"
+    ds = make_ds(sop=sop, study=STUDY, series=SERIES, instance_number=n, description=description)
+    return write(tmp, f"{n}-{description.replace(' ', '_')}.dcm", ds)
+
+
+def _indexed(state: AppState) -> set[str]:
+    with Session(state.engine) as s:
+        return set(s.exec(select(Instance.sop_uid)).all())
+
+
+def test_parallel_senders_each_get_their_own_outcome_once_committed(
+    state: AppState, batcher: IngestBatcher, tmp_path: Path
+) -> None:
+    paths = [_file(tmp_path, n) for n in range(1, 13)]
+    seen_at_return: dict[str, bool] = {}
+
+    def send(path: str) -> StoreOutcome:
+        outcome = batcher.ingest_one(
+            engine=state.engine, store=state.store, principal=P, facility_id="local", path=path
+        )
+        if outcome.status == "stored":
+            # Acknowledged means committed: another connection sees the row already.
+            seen_at_return[outcome.sop_instance_uid] = outcome.sop_instance_uid in _indexed(state)
+        return outcome
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(send, paths))
+        # Then, again in parallel: a re-send of a stored instance, and a different object under
+        # a stored SOP Instance UID.
+        resend, conflict = pool.map(send, [paths[0], _file(tmp_path, 2, description="CT CHEST")])
+    assert [o.status for o in outcomes] == ["stored"] * 12
+    assert resend.status == "duplicate"
+    assert conflict.status == "failed" and conflict.failure_reason == status.DUPLICATE_SOP_INSTANCE
+    assert len(seen_at_return) == 12 and all(seen_at_return.values())
+    assert _indexed(state) == {f"{SERIES}.{n}" for n in range(1, 13)}
+
+
+class _FailsFor:
+    """The real store, except that one object cannot be written, and the first write is slow
+    (so that the writes queued behind it are committed as one group)."""
+
+    def __init__(self, inner: Any, bad_sop: str) -> None:
+        self._inner = inner
+        self._bad = bad_sop
+        self._first = threading.Event()
+
+    def put_file(self, key: str, path: str, *, move: bool = False) -> Any:
+        if not self._first.is_set():
+            self._first.set()
+            time.sleep(0.3)
+        if self._bad in key:
+            raise OSError(5, "Input/output error")
+        return self._inner.put_file(key, path, move=move)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_one_object_that_cannot_be_stored_fails_only_its_own_sender(
+    state: AppState, batcher: IngestBatcher, tmp_path: Path
+) -> None:
+    paths = [_file(tmp_path, n) for n in range(1, 9)]
+    bad = f"{SERIES}.5"
+    store = _FailsFor(state.store, bad)
+
+    def send(path: str) -> StoreOutcome | BaseException:
+        try:
+            return batcher.ingest_one(
+                engine=state.engine,
+                store=store,
+                principal=P,
+                facility_id="local",
+                path=path,  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(send, paths[0])
+        time.sleep(0.1)  # the first write is under way: the other seven queue up behind it
+        rest = list(pool.map(send, paths[1:]))
+    results = [first.result(), *rest]
+    failed = [p for p, r in zip(paths, results, strict=True) if isinstance(r, OSError)]
+    assert failed == [paths[4]]
+    assert all(isinstance(r, StoreOutcome) and r.status == "stored" for r in results if r is not results[4])
+    assert _indexed(state) == {f"{SERIES}.{n}" for n in range(1, 9)} - {bad}
+
+
+def test_a_closed_batcher_refuses_new_work(state: AppState, tmp_path: Path) -> None:
+    b = IngestBatcher()
+    path = _file(tmp_path, 1)
+    kw: dict[str, Any] = {
+        "engine": state.engine,
+        "store": state.store,
+        "principal": P,
+        "facility_id": "local",
+    }
+    assert b.ingest_one(path=path, **kw).status == "stored"
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.ingest_one(path=path, **kw)
