@@ -74,6 +74,7 @@ def serve(
     import uvicorn
 
     from broker.app import create_app
+    from broker.logfilters import redact_access_log
 
     _cap_malloc_arenas()
     settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port, mllp_port=mllp_port)
@@ -82,6 +83,7 @@ def serve(
         settings.ingest_processes = -1
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    redact_access_log()
     application = create_app(settings, services=True)
     origin = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold]ScanOnce[/] on {origin}")
