@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import random
 import threading
 import time
@@ -244,8 +245,26 @@ def _parse_pool() -> ProcessPoolExecutor | None:
             # process (whose locks another thread may hold at fork time), and no fork server
             # stays resident beside them.
             ctx = multiprocessing.get_context("spawn")
-            _PARSE_POOL = ProcessPoolExecutor(max_workers=_PARSE_PROCESSES, mp_context=ctx)
+            _PARSE_POOL = ProcessPoolExecutor(
+                max_workers=_PARSE_PROCESSES,
+                mp_context=ctx,
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
         return _PARSE_POOL
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In each parse worker: exit once the server that started it is gone. A worker holds both
+    ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
+    leave it blocked on that queue forever, holding its memory."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()
 
 
 def _parse_all(paths: Sequence[str], expected_study_uid: str | None) -> list[_Parsed | StoreOutcome]:
