@@ -236,6 +236,7 @@ def _trained_variants(
     out: dict[str, Any] = {}
     with Session(engine) as s:
         params = identity.train(session=s)
+        out["expected_matches"] = params.get("expected_matches")
         out["ecm_crosscheck"] = ecm_crosscheck(s, params)
     out["trained_strict"] = _relink_all(engine, tmp, truth, issuers, ids, via_pix, cross_only=cross_only)
     with Session(engine) as s:
@@ -369,7 +370,9 @@ def _miss_breakdown(session: Session, missed: set[frozenset[str]]) -> dict[str, 
         elif not identity.auto_link_allowed(score, strict=True) and strict:
             if not any(score.contribution(f) > 0 for f in matching.NAME_FIELDS):
                 why = "strict: no name agrees"
-            elif score.levels[matching.FIELDS.index("given")] == 3:
+            elif score.levels[matching.FIELDS.index("given")] == 3 or (
+                score.swapped and 3 in score.levels[:2]
+            ):
                 why = "strict: twin/sibling rule"
             else:
                 why = "strict: father/son rule"
