@@ -25,6 +25,10 @@ def build_state(settings: Settings) -> AppState:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url())
     migrate(engine)
+    from broker.identity.service import ensure_keys_current
+
+    # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
+    ensure_keys_current(engine=engine)
     federation_service.ensure_default_facility(engine=engine, settings=settings)
     store = open_store(settings.resolved_storage_url())
     from broker.index.ingest import configure_parsing

@@ -249,3 +249,32 @@ def set_policy(
             return
         a, r, st = service.policy(params)
     console.print(f"auto-link >= {a}, review >= {r}, strict={st}")
+
+
+@identity_app.command("rebuild-keys")
+def rebuild_keys(
+    data_dir: DataDir = None,
+    batch: Annotated[int, typer.Option(help="Records per transaction.")] = 5000,
+) -> None:
+    """Recompute every record's blocking keys (after the matching code changed them).
+
+    `scanonce serve` queues this as a background job when the stored keys are older than the
+    code's; this runs it now (or resumes an interrupted one). Safe to run twice."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from broker.identity import service
+
+    engine = _engine(data_dir)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("blocking keys", total=None)
+
+        def show(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            result = service.rebuild_keys_now(engine=engine, batch=batch, progress=show)
+        except ScanOnceError as exc:
+            _fail(exc)
+            return
+    console.print(f"job {result.job_id}: {service.describe_rebuild(result)}")

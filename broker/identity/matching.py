@@ -223,6 +223,13 @@ def _phonetic(name: str) -> str:
     return jellyfish.soundex(letters) if letters else ""
 
 
+# The version of `block_keys`: bump it with every change to the keys a record gets. Records
+# stored under an older version keep their old keys until `service.rebuild_keys` recomputes
+# them (queued at startup by `service.ensure_keys_current`); until then a new record can miss
+# them as candidates. 2: keys on street + town, birth month + initials, street + family name.
+KEYS_VERSION = 2
+
+
 def block_keys(d: Demographics) -> set[str]:
     """Keys stored for a record. Each catches a different kind of error in the others."""
     keys: set[str] = set()

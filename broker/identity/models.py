@@ -157,3 +157,13 @@ class ModelParams(SQLModel, table=True):
     params: str = Field(sa_column=Column(Text, nullable=False))
     pairs: int = 0
     created_at: datetime = Field(default_factory=_now)
+
+
+class IdentitySetting(SQLModel, table=True):
+    """Small named facts about the identity tables themselves (e.g. which version of
+    `matching.block_keys` the stored blocking keys were computed with)."""
+
+    __tablename__ = "identity_setting"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(default="", max_length=512)

@@ -19,6 +19,19 @@ class Identifier:
 
 
 @dataclass(slots=True)
+class RebuildResult:
+    """What a blocking-key rebuild did: records read, records whose keys differed, keys
+    added and removed (a second run reports zeros)."""
+
+    records: int
+    changed: int
+    keys_added: int
+    keys_removed: int
+    seconds: float
+    job_id: int | None = None
+
+
+@dataclass(slots=True)
 class LinkDecision:
     record_id: int
     person_id: int

@@ -20,15 +20,17 @@ transaction.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, text, update
+from sqlalchemy import and_, delete, func, or_, text, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, Conflict, NotFound
@@ -38,6 +40,7 @@ from broker.identity.models import (
     BlockKey,
     IdentityIdentifier,
     IdentityRecord,
+    IdentitySetting,
     LinkEvent,
     ModelParams,
     NoLink,
@@ -45,8 +48,12 @@ from broker.identity.models import (
     ReviewItem,
     TrustedIssuer,
 )
-from broker.identity.schemas import Identifier, LinkDecision, PersonView
+from broker.identity.schemas import Identifier, LinkDecision, PersonView, RebuildResult
 from broker.index.models import Patient
+from broker.jobs import service as jobs
+from broker.jobs.models import Job
+
+log = logging.getLogger("scanonce.identity")
 
 # Match weights (log2 Bayes factor). Exact name + exact birth date is ~ +26 with default
 # parameters; a common exact name alone is ~ +12 (never enough: see auto_link_allowed).
@@ -1186,3 +1193,191 @@ def search_persons(
         raise BadRequest("give at least one of family, given, birthdate, identifier")
     person_ids = list(session.exec(stmt.limit(limit)).all())
     return [person_view(session=session, person_id=p) for p in person_ids]
+
+
+# ---------------------------------------------------------------- blocking-key rebuild
+
+KEYS_JOB = "identity-keys"
+_KEYS_VERSION = "keys_version"
+_KEYS_CURSOR = "keys_rebuild"
+REBUILD_BATCH = 5000
+
+
+def keys_version(*, session: Session) -> int:
+    """The `matching.block_keys` version the stored keys were computed with (0: before versions)."""
+    row = session.get(IdentitySetting, _KEYS_VERSION)
+    return int(row.value) if row is not None and row.value.isdigit() else 0
+
+
+def _put_setting(*, session: Session, name: str, value: str) -> None:
+    # UPDATE first: on SQLite a write statement takes the database's write lock, so the reads
+    # that follow in this transaction cannot be overtaken by another writer's commit.
+    done = session.execute(
+        update(IdentitySetting).where(col(IdentitySetting.name) == name).values(value=value)
+    )
+    if not done.rowcount:  # type: ignore[attr-defined]
+        session.execute(IdentitySetting.__table__.insert().values(name=name, value=value))  # type: ignore[attr-defined]
+
+
+def _rebuild_batch(*, session: Session, after: int, batch: int) -> tuple[int, int, int, int, int] | None:
+    """Recompute the keys of the next `batch` records after id `after`, writing only those
+    that differ; the cursor moves in the same transaction. None when no record is left.
+    Returns (last id, records, records changed, keys added, keys removed)."""
+    # Linking reads keys and writes them: the lock keeps a record relinked during this batch
+    # from having its fresh keys overwritten with keys computed from its old demographics.
+    _serialize_linking(session=session)
+    _put_setting(
+        session=session, name=_KEYS_CURSOR, value=json.dumps({"v": matching.KEYS_VERSION, "after": after})
+    )
+    rows = session.execute(
+        sa_select(*_COLUMNS)
+        .where(col(IdentityRecord.id) > after)
+        .order_by(col(IdentityRecord.id))
+        .limit(batch)
+    ).all()
+    if not rows:
+        return None
+    want = {r.id: matching.block_keys(_demo_of(r)) for r in rows}
+    lo, hi = rows[0].id, rows[-1].id
+    stored: dict[int, set[str]] = {}
+    for key, rid in session.execute(
+        sa_select(col(BlockKey.key), col(BlockKey.record_id)).where(col(BlockKey.record_id).between(lo, hi))
+    ).all():
+        stored.setdefault(rid, set()).add(key)
+    changed = [rid for rid, keys in want.items() if keys != stored.get(rid, set())]
+    added = removed = 0
+    if changed:
+        removed = sum(len(stored.get(rid, ())) for rid in changed)
+        session.execute(delete(BlockKey).where(col(BlockKey.record_id).in_(changed)))
+        new_rows = [{"key": k, "record_id": rid} for rid in changed for k in want[rid]]
+        added = len(new_rows)
+        if new_rows:
+            session.execute(BlockKey.__table__.insert(), new_rows)  # type: ignore[attr-defined]
+    _put_setting(
+        session=session, name=_KEYS_CURSOR, value=json.dumps({"v": matching.KEYS_VERSION, "after": hi})
+    )
+    session.commit()
+    return hi, len(rows), len(changed), added, removed
+
+
+def rebuild_keys(
+    *,
+    session: Session,
+    batch: int = REBUILD_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+) -> RebuildResult:
+    """Recompute every record's blocking keys from its stored demographics, `batch` records per
+    transaction, then record the keys version. Commits each batch.
+
+    Idempotent (a record whose keys are already right is not written) and restartable: the
+    cursor is stored with each batch, so an interrupted rebuild of this keys version resumes
+    after the last committed batch. Linking may go on meanwhile (each batch holds the linking
+    lock for its own few hundred milliseconds). `progress(done, total)` after each batch.
+    """
+    if batch < 1:
+        raise BadRequest("batch must be at least 1")
+    started = time.monotonic()
+    after = 0
+    row = session.get(IdentitySetting, _KEYS_CURSOR)
+    if row is not None:
+        note = json.loads(row.value or "{}")
+        if note.get("v") == matching.KEYS_VERSION:
+            after = int(note.get("after") or 0)
+    total = session.execute(sa_select(func.count()).select_from(IdentityRecord)).scalar_one()
+    done = session.execute(
+        sa_select(func.count()).select_from(IdentityRecord).where(col(IdentityRecord.id) <= after)
+    ).scalar_one()
+    session.rollback()  # end the read transaction: each batch is its own
+    records = changed = added = removed = 0
+    while True:
+        step = _rebuild_batch(session=session, after=after, batch=batch)
+        if step is None:
+            break
+        after, n, c, a, r = step
+        records, changed, added, removed = records + n, changed + c, added + a, removed + r
+        done += n
+        if progress is not None:
+            progress(done, max(total, done))
+    _put_setting(session=session, name=_KEYS_VERSION, value=str(matching.KEYS_VERSION))
+    session.execute(delete(IdentitySetting).where(col(IdentitySetting.name) == _KEYS_CURSOR))
+    session.commit()
+    return RebuildResult(
+        records=records,
+        changed=changed,
+        keys_added=added,
+        keys_removed=removed,
+        seconds=time.monotonic() - started,
+    )
+
+
+def ensure_keys_current(*, engine: Engine) -> Job | None:
+    """At startup: queue a rebuild of the blocking keys if they are older than the code's
+    (`matching.KEYS_VERSION`). One query when they are current.
+
+    A durable job rather than a rebuild inside startup: a million records take minutes, and
+    the broker should serve meanwhile (records linked meanwhile already get the new keys; old
+    ones are found by the keys they share with the old version until their batch is done).
+    An index with no records is current at once."""
+    with Session(engine) as session:
+        if keys_version(session=session) >= matching.KEYS_VERSION:
+            return None
+        if session.exec(select(IdentityRecord.id).limit(1)).first() is None:
+            _put_setting(session=session, name=_KEYS_VERSION, value=str(matching.KEYS_VERSION))
+            session.commit()
+            return None
+    log.info("identity blocking keys are older than version %d: rebuild queued", matching.KEYS_VERSION)
+    return jobs.enqueue(engine=engine, kind=KEYS_JOB, key=str(matching.KEYS_VERSION))
+
+
+def rebuild_keys_now(
+    *,
+    engine: Engine,
+    batch: int = REBUILD_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+) -> RebuildResult:
+    """Run the rebuild in this thread as the keys job (the CLI): the queued one if startup
+    queued it; Conflict if another process is running it."""
+    job = jobs.enqueue(engine=engine, kind=KEYS_JOB, key=str(matching.KEYS_VERSION), params={"batch": batch})
+    assert job.id is not None
+    claimed = jobs.claim(engine=engine, job_id=job.id)
+    if claimed is None:
+        raise Conflict(f"a blocking-key rebuild is already running (job {job.id})")
+    try:
+        with jobs.heartbeat(engine=engine, job_id=job.id), Session(engine) as session:
+            result = rebuild_keys(
+                session=session, batch=batch, progress=_job_progress(engine, job.id, progress)
+            )
+    except Exception as exc:
+        jobs.finish(engine=engine, job_id=job.id, error=getattr(exc, "message", None) or type(exc).__name__)
+        raise
+    jobs.finish(engine=engine, job_id=job.id, message=describe_rebuild(result))
+    result.job_id = job.id
+    return result
+
+
+def describe_rebuild(result: RebuildResult) -> str:
+    return (
+        f"{result.records} records, {result.changed} with changed keys "
+        f"(+{result.keys_added} -{result.keys_removed} keys) in {result.seconds:.1f}s"
+    )
+
+
+def _job_progress(
+    engine: Engine, job_id: int, listener: Callable[[int, int], None] | None
+) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        jobs.report(engine=engine, job_id=job_id, done=done, total=total)
+        if listener is not None:
+            listener(done, total)
+
+    return report
+
+
+@jobs.register(KEYS_JOB)
+def _rebuild_keys_job(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
+    batch = int(jobs.params_of(job).get("batch") or REBUILD_BATCH)
+    with Session(engine) as session:
+        result = rebuild_keys(
+            session=session, batch=batch, progress=lambda done, total: progress.update(done=done, total=total)
+        )
+    progress.update(message=describe_rebuild(result))
