@@ -300,6 +300,57 @@ def _serialize_linking(*, session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LINK_LOCK_KEY})
 
 
+# A lock taken for a move can find the person grown by then (a record linked in between):
+# start over this many times, then tell the caller to try again.
+_MOVE_ATTEMPTS = 5
+
+
+def _lock_for_move(*, session: Session, persons: Callable[[], set[int]]) -> None:
+    """Before a merge, manual link or unlink moves the records of `persons()`: lock what the
+    move writes, in the one order every identity writer takes (PostgreSQL; SQLite has a
+    single writer). Starts the caller's transaction: call before anything else is written.
+
+    1. The index's patient rows of those records (the move sets their person_id), in key
+       order, as ingest writes its patient rows and a feed locks its identifier's row before
+       they link;
+    2. the linking lock (`_serialize_linking`), so no record is linked to a person while it is
+       being emptied, nor read as a candidate on the person it is leaving.
+
+    Which records move is only known for sure under the linking lock; if a record with a
+    patient row not yet locked joined them meanwhile, locking that row now would invert the
+    order (and deadlock with an ingest holding it while it waits for the linking lock), so
+    the transaction rolls back and starts over.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for _ in range(_MOVE_ATTEMPTS):
+        wanted = _patient_pks(session=session, persons=persons())
+        if wanted:
+            session.execute(
+                sa_select(col(Patient.pk))
+                .where(col(Patient.pk).in_(sorted(wanted)))
+                .order_by(col(Patient.pk))
+                .with_for_update(key_share=True)  # FOR NO KEY UPDATE: what the move's UPDATE takes
+            )
+        _serialize_linking(session=session)
+        session.expire_all()  # what was read before the lock may be stale now
+        if _patient_pks(session=session, persons=persons()) <= wanted:
+            return
+        session.rollback()
+    raise Conflict("the person changed while being locked for this change; try again")
+
+
+def _patient_pks(*, session: Session, persons: set[int]) -> set[int]:
+    if not persons:
+        return set()
+    rows = session.exec(
+        select(IdentityRecord.patient_pk).where(
+            col(IdentityRecord.person_id).in_(persons), col(IdentityRecord.patient_pk).is_not(None)
+        )
+    ).all()
+    return {pk for pk in rows if pk is not None}
+
+
 def _new_person(*, session: Session) -> int:
     person = Person()
     session.add(person)
@@ -885,6 +936,8 @@ def merge(
     if surv.id == old.id:
         raise BadRequest("a record cannot be merged into itself")
     assert surv.id is not None and old.id is not None
+    old_id = old.id
+    _lock_for_move(session=session, persons=lambda: {_record(session, old_id).person_id})
     old.merged_into = surv.id
     session.add(old)
     if old.person_id != surv.person_id:
@@ -908,6 +961,7 @@ def manual_link(*, session: Session, record_id: int, to_record_id: int, who: str
     _require_why(who, why)
     rec, target = _record(session, record_id), _record(session, to_record_id)
     assert rec.id is not None and target.id is not None
+    _lock_for_move(session=session, persons=lambda: {_record(session, record_id).person_id})
     # A human overrides an earlier "different people" decision; drop it so it cannot contradict.
     session.execute(
         delete(NoLink).where(  # type: ignore[arg-type]
@@ -941,6 +995,7 @@ def unlink(*, session: Session, record_id: int, who: str, why: str) -> LinkDecis
     _require_why(who, why)
     rec = _record(session, record_id)
     assert rec.id is not None
+    _lock_for_move(session=session, persons=lambda: {_record(session, record_id).person_id})
     last = session.exec(
         select(LinkEvent)
         .where(LinkEvent.record_id == rec.id, LinkEvent.person_id == rec.person_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -155,3 +156,135 @@ def test_concurrent_ingest_of_one_patient_at_three_facilities(pg_engine: Engine,
         assert len(studies) == len(sends)
     linked, created = _persons(pg_engine)
     assert len(linked) == 1 and created == 1
+
+
+# ---------------------------------------------------------------- merges and manual links racing links
+
+SURVIVOR = matching.demographics(
+    family="OKONKWO", given="ADAEZE", birth_date="19720309", sex="F", address="44 Willow Lane Leeds 10234"
+)
+MERGED = matching.demographics(
+    family="HARTMANN", given="LUKAS", birth_date="19800202", sex="M", address="5 Oak Street Bonn 53111"
+)
+LINKERS = 3
+
+
+def _register(engine: Engine, ident: Identifier, d: matching.Demographics, **kw: Any) -> tuple[int, int]:
+    with Session(engine, expire_on_commit=False) as s:
+        decision = service.upsert_record(session=s, identifier=ident, demographics=d, source="hl7", **kw)
+        s.commit()
+        return decision.record_id, decision.person_id
+
+
+def _slow_commit(session: Session, started: threading.Event, hold: float = 0.5) -> None:
+    """Hold the session's transaction open just before its commit, its writes done: the window
+    in which an unserialized link reads the committed (pre-move) state."""
+
+    def before_commit(_s: Session) -> None:
+        started.set()
+        time.sleep(hold)
+
+    event.listen(session, "before_commit", before_commit)
+
+
+def _move_racing_links(engine: Engine, op: str) -> tuple[int, int]:
+    """`op` moves MERGED's person onto SURVIVOR's while LINKERS feeds register new records of
+    MERGED's human. Returns (survivor person, merged person)."""
+    surv_rec, surv_person = _register(engine, Identifier("ISSUER-A", "S1"), SURVIVOR)
+    merged_rec, merged_person = _register(engine, Identifier("ISSUER-B", "M1"), MERGED)
+    assert surv_person != merged_person
+    moving = threading.Event()
+
+    def move() -> int:
+        with Session(engine, expire_on_commit=False) as s:
+            _slow_commit(s, moving)
+            if op == "merge":
+                d = service.merge(
+                    session=s,
+                    survivor=Identifier("ISSUER-A", "S1"),
+                    merged=Identifier("ISSUER-B", "M1"),
+                    who="t",
+                )
+            else:
+                d = service.manual_link(
+                    session=s, record_id=merged_rec, to_record_id=surv_rec, who="t", why="same"
+                )
+            return d.person_id
+
+    def link(i: int) -> Callable[[], int]:
+        def work() -> int:
+            assert moving.wait(30), "the move never reached its commit"
+            return _register(engine, Identifier("ISSUER-C", f"N{i}"), MERGED)[1]
+
+        return work
+
+    results = _run_together([move, *[link(i) for i in range(LINKERS)]])
+    assert not [r for r in results if isinstance(r, Exception)], results
+    return surv_person, merged_person
+
+
+@pytest.mark.parametrize("op", ["merge", "manual_link"])
+def test_a_move_racing_links_leaves_every_record_on_the_surviving_person(pg_engine: Engine, op: str) -> None:
+    surv_person, _ = _move_racing_links(pg_engine, op)
+    linked, created = _persons(pg_engine)
+    assert linked == {surv_person}, f"records left on {len(linked) - 1} other person(s)"
+    assert created == 2, "a link created a person of its own"
+    with Session(pg_engine) as s:
+        assert len(s.exec(select(IdentityRecord)).all()) == 2 + LINKERS
+
+
+def test_the_race_harness_splits_the_person_without_the_move_lock(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test above can fail: without `_lock_for_move` the links read the person being
+    emptied as their candidate's and stay on it."""
+    monkeypatch.setattr(service, "_lock_for_move", lambda **_kw: None)
+    surv_person, merged_person = _move_racing_links(pg_engine, "merge")
+    linked, _ = _persons(pg_engine)
+    assert linked == {surv_person, merged_person}
+
+
+def test_a_merge_racing_an_ingest_of_the_merged_patient_does_not_deadlock(pg_engine: Engine) -> None:
+    """Ingest writes its patient row, then links (the linking lock); the merge updates that
+    row too. Taken in opposite orders, PostgreSQL would abort one of them as a deadlock."""
+    _register(pg_engine, Identifier("ISSUER-A", "S1"), SURVIVOR)
+    with Session(pg_engine, expire_on_commit=False) as s:
+        patient = Patient(
+            facility_id="fac-b", issuer="ISSUER-B", patient_id="M1", patient_name="HARTMANN^LUKAS"
+        )
+        patient.birth_date = "19800202"
+        s.add(patient)
+        s.flush()
+        service.link_patient(session=s, patient=patient)
+        s.commit()
+        pk = patient.pk
+    wrote_row = threading.Event()
+
+    def ingest() -> int:
+        with Session(pg_engine, expire_on_commit=False) as s:
+            p = s.get(Patient, pk)
+            assert p is not None
+            p.sex = "M"  # newer demographics: ingest rewrites the row, then relinks
+            s.add(p)
+            s.flush()
+            wrote_row.set()
+            time.sleep(0.5)
+            service.link_patient(session=s, patient=p)
+            s.commit()
+            return p.person_id or 0
+
+    def merge() -> int:
+        assert wrote_row.wait(30)
+        time.sleep(0.1)
+        with Session(pg_engine, expire_on_commit=False) as s:
+            return service.merge(
+                session=s, survivor=Identifier("ISSUER-A", "S1"), merged=Identifier("ISSUER-B", "M1"), who="t"
+            ).person_id
+
+    results = _run_together([ingest, merge])
+    assert not [r for r in results if isinstance(r, Exception)], results
+    with Session(pg_engine) as s:
+        p = s.get(Patient, pk)
+        assert p is not None and p.person_id == results[1] and p.sex == "M"
+    linked, _ = _persons(pg_engine)
+    assert linked == {results[1]}
