@@ -34,6 +34,10 @@ def _downgrade_keys(session: Session) -> None:
     session.execute(
         text("DELETE FROM identity_block WHERE key LIKE 'di:%' OR key LIKE 'sb:%' OR key LIKE 'st:%'")
     )
+    # ...and a kind it no longer makes.
+    session.execute(
+        text("INSERT INTO identity_block (key, record_id) SELECT 'old:' || id, id FROM identity_record")
+    )
     session.execute(text("DELETE FROM identity_setting"))
     session.commit()
 
@@ -86,6 +90,7 @@ def test_old_keys_rebuilt_by_the_startup_job_and_a_second_run_changes_nothing(
     assert _keys(session) == full
     assert service.keys_version(session=session) == matching.KEYS_VERSION
     assert service.ensure_keys_current(engine=engine) is None
+    assert done.message.startswith("13 records, 13 with changed keys") and "-13 keys" in done.message
 
     again = service.rebuild_keys(session=session, batch=5)
     assert (again.records, again.changed, again.keys_added, again.keys_removed) == (13, 0, 0, 0)
