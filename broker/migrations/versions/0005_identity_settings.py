@@ -14,13 +14,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # No version row: keys stored before this table existed are of an older version, and the
-    # broker rebuilds them (identity.service.ensure_keys_current).
     op.create_table(
         "identity_setting",
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("value", sa.String(length=512), nullable=False),
         sa.PrimaryKeyConstraint("name"),
+    )
+    # Keys stored before this table existed are of an older version (no row: the broker
+    # rebuilds them, identity.service.ensure_keys_current). An empty index has none, and the
+    # records it gets from now on are keyed by version 2 (matching.KEYS_VERSION today).
+    op.execute(
+        "INSERT INTO identity_setting (name, value) SELECT 'keys_version', '2'"
+        " WHERE NOT EXISTS (SELECT 1 FROM identity_record)"
     )
 
 
