@@ -71,6 +71,7 @@ def main() -> None:
         changed=first.changed,
         keys_added=first.keys_added,
         keys_removed=first.keys_removed,
+        longest_lock_ms=round(first.longest_lock_seconds * 1000, 1),
         second_run_s=round(second.seconds, 1),
         second_run_changed=second.changed,
         startup_check_ms_median=round(statistics.median(checks), 3),

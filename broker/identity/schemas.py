@@ -28,6 +28,8 @@ class RebuildResult:
     keys_added: int
     keys_removed: int
     seconds: float
+    # The longest a batch held the linking lock (links wait that long at most).
+    longest_lock_seconds: float = 0.0
     job_id: int | None = None
 
 

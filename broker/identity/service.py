@@ -30,6 +30,8 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, or_, text, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -1274,51 +1276,67 @@ def _put_setting(*, session: Session, name: str, value: str) -> None:
         session.execute(IdentitySetting.__table__.insert().values(name=name, value=value))  # type: ignore[attr-defined]
 
 
-def _rebuild_batch(*, session: Session, after: int, batch: int) -> tuple[int, int, int, int, int] | None:
-    """Recompute the keys of the next `batch` records after id `after`, writing only those
-    that differ; the cursor moves in the same transaction. None when no record is left.
-    Returns (last id, records, records changed, keys added, keys removed)."""
-    # Linking reads keys and writes them: the lock keeps a record relinked during this batch
-    # from having its fresh keys overwritten with keys computed from its old demographics.
-    _serialize_linking(session=session)
-    _put_setting(
-        session=session, name=_KEYS_CURSOR, value=json.dumps({"v": matching.KEYS_VERSION, "after": after})
-    )
+def _rebuild_batch(
+    *, session: Session, after: int, batch: int
+) -> tuple[int, int, int, int, int, float] | None:
+    """Recompute the keys of the next `batch` records after id `after`, writing only the
+    difference; the cursor moves in the same transaction. None when no record is left.
+    Returns (last id, records, records changed, keys added, keys removed, seconds locked)."""
+    # Read and compute first, without the linking lock: that is most of the work, and links
+    # waiting on the lock would wait for it.
     rows = session.execute(
-        sa_select(*_COLUMNS)
+        sa_select(*_COLUMNS, col(IdentityRecord.updated_at))
         .where(col(IdentityRecord.id) > after)
         .order_by(col(IdentityRecord.id))
         .limit(batch)
     ).all()
     if not rows:
+        session.rollback()
         return None
-    want = {r.id: matching.block_keys(_demo_of(r)) for r in rows}
     lo, hi = rows[0].id, rows[-1].id
     stored: dict[int, set[str]] = {}
     for key, rid in session.execute(
         sa_select(col(BlockKey.key), col(BlockKey.record_id)).where(col(BlockKey.record_id).between(lo, hi))
     ).all():
         stored.setdefault(rid, set()).add(key)
+    session.rollback()
+    want = {r.id: matching.block_keys(_demo_of(r)) for r in rows}
+    read_at = {r.id: r.updated_at for r in rows}
+
+    locked = time.monotonic()
+    _serialize_linking(session=session)
+    _put_setting(  # first write: on SQLite it takes the write lock before the next read
+        session=session, name=_KEYS_CURSOR, value=json.dumps({"v": matching.KEYS_VERSION, "after": after})
+    )
+    # A record updated since it was read got its keys from its new demographics when it was
+    # relinked: leave it (under the lock nothing else changes keys).
+    now_at = dict(
+        session.execute(
+            sa_select(col(IdentityRecord.id), col(IdentityRecord.updated_at)).where(
+                col(IdentityRecord.id).between(lo, hi)
+            )
+        ).all()
+    )
+    keep = {rid for rid, at in read_at.items() if now_at.get(rid) == at}
     # Only the difference is written: a version that adds key kinds inserts the new keys and
     # leaves the rest (a third of the writes of delete-all-and-insert).
-    stale = [{"k": k, "r": rid} for rid, keys in want.items() for k in stored.get(rid, set()) - keys]
-    missing = [
-        {"key": k, "record_id": rid} for rid, keys in want.items() for k in keys - stored.get(rid, set())
-    ]
-    changed = {row["r"] for row in stale} | {row["record_id"] for row in missing}
+    stale = [{"k": k, "r": rid} for rid in keep for k in stored.get(rid, set()) - want[rid]]
+    missing = [{"key": k, "record_id": rid} for rid in keep for k in want[rid] - stored.get(rid, set())]
+    table = BlockKey.__table__  # type: ignore[attr-defined]
     if stale:
-        table = BlockKey.__table__  # type: ignore[attr-defined]
         session.connection().execute(
             table.delete().where(table.c.key == bindparam("k"), table.c.record_id == bindparam("r")), stale
         )
     if missing:
-        session.execute(BlockKey.__table__.insert(), missing)  # type: ignore[attr-defined]
-    added, removed = len(missing), len(stale)
+        # A key already there (another rebuild run at the same time) is as good as ours.
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        session.connection().execute(insert(table).on_conflict_do_nothing(), missing)
     _put_setting(
         session=session, name=_KEYS_CURSOR, value=json.dumps({"v": matching.KEYS_VERSION, "after": hi})
     )
     session.commit()
-    return hi, len(rows), len(changed), added, removed
+    changed = {row["r"] for row in stale} | {row["record_id"] for row in missing}
+    return hi, len(rows), len(changed), len(missing), len(stale), time.monotonic() - locked
 
 
 def rebuild_keys(
@@ -1332,8 +1350,9 @@ def rebuild_keys(
 
     Idempotent (a record whose keys are already right is not written) and restartable: the
     cursor is stored with each batch, so an interrupted rebuild of this keys version resumes
-    after the last committed batch. Linking may go on meanwhile (each batch holds the linking
-    lock for its own few hundred milliseconds). `progress(done, total)` after each batch.
+    after the last committed batch. Linking may go on meanwhile: a batch reads and computes
+    without the linking lock and holds it only to write (a record relinked in between keeps
+    the keys its relink gave it). `progress(done, total)` after each batch.
     """
     if batch < 1:
         raise BadRequest("batch must be at least 1")
@@ -1349,13 +1368,17 @@ def rebuild_keys(
         sa_select(func.count()).select_from(IdentityRecord).where(col(IdentityRecord.id) <= after)
     ).scalar_one()
     session.rollback()  # end the read transaction: each batch is its own
+    if progress is not None:
+        progress(done, total)
     records = changed = added = removed = 0
+    longest_lock = 0.0
     while True:
         step = _rebuild_batch(session=session, after=after, batch=batch)
         if step is None:
             break
-        after, n, c, a, r = step
+        after, n, c, a, r, held = step
         records, changed, added, removed = records + n, changed + c, added + a, removed + r
+        longest_lock = max(longest_lock, held)
         done += n
         if progress is not None:
             progress(done, max(total, done))
@@ -1368,6 +1391,7 @@ def rebuild_keys(
         keys_added=added,
         keys_removed=removed,
         seconds=time.monotonic() - started,
+        longest_lock_seconds=longest_lock,
     )
 
 

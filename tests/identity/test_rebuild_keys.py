@@ -126,7 +126,7 @@ def test_an_interrupted_rebuild_resumes_after_its_last_batch(session: Session) -
     seen: list[tuple[int, int]] = []
     rest = service.rebuild_keys(session=session, batch=2, progress=lambda d, t: seen.append((d, t)))
     assert rest.records == 13 - 4, "resumed after the two committed batches"
-    assert seen[-1] == (13, 13)
+    assert seen[0] == (4, 13) and seen[-1] == (13, 13)
     assert _keys(session) == full and old_id in _candidate_ids(session)
 
 
