@@ -254,7 +254,7 @@ def set_policy(
 @identity_app.command("rebuild-keys")
 def rebuild_keys(
     data_dir: DataDir = None,
-    batch: Annotated[int, typer.Option(help="Records per transaction.")] = 5000,
+    batch: Annotated[int, typer.Option(help="Records per transaction.")] = 1000,
 ) -> None:
     """Recompute every record's blocking keys (after the matching code changed them).
 
