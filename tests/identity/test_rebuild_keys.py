@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,37 @@ def test_rebuild_keys_command(tmp_path: Path) -> None:
     engine.dispose()
     r = run(identity_app, ["rebuild-keys", "--data-dir", str(tmp_path), "--batch", "0"])
     assert r.exit_code == 1 and "batch" in r.output
+
+
+def test_a_record_relinked_during_a_batch_keeps_the_keys_of_its_new_demographics(
+    engine: Engine, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A feed updates a record after the batch read it and before the batch writes: the batch
+    must not add keys computed from the demographics it read."""
+    old_id = _fill(session, n=3)
+    _downgrade_keys(session)
+    moved = matching.demographics(
+        family="LINDQVIST", given="ELSA", birth_date="19920412", sex="F", address="3 Fjord Road Umea 90326"
+    )
+    real = matching.block_keys
+    fed = threading.Event()
+
+    def block_keys_with_a_feed_in_between(d: matching.Demographics) -> set[str]:
+        if not fed.is_set():
+            fed.set()
+            with Session(engine) as other:  # another connection, as a concurrent feed
+                service.upsert_record(
+                    session=other,
+                    identifier=Identifier("ISSUER-A", "A-OLD"),
+                    demographics=moved,
+                    source="hl7",
+                )
+                other.commit()
+        return real(d)
+
+    monkeypatch.setattr(service.matching, "block_keys", block_keys_with_a_feed_in_between)
+    result = service.rebuild_keys(session=session, batch=100)
+    assert fed.is_set() and result.records == 4
+    monkeypatch.setattr(service.matching, "block_keys", real)
+    stored = {k for k, r in _keys(session) if r == old_id}
+    assert stored == matching.block_keys(moved)
