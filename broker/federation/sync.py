@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, func, insert, update
+from sqlalchemy import bindparam, delete, func, insert, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -39,6 +39,7 @@ log = logging.getLogger("scanonce.federation.sync")
 SYNC_KIND = "sync"
 # Remote-only studies say so in their QIDO-RS/C-FIND answers (PS3.18 InstanceAvailability).
 _T_AVAILABILITY = "00080056"
+_T_ISSUER = "00100021"
 _DROP = {"00081190", "00080056", "00201206", "00201208", "00201209", "00080061"}
 
 
@@ -254,6 +255,8 @@ def _sync_page(
         # Network before the transaction: a slow archive never holds database locks.
         for se in source.series(changed):
             series_of.setdefault(se.study_uid, []).append(se)
+    for u in changed:
+        _take_issuer_from_series(by_uid[u], series_of.get(u, []))
     unchanged = [u for u in todo if u not in set(changed)]
     with session_scope(engine) as session:
         if unchanged:
@@ -267,6 +270,17 @@ def _sync_page(
         if changed:
             _write_studies(session, facility, run, [by_uid[u] for u in changed], series_of, locations)
     return len(changed)
+
+
+def _take_issuer_from_series(study: RemoteStudy, series: Sequence[RemoteSeries]) -> None:
+    """A C-FIND STUDY listing leaves IssuerOfPatientID out (it is slow to ask an archive for, see
+    remote._CFIND_STUDY_FIELDS); the SERIES answers of a new or changed study carry it."""
+    if str_value(study.attrs, _T_ISSUER):
+        return
+    for se in series:
+        if str_value(se.attrs, _T_ISSUER):
+            study.attrs[_T_ISSUER] = se.attrs[_T_ISSUER]
+            return
 
 
 def _level_json(attrs: dict[str, Any], pick: Callable[[str], bool]) -> dict[str, Any]:
@@ -289,7 +303,7 @@ def _write_studies(
     series_of: dict[str, list[RemoteSeries]],
     locations: dict[str, StudyLocation],
 ) -> None:
-    from broker.index.ingest import normalize_time
+    from broker.index.ingest import known_issuers, normalize_time, patient_issuer
 
     uids = [s.uid for s in studies]
     existing = {st.study_uid: st for st in session.exec(select(Study).where(col(Study.study_uid).in_(uids)))}
@@ -302,25 +316,38 @@ def _write_studies(
             .distinct()
         )
     )
-    # Patients: one per (issuer, Patient ID), the facility's issuer qualifying the ID.
-    keys = {s.uid: (str_value(s.attrs, "00100020").strip() or f"~no-id~{s.uid}") for s in studies}
-    patients = {
-        p.patient_id: p
+    # Patients: one per (issuer, Patient ID). The same rule as ingest picks the issuer: the
+    # data's IssuerOfPatientID when it names a registered facility, else this facility's.
+    registered = known_issuers(session)
+    keys = {
+        s.uid: (
+            patient_issuer(
+                issuer_in_data=str_value(s.attrs, "00100021"),
+                facility_issuer=facility.issuer,
+                registered=registered,
+            ),
+            str_value(s.attrs, "00100020").strip() or f"~no-id~{s.uid}",
+        )
+        for s in studies
+    }
+    patient_keys = list(set(keys.values()))
+    patients: dict[tuple[str, str], Patient] = {}
+    for i in range(0, len(patient_keys), 500):
         for p in session.exec(
             select(Patient).where(
-                Patient.issuer == facility.issuer, col(Patient.patient_id).in_(set(keys.values()))
+                tuple_(col(Patient.issuer), col(Patient.patient_id)).in_(patient_keys[i : i + 500])
             )
-        )
-    }
-    fresh: dict[str, Patient] = {}
+        ):
+            patients[(p.issuer, p.patient_id)] = p
+    fresh: dict[tuple[str, str], Patient] = {}
     for s in studies:
         if s.uid in local or keys[s.uid] in patients or keys[s.uid] in fresh:
             continue
         name = str_value(s.attrs, "00100010")
         fresh[keys[s.uid]] = Patient(
             facility_id=facility.id,
-            issuer=facility.issuer,
-            patient_id=keys[s.uid],
+            issuer=keys[s.uid][0],
+            patient_id=keys[s.uid][1],
             patient_name=name,
             name_norm=casefold_pn(name),
             name_fuzzy=fuzzy_pn(name),

@@ -54,6 +54,20 @@ def normalize_time(value: str) -> str:
     return main.ljust(6, "0")[:6] + ("." + frac if frac else "")
 
 
+def patient_issuer(*, issuer_in_data: str, facility_issuer: str, registered: set[str]) -> str:
+    """The issuer that qualifies a Patient ID a facility sends (ingest and index sync alike).
+
+    IssuerOfPatientID in the data is honoured only when it names a registered issuer; otherwise
+    the sending facility's issuer qualifies the ID, so a bare ID never links two patients."""
+    issuer_in_data = issuer_in_data.strip()
+    return issuer_in_data if issuer_in_data in registered else facility_issuer
+
+
+def known_issuers(session: Session) -> set[str]:
+    """Every registered facility's issuer: the IssuerOfPatientID values the broker honours."""
+    return {r[0] for r in session.exec(select(Facility.issuer)).all()}  # type: ignore[call-overload]
+
+
 def _level_json(attrs: dict[str, Any], pick: Any) -> str:
     return orjson.dumps({k: v for k, v in attrs.items() if pick(k)}).decode()
 
@@ -75,10 +89,11 @@ class _Batch:
     def _patient_key(self, p: _Parsed) -> tuple[str, str]:
         a = p.attrs
         pid = str_value(a, "00100020").strip()
-        issuer_in_data = str_value(a, "00100021").strip()
-        # IssuerOfPatientID is honoured only when it names a registered issuer; otherwise the
-        # sending facility's issuer qualifies the ID, so a bare ID never links two patients.
-        issuer = issuer_in_data if issuer_in_data in self.issuers else self.facility.issuer
+        issuer = patient_issuer(
+            issuer_in_data=str_value(a, "00100021"),
+            facility_issuer=self.facility.issuer,
+            registered=self.issuers,
+        )
         return issuer, pid or f"~no-id~{p.study_uid}"
 
     def prepare(self, pending: list[_Parsed]) -> None:
@@ -284,10 +299,6 @@ def _parse_all(paths: Sequence[str], expected_study_uid: str | None) -> list[_Pa
         return [parse(p) for p in paths]
 
 
-def _known_issuers(session: Session) -> set[str]:
-    return {r[0] for r in session.exec(select(Facility.issuer)).all()}  # type: ignore[call-overload]
-
-
 def ingest_files(
     *,
     engine: Engine,
@@ -386,7 +397,7 @@ def _index_batch(
         facility = session.get(Facility, facility_id)
         if facility is None:
             raise NotFound(f"no facility {facility_id!r}")
-        batch = _Batch(session, facility, _known_issuers(session))
+        batch = _Batch(session, facility, known_issuers(session))
         uids = [p.sop_uid for _, p in parsed]
         existing: dict[str, str] = {}
         for chunk_start in range(0, len(uids), 500):
