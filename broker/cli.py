@@ -1,4 +1,4 @@
-"""The `scanonce` command: serve, demo, ingest, facility, and the domains' sub-commands."""
+"""The `scanonce` command: serve, demo, ingest, facility, jobs, and the domains' sub-commands."""
 
 from __future__ import annotations
 
@@ -264,9 +264,11 @@ def _register_domains() -> None:
     """Each domain contributes its own sub-commands."""
     from broker.federation.cli import register as register_federation
     from broker.identity.cli import identity_app
+    from broker.jobs.cli import jobs_app
 
     register_federation(app)
     app.add_typer(identity_app, name="identity")
+    app.add_typer(jobs_app, name="jobs")
 
 
 _register_domains()

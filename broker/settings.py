@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     sync_interval_seconds: float = Field(
         default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
     )
+    job_retention_days: float = Field(
+        default=30,
+        description=(
+            "Days finished jobs are kept (0: forever); the newest of each kind and subject is always kept."
+        ),
+    )
     qido_default_limit: int = 100
     qido_max_limit: int = 1000
     ingest_processes: int = Field(

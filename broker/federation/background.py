@@ -1,4 +1,5 @@
-"""The periodic index sync and the job worker, as background threads of the app process.
+"""The periodic index sync and the job worker (which also prunes old finished jobs, hourly), as
+background threads of the app process.
 
 The app's lifespan starts them and sets `stop` on shutdown:
 
@@ -60,7 +61,12 @@ def start_background(
         threads.append(
             threading.Thread(
                 target=jobs.work,
-                kwargs={"engine": engine, "store": store, "stop": stop},
+                kwargs={
+                    "engine": engine,
+                    "store": store,
+                    "stop": stop,
+                    "keep_finished": jobs.retention(settings.job_retention_days),
+                },
                 name="scanonce-jobs",
                 daemon=True,
             )

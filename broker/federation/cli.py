@@ -310,7 +310,12 @@ def worker(data_dir: DataDir = None) -> None:
     stop = threading.Event()
     console.print(f"worker {jobs.default_owner()} waiting for jobs (Ctrl-C stops it)")
     try:
-        jobs.work(engine=state.engine, store=state.store, stop=stop)
+        jobs.work(
+            engine=state.engine,
+            store=state.store,
+            stop=stop,
+            keep_finished=jobs.retention(state.settings.job_retention_days),
+        )
     except KeyboardInterrupt:
         stop.set()
 

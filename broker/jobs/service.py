@@ -4,6 +4,10 @@ A job is a row. Any process may claim a queued job: on PostgreSQL with `FOR UPDA
 so N workers never wait on each other, on SQLite with one atomic `UPDATE ... RETURNING` (SQLite
 has a single writer, so that statement is the lock). A running job whose worker stopped
 heartbeating is claimed again and resumes from its checkpoint.
+
+Finished jobs are kept for `SCANONCE_JOB_RETENTION_DAYS`, then pruned by the worker loop (at most
+once an hour) or `scanonce jobs prune`; the newest finished job of each kind and key is kept
+whatever its age.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import delete, func, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -30,7 +35,10 @@ from broker.jobs.models import Job
 log = logging.getLogger("scanonce.jobs")
 
 ACTIVE = ("queued", "running")
+FINISHED = ("done", "failed")
 STALE_AFTER = timedelta(seconds=60)
+PRUNE_EVERY = 3600.0  # seconds between two prunes by one worker loop
+_PRUNE_BATCH = 1000  # rows per delete: a first prune of a year of hourly syncs holds no long lock
 
 
 def _now() -> datetime:
@@ -172,6 +180,46 @@ def finish(*, engine: Engine, job_id: int, error: str | None = None, message: st
         job.heartbeat_at = job.finished_at
 
 
+def retention(days: float) -> timedelta | None:
+    """`SCANONCE_JOB_RETENTION_DAYS` as a timedelta; None (keep forever) for 0 or less."""
+    return timedelta(days=days) if days > 0 else None
+
+
+def prune(*, engine: Engine, older_than: timedelta, now: datetime | None = None) -> int:
+    """Delete jobs that finished (done or failed) more than `older_than` ago; returns how many.
+
+    Queued and running jobs are never touched, and the newest finished job of each (kind, key)
+    stays however old: it is what a facility's page shows as its last sync. Nothing else reads
+    a finished job (incremental sync compares the archive's counts with study_location, not
+    with old jobs), but job ids must never be reused, since study_location.seen_job holds them:
+    keeping the newest job of every key keeps the highest id, so SQLite's rowid (max + 1) and
+    PostgreSQL's sequence both keep counting up."""
+    cutoff = (now or _now()) - older_than
+    newest = (
+        select(func.max(Job.id)).where(col(Job.status).in_(FINISHED)).group_by(col(Job.kind), col(Job.key))
+    )
+    deleted = 0
+    while True:
+        with session_scope(engine) as session:
+            ids = list(
+                session.exec(
+                    select(Job.id)
+                    .where(
+                        col(Job.status).in_(FINISHED),
+                        func.coalesce(col(Job.finished_at), col(Job.created_at)) < cutoff,
+                        col(Job.id).not_in(newest),
+                    )
+                    .order_by(col(Job.id))
+                    .limit(_PRUNE_BATCH)
+                )
+            )
+            if ids:
+                session.exec(delete(Job).where(col(Job.id).in_(ids)))  # type: ignore[call-overload]
+        deleted += len(ids)
+        if len(ids) < _PRUNE_BATCH:
+            return deleted
+
+
 @contextmanager
 def heartbeat(
     *, engine: Engine, job_id: int, every: float = STALE_AFTER.total_seconds() / 4
@@ -301,12 +349,22 @@ def work(
     stop: threading.Event | None = None,
     idle_wait: float = 1.0,
     once: bool = False,
+    keep_finished: timedelta | None = None,
 ) -> int:
     """The worker loop: claim, run, repeat. Returns how many jobs ran (for `once`, 0 or more
-    until the queue is empty)."""
+    until the queue is empty). With `keep_finished`, it also prunes older finished jobs, at
+    start and then at most once every PRUNE_EVERY seconds."""
     ran = 0
     owner = owner or default_owner()
+    last_prune: float | None = None
     while stop is None or not stop.is_set():
+        if keep_finished is not None and (last_prune is None or time.monotonic() - last_prune >= PRUNE_EVERY):
+            last_prune = time.monotonic()
+            try:
+                if pruned := prune(engine=engine, older_than=keep_finished):
+                    log.info("pruned %d finished jobs", pruned)
+            except Exception:  # housekeeping must never stop the worker; the next hour retries
+                log.exception("pruning finished jobs failed")
         try:
             job = claim(engine=engine, owner=owner, kinds=kinds)
         except Exception:  # database briefly away: the worker waits and tries again
