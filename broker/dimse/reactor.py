@@ -229,6 +229,23 @@ def _assoc_kill_poking(self: Association) -> None:
     _assoc_kill(self)
 
 
+def _pause_while_requested(assoc: Association) -> None:
+    """pynetdicom's reactor checkpoint, without its race. A local request (send_c_echo, ...)
+    clears the checkpoint, waits until the reactor says it is paused, sends, and reads the
+    response off the DIMSE queue itself. pynetdicom marks itself unpaused only after the
+    checkpoint wait returns, and that wait also returns for a set() that a clear() has already
+    undone (back-to-back requests): the request then sees the stale "paused", sends, and the
+    reactor may take the response off the queue ("Received unexpected C-ECHO service message").
+    Here the reactor marks itself unpaused first and only then checks that the checkpoint is
+    still set; if it is not, it pauses again before touching any queue."""
+    while True:
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+        if assoc._reactor_checkpoint.is_set() or assoc._kill:
+            return
+
+
 def _assoc_run_reactor(self: Association) -> None:
     """pynetdicom 3.0's Association._run_reactor with the `time.sleep(0.001)` at the top of each
     loop replaced by a wait on the association's wake event (skipped right after serving a
@@ -242,9 +259,7 @@ def _assoc_run_reactor(self: Association) -> None:
         wake.clear()
         served = False
 
-        self._is_paused = True
-        self._reactor_checkpoint.wait()
-        self._is_paused = False
+        _pause_while_requested(self)
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:

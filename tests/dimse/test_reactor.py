@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ def server() -> Iterator[Server]:
     seen = {name: threading.Event() for name in ("released", "aborted", "echo")}
     ae = AE(ae_title="REACTOR")
     ae.add_supported_context(Verification)
-    ae.network_timeout = 1.0
+    ae.network_timeout = 2.0
 
     def on_echo(event: Any) -> int:
         seen["echo"].set()
@@ -52,11 +53,38 @@ def test_many_requests_on_one_association_then_release(server: Server) -> None:
     port, seen = server
     assoc = _client().associate("127.0.0.1", port, ae_title="REACTOR")
     assert assoc.is_established
-    statuses = [assoc.send_c_echo().Status for _ in range(50)]
+    statuses = [getattr(assoc.send_c_echo(), "Status", None) for _ in range(50)]
     assoc.release()
     assert statuses == [0] * 50
     assert assoc.is_released
     assert seen["released"].wait(5)
+
+
+def test_the_reactor_stays_paused_when_a_request_follows_another_at_once() -> None:
+    """A request sets the checkpoint when it is done and the next one clears it at once: the
+    paused reactor's wait returns for that set() anyway. It must pause again, not go on to read
+    the queue the new request's response will arrive on (under load pynetdicom's own reactor
+    did: "Received unexpected C-ECHO service message", then the request timed out)."""
+    assoc = SimpleNamespace(_reactor_checkpoint=threading.Event(), _is_paused=False, _kill=False)
+    went_on = threading.Event()
+
+    def reactor_step() -> None:
+        reactor._pause_while_requested(assoc)  # type: ignore[arg-type]
+        went_on.set()
+
+    thread = threading.Thread(target=reactor_step, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert assoc._is_paused
+    assoc._reactor_checkpoint.set()  # request k is done ...
+    assoc._reactor_checkpoint.clear()  # ... and request k+1 starts
+    assert not went_on.wait(0.3)
+    assert assoc._is_paused  # request k+1 may send: the reactor keeps off the queue
+    assoc._reactor_checkpoint.set()  # request k+1 is done
+    assert went_on.wait(5)
+    thread.join(5)
 
 
 def test_a_peer_abort_is_noticed(server: Server) -> None:
@@ -74,7 +102,7 @@ def test_an_idle_peer_is_dropped_after_the_network_timeout(server: Server) -> No
     deadline = time.monotonic() + 10
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not assoc.is_established  # the server's idle timer (1 s) ended it
+    assert not assoc.is_established  # the server's idle timer (2 s) ended it
     assert seen["aborted"].is_set() or seen["released"].is_set()
 
 
