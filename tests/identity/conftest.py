@@ -4,6 +4,7 @@ that does for a patient what ingest does (upsert the index row, then call link_p
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,18 @@ def engine(backend: Any) -> Iterator[Engine]:
         s.commit()
     yield eng
     eng.dispose()
+
+
+def cli_index(data_dir: Path) -> Engine:
+    """The index `scanonce identity ... --data-dir DATA_DIR` opens (the embedded default),
+    migrated, with facilities fac-a and fac-b."""
+    eng = make_engine(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    migrate(eng)
+    with Session(eng) as s:
+        s.add(Facility(id="fac-a", name="A", issuer="ISSUER-A"))
+        s.add(Facility(id="fac-b", name="B", issuer="ISSUER-B"))
+        s.commit()
+    return eng
 
 
 @pytest.fixture

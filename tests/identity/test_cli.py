@@ -7,20 +7,14 @@ from pathlib import Path
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from broker.db import make_engine, migrate
-from broker.federation.models import Facility
 from broker.identity.cli import identity_app
 
-from .conftest import ingest_patient
+from .conftest import cli_index, ingest_patient
 
 
 def test_review_link_unlink_explain(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-    migrate(engine)
+    engine = cli_index(tmp_path)
     with Session(engine) as s:
-        s.add(Facility(id="fac-a", name="A", issuer="ISSUER-A"))
-        s.add(Facility(id="fac-b", name="B", issuer="ISSUER-B"))
-        s.commit()
         ingest_patient(s, "fac-a", "A1", "NGUYEN^SONJA", "20150601", "F", "17 Sharwood Crescent 2866")
         ingest_patient(s, "fac-b", "B1", "NGUYEN^PIA", "20150601", "F", "17 Sharwood Crescent 2866")
     engine.dispose()

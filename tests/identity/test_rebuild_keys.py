@@ -11,8 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
-from broker.db import make_engine, migrate
-from broker.federation.models import Facility
+from broker.db import make_engine
 from broker.identity import matching, service
 from broker.identity.cli import identity_app
 from broker.identity.models import BlockKey
@@ -20,7 +19,7 @@ from broker.identity.schemas import Identifier
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
 
-from .conftest import ingest_patient
+from .conftest import cli_index, ingest_patient
 
 # A day typo and a typo in each name: only the birth-month + initials key ("di:", new in
 # version 2) is shared, so under the old keys the two never meet.
@@ -150,12 +149,8 @@ def test_bad_batch_is_refused(session: Session) -> None:
 
 
 def test_rebuild_keys_command(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-    migrate(engine)
+    engine = cli_index(tmp_path)
     with Session(engine) as s:
-        s.add(Facility(id="fac-a", name="A", issuer="ISSUER-A"))
-        s.add(Facility(id="fac-b", name="B", issuer="ISSUER-B"))
-        s.commit()
         old_id = _fill(s, n=3)
         _downgrade_keys(s)
     engine.dispose()

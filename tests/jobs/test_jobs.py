@@ -4,11 +4,9 @@ PostgreSQL, one atomic UPDATE on SQLite), failures recorded, dead workers' jobs 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -17,15 +15,6 @@ from broker.app import build_state, create_app
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
 from broker.settings import Settings
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    state = build_state(settings)
-    try:
-        yield state.engine
-    finally:
-        state.engine.dispose()
 
 
 def test_one_active_job_per_kind_and_key(engine: Engine) -> None:

@@ -3,31 +3,18 @@ running jobs, and the newest finished job of each kind and key, stay whatever th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from broker.app import build_state
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
-from broker.settings import Settings
 from tests.conftest import Backend
 
 OLD = timedelta(days=40)
 KEEP = timedelta(days=30)
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    state = build_state(settings)
-    try:
-        yield state.engine
-    finally:
-        state.engine.dispose()
 
 
 def _job(engine: Engine, kind: str, key: str, *, end: str | None, age: timedelta) -> int:
