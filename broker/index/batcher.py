@@ -24,7 +24,7 @@ from itertools import groupby
 from sqlalchemy.engine import Engine
 
 from broker.index.ingest import index_parsed
-from broker.index.parse import parse_instance
+from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
 from storage import ObjectStore
@@ -40,7 +40,7 @@ class _Item:
     store: ObjectStore
     principal: Principal
     facility_id: str
-    parsed: object  # _Parsed
+    parsed: _Parsed
     consume: bool
     done: threading.Event = field(default_factory=threading.Event)
     outcome: StoreOutcome | None = None
@@ -157,6 +157,6 @@ class IngestBatcher:
             store=items[0].store,
             principal=items[0].principal,
             facility_id=items[0].facility_id,
-            parsed=[item.parsed for item in items],  # type: ignore[misc]
+            parsed=[item.parsed for item in items],
             consume=all(item.consume for item in items),
         )
