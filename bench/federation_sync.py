@@ -25,6 +25,7 @@ from sqlmodel import Session
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.app import build_state  # noqa: E402
+from broker.facilities import service as facilities  # noqa: E402
 from broker.federation import service  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from tests.peers import orthanc  # noqa: E402
@@ -55,7 +56,7 @@ def _instances(n_studies: int, n_series: int) -> list[bytes]:
 def _sync(settings: Settings, facility: dict[str, object]) -> tuple[float, float, int]:
     state = build_state(settings)
     with Session(state.engine) as session:
-        service.add_facility(session=session, **facility)  # type: ignore[arg-type]
+        facilities.add_facility(session=session, **facility)  # type: ignore[arg-type]
     fid = str(facility["facility_id"])
     first = service.sync_facility(engine=state.engine, store=state.store, facility_id=fid)
     again = service.sync_facility(engine=state.engine, store=state.store, facility_id=fid)

@@ -37,7 +37,7 @@ from sqlmodel import Session, select
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.db import make_engine, migrate  # noqa: E402
-from broker.federation.models import Facility  # noqa: E402
+from broker.facilities.models import Facility  # noqa: E402
 from broker.identity import matching  # noqa: E402
 from broker.identity import service as identity  # noqa: E402
 from broker.identity.models import IdentityRecord, ReviewItem  # noqa: E402

@@ -1,22 +1,45 @@
-"""FastAPI app factory: state, routers, error handlers."""
+"""FastAPI app factory: builds the state, wires each domain's implementations in, mounts the
+routers and maps the one error hierarchy to responses.
+
+The top layer: it may import every package. Lower layers never import it; where they need
+something from a higher layer (ingest asks identity to link a patient; a read of a study held
+only at its facility asks federation to fetch it), they declare a Protocol and this module hands
+them the implementation through `AppState`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import text
 
 from broker.db import make_engine, migrate
 from broker.deps import AppState
-from broker.errors import ScanOnceError
+from broker.dicomweb.routes import facility_router as dicomweb_facility_router
+from broker.dicomweb.routes import router as dicomweb_router
+from broker.dimse.scp import start_scp, stop_scp
+from broker.errors import ScanOnceError, Unavailable
+from broker.facilities import service as facilities_service
+from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
+from broker.federation.routes import router as federation_router
+from broker.federation.schedule import start_scheduler
+from broker.identity import service as identity_service
+from broker.identity.mllp import start_mllp, stop_mllp
+from broker.identity.routes import router as identity_router
+from broker.index import service as index_service
+from broker.index.ingest import configure_parsing
+from broker.jobs.routes import router as jobs_router
+from broker.jobs.worker import start_worker_thread
 from broker.settings import Settings, get_settings
-from storage import open_store
+from storage import StoreUnavailable, open_store
 
 log = logging.getLogger("scanonce")
 
@@ -25,14 +48,13 @@ def build_state(settings: Settings) -> AppState:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url())
     migrate(engine)
-    from broker.identity.service import ensure_keys_current
-
+    register_jobs()
+    # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
+    index_service.set_patient_linker(identity_service.link_patient)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
-    ensure_keys_current(engine=engine)
-    federation_service.ensure_default_facility(engine=engine, settings=settings)
+    identity_service.ensure_keys_current(engine=engine)
+    facilities_service.ensure_default_facility(engine=engine, settings=settings)
     store = open_store(settings.resolved_storage_url())
-    from broker.index.ingest import configure_parsing
-
     processes = settings.ingest_processes
     # "One per core" counts this process, which serves HTTP and writes the index, as one.
     auto = max(1, (os.cpu_count() or 1) - 1)
@@ -40,37 +62,30 @@ def build_state(settings: Settings) -> AppState:
     return AppState(settings=settings, engine=engine, store=store)
 
 
+def register_jobs() -> None:
+    """Every domain's job kinds, explicitly (a worker runs what its process registered)."""
+    federation_service.register_jobs()
+    identity_service.register_jobs()
+
+
 @asynccontextmanager
 async def _services(app: FastAPI) -> AsyncIterator[None]:
     """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners."""
     state: AppState = app.state.scanonce
-    handle = None
-    if state.settings.dimse_port:
-        from broker.dimse.scp import start_scp
-
-        handle = start_scp(state=state)
+    handle = start_scp(state=state) if state.settings.dimse_port else None
     mllp = None
     if state.settings.mllp_port:
-        from broker.identity.mllp import start_mllp
-
         mllp = start_mllp(engine=state.engine, host=state.settings.host, port=state.settings.mllp_port)
-    import threading
-
-    from broker.federation.background import start_background
-
     stop = threading.Event()  # the job worker and the periodic index sync
-    start_background(engine=state.engine, store=state.store, settings=state.settings, stop=stop)
+    start_worker_thread(engine=state.engine, store=state.store, settings=state.settings, stop=stop)
+    start_scheduler(engine=state.engine, settings=state.settings, stop=stop)
     try:
         yield
     finally:
         stop.set()
         if mllp is not None:
-            from broker.identity.mllp import stop_mllp
-
             stop_mllp(mllp)
         if handle is not None:
-            from broker.dimse.scp import stop_scp
-
             stop_scp(handle)
 
 
@@ -92,6 +107,10 @@ def create_app(
     async def _scanonce_error(_request: Request, exc: ScanOnceError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"error": exc.title, "detail": exc.message})
 
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"error": Unavailable.title, "detail": exc.message})
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
@@ -104,8 +123,6 @@ def create_app(
 
     @app.get("/readyz", response_class=PlainTextResponse, include_in_schema=False)
     def readyz() -> str:
-        from sqlalchemy import text
-
         with app.state.scanonce.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return "ready"
@@ -116,12 +133,7 @@ def create_app(
 
 def _include_routers(app: FastAPI) -> None:
     """Each domain's router is mounted here; one line per router."""
-    from broker.dicomweb.routes import facility_router as dicomweb_facility_router
-    from broker.dicomweb.routes import router as dicomweb_router
-    from broker.federation.routes import router as federation_router
-    from broker.identity.routes import router as identity_router
-    from broker.jobs.routes import router as jobs_router
-
+    app.include_router(facilities_router)
     app.include_router(federation_router)
     app.include_router(jobs_router)
     app.include_router(identity_router)

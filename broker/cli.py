@@ -13,32 +13,32 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+import uvicorn
 from rich.table import Table
 
+from broker import clikit
+from broker.app import build_state, create_app
+from broker.clikit import DataDir, console
+from broker.clikit import progress as _progress
+from broker.clikit import settings as _settings
+from broker.demo import service as demo_service
+from broker.deps import AppState
+from broker.facilities import cli as facilities_cli
+from broker.federation import cli as federation_cli
+from broker.identity.cli import identity_app
+from broker.index import service
+from broker.jobs import cli as jobs_cli
+from broker.logfilters import redact_access_log
+from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 
 app = typer.Typer(
     help="ScanOnce: find the prior before you scan again.", no_args_is_help=True, add_completion=False
 )
-console = Console()
-
-DataDir = Annotated[
-    Path | None, typer.Option("--data-dir", help="Data directory (default: $SCANONCE_DATA_DIR or ./data).")
-]
+clikit.set_state_builder(build_state)
 
 
-def _settings(data_dir: Path | None, **overrides: object) -> Settings:
-    values: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
-    if data_dir is not None:
-        values["data_dir"] = data_dir
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-def _state(settings: Settings):  # type: ignore[no-untyped-def]
-    from broker.app import build_state
-
+def _state(settings: Settings) -> AppState:
     return build_state(settings)
 
 
@@ -71,11 +71,6 @@ def serve(
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run the broker: HTTP (DICOMweb, FHIR, CDS Hooks, pages, /api), DIMSE and HL7 MLLP in one process."""
-    import uvicorn
-
-    from broker.app import create_app
-    from broker.logfilters import redact_access_log
-
     _cap_malloc_arenas()
     settings = _settings(data_dir, host=host, port=port, dimse_port=dimse_port, mllp_port=mllp_port)
     if "SCANONCE_INGEST_PROCESSES" not in os.environ:
@@ -141,9 +136,6 @@ def ingest(
     batch: Annotated[int, typer.Option(help="Instances per transaction.")] = 64,
 ) -> None:
     """Store and index DICOM files, with a progress bar and a summary of what failed and why."""
-    from broker.index import service
-    from broker.security.schemas import Principal, Role
-
     settings = _settings(data_dir)
     state = _state(settings)
     facility_id = facility or settings.default_facility
@@ -198,17 +190,6 @@ def ingest(
         raise typer.Exit(code=1 if counts["stored"] + counts["duplicate"] == 0 else 0)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 @app.command()
 def demo(
     data_dir: DataDir = None,
@@ -216,44 +197,16 @@ def demo(
     patients: Annotated[int, typer.Option(help="How many synthetic patients.")] = 40,
 ) -> None:
     """Generate deterministic synthetic studies for several facilities and load them (safe to run twice)."""
-    from broker.dicom import synth
-    from broker.federation import service as federation_service
-    from broker.index import service
-    from broker.security.schemas import Principal, Role
+    state = _state(_settings(data_dir))
+    with _progress() as bar:
+        task = bar.add_task("Loading demo data", total=None)
 
-    settings = _settings(data_dir)
-    state = _state(settings)
-    from sqlmodel import Session
+        def show(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
 
-    with Session(state.engine) as session:
-        known = {f.id for f in federation_service.list_facilities(session=session)}
-        for spec in synth.DEFAULT_FACILITIES:
-            if spec.id not in known:
-                federation_service.add_facility(
-                    session=session, facility_id=spec.id, issuer=spec.issuer, name=spec.name
-                )
-    counts: Counter[str] = Counter()
-    with tempfile.TemporaryDirectory(prefix="scanonce-demo-") as tmp, _progress() as progress:
-        task = progress.add_task("Loading demo data", total=None)
-        by_facility: dict[str, list[str]] = {}
-        for n, (facility_id, ds) in enumerate(synth.generate_demo(seed=seed, patients=patients)):
-            path = Path(tmp) / f"{n}.dcm"
-            path.write_bytes(synth.write_part10(ds))
-            by_facility.setdefault(facility_id, []).append(str(path))
-        progress.update(task, total=sum(len(v) for v in by_facility.values()))
-        for facility_id, files in by_facility.items():
-            principal = Principal(who="demo", role=Role.admin, facility=facility_id)
-            for start in range(0, len(files), 64):
-                chunk = files[start : start + 64]
-                for outcome in service.ingest_files(
-                    engine=state.engine,
-                    store=state.store,
-                    principal=principal,
-                    facility_id=facility_id,
-                    paths=chunk,
-                ):
-                    counts[outcome.status] += 1
-                progress.advance(task, len(chunk))
+        counts = demo_service.load_demo(
+            engine=state.engine, store=state.store, seed=seed, patients=patients, progress=show
+        )
     console.print(
         f"demo data (seed {seed}): {counts['stored']} stored, {counts['duplicate']} already present, "
         f"{counts['failed']} failed"
@@ -262,13 +215,11 @@ def demo(
 
 def _register_domains() -> None:
     """Each domain contributes its own sub-commands."""
-    from broker.federation.cli import register as register_federation
-    from broker.identity.cli import identity_app
-    from broker.jobs.cli import jobs_app
-
-    register_federation(app)
+    facilities_cli.register(app)
+    facilities_cli.add_show_detail(federation_cli.studies_not_fetched)
+    federation_cli.register(app)
+    jobs_cli.register(app)
     app.add_typer(identity_app, name="identity")
-    app.add_typer(jobs_app, name="jobs")
 
 
 _register_domains()

@@ -1,13 +1,18 @@
-"""Object storage behind one Protocol: a local folder (embedded default) or S3."""
+"""Object storage behind one Protocol: a local folder (embedded default) or S3.
+
+A layer below the whole broker: it imports nothing from `broker`. Keys are opaque strings here;
+the index decides their layout (`broker.index.keys`). A store that cannot be reached raises
+`StoreUnavailable`, which the broker answers as 503 / DIMSE out-of-resources.
+"""
 
 from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote, urlparse
 
-from storage.base import ObjectInfo, ObjectNotFound, ObjectStore
+from storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StoreUnavailable
 from storage.local import LocalStore
 
-__all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "LocalStore", "open_store"]
+__all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "LocalStore", "StoreUnavailable", "open_store"]
 
 
 def open_store(url: str) -> ObjectStore:

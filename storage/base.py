@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
 
+class StoreUnavailable(Exception):
+    """The object store cannot be reached or failed to answer (a network or service fault, not a
+    missing object). The message names no object content, only the operation and the fault."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class ObjectNotFound(KeyError):
     """The key does not exist in the store."""
 

@@ -18,8 +18,7 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from broker.errors import Unavailable
-from storage.base import ObjectInfo, ObjectNotFound
+from storage.base import ObjectInfo, ObjectNotFound, StoreUnavailable
 
 DEFAULT_REGION = "us-east-1"
 
@@ -125,7 +124,7 @@ class S3Store:
                 raise ObjectNotFound(key) from exc
             raise
         except _NETWORK_ERRORS as exc:
-            raise Unavailable(f"object store unreachable: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc
 
     def _ensure_bucket(self) -> None:
         try:
@@ -135,7 +134,7 @@ class S3Store:
             if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
                 raise
         except _NETWORK_ERRORS as exc:
-            raise Unavailable(f"object store unreachable: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
@@ -205,7 +204,7 @@ class S3Store:
         try:
             yield from body.iter_chunks(chunk_size)
         except botocore.exceptions.BotoCoreError as exc:
-            raise Unavailable(f"object store read failed: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"object store read failed: {type(exc).__name__}") from exc
         finally:
             body.close()  # frees the connection even when the reader stops early
 
@@ -230,4 +229,4 @@ class S3Store:
                 for obj in page.get("Contents", ()):
                     yield ObjectInfo(key=self._strip(obj["Key"]), size=int(obj["Size"]))
         except _NETWORK_ERRORS as exc:
-            raise Unavailable(f"object store unreachable: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc

@@ -29,6 +29,7 @@ from broker.dicomweb.multipart import (
     related_stream,
 )
 from broker.errors import NotAcceptable, NotFound
+from broker.facilities import service as facilities_service
 from broker.federation import service as federation_service
 from broker.index import service as index_service
 from broker.index.schemas import InstanceRef, Level
@@ -53,7 +54,7 @@ def get_scope(request: Request, state: StateDep, principal: PrincipalDep) -> Sco
     facility = request.path_params.get("facility")
     if facility is not None:
         with Session(state.engine) as session:
-            federation_service.get_facility(session=session, facility_id=facility)
+            facilities_service.get_facility(session=session, facility_id=facility)
         suffix = f"/facilities/{facility}/dicom-web"
     else:
         suffix = "/dicom-web"

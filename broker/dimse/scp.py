@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
@@ -50,60 +50,18 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.deps import AppState
-from broker.dimse import reactor
+from broker.dicom import reactor
+from broker.dicom.network import SpoolingAE
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.index.service import IngestBatcher
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
+from storage import StoreUnavailable
 
 log = logging.getLogger("scanonce.dimse")
 
-
-class SpoolingAE(AE):  # type: ignore[misc]
-    """An AE whose received C-STORE data sets go straight into a Part 10 temp file (file meta
-    from the command set, then the raw bytes as sent, `event.dataset_path`): nothing is decoded
-    or re-encoded and a multi-gigabyte instance never sits in memory. The files go to
-    `spool_dir` (default: the system's temp dir, which may be RAM-backed: set it to disk)."""
-
-    spool_dir: str | None = None
-
-
-def _spool_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom opens the spool file with NamedTemporaryFile in the association's DUL thread:
-    put it in the SpoolingAE's spool_dir."""
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    spool_dir = getattr(getattr(assoc, "ae", None), "spool_dir", None)
-    if spool_dir is not None and "dir" not in kwargs:
-        kwargs["dir"] = spool_dir
-    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
-
-
-dimse_messages.NamedTemporaryFile = _spool_file
-
-
-class _SpoolFor:
-    """pynetdicom's STORE_RECV_CHUNKED_DATASET switch is process-wide, and other code in this
-    process (e.g. a C-GET client reading `event.request.DataSet`) expects the default. pynetdicom
-    reads the switch while decoding a C-STORE-RQ in the association's DUL thread, so this value
-    is true only there, and only for associations of a SpoolingAE (or if someone had set it)."""
-
-    def __init__(self, previous: object) -> None:
-        self.previous = bool(previous) and not isinstance(previous, _SpoolFor)
-
-    def __bool__(self) -> bool:
-        if self.previous:
-            return True
-        assoc = getattr(threading.current_thread(), "assoc", None)
-        return isinstance(getattr(assoc, "ae", None), SpoolingAE)
-
-
-# No patient data in logs: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO level
-# by default (patient names, IDs, birth dates).
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)  # type: ignore[assignment]
 
 _PATIENT_ROOT = {
     PatientRootQueryRetrieveInformationModelFind,
@@ -383,7 +341,7 @@ def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) 
             path=str(path),
             consume=True,
         )
-    except Unavailable as exc:
+    except (Unavailable, StoreUnavailable) as exc:
         log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
         return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
     except ScanOnceError as exc:
@@ -785,7 +743,7 @@ def _failure(exc: Exception) -> Dataset:
         return status_dataset(exc.status, exc.comment)
     if isinstance(exc, BadRequest):
         return status_dataset(ds.UNABLE_TO_PROCESS, exc.message)
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, (Unavailable, StoreUnavailable)):
         # A facility holding the study (or our store) is down: nothing could be sent.
         log.warning("retrieve failed: %s", exc.message)
         return status_dataset(ds.UNABLE_TO_PERFORM_SUBOPERATIONS, exc.message)

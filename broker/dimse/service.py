@@ -23,9 +23,11 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import VR
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from broker.dicom import status as st
 from broker.dicom.uids import is_valid_uid
+from broker.facilities import service as facilities
 from storage import ObjectStore
 
 # -- statuses (PS3.4 B.2.3 storage, C.4.1.1.4 find, C.4.2.1.5 move, C.4.3.1.4 get) ----------------
@@ -146,13 +148,9 @@ def facility_for_calling_ae(
 ) -> str | None:
     """The facility a calling AE sends for: the facility registry's calling AE titles, then the
     in-process table, then (open mode only) the default facility; None means refuse it."""
-    from sqlmodel import Session
-
-    from broker.federation import service as federation
-
     calling_ae = calling_ae.strip()
     with Session(engine) as session:
-        facility = federation.facility_for_calling_ae(session=session, ae_title=calling_ae)
+        facility = facilities.facility_for_calling_ae(session=session, ae_title=calling_ae)
     if facility is not None:
         return facility.id
     found = peers.snapshot()[0].get(calling_ae)
@@ -164,15 +162,11 @@ def facility_for_calling_ae(
 def move_destination(*, engine: Engine, peers: DimsePeers, ae_title: str) -> tuple[str, int] | None:
     """(host, port) of a C-MOVE destination: a registered facility's archive AE title, else the
     in-process table; None if unknown."""
-    from sqlmodel import Session
-
-    from broker.federation import service as federation
-
     ae_title = ae_title.strip()
     if not ae_title:
         return None
     with Session(engine) as session:
-        for facility in federation.list_facilities(session=session):
+        for facility in facilities.list_facilities(session=session):
             if facility.ae_title == ae_title and facility.host and facility.port:
                 return facility.host, int(facility.port)
     return peers.snapshot()[1].get(ae_title)

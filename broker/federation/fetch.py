@@ -24,9 +24,9 @@ from sqlmodel import Session, col, select
 
 from broker.db import session_scope
 from broker.errors import NotFound, ScanOnceError, Unavailable
-from broker.federation import remote
-from broker.federation.models import Facility, StudyLocation
-from broker.index.models import Instance, Series, Study
+from broker.facilities.models import Facility
+from broker.index.models import Instance, Series, Study, StudyLocation
+from broker.peers import archive as remote
 from broker.security.schemas import Principal, Role
 
 log = logging.getLogger("scanonce.federation.fetch")
@@ -150,8 +150,8 @@ def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, 
 
 
 def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> list[str]:
-    from broker.dimse import scu
-    from broker.dimse.errors import DimseStatusError
+    from broker.peers import dimse as scu
+    from broker.peers.errors import DimseStatusError
 
     assert facility.host and facility.port and facility.ae_title
     try:

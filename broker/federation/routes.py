@@ -1,123 +1,27 @@
-"""`/api/facilities`: the facility registry, and starting an index sync."""
+"""`POST /api/facilities/{id}/sync`: queue an index sync of a facility's archive."""
 
 from __future__ import annotations
 
-from typing import Any
+from fastapi import APIRouter
 
-from fastapi import APIRouter, Response
-from sqlmodel import Session
-
-from broker.deps import PrincipalDep, SessionDep, StateDep
+from broker.deps import PrincipalDep, StateDep
 from broker.federation import service
-from broker.federation.models import Facility
-from broker.federation.schemas import (
-    FacilityIn,
-    FacilityOut,
-    FacilityUpdate,
-    SharingPolicy,
-    SyncStarted,
-    SyncStateOut,
-)
+from broker.federation.schemas import SyncStarted
 
 router = APIRouter(prefix="/api/facilities", tags=["facilities"])
-
-Responses = dict[int | str, dict[str, Any]]
-
-_NOT_FOUND: Responses = {404: {"description": "No such facility"}}
-_BAD: Responses = {400: {"description": "Invalid field (id, AE title, URL, incomplete DIMSE endpoint)"}}
-_CONFLICT: Responses = {409: {"description": "The id, issuer or a calling AE title is already taken"}}
-
-
-def _out(session: Session, facility: Facility) -> FacilityOut:
-    state = service.sync_state(session=session, facility_id=facility.id)
-    return FacilityOut(
-        id=facility.id,
-        issuer=facility.issuer,
-        name=facility.name,
-        dicomweb_url=facility.dicomweb_url,
-        ae_title=facility.ae_title,
-        host=facility.host,
-        port=facility.port,
-        calling_ae_titles=service.calling_ae_titles(session=session, facility_id=facility.id),
-        sharing_policy=SharingPolicy(facility.sharing_policy),
-        sync=SyncStateOut.model_validate(state, from_attributes=True) if state else None,
-    )
-
-
-@router.get("", response_model=list[FacilityOut], summary="All registered facilities")
-def list_facilities(session: SessionDep, _principal: PrincipalDep) -> list[FacilityOut]:
-    return [_out(session, f) for f in service.list_facilities(session=session)]
-
-
-@router.post(
-    "",
-    response_model=FacilityOut,
-    status_code=201,
-    responses={**_BAD, **_CONFLICT},
-    summary="Register a facility",
-)
-def add_facility(body: FacilityIn, session: SessionDep, _principal: PrincipalDep) -> FacilityOut:
-    f = service.add_facility(
-        session=session,
-        facility_id=body.id,
-        issuer=body.issuer,
-        name=body.name,
-        dicomweb_url=body.dicomweb_url,
-        ae_title=body.ae_title,
-        host=body.host,
-        port=body.port,
-        calling_ae_titles=body.calling_ae_titles,
-        sharing_policy=body.sharing_policy.value,
-    )
-    return _out(session, f)
-
-
-@router.get("/{facility_id}", response_model=FacilityOut, responses=_NOT_FOUND, summary="One facility")
-def get_facility(facility_id: str, session: SessionDep, _principal: PrincipalDep) -> FacilityOut:
-    return _out(session, service.get_facility(session=session, facility_id=facility_id))
-
-
-@router.patch(
-    "/{facility_id}",
-    response_model=FacilityOut,
-    responses={**_NOT_FOUND, **_BAD, **_CONFLICT},
-    summary="Change some fields of a facility",
-)
-def update_facility(
-    facility_id: str, body: FacilityUpdate, session: SessionDep, _principal: PrincipalDep
-) -> FacilityOut:
-    changes = body.model_dump(exclude_unset=True)
-    if "sharing_policy" in changes and changes["sharing_policy"] is not None:
-        changes["sharing_policy"] = SharingPolicy(changes["sharing_policy"]).value
-    f = service.update_facility(session=session, facility_id=facility_id, **changes)
-    return _out(session, f)
-
-
-@router.delete(
-    "/{facility_id}",
-    status_code=204,
-    response_class=Response,
-    responses={**_NOT_FOUND, 409: {"description": "The index still holds the facility's studies"}},
-    summary="Unregister a facility",
-)
-def remove_facility(facility_id: str, session: SessionDep, _principal: PrincipalDep) -> Response:
-    service.remove_facility(session=session, facility_id=facility_id)
-    return Response(status_code=204)
 
 
 @router.post(
     "/{facility_id}/sync",
     response_model=SyncStarted,
     status_code=202,
-    responses={**_NOT_FOUND, 400: {"description": "The facility has no archive endpoint to sync from"}},
+    responses={
+        404: {"description": "No such facility"},
+        400: {"description": "The facility has no archive endpoint to sync from"},
+    },
     summary="Queue an index sync of the facility's archive (progress at /api/jobs/{job_id})",
 )
-def start_sync(
-    facility_id: str, state: StateDep, session: SessionDep, _principal: PrincipalDep
-) -> SyncStarted:
-    from broker.federation import sync
-
-    facility = service.get_facility(session=session, facility_id=facility_id)
-    job = sync.queue_sync(engine=state.engine, facility=facility, calling_ae=state.settings.ae_title)
+def start_sync(facility_id: str, state: StateDep, _principal: PrincipalDep) -> SyncStarted:
+    job = service.queue_sync(engine=state.engine, facility_id=facility_id, calling_ae=state.settings.ae_title)
     assert job.id is not None
     return SyncStarted(job_id=job.id, status=job.status)

@@ -1,72 +1,8 @@
-"""Request and response shapes of the facility registry."""
+"""Response shapes of federation's routes."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from enum import StrEnum
-
-from pydantic import BaseModel, Field
-
-FACILITY_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-# PS3.5 AE: up to 16 characters of the default repertoire, no backslash or control characters.
-AE_TITLE = r"^[ -\[\]-~]{1,16}$"
-
-
-class SharingPolicy(StrEnum):
-    share_all = "share_all"  # index and pixels are shared
-    index_only = "index_only"  # studies are found; pixels stay at the facility until fetched
-    none = "none"  # nothing is shared
-
-
-class FacilityIn(BaseModel):
-    id: str = Field(pattern=FACILITY_ID)
-    issuer: str = Field(min_length=1, max_length=128, description="Issuer of Patient ID (0010,0021).")
-    name: str = Field(default="", max_length=256)
-    dicomweb_url: str | None = Field(
-        default=None, max_length=1024, description="Base URL of the archive's DICOMweb service."
-    )
-    ae_title: str | None = Field(default=None, pattern=AE_TITLE, description="The archive's AE title.")
-    host: str | None = Field(default=None, max_length=255)
-    port: int | None = Field(default=None, ge=1, le=65535)
-    calling_ae_titles: list[str] = Field(
-        default_factory=list, description="AE titles the facility calls the broker from."
-    )
-    sharing_policy: SharingPolicy = SharingPolicy.share_all
-
-
-class FacilityUpdate(BaseModel):
-    """Only the fields given change; `null` clears an endpoint."""
-
-    issuer: str | None = Field(default=None, min_length=1, max_length=128)
-    name: str | None = Field(default=None, max_length=256)
-    dicomweb_url: str | None = Field(default=None, max_length=1024)
-    ae_title: str | None = Field(default=None, pattern=AE_TITLE)
-    host: str | None = Field(default=None, max_length=255)
-    port: int | None = Field(default=None, ge=1, le=65535)
-    calling_ae_titles: list[str] | None = None
-    sharing_policy: SharingPolicy | None = None
-
-
-class SyncStateOut(BaseModel):
-    last_job_id: int | None
-    last_started_at: datetime | None
-    last_completed_at: datetime | None
-    last_status: str
-    last_error: str
-    studies_at_facility: int
-
-
-class FacilityOut(BaseModel):
-    id: str
-    issuer: str
-    name: str
-    dicomweb_url: str | None = None
-    ae_title: str | None = None
-    host: str | None = None
-    port: int | None = None
-    calling_ae_titles: list[str] = Field(default_factory=list)
-    sharing_policy: SharingPolicy = SharingPolicy.share_all
-    sync: SyncStateOut | None = None
+from pydantic import BaseModel
 
 
 class SyncStarted(BaseModel):

@@ -28,11 +28,12 @@ from broker.db import session_scope
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
 from broker.errors import BadRequest, Conflict, NotFound, Unavailable
-from broker.federation.models import Facility, StudyLocation, SyncState
-from broker.federation.remote import RemoteSeries, RemoteStudy, Source, open_source, studies_from_series
-from broker.index.models import Instance, Patient, Series, Study
+from broker.facilities import service as facilities
+from broker.facilities.models import Facility
+from broker.index.models import Instance, Patient, Series, Study, StudyLocation
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
+from broker.peers.archive import RemoteSeries, RemoteStudy, Source, open_source, studies_from_series
 
 log = logging.getLogger("scanonce.federation.sync")
 
@@ -111,8 +112,7 @@ def sync_facility(
     )
 
 
-@jobs.register(SYNC_KIND)
-def _sync_handler(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
+def sync_job(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
     try:
         run_sync(
             engine=engine,
@@ -129,20 +129,9 @@ def _sync_handler(engine: Engine, _store: Any, job: Job, progress: jobs.Progress
 def _record_state(
     engine: Engine, facility_id: str, job_id: int, *, status: str, error: str = "", total: int | None = None
 ) -> None:
-    with session_scope(engine) as session:
-        if session.get(Facility, facility_id) is None:
-            return
-        state = session.get(SyncState, facility_id) or SyncState(facility_id=facility_id)
-        state.last_job_id = job_id
-        state.last_status = status
-        state.last_error = error[:1024]
-        if status == "running":
-            state.last_started_at = _now()
-        if status == "done":
-            state.last_completed_at = _now()
-        if total is not None:
-            state.studies_at_facility = total
-        session.add(state)
+    facilities.record_sync_state(
+        engine=engine, facility_id=facility_id, job_id=job_id, status=status, error=error, total=total
+    )
 
 
 def run_sync(

@@ -90,7 +90,7 @@ def _demographics(msg: Any) -> matching.Demographics:
 
 def _known_issuers(session: Session) -> dict[str, str]:
     """Facility ids and issuers -> issuer, so MSH-4 or CX.4 may name either."""
-    from broker.federation.models import Facility
+    from broker.facilities.models import Facility
 
     known: dict[str, str] = {}
     for fid, issuer in session.exec(select(Facility.id, Facility.issuer)).all():

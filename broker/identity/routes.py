@@ -162,7 +162,7 @@ def _issuer_known(session: Any, issuer: str) -> bool:
     (index lookups only: PIXm must stay fast on a large MPI)."""
     from sqlmodel import select
 
-    from broker.federation.models import Facility
+    from broker.facilities.models import Facility
     from broker.identity.models import IdentityIdentifier, TrustedIssuer
 
     return any(

@@ -847,7 +847,7 @@ def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> 
         session.flush()
     address, phone, others = patient_extras(dataset)
     if others:
-        from broker.federation.models import Facility
+        from broker.facilities.models import Facility
 
         known = set(session.exec(select(Facility.issuer)).all()) | _trusted(session=session)
         others = [i for i in others if i.issuer in known]
@@ -1460,7 +1460,6 @@ def _job_progress(
     return report
 
 
-@jobs.register(KEYS_JOB)
 def _rebuild_keys_job(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
     batch = int(jobs.params_of(job).get("batch") or REBUILD_BATCH)
     with Session(engine) as session:
@@ -1468,3 +1467,8 @@ def _rebuild_keys_job(engine: Engine, _store: Any, job: Job, progress: jobs.Prog
             session=session, batch=batch, progress=lambda done, total: progress.update(done=done, total=total)
         )
     progress.update(message=describe_rebuild(result))
+
+
+def register_jobs() -> None:
+    """Identity's job kinds: the app factory and `scanonce worker` call this once."""
+    jobs.register(KEYS_JOB)(_rebuild_keys_job)

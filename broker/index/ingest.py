@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import select, tuple_, update
@@ -30,19 +30,35 @@ from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
 from broker.errors import NotFound
-from broker.federation.models import Facility
-from broker.identity import service as identity_service
+from broker.facilities.models import Facility
+from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
 from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
 from storage import ObjectStore
-from storage.keys import conflict_key, instance_key
 
 log = logging.getLogger("scanonce.ingest")
 
 _ATTEMPTS = 8
 _PARALLEL_PUTS = 8
+
+
+class PatientLinker(Protocol):
+    """Links a new or changed patient row to a person (the identity domain, a layer above the
+    index, implements it). Called inside the ingest transaction, after the row is flushed."""
+
+    def __call__(self, *, session: Session, patient: Patient, dataset: Any = None) -> None: ...
+
+
+_linker: PatientLinker | None = None
+
+
+def set_patient_linker(linker: PatientLinker | None) -> None:
+    """Wired once per process by the app factory (`broker.app.build_state`); without it, ingest
+    indexes patients without linking them to persons (the index alone, as its own tests use it)."""
+    global _linker
+    _linker = linker
 
 
 def normalize_time(value: str) -> str:
@@ -211,7 +227,8 @@ class _Batch:
         if created or changed:
             session.flush()
         for patient, p in (*created, *changed):
-            identity_service.link_patient(session=session, patient=patient, dataset=p.attrs)
+            if _linker is not None:
+                _linker(session=session, patient=patient, dataset=p.attrs)
         return found
 
 

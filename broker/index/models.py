@@ -2,14 +2,15 @@
 
 Rows hold every attribute QIDO-RS and C-FIND match on (denormalised down to the study so
 a study query never joins), the response fragments each level returns, and per instance
-the full DICOM JSON metadata computed once at ingest.
+the full DICOM JSON metadata computed once at ingest; and where each study is held
+(`StudyLocation`: at which facility, and whether the broker has its pixels).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -132,3 +133,26 @@ class InstanceConflict(SQLModel, table=True):
     size: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     object_key: str = Field(max_length=512)
     received_at: datetime = Field(default_factory=_now)
+
+
+class StudyLocation(SQLModel, table=True):
+    """Where a study is held, and whether the broker has its pixels.
+
+    The remote counts are what the facility reported at the last sync; a study whose counts
+    did not change is not asked about again (incremental sync). `seen_job` is the sync job that
+    last saw the study at the facility: after a complete listing, rows another job saw are gone.
+    """
+
+    __tablename__ = "study_location"
+    __table_args__ = (Index("ix_study_location_facility_seen", "facility_id", "seen_job"),)
+
+    study_uid: str = Field(primary_key=True, max_length=64)
+    facility_id: str = Field(
+        sa_column=Column(String(64), ForeignKey("facility.id", ondelete="CASCADE"), primary_key=True)
+    )
+    has_pixels: bool = False
+    remote_series: int = 0
+    remote_instances: int = 0
+    seen_job: int | None = None
+    synced_at: datetime = Field(default_factory=_now)
+    fetched_at: datetime | None = None

@@ -15,7 +15,7 @@ from broker.dicom.json_model import BULK_BASE_BYTES
 from broker.dicom.uids import require_uid
 from broker.errors import NotFound
 from broker.index.batcher import IngestBatcher
-from broker.index.ingest import ingest_files
+from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
 from broker.index.query import search
@@ -23,6 +23,8 @@ from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome
 
 __all__ = [
     "IngestBatcher",
+    "PatientLinker",
+    "set_patient_linker",
     "ingest_files",
     "parse_instance",
     "search",

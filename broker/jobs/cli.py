@@ -1,23 +1,20 @@
-"""`scanonce jobs prune`: delete old finished jobs now (the worker loop also does it hourly)."""
+"""`scanonce worker` (run queued jobs) and `scanonce jobs prune` (delete old finished jobs now;
+the worker loop also does it hourly). `register(app)` adds them to the main command."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import threading
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+from broker.clikit import DataDir, console, state
+from broker.jobs import service as jobs
+from broker.jobs.worker import run_worker
 
 jobs_app = typer.Typer(
     help="Durable background jobs (index syncs, fetches, key rebuilds).", no_args_is_help=True
 )
-
-DataDir = Annotated[
-    Path | None, typer.Option("--data-dir", help="Data directory (default: $SCANONCE_DATA_DIR or ./data).")
-]
 
 
 @jobs_app.command("prune")
@@ -33,14 +30,28 @@ def prune(
     ] = None,
 ) -> None:
     """Delete finished jobs older than the retention, keeping the newest of each kind and subject."""
-    from broker.app import build_state
-    from broker.jobs import service as jobs
-    from broker.settings import Settings
-
-    state = build_state(Settings(data_dir=data_dir) if data_dir is not None else Settings())
-    keep = jobs.retention(state.settings.job_retention_days if days is None else days)
+    app_state = state(data_dir)
+    keep = jobs.retention(app_state.settings.job_retention_days if days is None else days)
     if keep is None:
         console.print("retention is 0 days: finished jobs are kept forever, nothing pruned")
         return
-    deleted = jobs.prune(engine=state.engine, older_than=keep)
+    deleted = jobs.prune(engine=app_state.engine, older_than=keep)
     console.print(f"pruned {deleted} finished jobs older than {keep.total_seconds() / 86400:g} days")
+
+
+def worker(data_dir: DataDir = None) -> None:
+    """Run queued background jobs (index syncs, key rebuilds, ...) until interrupted. Start as many
+    workers as you like, on any node: each job is claimed by exactly one."""
+    app_state = state(data_dir)
+    stop = threading.Event()
+    kinds = ", ".join(jobs.registered_kinds()) or "none"
+    console.print(f"worker {jobs.default_owner()} waiting for jobs ({kinds}; Ctrl-C stops it)")
+    try:
+        run_worker(engine=app_state.engine, store=app_state.store, settings=app_state.settings, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(jobs_app, name="jobs")
+    app.command("worker")(worker)

@@ -305,11 +305,18 @@ _HANDLERS: dict[str, Handler] = {}
 
 
 def register(kind: str) -> Callable[[Handler], Handler]:
+    """Declare the handler of a job kind. Each domain calls this from its `register_jobs()`,
+    which the app factory calls; registering the same handler again is harmless."""
+
     def deco(fn: Handler) -> Handler:
         _HANDLERS[kind] = fn
         return fn
 
     return deco
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_HANDLERS)
 
 
 def run_claimed(

@@ -13,8 +13,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from broker.app import build_state
+from broker.demo import synth
 from broker.deps import AppState
-from broker.dicom import synth
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
 from broker.dimse.service import DimsePeers
 from broker.index.service import ingest_files

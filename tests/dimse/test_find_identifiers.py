@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlmodel import Session
 
-from broker.dicom import synth
+from broker.demo import synth
 from broker.dimse import service as ds
 from broker.index.schemas import Query
 from broker.index.service import ingest_files, search

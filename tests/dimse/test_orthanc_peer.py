@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from sqlmodel import Session
 
-from broker.dicom import synth
-from broker.federation import service as federation
+from broker.demo import synth
+from broker.facilities import service as facilities
 from broker.index.schemas import Query
 from broker.index.service import search
 from tests.dimse.conftest import Node, synthetic_studies
@@ -31,7 +31,7 @@ def test_orthanc_pushes_queries_and_pulls_back(closed_node: Node, tmp_path: Path
     modalities = {"scanonce": [node.aet, "127.0.0.1", node.port]}
     with orthanc(tmp_path / "pacs", aet="ORTHPACS", dicomweb=False, modalities=modalities) as pacs:
         with Session(node.state.engine) as session:
-            federation.add_facility(
+            facilities.add_facility(
                 session=session, facility_id="orth", issuer="ORTH", ae_title=pacs.aet, host=pacs.host,
                 port=pacs.dicom_port, calling_ae_titles=[pacs.aet],
             )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The event-driven association reactors (broker.dimse.reactor): everything pynetdicom's polling
+"""The event-driven association reactors (broker.dicom.reactor): everything pynetdicom's polling
 loops noticed is still noticed (requests, releases, aborts, idle peers), with both sides in this
 process patched, and dcmtk's tools as the peer where it matters."""
 
@@ -14,7 +14,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from broker.dimse import reactor
+from broker.dicom import reactor
 from tests.peers import dcmtk, free_port
 
 Server = tuple[int, dict[str, threading.Event]]

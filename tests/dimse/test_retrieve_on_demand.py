@@ -11,7 +11,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 from sqlmodel import Session
 
-from broker.dicom import synth
+from broker.demo import synth
+from broker.facilities import service as facilities
 from broker.federation import service as federation
 from tests.dimse.conftest import TEST_FILES, Node, synthetic_studies
 from tests.peers import dcmtk, orthanc, storescp
@@ -34,7 +35,7 @@ def test_move_fetches_a_remote_only_study_then_fails_clearly_when_its_facility_i
                 _upload(pacs.url, synth.write_part10(ds))
             _upload(pacs.url, (TEST_FILES / "rtplan.dcm").read_bytes())
             with Session(node.state.engine) as session:
-                federation.add_facility(
+                facilities.add_facility(
                     session=session, facility_id="far", issuer="FAR", ae_title=pacs.aet, host=pacs.host,
                     port=pacs.dicom_port, sharing_policy="index_only",
                 )  # fmt: skip

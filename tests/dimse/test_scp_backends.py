@@ -8,7 +8,7 @@ from typing import Any
 
 import pydicom
 
-from broker.dicom import synth
+from broker.demo import synth
 from tests.dimse.conftest import TEST_FILES, Node, _start, synthetic_studies
 from tests.peers import dcmtk, storescp
 

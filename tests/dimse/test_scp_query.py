@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlmodel import Session
 
-from broker.federation import service as federation
+from broker.facilities import service as facilities
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from tests.dimse.conftest import COMPRESSED, PATIENT, SYNTH, TEST_FILES, Node
@@ -182,13 +182,13 @@ def sink(archive: Node, tmp_path: Path) -> Iterator[Any]:
     """A dcmtk storescp registered as a facility archive (its AE title is a move destination)."""
     with storescp(tmp_path / "sink", aet="SINKAE") as peer:
         with Session(archive.state.engine) as session:
-            if "sinkfac" not in {f.id for f in federation.list_facilities(session=session)}:
-                federation.add_facility(
+            if "sinkfac" not in {f.id for f in facilities.list_facilities(session=session)}:
+                facilities.add_facility(
                     session=session, facility_id="sinkfac", issuer="SINK", ae_title="SINKAE",
                     host="127.0.0.1", port=peer.port,
                 )  # fmt: skip
             else:
-                federation.update_facility(session=session, facility_id="sinkfac", port=peer.port)
+                facilities.update_facility(session=session, facility_id="sinkfac", port=peer.port)
         yield peer
 
 

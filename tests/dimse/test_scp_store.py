@@ -22,8 +22,8 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlmodel import Session
 
-from broker.dicom import synth
-from broker.federation import service as federation
+from broker.demo import synth
+from broker.facilities import service as facilities
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from storage import LocalStore
@@ -229,7 +229,7 @@ def test_calling_ae_registered_to_a_facility_is_accepted_and_stores_for_it(
     closed_node: Node, tmp_path: Path
 ) -> None:
     with Session(closed_node.state.engine) as session:
-        federation.add_facility(
+        facilities.add_facility(
             session=session, facility_id="northgen", issuer="NORTH-GENERAL", calling_ae_titles=["NG_PACS"]
         )
     study = synthetic_studies()[:2]

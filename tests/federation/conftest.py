@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from broker.app import build_state
 from broker.deps import AppState
-from broker.federation import service
+from broker.facilities import service as facilities
 from broker.settings import Settings
 from tests.peers import OrthancPeer, orthanc
 
@@ -89,7 +89,7 @@ def state(settings: Settings) -> Iterator[AppState]:
 def federated(state: AppState, archives: Archives) -> AppState:
     """The broker with both archives registered: `web` (DICOMweb) and `dimse` (DIMSE only)."""
     with Session(state.engine) as session:
-        service.add_facility(
+        facilities.add_facility(
             session=session,
             facility_id="web",
             issuer="WEBHOSP",
@@ -97,7 +97,7 @@ def federated(state: AppState, archives: Archives) -> AppState:
             dicomweb_url=archives.web.dicomweb_url,
             sharing_policy="index_only",
         )
-        service.add_facility(
+        facilities.add_facility(
             session=session,
             facility_id="dimse",
             issuer="DIMSEHOSP",

@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import typer
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 from typer.testing import CliRunner
 
 from broker.app import create_app
+from broker.cli import app
 from broker.deps import AppState
-from broker.federation import service
-from broker.federation.cli import register
+from broker.facilities import service as facilities
 
 WEB = {
     "id": "stmarys",
@@ -74,9 +73,9 @@ def test_crud_with_documented_status_codes(client: TestClient, state: AppState) 
 
     # The DIMSE SCP identifies a caller by its calling AE title (trailing padding ignored).
     with Session(state.engine) as session:
-        found = service.facility_for_calling_ae(session=session, ae_title="SM  ")
+        found = facilities.facility_for_calling_ae(session=session, ae_title="SM  ")
         assert found is not None and found.id == "stmarys"
-        assert service.facility_for_calling_ae(session=session, ae_title="STMARYS_CT") is None
+        assert facilities.facility_for_calling_ae(session=session, ae_title="STMARYS_CT") is None
 
     ids = [f["id"] for f in client.get("/api/facilities").json()]
     assert ids == ["local", "stmarys"]
@@ -84,14 +83,14 @@ def test_crud_with_documented_status_codes(client: TestClient, state: AppState) 
     assert client.get("/api/facilities/stmarys").status_code == 404
     assert client.delete("/api/facilities/stmarys").status_code == 404
     with Session(state.engine) as session:
-        assert service.facility_for_calling_ae(session=session, ae_title="SM") is None
+        assert facilities.facility_for_calling_ae(session=session, ae_title="SM") is None
 
 
 def test_a_facility_whose_studies_are_indexed_cannot_be_removed(client: TestClient) -> None:
     # The default facility holds the embedded archive; removing a facility would orphan its rows.
     import pydicom
 
-    from broker.dicom import synth  # noqa: F401 - the lead's generator is not needed: ingest one file
+    from broker.demo import synth  # noqa: F401 - the lead's generator is not needed: ingest one file
     from broker.index.service import ingest_files
     from broker.security.schemas import Principal, Role
 
@@ -124,8 +123,6 @@ def test_openapi_documents_the_registry(client: TestClient) -> None:
 
 
 def test_cli_add_list_show_update_remove(tmp_path: Path) -> None:
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     data = ["--data-dir", str(tmp_path)]
 

@@ -18,14 +18,15 @@ from sqlmodel import Session, select
 from broker.app import create_app
 from broker.deps import AppState
 from broker.errors import Unavailable
+from broker.facilities import service as facilities
 from broker.federation import fetch as fetch_module
-from broker.federation import remote, service
-from broker.federation.models import StudyLocation
+from broker.federation import service
 from broker.federation.sync import run_sync
-from broker.index.models import Instance, Series, Study
+from broker.index.models import Instance, Series, Study, StudyLocation
 from broker.index.schemas import Query
 from broker.index.service import search
 from broker.jobs import service as jobs
+from broker.peers import archive as remote
 from tests.federation.conftest import (
     DIMSE_FILES,
     TEST_FILES,
@@ -233,8 +234,8 @@ def test_a_facility_that_is_down_is_named_and_the_rest_keeps_answering(federated
     _sync(federated, "web")
     dead = f"http://127.0.0.1:{free_port()}/dicom-web"
     with Session(federated.engine) as session:
-        service.add_facility(session=session, facility_id="gone", issuer="GONE", dicomweb_url=dead)
-        service.update_facility(session=session, facility_id="web", dicomweb_url=dead)
+        facilities.add_facility(session=session, facility_id="gone", issuer="GONE", dicomweb_url=dead)
+        facilities.update_facility(session=session, facility_id="web", dicomweb_url=dead)
 
     with pytest.raises(Unavailable, match="'gone'"):
         _sync(federated, "gone")
@@ -273,13 +274,10 @@ def test_sync_queued_by_the_api_is_run_by_the_worker_and_the_schedule_requeues_i
 
 
 def test_cli_sync_and_fetch_against_the_archives(archives: Archives, tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from broker.federation.cli import register
+    from broker.cli import app
 
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     data = ["--data-dir", str(tmp_path)]
 

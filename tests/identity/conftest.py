@@ -13,9 +13,18 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from broker.db import make_engine, migrate
-from broker.federation.models import Facility
+from broker.facilities.models import Facility
 from broker.identity import service
 from broker.index.models import Patient
+from broker.index.service import set_patient_linker
+
+
+@pytest.fixture(autouse=True)
+def identity_wired() -> None:
+    """What the app factory wires in: ingest links patients to persons, and a worker runs
+    identity's jobs."""
+    set_patient_linker(service.link_patient)
+    service.register_jobs()
 
 
 @pytest.fixture

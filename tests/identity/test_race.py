@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from broker.db import make_engine
-from broker.federation.models import Facility
+from broker.facilities.models import Facility
 from broker.identity import matching, service
 from broker.identity.models import IdentityRecord, LinkEvent, Person
 from broker.identity.schemas import Identifier

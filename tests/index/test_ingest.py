@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 from broker.app import build_state
 from broker.deps import AppState
 from broker.dicom import status
-from broker.federation import service as federation_service
+from broker.facilities import service as facilities
 from broker.index import service
 from broker.index.models import InstanceConflict, Study
 from broker.index.schemas import Query
@@ -149,7 +149,7 @@ def test_names_in_any_character_set_come_back_as_utf8(state: AppState, name: str
 
 def test_issuer_in_data_is_honoured_only_when_registered(state: AppState, tmp_path: Path) -> None:
     with Session(state.engine) as s:
-        federation_service.add_facility(session=s, facility_id="stmarys", issuer="ST-MARYS")
+        facilities.add_facility(session=s, facility_id="stmarys", issuer="ST-MARYS")
     known = write(
         tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9", issuer="ST-MARYS")
     )

@@ -12,7 +12,7 @@ from sqlmodel import Session
 from broker.app import build_state
 from broker.deps import AppState
 from broker.errors import BadRequest
-from broker.federation import service as federation_service
+from broker.facilities import service as facilities
 from broker.index import service
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
@@ -35,7 +35,7 @@ STUDIES = [
 def state(settings: Settings, tmp_path: Path) -> Iterator[AppState]:
     st = build_state(settings)
     with Session(st.engine) as s:
-        federation_service.add_facility(session=s, facility_id="other", issuer="OTHER")
+        facilities.add_facility(session=s, facility_id="other", issuer="OTHER")
     for uid, name, pid, date, time, acc, mods, facility in STUDIES:
         paths = []
         for n, mod in enumerate(mods, start=1):

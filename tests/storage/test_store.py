@@ -20,10 +20,10 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from broker.db import _MIGRATIONS, make_engine, migrate
-from broker.errors import InvalidUID, Unavailable
+from broker.errors import InvalidUID
+from broker.index.keys import conflict_key, instance_key
 from broker.settings import Settings
-from storage import LocalStore, ObjectNotFound, ObjectStore, open_store
-from storage.keys import conflict_key, instance_key
+from storage import LocalStore, ObjectNotFound, ObjectStore, StoreUnavailable, open_store
 from storage.s3 import S3Store
 
 MiB = 1024 * 1024
@@ -254,7 +254,7 @@ def test_s3_unreachable_endpoint_is_unavailable(unused_port: int, monkeypatch: p
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # signing needs some credentials first
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     store = S3Store(bucket="b", endpoint_url=f"http://127.0.0.1:{unused_port}")
-    with pytest.raises(Unavailable):
+    with pytest.raises(StoreUnavailable):
         store.head("k")
 
 

@@ -37,11 +37,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from broker.dicom import reactor
+from broker.dicom.network import SpoolingAE
 from broker.dicom.uids import is_valid_uid
-from broker.dimse import reactor
-from broker.dimse.errors import DimseStatusError
-from broker.dimse.scp import SpoolingAE
 from broker.errors import BadRequest, Unavailable
+from broker.peers.errors import DimseStatusError
 
 Model = Literal["study", "patient"]
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]

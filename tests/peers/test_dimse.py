@@ -11,11 +11,11 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlmodel import Session
 
-from broker.dimse import scu
-from broker.dimse.errors import DimseStatusError
 from broker.errors import Unavailable
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
+from broker.peers import dimse as scu
+from broker.peers.errors import DimseStatusError
 from tests.dimse.conftest import PATIENT, SYNTH, Node
 from tests.peers import free_port, storescp
 

@@ -1,4 +1,4 @@
-"""Errors of the DIMSE domain."""
+"""Errors of the clients of facility archives."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Facility registry tables, and what index sync remembers between runs."""
+"""Facility registry tables: facilities, the AE titles they call from, and the state of each
+facility's last index sync (written by federation through this domain's service)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, ForeignKey, Index, String
+from sqlalchemy import Column, ForeignKey, String
 from sqlmodel import Field, SQLModel
 
 
@@ -60,26 +61,3 @@ class SyncState(SQLModel, table=True):
     last_status: str = Field(default="", max_length=16)
     last_error: str = Field(default="", max_length=1024)
     studies_at_facility: int = 0
-
-
-class StudyLocation(SQLModel, table=True):
-    """Where a study is held, and whether the broker has its pixels.
-
-    The remote counts are what the facility reported at the last sync; a study whose counts
-    did not change is not asked about again (incremental sync). `seen_job` is the sync job that
-    last saw the study at the facility: after a complete listing, rows another job saw are gone.
-    """
-
-    __tablename__ = "study_location"
-    __table_args__ = (Index("ix_study_location_facility_seen", "facility_id", "seen_job"),)
-
-    study_uid: str = Field(primary_key=True, max_length=64)
-    facility_id: str = Field(
-        sa_column=Column(String(64), ForeignKey("facility.id", ondelete="CASCADE"), primary_key=True)
-    )
-    has_pixels: bool = False
-    remote_series: int = 0
-    remote_instances: int = 0
-    seen_job: int | None = None
-    synced_at: datetime = Field(default_factory=_now)
-    fetched_at: datetime | None = None

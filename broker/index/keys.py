@@ -1,4 +1,4 @@
-"""Object keys, built only from validated DICOM UIDs."""
+"""The index's layout of object keys in the store, built only from validated DICOM UIDs."""
 
 from __future__ import annotations
 

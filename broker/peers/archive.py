@@ -19,9 +19,24 @@ import multipart as mp
 import orjson
 
 from broker.errors import BadRequest, NotFound, Unavailable
-from broker.federation.models import Facility
 
-log = logging.getLogger("scanonce.federation")
+log = logging.getLogger("scanonce.peers")
+
+
+class Archive(Protocol):
+    """Where a facility's archive answers; `broker.facilities.models.Facility` is one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def dicomweb_url(self) -> str | None: ...
+    @property
+    def ae_title(self) -> str | None: ...
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def port(self) -> int | None: ...
+
 
 UID_BATCH = 50  # studies per series query (a UID list keeps round trips few)
 PARALLEL_QUERIES = 4  # QIDO-RS queries in flight to one archive
@@ -138,7 +153,7 @@ def studies_from_series(series: Sequence[RemoteSeries]) -> list[RemoteStudy]:
     return list(by_study.values())
 
 
-def open_source(facility: Facility, *, calling_ae: str = "SCANONCE") -> Source:
+def open_source(facility: Archive, *, calling_ae: str = "SCANONCE") -> Source:
     if facility.dicomweb_url:
         return QidoSource(facility)
     if facility.ae_title and facility.host and facility.port:
@@ -149,7 +164,7 @@ def open_source(facility: Facility, *, calling_ae: str = "SCANONCE") -> Source:
 # -- DICOMweb ---------------------------------------------------------------------------------
 
 
-def _unavailable(facility: Facility, exc: Exception) -> Unavailable:
+def _unavailable(facility: Archive, exc: Exception) -> Unavailable:
     where = facility.dicomweb_url or f"{facility.ae_title}@{facility.host}:{facility.port}"
     return Unavailable(
         f"facility {facility.id!r} is unavailable ({where}): {type(exc).__name__}: {exc}"[:500]
@@ -161,7 +176,7 @@ class QidoSource:
     # whole-archive listing beats per-batch queries once most studies are new.
     prefers_series_listing = True
 
-    def __init__(self, facility: Facility, *, page: int = 5000) -> None:
+    def __init__(self, facility: Archive, *, page: int = 5000) -> None:
         assert facility.dicomweb_url
         self.facility = facility
         self.page = page
@@ -228,7 +243,7 @@ class QidoSource:
         self.client.close()
 
 
-def wado_retrieve_study(*, facility: Facility, study_uid: str, into: str) -> list[str]:
+def wado_retrieve_study(*, facility: Archive, study_uid: str, into: str) -> list[str]:
     """WADO-RS retrieve of a whole study, streamed part by part into files under `into`."""
     assert facility.dicomweb_url
     url = f"{facility.dicomweb_url.rstrip('/')}/studies/{study_uid}"
@@ -301,12 +316,12 @@ def _dimse_identifier(level: str, fields: Sequence[str], **values: str) -> Any:
 class CFindSource:
     """C-FIND at STUDY level, then SERIES level for the studies that changed (Study Root).
 
-    One association for the whole sync (broker.dimse.scu opens one per call, which costs more
+    One association for the whole sync (broker.peers.dimse opens one per call, which costs more
     than the query when a sync asks hundreds of them)."""
 
     prefers_series_listing = True
 
-    def __init__(self, facility: Facility, *, calling_ae: str = "SCANONCE") -> None:
+    def __init__(self, facility: Archive, *, calling_ae: str = "SCANONCE") -> None:
         self.facility = facility
         self.calling_ae = calling_ae
         self._assoc: Any = None

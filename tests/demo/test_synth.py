@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian
 
-from broker.dicom import synth
+from broker.demo import synth
 from broker.dicom.uids import is_valid_uid
 
 REQUIRED = (

@@ -1,0 +1,58 @@
+"""pynetdicom set-up shared by the broker's SCP (broker.dimse) and SCU (broker.peers): an AE that
+spools received C-STOREs to disk, and pynetdicom's logging of identifiers turned off.
+
+Importing this module applies the process-wide pynetdicom settings below once.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from typing import Any
+
+from pynetdicom import AE, _config, dimse_messages
+
+
+class SpoolingAE(AE):  # type: ignore[misc]
+    """An AE whose received C-STORE data sets go straight into a Part 10 temp file (file meta
+    from the command set, then the raw bytes as sent, `event.dataset_path`): nothing is decoded
+    or re-encoded and a multi-gigabyte instance never sits in memory. The files go to
+    `spool_dir` (default: the system's temp dir, which may be RAM-backed: set it to disk)."""
+
+    spool_dir: str | None = None
+
+
+def _spool_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom opens the spool file with NamedTemporaryFile in the association's DUL thread:
+    put it in the SpoolingAE's spool_dir."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    spool_dir = getattr(getattr(assoc, "ae", None), "spool_dir", None)
+    if spool_dir is not None and "dir" not in kwargs:
+        kwargs["dir"] = spool_dir
+    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+
+
+dimse_messages.NamedTemporaryFile = _spool_file
+
+
+class _SpoolFor:
+    """pynetdicom's STORE_RECV_CHUNKED_DATASET switch is process-wide, and other code in this
+    process (e.g. a C-GET client reading `event.request.DataSet`) expects the default. pynetdicom
+    reads the switch while decoding a C-STORE-RQ in the association's DUL thread, so this value
+    is true only there, and only for associations of a SpoolingAE (or if someone had set it)."""
+
+    def __init__(self, previous: object) -> None:
+        self.previous = bool(previous) and not isinstance(previous, _SpoolFor)
+
+    def __bool__(self) -> bool:
+        if self.previous:
+            return True
+        assoc = getattr(threading.current_thread(), "assoc", None)
+        return isinstance(getattr(assoc, "ae", None), SpoolingAE)
+
+
+# No patient data in logs: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO level
+# by default (patient names, IDs, birth dates).
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+_config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)  # type: ignore[assignment]
