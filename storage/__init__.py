@@ -21,6 +21,7 @@ def open_store(url: str) -> ObjectStore:
     if parsed.scheme in ("", "file"):
         return LocalStore(unquote(parsed.path) if parsed.scheme else url)
     if parsed.scheme == "s3":
+        # Only an S3 store needs boto3 (and its import costs ~0.3 s): loaded when one is asked for.
         from storage.s3 import S3Store
 
         q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}

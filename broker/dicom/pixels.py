@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import numpy as np
 from PIL import Image, features
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pack_bits
@@ -562,8 +562,6 @@ def to_explicit_little(ds: Dataset) -> Dataset | None:
 
 def _set_explicit_little(out: Dataset) -> None:
     if not hasattr(out, "file_meta") or out.file_meta is None:
-        from pydicom.dataset import FileMetaDataset
-
         out.file_meta = FileMetaDataset()
     out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out.set_original_encoding(False, True)

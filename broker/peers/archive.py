@@ -17,6 +17,9 @@ from typing import Any, Protocol
 import httpx
 import multipart as mp
 import orjson
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from broker.errors import BadRequest, NotFound, Unavailable
 
@@ -304,8 +307,6 @@ def _boundary(content_type: str) -> str:
 
 
 def _dimse_identifier(level: str, fields: Sequence[str], **values: str) -> Any:
-    from pydicom.dataset import Dataset
-
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for keyword in fields:
@@ -327,9 +328,6 @@ class CFindSource:
         self._assoc: Any = None
 
     def _association(self) -> Any:
-        from pynetdicom import AE
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
-
         if self._assoc is not None and self._assoc.is_established:
             return self._assoc
         ae = AE(ae_title=self.calling_ae)
@@ -353,8 +351,6 @@ class CFindSource:
         return assoc
 
     def _find(self, identifier: Any) -> Iterator[dict[str, Any]]:
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
-
         assoc = self._association()
         for status, ds in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             code = getattr(status, "Status", None)
