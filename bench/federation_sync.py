@@ -29,6 +29,7 @@ from broker.facilities import service as facilities  # noqa: E402
 from broker.federation import service  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from tests.peers import orthanc  # noqa: E402
+from tests.support import ADMIN
 
 CT = Path(pydicom.__path__[0]) / "data" / "test_files" / "CT_small.dcm"
 ROOT = "1.2.826.0.1.3680043.8.498.77"
@@ -56,7 +57,7 @@ def _instances(n_studies: int, n_series: int) -> list[bytes]:
 def _sync(settings: Settings, facility: dict[str, object]) -> tuple[float, float, int]:
     state = build_state(settings)
     with Session(state.engine) as session:
-        facilities.add_facility(session=session, **facility)  # type: ignore[arg-type]
+        facilities.add_facility(session=session, principal=ADMIN, **facility)  # type: ignore[arg-type]
     fid = str(facility["facility_id"])
     first = service.sync_facility(engine=state.engine, store=state.store, facility_id=fid)
     again = service.sync_facility(engine=state.engine, store=state.store, facility_id=fid)

@@ -16,6 +16,7 @@ from broker.demo import synth
 from broker.facilities import service as facilities
 from broker.index import service as index
 from broker.security.schemas import Principal, Role
+from broker.security.service import system_principal
 
 BATCH = 64
 
@@ -27,7 +28,11 @@ def ensure_demo_facilities(*, engine: Engine) -> None:
         for spec in synth.DEFAULT_FACILITIES:
             if spec.id not in known:
                 facilities.add_facility(
-                    session=session, facility_id=spec.id, issuer=spec.issuer, name=spec.name
+                    principal=system_principal(who="demo", facility=spec.id),
+                    session=session,
+                    facility_id=spec.id,
+                    issuer=spec.issuer,
+                    name=spec.name,
                 )
 
 

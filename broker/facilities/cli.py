@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -17,10 +18,16 @@ from broker.errors import ScanOnceError
 from broker.facilities import service
 from broker.facilities.models import Facility
 from broker.facilities.schemas import SharingPolicy
+from broker.security.schemas import Principal
+from broker.security.service import system_principal
 
 facility_app = typer.Typer(help="Facilities that federate their archives.", no_args_is_help=True)
 
 FacilityId = Annotated[str, typer.Argument(metavar="ID", help="Facility id, e.g. stmarys.")]
+
+
+def _operator(facility: str) -> Principal:
+    return system_principal(who=f"cli:{os.environ.get('USER') or 'operator'}", facility=facility)
 
 
 def _endpoint(f: Facility) -> tuple[str, str]:
@@ -81,6 +88,7 @@ def facility_add(
         with Session(app_state.engine, expire_on_commit=False) as session:
             f = service.add_facility(
                 session=session,
+                principal=_operator(app_state.settings.default_facility),
                 facility_id=facility_id,
                 issuer=issuer,
                 name=name,
@@ -176,7 +184,12 @@ def facility_update(
     app_state = state(data_dir)
     try:
         with Session(app_state.engine, expire_on_commit=False) as session:
-            f = service.update_facility(session=session, facility_id=facility_id, **changes)
+            f = service.update_facility(
+                session=session,
+                principal=_operator(app_state.settings.default_facility),
+                facility_id=facility_id,
+                **changes,
+            )
             console.print(_facility_table(_rows(session, [f])))
     except ScanOnceError as exc:
         fail(exc)
@@ -188,7 +201,11 @@ def facility_remove(facility_id: FacilityId, data_dir: DataDir = None) -> None:
     app_state = state(data_dir)
     try:
         with Session(app_state.engine) as session:
-            service.remove_facility(session=session, facility_id=facility_id)
+            service.remove_facility(
+                session=session,
+                principal=_operator(app_state.settings.default_facility),
+                facility_id=facility_id,
+            )
     except ScanOnceError as exc:
         fail(exc)
     console.print(f"facility {facility_id} removed")

@@ -55,9 +55,10 @@ def list_facilities(session: SessionDep, _principal: PrincipalDep) -> list[Facil
     responses={**_BAD, **_CONFLICT},
     summary="Register a facility",
 )
-def add_facility(body: FacilityIn, session: SessionDep, _principal: PrincipalDep) -> FacilityOut:
+def add_facility(body: FacilityIn, session: SessionDep, principal: PrincipalDep) -> FacilityOut:
     f = service.add_facility(
         session=session,
+        principal=principal,
         facility_id=body.id,
         issuer=body.issuer,
         name=body.name,
@@ -83,12 +84,12 @@ def get_facility(facility_id: str, session: SessionDep, _principal: PrincipalDep
     summary="Change some fields of a facility",
 )
 def update_facility(
-    facility_id: str, body: FacilityUpdate, session: SessionDep, _principal: PrincipalDep
+    facility_id: str, body: FacilityUpdate, session: SessionDep, principal: PrincipalDep
 ) -> FacilityOut:
     changes = body.model_dump(exclude_unset=True)
     if "sharing_policy" in changes and changes["sharing_policy"] is not None:
         changes["sharing_policy"] = SharingPolicy(changes["sharing_policy"]).value
-    f = service.update_facility(session=session, facility_id=facility_id, **changes)
+    f = service.update_facility(session=session, principal=principal, facility_id=facility_id, **changes)
     return _out(session, f)
 
 
@@ -99,6 +100,6 @@ def update_facility(
     responses={**_NOT_FOUND, 409: {"description": "The index still holds the facility's studies"}},
     summary="Unregister a facility",
 )
-def remove_facility(facility_id: str, session: SessionDep, _principal: PrincipalDep) -> Response:
-    service.remove_facility(session=session, facility_id=facility_id)
+def remove_facility(facility_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
+    service.remove_facility(session=session, principal=principal, facility_id=facility_id)
     return Response(status_code=204)

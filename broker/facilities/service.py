@@ -17,6 +17,8 @@ from broker.db import session_scope
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.facilities.models import Facility, FacilityAE, SyncState
 from broker.facilities.schemas import FACILITY_ID, SharingPolicy
+from broker.security.schemas import Principal
+from broker.security.service import authorize
 from broker.settings import Settings
 
 _AE = re.compile(r"^[ -\[\]-~]{1,16}$")
@@ -71,6 +73,7 @@ def _set_calling_aes(session: Session, facility_id: str, titles: Iterable[str]) 
 def add_facility(
     *,
     session: Session,
+    principal: Principal,
     facility_id: str,
     issuer: str,
     name: str = "",
@@ -81,6 +84,7 @@ def add_facility(
     calling_ae_titles: Iterable[str] = (),
     sharing_policy: str = "share_all",
 ) -> Facility:
+    authorize(principal, action="facility.write", facility=facility_id)
     if not re.match(FACILITY_ID, facility_id):
         raise BadRequest("facility id must be 1-64 letters, digits, '.', '_' or '-'")
     if not issuer:
@@ -108,9 +112,10 @@ def add_facility(
     return facility
 
 
-def update_facility(*, session: Session, facility_id: str, **changes: Any) -> Facility:
+def update_facility(*, session: Session, principal: Principal, facility_id: str, **changes: Any) -> Facility:
     """Change the given fields (issuer, name, dicomweb_url, ae_title, host, port,
     calling_ae_titles, sharing_policy); a None endpoint field clears it."""
+    authorize(principal, action="facility.write", facility=facility_id)
     facility = get_facility(session=session, facility_id=facility_id)
     allowed = {"issuer", "name", "dicomweb_url", "ae_title", "host", "port", "sharing_policy"}
     unknown = set(changes) - allowed - {"calling_ae_titles"}
@@ -145,10 +150,11 @@ def update_facility(*, session: Session, facility_id: str, **changes: Any) -> Fa
     return facility
 
 
-def remove_facility(*, session: Session, facility_id: str) -> None:
+def remove_facility(*, session: Session, principal: Principal, facility_id: str) -> None:
     """Unregister a facility. Refused while the index holds its studies or patients: those rows
     are qualified by its issuer and must not become orphans (their foreign keys say so, so the
     registry needs no knowledge of the index's tables)."""
+    authorize(principal, action="facility.write", facility=facility_id)
     facility = get_facility(session=session, facility_id=facility_id)
     for table in (FacilityAE, SyncState):
         session.exec(delete(table).where(table.facility_id == facility_id))  # type: ignore[call-overload, attr-defined, arg-type]

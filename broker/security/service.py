@@ -1,5 +1,10 @@
-"""Authentication. Until enforcement exists, the embedded default's caller is an
-administrator of the `local` facility (DESIGN.md, rules of the house)."""
+"""Who is calling, and what they may do: the one place where a principal is checked.
+
+Until enforcement exists, the embedded default's caller is an administrator of the `local`
+facility (every HTTP request), a DIMSE caller acts for the facility its calling AE title belongs
+to, and `authorize` allows everything. Services that act for a caller call `authorize` first, so
+that roles, facility scope and consent can be enforced here later without touching them.
+"""
 
 from __future__ import annotations
 
@@ -15,3 +20,15 @@ def principal_for_dimse(*, settings: Settings, calling_ae: str, facility: str | 
     return Principal(
         who=f"ae:{calling_ae}", role=Role.facility, facility=facility or settings.default_facility
     )
+
+
+def system_principal(*, who: str, facility: str) -> Principal:
+    """The broker acting on its own behalf or for an operator at the command line (the CLI,
+    background jobs, the demo loader)."""
+    return Principal(who=who, role=Role.admin, facility=facility)
+
+
+def authorize(principal: Principal, *, action: str, facility: str | None = None) -> None:
+    """Allow `principal` to perform `action` (e.g. "facility.write") on `facility`'s data, or
+    raise `broker.errors.Forbidden`. Today: everything is allowed (see the module docstring)."""
+    del principal, action, facility

@@ -16,6 +16,7 @@ from broker.index.schemas import Query
 from broker.index.service import search
 from tests.dimse.conftest import Node, synthetic_studies
 from tests.peers import orthanc
+from tests.support import ADMIN
 
 
 def _rest(method: str, url: str, **kwargs: Any) -> Any:
@@ -32,7 +33,8 @@ def test_orthanc_pushes_queries_and_pulls_back(closed_node: Node, tmp_path: Path
     with orthanc(tmp_path / "pacs", aet="ORTHPACS", dicomweb=False, modalities=modalities) as pacs:
         with Session(node.state.engine) as session:
             facilities.add_facility(
-                session=session, facility_id="orth", issuer="ORTH", ae_title=pacs.aet, host=pacs.host,
+                session=session, principal=ADMIN,
+                facility_id="orth", issuer="ORTH", ae_title=pacs.aet, host=pacs.host,
                 port=pacs.dicom_port, calling_ae_titles=[pacs.aet],
             )  # fmt: skip
         ids = [

@@ -16,6 +16,7 @@ from broker.facilities import service as facilities
 from broker.federation import service as federation
 from tests.dimse.conftest import TEST_FILES, Node, synthetic_studies
 from tests.peers import dcmtk, orthanc, storescp
+from tests.support import ADMIN
 
 
 def _upload(url: str, data: bytes) -> None:
@@ -36,7 +37,8 @@ def test_move_fetches_a_remote_only_study_then_fails_clearly_when_its_facility_i
             _upload(pacs.url, (TEST_FILES / "rtplan.dcm").read_bytes())
             with Session(node.state.engine) as session:
                 facilities.add_facility(
-                    session=session, facility_id="far", issuer="FAR", ae_title=pacs.aet, host=pacs.host,
+                    session=session, principal=ADMIN,
+                    facility_id="far", issuer="FAR", ae_title=pacs.aet, host=pacs.host,
                     port=pacs.dicom_port, sharing_policy="index_only",
                 )  # fmt: skip
             federation.sync_facility(engine=node.state.engine, store=node.state.store, facility_id="far")

@@ -24,6 +24,7 @@ from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from tests.dimse.conftest import COMPRESSED, PATIENT, SYNTH, TEST_FILES, Node
 from tests.peers import dcmtk, storescp
+from tests.support import ADMIN
 
 
 def _findscu(node: Node, model: str, keys: dict[str, str], out: Path) -> list[Dataset]:
@@ -184,11 +185,13 @@ def sink(archive: Node, tmp_path: Path) -> Iterator[Any]:
         with Session(archive.state.engine) as session:
             if "sinkfac" not in {f.id for f in facilities.list_facilities(session=session)}:
                 facilities.add_facility(
-                    session=session, facility_id="sinkfac", issuer="SINK", ae_title="SINKAE",
+                    session=session, principal=ADMIN, facility_id="sinkfac", issuer="SINK", ae_title="SINKAE",
                     host="127.0.0.1", port=peer.port,
                 )  # fmt: skip
             else:
-                facilities.update_facility(session=session, facility_id="sinkfac", port=peer.port)
+                facilities.update_facility(
+                    session=session, principal=ADMIN, facility_id="sinkfac", port=peer.port
+                )
         yield peer
 
 

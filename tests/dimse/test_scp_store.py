@@ -29,6 +29,7 @@ from broker.index.service import find_instances, search
 from storage import LocalStore
 from tests.dimse.conftest import TEST_FILES, Node, _start, sample_folder, synthetic_studies
 from tests.peers import dcmtk
+from tests.support import ADMIN
 
 # dcmtk storescu's option proposing each stored transfer syntax (uncompressed: -xe).
 _STORESCU_OPTION = {
@@ -230,7 +231,11 @@ def test_calling_ae_registered_to_a_facility_is_accepted_and_stores_for_it(
 ) -> None:
     with Session(closed_node.state.engine) as session:
         facilities.add_facility(
-            session=session, facility_id="northgen", issuer="NORTH-GENERAL", calling_ae_titles=["NG_PACS"]
+            session=session,
+            principal=ADMIN,
+            facility_id="northgen",
+            issuer="NORTH-GENERAL",
+            calling_ae_titles=["NG_PACS"],
         )
     study = synthetic_studies()[:2]
     paths = synth.write_files(study, tmp_path / "send")

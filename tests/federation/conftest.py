@@ -19,6 +19,7 @@ from broker.deps import AppState
 from broker.facilities import service as facilities
 from broker.settings import Settings
 from tests.peers import OrthancPeer, orthanc
+from tests.support import ADMIN
 
 TEST_FILES = Path(pydicom.__path__[0]) / "data" / "test_files"
 BROKER_AE = "SCANONCE"
@@ -91,6 +92,7 @@ def federated(state: AppState, archives: Archives) -> AppState:
     with Session(state.engine) as session:
         facilities.add_facility(
             session=session,
+            principal=ADMIN,
             facility_id="web",
             issuer="WEBHOSP",
             name="Web General",
@@ -99,6 +101,7 @@ def federated(state: AppState, archives: Archives) -> AppState:
         )
         facilities.add_facility(
             session=session,
+            principal=ADMIN,
             facility_id="dimse",
             issuer="DIMSEHOSP",
             name="DIMSE County",

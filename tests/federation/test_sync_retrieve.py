@@ -39,6 +39,7 @@ from tests.federation.conftest import (
     upload,
 )
 from tests.peers import free_port
+from tests.support import ADMIN
 
 WEB_STUDIES = {study_uid_of(n) for n in WEB_FILES}
 DIMSE_STUDIES = {study_uid_of(n) for n in DIMSE_FILES}
@@ -234,8 +235,10 @@ def test_a_facility_that_is_down_is_named_and_the_rest_keeps_answering(federated
     _sync(federated, "web")
     dead = f"http://127.0.0.1:{free_port()}/dicom-web"
     with Session(federated.engine) as session:
-        facilities.add_facility(session=session, facility_id="gone", issuer="GONE", dicomweb_url=dead)
-        facilities.update_facility(session=session, facility_id="web", dicomweb_url=dead)
+        facilities.add_facility(
+            session=session, principal=ADMIN, facility_id="gone", issuer="GONE", dicomweb_url=dead
+        )
+        facilities.update_facility(session=session, principal=ADMIN, facility_id="web", dicomweb_url=dead)
 
     with pytest.raises(Unavailable, match="'gone'"):
         _sync(federated, "gone")

@@ -21,6 +21,7 @@ from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.index.helpers import CHARSET_FILES, TEST_FILES, make_ds, write
+from tests.support import ADMIN
 
 P = Principal(who="test", role=Role.admin, facility="local")
 
@@ -149,7 +150,7 @@ def test_names_in_any_character_set_come_back_as_utf8(state: AppState, name: str
 
 def test_issuer_in_data_is_honoured_only_when_registered(state: AppState, tmp_path: Path) -> None:
     with Session(state.engine) as s:
-        facilities.add_facility(session=s, facility_id="stmarys", issuer="ST-MARYS")
+        facilities.add_facility(session=s, principal=ADMIN, facility_id="stmarys", issuer="ST-MARYS")
     known = write(
         tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9", issuer="ST-MARYS")
     )

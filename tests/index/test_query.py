@@ -18,6 +18,7 @@ from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.index.helpers import make_ds, write
+from tests.support import ADMIN
 
 P = Principal(who="test", role=Role.admin, facility="local")
 
@@ -35,7 +36,7 @@ STUDIES = [
 def state(settings: Settings, tmp_path: Path) -> Iterator[AppState]:
     st = build_state(settings)
     with Session(st.engine) as s:
-        facilities.add_facility(session=s, facility_id="other", issuer="OTHER")
+        facilities.add_facility(session=s, principal=ADMIN, facility_id="other", issuer="OTHER")
     for uid, name, pid, date, time, acc, mods, facility in STUDIES:
         paths = []
         for n, mod in enumerate(mods, start=1):
