@@ -374,7 +374,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
     ) -> Response:
         return await metadata(request, scope, study, series, instance)
 
-    @wado_get("/studies/{study}/series/{series}/instances/{instance}/bulk/{tag}", "WADO-RS: bulk data")
+    @wado_get("/studies/{study}/series/{series}/instances/{instance}/bulk/{tag:path}", "WADO-RS: bulk data")
     async def bulkdata(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str, tag: str
     ) -> Response:

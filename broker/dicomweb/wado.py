@@ -320,23 +320,44 @@ def frame_parts(
     return out
 
 
+def _bulk_path(text: str) -> list[tuple[int, int]]:
+    """`TTTTTTTT` or `SSSSSSSS/n/TTTTTTTT[/n/TTTTTTTT...]` (a value inside item n of a sequence,
+    items numbered from 1 as in PS3.19) -> [(sequence tag, item number)..., (tag, 0)]."""
+    parts = text.strip().split("/")
+    if len(parts) % 2 == 0 or len(parts) > 31:
+        raise BadRequest(f"bulk data path is TAG or SEQTAG/ITEM/TAG..., got {text[:60]!r}")
+    steps = []
+    for i in range(0, len(parts), 2):
+        tag = parts[i]
+        if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
+            raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {tag[:20]!r}")
+        item = parts[i + 1] if i + 1 < len(parts) else "0"
+        if not item.isascii() or not item.isdigit() or len(item) > 6:
+            raise BadRequest(f"bulk data item numbers are positive integers, got {item[:20]!r}")
+        steps.append((int(tag, 16), int(item)))
+    return steps
+
+
 def bulk_value(store: ObjectStore, ref: InstanceRef, tag_text: str) -> bytes:
-    text = tag_text.strip()
-    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {text[:20]!r}")
-    tag = Tag(int(text, 16))
+    steps = _bulk_path(tag_text)
+    where = tag_text.strip().upper()
     ds = read_dataset(store, ref)
+    for seq_tag, number in steps[:-1]:
+        seq = ds.get(Tag(seq_tag))
+        if seq is None or seq.VR != "SQ" or not 1 <= number <= len(seq.value):
+            raise NotFound(f"instance {ref.sop_uid} has no bulk data at {where}")
+        ds = seq.value[number - 1]
+    tag = Tag(steps[-1][0])
     if tag not in ds:
-        raise NotFound(f"instance {ref.sop_uid} has no bulk data at {text.upper()}")
-    elem = ds[tag]
-    value = elem.value
+        raise NotFound(f"instance {ref.sop_uid} has no bulk data at {where}")
+    value = ds[tag].value
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     raw = ds.get_item(tag)
     raw_value = getattr(raw, "value", None)
     if isinstance(raw_value, bytes | bytearray):
         return bytes(raw_value)
-    raise NotFound(f"attribute {text.upper()} of instance {ref.sop_uid} is not bulk data")
+    raise NotFound(f"attribute {where} of instance {ref.sop_uid} is not bulk data")
 
 
 def render_instance(

@@ -37,6 +37,8 @@ NATIVE = (uid(20, 1), uid(20, 1, 1))  # (series, sop): CT, Explicit VR Little En
 LOSSLESS = (uid(20, 1), uid(20, 1, 2))  # MR, JPEG 2000 lossless
 BASELINE = (uid(20, 2), uid(20, 2, 1))  # SC, JPEG baseline (lossy)
 LOSSY_J2K = (uid(20, 2), uid(20, 2, 2))  # SC, JPEG 2000 (lossy)
+ECG_STUDY = uid(21)
+ECG = (uid(21, 1), uid(21, 1, 1))  # 12-lead ECG: bulk data inside a sequence
 
 
 @dataclass
@@ -88,6 +90,17 @@ def _build(folder: Path) -> dict[str, Path]:
             **extra,
         )
         out[sop] = dst
+    ecg = folder / "ecg.dcm"
+    relabel(
+        TEST_FILES / "waveform_ecg.dcm",
+        ecg,
+        StudyInstanceUID=ECG_STUDY,
+        SeriesInstanceUID=ECG[0],
+        SOPInstanceUID=ECG[1],
+        PatientName="Ecg^Test",
+        PatientID="PID-21",
+    )
+    out[ECG[1]] = ecg
     return out
 
 
@@ -159,7 +172,7 @@ def test_default_retrieve_of_a_mixed_study_sends_lossy_instances_as_stored(mixed
         assert r.status_code == 200, (accept, r.status_code, r.text)
         parts = split_multipart(r.headers["content-type"], r.content)
         got = {pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID: (h, d) for h, d in parts}
-        assert set(got) == set(mixed.files)
+        assert set(got) == set(mixed.files) - {ECG[1]}
         # Lossless instances become Explicit VR Little Endian (the default) without changing a pixel.
         for series_sop in (NATIVE, LOSSLESS):
             headers_, data = got[series_sop[1]]
@@ -234,7 +247,7 @@ def test_metadata_as_native_dicom_model_xml(mixed: Mixed) -> None:
     assert len(roots) == 4
     assert all(root.tag == f"{NS}NativeDicomModel" for root in roots)
     sops = {_attr(root, "00080018").find(f"{NS}Value").text for root in roots}  # type: ignore[union-attr]
-    assert sops == set(mixed.files)
+    assert sops == set(mixed.files) - {ECG[1]}
 
     (ct,) = _xml_parts(mixed.get(_instance(NATIVE) + "/metadata", Accept=accept))
     tags = [a.get("tag") for a in ct.findall(f"{NS}DicomAttribute")]
@@ -293,6 +306,36 @@ def test_metadata_xml_unacceptable_and_json_still_default(mixed: Mixed) -> None:
     r = mixed.get(path, Accept="application/dicom+json")
     assert r.headers["content-type"] == "application/dicom+json"
     assert len(r.json()) == 4
+
+
+def test_bulk_data_inside_a_sequence_is_served_from_its_uri(mixed: Mixed) -> None:
+    original = pydicom.dcmread(mixed.files[ECG[1]])
+    (meta,) = mixed.get(f"/dicom-web/studies/{ECG_STUDY}/metadata").json()
+    uris = [item["54001010"]["BulkDataURI"] for item in meta["54000100"]["Value"]]
+    assert len(uris) == len(original.WaveformSequence) == 2
+    for uri, item in zip(uris, original.WaveformSequence, strict=True):
+        r = mixed.get(uri.removeprefix(mixed.server.origin), Accept="application/octet-stream")
+        assert r.status_code == 200, r.text
+        assert r.content == item.WaveformData
+        client_parts = mixed.server.client().retrieve_bulkdata(uri)
+        assert client_parts == [item.WaveformData]
+    # The same reference in the XML model.
+    (root,) = _xml_parts(
+        mixed.get(
+            f"/dicom-web/studies/{ECG_STUDY}/metadata",
+            Accept='multipart/related; type="application/dicom+xml"',
+        )
+    )
+    items = _attr(root, "54000100").findall(f"{NS}Item")
+    assert [i.get("number") for i in items] == ["1", "2"]
+    bulk = _attr(items[1], "54001010").find(f"{NS}BulkData")
+    assert bulk is not None and bulk.get("uri") == uris[1]
+    # Paths that name no value: item 0 or past the end, a tag that is not a sequence.
+    base = _instance(ECG).replace(STUDY, ECG_STUDY) + "/bulk"
+    for path in ("54000100/0/54001010", "54000100/3/54001010", "00100010/1/54001010", "54000100/1/00091234"):
+        assert mixed.get(f"{base}/{path}").status_code == 404, path
+    for path in ("54000100/x/54001010", "54000100/1", "54000100//54001010", "54000100/1/5400101"):
+        assert mixed.get(f"{base}/{path}").status_code == 400, path
 
 
 # ------------------------------------------------------------------------------- 4. Range, HEAD
