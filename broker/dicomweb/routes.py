@@ -105,7 +105,9 @@ def _single_part(request: Request, body: wado.SinglePart) -> Response:
     headers = {"Accept-Ranges": "bytes"}
     status = 200
     start, end = 0, body.size
-    wanted = None if "if-range" in request.headers else request.headers.get("range")
+    # RFC 9110 14.2: Range is defined for GET only; under If-Range there is no validator to compare.
+    ranged = request.method == "GET" and "if-range" not in request.headers
+    wanted = request.headers.get("range") if ranged else None
     try:
         asked = wado.byte_range(wanted, body.size)
     except wado.RangeNotSatisfiable as exc:
