@@ -98,7 +98,7 @@ def _streamed(request: Request, body: Callable[[], Iterator[bytes]], *, media_ty
     return StreamingResponse(body(), media_type=media_type)
 
 
-def _single_part(request: Request, body: wado.SinglePart) -> Response:
+async def _single_part(request: Request, body: wado.SinglePart) -> Response:
     """A single-part body, honouring one byte range (RFC 9110 14): 206 with Content-Range, 416
     when the range starts past the end; several ranges or another unit get the whole body. A
     Range under If-Range is answered in full: there is no validator to compare it with."""
@@ -108,18 +108,20 @@ def _single_part(request: Request, body: wado.SinglePart) -> Response:
     # RFC 9110 14.2: Range is defined for GET only; under If-Range there is no validator to compare.
     ranged = request.method == "GET" and "if-range" not in request.headers
     wanted = request.headers.get("range") if ranged else None
-    try:
-        asked = wado.byte_range(wanted, body.size)
-    except wado.RangeNotSatisfiable as exc:
+    asked = wado.byte_range(wanted, body.size)
+    if asked is not None and not asked:
         return Response(
-            status_code=416, headers={"Content-Range": f"bytes */{exc.size}", "Accept-Ranges": "bytes"}
+            status_code=416, headers={"Content-Range": f"bytes */{body.size}", "Accept-Ranges": "bytes"}
         )
     if asked is not None:
-        start, end = asked
+        start, end = asked.start, asked.stop
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
     headers["Content-Length"] = str(end - start)
-    chunks: Iterable[bytes] = () if request.method == "HEAD" else body.read(start, end)
+    # Opening a ranged read may be a blocking object-store request: not on the event loop.
+    chunks: Iterable[bytes] = (
+        () if request.method == "HEAD" else await run_in_threadpool(body.read, start, end)
+    )
     return StreamingResponse(iter(chunks), status_code=status, media_type=body.content_type, headers=headers)
 
 
@@ -307,7 +309,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
         if plan.single_part:
             (delivery,) = plan.deliveries
             body = await run_in_threadpool(wado.single_instance, scope.state.store, delivery)
-            return _single_part(request, body)
+            return await _single_part(request, body)
         boundary = new_boundary()
         response = _streamed(
             request,
@@ -384,7 +386,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
         (ref,) = await _refs(scope, study, series, instance)
         data = await run_in_threadpool(wado.bulk_value, scope.state.store, ref, tag)
         if single:
-            return _single_part(request, wado.single_bytes(wado.OCTET, data))
+            return await _single_part(request, wado.single_bytes(wado.OCTET, data))
         boundary = new_boundary()
         return _streamed(
             request,
@@ -430,7 +432,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
             quality=quality,
             thumbnail=thumbnail,
         )
-        return _single_part(request, wado.single_bytes(media_type, data))
+        return await _single_part(request, wado.single_bytes(media_type, data))
 
     @wado_get("/studies/{study}/series/{series}/instances/{instance}/rendered", "WADO-RS: rendered")
     async def instance_rendered(

@@ -210,11 +210,11 @@ def negotiate_metadata(accept: str | None) -> str:
     )
 
 
-def byte_range(value: str | None, size: int) -> tuple[int, int] | None:
-    """The one byte range [start, end) a Range header asks of a `size`-byte body (RFC 9110 14.2).
+def byte_range(value: str | None, size: int) -> range | None:
+    """The one byte range a Range header asks of a `size`-byte body (RFC 9110 14.2), as offsets.
 
     None: serve the whole body (no header, another unit, a syntax error, or several ranges, which a
-    server may answer in full). Raises RangeNotSatisfiable when the range lies beyond the body.
+    server may answer in full). An empty range: the range lies wholly beyond the body (416).
     """
     if not value:
         return None
@@ -228,25 +228,13 @@ def byte_range(value: str | None, size: int) -> tuple[int, int] | None:
         if last == "":
             return None
         suffix = int(last)
-        if suffix == 0 or size == 0:
-            raise RangeNotSatisfiable(size)
-        return max(0, size - suffix), size
+        return range(max(0, size - suffix), size) if suffix and size else range(0)
     start = int(first)
-    end = size if last == "" else min(size, int(last) + 1)
     if last != "" and int(last) < start:
         return None  # an invalid range is ignored, not refused
     if start >= size:
-        raise RangeNotSatisfiable(size)
-    return start, end
-
-
-class RangeNotSatisfiable(Exception):
-    """A Range wholly beyond the body: 416 with `Content-Range: bytes */size` (an HTTP matter,
-    answered by the route, not a broker error)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(f"range not satisfiable for a {size}-byte body")
-        self.size = size
+        return range(0)
+    return range(start, size if last == "" else min(size, int(last) + 1))
 
 
 # ------------------------------------------------------------------------------- reading
