@@ -232,6 +232,19 @@ def _sequence_json(items: Any, path: str) -> dict[str, Any]:
     return {"vr": "SQ", "Value": values} if values else {"vr": "SQ"}
 
 
+def without_bulk(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes with every BulkDataURI value left out, at any depth (query answers carry no
+    bulk data; inside sequences it would also carry the stored URI placeholder)."""
+    out = {}
+    for key, item in attrs.items():
+        if "BulkDataURI" in item:
+            continue
+        if item.get("vr") == "SQ" and item.get("Value"):
+            item = {**item, "Value": [without_bulk(i) if i else i for i in item["Value"]]}
+        out[key] = item
+    return out
+
+
 def first_value(attrs: dict[str, Any], tag: str) -> Any:
     item = attrs.get(tag)
     if not item:

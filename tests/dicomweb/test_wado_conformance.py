@@ -473,3 +473,16 @@ def test_cors_origins_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert Settings().cors_origins == ["*"]
     monkeypatch.setenv("SCANONCE_CORS_ORIGINS", "")
     assert Settings().cors_origins == []
+
+
+def test_search_answers_carry_no_bulk_data_from_inside_sequences(mixed: Mixed) -> None:
+    # Bulk data referenced inside sequences (the ECG's samples) is WADO-RS metadata only; a QIDO-RS
+    # answer has no bulk data at any depth, and never the stored placeholder of the URI base.
+    r = mixed.get(f"/dicom-web/studies/{ECG_STUDY}/instances?includefield=all")
+    assert r.status_code == 200
+    assert b"BulkDataURI" not in r.content
+    assert b"@@" not in r.content
+    (found,) = r.json()
+    items = found["54000100"]["Value"]
+    assert len(items) == 2
+    assert all("54001010" not in item and item["003A0005"]["Value"] for item in items)
