@@ -127,8 +127,31 @@ def create_app(
             conn.execute(text("SELECT 1"))
         return "ready"
 
+    _add_cors(app, settings.cors_origins)
     _include_routers(app)
     return app
+
+
+# What a viewer's script must be able to read from a DICOMweb response (CORS exposes only the
+# "safelisted" headers otherwise): multipart boundaries, sizes, ranges and PS3.18 warnings.
+_EXPOSED_HEADERS = ["Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "Warning", "Location"]
+
+
+def _add_cors(app: FastAPI, origins: list[str]) -> None:
+    """CORS for viewers served from another origin (OHIF, a portal); off unless origins are set."""
+    if not origins:
+        return
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+        # Accept with multipart parameters, Range, and bearer tokens are not safelisted headers.
+        allow_headers=["*"],
+        expose_headers=_EXPOSED_HEADERS,
+        max_age=600,
+    )
 
 
 def _include_routers(app: FastAPI) -> None:

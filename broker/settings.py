@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -60,6 +61,21 @@ class Settings(BaseSettings):
         ),
     )
     max_part_bytes: int = 4 * 1024**3
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Origins whose browser pages (a viewer served elsewhere) may call the HTTP API, comma "
+            "separated; `*` for any. Empty (the default): no CORS headers at all."
+        ),
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        # From the environment: "https://a.example, https://b.example" rather than a JSON list.
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     def resolved_database_url(self) -> str:
         if self.database_url:

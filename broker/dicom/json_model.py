@@ -197,15 +197,51 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
                 if fast is not None:
                     out[key] = fast
                     continue
-        try:
-            elem = ds[tag]
-            if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
-                out[key] = _bulk(int(tag), elem.VR, bulk_prefix)
+        out[key] = _element_json(ds, tag, f"{bulk_prefix}/bulk")
+    return out
+
+
+def _element_json(ds: Dataset, tag: int, bulk_path: str) -> dict[str, Any]:
+    """One element through pydicom; bulk values (at any depth) as BulkDataURI under `bulk_path`,
+    the WADO-RS bulk data URL of the dataset holding the element."""
+    uri = f"{BULK_BASE}/{bulk_path}/{int(tag):08X}"
+    try:
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            return _sequence_json(elem.value, f"{bulk_path}/{int(tag):08X}")
+        if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
+            return {"vr": elem.VR, "BulkDataURI": uri}
+        return elem.to_json_dict(None, 1 << 30)
+    except Exception:  # noqa: BLE001 - one unreadable value must not sink the instance
+        # A value pydicom cannot decode is kept as bytes behind a BulkDataURI rather than dropped.
+        return {"vr": "UN", "BulkDataURI": uri}
+
+
+def _sequence_json(items: Any, path: str) -> dict[str, Any]:
+    """A sequence, item by item, so that large binary values inside items (waveform samples, icon
+    pixels) are referenced as `{path}/{item number}/{tag}` instead of inlined: PS3.18 F.2.6 allows
+    a BulkDataURI at any depth, and a viewer never needs them inline. No items, no Value (F.2.2)."""
+    values = []
+    for number, item in enumerate(items or (), start=1):
+        encoded: dict[str, Any] = {}
+        for tag in item.keys():  # noqa: SIM118 - iterating a Dataset converts every element
+            if Tag(tag).element == 0:
                 continue
-            out[key] = elem.to_json_dict(None, 1 << 30)
-        except Exception:  # noqa: BLE001 - one unreadable value must not sink the instance
-            # A value pydicom cannot decode is kept as bytes behind a BulkDataURI rather than dropped.
-            out[key] = _bulk(int(tag), "UN", bulk_prefix)
+            encoded[f"{int(tag):08X}"] = _element_json(item, tag, f"{path}/{number}")
+        values.append(encoded)
+    return {"vr": "SQ", "Value": values} if values else {"vr": "SQ"}
+
+
+def without_bulk(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes with every BulkDataURI value left out, at any depth (query answers carry no
+    bulk data; inside sequences it would also carry the stored URI placeholder)."""
+    out = {}
+    for key, item in attrs.items():
+        if "BulkDataURI" in item:
+            continue
+        if item.get("vr") == "SQ" and item.get("Value"):
+            item = {**item, "Value": [without_bulk(i) if i else i for i in item["Value"]]}
+        out[key] = item
     return out
 
 

@@ -7,7 +7,7 @@ Handlers are thin: parse, run the blocking work in a worker thread, shape the re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, TypeVar
@@ -19,7 +19,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.deps import PrincipalDep, StateDep
-from broker.dicom.uids import require_uid
+from broker.dicom.uids import is_valid_uid, require_uid
 from broker.dicomweb import qido, stow, wado
 from broker.dicomweb.multipart import (
     ReceivedParts,
@@ -71,12 +71,59 @@ def _warning(base: str, text: str) -> str:
 
 
 def _uids(study: str, series: str | None = None, instance: str | None = None) -> None:
-    """Invalid UIDs are refused (400) before anything can turn them into a key or a query."""
-    require_uid(study, "StudyInstanceUID")
-    if series is not None:
-        require_uid(series, "SeriesInstanceUID")
-    if instance is not None:
-        require_uid(instance, "SOPInstanceUID")
+    """A UID that is not a UID names no resource: 404 (PS3.18 8.5, "the target resource does not
+    exist"), before anything can turn it into a key or a query."""
+    for value, what in (
+        (study, "StudyInstanceUID"),
+        (series, "SeriesInstanceUID"),
+        (instance, "SOPInstanceUID"),
+    ):
+        if value is not None and not is_valid_uid(value):
+            raise NotFound(f"no such resource: {what} is not a valid DICOM UID: {value[:80]!r}")
+
+
+def _no_encoded_slash(request: Request) -> None:
+    """A `%2F` inside a path segment is part of a UID, and no UID holds a slash; the server decodes
+    it before routing, so `studies/1.2%2Fseries%2F3` would otherwise be served as series 3 of
+    study 1.2. Such a target names no resource: 404."""
+    raw = request.scope.get("raw_path") or b""
+    if b"%2f" in raw.lower():
+        raise NotFound("no such resource: a DICOM UID in a path never contains '/' (%2F)")
+
+
+def _streamed(request: Request, body: Callable[[], Iterator[bytes]], *, media_type: str) -> StreamingResponse:
+    """A streamed (multipart or JSON) response; HEAD gets its status and headers without the body
+    being produced (no instance is read or transcoded for it)."""
+    if request.method == "HEAD":
+        return StreamingResponse(iter(()), media_type=media_type)
+    return StreamingResponse(body(), media_type=media_type)
+
+
+async def _single_part(request: Request, body: wado.SinglePart) -> Response:
+    """A single-part body, honouring one byte range (RFC 9110 14): 206 with Content-Range, 416
+    when the range starts past the end; several ranges or another unit get the whole body. A
+    Range under If-Range is answered in full: there is no validator to compare it with."""
+    headers = {"Accept-Ranges": "bytes"}
+    status = 200
+    start, end = 0, body.size
+    # RFC 9110 14.2: Range is defined for GET only; under If-Range there is no validator to compare.
+    ranged = request.method == "GET" and "if-range" not in request.headers
+    wanted = request.headers.get("range") if ranged else None
+    asked = wado.byte_range(wanted, body.size)
+    if asked is not None and not asked:
+        return Response(
+            status_code=416, headers={"Content-Range": f"bytes */{body.size}", "Accept-Ranges": "bytes"}
+        )
+    if asked is not None:
+        start, end = asked.start, asked.stop
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
+    headers["Content-Length"] = str(end - start)
+    # Opening a ranged read may be a blocking object-store request: not on the event loop.
+    chunks: Iterable[bytes] = (
+        () if request.method == "HEAD" else await run_in_threadpool(body.read, start, end)
+    )
+    return StreamingResponse(iter(chunks), status_code=status, media_type=body.content_type, headers=headers)
 
 
 def _in_session(scope: Scope, fn: Callable[..., T], **kwargs: Any) -> T:
@@ -239,28 +286,54 @@ def make_router(*, per_facility: bool) -> APIRouter:
 
     # ---------------------------------------------------------------------------- WADO-RS
 
+    def wado_get(path: str, summary: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """GET, and HEAD with the same handler (the same status and headers, no body; PS3.18
+        8.4 and RFC 9110 9.3.2); HEAD stays out of the OpenAPI document."""
+
+        def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+            guard = [Depends(_no_encoded_slash)]
+            router.add_api_route(path, endpoint, methods=["GET"], summary=summary, dependencies=guard)
+            router.add_api_route(
+                path, endpoint, methods=["HEAD"], summary=summary, include_in_schema=False, dependencies=guard
+            )
+            return endpoint
+
+        return register
+
     async def retrieve(
         request: Request, scope: Scope, study: str, series: str | None, instance: str | None
     ) -> Response:
         refs = await _refs(scope, study, series, instance)
-        plan = wado.negotiate_instances(request.headers.get("accept"), refs)
-        boundary = new_boundary()
-        body = related_stream(wado.instance_parts(scope.state.store, plan), boundary=boundary)
-        return StreamingResponse(
-            body, media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'
+        plan = wado.negotiate_instances(
+            request.headers.get("accept"), refs, allow_single=instance is not None
         )
+        if plan.single_part:
+            (delivery,) = plan.deliveries
+            body = await run_in_threadpool(wado.single_instance, scope.state.store, delivery)
+            return await _single_part(request, body)
+        boundary = new_boundary()
+        response = _streamed(
+            request,
+            lambda: related_stream(
+                wado.instance_parts(scope.state.store, plan.deliveries), boundary=boundary
+            ),
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        )
+        if plan.partial:
+            # PS3.18 10.4.3: some instances could not be returned as asked -> 206 and say which.
+            response.status_code = 206
+            response.headers.append("Warning", _warning(scope.base, wado.partial_warning(plan)))
+        return response
 
-    @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+    @wado_get("/studies/{study}", "WADO-RS: retrieve a study")
     async def retrieve_study(request: Request, scope: ScopeDep, study: str) -> Response:
         return await retrieve(request, scope, study, None, None)
 
-    @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+    @wado_get("/studies/{study}/series/{series}", "WADO-RS: retrieve a series")
     async def retrieve_series(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
         return await retrieve(request, scope, study, series, None)
 
-    @router.get(
-        "/studies/{study}/series/{series}/instances/{instance}", summary="WADO-RS: retrieve an instance"
-    )
+    @wado_get("/studies/{study}/series/{series}/instances/{instance}", "WADO-RS: retrieve an instance")
     async def retrieve_instance(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str
     ) -> Response:
@@ -270,7 +343,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
         request: Request, scope: Scope, study: str, series: str | None, instance: str | None
     ) -> Response:
         _uids(study, series, instance)
-        wado.negotiate_json(request.headers.get("accept"))
+        media_type = wado.negotiate_metadata(request.headers.get("accept"))
         fragments = await _local_or_fetched(
             scope,
             study,
@@ -279,43 +352,50 @@ def make_router(*, per_facility: bool) -> APIRouter:
             sop_uid=instance,
             facility_id=scope.facility_id,
         )
-        body: Iterator[bytes] = index_service.render_metadata(fragments, base=scope.base)
-        return StreamingResponse(body, media_type=DICOM_JSON)
+        if media_type == wado.DICOM_XML:
+            boundary = new_boundary()
+            return _streamed(
+                request,
+                lambda: related_stream(
+                    index_service.render_metadata_xml(fragments, base=scope.base), boundary=boundary
+                ),
+                media_type=f'multipart/related; type="{wado.DICOM_XML}"; boundary={boundary}',
+            )
+        return _streamed(
+            request, lambda: index_service.render_metadata(fragments, base=scope.base), media_type=DICOM_JSON
+        )
 
-    @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
+    @wado_get("/studies/{study}/metadata", "WADO-RS: study metadata")
     async def study_metadata(request: Request, scope: ScopeDep, study: str) -> Response:
         return await metadata(request, scope, study, None, None)
 
-    @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
+    @wado_get("/studies/{study}/series/{series}/metadata", "WADO-RS: series metadata")
     async def series_metadata(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
         return await metadata(request, scope, study, series, None)
 
-    @router.get(
-        "/studies/{study}/series/{series}/instances/{instance}/metadata", summary="WADO-RS: instance metadata"
-    )
+    @wado_get("/studies/{study}/series/{series}/instances/{instance}/metadata", "WADO-RS: instance metadata")
     async def instance_metadata(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str
     ) -> Response:
         return await metadata(request, scope, study, series, instance)
 
-    @router.get(
-        "/studies/{study}/series/{series}/instances/{instance}/bulk/{tag}", summary="WADO-RS: bulk data"
-    )
+    @wado_get("/studies/{study}/series/{series}/instances/{instance}/bulk/{tag:path}", "WADO-RS: bulk data")
     async def bulkdata(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str, tag: str
     ) -> Response:
-        wado.negotiate_bulk(request.headers.get("accept"))
+        single = wado.negotiate_bulk(request.headers.get("accept"))
         (ref,) = await _refs(scope, study, series, instance)
         data = await run_in_threadpool(wado.bulk_value, scope.state.store, ref, tag)
+        if single:
+            return await _single_part(request, wado.single_bytes(wado.OCTET, data))
         boundary = new_boundary()
-        body = related_stream([(wado.OCTET, (data,))], boundary=boundary)
-        return StreamingResponse(
-            body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+        return _streamed(
+            request,
+            lambda: related_stream([(wado.OCTET, (data,))], boundary=boundary),
+            media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}',
         )
 
-    @router.get(
-        "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", summary="WADO-RS: frames"
-    )
+    @wado_get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", "WADO-RS: frames")
     async def frames(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
     ) -> Response:
@@ -325,9 +405,10 @@ def make_router(*, per_facility: bool) -> APIRouter:
         parts = await run_in_threadpool(wado.frame_parts, scope.state.store, ref, numbers, plan)
         boundary = new_boundary()
         part_type = parts[0][0].split(";")[0] if parts else wado.OCTET
-        body = related_stream([(ct, (data,)) for ct, data in parts], boundary=boundary)
-        return StreamingResponse(
-            body, media_type=f'multipart/related; type="{part_type}"; boundary={boundary}'
+        return _streamed(
+            request,
+            lambda: related_stream([(ct, (data,)) for ct, data in parts], boundary=boundary),
+            media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
         )
 
     async def rendered(
@@ -352,17 +433,17 @@ def make_router(*, per_facility: bool) -> APIRouter:
             quality=quality,
             thumbnail=thumbnail,
         )
-        return Response(data, media_type=media_type)
+        return await _single_part(request, wado.single_bytes(media_type, data))
 
-    @router.get("/studies/{study}/series/{series}/instances/{instance}/rendered", summary="WADO-RS: rendered")
+    @wado_get("/studies/{study}/series/{series}/instances/{instance}/rendered", "WADO-RS: rendered")
     async def instance_rendered(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str
     ) -> Response:
         return await rendered(request, scope, await _refs(scope, study, series, instance))
 
-    @router.get(
+    @wado_get(
         "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
-        summary="WADO-RS: rendered frame",
+        "WADO-RS: rendered frame",
     )
     async def frame_rendered(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
@@ -376,33 +457,40 @@ def make_router(*, per_facility: bool) -> APIRouter:
         media_type = wado.negotiate_rendered(request.headers.get("accept"))
         window, viewport, quality = wado.parse_render_params(dict(request.query_params))
         boundary = new_boundary()
-        parts = wado.rendered_parts(
-            scope.state.store, refs, media_type=media_type, window=window, viewport=viewport, quality=quality
-        )
-        return StreamingResponse(
-            related_stream(parts, boundary=boundary),
+        return _streamed(
+            request,
+            lambda: related_stream(
+                wado.rendered_parts(
+                    scope.state.store,
+                    refs,
+                    media_type=media_type,
+                    window=window,
+                    viewport=viewport,
+                    quality=quality,
+                ),
+                boundary=boundary,
+            ),
             media_type=f'multipart/related; type="{media_type}"; boundary={boundary}',
         )
 
-    @router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
+    @wado_get("/studies/{study}/rendered", "WADO-RS: rendered study")
     async def study_rendered(request: Request, scope: ScopeDep, study: str) -> Response:
         return await rendered_many(request, scope, await _refs(scope, study))
 
-    @router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
+    @wado_get("/studies/{study}/series/{series}/rendered", "WADO-RS: rendered series")
     async def series_rendered(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
         return await rendered_many(request, scope, await _refs(scope, study, series))
 
-    @router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
+    @wado_get("/studies/{study}/thumbnail", "WADO-RS: study thumbnail")
     async def study_thumbnail(request: Request, scope: ScopeDep, study: str) -> Response:
         return await rendered(request, scope, await _refs(scope, study), thumbnail=True)
 
-    @router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
+    @wado_get("/studies/{study}/series/{series}/thumbnail", "WADO-RS: series thumbnail")
     async def series_thumbnail(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
         return await rendered(request, scope, await _refs(scope, study, series), thumbnail=True)
 
-    @router.get(
-        "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
-        summary="WADO-RS: instance thumbnail",
+    @wado_get(
+        "/studies/{study}/series/{series}/instances/{instance}/thumbnail", "WADO-RS: instance thumbnail"
     )
     async def instance_thumbnail(
         request: Request, scope: ScopeDep, study: str, series: str, instance: str

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from pydicom import dcmread
@@ -25,6 +25,8 @@ from storage import ObjectStore
 log = logging.getLogger("scanonce.wado")
 
 DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 OCTET = "application/octet-stream"
 EXPLICIT_LE = str(ExplicitVRLittleEndian)
 
@@ -50,41 +52,87 @@ class Delivery:
     transcode: bool
 
 
-def _deliveries_for(mt: MediaType, refs: list[InstanceRef]) -> list[Delivery] | None:
-    ts = mt.params.get("transfer-syntax")
+@dataclass(frozen=True, slots=True)
+class InstancesPlan:
+    """How a retrieve is answered: what is sent, in which syntax, and what cannot be."""
+
+    deliveries: list[Delivery]
+    undeliverable: list[InstanceRef]  # not sendable in the asked transfer syntax (206 + Warning)
+    asked: str  # the transfer syntax asked for, for the Warning: a UID, "*" or "(default)"
+    single_part: bool = False  # `application/dicom` alone: the instance is the body (Retrieve Instance)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.undeliverable)
+
+
+def _delivery(ref: InstanceRef, ts: str | None) -> Delivery | None:
+    """How one instance is sent for the asked transfer syntax (`ts`: a UID, "*", or None for the
+    default); None when it cannot be sent in it (no lossy or lossless encoder is used here)."""
+    stored = ref.transfer_syntax_uid or EXPLICIT_LE
+    if ts == "*" or ts == stored:
+        return Delivery(ref, stored, False)
+    if ts is None or ts == EXPLICIT_LE:
+        if stored in _LOSSLESS_TO_ELE:
+            return Delivery(ref, EXPLICIT_LE, True)
+        if ts is None:
+            # PS3.18 8.7.3.4: the default is Explicit VR Little Endian, except for pixel data the
+            # origin server holds only in lossy form, which it returns in the syntax received.
+            return Delivery(ref, stored, False)
+    return None
+
+
+def _plan_for(mt: MediaType, refs: list[InstanceRef], *, single_part: bool) -> InstancesPlan:
+    ts = mt.params.get("transfer-syntax") or None
     out: list[Delivery] = []
+    missing: list[InstanceRef] = []
     for ref in refs:
-        stored = ref.transfer_syntax_uid or EXPLICIT_LE
-        if ts == "*" or (ts is not None and ts == stored):
-            out.append(Delivery(ref, stored, False))
-        elif ts is None or ts == EXPLICIT_LE:
-            # The default (PS3.18 8.7.3.5.2): Explicit VR Little Endian, when it loses nothing.
-            if stored == EXPLICIT_LE:
-                out.append(Delivery(ref, stored, False))
-            elif stored in _LOSSLESS_TO_ELE:
-                out.append(Delivery(ref, EXPLICIT_LE, True))
-            else:
-                return None
+        d = _delivery(ref, ts)
+        if d is None:
+            missing.append(ref)
         else:
-            return None
-    return out
+            out.append(d)
+    return InstancesPlan(out, missing, ts or "(default)", single_part)
 
 
-def negotiate_instances(accept: str | None, refs: list[InstanceRef]) -> list[Delivery]:
-    """Pick, from the Accept header, how each instance is sent; 406 when no range fits all."""
-    reasons = []
+def negotiate_instances(
+    accept: str | None, refs: list[InstanceRef], *, allow_single: bool = False
+) -> InstancesPlan:
+    """Pick, from the Accept header, how each instance is sent.
+
+    The first media range (by q) that delivers every instance wins. When none does, the one that
+    delivers most is used and the rest are reported (PS3.18: 206 Partial Content with a Warning);
+    406 only when no range delivers anything. `allow_single`: the target is one instance, which
+    may also be asked for as a single-part `application/dicom` body.
+    """
+    best: InstancesPlan | None = None
     for mt in parse_accept(accept):
-        if not _is_related(mt) or _part_type(mt, DICOM) not in (DICOM, "*/*", "application/*"):
-            reasons.append(mt.type)
+        if _is_related(mt) and _part_type(mt, DICOM) in (DICOM, "*/*", "application/*"):
+            plan = _plan_for(mt, refs, single_part=False)
+        elif allow_single and mt.type == DICOM:
+            plan = _plan_for(mt, refs, single_part=True)
+        else:
             continue
-        plan = _deliveries_for(mt, refs)
-        if plan is not None:
+        if not plan.partial:
             return plan
-        reasons.append(f"{mt.type}; transfer-syntax={mt.params.get('transfer-syntax', '(default)')}")
+        if plan.deliveries and (best is None or len(plan.deliveries) > len(best.deliveries)):
+            best = plan
+    if best is not None:
+        return best
     stored = sorted({r.transfer_syntax_uid for r in refs})
     raise NotAcceptable(
         'no acceptable representation: instances are retrieved as multipart/related; type="application/dicom"'
         f" (stored transfer syntaxes: {', '.join(stored)}; add transfer-syntax=* to take them as stored)"
+    )
+
+
+def partial_warning(plan: InstancesPlan, *, limit: int = 10) -> str:
+    """The Warning text of a partial retrieve: which instances were left out, and why."""
+    uids = [r.sop_uid for r in plan.undeliverable]
+    shown = ", ".join(uids[:limit]) + (f" and {len(uids) - limit} more" if len(uids) > limit else "")
+    return (
+        f"{len(uids)} of {len(uids) + len(plan.deliveries)} instances cannot be returned in transfer syntax"
+        f" {plan.asked} and were left out: {shown}"
     )
 
 
@@ -118,11 +166,18 @@ def negotiate_frames(accept: str | None) -> FramesPlan:
     )
 
 
-def negotiate_bulk(accept: str | None) -> None:
+def negotiate_bulk(accept: str | None) -> bool:
+    """True: a single-part `application/octet-stream` body (which Range applies to); False: the
+    multipart/related form (the default, what DICOMweb clients ask for)."""
     for mt in parse_accept(accept):
         if _is_related(mt) and _part_type(mt, OCTET) in (OCTET, "*/*", "application/*"):
-            return
-    raise NotAcceptable('bulk data is retrieved as multipart/related; type="application/octet-stream"')
+            return False
+        if mt.type == OCTET:
+            return True
+    raise NotAcceptable(
+        'bulk data is retrieved as multipart/related; type="application/octet-stream", '
+        "or as application/octet-stream alone"
+    )
 
 
 def negotiate_rendered(accept: str | None) -> str:
@@ -140,6 +195,46 @@ def negotiate_json(accept: str | None) -> None:
         if mt.type in ("application/dicom+json", "application/json", "*/*", "application/*"):
             return
     raise NotAcceptable("this resource is available as application/dicom+json only")
+
+
+def negotiate_metadata(accept: str | None) -> str:
+    """`application/dicom+json`, or `application/dicom+xml` (PS3.18 8.7.3.2: XML metadata is a
+    multipart/related payload, one Native DICOM Model document per instance)."""
+    for mt in parse_accept(accept):
+        if mt.type in ("application/dicom+json", "application/json", "*/*", "application/*"):
+            return DICOM_JSON
+        if mt.type == "multipart/related" and _part_type(mt, "") == DICOM_XML:
+            return DICOM_XML
+    raise NotAcceptable(
+        'metadata is available as application/dicom+json or multipart/related; type="application/dicom+xml"'
+    )
+
+
+def byte_range(value: str | None, size: int) -> range | None:
+    """The one byte range a Range header asks of a `size`-byte body (RFC 9110 14.2), as offsets.
+
+    None: serve the whole body (no header, another unit, a syntax error, or several ranges, which a
+    server may answer in full). An empty range: the range lies wholly beyond the body (416).
+    """
+    if not value:
+        return None
+    unit, eq, spec = value.partition("=")
+    if not eq or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        return range(max(0, size - suffix), size) if suffix and size else range(0)
+    start = int(first)
+    if last != "" and int(last) < start:
+        return None  # an invalid range is ignored, not refused
+    if start >= size:
+        return range(0)
+    return range(start, size if last == "" else min(size, int(last) + 1))
 
 
 # ------------------------------------------------------------------------------- reading
@@ -213,23 +308,44 @@ def frame_parts(
     return out
 
 
+def _bulk_path(text: str) -> list[tuple[int, int]]:
+    """`TTTTTTTT` or `SSSSSSSS/n/TTTTTTTT[/n/TTTTTTTT...]` (a value inside item n of a sequence,
+    items numbered from 1 as in PS3.19) -> [(sequence tag, item number)..., (tag, 0)]."""
+    parts = text.strip().split("/")
+    if len(parts) % 2 == 0 or len(parts) > 31:
+        raise BadRequest(f"bulk data path is TAG or SEQTAG/ITEM/TAG..., got {text[:60]!r}")
+    steps = []
+    for i in range(0, len(parts), 2):
+        tag = parts[i]
+        if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
+            raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {tag[:20]!r}")
+        item = parts[i + 1] if i + 1 < len(parts) else "0"
+        if not item.isascii() or not item.isdigit() or len(item) > 6:
+            raise BadRequest(f"bulk data item numbers are positive integers, got {item[:20]!r}")
+        steps.append((int(tag, 16), int(item)))
+    return steps
+
+
 def bulk_value(store: ObjectStore, ref: InstanceRef, tag_text: str) -> bytes:
-    text = tag_text.strip()
-    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {text[:20]!r}")
-    tag = Tag(int(text, 16))
+    steps = _bulk_path(tag_text)
+    where = tag_text.strip().upper()
     ds = read_dataset(store, ref)
+    for seq_tag, number in steps[:-1]:
+        seq = ds.get(Tag(seq_tag))
+        if seq is None or seq.VR != "SQ" or not 1 <= number <= len(seq.value):
+            raise NotFound(f"instance {ref.sop_uid} has no bulk data at {where}")
+        ds = seq.value[number - 1]
+    tag = Tag(steps[-1][0])
     if tag not in ds:
-        raise NotFound(f"instance {ref.sop_uid} has no bulk data at {text.upper()}")
-    elem = ds[tag]
-    value = elem.value
+        raise NotFound(f"instance {ref.sop_uid} has no bulk data at {where}")
+    value = ds[tag].value
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     raw = ds.get_item(tag)
     raw_value = getattr(raw, "value", None)
     if isinstance(raw_value, bytes | bytearray):
         return bytes(raw_value)
-    raise NotFound(f"attribute {text.upper()} of instance {ref.sop_uid} is not bulk data")
+    raise NotFound(f"attribute {where} of instance {ref.sop_uid} is not bulk data")
 
 
 def render_instance(
@@ -310,3 +426,31 @@ def parse_render_params(
         if not 1 <= quality <= 100:
             raise BadRequest("quality is an integer from 1 to 100")
     return window, viewport, quality
+
+
+@dataclass(frozen=True, slots=True)
+class SinglePart:
+    """A body sent alone (not multipart): its type, length and a reader of byte ranges, so that a
+    Range request reads only what it asks for."""
+
+    content_type: str
+    size: int
+    read: Callable[[int, int], Iterable[bytes]]  # the bytes [start, end)
+
+
+def single_bytes(content_type: str, data: bytes) -> SinglePart:
+    return SinglePart(content_type, len(data), lambda start, end: (data[start:end],))
+
+
+def single_instance(store: ObjectStore, d: Delivery) -> SinglePart:
+    """Retrieve Instance as a single `application/dicom` body (PS3.18 10.4.1.1.3)."""
+    if d.transcode:
+        data = _transcoded(store, d.ref)
+        if data is not None:
+            return single_bytes(f"{DICOM}; transfer-syntax={EXPLICIT_LE}", data)
+    key = d.ref.object_key
+    return SinglePart(
+        f"{DICOM}; transfer-syntax={d.ref.transfer_syntax_uid}",
+        d.ref.size,
+        lambda start, end: store.get(key, start=start, end=end),
+    )

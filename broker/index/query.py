@@ -21,7 +21,7 @@ from sqlalchemy.sql import Select
 from sqlmodel import Session
 
 from broker.dicom import attributes as A
-from broker.dicom.json_model import casefold_pn, fuzzy_pn
+from broker.dicom.json_model import casefold_pn, fuzzy_pn, without_bulk
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.index.ingest import normalize_time
@@ -423,8 +423,8 @@ def search(*, session: Session, query: Query) -> QueryResult:
         for row in rows[: query.limit]:
             meta = orjson.loads(row.metadata_json)
             out = _pick(meta, wanted)
-            # Bulk data is for WADO-RS metadata, never for a query answer.
-            out = {k: v for k, v in out.items() if "BulkDataURI" not in v}
+            # Bulk data is for WADO-RS metadata, never for a query answer (nor inside sequences).
+            out = without_bulk(out)
             out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
             out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
             out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}

@@ -6,12 +6,14 @@ in a thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import orjson
 from sqlalchemy import select
 from sqlmodel import Session
 
 from broker.dicom.json_model import BULK_BASE_BYTES
+from broker.dicom.native_xml import native_dicom_model
 from broker.dicom.uids import require_uid
 from broker.errors import NotFound
 from broker.index.batcher import IngestBatcher
@@ -31,6 +33,7 @@ __all__ = [
     "find_instances",
     "metadata_fragments",
     "render_metadata",
+    "render_metadata_xml",
     "Query",
     "QueryResult",
     "StoreOutcome",
@@ -126,3 +129,13 @@ def render_metadata(fragments: list[bytes], *, base: str, chunk: int = 64) -> It
         part = b",".join(fragments[start : start + chunk]).replace(BULK_BASE_BYTES, base_b)
         yield (b"," + part) if start else part
     yield b"]"
+
+
+def render_metadata_xml(fragments: list[bytes], *, base: str) -> Iterator[tuple[str, Iterable[bytes]]]:
+    """The parts of a WADO-RS XML metadata response: one PS3.19 Native DICOM Model document per
+    instance, translated from the same stored JSON (so both encodings carry the same attributes
+    and bulk data URIs); translated lazily, one instance at a time."""
+    base_b = base.rstrip("/").encode()
+    for fragment in fragments:
+        attrs = orjson.loads(fragment.replace(BULK_BASE_BYTES, base_b))
+        yield "application/dicom+xml", (native_dicom_model(attrs),)

@@ -70,3 +70,50 @@ def test_text_is_utf8_whatever_the_input_charset() -> None:
     fast = instance_json(pydicom.dcmread(DATA / "charset_files" / "chrRuss.dcm"), bulk_prefix="x")
     assert fast["00080005"]["Value"] == ["ISO_IR 192"]
     assert fast["00100010"]["Value"][0]["Alphabetic"] == "Люкceмбypг"
+
+
+def _bulk_uris(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [u for k, v in value.items() for u in ([v] if k == "BulkDataURI" else _bulk_uris(v))]
+    if isinstance(value, list):
+        return [u for v in value for u in _bulk_uris(v)]
+    return []
+
+
+def test_bulk_data_inside_sequences_is_referenced_not_inlined() -> None:
+    # An ECG's samples (WaveformData, 5400,1010) sit inside WaveformSequence; inlined they made one
+    # instance's metadata 378 KB of base64 (Orthanc: 20 KB, by reference).
+    ds = pydicom.dcmread(DATA / "test_files" / "waveform_ecg.dcm")
+    out = instance_json(ds, bulk_prefix="studies/1/series/2/instances/3")
+    waveform = out["54000100"]
+    assert waveform["vr"] == "SQ"
+    items = waveform["Value"]
+    assert len(items) == len(ds.WaveformSequence) == 2
+    for number, item in enumerate(items, start=1):
+        assert "InlineBinary" not in item["54001010"]
+        assert item["54001010"] == {
+            "vr": "OW",
+            "BulkDataURI": f"{BULK_BASE}/studies/1/series/2/instances/3/bulk/54000100/{number}/54001010",
+        }
+        # Small values in the same item stay inline.
+        assert item["003A0005"]["Value"] == [ds.WaveformSequence[number - 1].NumberOfWaveformChannels]
+    assert len(orjson_dumps(waveform)) < 20_000  # was 378 KB
+    assert all(u.startswith(BULK_BASE) for u in _bulk_uris(out))
+
+
+def test_an_empty_sequence_has_no_value() -> None:
+    # PS3.18 F.2.2 / PS3.19 A.1.5: one Value per item, so none for no items (pydicom writes []).
+    ds = pydicom.Dataset()
+    ds.ReferencedPerformedProcedureStepSequence = pydicom.Sequence([])
+    item = pydicom.Dataset()
+    item.ReferencedImageSequence = pydicom.Sequence([])
+    ds.ReferencedStudySequence = pydicom.Sequence([item])
+    out = instance_json(ds, bulk_prefix="p")
+    assert out["00081111"] == {"vr": "SQ"}
+    assert out["00081110"] == {"vr": "SQ", "Value": [{"00081140": {"vr": "SQ"}}]}
+
+
+def orjson_dumps(value: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
