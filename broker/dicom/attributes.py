@@ -37,7 +37,7 @@ def vr_of(tag: str) -> str:
     """The tag's VR from the data dictionary (the first of "US or SS"), "UN" when unknown."""
     try:
         return str(dictionary_VR(int(tag, 16))).split(" or ")[0]
-    except KeyError:
+    except (KeyError, ValueError):
         return "UN"
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.sql import Select
 from sqlmodel import Session
 
 from broker.dicom import attributes as A
+from broker.dicom.bounds import bound_dataset, bound_text
 from broker.dicom.json_model import casefold_pn, fuzzy_pn
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
@@ -280,6 +281,10 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
     if value == "" or value == "*":
         return None  # universal matching
     kind = key.kind
+    if kind in ("STR", "PN") and not _has_wildcard(value):
+        # The index holds values cut to their VR's maximum (dicom.bounds); a single value is cut
+        # the same way, so an over-long value still finds the object it came from.
+        value = bound_text(A.vr_of(A.tag_hex(keyword)), value)
     if kind == "UI":
         uids = _values(value)
         for uid in uids:
@@ -508,9 +513,9 @@ def search(*, session: Session, query: Query) -> QueryResult:
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             meta = orjson.loads(row.metadata_json)
-            out = _pick(meta, wanted)
-            # Bulk data is for WADO-RS metadata, never for a query answer.
-            out = {k: v for k, v in out.items() if "BulkDataURI" not in v}
+            # Bulk data is for WADO-RS metadata, never for a query answer; values are bounded
+            # like every other level's (the metadata keeps them whole for WADO-RS).
+            out = bound_dataset({k: v for k, v in _pick(meta, wanted).items() if "BulkDataURI" not in v})
             out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
             out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
             out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
