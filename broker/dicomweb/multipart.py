@@ -120,6 +120,8 @@ class Part:
     path: str  # a temporary file holding the part's body
     content_type: str  # lowercased, without parameters; "" when the part had none
     size: int
+    location: str = ""  # Content-Location, how metadata's BulkDataURI names the part (PS3.18 10.5)
+    header: str = ""  # the whole Content-Type header, parameters included (e.g. transfer-syntax)
 
 
 class ReceivedParts:
@@ -148,31 +150,50 @@ async def receive_parts(
     max_part_bytes: int,
     into: ReceivedParts,
     tmp_dir: str | None = None,
+    max_total_bytes: int | None = None,
+    max_parts: int | None = None,
 ) -> ReceivedParts:
     """Stream a multipart/related body into temporary files, one per part.
 
     Raises BadRequest (broken or empty multipart) or PayloadTooLarge (a part above
-    `max_part_bytes`). Files already written are listed in `into` either way, so the caller's
-    cleanup removes them.
+    `max_part_bytes`, a body above `max_total_bytes`, more than `max_parts` parts). Files
+    already written are listed in `into` either way, so the caller's cleanup removes them.
     """
     parser = _RelatedParser(boundary, max_header_count=64, max_segment_size=max_part_bytes)
     current = None
     current_segment: mp.MultipartSegment | None = None
+    total = 0
     try:
         async for chunk in chunks:
             if not chunk:
                 continue
+            total += len(chunk)
+            if max_total_bytes is not None and total > max_total_bytes:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {max_total_bytes} bytes")
             for event in parser.parse(chunk):
                 if isinstance(event, mp.MultipartSegment):
+                    if max_parts is not None and len(into.parts) >= max_parts:
+                        raise PayloadTooLarge(f"the request holds more than the limit of {max_parts} parts")
                     current_segment = event
                     current = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed at the part's end
                         prefix="stow-", suffix=".part", dir=tmp_dir, delete=False
                     )
-                    into.parts.append(Part(current.name, event.content_type or "", 0))
+                    into.parts.append(
+                        Part(
+                            current.name,
+                            event.content_type or "",
+                            0,
+                            event.header("Content-Location", "") or "",
+                            event.header("Content-Type", "") or "",
+                        )
+                    )
                 elif event is None:
                     if current is not None and current_segment is not None:
                         current.close()
-                        into.parts[-1] = Part(current.name, into.parts[-1].content_type, current_segment.size)
+                        last = into.parts[-1]
+                        into.parts[-1] = Part(
+                            current.name, last.content_type, current_segment.size, last.location, last.header
+                        )
                     current, current_segment = None, None
                 elif current is not None:
                     # Page-cache writes of parser-sized chunks; cheaper than a thread hop each.

@@ -28,7 +28,7 @@ from broker.dicomweb.multipart import (
     related_boundary,
     related_stream,
 )
-from broker.errors import NotAcceptable, NotFound
+from broker.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge
 from broker.federation import service as federation_service
 from broker.index import service as index_service
 from broker.index.schemas import InstanceRef, Level
@@ -114,6 +114,19 @@ async def _refs(
     )
 
 
+def _within_request_limit(content_length: str | None, limit: int) -> None:
+    """413 before reading a body whose announced size is above the limit (a chunked body is
+    counted as it arrives instead)."""
+    if content_length is None:
+        return
+    try:
+        size = int(content_length)
+    except ValueError as exc:
+        raise BadRequest("Content-Length is not a number") from exc
+    if size > limit:
+        raise PayloadTooLarge(f"the request body ({size} bytes) exceeds the limit of {limit} bytes")
+
+
 def make_router(*, per_facility: bool) -> APIRouter:
     prefix = "/facilities/{facility}/dicom-web" if per_facility else "/dicom-web"
     router = APIRouter(prefix=prefix, tags=["DICOMweb (facility)" if per_facility else "DICOMweb"])
@@ -127,6 +140,7 @@ def make_router(*, per_facility: bool) -> APIRouter:
         boundary = related_boundary(request.headers.get("content-type"))
         settings = scope.state.settings
         facility_id = scope.facility_id or settings.default_facility
+        _within_request_limit(request.headers.get("content-length"), settings.stow_max_request_bytes)
         async with ReceivedParts() as received:
             # Parts land beside the object store (data_dir/spool), so ingest can move them into
             # place instead of copying.
@@ -138,6 +152,10 @@ def make_router(*, per_facility: bool) -> APIRouter:
                 max_part_bytes=settings.max_part_bytes,
                 into=received,
                 tmp_dir=str(spool),
+                # Limits are checked while receiving and before anything is ingested: a request
+                # above them is refused whole (413) and stores nothing.
+                max_total_bytes=settings.stow_max_request_bytes,
+                max_parts=settings.stow_max_parts,
             )
             dicom_parts = [
                 (i, p) for i, p in enumerate(received.parts) if p.content_type in ("", "application/dicom")
