@@ -396,6 +396,7 @@ def _write_studies(
             "patient_pk": patient.pk,
             "patient_id": str_value(a, "00100020"),
             "issuer": patient.issuer,
+            "issuer_in_data": str_value(a, "00100021").strip(),
             "patient_name": patient.patient_name,
             "name_norm": patient.name_norm,
             "name_fuzzy": patient.name_fuzzy,

@@ -16,7 +16,7 @@ from datetime import date
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.sql import Select
 from sqlmodel import Session
 
@@ -39,7 +39,7 @@ _ESC = "!"
 
 @dataclass(frozen=True)
 class _Key:
-    kind: str  # UI, DA, TM, PN, STR, CSLIST, INT, MODS
+    kind: str  # UI, DA, TM, PN, STR, ISSUER, CSLIST, INT, MODS
     column: Any
     fuzzy_column: Any = None
 
@@ -48,7 +48,7 @@ def _keys() -> dict[str, dict[str, _Key]]:
     study = {
         "PatientName": _Key("PN", _study.c.name_norm, _study.c.name_fuzzy),
         "PatientID": _Key("STR", _study.c.patient_id),
-        "IssuerOfPatientID": _Key("STR", _study.c.issuer),
+        "IssuerOfPatientID": _Key("ISSUER", _study.c.issuer),
         "PatientBirthDate": _Key("DA", _study.c.birth_date),
         "PatientSex": _Key("CSLIST", _study.c.sex),
         "StudyDate": _Key("DA", _study.c.study_date),
@@ -80,7 +80,7 @@ def _keys() -> dict[str, dict[str, _Key]]:
     patient = {
         "PatientName": _Key("PN", _patient.c.name_norm, _patient.c.name_fuzzy),
         "PatientID": _Key("STR", _patient.c.patient_id),
-        "IssuerOfPatientID": _Key("STR", _patient.c.issuer),
+        "IssuerOfPatientID": _Key("ISSUER", _patient.c.issuer),
         "PatientBirthDate": _Key("DA", _patient.c.birth_date),
         "PatientSex": _Key("CSLIST", _patient.c.sex),
     }
@@ -281,7 +281,7 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
     if value == "" or value == "*":
         return None  # universal matching
     kind = key.kind
-    if kind in ("STR", "PN") and not _has_wildcard(value):
+    if kind in ("STR", "PN", "ISSUER") and not _has_wildcard(value):
         # The index holds values cut to their VR's maximum (dicom.bounds); a single value is cut
         # the same way, so an over-long value still finds the object it came from.
         value = bound_text(A.vr_of(A.tag_hex(keyword)), value)
@@ -316,6 +316,12 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
                 key.fuzzy_column.like("% " + _like(v) + "%", escape=_ESC),
             )
         return _string_match(key.column, casefold_pn(value) if not _has_wildcard(value) else value.casefold())
+    if kind == "ISSUER":
+        # The broker's qualified issuer or the object's own IssuerOfPatientID (see models.Study).
+        own = _string_match(_study.c.issuer_in_data, value)
+        if key.column is _patient.c.issuer:
+            own = exists().where(_study.c.patient_pk == _patient.c.pk, own)
+        return or_(_string_match(key.column, value), own)
     if kind == "CSLIST":
         vals = _values(value)
         return or_(*(_string_match(key.column, v) for v in vals))
@@ -399,6 +405,13 @@ def _paged(stmt: Select[Any], query: Query) -> Select[Any]:
     return stmt.limit(query.limit + 1).offset(query.offset)
 
 
+def _issuer(row: Any) -> dict[str, Any]:
+    """IssuerOfPatientID as answered: the object's own value, else the issuer the broker
+    qualified its Patient ID with (the sending facility's)."""
+    value = row.issuer_in_data or row.issuer
+    return {"vr": "LO", "Value": [value]} if value else {"vr": "LO"}
+
+
 def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> dict[str, Any]:
     attrs = orjson.loads(row.study_json)
     out = _pick(attrs, wanted)
@@ -409,7 +422,7 @@ def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> d
         "00201208": {"vr": "IS", "Value": [row.num_instances]},
         # NEARLINE when only a facility's archive holds the pixels (index sync); ONLINE once here.
         "00080056": attrs.get("00080056") or {"vr": "CS", "Value": ["ONLINE"]},
-        "00100021": {"vr": "LO", "Value": [row.issuer]} if row.issuer else {"vr": "LO"},
+        "00100021": _issuer(row),
         "0020000D": {"vr": "UI", "Value": [row.study_uid]},
     }
     if base:
@@ -472,6 +485,7 @@ def search(*, session: Session, query: Query) -> QueryResult:
                 _study.c.num_series,
                 _study.c.num_instances.label("study_num_instances"),
                 _study.c.issuer,
+                _study.c.issuer_in_data,
             )
             .join(_study, _study.c.pk == _series.c.study_pk)
             .where(*conds)
@@ -498,12 +512,21 @@ def search(*, session: Session, query: Query) -> QueryResult:
             for tag, value in computed.items():
                 if wanted is None or tag in wanted:
                     out[tag] = value
+            if "00100021" in (wanted if wanted is not None else asked):
+                out["00100021"] = _issuer(row)
             matches.append(_finish(out, wanted, A.SERIES_DEFAULTS))
     else:
         wanted = _wanted(query, A.INSTANCE_DEFAULTS, asked)
         order = (_inst.c.instance_number, _inst.c.pk) if query.series_uid else (_inst.c.pk,)
         stmt = _paged(
-            select(_inst.c.sop_uid, _inst.c.metadata_json, _series.c.series_uid, _study.c.study_uid)
+            select(
+                _inst.c.sop_uid,
+                _inst.c.metadata_json,
+                _series.c.series_uid,
+                _study.c.study_uid,
+                _study.c.issuer,
+                _study.c.issuer_in_data,
+            )
             .join(_series, _series.c.pk == _inst.c.series_pk)
             .join(_study, _study.c.pk == _inst.c.study_pk)
             .where(*conds)
@@ -519,6 +542,8 @@ def search(*, session: Session, query: Query) -> QueryResult:
             out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
             out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
             out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+            if "00100021" in out or (wanted is not None and "00100021" in wanted):
+                out["00100021"] = _issuer(row)
             if base:
                 out["00081190"] = {
                     "vr": "UR",
