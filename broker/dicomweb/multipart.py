@@ -82,30 +82,35 @@ def parse_accept(value: str | None) -> list[MediaType]:
 
 
 def related_boundary(content_type: str | None, *, part_type: str = "application/dicom") -> str:
-    """Check a STOW-RS request's Content-Type and return its boundary.
+    """Check a STOW-RS request's Content-Type and return its boundary (see `related_request`)."""
+    return related_request(content_type, part_types=(part_type,))[1]
 
-    415 when it is not multipart/related or announces parts of another type; 400 when the
-    boundary is missing. `type` is matched quoted or unquoted; a missing `type` is tolerated
-    (each part then speaks for itself through its own Content-Type).
+
+def related_request(content_type: str | None, *, part_types: tuple[str, ...]) -> tuple[str, str]:
+    """(declared `type`, boundary) of a STOW-RS request's multipart/related Content-Type.
+
+    415 when it is not multipart/related or announces a `type` not in `part_types`; 400 when
+    the boundary is missing. `type` is matched quoted or unquoted; a missing `type` is tolerated
+    (each part then speaks for itself through its own Content-Type) and returned as "".
     """
+    wanted = f'multipart/related; type="{part_types[0]}"'
     if not content_type:
-        raise UnsupportedMediaType(f'Content-Type is required: multipart/related; type="{part_type}"')
+        raise UnsupportedMediaType(f"Content-Type is required: {wanted}")
     mt = parse_media_type(content_type)
     if mt.type != "multipart/related":
-        raise UnsupportedMediaType(
-            f'unsupported Content-Type {mt.type!r}: expected multipart/related; type="{part_type}"'
-        )
+        raise UnsupportedMediaType(f"unsupported Content-Type {mt.type!r}: expected {wanted}")
     declared = mt.params.get("type", "").strip().lower()
-    if declared and declared != part_type:
+    if declared and declared not in part_types:
+        accepted = " or ".join(repr(t) for t in part_types)
         raise UnsupportedMediaType(
-            f"unsupported multipart/related type {declared!r}: only {part_type!r} parts are accepted"
+            f"unsupported multipart/related type {declared!r}: only {accepted} parts are accepted"
         )
     boundary = mt.params.get("boundary", "")
     if not boundary:
         raise BadRequest("multipart/related Content-Type has no boundary parameter")
     if len(boundary) > 200:
         raise BadRequest("multipart boundary is longer than the 70 characters RFC 2046 allows")
-    return boundary
+    return declared, boundary
 
 
 class _RelatedParser(mp.PushMultipartParser):  # type: ignore[misc]
@@ -129,12 +134,14 @@ class ReceivedParts:
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
+        self.derived: list[str] = []  # files made from the parts (e.g. Part 10 from JSON + bulk data)
 
     def cleanup(self) -> None:
-        for part in self.parts:
+        for path in [*(part.path for part in self.parts), *self.derived]:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(part.path)
+                os.unlink(path)
         self.parts.clear()
+        self.derived.clear()
 
     async def __aenter__(self) -> ReceivedParts:
         return self

@@ -25,7 +25,7 @@ from broker.dicomweb.multipart import (
     ReceivedParts,
     new_boundary,
     receive_parts,
-    related_boundary,
+    related_request,
     related_stream,
 )
 from broker.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge
@@ -137,7 +137,9 @@ def make_router(*, per_facility: bool) -> APIRouter:
         if study is not None:
             require_uid(study, "StudyInstanceUID")
         wado.negotiate_json(request.headers.get("accept"))
-        boundary = related_boundary(request.headers.get("content-type"))
+        declared, boundary = related_request(
+            request.headers.get("content-type"), part_types=("application/dicom", stow.DICOM_JSON)
+        )
         settings = scope.state.settings
         facility_id = scope.facility_id or settings.default_facility
         _within_request_limit(request.headers.get("content-length"), settings.stow_max_request_bytes)
@@ -157,31 +159,23 @@ def make_router(*, per_facility: bool) -> APIRouter:
                 max_total_bytes=settings.stow_max_request_bytes,
                 max_parts=settings.stow_max_parts,
             )
-            dicom_parts = [
-                (i, p) for i, p in enumerate(received.parts) if p.content_type in ("", "application/dicom")
-            ]
-            outcomes: list[Any] = [None] * len(received.parts)
-            for i, p in enumerate(received.parts):
-                if p.content_type not in ("", "application/dicom"):
-                    outcomes[i] = stow.non_dicom_part(i, p.content_type)
-            if dicom_parts:
-                stored = await run_in_threadpool(
-                    index_service.ingest_files,
-                    engine=scope.state.engine,
-                    store=scope.state.store,
-                    principal=scope.principal,
-                    facility_id=facility_id,
-                    paths=[p.path for _, p in dicom_parts],
-                    expected_study_uid=study,
-                    consume=True,
-                )
-                for (i, _), outcome in zip(dicom_parts, stored, strict=True):
-                    outcomes[i] = outcome
+            items = await run_in_threadpool(
+                stow.items_of, received.parts, declared=declared, received=received, tmp_dir=str(spool)
+            )
+            outcomes = await run_in_threadpool(
+                stow.store_items,
+                items,
+                engine=scope.state.engine,
+                store=scope.state.store,
+                principal=scope.principal,
+                facility_id=facility_id,
+                expected_study_uid=study,
+            )
         code, body = stow.store_response(outcomes, base=scope.base, url_study=study)
         response = Response(orjson.dumps(body), status_code=code, media_type=DICOM_JSON)
         failed = [(i, o) for i, o in enumerate(outcomes) if not o.ok]
         for i, o in failed[:20]:
-            response.headers.append("Warning", _warning(scope.base, f"part {i + 1}: {o.message}"[:300]))
+            response.headers.append("Warning", _warning(scope.base, f"instance {i + 1}: {o.message}"[:300]))
         return response
 
     @router.post("/studies", summary="STOW-RS: store instances")
