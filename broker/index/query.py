@@ -281,7 +281,15 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
     if value == "" or value == "*":
         return None  # universal matching
     kind = key.kind
-    if kind in ("STR", "PN", "ISSUER") and not _has_wildcard(value):
+    if kind == "ISSUER":
+        # The broker's qualified issuer (a facility's, up to 128 characters) or the object's own
+        # IssuerOfPatientID, bounded as LO (see models.Study).
+        own_value = value if _has_wildcard(value) else bound_text("LO", value)
+        own = _string_match(_study.c.issuer_in_data, own_value)
+        if key.column is _patient.c.issuer:
+            own = exists().where(_study.c.patient_pk == _patient.c.pk, own)
+        return or_(_string_match(key.column, value), own)
+    if kind in ("STR", "PN") and not _has_wildcard(value):
         # The index holds values cut to their VR's maximum (dicom.bounds); a single value is cut
         # the same way, so an over-long value still finds the object it came from.
         value = bound_text(A.vr_of(A.tag_hex(keyword)), value)
@@ -316,12 +324,6 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
                 key.fuzzy_column.like("% " + _like(v) + "%", escape=_ESC),
             )
         return _string_match(key.column, casefold_pn(value) if not _has_wildcard(value) else value.casefold())
-    if kind == "ISSUER":
-        # The broker's qualified issuer or the object's own IssuerOfPatientID (see models.Study).
-        own = _string_match(_study.c.issuer_in_data, value)
-        if key.column is _patient.c.issuer:
-            own = exists().where(_study.c.patient_pk == _patient.c.pk, own)
-        return or_(_string_match(key.column, value), own)
     if kind == "CSLIST":
         vals = _values(value)
         return or_(*(_string_match(key.column, v) for v in vals))
