@@ -90,6 +90,7 @@ def test_json_metadata_with_bulk_pixel_data_is_stored_as_a_part10_instance(live_
     # The same request again is the same object: a duplicate, which is a success.
     r = _post(live_server, body, ctype)
     assert r.status_code == 200, r.text
+    assert not list((live_server.settings.data_dir / "spool").iterdir())  # parts and made files gone
 
 
 def test_a_missing_bulk_part_fails_that_instance_alone(live_server: LiveServer) -> None:
