@@ -61,6 +61,14 @@ class Settings(BaseSettings):
         ),
     )
     max_part_bytes: int = 4 * 1024**3
+    stow_max_request_bytes: int = Field(
+        default=4 * 1024**3,
+        description="Largest STOW-RS request body in bytes; a larger one is refused whole (413).",
+    )
+    stow_max_parts: int = Field(
+        default=10_000,
+        description="Most parts in one STOW-RS request; a request with more is refused whole (413).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(

@@ -17,18 +17,28 @@ def tag_hex(keyword: str) -> str:
 
 
 def resolve_key(key: str) -> str | None:
-    """A QIDO/C-FIND attribute key given by keyword or by 8-hex-digit tag -> tag hex, else None."""
+    """A QIDO/C-FIND attribute key -> tag hex, else None (PS3.18 8.3.4.1).
+
+    The grammar is `tag = 8HEXDIG / keyword from PS3.6`: any eight hex digits name an attribute
+    (private, or public but newer than pydicom's dictionary) and are accepted here; whether the
+    index can match on it is the query engine's business. A keyword must be a registered one.
+    """
     key = key.strip()
     if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
-        tag = int(key, 16)
-        try:
-            dictionary_VR(tag)
-        except KeyError:
-            if (tag >> 16) % 2 == 0:
-                return None
         return key.upper()
+    if not key.isidentifier():
+        # pydicom's dictionary holds an entry with an empty keyword; "" names nothing.
+        return None
     found = tag_for_keyword(key)
     return f"{found:08X}" if found is not None else None
+
+
+def vr_of(tag: str) -> str:
+    """The tag's VR from the data dictionary (the first of "US or SS"), "UN" when unknown."""
+    try:
+        return str(dictionary_VR(int(tag, 16))).split(" or ")[0]
+    except (KeyError, ValueError):
+        return "UN"
 
 
 def keyword_of(tag: str) -> str:

@@ -82,30 +82,35 @@ def parse_accept(value: str | None) -> list[MediaType]:
 
 
 def related_boundary(content_type: str | None, *, part_type: str = "application/dicom") -> str:
-    """Check a STOW-RS request's Content-Type and return its boundary.
+    """Check a STOW-RS request's Content-Type and return its boundary (see `related_request`)."""
+    return related_request(content_type, part_types=(part_type,))[1]
 
-    415 when it is not multipart/related or announces parts of another type; 400 when the
-    boundary is missing. `type` is matched quoted or unquoted; a missing `type` is tolerated
-    (each part then speaks for itself through its own Content-Type).
+
+def related_request(content_type: str | None, *, part_types: tuple[str, ...]) -> tuple[str, str]:
+    """(declared `type`, boundary) of a STOW-RS request's multipart/related Content-Type.
+
+    415 when it is not multipart/related or announces a `type` not in `part_types`; 400 when
+    the boundary is missing. `type` is matched quoted or unquoted; a missing `type` is tolerated
+    (each part then speaks for itself through its own Content-Type) and returned as "".
     """
+    wanted = f'multipart/related; type="{part_types[0]}"'
     if not content_type:
-        raise UnsupportedMediaType(f'Content-Type is required: multipart/related; type="{part_type}"')
+        raise UnsupportedMediaType(f"Content-Type is required: {wanted}")
     mt = parse_media_type(content_type)
     if mt.type != "multipart/related":
-        raise UnsupportedMediaType(
-            f'unsupported Content-Type {mt.type!r}: expected multipart/related; type="{part_type}"'
-        )
+        raise UnsupportedMediaType(f"unsupported Content-Type {mt.type!r}: expected {wanted}")
     declared = mt.params.get("type", "").strip().lower()
-    if declared and declared != part_type:
+    if declared and declared not in part_types:
+        accepted = " or ".join(repr(t) for t in part_types)
         raise UnsupportedMediaType(
-            f"unsupported multipart/related type {declared!r}: only {part_type!r} parts are accepted"
+            f"unsupported multipart/related type {declared!r}: only {accepted} parts are accepted"
         )
     boundary = mt.params.get("boundary", "")
     if not boundary:
         raise BadRequest("multipart/related Content-Type has no boundary parameter")
     if len(boundary) > 200:
         raise BadRequest("multipart boundary is longer than the 70 characters RFC 2046 allows")
-    return boundary
+    return declared, boundary
 
 
 class _RelatedParser(mp.PushMultipartParser):  # type: ignore[misc]
@@ -120,6 +125,8 @@ class Part:
     path: str  # a temporary file holding the part's body
     content_type: str  # lowercased, without parameters; "" when the part had none
     size: int
+    location: str = ""  # Content-Location, how metadata's BulkDataURI names the part (PS3.18 10.5)
+    header: str = ""  # the whole Content-Type header, parameters included (e.g. transfer-syntax)
 
 
 class ReceivedParts:
@@ -127,12 +134,14 @@ class ReceivedParts:
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
+        self.derived: list[str] = []  # files made from the parts (e.g. Part 10 from JSON + bulk data)
 
     def cleanup(self) -> None:
-        for part in self.parts:
+        for path in [*(part.path for part in self.parts), *self.derived]:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(part.path)
+                os.unlink(path)
         self.parts.clear()
+        self.derived.clear()
 
     async def __aenter__(self) -> ReceivedParts:
         return self
@@ -148,31 +157,50 @@ async def receive_parts(
     max_part_bytes: int,
     into: ReceivedParts,
     tmp_dir: str | None = None,
+    max_total_bytes: int | None = None,
+    max_parts: int | None = None,
 ) -> ReceivedParts:
     """Stream a multipart/related body into temporary files, one per part.
 
     Raises BadRequest (broken or empty multipart) or PayloadTooLarge (a part above
-    `max_part_bytes`). Files already written are listed in `into` either way, so the caller's
-    cleanup removes them.
+    `max_part_bytes`, a body above `max_total_bytes`, more than `max_parts` parts). Files
+    already written are listed in `into` either way, so the caller's cleanup removes them.
     """
     parser = _RelatedParser(boundary, max_header_count=64, max_segment_size=max_part_bytes)
     current = None
     current_segment: mp.MultipartSegment | None = None
+    total = 0
     try:
         async for chunk in chunks:
             if not chunk:
                 continue
+            total += len(chunk)
+            if max_total_bytes is not None and total > max_total_bytes:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {max_total_bytes} bytes")
             for event in parser.parse(chunk):
                 if isinstance(event, mp.MultipartSegment):
+                    if max_parts is not None and len(into.parts) >= max_parts:
+                        raise PayloadTooLarge(f"the request holds more than the limit of {max_parts} parts")
                     current_segment = event
                     current = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed at the part's end
                         prefix="stow-", suffix=".part", dir=tmp_dir, delete=False
                     )
-                    into.parts.append(Part(current.name, event.content_type or "", 0))
+                    into.parts.append(
+                        Part(
+                            current.name,
+                            event.content_type or "",
+                            0,
+                            event.header("Content-Location", "") or "",
+                            event.header("Content-Type", "") or "",
+                        )
+                    )
                 elif event is None:
                     if current is not None and current_segment is not None:
                         current.close()
-                        into.parts[-1] = Part(current.name, into.parts[-1].content_type, current_segment.size)
+                        last = into.parts[-1]
+                        into.parts[-1] = Part(
+                            current.name, last.content_type, current_segment.size, last.location, last.header
+                        )
                     current, current_segment = None, None
                 elif current is not None:
                     # Page-cache writes of parser-sized chunks; cheaper than a thread hop each.

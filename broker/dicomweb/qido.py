@@ -72,6 +72,10 @@ def parse_query(
         raw_name, _eq, raw_value = item.partition("=")
         name = unquote_plus(raw_name).strip()
         value = unquote_plus(raw_value)
+        if not name:
+            # An empty key (`?&includefield=...`, `a=1&&b=2`, as some viewers send) names no
+            # attribute: nothing to match or return, so it is skipped rather than refused.
+            continue
         lname = name.lower()
         if lname == "includefield":
             for f in value.split(","):

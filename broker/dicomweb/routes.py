@@ -25,10 +25,10 @@ from broker.dicomweb.multipart import (
     ReceivedParts,
     new_boundary,
     receive_parts,
-    related_boundary,
+    related_request,
     related_stream,
 )
-from broker.errors import NotAcceptable, NotFound
+from broker.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge
 from broker.facilities import service as facilities_service
 from broker.federation import service as federation_service
 from broker.index import service as index_service
@@ -162,6 +162,19 @@ async def _refs(
     )
 
 
+def _within_request_limit(content_length: str | None, limit: int) -> None:
+    """413 before reading a body whose announced size is above the limit (a chunked body is
+    counted as it arrives instead)."""
+    if content_length is None:
+        return
+    try:
+        size = int(content_length)
+    except ValueError as exc:
+        raise BadRequest("Content-Length is not a number") from exc
+    if size > limit:
+        raise PayloadTooLarge(f"the request body ({size} bytes) exceeds the limit of {limit} bytes")
+
+
 def make_router(*, per_facility: bool) -> APIRouter:
     prefix = "/facilities/{facility}/dicom-web" if per_facility else "/dicom-web"
     router = APIRouter(prefix=prefix, tags=["DICOMweb (facility)" if per_facility else "DICOMweb"])
@@ -172,9 +185,12 @@ def make_router(*, per_facility: bool) -> APIRouter:
         if study is not None:
             require_uid(study, "StudyInstanceUID")
         wado.negotiate_json(request.headers.get("accept"))
-        boundary = related_boundary(request.headers.get("content-type"))
+        declared, boundary = related_request(
+            request.headers.get("content-type"), part_types=("application/dicom", stow.DICOM_JSON)
+        )
         settings = scope.state.settings
         facility_id = scope.facility_id or settings.default_facility
+        _within_request_limit(request.headers.get("content-length"), settings.stow_max_request_bytes)
         async with ReceivedParts() as received:
             # Parts land beside the object store (data_dir/spool), so ingest can move them into
             # place instead of copying.
@@ -186,32 +202,28 @@ def make_router(*, per_facility: bool) -> APIRouter:
                 max_part_bytes=settings.max_part_bytes,
                 into=received,
                 tmp_dir=str(spool),
+                # Limits are checked while receiving and before anything is ingested: a request
+                # above them is refused whole (413) and stores nothing.
+                max_total_bytes=settings.stow_max_request_bytes,
+                max_parts=settings.stow_max_parts,
             )
-            dicom_parts = [
-                (i, p) for i, p in enumerate(received.parts) if p.content_type in ("", "application/dicom")
-            ]
-            outcomes: list[Any] = [None] * len(received.parts)
-            for i, p in enumerate(received.parts):
-                if p.content_type not in ("", "application/dicom"):
-                    outcomes[i] = stow.non_dicom_part(i, p.content_type)
-            if dicom_parts:
-                stored = await run_in_threadpool(
-                    index_service.ingest_files,
-                    engine=scope.state.engine,
-                    store=scope.state.store,
-                    principal=scope.principal,
-                    facility_id=facility_id,
-                    paths=[p.path for _, p in dicom_parts],
-                    expected_study_uid=study,
-                    consume=True,
-                )
-                for (i, _), outcome in zip(dicom_parts, stored, strict=True):
-                    outcomes[i] = outcome
+            items = await run_in_threadpool(
+                stow.items_of, received.parts, declared=declared, received=received, tmp_dir=str(spool)
+            )
+            outcomes = await run_in_threadpool(
+                stow.store_items,
+                items,
+                engine=scope.state.engine,
+                store=scope.state.store,
+                principal=scope.principal,
+                facility_id=facility_id,
+                expected_study_uid=study,
+            )
         code, body = stow.store_response(outcomes, base=scope.base, url_study=study)
         response = Response(orjson.dumps(body), status_code=code, media_type=DICOM_JSON)
         failed = [(i, o) for i, o in enumerate(outcomes) if not o.ok]
         for i, o in failed[:20]:
-            response.headers.append("Warning", _warning(scope.base, f"part {i + 1}: {o.message}"[:300]))
+            response.headers.append("Warning", _warning(scope.base, f"instance {i + 1}: {o.message}"[:300]))
         return response
 
     @router.post("/studies", summary="STOW-RS: store instances")

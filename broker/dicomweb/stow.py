@@ -1,12 +1,30 @@
-"""STOW-RS (PS3.18 10.5): the Store Instances Response (Annex I) and its HTTP status."""
+"""STOW-RS (PS3.18 10.5): what a request stores, the Store Instances Response (Annex I) and its
+HTTP status.
+
+A request carries Part 10 instances (application/dicom) or DICOM JSON metadata with bulk data
+parts (application/dicom+json); the latter become Part 10 files here, so both take the same
+path through ingest and get the same outcomes and failure reasons."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy.engine import Engine
+
 from broker.dicom import status
+from broker.dicom.uids import is_valid_uid
+from broker.dicomweb.multipart import Part, ReceivedParts, parse_media_type
+from broker.index import service as index_service
 from broker.index.schemas import StoreOutcome
+from broker.security.schemas import Principal
+from storage import ObjectStore
 
 _RETRIEVE_URL = "00081190"
 _FAILED_SOP_SEQ = "00081198"
@@ -82,3 +100,209 @@ def store_response(
     else:
         code = 409
     return code, body
+
+
+# ------------------------------------------------------------ DICOM JSON metadata + bulk data
+
+DICOM_JSON = "application/dicom+json"
+_PART10 = ("", "application/dicom")
+_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_UID_TAGS = (
+    ("sop_class_uid", "00080016", "SOPClassUID"),
+    ("sop_instance_uid", "00080018", "SOPInstanceUID"),
+    ("study_uid", "0020000D", "StudyInstanceUID"),
+    ("series_uid", "0020000E", "SeriesInstanceUID"),
+)
+
+
+class _MissingBulk(Exception):
+    pass
+
+
+def _failed(reason: int, message: str, uids: dict[str, str] | None = None) -> StoreOutcome:
+    u = uids or {}
+    return StoreOutcome(
+        sop_class_uid=u.get("sop_class_uid", ""),
+        sop_instance_uid=u.get("sop_instance_uid", ""),
+        study_uid=u.get("study_uid", ""),
+        series_uid=u.get("series_uid", ""),
+        status="failed",
+        failure_reason=reason,
+        message=message,
+    )
+
+
+def _json_uids(item: dict[str, Any]) -> dict[str, str]:
+    """The four UIDs as the JSON gives them (valid ones only), for the response."""
+    out = {}
+    for name, tag, _keyword in _UID_TAGS:
+        element = item.get(tag)
+        values = element.get("Value") if isinstance(element, dict) else None
+        value = values[0] if isinstance(values, list) and values else ""
+        out[name] = value if isinstance(value, str) and is_valid_uid(value) else ""
+    return out
+
+
+def items_of(
+    parts: Sequence[Part], *, declared: str, received: ReceivedParts, tmp_dir: str
+) -> list[str | StoreOutcome]:
+    """What a request stores, one item per instance in request order: the path of a Part 10
+    file to ingest, or the failure of something that cannot be one. Blocking: call from a thread."""
+    if declared == DICOM_JSON or any(p.content_type == DICOM_JSON for p in parts):
+        return _with_metadata(parts, received=received, tmp_dir=tmp_dir)
+    return [
+        p.path if p.content_type in _PART10 else non_dicom_part(i, p.content_type)
+        for i, p in enumerate(parts)
+    ]
+
+
+def store_items(
+    items: Sequence[str | StoreOutcome],
+    *,
+    engine: Engine,
+    store: ObjectStore,
+    principal: Principal,
+    facility_id: str,
+    expected_study_uid: str | None,
+) -> list[StoreOutcome]:
+    """Ingest the items that are files (all in one batch); one outcome per item, in order."""
+    outcomes: dict[int, StoreOutcome] = {i: x for i, x in enumerate(items) if isinstance(x, StoreOutcome)}
+    paths = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
+    if paths:
+        stored = index_service.ingest_files(
+            engine=engine,
+            store=store,
+            principal=principal,
+            facility_id=facility_id,
+            paths=[path for _, path in paths],
+            expected_study_uid=expected_study_uid,
+            consume=True,
+        )
+        for (i, _), outcome in zip(paths, stored, strict=True):
+            outcomes[i] = outcome
+    return [outcomes[i] for i in range(len(items))]
+
+
+def _with_metadata(
+    parts: Sequence[Part], *, received: ReceivedParts, tmp_dir: str
+) -> list[str | StoreOutcome]:
+    """What a request with DICOM JSON metadata stores, in request order: a Part 10 file to ingest
+    (an application/dicom part as it came, or one made from a dataset of the metadata), or the
+    failure of a dataset that cannot be made into one. Other parts are bulk data, addressed by
+    their Content-Location from the metadata's BulkDataURI (PS3.18 10.5.1.2); a part no dataset
+    refers to is not stored. Files made here are listed in `received.derived` for cleanup.
+    Blocking (reads and writes files): call from a thread."""
+    bulk = {p.location: p for p in parts if p.location and p.content_type not in (DICOM_JSON, *_PART10)}
+    out: list[str | StoreOutcome] = []
+    for index, part in enumerate(parts):
+        if part.content_type in _PART10:
+            out.append(part.path)
+        elif part.content_type == DICOM_JSON:
+            out.extend(_json_part(index, part, bulk, received=received, tmp_dir=tmp_dir))
+    return out
+
+
+def _json_part(
+    index: int, part: Part, bulk: dict[str, Part], *, received: ReceivedParts, tmp_dir: str
+) -> list[str | StoreOutcome]:
+    try:
+        with open(part.path, "rb") as f:
+            doc = orjson.loads(f.read())
+    except orjson.JSONDecodeError:
+        return [_failed(status.CANNOT_UNDERSTAND, f"part {index + 1} is not valid JSON")]
+    if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
+        return [
+            _failed(
+                status.CANNOT_UNDERSTAND,
+                f"part {index + 1} is not a DICOM JSON array of datasets (PS3.18 F.2)",
+            )
+        ]
+    return [_dataset_file(n, item, bulk, received=received, tmp_dir=tmp_dir) for n, item in enumerate(doc)]
+
+
+def _dataset_file(
+    n: int, item: dict[str, Any], bulk: dict[str, Part], *, received: ReceivedParts, tmp_dir: str
+) -> str | StoreOutcome:
+    """One dataset of the metadata as a Part 10 file, or why it cannot be one."""
+    uids = _json_uids(item)
+    used: dict[str, Part] = {}
+
+    def read_bulk(tag: str, _vr: str, uri: str) -> bytes:
+        found = bulk.get(uri)
+        if found is None:
+            raise _MissingBulk(uri)
+        used[tag.upper()] = found
+        with open(found.path, "rb") as f:
+            return f.read()
+
+    # File meta is the server's to write (below), whatever the client put in group 0002.
+    content = {k: v for k, v in item.items() if not k.startswith("0002")}
+    try:
+        ds = Dataset.from_json(content, bulk_data_uri_handler=read_bulk)
+    except _MissingBulk as exc:
+        where = str(exc)[:120]
+        return _failed(
+            status.CANNOT_UNDERSTAND, f"dataset {n + 1}: bulk data {where!r} is not in the request", uids
+        )
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed JSON
+        return _failed(
+            status.CANNOT_UNDERSTAND, f"dataset {n + 1} is not valid DICOM JSON: {type(exc).__name__}", uids
+        )
+    for _name, _tag, keyword in _UID_TAGS:
+        value = str(ds.get(keyword, "") or "")
+        if not is_valid_uid(value):
+            what = "missing" if not value else "not a valid UID"
+            return _failed(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"dataset {n + 1}: {keyword} is {what}", uids
+            )
+    ts = _transfer_syntax(ds, used.get("7FE00010"))
+    if isinstance(ts, StoreOutcome):
+        return _failed(ts.failure_reason or status.CANNOT_UNDERSTAND, f"dataset {n + 1}: {ts.message}", uids)
+    # The JSON is Unicode whatever it says (PS3.18 F.2): written as UTF-8.
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ts
+    fd, path = tempfile.mkstemp(prefix="stow-", suffix=".dcm", dir=tmp_dir)
+    os.close(fd)
+    received.derived.append(path)
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except Exception as exc:  # noqa: BLE001
+        return _failed(
+            status.CANNOT_UNDERSTAND, f"dataset {n + 1} cannot be encoded: {type(exc).__name__}", uids
+        )
+    return path
+
+
+def _transfer_syntax(ds: Dataset, pixels: Part | None) -> UID | StoreOutcome:
+    """The Transfer Syntax the pixel data's bulk part implies (PS3.18 8.7.3.5): octet-stream is
+    native (Explicit VR Little Endian unless its transfer-syntax parameter says Implicit); a
+    compressed media type needs its transfer-syntax parameter and one frame, and is encapsulated."""
+    if pixels is None or not pixels.header:
+        return ExplicitVRLittleEndian
+    media = parse_media_type(pixels.header)
+    declared = media.params.get("transfer-syntax", "").strip()
+    if media.type == "application/octet-stream":
+        ts = UID(declared) if declared else ExplicitVRLittleEndian
+        if ts not in _NATIVE:
+            return _failed(
+                status.TRANSFER_SYNTAX_NOT_SUPPORTED,
+                f"octet-stream pixel data with transfer-syntax {declared[:64]!r}: only little endian native",
+            )
+        return ts
+    ts = UID(declared)
+    if not declared or not is_valid_uid(declared) or not ts.is_compressed:
+        return _failed(
+            status.TRANSFER_SYNTAX_NOT_SUPPORTED,
+            f"{media.type} pixel data needs the transfer-syntax parameter of a compressed transfer syntax",
+        )
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return _failed(
+            status.TRANSFER_SYNTAX_NOT_SUPPORTED,
+            "compressed multi-frame pixel data as one bulk part is not supported",
+        )
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].VR = "OB"
+    return ts

@@ -26,6 +26,7 @@ from sqlmodel import Session, col, select
 
 from broker.db import session_scope
 from broker.dicom.attributes import is_series_level, is_study_level
+from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
 from broker.errors import BadRequest, Conflict, NotFound, Unavailable
 from broker.facilities import service as facilities
@@ -294,6 +295,12 @@ def _write_studies(
 ) -> None:
     from broker.index.ingest import known_issuers, normalize_time, patient_issuer
 
+    # The index holds values bounded by their VR, whatever an archive answered (as ingest does).
+    for s in studies:
+        s.attrs = bound_dataset(s.attrs)
+    for remote_series in series_of.values():
+        for rs in remote_series:
+            rs.attrs = bound_dataset(rs.attrs)
     uids = [s.uid for s in studies]
     existing = {st.study_uid: st for st in session.exec(select(Study).where(col(Study.study_uid).in_(uids)))}
     # Studies whose pixels the broker holds are the broker's own copy: sync only notes the location.
@@ -378,6 +385,7 @@ def _write_studies(
             "patient_pk": patient.pk,
             "patient_id": str_value(a, "00100020"),
             "issuer": patient.issuer,
+            "issuer_in_data": str_value(a, "00100021").strip(),
             "patient_name": patient.patient_name,
             "name_norm": patient.name_norm,
             "name_fuzzy": patient.name_fuzzy,

@@ -137,6 +137,7 @@ class _Batch:
                 patient_pk=patient.pk,  # type: ignore[arg-type]
                 patient_id=str_value(a, "00100020"),
                 issuer=patient.issuer,
+                issuer_in_data=str_value(a, "00100021").strip(),
                 patient_name=patient.patient_name,
                 name_norm=patient.name_norm,
                 name_fuzzy=patient.name_fuzzy,

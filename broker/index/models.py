@@ -55,7 +55,11 @@ class Study(SQLModel, table=True):
     patient_pk: int = Field(foreign_key="patient.pk", index=True)
     # Patient attributes copied down so study-level matching needs no join.
     patient_id: str = Field(default="", max_length=128)
+    # The issuer that qualifies patient_id for the broker (ingest.patient_issuer), and the
+    # object's own IssuerOfPatientID ("" when it has none): queries match either, answer the
+    # object's own value when there is one.
     issuer: str = Field(default="", max_length=128)
+    issuer_in_data: str = Field(default="", max_length=64)
     patient_name: str = Field(default="", max_length=512)
     name_norm: str = Field(default="", max_length=512)
     name_fuzzy: str = Field(default="", max_length=512)

@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
+from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import BULK_THRESHOLD, instance_json
 from broker.dicom.uids import is_valid_uid
 from broker.index.schemas import StoreOutcome
@@ -132,7 +133,11 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
         transfer_syntax_uid=ts,
         # Keep only what the index rows need; the full attributes live on as compact JSON bytes,
         # so a large batch holds kilobytes per instance, not a tree of Python objects.
-        attrs={k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)},
+        # Bounded by VR (dicom.bounds): the index never holds more than a VR allows; the
+        # object and its WADO-RS metadata keep the whole values.
+        attrs=bound_dataset(
+            {k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)}
+        ),
         metadata=orjson.dumps(attrs),
     )
 

@@ -16,11 +16,12 @@ from datetime import date
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.sql import Select
 from sqlmodel import Session
 
 from broker.dicom import attributes as A
+from broker.dicom.bounds import bound_dataset, bound_text
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, without_bulk
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
@@ -38,7 +39,7 @@ _ESC = "!"
 
 @dataclass(frozen=True)
 class _Key:
-    kind: str  # UI, DA, TM, PN, STR, CSLIST, INT, MODS
+    kind: str  # UI, DA, TM, PN, STR, ISSUER, CSLIST, INT, MODS
     column: Any
     fuzzy_column: Any = None
 
@@ -47,7 +48,7 @@ def _keys() -> dict[str, dict[str, _Key]]:
     study = {
         "PatientName": _Key("PN", _study.c.name_norm, _study.c.name_fuzzy),
         "PatientID": _Key("STR", _study.c.patient_id),
-        "IssuerOfPatientID": _Key("STR", _study.c.issuer),
+        "IssuerOfPatientID": _Key("ISSUER", _study.c.issuer),
         "PatientBirthDate": _Key("DA", _study.c.birth_date),
         "PatientSex": _Key("CSLIST", _study.c.sex),
         "StudyDate": _Key("DA", _study.c.study_date),
@@ -79,7 +80,7 @@ def _keys() -> dict[str, dict[str, _Key]]:
     patient = {
         "PatientName": _Key("PN", _patient.c.name_norm, _patient.c.name_fuzzy),
         "PatientID": _Key("STR", _patient.c.patient_id),
-        "IssuerOfPatientID": _Key("STR", _patient.c.issuer),
+        "IssuerOfPatientID": _Key("ISSUER", _patient.c.issuer),
         "PatientBirthDate": _Key("DA", _patient.c.birth_date),
         "PatientSex": _Key("CSLIST", _patient.c.sex),
     }
@@ -109,7 +110,10 @@ _RETURN_ONLY = {
 }
 
 _DATE_RE = re.compile(r"^\d{8}$")
-_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_TIME_RE = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?$")
+_DT_RE = re.compile(
+    r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$"
+)
 
 
 def _like(value: str) -> str:
@@ -138,7 +142,7 @@ def _string_match(column: Any, value: str) -> ColumnElement[bool]:
 
 def _check_date(keyword: str, value: str) -> str:
     if not _DATE_RE.match(value):
-        raise BadRequest(f"{keyword}: {value!r} is not a date (YYYYMMDD)")
+        raise BadRequest(f"{keyword}: {value[:40]!r} is not a date (YYYYMMDD)")
     try:
         date(int(value[:4]), int(value[4:6]), int(value[6:]))
     except ValueError as exc:
@@ -146,28 +150,116 @@ def _check_date(keyword: str, value: str) -> str:
     return value
 
 
+def _check_clock(keyword: str, value: str, hh: str, mm: str | None, ss: str | None) -> None:
+    # PS3.5 6.2: hours 00-23, minutes 00-59, seconds 00-60 (60 for a leap second).
+    if int(hh) > 23:
+        raise BadRequest(f"{keyword}: {value[:40]!r} has no hour {hh} (00-23)")
+    if mm is not None and int(mm) > 59:
+        raise BadRequest(f"{keyword}: {value[:40]!r} has no minute {mm} (00-59)")
+    if ss is not None and int(ss) > 60:
+        raise BadRequest(f"{keyword}: {value[:40]!r} has no second {ss} (00-60)")
+
+
 def _check_time(keyword: str, value: str) -> str:
-    value = value.replace(":", "")
-    if not _TIME_RE.match(value):
-        raise BadRequest(f"{keyword}: {value!r} is not a time (HHMMSS.FFFFFF)")
+    # Colons are the ACR-NEMA form (HH:MM:SS) that PS3.4 C.2.2.2.5 still lets a query use.
+    bare = value.replace(":", "")
+    m = _TIME_RE.match(bare)
+    if not m:
+        raise BadRequest(f"{keyword}: {value[:40]!r} is not a time (HHMMSS.FFFFFF)")
+    _check_clock(keyword, value, m.group(1), m.group(2), m.group(3))
+    return bare
+
+
+def _check_datetime(keyword: str, value: str) -> str:
+    m = _DT_RE.match(value)
+    if not m:
+        raise BadRequest(f"{keyword}: {value[:40]!r} is not a date-time (YYYYMMDDHHMMSS.FFFFFF&ZZXX)")
+    year, month, day, hh, mm, ss, _frac, offset = m.groups()
+    try:
+        date(int(year), int(month or 1), int(day or 1))
+    except ValueError as exc:
+        raise BadRequest(f"{keyword}: {value[:40]!r} is not a valid date-time") from exc
+    if hh is not None:
+        _check_clock(keyword, value, hh, mm, ss)
+    if offset is not None and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
+        raise BadRequest(f"{keyword}: {value[:40]!r} has no UTC offset {offset}")
     return value
 
 
+_CHECKS: dict[str, Callable[[str, str], str]] = {"DA": _check_date, "TM": _check_time, "DT": _check_datetime}
+
+
+def _order_key(vr: str, value: str) -> str:
+    """A bound as a string that sorts like the instant it names (for checking a range's order)."""
+    if vr == "TM":
+        return normalize_time(value)
+    if vr == "DT":
+        return re.split(r"[+-]", value)[0].ljust(21, "0")
+    return value
+
+
+def _split_range(keyword: str, vr: str, value: str) -> tuple[str, str] | None:
+    """(low, high) of a range match value (either may be empty), None for a single value.
+
+    A DT value may carry a UTC offset (-0500), so its range separator is the one '-' that leaves
+    a valid date-time (or nothing) on each side."""
+    if "-" not in value:
+        return None
+    check = _CHECKS[vr]
+    if vr == "DT":
+        try:
+            check(keyword, value)
+            return None
+        except BadRequest:
+            pass
+        for i, ch in enumerate(value):
+            if ch != "-":
+                continue
+            lo, hi = value[:i], value[i + 1 :]
+            try:
+                for side in (lo, hi):
+                    if side:
+                        check(keyword, side)
+            except BadRequest:
+                continue
+            return lo, hi
+        raise BadRequest(f"{keyword}: {value[:60]!r} is neither a date-time nor a range of two")
+    lo, _, hi = value.partition("-")
+    return lo.strip(), hi.strip()
+
+
+def check_temporal(keyword: str, vr: str, value: str) -> tuple[str, str] | None:
+    """Validate a DA/TM/DT match value (single or range, PS3.4 C.2.2.2.5); 400 when malformed.
+
+    Returns the (low, high) bounds of a range, None for a single value."""
+    check = _CHECKS[vr]
+    bounds = _split_range(keyword, vr, value)
+    if bounds is None:
+        check(keyword, value)
+        return None
+    lo, hi = bounds
+    if not lo and not hi:
+        raise BadRequest(f"{keyword}: an empty range '-' is not a valid match value")
+    lo = check(keyword, lo) if lo else ""
+    hi = check(keyword, hi) if hi else ""
+    if lo and hi and _order_key(vr, lo) > _order_key(vr, hi):
+        raise BadRequest(f"{keyword}: the range {value[:60]!r} ends before it starts")
+    return lo, hi
+
+
 def _range(
-    keyword: str, column: Any, value: str, check: Callable[[str, str], str], norm: Callable[[str, bool], str]
+    keyword: str, vr: str, column: Any, value: str, norm: Callable[[str, bool], str]
 ) -> ColumnElement[bool]:
-    if "-" in value:
-        lo, _, hi = value.partition("-")
-        lo, hi = lo.strip(), hi.strip()
-        if not lo and not hi:
-            raise BadRequest(f"{keyword}: an empty range '-' is not a valid match value")
-        conds = []
-        if lo:
-            conds.append(column >= norm(check(keyword, lo), False))
-        if hi:
-            conds.append(column <= norm(check(keyword, hi), True))
-        return and_(column != "", *conds)
-    return column == norm(check(keyword, value), False)  # type: ignore[no-any-return]
+    bounds = check_temporal(keyword, vr, value)
+    if bounds is None:
+        return column == norm(_CHECKS[vr](keyword, value), False)  # type: ignore[no-any-return]
+    lo, hi = bounds
+    conds = []
+    if lo:
+        conds.append(column >= norm(lo, False))
+    if hi:
+        conds.append(column <= norm(hi, True))
+    return and_(column != "", *conds)
 
 
 def _date_norm(value: str, _upper: bool) -> str:
@@ -189,6 +281,18 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
     if value == "" or value == "*":
         return None  # universal matching
     kind = key.kind
+    if kind == "ISSUER":
+        # The broker's qualified issuer (a facility's, up to 128 characters) or the object's own
+        # IssuerOfPatientID, bounded as LO (see models.Study).
+        own_value = value if _has_wildcard(value) else bound_text("LO", value)
+        own = _string_match(_study.c.issuer_in_data, own_value)
+        if key.column is _patient.c.issuer:
+            own = exists().where(_study.c.patient_pk == _patient.c.pk, own)
+        return or_(_string_match(key.column, value), own)
+    if kind in ("STR", "PN") and not _has_wildcard(value):
+        # The index holds values cut to their VR's maximum (dicom.bounds); a single value is cut
+        # the same way, so an over-long value still finds the object it came from.
+        value = bound_text(A.vr_of(A.tag_hex(keyword)), value)
     if kind == "UI":
         uids = _values(value)
         for uid in uids:
@@ -196,9 +300,9 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
                 raise BadRequest(f"{keyword}: {uid[:80]!r} is not a valid UID")
         return key.column.in_(uids)  # type: ignore[no-any-return]
     if kind in ("DA", "TM"):
-        check, norm = (_check_date, _date_norm) if kind == "DA" else (_check_time, _time_norm)
+        norm = _date_norm if kind == "DA" else _time_norm
         try:
-            return _range(keyword, key.column, value, check, norm)
+            return _range(keyword, kind, key.column, value, norm)
         except BadRequest as exc:
             form = "YYYYMMDD" if kind == "DA" else "HHMMSS"
             hint = f"{keyword} takes a value or a range such as {form}-{form}"
@@ -243,6 +347,10 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
         key = keys.get(keyword)
         if key is None:
             if value not in ("", "*") and keyword not in _RETURN_ONLY:
+                vr = A.vr_of(tag)
+                if vr in _CHECKS:
+                    # Not matched on, but a malformed date or time is still a bad request.
+                    check_temporal(keyword, vr, value)
                 ignored.append(keyword)
             continue
         cond = _condition(keyword, key, value, query.fuzzy)
@@ -279,20 +387,11 @@ def _pick(attrs: dict[str, Any], wanted: frozenset[str] | None) -> dict[str, Any
     return {k: v for k, v in attrs.items() if k in wanted}
 
 
-def _vr(tag: str) -> str:
-    try:
-        from pydicom.datadict import dictionary_VR
-
-        return dictionary_VR(int(tag, 16)).split(" or ")[0]
-    except KeyError:
-        return "UN"
-
-
 def _fill_empty(out: dict[str, Any], wanted: frozenset[str] | None, defaults: frozenset[str]) -> None:
     # Required return attributes are present even when empty (PS3.18: zero-length value).
     for tag in wanted if wanted is not None else defaults:
         if tag not in out and tag != "00081190":
-            out[tag] = {"vr": _vr(tag)}
+            out[tag] = {"vr": A.vr_of(tag)}
 
 
 def _finish(out: dict[str, Any], wanted: frozenset[str] | None, defaults: frozenset[str]) -> dict[str, Any]:
@@ -308,6 +407,13 @@ def _paged(stmt: Select[Any], query: Query) -> Select[Any]:
     return stmt.limit(query.limit + 1).offset(query.offset)
 
 
+def _issuer(row: Any) -> dict[str, Any]:
+    """IssuerOfPatientID as answered: the object's own value, else the issuer the broker
+    qualified its Patient ID with (the sending facility's)."""
+    value = row.issuer_in_data or row.issuer
+    return {"vr": "LO", "Value": [value]} if value else {"vr": "LO"}
+
+
 def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> dict[str, Any]:
     attrs = orjson.loads(row.study_json)
     out = _pick(attrs, wanted)
@@ -318,7 +424,7 @@ def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> d
         "00201208": {"vr": "IS", "Value": [row.num_instances]},
         # NEARLINE when only a facility's archive holds the pixels (index sync); ONLINE once here.
         "00080056": attrs.get("00080056") or {"vr": "CS", "Value": ["ONLINE"]},
-        "00100021": {"vr": "LO", "Value": [row.issuer]} if row.issuer else {"vr": "LO"},
+        "00100021": _issuer(row),
         "0020000D": {"vr": "UI", "Value": [row.study_uid]},
     }
     if base:
@@ -381,6 +487,7 @@ def search(*, session: Session, query: Query) -> QueryResult:
                 _study.c.num_series,
                 _study.c.num_instances.label("study_num_instances"),
                 _study.c.issuer,
+                _study.c.issuer_in_data,
             )
             .join(_study, _study.c.pk == _series.c.study_pk)
             .where(*conds)
@@ -407,12 +514,21 @@ def search(*, session: Session, query: Query) -> QueryResult:
             for tag, value in computed.items():
                 if wanted is None or tag in wanted:
                     out[tag] = value
+            if "00100021" in (wanted if wanted is not None else asked):
+                out["00100021"] = _issuer(row)
             matches.append(_finish(out, wanted, A.SERIES_DEFAULTS))
     else:
         wanted = _wanted(query, A.INSTANCE_DEFAULTS, asked)
         order = (_inst.c.instance_number, _inst.c.pk) if query.series_uid else (_inst.c.pk,)
         stmt = _paged(
-            select(_inst.c.sop_uid, _inst.c.metadata_json, _series.c.series_uid, _study.c.study_uid)
+            select(
+                _inst.c.sop_uid,
+                _inst.c.metadata_json,
+                _series.c.series_uid,
+                _study.c.study_uid,
+                _study.c.issuer,
+                _study.c.issuer_in_data,
+            )
             .join(_series, _series.c.pk == _inst.c.series_pk)
             .join(_study, _study.c.pk == _inst.c.study_pk)
             .where(*conds)
@@ -422,12 +538,14 @@ def search(*, session: Session, query: Query) -> QueryResult:
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             meta = orjson.loads(row.metadata_json)
-            out = _pick(meta, wanted)
-            # Bulk data is for WADO-RS metadata, never for a query answer (nor inside sequences).
-            out = without_bulk(out)
+            # Bulk data is for WADO-RS metadata, never for a query answer (nor inside sequences);
+            # values are bounded like every other level's (the metadata keeps them whole).
+            out = bound_dataset(without_bulk(_pick(meta, wanted)))
             out["0020000D"] = {"vr": "UI", "Value": [row.study_uid]}
             out["0020000E"] = {"vr": "UI", "Value": [row.series_uid]}
             out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+            if "00100021" in out or (wanted is not None and "00100021" in wanted):
+                out["00100021"] = _issuer(row)
             if base:
                 out["00081190"] = {
                     "vr": "UR",

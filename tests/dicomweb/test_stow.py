@@ -86,7 +86,7 @@ def test_status_codes_200_202_409_and_failure_reasons(
         failed = payload[FAILED_SOP_SEQ]["Value"]
         assert len(failed) == 2
         assert [f["00081197"]["Value"] for f in failed] == [[status.CANNOT_UNDERSTAND]] * 2
-        assert "part 2" in r.headers.get("warning", "")
+        assert "instance 2" in r.headers.get("warning", "")
 
         # None stored -> 409.
         body, ctype = multipart_body([not_dicom])
@@ -153,7 +153,7 @@ def test_wrong_content_type_is_refused_and_nothing_changes(live_server: LiveServ
     cases = [
         ("application/dicom", 415),
         ("multipart/form-data; boundary=x", 415),
-        ('multipart/related; type="application/dicom+json"; boundary=x', 415),
+        ('multipart/related; type="application/dicom+xml"; boundary=x', 415),  # not supported
         ('multipart/related; type="application/dicom"', 400),  # no boundary
         (None, 415),
     ]

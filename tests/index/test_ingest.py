@@ -163,7 +163,11 @@ def test_issuer_in_data_is_honoured_only_when_registered(state: AppState, tmp_pa
             m["0020000D"]["Value"][0]: m["00100021"]["Value"][0]
             for m in service.search(session=s, query=Query(level="study")).matches
         }
-    assert issuers == {"1.2.3": "ST-MARYS", "1.2.4": "LOCAL"}
+    # Answered as the objects say; the unregistered one is qualified by the sending facility.
+    assert issuers == {"1.2.3": "ST-MARYS", "1.2.4": "NOBODY"}
+    with Session(state.engine) as s:
+        qualified = {st.study_uid: st.issuer for st in s.exec(select(Study)).all()}
+    assert qualified == {"1.2.3": "ST-MARYS", "1.2.4": "LOCAL"}
 
 
 def test_metadata_has_bulk_data_uris_under_the_serving_base(state: AppState) -> None:

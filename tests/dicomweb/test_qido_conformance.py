@@ -1,0 +1,102 @@
+"""QIDO-RS query keys and values at the edges of PS3.18 8.3.4: what is an error, what is ignored."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.dicomweb.conftest import Archive
+from tests.dicomweb.data import MUELLER, MULLER, SMITH
+
+STUDY_UID = "0020000D"
+LOCAL = "/facilities/local/dicom-web/studies"
+
+
+def _get(archive: Archive, path: str):  # type: ignore[no-untyped-def]
+    with archive.server.http() as http:
+        return http.get(path)
+
+
+def _uids(r) -> set[str]:  # type: ignore[no-untyped-def]
+    return {m[STUDY_UID]["Value"][0] for m in r.json()} if r.status_code == 200 else set()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "&includefield=PatientAge",  # as Weasis sends it
+        "includefield=PatientAge&&limit=5",
+        "=&includefield=PatientAge",
+        "=x&limit=5",  # a value under an empty key constrains nothing
+        "&&&",
+    ],
+)
+def test_an_empty_query_key_is_ignored(archive: Archive, query: str) -> None:
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 200, (query, r.text)
+    assert _uids(r) == {MUELLER, MULLER, SMITH}
+    assert "warning" not in r.headers, r.headers.get("warning")
+
+
+@pytest.mark.parametrize("tag", ["00991234", "00101234", "0009ABCD"])
+def test_a_well_formed_tag_not_supported_for_matching_is_ignored_with_a_warning(
+    archive: Archive, tag: str
+) -> None:
+    # PS3.18 8.3.4.1: an attribute is any 8-hex-digit tag or a PS3.6 keyword; one the origin
+    # server does not match on is ignored (PS3.4 C.2.2.1.3), and the Warning header says so.
+    r = _get(archive, f"{LOCAL}?{tag}=x")
+    assert r.status_code == 200, r.text
+    assert _uids(r) == {MUELLER, MULLER, SMITH}
+    assert tag in r.headers["warning"]
+    assert "not supported for matching" in r.headers["warning"]
+
+
+@pytest.mark.parametrize("key", ["NoSuchKeyword", "PatientNam", "0011ZZZZ", "001012345", "0010123"])
+def test_a_key_outside_the_grammar_is_400(archive: Archive, key: str) -> None:
+    r = _get(archive, f"{LOCAL}?{key}=x")
+    assert r.status_code == 400, r.text
+    assert "PS3.18 8.3.4.1" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("StudyTime=25:99", "StudyTime"),
+        ("StudyTime=2599", "hour"),
+        ("StudyTime=1260", "minute"),
+        ("StudyTime=120061", "second"),
+        ("StudyTime=12:3", "StudyTime"),
+        ("StudyTime=1200-0900", "range"),
+        ("StudyTime=24", "hour"),
+        ("StudyDate=20221231-20200101", "range"),
+        ("StudyDate=20200230", "StudyDate"),
+        ("PatientBirthDate=19800001", "PatientBirthDate"),
+        ("PerformedProcedureStepStartTime=9999", "hour"),
+        # Keys the index does not match on are still values of their VR: malformed is malformed.
+        ("AcquisitionDateTime=2020130101", "AcquisitionDateTime"),
+        ("AcquisitionDateTime=20200101-20190101", "range"),
+        ("SeriesTime=7777", "SeriesTime"),
+        ("ContentDate=2020", "ContentDate"),
+    ],
+)
+def test_invalid_dates_times_and_ranges_are_400_not_204(archive: Archive, query: str, says: str) -> None:
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 400, (query, r.status_code, r.text)
+    assert says in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("StudyTime=101500", {MUELLER}),
+        ("StudyTime=10:15", {MUELLER}),
+        ("StudyTime=1015-1016", {MUELLER}),
+        ("StudyTime=235960", set()),  # a leap second is a valid time
+        ("StudyDate=20200105-20200105", {MUELLER}),
+        ("AcquisitionDateTime=20200101120000.5%2B0100", {MUELLER, MULLER, SMITH}),  # valid, not matched
+        ("AcquisitionDateTime=2020-", {MUELLER, MULLER, SMITH}),
+    ],
+)
+def test_valid_dates_and_times_still_match(archive: Archive, query: str, expected: set[str]) -> None:
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code in (200, 204), r.text
+    assert _uids(r) == expected
