@@ -467,13 +467,19 @@ def read_dose(obj: Dataset | Mapping[str, Any]) -> Extraction:
         names = _items(attrs, _TAGS["ConceptNameCodeSequence"])
         if not names or _code(names[0]) != (XRAY_DOSE_REPORT, "DCM"):
             return Extraction(reason="structured report that is not an X-Ray Radiation Dose Report (113701)")
+        content = attrs.get(_TAGS["ContentSequence"])
+        if isinstance(content, Mapping) and "BulkDataURI" in content:
+            # json_model keeps a sequence pydicom could not convert as bytes behind a URI.
+            return Extraction(reason="dose report content unreadable in the JSON model: read the stored file")
         record = _read_rdsr(attrs, base)
-        if not (record.ct_events or record.projection_events) and (
+        has_ct = any(e.ctdivol_mgy is not None or e.dlp_mgy_cm is not None for e in record.ct_events)
+        has_projection = any(e.dap_gy_cm2 is not None for e in record.projection_events)
+        if not (has_ct or has_projection) and (
             record.dap_total_gy_cm2 is None and record.dlp_total_mgy_cm is None
         ):
             reason = "dose report without readable CT or projection dose"
             if record.problems:
-                reason += ": " + "; ".join(record.problems)
+                reason += ": " + "; ".join(dict.fromkeys(record.problems))
             return Extraction(reason=reason)
         return Extraction(record=record)
     return _read_image(attrs, base)

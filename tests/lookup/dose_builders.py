@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 XRAY_RDSR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.67"
@@ -83,7 +85,7 @@ class SR:
     ) -> Dataset:
         item = self._item(rel, "NUM", concept)
         measured = Dataset()
-        measured.NumericValue = value if isinstance(value, str) else f"{value:.6g}"
+        _set_ds(measured, 0x0040A30A, value if isinstance(value, str) else f"{value:.6g}")
         measured.MeasurementUnitsCodeSequence = [self.code((unit, "UCUM", unit))]
         item.MeasuredValueSequence = [measured]
         return item
@@ -104,6 +106,13 @@ class SR:
         item = self._item(rel, "TEXT", concept)
         item.TextValue = text
         return item
+
+
+def _set_ds(ds: Dataset, tag: int, text: str) -> None:
+    """A DS value as its bytes, so a test can store what pydicom would refuse (garbage)."""
+    raw = text.encode("ascii")
+    raw += b" " * (len(raw) % 2)
+    ds[tag] = RawDataElement(Tag(tag), "DS", len(raw), raw, 0, False, True)
 
 
 def _study(ds: Dataset, study_uid: str | None, modality: str) -> None:
@@ -355,7 +364,7 @@ def dx_image(*, dap_dgy_cm2: float | str, study_uid: str, event_uid: str | None 
     ds.SOPInstanceUID = generate_uid()
     _study(ds, study_uid, "DX")
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.ImageAndFluoroscopyAreaDoseProduct = dap_dgy_cm2
+    _set_ds(ds, 0x0018115E, str(dap_dgy_cm2))
     if event_uid is not None:
         ds.IrradiationEventUID = event_uid
     _file_meta(ds)
