@@ -786,8 +786,13 @@ def study_dose(
         if events and not any(ev.dlp_mgy_cm is not None for ev in events) and dlp_reported is not None:
             # No event states its DLP: the reported total stands for one event of the study's region.
             phantoms = {ev.phantom for ev in events if ev.phantom}
+            regions = {ev.target_region for ev in events}
             events = [
-                CTEvent(dlp_mgy_cm=dlp_reported, phantom=phantoms.pop() if len(phantoms) == 1 else None)
+                CTEvent(
+                    dlp_mgy_cm=dlp_reported,
+                    phantom=phantoms.pop() if len(phantoms) == 1 else None,
+                    target_region=regions.pop() if len(regions) == 1 else None,
+                )
             ]
             notes.append("events carry no DLP: the reported DLP total (113813) is used")
         elif not events and dlp_reported is not None:

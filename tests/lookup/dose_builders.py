@@ -146,6 +146,7 @@ def _file_meta(ds: Dataset) -> None:
 
 def _rdsr_document(sr: SR, study_uid: str | None, children: list[Dataset]) -> Dataset:
     ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = XRAY_RDSR_SOP_CLASS
     ds.SOPInstanceUID = generate_uid()
     _study(ds, study_uid, "SR")

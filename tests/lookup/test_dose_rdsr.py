@@ -112,11 +112,9 @@ def test_dsrdump_reads_the_built_rdsr_and_agrees_with_us(tmp_path: Path) -> None
 
 
 def _scrambled(value: str, scheme: str, meaning: str) -> str:
-    """Code meanings as some vendors write them: localised, or simply wrong."""
-    localised = {"113830": "CTDIvol moyen", "113838": "PDL", "113813": "PDL total", "113835": "Fantôme"}
-    if value in localised:
-        return localised[value]
-    return "Mean CTDIvol" if value == "113838" else f"Libellé {value}"
+    """Code meanings as some vendors write them: swapped (CTDIvol and DLP), localised, or junk."""
+    wrong = {"113830": "DLP", "113838": "Mean CTDIvol", "113813": "PDL total", "113835": "Fantôme"}
+    return wrong.get(value, f"Libellé {value}")
 
 
 def test_codes_not_meanings_decide(tmp_path: Path) -> None:
@@ -129,6 +127,7 @@ def test_codes_not_meanings_decide(tmp_path: Path) -> None:
         (e.ctdivol_mgy, e.dlp_mgy_cm, e.phantom) for e in plain.ct_events
     ]
     assert record.dlp_total_mgy_cm == plain.dlp_total_mgy_cm
+    assert [e.dlp_mgy_cm for e in record.ct_events] == [4.0, 720.0, 310.0]
 
 
 def test_a_decoy_with_the_right_meaning_but_another_code_is_ignored() -> None:
@@ -156,6 +155,16 @@ def test_sr_without_dlp_total_sums_the_events() -> None:
     assert dose.dlp_by_phantom_mgy_cm == {Phantom.HEAD_16: 720.0, Phantom.BODY_32: 314.0}
     assert dose.effective_dose_msv == pytest.approx(0.0021 * 720 + 0.0140 * 314)
     assert dose.ctdivol_per_event_mgy == (0.2, 45.0, 8.5)
+
+
+def test_events_without_dlp_fall_back_to_the_reported_total() -> None:
+    record = extract_dose(
+        ct_rdsr([CTEventSpec(dlp=None, region=HEAD, phantom=HEAD_PHANTOM)], dlp_total=650.0)
+    )
+    assert record is not None
+    dose = study_dose([record], age_at_exam_years=1, region=None)
+    assert dose.effective_dose_msv == pytest.approx(0.0067 * 650.0)
+    assert any("113813" in n for n in dose.notes)
 
 
 def test_a_child_body_rdsr_in_the_32cm_phantom(tmp_path: Path) -> None:
