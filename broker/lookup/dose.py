@@ -285,7 +285,11 @@ def _measured(item: Mapping[str, Any], kind: str, problems: list[str]) -> float 
     if factor is None:
         problems.append(f"{name}: unit {unit or '(none)'} ({scheme or 'no scheme'}) not understood")
         return None
-    return value * factor
+    converted = value * factor
+    if not math.isfinite(converted):
+        problems.append(f"{name}: value out of range")
+        return None
+    return converted
 
 
 def _first_num(item: Mapping[str, Any], value: str, kind: str, problems: list[str]) -> float | None:

@@ -4,6 +4,7 @@ the DICOM JSON model the index keeps per instance."""
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import subprocess
@@ -338,3 +339,40 @@ def test_dap_from_dx_headers_in_dgy_cm2(tmp_path: Path) -> None:
     assert any("projection radiography" in n for n in dose.notes)
     bad = read_dose(dx_image(dap_dgy_cm2="n/a", study_uid=study))
     assert bad.record is None and "0018,115E" in (bad.reason or "")
+
+
+def _mutations(node: object, rng: random.Random) -> object:
+    """A copy of a JSON model with some values deleted or replaced by values of the wrong type."""
+    junk = [None, "", "x", -1, 1e308, float("nan"), [], {}, [None], {"vr": "SQ"}, {"Value": "notalist"}]
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            roll = rng.random()
+            if roll < 0.03:
+                continue
+            out[key] = rng.choice(junk) if roll < 0.06 else _mutations(value, rng)
+        return out
+    if isinstance(node, list):
+        return [rng.choice(junk) if rng.random() < 0.03 else _mutations(v, rng) for v in node]
+    return node
+
+
+def test_mangled_json_models_never_raise(tmp_path: Path) -> None:
+    """Whatever a peer's index hands us, reading dose answers a record or a reason."""
+    models = [
+        _json(ct_rdsr(_head_and_chest()), tmp_path),
+        _json(projection_rdsr(dap_total=(2.5e-4, "Gy.m2"), events=[(1e-4, "Gy.m2")]), tmp_path),
+        _json(ct_series(count=1, ctdivol=10.0, study_uid=generate_uid())[0], tmp_path),
+        _json(dx_image(dap_dgy_cm2=1.0, study_uid=generate_uid()), tmp_path),
+    ]
+    rng = random.Random(20261205)
+    outcomes = {"record": 0, "reason": 0}
+    for _ in range(300):
+        extraction = read_dose(_mutations(rng.choice(models), rng))  # type: ignore[arg-type]
+        assert (extraction.record is None) != (extraction.reason is None)
+        outcomes["record" if extraction.record else "reason"] += 1
+        if extraction.record is not None:
+            study_dose(
+                [extraction.record], age_at_exam_years=rng.choice([None, 0.2, 7.0, 40.0]), region="chest"
+            )
+    assert outcomes["record"] and outcomes["reason"]
