@@ -97,6 +97,7 @@ class ImageDose(_Model):
     ctdivol_mgy: float | None = None
     phantom: Phantom | None = None
     z_mm: float | None = None
+    z_end_mm: float | None = None  # last frame's z, for a multi-frame image
     slice_thickness_mm: float | None = None
     water_equivalent_diameter_cm: float | None = None
     event_uid: str | None = None
@@ -148,6 +149,8 @@ _TAGS = {
     "ImageAndFluoroscopyAreaDoseProduct": "0018115E",
     "ConceptNameCodeSequence": "0040A043",
     "ContentSequence": "0040A730",
+    "SharedFunctionalGroupsSequence": "52009229",
+    "PerFrameFunctionalGroupsSequence": "52009230",
 }
 
 JSON = dict[str, Any]
@@ -404,35 +407,65 @@ def _read_rdsr(attrs: Mapping[str, Any], base: dict[str, Any]) -> DoseRecord:
     )
 
 
+def _frames(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per frame of an enhanced (multi-frame) CT image, the attributes of its CT Exposure, Plane
+    Position and Pixel Measures functional groups, shared ones first and per-frame ones over them."""
+    shared_items = _items(attrs, _TAGS["SharedFunctionalGroupsSequence"])
+    shared = shared_items[0] if shared_items else {}
+    out = []
+    for frame in _items(attrs, _TAGS["PerFrameFunctionalGroupsSequence"]) or [{}]:
+        merged: dict[str, Any] = {}
+        for group in (shared, frame):
+            for macro in ("00189321", "00209113", "00289110"):
+                items = _items(group, macro)
+                if items:
+                    merged.update(items[0])
+        out.append(merged)
+    return out
+
+
+def _read_ct_image(attrs: Mapping[str, Any], base: dict[str, Any]) -> Extraction | None:
+    frames = [attrs] if _TAGS["CTDIvol"] in attrs else [f for f in _frames(attrs) if _TAGS["CTDIvol"] in f]
+    if not frames:
+        return None
+    ctdivols = [_number(v[0]) if (v := _values(f, _TAGS["CTDIvol"])) else None for f in frames]
+    usable = [c for c in ctdivols if c is not None and c >= 0]
+    if not usable:
+        return Extraction(reason="CTDIvol (0018,9345) is present but not a usable number")
+    zs = []
+    for frame in frames:
+        position = [_number(v) for v in _values(frame, _TAGS["ImagePositionPatient"])]
+        if len(position) == 3 and position[2] is not None:
+            zs.append(position[2])
+    thickness = _values(frames[0], _TAGS["SliceThickness"])
+    phantoms = _items(frames[0], _TAGS["CTDIPhantomTypeCodeSequence"])
+    dw = _values(attrs, _TAGS["WaterEquivalentDiameter"])
+    dw_mm = _number(dw[0]) if dw else None
+    image = ImageDose(
+        ctdivol_mgy=sum(usable) / len(usable),
+        phantom=_phantom_of(_code(phantoms[0])) if phantoms else None,
+        z_mm=min(zs) if zs else None,
+        z_end_mm=max(zs) if len(zs) > 1 else None,
+        slice_thickness_mm=_number(thickness[0]) if thickness else None,
+        water_equivalent_diameter_cm=dw_mm / 10 if dw_mm and dw_mm > 0 else None,
+        event_uid=_text(attrs, _TAGS["IrradiationEventUID"]) or None,
+        localizer="LOCALIZER" in {str(v).upper() for v in _values(attrs, _TAGS["ImageType"])},
+    )
+    return Extraction(record=DoseRecord(**base, source=DoseSource.IMAGE_CTDIVOL, image=image))
+
+
 def _read_image(attrs: Mapping[str, Any], base: dict[str, Any]) -> Extraction:
     problems: list[str] = []
     modality = base["modality"]
-    if _TAGS["CTDIvol"] in attrs:
-        values = _values(attrs, _TAGS["CTDIvol"])
-        ctdivol = _number(values[0]) if values else None
-        if ctdivol is None or ctdivol < 0:
-            return Extraction(reason="CTDIvol (0018,9345) is present but not a usable number")
-        phantoms = _items(attrs, _TAGS["CTDIPhantomTypeCodeSequence"])
-        position = [_number(v) for v in _values(attrs, _TAGS["ImagePositionPatient"])]
-        thickness = _values(attrs, _TAGS["SliceThickness"])
-        dw = _values(attrs, _TAGS["WaterEquivalentDiameter"])
-        dw_mm = _number(dw[0]) if dw else None
-        image = ImageDose(
-            ctdivol_mgy=ctdivol,
-            phantom=_phantom_of(_code(phantoms[0])) if phantoms else None,
-            z_mm=position[2] if len(position) == 3 else None,
-            slice_thickness_mm=_number(thickness[0]) if thickness else None,
-            water_equivalent_diameter_cm=dw_mm / 10 if dw_mm and dw_mm > 0 else None,
-            event_uid=_text(attrs, _TAGS["IrradiationEventUID"]) or None,
-            localizer="LOCALIZER" in {str(v).upper() for v in _values(attrs, _TAGS["ImageType"])},
-        )
-        return Extraction(record=DoseRecord(**base, source=DoseSource.IMAGE_CTDIVOL, image=image))
+    ct = _read_ct_image(attrs, base)
+    if ct is not None:
+        return ct
     if _TAGS["ImageAndFluoroscopyAreaDoseProduct"] in attrs:
         values = _values(attrs, _TAGS["ImageAndFluoroscopyAreaDoseProduct"])
         dap = _number(values[0]) if values else None
         if dap is None or dap < 0:
             return Extraction(reason="Area Dose Product (0018,115E) is present but not a usable number")
-        # (0018,115E) is in dGy.cm2 (PS3.3 C.8.7.x); 1 dGy.cm2 = 0.1 Gy.cm2.
+        # (0018,115E) is defined in dGy.cm2; 1 dGy.cm2 = 0.1 Gy.cm2.
         image = ImageDose(dap_gy_cm2=dap * 0.1, event_uid=_text(attrs, _TAGS["IrradiationEventUID"]) or None)
         return Extraction(
             record=DoseRecord(**base, source=DoseSource.IMAGE_DAP, image=image, problems=tuple(problems))
@@ -718,7 +751,7 @@ def _image_events(records: Sequence[DoseRecord], notes: list[str]) -> list[CTEve
     candidates: list[tuple[CTEvent, float, float, bool]] = []
     for key, images in groups.items():
         ctdivol = sum(i.ctdivol_mgy or 0.0 for i in images) / len(images)
-        zs = [i.z_mm for i in images if i.z_mm is not None]
+        zs = [z for i in images for z in (i.z_mm, i.z_end_mm) if z is not None]
         thick = [i.slice_thickness_mm for i in images if i.slice_thickness_mm]
         dws = [i.water_equivalent_diameter_cm for i in images if i.water_equivalent_diameter_cm]
         phantoms = {i.phantom for i in images if i.phantom is not None}

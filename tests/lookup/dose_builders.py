@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 XRAY_RDSR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.67"
 CT_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 DX_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
+ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
 
 Meaning = Callable[[str, str, str], str]  # (value, scheme, meaning) -> meaning written
 
@@ -375,3 +376,41 @@ def dx_image(*, dap_dgy_cm2: float | str, study_uid: str, event_uid: str | None 
 def write(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def enhanced_ct(
+    *, frames: int, ctdivol: float, spacing_mm: float, study_uid: str, per_frame_ctdivol: bool = True
+) -> Dataset:
+    """An Enhanced CT image: CTDIvol in the CT Exposure functional group (per frame, or shared),
+    frame positions in Plane Position, slice thickness in the shared Pixel Measures."""
+    ds = Dataset()
+    ds.SOPClassUID = ENHANCED_CT_SOP_CLASS
+    ds.SOPInstanceUID = generate_uid()
+    _study(ds, study_uid, "CT")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.NumberOfFrames = frames
+    measures = Dataset()
+    measures.SliceThickness = spacing_mm
+    measures.PixelSpacing = [0.7, 0.7]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    per_frame = []
+    for n in range(frames):
+        position = Dataset()
+        position.ImagePositionPatient = [-250.0, -250.0, -n * spacing_mm]
+        frame = Dataset()
+        frame.PlanePositionSequence = [position]
+        if per_frame_ctdivol:
+            exposure = Dataset()
+            exposure.CTDIvol = ctdivol + (1.0 if n % 2 else -1.0)  # tube current modulation
+            exposure.CTDIPhantomTypeCodeSequence = [SR().code(BODY_PHANTOM)]
+            frame.CTExposureSequence = [exposure]
+        per_frame.append(frame)
+    if not per_frame_ctdivol:
+        exposure = Dataset()
+        exposure.CTDIvol = ctdivol
+        shared.CTExposureSequence = [exposure]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    _file_meta(ds)
+    return ds

@@ -36,6 +36,7 @@ from tests.lookup.dose_builders import (
     ct_rdsr,
     ct_series,
     dx_image,
+    enhanced_ct,
     localizer,
     projection_rdsr,
     write,
@@ -298,6 +299,22 @@ def test_per_image_ctdivol_fallback(tmp_path: Path) -> None:
     assert dose.events[0].ssde_mgy == pytest.approx(10.0 * 3.704369 * 2.718281828 ** (-0.03671937 * 25.0))
     assert any("localizer" in n for n in dose.notes)
     assert any("reconstructions" in n for n in dose.notes)
+
+
+@pytest.mark.parametrize("per_frame", [True, False], ids=["per-frame", "shared"])
+def test_enhanced_ct_reads_ctdivol_from_functional_groups(per_frame: bool, tmp_path: Path) -> None:
+    """50 frames 2 mm apart, CTDIvol 12 mGy on average: about 12 x 10 cm = 120 mGy.cm."""
+    ds = enhanced_ct(
+        frames=50, ctdivol=12.0, spacing_mm=2.0, study_uid=generate_uid(), per_frame_ctdivol=per_frame
+    )
+    for source in (ds, _json(ds, tmp_path)):
+        record = extract_dose(source)
+        assert record is not None and record.image is not None
+        assert record.image.ctdivol_mgy == pytest.approx(12.0)
+        dose = study_dose([record], age_at_exam_years=40, region="chest")
+        (phantom,) = dose.dlp_by_phantom_mgy_cm
+        assert dose.dlp_by_phantom_mgy_cm[phantom] == pytest.approx(120.0)
+        assert (phantom == Phantom.BODY_32) and (dose.events[0].phantom_assumed is not per_frame)
 
 
 def test_per_image_fallback_groups_by_irradiation_event_uid() -> None:
