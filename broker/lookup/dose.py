@@ -44,6 +44,7 @@ DLP = "113838"
 SSDE = "113930"
 DERIVED_EFFECTIVE_DIAMETER = "113933"
 WATER_EQUIVALENT_DIAMETER = "113980"
+AAPM_220 = "113987"  # the method of a water-equivalent diameter (AAPM Report 220)
 IRRADIATION_EVENT_UID = "113769"
 TARGET_REGION = "123014"
 ACCUMULATED_XRAY = "113702"
@@ -362,7 +363,9 @@ def _ct_event(node: Mapping[str, Any], problems: list[str]) -> CTEvent:
         phantom=phantom,
         target_region=region,
         target_region_code=region_code,
-        water_equivalent_diameter_cm=_first_num(node, WATER_EQUIVALENT_DIAMETER, "length", problems),
+        water_equivalent_diameter_cm=_first_num(node, WATER_EQUIVALENT_DIAMETER, "length", problems)
+        # Some writers name the value by its method, 113987 "AAPM 220"; only a length passes.
+        or _first_num(node, AAPM_220, "length", problems),
         effective_diameter_cm=_first_num(node, DERIVED_EFFECTIVE_DIAMETER, "length", problems),
         reported_ssde_mgy=_first_num(node, SSDE, "dose", problems),
     )

@@ -49,6 +49,7 @@ class CTEventSpec:
     ctdivol_unit: str = "mGy"
     dlp_unit: str = "mGy.cm"
     water_equivalent_diameter_cm: float | None = None
+    diameter_concept: tuple[str, str, str] = ("113980", "DCM", "Water Equivalent Diameter")
     scan_length_mm: float = 300.0
 
 
@@ -265,9 +266,7 @@ def _ct_acquisition(sr: SR, ev: CTEventSpec) -> Dataset:
     if ev.dlp is not None:
         dose.append(sr.num(("113838", "DCM", "DLP"), ev.dlp, ev.dlp_unit))
     if ev.water_equivalent_diameter_cm is not None:
-        dose.append(
-            sr.num(("113980", "DCM", "Water Equivalent Diameter"), ev.water_equivalent_diameter_cm * 10, "mm")
-        )
+        dose.append(sr.num(ev.diameter_concept, ev.water_equivalent_diameter_cm * 10, "mm"))
     items.append(sr.container(("113829", "DCM", "CT Dose"), dose))
     return sr.container(("113819", "DCM", "CT Acquisition"), items)
 

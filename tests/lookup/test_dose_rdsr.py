@@ -188,6 +188,14 @@ def test_water_equivalent_diameter_from_the_sr_gives_ssde() -> None:
     assert dose.events[0].ssde_mgy == pytest.approx(15.35, abs=0.01)
 
 
+def test_a_diameter_named_by_its_method_code_is_read_too() -> None:
+    aapm220 = ("113987", "DCM", "AAPM 220")
+    spec = CTEventSpec(ctdivol=10.0, water_equivalent_diameter_cm=24.0, diameter_concept=aapm220)
+    record = extract_dose(ct_rdsr([spec]))
+    assert record is not None
+    assert record.ct_events[0].water_equivalent_diameter_cm == pytest.approx(24.0)
+
+
 def test_the_scanners_rdsr_and_a_dose_monitors_copy_count_once() -> None:
     specs = _head_and_chest()
     study = generate_uid()
