@@ -804,6 +804,9 @@ def study_dose(
     the patient's age at the exam."""
     records = list(records)
     notes: list[str] = []
+    if age_at_exam_years is not None and not (0 <= age_at_exam_years < 150):
+        notes.append("age at the exam out of range: treated as unknown")
+        age_at_exam_years = None
     rdsrs = [r for r in records if r.source == DoseSource.RDSR]
     ct_images = [r for r in records if r.source == DoseSource.IMAGE_CTDIVOL]
     dap_images = [r for r in records if r.source == DoseSource.IMAGE_DAP]

@@ -147,6 +147,9 @@ def test_no_effective_dose_without_age_or_region_and_the_reason_is_given() -> No
     assert any("region" in n for n in no_region.notes)
     unknown = study_dose([_ct_study(100.0, Phantom.BODY_32)], age_at_exam_years=30, region="knee")
     assert unknown.effective_dose_msv is None
+    born_later = study_dose([_ct_study(100.0, Phantom.BODY_32)], age_at_exam_years=-1, region="chest")
+    assert born_later.effective_dose_msv is None
+    assert any("out of range" in n for n in born_later.notes)
 
 
 def test_ssde_uses_the_aapm204_fit_of_the_reported_phantom() -> None:
