@@ -9,11 +9,8 @@ from datetime import date
 
 import pytest
 
+from broker.dicom.dose import CTEvent, DoseRecord, DoseSource, Phantom
 from broker.lookup.dose import (
-    CTEvent,
-    DoseRecord,
-    DoseSource,
-    Phantom,
     StudyDose,
     age_at,
     age_band,

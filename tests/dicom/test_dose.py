@@ -15,16 +15,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from broker.dicom.dose import DoseRecord, DoseSource, Phantom, extract_dose, read_dose
 from broker.dicom.json_model import instance_json
-from broker.lookup.dose import (
-    DoseRecord,
-    DoseSource,
-    Phantom,
-    extract_dose,
-    read_dose,
-    study_dose,
-)
-from tests.lookup.dose_builders import (
+from broker.lookup.dose import study_dose
+from tests.dicom.dose_builders import (
     ABDOMEN_PELVIS,
     BODY_PHANTOM,
     CHEST,
