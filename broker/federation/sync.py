@@ -24,7 +24,7 @@ from sqlmodel import Session
 
 from broker.db import session_scope
 from broker.dicom.json_model import str_value
-from broker.errors import BadRequest, Conflict, NotFound, Unavailable
+from broker.errors import BadRequest, Conflict, Unavailable
 from broker.facilities import service as facilities
 from broker.facilities.models import Facility
 from broker.index import service as index
@@ -80,9 +80,7 @@ def sync_facility(
     job's progress (the CLI's progress bar).
     """
     with Session(engine) as session:
-        facility = session.get(Facility, facility_id)
-        if facility is None:
-            raise NotFound(f"no facility {facility_id!r}")
+        facility = facilities.get_facility(session=session, facility_id=facility_id)
         job = queue_sync(engine=engine, facility=facility, calling_ae=calling_ae)
     assert job.id is not None
     claimed = jobs.claim(engine=engine, job_id=job.id)
@@ -138,9 +136,7 @@ def run_sync(
     run = job.id
     facility_id = jobs.params_of(job).get("facility_id") or job.key
     with Session(engine, expire_on_commit=False) as session:
-        facility = session.get(Facility, facility_id)
-        if facility is None:
-            raise NotFound(f"no facility {facility_id!r}")
+        facility = facilities.get_facility(session=session, facility_id=facility_id)
         indexed = index.has_locations(session=session, facility_id=facility_id)
     if facility.sharing_policy == "none":
         raise BadRequest(f"facility {facility.id!r} shares nothing (sharing policy 'none')")
