@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlmodel import Session
 
 from broker.clikit import DataDir, console, fail, state
@@ -18,8 +19,6 @@ def sync(
     data_dir: DataDir = None,
 ) -> None:
     """Index a facility archive's studies now (incremental; pixels stay at the facility)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     app_state = state(data_dir)
     columns = (
         TextColumn("[bold]{task.description}"),

@@ -14,19 +14,18 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-from sqlalchemy import func, text, update
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
-from broker.db import session_scope
 from broker.errors import NotFound, ScanOnceError, Unavailable
 from broker.facilities.models import Facility
-from broker.index.models import Instance, Series, Study, StudyLocation
+from broker.index import service as index
 from broker.peers import archive as remote
+from broker.peers import dimse as scu
+from broker.peers.errors import DimseStatusError
 from broker.security.schemas import Principal, Role
 
 log = logging.getLogger("scanonce.federation.fetch")
@@ -63,29 +62,6 @@ def _study_lock(engine: Engine, study_uid: str) -> Iterator[None]:
                 del _locks[study_uid]
 
 
-def _has_pixels(session: Session, study_uid: str) -> tuple[bool, list[StudyLocation]]:
-    """Whether the broker holds the study's pixels, and the facilities that hold it remotely."""
-    locations = list(session.exec(select(StudyLocation).where(StudyLocation.study_uid == study_uid)))
-    study = session.exec(select(Study).where(Study.study_uid == study_uid)).first()
-    if study is None:
-        raise NotFound("no such study in the index")
-    if any(loc.has_pixels for loc in locations):
-        return True, locations
-    if not locations:
-        # Not synced from anywhere: it came by STOW-RS or C-STORE, so what the index has is local.
-        return True, locations
-    return False, locations
-
-
-def is_remote_only(*, session: Session, study_uid: str) -> bool:
-    """True when the index knows the study only from a facility's archive (pixels not here)."""
-    try:
-        local, _ = _has_pixels(session, study_uid)
-    except NotFound:
-        return False
-    return not local
-
-
 def ensure_local(*, engine: Engine, store: Any, study_uid: str, calling_ae: str = "SCANONCE") -> None:
     """Make sure the broker holds the study's pixels, fetching them from a facility if needed.
 
@@ -93,15 +69,14 @@ def ensure_local(*, engine: Engine, store: Any, study_uid: str, calling_ae: str 
     message names them). Blocking: async callers run it in a thread.
     """
     with Session(engine) as session:
-        local, _ = _has_pixels(session, study_uid)
-    if local:
-        return
+        if not index.remote_holders(session=session, study_uid=study_uid):
+            return
     with _study_lock(engine, study_uid):
         with Session(engine) as session:
-            local, locations = _has_pixels(session, study_uid)
-            if local:
+            holders = index.remote_holders(session=session, study_uid=study_uid)
+            if not holders:
                 return  # fetched by whoever held the lock before us
-            facilities = [session.get(Facility, loc.facility_id) for loc in locations]
+            facilities = [session.get(Facility, facility_id) for facility_id in holders]
         candidates = [f for f in facilities if f is not None and f.sharing_policy != "none"]
         # DICOMweb first: one HTTP stream, no SOP-class negotiation.
         candidates.sort(key=lambda f: (f.dicomweb_url is None, f.id))
@@ -119,8 +94,6 @@ def ensure_local(*, engine: Engine, store: Any, study_uid: str, calling_ae: str 
 
 
 def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, calling_ae: str) -> None:
-    from broker.index.service import ingest_files
-
     with tempfile.TemporaryDirectory(prefix="scanonce-fetch-") as tmp:
         if facility.dicomweb_url:
             paths = remote.wado_retrieve_study(facility=facility, study_uid=study_uid, into=tmp)
@@ -131,7 +104,7 @@ def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, 
         if not paths:
             raise NotFound(f"the study is no longer at facility {facility.id!r}")
         principal = Principal(who=f"federation:fetch:{facility.id}", role=Role.admin, facility=facility.id)
-        outcomes = ingest_files(
+        outcomes = index.ingest_files(
             engine=engine,
             store=store,
             principal=principal,
@@ -143,16 +116,13 @@ def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, 
     failed = [o for o in outcomes if o.status == "failed"]
     if failed and len(failed) == len(outcomes):
         raise Unavailable(f"facility {facility.id!r} sent the study but no instance could be stored")
-    _mark_local(engine, facility, study_uid)
+    index.mark_local(engine=engine, study_uid=study_uid)
     log.info(
         "fetched a study from facility %s: %d instances, %d failed", facility.id, len(outcomes), len(failed)
     )
 
 
 def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> list[str]:
-    from broker.peers import dimse as scu
-    from broker.peers.errors import DimseStatusError
-
     assert facility.host and facility.port and facility.ae_title
     try:
         result = scu.get(
@@ -169,31 +139,3 @@ def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> lis
     except DimseStatusError as exc:
         raise Unavailable(f"facility {facility.id!r} failed the C-GET: {exc}") from exc
     return list(result.paths)
-
-
-def _mark_local(engine: Engine, facility: Facility, study_uid: str) -> None:
-    """Counts from the instances now held (ingest added to the remote counts sync had set), and
-    the study's answers say ONLINE instead of NEARLINE."""
-    with session_scope(engine) as session:
-        study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
-        per_series = dict(
-            session.exec(  # type: ignore[call-overload]
-                select(Instance.series_pk, func.count())
-                .where(Instance.study_pk == study.pk)
-                .group_by(col(Instance.series_pk))
-            ).all()
-        )
-        for series in session.exec(select(Series).where(Series.study_pk == study.pk)):
-            series.num_instances = int(per_series.get(series.pk or 0, 0))
-            session.add(series)
-        study.num_instances = int(sum(per_series.values()))
-        study.num_series = len(per_series) or study.num_series
-        attrs = orjson.loads(study.study_json or "{}")
-        attrs["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
-        study.study_json = orjson.dumps(attrs).decode()
-        session.add(study)
-        session.exec(
-            update(StudyLocation)  # type: ignore[call-overload]
-            .where(col(StudyLocation.study_uid) == study_uid)
-            .values(has_pixels=True, fetched_at=datetime.now(UTC))
-        )

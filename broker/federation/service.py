@@ -6,18 +6,18 @@ The facility registry itself is `broker.facilities`; the clients that talk to an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from broker.facilities import service as facilities
 from broker.facilities.models import SyncState
 from broker.federation import fetch, sync
 from broker.federation.sync import SyncResult
-from broker.index.models import StudyLocation
+from broker.index import service as index
 from broker.jobs import service as jobs
 
 
@@ -54,22 +54,13 @@ def ensure_local(*, engine: Engine, store: Any, study_uid: str, calling_ae: str 
 
 
 def is_remote_only(*, session: Session, study_uid: str) -> bool:
-    return fetch.is_remote_only(session=session, study_uid=study_uid)
-
-
-def study_locations(*, session: Session, study_uids: Sequence[str]) -> dict[str, list[StudyLocation]]:
-    """Where each study is held (facility id, whether the broker has the pixels)."""
-    out: dict[str, list[StudyLocation]] = {}
-    for i in range(0, len(study_uids), 500):
-        for loc in session.exec(
-            select(StudyLocation).where(col(StudyLocation.study_uid).in_(study_uids[i : i + 500]))
-        ):
-            out.setdefault(loc.study_uid, []).append(loc)
-    return out
+    """True when the index knows the study only from a facility's archive (pixels not here)."""
+    return index.is_remote_only(session=session, study_uid=study_uid)
 
 
 def remote_only_count(*, session: Session, facility_id: str) -> int:
-    return sync.remote_only_count(session=session, facility_id=facility_id)
+    """How many studies indexed from the facility the broker holds no pixels of."""
+    return index.remote_only_count(session=session, facility_id=facility_id)
 
 
 def queue_due_syncs(*, engine: Engine, interval_seconds: float, calling_ae: str = "SCANONCE") -> list[int]:

@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -61,6 +61,12 @@ def set_patient_linker(linker: PatientLinker | None) -> None:
     _linker = linker
 
 
+def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> None:
+    """Link a new or changed patient row (ingest's, or index sync's) through the wired linker."""
+    if _linker is not None:
+        _linker(session=session, patient=patient, dataset=dataset)
+
+
 def normalize_time(value: str) -> str:
     """HHMMSS.ffffff with missing parts zero-filled, so times compare as strings."""
     value = value.replace(":", "").strip()
@@ -84,8 +90,80 @@ def known_issuers(session: Session) -> set[str]:
     return {r[0] for r in session.exec(select(Facility.issuer)).all()}  # type: ignore[call-overload]
 
 
-def _level_json(attrs: dict[str, Any], pick: Any) -> str:
-    return orjson.dumps({k: v for k, v in attrs.items() if pick(k)}).decode()
+def patient_key(
+    attrs: dict[str, Any], *, study_uid: str, facility_issuer: str, registered: set[str]
+) -> tuple[str, str]:
+    """The (issuer, Patient ID) of the patient row a study belongs to; a study without a Patient
+    ID gets a patient of its own, never one shared with every other ID-less study."""
+    pid = str_value(attrs, "00100020").strip()
+    issuer = patient_issuer(
+        issuer_in_data=str_value(attrs, "00100021"),
+        facility_issuer=facility_issuer,
+        registered=registered,
+    )
+    return issuer, pid or f"~no-id~{study_uid}"
+
+
+# The row mapping, one for ingest and index sync alike: which attributes fill which columns, cut
+# to the column widths.
+
+
+def level_json(
+    attrs: dict[str, Any], pick: Callable[[str], bool], *, drop: Collection[str] = ()
+) -> dict[str, Any]:
+    """The attributes of one level (`pick`: study or series) that its query answers return;
+    `drop`: those the index sets itself instead of copying them."""
+    return {k: v for k, v in attrs.items() if k not in drop and pick(k)}
+
+
+def patient_columns(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A patient row's demographics."""
+    a = attrs
+    name = str_value(a, "00100010")
+    return {
+        "patient_name": name,
+        "name_norm": casefold_pn(name),
+        "name_fuzzy": fuzzy_pn(name),
+        "birth_date": str_value(a, "00100030")[:8],
+        "sex": str_value(a, "00100040")[:16],
+    }
+
+
+def study_columns(attrs: dict[str, Any], patient: Patient) -> dict[str, Any]:
+    """A study row's matching columns: its own attributes, and its patient's copied down (all
+    but `modalities`, the counts and `study_json`, which ingest and sync each set their way)."""
+    a = attrs
+    return {
+        "patient_pk": patient.pk,
+        "patient_id": str_value(a, "00100020"),
+        "issuer": patient.issuer,
+        "issuer_in_data": str_value(a, "00100021").strip(),
+        "patient_name": patient.patient_name,
+        "name_norm": patient.name_norm,
+        "name_fuzzy": patient.name_fuzzy,
+        "birth_date": patient.birth_date,
+        "sex": patient.sex,
+        "study_date": str_value(a, "00080020")[:8],
+        "study_time": normalize_time(str_value(a, "00080030"))[:32],
+        "accession_number": str_value(a, "00080050")[:64],
+        "study_id": str_value(a, "00200010")[:64],
+        "study_description": str_value(a, "00081030")[:256],
+        "referring_physician": casefold_pn(str_value(a, "00080090"))[:256],
+    }
+
+
+def series_columns(attrs: dict[str, Any], *, drop: Collection[str] = ()) -> dict[str, Any]:
+    """A series row's columns (all but its study and count)."""
+    a = attrs
+    return {
+        "modality": str_value(a, "00080060")[:16],
+        "series_number": int_value(a, "00200011"),
+        "series_description": str_value(a, "0008103E")[:256],
+        "body_part": str_value(a, "00180015")[:64],
+        "pps_start_date": str_value(a, "00400244")[:8],
+        "pps_start_time": normalize_time(str_value(a, "00400245"))[:32],
+        "series_json": orjson.dumps(level_json(a, is_series_level, drop=drop)).decode(),
+    }
 
 
 class _Batch:
@@ -103,14 +181,9 @@ class _Batch:
         self.new_series: list[tuple[int, str]] = []  # (study pk, modality) of series added to old studies
 
     def _patient_key(self, p: _Parsed) -> tuple[str, str]:
-        a = p.attrs
-        pid = str_value(a, "00100020").strip()
-        issuer = patient_issuer(
-            issuer_in_data=str_value(a, "00100021"),
-            facility_issuer=self.facility.issuer,
-            registered=self.issuers,
+        return patient_key(
+            p.attrs, study_uid=p.study_uid, facility_issuer=self.facility.issuer, registered=self.issuers
         )
-        return issuer, pid or f"~no-id~{p.study_uid}"
 
     def prepare(self, pending: list[_Parsed]) -> None:
         session = self.session
@@ -134,23 +207,9 @@ class _Batch:
             self.studies[p.study_uid] = Study(
                 study_uid=p.study_uid,
                 facility_id=self.facility.id,
-                patient_pk=patient.pk,  # type: ignore[arg-type]
-                patient_id=str_value(a, "00100020"),
-                issuer=patient.issuer,
-                issuer_in_data=str_value(a, "00100021").strip(),
-                patient_name=patient.patient_name,
-                name_norm=patient.name_norm,
-                name_fuzzy=patient.name_fuzzy,
-                birth_date=patient.birth_date,
-                sex=patient.sex,
-                study_date=str_value(a, "00080020")[:8],
-                study_time=normalize_time(str_value(a, "00080030"))[:32],
-                accession_number=str_value(a, "00080050")[:64],
-                study_id=str_value(a, "00200010")[:64],
-                study_description=str_value(a, "00081030")[:256],
-                referring_physician=casefold_pn(str_value(a, "00080090"))[:256],
+                **study_columns(a, patient),
                 modalities="\\",
-                study_json=_level_json(a, is_study_level),
+                study_json=orjson.dumps(level_json(a, is_study_level)).decode(),
             )
             session.add(self.studies[p.study_uid])
         if new_studies:
@@ -159,20 +218,10 @@ class _Batch:
 
         new_series = [p for uid, p in first_of_series.items() if uid not in self.series]
         for p in new_series:
-            a = p.attrs
             study = self.studies[p.study_uid]
-            modality = str_value(a, "00080060")[:16]
-            self.series[p.series_uid] = Series(
-                series_uid=p.series_uid,
-                study_pk=study.pk,  # type: ignore[arg-type]
-                modality=modality,
-                series_number=int_value(a, "00200011"),
-                series_description=str_value(a, "0008103E")[:256],
-                body_part=str_value(a, "00180015")[:64],
-                pps_start_date=str_value(a, "00400244")[:8],
-                pps_start_time=normalize_time(str_value(a, "00400245"))[:32],
-                series_json=_level_json(a, is_series_level),
-            )
+            columns = series_columns(p.attrs)
+            modality = columns["modality"]
+            self.series[p.series_uid] = Series(series_uid=p.series_uid, study_pk=study.pk, **columns)  # type: ignore[arg-type]
             session.add(self.series[p.series_uid])
             if study.pk in self.new_study_pks:
                 # A new study's counters and modalities are set here, not bumped later.
@@ -201,35 +250,22 @@ class _Batch:
         created: list[tuple[Patient, _Parsed]] = []
         changed: list[tuple[Patient, _Parsed]] = []
         for key, p in wanted.items():
-            a = p.attrs
-            name = str_value(a, "00100010")
-            birth = str_value(a, "00100030")[:8]
-            sex = str_value(a, "00100040")[:16]
+            columns = patient_columns(p.attrs)
+            name, birth, sex = columns["patient_name"], columns["birth_date"], columns["sex"]
             known = found.get(key)
             if known is None:
-                patient = Patient(
-                    facility_id=self.facility.id,
-                    issuer=key[0],
-                    patient_id=key[1],
-                    patient_name=name,
-                    name_norm=casefold_pn(name),
-                    name_fuzzy=fuzzy_pn(name),
-                    birth_date=birth,
-                    sex=sex,
-                )
+                patient = Patient(facility_id=self.facility.id, issuer=key[0], patient_id=key[1], **columns)
                 session.add(patient)
                 found[key] = patient
                 created.append((patient, p))
             elif (known.patient_name, known.birth_date, known.sex) != (name, birth, sex) and name:
-                known.patient_name, known.birth_date, known.sex = name, birth, sex
-                known.name_norm, known.name_fuzzy = casefold_pn(name), fuzzy_pn(name)
+                known.sqlmodel_update(columns)
                 session.add(known)
                 changed.append((known, p))
         if created or changed:
             session.flush()
         for patient, p in (*created, *changed):
-            if _linker is not None:
-                _linker(session=session, patient=patient, dataset=p.attrs)
+            link_patient(session=session, patient=patient, dataset=p.attrs)
         return found
 
 

@@ -1,4 +1,5 @@
-"""The index's public face: ingest, the one query engine, and what retrieve needs.
+"""The index's public face: ingest, the one query engine, what retrieve needs, and the rows of
+studies held at facility archives (written for federation's index sync and retrieve on demand).
 
 Every function is keyword-only and blocking (database and storage I/O): async callers run it
 in a thread.
@@ -21,6 +22,19 @@ from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
 from broker.index.query import search
+from broker.index.remote import (
+    has_locations,
+    is_remote_only,
+    locations_at,
+    mark_local,
+    mark_seen,
+    remote_holders,
+    remote_only_count,
+    remove_gone,
+    study_locations,
+    unseen_studies,
+    upsert_remote_studies,
+)
 from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome
 
 __all__ = [
@@ -38,6 +52,17 @@ __all__ = [
     "QueryResult",
     "StoreOutcome",
     "InstanceRef",
+    "study_locations",
+    "locations_at",
+    "has_locations",
+    "unseen_studies",
+    "remote_holders",
+    "is_remote_only",
+    "remote_only_count",
+    "mark_seen",
+    "upsert_remote_studies",
+    "remove_gone",
+    "mark_local",
 ]
 
 _study = Study.__table__  # type: ignore[attr-defined]

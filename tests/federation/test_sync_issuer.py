@@ -90,3 +90,12 @@ def test_sync_honours_a_registered_issuer_of_patient_id_and_ignores_an_unknown_o
     again = service.sync_facility(engine=federated.engine, store=federated.store, facility_id=syncing)
     assert again.studies_written == 1
     assert _issuer_and_patient(federated, later.StudyInstanceUID) == (ISSUERS[other], their_patient)
+
+
+def test_synced_patients_are_linked_to_persons_as_ingested_ones_are(federated: AppState) -> None:
+    """A patient known only from a facility's archive is linked to a person all the same, so
+    the person index (PIXm, `scanonce person`) finds it before any pixels are fetched."""
+    service.sync_facility(engine=federated.engine, store=federated.store, facility_id="web")
+    with Session(federated.engine) as session:
+        patients = session.exec(select(Patient).where(Patient.facility_id == "web")).all()
+    assert patients and all(p.person_id is not None for p in patients)

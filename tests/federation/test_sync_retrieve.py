@@ -24,7 +24,7 @@ from broker.federation import service
 from broker.federation.sync import run_sync
 from broker.index.models import Instance, Series, Study, StudyLocation
 from broker.index.schemas import Query
-from broker.index.service import search
+from broker.index.service import search, study_locations
 from broker.jobs import service as jobs
 from broker.peers import archive as remote
 from tests.federation.conftest import (
@@ -318,7 +318,7 @@ def test_a_fetched_study_deleted_at_the_facility_stays_served_by_the_broker(
         matches = _studies(federated)
         assert set(matches) == WEB_STUDIES and matches[mr]["00080056"]["Value"] == ["ONLINE"]
         with Session(federated.engine) as session:
-            assert service.study_locations(session=session, study_uids=[mr]) == {}
+            assert study_locations(session=session, study_uids=[mr]) == {}
             assert not service.is_remote_only(session=session, study_uid=mr)
     finally:
         upload(archives.web, (TEST_FILES / "MR_small.dcm").read_bytes())
