@@ -1,8 +1,107 @@
-"""Helpers shared by tests across domains (one copy each)."""
+"""Helpers shared by tests across domains, one copy each: where pydicom's bundled files are, the
+caller principal of service functions, and small hand-made Part 10 objects (synthetic, never
+patient data)."""
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from broker.security.schemas import Principal, Role
 
 # The caller of service functions that act for someone, as the embedded default's HTTP caller is.
 ADMIN = Principal(who="test", role=Role.admin, facility="local")
+
+PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
+TEST_FILES = PYDICOM_DATA / "test_files"
+CHARSET_FILES = PYDICOM_DATA / "charset_files"
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def make_ds(
+    *,
+    sop: str,
+    study: str,
+    series: str,
+    name: str = "DOE^JOHN",
+    pid: str = "P1",
+    modality: str = "CT",
+    date: str = "20240101",
+    time: str = "120000",
+    accession: str = "A1",
+    description: str = "CT HEAD",
+    instance_number: int = 1,
+    charset: str = "ISO_IR 192",
+    issuer: str | None = None,
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = CT_IMAGE
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientName = name
+    ds.PatientID = pid
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
+    ds.PatientBirthDate = "19800101"
+    ds.PatientSex = "M"
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.AccessionNumber = accession
+    ds.StudyDescription = description
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.Rows = 4
+    ds.Columns = 4
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(32))
+    return ds
+
+
+def minimal_part10(path: Any, **attrs: str) -> str:
+    """A minimal valid Part 10 object (Secondary Capture, no pixels, fresh UIDs) with the given
+    attributes (typically the patient module), written to `path`."""
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write(tmp: Path, name: str, ds: Dataset) -> str:
+    path = tmp / name
+    path.write_bytes(to_bytes(ds))
+    return str(path)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pydicom
 
-PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
-TEST_FILES = PYDICOM_DATA / "test_files"
-CHARSET_FILES = PYDICOM_DATA / "charset_files"
+from tests.support import CHARSET_FILES, TEST_FILES
+
 ROOT = "1.2.826.0.1.3680043.10.1077"
 
 

@@ -10,9 +10,9 @@ from pydicom.uid import generate_uid
 
 from broker.dimse.scp import start_scp, stop_scp
 from tests.dicomweb.conftest import LiveServer
-from tests.dicomweb.data import TEST_FILES, multipart_body
-from tests.index.helpers import to_bytes
+from tests.dicomweb.data import multipart_body
 from tests.peers import dcmtk
+from tests.support import TEST_FILES, to_bytes
 
 
 def _object(pid: str, issuer: str | None) -> tuple[str, bytes]:

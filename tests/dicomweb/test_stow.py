@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 from broker.dicom import status
 from broker.settings import Settings
 from tests.dicomweb.conftest import LiveServer, serve
-from tests.dicomweb.data import MUELLER, TEST_FILES, Corpus, multipart_body, split_multipart
+from tests.dicomweb.data import MUELLER, Corpus, multipart_body, split_multipart
+from tests.support import TEST_FILES
 
 FAILED_SOP_SEQ = "00081198"
 REFERENCED_SOP_SEQ = "00081199"

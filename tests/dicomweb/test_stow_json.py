@@ -14,7 +14,8 @@ from pydicom.uid import generate_uid
 
 from broker.dicom import status
 from tests.dicomweb.conftest import LiveServer
-from tests.dicomweb.data import TEST_FILES, multipart_body, split_multipart
+from tests.dicomweb.data import multipart_body, split_multipart
+from tests.support import TEST_FILES
 
 FAILED_SOP_SEQ = "00081198"
 REFERENCED_SOP_SEQ = "00081199"

@@ -24,7 +24,8 @@ from pydicom.sequence import Sequence
 
 from broker.settings import Settings
 from tests.dicomweb.conftest import LiveServer, serve
-from tests.dicomweb.data import TEST_FILES, multipart_body, relabel, split_multipart, uid
+from tests.dicomweb.data import multipart_body, relabel, split_multipart, uid
+from tests.support import TEST_FILES
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"

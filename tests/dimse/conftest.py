@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -20,8 +19,8 @@ from broker.dimse.service import DimsePeers
 from broker.index.service import ingest_files
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from tests.support import TEST_FILES
 
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # Real files of several SOP classes and transfer syntaxes (uncompressed, big endian, deflated,
 # JPEG baseline/extended/2000, RLE), each with a distinct SOP Instance UID.
 SAMPLES = (

@@ -3,15 +3,12 @@ federated by DICOMweb, one by DIMSE only (its DICOMweb plugin is not even loaded
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from sqlmodel import Session
 
 from broker.app import build_state
@@ -19,19 +16,12 @@ from broker.deps import AppState
 from broker.facilities import service as facilities
 from broker.settings import Settings
 from tests.peers import OrthancPeer, orthanc
-from tests.support import ADMIN
+from tests.support import ADMIN, TEST_FILES
 
-TEST_FILES = Path(pydicom.__path__[0]) / "data" / "test_files"
 BROKER_AE = "SCANONCE"
 # (study UID, modality) of what each archive holds at the start of every test.
 WEB_FILES = ("CT_small.dcm", "MR_small.dcm")
 DIMSE_FILES = ("rtplan.dcm", "rtdose.dcm")
-
-
-def part10(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def study_uid_of(name: str) -> str:

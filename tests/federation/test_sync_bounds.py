@@ -18,7 +18,8 @@ from broker.federation import service
 from broker.index import service as index_service
 from broker.index.models import Series, Study
 from broker.index.schemas import Query
-from tests.federation.conftest import TEST_FILES, Archives, delete_study, part10, upload
+from tests.federation.conftest import TEST_FILES, Archives, delete_study, upload
+from tests.support import to_bytes
 
 LONG_NAME = "Q" * 100 + "^" + "R" * 100
 
@@ -46,7 +47,7 @@ def test_sync_bounds_values_and_keeps_the_archives_own_issuer(
         ds.IssuerOfPatientID = "HOSP-A"
         ds.StudyDescription = "S" * 200
         ds.SeriesDescription = "T" * 200
-        upload(peer, part10(ds))
+        upload(peer, to_bytes(ds))
     uploaded.append((facility, ds.StudyInstanceUID))
 
     service.sync_facility(engine=federated.engine, store=federated.store, facility_id=facility)

@@ -14,7 +14,8 @@ from sqlmodel import Session, select
 from broker.deps import AppState
 from broker.federation import service
 from broker.index.models import Patient, Study
-from tests.federation.conftest import TEST_FILES, Archives, delete_study, part10, upload
+from tests.federation.conftest import TEST_FILES, Archives, delete_study, upload
+from tests.support import to_bytes
 
 ISSUERS = {"web": "WEBHOSP", "dimse": "DIMSEHOSP"}
 
@@ -65,7 +66,7 @@ def test_sync_honours_a_registered_issuer_of_patient_id_and_ignores_an_unknown_o
     named = _study(pid, ISSUERS[other])
     unknown = _study(pid, "NOBODY-REGISTERED-THIS")
     for facility_id, ds in ((other, theirs), (syncing, named), (syncing, unknown)):
-        upload(peers[facility_id], part10(ds))
+        upload(peers[facility_id], to_bytes(ds))
         uploaded.append((facility_id, ds.StudyInstanceUID))
 
     service.sync_facility(engine=federated.engine, store=federated.store, facility_id=other)
@@ -85,7 +86,7 @@ def test_sync_honours_a_registered_issuer_of_patient_id_and_ignores_an_unknown_o
     # A study added later is found by an incremental sync (by C-FIND: a STUDY listing without
     # the issuer, then SERIES queries for what changed, which carry it): the same rule applies.
     later = _study(pid, ISSUERS[other])
-    upload(peers[syncing], part10(later))
+    upload(peers[syncing], to_bytes(later))
     uploaded.append((syncing, later.StudyInstanceUID))
     again = service.sync_facility(engine=federated.engine, store=federated.store, facility_id=syncing)
     assert again.studies_written == 1

@@ -16,7 +16,8 @@ from broker.deps import AppState
 from broker.federation import service
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
-from tests.federation.conftest import TEST_FILES, Archives, delete_study, part10, upload
+from tests.federation.conftest import TEST_FILES, Archives, delete_study, upload
+from tests.support import to_bytes
 
 
 def test_incremental_sync_after_a_prune_writes_only_what_changed(
@@ -40,7 +41,7 @@ def test_incremental_sync_after_a_prune_writes_only_what_changed(
     new = pydicom.dcmread(TEST_FILES / "MR_small.dcm")
     new.StudyInstanceUID, new.SeriesInstanceUID, new.SOPInstanceUID = (generate_uid() for _ in range(3))
     try:
-        upload(archives.web, part10(new))
+        upload(archives.web, to_bytes(new))
         after = service.sync_facility(engine=federated.engine, store=federated.store, facility_id="web")
         assert (after.studies_seen, after.studies_written, after.studies_removed) == (3, 1, 0)
         assert after.job_id > again.job_id  # a fresh id, never a pruned one

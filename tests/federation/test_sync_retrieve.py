@@ -34,12 +34,11 @@ from tests.federation.conftest import (
     Archives,
     delete_series,
     delete_study,
-    part10,
     study_uid_of,
     upload,
 )
 from tests.peers import free_port
-from tests.support import ADMIN
+from tests.support import ADMIN, to_bytes
 
 WEB_STUDIES = {study_uid_of(n) for n in WEB_FILES}
 DIMSE_STUDIES = {study_uid_of(n) for n in DIMSE_FILES}
@@ -114,8 +113,8 @@ def test_sync_is_incremental_and_follows_additions_changes_and_deletions(
     extra.SeriesInstanceUID, extra.SOPInstanceUID = generate_uid(), generate_uid()
     extra.Modality = "PT"
     try:
-        upload(archives.web, part10(new))
-        upload(archives.web, part10(extra))
+        upload(archives.web, to_bytes(new))
+        upload(archives.web, to_bytes(extra))
         changed = _sync(federated, "web")
         assert (changed.studies_seen, changed.studies_written, changed.studies_removed) == (3, 2, 0)
         matches = _studies(federated)
@@ -346,7 +345,7 @@ def test_incremental_sync_by_c_find_alone(federated: AppState, archives: Archive
     new = pydicom.dcmread(TEST_FILES / "rtplan.dcm")
     new.StudyInstanceUID, new.SeriesInstanceUID, new.SOPInstanceUID = (generate_uid() for _ in range(3))
     try:
-        upload(archives.dimse, part10(new))
+        upload(archives.dimse, to_bytes(new))
         added = _sync(federated, "dimse")  # SERIES level asked for the new study only
         assert (added.studies_seen, added.studies_written, added.studies_removed) == (3, 1, 0)
         assert _studies(federated)[new.StudyInstanceUID]["00080061"]["Value"] == ["RTPLAN"]

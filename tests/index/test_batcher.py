@@ -19,7 +19,7 @@ from broker.index.models import Instance
 from broker.index.service import IngestBatcher, StoreOutcome
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
-from tests.index.helpers import make_ds, write
+from tests.support import make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 STUDY = "1.2.826.0.1.3680043.8.498.77"

@@ -20,8 +20,7 @@ from broker.index.models import InstanceConflict, Study
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
-from tests.index.helpers import CHARSET_FILES, TEST_FILES, make_ds, write
-from tests.support import ADMIN
+from tests.support import ADMIN, CHARSET_FILES, TEST_FILES, make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 

@@ -22,8 +22,7 @@ from broker.index.models import Patient
 from broker.index.schemas import Level, Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
-from tests.index.helpers import make_ds, write
-from tests.support import ADMIN
+from tests.support import ADMIN, make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 ISSUER = "00100021"

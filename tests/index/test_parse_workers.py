@@ -13,7 +13,7 @@ import httpx
 
 from tests.dicomweb.data import multipart_body
 from tests.identity.test_mllp_serve import scanonce_serve
-from tests.index.helpers import make_ds, to_bytes
+from tests.support import make_ds, to_bytes
 
 
 def _children(pid: int) -> list[int]:

@@ -17,8 +17,7 @@ from broker.index import service
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
-from tests.index.helpers import make_ds, write
-from tests.support import ADMIN
+from tests.support import ADMIN, make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 

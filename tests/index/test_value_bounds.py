@@ -22,7 +22,7 @@ from broker.index.models import Patient, Series, Study
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
-from tests.index.helpers import make_ds, write
+from tests.support import make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 FAMILY = "Z" * 2_500_000

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pydicom
 import pytest
 
 from tests.peers import PeerError, dcmtk, free_port, orthanc, storescp
+from tests.support import TEST_FILES
 
-TEST_FILES = Path(pydicom.__path__[0]) / "data" / "test_files"
 CT = TEST_FILES / "CT_small.dcm"
 
 
