@@ -255,7 +255,7 @@ def ecm_crosscheck(session: Session, params: dict[str, Any]) -> dict[str, Any]:
     import recordlinkage
 
     fields = ("family", "given", "address")
-    demo = {r.id: identity._demo_of(r) for r in session.exec(select(IdentityRecord)).all()}
+    demo = {r.id: identity.demo_of(r) for r in session.exec(select(IdentityRecord)).all()}
     blocks: dict[str, list[int]] = defaultdict(list)
     for key, rid in session.execute(text("SELECT key, record_id FROM identity_block WHERE key LIKE 'd:%'")):
         blocks[key].append(rid)
@@ -353,7 +353,7 @@ def _miss_breakdown(session: Session, missed: set[frozenset[str]]) -> dict[str, 
     (a rival candidate, or the record's mate sits in another person)."""
     params = identity.current_params(session=session)
     auto, review_at, strict = identity.policy(params)
-    demo = {f"{r.issuer}|{r.value}": identity._demo_of(r) for r in session.exec(select(IdentityRecord)).all()}
+    demo = {f"{r.issuer}|{r.value}": identity.demo_of(r) for r in session.exec(select(IdentityRecord)).all()}
     out: dict[str, int] = defaultdict(int)
     for pair in missed:
         a, b = sorted(pair)

@@ -418,7 +418,7 @@ def unlink(body: UnlinkRequest, session: SessionDep, principal: PrincipalDep) ->
 
 
 @router.get("/api/identity/records/{record_id}/explain")
-def explain(record_id: int, session: SessionDep, _principal: PrincipalDep) -> dict[str, Any]:
+def explain(record_id: int, session: SessionDep, _principal: PrincipalDep) -> service.Explanation:
     return service.explain(session=session, record_id=record_id)
 
 

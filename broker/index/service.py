@@ -18,6 +18,7 @@ from broker.index.batcher import IngestBatcher
 from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
+from broker.index.persons import assign_person, lock_patient_by_identifier, lock_patients
 from broker.index.query import search
 from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome
 
@@ -35,6 +36,9 @@ __all__ = [
     "QueryResult",
     "StoreOutcome",
     "InstanceRef",
+    "assign_person",
+    "lock_patients",
+    "lock_patient_by_identifier",
 ]
 
 _study = Study.__table__  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 
 from broker.db import make_engine
 from broker.facilities.models import Facility
-from broker.identity import matching, service
+from broker.identity import locks, matching, service
 from broker.identity.models import IdentityRecord, LinkEvent, Person
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
@@ -238,7 +238,7 @@ def test_the_race_harness_splits_the_person_without_the_move_lock(
 ) -> None:
     """The test above can fail: without `_lock_for_move` the links read the person being
     emptied as their candidate's and stay on it."""
-    monkeypatch.setattr(service, "_lock_for_move", lambda **_kw: None)
+    monkeypatch.setattr(locks, "lock_for_move", lambda **_kw: None)
     surv_person, merged_person = _move_racing_links(pg_engine, "merge")
     linked, _ = _persons(pg_engine)
     assert linked == {surv_person, merged_person}

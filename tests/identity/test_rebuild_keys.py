@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from broker.db import make_engine
 from broker.identity import matching, service
 from broker.identity.cli import identity_app
+from broker.identity.decisions import candidates
 from broker.identity.models import BlockKey
 from broker.identity.schemas import Identifier
 from broker.jobs import service as jobs
@@ -47,7 +48,7 @@ def _keys(session: Session) -> set[tuple[str, int]]:
 
 
 def _candidate_ids(session: Session) -> set[int]:
-    rows, _ = service._candidates(session=session, d=TYPO, exclude=None)
+    rows, _ = candidates(session=session, d=TYPO, exclude=None)
     session.rollback()
     return {r.id for r in rows}
 
