@@ -204,7 +204,7 @@ def _pix_person_map(engine: Any, tmp: Path, issuers: list[str], ids: dict[str, l
 
 
 def _issuer_from_system(system: str) -> str:
-    from broker.identity.routes import issuer_from_system
+    from broker.fhir.schemas import issuer_from_system
 
     return issuer_from_system(system)
 

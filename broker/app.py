@@ -31,6 +31,7 @@ from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
 from broker.federation.routes import router as federation_router
 from broker.federation.schedule import start_scheduler
+from broker.fhir.routes import router as fhir_router
 from broker.identity import service as identity_service
 from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
@@ -137,6 +138,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(federation_router)
     app.include_router(jobs_router)
     app.include_router(identity_router)
+    app.include_router(fhir_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
 
