@@ -162,7 +162,7 @@ def _feed(raw: bytes, session: Session, principal: Principal, expect: Identifier
             demographics=demo,
             identifiers=others,
             source="fhir",
-            who=principal.who,
+            principal=principal,
         )
         session.commit()
         view = service.person_view(session=session, person_id=decision.person_id)

@@ -40,6 +40,7 @@ from broker.identity.records import (
 from broker.identity.schemas import Identifier, LinkDecision
 from broker.index import service as index
 from broker.index.models import Patient
+from broker.security.schemas import Principal
 
 
 def upsert_record(
@@ -51,13 +52,15 @@ def upsert_record(
     facility_id: str | None = None,
     patient_pk: int | None = None,
     source: str = "dicom",
-    who: str = "system",
+    principal: Principal | None = None,
 ) -> LinkDecision:
     """Create or update the record for `identifier` and link it; flushes, never commits.
 
     A feed (FHIR, HL7) is the registration system: its demographics win over what a DICOM
-    header says about the same identifier.
+    header says about the same identifier. `principal`: the feed's caller, recorded with the
+    link; None when the broker links on its own (ingest), recorded as "system".
     """
+    who = "system" if principal is None else principal.who
     ident = check_identifier(identifier)
     others = [check_identifier(i) for i in identifiers]
     if patient_pk is None:

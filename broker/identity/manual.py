@@ -31,6 +31,7 @@ from broker.identity.records import (
     sync_patients,
 )
 from broker.identity.schemas import Comparison, Explanation, HistoryEntry, Identifier, LinkDecision
+from broker.security.schemas import Principal
 
 
 def _move_person(
@@ -82,10 +83,16 @@ def _person_of(session: Session, record_id: int) -> set[int]:
 
 
 def merge(
-    *, session: Session, survivor: Identifier, merged: Identifier, who: str, why: str = "A40 merge"
+    *,
+    session: Session,
+    principal: Principal,
+    survivor: Identifier,
+    merged: Identifier,
+    why: str = "A40 merge",
 ) -> LinkDecision:
     """IHE ITI-8 merge: `merged` is retired into `survivor`; its person's records (and so their
     studies) move to the survivor's person. Commits. An unlink of the merged record splits back."""
+    who = principal.who
     surv = get_record(session=session, issuer=survivor.issuer, value=survivor.value)
     old = get_record(session=session, issuer=merged.issuer, value=merged.value)
     if surv is None:
@@ -114,8 +121,11 @@ def merge(
     )
 
 
-def manual_link(*, session: Session, record_id: int, to_record_id: int, who: str, why: str) -> LinkDecision:
+def manual_link(
+    *, session: Session, principal: Principal, record_id: int, to_record_id: int, why: str
+) -> LinkDecision:
     """A human says two records are one person: the record's whole person joins the other's."""
+    who = principal.who
     _require_why(who, why)
     rec = require_record(session=session, record_id=record_id)
     target = require_record(session=session, record_id=to_record_id)
@@ -147,10 +157,11 @@ def manual_link(*, session: Session, record_id: int, to_record_id: int, who: str
     )
 
 
-def unlink(*, session: Session, record_id: int, who: str, why: str) -> LinkDecision:
+def unlink(*, session: Session, principal: Principal, record_id: int, why: str) -> LinkDecision:
     """Split a record out of its person. If it arrived by a merge or link that moved a group of
     records, the whole group goes back to the person it came from; otherwise the record gets a
     person of its own. Either way the split is remembered so automatic linking won't redo it."""
+    who = principal.who
     _require_why(who, why)
     rec = require_record(session=session, record_id=record_id)
     rec_id = record_id_of(rec)
@@ -230,7 +241,12 @@ def review_queue(
     )
 
 
-def decide_review(*, session: Session, review_id: int, decision: str, who: str, why: str) -> ReviewItem:
+def decide_review(
+    *, session: Session, principal: Principal, review_id: int, decision: str, why: str
+) -> ReviewItem:
+    """A human's answer to a review item: "link" the pair (a manual link) or "reject" it (never
+    linked automatically again). Commits."""
+    who = principal.who
     _require_why(who, why)
     item = session.get(ReviewItem, review_id)
     if item is None:
@@ -239,7 +255,11 @@ def decide_review(*, session: Session, review_id: int, decision: str, who: str, 
         raise Conflict(f"review item {review_id} was already decided ({item.status})")
     if decision == "link":
         manual_link(
-            session=session, record_id=item.record_id, to_record_id=item.candidate_record_id, who=who, why=why
+            session=session,
+            principal=principal,
+            record_id=item.record_id,
+            to_record_id=item.candidate_record_id,
+            why=why,
         )
         item.status = "linked"
     elif decision == "reject":

@@ -27,6 +27,7 @@ from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
 from broker.identity.adt import Ack, handle_message, nak
+from broker.security.schemas import Principal
 
 log = logging.getLogger("scanonce.identity.mllp")
 
@@ -50,7 +51,9 @@ async def _reply(writer: HL7StreamWriter, ack: Ack) -> None:
     await writer.drain()
 
 
-async def _serve_connection(engine: Engine, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+async def _serve_connection(
+    engine: Engine, principal: Principal, reader: HL7StreamReader, writer: HL7StreamWriter
+) -> None:
     peer = writer.get_extra_info("peername")
     loop = asyncio.get_running_loop()
     try:
@@ -70,7 +73,7 @@ async def _serve_connection(engine: Engine, reader: HL7StreamReader, writer: HL7
                     log.info("MLLP peer %s closed the connection mid-message", peer)
                 break
             try:
-                ack = await loop.run_in_executor(None, _apply, engine, block)
+                ack = await loop.run_in_executor(None, _apply, engine, principal, block)
             except Exception:  # noqa: BLE001 - the sender gets an answer whatever went wrong
                 log.error("MLLP message from %s could not be applied", peer)
                 ack = nak("AE", "internal error while applying the message")
@@ -94,17 +97,20 @@ async def _linger(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         pass
 
 
-def _apply(engine: Engine, block: bytes) -> Ack:
-    return handle_message(engine=engine, raw=_decode(block))
+def _apply(engine: Engine, principal: Principal, block: bytes) -> Ack:
+    return handle_message(engine=engine, raw=_decode(block), principal=principal)
 
 
-async def start_mllp_listener(*, engine: Engine, host: str = "127.0.0.1", port: int = 2575) -> asyncio.Server:
+async def start_mllp_listener(
+    *, engine: Engine, principal: Principal, host: str = "127.0.0.1", port: int = 2575
+) -> asyncio.Server:
     """Start listening on the running loop (port 0 picks a free one: see
-    `server.sockets[0].getsockname()`). Prefer `start_mllp`, which also owns the threads."""
+    `server.sockets[0].getsockname()`). Prefer `start_mllp`, which also owns the threads.
+    Messages are applied as `principal` (`adt.feed_principal`)."""
     tasks: set[asyncio.Task[None]] = set()
 
     def on_client(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(_serve_connection(engine, reader, writer))
+        task = asyncio.get_running_loop().create_task(_serve_connection(engine, principal, reader, writer))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -134,8 +140,9 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def start_mllp(*, engine: Engine, host: str, port: int) -> MllpHandle:
+def start_mllp(*, engine: Engine, principal: Principal, host: str, port: int) -> MllpHandle:
     """Listen for HL7 v2 over MLLP in background threads; returns once the socket is bound.
+    Messages are applied as `principal` (`adt.feed_principal`).
 
     `port` 0 picks a free port (see `handle.port`). Raises OSError when the address is taken.
     """
@@ -143,7 +150,9 @@ def start_mllp(*, engine: Engine, host: str, port: int) -> MllpHandle:
     loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scanonce-mllp"))
     thread = threading.Thread(target=_run_loop, args=(loop,), name="scanonce-mllp-listener", daemon=True)
     thread.start()
-    future = asyncio.run_coroutine_threadsafe(start_mllp_listener(engine=engine, host=host, port=port), loop)
+    future = asyncio.run_coroutine_threadsafe(
+        start_mllp_listener(engine=engine, principal=principal, host=host, port=port), loop
+    )
     try:
         server = future.result(timeout=30)
     except BaseException:

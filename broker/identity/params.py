@@ -9,6 +9,7 @@ thresholds were set); every change is a new `ModelParams` row, so earlier links 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from typing import Any, NamedTuple
@@ -22,6 +23,9 @@ from broker.identity import matching
 from broker.identity.matching import Demographics
 from broker.identity.models import BlockKey, ModelParams
 from broker.identity.records import RECORD_COLUMNS, demo_of
+from broker.security.schemas import Principal
+
+log = logging.getLogger("scanonce.identity")
 
 # Match weights (log2 Bayes factor). Exact name + exact birth date is ~ +26 with default
 # parameters; a common exact name alone is ~ +12 (never enough: see auto_link_allowed).
@@ -73,10 +77,10 @@ def _store(session: Session, params: Params, *, pairs: int) -> None:
     _forget_params(session)
 
 
-def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> Params:
+def train(*, session: Session, principal: Principal, max_pairs: int = 200_000, seed: int = 7) -> Params:
     """Estimate m/u from the records themselves (matching.fit_parameters): u from random pairs,
     m by EM over the pairs that blocking proposes, one training rule (key kind) at a time as
-    Splink trains. Stores the result (used from the next link on)."""
+    Splink trains. Stores the result (used from the next link on); `principal` is logged."""
     rows = session.execute(sa_select(*RECORD_COLUMNS)).all()
     if len(rows) < 50:
         raise BadRequest("too few identity records to estimate parameters (need at least 50)")
@@ -120,6 +124,7 @@ def train(*, session: Session, max_pairs: int = 200_000, seed: int = 7) -> Param
     if "policy" in current_params(session=session):
         params["policy"] = current_params(session=session)["policy"]
     _store(session, params, pairs=n_pairs)
+    log.info("identity parameters trained on %d records by %s", len(ids), principal.who)
     return params
 
 
@@ -134,9 +139,15 @@ def policy(params: Params) -> Policy:
 
 
 def set_policy(
-    *, session: Session, auto: float | None = None, review: float | None = None, strict: bool | None = None
+    *,
+    session: Session,
+    principal: Principal,
+    auto: float | None = None,
+    review: float | None = None,
+    strict: bool | None = None,
 ) -> Params:
-    """Store new thresholds (a new parameter row, so earlier decisions stay explainable)."""
+    """Store new thresholds (a new parameter row, so earlier decisions stay explainable);
+    `principal` is logged."""
     params = dict(current_params(session=session))
     a, r, st = policy(params)
     a, r, st = (
@@ -148,6 +159,7 @@ def set_policy(
         raise BadRequest("the review threshold must not be above the auto-link threshold")
     params["policy"] = {"auto": a, "review": r, "strict": st}
     _store(session, params, pairs=0)
+    log.info("identity link policy set to auto %s, review %s, strict %s by %s", a, r, st, principal.who)
     return params
 
 

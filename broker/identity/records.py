@@ -9,6 +9,7 @@ Functions flush, never commit (except `set_trusted_issuer`, a decision made by a
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,9 @@ from broker.identity.models import (
 )
 from broker.identity.schemas import Identifier
 from broker.index import service as index
+from broker.security.schemas import Principal
+
+log = logging.getLogger("scanonce.identity")
 
 # What linking reads of a record (a Core select: no ORM objects on the hot path).
 RECORD_COLUMNS: tuple[Any, ...] = (
@@ -180,13 +184,15 @@ def sync_patients(*, session: Session, record_ids: Sequence[int]) -> None:
 # ---------------------------------------------------------------- trusted issuers
 
 
-def set_trusted_issuer(*, session: Session, issuer: str, note: str = "") -> None:
-    """Declare `issuer` trusted: its identifiers are one person wherever they appear. Commits."""
+def set_trusted_issuer(*, session: Session, principal: Principal, issuer: str, note: str = "") -> None:
+    """Declare `issuer` trusted: its identifiers are one person wherever they appear. Commits.
+    The table has no author column: who did it goes to the log (an issuer is no patient data)."""
     if not issuer.strip():
         raise BadRequest("issuer must not be empty")
     if session.get(TrustedIssuer, issuer) is None:
         session.add(TrustedIssuer(issuer=issuer, note=note))
         session.commit()
+        log.info("issuer %s trusted by %s", issuer, principal.who)
 
 
 def trusted_issuers(*, session: Session) -> set[str]:

@@ -62,7 +62,7 @@ def decide(
     review_id: int, body: ReviewDecision, session: SessionDep, principal: PrincipalDep
 ) -> ReviewItemOut:
     item = service.decide_review(
-        session=session, review_id=review_id, decision=body.decision, who=principal.who, why=body.reason
+        session=session, principal=principal, review_id=review_id, decision=body.decision, why=body.reason
     )
     return _review_out(item)
 
@@ -73,7 +73,7 @@ def link(body: LinkRequest, session: SessionDep, principal: PrincipalDep) -> Lin
         session=session,
         record_id=body.record_id,
         to_record_id=body.to_record_id,
-        who=principal.who,
+        principal=principal,
         why=body.reason,
     )
     return LinkResult(record_id=d.record_id, person_id=d.person_id)
@@ -81,7 +81,7 @@ def link(body: LinkRequest, session: SessionDep, principal: PrincipalDep) -> Lin
 
 @router.post("/unlink", response_model=LinkResult)
 def unlink(body: UnlinkRequest, session: SessionDep, principal: PrincipalDep) -> LinkResult:
-    d = service.unlink(session=session, record_id=body.record_id, who=principal.who, why=body.reason)
+    d = service.unlink(session=session, principal=principal, record_id=body.record_id, why=body.reason)
     return LinkResult(record_id=d.record_id, person_id=d.person_id)
 
 
@@ -100,12 +100,12 @@ def find_record(issuer: str, value: str, session: SessionDep, _principal: Princi
 
 @router.post("/trusted-issuers", status_code=201, response_model=TrustedIssuerOut)
 def add_trusted_issuer(
-    body: TrustedIssuerIn, session: SessionDep, _principal: PrincipalDep
+    body: TrustedIssuerIn, session: SessionDep, principal: PrincipalDep
 ) -> TrustedIssuerOut:
-    service.set_trusted_issuer(session=session, issuer=body.issuer, note=body.note)
+    service.set_trusted_issuer(session=session, principal=principal, issuer=body.issuer, note=body.note)
     return TrustedIssuerOut(issuer=body.issuer)
 
 
 @router.post("/train", response_model=ModelParameters)
-def train(session: SessionDep, _principal: PrincipalDep) -> service.Params:
-    return service.train(session=session)
+def train(session: SessionDep, principal: PrincipalDep) -> service.Params:
+    return service.train(session=session, principal=principal)

@@ -28,7 +28,7 @@ from broker.index.service import ingest_files
 from broker.security.schemas import Principal, Role
 from storage import open_store
 
-from .conftest import write_part10
+from .conftest import acting, write_part10
 
 pytestmark = pytest.mark.postgres
 
@@ -203,11 +203,11 @@ def _move_racing_links(engine: Engine, op: str) -> tuple[int, int]:
                     session=s,
                     survivor=Identifier("ISSUER-A", "S1"),
                     merged=Identifier("ISSUER-B", "M1"),
-                    who="t",
+                    principal=acting("t"),
                 )
             else:
                 d = service.manual_link(
-                    session=s, record_id=merged_rec, to_record_id=surv_rec, who="t", why="same"
+                    session=s, record_id=merged_rec, to_record_id=surv_rec, principal=acting("t"), why="same"
                 )
             return d.person_id
 
@@ -278,7 +278,10 @@ def test_a_merge_racing_an_ingest_of_the_merged_patient_does_not_deadlock(pg_eng
         time.sleep(0.1)
         with Session(pg_engine, expire_on_commit=False) as s:
             return service.merge(
-                session=s, survivor=Identifier("ISSUER-A", "S1"), merged=Identifier("ISSUER-B", "M1"), who="t"
+                session=s,
+                survivor=Identifier("ISSUER-A", "S1"),
+                merged=Identifier("ISSUER-B", "M1"),
+                principal=acting("t"),
             ).person_id
 
     results = _run_together([ingest, merge])
