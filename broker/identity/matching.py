@@ -526,7 +526,8 @@ def _posterior(
         log_m += np.where(present, np.log(m[f][idx]), 0.0)
         log_u += np.where(present, np.log(u[f][idx]), 0.0)
     logit = np.log(lam) + log_m - np.log(1 - lam) - log_u
-    return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))  # type: ignore[no-any-return]
+    posterior: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
+    return posterior
 
 
 # Pseudo-count pulling m towards the starting values: a field the data never fills (FEBRL

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 LINGER_SECONDS = 5.0
 # Messages applied at once across all connections (each holds a database connection).
 WORKERS = 8
+
+# The connections each listening server is serving (asyncio.Server does not track them).
+_connections: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
 
 
 def _decode(block: bytes) -> str:
@@ -115,7 +119,7 @@ async def start_mllp_listener(
         task.add_done_callback(tasks.discard)
 
     server = await start_hl7_server(on_client, host=host, port=port, limit=MAX_MESSAGE_BYTES)
-    server.connection_tasks = tasks  # type: ignore[attr-defined]  # so a stop can end them
+    _connections[server] = tasks  # so a stop can end them
     return server
 
 
@@ -172,7 +176,7 @@ def stop_mllp(handle: MllpHandle, *, timeout: float = 30) -> None:
 
     async def shutdown() -> None:
         server.close()
-        tasks = list(getattr(server, "connection_tasks", ()))
+        tasks = list(_connections.pop(server, ()))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
