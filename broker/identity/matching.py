@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import Any
@@ -435,7 +436,7 @@ def score_pair(
     a: Demographics,
     b: Demographics,
     *,
-    params: dict[str, Any],
+    params: Mapping[str, Any],
     tf: dict[str, float] | None = None,
 ) -> Score:
     """Match weight of a pair with per-field contributions; `tf` gives the frequency of a's names."""
@@ -465,7 +466,7 @@ def score_pair(
     )
 
 
-def probability(weight: float, *, params: dict[str, Any]) -> float:
+def probability(weight: float, *, params: Mapping[str, Any]) -> float:
     """Posterior probability of a match given the prior share of matching pairs (lambda)."""
     lam = float(params.get("lambda", DEFAULT_PARAMS["lambda"]))
     prior = math.log2(lam / (1 - lam))

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import select as sa_select
 from sqlalchemy import text
@@ -23,6 +23,7 @@ from broker.identity import matching
 from broker.identity.matching import Demographics
 from broker.identity.models import BlockKey, ModelParams
 from broker.identity.records import RECORD_COLUMNS, demo_of
+from broker.identity.schemas import LinkPolicy, ModelParameters
 from broker.security.schemas import Principal
 
 log = logging.getLogger("scanonce.identity")
@@ -38,7 +39,7 @@ KEY_CAP = 100
 # Pseudo-count for term frequencies: a small index borrows the default name frequencies.
 _TF_PSEUDO = 1000.0
 
-Params = dict[str, Any]
+Params = ModelParameters
 """A parameter set: the JSON document `matching.score_pair` and `matching.probability` read."""
 
 
@@ -62,7 +63,8 @@ def current_params(*, session: Session) -> Params:
     if hit is not None and time.monotonic() - hit[0] < _PARAMS_TTL:
         return hit[1]
     row = session.exec(select(ModelParams).order_by(col(ModelParams.id).desc()).limit(1)).first()
-    params: Params = matching.DEFAULT_PARAMS if row is None else json.loads(row.params)
+    # Typed where it enters: the stored JSON was written by _store from a Params.
+    params = cast(Params, matching.DEFAULT_PARAMS if row is None else json.loads(row.params))
     _PARAMS_CACHE[key] = (time.monotonic(), params)
     return params
 
@@ -114,15 +116,19 @@ def train(*, session: Session, principal: Principal, max_pairs: int = 200_000, s
     union = sorted(set().union(*by_rule.values()))
     blocked_pairs = len(union)
     rng.shuffle(union)
-    params = matching.fit_parameters(
-        random_levels=matching.level_matrix(random_pairs),
-        levels_by_rule=levels_by_rule,
-        blocked_levels=matching.level_matrix([(demo[a], demo[b]) for a, b in union[:max_pairs]]),
-        blocked_pairs=blocked_pairs,
-        records=len(ids),
+    params = cast(
+        Params,
+        matching.fit_parameters(
+            random_levels=matching.level_matrix(random_pairs),
+            levels_by_rule=levels_by_rule,
+            blocked_levels=matching.level_matrix([(demo[a], demo[b]) for a, b in union[:max_pairs]]),
+            blocked_pairs=blocked_pairs,
+            records=len(ids),
+        ),
     )
-    if "policy" in current_params(session=session):
-        params["policy"] = current_params(session=session)["policy"]
+    kept = current_params(session=session).get("policy")
+    if kept is not None:
+        params["policy"] = kept
     _store(session, params, pairs=n_pairs)
     log.info("identity parameters trained on %d records by %s", len(ids), principal.who)
     return params
@@ -148,7 +154,7 @@ def set_policy(
 ) -> Params:
     """Store new thresholds (a new parameter row, so earlier decisions stay explainable);
     `principal` is logged."""
-    params = dict(current_params(session=session))
+    params = current_params(session=session).copy()
     a, r, st = policy(params)
     a, r, st = (
         (a if auto is None else auto),
@@ -157,7 +163,7 @@ def set_policy(
     )
     if r > a:
         raise BadRequest("the review threshold must not be above the auto-link threshold")
-    params["policy"] = {"auto": a, "review": r, "strict": st}
+    params["policy"] = LinkPolicy(auto=a, review=r, strict=st)
     _store(session, params, pairs=0)
     log.info("identity link policy set to auto %s, review %s, strict %s by %s", a, r, st, principal.who)
     return params

@@ -1,6 +1,6 @@
 """Shapes of identity results and requests: service results are dataclasses, or TypedDicts where
 the result is a JSON document (`explain`, the model parameters) that the API returns as is; API
-bodies are pydantic models.
+bodies and the review API's answers are pydantic models.
 
 TypedDicts come from typing_extensions: pydantic (FastAPI's response models) needs its
 TypedDict before Python 3.12.
@@ -163,8 +163,8 @@ ModelParameters = TypedDict(
         "policy": NotRequired[LinkPolicy],
     },
 )
-"""The Fellegi–Sunter parameters in use, as `train` and `set_policy` store them (the API's
-response shape; the service passes them around as the JSON document `matching` reads)."""
+"""The Fellegi–Sunter parameters in use, as `train` and `set_policy` store them and
+`current_params` returns them: the JSON document `matching` reads, and the API's response shape."""
 
 
 # ---------------------------------------------------------------- review queue (API)
