@@ -236,7 +236,7 @@ def test_a_move_racing_links_leaves_every_record_on_the_surviving_person(pg_engi
 def test_the_race_harness_splits_the_person_without_the_move_lock(
     pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The test above can fail: without `_lock_for_move` the links read the person being
+    """The test above can fail: without `locks.lock_for_move` the links read the person being
     emptied as their candidate's and stay on it."""
     monkeypatch.setattr(locks, "lock_for_move", lambda **_kw: None)
     surv_person, merged_person = _move_racing_links(pg_engine, "merge")
