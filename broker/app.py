@@ -31,7 +31,9 @@ from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
 from broker.federation.routes import router as federation_router
 from broker.federation.schedule import start_scheduler
+from broker.fhir.routes import router as fhir_router
 from broker.identity import service as identity_service
+from broker.identity.adt import feed_principal
 from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
 from broker.index import service as index_service
@@ -75,7 +77,12 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
     handle = start_scp(state=state) if state.settings.dimse_port else None
     mllp = None
     if state.settings.mllp_port:
-        mllp = start_mllp(engine=state.engine, host=state.settings.host, port=state.settings.mllp_port)
+        mllp = start_mllp(
+            engine=state.engine,
+            principal=feed_principal(facility=state.settings.default_facility),
+            host=state.settings.host,
+            port=state.settings.mllp_port,
+        )
     stop = threading.Event()  # the job worker and the periodic index sync
     start_worker_thread(engine=state.engine, store=state.store, settings=state.settings, stop=stop)
     start_scheduler(engine=state.engine, settings=state.settings, stop=stop)
@@ -160,6 +167,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(federation_router)
     app.include_router(jobs_router)
     app.include_router(identity_router)
+    app.include_router(fhir_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
 

@@ -170,6 +170,11 @@ def list_facilities(*, session: Session) -> list[Facility]:
     return list(session.exec(select(Facility).order_by(col(Facility.id))))
 
 
+def issuers(*, session: Session) -> dict[str, str]:
+    """Each registered facility's id and the issuer that qualifies its patient IDs."""
+    return dict(session.exec(select(Facility.id, Facility.issuer)).all())
+
+
 def get_facility(*, session: Session, facility_id: str) -> Facility:
     facility = session.get(Facility, facility_id)
     if facility is None:

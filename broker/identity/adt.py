@@ -15,11 +15,13 @@ from typing import Any
 
 import hl7
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from broker.errors import BadRequest, ScanOnceError
+from broker.facilities import service as facilities
 from broker.identity import matching, service
 from broker.identity.schemas import Identifier
+from broker.security.schemas import Principal, Role
 
 log = logging.getLogger("scanonce.identity.adt")
 
@@ -90,13 +92,17 @@ def _demographics(msg: Any) -> matching.Demographics:
 
 def _known_issuers(session: Session) -> dict[str, str]:
     """Facility ids and issuers -> issuer, so MSH-4 or CX.4 may name either."""
-    from broker.facilities.models import Facility
-
     known: dict[str, str] = {}
-    for fid, issuer in session.exec(select(Facility.id, Facility.issuer)).all():
+    for fid, issuer in facilities.issuers(session=session).items():
         known[fid] = issuer
         known[issuer] = issuer
     return known
+
+
+def feed_principal(*, facility: str) -> Principal:
+    """Who an HL7 v2 feed acts as: recorded as "hl7" with the links it makes, for the facility
+    whose registration system sends it."""
+    return Principal(who="hl7", role=Role.facility, facility=facility)
 
 
 def nak(code: str, text: str, control_id: str = "") -> Ack:
@@ -113,7 +119,7 @@ def _ack(msg: Any, code: str, text: str = "") -> Ack:
     return Ack(code=code, text=text, message=str(ack))
 
 
-def handle_message(*, engine: Engine, raw: str, who: str = "hl7") -> Ack:
+def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
     try:
         msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
@@ -139,7 +145,11 @@ def handle_message(*, engine: Engine, raw: str, who: str = "hl7") -> Ack:
                 if not prior:
                     raise BadRequest("A40 needs MRG-1 (prior patient identifier)")
                 service.merge(
-                    session=session, survivor=ids[0], merged=prior[0], who=who, why=f"ADT^A40 {control_id}"
+                    session=session,
+                    principal=principal,
+                    survivor=ids[0],
+                    merged=prior[0],
+                    why=f"ADT^A40 {control_id}",
                 )
             else:
                 service.upsert_record(
@@ -148,7 +158,7 @@ def handle_message(*, engine: Engine, raw: str, who: str = "hl7") -> Ack:
                     demographics=_demographics(msg),
                     identifiers=ids[1:],
                     source="hl7",
-                    who=who,
+                    principal=principal,
                 )
                 session.commit()
     except ScanOnceError as exc:

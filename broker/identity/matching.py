@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from typing import Any
@@ -435,7 +436,7 @@ def score_pair(
     a: Demographics,
     b: Demographics,
     *,
-    params: dict[str, Any],
+    params: Mapping[str, Any],
     tf: dict[str, float] | None = None,
 ) -> Score:
     """Match weight of a pair with per-field contributions; `tf` gives the frequency of a's names."""
@@ -465,7 +466,7 @@ def score_pair(
     )
 
 
-def probability(weight: float, *, params: dict[str, Any]) -> float:
+def probability(weight: float, *, params: Mapping[str, Any]) -> float:
     """Posterior probability of a match given the prior share of matching pairs (lambda)."""
     lam = float(params.get("lambda", DEFAULT_PARAMS["lambda"]))
     prior = math.log2(lam / (1 - lam))
@@ -526,7 +527,8 @@ def _posterior(
         log_m += np.where(present, np.log(m[f][idx]), 0.0)
         log_u += np.where(present, np.log(u[f][idx]), 0.0)
     logit = np.log(lam) + log_m - np.log(1 - lam) - log_u
-    return 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))  # type: ignore[no-any-return]
+    posterior: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))
+    return posterior
 
 
 # Pseudo-count pulling m towards the starting values: a field the data never fills (FEBRL

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
 from broker.identity.adt import Ack, handle_message, nak
+from broker.security.schemas import Principal
 
 log = logging.getLogger("scanonce.identity.mllp")
 
@@ -36,6 +38,9 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 LINGER_SECONDS = 5.0
 # Messages applied at once across all connections (each holds a database connection).
 WORKERS = 8
+
+# The connections each listening server is serving (asyncio.Server does not track them).
+_connections: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
 
 
 def _decode(block: bytes) -> str:
@@ -50,7 +55,9 @@ async def _reply(writer: HL7StreamWriter, ack: Ack) -> None:
     await writer.drain()
 
 
-async def _serve_connection(engine: Engine, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+async def _serve_connection(
+    engine: Engine, principal: Principal, reader: HL7StreamReader, writer: HL7StreamWriter
+) -> None:
     peer = writer.get_extra_info("peername")
     loop = asyncio.get_running_loop()
     try:
@@ -70,7 +77,7 @@ async def _serve_connection(engine: Engine, reader: HL7StreamReader, writer: HL7
                     log.info("MLLP peer %s closed the connection mid-message", peer)
                 break
             try:
-                ack = await loop.run_in_executor(None, _apply, engine, block)
+                ack = await loop.run_in_executor(None, _apply, engine, principal, block)
             except Exception:  # noqa: BLE001 - the sender gets an answer whatever went wrong
                 log.error("MLLP message from %s could not be applied", peer)
                 ack = nak("AE", "internal error while applying the message")
@@ -94,22 +101,25 @@ async def _linger(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         pass
 
 
-def _apply(engine: Engine, block: bytes) -> Ack:
-    return handle_message(engine=engine, raw=_decode(block))
+def _apply(engine: Engine, principal: Principal, block: bytes) -> Ack:
+    return handle_message(engine=engine, raw=_decode(block), principal=principal)
 
 
-async def start_mllp_listener(*, engine: Engine, host: str = "127.0.0.1", port: int = 2575) -> asyncio.Server:
+async def start_mllp_listener(
+    *, engine: Engine, principal: Principal, host: str = "127.0.0.1", port: int = 2575
+) -> asyncio.Server:
     """Start listening on the running loop (port 0 picks a free one: see
-    `server.sockets[0].getsockname()`). Prefer `start_mllp`, which also owns the threads."""
+    `server.sockets[0].getsockname()`). Prefer `start_mllp`, which also owns the threads.
+    Messages are applied as `principal` (`adt.feed_principal`)."""
     tasks: set[asyncio.Task[None]] = set()
 
     def on_client(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(_serve_connection(engine, reader, writer))
+        task = asyncio.get_running_loop().create_task(_serve_connection(engine, principal, reader, writer))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
     server = await start_hl7_server(on_client, host=host, port=port, limit=MAX_MESSAGE_BYTES)
-    server.connection_tasks = tasks  # type: ignore[attr-defined]  # so a stop can end them
+    _connections[server] = tasks  # so a stop can end them
     return server
 
 
@@ -134,8 +144,9 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def start_mllp(*, engine: Engine, host: str, port: int) -> MllpHandle:
+def start_mllp(*, engine: Engine, principal: Principal, host: str, port: int) -> MllpHandle:
     """Listen for HL7 v2 over MLLP in background threads; returns once the socket is bound.
+    Messages are applied as `principal` (`adt.feed_principal`).
 
     `port` 0 picks a free port (see `handle.port`). Raises OSError when the address is taken.
     """
@@ -143,7 +154,9 @@ def start_mllp(*, engine: Engine, host: str, port: int) -> MllpHandle:
     loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scanonce-mllp"))
     thread = threading.Thread(target=_run_loop, args=(loop,), name="scanonce-mllp-listener", daemon=True)
     thread.start()
-    future = asyncio.run_coroutine_threadsafe(start_mllp_listener(engine=engine, host=host, port=port), loop)
+    future = asyncio.run_coroutine_threadsafe(
+        start_mllp_listener(engine=engine, principal=principal, host=host, port=port), loop
+    )
     try:
         server = future.result(timeout=30)
     except BaseException:
@@ -163,7 +176,7 @@ def stop_mllp(handle: MllpHandle, *, timeout: float = 30) -> None:
 
     async def shutdown() -> None:
         server.close()
-        tasks = list(getattr(server, "connection_tasks", ()))
+        tasks = list(_connections.pop(server, ()))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

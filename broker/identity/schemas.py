@@ -1,11 +1,18 @@
-"""Shapes of identity results and requests (service results are dataclasses; API bodies pydantic)."""
+"""Shapes of identity results and requests: service results are dataclasses, or TypedDicts where
+the result is a JSON document (`explain`, the model parameters) that the API returns as is; API
+bodies and the review API's answers are pydantic models.
+
+TypedDicts come from typing_extensions: pydantic (FastAPI's response models) needs its
+TypedDict before Python 3.12.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
 Outcome = Literal["existing", "identifier", "trusted-identifier", "probabilistic", "review", "new"]
 
@@ -79,3 +86,113 @@ class ReviewDecision(Decision):
 class TrustedIssuerIn(BaseModel):
     issuer: str = Field(min_length=1, max_length=128)
     note: str = Field(default="", max_length=256)
+
+
+# ---------------------------------------------------------------- explain
+
+
+class IdentifierOut(TypedDict):
+    issuer: str
+    value: str
+
+
+class HistoryEntry(TypedDict):
+    """One change of the record's person (a `LinkEvent`)."""
+
+    at: str
+    method: str
+    person_id: int
+    previous_person_id: int | None
+    weight: float | None
+    matched_record_id: int | None
+    # Per field: comparison level and log2 Bayes factor.
+    contributions: dict[str, Any]
+    who: str
+    why: str
+
+
+class Comparison(TypedDict):
+    """The record against another record of its person, with today's parameters."""
+
+    record_id: int
+    issuer: str
+    weight: float
+    probability: float
+    contributions: dict[str, Any]
+
+
+class Thresholds(TypedDict):
+    auto: float
+    review: float
+    strict: bool
+
+
+class Explanation(TypedDict):
+    """Why a record belongs to its person."""
+
+    record_id: int
+    identifier: IdentifierOut
+    person_id: int
+    merged_into: int | None
+    history: list[HistoryEntry]
+    compared_with_person: list[Comparison]
+    thresholds: Thresholds
+
+
+# ---------------------------------------------------------------- model parameters
+
+# m and u: per field, the probability of each comparison level among matches / non-matches.
+LevelProbabilities = dict[str, list[float]]
+
+
+class LinkPolicy(TypedDict):
+    auto: float
+    review: float
+    strict: bool
+
+
+# "lambda" is a Python keyword: the functional form names it.
+ModelParameters = TypedDict(
+    "ModelParameters",
+    {
+        "m": LevelProbabilities,
+        "u": LevelProbabilities,
+        # The share of all pairs that are matches.
+        "lambda": float,
+        "expected_matches": NotRequired[float],
+        "policy": NotRequired[LinkPolicy],
+    },
+)
+"""The Fellegi–Sunter parameters in use, as `train` and `set_policy` store them and
+`current_params` returns them: the JSON document `matching` reads, and the API's response shape."""
+
+
+# ---------------------------------------------------------------- review queue (API)
+
+
+class ReviewItemOut(BaseModel):
+    id: int
+    record_id: int
+    candidate_record_id: int
+    weight: float
+    contributions: dict[str, Any]
+    status: str
+    decided_by: str | None
+    reason: str | None
+    decided_at: str | None
+
+
+class LinkResult(BaseModel):
+    record_id: int
+    person_id: int
+
+
+class RecordOut(BaseModel):
+    id: int
+    issuer: str
+    value: str
+    person_id: int
+
+
+class TrustedIssuerOut(BaseModel):
+    issuer: str

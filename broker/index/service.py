@@ -21,6 +21,7 @@ from broker.index.batcher import IngestBatcher
 from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
+from broker.index.persons import assign_person, lock_patient_by_identifier, lock_patients
 from broker.index.query import search
 from broker.index.remote import (
     has_locations,
@@ -63,6 +64,9 @@ __all__ = [
     "upsert_remote_studies",
     "remove_gone",
     "mark_local",
+    "assign_person",
+    "lock_patients",
+    "lock_patient_by_identifier",
 ]
 
 _study = Study.__table__  # type: ignore[attr-defined]

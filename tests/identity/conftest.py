@@ -17,6 +17,7 @@ from broker.facilities.models import Facility
 from broker.identity import service
 from broker.index.models import Patient
 from broker.index.service import set_patient_linker
+from broker.security.schemas import Principal, Role
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,11 @@ def cli_index(data_dir: Path) -> Engine:
 def session(engine: Engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as s:
         yield s
+
+
+def acting(who: str) -> Principal:
+    """A caller named `who`, as routes, the CLI and the feeds hand one to the service."""
+    return Principal(who=who, role=Role.admin, facility="fac-a")
 
 
 FACILITY_ISSUER = {"fac-a": "ISSUER-A", "fac-b": "ISSUER-B", "fac-c": "1.2.826.0.1.99"}

@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from broker.identity.cli import identity_app
+from broker.cli import app as scanonce
 
 from .conftest import cli_index, ingest_patient
 
@@ -20,30 +20,31 @@ def test_review_link_unlink_explain(tmp_path: Path) -> None:
     engine.dispose()
     run = CliRunner().invoke
     dd = ["--data-dir", str(tmp_path)]
-    r = run(identity_app, ["review", *dd])
+    r = run(scanonce, ["identity", "review", *dd])
     assert r.exit_code == 0 and "given:different" in r.output
-    r = run(identity_app, ["link", "ISSUER-B|B1", "ISSUER-A|A1", "--why", "", *dd])
+    r = run(scanonce, ["identity", "link", "ISSUER-B|B1", "ISSUER-A|A1", "--why", "", *dd])
     assert r.exit_code == 1 and "why" in r.output
     r = run(
-        identity_app, ["link", "ISSUER-B|B1", "ISSUER-A|A1", "--who", "nurse", "--why", "same child", *dd]
+        scanonce,
+        ["identity", "link", "ISSUER-B|B1", "ISSUER-A|A1", "--who", "nurse", "--why", "same child", *dd],
     )
     assert r.exit_code == 0, r.output
-    r = run(identity_app, ["explain", "ISSUER-B|B1", *dd])
+    r = run(scanonce, ["identity", "explain", "ISSUER-B|B1", *dd])
     assert r.exit_code == 0 and '"manual-link"' in r.output and '"nurse"' in r.output
-    r = run(identity_app, ["unlink", "ISSUER-B|B1", "--who", "nurse", "--why", "no, twins", *dd])
+    r = run(scanonce, ["identity", "unlink", "ISSUER-B|B1", "--who", "nurse", "--why", "no, twins", *dd])
     assert r.exit_code == 0
-    r = run(identity_app, ["unlink", "ISSUER-B|B1", "--why", "again", *dd])
+    r = run(scanonce, ["identity", "unlink", "ISSUER-B|B1", "--why", "again", *dd])
     assert r.exit_code == 1 and "not linked" in r.output
-    r = run(identity_app, ["explain", "NOPE|1", *dd])
+    r = run(scanonce, ["identity", "explain", "NOPE|1", *dd])
     assert r.exit_code == 1
 
 
 def test_policy_command(tmp_path: Path) -> None:
     run = CliRunner().invoke
     dd = ["--data-dir", str(tmp_path)]
-    r = run(identity_app, ["policy", *dd])
+    r = run(scanonce, ["identity", "policy", *dd])
     assert r.exit_code == 0 and "strict=True" in r.output
-    r = run(identity_app, ["policy", "--no-strict", "--auto", "18", *dd])
+    r = run(scanonce, ["identity", "policy", "--no-strict", "--auto", "18", *dd])
     assert r.exit_code == 0 and "auto-link >= 18.0" in r.output and "strict=False" in r.output
-    r = run(identity_app, ["policy", "--review", "30", *dd])
+    r = run(scanonce, ["identity", "policy", "--review", "30", *dd])
     assert r.exit_code == 1 and "review threshold" in r.output

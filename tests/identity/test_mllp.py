@@ -13,11 +13,12 @@ import pytest
 from sqlmodel import Session, select
 
 from broker.identity import service
+from broker.identity.adt import feed_principal
 from broker.identity.mllp import MAX_MESSAGE_BYTES, MllpHandle, start_mllp, stop_mllp
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
 
-from .conftest import ingest_patient
+from .conftest import acting, ingest_patient
 
 SB, EB = b"\x0b", b"\x1c\r"
 
@@ -62,7 +63,7 @@ def msa(ack: str) -> list[str]:
 
 @pytest.fixture
 def listener(engine: Any) -> Iterator[MllpHandle]:
-    handle = start_mllp(engine=engine, host="127.0.0.1", port=0)
+    handle = start_mllp(engine=engine, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
     try:
         yield handle
     finally:
@@ -179,7 +180,7 @@ def test_connections_are_served_side_by_side(engine: Any, listener: MllpHandle) 
 
 
 def test_stop_closes_the_socket_and_joins_its_threads(engine: Any) -> None:
-    handle = start_mllp(engine=engine, host="127.0.0.1", port=0)
+    handle = start_mllp(engine=engine, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
     idle = connect(handle)  # an open connection must not keep the listener alive
     assert msa(exchange(handle, [frame(adt("A01", "Z1", "Z1^^^ISSUER-A", "X^Y"))])[0])[1] == "AA"
     stop_mllp(handle)
@@ -193,7 +194,9 @@ def test_stop_closes_the_socket_and_joins_its_threads(engine: Any) -> None:
 
 def test_a_taken_port_is_a_clear_error(engine: Any, listener: MllpHandle) -> None:
     with pytest.raises(OSError):
-        start_mllp(engine=engine, host="127.0.0.1", port=listener.port)
+        start_mllp(
+            engine=engine, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=listener.port
+        )
 
 
 def test_a40_merge_moves_studies_and_unlink_splits_back(engine: Any, listener: MllpHandle) -> None:
@@ -208,7 +211,7 @@ def test_a40_merge_moves_studies_and_unlink_splits_back(engine: Any, listener: M
         study = s.exec(select(Study).where(Study.study_uid == "1.2.840.99.1")).one()
         assert s.get(Patient, study.patient_pk).person_id == survivor.person_id  # type: ignore[union-attr]
         rec = service.get_record(session=s, issuer="ISSUER-A", value="TMP9")
-        service.unlink(session=s, record_id=rec.id, who="him", why="merged the wrong patient")  # type: ignore[union-attr, arg-type]
+        service.unlink(session=s, record_id=rec.id, principal=acting("him"), why="merged the wrong patient")  # type: ignore[union-attr, arg-type]
     with Session(engine) as s:
         study = s.exec(select(Study).where(Study.study_uid == "1.2.840.99.1")).one()
         assert s.get(Patient, study.patient_pk).person_id != survivor.person_id  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from sqlmodel import Session, select
 
 from broker.db import make_engine
 from broker.facilities.models import Facility
-from broker.identity import matching, service
+from broker.identity import locks, matching, service
 from broker.identity.models import IdentityRecord, LinkEvent, Person
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
@@ -28,7 +28,7 @@ from broker.index.service import ingest_files
 from broker.security.schemas import Principal, Role
 from storage import open_store
 
-from .conftest import write_part10
+from .conftest import acting, write_part10
 
 pytestmark = pytest.mark.postgres
 
@@ -203,11 +203,11 @@ def _move_racing_links(engine: Engine, op: str) -> tuple[int, int]:
                     session=s,
                     survivor=Identifier("ISSUER-A", "S1"),
                     merged=Identifier("ISSUER-B", "M1"),
-                    who="t",
+                    principal=acting("t"),
                 )
             else:
                 d = service.manual_link(
-                    session=s, record_id=merged_rec, to_record_id=surv_rec, who="t", why="same"
+                    session=s, record_id=merged_rec, to_record_id=surv_rec, principal=acting("t"), why="same"
                 )
             return d.person_id
 
@@ -236,9 +236,9 @@ def test_a_move_racing_links_leaves_every_record_on_the_surviving_person(pg_engi
 def test_the_race_harness_splits_the_person_without_the_move_lock(
     pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The test above can fail: without `_lock_for_move` the links read the person being
+    """The test above can fail: without `locks.lock_for_move` the links read the person being
     emptied as their candidate's and stay on it."""
-    monkeypatch.setattr(service, "_lock_for_move", lambda **_kw: None)
+    monkeypatch.setattr(locks, "lock_for_move", lambda **_kw: None)
     surv_person, merged_person = _move_racing_links(pg_engine, "merge")
     linked, _ = _persons(pg_engine)
     assert linked == {surv_person, merged_person}
@@ -278,7 +278,10 @@ def test_a_merge_racing_an_ingest_of_the_merged_patient_does_not_deadlock(pg_eng
         time.sleep(0.1)
         with Session(pg_engine, expire_on_commit=False) as s:
             return service.merge(
-                session=s, survivor=Identifier("ISSUER-A", "S1"), merged=Identifier("ISSUER-B", "M1"), who="t"
+                session=s,
+                survivor=Identifier("ISSUER-A", "S1"),
+                merged=Identifier("ISSUER-B", "M1"),
+                principal=acting("t"),
             ).person_id
 
     results = _run_together([ingest, merge])

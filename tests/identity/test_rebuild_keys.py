@@ -11,9 +11,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
+from broker.cli import app as scanonce
 from broker.db import make_engine
 from broker.identity import matching, service
-from broker.identity.cli import identity_app
+from broker.identity.decisions import candidates
 from broker.identity.models import BlockKey
 from broker.identity.schemas import Identifier
 from broker.jobs import service as jobs
@@ -47,7 +48,7 @@ def _keys(session: Session) -> set[tuple[str, int]]:
 
 
 def _candidate_ids(session: Session) -> set[int]:
-    rows, _ = service._candidates(session=session, d=TYPO, exclude=None)
+    rows, _ = candidates(session=session, d=TYPO, exclude=None)
     session.rollback()
     return {r.id for r in rows}
 
@@ -155,16 +156,16 @@ def test_rebuild_keys_command(tmp_path: Path) -> None:
         _downgrade_keys(s)
     engine.dispose()
     run = CliRunner().invoke
-    r = run(identity_app, ["rebuild-keys", "--data-dir", str(tmp_path), "--batch", "2"])
+    r = run(scanonce, ["identity", "rebuild-keys", "--data-dir", str(tmp_path), "--batch", "2"])
     assert r.exit_code == 0, r.output
     assert "4 records, 4 with changed keys" in r.output
-    r = run(identity_app, ["rebuild-keys", "--data-dir", str(tmp_path)])
+    r = run(scanonce, ["identity", "rebuild-keys", "--data-dir", str(tmp_path)])
     assert r.exit_code == 0 and "4 records, 0 with changed keys" in r.output, r.output
     engine = make_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     with Session(engine) as s:
         assert old_id in _candidate_ids(s)
     engine.dispose()
-    r = run(identity_app, ["rebuild-keys", "--data-dir", str(tmp_path), "--batch", "0"])
+    r = run(scanonce, ["identity", "rebuild-keys", "--data-dir", str(tmp_path), "--batch", "0"])
     assert r.exit_code == 1 and "batch" in r.output
 
 

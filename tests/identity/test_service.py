@@ -14,7 +14,7 @@ from broker.identity.models import IdentityRecord, LinkEvent, ReviewItem
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
 
-from .conftest import ingest_patient
+from .conftest import acting, ingest_patient
 
 
 def _study(session: Session, patient: Patient, uid: str) -> Study:
@@ -82,13 +82,15 @@ def test_middle_ground_goes_to_review_and_a_human_decides(session: Session) -> N
     item = queue[0]
     assert json.loads(item.contributions)["given"]["level"] == "different"
     with pytest.raises(BadRequest, match="why"):
-        service.decide_review(session=session, review_id=item.id, decision="reject", who="dr.x", why=" ")  # type: ignore[arg-type]
+        service.decide_review(
+            session=session, review_id=item.id, decision="reject", principal=acting("dr.x"), why=" "
+        )  # type: ignore[arg-type]
     assert item.id is not None
     done = service.decide_review(
         session=session,
         review_id=item.id,
         decision="reject",
-        who="dr.x",
+        principal=acting("dr.x"),
         why="twins, checked ID",  # type: ignore[arg-type]
     )
     assert (done.status, done.decided_by, done.reason) == ("rejected", "dr.x", "twins, checked ID")
@@ -108,7 +110,11 @@ def test_review_link_moves_studies_and_records_who(session: Session) -> None:
     item = service.review_queue(session=session)[0]
     assert item.id is not None
     service.decide_review(
-        session=session, review_id=item.id, decision="link", who="hm", why="same man, typo in DOB"
+        session=session,
+        review_id=item.id,
+        decision="link",
+        principal=acting("hm"),
+        why="same man, typo in DOB",
     )
     assert _person_of_study(session, "1.2.3.1") == a.person_id
     event = session.exec(select(LinkEvent).where(LinkEvent.method == "manual-link")).one()
@@ -116,7 +122,9 @@ def test_review_link_moves_studies_and_records_who(session: Session) -> None:
 
 
 def test_trusted_issuer_links_deterministically(session: Session) -> None:
-    service.set_trusted_issuer(session=session, issuer="NATIONAL", note="national health number")
+    service.set_trusted_issuer(
+        session=session, principal=acting("admin"), issuer="NATIONAL", note="national health number"
+    )
     a = ingest_patient(
         session, "fac-a", "A1", "SMITH^JOHN", "19800101", other_ids=[("NATIONAL", "943 476 5919")]
     )
@@ -131,7 +139,7 @@ def test_trusted_issuer_links_deterministically(session: Session) -> None:
 
 
 def test_shared_identifier_with_contradicting_demographics_goes_to_review(session: Session) -> None:
-    service.set_trusted_issuer(session=session, issuer="NATIONAL")
+    service.set_trusted_issuer(session=session, principal=acting("admin"), issuer="NATIONAL")
     a = ingest_patient(session, "fac-a", "A1", "SMITH^JOHN", "19800101", "M", other_ids=[("NATIONAL", "1")])
     b = ingest_patient(session, "fac-b", "B1", "GARCIA^MARIA", "20010707", "F", other_ids=[("NATIONAL", "1")])
     assert a.person_id != b.person_id
@@ -148,18 +156,18 @@ def test_merge_moves_studies_and_unlink_splits_them_back(session: Session) -> No
         session=session,
         survivor=Identifier("ISSUER-A", "A1"),
         merged=Identifier("ISSUER-A", "A-TEMP"),
-        who="adt",
+        principal=acting("adt"),
     )
     assert _person_of_study(session, "1.2.3.9") == survivor.person_id
     prior_rec = service.get_record(session=session, issuer="ISSUER-A", value="A-TEMP")
     assert prior_rec is not None and prior_rec.merged_into is not None
     # Nothing lost: the study is still there under its own patient row; unlink puts it back.
-    service.unlink(session=session, record_id=prior_rec.id, who="him", why="wrong merge")  # type: ignore[arg-type]
+    service.unlink(session=session, record_id=prior_rec.id, principal=acting("him"), why="wrong merge")  # type: ignore[arg-type]
     session.expire_all()
     assert _person_of_study(session, "1.2.3.9") not in (None, survivor.person_id)
     assert session.get(Patient, elsewhere.pk).person_id == survivor.person_id  # type: ignore[union-attr]
     with pytest.raises(Conflict):
-        service.unlink(session=session, record_id=prior_rec.id, who="him", why="again")  # type: ignore[arg-type]
+        service.unlink(session=session, record_id=prior_rec.id, principal=acting("him"), why="again")  # type: ignore[arg-type]
 
 
 def test_update_conflicting_with_linked_person_is_queued(session: Session) -> None:
@@ -182,7 +190,7 @@ def test_train_estimates_parameters_from_records(session: Session) -> None:
         dob = f"19{rng.randint(10, 99)}0{rng.randint(1, 9)}{rng.randint(10, 28)}"
         ingest_patient(session, "fac-a", f"A{i}", f"{f}^{g}", dob)
         ingest_patient(session, "fac-b", f"B{i}", f"{f}^{g[:-1] + 'X'}", dob)
-    params = service.train(session=session)
+    params = service.train(session=session, principal=acting("admin"))
     assert params["m"]["birth_date"][0] > 0.5
     assert service.current_params(session=session) == params
     assert (

@@ -1,0 +1,218 @@
+"""HTTP for FHIR R4 under /fhir: IHE PIXm (`Patient/$ihe-pix`), PDQm (`Patient` search), Patient
+read, and the Patient identity feed (create, update, conditional update), over identity's service.
+
+FHIR routes answer in application/fhir+json and report every error as an OperationOutcome
+with the matching HTTP status (the app-wide JSON error shape is not FHIR).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+
+from broker.deps import PrincipalDep, SessionDep
+from broker.errors import BadRequest, NotFound, ScanOnceError
+from broker.fhir.schemas import (
+    issuer_from_system,
+    parse_patient,
+    parse_token,
+    patient_resource,
+    system_for_issuer,
+)
+from broker.identity import service
+from broker.identity.schemas import Identifier
+from broker.security.schemas import Principal
+
+FHIR_JSON = "application/fhir+json"
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+
+def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+_ISSUE_CODE = {400: "invalid", 403: "forbidden", 404: "not-found", 409: "conflict", 422: "processing"}
+
+
+def operation_outcome(status: int, message: str, code: str | None = None) -> Response:
+    return _fhir(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "error",
+                    "code": code or _ISSUE_CODE.get(status, "exception"),
+                    "diagnostics": message,
+                }
+            ],
+        },
+        status,
+    )
+
+
+# ---------------------------------------------------------------- PIXm / PDQm
+
+
+@router.get("/Patient/$ihe-pix", include_in_schema=True)
+def pixm(
+    session: SessionDep,
+    _principal: PrincipalDep,
+    sourceIdentifier: str | None = Query(default=None),  # noqa: N803 - FHIR parameter name
+    targetSystem: list[str] = Query(default_factory=list),  # noqa: N803
+) -> Response:
+    """IHE PIXm (ITI-83): the other identifiers of the person a source identifier belongs to."""
+    try:
+        if not sourceIdentifier:
+            raise BadRequest("sourceIdentifier is required")
+        source = parse_token(sourceIdentifier, what="sourceIdentifier")
+        if not service.issuer_known(session=session, issuer=source.issuer):
+            return operation_outcome(400, "sourceIdentifier assigning authority not found", "code-invalid")
+        targets = [issuer_from_system(t) for t in targetSystem if t]
+        if any(not service.issuer_known(session=session, issuer=t) for t in targets):
+            return operation_outcome(403, "targetSystem not found", "code-invalid")
+        ids = service.cross_reference(session=session, identifier=source, target_issuers=targets)
+        person_id = service.person_of(session=session, identifier=source)
+    except ScanOnceError as exc:
+        return operation_outcome(exc.status_code, exc.message)
+    params: list[dict[str, Any]] = [
+        {
+            "name": "targetIdentifier",
+            "valueIdentifier": {"system": system_for_issuer(i.issuer), "value": i.value},
+        }
+        for i in ids
+    ]
+    if person_id is not None:
+        params.append({"name": "targetId", "valueReference": {"reference": f"Patient/{person_id}"}})
+    return _fhir({"resourceType": "Parameters", "parameter": params})
+
+
+@router.get("/Patient")
+def pdqm(
+    request: Request,
+    session: SessionDep,
+    _principal: PrincipalDep,
+    family: str | None = None,
+    given: str | None = None,
+    birthdate: str | None = None,
+    identifier: str | None = None,
+    _count: int = Query(default=50, ge=1, le=500),
+) -> Response:
+    """IHE PDQm (ITI-78): persons matching the demographics, each with all its identifiers."""
+    allowed = {"family", "given", "birthdate", "identifier", "_count", "_format"}
+    unknown = sorted(set(request.query_params) - allowed)
+    try:
+        if unknown:
+            raise BadRequest(f"unsupported search parameter(s): {', '.join(unknown)}")
+        ident = parse_token(identifier, what="identifier") if identifier else None
+        persons = service.search_persons(
+            session=session, family=family, given=given, birth_date=birthdate, identifier=ident, limit=_count
+        )
+    except ScanOnceError as exc:
+        return operation_outcome(exc.status_code, exc.message)
+    base = str(request.base_url).rstrip("/") + "/fhir/Patient/"
+    return _fhir(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(persons),
+            "link": [{"relation": "self", "url": str(request.url)}],
+            "entry": [
+                {
+                    "fullUrl": base + str(p.person_id),
+                    "resource": patient_resource(p),
+                    "search": {"mode": "match"},
+                }
+                for p in persons
+            ],
+        }
+    )
+
+
+@router.get("/Patient/{person_id}")
+def read_patient(person_id: str, session: SessionDep, _principal: PrincipalDep) -> Response:
+    if not person_id.isdigit():
+        return operation_outcome(404, "no such Patient")
+    try:
+        view = service.person_view(session=session, person_id=int(person_id))
+    except ScanOnceError as exc:
+        return operation_outcome(exc.status_code, exc.message)
+    return _fhir(patient_resource(view))
+
+
+# ---------------------------------------------------------------- Patient feed (create / update)
+
+
+def _feed(raw: bytes, session: Session, principal: Principal, expect: Identifier | None) -> Response:
+    try:
+        primary, others, demo = parse_patient(raw)
+        if expect is not None and expect not in [primary, *others]:
+            raise BadRequest("the resource does not carry the identifier named in the URL")
+        if expect is not None and primary != expect:
+            others = [i for i in [primary, *others] if i != expect]
+            primary = expect
+        existed = service.person_of(session=session, identifier=primary) is not None
+        decision = service.upsert_record(
+            session=session,
+            identifier=primary,
+            demographics=demo,
+            identifiers=others,
+            source="fhir",
+            principal=principal,
+        )
+        session.commit()
+        view = service.person_view(session=session, person_id=decision.person_id)
+    except ScanOnceError as exc:
+        session.rollback()
+        return operation_outcome(exc.status_code, exc.message)
+    return _fhir(
+        patient_resource(view),
+        200 if existed else 201,
+        {"Location": f"/fhir/Patient/{decision.person_id}", "X-ScanOnce-Link": decision.outcome},
+    )
+
+
+@router.post("/Patient")
+async def create_patient(request: Request, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Patient identity feed (PIXm feed / ITI-104 style): create or update by the first identifier."""
+    raw = await request.body()
+    return await run_in_threadpool(_feed, raw, session, principal, None)
+
+
+@router.put("/Patient")
+async def conditional_update_patient(
+    request: Request, session: SessionDep, principal: PrincipalDep, identifier: str | None = None
+) -> Response:
+    """ITI-104 conditional update: PUT /fhir/Patient?identifier=system|value."""
+    raw = await request.body()
+    try:
+        if not identifier:
+            raise BadRequest("conditional update needs ?identifier=system|value")
+        expect = parse_token(identifier, what="identifier")
+    except ScanOnceError as exc:
+        return operation_outcome(exc.status_code, exc.message)
+    return await run_in_threadpool(_feed, raw, session, principal, expect)
+
+
+@router.put("/Patient/{person_id}")
+async def update_patient(
+    person_id: str, request: Request, session: SessionDep, principal: PrincipalDep
+) -> Response:
+    """Update: the resource's first identifier names the record; it must belong to this Patient."""
+    raw = await request.body()
+
+    def run() -> Response:
+        try:
+            primary, _others, _demo = parse_patient(raw)
+            owner = service.person_of(session=session, identifier=primary)
+            if owner is None or str(owner) != person_id:
+                raise NotFound("the identifier does not belong to this Patient (use POST to create)")
+        except ScanOnceError as exc:
+            return operation_outcome(exc.status_code, exc.message)
+        return _feed(raw, session, principal, None)
+
+    return await run_in_threadpool(run)

@@ -1,0 +1,132 @@
+"""FHIR R4 shapes and their mapping to identity's: issuers as identifier systems, `system|value`
+tokens, a person as a Patient resource, and a posted Patient as identifiers and demographics
+(validated with fhir.resources; BadRequest when it is not a valid Patient).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from fhir.resources.patient import Patient as FhirPatient
+from pydantic import ValidationError
+
+from broker.errors import BadRequest
+from broker.identity import matching
+from broker.identity.schemas import Identifier, PersonView
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_LOCAL_PREFIX = "urn:scanonce:issuer:"
+
+
+def system_for_issuer(issuer: str) -> str:
+    """An issuer as a FHIR identifier system: OIDs as urn:oid:, URIs as is, others namespaced."""
+    if _OID.match(issuer):
+        return "urn:oid:" + issuer
+    if ":" in issuer:
+        return issuer
+    return _LOCAL_PREFIX + issuer
+
+
+def issuer_from_system(system: str) -> str:
+    if system.startswith("urn:oid:"):
+        return system[len("urn:oid:") :]
+    if system.startswith(_LOCAL_PREFIX):
+        return system[len(_LOCAL_PREFIX) :]
+    return system
+
+
+def parse_token(token: str, *, what: str) -> Identifier:
+    """FHIR token `system|value`; a bare value has no issuer and is refused."""
+    if "|" not in token:
+        raise BadRequest(f"{what} must be system|value: a bare identifier has no issuer")
+    system, value = token.split("|", 1)
+    if not system.strip():
+        raise BadRequest(f"{what} has no system (issuer)")
+    if not value.strip():
+        raise BadRequest(f"{what} has no value")
+    return Identifier(issuer=issuer_from_system(system.strip()), value=value.strip())
+
+
+def _date_fhir(d: str) -> str:
+    return f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else ""
+
+
+def patient_resource(view: PersonView) -> dict[str, Any]:
+    """A person as a FHIR Patient (id: the person id; identifiers: every record's)."""
+    res: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": str(view.person_id),
+        "identifier": [{"system": system_for_issuer(i.issuer), "value": i.value} for i in view.identifiers],
+        "active": True,
+    }
+    if view.family or view.given:
+        name: dict[str, Any] = {"use": "official"}
+        if view.family:
+            name["family"] = view.family
+        given = [g for g in (view.given, view.middle) if g]
+        if given:
+            name["given"] = given
+        res["name"] = [name]
+    if view.sex:
+        res["gender"] = {"M": "male", "F": "female", "O": "other"}[view.sex]
+    if len(view.birth_date) == 8 and matching.normalize_date(view.birth_date):
+        res["birthDate"] = _date_fhir(view.birth_date)
+    if view.address:
+        res["address"] = [{"text": view.address}]
+    if view.phone:
+        res["telecom"] = [{"system": "phone", "value": view.phone}]
+    return res
+
+
+def parse_patient(raw: bytes) -> tuple[Identifier, list[Identifier], matching.Demographics]:
+    """Validate a FHIR R4 Patient and extract identifiers and demographics (BadRequest if not)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or body.get("resourceType") != "Patient":
+        raise BadRequest("body must be a FHIR Patient resource")
+    try:
+        patient = FhirPatient.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise BadRequest(f"invalid Patient at {where or 'root'}: {first.get('msg', 'invalid')}") from None
+    idents: list[Identifier] = []
+    for ident in patient.identifier or []:
+        if not ident.system:
+            raise BadRequest("every Patient.identifier needs a system (issuer); bare identifiers are refused")
+        if not ident.value:
+            raise BadRequest("every Patient.identifier needs a value")
+        idents.append(Identifier(issuer=issuer_from_system(str(ident.system)), value=str(ident.value)))
+    if not idents:
+        raise BadRequest("a Patient needs at least one identifier with a system")
+    name = next((n for n in (patient.name or []) if n.use in (None, "official", "usual")), None)
+    family = str(name.family) if name and name.family else ""
+    givens = [str(g) for g in (name.given or [])] if name else []
+    birth = ""
+    if patient.birthDate is not None:
+        birth = str(patient.birthDate).replace("-", "")
+        if len(birth) == 8 and not matching.normalize_date(birth):
+            raise BadRequest("birthDate is in the future or before 1850")
+        if len(birth) != 8:
+            birth = ""  # a partial date (year only) says too little to match on
+    address = ""
+    if patient.address:
+        a = patient.address[0]
+        address = " ".join(
+            str(x) for x in [*(a.line or []), a.city, a.district, a.state, a.postalCode, a.text] if x
+        )
+    phone = next((str(t.value) for t in (patient.telecom or []) if t.system == "phone" and t.value), "")
+    demo = matching.demographics(
+        family=family,
+        given=givens[0] if givens else "",
+        middle=" ".join(givens[1:]),
+        birth_date=birth,
+        sex=str(patient.gender or "")[:1] if patient.gender in ("male", "female", "other") else "",
+        address=address,
+        phone=phone,
+    )
+    return idents[0], idents[1:], demo

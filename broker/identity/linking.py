@@ -1,0 +1,328 @@
+"""Linking a record as it arrives: create or update the record for an identifier, decide its
+person (`decisions.decide`), record the decision, and mirror it onto the index's patient row.
+
+`upsert_record` serves the feeds (FHIR, HL7 v2) and DICOM ingest alike; `link_patient` is what
+ingest calls for each new or changed patient row (the index's `PatientLinker`). Both flush and
+never commit: they run inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select as sa_select
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from broker.facilities import service as facilities
+from broker.identity import matching
+from broker.identity.decisions import Match, decide
+from broker.identity.locks import serialize_linking
+from broker.identity.matching import Demographics
+from broker.identity.models import IdentityRecord, LinkEvent, ReviewItem
+from broker.identity.params import current_params, policy, term_frequencies
+from broker.identity.records import (
+    RECORD_COLUMNS,
+    add_event,
+    check_identifier,
+    demo_of,
+    get_record,
+    new_person,
+    now,
+    record_id_of,
+    set_identifiers,
+    set_keys,
+    sync_patients,
+    trusted_issuers,
+)
+from broker.identity.schemas import Identifier, LinkDecision
+from broker.index import service as index
+from broker.index.models import Patient
+from broker.security.schemas import Principal
+
+
+def upsert_record(
+    *,
+    session: Session,
+    identifier: Identifier,
+    demographics: Demographics,
+    identifiers: Sequence[Identifier] = (),
+    facility_id: str | None = None,
+    patient_pk: int | None = None,
+    source: str = "dicom",
+    principal: Principal | None = None,
+) -> LinkDecision:
+    """Create or update the record for `identifier` and link it; flushes, never commits.
+
+    A feed (FHIR, HL7) is the registration system: its demographics win over what a DICOM
+    header says about the same identifier. `principal`: the feed's caller, recorded with the
+    link; None when the broker links on its own (ingest), recorded as "system".
+    """
+    who = "system" if principal is None else principal.who
+    ident = check_identifier(identifier)
+    others = [check_identifier(i) for i in identifiers]
+    if patient_pk is None:
+        # A feed: lock the index's row for this identifier (if any) before the linking lock,
+        # in the order ingest takes them (it writes its patient rows, then links), so a feed
+        # and an ingest of the same patient wait for each other instead of deadlocking.
+        patient_pk = index.lock_patient_by_identifier(
+            session=session, issuer=ident.issuer, patient_id=ident.value
+        )
+    serialize_linking(session=session)
+    record = get_record(session=session, issuer=ident.issuer, value=ident.value)
+    if record is not None:
+        record_id = record_id_of(record)
+        changed = False
+        if source != "dicom" or record.source == "dicom":
+            new = demographics.as_dict()
+            if source == "dicom":
+                # A header that leaves a field empty does not erase what an earlier one said.
+                new = {k: v or getattr(record, k) for k, v in new.items()}
+            if demo_of(record).as_dict() != new:
+                changed = True
+                for k, v in new.items():
+                    setattr(record, k, v)
+            record.source = source
+        if patient_pk is not None and record.patient_pk is None:
+            record.patient_pk = patient_pk
+        if facility_id and not record.facility_id:
+            record.facility_id = facility_id
+        record.updated_at = now()
+        session.add(record)
+        session.flush()
+        set_identifiers(session=session, record=record, identifiers=others)
+        if changed:
+            set_keys(session=session, record_id=record_id, d=demo_of(record))
+            decision = _relink_after_update(session=session, record=record, who=who)
+        else:
+            decision = LinkDecision(record_id=record_id, person_id=record.person_id, outcome="existing")
+        session.flush()
+        sync_patients(session=session, record_ids=[record_id])
+        return decision
+
+    match = decide(session=session, d=demographics, identifiers=others, exclude_record=None)
+    person_id = match.person_id or new_person(session=session)
+    record = IdentityRecord(
+        issuer=ident.issuer,
+        value=ident.value,
+        person_id=person_id,
+        facility_id=facility_id,
+        patient_pk=patient_pk,
+        source=source,
+        family=demographics.family,
+        given=demographics.given,
+        middle=demographics.middle,
+        birth_date=demographics.birth_date,
+        sex=demographics.sex,
+        address=demographics.address,
+        phone=demographics.phone,
+    )
+    session.add(record)
+    session.flush()
+    set_keys(session=session, record_id=record_id_of(record), d=demographics, new=True)
+    set_identifiers(session=session, record=record, identifiers=others)
+    return _apply(session=session, record=record, match=match, person_id=person_id, who=who)
+
+
+def _apply(
+    *, session: Session, record: IdentityRecord, match: Match, person_id: int, who: str
+) -> LinkDecision:
+    record_id = record_id_of(record)
+    method = {"review": "new", "new": "new"}.get(match.outcome, match.outcome)
+    add_event(
+        session=session,
+        record_id=record_id,
+        person_id=person_id,
+        previous=None,
+        method=method,
+        weight=match.weight,
+        matched=match.matched,
+        contributions=match.contributions,
+        who=who,
+        why=match.why,
+    )
+    review_ids = _add_reviews(session=session, record_id=record_id, review=match.review)
+    if record.patient_pk is not None:
+        index.assign_person(session=session, patient_pks=[record.patient_pk], person_id=person_id)
+    return LinkDecision(
+        record_id=record_id,
+        person_id=person_id,
+        outcome=match.outcome,
+        weight=match.weight,
+        matched_record_id=match.matched,
+        contributions=match.contributions,
+        review_ids=review_ids,
+    )
+
+
+def _add_reviews(
+    *, session: Session, record_id: int, review: Sequence[tuple[int, matching.Score]]
+) -> list[int]:
+    ids: list[int] = []
+    for cand_id, score in review:
+        item = ReviewItem(
+            record_id=record_id,
+            candidate_record_id=cand_id,
+            weight=round(score.weight, 3),
+            contributions=json.dumps(score.contributions),
+        )
+        session.add(item)
+        session.flush()
+        assert item.id is not None
+        ids.append(item.id)
+    return ids
+
+
+def _relink_after_update(*, session: Session, record: IdentityRecord, who: str) -> LinkDecision:
+    """Changed demographics: a record alone in its person may now match someone; a linked
+    record that no longer resembles its person goes to review (never split silently)."""
+    record_id = record_id_of(record)
+    d = demo_of(record)
+    params = current_params(session=session)
+    mates = session.execute(
+        sa_select(*RECORD_COLUMNS).where(
+            col(IdentityRecord.person_id) == record.person_id,
+            col(IdentityRecord.id) != record_id,
+        )
+    ).all()
+    if not mates:
+        manual = session.exec(
+            select(LinkEvent.id).where(LinkEvent.record_id == record_id, LinkEvent.method == "manual-unlink")
+        ).first()
+        if manual is not None:
+            return LinkDecision(record_id=record_id, person_id=record.person_id, outcome="existing")
+        match = decide(session=session, d=d, identifiers=[], exclude_record=record_id)
+        if match.person_id is None:
+            review_ids = _add_reviews(session=session, record_id=record_id, review=match.review)
+            return LinkDecision(
+                record_id=record_id,
+                person_id=record.person_id,
+                outcome="review" if review_ids else "existing",
+                review_ids=review_ids,
+            )
+        previous = record.person_id
+        record.person_id = match.person_id
+        session.add(record)
+        session.flush()
+        add_event(
+            session=session,
+            record_id=record_id,
+            person_id=record.person_id,
+            previous=previous,
+            method=match.outcome,
+            weight=match.weight,
+            matched=match.matched,
+            contributions=match.contributions,
+            who=who,
+            why="demographics updated",
+        )
+        # Questions asked about the old demographics are answered by the new ones.
+        session.execute(
+            update(ReviewItem)
+            .where(col(ReviewItem.record_id) == record_id, col(ReviewItem.status) == "open")
+            .values(
+                status="superseded", reason="demographics updated, linked automatically", decided_at=now()
+            )
+        )
+        return LinkDecision(
+            record_id=record_id,
+            person_id=record.person_id,
+            outcome=match.outcome,
+            weight=match.weight,
+            matched_record_id=match.matched,
+            contributions=match.contributions,
+        )
+    tf = term_frequencies(session=session, d=d, params=params)
+    scores = [(m.id, matching.score_pair(d, demo_of(m), params=params, tf=tf)) for m in mates]
+    best_id, best = max(scores, key=lambda s: s[1].weight)
+    if best.weight < policy(params).review:
+        session.add(
+            ReviewItem(
+                record_id=record_id,
+                candidate_record_id=best_id,
+                weight=round(best.weight, 3),
+                contributions=json.dumps(
+                    {**best.contributions, "note": "update conflicts with linked person"}
+                ),
+            )
+        )
+    return LinkDecision(record_id=record_id, person_id=record.person_id, outcome="existing")
+
+
+# ---------------------------------------------------------------- DICOM ingest hook
+
+
+def _json_values(attrs: dict[str, Any], tag: str) -> list[Any]:
+    item = attrs.get(tag)
+    return list(item.get("Value") or []) if isinstance(item, dict) else []
+
+
+def patient_extras(dataset: Any) -> tuple[str, str, list[Identifier]]:
+    """(address, telephone, other identifiers) from a pydicom Dataset or a DICOM JSON object.
+
+    Other identifiers come from OtherPatientIDsSequence items that name an issuer; the caller
+    keeps only issuers the broker knows (an ID under an unknown issuer is a bare ID).
+    """
+    if dataset is None:
+        return "", "", []
+    if isinstance(dataset, dict):  # DICOM JSON model (PS3.18 F.2), as ingest parses it
+        address = " ".join(str(v) for v in _json_values(dataset, "00101040"))
+        phone = str(next(iter(_json_values(dataset, "00102154")), "") or "")
+        items = [
+            (
+                str(next(iter(_json_values(it, "00100020")), "") or ""),
+                str(next(iter(_json_values(it, "00100021")), "") or ""),
+            )
+            for it in _json_values(dataset, "00101002")
+            if isinstance(it, dict)
+        ]
+    else:
+        address = str(getattr(dataset, "PatientAddress", "") or "")
+        phone = str(getattr(dataset, "PatientTelephoneNumbers", "") or "")
+        items = [
+            (str(getattr(it, "PatientID", "") or ""), str(getattr(it, "IssuerOfPatientID", "") or ""))
+            for it in getattr(dataset, "OtherPatientIDsSequence", None) or []
+        ]
+    others = [Identifier(issuer=i.strip(), value=v.strip()) for v, i in items if v.strip() and i.strip()]
+    return address, phone, others
+
+
+def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> None:
+    """Called by ingest after a patient row is created or its demographics change.
+
+    Sets the patient's person (through the index, which writes its rows; `patient` shows it).
+    `dataset` (optional: a pydicom Dataset or the instance's DICOM JSON attributes) adds the
+    address, telephone and OtherPatientIDsSequence, which the patient row does not hold.
+    Flushes only: the caller's transaction commits.
+    """
+    if patient.pk is None:
+        session.flush()  # the caller added the row: flushing gives it its key
+    if patient.pk is None:
+        raise ValueError("link_patient needs a patient row the caller has added to its session")
+    address, phone, others = patient_extras(dataset)
+    if others:
+        known = set(facilities.issuers(session=session).values()) | trusted_issuers(session=session)
+        others = [i for i in others if i.issuer in known]
+    d = matching.demographics(
+        patient_name=patient.patient_name,
+        birth_date=patient.birth_date,
+        sex=patient.sex,
+        address=address,
+        phone=phone,
+        lenient_date=True,
+    )
+    decision = upsert_record(
+        session=session,
+        identifier=Identifier(issuer=patient.issuer, value=patient.patient_id),
+        demographics=d,
+        identifiers=others,
+        facility_id=patient.facility_id,
+        patient_pk=patient.pk,
+        source="dicom",
+    )
+    if patient.person_id != decision.person_id:
+        # Its identity record points at another patient row (or none): assign this one too.
+        index.assign_person(session=session, patient_pks=[patient.pk], person_id=decision.person_id)
+        patient.person_id = decision.person_id  # a row not in this session shows it as well

@@ -1,0 +1,149 @@
+"""What the FHIR interface asks of identity: the identifiers of a person (PIXm), persons by
+demographics (PDQm), one person's view, and whether an issuer is known at all. Reads only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlmodel import Session, col, select
+
+from broker.errors import BadRequest, NotFound
+from broker.facilities import service as facilities
+from broker.identity import matching
+from broker.identity.models import IdentityIdentifier, IdentityRecord, TrustedIssuer
+from broker.identity.records import check_identifier, get_record, require_record
+from broker.identity.schemas import Identifier, PersonView
+
+
+def person_identifiers(*, session: Session, person_id: int) -> list[Identifier]:
+    recs = session.exec(
+        select(IdentityRecord).where(IdentityRecord.person_id == person_id).order_by(col(IdentityRecord.id))
+    ).all()
+    out: list[Identifier] = []
+    seen: set[tuple[str, str]] = set()
+    rec_ids = [r.id for r in recs]
+    extra = session.exec(
+        select(IdentityIdentifier).where(col(IdentityIdentifier.record_id).in_(rec_ids))
+    ).all()
+    for issuer, value in [(r.issuer, r.value) for r in recs] + [(i.issuer, i.value) for i in extra]:
+        if (issuer, value) not in seen:
+            seen.add((issuer, value))
+            out.append(Identifier(issuer=issuer, value=value))
+    return out
+
+
+def cross_reference(
+    *, session: Session, identifier: Identifier, target_issuers: Sequence[str] = ()
+) -> list[Identifier]:
+    """PIXm: every other identifier of the person `identifier` belongs to (NotFound if unknown)."""
+    ident = check_identifier(identifier)
+    rec = get_record(session=session, issuer=ident.issuer, value=ident.value)
+    if rec is None:
+        owner = session.exec(
+            select(IdentityIdentifier).where(
+                IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value
+            )
+        ).first()
+        if owner is None:
+            raise NotFound("source identifier is unknown")
+        rec = require_record(session=session, record_id=owner.record_id)
+    ids = [i for i in person_identifiers(session=session, person_id=rec.person_id) if i != ident]
+    if target_issuers:
+        wanted = set(target_issuers)
+        ids = [i for i in ids if i.issuer in wanted]
+    return ids
+
+
+def person_of(*, session: Session, identifier: Identifier) -> int | None:
+    """The person of the record with this (issuer, value), if there is one."""
+    rec = get_record(session=session, issuer=identifier.issuer, value=identifier.value)
+    return None if rec is None else rec.person_id
+
+
+def issuer_known(*, session: Session, issuer: str) -> bool:
+    """A registered facility's or trusted issuer, or one any record or identifier carries
+    (index lookups only: PIXm must stay fast on a large MPI)."""
+    if issuer in facilities.issuers(session=session).values():
+        return True
+    return any(
+        session.exec(stmt.limit(1)).first() is not None
+        for stmt in (
+            select(TrustedIssuer.issuer).where(TrustedIssuer.issuer == issuer),
+            select(IdentityRecord.id).where(IdentityRecord.issuer == issuer),
+            select(IdentityIdentifier.id).where(IdentityIdentifier.issuer == issuer),
+        )
+    )
+
+
+def person_view(*, session: Session, person_id: int) -> PersonView:
+    recs = session.exec(
+        select(IdentityRecord)
+        .where(IdentityRecord.person_id == person_id)
+        .order_by(col(IdentityRecord.updated_at).desc())
+    ).all()
+    if not recs:
+        raise NotFound(f"no person {person_id}")
+
+    def first(field: str) -> str:
+        return next((getattr(r, field) for r in recs if getattr(r, field)), "")
+
+    return PersonView(
+        person_id=person_id,
+        identifiers=person_identifiers(session=session, person_id=person_id),
+        family=first("family"),
+        given=first("given"),
+        middle=first("middle"),
+        birth_date=first("birth_date"),
+        sex=first("sex"),
+        address=first("address"),
+        phone=first("phone"),
+    )
+
+
+def search_persons(
+    *,
+    session: Session,
+    family: str | None = None,
+    given: str | None = None,
+    birth_date: str | None = None,
+    identifier: Identifier | None = None,
+    limit: int = 50,
+) -> list[PersonView]:
+    """PDQm: persons matching all given demographics (names: exact or prefix, case-insensitive)."""
+    stmt = select(IdentityRecord.person_id).distinct()
+    if identifier is not None:
+        ident = check_identifier(identifier)
+        by_own = select(IdentityRecord.person_id).where(
+            IdentityRecord.issuer == ident.issuer, IdentityRecord.value == ident.value
+        )
+        by_other = (
+            select(IdentityRecord.person_id)
+            .join(IdentityIdentifier, col(IdentityIdentifier.record_id) == col(IdentityRecord.id))
+            .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)
+        )
+        persons = set(session.exec(by_own).all()) | set(session.exec(by_other).all())
+        stmt = stmt.where(col(IdentityRecord.person_id).in_(persons))
+    criteria = False
+    if family is not None:
+        f = matching.normalize_name_part(family)
+        if not f:
+            raise BadRequest("family must contain letters")
+        stmt = stmt.where(col(IdentityRecord.family).startswith(f))
+        criteria = True
+    if given is not None:
+        g = matching.normalize_name_part(given)
+        if not g:
+            raise BadRequest("given must contain letters")
+        stmt = stmt.where(col(IdentityRecord.given).startswith(g))
+        criteria = True
+    if birth_date is not None:
+        b = matching.normalize_date(birth_date)
+        if not b:
+            raise BadRequest("birthdate must be a real date (YYYY-MM-DD)")
+        stmt = stmt.where(IdentityRecord.birth_date == b)
+        criteria = True
+    if identifier is None and not criteria:
+        raise BadRequest("give at least one of family, given, birthdate, identifier")
+    person_ids = list(session.exec(stmt.limit(limit)).all())
+    return [person_view(session=session, person_id=p) for p in person_ids]
