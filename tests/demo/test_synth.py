@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -22,27 +21,12 @@ REQUIRED = (
     "PatientSex", "PatientAddress", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
     "SOPClassUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
     "ReferringPhysicianName", "Modality", "SeriesDescription", "SeriesNumber", "InstanceNumber",
-    "BodyPartExamined", "Rows", "Columns", "BitsAllocated", "PhotometricInterpretation",
 )  # fmt: skip
+IMAGE_REQUIRED = ("BodyPartExamined", "Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
 
 
 def _read(data: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def demo() -> list[tuple[str, Dataset, bytes]]:
-    started = time.perf_counter()
-    items = [(fac, ds, synth.write_part10(ds)) for fac, ds in synth.generate_demo()]
-    elapsed = time.perf_counter() - started
-    print(f"demo: {len(items)} instances generated and encoded in {elapsed:.2f} s")
-    assert elapsed < 10
-    return items
-
-
-@pytest.fixture(scope="module")
-def patients() -> list[synth.SynthPatient]:
-    return synth.generate_patients(seed=42, count=40)
 
 
 def test_same_seed_gives_byte_identical_output() -> None:
@@ -76,7 +60,7 @@ def test_every_demo_instance_round_trips_with_valid_uids(demo: list[tuple[str, D
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
-        for keyword in REQUIRED:
+        for keyword in REQUIRED + (IMAGE_REQUIRED if ds.Modality != "SR" else ()):
             assert keyword in ds and str(ds[keyword].value) != "", keyword
         uids = [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID]
         uids += [ds.FrameOfReferenceUID] if "FrameOfReferenceUID" in ds else []
@@ -110,7 +94,8 @@ def test_orthanc_accepts_decodes_and_renders_them(tmp_path, demo: list[tuple[str
 
     picked: dict[tuple[str, str], Dataset] = {}
     for _, ds, _ in demo:
-        picked.setdefault((ds.Modality, ds.SpecificCharacterSet), ds)
+        if ds.Modality != "SR":  # a dose report has no picture to preview
+            picked.setdefault((ds.Modality, ds.SpecificCharacterSet), ds)
     assert {cs for _, cs in picked} == {"ISO_IR 100", "ISO_IR 192"}
     paths = synth.write_files(picked.values(), tmp_path / "files")
     with orthanc(tmp_path / "orthanc", dicomweb=False) as peer:
@@ -185,7 +170,8 @@ def test_demo_has_the_same_body_part_at_two_facilities(
     person_of = {(p.issuer, p.patient_id): p.person for p in patients}
     seen = defaultdict(set)
     for fac, ds, _ in demo:
-        seen[(person_of[(ds.IssuerOfPatientID, ds.PatientID)], ds.BodyPartExamined)].add(fac)
+        if ds.Modality != "SR":
+            seen[(person_of[(ds.IssuerOfPatientID, ds.PatientID)], ds.BodyPartExamined)].add(fac)
     assert sum(len(facs) >= 2 for facs in seen.values()) >= 5
 
 
@@ -217,24 +203,9 @@ def _adult_and_child(patients: Iterable[synth.SynthPatient]) -> tuple[synth.Synt
     return adult, child
 
 
-def test_dose_attributes_are_readable_and_paediatric_doses_are_lower(
-    patients: list[synth.SynthPatient],
-) -> None:
+def test_nm_activity_is_weight_based_and_mr_us_carry_no_dose(patients: list[synth.SynthPatient]) -> None:
     adult, child = _adult_and_child(patients)
     when = synth.REFERENCE_DATE
-    adult_ct = _study(adult, "CT", body_part="HEAD", study_date=when)
-    child_ct = _study(child, "CT", body_part="HEAD", study_date=when)
-    for ds in adult_ct + child_ct:
-        assert ds.CTDIvol > 0
-        dlp = synth.parse_dlp(ds.CommentsOnRadiationDose)
-        assert dlp is not None and 5 * ds.CTDIvol < dlp < 40 * ds.CTDIvol
-    assert child_ct[0].CTDIvol < adult_ct[0].CTDIvol
-    child_dlp = synth.parse_dlp(child_ct[0].CommentsOnRadiationDose)
-    adult_dlp = synth.parse_dlp(adult_ct[0].CommentsOnRadiationDose)
-    assert child_dlp is not None and adult_dlp is not None and child_dlp < adult_dlp
-    # One study, one DLP: every instance agrees.
-    assert len({ds.CommentsOnRadiationDose for ds in adult_ct}) == 1
-
     adult_nm = _study(adult, "NM", body_part="WHOLEBODY", study_date=when, n_series=1)[0]
     child_nm = _study(child, "NM", body_part="WHOLEBODY", study_date=when, n_series=1)[0]
     pharma = adult_nm.RadiopharmaceuticalInformationSequence[0]
@@ -242,15 +213,10 @@ def test_dose_attributes_are_readable_and_paediatric_doses_are_lower(
     assert float(child_nm.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose) < float(
         pharma.RadionuclideTotalDose
     )
-
-    for modality in ("CR", "DX"):
-        for ds in _study(adult, modality):
-            assert float(ds.EntranceDoseInmGy) > 0 and float(ds.ExposureIndex) > 0
-            assert float(ds.ImageAndFluoroscopyAreaDoseProduct) > 0
     for modality in ("MR", "US"):
         ds = _study(adult, modality)[0]
         assert "CTDIvol" not in ds and "EntranceDoseInmGy" not in ds
-    assert synth.parse_dlp("no dose here") is None
+        assert "ImageAndFluoroscopyAreaDoseProduct" not in ds
 
 
 @pytest.mark.parametrize(
