@@ -1,7 +1,7 @@
 """Archive benchmark: ScanOnce vs Orthanc over DICOMweb, side by side, in one run.
 
 Both servers run as real processes on loopback, each with its own fresh data folder, and
-receive exactly the same generated instances (`broker.demo.synth.bulk_instances`). Every
+receive exactly the same generated instances (`bench.synthdata.bulk_instances`). Every
 phase runs against Orthanc and then against ScanOnce before the next phase starts, so both
 see the same machine state. The result is a Markdown table of ScanOnce / Orthanc ratios.
 
@@ -114,9 +114,9 @@ QUICK = Plan(
 def instances(
     *, seed: int, n_studies: int, series_per_study: int, instances_per_series: int, rows: int = 16
 ) -> Iterator[bytes]:
-    """The benchmark's instances: helper-3's fast deterministic generator (CT template with
+    """The benchmark's instances: bench.synthdata's fast deterministic generator (CT template with
     identifiers patched in place; three studies per patient; dates 2016-2026)."""
-    from broker.demo.synth import bulk_instances
+    from bench.synthdata import bulk_instances
 
     return bulk_instances(
         seed=seed,

@@ -3,7 +3,7 @@
 Both servers run as real processes on loopback, each with its own fresh data folder (the same
 launchers as bench/archive.py: `scanonce serve` on the embedded default, and Orthanc from the
 Debian packages with TcpNoDelay on and StorageCompression off), and receive exactly the same
-generated instances (`broker.demo.synth.bulk_instances`). Each phase runs against Orthanc
+generated instances (`bench.synthdata.bulk_instances`). Each phase runs against Orthanc
 and then against ScanOnce before the next phase starts.
 
     .venv/bin/python -m bench.dimse --quick                        # ~2-3 minutes

@@ -1,6 +1,7 @@
-"""Deterministic synthetic DICOM: patients, studies and a benchmark fast path.
+"""Deterministic synthetic DICOM: patients and their studies.
 
-Used by `scanonce demo`, the tests and the benchmarks. Everything here is invented: names come
+Used by `scanonce demo` and the tests (the benchmarks' fast path, built on this, is
+bench/synthdata.py). Everything here is invented: names come
 from fixed tables, identifiers and dates from `random.Random` seeded by the caller, so the same
 seed gives byte-identical Part 10 output on every run and machine (same pydicom version).
 
@@ -19,11 +20,14 @@ UIDs
     seed-derived arc, and are made with `pydicom.uid.generate_uid(prefix=root, entropy_srcs=[...])`
     so they are deterministic and always exactly 64 characters long.
 
-Dose attributes (all standard, no private tags; a dose lookup reads only these)
-    CT  (0018,9345) CTDIvol, FD in mGy, on every CT image (the series' value).
-        (0040,0310) CommentsOnRadiationDose, ST, on every CT image of the study, holding the
-        study's total dose-length product as ``DLP=<float> mGy.cm; CTDIvol=<float> mGy``.
-        Parse the ``DLP=`` token; `parse_dlp` does exactly that.
+Dose (all standard, no private tags, recorded where modalities record it)
+    CT  With ``dose_report=True`` (the demo sets it) a CT study also holds a CT Radiation Dose SR
+        (X-Ray Radiation Dose SR Storage, Modality SR, its own series, TID 10011; see
+        `broker.demo.rdsr`): one CT Acquisition per irradiation event (localizer, bolus
+        tracking where the protocol has it, the diagnostic acquisition) and the study's
+        DLP total (113813). Every CT image carries (0018,9345) CTDIvol in mGy and
+        (0008,3010) IrradiationEventUID of the acquisition it was reconstructed from, so the
+        image's CTDIvol equals that acquisition's Mean CTDIvol (113830) in the SR.
     NM  (0054,0016) RadiopharmaceuticalInformationSequence, first item:
         (0018,1074) RadionuclideTotalDose in MBq, (0018,0031) Radiopharmaceutical,
         (0018,1075) RadionuclideHalfLife in s, (0018,1078) RadiopharmaceuticalStartDateTime.
@@ -44,11 +48,10 @@ import dataclasses
 import io
 import math
 import random
-import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +69,11 @@ from pydicom.uid import (
     MRImageStorage,
     NuclearMedicineImageStorage,
     UltrasoundImageStorage,
+    XRayRadiationDoseSRStorage,
     generate_uid,
 )
+
+from broker.demo import rdsr
 
 __all__ = [
     "DEFAULT_FACILITIES",
@@ -75,11 +81,9 @@ __all__ = [
     "REFERENCE_DATE",
     "FacilitySpec",
     "SynthPatient",
-    "bulk_instances",
     "generate_demo",
     "generate_patients",
     "generate_study",
-    "parse_dlp",
     "uid_root",
     "write_demo",
     "write_files",
@@ -281,10 +285,11 @@ class _Protocol:
     body_part: str
     series: tuple[str, ...]
     dose: float  # CT: adult CTDIvol mGy; NM: adult MBq; CR/DX: adult entrance dose mGy; else 0
-    length_cm: float = 0.0  # CT scan length (DLP = CTDIvol x length)
+    length_cm: float = 0.0  # CT: adult scan length; CR/DX: adult field area in cm2
     agent: str = ""  # NM radiopharmaceutical
     pediatric_only: bool = False
     adult_only: bool = False
+    bolus_tracking: bool = False  # CT: a monitoring scan times the contrast before the spiral
 
 
 _PROTOCOLS: dict[str, tuple[_Protocol, ...]] = {
@@ -293,8 +298,8 @@ _PROTOCOLS: dict[str, tuple[_Protocol, ...]] = {
             "CT HEAD WO CONTRAST",
             "HEAD",
             ("Axial 5mm Brain", "Axial 1.25mm Bone", "Coronal MPR", "Sagittal MPR"),
-            52.0,
-            16.0,
+            53.0,
+            18.0,
         ),
         _Protocol(
             "CT CHEST W CONTRAST",
@@ -307,7 +312,7 @@ _PROTOCOLS: dict[str, tuple[_Protocol, ...]] = {
             "CT ABDOMEN PELVIS W CONTRAST",
             "ABDOMEN",
             ("Axial 2.5mm Portal Venous", "Coronal MPR", "Sagittal MPR"),
-            14.0,
+            15.0,
             45.0,
         ),
         _Protocol(
@@ -317,6 +322,7 @@ _PROTOCOLS: dict[str, tuple[_Protocol, ...]] = {
             12.0,
             32.0,
             adult_only=True,
+            bolus_tracking=True,
         ),
         _Protocol(
             "CT CERVICAL SPINE WO CONTRAST",
@@ -345,16 +351,16 @@ _PROTOCOLS: dict[str, tuple[_Protocol, ...]] = {
         ),
     ),
     "CR": (
-        _Protocol("XR CHEST 2 VIEWS", "CHEST", ("PA", "LAT"), 0.12),
-        _Protocol("XR HAND LEFT 3 VIEWS", "HAND", ("PA", "OBL", "LAT"), 0.05),
-        _Protocol("XR KNEE RIGHT 2 VIEWS", "KNEE", ("AP", "LAT"), 0.3),
-        _Protocol("XR ABDOMEN 1 VIEW", "ABDOMEN", ("AP",), 2.0),
+        _Protocol("XR CHEST 2 VIEWS", "CHEST", ("PA", "LAT"), 0.12, 700.0),
+        _Protocol("XR HAND LEFT 3 VIEWS", "HAND", ("PA", "OBL", "LAT"), 0.05, 300.0),
+        _Protocol("XR KNEE RIGHT 2 VIEWS", "KNEE", ("AP", "LAT"), 0.3, 400.0),
+        _Protocol("XR ABDOMEN 1 VIEW", "ABDOMEN", ("AP",), 2.0, 1200.0),
     ),
     "DX": (
-        _Protocol("XR CHEST 1 VIEW PORTABLE", "CHEST", ("AP",), 0.1),
-        _Protocol("XR CHEST 2 VIEWS", "CHEST", ("PA", "LAT"), 0.12),
-        _Protocol("XR FOREARM LEFT 2 VIEWS", "ARM", ("AP", "LAT"), 0.06),
-        _Protocol("XR PELVIS 1 VIEW", "PELVIS", ("AP",), 1.5),
+        _Protocol("XR CHEST 1 VIEW PORTABLE", "CHEST", ("AP",), 0.1, 700.0),
+        _Protocol("XR CHEST 2 VIEWS", "CHEST", ("PA", "LAT"), 0.12, 700.0),
+        _Protocol("XR FOREARM LEFT 2 VIEWS", "ARM", ("AP", "LAT"), 0.06, 300.0),
+        _Protocol("XR PELVIS 1 VIEW", "PELVIS", ("AP",), 1.5, 1200.0),
     ),
     "US": (
         _Protocol("US ABDOMEN COMPLETE", "ABDOMEN", ("Abdomen",), 0.0),
@@ -398,7 +404,6 @@ _AXIAL = ("1", "0", "0", "0", "1", "0")
 _SAGITTAL = ("0", "1", "0", "0", "0", "-1")
 _CORONAL = ("1", "0", "0", "0", "0", "-1")
 _TC99M_HALF_LIFE_S = "21624.0"
-_DLP_RE = re.compile(r"DLP=([0-9]+(?:\.[0-9]+)?)")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -447,12 +452,6 @@ def _ds(value: float, places: int = 2) -> str:
 def _strip_accents(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text.replace("Ł", "L").replace("ł", "l"))
     return "".join(c for c in decomposed if not unicodedata.combining(c))
-
-
-def parse_dlp(comment: str) -> float | None:
-    """The study DLP (mGy.cm) from a CommentsOnRadiationDose value written by this module."""
-    m = _DLP_RE.search(comment or "")
-    return float(m.group(1)) if m else None
 
 
 def _fits(text: str, charset: str) -> bool:
@@ -523,12 +522,26 @@ def _mrn(rng: random.Random, facility: FacilitySpec, taken: set[str]) -> str:
             return mrn
 
 
+# Children of every age band the paediatric dose levels distinguish, whatever the seed: person
+# index -> (age in days on REFERENCE_DATE, body part of the CT `generate_demo` gives them).
+_CHILD_COHORT: dict[int, tuple[int, str]] = {
+    1: (150, "HEAD"),  # an infant of 5 months
+    4: (365 + 120, "CHEST"),  # 1 year
+    13: (5 * 365 + 100, "HEAD"),  # 5 years
+    17: (10 * 365 + 200, "ABDOMEN"),  # 10 years
+    22: (15 * 365 + 40, "HEAD"),  # a teenager of 15
+}
+_COHORT_CT_DAYS_AGO = 14
+
+
 def generate_patients(
     *, seed: int, count: int, facilities: Sequence[FacilitySpec] | None = None
 ) -> list[SynthPatient]:
     """`count` persons, returned as one record per (person, facility): about a third have two.
 
-    Records are ordered by person, then by the order of `facilities`.
+    Records are ordered by person, then by the order of `facilities`. Besides about 30% children
+    of random ages, persons 2, 5, 14, 18 and 23 (when `count` reaches them) are children aged
+    5 months, 1, 5, 10 and 15 years.
     """
     facs = tuple(facilities) if facilities is not None else DEFAULT_FACILITIES
     if not facs:
@@ -556,6 +569,8 @@ def generate_patients(
             # Person 11 is person 10's twin: same family name, birth date and address.
             if n == 9 and count > 10:
                 twin_of = (family, sex, born, address)
+            if n in _CHILD_COHORT:
+                born = REFERENCE_DATE - timedelta(days=_CHILD_COHORT[n][0])
         age_now = _age_years(born, REFERENCE_DATE)
         typical_h, typical_w = _typical_size(age_now, sex)
         height, weight = int(typical_h + rng.uniform(-6, 6)), int(typical_w * rng.uniform(0.85, 1.25))
@@ -701,6 +716,171 @@ def _set_image_pixel(ds: Dataset, modality: str, rows: int, cols: int) -> None:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
 
 
+# --- dose ------------------------------------------------------------------------------------------------
+
+# CT dose model. Adults get the protocol's CTDIvol and scan length (`_PROTOCOLS`), typical practice
+# just under national diagnostic reference levels (DRLs), e.g. the UK NDRLs (2019): CT head 60 mGy
+# CTDIvol / 970 mGy.cm DLP, abdomen-pelvis 15 mGy / 745 mGy.cm; chest 10 mGy x 35 cm, CT angiography
+# 12 mGy x 32 cm and cervical spine 20 mGy x 18 cm are of the same kind. Children:
+#   head (16 cm phantom): about three quarters of the European paediatric DRLs by age band
+#     (EC Radiation Protection 185, 2018: under 3 months 24 mGy, 3 months to 1 year 28, 1 to 6
+#     years 40, 6 years and over 50; DLP 300, 385, 505, 650 mGy.cm), so every band stays under
+#     its DRL in a typical exam (single exams vary by about 10% either way);
+#   body (32 cm phantom): the adult CTDIvol times (weight / 70 kg) ** 0.6, a stand-in for the
+#     scanner's size-based exposure control (RP 185 sets body DRLs by weight for that reason);
+#   scan length: the adult length times 0.55 + 0.025 x age (an infant's head is about 10 cm).
+# So a 5-year-old's head CT is about 30 mGy / 370 mGy.cm against an adult's 53 mGy / 950 mGy.cm.
+_PAEDIATRIC_HEAD_CTDIVOL = ((0.25, 18.0), (1.0, 21.0), (6.0, 30.0), (18.0, 37.0))
+_CT_BEAM_MM = 40.0  # 64 x 0.625 mm detector rows
+# Projection radiography: entrance dose (protocol) times field area gives the dose-area product.
+# Adults come out near the UK NDRLs (2019, in Gy.cm2: chest PA 0.1, abdomen AP 2.5, pelvis AP 2.2;
+# (0018,115E) is in dGy.cm2, ten times those numbers); children get less dose on a smaller field.
+
+
+def _age_exact(born: date, on: date) -> float:
+    return max((on - born).days, 0) / 365.25
+
+
+def _ct_events(
+    rng: random.Random,
+    *,
+    proto: _Protocol,
+    age: float,
+    weight_kg: float,
+    start: datetime,
+    root: str,
+    key: str,
+) -> tuple[list[rdsr.CtIrradiationEvent], rdsr.CtIrradiationEvent]:
+    """A CT study's irradiation events as the scanner logs them, and the one its images come from."""
+    child = age < 18
+    head = proto.body_part == "HEAD"
+    if child and head:
+        ctdi = next(mgy for below, mgy in _PAEDIATRIC_HEAD_CTDIVOL if age < below)
+    elif child:
+        ctdi = proto.dose * min(1.0, (weight_kg / 70.0) ** 0.6)
+    else:
+        ctdi = proto.dose
+    ctdi = round(ctdi * rng.uniform(0.92, 1.08), 2)
+    length_mm = round(proto.length_cm * 10 * min(1.0, 0.55 + 0.025 * age) * rng.uniform(0.95, 1.05))
+    kvp = 120.0 if not child or (head and age >= 6) else (80.0 if age < 5 else 100.0)
+    current = 300.0 if not child else round(60 + 12 * age)
+    events: list[rdsr.CtIrradiationEvent] = []
+    scout_mm = length_mm + (50 if child else 100)
+    events.append(
+        rdsr.CtIrradiationEvent(
+            event_uid=_uid(root, "event", key, "localizer"),
+            protocol="Topogram",
+            acquisition_type="constant_angle",
+            body_part=proto.body_part,
+            start=start + timedelta(minutes=1),
+            exposure_time_s=round(scout_mm / 100.0, 1),
+            scanning_length_mm=scout_mm,
+            single_collimation_mm=0.625,
+            total_collimation_mm=0.625,
+            kvp=kvp,
+            tube_current_ma=20.0 if child else 35.0,
+            max_tube_current_ma=20.0 if child else 35.0,
+            rotation_time_s=0.5,
+        )
+    )
+    if proto.bolus_tracking:
+        events.append(
+            rdsr.CtIrradiationEvent(
+                event_uid=_uid(root, "event", key, "monitoring"),
+                protocol="Bolus Tracking",
+                acquisition_type="stationary",
+                body_part=proto.body_part,
+                start=start + timedelta(minutes=3),
+                exposure_time_s=6.0,
+                scanning_length_mm=10.0,
+                single_collimation_mm=5.0,
+                total_collimation_mm=10.0,
+                kvp=100.0,
+                tube_current_ma=40.0,
+                max_tube_current_ma=40.0,
+                rotation_time_s=0.5,
+                ctdivol_mgy=round(0.8 * 12 * rng.uniform(0.9, 1.1), 2),  # 12 low-dose rotations
+                phantom="body",
+            )
+        )
+    sequenced = head and not child
+    pitch = 1.0 if sequenced else (1.375 if child and not head else 0.984)
+    rotation = 1.0 if head else 0.5
+    rotations = math.ceil(length_mm / _CT_BEAM_MM) if sequenced else length_mm / (pitch * _CT_BEAM_MM) + 1
+    main = rdsr.CtIrradiationEvent(
+        event_uid=_uid(root, "event", key, "diagnostic"),
+        protocol=f"{'PAED ' if child else ''}{proto.description}",
+        acquisition_type="sequenced" if sequenced else "spiral",
+        body_part=proto.body_part,
+        start=start + timedelta(minutes=4),
+        exposure_time_s=round(rotations * rotation, 2),
+        scanning_length_mm=float(length_mm),
+        single_collimation_mm=0.625,
+        total_collimation_mm=_CT_BEAM_MM,
+        kvp=kvp,
+        tube_current_ma=current,
+        max_tube_current_ma=round(current * 1.4),
+        rotation_time_s=rotation,
+        pitch=pitch,
+        ctdivol_mgy=ctdi,
+        phantom="head" if head else "body",
+    )
+    events.append(main)
+    return events, main
+
+
+def _dose_report(
+    *,
+    patient: SynthPatient,
+    study: Dataset,
+    events: Sequence[rdsr.CtIrradiationEvent],
+    key: str,
+    station: str,
+) -> Dataset:
+    """The scanner's CT Radiation Dose SR for the study whose attributes `study` carries."""
+    root = patient.uid_root
+    last = events[-1]
+    end = last.start + timedelta(seconds=math.ceil(last.exposure_time_s) + 5)
+    sop_uid = _uid(root, "dose-sr", key)
+    ds = Dataset()
+    ds.file_meta = _file_meta(XRayRadiationDoseSRStorage, sop_uid)
+    _set_patient(ds, patient)
+    for keyword in (
+        "PatientAge", "PatientSize", "PatientWeight", "StudyInstanceUID", "StudyDate", "StudyTime",
+        "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName", "InstitutionName",
+    ):  # fmt: skip
+        setattr(ds, keyword, study[keyword].value)
+    ds.SOPClassUID = XRayRadiationDoseSRStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = _uid(root, "dose-series", key)
+    ds.Modality = "SR"
+    ds.SeriesNumber = 997
+    ds.SeriesDescription = "Dose Report"
+    ds.SeriesDate = ds.ContentDate = end.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = end.strftime("%H%M%S")
+    ds.InstanceNumber = 1
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.StationName = station
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "Synth CT"
+    ds.DeviceSerialNumber = f"{station}-0001"
+    ds.SoftwareVersions = IMPLEMENTATION_VERSION_NAME
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = []
+    device = rdsr.DeviceObserver(
+        uid=_uid(root, "device", patient.facility_id, station),
+        name=station,
+        manufacturer=MANUFACTURER,
+        model="Synth CT",
+        serial=ds.DeviceSerialNumber,
+    )
+    ds.update(
+        rdsr.ct_radiation_dose_content(events=events, study_uid=ds.StudyInstanceUID, device=device, end=end)
+    )
+    return ds
+
+
 def generate_study(
     *,
     rng_seed: int,
@@ -713,11 +893,14 @@ def generate_study(
     pixel: bool = True,
     body_part: str | None = None,
     study_date: date | None = None,
+    dose_report: bool = False,
 ) -> Iterator[Dataset]:
     """One study of `patient` at the patient's facility; each dataset carries its file meta.
 
     `body_part` (a BodyPartExamined value such as "CHEST") picks a matching protocol when the
     modality has one; `study_date` pins the date (default: drawn between 2016 and REFERENCE_DATE).
+    `dose_report` adds, after a CT study's images, the scanner's CT Radiation Dose SR (its own
+    series); without it the images still carry CTDIvol and their irradiation event UID.
     The same arguments always give the same datasets, UIDs included. UIDs depend on rng_seed,
     the patient (issuer and ID), modality, body_part and study_date; not on the image size, the
     series and instance counts or `pixel`, which describe the same study differently.
@@ -749,13 +932,19 @@ def generate_study(
     study_id = str(rng.randrange(1000, 100000))
     station = f"{patient.facility_id[:6].upper()}{modality}{rng.randrange(1, 4)}"
 
-    # Dose for the whole study, drawn once so every instance agrees.
-    scale = 1.0
-    if child:
-        scale = 0.25 + 0.04 * age  # paediatric protocols: roughly a quarter to two thirds
-    ctdi = round(proto.dose * scale * rng.uniform(0.8, 1.2), 2)
-    length = proto.length_cm * (0.55 + 0.025 * min(age, 18)) if child else proto.length_cm
-    dlp = round(ctdi * length * rng.uniform(0.95, 1.1), 1)
+    # Dose for the whole study, drawn once (from its own stream) so every instance agrees.
+    events: list[rdsr.CtIrradiationEvent] = []
+    imaged: rdsr.CtIrradiationEvent | None = None
+    if modality == "CT":
+        events, imaged = _ct_events(
+            random.Random(f"scanonce-synth|ct-dose|{key}"),
+            proto=proto,
+            age=_age_exact(born, when),
+            weight_kg=weight_then,
+            start=datetime(when.year, when.month, when.day, hour, minute, second),
+            root=root,
+            key=key,
+        )
     if modality == "NM" and child:
         # EANM-style weight-based activity with a floor.
         nm_mbq = max(proto.dose * weight_then / 70.0, 20.0 if proto.dose < 300 else 40.0)
@@ -824,8 +1013,7 @@ def generate_study(
                 spacing=spacing,
                 thickness=thickness,
                 frame_uid=frame_uid,
-                ctdi=ctdi,
-                dlp=dlp,
+                event=imaged,
                 nm_mbq=nm_mbq,
                 child=child,
                 when=when,
@@ -835,6 +1023,8 @@ def generate_study(
                 vr = "OW" if ds.BitsAllocated == 16 else "OB"
                 ds.add_new(0x7FE00010, vr, _pixels(modality, rows, cols, s * 31 + i))
             yield ds
+    if dose_report and events:
+        yield _dose_report(patient=patient, study=ds, events=events, key=key, station=station)
 
 
 def _set_modality(
@@ -849,8 +1039,7 @@ def _set_modality(
     spacing: float,
     thickness: float,
     frame_uid: str,
-    ctdi: float,
-    dlp: float,
+    event: rdsr.CtIrradiationEvent | None,
     nm_mbq: float,
     child: bool,
     when: date,
@@ -876,8 +1065,10 @@ def _set_modality(
         ds.AcquisitionNumber = 1
     if modality == "CT":
         ds.ImageType = list(ds.ImageType) + ["AXIAL" if orient == _AXIAL else "REFORMATTED"]
-        ds.KVP = "100" if child else "120"
-        ds.XRayTubeCurrent = 80 if child else 220
+        if event is None or event.ctdivol_mgy is None:
+            raise ValueError("a CT image needs the irradiation event it was acquired in")
+        ds.KVP = f"{event.kvp:g}"
+        ds.XRayTubeCurrent = round(event.tube_current_ma)
         ds.ExposureTime = 500
         ds.ConvolutionKernel = "BONE" if "Bone" in desc or "Lung" in desc else "STANDARD"
         ds.GantryDetectorTilt = "0"
@@ -886,8 +1077,8 @@ def _set_modality(
         ds.RescaleType = "HU"
         ds.WindowCenter = "40"
         ds.WindowWidth = "400"
-        ds.CTDIvol = ctdi
-        ds.CommentsOnRadiationDose = f"DLP={dlp:.1f} mGy.cm; CTDIvol={ctdi:.2f} mGy"
+        ds.CTDIvol = event.ctdivol_mgy
+        ds.IrradiationEventUID = event.event_uid
     elif modality == "MR":
         ds.ScanningSequence = "SE"
         ds.SequenceVariant = "SK"
@@ -911,7 +1102,9 @@ def _set_modality(
         ds.DistanceSourceToDetector = "1800" if proto.body_part == "CHEST" else "1000"
         entrance = proto.dose * (0.4 if child else 1.0) * (1.0 + 0.1 * (index % 3))
         ds.EntranceDoseInmGy = _ds(entrance, 3)
-        ds.ImageAndFluoroscopyAreaDoseProduct = _ds(entrance * 8.0, 3)
+        # Dose-area product: entrance dose (mGy) x field area (cm2), / 100 for dGy.cm2 (PS3.3).
+        field_cm2 = proto.length_cm * (0.45 if child else 1.0)
+        ds.ImageAndFluoroscopyAreaDoseProduct = _ds(entrance * field_cm2 / 100.0, 4)
         ds.ExposureIndex = str(400 + 25 * (index % 5) - 50)
         ds.TargetExposureIndex = "400"
         ds.DeviationIndex = _ds(10 * math.log10(float(ds.ExposureIndex) / 400.0), 2)
@@ -989,9 +1182,15 @@ def generate_demo(*, seed: int = 42, patients: int = 40) -> Iterator[tuple[str, 
         child = rec.is_child
         mix = _CHILD_MIX if child else _ADULT_MIX
         n_studies = rng.choice((1, 1, 2, 2, 3))
+        cohort = _CHILD_COHORT.get(int(rec.person[1:]) - 1)
         for k in range(n_studies):
+            when = None
             if k == 0 and rec.person in focus:
                 modality, body_part = focus[rec.person]
+            elif k == 0 and cohort is not None:
+                # A recent CT, so the child is scanned at the cohort age.
+                modality, body_part = "CT", cohort[1]
+                when = REFERENCE_DATE - timedelta(days=_COHORT_CT_DAYS_AGO)
             else:
                 modality = rng.choices([m for m, _ in mix], weights=[w for _, w in mix])[0]
                 body_part = ""
@@ -1010,6 +1209,8 @@ def generate_demo(*, seed: int = 42, patients: int = 40) -> Iterator[tuple[str, 
                 n_series=n_series,
                 n_instances_per_series=n_inst,
                 body_part=body_part,
+                study_date=when,
+                dose_report=True,
             ):
                 yield rec.facility_id, ds
 
@@ -1049,174 +1250,3 @@ def write_demo(*, folder: str | Path, seed: int = 42, patients: int = 40) -> dic
     for facility_id, ds in generate_demo(seed=seed, patients=patients):
         out.setdefault(facility_id, []).extend(write_files([ds], Path(folder) / facility_id))
     return out
-
-
-# --- benchmark fast path ---------------------------------------------------------------------------
-
-# Placeholders written into the template, then overwritten in place. Each has the exact byte
-# width of the value that replaces it, so no element length (or group length) ever changes.
-_PH_STUDY_UID = "1.9" + "1" * 61
-_PH_SERIES_UID = "1.9" + "2" * 61
-_PH_SOP_UID = "1.9" + "3" * 61
-_PH_FOR_UID = "1.9" + "4" * 61
-_PH_NAME = "Q" * 64
-_PH_PID = "W" * 16
-_PH_ACCESSION = "X" * 16
-_PH_STUDY_ID = "Z" * 8
-_PH_BIRTH = "18880808"
-_PH_DATE = "19000101"
-_PH_TIME = "010203"
-_PH_SEX = "O "  # CS padded to even length
-_PH_SERIES_NO = "9" * 6
-_PH_INSTANCE_NO = "8" * 6
-_PH_POSITION = "-777777.0 "  # the z of ImagePositionPatient and SliceLocation (DS, width 10)
-_BULK_ISSUER = "ST-MARYS"
-
-
-def _bulk_template(seed: int, rows: int, cols: int) -> tuple[bytes, int]:
-    ds = Dataset()
-    ds.file_meta = _file_meta(CTImageStorage, _PH_SOP_UID)
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.PatientName = _PH_NAME
-    ds.PatientID = _PH_PID
-    ds.IssuerOfPatientID = _BULK_ISSUER
-    ds.PatientBirthDate = _PH_BIRTH
-    ds.PatientSex = _PH_SEX
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = _PH_SOP_UID
-    ds.StudyInstanceUID = _PH_STUDY_UID
-    ds.SeriesInstanceUID = _PH_SERIES_UID
-    ds.FrameOfReferenceUID = _PH_FOR_UID
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = _PH_DATE
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = _PH_TIME
-    ds.AccessionNumber = _PH_ACCESSION
-    ds.StudyID = _PH_STUDY_ID
-    ds.StudyDescription = "CT CHEST W CONTRAST"
-    ds.SeriesDescription = "Axial 2.5mm Soft Tissue"
-    ds.ReferringPhysicianName = _REFERRERS[abs(seed) % len(_REFERRERS)]
-    ds.InstitutionName = "St Mary's Hospital"
-    ds.Manufacturer = MANUFACTURER
-    ds.Modality = "CT"
-    ds.BodyPartExamined = "CHEST"
-    ds.SeriesNumber = _PH_SERIES_NO
-    ds.InstanceNumber = _PH_INSTANCE_NO
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    spacing = 380.0 / max(rows, cols)
-    ds.PositionReferenceIndicator = ""
-    ds.ImagePositionPatient = ["-190.000", "-190.000", _PH_POSITION]
-    ds.ImageOrientationPatient = list(_AXIAL)
-    ds.PixelSpacing = [_ds(spacing, 4), _ds(spacing, 4)]
-    ds.SliceThickness = "2.50"
-    ds.SliceLocation = _PH_POSITION
-    ds.PatientPosition = "HFS"
-    ds.KVP = "120"
-    ds.RescaleIntercept = "-1024"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "400"
-    ds.CTDIvol = 10.0
-    ds.CommentsOnRadiationDose = "DLP=350.0 mGy.cm; CTDIvol=10.00 mGy"
-    _set_image_pixel(ds, "CT", rows, cols)
-    pixels = _pixels("CT", rows, cols, abs(seed) % 97)
-    ds.add_new(0x7FE00010, "OW", pixels)
-    data = write_part10(ds)
-    return data, len(data) - len(pixels)
-
-
-def _locate(header: bytes, placeholder: str, expected: int) -> list[int]:
-    needle = placeholder.encode("ascii")
-    found: list[int] = []
-    at = header.find(needle)
-    while at != -1:
-        found.append(at)
-        at = header.find(needle, at + len(needle))
-    if len(found) != expected:
-        raise RuntimeError(f"bulk template: placeholder found {len(found)} times, expected {expected}")
-    return found
-
-
-def _fixed(value: str, width: int, pad: bytes = b" ") -> bytes:
-    raw = value.encode("utf-8")
-    if len(raw) > width:
-        raise ValueError("value wider than its template slot")
-    return raw + pad * (width - len(raw))
-
-
-def bulk_instances(
-    *,
-    seed: int,
-    n_studies: int,
-    series_per_study: int,
-    instances_per_series: int,
-    rows: int = 16,
-    cols: int = 16,
-) -> Iterator[bytes]:
-    """Part 10 CT instances, fast: one template file with identifiers patched in place.
-
-    Each study has its own patient values (three studies per patient), UIDs, accession and
-    date; each instance its own SOP Instance UID, number and slice position. Pixel data is the
-    same for every instance. rows=cols=512 gives realistic 512 KiB CT slices.
-    """
-    template, header_len = _bulk_template(seed, rows, cols)
-    header = template[:header_len]
-    slots = {
-        "study": _locate(header, _PH_STUDY_UID, 1),
-        "series": _locate(header, _PH_SERIES_UID, 1),
-        "sop": _locate(header, _PH_SOP_UID, 2),
-        "for": _locate(header, _PH_FOR_UID, 1),
-        "name": _locate(header, _PH_NAME, 1),
-        "pid": _locate(header, _PH_PID, 1),
-        "accession": _locate(header, _PH_ACCESSION, 1),
-        "study_id": _locate(header, _PH_STUDY_ID, 1),
-        "birth": _locate(header, _PH_BIRTH, 1),
-        "date": _locate(header, _PH_DATE, 3),
-        "time": _locate(header, _PH_TIME, 3),
-        # Two bytes are not distinctive: anchor on the explicit VR and length before the value.
-        "sex": [at + 4 for at in _locate(header, "CS\x02\x00" + _PH_SEX, 1)],
-        "series_no": _locate(header, _PH_SERIES_NO, 1),
-        "instance_no": _locate(header, _PH_INSTANCE_NO, 1),
-        "position": _locate(header, _PH_POSITION, 2),
-    }
-    root = uid_root(seed)
-    base = bytearray(template)
-    for st in range(n_studies):
-        prng = random.Random(f"scanonce-synth|bulk-patient|{seed}|{st // 3}")
-        sex = prng.choice("FM")
-        family, given, middle = _person_name(prng, sex)
-        born = REFERENCE_DATE - timedelta(days=prng.randrange(365, 365 * 90))
-        pid = f"B{seed % 1000:03d}{st // 3:08d}"
-        srng = random.Random(f"scanonce-synth|bulk-study|{seed}|{st}")
-        when = _study_date(srng, born)
-        key = f"bulk|{seed}|{st}"
-        study_values = {
-            "study": _uid(root, "study", key).encode(),
-            "for": _uid(root, "for", key).encode(),
-            "name": _fixed(_pn(family, given, middle), len(_PH_NAME)),
-            "pid": _fixed(pid, len(_PH_PID)),
-            "accession": _fixed(f"BK{seed % 100:02d}{st:010d}", len(_PH_ACCESSION)),
-            "study_id": _fixed(str(st % 10**8), len(_PH_STUDY_ID)),
-            "birth": _da(born).encode(),
-            "date": _da(when).encode(),
-            "time": f"{srng.randrange(7, 20):02d}{srng.randrange(60):02d}{srng.randrange(60):02d}".encode(),
-            "sex": _fixed(sex, 2),
-        }
-        for slot, value in study_values.items():
-            for at in slots[slot]:
-                base[at : at + len(value)] = value
-        for se in range(series_per_study):
-            series_uid = _uid(root, "series", key, se).encode()
-            base[slots["series"][0] : slots["series"][0] + 64] = series_uid
-            series_no = _fixed(str(se + 1), 6)
-            at = slots["series_no"][0]
-            base[at : at + 6] = series_no
-            for i in range(instances_per_series):
-                sop = _uid(root, "sop", key, se, i).encode()
-                for at in slots["sop"]:
-                    base[at : at + 64] = sop
-                at = slots["instance_no"][0]
-                base[at : at + 6] = _fixed(str(i + 1), 6)
-                z = _fixed(f"{-2.5 * i:.1f}", len(_PH_POSITION))
-                for at in slots["position"]:
-                    base[at : at + len(z)] = z
-                yield bytes(base)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -22,35 +21,18 @@ REQUIRED = (
     "PatientSex", "PatientAddress", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
     "SOPClassUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
     "ReferringPhysicianName", "Modality", "SeriesDescription", "SeriesNumber", "InstanceNumber",
-    "BodyPartExamined", "Rows", "Columns", "BitsAllocated", "PhotometricInterpretation",
 )  # fmt: skip
+IMAGE_REQUIRED = ("BodyPartExamined", "Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
 
 
 def _read(data: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(data))
 
 
-@pytest.fixture(scope="module")
-def demo() -> list[tuple[str, Dataset, bytes]]:
-    started = time.perf_counter()
-    items = [(fac, ds, synth.write_part10(ds)) for fac, ds in synth.generate_demo()]
-    elapsed = time.perf_counter() - started
-    print(f"demo: {len(items)} instances generated and encoded in {elapsed:.2f} s")
-    assert elapsed < 10
-    return items
-
-
-@pytest.fixture(scope="module")
-def patients() -> list[synth.SynthPatient]:
-    return synth.generate_patients(seed=42, count=40)
-
-
 def test_same_seed_gives_byte_identical_output() -> None:
     first = [synth.write_part10(ds) for _, ds in synth.generate_demo(seed=7, patients=12)]
     second = [synth.write_part10(ds) for _, ds in synth.generate_demo(seed=7, patients=12)]
     assert first and first == second
-    bulk = list(synth.bulk_instances(seed=3, n_studies=2, series_per_study=2, instances_per_series=3))
-    assert bulk == list(synth.bulk_instances(seed=3, n_studies=2, series_per_study=2, instances_per_series=3))
 
 
 def test_different_seed_gives_different_patients_and_uids() -> None:
@@ -58,9 +40,6 @@ def test_different_seed_gives_different_patients_and_uids() -> None:
     b = list(synth.generate_demo(seed=8, patients=12))
     assert {ds.SOPInstanceUID for _, ds in a}.isdisjoint({ds.SOPInstanceUID for _, ds in b})
     assert {str(ds.PatientName) for _, ds in a} != {str(ds.PatientName) for _, ds in b}
-    bulk_a = next(synth.bulk_instances(seed=1, n_studies=1, series_per_study=1, instances_per_series=1))
-    bulk_b = next(synth.bulk_instances(seed=2, n_studies=1, series_per_study=1, instances_per_series=1))
-    assert _read(bulk_a).SOPInstanceUID != _read(bulk_b).SOPInstanceUID
 
 
 def test_demo_is_a_modest_mixed_archive(demo: list[tuple[str, Dataset, bytes]]) -> None:
@@ -81,7 +60,7 @@ def test_every_demo_instance_round_trips_with_valid_uids(demo: list[tuple[str, D
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
-        for keyword in REQUIRED:
+        for keyword in REQUIRED + (IMAGE_REQUIRED if ds.Modality != "SR" else ()):
             assert keyword in ds and str(ds[keyword].value) != "", keyword
         uids = [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID]
         uids += [ds.FrameOfReferenceUID] if "FrameOfReferenceUID" in ds else []
@@ -115,7 +94,8 @@ def test_orthanc_accepts_decodes_and_renders_them(tmp_path, demo: list[tuple[str
 
     picked: dict[tuple[str, str], Dataset] = {}
     for _, ds, _ in demo:
-        picked.setdefault((ds.Modality, ds.SpecificCharacterSet), ds)
+        if ds.Modality != "SR":  # a dose report has no picture to preview
+            picked.setdefault((ds.Modality, ds.SpecificCharacterSet), ds)
     assert {cs for _, cs in picked} == {"ISO_IR 100", "ISO_IR 192"}
     paths = synth.write_files(picked.values(), tmp_path / "files")
     with orthanc(tmp_path / "orthanc", dicomweb=False) as peer:
@@ -190,7 +170,8 @@ def test_demo_has_the_same_body_part_at_two_facilities(
     person_of = {(p.issuer, p.patient_id): p.person for p in patients}
     seen = defaultdict(set)
     for fac, ds, _ in demo:
-        seen[(person_of[(ds.IssuerOfPatientID, ds.PatientID)], ds.BodyPartExamined)].add(fac)
+        if ds.Modality != "SR":
+            seen[(person_of[(ds.IssuerOfPatientID, ds.PatientID)], ds.BodyPartExamined)].add(fac)
     assert sum(len(facs) >= 2 for facs in seen.values()) >= 5
 
 
@@ -222,24 +203,9 @@ def _adult_and_child(patients: Iterable[synth.SynthPatient]) -> tuple[synth.Synt
     return adult, child
 
 
-def test_dose_attributes_are_readable_and_paediatric_doses_are_lower(
-    patients: list[synth.SynthPatient],
-) -> None:
+def test_nm_activity_is_weight_based_and_mr_us_carry_no_dose(patients: list[synth.SynthPatient]) -> None:
     adult, child = _adult_and_child(patients)
     when = synth.REFERENCE_DATE
-    adult_ct = _study(adult, "CT", body_part="HEAD", study_date=when)
-    child_ct = _study(child, "CT", body_part="HEAD", study_date=when)
-    for ds in adult_ct + child_ct:
-        assert ds.CTDIvol > 0
-        dlp = synth.parse_dlp(ds.CommentsOnRadiationDose)
-        assert dlp is not None and 5 * ds.CTDIvol < dlp < 40 * ds.CTDIvol
-    assert child_ct[0].CTDIvol < adult_ct[0].CTDIvol
-    child_dlp = synth.parse_dlp(child_ct[0].CommentsOnRadiationDose)
-    adult_dlp = synth.parse_dlp(adult_ct[0].CommentsOnRadiationDose)
-    assert child_dlp is not None and adult_dlp is not None and child_dlp < adult_dlp
-    # One study, one DLP: every instance agrees.
-    assert len({ds.CommentsOnRadiationDose for ds in adult_ct}) == 1
-
     adult_nm = _study(adult, "NM", body_part="WHOLEBODY", study_date=when, n_series=1)[0]
     child_nm = _study(child, "NM", body_part="WHOLEBODY", study_date=when, n_series=1)[0]
     pharma = adult_nm.RadiopharmaceuticalInformationSequence[0]
@@ -247,15 +213,10 @@ def test_dose_attributes_are_readable_and_paediatric_doses_are_lower(
     assert float(child_nm.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose) < float(
         pharma.RadionuclideTotalDose
     )
-
-    for modality in ("CR", "DX"):
-        for ds in _study(adult, modality):
-            assert float(ds.EntranceDoseInmGy) > 0 and float(ds.ExposureIndex) > 0
-            assert float(ds.ImageAndFluoroscopyAreaDoseProduct) > 0
     for modality in ("MR", "US"):
         ds = _study(adult, modality)[0]
         assert "CTDIvol" not in ds and "EntranceDoseInmGy" not in ds
-    assert synth.parse_dlp("no dose here") is None
+        assert "ImageAndFluoroscopyAreaDoseProduct" not in ds
 
 
 @pytest.mark.parametrize(
@@ -334,41 +295,3 @@ def test_rejects_unknown_modality(patients: list[synth.SynthPatient]) -> None:
     with pytest.raises(ValueError, match="modality"):
         next(synth.generate_study(rng_seed=1, patient=patients[0], modality="XA", n_series=1,
                                   n_instances_per_series=1))  # fmt: skip
-
-
-def test_bulk_instances_are_valid_and_fast() -> None:
-    n_studies, n_series, n_inst = 40, 5, 25
-    started = time.perf_counter()
-    blobs = list(synth.bulk_instances(seed=11, n_studies=n_studies, series_per_study=n_series,
-                                      instances_per_series=n_inst))  # fmt: skip
-    rate = len(blobs) / (time.perf_counter() - started)
-    print(f"bulk_instances 16x16: {rate:,.0f} instances/s")
-    assert len(blobs) == n_studies * n_series * n_inst
-    assert rate > 1000  # generous: the benchmark needs >= 2,000/s, this machine does far more
-
-    parsed = [_read(b) for b in blobs[:: n_inst - 1]]  # first and last of each series, and more
-    for ds in parsed:
-        for u in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.FrameOfReferenceUID):
-            assert is_valid_uid(u)
-        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-        assert str(ds.PatientName) and ds.PatientID and ds.StudyDate[:2] in ("20",)
-        assert ds.pixel_array.shape == (16, 16)
-    assert len({ds.SOPInstanceUID for ds in parsed}) == len(parsed)
-    assert len({ds.StudyInstanceUID for ds in parsed}) == n_studies
-    assert len({ds.PatientID for ds in parsed}) == -(-n_studies // 3)  # three studies per patient
-    first, last = _read(blobs[0]), _read(blobs[n_inst - 1])
-    assert (first.InstanceNumber, last.InstanceNumber) == (1, n_inst)
-    assert float(first.SliceLocation) != float(last.SliceLocation)
-
-
-def test_bulk_instances_512_ct_variant() -> None:
-    started = time.perf_counter()
-    blobs = list(synth.bulk_instances(seed=2, n_studies=2, series_per_study=1, instances_per_series=100,
-                                      rows=512, cols=512))  # fmt: skip
-    rate = len(blobs) / (time.perf_counter() - started)
-    print(f"bulk_instances 512x512: {rate:,.0f} instances/s")
-    ds = _read(blobs[-1])
-    assert (ds.Rows, ds.Columns, ds.BitsAllocated) == (512, 512, 16)
-    assert len(ds.PixelData) == 512 * 512 * 2
-    hu = apply_modality_lut(ds.pixel_array, ds)
-    assert hu.std() > 100
