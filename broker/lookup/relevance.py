@@ -171,6 +171,9 @@ def _combine(
     text_regions = vocab.expand(reading.regions_for(modality))
     if not text_regions:
         text_regions = vocab.expand(reading.fallbacks_for(modality))
+    text_regions, collapsed = vocab.collapse_parts(text_regions, modality)
+    if collapsed:
+        notes.append(f"{', '.join(collapsed)} named with a part of it: the part is the target")
     text_regions, purpose_note = _own_purpose_filter(vocab, text_regions, reading, purposes)
     if purpose_note:
         notes.append(purpose_note)

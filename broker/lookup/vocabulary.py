@@ -216,6 +216,12 @@ class Vocabulary:
         for spec in rules.get("edge", []):
             if set(spec) - {"region", "shows", "note"}:
                 raise DataFileError(f"edge {spec.get('region')}: unknown keys {sorted(set(spec))}")
+        self.collapse: dict[str, frozenset[str] | None] = {
+            self._known(spec["region"], "collapse"): (
+                frozenset(spec["modalities"]) if "modalities" in spec else None
+            )
+            for spec in rules.get("collapse", [])
+        }
         self.edges = [
             Edge(
                 region=self._known(spec["region"], "edge"),
@@ -341,6 +347,17 @@ class Vocabulary:
         for name in names:
             out.extend(self.macros[name].regions if name in self.macros else (name,))
         return _dedupe(out)
+
+    def collapse_parts(self, regions: list[str], modality: str | None) -> tuple[list[str], list[str]]:
+        """Drop a collapsible region when the same text names a part of it: (kept, dropped)."""
+        dropped = []
+        for r in regions:
+            modalities = self.collapse.get(r, frozenset())
+            if r not in self.collapse or (modalities is not None and modality not in modalities):
+                continue
+            if any(o != r and r in self.ancestors(o) for o in regions):
+                dropped.append(r)
+        return [r for r in regions if r not in dropped], dropped
 
     def ancestors(self, region: str) -> list[str]:
         """The region itself first, then its parent, up to the top region."""
