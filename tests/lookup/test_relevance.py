@@ -51,6 +51,20 @@ def test_exam_text_is_read_as_radiology_writes_it(
     assert (exam.modality, exam.regions, exam.contrast) == (modality, regions, contrast)
 
 
+@pytest.mark.parametrize(
+    ("text", "regions"),
+    [
+        ("XR LOWER EXTREMITY KNEE RT", ("KNEE",)),
+        ("US ABD LTD RUQ", ("LIVER_BILIARY",)),
+        ("MR SPINE C T L", ("CSPINE", "TSPINE", "LSPINE")),
+        ("CT ABDOMEN PELVIS LIVER PROTOCOL", ("ABDOMEN", "PELVIS", "LIVER_BILIARY")),
+    ],
+)
+def test_a_named_part_is_the_target_of_its_collapsible_whole(text: str, regions: tuple[str, ...]) -> None:
+    """XR LOWER EXTREMITY KNEE is a knee film; a liver-protocol CT A/P still covers the abdomen."""
+    assert interpret_exam(text=text).regions == regions
+
+
 def test_a_known_code_decides_and_its_description_refines() -> None:
     by_code = interpret_exam(code="73700")
     assert by_code.regions == ("LOWER_EXTREMITY",) and by_code.decided_by == "code"
