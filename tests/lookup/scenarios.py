@@ -10,8 +10,16 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from broker.errors import BadRequest
 from broker.lookup.relevance import interpret_exam, judge
-from broker.lookup.schemas import ExamInterpretation, PriorFacts, ProcedureCode, SeriesFacts, Verdict
+from broker.lookup.schemas import (
+    ExamInterpretation,
+    PriorFacts,
+    ProcedureCode,
+    SeriesFacts,
+    Usability,
+    Verdict,
+)
 
 SCENARIOS = Path(__file__).with_name("scenarios.toml")
 
@@ -90,7 +98,22 @@ def planned_exam(case: Case) -> ExamInterpretation:
 
 
 def run(case: Case) -> Verdict:
-    return judge(planned_exam(case), case.prior, setting=case.setting, now=case.now)
+    """The engine's verdict; a planned exam it cannot read counts as finding nothing relevant."""
+    try:
+        planned = planned_exam(case)
+    except BadRequest as exc:
+        nothing = ExamInterpretation(
+            modality=None, regions=(), laterality=None, contrast=None, decided_by="none"
+        )
+        return Verdict(
+            relevant=False,
+            in_window=False,
+            rule="planned_unreadable",
+            reasons=(f"planned: {exc.message}", exc.message),
+            prior=nothing,
+            usability=Usability(None, None, (), None, None),
+        )
+    return judge(planned, case.prior, setting=case.setting, now=case.now)
 
 
 @dataclass
