@@ -8,7 +8,7 @@ import re
 import pytest
 
 from broker.lookup import vocabulary
-from tests.lookup.scenarios import load_cases, planned_exam, run, score
+from tests.lookup.scenarios import SCENARIOS, load_cases, planned_exam, run, score
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,12 @@ def test_every_abbreviation_of_the_issue_is_in_a_scenario(labeled, abbreviation:
     texts = [c.planned["text"] or "" for c in cases] + [c.prior.study_description or "" for c in cases]
     pattern = re.compile(rf"(?<![A-Z]){re.escape(abbreviation)}(?![A-Z])")
     assert any(pattern.search(t) for t in texts)
+
+
+def test_holdout_set_meets_the_target_too() -> None:
+    """The holdout set was labeled after the engine was frozen (docs/lookup.md gives its first
+    score); it must stay at the target, not necessarily at every label."""
+    doc, cases = load_cases(SCENARIOS.with_name("holdout.toml"))
+    s = score(cases)
+    assert len(doc["scenario"]) >= 30
+    assert s.precision >= 0.95 and s.recall >= 0.95, [(c.scenario, v.rule) for c, v in s.misses]
