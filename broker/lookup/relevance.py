@@ -286,6 +286,7 @@ def _read_many(vocab: Vocabulary, texts: Iterable[str | None]) -> TextReading:
         merged.contrast = merged.contrast or part.contrast
         merged.weak_contrast = merged.weak_contrast or part.weak_contrast
         merged.purposes |= part.purposes
+        merged.refines.update(part.refines)
         merged.plain_own_purpose.extend(part.plain_own_purpose)
         merged.terms.extend(part.terms)
     return merged
@@ -298,6 +299,7 @@ def _merge_context(target: TextReading, source: TextReading) -> None:
     target.lateralities |= source.lateralities
     target.contrast = source.contrast or target.contrast
     target.purposes |= source.purposes
+    target.refines.update(source.refines)
     target.terms[:0] = source.terms
 
 

@@ -59,6 +59,7 @@ class Term:
     fallback_regions: tuple[str, ...] = ()
     ct_regions: tuple[str, ...] | None = None
     ct_fallback_regions: tuple[str, ...] = ()
+    refines: tuple[tuple[str, str], ...] = ()
     modality: str | None = None
     weak_modality: str | None = None
     laterality: str | None = None
@@ -113,6 +114,7 @@ class TextReading:
     contrast: str | None = None
     weak_contrast: str | None = None
     purposes: set[str] = field(default_factory=set)
+    refines: dict[str, str] = field(default_factory=dict)
     plain_own_purpose: list[str] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
 
@@ -121,9 +123,11 @@ class TextReading:
         return bool(self.terms)
 
     def regions_for(self, modality: str | None) -> list[str]:
-        """Named regions given the exam's final modality (CT KUB vs plain KUB)."""
+        """Named regions given the exam's final modality (CT KUB vs plain KUB), refined by
+        qualifiers ("VENOUS DOPPLER LLE" is the veins of the left leg)."""
         ct = modality == "CT"
-        return _dedupe([*self.regions, *(self.ct_only_regions if ct else self.non_ct_regions)])
+        named = [*self.regions, *(self.ct_only_regions if ct else self.non_ct_regions)]
+        return _dedupe(self.refines.get(r, r) for r in named)
 
     def fallbacks_for(self, modality: str | None) -> list[str]:
         ct = modality == "CT"
@@ -319,6 +323,9 @@ class Vocabulary:
         ct_regions = spec.get("ct_regions")
         for r in ct_regions or []:
             self._known(r, where)
+        for a, b in spec.get("refines", {}).items():
+            self._known(a, where)
+            self._known(b, where)
         for key in ("modality", "weak_modality"):
             if key in spec and spec[key] not in self.modality_order_all:
                 raise DataFileError(f"{where}: unknown modality {spec[key]!r}")
@@ -328,6 +335,7 @@ class Vocabulary:
             fallback_regions=_tuple(spec.get("fallback_regions")),
             ct_regions=None if ct_regions is None else _tuple(ct_regions),
             ct_fallback_regions=_tuple(spec.get("ct_fallback_regions")),
+            refines=tuple((str(a), str(b)) for a, b in spec.get("refines", {}).items()),
             modality=spec.get("modality"),
             weak_modality=spec.get("weak_modality"),
             laterality=_check_choice(spec.get("laterality"), LATERALITIES, where),
@@ -437,6 +445,7 @@ class Vocabulary:
             reading.plain_own_purpose.extend(own)
         reading.fallback_regions.extend(term.fallback_regions)
         reading.ct_fallback_regions.extend(term.ct_fallback_regions)
+        reading.refines.update(term.refines)
         if term.modality and reading.modality is None:
             reading.modality = term.modality
         if term.weak_modality and reading.weak_modality is None:

@@ -287,3 +287,22 @@ def test_every_verdict_says_why_and_which_data_decided() -> None:
     assert v.overlaps[0].planned == "ABDOMEN" and v.overlaps[0].prior == "KIDNEY"
     assert "KIDNEY (prior) lies within ABDOMEN (planned)" in v.reasons
     assert v.versions == vocabulary.load().versions
+
+
+@pytest.mark.parametrize(
+    "desc",
+    [None, "", "   ", "ÄÖÜ ß ✓ 漢字", "X" * 5000, "W/O W/ C+ C- / / //", "L R B", "0.625MM 5MM", "\x00\n\t"],
+)
+def test_any_prior_text_is_read_without_raising(desc: str | None) -> None:
+    """Priors come from other facilities' archives: whatever they hold, the list still renders."""
+    odd = PriorFacts(
+        study_date=NOW,
+        modalities=("ZZ", "SR"),
+        study_description=desc,
+        procedure_codes=(ProcedureCode("??", "99"), ProcedureCode("1234-5", "LN", desc)),
+        body_part_examined=desc,
+        laterality=desc,
+        series=(SeriesFacts(description=desc, slice_thickness_mm=-1.0, number_of_instances=0),),
+    )
+    v = judge(interpret_exam(text="CT CHEST"), odd, setting="ed", now=NOW)
+    assert v.reasons and isinstance(v.relevant, bool)
