@@ -106,6 +106,9 @@ def interpret_prior(prior: PriorFacts) -> ExamInterpretation:
     vocab = load()
     notes: list[str] = []
     entry = _known_code(vocab, prior.procedure_codes)
+    if entry is None and prior.procedure_codes:
+        shown = ", ".join(c.value[:16] for c in prior.procedure_codes[:3])
+        notes.append(f"procedure code {shown} not in codes.toml: read from the description")
     reading = vocab.read(_clip(prior.study_description))
     label = "StudyDescription"
     if not reading.regions_for(None) and not reading.regions_for("CT") and not reading.fallbacks_for("CT"):
@@ -181,7 +184,9 @@ def _combine(
     bp_regions = vocab.body_part(body_part)
     if entry is not None:
         code_regions = vocab.expand(entry.regions)
-        if text_regions and all(any(vocab.relation(t, c) for c in code_regions) for t in text_regions):
+        refines = all(any(vocab.relation(t, c) for c in code_regions) for t in text_regions)
+        if text_regions and (refines or not code_regions):
+            # the description names parts of the code's regions, or the code names none (guidance)
             regions, decided = text_regions, "code+text"
         else:
             regions, decided = code_regions, "code"

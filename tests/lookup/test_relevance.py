@@ -99,6 +99,17 @@ def test_bad_planned_exam_is_a_bad_request_with_a_reason(kwargs: dict[str, str],
         interpret_exam(**kwargs)
 
 
+def test_a_prior_code_unknown_to_the_data_is_said_and_the_description_used() -> None:
+    exam = interpret_prior(prior("CT HEAD WO", procedure_codes=(ProcedureCode("LOCAL123", "99LOCAL"),)))
+    assert exam.regions == ("HEAD",)
+    assert any("LOCAL123" in n and "description" in n for n in exam.notes)
+
+
+def test_a_guidance_code_keeps_the_region_of_its_description() -> None:
+    exam = interpret_exam(code="RPID2194", text="US GUIDED LIVER BIOPSY")
+    assert exam.regions == ("LIVER_BILIARY",) and exam.is_guidance and exam.notes == ()
+
+
 def test_modality_and_body_part_alone_name_an_exam() -> None:
     exam = interpret_exam(modality="MR", body_part="LSPINE")
     assert (exam.modality, exam.regions, exam.decided_by) == ("MR", ("LSPINE",), "body_part")
