@@ -177,7 +177,7 @@ def _combine(
     text_regions, collapsed = vocab.collapse_parts(text_regions, modality)
     if collapsed:
         notes.append(f"{', '.join(collapsed)} named with a part of it: the part is the target")
-    text_regions, purpose_note = _own_purpose_filter(vocab, text_regions, reading, purposes)
+    text_regions, purpose_note = _own_purpose_filter(vocab, text_regions, purposes)
     if purpose_note:
         notes.append(purpose_note)
 
@@ -196,7 +196,7 @@ def _combine(
                     f"{entry.code} ({entry.label}) names {', '.join(code_regions)}: the code was used"
                 )
     elif text_regions:
-        regions, decided = text_regions, "text" if text_label == "description" else _label(text_label)
+        regions, decided = text_regions, _label(text_label)
     elif bp_regions:
         regions, decided = bp_regions, "body_part"
         notes.append(f"no region in the text: BodyPartExamined {body_part} was used")
@@ -220,9 +220,7 @@ def _combine(
         laterality = None
         notes.append("left and right both stated: laterality treated as unknown")
     else:
-        laterality = "B" if "B" in sides else None
-        if laterality is None:
-            notes.append("laterality unclear: treated as unknown")
+        laterality = "B"  # bilateral beside one side: a bilateral study with a sided series
     if not any(vocab.is_paired(r) for r in regions):
         laterality = None
 
@@ -243,7 +241,7 @@ def _combine(
 
 
 def _own_purpose_filter(
-    vocab: Vocabulary, regions: list[str], reading: TextReading, purposes: set[str]
+    vocab: Vocabulary, regions: list[str], purposes: set[str]
 ) -> tuple[list[str], str | None]:
     """The heart is targeted only by cardiac exams, the breast only by breast imaging."""
     defining = {p for p in purposes if p in {vocab.regions[r].own_purpose for r in vocab.regions}}
@@ -292,7 +290,6 @@ def _read_many(vocab: Vocabulary, texts: Iterable[str | None]) -> TextReading:
         merged.weak_contrast = merged.weak_contrast or part.weak_contrast
         merged.purposes |= part.purposes
         merged.refines.update(part.refines)
-        merged.plain_own_purpose.extend(part.plain_own_purpose)
         merged.terms.extend(part.terms)
     return merged
 
@@ -351,7 +348,7 @@ def _clip(text: str | None) -> str | None:
     return text[:MAX_TEXT] if text else text
 
 
-def _described_thickness(vocab: Vocabulary, description: str | None) -> float | None:
+def _described_thickness(description: str | None) -> float | None:
     """Slice thickness written in a SeriesDescription ("AXIAL 0.625MM", "BONE 1 MM")."""
     match = _MM.search((description or "").upper())
     return float(match.group(1)) if match else None
@@ -367,7 +364,7 @@ class _Covered:
     implied_from: str | None
 
 
-def coverage(prior: ExamInterpretation) -> list[_Covered]:
+def _coverage(prior: ExamInterpretation) -> list[_Covered]:
     """Regions a prior covers: those it names, plus what a cross-sectional trunk exam also shows
     (its spine, a pelvis's hips). Only priors get implied coverage: coverage is directional."""
     vocab = load()
@@ -451,7 +448,7 @@ def _decide(
     if not prior.regions:
         return RULE_UNKNOWN, False, [], ["the prior names no body region the vocabulary knows"]
 
-    covered = coverage(prior)
+    covered = _coverage(prior)
     overlaps: list[Overlap] = []
     lateral_misses: list[str] = []
     for p in planned.regions:
@@ -583,7 +580,7 @@ def _usability(
     if exam.modality in ("CT", "PT", "MR"):
         cross = [s for s in prior.series if s.modality in (None, "CT", "MR")]
         thicknesses = [s.slice_thickness_mm for s in cross if s.slice_thickness_mm is not None]
-        described = [_described_thickness(vocab, s.description) for s in cross]
+        described = [_described_thickness(s.description) for s in cross]
         described_thin = any(d is not None and d <= vocab.thin_slice_max_mm for d in described) or any(
             any(w in vocab.tokens(s.description or "") for w in vocab.thin_words) for s in cross
         )

@@ -115,7 +115,6 @@ class TextReading:
     weak_contrast: str | None = None
     purposes: set[str] = field(default_factory=set)
     refines: dict[str, str] = field(default_factory=dict)
-    plain_own_purpose: list[str] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
 
     @property
@@ -435,14 +434,11 @@ class Vocabulary:
             parts += self.expand(term.regions or term.fallback_regions)
             described = f"{term.text} = {' + '.join(parts)}" if parts else term.text
         reading.terms.append(described)
-        own = [r for r in self.expand(term.regions) if self.own_purpose(r)]
         if term.ct_regions is None:
             reading.regions.extend(term.regions)
         else:
             reading.ct_only_regions.extend(term.ct_regions)
             reading.non_ct_regions.extend(term.regions)
-        if own and not term.purpose:
-            reading.plain_own_purpose.extend(own)
         reading.fallback_regions.extend(term.fallback_regions)
         reading.ct_fallback_regions.extend(term.ct_fallback_regions)
         reading.refines.update(term.refines)
