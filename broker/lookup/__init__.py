@@ -1,10 +1,14 @@
-"""The prior lookup behind every clinician-facing interface (relevance, dose, ranking, avoided
-repeats).
+"""The prior lookup behind every clinician-facing interface: relevance, dose, ranking, avoided
+repeats.
 
-Built so far: the relevance engine (`relevance`, `vocabulary`, `schemas`, data files under `data/`),
-pure logic that decides for every prior whether it is relevant to a planned exam, whether it lies in
-the setting's look-back window, and why (docs/lookup.md).
+Built so far, pure logic with versioned data files (docs/lookup.md, docs/dose.md):
+- the relevance engine (`relevance`, `vocabulary`, `schemas`, `data/`): whether each prior is
+  relevant to a planned exam, whether it lies in the setting's look-back window, and why;
+- per-study dose (`dose`, `dose_data/`): effective dose, SSDE, typical doses, cumulative dose, from
+  the per-instance records `broker.dicom.dose` reads.
 
-May import: broker.errors, broker.settings, broker.dicom, the standard library and well-kept
-libraries; nothing else of the broker (the index and the routes call into it, not the reverse).
+May import: the pure modules above only broker.errors, broker.settings, broker.dicom, the standard
+library and well-kept libraries (tests/lookup/test_layering.py holds them to it), so they can be
+used anywhere; the lookup service that gathers a person's studies will sit above them and may
+import everything up to identity (docs/architecture.md).
 """
