@@ -25,7 +25,7 @@ from broker.demo import service as demo_service
 from broker.deps import AppState
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
-from broker.identity.cli import identity_app
+from broker.identity import cli as identity_cli
 from broker.index import service
 from broker.jobs import cli as jobs_cli
 from broker.logfilters import redact_access_log
@@ -219,7 +219,7 @@ def _register_domains() -> None:
     facilities_cli.add_show_detail(federation_cli.studies_not_fetched)
     federation_cli.register(app)
     jobs_cli.register(app)
-    app.add_typer(identity_app, name="identity")
+    identity_cli.register(app)
 
 
 _register_domains()

@@ -1,6 +1,6 @@
 """`scanonce identity ...`: the review queue, manual link/unlink, explain, training, the MLLP feed.
 
-A typer sub-app; broker/cli.py mounts it with `app.add_typer(identity_app, name="identity")`.
+A typer sub-app; `register(app)` adds it to the main `scanonce` command.
 Every manual decision needs --why; --who (default: $USER) names who decides and is recorded
 with the link. Commands act as an admin of the default facility. Refused operations print on
 stderr and exit 1, usage errors exit 2 (broker.clikit).
@@ -258,3 +258,8 @@ def rebuild_keys(
         except ScanOnceError as exc:
             fail(exc)
     console.print(f"job {result.job_id}: {service.describe_rebuild(result)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `identity` to the main command."""
+    app.add_typer(identity_app, name="identity")

@@ -40,8 +40,9 @@ def prune(
 
 
 def worker(data_dir: DataDir = None) -> None:
-    """Run queued background jobs (index syncs, key rebuilds, ...) until interrupted. Start as many
-    workers as you like, on any node: each job is claimed by exactly one."""
+    """Run queued background jobs (index syncs, key rebuilds, ...) until interrupted.
+
+    Start as many workers as you like, on any node: each job is claimed by exactly one."""
     app_state = state(data_dir)
     stop = threading.Event()
     kinds = ", ".join(jobs.registered_kinds()) or "none"
