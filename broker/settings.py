@@ -34,7 +34,25 @@ class Settings(BaseSettings):
         default=2575,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
     )
-    ae_title: str = "SCANONCE"
+    ae_title: str = Field(
+        default="SCANONCE",
+        description="This node's AE title; associations calling another AE title are rejected.",
+    )
+    dimse_request_timeout: float = Field(
+        default=20,
+        gt=0,
+        description=(
+            "Seconds a DIMSE peer has from connecting to send its whole A-ASSOCIATE-RQ, and to finish "
+            "any PDU once it has begun; a stalled or trickling peer is disconnected."
+        ),
+    )
+    dimse_max_connections_per_address: int = Field(
+        default=16,
+        description="DIMSE connections one IP address may hold open at once; more are closed (0: no cap).",
+    )
+    dimse_max_associations: int = Field(
+        default=32, description="Associations the DIMSE SCP serves at once; more are rejected (transient)."
+    )
     dimse_open_mode: bool = Field(
         default=True,
         description="Accept associations from unknown calling AE titles (embedded default only).",

@@ -46,7 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.deps import AppState
@@ -127,11 +127,35 @@ class _ScanOnceAE(SpoolingAE):
     association's own thread (an `Association` is a Thread) after recording the calling AE
     title. Answering it for that one caller from the facility registry rejects an unknown calling
     AE with A-ASSOCIATE-RJ (rejected-permanent, service-user, "calling AE title not recognized")
-    before anything else happens."""
+    before anything else happens.
+
+    Lock-out guards (see `reactor` for the PDU deadline): `maximum_associations` counts only
+    associations whose A-ASSOCIATE-RQ has arrived, so connections still sending theirs (each
+    bounded by the request timeout and the per-address cap) never take a slot from a real peer;
+    `make_server` caps the connections one IP address may hold open."""
 
     def __init__(self, handle: ScpHandle, ae_title: str) -> None:
         super().__init__(ae_title=ae_title)
         self._scanonce = weakref.ref(handle)
+        # Read by the reactor: seconds to complete the A-ASSOCIATE-RQ, and any PDU once begun.
+        self.scanonce_request_timeout: float | None = None
+        self.max_connections_per_address = 0  # 0: no cap
+
+    @property  # type: ignore[misc]
+    def maximum_associations(self) -> int:
+        # pynetdicom refuses an association when its live acceptor threads, itself included,
+        # outnumber this; the ones still waiting for their request are not associations yet.
+        waiting = sum(1 for a in self.active_associations if a.is_acceptor and a.requestor.primitive is None)
+        return int(self._maximum_associations) + waiting
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
+
+    def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_class"] = _GuardedServer
+        kwargs["request_handler"] = _CountedRequestHandler
+        return super().make_server(address, *args, **kwargs)
 
     @property  # type: ignore[misc]
     def require_calling_aet(self) -> list[str]:
@@ -143,6 +167,65 @@ class _ScanOnceAE(SpoolingAE):
         known = calling_ae and handle.facility_of(calling_ae) is not None
         # A non-empty list that matches nothing refuses the caller.
         return [calling_ae] if known else ["\x00"]
+
+
+class _GuardedServer(ThreadedAssociationServer):  # type: ignore[misc]
+    """Closes a connection at once, before any thread is started for it, when its IP address
+    already holds the AE's `max_connections_per_address`: one host cannot fill the thread table
+    (300 stalled sockets once made 613 threads) nor every association slot."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: dict[str, int] = {}
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        ip = str(client_address[0])
+        cap = int(getattr(self.ae, "max_connections_per_address", 0) or 0)
+        with self._open_lock:
+            count = self._open.get(ip, 0)
+            if cap and count >= cap:
+                refuse = True
+            else:
+                refuse = False
+                self._open[ip] = count + 1
+        if refuse:
+            log.warning("DIMSE: closing a connection from %s, which already holds %d", ip, cap)
+            return False
+        return True
+
+    def release(self, ip: str) -> None:
+        with self._open_lock:
+            left = self._open.get(ip, 0) - 1
+            if left > 0:
+                self._open[ip] = left
+            else:
+                self._open.pop(ip, None)
+
+
+class _CountedRequestHandler(RequestHandler):  # type: ignore[misc]
+    """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it), with the
+    connection counted against its address until the association thread ends."""
+
+    def handle(self) -> None:
+        server = cast(_GuardedServer, self.server)
+        ip = str(self.client_address[0])
+        try:
+            assoc = self._create_association()
+            run = assoc.run
+
+            def run_then_release() -> None:
+                try:
+                    run()
+                finally:
+                    server.release(ip)
+
+            assoc.run = run_then_release  # type: ignore[method-assign]
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        except BaseException:
+            server.release(ip)
+            raise
+        assoc.start()
 
 
 class _SharedUIDContext(PresentationContext):  # type: ignore[misc]
@@ -221,14 +304,18 @@ def start_scp(
     handle.batcher = IngestBatcher()
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.spool_dir = str(_spool_dir(settings.data_dir))
-    ae.maximum_associations = 32
+    ae.maximum_associations = settings.dimse_max_associations
+    ae.require_called_aet = True  # A-ASSOCIATE-RJ "called AE title not recognized" otherwise
+    ae.scanonce_request_timeout = settings.dimse_request_timeout
+    ae.max_connections_per_address = settings.dimse_max_connections_per_address
     # What peers may send us per PDU. Large enough to keep the per-PDU cost down, small enough
     # that a PDU never holds much of a large instance in memory (0, "unlimited", lets a sender
     # put a whole multi-gigabyte data set in one PDU).
     ae.maximum_pdu_size = 256 * 1024
     # An idle or vanished peer must not hold an association thread forever.
     ae.network_timeout = 120
-    ae.acse_timeout = 30
+    # Also the ARTIM timer: a connection that sends nothing is closed after this long.
+    ae.acse_timeout = settings.dimse_request_timeout
     ae.dimse_timeout = 120
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
