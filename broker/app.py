@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,6 +75,27 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
             stop_scp(handle)
 
 
+def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifetime: the parse worker pool always (started before the first request,
+    shut down cleanly at the end), the network services under `scanonce serve`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from broker.index.ingest import start_parsing, stop_parsing
+
+        await asyncio.to_thread(start_parsing)
+        try:
+            if services:
+                async with _services(app):
+                    yield
+            else:
+                yield
+        finally:
+            await asyncio.to_thread(stop_parsing)
+
+    return lifespan
+
+
 def create_app(
     settings: Settings | None = None, state: AppState | None = None, *, services: bool = False
 ) -> FastAPI:
@@ -84,7 +106,7 @@ def create_app(
         title="ScanOnce",
         version="0.1.0",
         description="Inter-facility image-sharing broker: find the prior before you scan again.",
-        lifespan=_services if services else None,
+        lifespan=_lifespan(services=services),
     )
     app.state.scanonce = state or build_state(settings)
 

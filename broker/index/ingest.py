@@ -270,6 +270,30 @@ def _parse_pool() -> ProcessPoolExecutor | None:
         return _PARSE_POOL
 
 
+def start_parsing() -> None:
+    """Start the parse worker processes now, with the server: spawning them takes seconds,
+    which the first STOW-RS or C-STORE would otherwise wait for."""
+    pool = _parse_pool()
+    if pool is not None:
+        # The executor spawns its workers on the first task; wait until they run.
+        list(pool.map(_worker_pid, range(_PARSE_PROCESSES)))
+
+
+def stop_parsing() -> None:
+    """Shut the worker processes down and wait for them, so that their queues' semaphores are
+    released (else Python's resource tracker reports them as leaked at exit). A later ingest
+    starts a new pool."""
+    global _PARSE_POOL
+    with _PARSE_LOCK:
+        pool, _PARSE_POOL = _PARSE_POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_pid(_n: int) -> int:
+    return os.getpid()
+
+
 def _exit_with_parent(parent: int) -> None:
     """In each parse worker: exit once the server that started it is gone. A worker holds both
     ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
