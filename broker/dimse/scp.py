@@ -119,6 +119,12 @@ _QR_CONTEXTS = (
     StudyRootQueryRetrieveInformationModelGet,
 )
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Of the syntaxes a peer proposes, the acceptor takes the first of these it finds. Explicit VR
+# Little Endian first: what most instances are stored in, so a C-GET sends them from their
+# file as stored instead of loading them to convert (and it keeps each element's VR).
+_STORAGE_SYNTAXES = [ExplicitVRLittleEndian] + [
+    ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian
+]
 _MAX_REQUESTED_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
 
@@ -321,7 +327,7 @@ def start_scp(
     for cx in AllStoragePresentationContexts:
         # scp_role: accept a C-GET requestor's proposal to be the Storage SCP (PS3.7 D.3.3.4).
         ae.add_supported_context(
-            cast(str, cx.abstract_syntax), AllTransferSyntaxes, scu_role=True, scp_role=True
+            cast(str, cx.abstract_syntax), _STORAGE_SYNTAXES, scu_role=True, scp_role=True
         )
     for uid in _QR_CONTEXTS:
         ae.add_supported_context(uid, _UNCOMPRESSED)
@@ -348,12 +354,14 @@ def start_scp(
     return handle
 
 
-def _spool_dir(data_dir: Path) -> Path:
+def _spool_dir(data_dir: Path, *, sweep: bool = True) -> Path:
     """Where C-STORE data sets are received, on the data dir's disk. What a previous run left
     there (a crash mid-transfer) was never acknowledged: it is removed once it is an hour old
     (younger files may belong to another node sharing the data dir)."""
     spool = data_dir / "spool"
     spool.mkdir(parents=True, exist_ok=True)
+    if not sweep:
+        return spool.resolve()
     stale = time.time() - 3600
     for leftover in spool.glob("*.dcm"):
         with contextlib.suppress(OSError):
@@ -762,21 +770,113 @@ def _json_value(match: dict[str, Any], tag: str) -> str:
 
 
 def _send_items(
-    event: evt.Event, handle: ScpHandle, items: list[_Item], *, accepted: list[PresentationContext] | None
+    event: evt.Event, handle: ScpHandle, items: list[_Item]
 ) -> Iterator[tuple[int | Dataset, Any]]:
+    spool = str(_spool_dir(handle.state.settings.data_dir, sweep=False))
     for item in items:
         if event.is_cancelled:
             yield ds.CANCEL, None
             return
-        try:
-            dataset = ds.read_stored(handle.state.store, item.key)
-        except Exception:
-            # pynetdicom counts a non-Dataset as a failed sub-operation.
-            yield ds.PENDING, f"unavailable {item.sop_uid}"
-            continue
-        if accepted is not None:
-            _fit_to_contexts(dataset, accepted)
-        yield ds.PENDING, dataset
+        yield ds.PENDING, _StoredInstance(handle.state.store, item, spool)
+
+
+class _StoredInstance(Dataset):  # type: ignore[misc]
+    """A stored object to send as a C-MOVE/C-GET sub-operation, without loading it.
+
+    pynetdicom's retrieve services send what the handler yields with `send_c_store`, which
+    decodes and re-encodes a Dataset whole (an instance's size several times over in memory).
+    This one only names the instance (pynetdicom wants a non-empty Dataset);
+    `_send_c_store_streamed` sends the object's file as stored, PDU by PDU, when the peer
+    accepted its SOP class in the stored transfer syntax, else loads it and converts it (a
+    compressed instance is decompressed when the peer takes only uncompressed ones)."""
+
+    def __init__(self, store: Any, item: _Item, spool_dir: str) -> None:
+        super().__init__()
+        self.SOPClassUID = item.sop_class
+        self.SOPInstanceUID = item.sop_uid
+        object.__setattr__(self, "_scanonce_source", (store, item, spool_dir))
+
+    def send(self, assoc: Association, *args: Any, **kwargs: Any) -> Dataset:
+        from pydicom import dcmread
+        from pynetdicom.dsutils import split_dataset
+
+        store, item, spool_dir = object.__getattribute__(self, "_scanonce_source")
+        with ds.stored_file(store, item.key, spool_dir=spool_dir) as path:
+            meta, _offset = split_dataset(Path(path))
+            try:
+                assoc._get_valid_context(
+                    item.sop_class, meta.TransferSyntaxUID, "scu", allow_conversion=False
+                )
+            except ValueError:
+                dataset = dcmread(path)
+                _fit_to_contexts(dataset, assoc.accepted_contexts)
+                return cast(Dataset, _send_c_store(assoc, dataset, *args, **kwargs))
+            with _sending_from_file(assoc):
+                return cast(Dataset, _send_c_store(assoc, path, *args, **kwargs))
+
+
+class _SendChunked:
+    """pynetdicom's STORE_SEND_CHUNKED_DATASET switch (send a Part 10 file's data set from disk
+    as it is, without decoding it) is process-wide; it is read in the thread that calls
+    send_c_store, so this value turns it on only inside `chunked_send()` (or if someone had set
+    it): for C-MOVE/C-GET sub-operations here and the SCU's C-STOREs (broker.dimse.scu)."""
+
+    def __init__(self, previous: object) -> None:
+        self.previous = bool(previous) and not isinstance(previous, _SendChunked)
+        self.local = threading.local()
+
+    def __bool__(self) -> bool:
+        return self.previous or bool(getattr(self.local, "on", False))
+
+
+_SEND_CHUNKED = _SendChunked(_config.STORE_SEND_CHUNKED_DATASET)
+_config.STORE_SEND_CHUNKED_DATASET = _SEND_CHUNKED  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def chunked_send() -> Iterator[None]:
+    """In this thread, `send_c_store(path)` sends the file's data set as stored."""
+    _SEND_CHUNKED.local.on = True
+    try:
+        yield
+    finally:
+        _SEND_CHUNKED.local.on = False
+
+
+# PDUs of one sub-operation waiting for the DUL thread: a slow peer makes the sender wait
+# instead of the whole instance piling up in the queue.
+_MAX_QUEUED_PDUS = 16
+
+
+@contextlib.contextmanager
+def _sending_from_file(assoc: Association) -> Iterator[None]:
+    dul = assoc.dul
+    send_pdu = dul.send_pdu
+
+    def bounded(primitive: Any) -> None:
+        queue = dul.to_provider_queue
+        while queue.qsize() >= _MAX_QUEUED_PDUS and dul.is_alive() and not dul._kill_thread:
+            time.sleep(0.0005)
+        send_pdu(primitive)
+
+    dul.send_pdu = bounded  # type: ignore[method-assign]
+    try:
+        with chunked_send():
+            yield
+    finally:
+        del dul.send_pdu
+
+
+_send_c_store = Association.send_c_store
+
+
+def _send_c_store_streamed(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    if isinstance(dataset, _StoredInstance):
+        return dataset.send(self, *args, **kwargs)
+    return cast(Dataset, _send_c_store(self, dataset, *args, **kwargs))
+
+
+Association.send_c_store = _send_c_store_streamed  # type: ignore[method-assign]
 
 
 def _fit_to_contexts(dataset: Dataset, accepted: list[PresentationContext]) -> None:
@@ -843,7 +943,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         return
     yield (*destination, {"contexts": _move_contexts(items)} if items else {})
     yield len(items)
-    yield from _send_items(event, handle, items, accepted=None)
+    yield from _send_items(event, handle, items)
 
 
 def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
@@ -864,7 +964,7 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         yield _failure(exc), None
         return
     yield len(items)
-    yield from _send_items(event, handle, items, accepted=event.assoc.accepted_contexts)
+    yield from _send_items(event, handle, items)
 
 
 def _failure(exc: Exception) -> Dataset:
