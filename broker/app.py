@@ -43,7 +43,8 @@ def build_state(settings: Settings) -> AppState:
 
 @asynccontextmanager
 async def _services(app: FastAPI) -> AsyncIterator[None]:
-    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners."""
+    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners and
+    the background threads."""
     state: AppState = app.state.scanonce
     handle = None
     if state.settings.dimse_port:
@@ -59,8 +60,25 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
 
     from broker.federation.background import start_background
 
-    stop = threading.Event()  # the job worker and the periodic index sync
+    stop = threading.Event()  # the job worker, the periodic index sync, the reaper
     start_background(engine=state.engine, store=state.store, settings=state.settings, stop=stop)
+    from broker.index.reaper import reap_periodically
+
+    # Crash residue of an earlier run (spool files, objects without a row): at start-up, then
+    # periodically, in the background (listing a large bucket takes a while).
+    threading.Thread(
+        target=reap_periodically,
+        kwargs={
+            "engine": state.engine,
+            "store": state.store,
+            "data_dir": state.settings.data_dir,
+            "grace_seconds": state.settings.reap_grace_seconds,
+            "interval_seconds": state.settings.reap_interval_seconds,
+            "stop": stop,
+        },
+        name="scanonce-reaper",
+        daemon=True,
+    ).start()
     try:
         yield
     finally:

@@ -78,6 +78,17 @@ class Settings(BaseSettings):
         ),
     )
     max_part_bytes: int = 4 * 1024**3
+    reap_grace_seconds: float = Field(
+        default=3600,
+        description=(
+            "Age after which crash residue is removed: spool files, and stored objects no index row "
+            "names (younger ones may belong to an ingest still under way)."
+        ),
+    )
+    reap_interval_seconds: float = Field(
+        default=6 * 3600,
+        description="How often `scanonce serve` looks for crash residue after start-up (0: only then).",
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

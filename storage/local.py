@@ -95,9 +95,10 @@ class LocalStore:
 
     def head(self, key: str) -> ObjectInfo:
         try:
-            return ObjectInfo(key=key, size=self._path(key).stat().st_size)
+            st = self._path(key).stat()
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
+        return ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -110,4 +111,8 @@ class LocalStore:
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    yield ObjectInfo(key=key, size=full.stat().st_size)
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue  # removed since the directory was read
+                    yield ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,6 +158,17 @@ def test_delete_removes_the_object(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFound):
         store.get("d/x")
     assert [i.key for i in store.list("d/")] == ["d/y"]
+
+
+def test_head_and_list_say_when_an_object_was_written(store: ObjectStore) -> None:
+    """The reaper removes only objects older than a grace period: it needs their age."""
+    before = time.time()
+    store.put("w/x", io.BytesIO(b"1"))
+    after = time.time()
+    (listed,) = store.list("w/")
+    for info in (store.head("w/x"), listed):
+        assert info.modified is not None
+        assert before - 2 <= info.modified <= after + 2  # S3 keeps whole seconds
 
 
 def test_list_by_prefix(store: ObjectStore) -> None:
