@@ -407,3 +407,37 @@ def test_s3_put_memory_does_not_grow_with_the_object(moto_server: str, s3_bucket
     assert stored == size
     # Read-ahead and parts in flight are bounded (~16 MiB threshold + 4 x 8 MiB parts).
     assert grew_mib < 100, f"a {size // MiB} MiB put grew the process by {grew_mib} MiB"
+
+
+@pytest.mark.parametrize("how", ["put", "put_file", "put_file_move"])
+def test_local_store_syncs_the_names_too(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a power loss an acknowledged object must still be found under its key: besides its
+    bytes, the new directories and the rename into place are synced (every fsync still runs)."""
+    store = LocalStore(tmp_path / "objects")
+    source = tmp_path / "in.dcm"
+    source.write_bytes(b"object")
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    key = instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5", SHA)
+    if how == "put":
+        store.put(key, io.BytesIO(b"object"))
+    else:
+        store.put_file(key, str(source), move=how == "put_file_move")
+    path = store.root / key
+
+    def ident(p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return st.st_dev, st.st_ino
+
+    assert ident(path) in synced
+    # Every directory from the store's root down to the object's own gained an entry.
+    below_root = path.parent.relative_to(store.root).parents[:-1]
+    for directory in [store.root, *(store.root / d for d in below_root), path.parent]:
+        assert ident(directory) in synced, directory
