@@ -176,13 +176,17 @@ def render(result: dict[str, list[float]], *, rounds: int, instances: int, per_r
         f"per round and protocol; STOW-RS {per_request} instances per request, C-STORE one storescu "
         f"association; filesystem {fs}; {os.cpu_count()} cores.",
         "",
-        "| protocol | NORMAL inst/s | FULL inst/s | FULL / NORMAL |",
+        "| protocol | NORMAL inst/s (min-max) | FULL inst/s (min-max) | FULL / NORMAL |",
         "| --- | ---: | ---: | ---: |",
     ]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
     for protocol in ("STOW-RS", "C-STORE"):
-        normal = statistics.median(result[f"{protocol} NORMAL"])
-        full = statistics.median(result[f"{protocol} FULL"])
-        lines.append(f"| {protocol} | {normal:.0f} | {full:.0f} | {full / normal:.2f} |")
+        normal, full = result[f"{protocol} NORMAL"], result[f"{protocol} FULL"]
+        ratio = statistics.median(full) / statistics.median(normal)
+        lines.append(f"| {protocol} | {cell(normal)} | {cell(full)} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
