@@ -179,9 +179,24 @@ def _recv_by(sock: AssociationSocket, nr_bytes: int, deadline: float) -> bytearr
     return data
 
 
+# Association and release PDUs are small: a request with 128 presentation contexts of a dozen
+# transfer syntaxes each and a user identity item is well under this.
+_LARGEST_CONTROL_PDU = 1 << 20
+
+
+def _largest_pdu(assoc: Association, pdu_type: int) -> int | None:
+    """The longest PDU a peer may send us: P-DATA-TF no longer than the maximum length we
+    announced (PS3.8 D.1), the others `_LARGEST_CONTROL_PDU`; None: no limit."""
+    if pdu_type != 0x04:
+        return _LARGEST_CONTROL_PDU
+    ours = int(getattr(assoc.ae, "maximum_pdu_size", 0) or 0)
+    return ours or None
+
+
 def _dul_read_pdu_data(self: DULServiceProvider) -> None:
-    """pynetdicom 3.0's DULServiceProvider._read_pdu_data with a deadline on the whole PDU when
-    the AE sets `scanonce_request_timeout`; a peer that misses it is disconnected (Evt17)."""
+    """pynetdicom 3.0's DULServiceProvider._read_pdu_data with a deadline on the whole PDU and
+    a bound on its announced length when the AE sets `scanonce_request_timeout`; a peer that
+    misses the one or exceeds the other is disconnected (Evt17)."""
     limit: float | None = getattr(self.assoc.ae, "scanonce_request_timeout", None)
     sock = self.socket
     if limit is None or not isinstance(sock, AssociationSocket):
@@ -199,6 +214,18 @@ def _dul_read_pdu_data(self: DULServiceProvider) -> None:
         if pdu_type not in _PDU_TYPES:
             log.error("Unknown PDU type received '0x%02X'", pdu_type)
             self.event_queue.put("Evt19")
+            return
+        largest = _largest_pdu(self.assoc, pdu_type)
+        if largest is not None and pdu_length > largest:
+            # pynetdicom would gather whatever length the header claims (up to 4 GiB) in memory.
+            log.warning(
+                "DIMSE peer %s announced a %d-byte PDU of type 0x%02X (at most %d): disconnected",
+                getattr(self.assoc.requestor, "address", "?"),
+                pdu_length,
+                pdu_type,
+                largest,
+            )
+            sock.close()
             return
         bytestream += _recv_by(sock, pdu_length, deadline)
     except _Deadline:

@@ -134,3 +134,18 @@ def test_association_to_another_called_ae_title_is_rejected(node: Node) -> None:
     assert "Rejected Permanent" in out and "Called AE Title Not Recognized" in out, out
     done = dcmtk("echoscu", "-aet", "PACS1", "-aec", node.aet, "127.0.0.1", str(node.port))
     assert done.returncode == 0
+
+
+def test_an_oversized_pdu_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A header announcing a huge A-ASSOCIATE-RQ does not make the SCP gather it in memory."""
+    nodes = _start(tmp_path, dimse_request_timeout=30)
+    node = next(nodes)
+    try:
+        sock = _connect(node, "127.0.4.1")
+        with contextlib.closing(sock):
+            sock.sendall(b"\x01\x00" + (512 << 20).to_bytes(4, "big"))  # 512 MiB
+            with pytest.raises(OSError):  # closed at once: the peer's writes fail
+                for _ in range(256):
+                    sock.sendall(b"\0" * 65536)  # 16 MiB, far beyond any real request
+    finally:
+        nodes.close()
