@@ -9,11 +9,12 @@ them the implementation through `AppState`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +39,7 @@ from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
 from broker.index import service as index_service
 from broker.index.ingest import configure_parsing
+from broker.index.reaper import reap_periodically
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.settings import Settings, get_settings
@@ -72,7 +74,8 @@ def register_jobs() -> None:
 
 @asynccontextmanager
 async def _services(app: FastAPI) -> AsyncIterator[None]:
-    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners."""
+    """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners and
+    the background threads."""
     state: AppState = app.state.scanonce
     handle = start_scp(state=state) if state.settings.dimse_port else None
     mllp = None
@@ -83,9 +86,24 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
             host=state.settings.host,
             port=state.settings.mllp_port,
         )
-    stop = threading.Event()  # the job worker and the periodic index sync
+    stop = threading.Event()  # the job worker, the periodic index sync, the reaper
     start_worker_thread(engine=state.engine, store=state.store, settings=state.settings, stop=stop)
     start_scheduler(engine=state.engine, settings=state.settings, stop=stop)
+    # Crash residue of an earlier run (spool files, objects without a row): at start-up, then
+    # periodically, in the background (listing a large bucket takes a while).
+    threading.Thread(
+        target=reap_periodically,
+        kwargs={
+            "engine": state.engine,
+            "store": state.store,
+            "data_dir": state.settings.data_dir,
+            "grace_seconds": state.settings.reap_grace_seconds,
+            "interval_seconds": state.settings.reap_interval_seconds,
+            "stop": stop,
+        },
+        name="scanonce-reaper",
+        daemon=True,
+    ).start()
     try:
         yield
     finally:
@@ -94,6 +112,27 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
             stop_mllp(mllp)
         if handle is not None:
             stop_scp(handle)
+
+
+def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifetime: the parse worker pool always (started before the first request,
+    shut down cleanly at the end), the network services under `scanonce serve`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from broker.index.ingest import start_parsing, stop_parsing
+
+        await asyncio.to_thread(start_parsing)
+        try:
+            if services:
+                async with _services(app):
+                    yield
+            else:
+                yield
+        finally:
+            await asyncio.to_thread(stop_parsing)
+
+    return lifespan
 
 
 def create_app(
@@ -106,7 +145,7 @@ def create_app(
         title="ScanOnce",
         version="0.1.0",
         description="Inter-facility image-sharing broker: find the prior before you scan again.",
-        lifespan=_services if services else None,
+        lifespan=_lifespan(services=services),
     )
     app.state.scanonce = state or build_state(settings)
 

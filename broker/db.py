@@ -1,16 +1,21 @@
 """Engine, sessions and migrations.
 
-SQLite (the embedded default) runs in WAL mode so readers never wait for the writer; PostgreSQL
-is used as is. The schema is owned by Alembic: each domain adds its tables in its own migration
-branch, and `migrate()` upgrades to all heads.
+SQLite (the embedded default) runs in WAL mode so readers never wait for the writer, with
+`synchronous=FULL`: every commit is on disk before it returns, so what the broker acknowledged
+survives a power loss (WAL with NORMAL may roll the last commits back; docs/storage.md has the
+measured cost). PostgreSQL is used as is (its default `synchronous_commit=on` is durable).
+
+The schema is owned by Alembic: each domain adds its tables in its own migration branch, and
+`migrate()` upgrades to all heads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
@@ -21,7 +26,8 @@ from sqlmodel import Session, create_engine
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL") -> Engine:
+    """`sqlite_synchronous="NORMAL"` only for measuring what durability costs (bench/durability.py)."""
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -35,14 +41,14 @@ def make_engine(url: str) -> Engine:
         kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=sqlite_synchronous))
     return engine
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
     cur.execute("PRAGMA foreign_keys=ON")
     # DICOM matching is case-sensitive except for PN (matched on casefolded columns); this also
     # lets SQLite use indexes for prefix LIKE patterns.

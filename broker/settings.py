@@ -35,7 +35,25 @@ class Settings(BaseSettings):
         default=2575,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
     )
-    ae_title: str = "SCANONCE"
+    ae_title: str = Field(
+        default="SCANONCE",
+        description="This node's AE title; associations calling another AE title are rejected.",
+    )
+    dimse_request_timeout: float = Field(
+        default=20,
+        gt=0,
+        description=(
+            "Seconds a DIMSE peer has from connecting to send its whole A-ASSOCIATE-RQ, and to finish "
+            "any PDU once it has begun; a stalled or trickling peer is disconnected."
+        ),
+    )
+    dimse_max_connections_per_address: int = Field(
+        default=16,
+        description="DIMSE connections one IP address may hold open at once; more are closed (0: no cap).",
+    )
+    dimse_max_associations: int = Field(
+        default=32, description="Associations the DIMSE SCP serves at once; more are rejected (transient)."
+    )
     dimse_open_mode: bool = Field(
         default=True,
         description="Accept associations from unknown calling AE titles (embedded default only).",
@@ -61,6 +79,17 @@ class Settings(BaseSettings):
         ),
     )
     max_part_bytes: int = 4 * 1024**3
+    reap_grace_seconds: float = Field(
+        default=3600,
+        description=(
+            "Age after which crash residue is removed: spool files, and stored objects no index row "
+            "names (younger ones may belong to an ingest still under way)."
+        ),
+    )
+    reap_interval_seconds: float = Field(
+        default=6 * 3600,
+        description="How often `scanonce serve` looks for crash residue after start-up (0: only then).",
+    )
     stow_max_request_bytes: int = Field(
         default=4 * 1024**3,
         description="Largest STOW-RS request body in bytes; a larger one is refused whole (413).",

@@ -24,6 +24,8 @@ class ObjectNotFound(KeyError):
 class ObjectInfo:
     key: str
     size: int
+    # When the object was last written (POSIX seconds), where head() and list() know it.
+    modified: float | None = None
 
 
 @runtime_checkable

@@ -14,6 +14,14 @@ from typing import BinaryIO
 from storage.base import ObjectInfo, ObjectNotFound
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -27,9 +35,24 @@ class LocalStore:
             raise ValueError("object key escapes the store root")
         return path
 
+    @staticmethod
+    def _make_dirs(directory: Path) -> None:
+        """mkdir -p, then fsync each directory that gained an entry: a file's fsync makes its
+        bytes durable, not the names that lead to it (a new instance gets new directories)."""
+        if directory.is_dir():
+            return
+        missing: list[Path] = []
+        walk = directory
+        while not walk.exists():
+            missing.append(walk)
+            walk = walk.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        for parent in dict.fromkeys(m.parent for m in reversed(missing)):
+            _fsync_dir(parent)
+
     def put(self, key: str, data: BinaryIO, *, size: int | None = None) -> ObjectInfo:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -37,6 +60,7 @@ class LocalStore:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the rename itself
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -45,7 +69,7 @@ class LocalStore:
     def put_file(self, key: str, path: str, *, move: bool = False) -> ObjectInfo:
         if move:
             target = self._path(key)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(target.parent)
             try:
                 # Durable before visible, as with put(): fsync the bytes, then rename into place.
                 fd = os.open(path, os.O_RDONLY)
@@ -58,6 +82,7 @@ class LocalStore:
                 tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
                 os.link(path, tmp)
                 os.replace(tmp, target)
+                _fsync_dir(target.parent)
                 return ObjectInfo(key=key, size=target.stat().st_size)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
@@ -95,9 +120,10 @@ class LocalStore:
 
     def head(self, key: str) -> ObjectInfo:
         try:
-            return ObjectInfo(key=key, size=self._path(key).stat().st_size)
+            st = self._path(key).stat()
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
+        return ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -110,4 +136,8 @@ class LocalStore:
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    yield ObjectInfo(key=key, size=full.stat().st_size)
+                    try:
+                        st = full.stat()
+                    except FileNotFoundError:
+                        continue  # removed since the directory was read
+                    yield ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)

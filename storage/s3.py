@@ -67,6 +67,11 @@ class _CountingReader:
         return chunk
 
 
+def _timestamp(response: dict[str, Any]) -> float | None:
+    when = response.get("LastModified")
+    return when.timestamp() if when is not None else None
+
+
 def _error_code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -213,7 +218,7 @@ class S3Store:
 
     def head(self, key: str) -> ObjectInfo:
         response = self._call(key, "head_object", Bucket=self.bucket, Key=self._key(key))
-        return ObjectInfo(key=key, size=int(response["ContentLength"]))
+        return ObjectInfo(key=key, size=int(response["ContentLength"]), modified=_timestamp(response))
 
     def delete(self, key: str) -> None:
         # S3 deletes are idempotent: deleting a missing key succeeds, as in LocalStore.
@@ -227,6 +232,8 @@ class S3Store:
                 Bucket=self.bucket, Prefix=full_prefix, PaginationConfig={"PageSize": self.list_page_size}
             ):
                 for obj in page.get("Contents", ()):
-                    yield ObjectInfo(key=self._strip(obj["Key"]), size=int(obj["Size"]))
+                    yield ObjectInfo(
+                        key=self._strip(obj["Key"]), size=int(obj["Size"]), modified=_timestamp(obj)
+                    )
         except _NETWORK_ERRORS as exc:
             raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc

@@ -6,8 +6,10 @@ Importing this module applies the process-wide pynetdicom settings below once.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from pynetdicom import AE, _config, dimse_messages
@@ -56,3 +58,31 @@ class _SpoolFor:
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.STORE_RECV_CHUNKED_DATASET = _SpoolFor(_config.STORE_RECV_CHUNKED_DATASET)  # type: ignore[assignment]
+
+
+class _SendChunked:
+    """pynetdicom's STORE_SEND_CHUNKED_DATASET switch (send a Part 10 file's data set from disk
+    as it is, without decoding it) is process-wide; it is read in the thread that calls
+    send_c_store, so this value turns it on only inside `chunked_send()` (or if someone had set
+    it): for C-MOVE/C-GET sub-operations here and the SCU's C-STOREs (broker.peers.dimse)."""
+
+    def __init__(self, previous: object) -> None:
+        self.previous = bool(previous) and not isinstance(previous, _SendChunked)
+        self.local = threading.local()
+
+    def __bool__(self) -> bool:
+        return self.previous or bool(getattr(self.local, "on", False))
+
+
+_SEND_CHUNKED = _SendChunked(_config.STORE_SEND_CHUNKED_DATASET)
+_config.STORE_SEND_CHUNKED_DATASET = _SEND_CHUNKED  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def chunked_send() -> Iterator[None]:
+    """In this thread, `send_c_store(path)` sends the file's data set as stored."""
+    _SEND_CHUNKED.local.on = True
+    try:
+        yield
+    finally:
+        _SEND_CHUNKED.local.on = False

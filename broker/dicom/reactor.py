@@ -18,6 +18,14 @@ instances/s.
   the reactor checkpoint is cleared (a local SCU request wants the reactor paused) or the
   association is killed.
 
+`install()` also bounds how long reading one PDU may take, for the associations of an AE that
+sets `scanonce_request_timeout` (the SCP): pynetdicom reads a PDU with blocking `recv()` calls
+once its first byte is there, so a peer that sends part of a PDU header and stalls held the DUL
+thread (and its association slot) for as long as it kept the connection open; no ARTIM or
+network timer is looked at meanwhile. Here every PDU must be complete within the timeout of its
+first byte, and before association within the timeout of the connection (PS3.8 9.1.5's ARTIM
+role), or the connection is closed.
+
 Both waits have a short timeout (`_TICK`) so that everything pynetdicom checks by polling
 (ARTIM and idle timers, a dead DUL thread, a TLS socket's buffered bytes) is still seen
 promptly. The loop bodies are otherwise pynetdicom 3.0's, line for line: state machine,
@@ -33,7 +41,9 @@ import logging
 import os
 import queue
 import select
+import struct
 import threading
+import time
 from typing import Any
 
 import pynetdicom
@@ -42,6 +52,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
+from pynetdicom.utils import set_timer_resolution
 
 log = logging.getLogger("scanonce.dimse")
 
@@ -115,10 +127,13 @@ def _wake_event(assoc: Association) -> threading.Event:
 
 _dul_init = DULServiceProvider.__init__
 _dul_kill = DULServiceProvider.kill_dul
+_dul_read_pdu = DULServiceProvider._read_pdu_data
+_PDU_TYPES = frozenset(range(0x01, 0x08))
 
 
 def _dul_init_poking(self: DULServiceProvider, assoc: Association) -> None:
     _dul_init(self, assoc)
+    self._scanonce_opened = time.monotonic()  # type: ignore[attr-defined]
     pipe = _Pipe()
     self._scanonce_pipe = pipe  # type: ignore[attr-defined]
     self.event_queue = _PokingQueue(pipe.poke)
@@ -131,6 +146,116 @@ def _dul_kill_poking(self: DULServiceProvider) -> None:
     pipe = getattr(self, "_scanonce_pipe", None)
     if pipe is not None:
         pipe.poke()
+
+
+class _Deadline(Exception):
+    """The peer did not finish its PDU in time."""
+
+
+def _recv_by(sock: AssociationSocket, nr_bytes: int, deadline: float) -> bytearray:
+    """AssociationSocket.recv (up to `nr_bytes`, fewer if the peer closes) that gives up at
+    `deadline` (time.monotonic()) however the bytes trickle in."""
+    raw = sock.socket
+    if raw is None:
+        return bytearray()
+    previous = raw.gettimeout()
+    data = bytearray()
+    try:
+        while len(data) < nr_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Deadline
+            raw.settimeout(remaining)
+            try:
+                chunk = raw.recv(min(nr_bytes - len(data), 1 << 16))
+            except TimeoutError:
+                raise _Deadline from None
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        with contextlib.suppress(OSError):
+            raw.settimeout(previous)  # sends (from this thread) block as pynetdicom expects
+    return data
+
+
+# Association and release PDUs are small: a request with 128 presentation contexts of a dozen
+# transfer syntaxes each and a user identity item is well under this.
+_LARGEST_CONTROL_PDU = 1 << 20
+
+
+def _largest_pdu(assoc: Association, pdu_type: int) -> int | None:
+    """The longest PDU a peer may send us: P-DATA-TF no longer than the maximum length we
+    announced (PS3.8 D.1), the others `_LARGEST_CONTROL_PDU`; None: no limit."""
+    if pdu_type != 0x04:
+        return _LARGEST_CONTROL_PDU
+    ours = int(getattr(assoc.ae, "maximum_pdu_size", 0) or 0)
+    return ours or None
+
+
+def _dul_read_pdu_data(self: DULServiceProvider) -> None:
+    """pynetdicom 3.0's DULServiceProvider._read_pdu_data with a deadline on the whole PDU and
+    a bound on its announced length when the AE sets `scanonce_request_timeout`; a peer that
+    misses the one or exceeds the other is disconnected (Evt17)."""
+    limit: float | None = getattr(self.assoc.ae, "scanonce_request_timeout", None)
+    sock = self.socket
+    if limit is None or not isinstance(sock, AssociationSocket):
+        _dul_read_pdu(self)
+        return
+    deadline = time.monotonic() + limit
+    if self.state_machine.current_state == "Sta2":  # still awaiting the A-ASSOCIATE-RQ
+        deadline = min(deadline, self._scanonce_opened + limit)  # type: ignore[attr-defined]
+    try:
+        bytestream = _recv_by(sock, 6, deadline)
+        if len(bytestream) < 6:
+            self.event_queue.put("Evt17")  # closed by the peer
+            return
+        pdu_type, _, pdu_length = struct.unpack(">BBL", bytestream)
+        if pdu_type not in _PDU_TYPES:
+            log.error("Unknown PDU type received '0x%02X'", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        largest = _largest_pdu(self.assoc, pdu_type)
+        if largest is not None and pdu_length > largest:
+            # pynetdicom would gather whatever length the header claims (up to 4 GiB) in memory.
+            log.warning(
+                "DIMSE peer %s announced a %d-byte PDU of type 0x%02X (at most %d): disconnected",
+                getattr(self.assoc.requestor, "address", "?"),
+                pdu_length,
+                pdu_type,
+                largest,
+            )
+            sock.close()
+            return
+        bytestream += _recv_by(sock, pdu_length, deadline)
+    except _Deadline:
+        log.warning(
+            "DIMSE peer %s did not complete a PDU within %.0f s: disconnected",
+            getattr(self.assoc.requestor, "address", "?"),
+            limit,
+        )
+        sock.close()  # queues Evt17
+        return
+    except OSError:
+        log.error("Connection closed before the entire PDU was received")
+        self.event_queue.put("Evt17")
+        return
+    if len(bytestream) != 6 + pdu_length:
+        log.error(
+            "The received PDU is shorter than expected (%d of %d bytes received)",
+            len(bytestream),
+            6 + pdu_length,
+        )
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(bytestream)
+        self.event_queue.put(event)
+    except Exception as exc:
+        log.error("Unable to decode the received PDU data: %s", type(exc).__name__)
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
 
 
 def _dul_wait(self: DULServiceProvider, pipe: _Pipe) -> None:
@@ -197,7 +322,21 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 sleep = True
                 continue
 
+            before = self.state_machine.current_state
+            if event == "Evt15" and before == "Sta2":
+                # An abort asked for before the peer sent its request (AE shutdown): PS3.8 has
+                # no A-ABORT to send in Sta2, pynetdicom raises; just close the connection.
+                with contextlib.suppress(queue.Empty):
+                    self.to_provider_queue.get(block=False)
+                if self.socket is not None:
+                    self.socket.close()
+                continue
             self.state_machine.do_action(event)
+            if before == "Sta2" and self.state_machine.current_state == "Sta1":
+                # The connection ended before an A-ASSOCIATE-RQ (closed, timed out, invalid):
+                # tell the acceptor thread, which would otherwise wait out the ACSE timeout.
+                self._scanonce_dropped = True  # type: ignore[attr-defined]
+                _wake_event(self.assoc).set()
             sleep = False
     finally:
         pipe.close()
@@ -305,6 +444,57 @@ def _assoc_run_reactor(self: Association) -> None:
             return
 
 
+_assoc_run_outer = Association.run_reactor
+
+
+def _await_request(assoc: Association) -> Any:
+    """The acceptor's wait for the A-ASSOCIATE-RQ primitive (pynetdicom: one blocking wait of
+    the ACSE timeout), ended early when the DUL dropped the connection first, so a connection
+    that closes or stalls never keeps its thread beyond its own lifetime."""
+    limit = assoc.acse_timeout
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+        primitive = assoc.dul.receive_pdu(wait=True, timeout=wait)
+        if primitive is not None:
+            return primitive
+        if getattr(assoc.dul, "_scanonce_dropped", False) or not assoc.dul.is_alive():
+            return None
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+
+
+def _assoc_run(self: Association) -> None:
+    """pynetdicom 3.0's Association.run_reactor, the acceptor's part, waiting for the request
+    with `_await_request`."""
+    if not self.is_acceptor:
+        _assoc_run_outer(self)
+        return
+    if not self._started_dul:
+        self.dul.start()
+        self._started_dul = True
+        self._dul_ready.wait()
+
+    primitive = _await_request(self)
+    if primitive is None:
+        self.kill()
+        sock = self.dul.socket
+        if self._server and sock is not None and sock.socket:
+            self._server.shutdown_request(sock.socket)
+        return
+
+    self.requestor.primitive = primitive
+    evt.trigger(self, evt.EVT_REQUESTED, {})
+    if not self.is_aborted and not self.is_rejected:
+        self.acse.negotiate_association()
+    if self.is_established:
+        with set_timer_resolution(self._timer_resolution):
+            self._run_reactor()
+    sock = self.dul.socket
+    if self._server and sock is not None and sock.socket:
+        self._server.shutdown_request(sock.socket)
+
+
 def install() -> None:
     """Switch every pynetdicom association of this process to the event-driven reactors."""
     global _installed
@@ -319,8 +509,10 @@ def install() -> None:
         DULServiceProvider.__init__ = _dul_init_poking  # type: ignore[method-assign]
         DULServiceProvider.kill_dul = _dul_kill_poking  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
+        DULServiceProvider._read_pdu_data = _dul_read_pdu_data  # type: ignore[method-assign]
         DIMSEServiceProvider.__init__ = _dimse_init_poking  # type: ignore[method-assign]
         Association.__init__ = _assoc_init_poking  # type: ignore[method-assign]
         Association.kill = _assoc_kill_poking  # type: ignore[method-assign]
         Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+        Association.run_reactor = _assoc_run  # type: ignore[method-assign]
         _installed = True

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
@@ -46,12 +46,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.deps import AppState
 from broker.dicom import reactor
-from broker.dicom.network import SpoolingAE
+from broker.dicom.network import SpoolingAE, chunked_send
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
@@ -77,6 +77,12 @@ _QR_CONTEXTS = (
     StudyRootQueryRetrieveInformationModelGet,
 )
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Of the syntaxes a peer proposes, the acceptor takes the first of these it finds. Explicit VR
+# Little Endian first: what most instances are stored in, so a C-GET sends them from their
+# file as stored instead of loading them to convert (and it keeps each element's VR).
+_STORAGE_SYNTAXES = [ExplicitVRLittleEndian] + [
+    ts for ts in AllTransferSyntaxes if ts != ExplicitVRLittleEndian
+]
 _MAX_REQUESTED_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
 
@@ -85,11 +91,35 @@ class _ScanOnceAE(SpoolingAE):
     association's own thread (an `Association` is a Thread) after recording the calling AE
     title. Answering it for that one caller from the facility registry rejects an unknown calling
     AE with A-ASSOCIATE-RJ (rejected-permanent, service-user, "calling AE title not recognized")
-    before anything else happens."""
+    before anything else happens.
+
+    Lock-out guards (see `reactor` for the PDU deadline): `maximum_associations` counts only
+    associations whose A-ASSOCIATE-RQ has arrived, so connections still sending theirs (each
+    bounded by the request timeout and the per-address cap) never take a slot from a real peer;
+    `make_server` caps the connections one IP address may hold open."""
 
     def __init__(self, handle: ScpHandle, ae_title: str) -> None:
         super().__init__(ae_title=ae_title)
         self._scanonce = weakref.ref(handle)
+        # Read by the reactor: seconds to complete the A-ASSOCIATE-RQ, and any PDU once begun.
+        self.scanonce_request_timeout: float | None = None
+        self.max_connections_per_address = 0  # 0: no cap
+
+    @property  # type: ignore[misc]
+    def maximum_associations(self) -> int:
+        # pynetdicom refuses an association when its live acceptor threads, itself included,
+        # outnumber this; the ones still waiting for their request are not associations yet.
+        waiting = sum(1 for a in self.active_associations if a.is_acceptor and a.requestor.primitive is None)
+        return int(self._maximum_associations) + waiting
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
+
+    def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_class"] = _GuardedServer
+        kwargs["request_handler"] = _CountedRequestHandler
+        return super().make_server(address, *args, **kwargs)
 
     @property  # type: ignore[misc]
     def require_calling_aet(self) -> list[str]:
@@ -101,6 +131,65 @@ class _ScanOnceAE(SpoolingAE):
         known = calling_ae and handle.facility_of(calling_ae) is not None
         # A non-empty list that matches nothing refuses the caller.
         return [calling_ae] if known else ["\x00"]
+
+
+class _GuardedServer(ThreadedAssociationServer):  # type: ignore[misc]
+    """Closes a connection at once, before any thread is started for it, when its IP address
+    already holds the AE's `max_connections_per_address`: one host cannot fill the thread table
+    (300 stalled sockets once made 613 threads) nor every association slot."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: dict[str, int] = {}
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        ip = str(client_address[0])
+        cap = int(getattr(self.ae, "max_connections_per_address", 0) or 0)
+        with self._open_lock:
+            count = self._open.get(ip, 0)
+            if cap and count >= cap:
+                refuse = True
+            else:
+                refuse = False
+                self._open[ip] = count + 1
+        if refuse:
+            log.warning("DIMSE: closing a connection from %s, which already holds %d", ip, cap)
+            return False
+        return True
+
+    def release(self, ip: str) -> None:
+        with self._open_lock:
+            left = self._open.get(ip, 0) - 1
+            if left > 0:
+                self._open[ip] = left
+            else:
+                self._open.pop(ip, None)
+
+
+class _CountedRequestHandler(RequestHandler):  # type: ignore[misc]
+    """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it), with the
+    connection counted against its address until the association thread ends."""
+
+    def handle(self) -> None:
+        server = cast(_GuardedServer, self.server)
+        ip = str(self.client_address[0])
+        try:
+            assoc = self._create_association()
+            run = assoc.run
+
+            def run_then_release() -> None:
+                try:
+                    run()
+                finally:
+                    server.release(ip)
+
+            assoc.run = run_then_release  # type: ignore[method-assign]
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        except BaseException:
+            server.release(ip)
+            raise
+        assoc.start()
 
 
 class _SharedUIDContext(PresentationContext):  # type: ignore[misc]
@@ -179,20 +268,24 @@ def start_scp(
     handle.batcher = IngestBatcher()
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.spool_dir = str(_spool_dir(settings.data_dir))
-    ae.maximum_associations = 32
+    ae.maximum_associations = settings.dimse_max_associations
+    ae.require_called_aet = True  # A-ASSOCIATE-RJ "called AE title not recognized" otherwise
+    ae.scanonce_request_timeout = settings.dimse_request_timeout
+    ae.max_connections_per_address = settings.dimse_max_connections_per_address
     # What peers may send us per PDU. Large enough to keep the per-PDU cost down, small enough
     # that a PDU never holds much of a large instance in memory (0, "unlimited", lets a sender
     # put a whole multi-gigabyte data set in one PDU).
     ae.maximum_pdu_size = 256 * 1024
     # An idle or vanished peer must not hold an association thread forever.
     ae.network_timeout = 120
-    ae.acse_timeout = 30
+    # Also the ARTIM timer: a connection that sends nothing is closed after this long.
+    ae.acse_timeout = settings.dimse_request_timeout
     ae.dimse_timeout = 120
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         # scp_role: accept a C-GET requestor's proposal to be the Storage SCP (PS3.7 D.3.3.4).
         ae.add_supported_context(
-            cast(str, cx.abstract_syntax), AllTransferSyntaxes, scu_role=True, scp_role=True
+            cast(str, cx.abstract_syntax), _STORAGE_SYNTAXES, scu_role=True, scp_role=True
         )
     for uid in _QR_CONTEXTS:
         ae.add_supported_context(uid, _UNCOMPRESSED)
@@ -219,12 +312,14 @@ def start_scp(
     return handle
 
 
-def _spool_dir(data_dir: Path) -> Path:
+def _spool_dir(data_dir: Path, *, sweep: bool = True) -> Path:
     """Where C-STORE data sets are received, on the data dir's disk. What a previous run left
     there (a crash mid-transfer) was never acknowledged: it is removed once it is an hour old
     (younger files may belong to another node sharing the data dir)."""
     spool = data_dir / "spool"
     spool.mkdir(parents=True, exist_ok=True)
+    if not sweep:
+        return spool.resolve()
     stale = time.time() - 3600
     for leftover in spool.glob("*.dcm"):
         with contextlib.suppress(OSError):
@@ -633,21 +728,85 @@ def _json_value(match: dict[str, Any], tag: str) -> str:
 
 
 def _send_items(
-    event: evt.Event, handle: ScpHandle, items: list[_Item], *, accepted: list[PresentationContext] | None
+    event: evt.Event, handle: ScpHandle, items: list[_Item]
 ) -> Iterator[tuple[int | Dataset, Any]]:
+    spool = str(_spool_dir(handle.state.settings.data_dir, sweep=False))
     for item in items:
         if event.is_cancelled:
             yield ds.CANCEL, None
             return
-        try:
-            dataset = ds.read_stored(handle.state.store, item.key)
-        except Exception:
-            # pynetdicom counts a non-Dataset as a failed sub-operation.
-            yield ds.PENDING, f"unavailable {item.sop_uid}"
-            continue
-        if accepted is not None:
-            _fit_to_contexts(dataset, accepted)
-        yield ds.PENDING, dataset
+        yield ds.PENDING, _StoredInstance(handle.state.store, item, spool)
+
+
+class _StoredInstance(Dataset):  # type: ignore[misc]
+    """A stored object to send as a C-MOVE/C-GET sub-operation, without loading it.
+
+    pynetdicom's retrieve services send what the handler yields with `send_c_store`, which
+    decodes and re-encodes a Dataset whole (an instance's size several times over in memory).
+    This one only names the instance (pynetdicom wants a non-empty Dataset);
+    `_send_c_store_streamed` sends the object's file as stored, PDU by PDU, when the peer
+    accepted its SOP class in the stored transfer syntax, else loads it and converts it (a
+    compressed instance is decompressed when the peer takes only uncompressed ones)."""
+
+    def __init__(self, store: Any, item: _Item, spool_dir: str) -> None:
+        super().__init__()
+        self.SOPClassUID = item.sop_class
+        self.SOPInstanceUID = item.sop_uid
+        object.__setattr__(self, "_scanonce_source", (store, item, spool_dir))
+
+    def send(self, assoc: Association, *args: Any, **kwargs: Any) -> Dataset:
+        from pydicom import dcmread
+        from pynetdicom.dsutils import split_dataset
+
+        store, item, spool_dir = object.__getattribute__(self, "_scanonce_source")
+        with ds.stored_file(store, item.key, spool_dir=spool_dir) as path:
+            meta, _offset = split_dataset(Path(path))
+            try:
+                assoc._get_valid_context(
+                    item.sop_class, meta.TransferSyntaxUID, "scu", allow_conversion=False
+                )
+            except ValueError:
+                dataset = dcmread(path)
+                _fit_to_contexts(dataset, assoc.accepted_contexts)
+                return cast(Dataset, _send_c_store(assoc, dataset, *args, **kwargs))
+            with _sending_from_file(assoc):
+                return cast(Dataset, _send_c_store(assoc, path, *args, **kwargs))
+
+
+# PDUs of one sub-operation waiting for the DUL thread: a slow peer makes the sender wait
+# instead of the whole instance piling up in the queue.
+_MAX_QUEUED_PDUS = 16
+
+
+@contextlib.contextmanager
+def _sending_from_file(assoc: Association) -> Iterator[None]:
+    dul = assoc.dul
+    send_pdu = dul.send_pdu
+
+    def bounded(primitive: Any) -> None:
+        queue = dul.to_provider_queue
+        while queue.qsize() >= _MAX_QUEUED_PDUS and dul.is_alive() and not dul._kill_thread:
+            time.sleep(0.0005)
+        send_pdu(primitive)
+
+    dul.send_pdu = bounded  # type: ignore[method-assign]
+    try:
+        with chunked_send():
+            yield
+    finally:
+        del dul.send_pdu
+
+
+_send_c_store = Association.send_c_store
+
+
+def _send_c_store_streamed(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    if isinstance(dataset, _StoredInstance):
+        return dataset.send(self, *args, **kwargs)
+    return cast(Dataset, _send_c_store(self, dataset, *args, **kwargs))
+
+
+Association.send_c_store = _send_c_store_streamed  # type: ignore[method-assign]
 
 
 def _fit_to_contexts(dataset: Dataset, accepted: list[PresentationContext]) -> None:
@@ -714,7 +873,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         return
     yield (*destination, {"contexts": _move_contexts(items)} if items else {})
     yield len(items)
-    yield from _send_items(event, handle, items, accepted=None)
+    yield from _send_items(event, handle, items)
 
 
 def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
@@ -735,7 +894,7 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         yield _failure(exc), None
         return
     yield len(items)
-    yield from _send_items(event, handle, items, accepted=event.assoc.accepted_contexts)
+    yield from _send_items(event, handle, items)
 
 
 def _failure(exc: Exception) -> Dataset:

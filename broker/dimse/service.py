@@ -7,10 +7,12 @@ rules are testable without an association and shared with the SCU where they ove
 
 from __future__ import annotations
 
-import io
+import os
 import struct
+import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -457,18 +459,25 @@ def _pn(value: Mapping[str, Any]) -> str | None:
 # -- reading stored objects for C-MOVE / C-GET sub-operations ----------------------------------
 
 
-def read_stored(store: ObjectStore, key: str) -> Dataset:
-    """A stored object as a pydicom Dataset (pynetdicom's C-MOVE/C-GET send Datasets)."""
-    from pydicom import dcmread
-
+@contextmanager
+def stored_file(store: ObjectStore, key: str, *, spool_dir: str | None) -> Iterator[str]:
+    """A local Part 10 file of a stored object for C-MOVE/C-GET to send from: the object's own
+    file on a local store, else (S3) a copy streamed into `spool_dir`, removed afterwards.
+    Raises ObjectNotFound."""
     path = store.open_local(key)
     if path is not None:
-        return dcmread(path)
-    buf = io.BytesIO()
-    for chunk in store.get(key):
-        buf.write(chunk)
-    buf.seek(0)
-    return dcmread(buf)
+        yield path
+        return
+    chunks = store.get(key)  # raises before a file is made if the object is missing
+    with tempfile.NamedTemporaryFile(dir=spool_dir, prefix="retrieve-", suffix=".dcm", delete=False) as out:
+        name = out.name
+    try:
+        with open(name, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        yield name
+    finally:
+        os.unlink(name)
 
 
 def distinct(values: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Protocol
 
@@ -323,6 +324,30 @@ def _parse_pool() -> ProcessPoolExecutor | None:
         return _PARSE_POOL
 
 
+def start_parsing() -> None:
+    """Start the parse worker processes now, with the server: spawning them takes seconds,
+    which the first STOW-RS or C-STORE would otherwise wait for."""
+    pool = _parse_pool()
+    if pool is not None:
+        # The executor spawns its workers on the first task; wait until they run.
+        list(pool.map(_worker_pid, range(_PARSE_PROCESSES)))
+
+
+def stop_parsing() -> None:
+    """Shut the worker processes down and wait for them, so that their queues' semaphores are
+    released (else Python's resource tracker reports them as leaked at exit). A later ingest
+    starts a new pool."""
+    global _PARSE_POOL
+    with _PARSE_LOCK:
+        pool, _PARSE_POOL = _PARSE_POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_pid(_n: int) -> int:
+    return os.getpid()
+
+
 def _exit_with_parent(parent: int) -> None:
     """In each parse worker: exit once the server that started it is gone. A worker holds both
     ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
@@ -406,24 +431,36 @@ def index_parsed(
             todo.append((i, result))
     if todo:
         placed: set[str] = set()
-        for attempt in range(_ATTEMPTS):
-            try:
-                _index_batch(
-                    engine=engine,
-                    store=store,
-                    facility_id=facility_id,
-                    parsed=todo,
-                    outcomes=outcomes,
-                    consume=consume,
-                    placed=placed,
-                )
-                break
-            except IntegrityError:
-                # A concurrent batch created the same patient/study/series/instance first and
-                # committed: the next attempt sees its rows. Jitter keeps racing batches apart.
-                if attempt == _ATTEMPTS - 1:
-                    raise
-                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+        committed: set[str] = set()
+        held: list[str] = []
+        try:
+            for attempt in range(_ATTEMPTS):
+                try:
+                    _index_batch(
+                        engine=engine,
+                        store=store,
+                        facility_id=facility_id,
+                        parsed=todo,
+                        outcomes=outcomes,
+                        consume=consume,
+                        placed=placed,
+                        committed=committed,
+                        held=held,
+                    )
+                    break
+                except IntegrityError:
+                    # A concurrent batch created the same patient/study/series/instance first and
+                    # committed: the next attempt sees its rows. Jitter keeps racing batches apart.
+                    if attempt == _ATTEMPTS - 1:
+                        raise
+                    time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+            # An object placed by an attempt that lost a race (its instance turned out to be a
+            # conflict or a duplicate in the next one) is named by no row: remove it.
+            _release(held)
+            if placed - committed:
+                _remove_unreferenced(engine=engine, store=store, keys=placed - committed)
+        finally:
+            _release(held)
     done = [o for o in outcomes if o is not None]
     stored = sum(o.status == "stored" for o in done)
     log.info(
@@ -437,6 +474,61 @@ def index_parsed(
     return done
 
 
+# Object keys that an ingest of this process has begun to place and not yet committed (or
+# given up): the reaper (broker/index/reaper.py) never removes them, however old the bytes.
+_IN_FLIGHT: dict[str, int] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _hold(key: str, held: list[str]) -> None:
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT[key] = _IN_FLIGHT.get(key, 0) + 1
+    held.append(key)
+
+
+def _release(held: list[str]) -> None:
+    with _IN_FLIGHT_LOCK:
+        for key in held:
+            left = _IN_FLIGHT.get(key, 0) - 1
+            if left > 0:
+                _IN_FLIGHT[key] = left
+            else:
+                _IN_FLIGHT.pop(key, None)
+    held.clear()
+
+
+@contextmanager
+def no_new_placements() -> Iterator[Callable[[str], bool]]:
+    """While open, no ingest of this process begins to place an object; yields whether a key
+    is being placed by one now. For removing an object no row names without racing an
+    ingest that is about to name it."""
+    with _IN_FLIGHT_LOCK:
+        yield _IN_FLIGHT.__contains__
+
+
+def _remove_unreferenced(*, engine: Engine, store: ObjectStore, keys: set[str]) -> None:
+    try:
+        with Session(engine) as session:
+            named = set(
+                session.exec(
+                    sqlmodel_select(col(Instance.object_key)).where(col(Instance.object_key).in_(keys))
+                )
+            )
+            named |= set(
+                session.exec(
+                    sqlmodel_select(col(InstanceConflict.object_key)).where(
+                        col(InstanceConflict.object_key).in_(keys)
+                    )
+                )
+            )
+        with no_new_placements() as in_flight:
+            for key in keys - named:
+                if not in_flight(key):  # another ingest of the same bytes, about to name it
+                    store.delete(key)
+    except Exception as exc:  # the reaper removes it later; the ingest itself succeeded
+        log.warning("could not remove an unreferenced object after a race: %s", type(exc).__name__)
+
+
 def _index_batch(
     *,
     engine: Engine,
@@ -446,6 +538,8 @@ def _index_batch(
     outcomes: list[StoreOutcome | None],
     consume: bool = False,
     placed: set[str],
+    committed: set[str],
+    held: list[str],
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
         facility = session.get(Facility, facility_id)
@@ -482,6 +576,7 @@ def _index_batch(
         puts = [(key, path) for key, path in puts if key not in placed]
 
         def put(key_path: tuple[str, str]) -> None:
+            _hold(key_path[0], held)
             store.put_file(key_path[0], key_path[1], move=consume)
             placed.add(key_path[0])
 
@@ -557,6 +652,8 @@ def _index_batch(
                 )
             )
         session.commit()
+    committed.update(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256) for _i, p in pending)
+    committed.update(conflict_key(p.sop_uid, p.sha256) for _i, p in conflicts)
     for i, p in pending:
         outcomes[i] = p.outcome("stored")
     for i, p in conflicts:

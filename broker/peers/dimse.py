@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import ALL_TRANSFER_SYNTAXES, _config, build_role, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -38,7 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from broker.dicom import reactor
-from broker.dicom.network import SpoolingAE
+from broker.dicom.network import SpoolingAE, chunked_send
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest, Unavailable
 from broker.peers.errors import DimseStatusError
@@ -60,23 +59,6 @@ _GET = {
 _MAX_STORAGE_CONTEXTS = 120  # 128 presentation contexts at most, one is the C-GET model
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _STORE_OK = (0x0000, 0xB000, 0xB006, 0xB007)  # success and the PS3.4 B.2.3 warnings
-
-_sending = threading.local()
-
-
-class _ChunkedSendFor:
-    """pynetdicom's STORE_SEND_CHUNKED_DATASET switch (send a Part 10 file's data set from disk
-    as it is, without decoding it) is process-wide; it is read in the thread that calls
-    send_c_store, so this value turns it on only inside `store()` (or if someone had set it)."""
-
-    def __init__(self, previous: object) -> None:
-        self.previous = bool(previous) and not isinstance(previous, _ChunkedSendFor)
-
-    def __bool__(self) -> bool:
-        return self.previous or bool(getattr(_sending, "chunked", False))
-
-
-_config.STORE_SEND_CHUNKED_DATASET = _ChunkedSendFor(_config.STORE_SEND_CHUNKED_DATASET)  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,11 +423,8 @@ def _store_one(assoc: Any, file: tuple[str, str, str, UID, bool], *, peer: str) 
     )
     try:
         if exact:
-            _sending.chunked = True
-            try:
+            with chunked_send():
                 rsp = assoc.send_c_store(path)
-            finally:
-                _sending.chunked = False
         else:
             dataset = dcmread(path)
             if ts.is_compressed:

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,6 +158,17 @@ def test_delete_removes_the_object(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFound):
         store.get("d/x")
     assert [i.key for i in store.list("d/")] == ["d/y"]
+
+
+def test_head_and_list_say_when_an_object_was_written(store: ObjectStore) -> None:
+    """The reaper removes only objects older than a grace period: it needs their age."""
+    before = time.time()
+    store.put("w/x", io.BytesIO(b"1"))
+    after = time.time()
+    (listed,) = store.list("w/")
+    for info in (store.head("w/x"), listed):
+        assert info.modified is not None
+        assert before - 2 <= info.modified <= after + 2  # S3 keeps whole seconds
 
 
 def test_list_by_prefix(store: ObjectStore) -> None:
@@ -395,3 +407,37 @@ def test_s3_put_memory_does_not_grow_with_the_object(moto_server: str, s3_bucket
     assert stored == size
     # Read-ahead and parts in flight are bounded (~16 MiB threshold + 4 x 8 MiB parts).
     assert grew_mib < 100, f"a {size // MiB} MiB put grew the process by {grew_mib} MiB"
+
+
+@pytest.mark.parametrize("how", ["put", "put_file", "put_file_move"])
+def test_local_store_syncs_the_names_too(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a power loss an acknowledged object must still be found under its key: besides its
+    bytes, the new directories and the rename into place are synced (every fsync still runs)."""
+    store = LocalStore(tmp_path / "objects")
+    source = tmp_path / "in.dcm"
+    source.write_bytes(b"object")
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    key = instance_key("1.2.3", "1.2.3.4", "1.2.3.4.5", SHA)
+    if how == "put":
+        store.put(key, io.BytesIO(b"object"))
+    else:
+        store.put_file(key, str(source), move=how == "put_file_move")
+    path = store.root / key
+
+    def ident(p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return st.st_dev, st.st_ino
+
+    assert ident(path) in synced
+    # Every directory from the store's root down to the object's own gained an entry.
+    below_root = path.parent.relative_to(store.root).parents[:-1]
+    for directory in [store.root, *(store.root / d for d in below_root), path.parent]:
+        assert ident(directory) in synced, directory
