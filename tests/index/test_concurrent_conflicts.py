@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from sqlmodel import Session, select
-from tests.index.helpers import make_ds, write
 
 from broker.app import build_state
 from broker.deps import AppState
@@ -20,6 +19,7 @@ from broker.index import service
 from broker.index.models import Instance, InstanceConflict
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from tests.support import make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import httpx
 from fastapi.testclient import TestClient
-from tests.index.helpers import make_ds, to_bytes
 
 from broker.app import create_app
 from broker.index import ingest
@@ -17,6 +16,7 @@ from broker.settings import Settings
 from tests.dicomweb.data import multipart_body
 from tests.identity.test_mllp_serve import scanonce_serve
 from tests.peers import _stop
+from tests.support import make_ds, to_bytes
 
 
 def test_the_pool_is_running_once_the_app_has_started(tmp_path: Path) -> None:

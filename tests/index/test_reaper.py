@@ -17,18 +17,18 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from sqlmodel import Session, select
-from broker.index.keys import conflict_key, instance_key
-from tests.index.helpers import make_ds, to_bytes, write
 
 from broker.app import build_state
 from broker.deps import AppState
 from broker.index import ingest, service
+from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict
 from broker.index.reaper import reap
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.dicomweb.data import multipart_body
 from tests.identity.test_mllp_serve import scanonce_serve
+from tests.support import make_ds, to_bytes, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 HOUR = 3600.0
