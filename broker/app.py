@@ -42,6 +42,7 @@ from broker.index.ingest import configure_parsing
 from broker.index.reaper import reap_periodically
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
+from broker.lookup.routes import router as lookup_router
 from broker.settings import Settings, get_settings
 from storage import StoreUnavailable, open_store
 
@@ -206,6 +207,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(federation_router)
     app.include_router(jobs_router)
     app.include_router(identity_router)
+    app.include_router(lookup_router)
     app.include_router(fhir_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)

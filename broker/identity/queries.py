@@ -11,7 +11,7 @@ from sqlmodel import Session, col, select
 from broker.errors import BadRequest, NotFound
 from broker.facilities import service as facilities
 from broker.identity import matching
-from broker.identity.models import IdentityIdentifier, IdentityRecord, TrustedIssuer
+from broker.identity.models import IdentityIdentifier, IdentityRecord, ReviewItem, TrustedIssuer
 from broker.identity.records import check_identifier, get_record, require_record
 from broker.identity.schemas import Identifier, PersonView
 
@@ -147,3 +147,36 @@ def search_persons(
         raise BadRequest("give at least one of family, given, birthdate, identifier")
     person_ids = list(session.exec(stmt.limit(limit)).all())
     return [person_view(session=session, person_id=p) for p in person_ids]
+
+
+def unconfirmed_patients(*, session: Session, person_id: int) -> dict[int, int]:
+    """Index patients (patient pk -> review item id) that an open review item proposes to link
+    to this person and no human has confirmed yet: shown as unconfirmed matches, never merged."""
+    own = list(session.exec(select(IdentityRecord.id).where(IdentityRecord.person_id == person_id)))
+    if not own:
+        return {}
+    items = list(
+        session.exec(
+            select(ReviewItem).where(
+                ReviewItem.status == "open",
+                col(ReviewItem.record_id).in_(own) | col(ReviewItem.candidate_record_id).in_(own),
+            )
+        )
+    )
+    mine = set(own)
+    other: dict[int, int] = {}
+    for item in items:
+        rec = item.candidate_record_id if item.record_id in mine else item.record_id
+        if rec not in mine:
+            other.setdefault(rec, item.id or 0)
+    if not other:
+        return {}
+    out: dict[int, int] = {}
+    for rec_id, pk, pid in session.exec(
+        select(IdentityRecord.id, IdentityRecord.patient_pk, IdentityRecord.person_id).where(
+            col(IdentityRecord.id).in_(list(other))
+        )
+    ):
+        if pk is not None and pid != person_id and rec_id is not None:
+            out[pk] = other[rec_id]
+    return out

@@ -52,6 +52,7 @@ from broker.identity.queries import (
     person_of,
     person_view,
     search_persons,
+    unconfirmed_patients,
 )
 from broker.identity.rebuild import (
     KEYS_JOB,
@@ -109,6 +110,7 @@ __all__ = [
     "set_policy",
     "set_trusted_issuer",
     "train",
+    "unconfirmed_patients",
     "unlink",
     "upsert_record",
 ]

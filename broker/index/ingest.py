@@ -32,6 +32,7 @@ from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
 from broker.errors import NotFound
 from broker.facilities.models import Facility
+from broker.index.facts import InstanceFacts, write_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
 from broker.index.parse import _Parsed, parse_instance
@@ -268,6 +269,30 @@ class _Batch:
         for patient, p in (*created, *changed):
             link_patient(session=session, patient=patient, dataset=p.attrs)
         return found
+
+
+def _write_facts(session: Session, batch: _Batch, pending: list[tuple[int, _Parsed]]) -> None:
+    """The prior lookup's facts of the new instances (index.facts), in the same transaction; a
+    study that is new in this batch is marked as having all its facts."""
+    per_study: dict[int, tuple[dict[int, list[InstanceFacts]], list[tuple[str, str]]]] = {}
+    for _i, p in pending:
+        if p.facts is None:
+            continue
+        study_pk = batch.studies[p.study_uid].pk
+        series_pk = batch.series[p.series_uid].pk
+        assert study_pk is not None and series_pk is not None
+        per_series, doses = per_study.setdefault(study_pk, ({}, []))
+        per_series.setdefault(series_pk, []).append(p.facts)
+        if p.facts.dose_json is not None:
+            doses.append((p.sop_uid, p.facts.dose_json))
+    for study_pk, (per_series, doses) in per_study.items():
+        write_facts(
+            session=session,
+            study_pk=study_pk,
+            per_series=per_series,
+            doses=doses,
+            mark_study=study_pk in batch.new_study_pks,
+        )
 
 
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
@@ -641,6 +666,7 @@ def _index_batch(
                     )
                     .values(modalities=study_t.c.modalities + f"{modality}\\")
                 )
+        _write_facts(session, batch, pending)
         for _i, p in conflicts:
             session.add(
                 InstanceConflict(

@@ -160,3 +160,41 @@ class StudyLocation(SQLModel, table=True):
     seen_job: int | None = None
     synced_at: datetime = Field(default_factory=_now)
     fetched_at: datetime | None = None
+
+
+class SeriesFacts(SQLModel, table=True):
+    """What the prior lookup needs of a series that the series JSON does not hold (image-level
+    values), aggregated once at ingest or by the facts job: never per lookup."""
+
+    __tablename__ = "series_facts"
+
+    series_pk: int = Field(primary_key=True)
+    study_pk: int = Field(index=True)
+    min_slice_thickness_mm: float | None = None
+    contrast_agent: str = Field(default="", max_length=64)
+    laterality: str = Field(default="", max_length=16)
+    body_part: str = Field(default="", max_length=64)
+    instances: int = 0
+
+
+class DoseFact(SQLModel, table=True):
+    """One instance's DoseRecord (broker.dicom.dose), as JSON, for the instances that carry dose:
+    dose SRs and dose-carrying images. Per image only what study_dose uses is kept (CTDIvol,
+    phantom, z, event UID, localizer), so a CT of hundreds of images stays small."""
+
+    __tablename__ = "dose_fact"
+
+    sop_uid: str = Field(primary_key=True, max_length=64)
+    study_pk: int = Field(index=True)
+    record_json: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class StudyFacts(SQLModel, table=True):
+    """Marks a study whose series and dose facts are computed (with the facts' version), so the
+    facts job knows what is left to do."""
+
+    __tablename__ = "study_facts"
+
+    study_pk: int = Field(primary_key=True)
+    version: int = 1
+    computed_at: datetime = Field(default_factory=_now)

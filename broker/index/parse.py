@@ -21,6 +21,7 @@ from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import BULK_THRESHOLD, instance_json
 from broker.dicom.uids import is_valid_uid
+from broker.index.facts import InstanceFacts, instance_facts
 from broker.index.schemas import StoreOutcome
 
 _ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
@@ -38,6 +39,7 @@ class _Parsed:
     transfer_syntax_uid: str
     attrs: dict[str, Any]
     metadata: bytes
+    facts: InstanceFacts | None = None
 
     def outcome(self, st: str, reason: int | None = None, message: str = "") -> StoreOutcome:
         return StoreOutcome(
@@ -139,6 +141,8 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
             {k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)}
         ),
         metadata=orjson.dumps(attrs),
+        # What the prior lookup needs of this instance (slice, contrast, dose), read once here.
+        facts=instance_facts(attrs),
     )
 
 

@@ -18,6 +18,19 @@ from broker.dicom.native_xml import native_dicom_model
 from broker.dicom.uids import require_uid
 from broker.errors import NotFound
 from broker.index.batcher import IngestBatcher
+from broker.index.facts import (
+    FACTS_VERSION,
+    InstanceFacts,
+    SeriesView,
+    StudyView,
+    instance_facts,
+    patient_by_identifier,
+    patients_by_pk,
+    patients_of_persons,
+    studies_by_uid,
+    studies_of_patients,
+    write_facts,
+)
 from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
@@ -67,6 +80,17 @@ __all__ = [
     "assign_person",
     "lock_patients",
     "lock_patient_by_identifier",
+    "FACTS_VERSION",
+    "InstanceFacts",
+    "SeriesView",
+    "StudyView",
+    "instance_facts",
+    "patient_by_identifier",
+    "patients_by_pk",
+    "patients_of_persons",
+    "studies_by_uid",
+    "studies_of_patients",
+    "write_facts",
 ]
 
 _study = Study.__table__  # type: ignore[attr-defined]

@@ -3,9 +3,13 @@ the look-back windows) and what it answers (an interpretation of an exam, a verd
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from datetime import date, datetime
 from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from broker.errors import BadRequest
 
@@ -152,4 +156,114 @@ class Verdict:
     overlaps: tuple[Overlap, ...] = ()
     age_days: int | None = None
     window_days: int = 0
-    versions: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = dc_field(default_factory=dict)
+
+
+# -- the lookup service's answers (the API's response models) --------------------------------------
+
+
+class DoseOut(BaseModel):
+    """One prior's dose: what its records say (DLP, CTDIvol, DAP) and its effective dose, with
+    where the numbers came from (`source`: rdsr, image headers ...; `method`)."""
+
+    dlp_mgy_cm: float | None = None
+    ctdivol_mgy: float | None = None
+    dap_gy_cm2: float | None = None
+    effective_dose_msv: float | None = None
+    source: str | None = None
+    method: str = ""
+    age_at_exam_years: float | None = None
+    notes: list[str] = []
+
+
+class UsabilityOut(BaseModel):
+    thin_slices: bool | None = None
+    contrast: str | None = None
+    phases: list[str] = []
+    contrast_matches_planned: bool | None = None
+    series_complete: bool | None = None
+    notes: list[str] = []
+
+
+class PriorOut(BaseModel):
+    study_instance_uid: str
+    facility: str
+    study_date: date | None = None
+    age_days: int | None = None
+    modality: str = ""
+    modalities: list[str] = []
+    description: str = ""
+    relevant: bool
+    in_window: bool
+    rule: str
+    reasons: list[str] = []
+    usability: UsabilityOut
+    dose: DoseOut | None = None
+    availability: Literal["ONLINE", "NEARLINE"]
+    link: Literal["confirmed", "unconfirmed"]
+    link_detail: str = ""
+
+
+class PlannedOut(BaseModel):
+    text: str | None = None
+    code: str | None = None
+    modality: str | None = None
+    regions: list[str] = []
+    laterality: str | None = None
+    contrast: str | None = None
+    decided_by: str = ""
+    notes: list[str] = []
+
+
+class CumulativeOut(BaseModel):
+    since: date
+    effective_dose_msv: float
+    studies_counted: int
+    studies_without_estimate: int
+    complete: bool
+
+
+class RepeatCostOut(BaseModel):
+    effective_dose_msv: float | None = None
+    basis: str  # prior | typical | unknown
+    detail: str
+    prior_study_instance_uid: str | None = None
+
+
+class PriorsAnswer(BaseModel):
+    """Every study of the person across facilities: relevant first (in the window first among
+    them), then the rest, never hidden."""
+
+    patient_found: bool
+    setting: str
+    window_days: int
+    planned: PlannedOut | None = None
+    priors: list[PriorOut] = []
+    warning: str | None = None
+    cumulative_12_months: CumulativeOut | None = None
+    repeat_cost: RepeatCostOut | None = None
+    notes: list[str] = []
+
+
+class AvoidedIn(BaseModel):
+    study_instance_uid: str = Field(min_length=1, max_length=64)
+    planned_exam: str = Field(min_length=1, max_length=256)
+    facility: str = Field(min_length=1, max_length=64)
+
+
+class AvoidedOut(BaseModel):
+    id: int
+    study_instance_uid: str
+    planned_exam: str
+    facility: str
+    who: str
+    estimated_dose_msv: float | None = None
+    basis: str
+    recorded_at: datetime
+
+
+class AvoidedMonth(BaseModel):
+    facility: str
+    month: str  # YYYY-MM
+    repeats_avoided: int
+    dose_spared_msv: float

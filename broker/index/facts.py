@@ -1,0 +1,241 @@
+"""What the prior lookup reads of a person's studies, and the facts it needs that the stored
+series JSON does not hold (smallest slice thickness, contrast agent, laterality per series; the
+DoseRecord of each dose-carrying instance), computed once at ingest or by the facts job.
+
+Reads here are keyed on indexed columns only (patient.person_id, study.patient_pk,
+series.study_pk, series_facts.study_pk, dose_fact.study_pk), so a lookup costs the same on an
+index of ten thousand studies as on one of a million.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlmodel import Session, col, select
+
+from broker.dicom.dose import DoseRecord, read_dose
+from broker.dicom.json_model import str_value
+from broker.index.models import DoseFact, Patient, Series, SeriesFacts, Study, StudyFacts, StudyLocation
+
+FACTS_VERSION = 1
+
+_SLICE_THICKNESS = "00180050"
+_CONTRAST_AGENT = "00180010"
+_LATERALITY = "00200060"
+_IMAGE_LATERALITY = "00200062"
+_BODY_PART = "00180015"
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What one instance contributes to its series' facts and its study's dose (small: parse
+    workers send it back with the parsed instance)."""
+
+    slice_thickness_mm: float | None = None
+    contrast_agent: str = ""
+    laterality: str = ""
+    body_part: str = ""
+    dose_json: str | None = None
+
+
+def instance_facts(attrs: Mapping[str, Any]) -> InstanceFacts:
+    """Read once per instance, from the DICOM JSON the index builds at ingest. Never raises:
+    facts that cannot be read are left unknown, and the instance is stored all the same."""
+    try:
+        return _read_facts(attrs)
+    except Exception:  # noqa: BLE001 - odd values must never fail an ingest
+        return InstanceFacts()
+
+
+def _read_facts(attrs: Mapping[str, Any]) -> InstanceFacts:
+    thickness: float | None
+    try:
+        thickness = float(str_value(dict(attrs), _SLICE_THICKNESS) or "nan")
+        if thickness != thickness or thickness <= 0:
+            thickness = None
+    except ValueError:
+        thickness = None
+    a = dict(attrs)
+    record = read_dose(a).record
+    return InstanceFacts(
+        slice_thickness_mm=thickness,
+        contrast_agent=str_value(a, _CONTRAST_AGENT).strip()[:64],
+        laterality=(str_value(a, _LATERALITY) or str_value(a, _IMAGE_LATERALITY)).strip()[:16],
+        body_part=str_value(a, _BODY_PART).strip()[:64],
+        dose_json=None if record is None else compact_dose_json(record),
+    )
+
+
+def compact_dose_json(record: DoseRecord) -> str:
+    """The record as JSON without what study_dose never reads (empty fields, problems)."""
+    data = record.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    data["source"] = record.source.value
+    data.pop("problems", None)
+    return orjson.dumps(data).decode()
+
+
+def merge_series_facts(current: SeriesFacts, facts: Sequence[InstanceFacts]) -> None:
+    """Fold new instances into their series' facts (smallest slice, first non-empty values)."""
+    for f in facts:
+        if f.slice_thickness_mm is not None and (
+            current.min_slice_thickness_mm is None or f.slice_thickness_mm < current.min_slice_thickness_mm
+        ):
+            current.min_slice_thickness_mm = f.slice_thickness_mm
+        current.contrast_agent = current.contrast_agent or f.contrast_agent
+        current.laterality = current.laterality or f.laterality
+        current.body_part = current.body_part or f.body_part
+        current.instances += 1
+
+
+def write_facts(
+    *,
+    session: Session,
+    study_pk: int,
+    per_series: Mapping[int, Sequence[InstanceFacts]],
+    doses: Sequence[tuple[str, str]],
+    mark_study: bool = True,
+) -> None:
+    """Add instances' facts inside the caller's transaction (ingest's, or the facts job's).
+    `doses`: (SOP Instance UID, compact DoseRecord JSON)."""
+    if per_series:
+        existing = {
+            f.series_pk: f
+            for f in session.exec(
+                select(SeriesFacts).where(col(SeriesFacts.series_pk).in_(list(per_series))).with_for_update()
+            )
+        }
+        for series_pk, facts in per_series.items():
+            row = existing.get(series_pk) or SeriesFacts(series_pk=series_pk, study_pk=study_pk)
+            merge_series_facts(row, facts)
+            session.add(row)
+    for sop_uid, record_json in doses:
+        session.merge(DoseFact(sop_uid=sop_uid, study_pk=study_pk, record_json=record_json))
+    if mark_study and session.get(StudyFacts, study_pk) is None:
+        session.add(StudyFacts(study_pk=study_pk, version=FACTS_VERSION))
+
+
+# -- what the lookup reads ------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesView:
+    series_uid: str
+    modality: str
+    description: str
+    body_part: str
+    laterality: str = ""
+    min_slice_thickness_mm: float | None = None
+    contrast_agent: str = ""
+    instances: int = 0
+
+
+@dataclass
+class StudyView:
+    """One study of a person as the lookup needs it."""
+
+    study_pk: int
+    study_uid: str
+    facility_id: str
+    patient_pk: int
+    person_id: int | None
+    issuer: str
+    patient_id: str
+    study_date: str
+    birth_date: str
+    description: str
+    modalities: tuple[str, ...]
+    study_json: dict[str, Any]
+    num_instances: int
+    series: list[SeriesView] = field(default_factory=list)
+    doses: list[DoseRecord] = field(default_factory=list)
+    has_pixels: bool | None = None  # None: no location row (came by STOW-RS / C-STORE: held here)
+    locations: tuple[str, ...] = ()
+    facts_computed: bool = False
+
+
+def patient_by_identifier(*, session: Session, issuer: str, patient_id: str) -> Patient | None:
+    return session.exec(
+        select(Patient).where(Patient.issuer == issuer, Patient.patient_id == patient_id)
+    ).first()
+
+
+def patients_of_persons(*, session: Session, person_ids: Sequence[int]) -> list[Patient]:
+    if not person_ids:
+        return []
+    return list(session.exec(select(Patient).where(col(Patient.person_id).in_(list(person_ids)))))
+
+
+def patients_by_pk(*, session: Session, patient_pks: Sequence[int]) -> list[Patient]:
+    if not patient_pks:
+        return []
+    return list(session.exec(select(Patient).where(col(Patient.pk).in_(list(patient_pks)))))
+
+
+def studies_of_patients(*, session: Session, patients: Sequence[Patient]) -> list[StudyView]:
+    """Every study of these patients with its series, facts, dose records and locations: five
+    indexed queries whatever the size of the index."""
+    by_pk = {p.pk: p for p in patients if p.pk is not None}
+    if not by_pk:
+        return []
+    studies = list(session.exec(select(Study).where(col(Study.patient_pk).in_(list(by_pk)))))
+    if not studies:
+        return []
+    views: dict[int, StudyView] = {}
+    for s in studies:
+        assert s.pk is not None
+        views[s.pk] = StudyView(
+            study_pk=s.pk,
+            study_uid=s.study_uid,
+            facility_id=s.facility_id,
+            patient_pk=s.patient_pk,
+            person_id=by_pk[s.patient_pk].person_id,
+            issuer=s.issuer,
+            patient_id=s.patient_id,
+            study_date=s.study_date,
+            birth_date=s.birth_date,
+            description=s.study_description,
+            modalities=tuple(m for m in s.modalities.split("\\") if m),
+            study_json=orjson.loads(s.study_json or "{}"),
+            num_instances=s.num_instances,
+        )
+    pks = list(views)
+    series_by_pk: dict[int, SeriesView] = {}
+    for se in session.exec(select(Series).where(col(Series.study_pk).in_(pks)).order_by(col(Series.pk))):
+        assert se.pk is not None
+        sv = SeriesView(
+            series_uid=se.series_uid,
+            modality=se.modality,
+            description=se.series_description,
+            body_part=se.body_part,
+            instances=se.num_instances,
+        )
+        series_by_pk[se.pk] = sv
+        views[se.study_pk].series.append(sv)
+    for f in session.exec(select(SeriesFacts).where(col(SeriesFacts.study_pk).in_(pks))):
+        sv_ = series_by_pk.get(f.series_pk)
+        if sv_ is not None:
+            sv_.min_slice_thickness_mm = f.min_slice_thickness_mm
+            sv_.contrast_agent = f.contrast_agent
+            sv_.laterality = f.laterality
+            sv_.body_part = sv_.body_part or f.body_part
+    for d in session.exec(select(DoseFact).where(col(DoseFact.study_pk).in_(pks))):
+        views[d.study_pk].doses.append(DoseRecord.model_validate(orjson.loads(d.record_json)))
+    for sf in session.exec(select(StudyFacts.study_pk).where(col(StudyFacts.study_pk).in_(pks))):
+        views[int(sf)].facts_computed = True
+    uids = {v.study_uid: v for v in views.values()}
+    for loc in session.exec(select(StudyLocation).where(col(StudyLocation.study_uid).in_(list(uids)))):
+        v = uids[loc.study_uid]
+        v.locations = (*v.locations, loc.facility_id)
+        v.has_pixels = bool(v.has_pixels) or loc.has_pixels
+    return list(views.values())
+
+
+def studies_by_uid(*, session: Session, study_uids: Sequence[str]) -> list[StudyView]:
+    """The same view of studies named by UID (an avoided repeat names its prior)."""
+    pks = list(session.exec(select(Study.patient_pk).where(col(Study.study_uid).in_(list(study_uids)))))
+    views = studies_of_patients(session=session, patients=patients_by_pk(session=session, patient_pks=pks))
+    wanted = set(study_uids)
+    return [v for v in views if v.study_uid in wanted]
