@@ -29,6 +29,7 @@ from broker.identity import cli as identity_cli
 from broker.index import service
 from broker.jobs import cli as jobs_cli
 from broker.logfilters import redact_access_log
+from broker.lookup import cli as lookup_cli
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 
@@ -220,6 +221,7 @@ def _register_domains() -> None:
     federation_cli.register(app)
     jobs_cli.register(app)
     identity_cli.register(app)
+    lookup_cli.register(app)
 
 
 _register_domains()
