@@ -1,0 +1,172 @@
+"""The prior lookup on the demo data, SQLite and PostgreSQL: the clinician's question answered
+through the API and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from broker.app import create_app
+from broker.demo.service import load_demo
+from broker.identity.models import IdentityRecord, ReviewItem
+from broker.index.models import Patient, Study, StudyLocation
+from broker.lookup import service
+from tests.support import ADMIN
+
+# Seed 42 (the demo default): a ten-year-old with a CT abdomen/pelvis at the children's hospital
+# and one at St Mary's on 2026-06-16; an adult with CT A/P at North General and St Mary's.
+CHILD = ("kids", "K346295")
+CHILD_RECENT_CT_DATE = date(2026, 6, 16)
+ADULT = ("northgen", "183882874")
+
+
+@pytest.fixture
+def client(settings: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(settings=settings)) as c:
+        st = c.app.state.scanonce  # type: ignore[attr-defined]
+        load_demo(engine=st.engine, store=st.store)
+        yield c
+
+
+def _engine(client: TestClient) -> Any:
+    return client.app.state.scanonce.engine  # type: ignore[attr-defined]
+
+
+def test_child_relevant_ct_nine_days_ago_elsewhere_comes_first_with_dose(client: TestClient) -> None:
+    now = CHILD_RECENT_CT_DATE + timedelta(days=9)
+    with Session(_engine(client)) as session:
+        answer = service.find_priors(
+            session=session,
+            principal=ADMIN,
+            facility=CHILD[0],
+            mrn=CHILD[1],
+            exam="CT ABDOMEN PELVIS",
+            setting="ed",
+            now=now,
+        )
+    first = answer.priors[0]
+    assert (first.facility, first.age_days, first.relevant, first.in_window) == ("stmarys", 9, True, True)
+    assert first.link == "confirmed" and first.availability == "ONLINE"
+    assert first.dose is not None and first.dose.source == "rdsr"
+    assert first.dose.dlp_mgy_cm and first.dose.effective_dose_msv and first.dose.age_at_exam_years
+    assert any("ABDOMEN" in r for r in first.reasons)
+    assert answer.warning and "9 days" in answer.warning
+    # Relevant before the rest; nothing hidden (the chest film is listed, not relevant).
+    flags = [p.relevant for p in answer.priors]
+    assert flags == sorted(flags, reverse=True) and not all(flags)
+    assert answer.repeat_cost is not None and answer.repeat_cost.basis == "prior"
+    assert answer.repeat_cost.effective_dose_msv == first.dose.effective_dose_msv
+    assert answer.cumulative_12_months is not None
+    assert answer.cumulative_12_months.effective_dose_msv >= first.dose.effective_dose_msv
+
+
+def test_adult_relevant_priors_with_dose_through_the_api(client: TestClient) -> None:
+    r = client.get(
+        "/api/priors",
+        params={"facility": ADULT[0], "mrn": ADULT[1], "exam": "CT ABD/PEL W", "setting": "outpatient"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    relevant = [p for p in body["priors"] if p["relevant"]]
+    assert {p["facility"] for p in relevant} >= {"northgen", "stmarys"}
+    assert all(p["dose"]["effective_dose_msv"] > 0 for p in relevant if p["modality"] == "CT")
+    assert "/api/priors" in client.get("/openapi.json").json()["paths"]
+
+
+def test_bad_and_unknown_input(client: TestClient) -> None:
+    r = client.get("/api/priors", params={"facility": CHILD[0], "mrn": CHILD[1], "exam": "!!! ???"})
+    assert r.status_code == 400 and r.json()
+    r = client.get("/api/priors", params={"facility": CHILD[0], "mrn": "NO-SUCH", "exam": "CT HEAD"})
+    assert r.status_code == 200 and r.json()["patient_found"] is False and r.json()["priors"] == []
+    r = client.get("/api/priors", params={"mrn": CHILD[1], "exam": "CT HEAD"})  # a bare Patient ID
+    assert r.status_code == 400
+    r = client.get("/api/priors", params={"identifier": f"NOT-AN-ISSUER|{CHILD[1]}", "exam": "CT HEAD"})
+    assert r.status_code == 400
+
+
+def test_bare_id_unconfirmed_link_and_nearline(client: TestClient) -> None:
+    engine = _engine(client)
+    now = CHILD_RECENT_CT_DATE + timedelta(days=9)
+    with Session(engine) as session:
+        child = session.exec(
+            select(Patient).where(Patient.issuer != "", Patient.patient_id == CHILD[1])
+        ).one()
+        stranger = session.exec(
+            select(Patient).where(Patient.person_id != child.person_id, Patient.facility_id == "northgen")
+        ).first()
+        assert stranger is not None
+        # A patient at another facility under the very same Patient ID, but another person.
+        stranger_study = session.exec(select(Study).where(Study.patient_pk == stranger.pk)).first()
+        assert stranger_study is not None
+        stranger.patient_id = CHILD[1]
+        session.add(stranger)
+        session.commit()
+        ids_before = {p.study_instance_uid for p in _answer(session, now).priors}
+        assert stranger_study.study_uid not in ids_before
+        # An open review item between the child and the stranger: shown, unconfirmed, not counted.
+        rec = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == child.pk)).one()
+        other = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == stranger.pk)).one()
+        session.add(ReviewItem(record_id=other.id, candidate_record_id=rec.id, weight=9.0))
+        # The child's recent CT known only from St Mary's listing: NEARLINE.
+        recent = _answer(session, now).priors[0]
+        session.add(
+            StudyLocation(study_uid=recent.study_instance_uid, facility_id="stmarys", has_pixels=False)
+        )
+        session.commit()
+        answer = _answer(session, now)
+    by_uid = {p.study_instance_uid: p for p in answer.priors}
+    assert by_uid[stranger_study.study_uid].link == "unconfirmed"
+    assert {p.link for p in answer.priors if p.study_instance_uid in ids_before} == {"confirmed"}
+    assert by_uid[recent.study_instance_uid].availability == "NEARLINE"
+
+
+def _answer(session: Session, now: date) -> Any:
+    return service.find_priors(
+        session=session,
+        principal=ADMIN,
+        facility=CHILD[0],
+        mrn=CHILD[1],
+        exam="CT ABDOMEN PELVIS",
+        setting="ed",
+        now=now,
+    )
+
+
+def test_avoided_repeats_recorded_and_summed_per_month(client: TestClient) -> None:
+    engine = _engine(client)
+    with Session(engine) as session:
+        uid = _answer(session, CHILD_RECENT_CT_DATE + timedelta(days=9)).priors[0].study_instance_uid
+        for when in (
+            datetime(2026, 6, 25, tzinfo=UTC),
+            datetime(2026, 6, 26, tzinfo=UTC),
+            datetime(2026, 7, 2, tzinfo=UTC),
+        ):
+            out = service.record_avoided(
+                session=session,
+                principal=ADMIN,
+                study_uid=uid,
+                planned_exam="CT ABDOMEN PELVIS",
+                facility="kids",
+                now=when,
+            )
+            assert out.basis == "prior" and out.estimated_dose_msv and out.who == ADMIN.who
+    r = client.post(
+        "/api/priors/avoided",
+        json={"study_instance_uid": uid, "planned_exam": "CT ABD PEL", "facility": "kids"},
+    )
+    assert r.status_code == 201, r.text
+    months = {(m["facility"], m["month"]): m for m in client.get("/api/metrics/avoided").json()}
+    assert months[("kids", "2026-06")]["repeats_avoided"] == 2
+    assert months[("kids", "2026-06")]["dose_spared_msv"] == pytest.approx(
+        2 * out.estimated_dose_msv, abs=0.01
+    )
+    assert months[("kids", "2026-07")]["repeats_avoided"] == 1
+    r = client.post(
+        "/api/priors/avoided", json={"study_instance_uid": "1.2.3", "planned_exam": "CT", "facility": "kids"}
+    )
+    assert r.status_code == 404
