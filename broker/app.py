@@ -39,6 +39,7 @@ from broker.index.ingest import configure_parsing
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.settings import Settings, get_settings
+from broker.web.routes import router as web_router
 from storage import StoreUnavailable, open_store
 
 log = logging.getLogger("scanonce")
@@ -100,6 +101,10 @@ def create_app(
         version="0.1.0",
         description="Inter-facility image-sharing broker: find the prior before you scan again.",
         lifespan=_services if services else None,
+        # broker.web serves /docs from its own copy of Swagger UI (the defaults load it, and
+        # ReDoc, from public CDNs: blank pages offline).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.scanonce = state or build_state(settings)
 
@@ -162,6 +167,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(identity_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
+    app.include_router(web_router)
 
 
 def app_from_env() -> FastAPI:

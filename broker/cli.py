@@ -31,6 +31,7 @@ from broker.jobs import cli as jobs_cli
 from broker.logfilters import redact_access_log
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from broker.web import cli as web_cli
 
 app = typer.Typer(
     help="ScanOnce: find the prior before you scan again.", no_args_is_help=True, add_completion=False
@@ -220,6 +221,7 @@ def _register_domains() -> None:
     federation_cli.register(app)
     jobs_cli.register(app)
     app.add_typer(identity_app, name="identity")
+    web_cli.register(app)
 
 
 _register_domains()
