@@ -79,7 +79,7 @@ class Broker:
     served: Served
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory, viewer_dir: Path) -> Iterator[Broker]:
     tmp = tmp_path_factory.mktemp("web")
     backend = SimpleNamespace(
