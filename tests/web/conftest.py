@@ -88,7 +88,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory, viewer_dir: Path) -> Iterat
     studies, parts = _studies()
     body, content_type = multipart_body(parts)
     with scanonce_serve(
-        tmp / "serve", backend, SCANONCE_MLLP_PORT="0", SCANONCE_VIEWER_DIR=str(viewer_dir)
+        # COLUMNS: a narrow terminal, where a banner that wraps would break its URLs.
+        tmp / "serve",
+        backend,
+        SCANONCE_MLLP_PORT="0",
+        SCANONCE_VIEWER_DIR=str(viewer_dir),
+        COLUMNS="40",
     ) as served:
         r = httpx.post(
             f"{served.url}/dicom-web/studies",
