@@ -123,12 +123,15 @@ def _unpack(tgz: Path, into: Path, *, prefix: str) -> None:
     def keep(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         if not member.name.startswith(prefix) or member.name == prefix:
             return None
-        checked = tarfile.data_filter(member, dest)
-        return checked.replace(name=member.name[len(prefix) :]) if checked is not None else None
+        # Checked after stripping: "package/../x" is inside the archive's root but not inside ours.
+        return tarfile.data_filter(member.replace(name=member.name[len(prefix) :]), dest)
 
     into.mkdir(parents=True)
-    with tarfile.open(tgz) as tar:
-        tar.extractall(into, filter=keep)
+    try:
+        with tarfile.open(tgz) as tar:
+            tar.extractall(into, filter=keep)
+    except tarfile.TarError as exc:  # a broken archive, or a member pointing outside it
+        raise IntegrityError(f"{tgz.name} cannot be unpacked safely: {exc}") from exc
 
 
 def rewrite_public_path(dist: Path, base: str) -> None:

@@ -20,6 +20,9 @@ router = APIRouter(include_in_schema=False)
 _SWAGGER_ASSETS = "/docs/assets/"
 # Hashed bundles never change under their name; everything else is revalidated.
 _IMMUTABLE = "public, max-age=31536000, immutable"
+# Cross-origin isolation: the viewer's 3D and MPR need SharedArrayBuffer. Everything it loads is
+# the broker's own, so nothing is blocked by it.
+_ISOLATED = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 
 
 def _installed(settings: Settings, package: str) -> Path | None:
@@ -80,7 +83,7 @@ def viewer_root() -> RedirectResponse:
 @router.get(assets.VIEWER_PATH + "app-config.js")
 def viewer_config(state: StateDep) -> Response:
     body = service.app_config_js(base_url=state.settings.base_url)
-    return Response(body, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+    return Response(body, media_type="text/javascript", headers={"Cache-Control": "no-cache", **_ISOLATED})
 
 
 @router.get(assets.VIEWER_PATH + "{path:path}")
@@ -91,7 +94,7 @@ async def viewer(path: str, request: Request, state: StateDep) -> Response:
     found = _file(root, path) if path else None
     if found is not None:
         cache = _IMMUTABLE if ".bundle." in found.name or found.suffix == ".wasm" else "no-cache"
-        return FileResponse(found, headers={"Cache-Control": cache})
+        return FileResponse(found, headers={"Cache-Control": cache, **_ISOLATED})
     # Anything else is a route of the single-page app (the study list, `viewer?StudyInstanceUIDs=`).
     uids = [
         uid.strip()
@@ -106,4 +109,4 @@ async def viewer(path: str, request: Request, state: StateDep) -> Response:
         if waiting is not None:
             page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
             return HTMLResponse(page, status_code=503 if waiting.error else 202)
-    return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache", **_ISOLATED})
