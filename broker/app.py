@@ -38,7 +38,7 @@ from broker.identity.adt import feed_principal
 from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
 from broker.index import service as index_service
-from broker.index.ingest import configure_parsing
+from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
@@ -121,8 +121,6 @@ def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextMana
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from broker.index.ingest import start_parsing, stop_parsing
-
         await asyncio.to_thread(start_parsing)
         try:
             if services:
