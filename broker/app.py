@@ -38,12 +38,13 @@ from broker.identity.adt import feed_principal
 from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
 from broker.index import service as index_service
-from broker.index.ingest import configure_parsing
+from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
 from broker.settings import Settings, get_settings
+from broker.web.routes import router as web_router
 from storage import StoreUnavailable, open_store
 
 log = logging.getLogger("scanonce")
@@ -121,8 +122,6 @@ def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextMana
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from broker.index.ingest import start_parsing, stop_parsing
-
         await asyncio.to_thread(start_parsing)
         try:
             if services:
@@ -147,6 +146,10 @@ def create_app(
         version="0.1.0",
         description="Inter-facility image-sharing broker: find the prior before you scan again.",
         lifespan=_lifespan(services=services),
+        # broker.web serves /docs from its own copy of Swagger UI (the defaults load it, and
+        # ReDoc, from public CDNs: blank pages offline).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.scanonce = state or build_state(settings)
 
@@ -211,6 +214,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(fhir_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
+    app.include_router(web_router)
 
 
 def app_from_env() -> FastAPI:

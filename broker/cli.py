@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
 from collections import Counter
@@ -32,6 +34,7 @@ from broker.logfilters import redact_access_log
 from broker.lookup import cli as lookup_cli
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from broker.web import cli as web_cli
 
 app = typer.Typer(
     help="ScanOnce: find the prior before you scan again.", no_args_is_help=True, add_completion=False
@@ -80,17 +83,56 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     redact_access_log()
+    _ports_free(settings)
     application = create_app(settings, services=True)
     origin = f"http://{settings.host}:{settings.port}"
-    console.print(f"[bold]ScanOnce[/] on {origin}")
-    console.print(f"  DICOMweb:  {origin}/dicom-web  (e.g. {origin}/dicom-web/studies)")
-    console.print(f"  API docs:  {origin}/docs")
-    if settings.dimse_port:
-        console.print(f"  DIMSE:     {settings.ae_title}@{settings.host}:{settings.dimse_port}")
-    if settings.mllp_port:
-        console.print(f"  HL7 MLLP:  {settings.host}:{settings.mllp_port}  (ADT identity feed)")
-    console.print(f"  data:      {settings.data_dir.resolve()}")
+    # soft_wrap: a URL is never broken across lines, whatever the terminal's width.
+    for line in (
+        f"[bold]ScanOnce[/] on {origin}/",
+        f"  viewer:    {origin}/viewer/",
+        f"  API docs:  {origin}/docs",
+        f"  DICOMweb:  {origin}/dicom-web",
+        f"  DIMSE:     {settings.ae_title}@{settings.host}:{settings.dimse_port}"
+        if settings.dimse_port
+        else "",
+        f"  HL7 MLLP:  {settings.host}:{settings.mllp_port}  (ADT identity feed)"
+        if settings.mllp_port
+        else "",
+        f"  data:      {settings.data_dir.resolve()}",
+    ):
+        if line:
+            console.print(line, soft_wrap=True)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+def _ports_free(settings: Settings) -> None:
+    """One line naming a taken port and the option that changes it, rather than a traceback
+    after the banner (each listener would otherwise fail on its own, deep in start-up)."""
+    listeners = (
+        ("HTTP", settings.port, "--port or SCANONCE_PORT"),
+        ("DIMSE", settings.dimse_port, "--dimse-port or SCANONCE_DIMSE_PORT (0: off)"),
+        ("HL7 MLLP", settings.mllp_port, "--mllp-port or SCANONCE_MLLP_PORT (0: off)"),
+    )
+    for what, port, option in listeners:
+        if not port:
+            continue
+        try:
+            family, kind, proto, _name, address = socket.getaddrinfo(
+                settings.host, port, type=socket.SOCK_STREAM
+            )[0]
+            with socket.socket(family, kind, proto) as sock:
+                # As the servers bind: a port in TIME_WAIT after a restart is free to them.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as exc:
+            reason = (
+                "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            )
+            clikit.err_console.print(
+                f"[red]Port {port} ({what}) on {settings.host} {reason}:[/] choose another with {option}.",
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=clikit.EXIT_REFUSED) from None
 
 
 def _iter_inputs(paths: list[Path], tmp: Path) -> Iterator[tuple[str, str]]:
@@ -222,6 +264,7 @@ def _register_domains() -> None:
     jobs_cli.register(app)
     identity_cli.register(app)
     lookup_cli.register(app)
+    web_cli.register(app)
 
 
 _register_domains()

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from broker.errors import ScanOnceError
 from broker.settings import Settings
@@ -67,6 +69,19 @@ def fail(exc: ScanOnceError) -> NoReturn:
 def usage_error(message: str) -> NoReturn:
     err_console.print(f"[red]Usage error:[/] {message}")
     raise typer.Exit(code=EXIT_USAGE)
+
+
+def print_table(table: Table) -> None:
+    """A table is never cut: on a terminal its cells fold within the terminal's width; into a
+    pipe or a file it is printed at its full width (rich would assume 80 columns there)."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(width=100_000), table).maximum
+    # A console of its own: print(width=) can only narrow the console's assumed 80 columns.
+    Console(file=console.file, width=max(natural, console.width)).print(table)
 
 
 def progress() -> Progress:

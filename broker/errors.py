@@ -61,3 +61,10 @@ class Unavailable(ScanOnceError):
 
 class InvalidUID(BadRequest):
     title = "Invalid DICOM UID"
+
+
+class IntegrityError(ScanOnceError):
+    """Something downloaded is not what was pinned (its checksum or its layout differs)."""
+
+    status_code = 502
+    title = "Integrity check failed"

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANONCE_", extra="ignore")
@@ -106,6 +108,14 @@ class Settings(BaseSettings):
         ),
     )
 
+    viewer_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Where `scanonce web install` puts the browser assets the broker serves (the OHIF viewer, "
+            "Swagger UI); default: .cache/web in the source tree."
+        ),
+    )
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
@@ -123,6 +133,10 @@ class Settings(BaseSettings):
         if self.storage_url:
             return self.storage_url
         return (self.data_dir / "objects").resolve().as_uri()
+
+    def resolved_viewer_dir(self) -> Path:
+        # Beside the clone the broker runs from (outside git: .gitignore has /.cache/).
+        return (self.viewer_dir or _SOURCE_ROOT / ".cache" / "web").resolve()
 
 
 @lru_cache

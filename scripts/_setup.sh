@@ -1,4 +1,5 @@
-# Shared by scripts/demo and scripts/test: a virtualenv with the project installed.
+# Shared by scripts/demo and scripts/test: a virtualenv with the project installed, and the
+# browser assets the broker serves.
 # Safe to run twice: it only reinstalls when pyproject.toml changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,3 +26,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# The browser assets the broker serves (the OHIF Viewer, Swagger UI): pinned npm packages whose
+# sha256 is checked (broker/web/assets.lock), unpacked under .cache/web (or $SCANONCE_VIEWER_DIR).
+if ! command -v npm >/dev/null; then
+  SUDO="$(need_root)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm >/dev/null
+fi
+"$VENV/bin/scanonce" web install

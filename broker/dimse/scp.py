@@ -48,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
 
 from broker.deps import AppState
 from broker.dicom import reactor
@@ -55,7 +56,9 @@ from broker.dicom.network import SpoolingAE, chunked_send
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
-from broker.index.service import IngestBatcher
+from broker.federation import service as federation
+from broker.index.schemas import Query
+from broker.index.service import IngestBatcher, find_instances, search
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
 from storage import StoreUnavailable
@@ -501,11 +504,6 @@ def _search_pages(
     handle: ScpHandle, request: ds.FindRequest, *, level: str | None = None, keywords: frozenset[str]
 ) -> Iterator[tuple[dict[str, Any], bool]]:
     """Yield (match, keys_ignored) page by page (QIDO's page size), so no answer is held whole."""
-    from sqlmodel import Session
-
-    from broker.index.schemas import Query
-    from broker.index.service import search
-
     page = max(1, handle.state.settings.qido_max_limit)
     offset = 0
     while True:
@@ -678,11 +676,6 @@ def _instances_to_send(handle: ScpHandle, event: evt.Event) -> list[_Item]:
     """Resolve a C-MOVE/C-GET identifier to the stored instances it names: the index's query
     engine finds the studies/series/instances, `find_instances` where each object is
     (IdentifierError, BadRequest or another error on failure)."""
-    from sqlmodel import Session
-
-    from broker.federation import service as federation
-    from broker.index.service import find_instances
-
     request = ds.parse_identifier(_identifier(event), levels=_levels(event))
     ds.require_retrieve_key(request)
     # Which (study, series) to list, and for IMAGE level which SOP Instance UIDs in them.

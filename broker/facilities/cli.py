@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from sqlmodel import Session
 
-from broker.clikit import DataDir, console, fail, state
+from broker.clikit import DataDir, console, fail, print_table, state
 from broker.errors import ScanOnceError
 from broker.facilities import service
 from broker.facilities.models import Facility
@@ -99,7 +99,7 @@ def facility_add(
                 calling_ae_titles=calling_ae or (),
                 sharing_policy=policy.value,
             )
-            console.print(_facility_table(_rows(session, [f])))
+            print_table(_facility_table(_rows(session, [f])))
     except ScanOnceError as exc:
         fail(exc)
 
@@ -109,7 +109,7 @@ def facility_list(data_dir: DataDir = None) -> None:
     """All registered facilities."""
     app_state = state(data_dir)
     with Session(app_state.engine) as session:
-        console.print(_facility_table(_rows(session, service.list_facilities(session=session))))
+        print_table(_facility_table(_rows(session, service.list_facilities(session=session))))
 
 
 @facility_app.command("show")
@@ -141,7 +141,7 @@ def facility_show(facility_id: FacilityId, data_dir: DataDir = None) -> None:
                 *(detail(session, f.id) for detail in _details),
             ):
                 table.add_row(label, value or "")
-            console.print(table)
+            print_table(table)
     except ScanOnceError as exc:
         fail(exc)
 
@@ -190,7 +190,7 @@ def facility_update(
                 facility_id=facility_id,
                 **changes,
             )
-            console.print(_facility_table(_rows(session, [f])))
+            print_table(_facility_table(_rows(session, [f])))
     except ScanOnceError as exc:
         fail(exc)
 

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from broker.dicom import synth
+from broker.demo import synth
 from tests.dimse.conftest import Node, _start, synthetic_studies
 from tests.peers import dcmtk, storescp
 
