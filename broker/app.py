@@ -59,6 +59,10 @@ def build_state(settings: Settings) -> AppState:
     index_service.set_patient_linker(identity_service.link_patient)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
+    # Studies stored before the lookup's facts existed: a durable job computes them once.
+    index_service.ensure_facts_current(engine=engine)
+    # The matcher retrains itself as the records grow (identity.autotrain says when).
+    identity_service.ensure_trained(engine=engine)
     facilities_service.ensure_default_facility(engine=engine, settings=settings)
     store = open_store(settings.resolved_storage_url())
     processes = settings.ingest_processes
@@ -70,6 +74,7 @@ def build_state(settings: Settings) -> AppState:
 
 def register_jobs() -> None:
     """Every domain's job kinds, explicitly (a worker runs what its process registered)."""
+    index_service.register_jobs()
     federation_service.register_jobs()
     identity_service.register_jobs()
 

@@ -11,6 +11,7 @@ import threading
 from sqlalchemy.engine import Engine
 
 from broker.federation import service
+from broker.identity import service as identity
 from broker.settings import Settings
 
 log = logging.getLogger("scanonce.federation.schedule")
@@ -34,6 +35,8 @@ def scheduler_loop(
             )
             if queued:
                 log.info("queued %d periodic syncs", len(queued))
+            # Syncs grow the identity records: retrain the matcher when they grew enough.
+            identity.ensure_trained(engine=engine)
         except Exception:  # the schedule must survive a bad tick (database restart, ...)
             log.exception("periodic sync scheduling failed")
         stop.wait(tick)

@@ -21,7 +21,7 @@ from sqlmodel import Session, col, select
 from broker.errors import BadRequest
 from broker.identity import matching
 from broker.identity.matching import Demographics
-from broker.identity.models import BlockKey, ModelParams
+from broker.identity.models import BlockKey, IdentitySetting, ModelParams
 from broker.identity.records import RECORD_COLUMNS, demo_of
 from broker.identity.schemas import LinkPolicy, ModelParameters
 from broker.security.schemas import Principal
@@ -79,6 +79,9 @@ def _store(session: Session, params: Params, *, pairs: int) -> None:
     _forget_params(session)
 
 
+TRAINED_RECORDS = "trained_records"
+
+
 def train(*, session: Session, principal: Principal, max_pairs: int = 200_000, seed: int = 7) -> Params:
     """Estimate m/u from the records themselves (matching.fit_parameters): u from random pairs,
     m by EM over the pairs that blocking proposes, one training rule (key kind) at a time as
@@ -129,6 +132,9 @@ def train(*, session: Session, principal: Principal, max_pairs: int = 200_000, s
     kept = current_params(session=session).get("policy")
     if kept is not None:
         params["policy"] = kept
+    # How many records this training saw: the automatic retraining (identity.autotrain) compares
+    # the index's growth against it.
+    session.merge(IdentitySetting(name=TRAINED_RECORDS, value=str(len(ids))))
     _store(session, params, pairs=n_pairs)
     log.info("identity parameters trained on %d records by %s", len(ids), principal.who)
     return params

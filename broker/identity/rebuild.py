@@ -19,7 +19,7 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, Conflict
-from broker.identity import matching
+from broker.identity import autotrain, matching
 from broker.identity.locks import serialize_linking
 from broker.identity.models import BlockKey, IdentityRecord, IdentitySetting, core_table
 from broker.identity.records import RECORD_COLUMNS, demo_of
@@ -248,3 +248,4 @@ def _rebuild_keys_job(engine: Engine, _store: Any, job: Job, progress: jobs.Prog
 def register_jobs() -> None:
     """Identity's job kinds: the app factory and `scanonce worker` call this once."""
     jobs.register(KEYS_JOB)(_rebuild_keys_job)
+    autotrain.register_jobs()

@@ -31,6 +31,7 @@ Where each part lives:
 from __future__ import annotations
 
 from broker.identity import matching
+from broker.identity.autotrain import TRAIN_JOB, ensure_trained, training_due
 from broker.identity.decisions import CORROBORATION_BITS, GENERATION_YEARS, auto_link_allowed
 from broker.identity.linking import link_patient, patient_extras, upsert_record
 from broker.identity.manual import decide_review, explain, manual_link, merge, review_queue, unlink
@@ -73,6 +74,7 @@ __all__ = [
     "GENERATION_YEARS",
     "KEYS_JOB",
     "KEY_CAP",
+    "TRAIN_JOB",
     "REBUILD_BATCH",
     "REVIEW_WEIGHT",
     "Explanation",
@@ -89,6 +91,7 @@ __all__ = [
     "demo_of",
     "describe_rebuild",
     "ensure_keys_current",
+    "ensure_trained",
     "explain",
     "get_record",
     "issuer_known",
@@ -110,6 +113,7 @@ __all__ = [
     "set_policy",
     "set_trusted_issuer",
     "train",
+    "training_due",
     "unconfirmed_patients",
     "unlink",
     "upsert_record",

@@ -9,16 +9,33 @@ index of ten thousand studies as on one of a million.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from sqlalchemy import delete, update
+from sqlalchemy import select as sa_select
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker.dicom.dose import DoseRecord, read_dose
 from broker.dicom.json_model import str_value
-from broker.index.models import DoseFact, Patient, Series, SeriesFacts, Study, StudyFacts, StudyLocation
+from broker.index.models import (
+    DoseFact,
+    Instance,
+    Patient,
+    Series,
+    SeriesFacts,
+    Study,
+    StudyFacts,
+    StudyLocation,
+)
+from broker.jobs import service as jobs
+from broker.jobs.models import Job
+
+log = logging.getLogger("scanonce.index")
 
 FACTS_VERSION = 1
 
@@ -239,3 +256,101 @@ def studies_by_uid(*, session: Session, study_uids: Sequence[str]) -> list[Study
     views = studies_of_patients(session=session, patients=patients_by_pk(session=session, patient_pks=pks))
     wanted = set(study_uids)
     return [v for v in views if v.study_uid in wanted]
+
+
+# -- the facts job: studies stored before the facts existed ----------------------------------------
+
+FACTS_JOB = "index-facts"
+FACTS_BATCH = 50  # studies per run of `compute_missing_facts`; each study is its own transaction
+
+
+def _missing_stmt() -> Any:
+    """Studies with stored instances and no facts of the current version."""
+    done = select(StudyFacts.study_pk).where(StudyFacts.version >= FACTS_VERSION)
+    return (
+        select(Instance.study_pk)
+        .where(col(Instance.study_pk).not_in(done))
+        .distinct()
+        .order_by(col(Instance.study_pk))
+    )
+
+
+def facts_missing(*, session: Session) -> bool:
+    return session.exec(_missing_stmt().limit(1)).first() is not None
+
+
+def compute_study_facts(*, session: Session, study_pk: int) -> int:
+    """(Re)compute one study's facts from its instances' stored metadata (the DICOM JSON ingest
+    built from the object), replacing what was there; commits. Returns the instances read.
+
+    The study row is written first: on PostgreSQL that row lock orders this against an ingest
+    adding instances to the study (ingest bumps the study's counters before writing its facts),
+    and on SQLite the first write takes the database's write lock before anything is read."""
+    study_t = Study.__table__  # type: ignore[attr-defined]
+    session.execute(
+        update(study_t).where(study_t.c.pk == study_pk).values(num_instances=study_t.c.num_instances)
+    )
+    session.execute(delete(SeriesFacts).where(col(SeriesFacts.study_pk) == study_pk))
+    session.execute(delete(DoseFact).where(col(DoseFact.study_pk) == study_pk))
+    session.execute(delete(StudyFacts).where(col(StudyFacts.study_pk) == study_pk))
+    per_series: dict[int, list[InstanceFacts]] = {}
+    doses: list[tuple[str, str]] = []
+    n = 0
+    rows = session.execute(
+        sa_select(col(Instance.sop_uid), col(Instance.series_pk), col(Instance.metadata_json)).where(
+            col(Instance.study_pk) == study_pk
+        )
+    ).all()
+    for sop_uid, series_pk, metadata in rows:
+        try:
+            attrs = orjson.loads(metadata)
+        except orjson.JSONDecodeError:
+            continue
+        f = instance_facts(attrs)
+        per_series.setdefault(series_pk, []).append(f)
+        if f.dose_json is not None:
+            doses.append((sop_uid, f.dose_json))
+        n += 1
+    write_facts(session=session, study_pk=study_pk, per_series=per_series, doses=doses)
+    session.commit()
+    return n
+
+
+def compute_missing_facts(
+    *, engine: Engine, batch: int = FACTS_BATCH, progress: Callable[[int, int], None] | None = None
+) -> tuple[int, int]:
+    """Compute the facts of every study that lacks them, until none is left (resumable: a study
+    done is marked). Returns (studies, instances)."""
+    studies = instances = 0
+    while True:
+        with Session(engine) as session:
+            todo = list(session.exec(_missing_stmt().limit(batch)))
+        if not todo:
+            return studies, instances
+        for study_pk in todo:
+            with Session(engine) as session:
+                instances += compute_study_facts(session=session, study_pk=int(study_pk))
+            studies += 1
+        if progress is not None:
+            progress(studies, studies)
+
+
+def ensure_facts_current(*, engine: Engine) -> Job | None:
+    """At startup: queue the facts job when a stored study has no facts (one query when all do)."""
+    with Session(engine) as session:
+        if not facts_missing(session=session):
+            return None
+    log.info("studies without lookup facts: facts job queued")
+    return jobs.enqueue(engine=engine, kind=FACTS_JOB, key=str(FACTS_VERSION))
+
+
+def _facts_job(engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> None:
+    studies, instances = compute_missing_facts(
+        engine=engine, progress=lambda done, _total: progress.update(done=done)
+    )
+    progress.update(message=f"facts of {studies} studies ({instances} instances)")
+
+
+def register_jobs() -> None:
+    """The index's job kinds: the app factory and `scanonce worker` call this once."""
+    jobs.register(FACTS_JOB)(_facts_job)
