@@ -122,6 +122,8 @@ class ReviewItem(SQLModel, table=True):
     __table_args__ = (
         Index("ix_identity_review_status", "status", "id"),
         Index("ix_identity_review_record", "record_id"),
+        # The lookup asks for open items naming a person's records on either side.
+        Index("ix_identity_review_candidate", "candidate_record_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -11,7 +11,7 @@ from alembic import op
 revision = "0007_lookup"
 down_revision = "0006_study_issuer_in_data"
 branch_labels = None
-depends_on = None
+depends_on = "0002_identity"  # identity_review gets an index here
 
 
 def upgrade() -> None:
@@ -51,9 +51,12 @@ def upgrade() -> None:
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_lookup_avoided_facility_at", "lookup_avoided", ["facility_id", "recorded_at"])
+    # The lookup finds open review items naming a person's records on either side.
+    op.create_index("ix_identity_review_candidate", "identity_review", ["candidate_record_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_identity_review_candidate", table_name="identity_review")
     op.drop_table("lookup_avoided")
     op.drop_table("study_facts")
     op.drop_table("dose_fact")
