@@ -7,8 +7,12 @@ Built so far, pure logic with versioned data files (docs/lookup.md, docs/dose.md
 - per-study dose (`dose`, `dose_data/`): effective dose, SSDE, typical doses, cumulative dose, from
   the per-instance records `broker.dicom.dose` reads.
 
+- the service (`service`, `models`, `routes`, `cli`): every study of a patient's person across
+  facilities (through identity; unconfirmed links shown as such), judged, with dose, availability,
+  cumulative dose and repeat cost; avoided repeats (docs/lookup.md "The lookup service").
+
 May import: the pure modules above only broker.errors, broker.settings, broker.dicom, the standard
 library and well-kept libraries (tests/lookup/test_layering.py holds them to it), so they can be
-used anywhere; the lookup service that gathers a person's studies will sit above them and may
-import everything up to identity (docs/architecture.md).
+used anywhere; the service sits above them and may import everything up to identity
+(docs/architecture.md).
 """

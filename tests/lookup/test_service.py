@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
+from typer.testing import CliRunner
 
 from broker.app import create_app
+from broker.cli import app
 from broker.demo.service import load_demo
 from broker.identity.models import IdentityRecord, ReviewItem
 from broker.index.models import Patient, Study, StudyLocation
@@ -170,3 +173,19 @@ def test_avoided_repeats_recorded_and_summed_per_month(client: TestClient) -> No
         "/api/priors/avoided", json={"study_instance_uid": "1.2.3", "planned_exam": "CT", "facility": "kids"}
     )
     assert r.status_code == 404
+
+
+def test_cli_on_the_demo(tmp_path: Path) -> None:
+    """`scanonce demo` then `scanonce lookup`: the warning, the in-window prior with its dose."""
+    run = CliRunner().invoke
+    assert run(app, ["demo", "--data-dir", str(tmp_path)]).exit_code == 0
+    now = (CHILD_RECENT_CT_DATE + timedelta(days=9)).isoformat()
+    args = ["lookup", "--data-dir", str(tmp_path), "--facility", CHILD[0], "--mrn", CHILD[1]]
+    r = run(
+        app, [*args, "--exam", "CT ABDOMEN PELVIS", "--setting", "ed", "--now", now], env={"COLUMNS": "250"}
+    )
+    assert r.exit_code == 0, r.output
+    assert "WARNING" in r.output and "9 days ago at stmarys" in r.output
+    assert "IN WINDOW" in r.output and "mSv" in r.output and "Cumulative" in r.output
+    r = run(app, [*args, "--exam", "???"])
+    assert r.exit_code == 1 and r.output
