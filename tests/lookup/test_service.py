@@ -86,6 +86,19 @@ def test_bad_and_unknown_input(client: TestClient) -> None:
     assert r.status_code == 400 and r.json()
     r = client.get("/api/priors", params={"facility": CHILD[0], "mrn": "NO-SUCH", "exam": "CT HEAD"})
     assert r.status_code == 200 and r.json()["patient_found"] is False and r.json()["priors"] == []
+    # An unknown procedure code: read from the description, and said.
+    params = {
+        "facility": CHILD[0],
+        "mrn": CHILD[1],
+        "exam": "CT ABDOMEN PELVIS",
+        "code": "99999",
+        "system": "CPT",
+    }
+    r = client.get("/api/priors", params=params)
+    assert r.status_code == 200 and r.json()["planned"]["decided_by"] == "text"
+    assert any("99999" in n for n in r.json()["planned"]["notes"])
+    r = client.get("/api/priors", params={**params, "exam": ""})
+    assert r.status_code == 400 and "99999" in r.text
     r = client.get("/api/priors", params={"mrn": CHILD[1], "exam": "CT HEAD"})  # a bare Patient ID
     assert r.status_code == 400
     r = client.get("/api/priors", params={"identifier": f"NOT-AN-ISSUER|{CHILD[1]}", "exam": "CT HEAD"})
