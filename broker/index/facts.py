@@ -128,8 +128,13 @@ def write_facts(
             row = existing.get(series_pk) or SeriesFacts(series_pk=series_pk, study_pk=study_pk)
             merge_series_facts(row, facts)
             session.add(row)
-    for sop_uid, record_json in doses:
-        session.merge(DoseFact(sop_uid=sop_uid, study_pk=study_pk, record_json=record_json))
+    if doses:
+        # New instances only (ingest's pending ones, or a study the facts job just cleared): one
+        # multi-row insert, not a lookup per image of a CT.
+        session.execute(
+            DoseFact.__table__.insert(),  # type: ignore[attr-defined]
+            [{"sop_uid": u, "study_pk": study_pk, "record_json": j} for u, j in doses],
+        )
     if mark_study and session.get(StudyFacts, study_pk) is None:
         session.add(StudyFacts(study_pk=study_pk, version=FACTS_VERSION))
 
