@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -115,28 +116,76 @@ def write_facts(
     doses: Sequence[tuple[str, str]],
     mark_study: bool = True,
 ) -> None:
-    """Add instances' facts inside the caller's transaction (ingest's, or the facts job's).
+    """Add one study's instances' facts inside the caller's transaction (the facts job's).
     `doses`: (SOP Instance UID, compact DoseRecord JSON)."""
-    if per_series:
-        existing = {
-            f.series_pk: f
-            for f in session.exec(
-                select(SeriesFacts).where(col(SeriesFacts.series_pk).in_(list(per_series))).with_for_update()
-            )
-        }
-        for series_pk, facts in per_series.items():
-            row = existing.get(series_pk) or SeriesFacts(series_pk=series_pk, study_pk=study_pk)
+    write_batch_facts(
+        session=session,
+        series_study={pk: study_pk for pk in per_series},
+        per_series=per_series,
+        doses=[(u, study_pk, j) for u, j in doses],
+        new_studies={study_pk} if mark_study else set(),
+    )
+
+
+def write_batch_facts(
+    *,
+    session: Session,
+    series_study: Mapping[int, int],
+    per_series: Mapping[int, Sequence[InstanceFacts]],
+    doses: Sequence[tuple[str, int, str]],
+    new_studies: set[int],
+    new_series: set[int] | None = None,
+) -> None:
+    """Add the facts of a batch of new instances inside the caller's transaction (ingest's): a
+    handful of statements per batch, whatever the number of studies and images in it.
+
+    series_study: series pk -> study pk; doses: (SOP Instance UID, study pk, DoseRecord JSON);
+    new_studies: studies to mark complete (new in this batch); new_series: series known to have
+    no facts yet (not looked up)."""
+    fresh = new_series or set()
+    lookup = [pk for pk in per_series if pk not in fresh]
+    existing: dict[int, SeriesFacts] = {}
+    for start in range(0, len(lookup), 500):
+        chunk = lookup[start : start + 500]
+        for f in session.exec(
+            select(SeriesFacts).where(col(SeriesFacts.series_pk).in_(chunk)).with_for_update()
+        ):
+            existing[f.series_pk] = f
+    inserts: list[dict[str, Any]] = []
+    for series_pk, facts in per_series.items():
+        row = existing.get(series_pk)
+        if row is not None:
             merge_series_facts(row, facts)
             session.add(row)
+            continue
+        row = SeriesFacts(
+            series_pk=series_pk,
+            study_pk=series_study[series_pk],
+            contrast_agent="",
+            laterality="",
+            body_part="",
+            instances=0,
+        )
+        merge_series_facts(row, facts)
+        inserts.append(row.model_dump())
+    if inserts:
+        session.execute(SeriesFacts.__table__.insert(), inserts)  # type: ignore[attr-defined]
     if doses:
         # New instances only (ingest's pending ones, or a study the facts job just cleared): one
         # multi-row insert, not a lookup per image of a CT.
         session.execute(
             DoseFact.__table__.insert(),  # type: ignore[attr-defined]
-            [{"sop_uid": u, "study_pk": study_pk, "record_json": j} for u, j in doses],
+            [{"sop_uid": u, "study_pk": st, "record_json": j} for u, st, j in doses],
         )
-    if mark_study and session.get(StudyFacts, study_pk) is None:
-        session.add(StudyFacts(study_pk=study_pk, version=FACTS_VERSION))
+    if new_studies:
+        session.execute(
+            StudyFacts.__table__.insert(),  # type: ignore[attr-defined]
+            [{"study_pk": pk, "version": FACTS_VERSION, "computed_at": _now()} for pk in sorted(new_studies)],
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 # -- what the lookup reads ------------------------------------------------------------------------

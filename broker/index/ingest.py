@@ -32,7 +32,7 @@ from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
 from broker.errors import NotFound
 from broker.facilities.models import Facility
-from broker.index.facts import InstanceFacts, write_facts
+from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
 from broker.index.parse import _Parsed, parse_instance
@@ -181,6 +181,7 @@ class _Batch:
         self.series: dict[str, Series] = {}
         self.new_study_pks: set[int] = set()
         self.new_series: list[tuple[int, str]] = []  # (study pk, modality) of series added to old studies
+        self.new_series_pks: set[int] = set()
 
     def _patient_key(self, p: _Parsed) -> tuple[str, str]:
         return patient_key(
@@ -234,6 +235,7 @@ class _Batch:
                 self.new_series.append((study.pk, modality))  # type: ignore[arg-type]
         if new_series:
             session.flush()
+            self.new_series_pks = {self.series[p.series_uid].pk for p in new_series}  # type: ignore[misc]
 
     def _patients(self, new_studies: list[_Parsed]) -> dict[tuple[str, str], Patient]:
         """The patient row of each new study: found, created, or updated with newer demographics."""
@@ -274,25 +276,27 @@ class _Batch:
 def _write_facts(session: Session, batch: _Batch, pending: list[tuple[int, _Parsed]]) -> None:
     """The prior lookup's facts of the new instances (index.facts), in the same transaction; a
     study that is new in this batch is marked as having all its facts."""
-    per_study: dict[int, tuple[dict[int, list[InstanceFacts]], list[tuple[str, str]]]] = {}
+    series_study: dict[int, int] = {}
+    per_series: dict[int, list[InstanceFacts]] = {}
+    doses: list[tuple[str, int, str]] = []
     for _i, p in pending:
         if p.facts is None:
             continue
         study_pk = batch.studies[p.study_uid].pk
         series_pk = batch.series[p.series_uid].pk
         assert study_pk is not None and series_pk is not None
-        per_series, doses = per_study.setdefault(study_pk, ({}, []))
+        series_study[series_pk] = study_pk
         per_series.setdefault(series_pk, []).append(p.facts)
         if p.facts.dose_json is not None:
-            doses.append((p.sop_uid, p.facts.dose_json))
-    for study_pk, (per_series, doses) in per_study.items():
-        write_facts(
-            session=session,
-            study_pk=study_pk,
-            per_series=per_series,
-            doses=doses,
-            mark_study=study_pk in batch.new_study_pks,
-        )
+            doses.append((p.sop_uid, study_pk, p.facts.dose_json))
+    write_batch_facts(
+        session=session,
+        series_study=series_study,
+        per_series=per_series,
+        doses=doses,
+        new_studies=batch.new_study_pks,
+        new_series=batch.new_series_pks,
+    )
 
 
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
