@@ -18,6 +18,7 @@ from broker.identity import service
 from broker.index.models import Patient
 from broker.index.service import set_patient_linker
 from broker.security.schemas import Principal, Role
+from tests.support import minimal_part10
 
 
 @pytest.fixture(autouse=True)
@@ -108,21 +109,4 @@ def ingest_patient(
 
 def write_part10(path: Any, **patient: str) -> str:
     """A minimal valid Part 10 object (Secondary Capture, no pixels) with the given patient module."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    ds = Dataset()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    for key, value in patient.items():
-        setattr(ds, key, value)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(path)
+    return minimal_part10(path, **patient)
