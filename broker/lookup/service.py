@@ -21,6 +21,7 @@ from broker.identity import service as identity
 from broker.index import service as index
 from broker.index.facts import StudyView
 from broker.lookup import dose as dosemath
+from broker.lookup import metrics
 from broker.lookup.models import AvoidedRepeat
 from broker.lookup.relevance import interpret_exam, judge
 from broker.lookup.schemas import (
@@ -485,6 +486,7 @@ def record_avoided(
     session.commit()
     session.refresh(row)
     assert row.id is not None
+    metrics.count_avoided(facility=row.facility_id, dose_msv=row.estimated_dose_msv)
     return AvoidedOut(
         id=row.id,
         study_instance_uid=row.study_uid,
