@@ -7,7 +7,14 @@ loopback port; each call is one POST /cds-services/scanonce-prior-imaging for a 
 Patient prefetched with its facility-A identifier, one draft ServiceRequest (CPT 74177, "CT ABD/PEL
 W CONTRAST"), ED encounter. A call with a relevant prior also records its card (one commit).
 
-    .venv/bin/python bench/cds.py --studies 5000 [--calls 300] [--db postgresql+psycopg://...]
+    .venv/bin/python bench/cds.py --studies 5000 [--calls 300] [--db postgresql+psycopg://...] [--orthanc]
+
+With --orthanc, the same run also times the nearest thing a clinician has today: a QIDO-RS
+`studies?PatientID=` query to one facility's archive, on an Orthanc (started here, its settings
+printed: TCP_NODELAY on, StorageCompression off) holding as many studies (bench.synthdata's
+instances, one per study, three studies per patient, stored by STOW-RS). A clinician asks each
+facility so, then reads the list and judges relevance and dose themselves; the CDS call asks every
+facility at once and judges.
 """
 
 from __future__ import annotations
@@ -83,11 +90,40 @@ def _serve(settings: Settings) -> tuple[str, uvicorn.Server, threading.Thread]:
     return f"http://127.0.0.1:{port}", server, thread
 
 
+def orthanc_side(*, studies: int, queries: int, work: Path) -> dict[str, Any]:
+    """p50 / p95 of QIDO-RS PatientID queries on an Orthanc holding `studies` studies."""
+    from bench.archive import instances, pct, run_orthanc, stow_batches, study_facts, timed_get
+
+    data = list(instances(seed=13, n_studies=studies, series_per_study=1, instances_per_series=1))
+    patients = sorted({study_facts(d).patient_id for d in data})
+    with run_orthanc(work) as server:
+        stored = stow_batches(server, [data[i : i + 200] for i in range(0, len(data), 200)], threads=2)
+        rng = random.Random(11)
+        times, found = [], []
+        for i in range(queries + 20):
+            dt, status, body = timed_get(f"{server.base}/studies", params={"PatientID": rng.choice(patients)})
+            assert status == 200, status
+            if i >= 20:
+                times.append(dt * 1000)
+                found.append(len(body or []))
+        return {
+            "orthanc": server.settings["version"],
+            "tcp_nodelay": server.settings["TcpNoDelay"],
+            "storage_compression": server.settings["StorageCompression"],
+            "orthanc_studies": studies,
+            "stored_failed": stored.failed,
+            "qido_patientid_per_facility_p50_ms": round(pct(times, 50), 2),
+            "qido_patientid_per_facility_p95_ms": round(pct(times, 95), 2),
+            "studies_per_answer_mean": round(statistics.mean(found), 2),
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--studies", type=int, default=5_000)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--db", default="", help="database URL (default: a new SQLite file)")
+    ap.add_argument("--orthanc", action="store_true", help="also time PatientID QIDO-RS on Orthanc")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cds-bench-"))
     url = args.db or f"sqlite:///{tmp}/index.sqlite3"
@@ -119,9 +155,11 @@ def main() -> None:
         server.should_exit = True
         thread.join(10)
     times.sort()
+    peer = orthanc_side(studies=args.studies, queries=args.calls, work=tmp) if args.orthanc else {}
     print(
         json.dumps(
             {
+                **peer,
                 "db": "postgresql" if url.startswith("postgresql") else "sqlite",
                 "studies": args.studies,
                 "persons": persons,

@@ -261,3 +261,9 @@ def read_imaging_study(
     if res is None:
         return operation_outcome(404, "no such ImagingStudy")
     return _fhir(res)
+
+
+@router.get("/metadata")
+def metadata(request: Request, settings: SettingsDep) -> Response:
+    """The CapabilityStatement: resources, interactions and search parameters served."""
+    return _fhir(fhir_service.capability_statement(base_url=_base(request, settings)))

@@ -588,3 +588,68 @@ def _resources(session: Session, studies: list[dict[str, Any]], base_url: str) -
             res["series"] = sorted(series, key=lambda x: (x.get("number") is None, x.get("number", 0)))
         out.append(res)
     return out
+
+
+# -- what the server supports -------------------------------------------------------------------------------
+
+_IMAGING_PARAMS = [
+    ("patient", "reference", "The person (Patient/id): their studies at every facility"),
+    ("subject", "reference", "Same as patient"),
+    ("identifier", "token", "Study Instance UID (urn:dicom:uid|urn:oid:...) or accession number"),
+    ("started", "date", "StudyDate; eq, lt, le, gt, ge, sa, eb; repeat for a range"),
+    ("modality", "token", "DICOM modality (DCM)"),
+    ("bodysite", "token", "SNOMED CT body region, or a BodyPartExamined term"),
+]
+
+
+def capability_statement(*, base_url: str) -> dict[str, Any]:
+    """The CapabilityStatement of `/fhir` (GET /fhir/metadata): what FHIR clients may ask."""
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-12-05",
+        "kind": "instance",
+        "software": {"name": "ScanOnce"},
+        "implementation": {
+            "description": "ScanOnce inter-facility imaging broker",
+            "url": f"{base_url}/fhir",
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [
+            {
+                "mode": "server",
+                "resource": [
+                    {
+                        "type": "ImagingStudy",
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
+                        "searchParam": [
+                            {"name": name, "type": kind, "documentation": doc}
+                            for name, kind, doc in _IMAGING_PARAMS
+                        ],
+                    },
+                    {
+                        "type": "Patient",
+                        "interaction": [
+                            {"code": "read"},
+                            {"code": "search-type"},
+                            {"code": "create"},
+                            {"code": "update"},
+                        ],
+                        "searchParam": [
+                            {"name": "identifier", "type": "token"},
+                            {"name": "family", "type": "string"},
+                            {"name": "given", "type": "string"},
+                            {"name": "birthdate", "type": "date"},
+                        ],
+                        "operation": [
+                            {
+                                "name": "ihe-pix",
+                                "definition": "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix",
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhirpy import SyncFHIRClient
@@ -246,3 +247,16 @@ def test_lenient_handling_ignores_unknown_parameters_and_says_so(
     )
     with pytest.raises(ClientOperationOutcome):
         client.resources("ImagingStudy").search(started__ne="2026-01-01").fetch()
+
+
+def test_capability_statement_names_the_imaging_study_search(http: httpx.Client) -> None:
+    r = http.get("/fhir/metadata")
+    assert r.status_code == 200 and r.headers["content-type"].startswith(FHIR)
+    cs = CapabilityStatement.model_validate(r.json())
+    resources = {res.type: res for res in cs.rest[0].resource or []}
+    names = {p.name for p in resources["ImagingStudy"].searchParam or []}
+    assert {"patient", "identifier", "started", "modality", "bodysite"} <= names
+    # Every parameter it announces is one the search takes (an unknown one would be a 400).
+    for name in names - {"patient", "subject"}:
+        r = http.get("/fhir/ImagingStudy", params={"patient.identifier": CHILD, name: "x"})
+        assert "unsupported search parameter" not in r.text
