@@ -468,9 +468,9 @@ def call_service(
     if who is None:
         return CdsResponse(cards=[])  # a patient the broker does not know: no card, not an error
     setting = _setting(call, fetch)
-    fac_of_issuer = {issuer: fid for fid, issuer in facilities.issuers(session=session).items()}
-    ordering_facility = fac_of_issuer.get(who[0])
-    names = {f.id: f.name or f.id for f in facilities.list_facilities(session=session)}
+    registered = facilities.list_facilities(session=session)
+    ordering_facility = next((f.id for f in registered if f.issuer == who[0]), None)
+    names = {f.id: f.name or f.id for f in registered}
     cards: list[Card] = []
     rows: list[IssuedCard] = []
     for order in orders:
