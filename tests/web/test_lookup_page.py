@@ -11,6 +11,7 @@ Set SCANONCE_SCREENSHOTS=1 to refresh the README's screenshots (docs/screenshots
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -369,3 +370,20 @@ def test_axe_finds_no_violations_on_any_page(demo: Demo, browser: Browser, width
         assert found == {}
     finally:
         context.close()
+
+
+def test_the_pages_own_assets_fit_the_budget(demo: Demo, page: Page) -> None:
+    """Everything the lookup page loads from the broker besides the thumbnails (its HTML with an
+    answer, the stylesheet, htmx) is at most 150 KB gzip-compressed, and nothing else is asked."""
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.goto(demo.lookup_url())
+    page.wait_for_load_state("networkidle")
+    own = [u for u in asked if "/dicom-web/" not in u]
+    assert all(u.startswith(demo.url) for u in asked), asked
+    total = 0
+    for url in own:
+        body = httpx.get(url, trust_env=False).content
+        total += len(gzip.compress(body, 9))
+    assert len(own) == 3, own  # the page, its stylesheet, htmx
+    assert total <= 150 * 1024, total
