@@ -12,9 +12,11 @@ Set SCANONCE_SCREENSHOTS=1 to refresh the README's screenshots (docs/screenshots
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from playwright.sync_api import Browser, Page, expect
+from pydicom.uid import generate_uid
 from sqlalchemy import create_engine
 from sqlmodel import Session, select
 
@@ -34,7 +38,9 @@ from broker.identity.models import IdentityRecord, ReviewItem
 from broker.index.models import Patient, Study
 from broker.settings import Settings
 from broker.web import assets
+from tests.dicomweb.data import TEST_FILES
 from tests.identity.test_mllp_serve import scanonce_serve
+from tests.peers import orthanc
 
 from .test_viewer import _rendered
 
@@ -387,3 +393,77 @@ def test_the_pages_own_assets_fit_the_budget(demo: Demo, page: Page) -> None:
         total += len(gzip.compress(body, 9))
     assert len(own) == 3, own  # the page, its stylesheet, htmx
     assert total <= 150 * 1024, total
+
+
+def _study_for(patient_id: str, name: str, birth: str, sex: str, description: str, when: str) -> bytes:
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_id, name, birth, sex
+    ds.StudyDescription, ds.StudyDate, ds.SeriesDate = description, when, when
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for tag in ("OtherPatientIDs", "OtherPatientIDsSequence", "IssuerOfPatientID"):
+        if tag in ds:
+            delattr(ds, tag)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_study_only_indexed_at_another_facility(
+    demo: Demo, page: Page, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The child's CT at a facility the broker only indexes: NEARLINE in the lookup; "Open in
+    viewer" says it is fetching, then renders it; with the facility down, a page naming it and
+    why, and the lookup still answers. (Last in this module: it adds the newest prior.)"""
+    with Session(create_engine(demo.database_url)) as session:
+        rec = session.exec(select(IdentityRecord).where(IdentityRecord.value == CHILD[1])).one()
+        name, birth, sex = f"{rec.family}^{rec.given}", rec.birth_date, rec.sex or "O"
+    with orthanc(tmp_path_factory.mktemp("eastside"), aet="EASTSIDE") as peer:
+        for description, when in (
+            ("CT ABDOMEN PELVIS W CONTRAST", "20260622"),
+            ("CT CHEST W CONTRAST", "20260621"),
+        ):
+            data = _study_for("E-4471", name, birth, sex, description, when)
+            httpx.post(f"{peer.url}/instances", content=data, trust_env=False, timeout=30).raise_for_status()
+        with httpx.Client(base_url=demo.url, trust_env=False, timeout=30) as http:
+            facility = {
+                "id": "eastside",
+                "issuer": "EASTSIDE",
+                "name": "Eastside Clinic",
+                "dicomweb_url": peer.dicomweb_url,
+                "sharing_policy": "index_only",
+            }
+            assert http.post("/api/facilities", json=facility).status_code == 201
+            job = http.post("/api/facilities/eastside/sync").json()["job_id"]
+            deadline = time.monotonic() + 60
+            while http.get(f"/api/jobs/{job}").json()["status"] != "done":
+                assert time.monotonic() < deadline, http.get(f"/api/jobs/{job}").json()
+                time.sleep(0.2)
+        page.goto(demo.lookup_url())
+        first = page.locator("ol.relevant > li").first
+        expect(first).to_contain_text("Eastside Clinic")
+        expect(first).to_contain_text("3 days ago")
+        expect(first.locator(".badge.near")).to_have_text("NEARLINE")
+        expect(first.locator(".nothumb")).to_be_visible()  # no thumbnail fetch for a study not held
+        with page.expect_popup() as popup:
+            first.get_by_role("link", name=re.compile("Open in viewer")).click()
+        viewer = popup.value
+        _rendered(SimpleNamespace(page=viewer))  # type: ignore[arg-type]  # fetched, then the viewer
+        assert viewer.locator('[data-cy="study-browser-thumbnail"]').count() == 1
+        viewer.close()
+        page.reload()
+        expect(page.locator("ol.relevant > li").first.locator(".badge.ok")).to_have_text("ONLINE")
+    # Eastside is down now: its other study cannot be fetched; the page says so, and the lookup works.
+    page.locator("details.others summary").click()
+    other = page.locator("ol.priors li", has_text="Eastside Clinic").filter(has_text="NEARLINE")
+    study = other.first.get_attribute("data-study")
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        url = f"{demo.url}/viewer/viewer?StudyInstanceUIDs={study}"
+        r = http.get(url)
+        deadline = time.monotonic() + 30
+        while r.status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            r = http.get(url)
+        assert r.status_code == 503 and "Could not fetch the study from Eastside Clinic" in r.text
+    page.goto(demo.lookup_url())
+    expect(page.locator("ol.relevant > li").first).to_contain_text("Eastside Clinic")
