@@ -30,7 +30,19 @@ SETTINGS = (
     (Setting.TRAUMA.value, "Trauma"),
 )
 # The lookup form's fields, as the page's URL carries them (a lookup is a bookmarkable GET).
-FORM_FIELDS = ("facility", "mrn", "identifier", "family", "given", "birthdate", "exam", "setting", "now")
+FORM_FIELDS = (
+    "facility",
+    "mrn",
+    "identifier",
+    "family",
+    "given",
+    "birthdate",
+    "exam",
+    "code",
+    "system",
+    "setting",
+    "now",
+)
 
 
 @dataclass
@@ -42,6 +54,8 @@ class LookupForm:
     given: str = ""
     birthdate: str = ""
     exam: str = ""
+    code: str = ""
+    system: str = "CPT"
     setting: str = Setting.OUTPATIENT.value
     now: str = ""
 
@@ -49,10 +63,24 @@ class LookupForm:
     def from_query(cls, params: Any) -> LookupForm:
         values = {name: str(params.get(name) or "").strip()[:256] for name in FORM_FIELDS}
         values["setting"] = values["setting"] or Setting.OUTPATIENT.value
+        values["system"] = values["system"] or "CPT"
         return cls(**values)
+
+    @property
+    def planned(self) -> str:
+        """The planned exam in words: the text, else the code's label (what an avoided repeat
+        records, and the engine reads)."""
+        if self.exam:
+            return self.exam
+        for s in lookup.exam_suggestions():
+            if s.code.upper() == self.code.upper() and s.system.upper() == self.system.upper():
+                return s.label
+        return f"{self.system} {self.code}".strip()
 
     def query(self, **changes: str) -> str:
         values = {name: getattr(self, name) for name in FORM_FIELDS} | changes
+        if not values.get("code"):
+            values["system"] = ""
         return urlencode({k: v for k, v in values.items() if v})
 
     @property
@@ -118,11 +146,11 @@ def lookup_view(*, session: Session, principal: Principal, form: LookupForm) -> 
         _search_people(session, form, view)
         return view
     if not (form.mrn or form.identifier):
-        if form.exam:
+        if form.exam or form.code:
             view.errors["mrn"] = "Give the patient's MRN and facility, or search by name and birth date."
         return view
-    if not form.exam:
-        view.errors["exam"] = "Give the planned exam, e.g. “CT abdomen pelvis”."
+    if not (form.exam or form.code):
+        view.errors["exam"] = "Give the planned exam, e.g. “CT abdomen pelvis”, or its procedure code."
         return view
     try:
         view.answer = lookup.find_priors(
@@ -131,7 +159,9 @@ def lookup_view(*, session: Session, principal: Principal, form: LookupForm) -> 
             facility=None if form.identifier else (form.facility or None),
             mrn=None if form.identifier else (form.mrn or None),
             identifier=form.identifier or None,
-            exam=form.exam,
+            exam=form.exam or None,
+            code=form.code or None,
+            code_system=form.system if form.code else None,
             setting=form.setting,
             now=view.today,
         )
@@ -151,6 +181,8 @@ def _field_of(message: str) -> str:
     lowered = message.lower()
     if "setting" in lowered:
         return "setting"
+    if "code" in lowered and "exam" not in lowered:
+        return "code"
     if any(w in lowered for w in ("identifier", "mrn", "patient id", "issuer", "facility")):
         return "mrn"
     return "exam"

@@ -160,7 +160,7 @@ def lookup_page(request: Request, session: SessionDep, principal: PrincipalDep, 
     )
     missing = _installed(state.settings, assets.OHIF) is None
     context = {"v": view, "nav": "lookup", "htmx": _htmx(state), "viewer_missing": missing}
-    name = "_answer.html" if _partial(request) else "lookup.html"
+    name = "_lookup.html" if _partial(request) else "lookup.html"
     status = 400 if view.errors else 200
     return templates.TemplateResponse(request, name, context, status_code=status, headers=_HTML)
 
