@@ -98,7 +98,7 @@ def _target_uids(study: str, series: str | None = None, instance: str | None = N
 def _key_uids(study: str | None, series: str | None = None) -> None:
     """Search and Store: a path UID is a key of the request (a Search matches it as it would the
     query parameter; a Store checks each instance against it), and a key that is not a UID is
-    bad syntax: 400 (PS3.18 Tables 10.5.3-1 and 10.6.3-1)."""
+    bad syntax: 400 (PS3.18 10.5.3 and 10.6.3)."""
     if study is not None:
         require_uid(study, "StudyInstanceUID")
     if series is not None:
@@ -116,6 +116,11 @@ def _has_encoded_slash(request: Request) -> bool:
 def _no_encoded_slash_in_target(request: Request) -> None:
     if _has_encoded_slash(request):
         raise NotFound("no such resource: a DICOM UID in a path never contains '/' (%2F)")
+
+
+def _no_encoded_slash_in_keys(request: Request) -> None:
+    if _has_encoded_slash(request):
+        raise BadRequest("a DICOM UID in a path never contains '/' (%2F)")
 
 
 # ---------------------------------------------------------------------------- responses
@@ -214,7 +219,7 @@ async def _refs(
 
 # ================================================================================ STOW-RS
 
-stow_router = APIRouter()
+stow_router = APIRouter(dependencies=[Depends(_no_encoded_slash_in_keys)])
 
 
 def _within_request_limit(content_length: str | None, limit: int) -> None:
@@ -297,7 +302,7 @@ async def store_study_instances(request: Request, scope: ScopeDep, study: str) -
 
 # ================================================================================ QIDO-RS
 
-qido_router = APIRouter()
+qido_router = APIRouter(dependencies=[Depends(_no_encoded_slash_in_keys)])
 
 
 async def search(
