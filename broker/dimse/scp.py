@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
@@ -35,6 +37,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -651,8 +654,6 @@ class _PendingResponses:
 
 
 def _keywords(tags: list[BaseTag]) -> Iterator[str]:
-    from pydicom.datadict import keyword_for_tag
-
     for tag in tags:
         keyword = keyword_for_tag(tag)
         if keyword:
@@ -748,9 +749,6 @@ class _StoredInstance(Dataset):  # type: ignore[misc]
         object.__setattr__(self, "_scanonce_source", (store, item, spool_dir))
 
     def send(self, assoc: Association, *args: Any, **kwargs: Any) -> Dataset:
-        from pydicom import dcmread
-        from pynetdicom.dsutils import split_dataset
-
         store, item, spool_dir = object.__getattribute__(self, "_scanonce_source")
         with ds.stored_file(store, item.key, spool_dir=spool_dir) as path:
             meta, _offset = split_dataset(Path(path))
