@@ -38,6 +38,7 @@ from broker.index.models import Instance, InstanceConflict, Patient, Series, Stu
 from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 from storage import ObjectStore
 
 log = logging.getLogger("scanonce.ingest")
@@ -427,6 +428,7 @@ def ingest_files(
     C-STORE spool file): the store may move them into place instead of copying. The caller
     still removes whatever is left afterwards.
     """
+    authorize(principal, action="index.store", facility=facility_id)
     results = _parse_all(paths, expected_study_uid)
     return index_parsed(
         engine=engine,

@@ -42,6 +42,7 @@ from broker.lookup.schemas import (
 )
 from broker.lookup.vocabulary import load as load_vocabulary
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 
 __all__ = [
     "find_priors",
@@ -285,7 +286,8 @@ def find_priors(
 
     Unknown patient: an empty answer (`patient_found` false), not an error. Bad exam: BadRequest
     with the engine's reason. Writes nothing."""
-    del principal  # every caller is named; sharing policy per facility is not enforced yet
+    # Every caller is named; sharing policy per facility is for `authorize` to enforce.
+    authorize(principal, action="lookup.read", facility=facility)
     the_setting = Setting.parse(setting)
     planned = planned_exam(
         exam=exam, code=code, code_system=code_system, modality=modality, body_part=body_part
@@ -437,6 +439,7 @@ def record_avoided(
     """A clinician saw `study_uid` and did not repeat `planned_exam`: record it with the dose
     spared (the prior's own effective dose, else the typical dose of the exam). Commits. The
     CDS Hooks feedback calls this too."""
+    authorize(principal, action="lookup.write", facility=facility)
     planned_text = planned_exam.strip()
     if not planned_text:
         raise BadRequest("planned_exam must name the exam that was not repeated")
