@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
+from broker.db import core_table
 from broker.errors import BadRequest, NotFound
 from broker.identity import matching
 from broker.identity.matching import Demographics
@@ -28,7 +29,6 @@ from broker.identity.models import (
     LinkEvent,
     Person,
     TrustedIssuer,
-    core_table,
 )
 from broker.identity.schemas import Identifier
 from broker.index import service as index

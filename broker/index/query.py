@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.sql import Select
 from sqlmodel import Session
 
+from broker.db import core_table
 from broker.dicom import attributes as A
 from broker.dicom.bounds import bound_dataset, bound_text
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, without_bulk
@@ -29,10 +30,10 @@ from broker.index.ingest import normalize_time
 from broker.index.models import Instance, Patient, Series, Study
 from broker.index.schemas import Query, QueryResult
 
-_study = Study.__table__  # type: ignore[attr-defined]
-_series = Series.__table__  # type: ignore[attr-defined]
-_inst = Instance.__table__  # type: ignore[attr-defined]
-_patient = Patient.__table__  # type: ignore[attr-defined]
+_study = core_table(Study)
+_series = core_table(Series)
+_inst = core_table(Instance)
+_patient = core_table(Patient)
 
 _ESC = "!"
 

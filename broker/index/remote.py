@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, delete, func, insert, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from broker.db import session_scope
+from broker.db import core_table, session_scope
 from broker.dicom.attributes import is_study_level
 from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import str_value
@@ -242,9 +242,9 @@ def _study_json(attrs: dict[str, Any]) -> str:
 
 # Core statements from here on: thousands of rows per page, and ORM objects cost more to build
 # than the rows cost to write.
-_study_t = Study.__table__  # type: ignore[attr-defined]
-_series_t = Series.__table__  # type: ignore[attr-defined]
-_loc_t = StudyLocation.__table__  # type: ignore[attr-defined]
+_study_t = core_table(Study)
+_series_t = core_table(Series)
+_loc_t = core_table(StudyLocation)
 
 
 def _write_study_rows(

@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import select
 from sqlmodel import Session
 
+from broker.db import core_table
 from broker.dicom.json_model import BULK_BASE_BYTES
 from broker.dicom.native_xml import native_dicom_model
 from broker.dicom.uids import require_uid
@@ -105,9 +106,9 @@ __all__ = [
     "write_facts",
 ]
 
-_study = Study.__table__  # type: ignore[attr-defined]
-_series = Series.__table__  # type: ignore[attr-defined]
-_inst = Instance.__table__  # type: ignore[attr-defined]
+_study = core_table(Study)
+_series = core_table(Series)
+_inst = core_table(Instance)
 
 
 def _scope(stmt, *, study_uid, series_uid, sop_uid, facility_id):  # type: ignore[no-untyped-def]
