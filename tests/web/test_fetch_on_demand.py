@@ -4,7 +4,6 @@ gets a page naming it and why, not a viewer that waits forever."""
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 
@@ -15,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from tests.dicomweb.data import TEST_FILES
 from tests.peers import OrthancPeer, orthanc
+from tests.support import to_bytes
 
 from .conftest import Broker, Visit
 from .test_viewer import _rendered
@@ -25,9 +25,7 @@ def _new_study(name: str) -> tuple[str, bytes]:
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return str(ds.StudyInstanceUID), buf.getvalue()
+    return str(ds.StudyInstanceUID), to_bytes(ds)
 
 
 @pytest.fixture(scope="module")
