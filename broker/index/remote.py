@@ -135,7 +135,7 @@ def mark_seen(*, session: Session, facility_id: str, study_uids: Sequence[str], 
     """Stamp studies that sync job `run` saw unchanged at the facility."""
     for chunk in _chunks(list(study_uids)):
         session.exec(
-            update(StudyLocation)  # type: ignore[call-overload]
+            update(StudyLocation)
             .where(col(StudyLocation.facility_id) == facility_id, col(StudyLocation.study_uid).in_(chunk))
             .values(seen_job=run)
         )
@@ -387,7 +387,7 @@ def remove_gone(*, engine: Engine, facility_id: str, study_uids: Sequence[str]) 
     with session_scope(engine) as session:
         for chunk in _chunks(list(study_uids)):
             session.exec(
-                delete(StudyLocation).where(  # type: ignore[call-overload]
+                delete(StudyLocation).where(
                     col(StudyLocation.facility_id) == facility_id, col(StudyLocation.study_uid).in_(chunk)
                 )
             )
@@ -412,8 +412,8 @@ def remove_gone(*, engine: Engine, facility_id: str, study_uids: Sequence[str]) 
             )
             doomed = [pk for pk in study_pks if pk not in with_pixels]
             if doomed:
-                session.exec(delete(Series).where(col(Series.study_pk).in_(doomed)))  # type: ignore[call-overload]
-                session.exec(delete(Study).where(col(Study.pk).in_(doomed)))  # type: ignore[call-overload]
+                session.exec(delete(Series).where(col(Series.study_pk).in_(doomed)))
+                session.exec(delete(Study).where(col(Study.pk).in_(doomed)))
 
 
 def mark_local(*, engine: Engine, study_uid: str) -> None:
@@ -423,7 +423,7 @@ def mark_local(*, engine: Engine, study_uid: str) -> None:
     with session_scope(engine) as session:
         study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
         per_series = dict(
-            session.exec(  # type: ignore[call-overload]
+            session.exec(
                 select(Instance.series_pk, func.count())
                 .where(Instance.study_pk == study.pk)
                 .group_by(col(Instance.series_pk))
@@ -439,7 +439,7 @@ def mark_local(*, engine: Engine, study_uid: str) -> None:
         study.study_json = orjson.dumps(attrs).decode()
         session.add(study)
         session.exec(
-            update(StudyLocation)  # type: ignore[call-overload]
+            update(StudyLocation)
             .where(col(StudyLocation.study_uid) == study_uid)
             .values(has_pixels=True, fetched_at=_now())
         )

@@ -8,9 +8,10 @@ in a thread.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlmodel import Session
 
 from broker.db import core_table
@@ -111,7 +112,14 @@ _series = core_table(Series)
 _inst = core_table(Instance)
 
 
-def _scope(stmt, *, study_uid, series_uid, sop_uid, facility_id):  # type: ignore[no-untyped-def]
+def _scope(
+    stmt: Select[Any],
+    *,
+    study_uid: str,
+    series_uid: str | None,
+    sop_uid: str | None,
+    facility_id: str | None,
+) -> Select[Any]:
     stmt = stmt.where(_study.c.study_uid == require_uid(study_uid, "StudyInstanceUID"))
     if series_uid is not None:
         stmt = stmt.where(_series.c.series_uid == require_uid(series_uid, "SeriesInstanceUID"))

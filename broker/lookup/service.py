@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -166,12 +167,12 @@ def _date(value: str) -> date | None:
         return None
 
 
-def _first(item: dict, tag: str) -> str | None:  # type: ignore[type-arg]
+def _first(item: dict[str, Any], tag: str) -> str | None:
     vals = (item.get(tag) or {}).get("Value") or []
     return str(vals[0]) if vals else None
 
 
-def _codes(study_json: dict) -> tuple[ProcedureCode, ...]:  # type: ignore[type-arg]
+def _codes(study_json: dict[str, Any]) -> tuple[ProcedureCode, ...]:
     items = (study_json.get("00081032") or {}).get("Value") or []
     return tuple(
         ProcedureCode(value=v, scheme=_first(item, "00080102"), meaning=_first(item, "00080104"))
