@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -53,8 +54,6 @@ def _cap_malloc_arenas() -> None:
     if os.environ.get("MALLOC_ARENA_MAX"):
         return
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):

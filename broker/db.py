@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import Table, event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, create_engine
+from sqlmodel import Session, SQLModel, create_engine
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -81,3 +81,10 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def core_table(model: type[SQLModel]) -> Table:
+    """A table model's Core table, for bulk statements and Core queries (SQLModel does not declare
+    `__table__` to type checkers)."""
+    table: Table = getattr(model, "__table__")  # noqa: B009 - the typed way to read it
+    return table

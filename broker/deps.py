@@ -32,7 +32,7 @@ class AppState:
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.scanonce  # type: ignore[no-any-return]
+    return request.app.state.scanonce
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

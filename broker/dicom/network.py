@@ -15,7 +15,7 @@ from typing import Any
 from pynetdicom import AE, _config, dimse_messages
 
 
-class SpoolingAE(AE):  # type: ignore[misc]
+class SpoolingAE(AE):
     """An AE whose received C-STORE data sets go straight into a Part 10 temp file (file meta
     from the command set, then the raw bytes as sent, `event.dataset_path`): nothing is decoded
     or re-encoded and a multi-gigabyte instance never sits in memory. The files go to

@@ -91,7 +91,7 @@ class _Pipe:
                     os.close(fd)
 
 
-class _PokingQueue(queue.Queue):  # type: ignore[type-arg]
+class _PokingQueue(queue.Queue):
     """A queue that wakes a waiting reactor on every put."""
 
     def __init__(self, poke: Any) -> None:

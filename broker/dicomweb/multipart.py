@@ -113,7 +113,7 @@ def related_request(content_type: str | None, *, part_types: tuple[str, ...]) ->
     return declared, boundary
 
 
-class _RelatedParser(mp.PushMultipartParser):  # type: ignore[misc]
+class _RelatedParser(mp.PushMultipartParser):
     """The push parser, minus its form-data rule that every part has a Content-Disposition."""
 
     def _create_segment(self, headerlist: list[tuple[str, str]]) -> mp.MultipartSegment:

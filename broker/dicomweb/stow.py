@@ -36,14 +36,8 @@ _FAILURE_REASON = "00081197"
 
 def non_dicom_part(index: int, content_type: str) -> StoreOutcome:
     """A part that does not claim to be application/dicom fails alone (Cxxx, Cannot understand)."""
-    return StoreOutcome(
-        sop_class_uid="",
-        sop_instance_uid="",
-        study_uid="",
-        series_uid="",
-        status="failed",
-        failure_reason=status.CANNOT_UNDERSTAND,
-        message=f"part {index + 1} has Content-Type {content_type!r}, not application/dicom",
+    return StoreOutcome.failed(
+        status.CANNOT_UNDERSTAND, f"part {index + 1} has Content-Type {content_type!r}, not application/dicom"
     )
 
 
@@ -117,19 +111,6 @@ _UID_TAGS = (
 
 class _MissingBulk(Exception):
     pass
-
-
-def _failed(reason: int, message: str, uids: dict[str, str] | None = None) -> StoreOutcome:
-    u = uids or {}
-    return StoreOutcome(
-        sop_class_uid=u.get("sop_class_uid", ""),
-        sop_instance_uid=u.get("sop_instance_uid", ""),
-        study_uid=u.get("study_uid", ""),
-        series_uid=u.get("series_uid", ""),
-        status="failed",
-        failure_reason=reason,
-        message=message,
-    )
 
 
 def _json_uids(item: dict[str, Any]) -> dict[str, str]:
@@ -209,10 +190,10 @@ def _json_part(
         with open(part.path, "rb") as f:
             doc = orjson.loads(f.read())
     except orjson.JSONDecodeError:
-        return [_failed(status.CANNOT_UNDERSTAND, f"part {index + 1} is not valid JSON")]
+        return [StoreOutcome.failed(status.CANNOT_UNDERSTAND, f"part {index + 1} is not valid JSON")]
     if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
         return [
-            _failed(
+            StoreOutcome.failed(
                 status.CANNOT_UNDERSTAND,
                 f"part {index + 1} is not a DICOM JSON array of datasets (PS3.18 F.2)",
             )
@@ -241,23 +222,25 @@ def _dataset_file(
         ds = Dataset.from_json(content, bulk_data_uri_handler=read_bulk)
     except _MissingBulk as exc:
         where = str(exc)[:120]
-        return _failed(
-            status.CANNOT_UNDERSTAND, f"dataset {n + 1}: bulk data {where!r} is not in the request", uids
+        return StoreOutcome.failed(
+            status.CANNOT_UNDERSTAND, f"dataset {n + 1}: bulk data {where!r} is not in the request", **uids
         )
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed JSON
-        return _failed(
-            status.CANNOT_UNDERSTAND, f"dataset {n + 1} is not valid DICOM JSON: {type(exc).__name__}", uids
+        return StoreOutcome.failed(
+            status.CANNOT_UNDERSTAND, f"dataset {n + 1} is not valid DICOM JSON: {type(exc).__name__}", **uids
         )
     for _name, _tag, keyword in _UID_TAGS:
         value = str(ds.get(keyword, "") or "")
         if not is_valid_uid(value):
             what = "missing" if not value else "not a valid UID"
-            return _failed(
-                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"dataset {n + 1}: {keyword} is {what}", uids
+            return StoreOutcome.failed(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"dataset {n + 1}: {keyword} is {what}", **uids
             )
     ts = _transfer_syntax(ds, used.get("7FE00010"))
     if isinstance(ts, StoreOutcome):
-        return _failed(ts.failure_reason or status.CANNOT_UNDERSTAND, f"dataset {n + 1}: {ts.message}", uids)
+        return StoreOutcome.failed(
+            ts.failure_reason or status.CANNOT_UNDERSTAND, f"dataset {n + 1}: {ts.message}", **uids
+        )
     # The JSON is Unicode whatever it says (PS3.18 F.2): written as UTF-8.
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.file_meta = FileMetaDataset()
@@ -270,8 +253,8 @@ def _dataset_file(
     try:
         ds.save_as(path, enforce_file_format=True)
     except Exception as exc:  # noqa: BLE001
-        return _failed(
-            status.CANNOT_UNDERSTAND, f"dataset {n + 1} cannot be encoded: {type(exc).__name__}", uids
+        return StoreOutcome.failed(
+            status.CANNOT_UNDERSTAND, f"dataset {n + 1} cannot be encoded: {type(exc).__name__}", **uids
         )
     return path
 
@@ -287,19 +270,19 @@ def _transfer_syntax(ds: Dataset, pixels: Part | None) -> UID | StoreOutcome:
     if media.type == "application/octet-stream":
         ts = UID(declared) if declared else ExplicitVRLittleEndian
         if ts not in _NATIVE:
-            return _failed(
+            return StoreOutcome.failed(
                 status.TRANSFER_SYNTAX_NOT_SUPPORTED,
                 f"octet-stream pixel data with transfer-syntax {declared[:64]!r}: only little endian native",
             )
         return ts
     ts = UID(declared)
     if not declared or not is_valid_uid(declared) or not ts.is_compressed:
-        return _failed(
+        return StoreOutcome.failed(
             status.TRANSFER_SYNTAX_NOT_SUPPORTED,
             f"{media.type} pixel data needs the transfer-syntax parameter of a compressed transfer syntax",
         )
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        return _failed(
+        return StoreOutcome.failed(
             status.TRANSFER_SYNTAX_NOT_SUPPORTED,
             "compressed multi-frame pixel data as one bulk part is not supported",
         )

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
@@ -35,6 +37,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -108,7 +111,7 @@ class _ScanOnceAE(SpoolingAE):
         self.scanonce_request_timeout: float | None = None
         self.max_connections_per_address = 0  # 0: no cap
 
-    @property  # type: ignore[misc]
+    @property
     def maximum_associations(self) -> int:
         # pynetdicom refuses an association when its live acceptor threads, itself included,
         # outnumber this; the ones still waiting for their request are not associations yet.
@@ -136,7 +139,7 @@ class _ScanOnceAE(SpoolingAE):
         return [calling_ae] if known else ["\x00"]
 
 
-class _GuardedServer(ThreadedAssociationServer):  # type: ignore[misc]
+class _GuardedServer(ThreadedAssociationServer):
     """Closes a connection at once, before any thread is started for it, when its IP address
     already holds the AE's `max_connections_per_address`: one host cannot fill the thread table
     (300 stalled sockets once made 613 threads) nor every association slot."""
@@ -170,7 +173,7 @@ class _GuardedServer(ThreadedAssociationServer):  # type: ignore[misc]
                 self._open.pop(ip, None)
 
 
-class _CountedRequestHandler(RequestHandler):  # type: ignore[misc]
+class _CountedRequestHandler(RequestHandler):
     """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it), with the
     connection counted against its address until the association thread ends."""
 
@@ -195,7 +198,7 @@ class _CountedRequestHandler(RequestHandler):  # type: ignore[misc]
         assoc.start()
 
 
-class _SharedUIDContext(PresentationContext):  # type: ignore[misc]
+class _SharedUIDContext(PresentationContext):
     """pynetdicom deep-copies every supported context for each association; with all storage
     SOP classes in all transfer syntaxes that alone took ~47 ms per association. UIDs are
     immutable strings: copy the list, share the UIDs (well under a millisecond)."""
@@ -651,8 +654,6 @@ class _PendingResponses:
 
 
 def _keywords(tags: list[BaseTag]) -> Iterator[str]:
-    from pydicom.datadict import keyword_for_tag
-
     for tag in tags:
         keyword = keyword_for_tag(tag)
         if keyword:
@@ -731,7 +732,7 @@ def _send_items(
         yield ds.PENDING, _StoredInstance(handle.state.store, item, spool)
 
 
-class _StoredInstance(Dataset):  # type: ignore[misc]
+class _StoredInstance(Dataset):
     """A stored object to send as a C-MOVE/C-GET sub-operation, without loading it.
 
     pynetdicom's retrieve services send what the handler yields with `send_c_store`, which
@@ -748,9 +749,6 @@ class _StoredInstance(Dataset):  # type: ignore[misc]
         object.__setattr__(self, "_scanonce_source", (store, item, spool_dir))
 
     def send(self, assoc: Association, *args: Any, **kwargs: Any) -> Dataset:
-        from pydicom import dcmread
-        from pynetdicom.dsutils import split_dataset
-
         store, item, spool_dir = object.__getattribute__(self, "_scanonce_source")
         with ds.stored_file(store, item.key, spool_dir=spool_dir) as path:
             meta, _offset = split_dataset(Path(path))

@@ -65,7 +65,7 @@ def _set_calling_aes(session: Session, facility_id: str, titles: Iterable[str]) 
             raise Conflict(
                 f"calling AE title {taken.ae_title!r} already belongs to facility {taken.facility_id!r}"
             )
-    session.exec(delete(FacilityAE).where(col(FacilityAE.facility_id) == facility_id))  # type: ignore[call-overload]
+    session.exec(delete(FacilityAE).where(col(FacilityAE.facility_id) == facility_id))
     for title in wanted:
         session.add(FacilityAE(ae_title=title, facility_id=facility_id))
 
@@ -157,7 +157,7 @@ def remove_facility(*, session: Session, principal: Principal, facility_id: str)
     authorize(principal, action="facility.write", facility=facility_id)
     facility = get_facility(session=session, facility_id=facility_id)
     for table in (FacilityAE, SyncState):
-        session.exec(delete(table).where(table.facility_id == facility_id))  # type: ignore[call-overload, attr-defined, arg-type]
+        session.exec(delete(table).where(table.facility_id == facility_id))  # type: ignore[arg-type]
     session.delete(facility)
     try:
         session.commit()

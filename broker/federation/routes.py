@@ -21,7 +21,9 @@ router = APIRouter(prefix="/api/facilities", tags=["facilities"])
     },
     summary="Queue an index sync of the facility's archive (progress at /api/jobs/{job_id})",
 )
-def start_sync(facility_id: str, state: StateDep, _principal: PrincipalDep) -> SyncStarted:
-    job = service.queue_sync(engine=state.engine, facility_id=facility_id, calling_ae=state.settings.ae_title)
+def start_sync(facility_id: str, state: StateDep, principal: PrincipalDep) -> SyncStarted:
+    job = service.queue_sync(
+        engine=state.engine, principal=principal, facility_id=facility_id, calling_ae=state.settings.ae_title
+    )
     assert job.id is not None
     return SyncStarted(job_id=job.id, status=job.status)

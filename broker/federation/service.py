@@ -19,6 +19,8 @@ from broker.federation import fetch, sync
 from broker.federation.sync import SyncResult
 from broker.index import service as index
 from broker.jobs import service as jobs
+from broker.security.schemas import Principal
+from broker.security.service import authorize
 
 
 def register_jobs() -> None:
@@ -41,8 +43,12 @@ def sync_facility(
     )
 
 
-def queue_sync(*, engine: Engine, facility_id: str, calling_ae: str = "SCANONCE") -> Any:
-    """Queue a sync of one facility (NotFound, BadRequest when it has nothing to sync from)."""
+def queue_sync(
+    *, engine: Engine, principal: Principal, facility_id: str, calling_ae: str = "SCANONCE"
+) -> Any:
+    """Queue a sync of one facility for `principal` (NotFound, BadRequest when it has nothing to
+    sync from)."""
+    authorize(principal, action="federation.sync", facility=facility_id)
     with Session(engine) as session:
         facility = facilities.get_facility(session=session, facility_id=facility_id)
     return sync.queue_sync(engine=engine, facility=facility, calling_ae=calling_ae)

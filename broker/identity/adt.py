@@ -22,6 +22,7 @@ from broker.facilities import service as facilities
 from broker.identity import matching, service
 from broker.identity.schemas import Identifier
 from broker.security.schemas import Principal, Role
+from broker.security.service import authorize
 
 log = logging.getLogger("scanonce.identity.adt")
 
@@ -121,6 +122,7 @@ def _ack(msg: Any, code: str, text: str = "") -> Ack:
 
 def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
+    authorize(principal, action="identity.feed", facility=principal.facility)
     try:
         msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
         msg.segment("MSH")

@@ -32,6 +32,7 @@ from broker.identity.records import (
 )
 from broker.identity.schemas import Comparison, Explanation, HistoryEntry, Identifier, LinkDecision
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 
 
 def _move_person(
@@ -92,6 +93,7 @@ def merge(
 ) -> LinkDecision:
     """IHE ITI-8 merge: `merged` is retired into `survivor`; its person's records (and so their
     studies) move to the survivor's person. Commits. An unlink of the merged record splits back."""
+    authorize(principal, action="identity.write")
     who = principal.who
     surv = get_record(session=session, issuer=survivor.issuer, value=survivor.value)
     old = get_record(session=session, issuer=merged.issuer, value=merged.value)
@@ -125,6 +127,7 @@ def manual_link(
     *, session: Session, principal: Principal, record_id: int, to_record_id: int, why: str
 ) -> LinkDecision:
     """A human says two records are one person: the record's whole person joins the other's."""
+    authorize(principal, action="identity.write")
     who = principal.who
     _require_why(who, why)
     rec = require_record(session=session, record_id=record_id)
@@ -161,6 +164,7 @@ def unlink(*, session: Session, principal: Principal, record_id: int, why: str) 
     """Split a record out of its person. If it arrived by a merge or link that moved a group of
     records, the whole group goes back to the person it came from; otherwise the record gets a
     person of its own. Either way the split is remembered so automatic linking won't redo it."""
+    authorize(principal, action="identity.write")
     who = principal.who
     _require_why(who, why)
     rec = require_record(session=session, record_id=record_id)
@@ -246,6 +250,7 @@ def decide_review(
 ) -> ReviewItem:
     """A human's answer to a review item: "link" the pair (a manual link) or "reject" it (never
     linked automatically again). Commits."""
+    authorize(principal, action="identity.write")
     who = principal.who
     _require_why(who, why)
     item = session.get(ReviewItem, review_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Index, Table, Text, UniqueConstraint
+from sqlalchemy import Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -169,10 +169,3 @@ class IdentitySetting(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=64)
     value: str = Field(default="", max_length=512)
-
-
-def core_table(model: type[SQLModel]) -> Table:
-    """A model's Core table, for bulk statements (SQLModel does not declare `__table__` to
-    type checkers)."""
-    table: Table = getattr(model, "__table__")  # noqa: B009 - the typed way to read it
-    return table

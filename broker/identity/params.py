@@ -25,6 +25,7 @@ from broker.identity.models import BlockKey, IdentitySetting, ModelParams
 from broker.identity.records import RECORD_COLUMNS, demo_of
 from broker.identity.schemas import LinkPolicy, ModelParameters
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 
 log = logging.getLogger("scanonce.identity")
 
@@ -86,6 +87,7 @@ def train(*, session: Session, principal: Principal, max_pairs: int = 200_000, s
     """Estimate m/u from the records themselves (matching.fit_parameters): u from random pairs,
     m by EM over the pairs that blocking proposes, one training rule (key kind) at a time as
     Splink trains. Stores the result (used from the next link on); `principal` is logged."""
+    authorize(principal, action="identity.write")
     rows = session.execute(sa_select(*RECORD_COLUMNS)).all()
     if len(rows) < 50:
         raise BadRequest("too few identity records to estimate parameters (need at least 50)")
@@ -160,6 +162,7 @@ def set_policy(
 ) -> Params:
     """Store new thresholds (a new parameter row, so earlier decisions stay explainable);
     `principal` is logged."""
+    authorize(principal, action="identity.write")
     params = current_params(session=session).copy()
     a, r, st = policy(params)
     a, r, st = (

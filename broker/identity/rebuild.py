@@ -18,10 +18,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult, Engine
 from sqlmodel import Session, col, select
 
+from broker.db import core_table
 from broker.errors import BadRequest, Conflict
 from broker.identity import autotrain, matching
 from broker.identity.locks import serialize_linking
-from broker.identity.models import BlockKey, IdentityRecord, IdentitySetting, core_table
+from broker.identity.models import BlockKey, IdentityRecord, IdentitySetting
 from broker.identity.records import RECORD_COLUMNS, demo_of
 from broker.identity.schemas import RebuildResult
 from broker.jobs import service as jobs

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
+from broker.db import core_table
 from broker.errors import BadRequest, NotFound
 from broker.identity import matching
 from broker.identity.matching import Demographics
@@ -28,11 +29,11 @@ from broker.identity.models import (
     LinkEvent,
     Person,
     TrustedIssuer,
-    core_table,
 )
 from broker.identity.schemas import Identifier
 from broker.index import service as index
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 
 log = logging.getLogger("scanonce.identity")
 
@@ -187,6 +188,7 @@ def sync_patients(*, session: Session, record_ids: Sequence[int]) -> None:
 def set_trusted_issuer(*, session: Session, principal: Principal, issuer: str, note: str = "") -> None:
     """Declare `issuer` trusted: its identifiers are one person wherever they appear. Commits.
     The table has no author column: who did it goes to the log (an issuer is no patient data)."""
+    authorize(principal, action="identity.write")
     if not issuer.strip():
         raise BadRequest("issuer must not be empty")
     if session.get(TrustedIssuer, issuer) is None:

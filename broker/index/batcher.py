@@ -27,6 +27,7 @@ from broker.index.ingest import index_parsed
 from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 from storage import ObjectStore
 
 log = logging.getLogger("scanonce.ingest")
@@ -70,6 +71,7 @@ class IngestBatcher:
     ) -> StoreOutcome:
         """Parse, store and index one Part 10 file; returns once its index row is committed.
         Raises what `index_parsed` raises (database or store unavailable, ...)."""
+        authorize(principal, action="index.store", facility=facility_id)
         parsed = parse_instance(path)
         if isinstance(parsed, StoreOutcome):
             return parsed

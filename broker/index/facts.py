@@ -21,6 +21,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker.db import core_table
 from broker.dicom.dose import DoseRecord, read_dose
 from broker.dicom.json_model import str_value
 from broker.index.models import (
@@ -169,17 +170,17 @@ def write_batch_facts(
         merge_series_facts(row, facts)
         inserts.append(row.model_dump())
     if inserts:
-        session.execute(SeriesFacts.__table__.insert(), inserts)  # type: ignore[attr-defined]
+        session.execute(core_table(SeriesFacts).insert(), inserts)
     if doses:
         # New instances only (ingest's pending ones, or a study the facts job just cleared): one
         # multi-row insert, not a lookup per image of a CT.
         session.execute(
-            DoseFact.__table__.insert(),  # type: ignore[attr-defined]
+            core_table(DoseFact).insert(),
             [{"sop_uid": u, "study_pk": st, "record_json": j} for u, st, j in doses],
         )
     if new_studies:
         session.execute(
-            StudyFacts.__table__.insert(),  # type: ignore[attr-defined]
+            core_table(StudyFacts).insert(),
             [{"study_pk": pk, "version": FACTS_VERSION, "computed_at": _now()} for pk in sorted(new_studies)],
         )
 
@@ -340,7 +341,7 @@ def compute_study_facts(*, session: Session, study_pk: int) -> int:
     The study row is written first: on PostgreSQL that row lock orders this against an ingest
     adding instances to the study (ingest bumps the study's counters before writing its facts),
     and on SQLite the first write takes the database's write lock before anything is read."""
-    study_t = Study.__table__  # type: ignore[attr-defined]
+    study_t = core_table(Study)
     session.execute(
         update(study_t).where(study_t.c.pk == study_pk).values(num_instances=study_t.c.num_instances)
     )

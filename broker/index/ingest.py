@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as sqlmodel_select
 
+from broker.db import core_table
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
@@ -38,6 +39,7 @@ from broker.index.models import Instance, InstanceConflict, Patient, Series, Stu
 from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 from storage import ObjectStore
 
 log = logging.getLogger("scanonce.ingest")
@@ -427,6 +429,7 @@ def ingest_files(
     C-STORE spool file): the store may move them into place instead of copying. The caller
     still removes whatever is left afterwards.
     """
+    authorize(principal, action="index.store", facility=facility_id)
     results = _parse_all(paths, expected_study_uid)
     return index_parsed(
         engine=engine,
@@ -647,9 +650,9 @@ def _index_batch(
             touched_series[series.pk] = touched_series.get(series.pk, 0) + 1
             touched_studies[study.pk] = touched_studies.get(study.pk, 0) + 1
         if rows:
-            session.execute(Instance.__table__.insert(), rows)  # type: ignore[attr-defined]
+            session.execute(core_table(Instance).insert(), rows)
         # Counters are bumped in SQL, not on the loaded rows, so concurrent batches never lose updates.
-        series_t, study_t = Series.__table__, Study.__table__  # type: ignore[attr-defined]
+        series_t, study_t = core_table(Series), core_table(Study)
         for pk, n in touched_series.items():
             session.execute(
                 update(series_t).where(series_t.c.pk == pk).values(num_instances=series_t.c.num_instances + n)

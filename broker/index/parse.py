@@ -53,18 +53,6 @@ class _Parsed:
         )
 
 
-def _failed(reason: int, message: str, **uids: str) -> StoreOutcome:
-    return StoreOutcome(
-        sop_class_uid=uids.get("sop_class_uid", ""),
-        sop_instance_uid=uids.get("sop_instance_uid", ""),
-        study_uid=uids.get("study_uid", ""),
-        series_uid=uids.get("series_uid", ""),
-        status="failed",
-        failure_reason=reason,
-        message=message,
-    )
-
-
 def _sha256(path: str) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -80,9 +68,11 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
     try:
         ds = dcmread(path, defer_size=BULK_THRESHOLD)
     except InvalidDicomError:
-        return _failed(status.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM preamble/prefix)")
+        return StoreOutcome.failed(
+            status.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM preamble/prefix)"
+        )
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
-        return _failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
+        return StoreOutcome.failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
     truncated = _truncated(ds, path, os.path.getsize(path))
     uids = {
         "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
@@ -99,9 +89,11 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
         if not is_valid_uid(uids[name]):
             shown = {k: (v if is_valid_uid(v) else "") for k, v in uids.items()}
             what = "missing" if not uids[name] else "not a valid UID"
-            return _failed(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is {what}", **shown)
+            return StoreOutcome.failed(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is {what}", **shown
+            )
     if expected_study_uid is not None and uids["study_uid"] != expected_study_uid:
-        return _failed(
+        return StoreOutcome.failed(
             status.STUDY_UID_MISMATCH,
             "StudyInstanceUID of the instance differs from the study in the request URL",
             **uids,
@@ -109,7 +101,9 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
     file_meta = getattr(ds, "file_meta", None)
     ts = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
     if not is_valid_uid(ts):
-        return _failed(status.CANNOT_UNDERSTAND, "file meta has no valid TransferSyntaxUID", **uids)
+        return StoreOutcome.failed(
+            status.CANNOT_UNDERSTAND, "file meta has no valid TransferSyntaxUID", **uids
+        )
     try:
         attrs = instance_json(
             ds,
@@ -118,10 +112,12 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
             ),
         )
     except Exception as exc:  # noqa: BLE001
-        return _failed(status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids)
+        return StoreOutcome.failed(
+            status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids
+        )
     sha, size = _sha256(path)
     if truncated:
-        return _failed(
+        return StoreOutcome.failed(
             status.CANNOT_UNDERSTAND, "the file ends before its last attribute does (truncated)", **uids
         )
     return _Parsed(

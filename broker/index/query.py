@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.sql import Select
 from sqlmodel import Session
 
+from broker.db import core_table
 from broker.dicom import attributes as A
 from broker.dicom.bounds import bound_dataset, bound_text
 from broker.dicom.json_model import casefold_pn, fuzzy_pn, without_bulk
@@ -29,10 +30,10 @@ from broker.index.ingest import normalize_time
 from broker.index.models import Instance, Patient, Series, Study
 from broker.index.schemas import Query, QueryResult, StudyOwner
 
-_study = Study.__table__  # type: ignore[attr-defined]
-_series = Series.__table__  # type: ignore[attr-defined]
-_inst = Instance.__table__  # type: ignore[attr-defined]
-_patient = Patient.__table__  # type: ignore[attr-defined]
+_study = core_table(Study)
+_series = core_table(Series)
+_inst = core_table(Instance)
+_patient = core_table(Patient)
 
 _ESC = "!"
 
@@ -136,8 +137,8 @@ def _has_wildcard(value: str) -> bool:
 
 def _string_match(column: Any, value: str) -> ColumnElement[bool]:
     if _has_wildcard(value):
-        return column.like(_like(value), escape=_ESC)  # type: ignore[no-any-return]
-    return column == value  # type: ignore[no-any-return]
+        return column.like(_like(value), escape=_ESC)
+    return column == value
 
 
 def _check_date(keyword: str, value: str) -> str:
@@ -252,7 +253,7 @@ def _range(
 ) -> ColumnElement[bool]:
     bounds = check_temporal(keyword, vr, value)
     if bounds is None:
-        return column == norm(_CHECKS[vr](keyword, value), False)  # type: ignore[no-any-return]
+        return column == norm(_CHECKS[vr](keyword, value), False)
     lo, hi = bounds
     conds = []
     if lo:
@@ -298,7 +299,7 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
         for uid in uids:
             if not is_valid_uid(uid):
                 raise BadRequest(f"{keyword}: {uid[:80]!r} is not a valid UID")
-        return key.column.in_(uids)  # type: ignore[no-any-return]
+        return key.column.in_(uids)
     if kind in ("DA", "TM"):
         norm = _date_norm if kind == "DA" else _time_norm
         try:
@@ -309,7 +310,7 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             raise BadRequest(f"{exc.message}; {hint} (got {value[:40]!r})") from exc
     if kind == "INT":
         try:
-            return key.column == int(value)  # type: ignore[no-any-return]
+            return key.column == int(value)
         except ValueError as exc:
             raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer") from exc
     if kind == "PN":
@@ -317,7 +318,7 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             v = fuzzy_pn(value)
             if _has_wildcard(v) or "^" in v:
                 pattern = _like(v) if _has_wildcard(v) else _like(v) + "%"
-                return key.fuzzy_column.like(pattern, escape=_ESC)  # type: ignore[no-any-return]
+                return key.fuzzy_column.like(pattern, escape=_ESC)
             return or_(
                 key.fuzzy_column.like(_like(v) + "%", escape=_ESC),
                 key.fuzzy_column.like("%^" + _like(v) + "%", escape=_ESC),

@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, delete, func, insert, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from broker.db import session_scope
+from broker.db import core_table, session_scope
 from broker.dicom.attributes import is_study_level
 from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import str_value
@@ -135,7 +135,7 @@ def mark_seen(*, session: Session, facility_id: str, study_uids: Sequence[str], 
     """Stamp studies that sync job `run` saw unchanged at the facility."""
     for chunk in _chunks(list(study_uids)):
         session.exec(
-            update(StudyLocation)  # type: ignore[call-overload]
+            update(StudyLocation)
             .where(col(StudyLocation.facility_id) == facility_id, col(StudyLocation.study_uid).in_(chunk))
             .values(seen_job=run)
         )
@@ -242,9 +242,9 @@ def _study_json(attrs: dict[str, Any]) -> str:
 
 # Core statements from here on: thousands of rows per page, and ORM objects cost more to build
 # than the rows cost to write.
-_study_t = Study.__table__  # type: ignore[attr-defined]
-_series_t = Series.__table__  # type: ignore[attr-defined]
-_loc_t = StudyLocation.__table__  # type: ignore[attr-defined]
+_study_t = core_table(Study)
+_series_t = core_table(Series)
+_loc_t = core_table(StudyLocation)
 
 
 def _write_study_rows(
@@ -387,7 +387,7 @@ def remove_gone(*, engine: Engine, facility_id: str, study_uids: Sequence[str]) 
     with session_scope(engine) as session:
         for chunk in _chunks(list(study_uids)):
             session.exec(
-                delete(StudyLocation).where(  # type: ignore[call-overload]
+                delete(StudyLocation).where(
                     col(StudyLocation.facility_id) == facility_id, col(StudyLocation.study_uid).in_(chunk)
                 )
             )
@@ -412,8 +412,8 @@ def remove_gone(*, engine: Engine, facility_id: str, study_uids: Sequence[str]) 
             )
             doomed = [pk for pk in study_pks if pk not in with_pixels]
             if doomed:
-                session.exec(delete(Series).where(col(Series.study_pk).in_(doomed)))  # type: ignore[call-overload]
-                session.exec(delete(Study).where(col(Study.pk).in_(doomed)))  # type: ignore[call-overload]
+                session.exec(delete(Series).where(col(Series.study_pk).in_(doomed)))
+                session.exec(delete(Study).where(col(Study.pk).in_(doomed)))
 
 
 def mark_local(*, engine: Engine, study_uid: str) -> None:
@@ -423,7 +423,7 @@ def mark_local(*, engine: Engine, study_uid: str) -> None:
     with session_scope(engine) as session:
         study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
         per_series = dict(
-            session.exec(  # type: ignore[call-overload]
+            session.exec(
                 select(Instance.series_pk, func.count())
                 .where(Instance.study_pk == study.pk)
                 .group_by(col(Instance.series_pk))
@@ -439,7 +439,7 @@ def mark_local(*, engine: Engine, study_uid: str) -> None:
         study.study_json = orjson.dumps(attrs).decode()
         session.add(study)
         session.exec(
-            update(StudyLocation)  # type: ignore[call-overload]
+            update(StudyLocation)
             .where(col(StudyLocation.study_uid) == study_uid)
             .values(has_pixels=True, fetched_at=_now())
         )

@@ -22,6 +22,20 @@ class StoreOutcome:
     def ok(self) -> bool:
         return self.status != "failed"
 
+    @classmethod
+    def failed(cls, reason: int, message: str, **uids: str) -> StoreOutcome:
+        """A failure naming the UIDs read before it (`sop_class_uid`, `sop_instance_uid`,
+        `study_uid`, `series_uid`; empty where none were)."""
+        return cls(
+            sop_class_uid=uids.get("sop_class_uid", ""),
+            sop_instance_uid=uids.get("sop_instance_uid", ""),
+            study_uid=uids.get("study_uid", ""),
+            series_uid=uids.get("series_uid", ""),
+            status="failed",
+            failure_reason=reason,
+            message=message,
+        )
+
 
 @dataclass
 class Query:

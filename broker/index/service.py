@@ -8,11 +8,13 @@ in a thread.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlmodel import Session
 
+from broker.db import core_table
 from broker.dicom.json_model import BULK_BASE_BYTES
 from broker.dicom.native_xml import native_dicom_model
 from broker.dicom.uids import require_uid
@@ -108,12 +110,19 @@ __all__ = [
     "write_facts",
 ]
 
-_study = Study.__table__  # type: ignore[attr-defined]
-_series = Series.__table__  # type: ignore[attr-defined]
-_inst = Instance.__table__  # type: ignore[attr-defined]
+_study = core_table(Study)
+_series = core_table(Series)
+_inst = core_table(Instance)
 
 
-def _scope(stmt, *, study_uid, series_uid, sop_uid, facility_id):  # type: ignore[no-untyped-def]
+def _scope(
+    stmt: Select[Any],
+    *,
+    study_uid: str,
+    series_uid: str | None,
+    sop_uid: str | None,
+    facility_id: str | None,
+) -> Select[Any]:
     stmt = stmt.where(_study.c.study_uid == require_uid(study_uid, "StudyInstanceUID"))
     if series_uid is not None:
         stmt = stmt.where(_series.c.series_uid == require_uid(series_uid, "SeriesInstanceUID"))

@@ -214,7 +214,7 @@ def prune(*, engine: Engine, older_than: timedelta, now: datetime | None = None)
                 )
             )
             if ids:
-                session.exec(delete(Job).where(col(Job.id).in_(ids)))  # type: ignore[call-overload]
+                session.exec(delete(Job).where(col(Job.id).in_(ids)))
         deleted += len(ids)
         if len(ids) < _PRUNE_BATCH:
             return deleted

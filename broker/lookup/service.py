@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, select
 
@@ -46,6 +46,7 @@ from broker.lookup.schemas import (
 )
 from broker.lookup.vocabulary import load as load_vocabulary
 from broker.security.schemas import Principal
+from broker.security.service import authorize
 
 if TYPE_CHECKING:
     from broker.index.models import Patient
@@ -207,12 +208,12 @@ def _date(value: str) -> date | None:
         return None
 
 
-def _first(item: dict, tag: str) -> str | None:  # type: ignore[type-arg]
+def _first(item: dict[str, Any], tag: str) -> str | None:
     vals = (item.get(tag) or {}).get("Value") or []
     return str(vals[0]) if vals else None
 
 
-def _codes(study_json: dict) -> tuple[ProcedureCode, ...]:  # type: ignore[type-arg]
+def _codes(study_json: dict[str, Any]) -> tuple[ProcedureCode, ...]:
     items = (study_json.get("00081032") or {}).get("Value") or []
     return tuple(
         ProcedureCode(value=v, scheme=_first(item, "00080102"), meaning=_first(item, "00080104"))
@@ -327,7 +328,8 @@ def find_priors(
 
     Unknown patient: an empty answer (`patient_found` false), not an error. Bad exam: BadRequest
     with the engine's reason. Writes nothing."""
-    del principal  # every caller is named; sharing policy per facility is not enforced yet
+    # Every caller is named; sharing policy per facility is for `authorize` to enforce.
+    authorize(principal, action="lookup.read", facility=facility)
     the_setting = Setting.parse(setting)
     planned = planned_exam(
         exam=exam, code=code, code_system=code_system, modality=modality, body_part=body_part
@@ -479,6 +481,7 @@ def record_avoided(
     """A clinician saw `study_uid` and did not repeat `planned_exam`: record it with the dose
     spared (the prior's own effective dose, else the typical dose of the exam). Commits. The
     CDS Hooks feedback calls this too."""
+    authorize(principal, action="lookup.write", facility=facility)
     planned_text = planned_exam.strip()
     if not planned_text:
         raise BadRequest("planned_exam must name the exam that was not repeated")

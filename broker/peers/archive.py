@@ -288,7 +288,7 @@ def wado_retrieve_study(*, facility: Archive, study_uid: str, into: str) -> list
     return paths
 
 
-class _RelatedParser(mp.PushMultipartParser):  # type: ignore[misc]
+class _RelatedParser(mp.PushMultipartParser):
     """multipart/related parts have no Content-Disposition (the parser's form-data rule)."""
 
     def _create_segment(self, headerlist: list[tuple[str, str]]) -> mp.MultipartSegment:

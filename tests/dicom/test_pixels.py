@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from broker.dicom import pixels
 from broker.errors import BadRequest, NotAcceptable, NotFound
+from tests.support import to_bytes
 
 FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -352,10 +353,7 @@ def test_media_type_parameters_are_ignored() -> None:
 
 
 def roundtrip(ds: Dataset) -> Dataset:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return pydicom.dcmread(buffer)
+    return pydicom.dcmread(io.BytesIO(to_bytes(ds)))
 
 
 @pytest.mark.parametrize(

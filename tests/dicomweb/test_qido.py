@@ -188,8 +188,32 @@ def test_relational_and_other_levels(archive: Archive) -> None:
     everything = client.search_for_instances()
     assert len(everything) == len(archive.corpus.items)
     assert client.search_for_series("1.2.3.4.5.6") == []
-    r = _get(archive, "/dicom-web/studies/not-a-uid/series")
-    assert r.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dicom-web/studies/not-a-uid/series",
+        "/dicom-web/studies/1.2.03/instances",
+        f"/dicom-web/studies/{MUELLER}/series/{'1' * 65}/instances",
+        f"/facilities/local/dicom-web/studies/{MUELLER}/series/1..2/instances",
+        # Decoded, this would be a search of another, existing series (and find its instances).
+        f"/dicom-web/studies/{MUELLER}%2Fseries%2F{uid(1, 2)}/instances",
+        f"/facilities/local/dicom-web/studies/{MUELLER}%2Fseries%2F{uid(1, 2)}/instances",
+    ],
+)
+def test_a_path_uid_that_is_not_a_uid_is_400_as_it_is_in_the_query(archive: Archive, path: str) -> None:
+    # A search's path UIDs are its keys (PS3.18 10.6.1): the same 400 as `?StudyInstanceUID=1.2.abc`.
+    r = _get(archive, path)
+    assert r.status_code == 400, (path, r.status_code, r.text)
+    assert "UID" in r.json()["detail"]
+
+
+def test_a_valid_path_uid_that_matches_nothing_is_204(archive: Archive) -> None:
+    assert _get(archive, "/dicom-web/studies/1.2.3.4.5.6/series").status_code == 204
+    assert _get(archive, f"/dicom-web/studies/{MUELLER}/series/1.2.3.4.5.6/instances").status_code == 204
+    # An encoded slash whose decoded path is no search resource at all: 404, as for any such path.
+    assert _get(archive, "/dicom-web/studies/1.2%2F3/series").status_code == 404
 
 
 def test_names_come_back_as_utf8_whatever_the_input_charset(archive: Archive) -> None:

@@ -14,7 +14,6 @@ import httpx
 import pydicom
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from broker.errors import ScanOnceError
@@ -22,6 +21,7 @@ from broker.settings import Settings
 from broker.web import assets
 from tests.dicomweb.data import TEST_FILES, multipart_body
 from tests.identity.test_mllp_serve import Served, scanonce_serve
+from tests.support import to_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -47,12 +47,6 @@ def viewer_dir() -> Path:
     return root
 
 
-def _part10(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 @dataclass(frozen=True)
 class Studies:
     ct: str  # one series
@@ -68,7 +62,7 @@ def _studies() -> tuple[Studies, list[bytes]]:
     second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     second.SeriesNumber = 2
     second.SeriesDescription = "second series"
-    parts = [_part10(ds) for ds in (ct, mr, second)]
+    parts = [to_bytes(ds) for ds in (ct, mr, second)]
     return Studies(ct=str(ct.StudyInstanceUID), mr=str(mr.StudyInstanceUID)), parts
 
 
