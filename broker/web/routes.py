@@ -159,7 +159,11 @@ def lookup_page(request: Request, session: SessionDep, principal: PrincipalDep, 
         session=session, principal=principal, form=pages.LookupForm.from_query(request.query_params)
     )
     missing = _installed(state.settings, assets.OHIF) is None
-    context = {"v": view, "nav": "lookup", "htmx": _htmx(state), "viewer_missing": missing}
+    # Back from "use this prior" without JavaScript (the redirect names the study).
+    notice = (
+        "Recorded: that prior is used instead of a new exam." if request.query_params.get("avoided") else ""
+    )
+    context = {"v": view, "nav": "lookup", "htmx": _htmx(state), "viewer_missing": missing, "notice": notice}
     name = "_lookup.html" if _partial(request) else "lookup.html"
     status = 400 if view.errors else 200
     return templates.TemplateResponse(request, name, context, status_code=status, headers=_HTML)
@@ -213,7 +217,8 @@ def avoided(
         return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
     if not _partial(request):
         sep = "&" if "?" in back else "?"
-        return RedirectResponse(f"{back}{sep}{urlencode({'avoided': study_instance_uid})}", status_code=303)
+        target = f"{back}{sep}{urlencode({'avoided': study_instance_uid})}#answer"
+        return RedirectResponse(target, status_code=303)
     names = {facility: facility}
     view = SimpleNamespace(avoided=month, facility_names=names)
     context = {"v": view, "oob": True}
