@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
+from broker.cds.routes import router as cds_router
 from broker.db import make_engine, migrate
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
@@ -219,6 +220,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(identity_router)
     app.include_router(lookup_router)
     app.include_router(fhir_router)
+    app.include_router(cds_router)
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
     app.include_router(web_router)

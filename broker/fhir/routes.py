@@ -1,5 +1,6 @@
 """HTTP for FHIR R4 under /fhir: IHE PIXm (`Patient/$ihe-pix`), PDQm (`Patient` search), Patient
-read, and the Patient identity feed (create, update, conditional update), over identity's service.
+read, and the Patient identity feed (create, update, conditional update), over identity's service;
+ImagingStudy search and read over the index (`fhir.service`).
 
 FHIR routes answer in application/fhir+json and report every error as an OperationOutcome
 with the matching HTTP status (the app-wide JSON error shape is not FHIR).
@@ -15,8 +16,9 @@ from fastapi.responses import Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.deps import PrincipalDep, SessionDep
+from broker.deps import PrincipalDep, SessionDep, SettingsDep
 from broker.errors import BadRequest, NotFound, ScanOnceError
+from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
     issuer_from_system,
     parse_patient,
@@ -216,3 +218,52 @@ async def update_patient(
         return _feed(raw, session, principal, None)
 
     return await run_in_threadpool(run)
+
+
+# ---------------------------------------------------------------- ImagingStudy
+
+
+def _base(request: Request, settings: SettingsDep) -> str:
+    return (settings.base_url or str(request.base_url)).rstrip("/")
+
+
+@router.get("/ImagingStudy")
+def search_imaging_study(
+    request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
+) -> Response:
+    """ImagingStudy search: a person's studies at every facility (patient, subject,
+    patient.identifier=system|value), or studies by identifier; started, modality, bodysite,
+    _sort=-started|started, _count, _offset. A searchset Bundle; errors as OperationOutcome."""
+    base = _base(request, settings)
+    params: dict[str, list[str]] = {}
+    for key, value in request.query_params.multi_items():
+        params.setdefault(key, []).append(value)
+    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
+    try:
+        answer = fhir_service.search_imaging_studies(
+            session=session, params=params, base_url=base, lenient=lenient
+        )
+    except ScanOnceError as exc:
+        return operation_outcome(exc.status_code, exc.message)
+    search_url = f"{base}/fhir/ImagingStudy"
+    self_url = search_url + (f"?{request.url.query}" if request.url.query else "")
+    return _fhir(fhir_service.bundle(answer, self_url=self_url, search_url=search_url))
+
+
+@router.get("/ImagingStudy/{study_id}")
+def read_imaging_study(
+    study_id: str, request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
+) -> Response:
+    """One ImagingStudy; its id is the Study Instance UID."""
+    res = fhir_service.read_imaging_study(
+        session=session, study_uid=study_id, base_url=_base(request, settings)
+    )
+    if res is None:
+        return operation_outcome(404, "no such ImagingStudy")
+    return _fhir(res)
+
+
+@router.get("/metadata")
+def metadata(request: Request, settings: SettingsDep) -> Response:
+    """The CapabilityStatement: resources, interactions and search parameters served."""
+    return _fhir(fhir_service.capability_statement(base_url=_base(request, settings)))

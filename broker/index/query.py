@@ -27,7 +27,7 @@ from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.index.ingest import normalize_time
 from broker.index.models import Instance, Patient, Series, Study
-from broker.index.schemas import Query, QueryResult
+from broker.index.schemas import Query, QueryResult, StudyOwner
 
 _study = Study.__table__  # type: ignore[attr-defined]
 _series = Series.__table__  # type: ignore[attr-defined]
@@ -366,6 +366,17 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
             if query.level != "patient"
             else _patient.c.facility_id == query.facility_id
         )
+    if query.patient_pks is not None:
+        owner = _patient.c.pk if query.level == "patient" else _study.c.patient_pk
+        conds.append(owner.in_(list(query.patient_pks)))
+    if query.body_parts is not None:
+        if query.level != "study":
+            raise BadRequest("body_parts constrains study-level queries only")
+        conds.append(
+            exists().where(_series.c.study_pk == _study.c.pk, _series.c.body_part.in_(list(query.body_parts)))
+        )
+    if query.order != "pk" and query.level != "study":
+        raise BadRequest("only study-level queries are ordered by date")
     return conds, asked, ignored
 
 
@@ -435,6 +446,45 @@ def _study_attrs(row: Any, wanted: frozenset[str] | None, base: str | None) -> d
     return out
 
 
+_STUDY_ORDER = {
+    "pk": (_study.c.pk,),
+    "date": (_study.c.study_date, _study.c.study_time, _study.c.pk),
+    "-date": (_study.c.study_date.desc(), _study.c.study_time.desc(), _study.c.pk.desc()),
+}
+
+
+def count(*, session: Session, query: Query) -> int:
+    """How many studies match a study-level query, whatever its page (FHIR's Bundle.total)."""
+    if query.level != "study":
+        raise BadRequest("only study-level matches are counted")
+    conds, _asked, _ignored = _filters(query)
+    return int(session.execute(select(func.count()).select_from(_study).where(*conds)).scalar_one())
+
+
+def study_owners(*, session: Session, study_uids: list[str]) -> dict[str, StudyOwner]:
+    """Whose each study is and where it came from: facility, the broker-qualified patient
+    identifier and the patient's person (one indexed query)."""
+    if not study_uids:
+        return {}
+    rows = session.execute(
+        select(
+            _study.c.study_uid,
+            _study.c.facility_id,
+            _study.c.issuer,
+            _study.c.patient_id,
+            _patient.c.person_id,
+        )
+        .join(_patient, _patient.c.pk == _study.c.patient_pk)
+        .where(_study.c.study_uid.in_(study_uids))
+    ).all()
+    return {
+        r.study_uid: StudyOwner(
+            facility_id=r.facility_id, issuer=r.issuer, patient_id=r.patient_id, person_id=r.person_id
+        )
+        for r in rows
+    }
+
+
 def search(*, session: Session, query: Query) -> QueryResult:
     """Answer one query at any level; raises BadRequest for keys or values that cannot match."""
     if query.limit > 100_000:
@@ -471,7 +521,7 @@ def search(*, session: Session, query: Query) -> QueryResult:
             matches.append(_finish(_pick(attrs, wanted), wanted, A.PATIENT_DEFAULTS))
     elif level == "study":
         wanted = _wanted(query, A.STUDY_DEFAULTS, asked)
-        stmt = _paged(select(_study).where(*conds).order_by(_study.c.pk), query)
+        stmt = _paged(select(_study).where(*conds).order_by(*_STUDY_ORDER[query.order]), query)
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             matches.append(_finish(_study_attrs(row, wanted, base), wanted, A.STUDY_DEFAULTS))

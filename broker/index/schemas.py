@@ -42,6 +42,14 @@ class Query:
     limit: int = 100
     offset: int = 0
     retrieve_base: str | None = None
+    # Only the studies (series, instances) of these patient rows: a person's records, as FHIR
+    # ImagingStudy search asks for them. An empty tuple matches nothing; None does not constrain.
+    patient_pks: tuple[int, ...] | None = None
+    # Study level only: studies having a series whose BodyPartExamined is one of these.
+    body_parts: tuple[str, ...] | None = None
+    # Study level only: "pk" (arrival order, what QIDO-RS and C-FIND page by), "date" or "-date"
+    # (StudyDate then StudyTime, oldest or newest first; undated studies sort as the oldest).
+    order: Literal["pk", "date", "-date"] = "pk"
 
 
 @dataclass
@@ -49,6 +57,16 @@ class QueryResult:
     matches: list[dict[str, Any]]  # DICOM JSON model objects (PS3.18 F.2), UTF-8
     more: bool  # cut by limit: more matches exist past offset+limit
     warnings: list[str] = field(default_factory=list)  # e.g. keys not supported for matching
+
+
+@dataclass(frozen=True, slots=True)
+class StudyOwner:
+    """Where a study came from and whose it is (`index.study_owners`)."""
+
+    facility_id: str
+    issuer: str  # the broker's issuer qualifying patient_id (the sending facility's)
+    patient_id: str
+    person_id: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Series, Study
 from broker.index.parse import parse_instance
 from broker.index.persons import assign_person, lock_patient_by_identifier, lock_patients
-from broker.index.query import search
+from broker.index.query import count, search, study_owners
 from broker.index.remote import (
     has_locations,
     is_remote_only,
@@ -55,7 +55,7 @@ from broker.index.remote import (
     unseen_studies,
     upsert_remote_studies,
 )
-from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome
+from broker.index.schemas import InstanceRef, Query, QueryResult, StoreOutcome, StudyOwner
 
 __all__ = [
     "IngestBatcher",
@@ -64,6 +64,9 @@ __all__ = [
     "ingest_files",
     "parse_instance",
     "search",
+    "count",
+    "study_owners",
+    "StudyOwner",
     "find_instances",
     "metadata_fragments",
     "render_metadata",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlmodel import Session, col, select
 
@@ -21,6 +22,7 @@ from broker.identity import service as identity
 from broker.index import service as index
 from broker.index.facts import StudyView
 from broker.lookup import dose as dosemath
+from broker.lookup import metrics
 from broker.lookup.models import AvoidedRepeat
 from broker.lookup.relevance import interpret_exam, judge
 from broker.lookup.schemas import (
@@ -45,11 +47,15 @@ from broker.lookup.schemas import (
 from broker.lookup.vocabulary import load as load_vocabulary
 from broker.security.schemas import Principal
 
+if TYPE_CHECKING:
+    from broker.index.models import Patient
+
 __all__ = [
     "find_priors",
     "record_avoided",
     "avoided_per_month",
     "resolve_identifier",
+    "confirmed_patients",
     "planned_exam",
     "exam_suggestions",
 ]
@@ -98,11 +104,12 @@ def resolve_identifier(
     return fac.issuer, mrn.strip()
 
 
-def _person_studies(
-    session: Session, issuer: str, value: str
-) -> tuple[bool, list[tuple[StudyView, str, str]]]:
-    """(patient found, [(study, link, detail)]): the person's studies through confirmed links,
-    then those reached only through an open review item (unconfirmed)."""
+def confirmed_patients(
+    *, session: Session, issuer: str, value: str
+) -> tuple[bool, int | None, list[Patient]]:
+    """(known, person id, the index's patient rows of that person): every record confirmed as
+    the same person as (issuer, value), at any facility. Records only proposed by an open review
+    item are not among them. FHIR ImagingStudy search and CDS Hooks start here too."""
     patient = index.patient_by_identifier(session=session, issuer=issuer, patient_id=value)
     person_id = patient.person_id if patient is not None else None
     if person_id is None:
@@ -110,14 +117,24 @@ def _person_studies(
             session=session, identifier=identity.Identifier(issuer=issuer, value=value)
         )
     if patient is None and person_id is None:
-        return False, []
+        return False, None, []
     if person_id is None:
         assert patient is not None
-        confirmed = [patient]
-    else:
-        confirmed = index.patients_of_persons(session=session, person_ids=[person_id])
-        if patient is not None and all(p.pk != patient.pk for p in confirmed):
-            confirmed.append(patient)
+        return True, None, [patient]
+    confirmed = index.patients_of_persons(session=session, person_ids=[person_id])
+    if patient is not None and all(p.pk != patient.pk for p in confirmed):
+        confirmed.append(patient)
+    return True, person_id, confirmed
+
+
+def _person_studies(
+    session: Session, issuer: str, value: str
+) -> tuple[bool, list[tuple[StudyView, str, str]]]:
+    """(patient found, [(study, link, detail)]): the person's studies through confirmed links,
+    then those reached only through an open review item (unconfirmed)."""
+    found, person_id, confirmed = confirmed_patients(session=session, issuer=issuer, value=value)
+    if not found:
+        return False, []
     out: list[tuple[StudyView, str, str]] = []
     for s in index.studies_of_patients(session=session, patients=confirmed):
         same = s.issuer == issuer and s.patient_id == value
@@ -494,6 +511,7 @@ def record_avoided(
     session.commit()
     session.refresh(row)
     assert row.id is not None
+    metrics.count_avoided(facility=row.facility_id, dose_msv=row.estimated_dose_msv)
     return AvoidedOut(
         id=row.id,
         study_instance_uid=row.study_uid,
