@@ -230,20 +230,24 @@ def avoided(
 
 
 @admin_router.get("/facilities", response_class=HTMLResponse)
-def admin_facilities(request: Request, session: SessionDep, state: StateDep) -> Response:
+def admin_facilities(
+    request: Request, session: SessionDep, _principal: PrincipalDep, state: StateDep
+) -> Response:
     context = {"rows": pages.facility_rows(session=session), "nav": "facilities", "htmx": _htmx(state)}
     return templates.TemplateResponse(request, "admin_facilities.html", context, headers=_HTML)
 
 
 @admin_router.get("/jobs", response_class=HTMLResponse)
-def admin_jobs(request: Request, session: SessionDep, state: StateDep) -> Response:
+def admin_jobs(request: Request, session: SessionDep, _principal: PrincipalDep, state: StateDep) -> Response:
     context = {"rows": pages.job_rows(session=session), "nav": "jobs", "htmx": _htmx(state)}
     name = "_jobs.html" if _partial(request) else "admin_jobs.html"
     return templates.TemplateResponse(request, name, context, headers=_HTML)
 
 
 @admin_router.get("/review", response_class=HTMLResponse)
-def admin_review(request: Request, session: SessionDep, state: StateDep) -> Response:
+def admin_review(
+    request: Request, session: SessionDep, _principal: PrincipalDep, state: StateDep
+) -> Response:
     return _review_page(request, session, state)
 
 
