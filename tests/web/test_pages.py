@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
 from broker.app import create_app
 from broker.demo.service import load_demo
 from broker.identity.models import ReviewItem
 from broker.lookup.models import AvoidedRepeat
+from tests.dicomweb.data import multipart_body
+from tests.support import make_ds, to_bytes
 
 LOOKUP = {
     "facility": "kids",
@@ -105,3 +108,26 @@ def test_review_decisions_go_through_the_identity_service(client: TestClient) ->
         assert session.get(ReviewItem, item_id).status != "open"  # type: ignore[union-attr]
     r = client.post(f"/admin/review/{item_id}", data={"decision": "link", "reason": "again"}, headers=FORM)
     assert r.status_code == 409  # already decided
+
+
+def test_hostile_stored_values_are_shown_escaped(client: TestClient) -> None:
+    """A facility's StudyDescription carrying markup is shown as text on the lookup and the record."""
+    hostile = "CT ABDOMEN PELVIS <script>alert(1)</script><img src=x onerror=alert(2)>"
+    ds = make_ds(
+        sop=generate_uid(),
+        study=generate_uid(),
+        series=generate_uid(),
+        pid="K346295",
+        name="SCHRODER^MATEO",
+        date="20260620",
+        description=hostile,
+    )
+    body, content_type = multipart_body([to_bytes(ds)])
+    r = client.post(
+        "/facilities/kids/dicom-web/studies", content=body, headers={"Content-Type": content_type}
+    )
+    assert r.status_code == 200, r.text
+    for path in ("/", "/record"):
+        page = client.get(path, params=LOOKUP).text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
+        assert "<script>alert(1)" not in page and "<img src=x" not in page, path
