@@ -299,7 +299,8 @@ def facility_rows(*, session: Session) -> list[FacilityRow]:
                 issuer=f.issuer,
                 endpoint=endpoint or "pushes to the broker",
                 policy=f.sharing_policy,
-                status=(state.last_status or "never synced") if state else "never synced",
+                status=(state.last_status if state and state.last_status else None)
+                or ("never synced" if facilities.has_archive_endpoint(f) else "no archive to sync"),
                 last_completed=_when(state.last_completed_at) if state else "",
                 last_error=state.last_error if state else "",
                 studies_at_facility=state.studies_at_facility if state else 0,

@@ -18,6 +18,8 @@ BACKGROUND_SOURCE = (
     "RSNA) uses; NCRP Report No. 160 (2009) gives 3.1 mSv a year in the United States"
 )
 CHILD_UNDER_YEARS = 18
+# Modalities that use no ionizing radiation: their dose is none, not unknown.
+NO_RADIATION = frozenset({"MR", "US"})
 
 # Colours that keep a 3:1 contrast against white (WCAG 1.4.11) and differ for common colour
 # blindness (Okabe-Ito, darkened); each facility also gets its own marker shape.
@@ -60,6 +62,23 @@ def background_days(value: float | None) -> str:
     if days < 730:
         return f"about {round(days / 30.44)} months"
     return f"about {days / 365:.1f} years"
+
+
+def exam_words(prior: PriorOut) -> str:
+    """Modality and description, without saying the modality twice ("CT CT ABDOMEN")."""
+    description = prior.description.strip()
+    if prior.modality and not description.upper().startswith(prior.modality.upper()):
+        return f"{prior.modality} {description}".strip()
+    return description or prior.modality
+
+
+def dose_words(prior: PriorOut) -> str:
+    """The study's effective dose in words: mSv, none for MR and US, or not recorded."""
+    if prior.dose is not None and prior.dose.effective_dose_msv is not None:
+        return msv(prior.dose.effective_dose_msv)
+    if prior.modality in NO_RADIATION:
+        return "none (no ionizing radiation)"
+    return "not recorded"
 
 
 def dose_parts(dose: DoseOut | None) -> list[str]:

@@ -159,7 +159,11 @@ def lookup_page(request: Request, session: SessionDep, principal: PrincipalDep, 
         session=session, principal=principal, form=pages.LookupForm.from_query(request.query_params)
     )
     missing = _installed(state.settings, assets.OHIF) is None
-    context = {"v": view, "nav": "lookup", "htmx": _htmx(state), "viewer_missing": missing}
+    # Back from "use this prior" without JavaScript (the redirect names the study).
+    notice = (
+        "Recorded: that prior is used instead of a new exam." if request.query_params.get("avoided") else ""
+    )
+    context = {"v": view, "nav": "lookup", "htmx": _htmx(state), "viewer_missing": missing, "notice": notice}
     name = "_lookup.html" if _partial(request) else "lookup.html"
     status = 400 if view.errors else 200
     return templates.TemplateResponse(request, name, context, status_code=status, headers=_HTML)
@@ -213,7 +217,8 @@ def avoided(
         return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
     if not _partial(request):
         sep = "&" if "?" in back else "?"
-        return RedirectResponse(f"{back}{sep}{urlencode({'avoided': study_instance_uid})}", status_code=303)
+        target = f"{back}{sep}{urlencode({'avoided': study_instance_uid})}#answer"
+        return RedirectResponse(target, status_code=303)
     names = {facility: facility}
     view = SimpleNamespace(avoided=month, facility_names=names)
     context = {"v": view, "oob": True}
@@ -225,20 +230,24 @@ def avoided(
 
 
 @admin_router.get("/facilities", response_class=HTMLResponse)
-def admin_facilities(request: Request, session: SessionDep, state: StateDep) -> Response:
+def admin_facilities(
+    request: Request, session: SessionDep, _principal: PrincipalDep, state: StateDep
+) -> Response:
     context = {"rows": pages.facility_rows(session=session), "nav": "facilities", "htmx": _htmx(state)}
     return templates.TemplateResponse(request, "admin_facilities.html", context, headers=_HTML)
 
 
 @admin_router.get("/jobs", response_class=HTMLResponse)
-def admin_jobs(request: Request, session: SessionDep, state: StateDep) -> Response:
+def admin_jobs(request: Request, session: SessionDep, _principal: PrincipalDep, state: StateDep) -> Response:
     context = {"rows": pages.job_rows(session=session), "nav": "jobs", "htmx": _htmx(state)}
     name = "_jobs.html" if _partial(request) else "admin_jobs.html"
     return templates.TemplateResponse(request, name, context, headers=_HTML)
 
 
 @admin_router.get("/review", response_class=HTMLResponse)
-def admin_review(request: Request, session: SessionDep, state: StateDep) -> Response:
+def admin_review(
+    request: Request, session: SessionDep, _principal: PrincipalDep, state: StateDep
+) -> Response:
     return _review_page(request, session, state)
 
 

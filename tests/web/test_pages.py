@@ -1,0 +1,133 @@
+"""The pages' server side on both backends (SQLite + folder, PostgreSQL + S3), without a browser:
+what each page says on the demo data, the review decision and the avoided repeat going through
+their services, and bad input answered with the message and nothing stored."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+from sqlmodel import Session, select
+
+from broker.app import create_app
+from broker.demo.service import load_demo
+from broker.identity.models import ReviewItem
+from broker.lookup.models import AvoidedRepeat
+from tests.dicomweb.data import multipart_body
+from tests.support import make_ds, to_bytes
+
+LOOKUP = {
+    "facility": "kids",
+    "mrn": "K346295",
+    "exam": "CT abdomen pelvis",
+    "setting": "ed",
+    "now": "2026-06-25",
+}
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+@pytest.fixture
+def client(settings: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(settings=settings)) as c:
+        st = c.app.state.scanonce  # type: ignore[attr-defined]
+        load_demo(engine=st.engine, store=st.store)
+        yield c
+
+
+def _avoided(client: TestClient) -> int:
+    engine = client.app.state.scanonce.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        return len(session.exec(select(AvoidedRepeat)).all())
+
+
+def test_pages_on_the_demo_data(client: TestClient) -> None:
+    r = client.get("/", params=LOOKUP)
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    first = r.text.index('<li class="prior inwindow"')
+    assert "9 days ago" in r.text[first : first + 2000] and "St Mary" in r.text[first : first + 2000]
+    assert "Warning:" in r.text and "mSv" in r.text
+    # htmx asks for the form and the answer only.
+    partial = client.get("/", params=LOOKUP, headers={"HX-Request": "true"})
+    assert partial.text.lstrip().startswith('<div id="lookup">') and "<html" not in partial.text
+
+    # "Use this prior": recorded through the lookup service, then back to the answer.
+    uid = re.search(r'data-study="([^"]+)"', r.text[first:])
+    assert uid is not None
+    body = {
+        "study_instance_uid": uid.group(1),
+        "planned_exam": "CT abdomen pelvis",
+        "facility": "kids",
+        "back": "/?facility=kids",
+    }
+    r = client.post("/avoided", data=body, headers=FORM, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].endswith("#answer")
+    assert _avoided(client) == 1
+    r = client.post("/avoided", data={**body, "study_instance_uid": "1.2.3"}, headers=FORM)
+    assert r.status_code == 404 and _avoided(client) == 1  # an unknown study: said, nothing stored
+    r = client.post("/avoided", data={**body, "back": "https://elsewhere.example/"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/?avoided=")  # never off-site
+    assert _avoided(client) == 2
+
+    r = client.get("/", params={**LOOKUP, "exam": "!!!"})
+    assert r.status_code == 400 and 'id="exam-error"' in r.text
+    r = client.get("/", params={**LOOKUP, "mrn": "NO-SUCH"})
+    assert r.status_code == 200 and "No studies found in" in r.text
+
+    record = client.get("/record", params=LOOKUP)
+    assert record.status_code == 200 and "medical imaging record" in record.text
+
+    facilities = client.get("/admin/facilities")
+    assert facilities.status_code == 200 and "St Mary" in facilities.text
+    assert client.get("/admin/jobs").status_code == 200
+
+
+def test_review_decisions_go_through_the_identity_service(client: TestClient) -> None:
+    engine = client.app.state.scanonce.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        item = session.exec(select(ReviewItem).where(ReviewItem.status == "open")).first()
+        if item is None:
+            pytest.skip("the demo data has no open review item")
+        item_id = item.id
+    page = client.get("/admin/review")
+    assert page.status_code == 200 and f'id="review-{item_id}"' in page.text
+    # A decision needs a reason: refused, and the item stays open.
+    r = client.post(f"/admin/review/{item_id}", data={"decision": "link", "reason": ""}, headers=FORM)
+    assert r.status_code == 400
+    r = client.post(f"/admin/review/{item_id}", data={"decision": "maybe", "reason": "x"}, headers=FORM)
+    assert r.status_code == 400
+    with Session(engine) as session:
+        assert session.get(ReviewItem, item_id).status == "open"  # type: ignore[union-attr]
+    r = client.post(f"/admin/review/{item_id}", data={"decision": "reject", "reason": "twins"}, headers=FORM)
+    assert r.status_code == 200 and f"Review item {item_id} rejected" in r.text
+    assert f'id="review-{item_id}"' not in r.text
+    with Session(engine) as session:
+        assert session.get(ReviewItem, item_id).status != "open"  # type: ignore[union-attr]
+    r = client.post(f"/admin/review/{item_id}", data={"decision": "link", "reason": "again"}, headers=FORM)
+    assert r.status_code == 409  # already decided
+
+
+def test_hostile_stored_values_are_shown_escaped(client: TestClient) -> None:
+    """A facility's StudyDescription carrying markup is shown as text on the lookup and the record."""
+    hostile = "CT ABDOMEN PELVIS <script>alert(1)</script><img src=x onerror=alert(2)>"
+    ds = make_ds(
+        sop=generate_uid(),
+        study=generate_uid(),
+        series=generate_uid(),
+        pid="K346295",
+        name="SCHRODER^MATEO",
+        date="20260620",
+        description=hostile,
+    )
+    body, content_type = multipart_body([to_bytes(ds)])
+    r = client.post(
+        "/facilities/kids/dicom-web/studies", content=body, headers={"Content-Type": content_type}
+    )
+    assert r.status_code == 200, r.text
+    for path in ("/", "/record"):
+        page = client.get(path, params=LOOKUP).text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
+        assert "<script>alert(1)" not in page and "<img src=x" not in page, path
