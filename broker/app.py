@@ -45,6 +45,8 @@ from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
 from broker.settings import Settings, get_settings
+from broker.web.routes import admin_router as web_admin_router
+from broker.web.routes import pages_router as web_pages_router
 from broker.web.routes import router as web_router
 from storage import StoreUnavailable, open_store
 
@@ -222,6 +224,8 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(dicomweb_router)
     app.include_router(dicomweb_facility_router)
     app.include_router(web_router)
+    app.include_router(web_pages_router)
+    app.include_router(web_admin_router)
 
 
 def app_from_env() -> FastAPI:

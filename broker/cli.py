@@ -89,6 +89,8 @@ def serve(
     # soft_wrap: a URL is never broken across lines, whatever the terminal's width.
     for line in (
         f"[bold]ScanOnce[/] on {origin}/",
+        f"  lookup:    {origin}/",
+        f"  admin:     {origin}/admin/facilities",
         f"  viewer:    {origin}/viewer/",
         f"  API docs:  {origin}/docs",
         f"  DICOMweb:  {origin}/dicom-web",

@@ -65,7 +65,7 @@ from broker.identity.rebuild import (
     rebuild_keys_now,
     register_jobs,
 )
-from broker.identity.records import demo_of, get_record, set_trusted_issuer
+from broker.identity.records import demo_of, get_record, require_record, set_trusted_issuer
 from broker.identity.schemas import Explanation, Identifier, LinkDecision, PersonView, RebuildResult
 
 __all__ = [
@@ -94,6 +94,7 @@ __all__ = [
     "ensure_trained",
     "explain",
     "get_record",
+    "require_record",
     "issuer_known",
     "keys_version",
     "link_patient",

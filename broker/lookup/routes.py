@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from broker.deps import PrincipalDep, SessionDep
 from broker.lookup import service
-from broker.lookup.schemas import AvoidedIn, AvoidedMonth, AvoidedOut, PriorsAnswer
+from broker.lookup.schemas import AvoidedIn, AvoidedMonth, AvoidedOut, ExamSuggestion, PriorsAnswer
 
 router = APIRouter(tags=["lookup"])
 
@@ -34,6 +35,7 @@ def get_priors(
     modality: Annotated[str | None, Query()] = None,
     bodypart: Annotated[str | None, Query(description="BodyPartExamined term")] = None,
     setting: Annotated[str, Query(description="trauma, ed, inpatient or outpatient")] = "outpatient",
+    now: Annotated[date | None, Query(description="judge as of this date (default today)")] = None,
 ) -> PriorsAnswer:
     """Every study of the patient's person across facilities, relevant first, with dose."""
     return service.find_priors(
@@ -48,7 +50,14 @@ def get_priors(
         modality=modality,
         body_part=bodypart,
         setting=setting,
+        now=now,
     )
+
+
+@router.get("/api/priors/exams", response_model=list[ExamSuggestion])
+def get_exam_suggestions() -> list[ExamSuggestion]:
+    """Planned exams the engine reads by code, with their short labels: suggestions for a form."""
+    return service.exam_suggestions()
 
 
 @router.post("/api/priors/avoided", response_model=AvoidedOut, status_code=201, responses=_BAD)

@@ -245,6 +245,14 @@ class PriorsAnswer(BaseModel):
     notes: list[str] = []
 
 
+class ExamSuggestion(BaseModel):
+    """A planned exam the engine knows by code: its short label (free text the engine reads too)."""
+
+    label: str
+    system: str
+    code: str
+
+
 class AvoidedIn(BaseModel):
     study_instance_uid: str = Field(min_length=1, max_length=64)
     planned_exam: str = Field(min_length=1, max_length=256)

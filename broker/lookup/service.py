@@ -9,6 +9,7 @@ facts it needs (series facts, dose records) are kept by the index at ingest (ind
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from broker.lookup.schemas import (
     CumulativeOut,
     DoseOut,
     ExamInterpretation,
+    ExamSuggestion,
     PlannedOut,
     PriorFacts,
     PriorOut,
@@ -55,6 +57,7 @@ __all__ = [
     "resolve_identifier",
     "confirmed_patients",
     "planned_exam",
+    "exam_suggestions",
 ]
 
 _CUMULATIVE_DAYS = 365
@@ -170,6 +173,28 @@ def planned_exam(
         modality=modality or None,
         body_part=body_part or None,
     )
+
+
+@functools.cache
+def _suggestions() -> tuple[ExamSuggestion, ...]:
+    seen: dict[str, ExamSuggestion] = {}
+    for system, table in load_vocabulary().codes.items():
+        for entry in table.values():
+            key = entry.label.lower()
+            if key in seen:
+                continue
+            try:  # offered only if the engine reads the label as text too
+                interpret_exam(text=entry.label)
+            except BadRequest:
+                continue
+            seen[key] = ExamSuggestion(label=entry.label, system=system, code=entry.code)
+    return tuple(sorted(seen.values(), key=lambda e: e.label.lower()))
+
+
+def exam_suggestions() -> list[ExamSuggestion]:
+    """The coded exams of the vocabulary (CPT, LOINC, RadLex), one per label, in label order:
+    what a form offers as the planned exam. Each label is text the engine reads."""
+    return list(_suggestions())
 
 
 # -- facts for the engine and dose --------------------------------------------------------------------

@@ -22,6 +22,8 @@ from broker.errors import IntegrityError, Unavailable
 LOCK = Path(__file__).with_name("assets.lock")
 OHIF = "@ohif/app"
 SWAGGER = "swagger-ui-dist"
+# Partial page updates of the lookup and admin pages (they work without it too).
+HTMX = "htmx.org"
 # Where the broker mounts the viewer. OHIF's build assumes it lives at `/`; install rewrites it.
 VIEWER_PATH = "/viewer/"
 _MARKER = ".installed"
@@ -38,10 +40,10 @@ class Pin:
         return self.name.lstrip("@").replace("/", "-")
 
 
-def pins() -> dict[str, Pin]:
-    """The pinned packages of `assets.lock`, by npm name."""
+def pins(lock: Path = LOCK) -> dict[str, Pin]:
+    """The pinned packages of a lock file (default `assets.lock`), by npm name."""
     out: dict[str, Pin] = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, version, sha256 = line.split()
             out[name] = Pin(name=name, version=version, sha256=sha256)

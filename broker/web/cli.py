@@ -21,12 +21,16 @@ def install(
         Path | None,
         typer.Option(help="Where to put them (default: $SCANONCE_VIEWER_DIR or .cache/web in the clone)."),
     ] = None,
+    lock: Annotated[
+        Path | None,
+        typer.Option(help="Another lock file of the same form (the browser tests' tests/web/assets.lock)."),
+    ] = None,
 ) -> None:
-    """Fetch the pinned OHIF Viewer and Swagger UI from the npm registry, check their sha256 and
+    """Fetch the pinned OHIF Viewer, Swagger UI and htmx from the npm registry, check their sha256 and
     unpack them (safe to run twice: an installed version is kept)."""
     root = viewer_dir or _settings(None).resolved_viewer_dir()
     try:
-        for pin in assets.pins().values():
+        for pin in (assets.pins(lock) if lock else assets.pins()).values():
             path, done = assets.install(root=root, pin=pin)
             what = "installed" if done else "already installed"
             console.print(f"{pin.name}@{pin.version} {what} in {path}", soft_wrap=True)

@@ -1,21 +1,39 @@
-"""What a browser opens: `/` (home), `/docs` (Swagger UI from the broker's own copy, so it works
-offline), `/api` (to the docs) and the OHIF Viewer under `/viewer/` with the broker's own
-`app-config.js`."""
+"""What a browser opens: `/` (the clinician's lookup page), `/record` (the patient's imaging record,
+for printing), `/admin/...` (facilities, jobs, identity review), `/docs` (Swagger UI from the
+broker's own copy, so it works offline), `/api` (to the docs) and the OHIF Viewer under `/viewer/`
+with the broker's own `app-config.js`.
+
+Three routers, so that sign-in and roles can be required per router when they exist: `pages`
+(the clinician's), `admin` (facilities, jobs, review) and `router` (docs, viewer, static assets)."""
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
 
-from broker.deps import StateDep
+from broker.deps import FormDep, PrincipalDep, SessionDep, StateDep
+from broker.errors import ScanOnceError
 from broker.settings import Settings
-from broker.web import assets, service
+from broker.web import assets, pages, present, service
 
 router = APIRouter(include_in_schema=False)
+pages_router = APIRouter(include_in_schema=False)
+admin_router = APIRouter(prefix="/admin", include_in_schema=False)
+
+_STATIC = Path(__file__).with_name("static")
+# Autoescaped: every value a page shows (names, descriptions, messages) is escaped.
+templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
+templates.env.globals.update(present=present, settings=pages.SETTINGS)
+_HTML = {"Cache-Control": "no-store"}  # patient data: never kept by a shared cache
 
 _SWAGGER_ASSETS = "/docs/assets/"
 # Hashed bundles never change under their name; everything else is revalidated.
@@ -38,12 +56,6 @@ def _file(root: Path, relative: str) -> Path | None:
     """The file `relative` names inside `root`, never outside it."""
     path = (root / relative).resolve()
     return path if path.is_relative_to(root.resolve()) and path.is_file() else None
-
-
-@router.get("/", response_class=HTMLResponse)
-def home(state: StateDep) -> HTMLResponse:
-    installed = _installed(state.settings, assets.OHIF) is not None
-    return HTMLResponse(service.home_page(viewer_installed=installed))
 
 
 @router.get("/api")
@@ -110,3 +122,161 @@ async def viewer(path: str, request: Request, state: StateDep) -> Response:
             page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
             return HTMLResponse(page, status_code=503 if waiting.error else 202)
     return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache", **_ISOLATED})
+
+
+# -- static assets of the pages ------------------------------------------------------------------
+
+
+@router.get("/static/{name}")
+def static(name: str, state: StateDep) -> Response:
+    """The pages' own stylesheet, and htmx from its pinned install."""
+    if name == "htmx.min.js":
+        root = _installed(state.settings, assets.HTMX)
+        path = _file(root / "dist", name) if root else None
+    else:
+        path = _file(_STATIC, name)
+    if path is None:
+        return Response(status_code=404)
+    return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+def _htmx(state: Any) -> bool:
+    return _installed(state.settings, assets.HTMX) is not None
+
+
+def _partial(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true" and request.headers.get("HX-Boosted") != "true"
+
+
+# -- the clinician's pages ------------------------------------------------------------------------
+
+
+@pages_router.get("/", response_class=HTMLResponse)
+def lookup_page(request: Request, session: SessionDep, principal: PrincipalDep, state: StateDep) -> Response:
+    """The lookup: the form, and the answer when the form is filled in (works without JavaScript;
+    with htmx only the answer is replaced)."""
+    view = pages.lookup_view(
+        session=session, principal=principal, form=pages.LookupForm.from_query(request.query_params)
+    )
+    missing = _installed(state.settings, assets.OHIF) is None
+    context = {"v": view, "nav": "lookup", "htmx": _htmx(state), "viewer_missing": missing}
+    name = "_lookup.html" if _partial(request) else "lookup.html"
+    status = 400 if view.errors else 200
+    return templates.TemplateResponse(request, name, context, status_code=status, headers=_HTML)
+
+
+@pages_router.get("/record", response_class=HTMLResponse)
+def record_page(request: Request, session: SessionDep, principal: PrincipalDep) -> Response:
+    """The patient's imaging record across every facility, for printing (a print stylesheet)."""
+    view = pages.lookup_view(
+        session=session, principal=principal, form=pages.LookupForm.from_query(request.query_params)
+    )
+    rows = sorted(
+        view.answer.priors if view.answer else [],
+        key=lambda p: p.study_date.isoformat() if p.study_date else "",
+        reverse=True,
+    )
+    context = {"v": view, "rows": rows, "background_source": present.BACKGROUND_SOURCE}
+    return templates.TemplateResponse(
+        request, "record.html", context, status_code=400 if view.errors else 200, headers=_HTML
+    )
+
+
+@pages_router.post("/avoided", response_class=HTMLResponse)
+def avoided(
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    form: FormDep,
+) -> Response:
+    """The "use this prior instead of a new exam" button: an avoided repeat, through the lookup
+    service. Without JavaScript it redirects back to the lookup; with htmx it answers a fragment."""
+    back = form.get("back", "/")
+    back = back if back.startswith("/") and not back.startswith("//") else "/"
+    study_instance_uid = form.get("study_instance_uid", "")[:64]
+    planned_exam = form.get("planned_exam", "")[:256]
+    facility = form.get("facility", "")[:64]
+    try:
+        message, month = pages.record_avoided(
+            session=session,
+            principal=principal,
+            study_uid=study_instance_uid,
+            planned_exam=planned_exam,
+            facility=facility,
+        )
+    except ScanOnceError as exc:
+        if _partial(request):
+            return HTMLResponse(
+                f'<p class="error" role="alert">{escape(exc.message)}</p>', status_code=exc.status_code
+            )
+        context = {"title": "Not recorded", "message": exc.message, "back": back, "htmx": False}
+        return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
+    if not _partial(request):
+        sep = "&" if "?" in back else "?"
+        return RedirectResponse(f"{back}{sep}{urlencode({'avoided': study_instance_uid})}", status_code=303)
+    names = {facility: facility}
+    view = SimpleNamespace(avoided=month, facility_names=names)
+    context = {"v": view, "oob": True}
+    count = templates.get_template("_avoided.html").render(context)
+    return HTMLResponse(f'<p class="notice" role="status">{escape(message)}</p>{count}', headers=_HTML)
+
+
+# -- admin pages ------------------------------------------------------------------------------------
+
+
+@admin_router.get("/facilities", response_class=HTMLResponse)
+def admin_facilities(request: Request, session: SessionDep, state: StateDep) -> Response:
+    context = {"rows": pages.facility_rows(session=session), "nav": "facilities", "htmx": _htmx(state)}
+    return templates.TemplateResponse(request, "admin_facilities.html", context, headers=_HTML)
+
+
+@admin_router.get("/jobs", response_class=HTMLResponse)
+def admin_jobs(request: Request, session: SessionDep, state: StateDep) -> Response:
+    context = {"rows": pages.job_rows(session=session), "nav": "jobs", "htmx": _htmx(state)}
+    name = "_jobs.html" if _partial(request) else "admin_jobs.html"
+    return templates.TemplateResponse(request, name, context, headers=_HTML)
+
+
+@admin_router.get("/review", response_class=HTMLResponse)
+def admin_review(request: Request, session: SessionDep, state: StateDep) -> Response:
+    return _review_page(request, session, state)
+
+
+def _review_page(
+    request: Request, session: Any, state: Any, *, notice: str = "", error: str = "", status: int = 200
+) -> Response:
+    context = {
+        "cards": pages.review_cards(session=session),
+        "field_names": pages.FIELD_NAMES,
+        "nav": "review",
+        "htmx": _htmx(state),
+        "notice": notice,
+        "error": error,
+    }
+    return templates.TemplateResponse(
+        request, "admin_review.html", context, status_code=status, headers=_HTML
+    )
+
+
+@admin_router.post("/review/{review_id}", response_class=HTMLResponse)
+def admin_decide(
+    request: Request,
+    review_id: int,
+    session: SessionDep,
+    principal: PrincipalDep,
+    state: StateDep,
+    form: FormDep,
+) -> Response:
+    """Accept (link) or reject a review item through the identity service."""
+    try:
+        notice = pages.decide_review(
+            session=session,
+            principal=principal,
+            review_id=review_id,
+            decision=form.get("decision", ""),
+            why=form.get("reason", "")[:512],
+        )
+    except ScanOnceError as exc:
+        session.rollback()
+        return _review_page(request, session, state, error=exc.message, status=exc.status_code)
+    return _review_page(request, session, state, notice=notice)

@@ -1,7 +1,8 @@
-"""The pages the broker serves to a browser: the home page, the viewer's configuration, and the
-wait while a study held only at its facility is fetched before the viewer opens it.
+"""The viewer's configuration, and the small pages around it: the wait while a study held only at
+its facility is fetched before the viewer opens it, and what to run when an asset is not installed.
+(The clinician's and admin pages are templates: `pages` and `templates/`.)
 
-Pages are small server-rendered HTML: no template engine, every value escaped.
+These pages are plain strings, every value escaped.
 """
 
 from __future__ import annotations
@@ -85,26 +86,6 @@ def _page(title: str, body: str, *, refresh_seconds: int | None = None) -> str:
         "<style>body{font-family:system-ui,sans-serif;max-width:44rem;margin:3rem auto;padding:0 1rem;"
         "line-height:1.5;color:#1b1b1b}code{background:#f2f2f2;padding:0 .2em}</style></head>"
         f"<body>{body}</body></html>"
-    )
-
-
-def home_page(*, viewer_installed: bool) -> str:
-    viewer = (
-        '<a href="/viewer/">Open the viewer</a>: the studies the broker holds or indexes.'
-        if viewer_installed
-        else "The viewer is not installed yet: run <code>scanonce web install</code> "
-        "(the README's set-up does it)."
-    )
-    return _page(
-        "ScanOnce",
-        "<h1>ScanOnce</h1><p>Find the prior before you scan again.</p><ul>"
-        f"<li>{viewer}</li>"
-        '<li><a href="/docs">API documentation</a> (OpenAPI document: '
-        '<a href="/openapi.json">/openapi.json</a>)</li>'
-        f'<li>DICOMweb: <code>{DICOMWEB_ROOT}</code>, e.g. <a href="{DICOMWEB_ROOT}/studies">'
-        f"{DICOMWEB_ROOT}/studies</a></li></ul>"
-        "<p>The clinician's lookup page (find a patient's earlier imaging across facilities) is "
-        "coming here.</p>",
     )
 
 

@@ -202,3 +202,18 @@ def test_cli_on_the_demo(tmp_path: Path) -> None:
     assert "IN WINDOW" in r.output and "mSv" in r.output and "Cumulative" in r.output
     r = run(app, [*args, "--exam", "???"])
     assert r.exit_code == 1 and r.output
+
+
+def test_exam_suggestions_are_read_by_the_engine_and_now_judges_as_of_a_date(client: TestClient) -> None:
+    r = client.get("/api/priors/exams")
+    assert r.status_code == 200
+    labels = [s["label"] for s in r.json()]
+    assert len(labels) > 50 and len(set(labels)) == len(labels)
+    assert any(label.lower().startswith("ct abdomen") for label in labels)
+    for label in labels:  # each suggestion is text the lookup reads, not a 400
+        service.planned_exam(exam=label)
+    params = {"facility": CHILD[0], "mrn": CHILD[1], "exam": "CT ABDOMEN PELVIS", "setting": "ed"}
+    as_of = (CHILD_RECENT_CT_DATE + timedelta(days=9)).isoformat()
+    first = client.get("/api/priors", params={**params, "now": as_of}).json()["priors"][0]
+    assert (first["age_days"], first["in_window"]) == (9, True)
+    assert client.get("/api/priors", params={**params, "now": "not-a-date"}).status_code == 400

@@ -82,7 +82,9 @@ def test_a_member_escaping_the_folder_installs_nothing(tmp_path: Path) -> None:
 
 def test_every_pin_is_exact() -> None:
     pins = assets.pins()
-    assert set(pins) == {assets.OHIF, assets.SWAGGER}
-    for pin in pins.values():
+    assert set(pins) == {assets.OHIF, assets.SWAGGER, assets.HTMX}
+    test_pins = assets.pins(Path(__file__).with_name("assets.lock"))
+    assert set(test_pins) == {"axe-core"}
+    for pin in [*pins.values(), *test_pins.values()]:
         assert all(part.isdigit() for part in pin.version.split(".")), pin  # no ranges, no tags
         assert len(pin.sha256) == 64 and int(pin.sha256, 16) >= 0

@@ -24,11 +24,11 @@ from .conftest import Broker, Visit
 SCANONCE = str(Path(sys.executable).with_name("scanonce"))
 
 
-def test_home_is_a_page_that_links_the_viewer_and_the_docs(broker: Broker) -> None:
+def test_home_is_the_lookup_page_and_links_the_viewer_and_the_docs(broker: Broker) -> None:
     r = httpx.get(broker.url + "/", trust_env=False)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
-    for link in ('href="/viewer/"', 'href="/docs"', "lookup page"):
+    for link in ('href="/viewer/"', 'href="/docs"', 'role="search"', 'name="mrn"', 'name="exam"'):
         assert link in r.text
 
 
