@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import statistics
@@ -195,6 +196,8 @@ def main() -> None:
                 "max_ms": round(times[-1], 2),
                 "lookup_alone_p50_ms": round(lookup_ms[len(lookup_ms) // 2], 2),
                 "lookup_alone_p95_ms": round(lookup_ms[int(len(lookup_ms) * 0.95) - 1], 2),
+                # Other work on the machine: the percentiles move with it (2 cores here).
+                "load_average_1m": round(os.getloadavg()[0], 1),
             }
         )
     )

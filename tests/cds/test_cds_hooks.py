@@ -190,9 +190,11 @@ def test_the_childs_prior_ct_elsewhere_with_dose_and_links(http: httpx.Client, s
     # The linked study is the child's, served by the broker's own DICOMweb.
     r = http.get("/dicom-web/studies", params={"StudyInstanceUID": uid})
     assert r.status_code == 200 and r.json()[0]["00081030"]["Value"][0].upper().startswith("CT ABD")
-    assert any(
-        link["url"].startswith(f"{server.origin}/?facility=kids&mrn={CHILD_MRN}") for link in card["links"]
-    )
+    page = next(link["url"] for link in card["links"] if link["url"].startswith(f"{server.origin}/?"))
+    assert page.startswith(f"{server.origin}/?facility=kids&mrn={CHILD_MRN}")
+    # The lookup page opens on this patient and exam, the prior among its answers.
+    r = http.get(page)
+    assert r.status_code == 200 and uid in r.text
 
 
 def test_a_prior_nine_days_ago_is_a_warning_in_the_ed(http: httpx.Client) -> None:
