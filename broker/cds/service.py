@@ -437,7 +437,12 @@ def _detail(order: DraftOrder, p: PriorOut, answer: PriorsAnswer, names: Mapping
 
 def _lookup_link(base: str, who: tuple[str, str], order: DraftOrder, setting: str, fac: str | None) -> str:
     params = {"facility": fac, "mrn": who[1]} if fac else {"identifier": f"{who[0]}|{who[1]}"}
-    params.update({"exam": order.text or order.code or "", "setting": setting})
+    # The page reads `exam` as words: a coded order without text goes as code + system instead.
+    if order.text or not order.code:
+        params["exam"] = order.text
+    else:
+        params.update({"code": order.code, "system": order.code_system or "CPT"})
+    params["setting"] = setting
     return f"{base}/?" + urlencode(params)
 
 

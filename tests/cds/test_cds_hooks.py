@@ -197,6 +197,19 @@ def test_the_childs_prior_ct_elsewhere_with_dose_and_links(http: httpx.Client, s
     assert r.status_code == 200 and uid in r.text
 
 
+def test_a_coded_order_without_text_links_the_page_by_code(http: httpx.Client, server: LiveServer) -> None:
+    order = _order("sr1", text="", code="74177")
+    del order["code"]["text"]
+    cards = _cards(http, SELECT, _hook(patient=_patient(CHILD_SYSTEM, CHILD_MRN), orders=[order]))
+    assert len(cards) == 1
+    page = next(link["url"] for link in cards[0]["links"] if link["url"].startswith(f"{server.origin}/?"))
+    assert "code=74177" in page and "system=CPT" in page and "exam=" not in page
+    uid = next(link["url"] for link in cards[0]["links"] if "viewer" in link["url"]).split("StudyInstanceUIDs=")[1]
+    # The page reads the code, as the card did: the same prior, no complaint about the exam.
+    r = http.get(page)
+    assert r.status_code == 200 and uid in r.text
+
+
 def test_a_prior_nine_days_ago_is_a_warning_in_the_ed(http: httpx.Client) -> None:
     cards = _cards(http, SELECT, _hook(patient=_patient(CHILD_SYSTEM, RECENT_MRN), encounter_class="EMER"))
     assert [c["indicator"] for c in cards] == ["warning"]
