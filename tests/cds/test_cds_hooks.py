@@ -204,7 +204,8 @@ def test_a_coded_order_without_text_links_the_page_by_code(http: httpx.Client, s
     assert len(cards) == 1
     page = next(link["url"] for link in cards[0]["links"] if link["url"].startswith(f"{server.origin}/?"))
     assert "code=74177" in page and "system=CPT" in page and "exam=" not in page
-    uid = next(link["url"] for link in cards[0]["links"] if "viewer" in link["url"]).split("StudyInstanceUIDs=")[1]
+    viewer = next(link["url"] for link in cards[0]["links"] if "viewer" in link["url"])
+    uid = viewer.split("StudyInstanceUIDs=")[1]
     # The page reads the code, as the card did: the same prior, no complaint about the exam.
     r = http.get(page)
     assert r.status_code == 200 and uid in r.text
