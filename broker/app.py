@@ -45,6 +45,9 @@ from broker.index.reaper import reap_periodically
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
+from broker.security.http import AuthGuard
+from broker.security.routes import router as security_router
+from broker.security.tokens import Verifier, load_or_create_signing_key
 from broker.settings import Settings, get_settings
 from broker.web.routes import admin_router as web_admin_router
 from broker.web.routes import pages_router as web_pages_router
@@ -186,6 +189,14 @@ def create_app(
             conn.execute(text("SELECT 1"))
         return "ready"
 
+    verifier = None
+    if settings.auth_enabled:
+        key = load_or_create_signing_key(settings.resolved_signing_key_file())
+        verifier = Verifier(settings=settings, signing_key=key)
+    app.state.auth = verifier
+    # Added first, so it runs inside every middleware added later (CORS here; audit and metrics
+    # middlewares must be added after it, so that they see the requests it refuses).
+    app.add_middleware(AuthGuard, settings=settings, verifier=verifier)
     _add_cors(app, settings.cors_origins)
     _include_routers(app)
     return app
@@ -225,6 +236,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(web_router)
     app.include_router(web_pages_router)
     app.include_router(web_admin_router)
+    app.include_router(security_router)
 
 
 def app_from_env() -> FastAPI:

@@ -51,8 +51,10 @@ def get_store(state: StateDep) -> ObjectStore:
     return state.store
 
 
-def get_principal(state: StateDep) -> Principal:
-    return principal_for_http(settings=state.settings)
+def get_principal(request: Request, state: StateDep) -> Principal:
+    # The guard middleware (broker.security.http) verified the caller and put it here.
+    principal = getattr(request.state, "principal", None)
+    return principal if principal is not None else principal_for_http(settings=state.settings)
 
 
 _FORM_LIMIT = 16 * 1024

@@ -116,6 +116,57 @@ class Settings(BaseSettings):
         ),
     )
 
+    auth_enabled: bool = Field(
+        default=True,
+        description=(
+            "Require a bearer token (or a signed-in page session) on every HTTP interface but the "
+            "exempt ones (/healthz, /readyz, CDS Hooks discovery, FHIR metadata, discovery documents). "
+            "Off is for loopback-only development and benchmarks: `scanonce serve` refuses to bind "
+            "beyond loopback with it off."
+        ),
+    )
+    auth_signing_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "The embedded issuer's ES256 private key (JWK JSON); generated on first start when "
+            "missing. Default: data_dir/auth-signing-key.json."
+        ),
+    )
+    auth_issuer: str = Field(
+        default="scanonce",
+        description="The `iss` of tokens the broker mints itself (`scanonce token create`, page sessions).",
+    )
+    auth_audience: str = Field(
+        default="scanonce",
+        description="The `aud` every accepted token must carry (the broker's own and external issuers' tokens).",
+    )
+    auth_trusted_issuers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "External OpenID Connect issuers whose tokens are accepted, comma separated; their keys "
+            "are found through `<issuer>/.well-known/openid-configuration` (jwks_uri) and cached."
+        ),
+    )
+    auth_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["ES256", "RS256"],
+        description="Signing algorithms accepted on tokens, comma separated (never `none`, never HMAC).",
+    )
+    auth_role_claim: str = Field(
+        default="role",
+        description="The claim of an external issuer's token that names the caller's ScanOnce role.",
+    )
+    auth_facility_claim: str = Field(
+        default="facility",
+        description="The claim of a token that names the caller's facility (facility scope).",
+    )
+
+    @field_validator("auth_trusted_issuers", "auth_algorithms", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
@@ -133,6 +184,9 @@ class Settings(BaseSettings):
         if self.storage_url:
             return self.storage_url
         return (self.data_dir / "objects").resolve().as_uri()
+
+    def resolved_signing_key_file(self) -> Path:
+        return (self.auth_signing_key_file or self.data_dir / "auth-signing-key.json").resolve()
 
     def resolved_viewer_dir(self) -> Path:
         # Beside the clone the broker runs from (outside git: .gitignore has /.cache/).

@@ -1,0 +1,208 @@
+"""Bearer tokens: the embedded issuer (the broker signs its own ES256 tokens with a key kept in the
+data dir) and verification of every token against its issuer's keys (the broker's own, or an
+external OpenID Connect provider's JWKS found through discovery and cached).
+
+A token is accepted only with an issuer the settings name, the configured audience, a signature by
+one of that issuer's keys with an allowed algorithm (never `none`, never HMAC: an HMAC allow-listed
+beside a public key is the classic key-confusion forgery), and `exp`/`nbf` in range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet
+from joserfc.jws import extract_compact
+
+from broker.security.schemas import Principal, Role
+from broker.settings import Settings
+
+SIGNING_ALG = "ES256"
+_SYMMETRIC = {"HS256", "HS384", "HS512", "none"}
+# A token is a few hundred bytes; anything near this is not one (and is not parsed).
+MAX_TOKEN_BYTES = 8192
+_JWKS_TTL_SECONDS = 300.0
+_JWKS_MIN_REFRESH_SECONDS = 30.0
+_CLOCK_LEEWAY_SECONDS = 30
+
+
+class TokenInvalid(Exception):
+    """A token that must not be accepted; the message is safe to return (no claims echoed)."""
+
+
+def load_or_create_signing_key(path: Path) -> ECKey:
+    """The embedded issuer's private key; created (mode 0600) by the first process that needs it."""
+    try:
+        return ECKey.import_key(json.loads(path.read_text()))
+    except FileNotFoundError:
+        pass
+    key = ECKey.generate_key("P-256", auto_kid=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two processes starting together both end up with the one that won.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return ECKey.import_key(json.loads(path.read_text()))
+    with os.fdopen(fd, "w") as f:
+        json.dump(key.as_dict(private=True), f)
+    return key
+
+
+def public_jwks(key: ECKey) -> dict[str, Any]:
+    public = key.as_dict(private=False)
+    public.update({"use": "sig", "alg": SIGNING_ALG})
+    return {"keys": [public]}
+
+
+def mint(
+    *,
+    key: ECKey,
+    settings: Settings,
+    subject: str,
+    role: Role | str,
+    facility: str | None,
+    expires_in: int = 3600,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A bearer token from the embedded issuer."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": settings.auth_issuer,
+        "aud": settings.auth_audience,
+        "sub": subject,
+        "iat": now,
+        "nbf": now,
+        "exp": now + expires_in,
+        "jti": secrets.token_urlsafe(12),
+        settings.auth_role_claim: str(Role(role)),
+    }
+    if facility:
+        claims[settings.auth_facility_claim] = facility
+    claims.update(extra or {})
+    return jwt.encode({"alg": SIGNING_ALG, "kid": key.kid}, claims, key)
+
+
+@dataclass
+class _CachedKeys:
+    keys: KeySet
+    fetched: float
+
+
+@dataclass
+class Verifier:
+    """Verifies tokens of the embedded issuer and of the configured external issuers."""
+
+    settings: Settings
+    signing_key: ECKey
+    _remote: dict[str, _CachedKeys] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._own = KeySet([ECKey.import_key(self.signing_key.as_dict(private=False))])
+        self._algorithms = [a for a in self.settings.auth_algorithms if a not in _SYMMETRIC]
+
+    def unverified_issuer(self, token: str) -> str:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise TokenInvalid("token too large")
+        try:
+            claims = json.loads(extract_compact(token.encode("ascii")).payload)
+        except (JoseError, ValueError, UnicodeError) as exc:
+            raise TokenInvalid("malformed token") from exc
+        iss = claims.get("iss") if isinstance(claims, dict) else None
+        if not isinstance(iss, str):
+            raise TokenInvalid("token has no issuer")
+        return iss
+
+    def needs_fetch(self, issuer: str) -> bool:
+        """True when verifying a token of `issuer` would fetch its keys (callers on an event loop
+        then verify in a worker thread)."""
+        if issuer == self.settings.auth_issuer or issuer not in self.settings.auth_trusted_issuers:
+            return False
+        cached = self._remote.get(issuer)
+        return cached is None or time.monotonic() - cached.fetched > _JWKS_TTL_SECONDS
+
+    def verify(self, token: str, *, audience: str | None = None) -> dict[str, Any]:
+        """The verified claims of `token`, or TokenInvalid."""
+        issuer = self.unverified_issuer(token)
+        if issuer == self.settings.auth_issuer:
+            keys = self._own
+        elif issuer in self.settings.auth_trusted_issuers:
+            keys = self._remote_keys(issuer)
+        else:
+            raise TokenInvalid("issuer not trusted")
+        try:
+            decoded = jwt.decode(token, keys, algorithms=self._algorithms)
+        except JoseError as exc:
+            if issuer != self.settings.auth_issuer and not self._refreshed_recently(issuer):
+                # The provider may have rotated its keys since they were cached: fetch once more.
+                self._remote.pop(issuer, None)
+                try:
+                    decoded = jwt.decode(token, self._remote_keys(issuer), algorithms=self._algorithms)
+                except JoseError as again:
+                    raise TokenInvalid("invalid signature or algorithm") from again
+            else:
+                raise TokenInvalid("invalid signature or algorithm") from exc
+        registry = jwt.JWTClaimsRegistry(
+            leeway=_CLOCK_LEEWAY_SECONDS,
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": audience or self.settings.auth_audience},
+            exp={"essential": True},
+            sub={"essential": True},
+        )
+        try:
+            registry.validate(decoded.claims)
+        except JoseError as exc:
+            raise TokenInvalid(f"token rejected ({exc})") from exc
+        return decoded.claims
+
+    def principal(self, token: str, *, via: str = "bearer") -> Principal:
+        return self.principal_from_claims(self.verify(token), via=via)
+
+    def principal_from_claims(self, claims: dict[str, Any], *, via: str) -> Principal:
+        try:
+            role = Role(str(claims.get(self.settings.auth_role_claim, "")))
+        except ValueError as exc:
+            raise TokenInvalid("token carries no ScanOnce role") from exc
+        facility = claims.get(self.settings.auth_facility_claim) or self.settings.default_facility
+        pou = claims.get("purpose_of_use")
+        return Principal(
+            who=str(claims["sub"]),
+            role=role,
+            facility=str(facility),
+            via=via,
+            issuer=str(claims["iss"]),
+            purpose_of_use=str(pou) if pou else None,
+        )
+
+    def _refreshed_recently(self, issuer: str) -> bool:
+        cached = self._remote.get(issuer)
+        return cached is not None and time.monotonic() - cached.fetched < _JWKS_MIN_REFRESH_SECONDS
+
+    def _remote_keys(self, issuer: str) -> KeySet:
+        cached = self._remote.get(issuer)
+        if cached is not None and time.monotonic() - cached.fetched <= _JWKS_TTL_SECONDS:
+            return cached.keys
+        with self._lock:
+            try:
+                # Only issuers an administrator configured are fetched, never a URL from a request.
+                discovery = httpx.get(f"{issuer.rstrip('/')}/.well-known/openid-configuration", timeout=5)
+                discovery.raise_for_status()
+                jwks = httpx.get(discovery.json()["jwks_uri"], timeout=5)
+                jwks.raise_for_status()
+                keys = KeySet.import_key_set(jwks.json())
+            except (httpx.HTTPError, ValueError, KeyError, JoseError) as exc:
+                if cached is not None:  # the provider is down: keep trusting the keys we had
+                    return cached.keys
+                raise TokenInvalid("issuer keys unavailable") from exc
+            self._remote[issuer] = _CachedKeys(keys=keys, fetched=time.monotonic())
+            return keys
