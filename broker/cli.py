@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from broker.index import service
 from broker.jobs import cli as jobs_cli
 from broker.logfilters import redact_access_log
 from broker.lookup import cli as lookup_cli
+from broker.security import cli as security_cli
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from broker.web import cli as web_cli
@@ -82,6 +84,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     redact_access_log()
+    _auth_before_exposure(settings)
     _ports_free(settings)
     application = create_app(settings, services=True)
     origin = f"http://{settings.host}:{settings.port}"
@@ -104,6 +107,28 @@ def serve(
         if line:
             console.print(line, soft_wrap=True)
     uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+def _auth_before_exposure(settings: Settings) -> None:
+    """Binding beyond loopback with authentication off would open every patient's images to the
+    network: refuse, in one line that says how to proceed."""
+    if settings.auth_enabled or _is_loopback(settings.host):
+        return
+    clikit.err_console.print(
+        f"[red]Refusing to serve on {settings.host} with authentication off:[/] set "
+        "SCANONCE_AUTH_ENABLED=true (the default) or bind to 127.0.0.1.",
+        soft_wrap=True,
+    )
+    raise typer.Exit(code=clikit.EXIT_REFUSED)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _ports_free(settings: Settings) -> None:
@@ -241,7 +266,8 @@ def demo(
     patients: Annotated[int, typer.Option(help="How many synthetic patients.")] = 40,
 ) -> None:
     """Generate deterministic synthetic studies for several facilities and load them (safe to run twice)."""
-    state = _state(_settings(data_dir))
+    settings = _settings(data_dir)
+    state = _state(settings)
     with _progress() as bar:
         task = bar.add_task("Loading demo data", total=None)
 
@@ -255,6 +281,12 @@ def demo(
         f"demo data (seed {seed}): {counts['stored']} stored, {counts['duplicate']} already present, "
         f"{counts['failed']} failed"
     )
+    if settings.auth_enabled:
+        console.print("bearer tokens for the demo's callers (valid 7 days; `Authorization: Bearer <token>`):")
+        for role, subject, token in security_cli.demo_tokens(settings):
+            console.print(f"  {role:<12} {subject}", soft_wrap=True)
+            # On a line of its own, unstyled, so that it can be copied or cut out whole.
+            print(f"    {token}")
 
 
 def _register_domains() -> None:
@@ -266,6 +298,7 @@ def _register_domains() -> None:
     identity_cli.register(app)
     lookup_cli.register(app)
     web_cli.register(app)
+    security_cli.register(app)
 
 
 _register_domains()

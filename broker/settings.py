@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     )
     auth_audience: str = Field(
         default="scanonce",
-        description="The `aud` every accepted token must carry (the broker's own and external issuers' tokens).",
+        description="The `aud` every accepted token must carry (the broker's own and external issuers').",
     )
     auth_trusted_issuers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,15 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
 
 from broker.settings import Settings
+
+# One signing key for every broker the tests build or start (inherited by `scanonce serve`
+# subprocesses), so that `tests.support.auth_headers` mints tokens they all accept.
+TEST_SIGNING_KEY = Path(
+    os.environ.setdefault(
+        "SCANONCE_AUTH_SIGNING_KEY_FILE",
+        str(Path(tempfile.mkdtemp(prefix="scanonce-test-key-")) / "signing-key.json"),
+    )
+)
 
 # Where tests find PostgreSQL: a libpq DSN of a server where we may CREATE DATABASE.
 PG_DSN = os.environ.get("SCANONCE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")

@@ -4,15 +4,19 @@ patient data)."""
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from joserfc.jwk import ECKey
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from broker.security.schemas import Principal, Role
+from broker.security.tokens import load_or_create_signing_key, mint
+from broker.settings import Settings
 
 # The caller of service functions that act for someone, as the embedded default's HTTP caller is.
 ADMIN = Principal(who="test", role=Role.admin, facility="local")
@@ -108,10 +112,24 @@ def write(tmp: Path, name: str, ds: Dataset) -> str:
 
 
 def auth_headers(
-    role: str = "admin", *, facility: str | None = "local", subject: str = "test"
+    role: str = "admin", *, facility: str | None = "local", subject: str = "test", expires_in: int = 3600
 ) -> dict[str, str]:
-    """The headers an HTTP caller of the given role sends. Every test that calls the broker over
-    HTTP (TestClient, httpx against a live `scanonce serve`) passes these, so that when
-    authentication is switched on only this function changes. Until then it sends nothing."""
-    del role, facility, subject
-    return {}
+    """The headers an HTTP caller of the given role sends: a bearer token from the embedded issuer,
+    signed with the tests' key (SCANONCE_AUTH_SIGNING_KEY_FILE, set in tests/conftest.py)."""
+    token = mint_token(role, facility=facility, subject=subject, expires_in=expires_in)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def mint_token(
+    role: str = "admin", *, facility: str | None = "local", subject: str = "test", expires_in: int = 3600
+) -> str:
+    settings = Settings()
+    key = _signing_key(str(settings.resolved_signing_key_file()))
+    return mint(
+        key=key, settings=settings, subject=subject, role=role, facility=facility, expires_in=expires_in
+    )
+
+
+@functools.cache
+def _signing_key(path: str) -> ECKey:
+    return load_or_create_signing_key(Path(path))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import httpx
 
 from tests.identity.test_mllp_serve import scanonce_serve
+from tests.support import auth_headers
 
 
 def test_access_log_has_paths_but_no_query_strings(tmp_path: Path) -> None:
@@ -19,7 +20,7 @@ def test_access_log_has_paths_but_no_query_strings(tmp_path: Path) -> None:
     pix = {"sourceIdentifier": "urn:oid:1.2.3|MRN-4711"}
     with (
         scanonce_serve(tmp_path / "serve", backend, SCANONCE_MLLP_PORT="0") as served,
-        httpx.Client(base_url=served.url, trust_env=False, timeout=30) as http,
+        httpx.Client(base_url=served.url, trust_env=False, timeout=30, headers=auth_headers()) as http,
     ):
         assert http.get("/dicom-web/studies", params=secrets).status_code == 204  # nothing stored
         pdq = {"family": "ZYLBERSZTEJN", "birthdate": "1973-04-12"}

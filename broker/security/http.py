@@ -122,7 +122,9 @@ class AuthGuard:
         accept = _header(scope, b"accept") or ""
         if scope["method"] == "GET" and "text/html" in accept and _header(scope, b"authorization") is None:
             # A person at a browser: to the sign-in page, and back here afterwards.
-            target = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
+            target = scope["path"] + (
+                f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
+            )
             await send(
                 {
                     "type": "http.response.start",

@@ -78,6 +78,7 @@ def discovery(request: Request) -> dict[str, Any]:
 def sign_in_page(request: Request, next: str = "/") -> str:
     settings: Settings = request.app.state.scanonce.settings
     target = html.escape(_safe_next(next))
+    facility = html.escape(settings.default_facility)
     if not _dev_sign_in_allowed(request, settings):
         body = "<p>Sign in with a bearer token (<code>scanonce token create</code>).</p>"
     else:
@@ -86,7 +87,7 @@ def sign_in_page(request: Request, next: str = "/") -> str:
             '<form method="post" action="/auth/dev-sign-in">'
             f'<input type="hidden" name="next" value="{target}">'
             f'<label>Role <select name="role">{options}</select></label> '
-            f'<label>Facility <input name="facility" value="{html.escape(settings.default_facility)}"></label> '
+            f'<label>Facility <input name="facility" value="{facility}"></label> '
             '<label>Name <input name="subject" value="demo"></label> '
             '<button type="submit">Sign in (development, loopback only)</button></form>'
         )

@@ -21,7 +21,7 @@ from broker.cds.models import Feedback, IssuedCard
 from broker.index.service import ingest_files
 from tests.dicomweb.conftest import LiveServer
 from tests.live_demo import BACKENDS, CHILD_ISSUER, CHILD_MRN, demo_server
-from tests.support import ADMIN, make_ds, write
+from tests.support import ADMIN, auth_headers, make_ds, write
 
 SELECT = "/cds-services/scanonce-prior-imaging"
 SIGN = "/cds-services/scanonce-prior-imaging-sign"
@@ -61,7 +61,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.origin, timeout=30, trust_env=False) as c:
+    with httpx.Client(base_url=server.origin, timeout=30, trust_env=False, headers=auth_headers()) as c:
         yield c
 
 

@@ -24,6 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from broker.app import create_app
 from broker.settings import Settings
 from tests.dicomweb.data import Corpus, build_corpus, multipart_body
+from tests.support import auth_headers
 
 
 @dataclass
@@ -40,10 +41,10 @@ class LiveServer:
         return f"{self.origin}/facilities/{facility}/dicom-web"
 
     def client(self, url: str | None = None) -> DICOMwebClient:
-        return DICOMwebClient(url or self.url)
+        return DICOMwebClient(url or self.url, headers=auth_headers())
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.origin, timeout=30)
+        return httpx.Client(base_url=self.origin, timeout=30, headers=auth_headers())
 
 
 @contextlib.contextmanager

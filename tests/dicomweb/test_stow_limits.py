@@ -12,6 +12,7 @@ import pytest
 from broker.settings import Settings
 from tests.dicomweb.conftest import serve
 from tests.dicomweb.data import Corpus, multipart_body
+from tests.support import auth_headers
 
 
 def _local_bytes(corpus: Corpus) -> list[bytes]:
@@ -94,5 +95,5 @@ def test_an_announced_oversized_body_is_refused_before_it_is_sent(
             )
             reply = sock.recv(65536)
         assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-        with httpx.Client(base_url=server.origin) as http:
+        with httpx.Client(base_url=server.origin, headers=auth_headers()) as http:
             assert http.get("/dicom-web/studies").status_code == 204

@@ -13,6 +13,7 @@ from broker.app import create_app
 from broker.cli import app
 from broker.deps import AppState
 from broker.facilities import service as facilities
+from tests.support import auth_headers
 
 WEB = {
     "id": "stmarys",
@@ -26,7 +27,7 @@ WEB = {
 
 @pytest.fixture
 def client(state: AppState) -> TestClient:
-    return TestClient(create_app(state=state))
+    return TestClient(create_app(state=state), headers=auth_headers())
 
 
 def test_crud_with_documented_status_codes(client: TestClient, state: AppState) -> None:

@@ -17,7 +17,7 @@ from broker.federation import service
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
 from tests.federation.conftest import TEST_FILES, Archives, delete_study, upload
-from tests.support import to_bytes
+from tests.support import auth_headers, to_bytes
 
 
 def test_incremental_sync_after_a_prune_writes_only_what_changed(
@@ -33,7 +33,7 @@ def test_incremental_sync_after_a_prune_writes_only_what_changed(
     assert jobs.prune(engine=federated.engine, older_than=timedelta(days=30)) == 1
     with Session(federated.engine) as session:
         assert [j.id for j in session.exec(select(Job))] == [again.job_id]  # the last sync stays
-    client = TestClient(create_app(state=federated))
+    client = TestClient(create_app(state=federated), headers=auth_headers())
     sync_state = client.get("/api/facilities/web").json()["sync"]
     assert sync_state["last_job_id"] == again.job_id
     assert client.get(f"/api/jobs/{again.job_id}").json()["status"] == "done"

@@ -38,7 +38,7 @@ from tests.federation.conftest import (
     upload,
 )
 from tests.peers import free_port
-from tests.support import ADMIN, to_bytes
+from tests.support import ADMIN, auth_headers, to_bytes
 
 WEB_STUDIES = {study_uid_of(n) for n in WEB_FILES}
 DIMSE_STUDIES = {study_uid_of(n) for n in DIMSE_FILES}
@@ -89,7 +89,7 @@ def test_sync_both_archives_then_one_query_answers_over_both(federated: AppState
     assert list(federated.store.list("studies/")) == []
 
     # The sync is a job, with its progress at /api/jobs/{id}.
-    client = TestClient(create_app(state=federated))
+    client = TestClient(create_app(state=federated), headers=auth_headers())
     job = client.get(f"/api/jobs/{web.job_id}").json()
     assert (job["kind"], job["key"], job["status"]) == ("sync", "web", "done")
     assert (job["progress_done"], job["progress_total"]) == (2, 2)
@@ -247,7 +247,7 @@ def test_a_facility_that_is_down_is_named_and_the_rest_keeps_answering(federated
         )
 
     # The failure is recorded where an administrator looks, and the index still answers.
-    client = TestClient(create_app(state=federated))
+    client = TestClient(create_app(state=federated), headers=auth_headers())
     failed = client.get("/api/jobs", params={"kind": "sync", "status": "failed"}).json()
     assert [j["key"] for j in failed] == ["gone"] and "'gone'" in failed[0]["error"]
     assert client.get("/api/facilities/gone").json()["sync"]["last_status"] == "failed"
@@ -257,7 +257,7 @@ def test_a_facility_that_is_down_is_named_and_the_rest_keeps_answering(federated
 def test_sync_queued_by_the_api_is_run_by_the_worker_and_the_schedule_requeues_it(
     federated: AppState,
 ) -> None:
-    client = TestClient(create_app(state=federated))
+    client = TestClient(create_app(state=federated), headers=auth_headers())
     r = client.post("/api/facilities/dimse/sync")
     assert r.status_code == 202
     job_id = r.json()["job_id"]
@@ -324,7 +324,7 @@ def test_a_fetched_study_deleted_at_the_facility_stays_served_by_the_broker(
 
 
 def test_sharing_policy_none_and_dead_dimse_endpoints_are_refused_clearly(federated: AppState) -> None:
-    client = TestClient(create_app(state=federated))
+    client = TestClient(create_app(state=federated), headers=auth_headers())
     port = free_port()
     r = client.post(
         "/api/facilities",
@@ -362,7 +362,7 @@ def test_a_viewer_asking_wado_rs_for_a_synced_study_gets_it_fetched_on_demand(fe
     WADO-RS request fetches the study from its facility and serves it."""
     _sync(federated, "web")
     mr = study_uid_of("MR_small.dcm")
-    client = TestClient(create_app(state=federated))
+    client = TestClient(create_app(state=federated), headers=auth_headers())
     (before,) = client.get("/dicom-web/studies", params={"StudyInstanceUID": mr}).json()
     assert before["00080056"]["Value"] == ["NEARLINE"]
 

@@ -26,6 +26,7 @@ from tests.live_demo import (
     CHILD_ST_MARYS_MRN,
     demo_server,
 )
+from tests.support import auth_headers
 
 FHIR = "application/fhir+json"
 CHILD = f"urn:scanonce:issuer:{CHILD_ISSUER}|{CHILD_MRN}"
@@ -40,12 +41,12 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> SyncFHIRClient:
-    return SyncFHIRClient(f"{server.origin}/fhir")
+    return SyncFHIRClient(f"{server.origin}/fhir", authorization=auth_headers()["Authorization"])
 
 
 @pytest.fixture(scope="module")
 def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.origin, timeout=30, trust_env=False) as c:
+    with httpx.Client(base_url=server.origin, timeout=30, trust_env=False, headers=auth_headers()) as c:
         yield c
 
 
@@ -114,7 +115,7 @@ def test_the_endpoint_serves_the_study_over_dicomweb(http: httpx.Client) -> None
     assert endpoint.connectionType.code == "dicom-wado-rs"
     r = httpx.get(
         f"{endpoint.address}/studies/{study.id}/series",
-        headers={"accept": "application/dicom+json"},
+        headers={"accept": "application/dicom+json", **auth_headers()},
         timeout=30,
     )
     assert r.status_code == 200
@@ -132,7 +133,7 @@ def test_paging_through_a_real_client(client: SyncFHIRClient, http: httpx.Client
     first = _bundle(http, {"patient.identifier": CHILD, "_count": 2})
     relations = {link.relation: link.url for link in first.link or []}
     assert "next" in relations and "previous" not in relations
-    second = Bundle.model_validate(httpx.get(relations["next"], timeout=30).json())
+    second = Bundle.model_validate(httpx.get(relations["next"], timeout=30, headers=auth_headers()).json())
     assert {link.relation for link in second.link or []} >= {"previous"}
     assert not {s.id for s in _studies(first)} & {s.id for s in _studies(second)}
     # _count=0 (and _summary=count): the total alone.

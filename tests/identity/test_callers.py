@@ -22,6 +22,7 @@ from broker.identity.adt import feed_principal, handle_message
 from broker.identity.models import LinkEvent
 from broker.settings import Settings
 from storage import open_store
+from tests.support import auth_headers
 
 from .conftest import cli_index, ingest_patient
 from .test_mllp import adt, msa
@@ -31,7 +32,7 @@ from .test_mllp import adt, msa
 def client(engine: Engine, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path)
     state = AppState(settings=settings, engine=engine, store=open_store((tmp_path / "objects").as_uri()))
-    with TestClient(create_app(settings=settings, state=state)) as c:
+    with TestClient(create_app(settings=settings, state=state), headers=auth_headers()) as c:
         yield c
 
 
@@ -60,7 +61,7 @@ def test_a_fhir_feed_is_recorded_as_the_http_caller(client: TestClient, engine: 
         "birthDate": "1990-03-04",
     }
     assert client.post("/fhir/Patient", json=body).status_code == 201
-    assert _who(engine, "1.2.826.0.1.99", "C-5") == ["anonymous"]
+    assert _who(engine, "1.2.826.0.1.99", "C-5") == ["test"]  # the token's subject
 
 
 def test_admin_api_documents_its_answers(client: TestClient) -> None:

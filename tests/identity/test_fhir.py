@@ -18,6 +18,7 @@ from broker.app import create_app
 from broker.deps import AppState
 from broker.settings import Settings
 from storage import open_store
+from tests.support import auth_headers
 
 from .conftest import ingest_patient
 
@@ -28,7 +29,7 @@ FHIR = "application/fhir+json"
 def client(engine: Any, tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(data_dir=tmp_path)
     state = AppState(settings=settings, engine=engine, store=open_store((tmp_path / "objects").as_uri()))
-    with TestClient(create_app(settings=settings, state=state)) as c:
+    with TestClient(create_app(settings=settings, state=state), headers=auth_headers()) as c:
         yield c
 
 

@@ -24,6 +24,7 @@ from broker.db import make_engine
 from broker.index.models import Patient, Study
 from tests.dicomweb.data import multipart_body
 from tests.peers import _stop, free_port, wait_for_port
+from tests.support import auth_headers
 
 from .conftest import write_part10
 from .test_mllp import EB, SB, adt, frame, msa, read_ack
@@ -97,7 +98,10 @@ def test_serve_runs_the_adt_feed(backend: Any, tmp_path: Path) -> None:
         Path(write_part10(tmp_path / "b.dcm", PatientID="TMP9", PatientName="TRAUMA^ALPHA")).read_bytes(),
     ]
     body, content_type = multipart_body(parts)
-    with scanonce_serve(tmp_path, backend) as served, httpx.Client(base_url=served.url, timeout=60) as http:
+    with (
+        scanonce_serve(tmp_path, backend) as served,
+        httpx.Client(base_url=served.url, timeout=60, headers=auth_headers()) as http,
+    ):
         r = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
         assert r.status_code == 200, r.text
 

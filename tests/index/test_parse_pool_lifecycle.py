@@ -16,13 +16,13 @@ from broker.settings import Settings
 from tests.dicomweb.data import multipart_body
 from tests.identity.test_mllp_serve import scanonce_serve
 from tests.peers import _stop
-from tests.support import make_ds, to_bytes
+from tests.support import auth_headers, make_ds, to_bytes
 
 
 def test_the_pool_is_running_once_the_app_has_started(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, mllp_port=0, ingest_processes=1)
     try:
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), headers=auth_headers()) as client:
             pool = ingest._PARSE_POOL
             assert pool is not None, "no parse pool after startup: the first STOW-RS would start it"
             workers = list(pool._processes.values())  # noqa: SLF001 - what a request would wait for
@@ -51,7 +51,10 @@ def test_serve_shuts_the_pool_down_without_leaking_semaphores(tmp_path: Path) ->
         tmp_path / "serve", backend, SCANONCE_MLLP_PORT="0", SCANONCE_INGEST_PROCESSES="2"
     ) as served:
         r = httpx.post(
-            f"{served.url}/dicom-web/studies", content=body, headers={"Content-Type": ctype}, timeout=60
+            f"{served.url}/dicom-web/studies",
+            content=body,
+            headers={"Content-Type": ctype, **auth_headers()},
+            timeout=60,
         )
         assert r.status_code == 200, r.text
         _stop(served.proc)  # SIGTERM

@@ -13,7 +13,7 @@ import httpx
 
 from tests.dicomweb.data import multipart_body
 from tests.identity.test_mllp_serve import scanonce_serve
-from tests.support import make_ds, to_bytes
+from tests.support import auth_headers, make_ds, to_bytes
 
 
 def _children(pid: int) -> list[int]:
@@ -47,7 +47,10 @@ def test_parse_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
         tmp_path / "serve", backend, SCANONCE_MLLP_PORT="0", SCANONCE_INGEST_PROCESSES="1"
     ) as served:
         r = httpx.post(
-            f"{served.url}/dicom-web/studies", content=body, headers={"Content-Type": ctype}, timeout=60
+            f"{served.url}/dicom-web/studies",
+            content=body,
+            headers={"Content-Type": ctype, **auth_headers()},
+            timeout=60,
         )
         assert r.status_code == 200, r.text
         workers = [

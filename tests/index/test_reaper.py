@@ -28,7 +28,7 @@ from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.dicomweb.data import multipart_body
 from tests.identity.test_mllp_serve import scanonce_serve
-from tests.support import make_ds, to_bytes, write
+from tests.support import auth_headers, make_ds, to_bytes, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 HOUR = 3600.0
@@ -140,7 +140,9 @@ def test_residue_of_a_server_killed_mid_stow_is_reaped_at_the_next_start(tmp_pat
     big.add_new(0x00091010, "OB", b"\0" * (4 << 20))  # large enough to be mid-transfer
     with scanonce_serve(serve_dir, backend, SCANONCE_MLLP_PORT="0") as served:
         body, ctype = multipart_body([acknowledged])
-        r = httpx.post(f"{served.url}/dicom-web/studies", content=body, headers={"Content-Type": ctype})
+        r = httpx.post(
+            f"{served.url}/dicom-web/studies", content=body, headers={"Content-Type": ctype, **auth_headers()}
+        )
         assert r.status_code == 200, r.text
         stalled = _stow_stalled_mid_body(served.url, to_bytes(big))
         try:
@@ -159,7 +161,9 @@ def test_residue_of_a_server_killed_mid_stow_is_reaped_at_the_next_start(tmp_pat
 
     with scanonce_serve(serve_dir, backend, SCANONCE_MLLP_PORT="0") as served:
         assert _wait_for(lambda: not part.exists() and not orphan.exists()), "residue left after restart"
-        r = httpx.get(f"{served.url}/dicom-web/studies/{STUDY}/series/{STUDY}.5/instances/{sop}")
+        r = httpx.get(
+            f"{served.url}/dicom-web/studies/{STUDY}/series/{STUDY}.5/instances/{sop}", headers=auth_headers()
+        )
         assert r.status_code == 200
         assert acknowledged in r.content  # the acknowledged instance, byte for byte
     assert "removed crash residue: 1 spool files, 1 stored objects" in served.log.read_text()

@@ -15,6 +15,7 @@ from broker.app import build_state, create_app
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
 from broker.settings import Settings
+from tests.support import auth_headers
 
 
 def test_one_active_job_per_kind_and_key(engine: Engine) -> None:
@@ -79,7 +80,7 @@ def test_handlers_run_and_failures_are_recorded(engine: Engine, settings: Settin
     )
     assert seen == [{"n": 1}]
 
-    client = TestClient(create_app(state=build_state(settings)))
+    client = TestClient(create_app(state=build_state(settings)), headers=auth_headers())
     done = client.get(f"/api/jobs/{ok.id}").json()
     assert (done["status"], done["progress_done"], done["progress_total"], done["message"]) == (
         "done", 3, 3, "all three",

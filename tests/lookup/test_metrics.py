@@ -16,7 +16,7 @@ from sqlmodel import Session
 from broker.app import create_app
 from broker.index.service import ingest_files
 from broker.lookup import service
-from tests.support import ADMIN, make_ds, write
+from tests.support import ADMIN, auth_headers, make_ds, write
 
 STUDY = generate_uid()
 
@@ -24,7 +24,7 @@ STUDY = generate_uid()
 @pytest.fixture
 def client(settings: Any, tmp_path: Path) -> Iterator[TestClient]:
     """A broker holding one CT abdomen/pelvis (no dose records: a repeat costs the typical dose)."""
-    with TestClient(create_app(settings=settings)) as c:
+    with TestClient(create_app(settings=settings), headers=auth_headers()) as c:
         st = c.app.state.scanonce  # type: ignore[attr-defined]
         ds = make_ds(sop=generate_uid(), study=STUDY, series=generate_uid(), description="CT ABDOMEN PELVIS")
         out = ingest_files(

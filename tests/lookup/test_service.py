@@ -19,7 +19,7 @@ from broker.demo.service import load_demo
 from broker.identity.models import IdentityRecord, ReviewItem
 from broker.index.models import Patient, Study, StudyLocation
 from broker.lookup import service
-from tests.support import ADMIN
+from tests.support import ADMIN, auth_headers
 
 # Seed 42 (the demo default): a ten-year-old with a CT abdomen/pelvis at the children's hospital
 # and one at St Mary's on 2026-06-16; an adult with CT A/P at North General and St Mary's.
@@ -30,7 +30,7 @@ ADULT = ("northgen", "183882874")
 
 @pytest.fixture
 def client(settings: Any) -> Iterator[TestClient]:
-    with TestClient(create_app(settings=settings)) as c:
+    with TestClient(create_app(settings=settings), headers=auth_headers()) as c:
         st = c.app.state.scanonce  # type: ignore[attr-defined]
         load_demo(engine=st.engine, store=st.store)
         yield c

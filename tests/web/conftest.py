@@ -21,7 +21,7 @@ from broker.settings import Settings
 from broker.web import assets
 from tests.dicomweb.data import TEST_FILES, multipart_body
 from tests.identity.test_mllp_serve import Served, scanonce_serve
-from tests.support import to_bytes
+from tests.support import auth_headers, to_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -92,7 +92,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory, viewer_dir: Path) -> Iterat
         r = httpx.post(
             f"{served.url}/dicom-web/studies",
             content=body,
-            headers={"Content-Type": content_type},
+            headers={"Content-Type": content_type, **auth_headers()},
             trust_env=False,
             timeout=60,
         )
@@ -125,7 +125,7 @@ class Visit:
 def visit(browser: Browser) -> Iterator[Visit]:
     """A fresh page (its own storage) that records every request it makes. OHIF's first-visit
     tour and investigational-use notice are marked as seen, as a returning user has them."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, extra_http_headers=auth_headers())
     context.add_init_script(
         "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
         "sessionStorage.setItem('investigationalUseDialog', 'hidden');"

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from tests.dicomweb.data import TEST_FILES
 from tests.peers import OrthancPeer, orthanc
-from tests.support import to_bytes
+from tests.support import auth_headers, to_bytes
 
 from .conftest import Broker, Visit
 from .test_viewer import _rendered
@@ -39,7 +39,7 @@ def northgen(
             uid, data = _new_study(name)
             httpx.post(f"{peer.url}/instances", content=data, trust_env=False, timeout=30).raise_for_status()
             uids.append(uid)
-        with httpx.Client(base_url=broker.url, trust_env=False, timeout=30) as http:
+        with httpx.Client(base_url=broker.url, trust_env=False, timeout=30, headers=auth_headers()) as http:
             facility = {
                 "id": "northgen",
                 "issuer": "NORTH-GENERAL",
@@ -69,7 +69,12 @@ def test_opening_a_nearline_study_says_it_is_fetching_then_shows_it(
     # The page reloads itself until the study is here, and then it is the viewer.
     std, levels = _rendered(visit)
     assert visit.page.locator('[data-cy="study-browser-thumbnail"]').count() == 1
-    found = httpx.get(f"{broker.url}/dicom-web/studies", params={"StudyInstanceUID": uid}, trust_env=False)
+    found = httpx.get(
+        f"{broker.url}/dicom-web/studies",
+        params={"StudyInstanceUID": uid},
+        trust_env=False,
+        headers=auth_headers(),
+    )
     assert found.json()[0]["00080056"]["Value"] == ["ONLINE"]
 
 
@@ -80,7 +85,7 @@ def test_a_facility_that_is_down_is_named_with_the_reason(
     peer.process.terminate()
     peer.process.wait(timeout=30)
     url = f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}"
-    with httpx.Client(trust_env=False, timeout=30) as http:
+    with httpx.Client(trust_env=False, timeout=30, headers=auth_headers()) as http:
 
         def visit() -> httpx.Response:
             """The page until the fetch it started has ended: 202 while fetching, then its outcome."""

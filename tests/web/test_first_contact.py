@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from broker.app import create_app
 from broker.cli import app as cli
 from broker.settings import Settings
+from tests.support import auth_headers
 
 from .conftest import Broker, Visit
 
@@ -25,7 +26,7 @@ SCANONCE = str(Path(sys.executable).with_name("scanonce"))
 
 
 def test_home_is_the_lookup_page_and_links_the_viewer_and_the_docs(broker: Broker) -> None:
-    r = httpx.get(broker.url + "/", trust_env=False)
+    r = httpx.get(broker.url + "/", trust_env=False, headers=auth_headers())
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     for link in ('href="/viewer/"', 'href="/docs"', 'role="search"', 'name="mrn"', 'name="exam"'):
@@ -43,7 +44,7 @@ def test_api_docs_render_with_nothing_leaving_loopback(broker: Broker, visit: Vi
 
 
 def test_api_leads_to_the_docs_and_redoc_is_not_a_blank_page(broker: Broker) -> None:
-    with httpx.Client(base_url=broker.url, trust_env=False) as http:
+    with httpx.Client(base_url=broker.url, trust_env=False, headers=auth_headers()) as http:
         r = http.get("/api", follow_redirects=True)
         assert r.status_code == 200 and "swagger-ui" in r.text
         assert http.get("/openapi.json").json()["info"]["title"] == "ScanOnce"
@@ -59,7 +60,7 @@ def test_banner_urls_are_whole_lines(broker: Broker) -> None:
 
 def test_without_installed_assets_the_pages_say_how_to_install_them(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, viewer_dir=tmp_path / "nothing-here", mllp_port=0)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=auth_headers()) as client:
         for path in ("/viewer/", "/viewer/viewer?StudyInstanceUIDs=1.2.3", "/docs"):
             r = client.get(path)
             assert r.status_code == 503, path

@@ -42,6 +42,7 @@ from broker.web import assets
 from tests.dicomweb.data import TEST_FILES
 from tests.identity.test_mllp_serve import scanonce_serve
 from tests.peers import orthanc
+from tests.support import auth_headers
 
 from .test_viewer import _rendered
 
@@ -93,7 +94,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory, viewer_dir: Path) -> Iterator
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, extra_http_headers=auth_headers())
     context.add_init_script(
         "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
         "sessionStorage.setItem('investigationalUseDialog', 'hidden');"
@@ -163,12 +164,19 @@ def test_whole_flow_by_keyboard(demo: Demo, page: Page) -> None:
     page.keyboard.press("Enter")
     expect(first.locator(".notice")).to_contain_text("Recorded", timeout=10_000)
     assert _avoided_count(page) == before + 1
-    months = httpx.get(f"{demo.url}/api/metrics/avoided", params={"facility": "kids"}, trust_env=False).json()
+    months = httpx.get(
+        f"{demo.url}/api/metrics/avoided",
+        params={"facility": "kids"},
+        trust_env=False,
+        headers=auth_headers(),
+    ).json()
     assert sum(m["repeats_avoided"] for m in months) == before + 1
 
 
 def test_lookup_without_javascript(demo: Demo, browser: Browser) -> None:
-    context = browser.new_context(java_script_enabled=False, viewport={"width": 375, "height": 800})
+    context = browser.new_context(
+        java_script_enabled=False, viewport={"width": 375, "height": 800}, extra_http_headers=auth_headers()
+    )
     try:
         page = context.new_page()
         page.goto(f"{demo.url}/")
@@ -213,7 +221,7 @@ def test_demographic_search_lists_people_to_choose_from(demo: Demo, page: Page) 
 
 def test_bad_input_is_a_message_beside_its_field(demo: Demo, page: Page) -> None:
     page.goto(demo.lookup_url(mrn="NO-SUCH-MRN"))
-    facilities = len(httpx.get(f"{demo.url}/api/facilities", trust_env=False).json())
+    facilities = len(httpx.get(f"{demo.url}/api/facilities", trust_env=False, headers=auth_headers()).json())
     expect(page.locator("#answer")).to_contain_text(f"No studies found in {facilities} facilities")
     response = page.goto(demo.lookup_url(exam="!!! ???"))
     assert response is not None and response.status == 400
@@ -259,7 +267,9 @@ def test_open_in_viewer_renders_the_prior(demo: Demo, page: Page) -> None:
     page.goto(demo.lookup_url())
     first = page.locator("ol.relevant > li").first
     study = first.get_attribute("data-study")
-    series = httpx.get(f"{demo.url}/dicom-web/studies/{study}/series", trust_env=False).json()
+    series = httpx.get(
+        f"{demo.url}/dicom-web/studies/{study}/series", trust_env=False, headers=auth_headers()
+    ).json()
     # OHIF gives image series a thumbnail; the dose SR is a report, listed without one.
     series = [s for s in series if s["00080060"]["Value"] != ["SR"]]
     assert len(series) >= 2
@@ -299,7 +309,7 @@ def test_imaging_record_renders_and_prints_to_pdf(demo: Demo, page: Page) -> Non
 def test_admin_pages(demo: Demo, page: Page) -> None:
     page.goto(f"{demo.url}/admin/facilities")
     expect(page.locator("tbody tr")).to_have_count(
-        len(httpx.get(f"{demo.url}/api/facilities", trust_env=False).json())
+        len(httpx.get(f"{demo.url}/api/facilities", trust_env=False, headers=auth_headers()).json())
     )
     expect(page.locator("tbody")).to_contain_text("St Mary")
     page.screenshot(path=str(demo.shots / "facilities.png"), full_page=True)
@@ -383,7 +393,7 @@ PAGES = (
 
 @pytest.mark.parametrize("width", [375, 1920])
 def test_axe_finds_no_violations_on_any_page(demo: Demo, browser: Browser, width: int) -> None:
-    context = browser.new_context(viewport={"width": width, "height": 900})
+    context = browser.new_context(viewport={"width": width, "height": 900}, extra_http_headers=auth_headers())
     try:
         page = context.new_page()
         found = {}
@@ -412,7 +422,7 @@ def test_the_pages_own_assets_fit_the_budget(demo: Demo, page: Page) -> None:
     assert all(u.startswith(demo.url) for u in asked), asked
     total = 0
     for url in own:
-        body = httpx.get(url, trust_env=False).content
+        body = httpx.get(url, trust_env=False, headers=auth_headers()).content
         total += len(gzip.compress(body, 9))
     assert len(own) == 3, own  # the page, its stylesheet, htmx
     assert total <= 150 * 1024, total
@@ -448,7 +458,7 @@ def test_a_study_only_indexed_at_another_facility(
         ):
             data = _study_for("E-4471", name, birth, sex, description, when)
             httpx.post(f"{peer.url}/instances", content=data, trust_env=False, timeout=30).raise_for_status()
-        with httpx.Client(base_url=demo.url, trust_env=False, timeout=30) as http:
+        with httpx.Client(base_url=demo.url, trust_env=False, timeout=30, headers=auth_headers()) as http:
             facility = {
                 "id": "eastside",
                 "issuer": "EASTSIDE",
@@ -480,7 +490,7 @@ def test_a_study_only_indexed_at_another_facility(
     page.locator("details.others summary").click()
     other = page.locator("ol.priors li", has_text="Eastside Clinic").filter(has_text="NEARLINE")
     study = other.first.get_attribute("data-study")
-    with httpx.Client(trust_env=False, timeout=30) as http:
+    with httpx.Client(trust_env=False, timeout=30, headers=auth_headers()) as http:
         url = f"{demo.url}/viewer/viewer?StudyInstanceUIDs={study}"
         r = http.get(url)
         deadline = time.monotonic() + 30

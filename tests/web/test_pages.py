@@ -18,7 +18,7 @@ from broker.demo.service import load_demo
 from broker.identity.models import ReviewItem
 from broker.lookup.models import AvoidedRepeat
 from tests.dicomweb.data import multipart_body
-from tests.support import make_ds, to_bytes
+from tests.support import auth_headers, make_ds, to_bytes
 
 LOOKUP = {
     "facility": "kids",
@@ -32,7 +32,7 @@ FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 @pytest.fixture
 def client(settings: Any) -> Iterator[TestClient]:
-    with TestClient(create_app(settings=settings)) as c:
+    with TestClient(create_app(settings=settings), headers=auth_headers()) as c:
         st = c.app.state.scanonce  # type: ignore[attr-defined]
         load_demo(engine=st.engine, store=st.store)
         yield c

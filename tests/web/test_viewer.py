@@ -6,6 +6,8 @@ import time
 
 import httpx
 
+from tests.support import auth_headers
+
 from .conftest import Broker, Visit, screenshot_stats
 
 
@@ -48,14 +50,14 @@ def test_viewer_renders_a_ct(broker: Broker, visit: Visit) -> None:
 
 
 def test_app_config_names_the_brokers_own_dicomweb(broker: Broker) -> None:
-    r = httpx.get(f"{broker.url}/viewer/app-config.js", trust_env=False)
+    r = httpx.get(f"{broker.url}/viewer/app-config.js", trust_env=False, headers=auth_headers())
     assert r.status_code == 200
     assert "window.location.origin" in r.text and '"/dicom-web"' in r.text
     assert "cloudfront" not in r.text  # the package's own config points at a public demo server
 
 
 def test_study_list_lists_the_brokers_studies(broker: Broker, visit: Visit) -> None:
-    studies = httpx.get(f"{broker.url}/dicom-web/studies", trust_env=False).json()
+    studies = httpx.get(f"{broker.url}/dicom-web/studies", trust_env=False, headers=auth_headers()).json()
     response = visit.page.goto(f"{broker.url}/viewer/")
     assert response is not None and response.status == 200
     visit.page.get_by_text(f"1-{len(studies)} of {len(studies)}").wait_for(timeout=20_000)
@@ -65,5 +67,7 @@ def test_study_list_lists_the_brokers_studies(broker: Broker, visit: Visit) -> N
 
 
 def test_a_path_outside_the_viewer_is_not_served(broker: Broker) -> None:
-    r = httpx.get(f"{broker.url}/viewer/..%2F..%2F..%2F..%2Fetc%2Fpasswd", trust_env=False)
+    r = httpx.get(
+        f"{broker.url}/viewer/..%2F..%2F..%2F..%2Fetc%2Fpasswd", trust_env=False, headers=auth_headers()
+    )
     assert "root:" not in r.text
