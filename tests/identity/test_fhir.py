@@ -183,7 +183,7 @@ def test_review_api_records_who_and_why(client: TestClient, engine: Any) -> None
     r = client.post(
         f"/api/identity/review/{queue[0]['id']}", json={"decision": "link", "reason": "same child, nickname"}
     )
-    assert r.status_code == 200 and r.json()["decided_by"] == "anonymous" and r.json()["status"] == "linked"
+    assert r.status_code == 200 and r.json()["decided_by"] == "test" and r.json()["status"] == "linked"
     assert (
         client.post(
             f"/api/identity/review/{queue[0]['id']}", json={"decision": "reject", "reason": "x"}
