@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         ),
     )
     auth_algorithms: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["ES256", "RS256"],
+        default_factory=lambda: ["ES256", "ES384", "RS256", "RS384"],  # CDS Hooks names ES384, RS384
         description="Signing algorithms accepted on tokens, comma separated (never `none`, never HMAC).",
     )
     auth_role_claim: str = Field(
@@ -158,6 +158,15 @@ class Settings(BaseSettings):
     auth_facility_claim: str = Field(
         default="facility",
         description="The claim of a token that names the caller's facility (facility scope).",
+    )
+
+    cds_clients: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "CDS Hooks clients (EHRs) whose signed JWTs are accepted on the CDS services, as JSON "
+            '{"<iss>": "<its JWKS URL>"}; the JWT\'s `aud` must be the service URL and a `jti` is '
+            "accepted once."
+        ),
     )
 
     @field_validator("auth_trusted_issuers", "auth_algorithms", mode="before")

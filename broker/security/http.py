@@ -112,11 +112,34 @@ class AuthGuard:
         if not token:
             return None, {}
         verifier = self.verifier
-        if verifier.needs_fetch(verifier.unverified_issuer(token)):
+        issuer = verifier.unverified_issuer(token)
+        if via == "bearer" and verifier.is_cds_client(issuer):
+            return await self._cds_client(scope, token, issuer), {}
+        if verifier.needs_fetch(issuer):
             claims = await anyio.to_thread.run_sync(verifier.verify, token)
         else:
             claims = verifier.verify(token)
         return verifier.principal_from_claims(claims, via=via), claims
+
+    async def _cds_client(self, scope: Scope, token: str, issuer: str) -> Principal:
+        """An EHR calling a CDS service with its own signed JWT: accepted on the CDS services only,
+        as a clinician of the default facility (the EHR acts for the clinician at its screen)."""
+        verifier = self.verifier
+        assert verifier is not None
+        path = scope["path"]
+        if scope["method"] != "POST" or not path.startswith("/cds-services/"):
+            raise TokenInvalid("a CDS client token is for the CDS services only")
+        # `aud` is the service's URL (for feedback too: the service it is about).
+        service = path.removesuffix("/feedback")
+        service_url = _own_origin(scope) + service
+        await anyio.to_thread.run_sync(lambda: verifier.verify_cds_client(token, service_url=service_url))
+        return Principal(
+            who=f"cds-client:{issuer}",
+            role=Role.clinician,
+            facility=self.settings.default_facility,
+            via="cds-client",
+            issuer=issuer,
+        )
 
     async def _refuse_401(self, scope: Scope, send: Send, error: str | None) -> None:
         accept = _header(scope, b"accept") or ""

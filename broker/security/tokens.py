@@ -106,6 +106,8 @@ class Verifier:
     signing_key: ECKey
     _remote: dict[str, _CachedKeys] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _seen: dict[str, float] = field(default_factory=dict)
+    _fetch_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._own = KeySet([ECKey.import_key(self.signing_key.as_dict(private=False))])
@@ -126,10 +128,49 @@ class Verifier:
     def needs_fetch(self, issuer: str) -> bool:
         """True when verifying a token of `issuer` would fetch its keys (callers on an event loop
         then verify in a worker thread)."""
-        if issuer == self.settings.auth_issuer or issuer not in self.settings.auth_trusted_issuers:
+        if issuer in self.settings.cds_clients:
+            cached = self._remote.get("cds:" + issuer)
+        elif issuer == self.settings.auth_issuer or issuer not in self.settings.auth_trusted_issuers:
             return False
-        cached = self._remote.get(issuer)
+        else:
+            cached = self._remote.get(issuer)
         return cached is None or time.monotonic() - cached.fetched > _JWKS_TTL_SECONDS
+
+    def is_cds_client(self, issuer: str) -> bool:
+        return issuer in self.settings.cds_clients
+
+    def verify_cds_client(self, token: str, *, service_url: str) -> dict[str, Any]:
+        """A CDS Hooks client's JWT (CDS Hooks 2.0, "Trusting CDS Clients"): signed by a key from
+        the JWKS registered for its `iss`, `aud` this service's URL, unexpired, `jti` never seen."""
+        issuer = self.unverified_issuer(token)
+        jwks_url = self.settings.cds_clients.get(issuer)
+        if jwks_url is None:
+            raise TokenInvalid("CDS client not registered")
+        keys = self._fetch_keys("cds:" + issuer, jwks_url=jwks_url)
+        try:
+            decoded = jwt.decode(token, keys, algorithms=self._algorithms)
+            jwt.JWTClaimsRegistry(
+                leeway=_CLOCK_LEEWAY_SECONDS,
+                iss={"essential": True, "value": issuer},
+                aud={"essential": True, "value": service_url},
+                exp={"essential": True},
+                jti={"essential": True},
+            ).validate(decoded.claims)
+        except JoseError as exc:
+            raise TokenInvalid(f"CDS client token rejected ({exc})") from exc
+        self._once(f"{issuer} {decoded.claims['jti']}", int(decoded.claims["exp"]))
+        return decoded.claims
+
+    def _once(self, jti: str, exp: int) -> None:
+        """Refuse a `jti` already used (kept until its token expires). Per process: a replay to
+        another worker of the same broker is not caught (the tokens live minutes)."""
+        now = time.time()
+        with self._lock:
+            if len(self._seen) > 10_000:
+                self._seen = {k: v for k, v in self._seen.items() if v > now}
+            if jti in self._seen:
+                raise TokenInvalid("token replayed (jti already used)")
+            self._seen[jti] = exp + _CLOCK_LEEWAY_SECONDS
 
     def verify(self, token: str, *, audience: str | None = None) -> dict[str, Any]:
         """The verified claims of `token`, or TokenInvalid."""
@@ -189,20 +230,28 @@ class Verifier:
         return cached is not None and time.monotonic() - cached.fetched < _JWKS_MIN_REFRESH_SECONDS
 
     def _remote_keys(self, issuer: str) -> KeySet:
-        cached = self._remote.get(issuer)
+        return self._fetch_keys(issuer, jwks_url=None)
+
+    def _fetch_keys(self, cache_key: str, *, jwks_url: str | None) -> KeySet:
+        """The keys of an issuer (through its discovery document) or at a registered JWKS URL.
+        Only issuers and URLs an administrator configured are fetched, never one from a request."""
+        cached = self._remote.get(cache_key)
         if cached is not None and time.monotonic() - cached.fetched <= _JWKS_TTL_SECONDS:
             return cached.keys
-        with self._lock:
+        with self._fetch_lock:
             try:
-                # Only issuers an administrator configured are fetched, never a URL from a request.
-                discovery = httpx.get(f"{issuer.rstrip('/')}/.well-known/openid-configuration", timeout=5)
-                discovery.raise_for_status()
-                jwks = httpx.get(discovery.json()["jwks_uri"], timeout=5)
+                if jwks_url is None:
+                    discovery = httpx.get(
+                        f"{cache_key.rstrip('/')}/.well-known/openid-configuration", timeout=5
+                    )
+                    discovery.raise_for_status()
+                    jwks_url = str(discovery.json()["jwks_uri"])
+                jwks = httpx.get(jwks_url, timeout=5)
                 jwks.raise_for_status()
                 keys = KeySet.import_key_set(jwks.json())
             except (httpx.HTTPError, ValueError, KeyError, JoseError) as exc:
                 if cached is not None:  # the provider is down: keep trusting the keys we had
                     return cached.keys
                 raise TokenInvalid("issuer keys unavailable") from exc
-            self._remote[issuer] = _CachedKeys(keys=keys, fetched=time.monotonic())
+            self._remote[cache_key] = _CachedKeys(keys=keys, fetched=time.monotonic())
             return keys

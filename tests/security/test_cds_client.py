@@ -1,0 +1,107 @@
+"""CDS Hooks client authentication as the spec prescribes: the EHR signs a JWT with a key from its
+registered JWKS URL, `aud` is the service's URL, and a `jti` is accepted once."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from joserfc import jwt
+from joserfc.jwk import ECKey
+
+from broker.app import create_app
+from broker.settings import Settings
+
+EHR = "https://ehr.example"
+
+
+@pytest.fixture(scope="module")
+def ehr_jwks() -> Iterator[tuple[str, ECKey]]:
+    """The EHR's JWKS on a loopback port (where the broker fetches its keys)."""
+    key = ECKey.generate_key("P-384", auto_kid=True)
+    body = json.dumps({"keys": [key.as_dict(private=False)]}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks", key
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def client(ehr_jwks: tuple[str, ECKey], tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path, cds_clients={EHR: ehr_jwks[0]})
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _service(client: TestClient) -> str:
+    return str(client.get("/cds-services").json()["services"][0]["id"])
+
+
+def _jwt(key: ECKey, *, aud: str, iss: str = EHR, jti: str | None = None, exp: int | None = None) -> str:
+    now = int(time.time())
+    claims = {"iss": iss, "aud": aud, "iat": now, "exp": exp or now + 300, "jti": jti or secrets.token_hex(8)}
+    header = {"alg": "ES384", "kid": key.kid, "jku": "https://attacker.example/jwks"}
+    return jwt.encode(header, claims, key, algorithms=["ES384"])
+
+
+def _call(client: TestClient, path: str, token: str) -> int:
+    # Not a valid hook request: an authenticated call is refused by the service itself (400).
+    r = client.post(path, json={"hook": "nothing"}, headers={"Authorization": f"Bearer {token}"})
+    return r.status_code
+
+
+def test_the_ehrs_signed_jwt_is_accepted_once(client: TestClient, ehr_jwks: tuple[str, ECKey]) -> None:
+    path = f"/cds-services/{_service(client)}"
+    token = _jwt(ehr_jwks[1], aud=f"http://testserver{path}")
+    assert _call(client, path, token) == 400  # past the guard: the service answers
+    assert _call(client, path, token) == 401  # the same jti again: a replay
+
+
+def test_feedback_is_authenticated_for_its_service(client: TestClient, ehr_jwks: tuple[str, ECKey]) -> None:
+    path = f"/cds-services/{_service(client)}"
+    assert _call(client, path + "/feedback", _jwt(ehr_jwks[1], aud=f"http://testserver{path}")) == 400
+
+
+@pytest.mark.parametrize("case", ["other-service", "other-host", "expired", "unregistered", "other-key"])
+def test_bad_ehr_jwts_are_refused(client: TestClient, ehr_jwks: tuple[str, ECKey], case: str) -> None:
+    path = f"/cds-services/{_service(client)}"
+    aud = f"http://testserver{path}"
+    key = ehr_jwks[1]
+    token = {
+        "other-service": lambda: _jwt(key, aud="http://testserver/cds-services/another"),
+        "other-host": lambda: _jwt(key, aud=f"https://elsewhere.example{path}"),
+        "expired": lambda: _jwt(key, aud=aud, exp=int(time.time()) - 600),
+        "unregistered": lambda: _jwt(key, aud=aud, iss="https://rogue-ehr.example"),
+        "other-key": lambda: _jwt(ECKey.generate_key("P-384", auto_kid=True), aud=aud),
+    }[case]()
+    assert _call(client, path, token) == 401
+
+
+def test_an_ehr_jwt_opens_nothing_but_the_cds_services(
+    client: TestClient, ehr_jwks: tuple[str, ECKey]
+) -> None:
+    token = _jwt(ehr_jwks[1], aud="http://testserver/dicom-web/studies")
+    r = client.get("/dicom-web/studies", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401
