@@ -160,6 +160,24 @@ class Settings(BaseSettings):
         description="The claim of a token that names the caller's facility (facility scope).",
     )
 
+    auth_oidc_issuer: str | None = Field(
+        default=None,
+        description=(
+            "The OpenID Connect provider the pages sign in with (authorization code flow with PKCE); "
+            "its ID tokens must carry the role claim. Unset: only the loopback development sign-in."
+        ),
+    )
+    auth_oidc_client_id: str = Field(
+        default="scanonce", description="The broker's client_id at the sign-in provider."
+    )
+    auth_oidc_client_secret: str | None = Field(
+        default=None,
+        description="The client secret at the sign-in provider, for a confidential client (PKCE either way).",
+    )
+    auth_oidc_scopes: str = Field(
+        default="openid scanonce",
+        description="Scopes asked of the sign-in provider (space separated; must yield the role claim).",
+    )
     cds_clients: dict[str, str] = Field(
         default_factory=dict,
         description=(

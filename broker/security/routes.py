@@ -11,12 +11,13 @@ import html
 import ipaddress
 import secrets
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from broker.errors import BadRequest, Forbidden
+from broker.security import oidc
 from broker.security.http import SESSION_COOKIE
 from broker.security.schemas import Role
 from broker.security.tokens import Verifier, mint, public_jwks
@@ -79,11 +80,15 @@ def sign_in_page(request: Request, next: str = "/") -> str:
     settings: Settings = request.app.state.scanonce.settings
     target = html.escape(_safe_next(next))
     facility = html.escape(settings.default_facility)
+    body = ""
+    if settings.auth_oidc_issuer:
+        link = "/auth/oidc/start?" + urlencode({"next": _safe_next(next)})
+        body += f'<p><a id="oidc" href="{html.escape(link)}">Sign in with your organisation</a></p>'
     if not _dev_sign_in_allowed(request, settings):
-        body = "<p>Sign in with a bearer token (<code>scanonce token create</code>).</p>"
+        body += "<p>Programs: send a bearer token (<code>scanonce token create</code>).</p>"
     else:
         options = "".join(f'<option value="{r}">{r}</option>' for r in Role)
-        body = (
+        body += (
             '<form method="post" action="/auth/dev-sign-in">'
             f'<input type="hidden" name="next" value="{target}">'
             f'<label>Role <select name="role">{options}</select></label> '
@@ -95,6 +100,60 @@ def sign_in_page(request: Request, next: str = "/") -> str:
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>Sign in · ScanOnce</title>"
         f"</head><body><main><h1>Sign in</h1>{body}</main></body></html>"
     )
+
+
+def _callback_url(request: Request) -> str:
+    return str(request.url_for("oidc_callback"))
+
+
+@router.get("/auth/oidc/start")
+def oidc_start(request: Request, next: str = "/") -> Response:
+    verifier = _verifier(request)
+    if not verifier.settings.auth_oidc_issuer:
+        raise BadRequest("no sign-in provider is configured (SCANONCE_AUTH_OIDC_ISSUER)")
+    url, cookie = oidc.start(
+        verifier=verifier, redirect_uri=_callback_url(request), next_path=_safe_next(next)
+    )
+    response = RedirectResponse(url, status_code=303)
+    response.set_cookie(
+        oidc.STATE_COOKIE,
+        cookie,
+        max_age=600,
+        path="/auth/oidc",
+        httponly=True,
+        samesite="lax",  # sent on the provider's top-level redirect back
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.get("/auth/oidc/callback", name="oidc_callback")
+def oidc_callback(request: Request, code: str = "", state: str = "") -> Response:
+    verifier = _verifier(request)
+    if not verifier.settings.auth_oidc_issuer:
+        raise BadRequest("no sign-in provider is configured (SCANONCE_AUTH_OIDC_ISSUER)")
+    if not code or not state:
+        raise BadRequest("the sign-in provider returned no code (sign-in cancelled?)")
+    principal, next_path = oidc.finish(
+        verifier=verifier,
+        cookie=request.cookies.get(oidc.STATE_COOKIE),
+        code=code,
+        state=state,
+        redirect_uri=_callback_url(request),
+    )
+    token = mint(
+        key=verifier.signing_key,
+        settings=verifier.settings,
+        subject=principal.who,
+        role=principal.role,
+        facility=principal.facility,
+        expires_in=SESSION_SECONDS,
+        extra={"csrf": secrets.token_urlsafe(16), "idp": principal.issuer},
+    )
+    response = RedirectResponse(_safe_next(next_path), status_code=303)
+    response.delete_cookie(oidc.STATE_COOKIE, path="/auth/oidc")
+    set_session_cookie(response, token, secure=request.url.scheme == "https")
+    return response
 
 
 @router.post("/auth/dev-sign-in")

@@ -130,7 +130,10 @@ class Verifier:
         then verify in a worker thread)."""
         if issuer in self.settings.cds_clients:
             cached = self._remote.get("cds:" + issuer)
-        elif issuer == self.settings.auth_issuer or issuer not in self.settings.auth_trusted_issuers:
+        elif issuer == self.settings.auth_issuer or issuer not in (
+            *self.settings.auth_trusted_issuers,
+            self.settings.auth_oidc_issuer,
+        ):
             return False
         else:
             cached = self._remote.get(issuer)
@@ -177,7 +180,7 @@ class Verifier:
         issuer = self.unverified_issuer(token)
         if issuer == self.settings.auth_issuer:
             keys = self._own
-        elif issuer in self.settings.auth_trusted_issuers:
+        elif issuer in self.settings.auth_trusted_issuers or issuer == self.settings.auth_oidc_issuer:
             keys = self._remote_keys(issuer)
         else:
             raise TokenInvalid("issuer not trusted")
