@@ -1,0 +1,102 @@
+"""What authentication and authorization add to a QIDO-RS and a prior lookup (not a test).
+
+One demo data set, two brokers over it in this process (auth on, auth off), each served by
+uvicorn on its own loopback port; rounds alternate between them so that the machine's noise hits
+both alike. Each round times `--requests` keep-alive requests per endpoint and takes their p95;
+the report is the median over rounds of each p95, and the difference (the target: <= 1 ms).
+
+    .venv/bin/python bench/auth_overhead.py [--rounds 7] [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker.app import build_state, create_app  # noqa: E402
+from broker.demo.service import load_demo  # noqa: E402
+from broker.security.tokens import load_or_create_signing_key, mint  # noqa: E402
+from broker.settings import Settings  # noqa: E402
+
+QIDO = ("/dicom-web/studies", {"PatientID": "K346295", "includefield": "all"})
+LOOKUP = (
+    "/api/priors",
+    {"facility": "kids", "mrn": "K346295", "exam": "CT abdomen pelvis", "setting": "ed", "now": "2026-06-25"},
+)
+
+
+def _serve(settings: Settings) -> tuple[str, uvicorn.Server]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server
+
+
+def _p95(client: httpx.Client, path: str, params: dict[str, str], n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        r = client.get(path, params=params)
+        times.append((time.perf_counter() - start) * 1000)
+        assert r.status_code == 200, (r.status_code, r.text[:200])
+    return statistics.quantiles(times, n=20)[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--patients", type=int, default=20)
+    args = ap.parse_args()
+    data = Path(tempfile.mkdtemp(prefix="bench-auth-"))
+    os.environ["SCANONCE_INGEST_PROCESSES"] = "0"
+    on = Settings(data_dir=data, auth_enabled=True)
+    off = on.model_copy(update={"auth_enabled": False})
+    state = build_state(on)
+    load_demo(engine=state.engine, store=state.store, patients=args.patients)
+    key = load_or_create_signing_key(on.resolved_signing_key_file())
+    token = mint(key=key, settings=on, subject="bench", role="clinician", facility="kids")
+    urls = {"on": _serve(on)[0], "off": _serve(off)[0]}
+    clients = {
+        "on": httpx.Client(base_url=urls["on"], headers={"Authorization": f"Bearer {token}"}, trust_env=False),
+        "off": httpx.Client(base_url=urls["off"], trust_env=False),
+    }
+    p95: dict[str, dict[str, list[float]]] = {k: {"qido": [], "lookup": []} for k in clients}
+    for name in clients:  # warm-up
+        _p95(clients[name], *QIDO, 20)
+        _p95(clients[name], *LOOKUP, 20)
+    for _ in range(args.rounds):
+        for name, client in clients.items():
+            p95[name]["qido"].append(_p95(client, *QIDO, args.requests))
+            p95[name]["lookup"].append(_p95(client, *LOOKUP, args.requests))
+    report: dict[str, Any] = {"rounds": args.rounds, "requests_per_round": args.requests}
+    for what in ("qido", "lookup"):
+        with_auth = statistics.median(p95["on"][what])
+        without = statistics.median(p95["off"][what])
+        report[what] = {
+            "p95_ms_auth_on": round(with_auth, 3),
+            "p95_ms_auth_off": round(without, 3),
+            "added_ms": round(with_auth - without, 3),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
