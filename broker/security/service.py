@@ -1,9 +1,11 @@
-"""Who is calling, and what they may do: the one place where a principal is checked.
+"""Who is calling, and what they may do.
 
-Until enforcement exists, the embedded default's caller is an administrator of the `local`
-facility (every HTTP request), a DIMSE caller acts for the facility its calling AE title belongs
-to, and `authorize` allows everything. Services that act for a caller call `authorize` first, so
-that roles, facility scope and consent can be enforced here later without touching them.
+HTTP callers are authenticated and authorized by the guard middleware (broker.security.http)
+against the one policy table (broker.security.policy) before any route runs; `principal_for_http`
+is the caller only when authentication is switched off (loopback development). A DIMSE caller acts
+for the facility its calling AE title belongs to. `authorize` is where services that act for a
+caller ask about the data itself (consent, per-patient sharing): today it allows what the guard
+already let through.
 """
 
 from __future__ import annotations
