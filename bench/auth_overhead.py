@@ -75,7 +75,9 @@ def main() -> None:
     token = mint(key=key, settings=on, subject="bench", role="clinician", facility="kids")
     urls = {"on": _serve(on)[0], "off": _serve(off)[0]}
     clients = {
-        "on": httpx.Client(base_url=urls["on"], headers={"Authorization": f"Bearer {token}"}, trust_env=False),
+        "on": httpx.Client(
+            base_url=urls["on"], headers={"Authorization": f"Bearer {token}"}, trust_env=False
+        ),
         "off": httpx.Client(base_url=urls["off"], trust_env=False),
     }
     p95: dict[str, dict[str, list[float]]] = {k: {"qido": [], "lookup": []} for k in clients}
