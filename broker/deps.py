@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from broker.errors import BadRequest
+from broker.errors import BadRequest, Forbidden
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_http
 from broker.settings import Settings
@@ -54,7 +54,12 @@ def get_store(state: StateDep) -> ObjectStore:
 def get_principal(request: Request, state: StateDep) -> Principal:
     # The guard middleware (broker.security.http) verified the caller and put it here.
     principal = getattr(request.state, "principal", None)
-    return principal if principal is not None else principal_for_http(settings=state.settings)
+    if principal is not None:
+        return principal
+    if state.settings.auth_enabled:
+        # An open route (no token asked) that wants a caller: never guess one.
+        raise Forbidden("this needs an authenticated caller")
+    return principal_for_http(settings=state.settings)
 
 
 _FORM_LIMIT = 16 * 1024

@@ -38,6 +38,8 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("GET", "/auth/sign-in"): PUBLIC,
     ("POST", "/auth/dev-sign-in"): PUBLIC,
     ("POST", "/auth/sign-out"): PUBLIC,
+    ("GET", "/auth/oidc/start"): PUBLIC,
+    ("GET", "/auth/oidc/callback"): PUBLIC,
     ("GET", "/static/{name}"): PUBLIC,
     ("GET", "/openapi.json"): ALL,
     ("GET", "/api"): ALL,
