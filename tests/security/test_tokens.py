@@ -237,3 +237,17 @@ def test_serve_beyond_loopback_with_auth_off_refuses(tmp_path: Path, monkeypatch
     assert result.exit_code == 1
     assert "Refusing to serve on 0.0.0.0 with authentication off" in result.output
     assert not (tmp_path / "index.sqlite3").exists()  # refused before anything was created
+
+
+def test_a_cached_token_still_expires(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified tokens are remembered (no second signature check), never past their `exp`."""
+    from broker.security import tokens
+
+    verifier = app.state.auth
+    token = mint_token("clinician", expires_in=60)
+    assert verifier.verify(token)["role"] == "clinician"
+    assert verifier.verify(token)["role"] == "clinician"  # from the cache
+    later = time.time() + 3600
+    monkeypatch.setattr(tokens.time, "time", lambda: later)
+    with pytest.raises(tokens.TokenInvalid):
+        verifier.verify(token)
