@@ -21,7 +21,7 @@ from broker.cds.models import Feedback, IssuedCard
 from broker.index.service import ingest_files
 from tests.dicomweb.conftest import LiveServer
 from tests.live_demo import BACKENDS, CHILD_ISSUER, CHILD_MRN, demo_server
-from tests.support import ADMIN, auth_headers, make_ds, write
+from tests.support import ADMIN, auth_headers, make_ds, mint_token, write
 
 SELECT = "/cds-services/scanonce-prior-imaging"
 SIGN = "/cds-services/scanonce-prior-imaging-sign"
@@ -251,7 +251,9 @@ def test_the_patient_read_from_the_ehrs_fhir_server(http: httpx.Client, server: 
     body = _hook(
         fhirServer=f"{server.origin}/fhir",
         fhirAuthorization={
-            "access_token": "opaque",
+            # The broker, playing the EHR's FHIR server, accepts only its own tokens: the card
+            # can only come back if the service used this one to call it.
+            "access_token": mint_token("clinician"),
             "token_type": "Bearer",
             "expires_in": 300,
             "scope": "patient/Patient.read",
