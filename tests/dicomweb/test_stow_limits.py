@@ -89,8 +89,10 @@ def test_an_announced_oversized_body_is_refused_before_it_is_sent(
         host, port = server.origin.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             # Headers only: the 413 must come without the server waiting for 10 GB of body.
+            token = auth_headers("facility")["Authorization"].encode()
             sock.sendall(
                 b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n"
+                b"Authorization: " + token + b"\r\n"
                 b'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n\r\n'
             )
             reply = sock.recv(65536)

@@ -113,7 +113,7 @@ def _stow_stalled_mid_body(url: str, part: bytes) -> socket.socket:
     sock = socket.create_connection((host, int(port)), timeout=10)
     head = (
         f"POST /dicom-web/studies HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Authorization: {auth_headers()['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     sock.sendall(head + body[: len(body) // 2])
     return sock
