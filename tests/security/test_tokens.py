@@ -251,3 +251,18 @@ def test_a_cached_token_still_expires(app: FastAPI, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(tokens.time, "time", lambda: later)
     with pytest.raises(tokens.TokenInvalid):
         verifier.verify(token)
+
+
+def test_the_demo_prints_a_working_token_per_role(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["demo", "--patients", "1", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    tokens = {
+        lines[i].split()[0]: lines[i + 1].strip()
+        for i in range(len(lines) - 1)
+        if lines[i].startswith("  ") and lines[i + 1].startswith("    eyJ")
+    }
+    assert set(tokens) == {"admin", "clinician", "radiologist", "facility", "reviewer", "auditor"}
+    with TestClient(create_app(Settings(data_dir=tmp_path))) as client:
+        assert _status(client, tokens["clinician"])[0] == 200  # the demo's studies
+        assert _status(client, tokens["auditor"])[0] == 403
