@@ -39,6 +39,8 @@ from broker.identity import service as identity_service
 from broker.identity.adt import feed_principal
 from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
+from broker.imports import service as imports_service
+from broker.imports.routes import router as imports_router
 from broker.index import service as index_service
 from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
@@ -81,6 +83,7 @@ def register_jobs() -> None:
     index_service.register_jobs()
     federation_service.register_jobs()
     identity_service.register_jobs()
+    imports_service.register_jobs()
 
 
 @asynccontextmanager
@@ -216,6 +219,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(facilities_router)
     app.include_router(federation_router)
     app.include_router(jobs_router)
+    app.include_router(imports_router)
     app.include_router(identity_router)
     app.include_router(lookup_router)
     app.include_router(fhir_router)
