@@ -157,25 +157,25 @@ def _value(item: dict[str, Any], tag: str) -> str:
 # -- what the destination holds -----------------------------------------------------------------
 
 
-def study_patient(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> tuple[str, str] | None:
-    """(PatientID, IssuerOfPatientID) of the study at the destination; None if it has none."""
+def study_patients(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> set[tuple[str, str]]:
+    """The (PatientID, IssuerOfPatientID) pairs the destination holds the study UID under
+    (several when an archive keeps one study per patient, as Orthanc does)."""
     keys = {"StudyInstanceUID": study_uid, "PatientID": "", "IssuerOfPatientID": ""}
-    rows = _query(facility, via, "STUDY", keys, calling_ae, f"/studies?StudyInstanceUID={study_uid}")
-    if not rows:
-        return None
-    return _value(rows[0], "00100020"), _value(rows[0], "00100021")
+    rows = _query(facility, via, "STUDY", keys, calling_ae, "/studies", {"StudyInstanceUID": study_uid})
+    return {(_value(r, "00100020"), _value(r, "00100021")) for r in rows}
 
 
 def held_instances(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> set[str]:
     """SOP Instance UIDs the destination holds in the study (post-send verification)."""
     keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "SOPInstanceUID": ""}
-    rows = _query(facility, via, "IMAGE", keys, calling_ae, f"/studies/{study_uid}/instances")
+    rows = _query(facility, via, "IMAGE", keys, calling_ae, f"/studies/{study_uid}/instances", {})
     return {v for r in rows if (v := _value(r, "00080018"))}
 
 
 def _query(
-    facility: Archive, via: str, level: str, keys: dict[str, str], calling_ae: str, path: str
-) -> list[dict[str, Any]]:
+    facility: Archive, via: str, level: str, keys: dict[str, str], calling_ae: str, path: str,
+    match: dict[str, str],
+) -> list[dict[str, Any]]:  # fmt: skip
     if via == "dimse":
         assert facility.ae_title and facility.host and facility.port
         try:
@@ -191,9 +191,10 @@ def _query(
             raise Unavailable(str(exc)) from exc
     assert facility.dicomweb_url
     url = f"{facility.dicomweb_url.rstrip('/')}{path}"
-    params: list[tuple[str, str | int | float | bool | None]] = (
-        [("includefield", "00100020"), ("includefield", "00100021")] if level == "STUDY" else []
-    )
+    # All in `params`: httpx replaces a query string written in the URL by `params`.
+    params: list[tuple[str, str | int | float | bool | None]] = list(match.items())
+    if level == "STUDY":
+        params += [("includefield", "00100020"), ("includefield", "00100021")]
     try:
         rsp = httpx.get(url, params=params, timeout=_TIMEOUT, trust_env=False,
                         headers={"Accept": "application/dicom+json"})  # fmt: skip

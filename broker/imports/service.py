@@ -133,8 +133,8 @@ def prepare(
         "PatientSex": rec.sex,
     }
     # The study's UIDs stay unless the destination holds the study UID for someone else.
-    held = delivery.study_patient(facility=destination, via=how, study_uid=study_uid, calling_ae=calling_ae)
-    rename = held is not None and held[0] != rec.value
+    held = delivery.study_patients(facility=destination, via=how, study_uid=study_uid, calling_ae=calling_ae)
+    rename = any(pid != rec.value for pid, _ in held)
     accession: str | None = None
     if accession_policy == "empty":
         accession = ""

@@ -198,8 +198,12 @@ def test_uid_clash_at_the_destination_renames_consistently(
     state: AppState, pacs: OrthancPeer, outside: Outside
 ) -> None:
     # Another patient's object at the PACS under the outside study's UID.
-    other = make_ds(sop="1.2.826.0.1.3680043.99.1", study=outside.study_uid, series="1.2.826.0.1.3680043.99.2",
-                    pid="SOMEONE-ELSE")  # fmt: skip
+    other = make_ds(
+        sop="1.2.826.0.1.3680043.99.1",
+        study=outside.study_uid,
+        series="1.2.826.0.1.3680043.99.2",
+        pid="SOMEONE-ELSE",
+    )
     pacs_upload(pacs, part10(other))
     row = _start(state, outside)
     final = _run(state, row.id or 0)
@@ -228,10 +232,11 @@ def test_uid_clash_at_the_destination_renames_consistently(
     assert referenced == {(str(d.SeriesInstanceUID), str(d.SOPInstanceUID)) for d in cts}
     assert set(by_series) == {s for s, _ in referenced}
     # The old UIDs are kept in the original attributes.
-    assert all(d.OriginalAttributesSequence[-1].ModifiedAttributesSequence[0].StudyInstanceUID == outside.study_uid
-               for d in imported)  # fmt: skip
+    olds = {d.OriginalAttributesSequence[-1].ModifiedAttributesSequence[0].StudyInstanceUID for d in imported}
+    assert olds == {outside.study_uid}
     # A second import of the same study gives the same new UIDs: nothing duplicated.
-    assert _run(state, _start(state, outside).id or 0).status == "done"
+    second = _run(state, _start(state, outside).id or 0)
+    assert second.status == "done" and second.plan == final.plan
     assert len(pacs_instances(pacs)) == 6
 
 
@@ -302,8 +307,7 @@ def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, out
     final = _run(state, _start(state, outside).id or 0)
     assert (final.status, final.sent, final.failed) == ("failed", 4, 1)
     with Session(state.engine) as session:
-        bad = session.get(ImportInstance, next(
-            r.id for r in service.instances_of(session=session, import_id=final.id or 0) if r.source_sop_uid == outside.sr_uid
-        ))  # fmt: skip
+        rows = service.instances_of(session=session, import_id=final.id or 0)
+        bad = session.get(ImportInstance, next(r.id for r in rows if r.source_sop_uid == outside.sr_uid))
     assert bad is not None and "cannot be read" in bad.detail
     assert len(pacs_instances(pacs)) == 4
