@@ -63,6 +63,8 @@ def build_state(settings: Settings) -> AppState:
     register_jobs()
     # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
     index_service.set_patient_linker(identity_service.link_patient)
+    # An import of a study held only at its facility fetches it first (federation, same layer).
+    imports_service.set_fetcher(federation_service.ensure_local)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
     # Studies stored before the lookup's facts existed: a durable job computes them once.

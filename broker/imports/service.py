@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -31,7 +31,6 @@ from broker.db import session_scope
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.facilities import service as facilities
 from broker.facilities.models import Facility
-from broker.federation import service as federation
 from broker.identity import service as identity
 from broker.identity.schemas import Identifier
 from broker.imports import delivery, reconcile
@@ -53,6 +52,21 @@ BACKOFF = 0.5  # seconds before the first retry, doubled each time
 
 def register_jobs() -> None:
     jobs.register(IMPORT_JOB)(_import_job)
+
+
+class Fetcher(Protocol):
+    """Brings a study the broker only indexes into its storage (federation's remote retrieve,
+    a package of the same layer: `app` wires it in)."""
+
+    def __call__(self, *, engine: Engine, store: Any, study_uid: str, calling_ae: str) -> None: ...
+
+
+_fetcher: Fetcher | None = None
+
+
+def set_fetcher(fetcher: Fetcher) -> None:
+    global _fetcher
+    _fetcher = fetcher
 
 
 # -- planning (once per study) ---------------------------------------------------------------
@@ -123,7 +137,7 @@ def prepare(
             raise BadRequest(f"the study already comes from facility {facility_id!r}")
         how = delivery.via_of(destination, via)
         rec = _destination_record(session, view=view, destination=destination, patient=patient)
-        remote_only = federation.is_remote_only(session=session, study_uid=study_uid)
+        remote_only = index.is_remote_only(session=session, study_uid=study_uid)
         session.expunge(destination)
     target = {
         "PatientID": rec.value,
@@ -344,10 +358,12 @@ def _run(
     destination: Facility, via: str, calling_ae: str, progress: jobs.Progress,
 ) -> None:  # fmt: skip
     with Session(engine) as session:
-        remote = federation.is_remote_only(session=session, study_uid=study_uid)
+        remote = index.is_remote_only(session=session, study_uid=study_uid)
     if remote:
         progress.update(message="fetching the study from its facility")
-        federation.ensure_local(engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae)
+        if _fetcher is None:
+            raise Unavailable("the study is held only at its facility and no remote retrieve is configured")
+        _fetcher(engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae)
     with Session(engine) as session:
         refs = index.find_instances(session=session, study_uid=study_uid)
     if not refs:
