@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -44,6 +45,8 @@ from broker.security.service import authorize
 log = logging.getLogger("scanonce.imports")
 
 IMPORT_JOB = "import"
+# A batch ready to send: (coerced file, its row) and the rows whose source could not be read.
+Prepared_ = tuple[list[tuple[str, "ImportInstance"]], list[tuple["ImportInstance", str]]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
 BATCH = 16  # instances per association / STOW-RS request: few round trips, little lost on a crash
 RETRIES = 4  # attempts per batch when the destination cannot be reached
@@ -388,13 +391,10 @@ def _run(
     total = len(by_sop)
     done = total - len(pending)
     progress.update(done=done, total=total, message="sending")
-    with tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp:
-        for batch in _batches(pending, BATCH):
-            if _cancelled(engine, import_id):
-                _finish(engine, import_id, status="cancelled", message="cancelled")
-                progress.update(message="cancelled")
-                return
-            files = []
+    with tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp, ThreadPoolExecutor(1) as pool:
+
+        def prepare(batch: list[ImportInstance]) -> Prepared_:
+            files: list[tuple[str, ImportInstance]] = []
             unreadable: list[tuple[ImportInstance, str]] = []
             for inst in batch:
                 path = os.path.join(tmp, f"{inst.id}.dcm")
@@ -406,6 +406,20 @@ def _run(
                     unreadable.append((inst, f"cannot be read or coerced: {type(exc).__name__}"))
                     continue
                 files.append((path, inst))
+            return files, unreadable
+
+        # The next batch is read and coerced while this one is on the wire: at most two batches
+        # of files on disk, none in memory.
+        batches = list(_batches(pending, BATCH))
+        ahead: Future[Prepared_] | None = pool.submit(prepare, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            assert ahead is not None
+            files, unreadable = ahead.result()
+            if _cancelled(engine, import_id):
+                _finish(engine, import_id, status="cancelled", message="cancelled")
+                progress.update(message="cancelled")
+                return
+            ahead = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
             outcomes = _send_with_retries(destination, via, files, calling_ae) if files else []
             _record(engine, [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable)
             for path, _ in files:
