@@ -39,6 +39,8 @@ from broker.identity import service as identity_service
 from broker.identity.adt import feed_principal
 from broker.identity.mllp import start_mllp, stop_mllp
 from broker.identity.routes import router as identity_router
+from broker.imports import service as imports_service
+from broker.imports.routes import router as imports_router
 from broker.index import service as index_service
 from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
@@ -64,6 +66,8 @@ def build_state(settings: Settings) -> AppState:
     register_jobs()
     # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
     index_service.set_patient_linker(identity_service.link_patient)
+    # An import of a study held only at its facility fetches it first (federation, same layer).
+    imports_service.set_fetcher(federation_service.ensure_local)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
     # Studies stored before the lookup's facts existed: a durable job computes them once.
@@ -84,6 +88,7 @@ def register_jobs() -> None:
     index_service.register_jobs()
     federation_service.register_jobs()
     identity_service.register_jobs()
+    imports_service.register_jobs()
 
 
 @asynccontextmanager
@@ -227,6 +232,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(facilities_router)
     app.include_router(federation_router)
     app.include_router(jobs_router)
+    app.include_router(imports_router)
     app.include_router(identity_router)
     app.include_router(lookup_router)
     app.include_router(fhir_router)

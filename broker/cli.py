@@ -30,6 +30,7 @@ from broker.deps import AppState
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
 from broker.identity import cli as identity_cli
+from broker.imports import cli as imports_cli
 from broker.index import service
 from broker.jobs import cli as jobs_cli
 from broker.logfilters import redact_access_log
@@ -296,6 +297,7 @@ def _register_domains() -> None:
     federation_cli.register(app)
     jobs_cli.register(app)
     identity_cli.register(app)
+    imports_cli.register(app)
     lookup_cli.register(app)
     web_cli.register(app)
     security_cli.register(app)

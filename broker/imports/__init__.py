@@ -1,4 +1,6 @@
-"""Import of an outside study into a local PACS with local identifiers (IHE IRWF.b): not built yet.
-
-Will own the import job tables. May import: everything up to identity.
+"""Import of an outside study into a facility's archive with that facility's identifiers (IHE
+IRWF.b): the import job and per-instance outcome tables, the reconciliation, delivery by C-STORE
+or STOW-RS. Exposes `service` (and `routes`, mounted by the app). May import: errors, settings,
+db, dicom, security, jobs, facilities, peers, index, identity; federation's remote
+retrieve is wired in by `app` (`service.set_fetcher`), the two being of the same layer.
 """

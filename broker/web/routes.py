@@ -22,6 +22,8 @@ from fastapi.templating import Jinja2Templates
 
 from broker.deps import FormDep, PrincipalDep, SessionDep, StateDep
 from broker.errors import ScanOnceError
+from broker.imports import service as imports
+from broker.imports.schemas import ImportOut
 from broker.settings import Settings
 from broker.web import assets, pages, present, service
 
@@ -224,6 +226,47 @@ def avoided(
     context = {"v": view, "oob": True}
     count = templates.get_template("_avoided.html").render(context)
     return HTMLResponse(f'<p class="notice" role="status">{escape(message)}</p>{count}', headers=_HTML)
+
+
+# -- the radiologist's import page ---------------------------------------------------------------
+
+
+@pages_router.get("/imports", response_class=HTMLResponse)
+def imports_page(request: Request, session: SessionDep, principal: PrincipalDep, state: StateDep) -> Response:
+    """The imports and their progress; with ?study=&facility= first the dry-run diff to confirm."""
+    study, facility = request.query_params.get("study", ""), request.query_params.get("facility", "")
+    preview, error, status = None, "", 200
+    if study and facility:
+        try:
+            prepared = imports.prepare(
+                engine=state.engine, principal=principal, study_uid=study[:64], facility_id=facility[:64],
+                calling_ae=state.settings.ae_title,
+            )  # fmt: skip
+            diffs = imports.dry_run(
+                engine=state.engine, store=state.store, prepared=prepared, study_uid=study
+            )
+            preview = {"study_uid": study, "facility": facility, "via": prepared.via,
+                       "plan": prepared.plan.to_json(), "instances": diffs}  # fmt: skip
+        except ScanOnceError as exc:
+            error, status = exc.message, exc.status_code
+    rows = [ImportOut.of(r) for r in imports.list_imports(session=session, limit=50)]
+    context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state)}
+    return templates.TemplateResponse(request, "imports.html", context, status_code=status, headers=_HTML)
+
+
+@pages_router.post("/imports", response_class=HTMLResponse)
+def imports_start(request: Request, principal: PrincipalDep, state: StateDep, form: FormDep) -> Response:
+    """Start the import confirmed on the page; the job worker runs it."""
+    try:
+        imports.start_import(
+            engine=state.engine, principal=principal, study_uid=form.get("study_uid", "")[:64],
+            facility_id=form.get("facility", "")[:64], accession_policy=form.get("accession_policy", "keep"),
+            calling_ae=state.settings.ae_title,
+        )  # fmt: skip
+    except ScanOnceError as exc:
+        context = {"title": "Not imported", "message": exc.message, "back": "/imports", "htmx": False}
+        return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
+    return RedirectResponse("/imports", status_code=303)
 
 
 # -- admin pages ------------------------------------------------------------------------------------

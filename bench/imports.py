@@ -1,0 +1,172 @@
+"""Import benchmark: ScanOnce's import (coerce + deliver) vs sending the same files unchanged, to
+the same Orthanc, side by side in one run.
+
+    .venv/bin/python -m bench.imports --instances 200 --runs 3
+
+For each run Orthanc is emptied first. Compared:
+  - C-STORE: `scanonce import --via dimse` vs dcmtk `storescu` sending the outside study's files
+    (as stored in the broker) to the same Orthanc;
+  - STOW-RS: `scanonce import --via dicomweb` vs the same files POSTed unchanged to Orthanc's own
+    STOW-RS in multipart batches of the same size (16), i.e. Orthanc's own STOW ingest rate.
+The import does strictly more (reads from storage, coerces, writes, then verifies by C-FIND /
+QIDO-RS): the ratio says what that costs. Memory: the peak RSS this process gains during an
+import of N and of 4N instances (flat means the study is never held whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from pydicom.uid import generate_uid
+from sqlmodel import Session
+
+from broker.app import build_state
+from broker.db import session_scope
+from broker.facilities import service as facilities
+from broker.identity import matching
+from broker.identity import service as identity
+from broker.identity.schemas import Identifier
+from broker.imports import delivery, service
+from broker.index import service as index
+from broker.settings import Settings
+from tests.peers import dcmtk, orthanc
+from tests.support import ADMIN, make_ds, write
+
+
+def _study(tmp: Path, n: int, size: int) -> list[str]:
+    study, series = generate_uid(), generate_uid()
+    pixels = bytes(range(256)) * (size * size * 2 // 256)
+    paths = []
+    for i in range(n):
+        ds = make_ds(sop=generate_uid(), study=study, series=series, pid="P1", issuer="OUTHOSP",
+                     name="BENCH^PATIENT", instance_number=i + 1)  # fmt: skip
+        ds.Rows = ds.Columns = size
+        ds.PixelData = pixels
+        paths.append(write(tmp, f"{i}.dcm", ds))
+    return paths
+
+
+def _clear(url: str) -> None:
+    for sid in httpx.get(f"{url}/studies", timeout=30, trust_env=False).json():
+        httpx.delete(f"{url}/studies/{sid}", timeout=60, trust_env=False)
+
+
+def _count(url: str) -> int:
+    return len(httpx.get(f"{url}/instances", timeout=30, trust_env=False).json())
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512, help="rows = columns of each CT slice (16-bit)")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-imports-") as tmpdir:
+        tmp = Path(tmpdir)
+        st = build_state(Settings(data_dir=tmp / "broker", mllp_port=0))
+        with orthanc(
+            tmp / "pacs", aet="MYPACS", modalities={"scanonce": ["SCANONCE", "127.0.0.1", 104]}
+        ) as pacs:
+            with Session(st.engine) as session:
+                facilities.add_facility(session=session, principal=ADMIN, facility_id="mine", issuer="MYPACS",
+                                        dicomweb_url=pacs.dicomweb_url, ae_title=pacs.aet, host=pacs.host,
+                                        port=pacs.dicom_port)  # fmt: skip
+                facilities.add_facility(
+                    session=session, principal=ADMIN, facility_id="outside", issuer="OUTHOSP"
+                )
+            (tmp / "src").mkdir()
+            paths = _study(tmp / "src", args.instances, args.size)
+            mb = sum(Path(p).stat().st_size for p in paths) / 1e6
+            index.ingest_files(
+                engine=st.engine, store=st.store, principal=ADMIN, facility_id="outside", paths=paths
+            )
+            with session_scope(st.engine) as session:
+                identity.upsert_record(
+                    session=session, identifier=Identifier("MYPACS", "M1"),
+                    demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
+                    identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
+                )  # fmt: skip
+            with Session(st.engine) as session:
+                study_uid = index.find_instances(session=session, study_uid=_uid_of(paths[0]))[0].study_uid
+
+            def imp(via: str) -> float:
+                _clear(pacs.url)
+                t = time.perf_counter()
+                row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
+                                           facility_id="mine", via=via)  # fmt: skip
+                final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
+                dt = time.perf_counter() - t
+                assert final.status == "done" and _count(pacs.url) == args.instances, final.message
+                return dt
+
+            def storescu() -> float:
+                _clear(pacs.url)
+                t = time.perf_counter()
+                dcmtk("storescu", "-aec", pacs.aet, "-aet", "SCANONCE", pacs.host, str(pacs.dicom_port),
+                      *paths, timeout=600)  # fmt: skip
+                dt = time.perf_counter() - t
+                assert _count(pacs.url) == args.instances
+                return dt
+
+            sops = {p: _uid_of(p, sop=True) for p in paths}
+
+            def stow() -> float:
+                _clear(pacs.url)
+                t = time.perf_counter()
+                for i in range(0, len(paths), service.BATCH):
+                    batch = paths[i : i + service.BATCH]
+                    files = [(p, sops[p]) for p in batch]
+                    outs = delivery.deliver(facility=_web(pacs), via="dicomweb", files=files, calling_ae="X")
+                    assert all(o.status == "sent" for o in outs)
+                dt = time.perf_counter() - t
+                assert _count(pacs.url) == args.instances
+                return dt
+
+            rows = []
+            for name, ours, theirs in (("C-STORE", lambda: imp("dimse"), storescu),
+                                       ("STOW-RS", lambda: imp("dicomweb"), stow)):  # fmt: skip
+                a, b = [], []
+                for _ in range(args.runs):
+                    a.append(ours())
+                    b.append(theirs())
+                ma, mb_ = statistics.median(a), statistics.median(b)
+                rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
+            version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
+            print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "
+                  f"median of {args.runs} runs; Orthanc {version}")  # fmt: skip
+            print("| delivery | import (inst/s) | peer (inst/s) | ratio |")
+            print("| --- | --- | --- | --- |")
+            for name, x, y, r in rows:
+                peer = "dcmtk storescu" if name == "C-STORE" else "same files to Orthanc's STOW-RS"
+                print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
+            print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
+
+
+def _uid_of(path: str, *, sop: bool = False) -> str:
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return str(ds.SOPInstanceUID if sop else ds.StudyInstanceUID)
+
+
+class _web:
+    def __init__(self, pacs: object) -> None:
+        self.id = "bench"
+        self.dicomweb_url = pacs.dicomweb_url  # type: ignore[attr-defined]
+        self.ae_title = self.host = None
+        self.port = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

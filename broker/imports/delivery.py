@@ -1,0 +1,208 @@
+"""Delivering coerced instances to a destination archive and asking it what it holds.
+
+C-STORE goes through `broker.peers.dimse` (one association per batch, each file sent from disk as
+it is); STOW-RS is a streamed multipart/related POST per batch, the body a generator reading the
+files in chunks, so a batch is never held in memory. Both return one `Outcome` per file, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from broker.errors import Unavailable
+from broker.peers import dimse as scu
+from broker.peers.archive import Archive
+from broker.peers.errors import DimseStatusError
+
+_CHUNK = 1 << 20
+_T_SOP_UID = "00081155"  # ReferencedSOPInstanceUID
+_T_FAILED = "00081198"  # FailedSOPSequence
+_T_REFERENCED = "00081199"  # ReferencedSOPSequence
+_T_FAILURE_REASON = "00081197"
+_T_WARNING_REASON = "00081196"
+_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    sop_uid: str
+    status: str  # sent | warning | failed
+    code: int | None = None
+    detail: str = ""
+
+
+def via_of(facility: Archive, wanted: str = "") -> str:
+    """How to deliver to `facility`: what was asked if it has that endpoint, else DICOMweb when
+    registered (one HTTP stream per batch), else DIMSE."""
+    has_web = bool(facility.dicomweb_url)
+    has_dimse = bool(facility.ae_title and facility.host and facility.port)
+    if wanted == "dicomweb" and has_web or wanted == "dimse" and has_dimse:
+        return wanted
+    if wanted:
+        raise Unavailable(f"facility {facility.id!r} has no {wanted} endpoint registered")
+    if has_web:
+        return "dicomweb"
+    if has_dimse:
+        return "dimse"
+    raise Unavailable(f"facility {facility.id!r} has no archive endpoint to import into")
+
+
+def deliver(
+    *, facility: Archive, via: str, files: Sequence[tuple[str, str]], calling_ae: str
+) -> list[Outcome]:
+    """Send (path, sop_uid) files; Unavailable when the archive cannot be reached at all (the
+    caller retries the batch with backoff)."""
+    if via == "dimse":
+        return _cstore(facility, files, calling_ae)
+    return _stow(facility, files)
+
+
+def _cstore(facility: Archive, files: Sequence[tuple[str, str]], calling_ae: str) -> list[Outcome]:
+    assert facility.ae_title and facility.host and facility.port
+    try:
+        results = scu.store(
+            host=facility.host,
+            port=int(facility.port),
+            called_ae=facility.ae_title,
+            paths=[p for p, _ in files],
+            calling_ae=calling_ae,
+        )
+    except DimseStatusError as exc:
+        raise Unavailable(str(exc)) from exc
+    out = []
+    for r in results:
+        if r.status == 0x0000:
+            out.append(Outcome(r.sop_instance_uid, "sent", r.status, r.comment))
+        elif r.ok:
+            out.append(Outcome(r.sop_instance_uid, "warning", r.status, r.comment))
+        else:
+            out.append(
+                Outcome(r.sop_instance_uid, "failed", r.status, r.comment or f"status 0x{r.status:04X}")
+            )
+    return out
+
+
+def _body(paths: Sequence[str], boundary: str) -> Iterator[bytes]:
+    for path in paths:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with open(path, "rb") as fp:
+            while chunk := fp.read(_CHUNK):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _stow(facility: Archive, files: Sequence[tuple[str, str]]) -> list[Outcome]:
+    assert facility.dicomweb_url
+    boundary = uuid.uuid4().hex
+    size = sum(os.path.getsize(p) for p, _ in files)
+    try:
+        with httpx.Client(timeout=_TIMEOUT, trust_env=False) as client:
+            rsp = client.post(
+                f"{facility.dicomweb_url.rstrip('/')}/studies",
+                content=_body([p for p, _ in files], boundary),
+                headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Accept": "application/dicom+json",
+                    "Content-Length": str(size + _overhead(len(files), boundary)),
+                },
+            )
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"facility {facility.id!r} cannot be reached by STOW-RS: {exc}") from exc
+    if rsp.status_code >= 500 and rsp.status_code != 502:
+        raise Unavailable(f"facility {facility.id!r} answered STOW-RS with HTTP {rsp.status_code}")
+    try:
+        doc: dict[str, Any] = rsp.json() if rsp.content else {}
+    except ValueError:
+        doc = {}
+    if isinstance(doc, list):
+        doc = doc[0] if doc else {}
+    stored = {_value(i, _T_SOP_UID): i for i in _items(doc, _T_REFERENCED)}
+    failed = {_value(i, _T_SOP_UID): i for i in _items(doc, _T_FAILED)}
+    out = []
+    for _, sop in files:
+        if sop in stored:
+            warn = _value(stored[sop], _T_WARNING_REASON)
+            out.append(Outcome(sop, "warning" if warn else "sent", int(warn) if warn else 0))
+        elif sop in failed:
+            reason = _value(failed[sop], _T_FAILURE_REASON)
+            out.append(
+                Outcome(sop, "failed", int(reason) if reason else rsp.status_code, "refused by STOW-RS")
+            )
+        else:
+            out.append(Outcome(sop, "failed", rsp.status_code, f"not acknowledged (HTTP {rsp.status_code})"))
+    return out
+
+
+def _overhead(n: int, boundary: str) -> int:
+    part = len(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()) + 2
+    return n * part + len(f"--{boundary}--\r\n".encode())
+
+
+def _items(doc: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    return list((doc.get(tag) or {}).get("Value") or [])
+
+
+def _value(item: dict[str, Any], tag: str) -> str:
+    values = (item.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else ""
+
+
+# -- what the destination holds -----------------------------------------------------------------
+
+
+def study_patients(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> set[tuple[str, str]]:
+    """The (PatientID, IssuerOfPatientID) pairs the destination holds the study UID under
+    (several when an archive keeps one study per patient, as Orthanc does)."""
+    keys = {"StudyInstanceUID": study_uid, "PatientID": "", "IssuerOfPatientID": ""}
+    rows = _query(facility, via, "STUDY", keys, calling_ae, "/studies", {"StudyInstanceUID": study_uid})
+    return {(_value(r, "00100020"), _value(r, "00100021")) for r in rows}
+
+
+def held_instances(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> set[str]:
+    """SOP Instance UIDs the destination holds in the study (post-send verification)."""
+    keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "SOPInstanceUID": ""}
+    rows = _query(facility, via, "IMAGE", keys, calling_ae, f"/studies/{study_uid}/instances", {})
+    return {v for r in rows if (v := _value(r, "00080018"))}
+
+
+def _query(
+    facility: Archive, via: str, level: str, keys: dict[str, str], calling_ae: str, path: str,
+    match: dict[str, str],
+) -> list[dict[str, Any]]:  # fmt: skip
+    if via == "dimse":
+        assert facility.ae_title and facility.host and facility.port
+        try:
+            return scu.find(
+                host=facility.host,
+                port=int(facility.port),
+                called_ae=facility.ae_title,
+                level=level,  # type: ignore[arg-type]
+                keys=keys,
+                calling_ae=calling_ae,
+            )
+        except DimseStatusError as exc:
+            raise Unavailable(str(exc)) from exc
+    assert facility.dicomweb_url
+    url = f"{facility.dicomweb_url.rstrip('/')}{path}"
+    # All in `params`: httpx replaces a query string written in the URL by `params`.
+    params: list[tuple[str, str | int | float | bool | None]] = list(match.items())
+    if level == "STUDY":
+        params += [("includefield", "00100020"), ("includefield", "00100021")]
+    try:
+        rsp = httpx.get(url, params=params, timeout=_TIMEOUT, trust_env=False,
+                        headers={"Accept": "application/dicom+json"})  # fmt: skip
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"facility {facility.id!r} cannot be reached by QIDO-RS: {exc}") from exc
+    if rsp.status_code in (204, 404):
+        return []
+    if rsp.status_code >= 400:
+        raise Unavailable(f"facility {facility.id!r} answered QIDO-RS with HTTP {rsp.status_code}")
+    data = rsp.json() if rsp.content else []
+    return data if isinstance(data, list) else []

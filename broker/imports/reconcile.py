@@ -1,0 +1,167 @@
+"""Reconciliation of an outside instance to the destination's identifiers (IHE IRWF.b).
+
+Pure DICOM work, no database: the plan (decided once per study by the service) is applied to
+each instance. Every value changed is kept in OriginalAttributesSequence (PS3.3 C.12.1) with the
+reason COERCE, and the outside Patient ID is kept in OtherPatientIDsSequence with its issuer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+MODIFYING_SYSTEM = "SCANONCE"
+PATIENT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
+# UIDs renamed with the study when the destination already holds another object under them:
+# the keywords that name this study's own objects, wherever they appear (references included).
+_RENAMED = frozenset({
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ReferencedSOPInstanceUID",
+    "MediaStorageSOPInstanceUID", "ReferencedSeriesInstanceUID",
+})  # fmt: skip
+# A frame of reference is the study's own too: renamed whatever its value, consistently.
+_FRAME_OF_REFERENCE = frozenset({
+    "FrameOfReferenceUID", "ReferencedFrameOfReferenceUID", "RelatedFrameOfReferenceUID",
+})  # fmt: skip
+
+
+def new_uid(*, destination: str, uid: str) -> str:
+    """The renamed UID: derived from the old one and the destination (UUID-derived 2.25 root,
+    PS3.5 B.2), so a second import of the same study gives the same UIDs and never duplicates."""
+    digest = hashlib.sha256(f"scanonce-import\0{destination}\0{uid}".encode()).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+def new_accession(*, destination: str, study_uid: str) -> str:
+    """A local accession number (SH, 16 characters), stable for the same study and destination."""
+    return "SO" + hashlib.sha256(f"{destination}\0{study_uid}".encode()).hexdigest()[:14].upper()
+
+
+@dataclass(slots=True)
+class Plan:
+    """What every instance of the study becomes: decided once, stored with the import."""
+
+    destination: str  # facility id
+    source_issuer: str
+    source_patient_id: str
+    patient: dict[str, str]  # PATIENT_KEYWORDS -> the destination's values
+    accession_policy: str
+    accession: str | None  # the new value; None: keep the source's
+    rename_uids: bool
+    study_uid: str  # as delivered
+    known_uids: list[str] = field(
+        default_factory=list
+    )  # source study/series/SOP UIDs (renamed when clashing)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "source_issuer": self.source_issuer,
+            "source_patient_id": self.source_patient_id,
+            "patient": self.patient,
+            "accession_policy": self.accession_policy,
+            "accession": self.accession,
+            "rename_uids": self.rename_uids,
+            "study_uid": self.study_uid,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], known_uids: list[str]) -> Plan:
+        return cls(known_uids=known_uids, **data)
+
+
+def _renamer(plan: Plan) -> Any:
+    known = set(plan.known_uids)
+
+    def rename(keyword: str, value: str) -> str:
+        if keyword in _FRAME_OF_REFERENCE or (keyword in _RENAMED and value in known):
+            return new_uid(destination=plan.destination, uid=value)
+        return value
+
+    return rename
+
+
+def _rename_uids(ds: Dataset, rename: Any) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _rename_uids(item, rename)
+        elif elem.VR == "UI" and elem.keyword in _RENAMED | _FRAME_OF_REFERENCE and elem.value:
+            if elem.VM > 1:
+                elem.value = [rename(elem.keyword, str(v)) for v in elem.value]
+            else:
+                elem.value = rename(elem.keyword, str(elem.value))
+
+
+def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple[str, str, str]]:
+    """Coerce `ds` in place; returns the diff [(keyword, before, after)] of top-level attributes."""
+    target: dict[str, Any] = dict(plan.patient)
+    if plan.accession is not None:
+        target["AccessionNumber"] = plan.accession
+    diff: list[tuple[str, str, str]] = []
+    old = Dataset()
+    for keyword, value in target.items():
+        before = ds.get(keyword)
+        before_s = "" if before is None else str(before)
+        if before_s == value and (before is not None or value == ""):
+            continue
+        if before is not None:
+            setattr(old, keyword, before)
+        elif keyword not in ("IssuerOfPatientID",):
+            setattr(old, keyword, "")
+        diff.append((keyword, before_s, value))
+    if "IssuerOfPatientIDQualifiersSequence" in ds:
+        # The qualifiers described the outside issuer: kept in the original values, not carried over.
+        old.IssuerOfPatientIDQualifiersSequence = ds.IssuerOfPatientIDQualifiersSequence
+        del ds.IssuerOfPatientIDQualifiersSequence
+        diff.append(("IssuerOfPatientIDQualifiersSequence", "(outside issuer)", ""))
+    if (
+        plan.accession_policy == "keep"
+        and ds.get("AccessionNumber")
+        and "IssuerOfAccessionNumberSequence" not in ds
+    ):
+        issuer = Dataset()
+        issuer.LocalNamespaceEntityID = plan.source_issuer[:16]
+        ds.IssuerOfAccessionNumberSequence = DicomSequence([issuer])
+        diff.append(("IssuerOfAccessionNumberSequence", "", plan.source_issuer))
+    if plan.rename_uids:
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if keyword in ds:
+                setattr(old, keyword, ds.get(keyword))
+        before_uids = {
+            k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        }
+        rename = _renamer(plan)
+        _rename_uids(ds, rename)
+        if hasattr(ds, "file_meta"):
+            _rename_uids(ds.file_meta, rename)
+        diff += [(k, v, str(ds.get(k, ""))) for k, v in before_uids.items() if v != str(ds.get(k, ""))]
+    for keyword, value in target.items():
+        if value == "" and keyword == "IssuerOfPatientID" and keyword in ds:
+            del ds[keyword]
+        else:
+            setattr(ds, keyword, value)
+    if not diff:
+        return diff
+    other = Dataset()
+    other.PatientID = plan.source_patient_id
+    other.IssuerOfPatientID = plan.source_issuer
+    other.TypeOfPatientID = "TEXT"
+    others = list(ds.get("OtherPatientIDsSequence", []))
+    if not any(
+        o.get("PatientID") == other.PatientID and o.get("IssuerOfPatientID") == other.IssuerOfPatientID
+        for o in others
+    ):
+        ds.OtherPatientIDsSequence = DicomSequence([*others, other])
+    item = Dataset()
+    item.AttributeModificationDateTime = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S.%f+0000")
+    item.ModifyingSystem = MODIFYING_SYSTEM
+    item.SourceOfPreviousValues = plan.source_issuer[:64]
+    item.ReasonForTheAttributeModification = "COERCE"
+    item.ModifiedAttributesSequence = DicomSequence([old])
+    ds.OriginalAttributesSequence = DicomSequence([*ds.get("OriginalAttributesSequence", []), item])
+    return diff

@@ -1,0 +1,527 @@
+"""Import of an outside study into a facility's archive with that facility's identifiers.
+
+`start_import` validates everything it can before anything is stored (the study is indexed, the
+destination is registered and has an endpoint, the destination has a record of the person, the
+destination can be asked whether it holds the study), decides the reconciliation once for the
+whole study (`reconcile.Plan`) and queues a durable job. The job fetches the study if the broker
+only indexes it (federation's remote retrieve), then coerces and sends instance by instance in
+small batches, recording each instance's outcome as it goes: a job reclaimed after a restart
+sends only what is still pending. It ends by asking the destination what arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from broker.db import session_scope
+from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
+from broker.facilities import service as facilities
+from broker.facilities.models import Facility
+from broker.identity import service as identity
+from broker.identity.schemas import Identifier
+from broker.imports import delivery, reconcile
+from broker.imports.models import ImportInstance, ImportJob
+from broker.index import service as index
+from broker.jobs import service as jobs
+from broker.jobs.models import Job
+from broker.security.schemas import Principal
+from broker.security.service import authorize
+
+log = logging.getLogger("scanonce.imports")
+
+IMPORT_JOB = "import"
+# A batch ready to send: (coerced file, its row) and the rows whose source could not be read.
+Prepared_ = tuple[list[tuple[str, "ImportInstance"]], list[tuple["ImportInstance", str]]]
+ACCESSION_POLICIES = ("empty", "keep", "new")
+BATCH = 16  # instances per association / STOW-RS request: few round trips, little lost on a crash
+RETRIES = 4  # attempts per batch when the destination cannot be reached
+BACKOFF = 0.5  # seconds before the first retry, doubled each time
+
+
+def register_jobs() -> None:
+    jobs.register(IMPORT_JOB)(_import_job)
+
+
+class Fetcher(Protocol):
+    """Brings a study the broker only indexes into its storage (federation's remote retrieve,
+    a package of the same layer: `app` wires it in)."""
+
+    def __call__(self, *, engine: Engine, store: Any, study_uid: str, calling_ae: str) -> None: ...
+
+
+_fetcher: Fetcher | None = None
+
+
+def set_fetcher(fetcher: Fetcher) -> None:
+    global _fetcher
+    _fetcher = fetcher
+
+
+# -- planning (once per study) ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Prepared:
+    plan: reconcile.Plan
+    source_facility: str
+    destination: Facility
+    via: str
+    remote_only: bool
+
+
+def _destination_record(session: Session, *, view: Any, destination: Facility, patient: str) -> Any:
+    """The destination's own record of the study's person (identity service), or of `patient`."""
+    if patient:
+        rec = identity.get_record(session=session, issuer=destination.issuer, value=patient)
+        if rec is None:
+            raise BadRequest(
+                f"facility {destination.id!r} has no patient record {patient!r} known to the broker: "
+                "nothing was imported (register the patient there first)"
+            )
+        return rec
+    person = view.person_id or identity.person_of(
+        session=session, identifier=Identifier(issuer=view.issuer, value=view.patient_id)
+    )
+    if person is not None:
+        for ident in identity.person_identifiers(session=session, person_id=person):
+            if ident.issuer == destination.issuer:
+                rec = identity.get_record(session=session, issuer=ident.issuer, value=ident.value)
+                if rec is not None and rec.merged_into is None:
+                    return rec
+    raise BadRequest(
+        f"facility {destination.id!r} has no record of this study's patient: nothing was imported "
+        "(give the local patient identifier explicitly, or link the patient first)"
+    )
+
+
+def _name(rec: Any) -> str:
+    return "^".join((rec.family, rec.given, rec.middle)).rstrip("^")
+
+
+def prepare(
+    *,
+    engine: Engine,
+    principal: Principal,
+    study_uid: str,
+    facility_id: str,
+    patient: str = "",
+    accession_policy: str = "keep",
+    via: str = "",
+    calling_ae: str = "SCANONCE",
+) -> Prepared:
+    """Everything decided before anything is stored; raises BadRequest/NotFound/Unavailable."""
+    if accession_policy not in ACCESSION_POLICIES:
+        raise BadRequest(f"accession policy must be one of {', '.join(ACCESSION_POLICIES)}")
+    if via not in ("", "dimse", "dicomweb"):
+        raise BadRequest("via must be dimse or dicomweb (or empty: as the facility is registered)")
+    authorize(principal, action="imports.write", facility=facility_id)
+    with Session(engine) as session:
+        views = index.studies_by_uid(session=session, study_uids=[study_uid])
+        if not views:
+            raise NotFound(f"no study {study_uid} in the broker's index")
+        view = views[0]
+        destination = facilities.get_facility(session=session, facility_id=facility_id)
+        if destination.id == view.facility_id:
+            raise BadRequest(f"the study already comes from facility {facility_id!r}")
+        how = delivery.via_of(destination, via)
+        rec = _destination_record(session, view=view, destination=destination, patient=patient)
+        remote_only = index.is_remote_only(session=session, study_uid=study_uid)
+        session.expunge(destination)
+    target = {
+        "PatientID": rec.value,
+        "IssuerOfPatientID": destination.issuer,
+        "PatientName": _name(rec),
+        "PatientBirthDate": rec.birth_date,
+        "PatientSex": rec.sex,
+    }
+    # The study's UIDs stay unless the destination holds the study UID for someone else.
+    held = delivery.study_patients(facility=destination, via=how, study_uid=study_uid, calling_ae=calling_ae)
+    rename = any(pid != rec.value for pid, _ in held)
+    accession: str | None = None
+    if accession_policy == "empty":
+        accession = ""
+    elif accession_policy == "new":
+        accession = reconcile.new_accession(destination=destination.id, study_uid=study_uid)
+    plan = reconcile.Plan(
+        destination=destination.id,
+        source_issuer=view.issuer,
+        source_patient_id=view.patient_id,
+        patient=target,
+        accession_policy=accession_policy,
+        accession=accession,
+        rename_uids=rename,
+        study_uid=reconcile.new_uid(destination=destination.id, uid=study_uid) if rename else study_uid,
+    )
+    return Prepared(plan, view.facility_id, destination, how, remote_only)
+
+
+def dry_run(
+    *, engine: Engine, store: Any, prepared: Prepared, study_uid: str, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Each instance's diff as it would be sent, from the headers the broker holds (nothing
+    is sent, nothing stored). A study only indexed here shows the study-level plan only."""
+    if prepared.remote_only:
+        return []
+    with Session(engine) as session:
+        refs = index.find_instances(session=session, study_uid=study_uid)
+    plan = prepared.plan
+    plan.known_uids = _known_uids(refs, study_uid)
+    out = []
+    for ref in refs[:limit]:
+        ds = _read(store, ref.object_key, headers_only=True)
+        diff = reconcile.apply(ds, plan)
+        out.append({
+            "sop_uid": ref.sop_uid,
+            "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in diff],
+        })  # fmt: skip
+    return out
+
+
+def _known_uids(refs: list[Any], study_uid: str) -> list[str]:
+    return [study_uid, *{r.series_uid for r in refs}, *(r.sop_uid for r in refs)]
+
+
+def _read(store: Any, key: str, *, headers_only: bool = False) -> Dataset:
+    local = store.open_local(key)
+    if local is not None:
+        return dcmread(local, stop_before_pixels=headers_only)
+    with tempfile.TemporaryFile() as tmp:
+        for chunk in store.get(key):
+            tmp.write(chunk)
+        tmp.seek(0)
+        return dcmread(tmp, stop_before_pixels=headers_only)
+
+
+# -- the import job ------------------------------------------------------------------------------
+
+
+def start_import(
+    *,
+    engine: Engine,
+    principal: Principal,
+    study_uid: str,
+    facility_id: str,
+    patient: str = "",
+    accession_policy: str = "keep",
+    via: str = "",
+    calling_ae: str = "SCANONCE",
+) -> ImportJob:
+    """Queue the import (all checks first: bad input stores nothing). The same study to the
+    same facility while an import of it is active returns that import."""
+    prepared = prepare(
+        engine=engine, principal=principal, study_uid=study_uid, facility_id=facility_id,
+        patient=patient, accession_policy=accession_policy, via=via, calling_ae=calling_ae,
+    )  # fmt: skip
+    with session_scope(engine) as session:
+        active = session.exec(
+            select(ImportJob).where(
+                ImportJob.study_uid == study_uid,
+                ImportJob.facility_id == facility_id,
+                col(ImportJob.status).in_(("queued", "running")),
+            )
+        ).first()
+        if active is not None:
+            session.expunge(active)
+            return active
+        row = ImportJob(
+            study_uid=study_uid,
+            facility_id=facility_id,
+            source_facility_id=prepared.source_facility,
+            patient=patient,
+            accession_policy=accession_policy,
+            via=prepared.via,
+            plan=json.dumps(prepared.plan.to_json()),
+            created_by=principal.who,
+        )
+        session.add(row)
+        session.flush()
+        assert row.id is not None
+        import_id = row.id
+    job = jobs.enqueue(
+        engine=engine,
+        kind=IMPORT_JOB,
+        key=str(import_id),
+        params={"import_id": import_id, "calling_ae": calling_ae},
+    )
+    with session_scope(engine) as session:
+        row = get_import(session=session, import_id=import_id)
+        row.job_id = job.id
+        session.flush()
+        session.expunge(row)
+    return row
+
+
+def get_import(*, session: Session, import_id: int) -> ImportJob:
+    row = session.get(ImportJob, import_id)
+    if row is None:
+        raise NotFound(f"no import {import_id}")
+    return row
+
+
+def list_imports(*, session: Session, limit: int = 100) -> list[ImportJob]:
+    return list(session.exec(select(ImportJob).order_by(col(ImportJob.id).desc()).limit(limit)))
+
+
+def instances_of(*, session: Session, import_id: int) -> list[ImportInstance]:
+    return list(
+        session.exec(
+            select(ImportInstance)
+            .where(ImportInstance.import_id == import_id)
+            .order_by(col(ImportInstance.id))
+        )
+    )
+
+
+def cancel_import(*, engine: Engine, principal: Principal, import_id: int) -> ImportJob:
+    """Stop an import: a queued one never starts; a running one stops after its current batch."""
+    with session_scope(engine) as session:
+        row = get_import(session=session, import_id=import_id)
+        authorize(principal, action="imports.write", facility=row.facility_id)
+        if row.status in ("done", "failed", "cancelled"):
+            raise BadRequest(f"import {import_id} has already finished ({row.status})")
+        row.cancel_requested = True
+        if row.status == "queued":
+            row.status = "cancelled"
+            row.message = "cancelled before it started"
+            row.finished_at = datetime.now(UTC)
+        job_id, status = row.job_id, row.status
+        session.flush()
+        session.expunge(row)
+    if status == "cancelled" and job_id is not None:
+        with Session(engine) as session:
+            job = session.get(Job, job_id)
+            queued = job is not None and job.status == "queued"
+        if queued:
+            jobs.finish(engine=engine, job_id=job_id, message="cancelled")
+    return row
+
+
+def run_now(
+    *,
+    engine: Engine,
+    store: Any,
+    import_id: int,
+    listener: Callable[[int, int | None, str], None] | None = None,
+) -> ImportJob:
+    """Run a queued import in this process (the CLI's foreground run, with a progress bar)."""
+    with Session(engine) as session:
+        job_id = get_import(session=session, import_id=import_id).job_id
+    if job_id is not None:
+        job = jobs.claim(engine=engine, job_id=job_id)
+        if job is not None:
+            jobs.run_claimed(engine=engine, store=store, job=job, listener=listener)
+    with Session(engine, expire_on_commit=False) as session:
+        return get_import(session=session, import_id=import_id)
+
+
+def _set(engine: Engine, import_id: int, **values: Any) -> None:
+    with session_scope(engine) as session:
+        session.execute(update(ImportJob).where(col(ImportJob.id) == import_id).values(**values))
+
+
+def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -> None:
+    params = jobs.params_of(job)
+    import_id = int(params["import_id"])
+    calling_ae = str(params.get("calling_ae") or "SCANONCE")
+    with Session(engine) as session:
+        row = get_import(session=session, import_id=import_id)
+        if row.status == "cancelled":
+            return
+        destination = facilities.get_facility(session=session, facility_id=row.facility_id)
+        session.expunge(destination)
+        plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
+    _set(engine, import_id, status="running", message="")
+    try:
+        _run(engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress)
+    except ScanOnceError as exc:
+        _set(engine, import_id, status="failed", message=exc.message, finished_at=datetime.now(UTC))
+        raise
+    except Exception as exc:
+        _set(engine, import_id, status="failed", message=str(exc)[:512], finished_at=datetime.now(UTC))
+        raise
+
+
+def _run(
+    engine: Engine, store: Any, import_id: int, study_uid: str, plan_data: dict[str, Any],
+    destination: Facility, via: str, calling_ae: str, progress: jobs.Progress,
+) -> None:  # fmt: skip
+    with Session(engine) as session:
+        remote = index.is_remote_only(session=session, study_uid=study_uid)
+    if remote:
+        progress.update(message="fetching the study from its facility")
+        if _fetcher is None:
+            raise Unavailable("the study is held only at its facility and no remote retrieve is configured")
+        _fetcher(engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae)
+    with Session(engine) as session:
+        refs = index.find_instances(session=session, study_uid=study_uid)
+    if not refs:
+        raise NotFound(f"the broker holds no instance of study {study_uid}")
+    plan = reconcile.Plan.from_json(plan_data, _known_uids(refs, study_uid))
+    by_sop = {r.sop_uid: r for r in refs}
+    with session_scope(engine) as session:
+        have = {i.source_sop_uid for i in instances_of(session=session, import_id=import_id)}
+        for r in refs:
+            if r.sop_uid not in have:
+                sop = (
+                    reconcile.new_uid(destination=plan.destination, uid=r.sop_uid)
+                    if plan.rename_uids
+                    else r.sop_uid
+                )
+                session.add(ImportInstance(import_id=import_id, source_sop_uid=r.sop_uid, sop_uid=sop))
+        session.execute(update(ImportJob).where(col(ImportJob.id) == import_id).values(total=len(by_sop)))
+    with Session(engine) as session:
+        pending = [
+            i for i in instances_of(session=session, import_id=import_id) if i.status in ("pending", "failed")
+        ]
+    total = len(by_sop)
+    done = total - len(pending)
+    progress.update(done=done, total=total, message="sending")
+    with tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp, ThreadPoolExecutor(1) as pool:
+
+        def prepare(batch: list[ImportInstance]) -> Prepared_:
+            files: list[tuple[str, ImportInstance]] = []
+            unreadable: list[tuple[ImportInstance, str]] = []
+            for inst in batch:
+                path = os.path.join(tmp, f"{inst.id}.dcm")
+                try:
+                    ds = _read(store, by_sop[inst.source_sop_uid].object_key)
+                    reconcile.apply(ds, plan)
+                    ds.save_as(path, enforce_file_format=True)
+                except Exception as exc:  # one unreadable instance fails alone, named in its row
+                    unreadable.append((inst, f"cannot be read or coerced: {type(exc).__name__}"))
+                    continue
+                files.append((path, inst))
+            return files, unreadable
+
+        # The next batch is read and coerced while this one is on the wire: at most two batches
+        # of files on disk, none in memory.
+        batches = list(_batches(pending, BATCH))
+        ahead: Future[Prepared_] | None = pool.submit(prepare, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            assert ahead is not None
+            files, unreadable = ahead.result()
+            if _cancelled(engine, import_id):
+                _finish(engine, import_id, status="cancelled", message="cancelled")
+                progress.update(message="cancelled")
+                return
+            ahead = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
+            outcomes = _send_with_retries(destination, via, files, calling_ae) if files else []
+            _record(engine, [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable)
+            for path, _ in files:
+                os.unlink(path)
+            done += len(batch)
+            progress.update(done=done, total=total, message="sending")
+    _verify(engine, import_id, plan, destination, via, calling_ae)
+    with Session(engine) as session:
+        row = get_import(session=session, import_id=import_id)
+        failed, verified = row.failed, row.verified
+    status = "failed" if failed else "done"
+    message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
+    _finish(engine, import_id, status=status, message=message)
+    progress.update(message=message)
+    if failed:
+        raise Unavailable(f"{failed} of {total} instances were not accepted by facility {destination.id!r}")
+
+
+def _batches(items: list[ImportInstance], n: int) -> Iterator[list[ImportInstance]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _cancelled(engine: Engine, import_id: int) -> bool:
+    with Session(engine) as session:
+        return bool(get_import(session=session, import_id=import_id).cancel_requested)
+
+
+def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> None:
+    _set(engine, import_id, status=status, message=message, finished_at=datetime.now(UTC))
+
+
+def _send_with_retries(
+    destination: Facility, via: str, files: list[tuple[str, ImportInstance]], calling_ae: str
+) -> list[delivery.Outcome]:
+    wait = BACKOFF
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return delivery.deliver(
+                facility=destination, via=via, files=[(p, i.sop_uid) for p, i in files], calling_ae=calling_ae
+            )
+        except Unavailable as exc:
+            if attempt == RETRIES:
+                return [delivery.Outcome(i.sop_uid, "failed", None, exc.message[:512]) for _, i in files]
+            log.warning("import delivery to %s failed (attempt %d), retrying", destination.id, attempt)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def _record(
+    engine: Engine,
+    outcomes: list[tuple[ImportInstance, delivery.Outcome]],
+    unreadable: list[tuple[ImportInstance, str]],
+) -> None:
+    """Each instance's outcome and the import's counts, in one transaction."""
+    now = datetime.now(UTC)
+    with session_scope(engine) as session:
+        for inst, outcome in outcomes:
+            row = session.get(ImportInstance, inst.id)
+            assert row is not None
+            row.status, row.code, row.detail = outcome.status, outcome.code, outcome.detail[:512]
+            row.attempts += 1
+            row.updated_at = now
+        for inst, why in unreadable:
+            row = session.get(ImportInstance, inst.id)
+            assert row is not None
+            row.status, row.code, row.detail = "failed", None, why
+            row.attempts += 1
+            row.updated_at = now
+        if outcomes or unreadable:
+            import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
+            rows = instances_of(session=session, import_id=import_id)
+            session.execute(
+                update(ImportJob)
+                .where(col(ImportJob.id) == import_id)
+                .values(
+                    sent=sum(r.status in ("sent", "warning") for r in rows),
+                    failed=sum(r.status == "failed" for r in rows),
+                )
+            )
+
+
+def _verify(
+    engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str
+) -> None:
+    """Ask the destination what it holds; an instance sent but not there is reported failed."""
+    held = delivery.held_instances(
+        facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+    )
+    with session_scope(engine) as session:
+        rows = instances_of(session=session, import_id=import_id)
+        for r in rows:
+            if r.status in ("sent", "warning") and r.sop_uid not in held:
+                r.status, r.detail = "failed", "acknowledged but not found at the destination afterwards"
+        session.flush()
+        session.execute(
+            update(ImportJob)
+            .where(col(ImportJob.id) == import_id)
+            .values(
+                verified=sum(r.sop_uid in held for r in rows),
+                sent=sum(r.status in ("sent", "warning") for r in rows),
+                failed=sum(r.status == "failed" for r in rows),
+            )
+        )

@@ -1,0 +1,313 @@
+"""Importing an outside study into a real PACS (Orthanc) with the PACS's identifiers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from broker.app import create_app
+from broker.deps import AppState
+from broker.imports import service
+from broker.imports.models import ImportInstance, ImportJob
+from broker.jobs import service as jobs
+from broker.settings import Settings
+from tests.imports.conftest import (
+    LOCAL_MRN,
+    MINE,
+    MINE_ISSUER,
+    OUTSIDE_ISSUER,
+    Outside,
+    add_destination,
+    ingest_outside,
+    pacs_clear,
+    pacs_instances,
+    pacs_upload,
+    part10,
+    register_local_patient,
+)
+from tests.peers import OrthancPeer
+from tests.support import ADMIN, auth_headers, make_ds
+
+
+@pytest.fixture
+def outside(state: AppState, pacs: OrthancPeer, tmp_path: Path) -> Outside:
+    pacs_clear(pacs)
+    add_destination(state, pacs)
+    study = ingest_outside(state, tmp_path)
+    register_local_patient(state)
+    return study
+
+
+@pytest.fixture
+def client(settings: Settings, state: AppState) -> Iterator[TestClient]:
+    with TestClient(create_app(settings=settings, state=state)) as c:
+        yield c
+
+
+def _run(state: AppState, import_id: int) -> ImportJob:
+    return service.run_now(engine=state.engine, store=state.store, import_id=import_id)
+
+
+def _start(state: AppState, study: Outside, **kw: str) -> ImportJob:
+    row = service.start_import(
+        engine=state.engine, principal=ADMIN, study_uid=study.study_uid, facility_id=MINE, **kw
+    )
+    assert row.id is not None
+    return row
+
+
+@pytest.mark.parametrize("via", ["dimse", "dicomweb"])
+def test_import_coerces_identifiers_and_keeps_the_originals(
+    state: AppState, pacs: OrthancPeer, outside: Outside, via: str
+) -> None:
+    row = _start(state, outside, via=via)
+    final = _run(state, row.id or 0)
+    assert (final.status, final.sent, final.failed, final.verified) == ("done", 5, 0, 5), final.message
+    held = {str(d.SOPInstanceUID): d for d in pacs_instances(pacs)}
+    assert set(held) == set(outside.files)  # no clash at the PACS: every UID kept
+    for sop, ds in held.items():
+        assert ds.PatientID == LOCAL_MRN
+        assert ds.IssuerOfPatientID == MINE_ISSUER
+        assert str(ds.PatientName) == "SMITH^ANNA^JANE"
+        assert (ds.PatientBirthDate, ds.PatientSex) == ("19800101", "M")
+        assert ds.StudyInstanceUID == outside.study_uid
+        assert ds.AccessionNumber == "OUT-77"  # policy "keep", with the outside issuer
+        assert ds.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID == OUTSIDE_ISSUER
+        others = [(o.PatientID, o.IssuerOfPatientID) for o in ds.OtherPatientIDsSequence]
+        assert ("P1", OUTSIDE_ISSUER) in others
+        original = ds.OriginalAttributesSequence[-1]
+        assert original.ReasonForTheAttributeModification == "COERCE"
+        assert original.ModifyingSystem == "SCANONCE"
+        assert original.SourceOfPreviousValues == OUTSIDE_ISSUER
+        assert original.AttributeModificationDateTime
+        before = original.ModifiedAttributesSequence[0]
+        assert (before.PatientID, before.IssuerOfPatientID, str(before.PatientName)) == (
+            "P1", OUTSIDE_ISSUER, "SMITH^ANNA",
+        )  # fmt: skip
+        if sop != outside.sr_uid:
+            source = pydicom_of(outside.files[sop])
+            assert ds.PixelData == source.PixelData  # pixels byte-identical
+    with Session(state.engine) as session:
+        rows = service.instances_of(session=session, import_id=row.id or 0)
+    assert {r.status for r in rows} == {"sent"} and all(r.code == 0 for r in rows)
+
+
+def pydicom_of(data: bytes) -> object:
+    import io
+
+    import pydicom
+
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def test_new_accession_policy(state: AppState, pacs: OrthancPeer, outside: Outside) -> None:
+    final = _run(state, _start(state, outside, accession_policy="new").id or 0)
+    assert final.status == "done", final.message
+    accessions = {d.AccessionNumber for d in pacs_instances(pacs)}
+    assert len(accessions) == 1 and accessions != {"OUT-77"} and accessions != {""}
+    pacs_clear(pacs)  # Orthanc keeps what it holds under a UID (OverwriteInstances is off)
+    final = _run(state, _start(state, outside, accession_policy="empty").id or 0)
+    assert {d.AccessionNumber for d in pacs_instances(pacs)} == {""}
+
+
+def test_refused_when_the_destination_has_no_record(
+    state: AppState, pacs: OrthancPeer, tmp_path: Path, client: TestClient
+) -> None:
+    pacs_clear(pacs)
+    add_destination(state, pacs)
+    study = ingest_outside(state, tmp_path)  # no registration at MINE of this person
+    rsp = client.post(
+        "/api/imports", json={"study_uid": study.study_uid, "facility": MINE}, headers=auth_headers()
+    )
+    assert rsp.status_code == 400
+    assert "no record" in rsp.json()["detail"]
+    rsp = client.post(
+        "/api/imports",
+        json={"study_uid": study.study_uid, "facility": MINE, "patient": "NOPE"},
+        headers=auth_headers(),
+    )
+    assert rsp.status_code == 400 and "NOPE" in rsp.json()["detail"]
+    with Session(state.engine) as session:
+        assert service.list_imports(session=session) == []
+    assert pacs_instances(pacs) == []
+
+
+def test_bad_input_is_a_clear_4xx_and_changes_nothing(
+    state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient
+) -> None:
+    h = auth_headers()
+    rsp = client.post("/api/imports", json={"study_uid": "1.2.3.999", "facility": MINE}, headers=h)
+    assert rsp.status_code == 404 and "no study" in rsp.json()["detail"]
+    rsp = client.post("/api/imports", json={"study_uid": outside.study_uid, "facility": "nowhere"}, headers=h)
+    assert rsp.status_code == 404 and "nowhere" in rsp.json()["detail"]
+    rsp = client.post(
+        "/api/imports",
+        json={"study_uid": outside.study_uid, "facility": MINE, "accession_policy": "x"},
+        headers=h,
+    )
+    assert rsp.status_code in (400, 422)
+    assert client.get("/api/imports/999", headers=h).status_code == 404
+    assert client.get("/api/imports", headers=h).json() == []
+    assert pacs_instances(pacs) == []
+
+
+def test_dry_run_shows_the_diff_and_sends_nothing(
+    state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient
+) -> None:
+    rsp = client.post(
+        "/api/imports",
+        json={"study_uid": outside.study_uid, "facility": MINE, "dry_run": True},
+        headers=auth_headers(),
+    )
+    assert rsp.status_code == 200, rsp.text
+    body = rsp.json()
+    assert body["plan"]["rename_uids"] is False and len(body["instances"]) == 5
+    changes = {c["attribute"]: (c["before"], c["after"]) for c in body["instances"][0]["changes"]}
+    assert changes["PatientID"] == ("P1", LOCAL_MRN)
+    assert changes["IssuerOfPatientID"] == (OUTSIDE_ISSUER, MINE_ISSUER)
+    assert pacs_instances(pacs) == []
+    assert client.get("/api/imports", headers=auth_headers()).json() == []
+
+
+def test_http_import_then_again_does_not_duplicate(
+    state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient
+) -> None:
+    h = auth_headers()
+    rsp = client.post("/api/imports", json={"study_uid": outside.study_uid, "facility": MINE}, headers=h)
+    assert rsp.status_code == 202, rsp.text
+    first = rsp.json()["id"]
+    _run(state, first)
+    detail = client.get(f"/api/imports/{first}", headers=h).json()
+    assert detail["status"] == "done" and len(detail["instances"]) == 5
+    second = client.post(
+        "/api/imports", json={"study_uid": outside.study_uid, "facility": MINE}, headers=h
+    ).json()
+    assert second["id"] != first
+    assert _run(state, second["id"]).status == "done"
+    held = pacs_instances(pacs)
+    assert len(held) == 5 and {d.PatientID for d in held} == {LOCAL_MRN}
+    assert [i["id"] for i in client.get("/api/imports", headers=h).json()] == [second["id"], first]
+
+
+def test_uid_clash_at_the_destination_renames_consistently(
+    state: AppState, pacs: OrthancPeer, outside: Outside
+) -> None:
+    # Another patient's object at the PACS under the outside study's UID.
+    other = make_ds(
+        sop="1.2.826.0.1.3680043.99.1",
+        study=outside.study_uid,
+        series="1.2.826.0.1.3680043.99.2",
+        pid="SOMEONE-ELSE",
+    )
+    pacs_upload(pacs, part10(other))
+    row = _start(state, outside)
+    final = _run(state, row.id or 0)
+    assert final.status == "done", final.message
+    held = pacs_instances(pacs)
+    stranger = [d for d in held if d.PatientID == "SOMEONE-ELSE"]
+    assert len(stranger) == 1 and stranger[0].SOPInstanceUID == other.SOPInstanceUID  # untouched
+    imported = [d for d in held if d.PatientID == LOCAL_MRN]
+    assert len(imported) == 5
+    new_study = {d.StudyInstanceUID for d in imported}
+    assert len(new_study) == 1 and new_study != {outside.study_uid}
+    assert not {str(d.SOPInstanceUID) for d in imported} & set(outside.files)
+    assert not {str(d.SeriesInstanceUID) for d in imported} & set(outside.series_uids)
+    cts = [d for d in imported if d.Modality == "CT"]
+    frames = {d.FrameOfReferenceUID for d in cts}
+    assert len(frames) == 1 and frames != {outside.frame_of_reference}
+    (sr,) = [d for d in imported if d.Modality == "SR"]
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID in new_study
+    by_series = {str(d.SeriesInstanceUID): str(d.SOPInstanceUID) for d in cts}
+    referenced = {
+        (str(s.SeriesInstanceUID), str(r.ReferencedSOPInstanceUID))
+        for s in evidence.ReferencedSeriesSequence
+        for r in s.ReferencedSOPSequence
+    }
+    assert referenced == {(str(d.SeriesInstanceUID), str(d.SOPInstanceUID)) for d in cts}
+    assert set(by_series) == {s for s, _ in referenced}
+    # The old UIDs are kept in the original attributes.
+    olds = {d.OriginalAttributesSequence[-1].ModifiedAttributesSequence[0].StudyInstanceUID for d in imported}
+    assert olds == {outside.study_uid}
+    # A second import of the same study gives the same new UIDs: nothing duplicated.
+    second = _run(state, _start(state, outside).id or 0)
+    assert second.status == "done" and second.plan == final.plan
+    assert len(pacs_instances(pacs)) == 6
+
+
+def test_worker_dies_midway_and_the_resumed_job_sends_only_what_is_left(
+    state: AppState, pacs: OrthancPeer, outside: Outside, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "BATCH", 2)
+    row = _start(state, outside)
+    assert row.job_id is not None
+
+    class WorkerDied(BaseException):
+        """Like SIGKILL: nothing of the job's own bookkeeping runs after it."""
+
+    def die_after_first_batch(done: int, total: int | None, message: str) -> None:
+        if message == "sending" and done >= 2:
+            raise WorkerDied
+
+    job = jobs.claim(engine=state.engine, job_id=row.job_id)
+    assert job is not None
+    with pytest.raises(WorkerDied):
+        jobs.run_claimed(engine=state.engine, store=state.store, job=job, listener=die_after_first_batch)
+    with Session(state.engine) as session:
+        before = {
+            r.source_sop_uid: (r.status, r.attempts, r.updated_at)
+            for r in service.instances_of(session=session, import_id=row.id or 0)
+        }
+        assert service.get_import(session=session, import_id=row.id or 0).status == "running"
+    sent_before = {k for k, v in before.items() if v[0] == "sent"}
+    assert len(sent_before) == 2 and len(pacs_instances(pacs)) == 2
+    # Another worker finds the job's heartbeat stale and takes it over.
+    again = jobs.claim(engine=state.engine, job_id=row.job_id, stale_after=timedelta(0))
+    assert again is not None and again.attempts == 2
+    jobs.run_claimed(engine=state.engine, store=state.store, job=again)
+    with Session(state.engine) as session:
+        final = service.get_import(session=session, import_id=row.id or 0)
+        after = {r.source_sop_uid: r for r in service.instances_of(session=session, import_id=row.id or 0)}
+    assert final.status == "done" and final.verified == 5
+    for sop in sent_before:  # not resent: the same single attempt, untouched
+        assert (after[sop].attempts, after[sop].updated_at) == (1, before[sop][2])
+    assert all(r.status == "sent" and r.attempts == 1 for r in after.values())
+    assert len(pacs_instances(pacs)) == 5
+
+
+def test_cancel_a_queued_import(
+    state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient
+) -> None:
+    h = auth_headers()
+    created = client.post(
+        "/api/imports", json={"study_uid": outside.study_uid, "facility": MINE}, headers=h
+    ).json()
+    rsp = client.post(f"/api/imports/{created['id']}/cancel", headers=h)
+    assert rsp.status_code == 200 and rsp.json()["status"] == "cancelled"
+    assert _run(state, created["id"]).status == "cancelled"
+    assert pacs_instances(pacs) == []
+    assert client.post(f"/api/imports/{created['id']}/cancel", headers=h).status_code == 400
+
+
+def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, outside: Outside) -> None:
+    with Session(state.engine) as session:
+        from broker.index import service as index
+
+        ref = next(
+            r
+            for r in index.find_instances(session=session, study_uid=outside.study_uid)
+            if r.sop_uid == outside.sr_uid
+        )
+    state.store.put(ref.object_key, __import__("io").BytesIO(b"not dicom at all"))
+    final = _run(state, _start(state, outside).id or 0)
+    assert (final.status, final.sent, final.failed) == ("failed", 4, 1)
+    with Session(state.engine) as session:
+        rows = service.instances_of(session=session, import_id=final.id or 0)
+        bad = session.get(ImportInstance, next(r.id for r in rows if r.source_sop_uid == outside.sr_uid))
+    assert bad is not None and "cannot be read" in bad.detail
+    assert len(pacs_instances(pacs)) == 4
