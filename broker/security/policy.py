@@ -54,6 +54,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.radiologist: frozenset(
         {
             Permission.authenticated,
+            Permission.imports_write,  # bringing an outside study into the local PACS (IRWF.b)
             Permission.images_read,
             Permission.patients_read,
             Permission.lookup_read,
@@ -68,7 +69,6 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.images_read,
             Permission.images_write,
             Permission.patients_write,
-            Permission.imports_write,
         }
     ),
     Role.reviewer: frozenset(
@@ -176,6 +176,8 @@ RULES: tuple[Rule, ...] = (
     _r({"POST"}, "/avoided", P.lookup_write),
     _r(_READ, "/viewer", P.images_read),
     _r(_READ, "/viewer/**", P.images_read),
+    _r(_READ, "/imports", P.imports_write),
+    _r({"POST"}, "/imports", P.imports_write),
     _r(_READ, "/admin/review", P.identity_review),
     _r({"POST"}, "/admin/review/*", P.identity_review),
     _r(_READ, "/admin/jobs", P.jobs_read),

@@ -80,6 +80,13 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     # CDS Hooks service calls come from the EHR on a clinician's behalf.
     ("POST", "/cds-services/{service_id}"): CLINICAL,
     ("POST", "/cds-services/{service_id}/feedback"): CLINICAL,
+    # Imports of outside studies into the local PACS: the radiologist's.
+    ("GET", "/api/imports"): {A, R},
+    ("POST", "/api/imports"): {A, R},
+    ("GET", "/api/imports/{import_id}"): {A, R},
+    ("POST", "/api/imports/{import_id}/cancel"): {A, R},
+    ("GET", "/imports"): {A, R},
+    ("POST", "/imports"): {A, R},
     # The pages.
     ("GET", "/"): CLINICAL,
     ("GET", "/record"): CLINICAL,

@@ -21,6 +21,7 @@ from tests.imports.conftest import (
     register_local_patient,
 )
 from tests.peers import orthanc
+from tests.support import auth_headers
 
 
 def test_import_page_shows_the_diff_then_imports(tmp_path: Path, browser: Browser) -> None:
@@ -44,7 +45,7 @@ def test_import_page_shows_the_diff_then_imports(tmp_path: Path, browser: Browse
         register_local_patient(state)
         state.engine.dispose()
         with scanonce_serve(tmp_path / "serve", backend, SCANONCE_MLLP_PORT="0") as served:
-            page = browser.new_page()
+            page = browser.new_page(extra_http_headers=auth_headers("radiologist"))
             page.goto(f"{served.url}/imports?study={study.study_uid}&facility={MINE}")
             diff = page.locator("table.diff").first
             expect(diff).to_contain_text("PatientID")
