@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 
 from broker.cds.routes import router as cds_router
 from broker.db import make_engine, migrate
@@ -177,6 +178,21 @@ def create_app(
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, content={"error": Unavailable.title, "detail": exc.message})
+
+    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # A connection cut under a request (PostgreSQL restarted, failed over, or its sessions
+        # terminated) is a pause, not a fault of the request: 503 says "try again", and the pool
+        # reconnects on the next checkout (pre-ping). Only the type is logged: the message may
+        # carry SQL parameters (patient data).
+        log.warning("database unavailable during a request: %s", type(exc).__name__)
+        return JSONResponse(
+            status_code=503,
+            content={"error": Unavailable.title, "detail": "the database is temporarily unavailable"},
+            headers={"Retry-After": "1"},
+        )
+
+    for kind in (OperationalError, InterfaceError, PendingRollbackError):
+        app.add_exception_handler(kind, _database_unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
