@@ -71,6 +71,29 @@ class Settings(BaseSettings):
             "Days finished jobs are kept (0: forever); the newest of each kind and subject is always kept."
         ),
     )
+    job_lease_seconds: float = Field(
+        default=60,
+        gt=0,
+        description=(
+            "How long a worker's claim on a job lasts past its last heartbeat (renewed 4 times per "
+            "lease while the job runs); a killed worker's job is taken over by another after this."
+        ),
+    )
+    job_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Claims a job gets before it fails for good: transient failures (database, object store "
+            "or facility unreachable) and workers killed mid-job each use one."
+        ),
+    )
+    job_retry_backoff_seconds: float = Field(
+        default=30,
+        ge=0,
+        description=(
+            "Wait before retrying a job after a transient failure; doubled on each attempt (capped at 64x)."
+        ),
+    )
     qido_default_limit: int = 100
     qido_max_limit: int = 1000
     ingest_processes: int = Field(
