@@ -13,10 +13,12 @@ from rich.table import Table
 from sqlmodel import Session
 
 from broker.clikit import DataDir, console, fail, print_table, state
+from broker.clikit import settings as clikit_settings
 from broker.errors import NotFound
 from broker.jobs import service as jobs
 from broker.jobs.schemas import JobOut
 from broker.jobs.worker import run_worker
+from broker.logfilters import configure_logging
 
 jobs_app = typer.Typer(
     help="Durable background jobs (index syncs, fetches, key rebuilds).", no_args_is_help=True
@@ -88,7 +90,8 @@ def worker(data_dir: DataDir = None) -> None:
     """Run queued background jobs (index syncs, key rebuilds, ...) until interrupted.
 
     Start as many workers as you like, on any node: each job is claimed by exactly one."""
-    app_state = state(data_dir)
+    configure_logging("INFO", clikit_settings(data_dir).log_format)
+    app_state = state(data_dir, wait_for_db=True)
     stop = threading.Event()
     kinds = ", ".join(jobs.registered_kinds()) or "none"
     policy = jobs.Policy.of(app_state.settings)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import delete, func, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
@@ -621,3 +623,42 @@ def work(
         run_claimed(engine=engine, store=store, job=job, policy=policy)
         ran += 1
     return ran
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+class QueueCollector(Collector):
+    """The job queue as Prometheus gauges, read from the database when /metrics is scraped (the
+    queue is shared by every node, so each reports the same, current figures)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "scanonce_jobs", "Jobs by kind and status (queued, running, failed)", labels=["kind", "status"]
+        )
+        age = GaugeMetricFamily(
+            "scanonce_job_oldest_queued_age_seconds",
+            "Seconds since the oldest queued job of each kind was queued",
+            labels=["kind"],
+        )
+        try:
+            with Session(self.engine) as session:
+                rows = session.exec(
+                    select(Job.kind, Job.status, func.count(), func.min(Job.created_at))
+                    .where(col(Job.status).in_(("queued", "running", "failed")))
+                    .group_by(col(Job.kind), col(Job.status))
+                ).all()
+        except Exception:  # the database is away: /metrics still answers, without these
+            log.warning("job queue metrics: database unreachable")
+            return
+        now = _now()
+        for kind, status, count, oldest in rows:
+            jobs.add_metric([kind, status], count)
+            if status == "queued" and oldest is not None:
+                oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+                age.add_metric([kind], max(0.0, (now - oldest).total_seconds()))
+        yield jobs
+        yield age

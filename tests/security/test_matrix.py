@@ -54,6 +54,7 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/api/facilities/{facility_id}/sync"): {A},
     ("GET", "/api/jobs"): {A, V},
     ("GET", "/api/jobs/{job_id}"): {A, V},
+    ("GET", "/metrics"): {A, U},
     # Identity: the review queue is the reviewers'; configuring the matcher is admin.
     ("GET", "/api/identity/review"): {A, V},
     ("POST", "/api/identity/review/{review_id}"): {A, V},
