@@ -44,8 +44,10 @@ from broker.identity.routes import router as identity_router
 from broker.imports import service as imports_service
 from broker.imports.routes import router as imports_router
 from broker.index import service as index_service
+from broker.index import verify as index_verify
 from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
+from broker.index.routes import router as verify_router
 from broker.jobs import service as jobs_service
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
@@ -105,6 +107,7 @@ def register_jobs() -> None:
     federation_service.register_jobs()
     identity_service.register_jobs()
     imports_service.register_jobs()
+    index_verify.register_jobs()
 
 
 @asynccontextmanager
@@ -304,6 +307,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(facilities_router)
     app.include_router(federation_router)
     app.include_router(jobs_router)
+    app.include_router(verify_router)
     app.include_router(imports_router)
     app.include_router(identity_router)
     app.include_router(lookup_router)
