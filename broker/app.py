@@ -19,12 +19,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from broker.cds.routes import router as cds_router
-from broker.db import make_engine, migrate
+from broker.db import check_connection, make_engine, migrate, require_current_schema, wait_for_database
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
@@ -43,11 +44,15 @@ from broker.identity.routes import router as identity_router
 from broker.imports import service as imports_service
 from broker.imports.routes import router as imports_router
 from broker.index import service as index_service
+from broker.index import verify as index_verify
 from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
+from broker.index.routes import router as verify_router
+from broker.jobs import service as jobs_service
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
+from broker.metrics import DB_ERRORS, STORAGE_ERRORS, ObservabilityMiddleware, render
 from broker.security.http import AuthGuard
 from broker.security.routes import router as security_router
 from broker.security.tokens import Verifier, load_or_create_signing_key
@@ -60,10 +65,22 @@ from storage import StoreUnavailable, open_store
 log = logging.getLogger("scanonce")
 
 
-def build_state(settings: Settings) -> AppState:
+def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
+    """The state every entry point shares. `wait_for_db` (what `scanonce serve` and `scanonce
+    worker` use): a database that refuses connections is retried with backoff, with a clear
+    message naming the setting, instead of failing at once (what a one-shot command does)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.resolved_database_url())
-    migrate(engine)
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    if wait_for_db:
+        wait_for_database(engine)
+    else:
+        check_connection(engine)
+    if settings.resolved_migrate_on_start():
+        migrate(engine)
+    else:
+        require_current_schema(engine)
     register_jobs()
     # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
     index_service.set_patient_linker(identity_service.link_patient)
@@ -90,6 +107,7 @@ def register_jobs() -> None:
     federation_service.register_jobs()
     identity_service.register_jobs()
     imports_service.register_jobs()
+    index_verify.register_jobs()
 
 
 @asynccontextmanager
@@ -169,7 +187,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.scanonce = state or build_state(settings)
+    app.state.scanonce = state or build_state(settings, wait_for_db=services)
 
     @app.exception_handler(ScanOnceError)
     async def _scanonce_error(_request: Request, exc: ScanOnceError) -> JSONResponse:
@@ -177,22 +195,29 @@ def create_app(
 
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"error": Unavailable.title, "detail": exc.message})
-
-    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        # A connection cut under a request (PostgreSQL restarted, failed over, or its sessions
-        # terminated) is a pause, not a fault of the request: 503 says "try again", and the pool
-        # reconnects on the next checkout (pre-ping). Only the type is logged: the message may
-        # carry SQL parameters (patient data).
-        log.warning("database unavailable during a request: %s", type(exc).__name__)
+        STORAGE_ERRORS.inc()
         return JSONResponse(
             status_code=503,
-            content={"error": Unavailable.title, "detail": "the database is temporarily unavailable"},
-            headers={"Retry-After": "1"},
+            content={"error": Unavailable.title, "detail": exc.message},
+            headers={"Retry-After": _RETRY_AFTER},
         )
 
-    for kind in (OperationalError, InterfaceError, PendingRollbackError):
-        app.add_exception_handler(kind, _database_unavailable)
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    # A connection cut under a request (its session terminated, PostgreSQL restarted) surfaces
+    # as these too (tests/cluster cuts every session of the nodes while they serve).
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PendingRollbackError)
+    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # The database refused, dropped or did not answer: nothing was committed, so the caller
+        # may simply try again (a balancer sends it to a node whose /readyz is true meanwhile).
+        DB_ERRORS.inc()
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            status_code=503,
+            content={"error": Unavailable.title, "detail": "the database is unreachable; try again shortly"},
+            headers={"Retry-After": _RETRY_AFTER},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -205,10 +230,20 @@ def create_app(
         return "ok"
 
     @app.get("/readyz", response_class=PlainTextResponse, include_in_schema=False)
-    def readyz() -> str:
-        with app.state.scanonce.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return "ready"
+    def readyz() -> PlainTextResponse:
+        problems = not_ready(app.state.scanonce)
+        if problems:
+            return PlainTextResponse(
+                "not ready: " + "; ".join(problems), status_code=503, headers={"Retry-After": _RETRY_AFTER}
+            )
+        return PlainTextResponse("ready")
+
+    queue = jobs_service.QueueCollector(app.state.scanonce.engine)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        body, content_type = render([queue])
+        return Response(body, media_type=content_type)
 
     verifier = None
     if settings.auth_enabled:
@@ -219,8 +254,36 @@ def create_app(
     # middlewares must be added after it, so that they see the requests it refuses).
     app.add_middleware(AuthGuard, settings=settings, verifier=verifier)
     _add_cors(app, settings.cors_origins)
+    # Added last, so it is the outermost: every request (also one refused by the guard or
+    # failing in CORS) gets its id and is counted. An audit middleware goes between the guard and
+    # this one (after AuthGuard, before this line).
+    app.add_middleware(ObservabilityMiddleware)
     _include_routers(app)
     return app
+
+
+_RETRY_AFTER = "5"
+
+
+def not_ready(state: AppState) -> list[str]:
+    """Why this node should get no traffic now: the database or the object store unreachable
+    (each named with its setting); empty when ready."""
+    problems = []
+    try:
+        with state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:
+        DB_ERRORS.inc()
+        problems.append("database unreachable (SCANONCE_DATABASE_URL)")
+    try:
+        # A listing under a prefix nothing uses: one cheap request that fails if the bucket is
+        # missing, the credentials wrong or the endpoint away.
+        for _ in state.store.list("readyz-probe/"):
+            break
+    except Exception:
+        STORAGE_ERRORS.inc()
+        problems.append("object store unreachable (SCANONCE_STORAGE_URL)")
+    return problems
 
 
 # What a viewer's script must be able to read from a DICOMweb response (CORS exposes only the
@@ -248,6 +311,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(facilities_router)
     app.include_router(federation_router)
     app.include_router(jobs_router)
+    app.include_router(verify_router)
     app.include_router(imports_router)
     app.include_router(identity_router)
     app.include_router(lookup_router)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
-import logging
 import os
 import shutil
 import socket
@@ -14,7 +13,7 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -22,18 +21,21 @@ from rich.table import Table
 
 from broker import clikit
 from broker.app import build_state, create_app
-from broker.clikit import DataDir, console
+from broker.clikit import DataDir, console, fail
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
+from broker.db import check_connection, make_engine, migrate, safe_url, schema_status
 from broker.demo import service as demo_service
 from broker.deps import AppState
+from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
 from broker.identity import cli as identity_cli
 from broker.imports import cli as imports_cli
 from broker.index import service
+from broker.index import verify as index_verify
 from broker.jobs import cli as jobs_cli
-from broker.logfilters import redact_access_log
+from broker.logfilters import configure_logging
 from broker.lookup import cli as lookup_cli
 from broker.security import cli as security_cli
 from broker.security.schemas import Principal, Role
@@ -82,12 +84,13 @@ def serve(
     if "SCANONCE_INGEST_PROCESSES" not in os.environ:
         # A server parses on every core (parsing holds the GIL); embedded uses stay in-process.
         settings.ingest_processes = -1
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    redact_access_log()
+    configure_logging(log_level, settings.log_format)
     _auth_before_exposure(settings)
     _ports_free(settings)
-    application = create_app(settings, services=True)
+    try:
+        application = create_app(settings, services=True)
+    except ScanOnceError as exc:  # a schema behind: the operator runs `scanonce db upgrade`
+        fail(exc)
     origin = f"http://{settings.host}:{settings.port}"
     # soft_wrap: a URL is never broken across lines, whatever the terminal's width.
     for line in (
@@ -107,7 +110,14 @@ def serve(
     ):
         if line:
             console.print(line, soft_wrap=True)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level.lower())
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        # JSON: uvicorn's own lines go through the root handler too (one format for collectors).
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+    )
 
 
 def _auth_before_exposure(settings: Settings) -> None:
@@ -290,8 +300,132 @@ def demo(
             print(f"    {token}")
 
 
+@app.command()
+def verify(
+    data_dir: DataDir = None,
+    facility: Annotated[
+        str | None, typer.Option("--facility", help="Check this facility's instances only (no orphan walk).")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option("--sample", min=1, help="Check a random sample of this many instances.")
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Re-index orphans that parse; mark missing and changed instances."),
+    ] = False,
+    min_age: Annotated[
+        float, typer.Option("--min-age", min=0, help="Seconds: younger objects are never called orphans.")
+    ] = 60,
+    as_job: Annotated[
+        bool, typer.Option("--job", help="Queue it for a worker instead of running it here.")
+    ] = False,
+) -> None:
+    """Walk index and object store: instances whose object is missing or whose SHA-256 changed,
+    and objects no instance names (orphans). Exits 1 unless all is well (after --repair: unless
+    something is still missing or changed)."""
+    st = clikit.state(data_dir)
+    if as_job:
+        job = index_verify.enqueue_verify(
+            engine=st.engine,
+            facility=facility,
+            sample=sample,
+            repair=repair,
+            min_age=min_age,
+            default_facility=st.settings.default_facility,
+        )
+        console.print(f"queued job {job.id}: `scanonce jobs show {job.id}` follows it")
+        return
+    with _progress() as bar:
+        task = bar.add_task("verifying", total=None)
+
+        def show(done: int, total: int | None, message: str) -> None:
+            bar.update(task, completed=done, total=total, description=message)
+
+        report = index_verify.verify(
+            engine=st.engine,
+            store=st.store,
+            facility=facility,
+            sample=sample,
+            repair=repair,
+            min_age=min_age,
+            default_facility=st.settings.default_facility,
+            listener=show,
+        )
+    console.print(report.summary(), soft_wrap=True)
+    for kind, keys in sorted(report.examples.items()):
+        for key in keys:
+            console.print(f"  {kind}: {key}", soft_wrap=True, highlight=False)
+    unresolved = (
+        report.missing or report.mismatch or (report.orphans - report.reindexed if repair else report.orphans)
+    )
+    if unresolved:
+        raise typer.Exit(code=1)
+
+
+db_app = typer.Typer(help="The database schema: upgrade it, or see where it stands.", no_args_is_help=True)
+
+
+def _db_engine(data_dir: Path | None) -> tuple[Settings, Any]:
+    settings = _settings(data_dir)
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        check_connection(engine)
+    except ScanOnceError as exc:
+        fail(exc)
+    return settings, engine
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None) -> None:
+    """Apply the migrations this version has and the database lacks (all domains' branches).
+
+    Safe to run twice (the second run has nothing to do) and from several places at once: on
+    PostgreSQL an advisory lock lets one run migrate while the others wait, then find nothing
+    left. Migrations only add (expand) while older nodes still serve."""
+    settings, engine = _db_engine(data_dir)
+    try:
+        before = migrate(engine)
+        after = schema_status(engine)
+    finally:
+        engine.dispose()
+    where = safe_url(settings.resolved_database_url())
+    if not before.pending:
+        console.print(
+            f"{where}: already at the newest schema ({', '.join(after.current)}); nothing to do",
+            soft_wrap=True,
+        )
+        return
+    console.print(
+        f"{where}: applied {len(before.pending)} migration(s): {', '.join(before.pending)}; "
+        f"now at {', '.join(after.current)}",
+        soft_wrap=True,
+    )
+
+
+@db_app.command("status")
+def db_status(data_dir: DataDir = None) -> None:
+    """Where the schema stands: the revisions applied and those pending. Exits 1 while any is pending."""
+    settings, engine = _db_engine(data_dir)
+    try:
+        status = schema_status(engine)
+    finally:
+        engine.dispose()
+    console.print(f"database: {safe_url(settings.resolved_database_url())}", soft_wrap=True)
+    console.print(f"current:  {', '.join(status.current) or '(empty: no migration applied)'}", soft_wrap=True)
+    console.print(f"newest:   {', '.join(status.heads)}", soft_wrap=True)
+    if status.up_to_date:
+        console.print("up to date")
+        return
+    console.print(f"pending:  {', '.join(status.pending)}", soft_wrap=True)
+    console.print("run `scanonce db upgrade` to apply them")
+    raise typer.Exit(code=1)
+
+
 def _register_domains() -> None:
     """Each domain contributes its own sub-commands."""
+    app.add_typer(db_app, name="db")
     facilities_cli.register(app)
     facilities_cli.add_show_detail(federation_cli.studies_not_fetched)
     federation_cli.register(app)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +23,29 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("./data"), description="Where the embedded default keeps its files.")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite under data_dir."
+    )
+    migrate_on_start: bool | None = Field(
+        default=None,
+        description=(
+            "Upgrade the database schema when a node starts. Default: on for SQLite (one process owns "
+            "it), off for PostgreSQL, where `scanonce db upgrade` (a migration Job) runs it once and a "
+            "node on an older schema refuses to start, naming that command."
+        ),
+    )
+    db_connect_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description=(
+            "Seconds a new PostgreSQL connection may take before it fails; a node that cannot connect "
+            "at start says so, naming SCANONCE_DATABASE_URL, and retries."
+        ),
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description=(
+            "`json`: one JSON object per log line (time, level, logger, message, request_id), for log "
+            "collectors; `text`: plain lines. Neither carries patient data."
+        ),
     )
     storage_url: str | None = Field(
         default=None, description="file:///path or s3://bucket?endpoint_url=...; default: data_dir/objects."
@@ -69,6 +92,29 @@ class Settings(BaseSettings):
         default=30,
         description=(
             "Days finished jobs are kept (0: forever); the newest of each kind and subject is always kept."
+        ),
+    )
+    job_lease_seconds: float = Field(
+        default=60,
+        gt=0,
+        description=(
+            "How long a worker's claim on a job lasts past its last heartbeat (renewed 4 times per "
+            "lease while the job runs); a killed worker's job is taken over by another after this."
+        ),
+    )
+    job_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Claims a job gets before it fails for good: transient failures (database, object store "
+            "or facility unreachable) and workers killed mid-job each use one."
+        ),
+    )
+    job_retry_backoff_seconds: float = Field(
+        default=30,
+        ge=0,
+        description=(
+            "Wait before retrying a job after a transient failure; doubled on each attempt (capped at 64x)."
         ),
     )
     qido_default_limit: int = 100
@@ -206,6 +252,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    def resolved_migrate_on_start(self) -> bool:
+        if self.migrate_on_start is not None:
+            return self.migrate_on_start
+        return self.resolved_database_url().startswith("sqlite")
 
     def resolved_storage_url(self) -> str:
         if self.storage_url:

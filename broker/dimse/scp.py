@@ -62,6 +62,7 @@ from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.federation import service as federation
 from broker.index.schemas import Query
 from broker.index.service import IngestBatcher, find_instances, search
+from broker.metrics import observe_dimse
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
 from storage import StoreUnavailable
@@ -296,11 +297,12 @@ def start_scp(
     for uid in _QR_CONTEXTS:
         ae.add_supported_context(uid, _UNCOMPRESSED)
     handlers: list[Any] = [
-        (evt.EVT_C_ECHO, _on_echo, [handle]),
-        (evt.EVT_C_STORE, _on_store, [handle]),
-        (evt.EVT_C_FIND, _on_find, [handle]),
-        (evt.EVT_C_MOVE, _on_move, [handle]),
-        (evt.EVT_C_GET, _on_get, [handle]),
+        # Each operation counted and timed as interface "dimse" (broker.metrics).
+        (evt.EVT_C_ECHO, observe_dimse("C-ECHO", _on_echo), [handle]),
+        (evt.EVT_C_STORE, observe_dimse("C-STORE", _on_store), [handle]),
+        (evt.EVT_C_FIND, observe_dimse("C-FIND", _on_find), [handle]),
+        (evt.EVT_C_MOVE, observe_dimse("C-MOVE", _on_move), [handle]),
+        (evt.EVT_C_GET, observe_dimse("C-GET", _on_get), [handle]),
         (evt.EVT_CONN_OPEN, _on_conn_open),
         (evt.EVT_CONN_CLOSE, _on_conn_close, [handle]),
     ]
