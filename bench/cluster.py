@@ -75,14 +75,18 @@ def run(nodes: int, *, seconds: float, clients: int, restarts: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--restarts", type=int, default=3)
     args = parser.parse_args()
     results = [run(n, seconds=args.seconds, clients=args.clients, restarts=args.restarts) for n in args.nodes]
-    print(f"\n{args.clients} clients, {args.seconds:.0f} s per run, {os.cpu_count()} cores (clients included)\n")
+    print(
+        f"\n{args.clients} clients, {args.seconds:.0f} s per run, {os.cpu_count()} cores (clients included)\n"
+    )
     print("| nodes | operation | ops/s | p50 ms | p95 ms | errors |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for r in results:
@@ -96,7 +100,8 @@ def main() -> None:
     for r in results:
         total = sum(row["per_s"] for row in r["ops"].values())  # type: ignore[attr-defined]
         print(
-            f"| {r['nodes']} | {total:.1f} | {r['cpu']:.2f} | {r['restart_s']:.2f} | {r['first_start_s']:.2f} |"
+            f"| {r['nodes']} | {total:.1f} | {r['cpu']:.2f} | {r['restart_s']:.2f} "
+            f"| {r['first_start_s']:.2f} |"
         )
 
 

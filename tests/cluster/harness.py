@@ -186,14 +186,17 @@ class Database:
         """Terminate every session on this database (the nodes' and workers' pools): what a
         PostgreSQL restart or failover does to them. The number terminated."""
         rows = self.admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
             (self.name,),
         ).fetchall()
         return sum(1 for (ok,) in rows if ok)
 
     def close(self) -> None:
         with contextlib.suppress(psycopg.Error):
-            self.admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name)))
+            self.admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
+            )
         self.admin.close()
 
 
@@ -260,9 +263,9 @@ class Node:
 def cli_has(command: str) -> bool:
     """Whether this checkout's `scanonce` has a sub-command (worker, verify, db ...)."""
     out = subprocess.run([SCANONCE, "--help"], capture_output=True, text=True, timeout=60).stdout
-    return any(line.strip().startswith(("│ " + command + " ", command + " ")) for line in out.splitlines()) or (
-        f" {command} " in out
-    )
+    return any(
+        line.strip().startswith(("│ " + command + " ", command + " ")) for line in out.splitlines()
+    ) or (f" {command} " in out)
 
 
 @dataclass
@@ -276,6 +279,8 @@ class Cluster:
         default_factory=lambda: {"connect_timeout": "1", "read_timeout": "1.5", "retries": "1"}
     )
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The workers' command line (a test may run `scanonce` with an extra job kind of its own).
+    worker_argv: list[str] = field(default_factory=lambda: [SCANONCE, "worker"])
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="scanonce-cluster-")))
     nodes: list[Node] = field(default_factory=list)
     workers: list[Proc] = field(default_factory=list)
@@ -330,7 +335,10 @@ class Cluster:
             self.first_start_seconds.append(self.wait_ready(node, timeout=90))
         if self.workers_wanted and cli_has("worker"):
             for i in range(self.workers_wanted):
-                proc = Proc(f"worker{i}", [SCANONCE, "worker"], self.env, self.root / f"worker{i}.log")
+                data = self.root / f"worker{i}"
+                data.mkdir(exist_ok=True)
+                env = {**self.env, "SCANONCE_DATA_DIR": str(data)}
+                proc = Proc(f"worker{i}", self.worker_argv, env, self.root / f"worker{i}.log")
                 proc.start()
                 self.workers.append(proc)
         self._start_haproxy()
@@ -344,7 +352,9 @@ class Cluster:
             self.root / "moto.log",
         )
         self.moto.start()
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.moto_port}/", timeout=1), timeout=30, what="moto")
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{self.moto_port}/", timeout=1), timeout=30, what="moto"
+        )
         self.s3().create_bucket(Bucket=self.bucket)
 
     def s3(self) -> Any:
@@ -363,7 +373,11 @@ class Cluster:
     def migrate(self) -> None:
         """Once, before any node starts (`scanonce db upgrade` where the CLI has it)."""
         assert self.db is not None
-        env = {**os.environ, "SCANONCE_DATABASE_URL": self.db.url, "SCANONCE_DATA_DIR": str(self.root / "migrate")}
+        env = {
+            **os.environ,
+            "SCANONCE_DATABASE_URL": self.db.url,
+            "SCANONCE_DATA_DIR": str(self.root / "migrate"),
+        }
         if cli_has("db"):
             subprocess.run([SCANONCE, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
         else:
@@ -409,7 +423,8 @@ class Cluster:
             f"    server n{i} 127.0.0.1:{n.http_port} check" for i, n in enumerate(self.nodes)
         )
         servers_dimse = "\n".join(
-            f"    server n{i} 127.0.0.1:{n.dimse_port} check port {n.http_port}" for i, n in enumerate(self.nodes)
+            f"    server n{i} 127.0.0.1:{n.dimse_port} check port {n.http_port}"
+            for i, n in enumerate(self.nodes)
         )
         config = f"""
 global
@@ -456,7 +471,9 @@ backend nodes_dimse
         path = self.root / "haproxy.cfg"
         path.write_text(config)
         subprocess.run([haproxy, "-c", "-q", "-f", str(path)], check=True, timeout=30)
-        self.haproxy = Proc("haproxy", [haproxy, "-db", "-f", str(path)], dict(os.environ), self.root / "haproxy.log")
+        self.haproxy = Proc(
+            "haproxy", [haproxy, "-db", "-f", str(path)], dict(os.environ), self.root / "haproxy.log"
+        )
         self.haproxy.start()
         wait_until(lambda: self.balancer_ready(), timeout=30, what="HAProxy")
 
@@ -483,6 +500,17 @@ backend nodes_dimse
         return self.wait_ready(node, timeout=timeout)
 
     # -- inspection ---------------------------------------------------------------------
+
+    def verify(self) -> subprocess.CompletedProcess[str] | None:
+        """`scanonce verify` over the whole index and bucket (None where the CLI has no verify):
+        exit 0 when no object is missing or changed and no orphan older than its --min-age
+        (60 s: younger ones may be an ingest under way) is left."""
+        if not cli_has("verify"):
+            return None
+        env = {**self.env, "SCANONCE_DATA_DIR": str(self.root / "verify")}
+        return subprocess.run(
+            [SCANONCE, "verify"], env=env, capture_output=True, text=True, timeout=120, cwd=self.root
+        )
 
     def index_rows(self) -> dict[str, tuple[str, str, int]]:
         """sop_uid -> (sha256, object_key, size) of every indexed instance (what queries see)."""
@@ -517,4 +545,7 @@ backend nodes_dimse
             self.moto.stop()
         if self.db is not None:
             self.db.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if os.environ.get("SCANONCE_CLUSTER_KEEP"):  # the logs, for a failure to be read later
+            print(f"cluster files kept in {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -17,7 +17,6 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from pydicom.dataset import Dataset
@@ -208,7 +207,9 @@ class Load:
         from pynetdicom import AE
 
         ds = self._new_instance(pid)
-        sent = Sent(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, "cstore", _sha(encoded_body(ds)))
+        sent = Sent(
+            ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, "cstore", _sha(encoded_body(ds))
+        )
         with self.ledger.lock:
             self.ledger.sent[sent.sop] = sent
         ae = AE(ae_title="CLUSTERSCU")
@@ -292,12 +293,17 @@ def check_cluster(cluster: Cluster, ledger: Ledger) -> Verdict:
     """Every acknowledged instance retrieved through the balancer and compared by SHA-256; every
     indexed instance checked against the bucket (the object whole, its digest the index's and the
     sender's)."""
-    headers = {**auth_headers("admin"), "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    headers = {
+        **auth_headers("admin"),
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+    }
     acked = ledger.acked()
 
     def retrieve(s: Sent) -> str | None:
         with httpx.Client(base_url=cluster.url, timeout=30) as client:
-            r = client.get(f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}", headers=headers)
+            r = client.get(
+                f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}", headers=headers
+            )
         if r.status_code != 200:
             return f"{s.sop}: HTTP {r.status_code}"
         (data,) = multipart_parts(r.headers["content-type"], r.content)

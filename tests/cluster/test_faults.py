@@ -11,8 +11,12 @@ every instance the index shows is whole in the bucket, and no client saw a 5xx o
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,12 +33,22 @@ BEFORE, DURING, AFTER = 1.5, 2.5, 2.0
 # Answers that are a failure but an honest one during a fault: 503 (HTTP), A700/A702 (DIMSE out
 # of resources), an association the balancer could not place (no node up yet) or a node that
 # died under it (the client knows it was not acknowledged).
-HONEST = {"503", "0xA700", "0xA702", "0xA7FF"}
+HONEST = {"503", "0xA700", "0xA702", "0xA7FF", "abort"}
+
+
+STEPS_WORKER = Path(__file__).resolve().parents[1] / "jobs" / "steps_worker.py"
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = Cluster(nodes_wanted=3, workers_wanted=2).start()
+    # The workers are `scanonce worker` with one extra job kind (tests/jobs/steps_worker.py), so
+    # that a job can be killed mid-way at a known step; a short lease lets it be taken over soon.
+    c = Cluster(
+        nodes_wanted=3,
+        workers_wanted=2,
+        worker_argv=[sys.executable, str(STEPS_WORKER), "worker"],
+        extra_env={"SCANONCE_JOB_LEASE_SECONDS": "2", "SCANONCE_JOB_MAX_ATTEMPTS": "3"},
+    ).start()
     try:
         yield c
     finally:
@@ -68,6 +82,11 @@ def _assert_promise_kept(cluster: Cluster, load: Load, *, what: str) -> Verdict:
     assert not verdict.lost, f"{what}: acknowledged instances lost: {verdict.lost[:10]}\n{logs}"
     assert not verdict.half_stored, f"{what}: half-stored instances visible: {verdict.half_stored[:10]}"
     assert not verdict.unknown_visible, f"{what}: instances nobody sent: {verdict.unknown_visible[:10]}"
+    verified = cluster.verify()
+    if verified is not None:
+        assert verified.returncode == 0, (
+            f"{what}: scanonce verify is not clean:\n{verified.stdout}{verified.stderr}"
+        )
     for op in ("qido", "wado", "priors", "stow", "cstore"):
         assert load.ledger.outcomes[op].get("200", 0) + load.ledger.outcomes[op].get("0x0000", 0) > 0, (
             f"{what}: no {op} succeeded: {dict(load.ledger.outcomes[op])}"
@@ -116,7 +135,11 @@ def test_kill_one_node_loses_nothing_acknowledged(cluster: Cluster, load: Load) 
     # Requests the dead node never answered were resent by the balancer (STOW-RS is idempotent);
     # one it was answering when it died reaches its client as an incomplete answer (a 502 from
     # the balancer or a cut association), never as a success.
-    odd = [(op, s) for op, s in _odd_answers(load) if s not in ("502", "abort", "truncated", "RemoteProtocolError")]
+    odd = [
+        (op, s)
+        for op, s in _odd_answers(load)
+        if s not in ("502", "abort", "truncated", "RemoteProtocolError")
+    ]
     assert not odd, f"unexpected answers while a node died: {odd}"
     assert ready_in < 60
     _report(f"kill -9 of a node (restarted, ready in {ready_in:.1f} s)", verdict, load)
@@ -138,7 +161,9 @@ def test_database_connections_cut_answers_503_then_recovers(cluster: Cluster, lo
 
 
 @pytest.mark.parametrize("mode", ["refuse", "stall"])
-def test_object_store_fault_answers_503_and_nothing_half_stored(cluster: Cluster, load: Load, mode: str) -> None:
+def test_object_store_fault_answers_503_and_nothing_half_stored(
+    cluster: Cluster, load: Load, mode: str
+) -> None:
     assert cluster.relay is not None
     load.start()
     time.sleep(BEFORE)
@@ -154,7 +179,67 @@ def test_object_store_fault_answers_503_and_nothing_half_stored(cluster: Cluster
     verdict = _assert_promise_kept(cluster, load, what=f"object store {mode}")
     assert not _odd_answers(load), f"an object store {mode} must give 503 at worst: {_odd_answers(load)}"
     failed_writes = sum(
-        n for op in ("stow", "cstore") for s, n in load.ledger.outcomes[op].items() if s not in ("200", "0x0000")
+        n
+        for op in ("stow", "cstore")
+        for s, n in load.ledger.outcomes[op].items()
+        if s not in ("200", "0x0000")
     )
     assert failed_writes > 0, f"the fault did not reach the writers: {dict(load.ledger.outcomes)}"
     _report(f"object store {mode}", verdict, load)
+
+
+def test_worker_killed_mid_job_is_reclaimed_after_its_lease_and_runs_once(
+    cluster: Cluster, load: Load, tmp_path: Path
+) -> None:
+    """Under the same load: a job stops at a known step in one worker, which is then killed with
+    SIGKILL; the other worker takes the job over once the lease (2 s) has run out, resumes from
+    the checkpoint, and the job finishes once. The promise holds meanwhile."""
+    from sqlalchemy import text
+
+    from broker.db import make_engine
+    from broker.jobs import service as jobs
+
+    assert cluster.db is not None and len(cluster.workers) == 2
+    engine = make_engine(cluster.db.url)
+    log = tmp_path / "steps.log"
+    try:
+        load.start()
+        job = jobs.enqueue(
+            engine=engine, kind="test-steps", params={"log": str(log), "steps": 5, "hang_at": 3}
+        )
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "1 hang" in log.read_text()):
+            assert time.monotonic() < deadline, "no worker reached the job's step 3"
+            time.sleep(0.1)
+        with engine.connect() as conn:
+            owner = conn.execute(text("SELECT owner FROM job WHERE id = :id"), {"id": job.id}).scalar_one()
+        (holder,) = [w for w in cluster.workers if w.popen is not None and f":{w.popen.pid}:" in owner]
+        other = next(w for w in cluster.workers if w is not holder)
+        holder.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            with engine.connect() as conn:
+                status, attempts, owner = conn.execute(
+                    text("SELECT status, attempts, owner FROM job WHERE id = :id"), {"id": job.id}
+                ).one()
+            if status in ("done", "failed"):
+                break
+            assert time.monotonic() < deadline, f"the job was not taken over: {status}, {attempts} attempts"
+            time.sleep(0.1)
+        load.stop()
+        assert other.popen is not None
+        assert (status, attempts) == ("done", 2)
+        assert f":{other.popen.pid}:" in owner
+        # Steps 0-2 ran once (then the checkpoint), 3-4 on the second attempt, done once.
+        assert log.read_text().splitlines() == ["1 0", "1 1", "1 2", "1 hang", "2 3", "2 4", "2 done"]
+        verdict = _assert_promise_kept(cluster, load, what="kill -9 of a worker mid-job")
+        assert not _odd_answers(load), f"a worker's death must not show to clients: {_odd_answers(load)}"
+        _report("kill -9 of a worker mid-job (reclaimed after its 2 s lease, ran once)", verdict, load)
+    finally:
+        load.stop()
+        engine.dispose()
+        # The killed worker comes back for whatever test runs next.
+        for w in cluster.workers:
+            if not w.alive:
+                w.start()
+        assert os.path.exists(STEPS_WORKER)
