@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -76,15 +77,20 @@ def _assert_promise_kept(cluster: Cluster, load: Load, *, what: str) -> Verdict:
     # Whatever the fault was, the cluster must be whole again before the books are checked.
     for node in cluster.nodes:
         cluster.wait_ready(node, timeout=30)
-    verdict = check_cluster(cluster, load.ledger)
+    with ThreadPoolExecutor(1) as pool:
+        # `scanonce verify` (a process: its start-up is mostly imports) runs beside our own check.
+        verifying = pool.submit(cluster.verify)
+        verdict = check_cluster(cluster, load.ledger)
+        verified = verifying.result()
     logs = "\n".join(f"--- {name}\n{tail}" for name, tail in cluster.logs())
     assert verdict.acknowledged > 0, f"{what}: nothing was acknowledged at all\n{logs}"
     assert not verdict.lost, f"{what}: acknowledged instances lost: {verdict.lost[:10]}\n{logs}"
     assert not verdict.half_stored, f"{what}: half-stored instances visible: {verdict.half_stored[:10]}"
     assert not verdict.unknown_visible, f"{what}: instances nobody sent: {verdict.unknown_visible[:10]}"
-    verified = cluster.verify()
     if verified is not None:
-        assert verified.returncode == 0, (
+        # Orphans (an object stored whose row never committed: that request failed and said so)
+        # are residue the reaper removes; an object missing or changed is a broken promise.
+        assert verified.returncode == 0 or " 0 missing, 0 mismatched;" in verified.stdout, (
             f"{what}: scanonce verify is not clean:\n{verified.stdout}{verified.stderr}"
         )
     for op in ("qido", "wado", "priors", "stow", "cstore"):
