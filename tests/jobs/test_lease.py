@@ -270,3 +270,47 @@ def test_a_worker_killed_mid_job_loses_it_after_the_lease_and_it_finishes_once(
     assert (shown["status"], shown["attempts"], shown["progress_done"]) == ("done", 2, 5)
     assert f":{second.pid}:" in shown["owner"]  # the second worker finished it
     engine.dispose()
+
+
+def test_jobs_cli_lists_and_shows_progress_and_failures(settings: Settings) -> None:
+    from typer.testing import CliRunner
+
+    from broker.cli import app as cli
+
+    state = build_state(settings)
+
+    @jobs.register("test-cli-fails")
+    def fails(_engine: Engine, _store: Any, _job: Job, progress: jobs.Progress) -> None:
+        progress.update(done=2, total=7, message="two of seven")
+        raise ValueError("the archive refused the listing")
+
+    failed = jobs.enqueue(engine=state.engine, kind="test-cli-fails", key="county")
+    queued = jobs.enqueue(engine=state.engine, kind="test-cli-waits", key="stmarys")
+    jobs.work(engine=state.engine, store=None, once=True, kinds=("test-cli-fails",))
+    env = {
+        "SCANONCE_DATA_DIR": str(settings.data_dir),
+        "SCANONCE_DATABASE_URL": settings.resolved_database_url(),
+        "SCANONCE_STORAGE_URL": settings.resolved_storage_url(),
+    }
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["jobs", "list", "--status", "failed"], env=env)
+    assert listed.exit_code == 0, listed.output
+    text = " ".join(listed.output.split())
+    assert "test-cli-fails" in text and "2/7" in text and "the archive refused the listing" in text
+    assert "test-cli-waits" not in text
+    everything = runner.invoke(cli, ["jobs", "list"], env=env)
+    assert "test-cli-waits" in everything.output and "queued" in everything.output
+
+    shown = runner.invoke(cli, ["jobs", "show", str(failed.id)], env=env)
+    assert shown.exit_code == 0
+    for line in (
+        "status: failed",
+        "attempts: 1",
+        "progress_done: 2",
+        "error: the archive refused the listing",
+    ):
+        assert line in shown.output
+    assert runner.invoke(cli, ["jobs", "show", str(queued.id)], env=env).exit_code == 0
+    missing = runner.invoke(cli, ["jobs", "show", "987654"], env=env)
+    assert missing.exit_code == 1 and "no job 987654" in missing.output
+    state.engine.dispose()
