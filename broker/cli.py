@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +25,15 @@ from broker.app import build_state, create_app
 from broker.clikit import DataDir, console, fail
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
-from broker.db import check_connection, make_engine, migrate, safe_url, schema_status
+from broker.db import (
+    DatabaseUnreachable,
+    check_connection,
+    make_engine,
+    migrate,
+    safe_url,
+    schema_status,
+    wait_for_database,
+)
 from broker.demo import service as demo_service
 from broker.deps import AppState
 from broker.errors import ScanOnceError
@@ -87,6 +96,7 @@ def serve(
     configure_logging(log_level, settings.log_format)
     _auth_before_exposure(settings)
     _ports_free(settings)
+    _wait_for_database(settings)
     try:
         application = create_app(settings, services=True)
     except ScanOnceError as exc:  # a schema behind: the operator runs `scanonce db upgrade`
@@ -118,6 +128,54 @@ def serve(
         # JSON: uvicorn's own lines go through the root handler too (one format for collectors).
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
+
+
+def _not_ready_app(reason: str) -> Any:
+    """What the HTTP port answers while the node waits for its database at start: alive
+    (/healthz 200, so an orchestrator does not kill it for the database's sake), not ready
+    (/readyz and everything else 503 with Retry-After, so a balancer sends nothing here)."""
+
+    async def app(scope: dict[str, Any], _receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        alive = scope.get("path") == "/healthz"
+        body = b"ok" if alive else f"not ready: {reason}".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")]
+        await send({"type": "http.response.start", "status": 200 if alive else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _wait_for_database(settings: Settings) -> None:
+    """At start, a database that refuses connections is retried (the log names the setting);
+    meanwhile the HTTP port answers /readyz 503 and /healthz 200."""
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        try:
+            check_connection(engine)
+            return
+        except DatabaseUnreachable:
+            pass
+        config = uvicorn.Config(
+            _not_ready_app("database unreachable (SCANONCE_DATABASE_URL)"),
+            host=settings.host,
+            port=settings.port,
+            lifespan="off",
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="scanonce-not-ready", daemon=True)
+        thread.start()
+        try:
+            wait_for_database(engine)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    finally:
+        engine.dispose()
 
 
 def _auth_before_exposure(settings: Settings) -> None:
