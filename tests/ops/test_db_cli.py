@@ -224,3 +224,14 @@ def test_readyz_is_false_while_the_bucket_is_unreachable(tmp_path: Path, moto_se
         assert "object store unreachable (SCANONCE_STORAGE_URL)" in r.text and "database" not in r.text
     finally:
         proxy.stop()
+
+
+def test_an_unreachable_or_wrong_bucket_is_a_clear_error(tmp_path: Path) -> None:
+    closed = f"s3://scanonce?endpoint_url=http://127.0.0.1:{_free_port()}&create_bucket=true"
+    for url, said in ((closed, "cannot reach the object store s3://scanonce"), ("ftp://x/y", "not a usable")):
+        env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_STORAGE_URL": url}
+        result = runner.invoke(cli, ["jobs", "list"], env=env)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1, result.output
+        assert said in text and "SCANONCE_STORAGE_URL" in text, text
+        assert "Traceback" not in result.output
