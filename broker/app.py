@@ -30,7 +30,7 @@ from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
 from broker.dimse.scp import start_scp, stop_scp
-from broker.errors import ScanOnceError, Unavailable
+from broker.errors import BadRequest, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
@@ -60,7 +60,7 @@ from broker.settings import Settings, get_settings
 from broker.web.routes import admin_router as web_admin_router
 from broker.web.routes import pages_router as web_pages_router
 from broker.web.routes import router as web_router
-from storage import StoreUnavailable, open_store
+from storage import ObjectStore, StoreUnavailable, open_store
 
 log = logging.getLogger("scanonce")
 
@@ -93,12 +93,32 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     # The matcher retrains itself as the records grow (identity.autotrain says when).
     identity_service.ensure_trained(engine=engine)
     facilities_service.ensure_default_facility(engine=engine, settings=settings)
-    store = open_store(settings.resolved_storage_url())
+    store = _open_store(settings.resolved_storage_url())
     processes = settings.ingest_processes
     # "One per core" counts this process, which serves HTTP and writes the index, as one.
     auto = max(1, (os.cpu_count() or 1) - 1)
     configure_parsing(processes=auto if processes < 0 else processes)
     return AppState(settings=settings, engine=engine, store=store)
+
+
+def _open_store(url: str) -> ObjectStore:
+    """The object store, or a clear error naming the setting (never a stack trace) when its URL is
+    wrong or, asked to create its bucket, the store cannot be reached or refuses."""
+    shown = url.split("?", 1)[0]  # the query may hold an endpoint; never credentials, but keep it short
+    try:
+        return open_store(url)
+    except StoreUnavailable as exc:
+        raise Unavailable(
+            f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {exc.message}; check that "
+            "setting, the endpoint and the credentials (AWS_* variables)"
+        ) from exc
+    except ValueError as exc:
+        raise BadRequest(f"SCANONCE_STORAGE_URL is not a usable storage URL ({shown}): {exc}") from exc
+    except Exception as exc:  # botocore's ClientError: access denied, a bucket it may not create, ...
+        raise Unavailable(
+            f"the object store {shown} (SCANONCE_STORAGE_URL) refused: {type(exc).__name__}: "
+            f"{str(exc)[:200]}; check that setting and the credentials (AWS_* variables)"
+        ) from exc
 
 
 def register_jobs() -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +25,15 @@ from broker.app import build_state, create_app
 from broker.clikit import DataDir, console, fail
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
-from broker.db import check_connection, make_engine, migrate, safe_url, schema_status
+from broker.db import (
+    DatabaseUnreachable,
+    check_connection,
+    make_engine,
+    migrate,
+    safe_url,
+    schema_status,
+    wait_for_database,
+)
 from broker.demo import service as demo_service
 from broker.deps import AppState
 from broker.errors import ScanOnceError
@@ -32,8 +41,8 @@ from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
 from broker.identity import cli as identity_cli
 from broker.imports import cli as imports_cli
+from broker.index import cli as index_cli
 from broker.index import service
-from broker.index import verify as index_verify
 from broker.jobs import cli as jobs_cli
 from broker.logfilters import configure_logging
 from broker.lookup import cli as lookup_cli
@@ -87,6 +96,7 @@ def serve(
     configure_logging(log_level, settings.log_format)
     _auth_before_exposure(settings)
     _ports_free(settings)
+    _wait_for_database(settings)
     try:
         application = create_app(settings, services=True)
     except ScanOnceError as exc:  # a schema behind: the operator runs `scanonce db upgrade`
@@ -118,6 +128,54 @@ def serve(
         # JSON: uvicorn's own lines go through the root handler too (one format for collectors).
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
+
+
+def _not_ready_app(reason: str) -> Any:
+    """What the HTTP port answers while the node waits for its database at start: alive
+    (/healthz 200, so an orchestrator does not kill it for the database's sake), not ready
+    (/readyz and everything else 503 with Retry-After, so a balancer sends nothing here)."""
+
+    async def app(scope: dict[str, Any], _receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        alive = scope.get("path") == "/healthz"
+        body = b"ok" if alive else f"not ready: {reason}".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")]
+        await send({"type": "http.response.start", "status": 200 if alive else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _wait_for_database(settings: Settings) -> None:
+    """At start, a database that refuses connections is retried (the log names the setting);
+    meanwhile the HTTP port answers /readyz 503 and /healthz 200."""
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        try:
+            check_connection(engine)
+            return
+        except DatabaseUnreachable:
+            pass
+        config = uvicorn.Config(
+            _not_ready_app("database unreachable (SCANONCE_DATABASE_URL)"),
+            host=settings.host,
+            port=settings.port,
+            lifespan="off",
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="scanonce-not-ready", daemon=True)
+        thread.start()
+        try:
+            wait_for_database(engine)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    finally:
+        engine.dispose()
 
 
 def _auth_before_exposure(settings: Settings) -> None:
@@ -300,68 +358,6 @@ def demo(
             print(f"    {token}")
 
 
-@app.command()
-def verify(
-    data_dir: DataDir = None,
-    facility: Annotated[
-        str | None, typer.Option("--facility", help="Check this facility's instances only (no orphan walk).")
-    ] = None,
-    sample: Annotated[
-        int | None, typer.Option("--sample", min=1, help="Check a random sample of this many instances.")
-    ] = None,
-    repair: Annotated[
-        bool,
-        typer.Option("--repair", help="Re-index orphans that parse; mark missing and changed instances."),
-    ] = False,
-    min_age: Annotated[
-        float, typer.Option("--min-age", min=0, help="Seconds: younger objects are never called orphans.")
-    ] = 60,
-    as_job: Annotated[
-        bool, typer.Option("--job", help="Queue it for a worker instead of running it here.")
-    ] = False,
-) -> None:
-    """Walk index and object store: instances whose object is missing or whose SHA-256 changed,
-    and objects no instance names (orphans). Exits 1 unless all is well (after --repair: unless
-    something is still missing or changed)."""
-    st = clikit.state(data_dir)
-    if as_job:
-        job = index_verify.enqueue_verify(
-            engine=st.engine,
-            facility=facility,
-            sample=sample,
-            repair=repair,
-            min_age=min_age,
-            default_facility=st.settings.default_facility,
-        )
-        console.print(f"queued job {job.id}: `scanonce jobs show {job.id}` follows it")
-        return
-    with _progress() as bar:
-        task = bar.add_task("verifying", total=None)
-
-        def show(done: int, total: int | None, message: str) -> None:
-            bar.update(task, completed=done, total=total, description=message)
-
-        report = index_verify.verify(
-            engine=st.engine,
-            store=st.store,
-            facility=facility,
-            sample=sample,
-            repair=repair,
-            min_age=min_age,
-            default_facility=st.settings.default_facility,
-            listener=show,
-        )
-    console.print(report.summary(), soft_wrap=True)
-    for kind, keys in sorted(report.examples.items()):
-        for key in keys:
-            console.print(f"  {kind}: {key}", soft_wrap=True, highlight=False)
-    unresolved = (
-        report.missing or report.mismatch or (report.orphans - report.reindexed if repair else report.orphans)
-    )
-    if unresolved:
-        raise typer.Exit(code=1)
-
-
 db_app = typer.Typer(help="The database schema: upgrade it, or see where it stands.", no_args_is_help=True)
 
 
@@ -430,6 +426,7 @@ def _register_domains() -> None:
     facilities_cli.add_show_detail(federation_cli.studies_not_fetched)
     federation_cli.register(app)
     jobs_cli.register(app)
+    index_cli.register(app)
     identity_cli.register(app)
     imports_cli.register(app)
     lookup_cli.register(app)

@@ -50,12 +50,15 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(
         default=None, description="file:///path or s3://bucket?endpoint_url=...; default: data_dir/objects."
     )
-    host: str = "127.0.0.1"
-    port: int = 8042
+    host: str = Field(
+        default="127.0.0.1",
+        description="HTTP (and DIMSE, MLLP) bind address; beyond loopback only with auth on.",
+    )
+    port: int = Field(default=8042, description="HTTP port of `scanonce serve`.")
     base_url: str | None = Field(
         default=None, description="Public origin used in RetrieveURL; default: request's."
     )
-    dimse_port: int = 11112
+    dimse_port: int = Field(default=11112, description="DIMSE port of `scanonce serve` (0: off).")
     mllp_port: int = Field(
         default=2575,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
@@ -83,8 +86,12 @@ class Settings(BaseSettings):
         default=True,
         description="Accept associations from unknown calling AE titles (embedded default only).",
     )
-    default_facility: str = "local"
-    default_issuer: str = "LOCAL"
+    default_facility: str = Field(
+        default="local", description="The facility this broker's own archive is (created on first start)."
+    )
+    default_issuer: str = Field(
+        default="LOCAL", description="The issuer of Patient IDs of the default facility."
+    )
     sync_interval_seconds: float = Field(
         default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
     )
@@ -117,8 +124,10 @@ class Settings(BaseSettings):
             "Wait before retrying a job after a transient failure; doubled on each attempt (capped at 64x)."
         ),
     )
-    qido_default_limit: int = 100
-    qido_max_limit: int = 1000
+    qido_default_limit: int = Field(
+        default=100, description="QIDO-RS results per page when `limit` is not given."
+    )
+    qido_max_limit: int = Field(default=1000, description="Largest QIDO-RS `limit` accepted.")
     ingest_processes: int = Field(
         default=0,
         description=(
@@ -126,7 +135,9 @@ class Settings(BaseSettings):
             "beside the serving process, what `scanonce serve` uses unless this is set)."
         ),
     )
-    max_part_bytes: int = 4 * 1024**3
+    max_part_bytes: int = Field(
+        default=4 * 1024**3, description="Largest single part (instance) of a STOW-RS request, in bytes."
+    )
     reap_grace_seconds: float = Field(
         default=3600,
         description=(

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from tests.ops.proxy import TcpProxy
 from tests.support import TEST_FILES, auth_headers, make_ds, to_bytes
 
 PATIENT_NAME = "ZEBEDEE^QUENTIN"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -216,3 +219,36 @@ def test_dimse_operations_are_counted(tmp_path: Path) -> None:
     assert delta("scanonce_requests_total", interface="dimse", method="C-STORE", status="0x0000") == 1
     assert delta("scanonce_requests_total", interface="dimse", method="C-ECHO", status="0x0000") == 1
     assert delta("scanonce_ingest_instances_total", outcome="stored") == 1
+
+
+def test_metrics_of_several_processes_are_summed(tmp_path: Path) -> None:
+    """`uvicorn --workers N` (several processes of one node) with PROMETHEUS_MULTIPROC_DIR: /metrics
+    of any of them reports all of them."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    count = (
+        "from broker import metrics\n"
+        "metrics.REQUESTS.labels('fhir', 'GET', '200').inc(3)\n"
+        "metrics.observe_ingest(stored=2, duplicate=0, failed=0, stored_bytes=100)\n"
+    )
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", count], env=env, check=True, cwd=ROOT, timeout=120)
+    render = "from broker import metrics\nimport sys\nsys.stdout.write(metrics.render()[0].decode())\n"
+    out = subprocess.run(
+        [sys.executable, "-c", render],
+        env=env,
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    ).stdout
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(out)
+        for s in family.samples
+    }
+    assert (
+        found[("scanonce_requests_total", (("interface", "fhir"), ("method", "GET"), ("status", "200")))] == 6
+    )
+    assert found[("scanonce_ingest_instances_total", (("outcome", "stored"),))] == 4
+    assert found[("scanonce_ingest_bytes_total", ())] == 200

@@ -5,16 +5,18 @@ Expand only (a nullable column): nodes of the previous version keep serving whil
 they ignore the column, so a job they claim runs at once instead of after its backoff.
 
 Revision ID: 0010_jobs_lease
-Revises: 0009_h41_imports
+Revises: 0009_h41_imports, 0003_federation
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0010_jobs_lease"
-down_revision = "0009_h41_imports"
+# Also on top of the federation branch, which created the job table: a merge point, so that branch
+# is no longer a head of its own.
+down_revision = ("0009_h41_imports", "0003_federation")
 branch_labels = None
-depends_on = "0003_federation"  # the job table is created there
+depends_on = None
 
 
 def upgrade() -> None:
