@@ -27,11 +27,9 @@ def open_store(url: str) -> ObjectStore:
 
         q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         try:
-            timeouts = {
-                "connect_timeout": float(q.get("connect_timeout", s3.DEFAULT_CONNECT_TIMEOUT)),
-                "read_timeout": float(q.get("read_timeout", s3.DEFAULT_READ_TIMEOUT)),
-                "retries": int(q.get("retries", s3.DEFAULT_RETRIES)),
-            }
+            connect_timeout = float(q.get("connect_timeout", s3.DEFAULT_CONNECT_TIMEOUT))
+            read_timeout = float(q.get("read_timeout", s3.DEFAULT_READ_TIMEOUT))
+            retries = int(q.get("retries", s3.DEFAULT_RETRIES))
         except ValueError:
             raise ValueError(
                 "storage URL: connect_timeout and read_timeout must be seconds, retries a whole number"
@@ -42,6 +40,8 @@ def open_store(url: str) -> ObjectStore:
             endpoint_url=q.get("endpoint_url"),
             region=q.get("region"),
             create_bucket=q.get("create_bucket", "false").lower() in ("1", "true", "yes"),
-            **timeouts,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries=retries,
         )
     raise ValueError(f"unsupported storage URL scheme: {parsed.scheme!r}")
