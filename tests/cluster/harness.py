@@ -167,8 +167,11 @@ class Database:
 
     def __init__(self, tag: str = "cluster") -> None:
         self.params = {k: str(v) for k, v in conninfo_to_dict(PG_DSN).items() if v not in (None, "")}
-        self.name = f"h54_{tag}_{os.getpid()}_{secrets.token_hex(3)}"
-        self.admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+        # tests/conftest.py's naming: a run killed before its teardown has its database dropped by
+        # the next test session (its admin connection, named after the run, is gone by then).
+        run = f"scanonce_test_{os.getpid()}_{secrets.token_hex(3)}"
+        self.name = f"{run}_{tag}"
+        self.admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5, application_name=run)
         self.admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
         self.url = URL.create(
             "postgresql+psycopg",
