@@ -88,8 +88,15 @@ def test_a_registered_ae_is_let_in_only_from_its_network(closed_node: Node, tmp_
         [("NG_PACS", "127.0.0.1/32"), ("NG_CT", "127.0.0.2"), ("NG_FAR", "10.20.0.0/16"), "NG_LOCAL"],
     )
     with Session(closed_node.state.engine) as session:
-        nets = {a.ae_title: a.network for a in facilities.calling_aes(session=session, facility_id="northgen")}
-    assert nets == {"NG_PACS": "127.0.0.1/32", "NG_CT": "127.0.0.2/32", "NG_FAR": "10.20.0.0/16", "NG_LOCAL": None}
+        nets = {
+            a.ae_title: a.network for a in facilities.calling_aes(session=session, facility_id="northgen")
+        }
+    assert nets == {
+        "NG_PACS": "127.0.0.1/32",
+        "NG_CT": "127.0.0.2/32",
+        "NG_FAR": "10.20.0.0/16",
+        "NG_LOCAL": None,
+    }
 
     # From its network: echo, store (into its own facility's partition), find.
     assert _echo(closed_node, "NG_PACS").returncode == 0
@@ -178,7 +185,12 @@ def test_open_mode_on_loopback_takes_any_ae_as_the_default_facility(node: Node) 
 def test_a_dimse_peer_is_a_facility_node_of_its_facility() -> None:
     settings = Settings()
     peer = principal_for_dimse(settings=settings, calling_ae="NG_PACS", facility="northgen")
-    assert (peer.role, peer.facility, peer.via, peer.who) == (Role.facility, "northgen", "dimse", "ae:NG_PACS")
+    assert (peer.role, peer.facility, peer.via, peer.who) == (
+        Role.facility,
+        "northgen",
+        "dimse",
+        "ae:NG_PACS",
+    )
     # C-STORE only into its own facility's partition; queries and retrieves as QIDO/WADO.
     assert policy.decide_dimse(peer, "C-STORE", facility="northgen").allowed
     assert not policy.decide_dimse(peer, "C-STORE", facility="local").allowed
@@ -205,9 +217,7 @@ def test_every_dimse_operation_asks_the_policy(
 ) -> None:
     node, instance = loaded
     # An administrator's policy in which facility nodes hold no image permission at all.
-    monkeypatch.setitem(
-        policy.ROLE_PERMISSIONS, Role.facility, frozenset({policy.Permission.authenticated})
-    )
+    monkeypatch.setitem(policy.ROLE_PERMISSIONS, Role.facility, frozenset({policy.Permission.authenticated}))
     before = _studies_of(node, "local")
     assoc = _associate(
         node,
@@ -301,7 +311,9 @@ def _cert(
     return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
 
 
-def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+def _write(
+    folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
     crt, pem = folder / f"{name}.crt", folder / f"{name}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pem.write_bytes(
