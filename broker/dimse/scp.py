@@ -352,7 +352,9 @@ def start_scp(
 
 
 def _peer_address(assoc: Association) -> str:
-    return str(assoc.requestor.address or "")
+    """The peer's IP address ("" if unknown: then only open mode lets it in)."""
+    info = getattr(assoc.requestor, "address_info", None)
+    return str(getattr(info, "address", "") or "")
 
 
 def _spool_dir(data_dir: Path, *, sweep: bool = True) -> Path:
