@@ -137,7 +137,7 @@ class _ScanOnceAE(SpoolingAE):
         if handle is None or handle.open_mode or not isinstance(assoc, Association):
             return []
         calling_ae = str(assoc.requestor.ae_title or "").strip()
-        known = calling_ae and handle.facility_of(calling_ae, _peer_address(assoc)) is not None
+        known = handle.admit(assoc)[1] is not None
         # A non-empty list that matches nothing refuses the caller.
         return [calling_ae] if known else ["\x00"]
 
@@ -267,13 +267,18 @@ class ScpHandle:
 
     def caller(self, event: evt.Event) -> tuple[Principal, str | None]:
         """The Principal and facility of the association's calling AE, resolved once."""
-        assoc = event.assoc
+        return self.admit(event.assoc)
+
+    def admit(self, assoc: Association) -> tuple[Principal, str | None]:
+        """Who the association's peer is (its calling AE title from its address), looked up once
+        per association: at negotiation (pynetdicom reads `require_calling_aet` twice), and
+        reused by every handler."""
         with self._lock:
             found = self._callers.get(assoc)
         if found is None:
             settings = self.state.settings
-            calling_ae = str(assoc.requestor.ae_title).strip()
-            facility = self.facility_of(calling_ae, _peer_address(assoc))
+            calling_ae = str(assoc.requestor.ae_title or "").strip()
+            facility = self.facility_of(calling_ae, _peer_address(assoc)) if calling_ae else None
             principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
             found = (principal, facility)
             with self._lock:
