@@ -125,9 +125,10 @@ def cstore_status(outcome: Any) -> tuple[int, str | None]:
 class DimsePeers:
     """AE titles known to this node besides the facility registry's.
 
-    `calling` maps a calling AE title to the facility it sends for; `destinations` maps a C-MOVE
-    destination AE title to (host, port) (e.g. a workstation that is not a facility). Both are
-    consulted after the registry (see `facility_for_calling_ae` / `move_destination`).
+    `calling` maps a calling AE title to the facility it sends for (accepted from loopback only:
+    this table has no networks); `destinations` maps a C-MOVE destination AE title to (host,
+    port) (e.g. a workstation that is not a facility; only within the outbound networks). Both
+    are consulted after the registry (see `facility_for_calling_ae` / `move_destination`).
     Thread-safe: associations run in their own threads.
     """
 
