@@ -19,6 +19,7 @@ from joserfc.jwk import ECKey
 from broker.app import build_state, create_app
 from broker.deps import AppState
 from broker.facilities.models import Facility
+from broker.federation.sync import sync_facility
 from broker.peers.archive import QidoSource, wado_retrieve_study
 from broker.security import network
 from broker.security.tokens import TokenInvalid, Verifier
@@ -163,3 +164,21 @@ def test_a_jwks_url_outside_the_allowed_networks_is_never_fetched(tmp_path: Path
     )
     with pytest.raises(TokenInvalid, match="may not call"):
         verifier.verify_cds_client(token, service_url="x")
+
+
+def test_a_sync_to_an_archive_outside_the_networks_fails_naming_the_setting(
+    archives: tuple[_Archive, _Archive], state: AppState
+) -> None:
+    real, _other = archives
+    client = TestClient(create_app(state=state), headers=auth_headers())
+    url = f"http://127.0.0.1:{real.port}/dicom-web"
+    assert (
+        client.post("/api/facilities", json={"id": "arch", "issuer": "ARCH", "dicomweb_url": url}).status_code
+        == 201
+    )
+    network.configure(["127.0.0.2/32"])  # the administrator has since narrowed the networks
+    with pytest.raises(network.OutboundRefused):
+        sync_facility(engine=state.engine, facility_id="arch")
+    sync = client.get("/api/facilities/arch").json()["sync"]
+    assert sync["last_status"] == "failed" and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in sync["last_error"]
+    assert real.paths == []  # nothing was asked of the archive
