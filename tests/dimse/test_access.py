@@ -120,6 +120,12 @@ def test_a_registered_ae_is_let_in_only_from_its_network(closed_node: Node, tmp_
         *synth.write_files(synthetic_studies(seed=8)[:1], tmp_path / "far"), check=False,
     )  # fmt: skip
     assert stored.returncode != 0 and len(_studies_of(closed_node, "northgen")) == 1
+    refused = dcmtk(
+        "findscu", "-S", "-aet", "NG_FAR", "-aec", closed_node.aet, "-k", "QueryRetrieveLevel=STUDY",
+        "-k", "StudyInstanceUID=", "127.0.0.1", str(closed_node.port), check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "Rejected" in refused.stdout + refused.stderr
+    assert study[0].StudyInstanceUID not in refused.stdout + refused.stderr
     # ... and let in from its own (127.0.0.2 is loopback too, so the test can call from it).
     assoc = _associate(closed_node, "NG_CT", source="127.0.0.2")
     assert assoc.is_established
