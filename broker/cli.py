@@ -36,8 +36,8 @@ from broker.db import (
 )
 from broker.demo import service as demo_service
 from broker.deps import AppState
-from broker.errors import ScanOnceError
 from broker.dimse import access as dimse_access
+from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
 from broker.identity import cli as identity_cli
