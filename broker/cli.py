@@ -36,6 +36,7 @@ from broker.db import (
 )
 from broker.demo import service as demo_service
 from broker.deps import AppState
+from broker.dimse import access as dimse_access
 from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
@@ -95,6 +96,7 @@ def serve(
         settings.ingest_processes = -1
     configure_logging(log_level, settings.log_format)
     _auth_before_exposure(settings)
+    _dimse_before_exposure(settings)
     _ports_free(settings)
     _wait_for_database(settings)
     try:
@@ -188,6 +190,15 @@ def _auth_before_exposure(settings: Settings) -> None:
         "SCANONCE_AUTH_ENABLED=true (the default) or bind to 127.0.0.1.",
         soft_wrap=True,
     )
+    raise typer.Exit(code=clikit.EXIT_REFUSED)
+
+
+def _dimse_before_exposure(settings: Settings) -> None:
+    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback."""
+    refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
+    if refused is None:
+        return
+    clikit.err_console.print(f"[red]Refusing to serve:[/] {refused}", soft_wrap=True)
     raise typer.Exit(code=clikit.EXIT_REFUSED)
 
 
