@@ -145,8 +145,9 @@ class Settings(BaseSettings):
         default=60,
         gt=0,
         description=(
-            "How long a worker's claim on a job lasts past its last heartbeat (renewed 4 times per "
-            "lease while the job runs); a killed worker's job is taken over by another after this."
+            "How long a worker's claim on a job lasts past its last heartbeat; the worker renews it 4 "
+            "times per lease, a job run in the foreground by a CLI command every 5 s (so keep it at 15 s "
+            "or more). A killed worker's job is taken over by another after this."
         ),
     )
     job_max_attempts: int = Field(

@@ -330,8 +330,8 @@ def start_scp(
         ae.add_supported_context(uid, _UNCOMPRESSED)
     # Each operation is put to the policy before its handler runs (broker.dimse.access).
     handlers: list[Any] = [
-        # Each operation counted and timed as interface "dimse" (broker.metrics), refusals of the
-        # policy included.
+        # Counted and timed as interface "dimse" (broker.metrics) outside the policy check, so
+        # refused operations are counted too.
         (evt.EVT_C_ECHO, observe_dimse("C-ECHO", access.guarded("C-ECHO", _on_echo)), [handle]),
         (evt.EVT_C_STORE, observe_dimse("C-STORE", access.guarded("C-STORE", _on_store)), [handle]),
         (evt.EVT_C_FIND, observe_dimse("C-FIND", access.guarded("C-FIND", _on_find)), [handle]),

@@ -50,6 +50,9 @@ log = logging.getLogger("scanonce.jobs")
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed")
 STALE_AFTER = timedelta(seconds=60)
+# How often a job run outside the worker loop (a CLI's foreground sync or rebuild, which knows no
+# settings) renews its lease: often enough for any SCANONCE_JOB_LEASE_SECONDS of 15 s or more.
+HEARTBEAT_EVERY = 5.0
 PRUNE_EVERY = 3600.0  # seconds between two prunes by one worker loop
 _PRUNE_BATCH = 1000  # rows per delete: a first prune of a year of hourly syncs holds no long lock
 
@@ -386,7 +389,7 @@ def heartbeat(
     *,
     engine: Engine,
     job_id: int,
-    every: float = STALE_AFTER.total_seconds() / 4,
+    every: float = HEARTBEAT_EVERY,
     lease: Lease | None = None,
     lost: threading.Event | None = None,
 ) -> Iterator[None]:
