@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import orjson
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from broker.audit.models import AuditChainHead, AuditEvent
@@ -263,7 +264,12 @@ class IngestAuditHook:
             ).by(self.principal)
             for (study, pid, issuer, status), n in counts.items()
         ]
-        append(session=session, records=records)
+        try:
+            append(session=session, records=records)
+        except SQLAlchemyError as exc:
+            # The whole store rolls back with it (503 / C-STORE out of resources: retry later).
+            log.error("store not recorded in the audit trail: %s", type(exc).__name__)
+            raise Unavailable("the store could not be audited; nothing was stored") from exc
         self.ran = True
 
 
