@@ -171,7 +171,9 @@ def test_a_rewritten_chain_is_caught_by_an_anchored_head(engine: Engine) -> None
 def test_control_characters_are_neutralised_before_hashing(engine: Engine) -> None:
     service.record_now(
         engine=engine,
-        records=[_event(1, agent_who="eve\nINFO forged line\x1b[31m", entity="q=\u202eevil", patient_id="x" * 500)],
+        records=[
+            _event(1, agent_who="eve\nINFO forged line\x1b[31m", entity="q=\u202eevil", patient_id="x" * 500)
+        ],
     )
     row = _rows(engine)[0]
     assert row["agent_who"] == "eve\ufffdINFO forged line\ufffd[31m"
@@ -213,7 +215,9 @@ def test_concurrent_writers_serialise_on_the_head(engine: Engine) -> None:
 
 def test_search_by_patient_agent_action_subtype_and_date(engine: Engine) -> None:
     _fill(engine, 6)
-    service.record_now(engine=engine, records=[_event(7, action="R", subtype="retrieve", patient_issuer="HOSP-B")])
+    service.record_now(
+        engine=engine, records=[_event(7, action="R", subtype="retrieve", patient_issuer="HOSP-B")]
+    )
     with Session(engine) as session:
         assert service.search(session=session, query=AuditQuery(patient="P7"))[0] == 1
         assert service.search(session=session, query=AuditQuery(patient="HOSP-A|P7"))[0] == 0
@@ -245,7 +249,10 @@ def test_cli_verify_head_and_list(tmp_path: Any) -> None:
         assert head.output.strip().startswith("3:")
         listed = runner.invoke(app, ["audit", "list", "--patient", "P2"], env=env)
         assert "P2" in listed.output and "P3" not in listed.output
-        assert runner.invoke(app, ["audit", "verify", "--expect-head", head.output.strip()], env=env).exit_code == 0
+        assert (
+            runner.invoke(app, ["audit", "verify", "--expect-head", head.output.strip()], env=env).exit_code
+            == 0
+        )
         _tamper(engine, "UPDATE audit_event SET outcome = '0', agent_who = 'x' WHERE seq = 2")
     finally:
         engine.dispose()

@@ -30,11 +30,18 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 def _stow(client: TestClient, *, pid: str = "AUD-1", n: int = 2) -> Any:
     parts = [
-        to_bytes(make_ds(sop=generate_uid(), study=STUDY, series=SERIES, pid=pid, name="AUDIT^PAT", instance_number=i))
+        to_bytes(
+            make_ds(
+                sop=generate_uid(), study=STUDY, series=SERIES, pid=pid, name="AUDIT^PAT", instance_number=i
+            )
+        )
         for i in range(n)
     ]
     body, ctype = multipart_body(parts)
-    headers = auth_headers("facility", subject="node-a") | {"Content-Type": ctype, "Accept": "application/dicom+json"}
+    headers = auth_headers("facility", subject="node-a") | {
+        "Content-Type": ctype,
+        "Accept": "application/dicom+json",
+    }
     return client.post("/dicom-web/studies", content=body, headers=headers)
 
 
@@ -61,7 +68,9 @@ def _subtype(event: dict[str, Any]) -> str:
 def test_store_query_and_retrieve_are_recorded_with_who_and_which_patient(client: TestClient) -> None:
     assert _stow(client).status_code == 200
     clinician = auth_headers("clinician", subject="dr-who")
-    assert client.get("/dicom-web/studies", params={"PatientID": "AUD-1"}, headers=clinician).status_code == 200
+    assert (
+        client.get("/dicom-web/studies", params={"PatientID": "AUD-1"}, headers=clinician).status_code == 200
+    )
     r = client.get(f"/dicom-web/studies/{STUDY}/metadata", headers=clinician)
     assert r.status_code == 200
 
@@ -81,16 +90,24 @@ def test_store_query_and_retrieve_are_recorded_with_who_and_which_patient(client
     assert retrieve["agent"][0]["who"]["display"] == "dr-who"
     assert retrieve["agent"][0]["network"]["address"] == "testclient"
     assert retrieve["outcome"] == "0"
-    assert any(e["what"]["identifier"]["value"] == f"urn:oid:{STUDY}" for e in retrieve["entity"] if "what" in e)
+    assert any(
+        e["what"]["identifier"]["value"] == f"urn:oid:{STUDY}" for e in retrieve["entity"] if "what" in e
+    )
     assert by_kind["query"]["source"]["site"] == "dicomweb"
     assert client.get("/api/audit/verify", headers=auth_headers("auditor")).json()["ok"] is True
 
 
 def test_refused_sign_ins_and_denials_are_recorded(client: TestClient) -> None:
-    assert client.get("/dicom-web/studies", headers={"Authorization": "Bearer not-a-token"}).status_code == 401
+    assert (
+        client.get("/dicom-web/studies", headers={"Authorization": "Bearer not-a-token"}).status_code == 401
+    )
     assert client.get("/api/priors", params={"facility": "local", "mrn": "AUD-9"}).status_code == 401
     # A facility node may not read the lookup: refused, and recorded as a failed query.
-    denied = client.get("/api/priors", params={"facility": "local", "mrn": "AUD-9"}, headers=auth_headers("facility", subject="node-x"))
+    denied = client.get(
+        "/api/priors",
+        params={"facility": "local", "mrn": "AUD-9"},
+        headers=auth_headers("facility", subject="node-x"),
+    )
     assert denied.status_code == 403
     failures = _events(client, subtype="sign-in-failure")
     assert len(failures) == 2
@@ -110,7 +127,11 @@ def test_health_discovery_and_metadata_leave_no_event(client: TestClient) -> Non
 
 def test_audit_event_search_by_agent_date_action_and_who_may_search(client: TestClient) -> None:
     _stow(client)
-    client.get("/dicom-web/studies", params={"PatientID": "AUD-1"}, headers=auth_headers("radiologist", subject="rad-1"))
+    client.get(
+        "/dicom-web/studies",
+        params={"PatientID": "AUD-1"},
+        headers=auth_headers("radiologist", subject="rad-1"),
+    )
     today = _events(client)[0]["recorded"][:10]
     assert {_subtype(e) for e in _events(client, agent="rad-1")} == {"query"}
     assert len(_events(client, date=[f"ge{today}", f"le{today}"], action="C")) == 1
@@ -126,7 +147,9 @@ def test_audit_event_search_by_agent_date_action_and_who_may_search(client: Test
     assert _events(client, subtype="audit-read")
 
 
-def test_an_access_that_cannot_be_audited_is_refused_and_stores_nothing(client: TestClient, settings: Settings) -> None:
+def test_an_access_that_cannot_be_audited_is_refused_and_stores_nothing(
+    client: TestClient, settings: Settings
+) -> None:
     _stow(client, pid="AUD-1", n=1)
     engine = client.app.state.scanonce.engine  # type: ignore[attr-defined]
     with engine.begin() as conn:
