@@ -277,6 +277,8 @@ class AuditMiddleware:
             kind = Kind("E", "sign-in-failure", _interface(path))
         elif kind is None or state.get("audit_recorded"):
             return None
+        elif "principal" not in state and status < 400:
+            return None  # a browser sent to the sign-in page: nothing was accessed
         client = scope.get("client")
         record = AuditRecord(
             action=kind.action,
