@@ -172,3 +172,34 @@ def test_an_access_that_cannot_be_audited_is_refused_and_stores_nothing(
     found = client.get("/dicom-web/studies", params={"StudyInstanceUID": new}, headers=auth_headers("admin"))
     assert found.status_code == 204 or found.json() == []
     assert client.get("/api/audit/verify", headers=auth_headers("auditor")).json()["ok"] is True
+
+
+def test_cds_calls_and_identity_links_name_what_their_bodies_name(client: TestClient) -> None:
+    hook = {
+        "hook": "order-select",
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "fhirServer": "https://ehr.example/fhir",
+        "context": {
+            "userId": "Practitioner/1",
+            "patientId": "EHR-PAT-7",
+            "selections": [],
+            "draftOrders": {},
+        },
+    }
+    clinician = auth_headers("clinician", subject="dr-cds")
+    client.post("/cds-services/prior-imaging", json=hook, headers=clinician)
+    (cds,) = _events(client, agent="dr-cds")
+    assert cds["source"]["site"] == "cds" and _subtype(cds) == "query"
+    assert _patient(cds) == {"value": "EHR-PAT-7", "system": "https://ehr.example/fhir"}
+
+    reviewer = auth_headers("reviewer", subject="rev-1")
+    client.post(
+        "/api/identity/link", json={"record_id": 41, "to_record_id": 42, "reason": "same"}, headers=reviewer
+    )
+    client.post("/api/identity/unlink", json={"record_id": 41, "reason": "not the same"}, headers=reviewer)
+    events = _events(client, agent="rev-1")
+    assert sorted(_subtype(e) for e in events) == ["link", "unlink"]
+    link = next(e for e in events if _subtype(e) == "link")
+    assert link["action"] == "U"
+    described = " ".join(x.get("description", "") for x in link["entity"])
+    assert '"to_record_id": 42' in described or '"to_record_id":42' in described
