@@ -171,7 +171,7 @@ class AuditWriter:
         if box[0] is not None:
             raise Unavailable("the audit trail could not be written") from box[0]
 
-    async def record_async(self, records: Sequence[AuditRecord]) -> None:
+    async def record_async(self, records: Sequence[AuditRecord], *, timeout: float = 60.0) -> None:
         """From the event loop: resumes once committed; raises Unavailable if it could not be."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BaseException | None] = loop.create_future()
@@ -180,7 +180,10 @@ class AuditWriter:
             loop.call_soon_threadsafe(_settle, future, exc)
 
         self.submit(records, done)
-        exc = await future
+        try:
+            exc = await asyncio.wait_for(future, timeout)
+        except TimeoutError as late:
+            raise Unavailable("the audit trail could not be written in time") from late
         if exc is not None:
             raise Unavailable("the audit trail could not be written") from exc
 

@@ -5,6 +5,7 @@ and 503 (with nothing stored or returned) when the event cannot be written."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,9 +149,10 @@ def test_audit_event_search_by_agent_date_action_and_who_may_search(client: Test
 
 
 def test_an_access_that_cannot_be_audited_is_refused_and_stores_nothing(
-    client: TestClient, settings: Settings
+    client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     _stow(client, pid="AUD-1", n=1)
+    caplog.set_level(logging.DEBUG)
     engine = client.app.state.scanonce.engine  # type: ignore[attr-defined]
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE audit_event RENAME TO audit_event_away"))
@@ -172,6 +174,11 @@ def test_an_access_that_cannot_be_audited_is_refused_and_stores_nothing(
     found = client.get("/dicom-web/studies", params={"StudyInstanceUID": new}, headers=auth_headers("admin"))
     assert found.status_code == 204 or found.json() == []
     assert client.get("/api/audit/verify", headers=auth_headers("auditor")).json()["ok"] is True
+    # The failures were logged, without the patient data the failed statements carried.
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("scanonce"))
+    assert "not recorded" in ours
+    for secret in ("AUD-1", "AUD-2", "AUDIT^PAT", new):
+        assert secret not in ours
 
 
 def test_cds_calls_and_identity_links_name_what_their_bodies_name(client: TestClient) -> None:
