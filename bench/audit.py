@@ -12,6 +12,7 @@ round: STOW-RS of `--instances` fresh small CT instances (16x16) in requests of 
 throughput within 5%).
 
     .venv/bin/python bench/audit.py [--rounds 7] [--instances 400] [--batch 10] [--threads 2]
+        [--pg postgresql+psycopg://postgres@127.0.0.1:5432]
 """
 
 from __future__ import annotations
@@ -96,6 +97,17 @@ def _qido_ms(client: httpx.Client, patient: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def _database(server: str, name: str) -> str:
+    """A fresh database audit_bench_<name> on the PostgreSQL server at `server`."""
+    import psycopg
+
+    plain = server.replace("postgresql+psycopg://", "postgresql://").rstrip("/")
+    with psycopg.connect(plain + "/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS audit_bench_{name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE audit_bench_{name}")
+    return f"{server.rstrip('/')}/audit_bench_{name}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
@@ -104,13 +116,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--slice", type=int, default=40, help="instances per alternating slice")
+    ap.add_argument(
+        "--pg",
+        metavar="URL",
+        help="index on PostgreSQL instead: a server URL (postgresql+psycopg://user@host:port); "
+        "databases audit_bench_on / audit_bench_off are (re)created there",
+    )
     args = ap.parse_args()
     os.environ["SCANONCE_INGEST_PROCESSES"] = "0"
     root = Path(tempfile.mkdtemp(prefix="bench-audit-"))
     common = {"auth_enabled": False, "ingest_processes": 0, "mllp_port": 0}
+    databases = {name: _database(args.pg, name) if args.pg else None for name in ("on", "off")}
     settings = {
-        "on": Settings(data_dir=root / "on", audit_enabled=True, **common),  # type: ignore[arg-type]
-        "off": Settings(data_dir=root / "off", audit_enabled=False, **common),  # type: ignore[arg-type]
+        name: Settings(  # type: ignore[arg-type]
+            data_dir=root / name, audit_enabled=name == "on", database_url=databases[name], **common
+        )
+        for name in ("on", "off")
     }
     urls = {name: _serve(s) for name, s in settings.items()}
     clients = {name: httpx.Client(base_url=url, trust_env=False) for name, url in urls.items()}
@@ -153,7 +174,8 @@ def main() -> None:
             "client_threads": args.threads,
             "qido_requests_per_round": args.requests,
             "instances_per_slice": args.slice,
-            "index": "SQLite (WAL, synchronous=FULL), local object folder, auth off, parsing in-process",
+            "index": ("PostgreSQL" if args.pg else "SQLite (WAL, synchronous=FULL)")
+            + ", local object folder, auth off, parsing in-process",
             "cpus": os.cpu_count(),
         },
         "stow": {
