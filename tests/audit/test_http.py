@@ -124,6 +124,8 @@ def test_health_discovery_and_metadata_leave_no_event(client: TestClient) -> Non
         assert client.get(path).status_code == 200, path
     assert client.get("/api/facilities", headers=auth_headers("clinician")).status_code == 200
     assert _events(client) == []
+    served = client.get("/fhir/metadata").json()["rest"][0]["resource"]
+    assert "AuditEvent" in {r["type"] for r in served}
 
 
 def test_audit_event_search_by_agent_date_action_and_who_may_search(client: TestClient) -> None:
