@@ -101,9 +101,11 @@ def append(*, session: Session, records: Sequence[AuditRecord]) -> list[int]:
     if not records:
         return []
     _resolve(session, records)
-    # Lock the head first: the next appender waits here until this transaction ends.
-    session.execute(update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq))
-    head = session.execute(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)).one()
+    # Lock the head first and read it in the same statement: the next appender waits here until
+    # this transaction ends (UPDATE ... RETURNING: PostgreSQL, SQLite >= 3.35).
+    head = session.execute(
+        update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash)
+    ).one()
     seq, prev = int(head.seq), str(head.hash)
     rows: list[dict[str, Any]] = []
     recorded = _now()
