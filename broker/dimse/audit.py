@@ -14,7 +14,12 @@ from broker.audit.service import IngestAuditHook
 from broker.deps import AppState
 from broker.security.schemas import Principal
 
-_COMMANDS = {"C-FIND": ("E", "query"), "C-MOVE": ("R", "retrieve"), "C-GET": ("R", "retrieve")}
+_COMMANDS = {
+    "C-FIND": ("E", "query"),
+    "C-MOVE": ("R", "retrieve"),
+    "C-GET": ("R", "retrieve"),
+    "C-STORE": ("C", "store"),  # only refusals: a store's event is written with its rows
+}
 
 
 def _address(event: evt.Event) -> str:
@@ -45,9 +50,12 @@ def _keys(identifier: Any) -> tuple[str, str, str, str]:
     return pid, issuer, study, " ".join(parts)
 
 
-def record(state: AppState, event: evt.Event, principal: Principal, command: str) -> None:
-    """Record a query or retrieve and wait for its commit; raises Unavailable if it cannot be."""
-    if not state.settings.audit_enabled:
+def record(
+    state: AppState, event: evt.Event, principal: Principal, command: str, *, refused: bool = False
+) -> None:
+    """Record a query, retrieve (or, `refused`, any refused C-STORE/FIND/MOVE/GET) and wait for
+    its commit; raises Unavailable if it cannot be."""
+    if not state.settings.audit_enabled or command not in _COMMANDS:
         return
     action, subtype = _COMMANDS[command]
     identifier: Any
@@ -59,7 +67,8 @@ def record(state: AppState, event: evt.Event, principal: Principal, command: str
     entry = AuditRecord(
         action=action,
         subtype=subtype,
-        outcome_desc=f"{command} requested",
+        outcome="4" if refused else "0",
+        outcome_desc=f"{command} refused (not authorized)" if refused else f"{command} requested",
         patient_id=pid,
         patient_issuer=issuer,
         study_uid=study,

@@ -13,6 +13,8 @@ from sqlmodel import Session
 
 from broker.audit import service
 from broker.audit.service import AuditQuery
+from broker.security import policy
+from broker.security.schemas import Role
 from tests.dimse.conftest import Node, _start
 from tests.peers import dcmtk
 from tests.support import make_ds, write
@@ -99,3 +101,19 @@ def test_without_an_audit_trail_dimse_refuses_and_stores_nothing(node: Node, tmp
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE audit_event_away RENAME TO audit_event"))
         assert conn.execute(text("SELECT count(*) FROM instance")).scalar_one() == 0
+
+
+def test_a_refused_dimse_query_is_recorded_as_a_failure(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A policy in which facility nodes (every DIMSE peer) hold no image permission.
+    monkeypatch.setitem(policy.ROLE_PERMISSIONS, Role.facility, frozenset({policy.Permission.authenticated}))
+    found = dcmtk(
+        "findscu", "-v", "-aet", "VIEWER9", "-aec", node.aet, "-S",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=DIM-3", "127.0.0.1", str(node.port),
+        check=False,
+    )  # fmt: skip
+    assert "Status: 0x124" in found.stderr, found.stderr
+    (event,) = _events(node, agent="ae:VIEWER9")
+    assert event["subtype"] == "query" and event["outcome"] == "4"
+    assert event["patient_id"] == "DIM-3" and "refused" in str(event["outcome_desc"])
