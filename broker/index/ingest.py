@@ -36,7 +36,7 @@ from broker.facilities.models import Facility
 from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
-from broker.index.parse import _Parsed, parse_instance
+from broker.index.parse import Received, _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
 from broker.security.service import authorize
@@ -392,11 +392,16 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()
 
 
-def _parse_all(paths: Sequence[str], expected_study_uid: str | None) -> list[_Parsed | StoreOutcome]:
+def _parse_all(
+    paths: Sequence[str | Received], expected_study_uid: str | None
+) -> list[_Parsed | StoreOutcome]:
     parse = partial(parse_instance, expected_study_uid=expected_study_uid)
     pool = _parse_pool()
     if pool is None or not paths:
         return [parse(p) for p in paths]
+    # A worker reads the file itself (from the page cache) rather than get its bytes through a
+    # pipe; the hash computed on receipt goes along, so nothing is hashed twice.
+    paths = [Received(p.path, p.sha256, p.size) if isinstance(p, Received) else p for p in paths]
     try:
         chunk = max(1, len(paths) // (4 * _PARSE_PROCESSES))
         return list(pool.map(parse, paths, chunksize=chunk))
@@ -415,11 +420,13 @@ def ingest_files(
     store: ObjectStore,
     principal: Principal,
     facility_id: str,
-    paths: Sequence[str],
+    paths: Sequence[str | Received],
     expected_study_uid: str | None = None,
     consume: bool = False,
 ) -> list[StoreOutcome]:
-    """Store and index Part 10 files; one outcome per path, in order.
+    """Store and index Part 10 files; one outcome per path, in order. A `Received` item
+    carries the hash its receiver computed while writing it (and maybe its bytes): it is not
+    read again to hash it.
 
     Same SOP Instance UID with the same bytes: "duplicate" (a success, nothing rewritten).
     Same UID with different bytes: failed with DUPLICATE_SOP_INSTANCE; the new copy is kept apart
