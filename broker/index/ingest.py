@@ -36,6 +36,7 @@ from broker.facilities.models import Facility
 from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
+from broker.index.packing import pack_metadata
 from broker.index.parse import Received, _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
@@ -650,7 +651,7 @@ def _index_batch(
                     "sha256": p.sha256,
                     "object_key": instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256),
                     "instance_json": "{}",
-                    "metadata_json": p.metadata,
+                    "metadata_json": pack_metadata(p.metadata),
                 }
             )
             assert series.pk is not None and study.pk is not None  # flushed
