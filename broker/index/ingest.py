@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -660,19 +660,31 @@ def _index_batch(
         if rows:
             session.execute(core_table(Instance).insert(), rows)
         # Counters are bumped in SQL, not on the loaded rows, so concurrent batches never lose updates.
+        # One executemany per counter, not a statement per row: a batch of 100 small instances
+        # touches ~20 series and ~10 studies.
         series_t, study_t = core_table(Series), core_table(Study)
-        for pk, n in touched_series.items():
+        if touched_series:
             session.execute(
-                update(series_t).where(series_t.c.pk == pk).values(num_instances=series_t.c.num_instances + n)
+                update(series_t)
+                .where(series_t.c.pk == bindparam("b_pk"))
+                .values(num_instances=series_t.c.num_instances + bindparam("b_n")),
+                [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()],
             )
-        for pk, n in touched_studies.items():
+        if touched_studies:
             session.execute(
-                update(study_t).where(study_t.c.pk == pk).values(num_instances=study_t.c.num_instances + n)
+                update(study_t)
+                .where(study_t.c.pk == bindparam("b_pk"))
+                .values(num_instances=study_t.c.num_instances + bindparam("b_n")),
+                [{"b_pk": pk, "b_n": n} for pk, n in touched_studies.items()],
+            )
+        if batch.new_series:
+            session.execute(
+                update(study_t)
+                .where(study_t.c.pk == bindparam("b_pk"))
+                .values(num_series=study_t.c.num_series + 1),
+                [{"b_pk": pk} for pk, _modality in batch.new_series],
             )
         for pk, modality in batch.new_series:
-            session.execute(
-                update(study_t).where(study_t.c.pk == pk).values(num_series=study_t.c.num_series + 1)
-            )
             if modality:
                 session.execute(
                     update(study_t)
