@@ -56,7 +56,8 @@ def load(data_dir: Path, n: int, seed: int) -> Path:
         )
         batch.clear()
 
-    generated = bulk_instances(seed=seed, n_studies=max(1, n // 10), series_per_study=2, instances_per_series=5)
+    studies = max(1, n // 10)
+    generated = bulk_instances(seed=seed, n_studies=studies, series_per_study=2, instances_per_series=5)
     for i, data in enumerate(generated):
         path = spool / f"{i}.dcm"
         path.write_bytes(data)
