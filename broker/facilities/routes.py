@@ -8,9 +8,11 @@ from fastapi import APIRouter, Response
 from sqlmodel import Session
 
 from broker.deps import PrincipalDep, SessionDep
+from broker.errors import BadRequest
 from broker.facilities import service
 from broker.facilities.models import Facility
 from broker.facilities.schemas import (
+    ConsentPolicy,
     FacilityIn,
     FacilityOut,
     FacilityUpdate,
@@ -39,6 +41,7 @@ def _out(session: Session, facility: Facility) -> FacilityOut:
         port=facility.port,
         calling_ae_titles=service.calling_ae_titles(session=session, facility_id=facility.id),
         sharing_policy=SharingPolicy(facility.sharing_policy),
+        consent_policy=ConsentPolicy(facility.consent_policy),
         sync=SyncStateOut.model_validate(state, from_attributes=True) if state else None,
     )
 
@@ -68,6 +71,7 @@ def add_facility(body: FacilityIn, session: SessionDep, principal: PrincipalDep)
         port=body.port,
         calling_ae_titles=body.calling_ae_titles,
         sharing_policy=body.sharing_policy.value,
+        consent_policy=body.consent_policy.value,
     )
     return _out(session, f)
 
@@ -89,6 +93,10 @@ def update_facility(
     changes = body.model_dump(exclude_unset=True)
     if "sharing_policy" in changes and changes["sharing_policy"] is not None:
         changes["sharing_policy"] = SharingPolicy(changes["sharing_policy"]).value
+    if "consent_policy" in changes:
+        if changes["consent_policy"] is None:
+            raise BadRequest("consent_policy cannot be null: opt-out or opt-in")
+        changes["consent_policy"] = ConsentPolicy(changes["consent_policy"]).value
     f = service.update_facility(session=session, principal=principal, facility_id=facility_id, **changes)
     return _out(session, f)
 

@@ -18,6 +18,11 @@ class SharingPolicy(StrEnum):
     none = "none"  # nothing is shared
 
 
+class ConsentPolicy(StrEnum):
+    opt_out = "opt-out"  # shared with other facilities unless the person opted out
+    opt_in = "opt-in"  # shared with other facilities only if the person opted in
+
+
 class FacilityIn(BaseModel):
     id: str = Field(pattern=FACILITY_ID)
     issuer: str = Field(min_length=1, max_length=128, description="Issuer of Patient ID (0010,0021).")
@@ -32,6 +37,9 @@ class FacilityIn(BaseModel):
         default_factory=list, description="AE titles the facility calls the broker from."
     )
     sharing_policy: SharingPolicy = SharingPolicy.share_all
+    consent_policy: ConsentPolicy = Field(
+        default=ConsentPolicy.opt_out, description="Patients' consent model for this facility's records."
+    )
 
 
 class FacilityUpdate(BaseModel):
@@ -45,6 +53,7 @@ class FacilityUpdate(BaseModel):
     port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_titles: list[str] | None = None
     sharing_policy: SharingPolicy | None = None
+    consent_policy: ConsentPolicy | None = None
 
 
 class SyncStateOut(BaseModel):
@@ -66,4 +75,5 @@ class FacilityOut(BaseModel):
     port: int | None = None
     calling_ae_titles: list[str] = Field(default_factory=list)
     sharing_policy: SharingPolicy = SharingPolicy.share_all
+    consent_policy: ConsentPolicy = ConsentPolicy.opt_out
     sync: SyncStateOut | None = None

@@ -70,6 +70,13 @@ def _set_calling_aes(session: Session, facility_id: str, titles: Iterable[str]) 
         session.add(FacilityAE(ae_title=title, facility_id=facility_id))
 
 
+def _consent_policy(value: Any) -> str:
+    text = str(value) if value is not None else "opt-out"
+    if text not in ("opt-out", "opt-in"):
+        raise BadRequest("consent_policy must be opt-out or opt-in")
+    return text
+
+
 def add_facility(
     *,
     session: Session,
@@ -83,6 +90,7 @@ def add_facility(
     port: int | None = None,
     calling_ae_titles: Iterable[str] = (),
     sharing_policy: str = "share_all",
+    consent_policy: str = "opt-out",
 ) -> Facility:
     authorize(principal, action="facility.write", facility=facility_id)
     if not re.match(FACILITY_ID, facility_id):
@@ -102,6 +110,7 @@ def add_facility(
         host=host or None,
         port=port,
         sharing_policy=str(sharing_policy),
+        consent_policy=_consent_policy(consent_policy),
     )
     _check_endpoints(facility)
     session.add(facility)
@@ -117,7 +126,16 @@ def update_facility(*, session: Session, principal: Principal, facility_id: str,
     calling_ae_titles, sharing_policy); a None endpoint field clears it."""
     authorize(principal, action="facility.write", facility=facility_id)
     facility = get_facility(session=session, facility_id=facility_id)
-    allowed = {"issuer", "name", "dicomweb_url", "ae_title", "host", "port", "sharing_policy"}
+    allowed = {
+        "issuer",
+        "name",
+        "dicomweb_url",
+        "ae_title",
+        "host",
+        "port",
+        "sharing_policy",
+        "consent_policy",
+    }
     unknown = set(changes) - allowed - {"calling_ae_titles"}
     if unknown:
         raise BadRequest(f"unknown facility fields: {', '.join(sorted(unknown))}")
@@ -140,6 +158,8 @@ def update_facility(*, session: Session, principal: Principal, facility_id: str,
             value = ""
         if name == "sharing_policy" and value is not None:
             value = str(value)
+        if name == "consent_policy":
+            value = _consent_policy(value)
         setattr(facility, name, value)
     _check_endpoints(facility)
     if changes.get("calling_ae_titles") is not None:
