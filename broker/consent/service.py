@@ -122,7 +122,14 @@ def limited(principal: Principal) -> bool:
 
 def _person_of(pk_col: Any) -> Any:
     subject = _patient.alias("consent_subject")
-    return core_select(subject.c.person_id).where(subject.c.pk == pk_col).scalar_subquery()
+    # Correlated to the outermost query's record (two subqueries up): say so, as SQLAlchemy only
+    # correlates to the immediately enclosing query by itself.
+    return (
+        core_select(subject.c.person_id)
+        .where(subject.c.pk == pk_col)
+        .correlate_except(subject)
+        .scalar_subquery()
+    )
 
 
 def _choice(decision: str, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
@@ -200,7 +207,9 @@ def visibility(*, session: Session, principal: Principal, now: datetime | None =
         ).first()
         is not None
     )
-    return Visibility(principal=principal, treatment=purpose_is_treatment(principal), glass=glass, now=at)
+    # A facility node acts for treatment by deployment (no purpose of use travels over DIMSE).
+    treatment = principal.role not in CLINICAL_ROLES or purpose_is_treatment(principal)
+    return Visibility(principal=principal, treatment=treatment, glass=glass, now=at)
 
 
 def may_share(
