@@ -153,6 +153,17 @@ def _person_studies(
             out.append((s, "unconfirmed", f"possible match awaiting review (review item {review})"))
     if principal is None:
         return True, out, 0
+    named = next((p for p in confirmed if p.issuer == issuer and p.patient_id == value), None)
+    if (
+        named is not None
+        and named.pk is not None
+        and not consent.may_share(
+            session=session, patient_pk=named.pk, from_facility=named.facility_id, principal=principal
+        )
+    ):
+        # The caller named another facility's record it may not see: answered as for a patient
+        # the broker does not know (a denial does not reveal that the record exists).
+        return False, [], 0
     kept, withheld = consent.filter_studies(
         session=session, principal=principal, studies=[s for s, _l, _d in out]
     )

@@ -263,6 +263,10 @@ def test_an_opt_out_at_one_facility_is_honoured_on_every_interface(
         assert after["withheld_by_consent"] is True
         assert "Some records are withheld by consent." in after["notes"]
         assert KIDS not in str(after) and one_of_theirs not in str(after)
+        # Naming the other facility's record directly: as for a patient the broker does not know.
+        named = _priors(stmarys, KIDS, CHILD_MRN)
+        unknown = _priors(stmarys, KIDS, "NO-SUCH-MRN")
+        assert named == unknown and named["patient_found"] is False
         # The page.
         page = stmarys.get("/", params={"facility": STMARYS, "mrn": CHILD_ST_MARYS_MRN, "exam": EXAM})
         assert page.status_code == 200
