@@ -24,6 +24,7 @@ record them in the same commit (broker.app wires the audit in).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -172,6 +173,16 @@ def _glass_open(principal: Principal, pk_col: Any, now: datetime) -> ColumnEleme
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _shared(fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
+    """The consent part of the condition: the same for every caller, so built once per pair of
+    columns (the index's study and patient columns) and reused; SQL constructs are immutable."""
+    return and_(
+        not_(_choice("deny", fac_col, pk_col)),
+        or_(not_(_opt_in(fac_col)), _choice("permit", fac_col, pk_col)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Visibility:
     """The rule for one caller, as an SQL condition on a record: called with the columns that name
@@ -185,12 +196,7 @@ class Visibility:
 
     def __call__(self, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
         own = fac_col == self.principal.facility
-        shared: ColumnElement[bool] = false()
-        if self.treatment:
-            shared = and_(
-                not_(_choice("deny", fac_col, pk_col)),
-                or_(not_(_opt_in(fac_col)), _choice("permit", fac_col, pk_col)),
-            )
+        shared: ColumnElement[bool] = _shared(fac_col, pk_col) if self.treatment else false()
         glass = _glass_open(self.principal, pk_col, self.now) if self.glass else false()
         return or_(own, shared, glass)
 
