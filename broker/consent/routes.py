@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
+from sqlmodel import Session
 
 from broker.consent import service
 from broker.consent.models import BreakGlass, Consent
@@ -33,13 +34,16 @@ def consent_out(row: Consent) -> ConsentOut:
     )
 
 
-def grant_out(row: BreakGlass) -> BreakGlassOut:
+def grant_out(session: Session, row: BreakGlass) -> BreakGlassOut:
     assert row.id is not None
+    patient = service.patient_of(session=session, patient_pk=row.patient_pk)
     return BreakGlassOut(
         id=row.id,
         who=row.who,
         role=row.role,
         facility=row.facility,
+        patient_facility=patient.facility_id if patient is not None else "",
+        patient_id=patient.patient_id if patient is not None else "",
         reason=row.reason,
         created_at=row.created_at,
         expires_at=row.expires_at,
@@ -109,7 +113,7 @@ def request_break_glass(
         reason=body.reason,
         minutes=body.minutes,
     )
-    return grant_out(grant)
+    return grant_out(session, grant)
 
 
 @router.get(
@@ -122,7 +126,8 @@ def list_break_glass(
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[BreakGlassOut]:
     return [
-        grant_out(g) for g in service.break_glass_grants(session=session, limit=limit, active_only=active)
+        grant_out(session, g)
+        for g in service.break_glass_grants(session=session, limit=limit, active_only=active)
     ]
 
 
@@ -133,4 +138,4 @@ def list_break_glass(
     summary="Mark a grant as reviewed",
 )
 def mark_reviewed(grant_id: int, session: SessionDep, _principal: PrincipalDep) -> BreakGlassOut:
-    return grant_out(service.mark_reviewed(session=session, grant_id=grant_id))
+    return grant_out(session, service.mark_reviewed(session=session, grant_id=grant_id))

@@ -56,6 +56,8 @@ class BreakGlassOut(BaseModel):
     who: str
     role: str
     facility: str = Field(description="The requester's facility.")
+    patient_facility: str = Field(description="Where the record named in the request is held.")
+    patient_id: str = Field(description="The patient's ID there (for the reviewer).")
     reason: str
     created_at: datetime
     expires_at: datetime

@@ -499,7 +499,9 @@ def test_break_the_glass_overrides_an_opt_out_for_a_limited_time_and_is_listed_f
         # Listed for review (reviewers and administrators), not for the clinician.
         with _client(server, "reviewer", "local") as reviewer:
             listed = reviewer.get("/api/break-glass").json()
-            assert grant["id"] in [g["id"] for g in listed]
+            mine = next(g for g in listed if g["id"] == grant["id"])
+            assert (mine["patient_facility"], mine["patient_id"]) == (STMARYS, CHILD_ST_MARYS_MRN)
+            assert mine["reason"] == "unconscious in ED, prior CT needed"
             assert reviewer.post(f"/api/break-glass/{grant['id']}/reviewed").json()["reviewed"] is True
         assert stmarys.get("/api/break-glass").status_code == 403
 
