@@ -12,6 +12,7 @@ from broker.errors import BadRequest
 from broker.facilities import service
 from broker.facilities.models import Facility
 from broker.facilities.schemas import (
+    CallingAE,
     ConsentPolicy,
     FacilityIn,
     FacilityOut,
@@ -31,6 +32,7 @@ _CONFLICT: Responses = {409: {"description": "The id, issuer or a calling AE tit
 
 def _out(session: Session, facility: Facility) -> FacilityOut:
     state = service.sync_state(session=session, facility_id=facility.id)
+    aes = service.calling_aes(session=session, facility_id=facility.id)
     return FacilityOut(
         id=facility.id,
         issuer=facility.issuer,
@@ -39,11 +41,16 @@ def _out(session: Session, facility: Facility) -> FacilityOut:
         ae_title=facility.ae_title,
         host=facility.host,
         port=facility.port,
-        calling_ae_titles=service.calling_ae_titles(session=session, facility_id=facility.id),
+        calling_ae_titles=[ae.ae_title for ae in aes],
+        calling_aes=[CallingAE(ae_title=ae.ae_title, network=ae.network) for ae in aes],
         sharing_policy=SharingPolicy(facility.sharing_policy),
         consent_policy=ConsentPolicy(facility.consent_policy),
         sync=SyncStateOut.model_validate(state, from_attributes=True) if state else None,
     )
+
+
+def _calling(titles: list[str], aes: list[CallingAE]) -> list[service.CallingAE]:
+    return [*titles, *((ae.ae_title, ae.network) for ae in aes)]
 
 
 @router.get("", response_model=list[FacilityOut], summary="All registered facilities")
@@ -69,7 +76,7 @@ def add_facility(body: FacilityIn, session: SessionDep, principal: PrincipalDep)
         ae_title=body.ae_title,
         host=body.host,
         port=body.port,
-        calling_ae_titles=body.calling_ae_titles,
+        calling_ae_titles=_calling(body.calling_ae_titles, body.calling_aes),
         sharing_policy=body.sharing_policy.value,
         consent_policy=body.consent_policy.value,
     )
@@ -91,6 +98,9 @@ def update_facility(
     facility_id: str, body: FacilityUpdate, session: SessionDep, principal: PrincipalDep
 ) -> FacilityOut:
     changes = body.model_dump(exclude_unset=True)
+    if changes.get("calling_aes") is not None or changes.get("calling_ae_titles") is not None:
+        changes["calling_ae_titles"] = _calling(body.calling_ae_titles or [], body.calling_aes or [])
+    changes.pop("calling_aes", None)
     if "sharing_policy" in changes and changes["sharing_policy"] is not None:
         changes["sharing_policy"] = SharingPolicy(changes["sharing_policy"]).value
     if "consent_policy" in changes:

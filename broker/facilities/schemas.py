@@ -18,6 +18,18 @@ class SharingPolicy(StrEnum):
     none = "none"  # nothing is shared
 
 
+class CallingAE(BaseModel):
+    """An AE title the facility calls the broker from, and the network it calls from."""
+
+    ae_title: str = Field(pattern=AE_TITLE)
+    network: str | None = Field(
+        default=None,
+        max_length=64,
+        description="CIDR (or one address) the AE calls from; associations from elsewhere are "
+        "rejected. Default: loopback only.",
+    )
+
+
 class ConsentPolicy(StrEnum):
     opt_out = "opt-out"  # shared with other facilities unless the person opted out
     opt_in = "opt-in"  # shared with other facilities only if the person opted in
@@ -34,7 +46,11 @@ class FacilityIn(BaseModel):
     host: str | None = Field(default=None, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_titles: list[str] = Field(
-        default_factory=list, description="AE titles the facility calls the broker from."
+        default_factory=list,
+        description="AE titles the facility calls the broker from, from loopback only (see calling_aes).",
+    )
+    calling_aes: list[CallingAE] = Field(
+        default_factory=list, description="AE titles the facility calls from, each with its network."
     )
     sharing_policy: SharingPolicy = SharingPolicy.share_all
     consent_policy: ConsentPolicy = Field(
@@ -52,6 +68,9 @@ class FacilityUpdate(BaseModel):
     host: str | None = Field(default=None, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_titles: list[str] | None = None
+    calling_aes: list[CallingAE] | None = Field(
+        default=None, description="Replaces the calling AE titles (with calling_ae_titles, if both given)."
+    )
     sharing_policy: SharingPolicy | None = None
     consent_policy: ConsentPolicy | None = None
 
@@ -74,6 +93,7 @@ class FacilityOut(BaseModel):
     host: str | None = None
     port: int | None = None
     calling_ae_titles: list[str] = Field(default_factory=list)
+    calling_aes: list[CallingAE] = Field(default_factory=list)
     sharing_policy: SharingPolicy = SharingPolicy.share_all
     consent_policy: ConsentPolicy = ConsentPolicy.opt_out
     sync: SyncStateOut | None = None
