@@ -34,6 +34,8 @@ from sqlalchemy import ColumnElement, and_, false, literal, not_, or_
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
+from broker.audit import service as audit
+from broker.audit.schemas import AuditRecord
 from broker.consent.models import BreakGlass, Consent
 from broker.db import core_table
 from broker.errors import BadRequest, NotFound
@@ -105,7 +107,24 @@ def remove_listener(listener: ConsentListener) -> None:
         _listeners.remove(listener)
 
 
-def _announce(session: Session, event: ConsentEvent) -> None:
+def _announce(session: Session, event: ConsentEvent, principal: Principal) -> None:
+    """Record the change in the audit trail, in this transaction (no unrecorded grant), then tell
+    the listeners."""
+    patient = session.get(Patient, event.patient_pk)
+    what = (
+        event.detail.get("reason") if event.action == "break-glass.granted" else event.detail.get("decision")
+    )
+    record = AuditRecord(
+        action="E" if event.action == "break-glass.granted" else "U",
+        subtype=event.action,
+        outcome_desc=f"{event.action}: {what}" if what else event.action,
+        patient_id=patient.patient_id if patient is not None else "",
+        patient_issuer=patient.issuer if patient is not None else "",
+        source_interface="consent",
+        entity=",".join(f"{k}={v}" for k, v in event.detail.items() if k != "reason"),
+        resolve_study=False,
+    ).by(principal)
+    audit.append(session=session, records=[record])
     for listener in list(_listeners):
         listener(session=session, event=event)
 
@@ -392,7 +411,8 @@ def _store(
     session.flush()
     _announce(
         session,
-        ConsentEvent(
+        principal=principal,
+        event=ConsentEvent(
             action="consent.recorded",
             who=principal.who,
             role=str(principal.role),
@@ -447,7 +467,8 @@ def revoke_consent(*, session: Session, principal: Principal, consent_id: int) -
     patient = session.get(Patient, row.patient_pk)
     _announce(
         session,
-        ConsentEvent(
+        principal=principal,
+        event=ConsentEvent(
             action="consent.revoked",
             who=principal.who,
             role=str(principal.role),
@@ -516,7 +537,8 @@ def break_glass(
     session.flush()
     _announce(
         session,
-        ConsentEvent(
+        principal=principal,
+        event=ConsentEvent(
             action="break-glass.granted",
             who=principal.who,
             role=str(principal.role),

@@ -25,6 +25,7 @@ from fhir.resources.R4B.consent import Consent as FhirConsent
 from sqlalchemy import update
 from sqlmodel import Session
 
+from broker.audit import service as audit_service
 from broker.consent import service as consent_service
 from broker.consent.models import BreakGlass
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
@@ -489,6 +490,12 @@ def test_break_the_glass_overrides_an_opt_out_for_a_limited_time_and_is_listed_f
         assert grant["active"] is True and grant["who"] == f"clinician-{STMARYS}"
         assert [e.action for e in events] == ["break-glass.granted"]
         assert events[0].detail["reason"] == "unconscious in ED, prior CT needed"
+        # Written to the audit trail in the grant's own transaction, with its reason and patient.
+        rows = audit_service.rows_between(engine=_engine(server), first=1, limit=1_000_000)
+        granted = [r for r in rows if r["subtype"] == "break-glass.granted"]
+        assert granted and granted[-1]["patient_id"] == CHILD_ST_MARYS_MRN
+        assert "unconscious in ED" in granted[-1]["outcome_desc"]
+        assert granted[-1]["agent_who"] == f"clinician-{STMARYS}"
 
         # Granted: the opted-out records are visible to this clinician, and only to them.
         assert theirs <= _qido(stmarys, PatientID=CHILD_MRN)
