@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from broker.index.ingest import IngestAudit, index_parsed
-from broker.index.parse import _Parsed, parse_instance
+from broker.index.parse import Received, _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
 from broker.security.service import authorize
@@ -69,15 +69,18 @@ class IngestBatcher:
         store: ObjectStore,
         principal: Principal,
         facility_id: str,
-        path: str,
+        path: str | Received,
         consume: bool = False,
+        expected_sop: tuple[str, str] | None = None,
         audit: IngestAudit | None = None,
     ) -> StoreOutcome:
         """Parse, store and index one Part 10 file; returns once its index row is committed (and,
         with `audit`, its audit event, in the same transaction).
-        Raises what `index_parsed` raises (database or store unavailable, ...)."""
+        `expected_sop`: the (SOP Class, SOP Instance) UIDs the data set must have (a C-STORE's
+        request), checked on the same parse. Raises what `index_parsed` raises (database or
+        store unavailable, ...)."""
         authorize(principal, action="index.store", facility=facility_id)
-        parsed = parse_instance(path)
+        parsed = parse_instance(path, expected_sop=expected_sop)
         if isinstance(parsed, StoreOutcome):
             return parsed
         item = _Item(

@@ -41,6 +41,7 @@ from broker.index.facts import (
 )
 from broker.index.ingest import IngestAudit, PatientLinker, ingest_files, set_patient_linker
 from broker.index.models import Instance, Patient, Series, Study
+from broker.index.packing import unpack_metadata
 from broker.index.parse import parse_instance
 from broker.index.persons import assign_person, lock_patient_by_identifier, lock_patients
 from broker.index.query import count, search, study_owners
@@ -210,7 +211,7 @@ def metadata_fragments(
         .order_by(_series.c.series_number, _series.c.pk, _inst.c.instance_number, _inst.c.pk)
     )
     stmt = _scope(stmt, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, facility_id=facility_id)
-    frags = [bytes(row[0]) for row in session.execute(stmt).all()]
+    frags = [unpack_metadata(row[0]) for row in session.execute(stmt).all()]
     if not frags:
         raise _not_found(study_uid, series_uid, sop_uid)
     return frags
