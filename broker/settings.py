@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         ),
     )
     default_facility: str = "local"
+    break_glass_max_minutes: int = Field(
+        default=60,
+        ge=1,
+        le=24 * 60,
+        description="The longest a break-the-glass (emergency read) grant may last, in minutes.",
+    )
     default_issuer: str = "LOCAL"
     sync_interval_seconds: float = Field(
         default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."

@@ -28,6 +28,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker.consent import service as consent
 from broker.db import session_scope
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.facilities import service as facilities
@@ -132,6 +133,9 @@ def prepare(
     authorize(principal, action="imports.write", facility=facility_id)
     with Session(engine) as session:
         views = index.studies_by_uid(session=session, study_uids=[study_uid])
+        # A study the caller may not see (the person's consent, purpose of use) is refused as one
+        # the index does not hold: the refusal does not reveal that it exists.
+        views, _withheld = consent.filter_studies(session=session, principal=principal, studies=views)
         if not views:
             raise NotFound(f"no study {study_uid} in the broker's index")
         view = views[0]

@@ -101,7 +101,7 @@ def viewer_config(state: StateDep) -> Response:
 
 
 @router.get(assets.VIEWER_PATH + "{path:path}")
-async def viewer(path: str, request: Request, state: StateDep) -> Response:
+async def viewer(path: str, request: Request, state: StateDep, principal: PrincipalDep) -> Response:
     root = _installed(state.settings, assets.OHIF)
     if root is None:
         return _not_installed(state.settings, "The OHIF viewer")
@@ -118,7 +118,11 @@ async def viewer(path: str, request: Request, state: StateDep) -> Response:
     ]
     if uids:
         waiting = await run_in_threadpool(
-            service.prepare_studies, engine=state.engine, store=state.store, study_uids=uids[:20]
+            service.prepare_studies,
+            engine=state.engine,
+            store=state.store,
+            study_uids=uids[:20],
+            principal=principal,
         )
         if waiting is not None:
             page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
