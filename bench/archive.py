@@ -371,6 +371,7 @@ def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iter
             if time.monotonic() > deadline:
                 raise PeerError(f"ScanOnce did not answer /healthz:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
+        _TOKENS[url] = _admin_token(data_dir)
         settings = {
             "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
             "index": "SQLite (WAL) under the data dir, storage: local folder (embedded default)",
@@ -391,12 +392,36 @@ def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iter
 
 JSON_ACCEPT = {"Accept": "application/dicom+json"}
 _local = threading.local()
+# ScanOnce's base URL -> a bearer token its embedded issuer accepts (authentication is on, as
+# deployed: the token check is part of what is measured). Orthanc runs without authentication.
+_TOKENS: dict[str, str] = {}
+
+
+def _admin_token(data_dir: Path) -> str:
+    """An admin's bearer token signed with the server's own key (data_dir/auth-signing-key.json,
+    as `scanonce token create` would mint it)."""
+    sys.path.insert(0, str(REPO))
+    from broker.security.tokens import load_or_create_signing_key, mint
+    from broker.settings import Settings
+
+    settings = Settings(data_dir=data_dir)
+    key = load_or_create_signing_key(settings.resolved_signing_key_file())
+    return mint(key=key, settings=settings, subject="bench", role="admin", facility=None, expires_in=86_400)
+
+
+def bearer(request: httpx.Request) -> httpx.Request:
+    """httpx auth: the token of the ScanOnce server a request goes to, if any."""
+    origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+    token = _TOKENS.get(origin)
+    if token is not None:
+        request.headers["Authorization"] = f"Bearer {token}"
+    return request
 
 
 def _client() -> httpx.Client:
     c = getattr(_local, "client", None)
     if c is None:
-        c = httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False)
+        c = httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False, auth=bearer)
         _local.client = c
     return c
 

@@ -49,6 +49,7 @@ if str(REPO) not in sys.path:
 from bench.archive import (  # noqa: E402
     Server,
     StudyFacts,
+    bearer,
     build_query_mix,
     cpu_seconds,
     instances,
@@ -244,6 +245,7 @@ def instances_held(server: Server) -> int:
         headers={"Accept": "application/dicom+json"},
         timeout=120,
         trust_env=False,
+        auth=bearer,
     )
     r.raise_for_status()
     return sum(int(s.get("00201208", {}).get("Value", [0])[0]) for s in (r.json() if r.content else []))

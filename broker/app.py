@@ -24,6 +24,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from broker.audit import service as audit_service
+from broker.audit.http import AuditMiddleware
+from broker.audit.routes import router as audit_router
 from broker.cds.routes import router as cds_router
 from broker.db import check_connection, make_engine, migrate, require_current_schema, wait_for_database
 from broker.deps import AppState
@@ -88,6 +91,8 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     index_service.set_patient_linker(identity_service.link_patient)
     # An import of a study held only at its facility fetches it first (federation, same layer).
     imports_service.set_fetcher(federation_service.ensure_local)
+    # An audit event that names only a study (a WADO-RS read) gets its patient from the index.
+    audit_service.set_study_resolver(index_service.study_patients)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
     # Studies stored before the lookup's facts existed: a durable job computes them once.
@@ -274,6 +279,12 @@ def create_app(
     # Added first, so it runs inside every middleware added later (CORS here; audit and metrics
     # middlewares must be added after it, so that they see the requests it refuses).
     app.add_middleware(AuthGuard, settings=settings, verifier=verifier)
+    # Outside the guard: it sees the principal the guard set, and the 401s and 403s it answers.
+    # It holds each response's start until the access's audit event has committed.
+    engine = app.state.scanonce.engine
+    app.add_middleware(
+        AuditMiddleware, writer=audit_service.writer_for(engine) if settings.audit_enabled else None
+    )
     _add_cors(app, settings.cors_origins)
     # Added last, so it is the outermost: every request (also one refused by the guard or
     # failing in CORS) gets its id and is counted. An audit middleware goes between the guard and
@@ -344,6 +355,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(web_pages_router)
     app.include_router(web_admin_router)
     app.include_router(security_router)
+    app.include_router(audit_router)
 
 
 def app_from_env() -> FastAPI:

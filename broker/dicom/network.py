@@ -14,6 +14,8 @@ from typing import Any
 
 from pynetdicom import AE, _config, dimse_messages
 
+from broker.dicom.received import HashingWriter, Received
+
 
 class SpoolingAE(AE):
     """An AE whose received C-STORE data sets go straight into a Part 10 temp file (file meta
@@ -22,16 +24,33 @@ class SpoolingAE(AE):
     `spool_dir` (default: the system's temp dir, which may be RAM-backed: set it to disk)."""
 
     spool_dir: str | None = None
+    # A spooled data set up to this size is also kept in memory, so the handler parses it
+    # without reading the file back (one per association at a time).
+    spool_keep_bytes: int = 1 << 20
 
 
 def _spool_file(*args: Any, **kwargs: Any) -> Any:
     """pynetdicom opens the spool file with NamedTemporaryFile in the association's DUL thread:
-    put it in the SpoolingAE's spool_dir."""
+    put it in the SpoolingAE's spool_dir, written through a `HashingWriter` (its SHA-256 is known
+    when the last fragment arrives: `received_file(event)`)."""
     assoc = getattr(threading.current_thread(), "assoc", None)
-    spool_dir = getattr(getattr(assoc, "ae", None), "spool_dir", None)
+    ae = getattr(assoc, "ae", None)
+    spool_dir = getattr(ae, "spool_dir", None)
     if spool_dir is not None and "dir" not in kwargs:
         kwargs["dir"] = spool_dir
-    return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    raw = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    if not isinstance(ae, SpoolingAE):
+        return raw
+    return HashingWriter(raw, keep=ae.spool_keep_bytes)
+
+
+def received_file(event: Any) -> Received | None:
+    """The spooled data set of a C-STORE event with the hash computed while it was written, or
+    None when it was not spooled through a `HashingWriter`."""
+    spool = getattr(getattr(event, "request", None), "_dataset_file", None)
+    if isinstance(spool, HashingWriter):
+        return spool.received(str(event.dataset_path))
+    return None
 
 
 dimse_messages.NamedTemporaryFile = _spool_file

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import multipart as mp
 
+from broker.dicom.received import HashingWriter
 from broker.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 CRLF = b"\r\n"
@@ -127,6 +128,7 @@ class Part:
     size: int
     location: str = ""  # Content-Location, how metadata's BulkDataURI names the part (PS3.18 10.5)
     header: str = ""  # the whole Content-Type header, parameters included (e.g. transfer-syntax)
+    sha256: str = ""  # of the body, computed while it was written (so ingest does not read it to hash)
 
 
 class ReceivedParts:
@@ -182,8 +184,10 @@ async def receive_parts(
                     if max_parts is not None and len(into.parts) >= max_parts:
                         raise PayloadTooLarge(f"the request holds more than the limit of {max_parts} parts")
                     current_segment = event
-                    current = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed at the part's end
-                        prefix="stow-", suffix=".part", dir=tmp_dir, delete=False
+                    current = HashingWriter(
+                        tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed at the part's end
+                            prefix="stow-", suffix=".part", dir=tmp_dir, delete=False
+                        )
                     )
                     into.parts.append(
                         Part(
@@ -199,7 +203,12 @@ async def receive_parts(
                         current.close()
                         last = into.parts[-1]
                         into.parts[-1] = Part(
-                            current.name, last.content_type, current_segment.size, last.location, last.header
+                            current.name,
+                            last.content_type,
+                            current.size,
+                            last.location,
+                            last.header,
+                            current.received().sha256,
                         )
                     current, current_segment = None, None
                 elif current is not None:

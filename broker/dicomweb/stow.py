@@ -19,6 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy.engine import Engine
 
 from broker.dicom import status
+from broker.dicom.received import Received
 from broker.dicom.uids import is_valid_uid
 from broker.dicomweb.multipart import Part, ReceivedParts, parse_media_type
 from broker.index import service as index_service
@@ -124,31 +125,38 @@ def _json_uids(item: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _received(part: Part) -> str | Received:
+    """A Part 10 part as ingest takes it: with the hash computed while it was received."""
+    return Received(part.path, part.sha256, part.size) if part.sha256 else part.path
+
+
 def items_of(
     parts: Sequence[Part], *, declared: str, received: ReceivedParts, tmp_dir: str
-) -> list[str | StoreOutcome]:
+) -> list[str | Received | StoreOutcome]:
     """What a request stores, one item per instance in request order: the path of a Part 10
     file to ingest, or the failure of something that cannot be one. Blocking: call from a thread."""
     if declared == DICOM_JSON or any(p.content_type == DICOM_JSON for p in parts):
         return _with_metadata(parts, received=received, tmp_dir=tmp_dir)
     return [
-        p.path if p.content_type in _PART10 else non_dicom_part(i, p.content_type)
+        _received(p) if p.content_type in _PART10 else non_dicom_part(i, p.content_type)
         for i, p in enumerate(parts)
     ]
 
 
 def store_items(
-    items: Sequence[str | StoreOutcome],
+    items: Sequence[str | Received | StoreOutcome],
     *,
     engine: Engine,
     store: ObjectStore,
     principal: Principal,
     facility_id: str,
     expected_study_uid: str | None,
+    audit: index_service.IngestAudit | None = None,
 ) -> list[StoreOutcome]:
-    """Ingest the items that are files (all in one batch); one outcome per item, in order."""
+    """Ingest the items that are files (all in one batch); one outcome per item, in order.
+    `audit` records the store in the ingest's own transaction."""
     outcomes: dict[int, StoreOutcome] = {i: x for i, x in enumerate(items) if isinstance(x, StoreOutcome)}
-    paths = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
+    paths = [(i, x) for i, x in enumerate(items) if not isinstance(x, StoreOutcome)]
     if paths:
         stored = index_service.ingest_files(
             engine=engine,
@@ -158,6 +166,7 @@ def store_items(
             paths=[path for _, path in paths],
             expected_study_uid=expected_study_uid,
             consume=True,
+            audit=audit,
         )
         for (i, _), outcome in zip(paths, stored, strict=True):
             outcomes[i] = outcome
@@ -166,7 +175,7 @@ def store_items(
 
 def _with_metadata(
     parts: Sequence[Part], *, received: ReceivedParts, tmp_dir: str
-) -> list[str | StoreOutcome]:
+) -> list[str | Received | StoreOutcome]:
     """What a request with DICOM JSON metadata stores, in request order: a Part 10 file to ingest
     (an application/dicom part as it came, or one made from a dataset of the metadata), or the
     failure of a dataset that cannot be made into one. Other parts are bulk data, addressed by
@@ -174,10 +183,10 @@ def _with_metadata(
     refers to is not stored. Files made here are listed in `received.derived` for cleanup.
     Blocking (reads and writes files): call from a thread."""
     bulk = {p.location: p for p in parts if p.location and p.content_type not in (DICOM_JSON, *_PART10)}
-    out: list[str | StoreOutcome] = []
+    out: list[str | Received | StoreOutcome] = []
     for index, part in enumerate(parts):
         if part.content_type in _PART10:
-            out.append(part.path)
+            out.append(_received(part))
         elif part.content_type == DICOM_JSON:
             out.extend(_json_part(index, part, bulk, received=received, tmp_dir=tmp_dir))
     return out

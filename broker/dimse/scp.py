@@ -30,7 +30,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydicom import dcmread
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -55,8 +54,10 @@ from sqlmodel import Session
 
 from broker.deps import AppState
 from broker.dicom import reactor
-from broker.dicom.network import SpoolingAE, chunked_send
+from broker.dicom.network import SpoolingAE, chunked_send, received_file
+from broker.dicom.received import Received
 from broker.dimse import access
+from broker.dimse import audit as dimse_audit
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
@@ -426,23 +427,22 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
     if facility is None:
         return status_dataset(0x0124, "calling AE is not registered to a facility")
     request = cast(C_STORE, event.request)
+    # The data set must be the instance the command names: checked on ingest's one parse.
+    expected = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+    own_tmp: Path | None = None
+    source: str | Received
     try:
-        path: Path = event.dataset_path
-        own_tmp = False
+        # Spooled by pynetdicom through the hashing writer: hash (and small bytes) in hand.
+        source = received_file(event) or str(event.dataset_path)
     except AttributeError:
         # Chunked receive is off (someone changed pynetdicom's config): spool it ourselves.
-        path = _spool(event.encoded_dataset())
-        own_tmp = True
+        own_tmp = _spool(event.encoded_dataset())
+        source = str(own_tmp)
     try:
-        mismatch = _check_against_request(
-            path, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
-        )
-        if mismatch is not None:
-            return mismatch
-        return _ingest(handle, principal, facility, path)
+        return _ingest(handle, principal, facility, source, event, expected)
     finally:
-        if own_tmp:
-            path.unlink(missing_ok=True)
+        if own_tmp is not None:
+            own_tmp.unlink(missing_ok=True)
 
 
 def _spool(data: bytes) -> Path:
@@ -452,33 +452,14 @@ def _spool(data: bytes) -> Path:
     return Path(name)
 
 
-def _check_against_request(path: Path, sop_class: str, sop_instance: str) -> Dataset | None:
-    """Read only up to (0008,0018) to check the data set is what the command said it is."""
-    try:
-        with open(path, "rb") as fp:
-            head = read_partial(fp, stop_when=_past_sop_instance_uid)
-            found_class = str(head.get("SOPClassUID", "")).strip()
-            found_instance = str(head.get("SOPInstanceUID", "")).strip()
-    except Exception:
-        found_class = found_instance = ""
-    if not found_class and not found_instance:
-        return status_dataset(ds.UNABLE_TO_PROCESS, "data set cannot be parsed (no SOP UIDs)")
-    if found_class != sop_class.strip():
-        return status_dataset(
-            ds.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's"
-        )
-    if found_instance != sop_instance.strip():
-        return status_dataset(
-            ds.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID differs from the request's"
-        )
-    return None
-
-
-def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return tag > 0x00080018
-
-
-def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) -> int | Dataset:
+def _ingest(
+    handle: ScpHandle,
+    principal: Principal,
+    facility: str,
+    path: str | Received,
+    event: evt.Event,
+    expected_sop: tuple[str, str] | None = None,
+) -> int | Dataset:
     batcher = handle.batcher
     if batcher is None:
         return status_dataset(ds.OUT_OF_RESOURCES, "the SCP is shutting down")
@@ -489,8 +470,10 @@ def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) 
             store=state.store,
             principal=principal,
             facility_id=facility,
-            path=str(path),
+            path=path,
             consume=True,
+            audit=dimse_audit.store_hook(state, event, principal),
+            expected_sop=expected_sop,
         )
     except (Unavailable, StoreUnavailable) as exc:
         log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
@@ -600,11 +583,15 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
     - 0xC001 Unable to process: the index is unavailable or failed.
     """
     principal, _facility = handle.caller(event)
-    del principal  # authorization and audit hook here once security enforces them
     try:
         request = ds.parse_identifier(_identifier(event), levels=_levels(event))
     except IdentifierError as exc:
         yield status_dataset(exc.status, exc.comment), None
+        return
+    try:  # recorded and committed before the first match goes out
+        dimse_audit.record(handle.state, event, principal, "C-FIND")
+    except Unavailable:
+        yield status_dataset(ds.OUT_OF_RESOURCES, "the query could not be audited"), None
         return
     keywords = frozenset(_keywords(request.return_keys))
     try:
@@ -900,7 +887,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
       missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
     """
-    handle.caller(event)
+    principal, _facility = handle.caller(event)
     destination = ds.move_destination(
         engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
     )
@@ -908,6 +895,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         yield None, None
         return
     try:
+        dimse_audit.record(handle.state, event, principal, "C-MOVE")
         items = _instances_to_send(handle, event)
     except Exception as exc:
         # pynetdicom sends a final failure only after one announced sub-operation, and opens
@@ -933,8 +921,9 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       its sub-operation fails.
     - 0xA900 / 0xC000 / 0xC001 - as for C-MOVE (the unique key of the level is required).
     """
-    handle.caller(event)
+    principal, _facility = handle.caller(event)
     try:
+        dimse_audit.record(handle.state, event, principal, "C-GET")
         items = _instances_to_send(handle, event)
     except Exception as exc:
         yield 1

@@ -10,6 +10,7 @@ index of ten thousand studies as on one of a million.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from broker.index.models import (
     StudyFacts,
     StudyLocation,
 )
+from broker.index.packing import unpack_metadata
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
 
@@ -358,8 +360,8 @@ def compute_study_facts(*, session: Session, study_pk: int) -> int:
     ).all()
     for sop_uid, series_pk, metadata in rows:
         try:
-            attrs = orjson.loads(metadata)
-        except orjson.JSONDecodeError:
+            attrs = orjson.loads(unpack_metadata(metadata))
+        except (orjson.JSONDecodeError, ValueError, zlib.error):
             continue
         f = instance_facts(attrs)
         per_series.setdefault(series_pk, []).append(f)

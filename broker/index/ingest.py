@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -36,7 +36,8 @@ from broker.facilities.models import Facility
 from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
-from broker.index.parse import _Parsed, parse_instance
+from broker.index.packing import pack_metadata
+from broker.index.parse import Received, _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
@@ -57,6 +58,15 @@ class PatientLinker(Protocol):
 
 
 _linker: PatientLinker | None = None
+
+
+class IngestAudit(Protocol):
+    """Records what a batch stores in the batch's own transaction, just before it commits (the
+    audit domain implements it; the caller of ingest passes one). `stored`: per instance, its
+    (study UID, patient ID, issuer, status: stored, duplicate or failed). If it raises, nothing
+    of the batch commits: no store goes unrecorded."""
+
+    def __call__(self, *, session: Session, stored: Sequence[tuple[str, str, str, str]]) -> None: ...
 
 
 def set_patient_linker(linker: PatientLinker | None) -> None:
@@ -302,6 +312,21 @@ def _write_facts(session: Session, batch: _Batch, pending: list[tuple[int, _Pars
     )
 
 
+def _audit_items(
+    batch: _Batch,
+    parsed: list[tuple[int, _Parsed]],
+    pending: list[tuple[int, _Parsed]],
+    conflicts: list[tuple[int, _Parsed]],
+) -> list[tuple[str, str, str, str]]:
+    """(study UID, patient ID, issuer, status) of every instance of the batch, for the audit."""
+    status_of = {i: "stored" for i, _p in pending} | {i: "failed" for i, _p in conflicts}
+    items = []
+    for i, p in parsed:
+        issuer, pid = batch._patient_key(p)
+        items.append((p.study_uid, pid, issuer, status_of.get(i, "duplicate")))
+    return items
+
+
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -393,11 +418,16 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()
 
 
-def _parse_all(paths: Sequence[str], expected_study_uid: str | None) -> list[_Parsed | StoreOutcome]:
+def _parse_all(
+    paths: Sequence[str | Received], expected_study_uid: str | None
+) -> list[_Parsed | StoreOutcome]:
     parse = partial(parse_instance, expected_study_uid=expected_study_uid)
     pool = _parse_pool()
     if pool is None or not paths:
         return [parse(p) for p in paths]
+    # A worker reads the file itself (from the page cache) rather than get its bytes through a
+    # pipe; the hash computed on receipt goes along, so nothing is hashed twice.
+    paths = [Received(p.path, p.sha256, p.size) if isinstance(p, Received) else p for p in paths]
     try:
         chunk = max(1, len(paths) // (4 * _PARSE_PROCESSES))
         return list(pool.map(parse, paths, chunksize=chunk))
@@ -416,11 +446,14 @@ def ingest_files(
     store: ObjectStore,
     principal: Principal,
     facility_id: str,
-    paths: Sequence[str],
+    paths: Sequence[str | Received],
     expected_study_uid: str | None = None,
     consume: bool = False,
+    audit: IngestAudit | None = None,
 ) -> list[StoreOutcome]:
-    """Store and index Part 10 files; one outcome per path, in order.
+    """Store and index Part 10 files; one outcome per path, in order. A `Received` item
+    carries the hash its receiver computed while writing it (and maybe its bytes): it is not
+    read again to hash it.
 
     Same SOP Instance UID with the same bytes: "duplicate" (a success, nothing rewritten).
     Same UID with different bytes: failed with DUPLICATE_SOP_INSTANCE; the new copy is kept apart
@@ -439,6 +472,7 @@ def ingest_files(
         facility_id=facility_id,
         parsed=results,
         consume=consume,
+        audit=audit,
     )
 
 
@@ -450,6 +484,7 @@ def index_parsed(
     facility_id: str,
     parsed: Sequence[_Parsed | StoreOutcome],
     consume: bool = False,
+    audit: IngestAudit | None = None,
 ) -> list[StoreOutcome]:
     """The second half of `ingest_files`, for callers that parsed already (`parse_instance`,
     e.g. one C-STORE per association, gathered into one commit by `batcher.IngestBatcher`):
@@ -479,6 +514,7 @@ def index_parsed(
                         placed=placed,
                         committed=committed,
                         held=held,
+                        audit=audit,
                     )
                     break
                 except IntegrityError:
@@ -579,6 +615,7 @@ def _index_batch(
     placed: set[str],
     committed: set[str],
     held: list[str],
+    audit: IngestAudit | None = None,
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
         facility = session.get(Facility, facility_id)
@@ -650,7 +687,7 @@ def _index_batch(
                     "sha256": p.sha256,
                     "object_key": instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256),
                     "instance_json": "{}",
-                    "metadata_json": p.metadata,
+                    "metadata_json": pack_metadata(p.metadata),
                 }
             )
             assert series.pk is not None and study.pk is not None  # flushed
@@ -659,19 +696,31 @@ def _index_batch(
         if rows:
             session.execute(core_table(Instance).insert(), rows)
         # Counters are bumped in SQL, not on the loaded rows, so concurrent batches never lose updates.
+        # One executemany per counter, not a statement per row: a batch of 100 small instances
+        # touches ~20 series and ~10 studies.
         series_t, study_t = core_table(Series), core_table(Study)
-        for pk, n in touched_series.items():
+        if touched_series:
             session.execute(
-                update(series_t).where(series_t.c.pk == pk).values(num_instances=series_t.c.num_instances + n)
+                update(series_t)
+                .where(series_t.c.pk == bindparam("b_pk"))
+                .values(num_instances=series_t.c.num_instances + bindparam("b_n")),
+                [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()],
             )
-        for pk, n in touched_studies.items():
+        if touched_studies:
             session.execute(
-                update(study_t).where(study_t.c.pk == pk).values(num_instances=study_t.c.num_instances + n)
+                update(study_t)
+                .where(study_t.c.pk == bindparam("b_pk"))
+                .values(num_instances=study_t.c.num_instances + bindparam("b_n")),
+                [{"b_pk": pk, "b_n": n} for pk, n in touched_studies.items()],
+            )
+        if batch.new_series:
+            session.execute(
+                update(study_t)
+                .where(study_t.c.pk == bindparam("b_pk"))
+                .values(num_series=study_t.c.num_series + 1),
+                [{"b_pk": pk} for pk, _modality in batch.new_series],
             )
         for pk, modality in batch.new_series:
-            session.execute(
-                update(study_t).where(study_t.c.pk == pk).values(num_series=study_t.c.num_series + 1)
-            )
             if modality:
                 session.execute(
                     update(study_t)
@@ -691,6 +740,8 @@ def _index_batch(
                     object_key=conflict_key(p.sop_uid, p.sha256),
                 )
             )
+        if audit is not None:
+            audit(session=session, stored=_audit_items(batch, parsed, pending, conflicts))
         session.commit()
     committed.update(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256) for _i, p in pending)
     committed.update(conflict_key(p.sop_uid, p.sha256) for _i, p in conflicts)

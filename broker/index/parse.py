@@ -7,9 +7,10 @@ pure Python and holds the GIL, and a broker on N cores parses N instances at onc
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from pydicom import dcmread
@@ -20,6 +21,7 @@ from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import BULK_THRESHOLD, instance_json
+from broker.dicom.received import Received
 from broker.dicom.uids import is_valid_uid
 from broker.index.facts import InstanceFacts, instance_facts
 from broker.index.schemas import StoreOutcome
@@ -63,17 +65,53 @@ def _sha256(path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Parsed | StoreOutcome:
-    """Read one Part 10 file once; a StoreOutcome (failed) explains why it cannot be stored."""
+def parse_instance(
+    source: str | Received,
+    *,
+    expected_study_uid: str | None = None,
+    expected_sop: tuple[str, str] | None = None,
+) -> _Parsed | StoreOutcome:
+    """Read one Part 10 file once; a StoreOutcome (failed) explains why it cannot be stored.
+
+    `source` is a path, or a `Received` file whose hash is known already (and whose bytes, if
+    kept, are parsed from memory). `expected_sop` is the (SOP Class UID, SOP Instance UID) a
+    C-STORE request names: a data set that says otherwise is refused (0xA900), checked on this
+    same parse rather than by reading the file's head a second time."""
+    if isinstance(source, Received):
+        path, known = source.path, source
+    else:
+        path, known = source, None
+    fp: BinaryIO
     try:
-        ds = dcmread(path, defer_size=BULK_THRESHOLD)
+        in_hand = known.data if known is not None else None
+        fp = io.BytesIO(in_hand) if in_hand is not None else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        return StoreOutcome.failed(status.CANNOT_UNDERSTAND, f"cannot read the file: {type(exc).__name__}")
+    with fp:
+        return _parse(fp, path, known, expected_study_uid, expected_sop)
+
+
+def _parse(
+    fp: BinaryIO,
+    path: str,
+    known: Received | None,
+    expected_study_uid: str | None,
+    expected_sop: tuple[str, str] | None,
+) -> _Parsed | StoreOutcome:
+    try:
+        ds = dcmread(fp, defer_size=BULK_THRESHOLD)
     except InvalidDicomError:
         return StoreOutcome.failed(
             status.CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM preamble/prefix)"
         )
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         return StoreOutcome.failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
-    truncated = _truncated(ds, path, os.path.getsize(path))
+    if expected_sop is not None:
+        mismatch = _against_request(ds, expected_sop)
+        if mismatch is not None:
+            return mismatch
+    file_size = known.size if known is not None else os.fstat(fp.fileno()).st_size
+    truncated = _truncated(ds, fp, file_size)
     uids = {
         "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or ""),
@@ -115,7 +153,7 @@ def parse_instance(path: str, *, expected_study_uid: str | None = None) -> _Pars
         return StoreOutcome.failed(
             status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids
         )
-    sha, size = _sha256(path)
+    sha, size = (known.sha256, known.size) if known is not None else _sha256(path)
     if truncated:
         return StoreOutcome.failed(
             status.CANNOT_UNDERSTAND, "the file ends before its last attribute does (truncated)", **uids
@@ -160,7 +198,27 @@ def _short_native_pixels(ds: Any, value: Any) -> bool:
     return len(value) < expected
 
 
-def _truncated(ds: Any, path: str, size: int) -> bool:
+def _against_request(ds: Any, expected_sop: tuple[str, str]) -> StoreOutcome | None:
+    """A C-STORE's data set must be the instance its command names (PS3.4 B.2.3: 0xA900)."""
+    try:
+        found_class = str(ds.get("SOPClassUID", "") or "").strip()
+        found_instance = str(ds.get("SOPInstanceUID", "") or "").strip()
+    except Exception as exc:  # noqa: BLE001 - a malformed element
+        return StoreOutcome.failed(status.CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(exc).__name__}")
+    if not found_class and not found_instance:
+        return StoreOutcome.failed(status.CANNOT_UNDERSTAND, "data set cannot be parsed (no SOP UIDs)")
+    for found, wanted, keyword in (
+        (found_class, expected_sop[0], "SOPClassUID"),
+        (found_instance, expected_sop[1], "SOPInstanceUID"),
+    ):
+        if found != wanted.strip():
+            return StoreOutcome.failed(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} differs from the request's"
+            )
+    return None
+
+
+def _truncated(ds: Any, fp: BinaryIO, size: int) -> bool:
     """Whether the file was cut short. pydicom stops quietly at a truncated element (keeping
     what bytes there were), and a deferred value is never read at ingest, so compare where the
     dataset ends with the file. Must run before anything converts the dataset's elements."""
@@ -186,10 +244,11 @@ def _truncated(ds: Any, path: str, size: int) -> bool:
         end = last.value_tell + last.length
     if end > size:
         return True
-    # Bytes after the dataset that are not zero padding are an element pydicom could not read.
-    with open(path, "rb") as f:
-        f.seek(end)
-        while chunk := f.read(1 << 16):
+    # Bytes after the dataset that are not zero padding are an element pydicom could not read
+    # (usually none: this reads nothing).
+    if end < size:
+        fp.seek(end)
+        while chunk := fp.read(1 << 16):
             if chunk.strip(b"\x00"):
                 return True
     return False

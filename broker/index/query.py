@@ -28,6 +28,7 @@ from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.index.ingest import normalize_time
 from broker.index.models import Instance, Patient, Series, Study
+from broker.index.packing import unpack_metadata
 from broker.index.schemas import Query, QueryResult, StudyOwner
 
 _study = core_table(Study)
@@ -588,7 +589,7 @@ def search(*, session: Session, query: Query) -> QueryResult:
         )
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
-            meta = orjson.loads(row.metadata_json)
+            meta = orjson.loads(unpack_metadata(row.metadata_json))
             # Bulk data is for WADO-RS metadata, never for a query answer (nor inside sequences);
             # values are bounded like every other level's (the metadata keeps them whole).
             out = bound_dataset(without_bulk(_pick(meta, wanted)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -149,12 +150,16 @@ def _send_file_as_is(node: Node, path: Path, sop_class: str) -> Dataset:
         assoc.release()
 
 
-def _with_meta(part10: bytes, *, sop_class: str) -> bytes:
-    """The same data set under a file meta that names another SOP Class."""
+def _with_meta(part10: bytes, *, sop_class: str | None = None, sop_instance: str | None = None) -> bytes:
+    """The same data set under a file meta that names another SOP Class or Instance (what a
+    chunked send puts in the C-STORE request)."""
     fp = io.BytesIO(part10)
     read_preamble(fp, False)
     meta = pydicom.filereader._read_file_meta_info(fp)
-    meta.MediaStorageSOPClassUID = UID(sop_class)
+    if sop_class is not None:
+        meta.MediaStorageSOPClassUID = UID(sop_class)
+    if sop_instance is not None:
+        meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     del meta[0x00020000]  # group length, recomputed
     out = DicomBytesIO()
     out.write(b"\0" * 128 + b"DICM")
@@ -353,6 +358,42 @@ def test_a_large_instance_is_received_through_a_file_not_memory(node: Node, tmp_
     size = 6 * 2048 * 2048 * 4
     assert peak < size * 1.1, f"peak {peak / 2**20:.1f} MiB while receiving a 96 MiB instance"
     print(f"peak traced memory while storing 96 MiB: {peak / 2**20:.1f} MiB")
+
+
+@pytest.mark.parametrize("pixels", [16, 1024], ids=["kept-in-memory", "parsed-from-the-spool-file"])
+def test_cstore_is_checked_against_its_request_and_hashed_as_received(
+    node: Node, tmp_path: Path, pixels: int
+) -> None:
+    """The SCP parses each data set once (from the bytes kept while spooling, or from the spool
+    file when it is large) and takes its content address from the hash computed while writing:
+    a data set that is not the instance its request names is still refused, and what is stored
+    is addressed by the hash of exactly the bytes received."""
+    ds = synthetic_studies()[0]
+    ds.Rows = ds.Columns = pixels  # 1024x1024x2 = 2 MiB: above what the spool keeps in memory
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = bytes(range(256)) * (pixels * pixels * 2 // 256)
+    encoded = synth.write_part10(ds)
+    other = "1.2.826.0.1.3680043.8.498.999"
+    wrong = tmp_path / "wrong_instance.dcm"
+    wrong.write_bytes(_with_meta(encoded, sop_instance=other))
+    rsp = _send_file_as_is(node, wrong, ds.SOPClassUID)
+    assert rsp.Status == 0xA900 and "SOPInstanceUID" in rsp.ErrorComment
+    assert _indexed_sops(node) == set()
+    assert list(node.state.store.list()) == []
+
+    rsp = _send_file_as_is(node, _part10(ds, tmp_path / "right.dcm"), ds.SOPClassUID)
+    assert rsp.Status == 0x0000
+    with Session(node.state.engine) as session:
+        (ref,) = find_instances(
+            session=session,
+            study_uid=ds.StudyInstanceUID,
+            series_uid=ds.SeriesInstanceUID,
+            sop_uid=ds.SOPInstanceUID,
+        )
+    stored = b"".join(node.state.store.get(ref.object_key))
+    assert _dataset_bytes(stored) == _dataset_bytes(encoded)
+    assert ref.size == len(stored)
+    assert ref.object_key.endswith(hashlib.sha256(stored).hexdigest() + ".dcm")
 
 
 class _FullDisk(LocalStore):

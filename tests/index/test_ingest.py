@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from sqlalchemy import update
 from sqlmodel import Session, select
 
 from broker.app import build_state
@@ -16,7 +17,7 @@ from broker.deps import AppState
 from broker.dicom import status
 from broker.facilities import service as facilities
 from broker.index import service
-from broker.index.models import InstanceConflict, Study
+from broker.index.models import Instance, InstanceConflict, Study
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
@@ -219,3 +220,38 @@ def test_parsing_in_worker_processes_gives_the_same_outcomes(settings: Settings,
     finally:
         configure_parsing(processes=0)
         st.engine.dispose()
+
+
+def test_metadata_is_stored_packed_and_rows_of_earlier_versions_still_read(state: AppState) -> None:
+    """Each instance's metadata is stored deflated (about a third of its JSON): what WADO-RS
+    metadata, instance-level QIDO-RS and the facts job read is the same JSON; a row written
+    before packing (plain JSON) is read as it is."""
+    (outcome,) = _ingest(state, [str(TEST_FILES / "CT_small.dcm")])
+    with Session(state.engine) as s:
+        (frag,) = service.metadata_fragments(session=s, study_uid=outcome.study_uid)
+        stored = s.exec(select(Instance.metadata_json)).one()
+    meta = orjson.loads(frag)
+    assert meta["00080018"]["Value"] == [outcome.sop_instance_uid]
+    assert meta["00100010"]["Value"] == [{"Alphabetic": "CompressedSamples^CT1"}]
+    assert stored[:1] == b"\x01" and len(stored) * 2 < len(frag)
+
+    def instance_answer() -> dict:  # type: ignore[type-arg]
+        with Session(state.engine) as s:
+            result = service.search(
+                session=s,
+                query=Query(
+                    level="instance", study_uid=outcome.study_uid, includefields=frozenset({"00180050"})
+                ),
+            )
+        (match,) = result.matches
+        return match
+
+    packed_answer = instance_answer()
+    assert packed_answer["00180050"]["Value"] == meta["00180050"]["Value"]
+    # As an earlier version wrote it: the JSON itself.
+    with Session(state.engine) as s:
+        s.exec(update(Instance).values(metadata_json=frag))  # type: ignore[call-overload]
+        s.commit()
+    with Session(state.engine) as s:
+        assert service.metadata_fragments(session=s, study_uid=outcome.study_uid) == [frag]
+    assert instance_answer() == packed_answer
