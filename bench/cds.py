@@ -157,7 +157,9 @@ def main() -> None:
             session.rollback()
     lookup_ms.sort()
     engine.dispose()
-    origin, server, thread = _serve(Settings(data_dir=tmp, database_url=url, mllp_port=0))
+    origin, server, thread = _serve(
+        Settings(data_dir=tmp, database_url=url, mllp_port=0, migrate_on_start=True)
+    )
     rng = random.Random(7)
     times: list[float] = []
     cards: list[int] = []

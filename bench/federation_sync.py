@@ -96,7 +96,7 @@ def main() -> None:
             ),
         ):
             run_dir = Path(tmp) / name.replace("-", "")
-            settings = Settings(data_dir=run_dir, database_url=args.database_url)
+            settings = Settings(data_dir=run_dir, database_url=args.database_url, migrate_on_start=True)
             first, again, seen = _sync(settings, facility)
             rows.append((name, seen, first, again))
         print("| sync by | studies | first sync (s) | studies/s | re-sync, nothing changed (s) | studies/s |")

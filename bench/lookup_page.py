@@ -134,7 +134,9 @@ def main() -> None:
         rng = random.Random(7)
         patients = [("A", f"A{rng.randint(1, persons)}") for _ in range(args.lookups + 5)]
     else:
-        state = build_state(Settings(data_dir=tmp, database_url=database_url, storage_url=storage_url))
+        state = build_state(
+            Settings(data_dir=tmp, database_url=database_url, storage_url=storage_url, migrate_on_start=True)
+        )
         load_demo(engine=state.engine, store=state.store)
         state.engine.dispose()
         everyone = _patients(database_url)

@@ -19,20 +19,22 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from broker.audit import service as audit_service
 from broker.audit.http import AuditMiddleware
 from broker.audit.routes import router as audit_router
 from broker.cds.routes import router as cds_router
 from broker.consent.routes import router as consent_router
-from broker.db import make_engine, migrate
+from broker.db import check_connection, make_engine, migrate, require_current_schema, wait_for_database
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
 from broker.dimse.scp import start_scp, stop_scp
-from broker.errors import ScanOnceError, Unavailable
+from broker.errors import BadRequest, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
@@ -46,11 +48,15 @@ from broker.identity.routes import router as identity_router
 from broker.imports import service as imports_service
 from broker.imports.routes import router as imports_router
 from broker.index import service as index_service
+from broker.index import verify as index_verify
 from broker.index.ingest import configure_parsing, start_parsing, stop_parsing
 from broker.index.reaper import reap_periodically
+from broker.index.routes import router as verify_router
+from broker.jobs import service as jobs_service
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
+from broker.metrics import DB_ERRORS, STORAGE_ERRORS, ObservabilityMiddleware, render
 from broker.security import network as outbound
 from broker.security import tls as dimse_tls
 from broker.security.http import AuthGuard
@@ -60,15 +66,27 @@ from broker.settings import Settings, get_settings
 from broker.web.routes import admin_router as web_admin_router
 from broker.web.routes import pages_router as web_pages_router
 from broker.web.routes import router as web_router
-from storage import StoreUnavailable, open_store
+from storage import ObjectStore, StoreUnavailable, open_store
 
 log = logging.getLogger("scanonce")
 
 
-def build_state(settings: Settings) -> AppState:
+def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
+    """The state every entry point shares. `wait_for_db` (what `scanonce serve` and `scanonce
+    worker` use): a database that refuses connections is retried with backoff, with a clear
+    message naming the setting, instead of failing at once (what a one-shot command does)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.resolved_database_url())
-    migrate(engine)
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    if wait_for_db:
+        wait_for_database(engine)
+    else:
+        check_connection(engine)
+    if settings.resolved_migrate_on_start():
+        migrate(engine)
+    else:
+        require_current_schema(engine)
     register_jobs()
     # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
     index_service.set_patient_linker(identity_service.link_patient)
@@ -86,12 +104,32 @@ def build_state(settings: Settings) -> AppState:
     # Where the broker may connect on a caller's behalf (facility archives, EHRs, JWKS).
     outbound.configure(settings.outbound_allow_networks)
     dimse_tls.configure(settings)
-    store = open_store(settings.resolved_storage_url())
+    store = _open_store(settings.resolved_storage_url())
     processes = settings.ingest_processes
     # "One per core" counts this process, which serves HTTP and writes the index, as one.
     auto = max(1, (os.cpu_count() or 1) - 1)
     configure_parsing(processes=auto if processes < 0 else processes)
     return AppState(settings=settings, engine=engine, store=store)
+
+
+def _open_store(url: str) -> ObjectStore:
+    """The object store, or a clear error naming the setting (never a stack trace) when its URL is
+    wrong or, asked to create its bucket, the store cannot be reached or refuses."""
+    shown = url.split("?", 1)[0]  # the query may hold an endpoint; never credentials, but keep it short
+    try:
+        return open_store(url)
+    except StoreUnavailable as exc:
+        raise Unavailable(
+            f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {exc.message}; check that "
+            "setting, the endpoint and the credentials (AWS_* variables)"
+        ) from exc
+    except ValueError as exc:
+        raise BadRequest(f"SCANONCE_STORAGE_URL is not a usable storage URL ({shown}): {exc}") from exc
+    except Exception as exc:  # botocore's ClientError: access denied, a bucket it may not create, ...
+        raise Unavailable(
+            f"the object store {shown} (SCANONCE_STORAGE_URL) refused: {type(exc).__name__}: "
+            f"{str(exc)[:200]}; check that setting and the credentials (AWS_* variables)"
+        ) from exc
 
 
 def register_jobs() -> None:
@@ -100,6 +138,7 @@ def register_jobs() -> None:
     federation_service.register_jobs()
     identity_service.register_jobs()
     imports_service.register_jobs()
+    index_verify.register_jobs()
 
 
 @asynccontextmanager
@@ -179,7 +218,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.scanonce = state or build_state(settings)
+    app.state.scanonce = state or build_state(settings, wait_for_db=services)
 
     @app.exception_handler(ScanOnceError)
     async def _scanonce_error(_request: Request, exc: ScanOnceError) -> JSONResponse:
@@ -187,7 +226,25 @@ def create_app(
 
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"error": Unavailable.title, "detail": exc.message})
+        STORAGE_ERRORS.inc()
+        return JSONResponse(
+            status_code=503,
+            content={"error": Unavailable.title, "detail": exc.message},
+            headers={"Retry-After": _RETRY_AFTER},
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # The database refused, dropped or did not answer: nothing was committed, so the caller
+        # may simply try again (a balancer sends it to a node whose /readyz is true meanwhile).
+        DB_ERRORS.inc()
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            status_code=503,
+            content={"error": Unavailable.title, "detail": "the database is unreachable; try again shortly"},
+            headers={"Retry-After": _RETRY_AFTER},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -200,10 +257,20 @@ def create_app(
         return "ok"
 
     @app.get("/readyz", response_class=PlainTextResponse, include_in_schema=False)
-    def readyz() -> str:
-        with app.state.scanonce.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return "ready"
+    def readyz() -> PlainTextResponse:
+        problems = not_ready(app.state.scanonce)
+        if problems:
+            return PlainTextResponse(
+                "not ready: " + "; ".join(problems), status_code=503, headers={"Retry-After": _RETRY_AFTER}
+            )
+        return PlainTextResponse("ready")
+
+    queue = jobs_service.QueueCollector(app.state.scanonce.engine)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        body, content_type = render([queue])
+        return Response(body, media_type=content_type)
 
     verifier = None
     if settings.auth_enabled:
@@ -220,8 +287,36 @@ def create_app(
         AuditMiddleware, writer=audit_service.writer_for(engine) if settings.audit_enabled else None
     )
     _add_cors(app, settings.cors_origins)
+    # Added last, so it is the outermost: every request (also one refused by the guard or
+    # failing in CORS) gets its id and is counted. An audit middleware goes between the guard and
+    # this one (after AuthGuard, before this line).
+    app.add_middleware(ObservabilityMiddleware)
     _include_routers(app)
     return app
+
+
+_RETRY_AFTER = "5"
+
+
+def not_ready(state: AppState) -> list[str]:
+    """Why this node should get no traffic now: the database or the object store unreachable
+    (each named with its setting); empty when ready."""
+    problems = []
+    try:
+        with state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:
+        DB_ERRORS.inc()
+        problems.append("database unreachable (SCANONCE_DATABASE_URL)")
+    try:
+        # A listing under a prefix nothing uses: one cheap request that fails if the bucket is
+        # missing, the credentials wrong or the endpoint away.
+        for _ in state.store.list("readyz-probe/"):
+            break
+    except Exception:
+        STORAGE_ERRORS.inc()
+        problems.append("object store unreachable (SCANONCE_STORAGE_URL)")
+    return problems
 
 
 # What a viewer's script must be able to read from a DICOMweb response (CORS exposes only the
@@ -249,6 +344,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(facilities_router)
     app.include_router(federation_router)
     app.include_router(jobs_router)
+    app.include_router(verify_router)
     app.include_router(imports_router)
     app.include_router(identity_router)
     app.include_router(consent_router)

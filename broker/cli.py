@@ -5,16 +5,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
-import logging
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -23,19 +23,30 @@ from rich.table import Table
 from broker import clikit
 from broker.app import build_state, create_app
 from broker.audit import cli as audit_cli
-from broker.clikit import DataDir, console
+from broker.clikit import DataDir, console, fail
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
+from broker.db import (
+    DatabaseUnreachable,
+    check_connection,
+    make_engine,
+    migrate,
+    safe_url,
+    schema_status,
+    wait_for_database,
+)
 from broker.demo import service as demo_service
 from broker.deps import AppState
 from broker.dimse import access as dimse_access
+from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
 from broker.identity import cli as identity_cli
 from broker.imports import cli as imports_cli
+from broker.index import cli as index_cli
 from broker.index import service
 from broker.jobs import cli as jobs_cli
-from broker.logfilters import redact_access_log
+from broker.logfilters import configure_logging
 from broker.lookup import cli as lookup_cli
 from broker.security import cli as security_cli
 from broker.security.schemas import Principal, Role
@@ -84,13 +95,15 @@ def serve(
     if "SCANONCE_INGEST_PROCESSES" not in os.environ:
         # A server parses on every core (parsing holds the GIL); embedded uses stay in-process.
         settings.ingest_processes = -1
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    redact_access_log()
+    configure_logging(log_level, settings.log_format)
     _auth_before_exposure(settings)
     _dimse_before_exposure(settings)
     _ports_free(settings)
-    application = create_app(settings, services=True)
+    _wait_for_database(settings)
+    try:
+        application = create_app(settings, services=True)
+    except ScanOnceError as exc:  # a schema behind: the operator runs `scanonce db upgrade`
+        fail(exc)
     origin = f"http://{settings.host}:{settings.port}"
     # soft_wrap: a URL is never broken across lines, whatever the terminal's width.
     for line in (
@@ -110,7 +123,62 @@ def serve(
     ):
         if line:
             console.print(line, soft_wrap=True)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level.lower())
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        # JSON: uvicorn's own lines go through the root handler too (one format for collectors).
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+    )
+
+
+def _not_ready_app(reason: str) -> Any:
+    """What the HTTP port answers while the node waits for its database at start: alive
+    (/healthz 200, so an orchestrator does not kill it for the database's sake), not ready
+    (/readyz and everything else 503 with Retry-After, so a balancer sends nothing here)."""
+
+    async def app(scope: dict[str, Any], _receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        alive = scope.get("path") == "/healthz"
+        body = b"ok" if alive else f"not ready: {reason}".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")]
+        await send({"type": "http.response.start", "status": 200 if alive else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _wait_for_database(settings: Settings) -> None:
+    """At start, a database that refuses connections is retried (the log names the setting);
+    meanwhile the HTTP port answers /readyz 503 and /healthz 200."""
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        try:
+            check_connection(engine)
+            return
+        except DatabaseUnreachable:
+            pass
+        config = uvicorn.Config(
+            _not_ready_app("database unreachable (SCANONCE_DATABASE_URL)"),
+            host=settings.host,
+            port=settings.port,
+            lifespan="off",
+            log_level="warning",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="scanonce-not-ready", daemon=True)
+        thread.start()
+        try:
+            wait_for_database(engine)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    finally:
+        engine.dispose()
 
 
 def _auth_before_exposure(settings: Settings) -> None:
@@ -302,12 +370,75 @@ def demo(
             print(f"    {token}")
 
 
+db_app = typer.Typer(help="The database schema: upgrade it, or see where it stands.", no_args_is_help=True)
+
+
+def _db_engine(data_dir: Path | None) -> tuple[Settings, Any]:
+    settings = _settings(data_dir)
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        check_connection(engine)
+    except ScanOnceError as exc:
+        fail(exc)
+    return settings, engine
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None) -> None:
+    """Apply the migrations this version has and the database lacks (all domains' branches).
+
+    Safe to run twice (the second run has nothing to do) and from several places at once: on
+    PostgreSQL an advisory lock lets one run migrate while the others wait, then find nothing
+    left. Migrations only add (expand) while older nodes still serve."""
+    settings, engine = _db_engine(data_dir)
+    try:
+        before = migrate(engine)
+        after = schema_status(engine)
+    finally:
+        engine.dispose()
+    where = safe_url(settings.resolved_database_url())
+    if not before.pending:
+        console.print(
+            f"{where}: already at the newest schema ({', '.join(after.current)}); nothing to do",
+            soft_wrap=True,
+        )
+        return
+    console.print(
+        f"{where}: applied {len(before.pending)} migration(s): {', '.join(before.pending)}; "
+        f"now at {', '.join(after.current)}",
+        soft_wrap=True,
+    )
+
+
+@db_app.command("status")
+def db_status(data_dir: DataDir = None) -> None:
+    """Where the schema stands: the revisions applied and those pending. Exits 1 while any is pending."""
+    settings, engine = _db_engine(data_dir)
+    try:
+        status = schema_status(engine)
+    finally:
+        engine.dispose()
+    console.print(f"database: {safe_url(settings.resolved_database_url())}", soft_wrap=True)
+    console.print(f"current:  {', '.join(status.current) or '(empty: no migration applied)'}", soft_wrap=True)
+    console.print(f"newest:   {', '.join(status.heads)}", soft_wrap=True)
+    if status.up_to_date:
+        console.print("up to date")
+        return
+    console.print(f"pending:  {', '.join(status.pending)}", soft_wrap=True)
+    console.print("run `scanonce db upgrade` to apply them")
+    raise typer.Exit(code=1)
+
+
 def _register_domains() -> None:
     """Each domain contributes its own sub-commands."""
+    app.add_typer(db_app, name="db")
     facilities_cli.register(app)
     facilities_cli.add_show_detail(federation_cli.studies_not_fetched)
     federation_cli.register(app)
     jobs_cli.register(app)
+    index_cli.register(app)
     identity_cli.register(app)
     imports_cli.register(app)
     lookup_cli.register(app)

@@ -37,10 +37,10 @@ DataDir = Annotated[
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
-_builder: Callable[[Settings], AppState] | None = None
+_builder: Callable[..., AppState] | None = None
 
 
-def set_state_builder(builder: Callable[[Settings], AppState]) -> None:
+def set_state_builder(builder: Callable[..., AppState]) -> None:
     global _builder
     _builder = builder
 
@@ -53,11 +53,18 @@ def settings(data_dir: Path | None, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def state(data_dir: Path | None = None, *, from_settings: Settings | None = None) -> AppState:
-    """The same state `scanonce serve` builds (migrated index, object store, job kinds)."""
+def state(
+    data_dir: Path | None = None, *, from_settings: Settings | None = None, wait_for_db: bool = False
+) -> AppState:
+    """The same state `scanonce serve` builds (migrated index, object store, job kinds). A database
+    that cannot be reached, or whose schema is behind, is reported (naming the setting or the
+    command to run) and exits 1; with `wait_for_db` (long-running commands) it is retried."""
     if _builder is None:  # pragma: no cover - a domain CLI used without broker.cli
         raise RuntimeError("broker.cli has not wired in the state builder")
-    return _builder(from_settings or settings(data_dir))
+    try:
+        return _builder(from_settings or settings(data_dir), wait_for_db=wait_for_db)
+    except ScanOnceError as exc:
+        fail(exc)
 
 
 def fail(exc: ScanOnceError) -> NoReturn:

@@ -6,28 +6,62 @@ survives a power loss (WAL with NORMAL may roll the last commits back; docs/stor
 measured cost). PostgreSQL is used as is (its default `synchronous_commit=on` is durable).
 
 The schema is owned by Alembic: each domain adds its tables in its own migration branch, and
-`migrate()` upgrades to all heads.
+`migrate()` upgrades to all heads. On PostgreSQL it holds an advisory lock while it does, so two
+`scanonce db upgrade` (or two nodes starting with SCANONCE_MIGRATE_ON_START) never migrate at
+once: the second waits, then finds nothing left to do.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, event
-from sqlalchemy.engine import Engine
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Table, event, make_url, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
+from broker.errors import Unavailable
+
+log = logging.getLogger("scanonce.db")
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
+# pg_advisory_xact_lock key of schema migrations: any constant other code does not use ("SCANONCE").
+_MIGRATION_LOCK = 0x5343414E4F4E4345
 
 
-def make_engine(url: str, *, sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL") -> Engine:
-    """`sqlite_synchronous="NORMAL"` only for measuring what durability costs (bench/durability.py)."""
+class DatabaseUnreachable(Unavailable):
+    """The database refuses or does not answer connections."""
+
+    title = "Database unreachable"
+
+
+class SchemaBehind(Unavailable):
+    """The database's schema is older than this version of the broker."""
+
+    title = "Database schema is behind"
+
+
+def make_engine(
+    url: str,
+    *,
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    connect_timeout: float | None = None,
+) -> Engine:
+    """`sqlite_synchronous="NORMAL"` only for measuring what durability costs (bench/durability.py).
+    `connect_timeout` bounds each new PostgreSQL connection (SCANONCE_DB_CONNECT_TIMEOUT_SECONDS), so
+    a database that does not answer fails a request in seconds rather than hanging it."""
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -39,6 +73,8 @@ def make_engine(url: str, *, sqlite_synchronous: Literal["FULL", "NORMAL"] = "FU
         kwargs["pool_size"] = 10
         kwargs["max_overflow"] = 20
         kwargs["pool_pre_ping"] = True
+        if connect_timeout:
+            kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=sqlite_synchronous))
@@ -62,13 +98,99 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, synchronous: str = "FULL")
     cur.close()
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision of every domain branch (safe to run twice)."""
+def _config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
+    return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    current: tuple[str, ...]  # the revisions the database is at (one per branch head)
+    heads: tuple[str, ...]  # the newest revisions this version knows
+    pending: tuple[str, ...]  # revisions not applied yet, oldest first
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.pending
+
+
+def _status(conn: Connection) -> SchemaStatus:
+    script = ScriptDirectory.from_config(_config())
+    current = tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
+    applied = {rev.revision for head in current for rev in script.iterate_revisions(head, "base")}
+    pending = [rev.revision for rev in script.walk_revisions() if rev.revision not in applied]
+    return SchemaStatus(
+        current=current, heads=tuple(sorted(script.get_heads())), pending=tuple(reversed(pending))
+    )
+
+
+def schema_status(engine: Engine) -> SchemaStatus:
+    """Where the database's schema stands against this version's migrations."""
+    with engine.connect() as conn:
+        return _status(conn)
+
+
+def migrate(engine: Engine) -> SchemaStatus:
+    """Bring the schema to the newest revision of every domain branch (safe to run twice, and
+    from two processes at once on PostgreSQL). Returns the status found before upgrading."""
+    cfg = _config()
     with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "heads")
+        if conn.dialect.name == "postgresql":
+            # Released at commit; a second migrator waits here, then finds nothing pending.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        before = _status(conn)
+        if before.pending:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "heads")
+    return before
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Refuse to serve on a schema older than this version (migrations are not run on start)."""
+    status = schema_status(engine)
+    if not status.up_to_date:
+        raise SchemaBehind(
+            f"the database schema lacks {len(status.pending)} migration(s) ({', '.join(status.pending)}); "
+            "run `scanonce db upgrade` first (migrations run on start only with "
+            "SCANONCE_MIGRATE_ON_START=true)"
+        )
+
+
+def safe_url(url: str) -> str:
+    """The database URL without its password, fit for a message or a log line."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once; `DatabaseUnreachable` (naming the setting, not the password) if that fails."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0][:300] if (exc.orig or exc) else ""
+        raise DatabaseUnreachable(
+            f"cannot connect to the database {safe_url(str(engine.url))} (SCANONCE_DATABASE_URL): "
+            f"{reason}. Check that setting and that the server is up; each try waits at most "
+            "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS"
+        ) from exc
+
+
+def wait_for_database(engine: Engine, *, stop: threading.Event | None = None, max_wait: float = 30.0) -> None:
+    """Retry `check_connection` with backoff (1 s, 2 s, ... up to `max_wait` between tries),
+    logging the clear message each time, until the database answers or `stop` is set."""
+    delay = 1.0
+    while True:
+        try:
+            check_connection(engine)
+            return
+        except DatabaseUnreachable as exc:
+            log.error("%s; retrying in %g s", exc.message, delay)
+            if stop is not None and stop.wait(delay):
+                raise
+            if stop is None:
+                time.sleep(delay)
+            delay = min(delay * 2, max_wait)
 
 
 @contextmanager

@@ -4,11 +4,19 @@ uvicorn's access log writes each request line with its query string, and query s
 patient data: `/dicom-web/studies?PatientName=...`, `/fhir/Patient?family=...&birthdate=...`,
 `$ihe-pix?sourceIdentifier=...`. The path stays (it is what an operator needs to see); the query
 is replaced by `?…`.
+
+`configure_logging` sets the process's format: plain text or one JSON object per line
+(SCANONCE_LOG_FORMAT=json), each line with the id of the request it belongs to.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import traceback
+from datetime import UTC, datetime
+
+from broker.metrics import request_id
 
 _REDACTED = "?\u2026"
 
@@ -29,3 +37,57 @@ def redact_access_log() -> None:
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactQueryStrings) for f in access.filters):
         access.addFilter(RedactQueryStrings())
+
+
+# -- structured logs --------------------------------------------------------------------------
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the id of the HTTP request being served (or "") on every record as `request_id`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", ""):
+            record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id; for an exception its
+    type and stack frames (file, line, function) but not its message, which may quote a value read
+    from a data set. The messages themselves are the broker's own, written never to name a patient."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "") or request_id.get(),
+            "process": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            data["exc_type"] = record.exc_info[0].__name__
+            data["stack"] = [
+                f"{frame.filename}:{frame.lineno} {frame.name}"
+                for frame in traceback.extract_tb(record.exc_info[2])
+            ]
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """The process's log handler (stderr): `json` (SCANONCE_LOG_FORMAT=json) or plain text, both
+    with the request id. Replaces earlier handlers of the root logger, so calling it twice is fine."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    redact_access_log()

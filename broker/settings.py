@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,15 +25,41 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite under data_dir."
     )
+    migrate_on_start: bool | None = Field(
+        default=None,
+        description=(
+            "Upgrade the database schema when a node starts. Default: on for SQLite (one process owns "
+            "it), off for PostgreSQL, where `scanonce db upgrade` (a migration Job) runs it once and a "
+            "node on an older schema refuses to start, naming that command."
+        ),
+    )
+    db_connect_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        description=(
+            "Seconds a new PostgreSQL connection may take before it fails; a node that cannot connect "
+            "at start says so, naming SCANONCE_DATABASE_URL, and retries."
+        ),
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description=(
+            "`json`: one JSON object per log line (time, level, logger, message, request_id), for log "
+            "collectors; `text`: plain lines. Neither carries patient data."
+        ),
+    )
     storage_url: str | None = Field(
         default=None, description="file:///path or s3://bucket?endpoint_url=...; default: data_dir/objects."
     )
-    host: str = "127.0.0.1"
-    port: int = 8042
+    host: str = Field(
+        default="127.0.0.1",
+        description="HTTP (and DIMSE, MLLP) bind address; beyond loopback only with auth on.",
+    )
+    port: int = Field(default=8042, description="HTTP port of `scanonce serve`.")
     base_url: str | None = Field(
         default=None, description="Public origin used in RetrieveURL; default: request's."
     )
-    dimse_port: int = 11112
+    dimse_port: int = Field(default=11112, description="DIMSE port of `scanonce serve` (0: off).")
     mllp_port: int = Field(
         default=2575,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
@@ -100,14 +126,18 @@ class Settings(BaseSettings):
             "every connection (DNS rebinding). Default: loopback only."
         ),
     )
-    default_facility: str = "local"
+    default_facility: str = Field(
+        default="local", description="The facility this broker's own archive is (created on first start)."
+    )
     break_glass_max_minutes: int = Field(
         default=60,
         ge=1,
         le=24 * 60,
         description="The longest a break-the-glass (emergency read) grant may last, in minutes.",
     )
-    default_issuer: str = "LOCAL"
+    default_issuer: str = Field(
+        default="LOCAL", description="The issuer of Patient IDs of the default facility."
+    )
     sync_interval_seconds: float = Field(
         default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
     )
@@ -117,8 +147,34 @@ class Settings(BaseSettings):
             "Days finished jobs are kept (0: forever); the newest of each kind and subject is always kept."
         ),
     )
-    qido_default_limit: int = 100
-    qido_max_limit: int = 1000
+    job_lease_seconds: float = Field(
+        default=60,
+        gt=0,
+        description=(
+            "How long a worker's claim on a job lasts past its last heartbeat; the worker renews it 4 "
+            "times per lease, a job run in the foreground by a CLI command every 5 s (so keep it at 15 s "
+            "or more). A killed worker's job is taken over by another after this."
+        ),
+    )
+    job_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Claims a job gets before it fails for good: transient failures (database, object store "
+            "or facility unreachable) and workers killed mid-job each use one."
+        ),
+    )
+    job_retry_backoff_seconds: float = Field(
+        default=30,
+        ge=0,
+        description=(
+            "Wait before retrying a job after a transient failure; doubled on each attempt (capped at 64x)."
+        ),
+    )
+    qido_default_limit: int = Field(
+        default=100, description="QIDO-RS results per page when `limit` is not given."
+    )
+    qido_max_limit: int = Field(default=1000, description="Largest QIDO-RS `limit` accepted.")
     ingest_processes: int = Field(
         default=0,
         description=(
@@ -126,7 +182,9 @@ class Settings(BaseSettings):
             "beside the serving process, what `scanonce serve` uses unless this is set)."
         ),
     )
-    max_part_bytes: int = 4 * 1024**3
+    max_part_bytes: int = Field(
+        default=4 * 1024**3, description="Largest single part (instance) of a STOW-RS request, in bytes."
+    )
     reap_grace_seconds: float = Field(
         default=3600,
         description=(
@@ -265,6 +323,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    def resolved_migrate_on_start(self) -> bool:
+        if self.migrate_on_start is not None:
+            return self.migrate_on_start
+        return self.resolved_database_url().startswith("sqlite")
 
     def resolved_storage_url(self) -> str:
         if self.storage_url:

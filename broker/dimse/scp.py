@@ -65,6 +65,7 @@ from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.federation import service as federation
 from broker.index.schemas import Query
 from broker.index.service import IngestBatcher, find_instances, search
+from broker.metrics import observe_dimse
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
 from broker.security.tls import server_context
@@ -331,11 +332,13 @@ def start_scp(
         ae.add_supported_context(uid, _UNCOMPRESSED)
     # Each operation is put to the policy before its handler runs (broker.dimse.access).
     handlers: list[Any] = [
-        (evt.EVT_C_ECHO, access.guarded("C-ECHO", _on_echo), [handle]),
-        (evt.EVT_C_STORE, access.guarded("C-STORE", _on_store), [handle]),
-        (evt.EVT_C_FIND, access.guarded("C-FIND", _on_find), [handle]),
-        (evt.EVT_C_MOVE, access.guarded("C-MOVE", _on_move), [handle]),
-        (evt.EVT_C_GET, access.guarded("C-GET", _on_get), [handle]),
+        # Counted and timed as interface "dimse" (broker.metrics) outside the policy check, so
+        # refused operations are counted too.
+        (evt.EVT_C_ECHO, observe_dimse("C-ECHO", access.guarded("C-ECHO", _on_echo)), [handle]),
+        (evt.EVT_C_STORE, observe_dimse("C-STORE", access.guarded("C-STORE", _on_store)), [handle]),
+        (evt.EVT_C_FIND, observe_dimse("C-FIND", access.guarded("C-FIND", _on_find)), [handle]),
+        (evt.EVT_C_MOVE, observe_dimse("C-MOVE", access.guarded("C-MOVE", _on_move)), [handle]),
+        (evt.EVT_C_GET, observe_dimse("C-GET", access.guarded("C-GET", _on_get)), [handle]),
         (evt.EVT_CONN_OPEN, _on_conn_open),
         (evt.EVT_CONN_CLOSE, _on_conn_close, [handle]),
     ]

@@ -87,15 +87,24 @@ def sync_facility(
     if claimed is None:
         raise Conflict(f"a sync of facility {facility_id!r} is already running (job {job.id})")
     started = _now()
-    p = jobs.Progress(engine=engine, job_id=job.id, listener=progress, done=claimed.progress_done)
+    # The claim's fencing token: if a worker took the job over (this run stalled past its lease),
+    # this run's progress and result are refused (jobs.LeaseLost) rather than overwriting its.
+    lease = jobs.Lease.of(claimed)
+    p = jobs.Progress(
+        engine=engine, job_id=job.id, listener=progress, done=claimed.progress_done, lease=lease
+    )
     try:
-        with jobs.heartbeat(engine=engine, job_id=job.id):
+        with jobs.heartbeat(engine=engine, job_id=job.id, lease=lease, lost=p.lost):
             stats = run_sync(engine=engine, job=claimed, progress=p, calling_ae=calling_ae)
+    except jobs.LeaseLost:
+        raise
     except Exception as exc:
-        jobs.finish(engine=engine, job_id=job.id, error=getattr(exc, "message", None) or str(exc))
+        jobs.finish(
+            engine=engine, job_id=job.id, error=getattr(exc, "message", None) or str(exc), lease=lease
+        )
         _record_state(engine, facility_id, job.id, status="failed", error=str(exc))
         raise
-    jobs.finish(engine=engine, job_id=job.id, message=p.message)
+    jobs.finish(engine=engine, job_id=job.id, message=p.message, lease=lease)
     return SyncResult(
         job_id=job.id,
         studies_seen=stats["seen"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
 from broker.identity.adt import Ack, handle_message, nak
+from broker.metrics import observe_mllp
 from broker.security.schemas import Principal
 
 log = logging.getLogger("scanonce.identity.mllp")
@@ -76,11 +78,13 @@ async def _serve_connection(
                 if exc.partial.strip():
                     log.info("MLLP peer %s closed the connection mid-message", peer)
                 break
+            start = time.perf_counter()
             try:
                 ack = await loop.run_in_executor(None, _apply, engine, principal, block)
             except Exception:  # noqa: BLE001 - the sender gets an answer whatever went wrong
                 log.error("MLLP message from %s could not be applied", peer)
                 ack = nak("AE", "internal error while applying the message")
+            observe_mllp("ADT", ack.code, time.perf_counter() - start)
             await _reply(writer, ack)
     except (ConnectionError, asyncio.CancelledError):
         pass  # the peer went away, or the listener is stopping

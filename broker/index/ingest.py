@@ -39,6 +39,7 @@ from broker.index.models import Instance, InstanceConflict, Patient, Series, Stu
 from broker.index.packing import pack_metadata
 from broker.index.parse import Received, _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
+from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
 from broker.security.service import authorize
 from storage import ObjectStore
@@ -531,6 +532,12 @@ def index_parsed(
             _release(held)
     done = [o for o in outcomes if o is not None]
     stored = sum(o.status == "stored" for o in done)
+    observe_ingest(
+        stored=stored,
+        duplicate=sum(o.status == "duplicate" for o in done),
+        failed=sum(o.status == "failed" for o in done),
+        stored_bytes=sum(p.size for i, p in todo if (o := outcomes[i]) is not None and o.status == "stored"),
+    )
     log.info(
         "ingest by %s into %s: %d stored, %d duplicate, %d failed",
         principal.who,

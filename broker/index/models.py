@@ -198,3 +198,20 @@ class StudyFacts(SQLModel, table=True):
     study_pk: int = Field(primary_key=True)
     version: int = 1
     computed_at: datetime = Field(default_factory=_now)
+
+
+class IntegrityFinding(SQLModel, table=True):
+    """An instance whose object `scanonce verify --repair` found missing or changed (SHA-256),
+    kept until a later run finds it whole again (`resolved_at`): what to restore from backup or
+    ask the facility to send again."""
+
+    __tablename__ = "integrity_finding"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)  # missing | mismatch
+    sop_uid: str = Field(max_length=64, index=True)
+    facility_id: str = Field(max_length=64)
+    object_key: str = Field(max_length=512)
+    found_at: datetime = Field(default_factory=_now)
+    last_seen_at: datetime | None = None
+    resolved_at: datetime | None = None

@@ -15,6 +15,7 @@ def _now() -> datetime:
 class Job(SQLModel, table=True):
     """A unit of background work (an index sync, a fetch, an import).
 
+    The lease of a running job lasts the job lease past `heartbeat_at`.
     `checkpoint` is the handler's own JSON note of how far it got: a job reclaimed after its
     worker died resumes from there instead of starting over.
     """
@@ -33,8 +34,11 @@ class Job(SQLModel, table=True):
     progress_total: int | None = None
     message: str = Field(default="", max_length=512)
     error: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # Claims so far; with `owner`, the fencing token of the current claim (jobs.service.Lease).
     attempts: int = 0
     owner: str = Field(default="", max_length=128)
+    # Queued again after a transient failure: not claimed before this (exponential backoff).
+    run_after: datetime | None = None
     created_at: datetime = Field(default_factory=_now)
     started_at: datetime | None = None
     heartbeat_at: datetime | None = None

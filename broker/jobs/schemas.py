@@ -18,10 +18,15 @@ class JobOut(BaseModel):
     progress_total: int | None = Field(description="None while the total is not known yet.")
     message: str
     error: str
-    attempts: int
+    attempts: int = Field(description="Claims so far (a retry or a reclaim after a lost worker adds one).")
+    owner: str = Field(description="The worker holding (or that last held) the job: host:pid:thread.")
     params: dict[str, Any]
     created_at: datetime
     started_at: datetime | None
+    heartbeat_at: datetime | None = Field(
+        description="The running job's lease lasts the job lease past this."
+    )
+    run_after: datetime | None = Field(description="A job queued for a retry is not started before this.")
     finished_at: datetime | None
 
     @classmethod
@@ -36,8 +41,11 @@ class JobOut(BaseModel):
             message=job.message,
             error=job.error,
             attempts=job.attempts,
+            owner=job.owner,
             params=json.loads(job.params or "{}"),
             created_at=job.created_at,
             started_at=job.started_at,
+            heartbeat_at=job.heartbeat_at,
+            run_after=job.run_after,
             finished_at=job.finished_at,
         )

@@ -2,8 +2,16 @@
 
 A job is a row. Any process may claim a queued job: on PostgreSQL with `FOR UPDATE SKIP LOCKED`
 so N workers never wait on each other, on SQLite with one atomic `UPDATE ... RETURNING` (SQLite
-has a single writer, so that statement is the lock). A running job whose worker stopped
-heartbeating is claimed again and resumes from its checkpoint.
+has a single writer, so that statement is the lock).
+
+A claim is a lease: it lasts `SCANONCE_JOB_LEASE_SECONDS` past the job's last heartbeat, and the
+worker's heartbeat thread renews it. A job whose lease ran out (its worker was killed, its node
+lost) is claimed again and resumes from its checkpoint. Each claim adds one to `attempts`, and
+(owner, attempts) is the claim's fencing token: a worker whose lease was taken over cannot
+heartbeat, report or finish the job any more (`LeaseLost`), so a late result never overwrites the
+new owner's. A transient failure (the database, the object store or a facility away) re-queues
+the job with exponential backoff (`run_after`); after `SCANONCE_JOB_MAX_ATTEMPTS` claims it fails
+for good. docs/jobs.md says why this queue was kept rather than replaced.
 
 Finished jobs are kept for `SCANONCE_JOB_RETENTION_DAYS`, then pruned by the worker loop (at most
 once an hour) or `scanonce jobs prune`; the newest finished job of each kind and key is kept
@@ -24,25 +32,129 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import delete, func, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from broker.db import session_scope
-from broker.errors import NotFound
+from broker.errors import NotFound, ScanOnceError, Unavailable
 from broker.jobs.models import Job
+from broker.settings import Settings
+from storage import StoreUnavailable
 
 log = logging.getLogger("scanonce.jobs")
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed")
 STALE_AFTER = timedelta(seconds=60)
+# How often a job run outside the worker loop (a CLI's foreground sync or rebuild, which knows no
+# settings) renews its lease: often enough for any SCANONCE_JOB_LEASE_SECONDS of 15 s or more.
+HEARTBEAT_EVERY = 5.0
 PRUNE_EVERY = 3600.0  # seconds between two prunes by one worker loop
 _PRUNE_BATCH = 1000  # rows per delete: a first prune of a year of hourly syncs holds no long lock
 
 
+class LeaseLost(ScanOnceError):
+    """This worker's claim on a job was taken over (its lease ran out while it was silent): whatever
+    it was about to record is discarded, the new owner's run is the one that counts."""
+
+    status_code = 409
+    title = "Job lease lost"
+
+
+class RetryLater(ScanOnceError):
+    """Raised by a handler for a failure worth another attempt later (with backoff)."""
+
+    status_code = 503
+    title = "Retry later"
+
+
+# Failures that say "not now" rather than "never": the job is queued again with backoff.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RetryLater,
+    Unavailable,
+    StoreUnavailable,
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's claim on a job: the fencing token every later write of that worker carries."""
+
+    job_id: int
+    owner: str
+    attempt: int
+
+    @classmethod
+    def of(cls, job: Job) -> Lease:
+        assert job.id is not None
+        return cls(job_id=job.id, owner=job.owner, attempt=job.attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How long a claim lasts without a heartbeat, how often a job is tried, how long between tries."""
+
+    lease_seconds: float = STALE_AFTER.total_seconds()
+    max_attempts: int = 5
+    backoff_seconds: float = 30.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> Policy:
+        return cls(
+            lease_seconds=settings.job_lease_seconds,
+            max_attempts=settings.job_max_attempts,
+            backoff_seconds=settings.job_retry_backoff_seconds,
+        )
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.lease_seconds)
+
+    def backoff(self, attempt: int) -> timedelta:
+        """Wait before try `attempt + 1`: backoff, 2x, 4x, ... capped at 64x (a day's outage
+        is retried about hourly with the default, not hammered)."""
+        return timedelta(seconds=self.backoff_seconds * 2 ** min(max(attempt - 1, 0), 6))
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _fenced(lease: Lease | None) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause (and its parameters) that lets a write through only under `lease`."""
+    if lease is None:
+        return "", {}
+    return (
+        " AND owner = :lease_owner AND attempts = :lease_attempt AND status = 'running'",
+        {"lease_owner": lease.owner, "lease_attempt": lease.attempt},
+    )
+
+
+def hold_lease(conn: Connection | Session, lease: Lease) -> None:
+    """Inside a handler's own transaction: lock the job row and raise `LeaseLost` unless this
+    worker still holds it, so the handler's writes commit only while its claim is valid (on
+    PostgreSQL the row lock also keeps a reclaimer out until the transaction ends)."""
+    lock = " FOR UPDATE" if _dialect(conn) == "postgresql" else ""
+    row = conn.execute(  # type: ignore[call-overload]
+        text(
+            "SELECT id FROM job WHERE id = :id AND owner = :o AND attempts = :a AND status = 'running'" + lock
+        ),
+        {"id": lease.job_id, "o": lease.owner, "a": lease.attempt},
+    ).first()
+    if row is None:
+        raise LeaseLost(f"job {lease.job_id}: another worker took it over")
+
+
+def _dialect(conn: Connection | Session) -> str:
+    bind = conn.get_bind() if isinstance(conn, Session) else conn
+    return bind.dialect.name
 
 
 def default_owner() -> str:
@@ -90,16 +202,25 @@ def claim(
     owner: str | None = None,
     kinds: tuple[str, ...] | None = None,
     job_id: int | None = None,
-    stale_after: timedelta = STALE_AFTER,
+    stale_after: timedelta | None = None,
+    max_attempts: int | None = None,
 ) -> Job | None:
-    """Take the oldest claimable job (queued, or running with a stale heartbeat); None if none.
+    """Take the oldest claimable job (queued and due, or running with an expired lease); None if none.
 
     `job_id` claims that one job only (the CLI runs the job it just queued in the foreground).
+    `stale_after` is the lease (default `STALE_AFTER`); a job whose lease expired after
+    `max_attempts` claims is failed instead (a job that kills its workers must not kill them all).
     """
     owner = owner or default_owner()
     now = _now()
-    params: dict[str, Any] = {"now": now, "stale": now - stale_after, "owner": owner}
-    where = "(status = 'queued' OR (status = 'running' AND heartbeat_at < :stale))"
+    stale = now - (STALE_AFTER if stale_after is None else stale_after)
+    if max_attempts is not None:
+        _fail_exhausted(engine=engine, stale=stale, max_attempts=max_attempts, now=now)
+    params: dict[str, Any] = {"now": now, "stale": stale, "owner": owner}
+    where = (
+        "((status = 'queued' AND (run_after IS NULL OR run_after <= :now))"
+        " OR (status = 'running' AND heartbeat_at < :stale))"
+    )
     if kinds:
         names = [f":k{i}" for i in range(len(kinds))]
         where += f" AND kind IN ({', '.join(names)})"
@@ -139,6 +260,20 @@ def claim(
         return session.get(Job, claimed)
 
 
+def _fail_exhausted(*, engine: Engine, stale: datetime, max_attempts: int, now: datetime) -> None:
+    with engine.begin() as conn:
+        failed = conn.execute(
+            text(
+                "UPDATE job SET status = 'failed', finished_at = :now, "
+                "error = 'its worker stopped (killed or lost) on each of ' || attempts || ' attempts' "
+                "WHERE status = 'running' AND heartbeat_at < :stale AND attempts >= :max"
+            ),
+            {"now": now, "stale": stale, "max": max_attempts},
+        ).rowcount
+    if failed:
+        log.warning("failed %d jobs whose workers kept dying", failed)
+
+
 def report(
     *,
     engine: Engine,
@@ -147,9 +282,11 @@ def report(
     total: int | None = None,
     message: str | None = None,
     checkpoint: dict[str, Any] | None = None,
+    lease: Lease | None = None,
 ) -> None:
     """Record progress (and heartbeat). Pass the checkpoint in the same transaction as the work
-    it describes when the work is in this database, so the two can never disagree."""
+    it describes when the work is in this database, so the two can never disagree. Under a
+    `lease`, raises `LeaseLost` (and records nothing) if another worker took the job over."""
     values: dict[str, Any] = {"heartbeat_at": _now()}
     if done is not None:
         values["progress_done"] = done
@@ -159,25 +296,52 @@ def report(
         values["message"] = message[:512]
     if checkpoint is not None:
         values["checkpoint"] = json.dumps(checkpoint)
-    with session_scope(engine) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        for name, value in values.items():
-            setattr(job, name, value)
+    _update(engine=engine, job_id=job_id, values=values, lease=lease)
 
 
-def finish(*, engine: Engine, job_id: int, error: str | None = None, message: str | None = None) -> None:
-    with session_scope(engine) as session:
-        job = session.get(Job, job_id)
-        if job is None:
+def _update(*, engine: Engine, job_id: int, values: dict[str, Any], lease: Lease | None) -> None:
+    """One fenced UPDATE of the job row: NotFound if no such job, LeaseLost if `lease` no longer holds."""
+    fence, params = _fenced(lease)
+    sets = ", ".join(f"{name} = :v_{name}" for name in values)
+    params.update({f"v_{name}": value for name, value in values.items()})
+    with engine.begin() as conn:
+        updated = conn.execute(text(f"UPDATE job SET {sets} WHERE id = :id{fence}"), {**params, "id": job_id})
+        if updated.rowcount == 1:
+            return
+        if conn.execute(text("SELECT 1 FROM job WHERE id = :id"), {"id": job_id}).first() is None:
             raise NotFound(f"no job {job_id}")
-        job.status = "failed" if error else "done"
-        job.error = error or ""
-        if message is not None:
-            job.message = message[:512]
-        job.finished_at = _now()
-        job.heartbeat_at = job.finished_at
+    raise LeaseLost(f"job {job_id}: another worker took it over; this worker's result is discarded")
+
+
+def finish(
+    *,
+    engine: Engine,
+    job_id: int,
+    error: str | None = None,
+    message: str | None = None,
+    lease: Lease | None = None,
+) -> None:
+    """Record the job done (or failed, with `error`). Under a `lease`, only while it still holds."""
+    now = _now()
+    values: dict[str, Any] = {
+        "status": "failed" if error else "done",
+        "error": error or "",
+        "finished_at": now,
+        "heartbeat_at": now,
+    }
+    if message is not None:
+        values["message"] = message[:512]
+    _update(engine=engine, job_id=job_id, values=values, lease=lease)
+
+
+def retry_later(*, engine: Engine, lease: Lease, error: str, run_after: datetime) -> None:
+    """Give the job back to the queue after a transient failure, not before `run_after`."""
+    _update(
+        engine=engine,
+        job_id=lease.job_id,
+        values={"status": "queued", "error": error, "run_after": run_after, "owner": ""},
+        lease=lease,
+    )
 
 
 def retention(days: float) -> timedelta | None:
@@ -222,22 +386,35 @@ def prune(*, engine: Engine, older_than: timedelta, now: datetime | None = None)
 
 @contextmanager
 def heartbeat(
-    *, engine: Engine, job_id: int, every: float = STALE_AFTER.total_seconds() / 4
+    *,
+    engine: Engine,
+    job_id: int,
+    every: float = HEARTBEAT_EVERY,
+    lease: Lease | None = None,
+    lost: threading.Event | None = None,
 ) -> Iterator[None]:
-    """Keep the job's heartbeat fresh while its body runs, even through a long silent step (a
-    whole-archive listing), so no other worker takes it for dead."""
+    """Keep the job's heartbeat (its lease) fresh while its body runs, even through a long silent
+    step (a whole-archive listing), so no other worker takes it for dead. Under a `lease`, a beat
+    that finds the job taken over sets `lost` and stops beating."""
     stop = threading.Event()
+    fence, fence_params = _fenced(lease)
 
     def beat() -> None:
         while not stop.wait(every):
             try:
                 with engine.begin() as conn:
-                    conn.execute(
-                        text("UPDATE job SET heartbeat_at = :now WHERE id = :id"),
-                        {"now": _now(), "id": job_id},
-                    )
+                    updated = conn.execute(
+                        text(f"UPDATE job SET heartbeat_at = :now WHERE id = :id{fence}"),
+                        {**fence_params, "now": _now(), "id": job_id},
+                    ).rowcount
             except Exception:  # the next beat may succeed; a missed one only risks a reclaim
                 log.warning("job %s: heartbeat failed", job_id)
+                continue
+            if lease is not None and updated == 0:
+                log.warning("job %s: lease lost to another worker", job_id)
+                if lost is not None:
+                    lost.set()
+                return
 
     thread = threading.Thread(target=beat, name=f"job-{job_id}-heartbeat", daemon=True)
     thread.start()
@@ -272,6 +449,13 @@ class Progress:
     total: int | None = None
     message: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    lease: Lease | None = None
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        """Raise `LeaseLost` if the heartbeat found the job taken over (call between steps)."""
+        if self.lost.is_set() and self.lease is not None:
+            raise LeaseLost(f"job {self.job_id}: another worker took it over")
 
     def update(
         self,
@@ -287,6 +471,7 @@ class Progress:
             self.total = total
         if message is not None:
             self.message = message
+        self.check()
         report(
             engine=self.engine,
             job_id=self.job_id,
@@ -294,6 +479,7 @@ class Progress:
             total=total,
             message=message,
             checkpoint=checkpoint,
+            lease=self.lease,
         )
         if self.listener is not None:
             self.listener(self.done, self.total, self.message)
@@ -325,26 +511,69 @@ def run_claimed(
     store: Any,
     job: Job,
     listener: Callable[[int, int | None, str], None] | None = None,
+    policy: Policy | None = None,
 ) -> Job:
-    """Run a job this process has claimed; record done or failed. Returns the final row."""
+    """Run a job this process has claimed; record done, failed, or queued again for a retry
+    (a transient failure with attempts left). Returns the final row. If the lease was taken
+    over meanwhile, nothing is recorded: the new owner's run is the one that counts."""
     assert job.id is not None
+    policy = policy or Policy()
+    lease = Lease.of(job)
     handler = _HANDLERS.get(job.kind)
-    if handler is None:
-        finish(engine=engine, job_id=job.id, error=f"no handler for job kind {job.kind!r}")
-    else:
-        progress = Progress(
-            engine=engine, job_id=job.id, listener=listener, done=job.progress_done, total=job.progress_total
-        )
-        try:
-            with heartbeat(engine=engine, job_id=job.id):
-                handler(engine, store, job, progress)
-        except Exception as exc:  # the job records the failure; the worker keeps going
-            log.warning("job %s (%s) failed: %s", job.id, job.kind, exc)
-            finish(engine=engine, job_id=job.id, error=getattr(exc, "message", None) or str(exc))
+    try:
+        if handler is None:
+            finish(engine=engine, job_id=job.id, error=f"no handler for job kind {job.kind!r}", lease=lease)
         else:
-            finish(engine=engine, job_id=job.id)
+            _run_handler(
+                engine=engine, store=store, job=job, handler=handler, listener=listener, policy=policy
+            )
+    except LeaseLost:
+        log.warning("job %s (%s): lease lost, result discarded", job.id, job.kind)
     with Session(engine, expire_on_commit=False) as session:
         return get_job(session=session, job_id=job.id)
+
+
+def _run_handler(
+    *,
+    engine: Engine,
+    store: Any,
+    job: Job,
+    handler: Handler,
+    listener: Callable[[int, int | None, str], None] | None,
+    policy: Policy,
+) -> None:
+    assert job.id is not None
+    lease = Lease.of(job)
+    progress = Progress(
+        engine=engine,
+        job_id=job.id,
+        listener=listener,
+        done=job.progress_done,
+        total=job.progress_total,
+        lease=lease,
+    )
+    try:
+        with heartbeat(
+            engine=engine, job_id=job.id, every=policy.lease_seconds / 4, lease=lease, lost=progress.lost
+        ):
+            handler(engine, store, job, progress)
+        progress.check()
+    except LeaseLost:
+        raise
+    except Exception as exc:  # the job records the failure; the worker keeps going
+        error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, TRANSIENT) and job.attempts < policy.max_attempts:
+            run_after = _now() + policy.backoff(job.attempts)
+            log.warning(
+                "job %s (%s) attempt %d of %d failed, retry after %s: %s",
+                job.id, job.kind, job.attempts, policy.max_attempts, run_after.isoformat(), error,
+            )  # fmt: skip
+            retry_later(engine=engine, lease=lease, error=error, run_after=run_after)
+        else:
+            log.warning("job %s (%s) failed: %s", job.id, job.kind, error)
+            finish(engine=engine, job_id=job.id, error=error, lease=lease)
+    else:
+        finish(engine=engine, job_id=job.id, lease=lease)
 
 
 def work(
@@ -357,10 +586,12 @@ def work(
     idle_wait: float = 1.0,
     once: bool = False,
     keep_finished: timedelta | None = None,
+    policy: Policy | None = None,
 ) -> int:
     """The worker loop: claim, run, repeat. Returns how many jobs ran (for `once`, 0 or more
-    until the queue is empty). With `keep_finished`, it also prunes older finished jobs, at
+    until no job is due). With `keep_finished`, it also prunes older finished jobs, at
     start and then at most once every PRUNE_EVERY seconds."""
+    policy = policy or Policy()
     ran = 0
     owner = owner or default_owner()
     last_prune: float | None = None
@@ -373,7 +604,13 @@ def work(
             except Exception:  # housekeeping must never stop the worker; the next hour retries
                 log.exception("pruning finished jobs failed")
         try:
-            job = claim(engine=engine, owner=owner, kinds=kinds)
+            job = claim(
+                engine=engine,
+                owner=owner,
+                kinds=kinds,
+                stale_after=policy.lease,
+                max_attempts=policy.max_attempts,
+            )
         except Exception:  # database briefly away: the worker waits and tries again
             log.exception("claiming a job failed")
             if once or stop is None:
@@ -386,6 +623,45 @@ def work(
             if stop is not None:
                 stop.wait(idle_wait)
             continue
-        run_claimed(engine=engine, store=store, job=job)
+        run_claimed(engine=engine, store=store, job=job, policy=policy)
         ran += 1
     return ran
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+class QueueCollector(Collector):
+    """The job queue as Prometheus gauges, read from the database when /metrics is scraped (the
+    queue is shared by every node, so each reports the same, current figures)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "scanonce_jobs", "Jobs by kind and status (queued, running, failed)", labels=["kind", "status"]
+        )
+        age = GaugeMetricFamily(
+            "scanonce_job_oldest_queued_age_seconds",
+            "Seconds since the oldest queued job of each kind was queued",
+            labels=["kind"],
+        )
+        try:
+            with Session(self.engine) as session:
+                rows = session.exec(
+                    select(Job.kind, Job.status, func.count(), func.min(Job.created_at))
+                    .where(col(Job.status).in_(("queued", "running", "failed")))
+                    .group_by(col(Job.kind), col(Job.status))
+                ).all()
+        except Exception:  # the database is away: /metrics still answers, without these
+            log.warning("job queue metrics: database unreachable")
+            return
+        now = _now()
+        for kind, status, count, oldest in rows:
+            jobs.add_metric([kind, status], count)
+            if status == "queued" and oldest is not None:
+                oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+                age.add_metric([kind], max(0.0, (now - oldest).total_seconds()))
+        yield jobs
+        yield age

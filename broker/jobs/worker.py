@@ -27,6 +27,7 @@ def start_worker_thread(
             "store": store,
             "stop": stop,
             "keep_finished": jobs.retention(settings.job_retention_days),
+            "policy": jobs.Policy.of(settings),
         },
         name="scanonce-jobs",
         daemon=True,
@@ -38,5 +39,9 @@ def start_worker_thread(
 def run_worker(*, engine: Engine, store: Any, settings: Settings, stop: threading.Event) -> int:
     """The `scanonce worker` loop in this thread; returns how many jobs ran."""
     return jobs.work(
-        engine=engine, store=store, stop=stop, keep_finished=jobs.retention(settings.job_retention_days)
+        engine=engine,
+        store=store,
+        stop=stop,
+        keep_finished=jobs.retention(settings.job_retention_days),
+        policy=jobs.Policy.of(settings),
     )

@@ -189,6 +189,7 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/api/jobs", P.jobs_read),
     _r(_READ, "/metrics", P.metrics_read),
     _r(_READ, "/api/verify/**", P.admin),
+    _r({"POST"}, "/api/verify", P.admin),
     _r(_READ, "/api/audit/**", P.audit_read),
     _r(_READ, "/api/audit", P.audit_read),
     _r({"POST"}, "/api/imports/**", P.imports_write),

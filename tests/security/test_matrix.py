@@ -54,6 +54,8 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/api/facilities/{facility_id}/sync"): {A},
     ("GET", "/api/jobs"): {A, V},
     ("GET", "/api/jobs/{job_id}"): {A, V},
+    ("GET", "/metrics"): {A, U},
+    ("POST", "/api/verify"): {A},
     # Identity: the review queue is the reviewers'; configuring the matcher is admin.
     ("GET", "/api/identity/review"): {A, V},
     ("POST", "/api/identity/review/{review_id}"): {A, V},

@@ -1,0 +1,136 @@
+"""`scanonce verify`: instances whose object is missing or changed, objects no row names, and
+`--repair`, on both backends (SQLite + folder, PostgreSQL + S3 over HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
+from sqlmodel import Session, select
+from typer.testing import CliRunner
+
+from broker.app import build_state, create_app
+from broker.cli import app as cli
+from broker.index import verify as integrity
+from broker.index.keys import instance_key
+from broker.index.models import Instance, IntegrityFinding
+from broker.index.service import ingest_files
+from broker.jobs import service as jobs
+from broker.settings import Settings
+from tests.support import ADMIN, auth_headers, make_ds, to_bytes, write
+
+runner = CliRunner()
+
+
+def _ingest(state: object, tmp_path: Path, n: int) -> list[Instance]:
+    study = generate_uid()
+    paths = [
+        write(tmp_path, f"i{i}.dcm", make_ds(sop=generate_uid(), study=study, series=generate_uid()))
+        for i in range(n)
+    ]
+    outcomes = ingest_files(
+        engine=state.engine,
+        store=state.store,
+        principal=ADMIN,
+        facility_id="local",
+        paths=paths,  # type: ignore[attr-defined]
+    )
+    assert [o.status for o in outcomes] == ["stored"] * n
+    with Session(state.engine) as session:  # type: ignore[attr-defined]
+        return list(session.exec(select(Instance).order_by(Instance.pk)))
+
+
+def _orphan(store: object) -> str:
+    """A whole, parseable instance in the store that no row names (its row was lost)."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    data = to_bytes(make_ds(sop=sop, study=study, series=series))
+    # Where ingest would have put it: the key is content-addressed.
+    key = instance_key(study, series, sop, hashlib.sha256(data).hexdigest())
+    store.put(key, io.BytesIO(data))  # type: ignore[attr-defined]
+    return key
+
+
+def test_verify_finds_missing_changed_and_orphaned_and_repairs(settings: Settings, tmp_path: Path) -> None:
+    state = build_state(settings)
+    store = state.store
+    rows = _ingest(state, tmp_path, 4)
+    clean = integrity.verify(engine=state.engine, store=store, min_age=0)
+    assert (clean.checked, clean.ok, clean.clean) == (4, 4, True)
+
+    store.delete(rows[0].object_key)  # lost
+    store.put(rows[1].object_key, io.BytesIO(b"not what was stored"))  # changed
+    orphan = _orphan(store)
+    junk = "studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5/" + "0" * 64 + ".dcm"
+    store.put(junk, io.BytesIO(b"no DICOM here"))
+
+    # Young objects may be an ingest committing its row: not orphans yet.
+    young = integrity.verify(engine=state.engine, store=store, min_age=3600)
+    assert (young.missing, young.mismatch, young.orphans) == (1, 1, 0)
+
+    found = integrity.verify(engine=state.engine, store=store, min_age=0)
+    assert (found.checked, found.ok, found.missing, found.mismatch, found.orphans) == (4, 2, 1, 1, 2)
+    assert found.examples["missing"] == [rows[0].object_key]
+    assert found.examples["mismatch"] == [rows[1].object_key]
+    assert sorted(found.examples["orphan"]) == sorted([orphan, junk])
+    assert not found.clean
+    with Session(state.engine) as session:
+        assert session.exec(select(IntegrityFinding)).all() == []  # without --repair nothing changes
+
+    # A facility's own check: its instances only, no orphan walk.
+    scoped = integrity.verify(engine=state.engine, store=store, facility="local", min_age=0)
+    assert (scoped.checked, scoped.orphans_walked) == (4, False)
+    # A sample checks that many.
+    assert integrity.verify(engine=state.engine, store=store, facility="local", sample=2).checked == 2
+
+    repaired = integrity.verify(engine=state.engine, store=store, min_age=0, repair=True)
+    assert (repaired.reindexed, repaired.unparseable, repaired.marked) == (1, 1, 2)
+    with Session(state.engine) as session:
+        findings = {(f.kind, f.object_key) for f in session.exec(select(IntegrityFinding))}
+        assert findings == {("missing", rows[0].object_key), ("mismatch", rows[1].object_key)}
+        assert session.exec(select(Instance).where(Instance.object_key == orphan)).first() is not None
+    assert {o.key for o in store.list("studies/")} >= {orphan, junk}  # nothing deleted
+
+    # Again: the orphan is indexed now; the findings are not duplicated.
+    again = integrity.verify(engine=state.engine, store=store, min_age=0, repair=True)
+    assert (again.checked, again.orphans, again.reindexed, again.unparseable) == (5, 1, 0, 1)
+    with Session(state.engine) as session:
+        assert len(session.exec(select(IntegrityFinding)).all()) == 2
+    state.engine.dispose()
+
+
+def test_verify_cli_job_and_api(settings: Settings, tmp_path: Path) -> None:
+    state = build_state(settings)
+    rows = _ingest(state, tmp_path, 2)
+    env = {
+        "SCANONCE_DATA_DIR": str(settings.data_dir),
+        "SCANONCE_DATABASE_URL": settings.resolved_database_url(),
+        "SCANONCE_STORAGE_URL": settings.resolved_storage_url(),
+    }
+    ok = runner.invoke(cli, ["verify", "--min-age", "0"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "2 checked: 2 ok, 0 missing, 0 mismatched; 0 orphaned objects" in " ".join(ok.output.split())
+
+    state.store.delete(rows[1].object_key)
+    bad = runner.invoke(cli, ["verify", "--min-age", "0"], env=env)
+    assert bad.exit_code == 1
+    assert f"missing: {rows[1].object_key}" in " ".join(bad.output.split())
+
+    queued = runner.invoke(cli, ["verify", "--job", "--repair"], env=env)
+    assert queued.exit_code == 0 and "queued job" in queued.output
+    client = TestClient(create_app(state=state), headers=auth_headers())
+    r = client.post("/api/verify", json={"facility": "local"})
+    assert r.status_code == 202, r.text
+    assert r.headers["Location"] == f"/api/jobs/{r.json()['id']}"
+    assert client.post("/api/verify", json={"sample": 0}).status_code == 400  # bad input, nothing queued
+    assert jobs.work(engine=state.engine, store=state.store, once=True, kinds=("verify",)) == 2
+    done = client.get("/api/jobs", params={"kind": "verify"}).json()
+    assert [j["status"] for j in done] == ["done", "done"]
+    repaired = done[1]  # the older: the whole-store check with --repair
+    assert repaired["message"].startswith("2 checked: 1 ok, 1 missing") and "1 marked" in repaired["message"]
+    assert done[0]["message"] == "2 checked: 1 ok, 1 missing, 0 mismatched"  # no orphan walk, no repair
+    with Session(state.engine) as session:
+        assert [f.object_key for f in session.exec(select(IntegrityFinding))] == [rows[1].object_key]
+    state.engine.dispose()

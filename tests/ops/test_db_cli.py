@@ -1,0 +1,237 @@
+"""`scanonce db upgrade|status`, migrations on start, and a database that refuses connections:
+what an operator sees (messages naming the setting or the command, exit codes, /readyz)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
+
+from broker.app import build_state, create_app
+from broker.cli import app as cli
+from broker.db import SchemaBehind, make_engine, migrate, schema_status, wait_for_database
+from broker.settings import Settings
+from tests.ops.proxy import TcpProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _env(tmp_path: Path, url: str) -> dict[str, str]:
+    return {
+        "SCANONCE_DATA_DIR": str(tmp_path),
+        "SCANONCE_DATABASE_URL": url,
+        "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "3",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.postgres
+def test_upgrade_twice_at_once_and_again_is_safe_and_says_so(empty_pg: str, tmp_path: Path) -> None:
+    status = runner.invoke(cli, ["db", "status"], env=_env(tmp_path, empty_pg))
+    assert status.exit_code == 1
+    assert "pending:" in status.output and "0010_jobs_lease" in status.output
+    assert "scanonce db upgrade" in status.output
+
+    # Two upgrades at once (as two nodes' migration jobs would run them): the advisory lock lets one
+    # migrate; the other waits, then finds nothing pending (each returns what it found pending).
+    engines = [make_engine(empty_pg) for _ in range(2)]
+    found: list[tuple[str, ...]] = []
+    errors: list[BaseException] = []
+
+    def upgrade(engine: Any) -> None:
+        try:
+            found.append(migrate(engine).pending)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrade, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    for e in engines:
+        e.dispose()
+    assert errors == []
+    assert sorted(len(p) for p in found)[0] == 0 and "0010_jobs_lease" in max(found, key=len)
+
+    again = runner.invoke(cli, ["db", "upgrade"], env=_env(tmp_path, empty_pg))
+    assert again.exit_code == 0
+    said = " ".join(again.output.split())
+    assert "already at the newest schema" in said and "nothing to do" in said
+    status = runner.invoke(cli, ["db", "status"], env=_env(tmp_path, empty_pg))
+    assert status.exit_code == 0 and "up to date" in status.output
+    engine = make_engine(empty_pg)
+    try:
+        assert schema_status(engine).up_to_date
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_node_on_an_unmigrated_postgres_refuses_to_start_naming_the_command(
+    empty_pg: str, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=empty_pg, mllp_port=0)
+    assert settings.resolved_migrate_on_start() is False  # PostgreSQL: off by default
+    with pytest.raises(SchemaBehind) as refused:
+        build_state(settings)
+    assert "scanonce db upgrade" in refused.value.message
+    # The same through `scanonce serve`: a message and exit 1, no traceback, nothing served.
+    served = runner.invoke(
+        cli,
+        ["serve", "--port", str(_free_port()), "--dimse-port", "0", "--mllp-port", "0"],
+        env={**_env(tmp_path, empty_pg), "SCANONCE_AUTH_ENABLED": "true"},
+    )
+    assert served.exit_code == 1, served.output
+    assert "scanonce db upgrade" in " ".join(served.output.split())
+    assert "Traceback" not in served.output
+    engine = make_engine(empty_pg)
+    try:
+        assert schema_status(engine).current == ()  # nothing was migrated behind the operator's back
+    finally:
+        engine.dispose()
+    # Asked for explicitly, a node migrates on start.
+    state = build_state(
+        Settings(data_dir=tmp_path, database_url=empty_pg, migrate_on_start=True, mllp_port=0)
+    )
+    try:
+        assert schema_status(state.engine).up_to_date
+    finally:
+        state.engine.dispose()
+
+
+def test_sqlite_migrates_on_start_by_default(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.resolved_migrate_on_start() is True
+    state = build_state(settings)
+    try:
+        assert schema_status(state.engine).up_to_date
+    finally:
+        state.engine.dispose()
+
+
+def test_a_database_that_refuses_connections_is_named_with_its_setting(tmp_path: Path) -> None:
+    closed = f"postgresql+psycopg://scanonce:secret@127.0.0.1:{_free_port()}/nothing"
+    for args in (["db", "status"], ["db", "upgrade"], ["jobs", "list"]):
+        result = runner.invoke(cli, args, env=_env(tmp_path, closed))
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1, (args, result.output)
+        assert "SCANONCE_DATABASE_URL" in text and "127.0.0.1" in text, text
+        assert "secret" not in text  # the password is never shown
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.postgres
+def test_a_node_retries_until_the_database_answers(pg_url: str) -> None:
+    """At start a refused connection is retried with backoff (and said so in the log) until the
+    database comes up; then the node goes on."""
+    target = make_url(pg_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    engine = make_engine(url, connect_timeout=2)
+    tries: list[float] = []
+    stop = threading.Event()
+
+    def up_later() -> None:
+        while len(tries) < 2 and not stop.is_set():
+            time.sleep(0.05)
+        proxy.start()
+
+    import logging
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "SCANONCE_DATABASE_URL" in record.getMessage():
+                tries.append(time.monotonic())
+
+    handler = Count()
+    logging.getLogger("scanonce.db").addHandler(handler)
+    opener = threading.Thread(target=up_later)
+    opener.start()
+    try:
+        wait_for_database(engine, stop=stop)
+    finally:
+        stop.set()
+        opener.join(30)
+        logging.getLogger("scanonce.db").removeHandler(handler)
+        engine.dispose()
+        proxy.stop()
+    assert len(tries) >= 2
+
+
+@pytest.mark.postgres
+def test_readyz_is_false_while_the_database_is_away(
+    pg_admin: Any, _pg_template: str, tmp_path: Path, moto_server: str, s3_bucket: str
+) -> None:
+    from tests.conftest import s3_storage_url
+
+    name = pg_admin.new_name("ready")
+    url = make_url(pg_admin.create(name, template=_pg_template))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    try:
+        settings = Settings(
+            data_dir=tmp_path,
+            database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            storage_url=s3_storage_url(moto_server, s3_bucket),
+            db_connect_timeout_seconds=2,
+            mllp_port=0,
+        )
+        app = create_app(settings)
+        client = TestClient(app)
+        assert (client.get("/readyz").status_code, client.get("/readyz").text) == (200, "ready")
+        proxy.stop()  # the database goes away: refused, and the pooled connections dropped
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert "database unreachable (SCANONCE_DATABASE_URL)" in r.text
+        assert "object store" not in r.text
+        proxy.start()
+        assert client.get("/readyz").status_code == 200
+        app.state.scanonce.engine.dispose()
+    finally:
+        proxy.stop()
+        pg_admin.drop(name)
+
+
+def test_readyz_is_false_while_the_bucket_is_unreachable(tmp_path: Path, moto_server: str) -> None:
+    from tests.conftest import s3_storage_url
+
+    proxy = TcpProxy("127.0.0.1", int(moto_server.rsplit(":", 1)[1])).start()
+    try:
+        settings = Settings(
+            data_dir=tmp_path,
+            storage_url=s3_storage_url(f"http://127.0.0.1:{proxy.port}", "readyz-bucket"),
+            mllp_port=0,
+        )
+        app = create_app(settings)
+        client = TestClient(app)
+        assert client.get("/readyz").status_code == 200
+        proxy.stop()
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert "object store unreachable (SCANONCE_STORAGE_URL)" in r.text and "database" not in r.text
+    finally:
+        proxy.stop()
+
+
+def test_an_unreachable_or_wrong_bucket_is_a_clear_error(tmp_path: Path) -> None:
+    closed = f"s3://scanonce?endpoint_url=http://127.0.0.1:{_free_port()}&create_bucket=true"
+    for url, said in ((closed, "cannot reach the object store s3://scanonce"), ("ftp://x/y", "not a usable")):
+        env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_STORAGE_URL": url}
+        result = runner.invoke(cli, ["jobs", "list"], env=env)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1, result.output
+        assert said in text and "SCANONCE_STORAGE_URL" in text, text
+        assert "Traceback" not in result.output
