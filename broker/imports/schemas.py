@@ -109,7 +109,7 @@ class DestinationConfig(BaseModel):
         Literal["InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"], str | None
     ] = Field(
         default_factory=dict,
-        description="The value to set for each institution attribute ('' empties it); absent or null keeps it",
+        description="The value to set per institution attribute ('' empties it); absent or null keeps it",
     )
 
 

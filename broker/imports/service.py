@@ -233,7 +233,8 @@ def configure_destination(
     unknown = sorted(set(institution) - set(reconcile.INSTITUTION_KEYWORDS))
     if unknown:
         raise BadRequest(
-            f"unknown institution attribute {unknown[0]!r}: one of {', '.join(reconcile.INSTITUTION_KEYWORDS)}"
+            f"unknown institution attribute {unknown[0]!r}: "
+            f"one of {', '.join(reconcile.INSTITUTION_KEYWORDS)}"
         )
     # InstitutionName and InstitutionalDepartmentName are LO (64), InstitutionAddress ST (1024).
     for keyword, value in institution.items():
