@@ -483,7 +483,10 @@ def _run(
     _finish(engine, import_id, status=status, message=message)
     progress.update(message=message)
     if failed:
-        raise Unavailable(f"{failed} of {total} instances were not accepted by facility {destination.id!r}")
+        # The job's message: what arrived and what did not (each refusal is on its instance).
+        raise Unavailable(
+            f"{message}; {failed} not accepted by facility {destination.id!r} (see each instance)"
+        )
 
 
 def _batches(items: list[ImportInstance], n: int) -> Iterator[list[ImportInstance]]:
