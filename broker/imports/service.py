@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -526,32 +526,36 @@ def _record(
     outcomes: list[tuple[ImportInstance, delivery.Outcome]],
     unreadable: list[tuple[ImportInstance, str]],
 ) -> None:
-    """Each instance's outcome and the import's counts, in one transaction."""
+    """Each instance's outcome and the import's counts, in one transaction: one bulk UPDATE by
+    primary key and one COUNT, so the cost per batch does not grow with the study (re-reading every
+    instance row per batch made a 2000-instance import quadratic)."""
     now = datetime.now(UTC)
+    changes = [
+        {"id": inst.id, "status": o.status, "code": o.code, "detail": o.detail[:512],
+         "attempts": inst.attempts + 1, "updated_at": now}
+        for inst, o in outcomes
+    ] + [
+        {"id": inst.id, "status": "failed", "code": None, "detail": why, "attempts": inst.attempts + 1,
+         "updated_at": now}
+        for inst, why in unreadable
+    ]  # fmt: skip
+    if not changes:
+        return
+    import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
     with session_scope(engine) as session:
-        for inst, outcome in outcomes:
-            row = session.get(ImportInstance, inst.id)
-            assert row is not None
-            row.status, row.code, row.detail = outcome.status, outcome.code, outcome.detail[:512]
-            row.attempts += 1
-            row.updated_at = now
-        for inst, why in unreadable:
-            row = session.get(ImportInstance, inst.id)
-            assert row is not None
-            row.status, row.code, row.detail = "failed", None, why
-            row.attempts += 1
-            row.updated_at = now
-        if outcomes or unreadable:
-            import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
-            rows = instances_of(session=session, import_id=import_id)
+        session.execute(update(ImportInstance), changes)
+        counts = dict(
             session.execute(
-                update(ImportJob)
-                .where(col(ImportJob.id) == import_id)
-                .values(
-                    sent=sum(r.status in ("sent", "warning") for r in rows),
-                    failed=sum(r.status == "failed" for r in rows),
-                )
-            )
+                select(ImportInstance.status, func.count())
+                .where(ImportInstance.import_id == import_id)
+                .group_by(col(ImportInstance.status))
+            ).all()
+        )
+        session.execute(
+            update(ImportJob)
+            .where(col(ImportJob.id) == import_id)
+            .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+        )
 
 
 def _verify(
