@@ -149,8 +149,9 @@ def memory(args: argparse.Namespace) -> None:
                     demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
                     identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
                 )  # fmt: skip
+            what = f"{args.size}x{args.size} 16-bit noise slices, seed {args.seed}"
             print(f"peak RSS of the importing process tree (this process and its children, Orthanc "
-                  f"left out); {args.size}x{args.size} 16-bit noise slices, seed {args.seed}", flush=True)  # fmt: skip
+                  f"left out); {what}", flush=True)  # fmt: skip
             print("| study | delivery | import time | peak RSS during the import |", flush=True)
             print("| --- | --- | --- | --- |", flush=True)
             for k, n in enumerate((max(1, big // 8), big)):
@@ -202,9 +203,12 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--size", type=int, default=512, help="rows = columns of each CT slice (16-bit)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=0, help="instances per association / STOW-RS request")
     ap.add_argument("--memory-gb", type=float, default=0, help="measure peak RSS for a study this big")
     ap.add_argument("--seed", type=int, default=7, help="seed of the --memory-gb study's pixel data")
     args = ap.parse_args()
+    if args.batch:
+        service.BATCH = args.batch
     if args.memory_gb:
         memory(args)
         return
@@ -280,7 +284,7 @@ def main() -> None:
                 rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
             version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
             print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "
-                  f"median of {args.runs} runs; Orthanc {version}")  # fmt: skip
+                  f"median of {args.runs} runs; batches of {service.BATCH}; Orthanc {version}")  # fmt: skip
             print("| delivery | import (inst/s) | peer (inst/s) | ratio |")
             print("| --- | --- | --- | --- |")
             for name, x, y, r in rows:

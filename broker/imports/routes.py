@@ -82,7 +82,8 @@ def put_destination(
 ) -> DestinationConfigOut:
     row = service.configure_destination(
         engine=state.engine, principal=principal, facility_id=facility,
-        study_id_policy=body.study_id_policy, institution=dict(body.institution),
+        study_id_policy=body.study_id_policy,
+        institution={str(k): v for k, v in body.institution.items()},
     )  # fmt: skip
     return DestinationConfigOut.of(row)
 
