@@ -252,7 +252,14 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
         except ScanOnceError as exc:
             error, status = exc.message, exc.status_code
     rows = [ImportOut.of(r) for r in imports.list_imports(session=session, limit=50)]
-    context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state)}
+    # Each import's refused or lost instances, named with the archive's answer (the first 20).
+    failures = {
+        r.id: [i for i in imports.instances_of(session=session, import_id=r.id) if i.status == "failed"][:20]
+        for r in rows
+        if r.failed
+    }
+    context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state),
+               "failures": failures}  # fmt: skip
     return templates.TemplateResponse(request, "imports.html", context, status_code=status, headers=_HTML)
 
 

@@ -1,7 +1,9 @@
-"""A destination PACS that refuses some instances: Orthanc with a Lua `ReceivedInstanceFilter`
-(its own temporary config) turning away the SR and the third CT slice, so C-STORE answers those
-with a real DIMSE failure status (and STOW-RS with a FailedSOPSequence). The import reports each
-refusal on its own instance, delivers the rest, and changes nothing stored in the broker."""
+"""A destination PACS that refuses some instances: Orthanc with its own Lua script (in its
+temporary config) whose `ReceivedInstanceFilter` raises an error for the SR, so C-STORE answers it
+with a real DIMSE failure status (0xA700), and returns false for the third CT slice, which Orthanc
+1.10.1 drops while answering Success. The import reports each on its own instance (the silent drop
+caught by asking the PACS afterwards), delivers the rest, shows the failures on the radiologist's
+import list, and changes nothing stored in the broker."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from broker.app import create_app
 from broker.deps import AppState
 from broker.imports import service
 from broker.index import service as index
+from broker.settings import Settings
 from tests.imports.conftest import (
     BASIC_TEXT_SR,
     BROKER_AE,
@@ -28,7 +33,7 @@ from tests.imports.conftest import (
     register_local_patient,
 )
 from tests.peers import OrthancPeer, orthanc
-from tests.support import ADMIN
+from tests.support import ADMIN, auth_headers
 
 # Orthanc 1.10.1 asks ReceivedInstanceFilter about every instance it receives, by any route. Raising
 # an error there makes it refuse the instance: C-STORE answers 0xA700 (Refused: Out of Resources).
@@ -68,7 +73,7 @@ def _stored(state: AppState, study_uid: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("via", ["dimse", "dicomweb"])
 def test_refused_instances_are_reported_one_by_one(
-    state: AppState, picky: OrthancPeer, tmp_path: Path, via: str
+    state: AppState, settings: Settings, picky: OrthancPeer, tmp_path: Path, via: str
 ) -> None:
     pacs_clear(picky)
     add_destination(state, picky)
@@ -113,6 +118,14 @@ def test_refused_instances_are_reported_one_by_one(
     held = {str(d.SOPInstanceUID): d for d in pacs_instances(picky)}
     assert set(held) == set(outside.files) - refused
     assert {d.PatientID for d in held.values()} == {LOCAL_MRN}
+    # The radiologist's import list names each instance not delivered, with the archive's answer.
+    with TestClient(create_app(settings=settings, state=state)) as client:
+        page = client.get("/imports", headers=auth_headers("radiologist"))
+    assert page.status_code == 200
+    failures = page.text[page.text.index('class="failures"') :]
+    assert "2 instances not delivered" in failures
+    assert outside.sr_uid in failures and outside.ct_uids[2] in failures
+    assert sr.detail in failures and outside.ct_uids[0] not in failures
     # Nothing stored in the broker changed: the same objects, byte for byte, under the outside ID.
     assert _stored(state, outside.study_uid) == before
     for data in before.values():
