@@ -144,3 +144,34 @@ def test_bad_configuration_is_refused_and_changes_nothing(
     with Session(state.engine) as session:
         assert session.get(ImportDestination, MINE) is None
         assert session.get(ImportDestination, "nowhere") is None
+
+
+def test_cli_import_config(state: AppState, settings: Settings, pacs: OrthancPeer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from broker.cli import app
+
+    add_destination(state, pacs)
+    env = {
+        "SCANONCE_DATABASE_URL": settings.database_url or "",
+        "SCANONCE_STORAGE_URL": settings.storage_url or "",
+    }
+    run = CliRunner().invoke
+    base = ["import-config", MINE, "--data-dir", str(tmp_path)]
+    out = run(app, [*base, "--study-id", "from-accession", "--institution-name", "My Hospital",
+                    "--department", "Radiology"], env=env)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    out = run(app, [*base, "--keep", "InstitutionalDepartmentName"], env=env)  # the rest stays
+    assert out.exit_code == 0, out.output
+    with Session(state.engine) as session:
+        row = service.destination_config(session=session, facility_id=MINE)
+        assert (row.study_id_policy, row.institution) == (
+            "from-accession",
+            '{"InstitutionName": "My Hospital"}',
+        )
+    bad = run(app, [*base, "--study-id", "bogus"], env=env)
+    assert bad.exit_code != 0 and "StudyID policy must be one of" in bad.output
+    with Session(state.engine) as session:
+        assert (
+            service.destination_config(session=session, facility_id=MINE).study_id_policy == "from-accession"
+        )
