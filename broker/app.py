@@ -47,6 +47,8 @@ from broker.index.reaper import reap_periodically
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
+from broker.security import network as outbound
+from broker.security import tls as dimse_tls
 from broker.security.http import AuthGuard
 from broker.security.routes import router as security_router
 from broker.security.tokens import Verifier, load_or_create_signing_key
@@ -75,6 +77,9 @@ def build_state(settings: Settings) -> AppState:
     # The matcher retrains itself as the records grow (identity.autotrain says when).
     identity_service.ensure_trained(engine=engine)
     facilities_service.ensure_default_facility(engine=engine, settings=settings)
+    # Where the broker may connect on a caller's behalf (facility archives, EHRs, JWKS).
+    outbound.configure(settings.outbound_allow_networks)
+    dimse_tls.configure(settings)
     store = open_store(settings.resolved_storage_url())
     processes = settings.ingest_processes
     # "One per core" counts this process, which serves HTTP and writes the index, as one.

@@ -27,6 +27,7 @@ from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
 from broker.demo import service as demo_service
 from broker.deps import AppState
+from broker.dimse import access as dimse_access
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
 from broker.identity import cli as identity_cli
@@ -86,6 +87,7 @@ def serve(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     redact_access_log()
     _auth_before_exposure(settings)
+    _dimse_before_exposure(settings)
     _ports_free(settings)
     application = create_app(settings, services=True)
     origin = f"http://{settings.host}:{settings.port}"
@@ -120,6 +122,15 @@ def _auth_before_exposure(settings: Settings) -> None:
         "SCANONCE_AUTH_ENABLED=true (the default) or bind to 127.0.0.1.",
         soft_wrap=True,
     )
+    raise typer.Exit(code=clikit.EXIT_REFUSED)
+
+
+def _dimse_before_exposure(settings: Settings) -> None:
+    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback."""
+    refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
+    if refused is None:
+        return
+    clikit.err_console.print(f"[red]Refusing to serve:[/] {refused}", soft_wrap=True)
     raise typer.Exit(code=clikit.EXIT_REFUSED)
 
 

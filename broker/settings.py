@@ -7,6 +7,7 @@ and S3.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,7 +59,46 @@ class Settings(BaseSettings):
     )
     dimse_open_mode: bool = Field(
         default=True,
-        description="Accept associations from unknown calling AE titles (embedded default only).",
+        description=(
+            "Accept associations from any calling AE title (as the default facility). Only while the "
+            "DIMSE listener binds loopback: `scanonce serve` refuses to start with it on any other "
+            "address; set it false and register each facility's calling AE titles with their "
+            "networks (`scanonce facility update F --calling-ae TITLE@CIDR`)."
+        ),
+    )
+    dimse_tls_cert_file: Path | None = Field(
+        default=None,
+        description=(
+            "PEM certificate (chain) of the DIMSE listener: set with dimse_tls_key_file, the listener "
+            "speaks DICOM TLS (PS3.15 B.1) only; unset, plain TCP."
+        ),
+    )
+    dimse_tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of dimse_tls_cert_file."
+    )
+    dimse_tls_ca_file: Path | None = Field(
+        default=None,
+        description=(
+            "PEM CA certificates that sign the peers' client certificates: set, a DIMSE peer must "
+            "present a valid certificate from one of them (mutual TLS); it also verifies the "
+            "archives the broker calls over TLS as an SCU."
+        ),
+    )
+    dimse_tls_outbound: bool = Field(
+        default=False,
+        description=(
+            "Call facility archives over DICOM TLS as an SCU (C-FIND/C-MOVE/C-GET/C-STORE), with "
+            "dimse_tls_cert_file/key_file as the client certificate and dimse_tls_ca_file to verify."
+        ),
+    )
+    outbound_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description=(
+            "Networks (CIDR, comma separated) the broker may connect to on a caller's behalf: facility "
+            "archives (DICOMweb and DIMSE), an EHR's FHIR server named in a CDS Hooks request, token "
+            "issuers' JWKS. Checked when a target is registered and on the resolved address at "
+            "every connection (DNS rebinding). Default: loopback only."
+        ),
     )
     default_facility: str = "local"
     default_issuer: str = "LOCAL"
@@ -187,7 +227,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("auth_trusted_issuers", "auth_algorithms", mode="before")
+    @field_validator("auth_trusted_issuers", "auth_algorithms", "outbound_allow_networks", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -201,6 +241,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("outbound_allow_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(v, strict=False)) for v in value]
 
     def resolved_database_url(self) -> str:
         if self.database_url:

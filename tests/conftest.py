@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -247,6 +248,80 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     url = pg_admin.create(name, template=template)
     try:
         yield Backend(name="postgres-s3", database_url=url, storage_url=s3_storage_url(moto_url, bucket))
+    finally:
+        pg_admin.drop(name)
+
+
+# -- the demo data set, loaded once per backend ------------------------------------------------
+
+
+def _load_demo_into(backend: Backend, data_dir: Path) -> None:
+    """Load the demo as `scanonce demo` does: through the app's state, which wires ingest to
+    identity linking and trains the matcher; then close every connection (a SQLite file is
+    whole again, a PostgreSQL template has no sessions left)."""
+    from broker.app import build_state
+    from broker.demo.service import load_demo
+
+    state = build_state(_make_settings(backend, data_dir))
+    try:
+        load_demo(engine=state.engine, store=state.store)
+    finally:
+        state.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def _demo_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo (seed 42, 40 persons) loaded once into SQLite + a folder; demo tests copy it.
+    Loading it takes seconds per test on a loaded machine, copying it a fraction of one."""
+    root = tmp_path_factory.mktemp("demo-sqlite")
+    backend = Backend("sqlite-local", f"sqlite:///{root / 'index.sqlite3'}", (root / "objects").as_uri())
+    _load_demo_into(backend, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def _demo_pg(
+    pg_admin: PgAdmin, _pg_template: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """The demo loaded once into a PostgreSQL template database and a bucket on the moto server;
+    yields (template name, storage URL). Clones share the bucket: demo tests read it, and the
+    objects a test writes are its own new keys, so sharing it changes no test's outcome."""
+    name = pg_admin.new_name("demo")
+    url = pg_admin.create(name, template=_pg_template)
+    storage_url = s3_storage_url(moto_server, f"demo-{secrets.token_hex(6)}")
+    _load_demo_into(Backend("postgres-s3", url, storage_url), tmp_path_factory.mktemp("demo-pg"))
+    try:
+        yield name, storage_url
+    finally:
+        pg_admin.drop(name)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite-local", id="sqlite-local"),
+        pytest.param("postgres-s3", id="postgres-s3", marks=pytest.mark.postgres),
+    ]
+)
+def demo_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A backend already holding the demo data set, fresh for each test (a copy of a template
+    loaded once per session), as if `load_demo` had just run on an empty one."""
+    if request.param == "sqlite-local":
+        src: Path = request.getfixturevalue("_demo_sqlite")
+        for f in src.glob("index.sqlite3*"):
+            shutil.copy2(f, tmp_path / f.name)
+        shutil.copytree(src / "objects", tmp_path / "objects")
+        yield Backend(
+            name="sqlite-local",
+            database_url=f"sqlite:///{tmp_path / 'index.sqlite3'}",
+            storage_url=(tmp_path / "objects").as_uri(),
+        )
+        return
+    pg_admin: PgAdmin = request.getfixturevalue("pg_admin")
+    template, storage_url = request.getfixturevalue("_demo_pg")
+    name = pg_admin.new_name("d")
+    url = pg_admin.create(name, template=template)
+    try:
+        yield Backend(name="postgres-s3", database_url=url, storage_url=storage_url)
     finally:
         pg_admin.drop(name)
 

@@ -43,6 +43,7 @@ from broker.facilities import service as facilities
 from broker.lookup import service as lookup
 from broker.lookup.schemas import PriorOut, PriorsAnswer
 from broker.lookup.vocabulary import load as load_vocabulary
+from broker.security import network
 from broker.security.schemas import Principal
 
 __all__ = ["discovery", "call_service", "record_feedback", "SERVICES", "OVERRIDE_REASONS"]
@@ -222,7 +223,8 @@ def _fetcher(call: HookCall) -> Fetch | None:
 
     def fetch(path: str) -> dict[str, Any] | None:
         try:
-            r = httpx.get(f"{base}/{path}", headers=headers, timeout=_FETCH_TIMEOUT_S, trust_env=False)
+            # Only to the administrator's outbound networks (a request names this server).
+            r = network.guarded_get(f"{base}/{path}", headers=headers, timeout=_FETCH_TIMEOUT_S)
         except httpx.HTTPError as exc:
             raise PreconditionFailed(f"the FHIR server could not be reached ({type(exc).__name__})") from None
         if r.status_code != 200:

@@ -56,6 +56,7 @@ from sqlmodel import Session
 from broker.deps import AppState
 from broker.dicom import reactor
 from broker.dicom.network import SpoolingAE, chunked_send
+from broker.dimse import access
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
@@ -64,6 +65,7 @@ from broker.index.schemas import Query
 from broker.index.service import IngestBatcher, find_instances, search
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
+from broker.security.tls import server_context
 from storage import StoreUnavailable
 
 log = logging.getLogger("scanonce.dimse")
@@ -129,12 +131,13 @@ class _ScanOnceAE(SpoolingAE):
 
     @property  # type: ignore[misc]
     def require_calling_aet(self) -> list[str]:
+        # The allow-list is the calling AE title *and* the peer's address (broker.dimse.access).
         handle = self._scanonce()
         assoc = threading.current_thread()
-        if handle is None or handle.state.settings.dimse_open_mode or not isinstance(assoc, Association):
+        if handle is None or handle.open_mode or not isinstance(assoc, Association):
             return []
         calling_ae = str(assoc.requestor.ae_title or "").strip()
-        known = calling_ae and handle.facility_of(calling_ae) is not None
+        known = handle.admit(assoc)[1] is not None
         # A non-empty list that matches nothing refuses the caller.
         return [calling_ae] if known else ["\x00"]
 
@@ -148,6 +151,17 @@ class _GuardedServer(ThreadedAssociationServer):
         self._open: dict[str, int] = {}
         self._open_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[Any, Any]:
+        """As pynetdicom's, but a TLS handshake is not done here, in the one thread that accepts
+        every connection (a peer that never completes it would stop all others): the
+        connection's own thread does it under the request timeout (`access.tls_handshake`)."""
+        client_socket, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         ip = str(client_address[0])
@@ -180,6 +194,10 @@ class _CountedRequestHandler(RequestHandler):
     def handle(self) -> None:
         server = cast(_GuardedServer, self.server)
         ip = str(self.client_address[0])
+        timeout = float(getattr(server.ae, "scanonce_request_timeout", None) or 20)
+        if not access.tls_handshake(self.request, timeout):
+            server.release(ip)
+            return
         try:
             assoc = self._create_association()
             run = assoc.run
@@ -219,6 +237,8 @@ class ScpHandle:
     server: Any = None
     address: tuple[str, int] = ("", 0)
     batcher: IngestBatcher | None = None
+    # Any calling AE accepted, as the default facility: only ever on a loopback listener.
+    open_mode: bool = False
     # Per association (associations run in their own threads, hence the lock).
     _callers: weakref.WeakKeyDictionary[Any, tuple[Principal, str | None]] = field(
         default_factory=weakref.WeakKeyDictionary
@@ -233,25 +253,32 @@ class ScpHandle:
     def ae_title(self) -> str:
         return self.state.settings.ae_title
 
-    def facility_of(self, calling_ae: str) -> str | None:
+    def facility_of(self, calling_ae: str, address: str) -> str | None:
+        """The facility of a calling AE title calling from `address` (None: refuse it)."""
         settings = self.state.settings
         return ds.facility_for_calling_ae(
             engine=self.state.engine,
             peers=self.peers,
             calling_ae=calling_ae,
+            address=address,
             default_facility=settings.default_facility,
-            open_mode=settings.dimse_open_mode,
+            open_mode=self.open_mode,
         )
 
     def caller(self, event: evt.Event) -> tuple[Principal, str | None]:
         """The Principal and facility of the association's calling AE, resolved once."""
-        assoc = event.assoc
+        return self.admit(event.assoc)
+
+    def admit(self, assoc: Association) -> tuple[Principal, str | None]:
+        """Who the association's peer is (its calling AE title from its address), looked up once
+        per association: at negotiation (pynetdicom reads `require_calling_aet` twice), and
+        reused by every handler."""
         with self._lock:
             found = self._callers.get(assoc)
         if found is None:
             settings = self.state.settings
-            calling_ae = str(assoc.requestor.ae_title).strip()
-            facility = self.facility_of(calling_ae)
+            calling_ae = str(assoc.requestor.ae_title or "").strip()
+            facility = self.facility_of(calling_ae, _peer_address(assoc)) if calling_ae else None
             principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
             found = (principal, facility)
             with self._lock:
@@ -269,8 +296,13 @@ def start_scp(
     under settings.data_dir/spool.
     """
     settings = state.settings
+    bind = (host if host is not None else settings.host, settings.dimse_port if port is None else port)
+    refused = access.open_mode_refusal(settings, bind[0])
+    if refused:
+        raise BadRequest(refused)
+    ssl_context = server_context(settings)
     reactor.install()
-    handle = ScpHandle(state=state, peers=peers or DimsePeers())
+    handle = ScpHandle(state=state, peers=peers or DimsePeers(), open_mode=settings.dimse_open_mode)
     handle.batcher = IngestBatcher()
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.spool_dir = str(_spool_dir(settings.data_dir))
@@ -295,27 +327,39 @@ def start_scp(
         )
     for uid in _QR_CONTEXTS:
         ae.add_supported_context(uid, _UNCOMPRESSED)
+    # Each operation is put to the policy before its handler runs (broker.dimse.access).
     handlers: list[Any] = [
-        (evt.EVT_C_ECHO, _on_echo, [handle]),
-        (evt.EVT_C_STORE, _on_store, [handle]),
-        (evt.EVT_C_FIND, _on_find, [handle]),
-        (evt.EVT_C_MOVE, _on_move, [handle]),
-        (evt.EVT_C_GET, _on_get, [handle]),
+        (evt.EVT_C_ECHO, access.guarded("C-ECHO", _on_echo), [handle]),
+        (evt.EVT_C_STORE, access.guarded("C-STORE", _on_store), [handle]),
+        (evt.EVT_C_FIND, access.guarded("C-FIND", _on_find), [handle]),
+        (evt.EVT_C_MOVE, access.guarded("C-MOVE", _on_move), [handle]),
+        (evt.EVT_C_GET, access.guarded("C-GET", _on_get), [handle]),
         (evt.EVT_CONN_OPEN, _on_conn_open),
         (evt.EVT_CONN_CLOSE, _on_conn_close, [handle]),
     ]
     contexts = ae.supported_contexts
     for cx in contexts:
         cx.__class__ = _SharedUIDContext
-    bind = (host if host is not None else settings.host, settings.dimse_port if port is None else port)
     server = cast(
         ThreadedAssociationServer,
-        ae.start_server(bind, block=False, evt_handlers=handlers, contexts=contexts),
+        ae.start_server(bind, block=False, evt_handlers=handlers, contexts=contexts, ssl_context=ssl_context),
     )
     handle.ae, handle.server = ae, server
     handle.address = server.server_address[:2]
-    log.info("DIMSE SCP %s listening on %s:%d", settings.ae_title, *handle.address)
+    log.info(
+        "DIMSE SCP %s listening on %s:%d%s%s",
+        settings.ae_title,
+        *handle.address,
+        " (TLS)" if ssl_context else "",
+        " (open mode: any calling AE)" if handle.open_mode else "",
+    )
     return handle
+
+
+def _peer_address(assoc: Association) -> str:
+    """The peer's IP address ("" if unknown: then only open mode lets it in)."""
+    info = getattr(assoc.requestor, "address_info", None)
+    return str(getattr(info, "address", "") or "")
 
 
 def _spool_dir(data_dir: Path, *, sweep: bool = True) -> Path:
@@ -349,7 +393,8 @@ def stop_scp(handle: ScpHandle) -> None:
 
 
 def _on_echo(event: evt.Event, handle: ScpHandle) -> int:
-    """C-ECHO (Verification, PS3.4 A.4). Statuses: 0x0000 Success."""
+    """C-ECHO (Verification, PS3.4 A.4). Statuses: 0x0000 Success; 0x0124 Refused: not
+    authorized, when the policy refuses the caller (broker.dimse.access, before this runs)."""
     return ds.SUCCESS
 
 
@@ -368,8 +413,10 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
     - 0xC000 Cannot understand: the data set cannot be parsed or is invalid (bad UIDs ...), or
       conflicts with a stored copy (same SOP Instance UID, different content; kept apart for
       review, never served in place of the stored one). ErrorComment says which.
-    - 0x0124 Not authorized: the calling AE has no facility (only if the registry changed
-      during the association; unknown calling AEs are refused at association).
+    - 0x0124 Not authorized: the policy refuses the caller a C-STORE into its facility's
+      partition (broker.dimse.access, before this handler runs), or the calling AE has no
+      facility (only if the registry changed during the association; unknown calling AEs, and
+      known ones from another network, are refused at association).
     - 0xC001 Cannot understand (processing failure): an unexpected error on our side.
     """
     principal, facility = handle.caller(event)
@@ -534,6 +581,8 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
     hierarchical, answered by the index's query engine (the same as QIDO-RS). Statuses
     (PS3.4 C.4.1.1.4):
 
+    - 0x0124 Refused: not authorized: the policy refuses the caller C-FIND (broker.dimse.access,
+      before this handler runs; PS3.7 C.5 general status).
     - 0xFF00 Pending: one per match, identifier with exactly the requested keys (plus
       QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192"). Sent by `_PendingResponses`,
       not yielded to pynetdicom (see there why).
@@ -832,6 +881,8 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     """C-MOVE, Patient Root and Study Root, to a registered destination AE. Statuses
     (PS3.4 C.4.2.1.5):
 
+    - 0x0124 Refused: not authorized: the policy refuses the caller C-MOVE (broker.dimse.access,
+      before this handler runs; sent, then the association is aborted: no sub-association).
     - 0xFF00 Pending: after each C-STORE sub-operation.
     - 0x0000 Success: all sub-operations complete without failures.
     - 0xB000 Warning: some sub-operations failed (FailedSOPInstanceUIDList), e.g. an instance
@@ -871,6 +922,8 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     """C-GET, Patient Root and Study Root: sub-operations on this association, as the
     requestor's Storage SCP. Statuses (PS3.4 C.4.3.1.4):
 
+    - 0x0124 Refused: not authorized: the policy refuses the caller C-GET (broker.dimse.access,
+      before this handler runs).
     - 0xFF00 Pending, 0x0000 Success, 0xB000 Warning (some failed), 0xA702 all failed or the
       facility holding the study is down, 0xFE00 Cancel - as for C-MOVE. A compressed instance
       the requestor did not accept in that transfer syntax is decompressed when possible, else

@@ -29,7 +29,9 @@ from sqlmodel import Session
 
 from broker.dicom import status as st
 from broker.dicom.uids import is_valid_uid
+from broker.errors import ScanOnceError
 from broker.facilities import service as facilities
+from broker.security import network
 from storage import ObjectStore
 
 # -- statuses (PS3.4 B.2.3 storage, C.4.1.1.4 find, C.4.2.1.5 move, C.4.3.1.4 get) ----------------
@@ -70,6 +72,7 @@ _LEVEL_TO_QUERY: dict[str, Literal["patient", "study", "series", "instance"]] = 
 # Elements of the identifier that are about the query, not attributes to match or return.
 _CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
+_LOOPBACK = network.networks(network.LOOPBACK)
 _RETRIEVE_AE_TITLE = 0x00080054
 
 
@@ -122,9 +125,10 @@ def cstore_status(outcome: Any) -> tuple[int, str | None]:
 class DimsePeers:
     """AE titles known to this node besides the facility registry's.
 
-    `calling` maps a calling AE title to the facility it sends for; `destinations` maps a C-MOVE
-    destination AE title to (host, port) (e.g. a workstation that is not a facility). Both are
-    consulted after the registry (see `facility_for_calling_ae` / `move_destination`).
+    `calling` maps a calling AE title to the facility it sends for (accepted from loopback only:
+    this table has no networks); `destinations` maps a C-MOVE destination AE title to (host,
+    port) (e.g. a workstation that is not a facility; only within the outbound networks). Both
+    are consulted after the registry (see `facility_for_calling_ae` / `move_destination`).
     Thread-safe: associations run in their own threads.
     """
 
@@ -146,16 +150,25 @@ class DimsePeers:
 
 
 def facility_for_calling_ae(
-    *, engine: Engine, peers: DimsePeers, calling_ae: str, default_facility: str, open_mode: bool
+    *,
+    engine: Engine,
+    peers: DimsePeers,
+    calling_ae: str,
+    address: str,
+    default_facility: str,
+    open_mode: bool,
 ) -> str | None:
-    """The facility a calling AE sends for: the facility registry's calling AE titles, then the
-    in-process table, then (open mode only) the default facility; None means refuse it."""
+    """The facility a calling AE sends for, calling from peer `address`: the facility registry's
+    calling AE titles (each from its network), then the in-process table (loopback only), then
+    (open mode only) the default facility; None means refuse it."""
     calling_ae = calling_ae.strip()
     with Session(engine) as session:
-        facility = facilities.facility_for_calling_ae(session=session, ae_title=calling_ae)
+        facility = facilities.facility_for_calling_ae(session=session, ae_title=calling_ae, address=address)
     if facility is not None:
         return facility.id
     found = peers.snapshot()[0].get(calling_ae)
+    if found is not None and not network.address_in(address, _LOOPBACK):
+        found = None
     if found is None and open_mode:
         found = default_facility
     return found
@@ -167,11 +180,21 @@ def move_destination(*, engine: Engine, peers: DimsePeers, ae_title: str) -> tup
     ae_title = ae_title.strip()
     if not ae_title:
         return None
+    found: tuple[str, int] | None = None
     with Session(engine) as session:
         for facility in facilities.list_facilities(session=session):
             if facility.ae_title == ae_title and facility.host and facility.port:
-                return facility.host, int(facility.port)
-    return peers.snapshot()[1].get(ae_title)
+                found = facility.host, int(facility.port)
+                break
+    found = found or peers.snapshot()[1].get(ae_title)
+    if found is None:
+        return None
+    # The broker connects there for the caller: only within the outbound networks, to the
+    # address checked now (a name that resolves elsewhere is refused as unknown, 0xA801).
+    try:
+        return network.check_host(*found, network.outbound_networks(), what=ae_title), found[1]
+    except ScanOnceError:
+        return None
 
 
 # -- C-FIND / C-MOVE / C-GET identifiers ------------------------------------------------------

@@ -57,11 +57,26 @@ def _rows(session: Any, facilities: list[Facility]) -> list[tuple[Facility, list
     return [
         (
             f,
-            service.calling_ae_titles(session=session, facility_id=f.id),
+            [
+                f"{ae.ae_title}@{ae.network}" if ae.network else ae.ae_title
+                for ae in service.calling_aes(session=session, facility_id=f.id)
+            ],
             service.sync_state(session=session, facility_id=f.id),
         )
         for f in facilities
     ]
+
+
+def _calling(values: list[str]) -> list[service.CallingAE]:
+    """TITLE or TITLE@CIDR (split at the last '@' when what follows is a network)."""
+    out: list[service.CallingAE] = []
+    for value in values:
+        title, at, net = value.rpartition("@")
+        if at and title and net[:1].isalnum() and ("." in net or ":" in net):
+            out.append((title, net))
+        else:
+            out.append(value)
+    return out
 
 
 @facility_app.command("add")
@@ -75,7 +90,11 @@ def facility_add(
     port: Annotated[int | None, typer.Option(help="The archive's DIMSE port.")] = None,
     calling_ae: Annotated[
         list[str] | None,
-        typer.Option("--calling-ae", help="An AE title the facility calls from (repeatable)."),
+        typer.Option(
+            "--calling-ae",
+            help="An AE title the facility calls from, TITLE@CIDR for the network it calls from "
+            "(TITLE alone: loopback only); repeatable.",
+        ),
     ] = None,
     policy: Annotated[
         SharingPolicy, typer.Option(help="What the facility shares.")
@@ -96,7 +115,7 @@ def facility_add(
                 ae_title=ae,
                 host=host,
                 port=port,
-                calling_ae_titles=calling_ae or (),
+                calling_ae_titles=_calling(calling_ae or []),
                 sharing_policy=policy.value,
             )
             print_table(_facility_table(_rows(session, [f])))
@@ -161,7 +180,8 @@ def facility_update(
     host: Annotated[str | None, typer.Option(help="Archive DIMSE host.")] = None,
     port: Annotated[int | None, typer.Option(help="Archive DIMSE port.")] = None,
     calling_ae: Annotated[
-        list[str] | None, typer.Option("--calling-ae", help="Replace the calling AE titles (repeatable).")
+        list[str] | None,
+        typer.Option("--calling-ae", help="Replace the calling AE titles, TITLE[@CIDR] (repeatable)."),
     ] = None,
     policy: Annotated[SharingPolicy | None, typer.Option(help="What the facility shares.")] = None,
     data_dir: DataDir = None,
@@ -178,7 +198,7 @@ def facility_update(
     elif ae is not None:
         changes["ae_title"] = ae
     if calling_ae is not None:
-        changes["calling_ae_titles"] = [] if calling_ae == [_CLEAR] else calling_ae
+        changes["calling_ae_titles"] = [] if calling_ae == [_CLEAR] else _calling(calling_ae)
     if policy is not None:
         changes["sharing_policy"] = policy.value
     app_state = state(data_dir)

@@ -34,7 +34,9 @@ class Facility(SQLModel, table=True):
 class FacilityAE(SQLModel, table=True):
     """An AE title a facility calls the broker from: identifies the facility of a DIMSE caller.
 
-    The AE title is the key so that one caller can never be claimed by two facilities.
+    The AE title is the key so that one caller can never be claimed by two facilities. A calling
+    AE title is trivially spoofed, so it is accepted only from `network` (a CIDR; None: loopback
+    only): the allow-list is AE title *and* peer address.
     """
 
     __tablename__ = "facility_ae"
@@ -45,6 +47,7 @@ class FacilityAE(SQLModel, table=True):
             String(64), ForeignKey("facility.id", ondelete="CASCADE"), nullable=False, index=True
         )
     )
+    network: str | None = Field(default=None, max_length=64)
 
 
 class SyncState(SQLModel, table=True):

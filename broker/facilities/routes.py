@@ -11,6 +11,7 @@ from broker.deps import PrincipalDep, SessionDep
 from broker.facilities import service
 from broker.facilities.models import Facility
 from broker.facilities.schemas import (
+    CallingAE,
     FacilityIn,
     FacilityOut,
     FacilityUpdate,
@@ -29,6 +30,7 @@ _CONFLICT: Responses = {409: {"description": "The id, issuer or a calling AE tit
 
 def _out(session: Session, facility: Facility) -> FacilityOut:
     state = service.sync_state(session=session, facility_id=facility.id)
+    aes = service.calling_aes(session=session, facility_id=facility.id)
     return FacilityOut(
         id=facility.id,
         issuer=facility.issuer,
@@ -37,10 +39,15 @@ def _out(session: Session, facility: Facility) -> FacilityOut:
         ae_title=facility.ae_title,
         host=facility.host,
         port=facility.port,
-        calling_ae_titles=service.calling_ae_titles(session=session, facility_id=facility.id),
+        calling_ae_titles=[ae.ae_title for ae in aes],
+        calling_aes=[CallingAE(ae_title=ae.ae_title, network=ae.network) for ae in aes],
         sharing_policy=SharingPolicy(facility.sharing_policy),
         sync=SyncStateOut.model_validate(state, from_attributes=True) if state else None,
     )
+
+
+def _calling(titles: list[str], aes: list[CallingAE]) -> list[service.CallingAE]:
+    return [*titles, *((ae.ae_title, ae.network) for ae in aes)]
 
 
 @router.get("", response_model=list[FacilityOut], summary="All registered facilities")
@@ -66,7 +73,7 @@ def add_facility(body: FacilityIn, session: SessionDep, principal: PrincipalDep)
         ae_title=body.ae_title,
         host=body.host,
         port=body.port,
-        calling_ae_titles=body.calling_ae_titles,
+        calling_ae_titles=_calling(body.calling_ae_titles, body.calling_aes),
         sharing_policy=body.sharing_policy.value,
     )
     return _out(session, f)
@@ -87,6 +94,9 @@ def update_facility(
     facility_id: str, body: FacilityUpdate, session: SessionDep, principal: PrincipalDep
 ) -> FacilityOut:
     changes = body.model_dump(exclude_unset=True)
+    if changes.get("calling_aes") is not None or changes.get("calling_ae_titles") is not None:
+        changes["calling_ae_titles"] = _calling(body.calling_ae_titles or [], body.calling_aes or [])
+    changes.pop("calling_aes", None)
     if "sharing_policy" in changes and changes["sharing_policy"] is not None:
         changes["sharing_policy"] = SharingPolicy(changes["sharing_policy"]).value
     f = service.update_facility(session=session, principal=principal, facility_id=facility_id, **changes)

@@ -18,6 +18,18 @@ class SharingPolicy(StrEnum):
     none = "none"  # nothing is shared
 
 
+class CallingAE(BaseModel):
+    """An AE title the facility calls the broker from, and the network it calls from."""
+
+    ae_title: str = Field(pattern=AE_TITLE)
+    network: str | None = Field(
+        default=None,
+        max_length=64,
+        description="CIDR (or one address) the AE calls from; associations from elsewhere are "
+        "rejected. Default: loopback only.",
+    )
+
+
 class FacilityIn(BaseModel):
     id: str = Field(pattern=FACILITY_ID)
     issuer: str = Field(min_length=1, max_length=128, description="Issuer of Patient ID (0010,0021).")
@@ -29,7 +41,11 @@ class FacilityIn(BaseModel):
     host: str | None = Field(default=None, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_titles: list[str] = Field(
-        default_factory=list, description="AE titles the facility calls the broker from."
+        default_factory=list,
+        description="AE titles the facility calls the broker from, from loopback only (see calling_aes).",
+    )
+    calling_aes: list[CallingAE] = Field(
+        default_factory=list, description="AE titles the facility calls from, each with its network."
     )
     sharing_policy: SharingPolicy = SharingPolicy.share_all
 
@@ -44,6 +60,9 @@ class FacilityUpdate(BaseModel):
     host: str | None = Field(default=None, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_titles: list[str] | None = None
+    calling_aes: list[CallingAE] | None = Field(
+        default=None, description="Replaces the calling AE titles (with calling_ae_titles, if both given)."
+    )
     sharing_policy: SharingPolicy | None = None
 
 
@@ -65,5 +84,6 @@ class FacilityOut(BaseModel):
     host: str | None = None
     port: int | None = None
     calling_ae_titles: list[str] = Field(default_factory=list)
+    calling_aes: list[CallingAE] = Field(default_factory=list)
     sharing_policy: SharingPolicy = SharingPolicy.share_all
     sync: SyncStateOut | None = None

@@ -17,12 +17,15 @@ from broker.db import session_scope
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.facilities.models import Facility, FacilityAE, SyncState
 from broker.facilities.schemas import FACILITY_ID, SharingPolicy
+from broker.security import network
 from broker.security.schemas import Principal
 from broker.security.service import authorize
 from broker.settings import Settings
 
 _AE = re.compile(r"^[ -\[\]-~]{1,16}$")
 _UNSET: Any = object()
+# A calling AE title, alone (accepted from loopback only) or with the network it calls from.
+CallingAE = str | tuple[str, str | None]
 
 
 def ensure_default_facility(*, engine: Engine, settings: Settings) -> None:
@@ -53,8 +56,28 @@ def _check_endpoints(facility: Facility) -> None:
         raise BadRequest(f"sharing_policy must be one of {', '.join(SharingPolicy.__members__)}")
 
 
-def _set_calling_aes(session: Session, facility_id: str, titles: Iterable[str]) -> None:
-    wanted = list(dict.fromkeys(_ae(t, "calling AE title") for t in titles))
+def _check_outbound(facility: Facility, changed: set[str]) -> None:
+    """The broker will connect to these endpoints (sync, retrieve): refuse at once an address
+    outside the administrator's outbound networks (checked again at every connection)."""
+    allowed = network.outbound_networks()
+    if "dicomweb_url" in changed and facility.dicomweb_url:
+        network.check_url(facility.dicomweb_url, allowed, what="dicomweb_url")
+    if changed & {"host", "port"} and facility.host and facility.port:
+        network.check_registered_host(facility.host, facility.port, allowed, what="host")
+
+
+def _calling_entries(entries: Iterable[CallingAE]) -> dict[str, str | None]:
+    wanted: dict[str, str | None] = {}
+    for entry in entries:
+        title, net = (entry, None) if isinstance(entry, str) else entry
+        wanted[_ae(title, "calling AE title")] = network.parse_network(net) if net else None
+    return wanted
+
+
+def _set_calling_aes(session: Session, facility_id: str, entries: Iterable[CallingAE]) -> None:
+    """Replace the facility's calling AE titles; each with its network (None: loopback only)."""
+    networks = _calling_entries(entries)
+    wanted = list(networks)
     if wanted:
         taken = session.exec(
             select(FacilityAE).where(
@@ -66,8 +89,9 @@ def _set_calling_aes(session: Session, facility_id: str, titles: Iterable[str]) 
                 f"calling AE title {taken.ae_title!r} already belongs to facility {taken.facility_id!r}"
             )
     session.exec(delete(FacilityAE).where(col(FacilityAE.facility_id) == facility_id))
+    session.flush()
     for title in wanted:
-        session.add(FacilityAE(ae_title=title, facility_id=facility_id))
+        session.add(FacilityAE(ae_title=title, facility_id=facility_id, network=networks[title]))
 
 
 def add_facility(
@@ -81,7 +105,7 @@ def add_facility(
     ae_title: str | None = None,
     host: str | None = None,
     port: int | None = None,
-    calling_ae_titles: Iterable[str] = (),
+    calling_ae_titles: Iterable[CallingAE] = (),
     sharing_policy: str = "share_all",
 ) -> Facility:
     authorize(principal, action="facility.write", facility=facility_id)
@@ -104,6 +128,7 @@ def add_facility(
         sharing_policy=str(sharing_policy),
     )
     _check_endpoints(facility)
+    _check_outbound(facility, {"dicomweb_url", "host", "port"})
     session.add(facility)
     session.flush()
     _set_calling_aes(session, facility_id, calling_ae_titles)
@@ -114,7 +139,8 @@ def add_facility(
 
 def update_facility(*, session: Session, principal: Principal, facility_id: str, **changes: Any) -> Facility:
     """Change the given fields (issuer, name, dicomweb_url, ae_title, host, port,
-    calling_ae_titles, sharing_policy); a None endpoint field clears it."""
+    calling_ae_titles (titles, or (title, network) pairs), sharing_policy); a None endpoint
+    field clears it."""
     authorize(principal, action="facility.write", facility=facility_id)
     facility = get_facility(session=session, facility_id=facility_id)
     allowed = {"issuer", "name", "dicomweb_url", "ae_title", "host", "port", "sharing_policy"}
@@ -142,6 +168,7 @@ def update_facility(*, session: Session, principal: Principal, facility_id: str,
             value = str(value)
         setattr(facility, name, value)
     _check_endpoints(facility)
+    _check_outbound(facility, set(changes))
     if changes.get("calling_ae_titles") is not None:
         _set_calling_aes(session, facility_id, changes["calling_ae_titles"])
     session.add(facility)
@@ -183,11 +210,14 @@ def get_facility(*, session: Session, facility_id: str) -> Facility:
 
 
 def calling_ae_titles(*, session: Session, facility_id: str) -> list[str]:
+    return [ae.ae_title for ae in calling_aes(session=session, facility_id=facility_id)]
+
+
+def calling_aes(*, session: Session, facility_id: str) -> list[FacilityAE]:
+    """The facility's calling AE titles with their networks (None: loopback only)."""
     return list(
         session.exec(
-            select(FacilityAE.ae_title)
-            .where(FacilityAE.facility_id == facility_id)
-            .order_by(col(FacilityAE.ae_title))
+            select(FacilityAE).where(FacilityAE.facility_id == facility_id).order_by(col(FacilityAE.ae_title))
         )
     )
 
@@ -196,10 +226,20 @@ def sync_state(*, session: Session, facility_id: str) -> SyncState | None:
     return session.get(SyncState, facility_id)
 
 
-def facility_for_calling_ae(*, session: Session, ae_title: str) -> Facility | None:
-    """The facility a DIMSE caller belongs to, by its calling AE title (trailing spaces ignored)."""
+def facility_for_calling_ae(
+    *, session: Session, ae_title: str, address: str | None = None
+) -> Facility | None:
+    """The facility a DIMSE caller belongs to, by its calling AE title (trailing spaces ignored)
+    and, when `address` is given, only if that peer address lies in the AE title's network
+    (None registered: loopback only). A known AE title from another address is no one."""
     row = session.get(FacilityAE, ae_title.strip())
-    return session.get(Facility, row.facility_id) if row is not None else None
+    if row is None:
+        return None
+    if address is not None:
+        allowed = network.networks([row.network] if row.network else network.LOOPBACK)
+        if not network.address_in(address, allowed):
+            return None
+    return session.get(Facility, row.facility_id)
 
 
 def record_sync_state(

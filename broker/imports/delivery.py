@@ -20,6 +20,7 @@ from broker.errors import Unavailable
 from broker.peers import dimse as scu
 from broker.peers.archive import Archive
 from broker.peers.errors import DimseStatusError
+from broker.security import network
 
 _CHUNK = 1 << 20
 _T_SOP_UID = "00081155"  # ReferencedSOPInstanceUID
@@ -108,7 +109,7 @@ def _stow(facility: Archive, files: Sequence[tuple[str, str]]) -> list[Outcome]:
     boundary = uuid.uuid4().hex
     size = sum(os.path.getsize(p) for p, _ in files)
     try:
-        with httpx.Client(timeout=_TIMEOUT, trust_env=False) as client:
+        with network.guarded_client(timeout=_TIMEOUT) as client:
             rsp = client.post(
                 f"{facility.dicomweb_url.rstrip('/')}/studies",
                 content=_body([p for p, _ in files], boundary),
@@ -201,8 +202,8 @@ def _query(
     if level == "STUDY":
         params += [("includefield", "00100020"), ("includefield", "00100021")]
     try:
-        rsp = httpx.get(url, params=params, timeout=_TIMEOUT, trust_env=False,
-                        headers={"Accept": "application/dicom+json"})  # fmt: skip
+        with network.guarded_client(timeout=_TIMEOUT) as client:
+            rsp = client.get(url, params=params, headers={"Accept": "application/dicom+json"})
     except httpx.HTTPError as exc:
         raise Unavailable(f"facility {facility.id!r} cannot be reached by QIDO-RS: {exc}") from exc
     if rsp.status_code in (204, 404):

@@ -22,6 +22,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from broker.errors import BadRequest, NotFound, Unavailable
+from broker.security import network
+from broker.security.tls import tls_kwargs
 
 log = logging.getLogger("scanonce.peers")
 
@@ -183,9 +185,7 @@ class QidoSource:
         assert facility.dicomweb_url
         self.facility = facility
         self.page = page
-        self.client = httpx.Client(
-            base_url=facility.dicomweb_url.rstrip("/"), timeout=TIMEOUT, trust_env=False
-        )
+        self.client = network.guarded_client(base_url=facility.dicomweb_url.rstrip("/"), timeout=TIMEOUT)
 
     def _get(self, path: str, params: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
         """One QIDO-RS answer, and whether the archive says it left matches out."""
@@ -254,7 +254,7 @@ def wado_retrieve_study(*, facility: Archive, study_uid: str, into: str) -> list
     paths: list[str] = []
     try:
         with (
-            httpx.Client(timeout=TIMEOUT, trust_env=False) as client,
+            network.guarded_client(timeout=TIMEOUT) as client,
             client.stream("GET", url, headers={"Accept": accept}) as r,
         ):
             if r.status_code == 404:
@@ -337,8 +337,18 @@ class CFindSource:
         ae.acse_timeout = 10
         ae.network_timeout = ae.dimse_timeout = LISTING_TIMEOUT
         try:
+            port = int(self.facility.port or 0)
+            address = network.check_host(
+                self.facility.host or "",
+                port,
+                network.outbound_networks(),
+                what=f"facility {self.facility.id!r}",
+            )
             assoc = ae.associate(
-                self.facility.host or "", int(self.facility.port or 0), ae_title=self.facility.ae_title or ""
+                address,
+                port,
+                ae_title=self.facility.ae_title or "",
+                **tls_kwargs(hostname=self.facility.host),
             )
         except OSError as exc:
             raise _unavailable(self.facility, exc) from exc

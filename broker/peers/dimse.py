@@ -41,6 +41,8 @@ from broker.dicom.network import SpoolingAE, chunked_send
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest, Unavailable
 from broker.peers.errors import DimseStatusError
+from broker.security import network
+from broker.security.tls import tls_kwargs
 
 Model = Literal["study", "patient"]
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
@@ -110,8 +112,13 @@ def _association(
     ae.dimse_timeout = max(timeout, 60.0)
     ae.requested_contexts = list(contexts)
     kwargs["evt_handlers"] = [*kwargs.get("evt_handlers", ()), (evt.EVT_CONN_OPEN, _no_delay)]
+    # Only to the administrator's outbound networks, on the address checked (DNS rebinding).
+    address = network.check_host(
+        host, int(port), network.outbound_networks(), what=_peer(called_ae, host, port)
+    )
+    kwargs.update(tls_kwargs(hostname=host))
     try:
-        assoc = ae.associate(host, int(port), ae_title=called_ae, **kwargs)
+        assoc = ae.associate(address, int(port), ae_title=called_ae, **kwargs)
     except OSError as exc:
         raise Unavailable(f"{_peer(called_ae, host, port)} cannot be reached: {exc.strerror or exc}") from exc
     if assoc.is_rejected:

@@ -5,6 +5,10 @@ permission a caller needs, and which roles hold which permissions. The guard mid
 A path that no rule names is admin-only, so a new route is closed until it is classified here.
 Facility scope: a rule whose path has a `{facility}` segment (the per-facility DICOMweb partitions)
 lets a facility node act only on its own facility there.
+
+DIMSE asks the same questions: `DIMSE_RULES` names the permission of each DIMSE operation, and
+`decide_dimse` answers through the same `permits` as `decide` (a C-STORE is a write into the
+calling facility's partition, as a STOW-RS to `/facilities/{facility}/dicom-web/studies` is).
 """
 
 from __future__ import annotations
@@ -199,6 +203,22 @@ class Decision:
     reason: str = ""
 
 
+# The DIMSE operations the SCP serves and what each needs. C-STORE writes into a facility's
+# partition (scoped); queries and retrieves read the federation-wide index, as QIDO-RS/WADO-RS do.
+DIMSE_RULES: dict[str, Permission] = {
+    "C-ECHO": P.authenticated,
+    "C-STORE": P.images_write,
+    "C-FIND": P.images_read,
+    "C-MOVE": P.images_read,
+    "C-GET": P.images_read,
+}
+
+# Actions that services ask `broker.security.service.authorize` about, and their permissions
+# (the DIMSE operations as "dimse.<op>"). An action not named here was already decided by the
+# HTTP guard before the service ran (the route's rule above).
+ACTIONS: dict[str, Permission] = {f"dimse.{op[2:].lower()}": p for op, p in DIMSE_RULES.items()}
+
+
 def required(method: str, path: str) -> tuple[Permission, str | None]:
     """The permission `method path` needs and the facility its path scopes it to (if any)."""
     segments = [s for s in path.split("/") if s]
@@ -220,6 +240,18 @@ def decide(principal: Principal, method: str, path: str, *, default_facility: st
     if facility is None and permission is Permission.images_write:
         # The broker-wide STOW-RS stores into the default facility's partition.
         facility = default_facility
+    return permits(principal, permission, facility=facility)
+
+
+def decide_dimse(principal: Principal, operation: str, *, facility: str | None = None) -> Decision:
+    """May `principal` perform a DIMSE `operation` ("C-STORE", ...) on `facility`'s partition
+    (C-STORE: the partition it stores into)? An operation not in DIMSE_RULES is admin-only."""
+    return permits(principal, DIMSE_RULES.get(operation, Permission.admin), facility=facility)
+
+
+def permits(principal: Principal, permission: Permission, *, facility: str | None = None) -> Decision:
+    """The one answer for every interface: the role must hold `permission`, and a facility node
+    acts only in its own facility's partition."""
     if permission is Permission.public:
         return Decision(True, permission)
     if permission not in ROLE_PERMISSIONS.get(principal.role, frozenset()):

@@ -24,6 +24,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 from joserfc.jws import extract_compact
 
+from broker.security import network
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 
@@ -261,14 +262,17 @@ class Verifier:
         with self._fetch_lock:
             try:
                 if jwks_url is None:
-                    discovery = httpx.get(
+                    # Discovery and keys only from the administrator's outbound networks.
+                    discovery = network.guarded_get(
                         f"{cache_key.rstrip('/')}/.well-known/openid-configuration", timeout=5
                     )
                     discovery.raise_for_status()
                     jwks_url = str(discovery.json()["jwks_uri"])
-                jwks = httpx.get(jwks_url, timeout=5)
+                jwks = network.guarded_get(jwks_url, timeout=5)
                 jwks.raise_for_status()
                 keys = KeySet.import_key_set(jwks.json())
+            except network.OutboundRefused as exc:
+                raise TokenInvalid("issuer keys are at an address the broker may not call") from exc
             except (httpx.HTTPError, ValueError, KeyError, JoseError) as exc:
                 if cached is not None:  # the provider is down: keep trusting the keys we had
                     return cached.keys

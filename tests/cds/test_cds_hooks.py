@@ -273,6 +273,10 @@ def test_the_patient_read_from_the_ehrs_fhir_server(http: httpx.Client, server: 
     r = http.post(SELECT, json=body)
     assert r.status_code == 412 and "could not be reached" in r.text
     assert http.post(SELECT, json=_hook()).status_code == 412  # no prefetch and no fhirServer
+    # A fhirServer outside the administrator's outbound networks (loopback by default) is never
+    # called: a request cannot make the broker fetch an address of its choosing.
+    r = http.post(SELECT, json=_hook(fhirServer="http://10.255.0.1/fhir"))
+    assert r.status_code == 403 and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in r.text
 
 
 def test_an_unknown_patient_gets_no_card(http: httpx.Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from broker.app import create_app
 from broker.cli import app
 from broker.deps import AppState
 from broker.facilities import service as facilities
+from broker.security import network
 from tests.support import auth_headers
 
 WEB = {
@@ -56,11 +58,18 @@ def test_crud_with_documented_status_codes(client: TestClient, state: AppState) 
         == 400
     )
 
+    # The broker would connect to the archive: an address outside the administrator's outbound
+    # networks (default loopback only) is refused at once, and nothing changes.
+    outside = client.patch(
+        "/api/facilities/stmarys", json={"ae_title": "SMPACS", "host": "10.0.0.5", "port": 104}
+    )
+    assert outside.status_code == 400 and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in outside.json()["detail"]
+    assert client.get("/api/facilities/stmarys").json()["ae_title"] is None
     r = client.patch(
         "/api/facilities/stmarys",
         json={
             "ae_title": "SMPACS",
-            "host": "10.0.0.5",
+            "host": "127.0.0.5",
             "port": 104,
             "sharing_policy": "none",
             "calling_ae_titles": ["SM"],
@@ -123,24 +132,39 @@ def test_openapi_documents_the_registry(client: TestClient) -> None:
     assert policy == ["share_all", "index_only", "none"]
 
 
+@pytest.fixture
+def outbound_reset() -> Iterator[None]:
+    """The CLI configures the process's outbound networks from its environment: put them back."""
+    yield
+    network.configure(network.LOOPBACK)
+
+
+@pytest.mark.usefixtures("outbound_reset")
 def test_cli_add_list_show_update_remove(tmp_path: Path) -> None:
     runner = CliRunner()
     data = ["--data-dir", str(tmp_path)]
+    # The administrator lets the broker call the county's network.
+    env = {"COLUMNS": "200", "SCANONCE_OUTBOUND_ALLOW_NETWORKS": "127.0.0.0/8,10.1.2.0/24"}
 
     def run(*args: str) -> str:
-        result = runner.invoke(app, [*args, *data], catch_exceptions=False, env={"COLUMNS": "200"})
+        result = runner.invoke(app, [*args, *data], catch_exceptions=False, env=env)
         assert result.exit_code == 0, result.output
         return result.output
 
+    elsewhere = runner.invoke(
+        app, ["facility", "add", "far", "--issuer", "FAR", "--ae", "FARPACS", "--host", "10.9.9.9",
+              "--port", "104", *data], env=env,
+    )  # fmt: skip
+    assert elsewhere.exit_code == 1 and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in elsewhere.output
     out = run(
         "facility", "add", "county", "--issuer", "COUNTY", "--name", "County Hospital",
         "--ae", "COUNTYPACS", "--host", "10.1.2.3", "--port", "11112",
-        "--calling-ae", "COUNTY_CT", "--calling-ae", "COUNTY_MR", "--policy", "index_only",
+        "--calling-ae", "COUNTY_CT", "--calling-ae", "COUNTY_MR@10.1.2.0/24", "--policy", "index_only",
     )  # fmt: skip
     assert "COUNTYPACS@10.1.2.3:11112" in out and "index_only" in out
     assert "county" in run("facility", "list") and "local" in run("facility", "list")
     shown = run("facility", "show", "county")
-    assert "COUNTY_CT COUNTY_MR" in shown and "never" in shown
+    assert "COUNTY_CT COUNTY_MR@10.1.2.0/24" in shown and "never" in shown
     updated = run(
         "facility", "update", "county", "--dicomweb", "http://pacs.county.example/wado", "--ae", "-"
     )

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from broker.app import create_app
 from broker.cli import app
-from broker.demo.service import load_demo
 from broker.identity.models import IdentityRecord, ReviewItem
 from broker.index.models import Patient, Study, StudyLocation
 from broker.lookup import service
@@ -29,10 +28,9 @@ ADULT = ("northgen", "183882874")
 
 
 @pytest.fixture
-def client(settings: Any) -> Iterator[TestClient]:
+def client(demo_backend: Any, tmp_path: Path, make_settings: Any) -> Iterator[TestClient]:
+    settings = make_settings(demo_backend, tmp_path)
     with TestClient(create_app(settings=settings), headers=auth_headers()) as c:
-        st = c.app.state.scanonce  # type: ignore[attr-defined]
-        load_demo(engine=st.engine, store=st.store)
         yield c
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,6 @@ from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
 from broker.app import create_app
-from broker.demo.service import load_demo
 from broker.identity.models import ReviewItem
 from broker.lookup.models import AvoidedRepeat
 from tests.dicomweb.data import multipart_body
@@ -31,10 +31,8 @@ FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
 @pytest.fixture
-def client(settings: Any) -> Iterator[TestClient]:
-    with TestClient(create_app(settings=settings), headers=auth_headers()) as c:
-        st = c.app.state.scanonce  # type: ignore[attr-defined]
-        load_demo(engine=st.engine, store=st.store)
+def client(demo_backend: Any, tmp_path: Path, make_settings: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(settings=make_settings(demo_backend, tmp_path)), headers=auth_headers()) as c:
         yield c
 
 

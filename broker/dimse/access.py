@@ -1,0 +1,125 @@
+"""Who may talk DIMSE to the broker, and what they may do: kept apart from the handlers.
+
+- At association: a calling AE title is accepted only if a facility registered it and the peer
+  calls from that AE title's network (`FacilityAE.network`; loopback when none); anyone else gets
+  A-ASSOCIATE-RJ rejected-permanent, service-user, "calling AE title not recognised" (result 1,
+  source 1, reason 3). Open mode (any AE title, as the default facility) only while the listener
+  binds loopback (`open_mode_refusal`).
+- Per operation: `guarded(operation, handler)` wraps a handler so that the caller's Principal
+  (a facility node of its AE title's facility) is put to the one policy
+  (`broker.security.service.authorize` -> `policy.permits`, the same answer as for HTTP) before
+  the handler runs; a refusal is answered with 0x0124 "Refused: Not authorized" (PS3.7 C.4.1.x,
+  a status every DIMSE service may return) and the handler never runs.
+- TLS: the listener's SSL context (broker.security.tls), with the handshake done in the
+  connection's own thread under the request timeout (`tls_handshake`), never in the accept loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_MOVE
+
+from broker.dimse.service import status_dataset
+from broker.errors import Forbidden
+from broker.security.network import is_loopback_host
+from broker.security.service import authorize
+from broker.settings import Settings
+
+if TYPE_CHECKING:
+    from broker.dimse.scp import ScpHandle
+
+log = logging.getLogger("scanonce.dimse")
+
+NOT_AUTHORIZED = 0x0124
+
+# The policy's action for each DIMSE operation (broker.security.policy.ACTIONS).
+ACTIONS = {
+    "C-ECHO": "dimse.echo",
+    "C-STORE": "dimse.store",
+    "C-FIND": "dimse.find",
+    "C-MOVE": "dimse.move",
+    "C-GET": "dimse.get",
+}
+
+
+def open_mode_refusal(settings: Settings, bind_host: str) -> str | None:
+    """Why open mode may not serve on `bind_host` (None: it may, or it is off)."""
+    if not settings.dimse_open_mode or is_loopback_host(bind_host):
+        return None
+    return (
+        f"DIMSE open mode accepts any calling AE title, so it is for loopback only, and the DIMSE "
+        f"listener would bind {bind_host or 'every interface'}: set SCANONCE_DIMSE_OPEN_MODE=false and "
+        "register each facility's calling AE titles with the network they call from "
+        "(scanonce facility update ID --calling-ae TITLE@CIDR), or bind 127.0.0.1."
+    )
+
+
+def refusal(event: evt.Event, operation: str) -> Any:
+    """What a handler of `operation` returns to refuse it with 0x0124."""
+    status = status_dataset(NOT_AUTHORIZED, "not authorized for this operation")
+    if operation == "C-FIND":
+        return iter([(status, None)])
+    if operation == "C-GET":
+        # pynetdicom's C-GET wants the number of sub-operations before any status.
+        return iter([1, (status, None)])
+    if operation == "C-MOVE":
+        return _refuse_move(event)
+    return status
+
+
+def _refuse_move(event: evt.Event) -> Iterator[Any]:
+    """pynetdicom sends a C-MOVE's final status only after it has associated with the move
+    destination, and a refused caller must make the broker connect nowhere: the 0x0124
+    response is sent here, then the association is aborted (pynetdicom then sends nothing)."""
+    request = event.request
+    rsp = C_MOVE()
+    rsp.MessageIDBeingRespondedTo = request.MessageID
+    rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
+    rsp.Status = NOT_AUTHORIZED
+    rsp.ErrorComment = "not authorized for this operation"  # type: ignore[assignment]
+    event.assoc.dimse.send_msg(rsp, event.context.context_id)
+    event.assoc.abort()
+    yield None, None  # not looked at: the association is no longer established
+
+
+def guarded(operation: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """`handler` behind the policy: the caller's Principal must be permitted `operation`."""
+    action = ACTIONS[operation]
+
+    def guard(event: evt.Event, handle: ScpHandle, *args: Any) -> Any:
+        principal, facility = handle.caller(event)
+        try:
+            # C-STORE writes into the caller's facility's partition; the others read the index.
+            authorize(principal, action=action, facility=facility if operation == "C-STORE" else None)
+        except Forbidden:
+            log.warning("DIMSE %s refused for %s", operation, principal.who)
+            return refusal(event, operation)
+        return handler(event, handle, *args)
+
+    guard.__name__ = getattr(handler, "__name__", "guard")
+    guard.__doc__ = handler.__doc__
+    return guard
+
+
+def tls_handshake(sock: Any, timeout: float) -> bool:
+    """Complete a server-side TLS handshake within `timeout` seconds (False: refused or failed,
+    e.g. a peer without a valid client certificate; the caller closes the connection)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return True
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(timeout)
+        sock.do_handshake()
+    except (ssl.SSLError, OSError) as exc:
+        log.warning("DIMSE TLS handshake refused: %s", type(exc).__name__)
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
+    return True
