@@ -22,6 +22,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
+from broker.audit import service as audit_service
+from broker.audit.http import AuditMiddleware
+from broker.audit.routes import router as audit_router
 from broker.cds.routes import router as cds_router
 from broker.db import make_engine, migrate
 from broker.deps import AppState
@@ -70,6 +73,8 @@ def build_state(settings: Settings) -> AppState:
     index_service.set_patient_linker(identity_service.link_patient)
     # An import of a study held only at its facility fetches it first (federation, same layer).
     imports_service.set_fetcher(federation_service.ensure_local)
+    # An audit event that names only a study (a WADO-RS read) gets its patient from the index.
+    audit_service.set_study_resolver(index_service.study_patients)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
     # Studies stored before the lookup's facts existed: a durable job computes them once.
@@ -207,6 +212,12 @@ def create_app(
     # Added first, so it runs inside every middleware added later (CORS here; audit and metrics
     # middlewares must be added after it, so that they see the requests it refuses).
     app.add_middleware(AuthGuard, settings=settings, verifier=verifier)
+    # Outside the guard: it sees the principal the guard set, and the 401s and 403s it answers.
+    # It holds each response's start until the access's audit event has committed.
+    engine = app.state.scanonce.engine
+    app.add_middleware(
+        AuditMiddleware, writer=audit_service.writer_for(engine) if settings.audit_enabled else None
+    )
     _add_cors(app, settings.cors_origins)
     _include_routers(app)
     return app
@@ -248,6 +259,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(web_pages_router)
     app.include_router(web_admin_router)
     app.include_router(security_router)
+    app.include_router(audit_router)
 
 
 def app_from_env() -> FastAPI:

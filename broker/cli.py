@@ -22,6 +22,7 @@ from rich.table import Table
 
 from broker import clikit
 from broker.app import build_state, create_app
+from broker.audit import cli as audit_cli
 from broker.clikit import DataDir, console
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
@@ -312,6 +313,7 @@ def _register_domains() -> None:
     lookup_cli.register(app)
     web_cli.register(app)
     security_cli.register(app)
+    audit_cli.register(app)
 
 
 _register_domains()

@@ -165,6 +165,14 @@ class Settings(BaseSettings):
             "beyond loopback with it off."
         ),
     )
+    audit_enabled: bool = Field(
+        default=True,
+        description=(
+            "Record every access to patient data in the hash-chained audit trail (scanonce audit "
+            "verify); a request whose event cannot be recorded gets 503. Off only to measure what "
+            "auditing costs (bench/audit.py)."
+        ),
+    )
     auth_signing_key_file: Path | None = Field(
         default=None,
         description=(

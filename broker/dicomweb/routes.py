@@ -30,6 +30,7 @@ from fastapi.responses import Response, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from broker.audit.service import IngestAuditHook
 from broker.deps import PrincipalDep, StateDep
 from broker.dicom.uids import is_valid_uid, require_uid
 from broker.dicomweb import qido, stow, wado
@@ -259,7 +260,11 @@ async def _receive_and_store(
         items = await run_in_threadpool(
             stow.items_of, received.parts, declared=declared, received=received, tmp_dir=str(spool)
         )
-        return await run_in_threadpool(
+        # The store's audit event commits with its rows (no store without its event); the audit
+        # middleware then writes none of its own for this request.
+        client = request.client.host if request.client else ""
+        hook = IngestAuditHook(principal=scope.principal, interface="dicomweb", client_address=client)
+        outcomes = await run_in_threadpool(
             stow.store_items,
             items,
             engine=scope.state.engine,
@@ -267,7 +272,10 @@ async def _receive_and_store(
             principal=scope.principal,
             facility_id=scope.facility_id or settings.default_facility,
             expected_study_uid=study,
+            audit=hook if settings.audit_enabled else None,
         )
+        request.state.audit_recorded = hook.ran
+        return outcomes
 
 
 def _store_response(scope: Scope, outcomes: list[StoreOutcome], study: str | None) -> Response:

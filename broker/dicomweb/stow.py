@@ -145,8 +145,10 @@ def store_items(
     principal: Principal,
     facility_id: str,
     expected_study_uid: str | None,
+    audit: index_service.IngestAudit | None = None,
 ) -> list[StoreOutcome]:
-    """Ingest the items that are files (all in one batch); one outcome per item, in order."""
+    """Ingest the items that are files (all in one batch); one outcome per item, in order.
+    `audit` records the store in the ingest's own transaction."""
     outcomes: dict[int, StoreOutcome] = {i: x for i, x in enumerate(items) if isinstance(x, StoreOutcome)}
     paths = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
     if paths:
@@ -158,6 +160,7 @@ def store_items(
             paths=[path for _, path in paths],
             expected_study_uid=expected_study_uid,
             consume=True,
+            audit=audit,
         )
         for (i, _), outcome in zip(paths, stored, strict=True):
             outcomes[i] = outcome

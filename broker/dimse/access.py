@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_MOVE
 
+from broker.dimse import audit as dimse_audit
 from broker.dimse.service import status_dataset
-from broker.errors import Forbidden
+from broker.errors import Forbidden, Unavailable
 from broker.security.network import is_loopback_host
 from broker.security.service import authorize
 from broker.settings import Settings
@@ -99,6 +100,9 @@ def guarded(operation: str, handler: Callable[..., Any]) -> Callable[..., Any]:
             authorize(principal, action=action, facility=facility if operation == "C-STORE" else None)
         except Forbidden:
             log.warning("DIMSE %s refused for %s", operation, principal.who)
+            # A refused access is audited too (best effort: it is refused either way).
+            with contextlib.suppress(Unavailable):
+                dimse_audit.record(handle.state, event, principal, operation, refused=True)
             return refusal(event, operation)
         return handler(event, handle, *args)
 

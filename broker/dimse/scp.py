@@ -57,6 +57,7 @@ from broker.deps import AppState
 from broker.dicom import reactor
 from broker.dicom.network import SpoolingAE, chunked_send
 from broker.dimse import access
+from broker.dimse import audit as dimse_audit
 from broker.dimse import service as ds
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
@@ -436,7 +437,7 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
         )
         if mismatch is not None:
             return mismatch
-        return _ingest(handle, principal, facility, path)
+        return _ingest(handle, principal, facility, path, event)
     finally:
         if own_tmp:
             path.unlink(missing_ok=True)
@@ -475,7 +476,9 @@ def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag > 0x00080018
 
 
-def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) -> int | Dataset:
+def _ingest(
+    handle: ScpHandle, principal: Principal, facility: str, path: Path, event: evt.Event
+) -> int | Dataset:
     batcher = handle.batcher
     if batcher is None:
         return status_dataset(ds.OUT_OF_RESOURCES, "the SCP is shutting down")
@@ -488,6 +491,7 @@ def _ingest(handle: ScpHandle, principal: Principal, facility: str, path: Path) 
             facility_id=facility,
             path=str(path),
             consume=True,
+            audit=dimse_audit.store_hook(state, event, principal),
         )
     except (Unavailable, StoreUnavailable) as exc:
         log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
@@ -597,11 +601,15 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
     - 0xC001 Unable to process: the index is unavailable or failed.
     """
     principal, _facility = handle.caller(event)
-    del principal  # authorization and audit hook here once security enforces them
     try:
         request = ds.parse_identifier(_identifier(event), levels=_levels(event))
     except IdentifierError as exc:
         yield status_dataset(exc.status, exc.comment), None
+        return
+    try:  # recorded and committed before the first match goes out
+        dimse_audit.record(handle.state, event, principal, "C-FIND")
+    except Unavailable:
+        yield status_dataset(ds.OUT_OF_RESOURCES, "the query could not be audited"), None
         return
     keywords = frozenset(_keywords(request.return_keys))
     try:
@@ -897,7 +905,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
       missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
     """
-    handle.caller(event)
+    principal, _facility = handle.caller(event)
     destination = ds.move_destination(
         engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
     )
@@ -905,6 +913,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         yield None, None
         return
     try:
+        dimse_audit.record(handle.state, event, principal, "C-MOVE")
         items = _instances_to_send(handle, event)
     except Exception as exc:
         # pynetdicom sends a final failure only after one announced sub-operation, and opens
@@ -930,8 +939,9 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       its sub-operation fails.
     - 0xA900 / 0xC000 / 0xC001 - as for C-MOVE (the unique key of the level is required).
     """
-    handle.caller(event)
+    principal, _facility = handle.caller(event)
     try:
+        dimse_audit.record(handle.state, event, principal, "C-GET")
         items = _instances_to_send(handle, event)
     except Exception as exc:
         yield 1

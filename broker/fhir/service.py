@@ -649,6 +649,19 @@ def capability_statement(*, base_url: str) -> dict[str, Any]:
                             }
                         ],
                     },
+                    {
+                        # The audit trail (broker.audit.routes), for auditors: IHE BALP's query.
+                        "type": "AuditEvent",
+                        "interaction": [{"code": "search-type"}],
+                        "searchParam": [
+                            {"name": "patient", "type": "token"},
+                            {"name": "agent", "type": "token"},
+                            {"name": "date", "type": "date"},
+                            {"name": "action", "type": "token"},
+                            {"name": "subtype", "type": "token"},
+                            {"name": "entity-id", "type": "token"},
+                        ],
+                    },
                 ],
             }
         ],

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from broker.index.ingest import index_parsed
+from broker.index.ingest import IngestAudit, index_parsed
 from broker.index.parse import _Parsed, parse_instance
 from broker.index.schemas import StoreOutcome
 from broker.security.schemas import Principal
@@ -43,6 +45,7 @@ class _Item:
     facility_id: str
     parsed: _Parsed
     consume: bool
+    audit: IngestAudit | None = None
     done: threading.Event = field(default_factory=threading.Event)
     outcome: StoreOutcome | None = None
     error: BaseException | None = None
@@ -68,8 +71,10 @@ class IngestBatcher:
         facility_id: str,
         path: str,
         consume: bool = False,
+        audit: IngestAudit | None = None,
     ) -> StoreOutcome:
-        """Parse, store and index one Part 10 file; returns once its index row is committed.
+        """Parse, store and index one Part 10 file; returns once its index row is committed (and,
+        with `audit`, its audit event, in the same transaction).
         Raises what `index_parsed` raises (database or store unavailable, ...)."""
         authorize(principal, action="index.store", facility=facility_id)
         parsed = parse_instance(path)
@@ -82,6 +87,7 @@ class IngestBatcher:
             facility_id=facility_id,
             parsed=parsed,
             consume=consume,
+            audit=audit,
         )
         self._submit(item)
         item.done.wait()
@@ -161,4 +167,19 @@ class IngestBatcher:
             facility_id=items[0].facility_id,
             parsed=[item.parsed for item in items],
             consume=all(item.consume for item in items),
+            audit=_group_audit(items),
         )
+
+
+def _group_audit(items: list[_Item]) -> IngestAudit | None:
+    """Each item's own audit hook (its own sender) with its own instance, in the group's one
+    transaction."""
+    if all(item.audit is None for item in items):
+        return None
+
+    def audit(*, session: Any, stored: Sequence[tuple[str, str, str, str]]) -> None:
+        for item, one in zip(items, stored, strict=True):
+            if item.audit is not None:
+                item.audit(session=session, stored=[one])
+
+    return audit

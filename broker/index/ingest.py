@@ -58,6 +58,15 @@ class PatientLinker(Protocol):
 _linker: PatientLinker | None = None
 
 
+class IngestAudit(Protocol):
+    """Records what a batch stores in the batch's own transaction, just before it commits (the
+    audit domain implements it; the caller of ingest passes one). `stored`: per instance, its
+    (study UID, patient ID, issuer, status: stored, duplicate or failed). If it raises, nothing
+    of the batch commits: no store goes unrecorded."""
+
+    def __call__(self, *, session: Session, stored: Sequence[tuple[str, str, str, str]]) -> None: ...
+
+
 def set_patient_linker(linker: PatientLinker | None) -> None:
     """Wired once per process by the app factory (`broker.app.build_state`); without it, ingest
     indexes patients without linking them to persons (the index alone, as its own tests use it)."""
@@ -301,6 +310,21 @@ def _write_facts(session: Session, batch: _Batch, pending: list[tuple[int, _Pars
     )
 
 
+def _audit_items(
+    batch: _Batch,
+    parsed: list[tuple[int, _Parsed]],
+    pending: list[tuple[int, _Parsed]],
+    conflicts: list[tuple[int, _Parsed]],
+) -> list[tuple[str, str, str, str]]:
+    """(study UID, patient ID, issuer, status) of every instance of the batch, for the audit."""
+    status_of = {i: "stored" for i, _p in pending} | {i: "failed" for i, _p in conflicts}
+    items = []
+    for i, p in parsed:
+        issuer, pid = batch._patient_key(p)
+        items.append((p.study_uid, pid, issuer, status_of.get(i, "duplicate")))
+    return items
+
+
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -418,6 +442,7 @@ def ingest_files(
     paths: Sequence[str],
     expected_study_uid: str | None = None,
     consume: bool = False,
+    audit: IngestAudit | None = None,
 ) -> list[StoreOutcome]:
     """Store and index Part 10 files; one outcome per path, in order.
 
@@ -438,6 +463,7 @@ def ingest_files(
         facility_id=facility_id,
         parsed=results,
         consume=consume,
+        audit=audit,
     )
 
 
@@ -449,6 +475,7 @@ def index_parsed(
     facility_id: str,
     parsed: Sequence[_Parsed | StoreOutcome],
     consume: bool = False,
+    audit: IngestAudit | None = None,
 ) -> list[StoreOutcome]:
     """The second half of `ingest_files`, for callers that parsed already (`parse_instance`,
     e.g. one C-STORE per association, gathered into one commit by `batcher.IngestBatcher`):
@@ -478,6 +505,7 @@ def index_parsed(
                         placed=placed,
                         committed=committed,
                         held=held,
+                        audit=audit,
                     )
                     break
                 except IntegrityError:
@@ -572,6 +600,7 @@ def _index_batch(
     placed: set[str],
     committed: set[str],
     held: list[str],
+    audit: IngestAudit | None = None,
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
         facility = session.get(Facility, facility_id)
@@ -684,6 +713,8 @@ def _index_batch(
                     object_key=conflict_key(p.sop_uid, p.sha256),
                 )
             )
+        if audit is not None:
+            audit(session=session, stored=_audit_items(batch, parsed, pending, conflicts))
         session.commit()
     committed.update(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256) for _i, p in pending)
     committed.update(conflict_key(p.sop_uid, p.sha256) for _i, p in conflicts)

@@ -7,7 +7,7 @@ in a thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -39,8 +39,8 @@ from broker.index.facts import (
     studies_of_patients,
     write_facts,
 )
-from broker.index.ingest import PatientLinker, ingest_files, set_patient_linker
-from broker.index.models import Instance, Series, Study
+from broker.index.ingest import IngestAudit, PatientLinker, ingest_files, set_patient_linker
+from broker.index.models import Instance, Patient, Series, Study
 from broker.index.parse import parse_instance
 from broker.index.persons import assign_person, lock_patient_by_identifier, lock_patients
 from broker.index.query import count, search, study_owners
@@ -64,6 +64,7 @@ __all__ = [
     "PatientLinker",
     "set_patient_linker",
     "ingest_files",
+    "IngestAudit",
     "parse_instance",
     "search",
     "count",
@@ -106,6 +107,7 @@ __all__ = [
     "patients_by_pk",
     "patients_of_persons",
     "studies_by_uid",
+    "study_patients",
     "studies_of_patients",
     "write_facts",
 ]
@@ -113,6 +115,23 @@ __all__ = [
 _study = core_table(Study)
 _series = core_table(Series)
 _inst = core_table(Instance)
+_patient = core_table(Patient)
+
+
+def study_patients(*, session: Session, study_uids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The patient (Patient ID, issuer) of each study the index knows, by Study Instance UID
+    (the audit trail names the patient of a study a request read)."""
+    found: dict[str, tuple[str, str]] = {}
+    uids = list(study_uids)
+    for start in range(0, len(uids), 500):
+        stmt = (
+            select(_study.c.study_uid, _patient.c.patient_id, _patient.c.issuer)
+            .join(_patient, _patient.c.pk == _study.c.patient_pk)
+            .where(_study.c.study_uid.in_(uids[start : start + 500]))
+        )
+        for uid, pid, issuer in session.execute(stmt):
+            found[uid] = (pid, issuer)
+    return found
 
 
 def _scope(

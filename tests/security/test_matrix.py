@@ -80,6 +80,10 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     # CDS Hooks service calls come from the EHR on a clinician's behalf.
     ("POST", "/cds-services/{service_id}"): CLINICAL,
     ("POST", "/cds-services/{service_id}/feedback"): CLINICAL,
+    # The audit trail: auditors' and admins'.
+    ("GET", "/fhir/AuditEvent"): {A, U},
+    ("GET", "/api/audit"): {A, U},
+    ("GET", "/api/audit/verify"): {A, U},
     # Imports of outside studies into the local PACS: the radiologist's.
     ("GET", "/api/imports"): {A, R},
     ("POST", "/api/imports"): {A, R},

@@ -1,0 +1,105 @@
+"""HTTP for the audit trail: FHIR `AuditEvent` search (IHE BALP's query for auditors), the same
+events in the broker's own JSON at `/api/audit`, and the chain check at `/api/audit/verify`.
+Who may read them (auditors, admins) is the policy table's say (broker.security.policy)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from broker.audit import service
+from broker.audit.schemas import AuditEventOut, VerifyOut
+from broker.audit.service import AuditQuery
+from broker.deps import PrincipalDep, SessionDep, SettingsDep, StateDep
+from broker.errors import ScanOnceError
+
+router = APIRouter(tags=["audit"])
+FHIR_JSON = "application/fhir+json"
+_MAX_COUNT = 1000
+
+
+def _fhir(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON)
+
+
+@router.get("/fhir/AuditEvent")
+def search_audit_events(
+    request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
+) -> Response:
+    """AuditEvent search: patient (ID or system|ID), agent (who), date (repeatable, with ge/le/gt/lt
+    prefixes), action (C R U D E), subtype, _count, _offset. Newest first; a searchset Bundle."""
+    params = request.query_params
+    try:
+        count = int(params.get("_count", "100"))
+        offset = int(params.get("_offset", "0"))
+    except ValueError:
+        return _outcome(400, "_count and _offset must be integers")
+    if not 0 <= count <= _MAX_COUNT or offset < 0:
+        return _outcome(400, f"_count must be 0..{_MAX_COUNT} and _offset not negative")
+    known = {"patient", "agent", "date", "action", "subtype", "_count", "_offset", "entity-id"}
+    unknown = sorted(set(params) - known)
+    if unknown and "handling=lenient" not in request.headers.get("prefer", "").replace(" ", ""):
+        return _outcome(400, f"unsupported search parameter(s): {', '.join(unknown)[:200]}")
+    query = AuditQuery(
+        patient=params.get("patient"),
+        agent=params.get("agent"),
+        dates=tuple(params.getlist("date")),
+        action=params.get("action"),
+        subtype=params.get("subtype"),
+        study=(params.get("entity-id") or "").removeprefix("urn:oid:") or None,
+    )
+    try:
+        total, rows = service.search(session=session, query=query, limit=count, offset=offset)
+    except ScanOnceError as exc:
+        return _outcome(exc.status_code, exc.message)
+    base = (settings.base_url or str(request.base_url)).rstrip("/") + "/fhir"
+    return _fhir(service.searchset(base=base, total=total, rows=rows))
+
+
+def _outcome(status: int, message: str) -> Response:
+    return _fhir(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "error",
+                    "code": "invalid" if status == 400 else "exception",
+                    "diagnostics": message,
+                }
+            ],
+        },
+        status,
+    )
+
+
+@router.get("/api/audit", response_model=list[AuditEventOut])
+def list_audit_events(
+    session: SessionDep,
+    _principal: PrincipalDep,
+    patient: Annotated[str | None, Query(description="Patient ID, or issuer|Patient ID")] = None,
+    agent: Annotated[str | None, Query(description="who acted (token subject, AE title)")] = None,
+    date: Annotated[list[str] | None, Query(description="ge2026-01-01, le2026-01-31, 2026-01-05")] = None,
+    action: Annotated[str | None, Query(description="C, R, U, D or E")] = None,
+    subtype: Annotated[
+        str | None, Query(description="query, read, retrieve, store, import, link, ...")
+    ] = None,
+    study: Annotated[str | None, Query(description="Study Instance UID")] = None,
+    limit: Annotated[int, Query(ge=1, le=_MAX_COUNT)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[AuditEventOut]:
+    """Audit events, newest first."""
+    query = AuditQuery(
+        patient=patient, agent=agent, dates=tuple(date or ()), action=action, subtype=subtype, study=study
+    )
+    _total, rows = service.search(session=session, query=query, limit=limit, offset=offset)
+    return [AuditEventOut(**r) for r in rows]
+
+
+@router.get("/api/audit/verify", response_model=VerifyOut)
+async def verify_audit_chain(state: StateDep, _principal: PrincipalDep) -> VerifyOut:
+    """Walk the hash chain; `ok` false names the first broken row and what is wrong with it."""
+    return await run_in_threadpool(service.verify, engine=state.engine)
