@@ -196,6 +196,8 @@ RULES: tuple[Rule, ...] = (
     _r({"POST"}, "/api/imports", P.imports_write),
     _r(_READ, "/api/imports/**", P.imports_write),
     _r(_READ, "/api/imports", P.imports_write),
+    # What a destination's imports get (StudyID, institution): configuring it is the admin's.
+    _r({"PUT"}, "/api/imports/destinations/*", P.admin),
     # The pages and their assets.
     _r(_READ, "/", P.lookup_read),
     _r(_READ, "/record", P.lookup_read),
@@ -203,6 +205,7 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/viewer", P.images_read),
     _r(_READ, "/viewer/**", P.images_read),
     _r(_READ, "/imports", P.imports_write),
+    _r(_READ, "/compare", P.lookup_read),  # today's local study beside an outside prior, in the viewer
     _r({"POST"}, "/imports", P.imports_write),
     _r(_READ, "/admin/review", P.identity_review),
     _r({"POST"}, "/admin/review/*", P.identity_review),

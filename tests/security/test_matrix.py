@@ -101,6 +101,9 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/api/imports"): {A, R},
     ("GET", "/api/imports/{import_id}"): {A, R},
     ("POST", "/api/imports/{import_id}/cancel"): {A, R},
+    ("GET", "/api/imports/destinations/{facility}"): {A, R},
+    ("PUT", "/api/imports/destinations/{facility}"): {A},
+    ("GET", "/compare"): CLINICAL,
     ("GET", "/imports"): {A, R},
     ("POST", "/imports"): {A, R},
     # The pages.
