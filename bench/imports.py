@@ -9,17 +9,25 @@ For each run Orthanc is emptied first. Compared:
   - STOW-RS: `scanonce import --via dicomweb` vs the same files POSTed unchanged to Orthanc's own
     STOW-RS in multipart batches of the same size (16), i.e. Orthanc's own STOW ingest rate.
 The import does strictly more (reads from storage, coerces, writes, then verifies by C-FIND /
-QIDO-RS): the ratio says what that costs. Memory: the peak RSS this process gains during an
-import of N and of 4N instances (flat means the study is never held whole).
+QIDO-RS): the ratio says what that costs.
+
+Memory (`--memory-gb 1`): a study of that size is generated from a fixed seed (noise pixel data,
+so no two slices are alike), ingested, then imported by C-STORE and by STOW-RS while a sampler
+reads the resident set size of this process and its children (Orthanc, the peer, left out) from
+/proc every 50 ms; the same for a study an eighth the size. Flat: the peak does not grow with it.
+
+    .venv/bin/python -m bench.imports --memory-gb 1 --seed 7
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +61,130 @@ def _study(tmp: Path, n: int, size: int) -> list[str]:
     return paths
 
 
+def _noise_study(tmp: Path, n: int, size: int, seed: int) -> list[str]:
+    """n slices of seeded noise (12 bits in 16): deterministic, and no two slices alike."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(prefix=None), generate_uid(prefix=None)
+    paths = []
+    for i in range(n):
+        ds = make_ds(sop=generate_uid(prefix=None), study=study, series=series, pid="P1", issuer="OUTHOSP",
+                     name="BENCH^PATIENT", instance_number=i + 1)  # fmt: skip
+        ds.Rows = ds.Columns = size
+        ds.PixelData = rng.integers(0, 4096, size * size, dtype=np.uint16).tobytes()
+        paths.append(write(tmp, f"{i}.dcm", ds))
+    return paths
+
+
+def _tree_rss_mb(root: int, exclude: set[int]) -> float:
+    """Resident set size of `root` and its descendants (less `exclude` and theirs), from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * page
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        if pid in exclude:
+            continue
+        total += rss.get(pid, 0)
+        stack += children.get(pid, [])
+    return total / 1e6
+
+
+class _Sampler:
+    """Peak RSS of this process tree while a block runs (sampled every 50 ms)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude, self.peak, self._stop = exclude, 0.0, threading.Event()
+
+    def __enter__(self) -> _Sampler:
+        self.peak = _tree_rss_mb(os.getpid(), self.exclude)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _tree_rss_mb(os.getpid(), self.exclude))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_rss_mb(os.getpid(), self.exclude))
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Peak RSS of the importing process tree for a study of `--memory-gb` and one an eighth of it."""
+    per = args.size * args.size * 2
+    big = int(args.memory_gb * 1e9 // per)
+    with tempfile.TemporaryDirectory(prefix="bench-imports-mem-") as tmpdir:
+        tmp = Path(tmpdir)
+        st = build_state(Settings(data_dir=tmp / "broker", mllp_port=0, ingest_processes=0))
+        with orthanc(
+            tmp / "pacs", aet="MYPACS", modalities={"scanonce": ["SCANONCE", "127.0.0.1", 104]}
+        ) as pacs:
+            exclude = {int(p) for p in _orthanc_pids(pacs)}
+            with Session(st.engine) as session:
+                facilities.add_facility(session=session, principal=ADMIN, facility_id="mine", issuer="MYPACS",
+                                        dicomweb_url=pacs.dicomweb_url, ae_title=pacs.aet, host=pacs.host,
+                                        port=pacs.dicom_port)  # fmt: skip
+                facilities.add_facility(
+                    session=session, principal=ADMIN, facility_id="outside", issuer="OUTHOSP"
+                )
+            with session_scope(st.engine) as session:
+                identity.upsert_record(
+                    session=session, identifier=Identifier("MYPACS", "M1"),
+                    demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
+                    identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
+                )  # fmt: skip
+            what = f"{args.size}x{args.size} 16-bit noise slices, seed {args.seed}"
+            print(f"peak RSS of the importing process tree (this process and its children, Orthanc "
+                  f"left out); {what}", flush=True)  # fmt: skip
+            print("| study | delivery | import time | peak RSS during the import |", flush=True)
+            print("| --- | --- | --- | --- |", flush=True)
+            for k, n in enumerate((max(1, big // 8), big)):
+                src = tmp / f"src{k}"
+                src.mkdir()
+                paths = _noise_study(src, n, args.size, args.seed + k)
+                gb = sum(Path(p).stat().st_size for p in paths) / 1e9
+                for i in range(0, n, 256):  # ingest in slices: the ingest is not what is measured
+                    index.ingest_files(engine=st.engine, store=st.store, principal=ADMIN,
+                                       facility_id="outside", paths=paths[i : i + 256])  # fmt: skip
+                study_uid = _uid_of(paths[0])
+                for p in paths:
+                    os.unlink(p)  # the broker's storage holds the study now
+                for via in ("dimse", "dicomweb"):
+                    _clear(pacs.url)
+                    with _Sampler(exclude) as sampler:
+                        t = time.perf_counter()
+                        row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
+                                                   facility_id="mine", via=via)  # fmt: skip
+                        final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
+                        dt = time.perf_counter() - t
+                    assert final.status == "done" and _count(pacs.url) == n, final.message
+                    name = "C-STORE" if via == "dimse" else "STOW-RS"
+                    print(f"| {n} instances, {gb:.2f} GB | {name} | {dt:.0f} s ({n / dt:.1f} inst/s) | "
+                          f"{sampler.peak:.0f} MB |", flush=True)  # fmt: skip
+            print(f"ru_maxrss of this process over the whole run (ingest included): {_maxrss_mb():.0f} MB")
+
+
+def _orthanc_pids(pacs: object) -> list[int]:
+    proc = getattr(pacs, "process", None) or getattr(pacs, "proc", None)
+    return [proc.pid] if proc is not None else []
+
+
 def _clear(url: str) -> None:
     for sid in httpx.get(f"{url}/studies", timeout=30, trust_env=False).json():
         httpx.delete(f"{url}/studies/{sid}", timeout=60, trust_env=False)
@@ -71,7 +203,15 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--size", type=int, default=512, help="rows = columns of each CT slice (16-bit)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=0, help="instances per association / STOW-RS request")
+    ap.add_argument("--memory-gb", type=float, default=0, help="measure peak RSS for a study this big")
+    ap.add_argument("--seed", type=int, default=7, help="seed of the --memory-gb study's pixel data")
     args = ap.parse_args()
+    if args.batch:
+        service.BATCH = args.batch
+    if args.memory_gb:
+        memory(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-imports-") as tmpdir:
         tmp = Path(tmpdir)
         st = build_state(Settings(data_dir=tmp / "broker", mllp_port=0))
@@ -144,7 +284,7 @@ def main() -> None:
                 rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
             version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
             print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "
-                  f"median of {args.runs} runs; Orthanc {version}")  # fmt: skip
+                  f"median of {args.runs} runs; batches of {service.BATCH}; Orthanc {version}")  # fmt: skip
             print("| delivery | import (inst/s) | peer (inst/s) | ratio |")
             print("| --- | --- | --- | --- |")
             for name, x, y, r in rows:

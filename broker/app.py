@@ -28,6 +28,7 @@ from broker.audit import service as audit_service
 from broker.audit.http import AuditMiddleware
 from broker.audit.routes import router as audit_router
 from broker.cds.routes import router as cds_router
+from broker.consent.routes import router as consent_router
 from broker.db import check_connection, make_engine, migrate, require_current_schema, wait_for_database
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
@@ -350,6 +351,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(verify_router)
     app.include_router(imports_router)
     app.include_router(identity_router)
+    app.include_router(consent_router)
     app.include_router(lookup_router)
     app.include_router(fhir_router)
     app.include_router(cds_router)

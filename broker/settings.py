@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     default_facility: str = Field(
         default="local", description="The facility this broker's own archive is (created on first start)."
     )
+    break_glass_max_minutes: int = Field(
+        default=60,
+        ge=1,
+        le=24 * 60,
+        description="The longest a break-the-glass (emergency read) grant may last, in minutes.",
+    )
     default_issuer: str = Field(
         default="LOCAL", description="The issuer of Patient IDs of the default facility."
     )

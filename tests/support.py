@@ -112,21 +112,42 @@ def write(tmp: Path, name: str, ds: Dataset) -> str:
 
 
 def auth_headers(
-    role: str = "admin", *, facility: str | None = "local", subject: str = "test", expires_in: int = 3600
+    role: str = "admin",
+    *,
+    facility: str | None = "local",
+    subject: str = "test",
+    expires_in: int = 3600,
+    purpose_of_use: str | None = "default",
 ) -> dict[str, str]:
     """The headers an HTTP caller of the given role sends: a bearer token from the embedded issuer,
-    signed with the tests' key (SCANONCE_AUTH_SIGNING_KEY_FILE, set in tests/conftest.py)."""
-    token = mint_token(role, facility=facility, subject=subject, expires_in=expires_in)
+    signed with the tests' key (SCANONCE_AUTH_SIGNING_KEY_FILE, set in tests/conftest.py).
+    `purpose_of_use`: the token's claim ("default": what the embedded issuer states for the role,
+    TREAT for clinicians and radiologists; None: no claim)."""
+    token = mint_token(
+        role, facility=facility, subject=subject, expires_in=expires_in, purpose_of_use=purpose_of_use
+    )
     return {"Authorization": f"Bearer {token}"}
 
 
 def mint_token(
-    role: str = "admin", *, facility: str | None = "local", subject: str = "test", expires_in: int = 3600
+    role: str = "admin",
+    *,
+    facility: str | None = "local",
+    subject: str = "test",
+    expires_in: int = 3600,
+    purpose_of_use: str | None = "default",
 ) -> str:
     settings = Settings()
     key = _signing_key(str(settings.resolved_signing_key_file()))
+    extra = {} if purpose_of_use == "default" else {"purpose_of_use": purpose_of_use}
     return mint(
-        key=key, settings=settings, subject=subject, role=role, facility=facility, expires_in=expires_in
+        key=key,
+        settings=settings,
+        subject=subject,
+        role=role,
+        facility=facility,
+        expires_in=expires_in,
+        extra=extra,
     )
 
 

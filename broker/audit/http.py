@@ -96,7 +96,7 @@ def classify(method: str, path: str, query: str) -> Kind | None:
         return Kind("U", "link", "web") if method == "POST" else Kind("R", "read", "web")
     if "consent" in (s.lower() for s in seg):
         return Kind("U" if method != "GET" else "R", "consent", "api")
-    if any(s in ("break-the-glass", "btg") for s in seg):
+    if any(s in ("break-the-glass", "break-glass", "btg") for s in seg):
         return Kind("E", "break-the-glass", "api")
     return None
 
@@ -169,7 +169,7 @@ def _api(method: str, rest: list[str], params: list[tuple[str, str]]) -> Kind | 
         return Kind("E", "audit-read", "api")
     if area in ("consent", "consents"):
         return Kind("R" if method == "GET" else "U", "consent", "api")
-    if area in ("break-the-glass", "btg"):
+    if area in ("break-the-glass", "break-glass", "btg"):
         return Kind("E", "break-the-glass", "api", capture_body=True)
     return None
 

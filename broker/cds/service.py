@@ -434,6 +434,8 @@ def _detail(order: DraftOrder, p: PriorOut, answer: PriorsAnswer, names: Mapping
         for o in others:
             where_o = names.get(o.facility, o.facility)
             lines.append(f"- {o.description or o.modality}, {o.study_date or 'undated'}, {where_o}")
+    if answer.withheld_by_consent:
+        lines += ["", "Some records are withheld by consent."]
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.audit.service import IngestAuditHook
+from broker.consent import service as consent_service
 from broker.deps import PrincipalDep, StateDep
 from broker.dicom.uids import is_valid_uid, require_uid
 from broker.dicomweb import qido, stow, wado
@@ -46,7 +47,7 @@ from broker.errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge
 from broker.facilities import service as facilities_service
 from broker.federation import service as federation_service
 from broker.index import service as index_service
-from broker.index.schemas import InstanceRef, Level, StoreOutcome
+from broker.index.schemas import InstanceRef, Level, Query, QueryResult, StoreOutcome
 from broker.security.schemas import Principal
 
 DICOM_JSON = "application/dicom+json"
@@ -206,9 +207,21 @@ def _in_session(scope: Scope, fn: Callable[..., T], **kwargs: Any) -> T:
         return fn(session=session, **kwargs)
 
 
+def _visible_search(session: Session, *, query: Query, principal: Principal) -> QueryResult:
+    """The index's answer with only the records the caller may see (consent, purpose of use)."""
+    query.visible = consent_service.visibility(session=session, principal=principal)
+    return index_service.search(session=session, query=query)
+
+
 async def _local_or_fetched(scope: Scope, study: str, fn: Callable[..., T], **kwargs: Any) -> T:
     """Run an index read; if the study is known only from a facility's archive (index sync,
-    pixels still at home), fetch it once from there and read again (retrieve on demand)."""
+    pixels still at home), fetch it once from there and read again (retrieve on demand).
+    A study the caller may not see is answered as one the index does not hold (404), before
+    anything is read or fetched."""
+    check = partial(
+        _in_session, scope, consent_service.check_study, principal=scope.principal, study_uid=study
+    )
+    await run_in_threadpool(check)
     read = partial(_in_session, scope, fn, study_uid=study, **kwargs)
     try:
         return await run_in_threadpool(read)
@@ -348,7 +361,9 @@ async def search(
         facility_id=scope.facility_id,
         retrieve_base=scope.base,
     )
-    result = await run_in_threadpool(_in_session, scope, index_service.search, query=parsed.query)
+    result = await run_in_threadpool(
+        _in_session, scope, _visible_search, query=parsed.query, principal=scope.principal
+    )
     warnings = list(parsed.warnings)
     warnings += [w if w.endswith(".") else w + "." for w in result.warnings]
     if result.more:

@@ -52,6 +52,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
+from broker.consent import service as consent_service
 from broker.deps import AppState
 from broker.dicom import reactor
 from broker.dicom.network import SpoolingAE, chunked_send, received_file
@@ -543,9 +544,16 @@ def _identifier(event: evt.Event) -> Dataset:
 
 
 def _search_pages(
-    handle: ScpHandle, request: ds.FindRequest, *, level: str | None = None, keywords: frozenset[str]
+    handle: ScpHandle,
+    request: ds.FindRequest,
+    *,
+    principal: Principal,
+    level: str | None = None,
+    keywords: frozenset[str],
 ) -> Iterator[tuple[dict[str, Any], bool]]:
-    """Yield (match, keys_ignored) page by page (QIDO's page size), so no answer is held whole."""
+    """Yield (match, keys_ignored) page by page (QIDO's page size), so no answer is held whole.
+    Only records the caller may see match (consent: the same condition as QIDO-RS), so C-FIND
+    does not list them and C-MOVE / C-GET do not send them."""
     page = max(1, handle.state.settings.qido_max_limit)
     offset = 0
     while True:
@@ -560,6 +568,7 @@ def _search_pages(
             offset=offset,
         )
         with Session(handle.state.engine) as session:
+            query.visible = consent_service.visibility(session=session, principal=principal)
             result = search(session=session, query=query)
         for match in result.matches:
             yield match, bool(result.warnings)
@@ -602,7 +611,7 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
     keywords = frozenset(_keywords(request.return_keys))
     try:
         pending = _PendingResponses(event, request, retrieve_ae_title=handle.ae_title)
-        for match, ignored in _search_pages(handle, request, keywords=keywords):
+        for match, ignored in _search_pages(handle, request, principal=principal, keywords=keywords):
             if event.is_cancelled:
                 yield ds.CANCEL, None
                 return
@@ -722,12 +731,15 @@ def _instances_to_send(handle: ScpHandle, event: evt.Event) -> list[_Item]:
     """Resolve a C-MOVE/C-GET identifier to the stored instances it names: the index's query
     engine finds the studies/series/instances, `find_instances` where each object is
     (IdentifierError, BadRequest or another error on failure)."""
+    principal, _facility = handle.caller(event)
     request = ds.parse_identifier(_identifier(event), levels=_levels(event))
     ds.require_retrieve_key(request)
     # Which (study, series) to list, and for IMAGE level which SOP Instance UIDs in them.
     scopes: dict[tuple[str, str | None], set[str] | None] = {}
     level = _RETRIEVE_LEVEL[request.level]
-    for match, _ignored in _search_pages(handle, request, level=level, keywords=_RETRIEVE_KEYS):
+    for match, _ignored in _search_pages(
+        handle, request, principal=principal, level=level, keywords=_RETRIEVE_KEYS
+    ):
         study = _json_value(match, "0020000D")
         series = _json_value(match, "0020000E") if level != "study" else None
         scope = scopes.setdefault((study, series), set() if level == "instance" else None)

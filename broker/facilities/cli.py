@@ -17,7 +17,7 @@ from broker.clikit import DataDir, console, fail, print_table, state
 from broker.errors import ScanOnceError
 from broker.facilities import service
 from broker.facilities.models import Facility
-from broker.facilities.schemas import SharingPolicy
+from broker.facilities.schemas import ConsentPolicy, SharingPolicy
 from broker.security.schemas import Principal
 from broker.security.service import system_principal
 
@@ -99,6 +99,9 @@ def facility_add(
     policy: Annotated[
         SharingPolicy, typer.Option(help="What the facility shares.")
     ] = SharingPolicy.share_all,
+    consent_policy: Annotated[
+        ConsentPolicy, typer.Option(help="Patients' consent model for its records: opt-out or opt-in.")
+    ] = ConsentPolicy.opt_out,
     data_dir: DataDir = None,
 ) -> None:
     """Register a facility."""
@@ -117,6 +120,7 @@ def facility_add(
                 port=port,
                 calling_ae_titles=_calling(calling_ae or []),
                 sharing_policy=policy.value,
+                consent_policy=consent_policy.value,
             )
             print_table(_facility_table(_rows(session, [f])))
     except ScanOnceError as exc:
@@ -184,6 +188,9 @@ def facility_update(
         typer.Option("--calling-ae", help="Replace the calling AE titles, TITLE[@CIDR] (repeatable)."),
     ] = None,
     policy: Annotated[SharingPolicy | None, typer.Option(help="What the facility shares.")] = None,
+    consent_policy: Annotated[
+        ConsentPolicy | None, typer.Option(help="Patients' consent model for its records: opt-out or opt-in.")
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Change some fields of a facility."""
@@ -201,6 +208,8 @@ def facility_update(
         changes["calling_ae_titles"] = [] if calling_ae == [_CLEAR] else _calling(calling_ae)
     if policy is not None:
         changes["sharing_policy"] = policy.value
+    if consent_policy is not None:
+        changes["consent_policy"] = consent_policy.value
     app_state = state(data_dir)
     try:
         with Session(app_state.engine, expire_on_commit=False) as session:

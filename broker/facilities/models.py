@@ -29,6 +29,9 @@ class Facility(SQLModel, table=True):
     port: int | None = None
     # share_all | index_only (pixels stay at the facility) | none (not shared at all)
     sharing_policy: str = Field(default="share_all", max_length=16)
+    # Patients' consent model for this facility's records: "opt-out" (shared unless the person
+    # opted out) or "opt-in" (shared with other facilities only once the person opted in).
+    consent_policy: str = Field(default="opt-out", max_length=8)
 
 
 class FacilityAE(SQLModel, table=True):

@@ -8,10 +8,12 @@ from fastapi import APIRouter, Response
 from sqlmodel import Session
 
 from broker.deps import PrincipalDep, SessionDep
+from broker.errors import BadRequest
 from broker.facilities import service
 from broker.facilities.models import Facility
 from broker.facilities.schemas import (
     CallingAE,
+    ConsentPolicy,
     FacilityIn,
     FacilityOut,
     FacilityUpdate,
@@ -42,6 +44,7 @@ def _out(session: Session, facility: Facility) -> FacilityOut:
         calling_ae_titles=[ae.ae_title for ae in aes],
         calling_aes=[CallingAE(ae_title=ae.ae_title, network=ae.network) for ae in aes],
         sharing_policy=SharingPolicy(facility.sharing_policy),
+        consent_policy=ConsentPolicy(facility.consent_policy),
         sync=SyncStateOut.model_validate(state, from_attributes=True) if state else None,
     )
 
@@ -75,6 +78,7 @@ def add_facility(body: FacilityIn, session: SessionDep, principal: PrincipalDep)
         port=body.port,
         calling_ae_titles=_calling(body.calling_ae_titles, body.calling_aes),
         sharing_policy=body.sharing_policy.value,
+        consent_policy=body.consent_policy.value,
     )
     return _out(session, f)
 
@@ -99,6 +103,10 @@ def update_facility(
     changes.pop("calling_aes", None)
     if "sharing_policy" in changes and changes["sharing_policy"] is not None:
         changes["sharing_policy"] = SharingPolicy(changes["sharing_policy"]).value
+    if "consent_policy" in changes:
+        if changes["consent_policy"] is None:
+            raise BadRequest("consent_policy cannot be null: opt-out or opt-in")
+        changes["consent_policy"] = ConsentPolicy(changes["consent_policy"]).value
     f = service.update_facility(session=session, principal=principal, facility_id=facility_id, **changes)
     return _out(session, f)
 

@@ -30,6 +30,11 @@ class CallingAE(BaseModel):
     )
 
 
+class ConsentPolicy(StrEnum):
+    opt_out = "opt-out"  # shared with other facilities unless the person opted out
+    opt_in = "opt-in"  # shared with other facilities only if the person opted in
+
+
 class FacilityIn(BaseModel):
     id: str = Field(pattern=FACILITY_ID)
     issuer: str = Field(min_length=1, max_length=128, description="Issuer of Patient ID (0010,0021).")
@@ -48,6 +53,9 @@ class FacilityIn(BaseModel):
         default_factory=list, description="AE titles the facility calls from, each with its network."
     )
     sharing_policy: SharingPolicy = SharingPolicy.share_all
+    consent_policy: ConsentPolicy = Field(
+        default=ConsentPolicy.opt_out, description="Patients' consent model for this facility's records."
+    )
 
 
 class FacilityUpdate(BaseModel):
@@ -64,6 +72,7 @@ class FacilityUpdate(BaseModel):
         default=None, description="Replaces the calling AE titles (with calling_ae_titles, if both given)."
     )
     sharing_policy: SharingPolicy | None = None
+    consent_policy: ConsentPolicy | None = None
 
 
 class SyncStateOut(BaseModel):
@@ -86,4 +95,5 @@ class FacilityOut(BaseModel):
     calling_ae_titles: list[str] = Field(default_factory=list)
     calling_aes: list[CallingAE] = Field(default_factory=list)
     sharing_policy: SharingPolicy = SharingPolicy.share_all
+    consent_policy: ConsentPolicy = ConsentPolicy.opt_out
     sync: SyncStateOut | None = None

@@ -94,6 +94,13 @@ def _set_calling_aes(session: Session, facility_id: str, entries: Iterable[Calli
         session.add(FacilityAE(ae_title=title, facility_id=facility_id, network=networks[title]))
 
 
+def _consent_policy(value: Any) -> str:
+    text = str(value) if value is not None else "opt-out"
+    if text not in ("opt-out", "opt-in"):
+        raise BadRequest("consent_policy must be opt-out or opt-in")
+    return text
+
+
 def add_facility(
     *,
     session: Session,
@@ -107,6 +114,7 @@ def add_facility(
     port: int | None = None,
     calling_ae_titles: Iterable[CallingAE] = (),
     sharing_policy: str = "share_all",
+    consent_policy: str = "opt-out",
 ) -> Facility:
     authorize(principal, action="facility.write", facility=facility_id)
     if not re.match(FACILITY_ID, facility_id):
@@ -126,6 +134,7 @@ def add_facility(
         host=host or None,
         port=port,
         sharing_policy=str(sharing_policy),
+        consent_policy=_consent_policy(consent_policy),
     )
     _check_endpoints(facility)
     _check_outbound(facility, {"dicomweb_url", "host", "port"})
@@ -143,7 +152,16 @@ def update_facility(*, session: Session, principal: Principal, facility_id: str,
     field clears it."""
     authorize(principal, action="facility.write", facility=facility_id)
     facility = get_facility(session=session, facility_id=facility_id)
-    allowed = {"issuer", "name", "dicomweb_url", "ae_title", "host", "port", "sharing_policy"}
+    allowed = {
+        "issuer",
+        "name",
+        "dicomweb_url",
+        "ae_title",
+        "host",
+        "port",
+        "sharing_policy",
+        "consent_policy",
+    }
     unknown = set(changes) - allowed - {"calling_ae_titles"}
     if unknown:
         raise BadRequest(f"unknown facility fields: {', '.join(sorted(unknown))}")
@@ -166,6 +184,8 @@ def update_facility(*, session: Session, principal: Principal, facility_id: str,
             value = ""
         if name == "sharing_policy" and value is not None:
             value = str(value)
+        if name == "consent_policy":
+            value = _consent_policy(value)
         setattr(facility, name, value)
     _check_endpoints(facility)
     _check_outbound(facility, set(changes))

@@ -8,6 +8,7 @@ with the matching HTTP status (the app-wide JSON error shape is not FHIR).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
@@ -16,11 +17,14 @@ from fastapi.responses import Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from broker.consent import service as consent_service
 from broker.deps import PrincipalDep, SessionDep, SettingsDep
 from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
+    consent_resource,
     issuer_from_system,
+    parse_consent,
     parse_patient,
     parse_token,
     patient_resource,
@@ -229,7 +233,7 @@ def _base(request: Request, settings: SettingsDep) -> str:
 
 @router.get("/ImagingStudy")
 def search_imaging_study(
-    request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
+    request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
 ) -> Response:
     """ImagingStudy search: a person's studies at every facility (patient, subject,
     patient.identifier=system|value), or studies by identifier; started, modality, bodysite,
@@ -241,7 +245,7 @@ def search_imaging_study(
     lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
     try:
         answer = fhir_service.search_imaging_studies(
-            session=session, params=params, base_url=base, lenient=lenient
+            session=session, params=params, base_url=base, lenient=lenient, principal=principal
         )
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
@@ -252,15 +256,75 @@ def search_imaging_study(
 
 @router.get("/ImagingStudy/{study_id}")
 def read_imaging_study(
-    study_id: str, request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
+    study_id: str, request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
 ) -> Response:
     """One ImagingStudy; its id is the Study Instance UID."""
     res = fhir_service.read_imaging_study(
-        session=session, study_uid=study_id, base_url=_base(request, settings)
+        session=session, study_uid=study_id, base_url=_base(request, settings), principal=principal
     )
     if res is None:
         return operation_outcome(404, "no such ImagingStudy")
     return _fhir(res)
+
+
+# ---------------------------------------------------------------- Consent
+
+
+def _consent_out(row: Any) -> dict[str, Any]:
+    return consent_resource(
+        consent_id=row.id,
+        person_id=row.person_id,
+        decision=row.decision,
+        organization=row.recorded_at_facility,
+        scope=row.scope_facility,
+        recorded_at=row.recorded_at.isoformat()
+        if row.recorded_at.tzinfo
+        else row.recorded_at.isoformat() + "Z",
+    )
+
+
+@router.post("/Consent")
+async def create_consent(request: Request, session: SessionDep, principal: PrincipalDep) -> Response:
+    """Record a patient's sharing choice: provision.type deny (opt-out) or permit (opt-in), for
+    the Patient (a person) at the Organization where it was given (default: the caller's)."""
+    raw = await request.body()
+    try:
+        parsed = parse_consent(raw)
+        row = await run_in_threadpool(
+            partial(
+                consent_service.record_consent_for_person,
+                session=session,
+                principal=principal,
+                person_id=parsed.person_id,
+                organization=parsed.organization,
+                decision=parsed.decision,
+                scope=parsed.scope,
+            )
+        )
+    except ScanOnceError as exc:
+        session.rollback()
+        return operation_outcome(exc.status_code, exc.message)
+    return _fhir(_consent_out(row), 201, {"Location": f"/fhir/Consent/{row.id}"})
+
+
+@router.get("/Consent")
+def search_consent(
+    session: SessionDep, principal: PrincipalDep, patient: str = Query(default="", max_length=256)
+) -> Response:
+    """The choices that apply to a person: ?patient=Patient/<id> (required). A searchset Bundle."""
+    try:
+        if not patient:
+            raise BadRequest("search Consent by patient (?patient=Patient/<id>)")
+        person = patient.strip().rstrip("/").rsplit("/", 1)[-1]
+        rows = (
+            consent_service.consents_of_person_id(session=session, principal=principal, person_id=int(person))
+            if person.isdigit()
+            else []
+        )
+    except ScanOnceError as exc:
+        return operation_outcome(exc.status_code, exc.message)
+    entries = [{"resource": _consent_out(r), "search": {"mode": "match"}} for r in rows]
+    return _fhir({"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries})
 
 
 @router.get("/metadata")

@@ -6,10 +6,12 @@ tokens, a person as a Patient resource, and a posted Patient as identifiers and 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fhir.resources.patient import Patient as FhirPatient
+from fhir.resources.R4B.consent import Consent as FhirConsent
 from pydantic import ValidationError
 
 from broker.errors import BadRequest
@@ -130,3 +132,98 @@ def parse_patient(raw: bytes) -> tuple[Identifier, list[Identifier], matching.De
         phone=phone,
     )
     return idents[0], idents[1:], demo
+
+
+# ---------------------------------------------------------------- Consent (R4)
+
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+LOINC = "http://loinc.org"
+_MAX_CONSENT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRequest:
+    """A posted FHIR Consent as the consent domain needs it."""
+
+    person_id: int
+    decision: str  # deny | permit
+    organization: str | None  # the facility where the choice was made
+    scope: str | None  # the facility whose records it covers (provision.actor, role CST)
+
+
+def _ref_id(reference: str | None, kind: str) -> str | None:
+    if not reference:
+        return None
+    parts = reference.strip().rstrip("/").split("/")
+    if len(parts) < 2 or parts[-2] != kind or not parts[-1]:
+        raise BadRequest(f"expected a reference to {kind}, got {reference[:60]!r}")
+    return parts[-1]
+
+
+def parse_consent(raw: bytes) -> ConsentRequest:
+    """A FHIR R4 Consent (validated with fhir.resources' R4B model, whose Consent is R4's): the
+    patient (a Patient this server gave out), provision.type deny (opt-out) or permit (opt-in), the
+    organization where it was given, and optionally provision.actor (role CST, custodian) naming
+    the one facility whose records it covers. BadRequest otherwise; nothing is stored."""
+    if len(raw) > _MAX_CONSENT_BYTES:
+        raise BadRequest("resource too large")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body is not JSON") from None
+    if not isinstance(data, dict) or data.get("resourceType") != "Consent":
+        raise BadRequest("expected a Consent resource")
+    try:
+        res = FhirConsent.model_validate(data)
+    except (ValidationError, ValueError) as exc:
+        raise BadRequest(f"not a valid Consent: {str(exc).splitlines()[0][:200]}") from None
+    if res.status != "active":
+        raise BadRequest(
+            "only an active Consent can be recorded (withdraw one with DELETE /api/consent/{id})"
+        )
+    person = _ref_id(res.patient.reference if res.patient else None, "Patient")
+    if person is None or not person.isdigit():
+        raise BadRequest("Consent.patient must reference a Patient of this server (Patient/<id>)")
+    provision = res.provision
+    decision = provision.type if provision is not None else None
+    if decision not in ("deny", "permit"):
+        raise BadRequest("Consent.provision.type must be deny (opt-out) or permit (opt-in)")
+    organization = None
+    if res.organization:
+        organization = _ref_id(res.organization[0].reference, "Organization")
+    scope = None
+    for actor in (provision.actor if provision is not None else None) or []:
+        codes = {(c.system, c.code) for c in (actor.role.coding or [])} if actor.role else set()
+        if (PARTICIPATION, "CST") in codes:
+            scope = _ref_id(actor.reference.reference, "Organization")
+    return ConsentRequest(person_id=int(person), decision=decision, organization=organization, scope=scope)
+
+
+def consent_resource(
+    *, consent_id: int, person_id: int | None, decision: str, organization: str, scope: str, recorded_at: str
+) -> dict[str, Any]:
+    """A recorded choice as a minimal valid FHIR R4 Consent."""
+    provision: dict[str, Any] = {"type": decision}
+    if scope:
+        provision["actor"] = [
+            {
+                "role": {"coding": [{"system": PARTICIPATION, "code": "CST", "display": "custodian"}]},
+                "reference": {"reference": f"Organization/{scope}"},
+            }
+        ]
+    res: dict[str, Any] = {
+        "resourceType": "Consent",
+        "id": str(consent_id),
+        "status": "active",
+        "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0", "display": "Patient Consent"}]}],
+        "dateTime": recorded_at,
+        "organization": [{"reference": f"Organization/{organization}"}],
+        "policyRule": {"coding": [{"system": ACT_CODE, "code": "OPTOUT" if decision == "deny" else "OPTIN"}]},
+        "provision": provision,
+    }
+    if person_id is not None:
+        res["patient"] = {"reference": f"Patient/{person_id}"}
+    return res

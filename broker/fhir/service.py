@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 from sqlmodel import Session
 
+from broker.consent import service as consent
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
 from broker.fhir.schemas import issuer_from_system, system_for_issuer
@@ -26,6 +27,7 @@ from broker.index import service as index
 from broker.lookup import service as lookup
 from broker.lookup.vocabulary import load as load_vocabulary
 from broker.lookup.vocabulary import normalise_body_part
+from broker.security.schemas import Principal
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 SCT = "http://snomed.info/sct"
@@ -291,6 +293,7 @@ def search_imaging_studies(
     params: Mapping[str, Sequence[str]],
     base_url: str,
     lenient: bool = False,
+    principal: Principal | None = None,
 ) -> SearchAnswer:
     """FHIR ImagingStudy search over the index. BadRequest (an OperationOutcome at the route)
     for a parameter that is malformed, unsupported (unless lenient) or missing its patient."""
@@ -355,6 +358,9 @@ def search_imaging_studies(
         body_parts=body_parts,
         order="-date" if sort == "-started" else "date",
     )
+    if principal is not None:
+        # Only the studies the caller may see (consent, purpose of use), counted as such.
+        query.visible = consent.visibility(session=session, principal=principal)
     total = index.count(session=session, query=query)
     resources: list[dict[str, Any]] = []
     if count and offset < total:
@@ -365,11 +371,16 @@ def search_imaging_studies(
     )
 
 
-def read_imaging_study(*, session: Session, study_uid: str, base_url: str) -> dict[str, Any] | None:
-    """One ImagingStudy by its id (the Study Instance UID); None when the index has no such study."""
+def read_imaging_study(
+    *, session: Session, study_uid: str, base_url: str, principal: Principal | None = None
+) -> dict[str, Any] | None:
+    """One ImagingStudy by its id (the Study Instance UID); None when the index has no such study
+    or the caller may not see it (the same answer: a denial does not reveal that it exists)."""
     if not re.fullmatch(r"[0-9.]{1,64}", study_uid):
         return None
     query = index.Query(level="study", study_uid=study_uid, includefields="all", limit=1)
+    if principal is not None:
+        query.visible = consent.visibility(session=session, principal=principal)
     studies = index.search(session=session, query=query).matches
     return _resources(session, studies, base_url)[0] if studies else None
 
@@ -660,6 +671,17 @@ def capability_statement(*, base_url: str) -> dict[str, Any]:
                             {"name": "action", "type": "token"},
                             {"name": "subtype", "type": "token"},
                             {"name": "entity-id", "type": "token"},
+                        ],
+                    },
+                    {
+                        "type": "Consent",
+                        "interaction": [{"code": "create"}, {"code": "search-type"}],
+                        "searchParam": [
+                            {
+                                "name": "patient",
+                                "type": "reference",
+                                "documentation": "The person (Patient/id): their sharing choices",
+                            }
                         ],
                     },
                 ],

@@ -4,12 +4,14 @@ instance's changes and send nothing). `register(app)` adds it to the main `scano
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlmodel import Session
 
 from broker.clikit import DataDir, console, fail, print_table, state
 from broker.errors import ScanOnceError
@@ -72,6 +74,50 @@ def import_study(
         raise typer.Exit(1)
 
 
+def configure(
+    facility: Annotated[str, typer.Argument(metavar="FACILITY", help="The destination facility id.")],
+    study_id: Annotated[
+        str | None,
+        typer.Option("--study-id", help="StudyID of imported studies: keep, empty or from-accession."),
+    ] = None,
+    institution_name: Annotated[
+        str | None, typer.Option("--institution-name", help="Set InstitutionName ('' empties it).")
+    ] = None,
+    institution_address: Annotated[
+        str | None, typer.Option("--institution-address", help="Set InstitutionAddress.")
+    ] = None,
+    department: Annotated[
+        str | None, typer.Option("--department", help="Set InstitutionalDepartmentName.")
+    ] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option("--keep", metavar="KEYWORD", help="Keep this institution attribute as it came again."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Configure what studies imported into FACILITY get: StudyID and the institution attributes
+    (each changed value is kept in OriginalAttributesSequence). Options not given stay as they are."""
+    app_state = state(data_dir)
+    principal = system_principal(who=f"cli:{os.environ.get('USER') or 'operator'}", facility=facility)
+    with Session(app_state.engine) as session:
+        current = service.destination_config(session=session, facility_id=facility)
+        institution: dict[str, str | None] = json.loads(current.institution or "{}")
+        policy = study_id or current.study_id_policy
+    given = {"InstitutionName": institution_name, "InstitutionAddress": institution_address,
+             "InstitutionalDepartmentName": department}  # fmt: skip
+    institution.update({k: v for k, v in given.items() if v is not None})
+    for keyword in keep or []:
+        institution[keyword] = None
+    try:
+        row = service.configure_destination(
+            engine=app_state.engine, principal=principal, facility_id=facility, study_id_policy=policy,
+            institution=institution,
+        )  # fmt: skip
+    except ScanOnceError as exc:
+        fail(exc)
+    console.print(f"imports into {facility}: StudyID {row.study_id_policy}; institution {row.institution}")
+
+
 def _print_dry_run(prepared: service.Prepared, diffs: list[dict[str, object]]) -> None:
     plan = prepared.plan
     uids = (
@@ -96,3 +142,4 @@ def _print_dry_run(prepared: service.Prepared, diffs: list[dict[str, object]]) -
 def register(app: typer.Typer) -> None:
     """Add `import` to the main command."""
     app.command("import")(import_study)
+    app.command("import-config")(configure)

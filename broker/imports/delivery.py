@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
 from broker.errors import Unavailable
 from broker.peers import dimse as scu
@@ -83,10 +84,14 @@ def _cstore(facility: Archive, files: Sequence[tuple[str, str]], calling_ae: str
         elif r.ok:
             out.append(Outcome(r.sop_instance_uid, "warning", r.status, r.comment))
         else:
-            out.append(
-                Outcome(r.sop_instance_uid, "failed", r.status, r.comment or f"status 0x{r.status:04X}")
-            )
+            out.append(Outcome(r.sop_instance_uid, "failed", r.status, r.comment or _refusal(r.status)))
     return out
+
+
+def _refusal(status: int) -> str:
+    """A DIMSE failure status in words (PS3.4 B.2.3 / PS3.7 C), for the instance's outcome."""
+    meaning = (STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status) or ("", ""))[1]
+    return f"refused by the archive: status 0x{status:04X}" + (f" ({meaning})" if meaning else "")
 
 
 def _body(paths: Sequence[str], boundary: str) -> Iterator[bytes]:

@@ -61,3 +61,23 @@ class ImportInstance(SQLModel, table=True):
     detail: str = Field(default="", max_length=512)
     attempts: int = 0
     updated_at: datetime = Field(default_factory=_now)
+
+
+class ImportDestination(SQLModel, table=True):
+    """How studies imported into one facility's archive are configured beyond the patient and the
+    accession: the StudyID policy and the institution attributes (IHE IRWF.b "as configured").
+
+    Kept by the imports domain, keyed by facility id, rather than as columns of the facility
+    registry: the registry is shared by every domain, this is the import's own business. No row
+    means every such attribute is kept as it came.
+    """
+
+    __tablename__ = "import_destination"
+
+    facility_id: str = Field(primary_key=True, max_length=64)
+    study_id_policy: str = Field(default="keep", max_length=16)  # keep | empty | from-accession
+    # {keyword: value} for InstitutionName / InstitutionAddress / InstitutionalDepartmentName to
+    # set ("" empties it); a keyword absent from it is kept.
+    institution: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    updated_by: str = Field(default="", max_length=128)
+    updated_at: datetime = Field(default_factory=_now)

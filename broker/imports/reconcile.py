@@ -17,6 +17,9 @@ from pydicom.sequence import Sequence as DicomSequence
 
 MODIFYING_SYSTEM = "SCANONCE"
 PATIENT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
+STUDY_ID_POLICIES = ("keep", "empty", "from-accession")
+# The institution attributes a destination may set (top level: the study's own, as its PACS shows them).
+INSTITUTION_KEYWORDS = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName")
 # UIDs renamed with the study when the destination already holds another object under them:
 # the keywords that name this study's own objects, wherever they appear (references included).
 _RENAMED = frozenset({
@@ -53,6 +56,10 @@ class Plan:
     accession: str | None  # the new value; None: keep the source's
     rename_uids: bool
     study_uid: str  # as delivered
+    # Per the destination's import configuration; the defaults keep what came (and let a plan
+    # stored before these existed be applied unchanged by a resumed job).
+    study_id_policy: str = "keep"  # keep | empty | from-accession
+    institution: dict[str, str] = field(default_factory=dict)  # keyword -> value to set
     known_uids: list[str] = field(
         default_factory=list
     )  # source study/series/SOP UIDs (renamed when clashing)
@@ -67,6 +74,8 @@ class Plan:
             "accession": self.accession,
             "rename_uids": self.rename_uids,
             "study_uid": self.study_uid,
+            "study_id_policy": self.study_id_policy,
+            "institution": self.institution,
         }
 
     @classmethod
@@ -102,6 +111,13 @@ def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple
     target: dict[str, Any] = dict(plan.patient)
     if plan.accession is not None:
         target["AccessionNumber"] = plan.accession
+    if plan.study_id_policy == "empty":
+        target["StudyID"] = ""
+    elif plan.study_id_policy == "from-accession":
+        # The accession as delivered (after the accession policy); StudyID is SH, 16 characters.
+        accession = plan.accession if plan.accession is not None else str(ds.get("AccessionNumber", ""))
+        target["StudyID"] = accession[:16]
+    target.update({k: v for k, v in plan.institution.items() if k in INSTITUTION_KEYWORDS})
     diff: list[tuple[str, str, str]] = []
     old = Dataset()
     for keyword, value in target.items():

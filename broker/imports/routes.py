@@ -7,8 +7,16 @@ from typing import Any
 from fastapi import APIRouter, Query, Response
 
 from broker.deps import PrincipalDep, SessionDep, StateDep
+from broker.facilities import service as facilities
 from broker.imports import service
-from broker.imports.schemas import DryRunOut, ImportOut, ImportRequest, InstanceDiff
+from broker.imports.schemas import (
+    DestinationConfig,
+    DestinationConfigOut,
+    DryRunOut,
+    ImportOut,
+    ImportRequest,
+    InstanceDiff,
+)
 
 router = APIRouter(prefix="/api/imports", tags=["imports"])
 
@@ -50,6 +58,34 @@ def list_imports(
     session: SessionDep, _principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
 ) -> list[ImportOut]:
     return [ImportOut.of(r) for r in service.list_imports(session=session, limit=limit)]
+
+
+@router.get(
+    "/destinations/{facility}",
+    response_model=DestinationConfigOut,
+    responses=_ERRORS,
+    summary="How studies imported into a facility get StudyID and the institution attributes",
+)
+def get_destination(facility: str, session: SessionDep, _principal: PrincipalDep) -> DestinationConfigOut:
+    facilities.get_facility(session=session, facility_id=facility)  # 404 for an unknown one
+    return DestinationConfigOut.of(service.destination_config(session=session, facility_id=facility))
+
+
+@router.put(
+    "/destinations/{facility}",
+    response_model=DestinationConfigOut,
+    responses=_ERRORS,
+    summary="Configure StudyID and the institution attributes of studies imported into a facility",
+)
+def put_destination(
+    facility: str, body: DestinationConfig, state: StateDep, principal: PrincipalDep
+) -> DestinationConfigOut:
+    row = service.configure_destination(
+        engine=state.engine, principal=principal, facility_id=facility,
+        study_id_policy=body.study_id_policy,
+        institution={str(k): v for k, v in body.institution.items()},
+    )  # fmt: skip
+    return DestinationConfigOut.of(row)
 
 
 @router.get(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from broker.imports.models import ImportInstance, ImportJob
+from broker.imports.models import ImportDestination, ImportInstance, ImportJob
 
 
 class ImportRequest(BaseModel):
@@ -95,4 +95,31 @@ class ImportOut(BaseModel):
             status=row.status, total=row.total, sent=row.sent, failed=row.failed, verified=row.verified,
             message=row.message, plan=plan, created_at=row.created_at, finished_at=row.finished_at,
             instances=None if instances is None else [InstanceOut.of(i) for i in instances],
+        )  # fmt: skip
+
+
+class DestinationConfig(BaseModel):
+    """What studies imported into a facility get, beyond the patient and the accession number.
+    Each changed value is kept in OriginalAttributesSequence like every other coercion."""
+
+    study_id_policy: Literal["keep", "empty", "from-accession"] = Field(
+        default="keep", description="StudyID: keep it, empty it, or the accession number as delivered"
+    )
+    institution: dict[
+        Literal["InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"], str | None
+    ] = Field(
+        default_factory=dict,
+        description="The value to set per institution attribute ('' empties it); absent or null keeps it",
+    )
+
+
+class DestinationConfigOut(DestinationConfig):
+    facility: str
+    updated_by: str
+
+    @classmethod
+    def of(cls, row: ImportDestination) -> DestinationConfigOut:
+        return cls(
+            facility=row.facility_id, study_id_policy=row.study_id_policy,  # type: ignore[arg-type]
+            institution=json.loads(row.institution or "{}"), updated_by=row.updated_by,
         )  # fmt: skip

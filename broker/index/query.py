@@ -371,6 +371,12 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
     if query.patient_pks is not None:
         owner = _patient.c.pk if query.level == "patient" else _study.c.patient_pk
         conds.append(owner.in_(list(query.patient_pks)))
+    if query.visible is not None:
+        if query.level == "patient":
+            conds.append(query.visible(_patient.c.facility_id, _patient.c.pk))
+        else:
+            # Series and instance queries join their study: the study row decides.
+            conds.append(query.visible(_study.c.facility_id, _study.c.patient_pk))
     if query.body_parts is not None:
         if query.level != "study":
             raise BadRequest("body_parts constrains study-level queries only")

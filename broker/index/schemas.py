@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +65,10 @@ class Query:
     # Study level only: "pk" (arrival order, what QIDO-RS and C-FIND page by), "date" or "-date"
     # (StudyDate then StudyTime, oldest or newest first; undated studies sort as the oldest).
     order: Literal["pk", "date", "-date"] = "pk"
+    # Which records the caller may see (consent, purpose of use): called with the columns naming a
+    # record's facility and patient row, it returns an SQL condition every match must meet (built
+    # by broker.consent, which sits above the index). None: no limit (administrators, the broker).
+    visible: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass

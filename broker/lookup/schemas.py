@@ -243,6 +243,9 @@ class PriorsAnswer(BaseModel):
     cumulative_12_months: CumulativeOut | None = None
     repeat_cost: RepeatCostOut | None = None
     notes: list[str] = []
+    # Some of the person's records exist but are not shown to this caller (the person's consent,
+    # or no treatment purpose of use). Deliberately no count and no facility.
+    withheld_by_consent: bool = False
 
 
 class ExamSuggestion(BaseModel):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, select
 
+from broker.consent import service as consent
 from broker.errors import BadRequest, NotFound
 from broker.facilities import service as facilities
 from broker.identity import service as identity
@@ -129,13 +130,14 @@ def confirmed_patients(
 
 
 def _person_studies(
-    session: Session, issuer: str, value: str
-) -> tuple[bool, list[tuple[StudyView, str, str]]]:
-    """(patient found, [(study, link, detail)]): the person's studies through confirmed links,
-    then those reached only through an open review item (unconfirmed)."""
+    session: Session, issuer: str, value: str, principal: Principal | None = None
+) -> tuple[bool, list[tuple[StudyView, str, str]], int]:
+    """(patient found, [(study, link, detail)], how many withheld): the person's studies through
+    confirmed links, then those reached only through an open review item (unconfirmed); without
+    those the caller may not see (consent, purpose of use: broker.consent), only counted."""
     found, person_id, confirmed = confirmed_patients(session=session, issuer=issuer, value=value)
     if not found:
-        return False, []
+        return False, [], 0
     out: list[tuple[StudyView, str, str]] = []
     for s in index.studies_of_patients(session=session, patients=confirmed):
         same = s.issuer == issuer and s.patient_id == value
@@ -149,7 +151,24 @@ def _person_studies(
         for s in index.studies_of_patients(session=session, patients=others):
             review = pending.get(s.patient_pk)
             out.append((s, "unconfirmed", f"possible match awaiting review (review item {review})"))
-    return True, out
+    if principal is None:
+        return True, out, 0
+    named = next((p for p in confirmed if p.issuer == issuer and p.patient_id == value), None)
+    if (
+        named is not None
+        and named.pk is not None
+        and not consent.may_share(
+            session=session, patient_pk=named.pk, from_facility=named.facility_id, principal=principal
+        )
+    ):
+        # The caller named another facility's record it may not see: answered as for a patient
+        # the broker does not know (a denial does not reveal that the record exists).
+        return False, [], 0
+    kept, withheld = consent.filter_studies(
+        session=session, principal=principal, studies=[s for s, _l, _d in out]
+    )
+    visible = {s.study_pk for s in kept}
+    return True, [row for row in out if row[0].study_pk in visible], withheld
 
 
 # -- the planned exam -------------------------------------------------------------------------------
@@ -347,7 +366,7 @@ def find_priors(
         decided_by=planned.decided_by,
         notes=list(planned.notes),
     )
-    found, studies = _person_studies(session, issuer, value)
+    found, studies, withheld = _person_studies(session, issuer, value, principal)
     answer = PriorsAnswer(
         patient_found=found,
         setting=the_setting.value,
@@ -357,6 +376,10 @@ def find_priors(
     if not found:
         answer.notes.append("no patient with this identifier is known to the broker")
         return answer
+    if withheld:
+        # Neutral on purpose: neither how many, nor where, nor why beyond consent.
+        answer.withheld_by_consent = True
+        answer.notes.append(consent.WITHHELD_NOTE)
 
     rows: list[tuple[PriorOut, dosemath.StudyDose | None, StudyView, Verdict]] = []
     for s, link, detail in studies:
@@ -487,6 +510,7 @@ def record_avoided(
         raise BadRequest("planned_exam must name the exam that was not repeated")
     facilities.get_facility(session=session, facility_id=facility)
     views = index.studies_by_uid(session=session, study_uids=[study_uid])
+    views, _withheld = consent.filter_studies(session=session, principal=principal, studies=views)
     if not views:
         raise NotFound("no such study in the index")
     s = views[0]

@@ -36,9 +36,29 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def token_for(*, settings: Settings, role: Role, subject: str, facility: str | None, seconds: int) -> str:
+def token_for(
+    *,
+    settings: Settings,
+    role: Role,
+    subject: str,
+    facility: str | None,
+    seconds: int,
+    purpose_of_use: str | None = None,
+) -> str:
     key = load_or_create_signing_key(settings.resolved_signing_key_file())
-    return mint(key=key, settings=settings, subject=subject, role=role, facility=facility, expires_in=seconds)
+    # Unset: the issuer's default for the role (TREAT for clinicians and radiologists); "none": no claim.
+    extra: dict[str, str | None] = {}
+    if purpose_of_use is not None:
+        extra["purpose_of_use"] = None if purpose_of_use.lower() == "none" else purpose_of_use.upper()
+    return mint(
+        key=key,
+        settings=settings,
+        subject=subject,
+        role=role,
+        facility=facility,
+        expires_in=seconds,
+        extra=dict(extra),
+    )
 
 
 def create(
@@ -48,6 +68,12 @@ def create(
         str | None, typer.Option(help="The caller's facility (default: the broker's default facility).")
     ] = None,
     expires: Annotated[str, typer.Option(help="Lifetime: 30m, 1h, 7d ...")] = "1h",
+    purpose_of_use: Annotated[
+        str | None,
+        typer.Option(
+            help="HL7 PurposeOfUse claim (default: TREAT for clinicians and radiologists; 'none': no claim)."
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Print a bearer token (send it as `Authorization: Bearer <token>`)."""
@@ -56,7 +82,16 @@ def create(
     except ValueError as exc:
         usage_error(str(exc))
     settings = _settings(data_dir)
-    print(token_for(settings=settings, role=role, subject=subject, facility=facility, seconds=seconds))
+    print(
+        token_for(
+            settings=settings,
+            role=role,
+            subject=subject,
+            facility=facility,
+            seconds=seconds,
+            purpose_of_use=purpose_of_use,
+        )
+    )
 
 
 def demo_tokens(settings: Settings, *, seconds: int = 7 * 86400) -> list[tuple[Role, str, str]]:

@@ -9,6 +9,7 @@ requests (401, 403) are still seen and recorded by them.
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +26,7 @@ SESSION_COOKIE = "scanonce_session"
 CSRF_HEADER = "x-csrf-token"
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 _MAX_AUTH_HEADER = 8192
+PURPOSE_HEADER = b"x-purpose-of-use"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -84,6 +86,12 @@ class AuthGuard:
         if principal is None:
             await self._refuse_401(scope, send, None)
             return
+        if principal.purpose_of_use is None:
+            # A purpose of use stated by the client when its token carries none (a token's claim,
+            # set by its issuer, is never overridden by a header).
+            stated = _header(scope, PURPOSE_HEADER)
+            if stated and len(stated) <= 32:
+                principal = replace(principal, purpose_of_use=stated.strip().upper())
         state["principal"] = principal
         if principal.via == "session" and method not in _SAFE_METHODS and not _csrf_ok(scope, claims):
             await _json(send, 403, "Forbidden", "cross-site request refused (CSRF check failed)")
@@ -139,6 +147,8 @@ class AuthGuard:
             facility=self.settings.default_facility,
             via="cds-client",
             issuer=issuer,
+            # CDS Hooks calls come from an ordering workflow: treatment.
+            purpose_of_use="TREAT",
         )
 
     async def _refuse_401(self, scope: Scope, send: Send, error: str | None) -> None:

@@ -35,6 +35,10 @@ class Permission(StrEnum):
     metrics_read = "metrics.read"
     imports_write = "imports.write"
     audit_read = "audit.read"
+    consent_read = "consent.read"  # a patient's sharing choices (API and FHIR Consent)
+    consent_write = "consent.write"  # recording and withdrawing them (at the caller's facility)
+    break_glass = "break-glass"  # asking for an emergency read
+    break_glass_review = "break-glass.review"  # listing and reviewing emergency reads
     admin = "admin"
 
 
@@ -53,11 +57,15 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.lookup_write,
             Permission.cds,
             Permission.facilities_read,
+            Permission.consent_read,
+            Permission.consent_write,
+            Permission.break_glass,
         }
     ),
     Role.radiologist: frozenset(
         {
             Permission.authenticated,
+            Permission.break_glass,
             Permission.imports_write,  # bringing an outside study into the local PACS (IRWF.b)
             Permission.images_read,
             Permission.patients_read,
@@ -73,6 +81,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.images_read,
             Permission.images_write,
             Permission.patients_write,
+            # A facility's registration system feeds its patients' choices, as it feeds patients.
+            Permission.consent_read,
+            Permission.consent_write,
         }
     ),
     Role.reviewer: frozenset(
@@ -82,6 +93,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.patients_read,
             Permission.facilities_read,
             Permission.jobs_read,
+            Permission.break_glass_review,
         }
     ),
     Role.auditor: frozenset(
@@ -144,6 +156,8 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/fhir/Patient", P.patients_read),
     _r({"POST", "PUT"}, "/fhir/Patient/**", P.patients_write),
     _r({"POST", "PUT"}, "/fhir/Patient", P.patients_write),
+    _r(_READ, "/fhir/Consent", P.consent_read),
+    _r({"POST"}, "/fhir/Consent", P.consent_write),
     _r(_READ, "/fhir/AuditEvent/**", P.audit_read),
     _r(_READ, "/fhir/AuditEvent", P.audit_read),
     # CDS Hooks service calls.
@@ -153,6 +167,13 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/api/priors", P.lookup_read),
     _r({"POST"}, "/api/priors/avoided", P.lookup_write),
     _r(_READ, "/api/metrics/avoided", P.lookup_read),
+    # Consent and break-the-glass.
+    _r(_READ, "/api/consent", P.consent_read),
+    _r({"POST"}, "/api/consent", P.consent_write),
+    _r({"DELETE"}, "/api/consent/*", P.consent_write),
+    _r({"POST"}, "/api/break-glass", P.break_glass),
+    _r(_READ, "/api/break-glass", P.break_glass_review),
+    _r({"POST"}, "/api/break-glass/*/reviewed", P.break_glass_review),
     # Identity review.
     _r(_READ, "/api/identity/review", P.identity_review),
     _r({"POST"}, "/api/identity/review/*", P.identity_review),
@@ -175,6 +196,8 @@ RULES: tuple[Rule, ...] = (
     _r({"POST"}, "/api/imports", P.imports_write),
     _r(_READ, "/api/imports/**", P.imports_write),
     _r(_READ, "/api/imports", P.imports_write),
+    # What a destination's imports get (StudyID, institution): configuring it is the admin's.
+    _r({"PUT"}, "/api/imports/destinations/*", P.admin),
     # The pages and their assets.
     _r(_READ, "/", P.lookup_read),
     _r(_READ, "/record", P.lookup_read),
@@ -182,6 +205,7 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/viewer", P.images_read),
     _r(_READ, "/viewer/**", P.images_read),
     _r(_READ, "/imports", P.imports_write),
+    _r(_READ, "/compare", P.lookup_read),  # today's local study beside an outside prior, in the viewer
     _r({"POST"}, "/imports", P.imports_write),
     _r(_READ, "/admin/review", P.identity_review),
     _r({"POST"}, "/admin/review/*", P.identity_review),

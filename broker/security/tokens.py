@@ -37,6 +37,8 @@ _JWKS_TTL_SECONDS = 300.0
 _JWKS_MIN_REFRESH_SECONDS = 30.0
 _CLOCK_LEEWAY_SECONDS = 30
 _VERIFIED_CACHE_SIZE = 4096
+# The claim that states the caller's purpose of use (HL7 v3 PurposeOfUse code, e.g. TREAT).
+PURPOSE_OF_USE_CLAIM = "purpose_of_use"
 
 
 class TokenInvalid(Exception):
@@ -99,7 +101,12 @@ def mint(
     }
     if facility:
         claims[settings.auth_facility_claim] = facility
+    if Role(role) in (Role.clinician, Role.radiologist):
+        # The embedded issuer's clinical users look up and view priors to treat the patient in
+        # front of them (HL7 v3 PurposeOfUse TREAT); `extra={"purpose_of_use": None}` omits it.
+        claims[PURPOSE_OF_USE_CLAIM] = "TREAT"
     claims.update(extra or {})
+    claims = {k: v for k, v in claims.items() if v is not None}
     return jwt.encode({"alg": SIGNING_ALG, "kid": key.kid}, claims, key)
 
 
@@ -245,7 +252,7 @@ class Verifier:
         except ValueError as exc:
             raise TokenInvalid("token carries no ScanOnce role") from exc
         facility = claims.get(self.settings.auth_facility_claim) or self.settings.default_facility
-        pou = claims.get("purpose_of_use")
+        pou = claims.get(PURPOSE_OF_USE_CLAIM)
         return Principal(
             who=str(claims["sub"]),
             role=role,

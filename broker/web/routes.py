@@ -38,6 +38,8 @@ templates.env.globals.update(present=present, settings=pages.SETTINGS)
 _HTML = {"Cache-Control": "no-store"}  # patient data: never kept by a shared cache
 
 _SWAGGER_ASSETS = "/docs/assets/"
+# OHIF's own hanging protocol for two studies side by side (study 0 current, study 1 prior).
+COMPARE_PROTOCOL = "@ohif/hpCompare"
 # Hashed bundles never change under their name; everything else is revalidated.
 _IMMUTABLE = "public, max-age=31536000, immutable"
 # Cross-origin isolation: the viewer's 3D and MPR need SharedArrayBuffer. Everything it loads is
@@ -101,7 +103,7 @@ def viewer_config(state: StateDep) -> Response:
 
 
 @router.get(assets.VIEWER_PATH + "{path:path}")
-async def viewer(path: str, request: Request, state: StateDep) -> Response:
+async def viewer(path: str, request: Request, state: StateDep, principal: PrincipalDep) -> Response:
     root = _installed(state.settings, assets.OHIF)
     if root is None:
         return _not_installed(state.settings, "The OHIF viewer")
@@ -118,7 +120,11 @@ async def viewer(path: str, request: Request, state: StateDep) -> Response:
     ]
     if uids:
         waiting = await run_in_threadpool(
-            service.prepare_studies, engine=state.engine, store=state.store, study_uids=uids[:20]
+            service.prepare_studies,
+            engine=state.engine,
+            store=state.store,
+            study_uids=uids[:20],
+            principal=principal,
         )
         if waiting is not None:
             page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
@@ -250,7 +256,14 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
         except ScanOnceError as exc:
             error, status = exc.message, exc.status_code
     rows = [ImportOut.of(r) for r in imports.list_imports(session=session, limit=50)]
-    context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state)}
+    # Each import's refused or lost instances, named with the archive's answer (the first 20).
+    failures = {
+        r.id: [i for i in imports.instances_of(session=session, import_id=r.id) if i.status == "failed"][:20]
+        for r in rows
+        if r.failed
+    }
+    context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state),
+               "failures": failures}  # fmt: skip
     return templates.TemplateResponse(request, "imports.html", context, status_code=status, headers=_HTML)
 
 
@@ -267,6 +280,29 @@ def imports_start(request: Request, principal: PrincipalDep, state: StateDep, fo
         context = {"title": "Not imported", "message": exc.message, "back": "/imports", "htmx": False}
         return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
     return RedirectResponse("/imports", status_code=303)
+
+
+@pages_router.get("/compare", response_class=HTMLResponse)
+def compare(request: Request, session: SessionDep, principal: PrincipalDep) -> Response:
+    """ "Compare in viewer": today's local study and the outside prior side by side in OHIF (its
+    compare hanging protocol: the first study named is the current one, the second the prior).
+    Today's is `local` when the page names it, else the patient's most recent study at
+    `facility` (default: the caller's)."""
+    q = request.query_params
+    try:
+        uids = imports.compare_studies(
+            session=session, study_uid=q.get("study", "")[:64],
+            facility_id=(q.get("facility") or principal.facility)[:64], local_uid=q.get("local", "")[:64],
+        )  # fmt: skip
+    except ScanOnceError as exc:
+        context = {"title": "Nothing to compare", "message": exc.message, "back": "/", "htmx": False}
+        return templates.TemplateResponse(
+            request, "message.html", context, status_code=exc.status_code, headers=_HTML
+        )
+    target = f"{assets.VIEWER_PATH}viewer?" + urlencode(
+        {"StudyInstanceUIDs": ",".join(uids), "hangingProtocolId": COMPARE_PROTOCOL}, safe=",@/"
+    )
+    return RedirectResponse(target, status_code=303)
 
 
 # -- admin pages ------------------------------------------------------------------------------------

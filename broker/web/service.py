@@ -19,10 +19,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from broker.consent import service as consent
 from broker.errors import ScanOnceError
 from broker.facilities.models import Facility
 from broker.federation import service as federation
 from broker.index import service as index
+from broker.security.schemas import Principal
 from broker.web.assets import VIEWER_PATH
 
 log = logging.getLogger("scanonce.web")
@@ -125,12 +127,23 @@ class Waiting:
     error: str | None
 
 
-def prepare_studies(*, engine: Engine, store: Any, study_uids: Sequence[str]) -> Waiting | None:
+def prepare_studies(
+    *, engine: Engine, store: Any, study_uids: Sequence[str], principal: Principal | None = None
+) -> Waiting | None:
     """None when the viewer can open the studies now (held by the broker, or unknown to it: the
     viewer says so itself); otherwise start fetching the ones held only at their facility, in
-    the background, and say which facilities and for how long, or why it failed."""
+    the background, and say which facilities and for how long, or why it failed. A study the
+    caller may not see (consent) is treated as unknown: never fetched, its facility never named."""
     with Session(engine) as session:
-        remote = [uid for uid in study_uids if federation.is_remote_only(session=session, study_uid=uid)]
+        remote = [
+            uid
+            for uid in study_uids
+            if federation.is_remote_only(session=session, study_uid=uid)
+            and (
+                principal is None
+                or consent.study_visible(session=session, principal=principal, study_uid=uid) is not False
+            )
+        ]
         if not remote:
             return None
         locations = index.study_locations(session=session, study_uids=remote)

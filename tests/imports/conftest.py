@@ -138,6 +138,9 @@ def ingest_outside(state: AppState, tmp: Path, *, n_ct: int = 4) -> Outside:
         ds = make_ds(sop=sop, study=study, series=series[i % 2], pid="P1", issuer=OUTSIDE_ISSUER,
                      name="SMITH^ANNA", accession="OUT-77", instance_number=i + 1)  # fmt: skip
         ds.FrameOfReferenceUID = frame
+        ds.StudyID = "S-OUT-1"
+        ds.InstitutionName = "Outside General"
+        ds.InstitutionAddress = "1 Far Road"
         ds.PixelData = bytes((i * 7 + k) % 256 for k in range(32))
         paths.append(write(tmp, f"ct{i}.dcm", ds))
         refs.append((series[i % 2], sop))

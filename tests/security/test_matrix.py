@@ -65,6 +65,16 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("GET", "/api/identity/records"): {A, V},
     ("POST", "/api/identity/trusted-issuers"): {A},
     ("POST", "/api/identity/train"): {A},
+    # Consent: recorded by clinicians and facility feeds at their facility; break-the-glass is
+    # asked for by clinicians and reviewed by reviewers.
+    ("GET", "/api/consent"): {A, C, F},
+    ("POST", "/api/consent"): {A, C, F},
+    ("DELETE", "/api/consent/{consent_id}"): {A, C, F},
+    ("GET", "/fhir/Consent"): {A, C, F},
+    ("POST", "/fhir/Consent"): {A, C, F},
+    ("POST", "/api/break-glass"): CLINICAL,
+    ("GET", "/api/break-glass"): {A, V},
+    ("POST", "/api/break-glass/{grant_id}/reviewed"): {A, V},
     # The lookup.
     ("GET", "/api/priors"): CLINICAL,
     ("GET", "/api/priors/exams"): CLINICAL,
@@ -91,6 +101,9 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/api/imports"): {A, R},
     ("GET", "/api/imports/{import_id}"): {A, R},
     ("POST", "/api/imports/{import_id}/cancel"): {A, R},
+    ("GET", "/api/imports/destinations/{facility}"): {A, R},
+    ("PUT", "/api/imports/destinations/{facility}"): {A},
+    ("GET", "/compare"): CLINICAL,
     ("GET", "/imports"): {A, R},
     ("POST", "/imports"): {A, R},
     # The pages.

@@ -78,6 +78,24 @@ def test_opening_a_nearline_study_says_it_is_fetching_then_shows_it(
     assert found.json()[0]["00080056"]["Value"] == ["ONLINE"]
 
 
+def test_a_study_withheld_from_the_caller_is_neither_fetched_nor_named(
+    broker: Broker, northgen: tuple[OrthancPeer, list[str]]
+) -> None:
+    # A clinician with no treatment purpose sees only their own facility's studies (consent):
+    # the viewer's page opens as for an unknown study, fetches nothing and names no facility.
+    _peer, (_fetched, uid) = northgen
+    headers = auth_headers("clinician", facility="local", purpose_of_use=None)
+    r = httpx.get(f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}", headers=headers, trust_env=False)
+    assert r.status_code == 200 and "North General" not in r.text
+    found = httpx.get(
+        f"{broker.url}/dicom-web/studies",
+        params={"StudyInstanceUID": uid},
+        trust_env=False,
+        headers=auth_headers(),
+    )
+    assert found.json()[0]["00080056"]["Value"] == ["NEARLINE"]
+
+
 def test_a_facility_that_is_down_is_named_with_the_reason(
     broker: Broker, northgen: tuple[OrthancPeer, list[str]]
 ) -> None:

@@ -1,0 +1,580 @@
+"""Consent and break-the-glass: who may see which facility's records of a person.
+
+The rule every interface asks (through `visibility`, `may_share`, `study_visible`,
+`check_study` or `filter_studies`, which all build the same SQL condition):
+
+- A caller always sees its own facility's records.
+- Administrators (operators, the broker's own jobs and the CLI) are not limited here: what they
+  may do is the role table's business (broker.security.policy).
+- A clinician or radiologist sees other facilities' records only when the stated purpose of use
+  is treatment (token claim `purpose_of_use`, or the `X-Purpose-Of-Use` header: TREAT or ETREAT).
+  A facility node (a PACS prefetching priors by C-FIND / QIDO-RS) acts for treatment by
+  deployment; it carries no purpose of use.
+- Another facility's record is then shared unless the person opted out (`deny`), or, where that
+  facility's `consent_policy` is opt-in, only once the person opted in (`permit`); a `deny` wins
+  over a `permit`. A choice is kept against the record it was given for and applies to every
+  record of that record's current person (resolved through identity's links) whose facility is
+  in its scope (one facility, or "" for all).
+- An active break-the-glass grant for the caller and the person overrides all of the above.
+
+Changes (consent recorded or revoked, break-the-glass granted) are announced to the listeners
+registered with `add_listener`, inside the caller's transaction, so that the audit trail can
+record them in the same commit (broker.app wires the audit in).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import ColumnElement, and_, false, literal, not_, or_
+from sqlalchemy import select as core_select
+from sqlmodel import Session, col, select
+
+from broker.audit import service as audit
+from broker.audit.schemas import AuditRecord
+from broker.consent.models import BreakGlass, Consent
+from broker.db import core_table
+from broker.errors import BadRequest, NotFound
+from broker.facilities import service as facilities
+from broker.facilities.models import Facility
+from broker.index.models import Patient, Study
+from broker.security.schemas import Principal, Role
+from broker.settings import Settings
+
+# The tables the condition reads. The patient and facility rows belong to index and facilities;
+# consent only reads two columns of them (a record's person, a facility's consent policy) inside
+# one SQL condition, which is what keeps every query interface's check in the database.
+_consent = core_table(Consent)
+_glass = core_table(BreakGlass)
+_patient = core_table(Patient)
+_study = core_table(Study)
+_facility = core_table(Facility)
+# Aliases built once: building one copies every column (a few ms per request if done each time).
+_SUBJECT = _patient.alias("consent_subject")
+_GIVEN_FOR = _patient.alias("consent_record")
+_HOLDER = _facility.alias("consent_holder")
+_GRANTED_FOR = _patient.alias("glass_record")
+
+CLINICAL_ROLES = frozenset({Role.clinician, Role.radiologist})
+# Roles whose view of other facilities' records consent limits. Reviewers and auditors read no
+# images at all (the role table); administrators are operators.
+LIMITED_ROLES = CLINICAL_ROLES | {Role.facility}
+# HL7 v3 PurposeOfUse: treatment, emergency treatment.
+TREATMENT = frozenset({"TREAT", "ETREAT"})
+DECISIONS = ("deny", "permit")
+
+WITHHELD_NOTE = "Some records are withheld by consent."
+
+
+# -- the events the audit trail records --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentEvent:
+    """One change the audit trail must record. `action`: consent.recorded, consent.revoked or
+    break-glass.granted. No patient identifiers beyond the broker's own row keys."""
+
+    action: str
+    who: str
+    role: str
+    facility: str
+    patient_pk: int
+    person_id: int | None
+    at: datetime
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class ConsentListener(Protocol):
+    def __call__(self, *, session: Session, event: ConsentEvent) -> None: ...
+
+
+_listeners: list[ConsentListener] = []
+
+
+def add_listener(listener: ConsentListener) -> None:
+    """Call `listener(session=..., event=...)` for every consent change and break-the-glass grant,
+    before the change commits (an exception in it rolls the change back: no unrecorded grant)."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def remove_listener(listener: ConsentListener) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def _announce(session: Session, event: ConsentEvent, principal: Principal) -> None:
+    """Record the change in the audit trail, in this transaction (no unrecorded grant), then tell
+    the listeners."""
+    patient = session.get(Patient, event.patient_pk)
+    what = (
+        event.detail.get("reason") if event.action == "break-glass.granted" else event.detail.get("decision")
+    )
+    record = AuditRecord(
+        action="E" if event.action == "break-glass.granted" else "U",
+        subtype=event.action,
+        outcome_desc=f"{event.action}: {what}" if what else event.action,
+        patient_id=patient.patient_id if patient is not None else "",
+        patient_issuer=patient.issuer if patient is not None else "",
+        source_interface="consent",
+        entity=",".join(f"{k}={v}" for k, v in event.detail.items() if k != "reason"),
+        resolve_study=False,
+    ).by(principal)
+    audit.append(session=session, records=[record])
+    for listener in list(_listeners):
+        listener(session=session, event=event)
+
+
+# -- the condition -------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def purpose_is_treatment(principal: Principal) -> bool:
+    return (principal.purpose_of_use or "").strip().upper() in TREATMENT
+
+
+def limited(principal: Principal) -> bool:
+    """True when consent and purpose of use limit what `principal` sees of other facilities."""
+    return principal.role in LIMITED_ROLES
+
+
+def _person_of(pk_col: Any) -> Any:
+    subject = _SUBJECT
+    # Correlated to the outermost query's record (two subqueries up): say so, as SQLAlchemy only
+    # correlates to the immediately enclosing query by itself.
+    return (
+        core_select(subject.c.person_id)
+        .where(subject.c.pk == pk_col)
+        .correlate_except(subject)
+        .scalar_subquery()
+    )
+
+
+def _choice(decision: str, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
+    """A `decision` choice that applies to the record `pk_col` held by facility `fac_col`."""
+    given_for = _GIVEN_FOR
+    return (
+        core_select(literal(1))
+        .select_from(_consent.join(given_for, given_for.c.pk == _consent.c.patient_pk))
+        .where(
+            _consent.c.decision == decision,
+            or_(_consent.c.scope_facility == "", _consent.c.scope_facility == fac_col),
+            or_(_consent.c.patient_pk == pk_col, given_for.c.person_id == _person_of(pk_col)),
+        )
+        .exists()
+    )
+
+
+def _opt_in(fac_col: Any) -> ColumnElement[bool]:
+    holder = _HOLDER
+    return core_select(literal(1)).where(holder.c.id == fac_col, holder.c.consent_policy == "opt-in").exists()
+
+
+def _glass_open(principal: Principal, pk_col: Any, now: datetime) -> ColumnElement[bool]:
+    granted_for = _GRANTED_FOR
+    return (
+        core_select(literal(1))
+        .select_from(_glass.join(granted_for, granted_for.c.pk == _glass.c.patient_pk))
+        .where(
+            _glass.c.who == principal.who,
+            _glass.c.facility == principal.facility,
+            _glass.c.expires_at > now,
+            or_(_glass.c.patient_pk == pk_col, granted_for.c.person_id == _person_of(pk_col)),
+        )
+        .exists()
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _shared(fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
+    """The consent part of the condition: the same for every caller, so built once per pair of
+    columns (the index's study and patient columns) and reused; SQL constructs are immutable."""
+    return and_(
+        not_(_choice("deny", fac_col, pk_col)),
+        or_(not_(_opt_in(fac_col)), _choice("permit", fac_col, pk_col)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Visibility:
+    """The rule for one caller, as an SQL condition on a record: called with the columns that name
+    the record's facility and its patient row (study.facility_id, study.patient_pk, or the patient
+    row's own), it returns the condition the index adds to its WHERE clause."""
+
+    principal: Principal
+    treatment: bool
+    glass: bool  # the caller holds an active break-the-glass grant (checked once per request)
+    now: datetime
+
+    def __call__(self, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
+        own = fac_col == self.principal.facility
+        shared: ColumnElement[bool] = _shared(fac_col, pk_col) if self.treatment else false()
+        glass = _glass_open(self.principal, pk_col, self.now) if self.glass else false()
+        return or_(own, shared, glass)
+
+
+def visibility(*, session: Session, principal: Principal, now: datetime | None = None) -> Visibility | None:
+    """The condition for `principal`, or None when consent does not limit it (administrators)."""
+    if not limited(principal):
+        return None
+    at = now or _now()
+    glass = (
+        session.execute(
+            core_select(_glass.c.id)
+            .where(
+                _glass.c.who == principal.who,
+                _glass.c.facility == principal.facility,
+                _glass.c.expires_at > at,
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
+    # A facility node acts for treatment by deployment (no purpose of use travels over DIMSE).
+    treatment = principal.role not in CLINICAL_ROLES or purpose_is_treatment(principal)
+    return Visibility(principal=principal, treatment=treatment, glass=glass, now=at)
+
+
+def may_share(
+    *,
+    session: Session,
+    patient_pk: int,
+    from_facility: str,
+    principal: Principal,
+    now: datetime | None = None,
+) -> bool:
+    """May `principal` see the record `patient_pk` that `from_facility` holds? The one question."""
+    rule = visibility(session=session, principal=principal, now=now)
+    if rule is None:
+        return True
+    cond = rule(literal(from_facility), literal(patient_pk))
+    return bool(session.execute(core_select(cond)).scalar())
+
+
+def study_visible(*, session: Session, principal: Principal, study_uid: str) -> bool | None:
+    """True or False for a study the index holds; None when it holds no such study."""
+    row = session.execute(
+        core_select(_study.c.facility_id, _study.c.patient_pk).where(_study.c.study_uid == study_uid)
+    ).first()
+    if row is None:
+        return None
+    return may_share(
+        session=session, patient_pk=row.patient_pk, from_facility=row.facility_id, principal=principal
+    )
+
+
+def check_study(*, session: Session, principal: Principal, study_uid: str) -> None:
+    """NotFound, worded as for a study the index does not hold, when `principal` may not see the
+    study: a caller who may not know it exists learns nothing (no 403)."""
+    if study_visible(session=session, principal=principal, study_uid=study_uid) is False:
+        raise NotFound(f"no study {study_uid}")
+
+
+class _HasStudy(Protocol):
+    @property
+    def study_pk(self) -> int: ...
+
+
+S = TypeVar("S", bound=_HasStudy)
+
+
+def filter_studies(*, session: Session, principal: Principal, studies: Sequence[S]) -> tuple[list[S], int]:
+    """(the studies `principal` may see, how many were withheld), one query."""
+    rule = visibility(session=session, principal=principal)
+    if rule is None or not studies:
+        return list(studies), 0
+    pks = [s.study_pk for s in studies]
+    seen = set(
+        session.execute(
+            core_select(_study.c.pk).where(
+                _study.c.pk.in_(pks), rule(_study.c.facility_id, _study.c.patient_pk)
+            )
+        ).scalars()
+    )
+    kept = [s for s in studies if s.study_pk in seen]
+    return kept, len(studies) - len(kept)
+
+
+# -- recording choices ---------------------------------------------------------------------------
+
+
+def _record(session: Session, *, principal: Principal, facility: str, patient_id: str) -> Patient:
+    """The patient record `patient_id` at `facility`. A caller not of that facility (other than
+    an administrator) gets the same NotFound as for an unknown record: it may not learn whether
+    another facility knows the patient."""
+    missing = NotFound("no such patient at that facility")
+    if principal.role is not Role.admin and principal.facility != facility:
+        raise missing
+    try:
+        fac = facilities.get_facility(session=session, facility_id=facility)
+    except NotFound:
+        raise missing from None
+    row = session.exec(
+        select(Patient).where(Patient.issuer == fac.issuer, Patient.patient_id == patient_id)
+    ).first()
+    if row is None:
+        raise missing
+    return row
+
+
+def _scope(session: Session, scope: str | None) -> str:
+    if not scope:
+        return ""
+    try:
+        facilities.get_facility(session=session, facility_id=scope)
+    except NotFound:
+        raise BadRequest("scope names no registered facility (omit it for every facility)") from None
+    return scope
+
+
+def record_consent(
+    *,
+    session: Session,
+    principal: Principal,
+    facility: str,
+    patient_id: str,
+    decision: str,
+    scope: str | None = None,
+    source: str = "api",
+) -> Consent:
+    """Record (or replace) the choice of the patient `patient_id` at `facility`: `deny` (opt out)
+    or `permit` (opt in), for the person's records at `scope` (a facility) or everywhere."""
+    if decision not in DECISIONS:
+        raise BadRequest("decision must be deny or permit")
+    if not patient_id or not patient_id.strip():
+        raise BadRequest("patient_id is required")
+    patient = _record(session, principal=principal, facility=facility, patient_id=patient_id.strip())
+    return _store(
+        session, principal=principal, patient=patient, decision=decision, scope=scope, source=source
+    )
+
+
+def record_consent_for_person(
+    *,
+    session: Session,
+    principal: Principal,
+    person_id: int,
+    organization: str | None,
+    decision: str,
+    scope: str | None = None,
+    source: str = "fhir",
+) -> Consent:
+    """The same for a person (FHIR's Patient id), given at `organization` (default: the caller's
+    facility): kept against the person's record there."""
+    if decision not in DECISIONS:
+        raise BadRequest("decision must be deny or permit")
+    at = organization or principal.facility
+    missing = NotFound("no such patient at that facility")
+    if principal.role is not Role.admin and principal.facility != at:
+        raise missing
+    rows = session.exec(
+        select(Patient)
+        .where(Patient.person_id == person_id, Patient.facility_id == at)
+        .order_by(col(Patient.pk))
+    ).all()
+    if not rows:
+        raise missing
+    return _store(
+        session, principal=principal, patient=rows[0], decision=decision, scope=scope, source=source
+    )
+
+
+def _store(
+    session: Session, *, principal: Principal, patient: Patient, decision: str, scope: str | None, source: str
+) -> Consent:
+    assert patient.pk is not None
+    scope_facility = _scope(session, scope)
+    row = session.exec(
+        select(Consent).where(Consent.patient_pk == patient.pk, Consent.scope_facility == scope_facility)
+    ).first()
+    now = _now()
+    if row is None:
+        row = Consent(
+            patient_pk=patient.pk,
+            recorded_at_facility=patient.facility_id,
+            scope_facility=scope_facility,
+            decision=decision,
+        )
+    row.person_id = patient.person_id
+    row.decision = decision
+    row.recorded_by = principal.who[:128]
+    row.source = source
+    row.recorded_at = now
+    session.add(row)
+    session.flush()
+    _announce(
+        session,
+        principal=principal,
+        event=ConsentEvent(
+            action="consent.recorded",
+            who=principal.who,
+            role=str(principal.role),
+            facility=principal.facility,
+            patient_pk=patient.pk,
+            person_id=patient.person_id,
+            at=now,
+            detail={"consent_id": row.id, "decision": decision, "scope": scope_facility or "*"},
+        ),
+    )
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def consents_of(
+    *, session: Session, principal: Principal, facility: str, patient_id: str
+) -> tuple[Patient, list[Consent]]:
+    """Every choice that applies to the person of the record `patient_id` at `facility`."""
+    patient = _record(session, principal=principal, facility=facility, patient_id=patient_id.strip())
+    return patient, consents_of_person(session=session, patient=patient)
+
+
+def consents_of_person(*, session: Session, patient: Patient) -> list[Consent]:
+    records = [patient.pk]
+    if patient.person_id is not None:
+        records = list(session.exec(select(Patient.pk).where(Patient.person_id == patient.person_id)).all())
+    return list(
+        session.exec(
+            select(Consent).where(col(Consent.patient_pk).in_(records)).order_by(col(Consent.id))
+        ).all()
+    )
+
+
+def consents_of_person_id(*, session: Session, principal: Principal, person_id: int) -> list[Consent]:
+    """The choices of a person (FHIR search by patient). Outside an administrator, only a person
+    with a record at the caller's facility: an unknown person and another facility's look alike."""
+    records = session.exec(select(Patient).where(Patient.person_id == person_id)).all()
+    if principal.role is not Role.admin and all(p.facility_id != principal.facility for p in records):
+        return []
+    if not records:
+        return []
+    return consents_of_person(session=session, patient=records[0])
+
+
+def revoke_consent(*, session: Session, principal: Principal, consent_id: int) -> None:
+    """Withdraw a choice (the facility's default applies again). Outside an administrator, only
+    one recorded at the caller's facility; others are NotFound."""
+    row = session.get(Consent, consent_id)
+    if row is None or (principal.role is not Role.admin and row.recorded_at_facility != principal.facility):
+        raise NotFound("no such consent")
+    patient = session.get(Patient, row.patient_pk)
+    _announce(
+        session,
+        principal=principal,
+        event=ConsentEvent(
+            action="consent.revoked",
+            who=principal.who,
+            role=str(principal.role),
+            facility=principal.facility,
+            patient_pk=row.patient_pk,
+            person_id=None if patient is None else patient.person_id,
+            at=_now(),
+            detail={"consent_id": row.id, "decision": row.decision, "scope": row.scope_facility or "*"},
+        ),
+    )
+    session.delete(row)
+    session.commit()
+
+
+def patient_of(*, session: Session, patient_pk: int) -> Patient | None:
+    return session.get(Patient, patient_pk)
+
+
+# -- break-the-glass -----------------------------------------------------------------------------
+
+
+def break_glass(
+    *,
+    session: Session,
+    settings: Settings,
+    principal: Principal,
+    facility: str,
+    patient_id: str,
+    reason: str,
+    minutes: int,
+) -> BreakGlass:
+    """Grant `principal` an emergency read of the person of `patient_id` (at `facility`) at every
+    facility, whatever the consent, for `minutes` (at most the configured maximum). The reason is
+    mandatory; the grant is announced to the audit trail and listed for review."""
+    text = (reason or "").strip()
+    if len(text) < 5:
+        raise BadRequest("a reason is required (at least 5 characters): why is this an emergency?")
+    if len(text) > 1000:
+        raise BadRequest("the reason is too long (at most 1000 characters)")
+    if minutes < 1 or minutes > settings.break_glass_max_minutes:
+        raise BadRequest(f"minutes must be between 1 and {settings.break_glass_max_minutes}")
+    if principal.role not in CLINICAL_ROLES and principal.role is not Role.admin:
+        raise BadRequest("break-the-glass is for clinicians")
+    try:
+        fac = facilities.get_facility(session=session, facility_id=facility)
+    except NotFound:
+        raise NotFound("no such patient at that facility") from None
+    patient = session.exec(
+        select(Patient).where(Patient.issuer == fac.issuer, Patient.patient_id == patient_id.strip())
+    ).first()
+    if patient is None or patient.pk is None:
+        raise NotFound("no such patient at that facility")
+    now = _now()
+    grant = BreakGlass(
+        who=principal.who[:128],
+        issuer=(principal.issuer or "")[:256],
+        role=str(principal.role),
+        facility=principal.facility,
+        patient_pk=patient.pk,
+        person_id=patient.person_id,
+        reason=text,
+        created_at=now,
+        expires_at=now + timedelta(minutes=minutes),
+    )
+    session.add(grant)
+    session.flush()
+    _announce(
+        session,
+        principal=principal,
+        event=ConsentEvent(
+            action="break-glass.granted",
+            who=principal.who,
+            role=str(principal.role),
+            facility=principal.facility,
+            patient_pk=patient.pk,
+            person_id=patient.person_id,
+            at=now,
+            detail={"grant_id": grant.id, "minutes": minutes, "reason": text},
+        ),
+    )
+    session.commit()
+    session.refresh(grant)
+    return grant
+
+
+def break_glass_grants(*, session: Session, limit: int = 100, active_only: bool = False) -> list[BreakGlass]:
+    """Grants for review, newest first."""
+    stmt = select(BreakGlass).order_by(col(BreakGlass.id).desc()).limit(limit)
+    if active_only:
+        stmt = stmt.where(BreakGlass.expires_at > _now())
+    return list(session.exec(stmt).all())
+
+
+def mark_reviewed(*, session: Session, grant_id: int) -> BreakGlass:
+    grant = session.get(BreakGlass, grant_id)
+    if grant is None:
+        raise NotFound("no such break-the-glass grant")
+    grant.reviewed = True
+    session.add(grant)
+    session.commit()
+    session.refresh(grant)
+    return grant
+
+
+def is_active(grant: BreakGlass, *, now: datetime | None = None) -> bool:
+    expires = grant.expires_at
+    if expires.tzinfo is None:  # SQLite hands back naive UTC
+        expires = expires.replace(tzinfo=UTC)
+    return expires > (now or _now())
