@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from broker.audit import service as audit_service
@@ -235,6 +235,10 @@ def create_app(
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
+    # A connection cut under a request (its session terminated, PostgreSQL restarted) surfaces
+    # as these too (tests/cluster cuts every session of the nodes while they serve).
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PendingRollbackError)
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         # The database refused, dropped or did not answer: nothing was committed, so the caller
         # may simply try again (a balancer sends it to a node whose /readyz is true meanwhile).

@@ -16,20 +16,32 @@ __all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "LocalStore", "StoreUn
 
 
 def open_store(url: str) -> ObjectStore:
-    """`file:///path` or `s3://bucket[/prefix]?endpoint_url=...&region=...`."""
+    """`file:///path` or `s3://bucket[/prefix]?endpoint_url=...&region=...` (also
+    `connect_timeout`, `read_timeout` in seconds and `retries`: see storage.s3)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return LocalStore(unquote(parsed.path) if parsed.scheme else url)
     if parsed.scheme == "s3":
         # Only an S3 store needs boto3 (and its import costs ~0.3 s): loaded when one is asked for.
-        from storage.s3 import S3Store
+        from storage import s3
 
         q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        return S3Store(
+        try:
+            connect_timeout = float(q.get("connect_timeout", s3.DEFAULT_CONNECT_TIMEOUT))
+            read_timeout = float(q.get("read_timeout", s3.DEFAULT_READ_TIMEOUT))
+            retries = int(q.get("retries", s3.DEFAULT_RETRIES))
+        except ValueError:
+            raise ValueError(
+                "storage URL: connect_timeout and read_timeout must be seconds, retries a whole number"
+            ) from None
+        return s3.S3Store(
             bucket=parsed.netloc,
             prefix=parsed.path.strip("/"),
             endpoint_url=q.get("endpoint_url"),
             region=q.get("region"),
             create_bucket=q.get("create_bucket", "false").lower() in ("1", "true", "yes"),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries=retries,
         )
     raise ValueError(f"unsupported storage URL scheme: {parsed.scheme!r}")

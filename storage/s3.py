@@ -21,6 +21,12 @@ from botocore.config import Config
 from storage.base import ObjectInfo, ObjectNotFound, StoreUnavailable
 
 DEFAULT_REGION = "us-east-1"
+# A store that accepts no connection for 5 s, or sends nothing for 30 s, is unavailable: the
+# caller gets 503 / DIMSE out-of-resources after the first try and `retries` more, rather than
+# minutes later. The storage URL may set each (`?connect_timeout=1&read_timeout=2&retries=1`).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_RETRIES = 5
 
 # Objects above 16 MiB go up in 8 MiB parts, at most 4 in flight: a put holds at most
 # ~32 MiB of a stream in memory however big the object is.
@@ -87,6 +93,9 @@ class S3Store:
         endpoint_url: str | None = None,
         region: str | None = None,
         create_bucket: bool = False,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         if not bucket:
             raise ValueError("an S3 storage URL needs a bucket: s3://bucket[/prefix]")
@@ -94,7 +103,11 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         config = Config(
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": retries, "mode": "standard"},
+            # botocore's 60 s defaults, times its attempts, would hold every request of a stalled
+            # store for minutes (and with it the request's thread and the client's patience).
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             # Ingest and retrieve run many threads on the one client; the default pool is 10.
             max_pool_connections=32,
             # S3-compatible servers (MinIO, Ceph, moto) are addressed by path, not virtual host,

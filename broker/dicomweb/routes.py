@@ -19,6 +19,7 @@ key (400), the same answer a Search gives for that UID as a query parameter.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -149,6 +150,24 @@ def _multipart(
     return _streamed(
         request,
         lambda: related_stream(parts(), boundary=boundary),
+        media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
+    )
+
+
+async def _primed_multipart(
+    request: Request, parts: Callable[[], Iterable[tuple[str, Iterable[bytes]]]], *, part_type: str
+) -> StreamingResponse:
+    """As `_multipart`, but the body's first write (which opens the first object, and the next
+    ones up to the write size) is produced before the status goes out: an object store that is
+    down then gets a 503 the client can retry, not a 200 whose body breaks off after the headers.
+    Later objects are still read as the body streams."""
+    if request.method == "HEAD":
+        return _multipart(request, parts, part_type=part_type)
+    boundary = new_boundary()
+    body = related_stream(parts(), boundary=boundary)
+    first = await run_in_threadpool(next, body, None)
+    return StreamingResponse(
+        itertools.chain(() if first is None else (first,), body),
         media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
     )
 
@@ -424,7 +443,7 @@ async def retrieve(
         (delivery,) = plan.deliveries
         body = await run_in_threadpool(wado.single_instance, scope.state.store, delivery)
         return await _single_part(request, body)
-    response = _multipart(
+    response = await _primed_multipart(
         request, lambda: wado.instance_parts(scope.state.store, plan.deliveries), part_type=wado.DICOM
     )
     if plan.partial:
@@ -565,7 +584,7 @@ async def rendered_many(request: Request, scope: Scope, refs: list[InstanceRef])
     """One image per instance with pixels, as multipart (a study or a series)."""
     media_type = wado.negotiate_rendered(request.headers.get("accept"))
     window, viewport, quality = wado.parse_render_params(dict(request.query_params))
-    return _multipart(
+    return await _primed_multipart(
         request,
         lambda: wado.rendered_parts(
             scope.state.store, refs, media_type=media_type, window=window, viewport=viewport, quality=quality

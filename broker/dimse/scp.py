@@ -424,7 +424,13 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
       known ones from another network, are refused at association).
     - 0xC001 Cannot understand (processing failure): an unexpected error on our side.
     """
-    principal, facility = handle.caller(event)
+    try:
+        principal, facility = handle.caller(event)
+    except SQLAlchemyError as exc:
+        # The registry lookup of the calling AE met a database that is down or whose connection
+        # was cut: the SCU may retry (not pynetdicom's 0xC211 for an unhandled exception).
+        log.error("C-STORE refused, database unavailable: %s", type(exc).__name__)
+        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
     if facility is None:
         return status_dataset(0x0124, "calling AE is not registered to a facility")
     request = cast(C_STORE, event.request)

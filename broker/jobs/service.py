@@ -594,6 +594,10 @@ def work(
     policy = policy or Policy()
     ran = 0
     owner = owner or default_owner()
+    # Only the kinds this process can run: in a fleet mid-upgrade, or beside a worker with a kind
+    # of its own, a node that claimed an unknown kind would fail a job another worker could run
+    # (tests/cluster runs such a worker beside the nodes).
+    kinds = kinds or tuple(registered_kinds()) or None
     last_prune: float | None = None
     while stop is None or not stop.is_set():
         if keep_finished is not None and (last_prune is None or time.monotonic() - last_prune >= PRUNE_EVERY):

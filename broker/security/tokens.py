@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,13 +53,21 @@ def load_or_create_signing_key(path: Path) -> ECKey:
         pass
     key = ECKey.generate_key("P-256", auto_kid=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole under a private name, then linked into place: link() fails if the name exists,
+    # so of several nodes starting together one wins, and no other ever reads a half-written key
+    # (an O_EXCL create exposes the empty file until its writer is done).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
-        # O_EXCL: two processes starting together both end up with the one that won.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return ECKey.import_key(json.loads(path.read_text()))
-    with os.fdopen(fd, "w") as f:
-        json.dump(key.as_dict(private=True), f)
+        with os.fdopen(fd, "w") as f:
+            json.dump(key.as_dict(private=True), f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return ECKey.import_key(json.loads(path.read_text()))
+    finally:
+        os.unlink(tmp)
     return key
 
 

@@ -124,3 +124,15 @@ def test_a_long_silent_step_keeps_its_job_alive(engine: Engine) -> None:
         assert jobs.claim(engine=engine, owner="thief", stale_after=timedelta(seconds=0.5)) is None
     time.sleep(0.8)
     assert jobs.claim(engine=engine, owner="thief", stale_after=timedelta(seconds=0.5)) is not None
+
+
+def test_a_worker_leaves_a_kind_it_cannot_run_to_a_worker_that_can(engine: Engine) -> None:
+    """A fleet mid-upgrade: a job of a kind this process never registered stays queued for a
+    worker that knows it, rather than being claimed here and failed with "no handler"."""
+    elsewhere = jobs.enqueue(engine=engine, kind="test-only-elsewhere")
+    ran = jobs.work(engine=engine, store=None, once=True)
+    with Session(engine) as session:
+        row = session.get(Job, elsewhere.id)
+        assert row is not None
+        assert (row.status, row.attempts, row.error) == ("queued", 0, "")
+    assert ran == 0 or "test-only-elsewhere" not in jobs.registered_kinds()

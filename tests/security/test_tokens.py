@@ -266,3 +266,26 @@ def test_the_demo_prints_a_working_token_per_role(tmp_path: Path) -> None:
     with TestClient(create_app(Settings(data_dir=tmp_path))) as client:
         assert _status(client, tokens["clinician"])[0] == 200  # the demo's studies
         assert _status(client, tokens["auditor"])[0] == 403
+
+
+def test_nodes_starting_together_all_get_the_one_signing_key(tmp_path: Path) -> None:
+    """Several broker processes started at once on a shared data dir (tests/cluster starts three)
+    each create the key if it is missing: none may read a half-written file, and all end up with
+    the one key that won."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from broker.security.tokens import load_or_create_signing_key
+
+    for round_ in range(20):
+        path = tmp_path / f"round{round_}" / "signing-key.json"
+        barrier = threading.Barrier(8)
+
+        def load(_: int, path: Path = path, barrier: threading.Barrier = barrier) -> str:
+            barrier.wait()
+            return json.dumps(load_or_create_signing_key(path).as_dict(private=True), sort_keys=True)
+
+        with ThreadPoolExecutor(8) as pool:
+            keys = set(pool.map(load, range(8)))
+        assert len(keys) == 1
+        assert json.dumps(json.loads(path.read_text()), sort_keys=True) in keys
+        assert [p.name for p in path.parent.iterdir()] == ["signing-key.json"]  # no temporary left

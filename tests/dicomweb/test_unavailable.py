@@ -1,0 +1,62 @@
+"""An object store that fails under a retrieve: the client gets a 503 it can retry, never a 200
+whose body breaks off after the headers (tests/cluster found the cut stream under load)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.uid import generate_uid
+
+from storage import StoreUnavailable
+from tests.dicomweb.conftest import LiveServer
+from tests.dicomweb.data import multipart_body
+from tests.support import make_ds, to_bytes
+
+
+class _Refusing:
+    """The store as it is, except that every read fails as an unreachable S3 does."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.url = inner.url
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def open_local(self, key: str) -> str | None:
+        return None  # as S3: every read goes through get()
+
+    def get(self, key: str, **_kwargs: Any) -> Iterator[bytes]:
+        raise StoreUnavailable("object store unreachable: ConnectionError")
+
+
+def test_wado_rs_series_is_503_when_the_store_cannot_open_the_first_object(live_server: LiveServer) -> None:
+    study, series = generate_uid(), generate_uid()
+    data = to_bytes(make_ds(sop=generate_uid(), study=study, series=series))
+    with live_server.http() as http:
+        body, content_type = multipart_body([data])
+        stored = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+        assert stored.status_code == 200
+        app: Any = live_server.app
+        state = app.state.scanonce
+        app.state.scanonce = dataclasses.replace(state, store=_Refusing(state.store))
+        try:
+            for accept in (
+                'multipart/related; type="application/dicom"; transfer-syntax=*',
+                "image/jpeg",
+            ):
+                suffix = "/rendered" if "jpeg" in accept else ""
+                r = http.get(
+                    f"/dicom-web/studies/{study}/series/{series}{suffix}", headers={"Accept": accept}
+                )
+                assert r.status_code == 503, (accept, r.status_code, r.content[:200])
+                assert r.json()["error"] == "Service unavailable"
+        finally:
+            app.state.scanonce = state
+        r = http.get(
+            f"/dicom-web/studies/{study}/series/{series}",
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        )
+        assert r.status_code == 200 and data in r.content
