@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,24 @@ def _source(ref: str, work: Path) -> Path:
     return dest
 
 
+@dataclass
+class Side:
+    label: str
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+    log: Path
+    cwd: Path
+    first_start_s: float = 0.0
+    restarts_s: list[float] = field(default_factory=list)
+
+    def start_to_ready(self) -> float:
+        return _time_to_ready(self.argv, self.env, self.url, self.log, self.cwd)
+
+
 def scanonce_side(
-    label: str, src: Path, work: Path, *, runs: int, database_url: str | None, storage_url: str | None
-) -> dict[str, object]:
+    label: str, src: Path, work: Path, *, database_url: str | None, storage_url: str | None
+) -> Side:
     data = work / label.replace(" ", "_").replace("/", "_").replace("+", "_")
     data.mkdir()
     # PYTHONDONTWRITEBYTECODE (set in some shells) would recompile every module at every start,
@@ -188,13 +204,10 @@ def scanonce_side(
             capture_output=True,
             timeout=300,
         )
-    url = f"http://127.0.0.1:{http}/readyz"
-    first = _time_to_ready(argv, env, url, data / "serve.log", src)
-    times = [_time_to_ready(argv, env, url, data / "serve.log", src) for _ in range(runs)]
-    return {"side": label, "first_start_s": first, "restarts_s": times, "median_s": statistics.median(times)}
+    return Side(label, argv, env, f"http://127.0.0.1:{http}/readyz", data / "serve.log", src)
 
 
-def orthanc_side(work: Path, *, runs: int) -> dict[str, object]:
+def orthanc_side(work: Path) -> Side:
     base = work / "orthanc"
     base.mkdir()
     http, dicom = free_port(), free_port()
@@ -204,20 +217,12 @@ def orthanc_side(work: Path, *, runs: int) -> dict[str, object]:
     config = base / "orthanc.json"
     config.write_text(json.dumps(cfg, indent=2))
     argv = [ORTHANC_BIN, str(config)]
-    url = f"http://127.0.0.1:{http}/system"
     version = ""
-    first = _time_to_ready(argv, dict(os.environ), url, base / "orthanc.log", base)
-    times = [_time_to_ready(argv, dict(os.environ), url, base / "orthanc.log", base) for _ in range(runs)]
     with contextlib.suppress(Exception):
-        version = subprocess.run([ORTHANC_BIN, "--version"], capture_output=True, text=True).stdout.split(
-            "\n"
-        )[0]
-    return {
-        "side": f"Orthanc ({version.strip() or 'Debian package'})",
-        "first_start_s": first,
-        "restarts_s": times,
-        "median_s": statistics.median(times),
-    }
+        out = subprocess.run([ORTHANC_BIN, "--version"], capture_output=True, text=True).stdout
+        version = out.split("\n")[0].strip()
+    label = f"Orthanc ({version or 'Debian package'})"
+    return Side(label, argv, dict(os.environ), f"http://127.0.0.1:{http}/system", base / "orthanc.log", base)
 
 
 def main() -> None:
@@ -228,7 +233,6 @@ def main() -> None:
     parser.add_argument("--before", help="also measure the source tree of this git ref (e.g. main)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
-    results: list[dict[str, object]] = []
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="scanonce-startup-") as tmp:
         work = Path(tmp)
@@ -236,44 +240,42 @@ def main() -> None:
         if args.before:
             trees.insert(0, (f"before ({args.before})", _source(args.before, work)))
         with _postgres() as pg_url, _moto(work) as moto_url:
-            results.append(orthanc_side(work, runs=args.runs))
+            sides = [orthanc_side(work)]
             for n, (tag, src) in enumerate(trees):
-                results.append(
+                sides.append(
                     scanonce_side(
-                        f"ScanOnce SQLite+local {tag}",
-                        src,
-                        work,
-                        runs=args.runs,
-                        database_url=None,
-                        storage_url=None,
+                        f"ScanOnce SQLite+local {tag}", src, work, database_url=None, storage_url=None
                     )
                 )
                 # Created here, as an operator does once: a node's start only checks it.
                 _s3(moto_url).create_bucket(Bucket=f"startup-{n}")
                 storage = f"s3://startup-{n}?endpoint_url={moto_url}"
-                results.append(
+                sides.append(
                     scanonce_side(
-                        f"ScanOnce PostgreSQL+S3 {tag}",
-                        src,
-                        work,
-                        runs=args.runs,
-                        database_url=pg_url,
-                        storage_url=storage,
+                        f"ScanOnce PostgreSQL+S3 {tag}", src, work, database_url=pg_url, storage_url=storage
                     )
                 )
+            for side in sides:  # the first start migrates (SQLite) and writes the .pyc files
+                side.first_start_s = side.start_to_ready()
+            # Interleaved rounds: a change in the machine's load falls on every side alike.
+            for _ in range(args.runs):
+                for side in sides:
+                    side.restarts_s.append(side.start_to_ready())
     load_end = os.getloadavg()
-    orthanc = results[0]["median_s"]
-    assert isinstance(orthanc, float)
+    orthanc = statistics.median(sides[0].restarts_s)
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}; cores: {os.cpu_count()}")
-    print("| side | first start (migrates) s | restarts s | median s | / Orthanc |")
+    print("| side | first start s | restarts s | median s | / Orthanc |")
     print("|---|---|---|---|---|")
-    for r in results:
-        restarts = ", ".join(f"{t:.2f}" for t in r["restarts_s"])  # type: ignore[attr-defined]
-        median = r["median_s"]
-        assert isinstance(median, float)
+    results = []
+    for side in sides:
+        median = statistics.median(side.restarts_s)
+        restarts = ", ".join(f"{t:.2f}" for t in side.restarts_s)
         print(
-            f"| {r['side']} | {r['first_start_s']:.2f} | {restarts} | {median:.2f} "
+            f"| {side.label} | {side.first_start_s:.2f} | {restarts} | {median:.2f} "
             f"| {median / orthanc:.1f}x |"
+        )
+        results.append(
+            {"side": side.label, "first_start_s": side.first_start_s, "restarts_s": side.restarts_s}
         )
     if args.json:
         args.json.write_text(json.dumps({"load": [load_start, load_end], "results": results}, indent=2))
