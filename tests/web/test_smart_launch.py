@@ -33,6 +33,7 @@ from tests.peers import _stop
 
 ROOT = Path(__file__).resolve().parents[2]
 OIDC_DIR = ROOT / ".cache" / "oidc-provider"
+OUTSIDE = "http://192.0.2.10/fhir"  # TEST-NET-1: never reached
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,11 @@ def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ehr]:
             storage_url=(tmp / "objects").as_uri(),
             mllp_port=0,
             base_url=origin,
-            smart_ehrs={urls["fhir"]: {"client_id": "scanonce", "facility": "kids"}},
+            smart_ehrs={
+                urls["fhir"]: {"client_id": "scanonce", "facility": "kids"},
+                # Registered, but outside the outbound networks (loopback only here).
+                OUTSIDE: {"client_id": "scanonce"},
+            },
         )
         app = create_app(settings)
         st = app.state.scanonce
@@ -186,6 +191,12 @@ def test_an_unregistered_iss_is_refused(ehr: Ehr) -> None:
         assert r.headers["content-type"].startswith("text/html")
         assert "not registered" in r.text and "SCANONCE_SMART_EHRS" in r.text
         assert "set-cookie" not in r.headers
+
+
+def test_a_registered_ehr_outside_the_outbound_networks_is_not_called(ehr: Ehr) -> None:
+    r = httpx.get(f"{ehr.origin}/launch", params={"iss": OUTSIDE, "launch": "x"}, trust_env=False)
+    assert r.status_code == 403 and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in r.text
+    assert "set-cookie" not in r.headers
 
 
 def test_a_launch_without_its_handle_is_refused(ehr: Ehr) -> None:
