@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +20,8 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 class SmartEhr(BaseModel):
     """One EHR registered for SMART App Launch (see `Settings.smart_ehrs`)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
 
     client_id: str = Field(
         default="scanonce", description="The broker's client_id at the EHR's authorization server."

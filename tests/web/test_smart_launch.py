@@ -210,6 +210,14 @@ def test_a_callback_with_no_launch_behind_it_is_refused(ehr: Ehr) -> None:
     assert "scanonce_session" not in r.headers.get("set-cookie", "")
 
 
+def test_a_launch_the_user_cancelled_at_the_ehr_is_refused(ehr: Ehr) -> None:
+    r = httpx.get(
+        f"{ehr.origin}/launch/callback", params={"error": "access_denied", "state": "y"}, trust_env=False
+    )
+    assert r.status_code == 400 and "launch cancelled" in r.text
+    assert "scanonce_session" not in r.headers.get("set-cookie", "")
+
+
 def test_the_launch_asks_for_the_smart_scopes_audience_and_pkce(ehr: Ehr) -> None:
     r = httpx.get(
         f"{ehr.origin}/launch",
