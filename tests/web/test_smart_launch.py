@@ -24,12 +24,20 @@ import httpx
 import pytest
 import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
+from pydicom.uid import generate_uid
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from broker.app import create_app
 from broker.demo.service import load_demo
+from broker.identity import service as identity
+from broker.identity.matching import Demographics
+from broker.index.service import ingest_files
 from broker.settings import Settings
+from storage import ObjectStore
 from tests.live_demo import CHILD_MRN
 from tests.peers import _stop
+from tests.support import ADMIN, make_ds, write
 
 ROOT = Path(__file__).resolve().parents[2]
 OIDC_DIR = ROOT / ".cache" / "oidc-provider"
@@ -80,6 +88,7 @@ def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ehr]:
         app = create_app(settings)
         st = app.state.scanonce
         load_demo(engine=st.engine, store=st.store)
+        _add_a_patient_known_by_a_national_id(st.engine, st.store, tmp)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
@@ -95,6 +104,27 @@ def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ehr]:
     finally:
         _stop(node)
         sock.close()
+
+
+def _add_a_patient_known_by_a_national_id(engine: Engine, store: ObjectStore, tmp: Path) -> None:
+    """A child of the children's hospital whom the national register (a trusted issuer no
+    facility has) also names, as a registration feed records it."""
+    ds = make_ds(sop=generate_uid(), study=generate_uid(), series=generate_uid(), pid="K-SMART-1")
+    out = ingest_files(
+        engine=engine, store=store, principal=ADMIN, facility_id="kids", paths=[write(tmp, "n.dcm", ds)]
+    )
+    assert out[0].ok
+    with Session(engine) as session:
+        identity.set_trusted_issuer(session=session, principal=ADMIN, issuer="NATIONAL")
+        identity.upsert_record(
+            session=session,
+            identifier=identity.Identifier(issuer="NATIONAL", value="NAT-42"),
+            demographics=Demographics(family="DOE", given="JOHN"),
+            identifiers=[identity.Identifier(issuer="CHILDRENS", value="K-SMART-1")],
+            source="fhir",
+            principal=ADMIN,
+        )
+        session.commit()
 
 
 def _launch(browser: Browser, ehr: Ehr, launch: str, *, tamper: bool = False) -> tuple[BrowserContext, Page]:
@@ -155,6 +185,16 @@ def test_an_ehr_launch_opens_the_lookup_on_the_ehrs_patient(browser: Browser, eh
         page.goto(page.url + "&" + urlencode({"exam": "CT abdomen pelvis", "now": "2026-06-25"}))
         expect(page.locator("ol.relevant > li").first).to_contain_text("St Mary")
         assert "/auth/sign-in" not in page.url
+    finally:
+        context.close()
+
+
+def test_a_patient_known_only_by_a_national_id_is_looked_up_by_it(browser: Browser, ehr: Ehr) -> None:
+    # No facility has the NATIONAL issuer: the lookup starts from the identifier itself.
+    context, page = _launch(browser, ehr, "launch-national")
+    try:
+        assert page.url == f"{ehr.origin}/?" + urlencode({"identifier": "NATIONAL|NAT-42"})
+        expect(page.locator("#lookup")).to_contain_text("Looked up by identifier NATIONAL|NAT-42")
     finally:
         context.close()
 

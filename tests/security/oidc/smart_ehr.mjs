@@ -8,13 +8,17 @@ import http from 'node:http';
 import Provider from 'oidc-provider';
 
 const redirectUri = process.env.REDIRECT_URI;
-const LAUNCHES = { 'launch-known': 'pat-known', 'launch-unknown': 'pat-unknown' };
+const LAUNCHES = {
+  'launch-known': 'pat-known', 'launch-unknown': 'pat-unknown', 'launch-national': 'pat-national',
+};
 const PATIENTS = {
   // The broker knows the Children's Hospital MRN (the demo data); the EHR's own id comes first.
   'pat-known': [
     { system: 'urn:oid:2.16.840.1.113883.19.5', value: 'EHR-555' },
     { system: 'urn:scanonce:issuer:CHILDRENS', value: 'K346295' },
   ],
+  // Known to the broker only by a national ID (a trusted issuer no facility has).
+  'pat-national': [{ system: 'urn:scanonce:issuer:NATIONAL', value: 'NAT-42' }],
   'pat-unknown': [{ system: 'urn:scanonce:issuer:CHILDRENS', value: 'K000000-NOBODY' }],
 };
 
