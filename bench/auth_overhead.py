@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--patients", type=int, default=20)
     ap.add_argument("--guard-only", action="store_true", help="only the guard's own cost (seconds)")
+    ap.add_argument(
+        "--audit", action="store_true", help="audit on in both brokers (default off: authorization alone)"
+    )
     args = ap.parse_args()
     if args.guard_only:
         settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="bench-auth-")))
@@ -107,7 +110,9 @@ def main() -> None:
         return
     data = Path(tempfile.mkdtemp(prefix="bench-auth-"))
     os.environ["SCANONCE_INGEST_PROCESSES"] = "0"
-    on = Settings(data_dir=data, auth_enabled=True)
+    # Audit is measured by bench/audit.py; here both brokers record alike (default: neither), so
+    # the difference is authentication + authorization (roles, facility scope, consent) alone.
+    on = Settings(data_dir=data, auth_enabled=True, audit_enabled=args.audit)
     off = on.model_copy(update={"auth_enabled": False})
     state = build_state(on)
     load_demo(engine=state.engine, store=state.store, patients=args.patients)

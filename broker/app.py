@@ -63,6 +63,7 @@ from broker.security.http import AuthGuard
 from broker.security.routes import router as security_router
 from broker.security.tokens import Verifier, load_or_create_signing_key
 from broker.settings import Settings, get_settings
+from broker.smart.routes import router as smart_router
 from broker.web.routes import admin_router as web_admin_router
 from broker.web.routes import pages_router as web_pages_router
 from broker.web.routes import router as web_router
@@ -362,6 +363,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(web_pages_router)
     app.include_router(web_admin_router)
     app.include_router(security_router)
+    app.include_router(smart_router)
     app.include_router(audit_router)
 
 

@@ -12,10 +12,31 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SmartEhr(BaseModel):
+    """One EHR registered for SMART App Launch (see `Settings.smart_ehrs`)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
+    client_id: str = Field(
+        default="scanonce", description="The broker's client_id at the EHR's authorization server."
+    )
+    client_secret: str | None = Field(
+        default=None, description="Set for a confidential client (PKCE either way)."
+    )
+    facility: str | None = Field(
+        default=None,
+        description="The facility of the EHR's users (their session's facility); unset: default_facility.",
+    )
+    role: Literal["clinician", "radiologist"] = Field(
+        default="clinician",
+        description="The ScanOnce role of every user launched from this EHR (never one its tokens assert).",
+    )
 
 
 class Settings(BaseSettings):
@@ -296,6 +317,16 @@ class Settings(BaseSettings):
             "CDS Hooks clients (EHRs) whose signed JWTs are accepted on the CDS services, as JSON "
             '{"<iss>": "<its JWKS URL>"}; the JWT\'s `aud` must be the service URL and a `jti` is '
             "accepted once."
+        ),
+    )
+    smart_ehrs: dict[str, SmartEhr] = Field(
+        default_factory=dict,
+        description=(
+            "EHRs that may launch the pages (SMART App Launch, EHR launch), as JSON "
+            '{"<the EHR\'s FHIR base URL, the launch `iss`>": {"client_id": "scanonce", '
+            '"client_secret": null, "facility": "<facility id>", "role": "clinician"}}. A launch naming '
+            "any other `iss` is refused; "
+            "the broker calls the EHR only within outbound_allow_networks."
         ),
     )
 

@@ -34,6 +34,7 @@ from sqlmodel import Session
 from broker.audit.models import AuditChainHead, AuditEvent
 from broker.audit.schemas import AuditRecord, VerifyOut
 from broker.db import core_table
+from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest, Unavailable
 from broker.security.schemas import Principal
 
@@ -86,7 +87,15 @@ def set_study_resolver(resolver: StudyPatients | None) -> None:
 
 
 def _resolve(session: Session, records: Sequence[AuditRecord]) -> None:
-    wanted = sorted({r.study_uid for r in records if r.study_uid and not r.patient_id and r.resolve_study})
+    # Only well-formed UIDs name a study; anything else (a NUL byte, which PostgreSQL cannot
+    # even compare) must not turn a request's 404 into a failed audit write and a 503.
+    wanted = sorted(
+        {
+            r.study_uid
+            for r in records
+            if r.study_uid and not r.patient_id and r.resolve_study and is_valid_uid(r.study_uid)
+        }
+    )
     if not wanted or _resolver is None:
         return
     found = _resolver(session=session, study_uids=wanted)

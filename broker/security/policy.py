@@ -142,6 +142,9 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/auth/**", P.public),
     _r({"POST"}, "/auth/**", P.public),
     _r(_READ, "/static/**", P.public),
+    # SMART App Launch: the EHR opens it before there is a session (it makes one).
+    _r(_READ, "/launch", P.public),
+    _r(_READ, "/launch/callback", P.public),
     # DICOMweb: the broker-wide service and each facility's partition.
     _r(_READ, "/dicom-web/**", P.images_read),
     _r({"POST"}, "/dicom-web/studies", P.images_write),

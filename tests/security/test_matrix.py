@@ -40,6 +40,8 @@ EXPECTED: dict[tuple[str, str], set[str] | str] = {
     ("POST", "/auth/sign-out"): PUBLIC,
     ("GET", "/auth/oidc/start"): PUBLIC,
     ("GET", "/auth/oidc/callback"): PUBLIC,
+    ("GET", "/launch"): PUBLIC,
+    ("GET", "/launch/callback"): PUBLIC,
     ("GET", "/static/{name}"): PUBLIC,
     ("GET", "/openapi.json"): ALL,
     ("GET", "/api"): ALL,
