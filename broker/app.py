@@ -185,12 +185,13 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """The app's lifetime: the parse worker pool always (started before the first request,
+    """The app's lifetime: the parse worker pool always (spawned before the first request,
     shut down cleanly at the end), the network services under `scanonce serve`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(start_parsing)
+        # Spawned, not waited for: the workers import while this process finishes starting.
+        await asyncio.to_thread(start_parsing, wait=False)
         try:
             if services:
                 async with _services(app):

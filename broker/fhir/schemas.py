@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fhir.resources.patient import Patient as FhirPatient
-from fhir.resources.R4B.consent import Consent as FhirConsent
 from pydantic import ValidationError
 
 from broker.errors import BadRequest
@@ -90,6 +88,9 @@ def parse_patient(raw: bytes) -> tuple[Identifier, list[Identifier], matching.De
         raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict) or body.get("resourceType") != "Patient":
         raise BadRequest("body must be a FHIR Patient resource")
+    # Imported on first use: fhir.resources' models take a noticeable share of start-up.
+    from fhir.resources.patient import Patient as FhirPatient
+
     try:
         patient = FhirPatient.model_validate(body)
     except ValidationError as exc:
@@ -175,6 +176,8 @@ def parse_consent(raw: bytes) -> ConsentRequest:
         raise BadRequest("body is not JSON") from None
     if not isinstance(data, dict) or data.get("resourceType") != "Consent":
         raise BadRequest("expected a Consent resource")
+    from fhir.resources.R4B.consent import Consent as FhirConsent
+
     try:
         res = FhirConsent.model_validate(data)
     except (ValidationError, ValueError) as exc:

@@ -381,13 +381,19 @@ def _parse_pool() -> ProcessPoolExecutor | None:
         return _PARSE_POOL
 
 
-def start_parsing() -> None:
+def start_parsing(*, wait: bool = True) -> None:
     """Start the parse worker processes now, with the server: spawning them takes seconds,
-    which the first STOW-RS or C-STORE would otherwise wait for."""
+    which the first STOW-RS or C-STORE would otherwise wait for. `wait=False` (what the server
+    does) returns once they are spawned, not once they have imported their modules: the node is
+    ready sooner (it parses correctly meanwhile; an early request just queues behind the
+    warm-up), and the workers' imports overlap the server's own start."""
     pool = _parse_pool()
     if pool is not None:
-        # The executor spawns its workers on the first task; wait until they run.
-        list(pool.map(_worker_pid, range(_PARSE_PROCESSES)))
+        # The executor spawns a worker per task submitted while none is idle.
+        warmups = [pool.submit(_worker_pid, n) for n in range(_PARSE_PROCESSES)]
+        if wait:
+            for warmup in warmups:
+                warmup.result()
 
 
 def stop_parsing() -> None:
