@@ -251,30 +251,6 @@ def _resource(
     return got if got is not None and got.get("resourceType") == kind else None
 
 
-def _issuer_of(system: str) -> str:
-    """An identifier system as the issuer it names (the FHIR interface's convention: `urn:oid:`
-    OIDs, `urn:scanonce:issuer:` local issuers, other URIs as registered)."""
-    for prefix in ("urn:oid:", "urn:scanonce:issuer:"):
-        if system.startswith(prefix):
-            return system[len(prefix) :]
-    return system
-
-
-def _who(session: Session, patient: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(issuer, value) of the first identifier of the Patient that the broker knows."""
-    for ident in patient.get("identifier") or []:
-        if not isinstance(ident, dict):
-            continue
-        system, value = ident.get("system"), ident.get("value")
-        if not isinstance(system, str) or not isinstance(value, str) or not system or not value:
-            continue
-        issuer = _issuer_of(system.strip())
-        found, _person, _rows = lookup.confirmed_patients(session=session, issuer=issuer, value=value.strip())
-        if found:
-            return issuer, value.strip()
-    return None
-
-
 def _setting(call: HookCall, fetch: Fetch | None) -> str:
     explicit = call.extension.get(SETTING_EXTENSION)
     if explicit is not None:
@@ -473,7 +449,7 @@ def call_service(
             "the patient's identifiers are needed: send prefetch 'patient' (Patient/{{context.patientId}}) "
             "or a fhirServer the service may read it from"
         )
-    who = _who(session, patient)
+    who = lookup.known_fhir_patient(session=session, patient=patient)
     if who is None:
         return CdsResponse(cards=[])  # a patient the broker does not know: no card, not an error
     setting = _setting(call, fetch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,33 @@ def confirmed_patients(
     if patient is not None and all(p.pk != patient.pk for p in confirmed):
         confirmed.append(patient)
     return True, person_id, confirmed
+
+
+def _issuer_of(system: str) -> str:
+    """An identifier system as the issuer it names (the FHIR interface's convention: `urn:oid:`
+    OIDs, `urn:scanonce:issuer:` local issuers, other URIs as registered)."""
+    for prefix in ("urn:oid:", "urn:scanonce:issuer:"):
+        if system.startswith(prefix):
+            return system[len(prefix) :]
+    return system
+
+
+def known_fhir_patient(*, session: Session, patient: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(issuer, value) of the first identifier of a FHIR Patient that the broker knows: how a
+    patient handed over by an EHR (CDS Hooks context, SMART launch) becomes one of ours."""
+    for ident in patient.get("identifier") or []:
+        if not isinstance(ident, dict):
+            continue
+        system, value = ident.get("system"), ident.get("value")
+        if not isinstance(system, str) or not isinstance(value, str):
+            continue
+        if not system.strip() or not value.strip():
+            continue
+        issuer = _issuer_of(system.strip())
+        found, _person, _rows = confirmed_patients(session=session, issuer=issuer, value=value.strip())
+        if found:
+            return issuer, value.strip()
+    return None
 
 
 def _person_studies(

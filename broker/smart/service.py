@@ -199,32 +199,6 @@ def _id_token_claims(conf: Mapping[str, Any], ehr: SmartEhr, id_token: Any, nonc
     return decoded.claims
 
 
-def _issuer_of(system: str) -> str:
-    """An identifier system as the issuer it names (the FHIR interface's convention: `urn:oid:`
-    OIDs, `urn:scanonce:issuer:` local issuers, other URIs as registered)."""
-    for prefix in ("urn:oid:", "urn:scanonce:issuer:"):
-        if system.startswith(prefix):
-            return system[len(prefix) :]
-    return system
-
-
-def _who(session: Session, patient: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(issuer, value) of the first identifier of the Patient that the broker knows."""
-    for ident in patient.get("identifier") or []:
-        if not isinstance(ident, dict):
-            continue
-        system, value = ident.get("system"), ident.get("value")
-        if not isinstance(system, str) or not isinstance(value, str):
-            continue
-        if not system.strip() or not value.strip():
-            continue
-        issuer = _issuer_of(system.strip())
-        found, _person, _rows = lookup.confirmed_patients(session=session, issuer=issuer, value=value.strip())
-        if found:
-            return issuer, value.strip()
-    return None
-
-
 def finish(
     *, verifier: Verifier, session: Session, cookie: str | None, code: str, state: str, redirect_uri: str
 ) -> Launched:
@@ -262,7 +236,7 @@ def finish(
         via="session",
         issuer=str(claims["iss"]),
     )
-    who = _who(session, patient)
+    who = lookup.known_fhir_patient(session=session, patient=patient)
     if who is None:
         return Launched(principal=principal, facility=None, mrn=None, identifier=None)
     facility = next((f.id for f in facilities.list_facilities(session=session) if f.issuer == who[0]), None)
