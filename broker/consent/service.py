@@ -107,9 +107,28 @@ def remove_listener(listener: ConsentListener) -> None:
         _listeners.remove(listener)
 
 
-def _announce(session: Session, event: ConsentEvent, principal: Principal) -> None:
-    """Record the change in the audit trail, in this transaction (no unrecorded grant), then tell
-    the listeners."""
+def _announce(
+    session: Session,
+    *,
+    principal: Principal,
+    action: str,
+    patient_pk: int,
+    person_id: int | None,
+    at: datetime,
+    detail: dict[str, Any],
+) -> None:
+    """Record the change `principal` made in the audit trail, in this transaction (no
+    unrecorded grant), then tell the listeners."""
+    event = ConsentEvent(
+        action=action,
+        who=principal.who,
+        role=str(principal.role),
+        facility=principal.facility,
+        patient_pk=patient_pk,
+        person_id=person_id,
+        at=at,
+        detail=detail,
+    )
     patient = session.get(Patient, event.patient_pk)
     what = (
         event.detail.get("reason") if event.action == "break-glass.granted" else event.detail.get("decision")
@@ -412,16 +431,11 @@ def _store(
     _announce(
         session,
         principal=principal,
-        event=ConsentEvent(
-            action="consent.recorded",
-            who=principal.who,
-            role=str(principal.role),
-            facility=principal.facility,
-            patient_pk=patient.pk,
-            person_id=patient.person_id,
-            at=now,
-            detail={"consent_id": row.id, "decision": decision, "scope": scope_facility or "*"},
-        ),
+        action="consent.recorded",
+        patient_pk=patient.pk,
+        person_id=patient.person_id,
+        at=now,
+        detail={"consent_id": row.id, "decision": decision, "scope": scope_facility or "*"},
     )
     session.commit()
     session.refresh(row)
@@ -468,16 +482,11 @@ def revoke_consent(*, session: Session, principal: Principal, consent_id: int) -
     _announce(
         session,
         principal=principal,
-        event=ConsentEvent(
-            action="consent.revoked",
-            who=principal.who,
-            role=str(principal.role),
-            facility=principal.facility,
-            patient_pk=row.patient_pk,
-            person_id=None if patient is None else patient.person_id,
-            at=_now(),
-            detail={"consent_id": row.id, "decision": row.decision, "scope": row.scope_facility or "*"},
-        ),
+        action="consent.revoked",
+        patient_pk=row.patient_pk,
+        person_id=None if patient is None else patient.person_id,
+        at=_now(),
+        detail={"consent_id": row.id, "decision": row.decision, "scope": row.scope_facility or "*"},
     )
     session.delete(row)
     session.commit()
@@ -538,16 +547,11 @@ def break_glass(
     _announce(
         session,
         principal=principal,
-        event=ConsentEvent(
-            action="break-glass.granted",
-            who=principal.who,
-            role=str(principal.role),
-            facility=principal.facility,
-            patient_pk=patient.pk,
-            person_id=patient.person_id,
-            at=now,
-            detail={"grant_id": grant.id, "minutes": minutes, "reason": text},
-        ),
+        action="break-glass.granted",
+        patient_pk=patient.pk,
+        person_id=patient.person_id,
+        at=now,
+        detail={"grant_id": grant.id, "minutes": minutes, "reason": text},
     )
     session.commit()
     session.refresh(grant)
