@@ -28,6 +28,7 @@ from broker.audit import service as audit_service
 from broker.audit.http import AuditMiddleware
 from broker.audit.routes import router as audit_router
 from broker.cds.routes import router as cds_router
+from broker.consent import service as consent_service
 from broker.consent.routes import router as consent_router
 from broker.db import check_connection, make_engine, migrate, require_current_schema, wait_for_database
 from broker.deps import AppState
@@ -95,6 +96,8 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     imports_service.set_fetcher(federation_service.ensure_local)
     # An audit event that names only a study (a WADO-RS read) gets its patient from the index.
     audit_service.set_study_resolver(index_service.study_patients)
+    # ... and an access made under a break-the-glass grant is flagged BTG (consent knows grants).
+    audit_service.set_emergency_marker(consent_service.mark_emergency_accesses)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
     # Studies stored before the lookup's facts existed: a durable job computes them once.

@@ -31,7 +31,8 @@ def search_audit_events(
     request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
 ) -> Response:
     """AuditEvent search: patient (ID or system|ID), agent (who), date (repeatable, with ge/le/gt/lt
-    prefixes), action (C R U D E), subtype, _count, _offset. Newest first; a searchset Bundle."""
+    prefixes), action (C R U D E), subtype, purpose (a purpose-of-use code: `BTG` lists accesses
+    made under break-the-glass), _count, _offset. Newest first; a searchset Bundle."""
     params = request.query_params
     try:
         count = int(params.get("_count", "100"))
@@ -40,7 +41,7 @@ def search_audit_events(
         return _outcome(400, "_count and _offset must be integers")
     if not 0 <= count <= _MAX_COUNT or offset < 0:
         return _outcome(400, f"_count must be 0..{_MAX_COUNT} and _offset not negative")
-    known = {"patient", "agent", "date", "action", "subtype", "_count", "_offset", "entity-id"}
+    known = {"patient", "agent", "date", "action", "subtype", "purpose", "_count", "_offset", "entity-id"}
     unknown = sorted(set(params) - known)
     if unknown and "handling=lenient" not in request.headers.get("prefer", "").replace(" ", ""):
         return _outcome(400, f"unsupported search parameter(s): {', '.join(unknown)[:200]}")
@@ -51,6 +52,7 @@ def search_audit_events(
         action=params.get("action"),
         subtype=params.get("subtype"),
         study=(params.get("entity-id") or "").removeprefix("urn:oid:") or None,
+        purpose=params.get("purpose") or None,
     )
     try:
         total, rows = service.search(session=session, query=query, limit=count, offset=offset)
@@ -88,12 +90,22 @@ def list_audit_events(
         str | None, Query(description="query, read, retrieve, store, import, link, ...")
     ] = None,
     study: Annotated[str | None, Query(description="Study Instance UID")] = None,
+    purpose: Annotated[
+        str | None,
+        Query(description="purpose-of-use code; BTG: accesses under break-the-glass", max_length=32),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=_MAX_COUNT)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[AuditEventOut]:
     """Audit events, newest first."""
     query = AuditQuery(
-        patient=patient, agent=agent, dates=tuple(date or ()), action=action, subtype=subtype, study=study
+        patient=patient,
+        agent=agent,
+        dates=tuple(date or ()),
+        action=action,
+        subtype=subtype,
+        study=study,
+        purpose=purpose,
     )
     _total, rows = service.search(session=session, query=query, limit=limit, offset=offset)
     return [AuditEventOut(**r) for r in rows]

@@ -26,7 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, literal, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
@@ -86,6 +86,22 @@ def set_study_resolver(resolver: StudyPatients | None) -> None:
     _resolver = resolver
 
 
+class EmergencyMarker(Protocol):
+    """Marks, in place, the events of accesses made under a break-the-glass grant (adds the
+    purpose of use `BTG`); consent implements it (a layer above), the app wires it in."""
+
+    def __call__(self, *, session: Session, records: Sequence[AuditRecord]) -> None: ...
+
+
+_marker: EmergencyMarker | None = None
+BREAK_THE_GLASS = "BTG"  # HL7 v3 ActReason (PurposeOfUse): break the glass
+
+
+def set_emergency_marker(marker: EmergencyMarker | None) -> None:
+    global _marker
+    _marker = marker
+
+
 def _resolve(session: Session, records: Sequence[AuditRecord]) -> None:
     # Only well-formed UIDs name a study; anything else (a NUL byte, which PostgreSQL cannot
     # even compare) must not turn a request's 404 into a failed audit write and a 503.
@@ -110,6 +126,9 @@ def append(*, session: Session, records: Sequence[AuditRecord]) -> list[int]:
     if not records:
         return []
     _resolve(session, records)
+    if _marker is not None:
+        # After resolving: the marker asks whose records the event names.
+        _marker(session=session, records=records)
     # Lock the head first and read it in the same statement: the next appender waits here until
     # this transaction ends (UPDATE ... RETURNING: PostgreSQL, SQLite >= 3.35).
     head = session.execute(
@@ -365,6 +384,7 @@ class AuditQuery:
     action: str | None = None
     subtype: str | None = None
     study: str | None = None
+    purpose: str | None = None  # one purpose-of-use code: BTG lists break-the-glass accesses
 
 
 def _instant(text: str) -> tuple[str, str]:
@@ -402,6 +422,9 @@ def _conditions(q: AuditQuery) -> list[Any]:
         where.append(c.action == q.action)
     if q.subtype:
         where.append(c.subtype == q.subtype)
+    if q.purpose:
+        # purpose_of_use holds space-separated codes ("TREAT BTG"): match one whole code.
+        where.append((literal(" ") + c.purpose_of_use + literal(" ")).like(f"% {q.purpose.strip()} %"))
     if q.study:
         where.append(c.study_uid == q.study)
     for raw in q.dates:
@@ -505,15 +528,11 @@ def to_fhir(row: dict[str, Any]) -> dict[str, Any]:
     if row["outcome_desc"]:
         event["outcomeDesc"] = row["outcome_desc"]
     if row["purpose_of_use"]:
+        # One CodeableConcept per code: the caller's stated purpose, then BTG for a read made
+        # under a break-the-glass grant.
         purpose = [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                        "code": row["purpose_of_use"],
-                    }
-                ]
-            }
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": code}]}
+            for code in row["purpose_of_use"].split()
         ]
         event["purposeOfEvent"] = purpose
         agent["purposeOfUse"] = purpose

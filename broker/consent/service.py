@@ -25,12 +25,12 @@ record them in the same commit (broker.app wires the audit in).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import ColumnElement, and_, false, literal, not_, or_
+from sqlalchemy import ColumnElement, and_, false, func, literal, not_, or_
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
@@ -41,6 +41,8 @@ from broker.db import core_table
 from broker.errors import BadRequest, NotFound
 from broker.facilities import service as facilities
 from broker.facilities.models import Facility
+from broker.identity.models import IdentityRecord
+from broker.identity.queries import RecordFilter
 from broker.index.models import Patient, Study
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
@@ -58,6 +60,30 @@ _SUBJECT = _patient.alias("consent_subject")
 _GIVEN_FOR = _patient.alias("consent_record")
 _HOLDER = _facility.alias("consent_holder")
 _GRANTED_FOR = _patient.alias("glass_record")
+
+# An identity record (FHIR Patient, PIXm) as the rule sees it. Its facility: the one it was
+# linked from, else the registered facility whose issuer it carries (a feed's record), else none.
+# Its patient row: its own, else any of its person's (a feed's record without images): a choice
+# applies to every record of the person, so any of them answers for it.
+_identity = core_table(IdentityRecord)
+_RECORD_HOLDER = _facility.alias("record_holder")
+_RECORD_PATIENT = _patient.alias("record_patient")
+_RECORD_FACILITY = func.coalesce(
+    _identity.c.facility_id,
+    core_select(_RECORD_HOLDER.c.id)
+    .where(_RECORD_HOLDER.c.issuer == _identity.c.issuer)
+    .limit(1)
+    .correlate(_identity)
+    .scalar_subquery(),
+    literal(""),
+)
+_RECORD_PK = func.coalesce(
+    _identity.c.patient_pk,
+    core_select(func.min(_RECORD_PATIENT.c.pk))
+    .where(_RECORD_PATIENT.c.person_id == _identity.c.person_id)
+    .correlate(_identity)
+    .scalar_subquery(),
+)
 
 CLINICAL_ROLES = frozenset({Role.clinician, Role.radiologist})
 # Roles whose view of other facilities' records consent limits. Reviewers and auditors read no
@@ -319,6 +345,83 @@ def filter_studies(*, session: Session, principal: Principal, studies: Sequence[
     )
     kept = [s for s in studies if s.study_pk in seen]
     return kept, len(studies) - len(kept)
+
+
+def record_filter(*, session: Session, principal: Principal) -> RecordFilter | None:
+    """For identity's reads (FHIR Patient read and search, PIXm, the pages' name search): given
+    identity record ids, those `principal` may see, by the same rule as studies (one query per
+    call). None when consent does not limit the caller."""
+    rule = visibility(session=session, principal=principal)
+    if rule is None:
+        return None
+    cond = rule(_RECORD_FACILITY, _RECORD_PK)
+
+    def keep(record_ids: Collection[int]) -> set[int]:
+        if not record_ids:
+            return set()
+        stmt = core_select(_identity.c.id).where(_identity.c.id.in_(list(record_ids)), cond)
+        return set(session.execute(stmt).scalars())
+
+    return keep
+
+
+# -- break-the-glass in the audit trail ------------------------------------------------------------
+
+# The audit subtypes that read patient data: the ones a grant can have opened.
+_READS = frozenset({"query", "read", "retrieve", "import"})
+
+
+def mark_emergency_accesses(*, session: Session, records: Sequence[AuditRecord]) -> None:
+    """Flag, in place, each audit event of an access made under break-the-glass: its agent holds
+    an active grant, and the event names a record of the granted person or names no patient at
+    all (a query whose matches the grant may have widened). The flag is the purpose of use `BTG`
+    (HL7 v3 ActReason) after the caller's own, so `purpose=BTG` lists them for a privacy officer.
+    Wired into audit.append by the app: one indexed query per batch when no one holds a grant."""
+    readers = {r.agent_who for r in records if r.agent_who and r.subtype in _READS}
+    if not readers:
+        return
+    grants = session.execute(
+        core_select(_glass.c.who, _glass.c.facility, _glass.c.patient_pk).where(
+            _glass.c.who.in_(sorted(readers)), _glass.c.expires_at > _now()
+        )
+    ).all()
+    if not grants:
+        return
+    # The granted persons now (links may have changed since the grant), per (who, facility).
+    granted_pks = sorted({g.patient_pk for g in grants})
+    person_of = dict(
+        session.execute(
+            core_select(_patient.c.pk, _patient.c.person_id).where(_patient.c.pk.in_(granted_pks))
+        )
+        .tuples()
+        .all()
+    )
+    persons: dict[tuple[str, str], set[int | str]] = {}
+    for g in grants:
+        persons.setdefault((g.who, g.facility), set()).add(
+            person_of.get(g.patient_pk) or f"pk:{g.patient_pk}"
+        )
+    named = {(r.patient_issuer, r.patient_id) for r in records if r.patient_id}
+    # A record's (issuer, ID) to its person; a bare ID (a query without an issuer) to every
+    # person with that ID.
+    record_persons: dict[tuple[str, str], set[int | str]] = {}
+    if named:
+        for pk, issuer, pid, person in session.execute(
+            core_select(_patient.c.pk, _patient.c.issuer, _patient.c.patient_id, _patient.c.person_id).where(
+                _patient.c.patient_id.in_(sorted({pid for _i, pid in named}))
+            )
+        ).tuples():
+            for key in ((issuer, pid), ("", pid)):
+                record_persons.setdefault(key, set()).add(person or f"pk:{pk}")
+    for r in records:
+        held = persons.get((r.agent_who, r.agent_facility))
+        if held is None or r.subtype not in _READS:
+            continue
+        if r.patient_id and not record_persons.get((r.patient_issuer, r.patient_id), set()) & held:
+            continue
+        codes = r.purpose_of_use.split()
+        if audit.BREAK_THE_GLASS not in codes:
+            r.purpose_of_use = " ".join([*codes, audit.BREAK_THE_GLASS])
 
 
 # -- recording choices ---------------------------------------------------------------------------

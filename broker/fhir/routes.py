@@ -67,11 +67,13 @@ def operation_outcome(status: int, message: str, code: str | None = None) -> Res
 @router.get("/Patient/$ihe-pix", include_in_schema=True)
 def pixm(
     session: SessionDep,
-    _principal: PrincipalDep,
+    principal: PrincipalDep,
     sourceIdentifier: str | None = Query(default=None),  # noqa: N803 - FHIR parameter name
     targetSystem: list[str] = Query(default_factory=list),  # noqa: N803
 ) -> Response:
-    """IHE PIXm (ITI-83): the other identifiers of the person a source identifier belongs to."""
+    """IHE PIXm (ITI-83): the other identifiers of the person a source identifier belongs to.
+    Only records the caller may see (consent, purpose of use) answer: a source identifier of a
+    withheld record is 404 as an unknown one, a withheld record's identifiers are not listed."""
     try:
         if not sourceIdentifier:
             raise BadRequest("sourceIdentifier is required")
@@ -81,7 +83,8 @@ def pixm(
         targets = [issuer_from_system(t) for t in targetSystem if t]
         if any(not service.issuer_known(session=session, issuer=t) for t in targets):
             return operation_outcome(403, "targetSystem not found", "code-invalid")
-        ids = service.cross_reference(session=session, identifier=source, target_issuers=targets)
+        keep = consent_service.record_filter(session=session, principal=principal)
+        ids = service.cross_reference(session=session, identifier=source, target_issuers=targets, keep=keep)
         person_id = service.person_of(session=session, identifier=source)
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
@@ -101,14 +104,15 @@ def pixm(
 def pdqm(
     request: Request,
     session: SessionDep,
-    _principal: PrincipalDep,
+    principal: PrincipalDep,
     family: str | None = None,
     given: str | None = None,
     birthdate: str | None = None,
     identifier: str | None = None,
     _count: int = Query(default=50, ge=1, le=500),
 ) -> Response:
-    """IHE PDQm (ITI-78): persons matching the demographics, each with all its identifiers."""
+    """IHE PDQm (ITI-78): persons matching the demographics, each with all its identifiers; both
+    limited to the records the caller may see (consent, purpose of use)."""
     allowed = {"family", "given", "birthdate", "identifier", "_count", "_format"}
     unknown = sorted(set(request.query_params) - allowed)
     try:
@@ -116,7 +120,13 @@ def pdqm(
             raise BadRequest(f"unsupported search parameter(s): {', '.join(unknown)}")
         ident = parse_token(identifier, what="identifier") if identifier else None
         persons = service.search_persons(
-            session=session, family=family, given=given, birth_date=birthdate, identifier=ident, limit=_count
+            session=session,
+            family=family,
+            given=given,
+            birth_date=birthdate,
+            identifier=ident,
+            limit=_count,
+            keep=consent_service.record_filter(session=session, principal=principal),
         )
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
@@ -140,11 +150,13 @@ def pdqm(
 
 
 @router.get("/Patient/{person_id}")
-def read_patient(person_id: str, session: SessionDep, _principal: PrincipalDep) -> Response:
+def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
+    """A person, from the records the caller may see: none is 404, as for an unknown person."""
     if not person_id.isdigit():
         return operation_outcome(404, "no such Patient")
     try:
-        view = service.person_view(session=session, person_id=int(person_id))
+        keep = consent_service.record_filter(session=session, principal=principal)
+        view = service.person_view(session=session, person_id=int(person_id), keep=keep)
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     return _fhir(patient_resource(view))

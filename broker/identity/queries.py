@@ -1,10 +1,14 @@
 """What the FHIR interface asks of identity: the identifiers of a person (PIXm), persons by
 demographics (PDQm), one person's view, and whether an issuer is known at all. Reads only.
+
+Each read takes an optional `keep`: given record ids, the ones the caller may see (consent,
+purpose of use; built by broker.consent, which sits above identity). A record the caller may not
+see lends the person neither its identifiers nor its demographics, and does not make it found.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from sqlmodel import Session, col, select
 
@@ -15,11 +19,28 @@ from broker.identity.models import IdentityIdentifier, IdentityRecord, ReviewIte
 from broker.identity.records import check_identifier, get_record, require_record
 from broker.identity.schemas import Identifier, PersonView
 
+# Record ids in, the subset the caller may see out.
+RecordFilter = Callable[[Collection[int]], set[int]]
 
-def person_identifiers(*, session: Session, person_id: int) -> list[Identifier]:
-    recs = session.exec(
-        select(IdentityRecord).where(IdentityRecord.person_id == person_id).order_by(col(IdentityRecord.id))
-    ).all()
+
+def _kept(recs: Sequence[IdentityRecord], keep: RecordFilter | None) -> list[IdentityRecord]:
+    if keep is None or not recs:
+        return list(recs)
+    seen = keep([r.id for r in recs if r.id is not None])
+    return [r for r in recs if r.id in seen]
+
+
+def person_identifiers(
+    *, session: Session, person_id: int, keep: RecordFilter | None = None
+) -> list[Identifier]:
+    recs = _kept(
+        session.exec(
+            select(IdentityRecord)
+            .where(IdentityRecord.person_id == person_id)
+            .order_by(col(IdentityRecord.id))
+        ).all(),
+        keep,
+    )
     out: list[Identifier] = []
     seen: set[tuple[str, str]] = set()
     rec_ids = [r.id for r in recs]
@@ -34,9 +55,14 @@ def person_identifiers(*, session: Session, person_id: int) -> list[Identifier]:
 
 
 def cross_reference(
-    *, session: Session, identifier: Identifier, target_issuers: Sequence[str] = ()
+    *,
+    session: Session,
+    identifier: Identifier,
+    target_issuers: Sequence[str] = (),
+    keep: RecordFilter | None = None,
 ) -> list[Identifier]:
-    """PIXm: every other identifier of the person `identifier` belongs to (NotFound if unknown)."""
+    """PIXm: every other identifier of the person `identifier` belongs to (NotFound if unknown,
+    or if the record it names is one the caller may not see: the same answer)."""
     ident = check_identifier(identifier)
     rec = get_record(session=session, issuer=ident.issuer, value=ident.value)
     if rec is None:
@@ -48,7 +74,9 @@ def cross_reference(
         if owner is None:
             raise NotFound("source identifier is unknown")
         rec = require_record(session=session, record_id=owner.record_id)
-    ids = [i for i in person_identifiers(session=session, person_id=rec.person_id) if i != ident]
+    if not _kept([rec], keep):
+        raise NotFound("source identifier is unknown")
+    ids = [i for i in person_identifiers(session=session, person_id=rec.person_id, keep=keep) if i != ident]
     if target_issuers:
         wanted = set(target_issuers)
         ids = [i for i in ids if i.issuer in wanted]
@@ -76,12 +104,15 @@ def issuer_known(*, session: Session, issuer: str) -> bool:
     )
 
 
-def person_view(*, session: Session, person_id: int) -> PersonView:
-    recs = session.exec(
-        select(IdentityRecord)
-        .where(IdentityRecord.person_id == person_id)
-        .order_by(col(IdentityRecord.updated_at).desc())
-    ).all()
+def person_view(*, session: Session, person_id: int, keep: RecordFilter | None = None) -> PersonView:
+    recs = _kept(
+        session.exec(
+            select(IdentityRecord)
+            .where(IdentityRecord.person_id == person_id)
+            .order_by(col(IdentityRecord.updated_at).desc())
+        ).all(),
+        keep,
+    )
     if not recs:
         raise NotFound(f"no person {person_id}")
 
@@ -90,7 +121,7 @@ def person_view(*, session: Session, person_id: int) -> PersonView:
 
     return PersonView(
         person_id=person_id,
-        identifiers=person_identifiers(session=session, person_id=person_id),
+        identifiers=person_identifiers(session=session, person_id=person_id, keep=keep),
         family=first("family"),
         given=first("given"),
         middle=first("middle"),
@@ -109,20 +140,27 @@ def search_persons(
     birth_date: str | None = None,
     identifier: Identifier | None = None,
     limit: int = 50,
+    keep: RecordFilter | None = None,
 ) -> list[PersonView]:
-    """PDQm: persons matching all given demographics (names: exact or prefix, case-insensitive)."""
-    stmt = select(IdentityRecord.person_id).distinct()
+    """PDQm: persons matching all given demographics (names: exact or prefix, case-insensitive).
+    With `keep`, the identifier and the demographics must match records the caller may see."""
+    stmt = select(IdentityRecord.id, IdentityRecord.person_id)
     if identifier is not None:
         ident = check_identifier(identifier)
-        by_own = select(IdentityRecord.person_id).where(
+        by_own = select(IdentityRecord.id).where(
             IdentityRecord.issuer == ident.issuer, IdentityRecord.value == ident.value
         )
-        by_other = (
-            select(IdentityRecord.person_id)
-            .join(IdentityIdentifier, col(IdentityIdentifier.record_id) == col(IdentityRecord.id))
-            .where(IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value)
+        by_other = select(IdentityIdentifier.record_id).where(
+            IdentityIdentifier.issuer == ident.issuer, IdentityIdentifier.value == ident.value
         )
-        persons = set(session.exec(by_own).all()) | set(session.exec(by_other).all())
+        named = {i for i in [*session.exec(by_own).all(), *session.exec(by_other).all()] if i is not None}
+        if keep is not None and named:
+            named = keep(named)
+        persons = (
+            set(session.exec(select(IdentityRecord.person_id).where(col(IdentityRecord.id).in_(named))).all())
+            if named
+            else set()
+        )
         stmt = stmt.where(col(IdentityRecord.person_id).in_(persons))
     criteria = False
     if family is not None:
@@ -145,8 +183,24 @@ def search_persons(
         criteria = True
     if identifier is None and not criteria:
         raise BadRequest("give at least one of family, given, birthdate, identifier")
-    person_ids = list(session.exec(stmt.limit(limit)).all())
-    return [person_view(session=session, person_id=p) for p in person_ids]
+    stmt = stmt.order_by(col(IdentityRecord.person_id), col(IdentityRecord.id))
+    person_ids: list[int] = []
+    # Paged: with `keep`, matching records the caller may not see are skipped, so a page may add
+    # fewer persons than it has rows.
+    page = max(limit * 4, 200)
+    offset = 0
+    while len(person_ids) < limit:
+        rows = session.exec(stmt.offset(offset).limit(page)).all()
+        visible = keep([r for r, _p in rows if r is not None]) if keep is not None and rows else None
+        for record_id, person_id in rows:
+            if (visible is None or record_id in visible) and person_id not in person_ids:
+                person_ids.append(person_id)
+                if len(person_ids) == limit:
+                    break
+        if len(rows) < page:
+            break
+        offset += page
+    return [person_view(session=session, person_id=p, keep=keep) for p in person_ids]
 
 
 def unconfirmed_patients(*, session: Session, person_id: int) -> dict[int, int]:

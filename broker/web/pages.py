@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import orjson
 from sqlmodel import Session
 
+from broker.consent import service as consent
 from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.facilities import service as facilities
 from broker.federation import service as federation
@@ -143,7 +144,7 @@ def lookup_view(*, session: Session, principal: Principal, form: LookupForm) -> 
             view.errors["now"] = "The date must be written YYYY-MM-DD."
             return view
     if form.by_name:
-        _search_people(session, form, view)
+        _search_people(session, principal, form, view)
         return view
     if not (form.mrn or form.identifier):
         if form.exam or form.code:
@@ -199,14 +200,16 @@ def _ordering_facility(session: Session, form: LookupForm) -> str:
     return ""
 
 
-def _search_people(session: Session, form: LookupForm, view: LookupView) -> None:
+def _search_people(session: Session, principal: Principal, form: LookupForm, view: LookupView) -> None:
     try:
+        # Only records the caller may see (consent, purpose of use), as FHIR's PDQm.
         people = identity.search_persons(
             session=session,
             family=form.family or None,
             given=form.given or None,
             birth_date=form.birthdate or None,
             limit=20,
+            keep=consent.record_filter(session=session, principal=principal),
         )
     except BadRequest as exc:
         view.errors["family" if "birth" not in exc.message else "birthdate"] = exc.message

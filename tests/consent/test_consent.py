@@ -333,6 +333,64 @@ def test_denials_do_not_leak_existence(
         assert stmarys.get("/api/consent", params={"facility": KIDS, "patient_id": mrn}).status_code == 404
 
 
+def _pdqm(client: httpx.Client, **params: str) -> dict[str, Any]:
+    """A PDQm searchset, without its self link (which repeats the query)."""
+    r = client.get("/fhir/Patient", params=params)
+    assert r.status_code == 200, r.text
+    return {k: v for k, v in r.json().items() if k != "link"}
+
+
+def _values(resource: dict[str, Any]) -> set[str]:
+    return {i["value"] for i in resource.get("identifier", [])}
+
+
+def _pix(client: httpx.Client, source: str) -> httpx.Response:
+    return client.get("/fhir/Patient/$ihe-pix", params={"sourceIdentifier": source})
+
+
+def test_fhir_patient_and_pixm_do_not_find_an_opted_out_patient_from_other_facilities(
+    server: LiveServer, admin: httpx.Client, stmarys: httpx.Client, kids: httpx.Client
+) -> None:
+    person = _person(admin)
+    theirs = f"urn:scanonce:issuer:{CHILD_ISSUER}|{CHILD_MRN}"
+    ours = f"urn:scanonce:issuer:ST-MARYS|{CHILD_ST_MARYS_MRN}"
+    nobody = f"urn:scanonce:issuer:{CHILD_ISSUER}|NO-SUCH-MRN"
+    family = admin.get(f"/fhir/Patient/{person}").json()["name"][0]["family"]
+    with _client(server, "clinician", "northgen") as north:
+        # Before: a third facility finds the child by either identifier and by name.
+        assert _pdqm(north, identifier=theirs)["total"] == 1
+        assert CHILD_ST_MARYS_MRN in str(_pix(north, theirs).json())
+        assert person in str(_pdqm(north, family=family))
+        with opted_out(kids):
+            # A third facility: found nowhere, answered as for a patient the broker does not know.
+            assert _pdqm(north, identifier=theirs) == _pdqm(north, identifier=nobody)
+            assert _pdqm(north, identifier=ours)["total"] == 0  # the opt-out follows the person
+            assert person not in {e["resource"]["id"] for e in _pdqm(north, family=family).get("entry", [])}
+            hidden, missing = north.get(f"/fhir/Patient/{person}"), north.get("/fhir/Patient/987654321")
+            assert hidden.status_code == missing.status_code == 404
+            assert hidden.text.replace(person, "X") == missing.text.replace("987654321", "X")
+            hidden, missing = _pix(north, theirs), _pix(north, nobody)
+            assert (hidden.status_code, hidden.text) == (missing.status_code, missing.text)
+            assert hidden.status_code == 404
+            # St Mary's: its own record of the child, without the children's hospital's identifier.
+            seen = stmarys.get(f"/fhir/Patient/{person}")
+            assert seen.status_code == 200 and CHILD_MRN not in _values(seen.json())
+            assert CHILD_ST_MARYS_MRN in _values(seen.json())
+            assert CHILD_MRN not in _pix(stmarys, ours).text
+            assert _pix(stmarys, theirs).status_code == 404
+            # The children's hospital (where the child opted out) still finds its patient.
+            assert _pdqm(kids, identifier=theirs)["total"] == 1
+            assert CHILD_MRN in _values(kids.get(f"/fhir/Patient/{person}").json())
+            assert _pix(kids, theirs).status_code == 200
+            # The pages' search by name: as PDQm.
+            page = north.get("/", params={"family": family})
+            assert page.status_code == 200 and CHILD_MRN not in page.text
+            # Operators are not limited by consent.
+            assert {CHILD_MRN, CHILD_ST_MARYS_MRN} <= _values(admin.get(f"/fhir/Patient/{person}").json())
+        # Withdrawn: found again.
+        assert _pdqm(north, identifier=theirs)["total"] == 1
+
+
 # -- purpose of use ------------------------------------------------------------------------------
 
 
