@@ -670,6 +670,7 @@ def capability_statement(*, base_url: str) -> dict[str, Any]:
                             {"name": "date", "type": "date"},
                             {"name": "action", "type": "token"},
                             {"name": "subtype", "type": "token"},
+                            {"name": "purpose", "type": "token"},
                             {"name": "entity-id", "type": "token"},
                         ],
                     },

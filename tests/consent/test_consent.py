@@ -31,7 +31,7 @@ from broker.consent.models import BreakGlass
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
 from broker.facilities import service as facilities
 from tests.dicomweb.conftest import LiveServer
-from tests.live_demo import BACKENDS, CHILD_ISSUER, CHILD_MRN, CHILD_ST_MARYS_MRN, demo_server
+from tests.live_demo import ADULT_MRN, BACKENDS, CHILD_ISSUER, CHILD_MRN, CHILD_ST_MARYS_MRN, demo_server
 from tests.peers import dcmtk, storescp
 from tests.support import ADMIN, auth_headers
 
@@ -583,3 +583,61 @@ def test_break_the_glass_overrides_an_opt_out_for_a_limited_time_and_is_listed_f
         with _client(server, "admin", "local") as adm:
             expired = next(g for g in adm.get("/api/break-glass").json() if g["id"] == grant["id"])
         assert expired["active"] is False
+
+
+def test_each_read_under_break_the_glass_is_flagged_in_the_audit_trail(
+    server: LiveServer,
+    admin: httpx.Client,
+    stmarys: httpx.Client,
+    kids: httpx.Client,
+    studies: dict[str, set[str]],
+) -> None:
+    hidden = sorted(studies[KIDS])[0]
+    r = admin.get("/dicom-web/studies", params={"PatientID": ADULT_MRN, "limit": "1"})
+    unrelated = r.json()[0]["0020000D"]["Value"][0]  # another person's study
+    with opted_out(kids):
+        r = stmarys.post(
+            "/api/break-glass",
+            json={
+                "facility": STMARYS,
+                "patient_id": CHILD_ST_MARYS_MRN,
+                "reason": "unconscious in ED, prior CT needed",
+                "minutes": 15,
+            },
+        )
+        assert r.status_code == 201, r.text
+        grant = r.json()
+        try:
+            assert stmarys.get(f"/dicom-web/studies/{hidden}/metadata").status_code == 200
+            assert stmarys.get(f"/dicom-web/studies/{unrelated}/metadata").status_code == 200
+            with _client(server, "auditor", "local") as auditor:
+                listed = auditor.get("/api/audit", params={"purpose": "BTG", "limit": "1000"}).json()
+                mine = [e for e in listed if e["agent_who"] == f"clinician-{STMARYS}"]
+                # The read of the granted person's study is flagged, with the stated purpose kept;
+                # the read of another person's study in the same hour is not.
+                flagged = [e for e in mine if e["study_uid"] == hidden]
+                assert flagged and flagged[0]["purpose_of_use"] == "TREAT BTG"
+                assert flagged[0]["patient_id"] == CHILD_MRN
+                assert not [e for e in mine if e["study_uid"] == unrelated]
+                found = auditor.get("/fhir/AuditEvent", params={"purpose": "BTG", "_count": "1000"}).json()
+                codes = [
+                    [c["coding"][0]["code"] for c in e["resource"].get("purposeOfEvent", [])]
+                    for e in found["entry"]
+                    if e["resource"]["agent"][0]["who"]["display"] == f"clinician-{STMARYS}"
+                ]
+                assert codes and all(c == ["TREAT", "BTG"] for c in codes)
+                other = auditor.get("/api/audit", params={"study": unrelated, "limit": "10"}).json()
+                assert other and all("BTG" not in e["purpose_of_use"] for e in other)
+        finally:
+            with Session(_engine(server)) as session:
+                session.execute(
+                    update(BreakGlass)
+                    .where(BreakGlass.id == grant["id"])  # type: ignore[arg-type]
+                    .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+                )
+                session.commit()
+    # Expired: reads are no longer flagged.
+    stmarys.get(f"/dicom-web/studies/{sorted(studies[STMARYS])[0]}/metadata")
+    with _client(server, "auditor", "local") as auditor:
+        last = auditor.get("/api/audit", params={"agent": f"clinician-{STMARYS}", "limit": "1"}).json()
+    assert last[0]["subtype"] == "retrieve" and "BTG" not in last[0]["purpose_of_use"]
