@@ -66,6 +66,7 @@ from broker.federation import service as federation
 from broker.index.schemas import Query
 from broker.index.service import IngestBatcher, find_instances, search
 from broker.metrics import observe_dimse
+from broker.security import tls
 from broker.security.schemas import Principal
 from broker.security.service import principal_for_dimse
 from broker.security.tls import server_context
@@ -256,8 +257,11 @@ class ScpHandle:
     def ae_title(self) -> str:
         return self.state.settings.ae_title
 
-    def facility_of(self, calling_ae: str, address: str) -> str | None:
-        """The facility of a calling AE title calling from `address` (None: refuse it)."""
+    def facility_of(
+        self, calling_ae: str, address: str, certificate: tls.PeerCertificate | None = None
+    ) -> str | None:
+        """The facility of a calling AE title calling from `address`, presenting the TLS client
+        `certificate` (None: refuse it)."""
         settings = self.state.settings
         return ds.facility_for_calling_ae(
             engine=self.state.engine,
@@ -266,6 +270,7 @@ class ScpHandle:
             address=address,
             default_facility=settings.default_facility,
             open_mode=self.open_mode,
+            certificate=certificate,
         )
 
     def caller(self, event: evt.Event) -> tuple[Principal, str | None]:
@@ -281,7 +286,11 @@ class ScpHandle:
         if found is None:
             settings = self.state.settings
             calling_ae = str(assoc.requestor.ae_title or "").strip()
-            facility = self.facility_of(calling_ae, _peer_address(assoc)) if calling_ae else None
+            facility = (
+                self.facility_of(calling_ae, _peer_address(assoc), _peer_certificate(assoc))
+                if calling_ae
+                else None
+            )
             principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
             found = (principal, facility)
             with self._lock:
@@ -365,6 +374,12 @@ def _peer_address(assoc: Association) -> str:
     """The peer's IP address ("" if unknown: then only open mode lets it in)."""
     info = getattr(assoc.requestor, "address_info", None)
     return str(getattr(info, "address", "") or "")
+
+
+def _peer_certificate(assoc: Association) -> tls.PeerCertificate | None:
+    """The client certificate the peer presented over DICOM TLS (None: plain TCP or none)."""
+    assoc_socket = getattr(assoc.dul, "socket", None)
+    return tls.peer_certificate(getattr(assoc_socket, "socket", None))
 
 
 def _spool_dir(data_dir: Path, *, sweep: bool = True) -> Path:

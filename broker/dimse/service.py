@@ -31,7 +31,7 @@ from broker.dicom import status as st
 from broker.dicom.uids import is_valid_uid
 from broker.errors import ScanOnceError
 from broker.facilities import service as facilities
-from broker.security import network
+from broker.security import network, tls
 from storage import ObjectStore
 
 # -- statuses (PS3.4 B.2.3 storage, C.4.1.1.4 find, C.4.2.1.5 move, C.4.3.1.4 get) ----------------
@@ -157,13 +157,17 @@ def facility_for_calling_ae(
     address: str,
     default_facility: str,
     open_mode: bool,
+    certificate: tls.PeerCertificate | None = None,
 ) -> str | None:
-    """The facility a calling AE sends for, calling from peer `address`: the facility registry's
-    calling AE titles (each from its network), then the in-process table (loopback only), then
+    """The facility a calling AE sends for, calling from peer `address` (with the TLS client
+    `certificate` it presented, if any): the facility registry's calling AE titles (each from
+    its network, with its bound certificate), then the in-process table (loopback only), then
     (open mode only) the default facility; None means refuse it."""
     calling_ae = calling_ae.strip()
     with Session(engine) as session:
-        facility = facilities.facility_for_calling_ae(session=session, ae_title=calling_ae, address=address)
+        facility = facilities.facility_for_calling_ae(
+            session=session, ae_title=calling_ae, address=address, certificate=certificate
+        )
     if facility is not None:
         return facility.id
     found = peers.snapshot()[0].get(calling_ae)

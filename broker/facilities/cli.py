@@ -58,7 +58,8 @@ def _rows(session: Any, facilities: list[Facility]) -> list[tuple[Facility, list
         (
             f,
             [
-                f"{ae.ae_title}@{ae.network}" if ae.network else ae.ae_title
+                (f"{ae.ae_title}@{ae.network}" if ae.network else ae.ae_title)
+                + (f"#{ae.certificate}" if ae.certificate else "")
                 for ae in service.calling_aes(session=session, facility_id=f.id)
             ],
             service.sync_state(session=session, facility_id=f.id),
@@ -68,11 +69,17 @@ def _rows(session: Any, facilities: list[Facility]) -> list[tuple[Facility, list
 
 
 def _calling(values: list[str]) -> list[service.CallingAE]:
-    """TITLE or TITLE@CIDR (split at the last '@' when what follows is a network)."""
+    """TITLE, TITLE@CIDR (split at the last '@' when what follows is a network), either followed by
+    #sha256:<fingerprint> or #subject:<RFC 4514 name> for the TLS client certificate bound to it."""
     out: list[service.CallingAE] = []
-    for value in values:
+    for raw in values:
+        value, hash_, cert = raw.partition("#")
         title, at, net = value.rpartition("@")
-        if at and title and net[:1].isalnum() and ("." in net or ":" in net):
+        if not (at and title and net[:1].isalnum() and ("." in net or ":" in net)):
+            title, net = value, ""
+        if hash_:
+            out.append((title, net or None, cert))
+        elif net:
             out.append((title, net))
         else:
             out.append(value)
@@ -93,7 +100,8 @@ def facility_add(
         typer.Option(
             "--calling-ae",
             help="An AE title the facility calls from, TITLE@CIDR for the network it calls from "
-            "(TITLE alone: loopback only); repeatable.",
+            "(TITLE alone: loopback only), with #sha256:FINGERPRINT or #subject:CN=... for the TLS "
+            "client certificate bound to it; repeatable.",
         ),
     ] = None,
     policy: Annotated[
@@ -185,7 +193,10 @@ def facility_update(
     port: Annotated[int | None, typer.Option(help="Archive DIMSE port.")] = None,
     calling_ae: Annotated[
         list[str] | None,
-        typer.Option("--calling-ae", help="Replace the calling AE titles, TITLE[@CIDR] (repeatable)."),
+        typer.Option(
+            "--calling-ae",
+            help="Replace the calling AE titles, TITLE[@CIDR][#sha256:FINGERPRINT|#subject:DN] (repeatable).",
+        ),
     ] = None,
     policy: Annotated[SharingPolicy | None, typer.Option(help="What the facility shares.")] = None,
     consent_policy: Annotated[

@@ -51,6 +51,11 @@ class FacilityAE(SQLModel, table=True):
         )
     )
     network: str | None = Field(default=None, max_length=64)
+    # Under DICOM TLS with client certificates: the certificate this AE title must present
+    # ("sha256:<fingerprint>" or "subject:<RFC 4514 name>", broker.security.tls); such a
+    # certificate can then associate as no other AE title. None: any the CA signed that is bound
+    # to no AE title.
+    certificate: str | None = Field(default=None, max_length=512, index=True)
 
 
 class SyncState(SQLModel, table=True):

@@ -42,7 +42,9 @@ def _out(session: Session, facility: Facility) -> FacilityOut:
         host=facility.host,
         port=facility.port,
         calling_ae_titles=[ae.ae_title for ae in aes],
-        calling_aes=[CallingAE(ae_title=ae.ae_title, network=ae.network) for ae in aes],
+        calling_aes=[
+            CallingAE(ae_title=ae.ae_title, network=ae.network, certificate=ae.certificate) for ae in aes
+        ],
         sharing_policy=SharingPolicy(facility.sharing_policy),
         consent_policy=ConsentPolicy(facility.consent_policy),
         sync=SyncStateOut.model_validate(state, from_attributes=True) if state else None,
@@ -50,7 +52,7 @@ def _out(session: Session, facility: Facility) -> FacilityOut:
 
 
 def _calling(titles: list[str], aes: list[CallingAE]) -> list[service.CallingAE]:
-    return [*titles, *((ae.ae_title, ae.network) for ae in aes)]
+    return [*titles, *((ae.ae_title, ae.network, ae.certificate) for ae in aes)]
 
 
 @router.get("", response_model=list[FacilityOut], summary="All registered facilities")

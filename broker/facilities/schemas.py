@@ -28,6 +28,13 @@ class CallingAE(BaseModel):
         description="CIDR (or one address) the AE calls from; associations from elsewhere are "
         "rejected. Default: loopback only.",
     )
+    certificate: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Under DICOM TLS with client certificates, the certificate this AE title must "
+        "present: sha256:<fingerprint> or subject:<RFC 4514 name>. That certificate can then "
+        "associate as no other AE title.",
+    )
 
 
 class ConsentPolicy(StrEnum):

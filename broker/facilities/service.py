@@ -17,15 +17,16 @@ from broker.db import session_scope
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.facilities.models import Facility, FacilityAE, SyncState
 from broker.facilities.schemas import FACILITY_ID, SharingPolicy
-from broker.security import network
+from broker.security import network, tls
 from broker.security.schemas import Principal
 from broker.security.service import authorize
 from broker.settings import Settings
 
 _AE = re.compile(r"^[ -\[\]-~]{1,16}$")
 _UNSET: Any = object()
-# A calling AE title, alone (accepted from loopback only) or with the network it calls from.
-CallingAE = str | tuple[str, str | None]
+# A calling AE title, alone (accepted from loopback only) or with the network it calls from, and
+# the client certificate bound to it (DICOM TLS; broker.security.tls.certificate_binding).
+CallingAE = str | tuple[str, str | None] | tuple[str, str | None, str | None]
 
 
 def ensure_default_facility(*, engine: Engine, settings: Settings) -> None:
@@ -66,11 +67,15 @@ def _check_outbound(facility: Facility, changed: set[str]) -> None:
         network.check_registered_host(facility.host, facility.port, allowed, what="host")
 
 
-def _calling_entries(entries: Iterable[CallingAE]) -> dict[str, str | None]:
-    wanted: dict[str, str | None] = {}
+def _calling_entries(entries: Iterable[CallingAE]) -> dict[str, tuple[str | None, str | None]]:
+    """title -> (network, certificate binding), both checked and normalised."""
+    wanted: dict[str, tuple[str | None, str | None]] = {}
     for entry in entries:
-        title, net = (entry, None) if isinstance(entry, str) else entry
-        wanted[_ae(title, "calling AE title")] = network.parse_network(net) if net else None
+        title, net, cert = (entry, None, None) if isinstance(entry, str) else (*entry, None)[:3]
+        wanted[_ae(title, "calling AE title")] = (
+            network.parse_network(net) if net else None,
+            tls.certificate_binding(cert) if cert else None,
+        )
     return wanted
 
 
@@ -91,7 +96,8 @@ def _set_calling_aes(session: Session, facility_id: str, entries: Iterable[Calli
     session.exec(delete(FacilityAE).where(col(FacilityAE.facility_id) == facility_id))
     session.flush()
     for title in wanted:
-        session.add(FacilityAE(ae_title=title, facility_id=facility_id, network=networks[title]))
+        net, cert = networks[title]
+        session.add(FacilityAE(ae_title=title, facility_id=facility_id, network=net, certificate=cert))
 
 
 def _consent_policy(value: Any) -> str:
@@ -247,17 +253,33 @@ def sync_state(*, session: Session, facility_id: str) -> SyncState | None:
 
 
 def facility_for_calling_ae(
-    *, session: Session, ae_title: str, address: str | None = None
+    *,
+    session: Session,
+    ae_title: str,
+    address: str | None = None,
+    certificate: tls.PeerCertificate | None = None,
 ) -> Facility | None:
     """The facility a DIMSE caller belongs to, by its calling AE title (trailing spaces ignored)
     and, when `address` is given, only if that peer address lies in the AE title's network
-    (None registered: loopback only). A known AE title from another address is no one."""
+    (None registered: loopback only). A known AE title from another address is no one.
+
+    Under DICOM TLS, `certificate` (the client certificate the peer presented, or None) must be
+    the one bound to the AE title, if one is; and a certificate bound to some AE titles may
+    associate as none other: a valid certificate for AE A cannot call as AE B."""
     row = session.get(FacilityAE, ae_title.strip())
     if row is None:
         return None
     if address is not None:
         allowed = network.networks([row.network] if row.network else network.LOOPBACK)
         if not network.address_in(address, allowed):
+            return None
+    if row.certificate is not None and (certificate is None or not tls.matches(row.certificate, certificate)):
+        return None
+    if row.certificate is None and certificate is not None:
+        bound = session.exec(
+            select(FacilityAE.ae_title).where(col(FacilityAE.certificate).in_(certificate.bindings)).limit(1)
+        ).first()
+        if bound is not None:
             return None
     return session.get(Facility, row.facility_id)
 

@@ -4,13 +4,22 @@ the broker's own DIMSE calls (an SCU to facility archives), from settings.
 The listener: with dimse_tls_cert_file and dimse_tls_key_file it speaks TLS only; with
 dimse_tls_ca_file as well, a peer must present a client certificate signed by one of those CAs
 (mutual TLS), so a peer without one is refused during the handshake, before any association.
+
+A client certificate is bound to calling AE titles by the facility registry (`FacilityAE.certificate`:
+`sha256:<fingerprint>` or `subject:<RFC 4514 name>`); `certificate_binding` checks and normalises
+what an administrator gives, `peer_certificate` reads what a peer presented, `matches` compares.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import ssl
 import threading
+from dataclasses import dataclass
 from typing import Any
+
+from cryptography import x509
 
 from broker.errors import BadRequest
 from broker.settings import Settings
@@ -65,3 +74,64 @@ def tls_kwargs(*, hostname: str | None = None) -> dict[str, Any]:
     if context is None:
         return {}
     return {"tls_args": (context, hostname)}
+
+
+# -- binding client certificates to calling AE titles ----------------------------------------------
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """The client certificate a DIMSE peer presented: its SHA-256 fingerprint and subject, in the
+    forms a binding is stored in."""
+
+    sha256: str  # "sha256:<64 hex>"
+    subject: str  # "subject:<RFC 4514>"
+
+    @property
+    def bindings(self) -> tuple[str, str]:
+        return self.sha256, self.subject
+
+
+def _subject(name: x509.Name) -> str:
+    return "subject:" + name.rfc4514_string()
+
+
+def certificate_binding(value: str) -> str:
+    """The stored form of an administrator's binding: `sha256:` and a fingerprint (hex, colons
+    and case as `openssl x509 -fingerprint -sha256` prints them, or bare), or `subject:` and a
+    distinguished name in RFC 4514 (`CN=SM_PACS,O=St Mary's`). BadRequest otherwise."""
+    text = value.strip()
+    kind, colon, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if colon and kind == "sha256":
+        digest = rest.replace(":", "").replace(" ", "").lower()
+        if not _HEX.match(digest):
+            raise BadRequest("a certificate fingerprint is sha256: and 64 hex digits")
+        return "sha256:" + digest
+    if colon and kind == "subject":
+        try:
+            name = x509.Name.from_rfc4514_string(rest.strip())
+        except ValueError:
+            raise BadRequest("a certificate subject is an RFC 4514 name, e.g. subject:CN=SM_PACS") from None
+        if not list(name):
+            raise BadRequest("a certificate subject is an RFC 4514 name, e.g. subject:CN=SM_PACS")
+        return _subject(name)
+    raise BadRequest("certificate must be sha256:<fingerprint> or subject:<RFC 4514 name>")
+
+
+def peer_certificate(sock: Any) -> PeerCertificate | None:
+    """The client certificate the peer on `sock` presented (None: not TLS, or none presented).
+    Only a certificate the handshake verified gets here (CERT_REQUIRED with the CA file)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return None
+    cert = x509.load_der_x509_certificate(der)
+    return PeerCertificate(sha256="sha256:" + hashlib.sha256(der).hexdigest(), subject=_subject(cert.subject))
+
+
+def matches(binding: str, cert: PeerCertificate) -> bool:
+    return binding in cert.bindings

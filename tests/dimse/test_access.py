@@ -3,8 +3,10 @@ DIMSE peer do, open mode only on loopback, and DICOM TLS: against dcmtk's tools 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -56,12 +58,21 @@ def _echo(node: Node, aet: str, *extra: str) -> subprocess.CompletedProcess[str]
     return dcmtk("echoscu", *extra, "-aet", aet, "-aec", node.aet, "127.0.0.1", str(node.port), check=False)
 
 
-def _associate(node: Node, aet: str, *, source: str = "127.0.0.1", contexts: Any = (Verification,)) -> Any:
+def _associate(
+    node: Node,
+    aet: str,
+    *,
+    source: str = "127.0.0.1",
+    contexts: Any = (Verification,),
+    tls_args: tuple[ssl.SSLContext, str | None] | None = None,
+) -> Any:
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     for cx in contexts:
         ae.add_requested_context(cx)
-    return ae.associate("127.0.0.1", node.port, ae_title=node.aet, bind_address=(source, 0))
+    return ae.associate(
+        "127.0.0.1", node.port, ae_title=node.aet, bind_address=(source, 0), tls_args=tls_args
+    )
 
 
 def _rejected_calling_ae_not_recognised(assoc: Any) -> bool:
@@ -340,7 +351,13 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     ca = _cert("ScanOnce test CA", ca_key, ca=True)
     (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     out = {"ca": folder / "ca.crt"}
-    for name, signed, server in (("server", True, True), ("client", True, False), ("rogue", False, False)):
+    for name, signed, server in (
+        ("server", True, True),
+        ("client", True, False),
+        ("rogue", False, False),
+        ("sm_pacs", True, False),  # two facilities' PACS, for binding certificates to AE titles
+        ("kids_pacs", True, False),
+    ):
         key = _key()
         cert = _cert(name, key, issuer=(ca, ca_key) if signed else None, server=server)
         out[f"{name}_key"], out[f"{name}_crt"] = _write(folder, name, cert, key)
@@ -396,3 +413,68 @@ def test_the_broker_calls_archives_over_tls_when_configured(tls_node: Node, pki:
             scu.echo(host="127.0.0.1", port=node.port, called_ae=node.aet, calling_ae="BROKER2", timeout=5)
     finally:
         tls.configure(Settings())
+
+
+def test_a_client_certificate_bound_to_an_ae_title_cannot_associate_as_another(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    started = _start(
+        tmp_path,
+        dimse_open_mode=False,
+        dimse_tls_cert_file=pki["server_crt"],
+        dimse_tls_key_file=pki["server_key"],
+        dimse_tls_ca_file=pki["ca"],
+    )
+    node = next(started)
+    sm_der = x509.load_pem_x509_certificate(pki["sm_pacs_crt"].read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    fingerprint = ":".join(f"{b:02X}" for b in hashlib.sha256(sm_der).digest())  # as openssl prints it
+    # St Mary's PACS by fingerprint, the children's hospital's by subject; LEGACY with none bound.
+    _register(node, "stmarys", "ST-MARYS", [("SM_PACS", "127.0.0.1", f"sha256:{fingerprint}")])
+    _register(node, "kids", "CHILDRENS", [("KIDS_PACS", "127.0.0.1", "subject:CN=kids_pacs")])
+    _register(node, "legacy", "LEGACY", [("LEGACY", "127.0.0.1")])
+
+    def cert(name: str) -> list[str]:
+        return ["+tls", str(pki[f"{name}_key"]), str(pki[f"{name}_crt"]), "+cf", str(pki["ca"])]
+
+    def context(name: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        ctx.load_cert_chain(str(pki[f"{name}_crt"]), str(pki[f"{name}_key"]))
+        return ctx
+
+    try:
+        # Each PACS with its own certificate (dcmtk): let in.
+        assert _echo(node, "SM_PACS", *cert("sm_pacs")).returncode == 0
+        assert _echo(node, "KIDS_PACS", *cert("kids_pacs")).returncode == 0
+        # A valid certificate for one AE title calling as another, either way: A-ASSOCIATE-RJ,
+        # calling AE title not recognised (dcmtk, and pynetdicom to read the reason).
+        for aet, name in (("KIDS_PACS", "sm_pacs"), ("SM_PACS", "kids_pacs"), ("SM_PACS", "client")):
+            done = _echo(node, aet, *cert(name))
+            assert done.returncode != 0 and "Rejected" in done.stdout + done.stderr, (aet, name)
+            assoc = _associate(node, aet, tls_args=(context(name), "localhost"))
+            assert _rejected_calling_ae_not_recognised(assoc), (aet, name)
+        # An AE title with no certificate bound takes any the CA signed, except one bound to
+        # another AE title.
+        assert _echo(node, "LEGACY", *cert("client")).returncode == 0
+        assert _rejected_calling_ae_not_recognised(
+            _associate(node, "LEGACY", tls_args=(context("sm_pacs"), "localhost"))
+        )
+        # The bindings are shown as stored, and a malformed one is refused.
+        with Session(node.state.engine) as session:
+            shown = {
+                a.ae_title: a.certificate for a in facilities.calling_aes(session=session, facility_id="kids")
+            }
+            assert shown == {"KIDS_PACS": "subject:CN=kids_pacs"}
+            sm = facilities.calling_aes(session=session, facility_id="stmarys")[0].certificate
+            assert sm == "sha256:" + hashlib.sha256(sm_der).hexdigest()
+            for bad in ("sha256:1234", "subject:not a name", "CN=kids_pacs"):
+                with pytest.raises(BadRequest):
+                    facilities.update_facility(
+                        session=session,
+                        principal=ADMIN,
+                        facility_id="kids",
+                        calling_ae_titles=[("KIDS_PACS", "127.0.0.1", bad)],
+                    )
+    finally:
+        started.close()  # stops the SCP
