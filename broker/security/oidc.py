@@ -2,6 +2,12 @@
 configured provider. The browser's half-finished sign-in (state, nonce, PKCE verifier, where to go
 back) travels in a short-lived cookie signed by the broker's own key, so no server-side session
 table is needed; the finished sign-in becomes the broker's own session token in an HttpOnly cookie.
+
+Every call to the provider (discovery, the token endpoint; its keys through `tokens.Verifier`) goes
+through the outbound guard (`network.guarded_client`): only to SCANONCE_OUTBOUND_ALLOW_NETWORKS, on
+the address actually connected to, like every other call the broker makes. A provider outside
+them is refused with 503 naming the setting (the administrator configured it; the user can do
+nothing about it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import httpx
 from joserfc import jwt
 
 from broker.errors import BadRequest, Unavailable
+from broker.security import network
 from broker.security.schemas import Principal
 from broker.security.tokens import SIGNING_ALG, TokenInvalid, Verifier
 
@@ -26,16 +33,29 @@ _STATE_SECONDS = 600
 _discovery_cache: dict[str, tuple[float, dict[str, Any]]] = {}
 
 
+def _refused(what: str) -> Unavailable:
+    return Unavailable(
+        f"the sign-in provider's {what} is at an address the broker may not connect to "
+        "(SCANONCE_OUTBOUND_ALLOW_NETWORKS; an administrator adds the provider's network)"
+    )
+
+
 def _discovery(issuer: str) -> dict[str, Any]:
     cached = _discovery_cache.get(issuer)
     if cached is not None and time.monotonic() - cached[0] < 300:
         return cached[1]
     try:
-        r = httpx.get(f"{issuer.rstrip('/')}/.well-known/openid-configuration", timeout=5)
+        r = network.guarded_get(f"{issuer.rstrip('/')}/.well-known/openid-configuration", timeout=5)
         r.raise_for_status()
-        doc: dict[str, Any] = r.json()
+        doc = r.json()
+    except network.OutboundRefused:
+        raise _refused("discovery document") from None
     except (httpx.HTTPError, ValueError) as exc:
         raise Unavailable("the sign-in provider cannot be reached") from exc
+    if not isinstance(doc, dict) or not all(
+        isinstance(doc.get(k), str) for k in ("authorization_endpoint", "token_endpoint")
+    ):
+        raise Unavailable("the sign-in provider's discovery document names no endpoints")
     _discovery_cache[issuer] = (time.monotonic(), doc)
     return doc
 
@@ -107,12 +127,15 @@ def finish(
         "code_verifier": str(pending["cv"]),
     }
     auth = (
-        (settings.auth_oidc_client_id, settings.auth_oidc_client_secret)
+        httpx.BasicAuth(settings.auth_oidc_client_id, settings.auth_oidc_client_secret)
         if settings.auth_oidc_client_secret
-        else None
+        else httpx.Auth()  # a public client: no authentication
     )
     try:
-        r = httpx.post(doc["token_endpoint"], data=form, auth=auth, timeout=10)
+        with network.guarded_client(timeout=10) as client:
+            r = client.post(doc["token_endpoint"], data=form, auth=auth)
+    except network.OutboundRefused:
+        raise _refused("token endpoint") from None
     except httpx.HTTPError as exc:
         raise Unavailable("the sign-in provider cannot be reached") from exc
     if r.status_code != 200:

@@ -4,12 +4,14 @@ actually connected to (DNS rebinding): against real HTTP servers on loopback add
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -182,3 +184,83 @@ def test_a_sync_to_an_archive_outside_the_networks_fails_naming_the_setting(
     sync = client.get("/api/facilities/arch").json()["sync"]
     assert sync["last_status"] == "failed" and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in sync["last_error"]
     assert real.paths == []  # nothing was asked of the archive
+
+
+class _Provider:
+    """An OpenID provider's discovery document on 127.0.0.1 whose token endpoint (and keys) are on
+    `elsewhere`; records every request it gets."""
+
+    def __init__(self, elsewhere: str) -> None:
+        self.paths: list[str] = []
+        paths = self.paths
+        doc: dict[str, str] = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                paths.append(self.path)
+                body = json.dumps(doc).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer  # noqa: N815 - http.server's names
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        doc.update(
+            issuer=self.issuer,
+            authorization_endpoint=f"{self.issuer}/auth",
+            token_endpoint=f"{elsewhere}/token",
+            jwks_uri=f"{elsewhere}/jwks",
+        )
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_pages_sign_in_calls_its_provider_only_within_the_allowed_networks(
+    archives: tuple[_Archive, _Archive], tmp_path: Path
+) -> None:
+    _real, other = archives
+    elsewhere = f"http://127.0.0.2:{other.port}"
+    provider = _Provider(elsewhere)
+    try:
+        # A provider whose discovery document is outside: 503 naming the setting, nothing fetched.
+        far = Settings(
+            data_dir=tmp_path / "far", auth_oidc_issuer=elsewhere, outbound_allow_networks=["127.0.0.1"]
+        )
+        client = TestClient(create_app(far), headers=auth_headers(), follow_redirects=False)
+        r = client.get("/auth/oidc/start")
+        assert r.status_code == 503 and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in r.text, r.text
+        assert "discovery document" in r.text and other.paths == []
+
+        # A provider inside whose token endpoint is outside: the sign-in starts, the code
+        # exchange is refused naming the setting, and the token endpoint is never called.
+        near = Settings(
+            data_dir=tmp_path / "near",
+            auth_oidc_issuer=provider.issuer,
+            outbound_allow_networks=["127.0.0.1"],
+        )
+        client = TestClient(create_app(near), headers=auth_headers(), follow_redirects=False)
+        started = client.get("/auth/oidc/start")
+        assert started.status_code == 303 and started.headers["location"].startswith(
+            f"{provider.issuer}/auth"
+        )
+        state = parse_qs(urlsplit(started.headers["location"]).query)["state"][0]
+        r = client.get("/auth/oidc/callback", params={"code": "c", "state": state})
+        assert (
+            r.status_code == 503
+            and "token endpoint" in r.text
+            and "SCANONCE_OUTBOUND_ALLOW_NETWORKS" in r.text
+        )
+        assert "scanonce_session" not in r.headers.get("set-cookie", "")
+        assert other.paths == [] and provider.paths == ["/.well-known/openid-configuration"]
+    finally:
+        provider.close()
