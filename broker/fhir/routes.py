@@ -8,6 +8,7 @@ with the matching HTTP status (the app-wide JSON error shape is not FHIR).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -183,7 +184,16 @@ def _feed(raw: bytes, session: Session, principal: Principal, expect: Identifier
             principal=principal,
         )
         session.commit()
-        view = service.person_view(session=session, person_id=decision.person_id)
+        try:
+            # The answer shows the person as the caller may see it (consent), like a read.
+            keep = consent_service.record_filter(session=session, principal=principal)
+            view = service.person_view(session=session, person_id=decision.person_id, keep=keep)
+        except NotFound:
+            # A record the caller fed but may not see back (another facility's identifier): what
+            # it sent, nothing the broker adds.
+            view = service.PersonView(
+                person_id=decision.person_id, identifiers=[primary, *others], **dataclasses.asdict(demo)
+            )
     except ScanOnceError as exc:
         session.rollback()
         return operation_outcome(exc.status_code, exc.message)

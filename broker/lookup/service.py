@@ -181,20 +181,20 @@ def _person_studies(
             out.append((s, "unconfirmed", f"possible match awaiting review (review item {review})"))
     if principal is None:
         return True, out, 0
+    # The caller's rule, looked up once for both questions below.
+    rule = consent.visibility(session=session, principal=principal)
     named = next((p for p in confirmed if p.issuer == issuer and p.patient_id == value), None)
     if (
-        named is not None
+        rule is not None
+        and named is not None
         and named.pk is not None
-        and not consent.may_share(
-            session=session, patient_pk=named.pk, from_facility=named.facility_id, principal=principal
-        )
+        and not rule.allows(session=session, patient_pk=named.pk, facility=named.facility_id)
     ):
         # The caller named another facility's record it may not see: answered as for a patient
         # the broker does not know (a denial does not reveal that the record exists).
         return False, [], 0
-    kept, withheld = consent.filter_studies(
-        session=session, principal=principal, studies=[s for s, _l, _d in out]
-    )
+    studies = [s for s, _l, _d in out]
+    kept, withheld = (studies, 0) if rule is None else rule.filter(session=session, studies=studies)
     visible = {s.study_pk for s in kept}
     return True, [row for row in out if row[0].study_pk in visible], withheld
 
