@@ -5,8 +5,9 @@ destination is registered and has an endpoint, the destination has a record of t
 destination can be asked whether it holds the study), decides the reconciliation once for the
 whole study (`reconcile.Plan`) and queues a durable job. The job fetches the study if the broker
 only indexes it (federation's remote retrieve), then coerces and sends instance by instance in
-small batches, recording each instance's outcome as it goes: a job reclaimed after a restart
-sends only what is still pending. It ends by asking the destination what arrived.
+small batches, two at a time on connections kept for the whole run, recording each instance's
+outcome batch by batch: a job reclaimed after a restart sends only what is still pending. It
+ends by asking the destination what arrived.
 """
 
 from __future__ import annotations
@@ -367,7 +368,8 @@ def instances_of(*, session: Session, import_id: int) -> list[ImportInstance]:
 
 
 def cancel_import(*, engine: Engine, principal: Principal, import_id: int) -> ImportJob:
-    """Stop an import: a queued one never starts; a running one stops after its current batch."""
+    """Stop an import: a queued one never starts; a running one starts no new batch (those in
+    flight finish and are recorded)."""
     with session_scope(engine) as session:
         row = get_import(session=session, import_id=import_id)
         authorize(principal, action="imports.write", facility=row.facility_id)
