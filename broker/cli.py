@@ -23,7 +23,7 @@ from rich.table import Table
 from broker import clikit
 from broker.app import build_state, create_app
 from broker.audit import cli as audit_cli
-from broker.clikit import DataDir, console, fail
+from broker.clikit import DataDir, console, fail, print_table
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
 from broker.db import (
@@ -331,10 +331,9 @@ def ingest(
     )
     if failures:
         table = Table("file", "why it failed", title="Failures")
-        table.columns[0].overflow = "fold"
         for name, why in failures[:200]:
             table.add_row(name, why)
-        console.print(table)
+        print_table(table)
         if len(failures) > 200:
             console.print(f"... and {len(failures) - 200} more")
         raise typer.Exit(code=1 if counts["stored"] + counts["duplicate"] == 0 else 0)
