@@ -281,7 +281,7 @@ def create_app(
     verifier = None
     if settings.auth_enabled:
         key = load_or_create_signing_key(settings.resolved_signing_key_file())
-        verifier = Verifier(settings=settings, signing_key=key)
+        verifier = Verifier(settings=settings, signing_key=key, engine=app.state.scanonce.engine)
     app.state.auth = verifier
     # Added first, so it runs inside every middleware added later (CORS here; audit and metrics
     # middlewares must be added after it, so that they see the requests it refuses).
