@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -59,14 +59,17 @@ def authorize(principal: Principal, *, action: str, facility: str | None = None)
         raise Forbidden(f"not permitted: {action}")
 
 
-def claim_token_id(*, engine: Engine, key: str, expires_at: int, now: float | None = None) -> bool:
+def claim_token_id(
+    *, engine: Engine, key: str, expires_at: int, now: float | None = None, wait_for_flush: bool = False
+) -> bool:
     """Record a one-time token's id (`key`, kept until `expires_at`, Unix seconds); False if some
     node already did and it has not expired: a replay. One statement: the primary key decides
     between nodes racing with the same token, so exactly one of them gets True. A row left over
     from an expired token (not purged yet) is taken over, as if it had been purged.
 
     Raises DatabaseUnreachable when it cannot be recorded: the token is then refused (never
-    accepted unrecorded, which would let a replay through)."""
+    accepted unrecorded, which would let a replay through). `wait_for_flush`: PostgreSQL commits
+    durably (bench/token_replay.py compares the two)."""
     table = core_table(SeenTokenId)
     dialect = sqlite if engine.dialect.name == "sqlite" else postgresql
     insert = dialect.insert(table).values(key=key, expires_at=expires_at)
@@ -77,6 +80,12 @@ def claim_token_id(*, engine: Engine, key: str, expires_at: int, now: float | No
     ).returning(table.c.key)  # a row back: inserted or taken over (rowcount is -1 on psycopg)
     try:
         with engine.begin() as conn:
+            if engine.dialect.name == "postgresql" and not wait_for_flush:
+                # Not waiting for the WAL flush (~half the cost): the record can be lost only if
+                # PostgreSQL crashes within a fraction of a second of it (a clean restart or a
+                # failover to a synchronous replica keeps it); the replay window that leaves is
+                # that fraction of a second, after a database crash.
+                conn.execute(text("SET LOCAL synchronous_commit = off"))
             return conn.execute(stmt).first() is not None
     except SQLAlchemyError as exc:
         raise DatabaseUnreachable("the token could not be checked for replay; try again shortly") from exc
