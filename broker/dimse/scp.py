@@ -607,7 +607,9 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
       unknown or non-attribute key, a UID key that is not a UID list, an undecodable identifier.
     - 0xC000 Unable to process: a value the matching rules reject (e.g. a malformed date
       range); ErrorComment says which.
-    - 0xC001 Unable to process: the index is unavailable or failed.
+    - 0xC001 Unable to process: the index failed.
+    - 0xA700 Out of resources: the database is away (the caller's lookup, or the audit record
+      that must commit before any match goes out); ErrorComment names nothing internal.
     """
     principal, _facility = handle.caller(event)
     try:
@@ -916,6 +918,8 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
       missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
+    - 0xA702 also while the database is away, before the destination could be looked up
+      (answered on the association, which stays up: broker.dimse.access.unavailable).
     """
     principal, _facility = handle.caller(event)
     try:
@@ -955,6 +959,7 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       the requestor did not accept in that transfer syntax is decompressed when possible, else
       its sub-operation fails.
     - 0xA900 / 0xC000 / 0xC001 - as for C-MOVE (the unique key of the level is required).
+    - 0xA702 while the database is away.
     """
     principal, _facility = handle.caller(event)
     try:

@@ -135,7 +135,7 @@ def test_query_retrieve_answer_a_failure_status_while_the_database_is_away(
         )
         _assert_failure(
             _final(assoc.send_c_move(_identifier(), "OUTAGE", StudyRootQueryRetrieveInformationModelMove)),
-            RETRIEVE | {0xA801},
+            RETRIEVE,
         )
         assert assoc.is_established  # answered, not aborted
         assert assoc.send_c_echo().Status == 0
