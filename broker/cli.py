@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
 import uvicorn
 from rich.table import Table
@@ -142,8 +143,10 @@ def _not_ready_app(reason: str) -> Any:
         if scope["type"] != "http":
             return
         alive = scope.get("path") == "/healthz"
-        body = b"ok" if alive else f"not ready: {reason}".encode()
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")]
+        # /readyz's body as the started node answers it (broker.app.Readiness), store unknown yet.
+        body = b"ok" if alive else orjson.dumps({"status": "not ready", "database": reason})
+        kind = b"text/plain; charset=utf-8" if alive else b"application/json"
+        headers = [(b"content-type", kind), (b"retry-after", b"5")]
         await send({"type": "http.response.start", "status": 200 if alive else 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -163,7 +166,7 @@ def _wait_for_database(settings: Settings) -> None:
         except DatabaseUnreachable:
             pass
         config = uvicorn.Config(
-            _not_ready_app("database unreachable (SCANONCE_DATABASE_URL)"),
+            _not_ready_app("unreachable (SCANONCE_DATABASE_URL)"),
             host=settings.host,
             port=settings.port,
             lifespan="off",
