@@ -9,11 +9,14 @@ that the receivers served some of them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from tests.peers import dcmtk
 pytestmark = pytest.mark.postgres
 
 RECEIVERS = 2
+CAP = 12  # connections per address, for the node (above the 9 parallel associations below)
 
 
 @dataclass
@@ -73,6 +77,7 @@ def cluster(
         database_url=url,
         storage_url=s3_storage_url(moto_server, bucket),
         dimse_receivers=RECEIVERS,
+        dimse_max_connections_per_address=CAP,
     )
     state = build_state(settings)
     shared = SharedCounts(rows=RECEIVERS + 1)
@@ -157,7 +162,7 @@ def _store(port: int, aet: str, path: Path) -> int:
         return -1
     try:
         status = assoc.send_c_store(ds)
-        return int(status.Status) if status else -1
+        return int(status.get("Status", -1))
     finally:
         assoc.release()
 
@@ -209,7 +214,7 @@ def test_a_receiver_killed_mid_run_is_restarted_and_loses_nothing_acknowledged(
                 continue
             for p in todo[:5]:
                 status: Any = assoc.send_c_store(pydicom.dcmread(p)) if assoc.is_established else None
-                if status is not None and int(status.Status) == 0:
+                if status is not None and status.get("Status") == 0:  # none: aborted
                     with lock:
                         acknowledged.add(p)
             if assoc.is_established:
@@ -239,3 +244,31 @@ def test_a_receiver_killed_mid_run_is_restarted_and_loses_nothing_acknowledged(
     # And it keeps serving.
     (extra,) = _study(tmp_path / "after", seed=99, instances=1)
     assert _store(cluster.port, aet, extra) == 0x0000
+
+
+def test_the_per_address_cap_holds_for_all_processes_together(cluster: Cluster) -> None:
+    """CAP connections from one address, spread by the kernel over the three processes, fill
+    the node's cap: the next ones are closed at once, whichever process accepts them."""
+    shared = cluster.shared
+    held = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(CAP)]
+    extra: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while shared.at_address("127.0.0.1") < CAP and time.monotonic() < deadline:
+            threading.Event().wait(0.01)  # polls the shared counts until all are admitted
+        assert shared.at_address("127.0.0.1") == CAP
+        assert sum(1 for row in range(RECEIVERS + 1) if shared.open_on(row) > 0) >= 2
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", cluster.port))
+            extra.append(s)
+            s.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):  # closed, before any A-ASSOCIATE
+                assert s.recv(1) == b""
+        assert shared.at_address("127.0.0.1") == CAP
+    finally:
+        for s in held + extra:
+            s.close()
+    deadline = time.monotonic() + 30
+    while shared.at_address("127.0.0.1") and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert shared.at_address("127.0.0.1") == 0
