@@ -5,6 +5,10 @@ One node for the module: the serving process's SCP and two receiver processes (s
 on the moto server. The kernel spreads connections over the three listeners by a hash of their
 addresses, so each test opens many associations and checks, through the guards' shared counts,
 that the receivers served some of them.
+
+Slow by nature: the module's setup spawns two receiver processes, each importing the broker
+(~6-20 s on a loaded 2-core machine), and the kill test waits for a replacement to start the
+same way; the other tests reuse that one cluster.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from sqlmodel import Session, col, select
+from typer.testing import CliRunner
 
 from broker.app import build_receiver_state, build_state
+from broker.cli import app as cli
 from broker.demo import synth
 from broker.deps import AppState
 from broker.dimse.guards import SharedCounts
-from broker.dimse.receivers import ReceiverSupervisor, check_supported
+from broker.dimse.receivers import ReceiverSupervisor
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
-from broker.errors import BadRequest
 from broker.index.models import Instance
 from broker.settings import Settings
 from tests.conftest import PgAdmin, s3_storage_url
@@ -128,10 +133,14 @@ def _assert_stored(state: AppState, paths: list[Path]) -> None:
         assert stored.SOPInstanceUID == sop_uid and stored.PixelData == sent.PixelData
 
 
-def test_sqlite_is_refused_with_the_setting_named(tmp_path: Path) -> None:
-    with pytest.raises(BadRequest, match="SCANONCE_DIMSE_RECEIVERS=2 needs PostgreSQL"):
-        check_supported(Settings(data_dir=tmp_path, dimse_receivers=2))
-    check_supported(Settings(data_dir=tmp_path, dimse_receivers=0))
+def test_serve_refuses_receivers_on_sqlite_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCANONCE_DIMSE_RECEIVERS", "2")
+    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "SCANONCE_DIMSE_RECEIVERS=2 needs PostgreSQL" in " ".join(result.output.split())
+    assert not (tmp_path / "index.sqlite3").exists()  # refused before anything was created
 
 
 def test_parallel_storescu_senders_every_instance_indexed_once(cluster: Cluster, tmp_path: Path) -> None:
