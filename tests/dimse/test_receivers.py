@@ -35,6 +35,7 @@ from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
 from broker.app import build_receiver_state, build_state
+from broker.audit import service as audit_service
 from broker.cli import app as cli
 from broker.demo import synth
 from broker.deps import AppState
@@ -253,6 +254,10 @@ def test_a_receiver_killed_mid_run_is_restarted_and_loses_nothing_acknowledged(
     # And it keeps serving.
     (extra,) = _study(tmp_path / "after", seed=99, instances=1)
     assert _store(cluster.port, aet, extra) == 0x0000
+    # Every process appended its stores to the one audit chain (taking turns on its head row),
+    # the killed one included: unbroken.
+    verified = audit_service.verify(engine=cluster.state.engine)
+    assert verified.ok, verified.problem
 
 
 def test_the_per_address_cap_holds_for_all_processes_together(cluster: Cluster) -> None:
