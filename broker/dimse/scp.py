@@ -150,7 +150,14 @@ class _ScanOnceAE(SpoolingAE):
         if handle is None or handle.open_mode or not isinstance(assoc, Association):
             return []
         calling_ae = str(assoc.requestor.ae_title or "").strip()
-        known = handle.admit(assoc)[1] is not None
+        try:
+            known = handle.admit(assoc)[1] is not None
+        except Unavailable:
+            # The registry cannot be read now. Refusing would tell a registered peer "you are not
+            # recognised" (a permanent rejection); dropping it, nothing. Let it in: each operation
+            # looks the caller up again and answers a failure status meanwhile (0x0124 if it is not
+            # registered after all; broker.dimse.access.guarded).
+            return [calling_ae]
         # A non-empty list that matches nothing refuses the caller.
         return [calling_ae] if known else ["\x00"]
 
@@ -303,13 +310,18 @@ class ScpHandle:
     def admit(self, assoc: Association) -> tuple[Principal, str | None]:
         """Who the association's peer is (its calling AE title from its address), looked up once
         per association: at negotiation (pynetdicom reads `require_calling_aet` twice), and
-        reused by every handler."""
+        reused by every handler. Unavailable (nothing remembered) when the database is away."""
         with self._lock:
             found = self._callers.get(assoc)
         if found is None:
             settings = self.state.settings
             calling_ae = str(assoc.requestor.ae_title or "").strip()
-            facility = self.facility_of(calling_ae, _peer_address(assoc)) if calling_ae else None
+            try:
+                facility = self.facility_of(calling_ae, _peer_address(assoc)) if calling_ae else None
+            except SQLAlchemyError as exc:
+                # Not remembered: the next operation of the association looks again.
+                log.error("DIMSE caller lookup failed, database unavailable: %s", type(exc).__name__)
+                raise Unavailable(access.UNAVAILABLE_COMMENT) from exc
             principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
             found = (principal, facility)
             with self._lock:
@@ -468,11 +480,11 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
     """
     try:
         principal, facility = handle.caller(event)
-    except SQLAlchemyError as exc:
+    except (Unavailable, SQLAlchemyError) as exc:
         # The registry lookup of the calling AE met a database that is down or whose connection
         # was cut: the SCU may retry (not pynetdicom's 0xC211 for an unhandled exception).
         log.error("C-STORE refused, database unavailable: %s", type(exc).__name__)
-        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
+        return access.unavailable(event, "C-STORE")
     if facility is None:
         return status_dataset(0x0124, "calling AE is not registered to a facility")
     request = cast(C_STORE, event.request)
@@ -637,7 +649,9 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
       unknown or non-attribute key, a UID key that is not a UID list, an undecodable identifier.
     - 0xC000 Unable to process: a value the matching rules reject (e.g. a malformed date
       range); ErrorComment says which.
-    - 0xC001 Unable to process: the index is unavailable or failed.
+    - 0xC001 Unable to process: the index failed.
+    - 0xA700 Out of resources: the database is away (the caller's lookup, or the audit record
+      that must commit before any match goes out); ErrorComment names nothing internal.
     """
     principal, _facility = handle.caller(event)
     try:
@@ -946,11 +960,18 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
       missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
+    - 0xA702 also while the database is away, before the destination could be looked up
+      (answered on the association, which stays up: broker.dimse.access.unavailable).
     """
     principal, _facility = handle.caller(event)
-    destination = ds.move_destination(
-        engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
-    )
+    try:
+        destination = ds.move_destination(
+            engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
+        )
+    except SQLAlchemyError as exc:
+        log.error("C-MOVE answered 'unavailable', database unavailable: %s", type(exc).__name__)
+        yield from access.unavailable(event, "C-MOVE")
+        return
     if destination is None:
         yield None, None
         return
@@ -980,6 +1001,7 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       the requestor did not accept in that transfer syntax is decompressed when possible, else
       its sub-operation fails.
     - 0xA900 / 0xC000 / 0xC001 - as for C-MOVE (the unique key of the level is required).
+    - 0xA702 while the database is away.
     """
     principal, _facility = handle.caller(event)
     try:
