@@ -47,7 +47,7 @@ from broker.settings import Settings
 from tests.conftest import PgAdmin, s3_storage_url
 from tests.peers import dcmtk
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 RECEIVERS = 2
 CAP = 12  # connections per address, for the node (above the 9 parallel associations below)
