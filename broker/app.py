@@ -35,6 +35,9 @@ from broker.db import check_connection, make_engine, migrate, require_current_sc
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
+from broker.dimse.receivers import ReceiverSupervisor
+from broker.dimse.receivers import check_supported as check_receivers_supported
+from broker.dimse.receivers import shared_counts as receiver_counts
 from broker.dimse.scp import start_scp, stop_scp
 from broker.errors import BadRequest, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
@@ -115,6 +118,28 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     return AppState(settings=settings, engine=engine, store=store)
 
 
+def build_receiver_state(settings: Settings) -> AppState:
+    """A DIMSE receiver process's state (`broker.dimse.receivers`): the same database, store and
+    wiring as the serving process, none of its start-up work (migrations, durable jobs, the
+    default facility: the serving process did those before starting receivers), and parsing in
+    the receiving process itself: the receiver processes are the parallelism, and a parse pool
+    per receiver would only add processes competing for the same cores."""
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    wait_for_database(engine)
+    require_current_schema(engine)
+    register_jobs()
+    index_service.set_patient_linker(identity_service.link_patient)
+    imports_service.set_fetcher(federation_service.ensure_local)
+    audit_service.set_study_resolver(index_service.study_patients)
+    outbound.configure(settings.outbound_allow_networks)
+    dimse_tls.configure(settings)
+    store = _open_store(settings.resolved_storage_url())
+    configure_parsing(processes=0)
+    return AppState(settings=settings, engine=engine, store=store)
+
+
 def _open_store(url: str) -> ObjectStore:
     """The object store, or a clear error naming the setting (never a stack trace) when its URL is
     wrong or, asked to create its bucket, the store cannot be reached or refuses."""
@@ -149,7 +174,23 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
     """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners and
     the background threads."""
     state: AppState = app.state.scanonce
-    handle = start_scp(state=state) if state.settings.dimse_port else None
+    handle = None
+    supervisor = None
+    if state.settings.dimse_port:
+        check_receivers_supported(state.settings)
+        shared = receiver_counts(state.settings)
+        handle = start_scp(state=state, shared=shared)
+        if shared is not None:
+            # The receivers bind the port the serving process bound (the same one even when
+            # the setting asks for a free port, 0).
+            supervisor = ReceiverSupervisor(
+                settings=state.settings,
+                host=handle.address[0],
+                port=handle.port,
+                count=state.settings.dimse_receivers,
+                shared=shared,
+                build=build_receiver_state,
+            ).start()
     mllp = None
     if state.settings.mllp_port:
         mllp = start_mllp(
@@ -182,6 +223,8 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
         stop.set()
         if mllp is not None:
             stop_mllp(mllp)
+        if supervisor is not None:
+            supervisor.stop()
         if handle is not None:
             stop_scp(handle)
 
