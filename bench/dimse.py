@@ -21,6 +21,14 @@ Phases (full sizes; --quick shrinks them):
      wildcard ("Family^G*") and StudyDate range (30 days) queries, p50/p95 of the time from
      sending the request to the final status (all matches received).
 
+Receiver processes (settings.dimse_receivers, PostgreSQL only):
+
+    .venv/bin/python -m bench.dimse --receivers 0,1,2 --pg postgresql+psycopg://postgres@127.0.0.1:5432
+
+runs phase 1 only, against Orthanc and then against one ScanOnce per value of N (each on a
+fresh PostgreSQL database and a local object folder, `SCANONCE_DIMSE_RECEIVERS=N`), with the
+server CPU counted over each whole process tree (receivers included).
+
 Index sync speed is measured by bench/federation_sync.py (results in docs/benchmarks.md).
 """
 
@@ -233,6 +241,111 @@ def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, 
         bad = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
         log(f"storescu -> {target.server.name}: {failed} processes failed:\n{bad[-2000:]}")
     return {"instances": n, "seconds": dt, "per_s": n / dt, "server_cpu_s": cpu, "failed_processes": failed}
+
+
+def _listeners(port: int) -> int:
+    """Sockets listening on TCP `port` (all processes): N receivers + the serving process once
+    they are all up."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def _pg_database(server: str, name: str) -> str:
+    """A fresh database dimse_bench_<name> on the PostgreSQL server at `server`."""
+    import psycopg
+
+    plain = server.replace("postgresql+psycopg://", "postgresql://").rstrip("/")
+    with psycopg.connect(plain + "/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS dimse_bench_{name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE dimse_bench_{name}")
+    return f"{server.rstrip('/')}/dimse_bench_{name}"
+
+
+def run_receivers(
+    plan: Plan, *, receivers: Sequence[int], pg: str, parallel: int, work: Path, seed: int
+) -> dict[str, Any]:
+    """Phase 1 (C-STORE) only: Orthanc, then ScanOnce on PostgreSQL with each N receivers."""
+    t_start = time.perf_counter()
+    load = [os.getloadavg()[0]]
+    per_study = plan.instances_per_study
+    store = list(
+        instances(
+            seed=seed * 1000 + 500,
+            n_studies=plan.store_instances // per_study,
+            series_per_study=plan.series_per_study,
+            instances_per_series=plan.instances_per_series,
+        )
+    )
+    dirs = write_folder(work / "store", store, parallel)
+    sides: dict[str, dict[str, Any]] = {}
+    with run_orthanc_dimse(work / "orthanc") as oc:
+        sr = storescu_parallel(oc, dirs, len(store))
+        sr["held"] = instances_held(oc.server)
+        sr["loadavg_1m"] = os.getloadavg()[0]
+        sides["Orthanc"] = sr
+        log(f"C-STORE Orthanc: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
+    for n in receivers:
+        dimse_port = free_port()
+        env = {
+            "SCANONCE_DIMSE_PORT": str(dimse_port),
+            "SCANONCE_DATABASE_URL": _pg_database(pg, f"n{n}"),
+            "SCANONCE_MIGRATE_ON_START": "true",
+            "SCANONCE_DIMSE_RECEIVERS": str(n),
+        }
+        with run_scanonce(work / f"scanonce-n{n}", env_extra=env) as so:
+            deadline = time.monotonic() + 120
+            while _listeners(dimse_port) < n + 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            target = Dimse(so, "SCANONCE", dimse_port)
+            sr = storescu_parallel(target, dirs, len(store))
+            sr["held"] = instances_held(so)
+            sr["loadavg_1m"] = os.getloadavg()[0]
+            sr["listeners"] = _listeners(dimse_port)
+            sides[f"ScanOnce N={n}"] = sr
+            log(f"C-STORE ScanOnce N={n}: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
+    load.append(os.getloadavg()[0])
+    return {
+        "mode": "receivers",
+        "plan": asdict(plan),
+        "parallel": parallel,
+        "seed": seed,
+        "total_s": time.perf_counter() - t_start,
+        "loadavg_1m": load,
+        "sides": sides,
+    }
+
+
+def render_receivers(data: dict[str, Any]) -> str:
+    oc = data["sides"]["Orthanc"]
+    out = [
+        f"C-STORE by {data['parallel']} parallel dcmtk storescu, "
+        f"{data['plan']['store_instances']:,} small CT instances; ScanOnce on PostgreSQL + local "
+        "object folder, N receiver processes beside the serving process:",
+        "",
+        "| target | inst/s | / Orthanc | server CPU ms per instance (process tree) | held | listeners | "
+        "1-min load after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, side in data["sides"].items():
+        cpu = 1e3 * side["server_cpu_s"] / side["instances"]
+        ratio = side["per_s"] / oc["per_s"]
+        out.append(
+            f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {_fmt(cpu, 2)} | "
+            f"{side['held']:,} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
+        )
+    load = " / ".join(f"{x:.1f}" for x in data["loadavg_1m"])
+    out += [
+        "",
+        f"Seed {data['seed']}; total {data['total_s']:.0f} s; {platform.node()} ({os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}), loopback only; 1-min load average at start / end: {load}.",
+    ]
+    return "\n".join(out) + "\n"
 
 
 def instances_held(server: Server) -> int:
@@ -551,10 +664,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="leave Orthanc's DIMSE sockets as Debian's dcmtk does by default (Nagle on)",
     )
+    ap.add_argument(
+        "--receivers",
+        help="C-STORE only, ScanOnce on PostgreSQL with these numbers of DIMSE receiver processes "
+        "(comma-separated, e.g. 0,1,2; needs --pg)",
+    )
+    ap.add_argument("--pg", help="PostgreSQL server for --receivers (postgresql+psycopg://user@host:port)")
     ap.add_argument("--render", type=Path, help="only print the table of a saved .json run")
     args = ap.parse_args(argv)
     if args.render:
-        print(render(json.loads(args.render.read_text())))
+        saved = json.loads(args.render.read_text())
+        print(render_receivers(saved) if saved.get("mode") == "receivers" else render(saved))
         return 0
     plan = QUICK if args.quick else FULL
     if args.store_instances:
@@ -562,6 +682,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.index_instances:
         plan = replace(plan, index_instances=args.index_instances)
     work = Path(tempfile.mkdtemp(prefix="scanonce-bench-dimse-"))
+    if args.receivers is not None:
+        if not args.pg:
+            ap.error("--receivers needs --pg (receiver processes need PostgreSQL)")
+        try:
+            data = run_receivers(
+                plan,
+                receivers=[int(n) for n in args.receivers.split(",")],
+                pg=args.pg,
+                parallel=args.parallel,
+                work=work,
+                seed=args.seed,
+            )
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+            table = render_receivers(data)
+            print(table, flush=True)
+            if args.out:
+                args.out.write_text(table)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     try:
         data = run(
             plan,

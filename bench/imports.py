@@ -7,7 +7,11 @@ For each run Orthanc is emptied first. Compared:
   - C-STORE: `scanonce import --via dimse` vs dcmtk `storescu` sending the outside study's files
     (as stored in the broker) to the same Orthanc;
   - STOW-RS: `scanonce import --via dicomweb` vs the same files POSTed unchanged to Orthanc's own
-    STOW-RS in multipart batches of the same size (16), i.e. Orthanc's own STOW ingest rate.
+    STOW-RS in multipart batches of the same size (16), as many requests at once as the import
+    sends (`service.SENDERS`, each on its keep-alive connection), i.e. Orthanc's own STOW ingest
+    rate at that concurrency.
+storescu sends one file at a time on one association, as it does; the import sends
+`service.SENDERS` batches at once (`--senders 1` measures it one at a time too).
 The import does strictly more (reads from storage, coerces, writes, then verifies by C-FIND /
 QIDO-RS): the ratio says what that costs.
 
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -204,11 +209,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="rows = columns of each CT slice (16-bit)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=0, help="instances per association / STOW-RS request")
+    ap.add_argument("--senders", type=int, default=0, help="batches in flight at once (connections)")
     ap.add_argument("--memory-gb", type=float, default=0, help="measure peak RSS for a study this big")
     ap.add_argument("--seed", type=int, default=7, help="seed of the --memory-gb study's pixel data")
     args = ap.parse_args()
     if args.batch:
         service.BATCH = args.batch
+    if args.senders:
+        service.SENDERS = args.senders
     if args.memory_gb:
         memory(args)
         return
@@ -264,16 +272,28 @@ def main() -> None:
             def stow() -> float:
                 _clear(pacs.url)
                 t = time.perf_counter()
-                for i in range(0, len(paths), service.BATCH):
-                    batch = paths[i : i + service.BATCH]
-                    files = [(p, sops[p]) for p in batch]
-                    outs = delivery.deliver(facility=_web(pacs), via="dicomweb", files=files, calling_ae="X")
-                    assert all(o.status == "sent" for o in outs)
+                # The files as they are, in requests of the import's size, on as many keep-alive
+                # connections at once as the import uses: no coercion, no reading from
+                # storage, no bookkeeping.
+                batches = [paths[i : i + service.BATCH] for i in range(0, len(paths), service.BATCH)]
+                senders = [delivery.Sender(facility=_web(pacs), via="dicomweb", calling_ae="X")
+                           for _ in range(service.SENDERS)]  # fmt: skip
+
+                def send(k: int) -> None:
+                    for batch in batches[k :: service.SENDERS]:
+                        outs = senders[k].send([(p, sops[p]) for p in batch])
+                        assert all(o.status == "sent" for o in outs)
+
+                with ThreadPoolExecutor(service.SENDERS) as pool:
+                    list(pool.map(send, range(service.SENDERS)))
+                for sender in senders:
+                    sender.close()
                 dt = time.perf_counter() - t
                 assert _count(pacs.url) == args.instances
                 return dt
 
             rows = []
+            load = [os.getloadavg()[0]]
             for name, ours, theirs in (("C-STORE", lambda: imp("dimse"), storescu),
                                        ("STOW-RS", lambda: imp("dicomweb"), stow)):  # fmt: skip
                 a, b = [], []
@@ -282,15 +302,19 @@ def main() -> None:
                     b.append(theirs())
                 ma, mb_ = statistics.median(a), statistics.median(b)
                 rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
+                load.append(os.getloadavg()[0])
             version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
             print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "
-                  f"median of {args.runs} runs; batches of {service.BATCH}; Orthanc {version}")  # fmt: skip
+                  f"median of {args.runs} runs; batches of {service.BATCH}, {service.SENDERS} at once; "
+                  f"Orthanc {version}")  # fmt: skip
             print("| delivery | import (inst/s) | peer (inst/s) | ratio |")
             print("| --- | --- | --- | --- |")
             for name, x, y, r in rows:
                 peer = "dcmtk storescu" if name == "C-STORE" else "same files to Orthanc's STOW-RS"
                 print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
             print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
+            print("1-minute load average (2 cores) at the start, after C-STORE, after STOW-RS: "
+                  + ", ".join(f"{x:.1f}" for x in load))  # fmt: skip
 
 
 def _uid_of(path: str, *, sop: bool = False) -> str:

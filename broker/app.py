@@ -14,7 +14,9 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +36,9 @@ from broker.db import check_connection, make_engine, migrate, require_current_sc
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
+from broker.dimse.receivers import ReceiverSupervisor
+from broker.dimse.receivers import check_supported as check_receivers_supported
+from broker.dimse.receivers import shared_counts as receiver_counts
 from broker.dimse.scp import start_scp, stop_scp
 from broker.errors import BadRequest, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
@@ -57,7 +62,7 @@ from broker.jobs import service as jobs_service
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
 from broker.lookup.routes import router as lookup_router
-from broker.metrics import DB_ERRORS, STORAGE_ERRORS, ObservabilityMiddleware, render
+from broker.metrics import DB_ERRORS, DEPENDENCY_UP, STORAGE_ERRORS, ObservabilityMiddleware, render
 from broker.security import network as outbound
 from broker.security import tls as dimse_tls
 from broker.security.http import AuthGuard
@@ -116,6 +121,28 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     return AppState(settings=settings, engine=engine, store=store)
 
 
+def build_receiver_state(settings: Settings) -> AppState:
+    """A DIMSE receiver process's state (`broker.dimse.receivers`): the same database, store and
+    wiring as the serving process, none of its start-up work (migrations, durable jobs, the
+    default facility: the serving process did those before starting receivers), and parsing in
+    the receiving process itself: the receiver processes are the parallelism, and a parse pool
+    per receiver would only add processes competing for the same cores."""
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    wait_for_database(engine)
+    require_current_schema(engine)
+    register_jobs()
+    index_service.set_patient_linker(identity_service.link_patient)
+    imports_service.set_fetcher(federation_service.ensure_local)
+    audit_service.set_study_resolver(index_service.study_patients)
+    outbound.configure(settings.outbound_allow_networks)
+    dimse_tls.configure(settings)
+    store = _open_store(settings.resolved_storage_url())
+    configure_parsing(processes=0)
+    return AppState(settings=settings, engine=engine, store=store)
+
+
 def _open_store(url: str) -> ObjectStore:
     """The object store, or a clear error naming the setting (never a stack trace) when its URL is
     wrong or, asked to create its bucket, the store cannot be reached or refuses."""
@@ -150,7 +177,23 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
     """The long-running parts of `scanonce serve` besides HTTP: the DIMSE and MLLP listeners and
     the background threads."""
     state: AppState = app.state.scanonce
-    handle = start_scp(state=state) if state.settings.dimse_port else None
+    handle = None
+    supervisor = None
+    if state.settings.dimse_port:
+        check_receivers_supported(state.settings)
+        shared = receiver_counts(state.settings)
+        handle = start_scp(state=state, shared=shared)
+        if shared is not None:
+            # The receivers bind the port the serving process bound (the same one even when
+            # the setting asks for a free port, 0).
+            supervisor = ReceiverSupervisor(
+                settings=state.settings,
+                host=handle.address[0],
+                port=handle.port,
+                count=state.settings.dimse_receivers,
+                shared=shared,
+                build=build_receiver_state,
+            ).start()
     mllp = None
     if state.settings.mllp_port:
         mllp = start_mllp(
@@ -183,6 +226,8 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
         stop.set()
         if mllp is not None:
             stop_mllp(mllp)
+        if supervisor is not None:
+            supervisor.stop()
         if handle is not None:
             stop_scp(handle)
 
@@ -265,14 +310,16 @@ def create_app(
     def healthz() -> str:
         return "ok"
 
-    @app.get("/readyz", response_class=PlainTextResponse, include_in_schema=False)
-    def readyz() -> PlainTextResponse:
-        problems = not_ready(app.state.scanonce)
-        if problems:
-            return PlainTextResponse(
-                "not ready: " + "; ".join(problems), status_code=503, headers={"Retry-After": _RETRY_AFTER}
-            )
-        return PlainTextResponse("ready")
+    probe = StoreProbe(app.state.scanonce.store)
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        found = readiness(app.state.scanonce, probe)
+        return JSONResponse(
+            found.body(),
+            status_code=200 if found.ready else 503,
+            headers=None if found.ready else {"Retry-After": _RETRY_AFTER},
+        )
 
     queue = jobs_service.QueueCollector(app.state.scanonce.engine)
 
@@ -284,7 +331,7 @@ def create_app(
     verifier = None
     if settings.auth_enabled:
         key = load_or_create_signing_key(settings.resolved_signing_key_file())
-        verifier = Verifier(settings=settings, signing_key=key)
+        verifier = Verifier(settings=settings, signing_key=key, engine=app.state.scanonce.engine)
     app.state.auth = verifier
     # Added first, so it runs inside every middleware added later (CORS here; audit and metrics
     # middlewares must be added after it, so that they see the requests it refuses).
@@ -307,25 +354,91 @@ def create_app(
 _RETRY_AFTER = "5"
 
 
-def not_ready(state: AppState) -> list[str]:
-    """Why this node should get no traffic now: the database or the object store unreachable
-    (each named with its setting); empty when ready."""
-    problems = []
+# How long /readyz waits for the object store's answer: below a balancer's check timeout
+# (HAProxy's `timeout check`, 1 s in tests/cluster), so a stalled store is reported as degraded
+# rather than making the check itself time out and take the node out.
+_STORE_PROBE_SECONDS = 0.8
+
+
+class StoreProbe:
+    """One cheap object store request at a time (a listing under a prefix nothing uses: it fails
+    if the bucket is missing, the credentials wrong or the endpoint away), waited for at most
+    `_STORE_PROBE_SECONDS`. A probe still hanging is joined by the next check instead of a new
+    one being started, so a stalled store does not pile up threads."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._pending: Future[str | None] | None = None
+
+    def check(self) -> str | None:
+        """None when the store answered, else what is wrong (naming the setting)."""
+        with self._lock:
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = Future()
+                threading.Thread(target=self._run, args=(pending,), daemon=True, name="readyz-store").start()
+        try:
+            return pending.result(timeout=_STORE_PROBE_SECONDS)
+        except TimeoutError:
+            STORAGE_ERRORS.inc()
+            return "not answering (SCANONCE_STORAGE_URL)"
+
+    def _run(self, done: Future[str | None]) -> None:
+        problem: str | None = None
+        try:
+            for _ in self._store.list("readyz-probe/"):
+                break
+        except Exception:
+            STORAGE_ERRORS.inc()
+            problem = "unreachable (SCANONCE_STORAGE_URL)"
+        with self._lock:
+            self._pending = None
+        done.set_result(problem)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What /readyz reports. Ready means "send me traffic": the database answers. The object
+    store is shared by every node, so its fault is every node's: taking them all out of the
+    balancer would refuse the reads the index alone answers (QIDO-RS, C-FIND, FHIR, the lookup)
+    as well. The store's state is reported instead (body and `scanonce_dependency_up`), and what
+    needs it (STOW-RS, C-STORE, WADO-RS) answers 503 / 0xA700 meanwhile."""
+
+    database: str | None  # None: reachable; else what is wrong
+    object_store: str | None
+
+    @property
+    def ready(self) -> bool:
+        return self.database is None
+
+    def body(self) -> dict[str, str]:
+        status = "not ready" if not self.ready else "degraded" if self.object_store else "ready"
+        body = {
+            "status": status,
+            "database": self.database or "ok",
+            "object_store": self.object_store or "ok",
+        }
+        if self.ready and self.object_store:
+            body["detail"] = (
+                "queries are answered; storing and retrieving objects answer 503 until the store is back"
+            )
+        return body
+
+
+def readiness(state: AppState, probe: StoreProbe) -> Readiness:
+    """The database (`SELECT 1`) and the object store (`probe`), each checked on every call."""
+    database: str | None = None
     try:
         with state.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception:
         DB_ERRORS.inc()
-        problems.append("database unreachable (SCANONCE_DATABASE_URL)")
-    try:
-        # A listing under a prefix nothing uses: one cheap request that fails if the bucket is
-        # missing, the credentials wrong or the endpoint away.
-        for _ in state.store.list("readyz-probe/"):
-            break
-    except Exception:
-        STORAGE_ERRORS.inc()
-        problems.append("object store unreachable (SCANONCE_STORAGE_URL)")
-    return problems
+        database = "unreachable (SCANONCE_DATABASE_URL)"
+    store = probe.check()
+    DEPENDENCY_UP.labels("database").set(0 if database else 1)
+    DEPENDENCY_UP.labels("object_store").set(0 if store else 1)
+    return Readiness(database=database, object_store=store)
 
 
 # What a viewer's script must be able to read from a DICOMweb response (CORS exposes only the

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import typer
 import uvicorn
 from rich.table import Table
@@ -23,7 +24,7 @@ from rich.table import Table
 from broker import clikit
 from broker.app import build_state, create_app
 from broker.audit import cli as audit_cli
-from broker.clikit import DataDir, console, fail
+from broker.clikit import DataDir, console, fail, print_table
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
 from broker.db import (
@@ -38,6 +39,7 @@ from broker.db import (
 from broker.demo import service as demo_service
 from broker.deps import AppState
 from broker.dimse import access as dimse_access
+from broker.dimse import receivers as dimse_receivers
 from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
@@ -114,6 +116,7 @@ def serve(
         f"  API docs:  {origin}/docs",
         f"  DICOMweb:  {origin}/dicom-web",
         f"  DIMSE:     {settings.ae_title}@{settings.host}:{settings.dimse_port}"
+        + (f"  ({settings.dimse_receivers} receiver processes too)" if settings.dimse_receivers else "")
         if settings.dimse_port
         else "",
         f"  HL7 MLLP:  {settings.host}:{settings.mllp_port}  (ADT identity feed)"
@@ -142,8 +145,10 @@ def _not_ready_app(reason: str) -> Any:
         if scope["type"] != "http":
             return
         alive = scope.get("path") == "/healthz"
-        body = b"ok" if alive else f"not ready: {reason}".encode()
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"5")]
+        # /readyz's body as the started node answers it (broker.app.Readiness), store unknown yet.
+        body = b"ok" if alive else orjson.dumps({"status": "not ready", "database": reason})
+        kind = b"text/plain; charset=utf-8" if alive else b"application/json"
+        headers = [(b"content-type", kind), (b"retry-after", b"5")]
         await send({"type": "http.response.start", "status": 200 if alive else 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -163,7 +168,7 @@ def _wait_for_database(settings: Settings) -> None:
         except DatabaseUnreachable:
             pass
         config = uvicorn.Config(
-            _not_ready_app("database unreachable (SCANONCE_DATABASE_URL)"),
+            _not_ready_app("unreachable (SCANONCE_DATABASE_URL)"),
             host=settings.host,
             port=settings.port,
             lifespan="off",
@@ -197,6 +202,11 @@ def _auth_before_exposure(settings: Settings) -> None:
 def _dimse_before_exposure(settings: Settings) -> None:
     """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback."""
     refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
+    if refused is None and settings.dimse_port:
+        try:
+            dimse_receivers.check_supported(settings)
+        except ScanOnceError as exc:  # receiver processes on SQLite
+            refused = exc.message
     if refused is None:
         return
     clikit.err_console.print(f"[red]Refusing to serve:[/] {refused}", soft_wrap=True)
@@ -331,10 +341,9 @@ def ingest(
     )
     if failures:
         table = Table("file", "why it failed", title="Failures")
-        table.columns[0].overflow = "fold"
         for name, why in failures[:200]:
             table.add_row(name, why)
-        console.print(table)
+        print_table(table)
         if len(failures) > 200:
             console.print(f"... and {len(failures) - 200} more")
         raise typer.Exit(code=1 if counts["stored"] + counts["duplicate"] == 0 else 0)

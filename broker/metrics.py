@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -65,6 +65,13 @@ STORAGE_ERRORS = Counter(
 )
 DB_ERRORS = Counter(
     "scanonce_database_errors_total", "Database failures seen by requests (refused, lost, timed out)"
+)
+DEPENDENCY_UP = Gauge(
+    "scanonce_dependency_up",
+    "1 if the node's last readiness check reached the dependency (database, object_store), else 0",
+    ["dependency"],
+    # Several processes of one node: the worst of the live ones.
+    multiprocess_mode="livemin",
 )
 
 # -- the request id ---------------------------------------------------------------------------

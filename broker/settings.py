@@ -104,6 +104,16 @@ class Settings(BaseSettings):
     dimse_max_associations: int = Field(
         default=32, description="Associations the DIMSE SCP serves at once; more are rejected (transient)."
     )
+    dimse_receivers: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Extra DIMSE receiver processes `scanonce serve` starts on the DIMSE port beside its own "
+            "listener (SO_REUSEPORT; the kernel spreads connections over them); each receives, parses "
+            "and indexes C-STOREs itself, and one that dies is restarted. PostgreSQL only: refused "
+            "on SQLite, which has one writer. 0: the serving process alone."
+        ),
+    )
     dimse_open_mode: bool = Field(
         default=True,
         description=(

@@ -10,6 +10,11 @@
   (`broker.security.service.authorize` -> `policy.permits`, the same answer as for HTTP) before
   the handler runs; a refusal is answered with 0x0124 "Refused: Not authorized" (PS3.7 C.4.1.x,
   a status every DIMSE service may return) and the handler never runs.
+- The database away: the calling AE's registry lookup (at association or at an operation) and
+  the handlers answer the operation's standard failure status with a comment that names nothing
+  internal (`unavailable`), on an association that stays up; an association whose caller could
+  not be looked up at negotiation is let in provisionally, and each operation looks again
+  (0x0124 if the caller turns out not to be registered).
 - TLS: the listener's SSL context (broker.security.tls), with the handshake done in the
   connection's own thread under the request timeout (`tls_handshake`), never in the accept loop.
 """
@@ -26,7 +31,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_MOVE
 
 from broker.dimse import audit as dimse_audit
-from broker.dimse.service import status_dataset
+from broker.dimse.service import OUT_OF_RESOURCES, UNABLE_TO_PERFORM_SUBOPERATIONS, status_dataset
 from broker.errors import Forbidden, Unavailable
 from broker.security.network import is_loopback_host
 from broker.security.service import authorize
@@ -38,6 +43,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("scanonce.dimse")
 
 NOT_AUTHORIZED = 0x0124
+# What a peer reads while the database is away: nothing about hosts, drivers or SQL.
+UNAVAILABLE_COMMENT = "the index is unavailable; try again later"
+
+
+class AnsweredMoveFailure(Exception):  # noqa: N818 - a signal to pynetdicom, not an error of ours
+    """Raised into pynetdicom by a C-MOVE handler whose failure response is already arranged
+    (`_fail_move`)."""
+
 
 # The policy's action for each DIMSE operation (broker.security.policy.ACTIONS).
 ACTIONS = {
@@ -89,12 +102,61 @@ def _refuse_move(event: evt.Event) -> Iterator[Any]:
     yield None, None  # not looked at: the association is no longer established
 
 
+def unavailable(event: evt.Event, operation: str) -> Any:
+    """What a handler of `operation` returns while the database is away: C-STORE 0xA700 (out of
+    resources, PS3.4 B.2.3), C-FIND 0xA700 (C.4.1.1.4), C-MOVE and C-GET 0xA702 (out of
+    resources, unable to perform sub-operations, C.4.2.1.5 / C.4.3.1.4): each a "try again
+    later" for the peer. C-ECHO needs no database and succeeds (the node is there)."""
+    if operation == "C-ECHO":
+        return 0x0000
+    if operation == "C-STORE":
+        return status_dataset(OUT_OF_RESOURCES, "storage temporarily unavailable")
+    if operation == "C-FIND":
+        return iter([(status_dataset(OUT_OF_RESOURCES, UNAVAILABLE_COMMENT), None)])
+    if operation == "C-GET":
+        return iter([1, (status_dataset(UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT), None)])
+    return _fail_move(event, UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT)
+
+
+def _fail_move(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
+    """pynetdicom wants a C-MOVE handler's first answer to be the move destination, whose lookup
+    needs the database, and sends a final failure only after a sub-association to it. So the
+    handler raises instead, and pynetdicom answers the request with its own status for a failing
+    handler (0xC514, no comment); that one response gets `status` and `comment` on its way out.
+    The association stays up (unlike `_refuse_move`, which must also stop the sub-association)."""
+    dimse = event.assoc.dimse
+    message_id = event.request.MessageID
+    patched = "send_msg" in vars(dimse)
+    original = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_MOVE) and primitive.MessageIDBeingRespondedTo == message_id:
+            if patched:
+                dimse.send_msg = original  # type: ignore[method-assign]
+            else:
+                del dimse.send_msg  # this response only
+            primitive.Status = status
+            primitive.ErrorComment = comment  # type: ignore[assignment]
+        original(primitive, context_id)
+
+    dimse.send_msg = send_msg  # type: ignore[method-assign]
+    raise AnsweredMoveFailure(comment)
+    yield  # a generator, as pynetdicom expects of a C-MOVE handler
+
+
 def guarded(operation: str, handler: Callable[..., Any]) -> Callable[..., Any]:
     """`handler` behind the policy: the caller's Principal must be permitted `operation`."""
     action = ACTIONS[operation]
 
     def guard(event: evt.Event, handle: ScpHandle, *args: Any) -> Any:
-        principal, facility = handle.caller(event)
+        try:
+            principal, facility = handle.caller(event)
+        except Unavailable:
+            log.error("DIMSE %s answered 'unavailable': the caller's registry lookup failed", operation)
+            return unavailable(event, operation)
+        if facility is None and operation != "C-STORE":
+            # Let in while the registry could not be read (`admit`), and not registered after all.
+            return refusal(event, operation)
         try:
             # C-STORE writes into the caller's facility's partition; the others read the index.
             authorize(principal, action=action, facility=facility if operation == "C-STORE" else None)

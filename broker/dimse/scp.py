@@ -60,6 +60,7 @@ from broker.dicom.received import Received
 from broker.dimse import access
 from broker.dimse import audit as dimse_audit
 from broker.dimse import service as ds
+from broker.dimse.guards import SharedCounts
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.federation import service as federation
@@ -116,20 +117,29 @@ class _ScanOnceAE(SpoolingAE):
         # Read by the reactor: seconds to complete the A-ASSOCIATE-RQ, and any PDU once begun.
         self.scanonce_request_timeout: float | None = None
         self.max_connections_per_address = 0  # 0: no cap
+        # Several processes on one port (settings.dimse_receivers): the guards count across all
+        # of them (broker.dimse.guards), this process in its row.
+        self.shared_counts: SharedCounts | None = None
+        self.shared_row = 0
+        self.reuse_port = False
 
     @property
     def maximum_associations(self) -> int:
         # pynetdicom refuses an association when its live acceptor threads, itself included,
         # outnumber this; the ones still waiting for their request are not associations yet.
         waiting = sum(1 for a in self.active_associations if a.is_acceptor and a.requestor.primitive is None)
-        return int(self._maximum_associations) + waiting
+        # The other processes' connections (waiting ones included: a conservative count) take
+        # slots of the one node-wide limit.
+        shared = self.shared_counts
+        elsewhere = shared.open_elsewhere(self.shared_row) if shared is not None else 0
+        return int(self._maximum_associations) + waiting - elsewhere
 
     @maximum_associations.setter
     def maximum_associations(self, value: int) -> None:
         AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
 
     def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs["server_class"] = _GuardedServer
+        kwargs["server_class"] = _ReusePortServer if self.reuse_port else _GuardedServer
         kwargs["request_handler"] = _CountedRequestHandler
         return super().make_server(address, *args, **kwargs)
 
@@ -141,7 +151,14 @@ class _ScanOnceAE(SpoolingAE):
         if handle is None or handle.open_mode or not isinstance(assoc, Association):
             return []
         calling_ae = str(assoc.requestor.ae_title or "").strip()
-        known = handle.admit(assoc)[1] is not None
+        try:
+            known = handle.admit(assoc)[1] is not None
+        except Unavailable:
+            # The registry cannot be read now. Refusing would tell a registered peer "you are not
+            # recognised" (a permanent rejection); dropping it, nothing. Let it in: each operation
+            # looks the caller up again and answers a failure status meanwhile (0x0124 if it is not
+            # registered after all; broker.dimse.access.guarded).
+            return [calling_ae]
         # A non-empty list that matches nothing refuses the caller.
         return [calling_ae] if known else ["\x00"]
 
@@ -170,25 +187,43 @@ class _GuardedServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         ip = str(client_address[0])
         cap = int(getattr(self.ae, "max_connections_per_address", 0) or 0)
+        shared: SharedCounts | None = getattr(self.ae, "shared_counts", None)
+        row = int(getattr(self.ae, "shared_row", 0))
         with self._open_lock:
-            count = self._open.get(ip, 0)
+            count = self._open.get(ip, 0) if shared is None else shared.at_address(ip)
             if cap and count >= cap:
                 refuse = True
             else:
                 refuse = False
-                self._open[ip] = count + 1
+                self._open[ip] = self._open.get(ip, 0) + 1
+                if shared is not None:
+                    shared.opened(row, ip)
         if refuse:
             log.warning("DIMSE: closing a connection from %s, which already holds %d", ip, cap)
             return False
         return True
 
     def release(self, ip: str) -> None:
+        shared: SharedCounts | None = getattr(self.ae, "shared_counts", None)
         with self._open_lock:
+            if shared is not None:
+                shared.closed(int(getattr(self.ae, "shared_row", 0)), ip)
             left = self._open.get(ip, 0) - 1
             if left > 0:
                 self._open[ip] = left
             else:
                 self._open.pop(ip, None)
+
+
+class _ReusePortServer(_GuardedServer):
+    """Binds with SO_REUSEPORT, so that the serving process and the receiver processes
+    (settings.dimse_receivers) listen on one port and the kernel spreads connections over them.
+    pynetdicom's `server_bind` sets its own options and ignores socketserver's
+    `allow_reuse_port`, hence the option here."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
 
 
 class _CountedRequestHandler(RequestHandler):
@@ -280,17 +315,22 @@ class ScpHandle:
     def admit(self, assoc: Association) -> tuple[Principal, str | None]:
         """Who the association's peer is (its calling AE title from its address), looked up once
         per association: at negotiation (pynetdicom reads `require_calling_aet` twice), and
-        reused by every handler."""
+        reused by every handler. Unavailable (nothing remembered) when the database is away."""
         with self._lock:
             found = self._callers.get(assoc)
         if found is None:
             settings = self.state.settings
             calling_ae = str(assoc.requestor.ae_title or "").strip()
-            facility = (
-                self.facility_of(calling_ae, _peer_address(assoc), _peer_certificate(assoc))
-                if calling_ae
-                else None
-            )
+            try:
+                facility = (
+                    self.facility_of(calling_ae, _peer_address(assoc), _peer_certificate(assoc))
+                    if calling_ae
+                    else None
+                )
+            except SQLAlchemyError as exc:
+                # Not remembered: the next operation of the association looks again.
+                log.error("DIMSE caller lookup failed, database unavailable: %s", type(exc).__name__)
+                raise Unavailable(access.UNAVAILABLE_COMMENT) from exc
             principal = principal_for_dimse(settings=settings, calling_ae=calling_ae, facility=facility)
             found = (principal, facility)
             with self._lock:
@@ -299,13 +339,23 @@ class ScpHandle:
 
 
 def start_scp(
-    *, state: AppState, peers: DimsePeers | None = None, host: str | None = None, port: int | None = None
+    *,
+    state: AppState,
+    peers: DimsePeers | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    shared: SharedCounts | None = None,
+    row: int = 0,
 ) -> ScpHandle:
     """Start serving DIMSE in background threads; returns at once.
 
     Binds `host` (default settings.host) and `port` (default settings.dimse_port; 0 picks a free
     port, see `handle.port`) with AE title settings.ae_title. Received data sets are spooled
     under settings.data_dir/spool.
+
+    `shared`: this listener is one of several processes on the port (`broker.dimse.receivers`):
+    it binds with SO_REUSEPORT and counts its connections in row `row` of `shared`, against
+    limits that hold for all of them together.
     """
     settings = state.settings
     bind = (host if host is not None else settings.host, settings.dimse_port if port is None else port)
@@ -322,6 +372,8 @@ def start_scp(
     ae.require_called_aet = True  # A-ASSOCIATE-RJ "called AE title not recognized" otherwise
     ae.scanonce_request_timeout = settings.dimse_request_timeout
     ae.max_connections_per_address = settings.dimse_max_connections_per_address
+    if shared is not None:
+        ae.shared_counts, ae.shared_row, ae.reuse_port = shared, row, True
     # What peers may send us per PDU. Large enough to keep the per-PDU cost down, small enough
     # that a PDU never holds much of a large instance in memory (0, "unlimited", lets a sender
     # put a whole multi-gigabyte data set in one PDU).
@@ -360,6 +412,8 @@ def start_scp(
     )
     handle.ae, handle.server = ae, server
     handle.address = server.server_address[:2]
+    if shared is not None:
+        shared.set_listening(row, os.getpid())
     log.info(
         "DIMSE SCP %s listening on %s:%d%s%s",
         settings.ae_title,
@@ -441,11 +495,11 @@ def _on_store(event: evt.Event, handle: ScpHandle) -> int | Dataset:
     """
     try:
         principal, facility = handle.caller(event)
-    except SQLAlchemyError as exc:
+    except (Unavailable, SQLAlchemyError) as exc:
         # The registry lookup of the calling AE met a database that is down or whose connection
         # was cut: the SCU may retry (not pynetdicom's 0xC211 for an unhandled exception).
         log.error("C-STORE refused, database unavailable: %s", type(exc).__name__)
-        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
+        return access.unavailable(event, "C-STORE")
     if facility is None:
         return status_dataset(0x0124, "calling AE is not registered to a facility")
     request = cast(C_STORE, event.request)
@@ -610,7 +664,9 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
       unknown or non-attribute key, a UID key that is not a UID list, an undecodable identifier.
     - 0xC000 Unable to process: a value the matching rules reject (e.g. a malformed date
       range); ErrorComment says which.
-    - 0xC001 Unable to process: the index is unavailable or failed.
+    - 0xC001 Unable to process: the index failed.
+    - 0xA700 Out of resources: the database is away (the caller's lookup, or the audit record
+      that must commit before any match goes out); ErrorComment names nothing internal.
     """
     principal, _facility = handle.caller(event)
     try:
@@ -919,11 +975,18 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
       missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
+    - 0xA702 also while the database is away, before the destination could be looked up
+      (answered on the association, which stays up: broker.dimse.access.unavailable).
     """
     principal, _facility = handle.caller(event)
-    destination = ds.move_destination(
-        engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
-    )
+    try:
+        destination = ds.move_destination(
+            engine=handle.state.engine, peers=handle.peers, ae_title=str(event.move_destination or "")
+        )
+    except SQLAlchemyError as exc:
+        log.error("C-MOVE answered 'unavailable', database unavailable: %s", type(exc).__name__)
+        yield from access.unavailable(event, "C-MOVE")
+        return
     if destination is None:
         yield None, None
         return
@@ -953,6 +1016,7 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       the requestor did not accept in that transfer syntax is decompressed when possible, else
       its sub-operation fails.
     - 0xA900 / 0xC000 / 0xC001 - as for C-MOVE (the unique key of the level is required).
+    - 0xA702 while the database is away.
     """
     principal, _facility = handle.caller(event)
     try:

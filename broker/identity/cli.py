@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 from sqlmodel import Session
 
-from broker.clikit import DataDir, console, fail, progress, state, usage_error
+from broker.clikit import DataDir, console, fail, print_table, progress, state, usage_error
 from broker.errors import NotFound, ScanOnceError
 from broker.identity import service
 from broker.identity.adt import feed_principal
@@ -86,7 +86,10 @@ def review(
         table.add_row(
             str(it.id), str(it.record_id), str(it.candidate_record_id), f"{it.weight:.1f}", evidence
         )
-    console.print(table if items else "review queue is empty")
+    if items:
+        print_table(table)
+    else:
+        console.print("review queue is empty")
 
 
 @identity_app.command("link")

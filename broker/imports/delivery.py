@@ -1,8 +1,10 @@
 """Delivering coerced instances to a destination archive and asking it what it holds.
 
-C-STORE goes through `broker.peers.dimse` (one association per batch, each file sent from disk as
-it is); STOW-RS is a streamed multipart/related POST per batch, the body a generator reading the
-files in chunks, so a batch is never held in memory. Both return one `Outcome` per file, in order.
+A `Sender` is opened once per import run and keeps its connection across batches: C-STORE goes
+through `broker.peers.dimse.StoreSession` (one association for the whole run, each file sent from
+disk as it is); STOW-RS is one streamed multipart/related POST per batch on one keep-alive HTTP
+connection, the body a generator reading the files in chunks, so a batch is never held in
+memory. Both return one `Outcome` per file, in order.
 """
 
 from __future__ import annotations
@@ -58,25 +60,63 @@ def via_of(facility: Archive, wanted: str = "") -> str:
 def deliver(
     *, facility: Archive, via: str, files: Sequence[tuple[str, str]], calling_ae: str
 ) -> list[Outcome]:
-    """Send (path, sop_uid) files; Unavailable when the archive cannot be reached at all (the
-    caller retries the batch with backoff)."""
-    if via == "dimse":
-        return _cstore(facility, files, calling_ae)
-    return _stow(facility, files)
+    """Send (path, sop_uid) files on a connection of their own (see `Sender`)."""
+    with Sender(facility=facility, via=via, calling_ae=calling_ae) as sender:
+        return sender.send(files)
 
 
-def _cstore(facility: Archive, files: Sequence[tuple[str, str]], calling_ae: str) -> list[Outcome]:
-    assert facility.ae_title and facility.host and facility.port
-    try:
-        results = scu.store(
-            host=facility.host,
-            port=int(facility.port),
-            called_ae=facility.ae_title,
-            paths=[p for p, _ in files],
-            calling_ae=calling_ae,
-        )
-    except DimseStatusError as exc:
-        raise Unavailable(str(exc)) from exc
+class Sender:
+    """Delivery to one archive over one connection kept across `send` calls (an association, or
+    a keep-alive HTTP connection); opened lazily, re-opened after a failure."""
+
+    def __init__(self, *, facility: Archive, via: str, calling_ae: str) -> None:
+        self.facility, self.via, self.calling_ae = facility, via, calling_ae
+        self._dimse: scu.StoreSession | None = None
+        self._http: httpx.Client | None = None
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._dimse is not None:
+            self._dimse.close()
+        if self._http is not None:
+            self._http.close()
+        self._dimse = self._http = None
+
+    def send(self, files: Sequence[tuple[str, str]]) -> list[Outcome]:
+        """Send (path, sop_uid) files; Unavailable when the archive cannot be reached at all (the
+        caller retries the batch with backoff)."""
+        if self.via == "dimse":
+            return self._cstore(files)
+        if self._http is None:
+            self._http = network.guarded_client(timeout=_TIMEOUT)
+        try:
+            return _stow(self._http, self.facility, files)
+        except Unavailable:
+            self._http.close()  # a connection left half-way through a body is not reused
+            self._http = None
+            raise
+
+    def _cstore(self, files: Sequence[tuple[str, str]]) -> list[Outcome]:
+        facility = self.facility
+        assert facility.ae_title and facility.host and facility.port
+        if self._dimse is None:
+            self._dimse = scu.StoreSession(
+                host=facility.host, port=int(facility.port), called_ae=facility.ae_title,
+                calling_ae=self.calling_ae,
+            )  # fmt: skip
+        try:
+            results = self._dimse.send([p for p, _ in files])
+        except DimseStatusError as exc:
+            raise Unavailable(str(exc)) from exc
+        return _outcomes(results)
+
+
+def _outcomes(results: Sequence[scu.StoreResult]) -> list[Outcome]:
     out = []
     for r in results:
         if r.status == 0x0000:
@@ -104,21 +144,20 @@ def _body(paths: Sequence[str], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode()
 
 
-def _stow(facility: Archive, files: Sequence[tuple[str, str]]) -> list[Outcome]:
+def _stow(client: httpx.Client, facility: Archive, files: Sequence[tuple[str, str]]) -> list[Outcome]:
     assert facility.dicomweb_url
     boundary = uuid.uuid4().hex
     size = sum(os.path.getsize(p) for p, _ in files)
     try:
-        with network.guarded_client(timeout=_TIMEOUT) as client:
-            rsp = client.post(
-                f"{facility.dicomweb_url.rstrip('/')}/studies",
-                content=_body([p for p, _ in files], boundary),
-                headers={
-                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                    "Accept": "application/dicom+json",
-                    "Content-Length": str(size + _overhead(len(files), boundary)),
-                },
-            )
+        rsp = client.post(
+            f"{facility.dicomweb_url.rstrip('/')}/studies",
+            content=_body([p for p, _ in files], boundary),
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                "Accept": "application/dicom+json",
+                "Content-Length": str(size + _overhead(len(files), boundary)),
+            },
+        )
     except httpx.HTTPError as exc:
         raise Unavailable(f"facility {facility.id!r} cannot be reached by STOW-RS: {exc}") from exc
     if rsp.status_code >= 500 and rsp.status_code != 502:

@@ -5,8 +5,9 @@ destination is registered and has an endpoint, the destination has a record of t
 destination can be asked whether it holds the study), decides the reconciliation once for the
 whole study (`reconcile.Plan`) and queues a durable job. The job fetches the study if the broker
 only indexes it (federation's remote retrieve), then coerces and sends instance by instance in
-small batches, recording each instance's outcome as it goes: a job reclaimed after a restart
-sends only what is still pending. It ends by asking the destination what arrived.
+small batches, two at a time on connections kept for the whole run, recording each instance's
+outcome batch by batch: a job reclaimed after a restart sends only what is still pending. It
+ends by asking the destination what arrived.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,13 +49,20 @@ from broker.security.service import authorize
 log = logging.getLogger("scanonce.imports")
 
 IMPORT_JOB = "import"
-# A batch ready to send: (coerced file, its row) and the rows whose source could not be read.
-Prepared_ = tuple[list[tuple[str, "ImportInstance"]], list[tuple["ImportInstance", str]]]
+# A batch sent: (row, its outcome) and the rows whose source could not be read (why).
+Sent_ = tuple[list[tuple["ImportInstance", delivery.Outcome]], list[tuple["ImportInstance", str]]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
 # faster than 16 on the loaded bench machine, so 16 stays. `bench/imports.py --batch N` tries it.)
 BATCH = 16
+# Batches sent at once, each on its own association / HTTP connection. An archive stores one
+# instance at a time per association (Orthanc: write the file, index it) and spends most of a
+# C-STORE's time there; with two, one connection is busy on the wire and in our coercion while
+# the archive stores on the other. Measured (bench/imports.py, Orthanc 1.10.1): the C-STORE
+# transport alone, 1 association 0.81-0.90x storescu, 2 associations 1.6-1.9x. Two is modest
+# for an archive (dcm4chee and Orthanc accept several per AE by default).
+SENDERS = 2
 RETRIES = 4  # attempts per batch when the destination cannot be reached
 BACKOFF = 0.5  # seconds before the first retry, doubled each time
 
@@ -217,6 +227,21 @@ def _read(store: Any, key: str, *, headers_only: bool = False) -> Dataset:
         return dcmread(tmp, stop_before_pixels=headers_only)
 
 
+def _coerce(store: Any, key: str, path: str, plan: reconcile.Plan) -> None:
+    """The stored object `key`, coerced, written to `path` (header re-encoded, pixels copied)."""
+    with open(path, "wb") as out:
+        local = store.open_local(key)
+        if local is not None:
+            with open(local, "rb") as src:
+                reconcile.coerce_file(src, out, plan)
+            return
+        with tempfile.TemporaryFile() as tmp:
+            for chunk in store.get(key):
+                tmp.write(chunk)
+            tmp.seek(0)
+            reconcile.coerce_file(tmp, out, plan)
+
+
 # -- the destination's configuration (StudyID, institution) ----------------------------------------
 
 
@@ -343,7 +368,8 @@ def instances_of(*, session: Session, import_id: int) -> list[ImportInstance]:
 
 
 def cancel_import(*, engine: Engine, principal: Principal, import_id: int) -> ImportJob:
-    """Stop an import: a queued one never starts; a running one stops after its current batch."""
+    """Stop an import: a queued one never starts; a running one starts no new batch (those in
+    flight finish and are recorded)."""
     with session_scope(engine) as session:
         row = get_import(session=session, import_id=import_id)
         authorize(principal, action="imports.write", facility=row.facility_id)
@@ -446,41 +472,57 @@ def _run(
     total = len(by_sop)
     done = total - len(pending)
     progress.update(done=done, total=total, message="sending")
-    with tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp, ThreadPoolExecutor(1) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp,
+        _Senders(destination, via, calling_ae) as senders,
+        ThreadPoolExecutor(SENDERS, thread_name_prefix="import-send") as pool,
+    ):
 
-        def prepare(batch: list[ImportInstance]) -> Prepared_:
+        def work(batch: list[ImportInstance]) -> Sent_:
             files: list[tuple[str, ImportInstance]] = []
             unreadable: list[tuple[ImportInstance, str]] = []
             for inst in batch:
                 path = os.path.join(tmp, f"{inst.id}.dcm")
                 try:
-                    ds = _read(store, by_sop[inst.source_sop_uid].object_key)
-                    reconcile.apply(ds, plan)
-                    ds.save_as(path, enforce_file_format=True)
+                    _coerce(store, by_sop[inst.source_sop_uid].object_key, path, plan)
                 except Exception as exc:  # one unreadable instance fails alone, named in its row
                     unreadable.append((inst, f"cannot be read or coerced: {type(exc).__name__}"))
                     continue
                 files.append((path, inst))
-            return files, unreadable
+            try:
+                outcomes = _send_with_retries(senders.mine(), files) if files else []
+            finally:
+                for path, _ in files:
+                    os.unlink(path)
+            return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
 
-        # The next batch is read and coerced while this one is on the wire: at most two batches
-        # of files on disk, none in memory.
-        batches = list(_batches(pending, BATCH))
-        ahead: Future[Prepared_] | None = pool.submit(prepare, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            assert ahead is not None
-            files, unreadable = ahead.result()
-            if _cancelled(engine, import_id):
-                _finish(engine, import_id, status="cancelled", message="cancelled")
-                progress.update(message="cancelled")
-                return
-            ahead = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
-            outcomes = _send_with_retries(destination, via, files, calling_ae) if files else []
-            _record(engine, [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable)
-            for path, _ in files:
-                os.unlink(path)
-            done += len(batch)
+        # SENDERS batches in flight, each read, coerced and sent by its own thread on its own
+        # connection (one thread coerces while another waits for the archive), recorded in
+        # order here: at most SENDERS batches of files on disk, none in memory. A cancel stops
+        # new batches; those in flight finish and are recorded.
+        inflight: deque[tuple[int, Future[Sent_]]] = deque()
+        cancelled = False
+
+        def collect() -> None:
+            nonlocal done
+            n, future = inflight.popleft()
+            _record(engine, *future.result())
+            done += n
             progress.update(done=done, total=total, message="sending")
+
+        for batch in _batches(pending, BATCH):
+            if len(inflight) >= SENDERS:
+                collect()
+            if _cancelled(engine, import_id):
+                cancelled = True
+                break
+            inflight.append((len(batch), pool.submit(work, batch)))
+        while inflight:
+            collect()
+    if cancelled:
+        _finish(engine, import_id, status="cancelled", message="cancelled")
+        progress.update(message="cancelled")
+        return
     _verify(engine, import_id, plan, destination, via, calling_ae)
     with Session(engine) as session:
         row = get_import(session=session, import_id=import_id)
@@ -494,6 +536,35 @@ def _run(
         raise Unavailable(
             f"{message}; {failed} not accepted by facility {destination.id!r} (see each instance)"
         )
+
+
+class _Senders:
+    """One `delivery.Sender` per sending thread (its own association or HTTP connection, kept for
+    the whole run), all closed at the end."""
+
+    def __init__(self, destination: Facility, via: str, calling_ae: str) -> None:
+        self._destination, self._via, self._calling_ae = destination, via, calling_ae
+        self._local = threading.local()
+        self._all: list[delivery.Sender] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _Senders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            for sender in self._all:
+                sender.close()
+
+    def mine(self) -> delivery.Sender:
+        sender: delivery.Sender | None = getattr(self._local, "sender", None)
+        if sender is None:
+            sender = self._local.sender = delivery.Sender(
+                facility=self._destination, via=self._via, calling_ae=self._calling_ae
+            )
+            with self._lock:
+                self._all.append(sender)
+        return sender
 
 
 def _batches(items: list[ImportInstance], n: int) -> Iterator[list[ImportInstance]]:
@@ -511,18 +582,16 @@ def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> Non
 
 
 def _send_with_retries(
-    destination: Facility, via: str, files: list[tuple[str, ImportInstance]], calling_ae: str
+    sender: delivery.Sender, files: list[tuple[str, ImportInstance]]
 ) -> list[delivery.Outcome]:
     wait = BACKOFF
     for attempt in range(1, RETRIES + 1):
         try:
-            return delivery.deliver(
-                facility=destination, via=via, files=[(p, i.sop_uid) for p, i in files], calling_ae=calling_ae
-            )
+            return sender.send([(p, i.sop_uid) for p, i in files])
         except Unavailable as exc:
             if attempt == RETRIES:
                 return [delivery.Outcome(i.sop_uid, "failed", None, exc.message[:512]) for _, i in files]
-            log.warning("import delivery to %s failed (attempt %d), retrying", destination.id, attempt)
+            log.warning("import delivery to %s failed (attempt %d), retrying", sender.facility.id, attempt)
             time.sleep(wait)
             wait *= 2
     raise AssertionError("unreachable")

@@ -557,6 +557,20 @@ def index_parsed(
 
 # Object keys that an ingest of this process has begun to place and not yet committed (or
 # given up): the reaper (broker/index/reaper.py) never removes them, however old the bytes.
+#
+# Per process on purpose, also with DIMSE receiver processes (settings.dimse_receivers), rather
+# than a table or advisory locks in the database (a write or a round trip more per batch on the
+# hot path, and rows a SIGKILLed receiver would leave behind):
+# - the reaper runs in the serving process only and removes nothing younger than its grace
+#   period (an hour by default); another process's placement is seconds from its commit, and a
+#   re-put object is young again (the reaper re-reads its age just before removing it). It
+#   relies on age alone for other processes' placements.
+# - the race cleanup (`_remove_unreferenced`) removes only keys of instances that another
+#   batch committed first: a duplicate's key is the committed row's own key (named, kept); a
+#   conflicting copy's key names bytes whose SOP Instance UID is already taken by other bytes,
+#   so no ingest in any process can commit a row naming it (its insert would fail on the UID and
+#   its retry would file the copy under conflicts/). The per-process check below only spares a
+#   key this process is placing right now.
 _IN_FLIGHT: dict[str, int] = {}
 _IN_FLIGHT_LOCK = threading.Lock()
 

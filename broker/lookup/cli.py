@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from sqlmodel import Session
 
-from broker.clikit import DataDir, console, fail, state, usage_error
+from broker.clikit import DataDir, console, fail, print_table, state, usage_error
 from broker.errors import ScanOnceError
 from broker.lookup import service
 from broker.lookup.schemas import PriorsAnswer
@@ -57,7 +57,7 @@ def render(answer: PriorsAnswer) -> None:
             p.availability,
             p.link,
         )
-    console.print(table)
+    print_table(table)
     if answer.cumulative_12_months is not None:
         c = answer.cumulative_12_months
         more = "" if c.complete else f" ({c.studies_without_estimate} studies without an estimate)"

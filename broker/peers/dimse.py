@@ -4,7 +4,8 @@
 Every function is keyword-only and blocking, opens one association for its job and releases
 it, and returns plain values. A peer that cannot be reached, refuses the association, aborts
 or stops answering raises `broker.errors.Unavailable` naming the peer; a peer that answers with
-a failure status raises `DimseStatusError` (status and ErrorComment kept).
+a failure status raises `DimseStatusError` (status and ErrorComment kept). `StoreSession` is
+`store` for a caller sending many batches: one association kept open across them.
 """
 
 from __future__ import annotations
@@ -369,34 +370,95 @@ def store(
     decoded and sent uncompressed (decompressed first if need be). Files are grouped so that
     no association proposes more than 128 presentation contexts.
     """
-    peer = _peer(called_ae, host, port)
-    files: list[tuple[str, str, str, UID, bool]] = []
-    for p in paths:
+    with StoreSession(
+        host=host, port=port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout
+    ) as session:  # fmt: skip
+        return session.send(paths)
+
+
+class StoreSession:
+    """C-STORE over one association kept open across `send` calls, as `store` does for one call.
+
+    For a sender of many batches (an import): opening an association costs a connection, a
+    negotiation of up to 128 presentation contexts and pynetdicom's threads, as much as several
+    C-STOREs on loopback. It is opened again only when a batch needs a presentation context not
+    proposed (then proposing those of before too, while they fit in 128), or after the peer
+    dropped it (idle timeout, abort); a `send` that fails leaves it closed, so the caller's retry
+    starts afresh.
+    """
+
+    def __init__(
+        self, *, host: str, port: int, called_ae: str, calling_ae: str = "SCANONCE", timeout: float = 30.0
+    ) -> None:
+        self._where = {"host": host, "port": port, "called_ae": called_ae, "calling_ae": calling_ae,
+                       "timeout": timeout}  # fmt: skip
+        self.peer = _peer(called_ae, host, port)
+        self._stack: contextlib.ExitStack | None = None
+        self._assoc: Any = None
+        self._proposed: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self.associations = 0  # opened so far (the benchmark and tests read it)
+
+    def __enter__(self) -> StoreSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        stack, self._stack, self._assoc = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def send(self, paths: Sequence[str | os.PathLike[str]]) -> list[StoreResult]:
+        files = [_describe(p) for p in paths]
+        results: dict[int, StoreResult] = {}
         try:
-            with open(p, "rb") as fp:
-                head = read_partial(fp, stop_when=_past_sop_instance_uid)
-            meta = head.file_meta
-            sop_class, sop_uid = str(head.get("SOPClassUID", "")), str(head.get("SOPInstanceUID", ""))
-            ts = UID(str(meta.TransferSyntaxUID))
-        except Exception as exc:
-            raise BadRequest(f"not a DICOM Part 10 file with file meta: {os.fspath(p)}") from exc
-        # The command's UIDs come from the file meta when a file is sent as it is: only if they
-        # are the data set's own (some files disagree) may it be sent that way.
-        as_is = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")) == (
-            sop_class,
-            sop_uid,
+            for batch in _context_batches(files):
+                assoc = self._ready(_store_contexts([files[i] for i in batch]))
+                for i in batch:
+                    results[i] = _store_one(assoc, files[i], peer=self.peer)
+        except BaseException:
+            self.close()
+            raise
+        return [results[i] for i in range(len(files))]
+
+    def _ready(self, contexts: list[Any]) -> Any:
+        wanted = {_context_key(c): c for c in contexts}
+        if self._assoc is not None and self._assoc.is_established and wanted.keys() <= self._proposed.keys():
+            return self._assoc
+        self.close()
+        union = {**self._proposed, **wanted}
+        self._proposed = union if len(union) <= 128 else wanted
+        stack = contextlib.ExitStack()
+        self._assoc = stack.enter_context(
+            _association(contexts=list(self._proposed.values()), **self._where)  # type: ignore[arg-type]
         )
-        files.append((os.fspath(p), sop_class, sop_uid, ts, as_is))
-    results: dict[int, StoreResult] = {}
-    for batch in _context_batches(files):
-        contexts = _store_contexts([files[i] for i in batch])
-        with _association(
-            host=host, port=port, called_ae=called_ae, calling_ae=calling_ae, contexts=contexts,
-            timeout=timeout,
-        ) as assoc:  # fmt: skip
-            for i in batch:
-                results[i] = _store_one(assoc, files[i], peer=peer)
-    return [results[i] for i in range(len(files))]
+        self._stack = stack
+        self.associations += 1
+        return self._assoc
+
+
+def _context_key(cx: Any) -> tuple[str, tuple[str, ...]]:
+    return str(cx.abstract_syntax), tuple(str(t) for t in cx.transfer_syntax)
+
+
+def _describe(p: str | os.PathLike[str]) -> tuple[str, str, str, UID, bool]:
+    """(path, SOP class, SOP instance, transfer syntax, sent as stored?) from the file's head."""
+    try:
+        with open(p, "rb") as fp:
+            head = read_partial(fp, stop_when=_past_sop_instance_uid)
+        meta = head.file_meta
+        sop_class, sop_uid = str(head.get("SOPClassUID", "")), str(head.get("SOPInstanceUID", ""))
+        ts = UID(str(meta.TransferSyntaxUID))
+    except Exception as exc:
+        raise BadRequest(f"not a DICOM Part 10 file with file meta: {os.fspath(p)}") from exc
+    # The command's UIDs come from the file meta when a file is sent as it is: only if they
+    # are the data set's own (some files disagree) may it be sent that way.
+    as_is = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")) == (
+        sop_class,
+        sop_uid,
+    )
+    return os.fspath(p), sop_class, sop_uid, ts, as_is
 
 
 def _past_sop_instance_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:

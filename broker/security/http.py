@@ -17,6 +17,7 @@ import anyio
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.errors import Unavailable
 from broker.security import policy
 from broker.security.schemas import Principal, Role
 from broker.security.tokens import TokenInvalid, Verifier
@@ -82,6 +83,11 @@ class AuthGuard:
             principal, claims = await self._authenticate(scope)
         except TokenInvalid as exc:
             await self._refuse_401(scope, send, str(exc))
+            return
+        except Unavailable as exc:
+            # A one-time token could not be checked for replay (the database is away): refused
+            # for now, never accepted unchecked; the client may send a new one shortly.
+            await _json(send, 503, exc.title, exc.message, [(b"retry-after", b"5")])
             return
         if principal is None:
             await self._refuse_401(scope, send, None)

@@ -12,8 +12,17 @@ decided by the HTTP guard for the route that called (consent and per-patient sha
 
 from __future__ import annotations
 
+import time
+
+from sqlalchemy import delete, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.db import DatabaseUnreachable, core_table
 from broker.errors import Forbidden
 from broker.security import policy
+from broker.security.models import SeenTokenId
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 
@@ -48,3 +57,42 @@ def authorize(principal: Principal, *, action: str, facility: str | None = None)
     decision = policy.permits(principal, permission, facility=facility)
     if not decision.allowed:
         raise Forbidden(f"not permitted: {action}")
+
+
+def claim_token_id(
+    *, engine: Engine, key: str, expires_at: int, now: float | None = None, wait_for_flush: bool = False
+) -> bool:
+    """Record a one-time token's id (`key`, kept until `expires_at`, Unix seconds); False if some
+    node already did and it has not expired: a replay. One statement: the primary key decides
+    between nodes racing with the same token, so exactly one of them gets True. A row left over
+    from an expired token (not purged yet) is taken over, as if it had been purged.
+
+    Raises DatabaseUnreachable when it cannot be recorded: the token is then refused (never
+    accepted unrecorded, which would let a replay through). `wait_for_flush`: PostgreSQL commits
+    durably (bench/token_replay.py compares the two)."""
+    table = core_table(SeenTokenId)
+    dialect = sqlite if engine.dialect.name == "sqlite" else postgresql
+    insert = dialect.insert(table).values(key=key, expires_at=expires_at)
+    stmt = insert.on_conflict_do_update(
+        index_elements=[table.c.key],
+        set_={"expires_at": insert.excluded.expires_at},
+        where=table.c.expires_at < int(time.time() if now is None else now),
+    ).returning(table.c.key)  # a row back: inserted or taken over (rowcount is -1 on psycopg)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql" and not wait_for_flush:
+                # Not waiting for the WAL flush (~half the cost): the record can be lost only if
+                # PostgreSQL crashes within a fraction of a second of it (a clean restart or a
+                # failover to a synchronous replica keeps it); the replay window that leaves is
+                # that fraction of a second, after a database crash.
+                conn.execute(text("SET LOCAL synchronous_commit = off"))
+            return conn.execute(stmt).first() is not None
+    except SQLAlchemyError as exc:
+        raise DatabaseUnreachable("the token could not be checked for replay; try again shortly") from exc
+
+
+def purge_token_ids(*, engine: Engine, now: float | None = None) -> int:
+    """Delete the ids of tokens expired before `now` (by the expiry index); how many went."""
+    table = core_table(SeenTokenId)
+    with engine.begin() as conn:
+        return int(conn.execute(delete(table).where(table.c.expires_at < int(now or time.time()))).rowcount)

@@ -9,7 +9,9 @@ beside a public key is the classic key-confusion forgery), and `exp`/`nbf` in ra
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -24,8 +26,11 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 from joserfc.jws import extract_compact
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.security import network
+from broker.security import service as security
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 
@@ -37,6 +42,10 @@ _JWKS_TTL_SECONDS = 300.0
 _JWKS_MIN_REFRESH_SECONDS = 30.0
 _CLOCK_LEEWAY_SECONDS = 30
 _VERIFIED_CACHE_SIZE = 4096
+# How often a node deletes expired one-time token ids from the database (each node does; the
+# DELETE uses the expiry index, so its cost is the rows it removes).
+_PURGE_EVERY_SECONDS = 60.0
+log = logging.getLogger("scanonce.security")
 # The claim that states the caller's purpose of use (HL7 v3 PurposeOfUse code, e.g. TREAT).
 PURPOSE_OF_USE_CLAIM = "purpose_of_use"
 
@@ -118,15 +127,20 @@ class _CachedKeys:
 
 @dataclass
 class Verifier:
-    """Verifies tokens of the embedded issuer and of the configured external issuers."""
+    """Verifies tokens of the embedded issuer and of the configured external issuers.
+
+    `engine`: where one-time token ids are recorded for the whole fleet (without it, a replay is
+    caught only by this process)."""
 
     settings: Settings
     signing_key: ECKey
+    engine: Engine | None = None
     _remote: dict[str, _CachedKeys] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, float] = field(default_factory=dict)
     _verified: dict[tuple[str, str | None], tuple[float, dict[str, Any]]] = field(default_factory=dict)
     _fetch_lock: threading.Lock = field(default_factory=threading.Lock)
+    _next_purge: float = 0.0
 
     def __post_init__(self) -> None:
         self._own = KeySet([ECKey.import_key(self.signing_key.as_dict(private=False))])
@@ -184,15 +198,33 @@ class Verifier:
         return decoded.claims
 
     def _once(self, jti: str, exp: int) -> None:
-        """Refuse a `jti` already used (kept until its token expires). Per process: a replay to
-        another worker of the same broker is not caught (the tokens live minutes)."""
+        """Refuse a `jti` already used, on any node (kept until its token expires). This process's
+        own record answers a replay to the same process without asking the database; a first
+        use is recorded in the database (`seen_token_id`), whose primary key decides between
+        nodes, and only then accepted."""
         now = time.time()
+        expires_at = exp + _CLOCK_LEEWAY_SECONDS
         with self._lock:
             if len(self._seen) > 10_000:
                 self._seen = {k: v for k, v in self._seen.items() if v > now}
-            if jti in self._seen:
+            seen = self._seen.get(jti)
+            if seen is not None and seen > now:
                 raise TokenInvalid("token replayed (jti already used)")
-            self._seen[jti] = exp + _CLOCK_LEEWAY_SECONDS
+            if self.engine is None:
+                self._seen[jti] = expires_at
+                return
+        key = hashlib.sha256(jti.encode()).hexdigest()
+        first = security.claim_token_id(engine=self.engine, key=key, expires_at=expires_at, now=now)
+        with self._lock:
+            self._seen[jti] = expires_at
+        if not first:
+            raise TokenInvalid("token replayed (jti already used)")
+        if now >= self._next_purge:
+            self._next_purge = now + _PURGE_EVERY_SECONDS
+            try:
+                security.purge_token_ids(engine=self.engine, now=now)
+            except SQLAlchemyError as exc:  # kept for the next purge; the check itself succeeded
+                log.warning("purging expired token ids failed: %s", type(exc).__name__)
 
     def verify(self, token: str, *, audience: str | None = None) -> dict[str, Any]:
         """The verified claims of `token`, or TokenInvalid. A token verified before is not

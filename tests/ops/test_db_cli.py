@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
@@ -18,7 +19,9 @@ from broker.app import build_state, create_app
 from broker.cli import app as cli
 from broker.db import SchemaBehind, make_engine, migrate, schema_status, wait_for_database
 from broker.settings import Settings
+from tests.dicomweb.data import multipart_body
 from tests.ops.proxy import TcpProxy
+from tests.support import auth_headers, make_ds, to_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -191,12 +194,16 @@ def test_readyz_is_false_while_the_database_is_away(
         )
         app = create_app(settings)
         client = TestClient(app)
-        assert (client.get("/readyz").status_code, client.get("/readyz").text) == (200, "ready")
+        r = client.get("/readyz")
+        assert (r.status_code, r.json()["status"]) == (200, "ready")
         proxy.stop()  # the database goes away: refused, and the pooled connections dropped
         r = client.get("/readyz")
         assert r.status_code == 503 and r.headers["Retry-After"]
-        assert "database unreachable (SCANONCE_DATABASE_URL)" in r.text
-        assert "object store" not in r.text
+        assert r.json() == {
+            "status": "not ready",
+            "database": "unreachable (SCANONCE_DATABASE_URL)",
+            "object_store": "ok",
+        }
         proxy.start()
         assert client.get("/readyz").status_code == 200
         app.state.scanonce.engine.dispose()
@@ -205,23 +212,47 @@ def test_readyz_is_false_while_the_database_is_away(
         pg_admin.drop(name)
 
 
-def test_readyz_is_false_while_the_bucket_is_unreachable(tmp_path: Path, moto_server: str) -> None:
+def test_an_unreachable_bucket_degrades_the_node_but_keeps_it_ready_for_queries(
+    tmp_path: Path, moto_server: str
+) -> None:
+    """The object store is every node's: were its fault to make /readyz false, the balancer would
+    take every node out and queries the index answers alone would be refused too. /readyz stays
+    200 and says "degraded" (and the metric says which dependency); what needs the store
+    answers 503 with Retry-After."""
     from tests.conftest import s3_storage_url
 
     proxy = TcpProxy("127.0.0.1", int(moto_server.rsplit(":", 1)[1])).start()
     try:
         settings = Settings(
             data_dir=tmp_path,
-            storage_url=s3_storage_url(f"http://127.0.0.1:{proxy.port}", "readyz-bucket"),
+            storage_url=s3_storage_url(f"http://127.0.0.1:{proxy.port}", "readyz-bucket")
+            + "&connect_timeout=1&read_timeout=1&retries=0",
             mllp_port=0,
         )
         app = create_app(settings)
         client = TestClient(app)
-        assert client.get("/readyz").status_code == 200
+        assert client.get("/readyz").json()["status"] == "ready"
         proxy.stop()
         r = client.get("/readyz")
-        assert r.status_code == 503
-        assert "object store unreachable (SCANONCE_STORAGE_URL)" in r.text and "database" not in r.text
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["status"], body["database"]) == ("degraded", "ok")
+        assert body["object_store"] == "unreachable (SCANONCE_STORAGE_URL)"
+        metrics = client.get("/metrics", headers=auth_headers("auditor")).text
+        assert 'scanonce_dependency_up{dependency="object_store"} 0.0' in metrics
+        assert 'scanonce_dependency_up{dependency="database"} 1.0' in metrics
+        # Reads the index answers alone are served; a write is refused clearly, for a retry.
+        assert client.get("/dicom-web/studies", headers=auth_headers()).status_code in (200, 204)
+        body_, content_type = multipart_body(
+            [to_bytes(make_ds(sop=generate_uid(), study=generate_uid(), series=generate_uid()))]
+        )
+        stow = client.post(
+            "/dicom-web/studies", content=body_, headers={**auth_headers(), "Content-Type": content_type}
+        )
+        assert stow.status_code == 503 and stow.headers["Retry-After"], stow.text
+        assert "Traceback" not in stow.text and "127.0.0.1" not in stow.text
+        proxy.start()
+        assert client.get("/readyz").json()["status"] == "ready"
     finally:
         proxy.stop()
 

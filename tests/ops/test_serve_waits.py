@@ -86,7 +86,7 @@ def test_serve_waits_for_its_database_not_ready_then_ready(
     try:
         waiting = _until(lambda: _get(f"{base}/readyz"), "the node to answer on its HTTP port")
         assert waiting.status_code == 503
-        assert waiting.text == "not ready: database unreachable (SCANONCE_DATABASE_URL)"
+        assert waiting.json() == {"status": "not ready", "database": "unreachable (SCANONCE_DATABASE_URL)"}
         assert waiting.headers["Retry-After"] == "5"
         alive = _get(f"{base}/healthz")
         assert alive is not None and alive.status_code == 200
@@ -98,7 +98,7 @@ def test_serve_waits_for_its_database_not_ready_then_ready(
         ready = _until(
             lambda: (r := _get(f"{base}/readyz")) is not None and r.status_code == 200 and r, "readiness"
         )
-        assert ready.text == "ready"
+        assert ready.json()["status"] == "ready"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -16,9 +16,14 @@ import pytest
 from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import ECKey
+from sqlalchemy.engine import make_url
 
 from broker.app import create_app
+from broker.db import make_engine, migrate
+from broker.security.service import claim_token_id, purge_token_ids
 from broker.settings import Settings
+from tests.conftest import Backend
+from tests.ops.proxy import TcpProxy
 
 EHR = "https://ehr.example"
 
@@ -105,3 +110,78 @@ def test_an_ehr_jwt_opens_nothing_but_the_cds_services(
     token = _jwt(ehr_jwks[1], aud="http://testserver/dicom-web/studies")
     r = client.get("/dicom-web/studies", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401
+
+
+def test_a_replay_to_another_node_is_refused(
+    backend: Backend, tmp_path: Path, ehr_jwks: tuple[str, ECKey]
+) -> None:
+    """Two nodes on one database (PostgreSQL, or one SQLite file shared by two processes of a
+    node): a token used on one is refused by the other, and by the first again."""
+    nodes = []
+    for name in ("a", "b"):
+        settings = Settings(
+            data_dir=tmp_path / name,
+            database_url=backend.database_url,
+            storage_url=backend.storage_url,
+            cds_clients={EHR: ehr_jwks[0]},
+            mllp_port=0,
+        )
+        nodes.append(TestClient(create_app(settings)))
+    a, b = nodes
+    path = f"/cds-services/{_service(a)}"
+    token = _jwt(ehr_jwks[1], aud=f"http://testserver{path}")
+    assert _call(a, path, token) == 400  # accepted: the service answers
+    assert _call(b, path, token) == 401  # the same jti on the other node: a replay
+    assert _call(a, path, token) == 401
+    fresh = _jwt(ehr_jwks[1], aud=f"http://testserver{path}")
+    assert _call(b, path, fresh) == 400  # a new jti is accepted on either
+    for node in nodes:
+        node.app.state.scanonce.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_expired_token_ids_are_purged_or_taken_over(backend: Backend) -> None:
+    engine = make_engine(backend.database_url)
+    try:
+        migrate(engine)
+        assert claim_token_id(engine=engine, key="k1", expires_at=1_000, now=500)
+        assert not claim_token_id(engine=engine, key="k1", expires_at=1_000, now=900)
+        # Past its expiry and not purged yet: a new token with that id is a first use.
+        assert claim_token_id(engine=engine, key="k1", expires_at=3_000, now=1_001)
+        assert claim_token_id(engine=engine, key="k2", expires_at=2_000, now=1_001)
+        assert purge_token_ids(engine=engine, now=2_500) == 1  # k2 gone, k1 kept
+        assert not claim_token_id(engine=engine, key="k1", expires_at=3_000, now=2_500)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_token_that_cannot_be_checked_for_replay_is_refused_with_503(
+    pg_admin: Any, _pg_template: str, tmp_path: Path, ehr_jwks: tuple[str, ECKey]
+) -> None:
+    """The database away: the jti cannot be recorded, so the token is not accepted (503, retry
+    with a new token), never accepted unchecked."""
+    name = pg_admin.new_name("replay")
+    url = make_url(pg_admin.create(name, template=_pg_template))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    try:
+        settings = Settings(
+            data_dir=tmp_path,
+            database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            cds_clients={EHR: ehr_jwks[0]},
+            db_connect_timeout_seconds=2,
+            mllp_port=0,
+        )
+        client = TestClient(create_app(settings))
+        path = f"/cds-services/{_service(client)}"
+        proxy.stop()
+        r = client.post(
+            path,
+            json={"hook": "nothing"},
+            headers={"Authorization": f"Bearer {_jwt(ehr_jwks[1], aud=f'http://testserver{path}')}"},
+        )
+        assert (r.status_code, r.headers.get("Retry-After")) == (503, "5"), r.text
+        assert "127.0.0.1" not in r.text and "psycopg" not in r.text
+        client.app.state.scanonce.engine.dispose()  # type: ignore[attr-defined]
+    finally:
+        proxy.stop()
+        pg_admin.drop(name)

@@ -1,0 +1,288 @@
+"""Several DIMSE receiver processes on one port (settings.dimse_receivers), on PostgreSQL + S3.
+
+One node for the module: the serving process's SCP and two receiver processes (spawned, as
+`scanonce serve` does), on a PostgreSQL database cloned from the migrated template and a bucket
+on the moto server. The kernel spreads connections over the three listeners by a hash of their
+addresses, so each test opens many associations and checks, through the guards' shared counts,
+that the receivers served some of them.
+
+Slow by nature: the module's setup spawns two receiver processes, each importing the broker
+(~6-20 s on a loaded 2-core machine), and the kill test waits for a replacement to start the
+same way; the other tests reuse that one cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from sqlmodel import Session, col, select
+from typer.testing import CliRunner
+
+from broker.app import build_receiver_state, build_state
+from broker.audit import service as audit_service
+from broker.cli import app as cli
+from broker.demo import synth
+from broker.deps import AppState
+from broker.dimse.guards import SharedCounts
+from broker.dimse.receivers import ReceiverSupervisor
+from broker.dimse.scp import ScpHandle, start_scp, stop_scp
+from broker.index.models import Instance
+from broker.settings import Settings
+from tests.conftest import PgAdmin, s3_storage_url
+from tests.peers import dcmtk
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+RECEIVERS = 2
+CAP = 12  # connections per address, for the node (above the 9 parallel associations below)
+
+
+@dataclass
+class Cluster:
+    state: AppState
+    scp: ScpHandle
+    supervisor: ReceiverSupervisor
+    shared: SharedCounts
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def served_by_receivers(self) -> int:
+        return sum(self.shared.served(row) for row in range(1, RECEIVERS + 1))
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    pg_admin: PgAdmin, _pg_template: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    name = pg_admin.new_name("rcv")
+    url = pg_admin.create(name, template=_pg_template)
+    bucket = f"rcv-{os.getpid()}"
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("receivers"),
+        host="127.0.0.1",
+        dimse_port=0,
+        mllp_port=0,
+        database_url=url,
+        storage_url=s3_storage_url(moto_server, bucket),
+        dimse_receivers=RECEIVERS,
+        dimse_max_connections_per_address=CAP,
+    )
+    state = build_state(settings)
+    shared = SharedCounts(rows=RECEIVERS + 1)
+    scp = start_scp(state=state, port=0, shared=shared, row=0)
+    supervisor = ReceiverSupervisor(
+        settings=settings, host="127.0.0.1", port=scp.port, count=RECEIVERS, shared=shared,
+        build=build_receiver_state,
+    ).start()  # fmt: skip
+    try:
+        # Spawning imports the broker in each receiver: seconds, more on a loaded machine.
+        assert supervisor.wait_listening(120), "the receiver processes did not start listening"
+        yield Cluster(state=state, scp=scp, supervisor=supervisor, shared=shared)
+    finally:
+        supervisor.stop()
+        stop_scp(scp)
+        state.engine.dispose()
+        pg_admin.drop(name)
+
+
+def _study(folder: Path, seed: int, instances: int) -> list[Path]:
+    patient = synth.generate_patients(seed=seed, count=1)[0]
+    datasets = synth.generate_study(
+        rng_seed=seed, patient=patient, modality="CT", n_series=1, n_instances_per_series=instances,
+        rows=16, cols=16, study_date=date(2022, 1, 1 + seed % 27),
+    )  # fmt: skip
+    return synth.write_files(datasets, folder)
+
+
+def _indexed(state: AppState, sop_uids: set[str]) -> list[tuple[str, str, str]]:
+    with Session(state.engine) as session:
+        rows = session.exec(
+            select(Instance.sop_uid, Instance.object_key, Instance.sha256).where(
+                col(Instance.sop_uid).in_(sop_uids)
+            )
+        ).all()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def _assert_stored(state: AppState, paths: list[Path]) -> None:
+    """Every file indexed exactly once, its object in the store whole (its hash as indexed)."""
+    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+    rows = _indexed(state, set(by_uid))
+    assert sorted(r[0] for r in rows) == sorted(by_uid)
+    for sop_uid, key, sha in rows:
+        data = b"".join(state.store.get(key))
+        assert hashlib.sha256(data).hexdigest() == sha
+        stored, sent = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(by_uid[sop_uid])
+        assert stored.SOPInstanceUID == sop_uid and stored.PixelData == sent.PixelData
+
+
+def test_serve_refuses_receivers_on_sqlite_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCANONCE_DIMSE_RECEIVERS", "2")
+    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "SCANONCE_DIMSE_RECEIVERS=2 needs PostgreSQL" in " ".join(result.output.split())
+    assert not (tmp_path / "index.sqlite3").exists()  # refused before anything was created
+
+
+def test_parallel_storescu_senders_every_instance_indexed_once(cluster: Cluster, tmp_path: Path) -> None:
+    # Four senders at once, each a study of its own, each sent by two associations (the second
+    # a re-send of the same files: duplicates, acknowledged, not stored twice).
+    studies = [_study(tmp_path / f"s{n}", seed=40 + n, instances=12) for n in range(4)]
+    served_before = cluster.served_by_receivers()
+    where = ["-aec", cluster.state.settings.ae_title, "127.0.0.1", str(cluster.port)]
+
+    def send(paths: list[Path]) -> None:
+        for _ in range(2):
+            dcmtk("storescu", "-aet", "PACS1", *where, *paths)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(send, studies))
+    for paths in studies:
+        _assert_stored(cluster.state, paths)
+    # 8 associations over 3 listeners: all 8 on the serving process is a 1-in-6,561 event.
+    assert cluster.served_by_receivers() > served_before
+
+
+def _store(port: int, aet: str, path: Path) -> int:
+    ae = AE(ae_title="PACS2")
+    ds = pydicom.dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet)
+    if not assoc.is_established:
+        return -1
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.get("Status", -1))
+    finally:
+        assoc.release()
+
+
+def test_the_same_instance_stored_at_once_by_several_processes_one_copy_all_succeed(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    (path,) = _study(tmp_path, seed=77, instances=1)
+    served = [cluster.shared.served(row) for row in range(RECEIVERS + 1)]
+    barrier = threading.Barrier(9)
+
+    def store(_n: int) -> int:
+        barrier.wait()
+        return _store(cluster.port, cluster.state.settings.ae_title, path)
+
+    with ThreadPoolExecutor(max_workers=9) as pool:
+        statuses = list(pool.map(store, range(9)))
+    assert statuses == [0x0000] * 9
+    _assert_stored(cluster.state, [path])
+    # One object under studies/ for it, whichever process committed.
+    uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert sum(1 for info in cluster.state.store.list("studies/") if uid in info.key) == 1
+    # Served by at least two processes (all nine on one of three: 1 in 2,187).
+    grew = [cluster.shared.served(row) > served[row] for row in range(RECEIVERS + 1)]
+    assert sum(grew) >= 2
+
+
+def test_a_receiver_killed_mid_run_is_restarted_and_loses_nothing_acknowledged(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Senders behave as a PACS does: a store not acknowledged (the association dropped) is
+    sent again on a new association. One receiver is SIGKILLed while it holds a connection."""
+    files = [_study(tmp_path / f"k{n}", seed=60 + n, instances=15) for n in range(4)]
+    acknowledged: set[Path] = set()
+    lock = threading.Lock()
+    aet = cluster.state.settings.ae_title
+
+    def sender(paths: list[Path]) -> None:
+        todo = list(paths)
+        attempts = 0
+        while todo and attempts < 50:
+            attempts += 1
+            ae = AE(ae_title="PACS3")
+            for p in todo[:5]:
+                ds0 = pydicom.dcmread(p, stop_before_pixels=True)
+                ae.add_requested_context(ds0.SOPClassUID, ds0.file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", cluster.port, ae_title=aet)
+            if not assoc.is_established:
+                continue
+            for p in todo[:5]:
+                status: Any = assoc.send_c_store(pydicom.dcmread(p)) if assoc.is_established else None
+                if status is not None and status.get("Status") == 0:  # none: aborted
+                    with lock:
+                        acknowledged.add(p)
+            if assoc.is_established:
+                assoc.release()
+            todo = [p for p in todo if p not in acknowledged]
+
+    old = cluster.supervisor.pids()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(sender, paths) for paths in files]
+        # The victim: the first receiver seen holding a connection.
+        victim = None
+        while victim is None and not all(f.done() for f in futures):
+            victim = next((r for r in old if cluster.shared.open_on(r) > 0), None)
+            if victim is None:
+                threading.Event().wait(0.005)  # polls the shared counts; no fixed sleep
+        if victim is not None:
+            os.kill(old[victim], signal.SIGKILL)
+        for f in futures:
+            f.result()
+    assert victim is not None, "no receiver held a connection during the run"
+    # Restarted: a new process in its row, listening on the port.
+    assert cluster.supervisor.wait_listening(120)
+    assert cluster.supervisor.pids()[victim] != old[victim]
+    everything = [p for paths in files for p in paths]
+    assert acknowledged == set(everything)
+    _assert_stored(cluster.state, everything)
+    # And it keeps serving.
+    (extra,) = _study(tmp_path / "after", seed=99, instances=1)
+    assert _store(cluster.port, aet, extra) == 0x0000
+    # Every process appended its stores to the one audit chain (taking turns on its head row),
+    # the killed one included: unbroken.
+    verified = audit_service.verify(engine=cluster.state.engine)
+    assert verified.ok, verified.problem
+
+
+def test_the_per_address_cap_holds_for_all_processes_together(cluster: Cluster) -> None:
+    """CAP connections from one address, spread by the kernel over the three processes, fill
+    the node's cap: the next ones are closed at once, whichever process accepts them."""
+    shared = cluster.shared
+    held = [socket.create_connection(("127.0.0.1", cluster.port)) for _ in range(CAP)]
+    extra: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while shared.at_address("127.0.0.1") < CAP and time.monotonic() < deadline:
+            threading.Event().wait(0.01)  # polls the shared counts until all are admitted
+        assert shared.at_address("127.0.0.1") == CAP
+        assert sum(1 for row in range(RECEIVERS + 1) if shared.open_on(row) > 0) >= 2
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", cluster.port))
+            extra.append(s)
+            s.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):  # closed, before any A-ASSOCIATE
+                assert s.recv(1) == b""
+        assert shared.at_address("127.0.0.1") == CAP
+    finally:
+        for s in held + extra:
+            s.close()
+    deadline = time.monotonic() + 30
+    while shared.at_address("127.0.0.1") and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert shared.at_address("127.0.0.1") == 0
