@@ -5,15 +5,13 @@ A module shares one (demo loading takes seconds); its tests only read, or write 
 from __future__ import annotations
 
 import contextlib
-import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from broker.demo.service import load_demo
 from broker.settings import Settings
-from tests.conftest import s3_storage_url
 from tests.dicomweb.conftest import LiveServer, serve
 
 BACKENDS = [
@@ -30,20 +28,22 @@ ADULT_ISSUER, ADULT_MRN = "NORTH-GENERAL", "183882874"
 
 @contextlib.contextmanager
 def demo_server(request: pytest.FixtureRequest, tmp: Path) -> Iterator[LiveServer]:
+    """The broker serving a copy of the demo loaded once per session (tests/conftest.py's
+    templates): loading it again per module took 30-70 s on a loaded machine."""
     with contextlib.ExitStack() as stack:
         if request.param == "sqlite-local":
+            src: Path = request.getfixturevalue("_demo_sqlite")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for f in src.glob("index.sqlite3*"):
+                shutil.copy2(f, tmp / f.name)
+            shutil.copytree(src / "objects", tmp / "objects")
             db_url = f"sqlite:///{tmp / 'index.sqlite3'}"
             storage_url = (tmp / "objects").as_uri()
         else:
             pg_admin = request.getfixturevalue("pg_admin")
-            template = request.getfixturevalue("_pg_template")
-            moto_url = request.getfixturevalue("moto_server")
+            template, storage_url = request.getfixturevalue("_demo_pg")
             name = pg_admin.new_name("demo")
             db_url = pg_admin.create(name, template=template)
             stack.callback(pg_admin.drop, name)
-            storage_url = s3_storage_url(moto_url, f"demo-{secrets.token_hex(6)}")
         settings = Settings(data_dir=tmp / "data", database_url=db_url, storage_url=storage_url, mllp_port=0)
-        server = stack.enter_context(serve(settings))
-        st = server.app.state.scanonce  # type: ignore[attr-defined]
-        load_demo(engine=st.engine, store=st.store)
-        yield server
+        yield stack.enter_context(serve(settings))

@@ -13,7 +13,6 @@ from sqlmodel import Session, col
 from sqlmodel import select as sm_select
 
 from broker.app import build_state
-from broker.demo.service import load_demo
 from broker.identity import service as identity
 from broker.identity.models import IdentitySetting
 from broker.index import service as index
@@ -23,9 +22,9 @@ from broker.jobs.models import Job
 
 
 @pytest.fixture
-def demo_state(settings: Any) -> Iterator[Any]:
-    st = build_state(settings)
-    load_demo(engine=st.engine, store=st.store)
+def demo_state(demo_backend: Any, tmp_path: Any, make_settings: Any) -> Iterator[Any]:
+    # A copy of the demo loaded once per session: what load_demo leaves, without loading it again.
+    st = build_state(make_settings(demo_backend, tmp_path))
     yield st
     st.engine.dispose()
 
@@ -51,7 +50,7 @@ def _run_queued(engine: Engine, store: Any, kind: str) -> Job:
     return done
 
 
-def test_facts_at_ingest_then_rebuilt_by_the_startup_job(demo_state: Any, settings: Any) -> None:
+def test_facts_at_ingest_then_rebuilt_by_the_startup_job(demo_state: Any) -> None:
     engine = demo_state.engine
     at_ingest = _counts(engine)
     assert all(n > 0 for n in at_ingest)  # every demo study, its series, the dose-carrying instances
@@ -62,7 +61,7 @@ def test_facts_at_ingest_then_rebuilt_by_the_startup_job(demo_state: Any, settin
             s.execute(delete(t))
         s.commit()
         assert index.facts_missing(session=s)
-    st = build_state(settings)  # startup queues the facts job
+    st = build_state(demo_state.settings)  # startup queues the facts job
     try:
         done = _run_queued(st.engine, st.store, index.FACTS_JOB)
         assert "studies" in (done.message or "")
