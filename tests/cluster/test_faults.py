@@ -146,7 +146,8 @@ def test_kill_one_node_loses_nothing_acknowledged(cluster: Cluster, load: Load) 
         for op, s in _odd_answers(load)
         if s not in ("502", "abort", "truncated", "RemoteProtocolError")
     ]
-    assert not odd, f"unexpected answers while a node died: {odd}"
+    logs = "\n".join(f"--- {name}\n{tail}" for name, tail in cluster.logs())
+    assert not odd, f"unexpected answers while a node died: {odd}\n{logs}"
     assert ready_in < 60
     _report(f"kill -9 of a node (restarted, ready in {ready_in:.1f} s)", verdict, load)
 
