@@ -399,18 +399,22 @@ class StoreProbe:
 
 @dataclass(frozen=True)
 class Readiness:
-    """What /readyz reports. Ready means "send me traffic": the database answers. The object
-    store is shared by every node, so its fault is every node's: taking them all out of the
-    balancer would refuse the reads the index alone answers (QIDO-RS, C-FIND, FHIR, the lookup)
-    as well. The store's state is reported instead (body and `scanonce_dependency_up`), and what
-    needs it (STOW-RS, C-STORE, WADO-RS) answers 503 / 0xA700 meanwhile."""
+    """What /readyz reports. Ready means "send me traffic": the database answers, and (unless
+    `requires_store` is off) so does the object store. A store is shared by every node, so its
+    fault is every node's: with `requires_store` off the nodes stay in the balancer for the reads
+    the index alone answers (QIDO-RS, C-FIND, FHIR, the lookup); the store's state is reported in
+    the body and `scanonce_dependency_up`, and what needs it (STOW-RS, C-STORE, WADO-RS) answers
+    503 / 0xA700 meanwhile."""
 
     database: str | None  # None: reachable; else what is wrong
     object_store: str | None
+    # SCANONCE_READYZ_REQUIRES_STORE: a single node (or an operator who wants it) goes out of
+    # the balancer with its store; a fleet sharing one bucket stays in, degraded.
+    requires_store: bool = True
 
     @property
     def ready(self) -> bool:
-        return self.database is None
+        return self.database is None and (self.object_store is None or not self.requires_store)
 
     def body(self) -> dict[str, str]:
         status = "not ready" if not self.ready else "degraded" if self.object_store else "ready"
@@ -438,7 +442,9 @@ def readiness(state: AppState, probe: StoreProbe) -> Readiness:
     store = probe.check()
     DEPENDENCY_UP.labels("database").set(0 if database else 1)
     DEPENDENCY_UP.labels("object_store").set(0 if store else 1)
-    return Readiness(database=database, object_store=store)
+    return Readiness(
+        database=database, object_store=store, requires_store=state.settings.readyz_requires_store
+    )
 
 
 # What a viewer's script must be able to read from a DICOMweb response (CORS exposes only the

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
             "node on an older schema refuses to start, naming that command."
         ),
     )
+    readyz_requires_store: bool = Field(
+        default=True,
+        description=(
+            "`/readyz` answers 503 (not ready) while the object store is unreachable, as it does while "
+            "the database is. Set false on several nodes sharing one bucket (infra/ does): a store "
+            "fault is then reported as 200 `degraded`, nodes stay in the balancer and keep answering "
+            "the queries the index answers alone, while storing and retrieving answer 503."
+        ),
+    )
     db_connect_timeout_seconds: float = Field(
         default=10,
         gt=0,

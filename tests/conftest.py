@@ -41,26 +41,32 @@ PG_DSN = os.environ.get("SCANONCE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=p
 # -- S3: moto in server mode ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[str]:
-    """A real S3 endpoint over HTTP on a free loopback port; yields its URL."""
-    from moto.server import ThreadedMotoServer
-
+@pytest.fixture(scope="session", autouse=True)
+def _aws_test_credentials() -> Iterator[None]:
+    """Dummy credentials in every test process, so boto3's usual chain never reaches for real
+    ones (or for IMDS), whichever tests a pytest-xdist worker happens to run first."""
     with pytest.MonkeyPatch.context() as mp:
-        # Dummy credentials so boto3's usual chain never reaches for real ones (or for IMDS).
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         for var in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
             mp.delenv(var, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real S3 endpoint over HTTP on a free loopback port; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -212,13 +212,14 @@ def test_readyz_is_false_while_the_database_is_away(
         pg_admin.drop(name)
 
 
-def test_an_unreachable_bucket_degrades_the_node_but_keeps_it_ready_for_queries(
+def test_an_unreachable_bucket_makes_the_node_not_ready_or_degraded_as_configured(
     tmp_path: Path, moto_server: str
 ) -> None:
-    """The object store is every node's: were its fault to make /readyz false, the balancer would
-    take every node out and queries the index answers alone would be refused too. /readyz stays
-    200 and says "degraded" (and the metric says which dependency); what needs the store
-    answers 503 with Retry-After."""
+    """By default /readyz is 503 while the bucket is away, as while the database is. A fleet
+    sharing one bucket sets SCANONCE_READYZ_REQUIRES_STORE=false (infra/ does): were the fault to
+    make /readyz false, the balancer would take every node out and the queries the index answers
+    alone would be refused too. /readyz then stays 200 and says "degraded" (and the metric says
+    which dependency); what needs the store answers 503 with Retry-After."""
     from tests.conftest import s3_storage_url
 
     proxy = TcpProxy("127.0.0.1", int(moto_server.rsplit(":", 1)[1])).start()
@@ -228,11 +229,21 @@ def test_an_unreachable_bucket_degrades_the_node_but_keeps_it_ready_for_queries(
             storage_url=s3_storage_url(f"http://127.0.0.1:{proxy.port}", "readyz-bucket")
             + "&connect_timeout=1&read_timeout=1&retries=0",
             mllp_port=0,
+            readyz_requires_store=False,
         )
         app = create_app(settings)
         client = TestClient(app)
+        strict = TestClient(create_app(settings.model_copy(update={"readyz_requires_store": True})))
         assert client.get("/readyz").json()["status"] == "ready"
+        assert strict.get("/readyz").json()["status"] == "ready"
         proxy.stop()
+        r = strict.get("/readyz")
+        assert r.status_code == 503 and r.headers["Retry-After"], r.text
+        assert r.json() == {
+            "status": "not ready",
+            "database": "ok",
+            "object_store": "unreachable (SCANONCE_STORAGE_URL)",
+        }
         r = client.get("/readyz")
         assert r.status_code == 200, r.text
         body = r.json()
