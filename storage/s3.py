@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -82,6 +83,13 @@ def _error_code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _store_side(exc: botocore.exceptions.ClientError) -> bool:
+    """An error of the store's own (5xx: InternalError, ServiceUnavailable, SlowDown...), after
+    botocore's retries: the caller may try again, as when the store is unreachable."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return int(status) >= 500 or _error_code(exc) in ("SlowDown", "RequestTimeout", "ServiceUnavailable")
+
+
 class S3Store:
     list_page_size = 1000  # S3's maximum; tests lower it to exercise paging cheaply
 
@@ -140,7 +148,13 @@ class S3Store:
         except botocore.exceptions.ClientError as exc:
             if key is not None and _error_code(exc) in _NOT_FOUND_CODES:
                 raise ObjectNotFound(key) from exc
+            if _store_side(exc):
+                raise StoreUnavailable(f"object store error: {_error_code(exc) or 'HTTP 5xx'}") from exc
             raise
+        except boto3.exceptions.S3UploadFailedError as exc:
+            # s3transfer wraps whatever failed an upload (a part refused, a 5xx) into this one type;
+            # the multipart upload was aborted, so nothing is stored and the caller may retry.
+            raise StoreUnavailable("object store refused the upload") from exc
         except _NETWORK_ERRORS as exc:
             raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc
 

@@ -441,3 +441,59 @@ def test_local_store_syncs_the_names_too(how: str, tmp_path: Path, monkeypatch: 
     below_root = path.parent.relative_to(store.root).parents[:-1]
     for directory in [store.root, *(store.root / d for d in below_root), path.parent]:
         assert ident(directory) in synced, directory
+
+
+@pytest.fixture
+def failing_s3() -> Iterator[tuple[str, list[str]]]:
+    """An S3 endpoint that answers every request with a server error, as a store under strain
+    does (InternalError 500, SlowDown 503); yields its URL and the methods it was sent."""
+    import http.server
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _fail(self) -> None:
+            seen.append(self.command)
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            code, status = ("SlowDown", 503) if self.command == "GET" else ("InternalError", 500)
+            body = f"<Error><Code>{code}</Code><Message>strained</Message></Error>".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _fail
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_s3_server_errors_are_unavailable_not_a_crash(failing_s3: tuple[str, list[str]]) -> None:
+    """A store answering 5xx (after botocore's retries) is StoreUnavailable, which every
+    interface answers as 503 / 0xA700 "try again", never as a 500: an upload s3transfer gave up
+    on included (it wraps the cause in its own S3UploadFailedError)."""
+    url, seen = failing_s3
+    store = S3Store(bucket="b", endpoint_url=url, retries=0, connect_timeout=1, read_timeout=2)
+    with pytest.raises(StoreUnavailable):
+        store.put("s/x", io.BytesIO(b"x" * 1000))
+    with pytest.raises(StoreUnavailable):
+        store.put("s/y", io.BytesIO(b"y" * 1000), size=1000)
+    with pytest.raises(StoreUnavailable):
+        store.head("s/x")
+    with pytest.raises(StoreUnavailable):
+        b"".join(store.get("s/x"))
+    with pytest.raises(StoreUnavailable):
+        store.delete("s/x")
+    assert {"PUT", "HEAD", "GET", "DELETE"} <= set(seen)  # each call reached the store
