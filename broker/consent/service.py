@@ -209,16 +209,20 @@ def _person_of(pk_col: Any) -> Any:
 def _choice(decision: str, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
     """A `decision` choice that applies to the record `pk_col` held by facility `fac_col`."""
     given_for = _GIVEN_FOR
-    return (
-        core_select(literal(1))
-        .select_from(_consent.join(given_for, given_for.c.pk == _consent.c.patient_pk))
-        .where(
-            _consent.c.decision == decision,
-            or_(_consent.c.scope_facility == "", _consent.c.scope_facility == fac_col),
-            or_(_consent.c.patient_pk == pk_col, given_for.c.person_id == _person_of(pk_col)),
-        )
-        .exists()
+    applies = (
+        _consent.c.decision == decision,
+        or_(_consent.c.scope_facility == "", _consent.c.scope_facility == fac_col),
     )
+    # Two EXISTS rather than one with an OR across both tables: each finds its rows through an
+    # index (the record's own choices by ix_consent_patient; its person's through the patient
+    # rows of that person), where the OR made the database read every choice for every row.
+    own = core_select(literal(1)).select_from(_consent).where(_consent.c.patient_pk == pk_col, *applies)
+    persons = (
+        core_select(literal(1))
+        .select_from(given_for.join(_consent, _consent.c.patient_pk == given_for.c.pk))
+        .where(given_for.c.person_id == _person_of(pk_col), *applies)
+    )
+    return or_(own.exists(), persons.exists())
 
 
 def _opt_in(fac_col: Any) -> ColumnElement[bool]:
