@@ -176,28 +176,36 @@ def _register(engine: Engine, ident: Identifier, d: matching.Demographics, **kw:
         return decision.record_id, decision.person_id
 
 
-def _slow_commit(session: Session, started: threading.Event, hold: float = 0.5) -> None:
+def _slow_commit(session: Session, started: threading.Event, until: threading.Event | None = None) -> None:
     """Hold the session's transaction open just before its commit, its writes done: the window
-    in which an unserialized link reads the committed (pre-move) state."""
+    in which an unserialized link reads the committed (pre-move) state. Held half a second, or
+    until `until` is set: a fixed window can close before loaded-machine links have run."""
 
     def before_commit(_s: Session) -> None:
         started.set()
-        time.sleep(hold)
+        if until is None:
+            time.sleep(0.5)
+        else:
+            until.wait(60)
 
     event.listen(session, "before_commit", before_commit)
 
 
-def _move_racing_links(engine: Engine, op: str) -> tuple[int, int]:
+def _move_racing_links(engine: Engine, op: str, *, hold_for_links: bool = False) -> tuple[int, int]:
     """`op` moves MERGED's person onto SURVIVOR's while LINKERS feeds register new records of
-    MERGED's human. Returns (survivor person, merged person)."""
+    MERGED's human. Returns (survivor person, merged person). With `hold_for_links` the move
+    commits only after every link has (links that wait for the move must not use it)."""
     surv_rec, surv_person = _register(engine, Identifier("ISSUER-A", "S1"), SURVIVOR)
     merged_rec, merged_person = _register(engine, Identifier("ISSUER-B", "M1"), MERGED)
     assert surv_person != merged_person
     moving = threading.Event()
+    links_done = threading.Event()
+    pending = [LINKERS]
+    count_lock = threading.Lock()
 
     def move() -> int:
         with Session(engine, expire_on_commit=False) as s:
-            _slow_commit(s, moving)
+            _slow_commit(s, moving, links_done if hold_for_links else None)
             if op == "merge":
                 d = service.merge(
                     session=s,
@@ -214,7 +222,13 @@ def _move_racing_links(engine: Engine, op: str) -> tuple[int, int]:
     def link(i: int) -> Callable[[], int]:
         def work() -> int:
             assert moving.wait(30), "the move never reached its commit"
-            return _register(engine, Identifier("ISSUER-C", f"N{i}"), MERGED)[1]
+            try:
+                return _register(engine, Identifier("ISSUER-C", f"N{i}"), MERGED)[1]
+            finally:
+                with count_lock:
+                    pending[0] -= 1
+                    if not pending[0]:
+                        links_done.set()
 
         return work
 
@@ -239,7 +253,7 @@ def test_the_race_harness_splits_the_person_without_the_move_lock(
     """The test above can fail: without `locks.lock_for_move` the links read the person being
     emptied as their candidate's and stay on it."""
     monkeypatch.setattr(locks, "lock_for_move", lambda **_kw: None)
-    surv_person, merged_person = _move_racing_links(pg_engine, "merge")
+    surv_person, merged_person = _move_racing_links(pg_engine, "merge", hold_for_links=True)
     linked, _ = _persons(pg_engine)
     assert linked == {surv_person, merged_person}
 
