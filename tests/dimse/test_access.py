@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -62,7 +63,7 @@ def _associate(
     *,
     source: str = "127.0.0.1",
     contexts: Any = (Verification,),
-    tls_args: tuple[ssl.SSLContext, str | None] | None = None,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> Any:
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
@@ -247,7 +248,7 @@ def test_every_dimse_operation_asks_the_policy(
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000  # C-ECHO needs only a known caller
     fresh = synthetic_studies(seed=9)[0]
-    fresh.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    fresh.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     assert assoc.send_c_store(fresh).Status == 0x0124
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser, Cookie, Page, expect
 
 from broker.app import create_app
 from broker.settings import Settings
@@ -30,9 +30,7 @@ def signed_in_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
             yield provider.origin, issuer
 
 
-def _sign_in_with_provider(
-    browser: Browser, origin: str, user: str
-) -> tuple[object, list[dict[str, object]]]:
+def _sign_in_with_provider(browser: Browser, origin: str, user: str) -> tuple[Page, list[Cookie]]:
     context = browser.new_context()
     page = context.new_page()
     page.goto(f"{origin}/?family=Doe")

@@ -27,7 +27,7 @@ from broker.demo.service import load_demo
 from broker.identity import service as identity
 from broker.identity.matching import Demographics
 from broker.index.service import ingest_files
-from broker.settings import Settings
+from broker.settings import Settings, SmartEhr
 from storage import ObjectStore
 from tests.live_demo import CHILD_MRN
 from tests.support import ADMIN, make_ds, write
@@ -56,9 +56,9 @@ def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ehr]:
             mllp_port=0,
             base_url=ehr_node.origin,
             smart_ehrs={
-                urls["fhir"]: {"client_id": "scanonce", "facility": "kids"},
+                urls["fhir"]: SmartEhr(client_id="scanonce", facility="kids"),
                 # Registered, but outside the outbound networks (loopback only here).
-                OUTSIDE: {"client_id": "scanonce"},
+                OUTSIDE: SmartEhr(client_id="scanonce"),
             },
         )
         app = create_app(settings)
