@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.profile_archive retrieve        # WADO-RS study retrieve
     .venv/bin/python -m bench.profile_archive metadata        # WADO-RS study metadata
     .venv/bin/python -m bench.profile_archive cstore          # C-STORE by 4 parallel storescu
+    .venv/bin/python -m bench.profile_archive cstore --pg postgresql+psycopg://postgres@127.0.0.1:5432
 
 A fresh `scanonce serve` (embedded default) is loaded with the data the phase needs, then
 py-spy samples the server while the phase runs, and the top functions are printed by
@@ -211,12 +212,21 @@ def main() -> int:
     ap.add_argument("--gil", action="store_true", help="only samples of the thread holding the GIL")
     ap.add_argument("--idle", action="store_true", help="also samples of idle (waiting) threads")
     ap.add_argument("--out", type=Path, help="keep py-spy's raw collapsed stacks here")
+    ap.add_argument(
+        "--pg", help="index on this PostgreSQL server (postgresql+psycopg://user@host:port), a fresh database"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scanonce-profile-"))
     raw = args.out or work / "stacks.txt"
     try:
         dimse_port = free_port()
-        with run_scanonce(work, env_extra={"SCANONCE_DIMSE_PORT": str(dimse_port)}) as server:
+        env = {"SCANONCE_DIMSE_PORT": str(dimse_port)}
+        if args.pg:
+            from bench.dimse import _pg_database
+
+            env["SCANONCE_DATABASE_URL"] = _pg_database(args.pg, "profile")
+            env["SCANONCE_MIGRATE_ON_START"] = "true"
+        with run_scanonce(work, env_extra=env) as server:
             go = prepare(args.phase, server, args.threads, dimse_port=dimse_port)
             spy = subprocess.Popen(
                 [

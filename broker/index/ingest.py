@@ -690,9 +690,10 @@ def _index_batch(
             placed.add(key_path[0])
 
         put_files = getattr(store, "put_files", None)
-        if consume and put_files is not None and len(puts) > 1:
-            # Into a local folder (a group of C-STOREs, a STOW-RS request): each fsync once per
-            # batch and side by side, not three in a row per object.
+        if consume and put_files is not None and 1 < len(puts) < _PARALLEL_PUTS:
+            # A group of C-STOREs into a local folder: each fsync once per group and side by
+            # side, not three in a row per object. (Larger batches, e.g. STOW-RS, go to the pool
+            # below, which overlaps whole puts.)
             for key, _path in puts:
                 _hold(key, held)
             put_files(puts, move=True)
