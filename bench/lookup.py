@@ -157,7 +157,7 @@ def load(engine: Engine, studies: int, seed: int = 1) -> int:
             for _ in range(max(10, persons // 100))
         ],
     )
-    births = {}
+    births: dict[int, str] = {}
     for start in range(0, studies, BATCH):
         st, se, sf, df, done = [], [], [], [], []
         for _ in range(start, min(studies, start + BATCH)):
