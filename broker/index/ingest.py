@@ -290,9 +290,13 @@ class _Batch:
         session = self.session
         first_of_study: dict[str, _Parsed] = {}
         first_of_series: dict[str, _Parsed] = {}
+        in_study: dict[str, int] = {}
+        in_series: dict[str, int] = {}
         for p in pending:
             first_of_study.setdefault(p.study_uid, p)
             first_of_series.setdefault(p.series_uid, p)
+            in_study[p.study_uid] = in_study.get(p.study_uid, 0) + 1
+            in_series[p.series_uid] = in_series.get(p.series_uid, 0) + 1
 
         new_studies = [p for uid, p in first_of_study.items() if uid not in self.study_pks]
         new_series = [p for uid, p in first_of_series.items() if uid not in self.series_pks]
@@ -307,6 +311,8 @@ class _Batch:
                     facility_id=self.facility.id,
                     **study_columns(a, patient),
                     modalities="\\",
+                    # New rows get their counts here; `_index_batch` bumps only existing rows.
+                    num_instances=in_study[p.study_uid],
                     study_json=orjson.dumps(level_json(a, is_study_level)).decode(),
                 )
         series_columns_of: dict[str, dict[str, Any]] = {}
@@ -332,7 +338,14 @@ class _Batch:
             for p in new_series:
                 study_pk = self.study_pks[p.study_uid]
                 columns = series_columns_of[p.series_uid]
-                rows.append(Series(series_uid=p.series_uid, study_pk=study_pk, **columns))
+                rows.append(
+                    Series(
+                        series_uid=p.series_uid,
+                        study_pk=study_pk,
+                        num_instances=in_series[p.series_uid],
+                        **columns,
+                    )
+                )
                 if study_pk not in self.new_study_pks:
                     self.new_series.append((study_pk, columns["modality"]))
             session.add_all(rows)
@@ -797,8 +810,10 @@ def _index_batch(
                     "metadata_json": pack_metadata(p.metadata),
                 }
             )
-            touched_series[series_pk] = touched_series.get(series_pk, 0) + 1
-            touched_studies[study_pk] = touched_studies.get(study_pk, 0) + 1
+            if series_pk not in batch.new_series_pks:
+                touched_series[series_pk] = touched_series.get(series_pk, 0) + 1
+            if study_pk not in batch.new_study_pks:
+                touched_studies[study_pk] = touched_studies.get(study_pk, 0) + 1
         if rows:
             session.execute(_INSERT_INSTANCES, rows)
         # Counters are bumped in SQL, not on the loaded rows, so concurrent batches never lose updates.
