@@ -17,7 +17,7 @@ from broker.deps import AppState
 from broker.dicom import status
 from broker.facilities import service as facilities
 from broker.index import service
-from broker.index.models import Instance, InstanceConflict, Series, Study
+from broker.index.models import Instance, InstanceConflict, Series, SeriesFacts, Study
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
@@ -299,3 +299,7 @@ def test_a_group_into_known_and_new_rows_counts_right_in_a_few_statements(
     assert (studies[a].num_instances, studies[a].num_series, studies[a].modalities) == (8, 2, "\\CT\\MR\\")
     assert (studies[b].num_instances, studies[b].num_series, studies[b].modalities) == (2, 1, "\\CT\\")
     assert series == {a + ".1": 7, a + ".2": 1, b + ".1": 2}
+    with Session(state.engine) as s:
+        facts = {f.series_pk: f.instances for f in s.exec(select(SeriesFacts))}
+        pk_of = {se.series_uid: se.pk for se in s.exec(select(Series))}
+    assert facts == {pk_of[uid]: n for uid, n in series.items()}
