@@ -8,15 +8,22 @@ reason COERCE, and the outside Patient ID is kept in OtherPatientIDsSequence wit
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
+
+from broker.imports import splice
 
 MODIFYING_SYSTEM = "SCANONCE"
 PATIENT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
@@ -187,16 +194,33 @@ def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple
 
 
 def coerce_file(src: BinaryIO, dst: BinaryIO, plan: Plan) -> None:
-    """Write the Part 10 file `src` (seekable, at its start) coerced per `plan` to `dst`.
+    """Write the Part 10 file `src` (seekable, at its start) coerced per `plan` to `dst`: the
+    file a full parse, `apply` and re-encode by pydicom would give.
 
-    Only the header (everything before Pixel Data) is parsed, coerced and re-encoded; the rest
-    of the file, Pixel Data first, is copied byte for byte. The plan changes no attribute there,
-    so the result is the file a full parse and re-encode would give, at a fraction of the cost
-    (pydicom's reader and writer cost per element, and a 512x512 slice's pixels are one element
-    but half a megabyte to copy through Python objects twice). A file whose header cannot be
-    re-encoded exactly as the rest is stored (deflated, big endian, or a data set not encoded
-    as its transfer syntax says) is parsed and written whole instead.
+    Without renamed UIDs (which reach into sequences anywhere), only the top-level elements
+    `apply` reads or changes are parsed, coerced and re-encoded; every other element, Pixel Data
+    and all after it, is the source's own bytes spliced around them (`splice`: pydicom writes an
+    element it has not decoded back as it read it, so the bytes are the same). Otherwise, or for
+    a file the splice does not follow, the header (everything before Pixel Data) is parsed,
+    coerced and re-encoded and the rest copied on; a file whose header cannot be re-encoded
+    exactly as the rest is stored (deflated, big endian, or a data set not encoded as its
+    transfer syntax says) is parsed and written whole.
     """
+    if not plan.rename_uids:
+        try:
+            head, parts, tail = _spliced(src, plan)
+        except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
+            src.seek(0)
+        else:
+            dst.write(head)
+            for part in parts:
+                if isinstance(part, bytes):
+                    dst.write(part)
+                else:
+                    _copy(src, dst, *part)
+            src.seek(tail)
+            shutil.copyfileobj(src, dst, 1 << 20)
+            return
     ds = dcmread(src, stop_before_pixels=True)
     tail = src.tell()
     meta = getattr(ds, "file_meta", None)
@@ -216,3 +240,91 @@ def coerce_file(src: BinaryIO, dst: BinaryIO, plan: Plan) -> None:
     ds.save_as(dst, enforce_file_format=True)
     src.seek(tail)
     shutil.copyfileobj(src, dst, 1 << 20)
+
+
+# The top-level attributes `apply` reads or changes when it renames no UID (keep in step with it:
+# an attribute it touched outside these would not reach the spliced file; the tests compare the
+# spliced file with pydicom's full re-encode), and those read for context and written as they came.
+_SPLICED = frozenset(
+    tag_for_keyword(k) or 0
+    for k in (*PATIENT_KEYWORDS, "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
+              "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", *INSTITUTION_KEYWORDS,
+              "OriginalAttributesSequence")
+)  # fmt: skip
+_CONTEXT = frozenset({0x00080005, 0x00080016, 0x00080018})  # SpecificCharacterSet, SOP Class/Instance UID
+_PIXELS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # where pydicom's stop_before_pixels stops
+Part = bytes | tuple[int, int]  # new bytes, or the source's bytes [start, end)
+
+
+def _spliced(src: BinaryIO, plan: Plan) -> tuple[bytes, list[Part], int]:
+    """The coerced file as (preamble and file meta, the data set up to Pixel Data as new bytes and
+    ranges of the source, where the source's remainder starts). Raises on what it cannot do."""
+    size = src.seek(0, 2)
+    src.seek(0)
+    head = src.read(132)
+    if len(head) < 132 or head[128:] != b"DICM":
+        raise splice.Unsupported("no Part 10 preamble")
+    metas, start = splice.walk(src, start=132, implicit=False, size=size, stop=lambda t: t >> 16 != 2)
+    src.seek(132)
+    meta = FileMetaDataset(read_dataset(io.BytesIO(src.read(start - 132)), False, True))
+    ts = UID(str(meta.get("TransferSyntaxUID", "")))
+    src.seek(start)
+    if not (
+        metas
+        and ts.is_transfer_syntax
+        and not ts.is_deflated
+        and ts.is_little_endian
+        and splice.looks_explicit(src.read(6)) != ts.is_implicit_VR
+    ):
+        raise splice.Unsupported("an encoding the splice does not keep")
+    implicit = ts.is_implicit_VR
+    elements, tail = splice.walk(src, start=start, implicit=implicit, size=size, stop=_PIXELS.__contains__)
+    chosen = b""
+    for e in elements:
+        if e.tag in _SPLICED or e.tag in _CONTEXT:
+            src.seek(e.start)
+            chosen += src.read(e.end - e.start)
+    ds = read_dataset(io.BytesIO(chosen), implicit, True)
+    apply(ds, plan)
+    # The file meta as `save_as(enforce_file_format=True)` writes it.
+    for key, keyword in (
+        ("MediaStorageSOPClassUID", "SOPClassUID"),
+        ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
+    ):
+        value = ds.get(keyword)
+        if meta.get(key) is None or (value and value != meta.get(key)):
+            setattr(meta, key, value)
+    out = DicomBytesIO()
+    out.write(head)
+    write_file_meta_info(out, meta, enforce_standard=True)
+    encoded = DicomBytesIO()
+    encoded.is_implicit_VR, encoded.is_little_endian = implicit, True
+    write_dataset(encoded, ds)
+    data = encoded.getvalue()
+    new = splice.walk(io.BytesIO(data), start=0, implicit=implicit, size=len(data), stop=lambda t: False)[0]
+    parts: list[tuple[int, Part]] = [(e.tag, data[e.start : e.end]) for e in new if e.tag in _SPLICED]
+    parts += [
+        (e.tag, (e.start, e.end))
+        for e in elements
+        # pydicom's writer drops a retired group length (PS3.5 7.2)
+        if e.tag not in _SPLICED and not (e.tag & 0xFFFF == 0 and e.tag >> 16 > 6)
+    ]
+    parts.sort(key=lambda p: p[0])
+    merged: list[Part] = []
+    for _, part in parts:
+        last = merged[-1] if merged else None
+        if isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
+            merged[-1] = (last[0], part[1])
+        else:
+            merged.append(part)
+    return out.getvalue(), merged, tail
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
+    src.seek(start)
+    while start < end:
+        chunk = src.read(min(end - start, 1 << 20))
+        if not chunk:
+            raise OSError("the source file changed while it was copied")
+        dst.write(chunk)
+        start += len(chunk)
