@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=0, help="batches in flight at once (connections)")
     ap.add_argument("--memory-gb", type=float, default=0, help="measure peak RSS for a study this big")
     ap.add_argument("--seed", type=int, default=7, help="seed of the --memory-gb study's pixel data")
+    ap.add_argument("--via", choices=("both", "dimse", "dicomweb"), default="both", help="deliveries to run")
     args = ap.parse_args()
     if args.batch:
         service.BATCH = args.batch
@@ -296,6 +297,8 @@ def main() -> None:
             load = [os.getloadavg()[0]]
             for name, ours, theirs in (("C-STORE", lambda: imp("dimse"), storescu),
                                        ("STOW-RS", lambda: imp("dicomweb"), stow)):  # fmt: skip
+                if args.via != "both" and args.via != ("dimse" if name == "C-STORE" else "dicomweb"):
+                    continue
                 a, b = [], []
                 for _ in range(args.runs):
                     a.append(ours())
@@ -313,7 +316,7 @@ def main() -> None:
                 peer = "dcmtk storescu" if name == "C-STORE" else "same files to Orthanc's STOW-RS"
                 print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
             print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
-            print("1-minute load average (2 cores) at the start, after C-STORE, after STOW-RS: "
+            print("1-minute load average (2 cores) at the start and after each delivery: "
                   + ", ".join(f"{x:.1f}" for x in load))  # fmt: skip
 
 

@@ -194,130 +194,197 @@ def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple
 
 
 def coerce_file(src: BinaryIO, dst: BinaryIO, plan: Plan) -> None:
-    """Write the Part 10 file `src` (seekable, at its start) coerced per `plan` to `dst`: the
-    file a full parse, `apply` and re-encode by pydicom would give.
-
-    Without renamed UIDs (which reach into sequences anywhere), only the top-level elements
-    `apply` reads or changes are parsed, coerced and re-encoded; every other element, Pixel Data
-    and all after it, is the source's own bytes spliced around them (`splice`: pydicom writes an
-    element it has not decoded back as it read it, so the bytes are the same). Otherwise, or for
-    a file the splice does not follow, the header (everything before Pixel Data) is parsed,
-    coerced and re-encoded and the rest copied on; a file whose header cannot be re-encoded
-    exactly as the rest is stored (deflated, big endian, or a data set not encoded as its
-    transfer syntax says) is parsed and written whole.
-    """
-    if not plan.rename_uids:
-        try:
-            head, parts, tail = _spliced(src, plan)
-        except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
-            src.seek(0)
-        else:
-            dst.write(head)
-            for part in parts:
-                if isinstance(part, bytes):
-                    dst.write(part)
-                else:
-                    _copy(src, dst, *part)
-            src.seek(tail)
-            shutil.copyfileobj(src, dst, 1 << 20)
-            return
-    ds = dcmread(src, stop_before_pixels=True)
-    tail = src.tell()
-    meta = getattr(ds, "file_meta", None)
-    ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-    if not (
-        ts.is_transfer_syntax
-        and not ts.is_deflated
-        and ts.is_little_endian
-        and ds.original_encoding == (ts.is_implicit_VR, True)
-    ):
-        src.seek(0)
-        ds = dcmread(src)
-        apply(ds, plan)
-        ds.save_as(dst, enforce_file_format=True)
-        return
-    apply(ds, plan)
-    ds.save_as(dst, enforce_file_format=True)
-    src.seek(tail)
-    shutil.copyfileobj(src, dst, 1 << 20)
+    """Write the Part 10 file `src` (seekable, at its start) coerced per `plan` to `dst` (see
+    `Coercer`, which an import keeps for all its files)."""
+    Coercer(plan).coerce_file(src, dst)
 
 
 # The top-level attributes `apply` reads or changes when it renames no UID (keep in step with it:
 # an attribute it touched outside these would not reach the spliced file; the tests compare the
-# spliced file with pydicom's full re-encode), and those read for context and written as they came.
+# spliced file with pydicom's full re-encode).
 _SPLICED = frozenset(
     tag_for_keyword(k) or 0
     for k in (*PATIENT_KEYWORDS, "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
               "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", *INSTITUTION_KEYWORDS,
               "OriginalAttributesSequence")
 )  # fmt: skip
-_CONTEXT = frozenset({0x00080005, 0x00080016, 0x00080018})  # SpecificCharacterSet, SOP Class/Instance UID
+_CHARSET, _SOP_CLASS, _SOP_INSTANCE = 0x00080005, 0x00080016, 0x00080018
 _PIXELS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # where pydicom's stop_before_pixels stops
+# File meta elements pydicom's writer adds when absent (PS3.10 7.1 and its own ImplementationVersionName).
+_META_REQUIRED = (0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+_MEMO = 64  # distinct headers remembered per import (a study's instances mostly share one)
 Part = bytes | tuple[int, int]  # new bytes, or the source's bytes [start, end)
 
 
-def _spliced(src: BinaryIO, plan: Plan) -> tuple[bytes, list[Part], int]:
-    """The coerced file as (preamble and file meta, the data set up to Pixel Data as new bytes and
-    ranges of the source, where the source's remainder starts). Raises on what it cannot do."""
-    size = src.seek(0, 2)
-    src.seek(0)
-    head = src.read(132)
-    if len(head) < 132 or head[128:] != b"DICM":
-        raise splice.Unsupported("no Part 10 preamble")
-    metas, start = splice.walk(src, start=132, implicit=False, size=size, stop=lambda t: t >> 16 != 2)
-    src.seek(132)
-    meta = FileMetaDataset(read_dataset(io.BytesIO(src.read(start - 132)), False, True))
-    ts = UID(str(meta.get("TransferSyntaxUID", "")))
-    src.seek(start)
-    if not (
-        metas
-        and ts.is_transfer_syntax
-        and not ts.is_deflated
-        and ts.is_little_endian
-        and splice.looks_explicit(src.read(6)) != ts.is_implicit_VR
+class Coercer:
+    """Coerces the files of one import per its plan: each file the one a full parse, `apply` and
+    re-encode by pydicom would give.
+
+    Without renamed UIDs (which reach into sequences anywhere), only the top-level elements
+    `apply` reads or changes are parsed, coerced and re-encoded; every other element, Pixel Data
+    and all after it, is the source's own bytes spliced around them (`splice`: pydicom writes an
+    element it has not decoded back as it read it, so the bytes are the same). What those few
+    elements become depends only on what they were, and the instances of a study mostly carry
+    the same: the result is remembered, so most files cost a walk of their element headers and
+    a copy (one AttributeModificationDateTime for them all, the time of the first). The file
+    meta is the source's own when pydicom's writer would not change it.
+
+    Otherwise, or for a file the splice does not follow, the header (everything before Pixel
+    Data) is parsed, coerced and re-encoded and the rest copied on; a file whose header cannot
+    be re-encoded exactly as the rest is stored (deflated, big endian, or a data set not
+    encoded as its transfer syntax says) is parsed and written whole.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._memo: dict[tuple[bool, bytes], list[tuple[int, bytes]]] = {}
+
+    def coerce_file(self, src: BinaryIO, dst: BinaryIO) -> None:
+        plan = self.plan
+        if not plan.rename_uids:
+            try:
+                head, parts, tail = self._spliced(src)
+            except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
+                src.seek(0)
+            else:
+                dst.write(head)
+                for part in parts:
+                    if isinstance(part, bytes):
+                        dst.write(part)
+                    else:
+                        _copy(src, dst, *part)
+                src.seek(tail)
+                shutil.copyfileobj(src, dst, 1 << 20)
+                return
+        ds = dcmread(src, stop_before_pixels=True)
+        tail = src.tell()
+        meta = getattr(ds, "file_meta", None)
+        ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+        if not (
+            ts.is_transfer_syntax
+            and not ts.is_deflated
+            and ts.is_little_endian
+            and ds.original_encoding == (ts.is_implicit_VR, True)
+        ):
+            src.seek(0)
+            ds = dcmread(src)
+            apply(ds, plan)
+            ds.save_as(dst, enforce_file_format=True)
+            return
+        apply(ds, plan)
+        ds.save_as(dst, enforce_file_format=True)
+        src.seek(tail)
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+    def _spliced(self, src: BinaryIO) -> tuple[bytes, list[Part], int]:
+        """The coerced file as (preamble and file meta, the data set up to Pixel Data as new bytes
+        and ranges of the source, where the source's remainder starts). Raises on what it cannot
+        do."""
+        size = src.seek(0, 2)
+        src.seek(0)
+        head = src.read(132)
+        if len(head) < 132 or head[128:] != b"DICM":
+            raise splice.Unsupported("no Part 10 preamble")
+        metas, start = splice.walk(src, start=132, implicit=False, size=size, stop=lambda t: t >> 16 != 2)
+        src.seek(132)
+        meta_raw = src.read(start - 132)
+        meta = read_dataset(io.BytesIO(meta_raw), False, True)
+        ts = UID(str(meta.get("TransferSyntaxUID", "")))
+        if not (
+            metas
+            and ts.is_transfer_syntax
+            and not ts.is_deflated
+            and ts.is_little_endian
+            and splice.looks_explicit(src.read(6)) != ts.is_implicit_VR
+        ):
+            raise splice.Unsupported("an encoding the splice does not keep")
+        implicit = ts.is_implicit_VR
+        elements, tail = splice.walk(
+            src, start=start, implicit=implicit, size=size, stop=_PIXELS.__contains__
+        )
+        values: dict[int, bytes] = {}
+        chosen = b""
+        for e in elements:
+            if e.tag in _SPLICED or e.tag in (_CHARSET, _SOP_CLASS, _SOP_INSTANCE):
+                src.seek(e.start)
+                raw = src.read(e.end - e.start)
+                values[e.tag] = raw[e.header :]
+                if e.tag not in (_SOP_CLASS, _SOP_INSTANCE):
+                    chosen += raw
+        new = self._memo.get((implicit, chosen))
+        if new is None:
+            new = self._encode(chosen, implicit)
+            if len(self._memo) >= _MEMO:
+                self._memo.clear()
+            self._memo[(implicit, chosen)] = new
+        parts: list[tuple[int, Part]] = list(new)
+        parts += [
+            (e.tag, (e.start, e.end))
+            for e in elements
+            # pydicom's writer drops a retired group length (PS3.5 7.2)
+            if e.tag not in _SPLICED and not (e.tag & 0xFFFF == 0 and e.tag >> 16 > 6)
+        ]
+        parts.sort(key=lambda p: p[0])
+        merged: list[Part] = []
+        for _, part in parts:
+            last = merged[-1] if merged else None
+            if isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
+                merged[-1] = (last[0], part[1])
+            else:
+                merged.append(part)
+        sop = (_uid(values.get(_SOP_CLASS)), _uid(values.get(_SOP_INSTANCE)))
+        return head + _file_meta(meta_raw, metas, sop), merged, tail
+
+    def _encode(self, chosen: bytes, implicit: bool) -> list[tuple[int, bytes]]:
+        """The `_SPLICED` elements (and SpecificCharacterSet) encoded in `chosen`, coerced and
+        re-encoded by pydicom: [(tag, its bytes)], an element `apply` removed left out."""
+        ds = read_dataset(io.BytesIO(chosen), implicit, True)
+        apply(ds, self.plan)
+        out = DicomBytesIO()
+        out.is_implicit_VR, out.is_little_endian = implicit, True
+        write_dataset(out, ds)
+        data = out.getvalue()
+        found = splice.walk(
+            io.BytesIO(data), start=0, implicit=implicit, size=len(data), stop=lambda t: False
+        )[0]
+        return [(e.tag, data[e.start : e.end]) for e in found if e.tag in _SPLICED]
+
+
+def _uid(raw: bytes | None) -> str:
+    return raw.rstrip(b"\0 ").decode("ascii") if raw else ""
+
+
+def _file_meta(raw: bytes, elements: list[splice.Element], sop: tuple[str, str]) -> bytes:
+    """The file meta as `save_as(enforce_file_format=True)` writes it: the source's own bytes
+    when that would write them unchanged (every element it would add present, a correct group
+    length, the UIDs it re-encodes in their canonical form, the Media Storage UIDs those of the
+    data set), else written by pydicom (0002,0002/3 taken from the data set as it does)."""
+    base = 132
+    values = {e.tag: raw[e.start - base + e.header : e.end - base] for e in elements}
+    canonical = all(
+        (v := values.get(t)) and v == _pad_uid(_uid(v))
+        for t in (0x00020002, 0x00020003, 0x00020010, 0x00020012)
+    )
+    if (
+        canonical
+        and all(values.get(t) for t in _META_REQUIRED)
+        and elements[0].tag == 0x00020000
+        and values[0x00020000] == (elements[-1].end - elements[0].end).to_bytes(4, "little")
+        and (_uid(values[0x00020002]), _uid(values[0x00020003])) == sop
     ):
-        raise splice.Unsupported("an encoding the splice does not keep")
-    implicit = ts.is_implicit_VR
-    elements, tail = splice.walk(src, start=start, implicit=implicit, size=size, stop=_PIXELS.__contains__)
-    chosen = b""
-    for e in elements:
-        if e.tag in _SPLICED or e.tag in _CONTEXT:
-            src.seek(e.start)
-            chosen += src.read(e.end - e.start)
-    ds = read_dataset(io.BytesIO(chosen), implicit, True)
-    apply(ds, plan)
-    # The file meta as `save_as(enforce_file_format=True)` writes it.
-    for key, keyword in (
-        ("MediaStorageSOPClassUID", "SOPClassUID"),
-        ("MediaStorageSOPInstanceUID", "SOPInstanceUID"),
-    ):
-        value = ds.get(keyword)
-        if meta.get(key) is None or (value and value != meta.get(key)):
-            setattr(meta, key, value)
+        return raw
+    meta = FileMetaDataset(read_dataset(io.BytesIO(raw), False, True))
+    for keyword, value in zip(("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"), sop, strict=True):
+        if meta.get(keyword) is None or (value and value != meta.get(keyword)):
+            setattr(meta, keyword, value or None)
     out = DicomBytesIO()
-    out.write(head)
     write_file_meta_info(out, meta, enforce_standard=True)
-    encoded = DicomBytesIO()
-    encoded.is_implicit_VR, encoded.is_little_endian = implicit, True
-    write_dataset(encoded, ds)
-    data = encoded.getvalue()
-    new = splice.walk(io.BytesIO(data), start=0, implicit=implicit, size=len(data), stop=lambda t: False)[0]
-    parts: list[tuple[int, Part]] = [(e.tag, data[e.start : e.end]) for e in new if e.tag in _SPLICED]
-    parts += [
-        (e.tag, (e.start, e.end))
-        for e in elements
-        # pydicom's writer drops a retired group length (PS3.5 7.2)
-        if e.tag not in _SPLICED and not (e.tag & 0xFFFF == 0 and e.tag >> 16 > 6)
-    ]
-    parts.sort(key=lambda p: p[0])
-    merged: list[Part] = []
-    for _, part in parts:
-        last = merged[-1] if merged else None
-        if isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
-            merged[-1] = (last[0], part[1])
-        else:
-            merged.append(part)
-    return out.getvalue(), merged, tail
+    return out.getvalue()
+
+
+def _pad_uid(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:

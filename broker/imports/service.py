@@ -51,6 +51,8 @@ log = logging.getLogger("scanonce.imports")
 IMPORT_JOB = "import"
 # A batch sent: (row, its outcome) and the rows whose source could not be read (why).
 Sent_ = tuple[list[tuple["ImportInstance", delivery.Outcome]], list[tuple["ImportInstance", str]]]
+# A batch coerced: (its file, row) and the rows whose source could not be read (why).
+Coerced_ = tuple[list[tuple[str, "ImportInstance"]], list[tuple["ImportInstance", str]]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
@@ -227,19 +229,19 @@ def _read(store: Any, key: str, *, headers_only: bool = False) -> Dataset:
         return dcmread(tmp, stop_before_pixels=headers_only)
 
 
-def _coerce(store: Any, key: str, path: str, plan: reconcile.Plan) -> None:
-    """The stored object `key`, coerced, written to `path` (header re-encoded, pixels copied)."""
+def _coerce(store: Any, key: str, path: str, coercer: reconcile.Coercer) -> None:
+    """The stored object `key`, coerced, written to `path`."""
     with open(path, "wb") as out:
         local = store.open_local(key)
         if local is not None:
             with open(local, "rb") as src:
-                reconcile.coerce_file(src, out, plan)
+                coercer.coerce_file(src, out)
             return
         with tempfile.TemporaryFile() as tmp:
             for chunk in store.get(key):
                 tmp.write(chunk)
             tmp.seek(0)
-            reconcile.coerce_file(tmp, out, plan)
+            coercer.coerce_file(tmp, out)
 
 
 # -- the destination's configuration (StudyID, institution) ----------------------------------------
@@ -453,6 +455,7 @@ def _run(
     if not refs:
         raise NotFound(f"the broker holds no instance of study {study_uid}")
     plan = reconcile.Plan.from_json(plan_data, _known_uids(refs, study_uid))
+    coercer = reconcile.Coercer(plan)
     by_sop = {r.sop_uid: r for r in refs}
     with session_scope(engine) as session:
         have = {i.source_sop_uid for i in instances_of(session=session, import_id=import_id)}
@@ -475,20 +478,25 @@ def _run(
     with (
         tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp,
         _Senders(destination, via, calling_ae) as senders,
+        ThreadPoolExecutor(1, thread_name_prefix="import-coerce") as coercing,
         ThreadPoolExecutor(SENDERS, thread_name_prefix="import-send") as pool,
     ):
 
-        def work(batch: list[ImportInstance]) -> Sent_:
+        def coerce(batch: list[ImportInstance]) -> Coerced_:
             files: list[tuple[str, ImportInstance]] = []
             unreadable: list[tuple[ImportInstance, str]] = []
             for inst in batch:
                 path = os.path.join(tmp, f"{inst.id}.dcm")
                 try:
-                    _coerce(store, by_sop[inst.source_sop_uid].object_key, path, plan)
+                    _coerce(store, by_sop[inst.source_sop_uid].object_key, path, coercer)
                 except Exception as exc:  # one unreadable instance fails alone, named in its row
                     unreadable.append((inst, f"cannot be read or coerced: {type(exc).__name__}"))
                     continue
                 files.append((path, inst))
+            return files, unreadable
+
+        def send(coerced: Future[Coerced_]) -> Sent_:
+            files, unreadable = coerced.result()
             try:
                 outcomes = _send_with_retries(senders.mine(), files) if files else []
             finally:
@@ -496,12 +504,21 @@ def _run(
                     os.unlink(path)
             return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
 
-        # SENDERS batches in flight, each read, coerced and sent by its own thread on its own
-        # connection (one thread coerces while another waits for the archive), recorded in
-        # order here: at most SENDERS batches of files on disk, none in memory. A cancel stops
-        # new batches; those in flight finish and are recorded.
+        # SENDERS batches in flight, each sent by its own thread on its own connection, and as
+        # many coerced ahead by one more thread, so that a connection whose batch has been
+        # recorded has the next one ready (the archive is kept as busy as by a plain client at
+        # that concurrency; coercing in the sending thread left it idle meanwhile). Recorded in
+        # order here; a batch is sent only once a slot is free, so at most SENDERS batches are
+        # ever sent and not yet recorded. At most 2 x SENDERS batches of files on disk, none in
+        # memory. A cancel stops new batches; those in flight finish and are recorded.
         inflight: deque[tuple[int, Future[Sent_]]] = deque()
+        ahead: deque[tuple[int, Future[Coerced_]]] = deque()
+        batches = _batches(pending, BATCH)
         cancelled = False
+
+        def top_up() -> None:
+            while len(ahead) < SENDERS and (batch := next(batches, None)):
+                ahead.append((len(batch), coercing.submit(coerce, batch)))
 
         def collect() -> None:
             nonlocal done
@@ -510,13 +527,16 @@ def _run(
             done += n
             progress.update(done=done, total=total, message="sending")
 
-        for batch in _batches(pending, BATCH):
+        top_up()
+        while ahead:
             if len(inflight) >= SENDERS:
                 collect()
             if _cancelled(engine, import_id):
                 cancelled = True
                 break
-            inflight.append((len(batch), pool.submit(work, batch)))
+            n, coerced = ahead.popleft()
+            inflight.append((n, pool.submit(send, coerced)))
+            top_up()
         while inflight:
             collect()
     if cancelled:

@@ -34,7 +34,7 @@ class Element:
     vr: bytes  # b"" in implicit VR
     start: int  # offset of the element's tag
     end: int  # offset just past its value (a sequence's delimiter included)
-    undefined: bool  # undefined length (a sequence delimited by its items)
+    header: int  # bytes of tag, VR and length before the value
 
 
 def looks_explicit(first: bytes) -> bool:
@@ -64,9 +64,10 @@ def walk(
             raise Unsupported(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of place")
         if length == UNDEFINED and vr == b"UN":
             raise Unsupported("UN of undefined length")
+        value = fp.tell()
         _skip(fp, length, implicit=implicit, size=size)
         end = fp.tell()
-        out.append(Element(tag, vr, pos, end, length == UNDEFINED))
+        out.append(Element(tag, vr, pos, end, value - pos))
         last, pos = tag, end
     return out, pos
 
