@@ -210,6 +210,22 @@ def study_patients(*, facility: Archive, via: str, study_uid: str, calling_ae: s
     return {(_value(r, "00100020"), _value(r, "00100021")) for r in rows}
 
 
+def series_counts(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> dict[str, int] | None:
+    """How many instances the destination holds in each series of the study (its
+    NumberOfSeriesRelatedInstances, summed over its records of a series UID): a query the
+    archive answers from its index, where one listing every instance may make it read each
+    file (Orthanc's QIDO-RS does). None when it does not give the count."""
+    keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "NumberOfSeriesRelatedInstances": ""}
+    rows = _query(facility, via, "SERIES", keys, calling_ae, f"/studies/{study_uid}/series", {})
+    out: dict[str, int] = {}
+    for r in rows:
+        series, count = _value(r, "0020000E"), _value(r, "00201209")
+        if not series or not count.isdigit():
+            return None
+        out[series] = out.get(series, 0) + int(count)
+    return out
+
+
 def held_instances(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> set[str]:
     """SOP Instance UIDs the destination holds in the study (post-send verification)."""
     keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "SOPInstanceUID": ""}
@@ -240,6 +256,8 @@ def _query(
     params: list[tuple[str, str | int | float | bool | None]] = list(match.items())
     if level == "STUDY":
         params += [("includefield", "00100020"), ("includefield", "00100021")]
+    elif level == "SERIES":
+        params += [("includefield", "00201209")]
     try:
         with network.guarded_client(timeout=_TIMEOUT) as client:
             rsp = client.get(url, params=params, headers={"Accept": "application/dicom+json"})

@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -457,16 +457,20 @@ def _run(
     plan = reconcile.Plan.from_json(plan_data, _known_uids(refs, study_uid))
     coercer = reconcile.Coercer(plan)
     by_sop = {r.sop_uid: r for r in refs}
+
+    def delivered(uid: str) -> str:
+        return reconcile.new_uid(destination=plan.destination, uid=uid) if plan.rename_uids else uid
+
+    series_of = {delivered(r.sop_uid): delivered(r.series_uid) for r in refs}
     with session_scope(engine) as session:
         have = {i.source_sop_uid for i in instances_of(session=session, import_id=import_id)}
         for r in refs:
             if r.sop_uid not in have:
-                sop = (
-                    reconcile.new_uid(destination=plan.destination, uid=r.sop_uid)
-                    if plan.rename_uids
-                    else r.sop_uid
+                session.add(
+                    ImportInstance(
+                        import_id=import_id, source_sop_uid=r.sop_uid, sop_uid=delivered(r.sop_uid)
+                    )
                 )
-                session.add(ImportInstance(import_id=import_id, source_sop_uid=r.sop_uid, sop_uid=sop))
         session.execute(update(ImportJob).where(col(ImportJob.id) == import_id).values(total=len(by_sop)))
     with Session(engine) as session:
         pending = [
@@ -528,6 +532,9 @@ def _run(
             progress.update(done=done, total=total, message="sending")
 
         top_up()
+        fresh = _holds_nothing(
+            destination, via, plan.study_uid, calling_ae
+        )  # while the first batch is coerced
         while ahead:
             if len(inflight) >= SENDERS:
                 collect()
@@ -543,7 +550,7 @@ def _run(
         _finish(engine, import_id, status="cancelled", message="cancelled")
         progress.update(message="cancelled")
         return
-    _verify(engine, import_id, plan, destination, via, calling_ae)
+    _verify(engine, import_id, plan, destination, via, calling_ae, fresh=fresh, series_of=series_of)
     with Session(engine) as session:
         row = get_import(session=session, import_id=import_id)
         failed, verified = row.failed, row.verified
@@ -654,13 +661,44 @@ def _record(
         )
 
 
+def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: str) -> bool:
+    """Whether the destination holds no instance of the study (before this run sends any)."""
+    try:
+        return (
+            delivery.series_counts(facility=destination, via=via, study_uid=study_uid, calling_ae=calling_ae)
+            == {}
+        )
+    except Unavailable:
+        return False  # unknown: the verification lists every instance
+
+
 def _verify(
-    engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str
-) -> None:
-    """Ask the destination what it holds; an instance sent but not there is reported failed."""
-    held = delivery.held_instances(
-        facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
-    )
+    engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
+    *, fresh: bool, series_of: dict[str, str],
+) -> None:  # fmt: skip
+    """Ask the destination what it holds; an instance sent but not there is reported failed.
+
+    When it held nothing of the study before this run sent anything (`fresh`), each series
+    holding exactly the instances delivered to it proves they all arrived: the archive is asked
+    for its count per series, which it answers from its index. Otherwise, or when the counts
+    differ, every instance it holds is listed (Orthanc reads each file to answer that)."""
+    with Session(engine) as session:
+        sent = [
+            r.sop_uid
+            for r in instances_of(session=session, import_id=import_id)
+            if r.status in ("sent", "warning")
+        ]
+    held: set[str] | None = None
+    if fresh:
+        counts = delivery.series_counts(
+            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+        )
+        if counts == Counter(series_of.get(sop, "") for sop in sent):
+            held = set(sent)
+    if held is None:
+        held = delivery.held_instances(
+            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+        )
     with session_scope(engine) as session:
         rows = instances_of(session=session, import_id=import_id)
         for r in rows:
