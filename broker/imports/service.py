@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -509,13 +509,14 @@ def _run(
             return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
 
         # SENDERS batches in flight, each sent by its own thread on its own connection, and as
-        # many coerced ahead by one more thread, so that a connection whose batch has been
-        # recorded has the next one ready (the archive is kept as busy as by a plain client at
-        # that concurrency; coercing in the sending thread left it idle meanwhile). Recorded in
-        # order here; a batch is sent only once a slot is free, so at most SENDERS batches are
-        # ever sent and not yet recorded. At most 2 x SENDERS batches of files on disk, none in
-        # memory. A cancel stops new batches; those in flight finish and are recorded.
-        inflight: deque[tuple[int, Future[Sent_]]] = deque()
+        # many coerced ahead by one more thread, so that a connection has its next batch ready
+        # (the archive is kept as busy as by a plain client at that concurrency; coercing in the
+        # sending thread left it idle meanwhile). Each batch is recorded as soon as it is sent,
+        # in whatever order they finish (waiting for the oldest left a connection idle), and a
+        # batch is sent only once a slot is free: at most SENDERS batches are ever sent and not
+        # yet recorded. At most 2 x SENDERS batches of files on disk, none in memory. A cancel
+        # stops new batches; those in flight finish and are recorded.
+        inflight: dict[Future[Sent_], int] = {}
         ahead: deque[tuple[int, Future[Coerced_]]] = deque()
         batches = _batches(pending, BATCH)
         cancelled = False
@@ -525,25 +526,25 @@ def _run(
                 ahead.append((len(batch), coercing.submit(coerce, batch)))
 
         def collect() -> None:
-            nonlocal done
-            n, future = inflight.popleft()
-            _record(engine, *future.result())
-            done += n
+            nonlocal done, cancelled
+            finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cancelled = _record(engine, *future.result()) or cancelled
+                done += inflight.pop(future)
             progress.update(done=done, total=total, message="sending")
 
         top_up()
-        fresh = _holds_nothing(
-            destination, via, plan.study_uid, calling_ae
-        )  # while the first batch is coerced
-        while ahead:
-            if len(inflight) >= SENDERS:
-                collect()
-            if _cancelled(engine, import_id):
-                cancelled = True
-                break
+        # Asked while the first batches are coerced, before this run sends anything.
+        fresh = _holds_nothing(destination, via, plan.study_uid, calling_ae)
+        cancelled = _cancelled(engine, import_id)
+        while ahead and not cancelled:
             n, coerced = ahead.popleft()
-            inflight.append((n, pool.submit(send, coerced)))
+            inflight[pool.submit(send, coerced)] = n
             top_up()
+            while len(inflight) >= SENDERS or (inflight and not ahead):
+                collect()
+                if cancelled:
+                    break
         while inflight:
             collect()
     if cancelled:
@@ -628,10 +629,11 @@ def _record(
     engine: Engine,
     outcomes: list[tuple[ImportInstance, delivery.Outcome]],
     unreadable: list[tuple[ImportInstance, str]],
-) -> None:
+) -> bool:
     """Each instance's outcome and the import's counts, in one transaction: one bulk UPDATE by
     primary key and one COUNT, so the cost per batch does not grow with the study (re-reading every
-    instance row per batch made a 2000-instance import quadratic)."""
+    instance row per batch made a 2000-instance import quadratic). Returns whether a cancel was
+    asked (read in the same statement: a connection waits for this before its next batch)."""
     now = datetime.now(UTC)
     changes = [
         {"id": inst.id, "status": o.status, "code": o.code, "detail": o.detail[:512],
@@ -642,8 +644,6 @@ def _record(
          "updated_at": now}
         for inst, why in unreadable
     ]  # fmt: skip
-    if not changes:
-        return
     import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
     with session_scope(engine) as session:
         session.execute(update(ImportInstance), changes)
@@ -654,10 +654,13 @@ def _record(
                 .group_by(col(ImportInstance.status))
             ).all()
         )
-        session.execute(
-            update(ImportJob)
-            .where(col(ImportJob.id) == import_id)
-            .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+        return bool(
+            session.execute(
+                update(ImportJob)
+                .where(col(ImportJob.id) == import_id)
+                .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+                .returning(col(ImportJob.cancel_requested))
+            ).scalar_one()
         )
 
 
