@@ -305,6 +305,8 @@ def main() -> None:
                     b.append(theirs())
                 ma, mb_ = statistics.median(a), statistics.median(b)
                 rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
+                print(f"{name}, each run (s): import {', '.join(f'{x:.2f}' for x in a)}; "
+                      f"peer {', '.join(f'{x:.2f}' for x in b)}", flush=True)  # fmt: skip
                 load.append(os.getloadavg()[0])
             version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
             print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import func, update
+from sqlalchemy import func, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -463,14 +463,18 @@ def _run(
 
     series_of = {delivered(r.sop_uid): delivered(r.series_uid) for r in refs}
     with session_scope(engine) as session:
-        have = {i.source_sop_uid for i in instances_of(session=session, import_id=import_id)}
-        for r in refs:
-            if r.sop_uid not in have:
-                session.add(
-                    ImportInstance(
-                        import_id=import_id, source_sop_uid=r.sop_uid, sop_uid=delivered(r.sop_uid)
-                    )
-                )
+        have = set(
+            session.exec(select(ImportInstance.source_sop_uid).where(ImportInstance.import_id == import_id))
+        )
+        now = datetime.now(UTC)
+        rows = [
+            {"import_id": import_id, "source_sop_uid": r.sop_uid, "sop_uid": delivered(r.sop_uid),
+             "status": "pending", "code": None, "detail": "", "attempts": 0, "updated_at": now}
+            for r in refs
+            if r.sop_uid not in have
+        ]  # fmt: skip
+        if rows:  # one executemany, not an ORM object per instance
+            session.execute(insert(ImportInstance), rows)
         session.execute(update(ImportJob).where(col(ImportJob.id) == import_id).values(total=len(by_sop)))
     with Session(engine) as session:
         pending = [
