@@ -239,23 +239,30 @@ class Coercer:
         self.plan = plan
         self._memo: dict[tuple[bool, bytes], list[tuple[int, bytes]]] = {}
 
+    def splice(self, src: BinaryIO) -> list[Part] | None:
+        """The coerced file as new bytes and [start, end) ranges of `src`, in order, without
+        writing it (STOW-RS sends it so); None when the splice does not apply (renamed UIDs, or
+        a file it does not follow: `coerce_file` takes pydicom's path for those)."""
+        if self.plan.rename_uids:
+            return None
+        try:
+            head, parts, tail = self._spliced(src)
+            size = src.seek(0, 2)
+        except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
+            return None
+        return [head, *parts, *([(tail, size)] if tail < size else [])]
+
     def coerce_file(self, src: BinaryIO, dst: BinaryIO) -> None:
         plan = self.plan
-        if not plan.rename_uids:
-            try:
-                head, parts, tail = self._spliced(src)
-            except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
-                src.seek(0)
-            else:
-                dst.write(head)
-                for part in parts:
-                    if isinstance(part, bytes):
-                        dst.write(part)
-                    else:
-                        _copy(src, dst, *part)
-                src.seek(tail)
-                shutil.copyfileobj(src, dst, 1 << 20)
-                return
+        parts = self.splice(src)
+        if parts is not None:
+            for part in parts:
+                if isinstance(part, bytes):
+                    dst.write(part)
+                else:
+                    _copy(src, dst, *part)
+            return
+        src.seek(0)
         ds = dcmread(src, stop_before_pixels=True)
         tail = src.tell()
         meta = getattr(ds, "file_meta", None)

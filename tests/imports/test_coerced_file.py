@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from broker.imports import reconcile, splice
+from broker.imports import delivery, reconcile, splice
 from tests.imports.conftest import MINE_ISSUER, OUTSIDE_ISSUER, _sr
 from tests.support import make_ds
 
@@ -110,7 +110,7 @@ def _as_is(ds: Dataset) -> bytes:
 
 @pytest.mark.parametrize("rename", [True, False], ids=["renamed-uids", "spliced"])
 def test_coerced_file_is_the_full_re_encode_with_pixels_copied(
-    monkeypatch: pytest.MonkeyPatch, rename: bool
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rename: bool
 ) -> None:
     ct, sr = _sources()
     implicit = make_ds(sop=generate_uid(), study=str(ct.StudyInstanceUID), series=generate_uid())
@@ -139,10 +139,19 @@ def test_coerced_file_is_the_full_re_encode_with_pixels_copied(
         # The splice itself made these files, not pydicom's header path behind it.
         monkeypatch.setattr(reconcile, "dcmread", None)
     coercer = reconcile.Coercer(plan)  # one per import: the second time round, from its memo
-    for source, want in [*zip(sources, expected, strict=True)] * 2:
+    for k, (source, want) in enumerate([*zip(sources, expected, strict=True)] * 2):
         out = io.BytesIO()
         coercer.coerce_file(io.BytesIO(source), out)
         assert out.getvalue() == want
+        # What STOW-RS streams from the stored file, unwritten: the same bytes.
+        stored = tmp_path / f"{k}.dcm"
+        stored.write_bytes(source)
+        with stored.open("rb") as fp:
+            parts = coercer.splice(fp)
+        assert (parts is None) == rename
+        if parts is not None:
+            spliced = delivery.Spliced(str(stored), tuple(parts))
+            assert b"".join(spliced.chunks()) == want and spliced.size == len(want)
     assert pydicom.dcmread(io.BytesIO(out.getvalue())).PixelData == ct.PixelData
 
 
