@@ -14,11 +14,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from sqlalchemy import bindparam, select, tuple_, update
@@ -37,7 +37,14 @@ from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
 from broker.index.packing import pack_metadata
-from broker.index.parse import Received, _Parsed, parse_instance
+from broker.index.parse import (
+    Received,
+    _Parsed,
+    exit_with_parent,
+    parse_instance,
+    without_main_script,
+    worker_pid,
+)
 from broker.index.schemas import StoreOutcome
 from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
@@ -181,12 +188,19 @@ def series_columns(attrs: dict[str, Any], *, drop: Collection[str] = ()) -> dict
     }
 
 
+class _FacilityRef(NamedTuple):
+    """What a batch needs of its facility's row."""
+
+    id: str
+    issuer: str
+
+
 class _Batch:
     """The patient, study and series rows one batch touches: existing ones read with one query
     per table, new ones inserted with one flush per table, so a batch of N instances costs a
     handful of statements, not several per instance."""
 
-    def __init__(self, session: Session, facility: Facility, issuers: set[str]) -> None:
+    def __init__(self, session: Session, facility: _FacilityRef, issuers: set[str]) -> None:
         self.session = session
         self.facility = facility
         self.issuers = issuers
@@ -346,6 +360,7 @@ def _io_pool() -> ThreadPoolExecutor:
 # Configured once per process by the app (settings.ingest_processes); off (in-process) until then.
 _PARSE_PROCESSES = 0
 _PARSE_POOL: ProcessPoolExecutor | None = None
+_WARMUPS: list[Future[int]] = []
 _PARSE_LOCK = threading.Lock()
 
 
@@ -375,9 +390,13 @@ def _parse_pool() -> ProcessPoolExecutor | None:
             _PARSE_POOL = ProcessPoolExecutor(
                 max_workers=_PARSE_PROCESSES,
                 mp_context=ctx,
-                initializer=_exit_with_parent,
+                initializer=exit_with_parent,
                 initargs=(os.getpid(),),
             )
+            # All workers now (the executor spawns one per task submitted while none is idle),
+            # without the main script: see `without_main_script`.
+            with without_main_script():
+                _WARMUPS[:] = [_PARSE_POOL.submit(worker_pid, n) for n in range(_PARSE_PROCESSES)]
         return _PARSE_POOL
 
 
@@ -387,13 +406,9 @@ def start_parsing(*, wait: bool = True) -> None:
     does) returns once they are spawned, not once they have imported their modules: the node is
     ready sooner (it parses correctly meanwhile; an early request just queues behind the
     warm-up), and the workers' imports overlap the server's own start."""
-    pool = _parse_pool()
-    if pool is not None:
-        # The executor spawns a worker per task submitted while none is idle.
-        warmups = [pool.submit(_worker_pid, n) for n in range(_PARSE_PROCESSES)]
-        if wait:
-            for warmup in warmups:
-                warmup.result()
+    if _parse_pool() is not None and wait:
+        for warmup in list(_WARMUPS):
+            warmup.result()
 
 
 def stop_parsing() -> None:
@@ -405,23 +420,6 @@ def stop_parsing() -> None:
         pool, _PARSE_POOL = _PARSE_POOL, None
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _worker_pid(_n: int) -> int:
-    return os.getpid()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """In each parse worker: exit once the server that started it is gone. A worker holds both
-    ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
-    leave it blocked on that queue forever, holding its memory."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()
 
 
 def _parse_all(
@@ -638,10 +636,16 @@ def _index_batch(
     audit: IngestAudit | None = None,
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
-        facility = session.get(Facility, facility_id)
-        if facility is None:
+        # The facility and every registered issuer in one read (both are needed per batch).
+        facilities = core_table(Facility)
+        issuer_of: dict[str, str] = {
+            str(fid): str(issuer)
+            for fid, issuer in session.execute(select(facilities.c.id, facilities.c.issuer)).tuples()
+        }
+        if facility_id not in issuer_of:
             raise NotFound(f"no facility {facility_id!r}")
-        batch = _Batch(session, facility, known_issuers(session))
+        facility = _FacilityRef(facility_id, issuer_of[facility_id])
+        batch = _Batch(session, facility, set(issuer_of.values()))
         uids = [p.sop_uid for _, p in parsed]
         existing: dict[str, str] = {}
         for chunk_start in range(0, len(uids), 500):
@@ -676,8 +680,17 @@ def _index_batch(
             store.put_file(key_path[0], key_path[1], move=consume)
             placed.add(key_path[0])
 
-        if len(puts) < _PARALLEL_PUTS:
-            # A handful (e.g. a group of C-STOREs): a hop to the pool costs more than it saves.
+        put_files = getattr(store, "put_files", None)
+        if consume and put_files is not None and 1 < len(puts) < _PARALLEL_PUTS:
+            # A group of C-STOREs into a local folder: each fsync once per group and side by
+            # side, not three in a row per object. (Larger batches, e.g. STOW-RS, go to the pool
+            # below, which overlaps whole puts.)
+            for key, _path in puts:
+                _hold(key, held)
+            put_files(puts, move=True)
+            placed.update(key for key, _path in puts)
+        elif len(puts) < _PARALLEL_PUTS:
+            # A handful: a hop to the pool costs more than it saves.
             for key_path in puts:
                 put(key_path)
         else:
