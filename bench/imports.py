@@ -29,7 +29,6 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -338,4 +337,4 @@ class _web:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -114,7 +114,7 @@ def test_import_coerces_identifiers_and_keeps_the_originals(
     assert {r.status for r in rows} == {"sent"} and all(r.code == 0 for r in rows)
 
 
-def pydicom_of(data: bytes) -> object:
+def pydicom_of(data: bytes) -> Any:
     import io
 
     import pydicom
