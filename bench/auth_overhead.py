@@ -156,7 +156,9 @@ def consent_only(state: Any, n: int = 1000) -> dict[str, float]:
     out: dict[str, float] = {}
     with Session(state.engine) as session:
         for what, fn in (("qido_search", search), ("lookup_person_studies", lookup)):
-            calls = {k: functools.partial(fn, session, p) for k, p in callers.items()}
+            calls: dict[str, Callable[[], Any]] = {
+                k: functools.partial(fn, session, p) for k, p in callers.items()
+            }
             times = _interleaved(calls, n)
             for name, values in times.items():
                 mid, high = _p50_p95(values)
