@@ -31,7 +31,7 @@ def demo_state(demo_backend: Any, tmp_path: Any, make_settings: Any) -> Iterator
 
 def _counts(engine: Engine) -> tuple[int, int, int]:
     with Session(engine) as s:
-        return tuple(  # type: ignore[return-value]
+        return tuple(
             s.execute(select(func.count()).select_from(t)).scalar_one()
             for t in (StudyFacts, SeriesFacts, DoseFact)
         )
