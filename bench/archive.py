@@ -271,6 +271,94 @@ class Server:
     pid: int
     data_dir: Path
     settings: dict[str, Any]
+    # What it keeps (index + objects) in MB when that is not all under data_dir (PostgreSQL + S3).
+    stored_mb: Callable[[], float] | None = None
+
+
+@dataclass
+class ScanOnceBackend:
+    """Where ScanOnce keeps its index and objects: the embedded default, or PostgreSQL + S3."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    stored_mb: Callable[[], float] | None = None
+
+
+EMBEDDED = ScanOnceBackend("SQLite (WAL) under the data dir, storage: local folder (embedded default)")
+
+
+@contextlib.contextmanager
+def postgres_s3(pg_url: str, work: Path) -> Iterator[ScanOnceBackend]:
+    """A fresh PostgreSQL database on `pg_url`'s server and a bucket on a moto S3 server started
+    here (its own process, on loopback): the production parts, on this machine. Neither server's
+    CPU or memory is counted as ScanOnce's, as Orthanc's SQLite file is counted as Orthanc's."""
+    import boto3
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    name = f"bench_archive_{secrets.token_hex(4)}"
+    conninfo = psycopg.conninfo.make_conninfo(
+        host=url.host or "127.0.0.1",
+        port=url.port or 5432,
+        user=url.username or "postgres",
+        dbname="postgres",
+    )
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    port = free_port()
+    moto = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "moto_server"), "-H", LOOPBACK, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://{LOOPBACK}:{port}"
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    s3 = boto3.session.Session(
+        aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
+    ).client("s3", endpoint_url=endpoint)
+
+    def stored_mb() -> float:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            row = admin.execute("SELECT pg_database_size(%s)", (name,)).fetchone()
+        objects = sum(
+            o["Size"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench")
+            for o in page.get("Contents", ())
+        )
+        return ((row[0] if row else 0) + objects) / 1e6
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(endpoint, timeout=2)
+                break
+            if time.monotonic() > deadline or moto.poll() is not None:
+                raise PeerError("the moto S3 server did not start")
+            time.sleep(0.2)
+        yield ScanOnceBackend(
+            f"PostgreSQL {url.host}:{url.port} (database {name}), storage: S3 (moto server, loopback)",
+            env={
+                "SCANONCE_DATABASE_URL": url.set(database=name).render_as_string(hide_password=False),
+                "SCANONCE_STORAGE_URL": (
+                    f"s3://bench?endpoint_url={quote(endpoint, safe='')}&create_bucket=true"
+                ),
+                "SCANONCE_MIGRATE_ON_START": "true",
+                **credentials,
+            },
+            stored_mb=stored_mb,
+        )
+    finally:
+        moto.terminate()
+        moto.wait(15)
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
@@ -328,7 +416,9 @@ def _scanonce_command(port: int, data_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iterator[Server]:
+def run_scanonce(
+    work: Path, *, env_extra: dict[str, str] | None = None, backend: ScanOnceBackend = EMBEDDED
+) -> Iterator[Server]:
     data_dir = work / "scanonce"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -339,9 +429,10 @@ def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iter
         "SCANONCE_PORT": str(port),
         "SCANONCE_DIMSE_PORT": str(free_port()),
         "SCANONCE_MLLP_PORT": "0",  # the HL7 feed is not measured here; 2575 may be taken
-        # Embedded default: SQLite + local folder under the data dir.
+        # Embedded default (SQLite + local folder under the data dir) unless the backend says.
         "SCANONCE_DATABASE_URL": "",
         "SCANONCE_STORAGE_URL": "",
+        **backend.env,
         **(env_extra or {}),
     }
     for k in ("SCANONCE_DATABASE_URL", "SCANONCE_STORAGE_URL"):
@@ -374,9 +465,9 @@ def run_scanonce(work: Path, *, env_extra: dict[str, str] | None = None) -> Iter
         _TOKENS[url] = _admin_token(data_dir)
         settings = {
             "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
-            "index": "SQLite (WAL) under the data dir, storage: local folder (embedded default)",
+            "index": backend.name,
         }
-        yield Server("ScanOnce", f"{url}/dicom-web", proc.pid, data_dir, settings)
+        yield Server("ScanOnce", f"{url}/dicom-web", proc.pid, data_dir, settings, backend.stored_mb)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -627,7 +718,15 @@ def build_query_mix(facts: list[StudyFacts], repeats: int, seed: int) -> list[tu
     return mix
 
 
-def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    *,
+    threads: int,
+    work: Path,
+    seed: int,
+    sides: Sequence[str],
+    pg: str | None = None,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     results: dict[str, SideResults] = {}
@@ -636,7 +735,8 @@ def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]
         if "orthanc" in sides:
             servers.append(stack.enter_context(run_orthanc(work)))
         if "scanonce" in sides:
-            servers.append(stack.enter_context(run_scanonce(work)))
+            backend = stack.enter_context(postgres_s3(pg, work)) if pg else EMBEDDED
+            servers.append(stack.enter_context(run_scanonce(work, backend=backend)))
         for s in servers:
             results[s.name] = SideResults(s.name, settings=s.settings)
             results[s.name].idle_rss_mb = rss_mb(s.pid)
@@ -804,7 +904,7 @@ def run(plan: Plan, *, threads: int, work: Path, seed: int, sides: Sequence[str]
                 log(f"big study {s.name}: {r.mb_s:.0f} MB/s, peak RSS {peak.peak_mb:.0f} MB")
             except httpx.HTTPError as exc:
                 res.failures.append(f"big study: {exc!r}")
-            res.disk_mb = du_mb(s.data_dir)
+            res.disk_mb = s.stored_mb() if s.stored_mb else du_mb(s.data_dir)
         _ = ct_bytes
     return {
         "plan": asdict(plan),
@@ -1139,6 +1239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, help="where both servers keep their data (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--render", type=Path, help="only print the table of a saved .json run")
+    ap.add_argument(
+        "--pg",
+        metavar="URL",
+        help="run ScanOnce on PostgreSQL + S3 instead of the embedded default: a fresh database on this"
+        " server (e.g. postgresql+psycopg://postgres@127.0.0.1:5432) and a moto S3 server started here",
+    )
     args = ap.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
@@ -1153,7 +1259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="scanonce-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        data = run(plan, threads=args.threads, work=work, seed=args.seed, sides=sides)
+        data = run(plan, threads=args.threads, work=work, seed=args.seed, sides=sides, pg=args.pg)
         table = render(data)
         print(table, flush=True)
         if args.out:

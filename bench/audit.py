@@ -125,10 +125,10 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["SCANONCE_INGEST_PROCESSES"] = "0"
     root = Path(tempfile.mkdtemp(prefix="bench-audit-"))
-    common = {"auth_enabled": False, "ingest_processes": 0, "mllp_port": 0}
+    common: dict[str, Any] = {"auth_enabled": False, "ingest_processes": 0, "mllp_port": 0}
     databases = {name: _database(args.pg, name) if args.pg else None for name in ("on", "off")}
     settings = {
-        name: Settings(  # type: ignore[arg-type]
+        name: Settings(
             data_dir=root / name, audit_enabled=name == "on", database_url=databases[name], **common
         )
         for name in ("on", "off")

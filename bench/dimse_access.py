@@ -44,51 +44,9 @@ from broker.facilities import service as facilities  # noqa: E402
 from broker.security.service import system_principal  # noqa: E402
 from broker.settings import Settings  # noqa: E402
 from tests.peers import LOOPBACK, orthanc  # noqa: E402
+from tests.pki import make_pki  # noqa: E402
 
 CLIENT_AET = "BENCHSCU"
-
-
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server and a client certificate (EC P-256), generated here."""
-    from datetime import UTC, datetime, timedelta
-    from ipaddress import ip_address
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def make(cn: str, issuer: tuple[Any, Any] | None, *, ca: bool = False) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        now = datetime.now(UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(issuer[0].subject if issuer else name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ip_address(LOOPBACK))]), critical=False
-            )
-        )
-        return builder.sign(issuer[1] if issuer else key, hashes.SHA256()), key
-
-    ca = make("bench CA", None, ca=True)
-    out: dict[str, Path] = {}
-    for name, (cert, key) in (("ca", ca), ("server", make("server", ca)), ("client", make("client", ca))):
-        out[f"{name}_crt"] = folder / f"{name}.crt"
-        out[f"{name}_crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{name}_key"] = folder / f"{name}.key"
-        out[f"{name}_key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return out
 
 
 @contextlib.contextmanager
@@ -98,7 +56,7 @@ def scanonce(work: Path, *, open_mode: bool, tls: dict[str, Path] | None = None)
         extra = {
             "dimse_tls_cert_file": tls["server_crt"],
             "dimse_tls_key_file": tls["server_key"],
-            "dimse_tls_ca_file": tls["ca_crt"],
+            "dimse_tls_ca_file": tls["ca"],
         }
     settings = Settings(data_dir=work, host=LOOPBACK, dimse_port=0, dimse_open_mode=open_mode, **extra)
     state = build_state(settings)
@@ -125,7 +83,7 @@ def timed_echoes(aet: str, port: int, n: int, *, tls: dict[str, Path] | None = N
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     kwargs: dict[str, Any] = {}
     if tls:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls["ca_crt"]))
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls["ca"]))
         context.load_cert_chain(str(tls["client_crt"]), str(tls["client_key"]))
         kwargs["tls_args"] = (context, LOOPBACK)
     times: list[float] = []
@@ -160,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         certs_dir = work / "pki"
         certs_dir.mkdir()
-        certs = _certificates(certs_dir)
+        certs = make_pki(certs_dir, {"server": (True, True), "client": (True, False)})
         with orthanc(work / "orthanc", aet="BENCH", modalities={"pacs": [CLIENT_AET, LOOPBACK, 104]}) as peer:
             timed_echoes(peer.aet, peer.dicom_port, 5)  # warm-up
             results.append(("Orthanc (modality registered)", timed_echoes(peer.aet, peer.dicom_port, args.n)))

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -40,29 +40,35 @@ if str(REPO) not in sys.path:
 from tests.dicomweb.data import multipart_body  # noqa: E402
 from tests.peers import LOOPBACK, _dcmtk_exe, free_port, wait_for_port  # noqa: E402
 
-MODES = ("NORMAL", "FULL")
+MODES: tuple[Literal["FULL", "NORMAL"], ...] = ("NORMAL", "FULL")
 
 
 class _Node:
     """A broker node in this process: HTTP (uvicorn in a thread) and the DIMSE SCP."""
 
-    def __init__(self, work: Path, synchronous: str) -> None:
+    def __init__(self, work: Path, synchronous: Literal["FULL", "NORMAL"]) -> None:
         import uvicorn
 
         from broker.app import create_app
         from broker.db import make_engine, migrate
         from broker.deps import AppState
         from broker.dimse.scp import start_scp
-        from broker.federation import service as federation_service
+        from broker.facilities import service as facilities_service
         from broker.settings import Settings
         from storage import open_store
 
         self.settings = Settings(
-            data_dir=work, host=LOOPBACK, port=free_port(), dimse_port=0, mllp_port=0, ingest_processes=0
+            data_dir=work,
+            host=LOOPBACK,
+            port=free_port(),
+            dimse_port=0,
+            mllp_port=0,
+            ingest_processes=0,
+            auth_enabled=False,  # loopback only: measures durability, not authentication
         )
-        engine = make_engine(self.settings.resolved_database_url(), sqlite_synchronous=synchronous)  # type: ignore[arg-type]
+        engine = make_engine(self.settings.resolved_database_url(), sqlite_synchronous=synchronous)
         migrate(engine)
-        federation_service.ensure_default_facility(engine=engine, settings=self.settings)
+        facilities_service.ensure_default_facility(engine=engine, settings=self.settings)
         self.state = AppState(
             settings=self.settings, engine=engine, store=open_store(self.settings.resolved_storage_url())
         )
@@ -136,7 +142,7 @@ def cstore(node: _Node, data: Sequence[bytes], folder: Path) -> float:
     return len(data) / elapsed
 
 
-def commit_latency(work: Path, synchronous: str, commits: int) -> float:
+def commit_latency(work: Path, synchronous: Literal["FULL", "NORMAL"], commits: int) -> float:
     """Median seconds of one small committed transaction on the index's engine: the cost the
     setting adds to every STOW-RS request and C-STORE batch, free of the rest of ingest."""
     from sqlalchemy import text
@@ -145,7 +151,7 @@ def commit_latency(work: Path, synchronous: str, commits: int) -> float:
 
     engine = make_engine(
         f"sqlite:///{work / f'commits-{synchronous.lower()}.sqlite3'}", sqlite_synchronous=synchronous
-    )  # type: ignore[arg-type]
+    )
     try:
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)"))

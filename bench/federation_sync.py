@@ -82,7 +82,7 @@ def main() -> None:
         held = len(httpx.get(f"{peer.url}/studies", timeout=60, trust_env=False).json())
         print(f"Orthanc loaded with {held} studies x {args.series} series in {time.perf_counter() - t:.0f}s")
         rows = []
-        for name, facility in (
+        facilities_to_sync: tuple[tuple[str, dict[str, object]], ...] = (
             ("QIDO-RS", {"facility_id": "web", "issuer": "WEB", "dicomweb_url": peer.dicomweb_url}),
             (
                 "C-FIND",
@@ -94,7 +94,8 @@ def main() -> None:
                     "port": peer.dicom_port,
                 },
             ),
-        ):
+        )
+        for name, facility in facilities_to_sync:
             run_dir = Path(tmp) / name.replace("-", "")
             settings = Settings(data_dir=run_dir, database_url=args.database_url, migrate_on_start=True)
             first, again, seen = _sync(settings, facility)

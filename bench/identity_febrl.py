@@ -25,6 +25,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,7 @@ def _trained_variants(
     return out
 
 
-def ecm_crosscheck(session: Session, params: dict[str, Any]) -> dict[str, Any]:
+def ecm_crosscheck(session: Session, params: Mapping[str, Any]) -> dict[str, Any]:
     """Our EM next to recordlinkage's ECMClassifier (a well-kept Fellegi-Sunter EM) on the same
     pairs: records sharing a birth date (the "d" training rule), with binary agreement
     vectors (exact or close) for family name, given name and address. Reports both m

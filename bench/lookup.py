@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from broker.db import make_engine, migrate  # noqa: E402
 from broker.dicom.dose import CTEvent, DoseRecord, DoseSource, Phantom  # noqa: E402
 from broker.identity.models import IdentityRecord, Person, ReviewItem  # noqa: E402
-from broker.index.facts import compact_dose_json  # noqa: E402
+from broker.index.instance_facts import compact_dose_json  # noqa: E402
 from broker.index.models import DoseFact, Patient, Series, SeriesFacts, Study, StudyFacts  # noqa: E402
 from broker.lookup import service  # noqa: E402
 from broker.security.schemas import Principal, Role  # noqa: E402
@@ -157,7 +157,7 @@ def load(engine: Engine, studies: int, seed: int = 1) -> int:
             for _ in range(max(10, persons // 100))
         ],
     )
-    births = {}
+    births: dict[int, str] = {}
     for start in range(0, studies, BATCH):
         st, se, sf, df, done = [], [], [], [], []
         for _ in range(start, min(studies, start + BATCH)):

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 from datetime import date, timedelta
 
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from broker.demo import synth
 
@@ -24,7 +24,7 @@ __all__ = ["bulk_instances"]
 # width of the value that replaces it, so no element length (or group length) ever changes.
 _PH_STUDY_UID = "1.9" + "1" * 61
 _PH_SERIES_UID = "1.9" + "2" * 61
-_PH_SOP_UID = "1.9" + "3" * 61
+_PH_SOP_UID = UID("1.9" + "3" * 61)
 _PH_FOR_UID = "1.9" + "4" * 61
 _PH_NAME = "Q" * 64
 _PH_PID = "W" * 16

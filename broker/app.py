@@ -94,15 +94,7 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
         migrate(engine)
     else:
         require_current_schema(engine)
-    register_jobs()
-    # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
-    index_service.set_patient_linker(identity_service.link_patient)
-    # An import of a study held only at its facility fetches it first (federation, same layer).
-    imports_service.set_fetcher(federation_service.ensure_local)
-    # An audit event that names only a study (a WADO-RS read) gets its patient from the index.
-    audit_service.set_study_resolver(index_service.study_patients)
-    # ... and an access made under a break-the-glass grant is flagged BTG (consent knows grants).
-    audit_service.set_emergency_marker(consent_service.mark_emergency_accesses)
+    _wire(settings)
     # Blocking keys from an older matching version: a durable job rebuilds them (one query if not).
     identity_service.ensure_keys_current(engine=engine)
     # Studies stored before the lookup's facts existed: a durable job computes them once.
@@ -110,9 +102,6 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     # The matcher retrains itself as the records grow (identity.autotrain says when).
     identity_service.ensure_trained(engine=engine)
     facilities_service.ensure_default_facility(engine=engine, settings=settings)
-    # Where the broker may connect on a caller's behalf (facility archives, EHRs, JWKS).
-    outbound.configure(settings.outbound_allow_networks)
-    dimse_tls.configure(settings)
     store = _open_store(settings.resolved_storage_url())
     processes = settings.ingest_processes
     # "One per core" counts this process, which serves HTTP and writes the index, as one.
@@ -132,15 +121,27 @@ def build_receiver_state(settings: Settings) -> AppState:
     )
     wait_for_database(engine)
     require_current_schema(engine)
-    register_jobs()
-    index_service.set_patient_linker(identity_service.link_patient)
-    imports_service.set_fetcher(federation_service.ensure_local)
-    audit_service.set_study_resolver(index_service.study_patients)
-    outbound.configure(settings.outbound_allow_networks)
-    dimse_tls.configure(settings)
+    _wire(settings)
     store = _open_store(settings.resolved_storage_url())
     configure_parsing(processes=0)
     return AppState(settings=settings, engine=engine, store=store)
+
+
+def _wire(settings: Settings) -> None:
+    """What every process that serves (the serving process, each DIMSE receiver) wires in the
+    same way, so that a receiver's C-STORE, C-FIND or C-MOVE behaves as the serving process's."""
+    register_jobs()
+    # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
+    index_service.set_patient_linker(identity_service.link_patient)
+    # An import of a study held only at its facility fetches it first (federation, same layer).
+    imports_service.set_fetcher(federation_service.ensure_local)
+    # An audit event that names only a study (a WADO-RS read) gets its patient from the index.
+    audit_service.set_study_resolver(index_service.study_patients)
+    # ... and an access made under a break-the-glass grant is flagged BTG (consent knows grants).
+    audit_service.set_emergency_marker(consent_service.mark_emergency_accesses)
+    # Where the broker may connect on a caller's behalf (facility archives, EHRs, JWKS).
+    outbound.configure(settings.outbound_allow_networks)
+    dimse_tls.configure(settings)
 
 
 def _open_store(url: str) -> ObjectStore:

@@ -129,7 +129,9 @@ class LocalStore:
         self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterable[ObjectInfo]:
-        for dirpath, _dirs, files in os.walk(self.root):
+        # Walk only below the prefix's folder: `studies/` must not walk the conflicts and the rest.
+        start = self._path(prefix.rpartition("/")[0]) if "/" in prefix else self.root
+        for dirpath, _dirs, files in os.walk(start):
             for name in files:
                 if name.startswith(".tmp-"):
                     continue

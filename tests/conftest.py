@@ -216,6 +216,34 @@ def _pg_template(pg_admin: PgAdmin) -> Iterator[str]:
         pg_admin.drop(name)
 
 
+@dataclass(frozen=True, slots=True)
+class CuttablePg:
+    """A migrated database reached through a proxy the test can cut (`proxy.stop()`) and
+    restore (`proxy.start()`): the database "going away" for one broker only."""
+
+    database_url: str
+    proxy: Any  # tests.ops.proxy.TcpProxy
+
+
+@pytest.fixture
+def cuttable_pg(pg_admin: PgAdmin, _pg_template: str) -> Iterator[CuttablePg]:
+    from sqlalchemy.engine import make_url
+
+    from tests.ops.proxy import TcpProxy
+
+    name = pg_admin.new_name("cut")
+    url = make_url(pg_admin.create(name, template=_pg_template))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    try:
+        yield CuttablePg(
+            database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            proxy=proxy,
+        )
+    finally:
+        proxy.stop()
+        pg_admin.drop(name)
+
+
 # -- the two backends -----------------------------------------------------------------------
 
 

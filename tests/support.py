@@ -12,7 +12,7 @@ from typing import Any
 import pydicom
 from joserfc.jwk import ECKey
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -49,8 +49,8 @@ def make_ds(
 ) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SpecificCharacterSet = charset
     ds.SOPClassUID = CT_IMAGE

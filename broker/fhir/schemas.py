@@ -5,7 +5,6 @@ tokens, a person as a Patient resource, and a posted Patient as identifiers and 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,27 +13,7 @@ from pydantic import ValidationError
 
 from broker.errors import BadRequest
 from broker.identity import matching
-from broker.identity.schemas import Identifier, PersonView
-
-_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
-_LOCAL_PREFIX = "urn:scanonce:issuer:"
-
-
-def system_for_issuer(issuer: str) -> str:
-    """An issuer as a FHIR identifier system: OIDs as urn:oid:, URIs as is, others namespaced."""
-    if _OID.match(issuer):
-        return "urn:oid:" + issuer
-    if ":" in issuer:
-        return issuer
-    return _LOCAL_PREFIX + issuer
-
-
-def issuer_from_system(system: str) -> str:
-    if system.startswith("urn:oid:"):
-        return system[len("urn:oid:") :]
-    if system.startswith(_LOCAL_PREFIX):
-        return system[len(_LOCAL_PREFIX) :]
-    return system
+from broker.identity.schemas import Identifier, PersonView, issuer_from_system, system_for_issuer
 
 
 def parse_token(token: str, *, what: str) -> Identifier:

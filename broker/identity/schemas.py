@@ -8,11 +8,35 @@ TypedDict before Python 3.12.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired
 
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_LOCAL_PREFIX = "urn:scanonce:issuer:"
+
+
+def system_for_issuer(issuer: str) -> str:
+    """An issuer as a FHIR identifier system: OIDs as urn:oid:, URIs as is, others namespaced."""
+    if _OID.match(issuer):
+        return "urn:oid:" + issuer
+    if ":" in issuer:
+        return issuer
+    return _LOCAL_PREFIX + issuer
+
+
+def issuer_from_system(system: str) -> str:
+    """The issuer a FHIR identifier system names (the inverse of `system_for_issuer`); every
+    interface that takes `system|value` (FHIR, the lookup, CDS Hooks, the page) reads it so.
+    A URN's `urn:` and namespace are case-insensitive (RFC 8141)."""
+    for prefix in ("urn:oid:", _LOCAL_PREFIX):
+        if system[: len(prefix)].lower() == prefix:
+            return system[len(prefix) :]
+    return system
+
 
 Outcome = Literal["existing", "identifier", "trusted-identifier", "probabilistic", "review", "new"]
 

@@ -46,13 +46,13 @@ def import_study(
     }  # fmt: skip
     try:
         if dry_run:
-            prepared = service.prepare(engine=app_state.engine, principal=principal, **args)  # type: ignore[arg-type]
+            prepared = service.prepare(engine=app_state.engine, principal=principal, **args)
             diffs = service.dry_run(
                 engine=app_state.engine, store=app_state.store, prepared=prepared, study_uid=study_uid
             )
             _print_dry_run(prepared, diffs)
             return
-        row = service.start_import(engine=app_state.engine, principal=principal, **args)  # type: ignore[arg-type]
+        row = service.start_import(engine=app_state.engine, principal=principal, **args)
     except ScanOnceError as exc:
         fail(exc)
     assert row.id is not None

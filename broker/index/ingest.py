@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from functools import partial
@@ -37,7 +37,14 @@ from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
 from broker.index.models import Instance, InstanceConflict, Patient, Series, Study
 from broker.index.packing import pack_metadata
-from broker.index.parse import Received, _Parsed, parse_instance
+from broker.index.parse import (
+    Received,
+    _Parsed,
+    exit_with_parent,
+    parse_instance,
+    without_main_script,
+    worker_pid,
+)
 from broker.index.schemas import StoreOutcome
 from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
@@ -346,6 +353,7 @@ def _io_pool() -> ThreadPoolExecutor:
 # Configured once per process by the app (settings.ingest_processes); off (in-process) until then.
 _PARSE_PROCESSES = 0
 _PARSE_POOL: ProcessPoolExecutor | None = None
+_WARMUPS: list[Future[int]] = []
 _PARSE_LOCK = threading.Lock()
 
 
@@ -375,9 +383,13 @@ def _parse_pool() -> ProcessPoolExecutor | None:
             _PARSE_POOL = ProcessPoolExecutor(
                 max_workers=_PARSE_PROCESSES,
                 mp_context=ctx,
-                initializer=_exit_with_parent,
+                initializer=exit_with_parent,
                 initargs=(os.getpid(),),
             )
+            # All workers now (the executor spawns one per task submitted while none is idle),
+            # without the main script: see `without_main_script`.
+            with without_main_script():
+                _WARMUPS[:] = [_PARSE_POOL.submit(worker_pid, n) for n in range(_PARSE_PROCESSES)]
         return _PARSE_POOL
 
 
@@ -387,13 +399,9 @@ def start_parsing(*, wait: bool = True) -> None:
     does) returns once they are spawned, not once they have imported their modules: the node is
     ready sooner (it parses correctly meanwhile; an early request just queues behind the
     warm-up), and the workers' imports overlap the server's own start."""
-    pool = _parse_pool()
-    if pool is not None:
-        # The executor spawns a worker per task submitted while none is idle.
-        warmups = [pool.submit(_worker_pid, n) for n in range(_PARSE_PROCESSES)]
-        if wait:
-            for warmup in warmups:
-                warmup.result()
+    if _parse_pool() is not None and wait:
+        for warmup in list(_WARMUPS):
+            warmup.result()
 
 
 def stop_parsing() -> None:
@@ -405,23 +413,6 @@ def stop_parsing() -> None:
         pool, _PARSE_POOL = _PARSE_POOL, None
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _worker_pid(_n: int) -> int:
-    return os.getpid()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """In each parse worker: exit once the server that started it is gone. A worker holds both
-    ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
-    leave it blocked on that queue forever, holding its memory."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()
 
 
 def _parse_all(

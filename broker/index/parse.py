@@ -9,6 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -23,7 +28,7 @@ from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import BULK_THRESHOLD, instance_json
 from broker.dicom.received import Received
 from broker.dicom.uids import is_valid_uid
-from broker.index.facts import InstanceFacts, instance_facts
+from broker.index.instance_facts import InstanceFacts, instance_facts
 from broker.index.schemas import StoreOutcome
 
 _ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
@@ -252,3 +257,38 @@ def _truncated(ds: Any, fp: BinaryIO, size: int) -> bool:
             if chunk.strip(b"\x00"):
                 return True
     return False
+
+
+def worker_pid(_n: int) -> int:
+    return os.getpid()
+
+
+@contextmanager
+def without_main_script() -> Iterator[None]:
+    """Start spawned processes without re-running the main script in them. `spawn` imports the
+    parent's `__main__` by path in every child, and for `scanonce serve` that is the console
+    script, which imports the whole broker (~90 MB a worker) before the worker unpickles its
+    first task, which needs only this module."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
+def exit_with_parent(parent: int) -> None:
+    """In each parse worker: exit once the server that started it is gone. A worker holds both
+    ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
+    leave it blocked on that queue forever, holding its memory."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()

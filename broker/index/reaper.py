@@ -84,16 +84,26 @@ def _named(engine: Engine, column: Any, keys: list[str]) -> set[str]:
 
 
 def _reap_objects(*, engine: Engine, store: ObjectStore, prefix: str, column: Any, cutoff: float) -> int:
+    # Checked a chunk at a time as the listing goes: a region's bucket lists hundreds of millions
+    # of keys, which must never be held in memory at once.
     removed = 0
     old: list[str] = []
     for info in store.list(prefix):
         if info.modified is not None and info.modified < cutoff:
             old.append(info.key)
-    for start in range(0, len(old), _CHUNK):
-        chunk = old[start : start + _CHUNK]
-        for key in sorted(set(chunk) - _named(engine, column, chunk)):
-            if _remove_if_unnamed(engine=engine, store=store, key=key, column=column, cutoff=cutoff):
-                removed += 1
+        if len(old) >= _CHUNK:
+            removed += _reap_chunk(engine=engine, store=store, keys=old, column=column, cutoff=cutoff)
+            old = []
+    return removed + _reap_chunk(engine=engine, store=store, keys=old, column=column, cutoff=cutoff)
+
+
+def _reap_chunk(*, engine: Engine, store: ObjectStore, keys: list[str], column: Any, cutoff: float) -> int:
+    if not keys:
+        return 0
+    removed = 0
+    for key in sorted(set(keys) - _named(engine, column, keys)):
+        if _remove_if_unnamed(engine=engine, store=store, key=key, column=column, cutoff=cutoff):
+            removed += 1
     return removed
 
 

@@ -142,7 +142,7 @@ def hold_lease(conn: Connection | Session, lease: Lease) -> None:
     worker still holds it, so the handler's writes commit only while its claim is valid (on
     PostgreSQL the row lock also keeps a reclaimer out until the transaction ends)."""
     lock = " FOR UPDATE" if _dialect(conn) == "postgresql" else ""
-    row = conn.execute(  # type: ignore[call-overload]
+    row = conn.execute(
         text(
             "SELECT id FROM job WHERE id = :id AND owner = :o AND attempts = :a AND status = 'running'" + lock
         ),

@@ -21,6 +21,7 @@ from broker.consent import service as consent
 from broker.errors import BadRequest, NotFound
 from broker.facilities import service as facilities
 from broker.identity import service as identity
+from broker.identity.schemas import issuer_from_system
 from broker.index import service as index
 from broker.index.facts import StudyView
 from broker.lookup import dose as dosemath
@@ -95,8 +96,7 @@ def resolve_identifier(
         system, value = system.strip(), value.strip()
         if not sep or not system or not value:
             raise BadRequest("identifier must be system|value, the system being a facility's issuer")
-        if system.lower().startswith("urn:oid:"):
-            system = system[len("urn:oid:") :]
+        system = issuer_from_system(system)
         registered = set(facilities.issuers(session=session).values())
         if system not in registered and not identity.issuer_known(session=session, issuer=system):
             raise BadRequest("the identifier's system is not a registered issuer")
@@ -130,15 +130,6 @@ def confirmed_patients(
     return True, person_id, confirmed
 
 
-def _issuer_of(system: str) -> str:
-    """An identifier system as the issuer it names (the FHIR interface's convention: `urn:oid:`
-    OIDs, `urn:scanonce:issuer:` local issuers, other URIs as registered)."""
-    for prefix in ("urn:oid:", "urn:scanonce:issuer:"):
-        if system.startswith(prefix):
-            return system[len(prefix) :]
-    return system
-
-
 def known_fhir_patient(*, session: Session, patient: Mapping[str, Any]) -> tuple[str, str] | None:
     """(issuer, value) of the first identifier of a FHIR Patient that the broker knows: how a
     patient handed over by an EHR (CDS Hooks context, SMART launch) becomes one of ours."""
@@ -150,7 +141,7 @@ def known_fhir_patient(*, session: Session, patient: Mapping[str, Any]) -> tuple
             continue
         if not system.strip() or not value.strip():
             continue
-        issuer = _issuer_of(system.strip())
+        issuer = issuer_from_system(system.strip())
         found, _person, _rows = confirmed_patients(session=session, issuer=issuer, value=value.strip())
         if found:
             return issuer, value.strip()

@@ -106,7 +106,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
 @dataclass(frozen=True, slots=True)
 class Rule:
     methods: frozenset[str]
-    template: str  # segments; `*` one segment, `{facility}` one segment (scoped), `**` the rest
+    # Segments: `*` one, `{facility}` one (scoped), `**` the rest, none or more (`/x/**` covers `/x`).
+    template: str
     permission: Permission
 
     def match(self, method: str, segments: list[str]) -> tuple[bool, str | None]:
@@ -154,20 +155,15 @@ RULES: tuple[Rule, ...] = (
     _r({"POST"}, "/facilities/{facility}/dicom-web/studies/*", P.images_write),
     # FHIR.
     _r(_READ, "/fhir/ImagingStudy/**", P.images_read),
-    _r(_READ, "/fhir/ImagingStudy", P.images_read),
     _r(_READ, "/fhir/Patient/**", P.patients_read),
-    _r(_READ, "/fhir/Patient", P.patients_read),
     _r({"POST", "PUT"}, "/fhir/Patient/**", P.patients_write),
-    _r({"POST", "PUT"}, "/fhir/Patient", P.patients_write),
     _r(_READ, "/fhir/Consent", P.consent_read),
     _r({"POST"}, "/fhir/Consent", P.consent_write),
     _r(_READ, "/fhir/AuditEvent/**", P.audit_read),
-    _r(_READ, "/fhir/AuditEvent", P.audit_read),
     # CDS Hooks service calls.
     _r({"POST"}, "/cds-services/**", P.cds),
     # The prior lookup.
     _r(_READ, "/api/priors/**", P.lookup_read),
-    _r(_READ, "/api/priors", P.lookup_read),
     _r({"POST"}, "/api/priors/avoided", P.lookup_write),
     _r(_READ, "/api/metrics/avoided", P.lookup_read),
     # Consent and break-the-glass.
@@ -183,29 +179,23 @@ RULES: tuple[Rule, ...] = (
     _r({"POST"}, "/api/identity/link", P.identity_review),
     _r({"POST"}, "/api/identity/unlink", P.identity_review),
     _r(_READ, "/api/identity/records/**", P.identity_review),
-    _r(_READ, "/api/identity/records", P.identity_review),
     # Facilities: reading the registry; changing it is admin (unlisted).
     _r(_READ, "/api/facilities", P.facilities_read),
     _r(_READ, "/api/facilities/*", P.facilities_read),
     # Operations.
     _r(_READ, "/api/jobs/**", P.jobs_read),
-    _r(_READ, "/api/jobs", P.jobs_read),
     _r(_READ, "/metrics", P.metrics_read),
     _r(_READ, "/api/verify/**", P.admin),
     _r({"POST"}, "/api/verify", P.admin),
     _r(_READ, "/api/audit/**", P.audit_read),
-    _r(_READ, "/api/audit", P.audit_read),
     _r({"POST"}, "/api/imports/**", P.imports_write),
-    _r({"POST"}, "/api/imports", P.imports_write),
     _r(_READ, "/api/imports/**", P.imports_write),
-    _r(_READ, "/api/imports", P.imports_write),
     # What a destination's imports get (StudyID, institution): configuring it is the admin's.
     _r({"PUT"}, "/api/imports/destinations/*", P.admin),
     # The pages and their assets.
     _r(_READ, "/", P.lookup_read),
     _r(_READ, "/record", P.lookup_read),
     _r({"POST"}, "/avoided", P.lookup_write),
-    _r(_READ, "/viewer", P.images_read),
     _r(_READ, "/viewer/**", P.images_read),
     _r(_READ, "/imports", P.imports_write),
     _r(_READ, "/compare", P.lookup_read),  # today's local study beside an outside prior, in the viewer
@@ -215,7 +205,6 @@ RULES: tuple[Rule, ...] = (
     _r(_READ, "/admin/jobs", P.jobs_read),
     _r(_READ, "/admin/facilities", P.facilities_read),
     _r(_READ, "/api", P.authenticated),
-    _r(_READ, "/docs", P.authenticated),
     _r(_READ, "/docs/**", P.authenticated),
     _r(_READ, "/openapi.json", P.authenticated),
 )

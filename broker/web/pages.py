@@ -18,6 +18,7 @@ from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.facilities import service as facilities
 from broker.federation import service as federation
 from broker.identity import service as identity
+from broker.identity.schemas import issuer_from_system
 from broker.jobs import service as jobs
 from broker.lookup import service as lookup
 from broker.lookup.schemas import AvoidedMonth, PriorsAnswer, Setting
@@ -193,7 +194,7 @@ def _ordering_facility(session: Session, form: LookupForm) -> str:
     """The facility a repeat is avoided at: the one the patient was looked up by."""
     if form.facility and not form.identifier:
         return form.facility
-    system = form.identifier.partition("|")[0].removeprefix("urn:oid:")
+    system = issuer_from_system(form.identifier.partition("|")[0].strip())
     for facility_id, issuer in facilities.issuers(session=session).items():
         if issuer == system:
             return facility_id

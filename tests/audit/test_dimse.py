@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -25,7 +26,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     yield from _start(tmp_path)
 
 
-def _events(node: Node, **kw: str) -> list[dict[str, object]]:
+def _events(node: Node, **kw: Any) -> list[dict[str, object]]:
     with Session(node.state.engine) as session:
         return service.search(session=session, query=AuditQuery(**kw))[1]
 

@@ -139,7 +139,7 @@ def _cards(http: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str
     cards = r.json()["cards"]
     for card in cards:
         _check_card(card)
-    return cards  # type: ignore[no-any-return]
+    return cards
 
 
 def _check_card(card: dict[str, Any]) -> None:

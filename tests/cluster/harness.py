@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 import httpx
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy.engine import URL
 
 PG_DSN = os.environ.get("SCANONCE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
@@ -183,7 +183,9 @@ class Database:
         ).render_as_string(hide_password=False)
 
     def connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(**{**self.params, "dbname": self.name}, autocommit=True, connect_timeout=5)
+        return psycopg.connect(
+            conninfo=make_conninfo(**{**self.params, "dbname": self.name}), autocommit=True, connect_timeout=5
+        )
 
     def break_connections(self) -> int:
         """Terminate every session on this database (the nodes' and workers' pools): what a

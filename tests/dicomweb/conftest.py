@@ -78,7 +78,7 @@ def serve(settings: Settings) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def live_server(backend, tmp_path: Path) -> Iterator[LiveServer]:  # type: ignore[no-untyped-def]
+def live_server(backend, tmp_path: Path) -> Iterator[LiveServer]:
     settings = Settings(
         data_dir=tmp_path / "data", database_url=backend.database_url, storage_url=backend.storage_url
     )

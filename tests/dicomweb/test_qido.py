@@ -10,11 +10,11 @@ from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, uid
 STUDY_UID = "0020000D"
 
 
-def _uids(matches: list[dict], tag: str = STUDY_UID) -> set[str]:  # type: ignore[type-arg]
+def _uids(matches: list[dict], tag: str = STUDY_UID) -> set[str]:
     return {m[tag]["Value"][0] for m in matches}
 
 
-def _get(archive: Archive, path: str, **headers: str):  # type: ignore[no-untyped-def]
+def _get(archive: Archive, path: str, **headers: str):
     with archive.server.http() as http:
         return http.get(path, headers=headers)
 

@@ -11,12 +11,12 @@ STUDY_UID = "0020000D"
 LOCAL = "/facilities/local/dicom-web/studies"
 
 
-def _get(archive: Archive, path: str):  # type: ignore[no-untyped-def]
+def _get(archive: Archive, path: str):
     with archive.server.http() as http:
         return http.get(path)
 
 
-def _uids(r) -> set[str]:  # type: ignore[no-untyped-def]
+def _uids(r) -> set[str]:
     return {m[STUDY_UID]["Value"][0] for m in r.json()} if r.status_code == 200 else set()
 
 

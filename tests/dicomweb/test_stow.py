@@ -21,7 +21,7 @@ FAILED_SOP_SEQ = "00081198"
 REFERENCED_SOP_SEQ = "00081199"
 
 
-def _local(corpus: Corpus) -> list:  # type: ignore[type-arg]
+def _local(corpus: Corpus) -> list:
     return corpus.by_facility()["local"]
 
 
@@ -261,7 +261,7 @@ def test_facility_partition_and_default_facility(live_server: LiveServer, corpus
     assert local == {local_item.study}  # /dicom-web stores into the default facility
 
 
-def test_part_above_the_limit_is_413(backend, tmp_path: Path, corpus: Corpus) -> None:  # type: ignore[no-untyped-def]
+def test_part_above_the_limit_is_413(backend, tmp_path: Path, corpus: Corpus) -> None:
     settings = Settings(
         data_dir=tmp_path / "d",
         database_url=backend.database_url,

@@ -48,7 +48,7 @@ def _body(metadata: Any, bulk: dict[str, bytes], *, raw: bytes | None = None) ->
     return b"".join(out), f'multipart/related; type="application/dicom+json"; boundary={boundary}'
 
 
-def _post(server: LiveServer, body: bytes, ctype: str, path: str = "/dicom-web/studies"):  # type: ignore[no-untyped-def]
+def _post(server: LiveServer, body: bytes, ctype: str, path: str = "/dicom-web/studies"):
     with server.http() as http:
         return http.post(
             path, content=body, headers={"Content-Type": ctype, "Accept": "application/dicom+json"}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from broker.settings import Settings
+from tests.conftest import Backend
 from tests.dicomweb.conftest import serve
 from tests.dicomweb.data import Corpus, multipart_body
 from tests.support import auth_headers
@@ -19,7 +21,7 @@ def _local_bytes(corpus: Corpus) -> list[bytes]:
     return [i.read_bytes() for i in corpus.by_facility()["local"]]
 
 
-def _settings(backend, tmp_path: Path, **limits: int) -> Settings:  # type: ignore[no-untyped-def]
+def _settings(backend: Backend, tmp_path: Path, **limits: Any) -> Settings:
     return Settings(
         data_dir=tmp_path / "d", database_url=backend.database_url, storage_url=backend.storage_url, **limits
     )
@@ -38,7 +40,7 @@ def test_the_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert (s.stow_max_request_bytes, s.stow_max_parts) == (12345, 7)
 
 
-def test_more_parts_than_allowed_is_413_and_stores_nothing(backend, tmp_path: Path, corpus: Corpus) -> None:  # type: ignore[no-untyped-def]
+def test_more_parts_than_allowed_is_413_and_stores_nothing(backend, tmp_path: Path, corpus: Corpus) -> None:
     data = _local_bytes(corpus)
     assert len(data) > 3
     with serve(_settings(backend, tmp_path, stow_max_parts=3)) as server, server.http() as http:
@@ -57,7 +59,7 @@ def test_more_parts_than_allowed_is_413_and_stores_nothing(backend, tmp_path: Pa
 
 def test_a_request_above_the_size_limit_is_413_and_stores_nothing(
     backend, tmp_path: Path, corpus: Corpus
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     data = _local_bytes(corpus)
     body, ctype = multipart_body(data)
     limit = len(body) - 1
@@ -84,7 +86,7 @@ def test_a_request_above_the_size_limit_is_413_and_stores_nothing(
 
 def test_an_announced_oversized_body_is_refused_before_it_is_sent(
     backend, tmp_path: Path, corpus: Corpus
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     with serve(_settings(backend, tmp_path, stow_max_request_bytes=1000)) as server:
         host, port = server.origin.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:

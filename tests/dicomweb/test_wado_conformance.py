@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -72,7 +73,7 @@ def _build(folder: Path) -> dict[str, Path]:
     referenced = Dataset()
     referenced.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
     referenced.ReferencedSOPInstanceUID = uid(20, 99)
-    sources = [
+    sources: list[tuple[str, tuple[str, str], dict[str, Any]]] = [
         ("CT_small.dcm", NATIVE, {"ReferencedStudySequence": Sequence([referenced])}),
         ("MR_small_jp2klossless.dcm", LOSSLESS, {"InstanceNumber": 2}),
         ("SC_rgb_jpeg_dcmtk.dcm", BASELINE, {"InstanceNumber": 1}),
@@ -251,7 +252,7 @@ def test_metadata_as_native_dicom_model_xml(mixed: Mixed) -> None:
     assert sops == set(mixed.files) - {ECG[1]}
 
     (ct,) = _xml_parts(mixed.get(_instance(NATIVE) + "/metadata", Accept=accept))
-    tags = [a.get("tag") for a in ct.findall(f"{NS}DicomAttribute")]
+    tags = [a.get("tag", "") for a in ct.findall(f"{NS}DicomAttribute")]
     assert tags == sorted(tags)  # PS3.19: attributes in ascending tag order
     sop = _attr(ct, "00080018")
     assert (sop.get("vr"), sop.get("keyword")) == ("UI", "SOPInstanceUID")

@@ -9,16 +9,14 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -42,6 +40,7 @@ from broker.security.service import principal_for_dimse
 from broker.settings import Settings
 from tests.dimse.conftest import Node, _start, synthetic_studies
 from tests.peers import dcmtk
+from tests.pki import make_pki
 from tests.support import ADMIN
 
 SCANONCE = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "scanonce")
@@ -64,7 +63,7 @@ def _associate(
     *,
     source: str = "127.0.0.1",
     contexts: Any = (Verification,),
-    tls_args: tuple[ssl.SSLContext, str | None] | None = None,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> Any:
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
@@ -249,7 +248,7 @@ def test_every_dimse_operation_asks_the_policy(
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000  # C-ECHO needs only a known caller
     fresh = synthetic_studies(seed=9)[0]
-    fresh.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    fresh.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     assert assoc.send_c_store(fresh).Status == 0x0124
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -292,76 +291,20 @@ def test_every_dimse_operation_asks_the_policy(
 # -- DICOM TLS --------------------------------------------------------------------------------
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    *,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        import ipaddress
-
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
-def _write(
-    folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> tuple[Path, Path]:
-    crt, pem = folder / f"{name}.crt", folder / f"{name}.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return pem, crt
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
     """A CA, the broker's server certificate, a client certificate it signed, and a rogue client
     certificate (self-signed) - generated here, nothing shipped."""
-    folder = tmp_path / "pki"
-    folder.mkdir()
-    ca_key = _key()
-    ca = _cert("ScanOnce test CA", ca_key, ca=True)
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    out = {"ca": folder / "ca.crt"}
-    for name, signed, server in (
-        ("server", True, True),
-        ("client", True, False),
-        ("rogue", False, False),
-        ("sm_pacs", True, False),  # two facilities' PACS, for binding certificates to AE titles
-        ("kids_pacs", True, False),
-    ):
-        key = _key()
-        cert = _cert(name, key, issuer=(ca, ca_key) if signed else None, server=server)
-        out[f"{name}_key"], out[f"{name}_crt"] = _write(folder, name, cert, key)
-    return out
+    return make_pki(
+        tmp_path / "pki",
+        {
+            "server": (True, True),
+            "client": (True, False),
+            "rogue": (False, False),
+            "sm_pacs": (True, False),  # two facilities' PACS, for binding certificates to AE titles
+            "kids_pacs": (True, False),
+        },
+    )
 
 
 @pytest.fixture

@@ -13,21 +13,20 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from broker.app import build_state
 from broker.dimse.scp import start_scp, stop_scp
 from broker.facilities import service as facilities
 from broker.settings import Settings
-from tests.conftest import s3_storage_url
+from tests.conftest import CuttablePg, s3_storage_url
 from tests.ops.proxy import TcpProxy
 from tests.support import ADMIN
 
@@ -39,17 +38,14 @@ LEAKS = ("127.0.0.1", "psycopg", "sqlalchemy", "SELECT", "Error", "postgres", "c
 
 @pytest.fixture
 def cut_node(
-    pg_admin: Any, _pg_template: str, tmp_path: Path, moto_server: str, s3_bucket: str
+    cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str, s3_bucket: str
 ) -> Iterator[tuple[int, str, TcpProxy]]:
-    name = pg_admin.new_name("dimsecut")
-    url = make_url(pg_admin.create(name, template=_pg_template))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
     settings = Settings(
         data_dir=tmp_path,
         host="127.0.0.1",
         dimse_port=0,
         mllp_port=0,
-        database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+        database_url=cuttable_pg.database_url,
         storage_url=s3_storage_url(moto_server, s3_bucket),
         db_connect_timeout_seconds=2,
         dimse_open_mode=False,  # as in production: only registered calling AEs
@@ -65,12 +61,10 @@ def cut_node(
         )
     scp = start_scp(state=state, port=0)
     try:
-        yield scp.port, settings.ae_title, proxy
+        yield scp.port, settings.ae_title, cuttable_pg.proxy
     finally:
         stop_scp(scp)
-        proxy.stop()
         state.engine.dispose()
-        pg_admin.drop(name)
 
 
 def _associate(port: int, aet: str, calling: str = "OUTAGE") -> Any:

@@ -291,3 +291,18 @@ def test_the_per_address_cap_holds_for_all_processes_together(cluster: Cluster) 
     while shared.at_address("127.0.0.1") and time.monotonic() < deadline:
         threading.Event().wait(0.01)
     assert shared.at_address("127.0.0.1") == 0
+
+
+def test_a_receiver_flags_reads_made_under_break_the_glass_as_the_serving_process_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver serves C-FIND and C-MOVE too (the kernel picks the listener): their audit
+    events must be marked BTG under a grant there as well, so it wires the consent marker in."""
+    settings = Settings(data_dir=tmp_path, mllp_port=0)
+    build_state(settings).engine.dispose()  # what the serving process does first: migrate
+    monkeypatch.setattr(audit_service, "_marker", None)
+    state = build_receiver_state(settings)
+    try:
+        assert audit_service._marker is not None
+    finally:
+        state.engine.dispose()

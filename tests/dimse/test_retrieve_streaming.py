@@ -45,7 +45,7 @@ def _large_instance(path: Path, *, rows: int, cols: int) -> pydicom.Dataset:
     return ds
 
 
-def _peak_while(action: Callable[[], None]) -> int:
+def _peak_while(action: Callable[[], object]) -> int:
     """Peak bytes Python allocated in this process (where the SCP runs) during `action`."""
     tracemalloc.start()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +18,7 @@ from broker.facilities import service as facilities
 from broker.security import network
 from tests.support import auth_headers
 
-WEB = {
+WEB: dict[str, Any] = {
     "id": "stmarys",
     "issuer": "STMARYS",
     "name": "St Mary's",

@@ -28,7 +28,7 @@ def test_incremental_sync_after_a_prune_writes_only_what_changed(
     assert (first.studies_written, again.studies_written) == (2, 0)
     # Both syncs finished long ago.
     with Session(federated.engine) as session:
-        session.exec(update(Job).values(finished_at=datetime.now(UTC) - timedelta(days=90)))  # type: ignore[call-overload]
+        session.exec(update(Job).values(finished_at=datetime.now(UTC) - timedelta(days=90)))
         session.commit()
     assert jobs.prune(engine=federated.engine, older_than=timedelta(days=30)) == 1
     with Session(federated.engine) as session:

@@ -143,6 +143,7 @@ def test_sync_is_incremental_and_follows_additions_changes_and_deletions(
 
 def test_interrupted_sync_resumes_from_its_checkpoint(federated: AppState) -> None:
     job = jobs.enqueue(engine=federated.engine, kind="sync", key="dimse", params={"facility_id": "dimse"})
+    assert job.id is not None
     claimed = jobs.claim(engine=federated.engine, job_id=job.id, owner="worker-that-dies")
     assert claimed is not None
 

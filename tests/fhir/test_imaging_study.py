@@ -107,7 +107,7 @@ def test_the_childs_studies_at_every_facility_newest_first(
 
 def test_the_endpoint_serves_the_study_over_dicomweb(http: httpx.Client) -> None:
     study = _studies(_bundle(http, {"patient.identifier": CHILD, "_count": 1}))[0]
-    contained = {c.id: c for c in study.contained or []}
+    contained: dict[str | None, Any] = {c.id: c for c in study.contained or []}
     ref = study.endpoint[0].reference
     assert ref.startswith("#")
     endpoint = contained[ref[1:]]
@@ -133,7 +133,9 @@ def test_paging_through_a_real_client(client: SyncFHIRClient, http: httpx.Client
     first = _bundle(http, {"patient.identifier": CHILD, "_count": 2})
     relations = {link.relation: link.url for link in first.link or []}
     assert "next" in relations and "previous" not in relations
-    second = Bundle.model_validate(httpx.get(relations["next"], timeout=30, headers=auth_headers()).json())
+    second = Bundle.model_validate(
+        httpx.get(str(relations["next"]), timeout=30, headers=auth_headers()).json()
+    )
     assert {link.relation for link in second.link or []} >= {"previous"}
     assert not {s.id for s in _studies(first)} & {s.id for s in _studies(second)}
     # _count=0 (and _summary=count): the total alone.
@@ -255,7 +257,7 @@ def test_capability_statement_names_the_imaging_study_search(http: httpx.Client)
     assert r.status_code == 200 and r.headers["content-type"].startswith(FHIR)
     cs = CapabilityStatement.model_validate(r.json())
     resources = {res.type: res for res in cs.rest[0].resource or []}
-    names = {p.name for p in resources["ImagingStudy"].searchParam or []}
+    names = {str(p.name) for p in resources["ImagingStudy"].searchParam or []}
     assert {"patient", "identifier", "started", "modality", "bodysite"} <= names
     # Every parameter it announces is one the search takes (an unknown one would be a 400).
     for name in names - {"patient", "subject"}:

@@ -7,6 +7,7 @@ candidate (the others have not committed yet) and creates its own person.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -145,7 +146,7 @@ def test_concurrent_ingest_of_one_patient_at_three_facilities(pg_engine: Engine,
         )
         return [o.status for o in outcomes]
 
-    results = _run_together([lambda f=f, p=p: send(f, p) for f, p in sends])
+    results = _run_together([functools.partial(send, f, p) for f, p in sends])
     assert results == [["stored"]] * len(sends), results
     with Session(pg_engine) as s:
         patients = s.exec(select(Patient)).all()

@@ -44,7 +44,7 @@ def _downgrade_keys(session: Session) -> None:
 
 
 def _keys(session: Session) -> set[tuple[str, int]]:
-    return {(k, r) for k, r in session.exec(select(BlockKey.key, BlockKey.record_id)).all()}  # type: ignore[call-overload]
+    return {(k, r) for k, r in session.exec(select(BlockKey.key, BlockKey.record_id)).all()}
 
 
 def _candidate_ids(session: Session) -> set[int]:
@@ -84,7 +84,8 @@ def test_old_keys_rebuilt_by_the_startup_job_and_a_second_run_changes_nothing(
     assert jobs.work(engine=engine, store=None, once=True) == 1
     with Session(engine) as s:
         done = s.get(Job, job.id)
-        assert done is not None and done.status == "done", done.error
+        assert done is not None, "the job is gone"
+        assert done.status == "done", done.error
         assert done.progress_done == done.progress_total == 13
 
     assert old_id in _candidate_ids(session)

@@ -48,7 +48,7 @@ def test_cross_facility_typo_links_automatically_and_explains(session: Session) 
     why = service.explain(session=session, record_id=rec.id)  # type: ignore[arg-type]
     link = why["history"][-1]
     assert link["method"] == "probabilistic"
-    assert link["weight"] >= why["thresholds"]["auto"]
+    assert link["weight"] is not None and link["weight"] >= why["thresholds"]["auto"]
     assert set(link["contributions"]) >= {"family", "given", "birth_date", "address"}
     assert link["contributions"]["birth_date"]["level"] == "exact"
     # PIXm view of the same fact
@@ -80,18 +80,19 @@ def test_middle_ground_goes_to_review_and_a_human_decides(session: Session) -> N
     queue = service.review_queue(session=session)
     assert len(queue) == 1
     item = queue[0]
+    assert item.id is not None
     assert json.loads(item.contributions)["given"]["level"] == "different"
     with pytest.raises(BadRequest, match="why"):
         service.decide_review(
             session=session, review_id=item.id, decision="reject", principal=acting("dr.x"), why=" "
-        )  # type: ignore[arg-type]
+        )
     assert item.id is not None
     done = service.decide_review(
         session=session,
         review_id=item.id,
         decision="reject",
         principal=acting("dr.x"),
-        why="twins, checked ID",  # type: ignore[arg-type]
+        why="twins, checked ID",
     )
     assert (done.status, done.decided_by, done.reason) == ("rejected", "dr.x", "twins, checked ID")
     assert service.review_queue(session=session) == []

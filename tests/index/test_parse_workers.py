@@ -29,6 +29,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -57,6 +62,9 @@ def test_parse_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
             p for p in _children(served.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
         ]
         assert workers, "the STOW-RS was parsed in a worker process"
+        # A worker imports the parser, not the whole broker (the console script, SQLAlchemy,
+        # the web app): well under the serving process's size (it was ~95% of it).
+        assert _rss_kb(workers[0]) < 0.7 * _rss_kb(served.proc.pid)
         os.kill(served.proc.pid, signal.SIGKILL)
         served.proc.wait(10)
         deadline = time.monotonic() + 15

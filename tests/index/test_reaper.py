@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from broker.app import build_state
 from broker.deps import AppState
-from broker.index import ingest, service
+from broker.index import ingest, reaper, service
 from broker.index.keys import conflict_key, instance_key
 from broker.index.reaper import reap
 from broker.security.schemas import Principal, Role
@@ -100,6 +100,40 @@ def test_residue_older_than_the_grace_period_is_reaped(state: AppState, tmp_path
     with Session(state.engine) as session:
         (ref,) = service.find_instances(session=session, study_uid=STUDY)
     assert b"".join(state.store.get(ref.object_key)) == acknowledged
+
+
+def test_a_long_listing_is_reaped_a_chunk_at_a_time(state: AppState, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A region's bucket lists hundreds of millions of keys: residue is removed as the listing
+    goes, never after collecting every old key in memory first."""
+    monkeypatch.setattr(reaper, "_CHUNK", 2)
+    orphans = [instance_key(f"{i:x}" * 64) for i in range(1, 6)]
+    for key in orphans:
+        state.store.put(key, io.BytesIO(b"bytes without a row"))
+    listed: list[str] = []
+    listed_at_first_delete: list[int] = []
+    real_list, real_delete = state.store.list, state.store.delete
+
+    def listing(prefix: str = "") -> Iterator[object]:
+        for info in real_list(prefix):
+            listed.append(info.key)
+            yield info
+
+    def delete(key: str) -> None:
+        listed_at_first_delete.append(len(listed))
+        real_delete(key)
+
+    monkeypatch.setattr(state.store, "list", listing)
+    monkeypatch.setattr(state.store, "delete", delete)
+    reaped = reap(
+        engine=state.engine,
+        store=state.store,
+        data_dir=state.settings.data_dir,
+        grace_seconds=HOUR,
+        now=time.time() + 2 * HOUR,
+    )
+    assert reaped.objects == len(orphans)
+    assert not set(orphans) & {o.key for o in real_list()}
+    assert listed_at_first_delete[0] < len(orphans), "every key was listed before the first removal"
 
 
 def _stow_stalled_mid_body(url: str, part: bytes) -> socket.socket:

@@ -25,13 +25,14 @@ def test_one_active_job_per_kind_and_key(engine: Engine) -> None:
     assert b.id != a.id
     claimed = jobs.claim(engine=engine, job_id=a.id)
     assert claimed is not None and claimed.status == "running"
+    assert a.id is not None
     jobs.finish(engine=engine, job_id=a.id)
     # Once done, the same key may be queued again.
     assert jobs.enqueue(engine=engine, kind="sync", key="stmarys").id not in (a.id, b.id)
 
 
 def test_concurrent_workers_never_claim_the_same_job(engine: Engine) -> None:
-    ids = {jobs.enqueue(engine=engine, kind="work", key=str(i)).id for i in range(30)}
+    ids = {jobs.enqueue(engine=engine, kind="work", key=str(i)).id or 0 for i in range(30)}
     claims: dict[str, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -101,6 +102,7 @@ def test_handlers_run_and_failures_are_recorded(engine: Engine, settings: Settin
 
 def test_a_dead_workers_job_is_claimed_again_with_its_checkpoint(engine: Engine) -> None:
     job = jobs.enqueue(engine=engine, kind="long", key="k")
+    assert job.id is not None
     first = jobs.claim(engine=engine, owner="dies")
     assert first is not None and first.id == job.id
     jobs.report(engine=engine, job_id=job.id, done=5, checkpoint={"offset": 5})
@@ -117,6 +119,7 @@ def test_a_long_silent_step_keeps_its_job_alive(engine: Engine) -> None:
     import time
 
     job = jobs.enqueue(engine=engine, kind="long", key="silent")
+    assert job.id is not None
     assert jobs.claim(engine=engine, owner="busy") is not None
     with jobs.heartbeat(engine=engine, job_id=job.id, every=0.05):
         time.sleep(1.0)  # a whole-archive listing, with no progress to report

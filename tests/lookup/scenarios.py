@@ -94,7 +94,7 @@ def load_cases(path: Path = SCENARIOS) -> tuple[dict[str, Any], list[Case]]:
 
 
 def planned_exam(case: Case) -> ExamInterpretation:
-    return interpret_exam(**case.planned)  # type: ignore[arg-type]
+    return interpret_exam(**case.planned)
 
 
 def run(case: Case) -> Verdict:

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _sct() -> dict[str, tuple[set[str], set[int]]]:
     """pydicom's copy of PS3.16: SNOMED CT code -> (its meanings, context groups listing it)."""
     out: dict[str, tuple[set[str], set[int]]] = {}
-    for by_code in concepts["SCT"].values():
+    sct: dict[str, dict[str, tuple[str, list[int]]]] = concepts["SCT"]  # type: ignore[assignment]
+    for by_code in sct.values():
         for code, (meaning, cids) in by_code.items():
             meanings, groups = out.setdefault(code, (set(), set()))
             meanings.add(meaning.lower())

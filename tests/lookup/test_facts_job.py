@@ -18,7 +18,8 @@ from broker.dicom.dose import DoseRecord, DoseSource, ImageDose
 from broker.identity import service as identity
 from broker.identity.models import IdentitySetting
 from broker.index import service as index
-from broker.index.facts import compact_dose_json, dose_record
+from broker.index.facts import dose_record
+from broker.index.instance_facts import compact_dose_json
 from broker.index.models import DoseFact, SeriesFacts, Study, StudyFacts
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
@@ -35,7 +36,7 @@ def demo_state(demo_backend: Any, tmp_path: Any, make_settings: Any) -> Iterator
 
 def _counts(engine: Engine) -> tuple[int, int, int]:
     with Session(engine) as s:
-        return tuple(  # type: ignore[return-value]
+        return tuple(
             s.execute(select(func.count()).select_from(t)).scalar_one()
             for t in (StudyFacts, SeriesFacts, DoseFact)
         )

@@ -12,12 +12,12 @@ from tests.lookup.scenarios import SCENARIOS, load_cases, planned_exam, run, sco
 
 
 @pytest.fixture(scope="module")
-def labeled():  # type: ignore[no-untyped-def]
+def labeled():
     doc, cases = load_cases()
     return doc, cases, score(cases)
 
 
-def test_relevant_has_precision_and_recall_of_at_least_095(labeled) -> None:  # type: ignore[no-untyped-def]
+def test_relevant_has_precision_and_recall_of_at_least_095(labeled) -> None:
     _, _, s = labeled
     wrong = [
         (c.scenario, c.prior.study_description, c.relevant, v.rule)
@@ -28,28 +28,28 @@ def test_relevant_has_precision_and_recall_of_at_least_095(labeled) -> None:  # 
     assert s.recall >= 0.95, wrong
 
 
-def test_no_labeled_relevance_regresses(labeled) -> None:  # type: ignore[no-untyped-def]
+def test_no_labeled_relevance_regresses(labeled) -> None:
     """Stricter than the target: every label of the set holds today, so any change to the data
     files that flips one shows here (relabel only with a clinical reason in the scenario's why)."""
     _, _, s = labeled
     assert [(c.scenario, c.prior.study_description) for c, v in s.misses if v.relevant != c.relevant] == []
 
 
-def test_in_window_is_exactly_as_labeled(labeled) -> None:  # type: ignore[no-untyped-def]
+def test_in_window_is_exactly_as_labeled(labeled) -> None:
     _, _, s = labeled
     assert s.window_right == s.total, [
         (c.scenario, c.prior.study_date) for c, v in s.misses if v.in_window != c.in_window
     ]
 
 
-def test_the_deciding_rule_is_the_labeled_one_in_nine_cases_of_ten(labeled) -> None:  # type: ignore[no-untyped-def]
+def test_the_deciding_rule_is_the_labeled_one_in_nine_cases_of_ten(labeled) -> None:
     _, _, s = labeled
     assert s.rule_right / s.total >= 0.9, [
         (c.scenario, c.rule, v.rule) for c, v in s.misses if v.rule != c.rule
     ]
 
 
-def test_the_set_is_broad(labeled) -> None:  # type: ignore[no-untyped-def]
+def test_the_set_is_broad(labeled) -> None:
     doc, cases, _ = labeled
     assert len(doc["scenario"]) >= 150
     whos = {c.who for c in cases}
@@ -72,7 +72,7 @@ def test_the_set_is_broad(labeled) -> None:  # type: ignore[no-untyped-def]
     assert sum(c.relevant for c in cases) >= 100 and sum(not c.relevant for c in cases) >= 100
 
 
-def test_every_region_of_the_tree_is_exercised(labeled) -> None:  # type: ignore[no-untyped-def]
+def test_every_region_of_the_tree_is_exercised(labeled) -> None:
     """Each region appears in some scenario, as a planned target or as what a prior covers."""
     _, cases, _ = labeled
     seen: set[str] = set()
@@ -115,7 +115,7 @@ def test_every_region_of_the_tree_is_exercised(labeled) -> None:  # type: ignore
         "LENI",
     ],
 )
-def test_every_abbreviation_of_the_issue_is_in_a_scenario(labeled, abbreviation: str) -> None:  # type: ignore[no-untyped-def]
+def test_every_abbreviation_of_the_issue_is_in_a_scenario(labeled, abbreviation: str) -> None:
     _, cases, _ = labeled
     texts = [c.planned["text"] or "" for c in cases] + [c.prior.study_description or "" for c in cases]
     pattern = re.compile(rf"(?<![A-Z]){re.escape(abbreviation)}(?![A-Z])")

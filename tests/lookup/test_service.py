@@ -125,6 +125,7 @@ def test_bare_id_unconfirmed_link_and_nearline(client: TestClient) -> None:
         # An open review item between the child and the stranger: shown, unconfirmed, not counted.
         rec = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == child.pk)).one()
         other = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == stranger.pk)).one()
+        assert other.id is not None and rec.id is not None
         session.add(ReviewItem(record_id=other.id, candidate_record_id=rec.id, weight=9.0))
         # The child's recent CT known only from St Mary's listing: NEARLINE.
         recent = _answer(session, now).priors[0]
@@ -168,7 +169,7 @@ def test_avoided_repeats_recorded_and_summed_per_month(client: TestClient) -> No
                 facility="kids",
                 now=when,
             )
-            assert out.basis == "prior" and out.estimated_dose_msv and out.who == ADMIN.who
+            assert out.basis == "prior" and out.estimated_dose_msv is not None and out.who == ADMIN.who
     r = client.post(
         "/api/priors/avoided",
         json={"study_instance_uid": uid, "planned_exam": "CT ABD PEL", "facility": "kids"},
@@ -176,6 +177,7 @@ def test_avoided_repeats_recorded_and_summed_per_month(client: TestClient) -> No
     assert r.status_code == 201, r.text
     months = {(m["facility"], m["month"]): m for m in client.get("/api/metrics/avoided").json()}
     assert months[("kids", "2026-06")]["repeats_avoided"] == 2
+    assert out.estimated_dose_msv is not None
     assert months[("kids", "2026-06")]["dose_spared_msv"] == pytest.approx(
         2 * out.estimated_dose_msv, abs=0.01
     )

@@ -19,6 +19,7 @@ from broker.app import build_state, create_app
 from broker.cli import app as cli
 from broker.db import SchemaBehind, make_engine, migrate, schema_status, wait_for_database
 from broker.settings import Settings
+from tests.conftest import CuttablePg, s3_storage_url
 from tests.dicomweb.data import multipart_body
 from tests.ops.proxy import TcpProxy
 from tests.support import auth_headers, make_ds, to_bytes
@@ -177,39 +178,30 @@ def test_a_node_retries_until_the_database_answers(pg_url: str) -> None:
 
 @pytest.mark.postgres
 def test_readyz_is_false_while_the_database_is_away(
-    pg_admin: Any, _pg_template: str, tmp_path: Path, moto_server: str, s3_bucket: str
+    cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str, s3_bucket: str
 ) -> None:
-    from tests.conftest import s3_storage_url
-
-    name = pg_admin.new_name("ready")
-    url = make_url(pg_admin.create(name, template=_pg_template))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
-    try:
-        settings = Settings(
-            data_dir=tmp_path,
-            database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-            storage_url=s3_storage_url(moto_server, s3_bucket),
-            db_connect_timeout_seconds=2,
-            mllp_port=0,
-        )
-        app = create_app(settings)
-        client = TestClient(app)
-        r = client.get("/readyz")
-        assert (r.status_code, r.json()["status"]) == (200, "ready")
-        proxy.stop()  # the database goes away: refused, and the pooled connections dropped
-        r = client.get("/readyz")
-        assert r.status_code == 503 and r.headers["Retry-After"]
-        assert r.json() == {
-            "status": "not ready",
-            "database": "unreachable (SCANONCE_DATABASE_URL)",
-            "object_store": "ok",
-        }
-        proxy.start()
-        assert client.get("/readyz").status_code == 200
-        app.state.scanonce.engine.dispose()
-    finally:
-        proxy.stop()
-        pg_admin.drop(name)
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=cuttable_pg.database_url,
+        storage_url=s3_storage_url(moto_server, s3_bucket),
+        db_connect_timeout_seconds=2,
+        mllp_port=0,
+    )
+    app = create_app(settings)
+    client = TestClient(app)
+    r = client.get("/readyz")
+    assert (r.status_code, r.json()["status"]) == (200, "ready")
+    cuttable_pg.proxy.stop()  # the database goes away: refused, and the pooled connections dropped
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert r.json() == {
+        "status": "not ready",
+        "database": "unreachable (SCANONCE_DATABASE_URL)",
+        "object_store": "ok",
+    }
+    cuttable_pg.proxy.start()
+    assert client.get("/readyz").status_code == 200
+    app.state.scanonce.engine.dispose()
 
 
 def test_an_unreachable_bucket_makes_the_node_not_ready_or_degraded_as_configured(
@@ -220,8 +212,6 @@ def test_an_unreachable_bucket_makes_the_node_not_ready_or_degraded_as_configure
     make /readyz false, the balancer would take every node out and the queries the index answers
     alone would be refused too. /readyz then stays 200 and says "degraded" (and the metric says
     which dependency); what needs the store answers 503 with Retry-After."""
-    from tests.conftest import s3_storage_url
-
     proxy = TcpProxy("127.0.0.1", int(moto_server.rsplit(":", 1)[1])).start()
     try:
         settings = Settings(

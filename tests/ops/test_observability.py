@@ -18,15 +18,14 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
-from sqlalchemy.engine import make_url
 
 from broker.app import build_state, create_app
 from broker.dimse.scp import start_scp, stop_scp
 from broker.jobs import service as jobs
 from broker.logfilters import configure_logging
 from broker.settings import Settings
+from tests.conftest import CuttablePg, s3_storage_url
 from tests.dicomweb.data import multipart_body
-from tests.ops.proxy import TcpProxy
 from tests.support import TEST_FILES, auth_headers, make_ds, to_bytes
 
 PATIENT_NAME = "ZEBEDEE^QUENTIN"
@@ -149,38 +148,29 @@ def test_json_logs_carry_the_request_id_and_no_patient_data(tmp_path: Path) -> N
 
 @pytest.mark.postgres
 def test_a_database_gone_away_is_503_with_retry_after(
-    pg_admin: Any, _pg_template: str, tmp_path: Path, moto_server: str, s3_bucket: str
+    cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str, s3_bucket: str
 ) -> None:
-    from tests.conftest import s3_storage_url
-
-    name = pg_admin.new_name("gone")
-    url = make_url(pg_admin.create(name, template=_pg_template))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
-    try:
-        app = create_app(
-            Settings(
-                data_dir=tmp_path,
-                database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-                storage_url=s3_storage_url(moto_server, s3_bucket),
-                db_connect_timeout_seconds=2,
-                mllp_port=0,
-            )
+    app = create_app(
+        Settings(
+            data_dir=tmp_path,
+            database_url=cuttable_pg.database_url,
+            storage_url=s3_storage_url(moto_server, s3_bucket),
+            db_connect_timeout_seconds=2,
+            mllp_port=0,
         )
-        client = TestClient(app)
-        assert client.get("/api/jobs", headers=auth_headers()).status_code == 200
-        before = _value(_samples(client), "scanonce_database_errors_total")
-        proxy.stop()
-        r = client.get("/api/jobs", headers=auth_headers())
-        assert r.status_code == 503, r.text
-        assert r.headers["Retry-After"] == "5" and r.headers["X-Request-ID"]
-        assert r.json()["detail"] == "the database is unreachable; try again shortly"
-        proxy.start()
-        assert _value(_samples(client), "scanonce_database_errors_total") > before
-        assert client.get("/api/jobs", headers=auth_headers()).status_code == 200
-        app.state.scanonce.engine.dispose()
-    finally:
-        proxy.stop()
-        pg_admin.drop(name)
+    )
+    client = TestClient(app)
+    assert client.get("/api/jobs", headers=auth_headers()).status_code == 200
+    before = _value(_samples(client), "scanonce_database_errors_total")
+    cuttable_pg.proxy.stop()
+    r = client.get("/api/jobs", headers=auth_headers())
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == "5" and r.headers["X-Request-ID"]
+    assert r.json()["detail"] == "the database is unreachable; try again shortly"
+    cuttable_pg.proxy.start()
+    assert _value(_samples(client), "scanonce_database_errors_total") > before
+    assert client.get("/api/jobs", headers=auth_headers()).status_code == 200
+    app.state.scanonce.engine.dispose()
 
 
 def test_dimse_operations_are_counted(tmp_path: Path) -> None:

@@ -16,14 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import ECKey
-from sqlalchemy.engine import make_url
 
 from broker.app import create_app
 from broker.db import make_engine, migrate
 from broker.security.service import claim_token_id, purge_token_ids
 from broker.settings import Settings
-from tests.conftest import Backend
-from tests.ops.proxy import TcpProxy
+from tests.conftest import Backend, CuttablePg
 
 EHR = "https://ehr.example"
 
@@ -156,32 +154,25 @@ def test_expired_token_ids_are_purged_or_taken_over(backend: Backend) -> None:
 
 @pytest.mark.postgres
 def test_a_token_that_cannot_be_checked_for_replay_is_refused_with_503(
-    pg_admin: Any, _pg_template: str, tmp_path: Path, ehr_jwks: tuple[str, ECKey]
+    cuttable_pg: CuttablePg, tmp_path: Path, ehr_jwks: tuple[str, ECKey]
 ) -> None:
     """The database away: the jti cannot be recorded, so the token is not accepted (503, retry
     with a new token), never accepted unchecked."""
-    name = pg_admin.new_name("replay")
-    url = make_url(pg_admin.create(name, template=_pg_template))
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
-    try:
-        settings = Settings(
-            data_dir=tmp_path,
-            database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
-            cds_clients={EHR: ehr_jwks[0]},
-            db_connect_timeout_seconds=2,
-            mllp_port=0,
-        )
-        client = TestClient(create_app(settings))
-        path = f"/cds-services/{_service(client)}"
-        proxy.stop()
-        r = client.post(
-            path,
-            json={"hook": "nothing"},
-            headers={"Authorization": f"Bearer {_jwt(ehr_jwks[1], aud=f'http://testserver{path}')}"},
-        )
-        assert (r.status_code, r.headers.get("Retry-After")) == (503, "5"), r.text
-        assert "127.0.0.1" not in r.text and "psycopg" not in r.text
-        client.app.state.scanonce.engine.dispose()  # type: ignore[attr-defined]
-    finally:
-        proxy.stop()
-        pg_admin.drop(name)
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=cuttable_pg.database_url,
+        cds_clients={EHR: ehr_jwks[0]},
+        db_connect_timeout_seconds=2,
+        mllp_port=0,
+    )
+    client = TestClient(create_app(settings))
+    path = f"/cds-services/{_service(client)}"
+    cuttable_pg.proxy.stop()
+    r = client.post(
+        path,
+        json={"hook": "nothing"},
+        headers={"Authorization": f"Bearer {_jwt(ehr_jwks[1], aud=f'http://testserver{path}')}"},
+    )
+    assert (r.status_code, r.headers.get("Retry-After")) == (503, "5"), r.text
+    assert "127.0.0.1" not in r.text and "psycopg" not in r.text
+    client.app.state.scanonce.engine.dispose()  # type: ignore[attr-defined]

@@ -4,7 +4,14 @@ headless Chromium driven by Playwright (it cannot download browsers here)."""
 from __future__ import annotations
 
 import io
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +20,8 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, sync_playwright
 from pydicom.uid import generate_uid
 
@@ -21,8 +30,11 @@ from broker.settings import Settings
 from broker.web import assets
 from tests.dicomweb.data import TEST_FILES, multipart_body
 from tests.identity.test_mllp_serve import Served, scanonce_serve
+from tests.peers import _stop
 from tests.support import auth_headers, to_bytes
 
+ROOT = Path(__file__).resolve().parents[2]
+OIDC_DIR = ROOT / ".cache" / "oidc-provider"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -148,3 +160,56 @@ def screenshot_stats(png: bytes) -> Any:
     h, w = grey.shape
     middle = grey[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
     return float(middle.std()), len(np.unique(middle))
+
+
+@dataclass(frozen=True)
+class NodePeer:
+    """A node script of tests/security/oidc (an OpenID provider, a SMART EHR) started for a
+    broker that is not serving yet: `sock` is the broker's bound socket, `origin` its URL."""
+
+    sock: socket.socket
+    origin: str
+    urls: dict[str, str]  # what the script printed on its first line (its issuer, ...)
+
+
+@contextmanager
+def node_peer(script: str, redirect_path: str) -> Iterator[NodePeer]:
+    """Start `script` (npm's oidc-provider underneath) with the broker's callback URL, which it
+    must know before the broker starts: so the broker's port is taken here first."""
+    if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
+        pytest.fail("oidc-provider is not installed: ./scripts/test installs it into .cache/oidc-provider")
+    shutil.copy(ROOT / "tests" / "security" / "oidc" / script, OIDC_DIR / script)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    origin = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    node = subprocess.Popen(
+        ["node", str(OIDC_DIR / script)],
+        env={"PATH": "/usr/bin:/bin", "REDIRECT_URI": f"{origin}{redirect_path}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert node.stdout is not None
+        yield NodePeer(sock=sock, origin=origin, urls=json.loads(node.stdout.readline()))
+    finally:
+        _stop(node)
+        sock.close()
+
+
+@contextmanager
+def serving(app: FastAPI, sock: socket.socket) -> Iterator[None]:
+    """Serve `app` on `sock` in a thread of this process until the block ends."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -345,6 +345,7 @@ def test_accepting_a_review_item_changes_the_lookup(demo: Demo, page: Page) -> N
         assert study is not None
         rec = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == child.pk)).one()
         other = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == stranger.pk)).one()
+        assert other.id is not None and rec.id is not None
         item = ReviewItem(
             record_id=other.id,
             candidate_record_id=rec.id,

@@ -6,73 +6,31 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser, Cookie, Page, expect
 
 from broker.app import create_app
 from broker.settings import Settings
-from tests.peers import _stop
 
-from .conftest import Broker, Visit
+from .conftest import Broker, Visit, node_peer, serving
 from .test_viewer import _rendered
-
-ROOT = Path(__file__).resolve().parents[2]
-OIDC_DIR = ROOT / ".cache" / "oidc-provider"
 
 
 @pytest.fixture(scope="module")
 def signed_in_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(broker origin, provider issuer): the provider knows the broker's callback, the broker
     trusts the provider for sign-in."""
-    if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
-        pytest.fail("oidc-provider is not installed: ./scripts/test installs it into .cache/oidc-provider")
-    shutil.copy(ROOT / "tests" / "security" / "oidc" / "provider.mjs", OIDC_DIR / "provider.mjs")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    origin = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    provider = subprocess.Popen(
-        ["node", str(OIDC_DIR / "provider.mjs")],
-        env={"PATH": "/usr/bin:/bin", "REDIRECT_URI": f"{origin}/auth/oidc/callback"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert provider.stdout is not None
-        issuer = json.loads(provider.stdout.readline())["issuer"]
+    with node_peer("provider.mjs", "/auth/oidc/callback") as provider:
+        issuer = provider.urls["issuer"]
         settings = Settings(data_dir=tmp_path_factory.mktemp("sign-in"), auth_oidc_issuer=issuer)
-        app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        try:
-            yield origin, issuer
-        finally:
-            server.should_exit = True
-            thread.join(10)
-    finally:
-        _stop(provider)
-        sock.close()
+        with serving(create_app(settings), provider.sock):
+            yield provider.origin, issuer
 
 
-def _sign_in_with_provider(
-    browser: Browser, origin: str, user: str
-) -> tuple[object, list[dict[str, object]]]:
+def _sign_in_with_provider(browser: Browser, origin: str, user: str) -> tuple[Page, list[Cookie]]:
     context = browser.new_context()
     page = context.new_page()
     page.goto(f"{origin}/?family=Doe")

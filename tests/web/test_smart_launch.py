@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +17,6 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 from pydicom.uid import generate_uid
 from sqlalchemy.engine import Engine
@@ -33,14 +27,12 @@ from broker.demo.service import load_demo
 from broker.identity import service as identity
 from broker.identity.matching import Demographics
 from broker.index.service import ingest_files
-from broker.settings import Settings
+from broker.settings import Settings, SmartEhr
 from storage import ObjectStore
 from tests.live_demo import CHILD_MRN
-from tests.peers import _stop
 from tests.support import ADMIN, make_ds, write
+from tests.web.conftest import node_peer, serving
 
-ROOT = Path(__file__).resolve().parents[2]
-OIDC_DIR = ROOT / ".cache" / "oidc-provider"
 OUTSIDE = "http://192.0.2.10/fhir"  # TEST-NET-1: never reached
 
 
@@ -54,56 +46,30 @@ class Ehr:
 @pytest.fixture(scope="module")
 def ehr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ehr]:
     """The broker (demo data, the EHR registered in SCANONCE_SMART_EHRS) and the EHR."""
-    if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
-        pytest.fail("oidc-provider is not installed: ./scripts/test installs it into .cache/oidc-provider")
-    shutil.copy(ROOT / "tests" / "security" / "oidc" / "smart_ehr.mjs", OIDC_DIR / "smart_ehr.mjs")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    origin = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    node = subprocess.Popen(
-        ["node", str(OIDC_DIR / "smart_ehr.mjs")],
-        env={"PATH": "/usr/bin:/bin", "REDIRECT_URI": f"{origin}/launch/callback"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert node.stdout is not None
-        urls = json.loads(node.stdout.readline())
+    with node_peer("smart_ehr.mjs", "/launch/callback") as ehr_node:
+        urls = ehr_node.urls
         tmp = tmp_path_factory.mktemp("smart")
         settings = Settings(
             data_dir=tmp / "data",
             database_url=f"sqlite:///{tmp / 'index.sqlite3'}",
             storage_url=(tmp / "objects").as_uri(),
             mllp_port=0,
-            base_url=origin,
+            base_url=ehr_node.origin,
             smart_ehrs={
-                urls["fhir"]: {"client_id": "scanonce", "facility": "kids"},
+                urls["fhir"]: SmartEhr(client_id="scanonce", facility="kids"),
                 # Registered, but outside the outbound networks (loopback only here).
-                OUTSIDE: {"client_id": "scanonce"},
+                OUTSIDE: SmartEhr(client_id="scanonce"),
             },
         )
         app = create_app(settings)
         st = app.state.scanonce
         load_demo(engine=st.engine, store=st.store)
         _add_a_patient_known_by_a_national_id(st.engine, st.store, tmp)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
         try:
-            yield Ehr(origin=origin, issuer=urls["issuer"], fhir=urls["fhir"])
+            with serving(app, ehr_node.sock):
+                yield Ehr(origin=ehr_node.origin, issuer=urls["issuer"], fhir=urls["fhir"])
         finally:
-            server.should_exit = True
-            thread.join(10)
             st.engine.dispose()
-    finally:
-        _stop(node)
-        sock.close()
 
 
 def _add_a_patient_known_by_a_national_id(engine: Engine, store: ObjectStore, tmp: Path) -> None:
