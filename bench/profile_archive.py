@@ -5,6 +5,8 @@
     .venv/bin/python -m bench.profile_archive qido            # the QIDO-RS query mix
     .venv/bin/python -m bench.profile_archive retrieve        # WADO-RS study retrieve
     .venv/bin/python -m bench.profile_archive metadata        # WADO-RS study metadata
+    .venv/bin/python -m bench.profile_archive cstore          # C-STORE by 4 parallel storescu
+    .venv/bin/python -m bench.profile_archive cstore --pg postgresql+psycopg://postgres@127.0.0.1:5432
 
 A fresh `scanonce serve` (embedded default) is loaded with the data the phase needs, then
 py-spy samples the server while the phase runs, and the top functions are printed by
@@ -40,6 +42,7 @@ from bench.archive import (  # noqa: E402
     study_facts,
     timed_get,
 )
+from tests.peers import free_port  # noqa: E402
 
 PY_SPY = shutil.which("py-spy") or str(REPO / ".venv" / "bin" / "py-spy")
 
@@ -56,7 +59,7 @@ def _batches(items: list[bytes], size: int) -> list[list[bytes]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def prepare(phase: str, server: Server, threads: int) -> Callable[[], str]:
+def prepare(phase: str, server: Server, threads: int, *, dimse_port: int = 0) -> Callable[[], str]:
     """Load what the phase needs; return the phase (a callable that reports what it did)."""
     if phase == "stow-small":
         data = _small(7, 600)
@@ -65,6 +68,25 @@ def prepare(phase: str, server: Server, threads: int) -> Callable[[], str]:
         def go() -> str:
             r = stow_batches(server, _batches(data, 100), threads)
             return f"{r.instances} instances, {r.per_s:.0f}/s, server CPU {r.server_cpu_s:.1f} s"
+
+        return go
+    if phase == "cstore":
+        # C-STORE of small CT instances by 4 parallel dcmtk storescu (bench/dimse.py's phase 1).
+        from bench.dimse import Dimse, storescu_parallel, write_folder
+
+        target = Dimse(server, "SCANONCE", dimse_port)
+        folder = Path(tempfile.mkdtemp(prefix="scanonce-profile-cstore-"))
+        storescu_parallel(target, write_folder(folder / "warm", _small(13, 10), 4), 100)
+        data = _small(14, 200)
+        dirs = write_folder(folder / "run", data, 4)
+
+        def go() -> str:
+            try:
+                r = storescu_parallel(target, dirs, len(data))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            cpu = 1e3 * r["server_cpu_s"] / len(data)
+            return f"{len(data)} instances, {r['per_s']:.0f}/s, server CPU {cpu:.2f} ms per instance"
 
         return go
     if phase == "stow-ct":
@@ -183,19 +205,29 @@ def _function(frame: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["stow-small", "stow-ct", "qido", "retrieve", "metadata"])
+    ap.add_argument("phase", choices=["stow-small", "stow-ct", "qido", "retrieve", "metadata", "cstore"])
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--gil", action="store_true", help="only samples of the thread holding the GIL")
     ap.add_argument("--idle", action="store_true", help="also samples of idle (waiting) threads")
     ap.add_argument("--out", type=Path, help="keep py-spy's raw collapsed stacks here")
+    ap.add_argument(
+        "--pg", help="index on this PostgreSQL server (postgresql+psycopg://user@host:port), a fresh database"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scanonce-profile-"))
     raw = args.out or work / "stacks.txt"
     try:
-        with run_scanonce(work) as server:
-            go = prepare(args.phase, server, args.threads)
+        dimse_port = free_port()
+        env = {"SCANONCE_DIMSE_PORT": str(dimse_port)}
+        if args.pg:
+            from bench.dimse import _pg_database
+
+            env["SCANONCE_DATABASE_URL"] = _pg_database(args.pg, "profile")
+            env["SCANONCE_MIGRATE_ON_START"] = "true"
+        with run_scanonce(work, env_extra=env) as server:
+            go = prepare(args.phase, server, args.threads, dimse_port=dimse_port)
             spy = subprocess.Popen(
                 [
                     PY_SPY,

@@ -277,10 +277,15 @@ class IngestAuditHook:
 
     def __call__(self, *, session: Session, stored: Sequence[tuple[str, str, str, str]]) -> None:
         """`stored`: (study UID, patient ID, issuer, status) per instance."""
+        _append_store_records(session, self.records(stored))
+        self.ran = True
+
+    def records(self, stored: Sequence[tuple[str, str, str, str]]) -> list[AuditRecord]:
+        """The events of one call: one per study and outcome."""
         counts: dict[tuple[str, str, str, str], int] = {}
         for item in stored:
             counts[item] = counts.get(item, 0) + 1
-        records = [
+        return [
             AuditRecord(
                 action="C",
                 subtype=self.subtype,
@@ -297,13 +302,33 @@ class IngestAuditHook:
             ).by(self.principal)
             for (study, pid, issuer, status), n in counts.items()
         ]
-        try:
-            append(session=session, records=records)
-        except SQLAlchemyError as exc:
-            # The whole store rolls back with it (503 / C-STORE out of resources: retry later).
-            log.error("store not recorded in the audit trail: %s", type(exc).__name__)
-            raise Unavailable("the store could not be audited; nothing was stored") from exc
-        self.ran = True
+
+    def joint(self, hooks: Sequence[IngestAuditHook | None]) -> Callable[..., None]:
+        """One hook for a group of stores committed together (a group of C-STOREs from several
+        associations): each instance gets the events its own hook would record, and all of them
+        are appended in one go (one lock of the chain's head per group, not one per instance).
+        `stored` is then one item per hook, in order."""
+
+        def audit(*, session: Session, stored: Sequence[tuple[str, str, str, str]]) -> None:
+            records: list[AuditRecord] = []
+            for hook, one in zip(hooks, stored, strict=True):
+                if hook is not None:
+                    records += hook.records([one])
+            _append_store_records(session, records)
+            for hook in hooks:
+                if hook is not None:
+                    hook.ran = True
+
+        return audit
+
+
+def _append_store_records(session: Session, records: Sequence[AuditRecord]) -> None:
+    try:
+        append(session=session, records=records)
+    except SQLAlchemyError as exc:
+        # The whole store rolls back with it (503 / C-STORE out of resources: retry later).
+        log.error("store not recorded in the audit trail: %s", type(exc).__name__)
+        raise Unavailable("the store could not be audited; nothing was stored") from exc
 
 
 # ------------------------------------------------------------------------- verify

@@ -144,3 +144,36 @@ def test_a_closed_batcher_refuses_new_work(state: AppState, tmp_path: Path) -> N
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.ingest_one(path=path, **kw)
+
+
+def test_parallel_senders_share_commits(state: AppState, batcher: IngestBatcher, tmp_path: Path) -> None:
+    """Four connections each sending one instance after another (as four storescu do): the
+    writer waits briefly for the senders it has seen, so most commits carry one instance from
+    each, not one and then three (commits and fsyncs are what a group shares)."""
+    from sqlalchemy import event
+
+    senders, each = 4, 8
+    paths = [[_file(tmp_path, 100 * s + n) for n in range(1, each + 1)] for s in range(senders)]
+    commits: list[int] = []
+
+    def counted(_conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(state.engine, "commit", counted)
+    try:
+
+        def send(mine: list[str]) -> list[str]:
+            return [
+                batcher.ingest_one(
+                    engine=state.engine, store=state.store, principal=P, facility_id="local", path=path
+                ).status
+                for path in mine
+            ]
+
+        with ThreadPoolExecutor(senders) as pool:
+            results = list(pool.map(send, paths))
+    finally:
+        event.remove(state.engine, "commit", counted)
+    assert results == [["stored"] * each] * senders
+    # 32 instances: groups of four make ~8-9 commits; one-and-three makes ~16.
+    assert len(commits) <= 12, f"{len(commits)} commits for {senders * each} instances"

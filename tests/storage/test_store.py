@@ -437,6 +437,53 @@ def test_local_store_syncs_the_names_too(how: str, tmp_path: Path, monkeypatch: 
         assert ident(directory) in synced, directory
 
 
+def test_local_store_group_put_syncs_every_object_and_name_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`put_files` (a group of C-STOREs): each object's bytes are synced before its name appears,
+    and every directory that gained an entry is synced before the call returns; a directory
+    shared by the group is synced once, not once per object."""
+    store = LocalStore(tmp_path / "objects")
+    keys, sources = [], []
+    for n in range(4):
+        src = tmp_path / f"in{n}.dcm"
+        src.write_bytes(f"object {n}".encode())
+        sources.append(str(src))
+        keys.append(instance_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}", SHA))
+    targets = {os.stat(src).st_ino: store.root / key for src, key in zip(sources, keys, strict=True)}
+    synced: list[tuple[int, int]] = []
+    visible_before_sync: list[Path] = []
+    real_fsync = os.fsync
+    lock = threading.Lock()
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        target = targets.get(st.st_ino)
+        if target is not None and target.exists():
+            visible_before_sync.append(target)
+        real_fsync(fd)
+        with lock:
+            synced.append((st.st_dev, st.st_ino))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    infos = store.put_files(list(zip(keys, sources, strict=True)), move=True)
+
+    assert [i.key for i in infos] == keys
+    assert [_read(store, k) for k in keys] == [f"object {n}".encode() for n in range(4)]
+    assert not visible_before_sync
+
+    def ident(p: Path) -> tuple[int, int]:
+        st = p.stat()
+        return st.st_dev, st.st_ino
+
+    paths = [store.root / k for k in keys]
+    assert all(ident(p) in synced for p in paths)
+    series_instances = paths[0].parent.parent  # .../series/<uid>/instances, shared by all four
+    for directory in [store.root, series_instances, *(p.parent for p in paths)]:
+        assert ident(directory) in synced, directory
+    assert synced.count(ident(series_instances)) == 1
+
+
 @pytest.fixture
 def failing_s3() -> Iterator[tuple[str, list[str]]]:
     """An S3 endpoint that answers every request with a server error, as a store under strain
