@@ -449,7 +449,7 @@ def test_local_store_group_put_syncs_every_object_and_name_before_it_returns(
         src = tmp_path / f"in{n}.dcm"
         src.write_bytes(f"object {n}".encode())
         sources.append(str(src))
-        keys.append(instance_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}", SHA))
+        keys.append(_deep_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}"))
     targets = {os.stat(src).st_ino: store.root / key for src, key in zip(sources, keys, strict=True)}
     synced: list[tuple[int, int]] = []
     visible_before_sync: list[Path] = []
