@@ -16,6 +16,7 @@ from broker.app import build_state
 from broker.deps import AppState
 from broker.dicom import status
 from broker.index import service
+from broker.index.keys import INSTANCE_PREFIX
 from broker.index.models import Instance, InstanceConflict
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
@@ -38,7 +39,7 @@ class _RacingStore:
         info = self._store.put_file(key, path, move=move)
         me = threading.get_ident()
         with self._lock:
-            first = key.startswith("studies/") and me not in self._waited
+            first = key.startswith(INSTANCE_PREFIX) and me not in self._waited
             self._waited.add(me)
         if first:
             self._barrier.wait()
