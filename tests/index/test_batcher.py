@@ -115,7 +115,7 @@ def test_one_object_that_cannot_be_stored_fails_only_its_own_sender(
                 store=store,
                 principal=P,
                 facility_id="local",
-                path=path,  # type: ignore[arg-type]
+                path=path,
             )
         except OSError as exc:
             return exc

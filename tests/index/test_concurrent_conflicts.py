@@ -71,7 +71,7 @@ def test_the_loser_of_a_race_leaves_only_its_conflict_copy(state: AppState, tmp_
             store=racing,
             principal=P,
             facility_id="local",
-            paths=[path],  # type: ignore[arg-type]
+            paths=[path],
         )
         return outcome
 

@@ -57,7 +57,7 @@ def state(settings: Settings, tmp_path: Path) -> Iterator[AppState]:
     st.engine.dispose()
 
 
-def _search(state: AppState, level: Level, **filters: str) -> list[dict]:  # type: ignore[type-arg]
+def _search(state: AppState, level: Level, **filters: str) -> list[dict]:
     with Session(state.engine) as s:
         return service.search(session=s, query=Query(level=level, filters=dict(filters))).matches
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
 from broker.app import build_state, create_app
 from broker.cli import app as cli
+from broker.deps import AppState
 from broker.index import verify as integrity
 from broker.index.keys import instance_key
 from broker.index.models import Instance, IntegrityFinding
@@ -25,7 +26,7 @@ from tests.support import ADMIN, auth_headers, make_ds, to_bytes, write
 runner = CliRunner()
 
 
-def _ingest(state: object, tmp_path: Path, n: int) -> list[Instance]:
+def _ingest(state: AppState, tmp_path: Path, n: int) -> list[Instance]:
     study = generate_uid()
     paths = [
         write(tmp_path, f"i{i}.dcm", make_ds(sop=generate_uid(), study=study, series=generate_uid()))
@@ -36,11 +37,11 @@ def _ingest(state: object, tmp_path: Path, n: int) -> list[Instance]:
         store=state.store,
         principal=ADMIN,
         facility_id="local",
-        paths=paths,  # type: ignore[attr-defined]
+        paths=paths,
     )
     assert [o.status for o in outcomes] == ["stored"] * n
-    with Session(state.engine) as session:  # type: ignore[attr-defined]
-        return list(session.exec(select(Instance).order_by(Instance.pk)))
+    with Session(state.engine) as session:
+        return list(session.exec(select(Instance).order_by(col(Instance.pk))))
 
 
 def _orphan(store: object) -> str:
