@@ -29,7 +29,6 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -212,6 +211,7 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=0, help="batches in flight at once (connections)")
     ap.add_argument("--memory-gb", type=float, default=0, help="measure peak RSS for a study this big")
     ap.add_argument("--seed", type=int, default=7, help="seed of the --memory-gb study's pixel data")
+    ap.add_argument("--via", choices=("both", "dimse", "dicomweb"), default="both", help="deliveries to run")
     args = ap.parse_args()
     if args.batch:
         service.BATCH = args.batch
@@ -296,12 +296,16 @@ def main() -> None:
             load = [os.getloadavg()[0]]
             for name, ours, theirs in (("C-STORE", lambda: imp("dimse"), storescu),
                                        ("STOW-RS", lambda: imp("dicomweb"), stow)):  # fmt: skip
+                if args.via != "both" and args.via != ("dimse" if name == "C-STORE" else "dicomweb"):
+                    continue
                 a, b = [], []
                 for _ in range(args.runs):
                     a.append(ours())
                     b.append(theirs())
                 ma, mb_ = statistics.median(a), statistics.median(b)
                 rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
+                print(f"{name}, each run (s): import {', '.join(f'{x:.2f}' for x in a)}; "
+                      f"peer {', '.join(f'{x:.2f}' for x in b)}", flush=True)  # fmt: skip
                 load.append(os.getloadavg()[0])
             version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
             print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "
@@ -313,7 +317,7 @@ def main() -> None:
                 peer = "dcmtk storescu" if name == "C-STORE" else "same files to Orthanc's STOW-RS"
                 print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
             print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
-            print("1-minute load average (2 cores) at the start, after C-STORE, after STOW-RS: "
+            print("1-minute load average (2 cores) at the start and after each delivery: "
                   + ", ".join(f"{x:.1f}" for x in load))  # fmt: skip
 
 
@@ -333,4 +337,4 @@ class _web:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -25,9 +25,11 @@ if str(REPO) not in sys.path:
 
 def dbstat(db: Path) -> list[tuple[str, int, int]]:
     """(table or index, bytes on pages, payload bytes), largest first."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    # Read-write: a read-only connection cannot checkpoint a WAL the server left behind (SQLite
+    # answers "disk I/O error"), and pages still in the WAL are not in the file's size.
+    con = sqlite3.connect(db)
     try:
-        con.execute("PRAGMA wal_checkpoint")
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         rows = con.execute(
             "SELECT name, SUM(pgsize), SUM(payload) FROM dbstat GROUP BY name ORDER BY 2 DESC"
         ).fetchall()

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlmodel import Session, select
 
+from broker.index.models import Patient, Study
 from broker.settings import Settings
 from tests.dicomweb.conftest import LiveServer, serve
 
@@ -47,3 +49,17 @@ def demo_server(request: pytest.FixtureRequest, tmp: Path) -> Iterator[LiveServe
             stack.callback(pg_admin.drop, name)
         settings = Settings(data_dir=tmp / "data", database_url=db_url, storage_url=storage_url, mllp_port=0)
         yield stack.enter_context(serve(settings))
+
+
+def the_child_and_a_stranger(session: Session) -> tuple[Patient, Patient, Study]:
+    """The demo child's patient row at the children's hospital, another person's patient row at
+    North General, and one of that stranger's studies: the tests' "namesake" scenarios start
+    from these (a shared Patient ID, an open review item between the two)."""
+    child = session.exec(select(Patient).where(Patient.issuer != "", Patient.patient_id == CHILD_MRN)).one()
+    stranger = session.exec(
+        select(Patient).where(Patient.person_id != child.person_id, Patient.facility_id == "northgen")
+    ).first()
+    assert stranger is not None
+    study = session.exec(select(Study).where(Study.patient_pk == stranger.pk)).first()
+    assert study is not None
+    return child, stranger, study

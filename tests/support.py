@@ -13,7 +13,10 @@ import pydicom
 from joserfc.jwk import ECKey
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
+from broker.index.models import Instance, InstanceConflict
 from broker.security.schemas import Principal, Role
 from broker.security.tokens import load_or_create_signing_key, mint
 from broker.settings import Settings
@@ -154,3 +157,20 @@ def mint_token(
 @functools.cache
 def _signing_key(path: str) -> ECKey:
     return load_or_create_signing_key(Path(path))
+
+
+def indexed_instance_keys(engine: Engine, *, sop_uid: str | None = None, conflicts: bool = False) -> set[str]:
+    """The object-store keys the index names for its instances (one instance's with `sop_uid`;
+    with `conflicts`, the kept-apart conflicting copies' too). Tests find stored objects through
+    this rather than a key layout of their own: the layout changes between releases."""
+    with Session(engine) as session:
+        query = select(col(Instance.object_key))
+        if sop_uid is not None:
+            query = query.where(col(Instance.sop_uid) == sop_uid)
+        keys = set(session.exec(query).all())
+        if conflicts:
+            other = select(col(InstanceConflict.object_key))
+            if sop_uid is not None:
+                other = other.where(col(InstanceConflict.sop_uid) == sop_uid)
+            keys |= set(session.exec(other).all())
+    return keys

@@ -26,7 +26,9 @@ def test_ruff_is_clean(args: tuple[str, ...]) -> None:
 
 
 def test_mypy_is_clean() -> None:
-    done = _run("mypy", "broker", "storage")
+    # No paths: pyproject.toml's `files` (the broker, storage, benches, tests and scripts), so a
+    # bench that drifted from the code it drives fails here, not when someone next runs it.
+    done = _run("mypy")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -30,8 +30,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import ColumnElement, Integer, String, and_, bindparam, false, func, literal, not_, or_
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+)
 from sqlalchemy import select as core_select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import FromClause
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session, col, select
 
 from broker.audit import service as audit
@@ -88,6 +105,12 @@ _RECORD_PK = func.coalesce(
 # One record's facility and patient row, as bound parameters (`Visibility.allows`).
 _ONE_FACILITY = bindparam("one_facility", type_=String())
 _ONE_PATIENT = bindparam("one_patient", type_=Integer())
+# The rows `Visibility.filter` and `Visibility.records` ask about, bound when they run.
+_STUDY_PKS = bindparam("study_pks", type_=Integer(), expanding=True)
+_RECORD_IDS = bindparam("record_ids", type_=Integer(), expanding=True)
+# The moment a break-the-glass grant is checked against: read when the statement runs (not when
+# it is built), so that one condition per caller serves all its requests.
+_AT_EXECUTION = bindparam("consent_now", type_=_glass.c.expires_at.type, callable_=lambda: _now())
 
 CLINICAL_ROLES = frozenset({Role.clinician, Role.radiologist})
 # Roles whose view of other facilities' records consent limits. Reviewers and auditors read no
@@ -230,15 +253,15 @@ def _opt_in(fac_col: Any) -> ColumnElement[bool]:
     return core_select(literal(1)).where(holder.c.id == fac_col, holder.c.consent_policy == "opt-in").exists()
 
 
-def _glass_open(principal: Principal, pk_col: Any, now: datetime) -> ColumnElement[bool]:
+def _glass_open(who: Any, facility: Any, pk_col: Any) -> ColumnElement[bool]:
     granted_for = _GRANTED_FOR
     return (
         core_select(literal(1))
         .select_from(_glass.join(granted_for, granted_for.c.pk == _glass.c.patient_pk))
         .where(
-            _glass.c.who == principal.who,
-            _glass.c.facility == principal.facility,
-            _glass.c.expires_at > now,
+            _glass.c.who == who,
+            _glass.c.facility == facility,
+            _glass.c.expires_at > _AT_EXECUTION,
             or_(_glass.c.patient_pk == pk_col, granted_for.c.person_id == _person_of(pk_col)),
         )
         .exists()
@@ -255,9 +278,94 @@ def _shared(fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
     )
 
 
+class _Visible(ColumnElement[bool]):
+    """One caller's condition on one record, as a single SQL element. SQLAlchemy finds a query's
+    compiled form by a cache key it computes on every execution by walking the whole statement;
+    walking the expanded condition (~200 elements: the consent and break-the-glass subqueries)
+    cost more than running it. This element's key is its inputs alone: the record's columns,
+    whether the caller acts for treatment, and the caller's facility and name as bound values
+    (which the key hands to the cached compiled form, as for any bound value). It compiles to
+    the expanded condition, which is built on those same bound values, in parentheses."""
+
+    __visit_name__ = "scanonce_consent_visible"
+    inherit_cache = True
+    _traverse_internals = [
+        ("fac_col", InternalTraversal.dp_clauseelement),
+        ("pk_col", InternalTraversal.dp_clauseelement),
+        ("treatment", InternalTraversal.dp_boolean),
+        ("facility", InternalTraversal.dp_clauseelement),
+        ("who", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, *, facility: str, who: str, treatment: bool, fac_col: Any, pk_col: Any) -> None:
+        self.type = Boolean()
+        self.fac_col = fac_col
+        self.pk_col = pk_col
+        self.treatment = treatment
+        self.facility = literal(facility, String())
+        self.who = literal(who, String())
+        own = fac_col == self.facility
+        shared: ColumnElement[bool] = _shared(fac_col, pk_col) if treatment else false()
+        # Always in the condition, never asked beforehand: a query of its own for "does the
+        # caller hold a grant?" cost every limited request a round trip (about half of
+        # authorization's cost to a QIDO-RS); as the last term of the OR it runs only for rows
+        # nothing else shows, on ix_break_glass_who.
+        self.expanded = or_(own, shared, _glass_open(self.who, self.facility, pk_col))
+
+    @property
+    def _from_objects(self) -> list[FromClause]:
+        # The tables its columns name, as the expanded condition would add to a statement.
+        return self.expanded._from_objects
+
+
+@compiles(_Visible)
+def _compile_visible(element: _Visible, compiler: SQLCompiler, **kw: Any) -> str:
+    # Parenthesised: it is an OR, and the statement around it knows only one element.
+    return f"({compiler.process(element.expanded, **kw)})"
+
+
+# Per caller (facility, who, purpose of use) and pair of columns: the condition, built once. A
+# caller sends many requests with the same token, and building the condition cost as much as
+# running it (~0.1 ms of SQL constructs per request, most of it the break-the-glass term); the
+# grant's clock is read when the statement runs, so a cached condition never goes stale.
+# Bounded: a caller pushed out is rebuilt on its next request, as every request was before.
+_CALLERS_CACHED = 256
+
+
+@functools.lru_cache(maxsize=_CALLERS_CACHED * 4)
+def _condition(facility: str, who: str, treatment: bool, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
+    return _Visible(facility=facility, who=who, treatment=treatment, fac_col=fac_col, pk_col=pk_col)
+
+
+# The statements `Visibility` runs itself, built once per caller: a statement object reused
+# keeps its SQL cache key, which SQLAlchemy otherwise recomputes on every execution by walking
+# the whole condition (as long again as building it).
+@functools.lru_cache(maxsize=_CALLERS_CACHED)
+def _one_record_query(facility: str, who: str, treatment: bool) -> Select[Any]:
+    return core_select(_condition(facility, who, treatment, _ONE_FACILITY, _ONE_PATIENT))
+
+
+@functools.lru_cache(maxsize=_CALLERS_CACHED)
+def _studies_query(facility: str, who: str, treatment: bool) -> Select[Any]:
+    cond = _condition(facility, who, treatment, _study.c.facility_id, _study.c.patient_pk)
+    return core_select(_study.c.pk).where(_study.c.pk.in_(_STUDY_PKS), cond)
+
+
+@functools.lru_cache(maxsize=_CALLERS_CACHED)
+def _records_query(facility: str, who: str, treatment: bool) -> Select[Any]:
+    cond = _condition(facility, who, treatment, _RECORD_FACILITY, _RECORD_PK)
+    return core_select(_identity.c.id).where(_identity.c.id.in_(_RECORD_IDS), cond)
+
+
 class _HasStudy(Protocol):
     @property
     def study_pk(self) -> int: ...
+
+    @property
+    def facility_id(self) -> str: ...
+
+    @property
+    def patient_pk(self) -> int: ...
 
 
 S = TypeVar("S", bound=_HasStudy)
@@ -271,61 +379,62 @@ class Visibility:
 
     principal: Principal
     treatment: bool
-    now: datetime
+
+    @property
+    def _caller(self) -> tuple[str, str, bool]:
+        return self.principal.facility, self.principal.who, self.treatment
 
     def __call__(self, fac_col: Any, pk_col: Any) -> ColumnElement[bool]:
-        own = fac_col == self.principal.facility
-        shared: ColumnElement[bool] = _shared(fac_col, pk_col) if self.treatment else false()
-        # Always in the condition, never asked beforehand: a query of its own for "does the caller
-        # hold a grant?" cost every limited request a round trip (about half of authorization's
-        # cost to a QIDO-RS); as the last term of the OR it runs only for rows nothing else shows,
-        # on ix_break_glass_who.
-        glass = _glass_open(self.principal, pk_col, self.now)
-        return or_(own, shared, glass)
+        return _condition(*self._caller, fac_col, pk_col)
 
     def allows(self, *, session: Session, patient_pk: int, facility: str) -> bool:
-        """May the caller see the record `patient_pk` that `facility` holds? One query, whose
-        condition is built on bound parameters: the consent part comes from `_shared`'s cache
-        instead of being rebuilt for each record's literals (that took most of a lookup's
-        authorization cost), and the compiled statement is reused."""
+        """May the caller see the record `patient_pk` that `facility` holds? One query (none for
+        the caller's own facility), on bound parameters: its statement is the caller's, reused."""
         if facility == self.principal.facility:
             return True
-        stmt = core_select(self(_ONE_FACILITY, _ONE_PATIENT))
+        stmt = _one_record_query(*self._caller)
         return bool(session.execute(stmt, {"one_facility": facility, "one_patient": patient_pk}).scalar())
 
     def filter(self, *, session: Session, studies: Sequence[S]) -> tuple[list[S], int]:
-        """(the studies the caller may see, how many were withheld), one query."""
-        if not studies:
-            return [], 0
-        pks = [s.study_pk for s in studies]
-        cond = self(_study.c.facility_id, _study.c.patient_pk)
-        seen = set(session.execute(core_select(_study.c.pk).where(_study.c.pk.in_(pks), cond)).scalars())
-        kept = [s for s in studies if s.study_pk in seen]
+        """(the studies the caller may see, how many were withheld). The rule depends only on a
+        study's facility and patient row, so it is asked once per such pair, and not at all for
+        the caller's own facility's studies: at most one query, none when all are its own."""
+        own = self.principal.facility
+        # One study stands for each other facility's (facility, patient row) pair.
+        asked: dict[tuple[str, int], int] = {}
+        for s in studies:
+            if s.facility_id != own:
+                asked.setdefault((s.facility_id, s.patient_pk), s.study_pk)
+        shown: set[tuple[str, int]] = set()
+        if asked:
+            by_pk = {pk: pair for pair, pk in asked.items()}
+            stmt = _studies_query(*self._caller)
+            seen = session.execute(stmt, {"study_pks": list(by_pk)}).scalars()
+            shown = {by_pk[pk] for pk in seen}
+        kept = [s for s in studies if s.facility_id == own or (s.facility_id, s.patient_pk) in shown]
         return kept, len(studies) - len(kept)
 
+    def records(self, *, session: Session, record_ids: Collection[int]) -> set[int]:
+        """Of these identity record ids, those the caller may see (one query)."""
+        if not record_ids:
+            return set()
+        stmt = _records_query(*self._caller)
+        return set(session.execute(stmt, {"record_ids": list(record_ids)}).scalars())
 
-def visibility(*, session: Session, principal: Principal, now: datetime | None = None) -> Visibility | None:
+
+def visibility(*, principal: Principal) -> Visibility | None:
     """The condition for `principal`, or None when consent does not limit it (administrators).
-    `session` is kept for callers' symmetry with the other checks: the condition itself asks
-    the database nothing until the query it joins runs."""
-    del session
+    It asks the database nothing: the query it joins does."""
     if not limited(principal):
         return None
     # A facility node acts for treatment by deployment (no purpose of use travels over DIMSE).
     treatment = principal.role not in CLINICAL_ROLES or purpose_is_treatment(principal)
-    return Visibility(principal=principal, treatment=treatment, now=now or _now())
+    return Visibility(principal=principal, treatment=treatment)
 
 
-def may_share(
-    *,
-    session: Session,
-    patient_pk: int,
-    from_facility: str,
-    principal: Principal,
-    now: datetime | None = None,
-) -> bool:
+def may_share(*, session: Session, patient_pk: int, from_facility: str, principal: Principal) -> bool:
     """May `principal` see the record `patient_pk` that `from_facility` holds? The one question."""
-    rule = visibility(session=session, principal=principal, now=now)
+    rule = visibility(principal=principal)
     return (
         True if rule is None else rule.allows(session=session, patient_pk=patient_pk, facility=from_facility)
     )
@@ -351,8 +460,8 @@ def check_study(*, session: Session, principal: Principal, study_uid: str) -> No
 
 
 def filter_studies(*, session: Session, principal: Principal, studies: Sequence[S]) -> tuple[list[S], int]:
-    """(the studies `principal` may see, how many were withheld), one query."""
-    rule = visibility(session=session, principal=principal)
+    """(the studies `principal` may see, how many were withheld), at most one query."""
+    rule = visibility(principal=principal)
     if rule is None:
         return list(studies), 0
     return rule.filter(session=session, studies=studies)
@@ -362,16 +471,12 @@ def record_filter(*, session: Session, principal: Principal) -> RecordFilter | N
     """For identity's reads (FHIR Patient read and search, PIXm, the pages' name search): given
     identity record ids, those `principal` may see, by the same rule as studies (one query per
     call). None when consent does not limit the caller."""
-    rule = visibility(session=session, principal=principal)
+    rule = visibility(principal=principal)
     if rule is None:
         return None
-    cond = rule(_RECORD_FACILITY, _RECORD_PK)
 
     def keep(record_ids: Collection[int]) -> set[int]:
-        if not record_ids:
-            return set()
-        stmt = core_select(_identity.c.id).where(_identity.c.id.in_(list(record_ids)), cond)
-        return set(session.execute(stmt).scalars())
+        return rule.records(session=session, record_ids=record_ids)
 
     return keep
 

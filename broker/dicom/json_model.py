@@ -22,6 +22,10 @@ BULK_BASE = "@@SCANONCE_BASE@@"
 BULK_BASE_BYTES = BULK_BASE.encode()
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 BULK_THRESHOLD = 1024
+# Pixel Data (and its float and double-float forms) is always a BulkDataURI, whatever its size:
+# a viewer fetches pixels as frames, never from the metadata, and a 16x16 image inlined is 700
+# bytes of base64 in every metadata response and index row (Orthanc references it too).
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -187,7 +191,9 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
         vr = _vr_of(ds, int(tag), raw)
         length = getattr(raw, "length", None)
         if isinstance(raw, RawDataElement):
-            if vr in BULK_VRS and (length == _UNDEFINED or (length or 0) > BULK_THRESHOLD):
+            if vr in BULK_VRS and (
+                length == _UNDEFINED or (length or 0) > BULK_THRESHOLD or int(tag) in PIXEL_TAGS
+            ):
                 out[key] = _bulk(int(tag), vr, bulk_prefix)
                 continue
             # UN on the wire, ambiguous implicit VRs (US or SS), sequences and private tags
@@ -209,7 +215,11 @@ def _element_json(ds: Dataset, tag: int, bulk_path: str) -> dict[str, Any]:
         elem = ds[tag]
         if elem.VR == "SQ":
             return _sequence_json(elem.value, f"{bulk_path}/{int(tag):08X}")
-        if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
+        if (
+            elem.VR in BULK_VRS
+            and elem.value is not None
+            and (len(elem.value) > BULK_THRESHOLD or int(tag) in PIXEL_TAGS)
+        ):
             return {"vr": elem.VR, "BulkDataURI": uri}
         return elem.to_json_dict(None, 1 << 30)
     except Exception:  # noqa: BLE001 - one unreadable value must not sink the instance

@@ -209,7 +209,7 @@ def _in_session(scope: Scope, fn: Callable[..., T], **kwargs: Any) -> T:
 
 def _visible_search(session: Session, *, query: Query, principal: Principal) -> QueryResult:
     """The index's answer with only the records the caller may see (consent, purpose of use)."""
-    query.visible = consent_service.visibility(session=session, principal=principal)
+    query.visible = consent_service.visibility(principal=principal)
     return index_service.search(session=session, query=query)
 
 

@@ -165,7 +165,16 @@ class ReceiverSupervisor:
                     if self._stop.is_set():
                         return
                     process = self._procs[row]
-                    process.join()
+                # Reaped outside the lock, and never waited on for long: its sentinel says it
+                # has let go of its end, not that it has exited, and `pids()` and `stop()` must
+                # not block behind a receiver that is slow to die (seen under load).
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
+                with self._lock:
+                    if self._stop.is_set():
+                        return
                     quick = time.monotonic() - self._started[row] < _QUICK_EXIT
                     self._failures[row] = self._failures.get(row, 0) + 1 if quick else 0
                 log.warning(

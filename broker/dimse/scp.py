@@ -637,7 +637,7 @@ def _search_pages(
             offset=offset,
         )
         with Session(handle.state.engine) as session:
-            query.visible = consent_service.visibility(session=session, principal=principal)
+            query.visible = consent_service.visibility(principal=principal)
             result = search(session=session, query=query)
         for match in result.matches:
             yield match, bool(result.warnings)

@@ -360,7 +360,7 @@ def search_imaging_studies(
     )
     if principal is not None:
         # Only the studies the caller may see (consent, purpose of use), counted as such.
-        query.visible = consent.visibility(session=session, principal=principal)
+        query.visible = consent.visibility(principal=principal)
     total = index.count(session=session, query=query)
     resources: list[dict[str, Any]] = []
     if count and offset < total:
@@ -380,7 +380,7 @@ def read_imaging_study(
         return None
     query = index.Query(level="study", study_uid=study_uid, includefields="all", limit=1)
     if principal is not None:
-        query.visible = consent.visibility(session=session, principal=principal)
+        query.visible = consent.visibility(principal=principal)
     studies = index.search(session=session, query=query).matches
     return _resources(session, studies, base_url)[0] if studies else None
 

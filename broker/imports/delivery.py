@@ -34,6 +34,38 @@ _TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 
 @dataclass(frozen=True, slots=True)
+class Spliced:
+    """A coerced instance sent by STOW-RS without being written out first: new bytes and
+    [start, end) byte ranges of its source file, in order (`reconcile.Coercer.splice`)."""
+
+    source: str  # path of the stored file
+    parts: tuple[bytes | tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in self.parts)
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.source, "rb") as fp:
+            for part in self.parts:
+                if isinstance(part, bytes):
+                    yield part
+                    continue
+                start, end = part
+                fp.seek(start)
+                while start < end:
+                    chunk = fp.read(min(end - start, _CHUNK))
+                    if not chunk:
+                        raise OSError(f"{self.source} is shorter than when it was coerced")
+                    yield chunk
+                    start += len(chunk)
+
+
+# What is sent: a file's path, or a spliced instance (STOW-RS only).
+File = str | Spliced
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     sop_uid: str
     status: str  # sent | warning | failed
@@ -58,7 +90,7 @@ def via_of(facility: Archive, wanted: str = "") -> str:
 
 
 def deliver(
-    *, facility: Archive, via: str, files: Sequence[tuple[str, str]], calling_ae: str
+    *, facility: Archive, via: str, files: Sequence[tuple[File, str]], calling_ae: str
 ) -> list[Outcome]:
     """Send (path, sop_uid) files on a connection of their own (see `Sender`)."""
     with Sender(facility=facility, via=via, calling_ae=calling_ae) as sender:
@@ -87,9 +119,9 @@ class Sender:
             self._http.close()
         self._dimse = self._http = None
 
-    def send(self, files: Sequence[tuple[str, str]]) -> list[Outcome]:
-        """Send (path, sop_uid) files; Unavailable when the archive cannot be reached at all (the
-        caller retries the batch with backoff)."""
+    def send(self, files: Sequence[tuple[File, str]]) -> list[Outcome]:
+        """Send (path or spliced instance, sop_uid) files; Unavailable when the archive cannot be
+        reached at all (the caller retries the batch with backoff)."""
         if self.via == "dimse":
             return self._cstore(files)
         if self._http is None:
@@ -101,16 +133,18 @@ class Sender:
             self._http = None
             raise
 
-    def _cstore(self, files: Sequence[tuple[str, str]]) -> list[Outcome]:
+    def _cstore(self, files: Sequence[tuple[File, str]]) -> list[Outcome]:
         facility = self.facility
         assert facility.ae_title and facility.host and facility.port
+        paths = [p for p, _ in files if isinstance(p, str)]
+        assert len(paths) == len(files), "C-STORE sends files from disk"
         if self._dimse is None:
             self._dimse = scu.StoreSession(
                 host=facility.host, port=int(facility.port), called_ae=facility.ae_title,
                 calling_ae=self.calling_ae,
             )  # fmt: skip
         try:
-            results = self._dimse.send([p for p, _ in files])
+            results = self._dimse.send(paths)
         except DimseStatusError as exc:
             raise Unavailable(str(exc)) from exc
         return _outcomes(results)
@@ -134,20 +168,23 @@ def _refusal(status: int) -> str:
     return f"refused by the archive: status 0x{status:04X}" + (f" ({meaning})" if meaning else "")
 
 
-def _body(paths: Sequence[str], boundary: str) -> Iterator[bytes]:
-    for path in paths:
+def _body(files: Sequence[File], boundary: str) -> Iterator[bytes]:
+    for file in files:
         yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        with open(path, "rb") as fp:
-            while chunk := fp.read(_CHUNK):
-                yield chunk
+        if isinstance(file, Spliced):
+            yield from file.chunks()
+        else:
+            with open(file, "rb") as fp:
+                while chunk := fp.read(_CHUNK):
+                    yield chunk
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
 
 
-def _stow(client: httpx.Client, facility: Archive, files: Sequence[tuple[str, str]]) -> list[Outcome]:
+def _stow(client: httpx.Client, facility: Archive, files: Sequence[tuple[File, str]]) -> list[Outcome]:
     assert facility.dicomweb_url
     boundary = uuid.uuid4().hex
-    size = sum(os.path.getsize(p) for p, _ in files)
+    size = sum(p.size if isinstance(p, Spliced) else os.path.getsize(p) for p, _ in files)
     try:
         rsp = client.post(
             f"{facility.dicomweb_url.rstrip('/')}/studies",
@@ -160,6 +197,8 @@ def _stow(client: httpx.Client, facility: Archive, files: Sequence[tuple[str, st
         )
     except httpx.HTTPError as exc:
         raise Unavailable(f"facility {facility.id!r} cannot be reached by STOW-RS: {exc}") from exc
+    except OSError as exc:  # a file of the batch could not be read while it was sent
+        raise Unavailable(f"a file for facility {facility.id!r} could not be read: {exc}") from exc
     if rsp.status_code >= 500 and rsp.status_code != 502:
         raise Unavailable(f"facility {facility.id!r} answered STOW-RS with HTTP {rsp.status_code}")
     try:
@@ -210,6 +249,22 @@ def study_patients(*, facility: Archive, via: str, study_uid: str, calling_ae: s
     return {(_value(r, "00100020"), _value(r, "00100021")) for r in rows}
 
 
+def series_counts(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> dict[str, int] | None:
+    """How many instances the destination holds in each series of the study (its
+    NumberOfSeriesRelatedInstances, summed over its records of a series UID): a query the
+    archive answers from its index, where one listing every instance may make it read each
+    file (Orthanc's QIDO-RS does). None when it does not give the count."""
+    keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "NumberOfSeriesRelatedInstances": ""}
+    rows = _query(facility, via, "SERIES", keys, calling_ae, f"/studies/{study_uid}/series", {})
+    out: dict[str, int] = {}
+    for r in rows:
+        series, count = _value(r, "0020000E"), _value(r, "00201209")
+        if not series or not count.isdigit():
+            return None
+        out[series] = out.get(series, 0) + int(count)
+    return out
+
+
 def held_instances(*, facility: Archive, via: str, study_uid: str, calling_ae: str) -> set[str]:
     """SOP Instance UIDs the destination holds in the study (post-send verification)."""
     keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "SOPInstanceUID": ""}
@@ -240,6 +295,8 @@ def _query(
     params: list[tuple[str, str | int | float | bool | None]] = list(match.items())
     if level == "STUDY":
         params += [("includefield", "00100020"), ("includefield", "00100021")]
+    elif level == "SERIES":
+        params += [("includefield", "00201209")]
     try:
         with network.guarded_client(timeout=_TIMEOUT) as client:
             rsp = client.get(url, params=params, headers={"Accept": "application/dicom+json"})

@@ -8,15 +8,22 @@ reason COERCE, and the outside Patient ID is kept in OtherPatientIDsSequence wit
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
+
+from broker.imports import splice
 
 MODIFYING_SYSTEM = "SCANONCE"
 PATIENT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
@@ -187,32 +194,211 @@ def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple
 
 
 def coerce_file(src: BinaryIO, dst: BinaryIO, plan: Plan) -> None:
-    """Write the Part 10 file `src` (seekable, at its start) coerced per `plan` to `dst`.
+    """Write the Part 10 file `src` (seekable, at its start) coerced per `plan` to `dst` (see
+    `Coercer`, which an import keeps for all its files)."""
+    Coercer(plan).coerce_file(src, dst)
 
-    Only the header (everything before Pixel Data) is parsed, coerced and re-encoded; the rest
-    of the file, Pixel Data first, is copied byte for byte. The plan changes no attribute there,
-    so the result is the file a full parse and re-encode would give, at a fraction of the cost
-    (pydicom's reader and writer cost per element, and a 512x512 slice's pixels are one element
-    but half a megabyte to copy through Python objects twice). A file whose header cannot be
-    re-encoded exactly as the rest is stored (deflated, big endian, or a data set not encoded
-    as its transfer syntax says) is parsed and written whole instead.
+
+# The top-level attributes `apply` reads or changes when it renames no UID (keep in step with it:
+# an attribute it touched outside these would not reach the spliced file; the tests compare the
+# spliced file with pydicom's full re-encode).
+_SPLICED = frozenset(
+    tag_for_keyword(k) or 0
+    for k in (*PATIENT_KEYWORDS, "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence",
+              "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", *INSTITUTION_KEYWORDS,
+              "OriginalAttributesSequence")
+)  # fmt: skip
+_CHARSET, _SOP_CLASS, _SOP_INSTANCE = 0x00080005, 0x00080016, 0x00080018
+_PIXELS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # where pydicom's stop_before_pixels stops
+# File meta elements pydicom's writer adds when absent (PS3.10 7.1 and its own ImplementationVersionName).
+_META_REQUIRED = (0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+_MEMO = 64  # distinct headers remembered per import (a study's instances mostly share one)
+Part = bytes | tuple[int, int]  # new bytes, or the source's bytes [start, end)
+
+
+class Coercer:
+    """Coerces the files of one import per its plan: each file the one a full parse, `apply` and
+    re-encode by pydicom would give.
+
+    Without renamed UIDs (which reach into sequences anywhere), only the top-level elements
+    `apply` reads or changes are parsed, coerced and re-encoded; every other element, Pixel Data
+    and all after it, is the source's own bytes spliced around them (`splice`: pydicom writes an
+    element it has not decoded back as it read it, so the bytes are the same). What those few
+    elements become depends only on what they were, and the instances of a study mostly carry
+    the same: the result is remembered, so most files cost a walk of their element headers and
+    a copy (one AttributeModificationDateTime for them all, the time of the first). The file
+    meta is the source's own when pydicom's writer would not change it.
+
+    Otherwise, or for a file the splice does not follow, the header (everything before Pixel
+    Data) is parsed, coerced and re-encoded and the rest copied on; a file whose header cannot
+    be re-encoded exactly as the rest is stored (deflated, big endian, or a data set not
+    encoded as its transfer syntax says) is parsed and written whole.
     """
-    ds = dcmread(src, stop_before_pixels=True)
-    tail = src.tell()
-    meta = getattr(ds, "file_meta", None)
-    ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-    if not (
-        ts.is_transfer_syntax
-        and not ts.is_deflated
-        and ts.is_little_endian
-        and ds.original_encoding == (ts.is_implicit_VR, True)
-    ):
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._memo: dict[tuple[bool, bytes], list[tuple[int, bytes]]] = {}
+
+    def splice(self, src: BinaryIO) -> list[Part] | None:
+        """The coerced file as new bytes and [start, end) ranges of `src`, in order, without
+        writing it (STOW-RS sends it so); None when the splice does not apply (renamed UIDs, or
+        a file it does not follow: `coerce_file` takes pydicom's path for those)."""
+        if self.plan.rename_uids:
+            return None
+        try:
+            head, parts, tail = self._spliced(src)
+            size = src.seek(0, 2)
+        except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
+            return None
+        return [head, *parts, *([(tail, size)] if tail < size else [])]
+
+    def coerce_file(self, src: BinaryIO, dst: BinaryIO) -> None:
+        plan = self.plan
+        parts = self.splice(src)
+        if parts is not None:
+            for part in parts:
+                if isinstance(part, bytes):
+                    dst.write(part)
+                else:
+                    _copy(src, dst, *part)
+            return
         src.seek(0)
-        ds = dcmread(src)
+        ds = dcmread(src, stop_before_pixels=True)
+        tail = src.tell()
+        meta = getattr(ds, "file_meta", None)
+        ts = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+        if not (
+            ts.is_transfer_syntax
+            and not ts.is_deflated
+            and ts.is_little_endian
+            and ds.original_encoding == (ts.is_implicit_VR, True)
+        ):
+            src.seek(0)
+            ds = dcmread(src)
+            apply(ds, plan)
+            ds.save_as(dst, enforce_file_format=True)
+            return
         apply(ds, plan)
         ds.save_as(dst, enforce_file_format=True)
-        return
-    apply(ds, plan)
-    ds.save_as(dst, enforce_file_format=True)
-    src.seek(tail)
-    shutil.copyfileobj(src, dst, 1 << 20)
+        src.seek(tail)
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+    def _spliced(self, src: BinaryIO) -> tuple[bytes, list[Part], int]:
+        """The coerced file as (preamble and file meta, the data set up to Pixel Data as new bytes
+        and ranges of the source, where the source's remainder starts). Raises on what it cannot
+        do."""
+        size = src.seek(0, 2)
+        src.seek(0)
+        head = src.read(132)
+        if len(head) < 132 or head[128:] != b"DICM":
+            raise splice.Unsupported("no Part 10 preamble")
+        metas, start = splice.walk(src, start=132, implicit=False, size=size, stop=lambda t: t >> 16 != 2)
+        src.seek(132)
+        meta_raw = src.read(start - 132)
+        meta = read_dataset(io.BytesIO(meta_raw), False, True)
+        ts = UID(str(meta.get("TransferSyntaxUID", "")))
+        if not (
+            metas
+            and ts.is_transfer_syntax
+            and not ts.is_deflated
+            and ts.is_little_endian
+            and splice.looks_explicit(src.read(6)) != ts.is_implicit_VR
+        ):
+            raise splice.Unsupported("an encoding the splice does not keep")
+        implicit = ts.is_implicit_VR
+        elements, tail = splice.walk(
+            src, start=start, implicit=implicit, size=size, stop=_PIXELS.__contains__
+        )
+        values: dict[int, bytes] = {}
+        chosen = b""
+        for e in elements:
+            if e.tag in _SPLICED or e.tag in (_CHARSET, _SOP_CLASS, _SOP_INSTANCE):
+                src.seek(e.start)
+                raw = src.read(e.end - e.start)
+                values[e.tag] = raw[e.header :]
+                if e.tag not in (_SOP_CLASS, _SOP_INSTANCE):
+                    chosen += raw
+        new = self._memo.get((implicit, chosen))
+        if new is None:
+            new = self._encode(chosen, implicit)
+            if len(self._memo) >= _MEMO:
+                self._memo.clear()
+            self._memo[(implicit, chosen)] = new
+        parts: list[tuple[int, Part]] = list(new)
+        parts += [
+            (e.tag, (e.start, e.end))
+            for e in elements
+            # pydicom's writer drops a retired group length (PS3.5 7.2)
+            if e.tag not in _SPLICED and not (e.tag & 0xFFFF == 0 and e.tag >> 16 > 6)
+        ]
+        parts.sort(key=lambda p: p[0])
+        merged: list[Part] = []
+        for _, part in parts:
+            last = merged[-1] if merged else None
+            if isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
+                merged[-1] = (last[0], part[1])
+            else:
+                merged.append(part)
+        sop = (_uid(values.get(_SOP_CLASS)), _uid(values.get(_SOP_INSTANCE)))
+        return head + _file_meta(meta_raw, metas, sop), merged, tail
+
+    def _encode(self, chosen: bytes, implicit: bool) -> list[tuple[int, bytes]]:
+        """The `_SPLICED` elements (and SpecificCharacterSet) encoded in `chosen`, coerced and
+        re-encoded by pydicom: [(tag, its bytes)], an element `apply` removed left out."""
+        ds = read_dataset(io.BytesIO(chosen), implicit, True)
+        apply(ds, self.plan)
+        out = DicomBytesIO()
+        out.is_implicit_VR, out.is_little_endian = implicit, True
+        write_dataset(out, ds)
+        data = out.getvalue()
+        found = splice.walk(
+            io.BytesIO(data), start=0, implicit=implicit, size=len(data), stop=lambda t: False
+        )[0]
+        return [(e.tag, data[e.start : e.end]) for e in found if e.tag in _SPLICED]
+
+
+def _uid(raw: bytes | None) -> str:
+    return raw.rstrip(b"\0 ").decode("ascii") if raw else ""
+
+
+def _file_meta(raw: bytes, elements: list[splice.Element], sop: tuple[str, str]) -> bytes:
+    """The file meta as `save_as(enforce_file_format=True)` writes it: the source's own bytes
+    when that would write them unchanged (every element it would add present, a correct group
+    length, the UIDs it re-encodes in their canonical form, the Media Storage UIDs those of the
+    data set), else written by pydicom (0002,0002/3 taken from the data set as it does)."""
+    base = 132
+    values = {e.tag: raw[e.start - base + e.header : e.end - base] for e in elements}
+    canonical = all(
+        (v := values.get(t)) and v == _pad_uid(_uid(v))
+        for t in (0x00020002, 0x00020003, 0x00020010, 0x00020012)
+    )
+    if (
+        canonical
+        and all(values.get(t) for t in _META_REQUIRED)
+        and elements[0].tag == 0x00020000
+        and values[0x00020000] == (elements[-1].end - elements[0].end).to_bytes(4, "little")
+        and (_uid(values[0x00020002]), _uid(values[0x00020003])) == sop
+    ):
+        return raw
+    meta = FileMetaDataset(read_dataset(io.BytesIO(raw), False, True))
+    for keyword, value in zip(("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"), sop, strict=True):
+        if meta.get(keyword) is None or (value and value != meta.get(keyword)):
+            setattr(meta, keyword, value or None)
+    out = DicomBytesIO()
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue()
+
+
+def _pad_uid(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
+    src.seek(start)
+    while start < end:
+        chunk = src.read(min(end - start, 1 << 20))
+        if not chunk:
+            raise OSError("the source file changed while it was copied")
+        dst.write(chunk)
+        start += len(chunk)

@@ -18,16 +18,16 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import func, update
+from sqlalchemy import func, insert, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -51,6 +51,8 @@ log = logging.getLogger("scanonce.imports")
 IMPORT_JOB = "import"
 # A batch sent: (row, its outcome) and the rows whose source could not be read (why).
 Sent_ = tuple[list[tuple["ImportInstance", delivery.Outcome]], list[tuple["ImportInstance", str]]]
+# A batch coerced: (its file, row) and the rows whose source could not be read (why).
+Coerced_ = tuple[list[tuple[delivery.File, "ImportInstance"]], list[tuple["ImportInstance", str]]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
@@ -227,19 +229,30 @@ def _read(store: Any, key: str, *, headers_only: bool = False) -> Dataset:
         return dcmread(tmp, stop_before_pixels=headers_only)
 
 
-def _coerce(store: Any, key: str, path: str, plan: reconcile.Plan) -> None:
-    """The stored object `key`, coerced, written to `path` (header re-encoded, pixels copied)."""
+def _spliced(store: Any, key: str, coercer: reconcile.Coercer) -> delivery.Spliced | None:
+    """The stored object `key` coerced as a splice of its own file (None: not a local file, or
+    not one the splice applies to)."""
+    local = store.open_local(key)
+    if local is None:
+        return None
+    with open(local, "rb") as src:
+        parts = coercer.splice(src)
+    return delivery.Spliced(local, tuple(parts)) if parts is not None else None
+
+
+def _coerce(store: Any, key: str, path: str, coercer: reconcile.Coercer) -> None:
+    """The stored object `key`, coerced, written to `path`."""
     with open(path, "wb") as out:
         local = store.open_local(key)
         if local is not None:
             with open(local, "rb") as src:
-                reconcile.coerce_file(src, out, plan)
+                coercer.coerce_file(src, out)
             return
         with tempfile.TemporaryFile() as tmp:
             for chunk in store.get(key):
                 tmp.write(chunk)
             tmp.seek(0)
-            reconcile.coerce_file(tmp, out, plan)
+            coercer.coerce_file(tmp, out)
 
 
 # -- the destination's configuration (StudyID, institution) ----------------------------------------
@@ -453,17 +466,26 @@ def _run(
     if not refs:
         raise NotFound(f"the broker holds no instance of study {study_uid}")
     plan = reconcile.Plan.from_json(plan_data, _known_uids(refs, study_uid))
+    coercer = reconcile.Coercer(plan)
     by_sop = {r.sop_uid: r for r in refs}
+
+    def delivered(uid: str) -> str:
+        return reconcile.new_uid(destination=plan.destination, uid=uid) if plan.rename_uids else uid
+
+    series_of = {delivered(r.sop_uid): delivered(r.series_uid) for r in refs}
     with session_scope(engine) as session:
-        have = {i.source_sop_uid for i in instances_of(session=session, import_id=import_id)}
-        for r in refs:
-            if r.sop_uid not in have:
-                sop = (
-                    reconcile.new_uid(destination=plan.destination, uid=r.sop_uid)
-                    if plan.rename_uids
-                    else r.sop_uid
-                )
-                session.add(ImportInstance(import_id=import_id, source_sop_uid=r.sop_uid, sop_uid=sop))
+        have = set(
+            session.exec(select(ImportInstance.source_sop_uid).where(ImportInstance.import_id == import_id))
+        )
+        now = datetime.now(UTC)
+        rows = [
+            {"import_id": import_id, "source_sop_uid": r.sop_uid, "sop_uid": delivered(r.sop_uid),
+             "status": "pending", "code": None, "detail": "", "attempts": 0, "updated_at": now}
+            for r in refs
+            if r.sop_uid not in have
+        ]  # fmt: skip
+        if rows:  # one executemany, not an ORM object per instance
+            session.execute(insert(ImportInstance), rows)
         session.execute(update(ImportJob).where(col(ImportJob.id) == import_id).values(total=len(by_sop)))
     with Session(engine) as session:
         pending = [
@@ -475,55 +497,81 @@ def _run(
     with (
         tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp,
         _Senders(destination, via, calling_ae) as senders,
+        ThreadPoolExecutor(1, thread_name_prefix="import-coerce") as coercing,
         ThreadPoolExecutor(SENDERS, thread_name_prefix="import-send") as pool,
     ):
 
-        def work(batch: list[ImportInstance]) -> Sent_:
-            files: list[tuple[str, ImportInstance]] = []
+        def coerce(batch: list[ImportInstance]) -> Coerced_:
+            files: list[tuple[delivery.File, ImportInstance]] = []
             unreadable: list[tuple[ImportInstance, str]] = []
             for inst in batch:
+                key = by_sop[inst.source_sop_uid].object_key
                 path = os.path.join(tmp, f"{inst.id}.dcm")
                 try:
-                    _coerce(store, by_sop[inst.source_sop_uid].object_key, path, plan)
+                    # STOW-RS streams a spliced instance from its stored file: nothing written.
+                    spliced = _spliced(store, key, coercer) if via == "dicomweb" else None
+                    if spliced is None:
+                        _coerce(store, key, path, coercer)
                 except Exception as exc:  # one unreadable instance fails alone, named in its row
                     unreadable.append((inst, f"cannot be read or coerced: {type(exc).__name__}"))
                     continue
-                files.append((path, inst))
+                files.append((spliced or path, inst))
+            return files, unreadable
+
+        def send(coerced: Future[Coerced_]) -> Sent_:
+            files, unreadable = coerced.result()
             try:
                 outcomes = _send_with_retries(senders.mine(), files) if files else []
             finally:
-                for path, _ in files:
-                    os.unlink(path)
+                for file, _ in files:
+                    if isinstance(file, str):
+                        os.unlink(file)
             return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
 
-        # SENDERS batches in flight, each read, coerced and sent by its own thread on its own
-        # connection (one thread coerces while another waits for the archive), recorded in
-        # order here: at most SENDERS batches of files on disk, none in memory. A cancel stops
-        # new batches; those in flight finish and are recorded.
-        inflight: deque[tuple[int, Future[Sent_]]] = deque()
+        # SENDERS batches in flight, each sent by its own thread on its own connection, and as
+        # many coerced ahead by one more thread, so that a connection has its next batch ready
+        # (the archive is kept as busy as by a plain client at that concurrency; coercing in the
+        # sending thread left it idle meanwhile). Each batch is recorded as soon as it is sent,
+        # in whatever order they finish (waiting for the oldest left a connection idle), and a
+        # batch is sent only once a slot is free: at most SENDERS batches are ever sent and not
+        # yet recorded. At most 2 x SENDERS batches of files on disk, none in memory. A cancel
+        # stops new batches; those in flight finish and are recorded.
+        inflight: dict[Future[Sent_], int] = {}
+        ahead: deque[tuple[int, Future[Coerced_]]] = deque()
+        batches = _batches(pending, BATCH)
         cancelled = False
 
+        def top_up() -> None:
+            while len(ahead) < SENDERS and (batch := next(batches, None)):
+                ahead.append((len(batch), coercing.submit(coerce, batch)))
+
         def collect() -> None:
-            nonlocal done
-            n, future = inflight.popleft()
-            _record(engine, *future.result())
-            done += n
+            nonlocal done, cancelled
+            finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cancelled = _record(engine, *future.result()) or cancelled
+                done += inflight.pop(future)
             progress.update(done=done, total=total, message="sending")
 
-        for batch in _batches(pending, BATCH):
-            if len(inflight) >= SENDERS:
+        top_up()
+        # Asked while the first batches are coerced, before this run sends anything.
+        fresh = _holds_nothing(destination, via, plan.study_uid, calling_ae)
+        cancelled = _cancelled(engine, import_id)
+        while ahead and not cancelled:
+            n, coerced = ahead.popleft()
+            inflight[pool.submit(send, coerced)] = n
+            top_up()
+            while len(inflight) >= SENDERS or (inflight and not ahead):
                 collect()
-            if _cancelled(engine, import_id):
-                cancelled = True
-                break
-            inflight.append((len(batch), pool.submit(work, batch)))
+                if cancelled:
+                    break
         while inflight:
             collect()
     if cancelled:
         _finish(engine, import_id, status="cancelled", message="cancelled")
         progress.update(message="cancelled")
         return
-    _verify(engine, import_id, plan, destination, via, calling_ae)
+    _verify(engine, import_id, plan, destination, via, calling_ae, fresh=fresh, series_of=series_of)
     with Session(engine) as session:
         row = get_import(session=session, import_id=import_id)
         failed, verified = row.failed, row.verified
@@ -582,7 +630,7 @@ def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> Non
 
 
 def _send_with_retries(
-    sender: delivery.Sender, files: list[tuple[str, ImportInstance]]
+    sender: delivery.Sender, files: list[tuple[delivery.File, ImportInstance]]
 ) -> list[delivery.Outcome]:
     wait = BACKOFF
     for attempt in range(1, RETRIES + 1):
@@ -601,10 +649,11 @@ def _record(
     engine: Engine,
     outcomes: list[tuple[ImportInstance, delivery.Outcome]],
     unreadable: list[tuple[ImportInstance, str]],
-) -> None:
+) -> bool:
     """Each instance's outcome and the import's counts, in one transaction: one bulk UPDATE by
     primary key and one COUNT, so the cost per batch does not grow with the study (re-reading every
-    instance row per batch made a 2000-instance import quadratic)."""
+    instance row per batch made a 2000-instance import quadratic). Returns whether a cancel was
+    asked (read in the same statement: a connection waits for this before its next batch)."""
     now = datetime.now(UTC)
     changes = [
         {"id": inst.id, "status": o.status, "code": o.code, "detail": o.detail[:512],
@@ -615,8 +664,6 @@ def _record(
          "updated_at": now}
         for inst, why in unreadable
     ]  # fmt: skip
-    if not changes:
-        return
     import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
     with session_scope(engine) as session:
         session.execute(update(ImportInstance), changes)
@@ -627,20 +674,54 @@ def _record(
                 .group_by(col(ImportInstance.status))
             ).all()
         )
-        session.execute(
-            update(ImportJob)
-            .where(col(ImportJob.id) == import_id)
-            .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+        return bool(
+            session.execute(
+                update(ImportJob)
+                .where(col(ImportJob.id) == import_id)
+                .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+                .returning(col(ImportJob.cancel_requested))
+            ).scalar_one()
         )
 
 
+def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: str) -> bool:
+    """Whether the destination holds no instance of the study (before this run sends any)."""
+    try:
+        return (
+            delivery.series_counts(facility=destination, via=via, study_uid=study_uid, calling_ae=calling_ae)
+            == {}
+        )
+    except Unavailable:
+        return False  # unknown: the verification lists every instance
+
+
 def _verify(
-    engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str
-) -> None:
-    """Ask the destination what it holds; an instance sent but not there is reported failed."""
-    held = delivery.held_instances(
-        facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
-    )
+    engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
+    *, fresh: bool, series_of: dict[str, str],
+) -> None:  # fmt: skip
+    """Ask the destination what it holds; an instance sent but not there is reported failed.
+
+    When it held nothing of the study before this run sent anything (`fresh`), each series
+    holding exactly the instances delivered to it proves they all arrived: the archive is asked
+    for its count per series, which it answers from its index. Otherwise, or when the counts
+    differ, every instance it holds is listed (Orthanc reads each file to answer that)."""
+    with Session(engine) as session:
+        sent = [
+            r.sop_uid
+            for r in instances_of(session=session, import_id=import_id)
+            if r.status in ("sent", "warning")
+        ]
+    held: set[str] | None = None
+    if fresh:
+        counts = delivery.series_counts(
+            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+        )
+        if counts == Counter(series_of.get(sop, "") for sop in sent):
+            held = set(sent)
+    if held is None:
+        held = delivery.held_instances(
+            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+        )
     with session_scope(engine) as session:
         rows = instances_of(session=session, import_id=import_id)
         for r in rows:

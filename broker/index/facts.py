@@ -88,6 +88,15 @@ def _folded(series_pk: int, facts: Sequence[InstanceFacts]) -> dict[str, Any]:
     }
 
 
+def dose_record(record_json: str | bytes, *, sop_uid: str, study_uid: str) -> DoseRecord:
+    """A stored dose fact as the DoseRecord it was made from (rows written before the UIDs were
+    left out hold them, and keep them)."""
+    data = orjson.loads(record_json)
+    data.setdefault("sop_instance_uid", sop_uid)
+    data.setdefault("study_instance_uid", study_uid)
+    return DoseRecord.model_validate(data)
+
+
 def merge_series_facts(current: SeriesFacts, facts: Sequence[InstanceFacts]) -> None:
     """Fold new instances into their series' facts (smallest slice, first non-empty values)."""
     for f in facts:
@@ -295,7 +304,8 @@ def studies_of_patients(*, session: Session, patients: Sequence[Patient]) -> lis
             sv_.laterality = f.laterality
             sv_.body_part = sv_.body_part or f.body_part
     for d in session.exec(select(DoseFact).where(col(DoseFact.study_pk).in_(pks))):
-        views[d.study_pk].doses.append(DoseRecord.model_validate(orjson.loads(d.record_json)))
+        view = views[d.study_pk]
+        view.doses.append(dose_record(d.record_json, sop_uid=d.sop_uid, study_uid=view.study_uid))
     for sf in session.exec(select(StudyFacts.study_pk).where(col(StudyFacts.study_pk).in_(pks))):
         views[int(sf)].facts_computed = True
     uids = {v.study_uid: v for v in views.values()}

@@ -758,7 +758,7 @@ def _index_batch(
         # Objects first: nothing is indexed (and so acknowledged) before its bytes are stored.
         # File and S3 writes (and their fsyncs) release the GIL, so they run side by side.
         # Keys are content-addressed, so an object placed by an earlier attempt is already right.
-        puts = [(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256), p.path) for _i, p in pending]
+        puts = [(instance_key(p.sha256), p.path) for _i, p in pending]
         puts += [(conflict_key(p.sop_uid, p.sha256), p.path) for _i, p in conflicts]
         puts = [(key, path) for key, path in puts if key not in placed]
 
@@ -805,7 +805,7 @@ def _index_batch(
                     "number_of_frames": int_value(a, "00280008"),
                     "size": p.size,
                     "sha256": p.sha256,
-                    "object_key": instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256),
+                    "object_key": instance_key(p.sha256),
                     "instance_json": "{}",
                     "metadata_json": pack_metadata(p.metadata),
                 }
@@ -853,7 +853,7 @@ def _index_batch(
         if audit is not None:
             audit(session=session, stored=_audit_items(batch, parsed, pending, conflicts))
         session.commit()
-    committed.update(instance_key(p.study_uid, p.series_uid, p.sop_uid, p.sha256) for _i, p in pending)
+    committed.update(instance_key(p.sha256) for _i, p in pending)
     committed.update(conflict_key(p.sop_uid, p.sha256) for _i, p in conflicts)
     for i, p in pending:
         outcomes[i] = p.outcome("stored")

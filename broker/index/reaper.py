@@ -2,10 +2,10 @@
 
 - Spool files: STOW-RS parts (`spool/stow-*.part`) and C-STORE data sets (`spool/*.dcm`) being
   received when the process died. Never acknowledged.
-- Objects under `studies/` (and `conflicts/`) that no index row names: ingest stores the object
-  first and commits its row second, so a crash (or a database that failed) in between leaves
-  the bytes without a row. Never acknowledged either: an instance is acknowledged only once
-  its row has committed.
+- Objects under `dcm/` (`studies/` as earlier releases stored them) and `conflicts/` that no
+  index row names: ingest stores the object first and commits its row second, so a crash (or
+  a database that failed) in between leaves the bytes without a row. Never acknowledged
+  either: an instance is acknowledged only once its row has committed.
 
 `reap` removes both, but only once they are older than a grace period: a younger file or object
 may belong to an ingest still under way (on this node or another sharing the data). Each
@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker.index.ingest import no_new_placements
+from broker.index.keys import CONFLICT_PREFIX, INSTANCE_PREFIXES
 from broker.index.models import Instance, InstanceConflict
 from storage import ObjectNotFound, ObjectStore
 
@@ -50,7 +51,8 @@ def reap(
     cutoff = (time.time() if now is None else now) - grace_seconds
     spool_files = _reap_spool(data_dir / "spool", cutoff)
     objects = 0
-    for prefix, column in (("studies/", Instance.object_key), ("conflicts/", InstanceConflict.object_key)):
+    places = [(prefix, Instance.object_key) for prefix in INSTANCE_PREFIXES]
+    for prefix, column in [*places, (CONFLICT_PREFIX, InstanceConflict.object_key)]:
         objects += _reap_objects(engine=engine, store=store, prefix=prefix, column=column, cutoff=cutoff)
     if spool_files or objects:
         log.warning(

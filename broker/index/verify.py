@@ -5,9 +5,10 @@
 - the index: every instance row (of one facility, or a random sample of N) has its object, and
   the object's SHA-256 is still the one recorded at ingest. Otherwise it is *missing* or a
   *mismatch*;
-- the store: every object under `studies/` and `conflicts/` is named by a row. One that is not
-  (and is older than `min_age` seconds, so not an ingest under way) is an *orphan*. The orphan
-  walk covers the whole store, so it runs only when no facility is given.
+- the store: every object under `dcm/` (`studies/` from earlier releases) and `conflicts/` is
+  named by a row. One that is not (and is older than `min_age` seconds, so not an ingest under
+  way) is an *orphan*. The orphan walk covers the whole store, so it runs only when no facility
+  is given.
 
 With `repair`: an orphan that parses as DICOM is indexed again (into the default facility, the
 same way an ingest would: its key is content-addressed, so the object stays where it is), and
@@ -39,6 +40,7 @@ from sqlmodel import Session, col, select
 
 from broker.db import session_scope
 from broker.index.ingest import ingest_files
+from broker.index.keys import CONFLICT_PREFIX, INSTANCE_PREFIXES
 from broker.index.models import Instance, InstanceConflict, IntegrityFinding
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
@@ -48,7 +50,7 @@ from storage import ObjectNotFound, ObjectStore
 log = logging.getLogger("scanonce.verify")
 
 VERIFY_JOB = "verify"
-_PREFIXES = ("studies/", "conflicts/")
+_PREFIXES = (*INSTANCE_PREFIXES, CONFLICT_PREFIX)
 _CHUNK = 500
 _THREADS = 8  # objects hashed at once (an S3 GET is mostly waiting)
 _LISTED = 20  # keys kept per kind in the report (the findings table has them all)
@@ -232,7 +234,7 @@ def _walk_orphans(
         for key in sorted(set(batch) - _named(engine, batch)):
             report.orphans += 1
             report.note("orphan", key)
-            if repair and key.startswith("studies/"):
+            if repair and key.startswith(INSTANCE_PREFIXES):
                 _reindex(engine=engine, store=store, key=key, facility=facility, report=report)
         batch.clear()
 
@@ -252,7 +254,9 @@ _REPAIRER = Principal(who="scanonce-verify", role=Role.admin, facility="local")
 
 def _reindex(*, engine: Engine, store: ObjectStore, key: str, facility: str, report: VerifyReport) -> None:
     """Index an orphan again through the ordinary ingest (same checks, same content-addressed
-    key, so the object is rewritten in place with identical bytes)."""
+    key, so the object is rewritten in place with identical bytes; an orphan under an earlier
+    release's `studies/` key is stored again under its `dcm/` key, and the reaper removes the
+    old copy once it is past its grace period)."""
     fd, path = tempfile.mkstemp(prefix="verify-", suffix=".dcm")
     try:
         with os.fdopen(fd, "wb") as out:

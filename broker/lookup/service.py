@@ -173,7 +173,7 @@ def _person_studies(
     if principal is None:
         return True, out, 0
     # The caller's rule, looked up once for both questions below.
-    rule = consent.visibility(session=session, principal=principal)
+    rule = consent.visibility(principal=principal)
     named = next((p for p in confirmed if p.issuer == issuer and p.patient_id == value), None)
     if (
         rule is not None

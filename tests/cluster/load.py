@@ -109,7 +109,7 @@ class Load:
         ops: tuple[str, ...] = OPS,
         seed: int = 7,
         ledger: Ledger | None = None,
-    ):
+    ) -> None:
         self.cluster = cluster
         self.ledger = ledger or Ledger()
         self.clients = clients

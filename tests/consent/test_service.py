@@ -16,7 +16,9 @@ from broker.app import build_state
 from broker.consent import service as consent
 from broker.identity import service as identity
 from broker.identity.models import IdentityRecord
+from broker.index import service as index_service
 from broker.index.models import Patient
+from broker.index.schemas import Query
 from broker.index.service import ingest_files
 from broker.security.schemas import Principal, Role
 from broker.security.tokens import load_or_create_signing_key, mint
@@ -130,3 +132,35 @@ def test_the_embedded_issuer_states_treatment_for_clinical_roles(tmp_path: Path)
     assert "purpose_of_use" not in claims("facility")
     assert "purpose_of_use" not in claims("clinician", purpose_of_use=None)
     assert claims("clinician", purpose_of_use="HRESCH")["purpose_of_use"] == "HRESCH"
+
+
+def _study_uids(state: Any, principal: Principal, patient_id: str) -> set[str]:
+    """The study UIDs a QIDO-RS-like index search by PatientID returns to `principal`."""
+    with Session(state.engine) as session:
+        query = Query(
+            level="study", filters={"PatientID": patient_id}, visible=consent.visibility(principal=principal)
+        )
+        found = index_service.search(session=session, query=query)
+    return {m["0020000D"]["Value"][0] for m in found.matches}
+
+
+def test_each_caller_gets_its_own_rule_and_the_search_keeps_its_filters(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The condition is kept per caller: callers of two facilities, asking in turn in one process,
+    each see by their own rule, and the search's own filters still apply around the rule."""
+    state, _north_pk, _south_pk = _setup(settings, tmp_path)
+    for _ in range(2):  # the second time from the kept conditions and compiled statements
+        # Only the record asked for, though the rule would show the other facility's too.
+        assert _study_uids(state, NORTH, "S1") == {"1.2.3.2"}
+        assert _study_uids(state, SOUTH, "S1") == {"1.2.3.2"}
+        assert _study_uids(state, SOUTH, "N1") == {"1.2.3.1"}
+    with Session(state.engine) as session:
+        consent.record_consent(
+            session=session, principal=SOUTH, facility="south", patient_id="S1", decision="deny"
+        )
+    # The opt-out withholds south's record from north, not from south itself.
+    assert _study_uids(state, NORTH, "S1") == set()
+    assert _study_uids(state, SOUTH, "S1") == {"1.2.3.2"}
+    assert _study_uids(state, NORTH, "N1") == {"1.2.3.1"}
+    state.engine.dispose()

@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -139,7 +140,7 @@ def test_every_ct_study_has_one_dose_report_in_a_series_of_its_own(
 
 
 def test_dsrdump_reads_each_report_and_shows_its_dlp_total(
-    tmp_path, reports: list[tuple[Dataset, bytes]]
+    tmp_path: Path, reports: list[tuple[Dataset, bytes]]
 ) -> None:
     for n, (sr, data) in enumerate(reports):
         path = tmp_path / f"{n}.dcm"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -73,7 +74,7 @@ def test_every_demo_instance_round_trips_with_valid_uids(demo: list[tuple[str, D
         sop_uids.add(ds.SOPInstanceUID)
 
 
-def test_dcmtk_reads_what_we_write(tmp_path, demo: list[tuple[str, Dataset, bytes]]) -> None:
+def test_dcmtk_reads_what_we_write(tmp_path: Path, demo: list[tuple[str, Dataset, bytes]]) -> None:
     from tests.peers import dcmtk
 
     by_modality = {ds.Modality: ds for _, ds, _ in demo}
@@ -84,7 +85,9 @@ def test_dcmtk_reads_what_we_write(tmp_path, demo: list[tuple[str, Dataset, byte
         assert "PatientName" in out.stdout
 
 
-def test_orthanc_accepts_decodes_and_renders_them(tmp_path, demo: list[tuple[str, Dataset, bytes]]) -> None:
+def test_orthanc_accepts_decodes_and_renders_them(
+    tmp_path: Path, demo: list[tuple[str, Dataset, bytes]]
+) -> None:
     """A third-party archive takes our files over DIMSE, reads the names in the declared
     character set (Latin-1 and UTF-8) and renders a picture, not a flat grey square."""
     import httpx
@@ -115,7 +118,7 @@ def test_orthanc_accepts_decodes_and_renders_them(tmp_path, demo: list[tuple[str
                 assert pixels.std() > 5, f"{ours.Modality} preview is uniform"
 
 
-def test_write_demo_sorts_files_by_facility(tmp_path, demo: list[tuple[str, Dataset, bytes]]) -> None:
+def test_write_demo_sorts_files_by_facility(tmp_path: Path, demo: list[tuple[str, Dataset, bytes]]) -> None:
     written = synth.write_demo(folder=tmp_path, seed=42, patients=40)
     assert {fac: len(paths) for fac, paths in written.items()} == {
         fac: sum(f == fac for f, _, _ in demo) for fac in {f for f, _, _ in demo}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pydicom
 import pytest
 
 from broker.dicom.json_model import BULK_BASE, instance_json
+from tests.support import make_ds, to_bytes
 
 DATA = Path(pydicom.__file__).parent / "data"
 FILES = sorted((DATA / "test_files").glob("*.dcm")) + sorted((DATA / "charset_files").glob("*.dcm"))
@@ -60,6 +62,7 @@ def test_fast_json_matches_pydicom(path: Path) -> None:
         got = fast[tag]
         if "BulkDataURI" in got:
             assert got["BulkDataURI"].startswith(BULK_BASE + "/studies/1/series/2/instances/3/bulk/")
+            compared += 1
             continue
         assert _normal(got) == _normal(expected), tag
         compared += 1
@@ -117,3 +120,22 @@ def orjson_dumps(value: Any) -> bytes:
     import orjson
 
     return orjson.dumps(value)
+
+
+@pytest.mark.parametrize("read", ["raw", "converted"])
+def test_pixel_data_is_referenced_however_small(read: str) -> None:
+    # A 16x16 image's pixels inlined were ~700 bytes of base64 in each metadata response and index
+    # row; a viewer reads pixels as frames. Other small binary values stay inline.
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(make_ds(sop="1.2.3.4", study="1.2.3", series="1.2.3.9"))))
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated, ds.SamplesPerPixel = 16, 1
+    ds.PixelData = bytes(range(256)) * 2
+    ds.EncapsulatedDocument = b"%PDF-1.4 small"
+    if read == "raw":
+        ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)), defer_size=1024)
+    out = instance_json(ds, bulk_prefix="studies/1.2.3/series/1.2.3.9/instances/1.2.3.4")
+    assert out["7FE00010"] == {
+        "vr": "OW",
+        "BulkDataURI": f"{BULK_BASE}/studies/1.2.3/series/1.2.3.9/instances/1.2.3.4/bulk/7FE00010",
+    }
+    assert "InlineBinary" in out["00420011"]

@@ -23,6 +23,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from broker.app import create_app
 from broker.settings import Settings
+from tests.conftest import Backend
 from tests.dicomweb.data import Corpus, build_corpus, multipart_body
 from tests.support import auth_headers
 
@@ -78,7 +79,7 @@ def serve(settings: Settings) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
-def live_server(backend, tmp_path: Path) -> Iterator[LiveServer]:
+def live_server(backend: Backend, tmp_path: Path) -> Iterator[LiveServer]:
     settings = Settings(
         data_dir=tmp_path / "data", database_url=backend.database_url, storage_url=backend.storage_url
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.dicomweb.conftest import Archive
@@ -14,7 +15,7 @@ def _uids(matches: list[dict], tag: str = STUDY_UID) -> set[str]:
     return {m[tag]["Value"][0] for m in matches}
 
 
-def _get(archive: Archive, path: str, **headers: str):
+def _get(archive: Archive, path: str, **headers: str) -> httpx.Response:
     with archive.server.http() as http:
         return http.get(path, headers=headers)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.dicomweb.conftest import Archive
@@ -11,12 +12,12 @@ STUDY_UID = "0020000D"
 LOCAL = "/facilities/local/dicom-web/studies"
 
 
-def _get(archive: Archive, path: str):
+def _get(archive: Archive, path: str) -> httpx.Response:
     with archive.server.http() as http:
         return http.get(path)
 
 
-def _uids(r) -> set[str]:
+def _uids(r: httpx.Response) -> set[str]:
     return {m[STUDY_UID]["Value"][0] for m in r.json()} if r.status_code == 200 else set()
 
 

@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from broker.dicom import status
 from broker.settings import Settings
+from tests.conftest import Backend
 from tests.dicomweb.conftest import LiveServer, serve
 from tests.dicomweb.data import MUELLER, Corpus, multipart_body, split_multipart
 from tests.support import TEST_FILES
@@ -261,7 +262,7 @@ def test_facility_partition_and_default_facility(live_server: LiveServer, corpus
     assert local == {local_item.study}  # /dicom-web stores into the default facility
 
 
-def test_part_above_the_limit_is_413(backend, tmp_path: Path, corpus: Corpus) -> None:
+def test_part_above_the_limit_is_413(backend: Backend, tmp_path: Path, corpus: Corpus) -> None:
     settings = Settings(
         data_dir=tmp_path / "d",
         database_url=backend.database_url,

@@ -7,6 +7,7 @@ import io
 import secrets
 from typing import Any
 
+import httpx
 import orjson
 import pydicom
 from pydicom.dataset import Dataset
@@ -48,7 +49,7 @@ def _body(metadata: Any, bulk: dict[str, bytes], *, raw: bytes | None = None) ->
     return b"".join(out), f'multipart/related; type="application/dicom+json"; boundary={boundary}'
 
 
-def _post(server: LiveServer, body: bytes, ctype: str, path: str = "/dicom-web/studies"):
+def _post(server: LiveServer, body: bytes, ctype: str, path: str = "/dicom-web/studies") -> httpx.Response:
     with server.http() as http:
         return http.post(
             path, content=body, headers={"Content-Type": ctype, "Accept": "application/dicom+json"}

@@ -40,7 +40,9 @@ def test_the_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert (s.stow_max_request_bytes, s.stow_max_parts) == (12345, 7)
 
 
-def test_more_parts_than_allowed_is_413_and_stores_nothing(backend, tmp_path: Path, corpus: Corpus) -> None:
+def test_more_parts_than_allowed_is_413_and_stores_nothing(
+    backend: Backend, tmp_path: Path, corpus: Corpus
+) -> None:
     data = _local_bytes(corpus)
     assert len(data) > 3
     with serve(_settings(backend, tmp_path, stow_max_parts=3)) as server, server.http() as http:
@@ -58,7 +60,7 @@ def test_more_parts_than_allowed_is_413_and_stores_nothing(backend, tmp_path: Pa
 
 
 def test_a_request_above_the_size_limit_is_413_and_stores_nothing(
-    backend, tmp_path: Path, corpus: Corpus
+    backend: Backend, tmp_path: Path, corpus: Corpus
 ) -> None:
     data = _local_bytes(corpus)
     body, ctype = multipart_body(data)
@@ -85,7 +87,7 @@ def test_a_request_above_the_size_limit_is_413_and_stores_nothing(
 
 
 def test_an_announced_oversized_body_is_refused_before_it_is_sent(
-    backend, tmp_path: Path, corpus: Corpus
+    backend: Backend, tmp_path: Path, corpus: Corpus
 ) -> None:
     with serve(_settings(backend, tmp_path, stow_max_request_bytes=1000)) as server:
         host, port = server.origin.removeprefix("http://").split(":")

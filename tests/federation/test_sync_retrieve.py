@@ -86,7 +86,7 @@ def test_sync_both_archives_then_one_query_answers_over_both(federated: AppState
         # Index only: no instance rows, nothing in the object store.
         assert session.exec(select(Instance)).first() is None
         assert service.is_remote_only(session=session, study_uid=study_uid_of("MR_small.dcm"))
-    assert list(federated.store.list("studies/")) == []
+    assert list(federated.store.list()) == []
 
     # The sync is a job, with its progress at /api/jobs/{id}.
     client = TestClient(create_app(state=federated), headers=auth_headers())

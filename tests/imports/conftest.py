@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from sqlmodel import Session
 
 from broker.app import build_state
@@ -50,7 +50,7 @@ def pacs_clear(peer: OrthancPeer) -> None:
 
 def pacs_instances(peer: OrthancPeer) -> list[Dataset]:
     """Every instance the PACS holds, read back as stored."""
-    out = []
+    out: list[Dataset] = []
     for iid in httpx.get(f"{peer.url}/instances", timeout=10, trust_env=False).json():
         raw = httpx.get(f"{peer.url}/instances/{iid}/file", timeout=30, trust_env=False).content
         out.append(pydicom.dcmread(io.BytesIO(raw)))
@@ -78,7 +78,7 @@ def _sr(study: str, refs: list[tuple[str, str]]) -> Dataset:
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                     "SamplesPerPixel", "PhotometricInterpretation", "PixelData"):  # fmt: skip
         delattr(ds, keyword)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(BASIC_TEXT_SR)
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
     ds.CompletionFlag = "COMPLETE"
@@ -128,13 +128,13 @@ def add_destination(state: AppState, pacs: OrthancPeer) -> None:
 
 def ingest_outside(state: AppState, tmp: Path, *, n_ct: int = 4) -> Outside:
     """An outside study: two CT series with a frame of reference, and an SR referencing them."""
-    study = generate_uid()
-    series = [generate_uid(), generate_uid()]
-    frame = generate_uid()
+    study = str(generate_uid())
+    series = [str(generate_uid()), str(generate_uid())]
+    frame = str(generate_uid())
     files: dict[str, bytes] = {}
     paths, refs = [], []
     for i in range(n_ct):
-        sop = generate_uid()
+        sop = str(generate_uid())
         ds = make_ds(sop=sop, study=study, series=series[i % 2], pid="P1", issuer=OUTSIDE_ISSUER,
                      name="SMITH^ANNA", accession="OUT-77", instance_number=i + 1)  # fmt: skip
         ds.FrameOfReferenceUID = frame

@@ -4,6 +4,7 @@ Clunie's dciodvfy (dicom3tools) against its source."""
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 import subprocess
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from broker.imports import reconcile
+from broker.imports import delivery, reconcile, splice
 from tests.imports.conftest import MINE_ISSUER, OUTSIDE_ISSUER, _sr
 from tests.support import make_ds
 
@@ -36,16 +39,17 @@ def _sources() -> tuple[Dataset, Dataset]:
     return ct, sr
 
 
-def _plan(sources: list[Dataset]) -> reconcile.Plan:
+def _plan(sources: list[Dataset], *, rename: bool = True) -> reconcile.Plan:
     """Every coercion at once: identifiers, new accession and StudyID from it, institution, and
-    renamed UIDs (so the SR's references are rewritten too)."""
+    (`rename`) renamed UIDs, so the SR's references are rewritten too."""
     known = {str(u) for ds in sources for u in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)}
+    study = str(sources[0].StudyInstanceUID)
     return reconcile.Plan(
         destination="mine", source_issuer=OUTSIDE_ISSUER, source_patient_id="P1",
         patient={"PatientID": "M-123", "IssuerOfPatientID": MINE_ISSUER, "PatientName": "SMITH^ANNA^JANE",
                  "PatientBirthDate": "19800101", "PatientSex": "F"},
-        accession_policy="new", accession="SO0123456789ABCD", rename_uids=True,
-        study_uid=reconcile.new_uid(destination="mine", uid=str(sources[0].StudyInstanceUID)),
+        accession_policy="new", accession="SO0123456789ABCD", rename_uids=rename,
+        study_uid=reconcile.new_uid(destination="mine", uid=study) if rename else study,
         study_id_policy="from-accession", institution={"InstitutionName": "My Hospital"},
         known_uids=sorted(known),
     )  # fmt: skip
@@ -57,23 +61,133 @@ def _bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def test_coerced_file_is_the_full_re_encode_with_pixels_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+def _awkward() -> Dataset:
+    """What the splice must walk past or replace: sequences of undefined length (items of both
+    kinds, one nested), a private element, a sequence the coercion removes
+    (IssuerOfPatientIDQualifiersSequence) and ones it appends to (OtherPatientIDsSequence,
+    OriginalAttributesSequence), in implicit VR, elements after Pixel Data."""
+    ds = make_ds(sop=generate_uid(), study=generate_uid(), series=generate_uid(), pid="P1",
+                 issuer=OUTSIDE_ISSUER, name="ÖZ^ÄDA", accession="")  # fmt: skip
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ref.ReferencedSOPInstanceUID = generate_uid()
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "121311", "DCM", "Localizer"
+    ref.PurposeOfReferenceCodeSequence = DicomSequence([inner])
+    ref.PurposeOfReferenceCodeSequence.is_undefined_length = True
+    inner.is_undefined_length_sequence_item = True
+    ref2 = Dataset()
+    ref2.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ref2.ReferencedSOPInstanceUID = generate_uid()
+    ds.ReferencedImageSequence = DicomSequence([ref, ref2])
+    ds.ReferencedImageSequence.is_undefined_length = True
+    ref.is_undefined_length_sequence_item = True
+    qualifiers = Dataset()
+    qualifiers.UniversalEntityID = "1.2.3.4"
+    ds.IssuerOfPatientIDQualifiersSequence = DicomSequence([qualifiers])
+    other = Dataset()
+    other.PatientID, other.TypeOfPatientID = "OLD-9", "TEXT"
+    ds.OtherPatientIDsSequence = DicomSequence([other])
+    earlier = Dataset()
+    earlier.ModifyingSystem, earlier.ReasonForTheAttributeModification = "ELSEWHERE", "CORRECT"
+    ds.OriginalAttributesSequence = DicomSequence([earlier])
+    ds.OriginalAttributesSequence.is_undefined_length = True
+    block = ds.private_block(0x0029, "SCANONCE TEST", create=True)
+    block.add_new(0x10, "LO", "private value")
+    ds.PixelData = b"\x01\x02" * 64
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 8)  # data set trailing padding, after Pixel Data
+    return ds
+
+
+def _as_is(ds: Dataset) -> bytes:
+    """`ds` with its file meta written as it is (pydicom adds nothing to it)."""
+    ds.preamble = b"\0" * 128
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("rename", [True, False], ids=["renamed-uids", "spliced"])
+def test_coerced_file_is_the_full_re_encode_with_pixels_copied(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rename: bool
+) -> None:
     ct, sr = _sources()
     implicit = make_ds(sop=generate_uid(), study=str(ct.StudyInstanceUID), series=generate_uid())
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     implicit.PixelData = b"\x01\x02" * 64
-    plan = _plan([ct, sr, implicit])
+    awkward = _awkward()
+    explicit_awkward = copy.deepcopy(awkward)
+    explicit_awkward.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sources = [_bytes(ds) for ds in (ct, sr, implicit, awkward, explicit_awkward)]
+    # File meta pydicom's writer changes: no group length nor ImplementationVersionName (it adds
+    # them), a MediaStorageSOPInstanceUID not the data set's (it takes the data set's).
+    sources.append(_as_is(copy.deepcopy(implicit)))
+    other = copy.deepcopy(ct)
+    other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    other.file_meta.FileMetaInformationGroupLength = 0
+    sources.append(_as_is(other))
+    plan = _plan([ct, sr, implicit, awkward], rename=rename)
     apply = reconcile.apply
     monkeypatch.setattr(reconcile, "apply", lambda ds, p: apply(ds, p, now=NOW))
-    for source in (ct, sr, implicit):
-        raw = _bytes(source)
-        full = pydicom.dcmread(io.BytesIO(raw))
+    expected = []
+    for source in sources:
+        full = pydicom.dcmread(io.BytesIO(source))
         reconcile.apply(full, plan)
+        expected.append(_bytes(full))
+    if not rename:
+        # The splice itself made these files, not pydicom's header path behind it.
+        monkeypatch.setattr(reconcile, "dcmread", None)
+    coercer = reconcile.Coercer(plan)  # one per import: the second time round, from its memo
+    for k, (source, want) in enumerate([*zip(sources, expected, strict=True)] * 2):
         out = io.BytesIO()
-        reconcile.coerce_file(io.BytesIO(raw), out, plan)
-        assert out.getvalue() == _bytes(full)
-        if "PixelData" in source:
-            assert pydicom.dcmread(io.BytesIO(out.getvalue())).PixelData == source.PixelData
+        coercer.coerce_file(io.BytesIO(source), out)
+        assert out.getvalue() == want
+        # What STOW-RS streams from the stored file, unwritten: the same bytes.
+        stored = tmp_path / f"{k}.dcm"
+        stored.write_bytes(source)
+        with stored.open("rb") as fp:
+            parts = coercer.splice(fp)
+        assert (parts is None) == rename
+        if parts is not None:
+            spliced = delivery.Spliced(str(stored), tuple(parts))
+            assert b"".join(spliced.chunks()) == want and spliced.size == len(want)
+    assert pydicom.dcmread(io.BytesIO(out.getvalue())).PixelData == ct.PixelData
+
+
+def test_splice_drops_a_retired_group_length_and_refuses_what_it_cannot_follow() -> None:
+    """A retired group length (0008,0000) is left out as pydicom's writer leaves it out; a UN of
+    undefined length (pydicom writes it back as SQ) goes to pydicom's path, as does a file cut
+    short before its Pixel Data."""
+    ct, _ = _sources()
+    plan = _plan([ct], rename=False)
+    raw = _bytes(ct)
+    start = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    grouped = raw[:start] + b"\x08\x00\x00\x00UL\x04\x00" + (1234).to_bytes(4, "little") + raw[start:]
+    assert pydicom.dcmread(io.BytesIO(grouped))[0x00080000].value == 1234
+    out = io.BytesIO()
+    reconcile.coerce_file(io.BytesIO(grouped), out, plan)
+    coerced = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    assert 0x00080000 not in coerced and coerced.PatientID == "M-123"
+    assert coerced.PixelData == ct.PixelData
+    un = copy.deepcopy(ct)
+    item = (
+        b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        + b"\x08\x00\x00\x01\x02\x00\x00\x00AB"
+        + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    )
+    un.private_block(0x0029, "SCANONCE TEST", create=True)
+    un[0x00291010] = DataElement(0x00291010, "UN", item, is_undefined_length=True)
+    raw_un = _bytes(un)
+    with pytest.raises(splice.Unsupported):
+        reconcile.Coercer(plan)._spliced(io.BytesIO(raw_un))
+    full = pydicom.dcmread(io.BytesIO(raw_un))
+    reconcile.apply(full, plan)
+    out = io.BytesIO()
+    reconcile.coerce_file(io.BytesIO(raw_un), out, plan)
+    assert pydicom.dcmread(io.BytesIO(out.getvalue()))[0x00291010].VR == full[0x00291010].VR == "SQ"
+    with pytest.raises(splice.Unsupported):
+        reconcile.Coercer(plan)._spliced(io.BytesIO(raw[: start + 40]))
 
 
 def _errors(path: Path) -> set[str]:
@@ -88,9 +202,10 @@ def _errors(path: Path) -> set[str]:
     }
 
 
-def test_dciodvfy_finds_no_new_error_in_a_coerced_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rename", [True, False], ids=["renamed-uids", "spliced"])
+def test_dciodvfy_finds_no_new_error_in_a_coerced_file(tmp_path: Path, rename: bool) -> None:
     sources = _sources()
-    plan = _plan(list(sources))
+    plan = _plan(list(sources), rename=rename)
     for k, source in enumerate(sources):
         src, dst = tmp_path / f"source{k}.dcm", tmp_path / f"coerced{k}.dcm"
         src.write_bytes(_bytes(source))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +13,7 @@ from sqlmodel import Session
 
 from broker.app import create_app
 from broker.deps import AppState
-from broker.imports import service
+from broker.imports import delivery, service
 from broker.imports.models import ImportInstance, ImportJob
 from broker.jobs import service as jobs
 from broker.settings import Settings
@@ -61,13 +62,29 @@ def _start(state: AppState, study: Outside, **kw: str) -> ImportJob:
     return row
 
 
+def _spy_listing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The study UIDs whose every instance the verification asked the destination to list."""
+    listed: list[str] = []
+    real = delivery.held_instances
+
+    def held_instances(**kw: Any) -> set[str]:
+        listed.append(kw["study_uid"])
+        return real(**kw)
+
+    monkeypatch.setattr(delivery, "held_instances", held_instances)
+    return listed
+
+
 @pytest.mark.parametrize("via", ["dimse", "dicomweb"])
 def test_import_coerces_identifiers_and_keeps_the_originals(
-    state: AppState, pacs: OrthancPeer, outside: Outside, via: str
+    state: AppState, pacs: OrthancPeer, outside: Outside, via: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    listed = _spy_listing(monkeypatch)
     row = _start(state, outside, via=via)
     final = _run(state, row.id or 0)
     assert (final.status, final.sent, final.failed, final.verified) == ("done", 5, 0, 5), final.message
+    # The PACS held nothing of the study before: its count per series verified it, no listing.
+    assert listed == []
     held = {str(d.SOPInstanceUID): d for d in pacs_instances(pacs)}
     assert set(held) == set(outside.files)  # no clash at the PACS: every UID kept
     for sop, ds in held.items():
@@ -97,7 +114,7 @@ def test_import_coerces_identifiers_and_keeps_the_originals(
     assert {r.status for r in rows} == {"sent"} and all(r.code == 0 for r in rows)
 
 
-def pydicom_of(data: bytes) -> object:
+def pydicom_of(data: bytes) -> Any:
     import io
 
     import pydicom
@@ -175,8 +192,9 @@ def test_dry_run_shows_the_diff_and_sends_nothing(
 
 
 def test_http_import_then_again_does_not_duplicate(
-    state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient
+    state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    listed = _spy_listing(monkeypatch)
     h = auth_headers()
     rsp = client.post("/api/imports", json={"study_uid": outside.study_uid, "facility": MINE}, headers=h)
     assert rsp.status_code == 202, rsp.text
@@ -188,7 +206,9 @@ def test_http_import_then_again_does_not_duplicate(
         "/api/imports", json={"study_uid": outside.study_uid, "facility": MINE}, headers=h
     ).json()
     assert second["id"] != first
-    assert _run(state, second["id"]).status == "done"
+    again = _run(state, second["id"])
+    # The PACS held the study already, so counts prove nothing: every instance was listed.
+    assert (again.status, again.verified) == ("done", 5) and listed == [outside.study_uid]
     held = pacs_instances(pacs)
     assert len(held) == 5 and {d.PatientID for d in held} == {LOCAL_MRN}
     assert [i["id"] for i in client.get("/api/imports", headers=h).json()] == [second["id"], first]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from sqlmodel import Session, select
 from broker.app import build_state
 from broker.deps import AppState
 from broker.dicom import status
+from broker.index.keys import instance_key
 from broker.index.models import Instance
 from broker.index.service import IngestBatcher, StoreOutcome
 from broker.security.schemas import Principal, Role
@@ -82,16 +84,16 @@ class _FailsFor:
     """The real store, except that one object cannot be written, and the first write is slow
     (so that the writes queued behind it are committed as one group)."""
 
-    def __init__(self, inner: Any, bad_sop: str) -> None:
+    def __init__(self, inner: Any, bad_key: str) -> None:
         self._inner = inner
-        self._bad = bad_sop
+        self._bad = bad_key
         self._first = threading.Event()
 
     def put_file(self, key: str, path: str, *, move: bool = False) -> Any:
         if not self._first.is_set():
             self._first.set()
             time.sleep(0.3)
-        if self._bad in key:
+        if key == self._bad:
             raise OSError(5, "Input/output error")
         return self._inner.put_file(key, path, move=move)
 
@@ -104,7 +106,7 @@ def test_one_object_that_cannot_be_stored_fails_only_its_own_sender(
 ) -> None:
     paths = [_file(tmp_path, n) for n in range(1, 9)]
     bad = f"{SERIES}.5"
-    store = _FailsFor(state.store, bad)
+    store = _FailsFor(state.store, instance_key(hashlib.sha256(Path(paths[4]).read_bytes()).hexdigest()))
 
     def send(path: str) -> StoreOutcome | BaseException:
         try:
@@ -113,7 +115,7 @@ def test_one_object_that_cannot_be_stored_fails_only_its_own_sender(
                 store=store,
                 principal=P,
                 facility_id="local",
-                path=path,  # type: ignore[arg-type]
+                path=path,
             )
         except OSError as exc:
             return exc

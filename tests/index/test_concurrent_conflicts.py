@@ -16,6 +16,7 @@ from broker.app import build_state
 from broker.deps import AppState
 from broker.dicom import status
 from broker.index import service
+from broker.index.keys import INSTANCE_PREFIX
 from broker.index.models import Instance, InstanceConflict
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
@@ -38,7 +39,7 @@ class _RacingStore:
         info = self._store.put_file(key, path, move=move)
         me = threading.get_ident()
         with self._lock:
-            first = key.startswith("studies/") and me not in self._waited
+            first = key.startswith(INSTANCE_PREFIX) and me not in self._waited
             self._waited.add(me)
         if first:
             self._barrier.wait()
@@ -70,7 +71,7 @@ def test_the_loser_of_a_race_leaves_only_its_conflict_copy(state: AppState, tmp_
             store=racing,
             principal=P,
             facility_id="local",
-            paths=[path],  # type: ignore[arg-type]
+            paths=[path],
         )
         return outcome
 

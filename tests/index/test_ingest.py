@@ -235,7 +235,7 @@ def test_metadata_is_stored_packed_and_rows_of_earlier_versions_still_read(state
     assert meta["00100010"]["Value"] == [{"Alphabetic": "CompressedSamples^CT1"}]
     assert stored[:1] == b"\x01" and len(stored) * 2 < len(frag)
 
-    def instance_answer() -> dict:  # type: ignore[type-arg]
+    def instance_answer() -> dict:
         with Session(state.engine) as s:
             result = service.search(
                 session=s,
@@ -250,7 +250,7 @@ def test_metadata_is_stored_packed_and_rows_of_earlier_versions_still_read(state
     assert packed_answer["00180050"]["Value"] == meta["00180050"]["Value"]
     # As an earlier version wrote it: the JSON itself.
     with Session(state.engine) as s:
-        s.exec(update(Instance).values(metadata_json=frag))  # type: ignore[call-overload]
+        s.exec(update(Instance).values(metadata_json=frag))
         s.commit()
     with Session(state.engine) as s:
         assert service.metadata_fragments(session=s, study_uid=outcome.study_uid) == [frag]

@@ -22,6 +22,7 @@ from broker.index.models import Patient
 from broker.index.schemas import Level, Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from tests.conftest import Backend
 from tests.support import ADMIN, make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
@@ -56,7 +57,7 @@ def state(settings: Settings, tmp_path: Path) -> Iterator[AppState]:
     st.engine.dispose()
 
 
-def _search(state: AppState, level: Level, **filters: str) -> list[dict]:  # type: ignore[type-arg]
+def _search(state: AppState, level: Level, **filters: str) -> list[dict]:
     with Session(state.engine) as s:
         return service.search(session=s, query=Query(level=level, filters=dict(filters))).matches
 
@@ -106,7 +107,7 @@ def _insert(conn: Connection, table: str, **row: object) -> None:
     conn.execute(text(f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + k for k in row)})"), row)
 
 
-def test_the_migration_fills_the_new_column_from_the_stored_study_json(backend) -> None:  # type: ignore[no-untyped-def]
+def test_the_migration_fills_the_new_column_from_the_stored_study_json(backend: Backend) -> None:
 
     engine = make_engine(backend.database_url)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -57,7 +58,7 @@ def huge(state: AppState, tmp_path: Path) -> tuple[AppState, str, bytes]:
     return state, path, Path(path).read_bytes()
 
 
-def _studies(state: AppState, **kw: object) -> list[dict]:  # type: ignore[type-arg]
+def _studies(state: AppState, **kw: object) -> list[dict]:
     with Session(state.engine) as s:
         return service.search(session=s, query=Query(level="study", **kw)).matches  # type: ignore[arg-type]
 
@@ -129,7 +130,7 @@ def test_bound_text_and_dataset_follow_ps3_5_table_6_2_1() -> None:
     assert bound_text("UI", "1." * 50) == ("1." * 50)[:64]
     assert bound_text("PN", "a" * 70 + "=" + "b" * 70 + "=" + "c" * 3) == "a" * 64 + "=" + "b" * 64 + "=ccc"
     assert bound_text("UN", "z" * 10_000) == "z" * 10_000  # no text VR, no bound
-    attrs = {
+    attrs: dict[str, Any] = {
         "00100010": {"vr": "PN", "Value": [{"Alphabetic": "a" * 100, "Ideographic": "b" * 100}]},
         "00081032": {"vr": "SQ", "Value": [{"00080104": {"vr": "LO", "Value": ["m" * 99]}}] * 100},
         "00280010": {"vr": "US", "Value": [512]},

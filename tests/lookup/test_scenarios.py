@@ -4,20 +4,23 @@ look-back window exactly as labeled, and a set broad enough to mean something.""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
 from broker.lookup import vocabulary
-from tests.lookup.scenarios import SCENARIOS, load_cases, planned_exam, run, score
+from tests.lookup.scenarios import SCENARIOS, Case, Score, load_cases, planned_exam, run, score
+
+Labeled = tuple[dict[str, Any], list[Case], Score]
 
 
 @pytest.fixture(scope="module")
-def labeled():
+def labeled() -> Labeled:
     doc, cases = load_cases()
     return doc, cases, score(cases)
 
 
-def test_relevant_has_precision_and_recall_of_at_least_095(labeled) -> None:
+def test_relevant_has_precision_and_recall_of_at_least_095(labeled: Labeled) -> None:
     _, _, s = labeled
     wrong = [
         (c.scenario, c.prior.study_description, c.relevant, v.rule)
@@ -28,28 +31,28 @@ def test_relevant_has_precision_and_recall_of_at_least_095(labeled) -> None:
     assert s.recall >= 0.95, wrong
 
 
-def test_no_labeled_relevance_regresses(labeled) -> None:
+def test_no_labeled_relevance_regresses(labeled: Labeled) -> None:
     """Stricter than the target: every label of the set holds today, so any change to the data
     files that flips one shows here (relabel only with a clinical reason in the scenario's why)."""
     _, _, s = labeled
     assert [(c.scenario, c.prior.study_description) for c, v in s.misses if v.relevant != c.relevant] == []
 
 
-def test_in_window_is_exactly_as_labeled(labeled) -> None:
+def test_in_window_is_exactly_as_labeled(labeled: Labeled) -> None:
     _, _, s = labeled
     assert s.window_right == s.total, [
         (c.scenario, c.prior.study_date) for c, v in s.misses if v.in_window != c.in_window
     ]
 
 
-def test_the_deciding_rule_is_the_labeled_one_in_nine_cases_of_ten(labeled) -> None:
+def test_the_deciding_rule_is_the_labeled_one_in_nine_cases_of_ten(labeled: Labeled) -> None:
     _, _, s = labeled
     assert s.rule_right / s.total >= 0.9, [
         (c.scenario, c.rule, v.rule) for c, v in s.misses if v.rule != c.rule
     ]
 
 
-def test_the_set_is_broad(labeled) -> None:
+def test_the_set_is_broad(labeled: Labeled) -> None:
     doc, cases, _ = labeled
     assert len(doc["scenario"]) >= 150
     whos = {c.who for c in cases}
@@ -72,7 +75,7 @@ def test_the_set_is_broad(labeled) -> None:
     assert sum(c.relevant for c in cases) >= 100 and sum(not c.relevant for c in cases) >= 100
 
 
-def test_every_region_of_the_tree_is_exercised(labeled) -> None:
+def test_every_region_of_the_tree_is_exercised(labeled: Labeled) -> None:
     """Each region appears in some scenario, as a planned target or as what a prior covers."""
     _, cases, _ = labeled
     seen: set[str] = set()
@@ -115,7 +118,7 @@ def test_every_region_of_the_tree_is_exercised(labeled) -> None:
         "LENI",
     ],
 )
-def test_every_abbreviation_of_the_issue_is_in_a_scenario(labeled, abbreviation: str) -> None:
+def test_every_abbreviation_of_the_issue_is_in_a_scenario(labeled: Labeled, abbreviation: str) -> None:
     _, cases, _ = labeled
     texts = [c.planned["text"] or "" for c in cases] + [c.prior.study_description or "" for c in cases]
     pattern = re.compile(rf"(?<![A-Z]){re.escape(abbreviation)}(?![A-Z])")

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from broker.app import create_app
 from broker.cli import app
 from broker.identity.models import IdentityRecord, ReviewItem
-from broker.index.models import Patient, Study, StudyLocation
+from broker.index.models import StudyLocation
 from broker.lookup import service
+from tests.live_demo import the_child_and_a_stranger
 from tests.support import ADMIN, auth_headers
 
 # Seed 42 (the demo default): a ten-year-old with a CT abdomen/pelvis at the children's hospital
@@ -107,16 +108,8 @@ def test_bare_id_unconfirmed_link_and_nearline(client: TestClient) -> None:
     engine = _engine(client)
     now = CHILD_RECENT_CT_DATE + timedelta(days=9)
     with Session(engine) as session:
-        child = session.exec(
-            select(Patient).where(Patient.issuer != "", Patient.patient_id == CHILD[1])
-        ).one()
-        stranger = session.exec(
-            select(Patient).where(Patient.person_id != child.person_id, Patient.facility_id == "northgen")
-        ).first()
-        assert stranger is not None
         # A patient at another facility under the very same Patient ID, but another person.
-        stranger_study = session.exec(select(Study).where(Study.patient_pk == stranger.pk)).first()
-        assert stranger_study is not None
+        child, stranger, stranger_study = the_child_and_a_stranger(session)
         stranger.patient_id = CHILD[1]
         session.add(stranger)
         session.commit()

@@ -163,7 +163,7 @@ def _routes(app: FastAPI) -> list[tuple[str, str]]:
         for ctx in contexts:
             for method in getattr(ctx, "methods", None) or ():
                 if method != "HEAD":
-                    found.add((method, ctx.path))
+                    found.add((method, getattr(ctx, "path")))  # noqa: B009 - Route and Mount alike
     return sorted(found)
 
 

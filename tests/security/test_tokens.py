@@ -141,9 +141,9 @@ def provider() -> Iterator[tuple[str, RSAKey]]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             fetches.append(self.path)
-            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"  # type: ignore[index]
             if self.path == "/.well-known/openid-configuration":
-                body = {"issuer": base, "jwks_uri": base + "/jwks"}
+                body: dict[str, Any] = {"issuer": base, "jwks_uri": base + "/jwks"}
             elif self.path == "/jwks":
                 body = {"keys": [key.as_dict(private=False)]}
             else:

@@ -35,12 +35,12 @@ from broker.app import build_state
 from broker.demo.service import load_demo
 from broker.errors import ScanOnceError
 from broker.identity.models import IdentityRecord, ReviewItem
-from broker.index.models import Patient, Study
 from broker.jobs.models import Job
 from broker.settings import Settings
 from broker.web import assets
 from tests.dicomweb.data import TEST_FILES
 from tests.identity.test_mllp_serve import scanonce_serve
+from tests.live_demo import the_child_and_a_stranger
 from tests.peers import orthanc
 from tests.support import auth_headers
 
@@ -334,15 +334,7 @@ def test_accepting_a_review_item_changes_the_lookup(demo: Demo, page: Page) -> N
     on the review page (both records side by side, the evidence); the lookup shows them confirmed."""
     engine = create_engine(demo.database_url)
     with Session(engine) as session:
-        child = session.exec(
-            select(Patient).where(Patient.issuer != "", Patient.patient_id == CHILD[1])
-        ).one()
-        stranger = session.exec(
-            select(Patient).where(Patient.person_id != child.person_id, Patient.facility_id == "northgen")
-        ).first()
-        assert stranger is not None
-        study = session.exec(select(Study).where(Study.patient_pk == stranger.pk)).first()
-        assert study is not None
+        child, stranger, study = the_child_and_a_stranger(session)
         rec = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == child.pk)).one()
         other = session.exec(select(IdentityRecord).where(IdentityRecord.patient_pk == stranger.pk)).one()
         assert other.id is not None and rec.id is not None
