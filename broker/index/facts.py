@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, update
+from sqlalchemy import Float, String, bindparam, case, cast, delete, or_, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -42,6 +42,50 @@ from broker.jobs.models import Job
 log = logging.getLogger("scanonce.index")
 
 FACTS_VERSION = 1
+
+
+_SERIES_FACTS = core_table(SeriesFacts)
+_sf = _SERIES_FACTS.c
+_new_min = cast(bindparam("b_min", type_=Float), Float)
+
+
+def _first_unless_set(column: Any, param: str) -> Any:
+    return case((column == "", bindparam(param, type_=String)), else_=column)
+
+
+# `merge_series_facts` in SQL, for a row that exists: the batch's facts are folded first
+# (`_folded`), which gives the same row as folding them one by one.
+_MERGE_SERIES_FACTS = (
+    update(_SERIES_FACTS)
+    .where(_sf.series_pk == bindparam("b_pk"))
+    .values(
+        min_slice_thickness_mm=case(
+            (_new_min.is_(None), _sf.min_slice_thickness_mm),
+            (or_(_sf.min_slice_thickness_mm.is_(None), _new_min < _sf.min_slice_thickness_mm), _new_min),
+            else_=_sf.min_slice_thickness_mm,
+        ),
+        contrast_agent=_first_unless_set(_sf.contrast_agent, "b_contrast"),
+        laterality=_first_unless_set(_sf.laterality, "b_laterality"),
+        body_part=_first_unless_set(_sf.body_part, "b_body_part"),
+        instances=_sf.instances + bindparam("b_n"),
+    )
+)
+
+
+def _folded(series_pk: int, facts: Sequence[InstanceFacts]) -> dict[str, Any]:
+    """One series' new instances folded into one set of parameters of `_MERGE_SERIES_FACTS`."""
+    row = SeriesFacts(
+        series_pk=series_pk, study_pk=0, contrast_agent="", laterality="", body_part="", instances=0
+    )
+    merge_series_facts(row, facts)
+    return {
+        "b_pk": series_pk,
+        "b_min": row.min_slice_thickness_mm,
+        "b_contrast": row.contrast_agent,
+        "b_laterality": row.laterality,
+        "b_body_part": row.body_part,
+        "b_n": row.instances,
+    }
 
 
 def dose_record(record_json: str | bytes, *, sop_uid: str, study_uid: str) -> DoseRecord:
@@ -102,19 +146,28 @@ def write_batch_facts(
     no facts yet (not looked up)."""
     fresh = new_series or set()
     lookup = [pk for pk in per_series if pk not in fresh]
-    existing: dict[int, SeriesFacts] = {}
-    for start in range(0, len(lookup), 500):
-        chunk = lookup[start : start + 500]
-        for f in session.exec(
-            select(SeriesFacts).where(col(SeriesFacts.series_pk).in_(chunk)).with_for_update()
-        ):
-            existing[f.series_pk] = f
+    present: set[int] = set()
+    if lookup:
+        # Fold each series' new instances in SQL, one UPDATE (executemany) for all of them,
+        # instead of reading each row (locked) and writing it back: a C-STORE group adds to one
+        # or two existing series. Rows it did not find (a series stored before facts existed,
+        # or cleared by the facts job) are inserted below.
+        merged = [_folded(pk, facts) for pk, facts in per_series.items() if pk not in fresh]
+        result = session.execute(_MERGE_SERIES_FACTS, merged)
+        trusted = len(merged) == 1 or session.get_bind().dialect.supports_sane_multi_rowcount
+        if trusted and result.rowcount == len(merged):  # type: ignore[attr-defined]  # a CursorResult
+            present = set(lookup)
+        else:
+            for start in range(0, len(lookup), 500):
+                chunk = lookup[start : start + 500]
+                present.update(
+                    session.execute(
+                        sa_select(_SERIES_FACTS.c.series_pk).where(_SERIES_FACTS.c.series_pk.in_(chunk))
+                    ).scalars()
+                )
     inserts: list[dict[str, Any]] = []
     for series_pk, facts in per_series.items():
-        row = existing.get(series_pk)
-        if row is not None:
-            merge_series_facts(row, facts)
-            session.add(row)
+        if series_pk in present:
             continue
         row = SeriesFacts(
             series_pk=series_pk,

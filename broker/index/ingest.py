@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 import orjson
-from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy import String, bindparam, cast, literal_column, select, tuple_, union_all, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -188,6 +188,69 @@ def series_columns(attrs: dict[str, Any], *, drop: Collection[str] = ()) -> dict
     }
 
 
+# The writer's statements, built once: each group's are then found in SQLAlchemy's compiled
+# cache without building (and hashing) a new statement object per call.
+_FACILITY, _INSTANCE, _STUDY, _SERIES = (core_table(m) for m in (Facility, Instance, Study, Series))
+_INSERT_INSTANCES = _INSTANCE.insert()
+_BUMP_SERIES_INSTANCES = (
+    update(_SERIES)
+    .where(_SERIES.c.pk == bindparam("b_pk"))
+    .values(num_instances=_SERIES.c.num_instances + bindparam("b_n"))
+)
+_BUMP_STUDY_INSTANCES = (
+    update(_STUDY)
+    .where(_STUDY.c.pk == bindparam("b_pk"))
+    .values(num_instances=_STUDY.c.num_instances + bindparam("b_n"))
+)
+_BUMP_STUDY_SERIES = (
+    update(_STUDY).where(_STUDY.c.pk == bindparam("b_pk")).values(num_series=_STUDY.c.num_series + 1)
+)
+# What a batch needs to know before it writes, in one round trip: its facility and every
+# registered issuer, the stored SHA-256 of each of its SOP Instance UIDs, and the keys of its
+# studies and series that exist already. Keys are read as text so the branches share columns.
+_KNOWN = union_all(
+    select(literal_column("'f'").label("kind"), _FACILITY.c.id.label("k"), _FACILITY.c.issuer.label("v")),
+    select(literal_column("'i'"), _INSTANCE.c.sop_uid, _INSTANCE.c.sha256).where(
+        _INSTANCE.c.sop_uid.in_(bindparam("sops", expanding=True))
+    ),
+    select(literal_column("'t'"), _STUDY.c.study_uid, cast(_STUDY.c.pk, String)).where(
+        _STUDY.c.study_uid.in_(bindparam("studies", expanding=True))
+    ),
+    select(literal_column("'s'"), _SERIES.c.series_uid, cast(_SERIES.c.pk, String)).where(
+        _SERIES.c.series_uid.in_(bindparam("series", expanding=True))
+    ),
+)
+
+
+class _Known(NamedTuple):
+    issuer_of: dict[str, str]  # facility id -> issuer, every facility
+    sha_of: dict[str, str]  # SOP Instance UID -> SHA-256 of the stored object
+    study_pks: dict[str, int]
+    series_pks: dict[str, int]
+
+
+def _read_known(
+    session: Session, *, sop_uids: list[str], study_uids: list[str], series_uids: list[str]
+) -> _Known:
+    known = _Known({}, {}, {}, {})
+    into = {"f": known.issuer_of, "i": known.sha_of}
+    pks = {"t": known.study_pks, "s": known.series_pks}
+    longest = max(len(sop_uids), len(study_uids), len(series_uids))
+    for start in range(0, max(longest, 1), 500):
+        end = start + 500
+        params = {
+            "sops": sop_uids[start:end],
+            "studies": study_uids[start:end],
+            "series": series_uids[start:end],
+        }
+        for kind, key, value in session.execute(_KNOWN, params).tuples():
+            if kind in into:
+                into[kind][key] = value
+            else:
+                pks[kind][key] = int(value)
+    return known
+
+
 class _FacilityRef(NamedTuple):
     """What a batch needs of its facility's row."""
 
@@ -196,16 +259,24 @@ class _FacilityRef(NamedTuple):
 
 
 class _Batch:
-    """The patient, study and series rows one batch touches: existing ones read with one query
-    per table, new ones inserted with one flush per table, so a batch of N instances costs a
-    handful of statements, not several per instance."""
+    """The patient, study and series rows one batch touches: existing ones known by key from the
+    batch's one read (`_read_known`), new ones inserted with one flush per table, so a batch of
+    N instances costs a handful of statements, not several per instance."""
 
-    def __init__(self, session: Session, facility: _FacilityRef, issuers: set[str]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        facility: _FacilityRef,
+        issuers: set[str],
+        *,
+        study_pks: dict[str, int],
+        series_pks: dict[str, int],
+    ) -> None:
         self.session = session
         self.facility = facility
         self.issuers = issuers
-        self.studies: dict[str, Study] = {}
-        self.series: dict[str, Series] = {}
+        self.study_pks = study_pks  # study UID -> pk, existing and (after `prepare`) new
+        self.series_pks = series_pks
         self.new_study_pks: set[int] = set()
         self.new_series: list[tuple[int, str]] = []  # (study pk, modality) of series added to old studies
         self.new_series_pks: set[int] = set()
@@ -219,50 +290,70 @@ class _Batch:
         session = self.session
         first_of_study: dict[str, _Parsed] = {}
         first_of_series: dict[str, _Parsed] = {}
+        in_study: dict[str, int] = {}
+        in_series: dict[str, int] = {}
         for p in pending:
             first_of_study.setdefault(p.study_uid, p)
             first_of_series.setdefault(p.series_uid, p)
-        for uids in _chunks(list(first_of_study)):
-            for study in session.exec(sqlmodel_select(Study).where(col(Study.study_uid).in_(uids))):
-                self.studies[study.study_uid] = study
-        for uids in _chunks(list(first_of_series)):
-            for series in session.exec(sqlmodel_select(Series).where(col(Series.series_uid).in_(uids))):
-                self.series[series.series_uid] = series
+            in_study[p.study_uid] = in_study.get(p.study_uid, 0) + 1
+            in_series[p.series_uid] = in_series.get(p.series_uid, 0) + 1
 
-        new_studies = [p for uid, p in first_of_study.items() if uid not in self.studies]
-        patients = self._patients(new_studies)
-        for p in new_studies:
-            patient = patients[self._patient_key(p)]
-            a = p.attrs
-            self.studies[p.study_uid] = Study(
-                study_uid=p.study_uid,
-                facility_id=self.facility.id,
-                **study_columns(a, patient),
-                modalities="\\",
-                study_json=orjson.dumps(level_json(a, is_study_level)).decode(),
-            )
-            session.add(self.studies[p.study_uid])
+        new_studies = [p for uid, p in first_of_study.items() if uid not in self.study_pks]
+        new_series = [p for uid, p in first_of_series.items() if uid not in self.series_pks]
+        studies: dict[str, Study] = {}
         if new_studies:
-            session.flush()
-            self.new_study_pks = {self.studies[p.study_uid].pk for p in new_studies}  # type: ignore[misc]
-
-        new_series = [p for uid, p in first_of_series.items() if uid not in self.series]
+            patients = self._patients(new_studies)
+            for p in new_studies:
+                patient = patients[self._patient_key(p)]
+                a = p.attrs
+                studies[p.study_uid] = Study(
+                    study_uid=p.study_uid,
+                    facility_id=self.facility.id,
+                    **study_columns(a, patient),
+                    modalities="\\",
+                    # New rows get their counts here; `_index_batch` bumps only existing rows.
+                    num_instances=in_study[p.study_uid],
+                    study_json=orjson.dumps(level_json(a, is_study_level)).decode(),
+                )
+        series_columns_of: dict[str, dict[str, Any]] = {}
         for p in new_series:
-            study = self.studies[p.study_uid]
-            columns = series_columns(p.attrs)
+            columns = series_columns_of[p.series_uid] = series_columns(p.attrs)
             modality = columns["modality"]
-            self.series[p.series_uid] = Series(series_uid=p.series_uid, study_pk=study.pk, **columns)  # type: ignore[arg-type]
-            session.add(self.series[p.series_uid])
-            if study.pk in self.new_study_pks:
-                # A new study's counters and modalities are set here, not bumped later.
+            study = studies.get(p.study_uid)
+            if study is not None:
+                # A new study's counters and modalities are set before its insert, not bumped
+                # later (and not by an UPDATE right after it).
                 study.num_series += 1
                 if modality and f"\\{modality}\\" not in study.modalities:
                     study.modalities += modality + "\\"
-            else:
-                self.new_series.append((study.pk, modality))  # type: ignore[arg-type]
-        if new_series:
+        if studies:
+            session.add_all(studies.values())
             session.flush()
-            self.new_series_pks = {self.series[p.series_uid].pk for p in new_series}  # type: ignore[misc]
+            for uid, study in studies.items():
+                assert study.pk is not None  # flushed
+                self.study_pks[uid] = study.pk
+            self.new_study_pks = {self.study_pks[uid] for uid in studies}
+        if new_series:
+            rows: list[Series] = []
+            for p in new_series:
+                study_pk = self.study_pks[p.study_uid]
+                columns = series_columns_of[p.series_uid]
+                rows.append(
+                    Series(
+                        series_uid=p.series_uid,
+                        study_pk=study_pk,
+                        num_instances=in_series[p.series_uid],
+                        **columns,
+                    )
+                )
+                if study_pk not in self.new_study_pks:
+                    self.new_series.append((study_pk, columns["modality"]))
+            session.add_all(rows)
+            session.flush()
+            for row in rows:
+                assert row.pk is not None  # flushed
+                self.series_pks[row.series_uid] = row.pk
+            self.new_series_pks = {row.pk for row in rows if row.pk is not None}
 
     def _patients(self, new_studies: list[_Parsed]) -> dict[tuple[str, str], Patient]:
         """The patient row of each new study: found, created, or updated with newer demographics."""
@@ -309,9 +400,8 @@ def _write_facts(session: Session, batch: _Batch, pending: list[tuple[int, _Pars
     for _i, p in pending:
         if p.facts is None:
             continue
-        study_pk = batch.studies[p.study_uid].pk
-        series_pk = batch.series[p.series_uid].pk
-        assert study_pk is not None and series_pk is not None
+        study_pk = batch.study_pks[p.study_uid]
+        series_pk = batch.series_pks[p.series_uid]
         series_study[series_pk] = study_pk
         per_series.setdefault(series_pk, []).append(p.facts)
         if p.facts.dose_json is not None:
@@ -636,26 +726,23 @@ def _index_batch(
     audit: IngestAudit | None = None,
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
-        # The facility and every registered issuer in one read (both are needed per batch).
-        facilities = core_table(Facility)
-        issuer_of: dict[str, str] = {
-            str(fid): str(issuer)
-            for fid, issuer in session.execute(select(facilities.c.id, facilities.c.issuer)).tuples()
-        }
-        if facility_id not in issuer_of:
+        known = _read_known(
+            session,
+            sop_uids=[p.sop_uid for _, p in parsed],
+            study_uids=list(dict.fromkeys(p.study_uid for _, p in parsed)),
+            series_uids=list(dict.fromkeys(p.series_uid for _, p in parsed)),
+        )
+        if facility_id not in known.issuer_of:
             raise NotFound(f"no facility {facility_id!r}")
-        facility = _FacilityRef(facility_id, issuer_of[facility_id])
-        batch = _Batch(session, facility, set(issuer_of.values()))
-        uids = [p.sop_uid for _, p in parsed]
-        existing: dict[str, str] = {}
-        for chunk_start in range(0, len(uids), 500):
-            chunk = uids[chunk_start : chunk_start + 500]
-            for sop_uid, sha in session.exec(
-                sqlmodel_select(col(Instance.sop_uid), col(Instance.sha256)).where(
-                    col(Instance.sop_uid).in_(chunk)
-                )
-            ).all():
-                existing[sop_uid] = sha
+        facility = _FacilityRef(facility_id, known.issuer_of[facility_id])
+        batch = _Batch(
+            session,
+            facility,
+            set(known.issuer_of.values()),
+            study_pks=known.study_pks,
+            series_pks=known.series_pks,
+        )
+        existing = known.sha_of
         pending: list[tuple[int, _Parsed]] = []
         conflicts: list[tuple[int, _Parsed]] = []
         for i, p in parsed:
@@ -701,14 +788,14 @@ def _index_batch(
         rows: list[dict[str, Any]] = []
         batch.prepare([p for _i, p in pending])
         for _i, p in pending:
-            study = batch.studies[p.study_uid]
-            series = batch.series[p.series_uid]
+            study_pk = batch.study_pks[p.study_uid]
+            series_pk = batch.series_pks[p.series_uid]
             a = p.attrs
             rows.append(
                 {
                     "sop_uid": p.sop_uid,
-                    "series_pk": series.pk,
-                    "study_pk": study.pk,
+                    "series_pk": series_pk,
+                    "study_pk": study_pk,
                     "facility_id": facility.id,
                     "sop_class_uid": p.sop_class_uid,
                     "instance_number": int_value(a, "00200013"),
@@ -723,36 +810,26 @@ def _index_batch(
                     "metadata_json": pack_metadata(p.metadata),
                 }
             )
-            assert series.pk is not None and study.pk is not None  # flushed
-            touched_series[series.pk] = touched_series.get(series.pk, 0) + 1
-            touched_studies[study.pk] = touched_studies.get(study.pk, 0) + 1
+            if series_pk not in batch.new_series_pks:
+                touched_series[series_pk] = touched_series.get(series_pk, 0) + 1
+            if study_pk not in batch.new_study_pks:
+                touched_studies[study_pk] = touched_studies.get(study_pk, 0) + 1
         if rows:
-            session.execute(core_table(Instance).insert(), rows)
+            session.execute(_INSERT_INSTANCES, rows)
         # Counters are bumped in SQL, not on the loaded rows, so concurrent batches never lose updates.
         # One executemany per counter, not a statement per row: a batch of 100 small instances
         # touches ~20 series and ~10 studies.
-        series_t, study_t = core_table(Series), core_table(Study)
         if touched_series:
             session.execute(
-                update(series_t)
-                .where(series_t.c.pk == bindparam("b_pk"))
-                .values(num_instances=series_t.c.num_instances + bindparam("b_n")),
-                [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()],
+                _BUMP_SERIES_INSTANCES, [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()]
             )
         if touched_studies:
             session.execute(
-                update(study_t)
-                .where(study_t.c.pk == bindparam("b_pk"))
-                .values(num_instances=study_t.c.num_instances + bindparam("b_n")),
-                [{"b_pk": pk, "b_n": n} for pk, n in touched_studies.items()],
+                _BUMP_STUDY_INSTANCES, [{"b_pk": pk, "b_n": n} for pk, n in touched_studies.items()]
             )
         if batch.new_series:
-            session.execute(
-                update(study_t)
-                .where(study_t.c.pk == bindparam("b_pk"))
-                .values(num_series=study_t.c.num_series + 1),
-                [{"b_pk": pk} for pk, _modality in batch.new_series],
-            )
+            session.execute(_BUMP_STUDY_SERIES, [{"b_pk": pk} for pk, _modality in batch.new_series])
+        study_t = _STUDY
         for pk, modality in batch.new_series:
             if modality:
                 session.execute(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlmodel import Session, select
 
 from broker.app import build_state
@@ -17,7 +17,7 @@ from broker.deps import AppState
 from broker.dicom import status
 from broker.facilities import service as facilities
 from broker.index import service
-from broker.index.models import Instance, InstanceConflict, Study
+from broker.index.models import Instance, InstanceConflict, Series, SeriesFacts, Study
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
@@ -255,3 +255,51 @@ def test_metadata_is_stored_packed_and_rows_of_earlier_versions_still_read(state
     with Session(state.engine) as s:
         assert service.metadata_fragments(session=s, study_uid=outcome.study_uid) == [frag]
     assert instance_answer() == packed_answer
+
+
+def test_a_group_into_known_and_new_rows_counts_right_in_a_few_statements(
+    state: AppState, tmp_path: Path
+) -> None:
+    """C-STORE groups mostly add to a study and series already stored: the writer reads what
+    exists once and touches only what the group changes (issue 18: its statements are most of
+    a C-STORE's CPU). Counters stay right whichever rows are new."""
+    a, b = "1.2.826.0.1.3680043.8.498.501", "1.2.826.0.1.3680043.8.498.502"
+
+    def f(study: str, series: str, n: int, modality: str = "CT", pid: str = "P1") -> str:
+        ds = make_ds(
+            sop=f"{series}.{n}", study=study, series=series, instance_number=n, modality=modality, pid=pid
+        )
+        return write(tmp_path, f"{series}-{n}.dcm", ds)
+
+    assert {o.status for o in _ingest(state, [f(a, a + ".1", 1), f(a, a + ".1", 2)])} == {"stored"}
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    event.listen(state.engine, "before_cursor_execute", count)
+    try:
+        outcomes = _ingest(state, [f(a, a + ".1", n) for n in range(3, 7)])
+    finally:
+        event.remove(state.engine, "before_cursor_execute", count)
+    assert {o.status for o in outcomes} == {"stored"}
+    # One read of what exists, the instances' insert, two counters, the series' facts.
+    assert len(statements) <= 6, statements
+
+    mixed = [
+        f(a, a + ".1", 7),
+        f(a, a + ".2", 1, "MR"),
+        f(b, b + ".1", 1, "CT", "P2"),
+        f(b, b + ".1", 2, "CT", "P2"),
+    ]
+    assert {o.status for o in _ingest(state, mixed)} == {"stored"}
+    with Session(state.engine) as s:
+        studies = {st.study_uid: st for st in s.exec(select(Study))}
+        series = {se.series_uid: se.num_instances for se in s.exec(select(Series))}
+    assert (studies[a].num_instances, studies[a].num_series, studies[a].modalities) == (8, 2, "\\CT\\MR\\")
+    assert (studies[b].num_instances, studies[b].num_series, studies[b].modalities) == (2, 1, "\\CT\\")
+    assert series == {a + ".1": 7, a + ".2": 1, b + ".1": 2}
+    with Session(state.engine) as s:
+        facts = {f.series_pk: f.instances for f in s.exec(select(SeriesFacts))}
+        pk_of = {se.series_uid: se.pk for se in s.exec(select(Series))}
+    assert facts == {pk_of[uid]: n for uid, n in series.items()}
