@@ -66,6 +66,7 @@ from bench.archive import (  # noqa: E402
     median,
     pct,
     run_scanonce,
+    stop_process,
     stow_batches,
     study_facts,
 )
@@ -284,13 +285,7 @@ def run_floor(work: Path) -> Iterator[Dimse]:
         }
         yield Dimse(Server(FLOOR, "", proc.pid, work, settings), FLOOR_AET, port)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def _version(dist: str) -> str:
