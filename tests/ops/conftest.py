@@ -1,11 +1,16 @@
-"""Fixtures of the operations tests: a fresh, empty PostgreSQL database (no migration applied)."""
+"""Fixtures of the operations tests: a fresh, empty PostgreSQL database (no migration applied), and
+a production node's settings whose database a test can cut."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from broker.settings import Settings
+from tests.conftest import CuttablePg, s3_storage_url
 
 
 @pytest.fixture
@@ -16,3 +21,16 @@ def empty_pg(pg_admin: Any) -> Iterator[str]:
         yield url
     finally:
         pg_admin.drop(name)
+
+
+@pytest.fixture
+def cut_node_settings(cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str, s3_bucket: str) -> Settings:
+    """A node on PostgreSQL + S3 whose database goes away at `cuttable_pg.proxy.stop()`; it gives
+    up connecting after 2 s, so an outage answers quickly."""
+    return Settings(
+        data_dir=tmp_path,
+        database_url=cuttable_pg.database_url,
+        storage_url=s3_storage_url(moto_server, s3_bucket),
+        db_connect_timeout_seconds=2,
+        mllp_port=0,
+    )

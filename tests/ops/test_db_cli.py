@@ -178,16 +178,9 @@ def test_a_node_retries_until_the_database_answers(pg_url: str) -> None:
 
 @pytest.mark.postgres
 def test_readyz_is_false_while_the_database_is_away(
-    cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str, s3_bucket: str
+    cuttable_pg: CuttablePg, cut_node_settings: Settings
 ) -> None:
-    settings = Settings(
-        data_dir=tmp_path,
-        database_url=cuttable_pg.database_url,
-        storage_url=s3_storage_url(moto_server, s3_bucket),
-        db_connect_timeout_seconds=2,
-        mllp_port=0,
-    )
-    app = create_app(settings)
+    app = create_app(cut_node_settings)
     client = TestClient(app)
     r = client.get("/readyz")
     assert (r.status_code, r.json()["status"]) == (200, "ready")

@@ -24,7 +24,7 @@ from broker.dimse.scp import start_scp, stop_scp
 from broker.jobs import service as jobs
 from broker.logfilters import configure_logging
 from broker.settings import Settings
-from tests.conftest import CuttablePg, s3_storage_url
+from tests.conftest import CuttablePg
 from tests.dicomweb.data import multipart_body
 from tests.support import TEST_FILES, auth_headers, make_ds, to_bytes
 
@@ -148,17 +148,9 @@ def test_json_logs_carry_the_request_id_and_no_patient_data(tmp_path: Path) -> N
 
 @pytest.mark.postgres
 def test_a_database_gone_away_is_503_with_retry_after(
-    cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str, s3_bucket: str
+    cuttable_pg: CuttablePg, cut_node_settings: Settings
 ) -> None:
-    app = create_app(
-        Settings(
-            data_dir=tmp_path,
-            database_url=cuttable_pg.database_url,
-            storage_url=s3_storage_url(moto_server, s3_bucket),
-            db_connect_timeout_seconds=2,
-            mllp_port=0,
-        )
-    )
+    app = create_app(cut_node_settings)
     client = TestClient(app)
     assert client.get("/api/jobs", headers=auth_headers()).status_code == 200
     before = _value(_samples(client), "scanonce_database_errors_total")
