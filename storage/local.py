@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -137,25 +137,16 @@ class LocalStore:
         with open(path, "rb") as f:
             return self.put(key, f)
 
-    def sync_files(self, paths: Sequence[str]) -> None:
-        """fsync files that are about to be `put_files(..., move=True)`, side by side. Ingest
-        starts this as soon as a batch's files are received, so their bytes reach the disk
-        while they are parsed, instead of after; `put_files` is then told they are `synced`."""
-        _sync_all(_fsync_file, paths)
-
-    def put_files(
-        self, items: Sequence[tuple[str, str]], *, move: bool = False, synced: Collection[str] = ()
-    ) -> list[ObjectInfo]:
+    def put_files(self, items: Sequence[tuple[str, str]], *, move: bool = False) -> list[ObjectInfo]:
         """`put_file` for a group of (key, path), with the same guarantees for each object
         (its bytes durable before its name is visible, the names durable before this returns)
         but each fsync done once per group and side by side: the files' bytes together, then
         every directory that gained an entry (a series directory gaining four instances is
-        synced once, not four times). Ingest stores C-STORE groups and STOW-RS batches with it.
-        `synced`: paths whose bytes the caller has fsynced already (`sync_files`, completed)."""
+        synced once, not four times). Ingest stores C-STORE groups and STOW-RS batches with it."""
         if not move:
             return [self.put_file(key, path) for key, path in items]
         targets = [(key, self._path(key), path) for key, path in items]
-        _sync_all(_fsync_file, [path for _key, _target, path in targets if path not in synced])
+        _sync_all(_fsync_file, [path for _key, _target, path in targets])
         gained: dict[Path, None] = {}
         infos: list[ObjectInfo] = []
         for key, target, path in targets:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
@@ -559,7 +558,6 @@ def ingest_files(
     still removes whatever is left afterwards.
     """
     authorize(principal, action="index.store", facility=facility_id)
-    presync = _start_sync(store, paths) if consume else None
     results = _parse_all(paths, expected_study_uid)
     return index_parsed(
         engine=engine,
@@ -569,37 +567,7 @@ def ingest_files(
         parsed=results,
         consume=consume,
         audit=audit,
-        presync=presync,
     )
-
-
-@dataclass
-class _Presync:
-    """The batch's files being fsynced while they are parsed (`LocalStore.sync_files`)."""
-
-    paths: frozenset[str]
-    done: Future[None]
-
-    def synced(self) -> frozenset[str]:
-        """The paths whose bytes are durable now (waits for the sync); none if it failed, so
-        that `put_files` syncs them itself and reports the error in its own place."""
-        try:
-            self.done.result()
-        except OSError:
-            return frozenset()
-        return self.paths
-
-
-def _start_sync(store: ObjectStore, paths: Sequence[str | Received]) -> _Presync | None:
-    """Start fsyncing a batch's received files before they are parsed. They are consumed (moved
-    into the store) once indexed, and their bytes must be durable before that: a batch of 10
-    CT slices is 5 MB to write back, tens of milliseconds the parse now overlaps instead of
-    preceding. A file that fails to parse or turns out a duplicate was synced for nothing."""
-    sync = getattr(store, "sync_files", None)
-    if sync is None or len(paths) < 2:
-        return None
-    files = [p.path if isinstance(p, Received) else p for p in paths]
-    return _Presync(frozenset(files), _io_pool().submit(sync, files))
 
 
 def index_parsed(
@@ -611,12 +579,11 @@ def index_parsed(
     parsed: Sequence[_Parsed | StoreOutcome],
     consume: bool = False,
     audit: IngestAudit | None = None,
-    presync: _Presync | None = None,
 ) -> list[StoreOutcome]:
     """The second half of `ingest_files`, for callers that parsed already (`parse_instance`,
     e.g. one C-STORE per association, gathered into one commit by `batcher.IngestBatcher`):
     items that are already an outcome (a parse failure) pass through; one outcome per item,
-    in order. `presync`: the files' fsyncs `ingest_files` started before parsing."""
+    in order."""
     outcomes: list[StoreOutcome | None] = [None] * len(parsed)
     todo: list[tuple[int, _Parsed]] = []
     for i, result in enumerate(parsed):
@@ -642,7 +609,6 @@ def index_parsed(
                         committed=committed,
                         held=held,
                         audit=audit,
-                        presync=presync,
                     )
                     break
                 except IntegrityError:
@@ -758,7 +724,6 @@ def _index_batch(
     committed: set[str],
     held: list[str],
     audit: IngestAudit | None = None,
-    presync: _Presync | None = None,
 ) -> None:
     with Session(engine, expire_on_commit=False) as session:
         known = _read_known(
@@ -810,10 +775,7 @@ def _index_batch(
             # rather than a whole put_file per object through the pool below.
             for key, _path in puts:
                 _hold(key, held)
-            if presync is not None:
-                put_files(puts, move=True, synced=presync.synced())
-            else:
-                put_files(puts, move=True)
+            put_files(puts, move=True)
             placed.update(key for key, _path in puts)
         elif len(puts) < _PARALLEL_PUTS:
             # A handful: a hop to the pool costs more than it saves.

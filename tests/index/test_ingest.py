@@ -311,9 +311,9 @@ def test_a_group_into_known_and_new_rows_counts_right_in_a_few_statements(
 def test_a_consumed_batch_is_durable_before_its_names_appear_and_synced_once(
     state: AppState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A STOW-RS batch into a local folder: its files' fsyncs start before parsing (overlapping
-    it), yet each object's bytes are synced before its name appears in the store, once, and each
-    folder that gained a name is synced before the ingest returns."""
+    """A STOW-RS batch into a local folder (stored as a group, `put_files`): each object's bytes
+    are synced before its name appears in the store, once, and each folder that gained a name
+    is synced before the ingest returns."""
     if not isinstance(state.store, LocalStore):
         pytest.skip("fsyncs of a local folder")
     study = "1.2.826.0.1.3680043.8.498.91"
