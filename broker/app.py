@@ -10,6 +10,7 @@ them the implementation through `AppState`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -291,6 +292,25 @@ def create_app(
             headers={"Retry-After": _RETRY_AFTER},
         )
 
+    @app.exception_handler(OSError)
+    async def _os_error(_request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno not in _DISK_FULL:
+            raise exc  # a fault of ours: the 500 and its traceback in the log, as before
+        # The spool, the object store's folder or the database's disk filled up under the
+        # request. What was committed before is whole (objects are placed before their rows),
+        # what was not is gone with its transaction; the sender can re-send all of it once space
+        # is freed, and the instances already stored come back as duplicates, not copies.
+        STORAGE_ERRORS.inc()
+        log.error("request refused: the disk is full (%s)", exc.strerror)
+        return JSONResponse(
+            status_code=507,
+            content={
+                "error": "Insufficient storage",
+                "detail": "the server's disk is full (no space left on device): nothing of this "
+                "request that was not acknowledged was stored; free space, then send it again",
+            },
+        )
+
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     # A connection cut under a request (its session terminated, PostgreSQL restarted) surfaces
@@ -300,6 +320,9 @@ def create_app(
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         # The database refused, dropped or did not answer: nothing was committed, so the caller
         # may simply try again (a balancer sends it to a node whose /readyz is true meanwhile).
+        if isinstance(exc, OperationalError) and "disk is full" in str(exc.orig):
+            # SQLITE_FULL: the embedded database's disk, not a database that is away.
+            return await _os_error(_request, OSError(errno.ENOSPC, "database or disk is full"))
         DB_ERRORS.inc()
         log.warning("database unavailable: %s", type(exc).__name__)
         return JSONResponse(
@@ -360,6 +383,8 @@ def create_app(
 
 
 _RETRY_AFTER = "5"
+# No space left on the device, or the user's disk quota reached.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 # How long /readyz waits for the object store's answer: below a balancer's check timeout
