@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,10 +38,10 @@ from broker.db import check_connection, make_engine, migrate, require_current_sc
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
+from broker.dimse.handoff import WriterServer, is_single_writer
 from broker.dimse.receivers import ReceiverSupervisor
-from broker.dimse.receivers import check_supported as check_receivers_supported
 from broker.dimse.receivers import shared_counts as receiver_counts
-from broker.dimse.scp import start_scp, stop_scp
+from broker.dimse.scp import index_batcher, start_scp, stop_scp
 from broker.errors import BadRequest, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
@@ -181,11 +182,14 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.scanonce
     handle = None
     supervisor = None
+    writer = None
     if state.settings.dimse_port:
-        check_receivers_supported(state.settings)
         shared = receiver_counts(state.settings)
         handle = start_scp(state=state, shared=shared)
         if shared is not None:
+            if is_single_writer(state.settings.resolved_database_url()):
+                # SQLite: the receivers commit through this process's ingest writer.
+                writer = WriterServer(state=state, batcher=partial(index_batcher, handle)).start()
             # The receivers bind the port the serving process bound (the same one even when
             # the setting asks for a free port, 0).
             supervisor = ReceiverSupervisor(
@@ -195,6 +199,7 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
                 count=state.settings.dimse_receivers,
                 shared=shared,
                 build=build_receiver_state,
+                writer=writer.address if writer is not None else None,
             ).start()
     mllp = None
     if state.settings.mllp_port:
@@ -230,6 +235,8 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
             stop_mllp(mllp)
         if supervisor is not None:
             supervisor.stop()
+        if writer is not None:
+            writer.close()
         if handle is not None:
             stop_scp(handle)
 
