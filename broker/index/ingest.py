@@ -40,11 +40,11 @@ from broker.index.packing import pack_metadata
 from broker.index.parse import (
     Received,
     _Parsed,
-    exit_with_parent,
     parse_instance,
     without_main_script,
     worker_pid,
 )
+from broker.index.parse_worker import start_worker
 from broker.index.schemas import StoreOutcome
 from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
@@ -480,7 +480,7 @@ def _parse_pool() -> ProcessPoolExecutor | None:
             _PARSE_POOL = ProcessPoolExecutor(
                 max_workers=_PARSE_PROCESSES,
                 mp_context=ctx,
-                initializer=exit_with_parent,
+                initializer=start_worker,
                 initargs=(os.getpid(),),
             )
             # All workers now (the executor spawns one per task submitted while none is idle),
