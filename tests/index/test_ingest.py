@@ -206,20 +206,28 @@ def test_a_deflated_file_is_not_mistaken_for_a_truncated_one(state: AppState) ->
     assert outcome.status == "stored", outcome.message
 
 
-def test_parsing_in_worker_processes_gives_the_same_outcomes(settings: Settings, tmp_path: Path) -> None:
-    """`scanonce serve` parses in worker processes; the answers must not change."""
+def test_parsing_in_worker_processes_gives_the_same_outcomes(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`scanonce serve` parses in worker processes, a large call a group at a time (the next
+    group parsed while this one is written); the answers and their order must not change."""
+    from broker.index import ingest
     from broker.index.ingest import configure_parsing
 
+    monkeypatch.setattr(ingest, "INGEST_GROUP", 2)
     good = write(tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9"))
+    other = write(tmp_path, "b.dcm", make_ds(sop="1.2.3.2", study="1.2.3", series="1.2.3.9"))
     bad = tmp_path / "bad.dcm"
     bad.write_text("not DICOM")
     settings.ingest_processes = 2
     st = build_state(settings)
     try:
-        outcomes = _ingest(st, [good, str(bad), str(TEST_FILES / "CT_small.dcm")])
-        assert [o.status for o in outcomes] == ["stored", "failed", "stored"]
+        outcomes = _ingest(st, [good, str(bad), str(TEST_FILES / "CT_small.dcm"), good, other])
+        assert [o.status for o in outcomes] == ["stored", "failed", "stored", "duplicate", "stored"]
         assert outcomes[1].failure_reason == status.CANNOT_UNDERSTAND
+        assert [o.sop_instance_uid for o in outcomes[3:]] == ["1.2.3.1", "1.2.3.2"]
         assert _stored_bytes(st, "1.2.3.1", "1.2.3") == Path(good).read_bytes()
+        assert _stored_bytes(st, "1.2.3.2", "1.2.3") == Path(other).read_bytes()
     finally:
         configure_parsing(processes=0)
         st.engine.dispose()
