@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import func, insert, update
+from sqlalchemy import insert, update
 from sqlalchemy import select as select_columns
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -147,22 +147,37 @@ def prepare(
     if via not in ("", "dimse", "dicomweb"):
         raise BadRequest("via must be dimse or dicomweb (or empty: as the facility is registered)")
     authorize(principal, action="imports.write", facility=facility_id)
-    with Session(engine) as session:
-        views = index.studies_by_uid(session=session, study_uids=[study_uid])
-        # A study the caller may not see (the person's consent, purpose of use) is refused as one
-        # the index does not hold: the refusal does not reveal that it exists.
-        views, _withheld = consent.filter_studies(session=session, principal=principal, studies=views)
-        if not views:
-            raise NotFound(f"no study {study_uid} in the broker's index")
-        view = views[0]
-        destination = facilities.get_facility(session=session, facility_id=facility_id)
-        if destination.id == view.facility_id:
-            raise BadRequest(f"the study already comes from facility {facility_id!r}")
-        how = delivery.via_of(destination, via)
-        rec = _destination_record(session, view=view, destination=destination, patient=patient)
-        remote_only = index.is_remote_only(session=session, study_uid=study_uid)
-        config = destination_config(session=session, facility_id=destination.id)
-        session.expunge(destination)
+    # Whether the destination holds the study UID (and for whom) is asked while the rest is read
+    # here; its answer (or its 503) counts only once everything here has passed, and a refusal
+    # here does not wait for it.
+    asking = ThreadPoolExecutor(1, thread_name_prefix="import-plan")
+    try:
+        with Session(engine) as session:
+            views = index.studies_by_uid(session=session, study_uids=[study_uid])
+            # A study the caller may not see (the person's consent, purpose of use) is refused as one
+            # the index does not hold: the refusal does not reveal that it exists.
+            views, _withheld = consent.filter_studies(session=session, principal=principal, studies=views)
+            if not views:
+                raise NotFound(f"no study {study_uid} in the broker's index")
+            view = views[0]
+            destination = facilities.get_facility(session=session, facility_id=facility_id)
+            if destination.id == view.facility_id:
+                raise BadRequest(f"the study already comes from facility {facility_id!r}")
+            how = delivery.via_of(destination, via)
+            session.expunge(destination)
+            holders = asking.submit(
+                delivery.study_patients,
+                facility=destination,
+                via=how,
+                study_uid=study_uid,
+                calling_ae=calling_ae,
+            )
+            rec = _destination_record(session, view=view, destination=destination, patient=patient)
+            remote_only = index.is_remote_only(session=session, study_uid=study_uid)
+            config = destination_config(session=session, facility_id=destination.id)
+            held = holders.result()
+    finally:
+        asking.shutdown(wait=False)
     target = {
         "PatientID": rec.value,
         "IssuerOfPatientID": destination.issuer,
@@ -171,7 +186,6 @@ def prepare(
         "PatientSex": rec.sex,
     }
     # The study's UIDs stay unless the destination holds the study UID for someone else.
-    held = delivery.study_patients(facility=destination, via=how, study_uid=study_uid, calling_ae=calling_ae)
     rename = any(pid != rec.value for pid, _ in held)
     accession: str | None = None
     if accession_policy == "empty":
@@ -612,6 +626,7 @@ class _Pending:
     source_sop_uid: str
     sop_uid: str
     attempts: int
+    status: str  # pending, or failed in an earlier run
 
 
 def _rows_to_send(
@@ -649,7 +664,7 @@ def _rows_to_send(
             .returning(col(ImportJob.cancel_requested))
         ).scalar_one()
         pending = [
-            _Pending(r.id, import_id, r.source_sop_uid, r.sop_uid, r.attempts)
+            _Pending(r.id, import_id, r.source_sop_uid, r.sop_uid, r.attempts, r.status)
             for r in rows
             if r.status in ("pending", "failed")
         ]
@@ -720,10 +735,11 @@ def _record(
     done: int,
 ) -> bool:
     """Each instance's outcome, the import's counts and the job's progress report, in one
-    transaction: one bulk UPDATE by primary key and one COUNT, so the cost per batch does not
-    grow with the study (re-reading every instance row per batch made a 2000-instance import
-    quadratic). Returns whether a cancel was asked (read in the same statement). Raises
-    `LeaseLost`, recording nothing, when another worker took the job over."""
+    transaction: one bulk UPDATE by primary key, the counts moved by what this batch changed
+    (they are committed with the rows they count, so they start right on a resumed run), so the
+    cost per batch does not grow with the study (re-reading every instance row per batch made a
+    2000-instance import quadratic). Returns whether a cancel was asked (read in the same
+    statement). Raises `LeaseLost`, recording nothing, when another worker took the job over."""
     now = datetime.now(UTC)
     changes = [
         {"id": inst.id, "status": o.status, "code": o.code, "detail": o.detail[:512],
@@ -735,20 +751,16 @@ def _record(
         for inst, why in unreadable
     ]  # fmt: skip
     import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
+    sent = sum(o.status in ("sent", "warning") for _, o in outcomes)
+    failed = len(outcomes) - sent + len(unreadable)
+    failed -= sum(inst.status == "failed" for inst, _ in (*outcomes, *unreadable))  # retried here
     with session_scope(engine) as session:
         session.execute(update(ImportInstance), changes)
-        counts = dict(
-            session.execute(
-                select(ImportInstance.status, func.count())
-                .where(ImportInstance.import_id == import_id)
-                .group_by(col(ImportInstance.status))
-            ).all()
-        )
         cancel = bool(
             session.execute(
                 update(ImportJob)
                 .where(col(ImportJob.id) == import_id)
-                .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+                .values(sent=col(ImportJob.sent) + sent, failed=col(ImportJob.failed) + failed)
                 .returning(col(ImportJob.cancel_requested))
             ).scalar_one()
         )
