@@ -359,15 +359,11 @@ def start_import(
         session.add(row)
         session.flush()
         assert row.id is not None
-        import_id = row.id
-    job = jobs.enqueue(
-        engine=engine,
-        kind=IMPORT_JOB,
-        key=str(import_id),
-        params={"import_id": import_id, "calling_ae": calling_ae},
-    )
-    with session_scope(engine) as session:
-        row = get_import(session=session, import_id=import_id)
+        # The import and its job in one transaction: never an import without its job, and one
+        # commit (each is a disk flush) where there were three.
+        job = jobs.enqueue_in(
+            session, kind=IMPORT_JOB, key=str(row.id), params={"import_id": row.id, "calling_ae": calling_ae}
+        )
         row.job_id = job.id
         session.flush()
         session.expunge(row)
@@ -447,14 +443,15 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
     params = jobs.params_of(job)
     import_id = int(params["import_id"])
     calling_ae = str(params.get("calling_ae") or "SCANONCE")
-    with session_scope(engine) as session:
+    with Session(engine) as session:
         row = get_import(session=session, import_id=import_id)
         if row.status == "cancelled":
             return
         destination = facilities.get_facility(session=session, facility_id=row.facility_id)
         session.expunge(destination)
         plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
-        row.status, row.message = "running", ""
+    # `running` is recorded with the instance rows (`_rows_to_send`): one commit fewer before the
+    # first batch is sent; a study first fetched from its facility is `running` meanwhile.
     try:
         _run(engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress)
     except ScanOnceError as exc:
@@ -473,6 +470,7 @@ def _run(
         remote = index.is_remote_only(session=session, study_uid=study_uid)
         refs = [] if remote else index.find_instances(session=session, study_uid=study_uid)
     if remote:
+        _set(engine, import_id, status="running", message="")
         progress.update(message="fetching the study from its facility")
         if _fetcher is None:
             raise Unavailable("the study is held only at its facility and no remote retrieve is configured")
@@ -660,7 +658,7 @@ def _rows_to_send(
         cancelled = session.execute(
             update(ImportJob)
             .where(col(ImportJob.id) == import_id)
-            .values(total=total)
+            .values(total=total, status="running", message="")
             .returning(col(ImportJob.cancel_requested))
         ).scalar_one()
         pending = [

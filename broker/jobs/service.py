@@ -164,18 +164,22 @@ def default_owner() -> str:
 def enqueue(*, engine: Engine, kind: str, key: str = "", params: dict[str, Any] | None = None) -> Job:
     """Queue a job, or return the active job of the same kind and key (one at a time per key)."""
     with session_scope(engine) as session:
-        active = session.exec(
-            select(Job)
-            .where(Job.kind == kind, Job.key == key, col(Job.status).in_(ACTIVE))
-            .order_by(col(Job.id))
-        ).first()
-        if active is not None:
-            return active
-        job = Job(kind=kind, key=key, params=json.dumps(params or {}))
-        session.add(job)
-        session.flush()
-        session.refresh(job)
-        return job
+        return enqueue_in(session, kind=kind, key=key, params=params)
+
+
+def enqueue_in(session: Session, *, kind: str, key: str = "", params: dict[str, Any] | None = None) -> Job:
+    """`enqueue` in the caller's transaction: the job is queued together with the caller's own
+    rows that name it, or not at all (and one commit instead of two)."""
+    active = session.exec(
+        select(Job).where(Job.kind == kind, Job.key == key, col(Job.status).in_(ACTIVE)).order_by(col(Job.id))
+    ).first()
+    if active is not None:
+        return active
+    job = Job(kind=kind, key=key, params=json.dumps(params or {}))
+    session.add(job)
+    session.flush()
+    session.refresh(job)
+    return job
 
 
 def get_job(*, session: Session, job_id: int) -> Job:
