@@ -617,7 +617,14 @@ def timed_get(
     if params:
         url = f"{url}?{query_string(params)}"
     t0 = time.perf_counter()
-    r = _client().get(url, headers=headers or JSON_ACCEPT)
+    try:
+        r = _client().get(url, headers=headers or JSON_ACCEPT)
+    except httpx.RemoteProtocolError:
+        # A keep-alive connection the server closed just as it was reused (both servers close
+        # idle ones): say so and ask again once, as a browser would for a GET.
+        log(f"{url.split('?')[0]}: connection closed under a reused request; asking again")
+        t0 = time.perf_counter()
+        r = _client().get(url, headers=headers or JSON_ACCEPT)
     body = r.content
     dt = time.perf_counter() - t0
     data: Any = None

@@ -21,13 +21,16 @@ Phases (full sizes; --quick shrinks them):
      wildcard ("Family^G*") and StudyDate range (30 days) queries, p50/p95 of the time from
      sending the request to the final status (all matches received).
 
-Receiver processes (settings.dimse_receivers, PostgreSQL only):
+Receiver processes (settings.dimse_receivers):
 
+    .venv/bin/python -m bench.dimse --quick --store-only --store-runs 3 --receivers 0,1,2
     .venv/bin/python -m bench.dimse --receivers 0,1,2 --pg postgresql+psycopg://postgres@127.0.0.1:5432
 
-runs phase 1 only, against Orthanc and then against one ScanOnce per value of N (each on a
-fresh PostgreSQL database and a local object folder, `SCANONCE_DIMSE_RECEIVERS=N`), with the
-server CPU counted over each whole process tree (receivers included).
+runs phase 1 only, against Orthanc, the floor and one ScanOnce per value of N (each with
+`SCANONCE_DIMSE_RECEIVERS=N` on the embedded default, or with --pg on a fresh PostgreSQL
+database, and a local object folder), all up for the whole run, `--store-runs` rounds with the
+order reversed every other round, with the server CPU counted over each whole process tree
+(receivers included).
 
 Index sync speed is measured by bench/federation_sync.py (results in docs/benchmarks.md).
 """
@@ -363,58 +366,83 @@ def _pg_database(server: str, name: str) -> str:
 
 
 def run_receivers(
-    plan: Plan, *, receivers: Sequence[int], pg: str, parallel: int, work: Path, seed: int
+    plan: Plan,
+    *,
+    receivers: Sequence[int],
+    pg: str | None,
+    parallel: int,
+    work: Path,
+    seed: int,
+    store_runs: int = 1,
 ) -> dict[str, Any]:
-    """Phase 1 (C-STORE) only: Orthanc, then ScanOnce on PostgreSQL with each N receivers."""
+    """Phase 1 (C-STORE) only: Orthanc, the floor, then ScanOnce with each N receivers, on
+    PostgreSQL (`pg`) or the embedded default (SQLite + local folder). All targets stay up for
+    the whole run; each of `store_runs` rounds sends a fresh folder to every target in turn, the
+    order reversed every other round (A/B alternated on a shared machine); medians per target."""
     t_start = time.perf_counter()
     load = [os.getloadavg()[0]]
     per_study = plan.instances_per_study
-    store = list(
-        instances(
-            seed=seed * 1000 + 500,
-            n_studies=plan.store_instances // per_study,
-            series_per_study=plan.series_per_study,
-            instances_per_series=plan.instances_per_series,
-        )
-    )
-    dirs = write_folder(work / "store", store, parallel)
-    sides: dict[str, dict[str, Any]] = {}
-    with run_orthanc_dimse(work / "orthanc") as oc:
-        sr = storescu_parallel(oc, dirs, len(store))
-        sr["held"] = instances_held(oc.server)
-        sr["loadavg_1m"] = os.getloadavg()[0]
-        sides["Orthanc"] = sr
-        log(f"C-STORE Orthanc: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
-    with run_floor(work / "floor") as fl:
-        sr = storescu_parallel(fl, dirs, len(store))
-        sr["loadavg_1m"] = os.getloadavg()[0]
-        sides[FLOOR] = sr
-        log(f"C-STORE {FLOOR}: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
-    for n in receivers:
-        dimse_port = free_port()
-        env = {
-            "SCANONCE_DIMSE_PORT": str(dimse_port),
-            "SCANONCE_DATABASE_URL": _pg_database(pg, f"n{n}"),
-            "SCANONCE_MIGRATE_ON_START": "true",
-            "SCANONCE_DIMSE_RECEIVERS": str(n),
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with contextlib.ExitStack() as stack:
+        targets: dict[str, Dimse] = {
+            "Orthanc": stack.enter_context(run_orthanc_dimse(work / "orthanc")),
+            FLOOR: stack.enter_context(run_floor(work / "floor")),
         }
-        with run_scanonce(work / f"scanonce-n{n}", env_extra=env) as so:
+        listening: dict[str, tuple[int, int]] = {}
+        for n in receivers:
+            dimse_port = free_port()
+            env = {"SCANONCE_DIMSE_PORT": str(dimse_port), "SCANONCE_DIMSE_RECEIVERS": str(n)}
+            if pg:
+                env |= {
+                    "SCANONCE_DATABASE_URL": _pg_database(pg, f"n{n}"),
+                    "SCANONCE_MIGRATE_ON_START": "true",
+                }
+            so = stack.enter_context(run_scanonce(work / f"scanonce-n{n}", env_extra=env))
             deadline = time.monotonic() + 120
             while _listeners(dimse_port) < n + 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            target = Dimse(so, "SCANONCE", dimse_port)
-            sr = storescu_parallel(target, dirs, len(store))
-            sr["held"] = instances_held(so)
-            sr["loadavg_1m"] = os.getloadavg()[0]
-            sr["listeners"] = _listeners(dimse_port)
-            sides[f"ScanOnce N={n}"] = sr
-            log(f"C-STORE ScanOnce N={n}: {sr['per_s']:.0f} inst/s ({sr['seconds']:.1f} s)")
+            targets[f"ScanOnce N={n}"] = Dimse(so, "SCANONCE", dimse_port)
+            listening[f"ScanOnce N={n}"] = (dimse_port, n)
+        for rnd in range(store_runs):
+            store = list(
+                instances(
+                    seed=seed * 1000 + 500 + rnd,
+                    n_studies=plan.store_instances // per_study,
+                    series_per_study=plan.series_per_study,
+                    instances_per_series=plan.instances_per_series,
+                )
+            )
+            shutil.rmtree(work / "store", ignore_errors=True)
+            dirs = write_folder(work / "store", store, parallel)
+            order = list(targets.items())
+            for name, target in order if rnd % 2 == 0 else reversed(order):
+                sr: dict[str, Any] = dict(storescu_parallel(target, dirs, len(store)))
+                sr["loadavg_1m"] = os.getloadavg()[0]
+                if name in listening:
+                    sr["listeners"] = _listeners(listening[name][0])
+                runs.setdefault(name, []).append(sr)
+                cpu = 1e3 * sr["server_cpu_s"] / sr["instances"]
+                took = f"{sr['seconds']:.1f} s, {cpu:.2f} ms CPU/inst"
+                log(f"C-STORE {name} round {rnd + 1}: {sr['per_s']:.0f} inst/s ({took})")
+        sides: dict[str, dict[str, Any]] = {}
+        for name, rs in runs.items():
+            side: dict[str, Any] = dict(summarize_store(rs))
+            side["server_cpu_s"] = side["cpu_ms"] * side["instances"] / 1e3
+            side["loadavg_1m"] = median([r["loadavg_1m"] for r in rs])
+            side["runs"] = rs
+            if "listeners" in rs[-1]:
+                side["listeners"] = rs[-1]["listeners"]
+            if name != FLOOR:
+                side["held"] = instances_held(targets[name].server)
+            sides[name] = side
     load.append(os.getloadavg()[0])
     return {
         "mode": "receivers",
+        "backend": "PostgreSQL + local folder" if pg else "SQLite + local folder (embedded default)",
         "plan": asdict(plan),
         "parallel": parallel,
         "seed": seed,
+        "store_runs": store_runs,
         "total_s": time.perf_counter() - t_start,
         "loadavg_1m": load,
         "sides": sides,
@@ -425,11 +453,12 @@ def render_receivers(data: dict[str, Any]) -> str:
     oc = data["sides"]["Orthanc"]
     out = [
         f"C-STORE by {data['parallel']} parallel dcmtk storescu, "
-        f"{data['plan']['store_instances']:,} small CT instances; ScanOnce on PostgreSQL + local "
-        "object folder, N receiver processes beside the serving process:",
+        f"{data['plan']['store_instances']:,} small CT instances, median of {data.get('store_runs', 1)} "
+        f"round(s); ScanOnce on {data.get('backend', 'PostgreSQL + local folder')}, N receiver processes "
+        "beside the serving process:",
         "",
         "| target | inst/s | / Orthanc | / floor | server CPU ms per instance (process tree) | held | "
-        "listeners | 1-min load after |",
+        "listeners | 1-min load (median) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     floor = data["sides"].get(FLOOR)
@@ -438,6 +467,7 @@ def render_receivers(data: dict[str, Any]) -> str:
         ratio = side["per_s"] / oc["per_s"]
         vs_floor = f"{_fmt(side['per_s'] / floor['per_s'], 2)}×" if floor else "n/a"
         held = f"{side['held']:,}" if "held" in side else "(not stored)"
+        cpu = side.get("cpu_ms", cpu)
         out.append(
             f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {vs_floor} | {_fmt(cpu, 2)} | "
             f"{held} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
@@ -872,10 +902,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--receivers",
-        help="C-STORE only, ScanOnce on PostgreSQL with these numbers of DIMSE receiver processes "
-        "(comma-separated, e.g. 0,1,2; needs --pg)",
+        help="C-STORE only, ScanOnce with these numbers of DIMSE receiver processes (comma-separated, "
+        "e.g. 0,1,2), on the embedded default or, with --pg, on PostgreSQL; --store-runs rounds",
     )
-    ap.add_argument("--pg", help="PostgreSQL server for --receivers (postgresql+psycopg://user@host:port)")
+    ap.add_argument(
+        "--pg", help="PostgreSQL server for --receivers (postgresql+psycopg://user@host:port); default SQLite"
+    )
     ap.add_argument(
         "--store-runs",
         type=int,
@@ -900,8 +932,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = replace(plan, index_instances=args.index_instances)
     work = Path(tempfile.mkdtemp(prefix="scanonce-bench-dimse-"))
     if args.receivers is not None:
-        if not args.pg:
-            ap.error("--receivers needs --pg (receiver processes need PostgreSQL)")
         try:
             data = run_receivers(
                 plan,
@@ -910,6 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parallel=args.parallel,
                 work=work,
                 seed=args.seed,
+                store_runs=max(1, args.store_runs),
             )
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)

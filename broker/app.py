@@ -10,6 +10,7 @@ them the implementation through `AppState`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +38,10 @@ from broker.db import check_connection, make_engine, migrate, require_current_sc
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
+from broker.dimse.handoff import WriterServer, is_single_writer
 from broker.dimse.receivers import ReceiverSupervisor
-from broker.dimse.receivers import check_supported as check_receivers_supported
 from broker.dimse.receivers import shared_counts as receiver_counts
-from broker.dimse.scp import start_scp, stop_scp
+from broker.dimse.scp import index_batcher, start_scp, stop_scp
 from broker.errors import BadRequest, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
@@ -180,11 +182,14 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.scanonce
     handle = None
     supervisor = None
+    writer = None
     if state.settings.dimse_port:
-        check_receivers_supported(state.settings)
         shared = receiver_counts(state.settings)
         handle = start_scp(state=state, shared=shared)
         if shared is not None:
+            if is_single_writer(state.settings.resolved_database_url()):
+                # SQLite: the receivers commit through this process's ingest writer.
+                writer = WriterServer(state=state, batcher=partial(index_batcher, handle)).start()
             # The receivers bind the port the serving process bound (the same one even when
             # the setting asks for a free port, 0).
             supervisor = ReceiverSupervisor(
@@ -194,6 +199,7 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
                 count=state.settings.dimse_receivers,
                 shared=shared,
                 build=build_receiver_state,
+                writer=writer.address if writer is not None else None,
             ).start()
     mllp = None
     if state.settings.mllp_port:
@@ -229,6 +235,8 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
             stop_mllp(mllp)
         if supervisor is not None:
             supervisor.stop()
+        if writer is not None:
+            writer.close()
         if handle is not None:
             stop_scp(handle)
 
@@ -284,6 +292,25 @@ def create_app(
             headers={"Retry-After": _RETRY_AFTER},
         )
 
+    @app.exception_handler(OSError)
+    async def _os_error(_request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno not in _DISK_FULL:
+            raise exc  # a fault of ours: the 500 and its traceback in the log, as before
+        # The spool, the object store's folder or the database's disk filled up under the
+        # request. What was committed before is whole (objects are placed before their rows),
+        # what was not is gone with its transaction; the sender can re-send all of it once space
+        # is freed, and the instances already stored come back as duplicates, not copies.
+        STORAGE_ERRORS.inc()
+        log.error("request refused: the disk is full (%s)", exc.strerror)
+        return JSONResponse(
+            status_code=507,
+            content={
+                "error": "Insufficient storage",
+                "detail": "the server's disk is full (no space left on device): nothing of this "
+                "request that was not acknowledged was stored; free space, then send it again",
+            },
+        )
+
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
     # A connection cut under a request (its session terminated, PostgreSQL restarted) surfaces
@@ -293,6 +320,9 @@ def create_app(
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         # The database refused, dropped or did not answer: nothing was committed, so the caller
         # may simply try again (a balancer sends it to a node whose /readyz is true meanwhile).
+        if isinstance(exc, OperationalError) and "disk is full" in str(exc.orig):
+            # SQLITE_FULL: the embedded database's disk, not a database that is away.
+            return await _os_error(_request, OSError(errno.ENOSPC, "database or disk is full"))
         DB_ERRORS.inc()
         log.warning("database unavailable: %s", type(exc).__name__)
         return JSONResponse(
@@ -353,6 +383,8 @@ def create_app(
 
 
 _RETRY_AFTER = "5"
+# No space left on the device, or the user's disk quota reached.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 # How long /readyz waits for the object store's answer: below a balancer's check timeout

@@ -39,7 +39,6 @@ from broker.db import (
 from broker.demo import service as demo_service
 from broker.deps import AppState
 from broker.dimse import access as dimse_access
-from broker.dimse import receivers as dimse_receivers
 from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
@@ -202,11 +201,6 @@ def _auth_before_exposure(settings: Settings) -> None:
 def _dimse_before_exposure(settings: Settings) -> None:
     """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback."""
     refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
-    if refused is None and settings.dimse_port:
-        try:
-            dimse_receivers.check_supported(settings)
-        except ScanOnceError as exc:  # receiver processes on SQLite
-            refused = exc.message
     if refused is None:
         return
     clikit.err_console.print(f"[red]Refusing to serve:[/] {refused}", soft_wrap=True)

@@ -118,9 +118,10 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Extra DIMSE receiver processes `scanonce serve` starts on the DIMSE port beside its own "
-            "listener (SO_REUSEPORT; the kernel spreads connections over them); each receives, parses "
-            "and indexes C-STOREs itself, and one that dies is restarted. PostgreSQL only: refused "
-            "on SQLite, which has one writer. 0: the serving process alone."
+            "listener (SO_REUSEPORT; the kernel spreads connections over them); each receives, hashes "
+            "and parses C-STOREs itself, and one that dies is restarted. On PostgreSQL each receiver "
+            "also indexes them; on SQLite (one writer) it hands them to the serving process's ingest "
+            "writer and answers once that has committed them. 0: the serving process alone."
         ),
     )
     dimse_open_mode: bool = Field(

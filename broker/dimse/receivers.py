@@ -4,24 +4,29 @@ With `settings.dimse_receivers = N` (> 0), `scanonce serve` starts N receiver pr
 its own DIMSE listener, all bound to the DIMSE port with SO_REUSEPORT; the kernel spreads
 incoming connections over the N + 1 listeners. A receiver runs the DIMSE SCP and nothing else
 (no HTTP, job worker, schedules, reaper or HL7 MLLP: those run once, in the serving process),
-with the same handlers: a C-STORE is spooled, hashed, parsed and indexed in that process, in its
-own index transaction, and answered only once that transaction has committed (the ingest path
-is unchanged, so what a success means is unchanged).
+with the same handlers. A C-STORE is spooled, hashed and parsed in the receiver, and answered
+only once the transaction holding it has committed (what a success means is unchanged). Who
+commits depends on the database:
 
-PostgreSQL only: every receiver writes the index itself, which SQLite (one writer at a time)
-would answer with lock waits and "database is locked" under load. `check_supported` refuses the
-setting on SQLite at start.
+- PostgreSQL: the receiver indexes it itself, in its own transaction (each receiver has its
+  own group-commit `IngestBatcher`).
+- SQLite (one writer at a time): the receiver hands the parsed instance to the serving
+  process's one writer over a Unix socket (`broker.dimse.handoff`), where it joins the group
+  commits of the serving process's own C-STOREs. The receivers still take pynetdicom's decoding,
+  the hash and the parse off the serving process's GIL.
 
 State that was per process and is now shared or decided:
 - the lock-out guards count across processes (`broker.dimse.guards`);
-- object keys being placed (`broker.index.ingest._IN_FLIGHT`) stay per process: the reaper, in
-  the serving process, relies on its grace period (settings.reap_grace_seconds, an hour by
-  default, against the seconds between an object's placement and its row's commit) for other
-  processes' placements; see the comment at `_IN_FLIGHT` for why the race cleanup stays safe.
+- object keys being placed (`broker.index.ingest._IN_FLIGHT`) stay per process (on SQLite
+  every placement is the serving process's own): the reaper, in the serving process, relies
+  on its grace period (settings.reap_grace_seconds, an hour by default, against the seconds
+  between an object's placement and its row's commit) for other processes' placements; see
+  the comment at `_IN_FLIGHT` for why the race cleanup stays safe.
 
 `ReceiverSupervisor` (in the serving process) starts the receivers as spawned processes and
 starts a new one in place of one that exits for any reason (a SIGKILL, the OOM killer). A
-receiver exits by itself when the serving process is gone. What a killed receiver had received
+receiver exits by itself when the serving process is gone (on SQLite its C-STOREs fail with
+0xA700 meanwhile: the writer is unreachable). What a killed receiver had received
 and not yet acknowledged is lost to its peer, which sees the association drop and re-sends;
 nothing it acknowledged is lost (committed first), and nothing half-stored is visible (an object
 without a row is named by nothing and reaped; a spool file is reaped).
@@ -41,8 +46,8 @@ from multiprocessing.process import BaseProcess
 
 from broker.deps import AppState
 from broker.dimse.guards import SharedCounts
+from broker.dimse.handoff import RemoteWriter, WriterAddress
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
-from broker.errors import BadRequest
 from broker.logfilters import configure_logging
 from broker.settings import Settings
 
@@ -52,16 +57,6 @@ log = logging.getLogger("scanonce.dimse")
 # down, a bad setting): its successor waits, doubling up to _MAX_BACKOFF, instead of a spin.
 _QUICK_EXIT = 10.0
 _MAX_BACKOFF = 30.0
-
-
-def check_supported(settings: Settings) -> None:
-    """Refuse receiver processes where they cannot work: on SQLite (one writer)."""
-    if settings.dimse_receivers > 0 and settings.resolved_database_url().startswith("sqlite"):
-        raise BadRequest(
-            f"SCANONCE_DIMSE_RECEIVERS={settings.dimse_receivers} needs PostgreSQL "
-            "(SCANONCE_DATABASE_URL): each receiver process writes the index, and SQLite has one "
-            "writer; set SCANONCE_DIMSE_RECEIVERS=0 on SQLite"
-        )
 
 
 def shared_counts(settings: Settings) -> SharedCounts | None:
@@ -74,7 +69,8 @@ def shared_counts(settings: Settings) -> SharedCounts | None:
 
 class ReceiverSupervisor:
     """Starts `count` receiver processes on `host`:`port` (rows 1..count of `shared`; row 0 is
-    the serving process's own listener) and keeps them running until `stop`."""
+    the serving process's own listener) and keeps them running until `stop`. With `writer`,
+    the receivers commit their C-STOREs through it (SQLite) instead of writing the index."""
 
     def __init__(
         self,
@@ -85,8 +81,12 @@ class ReceiverSupervisor:
         count: int,
         shared: SharedCounts,
         build: Callable[[Settings], AppState],
+        writer: WriterAddress | None = None,
     ) -> None:
         self._settings = settings
+        # On SQLite: the serving process's writer (`broker.dimse.handoff.WriterServer`), which
+        # its owner closes after `stop`.
+        self._writer = writer
         self._host, self._port = host, port
         self._count = count
         self._shared = shared
@@ -145,7 +145,16 @@ class ReceiverSupervisor:
         self._shared.clear(row)  # the counts of the process it replaces, if any
         process = self._ctx.Process(
             target=_receiver_main,
-            args=(self._settings, row, self._host, self._port, self._shared, self._build, os.getpid()),
+            args=(
+                self._settings,
+                row,
+                self._host,
+                self._port,
+                self._shared,
+                self._build,
+                os.getpid(),
+                self._writer,
+            ),
             name=f"scanonce-dimse-receiver-{row}",
             daemon=True,
         )
@@ -200,6 +209,7 @@ def _receiver_main(
     shared: SharedCounts,
     build: Callable[[Settings], AppState],
     parent: int,
+    writer: WriterAddress | None,
 ) -> None:
     """A receiver process: the DIMSE SCP on the shared port until SIGTERM or its parent ends."""
     configure_logging("info", settings.log_format)
@@ -216,7 +226,8 @@ def _receiver_main(
 
     threading.Thread(target=watch_parent, name="scanonce-parent-watch", daemon=True).start()
     state = build(settings)
-    handle: ScpHandle = start_scp(state=state, host=host, port=port, shared=shared, row=row)
+    ingest = RemoteWriter(writer) if writer is not None else None
+    handle: ScpHandle = start_scp(state=state, host=host, port=port, shared=shared, row=row, ingest=ingest)
     try:
         stop.wait()
     finally:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydicom import dcmread
@@ -64,8 +64,8 @@ from broker.dimse.guards import SharedCounts
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.federation import service as federation
-from broker.index.schemas import Query
-from broker.index.service import IngestBatcher, find_instances, search
+from broker.index.schemas import Query, StoreOutcome
+from broker.index.service import IngestAudit, IngestBatcher, find_instances, search
 from broker.metrics import observe_dimse
 from broker.security import tls
 from broker.security.schemas import Principal
@@ -266,6 +266,27 @@ class _SharedUIDContext(PresentationContext):
         return new
 
 
+class StoreIngest(Protocol):
+    """Where the C-STORE handler hands a received instance: the process's own `IngestBatcher`,
+    or, in a receiver process on SQLite, the serving process's writer
+    (`broker.dimse.handoff.RemoteWriter`). Returns once the instance is committed."""
+
+    def ingest_one(
+        self,
+        *,
+        engine: Any,
+        store: Any,
+        principal: Principal,
+        facility_id: str,
+        path: str | Received,
+        consume: bool = False,
+        expected_sop: tuple[str, str] | None = None,
+        audit: IngestAudit | None = None,
+    ) -> StoreOutcome: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class ScpHandle:
     """A running SCP. `peers` may be changed while it runs (calling AEs, move destinations)."""
@@ -275,7 +296,7 @@ class ScpHandle:
     ae: Any = None
     server: Any = None
     address: tuple[str, int] = ("", 0)
-    batcher: IngestBatcher | None = None
+    batcher: StoreIngest | None = None
     # Any calling AE accepted, as the default facility: only ever on a loopback listener.
     open_mode: bool = False
     # Per association (associations run in their own threads, hence the lock).
@@ -346,6 +367,7 @@ def start_scp(
     port: int | None = None,
     shared: SharedCounts | None = None,
     row: int = 0,
+    ingest: StoreIngest | None = None,
 ) -> ScpHandle:
     """Start serving DIMSE in background threads; returns at once.
 
@@ -356,6 +378,8 @@ def start_scp(
     `shared`: this listener is one of several processes on the port (`broker.dimse.receivers`):
     it binds with SO_REUSEPORT and counts its connections in row `row` of `shared`, against
     limits that hold for all of them together.
+
+    `ingest`: where C-STOREs go (default: a new `IngestBatcher`, this process's one writer).
     """
     settings = state.settings
     bind = (host if host is not None else settings.host, settings.dimse_port if port is None else port)
@@ -365,7 +389,7 @@ def start_scp(
     ssl_context = server_context(settings)
     reactor.install()
     handle = ScpHandle(state=state, peers=peers or DimsePeers(), open_mode=settings.dimse_open_mode)
-    handle.batcher = IngestBatcher()
+    handle.batcher = ingest if ingest is not None else IngestBatcher()
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.spool_dir = str(_spool_dir(settings.data_dir))
     ae.maximum_associations = settings.dimse_max_associations
@@ -422,6 +446,13 @@ def start_scp(
         " (open mode: any calling AE)" if handle.open_mode else "",
     )
     return handle
+
+
+def index_batcher(handle: ScpHandle) -> IngestBatcher | None:
+    """The SCP's own ingest writer (None once stopped, or where C-STOREs go elsewhere): what
+    the receivers on SQLite commit through (`broker.dimse.handoff.WriterServer`)."""
+    batcher = handle.batcher
+    return batcher if isinstance(batcher, IngestBatcher) else None
 
 
 def _peer_address(assoc: Association) -> str:

@@ -119,6 +119,42 @@ class IngestBatcher:
                 self._parsing -= 1
                 self._senders[threading.get_ident()] = time.monotonic()
                 self._arrived.notify_all()
+        return self._outcome(item)
+
+    def ingest_parsed(
+        self,
+        *,
+        engine: Engine,
+        store: ObjectStore,
+        principal: Principal,
+        facility_id: str,
+        parsed: _Parsed,
+        consume: bool = False,
+        audit: IngestAudit | None = None,
+    ) -> StoreOutcome:
+        """As `ingest_one`, for an instance parsed already, in another process: a DIMSE receiver
+        on SQLite parses there and hands its instance to this one writer
+        (`broker.dimse.handoff`). The calling thread counts as one sender, as in `ingest_one`."""
+        authorize(principal, action="index.store", facility=facility_id)
+        item = _Item(
+            engine=engine,
+            store=store,
+            principal=principal,
+            facility_id=facility_id,
+            parsed=parsed,
+            consume=consume,
+            audit=audit,
+        )
+        try:
+            self._submit(item)
+        finally:
+            with self._arrived:
+                self._senders[threading.get_ident()] = time.monotonic()
+                self._arrived.notify_all()
+        return self._outcome(item)
+
+    @staticmethod
+    def _outcome(item: _Item) -> StoreOutcome:
         item.done.wait()
         if item.error is not None:
             raise item.error

@@ -1,14 +1,16 @@
-"""Several DIMSE receiver processes on one port (settings.dimse_receivers), on PostgreSQL + S3.
+"""Several DIMSE receiver processes on one port (settings.dimse_receivers), on both backends.
 
-One node for the module: the serving process's SCP and two receiver processes (spawned, as
-`scanonce serve` does), on a PostgreSQL database cloned from the migrated template and a bucket
-on the moto server. The kernel spreads connections over the three listeners by a hash of their
-addresses, so each test opens many associations and checks, through the guards' shared counts,
-that the receivers served some of them.
+One node per backend for the module: the serving process's SCP and two receiver processes
+(spawned, as `scanonce serve` does). On PostgreSQL + S3 (a database cloned from the migrated
+template, a bucket on the moto server) each receiver writes the index itself; on the embedded
+default (SQLite + local folder) the receivers hand their parsed instances to the serving
+process's one writer (`broker.dimse.handoff`). The kernel spreads connections over the three
+listeners by a hash of their addresses, so each test opens many associations and checks,
+through the guards' shared counts, that the receivers served some of them.
 
-Slow by nature: the module's setup spawns two receiver processes, each importing the broker
+Slow by nature: each node's setup spawns two receiver processes, each importing the broker
 (~6-20 s on a loaded 2-core machine), and the kill test waits for a replacement to start the
-same way; the other tests reuse that one cluster.
+same way; the other tests reuse that node.
 """
 
 from __future__ import annotations
@@ -32,23 +34,24 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from sqlmodel import Session, col, select
-from typer.testing import CliRunner
 
 from broker.app import build_receiver_state, build_state
 from broker.audit import service as audit_service
-from broker.cli import app as cli
+from broker.audit.models import AuditEvent
 from broker.demo import synth
 from broker.deps import AppState
 from broker.dimse.guards import SharedCounts
+from broker.dimse.handoff import RemoteWriter, WriterServer
 from broker.dimse.receivers import ReceiverSupervisor
-from broker.dimse.scp import ScpHandle, start_scp, stop_scp
+from broker.dimse.scp import ScpHandle, index_batcher, start_scp, stop_scp
 from broker.index.models import Instance
+from broker.index.service import IngestBatcher
 from broker.settings import Settings
 from tests.conftest import PgAdmin, s3_storage_url
 from tests.peers import dcmtk
 from tests.support import indexed_instance_keys
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 RECEIVERS = 2
 CAP = 12  # connections per address, for the node (above the 9 parallel associations below)
@@ -60,6 +63,7 @@ class Cluster:
     scp: ScpHandle
     supervisor: ReceiverSupervisor
     shared: SharedCounts
+    writer: WriterServer | None  # SQLite: the serving process's writer the receivers feed
 
     @property
     def port(self) -> int:
@@ -69,39 +73,46 @@ class Cluster:
         return sum(self.shared.served(row) for row in range(1, RECEIVERS + 1))
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    pg_admin: PgAdmin, _pg_template: str, moto_server: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
-    name = pg_admin.new_name("rcv")
-    url = pg_admin.create(name, template=_pg_template)
-    bucket = f"rcv-{os.getpid()}"
+@pytest.fixture(scope="module", params=[pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    backend: dict[str, Any] = {}
+    pg_admin: PgAdmin | None = None
+    if request.param == "postgres":
+        pg_admin = request.getfixturevalue("pg_admin")
+        name = pg_admin.new_name("rcv")
+        url = pg_admin.create(name, template=request.getfixturevalue("_pg_template"))
+        moto_server = request.getfixturevalue("moto_server")
+        backend = {"database_url": url, "storage_url": s3_storage_url(moto_server, f"rcv-{os.getpid()}")}
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("receivers"),
         host="127.0.0.1",
         dimse_port=0,
         mllp_port=0,
-        database_url=url,
-        storage_url=s3_storage_url(moto_server, bucket),
         dimse_receivers=RECEIVERS,
         dimse_max_connections_per_address=CAP,
+        **backend,
     )
     state = build_state(settings)
     shared = SharedCounts(rows=RECEIVERS + 1)
     scp = start_scp(state=state, port=0, shared=shared, row=0)
+    # On SQLite, as `scanonce serve` does: the receivers commit through this process's writer.
+    writer = None if pg_admin else WriterServer(state=state, batcher=lambda: index_batcher(scp)).start()
     supervisor = ReceiverSupervisor(
         settings=settings, host="127.0.0.1", port=scp.port, count=RECEIVERS, shared=shared,
-        build=build_receiver_state,
+        build=build_receiver_state, writer=writer.address if writer else None,
     ).start()  # fmt: skip
     try:
         # Spawning imports the broker in each receiver: seconds, more on a loaded machine.
         assert supervisor.wait_listening(120), "the receiver processes did not start listening"
-        yield Cluster(state=state, scp=scp, supervisor=supervisor, shared=shared)
+        yield Cluster(state=state, scp=scp, supervisor=supervisor, shared=shared, writer=writer)
     finally:
         supervisor.stop()
+        if writer is not None:
+            writer.close()
         stop_scp(scp)
         state.engine.dispose()
-        pg_admin.drop(name)
+        if pg_admin is not None:
+            pg_admin.drop(name)
 
 
 def _study(folder: Path, seed: int, instances: int) -> list[Path]:
@@ -135,21 +146,12 @@ def _assert_stored(state: AppState, paths: list[Path]) -> None:
         assert stored.SOPInstanceUID == sop_uid and stored.PixelData == sent.PixelData
 
 
-def test_serve_refuses_receivers_on_sqlite_naming_the_setting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SCANONCE_DIMSE_RECEIVERS", "2")
-    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1
-    assert "SCANONCE_DIMSE_RECEIVERS=2 needs PostgreSQL" in " ".join(result.output.split())
-    assert not (tmp_path / "index.sqlite3").exists()  # refused before anything was created
-
-
 def test_parallel_storescu_senders_every_instance_indexed_once(cluster: Cluster, tmp_path: Path) -> None:
     # Four senders at once, each a study of its own, each sent by two associations (the second
     # a re-send of the same files: duplicates, acknowledged, not stored twice).
     studies = [_study(tmp_path / f"s{n}", seed=40 + n, instances=12) for n in range(4)]
     served_before = cluster.served_by_receivers()
+    handed_before = cluster.writer.handled if cluster.writer else 0
     where = ["-aec", cluster.state.settings.ae_title, "127.0.0.1", str(cluster.port)]
 
     def send(paths: list[Path]) -> None:
@@ -162,6 +164,19 @@ def test_parallel_storescu_senders_every_instance_indexed_once(cluster: Cluster,
         _assert_stored(cluster.state, paths)
     # 8 associations over 3 listeners: all 8 on the serving process is a 1-in-6,561 event.
     assert cluster.served_by_receivers() > served_before
+    if cluster.writer is not None:  # SQLite: what the receivers received, they handed over
+        assert cluster.writer.handled > handed_before
+    # Who stored each study, from where, whichever process received it (on SQLite: recorded by
+    # the serving process's writer, in the transaction of the rows).
+    with Session(cluster.state.engine) as session:
+        events = session.exec(select(AuditEvent).where(AuditEvent.subtype == "store")).all()
+    for paths in studies:
+        study = pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+        mine = [e for e in events if e.study_uid == study]
+        assert {(e.agent_who, e.source_interface, e.client_address) for e in mine} == {
+            ("ae:PACS1", "dimse", "127.0.0.1")
+        }
+        assert {e.outcome_desc for e in mine} >= {"1 instance(s) stored", "1 instance(s) duplicate"}
 
 
 def _store(port: int, aet: str, path: Path) -> int:
@@ -305,4 +320,28 @@ def test_a_receiver_flags_reads_made_under_break_the_glass_as_the_serving_proces
     try:
         assert audit_service._marker is not None
     finally:
+        state.engine.dispose()
+
+
+def test_a_receiver_whose_writer_is_gone_refuses_with_a700_and_acknowledges_nothing(tmp_path: Path) -> None:
+    """On SQLite, a receiver's C-STOREs commit in the serving process: with that writer gone
+    (the serving process killed), a C-STORE fails with 0xA700, so the SCU keeps it and retries,
+    and nothing of it is left behind. Both ends run in this process here (no spawn needed)."""
+    settings = Settings(data_dir=tmp_path / "data", mllp_port=0)
+    state = build_state(settings)
+    batcher = IngestBatcher()
+    writer = WriterServer(state=state, batcher=lambda: batcher).start()
+    receiver = start_scp(state=state, host="127.0.0.1", port=0, ingest=RemoteWriter(writer.address))
+    first, second = _study(tmp_path / "s", seed=81, instances=2)
+    try:
+        assert _store(receiver.port, settings.ae_title, first) == 0x0000
+        _assert_stored(state, [first])
+        writer.close()  # the receiver's pooled connection breaks, and nothing listens any more
+        assert _store(receiver.port, settings.ae_title, second) == 0xA700
+        uid = pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID
+        assert _indexed(state, {uid}) == []
+        assert list((settings.data_dir / "spool").glob("*.dcm")) == []
+    finally:
+        stop_scp(receiver)
+        batcher.close()
         state.engine.dispose()
