@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from broker.index.models import Instance, InstanceConflict, Series, SeriesFacts,
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from storage import LocalStore
 from tests.support import ADMIN, CHARSET_FILES, TEST_FILES, make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
@@ -303,3 +306,48 @@ def test_a_group_into_known_and_new_rows_counts_right_in_a_few_statements(
         facts = {f.series_pk: f.instances for f in s.exec(select(SeriesFacts))}
         pk_of = {se.series_uid: se.pk for se in s.exec(select(Series))}
     assert facts == {pk_of[uid]: n for uid, n in series.items()}
+
+
+def test_a_consumed_batch_is_durable_before_its_names_appear_and_synced_once(
+    state: AppState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A STOW-RS batch into a local folder (stored as a group, `put_files`): each object's bytes
+    are synced before its name appears in the store, once, and each folder that gained a name
+    is synced before the ingest returns."""
+    if not isinstance(state.store, LocalStore):
+        pytest.skip("fsyncs of a local folder")
+    study = "1.2.826.0.1.3680043.8.498.91"
+    paths = [
+        write(tmp_path, f"{n}.dcm", make_ds(sop=f"{study}.1.{n}", study=study, series=f"{study}.1"))
+        for n in range(6)
+    ]
+    inode_of = {os.stat(p).st_ino: p for p in paths}
+    root = state.store.root
+    synced: list[tuple[int, int]] = []
+    named_before_sync: list[str] = []
+    lock = threading.Lock()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if st.st_ino in inode_of and any(
+            os.path.samestat(st, os.stat(f)) for f in root.rglob("*.dcm") if not f.name.startswith(".tmp-")
+        ):
+            named_before_sync.append(inode_of[st.st_ino])
+        real_fsync(fd)
+        with lock:
+            synced.append((st.st_dev, st.st_ino))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    outcomes = _ingest(state, paths, consume=True)
+
+    assert [o.status for o in outcomes] == ["stored"] * 6
+    assert not named_before_sync
+    objects = [f for f in root.rglob("*.dcm") if not f.name.startswith(".tmp-")]
+    assert len(objects) == 6
+    for f in objects:
+        st = f.stat()
+        assert synced.count((st.st_dev, st.st_ino)) == 1, f
+        parent = f.parent.stat()
+        assert (parent.st_dev, parent.st_ino) in synced
+    assert sorted(f.read_bytes() for f in objects) == sorted(Path(p).read_bytes() for p in paths)
