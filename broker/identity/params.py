@@ -100,7 +100,9 @@ def train(*, session: Session, principal: Principal, max_pairs: int = 200_000, s
     random_pairs = [(demo[a], demo[b]) for a, b in drawn]
     blocks: dict[str, list[int]] = {}
     for key, rid in session.execute(sa_select(col(BlockKey.key), col(BlockKey.record_id))).all():
-        if matching.training_rule(key) is not None:
+        # A record ingest linked after the records were read (on PostgreSQL each statement sees
+        # what has committed by then) has keys but no demographics here: train without it.
+        if rid in demo and matching.training_rule(key) is not None:
             blocks.setdefault(key, []).append(rid)
     by_rule: dict[str, set[tuple[int, int]]] = {}
     for key, members in blocks.items():

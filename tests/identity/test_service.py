@@ -4,8 +4,11 @@ merge/unlink, manual decisions."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from broker.errors import BadRequest, Conflict
@@ -200,6 +203,40 @@ def test_train_estimates_parameters_from_records(session: Session) -> None:
         >= 50
     )
     assert session.exec(select(ReviewItem)).all() is not None
+
+
+def test_train_while_ingest_adds_records_between_its_reads(session: Session, engine: Engine) -> None:
+    """Training reads the records, then their block keys. A patient linked by ingest between
+    the two (on PostgreSQL each read sees what has committed by then) has keys but no record in
+    what training read: it trains on the records it read, it does not fail the job."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite's transactions take the write lock at BEGIN: ingest waits, no race")
+    import random
+
+    rng = random.Random(5)
+    fam = ["SMITH", "JONES", "NEUMANN", "PAINTER", "GREEN", "REID", "HOWIE", "SON", "WEBB", "DIXON"]
+    for i in range(30):
+        f = rng.choice(fam)
+        dob = f"19{rng.randint(10, 99)}0{rng.randint(1, 9)}{rng.randint(10, 28)}"
+        ingest_patient(session, "fac-a", f"A{i}", f"{f}^ANNA", dob)
+        ingest_patient(session, "fac-b", f"B{i}", f"{f}^ANNX", dob)
+    arrived: list[str] = []
+
+    def ingest_between(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if arrived or "identity_record" not in statement or "block_key" in statement:
+            return
+        arrived.append("LATE1")  # first: the late ingest's own statements pass through here too
+        with Session(engine, expire_on_commit=False) as other:
+            ingest_patient(other, "fac-a", "LATE1", "SMITH^ANNA", "19500101")
+
+    event.listen(engine, "after_cursor_execute", ingest_between)
+    try:
+        params = service.train(session=session, principal=acting("admin"))
+    finally:
+        event.remove(engine, "after_cursor_execute", ingest_between)
+    assert arrived, "the records were never read"
+    assert service.current_params(session=session) == params
+    assert params["m"]["birth_date"][0] > 0.5
 
 
 def test_record_alone_links_once_its_demographics_are_complete(session: Session) -> None:
