@@ -52,9 +52,7 @@ NODE = socket.gethostname()[:128]
 # call (with their cache keys) cost more CPU than running them.
 _LOCK_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash)
 _INSERT_EVENTS = _EVENT.insert()
-_MOVE_HEAD = (
-    update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
-)
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 
 
 def sanitise(value: object, limit: int | None) -> str:
