@@ -198,6 +198,13 @@ def _count(url: str) -> int:
     return len(httpx.get(f"{url}/instances", timeout=30, trust_env=False).json())
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far: what the import costs on a shared
+    machine, less noisy than its wall time (Orthanc and dcmtk's storescu are other processes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -248,13 +255,17 @@ def main() -> None:
             with Session(st.engine) as session:
                 study_uid = index.find_instances(session=session, study_uid=_uid_of(paths[0]))[0].study_uid
 
+            cpu: dict[str, list[float]] = {}
+
             def imp(via: str) -> float:
                 _clear(pacs.url)
+                c = _cpu()
                 t = time.perf_counter()
                 row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
                                            facility_id="mine", via=via)  # fmt: skip
                 final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
                 dt = time.perf_counter() - t
+                cpu.setdefault(f"import {via}", []).append(_cpu() - c)
                 assert final.status == "done" and _count(pacs.url) == args.instances, final.message
                 return dt
 
@@ -271,6 +282,7 @@ def main() -> None:
 
             def stow() -> float:
                 _clear(pacs.url)
+                c = _cpu()
                 t = time.perf_counter()
                 # The files as they are, in requests of the import's size, on as many keep-alive
                 # connections at once as the import uses: no coercion, no reading from
@@ -289,6 +301,7 @@ def main() -> None:
                 for sender in senders:
                     sender.close()
                 dt = time.perf_counter() - t
+                cpu.setdefault("peer dicomweb", []).append(_cpu() - c)
                 assert _count(pacs.url) == args.instances
                 return dt
 
@@ -316,6 +329,8 @@ def main() -> None:
             for name, x, y, r in rows:
                 peer = "dcmtk storescu" if name == "C-STORE" else "same files to Orthanc's STOW-RS"
                 print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
+            print("CPU of this process (user + system, s, median per run): " + ", ".join(
+                f"{k} {statistics.median(v):.3f}" for k, v in cpu.items()))  # fmt: skip
             print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
             print("1-minute load average (2 cores) at the start and after each delivery: "
                   + ", ".join(f"{x:.1f}" for x in load))  # fmt: skip

@@ -297,17 +297,17 @@ def create_app(
         if exc.errno not in _DISK_FULL:
             raise exc  # a fault of ours: the 500 and its traceback in the log, as before
         # The spool, the object store's folder or the database's disk filled up under the
-        # request. What was committed before is whole (objects are placed before their rows),
-        # what was not is gone with its transaction; the sender can re-send all of it once space
-        # is freed, and the instances already stored come back as duplicates, not copies.
+        # request. What was committed before is whole (objects are placed before their rows:
+        # a large STOW-RS commits in groups), what was not is gone with its transaction; the
+        # sender re-sends all of it once space is freed, and what is stored answers as duplicates.
         STORAGE_ERRORS.inc()
         log.error("request refused: the disk is full (%s)", exc.strerror)
         return JSONResponse(
             status_code=507,
             content={
                 "error": "Insufficient storage",
-                "detail": "the server's disk is full (no space left on device): nothing of this "
-                "request that was not acknowledged was stored; free space, then send it again",
+                "detail": "the server's disk is full (no space left on device); free space, then "
+                "send the request again (what it stored before the disk filled answers as duplicates)",
             },
         )
 

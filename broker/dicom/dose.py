@@ -21,7 +21,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
 
 # -- Concept codes (PS3.16, scheme DCM unless stated) -------------------------------------------
 
@@ -304,31 +303,36 @@ def _phantom_of(code: tuple[str, str]) -> Phantom | None:
     return None
 
 
-# SNOMED CT body structures (CID 4030) for the k-factor regions; pydicom's Code compares the
-# legacy SRT designators (T-D3000...) equal to their SCT values.
-_REGION_CODES: tuple[tuple[Code, str], ...] = (
-    (Code("69536005", "SCT", "Head"), "head"),
-    (Code("45048000", "SCT", "Neck"), "neck"),
-    (Code("774007", "SCT", "Head and Neck"), "head_neck"),
-    (Code("51185008", "SCT", "Chest"), "chest"),
-    (Code("113345001", "SCT", "Abdomen"), "abdomen_pelvis"),
-    (Code("12921003", "SCT", "Pelvis"), "abdomen_pelvis"),
-    (Code("818981001", "SCT", "Abdomen"), "abdomen_pelvis"),
-    (Code("818982008", "SCT", "Abdomen and Pelvis"), "abdomen_pelvis"),
-    (Code("416949008", "SCT", "Abdomen and/or Pelvis"), "abdomen_pelvis"),
-    (Code("416775004", "SCT", "Chest, Abdomen and Pelvis"), "trunk"),
-    (Code("416550000", "SCT", "Chest and/or Abdomen"), "trunk"),
-)
+# SNOMED CT body structures (CID 4030) for the k-factor regions, by their SCT code and by the
+# legacy SRT designator of the same concept (the pairs pydicom's `Code` equates). Written out
+# rather than compared through `pydicom.sr.coding.Code`: importing `pydicom.sr` loads its concept
+# dictionaries, ~15 MB of heap in every process that reads dose (the server and each parse worker).
+_REGIONS: dict[tuple[str, str], str] = {
+    ("SCT", "69536005"): "head",
+    ("SRT", "T-D1100"): "head",
+    ("SCT", "45048000"): "neck",
+    ("SRT", "T-D1600"): "neck",
+    ("SCT", "774007"): "head_neck",
+    ("SRT", "T-D1000"): "head_neck",
+    ("SCT", "51185008"): "chest",
+    ("SRT", "T-D3000"): "chest",
+    ("SCT", "113345001"): "abdomen_pelvis",
+    ("SRT", "T-D4000"): "abdomen_pelvis",
+    ("SCT", "12921003"): "abdomen_pelvis",
+    ("SRT", "T-D6000"): "abdomen_pelvis",
+    ("SCT", "818981001"): "abdomen_pelvis",
+    ("SCT", "818982008"): "abdomen_pelvis",
+    ("SCT", "416949008"): "abdomen_pelvis",
+    ("SRT", "R-FAB57"): "abdomen_pelvis",
+    ("SCT", "416775004"): "trunk",
+    ("SRT", "R-FAB56"): "trunk",
+    ("SCT", "416550000"): "trunk",
+    ("SRT", "R-FAB55"): "trunk",
+}
 
 
 def _region_of(value: str, scheme: str) -> str | None:
-    if not value or not scheme:
-        return None
-    try:
-        code = Code(value, scheme, "")
-    except Exception:  # noqa: BLE001 - a malformed code is just not a region
-        return None
-    return next((region for known, region in _REGION_CODES if code == known), None)
+    return _REGIONS.get((scheme, value))
 
 
 def _ct_event(node: Mapping[str, Any], problems: list[str]) -> CTEvent:

@@ -7,6 +7,7 @@ reason COERCE, and the outside Patient ID is kept in OtherPatientIDsSequence wit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import shutil
@@ -295,8 +296,12 @@ class Coercer:
         metas, start = splice.walk(src, start=132, implicit=False, size=size, stop=lambda t: t >> 16 != 2)
         src.seek(132)
         meta_raw = src.read(start - 132)
-        meta = read_dataset(io.BytesIO(meta_raw), False, True)
-        ts = UID(str(meta.get("TransferSyntaxUID", "")))
+        # The transfer syntax from its element's bytes (no data set parsed for it per file).
+        ts = _transfer_syntax(
+            next(
+                (meta_raw[e.start - 132 + e.header : e.end - 132] for e in metas if e.tag == 0x00020010), b""
+            )
+        )
         if not (
             metas
             and ts.is_transfer_syntax
@@ -355,6 +360,12 @@ class Coercer:
             io.BytesIO(data), start=0, implicit=implicit, size=len(data), stop=lambda t: False
         )[0]
         return [(e.tag, data[e.start : e.end]) for e in found if e.tag in _SPLICED]
+
+
+@functools.lru_cache(maxsize=16)
+def _transfer_syntax(raw: bytes) -> UID:
+    """The transfer syntax UID whose (0002,0010) value is `raw` (a study's files share one)."""
+    return UID(_uid(raw))
 
 
 def _uid(raw: bytes | None) -> str:

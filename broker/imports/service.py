@@ -20,14 +20,15 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import func, insert, update
+from sqlalchemy import insert, update
+from sqlalchemy import select as select_columns
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -50,9 +51,9 @@ log = logging.getLogger("scanonce.imports")
 
 IMPORT_JOB = "import"
 # A batch sent: (row, its outcome) and the rows whose source could not be read (why).
-Sent_ = tuple[list[tuple["ImportInstance", delivery.Outcome]], list[tuple["ImportInstance", str]]]
+Sent_ = tuple[list[tuple["_Pending", delivery.Outcome]], list[tuple["_Pending", str]]]
 # A batch coerced: (its file, row) and the rows whose source could not be read (why).
-Coerced_ = tuple[list[tuple[delivery.File, "ImportInstance"]], list[tuple["ImportInstance", str]]]
+Coerced_ = tuple[list[tuple[delivery.File, "_Pending"]], list[tuple["_Pending", str]]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
@@ -146,22 +147,37 @@ def prepare(
     if via not in ("", "dimse", "dicomweb"):
         raise BadRequest("via must be dimse or dicomweb (or empty: as the facility is registered)")
     authorize(principal, action="imports.write", facility=facility_id)
-    with Session(engine) as session:
-        views = index.studies_by_uid(session=session, study_uids=[study_uid])
-        # A study the caller may not see (the person's consent, purpose of use) is refused as one
-        # the index does not hold: the refusal does not reveal that it exists.
-        views, _withheld = consent.filter_studies(session=session, principal=principal, studies=views)
-        if not views:
-            raise NotFound(f"no study {study_uid} in the broker's index")
-        view = views[0]
-        destination = facilities.get_facility(session=session, facility_id=facility_id)
-        if destination.id == view.facility_id:
-            raise BadRequest(f"the study already comes from facility {facility_id!r}")
-        how = delivery.via_of(destination, via)
-        rec = _destination_record(session, view=view, destination=destination, patient=patient)
-        remote_only = index.is_remote_only(session=session, study_uid=study_uid)
-        config = destination_config(session=session, facility_id=destination.id)
-        session.expunge(destination)
+    # Whether the destination holds the study UID (and for whom) is asked while the rest is read
+    # here; its answer (or its 503) counts only once everything here has passed, and a refusal
+    # here does not wait for it.
+    asking = ThreadPoolExecutor(1, thread_name_prefix="import-plan")
+    try:
+        with Session(engine) as session:
+            views = index.studies_by_uid(session=session, study_uids=[study_uid])
+            # A study the caller may not see (the person's consent, purpose of use) is refused as one
+            # the index does not hold: the refusal does not reveal that it exists.
+            views, _withheld = consent.filter_studies(session=session, principal=principal, studies=views)
+            if not views:
+                raise NotFound(f"no study {study_uid} in the broker's index")
+            view = views[0]
+            destination = facilities.get_facility(session=session, facility_id=facility_id)
+            if destination.id == view.facility_id:
+                raise BadRequest(f"the study already comes from facility {facility_id!r}")
+            how = delivery.via_of(destination, via)
+            session.expunge(destination)
+            holders = asking.submit(
+                delivery.study_patients,
+                facility=destination,
+                via=how,
+                study_uid=study_uid,
+                calling_ae=calling_ae,
+            )
+            rec = _destination_record(session, view=view, destination=destination, patient=patient)
+            remote_only = index.is_remote_only(session=session, study_uid=study_uid)
+            config = destination_config(session=session, facility_id=destination.id)
+            held = holders.result()
+    finally:
+        asking.shutdown(wait=False)
     target = {
         "PatientID": rec.value,
         "IssuerOfPatientID": destination.issuer,
@@ -170,7 +186,6 @@ def prepare(
         "PatientSex": rec.sex,
     }
     # The study's UIDs stay unless the destination holds the study UID for someone else.
-    held = delivery.study_patients(facility=destination, via=how, study_uid=study_uid, calling_ae=calling_ae)
     rename = any(pid != rec.value for pid, _ in held)
     accession: str | None = None
     if accession_policy == "empty":
@@ -344,15 +359,11 @@ def start_import(
         session.add(row)
         session.flush()
         assert row.id is not None
-        import_id = row.id
-    job = jobs.enqueue(
-        engine=engine,
-        kind=IMPORT_JOB,
-        key=str(import_id),
-        params={"import_id": import_id, "calling_ae": calling_ae},
-    )
-    with session_scope(engine) as session:
-        row = get_import(session=session, import_id=import_id)
+        # The import and its job in one transaction: never an import without its job, and one
+        # commit (each is a disk flush) where there were three.
+        job = jobs.enqueue_in(
+            session, kind=IMPORT_JOB, key=str(row.id), params={"import_id": row.id, "calling_ae": calling_ae}
+        )
         row.job_id = job.id
         session.flush()
         session.expunge(row)
@@ -439,7 +450,8 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
         destination = facilities.get_facility(session=session, facility_id=row.facility_id)
         session.expunge(destination)
         plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
-    _set(engine, import_id, status="running", message="")
+    # `running` is recorded with the instance rows (`_rows_to_send`): one commit fewer before the
+    # first batch is sent; a study first fetched from its facility is `running` meanwhile.
     try:
         _run(engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress)
     except ScanOnceError as exc:
@@ -456,54 +468,45 @@ def _run(
 ) -> None:  # fmt: skip
     with Session(engine) as session:
         remote = index.is_remote_only(session=session, study_uid=study_uid)
+        refs = [] if remote else index.find_instances(session=session, study_uid=study_uid)
     if remote:
+        _set(engine, import_id, status="running", message="")
         progress.update(message="fetching the study from its facility")
         if _fetcher is None:
             raise Unavailable("the study is held only at its facility and no remote retrieve is configured")
         _fetcher(engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae)
-    with Session(engine) as session:
-        refs = index.find_instances(session=session, study_uid=study_uid)
+        with Session(engine) as session:
+            refs = index.find_instances(session=session, study_uid=study_uid)
     if not refs:
         raise NotFound(f"the broker holds no instance of study {study_uid}")
     plan = reconcile.Plan.from_json(plan_data, _known_uids(refs, study_uid))
     coercer = reconcile.Coercer(plan)
     by_sop = {r.sop_uid: r for r in refs}
+    total = len(by_sop)
 
     def delivered(uid: str) -> str:
         return reconcile.new_uid(destination=plan.destination, uid=uid) if plan.rename_uids else uid
 
     series_of = {delivered(r.sop_uid): delivered(r.series_uid) for r in refs}
-    with session_scope(engine) as session:
-        have = set(
-            session.exec(select(ImportInstance.source_sop_uid).where(ImportInstance.import_id == import_id))
-        )
-        now = datetime.now(UTC)
-        rows = [
-            {"import_id": import_id, "source_sop_uid": r.sop_uid, "sop_uid": delivered(r.sop_uid),
-             "status": "pending", "code": None, "detail": "", "attempts": 0, "updated_at": now}
-            for r in refs
-            if r.sop_uid not in have
-        ]  # fmt: skip
-        if rows:  # one executemany, not an ORM object per instance
-            session.execute(insert(ImportInstance), rows)
-        session.execute(update(ImportJob).where(col(ImportJob.id) == import_id).values(total=len(by_sop)))
-    with Session(engine) as session:
-        pending = [
-            i for i in instances_of(session=session, import_id=import_id) if i.status in ("pending", "failed")
-        ]
-    total = len(by_sop)
-    done = total - len(pending)
-    progress.update(done=done, total=total, message="sending")
     with (
         tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp,
         _Senders(destination, via, calling_ae) as senders,
+        ThreadPoolExecutor(1, thread_name_prefix="import-ask") as asking,
         ThreadPoolExecutor(1, thread_name_prefix="import-coerce") as coercing,
         ThreadPoolExecutor(SENDERS, thread_name_prefix="import-send") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="import-record") as recorder,
     ):
+        # Whether the destination holds nothing of the study yet, asked while the instance rows
+        # are written and the first batches coerced; the first batch is sent only once it is
+        # answered, so the answer is about the destination before this run sent anything.
+        holds_nothing = asking.submit(_holds_nothing, destination, via, plan.study_uid, calling_ae)
+        pending, cancelled = _rows_to_send(engine, import_id, refs, delivered, progress)
+        done = total - len(pending)
+        progress.notify()
 
-        def coerce(batch: list[ImportInstance]) -> Coerced_:
-            files: list[tuple[delivery.File, ImportInstance]] = []
-            unreadable: list[tuple[ImportInstance, str]] = []
+        def coerce(batch: list[_Pending]) -> Coerced_:
+            files: list[tuple[delivery.File, _Pending]] = []
+            unreadable: list[tuple[_Pending, str]] = []
             for inst in batch:
                 key = by_sop[inst.source_sop_uid].object_key
                 path = os.path.join(tmp, f"{inst.id}.dcm")
@@ -528,62 +531,143 @@ def _run(
                         os.unlink(file)
             return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
 
-        # SENDERS batches in flight, each sent by its own thread on its own connection, and as
-        # many coerced ahead by one more thread, so that a connection has its next batch ready
-        # (the archive is kept as busy as by a plain client at that concurrency; coercing in the
-        # sending thread left it idle meanwhile). Each batch is recorded as soon as it is sent,
-        # in whatever order they finish (waiting for the oldest left a connection idle), and a
-        # batch is sent only once a slot is free: at most SENDERS batches are ever sent and not
-        # yet recorded. At most 2 x SENDERS batches of files on disk, none in memory. A cancel
-        # stops new batches; those in flight finish and are recorded.
-        inflight: dict[Future[Sent_], int] = {}
+        # SENDERS threads each send batch after batch on its own connection, and one more
+        # coerces up to SENDERS batches ahead, so that a connection has its next batch ready
+        # (the archive is kept as busy as by a plain client at that concurrency). A batch is
+        # recorded by one more thread, in the order they finish, while its connection already
+        # sends the next one (a connection waiting for its batch's record, 5-40 ms, was idle
+        # each batch). A batch is taken only with one of SENDERS + 1 slots, freed when its
+        # record commits: at most SENDERS + 1 batches are ever sent and not recorded, what a
+        # crash may send again. At most 2 x SENDERS batches of files on disk, none in memory.
+        # A cancel (read with each record) stops new batches; those in flight finish and are
+        # recorded. After any failure nothing more is recorded, as after a crash.
         ahead: deque[tuple[int, Future[Coerced_]]] = deque()
         batches = _batches(pending, BATCH)
-        cancelled = False
+        slots = threading.Semaphore(SENDERS + 1)
+        lock = threading.Lock()
+        stop = threading.Event()
+        failures: list[BaseException] = []
 
         def top_up() -> None:
             while len(ahead) < SENDERS and (batch := next(batches, None)):
                 ahead.append((len(batch), coercing.submit(coerce, batch)))
 
-        def collect() -> None:
+        def record(sent: Sent_, n: int) -> None:
             nonlocal done, cancelled
-            finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                cancelled = _record(engine, *future.result()) or cancelled
-                done += inflight.pop(future)
-            progress.update(done=done, total=total, message="sending")
+            try:
+                if stop.is_set():
+                    return
+                cancel = _record(engine, *sent, progress=progress, done=done + n)
+                done += n
+                cancelled = cancelled or cancel
+                progress.notify()
+            except BaseException as exc:
+                failures.append(exc)
+                stop.set()
+            finally:
+                slots.release()
 
-        top_up()
-        # Asked while the first batches are coerced, before this run sends anything.
-        fresh = _holds_nothing(destination, via, plan.study_uid, calling_ae)
-        cancelled = _cancelled(engine, import_id)
-        while ahead and not cancelled:
-            n, coerced = ahead.popleft()
-            inflight[pool.submit(send, coerced)] = n
+        def sending() -> None:
+            while True:
+                slots.acquire()
+                with lock:
+                    if stop.is_set() or cancelled or not ahead:
+                        slots.release()
+                        return
+                    n, coerced = ahead.popleft()
+                    top_up()
+                try:
+                    sent = send(coerced)
+                except BaseException as exc:
+                    failures.append(exc)
+                    stop.set()
+                    slots.release()
+                    return
+                recorder.submit(record, sent, n)
+
+        with lock:
             top_up()
-            while len(inflight) >= SENDERS or (inflight and not ahead):
-                collect()
-                if cancelled:
-                    break
-        while inflight:
-            collect()
+        fresh = holds_nothing.result()
+        loops = [pool.submit(sending) for _ in range(SENDERS)]
+        try:
+            for loop in loops:
+                loop.result()
+            recorder.shutdown(wait=True)
+        except BaseException:
+            stop.set()
+            raise
+        if failures:
+            raise failures[0]
     if cancelled:
         _finish(engine, import_id, status="cancelled", message="cancelled")
         progress.update(message="cancelled")
         return
-    _verify(engine, import_id, plan, destination, via, calling_ae, fresh=fresh, series_of=series_of)
-    with Session(engine) as session:
-        row = get_import(session=session, import_id=import_id)
-        failed, verified = row.failed, row.verified
-    status = "failed" if failed else "done"
-    message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
-    _finish(engine, import_id, status=status, message=message)
-    progress.update(message=message)
+    failed, message = _verify(
+        engine, import_id, plan, destination, via, calling_ae, fresh=fresh, series_of=series_of,
+        progress=progress,
+    )  # fmt: skip
+    progress.notify()
     if failed:
         # The job's message: what arrived and what did not (each refusal is on its instance).
         raise Unavailable(
             f"{message}; {failed} not accepted by facility {destination.id!r} (see each instance)"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An instance row to send, as the run needs it (read as plain columns: loading the ORM
+    objects of a study's rows cost more than the statement)."""
+
+    id: int
+    import_id: int
+    source_sop_uid: str
+    sop_uid: str
+    attempts: int
+    status: str  # pending, or failed in an earlier run
+
+
+def _rows_to_send(
+    engine: Engine, import_id: int, refs: list[Any], delivered: Callable[[str], str], progress: jobs.Progress
+) -> tuple[list[_Pending], bool]:
+    """The import's instance rows still to send (pending, or failed in an earlier run), each
+    instance's row written first if it has none yet, with the total and the progress report, in
+    one transaction; and whether a cancel was asked."""
+    columns = (
+        select_columns(
+            col(ImportInstance.id), col(ImportInstance.source_sop_uid), col(ImportInstance.sop_uid),
+            col(ImportInstance.status), col(ImportInstance.attempts),
+        )
+        .where(col(ImportInstance.import_id) == import_id)
+        .order_by(col(ImportInstance.id))
+    )  # fmt: skip
+    with session_scope(engine) as session:
+        rows = session.execute(columns).all()
+        have = {r.source_sop_uid for r in rows}
+        now = datetime.now(UTC)
+        new = [
+            {"import_id": import_id, "source_sop_uid": r.sop_uid, "sop_uid": delivered(r.sop_uid),
+             "status": "pending", "code": None, "detail": "", "attempts": 0, "updated_at": now}
+            for r in refs
+            if r.sop_uid not in have
+        ]  # fmt: skip
+        if new:  # one executemany, not an ORM object per instance
+            session.execute(insert(ImportInstance), new)
+            rows = session.execute(columns).all()
+        total = len({r.sop_uid for r in refs})
+        cancelled = session.execute(
+            update(ImportJob)
+            .where(col(ImportJob.id) == import_id)
+            .values(total=total, status="running", message="")
+            .returning(col(ImportJob.cancel_requested))
+        ).scalar_one()
+        pending = [
+            _Pending(r.id, import_id, r.source_sop_uid, r.sop_uid, r.attempts, r.status)
+            for r in rows
+            if r.status in ("pending", "failed")
+        ]
+        progress.update_in(session, done=total - len(pending), total=total, message="sending")
+    return pending, bool(cancelled)
 
 
 class _Senders:
@@ -615,14 +699,9 @@ class _Senders:
         return sender
 
 
-def _batches(items: list[ImportInstance], n: int) -> Iterator[list[ImportInstance]]:
+def _batches(items: list[_Pending], n: int) -> Iterator[list[_Pending]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
-
-
-def _cancelled(engine: Engine, import_id: int) -> bool:
-    with Session(engine) as session:
-        return bool(get_import(session=session, import_id=import_id).cancel_requested)
 
 
 def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> None:
@@ -630,7 +709,7 @@ def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> Non
 
 
 def _send_with_retries(
-    sender: delivery.Sender, files: list[tuple[delivery.File, ImportInstance]]
+    sender: delivery.Sender, files: list[tuple[delivery.File, _Pending]]
 ) -> list[delivery.Outcome]:
     wait = BACKOFF
     for attempt in range(1, RETRIES + 1):
@@ -647,13 +726,18 @@ def _send_with_retries(
 
 def _record(
     engine: Engine,
-    outcomes: list[tuple[ImportInstance, delivery.Outcome]],
-    unreadable: list[tuple[ImportInstance, str]],
+    outcomes: list[tuple[_Pending, delivery.Outcome]],
+    unreadable: list[tuple[_Pending, str]],
+    *,
+    progress: jobs.Progress,
+    done: int,
 ) -> bool:
-    """Each instance's outcome and the import's counts, in one transaction: one bulk UPDATE by
-    primary key and one COUNT, so the cost per batch does not grow with the study (re-reading every
-    instance row per batch made a 2000-instance import quadratic). Returns whether a cancel was
-    asked (read in the same statement: a connection waits for this before its next batch)."""
+    """Each instance's outcome, the import's counts and the job's progress report, in one
+    transaction: one bulk UPDATE by primary key, the counts moved by what this batch changed
+    (they are committed with the rows they count, so they start right on a resumed run), so the
+    cost per batch does not grow with the study (re-reading every instance row per batch made a
+    2000-instance import quadratic). Returns whether a cancel was asked (read in the same
+    statement). Raises `LeaseLost`, recording nothing, when another worker took the job over."""
     now = datetime.now(UTC)
     changes = [
         {"id": inst.id, "status": o.status, "code": o.code, "detail": o.detail[:512],
@@ -665,23 +749,21 @@ def _record(
         for inst, why in unreadable
     ]  # fmt: skip
     import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
+    sent = sum(o.status in ("sent", "warning") for _, o in outcomes)
+    failed = len(outcomes) - sent + len(unreadable)
+    failed -= sum(inst.status == "failed" for inst, _ in (*outcomes, *unreadable))  # retried here
     with session_scope(engine) as session:
         session.execute(update(ImportInstance), changes)
-        counts = dict(
-            session.execute(
-                select(ImportInstance.status, func.count())
-                .where(ImportInstance.import_id == import_id)
-                .group_by(col(ImportInstance.status))
-            ).all()
-        )
-        return bool(
+        cancel = bool(
             session.execute(
                 update(ImportJob)
                 .where(col(ImportJob.id) == import_id)
-                .values(sent=counts.get("sent", 0) + counts.get("warning", 0), failed=counts.get("failed", 0))
+                .values(sent=col(ImportJob.sent) + sent, failed=col(ImportJob.failed) + failed)
                 .returning(col(ImportJob.cancel_requested))
             ).scalar_one()
         )
+        progress.update_in(session, done=done, message="sending")
+        return cancel
 
 
 def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: str) -> bool:
@@ -697,20 +779,22 @@ def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: 
 
 def _verify(
     engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
-    *, fresh: bool, series_of: dict[str, str],
-) -> None:  # fmt: skip
+    *, fresh: bool, series_of: dict[str, str], progress: jobs.Progress,
+) -> tuple[int, str]:  # fmt: skip
     """Ask the destination what it holds; an instance sent but not there is reported failed.
+    The import is then finished (done or failed, with its counts and message) in the same
+    transaction as the job's progress report. Returns (instances failed, the message).
 
     When it held nothing of the study before this run sent anything (`fresh`), each series
     holding exactly the instances delivered to it proves they all arrived: the archive is asked
     for its count per series, which it answers from its index. Otherwise, or when the counts
     differ, every instance it holds is listed (Orthanc reads each file to answer that)."""
+    columns = select_columns(
+        col(ImportInstance.id), col(ImportInstance.sop_uid), col(ImportInstance.status)
+    ).where(col(ImportInstance.import_id) == import_id)
     with Session(engine) as session:
-        sent = [
-            r.sop_uid
-            for r in instances_of(session=session, import_id=import_id)
-            if r.status in ("sent", "warning")
-        ]
+        rows = session.execute(columns).all()
+    sent = [r.sop_uid for r in rows if r.status in ("sent", "warning")]
     held: set[str] | None = None
     if fresh:
         counts = delivery.series_counts(
@@ -722,21 +806,29 @@ def _verify(
         held = delivery.held_instances(
             facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
         )
+    missing = [r.id for r in rows if r.status in ("sent", "warning") and r.sop_uid not in held]
+    total = len(rows)
+    failed = sum(r.status == "failed" for r in rows) + len(missing)
+    verified = sum(r.sop_uid in held for r in rows)
+    message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
     with session_scope(engine) as session:
-        rows = instances_of(session=session, import_id=import_id)
-        for r in rows:
-            if r.status in ("sent", "warning") and r.sop_uid not in held:
-                r.status, r.detail = "failed", "acknowledged but not found at the destination afterwards"
-        session.flush()
+        if missing:
+            session.execute(
+                update(ImportInstance)
+                .where(col(ImportInstance.id).in_(missing))
+                .values(status="failed", detail="acknowledged but not found at the destination afterwards")
+            )
         session.execute(
             update(ImportJob)
             .where(col(ImportJob.id) == import_id)
             .values(
-                verified=sum(r.sop_uid in held for r in rows),
-                sent=sum(r.status in ("sent", "warning") for r in rows),
-                failed=sum(r.status == "failed" for r in rows),
+                verified=verified, sent=len(sent) - len(missing),
+                failed=failed, status="failed" if failed else "done", message=message,
+                finished_at=datetime.now(UTC),
             )
-        )
+        )  # fmt: skip
+        progress.update_in(session, message=message)
+    return failed, message
 
 
 # -- "Compare in viewer": today's local study beside the outside prior --------------------------

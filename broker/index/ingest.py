@@ -40,11 +40,11 @@ from broker.index.packing import pack_metadata
 from broker.index.parse import (
     Received,
     _Parsed,
-    exit_with_parent,
     parse_instance,
     without_main_script,
     worker_pid,
 )
+from broker.index.parse_worker import start_worker
 from broker.index.schemas import StoreOutcome
 from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
@@ -498,7 +498,7 @@ def _parse_pool() -> ProcessPoolExecutor | None:
             _PARSE_POOL = ProcessPoolExecutor(
                 max_workers=_PARSE_PROCESSES,
                 mp_context=ctx,
-                initializer=exit_with_parent,
+                initializer=start_worker,
                 initargs=(os.getpid(),),
             )
             # All workers now (the executor spawns one per task submitted while none is idle),
@@ -530,26 +530,49 @@ def stop_parsing() -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _parse_all(
+def _parse_started(
     paths: Sequence[str | Received], expected_study_uid: str | None
-) -> list[_Parsed | StoreOutcome]:
+) -> Callable[[], list[_Parsed | StoreOutcome]]:
+    """Hand `paths` to the parse workers now; the returned call waits for their results (in
+    order). Without workers the parse happens in that call."""
     parse = partial(parse_instance, expected_study_uid=expected_study_uid)
     pool = _parse_pool()
     if pool is None or not paths:
-        return [parse(p) for p in paths]
+        return lambda: [parse(p) for p in paths]
     # A worker reads the file itself (from the page cache) rather than get its bytes through a
     # pipe; the hash computed on receipt goes along, so nothing is hashed twice.
     paths = [Received(p.path, p.sha256, p.size) if isinstance(p, Received) else p for p in paths]
-    try:
-        chunk = max(1, len(paths) // (4 * _PARSE_PROCESSES))
-        return list(pool.map(parse, paths, chunksize=chunk))
-    except BrokenProcessPool:
+
+    def in_process() -> list[_Parsed | StoreOutcome]:
         # A worker died (killed, out of memory): parse here, and start a fresh pool next time.
         global _PARSE_POOL
         with _PARSE_LOCK:
             _PARSE_POOL = None
         log.warning("a parse worker process died; parsing this batch in-process")
         return [parse(p) for p in paths]
+
+    try:
+        chunk = max(1, len(paths) // (4 * _PARSE_PROCESSES))
+        results = pool.map(parse, paths, chunksize=chunk)
+    except BrokenProcessPool:
+        return in_process
+
+    def collect() -> list[_Parsed | StoreOutcome]:
+        try:
+            return list(results)
+        except BrokenProcessPool:
+            return in_process()
+
+    return collect
+
+
+# How many instances of one call are parsed and indexed together. A call with thousands (one
+# STOW-RS of a whole study, an import of a folder) goes a group at a time, so what the serving
+# process holds for it (~18 KB per parsed instance, the rows of its insert, the transaction's
+# dirty pages) is the size of a group, not of the request: 2,000 CT slices in one request
+# took ~45 MB more at their peak (bench/archive.py). A group is large enough that its fixed
+# cost (a transaction, the statements of a group) stays small per instance.
+INGEST_GROUP = 250
 
 
 def ingest_files(
@@ -574,18 +597,32 @@ def ingest_files(
     `consume=True` says the files are the caller's own temporary copies (a STOW-RS part, a
     C-STORE spool file): the store may move them into place instead of copying. The caller
     still removes whatever is left afterwards.
+
+    More than `INGEST_GROUP` paths are stored a group at a time, each group in its own
+    transaction (with its own audit events): a failure partway (the database gone) leaves the
+    groups before it stored, and sending the same files again stores the rest (the stored ones
+    count as duplicates).
     """
     authorize(principal, action="index.store", facility=facility_id)
-    results = _parse_all(paths, expected_study_uid)
-    return index_parsed(
-        engine=engine,
-        store=store,
-        principal=principal,
-        facility_id=facility_id,
-        parsed=results,
-        consume=consume,
-        audit=audit,
-    )
+    groups = [paths[i : i + INGEST_GROUP] for i in range(0, len(paths), INGEST_GROUP)] or [paths]
+    outcomes: list[StoreOutcome] = []
+    parsing = _parse_started(groups[0], expected_study_uid)
+    for n in range(len(groups)):
+        parsed = parsing()
+        if n + 1 < len(groups):
+            # The workers parse the next group while this process writes this one.
+            parsing = _parse_started(groups[n + 1], expected_study_uid)
+        outcomes += index_parsed(
+            engine=engine,
+            store=store,
+            principal=principal,
+            facility_id=facility_id,
+            parsed=parsed,
+            consume=consume,
+            audit=audit,
+        )
+        del parsed
+    return outcomes
 
 
 def index_parsed(
@@ -786,10 +823,11 @@ def _index_batch(
             placed.add(key_path[0])
 
         put_files = getattr(store, "put_files", None)
-        if consume and put_files is not None and 1 < len(puts) < _PARALLEL_PUTS:
-            # A group of C-STOREs into a local folder: each fsync once per group and side by
-            # side, not three in a row per object. (Larger batches, e.g. STOW-RS, go to the pool
-            # below, which overlaps whole puts.)
+        if consume and put_files is not None and len(puts) > 1:
+            # A group of C-STOREs or a STOW-RS batch into a local folder: the files' fsyncs side
+            # by side, then each directory that gained an entry once (a batch of 100 small
+            # instances spreads over ~80 of the 256 fan-out folders), in a few thread hand-offs
+            # rather than a whole put_file per object through the pool below.
             for key, _path in puts:
                 _hold(key, held)
             put_files(puts, move=True)

@@ -10,8 +10,6 @@ import hashlib
 import io
 import os
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -279,16 +277,3 @@ def without_main_script() -> Iterator[None]:
         yield
     finally:
         main.__file__ = path
-
-
-def exit_with_parent(parent: int) -> None:
-    """In each parse worker: exit once the server that started it is gone. A worker holds both
-    ends of its task queue's pipe, so a server killed outright (SIGKILL, OOM killer) would
-    leave it blocked on that queue forever, holding its memory."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="scanonce-parent-watch", daemon=True).start()

@@ -164,18 +164,22 @@ def default_owner() -> str:
 def enqueue(*, engine: Engine, kind: str, key: str = "", params: dict[str, Any] | None = None) -> Job:
     """Queue a job, or return the active job of the same kind and key (one at a time per key)."""
     with session_scope(engine) as session:
-        active = session.exec(
-            select(Job)
-            .where(Job.kind == kind, Job.key == key, col(Job.status).in_(ACTIVE))
-            .order_by(col(Job.id))
-        ).first()
-        if active is not None:
-            return active
-        job = Job(kind=kind, key=key, params=json.dumps(params or {}))
-        session.add(job)
-        session.flush()
-        session.refresh(job)
-        return job
+        return enqueue_in(session, kind=kind, key=key, params=params)
+
+
+def enqueue_in(session: Session, *, kind: str, key: str = "", params: dict[str, Any] | None = None) -> Job:
+    """`enqueue` in the caller's transaction: the job is queued together with the caller's own
+    rows that name it, or not at all (and one commit instead of two)."""
+    active = session.exec(
+        select(Job).where(Job.kind == kind, Job.key == key, col(Job.status).in_(ACTIVE)).order_by(col(Job.id))
+    ).first()
+    if active is not None:
+        return active
+    job = Job(kind=kind, key=key, params=json.dumps(params or {}))
+    session.add(job)
+    session.flush()
+    session.refresh(job)
+    return job
 
 
 def get_job(*, session: Session, job_id: int) -> Job:
@@ -287,6 +291,13 @@ def report(
     """Record progress (and heartbeat). Pass the checkpoint in the same transaction as the work
     it describes when the work is in this database, so the two can never disagree. Under a
     `lease`, raises `LeaseLost` (and records nothing) if another worker took the job over."""
+    values = _progress_values(done, total, message)
+    if checkpoint is not None:
+        values["checkpoint"] = json.dumps(checkpoint)
+    _update(engine=engine, job_id=job_id, values=values, lease=lease)
+
+
+def _progress_values(done: int | None, total: int | None, message: str | None) -> dict[str, Any]:
     values: dict[str, Any] = {"heartbeat_at": _now()}
     if done is not None:
         values["progress_done"] = done
@@ -294,22 +305,27 @@ def report(
         values["progress_total"] = total
     if message is not None:
         values["message"] = message[:512]
-    if checkpoint is not None:
-        values["checkpoint"] = json.dumps(checkpoint)
-    _update(engine=engine, job_id=job_id, values=values, lease=lease)
+    return values
 
 
 def _update(*, engine: Engine, job_id: int, values: dict[str, Any], lease: Lease | None) -> None:
     """One fenced UPDATE of the job row: NotFound if no such job, LeaseLost if `lease` no longer holds."""
+    with engine.begin() as conn:
+        _update_in(conn, job_id=job_id, values=values, lease=lease)
+
+
+def _update_in(
+    conn: Connection | Session, *, job_id: int, values: dict[str, Any], lease: Lease | None
+) -> None:
+    """`_update` inside the caller's transaction `conn` (a LeaseLost raised here rolls it back)."""
     fence, params = _fenced(lease)
     sets = ", ".join(f"{name} = :v_{name}" for name in values)
     params.update({f"v_{name}": value for name, value in values.items()})
-    with engine.begin() as conn:
-        updated = conn.execute(text(f"UPDATE job SET {sets} WHERE id = :id{fence}"), {**params, "id": job_id})
-        if updated.rowcount == 1:
-            return
-        if conn.execute(text("SELECT 1 FROM job WHERE id = :id"), {"id": job_id}).first() is None:
-            raise NotFound(f"no job {job_id}")
+    updated = conn.execute(text(f"UPDATE job SET {sets} WHERE id = :id{fence}"), {**params, "id": job_id})
+    if updated.rowcount == 1:  # type: ignore[attr-defined]
+        return
+    if conn.execute(text("SELECT 1 FROM job WHERE id = :id"), {"id": job_id}).first() is None:
+        raise NotFound(f"no job {job_id}")
     raise LeaseLost(f"job {job_id}: another worker took it over; this worker's result is discarded")
 
 
@@ -481,6 +497,30 @@ class Progress:
             checkpoint=checkpoint,
             lease=self.lease,
         )
+        if self.listener is not None:
+            self.listener(self.done, self.total, self.message)
+
+    def update_in(
+        self,
+        conn: Connection | Session,
+        *,
+        done: int | None = None,
+        total: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        """`update` as part of the caller's transaction `conn`, so the work a report describes and
+        the report commit together (one transaction, not two); call `notify` once it committed."""
+        self.check()
+        _update_in(conn, job_id=self.job_id, values=_progress_values(done, total, message), lease=self.lease)
+        if done is not None:
+            self.done = done
+        if total is not None:
+            self.total = total
+        if message is not None:
+            self.message = message
+
+    def notify(self) -> None:
+        """Tell the listener what `update_in` recorded (after its transaction committed)."""
         if self.listener is not None:
             self.listener(self.done, self.total, self.message)
 

@@ -144,6 +144,23 @@ def test_legacy_srt_target_region_maps_like_snomed() -> None:
     assert record.ct_events[0].target_region_code == "SRT:T-D3000"
 
 
+def test_region_table_agrees_with_pydicom_and_reading_dose_leaves_pydicom_sr_unloaded() -> None:
+    """The SCT/SRT pairs are pydicom's own mapping, written out: importing `pydicom.sr` costs
+    every process that reads dose (the server, each parse worker) ~15 MB of heap."""
+    import sys
+
+    from pydicom.sr.coding import Code
+
+    from broker.dicom.dose import _REGIONS
+
+    for (scheme, value), region in _REGIONS.items():
+        same = [r for (sch, v), r in _REGIONS.items() if Code(v, sch, "") == Code(value, scheme, "")]
+        assert set(same) == {region}
+    probe = "import sys, broker.index.parse, broker.dicom.dose; print('pydicom.sr' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_sr_without_dlp_total_sums_the_events() -> None:
     record = extract_dose(ct_rdsr(_head_and_chest(), dlp_total=None))
     assert record is not None and record.dlp_total_mgy_cm is None

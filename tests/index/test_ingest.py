@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from broker.index.models import Instance, InstanceConflict, Series, SeriesFacts,
 from broker.index.schemas import Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from storage import LocalStore
 from tests.support import ADMIN, CHARSET_FILES, TEST_FILES, make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
@@ -203,20 +206,28 @@ def test_a_deflated_file_is_not_mistaken_for_a_truncated_one(state: AppState) ->
     assert outcome.status == "stored", outcome.message
 
 
-def test_parsing_in_worker_processes_gives_the_same_outcomes(settings: Settings, tmp_path: Path) -> None:
-    """`scanonce serve` parses in worker processes; the answers must not change."""
+def test_parsing_in_worker_processes_gives_the_same_outcomes(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`scanonce serve` parses in worker processes, a large call a group at a time (the next
+    group parsed while this one is written); the answers and their order must not change."""
+    from broker.index import ingest
     from broker.index.ingest import configure_parsing
 
+    monkeypatch.setattr(ingest, "INGEST_GROUP", 2)
     good = write(tmp_path, "a.dcm", make_ds(sop="1.2.3.1", study="1.2.3", series="1.2.3.9"))
+    other = write(tmp_path, "b.dcm", make_ds(sop="1.2.3.2", study="1.2.3", series="1.2.3.9"))
     bad = tmp_path / "bad.dcm"
     bad.write_text("not DICOM")
     settings.ingest_processes = 2
     st = build_state(settings)
     try:
-        outcomes = _ingest(st, [good, str(bad), str(TEST_FILES / "CT_small.dcm")])
-        assert [o.status for o in outcomes] == ["stored", "failed", "stored"]
+        outcomes = _ingest(st, [good, str(bad), str(TEST_FILES / "CT_small.dcm"), good, other])
+        assert [o.status for o in outcomes] == ["stored", "failed", "stored", "duplicate", "stored"]
         assert outcomes[1].failure_reason == status.CANNOT_UNDERSTAND
+        assert [o.sop_instance_uid for o in outcomes[3:]] == ["1.2.3.1", "1.2.3.2"]
         assert _stored_bytes(st, "1.2.3.1", "1.2.3") == Path(good).read_bytes()
+        assert _stored_bytes(st, "1.2.3.2", "1.2.3") == Path(other).read_bytes()
     finally:
         configure_parsing(processes=0)
         st.engine.dispose()
@@ -323,3 +334,48 @@ def test_new_series_add_their_modality_to_a_stored_study_once(state: AppState, t
     with Session(state.engine) as s:
         study = s.exec(select(Study)).one()
     assert (study.modalities, study.num_series, study.num_instances) == ("\\CT\\SR\\_T\\", 5, 5)
+
+
+def test_a_consumed_batch_is_durable_before_its_names_appear_and_synced_once(
+    state: AppState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A STOW-RS batch into a local folder (stored as a group, `put_files`): each object's bytes
+    are synced before its name appears in the store, once, and each folder that gained a name
+    is synced before the ingest returns."""
+    if not isinstance(state.store, LocalStore):
+        pytest.skip("fsyncs of a local folder")
+    study = "1.2.826.0.1.3680043.8.498.91"
+    paths = [
+        write(tmp_path, f"{n}.dcm", make_ds(sop=f"{study}.1.{n}", study=study, series=f"{study}.1"))
+        for n in range(6)
+    ]
+    inode_of = {os.stat(p).st_ino: p for p in paths}
+    root = state.store.root
+    synced: list[tuple[int, int]] = []
+    named_before_sync: list[str] = []
+    lock = threading.Lock()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if st.st_ino in inode_of and any(
+            os.path.samestat(st, os.stat(f)) for f in root.rglob("*.dcm") if not f.name.startswith(".tmp-")
+        ):
+            named_before_sync.append(inode_of[st.st_ino])
+        real_fsync(fd)
+        with lock:
+            synced.append((st.st_dev, st.st_ino))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    outcomes = _ingest(state, paths, consume=True)
+
+    assert [o.status for o in outcomes] == ["stored"] * 6
+    assert not named_before_sync
+    objects = [f for f in root.rglob("*.dcm") if not f.name.startswith(".tmp-")]
+    assert len(objects) == 6
+    for f in objects:
+        st = f.stat()
+        assert synced.count((st.st_dev, st.st_ino)) == 1, f
+        parent = f.parent.stat()
+        assert (parent.st_dev, parent.st_ino) in synced
+    assert sorted(f.read_bytes() for f in objects) == sorted(Path(p).read_bytes() for p in paths)

@@ -65,6 +65,9 @@ def test_parse_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
         # A worker imports the parser, not the whole broker (the console script, SQLAlchemy,
         # the web app): well under the serving process's size (it was ~95% of it).
         assert _rss_kb(workers[0]) < 0.7 * _rss_kb(served.proc.pid)
+        # Nor numpy and Pillow, which pydicom loads when installed (~15 MB a worker).
+        mapped = Path(f"/proc/{workers[0]}/maps").read_text()
+        assert "/numpy" not in mapped and "/PIL/" not in mapped
         os.kill(served.proc.pid, signal.SIGKILL)
         served.proc.wait(10)
         deadline = time.monotonic() + 15
