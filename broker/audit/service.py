@@ -21,12 +21,12 @@ import socket
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import and_, func, literal, select, update
+from sqlalchemy import and_, bindparam, func, literal, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
@@ -46,7 +46,13 @@ _HEAD = core_table(AuditChainHead)
 # Column widths (the migration's), for cutting values before they are hashed.
 _WIDTHS = {c.name: getattr(c.type, "length", None) for c in _EVENT.columns}
 _TEXT_FIELDS = [f for f in AuditRecord.__dataclass_fields__ if f != "resolve_study"]
+_FIELD_WIDTHS = [(name, _WIDTHS.get(name)) for name in _TEXT_FIELDS]
 NODE = socket.gethostname()[:128]
+# Every append's three statements, built once: each ingest group appends, and building them per
+# call (with their cache keys) cost more CPU than running them.
+_LOCK_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash)
+_INSERT_EVENTS = _EVENT.insert()
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 
 
 def sanitise(value: object, limit: int | None) -> str:
@@ -54,6 +60,9 @@ def sanitise(value: object, limit: int | None) -> str:
     U+FFFD, so that nothing stored can forge a line or a field when printed, then cut to the
     column's width. Done before hashing, so the stored value is the hashed one."""
     text = "" if value is None else str(value)
+    if text.isprintable():
+        # Nothing printable is Cc, Cf or Cs: the common case, without a look at each character.
+        return text[:limit] if limit else text
     out = "".join("\ufffd" if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in text)
     return out[:limit] if limit else out
 
@@ -131,22 +140,19 @@ def append(*, session: Session, records: Sequence[AuditRecord]) -> list[int]:
         _marker(session=session, records=records)
     # Lock the head first and read it in the same statement: the next appender waits here until
     # this transaction ends (UPDATE ... RETURNING: PostgreSQL, SQLite >= 3.35).
-    head = session.execute(
-        update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash)
-    ).one()
+    head = session.execute(_LOCK_HEAD).one()
     seq, prev = int(head.seq), str(head.hash)
     rows: list[dict[str, Any]] = []
     recorded = _now()
     for record in records:
         seq += 1
         row: dict[str, Any] = {"seq": seq, "recorded": recorded, "prev_hash": prev}
-        values = asdict(record)
-        for name in _TEXT_FIELDS:
-            row[name] = sanitise(values[name], _WIDTHS.get(name))
+        for name, width in _FIELD_WIDTHS:
+            row[name] = sanitise(getattr(record, name), width)
         row["hash"] = prev = row_hash(row)
         rows.append(row)
-    session.execute(_EVENT.insert(), rows)
-    session.execute(update(_HEAD).where(_HEAD.c.id == 1).values(seq=seq, hash=prev))
+    session.execute(_INSERT_EVENTS, rows)
+    session.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
     return [r["seq"] for r in rows]
 
 

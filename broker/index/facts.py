@@ -45,6 +45,10 @@ FACTS_VERSION = 1
 
 
 _SERIES_FACTS = core_table(SeriesFacts)
+# Built once: each ingest group runs them (see broker.index.ingest's statements).
+_INSERT_SERIES_FACTS = _SERIES_FACTS.insert()
+_INSERT_DOSES = core_table(DoseFact).insert()
+_INSERT_STUDY_FACTS = core_table(StudyFacts).insert()
 _sf = _SERIES_FACTS.c
 _new_min = cast(bindparam("b_min", type_=Float), Float)
 
@@ -180,17 +184,17 @@ def write_batch_facts(
         merge_series_facts(row, facts)
         inserts.append(row.model_dump())
     if inserts:
-        session.execute(core_table(SeriesFacts).insert(), inserts)
+        session.execute(_INSERT_SERIES_FACTS, inserts)
     if doses:
         # New instances only (ingest's pending ones, or a study the facts job just cleared): one
         # multi-row insert, not a lookup per image of a CT.
         session.execute(
-            core_table(DoseFact).insert(),
+            _INSERT_DOSES,
             [{"sop_uid": u, "study_pk": st, "record_json": j} for u, st, j in doses],
         )
     if new_studies:
         session.execute(
-            core_table(StudyFacts).insert(),
+            _INSERT_STUDY_FACTS,
             [{"study_pk": pk, "version": FACTS_VERSION, "computed_at": _now()} for pk in sorted(new_studies)],
         )
 

@@ -205,6 +205,24 @@ _BUMP_STUDY_INSTANCES = (
 _BUMP_STUDY_SERIES = (
     update(_STUDY).where(_STUDY.c.pk == bindparam("b_pk")).values(num_series=_STUDY.c.num_series + 1)
 )
+# A new series' modality joins its study's "\\CT\\MR\\" list unless it is there already: what
+# `contains(..., autoescape=True)` says, with the pattern bound (`_like_escaped`) so the
+# statement is built once.
+_ADD_STUDY_MODALITY = (
+    update(_STUDY)
+    .where(_STUDY.c.pk == bindparam("b_pk"), ~_STUDY.c.modalities.like(bindparam("b_pattern"), escape="/"))
+    .values(modalities=_STUDY.c.modalities + bindparam("b_suffix"))
+)
+
+
+_BS = "\\"
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matched literally by a LIKE with ESCAPE '/'."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
 # What a batch needs to know before it writes, in one round trip: its facility and every
 # registered issuer, the stored SHA-256 of each of its SOP Instance UIDs, and the keys of its
 # studies and series that exist already. Keys are read as text so the branches share columns.
@@ -867,16 +885,14 @@ def _index_batch(
             )
         if batch.new_series:
             session.execute(_BUMP_STUDY_SERIES, [{"b_pk": pk} for pk, _modality in batch.new_series])
-        study_t = _STUDY
-        for pk, modality in batch.new_series:
-            if modality:
-                session.execute(
-                    update(study_t)
-                    .where(
-                        study_t.c.pk == pk, ~study_t.c.modalities.contains(f"\\{modality}\\", autoescape=True)
-                    )
-                    .values(modalities=study_t.c.modalities + f"{modality}\\")
-                )
+        added = [
+            {"b_pk": pk, "b_pattern": f"%{_like_escaped(_BS + modality + _BS)}%", "b_suffix": modality + _BS}
+            for pk, modality in batch.new_series
+            if modality
+        ]
+        if added:
+            # In order, one at a time (executemany): two new series of one modality add it once.
+            session.execute(_ADD_STUDY_MODALITY, added)
         _write_facts(session, batch, pending)
         for _i, p in conflicts:
             session.add(

@@ -316,6 +316,26 @@ def test_a_group_into_known_and_new_rows_counts_right_in_a_few_statements(
     assert facts == {pk_of[uid]: n for uid, n in series.items()}
 
 
+def test_new_series_add_their_modality_to_a_stored_study_once(state: AppState, tmp_path: Path) -> None:
+    """ModalitiesInStudy of a stored study gains each new series' modality once, however many
+    new series of it one group brings, and a modality is matched literally ("_T" is a valid CS
+    value, and a LIKE wildcard: it must not be taken for the CT already listed)."""
+    a = "1.2.826.0.1.3680043.8.498.511"
+
+    def f(series: str, n: int, modality: str) -> str:
+        ds = make_ds(
+            sop=f"{series}.{n}", study=a, series=series, instance_number=n, modality=modality, pid="P1"
+        )
+        return write(tmp_path, f"{series}-{n}.dcm", ds)
+
+    assert {o.status for o in _ingest(state, [f(a + ".1", 1, "CT")])} == {"stored"}
+    group = [f(a + ".2", 1, "SR"), f(a + ".3", 1, "SR"), f(a + ".4", 1, "CT"), f(a + ".5", 1, "_T")]
+    assert {o.status for o in _ingest(state, group)} == {"stored"}
+    with Session(state.engine) as s:
+        study = s.exec(select(Study)).one()
+    assert (study.modalities, study.num_series, study.num_instances) == ("\\CT\\SR\\_T\\", 5, 5)
+
+
 def test_a_consumed_batch_is_durable_before_its_names_appear_and_synced_once(
     state: AppState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
