@@ -355,8 +355,7 @@ def postgres_s3(pg_url: str, work: Path) -> Iterator[ScanOnceBackend]:
             stored_mb=stored_mb,
         )
     finally:
-        moto.terminate()
-        moto.wait(15)
+        stop_process(moto)  # holding a GB of objects in memory, moto can take longer than 15 s
         with psycopg.connect(conninfo, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
