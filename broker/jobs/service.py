@@ -481,12 +481,7 @@ class Progress:
         message: str | None = None,
         checkpoint: dict[str, Any] | None = None,
     ) -> None:
-        if done is not None:
-            self.done = done
-        if total is not None:
-            self.total = total
-        if message is not None:
-            self.message = message
+        self._remember(done, total, message)
         self.check()
         report(
             engine=self.engine,
@@ -497,8 +492,7 @@ class Progress:
             checkpoint=checkpoint,
             lease=self.lease,
         )
-        if self.listener is not None:
-            self.listener(self.done, self.total, self.message)
+        self.notify()
 
     def update_in(
         self,
@@ -512,17 +506,20 @@ class Progress:
         the report commit together (one transaction, not two); call `notify` once it committed."""
         self.check()
         _update_in(conn, job_id=self.job_id, values=_progress_values(done, total, message), lease=self.lease)
+        self._remember(done, total, message)
+
+    def notify(self) -> None:
+        """Tell the listener what was recorded (`update_in`'s once its transaction committed)."""
+        if self.listener is not None:
+            self.listener(self.done, self.total, self.message)
+
+    def _remember(self, done: int | None, total: int | None, message: str | None) -> None:
         if done is not None:
             self.done = done
         if total is not None:
             self.total = total
         if message is not None:
             self.message = message
-
-    def notify(self) -> None:
-        """Tell the listener what `update_in` recorded (after its transaction committed)."""
-        if self.listener is not None:
-            self.listener(self.done, self.total, self.message)
 
 
 # kind -> handler(engine, store, job, progress); domains register theirs at import.
