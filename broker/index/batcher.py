@@ -115,10 +115,7 @@ class IngestBatcher:
             )
             self._submit(item)
         finally:
-            with self._arrived:
-                self._parsing -= 1
-                self._senders[threading.get_ident()] = time.monotonic()
-                self._arrived.notify_all()
+            self._joined(was_parsing=True)
         return self._outcome(item)
 
     def ingest_parsed(
@@ -148,10 +145,17 @@ class IngestBatcher:
         try:
             self._submit(item)
         finally:
-            with self._arrived:
-                self._senders[threading.get_ident()] = time.monotonic()
-                self._arrived.notify_all()
+            self._joined(was_parsing=False)
         return self._outcome(item)
+
+    def _joined(self, *, was_parsing: bool) -> None:
+        """The calling thread has submitted (or found nothing to submit): it counts as a sender
+        the writer expects in the next groups, and a writer lingering for it stops waiting."""
+        with self._arrived:
+            if was_parsing:
+                self._parsing -= 1
+            self._senders[threading.get_ident()] = time.monotonic()
+            self._arrived.notify_all()
 
     @staticmethod
     def _outcome(item: _Item) -> StoreOutcome:
