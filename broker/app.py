@@ -296,20 +296,7 @@ def create_app(
     async def _os_error(_request: Request, exc: OSError) -> JSONResponse:
         if exc.errno not in _DISK_FULL:
             raise exc  # a fault of ours: the 500 and its traceback in the log, as before
-        # The spool, the object store's folder or the database's disk filled up under the
-        # request. What was committed before is whole (objects are placed before their rows:
-        # a large STOW-RS commits in groups), what was not is gone with its transaction; the
-        # sender re-sends all of it once space is freed, and what is stored answers as duplicates.
-        STORAGE_ERRORS.inc()
-        log.error("request refused: the disk is full (%s)", exc.strerror)
-        return JSONResponse(
-            status_code=507,
-            content={
-                "error": "Insufficient storage",
-                "detail": "the server's disk is full (no space left on device); free space, then "
-                "send the request again (what it stored before the disk filled answers as duplicates)",
-            },
-        )
+        return _disk_full(exc.strerror)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeout)
@@ -322,7 +309,7 @@ def create_app(
         # may simply try again (a balancer sends it to a node whose /readyz is true meanwhile).
         if isinstance(exc, OperationalError) and "disk is full" in str(exc.orig):
             # SQLITE_FULL: the embedded database's disk, not a database that is away.
-            return await _os_error(_request, OSError(errno.ENOSPC, "database or disk is full"))
+            return _disk_full("database or disk is full")
         DB_ERRORS.inc()
         log.warning("database unavailable: %s", type(exc).__name__)
         return JSONResponse(
@@ -385,6 +372,23 @@ def create_app(
 _RETRY_AFTER = "5"
 # No space left on the device, or the user's disk quota reached.
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _disk_full(reason: str | None) -> JSONResponse:
+    """507 for a request the disk filled up under: the spool, the object store's folder or the
+    database's disk. What was committed before is whole (objects are placed before their rows:
+    a large STOW-RS commits in groups), what was not is gone with its transaction; the sender
+    re-sends all of it once space is freed, and what is stored answers as duplicates."""
+    STORAGE_ERRORS.inc()
+    log.error("request refused: the disk is full (%s)", reason)
+    return JSONResponse(
+        status_code=507,
+        content={
+            "error": "Insufficient storage",
+            "detail": "the server's disk is full (no space left on device); free space, then "
+            "send the request again (what it stored before the disk filled answers as duplicates)",
+        },
+    )
 
 
 # How long /readyz waits for the object store's answer: below a balancer's check timeout
