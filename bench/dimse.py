@@ -303,6 +303,18 @@ def _version(dist: str) -> str:
 # -- C-STORE by storescu ---------------------------------------------------------------------
 
 
+def store_round(plan: Plan, seed: int, rnd: int) -> list[bytes]:
+    """Round `rnd`'s C-STORE folder: new studies each round, so no round stores a duplicate."""
+    return list(
+        instances(
+            seed=seed * 1000 + 500 + rnd,
+            n_studies=plan.store_instances // plan.instances_per_study,
+            series_per_study=plan.series_per_study,
+            instances_per_series=plan.instances_per_series,
+        )
+    )
+
+
 def write_folder(folder: Path, data: Sequence[bytes], parts: int) -> list[Path]:
     """The instances as Part 10 files, split into `parts` subfolders (one per storescu)."""
     dirs = [folder / f"part{i}" for i in range(parts)]
@@ -381,7 +393,6 @@ def run_receivers(
     order reversed every other round (A/B alternated on a shared machine); medians per target."""
     t_start = time.perf_counter()
     load = [os.getloadavg()[0]]
-    per_study = plan.instances_per_study
     runs: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
         targets: dict[str, Dimse] = {
@@ -404,14 +415,7 @@ def run_receivers(
             targets[f"ScanOnce N={n}"] = Dimse(so, "SCANONCE", dimse_port)
             listening[f"ScanOnce N={n}"] = (dimse_port, n)
         for rnd in range(store_runs):
-            store = list(
-                instances(
-                    seed=seed * 1000 + 500 + rnd,
-                    n_studies=plan.store_instances // per_study,
-                    series_per_study=plan.series_per_study,
-                    instances_per_series=plan.instances_per_series,
-                )
-            )
+            store = store_round(plan, seed, rnd)
             shutil.rmtree(work / "store", ignore_errors=True)
             dirs = write_folder(work / "store", store, parallel)
             order = list(targets.items())
@@ -605,14 +609,7 @@ def run(
         # times (a fresh folder each round, so nothing is a duplicate), alternating targets.
         store_targets = [oc_target, floor_target, targets[1]]
         for rnd in range(store_runs):
-            store = list(
-                instances(
-                    seed=seed * 1000 + 500 + rnd,
-                    n_studies=plan.store_instances // per_study,
-                    series_per_study=plan.series_per_study,
-                    instances_per_series=plan.instances_per_series,
-                )
-            )
+            store = store_round(plan, seed, rnd)
             facts += [study_facts(store[i]) for i in range(0, len(store), per_study)]
             stored += len(store)
             dirs = write_folder(work / "store", store, parallel)
