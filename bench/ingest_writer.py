@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.support import make_ds, write
 
+_NAMES = ["SMITH", "JONES", "NEUMANN", "PAINTER", "GREEN", "REID", "HOWIE", "WEBB", "DIXON", "KOWALSKI"]
 P = Principal(who="bench", role=Role.admin, facility="local")
 ROOT = "1.2.826.0.1.3680043.8.498."
 
@@ -51,7 +53,12 @@ class _NoStore:
 def _parsed(folder: Path, items: list[tuple[str, str, str, str, int]]) -> list[_Parsed]:
     out = []
     for sop, study, series, pid, n in items:
-        ds = make_ds(sop=sop, study=study, series=series, pid=pid, instance_number=n)
+        # Patients of their own names and birth dates, as in a real feed: identical demographics
+        # would make every new patient a match candidate of every other one.
+        h = zlib.crc32(pid.encode())
+        name = f"{_NAMES[h % len(_NAMES)]}^{_NAMES[(h >> 8) % len(_NAMES)]}{h % 997}"
+        ds = make_ds(sop=sop, study=study, series=series, pid=pid, name=name, instance_number=n)
+        ds.PatientBirthDate = f"19{10 + h % 89:02d}{1 + (h >> 4) % 12:02d}{1 + (h >> 9) % 28:02d}"
         p = parse_instance(write(folder, f"{sop}.dcm", ds))
         assert isinstance(p, _Parsed)
         out.append(p)
