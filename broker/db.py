@@ -247,7 +247,9 @@ class Prepared:
         self._compiled: dict[str, _Compiled] = {}
 
     def _for(self, dialect: Any) -> _Compiled:
-        found = self._compiled.get(dialect.name)
+        # By driver too: psycopg and pg8000 are both "postgresql", with different paramstyles.
+        key = f"{dialect.name}+{dialect.driver}"
+        found = self._compiled.get(key)
         if found is None:
             compiled = self.statement.compile(dialect=dialect, column_keys=self.column_keys)
             if getattr(compiled, "insert_prefetch", None) or getattr(compiled, "update_prefetch", None):
@@ -263,7 +265,7 @@ class Prepared:
                 names[b]: b.value for b in compiled.binds.values() if not b.required and b.callable is None
             }
             order = tuple(compiled.positiontup) if compiled.positional else None
-            found = self._compiled[dialect.name] = _Compiled(compiled.string, order, processors, fixed)
+            found = self._compiled[key] = _Compiled(compiled.string, order, processors, fixed)
         return found
 
     @staticmethod
