@@ -28,6 +28,9 @@ PIXEL_DATA = 0x7FE00010
 # What the first read takes: the whole of a small instance, and the header of a CT slice
 # (whose Pixel Data is skipped, never read).
 FIRST_READ = 1 << 16
+# The most a walk that needs more than the first read may hold in memory: an encapsulated
+# multi-frame image of hundreds of MB is left to pydicom, which seeks past its frames.
+WHOLE_READ = 4 << 20
 
 _SHORT = {str(vr).encode(): str(vr) for vr in EXPLICIT_VR_LENGTH_16}
 _LONG = {str(vr).encode(): str(vr) for vr in EXPLICIT_VR_LENGTH_32}

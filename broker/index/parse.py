@@ -24,7 +24,7 @@ from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.bounds import bound_dataset
 from broker.dicom.json_model import BULK_THRESHOLD, instance_json, lean_instance_json
-from broker.dicom.lean import FIRST_READ, Lean, NeedMore, read_lean
+from broker.dicom.lean import FIRST_READ, WHOLE_READ, Lean, NeedMore, read_lean
 from broker.dicom.received import Received
 from broker.dicom.uids import is_valid_uid
 from broker.index.instance_facts import InstanceFacts, instance_facts
@@ -135,6 +135,10 @@ def _read_lean(fp: BinaryIO, in_hand: bytes | None, known: Received | None) -> L
     try:
         return read_lean(buf, size)
     except NeedMore:
+        if size > WHOLE_READ:
+            # A large file whose header or encapsulated frames run past the first read: pydicom
+            # streams through it (seeking past deferred values) instead of holding it whole.
+            return None
         fp.seek(0)
         buf = fp.read()
         return read_lean(buf, len(buf)) if len(buf) == size else None

@@ -18,7 +18,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit
 
-from broker.dicom.lean import read_lean
+from broker.dicom.lean import FIRST_READ, NeedMore, read_lean
 from broker.dicom.received import Received
 from broker.index import parse
 from tests.support import make_ds, to_bytes
@@ -132,13 +132,15 @@ def test_sequences_private_long_and_empty_values_parse_as_through_pydicom(
         _same(*_both(path, data, in_hand))
 
 
-def test_encapsulated_pixel_data_parses_as_through_pydicom(tmp_path: Path) -> None:
+# A frame past the first read (64 KiB) makes the walk read the whole file.
+@pytest.mark.parametrize("second_frame", [3000, 100_000])
+def test_encapsulated_pixel_data_parses_as_through_pydicom(tmp_path: Path, second_frame: int) -> None:
     ds = make_ds(sop="1.2.3.5.1", study="1.2.3.5", series="1.2.3.5.2")
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.Rows = ds.Columns = 8
     ds.BitsAllocated = 8
     ds.PixelData = encapsulate(
-        [b"\xff\xd8" + b"\x00" * 100 + b"\xff\xd9", b"\xff\xd8" + b"\x11" * 3000 + b"\xff\xd9"]
+        [b"\xff\xd8" + b"\x00" * 100 + b"\xff\xd9", b"\xff\xd8" + b"\x11" * second_frame + b"\xff\xd9"]
     )
     ds["PixelData"].VR = "OB"
     ds.NumberOfFrames = 2
@@ -150,4 +152,7 @@ def test_encapsulated_pixel_data_parses_as_through_pydicom(tmp_path: Path) -> No
         new, old = _both(path, data, in_hand)
         _same(new, old)
         assert isinstance(new, parse._Parsed)
-        assert "BulkDataURI" in new.attrs.get("7FE00010", {}) or b"BulkDataURI" in new.metadata
+        assert b'"7FE00010":{"vr":"OB","BulkDataURI":' in new.metadata
+    if len(data) > FIRST_READ:
+        with pytest.raises(NeedMore):
+            read_lean(data[:FIRST_READ], len(data))
