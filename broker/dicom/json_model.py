@@ -287,6 +287,11 @@ def _raw_dataset(lean: Lean) -> Dataset:
         else:
             value = None  # bulk data past what was read: never converted
         btag = BaseTag(tag)
+        sequence = lean.sequences.get(tag)
+        if sequence is not None:
+            # Read already (an undefined-length sequence), as dcmread's generator yields it.
+            raw[btag] = DataElement(btag, "SQ", sequence, start, is_undefined_length=True)
+            continue
         element = raw[btag] = RawDataElement(btag, vr, length, value, start, False, True)
         if tag == 0x00080005:
             charset = element

@@ -1,22 +1,28 @@
-"""A lean reader for the common Part 10 file: explicit VR little endian, every element of
-defined length (encapsulated Pixel Data aside), its tags in order, nothing after the last.
+"""A lean reader for the common Part 10 file: explicit VR little endian, every value of defined
+length (encapsulated Pixel Data and sequences aside), its tags in order, nothing after the last.
 
 Ingest parses every received instance once, and `dcmread` (building a Dataset of
 RawDataElements, the file meta as a second dataset, converting the values the parser asks for)
 was a third of a parse worker's CPU per small instance. This walks the bytes already in memory
-once and keeps, per top-level element, its tag, VR and where its value is; the DICOM JSON
-(`json_model.lean_instance_json`) is built from that. Anything else (implicit VR, big endian,
-deflate, undefined-length sequences, elements out of order, a file that ends early or has bytes
-after its last element, a VR pydicom would guess at) is not read here: the caller parses it
-with pydicom as before, so what is stored for an unusual file cannot change.
+once and keeps, per top-level element, its tag, VR and where its value is (an undefined-length
+sequence is read by pydicom's `read_sequence`, as dcmread does: its end is known no other way);
+the DICOM JSON (`json_model.lean_instance_json`) is built from that. Anything else (implicit VR,
+big endian, deflate, other undefined-length values, elements out of order, a file that ends
+early or has bytes after its last element, a VR pydicom would guess at) is not read here: the
+caller parses it with pydicom as before, so what is stored for an unusual file cannot change.
 """
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.filereader import read_sequence
+from pydicom.sequence import Sequence
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
+from pydicom.values import convert_string
 
 # Explicit VR little endian and the encapsulated syntaxes (whose data sets are explicit VR
 # little endian too); not deflate, which compresses the data set.
@@ -52,6 +58,8 @@ class Lean:
     buf: bytes
     # (tag, VR, value offset in buf, value length) of each top-level element, in file order.
     elements: list[tuple[int, str, int, int]]
+    # The undefined-length sequences, read as dcmread reads them (their end is known no other way).
+    sequences: dict[int, Sequence]
 
 
 def _ts_of(value: bytes) -> str | None:
@@ -122,6 +130,7 @@ def read_lean(buf: bytes, size: int) -> Lean | None:
     if ts is None:
         return None
     elements: list[tuple[int, str, int, int]] = []
+    sequences: dict[int, Sequence] = {}
     append = elements.append
     prev = 0x0002FFFF
     short, long_ = _SHORT, _LONG
@@ -151,6 +160,17 @@ def read_lean(buf: bytes, size: int) -> Lean | None:
             length = _U32(buf, pos + 8)[0]
             start = pos + 12
             if length == UNDEFINED:
+                if name == "SQ":
+                    if n < size:
+                        raise NeedMore
+                    # Its end is only known by reading its items: pydicom's own read_sequence,
+                    # as dcmread's generator does it (with the character set read so far).
+                    fp = io.BytesIO(buf)
+                    fp.seek(start)
+                    sequences[tag] = read_sequence(fp, False, True, UNDEFINED, _encoding(buf, elements))
+                    append((tag, name, start, UNDEFINED))
+                    pos = fp.tell()
+                    continue
                 if tag != PIXEL_DATA or (name != "OB" and name != "OW"):
                     return None
                 end = _items_end(buf, start)
@@ -171,4 +191,12 @@ def read_lean(buf: bytes, size: int) -> Lean | None:
         pos = end
     if pos != size or not elements:
         return None
-    return Lean(ts, buf, elements)
+    return Lean(ts, buf, elements, sequences)
+
+
+def _encoding(buf: bytes, elements: list[tuple[int, str, int, int]]) -> str | list[str]:
+    """The character set dcmread's generator would hold at this point of the walk."""
+    for tag, _vr, start, length in elements:
+        if tag == 0x00080005:
+            return convert_encodings(convert_string(buf[start : start + length], True))
+    return default_encoding

@@ -103,6 +103,17 @@ def _rich() -> Dataset:
     item.ImageComments = "Gehirn " * 300  # a sequence longer than the defer size
     ds.AnatomicRegionSequence = Sequence([item])
     ds.ReferencedImageSequence = Sequence([])
+    # An undefined-length sequence (with an undefined-length item holding another one): read by
+    # pydicom's read_sequence within the lean walk.
+    inner = Dataset()
+    inner.CodeValue = "113691"
+    inner.CodeMeaning = "IEC Körperphantom"
+    outer = Dataset()
+    outer.PatientOrientationCodeSequence = Sequence([inner])
+    outer["PatientOrientationCodeSequence"].is_undefined_length = True
+    outer.is_undefined_length_sequence_item = True
+    ds.RequestAttributesSequence = Sequence([outer])
+    ds["RequestAttributesSequence"].is_undefined_length = True
     ds.add_new(0x00091010, "LO", "ACME 1.0")  # private creator
     ds.add_new(0x00091001, "LO", "private value")
     ds.add_new(0x00091002, "UN", b"\x01\x02\x03\x04")
@@ -125,7 +136,9 @@ def test_sequences_private_long_and_empty_values_parse_as_through_pydicom(
     ds = _rich()
     ds.SpecificCharacterSet = charset
     data = to_bytes(ds)
-    assert _takes(data)
+    lean = read_lean(data, len(data))
+    assert lean is not None
+    assert list(lean.sequences) == [0x00400275]  # the undefined-length one
     path = tmp_path / "rich.dcm"
     path.write_bytes(data)
     for in_hand in (False, True):
