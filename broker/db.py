@@ -303,7 +303,8 @@ class Prepared:
                 cursor.executemany(sql, params)
             return int(cursor.rowcount)
         except Exception as exc:
-            raise _wrapped(conn, sql, exc) from exc
+            _raise_wrapped(conn, sql, exc)
+            raise
         finally:
             cursor.close()
 
@@ -321,7 +322,8 @@ class Prepared:
             cursor.execute(sql, params)
             return [tuple(r) for r in cursor.fetchall()]
         except Exception as exc:
-            raise _wrapped(conn, sql, exc) from exc
+            _raise_wrapped(conn, sql, exc)
+            raise
         finally:
             cursor.close()
 
@@ -334,16 +336,17 @@ def _announce(conn: Connection, cursor: Any, sql: str, params: Any, *, many: boo
         listeners(conn, cursor, sql, params, None, many)
 
 
-def _wrapped(conn: Connection, sql: str, exc: Exception) -> Exception:
-    """A driver error as SQLAlchemy would have raised it from the same statement."""
+def _raise_wrapped(conn: Connection, sql: str, exc: Exception) -> None:
+    """Raise a driver error as SQLAlchemy would have from the same statement (anything else is
+    left to the caller to re-raise as it is)."""
     dialect = conn.dialect
     dbapi_error = dialect.loaded_dbapi.Error
     if not isinstance(exc, dbapi_error):
-        return exc
+        return
     lost = dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
     if lost:
         conn.invalidate(exc)
     # Without the parameters: they can carry patient data, and error texts reach logs.
-    return DBAPIError.instance(
+    raise DBAPIError.instance(
         sql, None, exc, dbapi_error, hide_parameters=True, connection_invalidated=lost, dialect=dialect
-    )
+    ) from exc
