@@ -178,6 +178,7 @@ class _GuardedServer(ThreadedAssociationServer):
         self._open_lock = threading.Lock()
         self._wake_fd, self._wake_write_fd = os.pipe()
         self._stopping = False
+        self._shutdown_lock = threading.Lock()
         self._stopped = threading.Event()
         self._stopped.set()  # not serving yet: nothing to wait for
         super().__init__(*args, **kwargs)
@@ -206,14 +207,18 @@ class _GuardedServer(ThreadedAssociationServer):
     def shutdown(self) -> None:
         """pynetdicom's AssociationServer.shutdown (stop serving, close the socket, forget the
         server), with the loop woken at once instead of at its next poll."""
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_write_fd, b"\0")
-        self._stopped.wait()
-        self.server_close()
-        for fd in (self._wake_fd, self._wake_write_fd):
+        with self._shutdown_lock:  # not _open_lock: the loop may need that to finish
+            if self._wake_write_fd < 0:
+                return  # shut down already: its pipe's numbers may belong to another file now
+            self._stopping = True
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.write(self._wake_write_fd, b"\0")
+            self._stopped.wait()
+            self.server_close()
+            for fd in (self._wake_fd, self._wake_write_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_fd = self._wake_write_fd = -1
         with contextlib.suppress(ValueError):
             self.ae._servers.remove(self)
 
