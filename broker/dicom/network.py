@@ -102,10 +102,11 @@ def _spool_file_meta(
     *, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any, **kwargs: Any
 ) -> Any:
     """pynetdicom's `create_file_meta` as dimse_messages calls it for a spool file: the values
-    only, when they can be written as they are (ASCII, at most 64 characters: a valid UID's
-    bounds); anything else goes through pydicom as before (and its validation warnings)."""
+    only, when they can be written as they are (ASCII, 1 to 64 characters: a valid UID's
+    bounds); anything else goes through pydicom as before (its validation warnings, and its
+    refusal of an empty value, which aborts the association)."""
     values = (str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
-    if kwargs or not all(v.isascii() and len(v) <= 64 for v in values):
+    if kwargs or not all(v.isascii() and 0 < len(v) <= 64 for v in values):
         return create_file_meta(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,

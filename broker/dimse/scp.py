@@ -328,8 +328,10 @@ def _store_response_pdv(primitive: object) -> bytes | None:
     message_id = primitive.MessageIDBeingRespondedTo
     status = primitive.Status
     if (
-        message_id is None
+        not isinstance(message_id, int)
         or not isinstance(status, int)
+        or not 0 <= message_id <= 0xFFFF
+        or not 0 <= status <= 0xFFFF
         or primitive.ErrorComment is not None
         or primitive.OffendingElement is not None
     ):
