@@ -12,6 +12,8 @@ ends by asking the destination what arrived.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -19,11 +21,11 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -50,10 +52,11 @@ from broker.security.service import authorize
 log = logging.getLogger("scanonce.imports")
 
 IMPORT_JOB = "import"
+_T = TypeVar("_T")
 # A batch sent: (row, its outcome) and the rows whose source could not be read (why).
 Sent_ = tuple[list[tuple["_Pending", delivery.Outcome]], list[tuple["_Pending", str]]]
-# A batch coerced: (its file, row) and the rows whose source could not be read (why).
-Coerced_ = tuple[list[tuple[delivery.File, "_Pending"]], list[tuple["_Pending", str]]]
+# A batch coerced: for each instance, what to send, or None and why its source could not be read.
+Coerced_ = list[tuple[delivery.File | None, str]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
@@ -488,6 +491,7 @@ def _run(
         return reconcile.new_uid(destination=plan.destination, uid=uid) if plan.rename_uids else uid
 
     series_of = {delivered(r.sop_uid): delivered(r.series_uid) for r in refs}
+    names = itertools.count()
     with (
         tempfile.TemporaryDirectory(prefix="scanonce-import-") as tmp,
         _Senders(destination, via, calling_ae) as senders,
@@ -496,39 +500,50 @@ def _run(
         ThreadPoolExecutor(SENDERS, thread_name_prefix="import-send") as pool,
         ThreadPoolExecutor(1, thread_name_prefix="import-record") as recorder,
     ):
-        # Whether the destination holds nothing of the study yet, asked while the instance rows
-        # are written and the first batches coerced; the first batch is sent only once it is
-        # answered, so the answer is about the destination before this run sent anything.
-        holds_nothing = asking.submit(_holds_nothing, destination, via, plan.study_uid, calling_ae)
-        pending, cancelled = _rows_to_send(engine, import_id, refs, delivered, progress)
-        done = total - len(pending)
-        progress.notify()
 
-        def coerce(batch: list[_Pending]) -> Coerced_:
-            files: list[tuple[delivery.File, _Pending]] = []
-            unreadable: list[tuple[_Pending, str]] = []
-            for inst in batch:
-                key = by_sop[inst.source_sop_uid].object_key
-                path = os.path.join(tmp, f"{inst.id}.dcm")
+        def coerce(sources: list[str]) -> list[tuple[delivery.File | None, str]]:
+            """Each source instance coerced: (what to send, "") or (None, why it cannot be)."""
+            out: list[tuple[delivery.File | None, str]] = []
+            for source in sources:
+                key = by_sop[source].object_key
+                path = os.path.join(tmp, f"{next(names)}.dcm")
                 try:
                     # STOW-RS streams a spliced instance from its stored file: nothing written.
                     spliced = _spliced(store, key, coercer) if via == "dicomweb" else None
                     if spliced is None:
                         _coerce(store, key, path, coercer)
                 except Exception as exc:  # one unreadable instance fails alone, named in its row
-                    unreadable.append((inst, f"cannot be read or coerced: {type(exc).__name__}"))
+                    out.append((None, f"cannot be read or coerced: {type(exc).__name__}"))
                     continue
-                files.append((spliced or path, inst))
-            return files, unreadable
+                out.append((spliced or path, ""))
+            return out
 
-        def send(coerced: Future[Coerced_]) -> Sent_:
-            files, unreadable = coerced.result()
+        # Whether the destination holds nothing of the study yet, asked while the instance rows
+        # are written; the first batch is sent only once it is answered, so the answer is about
+        # the destination before this run sent anything. A run that has recorded nothing yet
+        # (a first run, as a rule) has every instance pending, in the order of `refs`: its
+        # first batches are coerced meanwhile too, and used if the rows say so (else dropped).
+        holds_nothing = asking.submit(_holds_nothing, destination, via, plan.study_uid, calling_ae)
+        guesses: deque[tuple[list[str], Future[Coerced_]]] = deque()
+        if progress.done == 0:
+            for batch in itertools.islice(_batches([r.sop_uid for r in refs], BATCH), SENDERS):
+                guesses.append((batch, coercing.submit(coerce, batch)))
+        pending, statuses, cancelled = _rows_to_send(engine, import_id, refs, delivered, progress)
+        done = total - len(pending)
+        progress.notify()
+
+        def send(batch: list[_Pending], coerced: Future[Coerced_]) -> Sent_:
+            files = []
+            unreadable = []
+            for inst, (file, why) in zip(batch, coerced.result(), strict=True):
+                if file is None:
+                    unreadable.append((inst, why))
+                else:
+                    files.append((file, inst))
             try:
                 outcomes = _send_with_retries(senders.mine(), files) if files else []
             finally:
-                for file, _ in files:
-                    if isinstance(file, str):
-                        os.unlink(file)
+                _unlink(f for f, _ in files)
             return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
 
         # SENDERS threads each send batch after batch on its own connection, and one more
@@ -541,7 +556,7 @@ def _run(
         # crash may send again. At most 2 x SENDERS batches of files on disk, none in memory.
         # A cancel (read with each record) stops new batches; those in flight finish and are
         # recorded. After any failure nothing more is recorded, as after a crash.
-        ahead: deque[tuple[int, Future[Coerced_]]] = deque()
+        ahead: deque[tuple[list[_Pending], Future[Coerced_]]] = deque()
         batches = _batches(pending, BATCH)
         slots = threading.Semaphore(SENDERS + 1)
         lock = threading.Lock()
@@ -550,16 +565,29 @@ def _run(
 
         def top_up() -> None:
             while len(ahead) < SENDERS and (batch := next(batches, None)):
-                ahead.append((len(batch), coercing.submit(coerce, batch)))
+                sources = [i.source_sop_uid for i in batch]
+                coerced = None
+                while guesses and coerced is None:
+                    guessed, future = guesses.popleft()
+                    if guessed == sources:
+                        coerced = future
+                    else:
+                        _drop(future)
+                ahead.append((batch, coerced or coercing.submit(coerce, sources)))
 
-        def record(sent: Sent_, n: int) -> None:
+        def record(sent: Sent_) -> None:
             nonlocal done, cancelled
             try:
                 if stop.is_set():
                     return
+                n = len(sent[0]) + len(sent[1])
                 cancel = _record(engine, *sent, progress=progress, done=done + n)
                 done += n
                 cancelled = cancelled or cancel
+                for inst, o in sent[0]:
+                    statuses[inst.id] = (inst.sop_uid, o.status)
+                for inst, _ in sent[1]:
+                    statuses[inst.id] = (inst.sop_uid, "failed")
                 progress.notify()
             except BaseException as exc:
                 failures.append(exc)
@@ -574,16 +602,16 @@ def _run(
                     if stop.is_set() or cancelled or not ahead:
                         slots.release()
                         return
-                    n, coerced = ahead.popleft()
+                    batch, coerced = ahead.popleft()
                     top_up()
                 try:
-                    sent = send(coerced)
+                    sent = send(batch, coerced)
                 except BaseException as exc:
                     failures.append(exc)
                     stop.set()
                     slots.release()
                     return
-                recorder.submit(record, sent, n)
+                recorder.submit(record, sent)
 
         with lock:
             top_up()
@@ -592,26 +620,56 @@ def _run(
         try:
             for loop in loops:
                 loop.result()
+            # Every batch is answered: what the destination holds is asked while the last
+            # records commit (it does not depend on them).
+            counts = (
+                asking.submit(
+                    delivery.series_counts,
+                    facility=destination,
+                    via=via,
+                    study_uid=plan.study_uid,
+                    calling_ae=calling_ae,
+                )  # fmt: skip
+                if fresh and not stop.is_set()
+                else None
+            )
             recorder.shutdown(wait=True)
         except BaseException:
             stop.set()
             raise
+        finally:
+            for _, future in [*guesses, *ahead]:
+                _drop(future)
         if failures:
             raise failures[0]
-    if cancelled:
-        _finish(engine, import_id, status="cancelled", message="cancelled")
-        progress.update(message="cancelled")
-        return
-    failed, message = _verify(
-        engine, import_id, plan, destination, via, calling_ae, fresh=fresh, series_of=series_of,
-        progress=progress,
-    )  # fmt: skip
+        if cancelled:
+            _finish(engine, import_id, status="cancelled", message="cancelled")
+            progress.update(message="cancelled")
+            return
+        failed, message = _verify(
+            engine, import_id, plan, destination, via, calling_ae, statuses=statuses, counts=counts,
+            series_of=series_of, progress=progress,
+        )  # fmt: skip
     progress.notify()
     if failed:
         # The job's message: what arrived and what did not (each refusal is on its instance).
         raise Unavailable(
             f"{message}; {failed} not accepted by facility {destination.id!r} (see each instance)"
         )
+
+
+def _unlink(files: Iterable[delivery.File | None]) -> None:
+    for file in files:
+        if isinstance(file, str):
+            os.unlink(file)
+
+
+def _drop(coerced: Future[Coerced_]) -> None:
+    """A batch coerced but not to be sent: its temporary files removed."""
+    if not coerced.cancel():
+        # A file already gone, or a batch that failed whole: the directory goes with the run.
+        with contextlib.suppress(Exception):
+            _unlink(f for f, _ in coerced.result())
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,10 +687,12 @@ class _Pending:
 
 def _rows_to_send(
     engine: Engine, import_id: int, refs: list[Any], delivered: Callable[[str], str], progress: jobs.Progress
-) -> tuple[list[_Pending], bool]:
+) -> tuple[list[_Pending], dict[int, tuple[str, str]], bool]:
     """The import's instance rows still to send (pending, or failed in an earlier run), each
     instance's row written first if it has none yet, with the total and the progress report, in
-    one transaction; and whether a cancel was asked."""
+    one transaction; every row's (SOP Instance UID as delivered, status) by id, which the run
+    keeps up to date as it records (the verification reads it there, not from the database);
+    and whether a cancel was asked."""
     columns = (
         select_columns(
             col(ImportInstance.id), col(ImportInstance.source_sop_uid), col(ImportInstance.sop_uid),
@@ -667,7 +727,14 @@ def _rows_to_send(
             if r.status in ("pending", "failed")
         ]
         progress.update_in(session, done=total - len(pending), total=total, message="sending")
-    return pending, bool(cancelled)
+    return pending, {r.id: (r.sop_uid, r.status) for r in rows}, bool(cancelled)
+
+
+@dataclass(frozen=True, slots=True)
+class _Status:
+    id: int
+    sop_uid: str
+    status: str
 
 
 class _Senders:
@@ -699,7 +766,7 @@ class _Senders:
         return sender
 
 
-def _batches(items: list[_Pending], n: int) -> Iterator[list[_Pending]]:
+def _batches(items: list[_T], n: int) -> Iterator[list[_T]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
 
@@ -779,29 +846,25 @@ def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: 
 
 def _verify(
     engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
-    *, fresh: bool, series_of: dict[str, str], progress: jobs.Progress,
+    *, statuses: dict[int, tuple[str, str]], counts: Future[dict[str, int] | None] | None,
+    series_of: dict[str, str], progress: jobs.Progress,
 ) -> tuple[int, str]:  # fmt: skip
     """Ask the destination what it holds; an instance sent but not there is reported failed.
     The import is then finished (done or failed, with its counts and message) in the same
     transaction as the job's progress report. Returns (instances failed, the message).
+    `statuses` is every instance row's (SOP Instance UID as delivered, status) by id, as the
+    run recorded them.
 
-    When it held nothing of the study before this run sent anything (`fresh`), each series
-    holding exactly the instances delivered to it proves they all arrived: the archive is asked
-    for its count per series, which it answers from its index. Otherwise, or when the counts
-    differ, every instance it holds is listed (Orthanc reads each file to answer that)."""
-    columns = select_columns(
-        col(ImportInstance.id), col(ImportInstance.sop_uid), col(ImportInstance.status)
-    ).where(col(ImportInstance.import_id) == import_id)
-    with Session(engine) as session:
-        rows = session.execute(columns).all()
+    When it held nothing of the study before this run sent anything, the run asked the archive
+    for its count per series once the last batch was answered (`counts`), which it answers from
+    its index: each series holding exactly the instances delivered to it proves they all
+    arrived. Otherwise, or when the counts differ, every instance it holds is listed (Orthanc
+    reads each file to answer that)."""
+    rows = [_Status(id_, sop, status) for id_, (sop, status) in statuses.items()]
     sent = [r.sop_uid for r in rows if r.status in ("sent", "warning")]
     held: set[str] | None = None
-    if fresh:
-        counts = delivery.series_counts(
-            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
-        )
-        if counts == Counter(series_of.get(sop, "") for sop in sent):
-            held = set(sent)
+    if counts is not None and counts.result() == Counter(series_of.get(sop, "") for sop in sent):
+        held = set(sent)
     if held is None:
         held = delivery.held_instances(
             facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
