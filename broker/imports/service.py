@@ -600,9 +600,19 @@ def _run(
             lock = threading.Lock()
             stop = threading.Event()
             failures: list[BaseException] = []
+            # Each connection's last batch, once no batch is left to take: recorded with the
+            # verification, in its transaction (the import's last commits were the records of the
+            # last batches, then the verification's), keeping its slot until then.
+            final: list[Sent_] = []
+            exhausted = False
 
             def top_up() -> None:
-                while len(ahead) < SENDERS and (batch := next(batches, None)):
+                nonlocal exhausted
+                while len(ahead) < SENDERS:
+                    batch = next(batches, None)
+                    if batch is None:
+                        exhausted = True
+                        return
                     sources = [i.source_sop_uid for i in batch]
                     coerced = None
                     while guesses and coerced is None:
@@ -613,6 +623,12 @@ def _run(
                             _drop(future)
                     ahead.append((batch, coerced or coercing.submit(coerce, sources)))
 
+            def remember(sent: Sent_) -> None:
+                for inst, o in sent[0]:
+                    statuses[inst.id] = (inst.sop_uid, o.status)
+                for inst, _ in sent[1]:
+                    statuses[inst.id] = (inst.sop_uid, "failed")
+
             def record(sent: Sent_) -> None:
                 nonlocal done, cancelled
                 try:
@@ -622,10 +638,7 @@ def _run(
                     cancel = _record(engine, *sent, progress=progress, done=done + n)
                     done += n
                     cancelled = cancelled or cancel
-                    for inst, o in sent[0]:
-                        statuses[inst.id] = (inst.sop_uid, o.status)
-                    for inst, _ in sent[1]:
-                        statuses[inst.id] = (inst.sop_uid, "failed")
+                    remember(sent)
                     progress.notify()
                 except BaseException as exc:
                     failures.append(exc)
@@ -649,6 +662,10 @@ def _run(
                         stop.set()
                         slots.release()
                         return
+                    with lock:
+                        if exhausted and not ahead:  # nothing left to take: this loop is done
+                            final.append(sent)
+                            return
                     recorder.submit(record, sent)
 
             with lock:
@@ -681,12 +698,18 @@ def _run(
             if failures:
                 raise failures[0]
             if cancelled:
+                for sent in final:  # what was on the wire when the cancel was read
+                    n = len(sent[0]) + len(sent[1])
+                    _record(engine, *sent, progress=progress, done=done + n)
+                    done += n
                 _finish(engine, import_id, status="cancelled", message="cancelled")
                 progress.update(message="cancelled")
                 return
+            for sent in final:
+                remember(sent)
             failed, message = _verify(
                 engine, import_id, plan, destination, via, calling_ae, statuses=statuses, counts=counts,
-                series_of=series_of, progress=progress,
+                series_of=series_of, progress=progress, final=final,
             )  # fmt: skip
         progress.notify()
         if failed:
@@ -856,16 +879,7 @@ def _record(
     cost per batch does not grow with the study (re-reading every instance row per batch made a
     2000-instance import quadratic). Returns whether a cancel was asked (read in the same
     statement). Raises `LeaseLost`, recording nothing, when another worker took the job over."""
-    now = datetime.now(UTC)
-    changes = [
-        {"row_id": inst.id, "new_status": o.status, "new_code": o.code, "new_detail": o.detail[:512],
-         "new_attempts": inst.attempts + 1, "new_at": now}
-        for inst, o in outcomes
-    ] + [
-        {"row_id": inst.id, "new_status": "failed", "new_code": None, "new_detail": why,
-         "new_attempts": inst.attempts + 1, "new_at": now}
-        for inst, why in unreadable
-    ]  # fmt: skip
+    changes = _changes(outcomes, unreadable)
     import_id = (outcomes[0][0] if outcomes else unreadable[0][0]).import_id
     sent = sum(o.status in ("sent", "warning") for _, o in outcomes)
     failed = len(outcomes) - sent + len(unreadable)
@@ -884,6 +898,22 @@ def _record(
         return cancel
 
 
+def _changes(
+    outcomes: list[tuple[_Pending, delivery.Outcome]], unreadable: list[tuple[_Pending, str]]
+) -> list[dict[str, Any]]:
+    """A batch's instance rows as `_RECORD_ROW` sets them."""
+    now = datetime.now(UTC)
+    return [
+        {"row_id": inst.id, "new_status": o.status, "new_code": o.code, "new_detail": o.detail[:512],
+         "new_attempts": inst.attempts + 1, "new_at": now}
+        for inst, o in outcomes
+    ] + [
+        {"row_id": inst.id, "new_status": "failed", "new_code": None, "new_detail": why,
+         "new_attempts": inst.attempts + 1, "new_at": now}
+        for inst, why in unreadable
+    ]  # fmt: skip
+
+
 def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: str) -> bool:
     """Whether the destination holds no instance of the study (before this run sends any)."""
     try:
@@ -898,13 +928,14 @@ def _holds_nothing(destination: Facility, via: str, study_uid: str, calling_ae: 
 def _verify(
     engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
     *, statuses: dict[int, tuple[str, str]], counts: Future[dict[str, int] | None] | None,
-    series_of: dict[str, str], progress: jobs.Progress,
+    series_of: dict[str, str], progress: jobs.Progress, final: list[Sent_],
 ) -> tuple[int, str]:  # fmt: skip
     """Ask the destination what it holds; an instance sent but not there is reported failed.
     The import is then finished (done or failed, with its counts and message) in the same
     transaction as the job's progress report. Returns (instances failed, the message).
     `statuses` is every instance row's (SOP Instance UID as delivered, status) by id, as the
-    run recorded them.
+    run recorded them, `final` batches sent and not recorded yet (recorded here). When nothing
+    failed, the job is recorded done in the same transaction too.
 
     When it held nothing of the study before this run sent anything, the run asked the archive
     for its count per series once the last batch was answered (`counts`), which it answers from
@@ -926,6 +957,8 @@ def _verify(
     verified = sum(r.sop_uid in held for r in rows)
     message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
     with session_scope(engine) as session:
+        for batch in final:
+            session.execute(_RECORD_ROW, _changes(*batch))
         if missing:
             session.execute(
                 update(ImportInstance)
@@ -941,7 +974,11 @@ def _verify(
                 finished_at=datetime.now(UTC),
             )
         )  # fmt: skip
-        progress.update_in(session, message=message)
+        progress.update_in(
+            session, done=sum(status != "pending" for _, status in statuses.values()), message=message
+        )
+        if not failed:
+            progress.finish_in(session, message=message)
     return failed, message
 
 
