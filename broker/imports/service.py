@@ -13,6 +13,7 @@ ends by asking the destination what arrived.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -55,6 +56,9 @@ IMPORT_JOB = "import"
 _T = TypeVar("_T")
 # A batch sent: (row, its outcome) and the rows whose source could not be read (why).
 Sent_ = tuple[list[tuple["_Pending", delivery.Outcome]], list[tuple["_Pending", str]]]
+# The same, each instance named by its source SOP Instance UID (a batch may be sent before its
+# rows are read: see `_run`).
+Shipped_ = tuple[list[tuple[str, delivery.Outcome]], list[tuple[str, str]]]
 # A batch coerced: for each instance, what to send, or None and why its source could not be read.
 Coerced_ = list[tuple[delivery.File | None, str]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
@@ -559,30 +563,39 @@ def _run(
                     out.append((spliced or path, ""))
                 return out
 
-            # A run that has recorded nothing yet (a first run, as a rule) has every instance
-            # pending, in the order of `refs`: its first batches are coerced while the rows are
-            # written, and used if the rows say so (else dropped).
-            guesses: deque[tuple[list[str], Future[Coerced_]]] = deque()
-            if progress.done == 0:
-                for batch in itertools.islice(_batches([r.sop_uid for r in refs], BATCH), SENDERS):
-                    guesses.append((batch, coercing.submit(coerce, batch)))
-            pending, statuses, cancelled = _rows_to_send(engine, import_id, refs, delivered, progress)
-            done = total - len(pending)
-            progress.notify()
-
-            def send(batch: list[_Pending], coerced: Future[Coerced_]) -> Sent_:
-                files = []
+            def send(sources: list[str], coerced: Future[Coerced_]) -> Shipped_:
+                files: list[tuple[delivery.File, str]] = []
                 unreadable = []
-                for inst, (file, why) in zip(batch, coerced.result(), strict=True):
+                for source, (file, why) in zip(sources, coerced.result(), strict=True):
                     if file is None:
-                        unreadable.append((inst, why))
+                        unreadable.append((source, why))
                     else:
-                        files.append((file, inst))
+                        files.append((file, source))
                 try:
-                    outcomes = _send_with_retries(senders.mine(), files) if files else []
+                    outcomes = (
+                        _send_with_retries(senders.mine(), [(f, delivered(s)) for f, s in files])
+                        if files
+                        else []
+                    )
                 finally:
                     _unlink(f for f, _ in files)
-                return [(i, o) for (_, i), o in zip(files, outcomes, strict=True)], unreadable
+                return [(s, o) for (_, s), o in zip(files, outcomes, strict=True)], unreadable
+
+            # The instance rows: every row by its source SOP Instance UID once they are read (and
+            # written, for a first run), and the progress from which the records count.
+            row_of: dict[str, _Pending] = {}
+            statuses: dict[int, tuple[str, str]] = {}
+            done = 0
+            cancelled = False
+
+            def rows() -> list[_Pending]:
+                nonlocal done, cancelled
+                pending, every, cancelled = _rows_to_send(engine, import_id, refs, delivered, progress)
+                row_of.update((r.source_sop_uid, r) for r in every)
+                statuses.update((r.id, (r.sop_uid, r.status)) for r in every)
+                done = total - len(pending)
+                progress.notify()
+                return pending
 
             # SENDERS threads each send batch after batch on its own connection, and one more
             # coerces up to SENDERS batches ahead, so that a connection has its next batch ready
@@ -594,16 +607,42 @@ def _run(
             # crash may send again. At most 2 x SENDERS batches of files on disk, none in memory.
             # A cancel (read with each record) stops new batches; those in flight finish and are
             # recorded. After any failure nothing more is recorded, as after a crash.
-            ahead: deque[tuple[list[_Pending], Future[Coerced_]]] = deque()
-            batches = _batches(pending, BATCH)
+            #
+            # A run that has recorded nothing yet (a first run, as a rule: the job's progress is
+            # committed with each record) has every instance to send, in the order of `refs`: it
+            # starts sending without waiting for its instance rows to be written, which is the
+            # recording thread's first task, so every record comes after it (a crash before it
+            # commits leaves no row, and the next run sends the study again: within the bound
+            # above, as no batch is recorded). A resumed run reads its rows first and sends
+            # those still pending or failed.
             slots = threading.Semaphore(SENDERS + 1)
             lock = threading.Lock()
             stop = threading.Event()
             failures: list[BaseException] = []
+
+            def guarded(task: Callable[[], object], *, release: bool = False) -> None:
+                """A recording thread task: after a failure nothing more is recorded. `release`:
+                the task frees a slot, whether it ran or not."""
+                try:
+                    if not stop.is_set():
+                        task()
+                    elif release:
+                        slots.release()
+                except BaseException as exc:
+                    failures.append(exc)
+                    stop.set()
+
+            if progress.done == 0:
+                order = list(by_sop)
+                recorder.submit(guarded, rows)
+            else:
+                order = [r.source_sop_uid for r in rows()]
+            ahead: deque[tuple[list[str], Future[Coerced_]]] = deque()
+            batches = _batches(order, BATCH)
             # Each connection's last batch, once no batch is left to take: recorded with the
             # verification, in its transaction (the import's last commits were the records of the
             # last batches, then the verification's), keeping its slot until then.
-            final: list[Sent_] = []
+            final: list[Shipped_] = []
             exhausted = False
 
             def top_up() -> None:
@@ -613,15 +652,10 @@ def _run(
                     if batch is None:
                         exhausted = True
                         return
-                    sources = [i.source_sop_uid for i in batch]
-                    coerced = None
-                    while guesses and coerced is None:
-                        guessed, future = guesses.popleft()
-                        if guessed == sources:
-                            coerced = future
-                        else:
-                            _drop(future)
-                    ahead.append((batch, coerced or coercing.submit(coerce, sources)))
+                    ahead.append((batch, coercing.submit(coerce, batch)))
+
+            def rows_of(shipped: Shipped_) -> Sent_:
+                return [(row_of[s], o) for s, o in shipped[0]], [(row_of[s], why) for s, why in shipped[1]]
 
             def remember(sent: Sent_) -> None:
                 for inst, o in sent[0]:
@@ -629,22 +663,18 @@ def _run(
                 for inst, _ in sent[1]:
                     statuses[inst.id] = (inst.sop_uid, "failed")
 
-            def record(sent: Sent_) -> None:
+            def record(shipped: Shipped_) -> None:
                 nonlocal done, cancelled
                 try:
-                    if stop.is_set():
-                        return
+                    sent = rows_of(shipped)
                     n = len(sent[0]) + len(sent[1])
                     cancel = _record(engine, *sent, progress=progress, done=done + n)
                     done += n
                     cancelled = cancelled or cancel
                     remember(sent)
                     progress.notify()
-                except BaseException as exc:
-                    failures.append(exc)
-                    stop.set()
                 finally:
-                    slots.release()
+                    slots.release()  # skipped after a failure too: a sending loop may wait for it
 
             def sending() -> None:
                 while True:
@@ -656,7 +686,7 @@ def _run(
                         batch, coerced = ahead.popleft()
                         top_up()
                     try:
-                        sent = send(batch, coerced)
+                        shipped = send(batch, coerced)
                     except BaseException as exc:
                         failures.append(exc)
                         stop.set()
@@ -664,9 +694,9 @@ def _run(
                         return
                     with lock:
                         if exhausted and not ahead:  # nothing left to take: this loop is done
-                            final.append(sent)
+                            final.append(shipped)
                             return
-                    recorder.submit(record, sent)
+                    recorder.submit(guarded, functools.partial(record, shipped), release=True)
 
             with lock:
                 top_up()
@@ -693,23 +723,25 @@ def _run(
                 stop.set()
                 raise
             finally:
-                for _, future in [*guesses, *ahead]:
+                for _, future in ahead:
                     _drop(future)
             if failures:
                 raise failures[0]
             if cancelled:
-                for sent in final:  # what was on the wire when the cancel was read
+                for shipped in final:  # what was on the wire when the cancel was read
+                    sent = rows_of(shipped)
                     n = len(sent[0]) + len(sent[1])
                     _record(engine, *sent, progress=progress, done=done + n)
                     done += n
                 _finish(engine, import_id, status="cancelled", message="cancelled")
                 progress.update(message="cancelled")
                 return
-            for sent in final:
+            last = [rows_of(shipped) for shipped in final]
+            for sent in last:
                 remember(sent)
             failed, message = _verify(
                 engine, import_id, plan, destination, via, calling_ae, statuses=statuses, counts=counts,
-                series_of=series_of, progress=progress, final=final,
+                series_of=series_of, progress=progress, final=last,
             )  # fmt: skip
         progress.notify()
         if failed:
@@ -748,12 +780,11 @@ class _Pending:
 
 def _rows_to_send(
     engine: Engine, import_id: int, refs: list[Any], delivered: Callable[[str], str], progress: jobs.Progress
-) -> tuple[list[_Pending], dict[int, tuple[str, str]], bool]:
+) -> tuple[list[_Pending], list[_Pending], bool]:
     """The import's instance rows still to send (pending, or failed in an earlier run), each
     instance's row written first if it has none yet, with the total and the progress report, in
-    one transaction; every row's (SOP Instance UID as delivered, status) by id, which the run
-    keeps up to date as it records (the verification reads it there, not from the database);
-    and whether a cancel was asked."""
+    one transaction; every row (the run keeps their statuses up to date as it records, and the
+    verification reads them there, not from the database); and whether a cancel was asked."""
     columns = (
         select_columns(
             col(ImportInstance.id), col(ImportInstance.source_sop_uid), col(ImportInstance.sop_uid),
@@ -782,13 +813,10 @@ def _rows_to_send(
             .values(total=total, status="running", message="")
             .returning(col(ImportJob.cancel_requested))
         ).scalar_one()
-        pending = [
-            _Pending(r.id, import_id, r.source_sop_uid, r.sop_uid, r.attempts, r.status)
-            for r in rows
-            if r.status in ("pending", "failed")
-        ]
+        every = [_Pending(r.id, import_id, r.source_sop_uid, r.sop_uid, r.attempts, r.status) for r in rows]
+        pending = [r for r in every if r.status in ("pending", "failed")]
         progress.update_in(session, done=total - len(pending), total=total, message="sending")
-    return pending, {r.id: (r.sop_uid, r.status) for r in rows}, bool(cancelled)
+    return pending, every, bool(cancelled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -837,15 +865,16 @@ def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> Non
 
 
 def _send_with_retries(
-    sender: delivery.Sender, files: list[tuple[delivery.File, _Pending]]
+    sender: delivery.Sender, files: list[tuple[delivery.File, str]]
 ) -> list[delivery.Outcome]:
+    """(file, SOP Instance UID as delivered) sent, retried while the destination cannot be reached."""
     wait = BACKOFF
     for attempt in range(1, RETRIES + 1):
         try:
-            return sender.send([(p, i.sop_uid) for p, i in files])
+            return sender.send(files)
         except Unavailable as exc:
             if attempt == RETRIES:
-                return [delivery.Outcome(i.sop_uid, "failed", None, exc.message[:512]) for _, i in files]
+                return [delivery.Outcome(sop, "failed", None, exc.message[:512]) for _, sop in files]
             log.warning("import delivery to %s failed (attempt %d), retrying", sender.facility.id, attempt)
             time.sleep(wait)
             wait *= 2
