@@ -1050,7 +1050,7 @@ def render(data: dict[str, Any]) -> str:
             get(so, lambda s: s["ct"]["per_s"]),
             get(oc, lambda s: s["ct"]["per_s"]),
             "",
-            "≥ 1.5×",
+            "≥ 1.2×",
             True,
         ),
         (

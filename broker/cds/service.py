@@ -458,12 +458,16 @@ def call_service(
     names = {f.id: f.name or f.id for f in registered}
     cards: list[Card] = []
     rows: list[IssuedCard] = []
+    identifier = f"{who[0]}|{who[1]}"
+    # The person's studies are the same for every draft order: read once, judged per order.
+    person = lookup.person_studies(session=session, principal=principal, identifier=identifier)
     for order in orders:
         try:
             answer = lookup.find_priors(
                 session=session,
                 principal=principal,
-                identifier=f"{who[0]}|{who[1]}",
+                identifier=identifier,
+                person=person,
                 exam=order.text or None,
                 code=order.code,
                 code_system=order.code_system,

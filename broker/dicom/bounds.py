@@ -72,11 +72,15 @@ def bound_element(element: dict[str, Any]) -> dict[str, Any]:
         return element
     vr = str(element.get("vr", ""))
     cap = MAX_ITEMS if vr == "SQ" else MAX_VALUES
-    needs = len(values) > cap or any(
-        (isinstance(v, str) and len(v) > MAX_CHARS.get(vr, 1 << 62)) or isinstance(v, dict) for v in values
-    )
-    if not needs:
-        return element
+    if len(values) <= cap:
+        # Every instance's index attributes pass through here: a plain loop, not a generator
+        # per element, for the common case of nothing to cut.
+        limit = MAX_CHARS.get(vr, 1 << 62)
+        for v in values:
+            if (isinstance(v, str) and len(v) > limit) or isinstance(v, dict):
+                break
+        else:
+            return element
     return {**element, "Value": [_bound_value(vr, v) for v in values[:cap]]}
 
 

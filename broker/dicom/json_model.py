@@ -11,12 +11,16 @@ from __future__ import annotations
 import base64
 import struct
 import unicodedata
-from typing import Any
+from typing import Any, cast
 
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import STANDARD_VR
+
+from broker.dicom.lean import Lean
 
 BULK_BASE = "@@SCANONCE_BASE@@"
 BULK_BASE_BYTES = BULK_BASE.encode()
@@ -81,6 +85,11 @@ def _fast_value(raw: RawDataElement, vr: str, codec: str | None) -> dict[str, An
     value = raw.value
     if value is None:
         return None
+    return _fast_bytes(value, vr, codec, raw.is_little_endian)
+
+
+def _fast_bytes(value: bytes, vr: str, codec: str | None, little_endian: bool) -> dict[str, Any] | None:
+    """`_fast_value` of a value's bytes (shared with the lean reader's path)."""
     if not value:
         return {"vr": vr}
     if vr in _STRING_VRS:
@@ -145,17 +154,29 @@ def _fast_value(raw: RawDataElement, vr: str, codec: str | None) -> dict[str, An
         size = struct.calcsize(fmt)
         if len(value) % size:
             return None
-        endian = "<" if raw.is_little_endian else ">"
+        endian = "<" if little_endian else ">"
         return {"vr": vr, "Value": list(struct.unpack(f"{endian}{len(value) // size}{fmt}", value))}
     if vr == "AT":
         if len(value) % 4:
             return None
-        endian = "<" if raw.is_little_endian else ">"
+        endian = "<" if little_endian else ">"
         words = struct.unpack(f"{endian}{len(value) // 2}H", value)
         return {"vr": vr, "Value": [f"{words[i]:04X}{words[i + 1]:04X}" for i in range(0, len(words), 2)]}
     if vr in BULK_VRS and len(value) <= BULK_THRESHOLD and vr not in ("OW", "OF", "OD", "OL", "OV"):
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode()}
     return None
+
+
+def _codec_of(raw_cs: Any) -> str | None:
+    """The one Python codec a SpecificCharacterSet value names, or None (pydicom decodes)."""
+    if isinstance(raw_cs, bytes):
+        raw_cs = raw_cs.decode("ascii", "replace")
+    if isinstance(raw_cs, str):
+        return _CODECS.get(raw_cs.strip("\x00 "))
+    if raw_cs is not None:  # already converted: MultiValue
+        values = list(raw_cs)
+        return _CODECS.get(str(values[0]).strip()) if len(values) == 1 else None
+    return "ascii"
 
 
 def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
@@ -166,16 +187,7 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     charset = ds.get_item(0x00080005)
-    codec: str | None = "ascii"
-    if charset is not None:
-        raw_cs = charset.value
-        if isinstance(raw_cs, bytes):
-            raw_cs = raw_cs.decode("ascii", "replace")
-        if isinstance(raw_cs, str):
-            codec = _CODECS.get(raw_cs.strip("\x00 "))
-        elif raw_cs is not None:  # already converted: MultiValue or str
-            values = list(raw_cs) if not isinstance(raw_cs, str) else [raw_cs]
-            codec = _CODECS.get(str(values[0]).strip()) if len(values) == 1 else None
+    codec = _codec_of(charset.value) if charset is not None else "ascii"
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements (and converts them)
         tag = Tag(tag)
         if tag.group == 0x0002 or tag.element == 0:  # file meta and group lengths are not content
@@ -205,6 +217,90 @@ def instance_json(ds: Dataset, *, bulk_prefix: str) -> dict[str, Any]:
                     continue
         out[key] = _element_json(ds, tag, f"{bulk_prefix}/bulk")
     return out
+
+
+# The value pydicom gives a zero-length element of each VR when reading (None for numbers,
+# which `instance_json` then hands to pydicom's JSON).
+_EMPTY_RAW: dict[str, bytes | None] = {
+    str(vr): cast(bytes | None, empty_value_for_VR(vr, raw=True)) for vr in STANDARD_VR
+}
+_KEYS: dict[int, str] = {}
+
+
+def lean_instance_json(lean: Lean, *, bulk_prefix: str) -> dict[str, Any]:
+    """`instance_json` of the file `lean` was read from, equal to it member for member, without
+    pydicom for the values `_fast_bytes` reads; the rest (sequences, private tags, UN, long
+    text, empty numbers) goes through pydicom as before, from a Dataset of the same raw
+    elements that `dcmread` would have made."""
+    buf = lean.buf
+    elements = lean.elements
+    codec: str | None = "ascii"
+    for tag, _vr, start, length in elements:
+        if tag == 0x00080005:
+            codec = _codec_of(buf[start : start + length])
+            break
+        if tag > 0x00080005:
+            break
+    out: dict[str, Any] = {}
+    slow: list[int] = []
+    keys = _KEYS
+    for tag, vr, start, length in elements:
+        if not tag & 0xFFFF:  # group lengths are not content
+            continue
+        key = keys.get(tag)
+        if key is None:
+            key = keys[tag] = f"{tag:08X}"
+        if tag == 0x00080005:
+            out[key] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+            continue
+        if vr in BULK_VRS and (length == _UNDEFINED or length > BULK_THRESHOLD or tag in PIXEL_TAGS):
+            out[key] = _bulk(tag, vr, bulk_prefix)
+            continue
+        if vr != "UN" and vr != "SQ" and not (tag >> 16) & 1 and length <= BULK_THRESHOLD:
+            value = buf[start : start + length] if length else _EMPTY_RAW[vr]
+            if value is not None:
+                fast = _fast_bytes(value, vr, codec, True)
+                if fast is not None:
+                    out[key] = fast
+                    continue
+        out[key] = None  # keeps the element's place; filled in below
+        slow.append(tag)
+    if slow:
+        ds = _raw_dataset(lean)
+        for tag in slow:
+            out[keys[tag]] = _element_json(ds, tag, f"{bulk_prefix}/bulk")
+    return out
+
+
+def _raw_dataset(lean: Lean) -> Dataset:
+    """The Dataset of raw elements `dcmread` builds for the top level (pydicom's
+    `read_dataset`), for converting the elements the lean path leaves to pydicom."""
+    buf = lean.buf
+    n = len(buf)
+    raw: dict[BaseTag, RawDataElement | DataElement] = {}
+    charset: RawDataElement | None = None
+    for tag, vr, start, length in lean.elements:
+        if length == 0:
+            value = _EMPTY_RAW[vr]
+        elif length != _UNDEFINED and start + length <= n:
+            value = buf[start : start + length]
+        else:
+            value = None  # bulk data past what was read: never converted
+        btag = BaseTag(tag)
+        sequence = lean.sequences.get(tag)
+        if sequence is not None:
+            # Read already (an undefined-length sequence), as dcmread's generator yields it.
+            raw[btag] = DataElement(btag, "SQ", sequence, start, is_undefined_length=True)
+            continue
+        element = raw[btag] = RawDataElement(btag, vr, length, value, start, False, True)
+        if tag == 0x00080005:
+            charset = element
+    ds = Dataset(raw)
+    encoding: str | list[str] = default_encoding
+    if charset is not None:
+        encoding = convert_encodings(convert_raw_data_element(charset).value)
+    ds.set_original_encoding(False, True, encoding)
+    return ds
 
 
 def _element_json(ds: Dataset, tag: int, bulk_path: str) -> dict[str, Any]:

@@ -23,13 +23,28 @@ from pydicom.errors import InvalidDicomError
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
 from broker.dicom.bounds import bound_dataset
-from broker.dicom.json_model import BULK_THRESHOLD, instance_json
+from broker.dicom.json_model import BULK_THRESHOLD, instance_json, lean_instance_json
+from broker.dicom.lean import FIRST_READ, WHOLE_READ, Lean, NeedMore, read_lean
 from broker.dicom.received import Received
 from broker.dicom.uids import is_valid_uid
 from broker.index.instance_facts import InstanceFacts, instance_facts
 from broker.index.schemas import StoreOutcome
 
 _ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
+
+
+_ROW_KEYS: dict[str, bool] = {}
+
+
+def _for_rows(key: str) -> bool:
+    """Whether the index rows (not only the metadata) need this attribute; remembered per tag,
+    as every instance asks about the same few dozen."""
+    known = _ROW_KEYS.get(key)
+    if known is None:
+        known = key in _ROW_TAGS or is_study_level(key) or is_series_level(key)
+        if len(_ROW_KEYS) < 4096:  # private and odd tags must not grow it without bound
+            _ROW_KEYS[key] = known
+    return known
 
 
 @dataclass
@@ -91,7 +106,89 @@ def parse_instance(
     except OSError as exc:
         return StoreOutcome.failed(status.CANNOT_UNDERSTAND, f"cannot read the file: {type(exc).__name__}")
     with fp:
+        try:
+            lean = _read_lean(fp, in_hand, known)
+            done = _parse_lean(lean, path, known, expected_study_uid, expected_sop) if lean else None
+        except Exception:  # noqa: BLE001 - whatever the lean path trips on, pydicom decides
+            done = None
+        if done is not None:
+            return done
+        fp.seek(0)
         return _parse(fp, path, known, expected_study_uid, expected_sop)
+
+
+_UID_TAGS = (
+    ("sop_class_uid", 0x00080016),
+    ("sop_instance_uid", 0x00080018),
+    ("study_uid", 0x0020000D),
+    ("series_uid", 0x0020000E),
+)
+
+
+def _read_lean(fp: BinaryIO, in_hand: bytes | None, known: Received | None) -> Lean | None:
+    """The file through the lean reader (`dicom.lean`): its first 64 KiB, all of it if the walk
+    needs more. None when it is not the common case."""
+    if in_hand is not None:
+        return read_lean(in_hand, len(in_hand))
+    size = known.size if known is not None else os.fstat(fp.fileno()).st_size
+    buf = fp.read(min(size, FIRST_READ))
+    try:
+        return read_lean(buf, size)
+    except NeedMore:
+        if size > WHOLE_READ:
+            # A large file whose header or encapsulated frames run past the first read: pydicom
+            # streams through it (seeking past deferred values) instead of holding it whole.
+            return None
+        fp.seek(0)
+        buf = fp.read()
+        return read_lean(buf, len(buf)) if len(buf) == size else None
+
+
+def _parse_lean(
+    lean: Lean,
+    path: str,
+    known: Received | None,
+    expected_study_uid: str | None,
+    expected_sop: tuple[str, str] | None,
+) -> _Parsed | StoreOutcome | None:
+    """What `_parse` makes of the same file, from the lean reader's elements; None hands the
+    file to `_parse` (its four UIDs must be valid, so every refusal reads as pydicom reads it)."""
+    buf = lean.buf
+    found: dict[int, tuple[str, int, int]] = {}
+    for tag, vr, start, length in lean.elements:
+        if tag > 0x0020000E:
+            break
+        found[tag] = (vr, start, length)
+    uids: dict[str, str] = {}
+    for name, tag in _UID_TAGS:
+        element = found.get(tag)
+        if element is None or element[0] != "UI":
+            return None
+        _vr, start, length = element
+        uid = buf[start : start + length].decode("ascii").rstrip("\0 ")
+        if not is_valid_uid(uid):
+            return None
+        uids[name] = uid
+    if expected_sop is not None:
+        for found_uid, wanted, keyword in (
+            (uids["sop_class_uid"], expected_sop[0], "SOPClassUID"),
+            (uids["sop_instance_uid"], expected_sop[1], "SOPInstanceUID"),
+        ):
+            if found_uid != wanted.strip():
+                return StoreOutcome.failed(
+                    status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} differs from the request's"
+                )
+    if expected_study_uid is not None and uids["study_uid"] != expected_study_uid:
+        return StoreOutcome.failed(
+            status.STUDY_UID_MISMATCH,
+            "StudyInstanceUID of the instance differs from the study in the request URL",
+            **uids,
+        )
+    attrs = lean_instance_json(
+        lean,
+        bulk_prefix=f"studies/{uids['study_uid']}/series/{uids['series_uid']}/instances/{uids['sop_instance_uid']}",
+    )
+    return _parsed(path, known, uids, lean.transfer_syntax_uid, attrs)
 
 
 def _parse(
@@ -156,11 +253,17 @@ def _parse(
         return StoreOutcome.failed(
             status.CANNOT_UNDERSTAND, f"cannot read attributes: {type(exc).__name__}", **uids
         )
-    sha, size = (known.sha256, known.size) if known is not None else _sha256(path)
     if truncated:
         return StoreOutcome.failed(
             status.CANNOT_UNDERSTAND, "the file ends before its last attribute does (truncated)", **uids
         )
+    return _parsed(path, known, uids, ts, attrs)
+
+
+def _parsed(
+    path: str, known: Received | None, uids: dict[str, str], ts: str, attrs: dict[str, Any]
+) -> _Parsed:
+    sha, size = (known.sha256, known.size) if known is not None else _sha256(path)
     return _Parsed(
         path=path,
         sha256=sha,
@@ -174,9 +277,7 @@ def _parse(
         # so a large batch holds kilobytes per instance, not a tree of Python objects.
         # Bounded by VR (dicom.bounds): the index never holds more than a VR allows; the
         # object and its WADO-RS metadata keep the whole values.
-        attrs=bound_dataset(
-            {k: v for k, v in attrs.items() if k in _ROW_TAGS or is_study_level(k) or is_series_level(k)}
-        ),
+        attrs=bound_dataset({k: v for k, v in attrs.items() if _for_rows(k)}),
         metadata=orjson.dumps(attrs),
         # What the prior lookup needs of this instance (slice, contrast, dose), read once here.
         facts=instance_facts(attrs),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,31 @@ def _person_studies(
     return True, [row for row in out if row[0].study_pk in visible], withheld
 
 
+@dataclass(frozen=True)
+class PersonStudies:
+    """A patient's person and studies as one caller may see them: read once, then judged against
+    each planned exam (a CDS Hooks call carries a draft order per exam)."""
+
+    found: bool
+    studies: list[tuple[StudyView, str, str]]
+    withheld: int
+
+
+def person_studies(
+    *,
+    session: Session,
+    principal: Principal,
+    facility: str | None = None,
+    mrn: str | None = None,
+    identifier: str | None = None,
+) -> PersonStudies:
+    """The studies `find_priors` judges, for a patient named as `find_priors` takes it."""
+    authorize(principal, action="lookup.read", facility=facility)
+    issuer, value = resolve_identifier(session=session, facility=facility, mrn=mrn, identifier=identifier)
+    found, studies, withheld = _person_studies(session, issuer, value, principal)
+    return PersonStudies(found=found, studies=studies, withheld=withheld)
+
+
 # -- the planned exam -------------------------------------------------------------------------------
 
 
@@ -361,18 +387,23 @@ def find_priors(
     setting: Setting | str = Setting.OUTPATIENT,
     now: date | None = None,
     windows: Windows | None = None,
+    person: PersonStudies | None = None,
 ) -> PriorsAnswer:
     """Every study of the patient's person across facilities, judged against the planned exam.
 
     Unknown patient: an empty answer (`patient_found` false), not an error. Bad exam: BadRequest
-    with the engine's reason. Writes nothing."""
+    with the engine's reason. Writes nothing. `person`, from `person_studies` for the same caller
+    and patient, spares re-reading them when one call judges several planned exams."""
     # Every caller is named; sharing policy per facility is for `authorize` to enforce.
     authorize(principal, action="lookup.read", facility=facility)
     the_setting = Setting.parse(setting)
     planned = planned_exam(
         exam=exam, code=code, code_system=code_system, modality=modality, body_part=body_part
     )
-    issuer, value = resolve_identifier(session=session, facility=facility, mrn=mrn, identifier=identifier)
+    if person is None:
+        person = person_studies(
+            session=session, principal=principal, facility=facility, mrn=mrn, identifier=identifier
+        )
     today = now or datetime.now(UTC).date()
     wins = windows or load_vocabulary().default_windows()
     planned_out = PlannedOut(
@@ -385,7 +416,7 @@ def find_priors(
         decided_by=planned.decided_by,
         notes=list(planned.notes),
     )
-    found, studies, withheld = _person_studies(session, issuer, value, principal)
+    found, studies, withheld = person.found, person.studies, person.withheld
     answer = PriorsAnswer(
         patient_found=found,
         setting=the_setting.value,
