@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from pynetdicom import AE, _config, dimse_messages
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    dimse_messages,
+)
+from pynetdicom.dsutils import create_file_meta
 
 from broker.dicom.received import HashingWriter, Received
 
@@ -55,6 +64,76 @@ def received_file(event: Any) -> Received | None:
 
 
 dimse_messages.NamedTemporaryFile = _spool_file
+
+
+class _SpoolMeta:
+    """The three values of a spool file's File Meta Information that vary (the rest is
+    pynetdicom's implementation UID and version). pynetdicom builds a pydicom FileMetaDataset
+    for every received C-STORE (each UID validated by regex on assignment) and writes it with
+    pydicom: ~6% of a C-STORE's CPU in the serving process. `_write_spool_meta` writes the same
+    bytes directly."""
+
+    __slots__ = ("sop_class", "sop_instance", "syntax")
+
+    def __init__(self, sop_class: str, sop_instance: str, syntax: str) -> None:
+        self.sop_class = sop_class
+        self.sop_instance = sop_instance
+        self.syntax = syntax
+
+
+def _explicit(tag: bytes, vr: bytes, value: bytes) -> bytes:
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+_IMPLEMENTATION = _explicit(b"\x02\x00\x12\x00", b"UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID))) + _explicit(
+    b"\x02\x00\x13\x00",
+    b"SH",
+    PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii") + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2),
+)
+_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+
+
+def _spool_file_meta(
+    *, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any, **kwargs: Any
+) -> Any:
+    """pynetdicom's `create_file_meta` as dimse_messages calls it for a spool file: the values
+    only, when they can be written as they are (ASCII, 1 to 64 characters: a valid UID's
+    bounds); anything else goes through pydicom as before (its validation warnings, and its
+    refusal of an empty value, which aborts the association)."""
+    values = (str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
+    if kwargs or not all(v.isascii() and 0 < len(v) <= 64 for v in values):
+        return create_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            **kwargs,
+        )
+    return _SpoolMeta(*values)
+
+
+def _write_spool_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """pydicom's `write_file_meta_info` for a `_SpoolMeta`: the same bytes (Explicit VR Little
+    Endian, group length first, UIDs padded with NUL, the version name with a space)."""
+    if not isinstance(file_meta, _SpoolMeta):
+        write_file_meta_info(fp, file_meta, enforce_standard)
+        return
+    body = (
+        _VERSION
+        + _explicit(b"\x02\x00\x02\x00", b"UI", _ui(file_meta.sop_class))
+        + _explicit(b"\x02\x00\x03\x00", b"UI", _ui(file_meta.sop_instance))
+        + _explicit(b"\x02\x00\x10\x00", b"UI", _ui(file_meta.syntax))
+        + _IMPLEMENTATION
+    )
+    fp.write(b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body)) + body)
+
+
+dimse_messages.create_file_meta = _spool_file_meta
+dimse_messages.write_file_meta_info = _write_spool_meta
 
 
 class _SpoolFor:

@@ -136,8 +136,17 @@ def _dul_init_poking(self: DULServiceProvider, assoc: Association) -> None:
     self._scanonce_opened = time.monotonic()  # type: ignore[attr-defined]
     pipe = _Pipe()
     self._scanonce_pipe = pipe  # type: ignore[attr-defined]
-    self.event_queue = _PokingQueue(pipe.poke)
-    self.to_provider_queue = _PokingQueue(pipe.poke)
+
+    def poke_from_elsewhere() -> None:
+        # The DUL thread queues an event for itself with every PDU it reads (Evt10 ...) and
+        # looks at the queue again before it next waits (the same pass, or the next one after
+        # any event it handled): poking its own pipe only made that wait return at once,
+        # three system calls and an idle pass per PDU for nothing.
+        if threading.current_thread() is not self:
+            pipe.poke()
+
+    self.event_queue = _PokingQueue(poke_from_elsewhere)
+    self.to_provider_queue = _PokingQueue(poke_from_elsewhere)
     self.to_user_queue = _PokingQueue(_wake_event(assoc).set)
 
 

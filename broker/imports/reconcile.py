@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import operator
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -251,7 +252,7 @@ class Coercer:
             size = src.seek(0, 2)
         except Exception:  # noqa: BLE001 - whatever the splice cannot do, pydicom's path does (or says why)
             return None
-        return [head, *parts, *([(tail, size)] if tail < size else [])]
+        return _joined([head, *parts, *([(tail, size)] if tail < size else [])])
 
     def coerce_file(self, src: BinaryIO, dst: BinaryIO) -> None:
         plan = self.plan
@@ -289,13 +290,12 @@ class Coercer:
         and ranges of the source, where the source's remainder starts). Raises on what it cannot
         do."""
         size = src.seek(0, 2)
-        src.seek(0)
-        head = src.read(132)
+        win = splice.Window(src, size)
+        head = win.read(0, 132)
         if len(head) < 132 or head[128:] != b"DICM":
             raise splice.Unsupported("no Part 10 preamble")
-        metas, start = splice.walk(src, start=132, implicit=False, size=size, stop=lambda t: t >> 16 != 2)
-        src.seek(132)
-        meta_raw = src.read(start - 132)
+        metas, start = splice.walk(win, start=132, implicit=False, stop=lambda t: t >> 16 != 2)
+        meta_raw = win.read(132, start)
         # The transfer syntax from its element's bytes (no data set parsed for it per file).
         ts = _transfer_syntax(
             next(
@@ -307,19 +307,16 @@ class Coercer:
             and ts.is_transfer_syntax
             and not ts.is_deflated
             and ts.is_little_endian
-            and splice.looks_explicit(src.read(6)) != ts.is_implicit_VR
+            and splice.looks_explicit(win.read(start, start + 6)) != ts.is_implicit_VR
         ):
             raise splice.Unsupported("an encoding the splice does not keep")
         implicit = ts.is_implicit_VR
-        elements, tail = splice.walk(
-            src, start=start, implicit=implicit, size=size, stop=_PIXELS.__contains__
-        )
+        elements, tail = splice.walk(win, start=start, implicit=implicit, stop=_PIXELS.__contains__)
         values: dict[int, bytes] = {}
         chosen = b""
         for e in elements:
             if e.tag in _SPLICED or e.tag in (_CHARSET, _SOP_CLASS, _SOP_INSTANCE):
-                src.seek(e.start)
-                raw = src.read(e.end - e.start)
+                raw = win.read(e.start, e.end)
                 values[e.tag] = raw[e.header :]
                 if e.tag not in (_SOP_CLASS, _SOP_INSTANCE):
                     chosen += raw
@@ -336,14 +333,12 @@ class Coercer:
             # pydicom's writer drops a retired group length (PS3.5 7.2)
             if e.tag not in _SPLICED and not (e.tag & 0xFFFF == 0 and e.tag >> 16 > 6)
         ]
-        parts.sort(key=lambda p: p[0])
-        merged: list[Part] = []
-        for _, part in parts:
-            last = merged[-1] if merged else None
-            if isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
-                merged[-1] = (last[0], part[1])
-            else:
-                merged.append(part)
+        parts.sort(key=operator.itemgetter(0))
+        # The source's bytes still in memory from the walk are taken as they are (most headers
+        # fit in its first block), so the header goes out as one piece, not a read per range;
+        # adjacent pieces are joined.
+        ranges = _joined([p for _, p in parts])
+        merged = [win.read(*p) if isinstance(p, tuple) and win.holds(*p) else p for p in ranges]
         sop = (_uid(values.get(_SOP_CLASS)), _uid(values.get(_SOP_INSTANCE)))
         return head + _file_meta(meta_raw, metas, sop), merged, tail
 
@@ -357,9 +352,23 @@ class Coercer:
         write_dataset(out, ds)
         data = out.getvalue()
         found = splice.walk(
-            io.BytesIO(data), start=0, implicit=implicit, size=len(data), stop=lambda t: False
+            splice.Window(io.BytesIO(data), len(data)), start=0, implicit=implicit, stop=lambda t: False
         )[0]
         return [(e.tag, data[e.start : e.end]) for e in found if e.tag in _SPLICED]
+
+
+def _joined(parts: list[Part]) -> list[Part]:
+    """`parts` with adjacent new bytes joined, and adjacent ranges of the source."""
+    out: list[Part] = []
+    for part in parts:
+        last = out[-1] if out else None
+        if isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
+            out[-1] = (last[0], part[1])
+        elif isinstance(part, bytes) and isinstance(last, bytes):
+            out[-1] = last + part
+        else:
+            out.append(part)
+    return out
 
 
 @functools.lru_cache(maxsize=16)

@@ -28,7 +28,7 @@ class Unsupported(Exception):
     """An encoding this walk does not follow (the caller parses the file with pydicom instead)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slower to create, and one is made per element
 class Element:
     tag: int
     vr: bytes  # b"" in implicit VR
@@ -43,79 +43,129 @@ def looks_explicit(first: bytes) -> bool:
     return len(first) >= 6 and 0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B
 
 
+class Window:
+    """A seekable file read ahead a block at a time: a walk of its element headers costs a
+    slice of bytes per element, not a read and a seek (the walk was most of a splice's time)."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, fp: BinaryIO, size: int) -> None:
+        self.fp, self.size = fp, size
+        self._base, self._data = 0, b""
+
+    def at(self, pos: int, n: int) -> tuple[bytes, int]:
+        """A buffer holding the `n` bytes from `pos` (fewer at the end of the file), and where
+        they start in it."""
+        off = pos - self._base
+        if off < 0 or off + n > len(self._data):
+            self.fp.seek(pos)
+            self._base, self._data, off = pos, self.fp.read(max(n, self.BLOCK)), 0
+        return self._data, off
+
+    def read(self, start: int, end: int) -> bytes:
+        data, off = self.at(start, end - start)
+        return data[off : off + end - start]
+
+    def holds(self, start: int, end: int) -> bool:
+        """Whether [start, end) is in memory now (no read needed)."""
+        return self._base <= start and end <= self._base + len(self._data)
+
+
 def walk(
-    fp: BinaryIO, *, start: int, implicit: bool, size: int, stop: Callable[[int], bool]
+    win: Window, *, start: int, implicit: bool, stop: Callable[[int], bool]
 ) -> tuple[list[Element], int]:
     """The top-level elements from `start` up to the first whose tag `stop` accepts (or the end
     of the file), and where that one starts. Raises Unsupported on anything it cannot follow:
     a truncated element, tags out of order, an item outside a sequence, an unknown VR."""
-    fp.seek(start)
     out: list[Element] = []
     last = -1
     pos = start
+    size = win.size
+    data, off = win.at(pos, 12)
+    base = pos - off  # the file offset of data[0]
+    # `_header` inlined: this loop runs once per top-level element of every file imported.
     while pos < size:
-        raw = fp.read(8)
-        if len(raw) == 8:
-            group, element = _TAG.unpack_from(raw)
-            if stop(group << 16 | element):
-                return out, pos  # before its VR is read: the data set after the file meta may be implicit
-        tag, vr, length = _header(fp, implicit, raw)
-        if tag <= last or tag >> 16 == 0xFFFE:
-            raise Unsupported(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of place")
-        if length == UNDEFINED and vr == b"UN":
-            raise Unsupported("UN of undefined length")
-        value = fp.tell()
-        _skip(fp, length, implicit=implicit, size=size)
-        end = fp.tell()
+        off = pos - base
+        if off + 12 > len(data):
+            data, off = win.at(pos, 12)
+            base = pos - off
+        if len(data) - off < 8:
+            raise Unsupported("truncated element header")
+        group, element, word = _HEAD.unpack_from(data, off)
+        tag = group << 16 | element
+        if stop(tag):
+            return out, pos  # before its VR is read: the data set after the file meta may be implicit
+        if tag <= last or group == 0xFFFE:
+            raise Unsupported(f"element ({group:04X},{element:04X}) out of place")
+        if implicit:
+            vr, length, value = b"", word, pos + 8
+        else:
+            vr = data[off + 4 : off + 6]
+            if vr in _LONG_VRS:
+                if len(data) - off < 12:
+                    raise Unsupported("truncated element header")
+                length, value = _LENGTH.unpack_from(data, off + 8)[0], pos + 12
+            elif 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B:
+                length, value = word >> 16, pos + 8
+            else:
+                raise Unsupported("not a VR")
+        if length == UNDEFINED:
+            if vr == b"UN":
+                raise Unsupported("UN of undefined length")
+            end = _skip(win, value, length, implicit=implicit)
+        else:
+            end = value + length
+            if end > size:
+                raise Unsupported("truncated value")
         out.append(Element(tag, vr, pos, end, value - pos))
         last, pos = tag, end
     return out, pos
 
 
-def _header(fp: BinaryIO, implicit: bool, raw: bytes = b"") -> tuple[int, bytes, int]:
-    raw = raw or fp.read(8)
-    if len(raw) < 8:
+def _header(win: Window, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
+    """(tag, VR, length, where the value starts) of the element header at `pos`."""
+    data, off = win.at(pos, 12)
+    if len(data) - off < 8:
         raise Unsupported("truncated element header")
-    group, element, word = _HEAD.unpack(raw)
+    group, element, word = _HEAD.unpack_from(data, off)
     tag = group << 16 | element
     if implicit or group == 0xFFFE:  # items and delimiters: tag and 4-byte length in any encoding
-        return tag, b"", word
-    vr = raw[4:6]
+        return tag, b"", word, pos + 8
+    vr = data[off + 4 : off + 6]
     if vr in _LONG_VRS:
-        more = fp.read(4)
-        if len(more) < 4:
+        if len(data) - off < 12:
             raise Unsupported("truncated element header")
-        return tag, vr, _LENGTH.unpack(more)[0]
+        return tag, vr, _LENGTH.unpack_from(data, off + 8)[0], pos + 12
     if not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B):
         raise Unsupported("not a VR")
-    return tag, vr, word >> 16
+    return tag, vr, word >> 16, pos + 8
 
 
-def _skip(fp: BinaryIO, length: int, *, implicit: bool, size: int) -> None:
-    """Past a value: its length, or for undefined length its items up to the sequence delimiter.
-    pydicom parses a sequence of undefined length and re-encodes it when it writes; what that
-    would not give back byte for byte is refused here (Unsupported: the caller's whole-file path
-    keeps pydicom's behaviour): a UN of undefined length (written back as SQ) and a retired group
-    length in an item (dropped)."""
+def _skip(win: Window, pos: int, length: int, *, implicit: bool) -> int:
+    """Where a value starting at `pos` ends: after its length, or for undefined length after its
+    items up to the sequence delimiter. pydicom parses a sequence of undefined length and
+    re-encodes it when it writes; what that would not give back byte for byte is refused here
+    (Unsupported: the caller's whole-file path keeps pydicom's behaviour): a UN of undefined
+    length (written back as SQ) and a retired group length in an item (dropped)."""
     if length != UNDEFINED:
-        if fp.seek(length, 1) > size:
+        if pos + length > win.size:
             raise Unsupported("truncated value")
-        return
+        return pos + length
     while True:
-        tag, _, length = _header(fp, implicit)
+        tag, _, length, pos = _header(win, pos, implicit)
         if tag == _SEQUENCE_END:
-            return
+            return pos
         if tag != _ITEM:
             raise Unsupported("not an item in a sequence of undefined length")
-        end = None if length == UNDEFINED else fp.tell() + length
-        while end is None or fp.tell() < end:
-            tag, vr, length = _header(fp, implicit)
+        end = None if length == UNDEFINED else pos + length
+        while end is None or pos < end:
+            tag, vr, length, pos = _header(win, pos, implicit)
             if tag == _ITEM_END and end is None:
                 break
             if tag & 0xFFFF == 0 and tag >> 16 > 6:
                 raise Unsupported("group length in a sequence item")
             if length == UNDEFINED and vr == b"UN":
                 raise Unsupported("UN of undefined length")
-            _skip(fp, length, implicit=implicit, size=size)
-        if end is not None and fp.tell() != end:
+            pos = _skip(win, pos, length, implicit=implicit)
+        if end is not None and pos != end:
             raise Unsupported("item length does not match its elements")

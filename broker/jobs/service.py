@@ -467,6 +467,7 @@ class Progress:
     extra: dict[str, Any] = field(default_factory=dict)
     lease: Lease | None = None
     lost: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False  # the handler recorded the job done itself (`finish_in`)
 
     def check(self) -> None:
         """Raise `LeaseLost` if the heartbeat found the job taken over (call between steps)."""
@@ -507,6 +508,20 @@ class Progress:
         self.check()
         _update_in(conn, job_id=self.job_id, values=_progress_values(done, total, message), lease=self.lease)
         self._remember(done, total, message)
+
+    def finish_in(self, conn: Connection | Session, *, message: str | None = None) -> None:
+        """Record the job done as part of the caller's transaction `conn`, the one that records
+        the handler's last work (one commit where there were two); the runner then records
+        nothing more for it, unless the handler raises after all (then it is failed as usual).
+        Call it last, as the handler returns."""
+        self.check()
+        now = _now()
+        values: dict[str, Any] = {"status": "done", "error": "", "finished_at": now, "heartbeat_at": now}
+        if message is not None:
+            values["message"] = message[:512]
+        _update_in(conn, job_id=self.job_id, values=values, lease=self.lease)
+        self._remember(None, None, message)
+        self.finished = True
 
     def notify(self) -> None:
         """Tell the listener what was recorded (`update_in`'s once its transaction committed)."""
@@ -610,7 +625,8 @@ def _run_handler(
             log.warning("job %s (%s) failed: %s", job.id, job.kind, error)
             finish(engine=engine, job_id=job.id, error=error, lease=lease)
     else:
-        finish(engine=engine, job_id=job.id, lease=lease)
+        if not progress.finished:
+            finish(engine=engine, job_id=job.id, lease=lease)
 
 
 def work(

@@ -140,6 +140,11 @@ def test_coerced_file_is_the_full_re_encode_with_pixels_copied(
         monkeypatch.setattr(reconcile, "dcmread", None)
     coercer = reconcile.Coercer(plan)  # one per import: the second time round, from its memo
     for k, (source, want) in enumerate([*zip(sources, expected, strict=True)] * 2):
+        if k == len(sources):
+            # The second time round, the walk's read-ahead smaller than an element header: every
+            # header and sequence item is found across a refill, as a header past the first
+            # block would be.
+            monkeypatch.setattr(splice.Window, "BLOCK", 5)
         out = io.BytesIO()
         coercer.coerce_file(io.BytesIO(source), out)
         assert out.getvalue() == want
