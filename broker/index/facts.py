@@ -22,7 +22,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from broker.db import core_table
+from broker.db import Prepared, core_table
 from broker.dicom.dose import DoseRecord
 from broker.index.instance_facts import InstanceFacts, instance_facts
 from broker.index.models import (
@@ -45,10 +45,17 @@ FACTS_VERSION = 1
 
 
 _SERIES_FACTS = core_table(SeriesFacts)
-# Built once: each ingest group runs them (see broker.index.ingest's statements).
-_INSERT_SERIES_FACTS = _SERIES_FACTS.insert()
-_INSERT_DOSES = core_table(DoseFact).insert()
-_INSERT_STUDY_FACTS = core_table(StudyFacts).insert()
+# Built once and run through the driver (`Prepared`): each ingest group runs them (see
+# broker.index.ingest's statements).
+_INSERT_SERIES_FACTS = Prepared(
+    _SERIES_FACTS.insert().inline(), column_keys=[c.name for c in _SERIES_FACTS.columns]
+)
+_INSERT_DOSES = Prepared(
+    core_table(DoseFact).insert().inline(), column_keys=["sop_uid", "study_pk", "record_json"]
+)
+_INSERT_STUDY_FACTS = Prepared(
+    core_table(StudyFacts).insert().inline(), column_keys=["study_pk", "version", "computed_at"]
+)
 _sf = _SERIES_FACTS.c
 _new_min = cast(bindparam("b_min", type_=Float), Float)
 
@@ -59,7 +66,7 @@ def _first_unless_set(column: Any, param: str) -> Any:
 
 # `merge_series_facts` in SQL, for a row that exists: the batch's facts are folded first
 # (`_folded`), which gives the same row as folding them one by one.
-_MERGE_SERIES_FACTS = (
+_MERGE_SERIES_FACTS = Prepared(
     update(_SERIES_FACTS)
     .where(_sf.series_pk == bindparam("b_pk"))
     .values(
@@ -76,11 +83,21 @@ _MERGE_SERIES_FACTS = (
 )
 
 
+@dataclass(slots=True)
+class _Fold:
+    """What `merge_series_facts` folds, without an ORM row (whose instrumented attributes cost
+    more to build and set than the rest of a C-STORE group's facts)."""
+
+    min_slice_thickness_mm: float | None = None
+    contrast_agent: str = ""
+    laterality: str = ""
+    body_part: str = ""
+    instances: int = 0
+
+
 def _folded(series_pk: int, facts: Sequence[InstanceFacts]) -> dict[str, Any]:
     """One series' new instances folded into one set of parameters of `_MERGE_SERIES_FACTS`."""
-    row = SeriesFacts(
-        series_pk=series_pk, study_pk=0, contrast_agent="", laterality="", body_part="", instances=0
-    )
+    row = _Fold()
     merge_series_facts(row, facts)
     return {
         "b_pk": series_pk,
@@ -101,7 +118,7 @@ def dose_record(record_json: str | bytes, *, sop_uid: str, study_uid: str) -> Do
     return DoseRecord.model_validate(data)
 
 
-def merge_series_facts(current: SeriesFacts, facts: Sequence[InstanceFacts]) -> None:
+def merge_series_facts(current: SeriesFacts | _Fold, facts: Sequence[InstanceFacts]) -> None:
     """Fold new instances into their series' facts (smallest slice, first non-empty values)."""
     for f in facts:
         if f.slice_thickness_mm is not None and (
@@ -157,9 +174,8 @@ def write_batch_facts(
         # or two existing series. Rows it did not find (a series stored before facts existed,
         # or cleared by the facts job) are inserted below.
         merged = [_folded(pk, facts) for pk, facts in per_series.items() if pk not in fresh]
-        result = session.execute(_MERGE_SERIES_FACTS, merged)
-        trusted = len(merged) == 1 or session.get_bind().dialect.supports_sane_multi_rowcount
-        if trusted and result.rowcount == len(merged):  # type: ignore[attr-defined]  # a CursorResult
+        # Both drivers sum an executemany's row counts: all found if it says as many as asked.
+        if _MERGE_SERIES_FACTS.run(session, merged) == len(merged):
             present = set(lookup)
         else:
             for start in range(0, len(lookup), 500):
@@ -173,29 +189,30 @@ def write_batch_facts(
     for series_pk, facts in per_series.items():
         if series_pk in present:
             continue
-        row = SeriesFacts(
-            series_pk=series_pk,
-            study_pk=series_study[series_pk],
-            contrast_agent="",
-            laterality="",
-            body_part="",
-            instances=0,
-        )
+        row = _Fold()
         merge_series_facts(row, facts)
-        inserts.append(row.model_dump())
+        inserts.append(
+            {
+                "series_pk": series_pk,
+                "study_pk": series_study[series_pk],
+                "min_slice_thickness_mm": row.min_slice_thickness_mm,
+                "contrast_agent": row.contrast_agent,
+                "laterality": row.laterality,
+                "body_part": row.body_part,
+                "instances": row.instances,
+            }
+        )
     if inserts:
-        session.execute(_INSERT_SERIES_FACTS, inserts)
+        _INSERT_SERIES_FACTS.run(session, inserts)
     if doses:
         # New instances only (ingest's pending ones, or a study the facts job just cleared): one
         # multi-row insert, not a lookup per image of a CT.
-        session.execute(
-            _INSERT_DOSES,
-            [{"sop_uid": u, "study_pk": st, "record_json": j} for u, st, j in doses],
-        )
+        _INSERT_DOSES.run(session, [{"sop_uid": u, "study_pk": st, "record_json": j} for u, st, j in doses])
     if new_studies:
-        session.execute(
-            _INSERT_STUDY_FACTS,
-            [{"study_pk": pk, "version": FACTS_VERSION, "computed_at": _now()} for pk in sorted(new_studies)],
+        now = _now()
+        _INSERT_STUDY_FACTS.run(
+            session,
+            [{"study_pk": pk, "version": FACTS_VERSION, "computed_at": now} for pk in sorted(new_studies)],
         )
 
 

@@ -20,8 +20,13 @@ CONFLICT_PREFIX = "conflicts/"
 INSTANCE_PREFIXES = (INSTANCE_PREFIX, LEGACY_INSTANCE_PREFIX)
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _require_sha256(sha256: str) -> str:
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+    # A set test rather than a look at each character in Python: ingest names each object's key
+    # several times per instance.
+    if len(sha256) != 64 or not _HEX.issuperset(sha256):
         raise ValueError("sha256 must be 64 lowercase hex digits")
     return sha256
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from broker.audit import service
 from broker.audit.schemas import AuditRecord
 from broker.audit.service import AuditQuery
+from broker.db import make_engine
 from tests.audit.conftest import drop_triggers
 
 
@@ -211,6 +212,28 @@ def test_concurrent_writers_serialise_on_the_head(engine: Engine) -> None:
     assert errors == []
     result = service.verify(engine=engine)
     assert result.ok and result.checked == 70 and result.head_seq == 70
+
+
+def test_appends_from_another_process_or_a_rolled_back_one_do_not_fork_the_chain(engine: Engine) -> None:
+    """An append chains onto where its process last left the head when that is still the head,
+    and finds out when it is not: another process appended meanwhile (here a second engine on
+    the same database), or its own last append rolled back."""
+    other = make_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        _fill(engine, 2)
+        with Session(engine) as session:
+            service.append(session=session, records=[_event(20)])
+            session.rollback()
+        _fill(engine, 10)  # past the pause after a wrong guess
+        service.record_now(engine=other, records=[_event(30)])
+        _fill(engine, 1)
+    finally:
+        other.dispose()
+    rows = _rows(engine)
+    assert [r["seq"] for r in rows] == list(range(1, 15))
+    assert "P20" not in {r["patient_id"] for r in rows}
+    result = service.verify(engine=engine)
+    assert result.ok and result.checked == 14 and result.head_seq == 14
 
 
 def test_search_by_patient_agent_action_subtype_and_date(engine: Engine) -> None:

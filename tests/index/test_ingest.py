@@ -295,7 +295,7 @@ def test_a_group_into_known_and_new_rows_counts_right_in_a_few_statements(
         event.remove(state.engine, "before_cursor_execute", count)
     assert {o.status for o in outcomes} == {"stored"}
     # One read of what exists, the instances' insert, two counters, the series' facts.
-    assert len(statements) <= 6, statements
+    assert 1 <= len(statements) <= 5, statements
 
     mixed = [
         f(a, a + ".1", 7),
