@@ -26,6 +26,7 @@ reads the resident set size of this process and its children (Orthanc, the peer,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -205,6 +206,18 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _pids_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes so far, from /proc: what the destination
+    spends on what it is sent (a coerced instance carries more for it to store than the source)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -256,16 +269,19 @@ def main() -> None:
                 study_uid = index.find_instances(session=session, study_uid=_uid_of(paths[0]))[0].study_uid
 
             cpu: dict[str, list[float]] = {}
+            dest: dict[str, list[float]] = {}
+            pacs_pids = _orthanc_pids(pacs)
 
             def imp(via: str) -> float:
                 _clear(pacs.url)
-                c = _cpu()
+                c, o = _cpu(), _pids_cpu(pacs_pids)
                 t = time.perf_counter()
                 row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
                                            facility_id="mine", via=via)  # fmt: skip
                 final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
                 dt = time.perf_counter() - t
                 cpu.setdefault(f"import {via}", []).append(_cpu() - c)
+                dest.setdefault(f"import {via}", []).append(_pids_cpu(pacs_pids) - o)
                 assert final.status == "done" and _count(pacs.url) == args.instances, final.message
                 return dt
 
@@ -282,7 +298,7 @@ def main() -> None:
 
             def stow() -> float:
                 _clear(pacs.url)
-                c = _cpu()
+                c, o = _cpu(), _pids_cpu(pacs_pids)
                 t = time.perf_counter()
                 # The files as they are, in requests of the import's size, on as many keep-alive
                 # connections at once as the import uses: no coercion, no reading from
@@ -302,6 +318,7 @@ def main() -> None:
                     sender.close()
                 dt = time.perf_counter() - t
                 cpu.setdefault("peer dicomweb", []).append(_cpu() - c)
+                dest.setdefault("peer dicomweb", []).append(_pids_cpu(pacs_pids) - o)
                 assert _count(pacs.url) == args.instances
                 return dt
 
@@ -331,6 +348,9 @@ def main() -> None:
                 print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
             print("CPU of this process (user + system, s, median per run): " + ", ".join(
                 f"{k} {statistics.median(v):.3f}" for k, v in cpu.items()))  # fmt: skip
+            if pacs_pids:
+                print("CPU of Orthanc while it received them (s, median per run): " + ", ".join(
+                    f"{k} {statistics.median(v):.3f}" for k, v in dest.items()))  # fmt: skip
             print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
             print("1-minute load average (2 cores) at the start and after each delivery: "
                   + ", ".join(f"{x:.1f}" for x in load))  # fmt: skip
