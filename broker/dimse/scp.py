@@ -183,6 +183,14 @@ class _GuardedServer(ThreadedAssociationServer):
         self._stopped.set()  # not serving yet: nothing to wait for
         super().__init__(*args, **kwargs)
 
+    def _bind_defaults(self) -> None:
+        """pynetdicom's, less its standard describing handlers: each association binds those
+        itself as it is set up, only while pynetdicom's INFO is heard (`network
+        ._LogHandlersIfHeard`). Bound here as well they were decided once, when the server
+        started, and copied to every association whatever the log level became later."""
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """socketserver's loop without its polling: it woke every `poll_interval` to look for a
         shutdown request (and pynetdicom ran a full `gc.collect()` every 60th wake-up: a pause

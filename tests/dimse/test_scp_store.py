@@ -457,11 +457,14 @@ def test_spool_leftovers_of_a_crash_are_removed_at_start(tmp_path: Path) -> None
 
 
 def test_pynetdicom_message_lines_are_logged_when_heard_and_not_built_otherwise(
-    node: Node, caplog: pytest.LogCaptureFixture
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With pynetdicom's logger at INFO (the default `--log-level info`) each C-STORE is still
     described in the log; above it, the associations carry no describing handlers at all
-    (building descriptions nobody prints cost ~2% of a C-STORE's CPU)."""
+    (building descriptions nobody prints cost ~2% of a C-STORE's CPU), even when the server
+    started while INFO was heard."""
+    caplog.set_level(logging.INFO, logger="pynetdicom")
+    node: Node = request.getfixturevalue("node")
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
 
     def store_and_handlers() -> list[Any]:
