@@ -95,28 +95,24 @@ def run(database_url: str, *, groups: int, batches: int, rounds: int) -> None:
                 s = f"{ROOT}{tag}.{r + 2}.{b}.{n // 10}"
                 st_items.append((f"{s}.1.{n}", s, f"{s}.1", f"P{r}-{b}-{n // 30}", n))
         stow = _parsed(tmp, st_items)
+
+        def write(items: list[Any], size: int, audit: Any) -> None:
+            """The items indexed `size` at a time, each group in its own transaction."""
+            for start in range(0, len(items), size):
+                index_parsed(
+                    engine=state.engine,
+                    store=store,
+                    principal=P,
+                    facility_id="local",
+                    parsed=items[start : start + size],
+                    consume=True,
+                    audit=audit,
+                )
+
         t0, c0 = time.thread_time(), _cpu()
-        for g in range(groups):
-            index_parsed(
-                engine=state.engine,
-                store=store,
-                principal=P,
-                facility_id="local",
-                parsed=cs[4 * g : 4 * g + 4],
-                consume=True,
-                audit=joint,
-            )
+        write(cs[: 4 * groups], 4, joint)
         t1, c1 = time.thread_time(), _cpu()
-        for b in range(batches):
-            index_parsed(
-                engine=state.engine,
-                store=store,
-                principal=P,
-                facility_id="local",
-                parsed=stow[100 * b : 100 * b + 100],
-                consume=True,
-                audit=hook,
-            )
+        write(stow[: 100 * batches], 100, hook)
         t2, c2 = time.thread_time(), _cpu()
         cs_ms, cs_proc = (t1 - t0) / groups * 1e3, (c1 - c0) / groups * 1e3
         st_ms, st_proc = (t2 - t1) / batches * 1e3, (c2 - c1) / batches * 1e3

@@ -537,14 +537,7 @@ def test_cstore_responses_and_spooled_file_meta_are_the_bytes_pynetdicom_would_w
     expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(1, 16382))
     assert success == expected
 
-    with Session(node.state.engine) as session:
-        (ref,) = find_instances(
-            session=session,
-            study_uid=ds.StudyInstanceUID,
-            series_uid=ds.SeriesInstanceUID,
-            sop_uid=ds.SOPInstanceUID,
-        )
-    stored = b"".join(node.state.store.get(ref.object_key))
+    stored = _stored_bytes(node, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     meta = DicomBytesIO()
     write_file_meta_info(
         meta,
