@@ -66,16 +66,28 @@ def received_file(event: Any) -> Received | None:
 dimse_messages.NamedTemporaryFile = _spool_file
 
 
+def uid_bytes(value: object) -> bytes | None:
+    """A UID's value as written in a data set (ASCII, NUL-padded to an even length), or None
+    when it cannot be written as it is (not ASCII, empty, over 64 characters: a valid UID's
+    bounds): such a value is left to pydicom and pynetdicom, with their checks and refusals.
+    For the bytes this process writes itself on the C-STORE path (spool File Meta, C-STORE-RSP)."""
+    raw = str(value)
+    if not raw.isascii() or not 0 < len(raw) <= 64:
+        return None
+    data = raw.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
 class _SpoolMeta:
     """The three values of a spool file's File Meta Information that vary (the rest is
-    pynetdicom's implementation UID and version). pynetdicom builds a pydicom FileMetaDataset
-    for every received C-STORE (each UID validated by regex on assignment) and writes it with
-    pydicom: ~6% of a C-STORE's CPU in the serving process. `_write_spool_meta` writes the same
-    bytes directly."""
+    pynetdicom's implementation UID and version), as `uid_bytes`. pynetdicom builds a pydicom
+    FileMetaDataset for every received C-STORE (each UID validated by regex on assignment) and
+    writes it with pydicom: ~6% of a C-STORE's CPU in the serving process. `_write_spool_meta`
+    writes the same bytes directly."""
 
     __slots__ = ("sop_class", "sop_instance", "syntax")
 
-    def __init__(self, sop_class: str, sop_instance: str, syntax: str) -> None:
+    def __init__(self, sop_class: bytes, sop_instance: bytes, syntax: bytes) -> None:
         self.sop_class = sop_class
         self.sop_instance = sop_instance
         self.syntax = syntax
@@ -85,12 +97,9 @@ def _explicit(tag: bytes, vr: bytes, value: bytes) -> bytes:
     return tag + vr + struct.pack("<H", len(value)) + value
 
 
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-_IMPLEMENTATION = _explicit(b"\x02\x00\x12\x00", b"UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID))) + _explicit(
+_IMPLEMENTATION_UID = uid_bytes(PYNETDICOM_IMPLEMENTATION_UID)
+assert _IMPLEMENTATION_UID is not None
+_IMPLEMENTATION = _explicit(b"\x02\x00\x12\x00", b"UI", _IMPLEMENTATION_UID) + _explicit(
     b"\x02\x00\x13\x00",
     b"SH",
     PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii") + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2),
@@ -102,18 +111,20 @@ def _spool_file_meta(
     *, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any, **kwargs: Any
 ) -> Any:
     """pynetdicom's `create_file_meta` as dimse_messages calls it for a spool file: the values
-    only, when they can be written as they are (ASCII, 1 to 64 characters: a valid UID's
-    bounds); anything else goes through pydicom as before (its validation warnings, and its
-    refusal of an empty value, which aborts the association)."""
-    values = (str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
-    if kwargs or not all(v.isascii() and 0 < len(v) <= 64 for v in values):
+    only, when they can be written as they are (`uid_bytes`); anything else goes through
+    pydicom as before (its validation warnings, and its refusal of an empty value, which aborts
+    the association)."""
+    sop_class, sop_instance, syntax = (
+        uid_bytes(v) for v in (sop_class_uid, sop_instance_uid, transfer_syntax)
+    )
+    if kwargs or sop_class is None or sop_instance is None or syntax is None:
         return create_file_meta(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             transfer_syntax=transfer_syntax,
             **kwargs,
         )
-    return _SpoolMeta(*values)
+    return _SpoolMeta(sop_class, sop_instance, syntax)
 
 
 def _write_spool_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
@@ -124,9 +135,9 @@ def _write_spool_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) ->
         return
     body = (
         _VERSION
-        + _explicit(b"\x02\x00\x02\x00", b"UI", _ui(file_meta.sop_class))
-        + _explicit(b"\x02\x00\x03\x00", b"UI", _ui(file_meta.sop_instance))
-        + _explicit(b"\x02\x00\x10\x00", b"UI", _ui(file_meta.syntax))
+        + _explicit(b"\x02\x00\x02\x00", b"UI", file_meta.sop_class)
+        + _explicit(b"\x02\x00\x03\x00", b"UI", file_meta.sop_instance)
+        + _explicit(b"\x02\x00\x10\x00", b"UI", file_meta.syntax)
         + _IMPLEMENTATION
     )
     fp.write(b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body)) + body)

@@ -60,7 +60,7 @@ from sqlmodel import Session
 from broker.consent import service as consent_service
 from broker.deps import AppState
 from broker.dicom import reactor
-from broker.dicom.network import SpoolingAE, chunked_send, received_file
+from broker.dicom.network import SpoolingAE, chunked_send, received_file, uid_bytes
 from broker.dicom.received import Received
 from broker.dimse import access
 from broker.dimse import audit as dimse_audit
@@ -318,14 +318,6 @@ def _implicit(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
-def _uid_value(uid: object) -> bytes | None:
-    raw = str(uid)
-    if not raw.isascii() or not 0 < len(raw) <= 64:
-        return None  # not something to write without pydicom's checks
-    data = raw.encode("ascii")
-    return data + b"\0" if len(data) % 2 else data
-
-
 def _store_response_pdv(primitive: object) -> bytes | None:
     """The PDV value (message control header + command set) of a C-STORE-RSP that carries a
     status and nothing else, exactly as pynetdicom's C_STORE_RSP would encode it: group length,
@@ -344,8 +336,8 @@ def _store_response_pdv(primitive: object) -> bytes | None:
         or primitive.OffendingElement is not None
     ):
         return None
-    sop_class = _uid_value(primitive.AffectedSOPClassUID)
-    sop_instance = _uid_value(primitive.AffectedSOPInstanceUID)
+    sop_class = uid_bytes(primitive.AffectedSOPClassUID)
+    sop_instance = uid_bytes(primitive.AffectedSOPInstanceUID)
     if sop_class is None or sop_instance is None:
         return None
     body = (
