@@ -294,19 +294,12 @@ class Prepared:
         conn = session.connection() if isinstance(session, Session) else session
         c = self._for(conn.dialect)
         sql, params = c.sql, self._params(rows, c)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        _announce(conn, cursor, sql, params, many=len(params) > 1)
-        try:
+        with _driver_cursor(conn, sql, params, many=len(params) > 1) as cursor:
             if len(params) == 1:
                 cursor.execute(sql, params[0])
             else:
                 cursor.executemany(sql, params)
             return int(cursor.rowcount)
-        except Exception as exc:
-            _raise_wrapped(conn, sql, exc)
-            raise
-        finally:
-            cursor.close()
 
     def all(
         self, session: Session | Connection, row: Mapping[str, Any] | None = None
@@ -316,24 +309,27 @@ class Prepared:
         conn = session.connection() if isinstance(session, Session) else session
         c = self._for(conn.dialect)
         sql, (params,) = c.sql, self._params([row or {}], c)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        _announce(conn, cursor, sql, params, many=False)
-        try:
+        with _driver_cursor(conn, sql, params, many=False) as cursor:
             cursor.execute(sql, params)
             return [tuple(r) for r in cursor.fetchall()]
-        except Exception as exc:
-            _raise_wrapped(conn, sql, exc)
-            raise
-        finally:
-            cursor.close()
 
 
-def _announce(conn: Connection, cursor: Any, sql: str, params: Any, *, many: bool) -> None:
-    """SQLAlchemy's `before_cursor_execute` listeners hear a Prepared statement too (statement
-    counts in tests, tracing): a check of an empty listener list when none is set."""
+@contextmanager
+def _driver_cursor(conn: Connection, sql: str, params: Any, *, many: bool) -> Iterator[Any]:
+    """A cursor of the session's own driver connection for one Prepared execution: announced
+    to SQLAlchemy's `before_cursor_execute` listeners (statement counts in tests, tracing; a
+    check of an empty list when none is set), driver errors raised as SQLAlchemy's, closed."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     listeners = conn.dispatch.before_cursor_execute
     if listeners:
         listeners(conn, cursor, sql, params, None, many)
+    try:
+        yield cursor
+    except Exception as exc:
+        _raise_wrapped(conn, sql, exc)
+        raise
+    finally:
+        cursor.close()
 
 
 def _raise_wrapped(conn: Connection, sql: str, exc: Exception) -> None:
