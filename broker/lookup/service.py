@@ -149,15 +149,26 @@ def known_fhir_patient(*, session: Session, patient: Mapping[str, Any]) -> tuple
     return None
 
 
+@dataclass(frozen=True)
+class PersonStudies:
+    """A patient's person and studies as one caller may see them: read once, then judged against
+    each planned exam (a CDS Hooks call carries a draft order per exam)."""
+
+    found: bool
+    studies: list[tuple[StudyView, str, str]]
+    withheld: int
+
+
 def _person_studies(
     session: Session, issuer: str, value: str, principal: Principal | None = None
-) -> tuple[bool, list[tuple[StudyView, str, str]], int]:
-    """(patient found, [(study, link, detail)], how many withheld): the person's studies through
+) -> PersonStudies:
+    """Whether the patient was found, and the person's (study, link, detail) rows through
     confirmed links, then those reached only through an open review item (unconfirmed); without
-    those the caller may not see (consent, purpose of use: broker.consent), only counted."""
+    those the caller may not see (consent, purpose of use: broker.consent), only counted
+    (`withheld`)."""
     found, person_id, confirmed = confirmed_patients(session=session, issuer=issuer, value=value)
     if not found:
-        return False, [], 0
+        return PersonStudies(found=False, studies=[], withheld=0)
     out: list[tuple[StudyView, str, str]] = []
     for s in index.studies_of_patients(session=session, patients=confirmed):
         same = s.issuer == issuer and s.patient_id == value
@@ -172,7 +183,7 @@ def _person_studies(
             review = pending.get(s.patient_pk)
             out.append((s, "unconfirmed", f"possible match awaiting review (review item {review})"))
     if principal is None:
-        return True, out, 0
+        return PersonStudies(found=True, studies=out, withheld=0)
     # The caller's rule, looked up once for both questions below.
     rule = consent.visibility(principal=principal)
     named = next((p for p in confirmed if p.issuer == issuer and p.patient_id == value), None)
@@ -184,21 +195,13 @@ def _person_studies(
     ):
         # The caller named another facility's record it may not see: answered as for a patient
         # the broker does not know (a denial does not reveal that the record exists).
-        return False, [], 0
+        return PersonStudies(found=False, studies=[], withheld=0)
     studies = [s for s, _l, _d in out]
     kept, withheld = (studies, 0) if rule is None else rule.filter(session=session, studies=studies)
     visible = {s.study_pk for s in kept}
-    return True, [row for row in out if row[0].study_pk in visible], withheld
-
-
-@dataclass(frozen=True)
-class PersonStudies:
-    """A patient's person and studies as one caller may see them: read once, then judged against
-    each planned exam (a CDS Hooks call carries a draft order per exam)."""
-
-    found: bool
-    studies: list[tuple[StudyView, str, str]]
-    withheld: int
+    return PersonStudies(
+        found=True, studies=[row for row in out if row[0].study_pk in visible], withheld=withheld
+    )
 
 
 def person_studies(
@@ -212,8 +215,7 @@ def person_studies(
     """The studies `find_priors` judges, for a patient named as `find_priors` takes it."""
     authorize(principal, action="lookup.read", facility=facility)
     issuer, value = resolve_identifier(session=session, facility=facility, mrn=mrn, identifier=identifier)
-    found, studies, withheld = _person_studies(session, issuer, value, principal)
-    return PersonStudies(found=found, studies=studies, withheld=withheld)
+    return _person_studies(session, issuer, value, principal)
 
 
 # -- the planned exam -------------------------------------------------------------------------------
