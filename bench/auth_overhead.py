@@ -162,7 +162,7 @@ def consent_only(state: Any, n: int = 1000) -> dict[str, float]:
 
     out: dict[str, float] = {}
     with Session(state.engine) as session:
-        studies = [s for s, _link, _detail in _person_studies(session, "CHILDRENS", "K346295", None)[1]]
+        studies = [s for s, _link, _detail in _person_studies(session, "CHILDRENS", "K346295", None).studies]
         parts = (
             ("qido_search", search),
             ("lookup_consent_filter", lookup_filter),
