@@ -6,7 +6,8 @@ commit and Python are measured:
 
 - `cstore`: groups of 4 into a series that exists (a C-STORE group from 4 associations);
 - `stow`: batches of 100 small instances, 10 per new study, 3 studies per patient (a STOW-RS
-  request of the archive benchmark's small instances).
+  request of the archive benchmark's small instances): 4 new patients per batch, which the
+  writer links to persons (identity's `link_patients`).
 
     python -m bench.ingest_writer [--pg postgresql+psycopg://postgres@127.0.0.1:5432] [--rounds 5]
 

@@ -134,7 +134,7 @@ def _wire(settings: Settings) -> None:
     same way, so that a receiver's C-STORE, C-FIND or C-MOVE behaves as the serving process's."""
     register_jobs()
     # Ingest links every new patient to a person: identity sits above the index, so it is wired in.
-    index_service.set_patient_linker(identity_service.link_patient)
+    index_service.set_patient_linker(identity_service.link_patients)
     # An import of a study held only at its facility fetches it first (federation, same layer).
     imports_service.set_fetcher(federation_service.ensure_local)
     # An audit event that names only a study (a WADO-RS read) gets its patient from the index.

@@ -8,7 +8,7 @@ lock_patients, lock_patient_by_identifier).
 
 Exposes `service` (the one door: linking, decisions, merges, PIXm/PDQm queries, the blocking-key
 rebuild and `register_jobs()`; the modules behind it are params, records, locks, decisions,
-linking, manual, queries, rebuild), `schemas`, `routes.router` (`/api/identity`), `cli`
+batch, linking, manual, queries, rebuild), `schemas`, `routes.router` (`/api/identity`), `cli`
 (`scanonce identity ...`), `mllp` (the listener) and `adt.feed_principal`. Service functions
 that act for a caller take its `Principal`.
 May import: everything up to index (errors, settings, db, clikit, logfilters, storage, dicom,

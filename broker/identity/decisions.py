@@ -6,7 +6,7 @@ Reads only; `linking` applies what `decide` concludes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from broker.identity import matching
 from broker.identity.matching import Demographics
 from broker.identity.models import IdentityIdentifier, IdentityRecord, NoLink
-from broker.identity.params import KEY_CAP, TF_COLUMNS, current_params, policy, tf_from_counts
+from broker.identity.params import KEY_CAP, TF_COLUMNS, Params, current_params, policy, tf_from_counts
 from broker.identity.records import RECORD_COLUMNS, demo_of, trusted_issuers
 from broker.identity.schemas import Identifier, Outcome
 
@@ -97,6 +97,23 @@ def decide(
             )
 
     found, counts = candidates(session=session, d=d, exclude=exclude_record)
+    return choose(d=d, found=found, counts=counts, params=params, forbidden_persons=forbidden_persons)
+
+
+def choose(
+    *,
+    d: Demographics,
+    found: Sequence[Any],
+    counts: tuple[Any, ...],
+    params: Params,
+    forbidden_persons: Collection[int] = (),
+) -> Match:
+    """The probabilistic part of `decide`: the person among the candidates `found` (rows of
+    RECORD_COLUMNS, in record id order: it breaks ties) that a record with demographics `d`
+    belongs to. `counts`: the name counts of term frequencies, as `candidates` reads them.
+
+    Reads nothing: the batch linker (`batch.link_new`) calls it with candidates it read for a
+    whole batch, so a batch and a record linked alone are decided by the one same rule."""
     if not found:
         return Match(outcome="new")
     tf = tf_from_counts(d=d, counts=counts, params=params)
@@ -211,6 +228,8 @@ def candidates(
         f" SELECT r.id, r.person_id, r.issuer, r.family, r.given, r.middle, r.birth_date, r.sex,"
         f" r.address, r.phone, {TF_COLUMNS} FROM identity_record r"
         f" WHERE r.id IN (SELECT record_id FROM k WHERE key NOT IN (SELECT key FROM crowded))"
+        # In id order: of two persons scoring the same, the one met first ranks first (`choose`).
+        f" ORDER BY r.id"
     )
     params: dict[str, Any] = {f"k{i}": k for i, k in enumerate(keys)}
     params.update(tf_f=d.family, tf_g=d.given)

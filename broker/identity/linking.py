@@ -1,9 +1,10 @@
 """Linking a record as it arrives: create or update the record for an identifier, decide its
 person (`decisions.decide`), record the decision, and mirror it onto the index's patient row.
 
-`upsert_record` serves the feeds (FHIR, HL7 v2) and DICOM ingest alike; `link_patient` is what
-ingest calls for each new or changed patient row (the index's `PatientLinker`). Both flush and
-never commit: they run inside the caller's transaction.
+`upsert_record` serves the feeds (FHIR, HL7 v2) and DICOM ingest alike; `link_patients` is what
+ingest calls for the new or changed patient rows of a batch (the index's `PatientLinker`), and
+`link_patient` index sync for one. They flush and never commit: they run inside the caller's
+transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from broker.facilities import service as facilities
-from broker.identity import matching
+from broker.identity import batch, matching
 from broker.identity.decisions import Match, decide
 from broker.identity.locks import serialize_linking
 from broker.identity.matching import Demographics
@@ -32,6 +33,7 @@ from broker.identity.records import (
     new_person,
     now,
     record_id_of,
+    review_values,
     set_identifiers,
     set_keys,
     sync_patients,
@@ -162,12 +164,7 @@ def _add_reviews(
 ) -> list[int]:
     ids: list[int] = []
     for cand_id, score in review:
-        item = ReviewItem(
-            record_id=record_id,
-            candidate_record_id=cand_id,
-            weight=round(score.weight, 3),
-            contributions=json.dumps(score.contributions),
-        )
+        item = ReviewItem(**review_values(record_id=record_id, candidate=cand_id, score=score))
         session.add(item)
         session.flush()
         assert item.id is not None
@@ -290,7 +287,8 @@ def patient_extras(dataset: Any) -> tuple[str, str, list[Identifier]]:
 
 
 def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> None:
-    """Called by ingest after a patient row is created or its demographics change.
+    """Link one new or changed patient row (index sync; ingest links its batch with
+    `link_patients`, to the same outcomes).
 
     Sets the patient's person (through the index, which writes its rows; `patient` shows it).
     `dataset` (optional: a pydicom Dataset or the instance's DICOM JSON attributes) adds the
@@ -299,23 +297,86 @@ def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> 
     """
     if patient.pk is None:
         session.flush()  # the caller added the row: flushing gives it its key
-    if patient.pk is None:
-        raise ValueError("link_patient needs a patient row the caller has added to its session")
-    address, phone, others = patient_extras(dataset)
-    if others:
-        known = set(facilities.issuers(session=session).values()) | trusted_issuers(session=session)
-        others = [i for i in others if i.issuer in known]
-    d = matching.demographics(
-        patient_name=patient.patient_name,
-        birth_date=patient.birth_date,
-        sex=patient.sex,
-        address=address,
-        phone=phone,
-        lenient_date=True,
+    [(d, others)] = _what_to_link(session=session, patients=[(patient, dataset)])
+    _link_one(
+        session=session,
+        patient=patient,
+        ident=Identifier(issuer=patient.issuer, value=patient.patient_id),
+        d=d,
+        others=others,
     )
+
+
+def link_patients(*, session: Session, patients: Sequence[tuple[Patient, Any]]) -> None:
+    """`link_patient` for each (patient row, dataset) in order, to the same outcomes: what ingest
+    calls for the patient rows one batch creates or changes (the index's `PatientLinker`).
+
+    The new records among them that carry no further identifier (a STOW-RS batch's new
+    patients) are decided and written together (`batch.link_new`: a handful of statements,
+    not a dozen per record); any other one (a record that exists, further identifiers) goes
+    through `upsert_record` at its place in the order, after what came before it is written.
+    Flushes only: the caller's transaction commits.
+    """
+    if any(patient.pk is None for patient, _dataset in patients):
+        session.flush()  # the caller added the rows: flushing gives them their keys
+    what = _what_to_link(session=session, patients=patients)
+    if not what:
+        return
+    idents = [check_identifier(Identifier(issuer=p.issuer, value=p.patient_id)) for p, _dataset in patients]
+    # After the patient rows are written (the caller's flush), as upsert_record takes it.
+    serialize_linking(session=session)
+    stored = batch.existing(session=session, idents=idents)
+    pending: list[batch.NewRecord] = []
+    seen: set[tuple[str, str]] = set()
+    for (patient, _dataset), (d, others), ident in zip(patients, what, idents, strict=True):
+        key = (ident.issuer, ident.value)
+        assert patient.pk is not None  # checked by _what_to_link
+        if others or key in stored or key in seen:
+            batch.link_new(session=session, records=pending)
+            pending = []
+            _link_one(session=session, patient=patient, ident=ident, d=d, others=others)
+        else:
+            pending.append(
+                batch.NewRecord(ident=ident, d=d, patient_pk=patient.pk, facility_id=patient.facility_id)
+            )
+        seen.add(key)
+    batch.link_new(session=session, records=pending)
+
+
+def _what_to_link(
+    *, session: Session, patients: Sequence[tuple[Patient, Any]]
+) -> list[tuple[Demographics, list[Identifier]]]:
+    """Each patient's demographics and the further identifiers under issuers the broker knows
+    (an ID under an unknown issuer is a bare ID)."""
+    known: set[str] | None = None
+    out: list[tuple[Demographics, list[Identifier]]] = []
+    for patient, dataset in patients:
+        if patient.pk is None:
+            raise ValueError("link_patient needs a patient row the caller has added to its session")
+        address, phone, others = patient_extras(dataset)
+        if others:
+            if known is None:
+                known = set(facilities.issuers(session=session).values()) | trusted_issuers(session=session)
+            others = [i for i in others if i.issuer in known]
+        d = matching.demographics(
+            patient_name=patient.patient_name,
+            birth_date=patient.birth_date,
+            sex=patient.sex,
+            address=address,
+            phone=phone,
+            lenient_date=True,
+        )
+        out.append((d, others))
+    return out
+
+
+def _link_one(
+    *, session: Session, patient: Patient, ident: Identifier, d: Demographics, others: list[Identifier]
+) -> None:
+    assert patient.pk is not None
     decision = upsert_record(
         session=session,
-        identifier=Identifier(issuer=patient.issuer, value=patient.patient_id),
+        identifier=ident,
         demographics=d,
         identifiers=others,
         facility_id=patient.facility_id,

@@ -123,18 +123,58 @@ def add_event(
 ) -> None:
     session.add(
         LinkEvent(
-            record_id=record_id,
-            person_id=person_id,
-            previous_person_id=previous,
-            method=method,
-            weight=None if weight is None else round(weight, 3),
-            matched_record_id=matched,
-            contributions=json.dumps(contributions or {}),
-            group_id=group,
-            who=who[:128],
-            why=why[:512],
+            **event_values(
+                record_id=record_id,
+                person_id=person_id,
+                previous=previous,
+                method=method,
+                weight=weight,
+                matched=matched,
+                contributions=contributions,
+                group=group,
+                who=who,
+                why=why,
+            )
         )
     )
+
+
+def event_values(
+    *,
+    record_id: int,
+    person_id: int,
+    previous: int | None,
+    method: str,
+    weight: float | None = None,
+    matched: int | None = None,
+    contributions: dict[str, Any] | None = None,
+    group: str = "",
+    who: str = "system",
+    why: str = "",
+) -> dict[str, Any]:
+    """The columns of one link history entry (`add_event`, and the batch linker's executemany)."""
+    return {
+        "record_id": record_id,
+        "person_id": person_id,
+        "previous_person_id": previous,
+        "method": method,
+        "weight": None if weight is None else round(weight, 3),
+        "matched_record_id": matched,
+        "contributions": json.dumps(contributions or {}),
+        "group_id": group,
+        "who": who[:128],
+        "why": why[:512],
+    }
+
+
+def review_values(*, record_id: int, candidate: int, score: matching.Score) -> dict[str, Any]:
+    """The columns of one review item a link decision opens (a record and its candidate)."""
+    return {
+        "record_id": record_id,
+        "candidate_record_id": candidate,
+        "weight": round(score.weight, 3),
+        "contributions": json.dumps(score.contributions),
+    }
 
 
 def set_keys(*, session: Session, record_id: int, d: Demographics, new: bool = False) -> None:

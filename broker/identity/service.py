@@ -14,7 +14,7 @@ Nothing is ever deleted: every change of a record's person is a `LinkEvent` with
 per-field contributions, who and why, and a merge can be split back by its group.
 
 Functions never commit unless their name says a human or a feed made a decision (those are
-called by routes/CLI/MLLP and commit themselves); `link_patient` runs inside ingest's
+called by routes/CLI/MLLP and commit themselves); `link_patients` runs inside ingest's
 transaction.
 
 Where each part lives:
@@ -23,6 +23,7 @@ Where each part lives:
 - `locks`: the lock order every identity writer keeps (PostgreSQL);
 - `decisions`: which person a record belongs to;
 - `linking`: create or update a record and link it (feeds, ingest);
+- `batch`: create and link a batch's new records at once (ingest);
 - `manual`: merges, manual links and unlinks, the review queue, explain;
 - `queries`: PIXm / PDQm reads;
 - `rebuild`: the blocking-key rebuild job.
@@ -33,7 +34,7 @@ from __future__ import annotations
 from broker.identity import matching
 from broker.identity.autotrain import TRAIN_JOB, ensure_trained, training_due
 from broker.identity.decisions import CORROBORATION_BITS, GENERATION_YEARS, auto_link_allowed
-from broker.identity.linking import link_patient, patient_extras, upsert_record
+from broker.identity.linking import link_patient, link_patients, patient_extras, upsert_record
 from broker.identity.manual import decide_review, explain, manual_link, merge, review_queue, unlink
 from broker.identity.params import (
     AUTO_WEIGHT,
@@ -98,6 +99,7 @@ __all__ = [
     "issuer_known",
     "keys_version",
     "link_patient",
+    "link_patients",
     "manual_link",
     "matching",
     "merge",

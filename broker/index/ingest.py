@@ -58,10 +58,11 @@ _PARALLEL_PUTS = 8
 
 
 class PatientLinker(Protocol):
-    """Links a new or changed patient row to a person (the identity domain, a layer above the
-    index, implements it). Called inside the ingest transaction, after the row is flushed."""
+    """Links new or changed patient rows to persons, in order (the identity domain, a layer
+    above the index, implements it). Called inside the ingest transaction, after the rows are
+    flushed; `patients`: (row, the DICOM JSON attributes of one of its instances or None)."""
 
-    def __call__(self, *, session: Session, patient: Patient, dataset: Any = None) -> None: ...
+    def __call__(self, *, session: Session, patients: Sequence[tuple[Patient, Any]]) -> None: ...
 
 
 _linker: PatientLinker | None = None
@@ -84,9 +85,9 @@ def set_patient_linker(linker: PatientLinker | None) -> None:
 
 
 def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> None:
-    """Link a new or changed patient row (ingest's, or index sync's) through the wired linker."""
+    """Link a new or changed patient row (index sync's) through the wired linker."""
     if _linker is not None:
-        _linker(session=session, patient=patient, dataset=dataset)
+        _linker(session=session, patients=[(patient, dataset)])
 
 
 def normalize_time(value: str) -> str:
@@ -459,8 +460,9 @@ class _Batch:
                 changed.append((known, p))
         if created or changed:
             session.flush()
-        for patient, p in (*created, *changed):
-            link_patient(session=session, patient=patient, dataset=p.attrs)
+        if (created or changed) and _linker is not None:
+            # All at once: the identity domain decides a batch of new patients in a few statements.
+            _linker(session=session, patients=[(patient, p.attrs) for patient, p in (*created, *changed)])
         return found
 
 

@@ -10,12 +10,19 @@ they run inside the caller's transaction.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
+from broker.db import Prepared, core_table
 from broker.index.models import Patient
+
+_PATIENT = core_table(Patient)
+_ASSIGN = Prepared(
+    update(_PATIENT).where(_PATIENT.c.pk == bindparam("b_pk")).values(person_id=bindparam("b_person"))
+)
 
 
 def assign_person(*, session: Session, patient_pks: Collection[int], person_id: int) -> None:
@@ -30,6 +37,19 @@ def assign_person(*, session: Session, patient_pks: Collection[int], person_id: 
     else:
         stmt = stmt.where(col(Patient.pk).in_(sorted(patient_pks)))
     session.execute(stmt)
+
+
+def assign_persons(*, session: Session, persons: Mapping[int, int]) -> None:
+    """Set the person of each patient row (key -> person id) with one executemany, in key order
+    (a batch of new patients linked at once). Objects of those rows loaded in `session` see
+    the new value too, as they do after `assign_person`."""
+    if not persons:
+        return
+    _ASSIGN.run(session, [{"b_pk": pk, "b_person": person} for pk, person in sorted(persons.items())])
+    for pk, person in persons.items():
+        loaded = session.identity_map.get(Session.identity_key(Patient, pk))
+        if loaded is not None:
+            set_committed_value(loaded, "person_id", person)
 
 
 def lock_patients(*, session: Session, patient_pks: Collection[int]) -> None:

@@ -43,7 +43,7 @@ from broker.index.ingest import IngestAudit, PatientLinker, ingest_files, set_pa
 from broker.index.models import Instance, Patient, Series, Study
 from broker.index.packing import unpack_metadata
 from broker.index.parse import parse_instance
-from broker.index.persons import assign_person, lock_patient_by_identifier, lock_patients
+from broker.index.persons import assign_person, assign_persons, lock_patient_by_identifier, lock_patients
 from broker.index.query import count, search, study_owners
 from broker.index.remote import (
     has_locations,
@@ -91,6 +91,7 @@ __all__ = [
     "remove_gone",
     "mark_local",
     "assign_person",
+    "assign_persons",
     "lock_patients",
     "lock_patient_by_identifier",
     "FACTS_JOB",

@@ -25,7 +25,7 @@ from tests.support import minimal_part10
 def identity_wired() -> None:
     """What the app factory wires in: ingest links patients to persons, and a worker runs
     identity's jobs."""
-    set_patient_linker(service.link_patient)
+    set_patient_linker(service.link_patients)
     service.register_jobs()
 
 
