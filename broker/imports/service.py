@@ -567,9 +567,7 @@ def _run(
                     out.append((spliced or path, ""))
                 return out
 
-            def send(
-                sources: list[str], coerced: Future[Coerced_], written: Callable[[], None] | None
-            ) -> Shipped_:
+            def send(sources: list[str], coerced: Future[Coerced_]) -> Shipped_:
                 files: list[tuple[delivery.File, str]] = []
                 unreadable = []
                 for source, (file, why) in zip(sources, coerced.result(), strict=True):
@@ -577,6 +575,8 @@ def _run(
                         unreadable.append((source, why))
                     else:
                         files.append((file, source))
+                # In writing from here (its batch is coerced): until its body is written.
+                written = writing.start() if via == "dicomweb" and files else None
                 try:
                     outcomes = (
                         _send_with_retries(senders.mine(), [(f, delivered(s)) for f, s in files], written)
@@ -584,6 +584,8 @@ def _run(
                         else []
                     )
                 finally:
+                    if written is not None:
+                        written()  # a body never written in full (a failure) ends here
                     _unlink(f for f, _ in files)
                 return [(s, o) for (_, s), o in zip(files, outcomes, strict=True)], unreadable
 
@@ -644,7 +646,15 @@ def _run(
 
             if progress.done == 0:
                 order = list(by_sop)
-                recorder.submit(guarded, rows)
+
+                def first_rows() -> None:
+                    """The rows, once the first body is written: their CPU slowed the first
+                    batch's coercion, the last step before the first request."""
+                    if via == "dicomweb":
+                        writing.wait_first()
+                    rows()
+
+                recorder.submit(guarded, first_rows)
             else:
                 order = [r.source_sop_uid for r in rows()]
             ahead: deque[tuple[list[str], Future[Coerced_]]] = deque()
@@ -689,24 +699,22 @@ def _run(
 
             def sending() -> None:
                 while True:
-                    slots.acquire()
+                    if not slots.acquire(blocking=False):
+                        with writing.waited_for():  # a record may not wait for quiet now
+                            slots.acquire()
                     with lock:
                         if stop.is_set() or cancelled or not ahead:
                             slots.release()
                             return
                         batch, coerced = ahead.popleft()
                         top_up()
-                    written = writing.start() if via == "dicomweb" else None
                     try:
-                        shipped = send(batch, coerced, written)
+                        shipped = send(batch, coerced)
                     except BaseException as exc:
                         failures.append(exc)
                         stop.set()
                         slots.release()
                         return
-                    finally:
-                        if written is not None:
-                            written()  # a body never written in full (a failure) ends here
                     with lock:
                         if exhausted and not ahead:  # nothing left to take: this loop is done
                             final.append(shipped)
@@ -845,10 +853,11 @@ class _Writing:
     """The run's STOW-RS requests writing their body now. Coercing and recording are Python
     holding the GIL: run beside a request's writes they made each write wait for the GIL (a
     timeline of each request, see docs/imports.md), so they wait, at most `QUIET_WAIT`, until no
-    body is being written (while the archive stores what it was sent)."""
+    body is being written (while the archive stores what it was sent). A record does not wait
+    while a connection waits for the slot it frees."""
 
     def __init__(self) -> None:
-        self._n = 0
+        self._n = self._written = self._waiting = 0
         self._changed = threading.Condition()
 
     def start(self) -> Callable[[], None]:
@@ -864,13 +873,31 @@ class _Writing:
                 if not ended:
                     ended = True
                     self._n -= 1
+                    self._written += 1
                     self._changed.notify_all()
 
         return end
 
     def wait_quiet(self) -> None:
         with self._changed:
-            self._changed.wait_for(lambda: self._n == 0, QUIET_WAIT)
+            self._changed.wait_for(lambda: self._n == 0 or self._waiting > 0, QUIET_WAIT)
+
+    @contextlib.contextmanager
+    def waited_for(self) -> Iterator[None]:
+        """A connection waits for a slot (freed by a record): records do not wait meanwhile."""
+        with self._changed:
+            self._waiting += 1
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._waiting -= 1
+
+    def wait_first(self) -> None:
+        """Until a first body is written and none is being written (at most 3 x `QUIET_WAIT`)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._written and self._n == 0, 3 * QUIET_WAIT)
 
 
 class _Senders:
