@@ -884,7 +884,7 @@ class _Writing:
 
     @contextlib.contextmanager
     def waited_for(self) -> Iterator[None]:
-        """A connection waits for a slot (freed by a record): records do not wait meanwhile."""
+        """A connection waits for a slot (freed by a record): nothing waits for quiet meanwhile."""
         with self._changed:
             self._waiting += 1
             self._changed.notify_all()
@@ -944,7 +944,7 @@ def _send_with_retries(
     written: Callable[[], None] | None = None,
 ) -> list[delivery.Outcome]:
     """(file, SOP Instance UID as delivered) sent, retried while the destination cannot be reached
-    (`written`: `delivery.Sender.send`'s, called once per attempt whose body is all written)."""
+    (`written`: given to each attempt's `delivery.Sender.send`; only its first call counts)."""
     wait = BACKOFF
     for attempt in range(1, RETRIES + 1):
         try:
