@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,15 +119,19 @@ class Sender:
             self._http.close()
         self._dimse = self._http = None
 
-    def send(self, files: Sequence[tuple[File, str]]) -> list[Outcome]:
+    def send(
+        self, files: Sequence[tuple[File, str]], *, written: Callable[[], None] | None = None
+    ) -> list[Outcome]:
         """Send (path or spliced instance, sop_uid) files; Unavailable when the archive cannot be
-        reached at all (the caller retries the batch with backoff)."""
+        reached at all (the caller retries the batch with backoff). STOW-RS calls `written` (if
+        given) once the request's body is all written, while the archive stores it and before
+        its answer is read: the time to do other work without slowing this request's writes."""
         if self.via == "dimse":
             return self._cstore(files)
         if self._http is None:
             self._http = network.guarded_client(timeout=_TIMEOUT)
         try:
-            return _stow(self._http, self.facility, files)
+            return _stow(self._http, self.facility, files, written)
         except Unavailable:
             self._http.close()  # a connection left half-way through a body is not reused
             self._http = None
@@ -168,7 +172,7 @@ def _refusal(status: int) -> str:
     return f"refused by the archive: status 0x{status:04X}" + (f" ({meaning})" if meaning else "")
 
 
-def _body(files: Sequence[File], boundary: str) -> Iterator[bytes]:
+def _body(files: Sequence[File], boundary: str, written: Callable[[], None] | None = None) -> Iterator[bytes]:
     for file in files:
         lead = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         if isinstance(file, Spliced):
@@ -184,16 +188,24 @@ def _body(files: Sequence[File], boundary: str) -> Iterator[bytes]:
                     yield chunk
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
+    # Asked for the next piece: the last one is written (httpx sends a piece before it asks).
+    if written is not None:
+        written()
 
 
-def _stow(client: httpx.Client, facility: Archive, files: Sequence[tuple[File, str]]) -> list[Outcome]:
+def _stow(
+    client: httpx.Client,
+    facility: Archive,
+    files: Sequence[tuple[File, str]],
+    written: Callable[[], None] | None = None,
+) -> list[Outcome]:
     assert facility.dicomweb_url
     boundary = uuid.uuid4().hex
     size = sum(p.size if isinstance(p, Spliced) else os.path.getsize(p) for p, _ in files)
     try:
         rsp = client.post(
             f"{facility.dicomweb_url.rstrip('/')}/studies",
-            content=_body([p for p, _ in files], boundary),
+            content=_body([p for p, _ in files], boundary, written),
             headers={
                 "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                 "Accept": "application/dicom+json",

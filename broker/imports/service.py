@@ -73,6 +73,9 @@ BATCH = 16
 # transport alone, 1 association 0.81-0.90x storescu, 2 associations 1.6-1.9x. Two is modest
 # for an archive (dcm4chee and Orthanc accept several per AE by default).
 SENDERS = 2
+# Longest a coercion or a record waits for no request body to be in writing (`_Writing`): about
+# one body of 16 CT slices on loopback (8 MB, 5-20 ms measured), so it only ever defers them.
+QUIET_WAIT = 0.03
 RETRIES = 4  # attempts per batch when the destination cannot be reached
 BACKOFF = 0.5  # seconds before the first retry, doubled each time
 
@@ -548,6 +551,7 @@ def _run(
 
             def coerce(sources: list[str]) -> list[tuple[delivery.File | None, str]]:
                 """Each source instance coerced: (what to send, "") or (None, why it cannot be)."""
+                writing.wait_quiet()
                 out: list[tuple[delivery.File | None, str]] = []
                 for source in sources:
                     key = by_sop[source].object_key
@@ -571,13 +575,17 @@ def _run(
                         unreadable.append((source, why))
                     else:
                         files.append((file, source))
+                # In writing from here (its batch is coerced): until its body is written.
+                written = writing.start() if via == "dicomweb" and files else None
                 try:
                     outcomes = (
-                        _send_with_retries(senders.mine(), [(f, delivered(s)) for f, s in files])
+                        _send_with_retries(senders.mine(), [(f, delivered(s)) for f, s in files], written)
                         if files
                         else []
                     )
                 finally:
+                    if written is not None:
+                        written()  # a body never written in full (a failure) ends here
                     _unlink(f for f, _ in files)
                 return [(s, o) for (_, s), o in zip(files, outcomes, strict=True)], unreadable
 
@@ -608,6 +616,9 @@ def _run(
             # A cancel (read with each record) stops new batches; those in flight finish and are
             # recorded. After any failure nothing more is recorded, as after a crash.
             #
+            # By STOW-RS a coercion or a record waits (bounded) for no request body to be in
+            # writing (`_Writing`): it then runs while the archive stores what it was sent.
+            #
             # A run that has recorded nothing yet (a first run, as a rule: the job's progress is
             # committed with each record) has every instance to send, in the order of `refs`: it
             # starts sending without waiting for its instance rows to be written, which is the
@@ -616,6 +627,7 @@ def _run(
             # above, as no batch is recorded). A resumed run reads its rows first and sends
             # those still pending or failed.
             slots = threading.Semaphore(SENDERS + 1)
+            writing = _Writing()
             lock = threading.Lock()
             stop = threading.Event()
             failures: list[BaseException] = []
@@ -634,7 +646,15 @@ def _run(
 
             if progress.done == 0:
                 order = list(by_sop)
-                recorder.submit(guarded, rows)
+
+                def first_rows() -> None:
+                    """The rows, once the first body is written: their CPU slowed the first
+                    batch's coercion, the last step before the first request."""
+                    if via == "dicomweb":
+                        writing.wait_first()
+                    rows()
+
+                recorder.submit(guarded, first_rows)
             else:
                 order = [r.source_sop_uid for r in rows()]
             ahead: deque[tuple[list[str], Future[Coerced_]]] = deque()
@@ -666,6 +686,7 @@ def _run(
             def record(shipped: Shipped_) -> None:
                 nonlocal done, cancelled
                 try:
+                    writing.wait_quiet()
                     sent = rows_of(shipped)
                     n = len(sent[0]) + len(sent[1])
                     cancel = _record(engine, *sent, progress=progress, done=done + n)
@@ -678,7 +699,9 @@ def _run(
 
             def sending() -> None:
                 while True:
-                    slots.acquire()
+                    if not slots.acquire(blocking=False):
+                        with writing.waited_for():  # a record may not wait for quiet now
+                            slots.acquire()
                     with lock:
                         if stop.is_set() or cancelled or not ahead:
                             slots.release()
@@ -826,6 +849,57 @@ class _Status:
     status: str
 
 
+class _Writing:
+    """The run's STOW-RS requests writing their body now. Coercing and recording are Python
+    holding the GIL: run beside a request's writes they made each write wait for the GIL (a
+    timeline of each request, see docs/imports.md), so they wait, at most `QUIET_WAIT`, until no
+    body is being written (while the archive stores what it was sent). A record does not wait
+    while a connection waits for the slot it frees."""
+
+    def __init__(self) -> None:
+        self._n = self._written = self._waiting = 0
+        self._changed = threading.Condition()
+
+    def start(self) -> Callable[[], None]:
+        """A request starts writing; returns what ends it (idempotent: `delivery.Sender.send`
+        calls it when the body is written, the caller again after the request, in case not)."""
+        with self._changed:
+            self._n += 1
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            with self._changed:
+                if not ended:
+                    ended = True
+                    self._n -= 1
+                    self._written += 1
+                    self._changed.notify_all()
+
+        return end
+
+    def wait_quiet(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._n == 0 or self._waiting > 0, QUIET_WAIT)
+
+    @contextlib.contextmanager
+    def waited_for(self) -> Iterator[None]:
+        """A connection waits for a slot (freed by a record): nothing waits for quiet meanwhile."""
+        with self._changed:
+            self._waiting += 1
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._waiting -= 1
+
+    def wait_first(self) -> None:
+        """Until a first body is written and none is being written (at most 3 x `QUIET_WAIT`)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._written and self._n == 0, 3 * QUIET_WAIT)
+
+
 class _Senders:
     """One `delivery.Sender` per sending thread (its own association or HTTP connection, kept for
     the whole run), all closed at the end."""
@@ -865,13 +939,16 @@ def _finish(engine: Engine, import_id: int, *, status: str, message: str) -> Non
 
 
 def _send_with_retries(
-    sender: delivery.Sender, files: list[tuple[delivery.File, str]]
+    sender: delivery.Sender,
+    files: list[tuple[delivery.File, str]],
+    written: Callable[[], None] | None = None,
 ) -> list[delivery.Outcome]:
-    """(file, SOP Instance UID as delivered) sent, retried while the destination cannot be reached."""
+    """(file, SOP Instance UID as delivered) sent, retried while the destination cannot be reached
+    (`written`: given to each attempt's `delivery.Sender.send`; only its first call counts)."""
     wait = BACKOFF
     for attempt in range(1, RETRIES + 1):
         try:
-            return sender.send(files)
+            return sender.send(files, written=written)
         except Unavailable as exc:
             if attempt == RETRIES:
                 return [delivery.Outcome(sop, "failed", None, exc.message[:512]) for _, sop in files]
