@@ -77,6 +77,8 @@ class IngestBatcher:
         self._parsing = 0
         self._arrived = threading.Condition()
         self._senders: dict[int, float] = {}  # caller thread id -> when it last submitted
+        # While the writer lingers: how many more queued items it waits for (None: not waiting).
+        self._waiting_for: int | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -155,7 +157,12 @@ class IngestBatcher:
             if was_parsing:
                 self._parsing -= 1
             self._senders[threading.get_ident()] = time.monotonic()
-            self._arrived.notify_all()
+            # Woken only once its group is complete: a writer woken by each of four senders
+            # took three wake-ups per group for nothing (each a turn for a core and the GIL
+            # while the senders wait).
+            need = self._waiting_for
+            if need is not None and self._parsing <= 0 and self._queue.qsize() >= need:
+                self._arrived.notify()
 
     @staticmethod
     def _outcome(item: _Item) -> StoreOutcome:
@@ -214,7 +221,11 @@ class IngestBatcher:
                     left = deadline - time.monotonic()
                     if (self._parsing <= 0 and len(group) >= expected) or left <= 0:
                         return False
-                    self._arrived.wait(left)
+                    self._waiting_for = max(0, min(expected, self._max_group) - len(group))
+                    try:
+                        self._arrived.wait(left)
+                    finally:
+                        self._waiting_for = None
                 continue
             if nxt is None:
                 return True
