@@ -7,7 +7,8 @@ median of many rounds:
 
 - `receive`: submitting the batch and receiving its results (pipe reads, unpickling);
 - `unpickle`: `pickle.loads` of the batch's results alone, in this process;
-- `rows`: what the writer then makes of one result (`ingest._instance_row`).
+- `rows`: what the writer then makes of one result (`ingest._instance_row`);
+- and, for scale, the CPU of one parse (what a worker pays per instance).
 
     python -m bench.parse_results [--rounds 40] [--batch 100]
 
@@ -68,7 +69,11 @@ def main() -> None:
             assert not any(isinstance(r, ingest.StoreOutcome) for r in results)
         finally:
             ingest.stop_parsing()
-        parsed = [parse_instance(p) for p in paths]
+        parse = []
+        for _ in range(max(3, args.rounds // 4)):
+            t0 = time.process_time()
+            parsed = [parse_instance(p) for p in paths]
+            parse.append((time.process_time() - t0) / len(paths) * 1e6)
         blob = pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL)
         unpickle = []
         rows = []
@@ -81,6 +86,7 @@ def main() -> None:
                 _row(p)
             rows.append((time.process_time() - t0) / len(paths) * 1e6)
     print(f"batch {len(paths)}, {args.rounds} rounds; serving-process CPU per instance (µs), median:")
+    print(f"  (a worker's parse, for scale:      {statistics.median(parse):7.1f})")
     print(f"  receive (submit, pipe, unpickle): {statistics.median(receive):7.1f}")
     print(
         f"  unpickle alone ({len(blob) / len(paths):.0f} B pickled each): {statistics.median(unpickle):7.1f}"
