@@ -28,6 +28,7 @@ from broker.dicom.lean import FIRST_READ, WHOLE_READ, Lean, NeedMore, read_lean
 from broker.dicom.received import Received
 from broker.dicom.uids import is_valid_uid
 from broker.index.instance_facts import InstanceFacts, instance_facts
+from broker.index.packing import pack_metadata
 from broker.index.schemas import StoreOutcome
 
 _ROW_TAGS = frozenset({"00200013", "00280010", "00280011", "00280008", "00080060"})
@@ -58,7 +59,10 @@ class _Parsed:
     series_uid: str
     transfer_syntax_uid: str
     attrs: dict[str, Any]
-    metadata: bytes
+    # The DICOM JSON as its index row stores it (`packing.pack_metadata`), packed where it is
+    # parsed: a parse worker, not the serving process, pays the deflate (~30 µs of a small
+    # instance), and the result it sends back is ~2 KB smaller.
+    metadata_packed: bytes
     facts: InstanceFacts | None = None
 
     def outcome(self, st: str, reason: int | None = None, message: str = "") -> StoreOutcome:
@@ -273,12 +277,12 @@ def _parsed(
         study_uid=uids["study_uid"],
         series_uid=uids["series_uid"],
         transfer_syntax_uid=ts,
-        # Keep only what the index rows need; the full attributes live on as compact JSON bytes,
+        # Keep only what the index rows need; the full attributes live on as packed JSON bytes,
         # so a large batch holds kilobytes per instance, not a tree of Python objects.
         # Bounded by VR (dicom.bounds): the index never holds more than a VR allows; the
         # object and its WADO-RS metadata keep the whole values.
         attrs=bound_dataset({k: v for k, v in attrs.items() if _for_rows(k)}),
-        metadata=orjson.dumps(attrs),
+        metadata_packed=pack_metadata(orjson.dumps(attrs)),
         # What the prior lookup needs of this instance (slice, contrast, dose), read once here.
         facts=instance_facts(attrs),
     )
