@@ -144,9 +144,9 @@ def main() -> None:
             sops = {p: _uid_of(p, sop=True) for p in paths}
 
             def imp() -> None:
-                row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
-                                           facility_id="mine", via="dicomweb")  # fmt: skip
-                final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
+                row, job = service.start_claimed(engine=st.engine, principal=ADMIN, study_uid=study_uid,
+                                             facility_id="mine", via="dicomweb")  # fmt: skip
+                final = service.run_claimed(engine=st.engine, store=st.store, import_id=row.id or 0, job=job)
                 assert final.status == "done", final.message
 
             def plain() -> None:

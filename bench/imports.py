@@ -174,9 +174,16 @@ def memory(args: argparse.Namespace) -> None:
                     _clear(pacs.url)
                     with _Sampler(exclude) as sampler:
                         t = time.perf_counter()
-                        row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
-                                                   facility_id="mine", via=via)  # fmt: skip
-                        final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
+                        row, job = service.start_claimed(
+                            engine=st.engine,
+                            principal=ADMIN,
+                            study_uid=study_uid,
+                            facility_id="mine",
+                            via=via,
+                        )
+                        final = service.run_claimed(
+                            engine=st.engine, store=st.store, import_id=row.id or 0, job=job
+                        )
                         dt = time.perf_counter() - t
                     assert final.status == "done" and _count(pacs.url) == n, final.message
                     name = "C-STORE" if via == "dimse" else "STOW-RS"
@@ -276,9 +283,9 @@ def main() -> None:
                 _clear(pacs.url)
                 c, o = _cpu(), _pids_cpu(pacs_pids)
                 t = time.perf_counter()
-                row = service.start_import(engine=st.engine, principal=ADMIN, study_uid=study_uid,
-                                           facility_id="mine", via=via)  # fmt: skip
-                final = service.run_now(engine=st.engine, store=st.store, import_id=row.id or 0)
+                row, job = service.start_claimed(engine=st.engine, principal=ADMIN, study_uid=study_uid,
+                                             facility_id="mine", via=via)  # fmt: skip
+                final = service.run_claimed(engine=st.engine, store=st.store, import_id=row.id or 0, job=job)
                 dt = time.perf_counter() - t
                 cpu.setdefault(f"import {via}", []).append(_cpu() - c)
                 dest.setdefault(f"import {via}", []).append(_pids_cpu(pacs_pids) - o)

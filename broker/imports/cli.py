@@ -52,7 +52,8 @@ def import_study(
             )
             _print_dry_run(prepared, diffs)
             return
-        row = service.start_import(engine=app_state.engine, principal=principal, **args)
+        # Queued and claimed by this process in one transaction: it runs here at once.
+        row, job = service.start_claimed(engine=app_state.engine, principal=principal, **args)
     except ScanOnceError as exc:
         fail(exc)
     assert row.id is not None
@@ -66,8 +67,8 @@ def import_study(
         def show(done: int, total: int | None, message: str) -> None:
             bar.update(task, completed=done, total=total, message=message)
 
-        final = service.run_now(
-            engine=app_state.engine, store=app_state.store, import_id=row.id, listener=show
+        final = service.run_claimed(
+            engine=app_state.engine, store=app_state.store, import_id=row.id, job=job, listener=show
         )
     console.print(f"import {final.id}: {final.status}: {final.message}")
     if final.status != "done":

@@ -167,15 +167,22 @@ def enqueue(*, engine: Engine, kind: str, key: str = "", params: dict[str, Any] 
         return enqueue_in(session, kind=kind, key=key, params=params)
 
 
-def enqueue_in(session: Session, *, kind: str, key: str = "", params: dict[str, Any] | None = None) -> Job:
+def enqueue_in(
+    session: Session, *, kind: str, key: str = "", params: dict[str, Any] | None = None, owner: str = ""
+) -> Job:
     """`enqueue` in the caller's transaction: the job is queued together with the caller's own
-    rows that name it, or not at all (and one commit instead of two)."""
+    rows that name it, or not at all (and one commit instead of two). With `owner`, a new job is
+    created already claimed by it, as `claim` would leave it (the caller runs it at once with
+    `run_claimed`: no claim's transaction before it starts); an active job is returned as it is."""
     active = session.exec(
         select(Job).where(Job.kind == kind, Job.key == key, col(Job.status).in_(ACTIVE)).order_by(col(Job.id))
     ).first()
     if active is not None:
         return active
     job = Job(kind=kind, key=key, params=json.dumps(params or {}))
+    if owner:
+        now = _now()
+        job.status, job.owner, job.attempts, job.started_at, job.heartbeat_at = "running", owner, 1, now, now
     session.add(job)
     session.flush()
     session.refresh(job)

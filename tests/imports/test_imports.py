@@ -214,6 +214,31 @@ def test_http_import_then_again_does_not_duplicate(
     assert [i["id"] for i in client.get("/api/imports", headers=h).json()] == [second["id"], first]
 
 
+def test_cli_run_queues_and_claims_in_one_step(state: AppState, pacs: OrthancPeer, outside: Outside) -> None:
+    """`scanonce import`'s path: an active import is claimed and run as `run_now` would; a new
+    one is created with its job already claimed by this process, and runs to the same end."""
+
+    def start() -> tuple[ImportJob, Any]:
+        return service.start_claimed(
+            engine=state.engine, principal=ADMIN, study_uid=outside.study_uid, facility_id=MINE
+        )
+
+    queued = _start(state, outside)
+    row, job = start()
+    assert row.id == queued.id and job is not None and (job.status, job.attempts) == ("running", 1)
+    assert (
+        service.run_claimed(engine=state.engine, store=state.store, import_id=row.id or 0, job=job).status
+        == "done"
+    )
+    row, job = start()
+    assert row.id != queued.id and job is not None and (job.status, job.attempts) == ("running", 1)
+    final = service.run_claimed(engine=state.engine, store=state.store, import_id=row.id or 0, job=job)
+    assert (final.status, final.verified) == ("done", 5) and len(pacs_instances(pacs)) == 5
+    with Session(state.engine) as session:
+        ended = jobs.get_job(session=session, job_id=job.id or 0)
+    assert (ended.status, ended.attempts, ended.progress_done) == ("done", 1, 5)
+
+
 def test_uid_clash_at_the_destination_renames_consistently(
     state: AppState, pacs: OrthancPeer, outside: Outside
 ) -> None:
