@@ -335,6 +335,11 @@ def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, 
         [exe, "-aet", CLIENT_AET, "-aec", target.aet, "+sd", "-nh", LOOPBACK, str(target.port), str(d)]
         for d in dirs
     ]
+    # Every target starts with nothing dirty in the page cache, outside its timing: the only
+    # target that fsyncs (ScanOnce; Orthanc and the floor do not) would otherwise start its
+    # journal commits with the folder just generated, and what the targets before it stored
+    # unsynced, still to be written back.
+    os.sync()
     cpu0 = cpu_seconds(target.server.pid)
     t0 = time.perf_counter()
     procs = [
