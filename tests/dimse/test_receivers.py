@@ -265,9 +265,14 @@ def test_a_receiver_killed_mid_run_is_restarted_and_loses_nothing_acknowledged(
         for f in futures:
             f.result()
     assert victim is not None, "no receiver held a connection during the run"
-    # Restarted: a new process in its row, listening on the port.
+    # Restarted: a new process in its row, listening on the port. The senders may finish before
+    # the supervisor has seen the death: until then its row still names the dead process, whose
+    # shared "listening" mark would satisfy wait_listening at once.
+    deadline = time.monotonic() + 120
+    while cluster.supervisor.pids().get(victim) in (None, old[victim]):
+        assert time.monotonic() < deadline, "the killed receiver was not replaced"
+        time.sleep(0.05)
     assert cluster.supervisor.wait_listening(120)
-    assert cluster.supervisor.pids()[victim] != old[victim]
     everything = [p for paths in files for p in paths]
     assert acknowledged == set(everything)
     _assert_stored(cluster.state, everything)
