@@ -32,15 +32,10 @@ from typing import Any
 
 from sqlmodel import Session
 
-from bench.imports import _clear, _study, _uid_of, _web
+from bench.imports import _clear, _seed_outside, _study, _uid_of, _web
 from broker.app import build_state
-from broker.db import session_scope
 from broker.facilities import service as facilities
-from broker.identity import matching
-from broker.identity import service as identity
-from broker.identity.schemas import Identifier
 from broker.imports import delivery, service
-from broker.index import service as index
 from broker.settings import Settings
 from tests.peers import orthanc
 from tests.support import ADMIN
@@ -131,15 +126,7 @@ def main() -> None:
                 )
             (tmp / "src").mkdir()
             paths = _study(tmp / "src", args.instances, args.size)
-            index.ingest_files(
-                engine=st.engine, store=st.store, principal=ADMIN, facility_id="outside", paths=paths
-            )
-            with session_scope(st.engine) as session:
-                identity.upsert_record(
-                    session=session, identifier=Identifier("MYPACS", "M1"),
-                    demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
-                    identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
-                )  # fmt: skip
+            _seed_outside(st, paths)
             study_uid = _uid_of(paths[0])
             sops = {p: _uid_of(p, sop=True) for p in paths}
 

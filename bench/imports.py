@@ -42,6 +42,7 @@ from sqlmodel import Session
 
 from broker.app import build_state
 from broker.db import session_scope
+from broker.deps import AppState
 from broker.facilities import service as facilities
 from broker.identity import matching
 from broker.identity import service as identity
@@ -229,6 +230,18 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _seed_outside(st: AppState, paths: list[str]) -> None:
+    """The outside study indexed under facility "outside", and the destination's registered
+    patient (MYPACS M1) known to carry the outside ID (OUTHOSP P1)."""
+    index.ingest_files(engine=st.engine, store=st.store, principal=ADMIN, facility_id="outside", paths=paths)
+    with session_scope(st.engine) as session:
+        identity.upsert_record(
+            session=session, identifier=Identifier("MYPACS", "M1"),
+            demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
+            identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
+        )  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=200)
@@ -263,15 +276,7 @@ def main() -> None:
             (tmp / "src").mkdir()
             paths = _study(tmp / "src", args.instances, args.size)
             mb = sum(Path(p).stat().st_size for p in paths) / 1e6
-            index.ingest_files(
-                engine=st.engine, store=st.store, principal=ADMIN, facility_id="outside", paths=paths
-            )
-            with session_scope(st.engine) as session:
-                identity.upsert_record(
-                    session=session, identifier=Identifier("MYPACS", "M1"),
-                    demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
-                    identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
-                )  # fmt: skip
+            _seed_outside(st, paths)
             with Session(st.engine) as session:
                 study_uid = index.find_instances(session=session, study_uid=_uid_of(paths[0]))[0].study_uid
 
