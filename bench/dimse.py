@@ -481,6 +481,14 @@ def render_receivers(data: dict[str, Any]) -> str:
             f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {vs_floor} | {_fmt(cpu, 2)} | "
             f"{held} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
         )
+    if floor:
+        per_round = [
+            f"{name} {_fmt(round_ratio(side['runs'], floor['runs']), 2)}×"
+            for name, side in data["sides"].items()
+            if name.startswith("ScanOnce") and len(side.get("runs", [])) == len(floor.get("runs", []))
+        ]
+        if per_round:
+            out += ["", "/ floor, median of the rounds' own ratios: " + ", ".join(per_round) + "."]
     load = " / ".join(f"{x:.1f}" for x in data["loadavg_1m"])
     out += [
         "",
@@ -618,7 +626,10 @@ def run(
             facts += [study_facts(store[i]) for i in range(0, len(store), per_study)]
             stored += len(store)
             dirs = write_folder(work / "store", store, parallel)
-            for t in store_targets:
+            # The order reversed every other round, as in run_receivers: with a fixed order
+            # ScanOnce always ran right after the floor and never first, one more way the two
+            # modes differed.
+            for t in store_targets if rnd % 2 == 0 else reversed(store_targets):
                 sr = storescu_parallel(t, dirs, len(store))
                 sr["loadavg_1m"] = os.getloadavg()[0]
                 side = sides[t.server.name]
@@ -714,6 +725,13 @@ def _result(
     }
 
 
+def round_ratio(runs: list[dict[str, float]], base: list[dict[str, float]]) -> float:
+    """Median over the rounds of this target's rate over `base`'s in the same round (the same
+    folder, minutes apart at most): steadier on a shared machine than a ratio of two medians
+    taken from different rounds."""
+    return median([r["per_s"] / b["per_s"] for r, b in zip(runs, base, strict=True)])
+
+
 def summarize_store(runs: list[dict[str, float]]) -> dict[str, float]:
     """Medians over the rounds: rate, server CPU per instance (ms), seconds."""
     return {
@@ -783,6 +801,11 @@ def render_store(data: dict[str, Any]) -> list[str]:
                 f"; the floor is at or above Orthanc ({_fmt(floor_oc, 2)}×) in this run, so 1× Orthanc "
                 f"stands (ScanOnce / floor: {_fmt(ratio_fl, 2)}×, target 0.8× where the floor is below)."
             )
+    if floor and so.get("store_runs") and len(so["store_runs"]) == len(floor.get("store_runs", [])):
+        out.append(
+            "ScanOnce / floor, median of the rounds' own ratios: "
+            f"{_fmt(round_ratio(so['store_runs'], floor['store_runs']), 2)}×."
+        )
     return out
 
 
