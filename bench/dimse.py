@@ -391,6 +391,7 @@ def run_receivers(
     work: Path,
     seed: int,
     store_runs: int = 1,
+    variants: Sequence[tuple[str, dict[str, str]]] = (),
 ) -> dict[str, Any]:
     """Phase 1 (C-STORE) only: Orthanc, the floor, then ScanOnce with each N receivers, on
     PostgreSQL (`pg`) or the embedded default (SQLite + local folder). All targets stay up for
@@ -405,20 +406,24 @@ def run_receivers(
             FLOOR: stack.enter_context(run_floor(work / "floor")),
         }
         listening: dict[str, tuple[int, int]] = {}
-        for n in receivers:
+        # Each N receivers, then each variant (a label and its own environment, no receivers):
+        # A/B within one run's rounds, e.g. a setting, or main's code first on PYTHONPATH.
+        setups: list[tuple[str, str, int, dict[str, str]]] = [(f"N={n}", f"n{n}", n, {}) for n in receivers]
+        setups += [(label, f"v{i}", 0, extra) for i, (label, extra) in enumerate(variants)]
+        for label, tag, n, extra in setups:
             dimse_port = free_port()
-            env = {"SCANONCE_DIMSE_PORT": str(dimse_port), "SCANONCE_DIMSE_RECEIVERS": str(n)}
+            env = {"SCANONCE_DIMSE_PORT": str(dimse_port), "SCANONCE_DIMSE_RECEIVERS": str(n), **extra}
             if pg:
                 env |= {
-                    "SCANONCE_DATABASE_URL": _pg_database(pg, f"n{n}"),
+                    "SCANONCE_DATABASE_URL": _pg_database(pg, tag),
                     "SCANONCE_MIGRATE_ON_START": "true",
                 }
-            so = stack.enter_context(run_scanonce(work / f"scanonce-n{n}", env_extra=env))
+            so = stack.enter_context(run_scanonce(work / f"scanonce-{tag}", env_extra=env))
             deadline = time.monotonic() + 120
             while _listeners(dimse_port) < n + 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            targets[f"ScanOnce N={n}"] = Dimse(so, "SCANONCE", dimse_port)
-            listening[f"ScanOnce N={n}"] = (dimse_port, n)
+            targets[f"ScanOnce {label}"] = Dimse(so, "SCANONCE", dimse_port)
+            listening[f"ScanOnce {label}"] = (dimse_port, n)
         for rnd in range(store_runs):
             store = store_round(plan, seed, rnd)
             shutil.rmtree(work / "store", ignore_errors=True)
@@ -931,6 +936,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "e.g. 0,1,2), on the embedded default or, with --pg, on PostgreSQL; --store-runs rounds",
     )
     ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL[:NAME=VALUE,...]",
+        help="C-STORE only, like --receivers: one more ScanOnce target with these environment "
+        "variables (e.g. syncfs:SCANONCE_STORAGE_SYNC=syncfs, or main:PYTHONPATH=/path/to/main), "
+        "in the same rounds as the others; repeatable",
+    )
+    ap.add_argument(
         "--pg", help="PostgreSQL server for --receivers (postgresql+psycopg://user@host:port); default SQLite"
     )
     ap.add_argument(
@@ -956,11 +970,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.index_instances:
         plan = replace(plan, index_instances=args.index_instances)
     work = Path(tempfile.mkdtemp(prefix="scanonce-bench-dimse-"))
-    if args.receivers is not None:
+    if args.receivers is not None or args.variant:
+        variants = []
+        for spec in args.variant:
+            label, _, assigns = spec.partition(":")
+            variants.append((label, dict(a.split("=", 1) for a in assigns.split(",") if a)))
         try:
             data = run_receivers(
                 plan,
-                receivers=[int(n) for n in args.receivers.split(",")],
+                receivers=[int(n) for n in args.receivers.split(",")] if args.receivers else [],
+                variants=variants,
                 pg=args.pg,
                 parallel=args.parallel,
                 work=work,
