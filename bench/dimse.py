@@ -32,6 +32,15 @@ database, and a local object folder), all up for the whole run, `--store-runs` r
 order reversed every other round, with the server CPU counted over each whole process tree
 (receivers included).
 
+    .venv/bin/python -m bench.dimse --quick --store-only --store-runs 5 \
+        --variant main:PYTHONPATH=/path/to/main-worktree --variant branch \
+        --variant syncfs:SCANONCE_STORAGE_SYNC=syncfs
+
+does the same with one ScanOnce (no receivers) per `--variant LABEL[:NAME=VALUE,...]`, each with
+its own environment: A/B of a setting, or of main's code against a branch's, in the same rounds
+against the same floor. Both modes print, beside the ratio of medians, the median of each
+round's own ScanOnce / floor ratio (same folder, same minute): steadier on a shared machine.
+
 Index sync speed is measured by bench/federation_sync.py (results in docs/benchmarks.md).
 """
 
