@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from pynetdicom import AE, evt
@@ -123,7 +123,7 @@ def test_a_wake_up_after_the_pipe_closed_never_writes_into_a_file_reusing_its_de
     pipe = reactor._Pipe()
     numbers = {pipe.fd, pipe._w}
     pipe.close()
-    opened = []
+    opened: list[BinaryIO] = []
     try:
         # POSIX hands out the lowest free descriptor: the pipe's two, unless another thread of
         # this process takes one first; open until both are files here.
