@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker.consent import service as consent
+from broker.db import Prepared as Statement
 from broker.db import session_scope
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.facilities import service as facilities
@@ -66,6 +67,9 @@ ACCESSION_POLICIES = ("empty", "keep", "new")
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
 # faster than 16 on the loaded bench machine, so 16 stays. `bench/imports.py --batch N` tries it.)
 BATCH = 16
+# Instances in a run's first batch (at most BATCH): its coercion is the last step before the first
+# request leaves, where the plain client's first request leaves at once.
+FIRST_BATCH = 4
 # Batches sent at once, each on its own association / HTTP connection. An archive stores one
 # instance at a time per association (Orthanc: write the file, index it) and spends most of a
 # C-STORE's time there; with two, one connection is busy on the wire and in our coercion while
@@ -712,7 +716,7 @@ def _run(
             else:
                 order = [r.source_sop_uid for r in rows()]
             ahead: deque[tuple[list[str], Future[Coerced_]]] = deque()
-            batches = _batches(order, BATCH)
+            batches = _batches(order, BATCH, min(FIRST_BATCH, BATCH))
             # Each connection's last batch, once no batch is left to take: recorded with the
             # verification, in its transaction (the import's last commits were the records of the
             # last batches, then the verification's), keeping its slot until then.
@@ -983,8 +987,13 @@ class _Senders:
         return sender
 
 
-def _batches(items: list[_T], n: int) -> Iterator[list[_T]]:
-    for i in range(0, len(items), n):
+def _batches(items: list[_T], n: int, first: int | None = None) -> Iterator[list[_T]]:
+    """`items` in batches of `n`, the first of `first` (if given)."""
+    start = 0
+    if first is not None and items:
+        yield items[:first]
+        start = first
+    for i in range(start, len(items), n):
         yield items[i : i + n]
 
 
@@ -1023,6 +1032,16 @@ _RECORD_ROW = (
         attempts=bindparam("new_attempts"), updated_at=bindparam("new_at"),
     )
 )  # fmt: skip
+# A batch's record, run through the driver (`db.Prepared`): SQLAlchemy's own statement execution
+# and an ORM session per record were most of a record's CPU (measured, see docs/imports.md).
+_RECORD_ROWS = Statement(_RECORD_ROW)
+_JOBS = ImportJob.__table__  # type: ignore[attr-defined]
+_RECORD_COUNTS = Statement(
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("import_id"))
+    .values(sent=_JOBS.c.sent + bindparam("add_sent"), failed=_JOBS.c.failed + bindparam("add_failed"))
+    .returning(_JOBS.c.cancel_requested)
+)
 
 
 def _record(
@@ -1044,18 +1063,11 @@ def _record(
     sent = sum(o.status in ("sent", "warning") for _, o in outcomes)
     failed = len(outcomes) - sent + len(unreadable)
     failed -= sum(inst.status == "failed" for inst, _ in (*outcomes, *unreadable))  # retried here
-    with session_scope(engine) as session:
-        session.execute(_RECORD_ROW, changes)
-        cancel = bool(
-            session.execute(
-                update(ImportJob)
-                .where(col(ImportJob.id) == import_id)
-                .values(sent=col(ImportJob.sent) + sent, failed=col(ImportJob.failed) + failed)
-                .returning(col(ImportJob.cancel_requested))
-            ).scalar_one()
-        )
-        progress.update_in(session, done=done, message="sending")
-        return cancel
+    with engine.begin() as conn:
+        _RECORD_ROWS.run(conn, changes)
+        (cancel,) = _RECORD_COUNTS.all(conn, {"import_id": import_id, "add_sent": sent, "add_failed": failed})
+        progress.update_in(conn, done=done, message="sending")
+        return bool(cancel[0])
 
 
 def _changes(
