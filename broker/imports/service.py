@@ -113,6 +113,8 @@ class Prepared:
     destination: Facility
     via: str
     remote_only: bool
+    # The destination held no study of this UID when planning asked (its study-level query).
+    unheld: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +253,7 @@ def prepare(
         study_id_policy=config.study_id_policy,
         institution=json.loads(config.institution or "{}"),
     )
-    return Prepared(plan, view.facility_id, destination, how, remote_only)
+    return Prepared(plan, view.facility_id, destination, how, remote_only, unheld=not held)
 
 
 def dry_run(
@@ -448,10 +450,13 @@ def _start(
         assert row.id is not None
         # The import and its job in one transaction: never an import without its job, and one
         # commit (each is a disk flush) where there were three.
-        job = jobs.enqueue_in(
-            session, kind=IMPORT_JOB, key=str(row.id), params={"import_id": row.id, "calling_ae": calling_ae},
-            owner=owner,
-        )  # fmt: skip
+        params: dict[str, Any] = {"import_id": row.id, "calling_ae": calling_ae}
+        if owner and prepared.unheld:
+            # Run at once by this process: its first attempt takes planning's answer (the
+            # destination holds nothing of the study) for the run's own question, which it asks
+            # before the first batch leaves. A later attempt (after a crash) asks again.
+            params["unheld"] = True
+        job = jobs.enqueue_in(session, kind=IMPORT_JOB, key=str(row.id), params=params, owner=owner)
         row.job_id = job.id
         session.flush()
         session.expunge(row)
@@ -551,10 +556,15 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
         destination = facilities.get_facility(session=session, facility_id=row.facility_id)
         session.expunge(destination)
         plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
+    # Planning, a moment ago in this process, found the destination holding nothing of the study.
+    unheld = bool(params.get("unheld")) and job.attempts == 1
     # `running` is recorded with the instance rows (`_rows_to_send`): one commit fewer before the
     # first batch is sent; a study first fetched from its facility is `running` meanwhile.
     try:
-        _run(engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress)
+        _run(
+            engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress,
+            unheld=unheld,
+        )  # fmt: skip
     except ScanOnceError as exc:
         _set(engine, import_id, status="failed", message=exc.message, finished_at=datetime.now(UTC))
         raise
@@ -565,15 +575,21 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
 
 def _run(
     engine: Engine, store: Any, import_id: int, study_uid: str, plan_data: dict[str, Any],
-    destination: Facility, via: str, calling_ae: str, progress: jobs.Progress,
+    destination: Facility, via: str, calling_ae: str, progress: jobs.Progress, *, unheld: bool = False,
 ) -> None:  # fmt: skip
     # Whether the destination holds nothing of the study yet, asked while the study's instances
     # are read and their rows written; the first batch is sent only once it is answered, so the
-    # answer is about the destination before this run sent anything.
+    # answer is about the destination before this run sent anything. `unheld`: planning's answer,
+    # just before this run in the same process, is that (no query, none waited for).
     with ThreadPoolExecutor(1, thread_name_prefix="import-ask") as asking:
-        holds_nothing = asking.submit(
-            _holds_nothing, destination, via, str(plan_data["study_uid"]), calling_ae
-        )
+        holds_nothing: Future[bool]
+        if unheld:
+            holds_nothing = Future()
+            holds_nothing.set_result(True)
+        else:
+            holds_nothing = asking.submit(
+                _holds_nothing, destination, via, str(plan_data["study_uid"]), calling_ae
+            )
         with Session(engine) as session:
             remote = index.is_remote_only(session=session, study_uid=study_uid)
             refs = [] if remote else index.find_instances(session=session, study_uid=study_uid)
