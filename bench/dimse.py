@@ -32,6 +32,15 @@ database, and a local object folder), all up for the whole run, `--store-runs` r
 order reversed every other round, with the server CPU counted over each whole process tree
 (receivers included).
 
+    .venv/bin/python -m bench.dimse --quick --store-only --store-runs 5 \
+        --variant main:PYTHONPATH=/path/to/main-worktree --variant branch \
+        --variant syncfs:SCANONCE_STORAGE_SYNC=syncfs
+
+does the same with one ScanOnce (no receivers) per `--variant LABEL[:NAME=VALUE,...]`, each with
+its own environment: A/B of a setting, or of main's code against a branch's, in the same rounds
+against the same floor. Both modes print, beside the ratio of medians, the median of each
+round's own ScanOnce / floor ratio (same folder, same minute): steadier on a shared machine.
+
 Index sync speed is measured by bench/federation_sync.py (results in docs/benchmarks.md).
 """
 
@@ -391,6 +400,7 @@ def run_receivers(
     work: Path,
     seed: int,
     store_runs: int = 1,
+    variants: Sequence[tuple[str, dict[str, str]]] = (),
 ) -> dict[str, Any]:
     """Phase 1 (C-STORE) only: Orthanc, the floor, then ScanOnce with each N receivers, on
     PostgreSQL (`pg`) or the embedded default (SQLite + local folder). All targets stay up for
@@ -405,20 +415,24 @@ def run_receivers(
             FLOOR: stack.enter_context(run_floor(work / "floor")),
         }
         listening: dict[str, tuple[int, int]] = {}
-        for n in receivers:
+        # Each N receivers, then each variant (a label and its own environment, no receivers):
+        # A/B within one run's rounds, e.g. a setting, or main's code first on PYTHONPATH.
+        setups: list[tuple[str, str, int, dict[str, str]]] = [(f"N={n}", f"n{n}", n, {}) for n in receivers]
+        setups += [(label, f"v{i}", 0, extra) for i, (label, extra) in enumerate(variants)]
+        for label, tag, n, extra in setups:
             dimse_port = free_port()
-            env = {"SCANONCE_DIMSE_PORT": str(dimse_port), "SCANONCE_DIMSE_RECEIVERS": str(n)}
+            env = {"SCANONCE_DIMSE_PORT": str(dimse_port), "SCANONCE_DIMSE_RECEIVERS": str(n), **extra}
             if pg:
                 env |= {
-                    "SCANONCE_DATABASE_URL": _pg_database(pg, f"n{n}"),
+                    "SCANONCE_DATABASE_URL": _pg_database(pg, tag),
                     "SCANONCE_MIGRATE_ON_START": "true",
                 }
-            so = stack.enter_context(run_scanonce(work / f"scanonce-n{n}", env_extra=env))
+            so = stack.enter_context(run_scanonce(work / f"scanonce-{tag}", env_extra=env))
             deadline = time.monotonic() + 120
             while _listeners(dimse_port) < n + 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            targets[f"ScanOnce N={n}"] = Dimse(so, "SCANONCE", dimse_port)
-            listening[f"ScanOnce N={n}"] = (dimse_port, n)
+            targets[f"ScanOnce {label}"] = Dimse(so, "SCANONCE", dimse_port)
+            listening[f"ScanOnce {label}"] = (dimse_port, n)
         for rnd in range(store_runs):
             store = store_round(plan, seed, rnd)
             shutil.rmtree(work / "store", ignore_errors=True)
@@ -481,6 +495,14 @@ def render_receivers(data: dict[str, Any]) -> str:
             f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {vs_floor} | {_fmt(cpu, 2)} | "
             f"{held} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
         )
+    if floor:
+        per_round = [
+            f"{name} {_fmt(round_ratio(side['runs'], floor['runs']), 2)}×"
+            for name, side in data["sides"].items()
+            if name.startswith("ScanOnce") and len(side.get("runs", [])) == len(floor.get("runs", []))
+        ]
+        if per_round:
+            out += ["", "/ floor, median of the rounds' own ratios: " + ", ".join(per_round) + "."]
     load = " / ".join(f"{x:.1f}" for x in data["loadavg_1m"])
     out += [
         "",
@@ -618,7 +640,10 @@ def run(
             facts += [study_facts(store[i]) for i in range(0, len(store), per_study)]
             stored += len(store)
             dirs = write_folder(work / "store", store, parallel)
-            for t in store_targets:
+            # The order reversed every other round, as in run_receivers: with a fixed order
+            # ScanOnce always ran right after the floor and never first, one more way the two
+            # modes differed.
+            for t in store_targets if rnd % 2 == 0 else reversed(store_targets):
                 sr = storescu_parallel(t, dirs, len(store))
                 sr["loadavg_1m"] = os.getloadavg()[0]
                 side = sides[t.server.name]
@@ -714,6 +739,13 @@ def _result(
     }
 
 
+def round_ratio(runs: list[dict[str, float]], base: list[dict[str, float]]) -> float:
+    """Median over the rounds of this target's rate over `base`'s in the same round (the same
+    folder, minutes apart at most): steadier on a shared machine than a ratio of two medians
+    taken from different rounds."""
+    return median([r["per_s"] / b["per_s"] for r, b in zip(runs, base, strict=True)])
+
+
 def summarize_store(runs: list[dict[str, float]]) -> dict[str, float]:
     """Medians over the rounds: rate, server CPU per instance (ms), seconds."""
     return {
@@ -783,6 +815,11 @@ def render_store(data: dict[str, Any]) -> list[str]:
                 f"; the floor is at or above Orthanc ({_fmt(floor_oc, 2)}×) in this run, so 1× Orthanc "
                 f"stands (ScanOnce / floor: {_fmt(ratio_fl, 2)}×, target 0.8× where the floor is below)."
             )
+    if floor and so.get("store_runs") and len(so["store_runs"]) == len(floor.get("store_runs", [])):
+        out.append(
+            "ScanOnce / floor, median of the rounds' own ratios: "
+            f"{_fmt(round_ratio(so['store_runs'], floor['store_runs']), 2)}×."
+        )
     return out
 
 
@@ -908,6 +945,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "e.g. 0,1,2), on the embedded default or, with --pg, on PostgreSQL; --store-runs rounds",
     )
     ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL[:NAME=VALUE,...]",
+        help="C-STORE only, like --receivers: one more ScanOnce target with these environment "
+        "variables (e.g. syncfs:SCANONCE_STORAGE_SYNC=syncfs, or main:PYTHONPATH=/path/to/main), "
+        "in the same rounds as the others; repeatable",
+    )
+    ap.add_argument(
         "--pg", help="PostgreSQL server for --receivers (postgresql+psycopg://user@host:port); default SQLite"
     )
     ap.add_argument(
@@ -933,11 +979,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.index_instances:
         plan = replace(plan, index_instances=args.index_instances)
     work = Path(tempfile.mkdtemp(prefix="scanonce-bench-dimse-"))
-    if args.receivers is not None:
+    if args.receivers is not None or args.variant:
+        variants = []
+        for spec in args.variant:
+            label, _, assigns = spec.partition(":")
+            variants.append((label, dict(a.split("=", 1) for a in assigns.split(",") if a)))
         try:
             data = run_receivers(
                 plan,
-                receivers=[int(n) for n in args.receivers.split(",")],
+                receivers=[int(n) for n in args.receivers.split(",")] if args.receivers else [],
+                variants=variants,
                 pg=args.pg,
                 parallel=args.parallel,
                 work=work,

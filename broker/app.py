@@ -104,7 +104,7 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     # The matcher retrains itself as the records grow (identity.autotrain says when).
     identity_service.ensure_trained(engine=engine)
     facilities_service.ensure_default_facility(engine=engine, settings=settings)
-    store = _open_store(settings.resolved_storage_url())
+    store = _open_store(settings.resolved_storage_url(), local_sync=settings.storage_sync)
     processes = settings.ingest_processes
     # "One per core" counts this process, which serves HTTP and writes the index, as one.
     auto = max(1, (os.cpu_count() or 1) - 1)
@@ -124,7 +124,7 @@ def build_receiver_state(settings: Settings) -> AppState:
     wait_for_database(engine)
     require_current_schema(engine)
     _wire(settings)
-    store = _open_store(settings.resolved_storage_url())
+    store = _open_store(settings.resolved_storage_url(), local_sync=settings.storage_sync)
     configure_parsing(processes=0)
     return AppState(settings=settings, engine=engine, store=store)
 
@@ -146,12 +146,12 @@ def _wire(settings: Settings) -> None:
     dimse_tls.configure(settings)
 
 
-def _open_store(url: str) -> ObjectStore:
+def _open_store(url: str, *, local_sync: str = "fsync") -> ObjectStore:
     """The object store, or a clear error naming the setting (never a stack trace) when its URL is
     wrong or, asked to create its bucket, the store cannot be reached or refuses."""
     shown = url.split("?", 1)[0]  # the query may hold an endpoint; never credentials, but keep it short
     try:
-        return open_store(url)
+        return open_store(url, local_sync=local_sync)
     except StoreUnavailable as exc:
         raise Unavailable(
             f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {exc.message}; check that "

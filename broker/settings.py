@@ -81,6 +81,17 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(
         default=None, description="file:///path or s3://bucket?endpoint_url=...; default: data_dir/objects."
     )
+    storage_sync: Literal["fsync", "syncfs"] = Field(
+        default="fsync",
+        description=(
+            "How a local object folder makes a group of C-STOREs (or a STOW-RS batch) durable before "
+            "it is indexed. `fsync`: each object and each directory that gained one, on a small "
+            "thread pool. `syncfs`: Linux syncfs(2) of the folder's whole filesystem twice per group "
+            "(bytes, then names), fewer thread hand-offs, but it also writes back every other "
+            "program's pending writes on that filesystem, so a busy shared disk slows each group. "
+            "Falls back to `fsync` where syncfs is missing. A `?sync=` on a file:// storage URL wins."
+        ),
+    )
     host: str = Field(
         default="127.0.0.1",
         description="HTTP (and DIMSE, MLLP) bind address; beyond loopback only with auth on.",

@@ -15,12 +15,16 @@ from storage.local import LocalStore
 __all__ = ["ObjectInfo", "ObjectNotFound", "ObjectStore", "LocalStore", "StoreUnavailable", "open_store"]
 
 
-def open_store(url: str) -> ObjectStore:
-    """`file:///path` or `s3://bucket[/prefix]?endpoint_url=...&region=...` (also
+def open_store(url: str, *, local_sync: str = "fsync") -> ObjectStore:
+    """`file:///path[?sync=fsync|syncfs]` (default `local_sync`: see LocalStore) or
+    `s3://bucket[/prefix]?endpoint_url=...&region=...` (also
     `connect_timeout`, `read_timeout` in seconds and `retries`: see storage.s3)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
-        return LocalStore(unquote(parsed.path) if parsed.scheme else url)
+        if not parsed.scheme:
+            return LocalStore(url, sync=local_sync)
+        q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        return LocalStore(unquote(parsed.path), sync=q.get("sync", local_sync))
     if parsed.scheme == "s3":
         # Only an S3 store needs boto3 (and its import costs ~0.3 s): loaded when one is asked for.
         from storage import s3

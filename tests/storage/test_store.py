@@ -484,6 +484,68 @@ def test_local_store_group_put_syncs_every_object_and_name_before_it_returns(
     assert synced.count(ident(series_instances)) == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs(2) is Linux's")
+def test_local_store_syncfs_group_put_syncs_bytes_before_names_and_names_before_return(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `storage_sync = syncfs` a group is made durable by syncing the folder's filesystem:
+    once before any object's name appears (their bytes) and once after all have (the names),
+    before `put_files` returns; nothing is fsynced object by object."""
+    store = open_store(f"{(tmp_path / 'objects').as_uri()}?sync=syncfs")
+    assert isinstance(store, LocalStore) and store.sync == "syncfs"
+    keys, sources = [], []
+    for n in range(4):
+        src = tmp_path / f"in{n}.dcm"
+        src.write_bytes(f"object {n}".encode())
+        sources.append(str(src))
+        keys.append(_deep_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}"))
+    visible_at_each_sync: list[int] = []
+    real_syncfs = store._syncfs
+    assert real_syncfs is not None
+
+    def syncfs(fd: int) -> int:
+        visible_at_each_sync.append(sum((store.root / k).exists() for k in keys))
+        return real_syncfs(fd)
+
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(store, "_syncfs", syncfs)
+
+    def fsync(fd: int) -> None:
+        fsynced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    infos = store.put_files(list(zip(keys, sources, strict=True)), move=True)
+
+    assert [i.key for i in infos] == keys
+    assert [_read(store, k) for k in keys] == [f"object {n}".encode() for n in range(4)]
+    assert visible_at_each_sync == [0, 4]
+    assert not fsynced
+
+
+def test_local_store_without_syncfs_falls_back_to_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the C library has no syncfs (not Linux, an old libc) the setting falls back to the
+    per-object fsyncs rather than failing the server's start or the group's put."""
+    import storage.local
+
+    monkeypatch.setattr(storage.local, "_load_syncfs", lambda: None)
+    store = LocalStore(tmp_path / "objects", sync="syncfs")
+    assert store.sync == "fsync"
+    src = tmp_path / "in.dcm"
+    src.write_bytes(b"object")
+    src2 = tmp_path / "in2.dcm"
+    src2.write_bytes(b"object 2")
+    keys = [_deep_key("1.2.3", "1.2.3.4", "1.2.3.4.1"), _deep_key("1.2.3", "1.2.3.4", "1.2.3.4.2")]
+    store.put_files([(keys[0], str(src)), (keys[1], str(src2))], move=True)
+    assert [_read(store, k) for k in keys] == [b"object", b"object 2"]
+    with pytest.raises(ValueError, match="sync must be one of"):
+        LocalStore(tmp_path / "objects", sync="nosync")
+
+
 @pytest.fixture
 def failing_s3() -> Iterator[tuple[str, list[str]]]:
     """An S3 endpoint that answers every request with a server error, as a store under strain
