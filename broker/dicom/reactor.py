@@ -68,25 +68,35 @@ _install_lock = threading.Lock()
 
 
 class _Pipe:
-    """A self-pipe: `poke()` from any thread makes a `select()` on `fd` return."""
+    """A self-pipe: `poke()` from any thread makes a `select()` on `fd` return.
+
+    Other threads poke it after its DUL thread has closed it (a kill, an event queued as the
+    association ends). A closed descriptor's number is the next one the process hands out,
+    often to a C-STORE spool file: a write to it then put a NUL byte into that file, and its
+    object no longer hashed as indexed. So the descriptors are used and closed only under a
+    lock, and never once closed (the calls do not block: both ends are non-blocking)."""
 
     def __init__(self) -> None:
         self.fd, self._w = os.pipe()
         os.set_blocking(self.fd, False)
         os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
         self._closed = False
 
     def poke(self) -> None:
-        with contextlib.suppress(OSError):  # full (already poked) or closed: nothing to add
-            os.write(self._w, b"\0")
+        with self._lock, contextlib.suppress(OSError):  # full: already poked, nothing to add
+            if not self._closed:
+                os.write(self._w, b"\0")
 
     def drain(self) -> None:
-        with contextlib.suppress(OSError):
-            while os.read(self.fd, 4096):
+        with self._lock, contextlib.suppress(OSError):
+            while not self._closed and os.read(self.fd, 4096):
                 pass
 
     def close(self) -> None:
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             for fd in (self.fd, self._w):
                 with contextlib.suppress(OSError):

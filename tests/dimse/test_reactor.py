@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -111,3 +112,31 @@ def test_dcmtk_echoscu_repeats_against_the_patched_server(server: Server) -> Non
     done = dcmtk("echoscu", "-aet", "CLIENT", "-aec", "REACTOR", "--repeat", "20", "127.0.0.1", str(port))
     assert done.returncode == 0, done.stdout
     assert seen["echo"].is_set()
+
+
+def test_a_wake_up_after_the_pipe_closed_never_writes_into_a_file_reusing_its_descriptor(
+    tmp_path: Path,
+) -> None:
+    """Another thread may poke a DUL thread's pipe after that thread closed it (a kill, a queued
+    event). The pipe's descriptor numbers are the next the process hands out: a C-STORE spool
+    file opened meanwhile got a stray NUL byte, and its stored object no longer hashed as indexed."""
+    pipe = reactor._Pipe()
+    numbers = {pipe.fd, pipe._w}
+    pipe.close()
+    opened = []
+    try:
+        # POSIX hands out the lowest free descriptor: the pipe's two, unless another thread of
+        # this process takes one first; open until both are files here.
+        while len(opened) < 64 and not numbers <= {f.fileno() for f in opened}:
+            opened.append((tmp_path / f"spool-{len(opened)}.dcm").open("w+b"))
+        assert numbers <= {f.fileno() for f in opened}
+        pipe.poke()
+        pipe.drain()
+        for f in opened:
+            f.write(b"DICM")
+            f.flush()
+            f.seek(0)
+            assert f.read() == b"DICM"
+    finally:
+        for f in opened:
+            f.close()
