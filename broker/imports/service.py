@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from broker.consent import service as consent
+from broker.db import Prepared as Statement
 from broker.db import session_scope
 from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.facilities import service as facilities
@@ -66,6 +67,9 @@ ACCESSION_POLICIES = ("empty", "keep", "new")
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
 # faster than 16 on the loaded bench machine, so 16 stays. `bench/imports.py --batch N` tries it.)
 BATCH = 16
+# Instances in a run's first batch (at most BATCH): its coercion is the last step before the first
+# request leaves, where the plain client's first request leaves at once.
+FIRST_BATCH = 4
 # Batches sent at once, each on its own association / HTTP connection. An archive stores one
 # instance at a time per association (Orthanc: write the file, index it) and spends most of a
 # C-STORE's time there; with two, one connection is busy on the wire and in our coercion while
@@ -109,6 +113,8 @@ class Prepared:
     destination: Facility
     via: str
     remote_only: bool
+    # The destination held no study of this UID when planning asked (its study-level query).
+    unheld: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +253,7 @@ def prepare(
         study_id_policy=config.study_id_policy,
         institution=json.loads(config.institution or "{}"),
     )
-    return Prepared(plan, view.facility_id, destination, how, remote_only)
+    return Prepared(plan, view.facility_id, destination, how, remote_only, unheld=not held)
 
 
 def dry_run(
@@ -444,10 +450,13 @@ def _start(
         assert row.id is not None
         # The import and its job in one transaction: never an import without its job, and one
         # commit (each is a disk flush) where there were three.
-        job = jobs.enqueue_in(
-            session, kind=IMPORT_JOB, key=str(row.id), params={"import_id": row.id, "calling_ae": calling_ae},
-            owner=owner,
-        )  # fmt: skip
+        params: dict[str, Any] = {"import_id": row.id, "calling_ae": calling_ae}
+        if owner and prepared.unheld:
+            # Run at once by this process: its first attempt takes planning's answer (the
+            # destination holds nothing of the study) for the run's own question, which it asks
+            # before the first batch leaves. A later attempt (after a crash) asks again.
+            params["unheld"] = True
+        job = jobs.enqueue_in(session, kind=IMPORT_JOB, key=str(row.id), params=params, owner=owner)
         row.job_id = job.id
         session.flush()
         session.expunge(row)
@@ -547,10 +556,15 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
         destination = facilities.get_facility(session=session, facility_id=row.facility_id)
         session.expunge(destination)
         plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
+    # Planning, a moment ago in this process, found the destination holding nothing of the study.
+    unheld = bool(params.get("unheld")) and job.attempts == 1
     # `running` is recorded with the instance rows (`_rows_to_send`): one commit fewer before the
     # first batch is sent; a study first fetched from its facility is `running` meanwhile.
     try:
-        _run(engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress)
+        _run(
+            engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress,
+            unheld=unheld,
+        )  # fmt: skip
     except ScanOnceError as exc:
         _set(engine, import_id, status="failed", message=exc.message, finished_at=datetime.now(UTC))
         raise
@@ -561,15 +575,21 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
 
 def _run(
     engine: Engine, store: Any, import_id: int, study_uid: str, plan_data: dict[str, Any],
-    destination: Facility, via: str, calling_ae: str, progress: jobs.Progress,
+    destination: Facility, via: str, calling_ae: str, progress: jobs.Progress, *, unheld: bool = False,
 ) -> None:  # fmt: skip
     # Whether the destination holds nothing of the study yet, asked while the study's instances
     # are read and their rows written; the first batch is sent only once it is answered, so the
-    # answer is about the destination before this run sent anything.
+    # answer is about the destination before this run sent anything. `unheld`: planning's answer,
+    # just before this run in the same process, is that (no query, none waited for).
     with ThreadPoolExecutor(1, thread_name_prefix="import-ask") as asking:
-        holds_nothing = asking.submit(
-            _holds_nothing, destination, via, str(plan_data["study_uid"]), calling_ae
-        )
+        holds_nothing: Future[bool]
+        if unheld:
+            holds_nothing = Future()
+            holds_nothing.set_result(True)
+        else:
+            holds_nothing = asking.submit(
+                _holds_nothing, destination, via, str(plan_data["study_uid"]), calling_ae
+            )
         with Session(engine) as session:
             remote = index.is_remote_only(session=session, study_uid=study_uid)
             refs = [] if remote else index.find_instances(session=session, study_uid=study_uid)
@@ -712,7 +732,7 @@ def _run(
             else:
                 order = [r.source_sop_uid for r in rows()]
             ahead: deque[tuple[list[str], Future[Coerced_]]] = deque()
-            batches = _batches(order, BATCH)
+            batches = _batches(order, BATCH, min(FIRST_BATCH, BATCH))
             # Each connection's last batch, once no batch is left to take: recorded with the
             # verification, in its transaction (the import's last commits were the records of the
             # last batches, then the verification's), keeping its slot until then.
@@ -983,8 +1003,13 @@ class _Senders:
         return sender
 
 
-def _batches(items: list[_T], n: int) -> Iterator[list[_T]]:
-    for i in range(0, len(items), n):
+def _batches(items: list[_T], n: int, first: int | None = None) -> Iterator[list[_T]]:
+    """`items` in batches of `n`, the first of `first` (if given)."""
+    start = 0
+    if first is not None and items:
+        yield items[:first]
+        start = first
+    for i in range(start, len(items), n):
         yield items[i : i + n]
 
 
@@ -1023,6 +1048,16 @@ _RECORD_ROW = (
         attempts=bindparam("new_attempts"), updated_at=bindparam("new_at"),
     )
 )  # fmt: skip
+# A batch's record, run through the driver (`db.Prepared`): SQLAlchemy's own statement execution
+# and an ORM session per record were most of a record's CPU (measured, see docs/imports.md).
+_RECORD_ROWS = Statement(_RECORD_ROW)
+_JOBS = ImportJob.__table__  # type: ignore[attr-defined]
+_RECORD_COUNTS = Statement(
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("import_id"))
+    .values(sent=_JOBS.c.sent + bindparam("add_sent"), failed=_JOBS.c.failed + bindparam("add_failed"))
+    .returning(_JOBS.c.cancel_requested)
+)
 
 
 def _record(
@@ -1044,18 +1079,11 @@ def _record(
     sent = sum(o.status in ("sent", "warning") for _, o in outcomes)
     failed = len(outcomes) - sent + len(unreadable)
     failed -= sum(inst.status == "failed" for inst, _ in (*outcomes, *unreadable))  # retried here
-    with session_scope(engine) as session:
-        session.execute(_RECORD_ROW, changes)
-        cancel = bool(
-            session.execute(
-                update(ImportJob)
-                .where(col(ImportJob.id) == import_id)
-                .values(sent=col(ImportJob.sent) + sent, failed=col(ImportJob.failed) + failed)
-                .returning(col(ImportJob.cancel_requested))
-            ).scalar_one()
-        )
-        progress.update_in(session, done=done, message="sending")
-        return cancel
+    with engine.begin() as conn:
+        _RECORD_ROWS.run(conn, changes)
+        (cancel,) = _RECORD_COUNTS.all(conn, {"import_id": import_id, "add_sent": sent, "add_failed": failed})
+        progress.update_in(conn, done=done, message="sending")
+        return bool(cancel[0])
 
 
 def _changes(

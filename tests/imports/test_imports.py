@@ -214,9 +214,13 @@ def test_http_import_then_again_does_not_duplicate(
     assert [i["id"] for i in client.get("/api/imports", headers=h).json()] == [second["id"], first]
 
 
-def test_cli_run_queues_and_claims_in_one_step(state: AppState, pacs: OrthancPeer, outside: Outside) -> None:
+def test_cli_run_queues_and_claims_in_one_step(
+    state: AppState, pacs: OrthancPeer, outside: Outside, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`scanonce import`'s path: an active import is claimed and run as `run_now` would; a new
-    one is created with its job already claimed by this process, and runs to the same end."""
+    one is created with its job already claimed by this process, and runs to the same end. Its
+    run takes planning's answer that the destination holds nothing of the study (one query
+    fewer before the first batch) only when that was the answer."""
 
     def start() -> tuple[ImportJob, Any]:
         return service.start_claimed(
@@ -230,10 +234,13 @@ def test_cli_run_queues_and_claims_in_one_step(state: AppState, pacs: OrthancPee
         service.run_claimed(engine=state.engine, store=state.store, import_id=row.id or 0, job=job).status
         == "done"
     )
+    listed = _spy_listing(monkeypatch)
     row, job = start()
     assert row.id != queued.id and job is not None and (job.status, job.attempts) == ("running", 1)
     final = service.run_claimed(engine=state.engine, store=state.store, import_id=row.id or 0, job=job)
     assert (final.status, final.verified) == ("done", 5) and len(pacs_instances(pacs)) == 5
+    # The PACS held the study already (the first import): not verified by its counts alone.
+    assert listed == [outside.study_uid]
     with Session(state.engine) as session:
         ended = jobs.get_job(session=session, job_id=job.id or 0)
     assert (ended.status, ended.attempts, ended.progress_done) == ("done", 1, 5)
@@ -366,3 +373,25 @@ def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, out
         bad = session.get(ImportInstance, next(r.id for r in rows if r.source_sop_uid == outside.sr_uid))
     assert bad is not None and "cannot be read" in bad.detail
     assert len(pacs_instances(pacs)) == 4
+
+
+def test_claimed_run_of_a_study_the_destination_lacks_asks_once(
+    state: AppState, pacs: OrthancPeer, outside: Outside, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning found the PACS without the study: the run does not ask again before sending, and
+    the count per series still verifies what arrived (no listing)."""
+    listed = _spy_listing(monkeypatch)
+    asked: list[str] = []
+    real = delivery.series_counts
+
+    def series_counts(**kw: Any) -> dict[str, int] | None:
+        asked.append(kw["study_uid"])
+        return real(**kw)
+
+    monkeypatch.setattr(delivery, "series_counts", series_counts)
+    row, job = service.start_claimed(
+        engine=state.engine, principal=ADMIN, study_uid=outside.study_uid, facility_id=MINE
+    )
+    final = service.run_claimed(engine=state.engine, store=state.store, import_id=row.id or 0, job=job)
+    assert (final.status, final.verified) == ("done", 5) and len(pacs_instances(pacs)) == 5
+    assert asked == [outside.study_uid] and listed == []  # the verification's count only
