@@ -107,12 +107,14 @@ class WriterServer:
         if self._thread is not None:
             self._thread.join(5)
         with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            # shutdown, not close: it wakes the connection's thread blocked in recv (which then
-            # closes it), and the receiver's end sees the writer go.
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
+            # Under the lock that each connection's thread closes it under: a connection still
+            # in the set is open, so its descriptor's number names it and not another socket or
+            # file that took the number since. shutdown, not close: it wakes the connection's
+            # thread blocked in recv (which then closes it), and the receiver's end sees the
+            # writer go.
+            for conn in self._conns:
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def _accept(self) -> None:
@@ -144,9 +146,8 @@ class WriterServer:
         except (EOFError, OSError, AuthenticationError):
             pass  # the receiver went away (or was not one of ours): its requests end with it
         finally:
-            with self._lock:
+            with self._lock, contextlib.suppress(OSError):
                 self._conns.discard(conn)
-            with contextlib.suppress(OSError):
                 conn.close()
 
     def _handle(self, request: _Request) -> tuple[bool, Any]:
