@@ -188,9 +188,24 @@ class LocalStore:
             return [self.put_file(key, path) for key, path in items]
         targets = [(key, self._path(key), path) for key, path in items]
         if self._syncfs is not None:
-            return self._put_files_syncfs(targets)
-        _sync_all(_fsync_file, [path for _key, _target, path in targets])
+            self._sync_filesystem()  # every object's bytes, before any of their names appears
+        else:
+            _sync_all(_fsync_file, [path for _key, _target, path in targets])
         gained: dict[Path, None] = {}
+        infos = self._link_all(targets, gained)
+        if self._syncfs is not None:
+            # The names. A source on another filesystem was not covered by the first syncfs: it
+            # cannot be hard-linked either, so `put_file` copied it (its own fsyncs); a target
+            # directory on another filesystem (a mount inside the folder) is fsynced on its own.
+            self._sync_filesystem()
+            gained = {d: None for d in gained if os.stat(d).st_dev != self._dev}
+        _sync_all(_fsync_dir, gained)
+        return infos
+
+    def _link_all(self, targets: list[tuple[str, Path, str]], gained: dict[Path, None]) -> list[ObjectInfo]:
+        """Each (key, target, source) hard-linked into place (a durable copy where links are not
+        possible); the directories that gained an entry are added to `gained`, for the caller's
+        sync of the names."""
         infos: list[ObjectInfo] = []
         for key, target, path in targets:
             self._make_dirs(target.parent, gained)
@@ -205,34 +220,6 @@ class LocalStore:
             os.replace(tmp, target)
             gained[target.parent] = None
             infos.append(ObjectInfo(key=key, size=target.stat().st_size))
-        _sync_all(_fsync_dir, gained)
-        return infos
-
-    def _put_files_syncfs(self, targets: list[tuple[str, Path, str]]) -> list[ObjectInfo]:
-        """`put_files` with one syncfs for the group's bytes and one for its names. A source on
-        another filesystem is not covered by the first: it cannot be hard-linked either, so it is
-        copied by `put_file` (its own fsyncs); a target directory on another filesystem (a mount
-        inside the folder) is fsynced on its own."""
-        self._sync_filesystem()  # every object's bytes, before any of their names appears
-        gained: dict[Path, None] = {}
-        infos: list[ObjectInfo] = []
-        for key, target, path in targets:
-            self._make_dirs(target.parent, gained)
-            tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
-            try:
-                os.link(path, tmp)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                infos.append(self.put_file(key, path))  # no hard links there: a durable copy
-                continue
-            os.replace(tmp, target)
-            gained[target.parent] = None
-            infos.append(ObjectInfo(key=key, size=os.stat(target).st_size))
-        self._sync_filesystem()  # the names
-        elsewhere = [d for d in gained if os.stat(d).st_dev != self._dev]
-        if elsewhere:
-            _sync_all(_fsync_dir, elsewhere)
         return infos
 
     def get(
