@@ -437,6 +437,17 @@ def test_local_store_syncs_the_names_too(how: str, tmp_path: Path, monkeypatch: 
         assert ident(directory) in synced, directory
 
 
+def _group_of_four(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Four received files ("object 0" ... "object 3") and their keys, all in one series."""
+    keys, sources = [], []
+    for n in range(4):
+        src = tmp_path / f"in{n}.dcm"
+        src.write_bytes(f"object {n}".encode())
+        sources.append(str(src))
+        keys.append(_deep_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}"))
+    return keys, sources
+
+
 def test_local_store_group_put_syncs_every_object_and_name_before_it_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -444,12 +455,7 @@ def test_local_store_group_put_syncs_every_object_and_name_before_it_returns(
     and every directory that gained an entry is synced before the call returns; a directory
     shared by the group is synced once, not once per object."""
     store = LocalStore(tmp_path / "objects")
-    keys, sources = [], []
-    for n in range(4):
-        src = tmp_path / f"in{n}.dcm"
-        src.write_bytes(f"object {n}".encode())
-        sources.append(str(src))
-        keys.append(_deep_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}"))
+    keys, sources = _group_of_four(tmp_path)
     targets = {os.stat(src).st_ino: store.root / key for src, key in zip(sources, keys, strict=True)}
     synced: list[tuple[int, int]] = []
     visible_before_sync: list[Path] = []
@@ -493,12 +499,7 @@ def test_local_store_syncfs_group_put_syncs_bytes_before_names_and_names_before_
     before `put_files` returns; nothing is fsynced object by object."""
     store = open_store(f"{(tmp_path / 'objects').as_uri()}?sync=syncfs")
     assert isinstance(store, LocalStore) and store.sync == "syncfs"
-    keys, sources = [], []
-    for n in range(4):
-        src = tmp_path / f"in{n}.dcm"
-        src.write_bytes(f"object {n}".encode())
-        sources.append(str(src))
-        keys.append(_deep_key("1.2.3", "1.2.3.4", f"1.2.3.4.{n}"))
+    keys, sources = _group_of_four(tmp_path)
     visible_at_each_sync: list[int] = []
     real_syncfs = store._syncfs
     assert real_syncfs is not None
