@@ -149,12 +149,7 @@ def memory(args: argparse.Namespace) -> None:
                 facilities.add_facility(
                     session=session, principal=ADMIN, facility_id="outside", issuer="OUTHOSP"
                 )
-            with session_scope(st.engine) as session:
-                identity.upsert_record(
-                    session=session, identifier=Identifier("MYPACS", "M1"),
-                    demographics=matching.Demographics(family="BENCH", given="PAT", birth_date="19800101"),
-                    identifiers=[Identifier("OUTHOSP", "P1")], facility_id="mine", source="hl7",
-                )  # fmt: skip
+            _register_patient(st)
             what = f"{args.size}x{args.size} 16-bit noise slices, seed {args.seed}"
             print(f"peak RSS of the importing process tree (this process and its children, Orthanc "
                   f"left out); {what}", flush=True)  # fmt: skip
@@ -234,6 +229,11 @@ def _seed_outside(st: AppState, paths: list[str]) -> None:
     """The outside study indexed under facility "outside", and the destination's registered
     patient (MYPACS M1) known to carry the outside ID (OUTHOSP P1)."""
     index.ingest_files(engine=st.engine, store=st.store, principal=ADMIN, facility_id="outside", paths=paths)
+    _register_patient(st)
+
+
+def _register_patient(st: AppState) -> None:
+    """The destination's registered patient (MYPACS M1), known to carry the outside ID (OUTHOSP P1)."""
     with session_scope(st.engine) as session:
         identity.upsert_record(
             session=session, identifier=Identifier("MYPACS", "M1"),
