@@ -90,8 +90,9 @@ class _Pipe:
 
     def drain(self) -> None:
         with self._lock, contextlib.suppress(OSError):
-            while not self._closed and os.read(self.fd, 4096):
-                pass
+            if not self._closed:
+                while os.read(self.fd, 4096):
+                    pass
 
     def close(self) -> None:
         with self._lock:
