@@ -36,7 +36,7 @@ from broker.errors import NotFound
 from broker.facilities.models import Facility
 from broker.index.facts import InstanceFacts, write_batch_facts
 from broker.index.keys import conflict_key, instance_key
-from broker.index.models import Instance, InstanceConflict, Patient, Series, Study, _now
+from broker.index.models import Instance, InstanceConflict, IntegrityFinding, Patient, Series, Study, _now
 from broker.index.parse import (
     Received,
     _Parsed,
@@ -49,7 +49,7 @@ from broker.index.schemas import StoreOutcome
 from broker.metrics import observe_ingest
 from broker.security.schemas import Principal
 from broker.security.service import authorize
-from storage import ObjectStore
+from storage import ObjectInfo, ObjectStore, StoreUnavailable
 
 log = logging.getLogger("scanonce.ingest")
 
@@ -531,6 +531,45 @@ def _audit_items(
     return items
 
 
+def _open_findings(session: Session, sop_uids: list[str]) -> dict[str, str]:
+    """SOP Instance UID -> object key, of these instances, for those `scanonce verify --repair`
+    recorded missing or changed and no later run found whole again."""
+    found: dict[str, str] = {}
+    for start in range(0, len(sop_uids), _KNOWN_CHUNK):
+        rows = session.execute(
+            select(col(IntegrityFinding.sop_uid), col(IntegrityFinding.object_key)).where(
+                col(IntegrityFinding.sop_uid).in_(sop_uids[start : start + _KNOWN_CHUNK]),
+                col(IntegrityFinding.resolved_at).is_(None),
+            )
+        )
+        found.update((sop, key) for sop, key in rows)
+    return found
+
+
+def _resolve_findings(session: Session, sop_uids: list[str]) -> None:
+    """The objects of these instances were stored again from a re-send (the bytes their rows
+    were indexed with): their open findings are resolved, in the batch's transaction."""
+    session.execute(
+        update(IntegrityFinding)
+        .where(col(IntegrityFinding.sop_uid).in_(sop_uids), col(IntegrityFinding.resolved_at).is_(None))
+        .values(resolved_at=_now())
+    )
+
+
+def _check_placed(info: ObjectInfo, sizes: dict[str, int]) -> None:
+    """The placed object must be as long as what was received and hashed. Its content address
+    is the hash of the bytes received, not re-read from the object (each byte is read once), so
+    a byte written into the spool file by anything else (as a poke of a closed, reused pipe
+    descriptor once did: broker/dicom/reactor.py) would be stored under a hash it does not
+    have. The size is already in hand. Nothing of the group is indexed, so nothing in it is
+    acknowledged; the sender retries (C-STORE 0xA700, STOW-RS 503) and the placement is
+    replaced, while the misplaced object, never indexed, is the reaper's."""
+    expected = sizes.get(info.key)
+    if expected is not None and info.size != expected:
+        log.error("stored object %s: %d bytes, %d received; not indexed", info.key, info.size, expected)
+        raise StoreUnavailable("a stored object did not match the bytes received; nothing was indexed")
+
+
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -885,26 +924,41 @@ def _index_batch(
         existing = known.sha_of
         pending: list[tuple[int, _Parsed]] = []
         conflicts: list[tuple[int, _Parsed]] = []
+        duplicates: list[tuple[int, _Parsed]] = []
         for i, p in parsed:
             prior = existing.get(p.sop_uid)
             if prior is None:
                 existing[p.sop_uid] = p.sha256
                 pending.append((i, p))
             elif prior == p.sha256:
-                outcomes[i] = p.outcome("duplicate", message="already stored (identical object)")
+                duplicates.append((i, p))
             else:
                 conflicts.append((i, p))
+        # A re-send of an instance whose object `scanonce verify --repair` found missing or
+        # changed brings the bytes its row was indexed with: stored again, in place. One read,
+        # and only when the batch holds re-sends (a finding is rare; the lookup is by SOP UID).
+        repairs = _open_findings(session, [p.sop_uid for _i, p in duplicates]) if duplicates else {}
+        for i, p in duplicates:
+            if p.sop_uid in repairs:
+                outcomes[i] = p.outcome("duplicate", message="already indexed; its object was restored")
+            else:
+                outcomes[i] = p.outcome("duplicate", message="already stored (identical object)")
 
         # Objects first: nothing is indexed (and so acknowledged) before its bytes are stored.
         # File and S3 writes (and their fsyncs) release the GIL, so they run side by side.
         # Keys are content-addressed, so an object placed by an earlier attempt is already right.
         puts = [(instance_key(p.sha256), p.path) for _i, p in pending]
         puts += [(conflict_key(p.sop_uid, p.sha256), p.path) for _i, p in conflicts]
+        restored = [(repairs[p.sop_uid], p) for _i, p in duplicates if p.sop_uid in repairs]
+        puts += [(key, p.path) for key, p in restored]
         puts = [(key, path) for key, path in puts if key not in placed]
+        sizes = {instance_key(p.sha256): p.size for _i, p in pending}
+        sizes.update((conflict_key(p.sop_uid, p.sha256), p.size) for _i, p in conflicts)
+        sizes.update((key, p.size) for key, p in restored)
 
         def put(key_path: tuple[str, str]) -> None:
             _hold(key_path[0], held)
-            store.put_file(key_path[0], key_path[1], move=consume)
+            _check_placed(store.put_file(key_path[0], key_path[1], move=consume), sizes)
             placed.add(key_path[0])
 
         put_files = getattr(store, "put_files", None)
@@ -915,7 +969,8 @@ def _index_batch(
             # rather than a whole put_file per object through the pool below.
             for key, _path in puts:
                 _hold(key, held)
-            put_files(puts, move=True)
+            for info in put_files(puts, move=True):
+                _check_placed(info, sizes)
             placed.update(key for key, _path in puts)
         elif len(puts) < _PARALLEL_PUTS:
             # A handful: a hop to the pool costs more than it saves.
@@ -965,6 +1020,8 @@ def _index_batch(
                     object_key=conflict_key(p.sop_uid, p.sha256),
                 )
             )
+        if repairs:
+            _resolve_findings(session, list(repairs))
         if audit is not None:
             audit(session=session, stored=_audit_items(batch, parsed, pending, conflicts))
         session.commit()

@@ -16,11 +16,14 @@ from sqlmodel import Session, select
 from broker.app import build_state
 from broker.deps import AppState
 from broker.dicom import status
+from broker.dicom.received import HashingWriter, Received
+from broker.index.ingest import index_parsed
 from broker.index.keys import instance_key
 from broker.index.models import Instance
-from broker.index.service import IngestBatcher, StoreOutcome
+from broker.index.service import IngestBatcher, StoreOutcome, parse_instance
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
+from storage import StoreUnavailable
 from tests.support import make_ds, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
@@ -177,3 +180,49 @@ def test_parallel_senders_share_commits(state: AppState, batcher: IngestBatcher,
     assert results == [["stored"] * each] * senders
     # 32 instances: groups of four make ~8-9 commits; one-and-three makes ~16.
     assert len(commits) <= 12, f"{len(commits)} commits for {senders * each} instances"
+
+
+def _spooled_with_stray_byte(tmp: Path, n: int) -> Received:
+    """A file received through the hashing writer (as a C-STORE spool file or STOW-RS part is),
+    then one byte written to its descriptor by something else: what a poke of a closed, reused
+    pipe descriptor once did. Its hash and size are of the bytes received, not of the file."""
+    data = Path(_file(tmp, n)).read_bytes()
+    spool = tmp / f"spool-{n}.dcm"
+    with open(spool, "wb") as raw:
+        writer = HashingWriter(raw)
+        writer.write(data)
+        raw.write(b"\0")  # the stray write, past the hashing writer (the parse reads no further)
+        return writer.received(str(spool))
+
+
+@pytest.mark.parametrize("group", [1, 3], ids=["alone", "group"])
+def test_a_placed_object_longer_than_what_was_received_is_not_indexed(
+    state: AppState, tmp_path: Path, group: int
+) -> None:
+    # One instance is placed by put_file, a group by put_files: both paths check the size.
+    received = [_spooled_with_stray_byte(tmp_path, n) for n in range(1, 1 + group)]
+    parsed = [parse_instance(r) for r in received]
+    with pytest.raises(StoreUnavailable, match="did not match the bytes received"):
+        index_parsed(
+            engine=state.engine,
+            store=state.store,
+            principal=P,
+            facility_id="local",
+            parsed=parsed,
+            consume=True,
+        )
+    assert _indexed(state) == set()  # nothing acknowledged
+    # The sender's retry brings the bytes as they are: stored, and the object hashes as indexed.
+    (tmp_path / "again").mkdir()
+    sent = [_file(tmp_path / "again", n) for n in range(1, 1 + group)]
+    outcomes = index_parsed(
+        engine=state.engine,
+        store=state.store,
+        principal=P,
+        facility_id="local",
+        parsed=[parse_instance(p) for p in sent],
+    )
+    assert [o.status for o in outcomes] == ["stored"] * group
+    for r in received:
+        stored = b"".join(state.store.get(instance_key(r.sha256)))
+        assert hashlib.sha256(stored).hexdigest() == r.sha256

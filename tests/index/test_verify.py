@@ -136,3 +136,38 @@ def test_verify_cli_job_and_api(settings: Settings, tmp_path: Path) -> None:
     with Session(state.engine) as session:
         assert [f.object_key for f in session.exec(select(IntegrityFinding))] == [rows[1].object_key]
     state.engine.dispose()
+
+
+def test_a_resent_instance_restores_what_verify_found_missing_or_changed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # What production.md tells an operator: `verify --repair`, then ask the facility to send again.
+    state = build_state(settings)
+    store = state.store
+    rows = _ingest(state, tmp_path, 3)
+    sent = {r.sop_uid: tmp_path / f"i{i}.dcm" for i, r in enumerate(rows)}
+    store.delete(rows[0].object_key)
+    store.put(rows[1].object_key, io.BytesIO(b"not what was stored"))
+    marked = integrity.verify(engine=state.engine, store=store, min_age=0, repair=True)
+    assert (marked.missing, marked.mismatch, marked.marked) == (1, 1, 2)
+    # Before the findings, a re-send changed nothing; now it stores the object again, as the
+    # duplicate it is (nothing re-indexed). The third, whole instance is untouched.
+    outcomes = ingest_files(
+        engine=state.engine,
+        store=store,
+        principal=ADMIN,
+        facility_id="local",
+        paths=[str(sent[r.sop_uid]) for r in rows],
+    )
+    assert [o.status for o in outcomes] == ["duplicate"] * 3
+    assert [o.message for o in outcomes][:2] == ["already indexed; its object was restored"] * 2
+    for r in rows:
+        stored = b"".join(store.get(r.object_key))
+        assert stored == sent[r.sop_uid].read_bytes()
+        assert hashlib.sha256(stored).hexdigest() == r.sha256
+    with Session(state.engine) as session:
+        findings = session.exec(select(IntegrityFinding)).all()
+        assert len(findings) == 2 and all(f.resolved_at is not None for f in findings)
+        assert len(session.exec(select(Instance)).all()) == 3
+    assert integrity.verify(engine=state.engine, store=store, min_age=0).clean
+    state.engine.dispose()
