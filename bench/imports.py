@@ -15,6 +15,10 @@ storescu sends one file at a time on one association, as it does; the import sen
 The import does strictly more (reads from storage, coerces, writes, then verifies by C-FIND /
 QIDO-RS): the ratio says what that costs.
 
+`--coerced-peer` (STOW-RS) adds a third side in the same runs: the plain client sending the
+import's own output (the coerced instances, read back from Orthanc after a first import), to tell
+what the coerced content costs the archive from what the import's own work costs.
+
 Memory (`--memory-gb 1`): a study of that size is generated from a fixed seed (noise pixel data,
 so no two slices are alike), ingested, then imported by C-STORE and by STOW-RS while a sampler
 reads the resident set size of this process and its children (Orthanc, the peer, left out) from
@@ -27,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -252,6 +258,8 @@ def main() -> None:
     ap.add_argument("--memory-gb", type=float, default=0, help="measure peak RSS for a study this big")
     ap.add_argument("--seed", type=int, default=7, help="seed of the --memory-gb study's pixel data")
     ap.add_argument("--via", choices=("both", "dimse", "dicomweb"), default="both", help="deliveries to run")
+    ap.add_argument("--coerced-peer", action="store_true",
+                    help="STOW-RS: also time the plain client sending the import's output")  # fmt: skip
     args = ap.parse_args()
     if args.batch:
         service.BATCH = args.batch
@@ -306,16 +314,14 @@ def main() -> None:
                 assert _count(pacs.url) == args.instances
                 return dt
 
-            sops = {p: _uid_of(p, sop=True) for p in paths}
-
-            def stow() -> float:
+            def stow(files: list[str] = paths, label: str = "peer dicomweb") -> float:
                 _clear(pacs.url)
                 c, o = _cpu(), _pids_cpu(pacs_pids)
                 t = time.perf_counter()
                 # The files as they are, in requests of the import's size, on as many keep-alive
                 # connections at once as the import uses: no coercion, no reading from
                 # storage, no bookkeeping.
-                batches = [paths[i : i + service.BATCH] for i in range(0, len(paths), service.BATCH)]
+                batches = [files[i : i + service.BATCH] for i in range(0, len(files), service.BATCH)]
                 senders = [delivery.Sender(facility=_web(pacs), via="dicomweb", calling_ae="X")
                            for _ in range(service.SENDERS)]  # fmt: skip
 
@@ -329,10 +335,17 @@ def main() -> None:
                 for sender in senders:
                     sender.close()
                 dt = time.perf_counter() - t
-                cpu.setdefault("peer dicomweb", []).append(_cpu() - c)
-                dest.setdefault("peer dicomweb", []).append(_pids_cpu(pacs_pids) - o)
+                cpu.setdefault(label, []).append(_cpu() - c)
+                dest.setdefault(label, []).append(_pids_cpu(pacs_pids) - o)
                 assert _count(pacs.url) == args.instances
                 return dt
+
+            sops = {p: _uid_of(p, sop=True) for p in paths}
+            coerced: list[str] = []
+            if args.coerced_peer and args.via != "dimse":
+                imp("dicomweb")  # also a warm-up; its output is the third side's files
+                coerced = _download(pacs.url, tmp / "coerced")
+                sops.update((p, _uid_of(p, sop=True)) for p in coerced)
 
             rows = []
             load = [os.getloadavg()[0]]
@@ -340,14 +353,27 @@ def main() -> None:
                                        ("STOW-RS", lambda: imp("dicomweb"), stow)):  # fmt: skip
                 if args.via != "both" and args.via != ("dimse" if name == "C-STORE" else "dicomweb"):
                     continue
-                a, b = [], []
-                for _ in range(args.runs):
-                    a.append(ours())
-                    b.append(theirs())
+                third = coerced if name == "STOW-RS" else []
+                a: list[float] = []
+                b: list[float] = []
+                c3: list[float] = []
+                sides: list[tuple[list[float], Callable[[], float]]] = [(a, ours), (b, theirs)]
+                if third:
+                    sides.append((c3, functools.partial(stow, third, "peer dicomweb, coerced files")))
+                for k in range(args.runs):
+                    # With three sides the order flips every run: they share each minute's load.
+                    for times, side in sides if k % 2 == 0 or not third else sides[::-1]:
+                        times.append(side())
                 ma, mb_ = statistics.median(a), statistics.median(b)
                 rows.append((name, args.instances / ma, args.instances / mb_, mb_ / ma))
                 print(f"{name}, each run (s): import {', '.join(f'{x:.2f}' for x in a)}; "
                       f"peer {', '.join(f'{x:.2f}' for x in b)}", flush=True)  # fmt: skip
+                if c3:
+                    mc = statistics.median(c3)
+                    rows.append((f"{name}, coerced files", args.instances / ma, args.instances / mc, mc / ma))
+                    print(f"{name}, coerced files by the plain client, each run (s): "
+                          f"{', '.join(f'{x:.2f}' for x in c3)}; the coerced files' rate / the "
+                          f"originals' {mb_ / mc:.3f}", flush=True)  # fmt: skip
                 load.append(os.getloadavg()[0])
             version = httpx.get(f"{pacs.url}/system", trust_env=False).json()["Version"]
             print(f"study: {args.instances} instances, {mb:.0f} MB ({args.size}x{args.size} 16-bit); "
@@ -356,7 +382,9 @@ def main() -> None:
             print("| delivery | import (inst/s) | peer (inst/s) | ratio |")
             print("| --- | --- | --- | --- |")
             for name, x, y, r in rows:
-                peer = "dcmtk storescu" if name == "C-STORE" else "same files to Orthanc's STOW-RS"
+                peer = {"C-STORE": "dcmtk storescu", "STOW-RS": "same files to Orthanc's STOW-RS"}.get(
+                    name, "the import's coerced output to Orthanc's STOW-RS"
+                )
                 print(f"| {name} | {x:.1f} | {y:.1f} ({peer}) | {r:.2f} |")
             print("CPU of this process (user + system, s, median per run): " + ", ".join(
                 f"{k} {statistics.median(v):.3f}" for k, v in cpu.items()))  # fmt: skip
@@ -366,6 +394,18 @@ def main() -> None:
             print(f"peak RSS of this process after all runs: {_maxrss_mb():.0f} MB")
             print("1-minute load average (2 cores) at the start and after each delivery: "
                   + ", ".join(f"{x:.1f}" for x in load))  # fmt: skip
+
+
+def _download(url: str, folder: Path) -> list[str]:
+    """Every instance Orthanc holds, as stored, into `folder`."""
+    folder.mkdir()
+    paths = []
+    with httpx.Client(trust_env=False) as http:
+        for i, iid in enumerate(http.get(f"{url}/instances").json()):
+            path = folder / f"{i}.dcm"
+            path.write_bytes(http.get(f"{url}/instances/{iid}/file").content)
+            paths.append(str(path))
+    return paths
 
 
 def _uid_of(path: str, *, sop: bool = False) -> str:
