@@ -109,15 +109,7 @@ class IngestBatcher:
             parsed = parse_instance(path, expected_sop=expected_sop)
             if isinstance(parsed, StoreOutcome):
                 return parsed
-            item = _Item(
-                engine=engine,
-                store=store,
-                principal=principal,
-                facility_id=facility_id,
-                parsed=parsed,
-                consume=consume,
-                audit=audit,
-            )
+            item = _Item(engine, store, principal, facility_id, parsed, consume, audit)
             self._submit(item)
         finally:
             self._joined(was_parsing=True)
@@ -138,15 +130,7 @@ class IngestBatcher:
         on SQLite parses there and hands its instance to this one writer
         (`broker.dimse.handoff`). The calling thread counts as one sender, as in `ingest_one`."""
         authorize(principal, action="index.store", facility=facility_id)
-        item = _Item(
-            engine=engine,
-            store=store,
-            principal=principal,
-            facility_id=facility_id,
-            parsed=parsed,
-            consume=consume,
-            audit=audit,
-        )
+        item = _Item(engine, store, principal, facility_id, parsed, consume, audit)
         try:
             self._submit(item)
         finally:

@@ -603,6 +603,7 @@ def configure_parsing(*, processes: int) -> None:
         if _PARSE_POOL is not None:
             _PARSE_POOL.shutdown(wait=False, cancel_futures=True)
             _PARSE_POOL = None
+            _WARMUPS.clear()  # the old pool's: cancelled, never to be waited for
         _PARSE_PROCESSES = processes
 
 
