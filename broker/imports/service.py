@@ -32,7 +32,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy import select as select_columns
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from broker.consent import service as consent
@@ -63,6 +63,7 @@ Shipped_ = tuple[list[tuple[str, delivery.Outcome]], list[tuple[str, str]]]
 # A batch coerced: for each instance, what to send, or None and why its source could not be read.
 Coerced_ = list[tuple[delivery.File | None, str]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
+_ACTIVE = ("queued", "running")  # an import's statuses while its job may still run it
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
 # faster than 16 on the loaded bench machine, so 16 stays. `bench/imports.py --batch N` tries it.)
@@ -85,7 +86,23 @@ BACKOFF = 0.5  # seconds before the first retry, doubled each time
 
 
 def register_jobs() -> None:
-    jobs.register(IMPORT_JOB)(_import_job)
+    jobs.register(IMPORT_JOB, on_failed=_job_failed)(_import_job)
+
+
+def _job_failed(conn: Connection, params: dict[str, Any], error: str) -> None:
+    """The import's job failed for good (its worker died on every attempt, an error no retry
+    changes): the import ends failed with it, in the same transaction, rather than staying
+    active and keeping the study from being imported again. An import that already ended (its
+    own verification failed it) keeps its own message."""
+    conn.execute(
+        update(ImportJob)
+        .where(col(ImportJob.id) == int(params.get("import_id") or 0), col(ImportJob.status).in_(_ACTIVE))
+        .values(status="failed", message=_given_up(error), finished_at=datetime.now(UTC))
+    )
+
+
+def _given_up(error: str) -> str:
+    return f"its job failed: {error}; nothing more is sent (start a new import to retry)"
 
 
 class Fetcher(Protocol):
@@ -425,16 +442,23 @@ def _start(
         patient=patient, accession_policy=accession_policy, via=via, calling_ae=calling_ae,
     )  # fmt: skip
     with session_scope(engine) as session:
-        active = session.exec(
+        for active in session.exec(
             select(ImportJob).where(
                 ImportJob.study_uid == study_uid,
                 ImportJob.facility_id == facility_id,
-                col(ImportJob.status).in_(("queued", "running")),
+                col(ImportJob.status).in_(_ACTIVE),
             )
-        ).first()
-        if active is not None:
-            session.expunge(active)
-            return active, None
+        ).all():
+            job = session.get(Job, active.job_id) if active.job_id is not None else None
+            if job is not None and job.status not in jobs.FINISHED:
+                session.expunge(active)
+                return active, None
+            # Its job ended without the import being told (a row left by an earlier version, or
+            # a job gone): nothing will run it any more, so it no longer blocks the study.
+            ended = f"{job.status}{': ' + job.error if job.error else ''}" if job is not None else "gone"
+            active.status, active.message = "failed", _given_up(f"it ended ({ended})")
+            active.finished_at = datetime.now(UTC)
+            session.add(active)
         row = ImportJob(
             study_uid=study_uid,
             facility_id=facility_id,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlmodel import Session
 
 from broker.app import create_app
@@ -340,6 +341,35 @@ def test_worker_dies_midway_and_the_resumed_job_sends_only_what_is_left(
     # Sent twice or not, each instance is held once.
     held = [str(d.SOPInstanceUID) for d in pacs_instances(pacs)]
     assert len(held) == len(set(held)) == 5
+
+
+def test_an_import_whose_job_was_given_up_ends_failed_and_may_be_started_again(
+    state: AppState, pacs: OrthancPeer, outside: Outside
+) -> None:
+    row = _start(state, outside)
+    assert row.job_id is not None
+    # A worker claims the job and is killed; the next finds its lease run out on the last
+    # attempt allowed, and the job runner fails the job for good.
+    assert jobs.claim(engine=state.engine, job_id=row.job_id) is not None
+    assert jobs.claim(engine=state.engine, stale_after=timedelta(0), max_attempts=1) is None
+    with Session(state.engine) as session:
+        assert jobs.get_job(session=session, job_id=row.job_id).status == "failed"
+        given_up = service.get_import(session=session, import_id=row.id or 0)
+    assert given_up.status == "failed" and given_up.finished_at is not None
+    assert "worker stopped" in given_up.message and "new import" in given_up.message
+    again = _start(state, outside)
+    assert again.id != row.id and again.status == "queued"
+    # An import whose job ended without the import being told (a row of an earlier version):
+    # it does not keep the study blocked either.
+    with Session(state.engine) as session:
+        session.execute(text("UPDATE job SET status = 'failed' WHERE id = :id"), {"id": again.job_id})
+        session.commit()
+    third = _start(state, outside)
+    assert third.id not in (row.id, again.id)
+    with Session(state.engine) as session:
+        assert service.get_import(session=session, import_id=again.id or 0).status == "failed"
+    assert _run(state, third.id or 0).status == "done"
+    assert len(pacs_instances(pacs)) == 5
 
 
 def test_cancel_a_queued_import(
