@@ -38,7 +38,7 @@ from sqlmodel import Session, col, select
 from broker.consent import service as consent
 from broker.db import Prepared as Statement
 from broker.db import session_scope
-from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
+from broker.errors import BadRequest, NotFound, Unavailable
 from broker.facilities import service as facilities
 from broker.facilities.models import Facility
 from broker.identity import service as identity
@@ -575,8 +575,12 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
     calling_ae = str(params.get("calling_ae") or "SCANONCE")
     with Session(engine) as session:
         row = get_import(session=session, import_id=import_id)
-        if row.status == "cancelled":
+        if row.status in ("cancelled", "done"):
             return
+        if row.status == "failed":
+            # A failed import stays failed: its job run again (queued by hand, or by an earlier
+            # version's retry) must not resume it; a new import is the way to retry.
+            raise jobs.GiveUp(f"import {import_id} has already ended failed: {row.message}")
         destination = facilities.get_facility(session=session, facility_id=row.facility_id)
         session.expunge(destination)
         plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
@@ -584,16 +588,24 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
     unheld = bool(params.get("unheld")) and job.attempts == 1
     # `running` is recorded with the instance rows (`_rows_to_send`): one commit fewer before the
     # first batch is sent; a study first fetched from its facility is `running` meanwhile.
+    # The import is not failed here on an error: the job runner decides whether the job is
+    # tried again (a transient failure with attempts left: the import stays running, to be
+    # resumed) or fails for good, which fails the import with it (`_job_failed`). Failing it
+    # here and resuming it later made a failed import change state afterwards.
     try:
         _run(
             engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress,
             unheld=unheld,
         )  # fmt: skip
-    except ScanOnceError as exc:
-        _set(engine, import_id, status="failed", message=exc.message, finished_at=datetime.now(UTC))
-        raise
-    except Exception as exc:
-        _set(engine, import_id, status="failed", message=str(exc)[:512], finished_at=datetime.now(UTC))
+    except jobs.TRANSIENT as exc:
+        why = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        # Best effort (the database may be what failed): the job's own error says it anyway.
+        with contextlib.suppress(Exception), session_scope(engine) as session:
+            session.execute(
+                update(ImportJob)
+                .where(col(ImportJob.id) == import_id, col(ImportJob.status).in_(_ACTIVE))
+                .values(message=f"interrupted, to be resumed unless its job gives up: {why}"[:512])
+            )
         raise
 
 
@@ -866,10 +878,9 @@ def _run(
             )  # fmt: skip
         progress.notify()
         if failed:
-            # The job's message: what arrived and what did not (each refusal is on its instance).
-            raise Unavailable(
-                f"{message}; {failed} not accepted by facility {destination.id!r} (see each instance)"
-            )
+            # Final (the import is recorded failed): the job fails with the same message, not
+            # queued again to resend and change what was reported.
+            raise jobs.GiveUp(message)
 
 
 def _unlink(files: Iterable[delivery.File | None]) -> None:
@@ -1168,6 +1179,8 @@ def _verify(
     failed = sum(r.status == "failed" for r in rows) + len(missing)
     verified = sum(r.sop_uid in held for r in rows)
     message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
+    if failed:  # what did not arrive (each refusal is on its instance)
+        message += f"; {failed} not accepted by facility {destination.id!r} (see each instance)"
     with session_scope(engine) as session:
         for batch in final:
             session.execute(_RECORD_ROW, _changes(*batch))

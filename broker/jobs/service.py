@@ -72,6 +72,13 @@ class RetryLater(ScanOnceError):
     title = "Retry later"
 
 
+class GiveUp(ScanOnceError):
+    """Raised by a handler whose work ended failed for good, whatever the cause: the job fails at
+    once, never queued again (another run would change what was reported as final)."""
+
+    title = "Failed"
+
+
 # Failures that say "not now" rather than "never": the job is queued again with backoff.
 TRANSIENT: tuple[type[BaseException], ...] = (
     RetryLater,

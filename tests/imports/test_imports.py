@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -386,7 +387,9 @@ def test_cancel_a_queued_import(
     assert client.post(f"/api/imports/{created['id']}/cancel", headers=h).status_code == 400
 
 
-def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, outside: Outside) -> None:
+def test_unreadable_instance_fails_alone_and_the_failed_import_stays_failed(
+    state: AppState, pacs: OrthancPeer, outside: Outside
+) -> None:
     with Session(state.engine) as session:
         from broker.index import service as index
 
@@ -395,13 +398,31 @@ def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, out
             for r in index.find_instances(session=session, study_uid=outside.study_uid)
             if r.sop_uid == outside.sr_uid
         )
-    state.store.put(ref.object_key, __import__("io").BytesIO(b"not dicom at all"))
+    stored = b"".join(state.store.get(ref.object_key))
+    state.store.put(ref.object_key, io.BytesIO(b"not dicom at all"))
     final = _run(state, _start(state, outside).id or 0)
     assert (final.status, final.sent, final.failed) == ("failed", 4, 1)
     with Session(state.engine) as session:
         rows = service.instances_of(session=session, import_id=final.id or 0)
         bad = session.get(ImportInstance, next(r.id for r in rows if r.source_sop_uid == outside.sr_uid))
+        job = jobs.get_job(session=session, job_id=final.job_id or 0)
     assert bad is not None and "cannot be read" in bad.detail
+    assert len(pacs_instances(pacs)) == 4
+    # Failed for good, its job too: not queued to run again (a new import is the way to retry).
+    assert (job.status, job.error) == ("failed", final.message)
+    # Even a job put back in the queue (its backoff passed, or by hand) leaves it as it ended,
+    # though the instance could be read now.
+    state.store.put(ref.object_key, io.BytesIO(stored))
+    with Session(state.engine) as session:
+        session.execute(
+            text("UPDATE job SET status = 'queued', run_after = NULL WHERE id = :id"), {"id": final.job_id}
+        )
+        session.commit()
+    jobs.work(engine=state.engine, store=state.store, once=True)
+    with Session(state.engine) as session:
+        after = service.get_import(session=session, import_id=final.id or 0)
+    assert (after.status, after.sent, after.failed, after.message) == ("failed", 4, 1, final.message)
+    assert after.finished_at == final.finished_at
     assert len(pacs_instances(pacs)) == 4
 
 
