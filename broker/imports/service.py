@@ -872,12 +872,12 @@ def _run(
             last = [rows_of(shipped) for shipped in final]
             for sent in last:
                 remember(sent)
-            failed, message = _verify(
+            ended_failed, message = _verify(
                 engine, import_id, plan, destination, via, calling_ae, statuses=statuses, counts=counts,
                 series_of=series_of, progress=progress, final=last,
             )  # fmt: skip
         progress.notify()
-        if failed:
+        if ended_failed:
             # Final (the import is recorded failed): the job fails with the same message, not
             # queued again to resend and change what was reported.
             raise jobs.GiveUp(message)
@@ -1152,10 +1152,12 @@ def _verify(
     engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
     *, statuses: dict[int, tuple[str, str]], counts: Future[dict[str, int] | None] | None,
     series_of: dict[str, str], progress: jobs.Progress, final: list[Sent_],
-) -> tuple[int, str]:  # fmt: skip
+) -> tuple[bool, str]:  # fmt: skip
     """Ask the destination what it holds; an instance sent but not there is reported failed.
     The import is then finished (done or failed, with its counts and message) in the same
-    transaction as the job's progress report. Returns (instances failed, the message).
+    transaction as the job's progress report. Returns (whether it ended failed, the message).
+    A destination that cannot be asked leaves the import unverified and failed, every outcome
+    the run holds recorded.
     `statuses` is every instance row's (SOP Instance UID as delivered, status) by id, as the
     run recorded them, `final` batches sent and not recorded yet (recorded here). When nothing
     failed, the job is recorded done in the same transaction too.
@@ -1168,19 +1170,35 @@ def _verify(
     rows = [_Status(id_, sop, status) for id_, (sop, status) in statuses.items()]
     sent = [r.sop_uid for r in rows if r.status in ("sent", "warning")]
     held: set[str] | None = None
-    if counts is not None and counts.result() == Counter(series_of.get(sop, "") for sop in sent):
-        held = set(sent)
+    with contextlib.suppress(Unavailable):  # the counts unanswered: the listing asks again
+        if counts is not None and counts.result() == Counter(series_of.get(sop, "") for sop in sent):
+            held = set(sent)
+    unasked = ""
     if held is None:
-        held = delivery.held_instances(
-            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
-        )
-    missing = [r.id for r in rows if r.status in ("sent", "warning") and r.sop_uid not in held]
+        try:
+            held = delivery.held_instances(
+                facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+            )
+        except Unavailable as exc:
+            # The outcomes the run holds are recorded all the same (below), and the import ends
+            # failed, unverified: nothing acknowledged is reported missing on no evidence.
+            unasked, held = exc.message, set()
+    missing = (
+        [] if unasked else [r.id for r in rows if r.status in ("sent", "warning") and r.sop_uid not in held]
+    )
     total = len(rows)
     failed = sum(r.status == "failed" for r in rows) + len(missing)
-    verified = sum(r.sop_uid in held for r in rows)
-    message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
+    verified: int | None = None if unasked else sum(r.sop_uid in held for r in rows)
+    if unasked:
+        message = (
+            f"{total - failed} of {total} instances delivered, not verified: facility {destination.id!r} "
+            f"could not be asked what it holds ({unasked}); start a new import to verify"
+        )
+    else:
+        message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
     if failed:  # what did not arrive (each refusal is on its instance)
         message += f"; {failed} not accepted by facility {destination.id!r} (see each instance)"
+    ended_failed = bool(failed or unasked)
     with session_scope(engine) as session:
         for batch in final:
             session.execute(_RECORD_ROW, _changes(*batch))
@@ -1195,16 +1213,16 @@ def _verify(
             .where(col(ImportJob.id) == import_id)
             .values(
                 verified=verified, sent=len(sent) - len(missing),
-                failed=failed, status="failed" if failed else "done", message=message,
+                failed=failed, status="failed" if ended_failed else "done", message=message,
                 finished_at=datetime.now(UTC),
             )
         )  # fmt: skip
         progress.update_in(
             session, done=sum(status != "pending" for _, status in statuses.values()), message=message
         )
-        if not failed:
+        if not ended_failed:
             progress.finish_in(session, message=message)
-    return failed, message
+    return ended_failed, message
 
 
 # -- "Compare in viewer": today's local study beside the outside prior --------------------------
