@@ -50,6 +50,7 @@ from broker.jobs import service as jobs
 from broker.jobs.models import Job
 from broker.security.schemas import Principal
 from broker.security.service import authorize
+from storage import StoreUnavailable
 
 log = logging.getLogger("scanonce.imports")
 
@@ -284,13 +285,22 @@ def dry_run(
         refs = index.find_instances(session=session, study_uid=study_uid)
     plan = prepared.plan
     plan.known_uids = _known_uids(refs, study_uid)
-    out = []
+    out: list[dict[str, Any]] = []
     for ref in refs[:limit]:
-        ds = _read(store, ref.object_key, headers_only=True)
-        diff = reconcile.apply(ds, plan)
+        try:
+            diff = reconcile.apply(_read(store, ref.object_key, headers_only=True), plan)
+        except StoreUnavailable:
+            raise  # the store away is a 503 for the whole dry run, not this instance's fault
+        except Exception as exc:
+            # As the import would: this instance fails alone, named by its UID; the error's type
+            # only, as its text may quote the file's values (patient data).
+            why = f"cannot be read or coerced: {type(exc).__name__}"
+            out.append({"sop_uid": ref.sop_uid, "changes": [], "error": why})
+            continue
         out.append({
             "sop_uid": ref.sop_uid,
             "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in diff],
+            "error": "",
         })  # fmt: skip
     return out
 

@@ -12,8 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session
+from typer.testing import CliRunner
 
 from broker.app import create_app
+from broker.cli import app as scanonce
 from broker.deps import AppState
 from broker.imports import delivery, service
 from broker.imports.models import ImportInstance, ImportJob
@@ -191,6 +193,51 @@ def test_dry_run_shows_the_diff_and_sends_nothing(
     assert changes["IssuerOfPatientID"] == (OUTSIDE_ISSUER, MINE_ISSUER)
     assert pacs_instances(pacs) == []
     assert client.get("/api/imports", headers=auth_headers()).json() == []
+
+
+def test_dry_run_names_an_instance_it_cannot_read(
+    state: AppState,
+    settings: Settings,
+    pacs: OrthancPeer,
+    outside: Outside,
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTP, on the import page and by `scanonce import --dry-run`: the unreadable instance
+    named by its SOP Instance UID (no patient data), the others' diffs shown, nothing stored."""
+    with Session(state.engine) as session:
+        from broker.index import service as index
+
+        key = next(
+            r.object_key
+            for r in index.find_instances(session=session, study_uid=outside.study_uid)
+            if r.sop_uid == outside.sr_uid
+        )
+    state.store.put(key, io.BytesIO(b"not dicom at all"))
+    rsp = client.post(
+        "/api/imports",
+        json={"study_uid": outside.study_uid, "facility": MINE, "dry_run": True},
+        headers=auth_headers(),
+    )
+    assert rsp.status_code == 200, rsp.text
+    by_sop = {i["sop_uid"]: i for i in rsp.json()["instances"]}
+    assert set(by_sop) == set(outside.files)
+    bad = by_sop.pop(outside.sr_uid)
+    assert bad["changes"] == [] and bad["error"].startswith("cannot be read")
+    assert "SMITH" not in bad["error"] and "P1" not in bad["error"]
+    assert all(i["changes"] and not i["error"] for i in by_sop.values())
+    page = client.get(
+        "/imports", params={"study": outside.study_uid, "facility": MINE}, headers=auth_headers("radiologist")
+    )
+    assert page.status_code == 200 and outside.sr_uid in page.text and "cannot be read" in page.text
+    for name, value in (("DATABASE_URL", settings.database_url), ("STORAGE_URL", settings.storage_url)):
+        monkeypatch.setenv(f"SCANONCE_{name}", value or "")
+    cli = ["import", outside.study_uid, "--to", MINE, "--dry-run", "--data-dir", str(settings.data_dir)]
+    r = CliRunner().invoke(scanonce, cli)
+    assert r.exit_code == 0, r.output
+    assert outside.sr_uid in r.output and "cannot be read" in r.output
+    assert client.get("/api/imports", headers=auth_headers()).json() == []
+    assert pacs_instances(pacs) == []
 
 
 def test_http_import_then_again_does_not_duplicate(
