@@ -86,7 +86,7 @@ def make_engine(
     return engine
 
 
-_QUOTED = re.compile(r'"[^"]*"')
+_QUOTED = re.compile(r'".*"', re.DOTALL)
 
 
 def _scrub_driver_text(exc: BaseException) -> bool:
@@ -96,15 +96,17 @@ def _scrub_driver_text(exc: BaseException) -> bool:
     PostgreSQL adds the rows' values in DETAIL (`Key (issuer, value)=(HOSP, MRN-4711) already
     exists`, `Failing row contains (...)`) and CONTEXT (`portal parameter $1 = '...'`), and a data
     exception (SQLSTATE class 22) quotes the value it could not read: only the primary message
-    stays, with those quotes emptied. SQLite's messages name columns and constraints, never values;
-    a client-side psycopg error (no SQLSTATE) names types, not values."""
+    stays, and of a data exception's only what names the problem. SQLite's messages name columns
+    and constraints, never values; a client-side psycopg error (no SQLSTATE) names types."""
     sqlstate = getattr(exc, "sqlstate", None)
     diag = getattr(exc, "diag", None)
     if not sqlstate or diag is None:
         return False
     primary = str(diag.message_primary or type(exc).__name__)
     if sqlstate.startswith("22"):
-        primary = _QUOTED.sub('"\u2026"', primary)
+        # `invalid input syntax for type integer: "..."`, `value "..." is out of range`: what
+        # follows a colon, and all between the first and the last quote (a value may hold one).
+        primary = _QUOTED.sub('"\u2026"', primary.split(":", 1)[0])
     safe = f"{primary} (SQLSTATE {sqlstate})"
     if exc.args == (safe,):
         return False

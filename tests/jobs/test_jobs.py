@@ -180,9 +180,9 @@ def test_a_database_error_keeps_patient_data_out_of_logs_and_the_stored_error(
 
     @jobs.register("test-unreadable")
     def unreadable(engine_: Engine, _store: Any, _job: Job, _progress: jobs.Progress) -> None:
-        # A patient ID read as a number: PostgreSQL quotes the value back in its error.
+        # A patient ID read as a number: PostgreSQL quotes the value (here with a quote in it) back.
         with Session(engine_) as session:
-            session.execute(text("SELECT CAST(:v AS integer)"), {"v": _MRN}).all()
+            session.execute(text("SELECT CAST(:v AS integer)"), {"v": f'{_MRN}"{_FAMILY}'}).all()
             raise RuntimeError("SQLite compares without complaint; the PostgreSQL run is the check")
 
     clashing = jobs.enqueue(engine=engine, kind="test-clash")
