@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import traceback
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import hl7
@@ -106,18 +108,47 @@ def feed_principal(*, facility: str) -> Principal:
     return Principal(who="hl7", role=Role.facility, facility=facility)
 
 
-def nak(code: str, text: str, control_id: str = "") -> Ack:
-    """An ACK built by hand, for messages (or MLLP blocks) too broken to build one from."""
-    safe = text.replace("|", " ").replace("\r", " ")
-    msg = f"MSH|^~\\&|SCANONCE||||||ACK|{control_id or 'NAK'}|P|2.5\rMSA|{code}|{control_id}|{safe}\r"
-    return Ack(code=code, text=text, message=msg)
+# The ACK is written with the standard delimiters whatever the sender used (MSH-1/MSH-2 say
+# which), so every value copied into it is escaped against those.
+_ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
+
+
+def _escape(value: str) -> str:
+    for char, escape in _ESCAPES:
+        value = value.replace(char, escape)
+    # Control characters (a segment separator, MLLP's <VT>/<FS>) would break the ACK's framing.
+    return "".join(c if c >= " " else " " for c in value)
+
+
+def _build_ack(code: str, text: str, msg: Any = None) -> Ack:
+    """The ACK for `msg` (None: too broken to read): built by hand, because the `hl7` library's
+    `create_ack` fails on a header that stops early or has no trigger event, and copies the
+    sender's delimiters and values unescaped."""
+
+    def hd(field: int) -> str:
+        parts = [_escape(_get(msg, f"MSH.F{field}.R1.C{c}")) for c in (1, 2, 3)] if msg is not None else []
+        return "^".join(parts).rstrip("^")
+
+    control_id = _escape(_get(msg, "MSH.F10")) if msg is not None else ""
+    event = _escape(_get(msg, "MSH.F9.R1.C2")) if msg is not None else ""
+    processing = (_escape(_get(msg, "MSH.F11.R1.C1")) if msg is not None else "") or "P"
+    version = (_escape(_get(msg, "MSH.F12.R1.C1")) if msg is not None else "") or "2.5"
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    msh = [
+        "MSH", "^~\\&", "SCANONCE", hd(6), hd(3), hd(4), stamp, "",
+        f"ACK^{event}^ACK" if event else "ACK", f"ACK{uuid.uuid4().hex[:16].upper()}", processing, version,
+    ]  # fmt: skip
+    segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
+    return Ack(code=code, text=text, message="\r".join(segments) + "\r")
+
+
+def nak(code: str, text: str) -> Ack:
+    """An ACK for messages (or MLLP blocks) too broken to build one from."""
+    return _build_ack(code, text)
 
 
 def _ack(msg: Any, code: str, text: str = "") -> Ack:
-    ack = msg.create_ack(code, application="SCANONCE")
-    if text:
-        ack.segment("MSA").assign_field(text.replace("|", " "), 3)
-    return Ack(code=code, text=text, message=str(ack))
+    return _build_ack(code, text, msg)
 
 
 def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:

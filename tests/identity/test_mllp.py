@@ -216,3 +216,27 @@ def test_a40_merge_moves_studies_and_unlink_splits_back(engine: Any, listener: M
         study = s.exec(select(Study).where(Study.study_uid == "1.2.840.99.1")).one()
         assert s.get(Patient, study.patient_pk).person_id != survivor.person_id  # type: ignore[union-attr]
         assert s.get(Patient, study.patient_pk) is not None
+
+
+def test_a_header_too_short_or_without_a_trigger_event_is_rejected_not_an_internal_error(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="scanonce")
+    acks = exchange(
+        listener,
+        [
+            frame("MSH|^~\\&"),  # the delimiters and nothing else
+            frame("MSH|^~\\&|ADT|HOSP\rPID|1||T1^^^ISSUER-A||SHORT^SUE\r"),  # stops before MSH-9
+            # MSH-9 without its trigger event: an unsupported event, said so, not a crash.
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT|T2|P|2.5\rPID|1||T2^^^ISSUER-A||NOEVENT^NED\r"),
+            # Delimiters of its own: MSH-9 is then one opaque string, an unsupported type.
+            frame("MSH|#|ADT|HOSP|||20240101||ADT^A01|T3|P|2.5\rPID|1||T3^^^ISSUER-A||ODD^OLGA\r"),
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AR", "AR", "AR", "AR"]
+    assert msa(acks[2])[2] == "T2" and "unsupported" in msa(acks[2])[3]
+    assert msa(acks[3])[2] == "T3"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with Session(engine) as s:
+        for value in ("T1", "T2", "T3"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
