@@ -19,7 +19,7 @@ import hl7
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from broker.errors import BadRequest, ScanOnceError
+from broker.errors import BadRequest, Conflict, NotFound, ScanOnceError
 from broker.facilities import service as facilities
 from broker.identity import matching, service
 from broker.identity.schemas import Identifier
@@ -30,6 +30,45 @@ log = logging.getLogger("scanonce.identity.adt")
 
 SUPPORTED = ("A01", "A04", "A08", "A40")
 _MAX_REPS = 20
+
+
+# HL7 table 0357 (message error condition codes): ERR-3 of a negative ACK.
+SEGMENT_SEQUENCE = "100"
+REQUIRED_FIELD = "101"
+DATA_TYPE = "102"
+UNSUPPORTED_TYPE = "200"
+UNSUPPORTED_EVENT = "201"
+UNKNOWN_KEY = "204"
+RECORD_LOCKED = "206"
+INTERNAL = "207"
+_ERROR_NAMES = {
+    SEGMENT_SEQUENCE: "Segment sequence error",
+    REQUIRED_FIELD: "Required field missing",
+    DATA_TYPE: "Data type error",
+    UNSUPPORTED_TYPE: "Unsupported message type",
+    UNSUPPORTED_EVENT: "Unsupported event code",
+    UNKNOWN_KEY: "Unknown key identifier",
+    RECORD_LOCKED: "Application record locked",
+    INTERNAL: "Application internal error",
+}
+
+
+class MessageError(BadRequest):
+    """Wrong message content, with the table 0357 code its ACK's ERR-3 carries."""
+
+    def __init__(self, message: str, *, hl7_code: str) -> None:
+        super().__init__(message)
+        self.hl7_code = hl7_code
+
+
+def _hl7_code(exc: ScanOnceError) -> str:
+    if isinstance(exc, MessageError):
+        return exc.hl7_code
+    if isinstance(exc, NotFound):
+        return UNKNOWN_KEY  # a merge naming an identifier the index does not hold
+    if isinstance(exc, Conflict):
+        return RECORD_LOCKED  # a move that lost its race: sending again succeeds
+    return INTERNAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +105,9 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
             break
         issuer = _issuer_for(msg, path, known)
         if not issuer:
-            raise BadRequest(
-                f"{seg}-{field} identifier has no assigning authority and the sending facility is unknown"
+            raise MessageError(
+                f"{seg}-{field} identifier has no assigning authority and the sending facility is unknown",
+                hl7_code=REQUIRED_FIELD,
             )
         out.append(Identifier(issuer=issuer, value=value))
     return out
@@ -77,7 +117,7 @@ def _demographics(msg: Any) -> matching.Demographics:
     raw_dob = _get(msg, "PID.F7.R1.C1")[:8]
     dob = matching.normalize_date(raw_dob)
     if raw_dob and not dob:
-        raise BadRequest("PID-7 birth date is not a real past date")
+        raise MessageError("PID-7 birth date is not a real past date", hl7_code=DATA_TYPE)
     address = " ".join(
         _get(msg, f"PID.F11.R1.C{c}") for c in (1, 2, 3, 4, 5) if _get(msg, f"PID.F11.R1.C{c}")
     )
@@ -120,10 +160,11 @@ def _escape(value: str) -> str:
     return "".join(c if c >= " " else " " for c in value)
 
 
-def _build_ack(code: str, text: str, msg: Any = None) -> Ack:
+def _build_ack(code: str, text: str, msg: Any = None, error: str = "") -> Ack:
     """The ACK for `msg` (None: too broken to read): built by hand, because the `hl7` library's
     `create_ack` fails on a header that stops early or has no trigger event, and copies the
-    sender's delimiters and values unescaped."""
+    sender's delimiters and values unescaped. A negative ACK carries ERR with `error` (table
+    0357; 207 if not given), severity E and the text again in ERR-8."""
 
     def hd(field: int) -> str:
         parts = [_escape(_get(msg, f"MSH.F{field}.R1.C{c}")) for c in (1, 2, 3)] if msg is not None else []
@@ -139,16 +180,19 @@ def _build_ack(code: str, text: str, msg: Any = None) -> Ack:
         f"ACK^{event}^ACK" if event else "ACK", f"ACK{uuid.uuid4().hex[:16].upper()}", processing, version,
     ]  # fmt: skip
     segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
+    if code != "AA":
+        error = error or INTERNAL
+        segments.append(f"ERR|||{error}^{_ERROR_NAMES[error]}^HL70357|E||||{_escape(text)}")
     return Ack(code=code, text=text, message="\r".join(segments) + "\r")
 
 
-def nak(code: str, text: str) -> Ack:
+def nak(code: str, text: str, error: str = INTERNAL) -> Ack:
     """An ACK for messages (or MLLP blocks) too broken to build one from."""
-    return _build_ack(code, text)
+    return _build_ack(code, text, error=error)
 
 
-def _ack(msg: Any, code: str, text: str = "") -> Ack:
-    return _build_ack(code, text, msg)
+def _ack(msg: Any, code: str, text: str = "", error: str = "") -> Ack:
+    return _build_ack(code, text, msg, error)
 
 
 def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
@@ -158,25 +202,26 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
         msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
         msg.segment("MSH")
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
-        return nak("AR", "message could not be parsed as HL7 v2")
+        return nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE)
     control_id = _get(msg, "MSH.F10")
     msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
     if msg_type != "ADT" or event not in SUPPORTED:
-        return _ack(msg, "AR", f"unsupported message type {msg_type}^{event}"[:80])
+        error = UNSUPPORTED_TYPE if msg_type != "ADT" else UNSUPPORTED_EVENT
+        return _ack(msg, "AR", f"unsupported message type {msg_type}^{event}"[:80], error)
     try:
         msg.segment("PID")
     except KeyError:
-        return _ack(msg, "AE", "PID segment missing")
+        return _ack(msg, "AE", "PID segment missing", SEGMENT_SEQUENCE)
     try:
         with Session(engine, expire_on_commit=False) as session:
             known = _known_issuers(session)
             ids = _identifiers(msg, "PID", 3, known)
             if not ids:
-                raise BadRequest("PID-3 carries no patient identifier")
+                raise MessageError("PID-3 carries no patient identifier", hl7_code=REQUIRED_FIELD)
             if event == "A40":
                 prior = _identifiers(msg, "MRG", 1, known)
                 if not prior:
-                    raise BadRequest("A40 needs MRG-1 (prior patient identifier)")
+                    raise MessageError("A40 needs MRG-1 (prior patient identifier)", hl7_code=REQUIRED_FIELD)
                 service.merge(
                     session=session,
                     principal=principal,
@@ -195,12 +240,12 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
                 )
                 session.commit()
     except ScanOnceError as exc:
-        return _ack(msg, "AE", exc.message[:200])
+        return _ack(msg, "AE", exc.message[:200], _hl7_code(exc))
     except Exception as exc:
         # Not the exception's text: a database error quotes the row (a patient's identifiers).
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         log.error(
             "ADT message %s failed: %s at %s:%s", control_id, type(exc).__name__, frame.filename, frame.lineno
         )
-        return _ack(msg, "AE", "internal error while applying the message")
+        return _ack(msg, "AE", "internal error while applying the message", INTERNAL)
     return _ack(msg, "AA")

@@ -28,7 +28,7 @@ from hl7.mllp import InvalidBlockError, start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
-from broker.identity.adt import Ack, handle_message, nak
+from broker.identity.adt import SEGMENT_SEQUENCE, Ack, handle_message, nak
 from broker.metrics import observe_mllp
 from broker.security.schemas import Principal
 
@@ -68,7 +68,8 @@ async def _serve_connection(
                 block = await reader.readblock()
             except InvalidBlockError:
                 # The bytes up to the end-of-block were consumed: the next block can still be read.
-                await _reply(writer, nak("AR", "MLLP block does not start with <VT> (0x0B)"))
+                no_vt = nak("AR", "MLLP block does not start with <VT> (0x0B)", SEGMENT_SEQUENCE)
+                await _reply(writer, no_vt)
                 continue
             except ValueError:
                 await _reply(writer, nak("AR", f"message larger than {MAX_MESSAGE_BYTES} bytes"))

@@ -240,3 +240,41 @@ def test_a_header_too_short_or_without_a_trigger_event_is_rejected_not_an_intern
     with Session(engine) as s:
         for value in ("T1", "T2", "T3"):
             assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
+
+
+def err(ack: str) -> list[str]:
+    line = next((s for s in ack.split("\r") if s.startswith("ERR|")), "")
+    return line.split("|")
+
+
+def test_errors_and_rejections_carry_an_err_segment_with_the_hl7_error_code(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """HL7 v2.5 2.15.5: a negative ACK says why in ERR (ERR-3 from table 0357, ERR-4 severity);
+    interface engines route on ERR-3, not on MSA-3's free text."""
+    acks = exchange(
+        listener,
+        [
+            frame("this is not HL7 at all"),
+            frame(adt("A31", "R1", "A1^^^ISSUER-A", "X^Y")),
+            frame(adt("A01", "R2", "A1", "NOBODY^KNOWN", sending_facility="UNKNOWN-HOSP")),
+            frame(adt("A01", "R3", "A1^^^ISSUER-A", "SMITH^ANN", "20230230")),
+            frame(adt("A40", "R4", "A1^^^ISSUER-A", extra="MRG|NOPE^^^ISSUER-A\r")),
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT^A01|R5|P|2.5\r"),
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ORU^R01|R6|P|2.5\r"),
+            frame(adt("A01", "R7", "A7^^^ISSUER-A", "SMITH^ANN", "19800101")),
+        ],
+    )
+    got = [(msa(a)[1], err(a)[3:5]) for a in acks]
+    assert got == [
+        ("AR", ["100^Segment sequence error^HL70357", "E"]),
+        ("AR", ["201^Unsupported event code^HL70357", "E"]),
+        ("AE", ["101^Required field missing^HL70357", "E"]),
+        ("AE", ["102^Data type error^HL70357", "E"]),
+        ("AE", ["204^Unknown key identifier^HL70357", "E"]),
+        ("AE", ["100^Segment sequence error^HL70357", "E"]),
+        ("AR", ["200^Unsupported message type^HL70357", "E"]),
+        ("AA", []),
+    ]
+    # ERR-8, the text for a person, says what MSA-3 says.
+    assert err(acks[3])[8] == msa(acks[3])[3] and "birth date" in err(acks[3])[8]
