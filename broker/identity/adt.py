@@ -9,6 +9,7 @@ unsupported type). Nothing is applied unless the whole message is.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -83,6 +84,72 @@ def _get(msg: Any, path: str) -> str:
         return str(msg[path] or "").strip()
     except (KeyError, IndexError, ValueError, AttributeError):
         return ""
+
+
+# The delimiter escapes (HL7 v2.5 2.7.4), left for the hl7 library to resolve once parsed.
+_DELIMITER_ESCAPES = frozenset("FSTRE")
+# Highlighting (2.7.3) and formatting (2.7.6): a space at most in a name or an address.
+_FORMATTING = re.compile(r"[HN]|\.(br|fi|nf|sk|ce|(sp|in|ti)[+-]?\d*)")
+_HEX = re.compile(r"X((?:[0-9A-Fa-f]{2})+)")
+
+
+def _charset(raw: str, sep: str) -> str:
+    """The codec MSH-18 names for \\X..\\ bytes; empty when it names none we know."""
+    first = raw.split("\r", 1)[0].split(sep)
+    declared = first[17].upper() if len(first) > 17 else ""
+    if "UTF-8" in declared or "UTF8" in declared:
+        return "utf-8"
+    if "8859/" in declared:
+        return "iso8859-" + declared.rsplit("8859/", 1)[1][:2].strip("^ ")
+    return ""
+
+
+def _decode_escapes(raw: str) -> str:
+    """Resolve what the `hl7` library would get wrong or log before it parses the message.
+
+    The library reads \\X..\\ bytes one per character (Latin-1), so a UTF-8 MÜLLER came out as
+    MÃ¼LLER; for an escape it does not know (an empty one, a character-set switch, bad hex)
+    it logs the whole field, a patient's name or address; highlighting became "_". Hex bytes are
+    decoded here (MSH-18's character set, else UTF-8, else Latin-1) and written back as text,
+    highlighting dropped, formatting made a space, anything else dropped (as the library drops
+    it, but silently). Escapes never span a delimiter, so this
+    works on the raw text, from MSH-3 on (MSH-2 holds the escape character itself)."""
+    if not raw.startswith("MSH") or len(raw) < 8:
+        return raw
+    sep = raw[3]
+    end = raw.find(sep, 4)
+    encoding = raw[4:end] if end > 0 else ""
+    if len(encoding) < 3:
+        return raw
+    comp, rep_, esc = encoding[0], encoding[1], encoding[2]
+    sub = encoding[3] if len(encoding) > 3 else ""
+    names = {sep: "F", comp: "S", rep_: "R", esc: "E"} | ({sub: "T"} if sub else {})
+    stops = "".join(re.escape(c) for c in (sep, comp, rep_, esc, sub, "\r") if c)
+    pattern = re.compile(f"{re.escape(esc)}([^{stops}]*){re.escape(esc)}")
+    codec = _charset(raw, sep)
+
+    def text_of(data: bytes) -> str:
+        for name in (codec, "utf-8") if codec else ("utf-8",):
+            try:
+                return data.decode(name)
+            except (UnicodeDecodeError, LookupError):
+                continue
+        return data.decode("latin-1")
+
+    def resolve(m: re.Match[str]) -> str:
+        value = m.group(1)
+        if value in _DELIMITER_ESCAPES:
+            return m.group(0)
+        if _FORMATTING.fullmatch(value):
+            return "" if value in ("H", "N") else " "
+        if hexed := _HEX.fullmatch(value):
+            text = text_of(bytes.fromhex(hexed.group(1)))
+            # Delimiters the bytes spell stay data: escaped again, for the library to resolve.
+            return "".join(f"{esc}{names[c]}{esc}" if c in names else (c if c >= " " else " ") for c in text)
+        return ""
+
+    head = end + 1
+    return raw[:head] + pattern.sub(resolve, raw[head:])
 
 
 def _issuer_for(msg: Any, cx_path: str, known: dict[str, str]) -> str:
@@ -199,7 +266,7 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
     authorize(principal, action="identity.feed", facility=principal.facility)
     try:
-        msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
+        msg = hl7.parse(_decode_escapes(raw.replace("\n", "\r").strip("\r\x0b\x1c")))
         msg.segment("MSH")
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
         return nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE)

@@ -278,3 +278,45 @@ def test_errors_and_rejections_carry_an_err_segment_with_the_hl7_error_code(
     ]
     # ERR-8, the text for a person, says what MSA-3 says.
     assert err(acks[3])[8] == msa(acks[3])[3] and "birth date" in err(acks[3])[8]
+
+
+def test_escape_sequences_are_decoded_so_a_feed_reads_a_name_as_the_images_spell_it(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """HL7 v2 escapes its delimiters (\\T\\ for &, \\S\\ for ^ ...) and may carry UTF-8 as \\X..\\:
+    the record must hold the characters, not the escape codes or UTF-8 bytes read as Latin-1,
+    or the feed's O&BRIEN-MÜLLER never meets the O&BRIEN-MÜLLER of the DICOM header."""
+    with Session(engine, expire_on_commit=False) as s:
+        image = ingest_patient(s, "fac-b", "B7", "O&BRIEN-MÜLLER^SIOBHÁN", "19700101", "F")
+    name = "O\\T\\BRIEN-M\\XC3BC\\LLER^SIOBH\\XC381\\N"
+    acks = exchange(listener, [frame(adt("A01", "X1", "H\\T\\7^^^ISSUER-A", name, "19700101", "F"))])
+    assert msa(acks[0])[1:3] == ["AA", "X1"]
+    with Session(engine) as s:
+        fed = service.get_record(session=s, issuer="ISSUER-A", value="H&7")
+        dicom = service.get_record(session=s, issuer="ISSUER-B", value="B7")
+        assert fed is not None and dicom is not None
+        assert (fed.family, fed.given) == (dicom.family, dicom.given) == ("O BRIEN-MULLER", "SIOBHAN")
+        assert fed.person_id == dicom.person_id == s.get(Patient, image.pk).person_id  # type: ignore[union-attr]
+
+
+def test_odd_escape_sequences_put_no_patient_data_in_the_logs(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hl7 library logs the whole field (a name, an address) when it meets an escape it does
+    not know, an empty one or a character-set switch; the feed must not let it."""
+    caplog.set_level(logging.DEBUG)
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A01", "L1", "L1^^^ISSUER-A", "KOWALSKA\\Z12\\^ZOFIA", "19500505", "F")),
+            frame(adt("A01", "L2", "L2^^^ISSUER-A", "WIŚNIEWSKA\\\\^HALINA", "19500505", "F")),
+            frame(adt("A01", "L3", "L3^^^ISSUER-A", "DĄBROWSKA\\C2D42\\^IRENA", "19500505", "F")),
+            frame(adt("A01", "L4", "L4^^^ISSUER-A", "LEWANDOWSKA\\XZZ\\^JADWIGA", "19500505", "F")),
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA", "AA"]
+    for secret in ("KOWALSKA", "ZOFIA", "WIŚNIEWSKA", "HALINA", "DĄBROWSKA", "IRENA", "LEWANDOWSKA"):
+        assert secret not in caplog.text
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="L1")
+        assert record is not None and (record.family, record.given) == ("KOWALSKA", "ZOFIA")
