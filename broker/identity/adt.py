@@ -93,15 +93,19 @@ _FORMATTING = re.compile(r"[HN]|\.(br|fi|nf|sk|ce|(sp|in|ti)[+-]?\d*)")
 _HEX = re.compile(r"X((?:[0-9A-Fa-f]{2})+)")
 
 
-def _charset(raw: str, sep: str) -> str:
-    """The codec MSH-18 names for \\X..\\ bytes; empty when it names none we know."""
-    first = raw.split("\r", 1)[0].split(sep)
-    declared = first[17].upper() if len(first) > 17 else ""
-    if "UTF-8" in declared or "UTF8" in declared:
-        return "utf-8"
-    if "8859/" in declared:
-        return "iso8859-" + declared.rsplit("8859/", 1)[1][:2].strip("^ ")
-    return ""
+# MSH-18 (HL7 table 0211) -> Python codec, for the character sets a sender may declare whose
+# header is still ASCII (so MSH-18 can be read before the message is decoded).
+_CODECS = {"ASCII": "ascii", "UNICODE UTF-8": "utf-8", "GB 18030-2000": "gb18030", "KS X 1001": "euc_kr"}
+_CODECS |= {"BIG-5": "big5", "ISO IR87": "iso2022_jp", "ISO IR159": "iso2022_jp_2", "ISO IR6": "ascii"}
+_CODECS |= {f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16)}
+
+
+def declared_codec(header: str) -> str:
+    """The codec MSH-18 of this MSH segment names ("" when none, or one we do not know)."""
+    fields = header.split("\r", 1)[0].split(header[3]) if len(header) > 3 else []
+    declared = fields[17] if len(fields) > 17 else ""
+    # A repeated MSH-18 names the default set first; a component names it first too.
+    return _CODECS.get(declared.split("~")[0].split("^")[0].strip().upper(), "")
 
 
 def _decode_escapes(raw: str) -> str:
@@ -126,7 +130,7 @@ def _decode_escapes(raw: str) -> str:
     names = {sep: "F", comp: "S", rep_: "R", esc: "E"} | ({sub: "T"} if sub else {})
     stops = "".join(re.escape(c) for c in (sep, comp, rep_, esc, sub, "\r") if c)
     pattern = re.compile(f"{re.escape(esc)}([^{stops}]*){re.escape(esc)}")
-    codec = _charset(raw, sep)
+    codec = declared_codec(raw)
 
     def text_of(data: bytes) -> str:
         for name in (codec, "utf-8") if codec else ("utf-8",):

@@ -320,3 +320,19 @@ def test_odd_escape_sequences_put_no_patient_data_in_the_logs(
     with Session(engine) as s:
         record = service.get_record(session=s, issuer="ISSUER-A", value="L1")
         assert record is not None and (record.family, record.given) == ("KOWALSKA", "ZOFIA")
+
+
+def test_a_message_in_the_character_set_msh18_names_is_read_in_it(engine: Any, listener: MllpHandle) -> None:
+    """MSH-18 says how the bytes are encoded; a Polish registration system sending ISO 8859-2
+    must not have its Ś read as Latin-1's ¦ (and dropped), or ŚLIWA never meets ŚLIWA."""
+    with Session(engine, expire_on_commit=False) as s:
+        ingest_patient(s, "fac-b", "B8", "ŚLIWA^ŻANETA", "19610203", "F")
+    header = "MSH|^~\\&|ADT|HOSP|SCANONCE|BROKER|20240101120000||ADT^A01^ADT_A01|CS1|P|2.5||||||8859/2"
+    message = f"{header}\rEVN|A01|20240101120000\rPID|1||P8^^^ISSUER-A||ŚLIWA^ŻANETA||19610203|F\r"
+    acks = exchange(listener, [SB + message.encode("iso8859-2") + EB])
+    assert msa(acks[0])[1:3] == ["AA", "CS1"]
+    with Session(engine) as s:
+        fed = service.get_record(session=s, issuer="ISSUER-A", value="P8")
+        dicom = service.get_record(session=s, issuer="ISSUER-B", value="B8")
+        assert fed is not None and dicom is not None
+        assert (fed.family, fed.given) == (dicom.family, dicom.given) == ("SLIWA", "ZANETA")
