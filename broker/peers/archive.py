@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import httpx
 import multipart as mp
@@ -125,6 +125,15 @@ def _series(attrs: dict[str, Any]) -> RemoteSeries | None:
     )
 
 
+def _is_match_list(data: Any) -> TypeGuard[list[dict[str, Any]]]:
+    """A PS3.18 F.2 answer: a list of objects whose attributes are objects with a list Value."""
+    return isinstance(data, list) and all(
+        isinstance(row, dict)
+        and all(isinstance(attr, dict) and isinstance(attr.get("Value", []), list) for attr in row.values())
+        for row in data
+    )
+
+
 class Source(Protocol):
     """A facility archive, as index sync sees it."""
 
@@ -199,10 +208,21 @@ class QidoSource:
             raise Unavailable(f"facility {self.facility.id!r} answered {r.status_code} to a QIDO-RS query")
         if r.status_code >= 400:
             raise BadRequest(f"facility {self.facility.id!r} refused a QIDO-RS query ({r.status_code})")
-        data = orjson.loads(r.content)
+        try:
+            data = orjson.loads(r.content)
+        except orjson.JSONDecodeError:
+            data = None
+        if not _is_match_list(data):
+            # Not read as "no matches": a sync would then drop every study of the facility.
+            # The body is not quoted (it may be anything, patient data included).
+            kind = r.headers.get("content-type", "no content type").split(";")[0][:64]
+            raise Unavailable(
+                f"facility {self.facility.id!r} answered a QIDO-RS query with {r.status_code} "
+                f"but not a DICOM JSON match list ({kind})"
+            )
         # PS3.18 8.3.4.4: a cut answer carries Warning: 299 ... "There are additional results".
         more = "additional results" in r.headers.get("warning", "").lower()
-        return (data if isinstance(data, list) else []), more
+        return data, more
 
     def _all(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         # One unpaged query first: paging is not stable on every archive (Orthanc's offsets can
