@@ -275,6 +275,9 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
         return nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE)
     control_id = _get(msg, "MSH.F10")
+    if len(msg.segments("MSH")) > 1:
+        # One ACK cannot acknowledge two messages: the sender would take AA for both.
+        return _ack(msg, "AR", "an MLLP block carries one message; this one holds several", SEGMENT_SEQUENCE)
     msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
     if msg_type != "ADT" or event not in SUPPORTED:
         error = UNSUPPORTED_TYPE if msg_type != "ADT" else UNSUPPORTED_EVENT

@@ -336,3 +336,16 @@ def test_a_message_in_the_character_set_msh18_names_is_read_in_it(engine: Any, l
         dicom = service.get_record(session=s, issuer="ISSUER-B", value="B8")
         assert fed is not None and dicom is not None
         assert (fed.family, fed.given) == (dicom.family, dicom.given) == ("SLIWA", "ZANETA")
+
+
+def test_two_messages_in_one_block_are_rejected_not_half_applied(engine: Any, listener: MllpHandle) -> None:
+    """MLLP carries one message per block; the one ACK cannot acknowledge two, so a sender that
+    packs two must not be told AA while only the first was applied."""
+    one = adt("A01", "D1", "D1^^^ISSUER-A", "FIRST^FRANK", "19400101", "M")
+    two = adt("A01", "D2", "D2^^^ISSUER-A", "SECOND^SAM", "19400202", "M")
+    acks = exchange(listener, [SB + (one + two).encode() + EB])
+    assert msa(acks[0])[1:3] == ["AR", "D1"] and "one message" in msa(acks[0])[3]
+    assert err(acks[0])[3].startswith("100^")
+    with Session(engine) as s:
+        for value in ("D1", "D2"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
