@@ -186,6 +186,12 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
 
 def _demographics(msg: Any) -> matching.Demographics:
     raw_dob = _get(msg, "PID.F7.R1.C1")[:8]
+    if len(raw_dob) in (4, 6) and raw_dob.isdigit():
+        # Precision to the year or month (HL7 DT): real if its first day is; matched as unknown,
+        # since a guessed day would count as a disagreement with the true one.
+        if not matching.normalize_date(f"{raw_dob[:4]}{raw_dob[4:6] or '01'}01"):
+            raise MessageError("PID-7 birth date is not a real past date", hl7_code=DATA_TYPE)
+        raw_dob = ""
     dob = matching.normalize_date(raw_dob)
     if raw_dob and not dob:
         raise MessageError("PID-7 birth date is not a real past date", hl7_code=DATA_TYPE)

@@ -349,3 +349,25 @@ def test_two_messages_in_one_block_are_rejected_not_half_applied(engine: Any, li
     with Session(engine) as s:
         for value in ("D1", "D2"):
             assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
+
+
+def test_a_birth_date_known_to_the_year_or_month_is_accepted_not_called_impossible(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """HL7 v2 dates may stop at the year or month (DT/DTM precision); a registration whose
+    patient's exact birthday is unknown is applied, matched without a birth date."""
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A01", "Y1", "Y1^^^ISSUER-A", "ABDI^AMINA", "1987", "F")),
+            frame(adt("A01", "Y2", "Y2^^^ISSUER-A", "HASSAN^OMAR", "198705", "M")),
+            frame(adt("A01", "Y3", "Y3^^^ISSUER-A", "ALI^NUR", "198713", "M")),  # no 13th month
+            frame(adt("A01", "Y4", "Y4^^^ISSUER-A", "ALI^NUR", "2999", "M")),  # not past
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AA", "AA", "AE", "AE"]
+    with Session(engine) as s:
+        for value in ("Y1", "Y2"):
+            record = service.get_record(session=s, issuer="ISSUER-A", value=value)
+            assert record is not None and record.birth_date == ""
+        assert service.get_record(session=s, issuer="ISSUER-A", value="Y3") is None
