@@ -334,6 +334,22 @@ def _dimse_identifier(level: str, fields: Sequence[str], **values: str) -> Any:
     return ds
 
 
+def _json_of(identifier: Any) -> dict[str, Any]:
+    """DICOM JSON of a C-FIND answer, without the elements whose value does not convert (an IS
+    of 'abcd'): one sloppy attribute of one study must not stop the facility's whole sync, and
+    a QIDO-RS value that is not a number is read as absent too. Not pydicom's
+    `suppress_invalid_tags`, which logs the offending value (it may be a name or a date)."""
+    out: dict[str, Any] = {}
+    for key in tuple(identifier.keys()):  # the tags: iterating the Dataset converts each value
+        try:
+            out[f"{key:08X}"] = identifier[key].to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=1 << 30
+            )
+        except (ValueError, TypeError, OverflowError):
+            continue
+    return out
+
+
 class CFindSource:
     """C-FIND at STUDY level, then SERIES level for the studies that changed (Study Root).
 
@@ -392,7 +408,7 @@ class CFindSource:
                 )
             if code in (0xFF00, 0xFF01):
                 if ds is not None:
-                    yield ds.to_json_dict(1 << 30, 1 << 30)
+                    yield _json_of(ds)
             elif code != 0x0000:
                 raise Unavailable(f"facility {self.facility.id!r} failed a C-FIND (status 0x{code:04X})")
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from sqlmodel import Session
 
 from broker.app import create_app
@@ -91,3 +97,63 @@ def test_a_facility_answering_garbage_fails_clearly_and_the_index_keeps_its_stud
     client = TestClient(create_app(state=federated), headers=auth_headers())
     sync = client.get("/api/facilities/web").json()["sync"]
     assert sync["last_status"] == "failed" and "not a DICOM JSON" in sync["last_error"]
+
+
+def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+@pytest.fixture
+def sloppy_cfind_archive() -> Iterator[int]:
+    """A C-FIND SCP (pynetdicom, real association on a loopback port) whose archive holds two
+    studies, one of them with a count that is not an integer string (IS 'abcd'), as archives
+    with hand-edited databases send."""
+
+    def identifier(uid: str, count: bytes, level: str) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        ds[0x0020000D] = _raw(0x0020000D, "UI", uid.encode() + (b"\0" if len(uid) % 2 else b""))
+        ds.PatientID, ds.IssuerOfPatientID, ds.ModalitiesInStudy = "P1", "SLOPPY", "CT"
+        if level == "SERIES":
+            ds.SeriesInstanceUID, ds.Modality = uid + ".1", "CT"
+            ds[0x00201209] = _raw(0x00201209, "IS", count)
+        else:
+            ds[0x00201206] = _raw(0x00201206, "IS", b"1 ")
+            ds[0x00201208] = _raw(0x00201208, "IS", count)
+        return ds
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        level = event.identifier.QueryRetrieveLevel
+        yield 0xFF00, identifier("1.2.826.0.1.3680043.99.1", b"3 ", level)
+        yield 0xFF00, identifier("1.2.826.0.1.3680043.99.2", b"abcd", level)
+
+    ae = AE(ae_title="SLOPPY")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    handlers: list[Any] = [(evt.EVT_C_FIND, on_find)]
+    server = cast(Any, ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers))
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+def test_a_c_find_answer_with_a_malformed_value_is_indexed_without_that_value(
+    federated: AppState, sloppy_cfind_archive: int
+) -> None:
+    """One bad count in one study's C-FIND answer must not stop the facility's sync with a bare
+    'invalid literal for int()': the value is left out (as a QIDO-RS one that is not a number)
+    and both studies are indexed."""
+    with Session(federated.engine) as session:
+        facilities.add_facility(
+            session=session,
+            principal=ADMIN,
+            facility_id="sloppy",
+            issuer="SLOPPY",
+            ae_title="SLOPPY",
+            host="127.0.0.1",
+            port=sloppy_cfind_archive,
+            sharing_policy="index_only",
+        )
+    result = service.sync_facility(engine=federated.engine, store=federated.store, facility_id="sloppy")
+    assert result.studies_seen == 2
+    assert {"1.2.826.0.1.3680043.99.1", "1.2.826.0.1.3680043.99.2"} <= _studies(federated)
