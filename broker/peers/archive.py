@@ -281,7 +281,7 @@ def wado_retrieve_study(*, facility: Archive, study_uid: str, into: str) -> list
                 raise NotFound(f"study not found at facility {facility.id!r}")
             if r.status_code >= 400:
                 raise Unavailable(f"facility {facility.id!r} answered {r.status_code} to a WADO-RS retrieve")
-            boundary = _boundary(r.headers.get("content-type", ""))
+            boundary = _boundary(r.headers.get("content-type", ""), facility)
             parser = _RelatedParser(boundary, max_header_count=64)
             current = None
             try:
@@ -315,12 +315,13 @@ class _RelatedParser(mp.PushMultipartParser):
         return mp.MultipartSegment(headerlist)
 
 
-def _boundary(content_type: str) -> str:
+def _boundary(content_type: str, facility: Archive) -> str:
     for param in content_type.split(";")[1:]:
         name, _, value = param.strip().partition("=")
         if name.lower() == "boundary":
             return value.strip().strip('"')
-    raise Unavailable("the facility's WADO-RS answer is not multipart (no boundary)")
+    kind = content_type.split(";")[0][:64] or "no content type"
+    raise Unavailable(f"facility {facility.id!r} answered a WADO-RS retrieve but not multipart ({kind})")
 
 
 # -- DIMSE ------------------------------------------------------------------------------------

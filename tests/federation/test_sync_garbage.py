@@ -25,7 +25,7 @@ from broker.errors import Unavailable
 from broker.facilities import service as facilities
 from broker.federation import service
 from broker.index.schemas import Query
-from broker.index.service import search
+from broker.index.service import remote_holders, search
 from tests.federation.conftest import WEB_FILES, study_uid_of
 from tests.support import ADMIN, auth_headers
 
@@ -157,3 +157,18 @@ def test_a_c_find_answer_with_a_malformed_value_is_indexed_without_that_value(
     result = service.sync_facility(engine=federated.engine, store=federated.store, facility_id="sloppy")
     assert result.studies_seen == 2
     assert {"1.2.826.0.1.3680043.99.1", "1.2.826.0.1.3680043.99.2"} <= _studies(federated)
+
+
+def test_a_retrieve_answered_with_an_html_page_names_the_facility_and_keeps_the_study_nearline(
+    federated: AppState, garbage_archive: tuple[str, type[Garbage]]
+) -> None:
+    service.sync_facility(engine=federated.engine, store=federated.store, facility_id="web")
+    url, archive = garbage_archive
+    archive.answer = ("text/html", b"<html>Please log in</html>")
+    with Session(federated.engine) as session:
+        facilities.update_facility(session=session, principal=ADMIN, facility_id="web", dicomweb_url=url)
+    study = study_uid_of("CT_small.dcm")
+    with pytest.raises(Unavailable, match="'web'.*not multipart"):
+        service.ensure_local(engine=federated.engine, store=federated.store, study_uid=study)
+    with Session(federated.engine) as session:
+        assert remote_holders(session=session, study_uid=study) == ["web"]
