@@ -69,6 +69,8 @@ def _hl7_code(exc: ScanOnceError) -> str:
         return UNKNOWN_KEY  # a merge naming an identifier the index does not hold
     if isinstance(exc, Conflict):
         return RECORD_LOCKED  # a move that lost its race: sending again succeeds
+    if isinstance(exc, BadRequest):
+        return DATA_TYPE  # a value the index cannot take (an identifier over 128 characters)
     return INTERNAL
 
 
@@ -116,8 +118,8 @@ def _decode_escapes(raw: str) -> str:
     it logs the whole field, a patient's name or address; highlighting became "_". Hex bytes are
     decoded here (MSH-18's character set, else UTF-8, else Latin-1) and written back as text,
     highlighting dropped, formatting made a space, anything else dropped (as the library drops
-    it, but silently). Escapes never span a delimiter, so this
-    works on the raw text, from MSH-3 on (MSH-2 holds the escape character itself)."""
+    it, but silently). Escapes never span a delimiter, so this works on the raw text, from MSH-3
+    on (MSH-2 holds the escape character itself)."""
     if not raw.startswith("MSH") or len(raw) < 8:
         return raw
     sep = raw[3]

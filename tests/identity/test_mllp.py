@@ -262,6 +262,7 @@ def test_errors_and_rejections_carry_an_err_segment_with_the_hl7_error_code(
             frame(adt("A40", "R4", "A1^^^ISSUER-A", extra="MRG|NOPE^^^ISSUER-A\r")),
             frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT^A01|R5|P|2.5\r"),
             frame("MSH|^~\\&|ADT|HOSP|||20240101||ORU^R01|R6|P|2.5\r"),
+            frame(adt("A01", "R8", "A" * 200 + "^^^ISSUER-A", "SMITH^ANN", "19800101")),
             frame(adt("A01", "R7", "A7^^^ISSUER-A", "SMITH^ANN", "19800101")),
         ],
     )
@@ -274,6 +275,7 @@ def test_errors_and_rejections_carry_an_err_segment_with_the_hl7_error_code(
         ("AE", ["204^Unknown key identifier^HL70357", "E"]),
         ("AE", ["100^Segment sequence error^HL70357", "E"]),
         ("AR", ["200^Unsupported message type^HL70357", "E"]),
+        ("AE", ["102^Data type error^HL70357", "E"]),  # an identifier longer than the index takes
         ("AA", []),
     ]
     # ERR-8, the text for a person, says what MSA-3 says.
