@@ -309,7 +309,7 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
                     principal=principal,
                     survivor=ids[0],
                     merged=prior[0],
-                    why=f"ADT^A40 {control_id}",
+                    why=f"ADT^A40 {''.join(c if c >= ' ' else ' ' for c in control_id)}",
                 )
             else:
                 service.upsert_record(

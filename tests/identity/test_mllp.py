@@ -15,6 +15,7 @@ from sqlmodel import Session, select
 from broker.identity import service
 from broker.identity.adt import feed_principal
 from broker.identity.mllp import MAX_MESSAGE_BYTES, MllpHandle, start_mllp, stop_mllp
+from broker.identity.models import IdentityRecord
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
 
@@ -373,3 +374,26 @@ def test_a_birth_date_known_to_the_year_or_month_is_accepted_not_called_impossib
             record = service.get_record(session=s, issuer="ISSUER-A", value=value)
             assert record is not None and record.birth_date == ""
         assert service.get_record(session=s, issuer="ISSUER-A", value="Y3") is None
+
+
+def test_control_characters_in_an_identifier_or_control_id_are_a_clear_answer_on_both_databases(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NUL in a value: SQLite stored it, PostgreSQL refused the row and the sender got 'internal
+    error' (and the broker logged an error) for a message whose content is simply wrong."""
+    caplog.set_level(logging.DEBUG, logger="scanonce")
+    with Session(engine, expire_on_commit=False) as s:
+        ingest_patient(s, "fac-a", "K1", "KEEP^KATE", "19700101")
+        ingest_patient(s, "fac-a", "K2", "KEEP^KATE", "19700101")
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A01", "N1", "N\x001^^^ISSUER-A", "NUL^NORA", "19700101", "F")),
+            frame(adt("A40", "N\x002", "K1^^^ISSUER-A", extra="MRG|K2^^^ISSUER-A\r")),
+        ],
+    )
+    assert msa(acks[0])[1] == "AE" and err(acks[0])[3].startswith("102^") and "control" in msa(acks[0])[3]
+    assert msa(acks[1])[1] == "AA"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with Session(engine) as s:
+        assert s.exec(select(IdentityRecord).where(IdentityRecord.family == "NUL")).first() is None
