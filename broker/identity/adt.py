@@ -177,6 +177,11 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
                 continue
             break
         issuer = _issuer_for(msg, path, known)
+        if any(c < " " or c == "\x7f" for c in issuer + value):
+            # No HL7 ST value holds one; PostgreSQL would refuse a NUL where SQLite kept it.
+            raise MessageError(
+                f"{seg}-{field} identifier must not contain control characters", hl7_code=DATA_TYPE
+            )
         if not issuer:
             raise MessageError(
                 f"{seg}-{field} identifier has no assigning authority and the sending facility is unknown",

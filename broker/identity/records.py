@@ -77,9 +77,6 @@ def check_identifier(ident: Identifier) -> Identifier:
         raise BadRequest("a patient identifier needs a value")
     if len(issuer) > 128 or len(value) > 128:
         raise BadRequest("identifier issuer and value are limited to 128 characters")
-    if any(c < " " or c == "\x7f" for c in issuer + value):
-        # PostgreSQL refuses a NUL outright and SQLite keeps it: refused alike on both.
-        raise BadRequest("identifier issuer and value must not contain control characters")
     return Identifier(issuer=issuer, value=value)
 
 
