@@ -815,8 +815,9 @@ def _search_pages(
         with Session(handle.state.engine) as session:
             query.visible = consent_service.visibility(principal=principal)
             result = search(session=session, query=query)
+        ignored = bool(result.warnings or request.unmatched)
         for match in result.matches:
-            yield match, bool(result.warnings)
+            yield match, ignored
         if not result.more or not result.matches:
             return
         offset += len(result.matches)
@@ -833,7 +834,8 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
       QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192"). Sent by `_PendingResponses`,
       not yielded to pynetdicom (see there why).
     - 0xFF01 Pending, but some optional keys are not supported for matching and were ignored
-      (PS3.4 C.4.1.1.3.1); the answer is as if they had been universal.
+      (PS3.4 C.4.1.1.3.1), among them any sequence key with a match value (sequence matching is
+      not supported); the answer is as if they had been universal.
     - 0x0000 Success: all matches sent (sent by pynetdicom when this generator ends).
     - 0xFE00 Cancel: the peer sent C-CANCEL.
     - 0xA900 Identifier does not match SOP class: missing or foreign QueryRetrieveLevel, an

@@ -376,3 +376,26 @@ def test_find_with_a_key_the_index_cannot_match_warns_ff01(archive: Node) -> Non
     assert [rsp.Status for rsp, _ in responses] == [0xFF01, 0x0000]
     first = responses[0][1]
     assert first is not None and first.StudyInstanceUID == PATIENT.StudyInstanceUID
+
+
+def _find_statuses(node: Node, identifier: Dataset) -> list[int]:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    try:
+        return [rsp.Status for rsp, _ in assoc.send_c_find(identifier, model)]
+    finally:
+        assoc.release()
+
+
+def test_find_with_a_sequence_match_value_warns_ff01(archive: Node) -> None:
+    # Sequence matching (PS3.4 C.2.2.2.6) is not supported: a sequence key whose item holds a
+    # value is ignored for matching, and the peer must be told (FF01), not led to believe
+    # that every answer has procedure code X.
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+    identifier.ProcedureCodeSequence = [_identifier(CodeValue="X", CodingSchemeDesignator="")]
+    assert _find_statuses(archive, identifier) == [0xFF01, 0x0000]
+    # An item of empty keys asks only for the sequence to be returned: nothing is ignored.
+    identifier.ProcedureCodeSequence = [_identifier(CodeValue="", CodingSchemeDesignator="")]
+    assert _find_statuses(archive, identifier) == [0xFF00, 0x0000]
