@@ -503,15 +503,18 @@ def search(*, session: Session, query: Query) -> QueryResult:
     matches: list[dict[str, Any]] = []
     if level == "patient":
         wanted = _wanted(query, A.PATIENT_DEFAULTS, asked)
-        n_studies = (
-            select(func.count())
-            .select_from(_study)
-            .where(_study.c.patient_pk == _patient.c.pk)
-            .scalar_subquery()
-        )
-        stmt = _paged(
-            select(_patient, n_studies.label("n_studies")).where(*conds).order_by(_patient.c.pk), query
-        )
+        mine = _study.c.patient_pk == _patient.c.pk
+        counts = [select(func.count()).select_from(_study).where(mine).scalar_subquery().label("n_studies")]
+        # The series and instance totals only when asked: each is one more subquery per row.
+        wants_series = wanted is None or "00201202" in wanted
+        wants_instances = wanted is None or "00201204" in wanted
+        if wants_series:
+            total = func.coalesce(func.sum(_study.c.num_series), 0)
+            counts.append(select(total).where(mine).scalar_subquery().label("n_series"))
+        if wants_instances:
+            total = func.coalesce(func.sum(_study.c.num_instances), 0)
+            counts.append(select(total).where(mine).scalar_subquery().label("n_instances"))
+        stmt = _paged(select(_patient, *counts).where(*conds).order_by(_patient.c.pk), query)
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             attrs = {
@@ -526,6 +529,10 @@ def search(*, session: Session, query: Query) -> QueryResult:
                 "00100040": {"vr": "CS", "Value": [row.sex]} if row.sex else {"vr": "CS"},
                 "00201200": {"vr": "IS", "Value": [row.n_studies]},
             }
+            if wants_series:
+                attrs["00201202"] = {"vr": "IS", "Value": [int(row.n_series)]}
+            if wants_instances:
+                attrs["00201204"] = {"vr": "IS", "Value": [int(row.n_instances)]}
             matches.append(_finish(_pick(attrs, wanted), wanted, A.PATIENT_DEFAULTS))
     elif level == "study":
         wanted = _wanted(query, A.STUDY_DEFAULTS, asked)

@@ -399,3 +399,27 @@ def test_find_with_a_sequence_match_value_warns_ff01(archive: Node) -> None:
     # An item of empty keys asks only for the sequence to be returned: nothing is ignored.
     identifier.ProcedureCodeSequence = [_identifier(CodeValue="", CodingSchemeDesignator="")]
     assert _find_statuses(archive, identifier) == [0xFF00, 0x0000]
+
+
+def test_find_patient_level_answers_the_patient_related_counts(archive: Node) -> None:
+    ae = AE(ae_title="PACS1")
+    model = PatientRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    identifier = _identifier(
+        QueryRetrieveLevel="PATIENT",
+        PatientID=PATIENT.PatientID,
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedSeries="",
+        NumberOfPatientRelatedInstances="",
+    )
+    try:
+        answers = [found for _rsp, found in assoc.send_c_find(identifier, model) if found is not None]
+    finally:
+        assoc.release()
+    mine = [ds for ds in SYNTH if ds.PatientID == PATIENT.PatientID]
+    # PS3.4 C.6.1.1.2: the counts of the patient's studies, series and instances held.
+    counts = [f"NumberOfPatientRelated{what}" for what in ("Studies", "Series", "Instances")]
+    studies, series = {ds.StudyInstanceUID for ds in mine}, {ds.SeriesInstanceUID for ds in mine}
+    expected = (len(studies), len(series), len(mine))
+    assert [tuple(str(a.get(k)) for k in counts) for a in answers] == [tuple(str(n) for n in expected)]
