@@ -49,7 +49,7 @@ UNAVAILABLE_COMMENT = "the index is unavailable; try again later"
 
 class AnsweredMoveFailure(Exception):  # noqa: N818 - a signal to pynetdicom, not an error of ours
     """Raised into pynetdicom by a C-MOVE handler whose failure response is already arranged
-    (`_fail_move`)."""
+    (`fail_move`)."""
 
 
 # The policy's action for each DIMSE operation (broker.security.policy.ACTIONS).
@@ -115,15 +115,17 @@ def unavailable(event: evt.Event, operation: str) -> Any:
         return iter([(status_dataset(OUT_OF_RESOURCES, UNAVAILABLE_COMMENT), None)])
     if operation == "C-GET":
         return iter([1, (status_dataset(UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT), None)])
-    return _fail_move(event, UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT)
+    return fail_move(event, UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT)
 
 
-def _fail_move(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
-    """pynetdicom wants a C-MOVE handler's first answer to be the move destination, whose lookup
-    needs the database, and sends a final failure only after a sub-association to it. So the
-    handler raises instead, and pynetdicom answers the request with its own status for a failing
-    handler (0xC514, no comment); that one response gets `status` and `comment` on its way out.
-    The association stays up (unlike `_refuse_move`, which must also stop the sub-association)."""
+def fail_move(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
+    """pynetdicom wants a C-MOVE handler's first answer to be the move destination, and sends a
+    final failure only after a sub-association to it: a failure decided before any sub-operation
+    (the database away, a bad identifier) would connect to the destination for nothing, and be
+    answered 0xA801 instead when the destination is down. So the handler raises instead, and
+    pynetdicom answers the request with its own status for a failing handler (0xC514, no
+    comment); that one response gets `status` and `comment` on its way out. The association
+    stays up (unlike `_refuse_move`, which must also stop the sub-association)."""
     dimse = event.assoc.dimse
     message_id = event.request.MessageID
     patched = "send_msg" in vars(dimse)
@@ -140,7 +142,9 @@ def _fail_move(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
         original(primitive, context_id)
 
     dimse.send_msg = send_msg  # type: ignore[method-assign]
-    raise AnsweredMoveFailure(comment)
+    # pynetdicom logs this exception: its message must not carry the comment, which can quote
+    # the identifier's values.
+    raise AnsweredMoveFailure(f"answered 0x{status:04X}")
     yield  # a generator, as pynetdicom expects of a C-MOVE handler
 
 

@@ -1153,6 +1153,8 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
     - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
       missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
+      These, and the 0xA702 above, are decided before any sub-operation: answered without
+      connecting to the destination, and whether or not it is up.
     - 0xA702 also while the database is away, before the destination could be looked up
       (answered on the association, which stays up: broker.dimse.access.unavailable).
     """
@@ -1172,11 +1174,10 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         dimse_audit.record(handle.state, event, principal, "C-MOVE")
         items = _instances_to_send(handle, event)
     except Exception as exc:
-        # pynetdicom sends a final failure only after one announced sub-operation, and opens
-        # the sub-association first (it needs a context to propose).
-        yield (*destination, {"contexts": [build_context(Verification)]})
-        yield 1
-        yield _failure(exc), None
+        # Answered without a sub-association: nothing is to be sent, and the peer learns why
+        # whether or not the destination is up.
+        failure = _failure(exc)
+        yield from access.fail_move(event, int(failure.Status), str(failure.get("ErrorComment", "")))
         return
     yield (*destination, {"contexts": _move_contexts(items)} if items else {})
     yield len(items)

@@ -23,7 +23,7 @@ from broker.facilities import service as facilities
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from tests.dimse.conftest import COMPRESSED, PATIENT, SYNTH, TEST_FILES, Node
-from tests.peers import dcmtk, storescp
+from tests.peers import dcmtk, free_port, storescp
 from tests.support import ADMIN
 
 
@@ -423,3 +423,24 @@ def test_find_patient_level_answers_the_patient_related_counts(archive: Node) ->
     studies, series = {ds.StudyInstanceUID for ds in mine}, {ds.SeriesInstanceUID for ds in mine}
     expected = (len(studies), len(series), len(mine))
     assert [tuple(str(a.get(k)) for k in counts) for a in answers] == [tuple(str(n) for n in expected)]
+
+
+def test_move_with_an_invalid_identifier_connects_nowhere(archive: Node) -> None:
+    # A registered destination that is down: the bad identifier is the answer (0xA900), not
+    # "destination unknown" from a sub-association that should never have been attempted.
+    with Session(archive.state.engine) as session:
+        facilities.add_facility(
+            session=session, principal=ADMIN, facility_id="downfac", issuer="DOWN", ae_title="DOWNAE",
+            host="127.0.0.1", port=free_port(),
+        )  # fmt: skip
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelMove
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_move(_identifier(QueryRetrieveLevel="STUDY"), "DOWNAE", model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
+    assert final.get("NumberOfFailedSuboperations") is None  # no sub-operation was attempted
