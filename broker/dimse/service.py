@@ -282,8 +282,9 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
     """Turn a C-FIND/C-MOVE/C-GET identifier into a query on the index.
 
     Raises IdentifierError(0xA900) for a missing or foreign QueryRetrieveLevel, unknown or
-    command/file-meta tags, or a malformed unique key; value syntax is left to the index's
-    matching rules (the same as QIDO-RS), whose BadRequest the SCP reports as 0xC000.
+    command/file-meta tags, or a malformed unique key (data set group lengths are skipped);
+    value syntax is left to the index's matching rules (the same as QIDO-RS), whose BadRequest
+    the SCP reports as 0xC000.
     Private tags are neither matched nor returned (PS3.4 C.4.1.1.3.1 lets an SCP ignore keys it
     does not support). Sequence keys are return keys only: sequence matching is not supported,
     and a sequence key with a match value is listed in `unmatched` (the SCP answers FF01).
@@ -300,7 +301,9 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
         tag = elem.tag
         if tag.is_private:
             continue
-        if tag.group in (0x0000, 0x0002) or tag.element == 0x0000:
+        if tag.element == 0x0000 and tag.group not in (0x0000, 0x0002):
+            continue  # a data set's Group Length, retired (PS3.5 7.2) but still sent: no key
+        if tag.group in (0x0000, 0x0002):
             raise IdentifierError(
                 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"({tag.group:04X},{tag.element:04X}) is not a key"
             )

@@ -4,11 +4,13 @@ pynetdicom for the bad inputs dcmtk will not send)."""
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -444,3 +446,23 @@ def test_move_with_an_invalid_identifier_connects_nowhere(archive: Node) -> None
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
     assert final.get("NumberOfFailedSuboperations") is None  # no sub-operation was attempted
+
+
+def test_find_ignores_group_lengths_as_some_modalities_send(
+    archive: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Group Length (gggg,0000) is retired (PS3.5 7.2) but older devices (GE workstations among
+    # them) still put it in their queries; it is no key, and no reason to refuse the query.
+    # pynetdicom's encoder drops group lengths, so they are put on the wire here.
+    encode = pynetdicom.association.encode
+
+    def with_group_length(ds: Dataset, implicit: bool, little: bool, deflated: bool = False) -> bytes | None:
+        body = encode(ds, implicit, little, deflated)
+        assert body is not None and little
+        if implicit:
+            return struct.pack("<HHII", 0x0008, 0x0000, 4, 14) + body
+        return struct.pack("<HH2sHI", 0x0008, 0x0000, b"UL", 4, 14) + body
+
+    monkeypatch.setattr(pynetdicom.association, "encode", with_group_length)
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+    assert _find_statuses(archive, identifier) == [0xFF00, 0x0000]
