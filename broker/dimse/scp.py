@@ -1177,7 +1177,7 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         # Answered without a sub-association: nothing is to be sent, and the peer learns why
         # whether or not the destination is up.
         failure = _failure(exc)
-        yield from access.fail_move(event, int(failure.Status), str(failure.get("ErrorComment", "")))
+        yield from access.fail_retrieve(event, int(failure.Status), str(failure.get("ErrorComment", "")))
         return
     yield (*destination, {"contexts": _move_contexts(items)} if items else {})
     yield len(items)
@@ -1202,8 +1202,8 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         dimse_audit.record(handle.state, event, principal, "C-GET")
         items = _instances_to_send(handle, event)
     except Exception as exc:
-        yield 1
-        yield _failure(exc), None
+        failure = _failure(exc)  # answered without a sub-operation count (access.fail_retrieve)
+        yield from access.fail_retrieve(event, int(failure.Status), str(failure.get("ErrorComment", "")))
         return
     yield len(items)
     yield from _send_items(event, handle, items)

@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 from sqlmodel import Session
@@ -466,3 +467,18 @@ def test_find_ignores_group_lengths_as_some_modalities_send(
     monkeypatch.setattr(pynetdicom.association, "encode", with_group_length)
     identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
     assert _find_statuses(archive, identifier) == [0xFF00, 0x0000]
+
+
+def test_get_with_an_invalid_identifier_reports_no_sub_operation(archive: Node) -> None:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_get(_identifier(QueryRetrieveLevel="STUDY"), model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
+    # Refused before any sub-operation: a getscu must not show "1 failed" for it.
+    assert final.get("NumberOfFailedSuboperations") in (None, 0)
