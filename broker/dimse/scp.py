@@ -838,8 +838,8 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
       not supported); the answer is as if they had been universal.
     - 0x0000 Success: all matches sent (sent by pynetdicom when this generator ends).
     - 0xFE00 Cancel: the peer sent C-CANCEL.
-    - 0xA900 Identifier does not match SOP class: missing or foreign QueryRetrieveLevel, an
-      unknown or non-attribute key, a UID key that is not a UID list, an undecodable identifier.
+    - 0xA900 Identifier does not match SOP class: missing or foreign QueryRetrieveLevel, a
+      command or file-meta element, a UID key that is not a UID list, an undecodable identifier.
     - 0xC000 Unable to process: a value the matching rules reject (e.g. a malformed date
       range); ErrorComment says which.
     - 0xC001 Unable to process: the index failed.

@@ -281,13 +281,14 @@ def _match_string(elem: DataElement) -> str:
 def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindRequest:
     """Turn a C-FIND/C-MOVE/C-GET identifier into a query on the index.
 
-    Raises IdentifierError(0xA900) for a missing or foreign QueryRetrieveLevel, unknown or
-    command/file-meta tags, or a malformed unique key (data set group lengths are skipped);
+    Raises IdentifierError(0xA900) for a missing or foreign QueryRetrieveLevel, command or
+    file-meta tags, or a malformed unique key (data set group lengths are skipped);
     value syntax is left to the index's matching rules (the same as QIDO-RS), whose BadRequest
     the SCP reports as 0xC000.
     Private tags are neither matched nor returned (PS3.4 C.4.1.1.3.1 lets an SCP ignore keys it
     does not support). Sequence keys are return keys only: sequence matching is not supported,
-    and a sequence key with a match value is listed in `unmatched` (the SCP answers FF01).
+    and a sequence key with a match value is listed in `unmatched` (the SCP answers FF01), as
+    is a tag missing from the data dictionary that has a value (neither matched nor returned).
     """
     level_elem = identifier.get("QueryRetrieveLevel")
     level = str(level_elem).strip().upper() if level_elem is not None else ""
@@ -309,10 +310,11 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
             )
         keyword = keyword_for_tag(tag)
         if not keyword:
-            raise IdentifierError(
-                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                f"unknown key ({tag.group:04X},{tag.element:04X})",
-            )
+            # Well formed but not in the dictionary (a newer standard's attribute): an optional
+            # key the SCP does not support, as for QIDO-RS. Not returned: its VR is unknown.
+            if elem.VR == "SQ" or not elem.is_empty:
+                unmatched.append(f"({tag.group:04X},{tag.element:04X})")
+            continue
         if keyword in _CONTROL_KEYWORDS:
             continue
         return_keys.append(tag)

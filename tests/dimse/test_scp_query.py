@@ -163,10 +163,6 @@ def test_find_with_invalid_keys_or_values_fails_with_a_reason(archive: Node) -> 
     # PATIENT is not a level of the Study Root model.
     wrong_level = _find_status(archive, _identifier(QueryRetrieveLevel="PATIENT", PatientID="X"))
     assert wrong_level.Status == 0xA900
-    unknown = _identifier(QueryRetrieveLevel="STUDY")
-    unknown.add_new(0x00080003, "LO", "x")  # not in the data dictionary
-    status = _find_status(archive, unknown)
-    assert status.Status == 0xA900 and "unknown key" in status.ErrorComment
     wildcard_uid = _find_status(archive, _identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.*"))
     assert wildcard_uid.Status == 0xA900
     # The SCP still answers a good question on the same node.
@@ -482,3 +478,24 @@ def test_get_with_an_invalid_identifier_reports_no_sub_operation(archive: Node) 
     assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
     # Refused before any sub-operation: a getscu must not show "1 failed" for it.
     assert final.get("NumberOfFailedSuboperations") in (None, 0)
+
+
+def test_find_with_a_key_missing_from_the_dictionary_ignores_it_with_ff01(archive: Node) -> None:
+    # A well-formed tag the dictionary does not know (a newer standard's, say) is an optional
+    # key the SCP does not support (PS3.4 C.4.1.1.3.1), as it is for QIDO-RS: ignored for
+    # matching, with FF01, and not returned. The query is not refused.
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+    identifier.add_new(0x00080003, "LO", "x")
+    identifier.add_new(0x00101234, "LO", "")
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_find(identifier, model))
+    finally:
+        assoc.release()
+    assert [rsp.Status for rsp, _ in responses] == [0xFF01, 0x0000]
+    found = responses[0][1]
+    assert found is not None and found.StudyInstanceUID == PATIENT.StudyInstanceUID
+    assert 0x00080003 not in found and 0x00101234 not in found
