@@ -354,7 +354,7 @@ def render_instance(
     *,
     media_type: str,
     frame: int | None,
-    window: tuple[float, float] | None,
+    window: pixels.Window | None,
     viewport: tuple[int, int] | None,
     quality: int,
     thumbnail: bool = False,
@@ -375,7 +375,7 @@ def rendered_parts(
     refs: list[InstanceRef],
     *,
     media_type: str,
-    window: tuple[float, float] | None,
+    window: pixels.Window | None,
     viewport: tuple[int, int] | None,
     quality: int,
 ) -> Iterator[tuple[str, Iterable[bytes]]]:
@@ -393,11 +393,14 @@ def rendered_parts(
         yield media_type, (data,)
 
 
+_WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")  # PS3.18 8.3.5.1.3
+
+
 def parse_render_params(
     query: dict[str, str],
-) -> tuple[tuple[float, float] | None, tuple[int, int] | None, int]:
+) -> tuple[pixels.Window | None, tuple[int, int] | None, int]:
     """window=center,width[,function], viewport=vw,vh[,...], quality=1..100 (PS3.18 8.3.5.1)."""
-    window = None
+    window: pixels.Window | None = None
     if query.get("window"):
         parts = query["window"].split(",")
         try:
@@ -406,7 +409,16 @@ def parse_render_params(
             raise BadRequest("window is center,width[,function] with numbers") from exc
         if width <= 0:
             raise BadRequest("window width must be positive")
+        if len(parts) > 3:
+            raise BadRequest("window is center,width[,function]")
         window = (center, width)
+        if len(parts) == 3:
+            # Checked here, not only when rendering: a study or series rendering leaves out an
+            # instance it cannot render, so a bad function would empty the answer, not refuse it.
+            function = parts[2].strip().lower().replace("_", "-")
+            if function not in _WINDOW_FUNCTIONS:
+                raise BadRequest(f"the window function must be one of {', '.join(_WINDOW_FUNCTIONS)}")
+            window = (center, width, function)
     viewport = None
     if query.get("viewport"):
         parts = query["viewport"].split(",")

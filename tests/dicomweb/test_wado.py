@@ -196,6 +196,23 @@ def test_rendered_study_and_series_are_one_image_per_instance(archive: Archive) 
     assert len(split_multipart(r.headers["content-type"], r.content)) == 2
 
 
+def test_rendered_window_function_is_applied(archive: Archive) -> None:
+    # PS3.18 8.3.5.1.3: window=center,width,function; the function changes the picture.
+    path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
+    linear = _get(archive, f"{path}?window=40,400,linear", Accept="image/png")
+    sigmoid = _get(archive, f"{path}?window=40,400,sigmoid", Accept="image/png")
+    assert linear.status_code == sigmoid.status_code == 200
+    assert linear.content == _get(archive, f"{path}?window=40,400", Accept="image/png").content
+    assert sigmoid.content != linear.content
+    assert sigmoid.content == _get(archive, f"{path}?window=40,400,SIGMOID", Accept="image/png").content
+    # A function PS3.18 does not define is a bad parameter, not silently linear; so at the
+    # study level, where it would otherwise leave every image out of a 200.
+    for where in (path, f"/dicom-web/studies/{MUELLER}/rendered"):
+        r = _get(archive, f"{where}?window=40,400,gamma")
+        assert r.status_code == 400, where
+        assert "function" in r.json()["detail"]
+
+
 def test_rendered_bad_parameters(archive: Archive) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
     assert _get(archive, path, Accept="image/tiff").status_code == 406
