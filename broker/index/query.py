@@ -345,6 +345,10 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
         if tag is None:
             raise BadRequest(f"unknown attribute {raw_key[:64]!r}: not a DICOM keyword or tag")
         keyword = A.keyword_of(tag)
+        if "\x00" in value:
+            # No DICOM text value holds NUL (PS3.5 6.1.2), and PostgreSQL refuses it in a string
+            # parameter: refused here, the same on every backend, whether the key is matched or not.
+            raise BadRequest(f"{keyword}: a match value cannot contain a NUL character")
         asked.add(tag)
         key = keys.get(keyword)
         if key is None:

@@ -101,3 +101,19 @@ def test_valid_dates_and_times_still_match(archive: Archive, query: str, expecte
     r = _get(archive, f"{LOCAL}?{query}")
     assert r.status_code == (200 if expected else 204), r.text
     assert _uids(r) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("PatientID=PID%00", "PatientID"),  # no DICOM string holds NUL; PostgreSQL refuses it
+        ("PatientName=M%00*", "PatientName"),
+        ("StudyDescription=%00", "StudyDescription"),
+        ("InstitutionName=%00", "InstitutionName"),  # not matched on, but no less malformed
+    ],
+)
+def test_a_nul_character_in_a_value_is_400_not_500(archive: Archive, query: str, says: str) -> None:
+    for path in (LOCAL, "/dicom-web/series", "/dicom-web/instances"):
+        r = _get(archive, f"{path}?{query}")
+        assert r.status_code == 400, (path, query, r.status_code, r.text)
+        assert says in r.json()["detail"]
