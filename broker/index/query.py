@@ -111,6 +111,7 @@ _RETURN_ONLY = {
     "QueryRetrieveLevel",
 }
 
+_INT_RE = re.compile(r"^[+-]?[0-9]{1,12}$")
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(
@@ -310,10 +311,12 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             hint = f"{keyword} takes a value or a range such as {form}-{form}"
             raise BadRequest(f"{exc.message}; {hint} (got {value[:40]!r})") from exc
     if kind == "INT":
-        try:
-            return key.column == int(value)
-        except ValueError as exc:
-            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer") from exc
+        # PS3.5 6.2 IS: an optional sign and digits, -2^31 to 2^31-1 (US values fit too). Python's
+        # int() would also take `1_0` and any size, which no column can hold (a 500, not a 400).
+        text = value.strip()
+        if not _INT_RE.match(text) or not -(2**31) <= int(text) < 2**31:
+            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer from -2147483648 to 2147483647")
+        return key.column == int(text)
     if kind == "PN":
         if fuzzy and key.fuzzy_column is not None:
             v = fuzzy_pn(value)

@@ -117,3 +117,15 @@ def test_a_nul_character_in_a_value_is_400_not_500(archive: Archive, query: str,
         r = _get(archive, f"{path}?{query}")
         assert r.status_code == 400, (path, query, r.status_code, r.text)
         assert says in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["SeriesNumber=" + "9" * 30, "SeriesNumber=-" + "9" * 20, "InstanceNumber=3000000000", "Rows=1_0"],
+)
+def test_an_integer_no_is_value_can_hold_is_400_not_500(archive: Archive, query: str) -> None:
+    # PS3.5 6.2: IS is an optional sign and digits, -2^31 to 2^31-1 (no underscores).
+    for path in ("/dicom-web/instances", f"/dicom-web/studies/{MUELLER}/instances"):
+        r = _get(archive, f"{path}?{query}")
+        assert r.status_code == 400, (path, query, r.status_code, r.text)
+        assert query.split("=")[0] in r.json()["detail"]
