@@ -584,7 +584,7 @@ async def rendered(
 
 async def rendered_many(request: Request, scope: Scope, refs: list[InstanceRef]) -> Response:
     """One image per instance with pixels, as multipart (a study or a series)."""
-    media_type = wado.negotiate_rendered(request.headers.get("accept"))
+    media_type = wado.negotiate_rendered(request.headers.get("accept"), multipart=True)
     window, viewport, quality = wado.parse_render_params(dict(request.query_params))
     return await _primed_multipart(
         request,

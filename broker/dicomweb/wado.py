@@ -180,8 +180,18 @@ def negotiate_bulk(accept: str | None) -> bool:
     )
 
 
-def negotiate_rendered(accept: str | None) -> str:
+def negotiate_rendered(accept: str | None, *, multipart: bool = False) -> str:
+    """The image type of a rendered resource. `multipart`: a study or series, whose answer is
+    multipart/related and which PS3.18 10.4.4 asks for as `multipart/related; type="image/..."`;
+    a single image type is still taken for it, as dicomweb-client and others send one."""
     for mt in parse_accept(accept):
+        if multipart and mt.type in ("multipart/related", "multipart/*"):
+            part = _part_type(mt, "image/jpeg")
+            if part in ("*/*", "image/*"):
+                return "image/jpeg"
+            if part in pixels.RENDERED_MEDIA_TYPES:
+                return part
+            continue
         if mt.type in ("*/*", "image/*"):
             return "image/jpeg"
         if mt.type in pixels.RENDERED_MEDIA_TYPES:

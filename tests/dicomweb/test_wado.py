@@ -213,6 +213,24 @@ def test_rendered_window_function_is_applied(archive: Archive) -> None:
         assert "function" in r.json()["detail"]
 
 
+def test_rendered_study_and_series_take_the_multipart_accept_ps3_18_prescribes(archive: Archive) -> None:
+    # PS3.18 10.4.4: a Rendered Study or Series is multipart; its Accept names the part type.
+    series = f"/dicom-web/studies/{MULLER}/series/{uid(2, 1)}/rendered"
+    for path, n in ((f"/dicom-web/studies/{MUELLER}/rendered", 4), (series, 2)):
+        for accept, part in (
+            ('multipart/related; type="image/png"', "image/png"),
+            ("multipart/related; type=image/gif, image/png;q=0.5", "image/gif"),
+            ("multipart/related", "image/jpeg"),
+            ('multipart/related; type="image/*"', "image/jpeg"),
+        ):
+            r = _get(archive, f"{path}?viewport=16,16", Accept=accept)
+            assert r.status_code == 200, (path, accept, r.text)
+            assert r.headers["content-type"].startswith(f'multipart/related; type="{part}"'), accept
+            assert len(split_multipart(r.headers["content-type"], r.content)) == n
+        r = _get(archive, path, Accept='multipart/related; type="image/tiff"')
+        assert r.status_code == 406, r.text
+
+
 def test_rendered_bad_parameters(archive: Archive) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
     assert _get(archive, path, Accept="image/tiff").status_code == 406
