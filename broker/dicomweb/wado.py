@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -417,6 +418,9 @@ def parse_render_params(
             center, width = float(parts[0]), float(parts[1])
         except (IndexError, ValueError) as exc:
             raise BadRequest("window is center,width[,function] with numbers") from exc
+        if not (math.isfinite(center) and math.isfinite(width)):
+            # float() reads nan, inf and 1e400 too; they would render a blank image with a 200.
+            raise BadRequest("window center and width must be finite numbers")
         if width <= 0:
             raise BadRequest("window width must be positive")
         if len(parts) > 3:

@@ -234,7 +234,15 @@ def test_rendered_study_and_series_take_the_multipart_accept_ps3_18_prescribes(a
 def test_rendered_bad_parameters(archive: Archive) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
     assert _get(archive, path, Accept="image/tiff").status_code == 406
-    for query in ("window=abc", "window=40,-1", "viewport=0,10", "viewport=a,b", "quality=101", "quality=x"):
+    for query in (
+        *("window=abc", "window=40,-1", "viewport=0,10", "viewport=a,b", "quality=101", "quality=x"),
+        *(
+            "window=nan,400",
+            "window=40,inf",
+            "window=40,1e400",
+            "window=-inf,400",
+        ),  # not numbers a window has
+    ):
         r = _get(archive, f"{path}?{query}")
         assert r.status_code == 400, query
         assert r.json()["detail"]
