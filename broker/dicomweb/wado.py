@@ -156,14 +156,17 @@ def negotiate_frames(accept: str | None) -> FramesPlan:
         if part == OCTET:
             if ts == "*":
                 return FramesPlan(True, None, True)
-            return FramesPlan(False, OCTET, False)
+            if ts in (None, "", EXPLICIT_LE):
+                return FramesPlan(False, OCTET, False)
+            # Uncompressed bulk data has one syntax (PS3.18 8.7.3.3.1): this range cannot be met.
+            continue
         if part in ("*/*", "image/*"):
             return FramesPlan(True, None, False)
         if part.startswith("image/") or part.startswith("video/"):
             return FramesPlan(True, part, False)
     raise NotAcceptable(
-        'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed) '
-        "or with the stored image media type"
+        'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed, '
+        f"transfer-syntax={EXPLICIT_LE}, or transfer-syntax=* as stored) or with the stored image media type"
     )
 
 

@@ -158,6 +158,23 @@ def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
     assert _get(archive, path.replace("frames/1", "frames/1,x")).status_code == 400
 
 
+def test_frames_as_octet_stream_in_a_compressed_syntax_are_406_not_native_pixels(archive: Archive) -> None:
+    # PS3.18 8.7.3.3.1: octet-stream is uncompressed bulk data, Explicit VR Little Endian; a
+    # compressed transfer syntax under it cannot be served, and native pixels are not what was asked.
+    path = _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/1"
+    octet = "multipart/related; type=application/octet-stream"
+    r = _get(archive, path, Accept=f"{octet}; transfer-syntax=1.2.840.10008.1.2.4.50")
+    assert r.status_code == 406, r.headers.get("content-type")
+    assert "transfer-syntax" in r.json()["detail"]
+    # The next acceptable range is taken, and Explicit VR Little Endian by name is the default.
+    r = _get(archive, path, Accept=f"{octet}; transfer-syntax=1.2.840.10008.1.2.4.50, {octet}; q=0.5")
+    assert r.status_code == 200
+    explicit = _get(archive, path, Accept=f"{octet}; transfer-syntax={EXPLICIT_LE}")
+    ((headers, data),) = split_multipart(explicit.headers["content-type"], explicit.content)
+    assert headers["content-type"] == f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
+    assert [data] == [d for _, d in split_multipart(r.headers["content-type"], r.content)]
+
+
 @pytest.mark.parametrize("media_type", ["image/jpeg", "image/png"])
 def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1))
