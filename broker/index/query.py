@@ -320,9 +320,14 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
     if kind == "PN":
         if fuzzy and key.fuzzy_column is not None:
             v = fuzzy_pn(value)
-            if _has_wildcard(v) or "^" in v:
-                pattern = _like(v) if _has_wildcard(v) else _like(v) + "%"
+            if "^" in v:
+                # Each query component, in order, is the start of a name component: the first
+                # the family name's, each next one a later component's (mul^ha: Müller^Hans).
+                first, *rest = v.split("^")
+                pattern = _like(first) + "%" + "".join("^" + _like(c) + "%" for c in rest)
                 return key.fuzzy_column.like(pattern, escape=_ESC)
+            if _has_wildcard(v):
+                return key.fuzzy_column.like(_like(v), escape=_ESC)
             return or_(
                 key.fuzzy_column.like(_like(v) + "%", escape=_ESC),
                 key.fuzzy_column.like("%^" + _like(v) + "%", escape=_ESC),

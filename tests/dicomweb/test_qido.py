@@ -76,6 +76,25 @@ def test_fuzzy_matching_is_accent_insensitive(archive: Archive) -> None:
     assert client.search_for_studies(search_filters={"PatientName": "muller"}) == []
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mul^ha", {MUELLER}),  # each component the start of a name component (Müller^Hans)
+        ("MUL^A", {MULLER}),
+        ("^hans", {MUELLER}),  # no family name given: the given name alone
+        ("muller^hans", {MUELLER}),
+        ("mul^x", set()),
+        ("han^mul", set()),  # the components keep their order
+    ],
+)
+def test_fuzzy_matching_takes_each_component_as_the_start_of_a_name_component(
+    archive: Archive, name: str, expected: set[str]
+) -> None:
+    client = archive.server.client(archive.server.facility_url("local"))
+    found = client.search_for_studies(search_filters={"PatientName": name}, fuzzymatching=True)
+    assert _uids(found) == expected
+
+
 def test_literal_and_percent_encoded_queries_mean_the_same(archive: Archive) -> None:
     pairs = [
         ("PatientName=mul*", "PatientName=mul%2A"),
