@@ -66,6 +66,7 @@ def parse_query(
     fuzzy = False
     warnings: list[str] = []
     seen_params: set[str] = set()
+    repeated: dict[str, list[str]] = {}
     for item in raw_query.split("&") if raw_query else []:
         if not item:
             continue
@@ -109,11 +110,9 @@ def parse_query(
             if "." in key:
                 warnings.append(f"Matching on sequence attributes is not supported: {key} was ignored.")
                 continue
-            if key in filters:
-                # A repeated key is read as a list of values (PS3.18 uid-list-match uses commas).
-                filters[key] = f"{filters[key]},{value}"
-            else:
-                filters[key] = value
+            # A repeated key is a list of values, any of which matches (as uid-list-match is).
+            repeated.setdefault(key, []).append(value)
+            filters.setdefault(key, value)
     if limit is None:
         limit = default_limit
     elif limit > max_limit:
@@ -122,6 +121,7 @@ def parse_query(
     query = Query(
         level=level,
         filters=filters,
+        any_of={k: tuple(v) for k, v in repeated.items() if len(v) > 1},
         study_uid=study_uid,
         series_uid=series_uid,
         facility_id=facility_id,

@@ -353,23 +353,28 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
         if tag is None:
             raise BadRequest(f"unknown attribute {raw_key[:64]!r}: not a DICOM keyword or tag")
         keyword = A.keyword_of(tag)
-        if "\x00" in value:
+        values = query.any_of.get(raw_key) or (value,)
+        if any("\x00" in v for v in values):
             # No DICOM text value holds NUL (PS3.5 6.1.2), and PostgreSQL refuses it in a string
             # parameter: refused here, the same on every backend, whether the key is matched or not.
             raise BadRequest(f"{keyword}: a match value cannot contain a NUL character")
         asked.add(tag)
         key = keys.get(keyword)
         if key is None:
-            if value not in ("", "*") and keyword not in _RETURN_ONLY:
+            constrained = [v for v in values if v not in ("", "*")]
+            if constrained and keyword not in _RETURN_ONLY:
                 vr = A.vr_of(tag)
                 if vr in _CHECKS:
                     # Not matched on, but a malformed date or time is still a bad request.
-                    check_temporal(keyword, vr, value)
+                    for v in constrained:
+                        check_temporal(keyword, vr, v)
                 ignored.append(keyword)
             continue
-        cond = _condition(keyword, key, value, query.fuzzy)
-        if cond is not None:
-            conds.append(cond)
+        alternatives = [_condition(keyword, key, v, query.fuzzy) for v in values]
+        present = [c for c in alternatives if c is not None]
+        if len(present) == len(alternatives):
+            # A universal value among them (None) leaves the key unconstrained.
+            conds.append(or_(*present) if len(present) > 1 else present[0])
     if query.study_uid is not None:
         conds.append(_study.c.study_uid == query.study_uid)
     if query.series_uid is not None:

@@ -129,3 +129,22 @@ def test_an_integer_no_is_value_can_hold_is_400_not_500(archive: Archive, query:
         r = _get(archive, f"{path}?{query}")
         assert r.status_code == 400, (path, query, r.status_code, r.text)
         assert query.split("=")[0] in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("PatientID=PID-3&PatientID=PID-1", {SMITH, MUELLER}),
+        ("AccessionNumber=ACC-1&AccessionNumber=NONE", {MUELLER}),
+        ("StudyDate=20200105&StudyDate=20220101-", {MUELLER, SMITH}),
+        ("PatientName=smith*&PatientName=mul*", {SMITH, MULLER}),
+        ("PatientName=smith*&PatientName=", {MUELLER, MULLER, SMITH}),  # one universal: no constraint
+        (f"StudyInstanceUID={MUELLER}&StudyInstanceUID={SMITH}", {MUELLER, SMITH}),
+    ],
+)
+def test_a_key_given_twice_matches_any_of_its_values(
+    archive: Archive, query: str, expected: set[str]
+) -> None:
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 200, (query, r.status_code, r.text)
+    assert _uids(r) == expected
