@@ -564,10 +564,10 @@ async def rendered(
     frame: int | None = None,
     thumbnail: bool = False,
 ) -> Response:
-    """One image: an instance, a frame, or (thumbnail) the middle instance of `refs`."""
+    """One image: an instance, a frame, or (thumbnail) the middle image of `refs`."""
     media_type = wado.negotiate_rendered(request.headers.get("accept"))
     window, viewport, quality = wado.parse_render_params(dict(request.query_params))
-    ref = refs[len(refs) // 2] if thumbnail else refs[0]
+    ref = wado.thumbnail_ref(refs) if thumbnail else refs[0]
     data = await run_in_threadpool(
         wado.render_instance,
         scope.state.store,

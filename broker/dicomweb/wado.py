@@ -362,6 +362,14 @@ def bulk_value(store: ObjectStore, ref: InstanceRef, tag_text: str) -> bytes:
     raise NotFound(f"attribute {where} of instance {ref.sop_uid} is not bulk data")
 
 
+def thumbnail_ref(refs: list[InstanceRef]) -> InstanceRef:
+    """The instance a study's or series' thumbnail shows: the middle one of those with pixels
+    (a report or plan in the middle would leave a study of images without one); the middle one
+    of all when the index knows of none (rows not indexed, as for some synced studies)."""
+    images = [r for r in refs if r.rows] or refs
+    return images[len(images) // 2]
+
+
 def render_instance(
     store: ObjectStore,
     ref: InstanceRef,

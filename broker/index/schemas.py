@@ -104,3 +104,4 @@ class InstanceRef:
     size: int
     number_of_frames: int | None
     facility_id: str
+    rows: int | None = None  # Rows (0028,0010): set for an instance with pixels

@@ -11,8 +11,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.dicomweb.conftest import Archive
-from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, split_multipart, uid
+from tests.dicomweb.conftest import Archive, LiveServer
+from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, multipart_body, split_multipart, uid
+from tests.support import make_ds, to_bytes
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -200,6 +201,30 @@ def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
         r = _get(archive, thumb, Accept=media_type)
         assert r.status_code == 200, thumb
         assert max(Image.open(io.BytesIO(r.content)).size) <= 128
+
+
+def test_a_study_thumbnail_is_of_an_image_when_the_middle_instance_has_no_pixels(
+    live_server: LiveServer,
+) -> None:
+    # A CT series, a series without pixels (a report, a plan) and another CT series: the middle
+    # instance is the one without pixels, yet the study has images to show.
+    study = uid(90)
+    instances = [make_ds(sop=uid(90, n, 1), study=study, series=uid(90, n)) for n in (1, 2, 3)]
+    for n, ds in enumerate(instances, 1):
+        ds.SeriesNumber = n
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+        delattr(instances[1], keyword)
+    body, ctype = multipart_body([to_bytes(ds) for ds in instances])
+    with live_server.http() as http:
+        assert (
+            http.post("/dicom-web/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        )
+        r = http.get(f"/dicom-web/studies/{study}/thumbnail", headers={"Accept": "image/png"})
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(r.content)).format == "PNG"
+        # A series with nothing to show still has no thumbnail.
+        r = http.get(f"/dicom-web/studies/{study}/series/{uid(90, 2)}/thumbnail")
+        assert r.status_code == 406
 
 
 def test_rendered_study_and_series_are_one_image_per_instance(archive: Archive) -> None:
