@@ -334,7 +334,8 @@ def _bulk_path(text: str) -> list[tuple[int, int]]:
         if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
             raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {tag[:20]!r}")
         item = parts[i + 1] if i + 1 < len(parts) else "0"
-        if not item.isascii() or not item.isdigit() or len(item) > 6:
+        last = i + 1 >= len(parts)
+        if not item.isascii() or not item.isdigit() or len(item) > 6 or (not last and int(item) < 1):
             raise BadRequest(f"bulk data item numbers are positive integers, got {item[:20]!r}")
         steps.append((int(tag, 16), int(item)))
     return steps

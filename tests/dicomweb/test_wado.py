@@ -125,6 +125,13 @@ def test_metadata_levels_and_bulk_data(archive: Archive) -> None:
     assert client.retrieve_bulkdata(pixel_uri) == [data]
     assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "7FE0001Z").status_code == 400
     assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00091234").status_code == 404
+    # Items are numbered from 1 (PS3.19): item 0 is a malformed path, not a missing value.
+    r = _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00081140/0/00081150")
+    assert r.status_code == 400, r.text
+    assert (
+        _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00081140/1/00081150").status_code
+        == 404
+    )
 
 
 def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
