@@ -148,3 +148,17 @@ def test_a_key_given_twice_matches_any_of_its_values(
     r = _get(archive, f"{LOCAL}?{query}")
     assert r.status_code == 200, (query, r.status_code, r.text)
     assert _uids(r) == expected
+
+
+@pytest.mark.parametrize(
+    "query", ["PatientName=M%FCller*", "includefield=Patient%FFName", "Patient%E9Name=x"]
+)
+def test_a_query_not_percent_encoded_utf8_is_400_not_a_search_for_something_else(
+    archive: Archive, query: str
+) -> None:
+    # PS3.18 8.3.1: query parameters are UTF-8, percent-encoded. Latin-1 `%FC` is not `ü`; read as
+    # U+FFFD it would search for another name and answer "no such study".
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 400, (query, r.status_code, r.text)
+    assert "UTF-8" in r.json()["detail"]
+    assert _uids(_get(archive, f"{LOCAL}?PatientName=M%C3%BCller*")) == {MUELLER}
