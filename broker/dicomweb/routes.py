@@ -546,8 +546,8 @@ async def frames(
     request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
 ) -> Response:
     numbers = wado.parse_frame_list(frames)
-    plan = wado.negotiate_frames(request.headers.get("accept"))
     (ref,) = await _refs(scope, study, series, instance)
+    plan = wado.negotiate_frames(request.headers.get("accept"), ref.transfer_syntax_uid)
     parts = await run_in_threadpool(wado.frame_parts, scope.state.store, ref, numbers, plan)
     part_type = parts[0][0].split(";")[0] if parts else wado.OCTET
     return _multipart(request, lambda: [(ct, (data,)) for ct, data in parts], part_type=part_type)

@@ -144,10 +144,12 @@ class FramesPlan:
     label_octet: bool  # as stored but labelled application/octet-stream (the client asked for that)
 
 
-def negotiate_frames(accept: str | None) -> FramesPlan:
+def negotiate_frames(accept: str | None, stored: str) -> FramesPlan:
     """PS3.18 8.7.3: octet-stream is native pixels unless `transfer-syntax=*` asks for the stored
     bytes (then still labelled octet-stream, with the stored transfer syntax); an image or video
-    type, or any type, is the stored bitstream."""
+    type, or any type, is the stored bitstream. `stored`: the instance's transfer syntax; a range
+    it cannot meet (image/jpeg for RLE) gives way to the next one (RFC 9110 12.5.1)."""
+    stored = stored or EXPLICIT_LE
     for mt in parse_accept(accept):
         if not _is_related(mt):
             continue
@@ -162,12 +164,20 @@ def negotiate_frames(accept: str | None) -> FramesPlan:
             continue
         if part in ("*/*", "image/*"):
             return FramesPlan(True, None, False)
-        if part.startswith("image/") or part.startswith("video/"):
+        if part == _stored_frame_type(stored) and ts in (None, "", "*", stored):
             return FramesPlan(True, part, False)
     raise NotAcceptable(
         'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed, '
         f"transfer-syntax={EXPLICIT_LE}, or transfer-syntax=* as stored) or with the stored image media type"
+        f" ({_stored_frame_type(stored)}, transfer syntax {stored})"
     )
+
+
+def _stored_frame_type(stored: str) -> str:
+    try:
+        return pixels.media_type_for_transfer_syntax(stored)
+    except NotAcceptable:
+        return "none"
 
 
 def negotiate_bulk(accept: str | None) -> bool:

@@ -166,6 +166,26 @@ def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
     assert _get(archive, path.replace("frames/1", "frames/1,x")).status_code == 400
 
 
+def test_frames_take_the_best_range_in_accept_the_stored_instance_can_meet(archive: Archive) -> None:
+    # RFC 9110 12.5.1 and PS3.18 8.7.8: a range the instance cannot meet (JPEG for an RLE
+    # instance) gives way to the next acceptable one; 406 only when none is left.
+    path = _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/1"  # RLE Lossless
+    rle = _get(archive, path, Accept="multipart/related; type=image/dicom-rle")
+    native = _get(archive, path, Accept="multipart/related; type=application/octet-stream")
+    for accept, expected in (
+        ("multipart/related; type=image/jpeg, multipart/related; type=image/dicom-rle; q=0.9", rle),
+        (
+            "multipart/related; type=image/jpeg, multipart/related; type=application/octet-stream; q=0.5",
+            native,
+        ),
+    ):
+        r = _get(archive, path, Accept=accept)
+        assert r.status_code == 200, (accept, r.text)
+        got = split_multipart(r.headers["content-type"], r.content)
+        assert got == split_multipart(expected.headers["content-type"], expected.content), accept
+    assert _get(archive, path, Accept="multipart/related; type=image/jpeg").status_code == 406
+
+
 def test_frames_as_octet_stream_in_a_compressed_syntax_are_406_not_native_pixels(archive: Archive) -> None:
     # PS3.18 8.7.3.3.1: octet-stream is uncompressed bulk data, Explicit VR Little Endian; a
     # compressed transfer syntax under it cannot be served, and native pixels are not what was asked.
