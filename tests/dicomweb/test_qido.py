@@ -194,6 +194,26 @@ def test_accept_negotiation(archive: Archive) -> None:
     assert r.headers["content-type"] == "application/dicom+json"
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/dicom-web/studies?StudyInstanceUID={MUELLER}&InstitutionName=X",  # 200, with a Warning
+        "/dicom-web/studies?PatientID=NOBODY",  # 204
+        f"/dicom-web/studies/{MUELLER}/series",
+        f"/facilities/local/dicom-web/studies/{MUELLER}/series/{uid(1, 1)}/instances",
+        "/dicom-web/instances?limit=abc",  # 400
+    ],
+)
+def test_head_answers_a_search_as_get_would_without_a_body(archive: Archive, path: str) -> None:
+    # RFC 9110 9.1 and 9.3.2: a server supports HEAD wherever it supports GET.
+    with archive.server.http() as http:
+        got, head = http.get(path), http.head(path)
+    assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+    for header in ("content-type", "content-length", "warning"):
+        assert head.headers.get(header) == got.headers.get(header), header
+    assert head.content == b""
+
+
 def test_relational_and_other_levels(archive: Archive) -> None:
     client = archive.server.client()
     series = client.search_for_series(MUELLER)
