@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.audit import service as audit_service
 from broker.audit.http import AuditMiddleware
@@ -316,6 +318,20 @@ def create_app(
             status_code=503,
             content={"error": Unavailable.title, "detail": "the database is unreachable; try again shortly"},
             headers={"Retry-After": _RETRY_AFTER},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The router's own answers (no such path, a method the path does not take) in the shape
+        # of every other error: {"error": title, "detail": message}, Allow kept on a 405.
+        detail = {
+            404: "this server has no resource at this path",
+            405: f"{request.method} is not allowed on this resource",
+        }.get(exc.status_code, str(exc.detail))
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"error": HTTPStatus(exc.status_code).phrase.capitalize(), "detail": detail},
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -423,6 +423,28 @@ def test_head_answers_the_headers_of_get_without_a_body(mixed: Mixed, path: str)
     assert mixed.request("HEAD", missing).status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", f"/dicom-web/studies/{STUDY}/bulkdata", 404),  # a resource the service does not have
+        ("GET", "/dicom-web/no-such-thing", 404),
+        ("DELETE", f"/dicom-web/studies/{STUDY}/metadata", 405),
+        ("PUT", "/dicom-web/studies", 405),
+    ],
+)
+def test_errors_of_paths_and_methods_carry_the_documented_body(
+    mixed: Mixed, method: str, path: str, status: int
+) -> None:
+    # docs/conformance.md 2.9: errors carry {"error": title, "detail": message}.
+    r = mixed.request(method, path)
+    assert r.status_code == status
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] and body["detail"]
+    if status == 405:
+        assert "GET" in r.headers["allow"] or "POST" in r.headers["allow"]
+
+
 # -------------------------------------------------------------------------------------- 5. CORS
 
 
