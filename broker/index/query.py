@@ -338,8 +338,16 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
         vals = _values(value)
         return or_(*(_string_match(key.column, v) for v in vals))
     if kind == "MODS":
-        vals = _values(value)
-        return or_(*(key.column.contains("\\" + v + "\\", autoescape=True) for v in vals))
+        # The column is `\CT\MR\`. A wildcard that leads or trails (M*, *T) stays within one code;
+        # one in the middle (C*T) may also span two codes (CR and OT): an over-match, never a miss.
+        return or_(
+            *(
+                key.column.like("%\\" + _like(v) + "\\%", escape=_ESC)
+                if _has_wildcard(v)
+                else key.column.contains("\\" + v + "\\", autoescape=True)
+                for v in _values(value)
+            )
+        )
     return _string_match(key.column, value)
 
 

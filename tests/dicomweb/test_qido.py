@@ -56,6 +56,10 @@ def test_study_attributes_counts_modalities_retrieve_url(archive: Archive) -> No
         ({"StudyInstanceUID": f"{MUELLER},{SMITH}"}, {MUELLER, SMITH}),
         ({"ModalitiesInStudy": "MR"}, {MUELLER, MULLER}),
         ({"ModalitiesInStudy": "NM"}, {SMITH}),
+        ({"ModalitiesInStudy": "M*"}, {MUELLER, MULLER}),  # CS values take wildcards (PS3.4 C.2.2.2.4)
+        ({"ModalitiesInStudy": "N?"}, {SMITH}),
+        ({"ModalitiesInStudy": "C*,N*"}, {MUELLER, SMITH}),
+        ({"ModalitiesInStudy": "*T"}, {MUELLER}),
     ],
 )
 def test_study_matching(archive: Archive, filters: dict[str, str], expected: set[str]) -> None:
