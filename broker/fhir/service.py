@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from sqlmodel import Session
 
 from broker.consent import service as consent
+from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
 from broker.fhir.schemas import issuer_from_system, system_for_issuer
@@ -220,8 +221,15 @@ def _identifier(raw: str) -> tuple[str, str]:
     accessions: list[str] = []
     for alternative in raw.split(","):
         system, value = _token(alternative, what="identifier")
+        # A token matches exactly; the index reads * and ? as wildcards (and * alone as universal
+        # matching: the whole network), so a value carrying them cannot be passed on.
         if system == DICOM_UID or (system is None and value.startswith("urn:oid:")):
-            uids.append(value.removeprefix("urn:oid:"))
+            uid = value.removeprefix("urn:oid:")
+            if not is_valid_uid(uid):
+                raise BadRequest(f"identifier: {uid[:64]!r} is not a DICOM UID")
+            uids.append(uid)
+        elif re.search(r"[*?\\]", value):
+            raise BadRequest("identifier: an accession number with *, ? or \\ cannot be searched exactly")
         else:
             accessions.append(value)
     if uids and accessions:

@@ -179,6 +179,17 @@ def test_identifier_and_read(http: httpx.Client) -> None:
     assert "ImagingStudy" in _outcome(http.get("/fhir/ImagingStudy/1.2.3.999"), 404)
 
 
+@pytest.mark.parametrize("value", ["*", "?*", "|*", "urn:dicom:uid|urn:oid:*", "urn:dicom:uid|*"])
+def test_an_identifier_search_is_exact_never_a_network_wide_listing(http: httpx.Client, value: str) -> None:
+    # A FHIR token matches exactly; passed on as a DICOM match value, `*` would be universal
+    # matching: every study of the network, which a search without its patient must not give.
+    r = http.get("/fhir/ImagingStudy", params={"identifier": value})
+    if r.status_code == 200:
+        assert Bundle.model_validate(r.json()).total == 0
+    else:
+        assert "identifier" in _outcome(r, 400)
+
+
 def test_an_adult_is_not_the_child(http: httpx.Client) -> None:
     adult = _studies(
         _bundle(
