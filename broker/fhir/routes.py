@@ -27,6 +27,7 @@ from broker.fhir.schemas import (
     issuer_from_system,
     parse_consent,
     parse_patient,
+    parse_person_id,
     parse_token,
     patient_resource,
     system_for_issuer,
@@ -153,11 +154,12 @@ def pdqm(
 @router.get("/Patient/{person_id}")
 def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
     """A person, from the records the caller may see: none is 404, as for an unknown person."""
-    if not person_id.isdigit():
+    pid = parse_person_id(person_id)
+    if pid is None:
         return operation_outcome(404, "no such Patient")
     try:
         keep = consent_service.record_filter(session=session, principal=principal)
-        view = service.person_view(session=session, person_id=int(person_id), keep=keep)
+        view = service.person_view(session=session, person_id=pid, keep=keep)
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     return _fhir(patient_resource(view))
@@ -337,10 +339,10 @@ def search_consent(
     try:
         if not patient:
             raise BadRequest("search Consent by patient (?patient=Patient/<id>)")
-        person = patient.strip().rstrip("/").rsplit("/", 1)[-1]
+        person = parse_person_id(patient.strip().rstrip("/").rsplit("/", 1)[-1])
         rows = (
-            consent_service.consents_of_person_id(session=session, principal=principal, person_id=int(person))
-            if person.isdigit()
+            consent_service.consents_of_person_id(session=session, principal=principal, person_id=person)
+            if person is not None
             else []
         )
     except ScanOnceError as exc:

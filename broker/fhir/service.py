@@ -22,7 +22,7 @@ from broker.consent import service as consent
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
-from broker.fhir.schemas import issuer_from_system, system_for_issuer
+from broker.fhir.schemas import issuer_from_system, parse_person_id, system_for_issuer
 from broker.identity import service as identity
 from broker.index import service as index
 from broker.lookup import service as lookup
@@ -128,11 +128,9 @@ def _person_ref(raw: str) -> int:
     tail = ref.rsplit("/", 2)
     if len(tail) >= 2 and tail[-2] != "Patient":
         raise BadRequest(f"patient must reference a Patient, not {ref[:60]!r}")
-    pid = tail[-1]
-    if not pid.isdigit():
-        # Not an id this server gave out: it names no one here (an empty answer, not an error).
-        return -1
-    return int(pid)
+    pid = parse_person_id(tail[-1])
+    # None: not an id this server gave out, so it names no one here (an empty answer, not an error).
+    return -1 if pid is None else pid
 
 
 def _patients_from(

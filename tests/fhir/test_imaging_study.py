@@ -222,6 +222,15 @@ def test_unknown_patient_is_an_empty_bundle_not_an_error(http: httpx.Client) -> 
     assert _bundle(http, {"patient": "Patient/999999"}).total == 0
 
 
+@pytest.mark.parametrize("person", ["99999999999999999999999", "\u00b2", "\u0661"])
+def test_a_patient_id_that_is_no_id_of_ours_names_no_one(http: httpx.Client, person: str) -> None:
+    # Too large for the database's integer, or digits Python reads but the ids are not made of.
+    assert _bundle(http, {"patient": f"Patient/{person}"}).total == 0
+    assert "Patient" in _outcome(http.get(f"/fhir/Patient/{person}"), 404)
+    r = http.get("/fhir/Consent", params={"patient": f"Patient/{person}"})
+    assert r.status_code == 200 and Bundle.model_validate(r.json()).total == 0
+
+
 @pytest.mark.parametrize(
     ("params", "says"),
     [
