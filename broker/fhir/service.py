@@ -70,7 +70,8 @@ _IGNORED = ("_total", "_totalMethod")  # a total is always given (fhirpy's count
 _SUPPORTED = (*_PATIENT_REF, *_PATIENT_IDENT, *_SINGLE, *_IGNORED, "started")
 _DATE_RE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"(?:T(?:[01]\d|2[0-3]):[0-5]\d(?::(?:[0-5]\d|60)(?:\.\d+)?)?(?:Z|[+-](?:0\d|1[0-3]):[0-5]\d|[+-]14:00)?)?"
+    r")?)?$"
 )
 _JSON_FORMATS = {"json", "application/json", "application/fhir+json"}
 
@@ -178,9 +179,10 @@ def _day_range(match: re.Match[str]) -> tuple[date, date]:
     return lo, hi
 
 
-def _started(values: Sequence[str]) -> tuple[date | None, date | None]:
+def _started(values: Sequence[str]) -> tuple[date | None, date | None] | None:
     """The StudyDate range all `started` parameters allow together (each at day precision: a time
-    in a value widens it to its whole day, StudyDate being what the index knows)."""
+    in a value widens it to its whole day, StudyDate being what the index knows); None when no
+    date can match (before year 1 or after 9999: Python's dates end there, and so do DICOM's)."""
     low: date | None = None
     high: date | None = None
     for raw in values:
@@ -196,6 +198,10 @@ def _started(values: Sequence[str]) -> tuple[date | None, date | None]:
             )
         lo, hi = _day_range(m)
         strict = "T" not in raw  # a date-time's own day still counts under gt / lt
+        if prefix in ("gt", "sa") and strict and hi == date.max:
+            return None
+        if prefix in ("lt", "eb") and strict and lo == date.min:
+            return None
         if prefix == "eq":
             new_lo, new_hi = lo, hi
         elif prefix in ("gt", "sa"):
@@ -329,13 +335,13 @@ def search_imaging_studies(
             "patient.identifier=system|value) or a study identifier"
         )
     empty = False
-    low, high = _started(params.get("started") or [])
-    if low is not None and high is not None and low > high:
+    started = _started(params.get("started") or [])
+    low, high = started if started is not None else (None, None)
+    if started is None or (low is not None and high is not None and low > high):
         empty = True
     elif low is not None or high is not None:
-        filters["StudyDate"] = (
-            f"{low.strftime('%Y%m%d') if low else ''}-{high.strftime('%Y%m%d') if high else ''}"
-        )
+        # isoformat, not strftime: %Y does not pad years before 1000 on every platform.
+        filters["StudyDate"] = "-".join(d.isoformat().replace("-", "") if d else "" for d in (low, high))
     modality = _one(params, "modality")
     if modality is not None:
         mods = _modalities(modality)

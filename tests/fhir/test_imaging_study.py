@@ -168,6 +168,22 @@ def test_started_modality_bodysite_and_sort(client: SyncFHIRClient, http: httpx.
     assert [r["started"] for r in everything] == sorted((r["started"] for r in everything), reverse=True)
 
 
+def test_started_at_the_ends_of_the_calendar(http: httpx.Client) -> None:
+    child: dict[str, str] = {"patient.identifier": CHILD, "_count": "100"}
+    everything = _bundle(http, child).total
+    assert everything
+    # Nothing lies before year 1 or after 9999; everything after year 999.
+    assert _bundle(http, {**child, "started": "lt0001-01-01"}).total == 0
+    assert _bundle(http, {**child, "started": "gt9999-12-31"}).total == 0
+    assert _bundle(http, {**child, "started": "sa9999"}).total == 0
+    assert _bundle(http, {**child, "started": "ge0999-01-01"}).total == everything
+    assert _bundle(http, {**child, "started": "le0999-12-31"}).total == 0
+    # A date-time's time must be a time.
+    assert "not a FHIR date" in _outcome(
+        http.get("/fhir/ImagingStudy", params={**child, "started": "ge2026-06-16T25:99"}), 400
+    )
+
+
 def test_identifier_and_read(http: httpx.Client) -> None:
     study = _studies(_bundle(http, {"patient.identifier": CHILD, "_count": 1}))[0]
     by_uid = _studies(_bundle(http, {"identifier": f"urn:dicom:uid|urn:oid:{study.id}"}))
