@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from functools import partial
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.audit import service as audit_service
 from broker.audit.http import AuditMiddleware
@@ -48,6 +50,7 @@ from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
 from broker.federation.routes import router as federation_router
 from broker.federation.schedule import start_scheduler
+from broker.fhir.routes import operation_outcome
 from broker.fhir.routes import router as fhir_router
 from broker.identity import service as identity_service
 from broker.identity.adt import feed_principal
@@ -261,6 +264,12 @@ def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextMana
     return lifespan
 
 
+def _is_fhir(request: Request) -> bool:
+    """Whether the request is to the FHIR interface, whose every error is an OperationOutcome."""
+    path = request.url.path
+    return path == "/fhir" or path.startswith("/fhir/")
+
+
 def create_app(
     settings: Settings | None = None, state: AppState | None = None, *, services: bool = False
 ) -> FastAPI:
@@ -280,8 +289,20 @@ def create_app(
     app.state.scanonce = state or build_state(settings, wait_for_db=services)
 
     @app.exception_handler(ScanOnceError)
-    async def _scanonce_error(_request: Request, exc: ScanOnceError) -> JSONResponse:
+    async def _scanonce_error(request: Request, exc: ScanOnceError) -> Response:
+        if _is_fhir(request):
+            return operation_outcome(exc.status_code, exc.message)
         return JSONResponse(status_code=exc.status_code, content={"error": exc.title, "detail": exc.message})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Routing's own refusals (no such route, method not allowed): a FHIR client reads an
+        # OperationOutcome, whatever the request was.
+        if not _is_fhir(request):
+            return await http_exception_handler(request, exc)
+        answer = operation_outcome(exc.status_code, str(exc.detail))
+        answer.headers.update(exc.headers or {})
+        return answer
 
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -319,7 +340,10 @@ def create_app(
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if _is_fhir(request):
+            said = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors()[:5] if e.get("loc"))
+            return operation_outcome(400, said[:2000] or "invalid request")
         return JSONResponse(
             status_code=400, content={"error": "Bad request", "detail": str(exc.errors())[:2000]}
         )

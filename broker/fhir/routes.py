@@ -44,7 +44,16 @@ def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
-_ISSUE_CODE = {400: "invalid", 403: "forbidden", 404: "not-found", 409: "conflict", 422: "processing"}
+_ISSUE_CODE = {
+    400: "invalid",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    415: "not-supported",
+    422: "processing",
+}
 
 
 def operation_outcome(status: int, message: str, code: str | None = None) -> Response:

@@ -270,6 +270,13 @@ def test_bad_search_parameters_are_operation_outcomes(
     assert says in _outcome(http.get("/fhir/ImagingStudy", params=params), 400)
 
 
+def test_every_fhir_error_is_an_operation_outcome(http: httpx.Client) -> None:
+    # Refused before the route runs (parameter validation, no such route, method): still FHIR.
+    assert "_count" in _outcome(http.get("/fhir/Patient", params={"family": "DOE", "_count": "many"}), 400)
+    _outcome(http.get("/fhir/Observation", params={"patient": "Patient/1"}), 404)
+    _outcome(http.delete("/fhir/ImagingStudy/1.2.3"), 405)
+
+
 def test_lenient_handling_ignores_unknown_parameters_and_says_so(
     http: httpx.Client, client: SyncFHIRClient
 ) -> None:
