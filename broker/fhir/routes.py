@@ -282,9 +282,7 @@ def search_imaging_study(
         )
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
-    search_url = f"{base}/fhir/ImagingStudy"
-    self_url = search_url + (f"?{request.url.query}" if request.url.query else "")
-    return _fhir(fhir_service.bundle(answer, self_url=self_url, search_url=search_url))
+    return _fhir(fhir_service.bundle(answer, search_url=f"{base}/fhir/ImagingStudy"))
 
 
 @router.get("/ImagingStudy/{study_id}")

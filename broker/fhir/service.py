@@ -397,8 +397,10 @@ def read_imaging_study(
     return _resources(session, studies, base_url)[0] if studies else None
 
 
-def bundle(answer: SearchAnswer, *, self_url: str, search_url: str) -> dict[str, Any]:
-    """The searchset Bundle of one page, with self / first / previous / next links."""
+def bundle(answer: SearchAnswer, *, search_url: str) -> dict[str, Any]:
+    """The searchset Bundle of one page, with self / first / previous / next links. The self link
+    is the search as processed, not as asked: FHIR search has the client read it to learn which
+    parameters were applied (an unknown one ignored under Prefer: handling=lenient is not)."""
     base = search_url
 
     def page(offset: int) -> str:
@@ -406,7 +408,7 @@ def bundle(answer: SearchAnswer, *, self_url: str, search_url: str) -> dict[str,
             [*answer.params, ("_count", str(answer.count)), ("_offset", str(offset))]
         )
 
-    links = [{"relation": "self", "url": self_url}]
+    links = [{"relation": "self", "url": page(answer.offset)}]
     if answer.count:
         links.append({"relation": "first", "url": page(0)})
         if answer.offset > 0:

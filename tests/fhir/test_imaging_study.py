@@ -57,6 +57,11 @@ def _bundle(http: httpx.Client, params: Any) -> Bundle:
     return Bundle.model_validate(r.json())
 
 
+def _bundle_of(r: httpx.Response) -> Bundle:
+    assert r.status_code == 200, r.text
+    return Bundle.model_validate(r.json())
+
+
 def _studies(bundle: Bundle) -> list[ImagingStudy]:
     return [
         ImagingStudy.model_validate(e.resource.model_dump(mode="json"))
@@ -291,6 +296,12 @@ def test_lenient_handling_ignores_unknown_parameters_and_says_so(
         for e in bundle.entry or []
         if e.search
     )
+    # The self link says what the search was processed with (FHIR search: the client checks it
+    # to learn which criteria were not applied): not the ignored parameter, the same page.
+    links = {link.relation: str(link.url) for link in bundle.link or []}
+    assert "_elements" not in links["self"] and "patient.identifier" in links["self"]
+    again = http.get(links["self"], headers={"prefer": "handling=strict"})
+    assert _studies(_bundle_of(again)) == _studies(bundle)
     with pytest.raises(ClientOperationOutcome):
         client.resources("ImagingStudy").search(started__ne="2026-01-01").fetch()
 
