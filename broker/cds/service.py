@@ -182,14 +182,15 @@ def _parse_call(raw: bytes, svc: Service) -> HookCall:
         raise BadRequest("context.draftOrders is required and must be a FHIR Bundle")
     if not isinstance(drafts.get("entry", []), list):
         raise BadRequest("context.draftOrders.entry must be an array")
-    if hook == "order-select":
-        selections = context.get("selections")
-        if (
-            not isinstance(selections, list)
-            or not selections
-            or not all(isinstance(s, str) for s in selections)
-        ):
-            raise BadRequest("context.selections is required for order-select (the selected orders' ids)")
+    selections = context.get("selections")
+    if hook == "order-select" and (
+        not isinstance(selections, list) or not selections or not all(isinstance(s, str) for s in selections)
+    ):
+        raise BadRequest("context.selections is required for order-select (the selected orders' ids)")
+    if selections is not None and (
+        not isinstance(selections, list) or not all(isinstance(s, str) for s in selections)
+    ):
+        raise BadRequest("context.selections must be an array of order ids (ServiceRequest/id)")
     server = body.get("fhirServer")
     if server is not None and (not isinstance(server, str) or not re.match(r"^https?://", server)):
         raise BadRequest("fhirServer must be an http(s) URL")
@@ -251,6 +252,19 @@ def _resource(
     return got if got is not None and got.get("resourceType") == kind else None
 
 
+def _check_identifiers(patient: Mapping[str, Any]) -> None:
+    """The Patient's identifiers name the patient: a wrong shape is the client's 400."""
+    idents = patient.get("identifier")
+    if idents is None:
+        return
+    if not isinstance(idents, list) or not all(isinstance(i, dict) for i in idents):
+        raise BadRequest("the Patient's identifier must be an array of Identifiers")
+    for ident in idents:
+        for key in ("system", "value"):
+            if ident.get(key) is not None and not isinstance(ident[key], str):
+                raise BadRequest(f"the Patient's identifier.{key} must be a string")
+
+
 def _setting(call: HookCall, fetch: Fetch | None) -> str:
     explicit = call.extension.get(SETTING_EXTENSION)
     if explicit is not None:
@@ -276,18 +290,39 @@ class DraftOrder:
     body_part: str | None
 
 
-def _body_part(sites: Any) -> str | None:
+def _concept(value: Any, where: str) -> dict[str, Any]:
+    """A CodeableConcept as FHIR shapes it, else BadRequest: what the order says is read from
+    these fields, and a wrong shape must be the client's 400, not a fault of ours (a null is
+    taken as absent)."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a CodeableConcept (an object)")
+    codings = value.get("coding") or []
+    if not isinstance(codings, list) or not all(isinstance(c, dict) for c in codings):
+        raise BadRequest(f"{where}.coding must be an array of Codings")
+    for c in codings:
+        for key in ("system", "code", "display"):
+            if c.get(key) is not None and not isinstance(c[key], str):
+                raise BadRequest(f"{where}.coding.{key} must be a string")
+    if value.get("text") is not None and not isinstance(value["text"], str):
+        raise BadRequest(f"{where}.text must be a string")
+    return value
+
+
+def _body_part(sites: Any, where: str) -> str | None:
     """A BodyPartExamined term from ServiceRequest.bodySite (SNOMED CT as DICOM codes regions)."""
+    if sites is None:
+        return None
+    if not isinstance(sites, list):
+        raise BadRequest(f"{where} must be an array of CodeableConcepts")
     vocab = load_vocabulary()
     by_code = {r.code[1]: r.body_part[0] for r in vocab.regions.values() if r.body_part}
-    for concept in sites if isinstance(sites, list) else []:
-        if not isinstance(concept, dict):
-            continue
+    for n, site in enumerate(sites):
+        concept = _concept(site, f"{where}[{n}]")
         for c in concept.get("coding") or []:
-            if isinstance(c, dict) and c.get("system") == SCT and str(c.get("code")) in by_code:
-                return by_code[str(c.get("code"))]
-        if isinstance(concept.get("text"), str) and concept["text"].strip():
-            return concept["text"].strip()
+            if c.get("system") == SCT and c.get("code") in by_code:
+                return by_code[c["code"]]
+        if concept.get("text") and concept["text"].strip():
+            return str(concept["text"]).strip()
     return None
 
 
@@ -304,8 +339,9 @@ def _orders(call: HookCall) -> list[DraftOrder]:
         named.add(ref)
         if call.hook == "order-select" and ref not in chosen:
             continue
-        concept: dict[str, Any] = res["code"] if isinstance(res.get("code"), dict) else {}
-        codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+        where = f"draftOrders {ref or 'ServiceRequest'}"
+        concept = _concept(res["code"], f"{where} code") if res.get("code") is not None else {}
+        codings: list[dict[str, Any]] = concept.get("coding") or []
         coded = next((c for c in codings if c.get("system") in _CODE_SYSTEMS and c.get("code")), None)
         text = concept.get("text") or next((c.get("display") for c in codings if c.get("display")), "")
         orders.append(
@@ -314,7 +350,7 @@ def _orders(call: HookCall) -> list[DraftOrder]:
                 text=str(text or "").strip(),
                 code=str(coded["code"]) if coded else None,
                 code_system=_CODE_SYSTEMS[coded["system"]] if coded else None,
-                body_part=_body_part(res.get("bodySite")),
+                body_part=_body_part(res.get("bodySite"), f"{where} bodySite"),
             )
         )
     if call.hook == "order-select":
@@ -449,6 +485,7 @@ def call_service(
             "the patient's identifiers are needed: send prefetch 'patient' (Patient/{{context.patientId}}) "
             "or a fhirServer the service may read it from"
         )
+    _check_identifiers(patient)
     who = lookup.known_fhir_patient(session=session, patient=patient)
     if who is None:
         return CdsResponse(cards=[])  # a patient the broker does not know: no card, not an error

@@ -323,6 +323,43 @@ def test_malformed_hook_calls_are_400_with_a_reason(
     assert says in r.json()["detail"]
 
 
+def _malformed_order(**fields: Any) -> dict[str, Any]:
+    order = _order("sr1", text="CT ABD/PEL W CONTRAST", code="74177")
+    order.update(fields)
+    return order
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        (SELECT, _hook(orders=[_malformed_order(code={"coding": 5})]), "coding"),
+        (SELECT, _hook(orders=[_malformed_order(code={"coding": [{"system": [], "code": "1"}]})]), "system"),
+        (SELECT, _hook(orders=[_malformed_order(code=["CT"])]), "code"),
+        (SELECT, _hook(orders=[_malformed_order(bodySite=[{"coding": 7}])]), "bodySite"),
+        (SELECT, _hook(orders=[_malformed_order(bodySite={"text": "ABDOMEN"})]), "bodySite"),
+        (SELECT, _hook(orders=[_malformed_order(bodySite=[{"coding": [{"code": []}]}])]), "bodySite"),
+        (SELECT, _hook(patient={"resourceType": "Patient", "identifier": 5}), "identifier"),
+        (SELECT, _hook(patient={"resourceType": "Patient", "identifier": [{"system": 1}]}), "identifier"),
+    ],
+)
+def test_malformed_resources_in_a_hook_call_are_400_not_500(
+    http: httpx.Client, path: str, body: dict[str, Any], says: str
+) -> None:
+    if "patient" not in body.get("prefetch", {}):
+        body["prefetch"] = {"patient": _patient(CHILD_SYSTEM, CHILD_MRN)}
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert says in r.json()["detail"]
+
+
+def test_order_sign_selections_when_sent_are_ids(http: httpx.Client) -> None:
+    for selections in (5, [[1]], [{"id": "sr1"}]):
+        body = _hook("order-sign", patient=_patient(CHILD_SYSTEM, CHILD_MRN))
+        body["context"]["selections"] = selections
+        r = http.post(SIGN, json=body)
+        assert r.status_code == 400 and "selections" in r.json()["detail"], r.text
+
+
 def test_not_json_and_unknown_service(http: httpx.Client) -> None:
     r = http.post(SELECT, content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not JSON" in r.json()["detail"]
