@@ -41,7 +41,7 @@ from broker.cds.schemas import (
 from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.facilities import service as facilities
 from broker.lookup import service as lookup
-from broker.lookup.schemas import PriorOut, PriorsAnswer
+from broker.lookup.schemas import PriorOut, PriorsAnswer, Setting
 from broker.lookup.vocabulary import load as load_vocabulary
 from broker.security import network
 from broker.security.schemas import Principal
@@ -210,6 +210,10 @@ def _parse_call(raw: bytes, svc: Service) -> HookCall:
     extension = body.get("extension") or {}
     if not isinstance(extension, dict):
         raise BadRequest("extension must be an object")
+    if extension.get(SETTING_EXTENSION) is not None:
+        # Checked here, not only when an order is judged: a call that makes no card (a patient
+        # the broker does not know) must refuse it as well.
+        extension[SETTING_EXTENSION] = Setting.parse(extension[SETTING_EXTENSION]).value
     return HookCall(hook, instance, context, prefetch, server, token, extension)
 
 
@@ -268,7 +272,7 @@ def _check_identifiers(patient: Mapping[str, Any]) -> None:
 def _setting(call: HookCall, fetch: Fetch | None) -> str:
     explicit = call.extension.get(SETTING_EXTENSION)
     if explicit is not None:
-        return str(explicit)  # checked by the lookup (400 when unknown)
+        return str(explicit)  # checked by _parse_call
     try:
         enc = _resource(call, "encounter", "Encounter", fetch, call.context.get("encounterId"))
     except PreconditionFailed:

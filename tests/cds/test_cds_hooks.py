@@ -360,6 +360,22 @@ def test_order_sign_selections_when_sent_are_ids(http: httpx.Client) -> None:
         assert r.status_code == 400 and "selections" in r.json()["detail"], r.text
 
 
+def test_an_unknown_setting_is_400_whoever_the_patient(http: httpx.Client) -> None:
+    # Refused as the documented 400 even when no card would be made (the patient unknown, no
+    # imaging order): a client's mistake shows on its first call, not on some patient's.
+    bad = {"org.scanonce.setting": "icu"}
+    for body in (
+        _hook(patient=_patient(CHILD_SYSTEM, "NO-SUCH-MRN"), extension=bad),
+        _hook(
+            orders=[_order("lab", text="Complete blood count")],
+            patient=_patient(CHILD_SYSTEM, CHILD_MRN),
+            extension=bad,
+        ),
+    ):
+        r = http.post(SELECT, json=body)
+        assert r.status_code == 400 and "setting" in r.json()["detail"], r.text
+
+
 def test_not_json_and_unknown_service(http: httpx.Client) -> None:
     r = http.post(SELECT, content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not JSON" in r.json()["detail"]
