@@ -490,7 +490,8 @@ def find_priors(
         )
 
     # The person's cumulative dose: confirmed links only (an unconfirmed match may be someone else).
-    since = today - timedelta(days=_CUMULATIVE_DAYS)
+    # `now` may be any date (judging as of one): the window starts no earlier than the calendar.
+    since = max(today, date.min + timedelta(days=_CUMULATIVE_DAYS)) - timedelta(days=_CUMULATIVE_DAYS)
     confirmed_doses = [d for p, d, _s, _v in rows if d is not None and p.link == "confirmed"]
     confirmed_uids_without = [
         p.study_instance_uid
