@@ -9,18 +9,19 @@ with the matching HTTP status (the app-wide JSON error shape is not FHIR).
 from __future__ import annotations
 
 import dataclasses
+import re
 from functools import partial
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.consent import service as consent_service
 from broker.deps import PrincipalDep, SessionDep, SettingsDep
-from broker.errors import BadRequest, NotFound, ScanOnceError
+from broker.errors import BadRequest, NotAcceptable, NotFound, ScanOnceError
 from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
     consent_resource,
@@ -37,7 +38,36 @@ from broker.identity.schemas import Identifier
 from broker.security.schemas import Principal
 
 FHIR_JSON = "application/fhir+json"
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+# What `_format` may name, and the media ranges of an Accept header that JSON answers.
+_JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+_JSON_ACCEPTED = _JSON_FORMATS - {"json"} | {"*/*", "application/*"}
+
+
+def _refused(param: str) -> bool:
+    """Whether a media range's parameter is q=0 (the client does not want that type)."""
+    name, _, value = param.replace(" ", "").partition("=")
+    return name == "q" and re.fullmatch(r"0(\.0{0,3})?", value) is not None
+
+
+def _json_only(request: Request) -> None:
+    """FHIR's http page: 406 when the request asks only for a format the server does not serve
+    (XML, Turtle): `_format`, which stands in for the Accept header, else the Accept header."""
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
+            raise NotAcceptable(f"_format {fmt[:40]!r} is not served: JSON only (application/fhir+json)")
+        return
+    accept = request.headers.get("accept", "").strip()
+    if not accept:
+        return
+    for media_range in accept.split(","):
+        kind, *params = (p.strip().lower() for p in media_range.split(";"))
+        if kind in _JSON_ACCEPTED and not any(_refused(p) for p in params):
+            return
+    raise NotAcceptable(f"Accept {accept[:60]!r}: only JSON is served (application/fhir+json)")
+
+
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(_json_only)])
 
 
 def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:

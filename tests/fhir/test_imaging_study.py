@@ -265,7 +265,6 @@ def test_a_patient_id_that_is_no_id_of_ours_names_no_one(http: httpx.Client, per
         ({"patient.identifier": CHILD, "_sort": "-_lastUpdated"}, "_sort"),
         ({"patient.identifier": CHILD, "modality": "C T;"}, "modality"),
         ({"patient.identifier": CHILD, "name": "DOE"}, "unsupported search parameter"),
-        ({"patient.identifier": CHILD, "_format": "xml"}, "_format"),
         ({"patient": "Observation/1"}, "Patient"),
     ],
 )
@@ -280,6 +279,36 @@ def test_every_fhir_error_is_an_operation_outcome(http: httpx.Client) -> None:
     assert "_count" in _outcome(http.get("/fhir/Patient", params={"family": "DOE", "_count": "many"}), 400)
     _outcome(http.get("/fhir/Observation", params={"patient": "Patient/1"}), 404)
     _outcome(http.delete("/fhir/ImagingStudy/1.2.3"), 405)
+
+
+@pytest.mark.parametrize(
+    ("params", "accept"),
+    [
+        ({"_format": "xml"}, None),
+        ({"_format": "application/fhir+xml"}, None),
+        ({}, "application/fhir+xml"),
+        ({}, "application/xml, text/turtle;q=0.5"),
+        ({}, "application/fhir+json;q=0, application/fhir+xml"),
+    ],
+)
+def test_a_format_other_than_json_is_not_acceptable(
+    http: httpx.Client, params: dict[str, str], accept: str | None
+) -> None:
+    # FHIR's http page: 406 when the Accept header (or _format, which stands in for it) asks for
+    # a format the server does not serve; an XML client must not be handed JSON as if it were.
+    headers = {"accept": accept} if accept else {}
+    for path, query in (
+        ("/fhir/ImagingStudy", {"patient.identifier": CHILD}),
+        ("/fhir/metadata", {}),
+        ("/fhir/Patient", {"identifier": CHILD}),
+    ):
+        assert "JSON" in _outcome(http.get(path, params={**query, **params}, headers=headers), 406)
+    # JSON in any of its spellings, or anything, is served.
+    for fmt in ("json", "application/json", "application/fhir+json"):
+        _bundle(http, {"patient.identifier": CHILD, "_format": fmt})
+    for accept_ok in ("application/fhir+json", "application/json", "*/*", "application/fhir+xml, */*;q=0.1"):
+        r = http.get("/fhir/metadata", headers={"accept": accept_ok})
+        assert r.status_code == 200, accept_ok
 
 
 def test_lenient_handling_ignores_unknown_parameters_and_says_so(
