@@ -279,6 +279,14 @@ def test_every_fhir_error_is_an_operation_outcome(http: httpx.Client) -> None:
     assert "_count" in _outcome(http.get("/fhir/Patient", params={"family": "DOE", "_count": "many"}), 400)
     _outcome(http.get("/fhir/Observation", params={"patient": "Patient/1"}), 404)
     _outcome(http.delete("/fhir/ImagingStudy/1.2.3"), 405)
+    # Refused by the guard in front of every route (no token, a bad one): FHIR too.
+    search = f"{str(http.base_url).rstrip('/')}/fhir/ImagingStudy"
+    r = httpx.get(search, params={"patient.identifier": CHILD}, timeout=30)
+    assert "token" in _outcome(r, 401) and r.headers["www-authenticate"].startswith("Bearer")
+    r = httpx.get(
+        search, params={"patient.identifier": CHILD}, headers={"authorization": "Bearer x"}, timeout=30
+    )
+    _outcome(r, 401)
 
 
 @pytest.mark.parametrize(
