@@ -141,8 +141,15 @@ def _patients_from(
     sets: list[set[int]] = []
     for name in _PATIENT_REF:
         for raw in params.get(name) or []:
-            persons = [p for p in (_person_ref(v) for v in raw.split(",") if v.strip()) if p >= 0]
+            refs = [_person_ref(v) for v in raw.split(",") if v.strip()]
+            persons = [p for p in refs if p >= 0]
             rows = index.patients_of_persons(session=session, person_ids=persons) if persons else []
+            if set(refs) - {p.person_id for p in rows}:
+                # Said as for an unknown patient.identifier (docs/fhir.md: an informational entry).
+                notes.append(
+                    f"no patient records of the reference in {name} are known to the broker "
+                    "(no such Patient, or none with studies)"
+                )
             sets.append({p.pk for p in rows if p.pk is not None})
     for name in _PATIENT_IDENT:
         for raw in params.get(name) or []:

@@ -240,7 +240,12 @@ def test_unknown_patient_is_an_empty_bundle_not_an_error(http: httpx.Client) -> 
     assert bundle.total == 0
     outcome = [e for e in bundle.entry or [] if e.search and e.search.mode == "outcome"]
     assert outcome and "no patient" in str(outcome[0].resource.issue[0].diagnostics)
-    assert _bundle(http, {"patient": "Patient/999999"}).total == 0
+    # An unknown Patient reference is answered the same way, with the information entry.
+    for ref in ("Patient/999999", "Patient/not-one-of-ours"):
+        bundle = _bundle(http, {"patient": ref})
+        assert bundle.total == 0
+        outcome = [e for e in bundle.entry or [] if e.search and e.search.mode == "outcome"]
+        assert outcome and "no patient" in str(outcome[0].resource.issue[0].diagnostics)
 
 
 @pytest.mark.parametrize("person", ["99999999999999999999999", "\u00b2", "\u0661"])
