@@ -154,7 +154,7 @@ def pdqm(
 ) -> Response:
     """IHE PDQm (ITI-78): persons matching the demographics, each with all its identifiers; both
     limited to the records the caller may see (consent, purpose of use)."""
-    allowed = {"family", "given", "birthdate", "identifier", "_count", "_format"}
+    allowed = {"family", "given", "birthdate", "identifier", "_count", "_format", "_pretty"}
     unknown = sorted(set(request.query_params) - allowed)
     try:
         if unknown:

@@ -66,7 +66,9 @@ _PATIENT_IDENT = (
     "patient:Patient.identifier",
 )
 _SINGLE = ("identifier", "modality", "bodysite", "_sort", "_count", "_offset", "_format", "_summary")
-_IGNORED = ("_total", "_totalMethod")  # a total is always given (fhirpy's count() sends these)
+# A total is always given (fhirpy's count() sends _total); _pretty is FHIR's for every interaction
+# and only asks for indentation, which the compact JSON answered does without.
+_IGNORED = ("_total", "_totalMethod", "_pretty")
 _SUPPORTED = (*_PATIENT_REF, *_PATIENT_IDENT, *_SINGLE, *_IGNORED, "started")
 _DATE_RE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"

@@ -294,6 +294,14 @@ def test_every_fhir_error_is_an_operation_outcome(http: httpx.Client) -> None:
     _outcome(r, 401)
 
 
+def test_pretty_is_taken_as_fhir_defines_it_for_every_interaction(http: httpx.Client) -> None:
+    # _format and _pretty are FHIR's parameters of every interaction, not search criteria: a client
+    # sending _pretty=true is not refused as naming an unsupported search parameter.
+    assert _bundle(http, {"patient.identifier": CHILD, "_pretty": "true"}).total
+    r = http.get("/fhir/Patient", params={"identifier": CHILD, "_pretty": "true"})
+    assert r.status_code == 200 and Bundle.model_validate(r.json()).total == 1
+
+
 @pytest.mark.parametrize(
     ("params", "accept"),
     [
