@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import orjson
@@ -159,6 +159,19 @@ def _json(raw: bytes, what: str) -> Any:
         raise BadRequest(f"{what} is not JSON") from None
 
 
+def _http_url(value: Any) -> bool:
+    """Whether a fhirServer is a URL the service could call: checked with the request, so that a
+    malformed one is the client's 400 whether or not this call needs to read from it."""
+    if not isinstance(value, str) or not re.match(r"^https?://", value, re.IGNORECASE):
+        return False
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when not a number 0-65535
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
+
+
 def _parse_call(raw: bytes, svc: Service) -> HookCall:
     body = _json(raw, "the hook request")
     if not isinstance(body, dict):
@@ -192,8 +205,8 @@ def _parse_call(raw: bytes, svc: Service) -> HookCall:
     ):
         raise BadRequest("context.selections must be an array of order ids (ServiceRequest/id)")
     server = body.get("fhirServer")
-    if server is not None and (not isinstance(server, str) or not re.match(r"^https?://", server)):
-        raise BadRequest("fhirServer must be an http(s) URL")
+    if server is not None and not _http_url(server):
+        raise BadRequest("fhirServer must be an http(s) URL with a host (and a port 1-65535, if any)")
     auth = body.get("fhirAuthorization")
     token = None
     if auth is not None:

@@ -312,6 +312,9 @@ def _bad(**changes: Any) -> dict[str, Any]:
         (_bad(ctx_selections=["ServiceRequest/nope"]), "ServiceRequest/nope"),
         (_bad(fhirAuthorization={"access_token": "x", "token_type": "Bearer"}), "fhirServer"),
         (_bad(fhirServer="ftp://ehr/fhir"), "fhirServer"),
+        (_bad(fhirServer="http://ehr.example:fhir/"), "fhirServer"),
+        (_bad(fhirServer="https://"), "fhirServer"),
+        (_bad(fhirServer="http://ehr.example:99999/fhir"), "fhirServer"),
         (_bad(extension={"org.scanonce.setting": "icu"}), "setting"),
     ],
 )
@@ -374,6 +377,12 @@ def test_an_unknown_setting_is_400_whoever_the_patient(http: httpx.Client) -> No
     ):
         r = http.post(SELECT, json=body)
         assert r.status_code == 400 and "setting" in r.json()["detail"], r.text
+
+
+def test_a_fhir_server_url_that_is_no_url_is_400_when_it_is_needed(http: httpx.Client) -> None:
+    # Nothing prefetched: the service would read the patient from it.
+    r = http.post(SELECT, json=_hook(fhirServer="http://ehr.example:fhir/"))
+    assert r.status_code == 400 and "fhirServer" in r.json()["detail"], r.text
 
 
 def test_not_json_and_unknown_service(http: httpx.Client) -> None:
