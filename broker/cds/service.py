@@ -120,6 +120,7 @@ _CODE_SYSTEMS = {
 SCT = "http://snomed.info/sct"
 _FETCH_TIMEOUT_S = 5.0
 _MAX_BODY = 2_000_000
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 Fetch = Callable[[str], dict[str, Any] | None]
@@ -162,12 +163,14 @@ def _json(raw: bytes, what: str) -> Any:
 def _http_url(value: Any) -> bool:
     """Whether a fhirServer is a URL the service could call: checked with the request, so that a
     malformed one is the client's 400 whether or not this call needs to read from it."""
-    if not isinstance(value, str) or not re.match(r"^https?://", value, re.IGNORECASE):
+    if not isinstance(value, str) or not re.match(r"^https?://[^\x00-\x20\x7f]+$", value, re.IGNORECASE):
         return False
     try:
         parts = urlsplit(value)
         port = parts.port  # ValueError when not a number 0-65535
-    except ValueError:
+        httpx.URL(value)  # what the fetch will parse
+        (parts.hostname or "").encode("idna")  # UnicodeError: a label over 63 characters ...
+    except (ValueError, httpx.InvalidURL):
         return False
     return bool(parts.hostname) and port != 0
 
@@ -190,6 +193,12 @@ def _parse_call(raw: bytes, svc: Service) -> HookCall:
     for key in ("userId", "patientId"):
         if not isinstance(context.get(key), str) or not context[key]:
             raise BadRequest(f"context.{key} is required")
+    # FHIR ids, which the service puts in the path of a read from fhirServer.
+    for key in ("patientId", "encounterId"):
+        if context.get(key) is not None and not (
+            isinstance(context[key], str) and _FHIR_ID.fullmatch(context[key])
+        ):
+            raise BadRequest(f"context.{key} must be a FHIR id (letters, digits, '-' and '.', up to 64)")
     drafts = context.get("draftOrders")
     if not isinstance(drafts, dict) or drafts.get("resourceType") != "Bundle":
         raise BadRequest("context.draftOrders is required and must be a FHIR Bundle")

@@ -315,6 +315,11 @@ def _bad(**changes: Any) -> dict[str, Any]:
         (_bad(fhirServer="http://ehr.example:fhir/"), "fhirServer"),
         (_bad(fhirServer="https://"), "fhirServer"),
         (_bad(fhirServer="http://ehr.example:99999/fhir"), "fhirServer"),
+        (_bad(fhirServer="http://ehr\x00.example/fhir"), "fhirServer"),
+        (_bad(fhirServer="http://" + "a" * 300 + ".example/fhir"), "fhirServer"),
+        (_bad(ctx_patientId="ehr-1/../../Practitioner/1"), "patientId"),
+        (_bad(ctx_patientId="ehr\x001"), "patientId"),
+        (_bad(ctx_encounterId="enc 1"), "encounterId"),
         (_bad(extension={"org.scanonce.setting": "icu"}), "setting"),
     ],
 )
