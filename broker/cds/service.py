@@ -477,6 +477,12 @@ def _detail(order: DraftOrder, p: PriorOut, answer: PriorsAnswer, names: Mapping
     return "\n".join(lines)
 
 
+def _code_label(order: DraftOrder) -> str | None:
+    if not order.code:
+        return None
+    return lookup.exam_label(code=order.code, code_system=order.code_system) or order.code
+
+
 def _lookup_link(base: str, who: tuple[str, str], order: DraftOrder, setting: str, fac: str | None) -> str:
     params = {"facility": fac, "mrn": who[1]} if fac else {"identifier": f"{who[0]}|{who[1]}"}
     # The page reads `exam` as words: a coded order without text goes as code + system instead.
@@ -594,7 +600,8 @@ def call_service(
                 hook_instance=call.hook_instance,
                 suggestion_uuid=suggestion_uuid if suggestions else None,
                 order_ref=order.ref[:128],
-                planned_exam=(order.text or order.code or "")[:256],
+                # Words the engine reads, as record_avoided needs them when feedback accepts it.
+                planned_exam=(order.text or _code_label(order) or "")[:256],
                 prior_study_uid=prior.study_instance_uid,
                 facility_id=ordering_facility or principal.facility,
                 indicator="warning" if prior.in_window else "info",

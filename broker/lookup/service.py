@@ -63,6 +63,7 @@ __all__ = [
     "confirmed_patients",
     "planned_exam",
     "exam_suggestions",
+    "exam_label",
 ]
 
 _CUMULATIVE_DAYS = 365
@@ -256,6 +257,19 @@ def _suggestions() -> tuple[ExamSuggestion, ...]:
                 continue
             seen[key] = ExamSuggestion(label=entry.label, system=system, code=entry.code)
     return tuple(sorted(seen.values(), key=lambda e: e.label.lower()))
+
+
+def exam_label(*, code: str, code_system: str | None = None) -> str | None:
+    """The label of a procedure code the vocabulary knows, when the engine reads it as text: the
+    words an avoided repeat records for an order that came as a code alone."""
+    _system, entry = load_vocabulary().code(code, code_system)
+    if entry is None:
+        return None
+    try:
+        interpret_exam(text=entry.label)
+    except BadRequest:
+        return None
+    return entry.label
 
 
 def exam_suggestions() -> list[ExamSuggestion]:

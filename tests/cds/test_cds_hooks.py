@@ -435,6 +435,28 @@ def test_feedback_accepted_is_an_avoided_repeat_once(http: httpx.Client, server:
         assert row is not None and row.avoided_id and row.planned_exam == "CT ABD/PEL W CONTRAST"
 
 
+def test_feedback_accepted_for_a_coded_order_without_text_is_an_avoided_repeat(http: httpx.Client) -> None:
+    # An EHR's order often carries only its code: the accepted card counts as one with words do.
+    order = _order("sr-coded", text="", code="74177")
+    del order["code"]["text"]
+    body = _hook(patient=_patient(CHILD_SYSTEM, RECENT_MRN), orders=[order], encounter_class="EMER")
+    card = _cards(http, SELECT, body)[0]
+    before = _avoided(http, "kids")
+    accepted = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                "outcomeTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            }
+        ]
+    }
+    r = http.post(f"{SELECT}/feedback", json=accepted)
+    assert r.status_code == 200 and r.json() == {"recorded": 1, "repeats_avoided": 1}, r.text
+    assert _avoided(http, "kids") == before + 1
+
+
 def test_feedback_overridden_keeps_the_reason_and_avoids_nothing(
     http: httpx.Client, server: LiveServer
 ) -> None:
