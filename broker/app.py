@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
-from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -338,6 +338,17 @@ def create_app(
             content={"error": Unavailable.title, "detail": "the database is unreachable; try again shortly"},
             headers={"Retry-After": _RETRY_AFTER},
         )
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> Response:
+        # PostgreSQL refuses a NUL in any text value; no record can carry one, so a request naming
+        # one (an identifier, a name) is the client's mistake, as SQLite's "not found" says too.
+        if "NUL" not in str(exc.orig):
+            raise exc  # anything else a value does not fit is a fault of ours: the 500 and its log
+        message = "a value of the request contains a NUL character, which no record can hold"
+        if _is_fhir(request):
+            return operation_outcome(400, message)
+        return JSONResponse(status_code=400, content={"error": BadRequest.title, "detail": message})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -360,6 +360,12 @@ def test_malformed_resources_in_a_hook_call_are_400_not_500(
     assert says in r.json()["detail"]
 
 
+def test_a_nul_character_in_the_patients_identifier_is_no_fault(http: httpx.Client) -> None:
+    r = http.post(SELECT, json=_hook(patient=_patient(CHILD_SYSTEM, f"{CHILD_MRN}\x00")))
+    assert r.status_code in (200, 400), r.text
+    assert r.json().get("cards") == [] if r.status_code == 200 else "NUL" in r.json()["detail"]
+
+
 def test_order_sign_selections_when_sent_are_ids(http: httpx.Client) -> None:
     for selections in (5, [[1]], [{"id": "sr1"}]):
         body = _hook("order-sign", patient=_patient(CHILD_SYSTEM, CHILD_MRN))

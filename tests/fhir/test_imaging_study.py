@@ -332,6 +332,25 @@ def test_a_format_other_than_json_is_not_acceptable(
         assert r.status_code == 200, accept_ok
 
 
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/fhir/ImagingStudy", {"patient.identifier": f"{CHILD}\x00"}),
+        ("/fhir/Patient", {"identifier": f"{CHILD}\x00"}),
+        ("/fhir/Patient/$ihe-pix", {"sourceIdentifier": f"{CHILD}\x00"}),
+    ],
+)
+def test_a_nul_character_names_no_one_and_is_no_fault(
+    http: httpx.Client, path: str, params: dict[str, str]
+) -> None:
+    # PostgreSQL cannot hold a NUL in text, so no record carries one: found nowhere (SQLite) or
+    # refused as the client's mistake (PostgreSQL), never the broker's 500.
+    r = http.get(path, params=params)
+    assert r.status_code in (200, 400, 404), r.text
+    if r.status_code == 400:
+        assert "NUL" in _outcome(r, 400)
+
+
 def test_lenient_handling_ignores_unknown_parameters_and_says_so(
     http: httpx.Client, client: SyncFHIRClient
 ) -> None:
