@@ -12,6 +12,7 @@ import dataclasses
 import re
 from functools import partial
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
@@ -157,8 +158,11 @@ def pdqm(
     allowed = {"family", "given", "birthdate", "identifier", "_count", "_format", "_pretty"}
     unknown = sorted(set(request.query_params) - allowed)
     try:
-        if unknown:
-            raise BadRequest(f"unsupported search parameter(s): {', '.join(unknown)}")
+        if unknown and not _lenient(request):
+            raise BadRequest(
+                f"unsupported search parameter(s): {', '.join(n[:40] for n in unknown[:10])} "
+                "(send Prefer: handling=lenient to have them ignored)"
+            )
         ident = parse_token(identifier, what="identifier") if identifier else None
         persons = service.search_persons(
             session=session,
@@ -172,22 +176,26 @@ def pdqm(
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     base = str(request.base_url).rstrip("/") + "/fhir/Patient/"
-    return _fhir(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(persons),
-            "link": [{"relation": "self", "url": str(request.url)}],
-            "entry": [
-                {
-                    "fullUrl": base + str(p.person_id),
-                    "resource": patient_resource(p),
-                    "search": {"mode": "match"},
-                }
-                for p in persons
-            ],
-        }
-    )
+    # The self link is the search as processed: without the parameters ignored (FHIR search).
+    used = [(k, v) for k, v in request.query_params.multi_items() if k in allowed]
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": base + str(p.person_id), "resource": patient_resource(p), "search": {"mode": "match"}}
+        for p in persons
+    ]
+    if unknown:
+        ignored = ", ".join(n[:40] for n in unknown[:10])
+        issue = {"severity": "information", "code": "informational", "diagnostics": f"ignored: {ignored}"}
+        outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+    out: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(persons),
+        "link": [{"relation": "self", "url": base.rstrip("/") + ("?" + urlencode(used) if used else "")}],
+    }
+    if entries:  # FHIR JSON has no empty arrays
+        out["entry"] = entries
+    return _fhir(out)
 
 
 @router.get("/Patient/{person_id}")
@@ -294,6 +302,11 @@ def _base(request: Request, settings: SettingsDep) -> str:
     return (settings.base_url or str(request.base_url)).rstrip("/")
 
 
+def _lenient(request: Request) -> bool:
+    """Prefer: handling=lenient (FHIR search): unknown parameters are ignored, not refused."""
+    return "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
+
+
 @router.get("/ImagingStudy")
 def search_imaging_study(
     request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
@@ -305,7 +318,7 @@ def search_imaging_study(
     params: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
         params.setdefault(key, []).append(value)
-    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
+    lenient = _lenient(request)
     try:
         answer = fhir_service.search_imaging_studies(
             session=session, params=params, base_url=base, lenient=lenient, principal=principal

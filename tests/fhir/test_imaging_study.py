@@ -373,6 +373,11 @@ def test_lenient_handling_ignores_unknown_parameters_and_says_so(
     assert _studies(_bundle_of(again)) == _studies(bundle)
     with pytest.raises(ClientOperationOutcome):
         client.resources("ImagingStudy").search(started__ne="2026-01-01").fetch()
+    # The Patient search (PDQm) takes the same preference.
+    params = {"identifier": CHILD, "_elements": "id"}
+    assert "_elements" in _outcome(http.get("/fhir/Patient", params=params), 400)
+    found = _bundle_of(http.get("/fhir/Patient", params=params, headers={"prefer": "handling=lenient"}))
+    assert found.total == 1 and "_elements" not in str(found.link[0].url if found.link else "")
 
 
 def test_capability_statement_names_the_imaging_study_search(http: httpx.Client) -> None:
