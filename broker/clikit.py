@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -68,8 +69,9 @@ def state(
 
 
 def fail(exc: ScanOnceError) -> NoReturn:
-    """Report a refused operation on stderr and exit 1."""
-    err_console.print(f"[red]{exc.title}:[/] {exc.message}")
+    """Report a refused operation on stderr, on one line however long (a log or a script reads
+    it whole; a terminal wraps it), and exit 1."""
+    err_console.print(f"[red]{exc.title}:[/] {escape(exc.message)}", soft_wrap=True)
     raise typer.Exit(code=EXIT_REFUSED)
 
 

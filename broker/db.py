@@ -14,6 +14,7 @@ once: the second waits, then finds nothing left to do.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +30,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Table, event, make_url, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -76,10 +77,59 @@ def make_engine(
         kwargs["pool_pre_ping"] = True
         if connect_timeout:
             kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
-    engine = create_engine(url, **kwargs)
+    # Error texts reach logs, stored job errors and import messages: never with the statement's
+    # values, which can be patient names and identifiers (the driver's own text: `_scrub_error`).
+    engine = create_engine(url, hide_parameters=True, **kwargs)
+    event.listen(engine, "handle_error", _scrub_error)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=sqlite_synchronous))
     return engine
+
+
+_QUOTED = re.compile(r'".*"', re.DOTALL)
+
+
+def _scrub_driver_text(exc: BaseException) -> bool:
+    """Cut what a driver error quotes of the data from its text (in place: it is the chained
+    cause, printed with every traceback of the error). True if the text changed.
+
+    PostgreSQL adds the rows' values in DETAIL (`Key (issuer, value)=(HOSP, MRN-4711) already
+    exists`, `Failing row contains (...)`) and CONTEXT (`portal parameter $1 = '...'`), and a data
+    exception (SQLSTATE class 22) quotes the value it could not read: only the primary message
+    stays, and of a data exception's only what names the problem. SQLite's messages name columns
+    and constraints, never values; a client-side psycopg error (no SQLSTATE) names types."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    diag = getattr(exc, "diag", None)
+    if not sqlstate or diag is None:
+        return False
+    primary = str(diag.message_primary or type(exc).__name__)
+    if sqlstate.startswith("22"):
+        # `invalid input syntax for type integer: "..."`, `value "..." is out of range`: what
+        # follows a colon, and all between the first and the last quote (a value may hold one).
+        primary = _QUOTED.sub('"\u2026"', primary.split(":", 1)[0])
+    safe = f"{primary} (SQLSTATE {sqlstate})"
+    if exc.args == (safe,):
+        return False
+    exc.args = (safe,)
+    return True
+
+
+def _scrub_error(ctx: ExceptionContext) -> BaseException | None:
+    """`handle_error`: the statement's error raised with the driver's text scrubbed."""
+    wrapped = ctx.sqlalchemy_exception
+    if not _scrub_driver_text(ctx.original_exception) or not isinstance(wrapped, DBAPIError):
+        return None
+    # DBAPIError quoted the driver's text when it was made: made again from the scrubbed one.
+    return DBAPIError.instance(
+        wrapped.statement,
+        wrapped.params,
+        ctx.original_exception,
+        ctx.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=ctx.is_disconnect,
+        dialect=ctx.dialect,
+        ismulti=wrapped.ismulti,
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any, *, synchronous: str = "FULL") -> None:
@@ -342,7 +392,8 @@ def _raise_wrapped(conn: Connection, sql: str, exc: Exception) -> None:
     lost = dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
     if lost:
         conn.invalidate(exc)
-    # Without the parameters: they can carry patient data, and error texts reach logs.
+    # Without the parameters, nor the values the driver quotes: error texts reach logs.
+    _scrub_driver_text(exc)
     raise DBAPIError.instance(
         sql, None, exc, dbapi_error, hide_parameters=True, connection_invalidated=lost, dialect=dialect
     ) from exc

@@ -13,9 +13,10 @@ from sqlmodel import Session
 
 from broker.audit import service
 from broker.audit.service import AuditQuery
-from broker.clikit import DataDir, console, print_table, usage_error
+from broker.clikit import DataDir, console, fail, print_table, usage_error
 from broker.clikit import settings as _settings
-from broker.db import make_engine, migrate
+from broker.db import check_connection, make_engine, migrate, require_current_schema
+from broker.errors import ScanOnceError
 
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 
@@ -25,9 +26,23 @@ def register(app: typer.Typer) -> None:
 
 
 def _engine(data_dir: Path | None) -> Engine:
+    """The database, only read: an auditor's tool (perhaps under a read-only role) never migrates
+    a PostgreSQL database, whatever SCANONCE_MIGRATE_ON_START says for nodes starting; a schema
+    that is behind names `scanonce db upgrade`, and an unreachable database is one line naming it.
+    The embedded SQLite index creates and upgrades itself, as a node on it does at start."""
     settings = _settings(data_dir)
-    engine = make_engine(settings.resolved_database_url())
-    migrate(engine)
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        check_connection(engine)
+        if engine.dialect.name == "sqlite" and settings.resolved_migrate_on_start():
+            migrate(engine)
+        else:
+            require_current_schema(engine)
+    except ScanOnceError as exc:
+        engine.dispose()
+        fail(exc)
     return engine
 
 

@@ -41,17 +41,16 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from broker.deps import AppState
 from broker.dicom.received import Received
-from broker.errors import ScanOnceError, Unavailable
+from broker.dimse import service as ds
+from broker.errors import Unavailable
 from broker.index.service import IngestAudit, IngestBatcher, StoreOutcome, parse_instance
 from broker.security.schemas import Principal
 from broker.security.service import authorize
-from storage import ObjectStore, StoreUnavailable
+from storage import ObjectStore
 
 log = logging.getLogger("scanonce.dimse")
 
@@ -172,21 +171,9 @@ class WriterServer:
 
 
 def _portable(exc: BaseException) -> Exception:
-    """What the receiver's C-STORE handler maps to a status as it would the original exception,
-    as an exception that pickles (a driver's or botocore's may not), without its message where
-    that may quote SQL parameters (patient data)."""
-    if isinstance(exc, (Unavailable, StoreUnavailable)):
-        return Unavailable(exc.message)
-    if isinstance(exc, ScanOnceError):
-        return ScanOnceError(exc.message)
-    if isinstance(exc, OSError):
-        log.error("C-STORE from a receiver refused, out of resources: %s", exc.strerror)
-        return OSError(exc.errno, exc.strerror)
-    if isinstance(exc, (SQLAlchemyError, BotoCoreError, ClientError)):
-        log.error("C-STORE from a receiver refused, storage failed: %s", type(exc).__name__)
-        return Unavailable("storage temporarily unavailable")
-    log.error("C-STORE from a receiver failed: %s", type(exc).__name__)
-    return RuntimeError(type(exc).__name__)
+    """The status the receiver's C-STORE handler answers with, decided (and logged) here as it
+    would decide it for its own ingest, as an exception that pickles."""
+    return ds.StoreRefused(*ds.store_failure(exc))
 
 
 class RemoteWriter:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from botocore.exceptions import BotoCoreError, ClientError
 from pydicom import dcmread
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
@@ -67,7 +66,7 @@ from broker.dimse import audit as dimse_audit
 from broker.dimse import service as ds
 from broker.dimse.guards import SharedCounts
 from broker.dimse.service import DimsePeers, IdentifierError, status_dataset
-from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
+from broker.errors import BadRequest, NotFound, Unavailable
 from broker.federation import service as federation
 from broker.index.schemas import Query, StoreOutcome
 from broker.index.service import IngestAudit, IngestBatcher, find_instances, search
@@ -742,22 +741,8 @@ def _ingest(
             audit=dimse_audit.store_hook(state, event, principal),
             expected_sop=expected_sop,
         )
-    except (Unavailable, StoreUnavailable) as exc:
-        log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
-        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
-    except ScanOnceError as exc:
-        return status_dataset(ds.UNABLE_TO_PROCESS, exc.message)
-    except OSError as exc:
-        log.error("C-STORE refused, out of resources: %s", exc.strerror)
-        return status_dataset(ds.OUT_OF_RESOURCES, "out of resources")
-    except (SQLAlchemyError, BotoCoreError, ClientError) as exc:
-        # The database or the object store is down or refusing: worth a retry later. Only the
-        # type is logged: these messages can carry SQL parameters (patient data).
-        log.error("C-STORE refused, storage failed: %s", type(exc).__name__)
-        return status_dataset(ds.OUT_OF_RESOURCES, "storage temporarily unavailable")
     except Exception as exc:
-        log.error("C-STORE failed: %s", type(exc).__name__)
-        return status_dataset(ds.PROCESSING_FAILURE, "processing failure")
+        return status_dataset(*ds.store_failure(exc))
     code, comment = ds.cstore_status(outcome)
     return status_dataset(code, comment) if comment else code
 

@@ -7,6 +7,7 @@ rules are testable without an association and shared with the SCU where they ove
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import tempfile
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -25,16 +27,19 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import VR
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from broker.dicom import status as st
 from broker.dicom.uids import is_valid_uid
-from broker.errors import ScanOnceError
+from broker.errors import ScanOnceError, Unavailable
 from broker.facilities import service as facilities
 from broker.security import network, tls
-from storage import ObjectStore
+from storage import ObjectStore, StoreUnavailable
 
 # -- statuses (PS3.4 B.2.3 storage, C.4.1.1.4 find, C.4.2.1.5 move, C.4.3.1.4 get) ----------------
+
+log = logging.getLogger("scanonce.dimse")
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
@@ -116,6 +121,40 @@ def cstore_status(outcome: Any) -> tuple[int, str | None]:
     if reason is None or not any(reason in r for r in _CSTORE_FAILURES):
         reason = st.CANNOT_UNDERSTAND
     return int(reason), outcome.message or "Failed"
+
+
+class StoreRefused(Exception):
+    """A C-STORE failure status decided in the index writer's process, sent back to the receiver
+    that holds the association (`broker.dimse.handoff`): it pickles where a driver's or botocore's
+    exception may not, and carries the status and comment, never the original message."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(status, comment)
+        self.status = status
+        self.comment = comment
+
+
+def store_failure(exc: BaseException) -> tuple[int, str]:
+    """The C-STORE status and ErrorComment (PS3.4 B.2.3) for an ingest that raised `exc`, logged
+    once where it happened. A dependency down (database, object store, index writer) or a full
+    disk is 0xA700, worth a retry later; a refusal of the instance itself 0xC000 with the reason;
+    anything unexpected 0xC001. Driver and botocore messages can quote SQL parameters (patient
+    data), so only their type is logged."""
+    if isinstance(exc, StoreRefused):
+        return exc.status, exc.comment  # logged by the writer that decided it
+    if isinstance(exc, (Unavailable, StoreUnavailable)):
+        log.warning("C-STORE refused, a dependency is unavailable: %s", exc.message)
+        return OUT_OF_RESOURCES, "storage temporarily unavailable"
+    if isinstance(exc, ScanOnceError):
+        return UNABLE_TO_PROCESS, exc.message
+    if isinstance(exc, OSError):
+        log.error("C-STORE refused, out of resources: %s", exc.strerror)
+        return OUT_OF_RESOURCES, "out of resources"
+    if isinstance(exc, (SQLAlchemyError, BotoCoreError, ClientError)):
+        log.error("C-STORE refused, storage failed: %s", type(exc).__name__)
+        return OUT_OF_RESOURCES, "storage temporarily unavailable"
+    log.error("C-STORE failed: %s", type(exc).__name__)
+    return PROCESSING_FAILURE, "processing failure"
 
 
 # -- peers: calling AEs and move destinations -------------------------------------------------

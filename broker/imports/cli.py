@@ -132,6 +132,12 @@ def _print_dry_run(prepared: service.Prepared, diffs: list[dict[str, object]]) -
             "the study is only indexed here: it will be fetched from its facility when the import runs"
         )
     for d in diffs:
+        if d.get("error"):
+            # One line however narrow the terminal: a script greps it for the UID.
+            console.print(
+                f"instance {d['sop_uid']}: {d['error']} (the import would fail it alone)", soft_wrap=True
+            )
+            continue
         table = Table(title=f"instance {d['sop_uid']}")
         for name in ("attribute", "before", "after"):
             table.add_column(name)

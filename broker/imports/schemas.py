@@ -37,6 +37,11 @@ class Change(BaseModel):
 class InstanceDiff(BaseModel):
     sop_uid: str
     changes: list[Change]
+    error: str = Field(
+        default="",
+        description="Why this instance cannot be read or coerced (the import would fail it alone); "
+        "empty when its changes are shown",
+    )
 
 
 class DryRunOut(BaseModel):

@@ -32,13 +32,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy import select as select_columns
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, select
 
 from broker.consent import service as consent
 from broker.db import Prepared as Statement
 from broker.db import session_scope
-from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
+from broker.errors import BadRequest, NotFound, Unavailable
 from broker.facilities import service as facilities
 from broker.facilities.models import Facility
 from broker.identity import service as identity
@@ -50,6 +50,7 @@ from broker.jobs import service as jobs
 from broker.jobs.models import Job
 from broker.security.schemas import Principal
 from broker.security.service import authorize
+from storage import StoreUnavailable
 
 log = logging.getLogger("scanonce.imports")
 
@@ -63,6 +64,7 @@ Shipped_ = tuple[list[tuple[str, delivery.Outcome]], list[tuple[str, str]]]
 # A batch coerced: for each instance, what to send, or None and why its source could not be read.
 Coerced_ = list[tuple[delivery.File | None, str]]
 ACCESSION_POLICIES = ("empty", "keep", "new")
+_ACTIVE = ("queued", "running")  # an import's statuses while its job may still run it
 # Instances per association / STOW-RS request: few round trips, little lost on a crash. (Profiled:
 # about a third of the C-STORE time is opening one association per batch; 64 did not measure
 # faster than 16 on the loaded bench machine, so 16 stays. `bench/imports.py --batch N` tries it.)
@@ -85,7 +87,23 @@ BACKOFF = 0.5  # seconds before the first retry, doubled each time
 
 
 def register_jobs() -> None:
-    jobs.register(IMPORT_JOB)(_import_job)
+    jobs.register(IMPORT_JOB, on_failed=_job_failed)(_import_job)
+
+
+def _job_failed(conn: Connection, params: dict[str, Any], error: str) -> None:
+    """The import's job failed for good (its worker died on every attempt, an error no retry
+    changes): the import ends failed with it, in the same transaction, rather than staying
+    active and keeping the study from being imported again. An import that already ended (its
+    own verification failed it) keeps its own message."""
+    conn.execute(
+        update(ImportJob)
+        .where(col(ImportJob.id) == int(params.get("import_id") or 0), col(ImportJob.status).in_(_ACTIVE))
+        .values(status="failed", message=_given_up(error), finished_at=datetime.now(UTC))
+    )
+
+
+def _given_up(error: str) -> str:
+    return f"its job failed: {error}; nothing more is sent (start a new import to retry)"
 
 
 class Fetcher(Protocol):
@@ -267,13 +285,22 @@ def dry_run(
         refs = index.find_instances(session=session, study_uid=study_uid)
     plan = prepared.plan
     plan.known_uids = _known_uids(refs, study_uid)
-    out = []
+    out: list[dict[str, Any]] = []
     for ref in refs[:limit]:
-        ds = _read(store, ref.object_key, headers_only=True)
-        diff = reconcile.apply(ds, plan)
+        try:
+            diff = reconcile.apply(_read(store, ref.object_key, headers_only=True), plan)
+        except StoreUnavailable:
+            raise  # the store away is a 503 for the whole dry run, not this instance's fault
+        except Exception as exc:
+            # As the import would: this instance fails alone, named by its UID; the error's type
+            # only, as its text may quote the file's values (patient data).
+            why = f"cannot be read or coerced: {type(exc).__name__}"
+            out.append({"sop_uid": ref.sop_uid, "changes": [], "error": why})
+            continue
         out.append({
             "sop_uid": ref.sop_uid,
             "changes": [{"attribute": k, "before": b, "after": a} for k, b, a in diff],
+            "error": "",
         })  # fmt: skip
     return out
 
@@ -425,16 +452,23 @@ def _start(
         patient=patient, accession_policy=accession_policy, via=via, calling_ae=calling_ae,
     )  # fmt: skip
     with session_scope(engine) as session:
-        active = session.exec(
+        for active in session.exec(
             select(ImportJob).where(
                 ImportJob.study_uid == study_uid,
                 ImportJob.facility_id == facility_id,
-                col(ImportJob.status).in_(("queued", "running")),
+                col(ImportJob.status).in_(_ACTIVE),
             )
-        ).first()
-        if active is not None:
-            session.expunge(active)
-            return active, None
+        ).all():
+            job = session.get(Job, active.job_id) if active.job_id is not None else None
+            if job is not None and job.status not in jobs.FINISHED:
+                session.expunge(active)
+                return active, None
+            # Its job ended without the import being told (a row left by an earlier version, or
+            # a job gone): nothing will run it any more, so it no longer blocks the study.
+            ended = f"{job.status}{': ' + job.error if job.error else ''}" if job is not None else "gone"
+            active.status, active.message = "failed", _given_up(f"it ended ({ended})")
+            active.finished_at = datetime.now(UTC)
+            session.add(active)
         row = ImportJob(
             study_uid=study_uid,
             facility_id=facility_id,
@@ -551,8 +585,12 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
     calling_ae = str(params.get("calling_ae") or "SCANONCE")
     with Session(engine) as session:
         row = get_import(session=session, import_id=import_id)
-        if row.status == "cancelled":
+        if row.status in ("cancelled", "done"):
             return
+        if row.status == "failed":
+            # A failed import stays failed: its job run again (queued by hand, or by an earlier
+            # version's retry) must not resume it; a new import is the way to retry.
+            raise jobs.GiveUp(f"import {import_id} has already ended failed: {row.message}")
         destination = facilities.get_facility(session=session, facility_id=row.facility_id)
         session.expunge(destination)
         plan_data, study_uid, via = json.loads(row.plan), row.study_uid, row.via
@@ -560,16 +598,24 @@ def _import_job(engine: Engine, store: Any, job: Job, progress: jobs.Progress) -
     unheld = bool(params.get("unheld")) and job.attempts == 1
     # `running` is recorded with the instance rows (`_rows_to_send`): one commit fewer before the
     # first batch is sent; a study first fetched from its facility is `running` meanwhile.
+    # The import is not failed here on an error: the job runner decides whether the job is
+    # tried again (a transient failure with attempts left: the import stays running, to be
+    # resumed) or fails for good, which fails the import with it (`_job_failed`). Failing it
+    # here and resuming it later made a failed import change state afterwards.
     try:
         _run(
             engine, store, import_id, study_uid, plan_data, destination, via, calling_ae, progress,
             unheld=unheld,
         )  # fmt: skip
-    except ScanOnceError as exc:
-        _set(engine, import_id, status="failed", message=exc.message, finished_at=datetime.now(UTC))
-        raise
-    except Exception as exc:
-        _set(engine, import_id, status="failed", message=str(exc)[:512], finished_at=datetime.now(UTC))
+    except jobs.TRANSIENT as exc:
+        why = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        # Best effort (the database may be what failed): the job's own error says it anyway.
+        with contextlib.suppress(Exception), session_scope(engine) as session:
+            session.execute(
+                update(ImportJob)
+                .where(col(ImportJob.id) == import_id, col(ImportJob.status).in_(_ACTIVE))
+                .values(message=f"interrupted, to be resumed unless its job gives up: {why}"[:512])
+            )
         raise
 
 
@@ -836,16 +882,15 @@ def _run(
             last = [rows_of(shipped) for shipped in final]
             for sent in last:
                 remember(sent)
-            failed, message = _verify(
+            ended_failed, message = _verify(
                 engine, import_id, plan, destination, via, calling_ae, statuses=statuses, counts=counts,
                 series_of=series_of, progress=progress, final=last,
             )  # fmt: skip
         progress.notify()
-        if failed:
-            # The job's message: what arrived and what did not (each refusal is on its instance).
-            raise Unavailable(
-                f"{message}; {failed} not accepted by facility {destination.id!r} (see each instance)"
-            )
+        if ended_failed:
+            # Final (the import is recorded failed): the job fails with the same message, not
+            # queued again to resend and change what was reported.
+            raise jobs.GiveUp(message)
 
 
 def _unlink(files: Iterable[delivery.File | None]) -> None:
@@ -1117,10 +1162,12 @@ def _verify(
     engine: Engine, import_id: int, plan: reconcile.Plan, destination: Facility, via: str, calling_ae: str,
     *, statuses: dict[int, tuple[str, str]], counts: Future[dict[str, int] | None] | None,
     series_of: dict[str, str], progress: jobs.Progress, final: list[Sent_],
-) -> tuple[int, str]:  # fmt: skip
+) -> tuple[bool, str]:  # fmt: skip
     """Ask the destination what it holds; an instance sent but not there is reported failed.
     The import is then finished (done or failed, with its counts and message) in the same
-    transaction as the job's progress report. Returns (instances failed, the message).
+    transaction as the job's progress report. Returns (whether it ended failed, the message).
+    A destination that cannot be asked leaves the import unverified and failed, every outcome
+    the run holds recorded.
     `statuses` is every instance row's (SOP Instance UID as delivered, status) by id, as the
     run recorded them, `final` batches sent and not recorded yet (recorded here). When nothing
     failed, the job is recorded done in the same transaction too.
@@ -1133,17 +1180,35 @@ def _verify(
     rows = [_Status(id_, sop, status) for id_, (sop, status) in statuses.items()]
     sent = [r.sop_uid for r in rows if r.status in ("sent", "warning")]
     held: set[str] | None = None
-    if counts is not None and counts.result() == Counter(series_of.get(sop, "") for sop in sent):
-        held = set(sent)
+    with contextlib.suppress(Unavailable):  # the counts unanswered: the listing asks again
+        if counts is not None and counts.result() == Counter(series_of.get(sop, "") for sop in sent):
+            held = set(sent)
+    unasked = ""
     if held is None:
-        held = delivery.held_instances(
-            facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
-        )
-    missing = [r.id for r in rows if r.status in ("sent", "warning") and r.sop_uid not in held]
+        try:
+            held = delivery.held_instances(
+                facility=destination, via=via, study_uid=plan.study_uid, calling_ae=calling_ae
+            )
+        except Unavailable as exc:
+            # The outcomes the run holds are recorded all the same (below), and the import ends
+            # failed, unverified: nothing acknowledged is reported missing on no evidence.
+            unasked, held = exc.message, set()
+    missing = (
+        [] if unasked else [r.id for r in rows if r.status in ("sent", "warning") and r.sop_uid not in held]
+    )
     total = len(rows)
     failed = sum(r.status == "failed" for r in rows) + len(missing)
-    verified = sum(r.sop_uid in held for r in rows)
-    message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
+    verified: int | None = None if unasked else sum(r.sop_uid in held for r in rows)
+    if unasked:
+        message = (
+            f"{total - failed} of {total} instances delivered, not verified: facility {destination.id!r} "
+            f"could not be asked what it holds ({unasked}); start a new import to verify"
+        )
+    else:
+        message = f"{total - failed} of {total} instances delivered, {verified} found at the destination"
+    if failed:  # what did not arrive (each refusal is on its instance)
+        message += f"; {failed} not accepted by facility {destination.id!r} (see each instance)"
+    ended_failed = bool(failed or unasked)
     with session_scope(engine) as session:
         for batch in final:
             session.execute(_RECORD_ROW, _changes(*batch))
@@ -1158,16 +1223,16 @@ def _verify(
             .where(col(ImportJob.id) == import_id)
             .values(
                 verified=verified, sent=len(sent) - len(missing),
-                failed=failed, status="failed" if failed else "done", message=message,
+                failed=failed, status="failed" if ended_failed else "done", message=message,
                 finished_at=datetime.now(UTC),
             )
         )  # fmt: skip
         progress.update_in(
             session, done=sum(status != "pending" for _, status in statuses.values()), message=message
         )
-        if not failed:
+        if not ended_failed:
             progress.finish_in(session, message=message)
-    return failed, message
+    return ended_failed, message
 
 
 # -- "Compare in viewer": today's local study beside the outside prior --------------------------

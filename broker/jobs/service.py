@@ -72,6 +72,13 @@ class RetryLater(ScanOnceError):
     title = "Retry later"
 
 
+class GiveUp(ScanOnceError):
+    """Raised by a handler whose work ended failed for good, whatever the cause: the job fails at
+    once, never queued again (another run would change what was reported as final)."""
+
+    title = "Failed"
+
+
 # Failures that say "not now" rather than "never": the job is queued again with backoff.
 TRANSIENT: tuple[type[BaseException], ...] = (
     RetryLater,
@@ -277,12 +284,24 @@ def _fail_exhausted(*, engine: Engine, stale: datetime, max_attempts: int, now: 
             text(
                 "UPDATE job SET status = 'failed', finished_at = :now, "
                 "error = 'its worker stopped (killed or lost) on each of ' || attempts || ' attempts' "
-                "WHERE status = 'running' AND heartbeat_at < :stale AND attempts >= :max"
+                "WHERE status = 'running' AND heartbeat_at < :stale AND attempts >= :max "
+                "RETURNING kind, params, error"
             ),
             {"now": now, "stale": stale, "max": max_attempts},
-        ).rowcount
+        ).all()
+        for kind, params, error in failed:
+            _tell_failed(conn, kind=kind, params=params, error=error)
     if failed:
-        log.warning("failed %d jobs whose workers kept dying", failed)
+        log.warning("failed %d jobs whose workers kept dying", len(failed))
+
+
+def _tell_failed(conn: Connection, *, kind: str, params: str, error: str) -> None:
+    """The job's domain told, in the transaction that fails the job for good, so that its own
+    record of the work (an import's row) never stays active under a failed job."""
+    hook = _ON_FAILED.get(kind)
+    if hook is not None:
+        data = json.loads(params or "{}")
+        hook(conn, data if isinstance(data, dict) else {}, error)
 
 
 def report(
@@ -354,7 +373,12 @@ def finish(
     }
     if message is not None:
         values["message"] = message[:512]
-    _update(engine=engine, job_id=job_id, values=values, lease=lease)
+    with engine.begin() as conn:
+        _update_in(conn, job_id=job_id, values=values, lease=lease)
+        if error:
+            row = conn.execute(text("SELECT kind, params FROM job WHERE id = :id"), {"id": job_id}).one()
+            kind, params = row
+            _tell_failed(conn, kind=kind, params=params, error=error)
 
 
 def retry_later(*, engine: Engine, lease: Lease, error: str, run_after: datetime) -> None:
@@ -547,14 +571,22 @@ class Progress:
 # kind -> handler(engine, store, job, progress); domains register theirs at import.
 Handler = Callable[[Engine, Any, Job, Progress], None]
 _HANDLERS: dict[str, Handler] = {}
+# kind -> on_failed(conn, the job's params, its error): run in the transaction that fails a job
+# of that kind for good (its workers kept dying, its handler's error is not retried, or
+# `finish` with an error), whoever fails it.
+OnFailed = Callable[[Connection, dict[str, Any], str], None]
+_ON_FAILED: dict[str, OnFailed] = {}
 
 
-def register(kind: str) -> Callable[[Handler], Handler]:
-    """Declare the handler of a job kind. Each domain calls this from its `register_jobs()`,
-    which the app factory calls; registering the same handler again is harmless."""
+def register(kind: str, *, on_failed: OnFailed | None = None) -> Callable[[Handler], Handler]:
+    """Declare the handler of a job kind (and what its domain records when such a job fails for
+    good: `on_failed`). Each domain calls this from its `register_jobs()`, which the app factory
+    calls; registering the same handler again is harmless."""
 
     def deco(fn: Handler) -> Handler:
         _HANDLERS[kind] = fn
+        if on_failed is not None:
+            _ON_FAILED[kind] = on_failed
         return fn
 
     return deco

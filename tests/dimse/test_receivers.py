@@ -33,6 +33,7 @@ from typing import Any
 import pydicom
 import pytest
 from pynetdicom import AE
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from broker.app import build_receiver_state, build_state
@@ -44,6 +45,7 @@ from broker.dimse.guards import SharedCounts
 from broker.dimse.handoff import RemoteWriter, WriterServer
 from broker.dimse.receivers import ReceiverSupervisor
 from broker.dimse.scp import ScpHandle, index_batcher, start_scp, stop_scp
+from broker.errors import BadRequest
 from broker.index.models import Instance
 from broker.index.service import IngestBatcher
 from broker.settings import Settings
@@ -350,5 +352,54 @@ def test_a_receiver_whose_writer_is_gone_refuses_with_a700_and_acknowledges_noth
         assert list((settings.data_dir / "spool").glob("*.dcm")) == []
     finally:
         stop_scp(receiver)
+        batcher.close()
+        state.engine.dispose()
+
+
+class _FailingBatcher(IngestBatcher):
+    """The writer's commit meets `fault` (a fault injected at the one place a real one strikes)."""
+
+    def __init__(self, fault: Exception) -> None:
+        super().__init__()
+        self.fault = fault
+
+    def ingest_parsed(self, **_: Any) -> Any:
+        raise self.fault
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        # A driver's error quotes the statement's parameters: patient data, and it may not pickle.
+        (
+            OperationalError(
+                "INSERT INTO instance ...", {"name": "DOE^SECRETNAME"}, Exception("disk I/O error")
+            ),
+            0xA700,
+        ),
+        (BadRequest("SOP Instance UID is not a valid UID"), 0xC000),
+        (KeyError("SECRETNAME"), 0xC001),
+    ],
+)
+def test_a_failure_in_the_writer_reaches_the_receivers_scu_as_the_status_the_server_would_send(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: Exception, status: int
+) -> None:
+    """A C-STORE committed through the serving process's writer gets the status the serving
+    process gives its own C-STOREs for the same failure, and no log line quotes the driver's
+    parameters."""
+    settings = Settings(data_dir=tmp_path / "data", mllp_port=0)
+    state = build_state(settings)
+    batcher = _FailingBatcher(fault)
+    writer = WriterServer(state=state, batcher=lambda: batcher).start()
+    receiver = start_scp(state=state, host="127.0.0.1", port=0, ingest=RemoteWriter(writer.address))
+    (path,) = _study(tmp_path / "s", seed=82, instances=1)
+    try:
+        assert _store(receiver.port, settings.ae_title, path) == status
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert _indexed(state, {uid}) == []
+        assert "SECRETNAME" not in caplog.text
+    finally:
+        stop_scp(receiver)
+        writer.close()
         batcher.close()
         state.engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -9,9 +10,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlmodel import Session
+from typer.testing import CliRunner
 
 from broker.app import create_app
+from broker.cli import app as scanonce
 from broker.deps import AppState
 from broker.imports import delivery, service
 from broker.imports.models import ImportInstance, ImportJob
@@ -191,6 +195,51 @@ def test_dry_run_shows_the_diff_and_sends_nothing(
     assert client.get("/api/imports", headers=auth_headers()).json() == []
 
 
+def test_dry_run_names_an_instance_it_cannot_read(
+    state: AppState,
+    settings: Settings,
+    pacs: OrthancPeer,
+    outside: Outside,
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over HTTP, on the import page and by `scanonce import --dry-run`: the unreadable instance
+    named by its SOP Instance UID (no patient data), the others' diffs shown, nothing stored."""
+    with Session(state.engine) as session:
+        from broker.index import service as index
+
+        key = next(
+            r.object_key
+            for r in index.find_instances(session=session, study_uid=outside.study_uid)
+            if r.sop_uid == outside.sr_uid
+        )
+    state.store.put(key, io.BytesIO(b"not dicom at all"))
+    rsp = client.post(
+        "/api/imports",
+        json={"study_uid": outside.study_uid, "facility": MINE, "dry_run": True},
+        headers=auth_headers(),
+    )
+    assert rsp.status_code == 200, rsp.text
+    by_sop = {i["sop_uid"]: i for i in rsp.json()["instances"]}
+    assert set(by_sop) == set(outside.files)
+    bad = by_sop.pop(outside.sr_uid)
+    assert bad["changes"] == [] and bad["error"].startswith("cannot be read")
+    assert "SMITH" not in bad["error"] and "P1" not in bad["error"]
+    assert all(i["changes"] and not i["error"] for i in by_sop.values())
+    page = client.get(
+        "/imports", params={"study": outside.study_uid, "facility": MINE}, headers=auth_headers("radiologist")
+    )
+    assert page.status_code == 200 and outside.sr_uid in page.text and "cannot be read" in page.text
+    for name, value in (("DATABASE_URL", settings.database_url), ("STORAGE_URL", settings.storage_url)):
+        monkeypatch.setenv(f"SCANONCE_{name}", value or "")
+    cli = ["import", outside.study_uid, "--to", MINE, "--dry-run", "--data-dir", str(settings.data_dir)]
+    r = CliRunner().invoke(scanonce, cli)
+    assert r.exit_code == 0, r.output
+    assert outside.sr_uid in r.output and "cannot be read" in r.output
+    assert client.get("/api/imports", headers=auth_headers()).json() == []
+    assert pacs_instances(pacs) == []
+
+
 def test_http_import_then_again_does_not_duplicate(
     state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,6 +391,35 @@ def test_worker_dies_midway_and_the_resumed_job_sends_only_what_is_left(
     assert len(held) == len(set(held)) == 5
 
 
+def test_an_import_whose_job_was_given_up_ends_failed_and_may_be_started_again(
+    state: AppState, pacs: OrthancPeer, outside: Outside
+) -> None:
+    row = _start(state, outside)
+    assert row.job_id is not None
+    # A worker claims the job and is killed; the next finds its lease run out on the last
+    # attempt allowed, and the job runner fails the job for good.
+    assert jobs.claim(engine=state.engine, job_id=row.job_id) is not None
+    assert jobs.claim(engine=state.engine, stale_after=timedelta(0), max_attempts=1) is None
+    with Session(state.engine) as session:
+        assert jobs.get_job(session=session, job_id=row.job_id).status == "failed"
+        given_up = service.get_import(session=session, import_id=row.id or 0)
+    assert given_up.status == "failed" and given_up.finished_at is not None
+    assert "worker stopped" in given_up.message and "new import" in given_up.message
+    again = _start(state, outside)
+    assert again.id != row.id and again.status == "queued"
+    # An import whose job ended without the import being told (a row of an earlier version):
+    # it does not keep the study blocked either.
+    with Session(state.engine) as session:
+        session.execute(text("UPDATE job SET status = 'failed' WHERE id = :id"), {"id": again.job_id})
+        session.commit()
+    third = _start(state, outside)
+    assert third.id not in (row.id, again.id)
+    with Session(state.engine) as session:
+        assert service.get_import(session=session, import_id=again.id or 0).status == "failed"
+    assert _run(state, third.id or 0).status == "done"
+    assert len(pacs_instances(pacs)) == 5
+
+
 def test_cancel_a_queued_import(
     state: AppState, pacs: OrthancPeer, outside: Outside, client: TestClient
 ) -> None:
@@ -356,7 +434,9 @@ def test_cancel_a_queued_import(
     assert client.post(f"/api/imports/{created['id']}/cancel", headers=h).status_code == 400
 
 
-def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, outside: Outside) -> None:
+def test_unreadable_instance_fails_alone_and_the_failed_import_stays_failed(
+    state: AppState, pacs: OrthancPeer, outside: Outside
+) -> None:
     with Session(state.engine) as session:
         from broker.index import service as index
 
@@ -365,13 +445,31 @@ def test_unreadable_instance_fails_alone(state: AppState, pacs: OrthancPeer, out
             for r in index.find_instances(session=session, study_uid=outside.study_uid)
             if r.sop_uid == outside.sr_uid
         )
-    state.store.put(ref.object_key, __import__("io").BytesIO(b"not dicom at all"))
+    stored = b"".join(state.store.get(ref.object_key))
+    state.store.put(ref.object_key, io.BytesIO(b"not dicom at all"))
     final = _run(state, _start(state, outside).id or 0)
     assert (final.status, final.sent, final.failed) == ("failed", 4, 1)
     with Session(state.engine) as session:
         rows = service.instances_of(session=session, import_id=final.id or 0)
         bad = session.get(ImportInstance, next(r.id for r in rows if r.source_sop_uid == outside.sr_uid))
+        job = jobs.get_job(session=session, job_id=final.job_id or 0)
     assert bad is not None and "cannot be read" in bad.detail
+    assert len(pacs_instances(pacs)) == 4
+    # Failed for good, its job too: not queued to run again (a new import is the way to retry).
+    assert (job.status, job.error) == ("failed", final.message)
+    # Even a job put back in the queue (its backoff passed, or by hand) leaves it as it ended,
+    # though the instance could be read now.
+    state.store.put(ref.object_key, io.BytesIO(stored))
+    with Session(state.engine) as session:
+        session.execute(
+            text("UPDATE job SET status = 'queued', run_after = NULL WHERE id = :id"), {"id": final.job_id}
+        )
+        session.commit()
+    jobs.work(engine=state.engine, store=state.store, once=True)
+    with Session(state.engine) as session:
+        after = service.get_import(session=session, import_id=final.id or 0)
+    assert (after.status, after.sent, after.failed, after.message) == ("failed", 4, 1, final.message)
+    assert after.finished_at == final.finished_at
     assert len(pacs_instances(pacs)) == 4
 
 

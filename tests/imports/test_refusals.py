@@ -19,6 +19,7 @@ from broker.app import create_app
 from broker.deps import AppState
 from broker.imports import service
 from broker.index import service as index
+from broker.jobs import service as jobs
 from broker.settings import Settings
 from tests.imports.conftest import (
     BASIC_TEXT_SR,
@@ -130,3 +131,50 @@ def test_refused_instances_are_reported_one_by_one(
     assert _stored(state, outside.study_uid) == before
     for data in before.values():
         assert pydicom.dcmread(__import__("io").BytesIO(data), stop_before_pixels=True).PatientID == "P1"
+
+
+# A PACS that goes away when asked what it holds of a study it was just sent: its verification
+# query (QIDO-RS, per series or per instance) ends the Orthanc process on the spot, so the
+# connection drops as an unreachable archive's would. Planning's study-level query is answered.
+GO_AWAY = """
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if method == 'GET' and string.find(uri, '^/dicom%-web/studies/[^/]+/') then
+    os.exit(1)
+  end
+  return true
+end
+"""
+
+
+@pytest.fixture
+def vanishing(tmp_path: Path) -> Iterator[OrthancPeer]:
+    script = tmp_path / "go-away.lua"
+    script.write_text(GO_AWAY)
+    with orthanc(tmp_path / "vanishing", aet="MYPACS", extra={"LuaScripts": [str(script)]}) as peer:
+        yield peer
+
+
+def test_destination_gone_when_verifying_keeps_each_outcome_and_fails_clearly(
+    state: AppState, vanishing: OrthancPeer, tmp_path: Path
+) -> None:
+    add_destination(state, vanishing)
+    outside = ingest_outside(state, tmp_path)
+    register_local_patient(state)
+    # Run at once (planning found the study absent): the PACS is first asked after the sends.
+    row, claimed = service.start_claimed(
+        engine=state.engine, principal=ADMIN, study_uid=outside.study_uid, facility_id=MINE, via="dicomweb"
+    )
+    final = service.run_claimed(engine=state.engine, store=state.store, import_id=row.id or 0, job=claimed)
+    assert vanishing.process.wait(timeout=30) is not None  # it did go away
+    with Session(state.engine) as session:
+        rows = service.instances_of(session=session, import_id=row.id or 0)
+        job = jobs.get_job(session=session, job_id=row.job_id or 0)
+    # Every instance's outcome, answered before the PACS went away, is recorded.
+    assert {r.source_sop_uid: (r.status, r.attempts) for r in rows} == {
+        sop: ("sent", 1) for sop in outside.files
+    }
+    assert (final.status, final.sent, final.failed, final.verified) == ("failed", 5, 0, None), final.message
+    assert "5 of 5 instances delivered" in final.message
+    assert "could not be asked" in final.message and "not verified" in final.message
+    assert final.finished_at is not None
+    assert (job.status, job.error) == ("failed", final.message)

@@ -3,15 +3,21 @@ PostgreSQL, one atomic UPDATE on SQLite), failures recorded, dead workers' jobs 
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from broker.app import build_state, create_app
+from broker.db import Prepared, core_table, session_scope
+from broker.identity.models import IdentityRecord, Person
 from broker.jobs import service as jobs
 from broker.jobs.models import Job
 from broker.settings import Settings
@@ -139,3 +145,62 @@ def test_a_worker_leaves_a_kind_it_cannot_run_to_a_worker_that_can(engine: Engin
         assert row is not None
         assert (row.status, row.attempts, row.error) == ("queued", 0, "")
     assert ran == 0 or "test-only-elsewhere" not in jobs.registered_kinds()
+
+
+# A patient identifier and name as a job's database work would bind them.
+_MRN, _FAMILY = "MRN-ZYLBERSZTEJN-4711", "ZYLBERSZTEJN"
+
+
+def test_a_database_error_keeps_patient_data_out_of_logs_and_the_stored_error(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy quotes a failed statement's parameters in its error text, and PostgreSQL adds
+    the clashing key (DETAIL: Key (...)=(...)) or the value it could not read: neither may reach
+    the worker's log or the job's stored error, which operators and the jobs API show."""
+
+    @jobs.register("test-clash")
+    def clash(engine_: Engine, _store: Any, _job: Job, _progress: jobs.Progress) -> None:
+        with Session(engine_) as session:
+            person = Person()
+            session.add(person)
+            session.flush()
+            assert person.id is not None
+            for _ in range(2):  # the second row repeats the first's (issuer, value)
+                session.add(IdentityRecord(issuer="HOSP", value=_MRN, family=_FAMILY, person_id=person.id))
+                session.flush()
+
+    @jobs.register("test-clash-prepared")
+    def clash_prepared(engine_: Engine, _store: Any, _job: Job, _progress: jobs.Progress) -> None:
+        # The ingest writer's path: the statement run through the driver (`Prepared`).
+        record = IdentityRecord(issuer="HOSP", value=_MRN, family=_FAMILY, person_id=1)
+        row = record.model_dump(exclude={"id"})
+        insert = Prepared(core_table(IdentityRecord).insert().inline(), column_keys=list(row))
+        with session_scope(engine_) as session:
+            insert.run(session, [row, row])
+
+    @jobs.register("test-unreadable")
+    def unreadable(engine_: Engine, _store: Any, _job: Job, _progress: jobs.Progress) -> None:
+        # A patient ID read as a number: PostgreSQL quotes the value (here with a quote in it) back.
+        with Session(engine_) as session:
+            session.execute(text("SELECT CAST(:v AS integer)"), {"v": f'{_MRN}"{_FAMILY}'}).all()
+            raise RuntimeError("SQLite compares without complaint; the PostgreSQL run is the check")
+
+    clashing = jobs.enqueue(engine=engine, kind="test-clash")
+    prepared = jobs.enqueue(engine=engine, kind="test-clash-prepared")
+    unread = jobs.enqueue(engine=engine, kind="test-unreadable")
+    kinds = ("test-clash", "test-clash-prepared", "test-unreadable")
+    with caplog.at_level(logging.DEBUG):
+        jobs.work(engine=engine, store=None, once=True, kinds=kinds)
+    with Session(engine) as session:
+        rows = [session.get(Job, job.id) for job in (clashing, prepared, unread)]
+        errors = [row.error for row in rows if row]
+    assert len(errors) == 3 and all(errors)
+    for error in errors[:2]:  # still says what failed
+        assert "uq_identity_record_issuer_value" in error or "UNIQUE constraint failed" in error
+    # Nor in a traceback of the error, which prints the driver's own error too (its cause).
+    with pytest.raises(IntegrityError) as raised:
+        clash(engine, None, clashing, jobs.Progress(engine=engine, job_id=clashing.id or 0))
+    logging.getLogger("scanonce.test").error("the clash", exc_info=raised.value)
+    for secret in (_MRN, _FAMILY):
+        assert secret not in caplog.text
+        assert not [e for e in errors if secret in e]

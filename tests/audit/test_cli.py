@@ -1,0 +1,80 @@
+"""`scanonce audit` is an auditor's read-only tool: it never migrates a PostgreSQL database (that
+is `scanonce db upgrade`, an operator's step), and a database it cannot reach is one clear line
+naming it, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from broker.cli import app
+from broker.db import make_engine, schema_status
+
+runner = CliRunner()
+
+
+def _env(tmp_path: Path, url: str) -> dict[str, str]:
+    return {
+        "SCANONCE_DATA_DIR": str(tmp_path),
+        "SCANONCE_DATABASE_URL": url,
+        "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "3",
+    }
+
+
+@pytest.mark.postgres
+def test_audit_never_migrates_postgres_and_names_the_command_that_does(pg_admin: Any, tmp_path: Path) -> None:
+    url = pg_admin.create(pg_admin.new_name("audit_empty"))
+    engine = make_engine(url)
+    try:
+        # Even where nodes migrate on start: the audit CLI is not a node starting.
+        env = {**_env(tmp_path, url), "SCANONCE_MIGRATE_ON_START": "true"}
+        for args in (["audit", "verify"], ["audit", "head"], ["audit", "list"]):
+            result = runner.invoke(app, args, env=env)
+            assert result.exit_code == 1, (args, result.output)
+            assert isinstance(result.exception, SystemExit), result.exception  # a message, not a crash
+            assert "scanonce db upgrade" in " ".join(result.output.split()), result.output
+        assert schema_status(engine).current == ()  # no table was created behind the operator's back
+    finally:
+        engine.dispose()
+        pg_admin.drop(url.rsplit("/", 1)[1])
+
+
+@pytest.mark.postgres
+def test_audit_reads_a_migrated_postgres(pg_admin: Any, _pg_template: str, tmp_path: Path) -> None:
+    name = pg_admin.new_name("audit_cli")
+    url = pg_admin.create(name, template=_pg_template)
+    try:
+        env = {**_env(tmp_path, url), "COLUMNS": "250"}
+        verified = runner.invoke(app, ["audit", "verify"], env=env)
+        assert verified.exit_code == 0, verified.output
+        assert "intact: 0 events" in verified.output
+        assert runner.invoke(app, ["audit", "list"], env=env).exit_code == 0
+    finally:
+        pg_admin.drop(name)
+
+
+def test_audit_on_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    url = f"postgresql+psycopg://auditor:s3cret-pw@127.0.0.1:{port}/scanonce"
+    scanonce = str(Path(sys.executable).with_name("scanonce"))
+    done = subprocess.run(
+        [scanonce, "audit", "verify"],
+        env={k: v for k, v in {**os.environ, **_env(tmp_path, url)}.items() if k != "COLUMNS"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done
+    said = done.stderr.strip()
+    assert "Traceback" not in said and len(said.splitlines()) == 1, said
+    assert f"127.0.0.1:{port}/scanonce" in said and "SCANONCE_DATABASE_URL" in said
+    assert "s3cret-pw" not in said + done.stdout
