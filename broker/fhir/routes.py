@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from broker.consent import service as consent_service
 from broker.deps import PrincipalDep, SessionDep, SettingsDep
-from broker.errors import BadRequest, NotAcceptable, NotFound, ScanOnceError
+from broker.errors import BadRequest, NotAcceptable, NotFound, ScanOnceError, UnsupportedMediaType
 from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
     consent_resource,
@@ -51,8 +51,16 @@ def _refused(param: str) -> bool:
 
 
 def _json_only(request: Request) -> None:
-    """FHIR's http page: 406 when the request asks only for a format the server does not serve
-    (XML, Turtle): `_format`, which stands in for the Accept header, else the Accept header."""
+    """FHIR's http page: 415 when the body is in a format the server does not take, 406 when the
+    request asks only for a format it does not serve (XML, Turtle): `_format`, which stands in for
+    the Accept header, else the Accept header."""
+    sent = request.headers.get("content-type")
+    if (
+        request.method in ("POST", "PUT", "PATCH")
+        and sent is not None
+        and sent.split(";")[0].strip().lower() not in _JSON_FORMATS - {"json"}
+    ):
+        raise UnsupportedMediaType(f"Content-Type {sent[:60]!r}: only JSON is taken (application/fhir+json)")
     fmt = request.query_params.get("_format")
     if fmt is not None:
         if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
