@@ -111,6 +111,7 @@ _RETURN_ONLY = {
     "QueryRetrieveLevel",
 }
 
+_INT_RE = re.compile(r"^[+-]?[0-9]{1,12}$")
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(
@@ -310,16 +311,23 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             hint = f"{keyword} takes a value or a range such as {form}-{form}"
             raise BadRequest(f"{exc.message}; {hint} (got {value[:40]!r})") from exc
     if kind == "INT":
-        try:
-            return key.column == int(value)
-        except ValueError as exc:
-            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer") from exc
+        # PS3.5 6.2 IS: an optional sign and digits, -2^31 to 2^31-1 (US values fit too). Python's
+        # int() would also take `1_0` and any size, which no column can hold (a 500, not a 400).
+        text = value.strip()
+        if not _INT_RE.match(text) or not -(2**31) <= int(text) < 2**31:
+            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer from -2147483648 to 2147483647")
+        return key.column == int(text)
     if kind == "PN":
         if fuzzy and key.fuzzy_column is not None:
             v = fuzzy_pn(value)
-            if _has_wildcard(v) or "^" in v:
-                pattern = _like(v) if _has_wildcard(v) else _like(v) + "%"
+            if "^" in v:
+                # Each query component, in order, is the start of a name component: the first
+                # the family name's, each next one a later component's (mul^ha: Müller^Hans).
+                first, *rest = v.split("^")
+                pattern = _like(first) + "%" + "".join("^" + _like(c) + "%" for c in rest)
                 return key.fuzzy_column.like(pattern, escape=_ESC)
+            if _has_wildcard(v):
+                return key.fuzzy_column.like(_like(v), escape=_ESC)
             return or_(
                 key.fuzzy_column.like(_like(v) + "%", escape=_ESC),
                 key.fuzzy_column.like("%^" + _like(v) + "%", escape=_ESC),
@@ -330,8 +338,16 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
         vals = _values(value)
         return or_(*(_string_match(key.column, v) for v in vals))
     if kind == "MODS":
-        vals = _values(value)
-        return or_(*(key.column.contains("\\" + v + "\\", autoescape=True) for v in vals))
+        # The column is `\CT\MR\`. A wildcard that leads or trails (M*, *T) stays within one code;
+        # one in the middle (C*T) may also span two codes (CR and OT): an over-match, never a miss.
+        return or_(
+            *(
+                key.column.like("%\\" + _like(v) + "\\%", escape=_ESC)
+                if _has_wildcard(v)
+                else key.column.contains("\\" + v + "\\", autoescape=True)
+                for v in _values(value)
+            )
+        )
     return _string_match(key.column, value)
 
 
@@ -345,19 +361,28 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
         if tag is None:
             raise BadRequest(f"unknown attribute {raw_key[:64]!r}: not a DICOM keyword or tag")
         keyword = A.keyword_of(tag)
+        values = query.any_of.get(raw_key) or (value,)
+        if any("\x00" in v for v in values):
+            # No DICOM text value holds NUL (PS3.5 6.1.2), and PostgreSQL refuses it in a string
+            # parameter: refused here, the same on every backend, whether the key is matched or not.
+            raise BadRequest(f"{keyword}: a match value cannot contain a NUL character")
         asked.add(tag)
         key = keys.get(keyword)
         if key is None:
-            if value not in ("", "*") and keyword not in _RETURN_ONLY:
+            constrained = [v for v in values if v not in ("", "*")]
+            if constrained and keyword not in _RETURN_ONLY:
                 vr = A.vr_of(tag)
                 if vr in _CHECKS:
                     # Not matched on, but a malformed date or time is still a bad request.
-                    check_temporal(keyword, vr, value)
+                    for v in constrained:
+                        check_temporal(keyword, vr, v)
                 ignored.append(keyword)
             continue
-        cond = _condition(keyword, key, value, query.fuzzy)
-        if cond is not None:
-            conds.append(cond)
+        alternatives = [_condition(keyword, key, v, query.fuzzy) for v in values]
+        present = [c for c in alternatives if c is not None]
+        if len(present) == len(alternatives):
+            # A universal value among them (None) leaves the key unconstrained.
+            conds.append(or_(*present) if len(present) > 1 else present[0])
     if query.study_uid is not None:
         conds.append(_study.c.study_uid == query.study_uid)
     if query.series_uid is not None:
