@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,28 @@ UNAVAILABLE_COMMENT = "the index is unavailable; try again later"
 class AnsweredRetrieveFailure(Exception):  # noqa: N818 - a signal to pynetdicom, not an error of ours
     """Raised into pynetdicom by a C-MOVE or C-GET handler whose failure response is already
     arranged (`fail_retrieve`)."""
+
+
+_answering = threading.local()
+
+
+class _QuietAnsweredFailures(logging.Filter):
+    """pynetdicom logs the exception `fail_retrieve` raises as a broken handler: an ERROR saying
+    the handler "must yield the (address, port) of the destination AE", then the traceback. Each
+    bad identifier from a peer would put both in the operator's log as a fault of ours, when the
+    peer was answered as intended (and the handler logged its own line). Dropped on the thread
+    that answered, up to and including the record of that exception."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_answering, "on", False) or record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, AnsweredRetrieveFailure) or AnsweredRetrieveFailure.__name__ in str(record.msg):
+            _answering.on = False
+        return False
+
+
+logging.getLogger("pynetdicom.service_class").addFilter(_QuietAnsweredFailures())
 
 
 # The policy's action for each DIMSE operation (broker.security.policy.ACTIONS).
@@ -143,6 +166,7 @@ def fail_retrieve(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
         original(primitive, context_id)
 
     dimse.send_msg = send_msg  # type: ignore[method-assign]
+    _answering.on = True
     # pynetdicom logs this exception: its message must not carry the comment, which can quote
     # the identifier's values.
     raise AnsweredRetrieveFailure(f"answered 0x{status:04X}")

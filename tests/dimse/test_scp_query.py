@@ -424,9 +424,12 @@ def test_find_patient_level_answers_the_patient_related_counts(archive: Node) ->
     assert [tuple(str(a.get(k)) for k in counts) for a in answers] == [tuple(str(n) for n in expected)]
 
 
-def test_move_with_an_invalid_identifier_connects_nowhere(archive: Node) -> None:
+def test_move_with_an_invalid_identifier_connects_nowhere(
+    archive: Node, caplog: pytest.LogCaptureFixture
+) -> None:
     # A registered destination that is down: the bad identifier is the answer (0xA900), not
-    # "destination unknown" from a sub-association that should never have been attempted.
+    # "destination unknown" from a sub-association that should never have been attempted; and
+    # the server's log does not report it as a broken handler with a traceback.
     with Session(archive.state.engine) as session:
         facilities.add_facility(
             session=session, principal=ADMIN, facility_id="downfac", issuer="DOWN", ae_title="DOWNAE",
@@ -443,6 +446,10 @@ def test_move_with_an_invalid_identifier_connects_nowhere(archive: Node) -> None
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
     assert final.get("NumberOfFailedSuboperations") is None  # no sub-operation was attempted
+    server = [
+        r for r in caplog.records if r.name == "pynetdicom.service_class" and r.levelno >= logging.ERROR
+    ]
+    assert server == []
 
 
 def test_find_ignores_group_lengths_as_some_modalities_send(
