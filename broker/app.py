@@ -19,14 +19,16 @@ from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
-from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.audit import service as audit_service
 from broker.audit.http import AuditMiddleware
@@ -48,6 +50,7 @@ from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
 from broker.federation.routes import router as federation_router
 from broker.federation.schedule import start_scheduler
+from broker.fhir.routes import operation_outcome
 from broker.fhir.routes import router as fhir_router
 from broker.identity import service as identity_service
 from broker.identity.adt import feed_principal
@@ -261,6 +264,12 @@ def _lifespan(*, services: bool) -> Callable[[FastAPI], AbstractAsyncContextMana
     return lifespan
 
 
+def _is_fhir(request: Request) -> bool:
+    """Whether the request is to the FHIR interface, whose every error is an OperationOutcome."""
+    path = request.url.path
+    return path == "/fhir" or path.startswith("/fhir/")
+
+
 def create_app(
     settings: Settings | None = None, state: AppState | None = None, *, services: bool = False
 ) -> FastAPI:
@@ -280,7 +289,9 @@ def create_app(
     app.state.scanonce = state or build_state(settings, wait_for_db=services)
 
     @app.exception_handler(ScanOnceError)
-    async def _scanonce_error(_request: Request, exc: ScanOnceError) -> JSONResponse:
+    async def _scanonce_error(request: Request, exc: ScanOnceError) -> Response:
+        if _is_fhir(request):
+            return operation_outcome(exc.status_code, exc.message)
         return JSONResponse(status_code=exc.status_code, content={"error": exc.title, "detail": exc.message})
 
     @app.exception_handler(StoreUnavailable)
@@ -318,8 +329,41 @@ def create_app(
             headers={"Retry-After": _RETRY_AFTER},
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # The router's own answers (no such path, a method the path does not take) in the shape
+        # of every other error: {"error": title, "detail": message}, Allow kept on a 405; on the
+        # FHIR interface an OperationOutcome, as a FHIR client reads every error.
+        detail = {
+            404: "this server has no resource at this path",
+            405: f"{request.method} is not allowed on this resource",
+        }.get(exc.status_code, str(exc.detail))
+        if _is_fhir(request):
+            answer = operation_outcome(exc.status_code, detail)
+            answer.headers.update(exc.headers or {})
+            return answer
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"error": HTTPStatus(exc.status_code).phrase.capitalize(), "detail": detail},
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> Response:
+        # PostgreSQL refuses a NUL in any text value; no record can carry one, so a request naming
+        # one (an identifier, a name) is the client's mistake, as SQLite's "not found" says too.
+        if "NUL" not in str(exc.orig):
+            raise exc  # anything else a value does not fit is a fault of ours: the 500 and its log
+        message = "a value of the request contains a NUL character, which no record can hold"
+        if _is_fhir(request):
+            return operation_outcome(400, message)
+        return JSONResponse(status_code=400, content={"error": BadRequest.title, "detail": message})
+
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if _is_fhir(request):
+            said = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors()[:5] if e.get("loc"))
+            return operation_outcome(400, said[:2000] or "invalid request")
         return JSONResponse(
             status_code=400, content={"error": "Bad request", "detail": str(exc.errors())[:2000]}
         )

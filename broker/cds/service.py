@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import orjson
@@ -41,7 +41,7 @@ from broker.cds.schemas import (
 from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.facilities import service as facilities
 from broker.lookup import service as lookup
-from broker.lookup.schemas import PriorOut, PriorsAnswer
+from broker.lookup.schemas import PriorOut, PriorsAnswer, Setting
 from broker.lookup.vocabulary import load as load_vocabulary
 from broker.security import network
 from broker.security.schemas import Principal
@@ -120,6 +120,7 @@ _CODE_SYSTEMS = {
 SCT = "http://snomed.info/sct"
 _FETCH_TIMEOUT_S = 5.0
 _MAX_BODY = 2_000_000
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 Fetch = Callable[[str], dict[str, Any] | None]
@@ -159,6 +160,21 @@ def _json(raw: bytes, what: str) -> Any:
         raise BadRequest(f"{what} is not JSON") from None
 
 
+def _http_url(value: Any) -> bool:
+    """Whether a fhirServer is a URL the service could call: checked with the request, so that a
+    malformed one is the client's 400 whether or not this call needs to read from it."""
+    if not isinstance(value, str) or not re.match(r"^https?://[^\x00-\x20\x7f]+$", value, re.IGNORECASE):
+        return False
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when not a number 0-65535
+        httpx.URL(value)  # what the fetch will parse
+        (parts.hostname or "").encode("idna")  # UnicodeError: a label over 63 characters ...
+    except (ValueError, httpx.InvalidURL):
+        return False
+    return bool(parts.hostname) and port != 0
+
+
 def _parse_call(raw: bytes, svc: Service) -> HookCall:
     body = _json(raw, "the hook request")
     if not isinstance(body, dict):
@@ -177,22 +193,29 @@ def _parse_call(raw: bytes, svc: Service) -> HookCall:
     for key in ("userId", "patientId"):
         if not isinstance(context.get(key), str) or not context[key]:
             raise BadRequest(f"context.{key} is required")
+    # FHIR ids, which the service puts in the path of a read from fhirServer.
+    for key in ("patientId", "encounterId"):
+        if context.get(key) is not None and not (
+            isinstance(context[key], str) and _FHIR_ID.fullmatch(context[key])
+        ):
+            raise BadRequest(f"context.{key} must be a FHIR id (letters, digits, '-' and '.', up to 64)")
     drafts = context.get("draftOrders")
     if not isinstance(drafts, dict) or drafts.get("resourceType") != "Bundle":
         raise BadRequest("context.draftOrders is required and must be a FHIR Bundle")
     if not isinstance(drafts.get("entry", []), list):
         raise BadRequest("context.draftOrders.entry must be an array")
-    if hook == "order-select":
-        selections = context.get("selections")
-        if (
-            not isinstance(selections, list)
-            or not selections
-            or not all(isinstance(s, str) for s in selections)
-        ):
-            raise BadRequest("context.selections is required for order-select (the selected orders' ids)")
+    selections = context.get("selections")
+    if hook == "order-select" and (
+        not isinstance(selections, list) or not selections or not all(isinstance(s, str) for s in selections)
+    ):
+        raise BadRequest("context.selections is required for order-select (the selected orders' ids)")
+    if selections is not None and (
+        not isinstance(selections, list) or not all(isinstance(s, str) for s in selections)
+    ):
+        raise BadRequest("context.selections must be an array of order ids (ServiceRequest/id)")
     server = body.get("fhirServer")
-    if server is not None and (not isinstance(server, str) or not re.match(r"^https?://", server)):
-        raise BadRequest("fhirServer must be an http(s) URL")
+    if server is not None and not _http_url(server):
+        raise BadRequest("fhirServer must be an http(s) URL with a host (and a port 1-65535, if any)")
     auth = body.get("fhirAuthorization")
     token = None
     if auth is not None:
@@ -209,6 +232,10 @@ def _parse_call(raw: bytes, svc: Service) -> HookCall:
     extension = body.get("extension") or {}
     if not isinstance(extension, dict):
         raise BadRequest("extension must be an object")
+    if extension.get(SETTING_EXTENSION) is not None:
+        # Checked here, not only when an order is judged: a call that makes no card (a patient
+        # the broker does not know) must refuse it as well.
+        extension[SETTING_EXTENSION] = Setting.parse(extension[SETTING_EXTENSION]).value
     return HookCall(hook, instance, context, prefetch, server, token, extension)
 
 
@@ -251,10 +278,23 @@ def _resource(
     return got if got is not None and got.get("resourceType") == kind else None
 
 
+def _check_identifiers(patient: Mapping[str, Any]) -> None:
+    """The Patient's identifiers name the patient: a wrong shape is the client's 400."""
+    idents = patient.get("identifier")
+    if idents is None:
+        return
+    if not isinstance(idents, list) or not all(isinstance(i, dict) for i in idents):
+        raise BadRequest("the Patient's identifier must be an array of Identifiers")
+    for ident in idents:
+        for key in ("system", "value"):
+            if ident.get(key) is not None and not isinstance(ident[key], str):
+                raise BadRequest(f"the Patient's identifier.{key} must be a string")
+
+
 def _setting(call: HookCall, fetch: Fetch | None) -> str:
     explicit = call.extension.get(SETTING_EXTENSION)
     if explicit is not None:
-        return str(explicit)  # checked by the lookup (400 when unknown)
+        return str(explicit)  # checked by _parse_call
     try:
         enc = _resource(call, "encounter", "Encounter", fetch, call.context.get("encounterId"))
     except PreconditionFailed:
@@ -276,18 +316,39 @@ class DraftOrder:
     body_part: str | None
 
 
-def _body_part(sites: Any) -> str | None:
+def _concept(value: Any, where: str) -> dict[str, Any]:
+    """A CodeableConcept as FHIR shapes it, else BadRequest: what the order says is read from
+    these fields, and a wrong shape must be the client's 400, not a fault of ours (a null is
+    taken as absent)."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a CodeableConcept (an object)")
+    codings = value.get("coding") or []
+    if not isinstance(codings, list) or not all(isinstance(c, dict) for c in codings):
+        raise BadRequest(f"{where}.coding must be an array of Codings")
+    for c in codings:
+        for key in ("system", "code", "display"):
+            if c.get(key) is not None and not isinstance(c[key], str):
+                raise BadRequest(f"{where}.coding.{key} must be a string")
+    if value.get("text") is not None and not isinstance(value["text"], str):
+        raise BadRequest(f"{where}.text must be a string")
+    return value
+
+
+def _body_part(sites: Any, where: str) -> str | None:
     """A BodyPartExamined term from ServiceRequest.bodySite (SNOMED CT as DICOM codes regions)."""
+    if sites is None:
+        return None
+    if not isinstance(sites, list):
+        raise BadRequest(f"{where} must be an array of CodeableConcepts")
     vocab = load_vocabulary()
     by_code = {r.code[1]: r.body_part[0] for r in vocab.regions.values() if r.body_part}
-    for concept in sites if isinstance(sites, list) else []:
-        if not isinstance(concept, dict):
-            continue
+    for n, site in enumerate(sites):
+        concept = _concept(site, f"{where}[{n}]")
         for c in concept.get("coding") or []:
-            if isinstance(c, dict) and c.get("system") == SCT and str(c.get("code")) in by_code:
-                return by_code[str(c.get("code"))]
-        if isinstance(concept.get("text"), str) and concept["text"].strip():
-            return concept["text"].strip()
+            if c.get("system") == SCT and c.get("code") in by_code:
+                return by_code[c["code"]]
+        if concept.get("text") and concept["text"].strip():
+            return str(concept["text"]).strip()
     return None
 
 
@@ -304,8 +365,9 @@ def _orders(call: HookCall) -> list[DraftOrder]:
         named.add(ref)
         if call.hook == "order-select" and ref not in chosen:
             continue
-        concept: dict[str, Any] = res["code"] if isinstance(res.get("code"), dict) else {}
-        codings = [c for c in concept.get("coding") or [] if isinstance(c, dict)]
+        where = f"draftOrders {ref or 'ServiceRequest'}"
+        concept = _concept(res["code"], f"{where} code") if res.get("code") is not None else {}
+        codings: list[dict[str, Any]] = concept.get("coding") or []
         coded = next((c for c in codings if c.get("system") in _CODE_SYSTEMS and c.get("code")), None)
         text = concept.get("text") or next((c.get("display") for c in codings if c.get("display")), "")
         orders.append(
@@ -314,7 +376,7 @@ def _orders(call: HookCall) -> list[DraftOrder]:
                 text=str(text or "").strip(),
                 code=str(coded["code"]) if coded else None,
                 code_system=_CODE_SYSTEMS[coded["system"]] if coded else None,
-                body_part=_body_part(res.get("bodySite")),
+                body_part=_body_part(res.get("bodySite"), f"{where} bodySite"),
             )
         )
     if call.hook == "order-select":
@@ -415,6 +477,12 @@ def _detail(order: DraftOrder, p: PriorOut, answer: PriorsAnswer, names: Mapping
     return "\n".join(lines)
 
 
+def _code_label(order: DraftOrder) -> str | None:
+    if not order.code:
+        return None
+    return lookup.exam_label(code=order.code, code_system=order.code_system) or order.code
+
+
 def _lookup_link(base: str, who: tuple[str, str], order: DraftOrder, setting: str, fac: str | None) -> str:
     params = {"facility": fac, "mrn": who[1]} if fac else {"identifier": f"{who[0]}|{who[1]}"}
     # The page reads `exam` as words: a coded order without text goes as code + system instead.
@@ -449,6 +517,7 @@ def call_service(
             "the patient's identifiers are needed: send prefetch 'patient' (Patient/{{context.patientId}}) "
             "or a fhirServer the service may read it from"
         )
+    _check_identifiers(patient)
     who = lookup.known_fhir_patient(session=session, patient=patient)
     if who is None:
         return CdsResponse(cards=[])  # a patient the broker does not know: no card, not an error
@@ -531,7 +600,8 @@ def call_service(
                 hook_instance=call.hook_instance,
                 suggestion_uuid=suggestion_uuid if suggestions else None,
                 order_ref=order.ref[:128],
-                planned_exam=(order.text or order.code or "")[:256],
+                # Words the engine reads, as record_avoided needs them when feedback accepts it.
+                planned_exam=(order.text or _code_label(order) or "")[:256],
                 prior_study_uid=prior.study_instance_uid,
                 facility_id=ordering_facility or principal.facility,
                 indicator="warning" if prior.in_window else "info",

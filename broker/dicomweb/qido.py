@@ -7,7 +7,7 @@ same whatever its characters arrive as: `*` or `%2A`, `,` or `%2C`, a space as `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_to_bytes
 
 from broker.dicom.attributes import keyword_of, resolve_key
 from broker.errors import BadRequest
@@ -26,6 +26,18 @@ _MAX_OFFSET = 10**12
 class ParsedQuery:
     query: Query
     warnings: list[str] = field(default_factory=list)
+
+
+def _decoded(raw: str, what: str) -> str:
+    """A query string name or value, percent-decoded as the UTF-8 PS3.18 8.3.1 prescribes.
+
+    Anything else (Latin-1 `%FC` for `ü`) is refused: read leniently it would become U+FFFD and
+    search for another value, answering "no such study" instead of saying what is wrong. The
+    message names the parameter, not the value (which may be a patient's name)."""
+    try:
+        return unquote_to_bytes(raw.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"{what} is not percent-encoded UTF-8 (PS3.18 8.3.1)") from exc
 
 
 def _uint(name: str, value: str) -> int:
@@ -66,12 +78,13 @@ def parse_query(
     fuzzy = False
     warnings: list[str] = []
     seen_params: set[str] = set()
+    repeated: dict[str, list[str]] = {}
     for item in raw_query.split("&") if raw_query else []:
         if not item:
             continue
         raw_name, _eq, raw_value = item.partition("=")
-        name = unquote_plus(raw_name).strip()
-        value = unquote_plus(raw_value)
+        name = _decoded(raw_name, "a query parameter name").strip()
+        value = _decoded(raw_value, f"the value of {name[:64]!r}")
         if not name:
             # An empty key (`?&includefield=...`, `a=1&&b=2`, as some viewers send) names no
             # attribute: nothing to match or return, so it is skipped rather than refused.
@@ -109,11 +122,9 @@ def parse_query(
             if "." in key:
                 warnings.append(f"Matching on sequence attributes is not supported: {key} was ignored.")
                 continue
-            if key in filters:
-                # A repeated key is read as a list of values (PS3.18 uid-list-match uses commas).
-                filters[key] = f"{filters[key]},{value}"
-            else:
-                filters[key] = value
+            # A repeated key is a list of values, any of which matches (as uid-list-match is).
+            repeated.setdefault(key, []).append(value)
+            filters.setdefault(key, value)
     if limit is None:
         limit = default_limit
     elif limit > max_limit:
@@ -122,6 +133,7 @@ def parse_query(
     query = Query(
         level=level,
         filters=filters,
+        any_of={k: tuple(v) for k, v in repeated.items() if len(v) > 1},
         study_uid=study_uid,
         series_uid=series_uid,
         facility_id=facility_id,

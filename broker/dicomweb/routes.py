@@ -199,6 +199,20 @@ async def _single_part(request: Request, body: wado.SinglePart) -> Response:
     return StreamingResponse(iter(chunks), status_code=status, media_type=body.content_type, headers=headers)
 
 
+def _get_and_head(
+    router: APIRouter, path: str, summary: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """GET, and HEAD with the same handler (the same status and headers, no body; PS3.18
+    8.4 and RFC 9110 9.3.2); HEAD stays out of the OpenAPI document."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(path, endpoint, methods=["GET"], summary=summary)
+        router.add_api_route(path, endpoint, methods=["HEAD"], summary=summary, include_in_schema=False)
+        return endpoint
+
+    return register
+
+
 # ---------------------------------------------------------------------------- index reads
 
 
@@ -381,33 +395,33 @@ async def search(
     return response
 
 
-@qido_router.get("/studies", summary="QIDO-RS: search for studies")
+@_get_and_head(qido_router, "/studies", "QIDO-RS: search for studies")
 async def search_studies(request: Request, scope: ScopeDep) -> Response:
     return await search(request, scope, "study")
 
 
-@qido_router.get("/series", summary="QIDO-RS: search for series")
+@_get_and_head(qido_router, "/series", "QIDO-RS: search for series")
 async def search_series(request: Request, scope: ScopeDep) -> Response:
     return await search(request, scope, "series")
 
 
-@qido_router.get("/instances", summary="QIDO-RS: search for instances")
+@_get_and_head(qido_router, "/instances", "QIDO-RS: search for instances")
 async def search_instances(request: Request, scope: ScopeDep) -> Response:
     return await search(request, scope, "instance")
 
 
-@qido_router.get("/studies/{study}/series", summary="QIDO-RS: search for series of a study")
+@_get_and_head(qido_router, "/studies/{study}/series", "QIDO-RS: search for series of a study")
 async def search_study_series(request: Request, scope: ScopeDep, study: str) -> Response:
     return await search(request, scope, "series", study)
 
 
-@qido_router.get("/studies/{study}/instances", summary="QIDO-RS: search for instances of a study")
+@_get_and_head(qido_router, "/studies/{study}/instances", "QIDO-RS: search for instances of a study")
 async def search_study_instances(request: Request, scope: ScopeDep, study: str) -> Response:
     return await search(request, scope, "instance", study)
 
 
-@qido_router.get(
-    "/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for instances of a series"
+@_get_and_head(
+    qido_router, "/studies/{study}/series/{series}/instances", "QIDO-RS: search for instances of a series"
 )
 async def search_series_instances(request: Request, scope: ScopeDep, study: str, series: str) -> Response:
     return await search(request, scope, "instance", study, series)
@@ -417,20 +431,6 @@ async def search_series_instances(request: Request, scope: ScopeDep, study: str,
 
 wado_router = APIRouter(dependencies=[Depends(_no_encoded_slash_in_target)])
 rendered_router = APIRouter(dependencies=[Depends(_no_encoded_slash_in_target)])
-
-
-def _get_and_head(
-    router: APIRouter, path: str, summary: str
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """GET, and HEAD with the same handler (the same status and headers, no body; PS3.18
-    8.4 and RFC 9110 9.3.2); HEAD stays out of the OpenAPI document."""
-
-    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-        router.add_api_route(path, endpoint, methods=["GET"], summary=summary)
-        router.add_api_route(path, endpoint, methods=["HEAD"], summary=summary, include_in_schema=False)
-        return endpoint
-
-    return register
 
 
 # ---------------------------------------------------------------------------- instances
@@ -546,8 +546,8 @@ async def frames(
     request: Request, scope: ScopeDep, study: str, series: str, instance: str, frames: str
 ) -> Response:
     numbers = wado.parse_frame_list(frames)
-    plan = wado.negotiate_frames(request.headers.get("accept"))
     (ref,) = await _refs(scope, study, series, instance)
+    plan = wado.negotiate_frames(request.headers.get("accept"), ref.transfer_syntax_uid)
     parts = await run_in_threadpool(wado.frame_parts, scope.state.store, ref, numbers, plan)
     part_type = parts[0][0].split(";")[0] if parts else wado.OCTET
     return _multipart(request, lambda: [(ct, (data,)) for ct, data in parts], part_type=part_type)
@@ -564,10 +564,10 @@ async def rendered(
     frame: int | None = None,
     thumbnail: bool = False,
 ) -> Response:
-    """One image: an instance, a frame, or (thumbnail) the middle instance of `refs`."""
+    """One image: an instance, a frame, or (thumbnail) the middle image of `refs`."""
     media_type = wado.negotiate_rendered(request.headers.get("accept"))
     window, viewport, quality = wado.parse_render_params(dict(request.query_params))
-    ref = refs[len(refs) // 2] if thumbnail else refs[0]
+    ref = wado.thumbnail_ref(refs) if thumbnail else refs[0]
     data = await run_in_threadpool(
         wado.render_instance,
         scope.state.store,
@@ -584,7 +584,7 @@ async def rendered(
 
 async def rendered_many(request: Request, scope: Scope, refs: list[InstanceRef]) -> Response:
     """One image per instance with pixels, as multipart (a study or a series)."""
-    media_type = wado.negotiate_rendered(request.headers.get("accept"))
+    media_type = wado.negotiate_rendered(request.headers.get("accept"), multipart=True)
     window, viewport, quality = wado.parse_render_params(dict(request.query_params))
     return await _primed_multipart(
         request,

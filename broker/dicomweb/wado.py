@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -143,10 +144,12 @@ class FramesPlan:
     label_octet: bool  # as stored but labelled application/octet-stream (the client asked for that)
 
 
-def negotiate_frames(accept: str | None) -> FramesPlan:
+def negotiate_frames(accept: str | None, stored: str) -> FramesPlan:
     """PS3.18 8.7.3: octet-stream is native pixels unless `transfer-syntax=*` asks for the stored
     bytes (then still labelled octet-stream, with the stored transfer syntax); an image or video
-    type, or any type, is the stored bitstream."""
+    type, or any type, is the stored bitstream. `stored`: the instance's transfer syntax; a range
+    it cannot meet (image/jpeg for RLE) gives way to the next one (RFC 9110 12.5.1)."""
+    stored = stored or EXPLICIT_LE
     for mt in parse_accept(accept):
         if not _is_related(mt):
             continue
@@ -155,15 +158,26 @@ def negotiate_frames(accept: str | None) -> FramesPlan:
         if part == OCTET:
             if ts == "*":
                 return FramesPlan(True, None, True)
-            return FramesPlan(False, OCTET, False)
+            if ts in (None, "", EXPLICIT_LE):
+                return FramesPlan(False, OCTET, False)
+            # Uncompressed bulk data has one syntax (PS3.18 8.7.3.3.1): this range cannot be met.
+            continue
         if part in ("*/*", "image/*"):
             return FramesPlan(True, None, False)
-        if part.startswith("image/") or part.startswith("video/"):
+        if part == _stored_frame_type(stored) and ts in (None, "", "*", stored):
             return FramesPlan(True, part, False)
     raise NotAcceptable(
-        'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed) '
-        "or with the stored image media type"
+        'frames are retrieved as multipart/related; type="application/octet-stream" (uncompressed, '
+        f"transfer-syntax={EXPLICIT_LE}, or transfer-syntax=* as stored) or with the stored image media type"
+        f" ({_stored_frame_type(stored)}, transfer syntax {stored})"
     )
+
+
+def _stored_frame_type(stored: str) -> str:
+    try:
+        return pixels.media_type_for_transfer_syntax(stored)
+    except NotAcceptable:
+        return "none"
 
 
 def negotiate_bulk(accept: str | None) -> bool:
@@ -180,8 +194,18 @@ def negotiate_bulk(accept: str | None) -> bool:
     )
 
 
-def negotiate_rendered(accept: str | None) -> str:
+def negotiate_rendered(accept: str | None, *, multipart: bool = False) -> str:
+    """The image type of a rendered resource. `multipart`: a study or series, whose answer is
+    multipart/related and which PS3.18 10.4.4 asks for as `multipart/related; type="image/..."`;
+    a single image type is still taken for it, as dicomweb-client and others send one."""
     for mt in parse_accept(accept):
+        if multipart and mt.type in ("multipart/related", "multipart/*"):
+            part = _part_type(mt, "image/jpeg")
+            if part in ("*/*", "image/*"):
+                return "image/jpeg"
+            if part in pixels.RENDERED_MEDIA_TYPES:
+                return part
+            continue
         if mt.type in ("*/*", "image/*"):
             return "image/jpeg"
         if mt.type in pixels.RENDERED_MEDIA_TYPES:
@@ -320,7 +344,8 @@ def _bulk_path(text: str) -> list[tuple[int, int]]:
         if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
             raise BadRequest(f"bulk data tag must be 8 hexadecimal digits, got {tag[:20]!r}")
         item = parts[i + 1] if i + 1 < len(parts) else "0"
-        if not item.isascii() or not item.isdigit() or len(item) > 6:
+        last = i + 1 >= len(parts)
+        if not item.isascii() or not item.isdigit() or len(item) > 6 or (not last and int(item) < 1):
             raise BadRequest(f"bulk data item numbers are positive integers, got {item[:20]!r}")
         steps.append((int(tag, 16), int(item)))
     return steps
@@ -348,13 +373,21 @@ def bulk_value(store: ObjectStore, ref: InstanceRef, tag_text: str) -> bytes:
     raise NotFound(f"attribute {where} of instance {ref.sop_uid} is not bulk data")
 
 
+def thumbnail_ref(refs: list[InstanceRef]) -> InstanceRef:
+    """The instance a study's or series' thumbnail shows: the middle one of those with pixels
+    (a report or plan in the middle would leave a study of images without one); the middle one
+    of all when the index knows of none (rows not indexed, as for some synced studies)."""
+    images = [r for r in refs if r.rows] or refs
+    return images[len(images) // 2]
+
+
 def render_instance(
     store: ObjectStore,
     ref: InstanceRef,
     *,
     media_type: str,
     frame: int | None,
-    window: tuple[float, float] | None,
+    window: pixels.Window | None,
     viewport: tuple[int, int] | None,
     quality: int,
     thumbnail: bool = False,
@@ -375,7 +408,7 @@ def rendered_parts(
     refs: list[InstanceRef],
     *,
     media_type: str,
-    window: tuple[float, float] | None,
+    window: pixels.Window | None,
     viewport: tuple[int, int] | None,
     quality: int,
 ) -> Iterator[tuple[str, Iterable[bytes]]]:
@@ -393,20 +426,35 @@ def rendered_parts(
         yield media_type, (data,)
 
 
+_WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")  # PS3.18 8.3.5.1.3
+
+
 def parse_render_params(
     query: dict[str, str],
-) -> tuple[tuple[float, float] | None, tuple[int, int] | None, int]:
+) -> tuple[pixels.Window | None, tuple[int, int] | None, int]:
     """window=center,width[,function], viewport=vw,vh[,...], quality=1..100 (PS3.18 8.3.5.1)."""
-    window = None
+    window: pixels.Window | None = None
     if query.get("window"):
         parts = query["window"].split(",")
         try:
             center, width = float(parts[0]), float(parts[1])
         except (IndexError, ValueError) as exc:
             raise BadRequest("window is center,width[,function] with numbers") from exc
+        if not (math.isfinite(center) and math.isfinite(width)):
+            # float() reads nan, inf and 1e400 too; they would render a blank image with a 200.
+            raise BadRequest("window center and width must be finite numbers")
         if width <= 0:
             raise BadRequest("window width must be positive")
+        if len(parts) > 3:
+            raise BadRequest("window is center,width[,function]")
         window = (center, width)
+        if len(parts) == 3:
+            # Checked here, not only when rendering: a study or series rendering leaves out an
+            # instance it cannot render, so a bad function would empty the answer, not refuse it.
+            function = parts[2].strip().lower().replace("_", "-")
+            if function not in _WINDOW_FUNCTIONS:
+                raise BadRequest(f"the window function must be one of {', '.join(_WINDOW_FUNCTIONS)}")
+            window = (center, width, function)
     viewport = None
     if query.get("viewport"):
         parts = query["viewport"].split(",")

@@ -9,24 +9,27 @@ with the matching HTTP status (the app-wide JSON error shape is not FHIR).
 from __future__ import annotations
 
 import dataclasses
+import re
 from functools import partial
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.consent import service as consent_service
 from broker.deps import PrincipalDep, SessionDep, SettingsDep
-from broker.errors import BadRequest, NotFound, ScanOnceError
+from broker.errors import BadRequest, NotAcceptable, NotFound, ScanOnceError, UnsupportedMediaType
 from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
     consent_resource,
     issuer_from_system,
     parse_consent,
     parse_patient,
+    parse_person_id,
     parse_token,
     patient_resource,
     system_for_issuer,
@@ -36,14 +39,60 @@ from broker.identity.schemas import Identifier
 from broker.security.schemas import Principal
 
 FHIR_JSON = "application/fhir+json"
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+# What `_format` may name, and the media ranges of an Accept header that JSON answers.
+_JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+_JSON_ACCEPTED = _JSON_FORMATS - {"json"} | {"*/*", "application/*"}
+
+
+def _refused(param: str) -> bool:
+    """Whether a media range's parameter is q=0 (the client does not want that type)."""
+    name, _, value = param.replace(" ", "").partition("=")
+    return name == "q" and re.fullmatch(r"0(\.0{0,3})?", value) is not None
+
+
+def _json_only(request: Request) -> None:
+    """FHIR's http page: 415 when the body is in a format the server does not take, 406 when the
+    request asks only for a format it does not serve (XML, Turtle): `_format`, which stands in for
+    the Accept header, else the Accept header."""
+    sent = request.headers.get("content-type")
+    if (
+        request.method in ("POST", "PUT", "PATCH")
+        and sent is not None
+        and sent.split(";")[0].strip().lower() not in _JSON_FORMATS - {"json"}
+    ):
+        raise UnsupportedMediaType(f"Content-Type {sent[:60]!r}: only JSON is taken (application/fhir+json)")
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
+            raise NotAcceptable(f"_format {fmt[:40]!r} is not served: JSON only (application/fhir+json)")
+        return
+    accept = request.headers.get("accept", "").strip()
+    if not accept:
+        return
+    for media_range in accept.split(","):
+        kind, *params = (p.strip().lower() for p in media_range.split(";"))
+        if kind in _JSON_ACCEPTED and not any(_refused(p) for p in params):
+            return
+    raise NotAcceptable(f"Accept {accept[:60]!r}: only JSON is served (application/fhir+json)")
+
+
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(_json_only)])
 
 
 def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
-_ISSUE_CODE = {400: "invalid", 403: "forbidden", 404: "not-found", 409: "conflict", 422: "processing"}
+_ISSUE_CODE = {
+    400: "invalid",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    415: "not-supported",
+    422: "processing",
+}
 
 
 def operation_outcome(status: int, message: str, code: str | None = None) -> Response:
@@ -114,11 +163,14 @@ def pdqm(
 ) -> Response:
     """IHE PDQm (ITI-78): persons matching the demographics, each with all its identifiers; both
     limited to the records the caller may see (consent, purpose of use)."""
-    allowed = {"family", "given", "birthdate", "identifier", "_count", "_format"}
+    allowed = {"family", "given", "birthdate", "identifier", "_count", "_format", "_pretty"}
     unknown = sorted(set(request.query_params) - allowed)
     try:
-        if unknown:
-            raise BadRequest(f"unsupported search parameter(s): {', '.join(unknown)}")
+        if unknown and not _lenient(request):
+            raise BadRequest(
+                f"unsupported search parameter(s): {', '.join(n[:40] for n in unknown[:10])} "
+                "(send Prefer: handling=lenient to have them ignored)"
+            )
         ident = parse_token(identifier, what="identifier") if identifier else None
         persons = service.search_persons(
             session=session,
@@ -132,32 +184,37 @@ def pdqm(
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     base = str(request.base_url).rstrip("/") + "/fhir/Patient/"
-    return _fhir(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(persons),
-            "link": [{"relation": "self", "url": str(request.url)}],
-            "entry": [
-                {
-                    "fullUrl": base + str(p.person_id),
-                    "resource": patient_resource(p),
-                    "search": {"mode": "match"},
-                }
-                for p in persons
-            ],
-        }
-    )
+    # The self link is the search as processed: without the parameters ignored (FHIR search).
+    used = [(k, v) for k, v in request.query_params.multi_items() if k in allowed]
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": base + str(p.person_id), "resource": patient_resource(p), "search": {"mode": "match"}}
+        for p in persons
+    ]
+    if unknown:
+        ignored = ", ".join(n[:40] for n in unknown[:10])
+        issue = {"severity": "information", "code": "informational", "diagnostics": f"ignored: {ignored}"}
+        outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+    out: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(persons),
+        "link": [{"relation": "self", "url": base.rstrip("/") + ("?" + urlencode(used) if used else "")}],
+    }
+    if entries:  # FHIR JSON has no empty arrays
+        out["entry"] = entries
+    return _fhir(out)
 
 
 @router.get("/Patient/{person_id}")
 def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
     """A person, from the records the caller may see: none is 404, as for an unknown person."""
-    if not person_id.isdigit():
+    pid = parse_person_id(person_id)
+    if pid is None:
         return operation_outcome(404, "no such Patient")
     try:
         keep = consent_service.record_filter(session=session, principal=principal)
-        view = service.person_view(session=session, person_id=int(person_id), keep=keep)
+        view = service.person_view(session=session, person_id=pid, keep=keep)
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     return _fhir(patient_resource(view))
@@ -253,6 +310,11 @@ def _base(request: Request, settings: SettingsDep) -> str:
     return (settings.base_url or str(request.base_url)).rstrip("/")
 
 
+def _lenient(request: Request) -> bool:
+    """Prefer: handling=lenient (FHIR search): unknown parameters are ignored, not refused."""
+    return "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
+
+
 @router.get("/ImagingStudy")
 def search_imaging_study(
     request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
@@ -264,16 +326,14 @@ def search_imaging_study(
     params: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
         params.setdefault(key, []).append(value)
-    lenient = "handling=lenient" in request.headers.get("prefer", "").replace(" ", "")
+    lenient = _lenient(request)
     try:
         answer = fhir_service.search_imaging_studies(
             session=session, params=params, base_url=base, lenient=lenient, principal=principal
         )
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
-    search_url = f"{base}/fhir/ImagingStudy"
-    self_url = search_url + (f"?{request.url.query}" if request.url.query else "")
-    return _fhir(fhir_service.bundle(answer, self_url=self_url, search_url=search_url))
+    return _fhir(fhir_service.bundle(answer, search_url=f"{base}/fhir/ImagingStudy"))
 
 
 @router.get("/ImagingStudy/{study_id}")
@@ -337,10 +397,10 @@ def search_consent(
     try:
         if not patient:
             raise BadRequest("search Consent by patient (?patient=Patient/<id>)")
-        person = patient.strip().rstrip("/").rsplit("/", 1)[-1]
+        person = parse_person_id(patient.strip().rstrip("/").rsplit("/", 1)[-1])
         rows = (
-            consent_service.consents_of_person_id(session=session, principal=principal, person_id=int(person))
-            if person.isdigit()
+            consent_service.consents_of_person_id(session=session, principal=principal, person_id=person)
+            if person is not None
             else []
         )
     except ScanOnceError as exc:

@@ -5,6 +5,7 @@ tokens, a person as a Patient resource, and a posted Patient as identifiers and 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,16 @@ def parse_token(token: str, *, what: str) -> Identifier:
     if not value.strip():
         raise BadRequest(f"{what} has no value")
     return Identifier(issuer=issuer_from_system(system.strip()), value=value.strip())
+
+
+_PERSON_ID = re.compile(r"[0-9]{1,18}")
+
+
+def parse_person_id(text: str) -> int | None:
+    """The person id a Patient's logical id names; None when it is no id this server gave out.
+    ASCII digits only, and few enough for the database's integer: str.isdigit() also passes
+    superscripts (int() refuses them) and other scripts' digits (int() reads them)."""
+    return int(text) if _PERSON_ID.fullmatch(text) else None
 
 
 def _date_fhir(d: str) -> str:
@@ -165,8 +176,9 @@ def parse_consent(raw: bytes) -> ConsentRequest:
         raise BadRequest(
             "only an active Consent can be recorded (withdraw one with DELETE /api/consent/{id})"
         )
-    person = _ref_id(res.patient.reference if res.patient else None, "Patient")
-    if person is None or not person.isdigit():
+    ref = _ref_id(res.patient.reference if res.patient else None, "Patient")
+    person = parse_person_id(ref) if ref is not None else None
+    if person is None:
         raise BadRequest("Consent.patient must reference a Patient of this server (Patient/<id>)")
     provision = res.provision
     decision = provision.type if provision is not None else None
@@ -180,7 +192,7 @@ def parse_consent(raw: bytes) -> ConsentRequest:
         codes = {(c.system, c.code) for c in (actor.role.coding or [])} if actor.role else set()
         if (PARTICIPATION, "CST") in codes:
             scope = _ref_id(actor.reference.reference, "Organization")
-    return ConsentRequest(person_id=int(person), decision=decision, organization=organization, scope=scope)
+    return ConsentRequest(person_id=person, decision=decision, organization=organization, scope=scope)
 
 
 def consent_resource(

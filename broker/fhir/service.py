@@ -19,9 +19,10 @@ from urllib.parse import urlencode
 from sqlmodel import Session
 
 from broker.consent import service as consent
+from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
-from broker.fhir.schemas import issuer_from_system, system_for_issuer
+from broker.fhir.schemas import issuer_from_system, parse_person_id, system_for_issuer
 from broker.identity import service as identity
 from broker.index import service as index
 from broker.lookup import service as lookup
@@ -65,13 +66,15 @@ _PATIENT_IDENT = (
     "patient:Patient.identifier",
 )
 _SINGLE = ("identifier", "modality", "bodysite", "_sort", "_count", "_offset", "_format", "_summary")
-_IGNORED = ("_total", "_totalMethod")  # a total is always given (fhirpy's count() sends these)
+# A total is always given (fhirpy's count() sends _total); _pretty is FHIR's for every interaction
+# and only asks for indentation, which the compact JSON answered does without.
+_IGNORED = ("_total", "_totalMethod", "_pretty")
 _SUPPORTED = (*_PATIENT_REF, *_PATIENT_IDENT, *_SINGLE, *_IGNORED, "started")
 _DATE_RE = re.compile(
     r"^(?P<prefix>eq|ne|gt|lt|ge|le|sa|eb|ap)?(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
-    r"(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"(?:T(?:[01]\d|2[0-3]):[0-5]\d(?::(?:[0-5]\d|60)(?:\.\d+)?)?(?:Z|[+-](?:0\d|1[0-3]):[0-5]\d|[+-]14:00)?)?"
+    r")?)?$"
 )
-_JSON_FORMATS = {"json", "application/json", "application/fhir+json"}
 
 
 @dataclass
@@ -127,11 +130,9 @@ def _person_ref(raw: str) -> int:
     tail = ref.rsplit("/", 2)
     if len(tail) >= 2 and tail[-2] != "Patient":
         raise BadRequest(f"patient must reference a Patient, not {ref[:60]!r}")
-    pid = tail[-1]
-    if not pid.isdigit():
-        # Not an id this server gave out: it names no one here (an empty answer, not an error).
-        return -1
-    return int(pid)
+    pid = parse_person_id(tail[-1])
+    # None: not an id this server gave out, so it names no one here (an empty answer, not an error).
+    return -1 if pid is None else pid
 
 
 def _patients_from(
@@ -142,8 +143,15 @@ def _patients_from(
     sets: list[set[int]] = []
     for name in _PATIENT_REF:
         for raw in params.get(name) or []:
-            persons = [p for p in (_person_ref(v) for v in raw.split(",") if v.strip()) if p >= 0]
+            refs = [_person_ref(v) for v in raw.split(",") if v.strip()]
+            persons = [p for p in refs if p >= 0]
             rows = index.patients_of_persons(session=session, person_ids=persons) if persons else []
+            if set(refs) - {p.person_id for p in rows}:
+                # Said as for an unknown patient.identifier (docs/fhir.md: an informational entry).
+                notes.append(
+                    f"no patient records of the reference in {name} are known to the broker "
+                    "(no such Patient, or none with studies)"
+                )
             sets.append({p.pk for p in rows if p.pk is not None})
     for name in _PATIENT_IDENT:
         for raw in params.get(name) or []:
@@ -179,9 +187,10 @@ def _day_range(match: re.Match[str]) -> tuple[date, date]:
     return lo, hi
 
 
-def _started(values: Sequence[str]) -> tuple[date | None, date | None]:
+def _started(values: Sequence[str]) -> tuple[date | None, date | None] | None:
     """The StudyDate range all `started` parameters allow together (each at day precision: a time
-    in a value widens it to its whole day, StudyDate being what the index knows)."""
+    in a value widens it to its whole day, StudyDate being what the index knows); None when no
+    date can match (before year 1 or after 9999: Python's dates end there, and so do DICOM's)."""
     low: date | None = None
     high: date | None = None
     for raw in values:
@@ -197,6 +206,10 @@ def _started(values: Sequence[str]) -> tuple[date | None, date | None]:
             )
         lo, hi = _day_range(m)
         strict = "T" not in raw  # a date-time's own day still counts under gt / lt
+        if prefix in ("gt", "sa") and strict and hi == date.max:
+            return None
+        if prefix in ("lt", "eb") and strict and lo == date.min:
+            return None
         if prefix == "eq":
             new_lo, new_hi = lo, hi
         elif prefix in ("gt", "sa"):
@@ -220,8 +233,15 @@ def _identifier(raw: str) -> tuple[str, str]:
     accessions: list[str] = []
     for alternative in raw.split(","):
         system, value = _token(alternative, what="identifier")
+        # A token matches exactly; the index reads * and ? as wildcards (and * alone as universal
+        # matching: the whole network), so a value carrying them cannot be passed on.
         if system == DICOM_UID or (system is None and value.startswith("urn:oid:")):
-            uids.append(value.removeprefix("urn:oid:"))
+            uid = value.removeprefix("urn:oid:")
+            if not is_valid_uid(uid):
+                raise BadRequest(f"identifier: {uid[:64]!r} is not a DICOM UID")
+            uids.append(uid)
+        elif re.search(r"[*?\\]", value):
+            raise BadRequest("identifier: an accession number with *, ? or \\ cannot be searched exactly")
         else:
             accessions.append(value)
     if uids and accessions:
@@ -299,9 +319,7 @@ def search_imaging_studies(
     for a parameter that is malformed, unsupported (unless lenient) or missing its patient."""
     notes: list[str] = []
     _check_names(params, lenient=lenient, notes=notes)
-    fmt = _one(params, "_format")
-    if fmt is not None and fmt.split(";")[0].strip() not in _JSON_FORMATS:
-        raise BadRequest(f"_format {fmt[:40]!r} is not served: JSON only (application/fhir+json)")
+    _one(params, "_format")  # which format: negotiated by the routes (406 for any but JSON)
     summary = _one(params, "_summary")
     if summary not in (None, "count", "false"):
         raise BadRequest("_summary: only count (or false) is supported")
@@ -323,13 +341,13 @@ def search_imaging_studies(
             "patient.identifier=system|value) or a study identifier"
         )
     empty = False
-    low, high = _started(params.get("started") or [])
-    if low is not None and high is not None and low > high:
+    started = _started(params.get("started") or [])
+    low, high = started if started is not None else (None, None)
+    if started is None or (low is not None and high is not None and low > high):
         empty = True
     elif low is not None or high is not None:
-        filters["StudyDate"] = (
-            f"{low.strftime('%Y%m%d') if low else ''}-{high.strftime('%Y%m%d') if high else ''}"
-        )
+        # isoformat, not strftime: %Y does not pad years before 1000 on every platform.
+        filters["StudyDate"] = "-".join(d.isoformat().replace("-", "") if d else "" for d in (low, high))
     modality = _one(params, "modality")
     if modality is not None:
         mods = _modalities(modality)
@@ -385,8 +403,10 @@ def read_imaging_study(
     return _resources(session, studies, base_url)[0] if studies else None
 
 
-def bundle(answer: SearchAnswer, *, self_url: str, search_url: str) -> dict[str, Any]:
-    """The searchset Bundle of one page, with self / first / previous / next links."""
+def bundle(answer: SearchAnswer, *, search_url: str) -> dict[str, Any]:
+    """The searchset Bundle of one page, with self / first / previous / next links. The self link
+    is the search as processed, not as asked: FHIR search has the client read it to learn which
+    parameters were applied (an unknown one ignored under Prefer: handling=lenient is not)."""
     base = search_url
 
     def page(offset: int) -> str:
@@ -394,7 +414,7 @@ def bundle(answer: SearchAnswer, *, self_url: str, search_url: str) -> dict[str,
             [*answer.params, ("_count", str(answer.count)), ("_offset", str(offset))]
         )
 
-    links = [{"relation": "self", "url": self_url}]
+    links = [{"relation": "self", "url": page(answer.offset)}]
     if answer.count:
         links.append({"relation": "first", "url": page(0)})
         if answer.offset > 0:

@@ -111,6 +111,7 @@ _RETURN_ONLY = {
     "QueryRetrieveLevel",
 }
 
+_INT_RE = re.compile(r"^[+-]?[0-9]{1,12}$")
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(
@@ -254,7 +255,12 @@ def _range(
 ) -> ColumnElement[bool]:
     bounds = check_temporal(keyword, vr, value)
     if bounds is None:
-        return column == norm(_CHECKS[vr](keyword, value), False)
+        single = _CHECKS[vr](keyword, value)
+        if vr == "TM":
+            # Every stored spelling of the instants the value names, at its precision: 101500
+            # finds 101500, 101500.000 and 101500.25 (the index keeps a time as written).
+            return and_(column >= norm(single, False), column <= norm(single, True))
+        return column == norm(single, False)
     lo, hi = bounds
     conds = []
     if lo:
@@ -269,10 +275,16 @@ def _date_norm(value: str, _upper: bool) -> str:
 
 
 def _time_norm(value: str, upper: bool) -> str:
-    if upper and "." not in value:
-        # An upper bound of 1230 includes 12:30:59.999999.
-        return value.ljust(6, "9")[:6] + ".999999" if len(value) < 6 else value + ".999999"
-    return normalize_time(value)
+    """A time as a bound on the stored HHMMSS[.ffffff] strings, at the precision it was given:
+    as an upper bound its last instant (1230 ends at 123059.999999, 101500.5 at 101500.599999),
+    as a lower bound its first, with a fraction's trailing zeros dropped: the index keeps a
+    fraction as the object wrote it, and of 101500, 101500.0 and 101500.000 (one instant) the
+    shortest sorts first."""
+    main, _dot, frac = value.replace(":", "").strip().partition(".")
+    if upper:
+        return main.ljust(6, "9")[:6] + "." + frac.ljust(6, "9")[:6]
+    frac = frac.rstrip("0")
+    return main.ljust(6, "0")[:6] + ("." + frac if frac else "")
 
 
 def _values(value: str) -> list[str]:
@@ -310,16 +322,23 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
             hint = f"{keyword} takes a value or a range such as {form}-{form}"
             raise BadRequest(f"{exc.message}; {hint} (got {value[:40]!r})") from exc
     if kind == "INT":
-        try:
-            return key.column == int(value)
-        except ValueError as exc:
-            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer") from exc
+        # PS3.5 6.2 IS: an optional sign and digits, -2^31 to 2^31-1 (US values fit too). Python's
+        # int() would also take `1_0` and any size, which no column can hold (a 500, not a 400).
+        text = value.strip()
+        if not _INT_RE.match(text) or not -(2**31) <= int(text) < 2**31:
+            raise BadRequest(f"{keyword}: {value[:80]!r} is not an integer from -2147483648 to 2147483647")
+        return key.column == int(text)
     if kind == "PN":
         if fuzzy and key.fuzzy_column is not None:
             v = fuzzy_pn(value)
-            if _has_wildcard(v) or "^" in v:
-                pattern = _like(v) if _has_wildcard(v) else _like(v) + "%"
+            if "^" in v:
+                # Each query component, in order, is the start of a name component: the first
+                # the family name's, each next one a later component's (mul^ha: Müller^Hans).
+                first, *rest = v.split("^")
+                pattern = _like(first) + "%" + "".join("^" + _like(c) + "%" for c in rest)
                 return key.fuzzy_column.like(pattern, escape=_ESC)
+            if _has_wildcard(v):
+                return key.fuzzy_column.like(_like(v), escape=_ESC)
             return or_(
                 key.fuzzy_column.like(_like(v) + "%", escape=_ESC),
                 key.fuzzy_column.like("%^" + _like(v) + "%", escape=_ESC),
@@ -330,8 +349,16 @@ def _condition(keyword: str, key: _Key, value: str, fuzzy: bool) -> ColumnElemen
         vals = _values(value)
         return or_(*(_string_match(key.column, v) for v in vals))
     if kind == "MODS":
-        vals = _values(value)
-        return or_(*(key.column.contains("\\" + v + "\\", autoescape=True) for v in vals))
+        # The column is `\CT\MR\`. A wildcard that leads or trails (M*, *T) stays within one code;
+        # one in the middle (C*T) may also span two codes (CR and OT): an over-match, never a miss.
+        return or_(
+            *(
+                key.column.like("%\\" + _like(v) + "\\%", escape=_ESC)
+                if _has_wildcard(v)
+                else key.column.contains("\\" + v + "\\", autoescape=True)
+                for v in _values(value)
+            )
+        )
     return _string_match(key.column, value)
 
 
@@ -345,19 +372,28 @@ def _filters(query: Query) -> tuple[list[ColumnElement[bool]], set[str], list[st
         if tag is None:
             raise BadRequest(f"unknown attribute {raw_key[:64]!r}: not a DICOM keyword or tag")
         keyword = A.keyword_of(tag)
+        values = query.any_of.get(raw_key) or (value,)
+        if any("\x00" in v for v in values):
+            # No DICOM text value holds NUL (PS3.5 6.1.2), and PostgreSQL refuses it in a string
+            # parameter: refused here, the same on every backend, whether the key is matched or not.
+            raise BadRequest(f"{keyword}: a match value cannot contain a NUL character")
         asked.add(tag)
         key = keys.get(keyword)
         if key is None:
-            if value not in ("", "*") and keyword not in _RETURN_ONLY:
+            constrained = [v for v in values if v not in ("", "*")]
+            if constrained and keyword not in _RETURN_ONLY:
                 vr = A.vr_of(tag)
                 if vr in _CHECKS:
                     # Not matched on, but a malformed date or time is still a bad request.
-                    check_temporal(keyword, vr, value)
+                    for v in constrained:
+                        check_temporal(keyword, vr, v)
                 ignored.append(keyword)
             continue
-        cond = _condition(keyword, key, value, query.fuzzy)
-        if cond is not None:
-            conds.append(cond)
+        alternatives = [_condition(keyword, key, v, query.fuzzy) for v in values]
+        present = [c for c in alternatives if c is not None]
+        if len(present) == len(alternatives):
+            # A universal value among them (None) leaves the key unconstrained.
+            conds.append(or_(*present) if len(present) > 1 else present[0])
     if query.study_uid is not None:
         conds.append(_study.c.study_uid == query.study_uid)
     if query.series_uid is not None:
@@ -503,15 +539,18 @@ def search(*, session: Session, query: Query) -> QueryResult:
     matches: list[dict[str, Any]] = []
     if level == "patient":
         wanted = _wanted(query, A.PATIENT_DEFAULTS, asked)
-        n_studies = (
-            select(func.count())
-            .select_from(_study)
-            .where(_study.c.patient_pk == _patient.c.pk)
-            .scalar_subquery()
-        )
-        stmt = _paged(
-            select(_patient, n_studies.label("n_studies")).where(*conds).order_by(_patient.c.pk), query
-        )
+        mine = _study.c.patient_pk == _patient.c.pk
+        counts = [select(func.count()).select_from(_study).where(mine).scalar_subquery().label("n_studies")]
+        # The series and instance totals only when asked: each is one more subquery per row.
+        wants_series = wanted is None or "00201202" in wanted
+        wants_instances = wanted is None or "00201204" in wanted
+        if wants_series:
+            total = func.coalesce(func.sum(_study.c.num_series), 0)
+            counts.append(select(total).where(mine).scalar_subquery().label("n_series"))
+        if wants_instances:
+            total = func.coalesce(func.sum(_study.c.num_instances), 0)
+            counts.append(select(total).where(mine).scalar_subquery().label("n_instances"))
+        stmt = _paged(select(_patient, *counts).where(*conds).order_by(_patient.c.pk), query)
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             attrs = {
@@ -526,6 +565,10 @@ def search(*, session: Session, query: Query) -> QueryResult:
                 "00100040": {"vr": "CS", "Value": [row.sex]} if row.sex else {"vr": "CS"},
                 "00201200": {"vr": "IS", "Value": [row.n_studies]},
             }
+            if wants_series:
+                attrs["00201202"] = {"vr": "IS", "Value": [int(row.n_series)]}
+            if wants_instances:
+                attrs["00201204"] = {"vr": "IS", "Value": [int(row.n_instances)]}
             matches.append(_finish(_pick(attrs, wanted), wanted, A.PATIENT_DEFAULTS))
     elif level == "study":
         wanted = _wanted(query, A.STUDY_DEFAULTS, asked)

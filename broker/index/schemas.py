@@ -49,6 +49,9 @@ class Query:
 
     level: Level
     filters: dict[str, str] = field(default_factory=dict)
+    # Keys a QIDO-RS query gives more than once: a match is any of these values. Each is in
+    # `filters` too (with its first value), so that it is returned like any other key asked.
+    any_of: dict[str, tuple[str, ...]] = field(default_factory=dict)
     study_uid: str | None = None
     series_uid: str | None = None
     facility_id: str | None = None
@@ -101,3 +104,4 @@ class InstanceRef:
     size: int
     number_of_frames: int | None
     facility_id: str
+    rows: int | None = None  # Rows (0028,0010): set for an instance with pixels

@@ -182,6 +182,7 @@ def find_instances(
             _inst.c.size,
             _inst.c.number_of_frames,
             _inst.c.facility_id,
+            _inst.c.rows,
         )
         .select_from(_inst)
         .join(_series, _series.c.pk == _inst.c.series_pk)

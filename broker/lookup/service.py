@@ -63,6 +63,7 @@ __all__ = [
     "confirmed_patients",
     "planned_exam",
     "exam_suggestions",
+    "exam_label",
 ]
 
 _CUMULATIVE_DAYS = 365
@@ -256,6 +257,19 @@ def _suggestions() -> tuple[ExamSuggestion, ...]:
                 continue
             seen[key] = ExamSuggestion(label=entry.label, system=system, code=entry.code)
     return tuple(sorted(seen.values(), key=lambda e: e.label.lower()))
+
+
+def exam_label(*, code: str, code_system: str | None = None) -> str | None:
+    """The label of a procedure code the vocabulary knows, when the engine reads it as text: the
+    words an avoided repeat records for an order that came as a code alone."""
+    _system, entry = load_vocabulary().code(code, code_system)
+    if entry is None:
+        return None
+    try:
+        interpret_exam(text=entry.label)
+    except BadRequest:
+        return None
+    return entry.label
 
 
 def exam_suggestions() -> list[ExamSuggestion]:
@@ -490,7 +504,8 @@ def find_priors(
         )
 
     # The person's cumulative dose: confirmed links only (an unconfirmed match may be someone else).
-    since = today - timedelta(days=_CUMULATIVE_DAYS)
+    # `now` may be any date (judging as of one): the window starts no earlier than the calendar.
+    since = max(today, date.min + timedelta(days=_CUMULATIVE_DAYS)) - timedelta(days=_CUMULATIVE_DAYS)
     confirmed_doses = [d for p, d, _s, _v in rows if d is not None and p.link == "confirmed"]
     confirmed_uids_without = [
         p.study_instance_uid

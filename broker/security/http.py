@@ -87,7 +87,7 @@ class AuthGuard:
         except Unavailable as exc:
             # A one-time token could not be checked for replay (the database is away): refused
             # for now, never accepted unchecked; the client may send a new one shortly.
-            await _json(send, 503, exc.title, exc.message, [(b"retry-after", b"5")])
+            await _json(scope, send, 503, exc.title, exc.message, [(b"retry-after", b"5")])
             return
         if principal is None:
             await self._refuse_401(scope, send, None)
@@ -100,11 +100,11 @@ class AuthGuard:
                 principal = replace(principal, purpose_of_use=stated.strip().upper())
         state["principal"] = principal
         if principal.via == "session" and method not in _SAFE_METHODS and not _csrf_ok(scope, claims):
-            await _json(send, 403, "Forbidden", "cross-site request refused (CSRF check failed)")
+            await _json(scope, send, 403, "Forbidden", "cross-site request refused (CSRF check failed)")
             return
         decision = policy.decide(principal, method, path, default_facility=self.settings.default_facility)
         if not decision.allowed:
-            await _json(send, 403, "Forbidden", "not permitted for this caller")
+            await _json(scope, send, 403, "Forbidden", "not permitted for this caller")
             return
         await self.app(scope, receive, send)
 
@@ -177,6 +177,7 @@ class AuthGuard:
         if error:
             challenge += f', error="invalid_token", error_description="{error}"'
         await _json(
+            scope,
             send,
             401,
             "Unauthorized",
@@ -201,15 +202,32 @@ def _csrf_ok(scope: Scope, claims: dict[str, Any]) -> bool:
     return origin is not None and origin == _own_origin(scope)
 
 
+# OperationOutcome issue types of the guard's refusals (FHIR R4 IssueType).
+_FHIR_ISSUE = {401: "login", 403: "forbidden", 503: "transient"}
+
+
 async def _json(
-    send: Send, status: int, error: str, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+    scope: Scope,
+    send: Send,
+    status: int,
+    error: str,
+    detail: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    body = orjson.dumps({"error": error, "detail": detail})
+    path = scope.get("path", "")
+    if path == "/fhir" or path.startswith("/fhir/"):
+        # A FHIR client reads every error as an OperationOutcome (docs/fhir.md), the guard's too.
+        # Written out here: the security layer sits below broker.fhir and does not import it.
+        issue = {"severity": "error", "code": _FHIR_ISSUE.get(status, "exception"), "diagnostics": detail}
+        body = orjson.dumps({"resourceType": "OperationOutcome", "issue": [issue]})
+        kind = b"application/fhir+json"
+    else:
+        body = orjson.dumps({"error": error, "detail": detail})
+        kind = b"application/json"
     start: Message = {
         "type": "http.response.start",
         "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        + (headers or []),
+        "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())] + (headers or []),
     }
     await send(start)
     await send({"type": "http.response.body", "body": body})

@@ -74,10 +74,9 @@ class LookupForm:
         records, and the engine reads)."""
         if self.exam:
             return self.exam
-        for s in lookup.exam_suggestions():
-            if s.code.upper() == self.code.upper() and s.system.upper() == self.system.upper():
-                return s.label
-        return f"{self.system} {self.code}".strip()
+        # Any code the vocabulary knows, not only those offered as suggestions (one per label).
+        label = lookup.exam_label(code=self.code, code_system=self.system) if self.code else None
+        return label or f"{self.system} {self.code}".strip()
 
     def query(self, **changes: str) -> str:
         values = {name: getattr(self, name) for name in FORM_FIELDS} | changes

@@ -312,6 +312,14 @@ def _bad(**changes: Any) -> dict[str, Any]:
         (_bad(ctx_selections=["ServiceRequest/nope"]), "ServiceRequest/nope"),
         (_bad(fhirAuthorization={"access_token": "x", "token_type": "Bearer"}), "fhirServer"),
         (_bad(fhirServer="ftp://ehr/fhir"), "fhirServer"),
+        (_bad(fhirServer="http://ehr.example:fhir/"), "fhirServer"),
+        (_bad(fhirServer="https://"), "fhirServer"),
+        (_bad(fhirServer="http://ehr.example:99999/fhir"), "fhirServer"),
+        (_bad(fhirServer="http://ehr\x00.example/fhir"), "fhirServer"),
+        (_bad(fhirServer="http://" + "a" * 300 + ".example/fhir"), "fhirServer"),
+        (_bad(ctx_patientId="ehr-1/../../Practitioner/1"), "patientId"),
+        (_bad(ctx_patientId="ehr\x001"), "patientId"),
+        (_bad(ctx_encounterId="enc 1"), "encounterId"),
         (_bad(extension={"org.scanonce.setting": "icu"}), "setting"),
     ],
 )
@@ -321,6 +329,71 @@ def test_malformed_hook_calls_are_400_with_a_reason(
     r = http.post(SELECT, json=body)
     assert r.status_code == 400, r.text
     assert says in r.json()["detail"]
+
+
+def _malformed_order(**fields: Any) -> dict[str, Any]:
+    order = _order("sr1", text="CT ABD/PEL W CONTRAST", code="74177")
+    order.update(fields)
+    return order
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        (SELECT, _hook(orders=[_malformed_order(code={"coding": 5})]), "coding"),
+        (SELECT, _hook(orders=[_malformed_order(code={"coding": [{"system": [], "code": "1"}]})]), "system"),
+        (SELECT, _hook(orders=[_malformed_order(code=["CT"])]), "code"),
+        (SELECT, _hook(orders=[_malformed_order(bodySite=[{"coding": 7}])]), "bodySite"),
+        (SELECT, _hook(orders=[_malformed_order(bodySite={"text": "ABDOMEN"})]), "bodySite"),
+        (SELECT, _hook(orders=[_malformed_order(bodySite=[{"coding": [{"code": []}]}])]), "bodySite"),
+        (SELECT, _hook(patient={"resourceType": "Patient", "identifier": 5}), "identifier"),
+        (SELECT, _hook(patient={"resourceType": "Patient", "identifier": [{"system": 1}]}), "identifier"),
+    ],
+)
+def test_malformed_resources_in_a_hook_call_are_400_not_500(
+    http: httpx.Client, path: str, body: dict[str, Any], says: str
+) -> None:
+    if "patient" not in body.get("prefetch", {}):
+        body["prefetch"] = {"patient": _patient(CHILD_SYSTEM, CHILD_MRN)}
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert says in r.json()["detail"]
+
+
+def test_a_nul_character_in_the_patients_identifier_is_no_fault(http: httpx.Client) -> None:
+    r = http.post(SELECT, json=_hook(patient=_patient(CHILD_SYSTEM, f"{CHILD_MRN}\x00")))
+    assert r.status_code in (200, 400), r.text
+    assert r.json().get("cards") == [] if r.status_code == 200 else "NUL" in r.json()["detail"]
+
+
+def test_order_sign_selections_when_sent_are_ids(http: httpx.Client) -> None:
+    for selections in (5, [[1]], [{"id": "sr1"}]):
+        body = _hook("order-sign", patient=_patient(CHILD_SYSTEM, CHILD_MRN))
+        body["context"]["selections"] = selections
+        r = http.post(SIGN, json=body)
+        assert r.status_code == 400 and "selections" in r.json()["detail"], r.text
+
+
+def test_an_unknown_setting_is_400_whoever_the_patient(http: httpx.Client) -> None:
+    # Refused as the documented 400 even when no card would be made (the patient unknown, no
+    # imaging order): a client's mistake shows on its first call, not on some patient's.
+    bad = {"org.scanonce.setting": "icu"}
+    for body in (
+        _hook(patient=_patient(CHILD_SYSTEM, "NO-SUCH-MRN"), extension=bad),
+        _hook(
+            orders=[_order("lab", text="Complete blood count")],
+            patient=_patient(CHILD_SYSTEM, CHILD_MRN),
+            extension=bad,
+        ),
+    ):
+        r = http.post(SELECT, json=body)
+        assert r.status_code == 400 and "setting" in r.json()["detail"], r.text
+
+
+def test_a_fhir_server_url_that_is_no_url_is_400_when_it_is_needed(http: httpx.Client) -> None:
+    # Nothing prefetched: the service would read the patient from it.
+    r = http.post(SELECT, json=_hook(fhirServer="http://ehr.example:fhir/"))
+    assert r.status_code == 400 and "fhirServer" in r.json()["detail"], r.text
 
 
 def test_not_json_and_unknown_service(http: httpx.Client) -> None:
@@ -366,6 +439,28 @@ def test_feedback_accepted_is_an_avoided_repeat_once(http: httpx.Client, server:
     with Session(_engine(server)) as s:
         row = s.get(IssuedCard, card["uuid"])
         assert row is not None and row.avoided_id and row.planned_exam == "CT ABD/PEL W CONTRAST"
+
+
+def test_feedback_accepted_for_a_coded_order_without_text_is_an_avoided_repeat(http: httpx.Client) -> None:
+    # An EHR's order often carries only its code: the accepted card counts as one with words do.
+    order = _order("sr-coded", text="", code="74177")
+    del order["code"]["text"]
+    body = _hook(patient=_patient(CHILD_SYSTEM, RECENT_MRN), orders=[order], encounter_class="EMER")
+    card = _cards(http, SELECT, body)[0]
+    before = _avoided(http, "kids")
+    accepted = {
+        "feedback": [
+            {
+                "card": card["uuid"],
+                "outcome": "accepted",
+                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+                "outcomeTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            }
+        ]
+    }
+    r = http.post(f"{SELECT}/feedback", json=accepted)
+    assert r.status_code == 200 and r.json() == {"recorded": 1, "repeats_avoided": 1}, r.text
+    assert _avoided(http, "kids") == before + 1
 
 
 def test_feedback_overridden_keeps_the_reason_and_avoids_nothing(

@@ -56,6 +56,10 @@ def test_study_attributes_counts_modalities_retrieve_url(archive: Archive) -> No
         ({"StudyInstanceUID": f"{MUELLER},{SMITH}"}, {MUELLER, SMITH}),
         ({"ModalitiesInStudy": "MR"}, {MUELLER, MULLER}),
         ({"ModalitiesInStudy": "NM"}, {SMITH}),
+        ({"ModalitiesInStudy": "M*"}, {MUELLER, MULLER}),  # CS values take wildcards (PS3.4 C.2.2.2.4)
+        ({"ModalitiesInStudy": "N?"}, {SMITH}),
+        ({"ModalitiesInStudy": "C*,N*"}, {MUELLER, SMITH}),
+        ({"ModalitiesInStudy": "*T"}, {MUELLER}),
     ],
 )
 def test_study_matching(archive: Archive, filters: dict[str, str], expected: set[str]) -> None:
@@ -74,6 +78,25 @@ def test_fuzzy_matching_is_accent_insensitive(archive: Archive) -> None:
         MULLER,
     }
     assert client.search_for_studies(search_filters={"PatientName": "muller"}) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mul^ha", {MUELLER}),  # each component the start of a name component (Müller^Hans)
+        ("MUL^A", {MULLER}),
+        ("^hans", {MUELLER}),  # no family name given: the given name alone
+        ("muller^hans", {MUELLER}),
+        ("mul^x", set()),
+        ("han^mul", set()),  # the components keep their order
+    ],
+)
+def test_fuzzy_matching_takes_each_component_as_the_start_of_a_name_component(
+    archive: Archive, name: str, expected: set[str]
+) -> None:
+    client = archive.server.client(archive.server.facility_url("local"))
+    found = client.search_for_studies(search_filters={"PatientName": name}, fuzzymatching=True)
+    assert _uids(found) == expected
 
 
 def test_literal_and_percent_encoded_queries_mean_the_same(archive: Archive) -> None:
@@ -173,6 +196,26 @@ def test_accept_negotiation(archive: Archive) -> None:
     assert r.status_code == 406
     r = _get(archive, "/dicom-web/studies")
     assert r.headers["content-type"] == "application/dicom+json"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/dicom-web/studies?StudyInstanceUID={MUELLER}&InstitutionName=X",  # 200, with a Warning
+        "/dicom-web/studies?PatientID=NOBODY",  # 204
+        f"/dicom-web/studies/{MUELLER}/series",
+        f"/facilities/local/dicom-web/studies/{MUELLER}/series/{uid(1, 1)}/instances",
+        "/dicom-web/instances?limit=abc",  # 400
+    ],
+)
+def test_head_answers_a_search_as_get_would_without_a_body(archive: Archive, path: str) -> None:
+    # RFC 9110 9.1 and 9.3.2: a server supports HEAD wherever it supports GET.
+    with archive.server.http() as http:
+        got, head = http.get(path), http.head(path)
+    assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+    for header in ("content-type", "content-length", "warning"):
+        assert head.headers.get(header) == got.headers.get(header), header
+    assert head.content == b""
 
 
 def test_relational_and_other_levels(archive: Archive) -> None:

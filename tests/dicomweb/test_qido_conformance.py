@@ -101,3 +101,64 @@ def test_valid_dates_and_times_still_match(archive: Archive, query: str, expecte
     r = _get(archive, f"{LOCAL}?{query}")
     assert r.status_code == (200 if expected else 204), r.text
     assert _uids(r) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("PatientID=PID%00", "PatientID"),  # no DICOM string holds NUL; PostgreSQL refuses it
+        ("PatientName=M%00*", "PatientName"),
+        ("StudyDescription=%00", "StudyDescription"),
+        ("InstitutionName=%00", "InstitutionName"),  # not matched on, but no less malformed
+    ],
+)
+def test_a_nul_character_in_a_value_is_400_not_500(archive: Archive, query: str, says: str) -> None:
+    for path in (LOCAL, "/dicom-web/series", "/dicom-web/instances"):
+        r = _get(archive, f"{path}?{query}")
+        assert r.status_code == 400, (path, query, r.status_code, r.text)
+        assert says in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["SeriesNumber=" + "9" * 30, "SeriesNumber=-" + "9" * 20, "InstanceNumber=3000000000", "Rows=1_0"],
+)
+def test_an_integer_no_is_value_can_hold_is_400_not_500(archive: Archive, query: str) -> None:
+    # PS3.5 6.2: IS is an optional sign and digits, -2^31 to 2^31-1 (no underscores).
+    for path in ("/dicom-web/instances", f"/dicom-web/studies/{MUELLER}/instances"):
+        r = _get(archive, f"{path}?{query}")
+        assert r.status_code == 400, (path, query, r.status_code, r.text)
+        assert query.split("=")[0] in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("PatientID=PID-3&PatientID=PID-1", {SMITH, MUELLER}),
+        ("AccessionNumber=ACC-1&AccessionNumber=NONE", {MUELLER}),
+        ("StudyDate=20200105&StudyDate=20220101-", {MUELLER, SMITH}),
+        ("PatientName=smith*&PatientName=mul*", {SMITH, MULLER}),
+        ("PatientName=smith*&PatientName=", {MUELLER, MULLER, SMITH}),  # one universal: no constraint
+        (f"StudyInstanceUID={MUELLER}&StudyInstanceUID={SMITH}", {MUELLER, SMITH}),
+    ],
+)
+def test_a_key_given_twice_matches_any_of_its_values(
+    archive: Archive, query: str, expected: set[str]
+) -> None:
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 200, (query, r.status_code, r.text)
+    assert _uids(r) == expected
+
+
+@pytest.mark.parametrize(
+    "query", ["PatientName=M%FCller*", "includefield=Patient%FFName", "Patient%E9Name=x"]
+)
+def test_a_query_not_percent_encoded_utf8_is_400_not_a_search_for_something_else(
+    archive: Archive, query: str
+) -> None:
+    # PS3.18 8.3.1: query parameters are UTF-8, percent-encoded. Latin-1 `%FC` is not `ü`; read as
+    # U+FFFD it would search for another name and answer "no such study".
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 400, (query, r.status_code, r.text)
+    assert "UTF-8" in r.json()["detail"]
+    assert _uids(_get(archive, f"{LOCAL}?PatientName=M%C3%BCller*")) == {MUELLER}

@@ -11,8 +11,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.dicomweb.conftest import Archive
-from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, split_multipart, uid
+from tests.dicomweb.conftest import Archive, LiveServer
+from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, multipart_body, split_multipart, uid
+from tests.support import make_ds, to_bytes
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -124,6 +125,13 @@ def test_metadata_levels_and_bulk_data(archive: Archive) -> None:
     assert client.retrieve_bulkdata(pixel_uri) == [data]
     assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "7FE0001Z").status_code == 400
     assert _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00091234").status_code == 404
+    # Items are numbered from 1 (PS3.19): item 0 is a malformed path, not a missing value.
+    r = _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00081140/0/00081150")
+    assert r.status_code == 400, r.text
+    assert (
+        _get(archive, pixel_uri.removeprefix(archive.server.origin)[:-8] + "00081140/1/00081150").status_code
+        == 404
+    )
 
 
 def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
@@ -158,6 +166,43 @@ def test_frames_uncompressed_and_as_stored(archive: Archive) -> None:
     assert _get(archive, path.replace("frames/1", "frames/1,x")).status_code == 400
 
 
+def test_frames_take_the_best_range_in_accept_the_stored_instance_can_meet(archive: Archive) -> None:
+    # RFC 9110 12.5.1 and PS3.18 8.7.8: a range the instance cannot meet (JPEG for an RLE
+    # instance) gives way to the next acceptable one; 406 only when none is left.
+    path = _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/1"  # RLE Lossless
+    rle = _get(archive, path, Accept="multipart/related; type=image/dicom-rle")
+    native = _get(archive, path, Accept="multipart/related; type=application/octet-stream")
+    for accept, expected in (
+        ("multipart/related; type=image/jpeg, multipart/related; type=image/dicom-rle; q=0.9", rle),
+        (
+            "multipart/related; type=image/jpeg, multipart/related; type=application/octet-stream; q=0.5",
+            native,
+        ),
+    ):
+        r = _get(archive, path, Accept=accept)
+        assert r.status_code == 200, (accept, r.text)
+        got = split_multipart(r.headers["content-type"], r.content)
+        assert got == split_multipart(expected.headers["content-type"], expected.content), accept
+    assert _get(archive, path, Accept="multipart/related; type=image/jpeg").status_code == 406
+
+
+def test_frames_as_octet_stream_in_a_compressed_syntax_are_406_not_native_pixels(archive: Archive) -> None:
+    # PS3.18 8.7.3.3.1: octet-stream is uncompressed bulk data, Explicit VR Little Endian; a
+    # compressed transfer syntax under it cannot be served, and native pixels are not what was asked.
+    path = _instance_path(MUELLER, uid(1, 3), uid(1, 3, 1)) + "/frames/1"
+    octet = "multipart/related; type=application/octet-stream"
+    r = _get(archive, path, Accept=f"{octet}; transfer-syntax=1.2.840.10008.1.2.4.50")
+    assert r.status_code == 406, r.headers.get("content-type")
+    assert "transfer-syntax" in r.json()["detail"]
+    # The next acceptable range is taken, and Explicit VR Little Endian by name is the default.
+    r = _get(archive, path, Accept=f"{octet}; transfer-syntax=1.2.840.10008.1.2.4.50, {octet}; q=0.5")
+    assert r.status_code == 200
+    explicit = _get(archive, path, Accept=f"{octet}; transfer-syntax={EXPLICIT_LE}")
+    ((headers, data),) = split_multipart(explicit.headers["content-type"], explicit.content)
+    assert headers["content-type"] == f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
+    assert [data] == [d for _, d in split_multipart(r.headers["content-type"], r.content)]
+
+
 @pytest.mark.parametrize("media_type", ["image/jpeg", "image/png"])
 def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1))
@@ -185,6 +230,30 @@ def test_rendered_and_thumbnail(archive: Archive, media_type: str) -> None:
         assert max(Image.open(io.BytesIO(r.content)).size) <= 128
 
 
+def test_a_study_thumbnail_is_of_an_image_when_the_middle_instance_has_no_pixels(
+    live_server: LiveServer,
+) -> None:
+    # A CT series, a series without pixels (a report, a plan) and another CT series: the middle
+    # instance is the one without pixels, yet the study has images to show.
+    study = uid(90)
+    instances = [make_ds(sop=uid(90, n, 1), study=study, series=uid(90, n)) for n in (1, 2, 3)]
+    for n, ds in enumerate(instances, 1):
+        ds.SeriesNumber = n
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+        delattr(instances[1], keyword)
+    body, ctype = multipart_body([to_bytes(ds) for ds in instances])
+    with live_server.http() as http:
+        assert (
+            http.post("/dicom-web/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        )
+        r = http.get(f"/dicom-web/studies/{study}/thumbnail", headers={"Accept": "image/png"})
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(r.content)).format == "PNG"
+        # A series with nothing to show still has no thumbnail.
+        r = http.get(f"/dicom-web/studies/{study}/series/{uid(90, 2)}/thumbnail")
+        assert r.status_code == 406
+
+
 def test_rendered_study_and_series_are_one_image_per_instance(archive: Archive) -> None:
     r = _get(archive, f"/dicom-web/studies/{MUELLER}/rendered?viewport=16,16", Accept="image/png")
     assert r.status_code == 200
@@ -196,10 +265,53 @@ def test_rendered_study_and_series_are_one_image_per_instance(archive: Archive) 
     assert len(split_multipart(r.headers["content-type"], r.content)) == 2
 
 
+def test_rendered_window_function_is_applied(archive: Archive) -> None:
+    # PS3.18 8.3.5.1.3: window=center,width,function; the function changes the picture.
+    path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
+    linear = _get(archive, f"{path}?window=40,400,linear", Accept="image/png")
+    sigmoid = _get(archive, f"{path}?window=40,400,sigmoid", Accept="image/png")
+    assert linear.status_code == sigmoid.status_code == 200
+    assert linear.content == _get(archive, f"{path}?window=40,400", Accept="image/png").content
+    assert sigmoid.content != linear.content
+    assert sigmoid.content == _get(archive, f"{path}?window=40,400,SIGMOID", Accept="image/png").content
+    # A function PS3.18 does not define is a bad parameter, not silently linear; so at the
+    # study level, where it would otherwise leave every image out of a 200.
+    for where in (path, f"/dicom-web/studies/{MUELLER}/rendered"):
+        r = _get(archive, f"{where}?window=40,400,gamma")
+        assert r.status_code == 400, where
+        assert "function" in r.json()["detail"]
+
+
+def test_rendered_study_and_series_take_the_multipart_accept_ps3_18_prescribes(archive: Archive) -> None:
+    # PS3.18 10.4.4: a Rendered Study or Series is multipart; its Accept names the part type.
+    series = f"/dicom-web/studies/{MULLER}/series/{uid(2, 1)}/rendered"
+    for path, n in ((f"/dicom-web/studies/{MUELLER}/rendered", 4), (series, 2)):
+        for accept, part in (
+            ('multipart/related; type="image/png"', "image/png"),
+            ("multipart/related; type=image/gif, image/png;q=0.5", "image/gif"),
+            ("multipart/related", "image/jpeg"),
+            ('multipart/related; type="image/*"', "image/jpeg"),
+        ):
+            r = _get(archive, f"{path}?viewport=16,16", Accept=accept)
+            assert r.status_code == 200, (path, accept, r.text)
+            assert r.headers["content-type"].startswith(f'multipart/related; type="{part}"'), accept
+            assert len(split_multipart(r.headers["content-type"], r.content)) == n
+        r = _get(archive, path, Accept='multipart/related; type="image/tiff"')
+        assert r.status_code == 406, r.text
+
+
 def test_rendered_bad_parameters(archive: Archive) -> None:
     path = _instance_path(MUELLER, uid(1, 1), uid(1, 1, 1)) + "/rendered"
     assert _get(archive, path, Accept="image/tiff").status_code == 406
-    for query in ("window=abc", "window=40,-1", "viewport=0,10", "viewport=a,b", "quality=101", "quality=x"):
+    for query in (
+        *("window=abc", "window=40,-1", "viewport=0,10", "viewport=a,b", "quality=101", "quality=x"),
+        *(
+            "window=nan,400",
+            "window=40,inf",
+            "window=40,1e400",
+            "window=-inf,400",
+        ),  # not numbers a window has
+    ):
         r = _get(archive, f"{path}?{query}")
         assert r.status_code == 400, query
         assert r.json()["detail"]

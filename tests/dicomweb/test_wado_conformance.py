@@ -332,12 +332,14 @@ def test_bulk_data_inside_a_sequence_is_served_from_its_uri(mixed: Mixed) -> Non
     assert [i.get("number") for i in items] == ["1", "2"]
     bulk = _attr(items[1], "54001010").find(f"{NS}BulkData")
     assert bulk is not None and bulk.get("uri") == uris[1]
-    # Paths that name no value: item 0 or past the end, a tag that is not a sequence.
+    # Paths that name no value: an item past the end, a tag that is not a sequence.
     base = _instance(ECG).replace(STUDY, ECG_STUDY) + "/bulk"
-    for path in ("54000100/0/54001010", "54000100/3/54001010", "00100010/1/54001010", "54000100/1/00091234"):
+    for path in ("54000100/3/54001010", "00100010/1/54001010", "54000100/1/00091234"):
         assert mixed.get(f"{base}/{path}").status_code == 404, path
+    # Malformed paths, item 0 among them: items are numbered from 1, as frames are.
     for path in ("54000100/x/54001010", "54000100/1", "54000100//54001010", "54000100/1/5400101"):
         assert mixed.get(f"{base}/{path}").status_code == 400, path
+    assert mixed.get(f"{base}/54000100/0/54001010").status_code == 400
 
 
 # ------------------------------------------------------------------------------- 4. Range, HEAD
@@ -419,6 +421,28 @@ def test_head_answers_the_headers_of_get_without_a_body(mixed: Mixed, path: str)
         assert head.headers["content-length"] == got.headers["content-length"]
     missing = path.replace(STUDY, uid(20, 404))
     assert mixed.request("HEAD", missing).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", f"/dicom-web/studies/{STUDY}/bulkdata", 404),  # a resource the service does not have
+        ("GET", "/dicom-web/no-such-thing", 404),
+        ("DELETE", f"/dicom-web/studies/{STUDY}/metadata", 405),
+        ("PUT", "/dicom-web/studies", 405),
+    ],
+)
+def test_errors_of_paths_and_methods_carry_the_documented_body(
+    mixed: Mixed, method: str, path: str, status: int
+) -> None:
+    # docs/conformance.md 2.9: errors carry {"error": title, "detail": message}.
+    r = mixed.request(method, path)
+    assert r.status_code == status
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] and body["detail"]
+    if status == 405:
+        assert "GET" in r.headers["allow"] or "POST" in r.headers["allow"]
 
 
 # -------------------------------------------------------------------------------------- 5. CORS

@@ -57,6 +57,11 @@ def _bundle(http: httpx.Client, params: Any) -> Bundle:
     return Bundle.model_validate(r.json())
 
 
+def _bundle_of(r: httpx.Response) -> Bundle:
+    assert r.status_code == 200, r.text
+    return Bundle.model_validate(r.json())
+
+
 def _studies(bundle: Bundle) -> list[ImagingStudy]:
     return [
         ImagingStudy.model_validate(e.resource.model_dump(mode="json"))
@@ -168,6 +173,22 @@ def test_started_modality_bodysite_and_sort(client: SyncFHIRClient, http: httpx.
     assert [r["started"] for r in everything] == sorted((r["started"] for r in everything), reverse=True)
 
 
+def test_started_at_the_ends_of_the_calendar(http: httpx.Client) -> None:
+    child: dict[str, str] = {"patient.identifier": CHILD, "_count": "100"}
+    everything = _bundle(http, child).total
+    assert everything
+    # Nothing lies before year 1 or after 9999; everything after year 999.
+    assert _bundle(http, {**child, "started": "lt0001-01-01"}).total == 0
+    assert _bundle(http, {**child, "started": "gt9999-12-31"}).total == 0
+    assert _bundle(http, {**child, "started": "sa9999"}).total == 0
+    assert _bundle(http, {**child, "started": "ge0999-01-01"}).total == everything
+    assert _bundle(http, {**child, "started": "le0999-12-31"}).total == 0
+    # A date-time's time must be a time.
+    assert "not a FHIR date" in _outcome(
+        http.get("/fhir/ImagingStudy", params={**child, "started": "ge2026-06-16T25:99"}), 400
+    )
+
+
 def test_identifier_and_read(http: httpx.Client) -> None:
     study = _studies(_bundle(http, {"patient.identifier": CHILD, "_count": 1}))[0]
     by_uid = _studies(_bundle(http, {"identifier": f"urn:dicom:uid|urn:oid:{study.id}"}))
@@ -177,6 +198,17 @@ def test_identifier_and_read(http: httpx.Client) -> None:
     r = http.get(f"/fhir/ImagingStudy/{study.id}")
     assert r.status_code == 200 and ImagingStudy.model_validate(r.json()).id == study.id
     assert "ImagingStudy" in _outcome(http.get("/fhir/ImagingStudy/1.2.3.999"), 404)
+
+
+@pytest.mark.parametrize("value", ["*", "?*", "|*", "urn:dicom:uid|urn:oid:*", "urn:dicom:uid|*"])
+def test_an_identifier_search_is_exact_never_a_network_wide_listing(http: httpx.Client, value: str) -> None:
+    # A FHIR token matches exactly; passed on as a DICOM match value, `*` would be universal
+    # matching: every study of the network, which a search without its patient must not give.
+    r = http.get("/fhir/ImagingStudy", params={"identifier": value})
+    if r.status_code == 200:
+        assert Bundle.model_validate(r.json()).total == 0
+    else:
+        assert "identifier" in _outcome(r, 400)
 
 
 def test_an_adult_is_not_the_child(http: httpx.Client) -> None:
@@ -208,7 +240,21 @@ def test_unknown_patient_is_an_empty_bundle_not_an_error(http: httpx.Client) -> 
     assert bundle.total == 0
     outcome = [e for e in bundle.entry or [] if e.search and e.search.mode == "outcome"]
     assert outcome and "no patient" in str(outcome[0].resource.issue[0].diagnostics)
-    assert _bundle(http, {"patient": "Patient/999999"}).total == 0
+    # An unknown Patient reference is answered the same way, with the information entry.
+    for ref in ("Patient/999999", "Patient/not-one-of-ours"):
+        bundle = _bundle(http, {"patient": ref})
+        assert bundle.total == 0
+        outcome = [e for e in bundle.entry or [] if e.search and e.search.mode == "outcome"]
+        assert outcome and "no patient" in str(outcome[0].resource.issue[0].diagnostics)
+
+
+@pytest.mark.parametrize("person", ["99999999999999999999999", "\u00b2", "\u0661"])
+def test_a_patient_id_that_is_no_id_of_ours_names_no_one(http: httpx.Client, person: str) -> None:
+    # Too large for the database's integer, or digits Python reads but the ids are not made of.
+    assert _bundle(http, {"patient": f"Patient/{person}"}).total == 0
+    assert "Patient" in _outcome(http.get(f"/fhir/Patient/{person}"), 404)
+    r = http.get("/fhir/Consent", params={"patient": f"Patient/{person}"})
+    assert r.status_code == 200 and Bundle.model_validate(r.json()).total == 0
 
 
 @pytest.mark.parametrize(
@@ -224,7 +270,6 @@ def test_unknown_patient_is_an_empty_bundle_not_an_error(http: httpx.Client) -> 
         ({"patient.identifier": CHILD, "_sort": "-_lastUpdated"}, "_sort"),
         ({"patient.identifier": CHILD, "modality": "C T;"}, "modality"),
         ({"patient.identifier": CHILD, "name": "DOE"}, "unsupported search parameter"),
-        ({"patient.identifier": CHILD, "_format": "xml"}, "_format"),
         ({"patient": "Observation/1"}, "Patient"),
     ],
 )
@@ -232,6 +277,78 @@ def test_bad_search_parameters_are_operation_outcomes(
     http: httpx.Client, params: dict[str, str], says: str
 ) -> None:
     assert says in _outcome(http.get("/fhir/ImagingStudy", params=params), 400)
+
+
+def test_every_fhir_error_is_an_operation_outcome(http: httpx.Client) -> None:
+    # Refused before the route runs (parameter validation, no such route, method): still FHIR.
+    assert "_count" in _outcome(http.get("/fhir/Patient", params={"family": "DOE", "_count": "many"}), 400)
+    _outcome(http.get("/fhir/Observation", params={"patient": "Patient/1"}), 404)
+    _outcome(http.delete("/fhir/ImagingStudy/1.2.3"), 405)
+    # Refused by the guard in front of every route (no token, a bad one): FHIR too.
+    search = f"{str(http.base_url).rstrip('/')}/fhir/ImagingStudy"
+    r = httpx.get(search, params={"patient.identifier": CHILD}, timeout=30)
+    assert "token" in _outcome(r, 401) and r.headers["www-authenticate"].startswith("Bearer")
+    r = httpx.get(
+        search, params={"patient.identifier": CHILD}, headers={"authorization": "Bearer x"}, timeout=30
+    )
+    _outcome(r, 401)
+
+
+def test_pretty_is_taken_as_fhir_defines_it_for_every_interaction(http: httpx.Client) -> None:
+    # _format and _pretty are FHIR's parameters of every interaction, not search criteria: a client
+    # sending _pretty=true is not refused as naming an unsupported search parameter.
+    assert _bundle(http, {"patient.identifier": CHILD, "_pretty": "true"}).total
+    r = http.get("/fhir/Patient", params={"identifier": CHILD, "_pretty": "true"})
+    assert r.status_code == 200 and Bundle.model_validate(r.json()).total == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "accept"),
+    [
+        ({"_format": "xml"}, None),
+        ({"_format": "application/fhir+xml"}, None),
+        ({}, "application/fhir+xml"),
+        ({}, "application/xml, text/turtle;q=0.5"),
+        ({}, "application/fhir+json;q=0, application/fhir+xml"),
+    ],
+)
+def test_a_format_other_than_json_is_not_acceptable(
+    http: httpx.Client, params: dict[str, str], accept: str | None
+) -> None:
+    # FHIR's http page: 406 when the Accept header (or _format, which stands in for it) asks for
+    # a format the server does not serve; an XML client must not be handed JSON as if it were.
+    headers = {"accept": accept} if accept else {}
+    for path, query in (
+        ("/fhir/ImagingStudy", {"patient.identifier": CHILD}),
+        ("/fhir/metadata", {}),
+        ("/fhir/Patient", {"identifier": CHILD}),
+    ):
+        assert "JSON" in _outcome(http.get(path, params={**query, **params}, headers=headers), 406)
+    # JSON in any of its spellings, or anything, is served.
+    for fmt in ("json", "application/json", "application/fhir+json"):
+        _bundle(http, {"patient.identifier": CHILD, "_format": fmt})
+    for accept_ok in ("application/fhir+json", "application/json", "*/*", "application/fhir+xml, */*;q=0.1"):
+        r = http.get("/fhir/metadata", headers={"accept": accept_ok})
+        assert r.status_code == 200, accept_ok
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/fhir/ImagingStudy", {"patient.identifier": f"{CHILD}\x00"}),
+        ("/fhir/Patient", {"identifier": f"{CHILD}\x00"}),
+        ("/fhir/Patient/$ihe-pix", {"sourceIdentifier": f"{CHILD}\x00"}),
+    ],
+)
+def test_a_nul_character_names_no_one_and_is_no_fault(
+    http: httpx.Client, path: str, params: dict[str, str]
+) -> None:
+    # PostgreSQL cannot hold a NUL in text, so no record carries one: found nowhere (SQLite) or
+    # refused as the client's mistake (PostgreSQL), never the broker's 500.
+    r = http.get(path, params=params)
+    assert r.status_code in (200, 400, 404), r.text
+    if r.status_code == 400:
+        assert "NUL" in _outcome(r, 400)
 
 
 def test_lenient_handling_ignores_unknown_parameters_and_says_so(
@@ -248,8 +365,19 @@ def test_lenient_handling_ignores_unknown_parameters_and_says_so(
         for e in bundle.entry or []
         if e.search
     )
+    # The self link says what the search was processed with (FHIR search: the client checks it
+    # to learn which criteria were not applied): not the ignored parameter, the same page.
+    links = {link.relation: str(link.url) for link in bundle.link or []}
+    assert "_elements" not in links["self"] and "patient.identifier" in links["self"]
+    again = http.get(links["self"], headers={"prefer": "handling=strict"})
+    assert _studies(_bundle_of(again)) == _studies(bundle)
     with pytest.raises(ClientOperationOutcome):
         client.resources("ImagingStudy").search(started__ne="2026-01-01").fetch()
+    # The Patient search (PDQm) takes the same preference.
+    params = {"identifier": CHILD, "_elements": "id"}
+    assert "_elements" in _outcome(http.get("/fhir/Patient", params=params), 400)
+    found = _bundle_of(http.get("/fhir/Patient", params=params, headers={"prefer": "handling=lenient"}))
+    assert found.total == 1 and "_elements" not in str(found.link[0].url if found.link else "")
 
 
 def test_capability_statement_names_the_imaging_study_search(http: httpx.Client) -> None:

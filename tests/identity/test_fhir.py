@@ -150,6 +150,30 @@ def test_fhir_errors_are_operation_outcomes(client: TestClient) -> None:
     )
 
 
+def test_a_body_in_a_format_other_than_json_is_unsupported_media_type(client: TestClient) -> None:
+    # FHIR's http page: 415 when the client posts a format the server does not take (XML here).
+    xml = (
+        b'<Patient xmlns="http://hl7.org/fhir"><identifier><system value="urn:x"/>'
+        b'<value value="9"/></identifier></Patient>'
+    )
+    for kind in ("application/fhir+xml", "application/xml", "text/plain"):
+        for method, path in (
+            ("POST", "/fhir/Patient"),
+            ("PUT", "/fhir/Patient?identifier=urn:x|9"),
+            ("POST", "/fhir/Consent"),
+        ):
+            r = client.request(method, path, content=xml, headers={"content-type": kind})
+            assert "JSON" in _outcome(r, 415), (method, path, kind)
+    assert (
+        client.get("/fhir/Patient", params={"identifier": "urn:x|9"}).json()["total"] == 0
+    )  # nothing stored
+    # JSON in its spellings is taken.
+    body = _patient("urn:x", "9", "Smith", ["Ann"], "1990-01-01")
+    for kind in ("application/fhir+json", "application/json", "application/fhir+json; charset=utf-8"):
+        r = client.post("/fhir/Patient", json=body, headers={"content-type": kind})
+        assert r.status_code in (200, 201), r.text
+
+
 def test_feed_with_name_only_does_not_link(client: TestClient) -> None:
     a = client.post(
         "/fhir/Patient",

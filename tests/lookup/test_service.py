@@ -104,6 +104,35 @@ def test_bad_and_unknown_input(client: TestClient) -> None:
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("now", ["0001-01-01", "9999-12-31"])
+def test_now_at_the_ends_of_the_calendar(client: TestClient, now: str) -> None:
+    # Judged as of that date like any other: the 12-month dose window starts at year 1 at the
+    # earliest, and the page shows the answer rather than an error.
+    params = {"facility": CHILD[0], "mrn": CHILD[1], "exam": "CT ABDOMEN PELVIS", "now": now}
+    r = client.get("/api/priors", params=params)
+    assert r.status_code == 200, r.text
+    assert r.json()["patient_found"] is True
+    assert client.get("/", params=params).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"facility": CHILD[0], "mrn": f"{CHILD[1]}\x00", "exam": "CT ABDOMEN"},
+        {"identifier": f"CHILDRENS|{CHILD[1]}\x00", "exam": "CT ABDOMEN"},
+    ],
+)
+def test_a_nul_character_in_the_identifier_is_no_fault(client: TestClient, params: dict[str, str]) -> None:
+    # PostgreSQL cannot hold a NUL in text: found nowhere (SQLite) or the client's 400, never a 500.
+    for path in ("/api/priors", "/"):
+        r = client.get(path, params=params)
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 200 and path == "/api/priors":
+            assert r.json()["patient_found"] is False
+        if r.status_code == 400:
+            assert "NUL" in r.text
+
+
 def test_bare_id_unconfirmed_link_and_nearline(client: TestClient) -> None:
     engine = _engine(client)
     now = CHILD_RECENT_CT_DATE + timedelta(days=9)

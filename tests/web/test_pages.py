@@ -83,6 +83,27 @@ def test_pages_on_the_demo_data(client: TestClient) -> None:
     assert client.get("/admin/jobs").status_code == 200
 
 
+def test_use_this_prior_for_an_exam_given_by_code_alone(client: TestClient) -> None:
+    # A LOINC code whose label the vocabulary shares with another code: the page still names the
+    # exam in words the lookup reads, so "Use this prior" records the avoided repeat.
+    lookup = {"facility": "kids", "mrn": "K346295", "code": "36643-5", "system": "LOINC", "now": "2026-06-25"}
+    r = client.get("/", params=lookup)
+    assert r.status_code == 200, r.text
+    form = re.search(r'<input type="hidden" name="planned_exam" value="([^"]+)"', r.text)
+    uid = re.search(r'data-study="([^"]+)"', r.text)
+    assert form is not None and uid is not None
+    assert "36643-5" not in form.group(1)
+    body = {
+        "study_instance_uid": uid.group(1),
+        "planned_exam": form.group(1),
+        "facility": "kids",
+        "back": "/",
+    }
+    r = client.post("/avoided", data=body, headers=FORM, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert _avoided(client) == 1
+
+
 def test_review_decisions_go_through_the_identity_service(client: TestClient) -> None:
     engine = client.app.state.scanonce.engine  # type: ignore[attr-defined]
     with Session(engine) as session:
