@@ -331,8 +331,13 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     except Exception as exc:
         # Not the exception's text: a database error quotes the row (a patient's identifiers).
         frame = traceback.extract_tb(exc.__traceback__)[-1]
+        # The control id is the sender's text: bounded, and repr() so no escape reaches a terminal.
         log.error(
-            "ADT message %s failed: %s at %s:%s", control_id, type(exc).__name__, frame.filename, frame.lineno
+            "ADT message %r failed: %s at %s:%s",
+            control_id[:64],
+            type(exc).__name__,
+            frame.filename,
+            frame.lineno,
         )
         return _ack(msg, "AE", "internal error while applying the message", INTERNAL)
     return _ack(msg, "AA")

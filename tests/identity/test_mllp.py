@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
+from broker.db import make_engine
 from broker.identity import service
 from broker.identity.adt import feed_principal
 from broker.identity.mllp import MAX_MESSAGE_BYTES, MllpHandle, start_mllp, stop_mllp
@@ -397,3 +398,22 @@ def test_control_characters_in_an_identifier_or_control_id_are_a_clear_answer_on
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     with Session(engine) as s:
         assert s.exec(select(IdentityRecord).where(IdentityRecord.family == "NUL")).first() is None
+
+
+def test_an_internal_error_logs_a_bounded_printable_control_id(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The control id is the sender's text: logged as it came, a terminal escape or a megabyte
+    of it would land in the broker's log."""
+    broken = make_engine(f"sqlite:///{tmp_path / 'not-migrated.sqlite3'}")  # no tables: every query fails
+    handle = start_mllp(engine=broken, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
+    try:
+        control = "C1\x1b[2J" + "9" * 5000
+        acks = exchange(handle, [frame(adt("A01", control, "I1^^^ISSUER-A", "INNER^IDA", "19700101"))])
+    finally:
+        stop_mllp(handle)
+        broken.dispose()
+    assert msa(acks[0])[1] == "AE" and err(acks[0])[3].startswith("207^")
+    [record] = [r for r in caplog.records if r.name == "scanonce.identity.adt"]
+    assert "\x1b" not in record.getMessage() and len(record.getMessage()) < 400
+    assert "INNER" not in caplog.text
