@@ -110,13 +110,32 @@ def declared_codec(header: str) -> str:
     return _CODECS.get(declared.split("~")[0].split("^")[0].strip().upper(), "")
 
 
+def decode_text(data: bytes, codec: str) -> str:
+    """Bytes of a message (or of a \\X..\\ escape) as text, `codec` being what MSH-18 declares.
+
+    A single-byte declaration (ASCII, ISO 8859) comes after UTF-8: senders often declare 8859/1
+    and send UTF-8, and valid multi-byte UTF-8 is next to impossible in real 8859 text (Ã then a
+    symbol). A multi-byte one (GB 18030, Big5, ...) comes first: its pairs can be valid UTF-8.
+    Latin-1, HL7 v2's traditional default, takes whatever is left."""
+    single_byte = codec in ("", "ascii") or codec.startswith("iso8859-")
+    order = ("utf-8", codec) if single_byte else (codec, "utf-8")
+    for name in order:
+        if not name:
+            continue
+        try:
+            return data.decode(name)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return data.decode("latin-1")
+
+
 def _decode_escapes(raw: str) -> str:
     """Resolve what the `hl7` library would get wrong or log before it parses the message.
 
     The library reads \\X..\\ bytes one per character (Latin-1), so a UTF-8 MÜLLER came out as
     MÃ¼LLER; for an escape it does not know (an empty one, a character-set switch, bad hex)
     it logs the whole field, a patient's name or address; highlighting became "_". Hex bytes are
-    decoded here (MSH-18's character set, else UTF-8, else Latin-1) and written back as text,
+    decoded here (`decode_text`: MSH-18's character set or UTF-8) and written back as text,
     highlighting dropped, formatting made a space, anything else dropped (as the library drops
     it, but silently). Escapes never span a delimiter, so this works on the raw text, from MSH-3
     on (MSH-2 holds the escape character itself)."""
@@ -134,14 +153,6 @@ def _decode_escapes(raw: str) -> str:
     pattern = re.compile(f"{re.escape(esc)}([^{stops}]*){re.escape(esc)}")
     codec = declared_codec(raw)
 
-    def text_of(data: bytes) -> str:
-        for name in (codec, "utf-8") if codec else ("utf-8",):
-            try:
-                return data.decode(name)
-            except (UnicodeDecodeError, LookupError):
-                continue
-        return data.decode("latin-1")
-
     def resolve(m: re.Match[str]) -> str:
         value = m.group(1)
         if value in _DELIMITER_ESCAPES:
@@ -149,7 +160,7 @@ def _decode_escapes(raw: str) -> str:
         if _FORMATTING.fullmatch(value):
             return "" if value in ("H", "N") else " "
         if hexed := _HEX.fullmatch(value):
-            text = text_of(bytes.fromhex(hexed.group(1)))
+            text = decode_text(bytes.fromhex(hexed.group(1)), codec)
             # Delimiters the bytes spell stay data: escaped again, for the library to resolve.
             return "".join(f"{esc}{names[c]}{esc}" if c in names else (c if c >= " " else " ") for c in text)
         return ""

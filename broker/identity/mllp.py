@@ -28,7 +28,7 @@ from hl7.mllp import InvalidBlockError, start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
-from broker.identity.adt import SEGMENT_SEQUENCE, Ack, declared_codec, handle_message, nak
+from broker.identity.adt import SEGMENT_SEQUENCE, Ack, declared_codec, decode_text, handle_message, nak
 from broker.metrics import observe_mllp
 from broker.security.schemas import Principal
 
@@ -46,15 +46,8 @@ _connections: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]]
 
 
 def _decode(block: bytes) -> str:
-    """In the character set MSH-18 declares; else UTF-8; else Latin-1, HL7 v2's traditional
-    8-bit default (and the fallback for bytes that are not what MSH-18 says)."""
-    codec = declared_codec(block.split(b"\r", 1)[0].decode("latin-1"))
-    for name in (codec, "utf-8") if codec else ("utf-8",):
-        try:
-            return block.decode(name)
-        except UnicodeDecodeError:
-            continue
-    return block.decode("latin-1")
+    """In the character set MSH-18 declares, or UTF-8, or Latin-1 (`adt.decode_text`)."""
+    return decode_text(block, declared_codec(block.split(b"\r", 1)[0].decode("latin-1")))
 
 
 async def _reply(writer: HL7StreamWriter, ack: Ack) -> None:

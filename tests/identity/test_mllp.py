@@ -417,3 +417,17 @@ def test_an_internal_error_logs_a_bounded_printable_control_id(
     [record] = [r for r in caplog.records if r.name == "scanonce.identity.adt"]
     assert "\x1b" not in record.getMessage() and len(record.getMessage()) < 400
     assert "INNER" not in caplog.text
+
+
+def test_utf8_bytes_under_a_latin1_declaration_are_read_as_utf8(engine: Any, listener: MllpHandle) -> None:
+    """Senders often declare 8859/1 and send UTF-8; valid multi-byte UTF-8 is next to impossible
+    in real Latin-1 names, so it wins over a single-byte declaration."""
+    with Session(engine, expire_on_commit=False) as s:
+        ingest_patient(s, "fac-b", "B9", "MÜLLER^JÜRGEN", "19550505", "M")
+    header = "MSH|^~\\&|ADT|HOSP|SCANONCE|BROKER|20240101120000||ADT^A01^ADT_A01|U1|P|2.5||||||8859/1"
+    message = f"{header}\rEVN|A01|20240101120000\rPID|1||U9^^^ISSUER-A||MÜLLER^JÜRGEN||19550505|M\r"
+    acks = exchange(listener, [SB + message.encode("utf-8") + EB])
+    assert msa(acks[0])[1:3] == ["AA", "U1"]
+    with Session(engine) as s:
+        fed = service.get_record(session=s, issuer="ISSUER-A", value="U9")
+        assert fed is not None and (fed.family, fed.given) == ("MULLER", "JURGEN")
