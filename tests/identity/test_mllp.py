@@ -431,3 +431,26 @@ def test_utf8_bytes_under_a_latin1_declaration_are_read_as_utf8(engine: Any, lis
     with Session(engine) as s:
         fed = service.get_record(session=s, issuer="ISSUER-A", value="U9")
         assert fed is not None and (fed.family, fed.given) == ("MULLER", "JURGEN")
+
+
+def test_line_breaks_between_blocks_are_skipped_not_taken_for_a_broken_block(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """Senders that end each block with <FS><CR><LF> (or add a newline between blocks) are
+    common; the next message must be applied, not answered AR and lost."""
+    first = frame(adt("A01", "W1", "W1^^^ISSUER-A", "WINDOWS^WILMA", "19600101", "F"))
+    second = frame(adt("A01", "W2", "W2^^^ISSUER-A", "NEWLINE^NINA", "19600202", "F"))
+    third = frame(adt("A01", "W3", "W3^^^ISSUER-A", "SPACED^SARA", "19600303", "F"))
+    with connect(listener) as sock:
+        sock.sendall(first + b"\n")
+        assert msa(read_ack(sock))[1:3] == ["AA", "W1"]
+        sock.sendall(b"\r\n" + second)
+        assert msa(read_ack(sock))[1:3] == ["AA", "W2"]
+        sock.sendall(b" \t" + third)
+        assert msa(read_ack(sock))[1:3] == ["AA", "W3"]
+        # Anything else before <VT> is still a broken block.
+        sock.sendall(b"x" + frame(adt("A01", "W4", "W4^^^ISSUER-A", "LOST^LUKE")))
+        assert msa(read_ack(sock))[1] == "AR"
+    with Session(engine) as s:
+        for value in ("W1", "W2", "W3"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is not None
