@@ -294,7 +294,9 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
     authorize(principal, action="identity.feed", facility=principal.facility)
     try:
-        msg = hl7.parse(_decode_escapes(raw.replace("\n", "\r").strip("\r\x0b\x1c")))
+        # Segments end with CR; LF or CR LF (files, test tools) are read alike.
+        text = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x0b\x1c")
+        msg = hl7.parse(_decode_escapes(text))
         msg.segment("MSH")
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
         return nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE)

@@ -454,3 +454,14 @@ def test_line_breaks_between_blocks_are_skipped_not_taken_for_a_broken_block(
     with Session(engine) as s:
         for value in ("W1", "W2", "W3"):
             assert service.get_record(session=s, issuer="ISSUER-A", value=value) is not None
+
+
+def test_segments_ended_by_crlf_are_read_like_segments_ended_by_cr(engine: Any, listener: MllpHandle) -> None:
+    """HL7 ends segments with <CR>; files and many test tools use <CR><LF>. LF alone was already
+    accepted; CR LF made empty segments and the message was refused as not HL7 v2."""
+    message = adt("A01", "CRLF1", "CRLF1^^^ISSUER-A", "CARRIAGE^CARLA", "19710101", "F").replace("\r", "\r\n")
+    acks = exchange(listener, [frame(message)])
+    assert msa(acks[0])[1:3] == ["AA", "CRLF1"]
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="CRLF1")
+        assert record is not None and record.family == "CARRIAGE"
