@@ -184,9 +184,7 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
         path = f"{seg}.F{field}.R{rep}"
         value = _get(msg, f"{path}.C1")
         if not value:
-            if rep == 1:
-                continue
-            break
+            continue  # an empty repetition (or none): later ones may still hold identifiers
         issuer = _issuer_for(msg, path, known)
         if any(c < " " or c == "\x7f" for c in issuer + value):
             # No HL7 ST value holds one; PostgreSQL would refuse a NUL where SQLite kept it.

@@ -465,3 +465,15 @@ def test_segments_ended_by_crlf_are_read_like_segments_ended_by_cr(engine: Any, 
     with Session(engine) as s:
         record = service.get_record(session=s, issuer="ISSUER-A", value="CRLF1")
         assert record is not None and record.family == "CARRIAGE"
+
+
+def test_an_empty_repetition_in_pid3_does_not_hide_the_identifiers_after_it(
+    engine: Any, listener: MllpHandle
+) -> None:
+    pid3 = "RP1^^^ISSUER-A~^^^ISSUER-B~RP2^^^ISSUER-B"
+    acks = exchange(listener, [frame(adt("A01", "RP1", pid3, "REPEAT^RITA", "19720101", "F"))])
+    assert msa(acks[0])[1:3] == ["AA", "RP1"]
+    with Session(engine) as s:
+        assert service.cross_reference(session=s, identifier=Identifier("ISSUER-A", "RP1")) == [
+            Identifier("ISSUER-B", "RP2")
+        ]
