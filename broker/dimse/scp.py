@@ -1152,7 +1152,8 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       (retrieve on demand); ErrorComment names the facility.
     - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
-      missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
+      missing or a wildcard, or a PatientID list (one patient per request); 0xC000 Unable to
+      process (bad value); 0xC001 the index failed.
       These, and the 0xA702 above, are decided before any sub-operation: answered without
       connecting to the destination, and whether or not it is up.
     - 0xA702 also while the database is away, before the destination could be looked up

@@ -353,7 +353,7 @@ _UNIQUE_KEY = {
 
 def require_retrieve_key(request: FindRequest) -> None:
     """C-MOVE/C-GET name what to send by the unique key of the retrieve level (PS3.4
-    C.4.2.2.1/C.4.3.2.1), a value or a list, never a wildcard: an identifier without it would
+    C.4.2.2.1/C.4.3.2.1), a value or a list of UIDs, never a wildcard: an identifier without it would
     otherwise move every match of the other keys, possibly the whole archive."""
     keyword = _UNIQUE_KEY[request.level]
     value = request.filters.get(keyword, "")
@@ -361,6 +361,10 @@ def require_retrieve_key(request: FindRequest) -> None:
         raise IdentifierError(
             IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is required at {request.level} level"
         )
+    if request.level == "PATIENT" and "\\" in value:
+        # Lists are for the UID keys of the levels below (list of UID matching); a Patient ID
+        # is matched as a single value, and a list would be read as one ID that names no one.
+        raise IdentifierError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID must be a single value")
 
 
 def _unique_key(filters: dict[str, str], keyword: str, *, single: bool) -> str | None:

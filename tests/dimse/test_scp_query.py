@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -485,6 +486,22 @@ def test_get_with_an_invalid_identifier_reports_no_sub_operation(archive: Node) 
     assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
     # Refused before any sub-operation: a getscu must not show "1 failed" for it.
     assert final.get("NumberOfFailedSuboperations") in (None, 0)
+
+
+def test_get_of_a_list_of_patients_is_refused_with_a_reason(archive: Node) -> None:
+    # PATIENT level names one patient (PS3.4 C.4.2.2.1: single value matching on Patient ID);
+    # a list was read as one ID holding a backslash and answered Success with nothing sent.
+    ae = AE(ae_title="PACS1")
+    model = PatientRootQueryRetrieveInformationModelGet
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        identifier = _identifier(QueryRetrieveLevel="PATIENT", PatientID=f"{PATIENT.PatientID}\\OTHER")
+        responses = list(assoc.send_c_get(identifier, model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "single" in final.ErrorComment
 
 
 def test_find_with_a_key_missing_from_the_dictionary_ignores_it_with_ff01(archive: Node) -> None:
