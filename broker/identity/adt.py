@@ -275,7 +275,10 @@ def _build_ack(code: str, text: str, msg: Any = None, error: str = "") -> Ack:
     segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
     if code != "AA":
         error = error or INTERNAL
-        segments.append(f"ERR|||{error}^{_ERROR_NAMES[error]}^HL70357|E||||{_escape(text)}")
+        name = _ERROR_NAMES[error]
+        # ERR-1 is where v2.3/2.4 receivers look (error code and location, the code in its
+        # fourth component); ERR-3 and ERR-4 are v2.5's. Both, whatever version the sender speaks.
+        segments.append(f"ERR|^^^{error}&{name}&HL70357||{error}^{name}^HL70357|E||||{_escape(text)}")
     return Ack(code=code, text=text, message="\r".join(segments) + "\r")
 
 

@@ -477,3 +477,13 @@ def test_an_empty_repetition_in_pid3_does_not_hide_the_identifiers_after_it(
         assert service.cross_reference(session=s, identifier=Identifier("ISSUER-A", "RP1")) == [
             Identifier("ISSUER-B", "RP2")
         ]
+
+
+def test_a_v23_sender_finds_the_error_code_where_v23_puts_it(engine: Any, listener: MllpHandle) -> None:
+    """Before v2.5, ERR had one field: ERR-1, error code and location, the code in its fourth
+    component. Many ADT feeds are v2.3/2.4; their engines read ERR-1, so it carries the code too."""
+    message = adt("A31", "V23", "V1^^^ISSUER-A", "OLD^OLGA").replace("|P|2.5\r", "|P|2.3\r", 1)
+    [ack] = exchange(listener, [frame(message)])
+    assert msa(ack)[1] == "AR" and ack.split("\r")[0].endswith("|P|2.3")
+    assert err(ack)[1] == "^^^201&Unsupported event code&HL70357"
+    assert err(ack)[3] == "201^Unsupported event code^HL70357"
