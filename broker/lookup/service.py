@@ -135,7 +135,9 @@ def confirmed_patients(
 def known_fhir_patient(*, session: Session, patient: Mapping[str, Any]) -> tuple[str, str] | None:
     """(issuer, value) of the first identifier of a FHIR Patient that the broker knows: how a
     patient handed over by an EHR (CDS Hooks context, SMART launch) becomes one of ours."""
-    for ident in patient.get("identifier") or []:
+    idents = patient.get("identifier")
+    # An EHR's Patient of another shape names no one here (a number would not iterate: a 500).
+    for ident in idents if isinstance(idents, list) else []:
         if not isinstance(ident, dict):
             continue
         system, value = ident.get("system"), ident.get("value")

@@ -239,3 +239,15 @@ def test_exam_suggestions_are_read_by_the_engine_and_now_judges_as_of_a_date(cli
     first = client.get("/api/priors", params={**params, "now": as_of}).json()["priors"][0]
     assert (first["age_days"], first["in_window"]) == (9, True)
     assert client.get("/api/priors", params={**params, "now": "not-a-date"}).status_code == 400
+
+
+@pytest.mark.parametrize("identifier", [5, 1.5, True, {"system": "urn:oid:1.2.3", "value": "X"}, "MRN-1"])
+def test_a_patient_whose_identifier_is_not_an_array_is_no_one_known(
+    client: TestClient, identifier: Any
+) -> None:
+    """An EHR's Patient of the wrong shape (SMART launch, CDS Hooks prefetch) names no patient
+    the broker knows, rather than failing the launch with a 500."""
+    state = client.app.state.scanonce  # type: ignore[attr-defined]
+    with Session(state.engine) as session:
+        patient = {"resourceType": "Patient", "identifier": identifier}
+        assert service.known_fhir_patient(session=session, patient=patient) is None
