@@ -74,6 +74,7 @@ from broker.security.http import AuthGuard
 from broker.security.routes import router as security_router
 from broker.security.tokens import Verifier, load_or_create_signing_key
 from broker.settings import Settings, get_settings
+from broker.settings import load as load_settings
 from broker.smart.routes import router as smart_router
 from broker.web.routes import admin_router as web_admin_router
 from broker.web.routes import pages_router as web_pages_router
@@ -573,4 +574,4 @@ def _include_routers(app: FastAPI) -> None:
 def app_from_env() -> FastAPI:
     """App factory for process managers (`uvicorn --factory broker.app:app_from_env`, and each
     HTTP worker of `scanonce serve --workers N`): settings from SCANONCE_* variables."""
-    return create_app(Settings())
+    return create_app(load_settings())

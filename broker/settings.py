@@ -8,12 +8,15 @@ and S3.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from broker.errors import InvalidSetting
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,6 +407,28 @@ class Settings(BaseSettings):
         return (self.viewer_dir or _SOURCE_ROOT / ".cache" / "web").resolve()
 
 
+def env_name(field: str) -> str:
+    return f"SCANONCE_{field.upper()}"
+
+
+def load(**values: Any) -> Settings:
+    """The settings from the environment (with `values` on top), or `InvalidSetting` naming each
+    setting that is wrong and why, in one line. The value itself is left out: it may be a secret
+    (a client secret in SCANONCE_SMART_EHRS, a password in a URL)."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        said = [
+            f"{env_name(str(error['loc'][0]))}: {error['msg']}" if error.get("loc") else error["msg"]
+            for error in exc.errors()
+        ]
+        raise InvalidSetting("; ".join(said)) from None
+    except SettingsError as exc:  # a JSON setting that is not JSON
+        named = re.search(r'field "(\w+)"', str(exc))
+        field = env_name(named.group(1)) if named else "a SCANONCE_* setting"
+        raise InvalidSetting(f"{field}: not valid JSON") from None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load()

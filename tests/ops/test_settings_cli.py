@@ -1,0 +1,41 @@
+"""A setting an operator got wrong: every `scanonce` command reports it in one line naming the
+setting and exits non-zero, never with a stack trace (docs/production.md, docs/configuration.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from broker.cli import app as cli
+
+runner = CliRunner()
+
+
+def _refused(result: Result) -> str:
+    """The one line said, after checking the command failed cleanly (an uncaught exception is
+    what prints a traceback outside the test runner)."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    said = result.output.strip()
+    assert said and len(said.splitlines()) == 1, said
+    return said
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SCANONCE_PORT", "abc"),
+        ("SCANONCE_LOG_FORMAT", "xml"),
+        ("SCANONCE_STORAGE_SYNC", "sometimes"),
+        ("SCANONCE_AUTH_ENABLED", "perhaps"),
+        ("SCANONCE_OUTBOUND_ALLOW_NETWORKS", "10.0.0.0/33"),
+        ("SCANONCE_CDS_CLIENTS", "{not json"),
+    ],
+)
+def test_a_malformed_setting_is_named_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
+    env = {"SCANONCE_DATA_DIR": str(tmp_path), variable: value}
+    for args in (["db", "status"], ["jobs", "list"]):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert variable in said, said
