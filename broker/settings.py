@@ -99,13 +99,17 @@ class Settings(BaseSettings):
         default="127.0.0.1",
         description="HTTP (and DIMSE, MLLP) bind address; beyond loopback only with auth on.",
     )
-    port: int = Field(default=8042, description="HTTP port of `scanonce serve`.")
+    port: int = Field(default=8042, ge=0, le=65535, description="HTTP port of `scanonce serve`.")
     base_url: str | None = Field(
         default=None, description="Public origin used in RetrieveURL; default: request's."
     )
-    dimse_port: int = Field(default=11112, description="DIMSE port of `scanonce serve` (0: off).")
+    dimse_port: int = Field(
+        default=11112, ge=0, le=65535, description="DIMSE port of `scanonce serve` (0: off)."
+    )
     mllp_port: int = Field(
         default=2575,
+        ge=0,
+        le=65535,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
     )
     ae_title: str = Field(
@@ -122,10 +126,13 @@ class Settings(BaseSettings):
     )
     dimse_max_connections_per_address: int = Field(
         default=16,
+        ge=0,
         description="DIMSE connections one IP address may hold open at once; more are closed (0: no cap).",
     )
     dimse_max_associations: int = Field(
-        default=32, description="Associations the DIMSE SCP serves at once; more are rejected (transient)."
+        default=32,
+        ge=1,
+        description="Associations the DIMSE SCP serves at once; more are rejected (transient).",
     )
     dimse_receivers: int = Field(
         default=0,
@@ -194,10 +201,11 @@ class Settings(BaseSettings):
         default="LOCAL", description="The issuer of Patient IDs of the default facility."
     )
     sync_interval_seconds: float = Field(
-        default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
+        default=3600, ge=0, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
     )
     job_retention_days: float = Field(
         default=30,
+        ge=0,
         description=(
             "Days finished jobs are kept (0: forever); the newest of each kind and subject is always kept."
         ),
@@ -227,21 +235,25 @@ class Settings(BaseSettings):
         ),
     )
     qido_default_limit: int = Field(
-        default=100, description="QIDO-RS results per page when `limit` is not given."
+        default=100, ge=1, description="QIDO-RS results per page when `limit` is not given."
     )
-    qido_max_limit: int = Field(default=1000, description="Largest QIDO-RS `limit` accepted.")
+    qido_max_limit: int = Field(default=1000, ge=1, description="Largest QIDO-RS `limit` accepted.")
     ingest_processes: int = Field(
         default=0,
+        ge=-1,
         description=(
             "Worker processes that parse received instances (0: parse in-process; -1: one per core "
             "beside the serving process, what `scanonce serve` uses unless this is set)."
         ),
     )
     max_part_bytes: int = Field(
-        default=4 * 1024**3, description="Largest single part (instance) of a STOW-RS request, in bytes."
+        default=4 * 1024**3,
+        ge=1,
+        description="Largest single part (instance) of a STOW-RS request, in bytes.",
     )
     reap_grace_seconds: float = Field(
         default=3600,
+        ge=0,
         description=(
             "Age after which crash residue is removed: spool files, and stored objects no index row "
             "names (younger ones may belong to an ingest still under way)."
@@ -249,14 +261,17 @@ class Settings(BaseSettings):
     )
     reap_interval_seconds: float = Field(
         default=6 * 3600,
+        ge=0,
         description="How often `scanonce serve` looks for crash residue after start-up (0: only then).",
     )
     stow_max_request_bytes: int = Field(
         default=4 * 1024**3,
+        ge=1,
         description="Largest STOW-RS request body in bytes; a larger one is refused whole (413).",
     )
     stow_max_parts: int = Field(
         default=10_000,
+        ge=1,
         description="Most parts in one STOW-RS request; a request with more is refused whole (413).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(

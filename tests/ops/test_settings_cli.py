@@ -32,6 +32,23 @@ def _refused(result: Result) -> str:
         ("SCANONCE_AUTH_ENABLED", "perhaps"),
         ("SCANONCE_OUTBOUND_ALLOW_NETWORKS", "10.0.0.0/33"),
         ("SCANONCE_CDS_CLIENTS", "{not json"),
+        # Out of range: a negative grace would let the reaper delete an ingest's object before
+        # its row commits; a negative port or limit fails later, far from its cause.
+        ("SCANONCE_REAP_GRACE_SECONDS", "-1"),
+        ("SCANONCE_REAP_INTERVAL_SECONDS", "-60"),
+        ("SCANONCE_SYNC_INTERVAL_SECONDS", "-1"),
+        ("SCANONCE_JOB_RETENTION_DAYS", "-1"),
+        ("SCANONCE_PORT", "-1"),
+        ("SCANONCE_DIMSE_PORT", "70000"),
+        ("SCANONCE_MLLP_PORT", "-2575"),
+        ("SCANONCE_DIMSE_MAX_ASSOCIATIONS", "0"),
+        ("SCANONCE_DIMSE_MAX_CONNECTIONS_PER_ADDRESS", "-1"),
+        ("SCANONCE_QIDO_DEFAULT_LIMIT", "0"),
+        ("SCANONCE_QIDO_MAX_LIMIT", "-1"),
+        ("SCANONCE_INGEST_PROCESSES", "-2"),
+        ("SCANONCE_MAX_PART_BYTES", "0"),
+        ("SCANONCE_STOW_MAX_REQUEST_BYTES", "-1"),
+        ("SCANONCE_STOW_MAX_PARTS", "0"),
     ],
 )
 def test_a_malformed_setting_is_named_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
