@@ -156,10 +156,14 @@ def _not_ready_app(reason: str) -> Any:
 
 def _wait_for_database(settings: Settings) -> None:
     """At start, a database that refuses connections is retried (the log names the setting);
-    meanwhile the HTTP port answers /readyz 503 and /healthz 200."""
-    engine = make_engine(
-        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
-    )
+    meanwhile the HTTP port answers /readyz 503 and /healthz 200. A URL that cannot be used at
+    all is reported and exits 1: waiting would not mend it."""
+    try:
+        engine = make_engine(
+            settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+        )
+    except ScanOnceError as exc:
+        fail(exc)
     try:
         try:
             check_connection(engine)
@@ -378,10 +382,10 @@ db_app = typer.Typer(help="The database schema: upgrade it, or see where it stan
 
 def _db_engine(data_dir: Path | None) -> tuple[Settings, Any]:
     settings = _settings(data_dir)
-    engine = make_engine(
-        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
-    )
     try:
+        engine = make_engine(
+            settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+        )
         check_connection(engine)
     except ScanOnceError as exc:
         fail(exc)

@@ -11,6 +11,8 @@ from typer.testing import CliRunner, Result
 from broker.cli import app as cli
 
 runner = CliRunner()
+# Listeners that bind nothing a parallel test could hold; the command fails before binding anyway.
+_SERVE = ["serve", "--port", "0", "--dimse-port", "0", "--mllp-port", "0"]
 
 
 def _refused(result: Result) -> str:
@@ -53,6 +55,22 @@ def _refused(result: Result) -> str:
 )
 def test_a_malformed_setting_is_named_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
     env = {"SCANONCE_DATA_DIR": str(tmp_path), variable: value}
-    for args in (["db", "status"], ["jobs", "list"]):
+    for args in (["db", "status"], ["jobs", "list"], ["worker"]):
         said = _refused(runner.invoke(cli, args, env=env))
         assert variable in said, said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "foo://scanonce:secret@127.0.0.1/scanonce",  # no such database
+        "mysql://scanonce:secret@127.0.0.1/scanonce",  # a database whose driver is not installed
+    ],
+)
+def test_an_unusable_database_url_is_named_in_one_line(tmp_path: Path, url: str) -> None:
+    env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_DATABASE_URL": url}
+    for args in (["db", "status"], ["db", "upgrade"], ["jobs", "list"], _SERVE):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert "SCANONCE_DATABASE_URL" in said, said
+        assert "secret" not in said  # the password is never shown
