@@ -88,7 +88,7 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     """The state every entry point shares. `wait_for_db` (what `scanonce serve` and `scanonce
     worker` use): a database that refuses connections is retried with backoff, with a clear
     message naming the setting, instead of failing at once (what a one-shot command does)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.ensure_data_dir()
     engine = make_engine(
         settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
     )

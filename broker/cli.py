@@ -157,8 +157,10 @@ def _not_ready_app(reason: str) -> Any:
 def _wait_for_database(settings: Settings) -> None:
     """At start, a database that refuses connections is retried (the log names the setting);
     meanwhile the HTTP port answers /readyz 503 and /healthz 200. A URL that cannot be used at
-    all is reported and exits 1: waiting would not mend it."""
+    all is reported and exits 1, as is a data folder that cannot be written: waiting would not
+    mend either."""
     try:
+        settings.ensure_data_dir()
         engine = make_engine(
             settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
         )
@@ -383,6 +385,7 @@ db_app = typer.Typer(help="The database schema: upgrade it, or see where it stan
 def _db_engine(data_dir: Path | None) -> tuple[Settings, Any]:
     settings = _settings(data_dir)
     try:
+        settings.ensure_data_dir()
         engine = make_engine(
             settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
         )

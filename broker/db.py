@@ -76,7 +76,13 @@ def make_engine(
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidSetting(
+                    f"SCANONCE_DATABASE_URL {safe_url(url)}: cannot create the SQLite file's folder "
+                    f"({exc.strerror})"
+                ) from None
         # One connection per thread; the worker threads of ingest each get their own.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:

@@ -8,6 +8,7 @@ and S3.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -398,6 +399,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(v, strict=False)) for v in value]
+
+    def ensure_data_dir(self) -> Path:
+        """The data folder, created if missing; `InvalidSetting` naming it when it cannot be made
+        or written (the index, spool and signing key live there), before anything else fails on it."""
+        where = f"SCANONCE_DATA_DIR (or --data-dir) {self.data_dir.resolve()}"
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidSetting(f"{where}: cannot create this folder ({exc.strerror})") from None
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            raise InvalidSetting(f"{where}: the broker's user cannot write in this folder") from None
+        return self.data_dir
 
     def resolved_database_url(self) -> str:
         if self.database_url:

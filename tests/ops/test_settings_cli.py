@@ -74,3 +74,12 @@ def test_an_unusable_database_url_is_named_in_one_line(tmp_path: Path, url: str)
         said = _refused(runner.invoke(cli, args, env=env))
         assert "SCANONCE_DATABASE_URL" in said, said
         assert "secret" not in said  # the password is never shown
+
+
+def test_a_data_folder_that_cannot_be_made_is_named_in_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    env = {"SCANONCE_DATA_DIR": str(taken / "data")}
+    for args in (["db", "status"], ["jobs", "list"], ["worker"], ["verify"], _SERVE):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert "SCANONCE_DATA_DIR" in said and str(taken / "data") in said, said
