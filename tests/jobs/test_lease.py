@@ -317,4 +317,8 @@ def test_jobs_cli_lists_and_shows_progress_and_failures(settings: Settings) -> N
     assert runner.invoke(cli, ["jobs", "show", str(queued.id)], env=env).exit_code == 0
     missing = runner.invoke(cli, ["jobs", "show", "987654"], env=env)
     assert missing.exit_code == 1 and "no job 987654" in missing.output
+    # A misspelt status ("fail" for "failed") is refused naming the real ones, not answered with
+    # an empty table that reads as "nothing failed".
+    typo = runner.invoke(cli, ["jobs", "list", "--status", "fail"], env=env)
+    assert typo.exit_code != 0 and "failed" in typo.output and "test-cli-fails" not in typo.output
     state.engine.dispose()
