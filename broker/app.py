@@ -164,9 +164,10 @@ def _open_store(url: str, *, local_sync: str = "fsync") -> ObjectStore:
     except ValueError as exc:
         raise BadRequest(f"SCANONCE_STORAGE_URL is not a usable storage URL ({shown}): {exc}") from exc
     except Exception as exc:  # botocore's ClientError: access denied, a bucket it may not create, ...
+        said = " ".join(str(exc).split())[:200]  # botocore's text spans lines; the report is one
         raise Unavailable(
             f"the object store {shown} (SCANONCE_STORAGE_URL) refused: {type(exc).__name__}: "
-            f"{str(exc)[:200]}; check that setting and the credentials (AWS_* variables)"
+            f"{said}; check that setting and the credentials (AWS_* variables)"
         ) from exc
 
 

@@ -83,3 +83,19 @@ def test_a_data_folder_that_cannot_be_made_is_named_in_one_line(tmp_path: Path) 
     for args in (["db", "status"], ["jobs", "list"], ["worker"], ["verify"], _SERVE):
         said = _refused(runner.invoke(cli, args, env=env))
         assert "SCANONCE_DATA_DIR" in said and str(taken / "data") in said, said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://archive.example/objects",
+        "s3://?endpoint_url=http://127.0.0.1:1",  # no bucket
+        "s3://b?endpoint_url=http://127.0.0.1:1&read_timeout=soon",
+        # A name S3 refuses: botocore's message spans lines, the operator's must not.
+        "s3://Not_A_Bucket!?endpoint_url=http://127.0.0.1:1&create_bucket=true",
+    ],
+)
+def test_an_unusable_storage_url_is_named_in_one_line(tmp_path: Path, url: str) -> None:
+    env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_STORAGE_URL": url}
+    said = _refused(runner.invoke(cli, ["jobs", "list"], env=env))
+    assert "SCANONCE_STORAGE_URL" in said, said
