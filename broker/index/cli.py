@@ -33,8 +33,8 @@ def verify(
     ] = False,
 ) -> None:
     """Walk index and object store: instances whose object is missing or whose SHA-256 changed,
-    and objects no instance names (orphans). Exits 1 unless all is well (after --repair: unless
-    something is still missing or changed)."""
+    and objects no instance names (orphans). Exits 1 unless all is well (after --repair: while
+    something is missing or changed, or an orphan could not be indexed again)."""
     st = state(data_dir)
     if as_job:
         job = index_verify.enqueue_verify(

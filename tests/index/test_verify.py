@@ -115,6 +115,12 @@ def test_verify_cli_job_and_api(settings: Settings, tmp_path: Path) -> None:
     ok = runner.invoke(cli, ["verify", "--min-age", "0"], env=env)
     assert ok.exit_code == 0, ok.output
     assert "2 checked: 2 ok, 0 missing, 0 mismatched; 0 orphaned objects" in " ".join(ok.output.split())
+    # After --repair an orphan it cannot index again (not DICOM) is still unresolved: exit 1.
+    junk = "dcm/00/" + "0" * 64 + ".dcm"
+    state.store.put(junk, io.BytesIO(b"no DICOM here"))
+    repaired = runner.invoke(cli, ["verify", "--min-age", "0", "--repair"], env=env)
+    assert repaired.exit_code == 1 and "1 orphans not DICOM" in " ".join(repaired.output.split())
+    state.store.delete(junk)
 
     state.store.delete(rows[1].object_key)
     bad = runner.invoke(cli, ["verify", "--min-age", "0"], env=env)
