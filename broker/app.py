@@ -44,7 +44,7 @@ from broker.dimse.handoff import WriterServer, is_single_writer
 from broker.dimse.receivers import ReceiverSupervisor
 from broker.dimse.receivers import shared_counts as receiver_counts
 from broker.dimse.scp import index_batcher, start_scp, stop_scp
-from broker.errors import BadRequest, ScanOnceError, Unavailable
+from broker.errors import BadRequest, InvalidSetting, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
@@ -163,6 +163,11 @@ def _open_store(url: str, *, local_sync: str = "fsync") -> ObjectStore:
         ) from exc
     except ValueError as exc:
         raise BadRequest(f"SCANONCE_STORAGE_URL is not a usable storage URL ({shown}): {exc}") from exc
+    except OSError as exc:  # a local folder (S3's faults are botocore's own types)
+        raise InvalidSetting(
+            f"SCANONCE_STORAGE_URL {shown}: cannot use this folder ({exc.strerror}); check that setting "
+            "and that the broker's user may write there"
+        ) from exc
     except Exception as exc:  # botocore's ClientError: access denied, a bucket it may not create, ...
         said = " ".join(str(exc).split())[:200]  # botocore's text spans lines; the report is one
         raise Unavailable(

@@ -3,6 +3,8 @@ setting and exits non-zero, never with a stack trace (docs/production.md, docs/c
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,16 @@ from broker.cli import app as cli
 runner = CliRunner()
 # Listeners that bind nothing a parallel test could hold; the command fails before binding anyway.
 _SERVE = ["serve", "--port", "0", "--dimse-port", "0", "--mllp-port", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """`scanonce worker` points the root logger at the runner's stderr, closed once it returns."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def _refused(result: Result) -> str:
@@ -99,3 +111,12 @@ def test_an_unusable_storage_url_is_named_in_one_line(tmp_path: Path, url: str) 
     env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_STORAGE_URL": url}
     said = _refused(runner.invoke(cli, ["jobs", "list"], env=env))
     assert "SCANONCE_STORAGE_URL" in said, said
+
+
+def test_an_object_folder_that_cannot_be_made_is_named_without_talk_of_credentials(tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    env = {"SCANONCE_DATA_DIR": str(tmp_path / "data"), "SCANONCE_STORAGE_URL": (taken / "objects").as_uri()}
+    said = _refused(runner.invoke(cli, ["jobs", "list"], env=env))
+    assert "SCANONCE_STORAGE_URL" in said and str(taken / "objects") in said, said
+    assert "AWS" not in said and "credentials" not in said, said  # a folder has none
