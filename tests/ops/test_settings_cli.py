@@ -120,3 +120,20 @@ def test_an_object_folder_that_cannot_be_made_is_named_without_talk_of_credentia
     said = _refused(runner.invoke(cli, ["jobs", "list"], env=env))
     assert "SCANONCE_STORAGE_URL" in said and str(taken / "objects") in said, said
     assert "AWS" not in said and "credentials" not in said, said  # a folder has none
+
+
+@pytest.mark.parametrize("content", ["not json", '{"kty": "EC"}', None])
+def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, content: str | None) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    key = tmp_path / "key.json"
+    if content is None:
+        key = taken / "key.json"  # cannot be created
+    else:
+        key.write_text(content)
+    env = {"SCANONCE_DATA_DIR": str(tmp_path / "data"), "SCANONCE_AUTH_SIGNING_KEY_FILE": str(key)}
+    for args in (["token", "create", "--role", "auditor", "--subject", "prometheus"], _SERVE):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert "SCANONCE_AUTH_SIGNING_KEY_FILE" in said and str(key) in said, said
+    if content is not None:
+        assert key.read_text() == content  # an operator's file is never replaced
