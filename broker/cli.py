@@ -50,6 +50,7 @@ from broker.jobs import cli as jobs_cli
 from broker.logfilters import configure_logging
 from broker.lookup import cli as lookup_cli
 from broker.security import cli as security_cli
+from broker.security import tls as dimse_tls
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from broker.web import cli as web_cli
@@ -205,7 +206,14 @@ def _auth_before_exposure(settings: Settings) -> None:
 
 
 def _dimse_before_exposure(settings: Settings) -> None:
-    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback."""
+    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback. And
+    the listener's TLS files are loaded now, so that a wrong one is a line naming its setting,
+    not a traceback from the listener's start after the banner."""
+    if settings.dimse_port:
+        try:
+            dimse_tls.server_context(settings)
+        except ScanOnceError as exc:
+            fail(exc)
     refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
     if refused is None:
         return

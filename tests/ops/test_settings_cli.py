@@ -4,6 +4,7 @@ setting and exits non-zero, never with a stack trace (docs/production.md, docs/c
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,28 @@ def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, conte
         assert "SCANONCE_AUTH_SIGNING_KEY_FILE" in said and str(key) in said, said
     if content is not None:
         assert key.read_text() == content  # an operator's file is never replaced
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dimse_tls_files_that_cannot_be_loaded_are_named_in_one_line(tmp_path: Path) -> None:
+    missing = {
+        "SCANONCE_DATA_DIR": str(tmp_path / "data"),
+        "SCANONCE_DIMSE_TLS_CERT_FILE": str(tmp_path / "nope.pem"),
+        "SCANONCE_DIMSE_TLS_KEY_FILE": str(tmp_path / "nope.key"),
+    }
+    serve = ["serve", "--port", "0", "--dimse-port", str(_free_port()), "--mllp-port", "0"]
+    said = _refused(runner.invoke(cli, serve, env=missing))
+    assert "SCANONCE_DIMSE_TLS_CERT_FILE" in said and "nope.pem" in said, said
+    # Half a pair: the listener cannot speak TLS.
+    half = {k: v for k, v in missing.items() if k != "SCANONCE_DIMSE_TLS_KEY_FILE"}
+    said = _refused(runner.invoke(cli, serve, env=half))
+    assert "SCANONCE_DIMSE_TLS_KEY_FILE" in said, said
+    # The SCU's context (outbound TLS) is built by every command that builds the state.
+    outbound = {**missing, "SCANONCE_DIMSE_TLS_OUTBOUND": "true"}
+    said = _refused(runner.invoke(cli, ["jobs", "list"], env=outbound))
+    assert "SCANONCE_DIMSE_TLS_CERT_FILE" in said and "nope.pem" in said, said
