@@ -13,6 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
@@ -393,6 +394,27 @@ class Settings(BaseSettings):
         # From the environment: "https://a.example, https://b.example" rather than a JSON list.
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        # PS3.5 AE: 1-16 characters of the default repertoire, no backslash, not only spaces.
+        title = value.strip()
+        if not 1 <= len(title) <= 16 or "\\" in title or not all(" " <= c <= "~" for c in title):
+            raise ValueError("an AE title is 1 to 16 printable ASCII characters, without a backslash")
+        return title
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(
+                "the public origin is an http:// or https:// URL, e.g. https://scanonce.example.org"
+            )
         return value
 
     @field_validator("outbound_allow_networks")

@@ -64,6 +64,12 @@ def _refused(result: Result) -> str:
         ("SCANONCE_MAX_PART_BYTES", "0"),
         ("SCANONCE_STOW_MAX_REQUEST_BYTES", "-1"),
         ("SCANONCE_STOW_MAX_PARTS", "0"),
+        # Failed only once the DIMSE listener started (pynetdicom: a traceback after the banner).
+        ("SCANONCE_AE_TITLE", "THIS_IS_WAY_TOO_LONG_AE"),
+        ("SCANONCE_AE_TITLE", "   "),
+        # Not an origin: every RetrieveURL and link the broker builds from it would be broken.
+        ("SCANONCE_BASE_URL", "scanonce.example.org"),
+        ("SCANONCE_BASE_URL", "ftp://scanonce.example.org"),
     ],
 )
 def test_a_malformed_setting_is_named_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
