@@ -578,6 +578,7 @@ def _include_routers(app: FastAPI) -> None:
 
 
 def app_from_env() -> FastAPI:
-    """App factory for process managers (`uvicorn --factory broker.app:app_from_env`, and each
-    HTTP worker of `scanonce serve --workers N`): settings from SCANONCE_* variables."""
+    """App factory for process managers (`uvicorn --factory broker.app:app_from_env --workers N`,
+    docs/production.md; `scanonce serve` itself has no --workers): settings from SCANONCE_*
+    variables, a wrong one raised as `InvalidSetting` naming it."""
     return create_app(load_settings())
