@@ -461,15 +461,20 @@ def env_name(field: str) -> str:
     return f"SCANONCE_{field.upper()}"
 
 
+def _named(field: str, given: dict[str, Any]) -> str:
+    """What the operator set: a command-line option given wins over the variable."""
+    return f"--{field.replace('_', '-')}" if field in given else env_name(field)
+
+
 def load(**values: Any) -> Settings:
-    """The settings from the environment (with `values` on top), or `InvalidSetting` naming each
-    setting that is wrong and why, in one line. The value itself is left out: it may be a secret
-    (a client secret in SCANONCE_SMART_EHRS, a password in a URL)."""
+    """The settings from the environment (with `values`, the command line's options, on top), or
+    `InvalidSetting` naming each setting that is wrong and why, in one line. The value itself is
+    left out: it may be a secret (a client secret in SCANONCE_SMART_EHRS, a password in a URL)."""
     try:
         return Settings(**values)
     except ValidationError as exc:
         said = [
-            f"{env_name(str(error['loc'][0]))}: {error['msg']}" if error.get("loc") else error["msg"]
+            f"{_named(str(error['loc'][0]), values)}: {error['msg']}" if error.get("loc") else error["msg"]
             for error in exc.errors()
         ]
         raise InvalidSetting("; ".join(said)) from None

@@ -169,3 +169,14 @@ def test_dimse_tls_files_that_cannot_be_loaded_are_named_in_one_line(tmp_path: P
     outbound = {**missing, "SCANONCE_DIMSE_TLS_OUTBOUND": "true"}
     said = _refused(runner.invoke(cli, ["jobs", "list"], env=outbound))
     assert "SCANONCE_DIMSE_TLS_CERT_FILE" in said and "nope.pem" in said, said
+
+
+def test_an_option_out_of_range_is_named_as_the_option_given(tmp_path: Path) -> None:
+    said = _refused(
+        runner.invoke(
+            cli,
+            ["serve", "--port", "70000", "--dimse-port", "0", "--mllp-port", "0"],
+            env={"SCANONCE_DATA_DIR": str(tmp_path)},
+        )
+    )
+    assert "--port" in said, said
