@@ -44,7 +44,7 @@ from broker.dimse.handoff import WriterServer, is_single_writer
 from broker.dimse.receivers import ReceiverSupervisor
 from broker.dimse.receivers import shared_counts as receiver_counts
 from broker.dimse.scp import index_batcher, start_scp, stop_scp
-from broker.errors import BadRequest, ScanOnceError, Unavailable
+from broker.errors import BadRequest, InvalidSetting, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
@@ -74,6 +74,7 @@ from broker.security.http import AuthGuard
 from broker.security.routes import router as security_router
 from broker.security.tokens import Verifier, load_or_create_signing_key
 from broker.settings import Settings, get_settings
+from broker.settings import load as load_settings
 from broker.smart.routes import router as smart_router
 from broker.web.routes import admin_router as web_admin_router
 from broker.web.routes import pages_router as web_pages_router
@@ -87,7 +88,7 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
     """The state every entry point shares. `wait_for_db` (what `scanonce serve` and `scanonce
     worker` use): a database that refuses connections is retried with backoff, with a clear
     message naming the setting, instead of failing at once (what a one-shot command does)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.ensure_data_dir()
     engine = make_engine(
         settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
     )
@@ -162,10 +163,16 @@ def _open_store(url: str, *, local_sync: str = "fsync") -> ObjectStore:
         ) from exc
     except ValueError as exc:
         raise BadRequest(f"SCANONCE_STORAGE_URL is not a usable storage URL ({shown}): {exc}") from exc
+    except OSError as exc:  # a local folder (S3's faults are botocore's own types)
+        raise InvalidSetting(
+            f"SCANONCE_STORAGE_URL {shown}: cannot use this folder ({exc.strerror}); check that setting "
+            "and that the broker's user may write there"
+        ) from exc
     except Exception as exc:  # botocore's ClientError: access denied, a bucket it may not create, ...
+        said = " ".join(str(exc).split())[:200]  # botocore's text spans lines; the report is one
         raise Unavailable(
             f"the object store {shown} (SCANONCE_STORAGE_URL) refused: {type(exc).__name__}: "
-            f"{str(exc)[:200]}; check that setting and the credentials (AWS_* variables)"
+            f"{said}; check that setting and the credentials (AWS_* variables)"
         ) from exc
 
 
@@ -571,6 +578,7 @@ def _include_routers(app: FastAPI) -> None:
 
 
 def app_from_env() -> FastAPI:
-    """App factory for process managers (`uvicorn --factory broker.app:app_from_env`, and each
-    HTTP worker of `scanonce serve --workers N`): settings from SCANONCE_* variables."""
-    return create_app(Settings())
+    """App factory for process managers (`uvicorn --factory broker.app:app_from_env --workers N`,
+    docs/production.md; `scanonce serve` itself has no --workers): settings from SCANONCE_*
+    variables, a wrong one raised as `InvalidSetting` naming it."""
+    return create_app(load_settings())

@@ -50,6 +50,7 @@ from broker.jobs import cli as jobs_cli
 from broker.logfilters import configure_logging
 from broker.lookup import cli as lookup_cli
 from broker.security import cli as security_cli
+from broker.security import tls as dimse_tls
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from broker.web import cli as web_cli
@@ -156,10 +157,16 @@ def _not_ready_app(reason: str) -> Any:
 
 def _wait_for_database(settings: Settings) -> None:
     """At start, a database that refuses connections is retried (the log names the setting);
-    meanwhile the HTTP port answers /readyz 503 and /healthz 200."""
-    engine = make_engine(
-        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
-    )
+    meanwhile the HTTP port answers /readyz 503 and /healthz 200. A URL that cannot be used at
+    all is reported and exits 1, as is a data folder that cannot be written: waiting would not
+    mend either."""
+    try:
+        settings.ensure_data_dir()
+        engine = make_engine(
+            settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+        )
+    except ScanOnceError as exc:
+        fail(exc)
     try:
         try:
             check_connection(engine)
@@ -199,7 +206,14 @@ def _auth_before_exposure(settings: Settings) -> None:
 
 
 def _dimse_before_exposure(settings: Settings) -> None:
-    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback."""
+    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback. And
+    the listener's TLS files are loaded now, so that a wrong one is a line naming its setting,
+    not a traceback from the listener's start after the banner."""
+    if settings.dimse_port:
+        try:
+            dimse_tls.server_context(settings)
+        except ScanOnceError as exc:
+            fail(exc)
     refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
     if refused is None:
         return
@@ -378,10 +392,11 @@ db_app = typer.Typer(help="The database schema: upgrade it, or see where it stan
 
 def _db_engine(data_dir: Path | None) -> tuple[Settings, Any]:
     settings = _settings(data_dir)
-    engine = make_engine(
-        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
-    )
     try:
+        settings.ensure_data_dir()
+        engine = make_engine(
+            settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+        )
         check_connection(engine)
     except ScanOnceError as exc:
         fail(exc)

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from broker.errors import ScanOnceError
-from broker.settings import Settings
+from broker.settings import Settings, load
 
 if TYPE_CHECKING:
     from broker.deps import AppState
@@ -47,11 +47,15 @@ def set_state_builder(builder: Callable[..., AppState]) -> None:
 
 
 def settings(data_dir: Path | None, **overrides: object) -> Settings:
-    """SCANONCE_* settings, with the options given on the command line on top."""
+    """SCANONCE_* settings, with the options given on the command line on top; one that is wrong
+    is reported, naming it, and exits 1."""
     values: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
     if data_dir is not None:
         values["data_dir"] = data_dir
-    return Settings(**values)  # type: ignore[arg-type]
+    try:
+        return load(**values)
+    except ScanOnceError as exc:
+        fail(exc)
 
 
 def state(

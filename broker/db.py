@@ -31,10 +31,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Table, event, make_url, text
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
-from broker.errors import Unavailable
+from broker.errors import InvalidSetting, Unavailable
 
 log = logging.getLogger("scanonce.db")
 
@@ -64,11 +64,25 @@ def make_engine(
     """`sqlite_synchronous="NORMAL"` only for measuring what durability costs (bench/durability.py).
     `connect_timeout` bounds each new PostgreSQL connection (SCANONCE_DB_CONNECT_TIMEOUT_SECONDS), so
     a database that does not answer fails a request in seconds rather than hanging it."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not shown: a URL that does not parse cannot have its password masked.
+        raise InvalidSetting(
+            "SCANONCE_DATABASE_URL is not a database URL: expected postgresql+psycopg://user@host/db "
+            "or sqlite:///path"
+        ) from None
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidSetting(
+                    f"SCANONCE_DATABASE_URL {safe_url(url)}: cannot create the SQLite file's folder "
+                    f"({exc.strerror})"
+                ) from None
         # One connection per thread; the worker threads of ingest each get their own.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
@@ -79,7 +93,14 @@ def make_engine(
             kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout))}
     # Error texts reach logs, stored job errors and import messages: never with the statement's
     # values, which can be patient names and identifiers (the driver's own text: `_scrub_error`).
-    engine = create_engine(url, hide_parameters=True, **kwargs)
+    try:
+        engine = create_engine(url, hide_parameters=True, **kwargs)
+    except (NoSuchModuleError, ImportError) as exc:
+        missing = exc.name if isinstance(exc, ImportError) else parsed.drivername
+        raise InvalidSetting(
+            f"SCANONCE_DATABASE_URL {safe_url(url)} names a database the broker has no driver for "
+            f"({missing}): use postgresql+psycopg://user@host/db or sqlite:///path"
+        ) from None
     event.listen(engine, "handle_error", _scrub_error)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", partial(_sqlite_pragmas, synchronous=sqlite_synchronous))

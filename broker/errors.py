@@ -59,6 +59,13 @@ class Unavailable(ScanOnceError):
     title = "Service unavailable"
 
 
+class InvalidSetting(BadRequest):
+    """A SCANONCE_* setting (or the command-line option over it) holds a value the broker cannot
+    use: what the operator must fix before anything starts."""
+
+    title = "Invalid setting"
+
+
 class InvalidUID(BadRequest):
     title = "Invalid DICOM UID"
 

@@ -8,12 +8,17 @@ and S3.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from broker.errors import InvalidSetting
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,13 +101,17 @@ class Settings(BaseSettings):
         default="127.0.0.1",
         description="HTTP (and DIMSE, MLLP) bind address; beyond loopback only with auth on.",
     )
-    port: int = Field(default=8042, description="HTTP port of `scanonce serve`.")
+    port: int = Field(default=8042, ge=0, le=65535, description="HTTP port of `scanonce serve`.")
     base_url: str | None = Field(
         default=None, description="Public origin used in RetrieveURL; default: request's."
     )
-    dimse_port: int = Field(default=11112, description="DIMSE port of `scanonce serve` (0: off).")
+    dimse_port: int = Field(
+        default=11112, ge=0, le=65535, description="DIMSE port of `scanonce serve` (0: off)."
+    )
     mllp_port: int = Field(
         default=2575,
+        ge=0,
+        le=65535,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
     )
     ae_title: str = Field(
@@ -119,10 +128,13 @@ class Settings(BaseSettings):
     )
     dimse_max_connections_per_address: int = Field(
         default=16,
+        ge=0,
         description="DIMSE connections one IP address may hold open at once; more are closed (0: no cap).",
     )
     dimse_max_associations: int = Field(
-        default=32, description="Associations the DIMSE SCP serves at once; more are rejected (transient)."
+        default=32,
+        ge=1,
+        description="Associations the DIMSE SCP serves at once; more are rejected (transient).",
     )
     dimse_receivers: int = Field(
         default=0,
@@ -191,10 +203,11 @@ class Settings(BaseSettings):
         default="LOCAL", description="The issuer of Patient IDs of the default facility."
     )
     sync_interval_seconds: float = Field(
-        default=3600, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
+        default=3600, ge=0, description="How often facilities are re-indexed by `scanonce serve` (0: never)."
     )
     job_retention_days: float = Field(
         default=30,
+        ge=0,
         description=(
             "Days finished jobs are kept (0: forever); the newest of each kind and subject is always kept."
         ),
@@ -224,21 +237,25 @@ class Settings(BaseSettings):
         ),
     )
     qido_default_limit: int = Field(
-        default=100, description="QIDO-RS results per page when `limit` is not given."
+        default=100, ge=1, description="QIDO-RS results per page when `limit` is not given."
     )
-    qido_max_limit: int = Field(default=1000, description="Largest QIDO-RS `limit` accepted.")
+    qido_max_limit: int = Field(default=1000, ge=1, description="Largest QIDO-RS `limit` accepted.")
     ingest_processes: int = Field(
         default=0,
+        ge=-1,
         description=(
             "Worker processes that parse received instances (0: parse in-process; -1: one per core "
             "beside the serving process, what `scanonce serve` uses unless this is set)."
         ),
     )
     max_part_bytes: int = Field(
-        default=4 * 1024**3, description="Largest single part (instance) of a STOW-RS request, in bytes."
+        default=4 * 1024**3,
+        ge=1,
+        description="Largest single part (instance) of a STOW-RS request, in bytes.",
     )
     reap_grace_seconds: float = Field(
         default=3600,
+        ge=0,
         description=(
             "Age after which crash residue is removed: spool files, and stored objects no index row "
             "names (younger ones may belong to an ingest still under way)."
@@ -246,14 +263,17 @@ class Settings(BaseSettings):
     )
     reap_interval_seconds: float = Field(
         default=6 * 3600,
+        ge=0,
         description="How often `scanonce serve` looks for crash residue after start-up (0: only then).",
     )
     stow_max_request_bytes: int = Field(
         default=4 * 1024**3,
+        ge=1,
         description="Largest STOW-RS request body in bytes; a larger one is refused whole (413).",
     )
     stow_max_parts: int = Field(
         default=10_000,
+        ge=1,
         description="Most parts in one STOW-RS request; a request with more is refused whole (413).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
@@ -376,10 +396,43 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        # PS3.5 AE: 1-16 characters of the default repertoire, no backslash, not only spaces.
+        title = value.strip()
+        if not 1 <= len(title) <= 16 or "\\" in title or not all(" " <= c <= "~" for c in title):
+            raise ValueError("an AE title is 1 to 16 printable ASCII characters, without a backslash")
+        return title
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(
+                "the public origin is an http:// or https:// URL, e.g. https://scanonce.example.org"
+            )
+        return value
+
     @field_validator("outbound_allow_networks")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(v, strict=False)) for v in value]
+
+    def ensure_data_dir(self) -> Path:
+        """The data folder, created if missing; `InvalidSetting` naming it when it cannot be made
+        or written (the index, spool and signing key live there), before anything else fails on it."""
+        where = f"SCANONCE_DATA_DIR (or --data-dir) {self.data_dir.resolve()}"
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidSetting(f"{where}: cannot create this folder ({exc.strerror})") from None
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            raise InvalidSetting(f"{where}: the broker's user cannot write in this folder") from None
+        return self.data_dir
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -404,6 +457,33 @@ class Settings(BaseSettings):
         return (self.viewer_dir or _SOURCE_ROOT / ".cache" / "web").resolve()
 
 
+def env_name(field: str) -> str:
+    return f"SCANONCE_{field.upper()}"
+
+
+def _named(field: str, given: dict[str, Any]) -> str:
+    """What the operator set: a command-line option given wins over the variable."""
+    return f"--{field.replace('_', '-')}" if field in given else env_name(field)
+
+
+def load(**values: Any) -> Settings:
+    """The settings from the environment (with `values`, the command line's options, on top), or
+    `InvalidSetting` naming each setting that is wrong and why, in one line. The value itself is
+    left out: it may be a secret (a client secret in SCANONCE_SMART_EHRS, a password in a URL)."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        said = [
+            f"{_named(str(error['loc'][0]), values)}: {error['msg']}" if error.get("loc") else error["msg"]
+            for error in exc.errors()
+        ]
+        raise InvalidSetting("; ".join(said)) from None
+    except SettingsError as exc:  # a JSON setting that is not JSON
+        named = re.search(r'field "(\w+)"', str(exc))
+        field = env_name(named.group(1)) if named else "a SCANONCE_* setting"
+        raise InvalidSetting(f"{field}: not valid JSON") from None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load()

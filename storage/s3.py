@@ -58,6 +58,22 @@ def _new_client(region: str | None, **kwargs: Any) -> tuple[Any, str]:
 
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+# The store answers, but not for this bucket or these credentials: every request will fail alike
+# until the operator fixes the URL or the credentials, so the caller hears "unavailable" (503),
+# not a crash, and the code says which.
+_REFUSED_CODES = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
+    }
+)
 _NETWORK_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
 
 
@@ -150,6 +166,8 @@ class S3Store:
                 raise ObjectNotFound(key) from exc
             if _store_side(exc):
                 raise StoreUnavailable(f"object store error: {_error_code(exc) or 'HTTP 5xx'}") from exc
+            if _error_code(exc) in _REFUSED_CODES:
+                raise StoreUnavailable(f"object store refused: {_error_code(exc)}") from exc
             raise
         except boto3.exceptions.S3UploadFailedError as exc:
             # s3transfer wraps whatever failed an upload (a part refused, a 5xx) into this one type;
@@ -262,5 +280,9 @@ class S3Store:
                     yield ObjectInfo(
                         key=self._strip(obj["Key"]), size=int(obj["Size"]), modified=_timestamp(obj)
                     )
+        except botocore.exceptions.ClientError as exc:
+            if _store_side(exc) or _error_code(exc) in _REFUSED_CODES:
+                raise StoreUnavailable(f"object store refused: {_error_code(exc) or 'HTTP 5xx'}") from exc
+            raise
         except _NETWORK_ERRORS as exc:
             raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from broker.clikit import DataDir, console, progress, state
+from broker.clikit import DataDir, console, fail, progress, state
+from broker.errors import Unavailable
 from broker.index import verify as index_verify
+from storage import StoreUnavailable
 
 
 def verify(
@@ -31,8 +33,8 @@ def verify(
     ] = False,
 ) -> None:
     """Walk index and object store: instances whose object is missing or whose SHA-256 changed,
-    and objects no instance names (orphans). Exits 1 unless all is well (after --repair: unless
-    something is still missing or changed)."""
+    and objects no instance names (orphans). Exits 1 unless all is well (after --repair: while
+    something is missing or changed, or an orphan could not be indexed again)."""
     st = state(data_dir)
     if as_job:
         job = index_verify.enqueue_verify(
@@ -45,21 +47,30 @@ def verify(
         )
         console.print(f"queued job {job.id}: `scanonce jobs show {job.id}` follows it")
         return
-    with progress() as bar:
-        task = bar.add_task("verifying", total=None)
+    try:
+        with progress() as bar:
+            task = bar.add_task("verifying", total=None)
 
-        def show(done: int, total: int | None, message: str) -> None:
-            bar.update(task, completed=done, total=total, description=message)
+            def show(done: int, total: int | None, message: str) -> None:
+                bar.update(task, completed=done, total=total, description=message)
 
-        report = index_verify.verify(
-            engine=st.engine,
-            store=st.store,
-            facility=facility,
-            sample=sample,
-            repair=repair,
-            min_age=min_age,
-            default_facility=st.settings.default_facility,
-            listener=show,
+            report = index_verify.verify(
+                engine=st.engine,
+                store=st.store,
+                facility=facility,
+                sample=sample,
+                repair=repair,
+                min_age=min_age,
+                default_facility=st.settings.default_facility,
+                listener=show,
+            )
+    except StoreUnavailable as exc:  # nothing verified: not "all is well", and not a traceback
+        shown = st.store.url.split("?", 1)[0]
+        fail(
+            Unavailable(
+                f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {exc.message}; check "
+                "that setting, the endpoint and the credentials (AWS_* variables)"
+            )
         )
     console.print(report.summary(), soft_wrap=True)
     for kind, keys in sorted(report.examples.items()):

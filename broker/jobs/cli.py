@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from broker.clikit import DataDir, console, fail, print_table, state
 from broker.clikit import settings as clikit_settings
-from broker.errors import NotFound
+from broker.errors import NotFound, ScanOnceError
 from broker.jobs import service as jobs
 from broker.jobs.schemas import JobOut
 from broker.jobs.worker import run_worker
@@ -35,13 +35,17 @@ def _progress(job: JobOut) -> str:
 def list_cmd(
     data_dir: DataDir = None,
     kind: Annotated[str | None, typer.Option("--kind", help="Only jobs of this kind.")] = None,
-    status: Annotated[str | None, typer.Option("--status", help="queued | running | done | failed")] = None,
+    status: Annotated[str | None, typer.Option("--status", help=" | ".join(jobs.STATUSES))] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 50,
 ) -> None:
     """Recent jobs, newest first: progress, attempts, and the last error of each."""
     app_state = state(data_dir)
-    with Session(app_state.engine) as session:
-        rows = [JobOut.of(j) for j in jobs.list_jobs(session=session, kind=kind, status=status, limit=limit)]
+    try:
+        with Session(app_state.engine) as session:
+            found = jobs.list_jobs(session=session, kind=kind, status=status, limit=limit)
+    except ScanOnceError as exc:
+        fail(exc)
+    rows = [JobOut.of(j) for j in found]
     table = Table("id", "kind", "key", "status", "progress", "attempts", "owner", "error")
     for job in rows:
         table.add_row(

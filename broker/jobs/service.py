@@ -40,7 +40,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from broker.db import session_scope
-from broker.errors import NotFound, ScanOnceError, Unavailable
+from broker.errors import BadRequest, NotFound, ScanOnceError, Unavailable
 from broker.jobs.models import Job
 from broker.settings import Settings
 from storage import StoreUnavailable
@@ -203,9 +203,15 @@ def get_job(*, session: Session, job_id: int) -> Job:
     return job
 
 
+STATUSES = ("queued", "running", "done", "failed")
+
+
 def list_jobs(
     *, session: Session, kind: str | None = None, status: str | None = None, limit: int = 100
 ) -> list[Job]:
+    if status and status not in STATUSES:
+        # Answered with an empty list, a typo ("fail") would read as "nothing failed".
+        raise BadRequest(f"unknown job status {status[:32]!r}: one of {', '.join(STATUSES)}")
     query = select(Job)
     if kind:
         query = query.where(Job.kind == kind)

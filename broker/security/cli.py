@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from broker.clikit import DataDir, usage_error
+from broker.clikit import DataDir, fail, usage_error
 from broker.clikit import settings as _settings
+from broker.errors import ScanOnceError
 from broker.security.schemas import Role
 from broker.security.tokens import load_or_create_signing_key, mint
 from broker.settings import Settings
@@ -82,8 +83,8 @@ def create(
     except ValueError as exc:
         usage_error(str(exc))
     settings = _settings(data_dir)
-    print(
-        token_for(
+    try:
+        token = token_for(
             settings=settings,
             role=role,
             subject=subject,
@@ -91,7 +92,9 @@ def create(
             seconds=seconds,
             purpose_of_use=purpose_of_use,
         )
-    )
+    except ScanOnceError as exc:  # the signing key file: unreadable, not a key, or not creatable
+        fail(exc)
+    print(token)
 
 
 def demo_tokens(settings: Settings, *, seconds: int = 7 * 86400) -> list[tuple[Role, str, str]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from cryptography import x509
 
-from broker.errors import BadRequest
+from broker.errors import BadRequest, InvalidSetting
 from broker.settings import Settings
 
 
@@ -34,11 +34,42 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
         raise BadRequest("DIMSE TLS needs both SCANONCE_DIMSE_TLS_CERT_FILE and SCANONCE_DIMSE_TLS_KEY_FILE")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
-    context.load_cert_chain(str(cert), str(key))
+    _load_pair(context, settings)
     if settings.dimse_tls_ca_file is not None:
-        context.load_verify_locations(cafile=str(settings.dimse_tls_ca_file))
+        _load_ca(context, settings)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _load_pair(context: ssl.SSLContext, settings: Settings) -> None:
+    """The certificate and its key into `context`, or `InvalidSetting` naming both settings (a
+    file missing, unreadable, not PEM, or a key that is not the certificate's)."""
+    cert, key = settings.dimse_tls_cert_file, settings.dimse_tls_key_file
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except OSError as exc:  # ssl.SSLError too
+        raise InvalidSetting(
+            f"SCANONCE_DIMSE_TLS_CERT_FILE {cert} and SCANONCE_DIMSE_TLS_KEY_FILE {key}: cannot load "
+            f"the certificate and its key ({_why(exc)})"
+        ) from None
+
+
+def _load_ca(context: ssl.SSLContext, settings: Settings) -> None:
+    try:
+        context.load_verify_locations(cafile=str(settings.dimse_tls_ca_file))
+    except OSError as exc:
+        raise _ca_unusable(settings, exc) from None
+
+
+def _ca_unusable(settings: Settings, exc: OSError) -> InvalidSetting:
+    return InvalidSetting(
+        f"SCANONCE_DIMSE_TLS_CA_FILE {settings.dimse_tls_ca_file}: cannot load the CA certificates "
+        f"({_why(exc)})"
+    )
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or getattr(exc, "reason", None) or type(exc).__name__
 
 
 def client_context(settings: Settings) -> ssl.SSLContext | None:
@@ -46,13 +77,16 @@ def client_context(settings: Settings) -> ssl.SSLContext | None:
     certificate against dimse_tls_ca_file (else the system's CAs) and its host name."""
     if not settings.dimse_tls_outbound:
         return None
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH,
-        cafile=str(settings.dimse_tls_ca_file) if settings.dimse_tls_ca_file else None,
-    )
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH,
+            cafile=str(settings.dimse_tls_ca_file) if settings.dimse_tls_ca_file else None,
+        )
+    except OSError as exc:
+        raise _ca_unusable(settings, exc) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.dimse_tls_cert_file is not None and settings.dimse_tls_key_file is not None:
-        context.load_cert_chain(str(settings.dimse_tls_cert_file), str(settings.dimse_tls_key_file))
+        _load_pair(context, settings)
     return context
 
 

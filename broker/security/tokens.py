@@ -29,6 +29,7 @@ from joserfc.jws import extract_compact
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker.errors import InvalidSetting
 from broker.security import network
 from broker.security import service as security
 from broker.security.schemas import Principal, Role
@@ -55,7 +56,24 @@ class TokenInvalid(Exception):
 
 
 def load_or_create_signing_key(path: Path) -> ECKey:
-    """The embedded issuer's private key; created (mode 0600) by the first process that needs it."""
+    """The embedded issuer's private key; created (mode 0600) by the first process that needs it.
+    One that cannot be read, parsed or created is `InvalidSetting` naming the setting (never its
+    content): the operator's file is left as it is, since replacing it would void every token."""
+    try:
+        return _load_or_create(path)
+    except OSError as exc:
+        raise InvalidSetting(
+            f"SCANONCE_AUTH_SIGNING_KEY_FILE {path}: cannot read or create it ({exc.strerror})"
+        ) from None
+    except (ValueError, JoseError) as exc:
+        raise InvalidSetting(
+            f"SCANONCE_AUTH_SIGNING_KEY_FILE {path}: not a private EC key in JWK JSON "
+            f"({type(exc).__name__}); restore it, or move it away to have a new one made (tokens "
+            "signed with the old one are then refused)"
+        ) from None
+
+
+def _load_or_create(path: Path) -> ECKey:
     try:
         return ECKey.import_key(json.loads(path.read_text()))
     except FileNotFoundError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -114,6 +115,12 @@ def test_verify_cli_job_and_api(settings: Settings, tmp_path: Path) -> None:
     ok = runner.invoke(cli, ["verify", "--min-age", "0"], env=env)
     assert ok.exit_code == 0, ok.output
     assert "2 checked: 2 ok, 0 missing, 0 mismatched; 0 orphaned objects" in " ".join(ok.output.split())
+    # After --repair an orphan it cannot index again (not DICOM) is still unresolved: exit 1.
+    junk = "dcm/00/" + "0" * 64 + ".dcm"
+    state.store.put(junk, io.BytesIO(b"no DICOM here"))
+    repaired = runner.invoke(cli, ["verify", "--min-age", "0", "--repair"], env=env)
+    assert repaired.exit_code == 1 and "1 orphans not DICOM" in " ".join(repaired.output.split())
+    state.store.delete(junk)
 
     state.store.delete(rows[1].object_key)
     bad = runner.invoke(cli, ["verify", "--min-age", "0"], env=env)
@@ -171,3 +178,32 @@ def test_a_resent_instance_restores_what_verify_found_missing_or_changed(
         assert len(session.exec(select(Instance)).all()) == 3
     assert integrity.verify(engine=state.engine, store=store, min_age=0).clean
     state.engine.dispose()
+
+
+def test_verify_names_the_store_setting_when_the_bucket_is_missing_or_unreachable(
+    tmp_path: Path, moto_server: str, s3_bucket: str
+) -> None:
+    """An operator's `scanonce verify` against a bucket that does not exist (a typo, another
+    account's) or an endpoint that is down: one line naming SCANONCE_STORAGE_URL, exit 1."""
+    env = {
+        "SCANONCE_DATA_DIR": str(tmp_path / "data"),
+        "SCANONCE_STORAGE_URL": f"s3://{s3_bucket}?endpoint_url={moto_server}&create_bucket=true",
+    }
+    state = build_state(Settings(data_dir=tmp_path / "data", storage_url=env["SCANONCE_STORAGE_URL"]))
+    _ingest(state, tmp_path, 2)  # rows whose objects verify reads, besides the orphan walk
+    state.engine.dispose()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for url, why in (
+        (f"s3://{s3_bucket}-missing?endpoint_url={moto_server}", "NoSuchBucket"),
+        (
+            f"s3://{s3_bucket}?endpoint_url=http://127.0.0.1:{closed}&connect_timeout=1&retries=0",
+            "unreachable",
+        ),
+    ):
+        result = runner.invoke(cli, ["verify", "--min-age", "0"], env={**env, "SCANONCE_STORAGE_URL": url})
+        assert result.exit_code == 1, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        said = " ".join(result.output.split())
+        assert "SCANONCE_STORAGE_URL" in said and why in said, said

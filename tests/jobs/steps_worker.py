@@ -32,6 +32,7 @@ def steps(_engine: Engine, _store: Any, job: Job, progress: jobs.Progress) -> No
                 f.write(f"{job.attempts} hang\n")
             while True:  # the test kills this process here
                 time.sleep(1)
+        time.sleep(float(params.get("pause", 0)))  # a step that takes a while (the SIGTERM test)
         with log.open("a") as f:
             f.write(f"{job.attempts} {step}\n")
         progress.update(done=step + 1, total=int(params["steps"]), checkpoint={"next": step + 1})

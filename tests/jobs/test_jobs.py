@@ -104,6 +104,8 @@ def test_handlers_run_and_failures_are_recorded(engine: Engine, settings: Settin
         unknown.id,
         bad.id,
     ]
+    typo = client.get("/api/jobs", params={"status": "fail"})
+    assert typo.status_code == 400 and "failed" in typo.json()["detail"]
 
 
 def test_a_dead_workers_job_is_claimed_again_with_its_checkpoint(engine: Engine) -> None:

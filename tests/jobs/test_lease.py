@@ -317,4 +317,38 @@ def test_jobs_cli_lists_and_shows_progress_and_failures(settings: Settings) -> N
     assert runner.invoke(cli, ["jobs", "show", str(queued.id)], env=env).exit_code == 0
     missing = runner.invoke(cli, ["jobs", "show", "987654"], env=env)
     assert missing.exit_code == 1 and "no job 987654" in missing.output
+    # A misspelt status ("fail" for "failed") is refused naming the real ones, not answered with
+    # an empty table that reads as "nothing failed".
+    typo = runner.invoke(cli, ["jobs", "list", "--status", "fail"], env=env)
+    assert typo.exit_code != 0 and "failed" in typo.output and "test-cli-fails" not in typo.output
+    state.engine.dispose()
+
+
+def test_a_worker_stopped_with_sigterm_finishes_the_job_at_hand_then_exits(
+    backend: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """docs/jobs.md: `scanonce worker` stops after the job at hand on SIGTERM (what a container
+    runtime sends), so a rolling restart loses no job's work to a lease."""
+    if backend.name != "postgres-s3":
+        pytest.skip("separate worker processes run on PostgreSQL")
+    state = build_state(settings)
+    log = tmp_path / "steps.log"
+    job = jobs.enqueue(
+        engine=state.engine,
+        kind="test-steps",
+        params={"log": str(log), "steps": 4, "hang_at": 99, "pause": 0.5},
+    )
+    worker = _worker(settings, {})
+    try:
+        _wait_for(lambda: log.exists() and "1 0" in log.read_text(), "the worker to start the job")
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(60)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(30)
+    assert worker.returncode == 0, worker.stderr.read().decode() if worker.stderr else ""
+    assert log.read_text().splitlines() == ["1 0", "1 1", "1 2", "1 3", "1 done"]
+    row = _job(state.engine, job.id)
+    assert (row.status, row.attempts) == ("done", 1)
     state.engine.dispose()

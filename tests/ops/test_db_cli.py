@@ -197,6 +197,20 @@ def test_readyz_is_false_while_the_database_is_away(
     app.state.scanonce.engine.dispose()
 
 
+def test_a_bucket_that_does_not_exist_starts_the_node_not_ready(tmp_path: Path, moto_server: str) -> None:
+    """Without create_bucket the store is first contacted by /readyz: a missing bucket (a typo in
+    SCANONCE_STORAGE_URL) is 503 naming the setting, or 200 degraded when the store is not required."""
+    settings = Settings(
+        data_dir=tmp_path, storage_url=f"s3://missing-{generate_uid()[-12:]}?endpoint_url={moto_server}"
+    )
+    for requires, code, status in ((True, 503, "not ready"), (False, 200, "degraded")):
+        app = create_app(settings.model_copy(update={"readyz_requires_store": requires}))
+        r = TestClient(app).get("/readyz")
+        assert (r.status_code, r.json()["status"]) == (code, status)
+        assert r.json()["object_store"] == "unreachable (SCANONCE_STORAGE_URL)"
+        app.state.scanonce.engine.dispose()
+
+
 def test_an_unreachable_bucket_makes_the_node_not_ready_or_degraded_as_configured(
     tmp_path: Path, moto_server: str
 ) -> None:

@@ -601,3 +601,20 @@ def test_s3_server_errors_are_unavailable_not_a_crash(failing_s3: tuple[str, lis
     with pytest.raises(StoreUnavailable):
         store.delete("s/x")
     assert {"PUT", "HEAD", "GET", "DELETE"} <= set(seen)  # each call reached the store
+
+
+def test_a_bucket_that_does_not_exist_is_unavailable_not_a_crash(moto_server: str, s3_bucket: str) -> None:
+    """A typo in the bucket name (or another account's bucket): put, get and list raise
+    StoreUnavailable (HTTP 503, DIMSE out of resources, one line from `scanonce verify`), as for an
+    unreachable endpoint, naming the S3 error code."""
+    store = S3Store(bucket=f"{s3_bucket}-missing", endpoint_url=moto_server, retries=0)
+    key = instance_key("ab" * 32)
+    # (HEAD is left out: S3 answers it 404 without a body, the same as for a missing key.)
+    for attempt in (
+        lambda: store.put(key, io.BytesIO(b"x")),
+        lambda: store.get(key),
+        lambda: list(store.list("dcm/")),
+    ):
+        with pytest.raises(StoreUnavailable) as refused:
+            attempt()
+        assert "NoSuchBucket" in refused.value.message or "refused the upload" in refused.value.message

@@ -1,0 +1,182 @@
+"""A setting an operator got wrong: every `scanonce` command reports it in one line naming the
+setting and exits non-zero, never with a stack trace (docs/production.md, docs/configuration.md)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from broker.cli import app as cli
+
+runner = CliRunner()
+# Listeners that bind nothing a parallel test could hold; the command fails before binding anyway.
+_SERVE = ["serve", "--port", "0", "--dimse-port", "0", "--mllp-port", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """`scanonce worker` points the root logger at the runner's stderr, closed once it returns."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _refused(result: Result) -> str:
+    """The one line said, after checking the command failed cleanly (an uncaught exception is
+    what prints a traceback outside the test runner)."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    said = result.output.strip()
+    assert said and len(said.splitlines()) == 1, said
+    return said
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SCANONCE_PORT", "abc"),
+        ("SCANONCE_LOG_FORMAT", "xml"),
+        ("SCANONCE_STORAGE_SYNC", "sometimes"),
+        ("SCANONCE_AUTH_ENABLED", "perhaps"),
+        ("SCANONCE_OUTBOUND_ALLOW_NETWORKS", "10.0.0.0/33"),
+        ("SCANONCE_CDS_CLIENTS", "{not json"),
+        # Out of range: a negative grace would let the reaper delete an ingest's object before
+        # its row commits; a negative port or limit fails later, far from its cause.
+        ("SCANONCE_REAP_GRACE_SECONDS", "-1"),
+        ("SCANONCE_REAP_INTERVAL_SECONDS", "-60"),
+        ("SCANONCE_SYNC_INTERVAL_SECONDS", "-1"),
+        ("SCANONCE_JOB_RETENTION_DAYS", "-1"),
+        ("SCANONCE_PORT", "-1"),
+        ("SCANONCE_DIMSE_PORT", "70000"),
+        ("SCANONCE_MLLP_PORT", "-2575"),
+        ("SCANONCE_DIMSE_MAX_ASSOCIATIONS", "0"),
+        ("SCANONCE_DIMSE_MAX_CONNECTIONS_PER_ADDRESS", "-1"),
+        ("SCANONCE_QIDO_DEFAULT_LIMIT", "0"),
+        ("SCANONCE_QIDO_MAX_LIMIT", "-1"),
+        ("SCANONCE_INGEST_PROCESSES", "-2"),
+        ("SCANONCE_MAX_PART_BYTES", "0"),
+        ("SCANONCE_STOW_MAX_REQUEST_BYTES", "-1"),
+        ("SCANONCE_STOW_MAX_PARTS", "0"),
+        # Failed only once the DIMSE listener started (pynetdicom: a traceback after the banner).
+        ("SCANONCE_AE_TITLE", "THIS_IS_WAY_TOO_LONG_AE"),
+        ("SCANONCE_AE_TITLE", "   "),
+        # Not an origin: every RetrieveURL and link the broker builds from it would be broken.
+        ("SCANONCE_BASE_URL", "scanonce.example.org"),
+        ("SCANONCE_BASE_URL", "ftp://scanonce.example.org"),
+    ],
+)
+def test_a_malformed_setting_is_named_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
+    env = {"SCANONCE_DATA_DIR": str(tmp_path), variable: value}
+    for args in (["db", "status"], ["jobs", "list"], ["worker"]):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert variable in said, said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "foo://scanonce:secret@127.0.0.1/scanonce",  # no such database
+        "mysql://scanonce:secret@127.0.0.1/scanonce",  # a database whose driver is not installed
+    ],
+)
+def test_an_unusable_database_url_is_named_in_one_line(tmp_path: Path, url: str) -> None:
+    env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_DATABASE_URL": url}
+    for args in (["db", "status"], ["db", "upgrade"], ["jobs", "list"], _SERVE):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert "SCANONCE_DATABASE_URL" in said, said
+        assert "secret" not in said  # the password is never shown
+
+
+def test_a_data_folder_that_cannot_be_made_is_named_in_one_line(tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    env = {"SCANONCE_DATA_DIR": str(taken / "data")}
+    for args in (["db", "status"], ["jobs", "list"], ["worker"], ["verify"], _SERVE):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert "SCANONCE_DATA_DIR" in said and str(taken / "data") in said, said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://archive.example/objects",
+        "s3://?endpoint_url=http://127.0.0.1:1",  # no bucket
+        "s3://b?endpoint_url=http://127.0.0.1:1&read_timeout=soon",
+        # A name S3 refuses: botocore's message spans lines, the operator's must not.
+        "s3://Not_A_Bucket!?endpoint_url=http://127.0.0.1:1&create_bucket=true",
+    ],
+)
+def test_an_unusable_storage_url_is_named_in_one_line(tmp_path: Path, url: str) -> None:
+    env = {"SCANONCE_DATA_DIR": str(tmp_path), "SCANONCE_STORAGE_URL": url}
+    said = _refused(runner.invoke(cli, ["jobs", "list"], env=env))
+    assert "SCANONCE_STORAGE_URL" in said, said
+
+
+def test_an_object_folder_that_cannot_be_made_is_named_without_talk_of_credentials(tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    env = {"SCANONCE_DATA_DIR": str(tmp_path / "data"), "SCANONCE_STORAGE_URL": (taken / "objects").as_uri()}
+    said = _refused(runner.invoke(cli, ["jobs", "list"], env=env))
+    assert "SCANONCE_STORAGE_URL" in said and str(taken / "objects") in said, said
+    assert "AWS" not in said and "credentials" not in said, said  # a folder has none
+
+
+@pytest.mark.parametrize("content", ["not json", '{"kty": "EC"}', None])
+def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, content: str | None) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    key = tmp_path / "key.json"
+    if content is None:
+        key = taken / "key.json"  # cannot be created
+    else:
+        key.write_text(content)
+    env = {"SCANONCE_DATA_DIR": str(tmp_path / "data"), "SCANONCE_AUTH_SIGNING_KEY_FILE": str(key)}
+    for args in (["token", "create", "--role", "auditor", "--subject", "prometheus"], _SERVE):
+        said = _refused(runner.invoke(cli, args, env=env))
+        assert "SCANONCE_AUTH_SIGNING_KEY_FILE" in said and str(key) in said, said
+    if content is not None:
+        assert key.read_text() == content  # an operator's file is never replaced
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dimse_tls_files_that_cannot_be_loaded_are_named_in_one_line(tmp_path: Path) -> None:
+    missing = {
+        "SCANONCE_DATA_DIR": str(tmp_path / "data"),
+        "SCANONCE_DIMSE_TLS_CERT_FILE": str(tmp_path / "nope.pem"),
+        "SCANONCE_DIMSE_TLS_KEY_FILE": str(tmp_path / "nope.key"),
+    }
+    serve = ["serve", "--port", "0", "--dimse-port", str(_free_port()), "--mllp-port", "0"]
+    said = _refused(runner.invoke(cli, serve, env=missing))
+    assert "SCANONCE_DIMSE_TLS_CERT_FILE" in said and "nope.pem" in said, said
+    # Half a pair: the listener cannot speak TLS.
+    half = {k: v for k, v in missing.items() if k != "SCANONCE_DIMSE_TLS_KEY_FILE"}
+    said = _refused(runner.invoke(cli, serve, env=half))
+    assert "SCANONCE_DIMSE_TLS_KEY_FILE" in said, said
+    # The SCU's context (outbound TLS) is built by every command that builds the state.
+    outbound = {**missing, "SCANONCE_DIMSE_TLS_OUTBOUND": "true"}
+    said = _refused(runner.invoke(cli, ["jobs", "list"], env=outbound))
+    assert "SCANONCE_DIMSE_TLS_CERT_FILE" in said and "nope.pem" in said, said
+
+
+def test_an_option_out_of_range_is_named_as_the_option_given(tmp_path: Path) -> None:
+    said = _refused(
+        runner.invoke(
+            cli,
+            ["serve", "--port", "70000", "--dimse-port", "0", "--mllp-port", "0"],
+            env={"SCANONCE_DATA_DIR": str(tmp_path)},
+        )
+    )
+    assert "--port" in said, said
