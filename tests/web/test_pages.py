@@ -150,3 +150,14 @@ def test_hostile_stored_values_are_shown_escaped(client: TestClient) -> None:
         page = client.get(path, params=LOOKUP).text
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
         assert "<script>alert(1)" not in page and "<img src=x" not in page, path
+
+
+def test_an_unknown_facility_is_named_beside_its_field(client: TestClient) -> None:
+    """A lookup at a facility the broker does not know (an old bookmark, a CDS card of another
+    site) says so beside the facility, as every other bad field does; it is not a blank 400."""
+    r = client.get("/", params={**LOOKUP, "facility": "nosuch"})
+    assert r.status_code == 400
+    assert 'id="facility-error"' in r.text and "nosuch" in r.text.split('id="facility-error"')[1][:200]
+    select = re.search(r'<select id="facility"[^>]*>', r.text)
+    assert select is not None and 'aria-describedby="facility-error"' in select.group(0)
+    assert 'value="K346295"' in r.text and 'value="CT abdomen pelvis"' in r.text  # what was typed stays
