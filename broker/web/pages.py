@@ -137,6 +137,16 @@ def lookup_view(*, session: Session, principal: Principal, form: LookupForm) -> 
         today=datetime.now(UTC).date(),
         facility_names=names,
     )
+    for name in FORM_FIELDS:
+        if "\x00" in getattr(form, name):
+            # PostgreSQL refuses a NUL in any text value, and no record holds one: said beside the
+            # field on either backend (the hidden identifier is the MRN's).
+            slot = {"identifier": "mrn", "system": "code"}.get(name, name)
+            view.errors[slot] = (
+                "This field contains a NUL character (often pasted from another program): retype it."
+            )
+    if view.errors:
+        return view
     if form.now:
         try:
             view.today = date.fromisoformat(form.now)

@@ -161,3 +161,15 @@ def test_an_unknown_facility_is_named_beside_its_field(client: TestClient) -> No
     select = re.search(r'<select id="facility"[^>]*>', r.text)
     assert select is not None and 'aria-describedby="facility-error"' in select.group(0)
     assert 'value="K346295"' in r.text and 'value="CT abdomen pelvis"' in r.text  # what was typed stays
+
+
+@pytest.mark.parametrize("name", ["mrn", "exam", "family", "given"])
+def test_a_nul_in_a_field_is_a_message_beside_it(client: TestClient, name: str) -> None:
+    """A NUL (pasted from a broken export) is refused beside its field on either backend: not
+    PostgreSQL's JSON error in place of the page, and not read as another patient or exam."""
+    params = {**LOOKUP, name: "K34\x006295"}
+    if name in ("family", "given"):
+        params = {name: "SCHR\x00ODER", "exam": "CT abdomen pelvis"}
+    r = client.get("/", params=params)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
+    assert f'id="{name}-error"' in r.text and "NUL" in r.text.split(f'id="{name}-error"')[1][:200]
