@@ -173,3 +173,12 @@ def test_a_nul_in_a_field_is_a_message_beside_it(client: TestClient, name: str) 
     r = client.get("/", params=params)
     assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
     assert f'id="{name}-error"' in r.text and "NUL" in r.text.split(f'id="{name}-error"')[1][:200]
+
+
+def test_the_record_of_a_bad_lookup_says_what_is_wrong(client: TestClient) -> None:
+    """A record asked with a facility the broker does not know is not "no imaging is known for
+    this patient" (a parent would believe it): it says what was wrong."""
+    r = client.get("/record", params={**LOOKUP, "facility": "nosuch"})
+    assert r.status_code == 400
+    assert "No imaging is known" not in r.text
+    assert re.search(r'class="error"[^>]*>[^<]*nosuch', r.text), r.text[-800:]
