@@ -264,7 +264,8 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
     }
     context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state),
                "failures": failures}  # fmt: skip
-    return templates.TemplateResponse(request, "imports.html", context, status_code=status, headers=_HTML)
+    name = "_imports.html" if _partial(request) else "imports.html"  # htmx's poll: the table only
+    return templates.TemplateResponse(request, name, context, status_code=status, headers=_HTML)
 
 
 @pages_router.post("/imports", response_class=HTMLResponse)

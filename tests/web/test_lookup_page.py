@@ -381,6 +381,8 @@ PAGES = (
     "/admin/facilities",
     "/admin/jobs",
     "/admin/review",
+    # The radiologist's import page, with a refused preview (no such study).
+    "/imports?study=1.2.3&facility=kids",
 )
 
 
