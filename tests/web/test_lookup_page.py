@@ -237,6 +237,12 @@ def test_bad_input_is_a_message_beside_its_field(demo: Demo, page: Page) -> None
     expect(page.locator("#exam-error")).to_be_visible()
     expect(page.locator("ol.relevant")).to_have_count(0)
     assert "exam=!!!" in page.url  # the pushed URL is the failed lookup, to correct or share
+    # By keyboard: Enter on the button lands on the field to correct (its message is its
+    # description, so a screen reader says it), with what was typed still there.
+    page.fill("#exam", "??? !!!")
+    page.locator("#find").press("Enter")
+    expect(page.locator("#exam")).to_be_focused()
+    expect(page.locator("#exam")).to_have_value("??? !!!")
 
 
 def test_lookup_by_procedure_code(demo: Demo, page: Page) -> None:

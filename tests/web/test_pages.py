@@ -50,7 +50,7 @@ def test_pages_on_the_demo_data(client: TestClient) -> None:
     assert "Warning:" in r.text and "mSv" in r.text
     # htmx asks for the form and the answer only.
     partial = client.get("/", params=LOOKUP, headers={"HX-Request": "true"})
-    assert partial.text.lstrip().startswith('<div id="lookup">') and "<html" not in partial.text
+    assert partial.text.lstrip().startswith('<div id="lookup"') and "<html" not in partial.text
 
     # "Use this prior": recorded through the lookup service, then back to the answer.
     uid = re.search(r'data-study="([^"]+)"', r.text[first:])
