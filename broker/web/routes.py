@@ -128,7 +128,7 @@ async def viewer(path: str, request: Request, state: StateDep, principal: Princi
         )
         if waiting is not None:
             page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
-            return HTMLResponse(page, status_code=503 if waiting.error else 202)
+            return HTMLResponse(page, status_code=503 if waiting.error else 202, headers=_HTML)
     return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache", **_ISOLATED})
 
 
@@ -219,10 +219,14 @@ def avoided(
     except ScanOnceError as exc:
         if _partial(request):
             return HTMLResponse(
-                f'<p class="error" role="alert">{escape(exc.message)}</p>', status_code=exc.status_code
+                f'<p class="error" role="alert">{escape(exc.message)}</p>',
+                status_code=exc.status_code,
+                headers=_HTML,
             )
         context = {"title": "Not recorded", "message": exc.message, "back": back, "htmx": False}
-        return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
+        return templates.TemplateResponse(
+            request, "message.html", context, status_code=exc.status_code, headers=_HTML
+        )
     if not _partial(request):
         sep = "&" if "?" in back else "?"
         target = f"{back}{sep}{urlencode({'avoided': study_instance_uid})}#answer"
@@ -279,7 +283,9 @@ def imports_start(request: Request, principal: PrincipalDep, state: StateDep, fo
         )  # fmt: skip
     except ScanOnceError as exc:
         context = {"title": "Not imported", "message": exc.message, "back": "/imports", "htmx": False}
-        return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
+        return templates.TemplateResponse(
+            request, "message.html", context, status_code=exc.status_code, headers=_HTML
+        )
     return RedirectResponse("/imports", status_code=303)
 
 

@@ -182,3 +182,17 @@ def test_the_record_of_a_bad_lookup_says_what_is_wrong(client: TestClient) -> No
     assert r.status_code == 400
     assert "No imaging is known" not in r.text
     assert re.search(r'class="error"[^>]*>[^<]*nosuch', r.text), r.text[-800:]
+
+
+def test_refusals_are_not_kept_by_a_shared_cache(client: TestClient) -> None:
+    """Every HTML answer is no-store (docs/web.md), the refusals of the forms too: they name the
+    study and the facility that was asked."""
+    bad = {"study_instance_uid": "1.2.3", "planned_exam": "CT head", "facility": "kids", "back": "/"}
+    answers = {
+        "avoided page": client.post("/avoided", data=bad, headers=FORM),
+        "avoided fragment": client.post("/avoided", data=bad, headers={**FORM, "HX-Request": "true"}),
+        "import": client.post("/imports", data={"study_uid": "1.2.3", "facility": "kids"}, headers=FORM),
+    }
+    for what, r in answers.items():
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), what
+        assert r.headers.get("cache-control") == "no-store", what
