@@ -438,6 +438,8 @@ def decide_review(*, session: Session, principal: Principal, review_id: int, dec
     """A reviewer's accept (link) or reject, through the identity service; the message shown."""
     if decision not in ("link", "reject"):
         raise BadRequest("decision must be link or reject")
+    if "\x00" in why:
+        raise BadRequest("the reason contains a NUL character (often pasted from another program)")
     identity.decide_review(
         session=session, principal=principal, review_id=review_id, decision=decision, why=why.strip()
     )

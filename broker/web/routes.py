@@ -209,6 +209,7 @@ def avoided(
     planned_exam = form.get("planned_exam", "")[:256]
     facility = form.get("facility", "")[:64]
     try:
+        service.refuse_nul(study=study_instance_uid, exam=planned_exam, facility=facility)
         message, month = pages.record_avoided(
             session=session,
             principal=principal,
@@ -248,6 +249,7 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
     preview, error, status = None, "", 200
     if study and facility:
         try:
+            service.refuse_nul(study=study, facility=facility)
             prepared = imports.prepare(
                 engine=state.engine, principal=principal, study_uid=study[:64], facility_id=facility[:64],
                 calling_ae=state.settings.ae_title,
@@ -276,6 +278,7 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
 def imports_start(request: Request, principal: PrincipalDep, state: StateDep, form: FormDep) -> Response:
     """Start the import confirmed on the page; the job worker runs it."""
     try:
+        service.refuse_nul(study=form.get("study_uid", ""), facility=form.get("facility", ""))
         imports.start_import(
             engine=state.engine, principal=principal, study_uid=form.get("study_uid", "")[:64],
             facility_id=form.get("facility", "")[:64], accession_policy=form.get("accession_policy", "keep"),
@@ -297,6 +300,7 @@ def compare(request: Request, session: SessionDep, principal: PrincipalDep) -> R
     `facility` (default: the caller's)."""
     q = request.query_params
     try:
+        service.refuse_nul(study=q.get("study", ""), facility=q.get("facility", ""), local=q.get("local", ""))
         uids = imports.compare_studies(
             session=session, study_uid=q.get("study", "")[:64],
             facility_id=(q.get("facility") or principal.facility)[:64], local_uid=q.get("local", "")[:64],

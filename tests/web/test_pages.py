@@ -196,3 +196,21 @@ def test_refusals_are_not_kept_by_a_shared_cache(client: TestClient) -> None:
     for what, r in answers.items():
         assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), what
         assert r.headers.get("cache-control") == "no-store", what
+
+
+def test_a_nul_in_a_link_or_form_is_a_page_saying_so(client: TestClient) -> None:
+    """A NUL in the study or facility of the import, compare and "use this prior" pages is a page
+    saying so on either backend, not PostgreSQL's refusal as a JSON body in place of the page."""
+    nul = "1.2.3\x00"
+    answers = {
+        "import preview": client.get("/imports", params={"study": nul, "facility": "kids"}),
+        "compare": client.get("/compare", params={"study": nul}),
+        "import": client.post("/imports", data={"study_uid": nul, "facility": "kids"}, headers=FORM),
+        "avoided": client.post(
+            "/avoided", data={"study_instance_uid": nul, "planned_exam": "CT head", "facility": "kids"}
+        ),
+        "review": client.post("/admin/review/1", data={"decision": "link", "reason": "same\x00"}),
+    }
+    for what, r in answers.items():
+        assert r.status_code == 400, (what, r.status_code)
+        assert r.headers["content-type"].startswith("text/html") and "NUL" in r.text, (what, r.text[:200])
