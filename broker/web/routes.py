@@ -220,7 +220,7 @@ def avoided(
     except ScanOnceError as exc:
         if _partial(request):
             return HTMLResponse(
-                f'<p class="error" role="alert">{escape(exc.message)}</p>',
+                f'<p class="error" role="alert" tabindex="-1" autofocus>{escape(exc.message)}</p>',
                 status_code=exc.status_code,
                 headers=_HTML,
             )
@@ -236,7 +236,9 @@ def avoided(
     view = SimpleNamespace(avoided=month, facility_names=names)
     context = {"v": view, "oob": True}
     count = templates.get_template("_avoided.html").render(context)
-    return HTMLResponse(f'<p class="notice" role="status">{escape(message)}</p>{count}', headers=_HTML)
+    # autofocus: htmx focuses it after the swap, so the keyboard stays where the button was.
+    notice = f'<p class="notice" role="status" tabindex="-1" autofocus>{escape(message)}</p>'
+    return HTMLResponse(notice + count, headers=_HTML)
 
 
 # -- the radiologist's import page ---------------------------------------------------------------

@@ -163,6 +163,8 @@ def test_whole_flow_by_keyboard(demo: Demo, page: Page) -> None:
     button.focus()
     page.keyboard.press("Enter")
     expect(first.locator(".notice")).to_contain_text("Recorded", timeout=10_000)
+    # The button is gone: the keyboard is on its confirmation, not thrown back to the page's top.
+    expect(first.locator(".notice")).to_be_focused()
     assert _avoided_count(page) == before + 1
     months = httpx.get(
         f"{demo.url}/api/metrics/avoided",
