@@ -118,6 +118,10 @@ async def viewer(path: str, request: Request, state: StateDep, principal: Princi
         for uid in value.split(",")
         if uid.strip()
     ]
+    if any("\x00" in uid for uid in uids):
+        message = "The link's study UID contains a NUL character: no study has one."
+        context = {"title": "Not a study", "message": message, "back": "/", "htmx": False}
+        return templates.TemplateResponse(request, "message.html", context, status_code=400, headers=_HTML)
     if uids:
         waiting = await run_in_threadpool(
             service.prepare_studies,

@@ -214,3 +214,9 @@ def test_a_nul_in_a_link_or_form_is_a_page_saying_so(client: TestClient) -> None
     for what, r in answers.items():
         assert r.status_code == 400, (what, r.status_code)
         assert r.headers["content-type"].startswith("text/html") and "NUL" in r.text, (what, r.text[:200])
+
+
+def test_a_nul_in_a_viewer_link_is_a_page_saying_so(client: TestClient) -> None:
+    r = client.get("/viewer/viewer", params={"StudyInstanceUIDs": "1.2.3\x00"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
+    assert "NUL" in r.text
