@@ -348,15 +348,27 @@ def admin_review(
 
 
 def _review_page(
-    request: Request, session: Any, state: Any, *, notice: str = "", error: str = "", status: int = 200
+    request: Request,
+    session: Any,
+    state: Any,
+    *,
+    notice: str = "",
+    error: str = "",
+    status: int = 200,
+    refused: tuple[int, str] | None = None,
 ) -> Response:
+    """`refused`: (item, reason typed) of a refused decision, to show its message beside that
+    item's Reason with the text kept; an item no longer open keeps the message at the top."""
+    cards = pages.review_cards(session=session)
+    beside = refused is not None and any(c.id == refused[0] for c in cards)
     context = {
-        "cards": pages.review_cards(session=session),
+        "cards": cards,
         "field_names": pages.FIELD_NAMES,
         "nav": "review",
         "htmx": _htmx(state),
         "notice": notice,
-        "error": error,
+        "error": "" if beside else error,
+        "refused": {"id": refused[0], "reason": refused[1], "message": error} if beside and refused else None,
     }
     return templates.TemplateResponse(
         request, "admin_review.html", context, status_code=status, headers=_HTML
@@ -373,15 +385,19 @@ def admin_decide(
     form: FormDep,
 ) -> Response:
     """Accept (link) or reject a review item through the identity service."""
+    reason = form.get("reason", "")[:512]
     try:
         notice = pages.decide_review(
             session=session,
             principal=principal,
             review_id=review_id,
             decision=form.get("decision", ""),
-            why=form.get("reason", "")[:512],
+            why=reason,
         )
     except ScanOnceError as exc:
         session.rollback()
-        return _review_page(request, session, state, error=exc.message, status=exc.status_code)
+        refused = (review_id, reason)
+        return _review_page(
+            request, session, state, error=exc.message, status=exc.status_code, refused=refused
+        )
     return _review_page(request, session, state, notice=notice)

@@ -116,6 +116,16 @@ def test_review_decisions_go_through_the_identity_service(client: TestClient) ->
     # A decision needs a reason: refused, and the item stays open.
     r = client.post(f"/admin/review/{item_id}", data={"decision": "link", "reason": ""}, headers=FORM)
     assert r.status_code == 400
+    # Said beside the item's Reason, and what the reviewer typed is still there to correct.
+    typed = {"decision": "link", "reason": "same phone\x00 and address"}
+    r = client.post(f"/admin/review/{item_id}", data=typed, headers=FORM)
+    assert r.status_code == 400
+    field = re.search(rf'<input id="why-{item_id}"[^>]*>', r.text)
+    assert field is not None and 'aria-invalid="true"' in field.group(0), r.text[-3000:]
+    assert 'value="same phone' in field.group(0)
+    assert (
+        f'id="why-{item_id}-error"' in r.text and "NUL" in r.text.split(f'id="why-{item_id}-error"')[1][:200]
+    )
     r = client.post(f"/admin/review/{item_id}", data={"decision": "maybe", "reason": "x"}, headers=FORM)
     assert r.status_code == 400
     with Session(engine) as session:
