@@ -306,6 +306,14 @@ def test_imaging_record_renders_and_prints_to_pdf(demo: Demo, page: Page) -> Non
     page.screenshot(path=str(demo.shots / "record.png"), full_page=True)
     page.emulate_media(media="print")
     assert not page.locator(".noprint").first.is_visible()
+    # Nothing runs off an A4 page (about 700 CSS px between margins) or a parent's phone: the
+    # child's advice wraps, the table fits.
+    for media, width in (("screen", 375), ("print", 700)):
+        page.emulate_media(media=media)  # type: ignore[arg-type]
+        page.set_viewport_size({"width": width, "height": 900})
+        right = page.locator("p.badge.child").evaluate("e => e.getBoundingClientRect().right")
+        assert right <= width and page.evaluate("document.documentElement.scrollWidth") <= width, width
+    page.set_viewport_size({"width": 1280, "height": 900})
     printed = page.evaluate("document.body.innerText")
     # No internal identifiers on paper: no MRN, no UIDs (the back link is not printed).
     assert CHILD[1] not in printed and not re.search(r"\d+\.\d+\.\d+\.\d+", printed)
