@@ -291,7 +291,15 @@ def imports_start(request: Request, principal: PrincipalDep, state: StateDep, fo
             calling_ae=state.settings.ae_title,
         )  # fmt: skip
     except ScanOnceError as exc:
-        context = {"title": "Not imported", "message": exc.message, "back": "/imports", "htmx": False}
+        preview = urlencode(
+            {"study": form.get("study_uid", "")[:64], "facility": form.get("facility", "")[:64]}
+        )
+        context = {
+            "title": "Not imported",
+            "message": exc.message,
+            "back": f"/imports?{preview}",
+            "htmx": False,
+        }
         return templates.TemplateResponse(
             request, "message.html", context, status_code=exc.status_code, headers=_HTML
         )

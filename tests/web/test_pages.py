@@ -230,3 +230,12 @@ def test_a_nul_in_a_viewer_link_is_a_page_saying_so(client: TestClient) -> None:
     r = client.get("/viewer/viewer", params={"StudyInstanceUIDs": "1.2.3\x00"})
     assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
     assert "NUL" in r.text
+
+
+def test_a_refused_import_leads_back_to_its_preview(client: TestClient) -> None:
+    """'Back' from a refused import returns to the preview of that study and destination (to try
+    again once the archive answers), not to the bare list."""
+    r = client.post("/imports", data={"study_uid": "1.2.3", "facility": "kids"}, headers=FORM)
+    assert r.status_code == 404
+    back = re.search(r'<a href="([^"]+)">Back</a>', r.text)
+    assert back is not None and back.group(1) == "/imports?study=1.2.3&amp;facility=kids", back
