@@ -247,6 +247,26 @@ def test_bad_input_is_a_message_beside_its_field(demo: Demo, page: Page) -> None
     expect(page.locator("#exam")).to_have_value("??? !!!")
 
 
+def test_a_failed_lookup_says_so(demo: Demo, page: Page) -> None:
+    """The broker answering 5xx to htmx (its database away: a 503 whose body is the API's JSON)
+    is a message in the answer, not a button that seems to do nothing."""
+    page.goto(demo.lookup_url())
+    expect(page.locator("ol.relevant > li").first).to_be_visible()
+
+    def unavailable(route: Any) -> None:
+        if route.request.headers.get("hx-request") != "true":
+            route.continue_()
+            return
+        body = '{"error": "Service unavailable", "detail": "the database is unreachable; try again shortly"}'
+        route.fulfill(status=503, content_type="application/json", body=body)
+
+    page.route(re.compile(r"/\?facility="), unavailable)
+    page.locator("#find").click()
+    expect(page.locator("#answer")).to_contain_text("could not answer", timeout=10_000)
+    expect(page.locator("#answer")).not_to_contain_text("Service unavailable")  # no JSON shown
+    expect(page.locator("#exam")).to_have_value(EXAM)  # what was typed stays
+
+
 def test_lookup_by_procedure_code(demo: Demo, page: Page) -> None:
     page.goto(demo.lookup_url(exam="", code="74177", system="CPT"))
     expect(page.locator("#answer h2")).to_contain_text("CT abdomen")  # the code's label
