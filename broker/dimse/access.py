@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 from broker.dimse import audit as dimse_audit
 from broker.dimse.service import OUT_OF_RESOURCES, UNABLE_TO_PERFORM_SUBOPERATIONS, status_dataset
@@ -47,9 +48,31 @@ NOT_AUTHORIZED = 0x0124
 UNAVAILABLE_COMMENT = "the index is unavailable; try again later"
 
 
-class AnsweredMoveFailure(Exception):  # noqa: N818 - a signal to pynetdicom, not an error of ours
-    """Raised into pynetdicom by a C-MOVE handler whose failure response is already arranged
-    (`_fail_move`)."""
+class AnsweredRetrieveFailure(Exception):  # noqa: N818 - a signal to pynetdicom, not an error of ours
+    """Raised into pynetdicom by a C-MOVE or C-GET handler whose failure response is already
+    arranged (`fail_retrieve`)."""
+
+
+_answering = threading.local()
+
+
+class _QuietAnsweredFailures(logging.Filter):
+    """pynetdicom logs the exception `fail_retrieve` raises as a broken handler: an ERROR saying
+    the handler "must yield the (address, port) of the destination AE", then the traceback. Each
+    bad identifier from a peer would put both in the operator's log as a fault of ours, when the
+    peer was answered as intended (and the handler logged its own line). Dropped on the thread
+    that answered, up to and including the record of that exception."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_answering, "on", False) or record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, AnsweredRetrieveFailure) or AnsweredRetrieveFailure.__name__ in str(record.msg):
+            _answering.on = False
+        return False
+
+
+logging.getLogger("pynetdicom.service_class").addFilter(_QuietAnsweredFailures())
 
 
 # The policy's action for each DIMSE operation (broker.security.policy.ACTIONS).
@@ -80,8 +103,7 @@ def refusal(event: evt.Event, operation: str) -> Any:
     if operation == "C-FIND":
         return iter([(status, None)])
     if operation == "C-GET":
-        # pynetdicom's C-GET wants the number of sub-operations before any status.
-        return iter([1, (status, None)])
+        return fail_retrieve(event, NOT_AUTHORIZED, "not authorized for this operation")
     if operation == "C-MOVE":
         return _refuse_move(event)
     return status
@@ -113,24 +135,28 @@ def unavailable(event: evt.Event, operation: str) -> Any:
         return status_dataset(OUT_OF_RESOURCES, "storage temporarily unavailable")
     if operation == "C-FIND":
         return iter([(status_dataset(OUT_OF_RESOURCES, UNAVAILABLE_COMMENT), None)])
-    if operation == "C-GET":
-        return iter([1, (status_dataset(UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT), None)])
-    return _fail_move(event, UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT)
+    return fail_retrieve(event, UNABLE_TO_PERFORM_SUBOPERATIONS, UNAVAILABLE_COMMENT)
 
 
-def _fail_move(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
-    """pynetdicom wants a C-MOVE handler's first answer to be the move destination, whose lookup
-    needs the database, and sends a final failure only after a sub-association to it. So the
-    handler raises instead, and pynetdicom answers the request with its own status for a failing
-    handler (0xC514, no comment); that one response gets `status` and `comment` on its way out.
-    The association stays up (unlike `_refuse_move`, which must also stop the sub-association)."""
+def fail_retrieve(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
+    """Answer a C-MOVE or C-GET with a failure decided before any sub-operation (the database
+    away, a bad identifier, a refusal).
+
+    pynetdicom sends a handler's final status only after one announced sub-operation: a C-GET
+    answer then counted one failed sub-operation that never was, and a C-MOVE first associated
+    with the destination (its first answer), for nothing, and was answered 0xA801 instead when
+    the destination is down. So the handler raises instead, and pynetdicom answers the request
+    with its own status for a failing handler (0xC514 / 0xC413, no comment, no counts); that
+    one response gets `status` and `comment` on its way out. The association stays up (unlike
+    `_refuse_move`, which must also stop the sub-association)."""
     dimse = event.assoc.dimse
     message_id = event.request.MessageID
+    response_type = C_GET if isinstance(event.request, C_GET) else C_MOVE
     patched = "send_msg" in vars(dimse)
     original = dimse.send_msg
 
     def send_msg(primitive: Any, context_id: int) -> None:
-        if isinstance(primitive, C_MOVE) and primitive.MessageIDBeingRespondedTo == message_id:
+        if isinstance(primitive, response_type) and primitive.MessageIDBeingRespondedTo == message_id:
             if patched:
                 dimse.send_msg = original  # type: ignore[method-assign]
             else:
@@ -140,8 +166,11 @@ def _fail_move(event: evt.Event, status: int, comment: str) -> Iterator[Any]:
         original(primitive, context_id)
 
     dimse.send_msg = send_msg  # type: ignore[method-assign]
-    raise AnsweredMoveFailure(comment)
-    yield  # a generator, as pynetdicom expects of a C-MOVE handler
+    _answering.on = True
+    # pynetdicom logs this exception: its message must not carry the comment, which can quote
+    # the identifier's values.
+    raise AnsweredRetrieveFailure(f"answered 0x{status:04X}")
+    yield  # a generator, as pynetdicom expects of a C-MOVE / C-GET handler
 
 
 def guarded(operation: str, handler: Callable[..., Any]) -> Callable[..., Any]:

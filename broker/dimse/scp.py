@@ -815,8 +815,9 @@ def _search_pages(
         with Session(handle.state.engine) as session:
             query.visible = consent_service.visibility(principal=principal)
             result = search(session=session, query=query)
+        ignored = bool(result.warnings or request.unmatched)
         for match in result.matches:
-            yield match, bool(result.warnings)
+            yield match, ignored
         if not result.more or not result.matches:
             return
         offset += len(result.matches)
@@ -833,11 +834,12 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
       QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192"). Sent by `_PendingResponses`,
       not yielded to pynetdicom (see there why).
     - 0xFF01 Pending, but some optional keys are not supported for matching and were ignored
-      (PS3.4 C.4.1.1.3.1); the answer is as if they had been universal.
+      (PS3.4 C.4.1.1.3.1), among them any sequence key with a match value (sequence matching is
+      not supported); the answer is as if they had been universal.
     - 0x0000 Success: all matches sent (sent by pynetdicom when this generator ends).
     - 0xFE00 Cancel: the peer sent C-CANCEL.
-    - 0xA900 Identifier does not match SOP class: missing or foreign QueryRetrieveLevel, an
-      unknown or non-attribute key, a UID key that is not a UID list, an undecodable identifier.
+    - 0xA900 Identifier does not match SOP class: missing or foreign QueryRetrieveLevel, a
+      command or file-meta element, a UID key that is not a UID list, an undecodable identifier.
     - 0xC000 Unable to process: a value the matching rules reject (e.g. a malformed date
       range); ErrorComment says which.
     - 0xC001 Unable to process: the index failed.
@@ -1150,7 +1152,10 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
       (retrieve on demand); ErrorComment names the facility.
     - 0xA900 Identifier does not match SOP class: as for C-FIND, and when the unique key of
       the retrieve level (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) is
-      missing or a wildcard; 0xC000 Unable to process (bad value); 0xC001 the index failed.
+      missing or a wildcard, or a PatientID list (one patient per request); 0xC000 Unable to
+      process (bad value); 0xC001 the index failed.
+      These, and the 0xA702 above, are decided before any sub-operation: answered without
+      connecting to the destination, and whether or not it is up.
     - 0xA702 also while the database is away, before the destination could be looked up
       (answered on the association, which stays up: broker.dimse.access.unavailable).
     """
@@ -1170,11 +1175,10 @@ def _on_move(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         dimse_audit.record(handle.state, event, principal, "C-MOVE")
         items = _instances_to_send(handle, event)
     except Exception as exc:
-        # pynetdicom sends a final failure only after one announced sub-operation, and opens
-        # the sub-association first (it needs a context to propose).
-        yield (*destination, {"contexts": [build_context(Verification)]})
-        yield 1
-        yield _failure(exc), None
+        # Answered without a sub-association: nothing is to be sent, and the peer learns why
+        # whether or not the destination is up.
+        failure = _failure(exc)
+        yield from access.fail_retrieve(event, int(failure.Status), str(failure.get("ErrorComment", "")))
         return
     yield (*destination, {"contexts": _move_contexts(items)} if items else {})
     yield len(items)
@@ -1199,8 +1203,8 @@ def _on_get(event: evt.Event, handle: ScpHandle) -> Iterator[Any]:
         dimse_audit.record(handle.state, event, principal, "C-GET")
         items = _instances_to_send(handle, event)
     except Exception as exc:
-        yield 1
-        yield _failure(exc), None
+        failure = _failure(exc)  # answered without a sub-operation count (access.fail_retrieve)
+        yield from access.fail_retrieve(event, int(failure.Status), str(failure.get("ErrorComment", "")))
         return
     yield len(items)
     yield from _send_items(event, handle, items)

@@ -251,6 +251,22 @@ class FindRequest:
     return_keys: list[BaseTag]  # every requested attribute, in identifier order
     study_uid: str | None
     series_uid: str | None
+    # Keys with a match value the SCP does not match on (sequence matching): answered FF01.
+    unmatched: list[str] = field(default_factory=list)
+
+
+def _has_match_value(items: Iterable[Dataset]) -> bool:
+    """Whether a sequence key asks for sequence matching (PS3.4 C.2.2.2.6): an item holds a
+    value. Items of empty keys only name what to return."""
+    for item in items:
+        for elem in item:
+            if elem.keyword == "SpecificCharacterSet":
+                continue
+            if elem.VR == "SQ" and _has_match_value(elem.value):
+                return True
+            if elem.VR != "SQ" and not elem.is_empty:
+                return True
+    return False
 
 
 def _match_string(elem: DataElement) -> str:
@@ -265,11 +281,14 @@ def _match_string(elem: DataElement) -> str:
 def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindRequest:
     """Turn a C-FIND/C-MOVE/C-GET identifier into a query on the index.
 
-    Raises IdentifierError(0xA900) for a missing or foreign QueryRetrieveLevel, unknown or
-    command/file-meta tags, or a malformed unique key; value syntax is left to the index's
-    matching rules (the same as QIDO-RS), whose BadRequest the SCP reports as 0xC000.
+    Raises IdentifierError(0xA900) for a missing or foreign QueryRetrieveLevel, command or
+    file-meta tags, or a malformed unique key (data set group lengths are skipped);
+    value syntax is left to the index's matching rules (the same as QIDO-RS), whose BadRequest
+    the SCP reports as 0xC000.
     Private tags are neither matched nor returned (PS3.4 C.4.1.1.3.1 lets an SCP ignore keys it
-    does not support). Sequence keys are return keys only: sequence matching is not supported.
+    does not support). Sequence keys are return keys only: sequence matching is not supported,
+    and a sequence key with a match value is listed in `unmatched` (the SCP answers FF01), as
+    is a tag missing from the data dictionary that has a value (neither matched nor returned).
     """
     level_elem = identifier.get("QueryRetrieveLevel")
     level = str(level_elem).strip().upper() if level_elem is not None else ""
@@ -278,24 +297,32 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
         raise IdentifierError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"QueryRetrieveLevel must be {allowed}")
     filters: dict[str, str] = {}
     return_keys: list[BaseTag] = []
+    unmatched: list[str] = []
     for elem in identifier:
         tag = elem.tag
         if tag.is_private:
             continue
-        if tag.group in (0x0000, 0x0002) or tag.element == 0x0000:
+        if tag.element == 0x0000 and tag.group not in (0x0000, 0x0002):
+            continue  # a data set's Group Length, retired (PS3.5 7.2) but still sent: no key
+        if tag.group in (0x0000, 0x0002):
             raise IdentifierError(
                 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"({tag.group:04X},{tag.element:04X}) is not a key"
             )
         keyword = keyword_for_tag(tag)
         if not keyword:
-            raise IdentifierError(
-                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                f"unknown key ({tag.group:04X},{tag.element:04X})",
-            )
+            # Well formed but not in the dictionary (a newer standard's attribute): an optional
+            # key the SCP does not support, as for QIDO-RS. Not returned: its VR is unknown.
+            if elem.VR == "SQ" or not elem.is_empty:
+                unmatched.append(f"({tag.group:04X},{tag.element:04X})")
+            continue
         if keyword in _CONTROL_KEYWORDS:
             continue
         return_keys.append(tag)
-        if elem.VR == "SQ" or elem.is_empty:
+        if elem.VR == "SQ":
+            if _has_match_value(elem.value):
+                unmatched.append(keyword)
+            continue
+        if elem.is_empty:
             continue
         value = _match_string(elem).strip()
         if value and value != "*":
@@ -312,6 +339,7 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
         return_keys=return_keys,
         study_uid=study_uid,
         series_uid=series_uid,
+        unmatched=unmatched,
     )
 
 
@@ -325,7 +353,7 @@ _UNIQUE_KEY = {
 
 def require_retrieve_key(request: FindRequest) -> None:
     """C-MOVE/C-GET name what to send by the unique key of the retrieve level (PS3.4
-    C.4.2.2.1/C.4.3.2.1), a value or a list, never a wildcard: an identifier without it would
+    C.4.2.2.1/C.4.3.2.1), a value or a list of UIDs, never a wildcard: an identifier without it would
     otherwise move every match of the other keys, possibly the whole archive."""
     keyword = _UNIQUE_KEY[request.level]
     value = request.filters.get(keyword, "")
@@ -333,6 +361,10 @@ def require_retrieve_key(request: FindRequest) -> None:
         raise IdentifierError(
             IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is required at {request.level} level"
         )
+    if request.level == "PATIENT" and "\\" in value:
+        # Lists are for the UID keys of the levels below (list of UID matching); a Patient ID
+        # is matched as a single value, and a list would be read as one ID that names no one.
+        raise IdentifierError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID must be a single value")
 
 
 def _unique_key(filters: dict[str, str], keyword: str, *, single: bool) -> str | None:

@@ -138,4 +138,11 @@ def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> lis
         raise Unavailable(f"facility {facility.id!r} is unavailable: {exc.message}") from exc
     except DimseStatusError as exc:
         raise Unavailable(f"facility {facility.id!r} failed the C-GET: {exc}") from exc
+    if result.failed:
+        # Only part of the study arrived (0xB000, or 0xA702 when nothing did): taking it would
+        # mark the study as held here with instances missing, never to be asked for again. A
+        # WADO-RS retrieve that breaks off is refused whole the same way.
+        raise Unavailable(
+            f"facility {facility.id!r} failed to send {result.failed} instance(s) of the study by C-GET"
+        )
     return list(result.paths)

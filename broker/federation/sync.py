@@ -5,8 +5,9 @@ only studies that are new or whose series/instance counts changed are asked abou
 level, and each page is written in one transaction. Every study seen is stamped with the job's
 id, so:
 
-- a job that is interrupted and claimed again skips what it already wrote (and, for QIDO-RS,
-  resumes the listing at its checkpointed offset);
+- a job that is interrupted and claimed again lists the archive again (one query; paging is
+  not stable on every archive, see peers.archive) and skips the studies it already stamped;
+  its checkpoint keeps the listing mode and the count written;
 - once the listing is complete, the studies of that facility not stamped by this job are gone
   from the facility, and leave the index (unless the broker holds their pixels).
 """

@@ -9,15 +9,18 @@ unsupported type). Nothing is applied unless the whole message is.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import hl7
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from broker.errors import BadRequest, ScanOnceError
+from broker.errors import BadRequest, Conflict, NotFound, ScanOnceError
 from broker.facilities import service as facilities
 from broker.identity import matching, service
 from broker.identity.schemas import Identifier
@@ -28,6 +31,47 @@ log = logging.getLogger("scanonce.identity.adt")
 
 SUPPORTED = ("A01", "A04", "A08", "A40")
 _MAX_REPS = 20
+
+
+# HL7 table 0357 (message error condition codes): ERR-3 of a negative ACK.
+SEGMENT_SEQUENCE = "100"
+REQUIRED_FIELD = "101"
+DATA_TYPE = "102"
+UNSUPPORTED_TYPE = "200"
+UNSUPPORTED_EVENT = "201"
+UNKNOWN_KEY = "204"
+RECORD_LOCKED = "206"
+INTERNAL = "207"
+_ERROR_NAMES = {
+    SEGMENT_SEQUENCE: "Segment sequence error",
+    REQUIRED_FIELD: "Required field missing",
+    DATA_TYPE: "Data type error",
+    UNSUPPORTED_TYPE: "Unsupported message type",
+    UNSUPPORTED_EVENT: "Unsupported event code",
+    UNKNOWN_KEY: "Unknown key identifier",
+    RECORD_LOCKED: "Application record locked",
+    INTERNAL: "Application internal error",
+}
+
+
+class MessageError(BadRequest):
+    """Wrong message content, with the table 0357 code its ACK's ERR-3 carries."""
+
+    def __init__(self, message: str, *, hl7_code: str) -> None:
+        super().__init__(message)
+        self.hl7_code = hl7_code
+
+
+def _hl7_code(exc: ScanOnceError) -> str:
+    if isinstance(exc, MessageError):
+        return exc.hl7_code
+    if isinstance(exc, NotFound):
+        return UNKNOWN_KEY  # a merge naming an identifier the index does not hold
+    if isinstance(exc, Conflict):
+        return RECORD_LOCKED  # a move that lost its race: sending again succeeds
+    if isinstance(exc, BadRequest):
+        return DATA_TYPE  # a value the index cannot take (an identifier over 128 characters)
+    return INTERNAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +86,87 @@ def _get(msg: Any, path: str) -> str:
         return str(msg[path] or "").strip()
     except (KeyError, IndexError, ValueError, AttributeError):
         return ""
+
+
+# The delimiter escapes (HL7 v2.5 2.7.4), left for the hl7 library to resolve once parsed.
+_DELIMITER_ESCAPES = frozenset("FSTRE")
+# Highlighting (2.7.3) and formatting (2.7.6): a space at most in a name or an address.
+_FORMATTING = re.compile(r"[HN]|\.(br|fi|nf|sk|ce|(sp|in|ti)[+-]?\d*)")
+_HEX = re.compile(r"X((?:[0-9A-Fa-f]{2})+)")
+
+
+# MSH-18 (HL7 table 0211) -> Python codec, for the character sets a sender may declare whose
+# header is still ASCII (so MSH-18 can be read before the message is decoded).
+_CODECS = {"ASCII": "ascii", "UNICODE UTF-8": "utf-8", "GB 18030-2000": "gb18030", "KS X 1001": "euc_kr"}
+_CODECS |= {"BIG-5": "big5", "ISO IR87": "iso2022_jp", "ISO IR159": "iso2022_jp_2", "ISO IR6": "ascii"}
+_CODECS |= {f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16)}
+
+
+def declared_codec(header: str) -> str:
+    """The codec MSH-18 of this MSH segment names ("" when none, or one we do not know)."""
+    fields = header.split("\r", 1)[0].split(header[3]) if len(header) > 3 else []
+    declared = fields[17] if len(fields) > 17 else ""
+    # A repeated MSH-18 names the default set first; a component names it first too.
+    return _CODECS.get(declared.split("~")[0].split("^")[0].strip().upper(), "")
+
+
+def decode_text(data: bytes, codec: str) -> str:
+    """Bytes of a message (or of a \\X..\\ escape) as text, `codec` being what MSH-18 declares.
+
+    A single-byte declaration (ASCII, ISO 8859) comes after UTF-8: senders often declare 8859/1
+    and send UTF-8, and valid multi-byte UTF-8 is next to impossible in real 8859 text (Ã then a
+    symbol). A multi-byte one (GB 18030, Big5, ...) comes first: its pairs can be valid UTF-8.
+    Latin-1, HL7 v2's traditional default, takes whatever is left."""
+    single_byte = codec in ("", "ascii") or codec.startswith("iso8859-")
+    order = ("utf-8", codec) if single_byte else (codec, "utf-8")
+    for name in order:
+        if not name:
+            continue
+        try:
+            return data.decode(name)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return data.decode("latin-1")
+
+
+def _decode_escapes(raw: str) -> str:
+    """Resolve what the `hl7` library would get wrong or log before it parses the message.
+
+    The library reads \\X..\\ bytes one per character (Latin-1), so a UTF-8 MÜLLER came out as
+    MÃ¼LLER; for an escape it does not know (an empty one, a character-set switch, bad hex)
+    it logs the whole field, a patient's name or address; highlighting became "_". Hex bytes are
+    decoded here (`decode_text`: MSH-18's character set or UTF-8) and written back as text,
+    highlighting dropped, formatting made a space, anything else dropped (as the library drops
+    it, but silently). Escapes never span a delimiter, so this works on the raw text, from MSH-3
+    on (MSH-2 holds the escape character itself)."""
+    if not raw.startswith("MSH") or len(raw) < 8:
+        return raw
+    sep = raw[3]
+    end = raw.find(sep, 4)
+    encoding = raw[4:end] if end > 0 else ""
+    if len(encoding) < 3:
+        return raw
+    comp, rep_, esc = encoding[0], encoding[1], encoding[2]
+    sub = encoding[3] if len(encoding) > 3 else ""
+    names = {sep: "F", comp: "S", rep_: "R", esc: "E"} | ({sub: "T"} if sub else {})
+    stops = "".join(re.escape(c) for c in (sep, comp, rep_, esc, sub, "\r") if c)
+    pattern = re.compile(f"{re.escape(esc)}([^{stops}]*){re.escape(esc)}")
+    codec = declared_codec(raw)
+
+    def resolve(m: re.Match[str]) -> str:
+        value = m.group(1)
+        if value in _DELIMITER_ESCAPES:
+            return m.group(0)
+        if _FORMATTING.fullmatch(value):
+            return "" if value in ("H", "N") else " "
+        if hexed := _HEX.fullmatch(value):
+            text = decode_text(bytes.fromhex(hexed.group(1)), codec)
+            # Delimiters the bytes spell stay data: escaped again, for the library to resolve.
+            return "".join(f"{esc}{names[c]}{esc}" if c in names else (c if c >= " " else " ") for c in text)
+        return ""
+
+    head = end + 1
+    return raw[:head] + pattern.sub(resolve, raw[head:])
 
 
 def _issuer_for(msg: Any, cx_path: str, known: dict[str, str]) -> str:
@@ -59,13 +184,17 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
         path = f"{seg}.F{field}.R{rep}"
         value = _get(msg, f"{path}.C1")
         if not value:
-            if rep == 1:
-                continue
-            break
+            continue  # an empty repetition (or none): later ones may still hold identifiers
         issuer = _issuer_for(msg, path, known)
+        if any(c < " " or c == "\x7f" for c in issuer + value):
+            # No HL7 ST value holds one; PostgreSQL would refuse a NUL where SQLite kept it.
+            raise MessageError(
+                f"{seg}-{field} identifier must not contain control characters", hl7_code=DATA_TYPE
+            )
         if not issuer:
-            raise BadRequest(
-                f"{seg}-{field} identifier has no assigning authority and the sending facility is unknown"
+            raise MessageError(
+                f"{seg}-{field} identifier has no assigning authority and the sending facility is unknown",
+                hl7_code=REQUIRED_FIELD,
             )
         out.append(Identifier(issuer=issuer, value=value))
     return out
@@ -73,9 +202,15 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
 
 def _demographics(msg: Any) -> matching.Demographics:
     raw_dob = _get(msg, "PID.F7.R1.C1")[:8]
+    if len(raw_dob) in (4, 6) and raw_dob.isdigit():
+        # Precision to the year or month (HL7 DT): real if its first day is; matched as unknown,
+        # since a guessed day would count as a disagreement with the true one.
+        if not matching.normalize_date(f"{raw_dob[:4]}{raw_dob[4:6] or '01'}01"):
+            raise MessageError("PID-7 birth date is not a real past date", hl7_code=DATA_TYPE)
+        raw_dob = ""
     dob = matching.normalize_date(raw_dob)
     if raw_dob and not dob:
-        raise BadRequest("PID-7 birth date is not a real past date")
+        raise MessageError("PID-7 birth date is not a real past date", hl7_code=DATA_TYPE)
     address = " ".join(
         _get(msg, f"PID.F11.R1.C{c}") for c in (1, 2, 3, 4, 5) if _get(msg, f"PID.F11.R1.C{c}")
     )
@@ -106,52 +241,94 @@ def feed_principal(*, facility: str) -> Principal:
     return Principal(who="hl7", role=Role.facility, facility=facility)
 
 
-def nak(code: str, text: str, control_id: str = "") -> Ack:
-    """An ACK built by hand, for messages (or MLLP blocks) too broken to build one from."""
-    safe = text.replace("|", " ").replace("\r", " ")
-    msg = f"MSH|^~\\&|SCANONCE||||||ACK|{control_id or 'NAK'}|P|2.5\rMSA|{code}|{control_id}|{safe}\r"
-    return Ack(code=code, text=text, message=msg)
+# The ACK is written with the standard delimiters whatever the sender used (MSH-1/MSH-2 say
+# which), so every value copied into it is escaped against those.
+_ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
 
 
-def _ack(msg: Any, code: str, text: str = "") -> Ack:
-    ack = msg.create_ack(code, application="SCANONCE")
-    if text:
-        ack.segment("MSA").assign_field(text.replace("|", " "), 3)
-    return Ack(code=code, text=text, message=str(ack))
+def _escape(value: str) -> str:
+    for char, escape in _ESCAPES:
+        value = value.replace(char, escape)
+    # Control characters (a segment separator, MLLP's <VT>/<FS>) would break the ACK's framing.
+    return "".join(c if c >= " " else " " for c in value)
+
+
+def _build_ack(code: str, text: str, msg: Any = None, error: str = "") -> Ack:
+    """The ACK for `msg` (None: too broken to read): built by hand, because the `hl7` library's
+    `create_ack` fails on a header that stops early or has no trigger event, and copies the
+    sender's delimiters and values unescaped. A negative ACK carries ERR with `error` (table
+    0357; 207 if not given), severity E and the text again in ERR-8."""
+
+    def hd(field: int) -> str:
+        parts = [_escape(_get(msg, f"MSH.F{field}.R1.C{c}")) for c in (1, 2, 3)] if msg is not None else []
+        return "^".join(parts).rstrip("^")
+
+    control_id = _escape(_get(msg, "MSH.F10")) if msg is not None else ""
+    event = _escape(_get(msg, "MSH.F9.R1.C2")) if msg is not None else ""
+    processing = (_escape(_get(msg, "MSH.F11.R1.C1")) if msg is not None else "") or "P"
+    version = (_escape(_get(msg, "MSH.F12.R1.C1")) if msg is not None else "") or "2.5"
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    msh = [
+        "MSH", "^~\\&", "SCANONCE", hd(6), hd(3), hd(4), stamp, "",
+        f"ACK^{event}^ACK" if event else "ACK", f"ACK{uuid.uuid4().hex[:16].upper()}", processing, version,
+    ]  # fmt: skip
+    segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
+    if code != "AA":
+        error = error or INTERNAL
+        name = _ERROR_NAMES[error]
+        # ERR-1 is where v2.3/2.4 receivers look (error code and location, the code in its
+        # fourth component); ERR-3 and ERR-4 are v2.5's. Both, whatever version the sender speaks.
+        segments.append(f"ERR|^^^{error}&{name}&HL70357||{error}^{name}^HL70357|E||||{_escape(text)}")
+    return Ack(code=code, text=text, message="\r".join(segments) + "\r")
+
+
+def nak(code: str, text: str, error: str = INTERNAL) -> Ack:
+    """An ACK for messages (or MLLP blocks) too broken to build one from."""
+    return _build_ack(code, text, error=error)
+
+
+def _ack(msg: Any, code: str, text: str = "", error: str = "") -> Ack:
+    return _build_ack(code, text, msg, error)
 
 
 def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
     """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
     authorize(principal, action="identity.feed", facility=principal.facility)
     try:
-        msg = hl7.parse(raw.replace("\n", "\r").strip("\r\x0b\x1c"))
+        # Segments end with CR; LF or CR LF (files, test tools) are read alike.
+        text = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x0b\x1c")
+        msg = hl7.parse(_decode_escapes(text))
         msg.segment("MSH")
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
-        return nak("AR", "message could not be parsed as HL7 v2")
+        return nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE)
     control_id = _get(msg, "MSH.F10")
+    if len(msg.segments("MSH")) > 1:
+        # One ACK cannot acknowledge two messages: the sender would take AA for both.
+        return _ack(msg, "AR", "an MLLP block carries one message; this one holds several", SEGMENT_SEQUENCE)
     msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
     if msg_type != "ADT" or event not in SUPPORTED:
-        return _ack(msg, "AR", f"unsupported message type {msg_type}^{event}"[:80])
+        error = UNSUPPORTED_TYPE if msg_type != "ADT" else UNSUPPORTED_EVENT
+        return _ack(msg, "AR", f"unsupported message type {msg_type}^{event}"[:80], error)
     try:
         msg.segment("PID")
     except KeyError:
-        return _ack(msg, "AE", "PID segment missing")
+        return _ack(msg, "AE", "PID segment missing", SEGMENT_SEQUENCE)
     try:
         with Session(engine, expire_on_commit=False) as session:
             known = _known_issuers(session)
             ids = _identifiers(msg, "PID", 3, known)
             if not ids:
-                raise BadRequest("PID-3 carries no patient identifier")
+                raise MessageError("PID-3 carries no patient identifier", hl7_code=REQUIRED_FIELD)
             if event == "A40":
                 prior = _identifiers(msg, "MRG", 1, known)
                 if not prior:
-                    raise BadRequest("A40 needs MRG-1 (prior patient identifier)")
+                    raise MessageError("A40 needs MRG-1 (prior patient identifier)", hl7_code=REQUIRED_FIELD)
                 service.merge(
                     session=session,
                     principal=principal,
                     survivor=ids[0],
                     merged=prior[0],
-                    why=f"ADT^A40 {control_id}",
+                    why=f"ADT^A40 {''.join(c if c >= ' ' else ' ' for c in control_id)}",
                 )
             else:
                 service.upsert_record(
@@ -164,12 +341,17 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
                 )
                 session.commit()
     except ScanOnceError as exc:
-        return _ack(msg, "AE", exc.message[:200])
+        return _ack(msg, "AE", exc.message[:200], _hl7_code(exc))
     except Exception as exc:
         # Not the exception's text: a database error quotes the row (a patient's identifiers).
         frame = traceback.extract_tb(exc.__traceback__)[-1]
+        # The control id is the sender's text: bounded, and repr() so no escape reaches a terminal.
         log.error(
-            "ADT message %s failed: %s at %s:%s", control_id, type(exc).__name__, frame.filename, frame.lineno
+            "ADT message %r failed: %s at %s:%s",
+            control_id[:64],
+            type(exc).__name__,
+            frame.filename,
+            frame.lineno,
         )
-        return _ack(msg, "AE", "internal error while applying the message")
+        return _ack(msg, "AE", "internal error while applying the message", INTERNAL)
     return _ack(msg, "AA")

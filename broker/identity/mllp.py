@@ -28,7 +28,7 @@ from hl7.mllp import InvalidBlockError, start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
-from broker.identity.adt import Ack, handle_message, nak
+from broker.identity.adt import SEGMENT_SEQUENCE, Ack, declared_codec, decode_text, handle_message, nak
 from broker.metrics import observe_mllp
 from broker.security.schemas import Principal
 
@@ -46,10 +46,31 @@ _connections: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]]
 
 
 def _decode(block: bytes) -> str:
+    """In the character set MSH-18 declares, or UTF-8, or Latin-1 (`adt.decode_text`)."""
+    return decode_text(block, declared_codec(block.split(b"\r", 1)[0].decode("latin-1")))
+
+
+_START_BLOCK, _END_BLOCK = b"\x0b", b"\x1c\r"
+# What senders put between blocks: a CR/LF after <FS><CR>, or padding. Not part of any block.
+_BETWEEN_BLOCKS = frozenset(b" \t\r\n")
+
+
+async def _read_block(reader: HL7StreamReader) -> bytes:
+    """The next MLLP block's content, as `HL7StreamReader.readblock` reads it, but skipping
+    whitespace before the <VT>: the library took a trailing <LF> for the start of a block
+    without <VT>, and the message after it was answered AR and lost.
+
+    Raises InvalidBlockError (anything else before <VT>: the block is consumed), ValueError
+    (over the stream's limit), asyncio.IncompleteReadError (the peer went away)."""
+    while (first := await reader.readexactly(1))[0] in _BETWEEN_BLOCKS:
+        pass
     try:
-        return block.decode("utf-8")
-    except UnicodeDecodeError:
-        return block.decode("latin-1")  # HL7 v2's traditional 8-bit default
+        rest = await reader.readuntil(_END_BLOCK)
+    except asyncio.LimitOverrunError as exc:
+        raise ValueError(str(exc)) from exc
+    if first != _START_BLOCK:
+        raise InvalidBlockError("Block does not begin with Start Block character <VT>")
+    return rest[: -len(_END_BLOCK)]
 
 
 async def _reply(writer: HL7StreamWriter, ack: Ack) -> None:
@@ -65,10 +86,11 @@ async def _serve_connection(
     try:
         while True:
             try:
-                block = await reader.readblock()
+                block = await _read_block(reader)
             except InvalidBlockError:
                 # The bytes up to the end-of-block were consumed: the next block can still be read.
-                await _reply(writer, nak("AR", "MLLP block does not start with <VT> (0x0B)"))
+                no_vt = nak("AR", "MLLP block does not start with <VT> (0x0B)", SEGMENT_SEQUENCE)
+                await _reply(writer, no_vt)
                 continue
             except ValueError:
                 await _reply(writer, nak("AR", f"message larger than {MAX_MESSAGE_BYTES} bytes"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from typing import Any, NamedTuple, cast
@@ -172,6 +173,10 @@ def set_policy(
         (r if review is None else review),
         (st if strict is None else strict),
     )
+    if not (math.isfinite(a) and math.isfinite(r)):
+        # NaN compares false with every weight (nothing would link or be reviewed, silently),
+        # and JSON has no NaN or infinity to store.
+        raise BadRequest("thresholds must be finite numbers (a large one, e.g. 1000, means never auto-link)")
     if r > a:
         raise BadRequest("the review threshold must not be above the auto-link threshold")
     params["policy"] = LinkPolicy(auto=a, review=r, strict=st)

@@ -255,7 +255,12 @@ def _range(
 ) -> ColumnElement[bool]:
     bounds = check_temporal(keyword, vr, value)
     if bounds is None:
-        return column == norm(_CHECKS[vr](keyword, value), False)
+        single = _CHECKS[vr](keyword, value)
+        if vr == "TM":
+            # Every stored spelling of the instants the value names, at its precision: 101500
+            # finds 101500, 101500.000 and 101500.25 (the index keeps a time as written).
+            return and_(column >= norm(single, False), column <= norm(single, True))
+        return column == norm(single, False)
     lo, hi = bounds
     conds = []
     if lo:
@@ -270,10 +275,16 @@ def _date_norm(value: str, _upper: bool) -> str:
 
 
 def _time_norm(value: str, upper: bool) -> str:
-    if upper and "." not in value:
-        # An upper bound of 1230 includes 12:30:59.999999.
-        return value.ljust(6, "9")[:6] + ".999999" if len(value) < 6 else value + ".999999"
-    return normalize_time(value)
+    """A time as a bound on the stored HHMMSS[.ffffff] strings, at the precision it was given:
+    as an upper bound its last instant (1230 ends at 123059.999999, 101500.5 at 101500.599999),
+    as a lower bound its first, with a fraction's trailing zeros dropped: the index keeps a
+    fraction as the object wrote it, and of 101500, 101500.0 and 101500.000 (one instant) the
+    shortest sorts first."""
+    main, _dot, frac = value.replace(":", "").strip().partition(".")
+    if upper:
+        return main.ljust(6, "9")[:6] + "." + frac.ljust(6, "9")[:6]
+    frac = frac.rstrip("0")
+    return main.ljust(6, "0")[:6] + ("." + frac if frac else "")
 
 
 def _values(value: str) -> list[str]:
@@ -528,15 +539,18 @@ def search(*, session: Session, query: Query) -> QueryResult:
     matches: list[dict[str, Any]] = []
     if level == "patient":
         wanted = _wanted(query, A.PATIENT_DEFAULTS, asked)
-        n_studies = (
-            select(func.count())
-            .select_from(_study)
-            .where(_study.c.patient_pk == _patient.c.pk)
-            .scalar_subquery()
-        )
-        stmt = _paged(
-            select(_patient, n_studies.label("n_studies")).where(*conds).order_by(_patient.c.pk), query
-        )
+        mine = _study.c.patient_pk == _patient.c.pk
+        counts = [select(func.count()).select_from(_study).where(mine).scalar_subquery().label("n_studies")]
+        # The series and instance totals only when asked: each is one more subquery per row.
+        wants_series = wanted is None or "00201202" in wanted
+        wants_instances = wanted is None or "00201204" in wanted
+        if wants_series:
+            total = func.coalesce(func.sum(_study.c.num_series), 0)
+            counts.append(select(total).where(mine).scalar_subquery().label("n_series"))
+        if wants_instances:
+            total = func.coalesce(func.sum(_study.c.num_instances), 0)
+            counts.append(select(total).where(mine).scalar_subquery().label("n_instances"))
+        stmt = _paged(select(_patient, *counts).where(*conds).order_by(_patient.c.pk), query)
         rows = session.execute(stmt).all()
         for row in rows[: query.limit]:
             attrs = {
@@ -551,6 +565,10 @@ def search(*, session: Session, query: Query) -> QueryResult:
                 "00100040": {"vr": "CS", "Value": [row.sex]} if row.sex else {"vr": "CS"},
                 "00201200": {"vr": "IS", "Value": [row.n_studies]},
             }
+            if wants_series:
+                attrs["00201202"] = {"vr": "IS", "Value": [int(row.n_series)]}
+            if wants_instances:
+                attrs["00201204"] = {"vr": "IS", "Value": [int(row.n_instances)]}
             matches.append(_finish(_pick(attrs, wanted), wanted, A.PATIENT_DEFAULTS))
     elif level == "study":
         wanted = _wanted(query, A.STUDY_DEFAULTS, asked)

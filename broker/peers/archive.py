@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import httpx
 import multipart as mp
@@ -125,6 +125,15 @@ def _series(attrs: dict[str, Any]) -> RemoteSeries | None:
     )
 
 
+def _is_match_list(data: Any) -> TypeGuard[list[dict[str, Any]]]:
+    """A PS3.18 F.2 answer: a list of objects whose attributes are objects with a list Value."""
+    return isinstance(data, list) and all(
+        isinstance(row, dict)
+        and all(isinstance(attr, dict) and isinstance(attr.get("Value", []), list) for attr in row.values())
+        for row in data
+    )
+
+
 class Source(Protocol):
     """A facility archive, as index sync sees it."""
 
@@ -199,10 +208,21 @@ class QidoSource:
             raise Unavailable(f"facility {self.facility.id!r} answered {r.status_code} to a QIDO-RS query")
         if r.status_code >= 400:
             raise BadRequest(f"facility {self.facility.id!r} refused a QIDO-RS query ({r.status_code})")
-        data = orjson.loads(r.content)
+        try:
+            data = orjson.loads(r.content)
+        except orjson.JSONDecodeError:
+            data = None
+        if not _is_match_list(data):
+            # Not read as "no matches": a sync would then drop every study of the facility.
+            # The body is not quoted (it may be anything, patient data included).
+            kind = r.headers.get("content-type", "no content type").split(";")[0][:64]
+            raise Unavailable(
+                f"facility {self.facility.id!r} answered a QIDO-RS query with {r.status_code} "
+                f"but not a DICOM JSON match list ({kind})"
+            )
         # PS3.18 8.3.4.4: a cut answer carries Warning: 299 ... "There are additional results".
         more = "additional results" in r.headers.get("warning", "").lower()
-        return (data if isinstance(data, list) else []), more
+        return data, more
 
     def _all(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         # One unpaged query first: paging is not stable on every archive (Orthanc's offsets can
@@ -261,7 +281,7 @@ def wado_retrieve_study(*, facility: Archive, study_uid: str, into: str) -> list
                 raise NotFound(f"study not found at facility {facility.id!r}")
             if r.status_code >= 400:
                 raise Unavailable(f"facility {facility.id!r} answered {r.status_code} to a WADO-RS retrieve")
-            boundary = _boundary(r.headers.get("content-type", ""))
+            boundary = _boundary(r.headers.get("content-type", ""), facility)
             parser = _RelatedParser(boundary, max_header_count=64)
             current = None
             try:
@@ -295,12 +315,13 @@ class _RelatedParser(mp.PushMultipartParser):
         return mp.MultipartSegment(headerlist)
 
 
-def _boundary(content_type: str) -> str:
+def _boundary(content_type: str, facility: Archive) -> str:
     for param in content_type.split(";")[1:]:
         name, _, value = param.strip().partition("=")
         if name.lower() == "boundary":
             return value.strip().strip('"')
-    raise Unavailable("the facility's WADO-RS answer is not multipart (no boundary)")
+    kind = content_type.split(";")[0][:64] or "no content type"
+    raise Unavailable(f"facility {facility.id!r} answered a WADO-RS retrieve but not multipart ({kind})")
 
 
 # -- DIMSE ------------------------------------------------------------------------------------
@@ -312,6 +333,22 @@ def _dimse_identifier(level: str, fields: Sequence[str], **values: str) -> Any:
     for keyword in fields:
         setattr(ds, keyword, values.get(keyword, ""))
     return ds
+
+
+def _json_of(identifier: Any) -> dict[str, Any]:
+    """DICOM JSON of a C-FIND answer, without the elements whose value does not convert (an IS
+    of 'abcd'): one sloppy attribute of one study must not stop the facility's whole sync, and
+    a QIDO-RS value that is not a number is read as absent too. Not pydicom's
+    `suppress_invalid_tags`, which logs the offending value (it may be a name or a date)."""
+    out: dict[str, Any] = {}
+    for key in tuple(identifier.keys()):  # the tags: iterating the Dataset converts each value
+        try:
+            out[f"{key:08X}"] = identifier[key].to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=1 << 30
+            )
+        except (ValueError, TypeError, OverflowError):
+            continue
+    return out
 
 
 class CFindSource:
@@ -372,7 +409,7 @@ class CFindSource:
                 )
             if code in (0xFF00, 0xFF01):
                 if ds is not None:
-                    yield ds.to_json_dict(1 << 30, 1 << 30)
+                    yield _json_of(ds)
             elif code != 0x0000:
                 raise Unavailable(f"facility {self.facility.id!r} failed a C-FIND (status 0x{code:04X})")
 

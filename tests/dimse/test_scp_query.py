@@ -4,17 +4,21 @@ pynetdicom for the bad inputs dcmtk will not send)."""
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 from sqlmodel import Session
@@ -23,7 +27,7 @@ from broker.facilities import service as facilities
 from broker.index.schemas import Query
 from broker.index.service import find_instances, search
 from tests.dimse.conftest import COMPRESSED, PATIENT, SYNTH, TEST_FILES, Node
-from tests.peers import dcmtk, storescp
+from tests.peers import dcmtk, free_port, storescp
 from tests.support import ADMIN
 
 
@@ -160,10 +164,6 @@ def test_find_with_invalid_keys_or_values_fails_with_a_reason(archive: Node) -> 
     # PATIENT is not a level of the Study Root model.
     wrong_level = _find_status(archive, _identifier(QueryRetrieveLevel="PATIENT", PatientID="X"))
     assert wrong_level.Status == 0xA900
-    unknown = _identifier(QueryRetrieveLevel="STUDY")
-    unknown.add_new(0x00080003, "LO", "x")  # not in the data dictionary
-    status = _find_status(archive, unknown)
-    assert status.Status == 0xA900 and "unknown key" in status.ErrorComment
     wildcard_uid = _find_status(archive, _identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.*"))
     assert wildcard_uid.Status == 0xA900
     # The SCP still answers a good question on the same node.
@@ -376,3 +376,150 @@ def test_find_with_a_key_the_index_cannot_match_warns_ff01(archive: Node) -> Non
     assert [rsp.Status for rsp, _ in responses] == [0xFF01, 0x0000]
     first = responses[0][1]
     assert first is not None and first.StudyInstanceUID == PATIENT.StudyInstanceUID
+
+
+def _find_statuses(node: Node, identifier: Dataset) -> list[int]:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+    try:
+        return [rsp.Status for rsp, _ in assoc.send_c_find(identifier, model)]
+    finally:
+        assoc.release()
+
+
+def test_find_with_a_sequence_match_value_warns_ff01(archive: Node) -> None:
+    # Sequence matching (PS3.4 C.2.2.2.6) is not supported: a sequence key whose item holds a
+    # value is ignored for matching, and the peer must be told (FF01), not led to believe
+    # that every answer has procedure code X.
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+    identifier.ProcedureCodeSequence = [_identifier(CodeValue="X", CodingSchemeDesignator="")]
+    assert _find_statuses(archive, identifier) == [0xFF01, 0x0000]
+    # An item of empty keys asks only for the sequence to be returned: nothing is ignored.
+    identifier.ProcedureCodeSequence = [_identifier(CodeValue="", CodingSchemeDesignator="")]
+    assert _find_statuses(archive, identifier) == [0xFF00, 0x0000]
+
+
+def test_find_patient_level_answers_the_patient_related_counts(archive: Node) -> None:
+    ae = AE(ae_title="PACS1")
+    model = PatientRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    identifier = _identifier(
+        QueryRetrieveLevel="PATIENT",
+        PatientID=PATIENT.PatientID,
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedSeries="",
+        NumberOfPatientRelatedInstances="",
+    )
+    try:
+        answers = [found for _rsp, found in assoc.send_c_find(identifier, model) if found is not None]
+    finally:
+        assoc.release()
+    mine = [ds for ds in SYNTH if ds.PatientID == PATIENT.PatientID]
+    # PS3.4 C.6.1.1.2: the counts of the patient's studies, series and instances held.
+    counts = [f"NumberOfPatientRelated{what}" for what in ("Studies", "Series", "Instances")]
+    studies, series = {ds.StudyInstanceUID for ds in mine}, {ds.SeriesInstanceUID for ds in mine}
+    expected = (len(studies), len(series), len(mine))
+    assert [tuple(str(a.get(k)) for k in counts) for a in answers] == [tuple(str(n) for n in expected)]
+
+
+def test_move_with_an_invalid_identifier_connects_nowhere(
+    archive: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A registered destination that is down: the bad identifier is the answer (0xA900), not
+    # "destination unknown" from a sub-association that should never have been attempted; and
+    # the server's log does not report it as a broken handler with a traceback.
+    with Session(archive.state.engine) as session:
+        facilities.add_facility(
+            session=session, principal=ADMIN, facility_id="downfac", issuer="DOWN", ae_title="DOWNAE",
+            host="127.0.0.1", port=free_port(),
+        )  # fmt: skip
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelMove
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_move(_identifier(QueryRetrieveLevel="STUDY"), "DOWNAE", model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
+    assert final.get("NumberOfFailedSuboperations") is None  # no sub-operation was attempted
+    server = [
+        r for r in caplog.records if r.name == "pynetdicom.service_class" and r.levelno >= logging.ERROR
+    ]
+    assert server == []
+
+
+def test_find_ignores_group_lengths_as_some_modalities_send(
+    archive: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Group Length (gggg,0000) is retired (PS3.5 7.2) but older devices (GE workstations among
+    # them) still put it in their queries; it is no key, and no reason to refuse the query.
+    # pynetdicom's encoder drops group lengths, so they are put on the wire here.
+    encode = pynetdicom.association.encode
+
+    def with_group_length(ds: Dataset, implicit: bool, little: bool, deflated: bool = False) -> bytes | None:
+        body = encode(ds, implicit, little, deflated)
+        assert body is not None and little
+        if implicit:
+            return struct.pack("<HHII", 0x0008, 0x0000, 4, 14) + body
+        return struct.pack("<HH2sHI", 0x0008, 0x0000, b"UL", 4, 14) + body
+
+    monkeypatch.setattr(pynetdicom.association, "encode", with_group_length)
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+    assert _find_statuses(archive, identifier) == [0xFF00, 0x0000]
+
+
+def test_get_with_an_invalid_identifier_reports_no_sub_operation(archive: Node) -> None:
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_get(_identifier(QueryRetrieveLevel="STUDY"), model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
+    # Refused before any sub-operation: a getscu must not show "1 failed" for it.
+    assert final.get("NumberOfFailedSuboperations") in (None, 0)
+
+
+def test_get_of_a_list_of_patients_is_refused_with_a_reason(archive: Node) -> None:
+    # PATIENT level names one patient (PS3.4 C.4.2.2.1: single value matching on Patient ID);
+    # a list was read as one ID holding a backslash and answered Success with nothing sent.
+    ae = AE(ae_title="PACS1")
+    model = PatientRootQueryRetrieveInformationModelGet
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        identifier = _identifier(QueryRetrieveLevel="PATIENT", PatientID=f"{PATIENT.PatientID}\\OTHER")
+        responses = list(assoc.send_c_get(identifier, model))
+    finally:
+        assoc.release()
+    final, _ = responses[-1]
+    assert final.Status == 0xA900 and "single" in final.ErrorComment
+
+
+def test_find_with_a_key_missing_from_the_dictionary_ignores_it_with_ff01(archive: Node) -> None:
+    # A well-formed tag the dictionary does not know (a newer standard's, say) is an optional
+    # key the SCP does not support (PS3.4 C.4.1.1.3.1), as it is for QIDO-RS: ignored for
+    # matching, with FF01, and not returned. The query is not refused.
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=PATIENT.StudyInstanceUID)
+    identifier.add_new(0x00080003, "LO", "x")
+    identifier.add_new(0x00101234, "LO", "")
+    ae = AE(ae_title="PACS1")
+    model = StudyRootQueryRetrieveInformationModelFind
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        responses = list(assoc.send_c_find(identifier, model))
+    finally:
+        assoc.release()
+    assert [rsp.Status for rsp, _ in responses] == [0xFF01, 0x0000]
+    found = responses[0][1]
+    assert found is not None and found.StudyInstanceUID == PATIENT.StudyInstanceUID
+    assert 0x00080003 not in found and 0x00101234 not in found

@@ -48,3 +48,15 @@ def test_policy_command(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "auto-link >= 18.0" in r.output and "strict=False" in r.output
     r = run(scanonce, ["identity", "policy", "--review", "30", *dd])
     assert r.exit_code == 1 and "review threshold" in r.output
+
+
+def test_a_threshold_that_is_not_a_finite_number_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """`--auto nan` compared false with every weight: nothing would ever link automatically or
+    reach the review queue, silently."""
+    run = CliRunner().invoke
+    dd = ["--data-dir", str(tmp_path)]
+    for option in (["--auto", "nan"], ["--review", "nan"], ["--auto", "inf"], ["--review", "-inf"]):
+        r = run(scanonce, ["identity", "policy", *option, *dd])
+        assert r.exit_code == 1 and "finite" in r.output, (option, r.output)
+    r = run(scanonce, ["identity", "policy", *dd])
+    assert r.exit_code == 0 and "auto-link >= 16.0, review >= 10.0" in r.output

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
+from broker.db import make_engine
 from broker.identity import service
 from broker.identity.adt import feed_principal
 from broker.identity.mllp import MAX_MESSAGE_BYTES, MllpHandle, start_mllp, stop_mllp
+from broker.identity.models import IdentityRecord
 from broker.identity.schemas import Identifier
 from broker.index.models import Patient, Study
 
@@ -216,3 +218,272 @@ def test_a40_merge_moves_studies_and_unlink_splits_back(engine: Any, listener: M
         study = s.exec(select(Study).where(Study.study_uid == "1.2.840.99.1")).one()
         assert s.get(Patient, study.patient_pk).person_id != survivor.person_id  # type: ignore[union-attr]
         assert s.get(Patient, study.patient_pk) is not None
+
+
+def test_a_header_too_short_or_without_a_trigger_event_is_rejected_not_an_internal_error(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="scanonce")
+    acks = exchange(
+        listener,
+        [
+            frame("MSH|^~\\&"),  # the delimiters and nothing else
+            frame("MSH|^~\\&|ADT|HOSP\rPID|1||T1^^^ISSUER-A||SHORT^SUE\r"),  # stops before MSH-9
+            # MSH-9 without its trigger event: an unsupported event, said so, not a crash.
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT|T2|P|2.5\rPID|1||T2^^^ISSUER-A||NOEVENT^NED\r"),
+            # Delimiters of its own: MSH-9 is then one opaque string, an unsupported type.
+            frame("MSH|#|ADT|HOSP|||20240101||ADT^A01|T3|P|2.5\rPID|1||T3^^^ISSUER-A||ODD^OLGA\r"),
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AR", "AR", "AR", "AR"]
+    assert msa(acks[2])[2] == "T2" and "unsupported" in msa(acks[2])[3]
+    assert msa(acks[3])[2] == "T3"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with Session(engine) as s:
+        for value in ("T1", "T2", "T3"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
+
+
+def err(ack: str) -> list[str]:
+    line = next((s for s in ack.split("\r") if s.startswith("ERR|")), "")
+    return line.split("|")
+
+
+def test_errors_and_rejections_carry_an_err_segment_with_the_hl7_error_code(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """HL7 v2.5 2.15.5: a negative ACK says why in ERR (ERR-3 from table 0357, ERR-4 severity);
+    interface engines route on ERR-3, not on MSA-3's free text."""
+    acks = exchange(
+        listener,
+        [
+            frame("this is not HL7 at all"),
+            frame(adt("A31", "R1", "A1^^^ISSUER-A", "X^Y")),
+            frame(adt("A01", "R2", "A1", "NOBODY^KNOWN", sending_facility="UNKNOWN-HOSP")),
+            frame(adt("A01", "R3", "A1^^^ISSUER-A", "SMITH^ANN", "20230230")),
+            frame(adt("A40", "R4", "A1^^^ISSUER-A", extra="MRG|NOPE^^^ISSUER-A\r")),
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ADT^A01|R5|P|2.5\r"),
+            frame("MSH|^~\\&|ADT|HOSP|||20240101||ORU^R01|R6|P|2.5\r"),
+            frame(adt("A01", "R8", "A" * 200 + "^^^ISSUER-A", "SMITH^ANN", "19800101")),
+            frame(adt("A01", "R7", "A7^^^ISSUER-A", "SMITH^ANN", "19800101")),
+        ],
+    )
+    got = [(msa(a)[1], err(a)[3:5]) for a in acks]
+    assert got == [
+        ("AR", ["100^Segment sequence error^HL70357", "E"]),
+        ("AR", ["201^Unsupported event code^HL70357", "E"]),
+        ("AE", ["101^Required field missing^HL70357", "E"]),
+        ("AE", ["102^Data type error^HL70357", "E"]),
+        ("AE", ["204^Unknown key identifier^HL70357", "E"]),
+        ("AE", ["100^Segment sequence error^HL70357", "E"]),
+        ("AR", ["200^Unsupported message type^HL70357", "E"]),
+        ("AE", ["102^Data type error^HL70357", "E"]),  # an identifier longer than the index takes
+        ("AA", []),
+    ]
+    # ERR-8, the text for a person, says what MSA-3 says.
+    assert err(acks[3])[8] == msa(acks[3])[3] and "birth date" in err(acks[3])[8]
+
+
+def test_escape_sequences_are_decoded_so_a_feed_reads_a_name_as_the_images_spell_it(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """HL7 v2 escapes its delimiters (\\T\\ for &, \\S\\ for ^ ...) and may carry UTF-8 as \\X..\\:
+    the record must hold the characters, not the escape codes or UTF-8 bytes read as Latin-1,
+    or the feed's O&BRIEN-MÜLLER never meets the O&BRIEN-MÜLLER of the DICOM header."""
+    with Session(engine, expire_on_commit=False) as s:
+        image = ingest_patient(s, "fac-b", "B7", "O&BRIEN-MÜLLER^SIOBHÁN", "19700101", "F")
+    name = "O\\T\\BRIEN-M\\XC3BC\\LLER^SIOBH\\XC381\\N"
+    acks = exchange(listener, [frame(adt("A01", "X1", "H\\T\\7^^^ISSUER-A", name, "19700101", "F"))])
+    assert msa(acks[0])[1:3] == ["AA", "X1"]
+    with Session(engine) as s:
+        fed = service.get_record(session=s, issuer="ISSUER-A", value="H&7")
+        dicom = service.get_record(session=s, issuer="ISSUER-B", value="B7")
+        assert fed is not None and dicom is not None
+        assert (fed.family, fed.given) == (dicom.family, dicom.given) == ("O BRIEN-MULLER", "SIOBHAN")
+        assert fed.person_id == dicom.person_id == s.get(Patient, image.pk).person_id  # type: ignore[union-attr]
+
+
+def test_odd_escape_sequences_put_no_patient_data_in_the_logs(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hl7 library logs the whole field (a name, an address) when it meets an escape it does
+    not know, an empty one or a character-set switch; the feed must not let it."""
+    caplog.set_level(logging.DEBUG)
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A01", "L1", "L1^^^ISSUER-A", "KOWALSKA\\Z12\\^ZOFIA", "19500505", "F")),
+            frame(adt("A01", "L2", "L2^^^ISSUER-A", "WIŚNIEWSKA\\\\^HALINA", "19500505", "F")),
+            frame(adt("A01", "L3", "L3^^^ISSUER-A", "DĄBROWSKA\\C2D42\\^IRENA", "19500505", "F")),
+            frame(adt("A01", "L4", "L4^^^ISSUER-A", "LEWANDOWSKA\\XZZ\\^JADWIGA", "19500505", "F")),
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA", "AA"]
+    for secret in ("KOWALSKA", "ZOFIA", "WIŚNIEWSKA", "HALINA", "DĄBROWSKA", "IRENA", "LEWANDOWSKA"):
+        assert secret not in caplog.text
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="L1")
+        assert record is not None and (record.family, record.given) == ("KOWALSKA", "ZOFIA")
+
+
+def test_a_message_in_the_character_set_msh18_names_is_read_in_it(engine: Any, listener: MllpHandle) -> None:
+    """MSH-18 says how the bytes are encoded; a Polish registration system sending ISO 8859-2
+    must not have its Ś read as Latin-1's ¦ (and dropped), or ŚLIWA never meets ŚLIWA."""
+    with Session(engine, expire_on_commit=False) as s:
+        ingest_patient(s, "fac-b", "B8", "ŚLIWA^ŻANETA", "19610203", "F")
+    header = "MSH|^~\\&|ADT|HOSP|SCANONCE|BROKER|20240101120000||ADT^A01^ADT_A01|CS1|P|2.5||||||8859/2"
+    message = f"{header}\rEVN|A01|20240101120000\rPID|1||P8^^^ISSUER-A||ŚLIWA^ŻANETA||19610203|F\r"
+    acks = exchange(listener, [SB + message.encode("iso8859-2") + EB])
+    assert msa(acks[0])[1:3] == ["AA", "CS1"]
+    with Session(engine) as s:
+        fed = service.get_record(session=s, issuer="ISSUER-A", value="P8")
+        dicom = service.get_record(session=s, issuer="ISSUER-B", value="B8")
+        assert fed is not None and dicom is not None
+        assert (fed.family, fed.given) == (dicom.family, dicom.given) == ("SLIWA", "ZANETA")
+
+
+def test_two_messages_in_one_block_are_rejected_not_half_applied(engine: Any, listener: MllpHandle) -> None:
+    """MLLP carries one message per block; the one ACK cannot acknowledge two, so a sender that
+    packs two must not be told AA while only the first was applied."""
+    one = adt("A01", "D1", "D1^^^ISSUER-A", "FIRST^FRANK", "19400101", "M")
+    two = adt("A01", "D2", "D2^^^ISSUER-A", "SECOND^SAM", "19400202", "M")
+    acks = exchange(listener, [SB + (one + two).encode() + EB])
+    assert msa(acks[0])[1:3] == ["AR", "D1"] and "one message" in msa(acks[0])[3]
+    assert err(acks[0])[3].startswith("100^")
+    with Session(engine) as s:
+        for value in ("D1", "D2"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is None
+
+
+def test_a_birth_date_known_to_the_year_or_month_is_accepted_not_called_impossible(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """HL7 v2 dates may stop at the year or month (DT/DTM precision); a registration whose
+    patient's exact birthday is unknown is applied, matched without a birth date."""
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A01", "Y1", "Y1^^^ISSUER-A", "ABDI^AMINA", "1987", "F")),
+            frame(adt("A01", "Y2", "Y2^^^ISSUER-A", "HASSAN^OMAR", "198705", "M")),
+            frame(adt("A01", "Y3", "Y3^^^ISSUER-A", "ALI^NUR", "198713", "M")),  # no 13th month
+            frame(adt("A01", "Y4", "Y4^^^ISSUER-A", "ALI^NUR", "2999", "M")),  # not past
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AA", "AA", "AE", "AE"]
+    with Session(engine) as s:
+        for value in ("Y1", "Y2"):
+            record = service.get_record(session=s, issuer="ISSUER-A", value=value)
+            assert record is not None and record.birth_date == ""
+        assert service.get_record(session=s, issuer="ISSUER-A", value="Y3") is None
+
+
+def test_control_characters_in_an_identifier_or_control_id_are_a_clear_answer_on_both_databases(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NUL in a value: SQLite stored it, PostgreSQL refused the row and the sender got 'internal
+    error' (and the broker logged an error) for a message whose content is simply wrong."""
+    caplog.set_level(logging.DEBUG, logger="scanonce")
+    with Session(engine, expire_on_commit=False) as s:
+        ingest_patient(s, "fac-a", "K1", "KEEP^KATE", "19700101")
+        ingest_patient(s, "fac-a", "K2", "KEEP^KATE", "19700101")
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A01", "N1", "N\x001^^^ISSUER-A", "NUL^NORA", "19700101", "F")),
+            frame(adt("A40", "N\x002", "K1^^^ISSUER-A", extra="MRG|K2^^^ISSUER-A\r")),
+        ],
+    )
+    assert msa(acks[0])[1] == "AE" and err(acks[0])[3].startswith("102^") and "control" in msa(acks[0])[3]
+    assert msa(acks[1])[1] == "AA"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with Session(engine) as s:
+        assert s.exec(select(IdentityRecord).where(IdentityRecord.family == "NUL")).first() is None
+
+
+def test_an_internal_error_logs_a_bounded_printable_control_id(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The control id is the sender's text: logged as it came, a terminal escape or a megabyte
+    of it would land in the broker's log."""
+    broken = make_engine(f"sqlite:///{tmp_path / 'not-migrated.sqlite3'}")  # no tables: every query fails
+    handle = start_mllp(engine=broken, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
+    try:
+        control = "C1\x1b[2J" + "9" * 5000
+        acks = exchange(handle, [frame(adt("A01", control, "I1^^^ISSUER-A", "INNER^IDA", "19700101"))])
+    finally:
+        stop_mllp(handle)
+        broken.dispose()
+    assert msa(acks[0])[1] == "AE" and err(acks[0])[3].startswith("207^")
+    [record] = [r for r in caplog.records if r.name == "scanonce.identity.adt"]
+    assert "\x1b" not in record.getMessage() and len(record.getMessage()) < 400
+    assert "INNER" not in caplog.text
+
+
+def test_utf8_bytes_under_a_latin1_declaration_are_read_as_utf8(engine: Any, listener: MllpHandle) -> None:
+    """Senders often declare 8859/1 and send UTF-8; valid multi-byte UTF-8 is next to impossible
+    in real Latin-1 names, so it wins over a single-byte declaration."""
+    with Session(engine, expire_on_commit=False) as s:
+        ingest_patient(s, "fac-b", "B9", "MÜLLER^JÜRGEN", "19550505", "M")
+    header = "MSH|^~\\&|ADT|HOSP|SCANONCE|BROKER|20240101120000||ADT^A01^ADT_A01|U1|P|2.5||||||8859/1"
+    message = f"{header}\rEVN|A01|20240101120000\rPID|1||U9^^^ISSUER-A||MÜLLER^JÜRGEN||19550505|M\r"
+    acks = exchange(listener, [SB + message.encode("utf-8") + EB])
+    assert msa(acks[0])[1:3] == ["AA", "U1"]
+    with Session(engine) as s:
+        fed = service.get_record(session=s, issuer="ISSUER-A", value="U9")
+        assert fed is not None and (fed.family, fed.given) == ("MULLER", "JURGEN")
+
+
+def test_line_breaks_between_blocks_are_skipped_not_taken_for_a_broken_block(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """Senders that end each block with <FS><CR><LF> (or add a newline between blocks) are
+    common; the next message must be applied, not answered AR and lost."""
+    first = frame(adt("A01", "W1", "W1^^^ISSUER-A", "WINDOWS^WILMA", "19600101", "F"))
+    second = frame(adt("A01", "W2", "W2^^^ISSUER-A", "NEWLINE^NINA", "19600202", "F"))
+    third = frame(adt("A01", "W3", "W3^^^ISSUER-A", "SPACED^SARA", "19600303", "F"))
+    with connect(listener) as sock:
+        sock.sendall(first + b"\n")
+        assert msa(read_ack(sock))[1:3] == ["AA", "W1"]
+        sock.sendall(b"\r\n" + second)
+        assert msa(read_ack(sock))[1:3] == ["AA", "W2"]
+        sock.sendall(b" \t" + third)
+        assert msa(read_ack(sock))[1:3] == ["AA", "W3"]
+        # Anything else before <VT> is still a broken block.
+        sock.sendall(b"x" + frame(adt("A01", "W4", "W4^^^ISSUER-A", "LOST^LUKE")))
+        assert msa(read_ack(sock))[1] == "AR"
+    with Session(engine) as s:
+        for value in ("W1", "W2", "W3"):
+            assert service.get_record(session=s, issuer="ISSUER-A", value=value) is not None
+
+
+def test_segments_ended_by_crlf_are_read_like_segments_ended_by_cr(engine: Any, listener: MllpHandle) -> None:
+    """HL7 ends segments with <CR>; files and many test tools use <CR><LF>. LF alone was already
+    accepted; CR LF made empty segments and the message was refused as not HL7 v2."""
+    message = adt("A01", "CRLF1", "CRLF1^^^ISSUER-A", "CARRIAGE^CARLA", "19710101", "F").replace("\r", "\r\n")
+    acks = exchange(listener, [frame(message)])
+    assert msa(acks[0])[1:3] == ["AA", "CRLF1"]
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="CRLF1")
+        assert record is not None and record.family == "CARRIAGE"
+
+
+def test_an_empty_repetition_in_pid3_does_not_hide_the_identifiers_after_it(
+    engine: Any, listener: MllpHandle
+) -> None:
+    pid3 = "RP1^^^ISSUER-A~^^^ISSUER-B~RP2^^^ISSUER-B"
+    acks = exchange(listener, [frame(adt("A01", "RP1", pid3, "REPEAT^RITA", "19720101", "F"))])
+    assert msa(acks[0])[1:3] == ["AA", "RP1"]
+    with Session(engine) as s:
+        assert service.cross_reference(session=s, identifier=Identifier("ISSUER-A", "RP1")) == [
+            Identifier("ISSUER-B", "RP2")
+        ]
+
+
+def test_a_v23_sender_finds_the_error_code_where_v23_puts_it(engine: Any, listener: MllpHandle) -> None:
+    """Before v2.5, ERR had one field: ERR-1, error code and location, the code in its fourth
+    component. Many ADT feeds are v2.3/2.4; their engines read ERR-1, so it carries the code too."""
+    message = adt("A31", "V23", "V1^^^ISSUER-A", "OLD^OLGA").replace("|P|2.5\r", "|P|2.3\r", 1)
+    [ack] = exchange(listener, [frame(message)])
+    assert msa(ack)[1] == "AR" and ack.split("\r")[0].endswith("|P|2.3")
+    assert err(ack)[1] == "^^^201&Unsupported event code&HL70357"
+    assert err(ack)[3] == "201^Unsupported event code^HL70357"

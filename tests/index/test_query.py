@@ -24,7 +24,7 @@ P = Principal(who="test", role=Role.admin, facility="local")
 STUDIES = [
     # study uid, name, pid, date, time, accession, modalities, facility
     ("1.9.1", "Müller^Zoë", "M1", "20200115", "083000", "ACC1", ["CT", "SR"], "local"),
-    ("1.9.2", "MULLER^ZOE", "M2", "20210620", "141500", "ACC2", ["MR"], "local"),
+    ("1.9.2", "MULLER^ZOE", "M2", "20210620", "141500.000", "ACC2", ["MR"], "local"),
     ("1.9.3", "Doe^John", "D1", "20230301", "230000", "ACC3", ["CTX"], "local"),
     ("1.9.4", "Doe^Jane", "D2", "20240412", "090000", "ACC4", ["CR"], "other"),
     ("1.9.5", "Smith^Anna", "S1", "20241231", "000001", "ACC5", ["US"], "other"),
@@ -92,6 +92,16 @@ def test_date_and_time_ranges(state: AppState) -> None:
     assert _uids(state, filters={"StudyDate": "20230301"}) == ["1.9.3"]
     assert _uids(state, filters={"StudyTime": "0800-0930"}) == ["1.9.1", "1.9.4"]
     assert _uids(state, filters={"StudyTime": "2300-"}) == ["1.9.3"]
+
+
+def test_a_single_time_finds_the_instants_it_names_however_the_object_wrote_them(state: AppState) -> None:
+    # 1.9.2 wrote 141500.000, 1.9.3 230000: a time matches at the precision it is given.
+    for value in ("141500", "1415", "14", "141500.000000", "14:15:00", "141500.0"):
+        assert _uids(state, filters={"StudyTime": value}) == ["1.9.2"], value
+    assert _uids(state, filters={"StudyTime": "141500.5"}) == []
+    assert _uids(state, filters={"StudyTime": "141501"}) == []
+    assert _uids(state, filters={"StudyTime": "230000.000"}) == ["1.9.3"]
+    assert _uids(state, filters={"StudyTime": "141500.000-141500.000"}) == ["1.9.2"]
 
 
 def test_uid_lists_and_exact_keys(state: AppState) -> None:
