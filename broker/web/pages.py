@@ -113,6 +113,11 @@ class LookupView:
     ordering_facility: str = ""
 
     @property
+    def first_error(self) -> str:
+        """The field the page puts the focus on: the first refused (without JavaScript too)."""
+        return next(iter(self.errors), "")
+
+    @property
     def chart(self) -> present.Chart | None:
         return present.dose_chart(self.answer, self.today, self.facility_names) if self.answer else None
 
