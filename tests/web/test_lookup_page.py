@@ -35,6 +35,7 @@ from broker.app import build_state
 from broker.demo.service import load_demo
 from broker.errors import ScanOnceError
 from broker.identity.models import IdentityRecord, ReviewItem
+from broker.imports.models import ImportJob
 from broker.jobs.models import Job
 from broker.settings import Settings
 from broker.web import assets
@@ -364,6 +365,30 @@ def test_admin_pages(demo: Demo, page: Page) -> None:
     row = page.locator("#jobs tbody tr", has=page.locator("th", has_text=str(job_id)))
     expect(row).to_contain_text("3 / 4", timeout=10_000)
     expect(row.locator("progress")).to_have_attribute("value", "75")
+
+
+def test_import_list_progress_is_live(demo: Demo, page: Page) -> None:
+    """The import list shows a running import's progress without a reload, then stays put once
+    nothing runs (the row is written as the job worker writes it; no job runs it here)."""
+    engine = create_engine(demo.database_url)
+    with Session(engine) as session:
+        row = ImportJob(study_uid="1.2.826.0.1.9", facility_id="kids", status="running", total=5, sent=1)
+        session.add(row)
+        session.commit()
+        import_id = row.id
+    page.goto(f"{demo.url}/imports")
+    tr = page.locator(f'tr[data-import="{import_id}"]')
+    expect(tr).to_contain_text("1/5")
+    with Session(engine) as session:
+        stored = session.get(ImportJob, import_id)
+        assert stored is not None
+        stored.sent, stored.status = 5, "done"
+        session.add(stored)
+        session.commit()
+    engine.dispose()
+    expect(tr.locator(".status")).to_have_text("done", timeout=10_000)
+    expect(tr).to_contain_text("5/5")
+    expect(page.locator("#imports")).not_to_have_attribute("hx-trigger", "every 2s")
 
 
 def test_accepting_a_review_item_changes_the_lookup(demo: Demo, page: Page) -> None:
