@@ -134,6 +134,26 @@ def _is_match_list(data: Any) -> TypeGuard[list[dict[str, Any]]]:
     )
 
 
+# The keys each level's match must carry (PS3.4 C.4.1.2.2.1: an SCP returns the unique keys of
+# the level and those above it in a Study Root answer).
+_UNIQUE = {"STUDY": (_T_STUDY_UID,), "SERIES": (_T_STUDY_UID, _T_SERIES_UID)}
+
+
+def _with_unique_keys(
+    rows: list[dict[str, Any]], level: str, facility: Archive, via: str
+) -> list[dict[str, Any]]:
+    """`rows`, each of which names its study (and series): a match without them is no match a
+    sync can use, and skipping it would read an answer of such rows as "no studies there" and
+    drop every study of the facility from the index."""
+    for row in rows:
+        if not all(_first(row, tag) for tag in _UNIQUE[level]):
+            raise Unavailable(
+                f"facility {facility.id!r} answered a {via} {level.lower()} query with a match "
+                "that has no unique key (StudyInstanceUID, SeriesInstanceUID)"
+            )
+    return rows
+
+
 class Source(Protocol):
     """A facility archive, as index sync sees it."""
 
@@ -234,7 +254,7 @@ class QidoSource:
             if not page:
                 break
             rows.extend(page)
-        return rows
+        return _with_unique_keys(rows, "STUDY" if path == "/studies" else "SERIES", self.facility, "QIDO-RS")
 
     def studies(self, study_uids: Sequence[str] | None = None) -> list[RemoteStudy]:
         params: dict[str, Any] = {"includefield": list(_STUDY_FIELDS)}
@@ -409,7 +429,8 @@ class CFindSource:
                 )
             if code in (0xFF00, 0xFF01):
                 if ds is not None:
-                    yield _json_of(ds)
+                    level = str(identifier.QueryRetrieveLevel)
+                    yield _with_unique_keys([_json_of(ds)], level, self.facility, "C-FIND")[0]
             elif code != 0x0000:
                 raise Unavailable(f"facility {self.facility.id!r} failed a C-FIND (status 0x{code:04X})")
 

@@ -76,8 +76,10 @@ def _studies(state: AppState) -> set[str]:
         ("application/dicom+json", b'{"error": "license expired"}'),
         ("application/dicom+json", b'["1.2.3", 4]'),
         ("application/dicom+json", b'[{"0020000D": {"vr": "UI", "Value": "1.2.3"}}]'),
+        # Matches without a study UID, to the listing and to the follow-up check by UID alike.
+        ("application/dicom+json", b'[{}, {"00100020": {"vr": "LO", "Value": ["P1"]}}]'),
     ],
-    ids=["html", "object", "not-objects", "value-not-a-list"],
+    ids=["html", "object", "not-objects", "value-not-a-list", "no-unique-key"],
 )
 def test_a_facility_answering_garbage_fails_clearly_and_the_index_keeps_its_studies(
     federated: AppState, garbage_archive: tuple[str, type[Garbage]], answer: tuple[str, bytes]
@@ -89,14 +91,14 @@ def test_a_facility_answering_garbage_fails_clearly_and_the_index_keeps_its_stud
     with Session(federated.engine) as session:
         facilities.update_facility(session=session, principal=ADMIN, facility_id="web", dicomweb_url=url)
 
-    with pytest.raises(Unavailable, match="'web'.*not a DICOM JSON") as raised:
+    with pytest.raises(Unavailable, match="'web'.*(not a DICOM JSON|no unique key)") as raised:
         service.sync_facility(engine=federated.engine, store=federated.store, facility_id="web")
     assert "Service temporarily down" not in raised.value.message and "license" not in raised.value.message
 
     assert _studies(federated) == WEB_STUDIES
     client = TestClient(create_app(state=federated), headers=auth_headers())
     sync = client.get("/api/facilities/web").json()["sync"]
-    assert sync["last_status"] == "failed" and "not a DICOM JSON" in sync["last_error"]
+    assert sync["last_status"] == "failed" and "'web'" in sync["last_error"]
 
 
 def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:

@@ -219,3 +219,24 @@ def test_dciodvfy_finds_no_new_error_in_a_coerced_file(tmp_path: Path, rename: b
         coerced = pydicom.dcmread(dst, stop_before_pixels=True)
         assert coerced.PatientID == "M-123" and coerced.OriginalAttributesSequence  # it was coerced
         assert _errors(dst) - _errors(src) == set()
+
+
+def test_an_outside_value_pydicom_finds_invalid_is_coerced_without_reaching_the_log(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    """An outside facility's malformed birth date and age are kept in OriginalAttributesSequence
+    as sent, and neither is quoted by a log line or a warning (pydicom's value checks quote what
+    they find invalid)."""
+    ct, _sr_ds = _sources()
+    ct.PatientBirthDate, ct.PatientAge = "19xx0101", "12 years"
+    src = _bytes(ct)
+    caplog.clear()
+    recwarn.clear()
+    out = io.BytesIO()
+    reconcile.coerce_file(io.BytesIO(src), out, _plan([ct]))
+    said = caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "19xx0101" not in said and "12 years" not in said
+    coerced = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    (modified,) = coerced.OriginalAttributesSequence[0].ModifiedAttributesSequence
+    assert modified.PatientBirthDate == "19xx0101"
+    assert str(coerced.PatientAge) == "12 years"
