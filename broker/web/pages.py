@@ -113,6 +113,11 @@ class LookupView:
     ordering_facility: str = ""
 
     @property
+    def first_error(self) -> str:
+        """The field the page puts the focus on: the first refused (without JavaScript too)."""
+        return next(iter(self.errors), "")
+
+    @property
     def chart(self) -> present.Chart | None:
         return present.dose_chart(self.answer, self.today, self.facility_names) if self.answer else None
 
@@ -137,6 +142,16 @@ def lookup_view(*, session: Session, principal: Principal, form: LookupForm) -> 
         today=datetime.now(UTC).date(),
         facility_names=names,
     )
+    for name in FORM_FIELDS:
+        if "\x00" in getattr(form, name):
+            # PostgreSQL refuses a NUL in any text value, and no record holds one: said beside the
+            # field on either backend (the hidden identifier is the MRN's).
+            slot = {"identifier": "mrn", "system": "code"}.get(name, name)
+            view.errors[slot] = (
+                "This field contains a NUL character (often pasted from another program): retype it."
+            )
+    if view.errors:
+        return view
     if form.now:
         try:
             view.today = date.fromisoformat(form.now)
@@ -428,6 +443,8 @@ def decide_review(*, session: Session, principal: Principal, review_id: int, dec
     """A reviewer's accept (link) or reject, through the identity service; the message shown."""
     if decision not in ("link", "reject"):
         raise BadRequest("decision must be link or reject")
+    if "\x00" in why:
+        raise BadRequest("the reason contains a NUL character (often pasted from another program)")
     identity.decide_review(
         session=session, principal=principal, review_id=review_id, decision=decision, why=why.strip()
     )

@@ -118,6 +118,10 @@ async def viewer(path: str, request: Request, state: StateDep, principal: Princi
         for uid in value.split(",")
         if uid.strip()
     ]
+    if any("\x00" in uid for uid in uids):
+        message = "The link's study UID contains a NUL character: no study has one."
+        context = {"title": "Not a study", "message": message, "back": "/", "htmx": False}
+        return templates.TemplateResponse(request, "message.html", context, status_code=400, headers=_HTML)
     if uids:
         waiting = await run_in_threadpool(
             service.prepare_studies,
@@ -128,7 +132,7 @@ async def viewer(path: str, request: Request, state: StateDep, principal: Princi
         )
         if waiting is not None:
             page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
-            return HTMLResponse(page, status_code=503 if waiting.error else 202)
+            return HTMLResponse(page, status_code=503 if waiting.error else 202, headers=_HTML)
     return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache", **_ISOLATED})
 
 
@@ -209,6 +213,7 @@ def avoided(
     planned_exam = form.get("planned_exam", "")[:256]
     facility = form.get("facility", "")[:64]
     try:
+        service.refuse_nul(study=study_instance_uid, exam=planned_exam, facility=facility)
         message, month = pages.record_avoided(
             session=session,
             principal=principal,
@@ -219,10 +224,14 @@ def avoided(
     except ScanOnceError as exc:
         if _partial(request):
             return HTMLResponse(
-                f'<p class="error" role="alert">{escape(exc.message)}</p>', status_code=exc.status_code
+                f'<p class="error" role="alert" tabindex="-1" autofocus>{escape(exc.message)}</p>',
+                status_code=exc.status_code,
+                headers=_HTML,
             )
         context = {"title": "Not recorded", "message": exc.message, "back": back, "htmx": False}
-        return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
+        return templates.TemplateResponse(
+            request, "message.html", context, status_code=exc.status_code, headers=_HTML
+        )
     if not _partial(request):
         sep = "&" if "?" in back else "?"
         target = f"{back}{sep}{urlencode({'avoided': study_instance_uid})}#answer"
@@ -231,7 +240,9 @@ def avoided(
     view = SimpleNamespace(avoided=month, facility_names=names)
     context = {"v": view, "oob": True}
     count = templates.get_template("_avoided.html").render(context)
-    return HTMLResponse(f'<p class="notice" role="status">{escape(message)}</p>{count}', headers=_HTML)
+    # autofocus: htmx focuses it after the swap, so the keyboard stays where the button was.
+    notice = f'<p class="notice" role="status" tabindex="-1" autofocus>{escape(message)}</p>'
+    return HTMLResponse(notice + count, headers=_HTML)
 
 
 # -- the radiologist's import page ---------------------------------------------------------------
@@ -244,6 +255,7 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
     preview, error, status = None, "", 200
     if study and facility:
         try:
+            service.refuse_nul(study=study, facility=facility)
             prepared = imports.prepare(
                 engine=state.engine, principal=principal, study_uid=study[:64], facility_id=facility[:64],
                 calling_ae=state.settings.ae_title,
@@ -264,21 +276,33 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
     }
     context = {"rows": rows, "preview": preview, "error": error, "nav": "imports", "htmx": _htmx(state),
                "failures": failures}  # fmt: skip
-    return templates.TemplateResponse(request, "imports.html", context, status_code=status, headers=_HTML)
+    name = "_imports.html" if _partial(request) else "imports.html"  # htmx's poll: the table only
+    return templates.TemplateResponse(request, name, context, status_code=status, headers=_HTML)
 
 
 @pages_router.post("/imports", response_class=HTMLResponse)
 def imports_start(request: Request, principal: PrincipalDep, state: StateDep, form: FormDep) -> Response:
     """Start the import confirmed on the page; the job worker runs it."""
     try:
+        service.refuse_nul(study=form.get("study_uid", ""), facility=form.get("facility", ""))
         imports.start_import(
             engine=state.engine, principal=principal, study_uid=form.get("study_uid", "")[:64],
             facility_id=form.get("facility", "")[:64], accession_policy=form.get("accession_policy", "keep"),
             calling_ae=state.settings.ae_title,
         )  # fmt: skip
     except ScanOnceError as exc:
-        context = {"title": "Not imported", "message": exc.message, "back": "/imports", "htmx": False}
-        return templates.TemplateResponse(request, "message.html", context, status_code=exc.status_code)
+        preview = urlencode(
+            {"study": form.get("study_uid", "")[:64], "facility": form.get("facility", "")[:64]}
+        )
+        context = {
+            "title": "Not imported",
+            "message": exc.message,
+            "back": f"/imports?{preview}",
+            "htmx": False,
+        }
+        return templates.TemplateResponse(
+            request, "message.html", context, status_code=exc.status_code, headers=_HTML
+        )
     return RedirectResponse("/imports", status_code=303)
 
 
@@ -290,6 +314,7 @@ def compare(request: Request, session: SessionDep, principal: PrincipalDep) -> R
     `facility` (default: the caller's)."""
     q = request.query_params
     try:
+        service.refuse_nul(study=q.get("study", ""), facility=q.get("facility", ""), local=q.get("local", ""))
         uids = imports.compare_studies(
             session=session, study_uid=q.get("study", "")[:64],
             facility_id=(q.get("facility") or principal.facility)[:64], local_uid=q.get("local", "")[:64],
@@ -331,15 +356,27 @@ def admin_review(
 
 
 def _review_page(
-    request: Request, session: Any, state: Any, *, notice: str = "", error: str = "", status: int = 200
+    request: Request,
+    session: Any,
+    state: Any,
+    *,
+    notice: str = "",
+    error: str = "",
+    status: int = 200,
+    refused: tuple[int, str] | None = None,
 ) -> Response:
+    """`refused`: (item, reason typed) of a refused decision, to show its message beside that
+    item's Reason with the text kept; an item no longer open keeps the message at the top."""
+    cards = pages.review_cards(session=session)
+    beside = refused is not None and any(c.id == refused[0] for c in cards)
     context = {
-        "cards": pages.review_cards(session=session),
+        "cards": cards,
         "field_names": pages.FIELD_NAMES,
         "nav": "review",
         "htmx": _htmx(state),
         "notice": notice,
-        "error": error,
+        "error": "" if beside else error,
+        "refused": {"id": refused[0], "reason": refused[1], "message": error} if beside and refused else None,
     }
     return templates.TemplateResponse(
         request, "admin_review.html", context, status_code=status, headers=_HTML
@@ -356,15 +393,19 @@ def admin_decide(
     form: FormDep,
 ) -> Response:
     """Accept (link) or reject a review item through the identity service."""
+    reason = form.get("reason", "")[:512]
     try:
         notice = pages.decide_review(
             session=session,
             principal=principal,
             review_id=review_id,
             decision=form.get("decision", ""),
-            why=form.get("reason", "")[:512],
+            why=reason,
         )
     except ScanOnceError as exc:
         session.rollback()
-        return _review_page(request, session, state, error=exc.message, status=exc.status_code)
+        refused = (review_id, reason)
+        return _review_page(
+            request, session, state, error=exc.message, status=exc.status_code, refused=refused
+        )
     return _review_page(request, session, state, notice=notice)

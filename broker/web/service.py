@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from broker.consent import service as consent
-from broker.errors import ScanOnceError
+from broker.errors import BadRequest, ScanOnceError
 from broker.facilities.models import Facility
 from broker.federation import service as federation
 from broker.index import service as index
@@ -31,6 +31,15 @@ log = logging.getLogger("scanonce.web")
 
 DICOMWEB_ROOT = "/dicom-web"
 SOURCE_NAME = "scanonce"
+
+
+def refuse_nul(**values: str) -> None:
+    """A NUL in a page's value is refused with the field's name, before any query: PostgreSQL
+    cannot hold one (its refusal would be the API's JSON in place of the page) and no record
+    holds one on SQLite either."""
+    for name, value in values.items():
+        if "\x00" in value:
+            raise BadRequest(f"the {name} contains a NUL character (often pasted from another program)")
 
 
 def app_config_js(*, base_url: str | None) -> str:

@@ -55,5 +55,8 @@ def test_import_page_shows_the_diff_then_imports(tmp_path: Path, browser: Browse
             row = page.locator("table.imports tbody tr").first
             expect(row.locator(".status")).to_have_text("done", timeout=30_000)
             expect(row).to_contain_text("5/5")
+            # Nothing runs now: the list stays put (no reload, no poll closing what the reader opened).
+            expect(page.locator("#imports")).not_to_have_attribute("hx-trigger", "every 2s")
+            assert page.locator('meta[http-equiv="refresh"]').count() == 0
             page.close()
         assert {d.PatientID for d in pacs_instances(pacs)} == {LOCAL_MRN}

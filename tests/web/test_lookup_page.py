@@ -35,6 +35,7 @@ from broker.app import build_state
 from broker.demo.service import load_demo
 from broker.errors import ScanOnceError
 from broker.identity.models import IdentityRecord, ReviewItem
+from broker.imports.models import ImportJob
 from broker.jobs.models import Job
 from broker.settings import Settings
 from broker.web import assets
@@ -163,6 +164,8 @@ def test_whole_flow_by_keyboard(demo: Demo, page: Page) -> None:
     button.focus()
     page.keyboard.press("Enter")
     expect(first.locator(".notice")).to_contain_text("Recorded", timeout=10_000)
+    # The button is gone: the keyboard is on its confirmation, not thrown back to the page's top.
+    expect(first.locator(".notice")).to_be_focused()
     assert _avoided_count(page) == before + 1
     months = httpx.get(
         f"{demo.url}/api/metrics/avoided",
@@ -227,6 +230,7 @@ def test_bad_input_is_a_message_beside_its_field(demo: Demo, page: Page) -> None
     assert response is not None and response.status == 400
     expect(page.locator("#exam")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#exam-error")).to_be_visible()
+    expect(page.locator("#exam")).to_be_focused()  # a link or a plain GET lands on the field too
     page.goto(demo.lookup_url(now="not-a-date"))
     expect(page.locator("#now-error")).to_contain_text("YYYY-MM-DD")
     # With htmx too: the 400's form comes back with the message beside the field.
@@ -237,6 +241,32 @@ def test_bad_input_is_a_message_beside_its_field(demo: Demo, page: Page) -> None
     expect(page.locator("#exam-error")).to_be_visible()
     expect(page.locator("ol.relevant")).to_have_count(0)
     assert "exam=!!!" in page.url  # the pushed URL is the failed lookup, to correct or share
+    # By keyboard: Enter on the button lands on the field to correct (its message is its
+    # description, so a screen reader says it), with what was typed still there.
+    page.fill("#exam", "??? !!!")
+    page.locator("#find").press("Enter")
+    expect(page.locator("#exam")).to_be_focused()
+    expect(page.locator("#exam")).to_have_value("??? !!!")
+
+
+def test_a_failed_lookup_says_so(demo: Demo, page: Page) -> None:
+    """The broker answering 5xx to htmx (its database away: a 503 whose body is the API's JSON)
+    is a message in the answer, not a button that seems to do nothing."""
+    page.goto(demo.lookup_url())
+    expect(page.locator("ol.relevant > li").first).to_be_visible()
+
+    def unavailable(route: Any) -> None:
+        if route.request.headers.get("hx-request") != "true":
+            route.continue_()
+            return
+        body = '{"error": "Service unavailable", "detail": "the database is unreachable; try again shortly"}'
+        route.fulfill(status=503, content_type="application/json", body=body)
+
+    page.route(re.compile(r"/\?facility="), unavailable)
+    page.locator("#find").click()
+    expect(page.locator("#answer")).to_contain_text("could not answer", timeout=10_000)
+    expect(page.locator("#answer")).not_to_contain_text("Service unavailable")  # no JSON shown
+    expect(page.locator("#exam")).to_have_value(EXAM)  # what was typed stays
 
 
 def test_lookup_by_procedure_code(demo: Demo, page: Page) -> None:
@@ -298,6 +328,14 @@ def test_imaging_record_renders_and_prints_to_pdf(demo: Demo, page: Page) -> Non
     page.screenshot(path=str(demo.shots / "record.png"), full_page=True)
     page.emulate_media(media="print")
     assert not page.locator(".noprint").first.is_visible()
+    # Nothing runs off an A4 page (about 700 CSS px between margins) or a parent's phone: the
+    # child's advice wraps, the table fits.
+    for media, width in (("screen", 375), ("print", 700)):
+        page.emulate_media(media=media)  # type: ignore[arg-type]
+        page.set_viewport_size({"width": width, "height": 900})
+        right = page.locator("p.badge.child").evaluate("e => e.getBoundingClientRect().right")
+        assert right <= width and page.evaluate("document.documentElement.scrollWidth") <= width, width
+    page.set_viewport_size({"width": 1280, "height": 900})
     printed = page.evaluate("document.body.innerText")
     # No internal identifiers on paper: no MRN, no UIDs (the back link is not printed).
     assert CHILD[1] not in printed and not re.search(r"\d+\.\d+\.\d+\.\d+", printed)
@@ -327,6 +365,30 @@ def test_admin_pages(demo: Demo, page: Page) -> None:
     row = page.locator("#jobs tbody tr", has=page.locator("th", has_text=str(job_id)))
     expect(row).to_contain_text("3 / 4", timeout=10_000)
     expect(row.locator("progress")).to_have_attribute("value", "75")
+
+
+def test_import_list_progress_is_live(demo: Demo, page: Page) -> None:
+    """The import list shows a running import's progress without a reload, then stays put once
+    nothing runs (the row is written as the job worker writes it; no job runs it here)."""
+    engine = create_engine(demo.database_url)
+    with Session(engine) as session:
+        row = ImportJob(study_uid="1.2.826.0.1.9", facility_id="kids", status="running", total=5, sent=1)
+        session.add(row)
+        session.commit()
+        import_id = row.id
+    page.goto(f"{demo.url}/imports")
+    tr = page.locator(f'tr[data-import="{import_id}"]')
+    expect(tr).to_contain_text("1/5")
+    with Session(engine) as session:
+        stored = session.get(ImportJob, import_id)
+        assert stored is not None
+        stored.sent, stored.status = 5, "done"
+        session.add(stored)
+        session.commit()
+    engine.dispose()
+    expect(tr.locator(".status")).to_have_text("done", timeout=10_000)
+    expect(tr).to_contain_text("5/5")
+    expect(page.locator("#imports")).not_to_have_attribute("hx-trigger", "every 2s")
 
 
 def test_accepting_a_review_item_changes_the_lookup(demo: Demo, page: Page) -> None:
@@ -381,6 +443,8 @@ PAGES = (
     "/admin/facilities",
     "/admin/jobs",
     "/admin/review",
+    # The radiologist's import page, with a refused preview (no such study).
+    "/imports?study=1.2.3&facility=kids",
 )
 
 
@@ -398,7 +462,7 @@ def test_axe_finds_no_violations_on_any_page(demo: Demo, browser: Browser, width
             violations = _axe(page, demo)
             if violations:
                 found[path] = violations
-            assert page.evaluate("document.documentElement.scrollWidth") <= max(width, 1920), path
+            assert page.evaluate("document.documentElement.scrollWidth") <= width, path  # no sideways page
         assert found == {}
     finally:
         context.close()

@@ -50,7 +50,7 @@ def test_pages_on_the_demo_data(client: TestClient) -> None:
     assert "Warning:" in r.text and "mSv" in r.text
     # htmx asks for the form and the answer only.
     partial = client.get("/", params=LOOKUP, headers={"HX-Request": "true"})
-    assert partial.text.lstrip().startswith('<div id="lookup">') and "<html" not in partial.text
+    assert partial.text.lstrip().startswith('<div id="lookup"') and "<html" not in partial.text
 
     # "Use this prior": recorded through the lookup service, then back to the answer.
     uid = re.search(r'data-study="([^"]+)"', r.text[first:])
@@ -116,6 +116,16 @@ def test_review_decisions_go_through_the_identity_service(client: TestClient) ->
     # A decision needs a reason: refused, and the item stays open.
     r = client.post(f"/admin/review/{item_id}", data={"decision": "link", "reason": ""}, headers=FORM)
     assert r.status_code == 400
+    # Said beside the item's Reason, and what the reviewer typed is still there to correct.
+    typed = {"decision": "link", "reason": "same phone\x00 and address"}
+    r = client.post(f"/admin/review/{item_id}", data=typed, headers=FORM)
+    assert r.status_code == 400
+    field = re.search(rf'<input id="why-{item_id}"[^>]*>', r.text)
+    assert field is not None and 'aria-invalid="true"' in field.group(0), r.text[-3000:]
+    assert 'value="same phone' in field.group(0)
+    assert (
+        f'id="why-{item_id}-error"' in r.text and "NUL" in r.text.split(f'id="why-{item_id}-error"')[1][:200]
+    )
     r = client.post(f"/admin/review/{item_id}", data={"decision": "maybe", "reason": "x"}, headers=FORM)
     assert r.status_code == 400
     with Session(engine) as session:
@@ -150,3 +160,82 @@ def test_hostile_stored_values_are_shown_escaped(client: TestClient) -> None:
         page = client.get(path, params=LOOKUP).text
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
         assert "<script>alert(1)" not in page and "<img src=x" not in page, path
+
+
+def test_an_unknown_facility_is_named_beside_its_field(client: TestClient) -> None:
+    """A lookup at a facility the broker does not know (an old bookmark, a CDS card of another
+    site) says so beside the facility, as every other bad field does; it is not a blank 400."""
+    r = client.get("/", params={**LOOKUP, "facility": "nosuch"})
+    assert r.status_code == 400
+    assert 'id="facility-error"' in r.text and "nosuch" in r.text.split('id="facility-error"')[1][:200]
+    select = re.search(r'<select id="facility"[^>]*>', r.text)
+    assert select is not None and 'aria-describedby="facility-error"' in select.group(0)
+    assert 'value="K346295"' in r.text and 'value="CT abdomen pelvis"' in r.text  # what was typed stays
+
+
+@pytest.mark.parametrize("name", ["mrn", "exam", "family", "given"])
+def test_a_nul_in_a_field_is_a_message_beside_it(client: TestClient, name: str) -> None:
+    """A NUL (pasted from a broken export) is refused beside its field on either backend: not
+    PostgreSQL's JSON error in place of the page, and not read as another patient or exam."""
+    params = {**LOOKUP, name: "K34\x006295"}
+    if name in ("family", "given"):
+        params = {name: "SCHR\x00ODER", "exam": "CT abdomen pelvis"}
+    r = client.get("/", params=params)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
+    assert f'id="{name}-error"' in r.text and "NUL" in r.text.split(f'id="{name}-error"')[1][:200]
+
+
+def test_the_record_of_a_bad_lookup_says_what_is_wrong(client: TestClient) -> None:
+    """A record asked with a facility the broker does not know is not "no imaging is known for
+    this patient" (a parent would believe it): it says what was wrong."""
+    r = client.get("/record", params={**LOOKUP, "facility": "nosuch"})
+    assert r.status_code == 400
+    assert "No imaging is known" not in r.text
+    assert re.search(r'class="error"[^>]*>[^<]*nosuch', r.text), r.text[-800:]
+
+
+def test_refusals_are_not_kept_by_a_shared_cache(client: TestClient) -> None:
+    """Every HTML answer is no-store (docs/web.md), the refusals of the forms too: they name the
+    study and the facility that was asked."""
+    bad = {"study_instance_uid": "1.2.3", "planned_exam": "CT head", "facility": "kids", "back": "/"}
+    answers = {
+        "avoided page": client.post("/avoided", data=bad, headers=FORM),
+        "avoided fragment": client.post("/avoided", data=bad, headers={**FORM, "HX-Request": "true"}),
+        "import": client.post("/imports", data={"study_uid": "1.2.3", "facility": "kids"}, headers=FORM),
+    }
+    for what, r in answers.items():
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), what
+        assert r.headers.get("cache-control") == "no-store", what
+
+
+def test_a_nul_in_a_link_or_form_is_a_page_saying_so(client: TestClient) -> None:
+    """A NUL in the study or facility of the import, compare and "use this prior" pages is a page
+    saying so on either backend, not PostgreSQL's refusal as a JSON body in place of the page."""
+    nul = "1.2.3\x00"
+    answers = {
+        "import preview": client.get("/imports", params={"study": nul, "facility": "kids"}),
+        "compare": client.get("/compare", params={"study": nul}),
+        "import": client.post("/imports", data={"study_uid": nul, "facility": "kids"}, headers=FORM),
+        "avoided": client.post(
+            "/avoided", data={"study_instance_uid": nul, "planned_exam": "CT head", "facility": "kids"}
+        ),
+        "review": client.post("/admin/review/1", data={"decision": "link", "reason": "same\x00"}),
+    }
+    for what, r in answers.items():
+        assert r.status_code == 400, (what, r.status_code)
+        assert r.headers["content-type"].startswith("text/html") and "NUL" in r.text, (what, r.text[:200])
+
+
+def test_a_nul_in_a_viewer_link_is_a_page_saying_so(client: TestClient) -> None:
+    r = client.get("/viewer/viewer", params={"StudyInstanceUIDs": "1.2.3\x00"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
+    assert "NUL" in r.text
+
+
+def test_a_refused_import_leads_back_to_its_preview(client: TestClient) -> None:
+    """'Back' from a refused import returns to the preview of that study and destination (to try
+    again once the archive answers), not to the bare list."""
+    r = client.post("/imports", data={"study_uid": "1.2.3", "facility": "kids"}, headers=FORM)
+    assert r.status_code == 404
+    back = re.search(r'<a href="([^"]+)">Back</a>', r.text)
+    assert back is not None and back.group(1) == "/imports?study=1.2.3&amp;facility=kids", back
