@@ -174,3 +174,13 @@ def indexed_instance_keys(engine: Engine, *, sop_uid: str | None = None, conflic
                 other = other.where(col(InstanceConflict.sop_uid) == sop_uid)
             keys |= set(session.exec(other).all())
     return keys
+
+
+def cli_env(data_dir: Path, database_url: str) -> dict[str, str]:
+    """The environment a `scanonce` command run by a test reads: its data folder and database,
+    and a short connect timeout (an unreachable database answers in seconds)."""
+    return {
+        "SCANONCE_DATA_DIR": str(data_dir),
+        "SCANONCE_DATABASE_URL": database_url,
+        "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "3",
+    }

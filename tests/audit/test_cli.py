@@ -16,16 +16,9 @@ from typer.testing import CliRunner
 
 from broker.cli import app
 from broker.db import make_engine, schema_status
+from tests.support import cli_env
 
 runner = CliRunner()
-
-
-def _env(tmp_path: Path, url: str) -> dict[str, str]:
-    return {
-        "SCANONCE_DATA_DIR": str(tmp_path),
-        "SCANONCE_DATABASE_URL": url,
-        "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "3",
-    }
 
 
 @pytest.mark.postgres
@@ -34,7 +27,7 @@ def test_audit_never_migrates_postgres_and_names_the_command_that_does(pg_admin:
     engine = make_engine(url)
     try:
         # Even where nodes migrate on start: the audit CLI is not a node starting.
-        env = {**_env(tmp_path, url), "SCANONCE_MIGRATE_ON_START": "true"}
+        env = {**cli_env(tmp_path, url), "SCANONCE_MIGRATE_ON_START": "true"}
         for args in (["audit", "verify"], ["audit", "head"], ["audit", "list"]):
             result = runner.invoke(app, args, env=env)
             assert result.exit_code == 1, (args, result.output)
@@ -51,7 +44,7 @@ def test_audit_reads_a_migrated_postgres(pg_admin: Any, _pg_template: str, tmp_p
     name = pg_admin.new_name("audit_cli")
     url = pg_admin.create(name, template=_pg_template)
     try:
-        env = {**_env(tmp_path, url), "COLUMNS": "250"}
+        env = {**cli_env(tmp_path, url), "COLUMNS": "250"}
         verified = runner.invoke(app, ["audit", "verify"], env=env)
         assert verified.exit_code == 0, verified.output
         assert "intact: 0 events" in verified.output
@@ -68,7 +61,7 @@ def test_audit_on_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) 
     scanonce = str(Path(sys.executable).with_name("scanonce"))
     done = subprocess.run(
         [scanonce, "audit", "verify"],
-        env={k: v for k, v in {**os.environ, **_env(tmp_path, url)}.items() if k != "COLUMNS"},
+        env={k: v for k, v in {**os.environ, **cli_env(tmp_path, url)}.items() if k != "COLUMNS"},
         capture_output=True,
         text=True,
         timeout=120,

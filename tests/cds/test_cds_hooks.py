@@ -414,11 +414,9 @@ def _avoided(http: httpx.Client, facility: str) -> int:
     )
 
 
-def test_feedback_accepted_is_an_avoided_repeat_once(http: httpx.Client, server: LiveServer) -> None:
-    card = _cards(http, SELECT, _hook(patient=_patient(CHILD_SYSTEM, RECENT_MRN), encounter_class="EMER"))[0]
-    before = _avoided(http, "kids")
-    counter = REGISTRY.get_sample_value("scanonce_repeats_avoided_total", {"facility": "kids"}) or 0.0
-    accepted = {
+def _accepted(card: dict[str, Any]) -> dict[str, Any]:
+    """The feedback an EHR sends when the clinician takes the card's suggestion."""
+    return {
         "feedback": [
             {
                 "card": card["uuid"],
@@ -428,6 +426,13 @@ def test_feedback_accepted_is_an_avoided_repeat_once(http: httpx.Client, server:
             }
         ]
     }
+
+
+def test_feedback_accepted_is_an_avoided_repeat_once(http: httpx.Client, server: LiveServer) -> None:
+    card = _cards(http, SELECT, _hook(patient=_patient(CHILD_SYSTEM, RECENT_MRN), encounter_class="EMER"))[0]
+    before = _avoided(http, "kids")
+    counter = REGISTRY.get_sample_value("scanonce_repeats_avoided_total", {"facility": "kids"}) or 0.0
+    accepted = _accepted(card)
     r = http.post(f"{SELECT}/feedback", json=accepted)
     assert r.status_code == 200 and r.json() == {"recorded": 1, "repeats_avoided": 1}
     assert _avoided(http, "kids") == before + 1
@@ -448,16 +453,7 @@ def test_feedback_accepted_for_a_coded_order_without_text_is_an_avoided_repeat(h
     body = _hook(patient=_patient(CHILD_SYSTEM, RECENT_MRN), orders=[order], encounter_class="EMER")
     card = _cards(http, SELECT, body)[0]
     before = _avoided(http, "kids")
-    accepted = {
-        "feedback": [
-            {
-                "card": card["uuid"],
-                "outcome": "accepted",
-                "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
-                "outcomeTimestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            }
-        ]
-    }
+    accepted = _accepted(card)
     r = http.post(f"{SELECT}/feedback", json=accepted)
     assert r.status_code == 200 and r.json() == {"recorded": 1, "repeats_avoided": 1}, r.text
     assert _avoided(http, "kids") == before + 1

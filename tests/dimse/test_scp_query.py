@@ -156,6 +156,20 @@ def _identifier(**keys: str) -> Dataset:
     return ds
 
 
+def _retrieve(archive: Node, model: Any, identifier: Dataset, move_to: str | None = None) -> list[Any]:
+    """A C-MOVE (to `move_to`) or C-GET as a peer sends it, on an association of its own: the
+    responses."""
+    ae = AE(ae_title="PACS1")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
+    try:
+        if move_to is None:
+            return list(assoc.send_c_get(identifier, model))
+        return list(assoc.send_c_move(identifier, move_to, model))
+    finally:
+        assoc.release()
+
+
 def test_find_with_invalid_keys_or_values_fails_with_a_reason(archive: Node) -> None:
     bad_date = _find_status(archive, _identifier(QueryRetrieveLevel="STUDY", StudyDate="2021xx01"))
     assert bad_date.Status == 0xC000 and "StudyDate" in bad_date.ErrorComment
@@ -293,15 +307,8 @@ def test_move_reports_instances_it_cannot_read_as_failed_sub_operations(archive:
         refs = find_instances(session=session, study_uid=cr[0].StudyInstanceUID)
     lost = refs[0]
     archive.state.store.delete(lost.object_key)  # indexed, but the object is gone
-    ae = AE(ae_title="PACS1")
-    model = StudyRootQueryRetrieveInformationModelMove
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
-    try:
-        identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=cr[0].StudyInstanceUID)
-        responses = list(assoc.send_c_move(identifier, "SINKAE", model))
-    finally:
-        assoc.release()
+    identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=cr[0].StudyInstanceUID)
+    responses = _retrieve(archive, StudyRootQueryRetrieveInformationModelMove, identifier, move_to="SINKAE")
     final, _ = responses[-1]
     assert final.Status == 0xB000  # warning: some sub-operations failed
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (len(refs) - 1, 1)
@@ -309,14 +316,12 @@ def test_move_reports_instances_it_cannot_read_as_failed_sub_operations(archive:
 
 
 def test_move_with_an_invalid_identifier_fails_with_a900(archive: Node, sink: Any) -> None:
-    ae = AE(ae_title="PACS1")
-    model = StudyRootQueryRetrieveInformationModelMove
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
-    try:
-        responses = list(assoc.send_c_move(_identifier(StudyInstanceUID="1.2.3"), "SINKAE", model))
-    finally:
-        assoc.release()
+    responses = _retrieve(
+        archive,
+        StudyRootQueryRetrieveInformationModelMove,
+        _identifier(StudyInstanceUID="1.2.3"),
+        move_to="SINKAE",
+    )
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "QueryRetrieveLevel" in final.ErrorComment
     assert sink.files() == []
@@ -347,14 +352,9 @@ def test_no_patient_data_in_logs(archive: Node, tmp_path: Path, caplog: pytest.L
     ],
 )
 def test_move_needs_the_unique_key_of_its_level(archive: Node, sink: Any, keys: dict[str, str]) -> None:
-    ae = AE(ae_title="PACS1")
-    model = StudyRootQueryRetrieveInformationModelMove
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
-    try:
-        responses = list(assoc.send_c_move(_identifier(**keys), "SINKAE", model))
-    finally:
-        assoc.release()
+    responses = _retrieve(
+        archive, StudyRootQueryRetrieveInformationModelMove, _identifier(**keys), move_to="SINKAE"
+    )
     final, _ = responses[-1]
     assert final.Status == 0xA900
     assert sink.files() == []
@@ -436,14 +436,12 @@ def test_move_with_an_invalid_identifier_connects_nowhere(
             session=session, principal=ADMIN, facility_id="downfac", issuer="DOWN", ae_title="DOWNAE",
             host="127.0.0.1", port=free_port(),
         )  # fmt: skip
-    ae = AE(ae_title="PACS1")
-    model = StudyRootQueryRetrieveInformationModelMove
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
-    try:
-        responses = list(assoc.send_c_move(_identifier(QueryRetrieveLevel="STUDY"), "DOWNAE", model))
-    finally:
-        assoc.release()
+    responses = _retrieve(
+        archive,
+        StudyRootQueryRetrieveInformationModelMove,
+        _identifier(QueryRetrieveLevel="STUDY"),
+        move_to="DOWNAE",
+    )
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
     assert final.get("NumberOfFailedSuboperations") is None  # no sub-operation was attempted
@@ -474,14 +472,9 @@ def test_find_ignores_group_lengths_as_some_modalities_send(
 
 
 def test_get_with_an_invalid_identifier_reports_no_sub_operation(archive: Node) -> None:
-    ae = AE(ae_title="PACS1")
-    model = StudyRootQueryRetrieveInformationModelGet
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
-    try:
-        responses = list(assoc.send_c_get(_identifier(QueryRetrieveLevel="STUDY"), model))
-    finally:
-        assoc.release()
+    responses = _retrieve(
+        archive, StudyRootQueryRetrieveInformationModelGet, _identifier(QueryRetrieveLevel="STUDY")
+    )
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "StudyInstanceUID" in final.ErrorComment
     # Refused before any sub-operation: a getscu must not show "1 failed" for it.
@@ -491,15 +484,8 @@ def test_get_with_an_invalid_identifier_reports_no_sub_operation(archive: Node) 
 def test_get_of_a_list_of_patients_is_refused_with_a_reason(archive: Node) -> None:
     # PATIENT level names one patient (PS3.4 C.4.2.2.1: single value matching on Patient ID);
     # a list was read as one ID holding a backslash and answered Success with nothing sent.
-    ae = AE(ae_title="PACS1")
-    model = PatientRootQueryRetrieveInformationModelGet
-    ae.add_requested_context(model)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title=archive.aet)
-    try:
-        identifier = _identifier(QueryRetrieveLevel="PATIENT", PatientID=f"{PATIENT.PatientID}\\OTHER")
-        responses = list(assoc.send_c_get(identifier, model))
-    finally:
-        assoc.release()
+    identifier = _identifier(QueryRetrieveLevel="PATIENT", PatientID=f"{PATIENT.PatientID}\\OTHER")
+    responses = _retrieve(archive, PatientRootQueryRetrieveInformationModelGet, identifier)
     final, _ = responses[-1]
     assert final.Status == 0xA900 and "single" in final.ErrorComment
 

@@ -22,18 +22,10 @@ from broker.settings import Settings
 from tests.conftest import CuttablePg, s3_storage_url
 from tests.dicomweb.data import multipart_body
 from tests.ops.proxy import TcpProxy
-from tests.support import auth_headers, make_ds, to_bytes
+from tests.support import auth_headers, cli_env, make_ds, to_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
-
-
-def _env(tmp_path: Path, url: str) -> dict[str, str]:
-    return {
-        "SCANONCE_DATA_DIR": str(tmp_path),
-        "SCANONCE_DATABASE_URL": url,
-        "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "3",
-    }
 
 
 def _free_port() -> int:
@@ -44,7 +36,7 @@ def _free_port() -> int:
 
 @pytest.mark.postgres
 def test_upgrade_twice_at_once_and_again_is_safe_and_says_so(empty_pg: str, tmp_path: Path) -> None:
-    status = runner.invoke(cli, ["db", "status"], env=_env(tmp_path, empty_pg))
+    status = runner.invoke(cli, ["db", "status"], env=cli_env(tmp_path, empty_pg))
     assert status.exit_code == 1
     assert "pending:" in status.output and "0010_jobs_lease" in status.output
     assert "scanonce db upgrade" in status.output
@@ -71,11 +63,11 @@ def test_upgrade_twice_at_once_and_again_is_safe_and_says_so(empty_pg: str, tmp_
     assert errors == []
     assert sorted(len(p) for p in found)[0] == 0 and "0010_jobs_lease" in max(found, key=len)
 
-    again = runner.invoke(cli, ["db", "upgrade"], env=_env(tmp_path, empty_pg))
+    again = runner.invoke(cli, ["db", "upgrade"], env=cli_env(tmp_path, empty_pg))
     assert again.exit_code == 0
     said = " ".join(again.output.split())
     assert "already at the newest schema" in said and "nothing to do" in said
-    status = runner.invoke(cli, ["db", "status"], env=_env(tmp_path, empty_pg))
+    status = runner.invoke(cli, ["db", "status"], env=cli_env(tmp_path, empty_pg))
     assert status.exit_code == 0 and "up to date" in status.output
     engine = make_engine(empty_pg)
     try:
@@ -97,7 +89,7 @@ def test_a_node_on_an_unmigrated_postgres_refuses_to_start_naming_the_command(
     served = runner.invoke(
         cli,
         ["serve", "--port", str(_free_port()), "--dimse-port", "0", "--mllp-port", "0"],
-        env={**_env(tmp_path, empty_pg), "SCANONCE_AUTH_ENABLED": "true"},
+        env={**cli_env(tmp_path, empty_pg), "SCANONCE_AUTH_ENABLED": "true"},
     )
     assert served.exit_code == 1, served.output
     assert "scanonce db upgrade" in " ".join(served.output.split())
@@ -130,7 +122,7 @@ def test_sqlite_migrates_on_start_by_default(tmp_path: Path) -> None:
 def test_a_database_that_refuses_connections_is_named_with_its_setting(tmp_path: Path) -> None:
     closed = f"postgresql+psycopg://scanonce:secret@127.0.0.1:{_free_port()}/nothing"
     for args in (["db", "status"], ["db", "upgrade"], ["jobs", "list"]):
-        result = runner.invoke(cli, args, env=_env(tmp_path, closed))
+        result = runner.invoke(cli, args, env=cli_env(tmp_path, closed))
         text = " ".join(result.output.split())
         assert result.exit_code == 1, (args, result.output)
         assert "SCANONCE_DATABASE_URL" in text and "127.0.0.1" in text, text
