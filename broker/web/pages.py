@@ -45,6 +45,7 @@ FORM_FIELDS = (
     "setting",
     "now",
 )
+FIELD_MAX = 256  # characters in one field: more than any record's value (an identifier is 64)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class LookupForm:
 
     @classmethod
     def from_query(cls, params: Any) -> LookupForm:
-        values = {name: str(params.get(name) or "").strip()[:256] for name in FORM_FIELDS}
+        # Bounded here (a pasted document), checked against FIELD_MAX in `lookup_view`.
+        values = {name: str(params.get(name) or "").strip()[: FIELD_MAX * 4] for name in FORM_FIELDS}
         values["setting"] = values["setting"] or Setting.OUTPATIENT.value
         values["system"] = values["system"] or "CPT"
         return cls(**values)
@@ -143,13 +145,17 @@ def lookup_view(*, session: Session, principal: Principal, form: LookupForm) -> 
         facility_names=names,
     )
     for name in FORM_FIELDS:
-        if "\x00" in getattr(form, name):
-            # PostgreSQL refuses a NUL in any text value, and no record holds one: said beside the
-            # field on either backend (the hidden identifier is the MRN's).
-            slot = {"identifier": "mrn", "system": "code"}.get(name, name)
+        value = getattr(form, name)
+        # Said beside the field (the hidden identifier is the MRN's), on either backend.
+        slot = {"identifier": "mrn", "system": "code"}.get(name, name)
+        if "\x00" in value:
+            # PostgreSQL refuses a NUL in any text value, and no record holds one.
             view.errors[slot] = (
                 "This field contains a NUL character (often pasted from another program): retype it."
             )
+        elif len(value) > FIELD_MAX:
+            # Cut, it would be looked up as another value and answered "no studies found".
+            view.errors[slot] = f"This field is too long ({len(value)} characters; at most {FIELD_MAX})."
     if view.errors:
         return view
     if form.now:

@@ -185,6 +185,18 @@ def test_a_nul_in_a_field_is_a_message_beside_it(client: TestClient, name: str) 
     assert f'id="{name}-error"' in r.text and "NUL" in r.text.split(f'id="{name}-error"')[1][:200]
 
 
+@pytest.mark.parametrize("name", ["mrn", "family"])
+def test_an_over_long_field_is_a_message_beside_it(client: TestClient, name: str) -> None:
+    """A value longer than any record holds (a paste of a whole document) is said to be too long
+    beside its field, not cut silently and answered "no studies found" for what was left."""
+    params = {**LOOKUP, name: "K" * 300}
+    if name == "family":
+        params = {name: "SCHRODER" * 40, "exam": "CT abdomen pelvis"}
+    r = client.get("/", params=params)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/html"), r.text[:200]
+    assert f'id="{name}-error"' in r.text and "too long" in r.text.split(f'id="{name}-error"')[1][:200]
+
+
 def test_the_record_of_a_bad_lookup_says_what_is_wrong(client: TestClient) -> None:
     """A record asked with a facility the broker does not know is not "no imaging is known for
     this patient" (a parent would believe it): it says what was wrong."""
