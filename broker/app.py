@@ -73,7 +73,7 @@ from broker.security import tls as dimse_tls
 from broker.security.http import AuthGuard
 from broker.security.routes import router as security_router
 from broker.security.tokens import Verifier, load_or_create_signing_key
-from broker.settings import Settings, get_settings
+from broker.settings import Settings, get_settings, unreachable_store
 from broker.settings import load as load_settings
 from broker.smart.routes import router as smart_router
 from broker.web.routes import admin_router as web_admin_router
@@ -157,10 +157,7 @@ def _open_store(url: str, *, local_sync: str = "fsync") -> ObjectStore:
     try:
         return open_store(url, local_sync=local_sync)
     except StoreUnavailable as exc:
-        raise Unavailable(
-            f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {exc.message}; check that "
-            "setting, the endpoint and the credentials (AWS_* variables)"
-        ) from exc
+        raise unreachable_store(url, exc.message) from exc
     except ValueError as exc:
         raise BadRequest(f"SCANONCE_STORAGE_URL is not a usable storage URL ({shown}): {exc}") from exc
     except OSError as exc:  # a local folder (S3's faults are botocore's own types)

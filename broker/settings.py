@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from broker.errors import InvalidSetting
+from broker.errors import InvalidSetting, Unavailable
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -482,6 +482,17 @@ def load(**values: Any) -> Settings:
         named = re.search(r'field "(\w+)"', str(exc))
         field = env_name(named.group(1)) if named else "a SCANONCE_* setting"
         raise InvalidSetting(f"{field}: not valid JSON") from None
+
+
+def unreachable_store(url: str, why: str) -> Unavailable:
+    """The object store of SCANONCE_STORAGE_URL `url` did not answer or refused: one report for
+    start-up and for the commands that meet it later (`scanonce verify`). The URL's query (an
+    endpoint, never credentials) is left out to keep the line short."""
+    shown = url.split("?", 1)[0]
+    return Unavailable(
+        f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {why}; check that "
+        "setting, the endpoint and the credentials (AWS_* variables)"
+    )
 
 
 @lru_cache

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from broker.clikit import DataDir, console, fail, progress, state
-from broker.errors import Unavailable
 from broker.index import verify as index_verify
+from broker.settings import unreachable_store
 from storage import StoreUnavailable
 
 
@@ -65,13 +65,7 @@ def verify(
                 listener=show,
             )
     except StoreUnavailable as exc:  # nothing verified: not "all is well", and not a traceback
-        shown = st.store.url.split("?", 1)[0]
-        fail(
-            Unavailable(
-                f"cannot reach the object store {shown} (SCANONCE_STORAGE_URL): {exc.message}; check "
-                "that setting, the endpoint and the credentials (AWS_* variables)"
-            )
-        )
+        fail(unreachable_store(st.store.url, exc.message))
     console.print(report.summary(), soft_wrap=True)
     for kind, keys in sorted(report.examples.items()):
         for key in keys:
