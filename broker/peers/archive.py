@@ -139,19 +139,16 @@ def _is_match_list(data: Any) -> TypeGuard[list[dict[str, Any]]]:
 _UNIQUE = {"STUDY": (_T_STUDY_UID,), "SERIES": (_T_STUDY_UID, _T_SERIES_UID)}
 
 
-def _with_unique_keys(
-    rows: list[dict[str, Any]], level: str, facility: Archive, via: str
-) -> list[dict[str, Any]]:
-    """`rows`, each of which names its study (and series): a match without them is no match a
-    sync can use, and skipping it would read an answer of such rows as "no studies there" and
-    drop every study of the facility from the index."""
-    for row in rows:
-        if not all(_first(row, tag) for tag in _UNIQUE[level]):
-            raise Unavailable(
-                f"facility {facility.id!r} answered a {via} {level.lower()} query with a match "
-                "that has no unique key (StudyInstanceUID, SeriesInstanceUID)"
-            )
-    return rows
+def _named(row: dict[str, Any], level: str, facility: Archive, via: str) -> dict[str, Any]:
+    """`row`, which names its study (and series): a match without them is no match a sync can
+    use, and skipping it would read an answer of such rows as "no studies there" and drop every
+    study of the facility from the index."""
+    if not all(_first(row, tag) for tag in _UNIQUE[level]):
+        raise Unavailable(
+            f"facility {facility.id!r} answered a {via} {level.lower()} query with a match "
+            "that has no unique key (StudyInstanceUID, SeriesInstanceUID)"
+        )
+    return row
 
 
 class Source(Protocol):
@@ -254,7 +251,8 @@ class QidoSource:
             if not page:
                 break
             rows.extend(page)
-        return _with_unique_keys(rows, "STUDY" if path == "/studies" else "SERIES", self.facility, "QIDO-RS")
+        level = "STUDY" if path == "/studies" else "SERIES"
+        return [_named(row, level, self.facility, "QIDO-RS") for row in rows]
 
     def studies(self, study_uids: Sequence[str] | None = None) -> list[RemoteStudy]:
         params: dict[str, Any] = {"includefield": list(_STUDY_FIELDS)}
@@ -419,6 +417,7 @@ class CFindSource:
 
     def _find(self, identifier: Any) -> Iterator[dict[str, Any]]:
         assoc = self._association()
+        level = str(identifier.QueryRetrieveLevel)
         for status, ds in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             code = getattr(status, "Status", None)
             if code is None:
@@ -429,8 +428,7 @@ class CFindSource:
                 )
             if code in (0xFF00, 0xFF01):
                 if ds is not None:
-                    level = str(identifier.QueryRetrieveLevel)
-                    yield _with_unique_keys([_json_of(ds)], level, self.facility, "C-FIND")[0]
+                    yield _named(_json_of(ds), level, self.facility, "C-FIND")
             elif code != 0x0000:
                 raise Unavailable(f"facility {self.facility.id!r} failed a C-FIND (status 0x{code:04X})")
 
