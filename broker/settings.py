@@ -147,6 +147,16 @@ class Settings(BaseSettings):
             "writer and answers once that has committed them. 0: the serving process alone."
         ),
     )
+    dimse_fast_store: bool = Field(
+        default=True,
+        description=(
+            "Receive each C-STORE-RQ whose command set is plain (the usual case) in the connection's "
+            "reading thread, straight into its spool file, instead of through pynetdicom's message "
+            "objects and a hand-over to another thread: the same checks, handlers, statuses and "
+            "response, less CPU per instance. Anything unusual goes through pynetdicom either way. "
+            "false: every message through pynetdicom."
+        ),
+    )
     dimse_open_mode: bool = Field(
         default=True,
         description=(

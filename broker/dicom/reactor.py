@@ -57,6 +57,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_timer_resolution
 
+from broker.dicom import fast_store
+
 log = logging.getLogger("scanonce.dimse")
 
 # Upper bound of every wait: how late a timer expiry or a dead thread may be noticed.
@@ -302,6 +304,10 @@ def _dul_read_pdu_data(self: DULServiceProvider) -> None:
         )
         self.event_queue.put("Evt17")
         return
+    if pdu_type == 0x04:
+        fast = fast_store.for_dul(self)
+        if fast is not None and fast.take(self, bytestream):
+            return
     try:
         pdu, event = self._decode_pdu(bytestream)
         self.event_queue.put(event)
@@ -393,6 +399,9 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 _wake_event(self.assoc).set()
             sleep = False
     finally:
+        fast = self.__dict__.get("_scanonce_fast_store")
+        if fast is not None:
+            fast.discard()
         pipe.close()
 
 

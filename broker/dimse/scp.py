@@ -120,6 +120,7 @@ class _ScanOnceAE(SpoolingAE):
         self._scanonce = weakref.ref(handle)
         # Read by the reactor: seconds to complete the A-ASSOCIATE-RQ, and any PDU once begun.
         self.scanonce_request_timeout: float | None = None
+        self.scanonce_fast_store = False  # C-STOREs in the DUL thread (broker.dicom.fast_store)
         self.max_connections_per_address = 0  # 0: no cap
         # Several processes on one port (settings.dimse_receivers): the guards count across all
         # of them (broker.dimse.guards), this process in its row.
@@ -554,6 +555,7 @@ def start_scp(
     ae.maximum_associations = settings.dimse_max_associations
     ae.require_called_aet = True  # A-ASSOCIATE-RJ "called AE title not recognized" otherwise
     ae.scanonce_request_timeout = settings.dimse_request_timeout
+    ae.scanonce_fast_store = settings.dimse_fast_store
     ae.max_connections_per_address = settings.dimse_max_connections_per_address
     if shared is not None:
         ae.shared_counts, ae.shared_row, ae.reuse_port = shared, row, True
