@@ -57,7 +57,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_timer_resolution
 
-from broker.dicom import fast_store
+from broker.dicom import fast_store, known_uids
 
 log = logging.getLogger("scanonce.dimse")
 
@@ -569,6 +569,7 @@ def install() -> None:
             log.warning("pynetdicom %s: keeping its polling reactors (checked against 3.0)", version)
             _installed = True
             return
+        known_uids.install()
         DULServiceProvider.__init__ = _dul_init_poking  # type: ignore[method-assign]
         DULServiceProvider.kill_dul = _dul_kill_poking  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
