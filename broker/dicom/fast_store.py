@@ -157,6 +157,21 @@ def _only_standard_listeners(assoc: Any) -> bool:
     return True
 
 
+class _Request(C_STORE):
+    """pynetdicom's C_STORE request primitive, whose `_dataset_path` (`event.dataset_path`) is
+    made from the spool file's name when asked for: a pathlib.Path per instance was ~3% of a
+    C-STORE's CPU, and the broker's handler reads the name from the spool file itself."""
+
+    @property  # type: ignore[override]
+    def _dataset_path(self) -> Path | None:
+        spool = self._dataset_file
+        return None if spool is None else Path(spool.name)
+
+    @_dataset_path.setter
+    def _dataset_path(self, value: Any) -> None:
+        pass  # always the spool file's
+
+
 class _Message:
     """A C-STORE-RQ taken over: its primitive, context and spool file."""
 
@@ -256,7 +271,7 @@ class FastStore:
         priority = _us(elements[_PRIORITY])
         if priority not in (0, 1, 2):
             return None
-        request = C_STORE()
+        request = _Request()
         try:
             request.MessageID = _us(elements[_MESSAGE_ID])
             # Valid UIDs (`_uid`): what pynetdicom's setters would check again, by regex.
@@ -285,7 +300,6 @@ class FastStore:
         request.DataSet = BytesIO()
         request._context_id = context_id
         request._dataset_file = spool
-        request._dataset_path = Path(spool.name)
         if _PYNETDICOM_LOG.isEnabledFor(logging.INFO) and assoc.get_handlers(evt.EVT_DIMSE_RECV):
             _PYNETDICOM_LOG.info("Received Store Request")
         return _Message(request, context, context_id, spool)

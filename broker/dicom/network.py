@@ -59,7 +59,7 @@ def received_file(event: Any) -> Received | None:
     None when it was not spooled through a `HashingWriter`."""
     spool = getattr(getattr(event, "request", None), "_dataset_file", None)
     if isinstance(spool, HashingWriter):
-        return spool.received(str(event.dataset_path))
+        return spool.received()  # at the spool file's own name: `event.dataset_path`
     return None
 
 
