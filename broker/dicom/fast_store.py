@@ -234,6 +234,18 @@ class FastStore:
         for i, (cx, h, _) in enumerate(items[1:], start=1):
             if h & 1 or cx != context_id or (h & 2 and i != last):
                 return None
+        # Cheap tests first: most PDUs that are not a C-STORE-RQ end here.
+        elements = _command(fragment)
+        if elements is None:
+            return None
+        command = elements.get(_COMMAND_FIELD)
+        data_set_type = elements.get(_DATA_SET_TYPE)
+        if command is None or _us(command) != _C_STORE_RQ:
+            return None
+        if data_set_type is None or _us(data_set_type) == _NO_DATA_SET:
+            return None
+        if _MESSAGE_ID not in elements or _PRIORITY not in elements:
+            return None
         assoc = dul.assoc
         sock = dul.socket
         if (
@@ -247,17 +259,6 @@ class FastStore:
             or _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG)
             or not _only_standard_listeners(assoc)
         ):
-            return None
-        elements = _command(fragment)
-        if elements is None:
-            return None
-        command = elements.get(_COMMAND_FIELD)
-        data_set_type = elements.get(_DATA_SET_TYPE)
-        if command is None or _us(command) != _C_STORE_RQ:
-            return None
-        if data_set_type is None or _us(data_set_type) == _NO_DATA_SET:
-            return None
-        if _MESSAGE_ID not in elements or _PRIORITY not in elements:
             return None
         sop_class = _uid(elements.get(_SOP_CLASS))
         sop_instance = _uid(elements.get(_SOP_INSTANCE))
