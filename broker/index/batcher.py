@@ -14,12 +14,16 @@ one instance when a single association sends, about one per association under lo
 statements, commit and fsyncs cost about the same whatever its size, and under load the
 process is bound by CPU. Left alone, four senders fall into groups of one and three (the one
 answered first sends its next instance while the other three are being committed). So the
-writer waits, 2 ms at most (`_LINGER`), for the senders it has seen lately (`_RECENT` seconds)
+writer waits, 4 ms at most (`_LINGER`), for the senders it has seen lately (`_RECENT` seconds)
 to join a group, or for callers still parsing: a group of four costs about what a group of one
-does. Not longer: a wait long enough to gather every sender every time puts all of them in
-lockstep with the writer (all receive, then all wait for one commit), so receiving and writing
-never overlap. With four `storescu` a 10 ms wait gave 222-310 instances/s and 2.5-2.9 ms of CPU
-per instance, 2 ms gave 314-409 and 1.9-2.2 ms (three runs, docs/benchmarks.md).
+does. With C-STOREs received through pynetdicom's own path, a wait long enough to gather every
+sender every time put all of them in lockstep with the writer (all receive, then all wait for
+one commit), so receiving and writing never overlapped: with four `storescu` a 10 ms wait gave
+222-310 instances/s, 2 ms 314-409. Since C-STOREs are received in the DUL thread
+(broker.dicom.fast_store) the process is bound by CPU, and fuller groups cost less per
+instance: 4 ms gave 1.05-1.08x the rate of 2 ms at 0.1-0.3 ms less CPU per instance in two
+runs side by side (docs/benchmarks.md, "C-STORE requests read in the DUL thread"). A lone
+association never waits: it has no recent sender to wait for.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ log = logging.getLogger("scanonce.ingest")
 
 _MAX_GROUP = 64
 # How long the writer waits for recent senders, or callers parsing now, to join a group.
-_LINGER = 0.002
+_LINGER = 0.004
 # A caller (thread: one per DIMSE association) that submitted within this many seconds is a
 # sender the writer expects in the next group.
 _RECENT = 0.5
