@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 from broker.dicom.attributes import keyword_of, resolve_key
-from broker.errors import BadRequest
+from broker.errors import BadRequest, NotAcceptable
 from broker.index.schemas import Level, Query
 
 # Optional PS3.18 8.3.4 parameters this origin server does not implement: PS3.18 lets an origin
@@ -26,6 +26,10 @@ _MAX_OFFSET = 10**12
 class ParsedQuery:
     query: Query
     warnings: list[str] = field(default_factory=list)
+    # PS3.18 8.3.3.1-2: the `accept` and `charset` query parameters, which a link in a browser
+    # uses for what the Accept header would say; they take precedence over the headers.
+    accept: str | None = None
+    charset: str | None = None
 
 
 def _decoded(raw: str, what: str) -> str:
@@ -77,6 +81,8 @@ def parse_query(
     offset = 0
     fuzzy = False
     warnings: list[str] = []
+    accept: str | None = None
+    charset: str | None = None
     seen_params: set[str] = set()
     repeated: dict[str, list[str]] = {}
     for item in raw_query.split("&") if raw_query else []:
@@ -101,7 +107,7 @@ def parse_query(
                     # A sequence path returns its whole top-level sequence.
                     includefields.add(_attribute_key(f).split(".")[0])
             continue
-        if lname in ("limit", "offset", "fuzzymatching") and lname in seen_params:
+        if lname in ("limit", "offset", "fuzzymatching", "accept", "charset") and lname in seen_params:
             raise BadRequest(f"query parameter {lname!r} given more than once")
         seen_params.add(lname)
         if lname == "limit":
@@ -115,6 +121,10 @@ def parse_query(
             if v not in ("true", "false"):
                 raise BadRequest(f"fuzzymatching must be true or false, got {value[:20]!r}")
             fuzzy = v == "true"
+        elif lname == "accept":
+            accept = value
+        elif lname == "charset":
+            charset = value
         elif lname in _UNSUPPORTED_OPTIONAL:
             warnings.append(f"The {lname} parameter is not supported and was ignored.")
         else:
@@ -143,4 +153,25 @@ def parse_query(
         offset=offset,
         retrieve_base=retrieve_base,
     )
-    return ParsedQuery(query=query, warnings=warnings)
+    return ParsedQuery(query=query, warnings=warnings, accept=accept, charset=charset)
+
+
+def negotiate_charset(charset: str | None) -> None:
+    """The `charset` query parameter (PS3.18 8.3.3.2): responses are UTF-8 (PS3.18 F.2), so the
+    list must allow it (`utf-8`, `*`; with q > 0); 406 otherwise. Absent: anything goes."""
+    if charset is None:
+        return
+    for item in charset.split(","):
+        name, _, params = item.partition(";")
+        name = name.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            key, _, val = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(val.strip())
+                except ValueError:
+                    raise BadRequest(f"charset has a malformed q value: {item.strip()[:40]!r}") from None
+        if name in ("utf-8", "utf8", "*") and q > 0:
+            return
+    raise NotAcceptable("responses are encoded in UTF-8 only (charset=utf-8)")

@@ -365,7 +365,6 @@ async def search(
     request: Request, scope: Scope, level: Level, study: str | None = None, series: str | None = None
 ) -> Response:
     _key_uids(study, series)
-    wado.negotiate_json(request.headers.get("accept"))
     settings = scope.state.settings
     parsed = qido.parse_query(
         request.url.query,
@@ -377,6 +376,8 @@ async def search(
         facility_id=scope.facility_id,
         retrieve_base=scope.base,
     )
+    wado.negotiate_json(parsed.accept if parsed.accept is not None else request.headers.get("accept"))
+    qido.negotiate_charset(parsed.charset)
     result = await run_in_threadpool(
         _in_session, scope, _visible_search, query=parsed.query, principal=scope.principal
     )

@@ -162,3 +162,49 @@ def test_a_query_not_percent_encoded_utf8_is_400_not_a_search_for_something_else
     assert r.status_code == 400, (query, r.status_code, r.text)
     assert "UTF-8" in r.json()["detail"]
     assert _uids(_get(archive, f"{LOCAL}?PatientName=M%C3%BCller*")) == {MUELLER}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "accept=application%2Fdicom%2Bjson",
+        "accept=application/json",
+        "accept=*/*",
+        "charset=utf-8",
+        "charset=ISO-8859-1,utf-8;q=0.5",
+        "accept=application%2Fdicom%2Bjson&charset=UTF-8",
+    ],
+)
+def test_accept_and_charset_query_parameters_are_honoured(archive: Archive, query: str) -> None:
+    """PS3.18 8.3.3.1-2: a link opened in a browser says with `accept` and `charset` what a
+    client would say in its headers; they are not query keys."""
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == 200, (query, r.text)
+    assert r.headers["content-type"].startswith("application/dicom+json")
+    assert _uids(r) == {MUELLER, MULLER, SMITH}
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("accept=application%2Fdicom%2Bxml", 406),
+        ("accept=image/png", 406),
+        ("charset=ISO-8859-1", 406),
+        ("charset=utf-8;q=0", 406),
+        ("charset=utf-8;q=x", 400),
+        ("accept=application/json&accept=application/json", 400),
+    ],
+)
+def test_an_accept_or_charset_parameter_that_cannot_be_met_is_refused(
+    archive: Archive, query: str, status: int
+) -> None:
+    r = _get(archive, f"{LOCAL}?{query}")
+    assert r.status_code == status, (query, r.text)
+
+
+def test_the_accept_parameter_takes_precedence_over_the_header(archive: Archive) -> None:
+    with archive.server.http() as http:
+        r = http.get(f"{LOCAL}?accept=application%2Fdicom%2Bjson", headers={"Accept": "image/png"})
+        assert r.status_code == 200
+        refused = http.get(f"{LOCAL}?accept=image%2Fpng", headers={"Accept": "application/dicom+json"})
+        assert refused.status_code == 406
