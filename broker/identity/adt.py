@@ -272,6 +272,10 @@ def _build_ack(code: str, text: str, msg: Any = None, error: str = "") -> Ack:
         "MSH", "^~\\&", "SCANONCE", hd(6), hd(3), hd(4), stamp, "",
         f"ACK^{event}^ACK" if event else "ACK", f"ACK{uuid.uuid4().hex[:16].upper()}", processing, version,
     ]  # fmt: skip
+    charset = _get(msg, "MSH.F18.R1.C1").strip() if msg is not None else ""
+    if _CODECS.get(charset.upper()):
+        # MSH-18: the ACK is written in the set the message declared (broker.identity.mllp).
+        msh += ["", "", "", "", "", _escape(charset)]
     segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
     if code != "AA":
         error = error or INTERNAL

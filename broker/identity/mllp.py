@@ -45,9 +45,14 @@ WORKERS = 8
 _connections: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
 
 
+def _declared(block: bytes) -> str:
+    """The codec the block's MSH-18 names ("" when none or unknown)."""
+    return declared_codec(block.split(b"\r", 1)[0].decode("latin-1"))
+
+
 def _decode(block: bytes) -> str:
     """In the character set MSH-18 declares, or UTF-8, or Latin-1 (`adt.decode_text`)."""
-    return decode_text(block, declared_codec(block.split(b"\r", 1)[0].decode("latin-1")))
+    return decode_text(block, _declared(block))
 
 
 _START_BLOCK, _END_BLOCK = b"\x0b", b"\x1c\r"
@@ -73,8 +78,11 @@ async def _read_block(reader: HL7StreamReader) -> bytes:
     return rest[: -len(_END_BLOCK)]
 
 
-async def _reply(writer: HL7StreamWriter, ack: Ack) -> None:
-    writer.writeblock(ack.message.encode("utf-8"))
+async def _reply(writer: HL7StreamWriter, ack: Ack, codec: str = "") -> None:
+    """The ACK in the character set the message declared in MSH-18 (the ACK's MSH-18 says so
+    too: `adt._build_ack`), UTF-8 when it declared none: a receiver reads the answer as it wrote
+    the question. What that set cannot hold (an echoed name) becomes "?"."""
+    writer.writeblock(ack.message.encode(codec or "utf-8", errors="replace"))
     await writer.drain()
 
 
@@ -107,7 +115,7 @@ async def _serve_connection(
                 log.error("MLLP message from %s could not be applied", peer)
                 ack = nak("AE", "internal error while applying the message")
             observe_mllp("ADT", ack.code, time.perf_counter() - start)
-            await _reply(writer, ack)
+            await _reply(writer, ack, _declared(block))
     except (ConnectionError, asyncio.CancelledError):
         pass  # the peer went away, or the listener is stopping
     finally:

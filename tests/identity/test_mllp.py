@@ -487,3 +487,36 @@ def test_a_v23_sender_finds_the_error_code_where_v23_puts_it(engine: Any, listen
     assert msa(ack)[1] == "AR" and ack.split("\r")[0].endswith("|P|2.3")
     assert err(ack)[1] == "^^^201&Unsupported event code&HL70357"
     assert err(ack)[3] == "201^Unsupported event code^HL70357"
+
+
+def _raw_ack(handle: MllpHandle, payload: bytes) -> bytes:
+    with connect(handle) as sock:
+        sock.sendall(payload)
+        data = b""
+        while not data.endswith(EB):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    return data[1:-2]
+
+
+def test_the_ack_is_written_in_the_character_set_the_message_declared(listener: MllpHandle) -> None:
+    """A registration system that declares ISO 8859-1 reads the ACK as ISO 8859-1: the sending
+    facility it echoes (MSH-4 into MSH-6) arrives as it was sent, and MSH-18 says so."""
+    header = "MSH|^~\\&|ADT|ZÜRICH|SCANONCE|BROKER|20240101120000||ADT^A01^ADT_A01|L1|P|2.5||||||8859/1"
+    message = f"{header}\rEVN|A01|20240101120000\rPID|1||L1^^^ISSUER-A||MÜLLER^JÜRG||19610203|M\r"
+    raw = _raw_ack(listener, SB + message.encode("latin-1") + EB)
+    text = raw.decode("latin-1")
+    msh = text.split("\r")[0].split("|")
+    assert msh[5] == "ZÜRICH" and msh[17] == "8859/1", msh
+    assert msa(text)[1:3] == ["AA", "L1"]
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")  # not UTF-8: the bytes the sender's own set gives
+
+
+def test_the_ack_of_a_message_that_declares_no_character_set_is_utf8(listener: MllpHandle) -> None:
+    header = "MSH|^~\\&|ADT|ZÜRICH|SCANONCE|BROKER|20240101120000||ADT^A01^ADT_A01|U2|P|2.5"
+    message = f"{header}\rEVN|A01|20240101120000\rPID|1||U2^^^ISSUER-A||MÜLLER^JÜRG||19610203|M\r"
+    raw = _raw_ack(listener, SB + message.encode("utf-8") + EB)
+    msh = raw.decode("utf-8").split("\r")[0].split("|")
+    assert msh[5] == "ZÜRICH" and len(msh) == 12, msh
