@@ -22,12 +22,15 @@ other than Sta6, an association whose DIMSE layer holds part of a message, liste
 received-PDU events (other than pynetdicom's standard ones, at most INFO heard), the requestor
 side. A PDU that breaks the message's framing once it has been taken over (a command fragment,
 another context, a fragment after the last) is a protocol error: the association is aborted
-(A-ABORT, as pynetdicom does for a PDU it cannot decode) and the spool file removed.
+(A-ABORT, as pynetdicom does for a PDU it cannot decode) and the spool file removed. A spool
+folder that cannot be written (a full disk) is answered with a status: the rest of the data set
+is read and dropped and the request refused with 0xA700 (pynetdicom's own path aborts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -73,6 +76,7 @@ _KNOWN = frozenset(
 )
 _US = frozenset((_COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE, _MOVE_MESSAGE_ID))
 _C_STORE_RQ = 0x0001
+_OUT_OF_RESOURCES = 0xA700
 _NO_DATA_SET = 0x0101
 
 # Events whose listeners the fast path skips, and the one handler each may have: pynetdicom's
@@ -173,15 +177,32 @@ class _Request(C_STORE):
 
 
 class _Message:
-    """A C-STORE-RQ taken over: its primitive, context and spool file."""
+    """A C-STORE-RQ taken over: its primitive, context and spool file, and why the spool file
+    could not be written (then the rest of the data set is read and dropped, and the request
+    refused with 0xA700 once it is whole: the peer gets a status, not a dropped association)."""
 
-    __slots__ = ("context", "context_id", "request", "spool")
+    __slots__ = ("context", "context_id", "failure", "request", "spool")
 
     def __init__(self, request: C_STORE, context: Any, context_id: int, spool: Any) -> None:
         self.request = request
         self.context = context
         self.context_id = context_id
         self.spool = spool
+        self.failure: str | None = None
+
+    def write(self, fragment: memoryview) -> None:
+        if self.failure is None:
+            try:
+                self.spool.write(fragment)
+            except OSError as exc:
+                self.fail(exc)
+
+    def fail(self, exc: OSError) -> None:
+        # The errno's name only: a path or a message could carry more than the log should.
+        self.failure = errno.errorcode.get(exc.errno or 0, "an I/O error")
+        if self.spool is not None:
+            _remove(self.spool)
+            self.spool = None
 
 
 class FastStore:
@@ -213,16 +234,24 @@ class FastStore:
             if header & 1 or context_id != message.context_id or (header & 2 and i != last):
                 self._abort(dul, "a PDV that does not continue the C-STORE-RQ's data set")
                 return True
-            message.spool.write(fragment)
+            message.write(fragment)
             if header & 2:
                 self._message = None
-                self._serve(dul, message)
+                if message.failure is None:
+                    try:
+                        message.spool.flush()
+                    except OSError as exc:
+                        message.fail(exc)
+                if message.failure is None:
+                    self._serve(dul, message)
+                else:
+                    self._refuse(dul, message)
         return True
 
     def discard(self) -> None:
         """The association ended: a data set still being received was never acknowledged."""
         message, self._message = self._message, None
-        if message is not None:
+        if message is not None and message.spool is not None:
             _remove(message.spool)
 
     def _open(self, dul: Any, items: list[_PDV]) -> _Message | None:
@@ -291,28 +320,24 @@ class FastStore:
         meta = (uid_bytes(sop_class), uid_bytes(sop_instance), uid_bytes(context.transfer_syntax[0]))
         if None in meta:
             return None
-        spool = _new_spool(assoc.ae)
-        try:
-            spool.write(b"\0" * 128 + b"DICM")
-            _write_spool_meta(spool, _SpoolMeta(*meta))  # type: ignore[arg-type]
-        except BaseException:
-            _remove(spool)
-            raise
         request.DataSet = BytesIO()
         request._context_id = context_id
-        request._dataset_file = spool
+        message = _Message(request, context, context_id, None)
+        try:
+            spool = message.spool = _new_spool(assoc.ae)
+            spool.write(b"\0" * 128 + b"DICM")
+            _write_spool_meta(spool, _SpoolMeta(*meta))  # type: ignore[arg-type]
+        except OSError as exc:
+            message.fail(exc)  # a full disk: refused with a status once the data set is read
+        request._dataset_file = message.spool
         if _PYNETDICOM_LOG.isEnabledFor(logging.INFO) and assoc.get_handlers(evt.EVT_DIMSE_RECV):
             _PYNETDICOM_LOG.info("Received Store Request")
-        return _Message(request, context, context_id, spool)
+        return message
 
     def _serve(self, dul: Any, message: _Message) -> None:
         """pynetdicom's Association._serve_request for a C-STORE-RQ, in this thread: the
         Storage service class runs the EVT_C_STORE handlers, closes and removes the spool file
-        and sends the response."""
-        # A failed flush (disk full) leaves a short file: ingest's placed-size check refuses it
-        # (0xA700) rather than index it.
-        with contextlib.suppress(OSError):
-            message.spool.flush()
+        and sends the response (the spool file is whole and flushed: `take`)."""
         assoc = dul.assoc
         assoc.dimse.cancel_req = {}
         try:
@@ -323,12 +348,29 @@ class FastStore:
             assoc.abort(block=False)  # blocking would wait for this very thread
         finally:
             assoc.dimse.cancel_req = {}
-        if not dul.to_provider_queue.empty():
-            # A response queued for this thread to send (not written directly): this thread
-            # does not poke itself (`reactor`), so make its next wait return at once.
-            pipe = getattr(dul, "_scanonce_pipe", None)
-            if pipe is not None:
-                pipe.poke()
+        _poke_if_queued(dul)
+
+    def _refuse(self, dul: Any, message: _Message) -> None:
+        """Answer 0xA700 (out of resources: the SCU may send it again later) to a C-STORE-RQ
+        whose data set could not be written to the spool folder; nothing was stored."""
+        log.warning(
+            "C-STORE refused, the spool folder could not be written (%s): answered 0xA700",
+            message.failure,
+        )
+        request = message.request
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = request.MessageID
+        rsp._affected_sop_class_uid = request.AffectedSOPClassUID
+        rsp._affected_sop_instance_uid = request.AffectedSOPInstanceUID
+        rsp.Status = _OUT_OF_RESOURCES
+        comment: Any = (
+            "no space left to receive the data set"
+            if message.failure == "ENOSPC"
+            else "the data set could not be written on receipt"
+        )
+        rsp.ErrorComment = comment
+        dul.assoc.dimse.send_msg(rsp, message.context_id)
+        _poke_if_queued(dul)
 
     def _abort(self, dul: Any, what: str) -> None:
         log.warning(
@@ -369,6 +411,15 @@ def _new_spool(ae: Any) -> Any:
     except FileExistsError:
         return _spool_file(delete=False, mode="wb", suffix=".dcm")
     return HashingWriter(raw, keep=int(getattr(ae, "spool_keep_bytes", 0)))
+
+
+def _poke_if_queued(dul: Any) -> None:
+    if not dul.to_provider_queue.empty():
+        # A response queued for this thread to send (not written directly): this thread does
+        # not poke itself (`reactor`), so make its next wait return at once.
+        pipe = getattr(dul, "_scanonce_pipe", None)
+        if pipe is not None:
+            pipe.poke()
 
 
 def _remove(spool: Any) -> None:

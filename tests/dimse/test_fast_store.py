@@ -4,6 +4,7 @@ whose framing breaks once taken over aborts the association and leaves nothing b
 
 from __future__ import annotations
 
+import errno
 import io
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from broker.demo import synth
 from broker.dicom import fast_store
+from broker.dicom.received import HashingWriter
 from tests.dimse.conftest import Node, _start, synthetic_studies
 from tests.dimse.test_scp_store import _dataset_bytes, _indexed_sops, _stored_bytes
 from tests.peers import dcmtk
@@ -192,4 +194,56 @@ def test_a_message_broken_after_its_command_aborts_and_stores_nothing(
         assert again.send_c_store(ds).Status == 0x0000
     finally:
         again.release()
+    assert _indexed_sops(node) == {ds.SOPInstanceUID}
+
+
+class _FillingFile:
+    """A spool file on a disk that fills up after `room` bytes (ENOSPC, as a full disk says)."""
+
+    def __init__(self, path: str, room: int) -> None:
+        self.raw = open(path, "xb")  # noqa: SIM115 - closed by the SCP
+        self.name = path
+        self.room = room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+@pytest.mark.parametrize("room", [0, 2000], ids=["at-once", "mid-data-set"])
+def test_a_full_spool_disk_is_answered_a700_and_the_association_goes_on(
+    node: Node, served: list[str], monkeypatch: pytest.MonkeyPatch, room: int
+) -> None:
+    """The issue's "a full disk: a clear failure status, nothing half-stored": the SCU gets
+    0xA700 (retry later) for the instance it was sending, and the next one, once there is room
+    again, is stored on the same association."""
+    ds = _big()
+    spooled: list[str] = []
+
+    def full(ae: Any) -> Any:
+        path = str(node.spool / f"full-{len(spooled)}.dcm")
+        spooled.append(path)
+        return HashingWriter(_FillingFile(path, room), keep=0)
+
+    assoc = _associate(node, ds)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(fast_store, "_new_spool", full)
+            _send(assoc, *([pdv] for pdv in _pdvs(assoc, ds)))
+            assert _status(assoc) == 0xA700
+            assert assoc.is_established
+            assert _indexed_sops(node) == set()
+            assert list(node.spool.iterdir()) == []
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert spooled and served == [ds.SOPInstanceUID]
     assert _indexed_sops(node) == {ds.SOPInstanceUID}
