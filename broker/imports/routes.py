@@ -57,7 +57,9 @@ def start_import(body: ImportRequest, state: StateDep, principal: PrincipalDep, 
 def list_imports(
     session: SessionDep, _principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
 ) -> list[ImportOut]:
-    return [ImportOut.of(r) for r in service.list_imports(session=session, limit=limit)]
+    rows = service.list_imports(session=session, limit=limit)
+    retry = service.retry_times(session=session, rows=rows)
+    return [ImportOut.of(r, retry_at=retry.get(r.id or 0)) for r in rows]
 
 
 @router.get(
@@ -96,7 +98,8 @@ def put_destination(
 )
 def get_import(import_id: int, session: SessionDep, _principal: PrincipalDep) -> ImportOut:
     row = service.get_import(session=session, import_id=import_id)
-    return ImportOut.of(row, service.instances_of(session=session, import_id=import_id))
+    retry = service.retry_times(session=session, rows=[row]).get(import_id)
+    return ImportOut.of(row, service.instances_of(session=session, import_id=import_id), retry_at=retry)
 
 
 @router.post("/{import_id}/cancel", response_model=ImportOut, responses=_ERRORS, summary="Cancel an import")

@@ -87,10 +87,15 @@ class ImportOut(BaseModel):
     plan: dict[str, Any]
     created_at: datetime
     finished_at: datetime | None
+    # Still `running`, but waiting for its job's next attempt after a transient failure (the
+    # destination unreachable): not before this time.
+    retry_at: datetime | None = None
     instances: list[InstanceOut] | None = None
 
     @classmethod
-    def of(cls, row: ImportJob, instances: list[ImportInstance] | None = None) -> ImportOut:
+    def of(
+        cls, row: ImportJob, instances: list[ImportInstance] | None = None, retry_at: datetime | None = None
+    ) -> ImportOut:
         assert row.id is not None
         plan = json.loads(row.plan or "{}")
         return cls(
@@ -99,6 +104,7 @@ class ImportOut(BaseModel):
             source_facility=row.source_facility_id, accession_policy=row.accession_policy, via=row.via,
             status=row.status, total=row.total, sent=row.sent, failed=row.failed, verified=row.verified,
             message=row.message, plan=plan, created_at=row.created_at, finished_at=row.finished_at,
+            retry_at=retry_at,
             instances=None if instances is None else [InstanceOut.of(i) for i in instances],
         )  # fmt: skip
 

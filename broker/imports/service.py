@@ -394,6 +394,16 @@ def configure_destination(
 # -- the import job ------------------------------------------------------------------------------
 
 
+def retry_times(*, session: Session, rows: Iterable[ImportJob]) -> dict[int, datetime]:
+    """Import id -> when its job, queued again after a transient failure, next runs (active
+    imports whose job waits for its backoff only)."""
+    waiting = {
+        r.job_id: r.id for r in rows if r.status in _ACTIVE and r.job_id is not None and r.id is not None
+    }
+    times = jobs.retry_times(session=session, job_ids=waiting)
+    return {int(waiting[job_id]): at for job_id, at in times.items() if waiting.get(job_id) is not None}
+
+
 def start_import(
     *,
     engine: Engine,
@@ -681,6 +691,11 @@ def _run(
                         spliced = _spliced(store, key, coercer) if via == "dicomweb" else None
                         if spliced is None:
                             _coerce(store, key, path, coercer)
+                    except StoreUnavailable:
+                        # The broker's store is down, not this instance unreadable: the run ends
+                        # here and its job is tried again later (the instances still pending are
+                        # sent then), rather than every instance failing as if refused.
+                        raise
                     except Exception as exc:  # one unreadable instance fails alone, named in its row
                         out.append((None, f"cannot be read or coerced: {type(exc).__name__}"))
                         continue

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -201,6 +201,28 @@ def get_job(*, session: Session, job_id: int) -> Job:
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
+
+
+def retry_times(*, session: Session, job_ids: Iterable[int]) -> dict[int, datetime]:
+    """When each of these jobs, queued again after a transient failure, may next run (only
+    those still waiting for their backoff)."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    now = _now()
+    rows = session.exec(
+        select(Job.id, Job.run_after).where(
+            col(Job.id).in_(ids), Job.status == "queued", col(Job.run_after).is_not(None)
+        )
+    ).all()
+    out: dict[int, datetime] = {}
+    for job_id, run_after in rows:
+        if job_id is None or run_after is None:
+            continue
+        at = run_after if run_after.tzinfo is not None else run_after.replace(tzinfo=UTC)
+        if at > now:
+            out[int(job_id)] = at
+    return out
 
 
 STATUSES = ("queued", "running", "done", "failed")

@@ -267,7 +267,9 @@ def imports_page(request: Request, session: SessionDep, principal: PrincipalDep,
                        "plan": prepared.plan.to_json(), "instances": diffs}  # fmt: skip
         except ScanOnceError as exc:
             error, status = exc.message, exc.status_code
-    rows = [ImportOut.of(r) for r in imports.list_imports(session=session, limit=50)]
+    listed = imports.list_imports(session=session, limit=50)
+    retry = imports.retry_times(session=session, rows=listed)
+    rows = [ImportOut.of(r, retry_at=retry.get(r.id or 0)) for r in listed]
     # Each import's refused or lost instances, named with the archive's answer (the first 20).
     failures = {
         r.id: [i for i in imports.instances_of(session=session, import_id=r.id) if i.status == "failed"][:20]
