@@ -11,30 +11,38 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired
+from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _LOCAL_PREFIX = "urn:scanonce:issuer:"
+# What a URN's namespace-specific string may hold as it is (RFC 8141: pchar and `/`; `%` only
+# to start an escape, `?` and `#` would start a query or a fragment).
+_URN_SAFE = "-._~!$&'()*+,;=:@/"
 
 
 def system_for_issuer(issuer: str) -> str:
-    """An issuer as a FHIR identifier system: OIDs as urn:oid:, URIs as is, others namespaced."""
+    """An issuer as a FHIR identifier system: OIDs as urn:oid:, URIs as is, others namespaced.
+    A namespaced issuer is percent-encoded where a URN may not hold it as it is (RFC 8141: a
+    space, `%`, `|`, non-ASCII ...): HL7 namespace IDs such as "St Mary Hospital" made a system
+    that was not a URI, which FHIR clients and validators refuse."""
     if _OID.match(issuer):
         return "urn:oid:" + issuer
     if ":" in issuer:
         return issuer
-    return _LOCAL_PREFIX + issuer
+    return _LOCAL_PREFIX + quote(issuer, safe=_URN_SAFE)
 
 
 def issuer_from_system(system: str) -> str:
     """The issuer a FHIR identifier system names (the inverse of `system_for_issuer`); every
     interface that takes `system|value` (FHIR, the lookup, CDS Hooks, the page) reads it so.
     A URN's `urn:` and namespace are case-insensitive (RFC 8141)."""
-    for prefix in ("urn:oid:", _LOCAL_PREFIX):
-        if system[: len(prefix)].lower() == prefix:
-            return system[len(prefix) :]
+    if system[:8].lower() == "urn:oid:":
+        return system[8:]
+    if system[: len(_LOCAL_PREFIX)].lower() == _LOCAL_PREFIX:
+        return unquote(system[len(_LOCAL_PREFIX) :])  # as `system_for_issuer` encoded it
     return system
 
 

@@ -235,3 +235,25 @@ def test_update_by_id(client: TestClient) -> None:
     assert "does not belong" in _outcome(client.put(f"/fhir/Patient/{created['id']}", json=other), 404)
     r = client.get(f"/fhir/Patient/{created['id']}")
     assert FhirPatient.model_validate(r.json()).birthDate.isoformat() == "1990-03-04"  # type: ignore[union-attr]
+
+
+def test_an_issuer_with_a_space_is_a_valid_uri_system_both_ways(client: TestClient) -> None:
+    """HL7 namespace IDs such as "St Mary Hospital" are issuers too: the system the broker gives
+    for them must be a URI (percent-encoded), and the one a client sends back must find them,
+    encoded or (as typed) not."""
+    system = "urn:scanonce:issuer:St%20Mary%20Hospital"
+    r = client.post(
+        "/fhir/Patient",
+        json=_patient(system, "S1", "Okafor", ["Ada"], "1990-02-03", gender="female"),
+        headers={"content-type": FHIR},
+    )
+    assert r.status_code == 201, r.text
+    created = FhirPatient.model_validate(r.json())
+    assert (system, "S1") in {(i.system, i.value) for i in created.identifier or []}
+    for sent in (system, "urn:scanonce:issuer:St Mary Hospital"):
+        found = client.get("/fhir/Patient", params={"identifier": f"{sent}|S1"})
+        assert found.status_code == 200, found.text
+        bundle = Bundle.model_validate(found.json())
+        assert len(bundle.entry or []) == 1, sent
+        systems = {i["system"] for e in found.json()["entry"] for i in e["resource"]["identifier"]}
+        assert system in systems and not any(" " in s for s in systems)
