@@ -10,7 +10,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -60,7 +60,10 @@ def _sync_all(fsync: Callable[[Any], None], targets: Iterable[Any]) -> None:
     # The calling thread takes the first slice itself: one hand-off fewer, and it would only
     # have waited meanwhile.
     futures = [_SYNC_POOL.submit(_sync_slice, fsync, todo[i::ways]) for i in range(1, ways)]
-    _sync_slice(fsync, todo[0::ways])
+    try:
+        _sync_slice(fsync, todo[0::ways])
+    finally:
+        wait(futures)  # a failure here still returns only once the pool's slices are done
     for future in futures:
         future.result()
 

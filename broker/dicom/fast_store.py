@@ -53,7 +53,13 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 
-from broker.dicom.network import _spool_file, _SpoolMeta, _write_spool_meta, uid_bytes
+from broker.dicom.network import (
+    _spool_file,
+    _SpoolMeta,
+    _write_spool_meta,
+    only_standard_listeners,
+    uid_bytes,
+)
 from broker.dicom.received import HashingWriter
 from broker.dicom.uids import is_valid_uid
 
@@ -151,14 +157,6 @@ def _is_storage(sop_class: str) -> bool:
 
 
 _STORAGE: dict[str, bool] = {}
-
-
-def _only_standard_listeners(assoc: Any) -> bool:
-    for event, standard in _SKIPPED_EVENTS:
-        for handler in assoc.get_handlers(event):
-            if handler[0] is not standard:
-                return False
-    return True
 
 
 class _Request(C_STORE):
@@ -286,7 +284,7 @@ class FastStore:
             or not isinstance(sock, AssociationSocket)
             or isinstance(sock.socket, ssl.SSLSocket)
             or _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG)
-            or not _only_standard_listeners(assoc)
+            or not only_standard_listeners(assoc, _SKIPPED_EVENTS)
         ):
             return None
         sop_class = _uid(elements.get(_SOP_CLASS))
@@ -427,6 +425,14 @@ def _remove(spool: Any) -> None:
         spool.close()
     with contextlib.suppress(OSError):
         os.unlink(spool.name)
+
+
+def end(dul: Any) -> None:
+    """The DUL's association ended: what its receiver was still receiving was never
+    acknowledged (`FastStore.discard`)."""
+    fast = dul.__dict__.get("_scanonce_fast_store")
+    if fast is not None:
+        fast.discard()
 
 
 def for_dul(dul: Any) -> FastStore | None:

@@ -66,6 +66,17 @@ def received_file(event: Any) -> Received | None:
 dimse_messages.NamedTemporaryFile = _spool_file
 
 
+def only_standard_listeners(assoc: Any, events: Any) -> bool:
+    """Whether nothing but the handler paired with each event in `events` ((event, handler or
+    None), ...) listens on `assoc`: a path that skips pynetdicom's work for those events (the
+    direct C-STORE-RSP, the C-STORE-RQ read in the DUL thread) skips nobody else's."""
+    for event, standard in events:
+        for handler in assoc.get_handlers(event):
+            if handler[0] is not standard:
+                return False
+    return True
+
+
 def uid_bytes(value: object) -> bytes | None:
     """A UID's value as written in a data set (ASCII, NUL-padded to an even length), or None
     when it cannot be written as it is (not ASCII, empty, over 64 characters: a valid UID's

@@ -399,9 +399,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 _wake_event(self.assoc).set()
             sleep = False
     finally:
-        fast = self.__dict__.get("_scanonce_fast_store")
-        if fast is not None:
-            fast.discard()
+        fast_store.end(self)
         pipe.close()
 
 

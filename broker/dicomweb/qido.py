@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 from broker.dicom.attributes import keyword_of, resolve_key
+from broker.dicomweb.multipart import parse_media_type
 from broker.errors import BadRequest, NotAcceptable
 from broker.index.schemas import Level, Query
 
@@ -162,16 +163,12 @@ def negotiate_charset(charset: str | None) -> None:
     if charset is None:
         return
     for item in charset.split(","):
-        name, _, params = item.partition(";")
-        name = name.strip().lower()
-        q = 1.0
-        for param in params.split(";"):
-            key, _, val = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(val.strip())
-                except ValueError:
-                    raise BadRequest(f"charset has a malformed q value: {item.strip()[:40]!r}") from None
-        if name in ("utf-8", "utf8", "*") and q > 0:
+        # A charset with parameters reads as a media type does (`name;q=0.5`).
+        ranged = parse_media_type(item)
+        try:
+            q = float(ranged.params.get("q", "1"))
+        except ValueError:
+            raise BadRequest(f"charset has a malformed q value: {item.strip()[:40]!r}") from None
+        if ranged.type in ("utf-8", "utf8", "*") and q > 0:
             return
     raise NotAcceptable("responses are encoded in UTF-8 only (charset=utf-8)")

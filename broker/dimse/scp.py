@@ -59,7 +59,7 @@ from sqlmodel import Session
 from broker.consent import service as consent_service
 from broker.deps import AppState
 from broker.dicom import reactor
-from broker.dicom.network import SpoolingAE, chunked_send, received_file, uid_bytes
+from broker.dicom.network import SpoolingAE, chunked_send, only_standard_listeners, received_file, uid_bytes
 from broker.dicom.received import Received
 from broker.dimse import access
 from broker.dimse import audit as dimse_audit
@@ -361,14 +361,6 @@ _SKIPPED_EVENTS = (
 )
 
 
-def _only_standard_listeners(assoc: Association) -> bool:
-    for event, standard in _SKIPPED_EVENTS:
-        for handler in cast(list[tuple[Any, Any]], assoc.get_handlers(event)):
-            if handler[0] is not standard:
-                return False
-    return True
-
-
 def _send_store_responses_directly(dimse: DIMSEServiceProvider) -> None:
     """Answer each C-STORE of this association with a command set written by
     `_store_response_pdv`, in one P-DATA-TF PDU, instead of pynetdicom building a C_STORE_RSP
@@ -392,7 +384,11 @@ def _send_store_responses_directly(dimse: DIMSEServiceProvider) -> None:
         pdv = _store_response_pdv(primitive)
         largest = int(dimse.maximum_pdu_size or 0)
         assoc = dimse.assoc
-        if pdv is None or (largest and len(pdv) - 1 > largest - 6) or not _only_standard_listeners(assoc):
+        if (
+            pdv is None
+            or (largest and len(pdv) - 1 > largest - 6)
+            or not only_standard_listeners(assoc, _SKIPPED_EVENTS)
+        ):
             send(primitive, context_id)
             return
         dul = dimse.dul

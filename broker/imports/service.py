@@ -401,7 +401,7 @@ def retry_times(*, session: Session, rows: Iterable[ImportJob]) -> dict[int, dat
         r.job_id: r.id for r in rows if r.status in _ACTIVE and r.job_id is not None and r.id is not None
     }
     times = jobs.retry_times(session=session, job_ids=waiting)
-    return {int(waiting[job_id]): at for job_id, at in times.items() if waiting.get(job_id) is not None}
+    return {waiting[job_id]: at for job_id, at in times.items()}
 
 
 def start_import(
