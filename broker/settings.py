@@ -147,6 +147,17 @@ class Settings(BaseSettings):
             "writer and answers once that has committed them. 0: the serving process alone."
         ),
     )
+    ingest_group_wait_ms: float = Field(
+        default=4.0,
+        ge=0,
+        le=100,
+        description=(
+            "How long the ingest writer waits, at most, for instances still being received on other "
+            "associations to join the group it commits (one transaction and one fsync for all); like "
+            "PostgreSQL's commit_delay. 0: commit whatever is waiting at once. A lone association "
+            "never waits."
+        ),
+    )
     dimse_fast_store: bool = Field(
         default=True,
         description=(

@@ -545,7 +545,9 @@ def start_scp(
     ssl_context = server_context(settings)
     reactor.install()
     handle = ScpHandle(state=state, peers=peers or DimsePeers(), open_mode=settings.dimse_open_mode)
-    handle.batcher = ingest if ingest is not None else IngestBatcher()
+    handle.batcher = (
+        ingest if ingest is not None else IngestBatcher(linger=settings.ingest_group_wait_ms / 1000)
+    )
     ae = _ScanOnceAE(handle, settings.ae_title)
     ae.spool_dir = str(_spool_dir(settings.data_dir))
     ae.maximum_associations = settings.dimse_max_associations

@@ -23,7 +23,9 @@ one commit), so receiving and writing never overlapped: with four `storescu` a 1
 (broker.dicom.fast_store) the process is bound by CPU, and fuller groups cost less per
 instance: 4 ms gave 1.05-1.08x the rate of 2 ms at 0.1-0.3 ms less CPU per instance in two
 runs side by side (docs/benchmarks.md, "C-STORE requests read in the DUL thread"). A lone
-association never waits: it has no recent sender to wait for.
+association never waits: it has no recent sender to wait for. The SCP takes the wait from
+settings.ingest_group_wait_ms (`SCANONCE_INGEST_GROUP_WAIT_MS`), for a disk whose fsync is slow
+(longer) or a sender that wants every instance's latency as low as it goes (0).
 """
 
 from __future__ import annotations

@@ -247,3 +247,25 @@ def test_a_full_spool_disk_is_answered_a700_and_the_association_goes_on(
         assoc.release()
     assert spooled and served == [ds.SOPInstanceUID]
     assert _indexed_sops(node) == {ds.SOPInstanceUID}
+
+
+def test_the_group_wait_setting_reaches_the_ingest_writer(tmp_path: Path) -> None:
+    """SCANONCE_INGEST_GROUP_WAIT_MS is what the SCP's group commit waits at most for other
+    associations' instances (0: never); out-of-range values are refused when read."""
+    import pydantic
+
+    from broker.index.service import IngestBatcher
+    from broker.settings import Settings
+
+    for wait_ms in (0.0, 12.5):
+        nodes = _start(tmp_path / str(wait_ms), ingest_group_wait_ms=wait_ms)
+        node = next(nodes)
+        try:
+            batcher = node.scp.batcher
+            assert isinstance(batcher, IngestBatcher)
+            assert batcher._linger == wait_ms / 1000
+        finally:
+            nodes.close()
+    for bad in (-1, 1000):
+        with pytest.raises(pydantic.ValidationError, match="ingest_group_wait_ms"):
+            Settings(data_dir=tmp_path / "x", ingest_group_wait_ms=bad)
