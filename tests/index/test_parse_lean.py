@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pydicom.data
 import pytest
 from pydicom.dataset import Dataset
@@ -171,3 +172,29 @@ def test_encapsulated_pixel_data_parses_as_through_pydicom(tmp_path: Path, secon
     if len(data) > FIRST_READ:
         with pytest.raises(NeedMore):
             read_lean(data[:FIRST_READ], len(data))
+
+
+@pytest.mark.parametrize("first", ["ISO_IR 192", "ISO_IR 100"])
+def test_a_value_seen_before_is_read_in_each_instances_own_character_set(tmp_path: Path, first: str) -> None:
+    """Values already seen are remembered (json_model._KNOWN): the same bytes of a name in a
+    UTF-8 instance and in a Latin-1 one are still two different names, in either order, and
+    each parse equals the pydicom path's."""
+    utf8_bytes = "MÜLLER^JÖRG".encode()
+    names: dict[str, str] = {}
+    order = [first, "ISO_IR 100" if first == "ISO_IR 192" else "ISO_IR 192"]
+    for n, charset in enumerate(order * 2):
+        sop = f"1.2.826.0.1.3680043.8.498.61.{n}"
+        ds = make_ds(sop=sop, study="1.2.826.0.1.3680043.8.498.61", series="1.2.826.0.1.3680043.8.498.61.1")
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = utf8_bytes.decode("latin-1") if charset == "ISO_IR 100" else utf8_bytes.decode()
+        data = to_bytes(ds)
+        assert utf8_bytes in data  # the same bytes on the wire, whatever the character set says
+        path = tmp_path / f"{n}.dcm"
+        path.write_bytes(data)
+        assert _takes(data)
+        new, old = _both(path, data, in_hand=True)
+        _same(new, old)
+        assert isinstance(new, parse._Parsed)
+        name = orjson.loads(unpack_metadata(new.metadata_packed))["00100010"]["Value"][0]["Alphabetic"]
+        assert names.setdefault(charset, name) == name  # the same answer the second time
+    assert names == {"ISO_IR 192": "MÜLLER^JÖRG", "ISO_IR 100": "MÃ\x9cLLER^JÃ\x96RG"}
