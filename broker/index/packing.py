@@ -23,9 +23,20 @@ _LEVEL = 6
 _WBITS = -15  # raw deflate: no zlib header or checksum (SQLite pages have their own integrity)
 
 
+# deflate's memory level for an instance's metadata of up to _SMALL bytes (nearly all of them).
+# Setting up a compressor clears its hash table, 2^(level+8) bytes: at the default (8) that took
+# ~60% of packing a small CT instance's 3 KB; at 5 packing took ~35% less time and the packed
+# bytes were as small (809 of 3,022 bytes either way, the archive benchmark's CT instances).
+# Larger metadata (an enhanced multi-frame's) keeps the default: its longer input fills a larger
+# table. Unpacking is the same for both.
+_SMALL = 16384
+_SMALL_MEM_LEVEL = 5
+
+
 def pack_metadata(metadata: bytes) -> bytes:
     """The bytes stored for one instance's DICOM JSON metadata."""
-    co = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS)
+    mem_level = _SMALL_MEM_LEVEL if len(metadata) <= _SMALL else zlib.DEF_MEM_LEVEL
+    co = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, mem_level)
     return bytes((_DEFLATE,)) + co.compress(metadata) + co.flush()
 
 
