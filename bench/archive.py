@@ -382,7 +382,12 @@ def run_orthanc(work: Path) -> Iterator[Server]:
 
 
 def _scanonce_command(port: int, data_dir: Path) -> list[str]:
+    # The checkout's own venv, else the `scanonce` of the Python running the benchmark: a
+    # worktree without a venv (PYTHONPATH=worktree, as --variant does) still runs `scanonce
+    # serve`, with its DIMSE listener, not the bare app factory without one.
     exe = REPO / ".venv" / "bin" / "scanonce"
+    if not exe.exists():
+        exe = Path(sys.executable).parent / "scanonce"
     if exe.exists():
         probe = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=60)
         if probe.returncode == 0:

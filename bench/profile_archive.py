@@ -44,7 +44,16 @@ from bench.archive import (  # noqa: E402
 )
 from tests.peers import free_port  # noqa: E402
 
-PY_SPY = shutil.which("py-spy") or str(REPO / ".venv" / "bin" / "py-spy")
+PY_SPY = shutil.which("py-spy") or str(
+    next(
+        (
+            p
+            for p in (REPO / ".venv" / "bin" / "py-spy", Path(sys.executable).parent / "py-spy")
+            if p.exists()
+        ),
+        REPO / ".venv" / "bin" / "py-spy",
+    )
+)
 
 
 def _small(seed: int, n_studies: int) -> list[bytes]:
