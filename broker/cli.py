@@ -47,7 +47,7 @@ from broker.imports import cli as imports_cli
 from broker.index import cli as index_cli
 from broker.index import service
 from broker.jobs import cli as jobs_cli
-from broker.logfilters import configure_logging
+from broker.logfilters import configure_logging, uvicorn_text_log_config
 from broker.lookup import cli as lookup_cli
 from broker.security import cli as security_cli
 from broker.security import tls as dimse_tls
@@ -132,7 +132,7 @@ def serve(
         port=settings.port,
         log_level=log_level.lower(),
         # JSON: uvicorn's own lines go through the root handler too (one format for collectors).
-        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        log_config=None if settings.log_format == "json" else uvicorn_text_log_config(),
     )
 
 
@@ -179,6 +179,7 @@ def _wait_for_database(settings: Settings) -> None:
             port=settings.port,
             lifespan="off",
             log_level="warning",
+            log_config=None if settings.log_format == "json" else uvicorn_text_log_config(),
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="scanonce-not-ready", daemon=True)

@@ -11,10 +11,15 @@ is replaced by `?…`.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import traceback
 from datetime import UTC, datetime
+from typing import Any
+
+import uvicorn.config
+import uvicorn.logging
 
 from broker.metrics import request_id
 
@@ -78,12 +83,64 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
+def withheld_traceback(exc: BaseException | None) -> str:
+    """A traceback as Python prints it (the chain of causes included), each exception's message
+    replaced by its type: a message may quote a value read from a data set or a request (a
+    patient's name in a pydicom value error, an identifier in a parse error), which the text log
+    must not carry any more than the JSON one. The frames say where it happened; the type says
+    what."""
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = (
+            exc.__cause__
+            if exc.__cause__ is not None
+            else None
+            if exc.__suppress_context__
+            else exc.__context__
+        )
+    lines: list[str] = []
+    for n, item in enumerate(reversed(chain)):
+        if n:
+            lines.append("\nThe above exception led to the following one:\n\n")
+        if item.__traceback__ is not None:
+            lines.append("Traceback (most recent call last):\n")
+            lines.extend(traceback.format_list(traceback.extract_tb(item.__traceback__)))
+        kind = type(item)
+        name = (
+            kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        lines.append(f"{name} (message withheld from the log)\n")
+    return "".join(lines).rstrip("\n")
+
+
+class _WithholdMessages(logging.Formatter):
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return withheld_traceback(ei[1])
+
+
+class TextFormatter(_WithholdMessages):
+    """The text format: `TEXT_FORMAT`, exceptions as `withheld_traceback` prints them."""
+
+
+class UvicornTextFormatter(_WithholdMessages, uvicorn.logging.DefaultFormatter):
+    """uvicorn's own lines in the text format ("INFO:     ..."), with its exception tracebacks
+    ("Exception in ASGI application") withheld as ours are."""
+
+
+def uvicorn_text_log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration for the text format: its own layout, our tracebacks."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["default"]["()"] = f"{__name__}.UvicornTextFormatter"
+    return config
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """The process's log handler (stderr): `json` (SCANONCE_LOG_FORMAT=json) or plain text, both
     with the request id. Replaces earlier handlers of the root logger, so calling it twice is fine."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
