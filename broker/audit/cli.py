@@ -8,15 +8,15 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session
 
 from broker.audit import service
 from broker.audit.service import AuditQuery
 from broker.clikit import DataDir, console, fail, print_table, usage_error
 from broker.clikit import settings as _settings
-from broker.db import check_connection, make_engine, migrate, require_current_schema
-from broker.errors import ScanOnceError
+from broker.db import check_connection, make_engine, require_current_schema
+from broker.errors import NotFound, ScanOnceError
 
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 
@@ -26,20 +26,25 @@ def register(app: typer.Typer) -> None:
 
 
 def _engine(data_dir: Path | None) -> Engine:
-    """The database, only read: an auditor's tool (perhaps under a read-only role) never migrates
-    a PostgreSQL database, whatever SCANONCE_MIGRATE_ON_START says for nodes starting; a schema
-    that is behind names `scanonce db upgrade`, and an unreachable database is one line naming it.
-    The embedded SQLite index creates and upgrades itself, as a node on it does at start."""
+    """The database, only read: an auditor's tool (perhaps under a read-only role, perhaps on a
+    copy kept as evidence) never creates or migrates a database, whatever
+    SCANONCE_MIGRATE_ON_START says for nodes starting: a schema that is behind names `scanonce db
+    upgrade`, a SQLite index that is not there says so (connecting would create an empty one),
+    and an unreachable database is one line naming it."""
     settings = _settings(data_dir)
-    engine = make_engine(
-        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
-    )
+    url = settings.resolved_database_url()
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database not in ("", ":memory:")
+        and not Path(database).is_file()
+    ):
+        fail(NotFound(f"no index at {database}: nothing has been recorded there yet"))
+    engine = make_engine(url, connect_timeout=settings.db_connect_timeout_seconds)
     try:
         check_connection(engine)
-        if engine.dialect.name == "sqlite" and settings.resolved_migrate_on_start():
-            migrate(engine)
-        else:
-            require_current_schema(engine)
+        require_current_schema(engine)
     except ScanOnceError as exc:
         engine.dispose()
         fail(exc)

@@ -260,12 +260,14 @@ def test_cli_verify_head_and_list(tmp_path: Any) -> None:
     runner = CliRunner()
     data = tmp_path / "data"
     env = {"SCANONCE_DATA_DIR": str(data), "COLUMNS": "250"}
+    from broker.db import make_engine, migrate
+
+    data.mkdir()
+    engine = make_engine(f"sqlite:///{data / 'index.sqlite3'}")
+    migrate(engine)  # what a node does on its first start; the audit CLI never does
     result = runner.invoke(app, ["audit", "verify"], env=env)
     assert result.exit_code == 0, result.output
     assert "intact: 0 events" in result.output
-    from broker.db import make_engine
-
-    engine = make_engine(f"sqlite:///{data / 'index.sqlite3'}")
     try:
         _fill(engine, 3)
         head = runner.invoke(app, ["audit", "head"], env=env)

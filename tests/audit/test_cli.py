@@ -1,11 +1,13 @@
-"""`scanonce audit` is an auditor's read-only tool: it never migrates a PostgreSQL database (that
-is `scanonce db upgrade`, an operator's step), and a database it cannot reach is one clear line
-naming it, never a traceback."""
+"""`scanonce audit` is an auditor's read-only tool: it never creates or migrates a database,
+PostgreSQL or SQLite (that is `scanonce db upgrade`, an operator's step; a SQLite index may be a
+copy kept as evidence), and a database it cannot reach or find is one clear line naming it,
+never a traceback."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +73,40 @@ def test_audit_on_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) 
     assert "Traceback" not in said and len(said.splitlines()) == 1, said
     assert f"127.0.0.1:{port}/scanonce" in said and "SCANONCE_DATABASE_URL" in said
     assert "s3cret-pw" not in said + done.stdout
+
+
+def test_audit_never_creates_or_migrates_a_sqlite_index(tmp_path: Path) -> None:
+    data = tmp_path / "evidence"
+    data.mkdir()
+    env = {"SCANONCE_DATA_DIR": str(data), "SCANONCE_MIGRATE_ON_START": "true", "COLUMNS": "250"}
+    # No index at all: said so, and none is created.
+    missing = runner.invoke(app, ["audit", "verify"], env=env)
+    assert missing.exit_code == 1 and isinstance(missing.exception, SystemExit), missing.output
+    said = " ".join(missing.output.split())
+    assert "no index at" in said and "index.sqlite3" in said, said
+    assert list(data.iterdir()) == []
+    # An index whose schema is behind (here: none of it), as a copy of an older node's would be:
+    # named, and the file left as it was.
+    index = data / "index.sqlite3"
+    with sqlite3.connect(index) as db:
+        db.execute("PRAGMA journal_mode=WAL")  # as every ScanOnce index is
+        db.execute("CREATE TABLE kept_as_found (x)")
+    db.close()
+
+    def tables() -> list[str]:
+        with sqlite3.connect(index) as db:
+            found = [r[0] for r in db.execute("SELECT name FROM sqlite_master ORDER BY name")]
+        db.close()
+        return found
+
+    before = tables()
+    for args in (["audit", "verify"], ["audit", "head"], ["audit", "list"]):
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert "scanonce db upgrade" in " ".join(result.output.split()), result.output
+    assert tables() == before == ["kept_as_found"]
+    engine = make_engine(f"sqlite:///{index}")
+    try:
+        assert schema_status(engine).current == ()
+    finally:
+        engine.dispose()
