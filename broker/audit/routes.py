@@ -5,46 +5,72 @@ Who may read them (auditors, admins) is the policy table's say (broker.security.
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.audit import service
 from broker.audit.schemas import AuditEventOut, VerifyOut
 from broker.audit.service import AuditQuery
-from broker.deps import PrincipalDep, SessionDep, SettingsDep, StateDep
-from broker.errors import ScanOnceError
+from broker.deps import (
+    FHIR_EVERY_INTERACTION,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    StateDep,
+    fhir_ignored_entry,
+    fhir_json_only,
+    fhir_lenient,
+    fhir_unsupported,
+)
+from broker.errors import BadRequest
 
 router = APIRouter(tags=["audit"])
 FHIR_JSON = "application/fhir+json"
 _MAX_COUNT = 1000
 
 
-def _fhir(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON)
+def _fhir(body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body), media_type=FHIR_JSON)
 
 
-@router.get("/fhir/AuditEvent")
+# What an AuditEvent search takes: its criteria, paging, and FHIR's parameters of every interaction.
+_AUDIT_PARAMS = (
+    "patient",
+    "agent",
+    "date",
+    "action",
+    "subtype",
+    "purpose",
+    "entity-id",
+    "_count",
+    "_offset",
+    *FHIR_EVERY_INTERACTION,
+)
+
+
+@router.get("/fhir/AuditEvent", dependencies=[Depends(fhir_json_only)])
 def search_audit_events(
     request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
 ) -> Response:
     """AuditEvent search: patient (ID or system|ID), agent (who), date (repeatable, with ge/le/gt/lt
     prefixes), action (C R U D E), subtype, purpose (a purpose-of-use code: `BTG` lists accesses
-    made under break-the-glass), _count, _offset. Newest first; a searchset Bundle."""
+    made under break-the-glass), _count, _offset. Newest first; a searchset Bundle. Errors are
+    raised: the app answers them as OperationOutcome, as for every /fhir route. Another parameter
+    is refused unless Prefer: handling=lenient: an auditor's misspelt criterion must not widen
+    the answer to everyone's accesses unnoticed."""
     params = request.query_params
+    unknown = fhir_unsupported(params, supported=_AUDIT_PARAMS, lenient=fhir_lenient(request))
     try:
         count = int(params.get("_count", "100"))
         offset = int(params.get("_offset", "0"))
     except ValueError:
-        return _outcome(400, "_count and _offset must be integers")
+        raise BadRequest("_count and _offset must be integers") from None
     if not 0 <= count <= _MAX_COUNT or offset < 0:
-        return _outcome(400, f"_count must be 0..{_MAX_COUNT} and _offset not negative")
-    known = {"patient", "agent", "date", "action", "subtype", "purpose", "_count", "_offset", "entity-id"}
-    unknown = sorted(set(params) - known)
-    if unknown and "handling=lenient" not in request.headers.get("prefer", "").replace(" ", ""):
-        return _outcome(400, f"unsupported search parameter(s): {', '.join(unknown)[:200]}")
+        raise BadRequest(f"_count must be 0..{_MAX_COUNT} and _offset not negative")
     query = AuditQuery(
         patient=params.get("patient"),
         agent=params.get("agent"),
@@ -54,28 +80,18 @@ def search_audit_events(
         study=(params.get("entity-id") or "").removeprefix("urn:oid:") or None,
         purpose=params.get("purpose") or None,
     )
-    try:
-        total, rows = service.search(session=session, query=query, limit=count, offset=offset)
-    except ScanOnceError as exc:
-        return _outcome(exc.status_code, exc.message)
+    total, rows = service.search(session=session, query=query, limit=count, offset=offset)
     base = (settings.base_url or str(request.base_url)).rstrip("/") + "/fhir"
-    return _fhir(service.searchset(base=base, total=total, rows=rows))
-
-
-def _outcome(status: int, message: str) -> Response:
-    return _fhir(
-        {
-            "resourceType": "OperationOutcome",
-            "issue": [
-                {
-                    "severity": "error",
-                    "code": "invalid" if status == 400 else "exception",
-                    "diagnostics": message,
-                }
-            ],
-        },
-        status,
+    # The self link is the search as processed (FHIR search): the ignored parameters left out.
+    applied = [(k, v) for k, v in params.multi_items() if k in _AUDIT_PARAMS]
+    bundle = service.searchset(
+        base=base,
+        total=total,
+        rows=rows,
+        self_url=f"{base}/AuditEvent?{urlencode(applied)}",
+        outcomes=[fhir_ignored_entry(unknown)] if unknown else (),
     )
+    return _fhir(bundle)
 
 
 @router.get("/api/audit", response_model=list[AuditEventOut])

@@ -667,13 +667,27 @@ def to_fhir(row: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def searchset(*, base: str, total: int, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def searchset(
+    *,
+    base: str,
+    total: int,
+    rows: Iterable[dict[str, Any]],
+    self_url: str,
+    outcomes: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The searchset Bundle of AuditEvents: `self_url` the search as processed (FHIR search),
+    `outcomes` entries after the matches (what a lenient search ignored)."""
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": f"{base}/AuditEvent/{r['seq']}", "resource": to_fhir(r), "search": {"mode": "match"}}
+        for r in rows
+    ]
+    entries.extend(outcomes)
+    out: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
-        "entry": [
-            {"fullUrl": f"{base}/AuditEvent/{r['seq']}", "resource": to_fhir(r), "search": {"mode": "match"}}
-            for r in rows
-        ],
+        "link": [{"relation": "self", "url": self_url}],
     }
+    if entries:  # FHIR JSON has no empty arrays
+        out["entry"] = entries
+    return out

@@ -831,7 +831,8 @@ def _on_find(event: evt.Event, handle: ScpHandle) -> Iterator[tuple[int | Datase
     - 0x0124 Refused: not authorized: the policy refuses the caller C-FIND (broker.dimse.access,
       before this handler runs; PS3.7 C.5 general status).
     - 0xFF00 Pending: one per match, identifier with exactly the requested keys (plus
-      QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192"). Sent by `_PendingResponses`,
+      QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192", and the study's
+      TimezoneOffsetFromUTC beside date and time keys). Sent by `_PendingResponses`,
       not yielded to pynetdicom (see there why).
     - 0xFF01 Pending, but some optional keys are not supported for matching and were ignored
       (PS3.4 C.4.1.1.3.1), among them any sequence key with a match value (sequence matching is

@@ -75,7 +75,12 @@ _LEVEL_TO_QUERY: dict[str, Literal["patient", "study", "series", "instance"]] = 
     "IMAGE": "instance",
 }
 # Elements of the identifier that are about the query, not attributes to match or return.
-_CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
+_CONTROL_KEYWORDS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
+# TimezoneOffsetFromUTC is no matching key (the index matches dates and times as each study
+# recorded them: Timezone query adjustment is not negotiated) but a response says the zone its
+# times are in, which is its study's own offset (PS3.4 C.4.1.1.3.2).
+_TIMEZONE_OFFSET = 0x00080201
+_TIME_VRS = frozenset({"DA", "DT", "TM"})
 ERROR_COMMENT_MAX = 64  # ErrorComment is LO
 _LOOPBACK = network.networks(network.LOOPBACK)
 _RETRIEVE_AE_TITLE = 0x00080054
@@ -248,7 +253,9 @@ class FindRequest:
     level: str  # "PATIENT" | "STUDY" | "SERIES" | "IMAGE"
     query_level: Literal["patient", "study", "series", "instance"]
     filters: dict[str, str]
-    return_keys: list[BaseTag]  # every requested attribute, in identifier order
+    # Every requested attribute, in identifier order; then TimezoneOffsetFromUTC, unasked, when
+    # a requested one is a date or time (their zone belongs with them).
+    return_keys: list[BaseTag]
     study_uid: str | None
     series_uid: str | None
     # Keys with a match value the SCP does not match on (sequence matching): answered FF01.
@@ -318,6 +325,8 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
         if keyword in _CONTROL_KEYWORDS:
             continue
         return_keys.append(tag)
+        if tag == _TIMEZONE_OFFSET:
+            continue  # answered, never matched: see _TIMEZONE_OFFSET
         if elem.VR == "SQ":
             if _has_match_value(elem.value):
                 unmatched.append(keyword)
@@ -327,6 +336,8 @@ def parse_identifier(identifier: Dataset, *, levels: tuple[str, ...]) -> FindReq
         value = _match_string(elem).strip()
         if value and value != "*":
             filters[keyword] = value
+    if _TIMEZONE_OFFSET not in return_keys and any(dictionary_VR(t) in _TIME_VRS for t in return_keys):
+        return_keys.append(BaseTag(_TIMEZONE_OFFSET))
     study_uid = _unique_key(filters, "StudyInstanceUID", single=level in ("SERIES", "IMAGE"))
     series_uid = _unique_key(filters, "SeriesInstanceUID", single=level == "IMAGE")
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -409,6 +420,9 @@ class IdentifierEncoder:
     An identifier holds exactly the requested keys (PS3.4 C.4.1.1.3.2) plus SpecificCharacterSet
     (ISO_IR 192) and QueryRetrieveLevel, with the match's values and VRs, empty (dictionary VR)
     where the match has none, and RetrieveAETitle filled in with this node's AE title when empty.
+    TimezoneOffsetFromUTC (asked, or added for a date or time key by `parse_identifier`) is the
+    match's own and left out where the match has none: PS3.4 forbids it a zero-length value, and
+    no offset is known for times a study recorded without one.
     The bytes are those pydicom writes for the Dataset that `Dataset.from_json` of the match
     would give (tests/dimse/test_find_identifiers.py holds that reference), without building a
     Dataset per match: a response costs tens of microseconds instead of ~0.7 ms, which set the
@@ -425,16 +439,18 @@ class IdentifierEncoder:
             _SPECIFIC_CHARACTER_SET: {"vr": "CS", "Value": [RESPONSE_CHARACTER_SET]},
             _QUERY_RETRIEVE_LEVEL: {"vr": "CS", "Value": [request.level]},
         }
-        # (tag, JSON key, bytes when the match lacks it, bytes when fixed or None, and whether
-        # an empty value in the match is replaced by the former)
-        self._keys: list[tuple[int, str, bytes, bytes | None, bool]] = []
+        # (tag, JSON key, bytes when the match lacks it (None: leave it out), bytes when fixed or
+        # None, and whether an empty value in the match is replaced by the former)
+        self._keys: list[tuple[int, str, bytes | None, bytes | None, bool]] = []
         for tag in sorted({int(t) for t in request.return_keys} | set(fixed)):
             key = f"{tag:08X}"
             vr = _empty_vr(tag)
-            empty = self._element(tag, key, {"vr": vr})
+            empty: bytes | None = self._element(tag, key, {"vr": vr})
             constant = None
             fill = False
-            if tag in fixed:
+            if tag == _TIMEZONE_OFFSET:
+                empty, fill = None, True
+            elif tag in fixed:
                 constant = self._element(tag, key, fixed[tag])
             elif tag == _RETRIEVE_AE_TITLE and retrieve_ae_title:
                 # Where to C-MOVE/C-GET it from: this node, unless the index knows better.
@@ -450,7 +466,8 @@ class IdentifierEncoder:
                 continue
             elem = match.get(key)
             if elem is None or (fill and _is_empty(elem)):
-                parts.append(empty)
+                if empty is not None:
+                    parts.append(empty)
             else:
                 parts.append(self._element(tag, key, elem))
         return b"".join(parts)

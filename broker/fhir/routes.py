@@ -9,7 +9,6 @@ with the matching HTTP status (the app-wide JSON error shape is not FHIR).
 from __future__ import annotations
 
 import dataclasses
-import re
 from functools import partial
 from typing import Any
 from urllib.parse import urlencode
@@ -21,8 +20,17 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.consent import service as consent_service
-from broker.deps import PrincipalDep, SessionDep, SettingsDep
-from broker.errors import BadRequest, NotAcceptable, NotFound, ScanOnceError, UnsupportedMediaType
+from broker.deps import (
+    FHIR_EVERY_INTERACTION,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    fhir_ignored_entry,
+    fhir_json_only,
+    fhir_lenient,
+    fhir_unsupported,
+)
+from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
     consent_resource,
@@ -39,44 +47,8 @@ from broker.identity.schemas import Identifier
 from broker.security.schemas import Principal
 
 FHIR_JSON = "application/fhir+json"
-# What `_format` may name, and the media ranges of an Accept header that JSON answers.
-_JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
-_JSON_ACCEPTED = _JSON_FORMATS - {"json"} | {"*/*", "application/*"}
 
-
-def _refused(param: str) -> bool:
-    """Whether a media range's parameter is q=0 (the client does not want that type)."""
-    name, _, value = param.replace(" ", "").partition("=")
-    return name == "q" and re.fullmatch(r"0(\.0{0,3})?", value) is not None
-
-
-def _json_only(request: Request) -> None:
-    """FHIR's http page: 415 when the body is in a format the server does not take, 406 when the
-    request asks only for a format it does not serve (XML, Turtle): `_format`, which stands in for
-    the Accept header, else the Accept header."""
-    sent = request.headers.get("content-type")
-    if (
-        request.method in ("POST", "PUT", "PATCH")
-        and sent is not None
-        and sent.split(";")[0].strip().lower() not in _JSON_FORMATS - {"json"}
-    ):
-        raise UnsupportedMediaType(f"Content-Type {sent[:60]!r}: only JSON is taken (application/fhir+json)")
-    fmt = request.query_params.get("_format")
-    if fmt is not None:
-        if fmt.split(";")[0].strip().lower() not in _JSON_FORMATS:
-            raise NotAcceptable(f"_format {fmt[:40]!r} is not served: JSON only (application/fhir+json)")
-        return
-    accept = request.headers.get("accept", "").strip()
-    if not accept:
-        return
-    for media_range in accept.split(","):
-        kind, *params = (p.strip().lower() for p in media_range.split(";"))
-        if kind in _JSON_ACCEPTED and not any(_refused(p) for p in params):
-            return
-    raise NotAcceptable(f"Accept {accept[:60]!r}: only JSON is served (application/fhir+json)")
-
-
-router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(_json_only)])
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(fhir_json_only)])
 
 
 def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -163,14 +135,9 @@ def pdqm(
 ) -> Response:
     """IHE PDQm (ITI-78): persons matching the demographics, each with all its identifiers; both
     limited to the records the caller may see (consent, purpose of use)."""
-    allowed = {"family", "given", "birthdate", "identifier", "_count", "_format", "_pretty"}
-    unknown = sorted(set(request.query_params) - allowed)
+    allowed = {"family", "given", "birthdate", "identifier", "_count", *FHIR_EVERY_INTERACTION}
     try:
-        if unknown and not _lenient(request):
-            raise BadRequest(
-                f"unsupported search parameter(s): {', '.join(n[:40] for n in unknown[:10])} "
-                "(send Prefer: handling=lenient to have them ignored)"
-            )
+        unknown = fhir_unsupported(request.query_params, supported=allowed, lenient=fhir_lenient(request))
         ident = parse_token(identifier, what="identifier") if identifier else None
         persons = service.search_persons(
             session=session,
@@ -191,10 +158,7 @@ def pdqm(
         for p in persons
     ]
     if unknown:
-        ignored = ", ".join(n[:40] for n in unknown[:10])
-        issue = {"severity": "information", "code": "informational", "diagnostics": f"ignored: {ignored}"}
-        outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
-        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+        entries.append(fhir_ignored_entry(unknown))
     out: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
@@ -310,11 +274,6 @@ def _base(request: Request, settings: SettingsDep) -> str:
     return (settings.base_url or str(request.base_url)).rstrip("/")
 
 
-def _lenient(request: Request) -> bool:
-    """Prefer: handling=lenient (FHIR search): unknown parameters are ignored, not refused."""
-    return "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
-
-
 @router.get("/ImagingStudy")
 def search_imaging_study(
     request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
@@ -326,7 +285,7 @@ def search_imaging_study(
     params: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
         params.setdefault(key, []).append(value)
-    lenient = _lenient(request)
+    lenient = fhir_lenient(request)
     try:
         answer = fhir_service.search_imaging_studies(
             session=session, params=params, base_url=base, lenient=lenient, principal=principal
@@ -389,15 +348,30 @@ async def create_consent(request: Request, session: SessionDep, principal: Princ
     return _fhir(_consent_out(row), 201, {"Location": f"/fhir/Consent/{row.id}"})
 
 
+# What a Consent search takes; `patient` is its one criterion, given once.
+_CONSENT_PARAMS = ("patient", *FHIR_EVERY_INTERACTION)
+
+
 @router.get("/Consent")
 def search_consent(
-    session: SessionDep, principal: PrincipalDep, patient: str = Query(default="", max_length=256)
+    request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
 ) -> Response:
-    """The choices that apply to a person: ?patient=Patient/<id> (required). A searchset Bundle."""
+    """The choices that apply to a person: ?patient=Patient/<id> (required). A searchset Bundle.
+    Any other parameter is refused (400) unless Prefer: handling=lenient, as for ImagingStudy: a
+    criterion silently dropped would answer every choice of the person as if it had matched."""
     try:
+        unknown = fhir_unsupported(
+            request.query_params, supported=_CONSENT_PARAMS, lenient=fhir_lenient(request)
+        )
+        given = request.query_params.getlist("patient")
+        if len(given) > 1:
+            raise BadRequest("patient may be given once")
+        patient = given[0].strip() if given else ""
         if not patient:
             raise BadRequest("search Consent by patient (?patient=Patient/<id>)")
-        person = parse_person_id(patient.strip().rstrip("/").rsplit("/", 1)[-1])
+        if len(patient) > 256:
+            raise BadRequest("patient: at most 256 characters")
+        person = parse_person_id(patient.rstrip("/").rsplit("/", 1)[-1])
         rows = (
             consent_service.consents_of_person_id(session=session, principal=principal, person_id=person)
             if person is not None
@@ -406,7 +380,19 @@ def search_consent(
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     entries = [{"resource": _consent_out(r), "search": {"mode": "match"}} for r in rows]
-    return _fhir({"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries})
+    if unknown:
+        entries.append(fhir_ignored_entry(unknown))
+    # The self link is the search as processed (FHIR search): the ignored parameters left out.
+    used = [(k, v) for k, v in request.query_params.multi_items() if k in _CONSENT_PARAMS]
+    out: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(rows),
+        "link": [{"relation": "self", "url": f"{_base(request, settings)}/fhir/Consent?{urlencode(used)}"}],
+    }
+    if entries:  # FHIR JSON has no empty arrays
+        out["entry"] = entries
+    return _fhir(out)
 
 
 @router.get("/metadata")

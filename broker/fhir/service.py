@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from sqlmodel import Session
 
 from broker.consent import service as consent
+from broker.deps import fhir_unsupported
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
@@ -293,15 +294,9 @@ def _body_parts(raw: str) -> tuple[str, ...]:
 
 
 def _check_names(params: Mapping[str, Sequence[str]], *, lenient: bool, notes: list[str]) -> None:
-    unknown = sorted(set(params) - set(_SUPPORTED))
-    if not unknown:
-        return
-    if not lenient:
-        raise BadRequest(
-            f"unsupported search parameter(s): {', '.join(n[:40] for n in unknown[:10])} "
-            "(send Prefer: handling=lenient to have them ignored)"
-        )
-    notes.append(f"ignored unsupported search parameter(s): {', '.join(n[:40] for n in unknown[:10])}")
+    unknown = fhir_unsupported(params, supported=_SUPPORTED, lenient=lenient)
+    if unknown:
+        notes.append(f"ignored unsupported search parameter(s): {', '.join(n[:40] for n in unknown[:10])}")
 
 
 # -- the search ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ requests (401, 403) are still seen and recorded by them.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
@@ -46,6 +47,10 @@ def _cookie(scope: Scope, name: str) -> str | None:
         if key == name:
             return value
     return None
+
+
+# A service's feedback endpoint, and the service's own path in it.
+_FEEDBACK_PATH = re.compile(r"(/cds-services/[^/]+)/feedback")
 
 
 def _own_origin(scope: Scope) -> str:
@@ -143,10 +148,13 @@ class AuthGuard:
         path = scope["path"]
         if scope["method"] != "POST" or not path.startswith("/cds-services/"):
             raise TokenInvalid("a CDS client token is for the CDS services only")
-        # `aud` is the service's URL (for feedback too: the service it is about).
-        service = path.removesuffix("/feedback")
-        service_url = _own_origin(scope) + service
-        await anyio.to_thread.run_sync(lambda: verifier.verify_cds_client(token, service_url=service_url))
+        # `aud` is "the URL of the CDS Service endpoint being invoked" (CDS Hooks 2.0). For
+        # feedback, EHRs read that either way: the feedback URL they call, or the service's URL
+        # (what clients sent before that wording); both name this service, nothing else does.
+        origin = _own_origin(scope)
+        feedback = _FEEDBACK_PATH.fullmatch(path)
+        audiences = (origin + feedback[1], origin + path) if feedback else (origin + path,)
+        await anyio.to_thread.run_sync(lambda: verifier.verify_cds_client(token, audiences=audiences))
         return Principal(
             who=f"cds-client:{issuer}",
             role=Role.clinician,

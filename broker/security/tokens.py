@@ -17,6 +17,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,9 +194,10 @@ class Verifier:
     def is_cds_client(self, issuer: str) -> bool:
         return issuer in self.settings.cds_clients
 
-    def verify_cds_client(self, token: str, *, service_url: str) -> dict[str, Any]:
+    def verify_cds_client(self, token: str, *, audiences: Sequence[str]) -> dict[str, Any]:
         """A CDS Hooks client's JWT (CDS Hooks 2.0, "Trusting CDS Clients"): signed by a key from
-        the JWKS registered for its `iss`, `aud` this service's URL, unexpired, `jti` never seen."""
+        the JWKS registered for its `iss`, `aud` one of `audiences` (the URLs of the endpoint
+        invoked), unexpired, `jti` never seen."""
         issuer = self.unverified_issuer(token)
         jwks_url = self.settings.cds_clients.get(issuer)
         if jwks_url is None:
@@ -206,7 +208,7 @@ class Verifier:
             jwt.JWTClaimsRegistry(
                 leeway=_CLOCK_LEEWAY_SECONDS,
                 iss={"essential": True, "value": issuer},
-                aud={"essential": True, "value": service_url},
+                aud={"essential": True, "values": list(audiences)},
                 exp={"essential": True},
                 jti={"essential": True},
             ).validate(decoded.claims)

@@ -43,7 +43,8 @@ def reference_identifier(
     match: dict[str, Any], request: ds.FindRequest, *, retrieve_ae_title: str | None = None
 ) -> Dataset:
     """Exactly the requested keys (PS3.4 C.4.1.1.3.2) with the match's values and VRs, empty
-    (dictionary VR) where it has none, RetrieveAETitle filled in when empty."""
+    (dictionary VR) where it has none, RetrieveAETitle filled in when empty, TimezoneOffsetFromUTC
+    left out when the match has none (it may not be sent empty)."""
     found = Dataset.from_json(copy.deepcopy(match))
     out = Dataset()
     out.SpecificCharacterSet = "ISO_IR 192"
@@ -51,6 +52,9 @@ def reference_identifier(
     for tag in request.return_keys:
         if tag == 0x00080054 and retrieve_ae_title and (tag not in found or found[tag].is_empty):
             out.RetrieveAETitle = retrieve_ae_title
+        elif tag == 0x00080201:
+            if tag in found and not found[tag].is_empty:
+                out[tag] = found[tag]
         elif tag in found:
             out[tag] = found[tag]
         else:
@@ -87,6 +91,7 @@ MATCHES: dict[str, dict[str, Any]] = {
         "00201206": {"vr": "IS", "Value": [2]},
         "0020000D": {"vr": "UI", "Value": ["1.2.826.0.1.3680043.8.498.1"]},  # odd: NUL padded
         "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+        "00080201": {"vr": "SH", "Value": ["+0100"]},  # beside StudyDate and StudyTime, unasked
     },
     "ideographic and phonetic person names, UTF-8 text": {
         "00100010": {
@@ -113,6 +118,7 @@ MATCHES: dict[str, dict[str, Any]] = {
         "00080054": {"vr": "AE", "Value": [""]},  # filled in with this node's AE title
         "00081110": {"vr": "SQ", "Value": []},
         "00101000": {"vr": "LO", "Value": ["A", None, "B"]},
+        "00080201": {"vr": "SH", "Value": [""]},  # left out: never sent with a zero length
     },
     "sequence with items, numbers pydicom formats, a binary VR": {
         "00081110": {
@@ -149,7 +155,8 @@ def test_encoded_identifier_is_what_pydicom_writes_for_the_dataset(name: str, im
     want = encode(reference_identifier(match, request, retrieve_ae_title="SCANONCE"), implicit_vr, True)
     assert want and got == want
     decoded = decode(BytesIO(got), implicit_vr, True)
-    assert {e.keyword for e in decoded} == {*STUDY_KEYS, "SpecificCharacterSet", "QueryRetrieveLevel"}
+    zoned = {"TimezoneOffsetFromUTC"} if name == "plain" else set()  # the one match with an offset
+    assert {e.keyword for e in decoded} == {*STUDY_KEYS, "SpecificCharacterSet", "QueryRetrieveLevel", *zoned}
     assert decoded.SpecificCharacterSet == "ISO_IR 192"
 
 

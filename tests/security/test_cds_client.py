@@ -62,7 +62,9 @@ def _service(client: TestClient) -> str:
     return str(client.get("/cds-services").json()["services"][0]["id"])
 
 
-def _jwt(key: ECKey, *, aud: str, iss: str = EHR, jti: str | None = None, exp: int | None = None) -> str:
+def _jwt(
+    key: ECKey, *, aud: str | list[str], iss: str = EHR, jti: str | None = None, exp: int | None = None
+) -> str:
     now = int(time.time())
     claims = {"iss": iss, "aud": aud, "iat": now, "exp": exp or now + 300, "jti": jti or secrets.token_hex(8)}
     header = {"alg": "ES384", "kid": key.kid, "jku": "https://attacker.example/jwks"}
@@ -85,6 +87,32 @@ def test_the_ehrs_signed_jwt_is_accepted_once(client: TestClient, ehr_jwks: tupl
 def test_feedback_is_authenticated_for_its_service(client: TestClient, ehr_jwks: tuple[str, ECKey]) -> None:
     path = f"/cds-services/{_service(client)}"
     assert _call(client, path + "/feedback", _jwt(ehr_jwks[1], aud=f"http://testserver{path}")) == 400
+
+
+def test_feedback_takes_its_own_url_as_aud(client: TestClient, ehr_jwks: tuple[str, ECKey]) -> None:
+    # CDS Hooks 2.0: `aud` is "the URL of the CDS Service endpoint being invoked"; for feedback
+    # some EHRs read that as the feedback URL they call. Both are this service's feedback.
+    path = f"/cds-services/{_service(client)}/feedback"
+    assert _call(client, path, _jwt(ehr_jwks[1], aud=f"http://testserver{path}")) == 400
+    listed = _jwt(ehr_jwks[1], aud=["https://other.example/cds", f"http://testserver{path}"])
+    assert _call(client, path, listed) == 400
+
+
+@pytest.mark.parametrize("case", ["other-service", "other-host", "service-call", "bare-feedback"])
+def test_feedback_auds_of_other_endpoints_are_refused(
+    client: TestClient, ehr_jwks: tuple[str, ECKey], case: str
+) -> None:
+    service = f"/cds-services/{_service(client)}"
+    key = ehr_jwks[1]
+    path, aud = {
+        "other-service": (f"{service}/feedback", "http://testserver/cds-services/another/feedback"),
+        "other-host": (f"{service}/feedback", f"https://elsewhere.example{service}/feedback"),
+        # A hook call's `aud` is the service's URL: its feedback URL names another endpoint.
+        "service-call": (service, f"http://testserver{service}/feedback"),
+        # A service whose id is "feedback" is no feedback endpoint: the root is not its URL.
+        "bare-feedback": ("/cds-services/feedback", "http://testserver/cds-services"),
+    }[case]
+    assert _call(client, path, _jwt(key, aud=aud)) == 401
 
 
 @pytest.mark.parametrize("case", ["other-service", "other-host", "expired", "unregistered", "other-key"])

@@ -165,7 +165,7 @@ def test_a_jwks_url_outside_the_allowed_networks_is_never_fetched(tmp_path: Path
         {"alg": "ES256"}, {"iss": "https://ehr.example", "aud": "x", "jti": "1"}, ECKey.generate_key("P-256")
     )
     with pytest.raises(TokenInvalid, match="may not call"):
-        verifier.verify_cds_client(token, service_url="x")
+        verifier.verify_cds_client(token, audiences=["x"])
 
 
 def test_a_sync_to_an_archive_outside_the_networks_fails_naming_the_setting(
