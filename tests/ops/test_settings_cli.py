@@ -3,6 +3,7 @@ setting and exits non-zero, never with a stack trace (docs/production.md, docs/c
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Iterator
@@ -129,8 +130,26 @@ def test_an_object_folder_that_cannot_be_made_is_named_without_talk_of_credentia
     assert "AWS" not in said and "credentials" not in said, said  # a folder has none
 
 
-@pytest.mark.parametrize("content", ["not json", '{"kty": "EC"}', None])
+def _jwk(kind: str) -> str:
+    from joserfc.jwk import ECKey, RSAKey
+
+    if kind == "ec-public":
+        return json.dumps(ECKey.generate_key("P-256").as_dict(private=False))
+    if kind == "ec-p384":
+        return json.dumps(ECKey.generate_key("P-384").as_dict(private=True))
+    return json.dumps(RSAKey.generate_key(2048).as_dict(private=True))
+
+
+# A public key alone, or a private key of another curve or type, imports as readily as the right
+# one: each is refused at start, not at the first token it cannot sign.
+_KEYS = {"ec-public": "only a public key", "ec-p384": "curve P-384", "rsa": "an RSA key"}
+
+
+@pytest.mark.parametrize("content", ["not json", '{"kty": "EC"}', None, *_KEYS])
 def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, content: str | None) -> None:
+    reason = _KEYS.get(content or "")
+    if reason is not None:
+        content = _jwk(content or "")
     taken = tmp_path / "a-file"
     taken.write_text("not a folder")
     key = tmp_path / "key.json"
@@ -142,6 +161,8 @@ def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, conte
     for args in (["token", "create", "--role", "auditor", "--subject", "prometheus"], _SERVE):
         said = _refused(runner.invoke(cli, args, env=env))
         assert "SCANONCE_AUTH_SIGNING_KEY_FILE" in said and str(key) in said, said
+        if reason is not None:  # says what is wrong with the key, not only that it is unusable
+            assert reason in said, said
     if content is not None:
         assert key.read_text() == content  # an operator's file is never replaced
 
