@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +204,38 @@ def test_an_option_out_of_range_is_named_as_the_option_given(tmp_path: Path) -> 
         )
     )
     assert "--port" in said, said
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_uvicorn_factory_names_a_bad_setting_in_one_line(tmp_path: Path, workers: int) -> None:
+    """`uvicorn --factory broker.app:app_from_env` (docs/production.md, for several workers) says a
+    wrong setting as `scanonce serve` does: one line on stderr, no traceback. Under --workers the
+    supervisor stops at the first worker's refusal instead of restarting workers that fail alike."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(_ROOT),
+        "SCANONCE_DATA_DIR": str(tmp_path / "data"),
+        "SCANONCE_LOG_FORMAT": "xml",
+    }
+    factory = [sys.executable, "-m", "uvicorn", "--factory", "broker.app:app_from_env"]
+    run = subprocess.run(
+        [*factory, "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in run.stderr, run.stderr
+    said = [line for line in run.stderr.splitlines() if "SCANONCE_LOG_FORMAT" in line]
+    serve_said = _refused(
+        runner.invoke(cli, _SERVE, env={k: env[k] for k in ("SCANONCE_DATA_DIR", "SCANONCE_LOG_FORMAT")})
+    )
+    assert said and set(said) == {serve_said}, run.stderr  # (once per worker that started)
+    if workers == 1:
+        # uvicorn's supervisor of several workers exits 0 whatever its workers did: only a single
+        # process can say "not started" in its status.
+        assert run.returncode != 0, run.stderr
