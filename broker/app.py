@@ -13,6 +13,7 @@ import asyncio
 import errno
 import logging
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -574,8 +575,20 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(audit_router)
 
 
+# uvicorn's exit status for "failed before serving": its supervisor (--workers N) then stops instead
+# of restarting workers that would fail alike, forever (uvicorn.config.STARTUP_FAILURE).
+_STARTUP_FAILURE = 3
+
+
 def app_from_env() -> FastAPI:
     """App factory for process managers (`uvicorn --factory broker.app:app_from_env --workers N`,
     docs/production.md; `scanonce serve` itself has no --workers): settings from SCANONCE_*
-    variables, a wrong one raised as `InvalidSetting` naming it."""
-    return create_app(load_settings())
+    variables. A wrong one (or anything else refused at start: a store, a key file) is one line
+    on stderr naming it, as `scanonce serve` says it, and exit status 3; raised, it would be
+    uvicorn's traceback, once per worker and again for every worker it restarts."""
+    try:
+        return create_app(load_settings())
+    except ScanOnceError as exc:
+        said = " ".join(exc.message.split())  # one line, whatever the message holds
+        print(f"{exc.title}: {said}", file=sys.stderr, flush=True)
+        raise SystemExit(_STARTUP_FAILURE) from None

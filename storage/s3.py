@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
@@ -75,6 +76,10 @@ _REFUSED_CODES = frozenset(
     }
 )
 _NETWORK_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+# S3 answers a HEAD of an object in a bucket that does not exist with a bare 404, as for a missing
+# object: only a HEAD of the bucket tells them apart. Its answer is kept this long, so that a burst
+# of misses (a verify, a viewer asking for many instances) costs one more request, not one each.
+_BUCKET_CHECK_SECONDS = 5.0
 
 
 class _CountingReader:
@@ -141,6 +146,8 @@ class S3Store:
             response_checksum_validation="when_required" if endpoint_url else "when_supported",
         )
         self._client, self.region = _new_client(region, endpoint_url=endpoint_url, config=config)
+        # (when the bucket was last checked, whether it was missing): see _bucket_missing.
+        self._bucket_checked: tuple[float, bool] | None = None
         query = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region)) if v}
         path = f"/{self.prefix}" if self.prefix else ""
         self.url = f"s3://{bucket}{path}" + (f"?{urlencode(query)}" if query else "")
@@ -158,16 +165,50 @@ class S3Store:
     def _strip(self, full_key: str) -> str:
         return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
+    def _no_bucket(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"object store refused: NoSuchBucket (the bucket {self.bucket} does not exist): "
+            "the storage URL names a bucket that was never created or has been deleted"
+        )
+
+    def _bucket_missing(self) -> bool:
+        """Whether the bucket is gone, asked only once an object was not found (and answered from
+        the last check for _BUCKET_CHECK_SECONDS). An answer that is not "no such bucket" (access
+        to the bucket denied, say) leaves the object's 404 as it was: the object's own HEAD was
+        allowed, so the bucket is there."""
+        now = time.monotonic()
+        checked = self._bucket_checked
+        if checked is not None and now - checked[0] < _BUCKET_CHECK_SECONDS:
+            return checked[1]
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            missing = False
+        except botocore.exceptions.ClientError as exc:
+            if _store_side(exc):
+                raise StoreUnavailable(f"object store error: {_error_code(exc) or 'HTTP 5xx'}") from exc
+            missing = _error_code(exc) in ("404", "NoSuchBucket", "NotFound")
+        except _NETWORK_ERRORS as exc:
+            raise StoreUnavailable(f"object store unreachable: {type(exc).__name__}") from exc
+        self._bucket_checked = (now, missing)
+        return missing
+
     def _call(self, key: str | None, method: str, **kwargs: Any) -> Any:
         try:
             return getattr(self._client, method)(**kwargs)
         except botocore.exceptions.ClientError as exc:
-            if key is not None and _error_code(exc) in _NOT_FOUND_CODES:
+            code = _error_code(exc)
+            if key is not None and code in _NOT_FOUND_CODES:
+                # NoSuchKey names the object; a bare 404 (every HEAD) may mean the bucket is gone,
+                # which the operator must hear as "store unavailable", not as studies missing.
+                if code != "NoSuchKey" and self._bucket_missing():
+                    raise self._no_bucket() from exc
                 raise ObjectNotFound(key) from exc
             if _store_side(exc):
-                raise StoreUnavailable(f"object store error: {_error_code(exc) or 'HTTP 5xx'}") from exc
-            if _error_code(exc) in _REFUSED_CODES:
-                raise StoreUnavailable(f"object store refused: {_error_code(exc)}") from exc
+                raise StoreUnavailable(f"object store error: {code or 'HTTP 5xx'}") from exc
+            if code == "NoSuchBucket":
+                raise self._no_bucket() from exc
+            if code in _REFUSED_CODES:
+                raise StoreUnavailable(f"object store refused: {code}") from exc
             raise
         except boto3.exceptions.S3UploadFailedError as exc:
             # s3transfer wraps whatever failed an upload (a part refused, a 5xx) into this one type;
@@ -281,6 +322,8 @@ class S3Store:
                         key=self._strip(obj["Key"]), size=int(obj["Size"]), modified=_timestamp(obj)
                     )
         except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                raise self._no_bucket() from exc
             if _store_side(exc) or _error_code(exc) in _REFUSED_CODES:
                 raise StoreUnavailable(f"object store refused: {_error_code(exc) or 'HTTP 5xx'}") from exc
             raise

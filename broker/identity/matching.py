@@ -149,8 +149,13 @@ def parse_person_name(pn: str | None) -> tuple[str, str, str]:
     return family, given, middle
 
 
+# No one living (or recorded in an archive we serve) was born earlier: an earlier year is a typo or
+# a placeholder such as 0001-01-01, and would otherwise match every other placeholder.
+EARLIEST_YEAR = 1850
+
+
 def normalize_date(text: str | None, *, today: date | None = None, lenient: bool = False) -> str:
-    """YYYYMMDD (or YYYY-MM-DD) of a real past date after 1850, else ''.
+    """YYYYMMDD (or YYYY-MM-DD) of a real past date from EARLIEST_YEAR on, else ''.
 
     `lenient` keeps an impossible month/day (19310175) from a DICOM header: a typo there is
     still evidence against the right date, and rejecting the study for it would lose images.
@@ -164,10 +169,25 @@ def normalize_date(text: str | None, *, today: date | None = None, lenient: bool
         value = date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
     except ValueError:
         this_year = (today or date.today()).year
-        return digits if lenient and 1850 <= int(digits[:4]) <= this_year else ""
-    if value.year < 1850 or value > (today or date.today()):
+        return digits if lenient and EARLIEST_YEAR <= int(digits[:4]) <= this_year else ""
+    if value.year < EARLIEST_YEAR or value > (today or date.today()):
         return ""
     return digits
+
+
+def date_refusal(name: str, text: str) -> str:
+    """Why `normalize_date` refused `text`, for the caller who typed it: a date that exists but
+    lies outside the range is told the range (0001-01-01 is a real date, and calling it unreal
+    sends the user looking for a typo that is not there)."""
+    digits = text.strip().replace("-", "")
+    if len(digits) == 8 and digits.isdigit():
+        try:
+            date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+        except ValueError:
+            pass
+        else:
+            return f"{name} must be from {EARLIEST_YEAR}-01-01 to today (YYYY-MM-DD)"
+    return f"{name} must be a real date (YYYY-MM-DD)"
 
 
 def normalize_sex(text: str | None) -> str:

@@ -178,7 +178,7 @@ def search_persons(
     if birth_date is not None:
         b = matching.normalize_date(birth_date)
         if not b:
-            raise BadRequest("birthdate must be a real date (YYYY-MM-DD)")
+            raise BadRequest(matching.date_refusal("birthdate", birth_date))
         stmt = stmt.where(IdentityRecord.birth_date == b)
         criteria = True
     if identifier is None and not criteria:

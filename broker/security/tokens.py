@@ -56,15 +56,31 @@ class TokenInvalid(Exception):
     """A token that must not be accepted; the message is safe to return (no claims echoed)."""
 
 
+_SIGNING_CURVE = "P-256"  # what ES256 signs with
+_OTHER_TYPES = {"RSA": "an RSA key", "oct": "a symmetric (oct) key", "OKP": "an OKP (EdDSA) key"}
+
+
+class _Unusable(ValueError):
+    """A key file that parses, but holds a key the broker cannot sign its tokens with."""
+
+
 def load_or_create_signing_key(path: Path) -> ECKey:
     """The embedded issuer's private key; created (mode 0600) by the first process that needs it.
-    One that cannot be read, parsed or created is `InvalidSetting` naming the setting (never its
-    content): the operator's file is left as it is, since replacing it would void every token."""
+    One that cannot be read, parsed or created, or cannot sign ES256 (a public key alone, another
+    type or curve), is `InvalidSetting` naming the setting (never its content), at start rather
+    than at the first token. The operator's file is left as it is, since replacing it would void
+    every token."""
     try:
         return _load_or_create(path)
     except OSError as exc:
         raise InvalidSetting(
             f"SCANONCE_AUTH_SIGNING_KEY_FILE {path}: cannot read or create it ({exc.strerror})"
+        ) from None
+    except _Unusable as exc:
+        raise InvalidSetting(
+            f"SCANONCE_AUTH_SIGNING_KEY_FILE {path}: {exc}, and the broker signs its tokens (ES256) "
+            f"with a private EC {_SIGNING_CURVE} key; restore the private key, or move the file away "
+            "to have a new one made (tokens signed with the old one are then refused)"
         ) from None
     except (ValueError, JoseError) as exc:
         raise InvalidSetting(
@@ -74,9 +90,25 @@ def load_or_create_signing_key(path: Path) -> ECKey:
         ) from None
 
 
+def _read_key(path: Path) -> ECKey:
+    """The key in the file, if it can sign: joserfc imports a public JWK, or one on any curve, as
+    readily as the private P-256 key, and each of them would fail only at the first signing."""
+    data = json.loads(path.read_text())
+    kty = data.get("kty") if isinstance(data, dict) else None
+    if isinstance(kty, str) and kty != "EC":
+        # Named by its type, never by anything else of the file's text.
+        raise _Unusable(f"it holds {_OTHER_TYPES.get(kty, 'a key that is not EC')}")
+    key = ECKey.import_key(data)
+    if key.curve_name != _SIGNING_CURVE:
+        raise _Unusable(f"it holds an EC key on curve {key.curve_name}")
+    if not key.is_private:
+        raise _Unusable("it holds only a public key")
+    return key
+
+
 def _load_or_create(path: Path) -> ECKey:
     try:
-        return ECKey.import_key(json.loads(path.read_text()))
+        return _read_key(path)
     except FileNotFoundError:
         pass
     key = ECKey.generate_key("P-256", auto_kid=True)
@@ -93,7 +125,7 @@ def _load_or_create(path: Path) -> ECKey:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            return ECKey.import_key(json.loads(path.read_text()))
+            return _read_key(path)
     finally:
         os.unlink(tmp)
     return key

@@ -131,9 +131,24 @@ async def viewer(path: str, request: Request, state: StateDep, principal: Princi
             principal=principal,
         )
         if waiting is not None:
-            page = service.waiting_page(waiting=waiting, retry_url=str(request.url))
-            return HTMLResponse(page, status_code=503 if waiting.error else 202, headers=_HTML)
+            return _fetching(request, state, waiting)
+        if _partial(request):  # the wait page's poll: the studies are here, so reload into the viewer
+            return Response(status_code=204, headers={"HX-Refresh": "true", **_HTML})
     return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache", **_ISOLATED})
+
+
+def _fetching(request: Request, state: Any, waiting: service.Waiting) -> Response:
+    """The page shown instead of the viewer while its studies are fetched, or htmx's answer to
+    the page's poll: 204 (nothing new) while the fetch runs; its failure as the fragment, with 286,
+    htmx's "stop polling" (a failure is shown once: the next visit tries again)."""
+    check_url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    context = {"w": waiting, "check_url": check_url, "nav": None, "htmx": _htmx(state)}
+    if _partial(request):
+        if not waiting.error:
+            return Response(status_code=204, headers=_HTML)
+        return templates.TemplateResponse(request, "_fetching.html", context, status_code=286, headers=_HTML)
+    status = 503 if waiting.error else 202
+    return templates.TemplateResponse(request, "fetching.html", context, status_code=status, headers=_HTML)
 
 
 # -- static assets of the pages ------------------------------------------------------------------

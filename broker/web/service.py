@@ -1,6 +1,7 @@
-"""The viewer's configuration, and the small pages around it: the wait while a study held only at
-its facility is fetched before the viewer opens it, and what to run when an asset is not installed.
-(The clinician's and admin pages are templates: `pages` and `templates/`.)
+"""The viewer's configuration, and what is around it: the fetch of a study held only at its
+facility before the viewer opens it (its wait page is `templates/fetching.html`), and the page
+saying what to run when an asset is not installed. (The clinician's and admin pages are
+templates: `pages` and `templates/`.)
 
 These pages are plain strings, every value escaped.
 """
@@ -88,12 +89,11 @@ def app_config_js(*, base_url: str | None) -> str:
     )
 
 
-def _page(title: str, body: str, *, refresh_seconds: int | None = None) -> str:
-    refresh = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
+def _page(title: str, body: str) -> str:
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"{refresh}<title>{escape(title)}</title>"
+        f"<title>{escape(title)}</title>"
         "<style>body{font-family:system-ui,sans-serif;max-width:44rem;margin:3rem auto;padding:0 1rem;"
         "line-height:1.5;color:#1b1b1b}code{background:#f2f2f2;padding:0 .2em}</style></head>"
         f"<body>{body}</body></html>"
@@ -198,24 +198,3 @@ def _start(engine: Engine, store: Any, study_uid: str) -> _Fetch:
     fetch.thread = threading.Thread(target=run, name=f"viewer-fetch-{study_uid[-12:]}", daemon=True)
     fetch.thread.start()
     return fetch
-
-
-def waiting_page(*, waiting: Waiting, retry_url: str) -> str:
-    where = ", ".join(waiting.facilities) or "its facility"
-    studies = "".join(f"<li><code>{escape(uid)}</code></li>" for uid in waiting.study_uids)
-    noun = "study" if len(waiting.study_uids) == 1 else "studies"
-    if waiting.error:
-        return _page(
-            "Could not fetch the study",
-            f"<h1>Could not fetch the {noun} from {escape(where)}</h1><ul>{studies}</ul>"
-            f"<p>{escape(waiting.error)}</p>"
-            f'<p><a href="{escape(retry_url)}">Try again</a></p>',
-        )
-    return _page(
-        f"Fetching from {where}…",
-        f"<h1>Fetching from {escape(where)}…</h1>"
-        f"<p>The broker knows this {noun} from the facility's index but does not hold the images "
-        f"yet; it is fetching them now ({waiting.seconds:.0f} s so far). The viewer opens by itself "
-        f"when they are here.</p><ul>{studies}</ul>",
-        refresh_seconds=2,
-    )

@@ -130,6 +130,10 @@ def test_fhir_errors_are_operation_outcomes(client: TestClient) -> None:
     assert "at least one" in _outcome(client.get("/fhir/Patient"), 400)
     assert "unsupported" in _outcome(client.get("/fhir/Patient", params={"telecom": "1"}), 400)
     assert "real date" in _outcome(client.get("/fhir/Patient", params={"birthdate": "2023-02-30"}), 400)
+    # 0001-01-01 exists (a placeholder some systems write): the refusal names the range checked.
+    for outside in ("0001-01-01", "2999-01-01"):
+        said = _outcome(client.get("/fhir/Patient", params={"birthdate": outside}), 400)
+        assert "from 1850-01-01 to today" in said and "real date" not in said, said
     _outcome(client.get("/fhir/Patient/999999"), 404)
 
     def post(body: Any) -> Any:

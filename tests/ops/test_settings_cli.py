@@ -3,8 +3,12 @@ setting and exits non-zero, never with a stack trace (docs/production.md, docs/c
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,8 +133,26 @@ def test_an_object_folder_that_cannot_be_made_is_named_without_talk_of_credentia
     assert "AWS" not in said and "credentials" not in said, said  # a folder has none
 
 
-@pytest.mark.parametrize("content", ["not json", '{"kty": "EC"}', None])
+def _jwk(kind: str) -> str:
+    from joserfc.jwk import ECKey, RSAKey
+
+    if kind == "ec-public":
+        return json.dumps(ECKey.generate_key("P-256").as_dict(private=False))
+    if kind == "ec-p384":
+        return json.dumps(ECKey.generate_key("P-384").as_dict(private=True))
+    return json.dumps(RSAKey.generate_key(2048).as_dict(private=True))
+
+
+# A public key alone, or a private key of another curve or type, imports as readily as the right
+# one: each is refused at start, not at the first token it cannot sign.
+_KEYS = {"ec-public": "only a public key", "ec-p384": "curve P-384", "rsa": "an RSA key"}
+
+
+@pytest.mark.parametrize("content", ["not json", '{"kty": "EC"}', None, *_KEYS])
 def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, content: str | None) -> None:
+    reason = _KEYS.get(content or "")
+    if reason is not None:
+        content = _jwk(content or "")
     taken = tmp_path / "a-file"
     taken.write_text("not a folder")
     key = tmp_path / "key.json"
@@ -142,6 +164,8 @@ def test_an_unusable_signing_key_file_is_named_in_one_line(tmp_path: Path, conte
     for args in (["token", "create", "--role", "auditor", "--subject", "prometheus"], _SERVE):
         said = _refused(runner.invoke(cli, args, env=env))
         assert "SCANONCE_AUTH_SIGNING_KEY_FILE" in said and str(key) in said, said
+        if reason is not None:  # says what is wrong with the key, not only that it is unusable
+            assert reason in said, said
     if content is not None:
         assert key.read_text() == content  # an operator's file is never replaced
 
@@ -180,3 +204,38 @@ def test_an_option_out_of_range_is_named_as_the_option_given(tmp_path: Path) -> 
         )
     )
     assert "--port" in said, said
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_uvicorn_factory_names_a_bad_setting_in_one_line(tmp_path: Path, workers: int) -> None:
+    """`uvicorn --factory broker.app:app_from_env` (docs/production.md, for several workers) says a
+    wrong setting as `scanonce serve` does: one line on stderr, no traceback. Under --workers the
+    supervisor stops at the first worker's refusal instead of restarting workers that fail alike."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(_ROOT),
+        "SCANONCE_DATA_DIR": str(tmp_path / "data"),
+        "SCANONCE_LOG_FORMAT": "xml",
+    }
+    factory = [sys.executable, "-m", "uvicorn", "--factory", "broker.app:app_from_env"]
+    run = subprocess.run(
+        [*factory, "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in run.stderr, run.stderr
+    said = [line for line in run.stderr.splitlines() if "SCANONCE_LOG_FORMAT" in line]
+    serve_said = _refused(
+        runner.invoke(cli, _SERVE, env={k: env[k] for k in ("SCANONCE_DATA_DIR", "SCANONCE_LOG_FORMAT")})
+    )
+    assert said and set(said) == {serve_said}, run.stderr  # (once per worker that started)
+    if workers == 1:
+        # uvicorn's supervisor of several workers exits 0 whatever its workers did: only a single
+        # process can say "not started" in its status.
+        assert run.returncode != 0, run.stderr

@@ -609,12 +609,50 @@ def test_a_bucket_that_does_not_exist_is_unavailable_not_a_crash(moto_server: st
     unreachable endpoint, naming the S3 error code."""
     store = S3Store(bucket=f"{s3_bucket}-missing", endpoint_url=moto_server, retries=0)
     key = instance_key("ab" * 32)
-    # (HEAD is left out: S3 answers it 404 without a body, the same as for a missing key.)
     for attempt in (
         lambda: store.put(key, io.BytesIO(b"x")),
         lambda: store.get(key),
         lambda: list(store.list("dcm/")),
+        lambda: store.head(key),
     ):
         with pytest.raises(StoreUnavailable) as refused:
             attempt()
         assert "NoSuchBucket" in refused.value.message or "refused the upload" in refused.value.message
+
+
+def test_a_deleted_bucket_is_unavailable_not_missing_objects(
+    moto_server: str, s3_bucket: str, s3_client: Any
+) -> None:
+    """S3 answers a HEAD of an object in a bucket that is gone with a bare 404, as for a missing
+    object. An operator whose bucket was deleted (or whose URL names the wrong one) must hear that
+    the store is unavailable, naming the bucket, not see every study "missing"."""
+    store = S3Store(bucket=s3_bucket, endpoint_url=moto_server, create_bucket=True, retries=0)
+    key = instance_key("cd" * 32)
+    store.put(key, io.BytesIO(b"stored"))
+    with pytest.raises(ObjectNotFound):  # the bucket is there: a missing key is just that
+        store.head(instance_key("ef" * 32))
+    s3_client.delete_object(Bucket=s3_bucket, Key=key)
+    s3_client.delete_bucket(Bucket=s3_bucket)
+
+    store = S3Store(bucket=s3_bucket, endpoint_url=moto_server, retries=0)  # a node started afterwards
+    for attempt in (
+        lambda: store.head(key),
+        lambda: store.get(key),
+        lambda: store.get(key, start=5, end=5),  # an empty range is answered by a HEAD
+    ):
+        with pytest.raises(StoreUnavailable) as refused:
+            attempt()
+        assert s3_bucket in refused.value.message and "does not exist" in refused.value.message
+
+
+def test_the_bucket_is_asked_once_for_a_burst_of_missing_objects(moto_server: str, s3_bucket: str) -> None:
+    """A verify (or a viewer) meeting many missing objects does not double its requests: the
+    bucket's HEAD that tells a missing object from a missing bucket is asked once in a while."""
+    store = S3Store(bucket=s3_bucket, endpoint_url=moto_server, create_bucket=True, retries=0)
+    asked: list[str] = []
+    # botocore's own event, seen as the request goes out over HTTP (nothing is patched).
+    store._client.meta.events.register("before-call.s3.HeadBucket", lambda **_kw: asked.append("bucket"))
+    for n in range(20):
+        with pytest.raises(ObjectNotFound):
+            store.head(f"missing/{n}")
+    assert asked == ["bucket"]

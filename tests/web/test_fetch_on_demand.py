@@ -4,19 +4,28 @@ gets a page naming it and why, not a viewer that waits forever."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
 import pytest
+from playwright.sync_api import Page
 from pydicom.uid import generate_uid
 
+from broker.web import assets
 from tests.dicomweb.data import TEST_FILES
 from tests.peers import OrthancPeer, orthanc
 from tests.support import auth_headers, to_bytes
 
 from .conftest import Broker, Visit
+from .test_lookup_page import AXE_TAGS
 from .test_viewer import _rendered
 
 
@@ -59,6 +68,168 @@ def northgen(
         yield peer, uids
 
 
+def _sync(broker: Broker, facility: dict[str, str]) -> None:
+    with httpx.Client(base_url=broker.url, trust_env=False, timeout=30, headers=auth_headers()) as http:
+        assert http.post("/api/facilities", json=facility).status_code == 201
+        job = http.post(f"/api/facilities/{facility['id']}/sync").json()["job_id"]
+        deadline = time.monotonic() + 30
+        while http.get(f"/api/jobs/{job}").json()["status"] != "done":
+            assert time.monotonic() < deadline, http.get(f"/api/jobs/{job}").json()
+            time.sleep(0.1)
+
+
+@dataclass
+class Gate:
+    """An HTTP forwarder in front of an archive that holds the WADO-RS retrieve of the studies in
+    `held` until `opened` is set, and fails those in `failing` (500), as a slow or broken archive
+    does; everything else (the sync's QIDO-RS) passes."""
+
+    upstream: str
+    url: str = ""
+    held: set[str] = field(default_factory=set)
+    failing: set[str] = field(default_factory=set)
+    opened: threading.Event = field(default_factory=threading.Event)
+
+
+@contextmanager
+def gate_in_front_of(upstream: str) -> Iterator[Gate]:
+    gate = Gate(upstream=upstream)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            study = self.path.split("?")[0].rstrip("/").rsplit("/studies/", 1)[-1]
+            if study in gate.failing:
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if study in gate.held:
+                gate.opened.wait(120)
+            r = httpx.get(
+                gate.upstream + self.path,
+                headers={"Accept": self.headers.get("Accept", "*/*")},
+                trust_env=False,
+                timeout=60,
+            )
+            self.send_response(r.status_code)
+            self.send_header("Content-Type", r.headers.get("content-type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gate.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield gate
+    finally:
+        gate.opened.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def eastgen(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gate, list[str]]]:
+    """Two studies indexed (not fetched) from facility `eastgen`, whose archive is behind a gate."""
+    with (
+        orthanc(tmp_path_factory.mktemp("eastgen"), aet="EASTGEN") as peer,
+        gate_in_front_of(peer.url) as gate,
+    ):
+        uids = []
+        for name in ("CT_small.dcm", "CT_small.dcm"):
+            uid, data = _new_study(name)
+            httpx.post(f"{peer.url}/instances", content=data, trust_env=False, timeout=30).raise_for_status()
+            uids.append(uid)
+        facility = {
+            "id": "eastgen",
+            "issuer": "EAST-GENERAL",
+            "name": "East General",
+            "dicomweb_url": f"{gate.url}/dicom-web",
+            "sharing_policy": "index_only",
+        }
+        _sync(broker, facility)
+        yield gate, uids
+
+
+@pytest.fixture(scope="module")
+def axe_js(viewer_dir: Path) -> Path:
+    (axe,) = (
+        assets.install(root=viewer_dir, pin=pin)[0]
+        for pin in assets.pins(Path(__file__).with_name("assets.lock")).values()
+    )
+    return axe / "axe.min.js"
+
+
+def _axe_violations(page: Page, axe_js: Path) -> list[dict[str, Any]]:
+    page.add_script_tag(path=str(axe_js))
+    result = page.evaluate("tags => axe.run(document, {runOnly: {type: 'tag', values: tags}})", AXE_TAGS)
+    assert len(result["passes"]) > 5  # axe ran its rules on this page
+    return [{"id": v["id"], "nodes": [n["target"] for n in v["nodes"]][:5]} for v in result["violations"]]
+
+
+def _polls(visit: Visit, url: str, at_least: int) -> int:
+    """Wait until the page has asked for `url` `at_least` times after loading it; how many."""
+    deadline = time.monotonic() + 30
+    while (n := visit.requests.count(url) - 1) < at_least:
+        assert time.monotonic() < deadline, f"the page asked {n} times in 30 s"
+        visit.page.wait_for_timeout(200)
+    return n
+
+
+def test_the_wait_page_stays_put_while_fetching_then_opens_the_viewer(
+    broker: Broker, eastgen: tuple[Gate, list[str]], visit: Visit, axe_js: Path
+) -> None:
+    """While the study is fetched the page asks the broker in the background (htmx) and never
+    reloads itself (a meta refresh fails WCAG 2.2.1 and restarts a screen reader every time); once
+    the study is here it moves on to the viewer."""
+    gate, (uid, _failing) = eastgen
+    gate.held.add(uid)
+    url = f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}"
+    page = visit.page
+    response = page.goto(url)
+    assert response is not None and response.status == 202
+    page.evaluate("window.stillTheFirstLoad = true")
+    assert _polls(visit, url, at_least=2) >= 2
+    assert page.evaluate("window.stillTheFirstLoad") is True  # asked twice, not reloaded
+    assert page.locator('meta[http-equiv="refresh"]').count() == 0
+    status = page.locator('[role="status"][aria-live="polite"]')
+    assert "Fetching from East General" in status.inner_text()
+    assert page.get_by_role("link", name="Check again").count() == 1  # without JavaScript
+    assert _axe_violations(page, axe_js) == []
+
+    gate.opened.set()
+    _rendered(visit)  # the viewer, showing the study
+    assert visit.page.locator('[data-cy="study-browser-thumbnail"]').count() == 1
+    assert page.evaluate("window.stillTheFirstLoad") is None  # a new page: the viewer's
+
+
+def test_the_wait_page_says_a_failed_fetch_in_place(
+    broker: Broker, eastgen: tuple[Gate, list[str]], visit: Visit, axe_js: Path
+) -> None:
+    """A fetch that fails while the page waits is said in its live region (read out politely),
+    with the page not reloaded and no more polling; "Try again" starts a new fetch."""
+    gate, (_fetched, uid) = eastgen
+    gate.failing.add(uid)
+    url = f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}"
+    page = visit.page
+    response = page.goto(url)
+    assert response is not None and response.status == 202
+    page.evaluate("window.stillTheFirstLoad = true")
+    status = page.locator('[role="status"][aria-live="polite"]')
+    status.get_by_text("Could not fetch the study from East General").wait_for(timeout=30_000)
+    assert "500" in status.inner_text()  # the facility's answer
+    assert page.evaluate("window.stillTheFirstLoad") is True
+    asked = visit.requests.count(url)
+    page.wait_for_timeout(4500)
+    assert visit.requests.count(url) == asked  # polling stopped with the failure
+    assert status.get_by_role("link", name="Try again").count() == 1
+    assert _axe_violations(page, axe_js) == []
+
+
 def test_opening_a_nearline_study_says_it_is_fetching_then_shows_it(
     broker: Broker, northgen: tuple[OrthancPeer, list[str]], visit: Visit
 ) -> None:
@@ -66,7 +237,7 @@ def test_opening_a_nearline_study_says_it_is_fetching_then_shows_it(
     response = visit.page.goto(f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}")
     assert response is not None and response.status == 202
     assert "Fetching from North General" in visit.page.content()
-    # The page reloads itself until the study is here, and then it is the viewer.
+    # The page asks in the background until the study is here, and then it is the viewer.
     std, levels = _rendered(visit)
     assert visit.page.locator('[data-cy="study-browser-thumbnail"]').count() == 1
     found = httpx.get(

@@ -185,6 +185,15 @@ def test_a_nul_in_a_field_is_a_message_beside_it(client: TestClient, name: str) 
     assert f'id="{name}-error"' in r.text and "NUL" in r.text.split(f'id="{name}-error"')[1][:200]
 
 
+def test_a_birth_date_out_of_range_is_not_called_unreal(client: TestClient) -> None:
+    """0001-01-01 (a placeholder some systems write) is a real date: the message beside the field
+    says what is checked, the range, so the user does not hunt for a typo."""
+    r = client.get("/", params={"family": "SCHRODER", "birthdate": "0001-01-01", "exam": "CT abdomen pelvis"})
+    assert r.status_code == 400
+    said = r.text.split('id="birthdate-error"')[1][:200]
+    assert "from 1850-01-01 to today" in said and "real date" not in said, said
+
+
 @pytest.mark.parametrize("name", ["mrn", "family"])
 def test_an_over_long_field_is_a_message_beside_it(client: TestClient, name: str) -> None:
     """A value longer than any record holds (a paste of a whole document) is said to be too long
