@@ -43,6 +43,7 @@ from broker.identity import matching  # noqa: E402
 from broker.identity import service as identity  # noqa: E402
 from broker.identity.models import IdentityRecord, ReviewItem  # noqa: E402
 from broker.index.models import Patient  # noqa: E402
+from broker.index.service import set_patient_linker  # noqa: E402
 from broker.security.schemas import Principal, Role  # noqa: E402
 
 
@@ -149,6 +150,9 @@ def _prf(predicted: set[frozenset[str]], truth: set[frozenset[str]]) -> tuple[fl
 
 
 def _setup(tmp: Path, name: str, facilities: list[tuple[str, str]]) -> Any:
+    # Ingest links patients to persons through the linker the app factory wires (index is a
+    # layer below identity); without it ingest_files indexes studies and links no one.
+    set_patient_linker(identity.link_patients)
     engine = make_engine(f"sqlite:///{tmp / name}.sqlite3")
     migrate(engine)
     with Session(engine) as s:
@@ -362,6 +366,10 @@ def _miss_breakdown(session: Session, missed: set[frozenset[str]]) -> dict[str, 
     out: dict[str, int] = defaultdict(int)
     for pair in missed:
         a, b = sorted(pair)
+        if a not in demo or b not in demo:
+            # A record the broker never made (its study was not stored): nothing to judge.
+            out["no identity record"] += 1
+            continue
         da, db = demo[a], demo[b]
         score = matching.score_pair(db, da, params=params)
         if not (matching.block_keys(da) & matching.query_keys(db)):

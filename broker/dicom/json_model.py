@@ -403,12 +403,64 @@ def all_values(attrs: dict[str, Any], tag: str) -> list[Any]:
     return list(item.get("Value") or []) if item else []
 
 
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def pn_groups(value: Any) -> tuple[str, str, str]:
+    """A PN value's three component groups (Alphabetic, Ideographic, Phonetic), '' where absent:
+    from a DICOM JSON PN object (PS3.18 F.2.2) or a `=`-separated PN string (PS3.5 6.2.1)."""
+    if isinstance(value, dict):
+        parts = [value.get(g) for g in PN_GROUPS]
+        a, i, p = (str(v) if isinstance(v, str) else "" for v in parts)
+        return a, i, p
+    if not value:
+        return "", "", ""
+    groups = str(value).split("=")[:3] + ["", ""]
+    return groups[0], groups[1], groups[2]
+
+
+def pn_string(groups: tuple[str, str, str]) -> str:
+    """The groups as one PN string, `Yamada^Tarou=山田^太郎=やまだ^たろう`, trailing empty groups
+    left out (as pydicom writes it): what the index keeps in `patient_name`."""
+    parts = list(groups)
+    while parts and not parts[-1]:
+        parts.pop()
+    return "=".join(parts)
+
+
+def pn_json(name: str) -> dict[str, str]:
+    """A `pn_string` back as a DICOM JSON PN object; empty groups are left out (PS3.18 F.2.2)."""
+    return {g: v for g, v in zip(PN_GROUPS, pn_groups(name), strict=True) if v}
+
+
 def casefold_pn(name: str) -> str:
-    """PatientName for case-insensitive matching: trailing empty components dropped, casefolded."""
+    """One PN component group for case-insensitive matching: trailing empty components dropped,
+    casefolded."""
     return name.rstrip("^ ").casefold()
 
 
+def _drops_marks(base: str) -> bool:
+    """Whether the marks on a letter are accents to ignore: on Latin letters (Müller = Muller) and
+    Greek ones (Greek capitals are written without tonos: ΔΙΟΝΥΣΙΟΣ is Διονύσιος). Elsewhere a
+    mark is part of the letter: ダ (da) is not タ (ta), and Hangul must stay whole syllables."""
+    if base < "\u0080" or unicodedata.combining(base):
+        return True
+    return unicodedata.name(base, "").startswith(("LATIN", "GREEK"))
+
+
 def fuzzy_pn(name: str) -> str:
-    """PatientName for fuzzy matching: casefolded and stripped of accents (Müller -> muller)."""
-    decomposed = unicodedata.normalize("NFKD", casefold_pn(name))
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
+    """One PN component group for fuzzy matching: casefolded, compatibility forms folded (NFKC:
+    half-width ﾔﾏﾀﾞ is full-width ヤマダ, full-width Ｍ is M) and Latin and Greek letters stripped
+    of accents (Müller -> muller). For Latin text this is what it was before NFKC was used:
+    NFKD, combining marks dropped."""
+    folded = casefold_pn(name)
+    if folded.isascii():
+        return folded
+    out = []
+    for ch in unicodedata.normalize("NFKC", folded):
+        decomposed = unicodedata.normalize("NFKD", ch)
+        if _drops_marks(decomposed[0]):
+            out.append("".join(c for c in decomposed if not unicodedata.combining(c)))
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -153,8 +153,13 @@ def pdqm(
     base = str(request.base_url).rstrip("/") + "/fhir/Patient/"
     # The self link is the search as processed: without the parameters ignored (FHIR search).
     used = [(k, v) for k, v in request.query_params.multi_items() if k in allowed]
+    groups = fhir_service.other_name_groups(session=session, views=persons)
     entries: list[dict[str, Any]] = [
-        {"fullUrl": base + str(p.person_id), "resource": patient_resource(p), "search": {"mode": "match"}}
+        {
+            "fullUrl": base + str(p.person_id),
+            "resource": patient_resource(p, other_groups=groups.get(p.person_id, ("", ""))),
+            "search": {"mode": "match"},
+        }
         for p in persons
     ]
     if unknown:
@@ -181,7 +186,8 @@ def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -
         view = service.person_view(session=session, person_id=pid, keep=keep)
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
-    return _fhir(patient_resource(view))
+    groups = fhir_service.other_name_groups(session=session, views=[view])
+    return _fhir(patient_resource(view, other_groups=groups.get(pid, ("", ""))))
 
 
 # ---------------------------------------------------------------- Patient feed (create / update)

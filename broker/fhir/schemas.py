@@ -43,14 +43,45 @@ def _date_fhir(d: str) -> str:
     return f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else ""
 
 
-def patient_resource(view: PersonView) -> dict[str, Any]:
-    """A person as a FHIR Patient (id: the person id; identifiers: every record's)."""
+# ISO 21090 name representation (FHIR core extension): which writing system a HumanName is in.
+EN_REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+
+
+def _representation(code: str) -> list[dict[str, str]]:
+    return [{"url": EN_REPRESENTATION, "valueCode": code}]
+
+
+def _group_name(group: str, code: str) -> dict[str, Any] | None:
+    """One PN component group (family^given^middle^prefix^suffix) as a HumanName in `code`'s
+    representation (IDE ideographic, SYL syllabic), as the record wrote it."""
+    family, given, middle, prefix, suffix = (group.split("^") + [""] * 5)[:5]
+    name: dict[str, Any] = {"extension": _representation(code), "use": "official"}
+    givens = [g for g in (given, middle) if g]
+    for key, value in (("family", family), ("given", givens), ("prefix", [prefix] if prefix else [])):
+        if value:
+            name[key] = value
+    if suffix:
+        name["suffix"] = [suffix]
+    if len(name) == 2:
+        return None
+    name["text"] = " ".join(x for x in (prefix, family, *givens, suffix) if x)
+    return name
+
+
+def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "")) -> dict[str, Any]:
+    """A person as a FHIR Patient (id: the person id; identifiers: every record's).
+
+    `name`: the MPI's name of the person (normalised, from a PatientName's Alphabetic group);
+    and with `other_groups` (the Ideographic and Phonetic groups of the PatientName one of its
+    records has in the index: 山田^太郎, やまだ^たろう) one more HumanName for each, as written,
+    each marked with its ISO 21090 representation (IDE, SYL; the first then ABC)."""
     res: dict[str, Any] = {
         "resourceType": "Patient",
         "id": str(view.person_id),
         "identifier": [{"system": system_for_issuer(i.issuer), "value": i.value} for i in view.identifiers],
         "active": True,
     }
+    names: list[dict[str, Any]] = []
     if view.family or view.given:
         name: dict[str, Any] = {"use": "official"}
         if view.family:
@@ -58,7 +89,13 @@ def patient_resource(view: PersonView) -> dict[str, Any]:
         given = [g for g in (view.given, view.middle) if g]
         if given:
             name["given"] = given
-        res["name"] = [name]
+        names.append(name)
+    others = [n for g, code in zip(other_groups, ("IDE", "SYL"), strict=True) if (n := _group_name(g, code))]
+    if others and names:
+        names[0] = {"extension": _representation("ABC"), **names[0]}
+    names += others
+    if names:
+        res["name"] = names
     if view.sex:
         res["gender"] = {"M": "male", "F": "female", "O": "other"}[view.sex]
     if len(view.birth_date) == 8 and matching.normalize_date(view.birth_date):

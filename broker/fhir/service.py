@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from broker.consent import service as consent
 from broker.deps import fhir_unsupported
+from broker.dicom.json_model import pn_groups
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
@@ -704,3 +705,21 @@ def capability_statement(*, base_url: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def other_name_groups(
+    *, session: Session, views: Sequence[identity.PersonView]
+) -> dict[int, tuple[str, str]]:
+    """Per person: the Ideographic and Phonetic groups of a PatientName the index holds for one
+    of the records the caller may see (its most recently updated that has either). The MPI keeps
+    a person's name from the Alphabetic group alone; a FHIR Patient shows these beside it."""
+    visible = {(i.issuer, i.value) for v in views for i in v.identifiers}
+    patients = index.patients_of_persons(session=session, person_ids=[v.person_id for v in views])
+    out: dict[int, tuple[str, str]] = {}
+    for patient in sorted(patients, key=lambda p: p.updated_at, reverse=True):
+        if patient.person_id is None or (patient.issuer, patient.patient_id) not in visible:
+            continue
+        _alphabetic, ideographic, phonetic = pn_groups(patient.patient_name)
+        if ideographic or phonetic:
+            out.setdefault(patient.person_id, (ideographic, phonetic))
+    return out

@@ -164,6 +164,22 @@ def train(who: Who = None, data_dir: DataDir = None) -> None:
     console.print_json(json.dumps(params))
 
 
+@identity_app.command("relink-names")
+def relink_names(data_dir: DataDir = None) -> None:
+    """Relink the records stored without a name whose patient has one now.
+
+    Before names in other scripts counted (Cyrillic, Greek, Han, Hangul, kana), such a name
+    normalised to nothing: run this once after upgrading so those records are linked on their
+    names. Records of feeds (FHIR, HL7) are not touched: they are relinked by their next message."""
+    app_state = state(data_dir)
+    with Session(app_state.engine) as session:
+        try:
+            count = service.relink_named(session=session)
+        except ScanOnceError as exc:
+            fail(exc)
+    console.print(f"{count} record(s) relinked on their names")
+
+
 @identity_app.command("trust")
 def trust(issuer: str, note: str = "", who: Who = None, data_dir: DataDir = None) -> None:
     """Declare an issuer trusted (e.g. a national ID): its identifiers link deterministically."""

@@ -387,3 +387,37 @@ def _link_one(
         # Its identity record points at another patient row (or none): assign this one too.
         index.assign_person(session=session, patient_pks=[patient.pk], person_id=decision.person_id)
         patient.person_id = decision.person_id  # a row not in this session shows it as well
+
+
+def relink_named(*, session: Session, batch_size: int = 500) -> int:
+    """Relink the DICOM records stored without a name whose index patient has one now: names in
+    another script (Cyrillic, Greek, Han, Hangul, kana) normalised to nothing before this
+    release, so those records were linked on birth date and address alone, or not at all.
+    Each is relinked as a changed header would relink it (`_relink_after_update`: a record
+    alone may now join its person, a linked one that no longer resembles its person goes to
+    review, never split silently). Commits per batch; safe to run twice (a record with a name
+    is not read again). Returns how many records were relinked."""
+    after, relinked = 0, 0
+    while True:
+        rows = session.execute(
+            sa_select(col(IdentityRecord.id), col(IdentityRecord.patient_pk))
+            .where(
+                col(IdentityRecord.id) > after,
+                col(IdentityRecord.source) == "dicom",
+                col(IdentityRecord.family) == "",
+                col(IdentityRecord.given) == "",
+                col(IdentityRecord.patient_pk).is_not(None),
+            )
+            .order_by(col(IdentityRecord.id))
+            .limit(batch_size)
+        ).all()
+        if not rows:
+            session.commit()
+            return relinked
+        after = rows[-1][0]
+        for patient in index.patients_by_pk(session=session, patient_pks=[pk for _id, pk in rows]):
+            family, given, _middle = matching.parse_person_name(patient.patient_name)
+            if family or given:
+                link_patient(session=session, patient=patient)
+                relinked += 1
+        session.commit()

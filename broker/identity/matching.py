@@ -116,37 +116,114 @@ def _ascii_upper(text: str) -> str:
     return decomposed.encode("ascii", "ignore").decode("ascii").upper()
 
 
+# Blocks of Latin letters, IPA and modifier letters, letter-like symbols and number forms,
+# full-width ASCII: characters the Latin rule has always read (most to nothing).
+_LATIN_BLOCKS = (
+    (0x0000, 0x0370),
+    (0x1D00, 0x1F00),
+    (0x2000, 0x2C00),
+    (0x2C60, 0x2C80),
+    (0xA720, 0xA800),
+    (0xAB30, 0xAB70),
+    (0xFB00, 0xFB07),
+    (0xFF00, 0xFF5F),
+)
+
+
+def _script(c: str, current: str) -> str:
+    """Which rule a character of a name takes: "latin" (Latin letters and everything that is no
+    letter: digits, spaces, symbols), "greek", or "other"; a mark takes its letter's."""
+    category = unicodedata.category(c)
+    if category.startswith("M"):
+        return current
+    code = ord(c)
+    if not category.startswith("L") or any(lo <= code < hi for lo, hi in _LATIN_BLOCKS):
+        return "latin"
+    name = unicodedata.name(c, "")
+    if name.startswith("LATIN"):
+        return "latin"
+    return "greek" if name.startswith("GREEK") else "other"
+
+
+def _name_upper(text: str) -> str:
+    """A name upper-cased for matching. Latin as it always was: ASCII after NFKD (MÜLLER ->
+    MULLER; a letter with no ASCII form, Ø or Ł, is dropped as before), so nothing changes for
+    a Latin name. Letters of other scripts are kept, in their NFKC form (ﾔﾏﾀﾞ is ヤマダ) and
+    upper-cased where the script has case. Greek loses its accents as Latin does (Greek capitals
+    are written without tonos); every other script keeps its marks (ダ is not タ, शर्मा keeps
+    its vowel signs). Before, every non-Latin letter was dropped: ИВАНОВ, 王 or 김 had no name."""
+    if text.isascii():
+        return text.upper()
+    runs: list[tuple[str, list[str]]] = []
+    for c in text:
+        script = _script(c, runs[-1][0] if runs else "latin")
+        if runs and runs[-1][0] == script:
+            runs[-1][1].append(c)
+        else:
+            runs.append((script, [c]))
+    out = []
+    for script, chars in runs:
+        run = "".join(chars)
+        if script == "latin":
+            out.append(unicodedata.normalize("NFKD", run).encode("ascii", "ignore").decode("ascii"))
+        elif script == "greek":
+            decomposed = unicodedata.normalize("NFKD", run)
+            out.append("".join(c for c in decomposed if not unicodedata.combining(c)))
+        else:
+            out.append(unicodedata.normalize("NFKC", run))
+    return "".join(out).upper()
+
+
+def _is_name_char(c: str) -> bool:
+    """A letter of any script, or a mark on one (Devanagari vowel signs are marks)."""
+    return c.isalpha() or unicodedata.category(c).startswith("M")
+
+
 def normalize_name_part(text: str | None) -> str:
     if not text:
         return ""
-    raw = _ascii_upper(str(text))
+    raw = _name_upper(str(text))
     # A name made of digits or symbols is garbage, not a name with the junk stripped off.
-    letters = sum(c.isalpha() for c in raw)
+    letters = sum(_is_name_char(c) for c in raw)
     if letters == 0 or letters < len(raw.replace(" ", "")) / 2:
         return ""
-    cleaned = _SPACES.sub(" ", _NON_NAME.sub(" ", raw)).strip(" -'")
+    if raw.isascii():
+        kept = _NON_NAME.sub(" ", raw)
+    else:
+        kept = "".join(c if _is_name_char(c) or c in "' -" else " " for c in raw)
+    cleaned = _SPACES.sub(" ", kept).strip(" -'")
     cleaned = cleaned.replace("'", "")
     if not cleaned or cleaned in _PLACEHOLDER_NAMES:
         return ""
     return cleaned[:128]
 
 
-def parse_person_name(pn: str | None) -> tuple[str, str, str]:
-    """DICOM PN (family^given^middle^prefix^suffix, alphabetic group) -> (family, given, middle)."""
-    if not pn:
-        return "", "", ""
-    alphabetic = str(pn).split("=", 1)[0]
-    if "^" in alphabetic:
-        parts = alphabetic.split("^")
-    elif "," in alphabetic:  # "FAMILY, GIVEN" from systems that ignore PN rules
-        parts = [p.strip() for p in alphabetic.split(",", 1)]
+def _split_name(group: str) -> tuple[str, str, str]:
+    if "^" in group:
+        parts = group.split("^")
+    elif "," in group:  # "FAMILY, GIVEN" from systems that ignore PN rules
+        parts = [p.strip() for p in group.split(",", 1)]
     else:
-        parts = [alphabetic]
+        parts = [group]
     parts += [""] * (3 - len(parts))
     family, given, middle = (normalize_name_part(p) for p in parts[:3])
     if given and not middle and " " in given:
         given, middle = given.split(" ", 1)
     return family, given, middle
+
+
+def parse_person_name(pn: str | None) -> tuple[str, str, str]:
+    """DICOM PN (family^given^middle^prefix^suffix) -> (family, given, middle), from the
+    Alphabetic component group; from the Ideographic, else the Phonetic one when the Alphabetic
+    group holds no name (`=山田^太郎`), so a name a site sends only in those groups still counts."""
+    if not pn:
+        return "", "", ""
+    groups = str(pn).split("=")[:3]
+    for group in groups:
+        found = _split_name(group)
+        if found[0] or found[1]:
+            return found
+    return _split_name(groups[0])
 
 
 # No one living (or recorded in an archive we serve) was born earlier: an earlier year is a typo or
@@ -240,8 +317,16 @@ def demographics(
 
 
 def _phonetic(name: str) -> str:
+    """Soundex of a Latin name. Soundex knows only A-Z: of any other letter it keeps the first
+    and codes nothing else (ИВАНОВ and ИГОРЕВ would both be И000, and block together with every
+    name that starts with И). A name in another script is blocked on its first six letters as
+    they are: no typo tolerance in the key, which the birth date and address keys make up for."""
     letters = "".join(c for c in name if c.isalpha())
-    return jellyfish.soundex(letters) if letters else ""
+    if not letters:
+        return ""
+    if letters.isascii():
+        return jellyfish.soundex(letters)
+    return "~" + letters[:6]
 
 
 # The version of `block_keys`: bump it with every change to the keys a record gets. Records

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -118,6 +119,29 @@ def _rename_uids(ds: Dataset, rename: Any) -> None:
                 elem.value = rename(elem.keyword, str(elem.value))
 
 
+UTF8 = "ISO_IR 192"
+
+
+def _encodable(ds: Dataset, values: dict[str, Any]) -> bool:
+    """Whether every character of `values` has a code in the data set's character set(s)."""
+    text = "".join(v for v in values.values() if isinstance(v, str) and not v.isascii())
+    if not text:
+        return True
+    charset = ds.get("SpecificCharacterSet") or ""
+    names = [charset] if isinstance(charset, str) else list(charset)
+    codecs = convert_encodings(names)
+    for ch in set(text):
+        for codec in codecs:
+            try:
+                ch.encode(codec)
+                break
+            except (UnicodeEncodeError, LookupError):
+                continue
+        else:
+            return False
+    return True
+
+
 def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple[str, str, str]]:
     """Coerce `ds` in place; returns the diff [(keyword, before, after)] of top-level attributes."""
     target: dict[str, Any] = dict(plan.patient)
@@ -168,6 +192,14 @@ def apply(ds: Dataset, plan: Plan, *, now: datetime | None = None) -> list[tuple
         if hasattr(ds, "file_meta"):
             _rename_uids(ds.file_meta, rename)
         diff += [(k, v, str(ds.get(k, ""))) for k, v in before_uids.items() if v != str(ds.get(k, ""))]
+    if diff and not _encodable(ds, target):
+        # A value the file's character set cannot hold (the destination's name in Han or
+        # Cyrillic, the file in Latin-1): pydicom would write '?' for each such character.
+        # Every text value is read in the file's character set and the file written in UTF-8.
+        before_charset = ds.get("SpecificCharacterSet")
+        ds.decode()
+        ds.SpecificCharacterSet = UTF8
+        diff.append(("SpecificCharacterSet", "" if before_charset is None else str(before_charset), UTF8))
     for keyword, value in target.items():
         if value == "" and keyword == "IssuerOfPatientID" and keyword in ds:
             del ds[keyword]
@@ -346,7 +378,12 @@ class Coercer:
         """The `_SPLICED` elements (and SpecificCharacterSet) encoded in `chosen`, coerced and
         re-encoded by pydicom: [(tag, its bytes)], an element `apply` removed left out."""
         ds = read_dataset(io.BytesIO(chosen), implicit, True)
+        charset = ds.get("SpecificCharacterSet")
         apply(ds, self.plan)
+        if ds.get("SpecificCharacterSet") != charset:
+            # Written in UTF-8 now: the source's other text elements, spliced as they are, would
+            # be read in the wrong character set. The whole header is re-encoded instead.
+            raise splice.Unsupported("the character set changes")
         out = DicomBytesIO()
         out.is_implicit_VR, out.is_little_endian = implicit, True
         write_dataset(out, ds)

@@ -31,7 +31,15 @@ from sqlmodel import select as sqlmodel_select
 from broker.db import Prepared, core_table
 from broker.dicom import status
 from broker.dicom.attributes import is_series_level, is_study_level
-from broker.dicom.json_model import casefold_pn, fuzzy_pn, int_value, str_value
+from broker.dicom.json_model import (
+    casefold_pn,
+    first_value,
+    fuzzy_pn,
+    int_value,
+    pn_groups,
+    pn_string,
+    str_value,
+)
 from broker.errors import NotFound
 from broker.facilities.models import Facility
 from broker.index.facts import InstanceFacts, write_batch_facts
@@ -139,14 +147,27 @@ def level_json(
     return {k: v for k, v in attrs.items() if k not in drop and pick(k)}
 
 
+def name_columns(name: Any) -> dict[str, str]:
+    """The PatientName columns of a patient or study row, from a DICOM JSON PN object or a PN
+    string: the whole name with every component group (what answers return), and each group
+    normalised for matching (json_model.casefold_pn, fuzzy_pn)."""
+    alphabetic, ideographic, phonetic = groups = pn_groups(name)
+    return {
+        "patient_name": pn_string(groups),
+        "name_norm": casefold_pn(alphabetic),
+        "name_fuzzy": fuzzy_pn(alphabetic),
+        "name_ideographic": casefold_pn(ideographic),
+        "name_ideographic_fuzzy": fuzzy_pn(ideographic),
+        "name_phonetic": casefold_pn(phonetic),
+        "name_phonetic_fuzzy": fuzzy_pn(phonetic),
+    }
+
+
 def patient_columns(attrs: dict[str, Any]) -> dict[str, Any]:
     """A patient row's demographics."""
     a = attrs
-    name = str_value(a, "00100010")
     return {
-        "patient_name": name,
-        "name_norm": casefold_pn(name),
-        "name_fuzzy": fuzzy_pn(name),
+        **name_columns(first_value(a, "00100010")),
         "birth_date": str_value(a, "00100030")[:8],
         "sex": str_value(a, "00100040")[:16],
     }
@@ -164,6 +185,10 @@ def study_columns(attrs: dict[str, Any], patient: Patient) -> dict[str, Any]:
         "patient_name": patient.patient_name,
         "name_norm": patient.name_norm,
         "name_fuzzy": patient.name_fuzzy,
+        "name_ideographic": patient.name_ideographic,
+        "name_ideographic_fuzzy": patient.name_ideographic_fuzzy,
+        "name_phonetic": patient.name_phonetic,
+        "name_phonetic_fuzzy": patient.name_phonetic_fuzzy,
         "birth_date": patient.birth_date,
         "sex": patient.sex,
         "study_date": str_value(a, "00080020")[:8],

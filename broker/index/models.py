@@ -28,10 +28,17 @@ class Patient(SQLModel, table=True):
     facility_id: str = Field(foreign_key="facility.id", index=True, max_length=64)
     issuer: str = Field(max_length=128)
     patient_id: str = Field(max_length=128)
+    # PatientName with all its component groups, `Yamada^Tarou=山田^太郎=やまだ^たろう` (what
+    # patient-level answers return); the Alphabetic group casefolded (case-insensitive matching)
+    # and also folded (fuzzy matching: json_model.fuzzy_pn); the Ideographic and Phonetic groups
+    # likewise, each in a column of its own so a query on any group is an index prefix scan.
     patient_name: str = Field(default="", max_length=512)
-    # PN casefolded (case-insensitive matching) and also stripped of accents (fuzzy matching).
     name_norm: str = Field(default="", max_length=512, index=True)
     name_fuzzy: str = Field(default="", max_length=512)
+    name_ideographic: str = Field(default="", max_length=256, index=True)
+    name_ideographic_fuzzy: str = Field(default="", max_length=256)
+    name_phonetic: str = Field(default="", max_length=256, index=True)
+    name_phonetic_fuzzy: str = Field(default="", max_length=256)
     birth_date: str = Field(default="", max_length=8)
     sex: str = Field(default="", max_length=16)
     person_id: int | None = Field(default=None, index=True)
@@ -46,6 +53,10 @@ class Study(SQLModel, table=True):
         Index("ix_study_date", "study_date"),
         Index("ix_study_name_norm", "name_norm"),
         Index("ix_study_name_fuzzy", "name_fuzzy"),
+        Index("ix_study_name_ideographic", "name_ideographic"),
+        Index("ix_study_name_ideographic_fuzzy", "name_ideographic_fuzzy"),
+        Index("ix_study_name_phonetic", "name_phonetic"),
+        Index("ix_study_name_phonetic_fuzzy", "name_phonetic_fuzzy"),
         Index("ix_study_facility", "facility_id", "pk"),
     )
 
@@ -60,9 +71,13 @@ class Study(SQLModel, table=True):
     # object's own value when there is one.
     issuer: str = Field(default="", max_length=128)
     issuer_in_data: str = Field(default="", max_length=64)
-    patient_name: str = Field(default="", max_length=512)
+    patient_name: str = Field(default="", max_length=512)  # all component groups, as Patient's
     name_norm: str = Field(default="", max_length=512)
     name_fuzzy: str = Field(default="", max_length=512)
+    name_ideographic: str = Field(default="", max_length=256)
+    name_ideographic_fuzzy: str = Field(default="", max_length=256)
+    name_phonetic: str = Field(default="", max_length=256)
+    name_phonetic_fuzzy: str = Field(default="", max_length=256)
     birth_date: str = Field(default="", max_length=8)
     sex: str = Field(default="", max_length=16)
     study_date: str = Field(default="", max_length=8)

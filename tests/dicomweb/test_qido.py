@@ -270,6 +270,36 @@ def test_names_come_back_as_utf8_whatever_the_input_charset(archive: Archive) ->
     assert german[0]["00080005"]["Value"] == ["ISO_IR 192"]
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "山田*",
+        "山田^太郎",
+        "やまだ^たろう",
+        "Yamada^Tarou=山田^太郎",
+        "=山田*",
+        "==やまだ*",
+        "yamada^tarou=*",
+    ],
+)
+def test_a_japanese_name_is_found_by_any_of_its_component_groups(archive: Archive, name: str) -> None:
+    # chrH31.dcm, stored in ISO 2022 IR 87: Yamada^Tarou=山田^太郎=やまだ^たろう. A name given in
+    # one group matches any group of the stored name; groups separated by '=' match group-wise.
+    client = archive.server.client(archive.server.facility_url(NORTH_FACILITY))
+    found = client.search_for_studies(search_filters={"PatientName": name})
+    assert [m["00100010"]["Value"] for m in found] == [
+        [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎", "Phonetic": "やまだ^たろう"}]
+    ]
+
+
+def test_names_given_in_another_group_than_the_stored_one_find_nothing(archive: Archive) -> None:
+    client = archive.server.client(archive.server.facility_url(NORTH_FACILITY))
+    assert (
+        client.search_for_studies(search_filters={"PatientName": "=やまだ*"}) == []
+    )  # Phonetic, not Ideographic
+    assert client.search_for_studies(search_filters={"PatientName": "Wang*=山田*"}) == []
+
+
 def test_keys_not_supported_for_matching_are_ignored_with_a_warning(archive: Archive) -> None:
     for query, name in (
         ("InstitutionName=NOWHERE", "InstitutionName"),

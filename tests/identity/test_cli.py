@@ -60,3 +60,28 @@ def test_a_threshold_that_is_not_a_finite_number_is_refused_and_changes_nothing(
         assert r.exit_code == 1 and "finite" in r.output, (option, r.output)
     r = run(scanonce, ["identity", "policy", *dd])
     assert r.exit_code == 0 and "auto-link >= 16.0, review >= 10.0" in r.output
+
+
+def test_relink_names_links_records_stored_without_their_name(tmp_path: Path) -> None:
+    """After the upgrade: two records of 王^小東 stored when a Han name was no name (two persons),
+    relinked on their names by `scanonce identity relink-names`; a second run has nothing to do."""
+    from sqlalchemy import text
+
+    engine = cli_index(tmp_path)
+    with Session(engine) as s:
+        a = ingest_patient(s, "fac-a", "A1", "王^小東", "19700312", "M", "1 Changan Avenue 100022")
+        b = ingest_patient(s, "fac-b", "B1", "王^小東", "19700312", "M", "9 Other Road 200000")
+        s.execute(text("UPDATE identity_record SET family = '', given = '', person_id = id"))
+        s.execute(text("UPDATE patient SET person_id = pk"))
+        s.commit()
+        pks = (a.pk, b.pk)
+    run = CliRunner().invoke
+    dd = ["--data-dir", str(tmp_path)]
+    r = run(scanonce, ["identity", "relink-names", *dd])
+    assert r.exit_code == 0 and "2 record(s) relinked" in r.output, r.output
+    r = run(scanonce, ["identity", "relink-names", *dd])
+    assert r.exit_code == 0 and "0 record(s) relinked" in r.output, r.output
+    with engine.connect() as conn:
+        persons = conn.execute(text(f"SELECT DISTINCT person_id FROM patient WHERE pk IN {pks}")).all()
+    engine.dispose()
+    assert len(persons) == 1

@@ -261,3 +261,42 @@ def test_an_issuer_with_a_space_is_a_valid_uri_system_both_ways(client: TestClie
         assert len(bundle.entry or []) == 1, sent
         systems = {i["system"] for e in found.json()["entry"] for i in e["resource"]["identifier"]}
         assert system in systems and not any(" " in s for s in systems)
+
+
+def test_a_patient_named_in_three_groups_has_a_human_name_for_each(client: TestClient, engine: Any) -> None:
+    """chrH31.dcm (ISO 2022 IR 87), Yamada^Tarou=山田^太郎=やまだ^たろう: the MPI's name, then the
+    Ideographic and Phonetic groups as the record wrote them, each with its ISO 21090
+    representation. chrKoreanMulti.dcm (Hangul in the Alphabetic group alone) has its name."""
+    from broker.index.service import ingest_files
+    from broker.security.schemas import Principal, Role
+    from tests.support import CHARSET_FILES
+
+    store = client.app.state.scanonce.store  # type: ignore[attr-defined]
+    for name in ("chrH31.dcm", "chrKoreanMulti.dcm"):
+        (outcome,) = ingest_files(
+            engine=engine,
+            store=store,
+            principal=Principal(who="test", role=Role.admin, facility="fac-a"),
+            facility_id="fac-a",
+            paths=[str(CHARSET_FILES / name)],
+        )
+        assert outcome.status == "stored", outcome.message
+    r = client.get("/fhir/Patient", params={"identifier": "urn:scanonce:issuer:ISSUER-A|H31EXAMPLE"})
+    assert r.status_code == 200, r.text
+    Bundle.model_validate(r.json())
+    (entry,) = r.json()["entry"]
+    patient = FhirPatient.model_validate(entry["resource"])
+    rep = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+    assert [
+        (n.extension[0].valueCode if n.extension else None, n.family, n.given, n.text)
+        for n in patient.name or []
+    ] == [
+        ("ABC", "YAMADA", ["TAROU"], None),
+        ("IDE", "山田", ["太郎"], "山田 太郎"),
+        ("SYL", "やまだ", ["たろう"], "やまだ たろう"),
+    ]
+    assert all(n.extension[0].url == rep for n in patient.name or [] if n.extension)
+    read = client.get(f"/fhir/Patient/{patient.id}").json()
+    assert read["name"] == r.json()["entry"][0]["resource"]["name"]
+    korean = client.get("/fhir/Patient", params={"family": "김희중"}).json()
+    assert [e["resource"]["name"] for e in korean["entry"]] == [[{"use": "official", "family": "김희중"}]]

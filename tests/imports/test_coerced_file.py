@@ -5,6 +5,7 @@ Clunie's dciodvfy (dicom3tools) against its source."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import re
 import subprocess
@@ -240,3 +241,37 @@ def test_an_outside_value_pydicom_finds_invalid_is_coerced_without_reaching_the_
     (modified,) = coerced.OriginalAttributesSequence[0].ModifiedAttributesSequence
     assert modified.PatientBirthDate == "19xx0101"
     assert str(coerced.PatientAge) == "12 years"
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 100", None])
+def test_a_destination_name_the_file_cannot_encode_is_written_in_utf8(charset: str | None) -> None:
+    """The destination knows the patient as 王^小東 (identity keeps names in any script) and the
+    outside file is Latin-1 (or says nothing): the coerced file says ISO_IR 192 and holds the name,
+    and its other text (Tête) is re-encoded, not left in Latin-1 bytes nor written as '?'."""
+    ds = make_ds(sop=generate_uid(), study=generate_uid(), series=generate_uid(), pid="P1",
+                 issuer=OUTSIDE_ISSUER, name="Müller^Zoë", description="Tête")  # fmt: skip
+    if charset is None:
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = charset
+    plan = reconcile.Plan(
+        destination="mine", source_issuer=OUTSIDE_ISSUER, source_patient_id="P1",
+        patient={"PatientID": "M-9", "IssuerOfPatientID": MINE_ISSUER, "PatientName": "王^小東",
+                 "PatientBirthDate": "19800101", "PatientSex": "M"},
+        accession_policy="keep", accession=None, rename_uids=False, study_uid=str(ds.StudyInstanceUID),
+        study_id_policy="keep", institution={}, known_uids=[],
+    )  # fmt: skip
+    coercer = reconcile.Coercer(plan)
+    assert coercer.splice(io.BytesIO(_bytes(ds))) is None  # the header is re-encoded whole
+    out = io.BytesIO()
+    coercer.coerce_file(io.BytesIO(_bytes(ds)), out)
+    coerced = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    assert coerced.SpecificCharacterSet == "ISO_IR 192"
+    assert str(coerced.PatientName) == "王^小東"
+    assert coerced.StudyDescription == "Tête"
+    assert coerced.PixelData == ds.PixelData
+    # A name the file can hold leaves its character set alone (and the splice applies).
+    latin = reconcile.Coercer(
+        dataclasses.replace(plan, patient={**plan.patient, "PatientName": "MULLER^ZOE"})
+    )
+    assert latin.splice(io.BytesIO(_bytes(ds))) is not None

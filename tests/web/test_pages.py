@@ -18,7 +18,7 @@ from broker.app import create_app
 from broker.identity.models import ReviewItem
 from broker.lookup.models import AvoidedRepeat
 from tests.dicomweb.data import multipart_body
-from tests.support import auth_headers, make_ds, to_bytes
+from tests.support import CHARSET_FILES, auth_headers, make_ds, to_bytes
 
 LOOKUP = {
     "facility": "kids",
@@ -160,6 +160,21 @@ def test_hostile_stored_values_are_shown_escaped(client: TestClient) -> None:
         page = client.get(path, params=LOOKUP).text
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
         assert "<script>alert(1)" not in page and "<img src=x" not in page, path
+
+
+def test_a_patient_named_in_hangul_is_found_by_name_and_shown(client: TestClient) -> None:
+    """chrKoreanMulti.dcm (ISO 2022 IR 149), named 김희중 in Hangul alone, sent over STOW-RS: the
+    search by family name lists the person under that name (before, such a name normalised to
+    nothing and the search was refused: "family must contain letters")."""
+    body, content_type = multipart_body([(CHARSET_FILES / "chrKoreanMulti.dcm").read_bytes()])
+    r = client.post(
+        "/facilities/kids/dicom-web/studies", content=body, headers={"Content-Type": content_type}
+    )
+    assert r.status_code == 200, r.text
+    page = client.get("/", params={"family": "김희", "exam": "CT abdomen pelvis"})
+    assert page.status_code == 200, page.text[:300]
+    people = page.text[page.text.index('<ul class="people">') :]
+    assert "<strong>김희중</strong>" in people and "2008-3 at" in people
 
 
 def test_an_unknown_facility_is_named_beside_its_field(client: TestClient) -> None:

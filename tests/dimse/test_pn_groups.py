@@ -1,0 +1,59 @@
+"""Non-Latin patient names over DIMSE: pydicom's Japanese, Korean and Chinese files sent with
+dcmtk's storescu (each in its own character set), then asked for with findscu in UTF-8."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.dimse.conftest import Node
+from tests.peers import dcmtk
+from tests.support import CHARSET_FILES
+
+SENT = ["chrH31.dcm", "chrH32.dcm", "chrI2.dcm", "chrX1.dcm", "chrKoreanMulti.dcm"]
+
+
+@pytest.fixture
+def stored(node: Node) -> Iterator[Node]:
+    paths = [str(CHARSET_FILES / name) for name in SENT]
+    dcmtk("storescu", "-aet", "PACS1", "-aec", node.aet, "127.0.0.1", str(node.port), *paths)
+    yield node
+
+
+def _findscu(node: Node, model: str, keys: dict[str, str], out: Path) -> list[Dataset]:
+    out.mkdir(parents=True, exist_ok=True)
+    args: list[str] = ["-aet", "PACS1", "-aec", node.aet, model, "-X", "-od", str(out)]
+    for keyword, value in {"SpecificCharacterSet": "ISO_IR 192", **keys}.items():
+        args += ["-k", f"{keyword}={value}" if value else keyword]
+    dcmtk("findscu", *args, "127.0.0.1", str(node.port))
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_patient_root_patient_level_answers_every_component_group(stored: Node, tmp_path: Path) -> None:
+    keys = {"QueryRetrieveLevel": "PATIENT", "PatientID": "H31EXAMPLE", "PatientName": ""}
+    (found,) = _findscu(stored, "-P", keys, tmp_path)
+    assert found.SpecificCharacterSet == "ISO_IR 192"
+    assert str(found.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+@pytest.mark.parametrize(
+    ("name", "ids"),
+    [
+        ("山田*", {"H31EXAMPLE", "H32EXAMPLE"}),
+        ("やまだ^たろう", {"H31EXAMPLE", "H32EXAMPLE"}),
+        ("Yamada^Tarou=山田^太郎", {"H31EXAMPLE"}),
+        ("洪*", {"I2EXAMPLE"}),
+        ("김희중", {"2008-3"}),
+    ],
+)
+def test_find_matches_any_component_group(stored: Node, tmp_path: Path, name: str, ids: set[str]) -> None:
+    keys = {"QueryRetrieveLevel": "STUDY", "PatientName": name, "PatientID": "", "StudyInstanceUID": ""}
+    found = _findscu(stored, "-S", keys, tmp_path)
+    assert {ds.PatientID for ds in found} == ids
+    names = {ds.PatientID: str(ds.PatientName) for ds in found}
+    if "H32EXAMPLE" in names:
+        assert names["H32EXAMPLE"] == "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
