@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 
 from tests.dimse.conftest import Node, _start
 from tests.peers import dcmtk
@@ -35,7 +37,14 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def _thread_count() -> int:
-    return threading.active_count()
+    """Threads a DIMSE connection starts (its association, its DUL reader, a socketserver request
+    thread), not the whole process's: a pool elsewhere in the test process spinning up a thread
+    meanwhile (the fsync or parse pools of an earlier test) must not look like a connection's."""
+    return sum(
+        1
+        for t in threading.enumerate()
+        if isinstance(t, Association | DULServiceProvider) or "process_request" in t.name
+    )
 
 
 @pytest.fixture
