@@ -52,6 +52,10 @@ _AUDIT_PARAMS = (
 )
 
 
+# Every criterion but `date` (a range is two of them) names one value.
+_ONCE = ("patient", "agent", "action", "subtype", "purpose", "entity-id", "_count", "_offset")
+
+
 @router.get("/fhir/AuditEvent", dependencies=[Depends(fhir_json_only)])
 def search_audit_events(
     request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
@@ -64,6 +68,11 @@ def search_audit_events(
     the answer to everyone's accesses unnoticed."""
     params = request.query_params
     unknown = fhir_unsupported(params, supported=_AUDIT_PARAMS, lenient=fhir_lenient(request))
+    # A repeated parameter means AND in FHIR search: taking one of the values would answer
+    # another question (one patient's accesses, where both at once match none).
+    for name in _ONCE:
+        if len(params.getlist(name)) > 1:
+            raise BadRequest(f"{name} may be given once")
     try:
         count = int(params.get("_count", "100"))
         offset = int(params.get("_offset", "0"))

@@ -141,3 +141,17 @@ def test_a_consent_search_names_its_patient_once(client: TestClient) -> None:
     said = _outcome(client.get("/fhir/Consent", params=[("patient", "Patient/1")] * 2, headers=headers), 400)
     assert "once" in said
     assert "patient" in _outcome(client.get("/fhir/Consent", headers=headers), 400)
+
+
+@pytest.mark.parametrize("name", ["patient", "agent", "action", "entity-id", "_count"])
+def test_an_audit_event_criterion_given_twice_is_refused_not_half_applied(
+    client: TestClient, name: str
+) -> None:
+    """FHIR reads a repeated parameter as AND: answering with one of the values would list one
+    patient's (or agent's) accesses where the question matches none."""
+    headers = auth_headers("auditor")
+    said = _outcome(client.get("/fhir/AuditEvent", params=[(name, "1"), (name, "2")], headers=headers), 400)
+    assert name in said and "once" in said
+    # A date range is two `date` parameters, as before.
+    dated = [("date", "ge2026-01-01"), ("date", "le2026-12-31")]
+    assert client.get("/fhir/AuditEvent", params=dated, headers=headers).status_code == 200
