@@ -129,8 +129,16 @@ def fhir_json_only(request: Request) -> None:
 
 
 def fhir_lenient(request: Request) -> bool:
-    """Prefer: handling=lenient (FHIR search): unknown parameters are ignored, not refused."""
-    return "handling=lenient" in request.headers.get("prefer", "").replace(" ", "").lower()
+    """Prefer: handling=lenient (FHIR search): unknown parameters are ignored, not refused. The
+    header is a list of preferences (RFC 7240: `return=minimal, handling=lenient`, possibly
+    several headers, a preference with `;` parameters): one of them must be exactly
+    handling=lenient (case and spaces aside, the value may be quoted), not merely contain it."""
+    for header in request.headers.getlist("prefer"):
+        for preference in header.split(","):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "lenient":
+                return True
+    return False
 
 
 def fhir_unsupported(names: Iterable[str], *, supported: Collection[str], lenient: bool) -> list[str]:

@@ -155,3 +155,23 @@ def test_an_audit_event_criterion_given_twice_is_refused_not_half_applied(
     # A date range is two `date` parameters, as before.
     dated = [("date", "ge2026-01-01"), ("date", "le2026-12-31")]
     assert client.get("/fhir/AuditEvent", params=dated, headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("prefer", "lenient"),
+    [
+        ("handling=lenient", True),
+        ("return=minimal, Handling = Lenient", True),
+        ('handling="lenient"; foo=bar', True),
+        ("xhandling=lenient", False),
+        ("handling=lenient-ish", False),
+        ("handling=strict", False),
+    ],
+)
+def test_only_a_lenient_handling_preference_is_lenient(
+    client: TestClient, prefer: str, lenient: bool
+) -> None:
+    r = client.get(
+        "/fhir/AuditEvent", params={"x": "1"}, headers=auth_headers("auditor") | {"Prefer": prefer}
+    )
+    assert r.status_code == (200 if lenient else 400), r.text
