@@ -146,6 +146,7 @@ def _fetching(request: Request, state: Any, waiting: service.Waiting) -> Respons
     if _partial(request):
         if not waiting.error:
             return Response(status_code=204, headers=_HTML)
+        context["fragment"] = True
         return templates.TemplateResponse(request, "_fetching.html", context, status_code=286, headers=_HTML)
     status = 503 if waiting.error else 202
     return templates.TemplateResponse(request, "fetching.html", context, status_code=status, headers=_HTML)

@@ -222,6 +222,7 @@ def test_the_wait_page_says_a_failed_fetch_in_place(
     status = page.locator('[role="status"][aria-live="polite"]')
     status.get_by_text("Could not fetch the study from East General").wait_for(timeout=30_000)
     assert "500" in status.inner_text()  # the facility's answer
+    assert page.title() == "Could not fetch the study · ScanOnce"  # the tab says it too
     assert page.evaluate("window.stillTheFirstLoad") is True
     asked = visit.requests.count(url)
     page.wait_for_timeout(4500)
