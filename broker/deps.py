@@ -141,6 +141,15 @@ def fhir_lenient(request: Request) -> bool:
     return False
 
 
+def fhir_one(values: Sequence[str], name: str, *, hint: str = "") -> str | None:
+    """The one value of search parameter `name` (None when absent). Given twice is a 400: FHIR
+    reads a repeated parameter as AND, and answering with one of the values would answer another
+    question. `hint` says how to ask for alternatives where the parameter has a way."""
+    if len(values) > 1:
+        raise BadRequest(f"{name} may be given once" + (f" ({hint})" if hint else ""))
+    return values[0] if values else None
+
+
 def fhir_unsupported(names: Iterable[str], *, supported: Collection[str], lenient: bool) -> list[str]:
     """The search parameters among `names` that a search does not support, sorted: BadRequest
     naming them (strict handling, FHIR's default), or under lenient handling returned, for the

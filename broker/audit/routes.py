@@ -24,6 +24,7 @@ from broker.deps import (
     fhir_ignored_entry,
     fhir_json_only,
     fhir_lenient,
+    fhir_one,
     fhir_unsupported,
 )
 from broker.errors import BadRequest
@@ -52,10 +53,6 @@ _AUDIT_PARAMS = (
 )
 
 
-# Every criterion but `date` (a range is two of them) names one value.
-_ONCE = ("patient", "agent", "action", "subtype", "purpose", "entity-id", "_count", "_offset")
-
-
 @router.get("/fhir/AuditEvent", dependencies=[Depends(fhir_json_only)])
 def search_audit_events(
     request: Request, session: SessionDep, settings: SettingsDep, _principal: PrincipalDep
@@ -68,26 +65,26 @@ def search_audit_events(
     the answer to everyone's accesses unnoticed."""
     params = request.query_params
     unknown = fhir_unsupported(params, supported=_AUDIT_PARAMS, lenient=fhir_lenient(request))
-    # A repeated parameter means AND in FHIR search: taking one of the values would answer
-    # another question (one patient's accesses, where both at once match none).
-    for name in _ONCE:
-        if len(params.getlist(name)) > 1:
-            raise BadRequest(f"{name} may be given once")
+
+    def one(name: str) -> str | None:  # every criterion but `date` (a range is two of them)
+        return fhir_one(params.getlist(name), name)
+
+    count_text, offset_text = one("_count"), one("_offset")
     try:
-        count = int(params.get("_count", "100"))
-        offset = int(params.get("_offset", "0"))
+        count = int("100" if count_text is None else count_text)
+        offset = int("0" if offset_text is None else offset_text)
     except ValueError:
         raise BadRequest("_count and _offset must be integers") from None
     if not 0 <= count <= _MAX_COUNT or offset < 0:
         raise BadRequest(f"_count must be 0..{_MAX_COUNT} and _offset not negative")
     query = AuditQuery(
-        patient=params.get("patient"),
-        agent=params.get("agent"),
+        patient=one("patient"),
+        agent=one("agent"),
         dates=tuple(params.getlist("date")),
-        action=params.get("action"),
-        subtype=params.get("subtype"),
-        study=(params.get("entity-id") or "").removeprefix("urn:oid:") or None,
-        purpose=params.get("purpose") or None,
+        action=one("action"),
+        subtype=one("subtype"),
+        study=(one("entity-id") or "").removeprefix("urn:oid:") or None,
+        purpose=one("purpose") or None,
     )
     total, rows = service.search(session=session, query=query, limit=count, offset=offset)
     base = (settings.base_url or str(request.base_url)).rstrip("/") + "/fhir"

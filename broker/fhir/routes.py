@@ -28,6 +28,7 @@ from broker.deps import (
     fhir_ignored_entry,
     fhir_json_only,
     fhir_lenient,
+    fhir_one,
     fhir_unsupported,
 )
 from broker.errors import BadRequest, NotFound, ScanOnceError
@@ -369,10 +370,7 @@ def search_consent(
         unknown = fhir_unsupported(
             request.query_params, supported=_CONSENT_PARAMS, lenient=fhir_lenient(request)
         )
-        given = request.query_params.getlist("patient")
-        if len(given) > 1:
-            raise BadRequest("patient may be given once")
-        patient = given[0].strip() if given else ""
+        patient = (fhir_one(request.query_params.getlist("patient"), "patient") or "").strip()
         if not patient:
             raise BadRequest("search Consent by patient (?patient=Patient/<id>)")
         if len(patient) > 256:

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from sqlmodel import Session
 
 from broker.consent import service as consent
-from broker.deps import fhir_unsupported
+from broker.deps import fhir_one, fhir_unsupported
 from broker.dicom.json_model import pn_groups
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
@@ -95,10 +95,7 @@ class SearchAnswer:
 
 
 def _one(params: Mapping[str, Sequence[str]], name: str) -> str | None:
-    values = params.get(name) or []
-    if len(values) > 1:
-        raise BadRequest(f"{name} may be given once (separate alternatives with commas)")
-    return values[0] if values else None
+    return fhir_one(params.get(name) or [], name, hint="separate alternatives with commas")
 
 
 def _int(params: Mapping[str, Sequence[str]], name: str, default: int, high: int | None) -> int:
