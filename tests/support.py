@@ -1,6 +1,7 @@
 """Helpers shared by tests across domains, one copy each: where pydicom's bundled files are, the
-caller principal of service functions, and small hand-made Part 10 objects (synthetic, never
-patient data)."""
+caller principal of service functions, small hand-made Part 10 objects (synthetic, never
+patient data), and an index migrated back to an older revision with rows written as it wrote
+them (for the tests of a migration that fills existing rows)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from alembic import command
+from alembic.config import Config
 from joserfc.jwk import ECKey
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from broker.db import _MIGRATIONS, migrate
 from broker.index.models import Instance, InstanceConflict
 from broker.security.schemas import Principal, Role
 from broker.security.tokens import load_or_create_signing_key, mint
@@ -184,3 +189,20 @@ def cli_env(data_dir: Path, database_url: str) -> dict[str, str]:
         "SCANONCE_DATABASE_URL": database_url,
         "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "3",
     }
+
+
+def migrated_back_to(engine: Engine, revision: str) -> None:
+    """The index at `revision`: migrated to the head, then downgraded (a migration's test writes
+    rows there as that release wrote them, then migrates them forward)."""
+    migrate(engine)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def insert_row(conn: Connection, table: str, **row: object) -> None:
+    """One row as plain SQL: an older schema than the models describe takes no ORM object."""
+    names = ", ".join(row)
+    conn.execute(text(f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + k for k in row)})"), row)

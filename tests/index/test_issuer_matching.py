@@ -8,13 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 from sqlmodel import Session, select
 
 from broker.app import build_state
-from broker.db import _MIGRATIONS, make_engine, migrate
+from broker.db import make_engine, migrate
 from broker.deps import AppState
 from broker.facilities import service as facilities
 from broker.index import service
@@ -23,7 +21,7 @@ from broker.index.schemas import Level, Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.conftest import Backend
-from tests.support import ADMIN, make_ds, write
+from tests.support import ADMIN, insert_row, make_ds, migrated_back_to, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 ISSUER = "00100021"
@@ -102,25 +100,15 @@ def test_patient_level_answers_the_brokers_patient_and_matches_either(state: App
     assert [m[ISSUER]["Value"][0] for m in found] == ["LOCAL"]
 
 
-def _insert(conn: Connection, table: str, **row: object) -> None:
-    names = ", ".join(row)
-    conn.execute(text(f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + k for k in row)})"), row)
-
-
 def test_the_migration_fills_the_new_column_from_the_stored_study_json(backend: Backend) -> None:
 
     engine = make_engine(backend.database_url)
     try:
-        migrate(engine)
-        cfg = Config()
-        cfg.set_main_option("script_location", str(_MIGRATIONS))
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0004_pg_pattern_indexes")
+        migrated_back_to(engine, "0004_pg_pattern_indexes")
         t = "2026-01-01T00:00:00+00:00"
         with engine.begin() as conn:
-            _insert(conn, "facility", id="local", name="L", issuer="LOCAL", created_at=t)
-            _insert(
+            insert_row(conn, "facility", id="local", name="L", issuer="LOCAL", created_at=t)
+            insert_row(
                 conn, "patient", pk=1, facility_id="local", issuer="LOCAL", patient_id="X", patient_name="",
                 name_norm="", name_fuzzy="", birth_date="", sex="", updated_at=t,
             )  # fmt: skip
@@ -129,7 +117,7 @@ def test_the_migration_fills_the_new_column_from_the_stored_study_json(backend: 
                 (2, '{"00100020": {"vr": "LO", "Value": ["X"]}}'),
                 (3, '{"00100021": {"vr": "LO"}}'),
             ):
-                _insert(
+                insert_row(
                     conn, "study", pk=pk, study_uid=f"1.7.{pk}", facility_id="local", patient_pk=1,
                     patient_id="X", issuer="LOCAL", patient_name="", name_norm="", name_fuzzy="",
                     birth_date="", sex="", study_date="", study_time="", accession_number="", study_id="",

@@ -7,20 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 from sqlmodel import Session
 
 from broker.app import build_state
-from broker.db import _MIGRATIONS, make_engine, migrate
+from broker.db import make_engine, migrate
 from broker.deps import AppState
 from broker.index import service
 from broker.index.schemas import Level, Query
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from tests.conftest import Backend
-from tests.support import CHARSET_FILES, make_ds, write
+from tests.support import CHARSET_FILES, insert_row, make_ds, migrated_back_to, write
 
 P = Principal(who="test", role=Role.admin, facility="local")
 NAME, PID, STUDY = "00100010", "00100020", "0020000D"
@@ -151,41 +149,31 @@ def test_a_match_on_any_group_is_served_by_indexes(state: AppState) -> None:
                 assert "SCAN study" not in plan and f"INDEX ix_study_{index}" in plan, plan
 
 
-def _insert(conn: Connection, table: str, **row: object) -> None:
-    names = ", ".join(row)
-    conn.execute(text(f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + k for k in row)})"), row)
-
-
 def test_the_migration_fills_the_groups_of_existing_rows(backend: Backend, tmp_path: Path) -> None:
     """Rows written before the groups were kept (Alphabetic only) are filled from the stored
     study JSON, and then found and answered as new ones are."""
     engine = make_engine(backend.database_url)
     try:
-        migrate(engine)
-        cfg = Config()
-        cfg.set_main_option("script_location", str(_MIGRATIONS))
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0009_h41_imports")
+        migrated_back_to(engine, "0009_h41_imports")
         t = "2026-01-01T00:00:00+00:00"
         jp = (
             '{"vr": "PN", "Value": [{"Alphabetic": "ﾔﾏﾀﾞ^ﾀﾛｳ", "Ideographic": "山田^太郎",'
             ' "Phonetic": "やまだ^たろう"}]}'
         )
         with engine.begin() as conn:
-            _insert(conn, "facility", id="local", name="L", issuer="LOCAL", created_at=t)
+            insert_row(conn, "facility", id="local", name="L", issuer="LOCAL", created_at=t)
             # As the previous release wrote them: the Alphabetic group, folded by NFKD.
             for pk, pid, name, norm, fuzzy in (
                 (1, "JP", "ﾔﾏﾀﾞ^ﾀﾛｳ", "ﾔﾏﾀﾞ^ﾀﾛｳ", "ヤマタ^タロウ"),
                 (2, "DE", "Müller^Hans", "müller^hans", "muller^hans"),
             ):
-                _insert(
+                insert_row(
                     conn, "patient", pk=pk, facility_id="local", issuer="LOCAL", patient_id=pid,
                     patient_name=name, name_norm=norm, name_fuzzy=fuzzy, birth_date="", sex="", updated_at=t,
                 )  # fmt: skip
                 pn = jp if pk == 1 else f'{{"vr": "PN", "Value": [{{"Alphabetic": "{name}"}}]}}'
                 study_json = f'{{"00100010": {pn}, "00100020": {{"vr": "LO", "Value": ["{pid}"]}}}}'
-                _insert(
+                insert_row(
                     conn, "study", pk=pk, study_uid=f"1.7.{pk}", facility_id="local", patient_pk=pk,
                     patient_id=pid, issuer="LOCAL", issuer_in_data="", patient_name=name, name_norm=norm,
                     name_fuzzy=fuzzy, birth_date="", sex="", study_date="", study_time="",
