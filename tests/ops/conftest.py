@@ -1,14 +1,19 @@
-"""Fixtures of the operations tests: a fresh, empty PostgreSQL database (no migration applied), and
-a production node's settings whose database a test can cut."""
+"""Fixtures of the operations tests: a fresh, empty PostgreSQL database (no migration applied), a
+production node's settings whose database a test can cut, and the process's log as the broker
+configures it, written to a string."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.logfilters import configure_logging
 from broker.settings import Settings
 from tests.conftest import CuttablePg, s3_storage_url
 
@@ -34,3 +39,22 @@ def cut_node_settings(cuttable_pg: CuttablePg, tmp_path: Path, moto_server: str,
         db_connect_timeout_seconds=2,
         mllp_port=0,
     )
+
+
+@contextlib.contextmanager
+def captured_log(fmt: str) -> Iterator[io.StringIO]:
+    """The root logger configured as `scanonce serve` configures it (`fmt`: "text" or "json"),
+    writing to the string yielded; the test process's own handlers are put back after."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    try:
+        configure_logging("INFO", fmt)
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        yield stream
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])

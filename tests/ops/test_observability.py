@@ -5,8 +5,6 @@ answered with 503 and Retry-After."""
 
 from __future__ import annotations
 
-import io
-import logging
 import os
 import re
 import subprocess
@@ -22,10 +20,10 @@ from pydicom.uid import generate_uid
 from broker.app import build_state, create_app
 from broker.dimse.scp import start_scp, stop_scp
 from broker.jobs import service as jobs
-from broker.logfilters import configure_logging
 from broker.settings import Settings
 from tests.conftest import CuttablePg
 from tests.dicomweb.data import multipart_body
+from tests.ops.conftest import captured_log
 from tests.support import TEST_FILES, auth_headers, make_ds, to_bytes
 
 PATIENT_NAME = "ZEBEDEE^QUENTIN"
@@ -112,12 +110,7 @@ def test_every_response_carries_a_request_id(tmp_path: Path) -> None:
 
 
 def test_json_logs_carry_the_request_id_and_no_patient_data(tmp_path: Path) -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    try:
-        configure_logging("INFO", "json")
-        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    with captured_log("json") as stream:
         client = TestClient(create_app(Settings(data_dir=tmp_path, mllp_port=0)))
         study = generate_uid()
         body, content_type = multipart_body(
@@ -129,12 +122,6 @@ def test_json_logs_carry_the_request_id_and_no_patient_data(tmp_path: Path) -> N
             headers={**auth_headers(), "Content-Type": content_type, "X-Request-ID": "stow-req-1"},
         )
         assert r.status_code == 200
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
     import json
 
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]

@@ -15,7 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from broker.logfilters import configure_logging, uvicorn_text_log_config
+from broker.logfilters import uvicorn_text_log_config
+from tests.ops.conftest import captured_log
 from tests.peers import free_port
 
 NAME = "ZEBEDEE^QUENTIN"
@@ -34,19 +35,8 @@ def _fail_with_a_name() -> None:
 
 @pytest.fixture
 def root_stream() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    try:
-        configure_logging("INFO", "text")
-        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    with captured_log("text") as stream:
         yield stream
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
 
 
 def test_the_text_log_keeps_frames_and_types_but_not_the_messages(root_stream: io.StringIO) -> None:
