@@ -80,15 +80,18 @@ def _sync(broker: Broker, facility: dict[str, str]) -> None:
 
 @dataclass
 class Gate:
-    """An HTTP forwarder in front of an archive that holds the WADO-RS retrieve of the studies in
-    `held` until `opened` is set, and fails those in `failing` (500), as a slow or broken archive
-    does; everything else (the sync's QIDO-RS) passes."""
+    """An HTTP forwarder in front of an archive that holds the WADO-RS retrieve of a study in
+    `held` until its event is set, then fails it (500) if it is in `failing`, as a slow or broken
+    archive does; everything else (the sync's QIDO-RS) passes."""
 
     upstream: str
     url: str = ""
-    held: set[str] = field(default_factory=set)
+    held: dict[str, threading.Event] = field(default_factory=dict)
     failing: set[str] = field(default_factory=set)
-    opened: threading.Event = field(default_factory=threading.Event)
+
+    def hold(self, study: str) -> threading.Event:
+        """Hold `study`'s retrieve until the returned event is set."""
+        return self.held.setdefault(study, threading.Event())
 
 
 @contextmanager
@@ -98,13 +101,13 @@ def gate_in_front_of(upstream: str) -> Iterator[Gate]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             study = self.path.split("?")[0].rstrip("/").rsplit("/studies/", 1)[-1]
+            if (release := gate.held.get(study)) is not None:
+                release.wait(120)
             if study in gate.failing:
                 self.send_response(500)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            if study in gate.held:
-                gate.opened.wait(120)
             r = httpx.get(
                 gate.upstream + self.path,
                 headers={"Accept": self.headers.get("Accept", "*/*")},
@@ -127,7 +130,8 @@ def gate_in_front_of(upstream: str) -> Iterator[Gate]:
     try:
         yield gate
     finally:
-        gate.opened.set()
+        for release in gate.held.values():
+            release.set()
         server.shutdown()
         server.server_close()
 
@@ -187,7 +191,7 @@ def test_the_wait_page_stays_put_while_fetching_then_opens_the_viewer(
     reloads itself (a meta refresh fails WCAG 2.2.1 and restarts a screen reader every time); once
     the study is here it moves on to the viewer."""
     gate, (uid, _failing) = eastgen
-    gate.held.add(uid)
+    release = gate.hold(uid)
     url = f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}"
     page = visit.page
     response = page.goto(url)
@@ -201,7 +205,7 @@ def test_the_wait_page_stays_put_while_fetching_then_opens_the_viewer(
     assert page.get_by_role("link", name="Check again").count() == 1  # without JavaScript
     assert _axe_violations(page, axe_js) == []
 
-    gate.opened.set()
+    release.set()
     _rendered(visit)  # the viewer, showing the study
     assert visit.page.locator('[data-cy="study-browser-thumbnail"]').count() == 1
     assert page.evaluate("window.stillTheFirstLoad") is None  # a new page: the viewer's
@@ -214,11 +218,13 @@ def test_the_wait_page_says_a_failed_fetch_in_place(
     with the page not reloaded and no more polling; "Try again" starts a new fetch."""
     gate, (_fetched, uid) = eastgen
     gate.failing.add(uid)
+    release = gate.hold(uid)  # failing at once could beat the page's first answer (then 503)
     url = f"{broker.url}/viewer/viewer?StudyInstanceUIDs={uid}"
     page = visit.page
     response = page.goto(url)
     assert response is not None and response.status == 202
     page.evaluate("window.stillTheFirstLoad = true")
+    release.set()
     status = page.locator('[role="status"][aria-live="polite"]')
     status.get_by_text("Could not fetch the study from East General").wait_for(timeout=30_000)
     assert "500" in status.inner_text()  # the facility's answer
