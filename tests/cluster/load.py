@@ -302,10 +302,17 @@ def check_cluster(cluster: Cluster, ledger: Ledger) -> Verdict:
     acked = ledger.acked()
 
     def retrieve(s: Sent) -> str | None:
+        # A 503 is "try again" (the broker could not reach the bucket this once: moto's server
+        # answers an occasional request with 503), not a loss: ask again, as a client would. A
+        # real loss still shows: below as a missing index row, or as an answer other than 503.
         with httpx.Client(base_url=cluster.url, timeout=30) as client:
-            r = client.get(
-                f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}", headers=headers
-            )
+            for attempt in range(5):
+                r = client.get(
+                    f"/dicom-web/studies/{s.study}/series/{s.series}/instances/{s.sop}", headers=headers
+                )
+                if r.status_code != 503:
+                    break
+                time.sleep(0.5 * (attempt + 1))
         if r.status_code != 200:
             return f"{s.sop}: HTTP {r.status_code}"
         (data,) = multipart_parts(r.headers["content-type"], r.content)
