@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from alembic import command
 from alembic.config import Config
@@ -84,6 +85,31 @@ def make_ds(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelData = bytes(range(32))
+    return ds
+
+
+# What the quadrants of `quadrant_ds` render as (full-range window), in the order top-left,
+# top-right, bottom-left, bottom-right.
+QUADRANTS = (0, 85, 170, 255)
+
+
+def quadrant_pixels(rows: int = 40, columns: int = 60, values: tuple[int, ...] = QUADRANTS) -> np.ndarray:
+    """A rows x columns 8-bit image of four flat quadrants of `values` (top-left, top-right,
+    bottom-left, bottom-right): by default the rendering of `quadrant_ds`, to cut expected regions from."""
+    top, left = rows // 2, columns // 2
+    arr = np.empty((rows, columns), dtype=np.uint8)
+    arr[:top, :left], arr[:top, left:], arr[top:, :left], arr[top:, left:] = values
+    return arr
+
+
+def quadrant_ds(*, sop: str, study: str, series: str, rows: int = 40, columns: int = 60) -> Dataset:
+    """`make_ds` with an 8-bit image of four flat quadrants (stored 10, 80, 150, 220, rendered as
+    QUADRANTS): a rendering of part of it shows, pixel for pixel, which part it was. Not square, so
+    that a region's aspect ratio is not the image's by chance."""
+    ds = make_ds(sop=sop, study=study, series=series)
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = quadrant_pixels(rows, columns, (10, 80, 150, 220)).tobytes()
     return ds
 
 

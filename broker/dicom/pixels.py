@@ -14,6 +14,7 @@ import copy
 import io
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -94,6 +95,19 @@ RENDERED_MEDIA_TYPES: Final = frozenset(_RENDER_FORMATS)
 # A `window=` override: (center, width) or (center, width, function).
 Window = tuple[float, float] | tuple[float, float, str]
 _VOI_FUNCTIONS: Final = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """The source region of PS3.18's `viewport=vw,vh,sx,sy,sw,sh` (8.3.5.1.3), in the image's
+    pixel coordinates: (x, y) its top-left corner; a width or height of None runs to the image's
+    right or bottom edge, and a negative one takes the same |width| columns (|height| rows) from
+    (x, y) and flips them horizontally (vertically)."""
+
+    x: int = 0
+    y: int = 0
+    width: int | None = None
+    height: int | None = None
 
 
 # --------------------------------------------------------------------------------------------- basics
@@ -431,6 +445,39 @@ def _display_size(ds: Dataset, rows: int, cols: int) -> tuple[float, float]:
     return float(cols), float(rows)
 
 
+def _crop(image: Image.Image, region: Region) -> Image.Image:
+    """`image` cut to `region` and flipped as its negative sizes ask; 400 for a region that is not
+    wholly inside the image (clipping it would answer a picture of something not asked for)."""
+    cols, rows = image.size
+    if region.width == 0 or region.height == 0:
+        raise BadRequest("the viewport's source region width and height (sw, sh) must not be 0")
+    if region.x < 0 or region.y < 0:
+        raise BadRequest("the viewport's source region corner (sx, sy) must not be negative")
+    if region.x >= cols or region.y >= rows:
+        raise BadRequest(
+            f"the viewport's source region corner (sx, sy) = ({region.x}, {region.y}) is outside"
+            f" the {cols} x {rows} image"
+        )
+    width = cols - region.x if region.width is None else abs(region.width)
+    height = rows - region.y if region.height is None else abs(region.height)
+    if region.x + width > cols:
+        raise BadRequest(
+            f"the viewport's source region, columns {region.x} to {region.x + width - 1} (sx, sw),"
+            f" reaches past the image's {cols} columns"
+        )
+    if region.y + height > rows:
+        raise BadRequest(
+            f"the viewport's source region, rows {region.y} to {region.y + height - 1} (sy, sh),"
+            f" reaches past the image's {rows} rows"
+        )
+    image = image.crop((region.x, region.y, region.x + width, region.y + height))
+    if region.width is not None and region.width < 0:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if region.height is not None and region.height < 0:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return image
+
+
 def _fit(width: float, height: float, box: tuple[int, int]) -> tuple[int, int]:
     scale = min(box[0] / width, box[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -451,6 +498,7 @@ def render(
     media_type: str = "image/jpeg",
     window: Window | None = None,
     viewport: tuple[int, int] | None = None,
+    region: Region | None = None,
     quality: int = 90,
 ) -> bytes:
     """One frame as a displayable 8-bit image (PS3.18 8.3.5 rendered resources).
@@ -458,8 +506,9 @@ def render(
     Grayscale goes through the Modality LUT, the VOI LUT or window (the `window` override as
     (center, width) or (center, width, "linear" | "linear-exact" | "sigmoid") from PS3.18's
     `window=` parameter wins over the dataset's), and MONOCHROME1 inversion; colour becomes RGB.
-    `viewport` is (width, height), PS3.18's `viewport=vw,vh`: the image is scaled to fit inside it
-    with its aspect ratio kept.
+    `region` (PS3.18's `viewport=vw,vh,sx,sy,sw,sh`) then cuts out and flips part of the image;
+    `viewport` is (width, height), PS3.18's `viewport=vw,vh`: the image (or region) is scaled to
+    fit inside it with its aspect ratio kept.
     """
     mt = _normalize_media_type(media_type)
     _check_frame_numbers(ds, [frame])
@@ -480,6 +529,12 @@ def render(
         image = Image.fromarray(np.ascontiguousarray(_color_to_8bit(arr, ds, photometric)), mode="RGB")
     rows, cols = int(arr.shape[0]), int(arr.shape[1])
     width, height = _display_size(ds, rows, cols)
+    if region is not None:
+        # After the window, so that a region is shown as it looks in the whole image (PS3.18
+        # 8.3.5.1: the source region applies after the presentation parameters), not re-windowed
+        # on its own values.
+        image = _crop(image, region)
+        width, height = image.width * width / cols, image.height * height / rows
     target = _fit(width, height, viewport) if viewport else (round(width), round(height))
     if target != image.size:
         image = image.resize(target, Image.Resampling.LANCZOS)

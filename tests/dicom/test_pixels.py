@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from broker.dicom import pixels
 from broker.errors import BadRequest, NotAcceptable, NotFound
-from tests.support import to_bytes
+from tests.support import QUADRANTS, quadrant_ds, quadrant_pixels, to_bytes
 
 FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -323,6 +323,83 @@ def test_viewport_scales_preserving_aspect() -> None:
     assert image.size == (25, 100)
     image = decode_image(pixels.render(load("CT_small.dcm"), viewport=(512, 300)))
     assert image.size == (300, 300)
+
+
+def _quadrants() -> Dataset:
+    return quadrant_ds(
+        sop="1.2.826.0.1.3680043.8.498.1",
+        study="1.2.826.0.1.3680043.8.498.2",
+        series="1.2.826.0.1.3680043.8.498.3",
+    )
+
+
+def _region(ds: Dataset, viewport: tuple[int, int], region: pixels.Region) -> np.ndarray:
+    return as_array(pixels.render(ds, media_type="image/png", viewport=viewport, region=region))
+
+
+def test_viewport_source_region_renders_exactly_that_part_of_the_image() -> None:
+    # PS3.18 8.3.5.1.3 viewport=vw,vh,sx,sy,sw,sh: the 60 x 40 image's quadrants are 30 x 20.
+    ds, whole = _quadrants(), quadrant_pixels()
+    top_left, _, _, bottom_right = QUADRANTS
+    assert np.array_equal(_region(ds, (30, 20), pixels.Region(30, 0, 30, 20)), whole[:20, 30:])
+    assert np.array_equal(_region(ds, (30, 20), pixels.Region(0, 20, 30, 20)), whole[20:, :30])
+    assert np.array_equal(_region(ds, (30, 20), pixels.Region(30, 20, 30, 20)), whole[20:, 30:])
+    # Straddling the middle: exactly the pixels asked for, the quadrants' edges where they were.
+    assert np.array_equal(_region(ds, (20, 10), pixels.Region(20, 15, 20, 10)), whole[15:25, 20:40])
+    # Scaled up into a bigger viewport, a region of one quadrant is that quadrant's value only.
+    zoomed = _region(ds, (90, 90), pixels.Region(0, 0, 30, 20))
+    assert zoomed.shape == (60, 90) and set(np.unique(zoomed)) == {top_left}
+    # Omitted sizes run to the image's edge: from (30, 20), the bottom-right quadrant.
+    rest = _region(ds, (30, 20), pixels.Region(30, 20))
+    assert rest.shape == (20, 30) and set(np.unique(rest)) == {bottom_right}
+    # The whole image as a region is the image.
+    assert np.array_equal(_region(ds, (60, 40), pixels.Region(0, 0, 60, 40)), whole)
+
+
+def test_viewport_negative_source_sizes_flip_the_region() -> None:
+    ds, whole = _quadrants(), quadrant_pixels()
+    # sw < 0: the same columns, mirrored left to right (top half: top-right quadrant now on the left).
+    flipped = _region(ds, (60, 20), pixels.Region(0, 0, -60, 20))
+    assert np.array_equal(flipped, whole[:20, ::-1])
+    assert flipped[0, 0] == QUADRANTS[1] and flipped[0, -1] == QUADRANTS[0]
+    # sh < 0: upside down (left half: bottom-left quadrant now on top).
+    assert np.array_equal(_region(ds, (30, 40), pixels.Region(0, 0, 30, -40)), whole[::-1, :30])
+    # Both, of the whole image: turned half a turn.
+    assert np.array_equal(_region(ds, (60, 40), pixels.Region(0, 0, -60, -40)), whole[::-1, ::-1])
+
+
+def test_viewport_source_region_fits_the_viewport_with_its_aspect_kept() -> None:
+    ds = _quadrants()
+
+    def size(viewport: tuple[int, int], region: pixels.Region) -> tuple[int, int]:
+        return decode_image(pixels.render(ds, viewport=viewport, region=region)).size
+
+    # A 30 x 20 region (3:2) in a square viewport: as wide as it, two thirds as high.
+    assert size((100, 100), pixels.Region(0, 0, 30, 20)) == (100, 67)
+    # A 10 x 40 region (1:4) in a wide viewport: as high as it.
+    assert size((200, 80), pixels.Region(25, 0, 10, 40)) == (20, 80)
+    # Non-square pixels (rows 2 mm apart, columns 1 mm): the region is shown as it is displayed.
+    ds.PixelSpacing = [2, 1]
+    assert size((60, 60), pixels.Region(0, 0, 30, 20)) == (45, 60)
+
+
+@pytest.mark.parametrize(
+    ("region", "problem"),
+    [
+        (pixels.Region(60, 0, 10, 10), r"corner \(sx, sy\) = \(60, 0\) is outside the 60 x 40 image"),
+        (pixels.Region(0, 40), r"corner \(sx, sy\) = \(0, 40\) is outside"),
+        (pixels.Region(50, 0, 20, 10), r"columns 50 to 69 \(sx, sw\), reaches past the image's 60 columns"),
+        (pixels.Region(50, 0, -20, 10), r"columns 50 to 69 \(sx, sw\)"),
+        (pixels.Region(0, 30, 10, 11), r"rows 30 to 40 \(sy, sh\), reaches past the image's 40 rows"),
+        (pixels.Region(0, 0, 0, 10), r"\(sw, sh\) must not be 0"),
+        (pixels.Region(-1, 0, 10, 10), r"\(sx, sy\) must not be negative"),
+    ],
+)
+def test_viewport_source_region_outside_the_image_is_a_bad_request(
+    region: pixels.Region, problem: str
+) -> None:
+    with pytest.raises(BadRequest, match=problem):
+        pixels.render(_quadrants(), viewport=(64, 64), region=region)
 
 
 def test_jpeg_quality_changes_size() -> None:
