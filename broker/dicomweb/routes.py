@@ -567,7 +567,7 @@ async def rendered(
 ) -> Response:
     """One image: an instance, a frame, or (thumbnail) the middle image of `refs`."""
     media_type = wado.negotiate_rendered(request.headers.get("accept"))
-    window, viewport, quality = wado.parse_render_params(dict(request.query_params))
+    params = wado.parse_render_params(dict(request.query_params))
     ref = wado.thumbnail_ref(refs) if thumbnail else refs[0]
     data = await run_in_threadpool(
         wado.render_instance,
@@ -575,9 +575,7 @@ async def rendered(
         ref,
         media_type=media_type,
         frame=frame,
-        window=window,
-        viewport=viewport,
-        quality=quality,
+        params=params,
         thumbnail=thumbnail,
     )
     return await _single_part(request, wado.single_bytes(media_type, data))
@@ -586,12 +584,10 @@ async def rendered(
 async def rendered_many(request: Request, scope: Scope, refs: list[InstanceRef]) -> Response:
     """One image per instance with pixels, as multipart (a study or a series)."""
     media_type = wado.negotiate_rendered(request.headers.get("accept"), multipart=True)
-    window, viewport, quality = wado.parse_render_params(dict(request.query_params))
+    params = wado.parse_render_params(dict(request.query_params))
     return await _primed_multipart(
         request,
-        lambda: wado.rendered_parts(
-            scope.state.store, refs, media_type=media_type, window=window, viewport=viewport, quality=quality
-        ),
+        lambda: wado.rendered_parts(scope.state.store, refs, media_type=media_type, params=params),
         part_type=media_type,
     )
 

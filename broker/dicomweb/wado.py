@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -381,25 +382,45 @@ def thumbnail_ref(refs: list[InstanceRef]) -> InstanceRef:
     return images[len(images) // 2]
 
 
+@dataclass(frozen=True, slots=True)
+class RenderParams:
+    """The rendered resources' query parameters (PS3.18 8.3.5.1), checked."""
+
+    window: pixels.Window | None = None
+    viewport: tuple[int, int] | None = None  # vw, vh
+    region: pixels.Region | None = None  # sx, sy, sw, sh of viewport=vw,vh,sx,sy,sw,sh
+    quality: int = 90
+
+
 def render_instance(
     store: ObjectStore,
     ref: InstanceRef,
     *,
     media_type: str,
     frame: int | None,
-    window: pixels.Window | None,
-    viewport: tuple[int, int] | None,
-    quality: int,
+    params: RenderParams,
     thumbnail: bool = False,
 ) -> bytes:
+    if thumbnail and params.region is not None:
+        # A thumbnail is the server's pick of image (the middle one of a study or series), so
+        # pixel coordinates in it mean nothing to the caller; refused, not silently ignored.
+        raise BadRequest(
+            "a thumbnail takes viewport=vw,vh only; a source region (sx,sy,sw,sh) is for /rendered"
+        )
     ds = read_dataset(store, ref)
     if "PixelData" not in ds:
         raise NotAcceptable(f"instance {ref.sop_uid} has no pixel data to render")
     if thumbnail:
-        size = max(viewport) if viewport else 128
+        size = max(params.viewport) if params.viewport else 128
         return pixels.thumbnail(ds, media_type=media_type, size=size)
     return pixels.render(
-        ds, frame=frame or 1, media_type=media_type, window=window, viewport=viewport, quality=quality
+        ds,
+        frame=frame or 1,
+        media_type=media_type,
+        window=params.window,
+        viewport=params.viewport,
+        region=params.region,
+        quality=params.quality,
     )
 
 
@@ -408,31 +429,82 @@ def rendered_parts(
     refs: list[InstanceRef],
     *,
     media_type: str,
-    window: pixels.Window | None,
-    viewport: tuple[int, int] | None,
-    quality: int,
+    params: RenderParams,
 ) -> Iterator[tuple[str, Iterable[bytes]]]:
     """Each instance of a study or series rendered (first frame); instances without pixels
-    (reports, plans) are skipped, as PS3.18 renders only what has an image."""
+    (reports, plans) are skipped, as PS3.18 renders only what has an image. An instance the
+    parameters do not fit (a source region outside its image) is skipped too; when that leaves
+    nothing, the parameters are refused (400) rather than answered with an empty 200."""
+    rendered = 0
+    refused: BadRequest | None = None
     for ref in refs:
         ds = read_dataset(store, ref)
         if "PixelData" not in ds:
             continue
         try:
-            data = pixels.render(ds, media_type=media_type, window=window, viewport=viewport, quality=quality)
+            data = pixels.render(
+                ds,
+                media_type=media_type,
+                window=params.window,
+                viewport=params.viewport,
+                region=params.region,
+                quality=params.quality,
+            )
+        except BadRequest as exc:
+            log.info("rendering %s refused: %s; skipped", ref.sop_uid, exc.message)
+            refused = exc
+            continue
         except Exception:  # noqa: BLE001 - one undecodable instance must not cut the stream
             log.warning("rendering %s failed; skipped", ref.sop_uid, exc_info=True)
             continue
+        rendered += 1
         yield media_type, (data,)
+    if not rendered and refused is not None:
+        # Nothing has been written yet, so this still becomes the response's status.
+        raise refused
 
 
 _WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")  # PS3.18 8.3.5.1.3
+_VIEWPORT_MAX = 8192
 
 
-def parse_render_params(
-    query: dict[str, str],
-) -> tuple[pixels.Window | None, tuple[int, int] | None, int]:
-    """window=center,width[,function], viewport=vw,vh[,...], quality=1..100 (PS3.18 8.3.5.1)."""
+def _viewport_int(text: str, name: str) -> int:
+    # Not int() alone: it also reads "1_000" and non-ASCII digits, which no client means here.
+    if not re.fullmatch(r"[+-]?[0-9]{1,9}", text.strip()):
+        raise BadRequest(f"viewport {name} must be an integer number of pixels")
+    return int(text)
+
+
+def _parse_viewport(value: str) -> tuple[tuple[int, int], pixels.Region | None]:
+    """`vw,vh` or `vw,vh,sx,sy,sw,sh` where any of sx, sy, sw, sh may be left empty for its
+    default (PS3.18 8.3.5.1.3: `viewport=256,256,,,100,100`): sx, sy 0, sw, sh to the image's edge."""
+    parts = value.split(",")
+    if len(parts) not in (2, 6):
+        raise BadRequest(f"viewport is vw,vh or vw,vh,sx,sy,sw,sh; {len(parts)} values were given")
+    if not parts[0].strip() or not parts[1].strip():
+        raise BadRequest("viewport vw and vh (the output width and height) are required")
+    vw, vh = _viewport_int(parts[0], "vw"), _viewport_int(parts[1], "vh")
+    if not (0 < vw <= _VIEWPORT_MAX and 0 < vh <= _VIEWPORT_MAX):
+        raise BadRequest(f"viewport width and height (vw, vh) must be between 1 and {_VIEWPORT_MAX}")
+    if len(parts) == 2:
+        return (vw, vh), None
+    sx, sy, sw, sh = (
+        _viewport_int(text, name) if text.strip() else None
+        for text, name in zip(parts[2:], ("sx", "sy", "sw", "sh"), strict=True)
+    )
+    if (sx is not None and sx < 0) or (sy is not None and sy < 0):
+        raise BadRequest("viewport sx and sy (the source region's top-left corner) must not be negative")
+    if sw == 0 or sh == 0:
+        raise BadRequest("viewport sw and sh (the source region's width and height) must not be 0")
+    return (vw, vh), pixels.Region(x=sx or 0, y=sy or 0, width=sw, height=sh)
+
+
+def parse_render_params(query: dict[str, str]) -> RenderParams:
+    """window=center,width[,function], viewport=vw,vh[,sx,sy,sw,sh], quality=1..100 (PS3.18 8.3.5.1).
+
+    Checked here, not only when rendering, where they can be: a study or series rendering leaves
+    out an instance it cannot render, so a bad parameter would empty the answer, not refuse it.
+    Whether a source region fits an image is known only once the image is read (pixels.render)."""
     window: pixels.Window | None = None
     if query.get("window"):
         parts = query["window"].split(",")
@@ -449,22 +521,11 @@ def parse_render_params(
             raise BadRequest("window is center,width[,function]")
         window = (center, width)
         if len(parts) == 3:
-            # Checked here, not only when rendering: a study or series rendering leaves out an
-            # instance it cannot render, so a bad function would empty the answer, not refuse it.
             function = parts[2].strip().lower().replace("_", "-")
             if function not in _WINDOW_FUNCTIONS:
                 raise BadRequest(f"the window function must be one of {', '.join(_WINDOW_FUNCTIONS)}")
             window = (center, width, function)
-    viewport = None
-    if query.get("viewport"):
-        parts = query["viewport"].split(",")
-        try:
-            vw, vh = int(parts[0]), int(parts[1])
-        except (IndexError, ValueError) as exc:
-            raise BadRequest("viewport is vw,vh with positive integers") from exc
-        if not (0 < vw <= 8192 and 0 < vh <= 8192):
-            raise BadRequest("viewport width and height must be between 1 and 8192")
-        viewport = (vw, vh)
+    viewport, region = _parse_viewport(query["viewport"]) if query.get("viewport") else (None, None)
     quality = 90
     if query.get("quality"):
         try:
@@ -473,7 +534,7 @@ def parse_render_params(
             raise BadRequest("quality is an integer from 1 to 100") from exc
         if not 1 <= quality <= 100:
             raise BadRequest("quality is an integer from 1 to 100")
-    return window, viewport, quality
+    return RenderParams(window=window, viewport=viewport, region=region, quality=quality)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.dicomweb.conftest import Archive, LiveServer
 from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, multipart_body, split_multipart, uid
-from tests.support import make_ds, to_bytes
+from tests.support import QUADRANTS, make_ds, quadrant_ds, quadrant_pixels, to_bytes
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -263,6 +263,73 @@ def test_rendered_study_and_series_are_one_image_per_instance(archive: Archive) 
     assert all(Image.open(io.BytesIO(data)).format == "PNG" for _, data in parts)
     r = _get(archive, f"/dicom-web/studies/{MULLER}/series/{uid(2, 1)}/rendered")
     assert len(split_multipart(r.headers["content-type"], r.content)) == 2
+
+
+def test_rendered_viewport_source_region_crops_flips_and_scales(live_server: LiveServer) -> None:
+    # PS3.18 8.3.5.1.3 viewport=vw,vh,sx,sy,sw,sh on a 60 x 40 image of four flat 30 x 20
+    # quadrants: PNG is lossless, so each answer can be compared pixel for pixel.
+    study, series, sop = uid(91), uid(91, 1), uid(91, 1, 1)
+    body, ctype = multipart_body([to_bytes(quadrant_ds(sop=sop, study=study, series=series))])
+    whole = quadrant_pixels()
+    instance = _instance_path(study, series, sop)
+    with live_server.http() as http:
+        assert (
+            http.post("/dicom-web/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        )
+
+        def png(path: str) -> np.ndarray:
+            r = http.get(path, headers={"Accept": "image/png"})
+            assert r.status_code == 200, (path, r.text)
+            return np.asarray(Image.open(io.BytesIO(r.content)))
+
+        # One quadrant, from the instance and from its frame.
+        assert np.array_equal(png(f"{instance}/rendered?viewport=30,20,30,0,30,20"), whole[:20, 30:])
+        assert np.array_equal(
+            png(f"{instance}/frames/1/rendered?viewport=30,20,30,20,30,20"), whole[20:, 30:]
+        )
+        # Omitted components take their defaults: sx, sy 0, sw, sh to the image's edge.
+        assert np.array_equal(png(f"{instance}/rendered?viewport=60,20,,20,,"), whole[20:, :])
+        assert np.array_equal(png(f"{instance}/rendered?viewport=30,40,,,30,"), whole[:, :30])
+        # A negative sw mirrors the region left to right, a negative sh upside down.
+        flipped = png(f"{instance}/rendered?viewport=60,20,0,0,-60,20")
+        assert np.array_equal(flipped, whole[:20, ::-1])
+        assert (flipped[0, 0], flipped[0, -1]) == (QUADRANTS[1], QUADRANTS[0])
+        assert np.array_equal(png(f"{instance}/rendered?viewport=30,40,0,0,30,-40"), whole[::-1, :30])
+        # Scaled to fit the viewport, its aspect kept: a 30 x 20 region in 100 x 100 is 100 x 67.
+        zoomed = png(f"{instance}/rendered?viewport=100,100,0,0,30,20")
+        assert zoomed.shape == (67, 100) and set(np.unique(zoomed)) == {QUADRANTS[0]}
+        # A study or series renders each instance's region.
+        r = http.get(
+            f"/dicom-web/studies/{study}/rendered?viewport=30,20,0,20,30,20", headers={"Accept": "image/png"}
+        )
+        ((_, data),) = split_multipart(r.headers["content-type"], r.content)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), whole[20:, :30])
+
+        def refused(path: str) -> str:
+            r = http.get(path)
+            assert r.status_code == 400, (path, r.status_code)
+            detail: str = r.json()["detail"]
+            return detail
+
+        for query, problem in (
+            ("viewport=64,64,0,0,30", "5 values"),
+            ("viewport=64,64,0,0,30,20,1", "7 values"),
+            ("viewport=64,64,a,0,30,20", "sx must be an integer"),
+            ("viewport=64,64,0,0,1.5,20", "sw must be an integer"),
+            ("viewport=64,64,0,0,0,20", "sw and sh (the source region's width and height) must not be 0"),
+            ("viewport=64,64,-1,0,30,20", "must not be negative"),
+            ("viewport=0,64,0,0,30,20", "between 1 and 8192"),
+            ("viewport=,64,0,0,30,20", "vw and vh"),
+            ("viewport=64,64,50,0,20,20", "columns 50 to 69 (sx, sw), reaches past the image's 60 columns"),
+            ("viewport=64,64,0,30,10,-20", "rows 30 to 49 (sy, sh), reaches past the image's 40 rows"),
+            ("viewport=64,64,60,0,,", "(sx, sy) = (60, 0) is outside the 60 x 40 image"),
+        ):
+            assert problem in refused(f"{instance}/rendered?{query}"), query
+        # At the study level too, when the region fits none of its images (not an empty 200).
+        assert "reaches past" in refused(f"/dicom-web/studies/{study}/rendered?viewport=64,64,50,0,20,20")
+        # A thumbnail is of an image the server picks: pixel coordinates in it are refused.
+        assert "thumbnail" in refused(f"/dicom-web/studies/{study}/thumbnail?viewport=64,64,0,0,30,20")
+        assert http.get(f"/dicom-web/studies/{study}/thumbnail?viewport=64,64").status_code == 200
 
 
 def test_rendered_window_function_is_applied(archive: Archive) -> None:
