@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -37,15 +37,23 @@ from broker.audit.routes import router as audit_router
 from broker.cds.routes import router as cds_router
 from broker.consent import service as consent_service
 from broker.consent.routes import router as consent_router
-from broker.db import check_connection, make_engine, migrate, require_current_schema, wait_for_database
+from broker.db import (
+    DatabaseUnreachable,
+    check_connection,
+    make_engine,
+    migrate,
+    require_current_schema,
+    wait_for_database,
+)
 from broker.deps import AppState
 from broker.dicomweb.routes import facility_router as dicomweb_facility_router
 from broker.dicomweb.routes import router as dicomweb_router
+from broker.dimse import access as dimse_access
 from broker.dimse.handoff import WriterServer, is_single_writer
 from broker.dimse.receivers import ReceiverSupervisor
 from broker.dimse.receivers import shared_counts as receiver_counts
 from broker.dimse.scp import index_batcher, start_scp, stop_scp
-from broker.errors import BadRequest, InvalidSetting, ScanOnceError, Unavailable
+from broker.errors import BadRequest, InvalidSetting, RefusedToServe, ScanOnceError, Unavailable
 from broker.facilities import service as facilities_service
 from broker.facilities.routes import router as facilities_router
 from broker.federation import service as federation_service
@@ -575,6 +583,83 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(audit_router)
 
 
+def check_start(
+    *,
+    settings: Settings,
+    bind_host: str | None,
+    ports_free: Callable[[], None] | None = None,
+    while_waiting: Callable[[], AbstractContextManager[object]] | None = None,
+) -> None:
+    """What every way of serving checks before it builds anything (`scanonce serve`, and
+    `app_from_env` under uvicorn), so that a configuration one refuses the other refuses too, in
+    the same line (a `ScanOnceError`; each reports it its own way). `bind_host`: the address HTTP
+    listens on, None where this process cannot see it (uvicorn binds with its own --host).
+    `ports_free`: the caller's check of the ports it binds itself, before any wait. A database that
+    refuses connections is waited for (SCANONCE_DB_START_WAIT_SECONDS bounds it), inside
+    `while_waiting` (serve answers not-ready on its port meanwhile)."""
+    _auth_before_exposure(settings=settings, bind_host=bind_host)
+    _dimse_before_exposure(settings)
+    if ports_free is not None:
+        ports_free()
+    _database_at_start(settings=settings, while_waiting=while_waiting or nullcontext)
+
+
+def _auth_before_exposure(*, settings: Settings, bind_host: str | None) -> None:
+    """Authentication off beyond loopback would open every patient's images to the network."""
+    if settings.auth_enabled:
+        return
+    if bind_host is None:
+        # uvicorn's --host (or --fd, or a process manager's socket) is invisible to the factory:
+        # only the operator can say it is loopback, and must, rather than be assumed to have.
+        if settings.auth_off_accepted:
+            return
+        raise RefusedToServe(
+            "authentication is off (SCANONCE_AUTH_ENABLED=false) and this process cannot see the "
+            "address uvicorn listens on: set SCANONCE_AUTH_ENABLED=true (the default), or "
+            "SCANONCE_AUTH_OFF_ACCEPTED=true if uvicorn binds loopback only."
+        )
+    if not outbound.is_loopback_host(bind_host):
+        raise RefusedToServe(
+            f"authentication is off (SCANONCE_AUTH_ENABLED=false) and HTTP would listen on {bind_host}, "
+            "beyond loopback: set SCANONCE_AUTH_ENABLED=true (the default) or bind to 127.0.0.1."
+        )
+
+
+def _dimse_before_exposure(settings: Settings) -> None:
+    """The node's DIMSE settings, whether or not this process runs the listener (the factory does
+    not: one environment is then good for `scanonce serve` and the factory, or for neither). Its
+    TLS files are loaded now, so that a wrong one is a line naming its setting, not a traceback
+    from the listener's start; open mode takes any calling AE title, so it is loopback only."""
+    if not settings.dimse_port:
+        return
+    dimse_tls.server_context(settings)
+    refused = dimse_access.open_mode_refusal(settings, settings.host)
+    if refused is not None:
+        raise RefusedToServe(refused)
+
+
+def _database_at_start(
+    *, settings: Settings, while_waiting: Callable[[], AbstractContextManager[object]]
+) -> None:
+    """A database that refuses connections is retried (the log names the setting) until it answers
+    or SCANONCE_DB_START_WAIT_SECONDS have passed; a URL that cannot be used at all, or a data
+    folder that cannot be written, is refused at once: waiting would not mend either."""
+    settings.ensure_data_dir()
+    engine = make_engine(
+        settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
+    )
+    try:
+        try:
+            check_connection(engine)
+            return
+        except DatabaseUnreachable:
+            pass
+        with while_waiting():
+            wait_for_database(engine, give_up_after=settings.db_start_wait_seconds)
+    finally:
+        engine.dispose()
+
+
 # uvicorn's exit status for "failed before serving": its supervisor (--workers N) then stops instead
 # of restarting workers that would fail alike, forever (uvicorn.config.STARTUP_FAILURE).
 _STARTUP_FAILURE = 3
@@ -583,11 +668,15 @@ _STARTUP_FAILURE = 3
 def app_from_env() -> FastAPI:
     """App factory for process managers (`uvicorn --factory broker.app:app_from_env --workers N`,
     docs/production.md; `scanonce serve` itself has no --workers): settings from SCANONCE_*
-    variables. A wrong one (or anything else refused at start: a store, a key file) is one line
-    on stderr naming it, as `scanonce serve` says it, and exit status 3; raised, it would be
-    uvicorn's traceback, once per worker and again for every worker it restarts."""
+    variables, and the start checks `scanonce serve` runs (`check_start`). A wrong setting (or
+    anything else refused at start: a store, a key file, authentication off, a database still
+    away after SCANONCE_DB_START_WAIT_SECONDS) is one line on stderr naming it, as `scanonce
+    serve` says it, and exit status 3; raised, it would be uvicorn's traceback, once per worker
+    and again for every worker it restarts."""
     try:
-        return create_app(load_settings())
+        settings = load_settings()
+        check_start(settings=settings, bind_host=None)
+        return create_app(settings)
     except ScanOnceError as exc:
         said = " ".join(exc.message.split())  # one line, whatever the message holds
         print(f"{exc.title}: {said}", file=sys.stderr, flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import ipaddress
 import os
 import shutil
 import socket
@@ -13,6 +12,8 @@ import threading
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,23 +23,14 @@ import uvicorn
 from rich.table import Table
 
 from broker import clikit
-from broker.app import build_state, create_app
+from broker.app import build_state, check_start, create_app
 from broker.audit import cli as audit_cli
 from broker.clikit import DataDir, console, fail, print_table
 from broker.clikit import progress as _progress
 from broker.clikit import settings as _settings
-from broker.db import (
-    DatabaseUnreachable,
-    check_connection,
-    make_engine,
-    migrate,
-    safe_url,
-    schema_status,
-    wait_for_database,
-)
+from broker.db import check_connection, make_engine, migrate, safe_url, schema_status
 from broker.demo import service as demo_service
 from broker.deps import AppState
-from broker.dimse import access as dimse_access
 from broker.errors import ScanOnceError
 from broker.facilities import cli as facilities_cli
 from broker.federation import cli as federation_cli
@@ -50,7 +42,6 @@ from broker.jobs import cli as jobs_cli
 from broker.logfilters import configure_logging, uvicorn_text_log_config
 from broker.lookup import cli as lookup_cli
 from broker.security import cli as security_cli
-from broker.security import tls as dimse_tls
 from broker.security.schemas import Principal, Role
 from broker.settings import Settings
 from broker.web import cli as web_cli
@@ -98,13 +89,16 @@ def serve(
         # A server parses on every core (parsing holds the GIL); embedded uses stay in-process.
         settings.ingest_processes = -1
     configure_logging(log_level, settings.log_format)
-    _auth_before_exposure(settings)
-    _dimse_before_exposure(settings)
-    _ports_free(settings)
-    _wait_for_database(settings)
     try:
+        check_start(
+            settings=settings,
+            bind_host=settings.host,
+            ports_free=partial(_ports_free, settings),
+            while_waiting=partial(_not_ready_meanwhile, settings),
+        )
+        # A schema behind: the operator runs `scanonce db upgrade`.
         application = create_app(settings, services=True)
-    except ScanOnceError as exc:  # a schema behind: the operator runs `scanonce db upgrade`
+    except ScanOnceError as exc:
         fail(exc)
     origin = f"http://{settings.host}:{settings.port}"
     # soft_wrap: a URL is never broken across lines, whatever the terminal's width.
@@ -155,80 +149,26 @@ def _not_ready_app(reason: str) -> Any:
     return app
 
 
-def _wait_for_database(settings: Settings) -> None:
-    """At start, a database that refuses connections is retried (the log names the setting);
-    meanwhile the HTTP port answers /readyz 503 and /healthz 200. A URL that cannot be used at
-    all is reported and exits 1, as is a data folder that cannot be written: waiting would not
-    mend either."""
-    try:
-        settings.ensure_data_dir()
-        engine = make_engine(
-            settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
-        )
-    except ScanOnceError as exc:
-        fail(exc)
-    try:
-        try:
-            check_connection(engine)
-            return
-        except DatabaseUnreachable:
-            pass
-        config = uvicorn.Config(
-            _not_ready_app("unreachable (SCANONCE_DATABASE_URL)"),
-            host=settings.host,
-            port=settings.port,
-            lifespan="off",
-            log_level="warning",
-            log_config=None if settings.log_format == "json" else uvicorn_text_log_config(),
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="scanonce-not-ready", daemon=True)
-        thread.start()
-        try:
-            wait_for_database(engine)
-        finally:
-            server.should_exit = True
-            thread.join(10)
-    finally:
-        engine.dispose()
-
-
-def _auth_before_exposure(settings: Settings) -> None:
-    """Binding beyond loopback with authentication off would open every patient's images to the
-    network: refuse, in one line that says how to proceed."""
-    if settings.auth_enabled or _is_loopback(settings.host):
-        return
-    clikit.err_console.print(
-        f"[red]Refusing to serve on {settings.host} with authentication off:[/] set "
-        "SCANONCE_AUTH_ENABLED=true (the default) or bind to 127.0.0.1.",
-        soft_wrap=True,
+@contextmanager
+def _not_ready_meanwhile(settings: Settings) -> Iterator[None]:
+    """While the node waits for its database at start, its HTTP port answers alive but not ready
+    (`_not_ready_app`), so that neither an orchestrator nor a balancer mistakes it for dead or up."""
+    config = uvicorn.Config(
+        _not_ready_app("unreachable (SCANONCE_DATABASE_URL)"),
+        host=settings.host,
+        port=settings.port,
+        lifespan="off",
+        log_level="warning",
+        log_config=None if settings.log_format == "json" else uvicorn_text_log_config(),
     )
-    raise typer.Exit(code=clikit.EXIT_REFUSED)
-
-
-def _dimse_before_exposure(settings: Settings) -> None:
-    """Open DIMSE mode takes any calling AE title: refuse it on a listener beyond loopback. And
-    the listener's TLS files are loaded now, so that a wrong one is a line naming its setting,
-    not a traceback from the listener's start after the banner."""
-    if settings.dimse_port:
-        try:
-            dimse_tls.server_context(settings)
-        except ScanOnceError as exc:
-            fail(exc)
-    refused = dimse_access.open_mode_refusal(settings, settings.host) if settings.dimse_port else None
-    if refused is None:
-        return
-    clikit.err_console.print(f"[red]Refusing to serve:[/] {refused}", soft_wrap=True)
-    raise typer.Exit(code=clikit.EXIT_REFUSED)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="scanonce-not-ready", daemon=True)
+    thread.start()
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _ports_free(settings: Settings) -> None:

@@ -253,20 +253,35 @@ def check_connection(engine: Engine) -> None:
         ) from exc
 
 
-def wait_for_database(engine: Engine, *, stop: threading.Event | None = None, max_wait: float = 30.0) -> None:
+def wait_for_database(
+    engine: Engine,
+    *,
+    stop: threading.Event | None = None,
+    max_wait: float = 30.0,
+    give_up_after: float | None = None,
+) -> None:
     """Retry `check_connection` with backoff (1 s, 2 s, ... up to `max_wait` between tries),
-    logging the clear message each time, until the database answers or `stop` is set."""
+    logging the clear message each time, until the database answers or `stop` is set. With
+    `give_up_after` (SCANONCE_DB_START_WAIT_SECONDS), `DatabaseUnreachable` once that many
+    seconds have passed, saying so."""
     delay = 1.0
+    deadline = None if give_up_after is None else time.monotonic() + give_up_after
     while True:
         try:
             check_connection(engine)
             return
         except DatabaseUnreachable as exc:
-            log.error("%s; retrying in %g s", exc.message, delay)
-            if stop is not None and stop.wait(delay):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise DatabaseUnreachable(
+                    f"{exc.message}; gave up after {give_up_after:g} s (SCANONCE_DB_START_WAIT_SECONDS)"
+                ) from exc
+            pause = delay if left is None else min(delay, left)
+            log.error("%s; retrying in %g s", exc.message, round(pause, 1))
+            if stop is not None and stop.wait(pause):
                 raise
             if stop is None:
-                time.sleep(delay)
+                time.sleep(pause)
             delay = min(delay * 2, max_wait)
 
 

@@ -66,6 +66,13 @@ class InvalidSetting(BadRequest):
     title = "Invalid setting"
 
 
+class RefusedToServe(InvalidSetting):
+    """Settings that are each valid but together would expose patient data if served (authentication
+    off beyond loopback, DIMSE open mode beyond loopback): refused before anything starts."""
+
+    title = "Refusing to serve"
+
+
 class InvalidUID(BadRequest):
     title = "Invalid DICOM UID"
 

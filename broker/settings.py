@@ -68,6 +68,15 @@ class Settings(BaseSettings):
             "the queries the index answers alone, while storing and retrieving answer 503."
         ),
     )
+    db_start_wait_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "How long a starting node (`scanonce serve`, `uvicorn --factory broker.app:app_from_env`) "
+            "waits for a database that refuses connections before it gives up in one line naming "
+            "this setting (exit 1; the factory exits 3). Unset: it waits until the database answers."
+        ),
+    )
     db_connect_timeout_seconds: float = Field(
         default=10,
         gt=0,
@@ -319,7 +328,16 @@ class Settings(BaseSettings):
             "Require a bearer token (or a signed-in page session) on every HTTP interface but the "
             "exempt ones (/healthz, /readyz, CDS Hooks discovery, FHIR metadata, discovery documents). "
             "Off is for loopback-only development and benchmarks: `scanonce serve` refuses to bind "
-            "beyond loopback with it off."
+            "beyond loopback with it off, the uvicorn factory unless auth_off_accepted."
+        ),
+    )
+    auth_off_accepted: bool = Field(
+        default=False,
+        description=(
+            "The operator's word that the HTTP server binds loopback only, for authentication off "
+            "under `uvicorn --factory broker.app:app_from_env`: uvicorn binds with its own --host, "
+            "which the factory cannot see, so with auth off it refuses to start unless this is true. "
+            "`scanonce serve` checks its own address and ignores this."
         ),
     )
     audit_enabled: bool = Field(

@@ -1,6 +1,7 @@
 """`scanonce serve` (a real process) started while its database refuses connections: it says so
 naming the setting, answers /readyz 503 and /healthz 200 meanwhile, and becomes ready by itself
-once the database answers."""
+once the database answers. `uvicorn --factory broker.app:app_from_env` waits the same way (its
+port is uvicorn's, so it answers nothing meanwhile)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,59 @@ def test_serve_waits_for_its_database_not_ready_then_ready(
     text = Path(log.name).read_text()
     assert "cannot connect to the database" in text and "retrying in" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.postgres
+def test_the_uvicorn_factory_waits_for_its_database_then_serves(
+    pg_admin: Any, _pg_template: str, tmp_path: Path
+) -> None:
+    name = pg_admin.new_name("wait")
+    url = make_url(pg_admin.create(name, template=_pg_template))
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)  # not started: connections refused
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SCANONCE_DATA_DIR": str(tmp_path),
+        "SCANONCE_DATABASE_URL": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False
+        ),
+        "SCANONCE_DB_CONNECT_TIMEOUT_SECONDS": "2",
+        "SCANONCE_INGEST_PROCESSES": "0",
+    }
+    log = (tmp_path / "factory.log").open("w+")
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "--factory", "broker.app:app_from_env"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _until(
+            lambda: proc.poll() is not None or "retrying in" in Path(log.name).read_text(),
+            "the log to say it waits",
+        )
+        assert proc.poll() is None, Path(log.name).read_text()  # waiting, not refused at once
+        proxy.start()  # the database comes up
+        ready = _until(
+            lambda: (r := _get(f"{base}/readyz")) is not None and r.status_code == 200 and r, "readiness"
+        )
+        assert ready.json()["status"] == "ready"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        proxy.stop()
+        log.close()
+        pg_admin.drop(name)
+    text = Path(log.name).read_text()
+    assert "SCANONCE_DATABASE_URL" in text and "Traceback" not in text, text

@@ -235,7 +235,9 @@ def test_serve_beyond_loopback_with_auth_off_refuses(tmp_path: Path, monkeypatch
     monkeypatch.setenv("SCANONCE_AUTH_ENABLED", "false")
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1
-    assert "Refusing to serve on 0.0.0.0 with authentication off" in result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("Refusing to serve: authentication is off"), said
+    assert "HTTP would listen on 0.0.0.0" in said, said
     assert not (tmp_path / "index.sqlite3").exists()  # refused before anything was created
 
 
