@@ -1102,8 +1102,9 @@ def split_cells(
 ) -> tuple[str, str, str] | None:
     """(which parts, ScanOnce's values, Orthanc's) for a row beside a server CPU row, e.g.
     ("serving process / parse workers", "1.10 / 0.41", "1.02 (one process)"). Parts that are
-    zero and need not be there (other children, exited children) are left out; a server without
-    children shows its total and "(one process)". None if neither has a split."""
+    zero and need not be there (other children, exited children) are left out, a child kind that
+    ran is shown even at 0; a server without children shows its total and "(one process)". None
+    if neither has a split."""
     if so is None and oc is None:
         return None
     optional = (OTHER, EXITED)
@@ -1113,7 +1114,7 @@ def split_cells(
     def cell(parts: dict[str, float] | None) -> str:
         if parts is None:
             return "n/a"
-        if not any(v for k, v in parts.items() if k != SERVING):
+        if set(parts) <= {SERVING, EXITED} and not parts.get(EXITED):
             return f"{sum(parts.values()):,.{digits}f} (one process)"
         return " / ".join(f"{parts.get(k, 0.0):,.{digits}f}" for k in kinds)
 

@@ -22,6 +22,7 @@ from bench.archive import (
     render,
     split_cells,
 )
+from bench.dimse import median_split, split_text, summarize_store
 
 # A child: names itself (as parse workers and DIMSE receivers do), says it is up, waits for "go",
 # burns `seconds` of CPU, says so, and then exits or (stay) waits for its stdin to close.
@@ -116,6 +117,9 @@ def test_cells_beside_a_cpu_row() -> None:
     )
     kinds = "serving process / parse workers"
     assert split_cells(so, orthanc) == (kinds, "1.00 / 0.50", "1.00 (one process)")
+    # Idle parse workers are still there (a retrieve): not "one process".
+    idle = split_cells({SERVING: 0.8, "parse workers": 0.0, "other children": 0.0, EXITED: 0.0}, orthanc)
+    assert idle == (kinds, "0.80 / 0.00", "1.00 (one process)")
     # A run saved before the split: nothing to show, or "n/a" for the side without it.
     old = [{"instances": 100, "server_cpu_s": 0.15}]
     assert cpu_parts(old, 10) is None
@@ -157,3 +161,20 @@ def test_render_shows_the_split_and_reprints_a_run_saved_without_it() -> None:
     old = render(json.loads(json.dumps(_saved_run(split=False))))
     assert "of which serving process" not in old
     assert "| Server CPU per small instance stored, ms (load-independent) | 1.5 | 1.0 | 1.50× |" in old
+
+
+def test_dimse_rounds_split_of_the_median_round() -> None:
+    def round_(ms: float, receivers: float) -> dict[str, Any]:
+        split = {SERVING: (ms - receivers) * 0.1, "parse workers": 0.0, "DIMSE receivers": receivers * 0.1}
+        return {"instances": 100, "server_cpu_s": ms * 0.1, "server_cpu_split": {**split, EXITED: 0.0}}
+
+    runs = [round_(3.0, 1.0), round_(2.0, 0.5), round_(9.0, 4.0)]
+    summary = summarize_store([{**r, "per_s": 1.0, "seconds": 1.0, "failed_processes": 0} for r in runs])
+    split = summary["cpu_split_ms"]
+    assert abs(sum(split.values()) - summary["cpu_ms"]) < 1e-9  # the median round: 3.0 ms
+    assert split_text(split) == "2.00 serving process + 0.00 parse workers + 1.00 DIMSE receivers"
+    two = median_split(runs[:2])  # the mean of the middle two: (2.0 + 3.0) / 2
+    assert two is not None and abs(sum(two.values()) - 2.5) < 1e-9
+    assert split_text({SERVING: 1.2, EXITED: 0.0}) == "(one process)"
+    assert median_split([{"instances": 100, "server_cpu_s": 0.3}]) is None  # saved before the split
+    assert split_text(None) == "n/a"
