@@ -198,17 +198,130 @@ def rss_mb(pid: int) -> float:
     return sum(_status_kb(p, "VmRSS") for p in proc_tree(pid)) / 1024
 
 
-def cpu_seconds(pid: int) -> float:
+# A server's CPU is counted over its process tree, and split by process: the serving process
+# itself, and its children grouped by the name they give themselves (/proc/<pid>/comm: `spawn`
+# starts parse workers and DIMSE receivers with the same command line; broker.index.parse_worker).
+SERVING = "serving process"
+CHILD_KINDS = {"scanonce-parse": "parse workers", "scanonce-dimse": "DIMSE receivers"}
+OTHER = "other children"  # multiprocessing's resource tracker, anything unnamed
+EXITED = "exited children"  # ended (and reaped) during the phase: its kind is gone with it
+SPLIT_ORDER = (SERVING, *CHILD_KINDS.values(), OTHER, EXITED)
+
+
+@dataclass(frozen=True)
+class ProcCpu:
+    """One process's CPU seconds from /proc/<pid>/stat: its own (utime + stime, every thread),
+    and its reaped children's (cutime + cstime: a child's whole CPU lands there once its parent
+    has waited for it)."""
+
+    ppid: int
+    kind: str
+    own: float
+    reaped: float
+
+
+# (pid, start time in ticks): a pid reused by a new process during a phase is another process.
+ProcKey = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    root: ProcKey
+    procs: dict[ProcKey, ProcCpu]
+
+    @property
+    def total(self) -> float:
+        return sum(p.own + p.reaped for p in self.procs.values())
+
+
+def _read_stat(pid: int, tick: int) -> tuple[ProcKey, ProcCpu] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        # fields[0] is the state (field 3 of proc(5)): ppid 4, utime, stime, cutime, cstime
+        # 14-17, starttime 22.
+        own = (int(fields[11]) + int(fields[12])) / tick
+        reaped = (int(fields[13]) + int(fields[14])) / tick
+        key = (pid, int(fields[19]))
+        return key, ProcCpu(int(fields[1]), CHILD_KINDS.get(comm, OTHER), own, reaped)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_snapshot(pid: int) -> CpuSnapshot:
+    """The CPU of `pid` and of every descendant now. The root is read before and after its
+    descendants, again if a child was reaped meanwhile: else that child could count twice (read
+    alive, then in the root's reaped time) or not at all."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for p in proc_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        except (OSError, IndexError, ValueError):
+    for _ in range(5):
+        first = _read_stat(pid, tick)
+        if first is None:
+            break
+        procs = dict(filter(None, (_read_stat(p, tick) for p in proc_tree(pid)[1:])))
+        last = _read_stat(pid, tick)
+        if last is not None and last[1].reaped == first[1].reaped:
+            procs[last[0]] = last[1]
+            return CpuSnapshot(last[0], procs)
+    if first is None:
+        return CpuSnapshot((pid, 0), {})
+    return CpuSnapshot(first[0], {first[0]: first[1], **procs})
+
+
+def cpu_split(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """CPU seconds spent between two snapshots of one tree, by process kind (SPLIT_ORDER). The
+    parts add up to `after.total - before.total` exactly. A process that ended in between is
+    counted through its parent's reaped time (less what it had used before `before`): under
+    that parent's kind, or as EXITED when the parent is the serving process."""
+    reaped = {
+        k: p.reaped - (before.procs[k].reaped if k in before.procs else 0.0) for k, p in after.procs.items()
+    }
+    by_pid = {k[0]: k for k in before.procs}
+    for k, p in before.procs.items():
+        if k in after.procs:
             continue
-    return total
+        # Its nearest ancestor alive at the end: whose reaped time holds its whole CPU.
+        parent = by_pid.get(p.ppid)
+        while parent is not None and parent not in after.procs:
+            parent = by_pid.get(before.procs[parent].ppid)
+        holder = parent if parent is not None else after.root
+        if holder in reaped:
+            reaped[holder] -= p.own + p.reaped
+    split: dict[str, float] = {SERVING: 0.0}
+    for k, p in after.procs.items():
+        own = p.own - (before.procs[k].own if k in before.procs else 0.0)
+        if k == after.root:
+            split[SERVING] += own
+            split[EXITED] = split.get(EXITED, 0.0) + reaped[k]
+        else:
+            split[p.kind] = split.get(p.kind, 0.0) + own + reaped[k]
+    return {kind: split[kind] for kind in SPLIT_ORDER if kind in split}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid`'s process tree so far, children that have ended and
+    been reaped included (a difference of two readings is the CPU spent in between)."""
+    return cpu_snapshot(pid).total
+
+
+class CpuMeter:
+    """CPU of a server's process tree over a `with` block: `seconds` in all (what the benchmark
+    compares), `split` by process kind (adds up to `seconds`)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seconds = 0.0
+        self.split: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._before = cpu_snapshot(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = cpu_snapshot(self.pid)
+        self.seconds = after.total - self._before.total
+        self.split = cpu_split(self._before, after)
 
 
 class PeakRss:
@@ -533,6 +646,8 @@ class StowResult:
     seconds: float
     failed: int
     server_cpu_s: float
+    # server_cpu_s by process kind (CpuMeter.split): the serving process, its workers, ...
+    server_cpu_split: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_s(self) -> float:
@@ -565,17 +680,18 @@ def stow_batches(server: Server, batches: Sequence[Sequence[bytes]], threads: in
         r = _client().post(f"{server.base}/studies", content=body, headers=headers)
         return _count_failed(r, n)
 
-    cpu0 = cpu_seconds(server.pid)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        failed = sum(pool.map(post, bodies))
-    dt = time.perf_counter() - t0
+    with CpuMeter(server.pid) as cpu:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            failed = sum(pool.map(post, bodies))
+        dt = time.perf_counter() - t0
     return StowResult(
         instances=sum(n for _, n, _ in bodies),
         dicom_bytes=sum(s for _, _, s in bodies),
         seconds=dt,
         failed=failed,
-        server_cpu_s=cpu_seconds(server.pid) - cpu0,
+        server_cpu_s=cpu.seconds,
+        server_cpu_split=cpu.split,
     )
 
 
@@ -598,11 +714,11 @@ def stow_streamed(server: Server, make: Callable[[], Iterable[bytes]], n: int, e
         yield tail
 
     headers = {"Content-Type": stow_content_type(boundary), "Content-Length": str(length), **JSON_ACCEPT}
-    cpu0 = cpu_seconds(server.pid)
-    t0 = time.perf_counter()
-    r = _client().post(f"{server.base}/studies", content=body(), headers=headers)
-    dt = time.perf_counter() - t0
-    return StowResult(n, n * each, dt, _count_failed(r, n), cpu_seconds(server.pid) - cpu0)
+    with CpuMeter(server.pid) as cpu:
+        t0 = time.perf_counter()
+        r = _client().post(f"{server.base}/studies", content=body(), headers=headers)
+        dt = time.perf_counter() - t0
+    return StowResult(n, n * each, dt, _count_failed(r, n), cpu.seconds, cpu.split)
 
 
 def query_string(params: dict[str, str]) -> str:
@@ -675,16 +791,16 @@ def median(values: Sequence[float]) -> float:
 class SideResults:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
-    tranches: list[dict[str, float]] = field(default_factory=list)
+    tranches: list[dict[str, Any]] = field(default_factory=list)
     index_build_s: float = 0.0
-    ct: dict[str, float] = field(default_factory=dict)
+    ct: dict[str, Any] = field(default_factory=dict)
     qido: dict[str, list[float]] = field(default_factory=dict)
     qido_counts: dict[str, int] = field(default_factory=dict)
     qido_errors: dict[str, str] = field(default_factory=dict)
     metadata_s: list[float] = field(default_factory=list)
     metadata_items: int = 0
-    retrieve: list[dict[str, float]] = field(default_factory=list)
-    big: dict[str, float] = field(default_factory=dict)
+    retrieve: list[dict[str, Any]] = field(default_factory=list)
+    big: dict[str, Any] = field(default_factory=dict)
     disk_mb: float = 0.0
     idle_rss_mb: float = 0.0
     failures: list[str] = field(default_factory=list)
@@ -785,6 +901,7 @@ def run(
                         "seconds": r.seconds,
                         "failed": r.failed,
                         "server_cpu_s": r.server_cpu_s,
+                        "server_cpu_split": r.server_cpu_split,
                     }
                 )
                 res.index_build_s += r.seconds
@@ -814,6 +931,7 @@ def run(
                 "seconds": r.seconds,
                 "failed": r.failed,
                 "server_cpu_s": r.server_cpu_s,
+                "server_cpu_split": r.server_cpu_split,
             }
             if r.failed:
                 results[s.name].failures.append(f"CT study: {r.failed} instances failed")
@@ -870,11 +988,16 @@ def run(
             res = results[s.name]
             try:
                 for _ in range(plan.retrieve_repeats):
-                    cpu0 = cpu_seconds(s.pid)
-                    dt, n, ctype = retrieve(s, ct_uid)
-                    cpu = cpu_seconds(s.pid) - cpu0
+                    with CpuMeter(s.pid) as cpu:
+                        dt, n, ctype = retrieve(s, ct_uid)
                     res.retrieve.append(
-                        {"seconds": dt, "bytes": n, "mb_s": n / MiB / dt, "server_cpu_s": cpu}
+                        {
+                            "seconds": dt,
+                            "bytes": n,
+                            "mb_s": n / MiB / dt,
+                            "server_cpu_s": cpu.seconds,
+                            "server_cpu_split": cpu.split,
+                        }
                     )
                     res.settings.setdefault("retrieve content-type", ctype.split("; boundary")[0])
                 log(f"retrieve {s.name}: {median([x['mb_s'] for x in res.retrieve]):.0f} MB/s")
@@ -914,6 +1037,7 @@ def run(
                     "hwm_mb": peak.hwm_mb,
                     "sampled_mb": peak.sampled_mb,
                     "server_cpu_s": r.server_cpu_s,
+                    "server_cpu_split": r.server_cpu_split,
                 }
                 if r.failed:
                     res.failures.append(f"big study: {r.failed} instances failed")
@@ -960,13 +1084,69 @@ def _counts(so: dict[str, Any] | None, oc: dict[str, Any] | None, kind: str) -> 
     return " / ".join(str(s["qido_counts"].get(kind, "n/a")) if s else "n/a" for s in (so, oc))
 
 
+def cpu_parts(measures: Sequence[dict[str, Any]], scale: float) -> dict[str, float] | None:
+    """The measurements' server CPU split (`server_cpu_split`) summed and multiplied by `scale`
+    (e.g. 1e3 / instances for ms per instance); None if one has none (a run saved before the
+    split was measured)."""
+    if not measures or any("server_cpu_split" not in m for m in measures):
+        return None
+    total: dict[str, float] = {}
+    for m in measures:
+        for kind, seconds in m["server_cpu_split"].items():
+            total[kind] = total.get(kind, 0.0) + seconds * scale
+    return total
+
+
+def split_cells(
+    so: dict[str, float] | None, oc: dict[str, float] | None, digits: int = 2
+) -> tuple[str, str, str] | None:
+    """(which parts, ScanOnce's values, Orthanc's) for a row beside a server CPU row, e.g.
+    ("serving process / parse workers", "1.10 / 0.41", "1.02 (one process)"). Parts that are
+    zero and need not be there (other children, exited children) are left out, a child kind that
+    ran is shown even at 0; a server without children shows its total and "(one process)". None
+    if neither has a split."""
+    if so is None and oc is None:
+        return None
+    optional = (OTHER, EXITED)
+    kinds = [k for k in SPLIT_ORDER if k in (so or oc or {}) and (k not in optional or (so or oc or {})[k])]
+    kinds = kinds or [SERVING]
+
+    def cell(parts: dict[str, float] | None) -> str:
+        if parts is None:
+            return "n/a"
+        if set(parts) <= {SERVING, EXITED} and not parts.get(EXITED):
+            return f"{sum(parts.values()):,.{digits}f} (one process)"
+        return " / ".join(f"{parts.get(k, 0.0):,.{digits}f}" for k in kinds)
+
+    return " / ".join(kinds), cell(so), cell(oc)
+
+
 def render(data: dict[str, Any]) -> str:
     plan = data["plan"]
     sides = data["sides"]
     so = sides.get("ScanOnce")
     oc = sides.get("Orthanc")
-    rows: list[tuple[str, float | None, float | None, str, str, bool]] = []
-    # (metric, ScanOnce, Orthanc, unit, target, higher_is_better)
+    rows: list[tuple[str, float | str | None, float | str | None, str, str, bool]] = []
+    # (metric, ScanOnce, Orthanc, unit, target, higher_is_better); a text cell is shown as it is
+
+    def split_row(
+        unit: str, parts: Callable[[dict[str, Any]], dict[str, float] | None]
+    ) -> list[tuple[str, float | str | None, float | str | None, str, str, bool]]:
+        """The row under a server CPU row: that CPU by process (none for a saved run without)."""
+
+        def of(side: dict[str, Any] | None) -> dict[str, float] | None:
+            if not side:
+                return None
+            try:
+                return parts(side)
+            except (KeyError, IndexError, ZeroDivisionError):
+                return None
+
+        cells = split_cells(of(so), of(oc))
+        if cells is None:
+            return []
+        kinds, so_text, oc_text = cells
+        return [(f"… of which {kinds}, {unit}", so_text, oc_text, "", "", False)]
 
     def tr(side: dict[str, Any] | None, i: int, key: str) -> float | None:
         if not side or not side["tranches"]:
@@ -1042,6 +1222,10 @@ def render(data: dict[str, Any]) -> str:
             "",
             False,
         ),
+        *split_row(
+            "ms",
+            lambda s: cpu_parts(s["tranches"], 1e3 / sum(t["instances"] for t in s["tranches"])),
+        ),
         (
             f"Index build, {plan['index_instances']:,} instances, s",
             get(so, lambda s: s["index_build_s"]),
@@ -1074,6 +1258,7 @@ def render(data: dict[str, Any]) -> str:
             "",
             False,
         ),
+        *split_row("ms", lambda s: cpu_parts([s["ct"]], 1e3 / s["ct"]["instances"])),
         (
             "QIDO-RS query mix p50, ms",
             get(so, lambda s: median(mix_values(s)) * 1000),
@@ -1145,6 +1330,7 @@ def render(data: dict[str, Any]) -> str:
             "",
             False,
         ),
+        *split_row("s", lambda s: cpu_parts(s["retrieve"], 1e9 / sum(x["bytes"] for x in s["retrieve"]))),
         (
             f"One-request STOW-RS of a {plan['big_instances'] * 525814 / 1e9:.2f} GB study, MB/s",
             get(so, lambda s: s["big"]["mb_s"]),
@@ -1191,6 +1377,9 @@ def render(data: dict[str, Any]) -> str:
     out.append("| metric | ScanOnce | Orthanc | ScanOnce / Orthanc | target | met |")
     out.append("| --- | ---: | ---: | ---: | --- | --- |")
     for metric, a, b, note, target, _higher in rows:
+        if isinstance(a, str) or isinstance(b, str):
+            out.append(f"| {metric} | {a or 'n/a'} | {b or 'n/a'} |  | {target} |  |")
+            continue
         if a is None and b is None and note:
             so_text, _, oc_text = note.partition(" / ")
             out.append(f"| {metric} | {so_text} | {oc_text} |  | {target} |  |")

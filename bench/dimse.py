@@ -68,11 +68,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.archive import (  # noqa: E402
+    EXITED,
+    OTHER,
+    SERVING,
+    SPLIT_ORDER,
+    CpuMeter,
     Server,
     StudyFacts,
     bearer,
     build_query_mix,
-    cpu_seconds,
     instances,
     log,
     median,
@@ -156,8 +160,8 @@ QUICK = Plan(
 class Side:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
-    store: dict[str, float] = field(default_factory=dict)
-    store_runs: list[dict[str, float]] = field(default_factory=list)
+    store: dict[str, Any] = field(default_factory=dict)
+    store_runs: list[dict[str, Any]] = field(default_factory=list)
     load: list[dict[str, float]] = field(default_factory=list)
     load_s: float = 0.0
     find: dict[str, list[float]] = field(default_factory=dict)
@@ -334,7 +338,7 @@ def write_folder(folder: Path, data: Sequence[bytes], parts: int) -> list[Path]:
     return dirs
 
 
-def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, float]:
+def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, Any]:
     exe = _dcmtk_exe("storescu")
     if exe is None:
         raise PeerError("dcmtk's storescu is not installed (apt-get install dcmtk)")
@@ -349,22 +353,29 @@ def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, 
     # journal commits with the folder just generated, and what the targets before it stored
     # unsynced, still to be written back.
     os.sync()
-    cpu0 = cpu_seconds(target.server.pid)
-    t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        for c in cmds
-    ]
-    outputs = [p.communicate(timeout=1800)[0].decode(errors="replace") for p in procs]
-    dt = time.perf_counter() - t0
-    cpu = cpu_seconds(target.server.pid) - cpu0
+    with CpuMeter(target.server.pid) as cpu:
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+            for c in cmds
+        ]
+        outputs = [p.communicate(timeout=1800)[0].decode(errors="replace") for p in procs]
+        dt = time.perf_counter() - t0
     failed = sum(1 for p in procs if p.returncode != 0)
     if failed:
         bad = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
         log(f"storescu -> {target.server.name}: {failed} processes failed:\n{bad[-2000:]}")
-    return {"instances": n, "seconds": dt, "per_s": n / dt, "server_cpu_s": cpu, "failed_processes": failed}
+    return {
+        "instances": n,
+        "seconds": dt,
+        "per_s": n / dt,
+        "server_cpu_s": cpu.seconds,
+        # by process (bench.archive.CpuMeter): the serving process, DIMSE receivers, ...
+        "server_cpu_split": cpu.split,
+        "failed_processes": failed,
+    }
 
 
 def _listeners(port: int) -> int:
@@ -480,9 +491,9 @@ def render_receivers(data: dict[str, Any]) -> str:
         f"round(s); ScanOnce on {data.get('backend', 'PostgreSQL + local folder')}, N receiver processes "
         "beside the serving process:",
         "",
-        "| target | inst/s | / Orthanc | / floor | server CPU ms per instance (process tree) | held | "
-        "listeners | 1-min load (median) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| target | inst/s | / Orthanc | / floor | server CPU ms per instance (process tree) | "
+        "… of which, ms | held | listeners | 1-min load (median) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     floor = data["sides"].get(FLOOR)
     for name, side in data["sides"].items():
@@ -493,7 +504,8 @@ def render_receivers(data: dict[str, Any]) -> str:
         cpu = side.get("cpu_ms", cpu)
         out.append(
             f"| {name} | {_fmt(side['per_s'], 0)} | {_fmt(ratio, 2)}× | {vs_floor} | {_fmt(cpu, 2)} | "
-            f"{held} | {side.get('listeners', '')} | {side['loadavg_1m']:.1f} |"
+            f"{split_text(side.get('cpu_split_ms'))} | {held} | {side.get('listeners', '')} | "
+            f"{side['loadavg_1m']:.1f} |"
         )
     if floor:
         per_round = [
@@ -746,9 +758,10 @@ def round_ratio(runs: list[dict[str, float]], base: list[dict[str, float]]) -> f
     return median([r["per_s"] / b["per_s"] for r, b in zip(runs, base, strict=True)])
 
 
-def summarize_store(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Medians over the rounds: rate, server CPU per instance (ms), seconds."""
-    return {
+def summarize_store(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds: rate, server CPU per instance (ms) and its split by process,
+    seconds."""
+    summary: dict[str, Any] = {
         "instances": runs[0]["instances"],
         "rounds": len(runs),
         "per_s": median([r["per_s"] for r in runs]),
@@ -756,6 +769,40 @@ def summarize_store(runs: list[dict[str, float]]) -> dict[str, float]:
         "seconds": median([r["seconds"] for r in runs]),
         "failed_processes": sum(r["failed_processes"] for r in runs),
     }
+    split = median_split(runs)
+    if split is not None:
+        summary["cpu_split_ms"] = split
+    return summary
+
+
+def median_split(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The server CPU split, ms per instance, of the median round (of the two middle rounds'
+    mean for an even count): its parts add up to the median `cpu_ms`, where medians taken part
+    by part would not. None for rounds saved without a split."""
+    if not runs or any("server_cpu_split" not in r for r in runs):
+        return None
+    ordered = sorted(runs, key=lambda r: r["server_cpu_s"] / r["instances"])
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    split: dict[str, float] = {}
+    for r in middle:
+        for kind, seconds in r["server_cpu_split"].items():
+            split[kind] = split.get(kind, 0.0) + 1e3 * seconds / r["instances"] / len(middle)
+    return split
+
+
+def split_text(parts: dict[str, float] | None, digits: int = 2) -> str:
+    """A server CPU split as a table cell: "1.95 serving process + 0.71 DIMSE receivers", a
+    child kind shown even at 0 (it was running), other and exited children only when not 0;
+    "(one process)" for a server without children (Orthanc, the floor); "n/a" if not measured."""
+    if parts is None:
+        return "n/a"
+    if not any(v for k, v in parts.items() if k != SERVING) and set(parts) <= {SERVING, EXITED}:
+        return "(one process)"
+    return " + ".join(
+        f"{parts[k]:,.{digits}f} {k}"
+        for k in SPLIT_ORDER
+        if k in parts and (k not in (OTHER, EXITED) or parts[k])
+    )
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -780,9 +827,9 @@ def render_store(data: dict[str, Any]) -> list[str]:
         "each round, sent to each target in turn; medians over the rounds; server CPU over the whole "
         "process tree:",
         "",
-        "| target | inst/s | server CPU ms per instance | / Orthanc | / floor | held "
+        "| target | inst/s | server CPU ms per instance | … of which, ms | / Orthanc | / floor | held "
         "| 1-min load per round |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for side in (oc, floor, so):
         if side is None:
@@ -792,8 +839,9 @@ def render_store(data: dict[str, Any]) -> list[str]:
         vs_floor = _fmt(st["per_s"] / floor["store"]["per_s"], 2) + "×" if floor else "n/a"
         loads = ", ".join(f"{r['loadavg_1m']:.1f}" for r in side.get("store_runs", []) if "loadavg_1m" in r)
         held = f"{st['held']:,}" if "held" in st else "(not stored)"
+        split = split_text(st.get("cpu_split_ms"))
         out.append(
-            f"| {side['name']} | {_fmt(st['per_s'], 0)} | {_fmt(cpu, 2)} | "
+            f"| {side['name']} | {_fmt(st['per_s'], 0)} | {_fmt(cpu, 2)} | {split} | "
             f"{_fmt(st['per_s'] / oc['store']['per_s'], 2)}× | {vs_floor} | {held} | {loads} |"
         )
     ratio_oc = so["store"]["per_s"] / oc["store"]["per_s"]

@@ -48,6 +48,7 @@ from broker.deps import AppState
 from broker.dimse.guards import SharedCounts
 from broker.dimse.handoff import RemoteWriter, WriterAddress
 from broker.dimse.scp import ScpHandle, start_scp, stop_scp
+from broker.index.parse_worker import DIMSE_RECEIVER_NAME, name_process
 from broker.logfilters import configure_logging
 from broker.settings import Settings
 
@@ -212,6 +213,7 @@ def _receiver_main(
     writer: WriterAddress | None,
 ) -> None:
     """A receiver process: the DIMSE SCP on the shared port until SIGTERM or its parent ends."""
+    name_process(DIMSE_RECEIVER_NAME)
     configure_logging("info", settings.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -40,6 +40,13 @@ def _listeners(port: int) -> int:
     return count
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def _counter(metrics: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in metrics.splitlines():
@@ -75,6 +82,10 @@ def test_serve_with_a_receiver_process_stores_every_c_store_once(tmp_path: Path)
             assert served.proc.poll() is None, served.log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the receiver process never listened on the DIMSE port"
             time.sleep(0.2)
+        # Named apart from the parse workers, whose command line is the same (`spawn`): what
+        # bench/archive.py groups the server's CPU by.
+        names = [Path(f"/proc/{p}/comm").read_text().strip() for p in _children(served.proc.pid)]
+        assert "scanonce-dimse" in names, names
         for n in range(ASSOCIATIONS):  # one association each, two instances
             dcmtk("storescu", "-aet", "MODALITY1", "-aec", "SCANONCE", "127.0.0.1", str(dimse_port),
                   *files[2 * n : 2 * n + 2])  # fmt: skip

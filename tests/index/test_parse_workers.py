@@ -62,6 +62,9 @@ def test_parse_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
             p for p in _children(served.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
         ]
         assert workers, "the STOW-RS was parsed in a worker process"
+        # Named in ps and top (its command line is the spawn's, like any other child's): what
+        # bench/archive.py groups the server's CPU by.
+        assert Path(f"/proc/{workers[0]}/comm").read_text().strip() == "scanonce-parse"
         # A worker imports the parser, not the whole broker (the console script, SQLAlchemy,
         # the web app): well under the serving process's size (it was ~95% of it).
         assert _rss_kb(workers[0]) < 0.7 * _rss_kb(served.proc.pid)
