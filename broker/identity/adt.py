@@ -1,9 +1,14 @@
 """HL7 v2 ADT identity feed (IHE ITI-8): A01/A04/A08 register or update, A40 merges.
 
-`handle_message` takes one decoded message and returns the acknowledgement to send back:
-AA when applied, AE when the content is wrong (no assigning authority, impossible birth
-date, unknown merge identifiers), AR when the message cannot be processed at all (unparseable,
-unsupported type). Nothing is applied unless the whole message is.
+`handle_message` takes one decoded message and returns how to answer it: the outcome, AA when
+applied, AE when the content is wrong (no assigning authority, impossible birth date, unknown
+merge identifiers), AR when the message cannot be processed at all (unparseable, unsupported
+type); and the acknowledgements to send. Nothing is applied unless the whole message is.
+
+Which acknowledgements are sent is the sender's choice (HL7 v2.5 2.9): with MSH-15 and MSH-16
+both empty, original mode, one ACK carrying the outcome; otherwise enhanced mode, an accept
+acknowledgement (CA, CE, CR) when MSH-15's condition holds, then an application acknowledgement
+(AA, AE, AR) when MSH-16's does, possibly neither.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ _MAX_REPS = 20
 SEGMENT_SEQUENCE = "100"
 REQUIRED_FIELD = "101"
 DATA_TYPE = "102"
+TABLE_VALUE = "103"
 UNSUPPORTED_TYPE = "200"
 UNSUPPORTED_EVENT = "201"
 UNKNOWN_KEY = "204"
@@ -46,6 +52,7 @@ _ERROR_NAMES = {
     SEGMENT_SEQUENCE: "Segment sequence error",
     REQUIRED_FIELD: "Required field missing",
     DATA_TYPE: "Data type error",
+    TABLE_VALUE: "Table value not found",
     UNSUPPORTED_TYPE: "Unsupported message type",
     UNSUPPORTED_EVENT: "Unsupported event code",
     UNKNOWN_KEY: "Unknown key identifier",
@@ -76,9 +83,33 @@ def _hl7_code(exc: ScanOnceError) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    code: str  # AA | AE | AR
+    code: str  # AA | AE | AR; in enhanced mode also the accept acknowledgement's CA | CE | CR
     text: str
     message: str  # the ACK message, HL7 ER7 with \r segment separators
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """How one message is answered. `code` is its outcome as original mode says it (AA, AE, AR:
+    what metrics count, whatever is sent); `acks` the acknowledgements to send, in order: one in
+    original mode, none to two in enhanced mode."""
+
+    code: str
+    acks: tuple[Ack, ...]
+
+
+def original(ack: Ack) -> Reply:
+    """The reply of one original-mode ACK: for what is too broken to say which mode it asks for."""
+    return Reply(code=ack.code, acks=(ack,))
+
+
+# HL7 table 0155: when an acknowledgement is sent. Read from MSH-15 (accept) and MSH-16
+# (application); enhanced mode takes an empty one as NE (see `handle_message`).
+_CONDITIONS = ("AL", "NE", "ER", "SU")
+
+
+def _wanted(condition: str, *, success: bool) -> bool:
+    return condition == "AL" or condition == ("SU" if success else "ER")
 
 
 def _get(msg: Any, path: str) -> str:
@@ -253,11 +284,15 @@ def _escape(value: str) -> str:
     return "".join(c if c >= " " else " " for c in value)
 
 
-def _build_ack(code: str, text: str, msg: Any = None, error: str = "") -> Ack:
+def _build_ack(
+    code: str, text: str, msg: Any = None, error: str = "", *, location: str = "", enhanced: bool = False
+) -> Ack:
     """The ACK for `msg` (None: too broken to read): built by hand, because the `hl7` library's
     `create_ack` fails on a header that stops early or has no trigger event, and copies the
     sender's delimiters and values unescaped. A negative ACK carries ERR with `error` (table
-    0357; 207 if not given), severity E and the text again in ERR-8."""
+    0357; 207 if not given), `location` (ERL, as `MSH^1^15`) when one field is to blame,
+    severity E and the text again in ERR-8. An `enhanced` mode ACK says in MSH-15/16 that it
+    wants no acknowledgement back (an acknowledgement is never acknowledged)."""
 
     def hd(field: int) -> str:
         parts = [_escape(_get(msg, f"MSH.F{field}.R1.C{c}")) for c in (1, 2, 3)] if msg is not None else []
@@ -273,16 +308,19 @@ def _build_ack(code: str, text: str, msg: Any = None, error: str = "") -> Ack:
         f"ACK^{event}^ACK" if event else "ACK", f"ACK{uuid.uuid4().hex[:16].upper()}", processing, version,
     ]  # fmt: skip
     charset = _get(msg, "MSH.F18.R1.C1").strip() if msg is not None else ""
+    tail = ["", "", "NE", "NE"] if enhanced else []  # MSH-13 .. MSH-16
     if _CODECS.get(charset.upper()):
         # MSH-18: the ACK is written in the set the message declared (broker.identity.mllp).
-        msh += ["", "", "", "", "", _escape(charset)]
+        tail = (tail or ["", "", "", ""]) + ["", _escape(charset)]
+    msh += tail
     segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
-    if code != "AA":
+    if code not in ("AA", "CA"):
         error = error or INTERNAL
         name = _ERROR_NAMES[error]
         # ERR-1 is where v2.3/2.4 receivers look (error code and location, the code in its
         # fourth component); ERR-3 and ERR-4 are v2.5's. Both, whatever version the sender speaks.
-        segments.append(f"ERR|^^^{error}&{name}&HL70357||{error}^{name}^HL70357|E||||{_escape(text)}")
+        eld = f"{location or '^^'}^{error}&{name}&HL70357"
+        segments.append(f"ERR|{eld}|{location}|{error}^{name}^HL70357|E||||{_escape(text)}")
     return Ack(code=code, text=text, message="\r".join(segments) + "\r")
 
 
@@ -291,12 +329,30 @@ def nak(code: str, text: str, error: str = INTERNAL) -> Ack:
     return _build_ack(code, text, error=error)
 
 
-def _ack(msg: Any, code: str, text: str = "", error: str = "") -> Ack:
-    return _build_ack(code, text, msg, error)
+def _ack(msg: Any, code: str, text: str = "", error: str = "", *, enhanced: bool = False) -> Ack:
+    return _build_ack(code, text, msg, error, enhanced=enhanced)
 
 
-def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
-    """Apply one ADT message; return the acknowledgement (never raises for bad input)."""
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What became of one readable message. `code`, `text`, `error`: as original mode says it.
+    `accept`: the accept acknowledgement enhanced mode sends for it (HL7 table 0008): CA when it
+    was taken (applied, or refused by the application for its content: the same message sent
+    again would be refused again), CR when what its header says is refused (message type or
+    event), CE when it was not taken for another reason: a block holding several messages, or a
+    failure on our side before anything was stored (sent again, alone or later, it may be)."""
+
+    code: str
+    text: str = ""
+    error: str = ""
+    accept: str = "CA"
+
+
+_CONDITION_FIELDS = {15: "accept acknowledgment type", 16: "application acknowledgment type"}
+
+
+def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Reply:
+    """Apply one ADT message; return how to answer it (never raises for bad input)."""
     authorize(principal, action="identity.feed", facility=principal.facility)
     try:
         # Segments end with CR; LF or CR LF (files, test tools) are read alike.
@@ -304,19 +360,48 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
         msg = hl7.parse(_decode_escapes(text))
         msg.segment("MSH")
     except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
-        return nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE)
+        # Its MSH-15/16 cannot be read either: original mode is all that is left.
+        return original(nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE))
+    accept_when, application_when = _get(msg, "MSH.F15"), _get(msg, "MSH.F16")
+    if not (accept_when or application_when):
+        outcome = _apply(engine=engine, msg=msg, principal=principal)
+        return original(_ack(msg, outcome.code, outcome.text, outcome.error))
+    for field, value in ((15, accept_when), (16, application_when)):
+        if value and value not in _CONDITIONS:
+            # Which acknowledgements the sender wants is unknown, so it gets the one that says so.
+            name = _CONDITION_FIELDS[field]
+            why = f"MSH-{field} {name} '{value[:20]}' is not AL, NE, ER or SU (HL7 table 0155)"
+            cr = _build_ack("CR", why, msg, TABLE_VALUE, location=f"MSH^1^{field}", enhanced=True)
+            return Reply(code="AR", acks=(cr,))
+    outcome = _apply(engine=engine, msg=msg, principal=principal)
+    acks = []
+    # Both are sent once the message is applied: the broker has no store to accept into first, so
+    # a CA sent earlier would promise what a failure to apply could break. An empty condition is NE:
+    # a frame the sender did not ask for would be read as the answer to its next message.
+    taken = outcome.accept == "CA"
+    if _wanted(accept_when or "NE", success=taken):
+        # A CA says only that the message was taken; what became of it is the application ack's.
+        reason = ("", "") if taken else (outcome.text, outcome.error)
+        acks.append(_ack(msg, outcome.accept, *reason, enhanced=True))
+    if _wanted(application_when or "NE", success=outcome.code == "AA"):
+        acks.append(_ack(msg, outcome.code, outcome.text, outcome.error, enhanced=True))
+    return Reply(code=outcome.code, acks=tuple(acks))
+
+
+def _apply(*, engine: Engine, msg: Any, principal: Principal) -> _Outcome:
     control_id = _get(msg, "MSH.F10")
     if len(msg.segments("MSH")) > 1:
         # One ACK cannot acknowledge two messages: the sender would take AA for both.
-        return _ack(msg, "AR", "an MLLP block carries one message; this one holds several", SEGMENT_SEQUENCE)
+        several = "an MLLP block carries one message; this one holds several"
+        return _Outcome("AR", several, SEGMENT_SEQUENCE, accept="CE")
     msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
     if msg_type != "ADT" or event not in SUPPORTED:
         error = UNSUPPORTED_TYPE if msg_type != "ADT" else UNSUPPORTED_EVENT
-        return _ack(msg, "AR", f"unsupported message type {msg_type}^{event}"[:80], error)
+        return _Outcome("AR", f"unsupported message type {msg_type}^{event}"[:80], error, accept="CR")
     try:
         msg.segment("PID")
     except KeyError:
-        return _ack(msg, "AE", "PID segment missing", SEGMENT_SEQUENCE)
+        return _Outcome("AE", "PID segment missing", SEGMENT_SEQUENCE)
     try:
         with Session(engine, expire_on_commit=False) as session:
             known = _known_issuers(session)
@@ -345,7 +430,7 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
                 )
                 session.commit()
     except ScanOnceError as exc:
-        return _ack(msg, "AE", exc.message[:200], _hl7_code(exc))
+        return _Outcome("AE", exc.message[:200], _hl7_code(exc))
     except Exception as exc:
         # Not the exception's text: a database error quotes the row (a patient's identifiers).
         frame = traceback.extract_tb(exc.__traceback__)[-1]
@@ -357,5 +442,5 @@ def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Ack:
             frame.filename,
             frame.lineno,
         )
-        return _ack(msg, "AE", "internal error while applying the message", INTERNAL)
-    return _ack(msg, "AA")
+        return _Outcome("AE", "internal error while applying the message", INTERNAL, accept="CE")
+    return _Outcome("AA")

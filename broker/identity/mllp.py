@@ -6,11 +6,13 @@ It runs an asyncio server in a thread of its own, so `scanonce serve` (beside uv
 connections and joins the threads.
 
 Each connection reads MLLP blocks one by one; every message is applied in a worker thread
-(the database blocks) and answered with its ACK before the next is read, so a sender's order
-is kept while other connections go on. A block that does not start with <VT> is answered
-with an AR and reading goes on at the next block; a block over MAX_MESSAGE_BYTES is answered
-with an AR and the connection closed (where the next block starts is unknown). A sender that
-goes away mid-block costs its own connection only. Logs carry peers and control ids, never
+(the database blocks) and answered before the next is read, so a sender's order is kept while
+other connections go on. The answer is what the message asks for (`adt.handle_message`): one
+ACK in original mode; in enhanced mode an accept and an application acknowledgement, one
+frame each, either or none. A block that does not start with <VT> is answered with an AR and
+reading goes on at the next block; a block over MAX_MESSAGE_BYTES is answered with an AR and
+the connection closed (where the next block starts is unknown). A sender that goes away
+mid-block costs its own connection only. Logs carry peers and control ids, never
 message content.
 """
 
@@ -28,7 +30,16 @@ from hl7.mllp import InvalidBlockError, start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
-from broker.identity.adt import SEGMENT_SEQUENCE, Ack, declared_codec, decode_text, handle_message, nak
+from broker.identity.adt import (
+    SEGMENT_SEQUENCE,
+    Ack,
+    Reply,
+    declared_codec,
+    decode_text,
+    handle_message,
+    nak,
+    original,
+)
 from broker.metrics import observe_mllp
 from broker.security.schemas import Principal
 
@@ -78,11 +89,13 @@ async def _read_block(reader: HL7StreamReader) -> bytes:
     return rest[: -len(_END_BLOCK)]
 
 
-async def _reply(writer: HL7StreamWriter, ack: Ack, codec: str = "") -> None:
-    """The ACK in the character set the message declared in MSH-18 (the ACK's MSH-18 says so
-    too: `adt._build_ack`), UTF-8 when it declared none: a receiver reads the answer as it wrote
-    the question. What that set cannot hold (an echoed name) becomes "?"."""
-    writer.writeblock(ack.message.encode(codec or "utf-8", errors="replace"))
+async def _reply(writer: HL7StreamWriter, *acks: Ack, codec: str = "") -> None:
+    """Each ACK in a block of its own, in the character set the message declared in MSH-18
+    (the ACK's MSH-18 says so too: `adt._build_ack`), UTF-8 when it declared none: a receiver
+    reads the answer as it wrote the question. What that set cannot hold (an echoed name)
+    becomes "?". No ACK (enhanced mode asking for none): nothing is written."""
+    for ack in acks:
+        writer.writeblock(ack.message.encode(codec or "utf-8", errors="replace"))
     await writer.drain()
 
 
@@ -110,12 +123,12 @@ async def _serve_connection(
                 break
             start = time.perf_counter()
             try:
-                ack = await loop.run_in_executor(None, _apply, engine, principal, block)
+                reply = await loop.run_in_executor(None, _apply, engine, principal, block)
             except Exception:  # noqa: BLE001 - the sender gets an answer whatever went wrong
                 log.error("MLLP message from %s could not be applied", peer)
-                ack = nak("AE", "internal error while applying the message")
-            observe_mllp("ADT", ack.code, time.perf_counter() - start)
-            await _reply(writer, ack, _declared(block))
+                reply = original(nak("AE", "internal error while applying the message"))
+            observe_mllp("ADT", reply.code, time.perf_counter() - start)
+            await _reply(writer, *reply.acks, codec=_declared(block))
     except (ConnectionError, asyncio.CancelledError):
         pass  # the peer went away, or the listener is stopping
     finally:
@@ -135,7 +148,7 @@ async def _linger(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         pass
 
 
-def _apply(engine: Engine, principal: Principal, block: bytes) -> Ack:
+def _apply(engine: Engine, principal: Principal, block: bytes) -> Reply:
     return handle_message(engine=engine, raw=_decode(block), principal=principal)
 
 

@@ -44,12 +44,13 @@ def _who(engine: Engine, issuer: str, value: str) -> list[str]:
 
 
 def test_an_adt_message_is_recorded_as_the_hl7_feed(engine: Engine) -> None:
-    ack = handle_message(
+    reply = handle_message(
         engine=engine,
         raw=adt("A04", "C1", "H-1^^^ISSUER-A", "NEUMANN^MICHAELA", "19151111", "F"),
         principal=feed_principal(facility="fac-a"),
     )
-    assert msa(ack.message)[1] == "AA", ack.text
+    [ack] = reply.acks
+    assert reply.code == msa(ack.message)[1] == "AA", ack.text
     assert _who(engine, "ISSUER-A", "H-1") == ["hl7"]
 
 
