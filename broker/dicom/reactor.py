@@ -57,7 +57,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_timer_resolution
 
-from broker.dicom import fast_store, known_uids
+from broker.dicom import fast_store, known_items, known_uids
 
 log = logging.getLogger("scanonce.dimse")
 
@@ -568,6 +568,7 @@ def install() -> None:
             _installed = True
             return
         known_uids.install()
+        known_items.install()
         DULServiceProvider.__init__ = _dul_init_poking  # type: ignore[method-assign]
         DULServiceProvider.kill_dul = _dul_kill_poking  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]

@@ -12,7 +12,6 @@ PS3.4 (Annex B for storage, Annex C for query/retrieve). Messages returned to a 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -417,7 +416,9 @@ class _SharedUIDContext(PresentationContext):
     immutable strings: copy the list, share the UIDs (well under a millisecond)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedUIDContext:
-        new = copy.copy(self)
+        # Not copy.copy: its __reduce_ex__ round trip was most of the copy's time.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
         new._transfer_syntax = list(self._transfer_syntax)
         return new
 

@@ -23,9 +23,11 @@ one commit), so receiving and writing never overlapped: with four `storescu` a 1
 (broker.dicom.fast_store) the process is bound by CPU, and fuller groups cost less per
 instance: 4 ms gave 1.05-1.08x the rate of 2 ms at 0.1-0.3 ms less CPU per instance in two
 runs side by side (docs/benchmarks.md, "C-STORE requests read in the DUL thread"). A lone
-association never waits: it has no recent sender to wait for. The SCP takes the wait from
-settings.ingest_group_wait_ms (`SCANONCE_INGEST_GROUP_WAIT_MS`), for a disk whose fsync is slow
-(longer) or a sender that wants every instance's latency as low as it goes (0).
+association never waits: it has no recent sender to wait for (nor does a sender that opens an
+association per instance: the threads of its closed associations are not waited for, where each
+instance waited the whole 4 ms). The SCP takes the wait from settings.ingest_group_wait_ms
+(`SCANONCE_INGEST_GROUP_WAIT_MS`), for a disk whose fsync is slow (longer) or a sender that
+wants every instance's latency as low as it goes (0).
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ class IngestBatcher:
         # each submits (or finds its instance cannot be stored).
         self._parsing = 0
         self._arrived = threading.Condition()
-        self._senders: dict[int, float] = {}  # caller thread id -> when it last submitted
+        # Caller thread id -> when it last submitted, and the thread: one that has ended (an
+        # association closed after its one C-STORE) is not waited for.
+        self._senders: dict[int, tuple[float, threading.Thread]] = {}
         # While the writer lingers: how many more queued items it waits for (None: not waiting).
         self._waiting_for: int | None = None
         self._thread: threading.Thread | None = None
@@ -149,7 +153,7 @@ class IngestBatcher:
         with self._arrived:
             if was_parsing:
                 self._parsing -= 1
-            self._senders[threading.get_ident()] = time.monotonic()
+            self._senders[threading.get_ident()] = (time.monotonic(), threading.current_thread())
             # Woken only once its group is complete: a writer woken by each of four senders
             # took three wake-ups per group for nothing (each a turn for a core and the GIL
             # while the senders wait).
@@ -201,7 +205,9 @@ class IngestBatcher:
         deadline = now + self._linger
         with self._arrived:
             recent = now - _RECENT
-            for sender in [t for t, seen in self._senders.items() if seen < recent]:
+            for sender in [
+                t for t, (seen, thread) in self._senders.items() if seen < recent or not thread.is_alive()
+            ]:
                 del self._senders[sender]
             expected = len(self._senders)
         while len(group) < self._max_group:

@@ -182,6 +182,35 @@ def test_parallel_senders_share_commits(state: AppState, batcher: IngestBatcher,
     assert len(commits) <= 12, f"{len(commits)} commits for {senders * each} instances"
 
 
+def test_a_sender_whose_connection_closed_is_not_waited_for(state: AppState, tmp_path: Path) -> None:
+    """A PACS that opens an association per instance: each C-STORE comes from a new thread and
+    the one before has ended. The writer must not wait for the ended ones as recent senders
+    (each instance waited the whole group wait for them)."""
+    b = IngestBatcher(linger=1.0)  # a wait long enough to see
+    kw: dict[str, Any] = {
+        "engine": state.engine,
+        "store": state.store,
+        "principal": P,
+        "facility_id": "local",
+    }
+    try:
+        took: list[float] = []
+
+        def one(n: int) -> None:
+            start = time.monotonic()
+            assert b.ingest_one(path=_file(tmp_path, n), **kw).status == "stored"
+            took.append(time.monotonic() - start)
+
+        for n in range(1, 4):  # one "association" after another, each its own thread
+            t = threading.Thread(target=one, args=(n,))
+            t.start()
+            t.join()
+        assert len(took) == 3
+        assert max(took) < 0.5, took
+    finally:
+        b.close()
+
+
 def _spooled_with_stray_byte(tmp: Path, n: int) -> Received:
     """A file received through the hashing writer (as a C-STORE spool file or STOW-RS part is),
     then one byte written to its descriptor by something else: what a poke of a closed, reused
