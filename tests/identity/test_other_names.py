@@ -139,6 +139,27 @@ def test_a_study_sent_with_three_groups_is_found_by_each(engine: Any, tmp_path: 
         }
 
 
+@pytest.mark.parametrize("part", ["family", "given"])
+def test_the_other_names_are_searched_through_an_index(engine: Any, part: str) -> None:
+    """Their part of the search is a prefix scan of an index of identity_name, planned as the
+    broker runs it (SQLite serves only a bound pattern; PostgreSQL only a pattern_ops index)."""
+    from broker.identity import queries
+
+    stmt = select(IdentityRecord.id).where(queries._name_starts(part, "山田"))
+    compiled = stmt.compile(dialect=engine.dialect)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+            plan = " ".join(str(r[0]) for r in rows)
+            assert f"ix_identity_name_{part}_pat" in plan, plan
+        else:
+            params = tuple(compiled.params[k] for k in compiled.positiontup or ())
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params)
+            plan = " ".join(str(r[-1]) for r in rows)
+            assert f"SEARCH identity_name USING INDEX ix_identity_name_{part}" in plan, plan
+
+
 def test_the_migration_fills_the_other_names_of_existing_records(backend: Backend) -> None:
     """Records linked before other names were kept are given them from the index's patient row
     they mirror (whose name keeps every group since 0012), and are then found by them."""

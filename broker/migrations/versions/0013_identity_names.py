@@ -175,7 +175,15 @@ def upgrade() -> None:
     )
     op.create_index("ix_identity_name_family", "identity_name", ["family"])
     op.create_index("ix_identity_name_given", "identity_name", ["given"])
-    _fill(op.get_bind())
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        # As 0004: btree indexes serve LIKE 'prefix%' under a non-C collation only with these.
+        for column in ("family", "given"):
+            op.execute(
+                f"CREATE INDEX IF NOT EXISTS ix_identity_name_{column}_pat"
+                f" ON identity_name ({column} varchar_pattern_ops)"
+            )
+    _fill(bind)
 
 
 def _fill(bind: sa.Connection) -> None:
