@@ -31,7 +31,7 @@ from broker.db import Prepared, core_table
 from broker.identity import matching
 from broker.identity.decisions import Match, choose
 from broker.identity.matching import Demographics
-from broker.identity.models import BlockKey, IdentityRecord, LinkEvent, Person, ReviewItem
+from broker.identity.models import BlockKey, IdentityName, IdentityRecord, LinkEvent, Person, ReviewItem
 from broker.identity.params import KEY_CAP, current_params
 from broker.identity.records import event_values, now, review_values
 from broker.identity.schemas import Identifier
@@ -52,6 +52,7 @@ class NewRecord(NamedTuple):
     d: Demographics
     patient_pk: int
     facility_id: str | None
+    other_names: tuple[tuple[str, str], ...] = ()  # matching.other_names of its PatientName
 
 
 class _Row(NamedTuple):
@@ -203,6 +204,7 @@ _INSERT_RECORDS = Prepared(
     column_keys=[c.name for c in core_table(IdentityRecord).columns],
 )
 _INSERT_KEYS = Prepared(core_table(BlockKey).insert(), column_keys=["key", "record_id"])
+_INSERT_NAMES = Prepared(core_table(IdentityName).insert(), column_keys=["record_id", "family", "given"])
 _INSERT_EVENTS = Prepared(
     core_table(LinkEvent).insert(),
     column_keys=[c.name for c in core_table(LinkEvent).columns if c.name != "id"],
@@ -292,6 +294,7 @@ def link_new(*, session: Session, records: Sequence[NewRecord], who: str = "syst
     when = now()
     record_rows: list[dict[str, Any]] = []
     key_rows: list[dict[str, Any]] = []
+    name_rows: list[dict[str, Any]] = []
     event_rows: list[dict[str, Any]] = []
     review_rows: list[dict[str, Any]] = []
     for rec, record_id, person, match, keys in zip(
@@ -318,6 +321,9 @@ def link_new(*, session: Session, records: Sequence[NewRecord], who: str = "syst
             }
         )
         key_rows.extend({"key": k, "record_id": record_id} for k in keys)
+        name_rows.extend(
+            {"record_id": record_id, "family": f, "given": g} for f, g in dict.fromkeys(rec.other_names)
+        )
         event_rows.append(
             {
                 **event_values(
@@ -347,6 +353,7 @@ def link_new(*, session: Session, records: Sequence[NewRecord], who: str = "syst
             )
     _INSERT_RECORDS.run(conn, record_rows)
     _INSERT_KEYS.run(conn, key_rows)
+    _INSERT_NAMES.run(conn, name_rows)
     _INSERT_EVENTS.run(conn, event_rows)
     _INSERT_REVIEWS.run(conn, review_rows)
     index.assign_persons(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select as sa_select
 from sqlalchemy import update
@@ -32,10 +32,12 @@ from broker.identity.records import (
     get_record,
     new_person,
     now,
+    other_names_of,
     record_id_of,
     review_values,
     set_identifiers,
     set_keys,
+    set_other_names,
     sync_patients,
     trusted_issuers,
 )
@@ -55,12 +57,16 @@ def upsert_record(
     patient_pk: int | None = None,
     source: str = "dicom",
     principal: Principal | None = None,
+    other_names: Sequence[tuple[str, str]] | None = None,
 ) -> LinkDecision:
     """Create or update the record for `identifier` and link it; flushes, never commits.
 
     A feed (FHIR, HL7) is the registration system: its demographics win over what a DICOM
     header says about the same identifier. `principal`: the feed's caller, recorded with the
     link; None when the broker links on its own (ingest), recorded as "system".
+    `other_names`: (family, given) of a PatientName's Ideographic and Phonetic groups
+    (`matching.other_names`), stored to be searched by, never compared; None when the caller
+    says nothing of them (the feeds, a header without a name), which keeps what is stored.
     """
     who = "system" if principal is None else principal.who
     ident = check_identifier(identifier)
@@ -77,7 +83,14 @@ def upsert_record(
     if record is not None:
         record_id = record_id_of(record)
         changed = False
-        if source != "dicom" or record.source == "dicom":
+        takes_demographics = source != "dicom" or record.source == "dicom"
+        if other_names is not None:
+            stored = other_names_of(session=session, record_id=record_id)
+            # A feed's record takes a header's other names only while it has none: the feeds
+            # carry none, and the feed's own name is not a header's to change.
+            if set(other_names) != stored and (takes_demographics or not stored):
+                set_other_names(session=session, record_id=record_id, names=other_names)
+        if takes_demographics:
             new = demographics.as_dict()
             if source == "dicom":
                 # A header that leaves a field empty does not erase what an earlier one said.
@@ -124,6 +137,8 @@ def upsert_record(
     session.add(record)
     session.flush()
     set_keys(session=session, record_id=record_id_of(record), d=demographics, new=True)
+    if other_names:
+        set_other_names(session=session, record_id=record_id_of(record), names=other_names, new=True)
     set_identifiers(session=session, record=record, identifiers=others)
     return _apply(session=session, record=record, match=match, person_id=person_id, who=who)
 
@@ -297,14 +312,9 @@ def link_patient(*, session: Session, patient: Patient, dataset: Any = None) -> 
     """
     if patient.pk is None:
         session.flush()  # the caller added the row: flushing gives it its key
-    [(d, others)] = _what_to_link(session=session, patients=[(patient, dataset)])
-    _link_one(
-        session=session,
-        patient=patient,
-        ident=Identifier(issuer=patient.issuer, value=patient.patient_id),
-        d=d,
-        others=others,
-    )
+    [what] = _what_to_link(session=session, patients=[(patient, dataset)])
+    ident = Identifier(issuer=patient.issuer, value=patient.patient_id)
+    _link_one(session=session, patient=patient, ident=ident, what=what)
 
 
 def link_patients(*, session: Session, patients: Sequence[tuple[Patient, Any]]) -> None:
@@ -328,28 +338,38 @@ def link_patients(*, session: Session, patients: Sequence[tuple[Patient, Any]]) 
     stored = batch.existing(session=session, idents=idents)
     pending: list[batch.NewRecord] = []
     seen: set[tuple[str, str]] = set()
-    for (patient, _dataset), (d, others), ident in zip(patients, what, idents, strict=True):
+    for (patient, _dataset), one, ident in zip(patients, what, idents, strict=True):
         key = (ident.issuer, ident.value)
         assert patient.pk is not None  # checked by _what_to_link
-        if others or key in stored or key in seen:
+        if one.others or key in stored or key in seen:
             batch.link_new(session=session, records=pending)
             pending = []
-            _link_one(session=session, patient=patient, ident=ident, d=d, others=others)
+            _link_one(session=session, patient=patient, ident=ident, what=one)
         else:
             pending.append(
-                batch.NewRecord(ident=ident, d=d, patient_pk=patient.pk, facility_id=patient.facility_id)
+                batch.NewRecord(
+                    ident=ident,
+                    d=one.d,
+                    patient_pk=patient.pk,
+                    facility_id=patient.facility_id,
+                    other_names=one.other_names or (),
+                )
             )
         seen.add(key)
     batch.link_new(session=session, records=pending)
 
 
-def _what_to_link(
-    *, session: Session, patients: Sequence[tuple[Patient, Any]]
-) -> list[tuple[Demographics, list[Identifier]]]:
-    """Each patient's demographics and the further identifiers under issuers the broker knows
-    (an ID under an unknown issuer is a bare ID)."""
+class _ToLink(NamedTuple):
+    d: Demographics
+    others: list[Identifier]  # further identifiers, under issuers the broker knows
+    other_names: tuple[tuple[str, str], ...] | None  # None: the header names no one
+
+
+def _what_to_link(*, session: Session, patients: Sequence[tuple[Patient, Any]]) -> list[_ToLink]:
+    """Each patient's demographics, the further identifiers under issuers the broker knows
+    (an ID under an unknown issuer is a bare ID), and the other names of its PatientName."""
     known: set[str] | None = None
-    out: list[tuple[Demographics, list[Identifier]]] = []
+    out: list[_ToLink] = []
     for patient, dataset in patients:
         if patient.pk is None:
             raise ValueError("link_patient needs a patient row the caller has added to its session")
@@ -366,22 +386,23 @@ def _what_to_link(
             phone=phone,
             lenient_date=True,
         )
-        out.append((d, others))
+        # A header without a name says nothing of other names either: it keeps what is stored.
+        names = matching.other_names(patient.patient_name) if d.family or d.given else None
+        out.append(_ToLink(d, others, names))
     return out
 
 
-def _link_one(
-    *, session: Session, patient: Patient, ident: Identifier, d: Demographics, others: list[Identifier]
-) -> None:
+def _link_one(*, session: Session, patient: Patient, ident: Identifier, what: _ToLink) -> None:
     assert patient.pk is not None
     decision = upsert_record(
         session=session,
         identifier=ident,
-        demographics=d,
-        identifiers=others,
+        demographics=what.d,
+        identifiers=what.others,
         facility_id=patient.facility_id,
         patient_pk=patient.pk,
         source="dicom",
+        other_names=what.other_names,
     )
     if patient.person_id != decision.person_id:
         # Its identity record points at another patient row (or none): assign this one too.

@@ -226,6 +226,18 @@ def parse_person_name(pn: str | None) -> tuple[str, str, str]:
     return _split_name(groups[0])
 
 
+def other_names(pn: str | None) -> tuple[tuple[str, str], ...]:
+    """(family, given) of a DICOM PN's Ideographic and Phonetic groups, normalised as the
+    record's own name is (`Yamada^Tarou=山田^太郎=やまだ^たろう`: (山田, 太郎), (やまだ, たろう)):
+    the names a record is also searched by. Groups that hold no name are left out."""
+    out: list[tuple[str, str]] = []
+    for group in str(pn or "").split("=")[1:3]:
+        family, given, _middle = _split_name(group)
+        if (family or given) and (family, given) not in out:
+            out.append((family, given))
+    return tuple(out)
+
+
 # No one living (or recorded in an archive we serve) was born earlier: an earlier year is a typo or
 # a placeholder such as 0001-01-01, and would otherwise match every other placeholder.
 EARLIEST_YEAR = 1850

@@ -55,6 +55,24 @@ class IdentityRecord(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=_now)
 
 
+class IdentityName(SQLModel, table=True):
+    """Another name a record is known by: a DICOM PatientName's Ideographic or Phonetic group
+    (山田^太郎, やまだ^たろう of `Yamada^Tarou=山田^太郎=やまだ^たろう`), normalised as the record's
+    own name is. Searched (PDQm, the lookup page), never compared when linking: the record's own
+    name (`family`, `given`) stays its Alphabetic group. Rows only for records that have such a
+    group, so a site whose names are all Latin writes none."""
+
+    __tablename__ = "identity_name"
+    __table_args__ = (
+        Index("ix_identity_name_family", "family"),
+        Index("ix_identity_name_given", "given"),
+    )
+
+    record_id: int = Field(primary_key=True)
+    family: str = Field(default="", primary_key=True, max_length=128)
+    given: str = Field(default="", primary_key=True, max_length=128)
+
+
 class IdentityIdentifier(SQLModel, table=True):
     """Further identifiers a record carries (OtherPatientIDsSequence, FHIR identifiers, PID-3 repeats)."""
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
+from sqlalchemy import ColumnElement, or_
 from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, NotFound
 from broker.facilities import service as facilities
 from broker.identity import matching
-from broker.identity.models import IdentityIdentifier, IdentityRecord, ReviewItem, TrustedIssuer
+from broker.identity.models import IdentityIdentifier, IdentityName, IdentityRecord, ReviewItem, TrustedIssuer
 from broker.identity.records import check_identifier, get_record, require_record
 from broker.identity.schemas import Identifier, PersonView
 
@@ -132,6 +133,17 @@ def person_view(*, session: Session, person_id: int, keep: RecordFilter | None =
     )
 
 
+def _name_starts(part: str, prefix: str) -> ColumnElement[bool]:
+    """Records whose `part` (family, given) starts with `prefix`: in the record's own name or in
+    one of its other names (a PatientName's Ideographic and Phonetic groups, `IdentityName`), so
+    山田 finds `Yamada^Tarou=山田^太郎` as YAMADA does. PDQm matches each of family and given
+    against any of a Patient's names (FHIR search), and so does this."""
+    # One bound pattern, not startswith's `? || '%'`: SQLite serves only that from the index, and
+    # a normalised name holds no LIKE wildcard (normalize_name_part keeps letters, ' ', - and ').
+    other = select(IdentityName.record_id).where(col(getattr(IdentityName, part)).like(prefix + "%"))
+    return or_(col(getattr(IdentityRecord, part)).startswith(prefix), col(IdentityRecord.id).in_(other))
+
+
 def search_persons(
     *,
     session: Session,
@@ -142,7 +154,8 @@ def search_persons(
     limit: int = 50,
     keep: RecordFilter | None = None,
 ) -> list[PersonView]:
-    """PDQm: persons matching all given demographics (names: exact or prefix, case-insensitive).
+    """PDQm: persons matching all given demographics (names: exact or prefix, case-insensitive,
+    in any of a record's names: its own and its PatientName's Ideographic and Phonetic groups).
     With `keep`, the identifier and the demographics must match records the caller may see."""
     stmt = select(IdentityRecord.id, IdentityRecord.person_id)
     if identifier is not None:
@@ -167,13 +180,13 @@ def search_persons(
         f = matching.normalize_name_part(family)
         if not f:
             raise BadRequest("family must contain letters")
-        stmt = stmt.where(col(IdentityRecord.family).startswith(f))
+        stmt = stmt.where(_name_starts("family", f))
         criteria = True
     if given is not None:
         g = matching.normalize_name_part(given)
         if not g:
             raise BadRequest("given must contain letters")
-        stmt = stmt.where(col(IdentityRecord.given).startswith(g))
+        stmt = stmt.where(_name_starts("given", g))
         criteria = True
     if birth_date is not None:
         b = matching.normalize_date(birth_date)

@@ -25,6 +25,7 @@ from broker.identity.matching import Demographics
 from broker.identity.models import (
     BlockKey,
     IdentityIdentifier,
+    IdentityName,
     IdentityRecord,
     LinkEvent,
     Person,
@@ -185,6 +186,27 @@ def set_keys(*, session: Session, record_id: int, d: Demographics, new: bool = F
         session.execute(
             core_table(BlockKey).insert(),
             [{"key": k, "record_id": record_id} for k in keys],
+        )
+
+
+def other_names_of(*, session: Session, record_id: int) -> set[tuple[str, str]]:
+    """The other names (family, given) stored for a record (`IdentityName`)."""
+    rows = session.execute(
+        select(IdentityName.family, IdentityName.given).where(IdentityName.record_id == record_id)
+    ).all()
+    return {(family, given) for family, given in rows}
+
+
+def set_other_names(
+    *, session: Session, record_id: int, names: Sequence[tuple[str, str]], new: bool = False
+) -> None:
+    """Store these as the record's other names (`IdentityName`), in place of any it had."""
+    if not new:
+        session.execute(delete(IdentityName).where(col(IdentityName.record_id) == record_id))
+    if names:
+        session.execute(
+            core_table(IdentityName).insert(),
+            [{"record_id": record_id, "family": f, "given": g} for f, g in dict.fromkeys(names)],
         )
 
 

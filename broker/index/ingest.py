@@ -196,7 +196,17 @@ def study_columns(attrs: dict[str, Any], patient: Patient) -> dict[str, Any]:
         "accession_number": str_value(a, "00080050")[:64],
         "study_id": str_value(a, "00200010")[:64],
         "study_description": str_value(a, "00081030")[:256],
-        "referring_physician": casefold_pn(str_value(a, "00080090"))[:256],
+        **referring_columns(first_value(a, "00080090")),
+    }
+
+
+def referring_columns(name: Any) -> dict[str, str]:
+    """ReferringPhysicianName's columns of a study row: each component group casefolded."""
+    alphabetic, ideographic, phonetic = pn_groups(name)
+    return {
+        "referring_physician": casefold_pn(alphabetic)[:256],
+        "referring_physician_ideographic": casefold_pn(ideographic)[:256],
+        "referring_physician_phonetic": casefold_pn(phonetic)[:256],
     }
 
 

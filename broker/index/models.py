@@ -85,7 +85,11 @@ class Study(SQLModel, table=True):
     accession_number: str = Field(default="", max_length=64)
     study_id: str = Field(default="", max_length=64)
     study_description: str = Field(default="", max_length=256)
+    # ReferringPhysicianName's groups, casefolded: matched as PatientName's are, in any group.
+    # Not indexed, as the Alphabetic group never was: it narrows a query other keys select.
     referring_physician: str = Field(default="", max_length=256)
+    referring_physician_ideographic: str = Field(default="", max_length=256)
+    referring_physician_phonetic: str = Field(default="", max_length=256)
     # "\CT\SR\": backslash-delimited so one LIKE '%\CT\%' matches a modality exactly.
     modalities: str = Field(default="", max_length=256)
     num_series: int = 0

@@ -2,10 +2,11 @@
 
 Matching follows PS3.4 C.2.2.2: single value, wildcards (`*`, `?`), ranges for dates and times,
 UID lists, universal matching (an empty value returns the attribute without constraining).
-PatientName is matched case-insensitively in each of its component groups (Alphabetic,
-Ideographic, Phonetic); with fuzzy matching also accent- and width-insensitively, each query
-component matching the start of a name component. Every match is on an indexed column of
-one row per level, so cost depends on the page asked for, not on the size of the archive.
+PatientName and ReferringPhysicianName are matched case-insensitively in each of their
+component groups (Alphabetic, Ideographic, Phonetic); PatientName with fuzzy matching also
+accent- and width-insensitively, each query component matching the start of a name component.
+Every match is on an indexed column of one row per level (ReferringPhysicianName only narrows
+what other keys select), so cost depends on the page asked for, not on the size of the archive.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ class _Key:
     kind: str  # UI, DA, TM, PN, STR, ISSUER, CSLIST, INT, MODS
     column: Any
     fuzzy_column: Any = None
-    # PN kept per component group: (casefolded, fuzzy) columns of the Alphabetic, Ideographic
-    # and Phonetic groups. Empty: the one column holds the Alphabetic group only.
+    # PN kept per component group: (casefolded, fuzzy or None) columns of the Alphabetic,
+    # Ideographic and Phonetic groups. Empty: the one column holds the Alphabetic group only.
     groups: tuple[tuple[Any, Any], ...] = ()
     # The same columns of an alias of the table per group, for `_any_group`'s subqueries: made
-    # once here (an alias built per query cost ~1.5 ms of column proxies).
+    # once here (an alias built per query cost ~1.5 ms of column proxies). Empty when the groups
+    # have no index to probe (one OR over the rows scanned anyway).
     group_aliases: tuple[tuple[Any, Any, Any], ...] = ()
 
 
@@ -86,7 +88,18 @@ def _keys() -> dict[str, dict[str, _Key]]:
         "StudyID": _Key("STR", _study.c.study_id),
         "StudyInstanceUID": _Key("UI", _study.c.study_uid),
         "StudyDescription": _Key("STR", _study.c.study_description),
-        "ReferringPhysicianName": _Key("PN", _study.c.referring_physician),
+        "ReferringPhysicianName": _Key(
+            "PN",
+            _study.c.referring_physician,
+            groups=tuple(
+                (_study.c[column], None)
+                for column in (
+                    "referring_physician",
+                    "referring_physician_ideographic",
+                    "referring_physician_phonetic",
+                )
+            ),
+        ),
         "ModalitiesInStudy": _Key("MODS", _study.c.modalities),
     }
     series = {
@@ -352,7 +365,7 @@ def _any_group(key: _Key, value: str, fuzzy: bool, dialect: str) -> ColumnElemen
     one scan on both."""
     folded = fuzzy_pn(value) if fuzzy else value
     scan = _has_wildcard(folded[:1]) or (fuzzy and "^" not in folded and not _has_wildcard(folded))
-    if dialect != "sqlite" or scan:
+    if dialect != "sqlite" or scan or not key.group_aliases:
         return or_(*(_pn_group(norm, fuzzy_column, value, fuzzy) for norm, fuzzy_column in key.groups))
     selects = [
         select(pk).where(_pn_group(norm, fuzzy_column, value, fuzzy))

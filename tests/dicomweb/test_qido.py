@@ -5,8 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.dicomweb.conftest import Archive
-from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, uid
+from tests.dicomweb.conftest import Archive, LiveServer
+from tests.dicomweb.data import MUELLER, MULLER, NORTH_FACILITY, SMITH, multipart_body, uid
+from tests.support import make_ds, to_bytes
 
 STUDY_UID = "0020000D"
 
@@ -298,6 +299,42 @@ def test_names_given_in_another_group_than_the_stored_one_find_nothing(archive: 
         client.search_for_studies(search_filters={"PatientName": "=やまだ*"}) == []
     )  # Phonetic, not Ideographic
     assert client.search_for_studies(search_filters={"PatientName": "Wang*=山田*"}) == []
+
+
+@pytest.mark.parametrize(
+    ("referrer", "found"),
+    [
+        ("山田*", {"JP"}),
+        ("やまだ^たろう", {"JP"}),
+        ("=山田^太郎", {"JP"}),
+        ("yamada*", {"JP"}),  # Latin as before: the Alphabetic group, case-insensitive
+        ("SMITH^ANNE", {"LATIN"}),
+        ("smith", set()),
+    ],
+)
+def test_a_referring_physician_is_found_by_any_of_its_component_groups(
+    live_server: LiveServer, referrer: str, found: set[str]
+) -> None:
+    """ReferringPhysicianName=山田* finds the study referred by Yamada^Tarou=山田^太郎=やまだ^たろう,
+    as PatientName=山田* finds its patient (before: the Alphabetic group alone, so nothing)."""
+    parts = []
+    referred = {"JP": "Yamada^Tarou=山田^太郎=やまだ^たろう", "LATIN": "Smith^Anne"}
+    for n, (pid, name) in enumerate(referred.items()):
+        ds = make_ds(sop=f"1.6.{n}.1.1", study=f"1.6.{n}", series=f"1.6.{n}.1", pid=pid)
+        ds.ReferringPhysicianName = name
+        parts.append(to_bytes(ds))
+    body, content_type = multipart_body(parts)
+    with live_server.http() as http:
+        stored = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+        assert stored.status_code == 200, stored.text
+        r = http.get("/dicom-web/studies", params={"ReferringPhysicianName": referrer})
+    assert r.status_code == (200 if found else 204), r.text
+    matches = r.json() if found else []
+    assert {m["00100020"]["Value"][0] for m in matches} == found
+    if "JP" in found:
+        assert matches[0]["00080090"]["Value"] == [
+            {"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎", "Phonetic": "やまだ^たろう"}
+        ]
 
 
 def test_keys_not_supported_for_matching_are_ignored_with_a_warning(archive: Archive) -> None:

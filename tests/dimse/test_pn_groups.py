@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from tests.dimse.conftest import Node
 from tests.peers import dcmtk
-from tests.support import CHARSET_FILES
+from tests.support import CHARSET_FILES, make_ds, write
 
 SENT = ["chrH31.dcm", "chrH32.dcm", "chrI2.dcm", "chrX1.dcm", "chrKoreanMulti.dcm"]
 
@@ -57,3 +57,29 @@ def test_find_matches_any_component_group(stored: Node, tmp_path: Path, name: st
     names = {ds.PatientID: str(ds.PatientName) for ds in found}
     if "H32EXAMPLE" in names:
         assert names["H32EXAMPLE"] == "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+
+
+def test_find_matches_a_referring_physician_in_any_component_group(node: Node, tmp_path: Path) -> None:
+    """C-FIND ReferringPhysicianName is matched as PatientName is: 山田* finds the study referred
+    by Yamada^Tarou=山田^太郎=やまだ^たろう (before, its Alphabetic group alone: nothing)."""
+    paths = []
+    for n, (pid, referrer) in enumerate(
+        {"JP": "Yamada^Tarou=山田^太郎=やまだ^たろう", "EN": "Smith^Anne"}.items()
+    ):
+        ds = make_ds(sop=f"1.5.{n}.1.1", study=f"1.5.{n}", series=f"1.5.{n}.1", pid=pid)
+        ds.ReferringPhysicianName = referrer
+        paths.append(write(tmp_path, f"ref{n}.dcm", ds))
+    dcmtk("storescu", "-aet", "PACS1", "-aec", node.aet, "127.0.0.1", str(node.port), *paths)
+    for n, (referrer, ids) in enumerate(
+        (("山田*", {"JP"}), ("==やまだ^たろう", {"JP"}), ("yamada*", {"JP"}), ("smith^anne", {"EN"}))
+    ):
+        keys = {
+            "QueryRetrieveLevel": "STUDY",
+            "ReferringPhysicianName": referrer,
+            "PatientID": "",
+            "StudyInstanceUID": "",
+        }
+        found = _findscu(node, "-S", keys, tmp_path / f"q{n}")
+        assert {ds.PatientID for ds in found} == ids, referrer
+        if "JP" in ids:
+            assert str(found[0].ReferringPhysicianName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"

@@ -300,3 +300,43 @@ def test_a_patient_named_in_three_groups_has_a_human_name_for_each(client: TestC
     assert read["name"] == r.json()["entry"][0]["resource"]["name"]
     korean = client.get("/fhir/Patient", params={"family": "김희중"}).json()
     assert [e["resource"]["name"] for e in korean["entry"]] == [[{"use": "official", "family": "김희중"}]]
+
+
+@pytest.mark.parametrize(
+    ("params", "found"),
+    [
+        ({"family": "山田"}, ["H31EXAMPLE"]),  # the Ideographic group
+        ({"family": "やまだ", "given": "たろう"}, ["H31EXAMPLE"]),  # the Phonetic group
+        ({"given": "太郎"}, ["H31EXAMPLE"]),
+        ({"family": "山田", "given": "花子"}, []),
+        ({"family": "YAMADA"}, ["H31EXAMPLE"]),  # the MPI's name, as before
+        ({"family": "yama"}, ["H31EXAMPLE"]),
+        ({"family": "田中"}, []),
+    ],
+)
+def test_pdqm_finds_a_patient_by_any_component_group_of_its_name(
+    client: TestClient, engine: Any, params: dict[str, str], found: list[str]
+) -> None:
+    """GET /fhir/Patient?family=山田 finds Yamada^Tarou=山田^太郎=やまだ^たろう (chrH31.dcm): PDQm's
+    family and given match each of a Patient's names, and this Patient has one per group."""
+    from broker.index.service import ingest_files
+    from broker.security.schemas import Principal, Role
+    from tests.support import CHARSET_FILES
+
+    store = client.app.state.scanonce.store  # type: ignore[attr-defined]
+    (outcome,) = ingest_files(
+        engine=engine,
+        store=store,
+        principal=Principal(who="test", role=Role.admin, facility="fac-a"),
+        facility_id="fac-a",
+        paths=[str(CHARSET_FILES / "chrH31.dcm")],
+    )
+    assert outcome.status == "stored", outcome.message
+    r = client.get("/fhir/Patient", params=params)
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    Bundle.model_validate(bundle)
+    assert [i["value"] for e in bundle.get("entry", []) for i in e["resource"]["identifier"]] == found
+    for entry in bundle.get("entry", []):
+        names = entry["resource"]["name"]
+        assert [n.get("family") for n in names] == ["YAMADA", "山田", "やまだ"]

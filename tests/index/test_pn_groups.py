@@ -219,3 +219,124 @@ def test_the_migration_fills_the_groups_of_existing_rows(backend: Backend, tmp_p
         assert match[NAME]["Value"][0]["Ideographic"] == "山田^太郎"
     finally:
         st.engine.dispose()
+
+
+REFERRED = {
+    "REF-JP": "Yamada^Tarou=山田^太郎=やまだ^たろう",
+    "REF-KR": "Hong^Gildong=洪^吉洞=홍^길동",
+    "REF-LATIN": "Smith^Anne",
+    "REF-NONE": "",
+}
+
+
+@pytest.fixture
+def referred(settings: Settings, tmp_path: Path) -> Iterator[AppState]:
+    """One study per referring physician of REFERRED (its Patient ID names it)."""
+    st = build_state(settings)
+    paths = []
+    for n, (pid, referrer) in enumerate(REFERRED.items()):
+        ds = make_ds(sop=f"1.8.{n}.1.1", study=f"1.8.{n}", series=f"1.8.{n}.1", name="DOE^JOHN", pid=pid)
+        ds.ReferringPhysicianName = referrer
+        paths.append(write(tmp_path, f"ref{n}.dcm", ds))
+    outcomes = service.ingest_files(
+        engine=st.engine, store=st.store, principal=P, facility_id="local", paths=paths
+    )
+    assert all(o.status == "stored" for o in outcomes), [o.message for o in outcomes]
+    yield st
+    st.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("name", "found"),
+    [
+        ("山田*", ["REF-JP"]),  # Ideographic
+        ("山田^太郎", ["REF-JP"]),
+        ("やまだ^たろう", ["REF-JP"]),  # Phonetic
+        ("홍*", ["REF-KR"]),
+        ("Yamada^Tarou=山田^太郎", ["REF-JP"]),  # groups given: each its own
+        ("=山田*", ["REF-JP"]),
+        ("=やまだ*", []),  # Phonetic, asked for as Ideographic
+        # Latin as before: the Alphabetic group, case-insensitive, with wildcards.
+        ("yamada*", ["REF-JP"]),
+        ("SMITH^ANNE", ["REF-LATIN"]),
+        ("sm?th*", ["REF-LATIN"]),
+        ("smith", []),
+        ("*", ["REF-JP", "REF-KR", "REF-LATIN", "REF-NONE"]),
+    ],
+)
+def test_a_referring_physician_is_found_by_any_component_group(
+    referred: AppState, name: str, found: list[str]
+) -> None:
+    """ReferringPhysicianName is matched as PatientName is (PS3.4 C.2.2.2 makes no difference
+    between PN keys): before, its Alphabetic group alone, so 山田* found nothing."""
+    with Session(referred.engine) as s:
+        query = Query(level="study", filters={"ReferringPhysicianName": name}, limit=100)
+        matches = service.search(session=s, query=query).matches
+    assert sorted(m[PID]["Value"][0] for m in matches) == found
+    for m in matches:
+        if m[PID]["Value"][0] == "REF-JP":
+            assert m["00080090"]["Value"] == [
+                {"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎", "Phonetic": "やまだ^たろう"}
+            ]
+
+
+def test_the_migration_fills_the_referring_physicians_groups(backend: Backend, tmp_path: Path) -> None:
+    """Studies stored before ReferringPhysicianName's groups had columns are filled from their
+    stored study JSON, and then found by any group as new ones are."""
+    engine = make_engine(backend.database_url)
+    try:
+        migrated_back_to(engine, "0012_pn_groups")
+        t = "2026-01-01T00:00:00+00:00"
+        referrers = {
+            "JP": '{"vr": "PN", "Value": [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎",'
+            ' "Phonetic": "やまだ^たろう"}]}',
+            "DE": '{"vr": "PN", "Value": [{"Alphabetic": "Müller^Hans"}]}',
+        }
+        with engine.begin() as conn:
+            insert_row(conn, "facility", id="local", name="L", issuer="LOCAL", created_at=t)
+            for pk, (pid, pn) in enumerate(referrers.items(), start=1):
+                insert_row(
+                    conn, "patient", pk=pk, facility_id="local", issuer="LOCAL", patient_id=pid,
+                    patient_name="Doe^John", name_norm="doe^john", name_fuzzy="doe^john", birth_date="",
+                    sex="", updated_at=t,
+                )  # fmt: skip
+                # The patient's name has groups too: the referrer's are read from their own tag.
+                study_json = (
+                    '{"00080090": ' + pn + ', "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^John",'
+                    ' "Ideographic": "道^譲"}]}, "00100020": {"vr": "LO", "Value": ["' + pid + '"]}}'
+                )
+                referring = "yamada^tarou" if pid == "JP" else "müller^hans"
+                insert_row(
+                    conn, "study", pk=pk, study_uid=f"1.7.{pk}", facility_id="local", patient_pk=pk,
+                    patient_id=pid, issuer="LOCAL", issuer_in_data="", patient_name="Doe^John",
+                    name_norm="doe^john", name_fuzzy="doe^john", birth_date="", sex="", study_date="",
+                    study_time="", accession_number="", study_id="", study_description="",
+                    referring_physician=referring, modalities="\\", num_series=0, num_instances=0,
+                    study_json=study_json, updated_at=t,
+                )  # fmt: skip
+        migrate(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT referring_physician, referring_physician_ideographic,"
+                    " referring_physician_phonetic FROM study ORDER BY pk"
+                )
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            ("yamada^tarou", "山田^太郎", "やまだ^たろう"),
+            ("müller^hans", "", ""),
+        ]
+    finally:
+        engine.dispose()
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=backend.database_url, storage_url=backend.storage_url
+    )
+    st = build_state(settings)
+    try:
+        with Session(st.engine) as s:
+            for name, found in (("山田*", ["JP"]), ("müller*", ["DE"]), ("道*", [])):
+                query = Query(level="study", filters={"ReferringPhysicianName": name})
+                matches = service.search(session=s, query=query).matches
+                assert [m[PID]["Value"][0] for m in matches] == found, name
+    finally:
+        st.engine.dispose()

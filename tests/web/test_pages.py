@@ -177,6 +177,22 @@ def test_a_patient_named_in_hangul_is_found_by_name_and_shown(client: TestClient
     assert "<strong>김희중</strong>" in people and "2008-3 at" in people
 
 
+@pytest.mark.parametrize("family", ["山田", "やまだ", "YAMADA"])
+def test_a_patient_is_found_by_any_component_group_of_its_name(client: TestClient, family: str) -> None:
+    """chrH31.dcm, Yamada^Tarou=山田^太郎=やまだ^たろう, sent over STOW-RS: the search by family
+    name finds the person by its Han or kana name as by its Latin one (before, the MPI's name,
+    from the Alphabetic group, alone: 山田 found no one)."""
+    body, content_type = multipart_body([(CHARSET_FILES / "chrH31.dcm").read_bytes()])
+    r = client.post(
+        "/facilities/kids/dicom-web/studies", content=body, headers={"Content-Type": content_type}
+    )
+    assert r.status_code == 200, r.text
+    page = client.get("/", params={"family": family, "exam": "CT abdomen pelvis"})
+    assert page.status_code == 200, page.text[:300]
+    people = page.text[page.text.index('<ul class="people">') :]
+    assert "<strong>YAMADA, TAROU</strong>" in people and "H31EXAMPLE at" in people
+
+
 def test_an_unknown_facility_is_named_beside_its_field(client: TestClient) -> None:
     """A lookup at a facility the broker does not know (an old bookmark, a CDS card of another
     site) says so beside the facility, as every other bad field does; it is not a blank 400."""
