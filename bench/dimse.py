@@ -41,6 +41,12 @@ its own environment: A/B of a setting, or of main's code against a branch's, in 
 against the same floor. Both modes print, beside the ratio of medians, the median of each
 round's own ScanOnce / floor ratio (same folder, same minute): steadier on a shared machine.
 
+    .venv/bin/python -m bench.dimse --quick --store-runs 5 --per-association 60 --parallel 2
+
+sends each instance in an association of its own (a `storescu` per file, as a modality that
+opens an association per image does), 60 per round: association set-up and release per
+instance, side by side. It combines with --receivers and --variant.
+
 Index sync speed is measured by bench/federation_sync.py (results in docs/benchmarks.md).
 """
 
@@ -378,6 +384,51 @@ def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, 
     }
 
 
+def storescu_each(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, Any]:
+    """As `storescu_parallel`, with one association per instance: a `storescu` process per file
+    (as a modality that opens an association per image, or a forwarder per instance), the
+    folders' files sent one after another, the folders side by side. What this measures besides
+    the C-STORE is each association's set-up and release (~120 presentation contexts proposed
+    by storescu); the clients' process starts cost the same for every target."""
+    exe = _dcmtk_exe("storescu")
+    if exe is None:
+        raise PeerError("dcmtk's storescu is not installed (apt-get install dcmtk)")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    failures: list[str] = []
+
+    def send(folder: Path) -> None:
+        for path in sorted(folder.iterdir()):
+            done = subprocess.run(
+                [exe, "-aet", CLIENT_AET, "-aec", target.aet, "-nh", LOOPBACK, str(target.port), str(path)],
+                env=env,
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                timeout=120,
+            )
+            if done.returncode != 0:
+                failures.append((done.stdout + done.stderr).decode(errors="replace"))
+
+    os.sync()  # as in storescu_parallel
+    with CpuMeter(target.server.pid) as cpu:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=send, args=(d,)) for d in dirs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        dt = time.perf_counter() - t0
+    if failures:
+        log(f"storescu -> {target.server.name}: {len(failures)} associations failed:\n{failures[0][-2000:]}")
+    return {
+        "instances": n,
+        "seconds": dt,
+        "per_s": n / dt,
+        "server_cpu_s": cpu.seconds,
+        "server_cpu_split": cpu.split,
+        "failed_processes": len(failures),
+    }
+
+
 def _listeners(port: int) -> int:
     """Sockets listening on TCP `port` (all processes): N receivers + the serving process once
     they are all up."""
@@ -412,6 +463,7 @@ def run_receivers(
     seed: int,
     store_runs: int = 1,
     variants: Sequence[tuple[str, dict[str, str]]] = (),
+    per_association: int = 0,
 ) -> dict[str, Any]:
     """Phase 1 (C-STORE) only: Orthanc, the floor, then ScanOnce with each N receivers, on
     PostgreSQL (`pg`) or the embedded default (SQLite + local folder). All targets stay up for
@@ -446,11 +498,14 @@ def run_receivers(
             listening[f"ScanOnce {label}"] = (dimse_port, n)
         for rnd in range(store_runs):
             store = store_round(plan, seed, rnd)
+            if per_association:
+                store = store[:per_association]
             shutil.rmtree(work / "store", ignore_errors=True)
             dirs = write_folder(work / "store", store, parallel)
             order = list(targets.items())
             for name, target in order if rnd % 2 == 0 else reversed(order):
-                sr: dict[str, Any] = dict(storescu_parallel(target, dirs, len(store)))
+                send = storescu_each if per_association else storescu_parallel
+                sr: dict[str, Any] = dict(send(target, dirs, len(store)))
                 sr["loadavg_1m"] = os.getloadavg()[0]
                 if name in listening:
                     sr["listeners"] = _listeners(listening[name][0])
@@ -477,6 +532,7 @@ def run_receivers(
         "parallel": parallel,
         "seed": seed,
         "store_runs": store_runs,
+        "per_association": per_association,
         "total_s": time.perf_counter() - t_start,
         "loadavg_1m": load,
         "sides": sides,
@@ -485,10 +541,17 @@ def run_receivers(
 
 def render_receivers(data: dict[str, Any]) -> str:
     oc = data["sides"]["Orthanc"]
+    each = data.get("per_association", 0)
+    how = (
+        f"C-STORE with one association per instance (a dcmtk storescu per file, {data['parallel']} at a "
+        f"time), {each:,} small CT instances"
+        if each
+        else f"C-STORE by {data['parallel']} parallel dcmtk storescu, "
+        f"{data['plan']['store_instances']:,} small CT instances"
+    )
     out = [
-        f"C-STORE by {data['parallel']} parallel dcmtk storescu, "
-        f"{data['plan']['store_instances']:,} small CT instances, median of {data.get('store_runs', 1)} "
-        f"round(s); ScanOnce on {data.get('backend', 'PostgreSQL + local folder')}, N receiver processes "
+        f"{how}, median of {data.get('store_runs', 1)} round(s); "
+        f"ScanOnce on {data.get('backend', 'PostgreSQL + local folder')}, N receiver processes "
         "beside the serving process:",
         "",
         "| target | inst/s | / Orthanc | / floor | server CPU ms per instance (process tree) | "
@@ -1011,6 +1074,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="C-STORE rounds (a fresh folder each, all targets in turn); the table shows medians",
     )
     ap.add_argument("--store-only", action="store_true", help="C-STORE phase only (no index load, no C-FIND)")
+    ap.add_argument(
+        "--per-association",
+        type=int,
+        default=0,
+        metavar="N",
+        help="C-STORE only, like --variant: N instances per round, each in an association of its own "
+        "(a storescu per file, --parallel at a time): what association set-up costs",
+    )
     ap.add_argument("--render", type=Path, help="only print the table of a saved .json run")
     ap.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1027,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.index_instances:
         plan = replace(plan, index_instances=args.index_instances)
     work = Path(tempfile.mkdtemp(prefix="scanonce-bench-dimse-"))
-    if args.receivers is not None or args.variant:
+    if args.receivers is not None or args.variant or args.per_association:
         variants = []
         for spec in args.variant:
             label, _, assigns = spec.partition(":")
@@ -1042,6 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work=work,
                 seed=args.seed,
                 store_runs=max(1, args.store_runs),
+                per_association=max(0, args.per_association),
             )
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)

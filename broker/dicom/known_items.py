@@ -14,13 +14,14 @@ as the proposals do.
 `install()` makes A-ASSOCIATE-RQ decoding take a Presentation Context item whose bytes were
 seen before from a table instead of decoding it again, and an A-ASSOCIATE-AC's Presentation
 Context item for a (context ID, result, transfer syntax) answered before take that answer's
-fields and bytes. The decoded item is the one pynetdicom
-made from the same bytes: only read after decoding (its `to_primitive` builds a new
-`PresentationContext` for each association's negotiation), so sharing it between associations
-changes nothing they see. Every other item (application context, user information with its
-maximum PDU length, implementation UID, user identity) is decoded as before, each time. Bytes
-that fail to decode raise as before and are not remembered. The table is bounded; a peer that
-proposes ever-new contexts only fills it (then it is emptied and refilled).
+fields and bytes. A decoded item is the one pynetdicom made from the same bytes and is only
+read after decoding, so sharing it between associations changes nothing they see; the
+`PresentationContext` each association negotiates on (its result and roles are written on it)
+is a fresh copy, per association, of the one the item made first. Every other item
+(application context, user information with its maximum PDU length, implementation UID, user
+identity) is decoded as before, each time. Bytes that fail to decode raise as before and are
+not remembered. The tables are bounded; a peer that proposes ever-new contexts only fills them
+(then they are emptied and refilled).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ _LIMIT = 4096  # items: ~120 per proposal, a few hundred bytes each
 _known: dict[bytes, PresentationContextItemRQ] = {}
 # (context ID, result, transfer syntax) -> the AC item's fields and its encoding.
 _answers: dict[tuple[int, int, str], tuple[dict[str, Any], bytes]] = {}
+_rq_to_primitive = PresentationContextItemRQ.to_primitive
+_PRIMITIVE = "_scanonce_primitive"
 _ac_from_primitive = PresentationContextItemAC.from_primitive
 _ac_encode = PresentationContextItemAC.encode
 _ENCODED = "_scanonce_encoded"
@@ -64,6 +67,20 @@ def known_items(self: A_ASSOCIATE_RQ, bytestream: bytes) -> list[Any]:
             item.decode(item_bytes)
             items.append(item)
     return items
+
+
+def known_rq_to_primitive(self: PresentationContextItemRQ) -> PresentationContext:
+    """pynetdicom's `PresentationContextItemRQ.to_primitive`: a new `PresentationContext` for
+    each association (its negotiation sets the result and roles on it), copied from the one
+    this item made first instead of built again with each UID set and checked."""
+    made = self.__dict__.get(_PRIMITIVE)
+    if made is None:
+        made = _rq_to_primitive(self)
+        setattr(self, _PRIMITIVE, made)
+    context = object.__new__(PresentationContext)
+    context.__dict__.update(made.__dict__)
+    context._transfer_syntax = list(made._transfer_syntax)
+    return context
 
 
 def known_ac_from_primitive(self: PresentationContextItemAC, primitive: PresentationContext) -> None:
@@ -99,6 +116,7 @@ def install() -> None:
         if _installed:
             return
         A_ASSOCIATE_RQ._wrap_generate_items = known_items  # type: ignore[method-assign,assignment]
+        PresentationContextItemRQ.to_primitive = known_rq_to_primitive  # type: ignore[method-assign]
         PresentationContextItemAC.from_primitive = known_ac_from_primitive  # type: ignore[method-assign]
         PresentationContextItemAC.encode = known_ac_encode  # type: ignore[method-assign,assignment]
         _installed = True

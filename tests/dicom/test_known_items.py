@@ -139,3 +139,15 @@ def test_an_answer_is_the_bytes_pynetdicom_would_send(context_id: int, result: i
         assert item.encode() == expected
         assert (item.presentation_context_id, item.result_reason) == (context_id, result)
         assert str(item.transfer_syntax) == syntax
+
+
+def test_each_association_negotiates_on_its_own_contexts() -> None:
+    """The negotiation writes its result and roles on the proposal's PresentationContexts: one
+    association's answers must not show in the next one's proposal."""
+    data = _request([(1, CT, [EXPLICIT, IMPLICIT])])
+    (first,) = _received(data).presentation_context_definition_list
+    first.result = 0
+    del first._transfer_syntax[1:]
+    (again,) = _received(data).presentation_context_definition_list
+    assert again is not first
+    assert (again.result, again.transfer_syntax) == (None, [EXPLICIT, IMPLICIT])
