@@ -15,6 +15,8 @@ from sqlmodel import Session
 from broker.db import make_engine, migrate
 from broker.facilities.models import Facility
 from broker.identity import service
+from broker.identity.adt import feed_principal
+from broker.identity.mllp import MllpHandle, start_mllp, stop_mllp
 from broker.index.models import Patient
 from broker.index.service import set_patient_linker
 from broker.security.schemas import Principal, Role
@@ -58,6 +60,16 @@ def cli_index(data_dir: Path) -> Engine:
 def session(engine: Engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as s:
         yield s
+
+
+@pytest.fixture
+def listener(engine: Engine) -> Iterator[MllpHandle]:
+    """An MLLP (HL7 v2) listener on a free loopback port, feeding facility fac-a."""
+    handle = start_mllp(engine=engine, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
+    try:
+        yield handle
+    finally:
+        stop_mllp(handle)
 
 
 def acting(who: str) -> Principal:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -61,15 +60,6 @@ def read_ack(sock: socket.socket) -> str:
 def msa(ack: str) -> list[str]:
     line = next(s for s in ack.split("\r") if s.startswith("MSA|"))
     return line.split("|")
-
-
-@pytest.fixture
-def listener(engine: Any) -> Iterator[MllpHandle]:
-    handle = start_mllp(engine=engine, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
-    try:
-        yield handle
-    finally:
-        stop_mllp(handle)
 
 
 def connect(handle: MllpHandle) -> socket.socket:

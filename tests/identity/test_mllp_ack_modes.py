@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -44,15 +43,6 @@ class Frames:
         block, self.buffer = self.buffer.split(EB, 1)
         assert block.startswith(SB), block
         return block[1:].decode()
-
-
-@pytest.fixture
-def listener(engine: Any) -> Iterator[MllpHandle]:
-    handle = start_mllp(engine=engine, principal=feed_principal(facility="fac-a"), host="127.0.0.1", port=0)
-    try:
-        yield handle
-    finally:
-        stop_mllp(handle)
 
 
 def answers(handle: MllpHandle, messages: list[str]) -> list[list[list[str]]]:

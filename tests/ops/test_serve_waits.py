@@ -36,6 +36,16 @@ def _get(url: str) -> httpx.Response | None:
         return None
 
 
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
+    """The server and what it started (its own process group): SIGTERM, then SIGKILL."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 def _until(predicate: Any, what: str, timeout: float = 120) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,12 +111,7 @@ def test_serve_waits_for_its_database_not_ready_then_ready(
         )
         assert ready.json()["status"] == "ready"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        _stop_group(proc)
         proxy.stop()
         log.close()
         pg_admin.drop(name)
@@ -158,12 +163,7 @@ def test_the_uvicorn_factory_waits_for_its_database_then_serves(
         )
         assert ready.json()["status"] == "ready"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        _stop_group(proc)
         proxy.stop()
         log.close()
         pg_admin.drop(name)
