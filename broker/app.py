@@ -75,6 +75,7 @@ from broker.index.routes import router as verify_router
 from broker.jobs import service as jobs_service
 from broker.jobs.routes import router as jobs_router
 from broker.jobs.worker import start_worker_thread
+from broker.logfilters import adopt_uvicorn_logging
 from broker.lookup.routes import router as lookup_router
 from broker.metrics import DB_ERRORS, DEPENDENCY_UP, STORAGE_ERRORS, ObservabilityMiddleware, render
 from broker.security import network as outbound
@@ -675,6 +676,7 @@ def app_from_env() -> FastAPI:
     and again for every worker it restarts."""
     try:
         settings = load_settings()
+        adopt_uvicorn_logging(settings.log_format)
         check_start(settings=settings, bind_host=None)
         return create_app(settings)
     except ScanOnceError as exc:

@@ -148,3 +148,28 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     logging.getLogger("alembic").setLevel(logging.WARNING)
     redact_access_log()
+
+
+def adopt_uvicorn_logging(fmt: str = "text") -> None:
+    """The process's logging under `uvicorn --factory broker.app:app_from_env`, where uvicorn
+    configured its own loggers before the app existed and `scanonce serve`'s set-up never ran:
+    the broker's own lines went to Python's last-resort handler (warnings only, exception
+    messages and all), and the access log kept query strings (`?PatientID=...`). Here: the root
+    handler as `serve` installs it, at the level uvicorn was given (--log-level), the query
+    strings redacted, and uvicorn's lines in the same format: JSON through the root handler, or
+    uvicorn's own text layout with its tracebacks withheld. An access log switched off
+    (--no-access-log: no handler) stays off."""
+    level = logging.getLevelName(logging.getLogger("uvicorn.error").getEffectiveLevel())
+    configure_logging(level, fmt)
+    for name in ("uvicorn", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if fmt == "json":
+                logger.removeHandler(handler)
+                logger.propagate = True
+            elif isinstance(handler.formatter, uvicorn.logging.DefaultFormatter) and not isinstance(
+                handler.formatter, uvicorn.logging.AccessFormatter | UvicornTextFormatter
+            ):
+                handler.setFormatter(
+                    UvicornTextFormatter(handler.formatter._fmt, use_colors=handler.formatter.use_colors)
+                )

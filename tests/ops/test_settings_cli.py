@@ -374,3 +374,35 @@ def test_the_uvicorn_factory_serves_a_good_configuration(tmp_path: Path, setting
     finally:
         _out, err = _stop(proc)
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_uvicorn_factory_logs_as_serve_does_without_query_strings(tmp_path: Path, fmt: str) -> None:
+    """Under the factory uvicorn sets logging up before the app exists: the access log must
+    still lose its query strings (they carry patient identifiers), and SCANONCE_LOG_FORMAT=json
+    must apply to every line."""
+    port = _free_port()
+    env = _factory_env(tmp_path, SCANONCE_LOG_FORMAT=fmt)
+    proc = _factory(env, tmp_path, port=port)
+    try:
+        deadline = time.monotonic() + 120
+        ready = None
+        while ready is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert ready is not None and ready.status_code == 200, proc.poll()
+        asked = httpx.get(f"http://127.0.0.1:{port}/dicom-web/studies?PatientID=PAT-SECRET-7731", timeout=10)
+        assert asked.status_code == 401
+        time.sleep(0.5)  # the access line is written after the response
+    finally:
+        out, err = _stop(proc)
+    said = out + err
+    assert "PAT-SECRET-7731" not in said, said
+    access = [line for line in said.splitlines() if "/dicom-web/studies" in line]
+    assert access and all("/dicom-web/studies?\u2026" in line for line in access), said
+    if fmt == "json":
+        records = [json.loads(line) for line in said.splitlines() if line.startswith("{")]
+        assert any("/dicom-web/studies" in r["message"] for r in records), said
+        assert not [line for line in said.splitlines() if line.startswith("INFO:")], said
