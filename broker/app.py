@@ -103,7 +103,7 @@ def build_state(settings: Settings, *, wait_for_db: bool = False) -> AppState:
         settings.resolved_database_url(), connect_timeout=settings.db_connect_timeout_seconds
     )
     if wait_for_db:
-        wait_for_database(engine)
+        wait_for_database(engine, give_up_after=settings.db_start_wait_seconds)
     else:
         check_connection(engine)
     if settings.resolved_migrate_on_start():

@@ -72,9 +72,10 @@ class Settings(BaseSettings):
         default=None,
         gt=0,
         description=(
-            "How long a starting node (`scanonce serve`, `uvicorn --factory broker.app:app_from_env`) "
-            "waits for a database that refuses connections before it gives up in one line naming "
-            "this setting (exit 1; the factory exits 3). Unset: it waits until the database answers."
+            "How long a starting node (`scanonce serve`, `scanonce worker`, `uvicorn --factory "
+            "broker.app:app_from_env`) waits for a database that refuses connections before it gives "
+            "up in one line naming this setting (exit 1; the factory exits 3). Unset: it waits until "
+            "the database answers."
         ),
     )
     db_connect_timeout_seconds: float = Field(

@@ -349,6 +349,9 @@ def test_the_uvicorn_factory_waits_for_its_database_as_serve_does(tmp_path: Path
     assert "secret" not in err
     served = runner.invoke(cli, _SERVE, env={"SCANONCE_DATA_DIR": env["SCANONCE_DATA_DIR"], **closed})
     assert said == _last_line(served)
+    # The job worker, the third long-running process of a node, gives up alike.
+    worked = runner.invoke(cli, ["worker"], env={"SCANONCE_DATA_DIR": env["SCANONCE_DATA_DIR"], **closed})
+    assert worked.exit_code == 1 and said == _last_line(worked), worked.output
 
 
 @pytest.mark.parametrize(
