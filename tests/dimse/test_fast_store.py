@@ -116,10 +116,16 @@ def _send(assoc: Any, *pdus: list[Any]) -> None:
 
 
 def _status(assoc: Any) -> int:
+    """The status of the C-STORE-RSP to a request sent raw (`_send`), once the SCU's own reactor
+    has taken that response off its queue (as unexpected, and dropped it): a `send_c_store` made
+    before that took the stale response for its own answer, on a busy machine."""
     deadline = time.monotonic() + 10
     while not assoc.statuses and time.monotonic() < deadline:
         time.sleep(0.01)
     assert assoc.statuses, "no C-STORE-RSP within 10 s"
+    while not assoc.dimse.msg_queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert assoc.dimse.msg_queue.empty(), "the SCU did not take the response off its queue"
     return int(assoc.statuses.pop(0))
 
 
