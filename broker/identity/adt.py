@@ -242,7 +242,8 @@ def _names(msg: Any) -> tuple[str, tuple[tuple[str, str], ...] | None]:
     (family, given) of the I and P repetitions, normalised; None when there are none, so that a
     feed that never sends them keeps what a DICOM header supplied. A repetition with a code not
     in table 4000, or an I/P one without family and given, is neither."""
-    reps = [f"PID.F5.R{rep}" for rep in range(1, _MAX_REPS + 1)]
+    # Only repetitions that are there: a missing one reads as an empty code, which is "A or empty".
+    reps = [p for p in (f"PID.F5.R{rep}" for rep in range(1, _MAX_REPS + 1)) if _get(msg, p)] or ["PID.F5.R1"]
     codes = [_get(msg, f"{path}.C8").upper() for path in reps]
     name = next((path for path, code in zip(reps, codes, strict=True) if code in ("", "A")), reps[0])
     others: list[tuple[str, str]] = []

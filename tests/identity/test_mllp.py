@@ -588,3 +588,19 @@ def test_other_names_are_read_through_escapes_and_the_declared_character_set(
     assert _pdq(engine, family="TANAKA") == ["J7"]
     for secret in ("山田", "太郎", "山本", "花子", "田中", "YAMADA", "Yamada", "Tanaka"):
         assert secret not in caplog.text
+
+
+def test_a_patient_named_only_in_an_ideographic_repetition_has_that_name(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """No A or unmarked repetition: the I one is the record's name, as a PatientName's
+    Ideographic group is when its Alphabetic group is empty (and not a missing third one)."""
+    acks = exchange(
+        listener,
+        [frame(adt("A04", "J8", "J8^^^ISSUER-A", "山田^花子^^^^^^I~やまだ^はなこ^^^^^^P", "19800405", "F"))],
+    )
+    assert msa(acks[0])[1] == "AA"
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="J8")
+        assert record is not None and (record.family, record.given) == ("山田", "花子")
+    assert _pdq(engine, family="やまだ", given="はなこ") == ["J8"]
