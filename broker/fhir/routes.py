@@ -196,7 +196,7 @@ def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -
 
 def _feed(raw: bytes, session: Session, principal: Principal, expect: Identifier | None) -> Response:
     try:
-        primary, others, demo = parse_patient(raw)
+        primary, others, demo, other_names = parse_patient(raw)
         if expect is not None and expect not in [primary, *others]:
             raise BadRequest("the resource does not carry the identifier named in the URL")
         if expect is not None and primary != expect:
@@ -210,6 +210,7 @@ def _feed(raw: bytes, session: Session, principal: Principal, expect: Identifier
             identifiers=others,
             source="fhir",
             principal=principal,
+            other_names=other_names,
         )
         session.commit()
         try:
@@ -263,7 +264,7 @@ async def update_patient(
 
     def run() -> Response:
         try:
-            primary, _others, _demo = parse_patient(raw)
+            primary, _others, _demo, _names = parse_patient(raw)
             owner = service.person_of(session=session, identifier=primary)
             if owner is None or str(owner) != person_id:
                 raise NotFound("the identifier does not belong to this Patient (use POST to create)")

@@ -107,8 +107,42 @@ def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "
     return res
 
 
-def parse_patient(raw: bytes) -> tuple[Identifier, list[Identifier], matching.Demographics]:
-    """Validate a FHIR R4 Patient and extract identifiers and demographics (BadRequest if not)."""
+# Representations whose names are the record's other names (searched, never compared).
+_OTHER_REPRESENTATIONS = ("IDE", "SYL")
+
+
+def _name_representation(name: Any) -> str:
+    """A HumanName's ISO 21090 representation code ("" when it has none)."""
+    for ext in name.extension or []:
+        if ext.url == EN_REPRESENTATION:
+            return str(ext.valueCode or "")
+    return ""
+
+
+def _other_names(names: list[Any]) -> tuple[tuple[str, str], ...] | None:
+    """(family, given) of the IDE and SYL names, normalised as `matching.other_names` does for a
+    PatientName's groups; None when there are none, so that what is stored is kept (a feed that
+    never sends them must not erase a DICOM header's). One without family and given is ignored."""
+    out: list[tuple[str, str]] = []
+    for name in names:
+        if _name_representation(name) not in _OTHER_REPRESENTATIONS:
+            continue
+        family = matching.normalize_name_part(str(name.family or ""))
+        given = matching.normalize_name_part(str(name.given[0]) if name.given else "")
+        if (family or given) and (family, given) not in out:
+            out.append((family, given))
+    return tuple(out) or None
+
+
+def parse_patient(
+    raw: bytes,
+) -> tuple[Identifier, list[Identifier], matching.Demographics, tuple[tuple[str, str], ...] | None]:
+    """Validate a FHIR R4 Patient and extract identifiers, demographics and other names
+    (BadRequest if not).
+
+    The record's name is the first current name without an ISO 21090 representation or with
+    ABC (as `patient_resource` writes it); the names marked IDE or SYL are its other names, None
+    when it has none. A name in another representation is neither."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -133,7 +167,11 @@ def parse_patient(raw: bytes) -> tuple[Identifier, list[Identifier], matching.De
         idents.append(Identifier(issuer=issuer_from_system(str(ident.system)), value=str(ident.value)))
     if not idents:
         raise BadRequest("a Patient needs at least one identifier with a system")
-    name = next((n for n in (patient.name or []) if n.use in (None, "official", "usual")), None)
+    current = [n for n in (patient.name or []) if n.use in (None, "official", "usual")]
+    name = next((n for n in current if _name_representation(n) in ("", "ABC")), None)
+    if name is None:
+        # As a PatientName with an empty Alphabetic group is read from its other groups.
+        name = next((n for n in current if _name_representation(n) in _OTHER_REPRESENTATIONS), None)
     family = str(name.family) if name and name.family else ""
     givens = [str(g) for g in (name.given or [])] if name else []
     birth = ""
@@ -159,7 +197,7 @@ def parse_patient(raw: bytes) -> tuple[Identifier, list[Identifier], matching.De
         address=address,
         phone=phone,
     )
-    return idents[0], idents[1:], demo
+    return idents[0], idents[1:], demo, _other_names(current)
 
 
 # ---------------------------------------------------------------- Consent (R4)

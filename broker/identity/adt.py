@@ -231,7 +231,33 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
     return out
 
 
-def _demographics(msg: Any) -> matching.Demographics:
+# HL7 table 4000 (name representation code, XPN.8): I ideographic and P phonetic names are the
+# record's other names, as a PatientName's Ideographic and Phonetic groups are.
+_OTHER_REPRESENTATIONS = ("I", "P")
+
+
+def _names(msg: Any) -> tuple[str, tuple[tuple[str, str], ...] | None]:
+    """The PID-5 repetition that is the record's name (the first whose XPN.8 is A or empty; else
+    the first, as a PatientName with no Alphabetic group is read from its others), and the
+    (family, given) of the I and P repetitions, normalised; None when there are none, so that a
+    feed that never sends them keeps what a DICOM header supplied. A repetition with a code not
+    in table 4000, or an I/P one without family and given, is neither."""
+    # Only repetitions that are there: a missing one reads as an empty code, which is "A or empty".
+    reps = [p for p in (f"PID.F5.R{rep}" for rep in range(1, _MAX_REPS + 1)) if _get(msg, p)] or ["PID.F5.R1"]
+    codes = [_get(msg, f"{path}.C8").upper() for path in reps]
+    name = next((path for path, code in zip(reps, codes, strict=True) if code in ("", "A")), reps[0])
+    others: list[tuple[str, str]] = []
+    for path, code in zip(reps, codes, strict=True):
+        if code not in _OTHER_REPRESENTATIONS:
+            continue
+        family = matching.normalize_name_part(_get(msg, f"{path}.C1.S1") or _get(msg, f"{path}.C1"))
+        given = matching.normalize_name_part(_get(msg, f"{path}.C2"))
+        if (family or given) and (family, given) not in others:
+            others.append((family, given))
+    return name, tuple(others) or None
+
+
+def _demographics(msg: Any, name: str) -> matching.Demographics:
     raw_dob = _get(msg, "PID.F7.R1.C1")[:8]
     if len(raw_dob) in (4, 6) and raw_dob.isdigit():
         # Precision to the year or month (HL7 DT): real if its first day is; matched as unknown,
@@ -247,9 +273,9 @@ def _demographics(msg: Any) -> matching.Demographics:
     )
     phone = _get(msg, "PID.F13.R1.C1") or _get(msg, "PID.F13.R1.C12")
     return matching.demographics(
-        family=_get(msg, "PID.F5.R1.C1.S1") or _get(msg, "PID.F5.R1.C1"),
-        given=_get(msg, "PID.F5.R1.C2"),
-        middle=_get(msg, "PID.F5.R1.C3"),
+        family=_get(msg, f"{name}.C1.S1") or _get(msg, f"{name}.C1"),
+        given=_get(msg, f"{name}.C2"),
+        middle=_get(msg, f"{name}.C3"),
         birth_date=dob,
         sex=_get(msg, "PID.F8"),
         address=address,
@@ -420,13 +446,15 @@ def _apply(*, engine: Engine, msg: Any, principal: Principal) -> _Outcome:
                     why=f"ADT^A40 {''.join(c if c >= ' ' else ' ' for c in control_id)}",
                 )
             else:
+                name, other_names = _names(msg)
                 service.upsert_record(
                     session=session,
                     identifier=ids[0],
-                    demographics=_demographics(msg),
+                    demographics=_demographics(msg, name),
                     identifiers=ids[1:],
                     source="hl7",
                     principal=principal,
+                    other_names=other_names,
                 )
                 session.commit()
     except ScanOnceError as exc:

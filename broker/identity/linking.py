@@ -65,8 +65,10 @@ def upsert_record(
     header says about the same identifier. `principal`: the feed's caller, recorded with the
     link; None when the broker links on its own (ingest), recorded as "system".
     `other_names`: (family, given) of a PatientName's Ideographic and Phonetic groups
-    (`matching.other_names`), stored to be searched by, never compared; None when the caller
-    says nothing of them (the feeds, a header without a name), which keeps what is stored.
+    (`matching.other_names`), or a feed's ideographic and phonetic names (FHIR IDE/SYL, HL7
+    XPN.8 I/P), stored to be searched by, never compared; None when the caller says nothing of
+    them (a feed message without such names, a header without a name), which keeps what is
+    stored.
     """
     who = "system" if principal is None else principal.who
     ident = check_identifier(identifier)
@@ -86,8 +88,8 @@ def upsert_record(
         takes_demographics = source != "dicom" or record.source == "dicom"
         if other_names is not None:
             stored = other_names_of(session=session, record_id=record_id)
-            # A feed's record takes a header's other names only while it has none: the feeds
-            # carry none, and the feed's own name is not a header's to change.
+            # A feed's record takes a header's other names only while it has none: the feed is
+            # the registration system, and its names are not a header's to change.
             if set(other_names) != stored and (takes_demographics or not stored):
                 set_other_names(session=session, record_id=record_id, names=other_names)
         if takes_demographics:

@@ -340,3 +340,75 @@ def test_pdqm_finds_a_patient_by_any_component_group_of_its_name(
     for entry in bundle.get("entry", []):
         names = entry["resource"]["name"]
         assert [n.get("family") for n in names] == ["YAMADA", "山田", "やまだ"]
+
+
+REP = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+
+
+def _named(code: str | None, family: str, given: str) -> dict[str, Any]:
+    """A HumanName, marked with an ISO 21090 representation unless `code` is None."""
+    name: dict[str, Any] = {"use": "official", "family": family, "given": [given]}
+    if code is not None:
+        name["extension"] = [{"url": REP, "valueCode": code}]
+    return name
+
+
+def _feed_japanese(client: TestClient, *names: dict[str, Any]) -> Any:
+    body = _patient("urn:oid:1.2.392.99", "JP-7", "", [], "1980-04-01")
+    body["name"] = [_named("ABC", "Yamada", "Tarou"), *names]
+    r = client.post("/fhir/Patient", json=body, headers={"Content-Type": FHIR})
+    assert r.status_code in (200, 201), r.text
+    return r
+
+
+def _pdq(client: TestClient, **params: str) -> list[str]:
+    r = client.get("/fhir/Patient", params=params)
+    assert r.status_code == 200, r.text
+    return [i["value"] for e in r.json().get("entry", []) for i in e["resource"]["identifier"]]
+
+
+def test_a_fed_ideographic_name_is_found_by_pdqm_and_kept_by_an_update_without_one(
+    client: TestClient,
+) -> None:
+    """A registration system sends 山田 as an IDE HumanName: PDQm family=山田 finds the patient
+    (before, only a DICOM header could supply it); a later feed with the Alphabetic name alone
+    keeps it, as a feed that never sends such names must not erase them."""
+    _feed_japanese(client, _named("IDE", "山田", "太郎"), _named("SYL", "やまだ", "たろう"))
+    assert _pdq(client, family="山田") == ["JP-7"]
+    assert _pdq(client, family="やまだ", given="たろう") == ["JP-7"]
+    assert _pdq(client, family="YAMADA", given="TAROU") == ["JP-7"]  # the record's name, as before
+    _feed_japanese(client)
+    assert _pdq(client, family="山田") == ["JP-7"]
+    assert _pdq(client, family="YAMADA") == ["JP-7"]
+
+
+def test_a_fed_ideographic_name_replaces_the_stored_one(client: TestClient) -> None:
+    _feed_japanese(client, _named("IDE", "山田", "太郎"))
+    _feed_japanese(client, _named("IDE", "山本", "太郎"))
+    assert _pdq(client, family="山田") == []
+    assert _pdq(client, family="山本") == ["JP-7"]
+
+
+def test_a_feed_keeps_the_record_name_from_the_name_without_a_representation(client: TestClient) -> None:
+    """The IDE name listed first is not the record's name: the unmarked one is."""
+    body = _patient("urn:oid:1.2.392.99", "JP-8", "", [], "1980-04-01")
+    body["name"] = [_named("IDE", "山田", "花子"), _named(None, "Yamada", "Hanako")]
+    r = client.post("/fhir/Patient", json=body, headers={"Content-Type": FHIR})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"][0]["family"] == "YAMADA"
+    assert _pdq(client, family="山田", given="花子") == ["JP-8"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        _named("XYZ", "山田", "太郎"),  # a representation the broker does not know
+        {"use": "official", "text": "山田 太郎", "extension": [{"url": REP, "valueCode": "IDE"}]},
+    ],
+)
+def test_an_unknown_representation_or_an_empty_ide_name_is_ignored(
+    client: TestClient, name: dict[str, Any]
+) -> None:
+    _feed_japanese(client, name)
+    assert _pdq(client, family="山田") == []
+    assert _pdq(client, family="YAMADA") == ["JP-7"]

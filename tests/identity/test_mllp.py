@@ -510,3 +510,97 @@ def test_the_ack_of_a_message_that_declares_no_character_set_is_utf8(listener: M
     raw = _raw_ack(listener, SB + message.encode("utf-8") + EB)
     msh = raw.decode("utf-8").split("\r")[0].split("|")
     assert msh[5] == "ZÜRICH" and len(msh) == 12, msh
+
+
+# PID-5 repeated, XPN.8 (name representation code, HL7 table 4000) after seven carets: XPN.7 is
+# the name type code (table 0200), where A would be an alias and I, P a licensing and a partner's
+# name.
+YAMADA = "Yamada^Tarou^^^^^^A~山田^太郎^^^^^^I~やまだ^たろう^^^^^^P"
+
+
+def _pdq(engine: Any, **criteria: str) -> list[str]:
+    with Session(engine) as s:
+        people = service.search_persons(session=s, **criteria)  # type: ignore[arg-type]
+    return sorted(i.value for p in people for i in p.identifiers)
+
+
+@pytest.mark.parametrize("event", ["A04", "A08"])
+def test_ideographic_and_phonetic_pid5_repetitions_make_the_patient_findable_by_them(
+    engine: Any, listener: MllpHandle, event: str
+) -> None:
+    """山田 and やまだ sent as PID-5 repetitions with XPN.8 I and P are searched as a PatientName's
+    Ideographic and Phonetic groups are (before, only a DICOM header supplied them); the record's
+    name stays the A repetition, and Latin searches behave as before."""
+    acks = exchange(listener, [frame(adt(event, "J1", "J1^^^ISSUER-A", YAMADA, "19800401", "M"))])
+    assert msa(acks[0])[1:3] == ["AA", "J1"]
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="J1")
+        assert record is not None and (record.family, record.given) == ("YAMADA", "TAROU")
+    assert _pdq(engine, family="山田") == ["J1"]
+    assert _pdq(engine, family="やまだ", given="たろう") == ["J1"]
+    assert _pdq(engine, family="YAMADA", given="TAROU") == ["J1"]
+    assert _pdq(engine, family="山本") == []
+
+
+def test_an_update_without_other_names_keeps_them_and_one_with_others_replaces_them(
+    engine: Any, listener: MllpHandle
+) -> None:
+    name = "Yamada^Tarou^^^^^^A~山本^太郎^^^^^^I"
+    acks = exchange(
+        listener,
+        [
+            frame(adt("A04", "J2", "J2^^^ISSUER-A", YAMADA, "19800401", "M")),
+            frame(adt("A08", "J3", "J2^^^ISSUER-A", "Yamada^Tarou", "19800401", "M")),
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AA", "AA"]
+    assert _pdq(engine, family="山田") == _pdq(engine, family="やまだ") == ["J2"]
+    acks = exchange(listener, [frame(adt("A08", "J4", "J2^^^ISSUER-A", name, "19800401", "M"))])
+    assert msa(acks[0])[1] == "AA"
+    assert _pdq(engine, family="山田") == _pdq(engine, family="やまだ") == []
+    assert _pdq(engine, family="山本") == ["J2"]
+
+
+def test_other_names_are_read_through_escapes_and_the_declared_character_set(
+    engine: Any, listener: MllpHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I repetition in ISO IR87 (JIS X 0208, as MSH-18 declares), and one whose family is
+    UTF-8 in a \\X..\\ escape, are read as the record's name would be; none of it is logged.
+    A code outside table 4000, or an I repetition without family and given, is ignored."""
+    caplog.set_level(logging.DEBUG)
+    header = "MSH|^~\\&|ADT|HOSP|SCANONCE|BROKER|20240101120000||ADT^A04^ADT_A01|J5|P|2.5||||||ISO IR87"
+    pid = "PID|1||J5^^^ISSUER-A||Yamada^Tarou^^^^^^A~山田^太郎^^^^^^I||19800401|M\r"
+    escaped = "\\XE5B1B1E69CAC\\^花子^^^^^^I"  # 山本 in UTF-8
+    acks = exchange(
+        listener,
+        [
+            SB + f"{header}\rEVN|A04|20240101120000\r{pid}".encode("iso2022_jp") + EB,
+            frame(adt("A04", "J6", "J6^^^ISSUER-A", f"Yamada^Hanako^^^^^^A~{escaped}", "19800402", "F")),
+            frame(
+                adt("A04", "J7", "J7^^^ISSUER-A", "Tanaka^Ichiro~田中^一郎^^^^^^X~^^^^^^^I", "19800403", "M")
+            ),
+        ],
+    )
+    assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA"]
+    assert _pdq(engine, family="山田") == ["J5"]
+    assert _pdq(engine, family="山本", given="花子") == ["J6"]
+    assert _pdq(engine, family="田中") == []
+    assert _pdq(engine, family="TANAKA") == ["J7"]
+    for secret in ("山田", "太郎", "山本", "花子", "田中", "YAMADA", "Yamada", "Tanaka"):
+        assert secret not in caplog.text
+
+
+def test_a_patient_named_only_in_an_ideographic_repetition_has_that_name(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """No A or unmarked repetition: the I one is the record's name, as a PatientName's
+    Ideographic group is when its Alphabetic group is empty (and not a missing third one)."""
+    acks = exchange(
+        listener,
+        [frame(adt("A04", "J8", "J8^^^ISSUER-A", "山田^花子^^^^^^I~やまだ^はなこ^^^^^^P", "19800405", "F"))],
+    )
+    assert msa(acks[0])[1] == "AA"
+    with Session(engine) as s:
+        record = service.get_record(session=s, issuer="ISSUER-A", value="J8")
+        assert record is not None and (record.family, record.given) == ("山田", "花子")
+    assert _pdq(engine, family="やまだ", given="はなこ") == ["J8"]
