@@ -373,10 +373,14 @@ def storescu_parallel(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, 
     if failed:
         bad = next(o for p, o in zip(procs, outputs, strict=True) if p.returncode != 0)
         log(f"storescu -> {target.server.name}: {failed} processes failed:\n{bad[-2000:]}")
+    return _store_result(n, dt, cpu, failed)
+
+
+def _store_result(n: int, seconds: float, cpu: CpuMeter, failed: int) -> dict[str, Any]:
     return {
         "instances": n,
-        "seconds": dt,
-        "per_s": n / dt,
+        "seconds": seconds,
+        "per_s": n / seconds,
         "server_cpu_s": cpu.seconds,
         # by process (bench.archive.CpuMeter): the serving process, DIMSE receivers, ...
         "server_cpu_split": cpu.split,
@@ -419,14 +423,7 @@ def storescu_each(target: Dimse, dirs: Sequence[Path], n: int) -> dict[str, Any]
         dt = time.perf_counter() - t0
     if failures:
         log(f"storescu -> {target.server.name}: {len(failures)} associations failed:\n{failures[0][-2000:]}")
-    return {
-        "instances": n,
-        "seconds": dt,
-        "per_s": n / dt,
-        "server_cpu_s": cpu.seconds,
-        "server_cpu_split": cpu.split,
-        "failed_processes": len(failures),
-    }
+    return _store_result(n, dt, cpu, len(failures))
 
 
 def _listeners(port: int) -> int:

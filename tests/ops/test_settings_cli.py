@@ -354,6 +354,18 @@ def test_the_uvicorn_factory_waits_for_its_database_as_serve_does(tmp_path: Path
     assert worked.exit_code == 1 and said == _last_line(worked), worked.output
 
 
+def _until_ready(proc: subprocess.Popen[str], port: int) -> None:
+    """Until the factory's node answers /readyz 200 (it fails the test if it exits first)."""
+    deadline = time.monotonic() + 120
+    ready = None
+    while ready is None and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.2)
+    assert ready is not None and ready.status_code == 200, proc.poll()
+
+
 @pytest.mark.parametrize(
     "settings",
     [{}, {"SCANONCE_AUTH_ENABLED": "false", "SCANONCE_AUTH_OFF_ACCEPTED": "true"}],
@@ -363,14 +375,7 @@ def test_the_uvicorn_factory_serves_a_good_configuration(tmp_path: Path, setting
     port = _free_port()
     proc = _factory(_factory_env(tmp_path, **settings), tmp_path, port=port)
     try:
-        deadline = time.monotonic() + 120
-        ready = None
-        while ready is None and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert ready is not None and ready.status_code == 200, proc.poll()
+        _until_ready(proc, port)
         # Authentication as configured: a token is asked for unless it was switched off.
         studies = httpx.get(f"http://127.0.0.1:{port}/dicom-web/studies", timeout=10)
         assert studies.status_code == (401 if not settings else 204), studies.text
@@ -388,14 +393,7 @@ def test_the_uvicorn_factory_logs_as_serve_does_without_query_strings(tmp_path: 
     env = _factory_env(tmp_path, SCANONCE_LOG_FORMAT=fmt)
     proc = _factory(env, tmp_path, port=port)
     try:
-        deadline = time.monotonic() + 120
-        ready = None
-        while ready is None and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert ready is not None and ready.status_code == 200, proc.poll()
+        _until_ready(proc, port)
         asked = httpx.get(f"http://127.0.0.1:{port}/dicom-web/studies?PatientID=PAT-SECRET-7731", timeout=10)
         assert asked.status_code == 401
         time.sleep(0.5)  # the access line is written after the response
