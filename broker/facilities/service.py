@@ -30,12 +30,22 @@ CallingAE = str | tuple[str, str | None] | tuple[str, str | None, str | None]
 
 
 def ensure_default_facility(*, engine: Engine, settings: Settings) -> None:
-    """The embedded default always has the `local` facility (safe to call on every start)."""
-    with session_scope(engine) as session:
-        if session.get(Facility, settings.default_facility) is None:
-            session.add(
-                Facility(id=settings.default_facility, name="Local archive", issuer=settings.default_issuer)
-            )
+    """The embedded default always has the `local` facility (safe to call on every start, and
+    from nodes starting together: one inserts it, the others find it)."""
+    try:
+        with session_scope(engine) as session:
+            if session.get(Facility, settings.default_facility) is None:
+                session.add(
+                    Facility(
+                        id=settings.default_facility, name="Local archive", issuer=settings.default_issuer
+                    )
+                )
+    except IntegrityError:
+        # Another node inserted it between this one's look and its insert (a node crashed at
+        # start on this): there it is now, or it is a real conflict.
+        with Session(engine) as session:
+            if session.get(Facility, settings.default_facility) is None:
+                raise
 
 
 def _ae(value: str, what: str) -> str:

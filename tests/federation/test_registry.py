@@ -177,3 +177,27 @@ def test_cli_add_list_show_update_remove(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "nowhere" in missing.output
     run("facility", "remove", "county")
     assert "county" not in run("facility", "list")
+
+
+def test_a_node_that_finds_no_local_facility_then_loses_the_insert_race_still_starts(
+    state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes started together on one database: each looks for the default facility and, not
+    finding it, inserts it; all but one lose that race. The loser must find the winner's row
+    and start, not crash on the unique key (a cluster test's node did)."""
+    settings = state.settings
+    real_get = Session.get
+    looked: list[object] = []
+
+    def raced(self: Session, entity: Any, ident: Any, **kw: Any) -> Any:
+        if entity is facilities.Facility and not looked:
+            looked.append(ident)
+            return None  # this node looked before the other node's insert committed
+        return real_get(self, entity, ident, **kw)
+
+    monkeypatch.setattr(Session, "get", raced)
+    facilities.ensure_default_facility(engine=state.engine, settings=settings)  # must not raise
+    assert looked == [settings.default_facility]
+    monkeypatch.undo()
+    with Session(state.engine) as session:
+        assert session.get(facilities.Facility, settings.default_facility) is not None
