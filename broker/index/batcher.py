@@ -87,9 +87,9 @@ class IngestBatcher:
         # each submits (or finds its instance cannot be stored).
         self._parsing = 0
         self._arrived = threading.Condition()
-        # Caller thread id -> when it last submitted, and the thread: one that has ended (an
-        # association closed after its one C-STORE) is not waited for.
-        self._senders: dict[int, tuple[float, threading.Thread]] = {}
+        # Caller thread -> when it last submitted. A thread that has ended (an association
+        # closed after its one C-STORE) is not waited for.
+        self._senders: dict[threading.Thread, float] = {}
         # While the writer lingers: how many more queued items it waits for (None: not waiting).
         self._waiting_for: int | None = None
         self._thread: threading.Thread | None = None
@@ -153,7 +153,7 @@ class IngestBatcher:
         with self._arrived:
             if was_parsing:
                 self._parsing -= 1
-            self._senders[threading.get_ident()] = (time.monotonic(), threading.current_thread())
+            self._senders[threading.current_thread()] = time.monotonic()
             # Woken only once its group is complete: a writer woken by each of four senders
             # took three wake-ups per group for nothing (each a turn for a core and the GIL
             # while the senders wait).
@@ -205,9 +205,7 @@ class IngestBatcher:
         deadline = now + self._linger
         with self._arrived:
             recent = now - _RECENT
-            for sender in [
-                t for t, (seen, thread) in self._senders.items() if seen < recent or not thread.is_alive()
-            ]:
+            for sender in [t for t, seen in self._senders.items() if seen < recent or not t.is_alive()]:
                 del self._senders[sender]
             expected = len(self._senders)
         while len(group) < self._max_group:
