@@ -168,7 +168,7 @@ def adopt_uvicorn_logging(fmt: str = "text") -> None:
                 logger.removeHandler(handler)
                 logger.propagate = True
             elif isinstance(handler.formatter, uvicorn.logging.DefaultFormatter) and not isinstance(
-                handler.formatter, uvicorn.logging.AccessFormatter | UvicornTextFormatter
+                handler.formatter, UvicornTextFormatter
             ):
                 handler.setFormatter(
                     UvicornTextFormatter(handler.formatter._fmt, use_colors=handler.formatter.use_colors)
