@@ -27,11 +27,13 @@ not remembered. The tables are bounded; a peer that proposes ever-new contexts o
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_items import PDU_ITEM_TYPES, PresentationContextItemAC, PresentationContextItemRQ
 from pynetdicom.presentation import PresentationContext
+
+_Context = TypeVar("_Context", bound=PresentationContext)
 
 _PRESENTATION_CONTEXT_RQ = 0x20
 _LIMIT = 4096  # items: ~120 per proposal, a few hundred bytes each
@@ -77,10 +79,17 @@ def known_rq_to_primitive(self: PresentationContextItemRQ) -> PresentationContex
     if made is None:
         made = _rq_to_primitive(self)
         setattr(self, _PRIMITIVE, made)
-    context = object.__new__(PresentationContext)
-    context.__dict__.update(made.__dict__)
-    context._transfer_syntax = list(made._transfer_syntax)
-    return context
+    return copy_context(made)
+
+
+def copy_context(context: _Context) -> _Context:
+    """A copy of `context` that negotiation may change (result, roles, transfer syntaxes) without
+    changing the original: its own transfer syntax list, the UIDs (immutable) shared. Not
+    `copy.copy`/`deepcopy`, whose `__reduce_ex__` round trip was most of the copy's time."""
+    new = object.__new__(type(context))
+    new.__dict__.update(context.__dict__)
+    new._transfer_syntax = list(context._transfer_syntax)
+    return new
 
 
 def known_ac_from_primitive(self: PresentationContextItemAC, primitive: PresentationContext) -> None:
@@ -110,7 +119,8 @@ def known_ac_encode(self: PresentationContextItemAC) -> bytes:
 
 
 def install() -> None:
-    """Switch pynetdicom's A-ASSOCIATE-RQ decoding to the remembering one (idempotent)."""
+    """Switch pynetdicom's A-ASSOCIATE-RQ decoding, negotiation primitives and A-ASSOCIATE-AC
+    items to the remembering ones (idempotent)."""
     global _installed
     with _lock:
         if _installed:

@@ -57,7 +57,7 @@ from sqlmodel import Session
 
 from broker.consent import service as consent_service
 from broker.deps import AppState
-from broker.dicom import reactor
+from broker.dicom import known_items, reactor
 from broker.dicom.network import SpoolingAE, chunked_send, only_standard_listeners, received_file, uid_bytes
 from broker.dicom.received import Received
 from broker.dimse import access
@@ -416,11 +416,7 @@ class _SharedUIDContext(PresentationContext):
     immutable strings: copy the list, share the UIDs (well under a millisecond)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedUIDContext:
-        # Not copy.copy: its __reduce_ex__ round trip was most of the copy's time.
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._transfer_syntax = list(self._transfer_syntax)
-        return new
+        return known_items.copy_context(self)
 
 
 class StoreIngest(Protocol):
