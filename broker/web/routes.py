@@ -104,6 +104,17 @@ def viewer_config(state: StateDep) -> Response:
 
 @router.get(assets.VIEWER_PATH + "{path:path}")
 async def viewer(path: str, request: Request, state: StateDep, principal: PrincipalDep) -> Response:
+    uids = [
+        uid.strip()
+        for value in request.query_params.getlist("StudyInstanceUIDs")
+        for uid in value.split(",")
+        if uid.strip()
+    ]
+    # A broken link is the link's fault whether or not the viewer is installed: said first.
+    if any("\x00" in uid for uid in uids):
+        message = "The link's study UID contains a NUL character: no study has one."
+        context = {"title": "Not a study", "message": message, "back": "/", "htmx": False}
+        return templates.TemplateResponse(request, "message.html", context, status_code=400, headers=_HTML)
     root = _installed(state.settings, assets.OHIF)
     if root is None:
         return _not_installed(state.settings, "The OHIF viewer")
@@ -112,16 +123,6 @@ async def viewer(path: str, request: Request, state: StateDep, principal: Princi
         cache = _IMMUTABLE if ".bundle." in found.name or found.suffix == ".wasm" else "no-cache"
         return FileResponse(found, headers={"Cache-Control": cache, **_ISOLATED})
     # Anything else is a route of the single-page app (the study list, `viewer?StudyInstanceUIDs=`).
-    uids = [
-        uid.strip()
-        for value in request.query_params.getlist("StudyInstanceUIDs")
-        for uid in value.split(",")
-        if uid.strip()
-    ]
-    if any("\x00" in uid for uid in uids):
-        message = "The link's study UID contains a NUL character: no study has one."
-        context = {"title": "Not a study", "message": message, "back": "/", "htmx": False}
-        return templates.TemplateResponse(request, "message.html", context, status_code=400, headers=_HTML)
     if uids:
         waiting = await run_in_threadpool(
             service.prepare_studies,

@@ -284,6 +284,19 @@ def test_a_nul_in_a_viewer_link_is_a_page_saying_so(client: TestClient) -> None:
     assert "NUL" in r.text
 
 
+def test_a_nul_in_a_viewer_link_is_the_links_fault_where_no_viewer_is_installed(
+    demo_backend: Any, tmp_path: Path, make_settings: Any
+) -> None:
+    """The broken link is said as such, not hidden behind "the viewer is not installed" (which
+    would send the operator to install something for nothing)."""
+    settings = make_settings(demo_backend, tmp_path, viewer_dir=tmp_path / "no-viewer")
+    with TestClient(create_app(settings=settings), headers=auth_headers()) as c:
+        r = c.get("/viewer/viewer", params={"StudyInstanceUIDs": "1.2.3\x00"})
+        assert r.status_code == 400 and "NUL" in r.text, (r.status_code, r.text[:200])
+        # A good link there still says what to install.
+        assert c.get("/viewer/viewer", params={"StudyInstanceUIDs": "1.2.3"}).status_code == 503
+
+
 def test_a_refused_import_leads_back_to_its_preview(client: TestClient) -> None:
     """'Back' from a refused import returns to the preview of that study and destination (to try
     again once the archive answers), not to the bare list."""
