@@ -150,6 +150,16 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     redact_access_log()
 
 
+def _uvicorn_defaults_in_place() -> bool:
+    """Whether logging is as uvicorn's own configuration (`LOGGING_CONFIG`, or `serve`'s copy of
+    it) leaves it: no root handler, and on uvicorn's loggers only its handlers "default" and
+    "access". Anything else is an operator's `--log-config`."""
+    if logging.getLogger().handlers:
+        return False
+    own = {"uvicorn": {"default"}, "uvicorn.error": set(), "uvicorn.access": {"access"}}
+    return all(h.name in names for name, names in own.items() for h in logging.getLogger(name).handlers)
+
+
 def adopt_uvicorn_logging(fmt: str = "text") -> None:
     """The process's logging under `uvicorn --factory broker.app:app_from_env`, where uvicorn
     configured its own loggers before the app existed and `scanonce serve`'s set-up never ran:
@@ -158,7 +168,12 @@ def adopt_uvicorn_logging(fmt: str = "text") -> None:
     handler as `serve` installs it, at the level uvicorn was given (--log-level), the query
     strings redacted, and uvicorn's lines in the same format: JSON through the root handler, or
     uvicorn's own text layout with its tracebacks withheld. An access log switched off
-    (--no-access-log: no handler) stays off."""
+    (--no-access-log: no handler) stays off. A logging configuration of the operator's own
+    (`--log-config`) is kept as it is, with only the query strings redacted."""
+    if not _uvicorn_defaults_in_place():
+        redact_access_log()
+        logging.getLogger("scanonce").info("logging as the --log-config given to uvicorn says")
+        return
     level = logging.getLevelName(logging.getLogger("uvicorn.error").getEffectiveLevel())
     configure_logging(level, fmt)
     for name in ("uvicorn", "uvicorn.access"):

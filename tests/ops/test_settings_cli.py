@@ -258,12 +258,15 @@ def _factory_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     }
 
 
-def _factory(env: dict[str, str], cwd: Path, *, port: int = 0, workers: int = 1) -> subprocess.Popen[str]:
+def _factory(
+    env: dict[str, str], cwd: Path, *, port: int = 0, workers: int = 1, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
     """`uvicorn --factory broker.app:app_from_env` as docs/production.md starts it, on loopback."""
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "uvicorn", "--factory", "broker.app:app_from_env"),
             *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)),
+            *extra,
         ],
         env=env,
         cwd=cwd,
@@ -407,3 +410,42 @@ def test_the_uvicorn_factory_logs_as_serve_does_without_query_strings(tmp_path: 
         records = [json.loads(line) for line in said.splitlines() if line.startswith("{")]
         assert any("/dicom-web/studies" in r["message"] for r in records), said
         assert not [line for line in said.splitlines() if line.startswith("INFO:")], said
+
+
+def test_the_uvicorn_factory_keeps_an_operators_log_config(tmp_path: Path) -> None:
+    """An operator's `--log-config` (their handlers, format and file) stays in charge, JSON
+    format setting or not; only the access log's query strings are still redacted."""
+    log_file = tmp_path / "broker.log"
+    handler = {"class": "logging.FileHandler", "filename": str(log_file), "formatter": "ops"}
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"ops": {"format": "OPS|%(levelname)s|%(name)s|%(message)s"}},
+        "handlers": {"file": handler},
+        "root": {"handlers": ["file"], "level": "INFO"},
+        "loggers": {
+            "uvicorn": {"handlers": ["file"], "level": "INFO", "propagate": False},
+            "uvicorn.access": {"handlers": ["file"], "level": "INFO", "propagate": False},
+        },
+    }
+    config_file = tmp_path / "logging.json"
+    config_file.write_text(json.dumps(config))
+    port = _free_port()
+    env = _factory_env(tmp_path, SCANONCE_LOG_FORMAT="json")
+    proc = _factory(env, tmp_path, port=port, extra=("--log-config", str(config_file)))
+    try:
+        _until_ready(proc, port)
+        asked = httpx.get(f"http://127.0.0.1:{port}/dicom-web/studies?PatientID=PAT-SECRET-7731", timeout=10)
+        assert asked.status_code == 401
+        time.sleep(0.5)  # the access line is written after the response
+    finally:
+        out, err = _stop(proc)
+    written = log_file.read_text()
+    assert "PAT-SECRET-7731" not in written + out + err
+    lines = written.splitlines()
+    assert any(
+        line.startswith("OPS|INFO|uvicorn.access|") and "/dicom-web/studies?\u2026" in line for line in lines
+    ), written
+    # The broker's own lines go where the operator's root handler sends them, in their format.
+    assert any(line.startswith("OPS|INFO|scanonce|") for line in lines), written
+    assert not [line for line in (out + err).splitlines() if line.startswith("{")], out + err
