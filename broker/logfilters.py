@@ -114,6 +114,17 @@ def withheld_traceback(exc: BaseException | None) -> str:
     return "".join(lines).rstrip("\n")
 
 
+class WithholdExceptionMessages(logging.Filter):
+    """For handlers whose formatter is not ours (an operator's `--log-config`): the record's
+    traceback text set beforehand as `withheld_traceback` prints it, which any formatter then
+    prints instead of its own (logging.Formatter uses `exc_text` when it is set)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = withheld_traceback(record.exc_info[1])
+        return True
+
+
 class _WithholdMessages(logging.Formatter):
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         return withheld_traceback(ei[1])
@@ -169,9 +180,14 @@ def adopt_uvicorn_logging(fmt: str = "text") -> None:
     strings redacted, and uvicorn's lines in the same format: JSON through the root handler, or
     uvicorn's own text layout with its tracebacks withheld. An access log switched off
     (--no-access-log: no handler) stays off. A logging configuration of the operator's own
-    (`--log-config`) is kept as it is, with only the query strings redacted."""
+    (`--log-config`) is kept as it is, but for what no log may carry: the access log's query
+    strings and exception messages (each of its handlers prints tracebacks withheld)."""
     if not _uvicorn_defaults_in_place():
         redact_access_log()
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for handler in {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}:
+            if not any(isinstance(f, WithholdExceptionMessages) for f in handler.filters):
+                handler.addFilter(WithholdExceptionMessages())
         logging.getLogger("scanonce").info("logging as the --log-config given to uvicorn says")
         return
     level = logging.getLevelName(logging.getLogger("uvicorn.error").getEffectiveLevel())

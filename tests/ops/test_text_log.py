@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from broker.logfilters import uvicorn_text_log_config
+from broker.logfilters import adopt_uvicorn_logging, uvicorn_text_log_config
 from tests.ops.conftest import captured_log
 from tests.peers import free_port
 
@@ -88,3 +88,33 @@ def test_uvicorns_own_tracebacks_withhold_the_message_too(capsys: pytest.Capture
     assert "Exception in ASGI application" in err
     assert "PatientDataError (message withheld from the log)" in err
     assert "ZEBEDEE" not in err and "QUENTIN" not in err
+
+
+def test_an_operators_own_log_config_under_the_factory_withholds_messages_too() -> None:
+    """Under `uvicorn --factory` with a `--log-config` of the operator's own, their handlers and
+    format stay, but a traceback still never carries an exception's message."""
+    stream = io.StringIO()
+    theirs = logging.StreamHandler(stream)
+    theirs.setFormatter(logging.Formatter("OPS %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    loggers = [
+        root,
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+    saved = {h: list(h.filters) for lg in loggers for h in lg.handlers}
+    root.addHandler(theirs)
+    try:
+        adopt_uvicorn_logging("json")
+        try:
+            _fail_with_a_name()
+        except PatientDataError:
+            logging.getLogger("scanonce.test").exception("reading an instance failed")
+        text = stream.getvalue()
+        assert "OPS ERROR reading an instance failed" in text  # their handler, their format
+        assert f"{__name__}.PatientDataError (message withheld from the log)" in text
+        assert "ZEBEDEE" not in text and "QUENTIN" not in text
+        assert theirs in root.handlers
+    finally:
+        root.removeHandler(theirs)
+        for handler, filters in saved.items():
+            handler.filters[:] = filters
