@@ -547,12 +547,17 @@ def render(
     return buffer.getvalue()
 
 
-def thumbnail(ds: Dataset, *, media_type: str = "image/jpeg", size: int = 128) -> bytes:
-    """A small rendering of the middle frame (the most representative of a cine loop or a volume)."""
-    if size < 1:
+def thumbnail(
+    ds: Dataset, *, media_type: str = "image/jpeg", size: int = 128, viewport: tuple[int, int] | None = None
+) -> bytes:
+    """A small rendering of the middle frame (the most representative of a cine loop or a volume),
+    fit inside `viewport` (width, height: PS3.18's `viewport=vw,vh`) or else a `size` square, its
+    aspect ratio kept."""
+    box = viewport or (size, size)
+    if box[0] < 1 or box[1] < 1:
         raise BadRequest("thumbnail size must be positive")
     n = frame_count(ds)
-    return render(ds, frame=max(1, (n + 1) // 2), media_type=media_type, viewport=(size, size), quality=75)
+    return render(ds, frame=max(1, (n + 1) // 2), media_type=media_type, viewport=box, quality=75)
 
 
 # ----------------------------------------------------------------------------------------- transcode

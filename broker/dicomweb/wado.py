@@ -411,8 +411,7 @@ def render_instance(
     if "PixelData" not in ds:
         raise NotAcceptable(f"instance {ref.sop_uid} has no pixel data to render")
     if thumbnail:
-        size = max(params.viewport) if params.viewport else 128
-        return pixels.thumbnail(ds, media_type=media_type, size=size)
+        return pixels.thumbnail(ds, media_type=media_type, viewport=params.viewport)
     return pixels.render(
         ds,
         frame=frame or 1,

@@ -330,6 +330,12 @@ def test_rendered_viewport_source_region_crops_flips_and_scales(live_server: Liv
         # A thumbnail is of an image the server picks: pixel coordinates in it are refused.
         assert "thumbnail" in refused(f"/dicom-web/studies/{study}/thumbnail?viewport=64,64,0,0,30,20")
         assert http.get(f"/dicom-web/studies/{study}/thumbnail?viewport=64,64").status_code == 200
+        # A thumbnail fits inside vw x vh, its aspect kept, as a rendering does (it was fit inside
+        # a square of the larger side: 40 x 27 for 30,40, taller than asked for).
+        for query, size in (("viewport=30,40", (30, 20)), ("viewport=64,16", (24, 16))):
+            r = http.get(f"/dicom-web/studies/{study}/thumbnail?{query}", headers={"Accept": "image/png"})
+            assert r.status_code == 200, (query, r.status_code)
+            assert Image.open(io.BytesIO(r.content)).size == size, query
 
 
 def test_rendered_window_function_is_applied(archive: Archive) -> None:
