@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session, select
 
 from broker.identity import matching, service
-from broker.identity.models import IdentityRecord
+from broker.identity.models import BlockKey, IdentityRecord
 from broker.index.service import ingest_files
 from broker.security.schemas import Principal, Role
 from storage import open_store
@@ -156,3 +157,43 @@ def test_different_cyrillic_addresses_are_not_the_same_address(engine: Any, tmp_
 
     assert address_level("ISSUER-B", "B1") == "different"
     assert address_level("1.2.826.0.1.99", "C1") == "same"
+
+
+def test_addresses_stored_in_the_old_form_are_refreshed(engine: Any, tmp_path: Path) -> None:
+    """Upgrade: records stored before kept only the digits of a Cyrillic address, and a new
+    study of the same patient does not relink it (ingest relinks on a changed name, birth date
+    or sex). `refresh_addresses` recomputes them from the newest study's header, with their
+    keys; records still like their person stay linked, with no review item; ASCII addresses
+    are not touched."""
+    store = open_store((tmp_path / "objects").as_uri())
+    common = {"SpecificCharacterSet": "ISO_IR 192", "PatientBirthDate": "19800115", "PatientSex": "M"}
+    for facility, pid, name, address in (
+        ("fac-a", "A1", "Иванов^Пётр", "Москва, Ленинский проспект 12"),
+        ("fac-b", "B1", "Иванов^Пётр", "Москва, Ленинский проспект 12"),
+        ("fac-a", "A2", "Smith^John", "12 Main Street Springfield 4000"),
+    ):
+        header = {**common, "PatientID": pid, "PatientName": name, "PatientAddress": address}
+        _ingest(engine, store, facility, write_part10(tmp_path / f"{pid}.dcm", **header))
+    with Session(engine) as s:
+        # What the previous release stored for the Cyrillic ones.
+        s.execute(text("UPDATE identity_record SET address = '12' WHERE value IN ('A1', 'B1')"))
+        s.commit()
+    again = {**common, "PatientName": "Иванов^Пётр", "PatientAddress": "Москва, Ленинский проспект 12"}
+    _ingest(engine, store, "fac-a", write_part10(tmp_path / "A1-next.dcm", PatientID="A1", **again))
+
+    def records() -> dict[str, IdentityRecord]:
+        with Session(engine) as s:
+            return {r.value: r for r in s.exec(select(IdentityRecord)).all()}
+
+    assert records()["A1"].address == "12"  # a new study alone leaves it
+    with Session(engine) as s:
+        assert service.refresh_addresses(session=s) == 2
+        assert service.refresh_addresses(session=s) == 0  # current now: nothing to do
+    after = records()
+    assert after["A1"].address == after["B1"].address == "МОСКВА ЛЕНИНСКИЙ ПРОСПЕКТ 12"
+    assert after["A2"].address == "12 MAIN STREET SPRINGFIELD 4000"
+    assert after["A1"].person_id == after["B1"].person_id != after["A2"].person_id
+    with Session(engine) as s:
+        keys = set(s.exec(select(BlockKey.key).where(BlockKey.record_id == after["A1"].id)).all())
+        assert {"st:~МОСКВА1980", "sb:~ЛЕНИНС~ПРОСПЕ"} <= keys  # keyed on the address's words now
+        assert service.review_queue(session=s) == []
