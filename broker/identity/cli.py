@@ -180,6 +180,23 @@ def relink_names(data_dir: DataDir = None) -> None:
     console.print(f"{count} record(s) relinked on their names")
 
 
+@identity_app.command("refresh-addresses")
+def refresh_addresses(data_dir: DataDir = None) -> None:
+    """Recompute the addresses of records stored before addresses in other scripts counted.
+
+    Before, a Cyrillic, Greek, Han, Arabic ... address normalised to its digits alone and Ø, Ł, Đ,
+    ß were dropped: run this once after upgrading so those records are compared on their whole
+    address (read again from their patient's newest study). Records with an ASCII address are
+    not touched; records of feeds (FHIR, HL7) are refreshed by their next message."""
+    app_state = state(data_dir)
+    with Session(app_state.engine) as session:
+        try:
+            count = service.refresh_addresses(session=session)
+        except ScanOnceError as exc:
+            fail(exc)
+    console.print(f"{count} record(s) relinked on their addresses")
+
+
 @identity_app.command("trust")
 def trust(issuer: str, note: str = "", who: Who = None, data_dir: DataDir = None) -> None:
     """Declare an issuer trusted (e.g. a national ID): its identifiers link deterministically."""

@@ -444,3 +444,44 @@ def relink_named(*, session: Session, batch_size: int = 500) -> int:
                 link_patient(session=session, patient=patient)
                 relinked += 1
         session.commit()
+
+
+def refresh_addresses(*, session: Session, batch_size: int = 500) -> int:
+    """Relink the DICOM records whose address their patient's header writes in another script
+    or with letters such as Ø, Ł, ß, stored before those counted: such an address was its
+    digits alone (every Cyrillic or Han address in a town looked the same) and Ø was dropped.
+    The index keeps no address but the newest study's header, so that is what each is
+    recomputed from; a record whose address normalises as stored is not touched, nor one with
+    an ASCII address (it always normalised as it does now). A changed record is relinked as a
+    changed header would relink it (`_relink_after_update`). Commits per batch; a second run
+    finds nothing. Returns how many records were relinked."""
+    after, refreshed = 0, 0
+    while True:
+        rows = session.execute(
+            sa_select(col(IdentityRecord.id), col(IdentityRecord.patient_pk), col(IdentityRecord.address))
+            .where(
+                col(IdentityRecord.id) > after,
+                col(IdentityRecord.source) == "dicom",
+                col(IdentityRecord.patient_pk).is_not(None),
+            )
+            .order_by(col(IdentityRecord.id))
+            .limit(batch_size)
+        ).all()
+        if not rows:
+            session.commit()
+            return refreshed
+        after = rows[-1][0]
+        headers = index.newest_patient_headers(session=session, patient_pks=[pk for _id, pk, _a in rows])
+        stale: dict[int, dict[str, Any]] = {}
+        for _id, pk, stored in rows:
+            attrs = headers.get(pk)
+            if attrs is None:
+                continue
+            address = patient_extras(attrs)[0]
+            if not address.isascii() and matching.normalize_address(address) != stored:
+                stale[pk] = attrs
+        for patient in index.patients_by_pk(session=session, patient_pks=list(stale)):
+            assert patient.pk is not None
+            link_patient(session=session, patient=patient, dataset=stale[patient.pk])
+            refreshed += 1
+        session.commit()

@@ -91,7 +91,8 @@ _TOKEN = re.compile(r"[A-Z0-9]+")
 
 @dataclass(frozen=True, slots=True)
 class Demographics:
-    """Normalised demographics: upper-case ASCII, '' when unknown."""
+    """Normalised demographics, '' when unknown: upper case, Latin letters in ASCII, other
+    scripts kept (`normalize_name_part`, `normalize_address`)."""
 
     family: str = ""
     given: str = ""
@@ -109,11 +110,6 @@ class Demographics:
 
 
 # ---------------------------------------------------------------- normalisation
-
-
-def _ascii_upper(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text)
-    return decomposed.encode("ascii", "ignore").decode("ascii").upper()
 
 
 # Blocks of Latin letters, IPA and modifier letters, letter-like symbols and number forms,
@@ -145,15 +141,8 @@ def _script(c: str, current: str) -> str:
     return "greek" if name.startswith("GREEK") else "other"
 
 
-def _name_upper(text: str) -> str:
-    """A name upper-cased for matching. Latin as it always was: ASCII after NFKD (MÜLLER ->
-    MULLER; a letter with no ASCII form, Ø or Ł, is dropped as before), so nothing changes for
-    a Latin name. Letters of other scripts are kept, in their NFKC form (ﾔﾏﾀﾞ is ヤマダ) and
-    upper-cased where the script has case. Greek loses its accents as Latin does (Greek capitals
-    are written without tonos); every other script keeps its marks (ダ is not タ, शर्मा keeps
-    its vowel signs). Before, every non-Latin letter was dropped: ИВАНОВ, 王 or 김 had no name."""
-    if text.isascii():
-        return text.upper()
+def _runs(text: str) -> list[tuple[str, str]]:
+    """`text` cut into runs of one `_script` each, in order."""
     runs: list[tuple[str, list[str]]] = []
     for c in text:
         script = _script(c, runs[-1][0] if runs else "latin")
@@ -161,14 +150,33 @@ def _name_upper(text: str) -> str:
             runs[-1][1].append(c)
         else:
             runs.append((script, [c]))
+    return [(script, "".join(chars)) for script, chars in runs]
+
+
+def _greek_upper(run: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", run)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).upper()
+
+
+def _name_upper(text: str) -> str:
+    """A name upper-cased for matching. Latin as it always was: ASCII after NFKD (MÜLLER ->
+    MULLER; a letter with no ASCII form, Ø or Ł, is dropped as before), so nothing changes for
+    a Latin name. Letters of other scripts are kept, in their NFKC form (ﾔﾏﾀﾞ is ヤマダ) and
+    upper-cased where the script has case. Greek loses its accents as Latin does (Greek capitals
+    are written without tonos); every other script keeps its marks (ダ is not タ, शर्मा keeps
+    its vowel signs). Before, every non-Latin letter was dropped: ИВАНОВ, 王 or 김 had no name.
+
+    Ø, Ł, Đ, Æ, ß stay dropped here though addresses spell them (`_address_upper`): a name is
+    stored normalised and its blocking keys are rebuilt from what is stored, so spelling them
+    would leave every stored ØRSTED as RSTED, keyed as RSTED, against each new ORSTED."""
+    if text.isascii():
+        return text.upper()
     out = []
-    for script, chars in runs:
-        run = "".join(chars)
+    for script, run in _runs(text):
         if script == "latin":
             out.append(unicodedata.normalize("NFKD", run).encode("ascii", "ignore").decode("ascii"))
         elif script == "greek":
-            decomposed = unicodedata.normalize("NFKD", run)
-            out.append("".join(c for c in decomposed if not unicodedata.combining(c)))
+            out.append(_greek_upper(run))
         else:
             out.append(unicodedata.normalize("NFKC", run))
     return "".join(out).upper()
@@ -284,10 +292,100 @@ def normalize_sex(text: str | None) -> str:
     return first if first in ("M", "F", "O") else ""
 
 
+# Latin letters with no ASCII decomposition, spelled as addresses (and postal services) write
+# them in ASCII. NFKD leaves them whole, so the ASCII fold used to drop them: ØSTERGADE was
+# STERGADE, MÜLLERSTRAßE MULLERSTRAE.
+_LATIN_SPELLED = {
+    "ß": "SS",
+    "ẞ": "SS",
+    "Æ": "AE",
+    "æ": "AE",
+    "Œ": "OE",
+    "œ": "OE",
+    "Ø": "O",
+    "ø": "O",
+    "Ł": "L",
+    "ł": "L",
+    "Đ": "D",
+    "đ": "D",
+    "Ð": "D",
+    "ð": "D",
+    "Þ": "TH",
+    "þ": "TH",
+    "Ħ": "H",
+    "ħ": "H",
+    "ı": "I",
+    "Ŧ": "T",
+    "ŧ": "T",
+}
+
+
+def _latin_address_char(c: str) -> str:
+    """One character of a Latin run of an address in ASCII: a digit of any script as its ASCII
+    digit (٣, ३, ３ are 3), a letter folded or spelled, a mark dropped with its letter's accent,
+    and punctuation, a space or a symbol with no ASCII form (’, –, −, 、) a space, as ASCII
+    punctuation is: the minus of 9−1 must not make house 91."""
+    if c.isascii():
+        return c
+    digit = unicodedata.decimal(c, None)
+    if digit is not None:
+        return str(digit)
+    folded = unicodedata.normalize("NFKD", _LATIN_SPELLED.get(c, c)).encode("ascii", "ignore").decode("ascii")
+    if folded or unicodedata.category(c) in _JOINING:
+        return folded
+    return " "
+
+
+# Categories that join the letters around them when they have no ASCII form: a letter or mark
+# (dropped, as names drop them), a soft hyphen or zero-width (non-)joiner, which sit inside a
+# word (HAUPT-STRASSE split at a line's end; Persian puts ZWNJ inside words), and unassigned.
+_JOINING = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Cf", "Cn", "Co"})
+
+
+def _address_upper(text: str) -> str:
+    """An address upper-cased for matching, its scripts read as names' are (`_name_upper`) but
+    for Latin, whose letters with no ASCII form are spelled (`_LATIN_SPELLED`), and digits and
+    punctuation (`_latin_address_char`)."""
+    out = []
+    for script, run in _runs(text):
+        if script == "latin":
+            out.append("".join(_latin_address_char(c) for c in run))
+        elif script == "greek":
+            out.append(_greek_upper(run))
+        else:
+            out.append(unicodedata.normalize("NFKC", run))
+    return "".join(out).upper()
+
+
+def _address_tokens(text: str) -> list[str]:
+    """Tokens of an `_address_upper` text: runs of ASCII letters and digits as `_TOKEN` reads
+    them (12B is one token), and of letters of other scripts, which a digit run always starts
+    or ends: Han and kana run a street, its house number and 号 or 丁目 together, and 88号 and
+    89号 are different houses, not one long word with a typo."""
+    tokens: list[str] = []
+    start, previous = -1, ""
+    for i, c in enumerate(text + " "):
+        kind = "digit" if "0" <= c <= "9" else "ascii" if "A" <= c <= "Z" else "" if c.isascii() else "other"
+        if start >= 0 and (not kind or {kind, previous} == {"digit", "other"}):
+            tokens.append(text[start:i])
+            start = -1
+        if kind and start < 0:
+            start = i
+        previous = kind
+    return tokens
+
+
 def normalize_address(text: str | None) -> str:
+    """Upper-case tokens of an address, one space between. ASCII as it always was (stored
+    addresses and their blocking keys stay valid); letters of every other script kept
+    (`_address_upper`), where before each was dropped and every Cyrillic or Han address was its
+    digits alone."""
     if not text:
         return ""
-    return " ".join(_TOKEN.findall(_ascii_upper(str(text))))[:512]
+    text = str(text)
+    if text.isascii():
+        return " ".join(_TOKEN.findall(text.upper()))[:512]
+    return " ".join(_address_tokens(_address_upper(text)))[:512]
 
 
 def normalize_phone(text: str | None) -> str:
@@ -345,6 +443,8 @@ def _phonetic(name: str) -> str:
 # stored under an older version keep their old keys until `service.rebuild_keys` recomputes
 # them (queued at startup by `service.ensure_keys_current`); until then a new record can miss
 # them as candidates. 2: keys on street + town, birth month + initials, street + family name.
+# Address words in other scripts (`_word_code`) needed no new version: every stored address
+# was ASCII until then, and the keys of an ASCII address are what they were.
 KEYS_VERSION = 2
 
 
@@ -384,15 +484,27 @@ def block_keys(d: Demographics) -> set[str]:
     # dropped at query time, so this costs nothing where it says nothing.
     words = _long_words(d.address)
     if len(words) >= 2:
-        town = jellyfish.soundex(words[-1])
+        town = _word_code(words[-1])
         for w in dict.fromkeys(words[:2]):
             if w != words[-1]:
-                keys.add("sb:" + jellyfish.soundex(w) + town)
+                keys.add("sb:" + _word_code(w) + town)
     return keys
 
 
+def _is_word(token: str) -> bool:
+    """Letters only, of any script: `str.isalpha` alone says no to a Devanagari word, whose
+    vowel signs are marks."""
+    return token.isalpha() or (not token.isascii() and all(_is_name_char(c) for c in token))
+
+
+def _word_code(word: str) -> str:
+    """Soundex of a Latin word; of a word in another script its first six letters, as
+    `_phonetic` keys names (Soundex would code ЛЕНИНСКИЙ and ЛЕСНАЯ both Л000)."""
+    return jellyfish.soundex(word) if word.isascii() else "~" + word[:6]
+
+
 def _long_words(address: str) -> list[str]:
-    return [t for t in address.split() if len(t) >= 5 and t.isalpha() and t not in _STREET_TYPES]
+    return [t for t in address.split() if len(t) >= 5 and _is_word(t) and t not in _STREET_TYPES]
 
 
 # Street types say nothing about which street ("STREET" is in half of all addresses).
@@ -404,8 +516,8 @@ _STREET_TYPES = frozenset(
 
 def _street_token(address: str) -> str:
     """The first long word of an address (usually the street name), phonetically."""
-    word = next((t for t in address.split() if len(t) >= 5 and t.isalpha()), "")
-    return jellyfish.soundex(word) if word else ""
+    word = next((t for t in address.split() if len(t) >= 5 and _is_word(t)), "")
+    return _word_code(word) if word else ""
 
 
 def query_keys(d: Demographics) -> set[str]:

@@ -25,7 +25,8 @@ class Person(SQLModel, table=True):
 
 
 class IdentityRecord(SQLModel, table=True):
-    """One (issuer, value) and its normalised demographics (upper-case ASCII, '' when unknown)."""
+    """One (issuer, value) and its normalised demographics (`matching.Demographics`: upper case,
+    Latin letters in ASCII, '' when unknown)."""
 
     __tablename__ = "identity_record"
     __table_args__ = (

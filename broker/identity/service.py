@@ -34,7 +34,14 @@ from __future__ import annotations
 from broker.identity import matching
 from broker.identity.autotrain import TRAIN_JOB, ensure_trained, training_due
 from broker.identity.decisions import CORROBORATION_BITS, GENERATION_YEARS, auto_link_allowed
-from broker.identity.linking import link_patient, link_patients, patient_extras, relink_named, upsert_record
+from broker.identity.linking import (
+    link_patient,
+    link_patients,
+    patient_extras,
+    refresh_addresses,
+    relink_named,
+    upsert_record,
+)
 from broker.identity.manual import decide_review, explain, manual_link, merge, review_queue, unlink
 from broker.identity.params import (
     AUTO_WEIGHT,
@@ -111,6 +118,7 @@ __all__ = [
     "rebuild_keys",
     "rebuild_keys_now",
     "register_jobs",
+    "refresh_addresses",
     "relink_named",
     "review_queue",
     "search_persons",

@@ -8,8 +8,11 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 from broker.cli import app as scanonce
+from broker.index.service import ingest_files
+from broker.security.schemas import Principal, Role
+from storage import open_store
 
-from .conftest import cli_index, ingest_patient
+from .conftest import cli_index, ingest_patient, write_part10
 
 
 def test_review_link_unlink_explain(tmp_path: Path) -> None:
@@ -85,3 +88,39 @@ def test_relink_names_links_records_stored_without_their_name(tmp_path: Path) ->
         persons = conn.execute(text(f"SELECT DISTINCT person_id FROM patient WHERE pk IN {pks}")).all()
     engine.dispose()
     assert len(persons) == 1
+
+
+def test_refresh_addresses_recomputes_addresses_stored_in_the_old_form(tmp_path: Path) -> None:
+    """After the upgrade: a record stored when a Cyrillic address was its digits alone gets its
+    whole address from its patient's newest study by `scanonce identity refresh-addresses`; a
+    second run has nothing to do."""
+    from sqlalchemy import text
+
+    engine = cli_index(tmp_path)
+    path = write_part10(
+        tmp_path / "a1.dcm",
+        SpecificCharacterSet="ISO_IR 192",
+        PatientID="A1",
+        PatientName="Иванов^Пётр",
+        PatientBirthDate="19800115",
+        PatientAddress="Казань, ул. Баумана, 12",
+    )
+    outcomes = ingest_files(
+        engine=engine,
+        store=open_store((tmp_path / "objects").as_uri()),
+        principal=Principal(who="test", role=Role.admin, facility="fac-a"),
+        facility_id="fac-a",
+        paths=[path],
+    )
+    assert [o.status for o in outcomes] == ["stored"]
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE identity_record SET address = '12'"))
+    run = CliRunner().invoke
+    dd = ["--data-dir", str(tmp_path)]
+    r = run(scanonce, ["identity", "refresh-addresses", *dd])
+    assert r.exit_code == 0 and "1 record(s) relinked on their addresses" in r.output, r.output
+    r = run(scanonce, ["identity", "refresh-addresses", *dd])
+    assert r.exit_code == 0 and "0 record(s) relinked" in r.output, r.output
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT address FROM identity_record")).scalar() == "КАЗАНЬ УЛ БАУМАНА 12"
+    engine.dispose()
