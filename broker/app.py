@@ -225,6 +225,7 @@ async def _services(app: FastAPI) -> AsyncIterator[None]:
             principal=feed_principal(facility=state.settings.default_facility),
             host=state.settings.host,
             port=state.settings.mllp_port,
+            processing_ids=state.settings.mllp_processing_ids,
         )
     stop = threading.Event()  # the job worker, the periodic index sync, the reaper
     start_worker_thread(engine=state.engine, store=state.store, settings=state.settings, stop=stop)

@@ -124,6 +124,16 @@ class Settings(BaseSettings):
         le=65535,
         description="HL7 v2 MLLP port of the ADT identity feed (IHE ITI-8) under `scanonce serve` (0: off).",
     )
+    mllp_processing_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["P"],
+        description=(
+            "The HL7 processing IDs (MSH-11, table 0103: P production, T training, D debugging) the "
+            "ADT feed applies, comma separated; a message with another is refused (AR, or CR in "
+            "enhanced mode; ERR code 202, 101 when MSH-11 is empty) and changes nothing. Default P: "
+            "a test or training system's messages never reach a production index; a staging broker "
+            "fed by a test system sets `T` (or `P,T`)."
+        ),
+    )
     ae_title: str = Field(
         default="SCANONCE",
         description="This node's AE title; associations calling another AE title are rejected.",
@@ -421,7 +431,13 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("auth_trusted_issuers", "auth_algorithms", "outbound_allow_networks", mode="before")
+    @field_validator(
+        "auth_trusted_issuers",
+        "auth_algorithms",
+        "outbound_allow_networks",
+        "mllp_processing_ids",
+        mode="before",
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -435,6 +451,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("mllp_processing_ids")
+    @classmethod
+    def _check_processing_ids(cls, value: list[str]) -> list[str]:
+        ids = [v.strip().upper() for v in value]
+        if not ids or any(v not in ("P", "T", "D") for v in ids):
+            raise ValueError("processing IDs are P, T or D (HL7 table 0103), comma separated, at least one")
+        return sorted(set(ids))
 
     @field_validator("ae_title")
     @classmethod

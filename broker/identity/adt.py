@@ -2,8 +2,10 @@
 
 `handle_message` takes one decoded message and returns how to answer it: the outcome, AA when
 applied, AE when the content is wrong (no assigning authority, impossible birth date, unknown
-merge identifiers), AR when the message cannot be processed at all (unparseable, unsupported
-type); and the acknowledgements to send. Nothing is applied unless the whole message is.
+merge identifiers), AR when the message cannot be processed at all (unparseable; a message type,
+version (MSH-12) or processing ID (MSH-11) this receiver does not take, as HL7 v2.5 2.9.2 has a
+receiver check before it accepts a message); and the acknowledgements to send. Nothing is
+applied unless the whole message is.
 
 Which acknowledgements are sent is the sender's choice (HL7 v2.5 2.9): with MSH-15 and MSH-16
 both empty, original mode, one ACK carrying the outcome; otherwise enhanced mode, an accept
@@ -17,6 +19,7 @@ import logging
 import re
 import traceback
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +40,18 @@ log = logging.getLogger("scanonce.identity.adt")
 SUPPORTED = ("A01", "A04", "A08", "A40")
 _MAX_REPS = 20
 
+# MSH-11.1, HL7 table 0103: P production, T training, D debugging. A receiver applies only a
+# processing ID appropriate to it (v2.5 2.9.2); a broker is production unless
+# SCANONCE_MLLP_PROCESSING_IDS says otherwise, so a test system's T messages never change its
+# index. MSH-11.2, the processing mode (table 0207: archive, restore, initial load, current), is
+# not read: each is applied alike.
+DEFAULT_PROCESSING_IDS = ("P",)
+# MSH-12.1: HL7 v2.1 and later (table 0104: 2.1, 2.2, 2.3, 2.3.1 ... 2.5.1 ... 2.8.2, 2.9), the
+# field layout read here; later v2 versions only add at the end of segments and components
+# (v2's backward compatibility rules), so a 2.x not yet released is read alike. Not 2.0 (1988,
+# before the layout settled), not v3 or anything else.
+_VERSION = re.compile(r"2\.[1-9][0-9]*(\.[0-9]+)?")
+
 
 # HL7 table 0357 (message error condition codes): ERR-3 of a negative ACK.
 SEGMENT_SEQUENCE = "100"
@@ -45,6 +60,8 @@ DATA_TYPE = "102"
 TABLE_VALUE = "103"
 UNSUPPORTED_TYPE = "200"
 UNSUPPORTED_EVENT = "201"
+UNSUPPORTED_PROCESSING_ID = "202"
+UNSUPPORTED_VERSION = "203"
 UNKNOWN_KEY = "204"
 RECORD_LOCKED = "206"
 INTERNAL = "207"
@@ -55,6 +72,8 @@ _ERROR_NAMES = {
     TABLE_VALUE: "Table value not found",
     UNSUPPORTED_TYPE: "Unsupported message type",
     UNSUPPORTED_EVENT: "Unsupported event code",
+    UNSUPPORTED_PROCESSING_ID: "Unsupported processing id",
+    UNSUPPORTED_VERSION: "Unsupported version id",
     UNKNOWN_KEY: "Unknown key identifier",
     RECORD_LOCKED: "Application record locked",
     INTERNAL: "Application internal error",
@@ -310,6 +329,28 @@ def _escape(value: str) -> str:
     return "".join(c if c >= " " else " " for c in value)
 
 
+# MSA-3 (text message, ST) is 80 characters long in HL7 v2.5; a receiver may cut or refuse more.
+_MSA_TEXT_LENGTH = 80
+
+
+def _bounded(text: str, limit: int = _MSA_TEXT_LENGTH) -> str:
+    """`text` escaped for the ACK in at most `limit` characters, escape sequences counted (so it
+    fits whichever way a receiver counts). A longer one is cut between characters, never inside
+    an escape sequence, at the last space when that keeps more than half of it, and ends in
+    "..." (ASCII: it survives any MSH-18 character set)."""
+    escaped = [_escape(c) for c in text]
+    if sum(map(len, escaped)) <= limit:
+        return "".join(escaped)
+    budget, kept, used = limit - 3, 0, 0
+    while used + len(escaped[kept]) <= budget:
+        used += len(escaped[kept])
+        kept += 1
+    space = text.rfind(" ", 0, kept + 1)  # text[kept] a space: cutting there ends a word
+    if space > budget // 2:
+        kept = space
+    return "".join(escaped[:kept]).rstrip() + "..."
+
+
 def _build_ack(
     code: str, text: str, msg: Any = None, error: str = "", *, location: str = "", enhanced: bool = False
 ) -> Ack:
@@ -339,7 +380,8 @@ def _build_ack(
         # MSH-18: the ACK is written in the set the message declared (broker.identity.mllp).
         tail = (tail or ["", "", "", ""]) + ["", _escape(charset)]
     msh += tail
-    segments = ["|".join(msh), "|".join(["MSA", code, control_id, _escape(text)]).rstrip("|")]
+    # MSA-3 bounded (`_bounded`); ERR-8 (250 long) says it whole.
+    segments = ["|".join(msh), "|".join(["MSA", code, control_id, _bounded(text)]).rstrip("|")]
     if code not in ("AA", "CA"):
         error = error or INTERNAL
         name = _ERROR_NAMES[error]
@@ -355,75 +397,161 @@ def nak(code: str, text: str, error: str = INTERNAL) -> Ack:
     return _build_ack(code, text, error=error)
 
 
-def _ack(msg: Any, code: str, text: str = "", error: str = "", *, enhanced: bool = False) -> Ack:
-    return _build_ack(code, text, msg, error, enhanced=enhanced)
+def _ack(msg: Any, outcome: _Outcome, code: str, *, enhanced: bool) -> Ack:
+    """The acknowledgement `code` of `outcome`: why in MSA-3 and ERR unless it is a success."""
+    reason = ("", "", "") if code in ("AA", "CA") else (outcome.text, outcome.error, outcome.location)
+    text, error, location = reason
+    return _build_ack(code, text, msg, error, location=location, enhanced=enhanced)
 
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    """What became of one readable message. `code`, `text`, `error`: as original mode says it.
-    `accept`: the accept acknowledgement enhanced mode sends for it (HL7 table 0008): CA when it
-    was taken (applied, or refused by the application for its content: the same message sent
-    again would be refused again), CR when what its header says is refused (message type or
-    event), CE when it was not taken for another reason: a block holding several messages, or a
-    failure on our side before anything was stored (sent again, alone or later, it may be)."""
+    """What became of one readable message. `code`, `text`, `error`, `location` (ERL, the field
+    to blame): as original mode says it. `accept`: the accept acknowledgement enhanced mode sends
+    for it (HL7 table 0008): CA when it was taken (applied, or refused by the application for its
+    content: the same message sent again would be refused again), CR when what its header says
+    is refused (message type or event, version, processing ID; a message that cannot be
+    parsed), CE when it was not taken for another reason: a block holding several messages or
+    not framed as MLLP, or a failure on our side before anything was stored (sent again, alone,
+    framed or later, it may be)."""
 
     code: str
     text: str = ""
     error: str = ""
     accept: str = "CA"
+    location: str = ""
 
 
 _CONDITION_FIELDS = {15: "accept acknowledgment type", 16: "application acknowledgment type"}
 
 
-def handle_message(*, engine: Engine, raw: str, principal: Principal) -> Reply:
-    """Apply one ADT message; return how to answer it (never raises for bad input)."""
-    authorize(principal, action="identity.feed", facility=principal.facility)
-    try:
-        # Segments end with CR; LF or CR LF (files, test tools) are read alike.
-        text = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x0b\x1c")
-        msg = hl7.parse(_decode_escapes(text))
-        msg.segment("MSH")
-    except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
-        # Its MSH-15/16 cannot be read either: original mode is all that is left.
-        return original(nak("AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE))
-    accept_when, application_when = _get(msg, "MSH.F15"), _get(msg, "MSH.F16")
+def _answer(msg: Any, outcome_of: Callable[[], _Outcome]) -> Reply:
+    """Work out `msg`'s outcome (`outcome_of`, run only if the message asks for answers we can
+    give) and answer it in the mode its MSH-15/16 ask for."""
+    # Table 0155 codes are upper case; senders that write "al" or " AL" mean AL (receivers take
+    # them so), so they are matched trimmed (`_get`) and in any case.
+    accept_when, application_when = _get(msg, "MSH.F15").upper(), _get(msg, "MSH.F16").upper()
     if not (accept_when or application_when):
-        outcome = _apply(engine=engine, msg=msg, principal=principal)
-        return original(_ack(msg, outcome.code, outcome.text, outcome.error))
+        outcome = outcome_of()
+        return original(_ack(msg, outcome, outcome.code, enhanced=False))
     for field, value in ((15, accept_when), (16, application_when)):
         if value and value not in _CONDITIONS:
             # Which acknowledgements the sender wants is unknown, so it gets the one that says so.
             name = _CONDITION_FIELDS[field]
-            why = f"MSH-{field} {name} '{value[:20]}' is not AL, NE, ER or SU (HL7 table 0155)"
+            said = _get(msg, f"MSH.F{field}")[:20]
+            why = f"MSH-{field} {name} '{said}' is not AL, NE, ER or SU (HL7 table 0155)"
             cr = _build_ack("CR", why, msg, TABLE_VALUE, location=f"MSH^1^{field}", enhanced=True)
             return Reply(code="AR", acks=(cr,))
-    outcome = _apply(engine=engine, msg=msg, principal=principal)
+    outcome = outcome_of()
     acks = []
     # Both are sent once the message is applied: the broker has no store to accept into first, so
     # a CA sent earlier would promise what a failure to apply could break. An empty condition is NE:
     # a frame the sender did not ask for would be read as the answer to its next message.
-    taken = outcome.accept == "CA"
-    if _wanted(accept_when or "NE", success=taken):
-        # A CA says only that the message was taken; what became of it is the application ack's.
-        reason = ("", "") if taken else (outcome.text, outcome.error)
-        acks.append(_ack(msg, outcome.accept, *reason, enhanced=True))
+    # A CA says only that the message was taken; what became of it is the application ack's.
+    if _wanted(accept_when or "NE", success=outcome.accept == "CA"):
+        acks.append(_ack(msg, outcome, outcome.accept, enhanced=True))
     if _wanted(application_when or "NE", success=outcome.code == "AA"):
-        acks.append(_ack(msg, outcome.code, outcome.text, outcome.error, enhanced=True))
+        acks.append(_ack(msg, outcome, outcome.code, enhanced=True))
     return Reply(code=outcome.code, acks=tuple(acks))
 
 
-def _apply(*, engine: Engine, msg: Any, principal: Principal) -> _Outcome:
+def _segments(raw: str) -> str:
+    """Segments end with CR; LF or CR LF (files, test tools) are read alike. MLLP framing left
+    in (a <VT>, an <FS>) is not part of the message."""
+    return raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x0b\x1c")
+
+
+def _header(raw: str) -> Any:
+    """The first segment of `raw` parsed alone if it is an MSH segment, else None: what a
+    message the parser refuses (or a block the listener refuses) still says about itself."""
+    first = _segments(raw).split("\r", 1)[0]
+    try:
+        header = hl7.parse(_decode_escapes(first))
+        header.segment("MSH")
+    except Exception:  # noqa: BLE001 - anything the parser chokes on is an unreadable header
+        return None
+    return header
+
+
+def refuse(raw: str, code: str, text: str, error: str, *, accept: str) -> Reply:
+    """The answer to what cannot be handled as a message (`code` AR or AE, `accept` CR or CE as
+    `_Outcome` says, `error` from table 0357): `raw` is the decoded block, or what was read of it.
+
+    When its MSH segment can be read, the answer is in the mode its MSH-15/16 ask for, with its
+    control id: a sender in enhanced mode reads an original-mode ACK it did not ask for as the
+    answer to its next message. When it cannot, there are no MSH-15/16 to read, and empty
+    MSH-15/16 are original mode (HL7 v2.5 2.9.2): one ACK with no control id, what an
+    original-mode sender waits for and an enhanced-mode one can at least log. Nothing is applied."""
+    header = _header(raw)
+    if header is None:
+        return original(nak(code, text, error))
+    return _answer(header, lambda: _Outcome(code, text, error, accept=accept))
+
+
+def handle_message(
+    *,
+    engine: Engine,
+    raw: str,
+    principal: Principal,
+    processing_ids: Collection[str] = DEFAULT_PROCESSING_IDS,
+) -> Reply:
+    """Apply one ADT message; return how to answer it (never raises for bad input). A message
+    whose MSH-11 is not in `processing_ids` (table 0103) is refused, not applied."""
+    authorize(principal, action="identity.feed", facility=principal.facility)
+    text = _segments(raw)
+    try:
+        msg = hl7.parse(_decode_escapes(text))
+        msg.segment("MSH")
+    except Exception:  # noqa: BLE001 - anything the parser chokes on is an unparseable message
+        # Its MSH segment alone may still be readable (an empty line between two segments is
+        # enough to make the parser give up): then it is answered in the mode it asks for.
+        return refuse(text, "AR", "message could not be parsed as HL7 v2", SEGMENT_SEQUENCE, accept="CR")
+    return _answer(
+        msg, lambda: _apply(engine=engine, msg=msg, principal=principal, processing_ids=processing_ids)
+    )
+
+
+def _refused_header(msg: Any, processing_ids: Collection[str]) -> _Outcome | None:
+    """What HL7 v2.5 2.9.2 has a receiver check before it accepts a message, in its order: the
+    message type (MSH-9), the version (MSH-12), the processing ID (MSH-11). A failure is a
+    reject: AR, CR in enhanced mode (2.9.3). None: all taken."""
+    msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
+    if msg_type != "ADT" or event not in SUPPORTED:
+        error = UNSUPPORTED_TYPE if msg_type != "ADT" else UNSUPPORTED_EVENT
+        return _Outcome("AR", f"unsupported message type {msg_type}^{event}"[:80], error, accept="CR")
+    version = _get(msg, "MSH.F12.R1.C1")
+    if not _VERSION.fullmatch(version):
+        # Empty: a required field missing (every v2 version requires it), else one we do not read.
+        why = (
+            f"MSH-12 version ID '{version[:20]}' is not HL7 v2.1 or later"
+            if version
+            else "MSH-12 version ID is empty"
+        )
+        error = UNSUPPORTED_VERSION if version else REQUIRED_FIELD
+        return _Outcome("AR", why, error, accept="CR", location="MSH^1^12")
+    processing = _get(msg, "MSH.F11.R1.C1")
+    if processing.upper() not in processing_ids:  # "p" is P, as "al" is AL
+        taken = ", ".join(sorted(processing_ids))
+        said = processing[:20]
+        why = (
+            f"MSH-11 processing ID '{said}' is not processed here ({taken})"
+            if said
+            else "MSH-11 processing ID is empty"
+        )
+        error = UNSUPPORTED_PROCESSING_ID if said else REQUIRED_FIELD
+        return _Outcome("AR", why, error, accept="CR", location="MSH^1^11")
+    return None
+
+
+def _apply(*, engine: Engine, msg: Any, principal: Principal, processing_ids: Collection[str]) -> _Outcome:
     control_id = _get(msg, "MSH.F10")
     if len(msg.segments("MSH")) > 1:
         # One ACK cannot acknowledge two messages: the sender would take AA for both.
         several = "an MLLP block carries one message; this one holds several"
         return _Outcome("AR", several, SEGMENT_SEQUENCE, accept="CE")
-    msg_type, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
-    if msg_type != "ADT" or event not in SUPPORTED:
-        error = UNSUPPORTED_TYPE if msg_type != "ADT" else UNSUPPORTED_EVENT
-        return _Outcome("AR", f"unsupported message type {msg_type}^{event}"[:80], error, accept="CR")
+    if refused := _refused_header(msg, processing_ids):
+        return refused
+    event = _get(msg, "MSH.F9.R1.C2")
     try:
         msg.segment("PID")
     except KeyError:

@@ -232,6 +232,7 @@ def mllp(
         principal=feed_principal(facility=settings.default_facility),
         host=host or settings.host,
         port=(settings.mllp_port or 2575) if port is None else port,
+        processing_ids=settings.mllp_processing_ids,
     )
     console.print(f"MLLP listening on {handle.host}:{handle.port} (Ctrl-C stops)")
     try:

@@ -11,9 +11,10 @@ other connections go on. The answer is what the message asks for (`adt.handle_me
 ACK in original mode; in enhanced mode an accept and an application acknowledgement, one
 frame each, either or none. A block that does not start with <VT> is answered with an AR and
 reading goes on at the next block; a block over MAX_MESSAGE_BYTES is answered with an AR and
-the connection closed (where the next block starts is unknown). A sender that goes away
-mid-block costs its own connection only. Logs carry peers and control ids, never
-message content.
+the connection closed (where the next block starts is unknown). Those, and a failure on our
+side, are answered in the mode the block's MSH-15/16 ask for when its MSH segment can be read
+(`adt.refuse`), else in original mode. A sender that goes away mid-block costs its own
+connection only. Logs carry peers and control ids, never message content.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,6 +33,8 @@ from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 from sqlalchemy.engine import Engine
 
 from broker.identity.adt import (
+    DEFAULT_PROCESSING_IDS,
+    INTERNAL,
     SEGMENT_SEQUENCE,
     Ack,
     Reply,
@@ -39,6 +43,7 @@ from broker.identity.adt import (
     handle_message,
     nak,
     original,
+    refuse,
 )
 from broker.metrics import observe_mllp
 from broker.security.schemas import Principal
@@ -51,6 +56,8 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 LINGER_SECONDS = 5.0
 # Messages applied at once across all connections (each holds a database connection).
 WORKERS = 8
+# What is read of a refused oversized block to find its MSH segment (`_Oversized`).
+_HEAD_BYTES = 4096
 
 # The connections each listening server is serving (asyncio.Server does not track them).
 _connections: weakref.WeakKeyDictionary[asyncio.Server, set[asyncio.Task[None]]] = weakref.WeakKeyDictionary()
@@ -71,21 +78,48 @@ _START_BLOCK, _END_BLOCK = b"\x0b", b"\x1c\r"
 _BETWEEN_BLOCKS = frozenset(b" \t\r\n")
 
 
+def _after_start(content: bytes) -> bytes:
+    """A refused block's message: what follows its <VT> if it has one further on (stray bytes
+    before it), else all of it (a sender that never writes one)."""
+    start = content.find(_START_BLOCK)
+    return content[start + 1 :] if start >= 0 else content
+
+
+class _Unframed(InvalidBlockError):
+    """A block that does not start with <VT>, consumed up to its <FS><CR>; `message` what it
+    holds after any <VT> (its MSH segment says how to answer it)."""
+
+    def __init__(self, message: bytes) -> None:
+        super().__init__("Block does not begin with Start Block character <VT>")
+        self.message = message
+
+
+class _Oversized(ValueError):
+    """A block over the stream's limit; `head` its first bytes (after any <VT>), to read its
+    MSH segment from. The rest is still unread."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__(f"block larger than {MAX_MESSAGE_BYTES} bytes")
+        self.head = head
+
+
 async def _read_block(reader: HL7StreamReader) -> bytes:
     """The next MLLP block's content, as `HL7StreamReader.readblock` reads it, but skipping
     whitespace before the <VT>: the library took a trailing <LF> for the start of a block
     without <VT>, and the message after it was answered AR and lost.
 
-    Raises InvalidBlockError (anything else before <VT>: the block is consumed), ValueError
-    (over the stream's limit), asyncio.IncompleteReadError (the peer went away)."""
+    Raises _Unframed (anything else before <VT>: the block is consumed), _Oversized (over the
+    stream's limit), asyncio.IncompleteReadError (the peer went away)."""
     while (first := await reader.readexactly(1))[0] in _BETWEEN_BLOCKS:
         pass
     try:
         rest = await reader.readuntil(_END_BLOCK)
-    except asyncio.LimitOverrunError as exc:
-        raise ValueError(str(exc)) from exc
+    except asyncio.LimitOverrunError:
+        # The bytes are left in the reader's buffer: its first ones come at once.
+        head = first + await reader.read(_HEAD_BYTES)
+        raise _Oversized(head[1:] if first == _START_BLOCK else _after_start(head)) from None
     if first != _START_BLOCK:
-        raise InvalidBlockError("Block does not begin with Start Block character <VT>")
+        raise _Unframed(_after_start(first + rest[: -len(_END_BLOCK)]))
     return rest[: -len(_END_BLOCK)]
 
 
@@ -99,8 +133,20 @@ async def _reply(writer: HL7StreamWriter, *acks: Ack, codec: str = "") -> None:
     await writer.drain()
 
 
+def _refused(message: bytes, code: str, text: str, error: str, *, accept: str) -> Reply:
+    """`adt.refuse` for the bytes of a block that was not handled as a message."""
+    try:
+        return refuse(_decode(message), code, text, error, accept=accept)
+    except Exception:  # noqa: BLE001 - whatever broke reading its header, the sender gets an answer
+        return original(nak(code, text, error))
+
+
 async def _serve_connection(
-    engine: Engine, principal: Principal, reader: HL7StreamReader, writer: HL7StreamWriter
+    engine: Engine,
+    principal: Principal,
+    processing_ids: Collection[str],
+    reader: HL7StreamReader,
+    writer: HL7StreamWriter,
 ) -> None:
     peer = writer.get_extra_info("peername")
     loop = asyncio.get_running_loop()
@@ -108,13 +154,17 @@ async def _serve_connection(
         while True:
             try:
                 block = await _read_block(reader)
-            except InvalidBlockError:
+            except _Unframed as exc:
                 # The bytes up to the end-of-block were consumed: the next block can still be read.
-                no_vt = nak("AR", "MLLP block does not start with <VT> (0x0B)", SEGMENT_SEQUENCE)
-                await _reply(writer, no_vt)
+                # Framed as it should be, the same message may be taken: CE, not CR.
+                no_vt = "MLLP block does not start with <VT> (0x0B)"
+                reply = _refused(exc.message, "AR", no_vt, SEGMENT_SEQUENCE, accept="CE")
+                await _reply(writer, *reply.acks, codec=_declared(exc.message))
                 continue
-            except ValueError:
-                await _reply(writer, nak("AR", f"message larger than {MAX_MESSAGE_BYTES} bytes"))
+            except _Oversized as exc:
+                too_big = f"message larger than {MAX_MESSAGE_BYTES} bytes"
+                reply = _refused(exc.head, "AR", too_big, INTERNAL, accept="CR")
+                await _reply(writer, *reply.acks, codec=_declared(exc.head))
                 await _linger(reader, writer)
                 break
             except asyncio.IncompleteReadError as exc:
@@ -123,10 +173,11 @@ async def _serve_connection(
                 break
             start = time.perf_counter()
             try:
-                reply = await loop.run_in_executor(None, _apply, engine, principal, block)
+                reply = await loop.run_in_executor(None, _apply, engine, principal, processing_ids, block)
             except Exception:  # noqa: BLE001 - the sender gets an answer whatever went wrong
                 log.error("MLLP message from %s could not be applied", peer)
-                reply = original(nak("AE", "internal error while applying the message"))
+                failed = "internal error while applying the message"
+                reply = _refused(block, "AE", failed, INTERNAL, accept="CE")
             observe_mllp("ADT", reply.code, time.perf_counter() - start)
             await _reply(writer, *reply.acks, codec=_declared(block))
     except (ConnectionError, asyncio.CancelledError):
@@ -148,20 +199,30 @@ async def _linger(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         pass
 
 
-def _apply(engine: Engine, principal: Principal, block: bytes) -> Reply:
-    return handle_message(engine=engine, raw=_decode(block), principal=principal)
+def _apply(engine: Engine, principal: Principal, processing_ids: Collection[str], block: bytes) -> Reply:
+    return handle_message(
+        engine=engine, raw=_decode(block), principal=principal, processing_ids=processing_ids
+    )
 
 
 async def start_mllp_listener(
-    *, engine: Engine, principal: Principal, host: str = "127.0.0.1", port: int = 2575
+    *,
+    engine: Engine,
+    principal: Principal,
+    host: str = "127.0.0.1",
+    port: int = 2575,
+    processing_ids: Collection[str] = DEFAULT_PROCESSING_IDS,
 ) -> asyncio.Server:
     """Start listening on the running loop (port 0 picks a free one: see
     `server.sockets[0].getsockname()`). Prefer `start_mllp`, which also owns the threads.
-    Messages are applied as `principal` (`adt.feed_principal`)."""
+    Messages are applied as `principal` (`adt.feed_principal`); only those whose MSH-11 is one
+    of `processing_ids` (`Settings.mllp_processing_ids`)."""
     tasks: set[asyncio.Task[None]] = set()
+    taken = frozenset(p.strip().upper() for p in processing_ids)  # as MSH-11 is compared
 
     def on_client(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(_serve_connection(engine, principal, reader, writer))
+        serve = _serve_connection(engine, principal, taken, reader, writer)
+        task = asyncio.get_running_loop().create_task(serve)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -191,9 +252,17 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def start_mllp(*, engine: Engine, principal: Principal, host: str, port: int) -> MllpHandle:
+def start_mllp(
+    *,
+    engine: Engine,
+    principal: Principal,
+    host: str,
+    port: int,
+    processing_ids: Collection[str] = DEFAULT_PROCESSING_IDS,
+) -> MllpHandle:
     """Listen for HL7 v2 over MLLP in background threads; returns once the socket is bound.
-    Messages are applied as `principal` (`adt.feed_principal`).
+    Messages are applied as `principal` (`adt.feed_principal`), those whose MSH-11 processing ID
+    is one of `processing_ids` (HL7 table 0103; `Settings.mllp_processing_ids`): others are refused.
 
     `port` 0 picks a free port (see `handle.port`). Raises OSError when the address is taken.
     """
@@ -202,7 +271,10 @@ def start_mllp(*, engine: Engine, principal: Principal, host: str, port: int) ->
     thread = threading.Thread(target=_run_loop, args=(loop,), name="scanonce-mllp-listener", daemon=True)
     thread.start()
     future = asyncio.run_coroutine_threadsafe(
-        start_mllp_listener(engine=engine, principal=principal, host=host, port=port), loop
+        start_mllp_listener(
+            engine=engine, principal=principal, host=host, port=port, processing_ids=processing_ids
+        ),
+        loop,
     )
     try:
         server = future.result(timeout=30)

@@ -180,3 +180,20 @@ def test_serve_listens_for_mllp_unless_disabled(tmp_path: Path) -> None:
         assert httpx.get(f"{served.url}/healthz").text == "ok"
         assert _listening_ports(served.proc.pid) == {int(served.url.rsplit(":", 1)[1])}
         assert "HL7 MLLP" not in served.log.read_text()
+
+
+def test_serve_applies_the_processing_ids_it_is_set_to(tmp_path: Path) -> None:
+    """SCANONCE_MLLP_PROCESSING_IDS reaches the listener `scanonce serve` starts: a staging
+    broker set to T applies a test system's training messages and refuses production ones."""
+    embedded = SimpleNamespace(
+        database_url=f"sqlite:///{tmp_path / 'index.sqlite3'}", storage_url=(tmp_path / "objects").as_uri()
+    )
+    training = adt("A01", "T1", "T1^^^ISSUER-A", "TRAINING^TINA", "19700101", "F").replace(
+        "|P|2.5\r", "|T|2.5\r"
+    )
+    production = adt("A01", "P1", "P1^^^ISSUER-A", "PRODUCTION^PAUL", "19700101", "M")
+    with scanonce_serve(tmp_path, embedded, SCANONCE_MLLP_PROCESSING_IDS="T") as served:
+        wait_for_port(served.mllp_port, timeout=30)
+        assert _send(served.mllp_port, training)[1:3] == ["AA", "T1"]
+        refused = _send(served.mllp_port, production)
+        assert refused[1:4] == ["AR", "P1", "MSH-11 processing ID 'P' is not processed here (T)"]
