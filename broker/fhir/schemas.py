@@ -108,7 +108,7 @@ def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "
 
 
 # Representations whose names are the record's other names (searched, never compared).
-_OTHER_REPRESENTATIONS = ("IDE", "SYL")
+_OTHER_REPRESENTATIONS = (matching.IDEOGRAPHIC, matching.PHONETIC)
 
 
 def _name_representation(name: Any) -> str:
@@ -119,24 +119,25 @@ def _name_representation(name: Any) -> str:
     return ""
 
 
-def _other_names(names: list[Any]) -> tuple[tuple[str, str], ...] | None:
-    """(family, given) of the IDE and SYL names, normalised as `matching.other_names` does for a
-    PatientName's groups; None when there are none, so that what is stored is kept (a feed that
-    never sends them must not erase a DICOM header's). One without family and given is ignored."""
-    out: list[tuple[str, str]] = []
+def _other_names(names: list[Any]) -> tuple[matching.OtherName, ...] | None:
+    """The IDE and SYL names, normalised as `matching.other_names` does for a PatientName's
+    groups, each with its representation; None when there are none, so that what is stored is
+    kept (a feed that never sends them must not erase a DICOM header's). One without family and
+    given is ignored."""
+    out: list[matching.OtherName] = []
     for name in names:
-        if _name_representation(name) not in _OTHER_REPRESENTATIONS:
+        representation = _name_representation(name)
+        if representation not in _OTHER_REPRESENTATIONS:
             continue
         family = matching.normalize_name_part(str(name.family or ""))
         given = matching.normalize_name_part(str(name.given[0]) if name.given else "")
-        if (family or given) and (family, given) not in out:
-            out.append((family, given))
+        matching.add_other_name(out, matching.OtherName(family, given, representation))
     return tuple(out) or None
 
 
 def parse_patient(
     raw: bytes,
-) -> tuple[Identifier, list[Identifier], matching.Demographics, tuple[tuple[str, str], ...] | None]:
+) -> tuple[Identifier, list[Identifier], matching.Demographics, tuple[matching.OtherName, ...] | None]:
     """Validate a FHIR R4 Patient and extract identifiers, demographics and other names
     (BadRequest if not).
 

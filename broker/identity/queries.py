@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-from sqlalchemy import ColumnElement, or_
+from sqlalchemy import ColumnElement, union_all
 from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, NotFound
@@ -140,8 +140,13 @@ def _name_starts(part: str, prefix: str) -> ColumnElement[bool]:
     against any of a Patient's names (FHIR search), and so does this."""
     # One bound pattern, not startswith's `? || '%'`: SQLite serves only that from the index, and
     # a normalised name holds no LIKE wildcard (normalize_name_part keeps letters, ' ', - and ').
-    other = select(IdentityName.record_id).where(col(getattr(IdentityName, part)).like(prefix + "%"))
-    return or_(col(getattr(IdentityRecord, part)).startswith(prefix), col(IdentityRecord.id).in_(other))
+    # A union of two index scans, not `own LIKE OR id IN (other)`: neither backend can serve an
+    # OR with a subquery from an index, so the record table was read whole for every search.
+    # PostgreSQL serves LIKE from the *_pat indexes (0013, 0014) under a non-C collation.
+    pattern = prefix + "%"
+    own = select(IdentityRecord.id).where(col(getattr(IdentityRecord, part)).like(pattern))
+    other = select(IdentityName.record_id).where(col(getattr(IdentityName, part)).like(pattern))
+    return col(IdentityRecord.id).in_(union_all(own, other))
 
 
 def search_persons(
