@@ -68,13 +68,25 @@ def _group_name(group: str, code: str) -> dict[str, Any] | None:
     return name
 
 
-def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "")) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class OtherNames:
+    """A person's names besides the MPI's, as a Patient shows them."""
+
+    # The Ideographic and Phonetic groups of the PatientName one of its records has in the
+    # index (山田^太郎, やまだ^たろう), as written; "" where there is none.
+    groups: tuple[str, str] = ("", "")
+    # The ideographic and phonetic names a feed gave its records (FHIR IDE/SYL, HL7 XPN.8 I/P),
+    # normalised as stored, that no header of the person names.
+    fed: tuple[matching.OtherName, ...] = ()
+
+
+def patient_resource(view: PersonView, *, other_names: OtherNames = OtherNames()) -> dict[str, Any]:
     """A person as a FHIR Patient (id: the person id; identifiers: every record's).
 
     `name`: the MPI's name of the person (normalised, from a PatientName's Alphabetic group);
-    and with `other_groups` (the Ideographic and Phonetic groups of the PatientName one of its
-    records has in the index: 山田^太郎, やまだ^たろう) one more HumanName for each, as written,
-    each marked with its ISO 21090 representation (IDE, SYL; the first then ABC)."""
+    and one more HumanName for each of `other_names`, the groups then the fed names, each
+    marked with its ISO 21090 representation (IDE, SYL; the first then ABC) as the feed takes
+    them back."""
     res: dict[str, Any] = {
         "resourceType": "Patient",
         "id": str(view.person_id),
@@ -90,7 +102,9 @@ def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "
         if given:
             name["given"] = given
         names.append(name)
-    others = [n for g, code in zip(other_groups, ("IDE", "SYL"), strict=True) if (n := _group_name(g, code))]
+    groups = zip(other_names.groups, (matching.IDEOGRAPHIC, matching.PHONETIC), strict=True)
+    others = [n for g, code in groups if (n := _group_name(g, code))]
+    others += [n for f in other_names.fed if (n := _group_name(f"{f.family}^{f.given}", f.representation))]
     if others and names:
         names[0] = {"extension": _representation("ABC"), **names[0]}
     names += others

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 
 from sqlalchemy import ColumnElement, union_all
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, NotFound
@@ -131,6 +132,46 @@ def person_view(*, session: Session, person_id: int, keep: RecordFilter | None =
         address=first("address"),
         phone=first("phone"),
     )
+
+
+def fed_other_names(
+    *, session: Session, person_ids: Sequence[int], keep: RecordFilter | None = None
+) -> dict[int, list[matching.OtherName]]:
+    """Per person: the other names of its records whose demographics a feed (FHIR, HL7) gave
+    last, of the records the caller may see; IDE before SYL, then by record. A header's names
+    are left to the index's patient rows, which keep them as written; a row whose
+    representation is not known (stored before 0014, named by no header) is left out."""
+    if not person_ids:
+        return {}
+    rows = session.execute(
+        sa_select(
+            col(IdentityRecord.id),
+            col(IdentityRecord.person_id),
+            col(IdentityName.family),
+            col(IdentityName.given),
+            col(IdentityName.representation),
+        )
+        .join(IdentityName, col(IdentityName.record_id) == col(IdentityRecord.id))
+        .where(
+            col(IdentityRecord.person_id).in_(list(person_ids)),
+            col(IdentityRecord.source) != "dicom",
+            col(IdentityName.representation).in_((matching.IDEOGRAPHIC, matching.PHONETIC)),
+        )
+        .order_by(
+            col(IdentityRecord.person_id),
+            col(IdentityName.representation) != matching.IDEOGRAPHIC,
+            col(IdentityRecord.id),
+            col(IdentityName.family),
+            col(IdentityName.given),
+        )
+    ).all()
+    visible = keep({row[0] for row in rows}) if keep is not None and rows else None
+    out: dict[int, list[matching.OtherName]] = {}
+    for record_id, person_id, family, given, representation in rows:
+        if visible is None or record_id in visible:
+            name = matching.OtherName(family, given, representation)
+            matching.add_other_name(out.setdefault(person_id, []), name)
+    return out
 
 
 def _name_starts(part: str, prefix: str) -> ColumnElement[bool]:
