@@ -34,6 +34,7 @@ from broker.deps import (
 from broker.errors import BadRequest, NotFound, ScanOnceError
 from broker.fhir import service as fhir_service
 from broker.fhir.schemas import (
+    OtherNames,
     consent_resource,
     issuer_from_system,
     parse_consent,
@@ -140,6 +141,7 @@ def pdqm(
     try:
         unknown = fhir_unsupported(request.query_params, supported=allowed, lenient=fhir_lenient(request))
         ident = parse_token(identifier, what="identifier") if identifier else None
+        keep = consent_service.record_filter(session=session, principal=principal)
         persons = service.search_persons(
             session=session,
             family=family,
@@ -147,18 +149,18 @@ def pdqm(
             birth_date=birthdate,
             identifier=ident,
             limit=_count,
-            keep=consent_service.record_filter(session=session, principal=principal),
+            keep=keep,
         )
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
     base = str(request.base_url).rstrip("/") + "/fhir/Patient/"
     # The self link is the search as processed: without the parameters ignored (FHIR search).
     used = [(k, v) for k, v in request.query_params.multi_items() if k in allowed]
-    groups = fhir_service.other_name_groups(session=session, views=persons)
+    names = fhir_service.other_names(session=session, views=persons, keep=keep)
     entries: list[dict[str, Any]] = [
         {
             "fullUrl": base + str(p.person_id),
-            "resource": patient_resource(p, other_groups=groups.get(p.person_id, ("", ""))),
+            "resource": patient_resource(p, other_names=names.get(p.person_id, OtherNames())),
             "search": {"mode": "match"},
         }
         for p in persons
@@ -187,8 +189,8 @@ def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -
         view = service.person_view(session=session, person_id=pid, keep=keep)
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
-    groups = fhir_service.other_name_groups(session=session, views=[view])
-    return _fhir(patient_resource(view, other_groups=groups.get(pid, ("", ""))))
+    names = fhir_service.other_names(session=session, views=[view], keep=keep)
+    return _fhir(patient_resource(view, other_names=names.get(pid, OtherNames())))
 
 
 # ---------------------------------------------------------------- Patient feed (create / update)

@@ -68,13 +68,25 @@ def _group_name(group: str, code: str) -> dict[str, Any] | None:
     return name
 
 
-def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "")) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class OtherNames:
+    """A person's names besides the MPI's, as a Patient shows them."""
+
+    # The Ideographic and Phonetic groups of the PatientName one of its records has in the
+    # index (山田^太郎, やまだ^たろう), as written; "" where there is none.
+    groups: tuple[str, str] = ("", "")
+    # The ideographic and phonetic names a feed gave its records (FHIR IDE/SYL, HL7 XPN.8 I/P),
+    # normalised as stored, that no header of the person names.
+    fed: tuple[matching.OtherName, ...] = ()
+
+
+def patient_resource(view: PersonView, *, other_names: OtherNames = OtherNames()) -> dict[str, Any]:
     """A person as a FHIR Patient (id: the person id; identifiers: every record's).
 
     `name`: the MPI's name of the person (normalised, from a PatientName's Alphabetic group);
-    and with `other_groups` (the Ideographic and Phonetic groups of the PatientName one of its
-    records has in the index: 山田^太郎, やまだ^たろう) one more HumanName for each, as written,
-    each marked with its ISO 21090 representation (IDE, SYL; the first then ABC)."""
+    and one more HumanName for each of `other_names`, the groups then the fed names, each
+    marked with its ISO 21090 representation (IDE, SYL; the first then ABC) as the feed takes
+    them back."""
     res: dict[str, Any] = {
         "resourceType": "Patient",
         "id": str(view.person_id),
@@ -90,7 +102,9 @@ def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "
         if given:
             name["given"] = given
         names.append(name)
-    others = [n for g, code in zip(other_groups, ("IDE", "SYL"), strict=True) if (n := _group_name(g, code))]
+    groups = zip(other_names.groups, (matching.IDEOGRAPHIC, matching.PHONETIC), strict=True)
+    others = [n for g, code in groups if (n := _group_name(g, code))]
+    others += [n for f in other_names.fed if (n := _group_name(f"{f.family}^{f.given}", f.representation))]
     if others and names:
         names[0] = {"extension": _representation("ABC"), **names[0]}
     names += others
@@ -108,7 +122,7 @@ def patient_resource(view: PersonView, *, other_groups: tuple[str, str] = ("", "
 
 
 # Representations whose names are the record's other names (searched, never compared).
-_OTHER_REPRESENTATIONS = ("IDE", "SYL")
+_OTHER_REPRESENTATIONS = (matching.IDEOGRAPHIC, matching.PHONETIC)
 
 
 def _name_representation(name: Any) -> str:
@@ -119,24 +133,25 @@ def _name_representation(name: Any) -> str:
     return ""
 
 
-def _other_names(names: list[Any]) -> tuple[tuple[str, str], ...] | None:
-    """(family, given) of the IDE and SYL names, normalised as `matching.other_names` does for a
-    PatientName's groups; None when there are none, so that what is stored is kept (a feed that
-    never sends them must not erase a DICOM header's). One without family and given is ignored."""
-    out: list[tuple[str, str]] = []
+def _other_names(names: list[Any]) -> tuple[matching.OtherName, ...] | None:
+    """The IDE and SYL names, normalised as `matching.other_names` does for a PatientName's
+    groups, each with its representation; None when there are none, so that what is stored is
+    kept (a feed that never sends them must not erase a DICOM header's). One without family and
+    given is ignored."""
+    out: list[matching.OtherName] = []
     for name in names:
-        if _name_representation(name) not in _OTHER_REPRESENTATIONS:
+        representation = _name_representation(name)
+        if representation not in _OTHER_REPRESENTATIONS:
             continue
         family = matching.normalize_name_part(str(name.family or ""))
         given = matching.normalize_name_part(str(name.given[0]) if name.given else "")
-        if (family or given) and (family, given) not in out:
-            out.append((family, given))
+        matching.add_other_name(out, matching.OtherName(family, given, representation))
     return tuple(out) or None
 
 
 def parse_patient(
     raw: bytes,
-) -> tuple[Identifier, list[Identifier], matching.Demographics, tuple[tuple[str, str], ...] | None]:
+) -> tuple[Identifier, list[Identifier], matching.Demographics, tuple[matching.OtherName, ...] | None]:
     """Validate a FHIR R4 Patient and extract identifiers, demographics and other names
     (BadRequest if not).
 

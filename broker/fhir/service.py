@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import calendar
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
@@ -24,7 +24,7 @@ from broker.dicom.json_model import pn_groups
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
-from broker.fhir.schemas import issuer_from_system, parse_person_id, system_for_issuer
+from broker.fhir.schemas import OtherNames, issuer_from_system, parse_person_id, system_for_issuer
 from broker.identity import service as identity
 from broker.index import service as index
 from broker.lookup import service as lookup
@@ -704,19 +704,36 @@ def capability_statement(*, base_url: str) -> dict[str, Any]:
     }
 
 
-def other_name_groups(
-    *, session: Session, views: Sequence[identity.PersonView]
-) -> dict[int, tuple[str, str]]:
-    """Per person: the Ideographic and Phonetic groups of a PatientName the index holds for one
-    of the records the caller may see (its most recently updated that has either). The MPI keeps
-    a person's name from the Alphabetic group alone; a FHIR Patient shows these beside it."""
+def other_names(
+    *,
+    session: Session,
+    views: Sequence[identity.PersonView],
+    keep: Callable[[Collection[int]], set[int]] | None = None,
+) -> dict[int, OtherNames]:
+    """Per person, its names besides the MPI's that a Patient shows (`OtherNames`), from the
+    records the caller may see (`keep`, and the views' identifiers). The MPI keeps a person's
+    name from the Alphabetic group alone.
+
+    The groups: those of the PatientName of the most recently updated index patient row that
+    has either. The fed names: a feed's (FHIR IDE/SYL, HL7 I/P) that no header of the person
+    names (any visible patient row's groups, normalised as stored), so a name a feed and a
+    header both gave is shown once, as the header wrote it."""
     visible = {(i.issuer, i.value) for v in views for i in v.identifiers}
     patients = index.patients_of_persons(session=session, person_ids=[v.person_id for v in views])
-    out: dict[int, tuple[str, str]] = {}
+    groups: dict[int, tuple[str, str]] = {}
+    named: dict[int, set[tuple[str, str]]] = {}
     for patient in sorted(patients, key=lambda p: p.updated_at, reverse=True):
         if patient.person_id is None or (patient.issuer, patient.patient_id) not in visible:
             continue
         _alphabetic, ideographic, phonetic = pn_groups(patient.patient_name)
         if ideographic or phonetic:
-            out.setdefault(patient.person_id, (ideographic, phonetic))
+            groups.setdefault(patient.person_id, (ideographic, phonetic))
+            header = named.setdefault(patient.person_id, set())
+            header.update((n.family, n.given) for n in identity.matching.other_names(patient.patient_name))
+    fed = identity.fed_other_names(session=session, person_ids=[v.person_id for v in views], keep=keep)
+    out: dict[int, OtherNames] = {}
+    for person_id in groups.keys() | fed.keys():
+        header = named.get(person_id, set())
+        only_fed = tuple(n for n in fed.get(person_id, []) if (n.family, n.given) not in header)
+        out[person_id] = OtherNames(groups=groups.get(person_id, ("", "")), fed=only_fed)
     return out

@@ -251,28 +251,28 @@ def _identifiers(msg: Any, seg: str, field: int, known: dict[str, str]) -> list[
 
 
 # HL7 table 4000 (name representation code, XPN.8): I ideographic and P phonetic names are the
-# record's other names, as a PatientName's Ideographic and Phonetic groups are.
-_OTHER_REPRESENTATIONS = ("I", "P")
+# record's other names, as a PatientName's Ideographic and Phonetic groups are, and are stored
+# in the representation a FHIR read shows them in (ISO 21090 IDE, SYL).
+_OTHER_REPRESENTATIONS = {"I": matching.IDEOGRAPHIC, "P": matching.PHONETIC}
 
 
-def _names(msg: Any) -> tuple[str, tuple[tuple[str, str], ...] | None]:
+def _names(msg: Any) -> tuple[str, tuple[matching.OtherName, ...] | None]:
     """The PID-5 repetition that is the record's name (the first whose XPN.8 is A or empty; else
-    the first, as a PatientName with no Alphabetic group is read from its others), and the
-    (family, given) of the I and P repetitions, normalised; None when there are none, so that a
-    feed that never sends them keeps what a DICOM header supplied. A repetition with a code not
-    in table 4000, or an I/P one without family and given, is neither."""
+    the first, as a PatientName with no Alphabetic group is read from its others), and the I
+    and P repetitions, normalised; None when there are none, so that a feed that never sends
+    them keeps what a DICOM header supplied. A repetition with a code not in table 4000, or an
+    I/P one without family and given, is neither."""
     # Only repetitions that are there: a missing one reads as an empty code, which is "A or empty".
     reps = [p for p in (f"PID.F5.R{rep}" for rep in range(1, _MAX_REPS + 1)) if _get(msg, p)] or ["PID.F5.R1"]
     codes = [_get(msg, f"{path}.C8").upper() for path in reps]
     name = next((path for path, code in zip(reps, codes, strict=True) if code in ("", "A")), reps[0])
-    others: list[tuple[str, str]] = []
+    others: list[matching.OtherName] = []
     for path, code in zip(reps, codes, strict=True):
         if code not in _OTHER_REPRESENTATIONS:
             continue
         family = matching.normalize_name_part(_get(msg, f"{path}.C1.S1") or _get(msg, f"{path}.C1"))
         given = matching.normalize_name_part(_get(msg, f"{path}.C2"))
-        if (family or given) and (family, given) not in others:
-            others.append((family, given))
+        matching.add_other_name(others, matching.OtherName(family, given, _OTHER_REPRESENTATIONS[code]))
     return name, tuple(others) or None
 
 

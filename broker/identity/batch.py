@@ -33,7 +33,7 @@ from broker.identity.decisions import Match, choose
 from broker.identity.matching import Demographics
 from broker.identity.models import BlockKey, IdentityName, IdentityRecord, LinkEvent, Person, ReviewItem
 from broker.identity.params import KEY_CAP, current_params
-from broker.identity.records import event_values, now, review_values
+from broker.identity.records import event_values, now, other_name_rows, review_values
 from broker.identity.schemas import Identifier
 from broker.index import service as index
 
@@ -52,7 +52,7 @@ class NewRecord(NamedTuple):
     d: Demographics
     patient_pk: int
     facility_id: str | None
-    other_names: tuple[tuple[str, str], ...] = ()  # matching.other_names of its PatientName
+    other_names: tuple[matching.OtherName, ...] = ()  # matching.other_names of its PatientName
 
 
 class _Row(NamedTuple):
@@ -204,7 +204,9 @@ _INSERT_RECORDS = Prepared(
     column_keys=[c.name for c in core_table(IdentityRecord).columns],
 )
 _INSERT_KEYS = Prepared(core_table(BlockKey).insert(), column_keys=["key", "record_id"])
-_INSERT_NAMES = Prepared(core_table(IdentityName).insert(), column_keys=["record_id", "family", "given"])
+_INSERT_NAMES = Prepared(
+    core_table(IdentityName).insert(), column_keys=["record_id", "family", "given", "representation"]
+)
 _INSERT_EVENTS = Prepared(
     core_table(LinkEvent).insert(),
     column_keys=[c.name for c in core_table(LinkEvent).columns if c.name != "id"],
@@ -321,9 +323,7 @@ def link_new(*, session: Session, records: Sequence[NewRecord], who: str = "syst
             }
         )
         key_rows.extend({"key": k, "record_id": record_id} for k in keys)
-        name_rows.extend(
-            {"record_id": record_id, "family": f, "given": g} for f, g in dict.fromkeys(rec.other_names)
-        )
+        name_rows.extend(other_name_rows(record_id=record_id, names=rec.other_names))
         event_rows.append(
             {
                 **event_values(

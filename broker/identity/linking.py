@@ -57,18 +57,18 @@ def upsert_record(
     patient_pk: int | None = None,
     source: str = "dicom",
     principal: Principal | None = None,
-    other_names: Sequence[tuple[str, str]] | None = None,
+    other_names: Sequence[matching.OtherName] | None = None,
 ) -> LinkDecision:
     """Create or update the record for `identifier` and link it; flushes, never commits.
 
     A feed (FHIR, HL7) is the registration system: its demographics win over what a DICOM
     header says about the same identifier. `principal`: the feed's caller, recorded with the
     link; None when the broker links on its own (ingest), recorded as "system".
-    `other_names`: (family, given) of a PatientName's Ideographic and Phonetic groups
-    (`matching.other_names`), or a feed's ideographic and phonetic names (FHIR IDE/SYL, HL7
-    XPN.8 I/P), stored to be searched by, never compared; None when the caller says nothing of
-    them (a feed message without such names, a header without a name), which keeps what is
-    stored.
+    `other_names`: a PatientName's Ideographic and Phonetic groups (`matching.other_names`),
+    or a feed's ideographic and phonetic names (FHIR IDE/SYL, HL7 XPN.8 I/P), stored with their
+    representation to be searched by and shown, never compared; None when the caller says
+    nothing of them (a feed message without such names, a header without a name), which keeps
+    what is stored.
     """
     who = "system" if principal is None else principal.who
     ident = check_identifier(identifier)
@@ -364,7 +364,7 @@ def link_patients(*, session: Session, patients: Sequence[tuple[Patient, Any]]) 
 class _ToLink(NamedTuple):
     d: Demographics
     others: list[Identifier]  # further identifiers, under issuers the broker knows
-    other_names: tuple[tuple[str, str], ...] | None  # None: the header names no one
+    other_names: tuple[matching.OtherName, ...] | None  # None: the header names no one
 
 
 def _what_to_link(*, session: Session, patients: Sequence[tuple[Patient, Any]]) -> list[_ToLink]:

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import date
-from typing import Any
+from typing import Any, NamedTuple
 
 import jellyfish
 import numpy as np
@@ -234,16 +234,38 @@ def parse_person_name(pn: str | None) -> tuple[str, str, str]:
     return _split_name(groups[0])
 
 
-def other_names(pn: str | None) -> tuple[tuple[str, str], ...]:
-    """(family, given) of a DICOM PN's Ideographic and Phonetic groups, normalised as the
-    record's own name is (`Yamada^Tarou=山田^太郎=やまだ^たろう`: (山田, 太郎), (やまだ, たろう)):
-    the names a record is also searched by. Groups that hold no name are left out."""
-    out: list[tuple[str, str]] = []
-    for group in str(pn or "").split("=")[1:3]:
+# ISO 21090 name representations (the FHIR extension's codes) of a record's other names: a
+# PatientName's Ideographic and Phonetic groups, HL7 XPN.8 I and P.
+IDEOGRAPHIC, PHONETIC = "IDE", "SYL"
+
+
+class OtherName(NamedTuple):
+    """A name a record is also searched by (never compared when linking), normalised as the
+    record's own name is, and the representation it was written in (IDEOGRAPHIC, PHONETIC)."""
+
+    family: str
+    given: str
+    representation: str
+
+
+def other_names(pn: str | None) -> tuple[OtherName, ...]:
+    """The Ideographic and Phonetic groups of a DICOM PN, normalised as the record's own name is
+    (`Yamada^Tarou=山田^太郎=やまだ^たろう`: (山田, 太郎, IDE), (やまだ, たろう, SYL)): the names a
+    record is also searched by. Groups that hold no name are left out, and so is a group that
+    reads as the same (family, given) as the one before it."""
+    out: list[OtherName] = []
+    groups = str(pn or "").split("=")[1:3]
+    for group, representation in zip(groups, (IDEOGRAPHIC, PHONETIC), strict=False):
         family, given, _middle = _split_name(group)
-        if (family or given) and (family, given) not in out:
-            out.append((family, given))
+        add_other_name(out, OtherName(family, given, representation))
     return tuple(out)
+
+
+def add_other_name(names: list[OtherName], name: OtherName) -> None:
+    """Append `name` unless it holds no name or its (family, given) is there already (in
+    another representation: the first one kept is the one stored, one row per name)."""
+    if (name.family or name.given) and all((n.family, n.given) != (name.family, name.given) for n in names):
+        names.append(name)
 
 
 # No one living (or recorded in an archive we serve) was born earlier: an earlier year is a typo or

@@ -58,10 +58,11 @@ class IdentityRecord(SQLModel, table=True):
 
 class IdentityName(SQLModel, table=True):
     """Another name a record is known by: a DICOM PatientName's Ideographic or Phonetic group
-    (山田^太郎, やまだ^たろう of `Yamada^Tarou=山田^太郎=やまだ^たろう`), normalised as the record's
-    own name is. Searched (PDQm, the lookup page), never compared when linking: the record's own
-    name (`family`, `given`) stays its Alphabetic group. Rows only for records that have such a
-    group, so a site whose names are all Latin writes none."""
+    (山田^太郎, やまだ^たろう of `Yamada^Tarou=山田^太郎=やまだ^たろう`), or a feed's ideographic or
+    phonetic name (FHIR IDE/SYL, HL7 XPN.8 I/P), normalised as the record's own name is.
+    Searched (PDQm, the lookup page), never compared when linking: the record's own name
+    (`family`, `given`) stays its Alphabetic group. Rows only for records that have such a
+    name, so a site whose names are all Latin writes none."""
 
     __tablename__ = "identity_name"
     __table_args__ = (
@@ -72,6 +73,9 @@ class IdentityName(SQLModel, table=True):
     record_id: int = Field(primary_key=True)
     family: str = Field(default="", primary_key=True, max_length=128)
     given: str = Field(default="", primary_key=True, max_length=128)
+    # ISO 21090: IDE (ideographic) or SYL (phonetic), as a FHIR read shows it; "" for a row
+    # stored before 0014 that no header of the record names (its next feed message says).
+    representation: str = Field(default="", max_length=3)
 
 
 class IdentityIdentifier(SQLModel, table=True):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-from sqlalchemy import ColumnElement, or_
+from sqlalchemy import ColumnElement, union_all
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from broker.errors import BadRequest, NotFound
@@ -133,6 +134,46 @@ def person_view(*, session: Session, person_id: int, keep: RecordFilter | None =
     )
 
 
+def fed_other_names(
+    *, session: Session, person_ids: Sequence[int], keep: RecordFilter | None = None
+) -> dict[int, list[matching.OtherName]]:
+    """Per person: the other names of its records whose demographics a feed (FHIR, HL7) gave
+    last, of the records the caller may see; IDE before SYL, then by record. A header's names
+    are left to the index's patient rows, which keep them as written; a row whose
+    representation is not known (stored before 0014, named by no header) is left out."""
+    if not person_ids:
+        return {}
+    rows = session.execute(
+        sa_select(
+            col(IdentityRecord.id),
+            col(IdentityRecord.person_id),
+            col(IdentityName.family),
+            col(IdentityName.given),
+            col(IdentityName.representation),
+        )
+        .join(IdentityName, col(IdentityName.record_id) == col(IdentityRecord.id))
+        .where(
+            col(IdentityRecord.person_id).in_(list(person_ids)),
+            col(IdentityRecord.source) != "dicom",
+            col(IdentityName.representation).in_((matching.IDEOGRAPHIC, matching.PHONETIC)),
+        )
+        .order_by(
+            col(IdentityRecord.person_id),
+            col(IdentityName.representation) != matching.IDEOGRAPHIC,
+            col(IdentityRecord.id),
+            col(IdentityName.family),
+            col(IdentityName.given),
+        )
+    ).all()
+    visible = keep({row[0] for row in rows}) if keep is not None and rows else None
+    out: dict[int, list[matching.OtherName]] = {}
+    for record_id, person_id, family, given, representation in rows:
+        if visible is None or record_id in visible:
+            name = matching.OtherName(family, given, representation)
+            matching.add_other_name(out.setdefault(person_id, []), name)
+    return out
+
+
 def _name_starts(part: str, prefix: str) -> ColumnElement[bool]:
     """Records whose `part` (family, given) starts with `prefix`: in the record's own name or in
     one of its other names (a PatientName's Ideographic and Phonetic groups, `IdentityName`), so
@@ -140,8 +181,13 @@ def _name_starts(part: str, prefix: str) -> ColumnElement[bool]:
     against any of a Patient's names (FHIR search), and so does this."""
     # One bound pattern, not startswith's `? || '%'`: SQLite serves only that from the index, and
     # a normalised name holds no LIKE wildcard (normalize_name_part keeps letters, ' ', - and ').
-    other = select(IdentityName.record_id).where(col(getattr(IdentityName, part)).like(prefix + "%"))
-    return or_(col(getattr(IdentityRecord, part)).startswith(prefix), col(IdentityRecord.id).in_(other))
+    # A union of two index scans, not `own LIKE OR id IN (other)`: neither backend can serve an
+    # OR with a subquery from an index, so the record table was read whole for every search.
+    # PostgreSQL serves LIKE from the *_pat indexes (0013, 0014) under a non-C collation.
+    pattern = prefix + "%"
+    own = select(IdentityRecord.id).where(col(getattr(IdentityRecord, part)).like(pattern))
+    other = select(IdentityName.record_id).where(col(getattr(IdentityName, part)).like(pattern))
+    return col(IdentityRecord.id).in_(union_all(own, other))
 
 
 def search_persons(

@@ -189,25 +189,35 @@ def set_keys(*, session: Session, record_id: int, d: Demographics, new: bool = F
         )
 
 
-def other_names_of(*, session: Session, record_id: int) -> set[tuple[str, str]]:
-    """The other names (family, given) stored for a record (`IdentityName`)."""
+def other_names_of(*, session: Session, record_id: int) -> set[matching.OtherName]:
+    """The other names stored for a record (`IdentityName`)."""
     rows = session.execute(
-        select(IdentityName.family, IdentityName.given).where(IdentityName.record_id == record_id)
+        select(IdentityName.family, IdentityName.given, IdentityName.representation).where(
+            IdentityName.record_id == record_id
+        )
     ).all()
-    return {(family, given) for family, given in rows}
+    return {matching.OtherName(*row) for row in rows}
+
+
+def other_name_rows(*, record_id: int, names: Sequence[matching.OtherName]) -> list[dict[str, Any]]:
+    """The `IdentityName` rows of a record's other names: one per (family, given), the first."""
+    unique: list[matching.OtherName] = []
+    for name in names:
+        matching.add_other_name(unique, name)
+    return [
+        {"record_id": record_id, "family": n.family, "given": n.given, "representation": n.representation}
+        for n in unique
+    ]
 
 
 def set_other_names(
-    *, session: Session, record_id: int, names: Sequence[tuple[str, str]], new: bool = False
+    *, session: Session, record_id: int, names: Sequence[matching.OtherName], new: bool = False
 ) -> None:
     """Store these as the record's other names (`IdentityName`), in place of any it had."""
     if not new:
         session.execute(delete(IdentityName).where(col(IdentityName.record_id) == record_id))
     if names:
-        session.execute(
-            core_table(IdentityName).insert(),
-            [{"record_id": record_id, "family": f, "given": g} for f, g in dict.fromkeys(names)],
-        )
+        session.execute(core_table(IdentityName).insert(), other_name_rows(record_id=record_id, names=names))
 
 
 def set_identifiers(*, session: Session, record: IdentityRecord, identifiers: Sequence[Identifier]) -> None:

@@ -56,6 +56,7 @@ from broker.identity.params import (
 )
 from broker.identity.queries import (
     cross_reference,
+    fed_other_names,
     issuer_known,
     person_identifiers,
     person_of,
@@ -101,6 +102,7 @@ __all__ = [
     "ensure_keys_current",
     "ensure_trained",
     "explain",
+    "fed_other_names",
     "get_record",
     "require_record",
     "issuer_known",

@@ -412,3 +412,74 @@ def test_an_unknown_representation_or_an_empty_ide_name_is_ignored(
     _feed_japanese(client, name)
     assert _pdq(client, family="山田") == []
     assert _pdq(client, family="YAMADA") == ["JP-7"]
+
+
+def _shown(code: str, family: str, given: str) -> dict[str, Any]:
+    """A HumanName as a Patient shows one of a person's other names."""
+    return {
+        "extension": [{"url": REP, "valueCode": code}],
+        "use": "official",
+        "family": family,
+        "given": [given],
+        "text": f"{family} {given}",
+    }
+
+
+def test_a_read_gives_back_the_ideographic_and_phonetic_names_a_feed_sent(client: TestClient) -> None:
+    """A registration system sends 山田 and やまだ as IDE and SYL HumanNames and no study names
+    the patient: the read and PDQm show them, marked as the feed marked them (before, they were
+    searched by but never given back: the Patient had the Alphabetic name alone), and the read
+    sent back as an update keeps them."""
+    created = _feed_japanese(client, _named("IDE", "山田", "太郎"), _named("SYL", "やまだ", "たろう")).json()
+    expected = [
+        {"extension": [{"url": REP, "valueCode": "ABC"}], "use": "official", "family": "YAMADA",
+         "given": ["TAROU"]},
+        _shown("IDE", "山田", "太郎"),
+        _shown("SYL", "やまだ", "たろう"),
+    ]  # fmt: skip
+    read = client.get(f"/fhir/Patient/{created['id']}")
+    assert read.status_code == 200, read.text
+    assert FhirPatient.model_validate(read.json()).name is not None
+    assert read.json()["name"] == expected
+    for params in ({"family": "山田"}, {"family": "やまだ", "given": "たろう"}, {"family": "YAMADA"}):
+        bundle = client.get("/fhir/Patient", params=params).json()
+        assert [e["resource"]["name"] for e in bundle["entry"]] == [expected], params
+    r = client.put(f"/fhir/Patient/{created['id']}", json=read.json(), headers={"Content-Type": FHIR})
+    assert r.status_code == 200, r.text
+    assert client.get(f"/fhir/Patient/{created['id']}").json()["name"] == expected
+    assert _pdq(client, family="山田") == ["JP-7"]
+
+
+def test_a_name_a_feed_and_a_header_both_give_is_shown_once(client: TestClient, engine: Any) -> None:
+    """Yamada^Tarou=山田^太郎=やまだ^たろう in a study's header (chrH31.dcm), then a feed for the
+    same identifier with 山田 太郎 (the header's) and ヤマダ タロウ (its own): the header's groups
+    as written, as before, and the feed's name no header has after them."""
+    from broker.index.service import ingest_files
+    from broker.security.schemas import Principal, Role
+    from tests.support import CHARSET_FILES
+
+    store = client.app.state.scanonce.store  # type: ignore[attr-defined]
+    (outcome,) = ingest_files(
+        engine=engine,
+        store=store,
+        principal=Principal(who="test", role=Role.admin, facility="fac-a"),
+        facility_id="fac-a",
+        paths=[str(CHARSET_FILES / "chrH31.dcm")],
+    )
+    assert outcome.status == "stored", outcome.message
+    body = _patient("urn:scanonce:issuer:ISSUER-A", "H31EXAMPLE", "", [], "1980-04-01")
+    body["name"] = [
+        _named("ABC", "Yamada", "Tarou"),
+        _named("IDE", "山田", "太郎"),
+        _named("SYL", "ヤマダ", "タロウ"),
+    ]
+    r = client.post("/fhir/Patient", json=body, headers={"Content-Type": FHIR})
+    assert r.status_code == 200, r.text
+    read = client.get(f"/fhir/Patient/{r.json()['id']}").json()
+    assert [(n["extension"][0]["valueCode"], n.get("family"), n.get("given")) for n in read["name"]] == [
+        ("ABC", "YAMADA", ["TAROU"]),
+        ("IDE", "山田", ["太郎"]),
+        ("SYL", "やまだ", ["たろう"]),
+        ("SYL", "ヤマダ", ["タロウ"]),
+    ]
+    assert _pdq(client, family="ヤマダ") == _pdq(client, family="山田") == ["H31EXAMPLE"]

@@ -542,6 +542,31 @@ def test_ideographic_and_phonetic_pid5_repetitions_make_the_patient_findable_by_
     assert _pdq(engine, family="山本") == []
 
 
+def test_ideographic_and_phonetic_pid5_repetitions_are_shown_by_a_fhir_read(
+    engine: Any, listener: MllpHandle
+) -> None:
+    """The I and P repetitions are the FHIR Patient's IDE and SYL names, as the FHIR feed's are
+    (the Patient a read answers with, built as the read builds it)."""
+    from broker.fhir import service as fhir_service
+    from broker.fhir.schemas import OtherNames, patient_resource
+
+    acks = exchange(listener, [frame(adt("A04", "J1", "J1^^^ISSUER-A", YAMADA, "19800401", "M"))])
+    assert msa(acks[0])[1:3] == ["AA", "J1"]
+    with Session(engine) as s:
+        person = service.person_of(session=s, identifier=Identifier(issuer="ISSUER-A", value="J1"))
+        assert person is not None
+        view = service.person_view(session=s, person_id=person)
+        names = fhir_service.other_names(session=s, views=[view]).get(person, OtherNames())
+        shown = patient_resource(view, other_names=names)["name"]
+        # Names of a record the caller may not see (consent) are not shown.
+        assert fhir_service.other_names(session=s, views=[view], keep=lambda ids: set()) == {}
+    assert [(n["extension"][0]["valueCode"], n["family"], n["given"]) for n in shown] == [
+        ("ABC", "YAMADA", ["TAROU"]),
+        ("IDE", "山田", ["太郎"]),
+        ("SYL", "やまだ", ["たろう"]),
+    ]
+
+
 def test_an_update_without_other_names_keeps_them_and_one_with_others_replaces_them(
     engine: Any, listener: MllpHandle
 ) -> None:

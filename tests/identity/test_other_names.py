@@ -4,11 +4,14 @@ Phonetic groups, `Yamada^Tarou=山田^太郎=やまだ^たろう` by 山田 or �
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from psycopg import sql
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from broker.db import make_engine, migrate
@@ -18,7 +21,7 @@ from broker.identity.schemas import Identifier
 from broker.index.service import ingest_files
 from broker.security.schemas import Principal, Role
 from storage import open_store
-from tests.conftest import Backend
+from tests.conftest import Backend, PgAdmin
 from tests.support import CHARSET_FILES, insert_row, migrated_back_to
 
 from .conftest import ingest_patient
@@ -37,17 +40,18 @@ def _found(engine: Any, **criteria: str) -> list[str]:
 @pytest.mark.parametrize(
     ("pn", "expected"),
     [
-        (JAPANESE, (("山田", "太郎"), ("やまだ", "たろう"))),
-        ("ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎", (("山田", "太郎"),)),
-        ("Wang^XiaoDong=王^小東", (("王", "小東"),)),
-        ("Hong^Gildong==홍^길동", (("홍", "길동"),)),  # an empty Ideographic group
-        ("=山田^太郎", (("山田", "太郎"),)),  # the record's own name too: found either way
+        (JAPANESE, (("山田", "太郎", "IDE"), ("やまだ", "たろう", "SYL"))),
+        ("ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎", (("山田", "太郎", "IDE"),)),
+        ("Wang^XiaoDong=王^小東", (("王", "小東", "IDE"),)),
+        ("Hong^Gildong==홍^길동", (("홍", "길동", "SYL"),)),  # an empty Ideographic group
+        ("=山田^太郎", (("山田", "太郎", "IDE"),)),  # the record's own name too: found either way
+        ("Lee^Anna=李^安娜=李^安娜", (("李", "安娜", "IDE"),)),  # one name, one row: the first
         ("Smith^Anne", ()),
         ("", ()),
     ],
 )
 def test_other_names_are_the_ideographic_and_phonetic_groups(
-    pn: str, expected: tuple[tuple[str, str], ...]
+    pn: str, expected: tuple[tuple[str, str, str], ...]
 ) -> None:
     assert matching.other_names(pn) == expected
 
@@ -132,10 +136,10 @@ def test_a_study_sent_with_three_groups_is_found_by_each(engine: Any, tmp_path: 
     with Session(engine) as s:
         names = s.exec(select(IdentityName)).all()
         assert len(names) == 5
-        assert {(n.family, n.given) for n in names} == {
-            ("山田", "太郎"),
-            ("やまだ", "たろう"),
-            ("王", "小東"),
+        assert {(n.family, n.given, n.representation) for n in names} == {
+            ("山田", "太郎", "IDE"),
+            ("やまだ", "たろう", "SYL"),
+            ("王", "小東", "IDE"),
         }
 
 
@@ -200,5 +204,134 @@ def test_the_migration_fills_the_other_names_of_existing_records(backend: Backen
         assert _found(engine, family="山田") == ["JP1"]
         assert _found(engine, given="小") == ["CN1"]
         assert _found(engine, family="mul") == ["DE1"]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def collated_engine(backend: Backend, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """A migrated index whose text sorts by a language's rules, as a production server's
+    en_US.UTF-8 does (ICU here), not by bytes as the test server's C.UTF-8 does: under C a plain
+    btree index serves LIKE too, so only under another collation does the pattern index show."""
+    if backend.name != "postgres-s3":
+        engine = make_engine(backend.database_url)
+        migrate(engine)
+        yield engine
+        engine.dispose()
+        return
+    pg_admin: PgAdmin = request.getfixturevalue("pg_admin")
+    name = pg_admin.new_name("icu")
+    icu = "CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'und' LOCALE 'C.UTF-8'"
+    pg_admin.conn.execute(sql.SQL(icu).format(sql.Identifier(name)))
+    engine = make_engine(pg_admin.url(name))
+    try:
+        migrate(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        pg_admin.drop(name)
+
+
+@pytest.mark.parametrize("part", ["family", "given"])
+def test_the_record_name_is_searched_through_an_index(collated_engine: Engine, part: str) -> None:
+    """The record's own name's part of the search is a prefix scan of an index of identity_record
+    too (before, the record table was read whole: an OR with the other names' subquery is served
+    by no index, and PostgreSQL had no pattern index on it), planned as the broker runs it."""
+    from broker.identity import queries
+
+    stmt = select(IdentityRecord.id).where(queries._name_starts(part, "YAM"))
+    compiled = stmt.compile(dialect=collated_engine.dialect)
+    with collated_engine.connect() as conn:
+        if collated_engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+            plan = " ".join(str(r[0]) for r in rows)
+            assert f"Index Scan using ix_identity_record_{part}_pat" in plan, plan
+            assert f"ix_identity_name_{part}_pat" in plan, plan
+        else:
+            params = tuple(compiled.params[k] for k in compiled.positiontup or ())
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), params)
+            plan = " ".join(str(r[-1]) for r in rows)
+            assert f"SEARCH identity_record USING COVERING INDEX ix_identity_record_{part} (" in plan, plan
+            assert f"SEARCH identity_name USING INDEX ix_identity_name_{part}" in plan, plan
+
+
+_PATTERN_INDEXES = {"ix_identity_record_family_pat", "ix_identity_record_given_pat"}
+
+
+def _indexes(engine: Engine) -> set[str]:
+    inspector = inspect(engine)
+    tables = ("identity_record", "identity_name")
+    return {str(i["name"]) for table in tables for i in inspector.get_indexes(table)}
+
+
+def test_the_migration_says_which_representation_each_stored_other_name_is_in(backend: Backend) -> None:
+    """0014 on names stored before it: a name a header of the record gives (its index patient
+    row's groups) takes that group's representation; one a feed alone gave has none ("") and is
+    still searched by. Downgraded, the column and PostgreSQL's pattern indexes go and the names
+    stay; upgraded again, the same."""
+    engine = make_engine(backend.database_url)
+    try:
+        migrated_back_to(engine, "0013_identity_names")
+        assert not _indexes(engine) & _PATTERN_INDEXES
+        t = "2026-01-01T00:00:00+00:00"
+        with engine.begin() as conn:
+            insert_row(conn, "facility", id="fac-a", name="A", issuer="ISSUER-A", created_at=t)
+            for pk, (pid, patient_name, source, family, given) in enumerate(
+                (
+                    ("JP1", JAPANESE, "dicom", "YAMADA", "TAROU"),  # a header's names
+                    ("JP2", None, "fhir", "LI", "XIAOLONG"),  # a feed's alone
+                    ("JP3", "Yamada^Hanako=山田^花子", "hl7", "YAMADA", "HANAKO"),  # one of each
+                ),
+                start=1,
+            ):
+                if patient_name is not None:
+                    insert_row(
+                        conn, "patient", pk=pk, facility_id="fac-a", issuer="ISSUER-A", patient_id=pid,
+                        patient_name=patient_name, name_norm="", name_fuzzy="", name_ideographic="",
+                        name_ideographic_fuzzy="", name_phonetic="", name_phonetic_fuzzy="",
+                        birth_date="", sex="", person_id=pk, updated_at=t,
+                    )  # fmt: skip
+                insert_row(conn, "identity_person", id=pk, created_at=t)
+                insert_row(
+                    conn, "identity_record", id=pk, issuer="ISSUER-A", value=pid, person_id=pk,
+                    facility_id="fac-a", patient_pk=pk if patient_name else None, source=source,
+                    family=family, given=given, middle="", birth_date="", sex="", address="", phone="",
+                    updated_at=t,
+                )  # fmt: skip
+            for record_id, family, given in (
+                (1, "山田", "太郎"),
+                (1, "やまだ", "たろう"),
+                (2, "李", "小龍"),
+                (3, "山田", "花子"),
+                (3, "やまだ", "はなこ"),
+            ):
+                insert_row(conn, "identity_name", record_id=record_id, family=family, given=given)
+        migrate(engine)
+        query = text("SELECT record_id, family, given, representation FROM identity_name")
+        expected = [
+            (1, "やまだ", "たろう", "SYL"),
+            (1, "山田", "太郎", "IDE"),
+            (2, "李", "小龍", ""),
+            (3, "やまだ", "はなこ", ""),
+            (3, "山田", "花子", "IDE"),
+        ]
+        with engine.connect() as conn:
+            assert sorted(tuple(r) for r in conn.execute(query)) == expected
+        assert _found(engine, family="李") == ["JP2"]
+        assert _found(engine, family="やまだ", given="は") == ["JP3"]
+        assert _indexes(engine) >= (_PATTERN_INDEXES if backend.name == "postgres-s3" else set())
+
+        migrated_back_to(engine, "0013_identity_names")
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT record_id, family, given FROM identity_name")).all()
+        assert sorted(tuple(r) for r in rows) == [r[:3] for r in expected]
+        assert "representation" not in {c["name"] for c in inspect(engine).get_columns("identity_name")}
+        assert {"ix_identity_name_family", "ix_identity_name_given"} <= _indexes(engine)
+        assert not _indexes(engine) & _PATTERN_INDEXES
+        migrate(engine)
+        with engine.connect() as conn:
+            assert sorted(tuple(r) for r in conn.execute(query)) == expected
+        assert _found(engine, family="李") == ["JP2"]
     finally:
         engine.dispose()
