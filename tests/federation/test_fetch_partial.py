@@ -37,7 +37,7 @@ from tests.support import ADMIN, auth_headers, to_bytes, write
 def _study(n: int) -> list[Dataset]:
     """A CT study of n instances in one series, new UIDs, as a facility would hold it."""
     study_uid, series_uid = generate_uid(), generate_uid()
-    out = []
+    out: list[Dataset] = []
     for i in range(n):
         ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()
