@@ -151,10 +151,11 @@ def _waiting(location: StudyLocation | None, held: int, now: datetime, retry_aft
 
 def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, calling_ae: str) -> None:
     with tempfile.TemporaryDirectory(prefix="scanonce-fetch-") as tmp:
+        unsent = 0  # instances the facility reported it failed to send
         if facility.dicomweb_url:
             paths = remote.wado_retrieve_study(facility=facility, study_uid=study_uid, into=tmp)
         elif facility.ae_title and facility.host and facility.port:
-            paths = _cget(facility, study_uid, tmp, calling_ae)
+            paths, unsent = _cget(facility, study_uid, tmp, calling_ae)
         else:
             raise Unavailable(f"facility {facility.id!r} has no archive endpoint to fetch from")
         if not paths:
@@ -176,10 +177,15 @@ def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, 
         )
     # What the facility listed at the last sync (0: it did not say), and what it sent that the
     # broker could not store: a conflict under a UID of another study is missing here too, while
-    # an identical copy already held is a duplicate, not a failure.
+    # an identical copy already held is a duplicate, not a failure; an instance of another study
+    # sent by mistake is not missing from this one.
     expected = location.remote_instances if location is not None else 0
-    refused = [o for o in outcomes if o.status == "failed" and o.sop_instance_uid not in held]
-    missing = max(expected - len(held), len(refused))
+    refused = [
+        o
+        for o in outcomes
+        if o.status == "failed" and o.sop_instance_uid not in held and o.study_uid in ("", study_uid)
+    ]
+    missing = max(expected - len(held), len(refused) + unsent)
     if missing <= 0 and held:
         index.mark_local(engine=engine, study_uid=study_uid)
         log.info("fetched study %s from facility %s: %d instances", study_uid, facility.id, len(outcomes))
@@ -189,22 +195,22 @@ def _fetch_from(engine: Engine, store: Any, facility: Facility, study_uid: str, 
     expected = max(expected, len(held) + missing)
     log.warning(
         "fetched study %s from facility %s incomplete: %d of %d instances missing "
-        "(%d received, %d refused%s)",
+        "(%d received, %d not sent, %d refused%s)",
         study_uid,
         facility.id,
         missing,
         expected,
         len(outcomes),
+        unsent,
         len(refused),
         f": {_reasons(refused)}" if refused else "",
     )
+    why = _why(refused, unsent)
     if not held:
-        raise _Incomplete(
-            f"facility {facility.id!r} sent the study but no instance could be stored{_why(refused)}"
-        )
+        raise _Incomplete(f"facility {facility.id!r} sent the study but no instance could be stored{why}")
     raise _Incomplete(
         f"{missing} of {expected} instances of the study are missing from facility {facility.id!r}"
-        f"{_why(refused)}; the broker keeps the {len(held)} it received"
+        f"{why}; the broker keeps the {len(held)} it received"
     )
 
 
@@ -218,11 +224,16 @@ def _reasons(refused: list[StoreOutcome]) -> str:
     return "; ".join(f"{n} x {message}" for message, n in Counter(o.message for o in refused).items())
 
 
-def _why(refused: list[StoreOutcome]) -> str:
-    return f" ({len(refused)} refused: {_reasons(refused)})" if refused else ""
+def _why(refused: list[StoreOutcome], unsent: int) -> str:
+    parts = [f"{unsent} not sent by the facility"] if unsent else []
+    if refused:
+        parts.append(f"{len(refused)} refused: {_reasons(refused)}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
-def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> list[str]:
+def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> tuple[list[str], int]:
+    """The files a C-GET of the study brought, and how many instances the facility reported it
+    failed to send."""
     assert facility.host and facility.port and facility.ae_title
     try:
         result = scu.get(
@@ -238,11 +249,10 @@ def _cget(facility: Facility, study_uid: str, into: str, calling_ae: str) -> lis
         raise Unavailable(f"facility {facility.id!r} is unavailable: {exc.message}") from exc
     except DimseStatusError as exc:
         raise Unavailable(f"facility {facility.id!r} failed the C-GET: {exc}") from exc
-    if result.failed:
-        # Only part of the study arrived (0xB000, or 0xA702 when nothing did): taking it would
-        # mark the study as held here with instances missing, never to be asked for again. A
-        # WADO-RS retrieve that breaks off is refused whole the same way.
+    if result.failed and not result.paths:
         raise Unavailable(
             f"facility {facility.id!r} failed to send {result.failed} instance(s) of the study by C-GET"
         )
-    return list(result.paths)
+    # Part of the study arrived (0xB000): the broker acknowledged each instance that did, so it
+    # keeps them; the fetch counts the rest as missing, as it does instances ingest refuses.
+    return list(result.paths), result.failed
