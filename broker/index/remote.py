@@ -475,8 +475,8 @@ def held_instances(*, session: Session, study_uid: str) -> set[str]:
 
 
 def mark_partial(*, engine: Engine, study_uid: str, facility_id: str, stored: Mapping[str, int]) -> None:
-    """A fetch from the facility stored some of the study's instances but not all: the study
-    stays held at the facility (NEARLINE, no location has its pixels), and its location there
+    """A fetch from the facility left instances of the study missing: what it stored is kept, the
+    study stays held at the facility (NEARLINE, no location has its pixels), and its location there
     notes when the fetch ran (`fetched_at`), so retrieve on demand can wait before trying again.
 
     `stored`: the instances the fetch stored, by series UID. Ingest added them to the counts sync
