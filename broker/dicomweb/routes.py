@@ -230,19 +230,33 @@ def _visible_search(session: Session, *, query: Query, principal: Principal) -> 
 async def _local_or_fetched(scope: Scope, study: str, fn: Callable[..., T], **kwargs: Any) -> T:
     """Run an index read; if the study is known only from a facility's archive (index sync,
     pixels still at home), fetch it once from there and read again (retrieve on demand).
-    A study the caller may not see is answered as one the index does not hold (404), before
-    anything is read or fetched."""
+    A read of a whole study or series also fetches when the broker holds only part of it (a
+    fetch that left instances missing): its answer is the whole, or the fetch's Unavailable
+    saying what is missing, never a silent part. A study the caller may not see is answered as
+    one the index does not hold (404), before anything is read or fetched."""
     check = partial(
         _in_session, scope, consent_service.check_study, principal=scope.principal, study_uid=study
     )
     await run_in_threadpool(check)
     read = partial(_in_session, scope, fn, study_uid=study, **kwargs)
+    remote = partial(_in_session, scope, federation_service.is_remote_only, study_uid=study)
+
+    def read_whole(*, session: Session) -> tuple[T, bool]:
+        found = fn(session=session, study_uid=study, **kwargs)
+        # An instance the broker holds is whole, whatever else of its study is missing.
+        whole = kwargs.get("sop_uid") is not None or not federation_service.is_remote_only(
+            session=session, study_uid=study
+        )
+        return found, whole
+
     try:
-        return await run_in_threadpool(read)
+        found, whole = await run_in_threadpool(_in_session, scope, read_whole)
     except NotFound:
-        remote = partial(_in_session, scope, federation_service.is_remote_only, study_uid=study)
         if not await run_in_threadpool(remote):
             raise
+    else:
+        if whole:
+            return found
     fetch = partial(
         federation_service.ensure_local, engine=scope.state.engine, store=scope.state.store, study_uid=study
     )

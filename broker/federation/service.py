@@ -7,7 +7,7 @@ The facility registry itself is `broker.facilities`; the clients that talk to an
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -54,9 +54,20 @@ def queue_sync(
     return sync.queue_sync(engine=engine, facility=facility, calling_ae=calling_ae)
 
 
-def ensure_local(*, engine: Engine, store: Any, study_uid: str, calling_ae: str = "SCANONCE") -> None:
-    """Fetch a study held only at a facility (once, however many ask); NotFound / Unavailable."""
-    fetch.ensure_local(engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae)
+def ensure_local(
+    *,
+    engine: Engine,
+    store: Any,
+    study_uid: str,
+    calling_ae: str = "SCANONCE",
+    retry_after: timedelta = fetch.RETRY_AFTER,
+) -> None:
+    """Fetch a study held only at a facility (once, however many ask); NotFound / Unavailable
+    (naming the facilities, and how many instances a fetch left missing: what arrived is kept,
+    the study stays held at its facility, and is asked for again only `retry_after` later)."""
+    fetch.ensure_local(
+        engine=engine, store=store, study_uid=study_uid, calling_ae=calling_ae, retry_after=retry_after
+    )
 
 
 def is_remote_only(*, session: Session, study_uid: str) -> bool:

@@ -7,10 +7,11 @@ Two writers share one row mapping (`ingest.study_columns`, `series_columns`, `pa
 broker stores, and `remote`, for studies held at facility archives, written on federation's
 behalf from an archive's listing (federation decides what changed; the SQL is here).
 Exposes `service` (ingest, query, metadata, and the writes and reads other domains need: for
-federation `upsert_remote_studies`, `mark_seen`, `remove_gone`, `mark_local`, `study_locations`,
-`remote_holders`, `is_remote_only`, `remote_only_count`), `schemas` (Query, StoreOutcome,
-InstanceRef), `keys` (the object key layout in the store), `verify` (the integrity check of index
-against object store: `scanonce verify` in `cli`, `POST /api/verify` in `routes`, job kind "verify").
+federation `upsert_remote_studies`, `mark_seen`, `remove_gone`, `mark_local`, `mark_partial`,
+`study_locations`, `held_instances`, `remote_holders`, `is_remote_only`, `remote_only_count`),
+`schemas` (Query, StoreOutcome, InstanceRef), `keys` (the object key layout in the store), `verify`
+(the integrity check of index against object store: `scanonce verify` in `cli`, `POST /api/verify`
+in `routes`, job kind "verify").
 May import: metrics, errors, settings, db, storage, dicom, security, jobs, facilities, peers. Where it needs
 a higher layer (ingest and sync ask identity to link each new patient) it declares a Protocol
 and the app factory wires the implementation in.

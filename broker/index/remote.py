@@ -166,7 +166,7 @@ def upsert_remote_studies(
     patients = _patients_of(session, facility, remote)
     study_pks, changed_pks = _write_study_rows(session, facility, remote, series_of, patients)
     _write_series_rows(session, study_pks, changed_pks, series_of)
-    _write_locations(session, facility.id, run, studies, local)
+    _write_locations(session, facility.id, run, studies, local - _partly_fetched(session, local))
 
 
 def _held_here(session: Session, study_uids: Sequence[str]) -> set[str]:
@@ -179,6 +179,23 @@ def _held_here(session: Session, study_uids: Sequence[str]) -> set[str]:
             .distinct()
         )
     )
+
+
+def _partly_fetched(session: Session, held: set[str]) -> set[str]:
+    """Of studies the broker holds instances of, those it knows from facilities but holds no
+    location's pixels of: a fetch that left instances missing (`mark_partial`). Their rows
+    stay as they are, but they are not held whole, so a sync must not say they are."""
+    if not held:
+        return set()
+    seen: dict[str, bool] = {}
+    for chunk in _chunks(list(held)):
+        for uid, has_pixels in session.exec(
+            select(StudyLocation.study_uid, StudyLocation.has_pixels).where(
+                col(StudyLocation.study_uid).in_(chunk)
+            )
+        ):
+            seen[uid] = seen.get(uid, False) or bool(has_pixels)
+    return {uid for uid, whole in seen.items() if not whole}
 
 
 def _patients_of(session: Session, facility: Facility, studies: Sequence[RemoteStudy]) -> dict[str, Patient]:
@@ -442,4 +459,52 @@ def mark_local(*, engine: Engine, study_uid: str) -> None:
             update(StudyLocation)
             .where(col(StudyLocation.study_uid) == study_uid)
             .values(has_pixels=True, fetched_at=_now())
+        )
+
+
+def held_instances(*, session: Session, study_uid: str) -> set[str]:
+    """The SOP Instance UIDs of the study the broker holds (empty when the index has no such
+    study)."""
+    return set(
+        session.exec(
+            select(Instance.sop_uid)
+            .join(Study, col(Instance.study_pk) == col(Study.pk))
+            .where(Study.study_uid == study_uid)
+        )
+    )
+
+
+def mark_partial(*, engine: Engine, study_uid: str, facility_id: str, stored: Mapping[str, int]) -> None:
+    """A fetch from the facility left instances of the study missing: what it stored is kept, the
+    study stays held at the facility (NEARLINE, no location has its pixels), and its location there
+    notes when the fetch ran (`fetched_at`), so retrieve on demand can wait before trying again.
+
+    `stored`: the instances the fetch stored, by series UID. Ingest added them to the counts sync
+    had set from the facility's listing; they are taken back off, so a series counts what the
+    facility listed, or what the broker holds when that is more."""
+    with session_scope(engine) as session:
+        study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
+        per_series = dict(
+            session.exec(
+                select(Instance.series_pk, func.count())
+                .where(Instance.study_pk == study.pk)
+                .group_by(col(Instance.series_pk))
+            ).all()
+        )
+        total = 0
+        all_series = list(session.exec(select(Series).where(Series.study_pk == study.pk)))
+        for series in all_series:
+            listed = series.num_instances - stored.get(series.series_uid, 0)
+            series.num_instances = max(listed, int(per_series.get(series.pk or 0, 0)))
+            total += series.num_instances
+            session.add(series)
+        location = session.get(StudyLocation, (study_uid, facility_id))
+        listed_total = location.remote_instances if location is not None else 0
+        study.num_instances = max(total, listed_total)
+        study.num_series = max(len(all_series), location.remote_series if location is not None else 0)
+        session.add(study)
+        session.exec(
+            update(StudyLocation)
+            .where(col(StudyLocation.study_uid) == study_uid, col(StudyLocation.facility_id) == facility_id)
+            .values(has_pixels=False, fetched_at=_now())
         )

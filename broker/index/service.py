@@ -48,9 +48,11 @@ from broker.index.persons import assign_person, assign_persons, lock_patient_by_
 from broker.index.query import count, search, study_owners
 from broker.index.remote import (
     has_locations,
+    held_instances,
     is_remote_only,
     locations_at,
     mark_local,
+    mark_partial,
     mark_seen,
     remote_holders,
     remote_only_count,
@@ -91,6 +93,8 @@ __all__ = [
     "upsert_remote_studies",
     "remove_gone",
     "mark_local",
+    "mark_partial",
+    "held_instances",
     "assign_person",
     "assign_persons",
     "lock_patients",

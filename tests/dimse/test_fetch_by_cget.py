@@ -3,7 +3,9 @@ both ways): what the facility fails to send keeps the study at the facility."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,11 +46,27 @@ def test_a_c_get_with_failed_sub_operations_leaves_the_study_at_its_facility(nod
     # One instance the facility has indexed but cannot read: its C-GET sub-operation fails.
     with Session(far.state.engine) as session:
         lost = find_instances(session=session, study_uid=study, series_uid=None)[0]
+    data = b"".join(far.state.store.get(lost.object_key))
     far.state.store.delete(lost.object_key)
 
     with pytest.raises(Unavailable) as failed:
         federation.ensure_local(engine=node.state.engine, store=node.state.store, study_uid=study)
-    assert "far" in failed.value.message
+    assert (
+        f"1 of {len(MR)} instances of the study are missing from facility 'far' (1 not sent by the facility)"
+        in failed.value.message
+    )
     # Not marked as held here with an instance missing: the next retrieve asks the facility again.
+    # What arrived was acknowledged to the facility, so it is kept.
     with Session(node.state.engine) as session:
         assert remote_holders(session=session, study_uid=study) == ["far"]
+        held = {ref.sop_uid for ref in find_instances(session=session, study_uid=study, series_uid=None)}
+    assert held == {ds.SOPInstanceUID for ds in MR} - {lost.sop_uid}
+
+    # The facility has it back: the next try completes the study.
+    far.state.store.put(lost.object_key, io.BytesIO(data))
+    federation.ensure_local(
+        engine=node.state.engine, store=node.state.store, study_uid=study, retry_after=timedelta(0)
+    )
+    with Session(node.state.engine) as session:
+        assert remote_holders(session=session, study_uid=study) == []
+        assert len(find_instances(session=session, study_uid=study, series_uid=None)) == len(MR)

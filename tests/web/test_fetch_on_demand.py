@@ -302,3 +302,41 @@ def test_a_facility_that_is_down_is_named_with_the_reason(
         r = visit()
         assert r.status_code == 503, r.text
         assert "Could not fetch the study from North General" in r.text
+
+
+def test_a_study_its_facility_sends_in_part_is_not_opened_as_if_whole(
+    broker: Broker, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """An instance missing from what the facility sends: the page says how many are missing and
+    from where, instead of a viewer showing part of the study as if it were all of it; opening it
+    again soon says so again without fetching the whole study again."""
+    with orthanc(tmp_path_factory.mktemp("southgen"), aet="SOUTHGEN") as peer:
+        first = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+        first.StudyInstanceUID, first.SeriesInstanceUID = generate_uid(), generate_uid()
+        sops = [generate_uid(), generate_uid()]
+        for sop in sops:
+            first.SOPInstanceUID = first.file_meta.MediaStorageSOPInstanceUID = sop
+            httpx.post(f"{peer.url}/instances", content=to_bytes(first), trust_env=False, timeout=30)
+        facility = {
+            "id": "southgen",
+            "issuer": "SOUTH-GENERAL",
+            "name": "South General",
+            "dicomweb_url": peer.dicomweb_url,
+            "sharing_policy": "index_only",
+        }
+        _sync(broker, facility)
+        # Lost at the facility after its index listed two instances.
+        (gone,) = httpx.post(f"{peer.url}/tools/lookup", content=sops[1], trust_env=False, timeout=10).json()
+        httpx.delete(f"{peer.url}/instances/{gone['ID']}", trust_env=False, timeout=10).raise_for_status()
+        url = f"{broker.url}/viewer/viewer?StudyInstanceUIDs={first.StudyInstanceUID}"
+        with httpx.Client(trust_env=False, timeout=30, headers=auth_headers()) as http:
+            for _visit in range(2):
+                r = http.get(url)
+                deadline = time.monotonic() + 30
+                while r.status_code == 202 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    r = http.get(url)
+                assert r.status_code == 503, r.text
+                assert "Could not fetch the study from South General" in r.text
+                assert "1 of 2 instances of the study are missing from facility &#39;southgen&#39;" in r.text
+            assert "could not store them" in r.text  # the second answer: from what the broker knows
