@@ -257,12 +257,13 @@ async def conditional_update_patient(
 async def update_patient(
     person_id: str, request: Request, session: SessionDep, principal: PrincipalDep
 ) -> Response:
-    """Update: the resource's first identifier names the record; it must belong to this Patient."""
+    """Update: the resource's first identifier names the record; it must belong to this Patient,
+    and an id in the resource must be this one (FHIR update: 400 otherwise)."""
     raw = await request.body()
 
     def run() -> Response:
         try:
-            primary, _others, _demo, _names = parse_patient(raw)
+            primary, _others, _demo, _names = parse_patient(raw, url_id=person_id)
             owner = service.person_of(session=session, identifier=primary)
             if owner is None or str(owner) != person_id:
                 raise NotFound("the identifier does not belong to this Patient (use POST to create)")

@@ -629,3 +629,20 @@ def test_a_feeder_that_may_not_see_the_patient_back_is_answered_what_it_sent(
         ],
         "birthDate": "1980-04-01",
     }
+
+
+def test_an_update_whose_body_names_another_patient_is_refused(client: TestClient) -> None:
+    """FHIR update: a body whose id is not the URL's is a 400, and nothing is stored (before, the
+    id was not looked at and the update was applied to the URL's Patient)."""
+    body = _patient("urn:oid:1.2.826.0.1.99", "C-31", "Okafor", ["Chidi"], "1990-03-04")
+    created = client.post("/fhir/Patient", json=body).json()
+    other = client.post(
+        "/fhir/Patient", json=_patient("urn:oid:1.2.826.0.1.99", "C-32", "Adeyemi", ["Bola"], "1971-06-07")
+    ).json()
+    sent = {**created, "id": other["id"], "telecom": [{"system": "phone", "value": "+44 20 7946 0000"}]}
+    assert "not the id in the URL" in _outcome(client.put(f"/fhir/Patient/{created['id']}", json=sent), 400)
+    assert client.get(f"/fhir/Patient/{created['id']}").json() == created
+    # The id the URL names, or none, is an update as before.
+    for same in ({**sent, "id": created["id"]}, {k: v for k, v in sent.items() if k != "id"}):
+        r = client.put(f"/fhir/Patient/{created['id']}", json=same)
+        assert r.status_code == 200, r.text
