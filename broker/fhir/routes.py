@@ -156,14 +156,10 @@ def pdqm(
     base = str(request.base_url).rstrip("/") + "/fhir/Patient/"
     # The self link is the search as processed: without the parameters ignored (FHIR search).
     used = [(k, v) for k, v in request.query_params.multi_items() if k in allowed]
-    names = fhir_service.other_names(session=session, views=persons, keep=keep)
+    resources = fhir_service.patient_resources(session=session, views=persons, keep=keep)
     entries: list[dict[str, Any]] = [
-        {
-            "fullUrl": base + str(p.person_id),
-            "resource": patient_resource(p, other_names=names.get(p.person_id, OtherNames())),
-            "search": {"mode": "match"},
-        }
-        for p in persons
+        {"fullUrl": base + str(p.person_id), "resource": res, "search": {"mode": "match"}}
+        for p, res in zip(persons, resources, strict=True)
     ]
     if unknown:
         entries.append(fhir_ignored_entry(unknown))
@@ -185,12 +181,9 @@ def read_patient(person_id: str, session: SessionDep, principal: PrincipalDep) -
     if pid is None:
         return operation_outcome(404, "no such Patient")
     try:
-        keep = consent_service.record_filter(session=session, principal=principal)
-        view = service.person_view(session=session, person_id=pid, keep=keep)
+        return _fhir(fhir_service.read_patient(session=session, person_id=pid, principal=principal))
     except ScanOnceError as exc:
         return operation_outcome(exc.status_code, exc.message)
-    names = fhir_service.other_names(session=session, views=[view], keep=keep)
-    return _fhir(patient_resource(view, other_names=names.get(pid, OtherNames())))
 
 
 # ---------------------------------------------------------------- Patient feed (create / update)
@@ -216,20 +209,23 @@ def _feed(raw: bytes, session: Session, principal: Principal, expect: Identifier
         )
         session.commit()
         try:
-            # The answer shows the person as the caller may see it (consent), like a read.
-            keep = consent_service.record_filter(session=session, principal=principal)
-            view = service.person_view(session=session, person_id=decision.person_id, keep=keep)
+            # The resource as stored is the one a read gives (FHIR create / update, the default
+            # return=representation): built by the read's code, so the two cannot differ.
+            resource = fhir_service.read_patient(
+                session=session, person_id=decision.person_id, principal=principal
+            )
         except NotFound:
-            # A record the caller fed but may not see back (another facility's identifier): what
-            # it sent, nothing the broker adds.
+            # A person the caller fed but may not see (consent: another facility's patient who
+            # opted out there), whom no read shows it: what it sent, nothing the broker adds.
             view = service.PersonView(
                 person_id=decision.person_id, identifiers=[primary, *others], **dataclasses.asdict(demo)
             )
+            resource = patient_resource(view, other_names=OtherNames(fed=other_names or ()))
     except ScanOnceError as exc:
         session.rollback()
         return operation_outcome(exc.status_code, exc.message)
     return _fhir(
-        patient_resource(view),
+        resource,
         200 if existed else 201,
         {"Location": f"/fhir/Patient/{decision.person_id}", "X-ScanOnce-Link": decision.outcome},
     )
@@ -261,12 +257,13 @@ async def conditional_update_patient(
 async def update_patient(
     person_id: str, request: Request, session: SessionDep, principal: PrincipalDep
 ) -> Response:
-    """Update: the resource's first identifier names the record; it must belong to this Patient."""
+    """Update: the resource's first identifier names the record; it must belong to this Patient,
+    and an id in the resource must be this one (FHIR update: 400 otherwise)."""
     raw = await request.body()
 
     def run() -> Response:
         try:
-            primary, _others, _demo, _names = parse_patient(raw)
+            primary, _others, _demo, _names = parse_patient(raw, url_id=person_id)
             owner = service.person_of(session=session, identifier=primary)
             if owner is None or str(owner) != person_id:
                 raise NotFound("the identifier does not belong to this Patient (use POST to create)")

@@ -150,10 +150,11 @@ def _other_names(names: list[Any]) -> tuple[matching.OtherName, ...] | None:
 
 
 def parse_patient(
-    raw: bytes,
+    raw: bytes, *, url_id: str | None = None
 ) -> tuple[Identifier, list[Identifier], matching.Demographics, tuple[matching.OtherName, ...] | None]:
     """Validate a FHIR R4 Patient and extract identifiers, demographics and other names
-    (BadRequest if not).
+    (BadRequest if not). `url_id`: the id an update's URL names; a body with another id is
+    refused (FHIR update), one without an id is taken as the URL's.
 
     The record's name is the first current name without an ISO 21090 representation or with
     ABC (as `patient_resource` writes it); the names marked IDE or SYL are its other names, None
@@ -164,6 +165,8 @@ def parse_patient(
         raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict) or body.get("resourceType") != "Patient":
         raise BadRequest("body must be a FHIR Patient resource")
+    if url_id is not None and body.get("id") not in (None, url_id):
+        raise BadRequest("the resource's id is not the id in the URL")
     # Imported on first use: fhir.resources' models take a noticeable share of start-up.
     from fhir.resources.patient import Patient as FhirPatient
 

@@ -4,6 +4,9 @@ answers written as ImagingStudy resources (the DICOM to FHIR mapping of R4's Ima
 Who the studies belong to comes from the lookup's `confirmed_patients` (a person's records at
 every facility, confirmed links only); what matches comes from the one query engine
 (`index.search`), the same that answers QIDO-RS and C-FIND. Writes nothing.
+
+Also the one builder of a Patient as stored (`patient_resources`, `read_patient`): the read,
+PDQm and the answer to a create or update.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from broker.dicom.json_model import pn_groups
 from broker.dicom.uids import is_valid_uid
 from broker.errors import BadRequest
 from broker.facilities import service as facilities
-from broker.fhir.schemas import OtherNames, issuer_from_system, parse_person_id, system_for_issuer
+from broker.fhir.schemas import (
+    OtherNames,
+    issuer_from_system,
+    parse_person_id,
+    patient_resource,
+    system_for_issuer,
+)
 from broker.identity import service as identity
 from broker.index import service as index
 from broker.lookup import service as lookup
@@ -737,3 +746,26 @@ def other_names(
         only_fed = tuple(n for n in fed.get(person_id, []) if (n.family, n.given) not in header)
         out[person_id] = OtherNames(groups=groups.get(person_id, ("", "")), fed=only_fed)
     return out
+
+
+def patient_resources(
+    *,
+    session: Session,
+    views: Sequence[identity.PersonView],
+    keep: Callable[[Collection[int]], set[int]] | None = None,
+) -> list[dict[str, Any]]:
+    """The persons as Patient resources, each with its other names (`other_names`) from the
+    records `keep` lets the caller see. The one builder of a stored Patient: the read, the
+    search and the answer to a create or update all give this, so that a client that reads
+    the resource back from any of them, or sends it back as an update, sees the same."""
+    names = other_names(session=session, views=views, keep=keep)
+    return [patient_resource(v, other_names=names.get(v.person_id, OtherNames())) for v in views]
+
+
+def read_patient(*, session: Session, person_id: int, principal: Principal) -> dict[str, Any]:
+    """A person as a Patient, from the records `principal` may see (consent, purpose of use).
+    NotFound when it has none the caller may see, as for an unknown person."""
+    keep = consent.record_filter(session=session, principal=principal)
+    view = identity.person_view(session=session, person_id=person_id, keep=keep)
+    (resource,) = patient_resources(session=session, views=[view], keep=keep)
+    return resource

@@ -483,3 +483,166 @@ def test_a_name_a_feed_and_a_header_both_give_is_shown_once(client: TestClient, 
         ("SYL", "ヤマダ", ["タロウ"]),
     ]
     assert _pdq(client, family="ヤマダ") == _pdq(client, family="山田") == ["H31EXAMPLE"]
+
+
+def _read_after(client: TestClient, written: Any) -> dict[str, Any]:
+    """The read of the Patient a create or update answered: its Location names it."""
+    assert written.headers["Location"] == f"/fhir/Patient/{written.json()['id']}"
+    read = client.get(written.headers["Location"])
+    assert read.status_code == 200, read.text
+    return dict(read.json())
+
+
+def _japanese(
+    value: str, *names: dict[str, Any], abc: tuple[str, str] = ("Yamada", "Tarou")
+) -> dict[str, Any]:
+    body = _patient("urn:oid:1.2.392.99", value, "", [], "1980-04-01" if abc[0] == "Yamada" else "1975-09-30")
+    body["name"] = [_named("ABC", *abc), *names]
+    return body
+
+
+def test_a_create_or_update_answers_the_patient_a_read_then_gives(client: TestClient) -> None:
+    """A registration system posts 山田 and やまだ as IDE and SYL HumanNames, then updates the
+    patient by id and conditionally: each answer's body is the Patient the next read gives, its
+    other names included (before, an answer had the Alphabetic name alone, so a client reading
+    the resource back from the answer saw less than a read shows). 201 for a create, 200 for an
+    update, 201 for a conditional update that created."""
+    body = _japanese("JP-20", _named("IDE", "山田", "太郎"), _named("SYL", "やまだ", "たろう"))
+    created = client.post("/fhir/Patient", json=body, headers={"Content-Type": FHIR})
+    assert created.status_code == 201, created.text
+    read = _read_after(client, created)
+    assert [n.get("family") for n in read["name"]] == ["YAMADA", "山田", "やまだ"]
+    assert created.json() == read
+    body["telecom"] = [{"system": "phone", "value": "+81 3 1234 5678"}]
+    updated = client.put(f"/fhir/Patient/{read['id']}", json=body, headers={"Content-Type": FHIR})
+    assert updated.status_code == 200, updated.text
+    assert updated.json() == _read_after(client, updated)
+    assert updated.json()["telecom"] == [{"system": "phone", "value": "81312345678"}]
+    hanako = ("Yamamoto", "Hanako")  # another patient: no link to JP-20
+    conditional = client.put(
+        "/fhir/Patient",
+        params={"identifier": "urn:oid:1.2.392.99|JP-21"},
+        json=_japanese("JP-21", _named("IDE", "山本", "花子"), abc=hanako),
+        headers={"Content-Type": FHIR},
+    )
+    assert conditional.status_code == 201, conditional.text
+    assert conditional.json() == _read_after(client, conditional)
+    assert [n.get("family") for n in conditional.json()["name"]] == ["YAMAMOTO", "山本"]
+    again = client.put(
+        "/fhir/Patient",
+        params={"identifier": "urn:oid:1.2.392.99|JP-21"},
+        json=_japanese("JP-21", _named("SYL", "やまもと", "はなこ"), abc=hanako),
+        headers={"Content-Type": FHIR},
+    )
+    assert again.status_code == 200, again.text
+    assert again.json() == _read_after(client, again)
+    assert [n.get("family") for n in again.json()["name"]] == ["YAMAMOTO", "やまもと"]
+
+
+def test_a_feed_for_a_study_s_patient_answers_the_header_s_names_as_a_read_does(
+    client: TestClient, engine: Any
+) -> None:
+    """Yamada^Tarou=山田^太郎=やまだ^たろう in a study's header (chrH31.dcm), then a feed for its
+    identifier that sends ヤマダ タロウ: the answer shows the header's groups as written and the
+    fed name, as the read does."""
+    from broker.index.service import ingest_files
+    from broker.security.schemas import Principal, Role
+    from tests.support import CHARSET_FILES
+
+    store = client.app.state.scanonce.store  # type: ignore[attr-defined]
+    (outcome,) = ingest_files(
+        engine=engine,
+        store=store,
+        principal=Principal(who="test", role=Role.admin, facility="fac-a"),
+        facility_id="fac-a",
+        paths=[str(CHARSET_FILES / "chrH31.dcm")],
+    )
+    assert outcome.status == "stored", outcome.message
+    body = _patient("urn:scanonce:issuer:ISSUER-A", "H31EXAMPLE", "", [], "1980-04-01")
+    body["name"] = [_named("ABC", "Yamada", "Tarou"), _named("SYL", "ヤマダ", "タロウ")]
+    r = client.post("/fhir/Patient", json=body, headers={"Content-Type": FHIR})
+    assert r.status_code == 200, r.text
+    assert r.json() == _read_after(client, r)
+    assert [n.get("family") for n in r.json()["name"]] == ["YAMADA", "山田", "やまだ", "ヤマダ"]
+
+
+def test_the_answer_of_a_write_put_back_keeps_the_names_and_answers_the_same(client: TestClient) -> None:
+    """A client that PUTs back the Patient a create answered, then the one that update answered,
+    keeps the other names and gets the same Patient back each time (the read's)."""
+    body = _japanese("JP-22", _named("IDE", "山田", "太郎"), _named("SYL", "やまだ", "たろう"))
+    answer = client.post("/fhir/Patient", json=body, headers={"Content-Type": FHIR}).json()
+    first = client.get(f"/fhir/Patient/{answer['id']}").json()
+    for _ in range(2):
+        r = client.put(f"/fhir/Patient/{answer['id']}", json=answer, headers={"Content-Type": FHIR})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer == first == client.get(f"/fhir/Patient/{answer['id']}").json()
+    assert _pdq(client, family="やまだ") == ["JP-22"]
+
+
+def test_a_feeder_that_may_not_see_the_patient_back_is_answered_what_it_sent(
+    client: TestClient, engine: Any
+) -> None:
+    """Facility B feeds a patient of facility A who opted out of sharing there: consent does not
+    let it see the Patient, so the answer is what it sent, its IDE name included (before, the
+    Alphabetic name alone), and nothing of A's record (the header's sex)."""
+    from tests.support import auth_headers
+
+    with Session(engine) as s:
+        person = ingest_patient(s, "fac-a", "A9", "YAMADA^TAROU", "19800401", "M").person_id
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{person}"},
+        "organization": [{"reference": "Organization/fac-a"}],
+        "provision": {"type": "deny"},
+    }
+    assert client.post("/fhir/Consent", json=consent, headers={"Content-Type": FHIR}).status_code == 201
+    body = _patient("urn:scanonce:issuer:ISSUER-A", "A9", "", [], "1980-04-01")
+    body["name"] = [_named("ABC", "Yamada", "Tarou"), _named("IDE", "山田", "太郎")]
+    r = client.post(
+        "/fhir/Patient",
+        json=body,
+        headers={**auth_headers("facility", facility="fac-b"), "Content-Type": FHIR},
+    )
+    assert r.status_code == 200, r.text
+    FhirPatient.model_validate(r.json())
+    assert r.json() == {
+        "resourceType": "Patient",
+        "id": str(person),
+        "identifier": [{"system": "urn:scanonce:issuer:ISSUER-A", "value": "A9"}],
+        "active": True,
+        "name": [
+            {
+                "extension": [{"url": REP, "valueCode": "ABC"}],
+                "use": "official",
+                "family": "YAMADA",
+                "given": ["TAROU"],
+            },
+            _shown("IDE", "山田", "太郎"),
+        ],
+        "birthDate": "1980-04-01",
+    }
+
+
+def test_an_update_whose_body_names_another_patient_is_refused(client: TestClient) -> None:
+    """FHIR update: a body whose id is not the URL's is a 400, and nothing is stored (before, the
+    id was not looked at and the update was applied to the URL's Patient)."""
+    body = _patient("urn:oid:1.2.826.0.1.99", "C-31", "Okafor", ["Chidi"], "1990-03-04")
+    created = client.post("/fhir/Patient", json=body).json()
+    other = client.post(
+        "/fhir/Patient", json=_patient("urn:oid:1.2.826.0.1.99", "C-32", "Adeyemi", ["Bola"], "1971-06-07")
+    ).json()
+    sent = {**created, "id": other["id"], "telecom": [{"system": "phone", "value": "+44 20 7946 0000"}]}
+    assert "not the id in the URL" in _outcome(client.put(f"/fhir/Patient/{created['id']}", json=sent), 400)
+    assert client.get(f"/fhir/Patient/{created['id']}").json() == created
+    # The id the URL names, or none, is an update as before.
+    for same in ({**sent, "id": created["id"]}, {k: v for k, v in sent.items() if k != "id"}):
+        r = client.put(f"/fhir/Patient/{created['id']}", json=same)
+        assert r.status_code == 200, r.text
