@@ -8,7 +8,9 @@ rows it already reads (no query per instance) and relinks.
 
 Existing rows start with "" (no backfill): the first new study of such a patient that gives an
 address or telephone is relinked once through the linker, which leaves the record as it is
-when its normalised address and telephone are the stored ones.
+when its normalised address and telephone are the stored ones, and brings up to date a record
+left with an old address before the upgrade (a copy of the newest study's address would hide
+that: it may already be the new one the record never got).
 
 Expand only (columns with a default): nodes of the previous version keep serving while it runs.
 
