@@ -5,7 +5,9 @@ and (soon) FHIR and the lookup.
 Two writers share one row mapping (`ingest.study_columns`, `series_columns`, `patient_columns`,
 `level_json`) and one patient-issuer rule (`ingest.patient_key`): `ingest`, for the instances the
 broker stores, and `remote`, for studies held at facility archives, written on federation's
-behalf from an archive's listing (federation decides what changed; the SQL is here).
+behalf from an archive's listing (federation decides what changed; the SQL is here). A patient
+row's address and telephone (`ingest.contact_columns`) are ingest's alone: what it last gave the
+identity linker, so a new study that says otherwise relinks the patient.
 Exposes `service` (ingest, query, metadata, and the writes and reads other domains need: for
 federation `upsert_remote_studies`, `mark_seen`, `remove_gone`, `mark_local`, `mark_partial`,
 `study_locations`, `held_instances`, `remote_holders`, `is_remote_only`, `remote_only_count`),

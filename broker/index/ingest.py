@@ -22,7 +22,7 @@ from functools import lru_cache, partial
 from typing import Any, NamedTuple, Protocol
 
 import orjson
-from sqlalchemy import String, bindparam, cast, false, literal_column, select, tuple_, union_all, update
+from sqlalchemy import String, bindparam, cast, false, func, literal_column, select, tuple_, union_all, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
@@ -171,6 +171,14 @@ def patient_columns(attrs: dict[str, Any]) -> dict[str, Any]:
         "birth_date": str_value(a, "00100030")[:8],
         "sex": str_value(a, "00100040")[:16],
     }
+
+
+_ADDRESS, _TELEPHONES, _STUDY_DATE = "00101040", "00102154", "00080020"
+
+
+def contact_columns(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A patient row's address and telephone (ingest's alone: see `_Batch._patients`)."""
+    return {"address": str_value(attrs, _ADDRESS)[:512], "phone": str_value(attrs, _TELEPHONES)[:64]}
 
 
 def study_columns(attrs: dict[str, Any], patient: Patient) -> dict[str, Any]:
@@ -465,11 +473,21 @@ class _Batch:
             self.new_series_pks = set(found.values())
 
     def _patients(self, new_studies: list[_Parsed]) -> dict[tuple[str, str], Patient]:
-        """The patient row of each new study: found, created, or updated with newer demographics."""
+        """The patient row of each new study: found, created, or updated with newer demographics.
+
+        A known patient is relinked when the header changes its name, birth date or sex (the
+        newest arrival wins, as it always has), or gives an address or telephone other than the
+        row's from a study at least as new as the patient's newest (StudyDate: a study sent
+        late does not move a patient back to where they lived; a study without a date cannot
+        be placed, so its arrival counts). A header without them keeps the row's. Of a batch's
+        new studies of one patient, the newest by StudyDate speaks for the patient."""
         session = self.session
         wanted: dict[tuple[str, str], _Parsed] = {}
         for p in new_studies:
-            wanted.setdefault(self._patient_key(p), p)
+            key = self._patient_key(p)
+            other = wanted.get(key)
+            if other is None or str_value(p.attrs, _STUDY_DATE)[:8] > str_value(other.attrs, _STUDY_DATE)[:8]:
+                wanted[key] = p
         found: dict[tuple[str, str], Patient] = {}
         keys = list(wanted)
         for chunk in _chunks(keys):
@@ -478,27 +496,70 @@ class _Batch:
             )
             for patient in session.exec(stmt):
                 found[(patient.issuer, patient.patient_id)] = patient
-        created: list[tuple[Patient, _Parsed]] = []
-        changed: list[tuple[Patient, _Parsed]] = []
+        contacts: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, p in wanted.items():
+            known = found.get(key)
+            if known is not None:
+                given = contact_columns(p.attrs)
+                if any(v and v != getattr(known, k) for k, v in given.items()):
+                    contacts[key] = given
+        # Only for a patient whose header gives another address or telephone: rare, one query.
+        newest = _newest_study_dates(session, [found[key].pk for key in contacts]) if contacts else {}
+        created: list[tuple[Patient, dict[str, Any]]] = []
+        changed: list[tuple[Patient, dict[str, Any]]] = []
         for key, p in wanted.items():
             columns = patient_columns(p.attrs)
             name, birth, sex = columns["patient_name"], columns["birth_date"], columns["sex"]
             known = found.get(key)
             if known is None:
-                patient = Patient(facility_id=self.facility.id, issuer=key[0], patient_id=key[1], **columns)
+                patient = Patient(
+                    facility_id=self.facility.id,
+                    issuer=key[0],
+                    patient_id=key[1],
+                    **columns,
+                    **contact_columns(p.attrs),
+                )
                 session.add(patient)
                 found[key] = patient
-                created.append((patient, p))
-            elif (known.patient_name, known.birth_date, known.sex) != (name, birth, sex) and name:
+                created.append((patient, p.attrs))
+                continue
+            renamed = (known.patient_name, known.birth_date, known.sex) != (name, birth, sex) and bool(name)
+            contact = contacts.get(key)
+            date = str_value(p.attrs, _STUDY_DATE)[:8]
+            moved = contact is not None and (not date or date >= newest.get(known.pk or 0, ""))
+            if not (renamed or moved):
+                continue
+            if renamed:
                 known.sqlmodel_update(columns)
-                session.add(known)
-                changed.append((known, p))
+            attrs = p.attrs
+            if moved:
+                assert contact is not None
+                known.sqlmodel_update({k: v for k, v in contact.items() if v})
+            elif contact is not None:
+                # Renamed by a study older than the address it would bring: the linker keeps
+                # the stored address and telephone for a header without them.
+                attrs = {k: v for k, v in p.attrs.items() if k not in (_ADDRESS, _TELEPHONES)}
+            session.add(known)
+            changed.append((known, attrs))
         if created or changed:
             session.flush()
         if (created or changed) and _linker is not None:
             # All at once: the identity domain decides a batch of new patients in a few statements.
-            _linker(session=session, patients=[(patient, p.attrs) for patient, p in (*created, *changed)])
+            _linker(session=session, patients=[*created, *changed])
         return found
+
+
+def _newest_study_dates(session: Session, patient_pks: list[int | None]) -> dict[int, str]:
+    """The newest StudyDate of each patient's studies indexed so far, by patient pk."""
+    newest: dict[int, str] = {}
+    for chunk in _chunks(patient_pks):
+        stmt = (
+            select(col(Study.patient_pk), func.max(col(Study.study_date)))
+            .where(col(Study.patient_pk).in_(chunk))
+            .group_by(col(Study.patient_pk))
+        )
+        newest.update((pk, date or "") for pk, date in session.execute(stmt))
+    return newest
 
 
 def _instance_row(

@@ -41,6 +41,12 @@ class Patient(SQLModel, table=True):
     name_phonetic_fuzzy: str = Field(default="", max_length=256)
     birth_date: str = Field(default="", max_length=8)
     sex: str = Field(default="", max_length=16)
+    # PatientAddress and the first PatientTelephoneNumbers as ingest last gave them to the
+    # identity linker (`ingest.contact_columns`): a new study's header that says otherwise
+    # relinks the patient, as a changed name does. "" until a header gives them; never
+    # erased by a header that leaves them out.
+    address: str = Field(default="", max_length=512)
+    phone: str = Field(default="", max_length=64)
     person_id: int | None = Field(default=None, index=True)
     updated_at: datetime = Field(default_factory=_now)
 
