@@ -433,19 +433,25 @@ def remove_gone(*, engine: Engine, facility_id: str, study_uids: Sequence[str]) 
                 session.exec(delete(Study).where(col(Study.pk).in_(doomed)))
 
 
+def _study_and_held(session: Session, study_uid: str) -> tuple[Study, dict[int, int]]:
+    """A fetched study's row, and how many of its instances the broker holds per series pk."""
+    study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
+    per_series = dict(
+        session.exec(
+            select(Instance.series_pk, func.count())
+            .where(Instance.study_pk == study.pk)
+            .group_by(col(Instance.series_pk))
+        ).all()
+    )
+    return study, per_series
+
+
 def mark_local(*, engine: Engine, study_uid: str) -> None:
     """The broker now holds a fetched study's pixels: its counts become those of the instances
     held (ingest added to the remote counts sync had set), its answers say ONLINE instead of
     NEARLINE, and every location of it notes the pixels are here."""
     with session_scope(engine) as session:
-        study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
-        per_series = dict(
-            session.exec(
-                select(Instance.series_pk, func.count())
-                .where(Instance.study_pk == study.pk)
-                .group_by(col(Instance.series_pk))
-            ).all()
-        )
+        study, per_series = _study_and_held(session, study_uid)
         for series in session.exec(select(Series).where(Series.study_pk == study.pk)):
             series.num_instances = int(per_series.get(series.pk or 0, 0))
             session.add(series)
@@ -483,14 +489,7 @@ def mark_partial(*, engine: Engine, study_uid: str, facility_id: str, stored: Ma
     had set from the facility's listing; they are taken back off, so a series counts what the
     facility listed, or what the broker holds when that is more."""
     with session_scope(engine) as session:
-        study = session.exec(select(Study).where(Study.study_uid == study_uid)).one()
-        per_series = dict(
-            session.exec(
-                select(Instance.series_pk, func.count())
-                .where(Instance.study_pk == study.pk)
-                .group_by(col(Instance.series_pk))
-            ).all()
-        )
+        study, per_series = _study_and_held(session, study_uid)
         total = 0
         all_series = list(session.exec(select(Series).where(Series.study_pk == study.pk)))
         for series in all_series:
