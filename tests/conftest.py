@@ -7,6 +7,7 @@ bucket, so tests never see each other's rows or objects.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from urllib.parse import urlencode
 
 import psycopg
 import pytest
+from _pytest.logging import LogCaptureHandler
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import URL
@@ -39,6 +41,25 @@ PG_DSN = os.environ.get("SCANONCE_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=p
 
 
 # -- S3: moto in server mode ----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """A command run in-process (`scanonce serve` or `worker` through CliRunner) points the root
+    logger at the runner's stderr, closed once it returns: a later test's log line in the same
+    process then fails to print ("--- Logging error ---", an association thread's "Association
+    Released" once). The handlers it added go, the level comes back; pytest's own capture
+    handlers, added and removed around each phase, are left to pytest."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers and not isinstance(handler, LogCaptureHandler):
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers and not isinstance(handler, LogCaptureHandler):
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,14 +4,12 @@ setting and exits non-zero, never with a stack trace (docs/production.md, docs/c
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,16 +21,6 @@ from broker.cli import app as cli
 runner = CliRunner()
 # Listeners that bind nothing a parallel test could hold; the command fails before binding anyway.
 _SERVE = ["serve", "--port", "0", "--dimse-port", "0", "--mllp-port", "0"]
-
-
-@pytest.fixture(autouse=True)
-def _root_logger_restored() -> Iterator[None]:
-    """`scanonce worker` points the root logger at the runner's stderr, closed once it returns."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _refused(result: Result) -> str:
