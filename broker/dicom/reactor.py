@@ -336,6 +336,29 @@ def _dul_wait(self: DULServiceProvider, pipe: _Pipe) -> None:
         pipe.drain()
 
 
+# How long an acceptor that has sent an A-ASSOCIATE-RJ (or an A-RELEASE-RP) waits for its peer to
+# close the connection (PS3.8 Sta13, ended by the ARTIM timer) before closing it itself.
+_CLOSE_GRACE = 2.0
+
+
+def _transport_event(self: DULServiceProvider) -> bool:
+    """pynetdicom's `_is_transport_event`, but in Sta13 (an A-ASSOCIATE-RJ or A-RELEASE-RP sent)
+    the connection is left to the peer to close (AR-5), or to ARTIM's expiry (AA-2, at most
+    `_CLOSE_GRACE`), as PS3.8 9.2 has it. pynetdicom closed it the moment nothing was waiting to
+    be read, right behind the answer: over TLS, a peer busy elsewhere could read the close before
+    the rejection and report an abort, its reason lost (seen with pynetdicom as the peer)."""
+    sock = self.socket
+    if self.state_machine.current_state != "Sta13" or sock is None:
+        return bool(self._is_transport_event())
+    if sock.ready:
+        self._read_pdu_data()  # the peer's close (Evt17), or what it still sends
+        return True
+    artim = self.artim_timer
+    if artim.timeout is None or artim.timeout > _CLOSE_GRACE:
+        artim.timeout = _CLOSE_GRACE
+    return False
+
+
 def _dul_run_reactor(self: DULServiceProvider) -> None:
     """pynetdicom 3.0's DULServiceProvider.run_reactor with `time.sleep(self._run_loop_delay)`
     replaced by `_dul_wait` (socket readable, a primitive or event queued, or killed)."""
@@ -360,7 +383,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             try:
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
+                elif _transport_event(self):
                     self._idle_timer.restart()
             except Exception as exc:
                 log.error("Exception in DUL reactor, aborting association: %s", type(exc).__name__)
@@ -391,6 +414,13 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 if self.socket is not None:
                     self.socket.close()
                 continue
+            if event == "Evt15" and before == "Sta13":
+                # An abort asked for (AE shutdown) while waiting for the peer to close after an
+                # A-ASSOCIATE-RJ or A-RELEASE-RP: nothing is left to abort (PS3.8 has no Sta13 +
+                # Evt15; pynetdicom raises and the thread dies). Closed as ARTIM's expiry would.
+                with contextlib.suppress(queue.Empty):
+                    self.to_provider_queue.get(block=False)
+                event = "Evt18"
             self.state_machine.do_action(event)
             if before == "Sta2" and self.state_machine.current_state == "Sta1":
                 # The connection ended before an A-ASSOCIATE-RQ (closed, timed out, invalid):

@@ -4,6 +4,8 @@ process patched, and dcmtk's tools as the peer where it matters."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -140,3 +142,76 @@ def test_a_wake_up_after_the_pipe_closed_never_writes_into_a_file_reusing_its_de
     finally:
         for f in opened:
             f.close()
+
+
+def _recorded_request(called: str, calling: str) -> bytes:
+    """The A-ASSOCIATE-RQ PDU pynetdicom sends, caught on a plain listening socket, so a test can
+    send it from a socket whose every step it controls."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    ae = _client()
+    ae.ae_title = calling
+    ae.acse_timeout = 1
+    port = listener.getsockname()[1]
+    asking = threading.Thread(target=lambda: ae.associate("127.0.0.1", port, ae_title=called), daemon=True)
+    asking.start()
+    conn, _ = listener.accept()
+    with conn, listener:
+        head = conn.recv(6, socket.MSG_WAITALL)
+        body = conn.recv(struct.unpack(">I", head[2:])[0], socket.MSG_WAITALL)
+    asking.join(5)
+    return head + body
+
+
+@pytest.fixture
+def rejecting() -> Iterator[tuple[AE, int, list[BaseException]]]:
+    """A server that rejects every calling AE but ONLY, and the exceptions its threads raise."""
+    reactor.install()
+    failures: list[BaseException] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value or RuntimeError("?"))
+    ae = AE(ae_title="REACTOR")
+    ae.add_supported_context(Verification)
+    ae.require_calling_aet = ["ONLY"]
+    port = free_port()
+    ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        yield ae, port, failures
+    finally:
+        ae.shutdown()
+        threading.excepthook = hook
+
+
+def test_a_rejected_peer_closes_the_connection_itself_or_is_closed_after_a_grace(
+    rejecting: tuple[AE, int, list[BaseException]],
+) -> None:
+    """After an A-ASSOCIATE-RJ the acceptor waits for the peer to close (PS3.8 Sta13, ARTIM), not
+    closing right behind the answer: a peer busy elsewhere (over TLS especially) could read the
+    close first and lose the rejection's reason. One that never closes is closed after a grace."""
+    _ae, port, failures = rejecting
+    with socket.create_connection(("127.0.0.1", port)) as peer:
+        peer.sendall(_recorded_request("REACTOR", "STRANGER"))
+        answer = peer.recv(10, socket.MSG_WAITALL)
+        assert answer[0] == 0x03 and answer[7:10] == bytes([1, 1, 3])  # RJ: permanent, user, calling AE
+        peer.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            peer.recv(1)  # still open: the close is the peer's to make
+        peer.settimeout(10)
+        started = time.monotonic()
+        assert peer.recv(1) == b""  # ... until the grace is over
+        assert time.monotonic() - started < 5
+    assert failures == []
+
+
+def test_shutting_down_while_a_rejected_peer_holds_on_closes_it_without_a_thread_error(
+    rejecting: tuple[AE, int, list[BaseException]],
+) -> None:
+    ae, port, failures = rejecting
+    with socket.create_connection(("127.0.0.1", port)) as peer:
+        peer.sendall(_recorded_request("REACTOR", "STRANGER"))
+        assert peer.recv(10, socket.MSG_WAITALL)[0] == 0x03
+        ae.shutdown()
+        peer.settimeout(10)
+        assert peer.recv(1) == b""
+    assert failures == []  # pynetdicom raised InvalidEventError (Evt15 in Sta13) in the DUL thread
