@@ -10,7 +10,7 @@ transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from sqlalchemy import select as sa_select
@@ -412,6 +412,31 @@ def _link_one(*, session: Session, patient: Patient, ident: Identifier, what: _T
         patient.person_id = decision.person_id  # a row not in this session shows it as well
 
 
+def _dicom_record_batches(session: Session, *conditions: Any, batch_size: int) -> Iterator[Sequence[Any]]:
+    """(id, patient pk, address) of the DICOM records with an index patient that meet
+    `conditions`, a batch at a time in id order; the session is committed after each batch (the
+    caller's work on it) and once at the end, so a long run keeps what it has done."""
+    after = 0
+    while True:
+        rows = session.execute(
+            sa_select(col(IdentityRecord.id), col(IdentityRecord.patient_pk), col(IdentityRecord.address))
+            .where(
+                col(IdentityRecord.id) > after,
+                col(IdentityRecord.source) == "dicom",
+                col(IdentityRecord.patient_pk).is_not(None),
+                *conditions,
+            )
+            .order_by(col(IdentityRecord.id))
+            .limit(batch_size)
+        ).all()
+        if not rows:
+            session.commit()
+            return
+        after = rows[-1][0]
+        yield rows
+        session.commit()
+
+
 def relink_named(*, session: Session, batch_size: int = 500) -> int:
     """Relink the DICOM records stored without a name whose index patient has one now: names in
     another script (Cyrillic, Greek, Han, Hangul, kana) normalised to nothing before this
@@ -420,30 +445,15 @@ def relink_named(*, session: Session, batch_size: int = 500) -> int:
     alone may now join its person, a linked one that no longer resembles its person goes to
     review, never split silently). Commits per batch; safe to run twice (a record with a name
     is not read again). Returns how many records were relinked."""
-    after, relinked = 0, 0
-    while True:
-        rows = session.execute(
-            sa_select(col(IdentityRecord.id), col(IdentityRecord.patient_pk))
-            .where(
-                col(IdentityRecord.id) > after,
-                col(IdentityRecord.source) == "dicom",
-                col(IdentityRecord.family) == "",
-                col(IdentityRecord.given) == "",
-                col(IdentityRecord.patient_pk).is_not(None),
-            )
-            .order_by(col(IdentityRecord.id))
-            .limit(batch_size)
-        ).all()
-        if not rows:
-            session.commit()
-            return relinked
-        after = rows[-1][0]
-        for patient in index.patients_by_pk(session=session, patient_pks=[pk for _id, pk in rows]):
+    relinked = 0
+    nameless = (col(IdentityRecord.family) == "", col(IdentityRecord.given) == "")
+    for rows in _dicom_record_batches(session, *nameless, batch_size=batch_size):
+        for patient in index.patients_by_pk(session=session, patient_pks=[pk for _id, pk, _a in rows]):
             family, given, _middle = matching.parse_person_name(patient.patient_name)
             if family or given:
                 link_patient(session=session, patient=patient)
                 relinked += 1
-        session.commit()
+    return relinked
 
 
 def refresh_addresses(*, session: Session, batch_size: int = 500) -> int:
@@ -455,22 +465,8 @@ def refresh_addresses(*, session: Session, batch_size: int = 500) -> int:
     an ASCII address (it always normalised as it does now). A changed record is relinked as a
     changed header would relink it (`_relink_after_update`). Commits per batch; a second run
     finds nothing. Returns how many records were relinked."""
-    after, refreshed = 0, 0
-    while True:
-        rows = session.execute(
-            sa_select(col(IdentityRecord.id), col(IdentityRecord.patient_pk), col(IdentityRecord.address))
-            .where(
-                col(IdentityRecord.id) > after,
-                col(IdentityRecord.source) == "dicom",
-                col(IdentityRecord.patient_pk).is_not(None),
-            )
-            .order_by(col(IdentityRecord.id))
-            .limit(batch_size)
-        ).all()
-        if not rows:
-            session.commit()
-            return refreshed
-        after = rows[-1][0]
+    refreshed = 0
+    for rows in _dicom_record_batches(session, batch_size=batch_size):
         headers = index.newest_patient_headers(session=session, patient_pks=[pk for _id, pk, _a in rows])
         stale: dict[int, dict[str, Any]] = {}
         for _id, pk, stored in rows:
@@ -484,4 +480,4 @@ def refresh_addresses(*, session: Session, batch_size: int = 500) -> int:
             assert patient.pk is not None
             link_patient(session=session, patient=patient, dataset=stale[patient.pk])
             refreshed += 1
-        session.commit()
+    return refreshed
