@@ -176,6 +176,11 @@ def patient_columns(attrs: dict[str, Any]) -> dict[str, Any]:
 _ADDRESS, _TELEPHONES, _STUDY_DATE = "00101040", "00102154", "00080020"
 
 
+def study_date(attrs: dict[str, Any]) -> str:
+    """A study's StudyDate as its row's `study_date` column holds it."""
+    return str_value(attrs, _STUDY_DATE)[:8]
+
+
 def contact_columns(attrs: dict[str, Any]) -> dict[str, Any]:
     """A patient row's address and telephone (ingest's alone: see `_Batch._patients`)."""
     return {"address": str_value(attrs, _ADDRESS)[:512], "phone": str_value(attrs, _TELEPHONES)[:64]}
@@ -199,7 +204,7 @@ def study_columns(attrs: dict[str, Any], patient: Patient) -> dict[str, Any]:
         "name_phonetic_fuzzy": patient.name_phonetic_fuzzy,
         "birth_date": patient.birth_date,
         "sex": patient.sex,
-        "study_date": str_value(a, "00080020")[:8],
+        "study_date": study_date(a),
         "study_time": normalize_time(str_value(a, "00080030"))[:32],
         "accession_number": str_value(a, "00080050")[:64],
         "study_id": str_value(a, "00200010")[:64],
@@ -486,7 +491,7 @@ class _Batch:
         for p in new_studies:
             key = self._patient_key(p)
             other = wanted.get(key)
-            if other is None or str_value(p.attrs, _STUDY_DATE)[:8] > str_value(other.attrs, _STUDY_DATE)[:8]:
+            if other is None or study_date(p.attrs) > study_date(other.attrs):
                 wanted[key] = p
         found: dict[tuple[str, str], Patient] = {}
         keys = list(wanted)
@@ -525,7 +530,7 @@ class _Batch:
                 continue
             renamed = (known.patient_name, known.birth_date, known.sex) != (name, birth, sex) and bool(name)
             contact = contacts.get(key)
-            date = str_value(p.attrs, _STUDY_DATE)[:8]
+            date = study_date(p.attrs)
             moved = contact is not None and (not date or date >= newest.get(known.pk or 0, ""))
             if not (renamed or moved):
                 continue
